@@ -1,0 +1,1538 @@
+//! Configuration: the raw file (serde) and the validated config the proxy runs on.
+//!
+//! `check`, startup and reload share [`load`]: the file is read through the `config` crate (so
+//! `SWITCHYARD__SECTION__KEY` environment variables override it), deserialized strictly, then
+//! validated as a whole so that every problem is reported at once, each with its key path.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The two colors of a service. Everything else about a deployment is configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Blue,
+    Green,
+}
+
+impl Color {
+    pub const ALL: [Color; 2] = [Color::Blue, Color::Green];
+
+    pub fn other(self) -> Color {
+        match self {
+            Color::Blue => Color::Green,
+            Color::Green => Color::Blue,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        }
+    }
+
+    /// Index into per-color arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Color::Blue => 0,
+            Color::Green => 1,
+        }
+    }
+}
+
+impl fmt::Display for Color {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Color {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "blue" => Ok(Color::Blue),
+            "green" => Ok(Color::Green),
+            other => Err(format!(
+                "invalid color {other:?} (expected \"blue\" or \"green\")"
+            )),
+        }
+    }
+}
+
+/// One problem in a config file, with the key it is at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw file
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    notify: RawNotify,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<String>,
+    tls_listen: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    workers: Option<i64>,
+    preview_listen: Option<String>,
+    // Extensions (README "Configuration reference").
+    header_read_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
+    max_connections: Option<i64>,
+    max_headers: Option<i64>,
+    max_header_bytes: Option<i64>,
+    upstream_idle_timeout: Option<String>,
+    upstream_max_idle: Option<i64>,
+    h2_max_concurrent_streams: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_env: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    backend: Option<String>,
+    path: Option<String>,
+    etcd_endpoints: Option<Vec<String>>,
+    etcd_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    webhooks: Option<Vec<String>>,
+    timeout: Option<String>,
+    max_attempts: Option<i64>,
+    queue_size: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    hosts: Option<Vec<String>>,
+    path_prefix: Option<String>,
+    active: Option<String>,
+    blue: Option<RawPool>,
+    green: Option<RawPool>,
+    smoke_paths: Option<Vec<String>>,
+    health: Option<RawHealth>,
+    rollback: Option<RawRollback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    upstreams: Option<Vec<String>>,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    unhealthy_after: Option<i64>,
+    healthy_after: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollback {
+    enabled: Option<bool>,
+    watch_for: Option<String>,
+    min_requests: Option<i64>,
+    dry_run: Option<bool>,
+    #[serde(default)]
+    triggers: Vec<RawTrigger>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    kind: Option<String>,
+    /// A ratio, a count or a duration string depending on `kind`.
+    above: Option<serde_json::Value>,
+    over: Option<String>,
+    #[serde(rename = "for")]
+    for_: Option<String>,
+    paths: Option<Vec<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated config
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub state: StateConfig,
+    pub notify: NotifyConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// None: one per CPU.
+    pub workers: Option<usize>,
+    pub preview_listen: Option<SocketAddr>,
+    pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connections: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub upstream_idle_timeout: Duration,
+    pub upstream_max_idle: usize,
+    pub h2_max_concurrent_streams: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token_env: String,
+    /// Host header values accepted besides loopback names (DNS-rebinding defence).
+    pub allowed_hosts: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateBackend {
+    File,
+    Etcd,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    pub path: PathBuf,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NotifyConfig {
+    pub webhooks: Vec<String>,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub queue_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    H2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    pub upstreams: Vec<SocketAddr>,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TriggerKind {
+    /// failed / all requests of the live color over `over` is above `above`.
+    ErrorRate { above: f64, over: Duration },
+    /// p95 latency of the live color over `over` is above `above`.
+    P95Latency { above: Duration, over: Duration },
+    /// More than `above` failures on these path prefixes over `over`.
+    Critical5xx {
+        paths: Vec<String>,
+        above: u64,
+        over: Duration,
+    },
+    /// The live pool has no healthy upstream.
+    Unhealthy,
+}
+
+impl TriggerKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TriggerKind::ErrorRate { .. } => "error_rate",
+            TriggerKind::P95Latency { .. } => "p95_latency",
+            TriggerKind::Critical5xx { .. } => "critical_5xx",
+            TriggerKind::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// The sliding window the trigger reads; zero for `unhealthy`, which reads health state.
+    pub fn over(&self) -> Duration {
+        match self {
+            TriggerKind::ErrorRate { over, .. }
+            | TriggerKind::P95Latency { over, .. }
+            | TriggerKind::Critical5xx { over, .. } => *over,
+            TriggerKind::Unhealthy => Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TriggerConfig {
+    pub kind: TriggerKind,
+    /// How long the condition must hold without a break before it fires.
+    pub for_: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RollbackConfig {
+    pub enabled: bool,
+    pub watch_for: Duration,
+    pub min_requests: u64,
+    pub dry_run: bool,
+    pub triggers: Vec<TriggerConfig>,
+}
+
+impl Default for RollbackConfig {
+    fn default() -> Self {
+        RollbackConfig {
+            enabled: false,
+            watch_for: Duration::from_secs(2 * 3600),
+            min_requests: 20,
+            dry_run: false,
+            triggers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Lower-case host names; a leading `*.` matches any subdomain. Empty matches all.
+    pub hosts: Vec<String>,
+    pub path_prefix: Option<String>,
+    pub active: Color,
+    pub blue: PoolConfig,
+    pub green: PoolConfig,
+    pub smoke_paths: Vec<String>,
+    /// None: no active checks, every upstream counts as healthy.
+    pub health: Option<HealthConfig>,
+    pub rollback: RollbackConfig,
+}
+
+impl ServiceConfig {
+    pub fn pool(&self, color: Color) -> &PoolConfig {
+        match color {
+            Color::Blue => &self.blue,
+            Color::Green => &self.green,
+        }
+    }
+
+    /// The longest window any trigger of this service reads.
+    pub fn longest_window(&self) -> Duration {
+        self.rollback
+            .triggers
+            .iter()
+            .map(|t| t.kind.over())
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// The longest `over` a trigger may ask for; it bounds the memory of every window ring.
+pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
+/// The window `/api/status` reports when no trigger asks for a longer one.
+pub const DEFAULT_STATUS_WINDOW: Duration = Duration::from_secs(60);
+
+impl Config {
+    /// The window `/api/status` and the windowed gauges report: the longest trigger window,
+    /// or one minute.
+    pub fn status_window(&self) -> Duration {
+        self.services
+            .iter()
+            .map(ServiceConfig::longest_window)
+            .max()
+            .unwrap_or(Duration::ZERO)
+            .max(DEFAULT_STATUS_WINDOW)
+    }
+
+    /// Slots in every window ring: the longest window plus margin, at least ten minutes.
+    pub fn window_slots(&self) -> usize {
+        let secs = self
+            .services
+            .iter()
+            .map(ServiceConfig::longest_window)
+            .max()
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        (secs as usize + 2).max(600)
+    }
+
+    /// A one-screen summary for `switchyard check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "proxy: listen {}", self.proxy.listen);
+        if let Some(t) = self.proxy.tls_listen {
+            let _ = writeln!(s, "       tls_listen {t}");
+        }
+        if let Some(p) = self.proxy.preview_listen {
+            let _ = writeln!(s, "       preview_listen {p}");
+        }
+        let _ = writeln!(
+            s,
+            "admin: listen {} (token from ${})",
+            self.admin.listen, self.admin.token_env
+        );
+        match self.state.backend {
+            StateBackend::File => {
+                let _ = writeln!(s, "state: file {}", self.state.path.display());
+            }
+            StateBackend::Etcd => {
+                let _ = writeln!(
+                    s,
+                    "state: etcd {} prefix {}",
+                    self.state.etcd_endpoints.join(","),
+                    self.state.etcd_prefix
+                );
+            }
+        }
+        let _ = writeln!(s, "services: {}", self.services.len());
+        for svc in &self.services {
+            let hosts = if svc.hosts.is_empty() {
+                "*".to_string()
+            } else {
+                svc.hosts.join(",")
+            };
+            let _ = writeln!(
+                s,
+                "  {} (hosts {}, path {}) active {}",
+                svc.name,
+                hosts,
+                svc.path_prefix.as_deref().unwrap_or("/"),
+                svc.active
+            );
+            for c in Color::ALL {
+                let p = svc.pool(c);
+                let ups: Vec<String> = p.upstreams.iter().map(|a| a.to_string()).collect();
+                let _ = writeln!(s, "    {c:<5} {} [{}]", p.protocol.as_str(), ups.join(", "));
+            }
+            match &svc.health {
+                Some(h) => {
+                    let _ = writeln!(
+                        s,
+                        "    health GET {} every {} (timeout {}, down after {}, up after {})",
+                        h.path,
+                        humantime::format_duration(h.interval),
+                        humantime::format_duration(h.timeout),
+                        h.unhealthy_after,
+                        h.healthy_after
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "    health off (every upstream counts as healthy)");
+                }
+            }
+            let r = &svc.rollback;
+            if !r.enabled {
+                let _ = writeln!(s, "    auto-rollback off");
+                continue;
+            }
+            let _ = writeln!(
+                s,
+                "    auto-rollback{} for {} after a flip, min {} requests",
+                if r.dry_run { " (dry run)" } else { "" },
+                humantime::format_duration(r.watch_for),
+                r.min_requests
+            );
+            for t in &r.triggers {
+                let what = match &t.kind {
+                    TriggerKind::ErrorRate { above, over } => {
+                        format!(
+                            "error rate > {above} over {}",
+                            humantime::format_duration(*over)
+                        )
+                    }
+                    TriggerKind::P95Latency { above, over } => format!(
+                        "p95 > {} over {}",
+                        humantime::format_duration(*above),
+                        humantime::format_duration(*over)
+                    ),
+                    TriggerKind::Critical5xx { paths, above, over } => format!(
+                        "failures on {} > {above} over {}",
+                        paths.join(","),
+                        humantime::format_duration(*over)
+                    ),
+                    TriggerKind::Unhealthy => "live pool has no healthy upstream".to_string(),
+                };
+                let _ = writeln!(
+                    s,
+                    "      {:<12} {what} for {}",
+                    t.kind.name(),
+                    humantime::format_duration(t.for_)
+                );
+            }
+        }
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// Reads, overrides from the environment and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            key: String::new(),
+            message: format!("cannot read config file {}: {e}", path.display()),
+        }])
+    })?;
+    from_toml_str(&text)
+}
+
+/// Parses TOML text (plus `SWITCHYARD__*` environment overrides) into a validated config.
+pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
+    from_toml_str_with_env(text, None)
+}
+
+/// As [`from_toml_str`], with the environment given explicitly (tests), or the process's.
+pub fn from_toml_str_with_env(
+    text: &str,
+    env: Option<std::collections::HashMap<String, String>>,
+) -> Result<Config, ConfigErrors> {
+    let one = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            key: String::new(),
+            message,
+        }])
+    };
+    let mut envsrc = config::Environment::with_prefix("SWITCHYARD")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("notify.webhooks")
+        .with_list_parse_key("state.etcd_endpoints")
+        .with_list_parse_key("admin.allowed_hosts");
+    if let Some(env) = env {
+        envsrc = envsrc.source(Some(env.into_iter().collect()));
+    }
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(envsrc)
+        .build()
+        .map_err(|e| one(format!("cannot parse config: {e}")))?;
+    let mut value: serde_json::Value = built
+        .try_deserialize()
+        .map_err(|e| one(format!("cannot parse config: {e}")))?;
+    let raw = deserialize_collecting(&mut value)?;
+    validate(raw)
+}
+
+/// Deserializes strictly, but reports every unknown key rather than only the first: each one is
+/// recorded and removed, and deserialization runs again.
+fn deserialize_collecting(value: &mut serde_json::Value) -> Result<RawConfig, ConfigErrors> {
+    let mut errors = Vec::new();
+    for _ in 0..100 {
+        match serde_path_to_error::deserialize::<_, RawConfig>(&*value) {
+            Ok(raw) if errors.is_empty() => return Ok(raw),
+            Ok(_) => return Err(ConfigErrors(errors)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let msg = e.inner().to_string();
+                if let Some(field) = unknown_field_name(&msg) {
+                    let parent = parent_path(&path, &field);
+                    let key = join_key(&parent, &field);
+                    errors.push(ConfigError {
+                        key,
+                        message: format!("unknown key {field:?}"),
+                    });
+                    if !remove_key(value, &parent, &field) {
+                        return Err(ConfigErrors(errors));
+                    }
+                } else {
+                    let key = if path == "." { String::new() } else { path };
+                    errors.push(ConfigError { key, message: msg });
+                    return Err(ConfigErrors(errors));
+                }
+            }
+        }
+    }
+    Err(ConfigErrors(errors))
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_string())
+}
+
+/// serde_path_to_error reports an unknown field at a path that may or may not end with the
+/// field itself; normalize to the parent.
+fn parent_path(path: &str, field: &str) -> String {
+    if path == "." {
+        return String::new();
+    }
+    if path == field {
+        return String::new();
+    }
+    if let Some(p) = path.strip_suffix(&format!(".{field}")) {
+        return p.to_string();
+    }
+    path.to_string()
+}
+
+fn join_key(parent: &str, field: &str) -> String {
+    if parent.is_empty() {
+        field.to_string()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+/// Removes `field` from the object at `path` (`services[0].blue` style).
+fn remove_key(value: &mut serde_json::Value, path: &str, field: &str) -> bool {
+    let mut cur = value;
+    if !path.is_empty() {
+        for seg in path.split('.') {
+            let (name, idx) = match seg.find('[') {
+                Some(i) => (&seg[..i], seg[i + 1..seg.len() - 1].parse::<usize>().ok()),
+                None => (seg, None),
+            };
+            cur = match cur.get_mut(name) {
+                Some(v) => v,
+                None => return false,
+            };
+            if let Some(i) = idx {
+                cur = match cur.get_mut(i) {
+                    Some(v) => v,
+                    None => return false,
+                };
+            }
+        }
+    }
+    match cur.as_object_mut() {
+        Some(map) => map.remove(field).is_some(),
+        None => false,
+    }
+}
+
+/// Collects errors with their key paths while validating.
+struct Check {
+    errors: Vec<ConfigError>,
+}
+
+impl Check {
+    fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, v: Option<&str>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match parse_duration(s) {
+                Ok(d) => d,
+                Err(m) => {
+                    self.err(key, m);
+                    default
+                }
+            },
+        }
+    }
+
+    fn addr(&mut self, key: &str, v: &str) -> Option<SocketAddr> {
+        match v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    key,
+                    format!("invalid address {v:?} (expected IP:port, e.g. \"127.0.0.1:3001\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, key: &str, v: Option<i64>, default: u64, min: u64, max: u64) -> u64 {
+        match v {
+            None => default,
+            Some(n) if n >= min as i64 && (n as u64) <= max => n as u64,
+            Some(n) => {
+                self.err(key, format!("{n} is out of range ({min}..={max})"));
+                default
+            }
+        }
+    }
+}
+
+/// Durations need a unit: `"250ms"`, `"2s"`, `"2m"`, `"2h"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() || t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "invalid duration {s:?} (needs a unit: \"250ms\", \"2s\", \"2m\", \"2h\")"
+        ));
+    }
+    humantime::parse_duration(t).map_err(|e| {
+        format!("invalid duration {s:?}: {e} (use a unit: \"250ms\", \"2s\", \"2m\", \"2h\")")
+    })
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut c = Check { errors: Vec::new() };
+
+    // [proxy]
+    let p = &raw.proxy;
+    let listen = c
+        .addr(
+            "proxy.listen",
+            p.listen.as_deref().unwrap_or("0.0.0.0:8080"),
+        )
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+    let tls_listen = p
+        .tls_listen
+        .as_deref()
+        .and_then(|v| c.addr("proxy.tls_listen", v));
+    let tls_cert = p.tls_cert.as_ref().map(PathBuf::from);
+    let tls_key = p.tls_key.as_ref().map(PathBuf::from);
+    if p.tls_listen.is_some() {
+        if tls_cert.is_none() {
+            c.err("proxy.tls_cert", "required when proxy.tls_listen is set");
+        }
+        if tls_key.is_none() {
+            c.err("proxy.tls_key", "required when proxy.tls_listen is set");
+        }
+    }
+    let preview_listen = p
+        .preview_listen
+        .as_deref()
+        .and_then(|v| c.addr("proxy.preview_listen", v));
+    let connect_timeout = c.duration(
+        "proxy.connect_timeout",
+        p.connect_timeout.as_deref(),
+        Duration::from_secs(2),
+    );
+    let request_timeout = c.duration(
+        "proxy.request_timeout",
+        p.request_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    let shutdown_grace = c.duration(
+        "proxy.shutdown_grace",
+        p.shutdown_grace.as_deref(),
+        Duration::from_secs(30),
+    );
+    for (k, d) in [
+        ("proxy.connect_timeout", connect_timeout),
+        ("proxy.request_timeout", request_timeout),
+    ] {
+        if d.is_zero() {
+            c.err(k, "must be greater than zero");
+        }
+    }
+    let workers = p
+        .workers
+        .map(|_| c.count("proxy.workers", p.workers, 1, 1, 1024) as usize);
+    let header_read_timeout = c.duration(
+        "proxy.header_read_timeout",
+        p.header_read_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    let body_idle_timeout = c.duration(
+        "proxy.body_idle_timeout",
+        p.body_idle_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+    let keepalive_timeout = c.duration(
+        "proxy.keepalive_timeout",
+        p.keepalive_timeout.as_deref(),
+        Duration::from_secs(75),
+    );
+    let upstream_idle_timeout = c.duration(
+        "proxy.upstream_idle_timeout",
+        p.upstream_idle_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+    let proxy = ProxyConfig {
+        listen,
+        tls_listen,
+        tls_cert,
+        tls_key,
+        connect_timeout,
+        request_timeout,
+        shutdown_grace,
+        workers,
+        preview_listen,
+        header_read_timeout,
+        body_idle_timeout,
+        keepalive_timeout,
+        max_connections: c.count(
+            "proxy.max_connections",
+            p.max_connections,
+            10_000,
+            1,
+            10_000_000,
+        ) as usize,
+        max_headers: c.count("proxy.max_headers", p.max_headers, 100, 1, 10_000) as usize,
+        max_header_bytes: c.count(
+            "proxy.max_header_bytes",
+            p.max_header_bytes,
+            64 * 1024,
+            1024,
+            16 * 1024 * 1024,
+        ) as usize,
+        upstream_idle_timeout,
+        upstream_max_idle: c.count(
+            "proxy.upstream_max_idle",
+            p.upstream_max_idle,
+            256,
+            0,
+            1_000_000,
+        ) as usize,
+        h2_max_concurrent_streams: c.count(
+            "proxy.h2_max_concurrent_streams",
+            p.h2_max_concurrent_streams,
+            256,
+            1,
+            1_000_000,
+        ) as u32,
+    };
+
+    // [admin]
+    let a = &raw.admin;
+    let admin_listen = c
+        .addr(
+            "admin.listen",
+            a.listen.as_deref().unwrap_or("127.0.0.1:9090"),
+        )
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+    let token_env = a
+        .token_env
+        .clone()
+        .unwrap_or_else(|| "SWITCHYARD_ADMIN_TOKEN".to_string());
+    if token_env.is_empty() {
+        c.err("admin.token_env", "must name an environment variable");
+    }
+    if a.tls_cert.is_some() != a.tls_key.is_some() {
+        c.err(
+            "admin.tls_cert",
+            "admin.tls_cert and admin.tls_key must be set together",
+        );
+    }
+    let admin = AdminConfig {
+        listen: admin_listen,
+        token_env,
+        allowed_hosts: a
+            .allowed_hosts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        tls_cert: a.tls_cert.as_ref().map(PathBuf::from),
+        tls_key: a.tls_key.as_ref().map(PathBuf::from),
+    };
+    let mut listeners = vec![("proxy.listen", Some(proxy.listen))];
+    listeners.push(("proxy.tls_listen", proxy.tls_listen));
+    listeners.push(("proxy.preview_listen", proxy.preview_listen));
+    listeners.push(("admin.listen", Some(admin.listen)));
+    let mut seen_listen: Vec<SocketAddr> = Vec::new();
+    for (k, addr) in listeners {
+        if let Some(addr) = addr {
+            if addr.port() != 0 && seen_listen.contains(&addr) {
+                c.err(k, format!("{addr} is already used by another listener"));
+            }
+            seen_listen.push(addr);
+        }
+    }
+
+    // [state]
+    let s = &raw.state;
+    let backend = match s.backend.as_deref().unwrap_or("file") {
+        "file" => StateBackend::File,
+        "etcd" => StateBackend::Etcd,
+        other => {
+            c.err(
+                "state.backend",
+                format!("invalid backend {other:?} (expected \"file\" or \"etcd\")"),
+            );
+            StateBackend::File
+        }
+    };
+    let etcd_endpoints = s.etcd_endpoints.clone().unwrap_or_default();
+    if backend == StateBackend::Etcd && etcd_endpoints.is_empty() {
+        c.err(
+            "state.etcd_endpoints",
+            "at least one endpoint is required with backend = \"etcd\"",
+        );
+    }
+    for (i, e) in etcd_endpoints.iter().enumerate() {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            c.err(
+                format!("state.etcd_endpoints[{i}]"),
+                format!("invalid endpoint {e:?} (expected http://host:port)"),
+            );
+        }
+    }
+    let state = StateConfig {
+        backend,
+        path: PathBuf::from(
+            s.path
+                .clone()
+                .unwrap_or_else(|| "state/switchyard.json".to_string()),
+        ),
+        etcd_endpoints,
+        etcd_prefix: s
+            .etcd_prefix
+            .clone()
+            .unwrap_or_else(|| "/switchyard/".to_string()),
+    };
+
+    // [notify]
+    let n = &raw.notify;
+    let webhooks = n.webhooks.clone().unwrap_or_default();
+    for (i, w) in webhooks.iter().enumerate() {
+        let ok = w
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+        if ok.is_none() {
+            c.err(
+                format!("notify.webhooks[{i}]"),
+                format!("invalid URL {w:?} (expected http://host:port/path)"),
+            );
+        }
+    }
+    let notify = NotifyConfig {
+        webhooks,
+        timeout: c.duration(
+            "notify.timeout",
+            n.timeout.as_deref(),
+            Duration::from_secs(5),
+        ),
+        max_attempts: c.count("notify.max_attempts", n.max_attempts, 5, 1, 100) as u32,
+        queue_size: c.count("notify.queue_size", n.queue_size, 1024, 1, 1_000_000) as usize,
+    };
+
+    // [[services]]
+    let mut services = Vec::new();
+    let mut names = HashSet::new();
+    for (i, rs) in raw.services.into_iter().enumerate() {
+        let key = format!("services[{i}]");
+        if let Some(svc) = validate_service(&mut c, &key, rs) {
+            if !names.insert(svc.name.clone()) {
+                c.err(
+                    format!("{key}.name"),
+                    format!("duplicate service name {:?}", svc.name),
+                );
+            }
+            services.push(svc);
+        }
+    }
+    if services.is_empty() && c.errors.is_empty() {
+        c.err("services", "at least one [[services]] entry is required");
+    }
+    for j in 0..services.len() {
+        for i in 0..j {
+            if shadows(&services[i], &services[j]) {
+                c.err(
+                    format!("services[{j}]"),
+                    format!(
+                        "service {:?} can never match: the earlier service {:?} matches every request it would",
+                        services[j].name, services[i].name
+                    ),
+                );
+                break;
+            }
+        }
+    }
+
+    if c.errors.is_empty() {
+        Ok(Config {
+            proxy,
+            admin,
+            state,
+            notify,
+            services,
+        })
+    } else {
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+/// True when every request `later` could match is matched by `earlier` first.
+fn shadows(earlier: &ServiceConfig, later: &ServiceConfig) -> bool {
+    let hosts_covered = earlier.hosts.is_empty()
+        || (!later.hosts.is_empty()
+            && later
+                .hosts
+                .iter()
+                .all(|h| earlier.hosts.iter().any(|e| host_pattern_matches(e, h))));
+    let path_covered = match (&earlier.path_prefix, &later.path_prefix) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => l.starts_with(e.as_str()),
+    };
+    hosts_covered && path_covered
+}
+
+/// `pattern` is a configured host (`api.example.com` or `*.example.com`); `host` is lower-case.
+pub fn host_pattern_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => pattern == host,
+    }
+}
+
+fn validate_service(c: &mut Check, key: &str, rs: RawService) -> Option<ServiceConfig> {
+    let name = match rs.name {
+        Some(n) if valid_name(&n) => n,
+        Some(n) => {
+            c.err(
+                format!("{key}.name"),
+                format!("invalid name {n:?} (use 1-64 of a-z, 0-9, '-', '_')"),
+            );
+            n
+        }
+        None => {
+            c.err(format!("{key}.name"), "required");
+            String::new()
+        }
+    };
+    let mut hosts = Vec::new();
+    for (i, h) in rs.hosts.unwrap_or_default().into_iter().enumerate() {
+        let lower = h.to_ascii_lowercase();
+        let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        if bare.is_empty()
+            || bare.contains(['/', ':', ' ', '*'])
+            || !bare
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '.' || ch == '-' || ch == '_')
+        {
+            c.err(
+                format!("{key}.hosts[{i}]"),
+                format!("invalid host {h:?} (a host name without port, optionally \"*.\" first)"),
+            );
+        }
+        hosts.push(lower);
+    }
+    if let Some(pp) = &rs.path_prefix {
+        if !pp.starts_with('/') {
+            c.err(
+                format!("{key}.path_prefix"),
+                format!("invalid path prefix {pp:?} (must start with '/')"),
+            );
+        }
+    }
+    let active = match rs.active.as_deref() {
+        None => Color::Blue,
+        Some(a) => a.parse::<Color>().unwrap_or_else(|m| {
+            c.err(format!("{key}.active"), m);
+            Color::Blue
+        }),
+    };
+    let blue = validate_pool(c, &format!("{key}.blue"), rs.blue);
+    let green = validate_pool(c, &format!("{key}.green"), rs.green);
+    let smoke_paths = rs.smoke_paths.unwrap_or_default();
+    for (i, sp) in smoke_paths.iter().enumerate() {
+        if !sp.starts_with('/') {
+            c.err(
+                format!("{key}.smoke_paths[{i}]"),
+                format!("invalid path {sp:?} (must start with '/')"),
+            );
+        }
+    }
+    let health = rs.health.map(|h| {
+        let hk = format!("{key}.health");
+        let path = h.path.unwrap_or_else(|| "/health".to_string());
+        if !path.starts_with('/') {
+            c.err(
+                format!("{hk}.path"),
+                format!("invalid path {path:?} (must start with '/')"),
+            );
+        }
+        let interval = c.duration(
+            &format!("{hk}.interval"),
+            h.interval.as_deref(),
+            Duration::from_secs(2),
+        );
+        let timeout = c.duration(
+            &format!("{hk}.timeout"),
+            h.timeout.as_deref(),
+            Duration::from_secs(1),
+        );
+        if interval < Duration::from_millis(10) {
+            c.err(format!("{hk}.interval"), "must be at least 10ms");
+        }
+        if timeout.is_zero() {
+            c.err(format!("{hk}.timeout"), "must be greater than zero");
+        }
+        HealthConfig {
+            path,
+            interval,
+            timeout,
+            unhealthy_after: c.count(
+                &format!("{hk}.unhealthy_after"),
+                h.unhealthy_after,
+                3,
+                1,
+                1000,
+            ) as u32,
+            healthy_after: c.count(&format!("{hk}.healthy_after"), h.healthy_after, 2, 1, 1000)
+                as u32,
+        }
+    });
+    let rollback = match rs.rollback {
+        None => RollbackConfig::default(),
+        Some(r) => validate_rollback(c, &format!("{key}.rollback"), r),
+    };
+    Some(ServiceConfig {
+        name,
+        hosts,
+        path_prefix: rs.path_prefix,
+        active,
+        blue: blue?,
+        green: green?,
+        smoke_paths,
+        health,
+        rollback,
+    })
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
+}
+
+fn validate_pool(c: &mut Check, key: &str, rp: Option<RawPool>) -> Option<PoolConfig> {
+    let Some(rp) = rp else {
+        c.err(key, "required (a pool: { upstreams = [\"IP:port\", ...] })");
+        return None;
+    };
+    let protocol = match rp.protocol.as_deref().unwrap_or("http1") {
+        "http1" => Protocol::Http1,
+        "h2" => Protocol::H2,
+        other => {
+            c.err(
+                format!("{key}.protocol"),
+                format!("invalid protocol {other:?} (expected \"http1\" or \"h2\")"),
+            );
+            Protocol::Http1
+        }
+    };
+    let raw = rp.upstreams.unwrap_or_default();
+    if raw.is_empty() {
+        c.err(
+            format!("{key}.upstreams"),
+            "a pool needs at least one upstream",
+        );
+    }
+    let mut upstreams = Vec::new();
+    for (i, u) in raw.iter().enumerate() {
+        let k = format!("{key}.upstreams[{i}]");
+        if let Some(a) = c.addr(&k, u) {
+            if upstreams.contains(&a) {
+                c.err(k, format!("duplicate upstream {u:?}"));
+            } else {
+                upstreams.push(a);
+            }
+        }
+    }
+    Some(PoolConfig {
+        upstreams,
+        protocol,
+    })
+}
+
+fn validate_rollback(c: &mut Check, key: &str, r: RawRollback) -> RollbackConfig {
+    let d = RollbackConfig::default();
+    let watch_for = c.duration(
+        &format!("{key}.watch_for"),
+        r.watch_for.as_deref(),
+        d.watch_for,
+    );
+    let min_requests = c.count(
+        &format!("{key}.min_requests"),
+        r.min_requests,
+        d.min_requests,
+        0,
+        u64::MAX >> 1,
+    );
+    let mut triggers = Vec::new();
+    for (i, t) in r.triggers.into_iter().enumerate() {
+        if let Some(t) = validate_trigger(c, &format!("{key}.triggers[{i}]"), t) {
+            triggers.push(t);
+        }
+    }
+    RollbackConfig {
+        enabled: r.enabled.unwrap_or(true),
+        watch_for,
+        min_requests,
+        dry_run: r.dry_run.unwrap_or(false),
+        triggers,
+    }
+}
+
+fn validate_trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<TriggerConfig> {
+    let for_ = c.duration(&format!("{key}.for"), t.for_.as_deref(), Duration::ZERO);
+    let over_key = format!("{key}.over");
+    let over = |c: &mut Check| {
+        let o = c.duration(&over_key, t.over.as_deref(), Duration::from_secs(60));
+        if o < Duration::from_secs(1) || o > MAX_WINDOW {
+            c.err(&over_key, "must be between 1s and 1h");
+        }
+        o
+    };
+    let kind_name = match t.kind.as_deref() {
+        Some(k) => k,
+        None => {
+            c.err(
+                format!("{key}.kind"),
+                "required (error_rate, p95_latency, critical_5xx or unhealthy)",
+            );
+            return None;
+        }
+    };
+    let above_key = format!("{key}.above");
+    let kind = match kind_name {
+        "error_rate" => {
+            let above = match t.above.as_ref().and_then(|v| v.as_f64()) {
+                Some(a) if a > 0.0 && a < 1.0 => a,
+                Some(a) => {
+                    c.err(
+                        &above_key,
+                        format!("{a} is out of range (a ratio between 0 and 1, e.g. 0.05)"),
+                    );
+                    0.05
+                }
+                None => {
+                    c.err(&above_key, "required: a ratio between 0 and 1, e.g. 0.05");
+                    0.05
+                }
+            };
+            TriggerKind::ErrorRate {
+                above,
+                over: over(c),
+            }
+        }
+        "p95_latency" => {
+            let above = match t.above.as_ref().and_then(|v| v.as_str()) {
+                Some(s) => match parse_duration(s) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        c.err(&above_key, "must be greater than zero");
+                        Duration::from_secs(1)
+                    }
+                    Err(m) => {
+                        c.err(&above_key, m);
+                        Duration::from_secs(1)
+                    }
+                },
+                None => {
+                    c.err(&above_key, "required: a duration such as \"1000ms\"");
+                    Duration::from_secs(1)
+                }
+            };
+            TriggerKind::P95Latency {
+                above,
+                over: over(c),
+            }
+        }
+        "critical_5xx" => {
+            let above = match &t.above {
+                None => 0,
+                Some(v) => match v.as_u64() {
+                    Some(n) => n,
+                    None => {
+                        c.err(&above_key, "must be a whole number of failures (e.g. 0)");
+                        0
+                    }
+                },
+            };
+            let paths = t.paths.clone().unwrap_or_default();
+            if paths.is_empty() {
+                c.err(format!("{key}.paths"), "required: at least one path prefix");
+            }
+            for (i, p) in paths.iter().enumerate() {
+                if !p.starts_with('/') {
+                    c.err(
+                        format!("{key}.paths[{i}]"),
+                        format!("invalid path {p:?} (must start with '/')"),
+                    );
+                }
+            }
+            TriggerKind::Critical5xx {
+                paths,
+                above,
+                over: over(c),
+            }
+        }
+        "unhealthy" => {
+            if t.above.is_some() {
+                c.err(&above_key, "not used by kind \"unhealthy\"");
+            }
+            if t.over.is_some() {
+                c.err(&over_key, "not used by kind \"unhealthy\"");
+            }
+            TriggerKind::Unhealthy
+        }
+        other => {
+            c.err(
+                format!("{key}.kind"),
+                format!(
+                    "invalid trigger kind {other:?} (expected error_rate, p95_latency, critical_5xx or unhealthy)"
+                ),
+            );
+            return None;
+        }
+    };
+    if t.paths.is_some() && !matches!(kind, TriggerKind::Critical5xx { .. }) {
+        c.err(
+            format!("{key}.paths"),
+            format!("not used by kind {:?}", kind.name()),
+        );
+    }
+    Some(TriggerConfig { kind, for_ })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[proxy]
+listen = "127.0.0.1:8080"
+[admin]
+listen = "127.0.0.1:9090"
+[[services]]
+name = "api"
+path_prefix = "/api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "1m"
+for = "2m"
+[[services.rollback.triggers]]
+kind = "p95_latency"
+above = "1000ms"
+[[services.rollback.triggers]]
+kind = "critical_5xx"
+paths = ["/api/payments"]
+above = 0
+over = "30s"
+[[services.rollback.triggers]]
+kind = "unhealthy"
+for = "10s"
+"#;
+
+    fn env() -> Option<std::collections::HashMap<String, String>> {
+        Some(Default::default())
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match from_toml_str_with_env(text, env()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn good_config_validates() {
+        let c = from_toml_str_with_env(GOOD, env()).expect("valid");
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services[0].rollback.triggers.len(), 4);
+        assert_eq!(
+            c.services[0].rollback.triggers[0].for_,
+            Duration::from_secs(120)
+        );
+        assert!(c.summary().contains("api"));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported() {
+        let text = GOOD.replace("[admin]", "[admin]\nbogus = 1\n").replace(
+            "kind = \"unhealthy\"",
+            "kind = \"unhealthy\"\nwhatever = true",
+        );
+        let errs = errors(&text);
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.bogus")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("services[0].rollback.triggers[3].whatever")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_all_named() {
+        let text = GOOD
+            .replace("127.0.0.1:3011", "x:y")
+            .replace("\"2m\"", "\"2 parsecs\"")
+            .replace("kind = \"unhealthy\"", "kind = \"sad\"")
+            .replace(
+                "path_prefix = \"/api\"",
+                "path_prefix = \"/api\"\nactive = \"red\"",
+            );
+        let errs = errors(&text);
+        let want = [
+            "services[0].green.upstreams[0]: invalid address \"x:y\"",
+            "services[0].rollback.triggers[0].for: invalid duration",
+            "services[0].rollback.triggers[3].kind: invalid trigger kind",
+            "services[0].active: invalid color",
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shadowed_service_and_duplicates() {
+        let text = r#"
+[[services]]
+name = "all"
+blue = { upstreams = ["127.0.0.1:1"] }
+green = { upstreams = ["127.0.0.1:2"] }
+[[services]]
+name = "all"
+path_prefix = "/x"
+blue = { upstreams = [] }
+green = { upstreams = ["127.0.0.1:2"] }
+"#;
+        let errs = errors(text);
+        assert!(
+            errs.iter().any(|e| e.contains("duplicate service name")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("can never match")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("services[1].blue.upstreams")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut env = std::collections::HashMap::new();
+        env.insert(
+            "SWITCHYARD__PROXY__LISTEN".to_string(),
+            "127.0.0.1:7000".to_string(),
+        );
+        env.insert("SWITCHYARD__PROXY__WORKERS".to_string(), "3".to_string());
+        let c = from_toml_str_with_env(GOOD, Some(env)).expect("valid");
+        assert_eq!(c.proxy.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(c.proxy.workers, Some(3));
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert!(host_pattern_matches("*.example.com", "a.example.com"));
+        assert!(!host_pattern_matches("*.example.com", "example.com"));
+        assert!(!host_pattern_matches("*.example.com", "aexample.com"));
+        assert!(host_pattern_matches("api.x", "api.x"));
+    }
+}
