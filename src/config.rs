@@ -447,7 +447,7 @@ impl Config {
             .max()
             .unwrap_or(Duration::ZERO)
             .as_secs();
-        (secs as usize + 2).max(600)
+        (secs as usize + 4).max(600)
     }
 
     /// A one-screen summary for `switchyard check`.

@@ -1,1 +1,28 @@
+//! Switchyard: a blue-green traffic-switching reverse proxy that watches a fresh release and
+//! rolls it back on its own when it misbehaves.
+//!
+//! The modules follow the request and the operator: [`config`] (file → validated config),
+//! [`routing`] (the live snapshot), [`proxy`] (the request path), [`upstream`] (pools, balancing,
+//! the client), [`health`], [`stats`] (windowed histograms), [`rollback`] (the decision engine)
+//! and [`watcher`] (its I/O loop), [`app`] (the one writer), [`admin`], [`state`], [`events`],
+//! [`notify`], [`metrics`], [`tls`], [`server`] (listeners and lifecycle), plus the [`demo`] and
+//! [`ctl`] subcommands.
+
+pub mod admin;
+pub mod app;
 pub mod config;
+pub mod ctl;
+pub mod demo;
+pub mod events;
+pub mod health;
+pub mod metrics;
+pub mod notify;
+pub mod proxy;
+pub mod rollback;
+pub mod routing;
+pub mod server;
+pub mod state;
+pub mod stats;
+pub mod tls;
+pub mod upstream;
+pub mod watcher;

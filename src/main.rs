@@ -1,1 +1,237 @@
-fn main() {}
+//! The `switchyard` binary: serve, check, demo, ctl.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::config::{self, StateBackend};
+use switchyard::server::{self, Options};
+use switchyard::state::{self, StateStore};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Blue-green traffic-switching reverse proxy with automatic rollback"
+)]
+struct Cli {
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+        /// Move an unreadable state file aside and start from the config's colors.
+        #[arg(long)]
+        reset_state: bool,
+    },
+    /// Validate a config file and print a summary, or every error with its key.
+    Check {
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// A self-contained demo: the proxy plus built-in blue and green upstreams.
+    Demo(switchyard::demo::DemoArgs),
+    /// The admin API from a terminal.
+    Ctl(switchyard::ctl::CtlArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Check { config } => check(&config),
+        Cmd::Serve {
+            config,
+            reset_state,
+        } => serve(&config, reset_state),
+        Cmd::Demo(args) => match runtime(None) {
+            Ok(rt) => match rt.block_on(switchyard::demo::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Ctl(args) => match runtime(Some(1)) {
+            Ok(rt) => ExitCode::from(rt.block_on(switchyard::ctl::run(args)) as u8),
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().thread_name("switchyard").build()
+}
+
+fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
+    eprintln!(
+        "{}: {} problem{}:",
+        path.display(),
+        errs.0.len(),
+        if errs.0.len() == 1 { "" } else { "s" }
+    );
+    for e in &errs.0 {
+        eprintln!("  {e}");
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => {
+            println!("{}: ok", path.display());
+            print!("{}", cfg.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            print_errors(path, &errs);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_errors(path, &errs);
+            return ExitCode::FAILURE;
+        }
+    };
+    let store = match cfg.state.backend {
+        StateBackend::File => StateStore::file(&cfg.state.path),
+        StateBackend::Etcd => {
+            eprintln!("state.backend = \"etcd\" is not supported by this build yet; use \"file\"");
+            return ExitCode::FAILURE;
+        }
+    };
+    if reset_state && cfg.state.backend == StateBackend::File {
+        match state::move_aside(&cfg.state.path) {
+            Ok(Some(aside)) => eprintln!(
+                "--reset-state: moved {} to {}",
+                cfg.state.path.display(),
+                aside.display()
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!(
+                    "--reset-state: cannot move {} aside: {e}",
+                    cfg.state.path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let token = std::env::var(&cfg.admin.token_env).ok();
+    if token.as_deref().unwrap_or("").is_empty() {
+        tracing::warn!(
+            env = %cfg.admin.token_env,
+            "no admin token set: every mutating admin call will be refused"
+        );
+    }
+    let rt = match runtime(cfg.proxy.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let running = match server::start(
+            cfg,
+            Options {
+                config_path: Some(path.to_path_buf()),
+                store,
+                admin_token: token,
+            },
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let app = running.app.clone();
+        signals(app).await;
+        running.wait().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM / SIGINT: graceful shutdown. SIGHUP: reload the config.
+async fn signals(app: std::sync::Arc<switchyard::app::App>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            app.shutdown.cancel();
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    match app.reload("SIGHUP").await {
+                        Ok(o) => {
+                            switchyard::health::ensure(&app);
+                            tracing::info!("{}", o.message);
+                        }
+                        Err(e) => tracing::error!(error = %e, "reload on SIGHUP refused"),
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    app.shutdown.cancel();
+}

@@ -1,0 +1,657 @@
+#!/usr/bin/env bash
+# Switchyard load benchmark: Switchyard vs nginx vs HAProxy in front of one nginx upstream.
+#
+#   benches/load/run.sh                     # 3 interleaved rounds of 5s per target and protocol
+#   ROUNDS=5 DURATION=10 benches/load/run.sh
+#
+# Environment:
+#   ROUNDS=3            interleaved rounds (medians are reported)
+#   DURATION=5          seconds per measurement ("5" or "5s")
+#   CONNS=64            client connections (wrk -c, h2load -c)
+#   STREAMS=10          h2c streams per connection (h2load -m)
+#   FIXED_RPS=          total rate of the fixed-rate run (default: half of nginx's HTTP/1.1 max)
+#   IDLE_CONNS=10000    idle keep-alive connections held against Switchyard for the RSS measurement
+#   BASE_PORT=28080     first of the 8 consecutive loopback ports used
+#   SKIP_SWITCHYARD=1   benchmark only direct / nginx / haproxy
+#   SWITCHYARD_BIN=     use this binary instead of target/release/switchyard
+#   PIN=1               pin upstream / proxy / load generator to separate CPUs (needs >= 3 CPUs)
+#   KEEP_TMP=1          keep the temp dir (configs, logs, raw tool output)
+#
+# Needs: wrk, nginx, haproxy, h2load (Debian: wrk nginx haproxy nghttp2-client), python3, curl.
+# It installs nothing; the only thing it may build is Switchyard (cargo build --release).
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+DURATION=${DURATION%s}
+CONNS=${CONNS:-64}
+STREAMS=${STREAMS:-10}
+FIXED_RPS=${FIXED_RPS:-}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+BASE_PORT=${BASE_PORT:-28080}
+SKIP_SWITCHYARD=${SKIP_SWITCHYARD:-0}
+PIN=${PIN:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+
+log()  { printf '[bench] %s\n' "$*" >&2; }
+warn() { printf '[bench] WARNING: %s\n' "$*" >&2; }
+die()  { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+
+for v in ROUNDS DURATION CONNS STREAMS IDLE_CONNS BASE_PORT; do
+    [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
+done
+[[ -z $FIXED_RPS || $FIXED_RPS =~ ^[0-9]+$ ]] || die "FIXED_RPS must be an integer"
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+
+# ------------------------------------------------------------------ tools
+missing=()
+for pair in wrk:wrk nginx:nginx haproxy:haproxy h2load:nghttp2-client python3:python3 curl:curl; do
+    tool=${pair%%:*} pkg=${pair#*:}
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        missing+=("$pkg")
+        log "missing: $tool (Debian package: $pkg)"
+    fi
+done
+if ((${#missing[@]})); then
+    die "install the missing packages first, e.g.: apt-get install ${missing[*]}"
+fi
+
+# ------------------------------------------------------------------ switchyard binary
+SY_BIN=${SWITCHYARD_BIN:-$REPO_ROOT/target/release/switchyard}
+SY_ENABLED=1
+if [[ $SKIP_SWITCHYARD == 1 ]]; then
+    SY_ENABLED=0
+    log "SKIP_SWITCHYARD=1: Switchyard is not measured"
+elif [[ ! -x $SY_BIN ]]; then
+    if [[ -n ${SWITCHYARD_BIN:-} ]]; then
+        warn "SWITCHYARD_BIN=$SY_BIN is not executable; continuing without Switchyard"
+        SY_ENABLED=0
+    elif ! command -v cargo >/dev/null 2>&1; then
+        warn "$SY_BIN is missing and cargo is not installed; continuing without Switchyard"
+        SY_ENABLED=0
+    else
+        log "building Switchyard: cargo build --release"
+        if ! (cd "$REPO_ROOT" && cargo build --release) >&2; then
+            warn "cargo build --release failed; continuing without Switchyard (as SKIP_SWITCHYARD=1)"
+            SY_ENABLED=0
+        elif [[ ! -x $SY_BIN ]]; then
+            warn "build succeeded but $SY_BIN is missing; continuing without Switchyard"
+            SY_ENABLED=0
+        fi
+    fi
+fi
+
+# ------------------------------------------------------------------ limits, CPUs
+want_nofile=$((IDLE_CONNS + 2048))
+((want_nofile >= 16384)) || want_nofile=16384
+hard_nofile=$(ulimit -Hn)
+if [[ $hard_nofile != unlimited && $hard_nofile -lt $want_nofile ]]; then
+    want_nofile=$hard_nofile
+fi
+ulimit -n "$want_nofile" 2>/dev/null || warn "could not raise ulimit -n to $want_nofile"
+nofile=$(ulimit -n)
+[[ $nofile == unlimited ]] && nofile=1048576
+if ((IDLE_CONNS + 1024 > nofile)); then
+    IDLE_CONNS=$((nofile - 1024))
+    warn "open-file limit is $nofile: holding only $IDLE_CONNS idle connections"
+fi
+
+mapfile -t CPUS < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)), sep="\n")')
+PIN_UP=() PIN_PROXY=() PIN_LOAD=()
+if [[ $PIN == 1 ]] && command -v taskset >/dev/null 2>&1 && ((${#CPUS[@]} >= 3)); then
+    PIN_UP=(taskset -c "${CPUS[0]}")
+    PIN_PROXY=(taskset -c "${CPUS[1]}")
+    PIN_LOAD=(taskset -c "${CPUS[2]}")
+    PIN_NOTE="pinned: upstream cpu ${CPUS[0]}, proxy cpu ${CPUS[1]}, load generator cpu ${CPUS[2]}"
+else
+    PIN_NOTE="not pinned (${#CPUS[@]} CPUs): load generator, proxy and upstream share CPUs; compare ratios, not absolute numbers"
+fi
+CLK_TCK=$(getconf CLK_TCK)
+HA_MAXCONN=$((nofile / 2 - 100))
+((HA_MAXCONN <= 4096)) || HA_MAXCONN=4096
+
+# ------------------------------------------------------------------ ports, temp dir
+P_UP=$BASE_PORT            # upstream nginx, HTTP/1.1
+P_UP_H2=$((BASE_PORT + 1)) # upstream nginx, h2c
+P_SY=$((BASE_PORT + 2))    # switchyard, HTTP/1.1 + h2c
+P_SY_ADMIN=$((BASE_PORT + 3))
+P_NG=$((BASE_PORT + 4))    # nginx proxy, HTTP/1.1
+P_NG_H2=$((BASE_PORT + 5)) # nginx proxy, h2c
+P_HA=$((BASE_PORT + 6))    # haproxy, HTTP/1.1
+P_HA_H2=$((BASE_PORT + 7)) # haproxy, h2c (proto h2)
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in "$P_UP" "$P_UP_H2" "$P_SY" "$P_SY_ADMIN" "$P_NG" "$P_NG_H2" "$P_HA" "$P_HA_H2"; do
+    if port_open "$p"; then die "port $p is already in use; set BASE_PORT to a free range"; fi
+done
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-bench.XXXXXX")
+RES=$TMP/results
+mkdir -p "$RES" "$TMP/state" "$TMP/nginx-up" "$TMP/nginx-proxy" "$TMP/haproxy"
+
+PIDS=()
+cleanup() {
+    local rc=$? pid kids=()
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        # remember children (nginx workers) before the parent goes away
+        mapfile -t -O "${#kids[@]}" kids < <(pgrep -P "$pid" 2>/dev/null || true)
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        local alive=0
+        for pid in "${PIDS[@]}" "${kids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+        done
+        ((alive)) || break
+        sleep 0.3
+    done
+    for pid in "${PIDS[@]}" "${kids[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [[ $KEEP_TMP == 1 ]]; then
+        log "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_port() { # port pid name
+    local i
+    for ((i = 0; i < 100; i++)); do
+        port_open "$1" && return 0
+        kill -0 "$2" 2>/dev/null || { warn "$3 exited during startup"; return 1; }
+        sleep 0.1
+    done
+    warn "$3 did not open port $1 within 10s"
+    return 1
+}
+
+# ------------------------------------------------------------------ upstream nginx
+nginx_common() { # prefix
+    cat <<EOF
+worker_processes 1;
+worker_rlimit_nofile $nofile;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections $((nofile > 65535 ? 65535 : nofile - 100)); multi_accept on; }
+EOF
+}
+nginx_http_common() { # prefix
+    cat <<EOF
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $1/client_body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
+write_nginx_up() { # with_h2 (1/0)
+    nginx_common "$TMP/nginx-up"
+    echo "http {"
+    nginx_http_common "$TMP/nginx-up"
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$P_UP;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+EOF
+    if [[ $1 == 1 ]]; then
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$P_UP_H2 http2;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+EOF
+    fi
+    echo "}"
+}
+nginx_ok() { # prefix
+    nginx -t -p "$1" -c "$1/nginx.conf" -e "$1/error.log" >"$1/check.log" 2>&1
+}
+UP_H2=1
+write_nginx_up 1 >"$TMP/nginx-up/nginx.conf"
+if ! nginx_ok "$TMP/nginx-up"; then
+    UP_H2=0
+    write_nginx_up 0 >"$TMP/nginx-up/nginx.conf"
+    nginx_ok "$TMP/nginx-up" || die "upstream nginx config invalid: $(tail -3 "$TMP/nginx-up/check.log")"
+    warn "this nginx rejects 'listen ... http2' (no h2c): direct h2c is n/a"
+fi
+"${PIN_UP[@]}" nginx -p "$TMP/nginx-up" -c "$TMP/nginx-up/nginx.conf" -e "$TMP/nginx-up/error.log" \
+    >"$TMP/nginx-up/stdout.log" 2>&1 &
+UP_PID=$!
+PIDS+=("$UP_PID")
+wait_port "$P_UP" "$UP_PID" "upstream nginx" || die "upstream nginx failed: $(tail -3 "$TMP/nginx-up/error.log" 2>/dev/null)"
+
+# ------------------------------------------------------------------ switchyard
+SY_PID=
+if ((SY_ENABLED)); then
+    cat >"$TMP/switchyard.toml" <<EOF
+# generated by benches/load/run.sh
+[proxy]
+listen = "127.0.0.1:$P_SY"
+connect_timeout = "2s"
+request_timeout = "30s"
+shutdown_grace = "1s"
+workers = 1
+
+[admin]
+listen = "127.0.0.1:$P_SY_ADMIN"
+token_env = "SWITCHYARD_ADMIN_TOKEN"
+
+[state]
+backend = "file"
+path = "$TMP/state/switchyard.json"
+
+[[services]]
+name = "bench"
+active = "blue"
+blue  = { upstreams = ["127.0.0.1:$P_UP"] }
+green = { upstreams = ["127.0.0.1:$P_UP"] }
+EOF
+    SY_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    if ! SWITCHYARD_ADMIN_TOKEN=$SY_TOKEN "$SY_BIN" check --config "$TMP/switchyard.toml" >"$TMP/switchyard-check.log" 2>&1; then
+        warn "switchyard check rejected the bench config; continuing without Switchyard:"
+        sed 's/^/    /' "$TMP/switchyard-check.log" >&2
+        SY_ENABLED=0
+    else
+        SWITCHYARD_ADMIN_TOKEN=$SY_TOKEN RUST_LOG=${RUST_LOG:-warn} \
+            "${PIN_PROXY[@]}" "$SY_BIN" serve --config "$TMP/switchyard.toml" >"$TMP/switchyard.log" 2>&1 &
+        SY_PID=$!
+        PIDS+=("$SY_PID")
+        if ! wait_port "$P_SY" "$SY_PID" "switchyard"; then
+            warn "Switchyard did not start; continuing without it. Log tail:"
+            tail -5 "$TMP/switchyard.log" | sed 's/^/    /' >&2
+            SY_ENABLED=0
+        fi
+    fi
+fi
+
+# ------------------------------------------------------------------ nginx proxy
+write_nginx_proxy() { # with_h2 (1/0)
+    nginx_common "$TMP/nginx-proxy"
+    echo "http {"
+    nginx_http_common "$TMP/nginx-proxy"
+    cat <<EOF
+    upstream backend {
+        server 127.0.0.1:$P_UP;
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$P_NG;
+EOF
+    if [[ $1 == 1 ]]; then echo "        listen 127.0.0.1:$P_NG_H2 http2;"; fi
+    cat <<EOF
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+}
+NG_H2=1
+write_nginx_proxy 1 >"$TMP/nginx-proxy/nginx.conf"
+if ! nginx_ok "$TMP/nginx-proxy"; then
+    NG_H2=0
+    write_nginx_proxy 0 >"$TMP/nginx-proxy/nginx.conf"
+    nginx_ok "$TMP/nginx-proxy" || die "nginx proxy config invalid: $(tail -3 "$TMP/nginx-proxy/check.log")"
+    warn "this nginx rejects 'listen ... http2' (no h2c): nginx h2c is n/a"
+fi
+"${PIN_PROXY[@]}" nginx -p "$TMP/nginx-proxy" -c "$TMP/nginx-proxy/nginx.conf" -e "$TMP/nginx-proxy/error.log" \
+    >"$TMP/nginx-proxy/stdout.log" 2>&1 &
+NG_PID=$!
+PIDS+=("$NG_PID")
+wait_port "$P_NG" "$NG_PID" "nginx proxy" || die "nginx proxy failed: $(tail -3 "$TMP/nginx-proxy/error.log" 2>/dev/null)"
+
+# ------------------------------------------------------------------ haproxy
+cat >"$TMP/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $HA_MAXCONN
+    pidfile $TMP/haproxy/haproxy.pid
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    maxconn $HA_MAXCONN
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout http-request 10s
+    timeout http-keep-alive 300s
+
+frontend bench
+    bind 127.0.0.1:$P_HA
+    bind 127.0.0.1:$P_HA_H2 proto h2
+    default_backend upstream
+
+backend upstream
+    server up1 127.0.0.1:$P_UP
+EOF
+haproxy -c -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/check.log" 2>&1 ||
+    die "haproxy config invalid: $(tail -5 "$TMP/haproxy/check.log")"
+"${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/haproxy.log" 2>&1 &
+HA_PID=$!
+PIDS+=("$HA_PID")
+wait_port "$P_HA" "$HA_PID" "haproxy" || die "haproxy failed: $(tail -3 "$TMP/haproxy/haproxy.log")"
+
+# ------------------------------------------------------------------ targets
+declare -A URL_H1 URL_H2
+URL_H1[direct]=http://127.0.0.1:$P_UP/
+URL_H2[direct]=http://127.0.0.1:$P_UP_H2/
+URL_H1[switchyard]=http://127.0.0.1:$P_SY/
+URL_H2[switchyard]=http://127.0.0.1:$P_SY/
+URL_H1[nginx]=http://127.0.0.1:$P_NG/
+URL_H2[nginx]=http://127.0.0.1:$P_NG_H2/
+URL_H1[haproxy]=http://127.0.0.1:$P_HA/
+URL_H2[haproxy]=http://127.0.0.1:$P_HA_H2/
+TARGETS=(direct)
+((SY_ENABLED)) && TARGETS+=(switchyard)
+TARGETS+=(nginx haproxy)
+ALL_TARGETS=(direct switchyard nginx haproxy)
+declare -A H1_OK H2_OK
+
+# HTTP/1.1 and h2c smoke test: 200 and the 3-byte body
+for t in "${TARGETS[@]}"; do
+    body=$(curl -sS --max-time 5 "${URL_H1[$t]}" 2>"$TMP/curl.err" || true)
+    if [[ $body == ok ]]; then H1_OK[$t]=1; else
+        H1_OK[$t]=0
+        warn "$t: HTTP/1.1 smoke test failed ($(head -c 200 "$TMP/curl.err")); its HTTP/1.1 results are n/a"
+    fi
+    H2_OK[$t]=0
+    if [[ $t == nginx && $NG_H2 == 0 ]] || [[ $t == direct && $UP_H2 == 0 ]]; then continue; fi
+    if h2load -n4 -c1 "${URL_H2[$t]}" 2>&1 | grep -q '4 succeeded'; then H2_OK[$t]=1; else
+        warn "$t: h2c (prior knowledge) does not work on ${URL_H2[$t]}; its h2c results are n/a"
+    fi
+done
+
+# ------------------------------------------------------------------ helpers
+cpu_ticks() { # pid -> utime+stime in clock ticks
+    local stat
+    stat=$(<"/proc/$1/stat")
+    stat=${stat##*) }
+    # after "pid (comm) ": field 3 is state; utime/stime are fields 14/15 -> index 11/12 here
+    local f
+    read -r -a f <<<"$stat"
+    echo $((f[11] + f[12]))
+}
+status_kb() { # pid key -> kB
+    awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"
+}
+to_ms() { # "123.45us" / "1.2ms" / "2.00s" / "1.00m" -> ms
+    awk '{ v = $1
+           if (v ~ /us$/)      { sub(/us$/, "", v); printf "%.3f\n", v / 1000 }
+           else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f\n", v }
+           else if (v ~ /m$/)  { sub(/m$/, "", v);  printf "%.3f\n", v * 60000 }
+           else if (v ~ /s$/)  { sub(/s$/, "", v);  printf "%.3f\n", v * 1000 }
+           else print "nan" }'
+}
+log_percentiles() { # h2load --log-file -> "p50_ms p99_ms"
+    awk -F'\t' '{ print $3 }' "$1" | sort -n | awk '
+        { a[NR] = $1 }
+        END { if (NR == 0) { print "nan nan"; exit }
+              i50 = int(NR * 0.50); if (i50 < 1) i50 = 1
+              i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+              printf "%.3f %.3f\n", a[i50] / 1000, a[i99] / 1000 }'
+}
+median() { # numbers on stdin (non-numeric ignored) -> median or n/a
+    grep -E '^[0-9.]+$' | sort -g | awk '{ a[NR] = $1 }
+        END { if (NR == 0) print "n/a"
+              else if (NR % 2) print a[(NR + 1) / 2]
+              else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+# one measurement; appends "rps p50_ms p99_ms requests errors cpu_s_per_100k" to $RES/<mode>.<target>
+measure() { # mode target round [rps_total]
+    local mode=$1 t=$2 round=$3 out=$RES/raw.$1.$2.$3 line t0=0 t1 reqs rps p50 p99 errs cpu=-
+    [[ $t == switchyard ]] && t0=$(cpu_ticks "$SY_PID")
+    case $mode in
+    h1)
+        "${PIN_LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${URL_H1[$t]}" >"$out" 2>&1 || true
+        rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+        reqs=$(awk '/requests in/ { print $1 }' "$out")
+        p50=$(awk '$1 == "50%" { print $2 }' "$out" | to_ms)
+        p99=$(awk '$1 == "99%" { print $2 }' "$out" | to_ms)
+        errs=$(awk '/Non-2xx or 3xx responses:/ { n += $NF }
+                    /Socket errors:/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) n += $i }
+                    END { print n + 0 }' "$out")
+        ;;
+    h2c | fixed)
+        local args=(-c"$CONNS" -D "$DURATION" --log-file="$out.log")
+        if [[ $mode == h2c ]]; then
+            args+=(-m"$STREAMS")
+            "${PIN_LOAD[@]}" h2load "${args[@]}" "${URL_H2[$t]}" >"$out" 2>&1 || true
+        else
+            local per_client
+            per_client=$(awk -v r="$4" -v c="$CONNS" 'BEGIN { x = r / c; if (x < 1) x = 1; printf "%d", x + 0.5 }')
+            args+=(--h1 -m1 --rps="$per_client")
+            "${PIN_LOAD[@]}" h2load "${args[@]}" "${URL_H1[$t]}" >"$out" 2>&1 || true
+        fi
+        rps=$(awk '/^finished in/ { print $4 }' "$out")
+        reqs=$(awk '/^requests:/ { print $8 }' "$out")
+        errs=$(awk '/^requests:/ { print $10 + 0 }' "$out")
+        read -r p50 p99 < <(log_percentiles "$out.log")
+        rm -f "$out.log"
+        ;;
+    esac
+    if [[ $t == switchyard ]]; then
+        t1=$(cpu_ticks "$SY_PID")
+        if [[ ${reqs:-0} =~ ^[0-9]+$ ]] && ((reqs > 0)); then
+            cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.3f", d / hz / n * 100000 }')
+        fi
+        if ! kill -0 "$SY_PID" 2>/dev/null; then
+            warn "Switchyard died during $mode round $round; log tail:"
+            tail -5 "$TMP/switchyard.log" | sed 's/^/    /' >&2
+            SY_ENABLED=0
+        fi
+    fi
+    line="${rps:-nan} ${p50:-nan} ${p99:-nan} ${reqs:-0} ${errs:-0} $cpu"
+    echo "$line" >>"$RES/$mode.$t"
+    log "$(printf 'round %d %-5s %-10s %10s req/s  p50 %8s ms  p99 %8s ms  errors %s' \
+        "$round" "$mode" "$t" "${rps:-nan}" "${p50:-nan}" "${p99:-nan}" "${errs:-0}")"
+}
+
+runnable() { # mode target
+    local t=$2
+    [[ $t == switchyard ]] && ! ((SY_ENABLED)) && return 1
+    case $1 in
+    h1 | fixed) [[ ${H1_OK[$t]:-0} == 1 ]] ;;
+    h2c) [[ ${H2_OK[$t]:-0} == 1 ]] ;;
+    esac
+}
+
+# ------------------------------------------------------------------ run
+log "temp dir $TMP; $PIN_NOTE"
+log "rounds=$ROUNDS duration=${DURATION}s conns=$CONNS h2c streams=$STREAMS"
+log "warm-up (1s per target)"
+for t in "${TARGETS[@]}"; do
+    if runnable h1 "$t"; then "${PIN_LOAD[@]}" wrk -t1 -c"$CONNS" -d1s "${URL_H1[$t]}" >/dev/null 2>&1 || true; fi
+done
+
+for ((r = 1; r <= ROUNDS; r++)); do
+    for mode in h1 h2c; do
+        for t in "${TARGETS[@]}"; do
+            if runnable "$mode" "$t"; then measure "$mode" "$t" "$r"; fi
+        done
+    done
+done
+
+if [[ -z $FIXED_RPS ]]; then
+    ng_max=$(awk '{ print $1 }' "$RES/h1.nginx" 2>/dev/null | median)
+    if [[ $ng_max == n/a ]]; then
+        ng_max=$(awk '{ print $1 }' "$RES/h1.direct" 2>/dev/null | median)
+        warn "no nginx HTTP/1.1 result: fixed rate based on direct instead"
+    fi
+    FIXED_RPS=$(awk -v m="$ng_max" 'BEGIN { printf "%d", m / 2 }')
+fi
+if ((FIXED_RPS > 0)); then
+    log "fixed-rate runs at $FIXED_RPS req/s total (h2load --h1 --rps per client, $CONNS clients)"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for t in "${TARGETS[@]}"; do
+            if runnable fixed "$t"; then measure fixed "$t" "$r" "$FIXED_RPS"; fi
+        done
+    done
+fi
+
+# ------------------------------------------------------------------ switchyard memory
+SY_HWM=n/a SY_RSS0=n/a SY_IDLE_RSS=n/a SY_IDLE_HWM=n/a SY_IDLE_FDS=n/a SY_IDLE_OPEN=n/a SY_IDLE_EST=n/a
+if ((SY_ENABLED)) && kill -0 "$SY_PID" 2>/dev/null; then
+    SY_HWM=$(status_kb "$SY_PID" VmHWM)
+    SY_RSS0=$(status_kb "$SY_PID" VmRSS)
+    cat >"$TMP/idle_conns.py" <<'PYEOF'
+import os, resource, socket, sys, time
+
+host, port, n, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+want = n + 256
+if soft != resource.RLIM_INFINITY and soft < want:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+REQ = b"GET / HTTP/1.1\r\nHost: bench.local\r\nConnection: keep-alive\r\n\r\n"
+
+
+def read_response(s):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(4096)
+        if not d:
+            raise OSError("closed before headers")
+        buf += d
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 200"):
+        raise OSError("status: %r" % lines[0])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        hdrs[k.strip().lower()] = v.strip().lower()
+    if hdrs.get(b"transfer-encoding", b"").endswith(b"chunked"):
+        while not body.endswith(b"0\r\n\r\n"):
+            d = s.recv(4096)
+            if not d:
+                raise OSError("closed in chunked body")
+            body += d
+    else:
+        cl = int(hdrs.get(b"content-length", b"0"))
+        while len(body) < cl:
+            d = s.recv(4096)
+            if not d:
+                raise OSError("closed in body")
+            body += d
+    if b"connection" in hdrs and hdrs[b"connection"] == b"close":
+        raise OSError("server closed the keep-alive connection")
+
+
+socks, fails, err = [], 0, ""
+BATCH = 256
+for start in range(0, n, BATCH):
+    batch = []
+    for _ in range(start, min(n, start + BATCH)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect((host, port))
+            s.sendall(REQ)
+            batch.append(s)
+        except OSError as e:
+            fails, err = fails + 1, str(e)
+            s.close()
+    for s in batch:
+        try:
+            read_response(s)
+            socks.append(s)
+        except (OSError, ValueError) as e:
+            fails, err = fails + 1, str(e)
+            s.close()
+with open(ready + ".tmp", "w") as f:
+    f.write("%d %d %s\n" % (len(socks), fails, err.replace("\n", " ")[:200]))
+os.rename(ready + ".tmp", ready)
+time.sleep(600)
+PYEOF
+    log "opening $IDLE_CONNS idle keep-alive connections to Switchyard"
+    python3 "$TMP/idle_conns.py" 127.0.0.1 "$P_SY" "$IDLE_CONNS" "$TMP/idle.ready" >"$TMP/idle.log" 2>&1 &
+    IDLE_PID=$!
+    PIDS+=("$IDLE_PID")
+    for ((i = 0; i < 1200; i++)); do
+        [[ -e $TMP/idle.ready ]] && break
+        kill -0 "$IDLE_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -e $TMP/idle.ready ]]; then
+        read -r idle_ok idle_fail idle_err <"$TMP/idle.ready"
+        ((idle_fail == 0)) || warn "$idle_fail of $IDLE_CONNS idle connections failed (last error: $idle_err)"
+        sleep 2 # let the proxy settle
+        SY_IDLE_RSS=$(status_kb "$SY_PID" VmRSS)
+        SY_IDLE_HWM=$(status_kb "$SY_PID" VmHWM)
+        SY_IDLE_FDS=$(find "/proc/$SY_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+        SY_IDLE_OPEN=$idle_ok
+        if command -v ss >/dev/null 2>&1; then
+            SY_IDLE_EST=$(ss -Htn state established "( sport = :$P_SY )" 2>/dev/null | wc -l)
+        fi
+    else
+        warn "idle-connection client failed: $(tail -3 "$TMP/idle.log")"
+    fi
+    kill -TERM "$IDLE_PID" 2>/dev/null || true
+    wait "$IDLE_PID" 2>/dev/null || true
+fi
+
+# ------------------------------------------------------------------ report
+med() { # mode target column
+    if [[ -s $RES/$1.$2 ]]; then awk -v c="$3" '{ print $c }' "$RES/$1.$2" | median; else echo n/a; fi
+}
+ratio() { # a b
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b }'
+}
+fmt() { # number decimals
+    awk -v v="$1" -v d="$2" 'BEGIN { if (v == "n/a") print v; else printf "%.*f\n", d, v }'
+}
+sum_errs() { if [[ -s $RES/$1.$2 ]]; then awk '{ n += $5 } END { print n + 0 }' "$RES/$1.$2"; else echo -; fi; }
+
+echo
+echo "Switchyard load benchmark: $ROUNDS interleaved rounds x ${DURATION}s, $CONNS connections, median of rounds"
+printf 'upstream: nginx, 1 worker, return 200 "ok\\n"; proxies: 1 worker/thread each; %s\n' "$PIN_NOTE"
+echo "h1 = wrk -t1 -c$CONNS --latency | h2c = h2load -c$CONNS -m$STREAMS (prior knowledge; p50/p99 from --log-file)"
+echo "fixed = HTTP/1.1 at $FIXED_RPS req/s total, paced by h2load --h1 --rps=<per client> (wrk2 unavailable); ratios on that row are p99 ratios (lower is better)"
+echo
+printf '%-11s %-6s %11s %9s %9s %9s %10s %7s %13s\n' target mode "req/s" "p50 ms" "p99 ms" "vs nginx" "vs haproxy" errors "cpu s/100k"
+printf '%s\n' "-----------------------------------------------------------------------------------------------"
+for mode in h1 h2c fixed; do
+    for t in "${ALL_TARGETS[@]}"; do
+        rps=$(med "$mode" "$t" 1) p50=$(med "$mode" "$t" 2) p99=$(med "$mode" "$t" 3)
+        if [[ $mode == fixed ]]; then
+            rn=$(ratio "$p99" "$(med fixed nginx 3)") rh=$(ratio "$p99" "$(med fixed haproxy 3)")
+        else
+            rn=$(ratio "$rps" "$(med "$mode" nginx 1)") rh=$(ratio "$rps" "$(med "$mode" haproxy 1)")
+        fi
+        cpu=-
+        if [[ $t == switchyard ]]; then cpu=$(med "$mode" switchyard 6); fi
+        printf '%-11s %-6s %11s %9s %9s %9s %10s %7s %13s\n' "$t" "$mode" "$(fmt "$rps" 0)" "$(fmt "$p50" 2)" \
+            "$(fmt "$p99" 2)" "$rn" "$rh" "$(sum_errs "$mode" "$t")" "$cpu"
+    done
+done
+kb_mb() { awk -v v="$1" 'BEGIN { if (v == "n/a" || v == "") print "n/a"; else printf "%.1f MiB\n", v / 1024 }'; }
+echo
+if [[ -n $SY_PID ]]; then
+    echo "switchyard peak RSS under load (VmHWM):          $(kb_mb "$SY_HWM")"
+    echo "switchyard RSS before idle test (VmRSS):         $(kb_mb "$SY_RSS0")"
+    echo "switchyard RSS holding $SY_IDLE_OPEN idle keep-alive conns: $(kb_mb "$SY_IDLE_RSS") (VmHWM $(kb_mb "$SY_IDLE_HWM"), open fds $SY_IDLE_FDS, established client conns $SY_IDLE_EST)"
+else
+    echo "switchyard: not measured (SKIP_SWITCHYARD=1, no binary, failed build or failed start)"
+fi
+if [[ $NG_H2 == 0 ]]; then echo "nginx h2c: n/a (this nginx cannot serve h2c prior knowledge)"; fi

@@ -1,0 +1,471 @@
+//! The admin listener: health, metrics, the dashboard, status, events and the mutating API.
+//!
+//! Mutating calls need the bearer token (compared in constant time); with no token configured
+//! they are all refused, never open. Browser-reachable endpoints accept only loopback `Host`
+//! values plus `[admin] allowed_hosts`, so a DNS-rebinding page cannot drive the API.
+
+// Handlers return a ready error response as their Err: this is the admin path, not the hot path.
+#![allow(clippy::result_large_err)]
+
+mod status;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::app::{App, ChangeError, FlipKind, ReloadError};
+use crate::config::Color;
+use crate::tls::TlsSetup;
+
+pub use status::{metrics_text, status_json, wall};
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+const MAX_BODY: usize = 64 * 1024;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = app.shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app2 = app.clone();
+        let svc = service_fn(move |req| {
+            let app = app2.clone();
+            async move { Ok::<_, Infallible>(handle(&app, req, remote).await) }
+        });
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
+        tokio::spawn(async move {
+            match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                Some(acc) => {
+                    let Ok(Ok(s)) = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acc.accept(stream),
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(s), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    // Admin calls are short; a second is plenty.
+    crate::server::drain(graceful, std::time::Duration::from_secs(1), "admin").await;
+}
+
+async fn handle(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    remote: std::net::SocketAddr,
+) -> AdminResponse {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+
+    // Scrapers and load balancers reach these by IP; they change nothing.
+    match (method.as_str(), path.as_str()) {
+        ("GET" | "HEAD", "/healthz") => {
+            return if app.shutdown.is_cancelled() {
+                plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else {
+                plain(StatusCode::OK, "ok\n")
+            }
+        }
+        ("GET" | "HEAD", "/metrics") => {
+            let body = metrics_text(app).await;
+            return with_type(
+                StatusCode::OK,
+                body.into(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            );
+        }
+        _ => {}
+    }
+    if !host_allowed(app, &req) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Host not allowed on the admin listener; add it to [admin] allowed_hosts",
+        );
+    }
+
+    let route = match segs.as_slice() {
+        [""] => Route::Dashboard,
+        ["api", "status"] => Route::Status,
+        ["api", "events"] => Route::Events,
+        ["api", "flip"] => Route::FlipAll,
+        ["api", "reload"] => Route::Reload,
+        ["api", "services", name, action] => match *action {
+            "flip" => Route::Flip(name.to_string()),
+            "rollback" => Route::Rollback(name.to_string()),
+            "pause" => Route::Pause(name.to_string(), true),
+            "resume" => Route::Pause(name.to_string(), false),
+            _ => return error(StatusCode::NOT_FOUND, "not found"),
+        },
+        _ => return error(StatusCode::NOT_FOUND, "not found"),
+    };
+    let read_only = matches!(route, Route::Dashboard | Route::Status | Route::Events);
+    if read_only {
+        if method != Method::GET && method != Method::HEAD {
+            return method_not_allowed("GET, HEAD");
+        }
+        return match route {
+            Route::Dashboard => {
+                let mut r = with_type(StatusCode::OK, DASHBOARD.into(), "text/html; charset=utf-8");
+                r.headers_mut().insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(
+                        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+                    ),
+                );
+                r
+            }
+            Route::Status => json_response(StatusCode::OK, &status_json(app)),
+            _ => json_response(StatusCode::OK, &json!({ "events": app.events.list() })),
+        };
+    }
+    if method != Method::POST {
+        return method_not_allowed("POST");
+    }
+    if let Err(resp) = authorize(app, &req) {
+        return resp;
+    }
+    let actor = format!("admin-api {}", remote.ip());
+    let body = match read_json_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    match route {
+        Route::Flip(name) => {
+            let args: FlipArgs = match parse_args(&body) {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+            let Some(to) = args.to.as_deref() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body needs \"to\": \"blue\" or \"green\"",
+                );
+            };
+            let to: Color = match to.parse() {
+                Ok(c) => c,
+                Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+            };
+            change(
+                app.flip(&name, to, args.force, FlipKind::Manual, &actor)
+                    .await,
+            )
+        }
+        Route::FlipAll => {
+            let args: FlipArgs = match parse_args(&body) {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+            let Some(to) = args.to.as_deref() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body needs \"to\": \"blue\" or \"green\"",
+                );
+            };
+            let to: Color = match to.parse() {
+                Ok(c) => c,
+                Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+            };
+            match app.flip_all(to, args.force, &actor).await {
+                Ok(outcomes) => {
+                    let changed = outcomes.iter().filter(|o| o.changed).count();
+                    let message = if changed == 0 {
+                        format!("every service is already on {to}; nothing to do")
+                    } else {
+                        format!("{changed} service(s) flipped to {to} in one step")
+                    };
+                    json_response(
+                        StatusCode::OK,
+                        &json!({ "changed": changed > 0, "message": message, "services": outcomes }),
+                    )
+                }
+                Err(e) => change_error(e),
+            }
+        }
+        Route::Rollback(name) => {
+            let args: FlipArgs = match parse_args(&body) {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+            change(app.rollback(&name, args.force, &actor).await)
+        }
+        Route::Pause(name, paused) => match app.set_paused(&name, paused, &actor).await {
+            Ok(message) => json_response(
+                StatusCode::OK,
+                &json!({ "service": name, "paused": paused, "message": message }),
+            ),
+            Err(e) => change_error(e),
+        },
+        Route::Reload => match app.reload(&actor).await {
+            Ok(outcome) => {
+                crate::health::ensure(app);
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&outcome).unwrap_or_default(),
+                )
+            }
+            Err(ReloadError::Invalid(errs)) => json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({
+                    "error": "invalid configuration; nothing was changed",
+                    "errors": errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
+        },
+        Route::Dashboard | Route::Status | Route::Events => {
+            error(StatusCode::NOT_FOUND, "not found")
+        }
+    }
+}
+
+enum Route {
+    Dashboard,
+    Status,
+    Events,
+    FlipAll,
+    Reload,
+    Flip(String),
+    Rollback(String),
+    Pause(String, bool),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FlipArgs {
+    to: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+fn parse_args<T: for<'de> Deserialize<'de> + Default>(
+    body: &Option<Bytes>,
+) -> Result<T, AdminResponse> {
+    match body {
+        None => Ok(T::default()),
+        Some(b) => serde_json::from_slice(b)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))),
+    }
+}
+
+fn change(r: Result<crate::app::FlipOutcome, ChangeError>) -> AdminResponse {
+    match r {
+        Ok(o) => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(&o).unwrap_or_default(),
+        ),
+        Err(e) => change_error(e),
+    }
+}
+
+fn change_error(e: ChangeError) -> AdminResponse {
+    let status = match &e {
+        ChangeError::UnknownService(_) => StatusCode::NOT_FOUND,
+        ChangeError::Refused(_) => StatusCode::CONFLICT,
+        ChangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ChangeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
+/// The body as JSON bytes, or None when empty. A body must say it is JSON (415 otherwise).
+async fn read_json_body(req: Request<Incoming>) -> Result<Option<Bytes>, AdminResponse> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large (64 KiB at most)",
+            ))
+        }
+    };
+    match is_json {
+        Some(true) => {}
+        Some(false) => {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "POST bodies must be application/json",
+            ))
+        }
+        None if bytes.is_empty() => return Ok(None),
+        None => {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "POST bodies must be application/json (set Content-Type)",
+            ))
+        }
+    }
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(None);
+    }
+    Ok(Some(bytes))
+}
+
+fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
+    let Some(token) = app.admin_token.as_deref() else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            &format!(
+                "no admin token is configured: set the environment variable {} before starting switchyard",
+                app.snapshot().config.admin.token_env
+            ),
+        ));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match given {
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <token>)",
+        )),
+        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong token")),
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+fn host_allowed(app: &App, req: &Request<Incoming>) -> bool {
+    let value = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let Some(value) = value else { return true };
+    let host = match value.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => value.rsplit_once(':').map(|(h, _)| h).unwrap_or(value),
+    }
+    .to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        if ip.is_loopback() {
+            return true;
+        }
+        let listen = app.snapshot().config.admin.listen.ip();
+        if !listen.is_unspecified() && ip == listen {
+            return true;
+        }
+    }
+    app.snapshot()
+        .config
+        .admin
+        .allowed_hosts
+        .iter()
+        .any(|h| h == &host)
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> AdminResponse {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    with_type(status, body.into(), "application/json")
+}
+
+fn error(status: StatusCode, msg: &str) -> AdminResponse {
+    json_response(status, &json!({ "error": msg }))
+}
+
+fn method_not_allowed(allow: &'static str) -> AdminResponse {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method not allowed; use {allow}"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn plain(status: StatusCode, body: &'static str) -> AdminResponse {
+    with_type(
+        status,
+        Bytes::from_static(body.as_bytes()),
+        "text/plain; charset=utf-8",
+    )
+}
+
+fn with_type(status: StatusCode, body: Bytes, ctype: &'static str) -> AdminResponse {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_works() {
+        assert!(super::constant_time_eq(b"abc", b"abc"));
+        assert!(!super::constant_time_eq(b"abc", b"abd"));
+        assert!(!super::constant_time_eq(b"abc", b"ab"));
+    }
+}

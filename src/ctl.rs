@@ -1,0 +1,364 @@
+//! `switchyard ctl`: the admin API from a terminal. Human-readable output by default, `--json`
+//! for scripts; exit 0 on success, 1 when the API refuses or cannot be reached, 2 on usage errors.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::config::Color;
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// Admin listener URL.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub admin: String,
+    /// Bearer token for mutating calls.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub cmd: CtlCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCmd {
+    /// Every service: live color, previous, generation, health, traffic, triggers.
+    Status,
+    /// Flip one service to a color.
+    Flip {
+        service: String,
+        #[arg(value_parser = parse_color)]
+        color: Color,
+        /// Flip even if the target pool has no healthy upstream or a smoke path fails.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Flip every service to a color in one atomic step.
+    FlipAll {
+        #[arg(value_parser = parse_color)]
+        color: Color,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Flip one service back to its previous color.
+    Rollback {
+        service: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pause automatic rollback for a service.
+    Pause { service: String },
+    /// Resume automatic rollback for a service.
+    Resume { service: String },
+    /// The audit log, newest last.
+    Events {
+        /// Show only the last N events.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Re-read the config file (as SIGHUP does).
+    Reload,
+}
+
+fn parse_color(s: &str) -> Result<Color, String> {
+    s.parse()
+}
+
+/// Runs one ctl command; returns the process exit code.
+pub async fn run(args: CtlArgs) -> i32 {
+    let base = args.admin.trim_end_matches('/').to_string();
+    let (method, path, body) = match &args.cmd {
+        CtlCmd::Status => ("GET", "/api/status".to_string(), None),
+        CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
+        CtlCmd::Flip {
+            service,
+            color,
+            force,
+        } => (
+            "POST",
+            format!("/api/services/{service}/flip"),
+            Some(json!({ "to": color, "force": force })),
+        ),
+        CtlCmd::FlipAll { color, force } => (
+            "POST",
+            "/api/flip".to_string(),
+            Some(json!({ "to": color, "force": force })),
+        ),
+        CtlCmd::Rollback { service, force } => (
+            "POST",
+            format!("/api/services/{service}/rollback"),
+            Some(json!({ "force": force })),
+        ),
+        CtlCmd::Pause { service } => (
+            "POST",
+            format!("/api/services/{service}/pause"),
+            Some(json!({})),
+        ),
+        CtlCmd::Resume { service } => (
+            "POST",
+            format!("/api/services/{service}/resume"),
+            Some(json!({})),
+        ),
+        CtlCmd::Reload => ("POST", "/api/reload".to_string(), Some(json!({}))),
+    };
+    if method == "POST" && args.token.as_deref().unwrap_or("").is_empty() {
+        eprintln!(
+            "error: this command needs the admin token: pass --token or set SWITCHYARD_ADMIN_TOKEN"
+        );
+        return 1;
+    }
+    let url = format!("{base}{path}");
+    let result = tokio::time::timeout(
+        args.timeout,
+        call(method, &url, args.token.as_deref(), body),
+    )
+    .await;
+    let (status, value) = match result {
+        Err(_) => {
+            eprintln!(
+                "error: no answer from the admin listener at {base} within {}",
+                humantime::format_duration(args.timeout)
+            );
+            return 1;
+        }
+        Ok(Err(e)) => {
+            eprintln!("error: cannot reach the admin listener at {base}: {e}\n(is switchyard running? set --admin or SWITCHYARD_ADMIN_URL)");
+            return 1;
+        }
+        Ok(Ok(x)) => x,
+    };
+    if !(200..300).contains(&status) {
+        let msg = value
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("request failed");
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
+        }
+        eprintln!("error ({status}): {msg}");
+        if let Some(errs) = value.get("errors").and_then(Value::as_array) {
+            for e in errs {
+                eprintln!("  {}", e.as_str().unwrap_or_default());
+            }
+        }
+        return 1;
+    }
+    if args.json {
+        let out = match (&args.cmd, value.get("events").and_then(Value::as_array)) {
+            (CtlCmd::Events { limit }, Some(evs)) => {
+                json!({ "events": evs[evs.len().saturating_sub(*limit)..] })
+            }
+            _ => value,
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return 0;
+    }
+    match &args.cmd {
+        CtlCmd::Status => print_status(&value),
+        CtlCmd::Events { limit } => print_events(&value, *limit),
+        CtlCmd::FlipAll { .. } => {
+            println!(
+                "{}",
+                value
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("done")
+            );
+            for s in value
+                .get("services")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                println!(
+                    "  {}",
+                    s.get("message").and_then(Value::as_str).unwrap_or_default()
+                );
+            }
+        }
+        _ => println!(
+            "{}",
+            value
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("done")
+        ),
+    }
+    0
+}
+
+async fn call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header(http::header::USER_AGENT, "switchyard-ctl");
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    let resp = client.request(req).await.map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        msg
+    })?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
+    Ok((status, value))
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".to_string(),
+        Some(x) => x.to_string(),
+    }
+}
+
+fn print_status(v: &Value) {
+    println!("window: {}s", s(v, "window_secs"));
+    for svc in v
+        .get("services")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let mut flags = Vec::new();
+        if svc.get("armed").and_then(Value::as_bool) == Some(true) {
+            flags.push(format!("armed until {}", s(svc, "armed_until")));
+        }
+        if svc.get("paused").and_then(Value::as_bool) == Some(true) {
+            flags.push("PAUSED".to_string());
+        }
+        if svc.get("dry_run").and_then(Value::as_bool) == Some(true) {
+            flags.push("dry run".to_string());
+        }
+        if let Some(f) = svc.get("failed_color").and_then(Value::as_str) {
+            flags.push(format!("{f} latched after rollback"));
+        }
+        if svc.get("rollback_blocked").and_then(Value::as_bool) == Some(true) {
+            flags.push("ROLLBACK BLOCKED".to_string());
+        }
+        println!(
+            "\n{}  live: {}  previous: {}  generation: {}{}",
+            s(svc, "name"),
+            s(svc, "active").to_uppercase(),
+            s(svc, "previous"),
+            s(svc, "generation"),
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", flags.join(", "))
+            }
+        );
+        for color in ["blue", "green"] {
+            let Some(c) = svc.get("colors").and_then(|c| c.get(color)) else {
+                continue;
+            };
+            let live = svc.get("active").and_then(Value::as_str) == Some(color);
+            println!(
+                "  {}{:<5} healthy={:<5} requests={:<7} errors={:<9} p95={}ms",
+                if live { "*" } else { " " },
+                color,
+                s(c, "healthy"),
+                s(c, "requests"),
+                s(c, "error_rate"),
+                s(c, "p95_ms")
+            );
+            for u in c
+                .get("upstreams")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                println!(
+                    "      {:<22} healthy={:<5} requests={:<7} errors={:<9} p95={}ms",
+                    s(u, "addr"),
+                    s(u, "healthy"),
+                    s(u, "requests"),
+                    s(u, "error_rate"),
+                    s(u, "p95_ms")
+                );
+            }
+        }
+        for t in svc
+            .get("triggers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "  trigger {:<12} {:<17} value={} threshold={}",
+                s(t, "kind"),
+                s(t, "state"),
+                s(t, "value"),
+                s(t, "threshold")
+            );
+        }
+    }
+}
+
+fn print_events(v: &Value, limit: usize) {
+    let evs = v
+        .get("events")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if evs.is_empty() {
+        println!("no events yet");
+    }
+    for e in &evs[evs.len().saturating_sub(limit)..] {
+        println!(
+            "{}  {:<10} {:<16} {} -> {}  by {}: {}",
+            s(e, "time"),
+            s(e, "service"),
+            s(e, "reason"),
+            s(e, "from"),
+            s(e, "to"),
+            s(e, "actor"),
+            s(e, "detail")
+        );
+    }
+}

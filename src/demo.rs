@@ -1,0 +1,382 @@
+//! `switchyard demo`: the proxy plus built-in blue and green upstreams on loopback, a little
+//! steady traffic so the numbers move, and the commands to flip, break green and watch the
+//! automatic rollback. Needs no files and nothing installed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Color;
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Proxy listener.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin listener (dashboard, API, metrics).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// Preview listener (the idle color).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub preview: SocketAddr,
+    /// Admin token (default: a random one).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Do not generate background traffic.
+    #[arg(long)]
+    pub no_traffic: bool,
+}
+
+/// A built-in upstream whose behavior can be changed over HTTP: `/_demo/fail?rate=30` (percent
+/// of requests answered 500), `/_demo/slow?ms=1500`, `/_demo/health?ok=false`, `/_demo/reset`.
+pub struct DemoUpstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    fail_percent: AtomicU32,
+    slow_ms: AtomicU64,
+    healthy: AtomicBool,
+}
+
+impl DemoUpstream {
+    pub async fn start(name: &str, stop: CancellationToken) -> std::io::Result<Arc<DemoUpstream>> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let up = Arc::new(DemoUpstream {
+            addr: listener.local_addr()?,
+            name: name.to_string(),
+            fail_percent: AtomicU32::new(0),
+            slow_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+        });
+        let me = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop.cancelled() => return,
+                };
+                let me = me.clone();
+                let svc = service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.answer(req).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(up)
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        let query = req.uri().query().unwrap_or("");
+        let param = |k: &str| {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.to_string())
+        };
+        match path {
+            "/_demo/fail" => {
+                let rate = param("rate").and_then(|v| v.parse().ok()).unwrap_or(100u32);
+                self.fail_percent.store(rate.min(100), Ordering::Relaxed);
+                return reply(
+                    StatusCode::OK,
+                    format!("{}: failing {}% of requests\n", self.name, rate.min(100)),
+                );
+            }
+            "/_demo/slow" => {
+                let ms = param("ms").and_then(|v| v.parse().ok()).unwrap_or(1500u64);
+                self.slow_ms.store(ms, Ordering::Relaxed);
+                return reply(
+                    StatusCode::OK,
+                    format!("{}: answering after {ms} ms\n", self.name),
+                );
+            }
+            "/_demo/health" => {
+                let ok = param("ok").map(|v| v != "false").unwrap_or(true);
+                self.healthy.store(ok, Ordering::Relaxed);
+                return reply(
+                    StatusCode::OK,
+                    format!(
+                        "{}: health endpoint {}\n",
+                        self.name,
+                        if ok { "passing" } else { "failing" }
+                    ),
+                );
+            }
+            "/_demo/reset" => {
+                self.fail_percent.store(0, Ordering::Relaxed);
+                self.slow_ms.store(0, Ordering::Relaxed);
+                self.healthy.store(true, Ordering::Relaxed);
+                return reply(StatusCode::OK, format!("{}: back to normal\n", self.name));
+            }
+            "/health" => {
+                return if self.healthy.load(Ordering::Relaxed) {
+                    reply(StatusCode::OK, "ok\n".to_string())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "database unreachable\n".to_string(),
+                    )
+                };
+            }
+            _ => {}
+        }
+        let slow = self.slow_ms.load(Ordering::Relaxed);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+        }
+        let fail = self.fail_percent.load(Ordering::Relaxed);
+        if fail > 0 && fastrand::u32(0..100) < fail {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{} failed\n", self.name),
+            );
+        }
+        let color = self.name.rsplit('-').next().unwrap_or("");
+        reply(StatusCode::OK, format!("{color}\n"))
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The demo's config, validated by the same code as any file.
+pub fn demo_config(
+    args: &DemoArgs,
+    ups: &[Arc<DemoUpstream>; 4],
+    state_dir: &std::path::Path,
+) -> String {
+    let [api_blue, api_green, panel_blue, panel_green] = ups;
+    format!(
+        r#"
+[proxy]
+listen = "{listen}"
+preview_listen = "{preview}"
+request_timeout = "5s"
+shutdown_grace = "5s"
+
+[admin]
+listen = "{admin}"
+
+[state]
+path = "{state}"
+
+[[services]]
+name = "api"
+path_prefix = "/api"
+active = "blue"
+blue  = {{ upstreams = ["{ab}"] }}
+green = {{ upstreams = ["{ag}"] }}
+smoke_paths = ["/health"]
+
+[services.health]
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+unhealthy_after = 2
+healthy_after = 1
+
+[services.rollback]
+enabled = true
+watch_for = "30m"
+min_requests = 10
+
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "10s"
+for = "5s"
+
+[[services.rollback.triggers]]
+kind = "p95_latency"
+above = "1000ms"
+over = "10s"
+for = "5s"
+
+[[services.rollback.triggers]]
+kind = "critical_5xx"
+paths = ["/api/payments"]
+above = 0
+over = "10s"
+for = "0s"
+
+[[services.rollback.triggers]]
+kind = "unhealthy"
+for = "3s"
+
+[[services]]
+name = "panel"
+active = "blue"
+blue  = {{ upstreams = ["{pb}"] }}
+green = {{ upstreams = ["{pg}"] }}
+
+[services.health]
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+"#,
+        listen = args.listen,
+        preview = args.preview,
+        admin = args.admin,
+        state = state_dir.join("switchyard.json").display(),
+        ab = api_blue.addr,
+        ag = api_green.addr,
+        pb = panel_blue.addr,
+        pg = panel_green.addr,
+    )
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let mut ups = Vec::new();
+    for name in ["api-blue", "api-green", "panel-blue", "panel-green"] {
+        ups.push(DemoUpstream::start(name, stop.clone()).await?);
+    }
+    let ups: [Arc<DemoUpstream>; 4] = ups
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("demo upstreams did not start"))?;
+    let state_dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    let text = demo_config(&args, &ups, &state_dir);
+    let config =
+        crate::config::from_toml_str(&text).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let token = args.token.clone().unwrap_or_else(|| {
+        (0..32)
+            .map(|_| fastrand::alphanumeric())
+            .collect::<String>()
+    });
+    let running = crate::server::start(
+        config,
+        crate::server::Options {
+            config_path: None,
+            store: crate::state::StateStore::file(state_dir.join("switchyard.json")),
+            admin_token: Some(token.clone()),
+        },
+    )
+    .await?;
+    let proxy = running.proxy_addr;
+    let admin = running.admin_addr;
+    let preview = running.preview_addr.unwrap_or(args.preview);
+    if !args.no_traffic {
+        tokio::spawn(traffic(proxy, stop.clone()));
+    }
+    let green = ups[1].addr;
+    println!(
+        r#"
+Switchyard demo is running (Ctrl-C to stop).
+
+  proxy      http://{proxy}        /api -> service "api", everything else -> service "panel"
+  preview    http://{preview}        the idle color of each service (smoke-test green before the flip)
+  dashboard  http://{admin}/
+  metrics    http://{admin}/metrics
+  token      {token}
+  upstreams  api: blue {ab}, green {ag}   panel: blue {pb}, green {pg}
+  state      {state}
+{traffic}
+Try it (in another terminal):
+
+  export SWITCHYARD_ADMIN_TOKEN={token} SWITCHYARD_ADMIN_URL=http://{admin}
+  curl http://{proxy}/api/hello                # blue
+  curl http://{preview}/api/hello                # green, through the preview listener
+  switchyard ctl status                               # or: cargo run --release -- ctl status
+  switchyard ctl flip api green                       # flip (health and smoke checks first)
+  curl -X POST -H "Authorization: Bearer $SWITCHYARD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
+       -d '{{"to":"green"}}' http://{admin}/api/services/api/flip    # the same with curl
+  curl http://{proxy}/api/hello                # green
+
+Break green and watch the automatic rollback (error rate > 5% over 10s, held for 5s):
+
+  curl 'http://{green}/_demo/fail?rate=30'       # green's api now fails 30% of requests
+  switchyard ctl events                               # within ~15s: auto_rollback green -> blue
+  curl 'http://{green}/_demo/reset'              # green healthy again; only a manual flip sends traffic back
+
+Other ways to break it: /_demo/slow?ms=1500 (p95 trigger), /_demo/health?ok=false (unhealthy trigger),
+or `curl http://{proxy}/api/payments` while green fails (critical_5xx fires at once).
+"#,
+        ab = ups[0].addr,
+        ag = ups[1].addr,
+        pb = ups[2].addr,
+        pg = ups[3].addr,
+        state = state_dir.display(),
+        traffic = if args.no_traffic {
+            ""
+        } else {
+            "  traffic    about 20 requests/s to /api/items and / in the background (--no-traffic to stop it)\n"
+        },
+    );
+    wait_for_signal().await;
+    eprintln!("stopping the demo");
+    stop.cancel();
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Steady background traffic: about 20 requests a second.
+async fn traffic(proxy: SocketAddr, stop: CancellationToken) {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        n += 1;
+        let path = if n % 4 == 0 { "/" } else { "/api/items" };
+        let Ok(req) = Request::get(format!("http://{proxy}{path}")).body(Empty::new()) else {
+            continue;
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(10), client.request(req)).await
+            {
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            }
+        });
+    }
+}
+
+/// The color a demo upstream answers, for tests.
+pub fn color_of(body: &str) -> Option<Color> {
+    body.trim().parse().ok()
+}

@@ -1,0 +1,211 @@
+//! Prometheus metrics: names are constants, labels are bounded (service, color, upstream address,
+//! status code, failure kind, reason), and the registry belongs to the app, not a global.
+//!
+//! Counters and the duration histogram are updated on the request path through handles resolved
+//! ahead of time; the windowed and state gauges are computed at scrape time from the snapshot.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const REQUESTS_TOTAL: &str = "switchyard_requests_total";
+pub const UPSTREAM_FAILURES_TOTAL: &str = "switchyard_upstream_failures_total";
+pub const REQUEST_DURATION_SECONDS: &str = "switchyard_request_duration_seconds";
+pub const ACTIVE_COLOR: &str = "switchyard_active_color";
+pub const FLIPS_TOTAL: &str = "switchyard_flips_total";
+pub const WINDOW_ERROR_RATIO: &str = "switchyard_window_error_ratio";
+pub const WINDOW_LATENCY_P95_SECONDS: &str = "switchyard_window_latency_p95_seconds";
+pub const UPSTREAM_HEALTHY: &str = "switchyard_upstream_healthy";
+pub const ROLLBACK_ARMED: &str = "switchyard_rollback_armed";
+pub const STATE_GENERATION: &str = "switchyard_state_generation";
+// Extensions (README "Metrics").
+pub const ROLLBACK_BLOCKED: &str = "switchyard_rollback_blocked";
+pub const WEBHOOK_FAILURES_TOTAL: &str = "switchyard_webhook_failures_total";
+pub const UNMATCHED_REQUESTS_TOTAL: &str = "switchyard_unmatched_requests_total";
+pub const WINDOW_REQUESTS: &str = "switchyard_window_requests";
+pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
+pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
+
+/// Buckets for API latency: 1 ms to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub upstream_failures_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub active_color: IntGaugeVec,
+    pub flips_total: IntCounterVec,
+    pub window_error_ratio: GaugeVec,
+    pub window_latency_p95: GaugeVec,
+    pub window_requests: IntGaugeVec,
+    pub upstream_healthy: IntGaugeVec,
+    pub rollback_armed: IntGaugeVec,
+    pub rollback_blocked: IntGaugeVec,
+    pub state_generation: IntGaugeVec,
+    pub state_degraded: IntGauge,
+    pub webhook_failures_total: IntCounter,
+    pub unmatched_requests_total: IntCounter,
+    pub config_reloads_total: IntCounterVec,
+    /// Serializes scrapes: gauges are reset and refilled per scrape.
+    pub scrape: tokio::sync::Mutex<()>,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let v = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} definition is static and valid: {e}"));
+    register(r, Box::new(v.clone()));
+    v
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} definition is static and valid: {e}"));
+    register(r, Box::new(v.clone()));
+    v
+}
+
+fn fgauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let v = GaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} definition is static and valid: {e}"));
+    register(r, Box::new(v.clone()));
+    v
+}
+
+fn register(r: &Registry, c: Box<dyn prometheus::core::Collector>) {
+    // Names are unique constants and the registry is fresh: registration cannot collide.
+    let _ = r.register(c);
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                REQUEST_DURATION_SECONDS,
+                "Time from receiving a request to the upstream's response headers (or the failure).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["service", "color"],
+        )
+        .unwrap_or_else(|e| unreachable!("static histogram definition: {e}"));
+        register(&r, Box::new(request_duration.clone()));
+        let webhook_failures_total = IntCounter::new(
+            WEBHOOK_FAILURES_TOTAL,
+            "Webhook deliveries that failed after every retry, or were dropped because the queue was full.",
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        register(&r, Box::new(webhook_failures_total.clone()));
+        let unmatched_requests_total = IntCounter::new(
+            UNMATCHED_REQUESTS_TOTAL,
+            "Requests that matched no service (answered 404).",
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        register(&r, Box::new(unmatched_requests_total.clone()));
+        let state_degraded = IntGauge::new(
+            STATE_DEGRADED,
+            "1 while the state backend cannot be reached (traffic continues on the last known colors).",
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        register(&r, Box::new(state_degraded.clone()));
+        Metrics {
+            requests_total: counter_vec(
+                &r,
+                REQUESTS_TOTAL,
+                "Requests proxied, by the status code the client got.",
+                &["service", "color", "upstream", "code"],
+            ),
+            upstream_failures_total: counter_vec(
+                &r,
+                UPSTREAM_FAILURES_TOTAL,
+                "Requests that failed at the upstream: connect failure, timeout, reset or 5xx.",
+                &["service", "color", "upstream", "kind"],
+            ),
+            request_duration,
+            active_color: gauge_vec(
+                &r,
+                ACTIVE_COLOR,
+                "1 for the live color of a service, 0 for the other.",
+                &["service", "color"],
+            ),
+            flips_total: counter_vec(
+                &r,
+                FLIPS_TOTAL,
+                "Changes of a service's live color, by reason (and blocked rollbacks).",
+                &["service", "reason"],
+            ),
+            window_error_ratio: fgauge_vec(
+                &r,
+                WINDOW_ERROR_RATIO,
+                "Failed / all requests over the status window (NaN-free: absent without traffic).",
+                &["service", "color"],
+            ),
+            window_latency_p95: fgauge_vec(
+                &r,
+                WINDOW_LATENCY_P95_SECONDS,
+                "p95 latency over the status window.",
+                &["service", "color"],
+            ),
+            window_requests: gauge_vec(
+                &r,
+                WINDOW_REQUESTS,
+                "Requests over the status window.",
+                &["service", "color"],
+            ),
+            upstream_healthy: gauge_vec(
+                &r,
+                UPSTREAM_HEALTHY,
+                "1 while the upstream passes its health checks.",
+                &["service", "color", "upstream"],
+            ),
+            rollback_armed: gauge_vec(
+                &r,
+                ROLLBACK_ARMED,
+                "1 while automatic rollback is armed for the service.",
+                &["service"],
+            ),
+            rollback_blocked: gauge_vec(
+                &r,
+                ROLLBACK_BLOCKED,
+                "1 while a due rollback is blocked because the previous pool has no healthy upstream.",
+                &["service"],
+            ),
+            state_generation: gauge_vec(
+                &r,
+                STATE_GENERATION,
+                "Generation of the service's live color: incremented by every change.",
+                &["service"],
+            ),
+            config_reloads_total: counter_vec(
+                &r,
+                CONFIG_RELOADS_TOTAL,
+                "Config reloads by result (ok, error).",
+                &["result"],
+            ),
+            state_degraded,
+            webhook_failures_total,
+            unmatched_requests_total,
+            registry: r,
+            scrape: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,427 @@
+//! The request path, top to bottom:
+//!
+//! 1. validate the request (Host, CONNECT) and take the host and path;
+//! 2. load the routing snapshot once, match the service, pick the color (live, or idle on the
+//!    preview listener) and a healthy upstream of that pool (power of two choices);
+//! 3. rewrite headers (hop-by-hop out, `X-Forwarded-*` in, `Host` unchanged);
+//! 4. forward with the pooled client, bounded by `request_timeout` until response headers;
+//! 5. record the outcome (window stats, counters, critical paths) and stream the response back.
+//!
+//! The color is chosen here, per request: a flip affects the next request on every keep-alive
+//! connection, while requests already past step 2 finish on the color they started on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::config::Protocol;
+use crate::upstream::{FailureKind, Pool, Upstream};
+
+/// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Requests go to the live color.
+    Live,
+    /// Requests go to the idle color (smoke tests before a flip).
+    Preview,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+    pub mode: Mode,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+pub async fn handle(
+    app: &Arc<App>,
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+
+    // 1. Validate.
+    if req.method() == Method::CONNECT {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+    }
+    let (host, host_value) = match request_host(&req) {
+        Ok(h) => h,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
+    };
+
+    // 2. Route: one snapshot load for every decision.
+    let (svc, request_timeout) = {
+        let snap = app.routes.load();
+        match snap.route(host.as_deref(), req.uri().path()) {
+            Some(s) => (s.clone(), snap.config.proxy.request_timeout),
+            None => {
+                app.metrics.unmatched_requests_total.inc();
+                return text(StatusCode::NOT_FOUND, "no service matches this request\n");
+            }
+        }
+    };
+    let color = match conn.mode {
+        Mode::Live => svc.state.active,
+        Mode::Preview => svc.state.active.other(),
+    };
+    let pool = svc.pool(color);
+    let Some(up) = pool.pick() else {
+        pool.unavailable.inc();
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream is available for this service\n",
+        );
+    };
+    let up = up.clone();
+
+    // 3. Rewrite.
+    let upgrade = requested_upgrade(req.headers());
+    let te_trailers = wants_trailers(req.headers());
+    strip_hop_by_hop(req.headers_mut());
+    if te_trailers {
+        // gRPC needs `te: trailers` end to end; it is the one TE value a proxy may pass on.
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    add_forwarded(req.headers_mut(), &conn, host_value.as_ref());
+    if host_value.is_some() && !req.headers().contains_key(header::HOST) {
+        // HTTP/2 clients send :authority; an HTTP/1.1 upstream needs it as Host.
+        if let Some(v) = host_value.clone() {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let client_upgrade = match &upgrade {
+        Some(proto) => {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut().insert(header::UPGRADE, proto.clone());
+            Some(hyper::upgrade::on(&mut req))
+        }
+        None => None,
+    };
+    let path_and_query = req.uri().path_and_query().cloned();
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(up.authority.clone());
+    parts.path_and_query = path_and_query
+        .clone()
+        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    match Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "invalid request target\n"),
+    }
+    *req.version_mut() = match pool.protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::H2 => Version::HTTP_2,
+    };
+
+    // 4. Forward.
+    let client = app.clients.for_protocol(pool.protocol);
+    let in_flight = up.begin();
+    let result = tokio::time::timeout(request_timeout, client.request(req)).await;
+    drop(in_flight);
+    let elapsed = start.elapsed();
+    let path = path_and_query.as_ref().map(|p| p.path()).unwrap_or("/");
+
+    // 5. Record and answer.
+    let mut resp = match result {
+        Err(_) => {
+            record(
+                app,
+                pool,
+                &up,
+                path,
+                elapsed,
+                504,
+                Some(FailureKind::Timeout),
+            );
+            return text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
+        }
+        Ok(Err(e)) => {
+            let (kind, msg) = if e.is_connect() {
+                (FailureKind::Connect, "upstream connection failed\n")
+            } else {
+                (FailureKind::Reset, "upstream sent no valid response\n")
+            };
+            tracing::debug!(service = %svc.name(), upstream = %up.addr, error = %e, "upstream request failed");
+            record(app, pool, &up, path, elapsed, 502, Some(kind));
+            return text(StatusCode::BAD_GATEWAY, msg);
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status();
+    let failure = status.is_server_error().then_some(FailureKind::Status5xx);
+    record(app, pool, &up, path, elapsed, status.as_u16(), failure);
+
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return match client_upgrade {
+            Some(client_side) => tunnel(resp, client_side),
+            None => text(
+                StatusCode::BAD_GATEWAY,
+                "upstream switched protocols unasked\n",
+            ),
+        };
+    }
+    strip_hop_by_hop(resp.headers_mut());
+    resp.map(Either::Left)
+}
+
+/// The request's host without port, and the raw value for `X-Forwarded-Host`.
+/// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead.
+fn request_host(
+    req: &Request<Incoming>,
+) -> Result<(Option<String>, Option<HeaderValue>), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header\n");
+    }
+    let value = match first {
+        Some(v) => Some(v.clone()),
+        None => match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None if req.version() == Version::HTTP_11 => return Err("missing Host header\n"),
+            None => None,
+        },
+    };
+    let Some(value) = value else {
+        return Ok((None, None));
+    };
+    let s = value.to_str().map_err(|_| "invalid Host header\n")?;
+    let name = host_without_port(s).ok_or("invalid Host header\n")?;
+    Ok((Some(name.to_ascii_lowercase()), Some(value)))
+}
+
+/// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values.
+fn host_without_port(s: &str) -> Option<&str> {
+    if s.is_empty() {
+        return None;
+    }
+    let name = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let after = &rest[end + 1..];
+        if !(after.is_empty() || after.starts_with(':')) {
+            return None;
+        }
+        &s[..end + 2]
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            Some(_) => return None,
+            None => s,
+        }
+    };
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')
+        });
+    ok.then_some(name)
+}
+
+/// The protocol a client asks to upgrade to (WebSocket and friends); never h2c, which the
+/// proxy speaks itself by prior knowledge and must not tunnel.
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    let proto = headers.get(header::UPGRADE)?;
+    if proto
+        .to_str()
+        .map(|p| p.trim().eq_ignore_ascii_case("h2c"))
+        .unwrap_or(true)
+    {
+        return None;
+    }
+    Some(proto.clone())
+}
+
+fn wants_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1) and every header named on any `Connection` line.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(&name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
+    let ip = conn.remote.ip().to_string();
+    let mut prior = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    let xff = if prior.peek().is_some() {
+        let mut s = prior.collect::<Vec<_>>().join(", ");
+        s.push_str(", ");
+        s.push_str(&ip);
+        s
+    } else {
+        ip
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    match host {
+        Some(h) => {
+            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+}
+
+/// One request's outcome into the window stats and the counters. A few atomic adds.
+fn record(
+    app: &App,
+    pool: &Pool,
+    up: &Upstream,
+    path: &str,
+    elapsed: std::time::Duration,
+    code: u16,
+    failure: Option<FailureKind>,
+) {
+    let epoch = app.clock.now_epoch();
+    up.window.record(epoch, elapsed, failure.is_some());
+    up.count_status(code);
+    pool.duration.observe(elapsed.as_secs_f64());
+    if let Some(kind) = failure {
+        up.count_failure(kind);
+        for c in &pool.critical {
+            if c.matches(path) {
+                c.counter.add(epoch, 1);
+            }
+        }
+    }
+}
+
+/// Answers 101 to the client and splices both upgraded connections together. The tunnel stays
+/// on the upstream (and so the color) where it began, whatever flips happen meanwhile.
+fn tunnel(
+    mut upstream_resp: Response<Incoming>,
+    client_side: hyper::upgrade::OnUpgrade,
+) -> Response<ProxyBody> {
+    let upstream_side = hyper::upgrade::on(&mut upstream_resp);
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "tunnel closed with an error");
+        }
+    });
+    let (parts, _) = upstream_resp.into_parts();
+    let mut resp = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp
+}
+
+/// The proxy's own short plain-text answers. They never name internal addresses.
+pub fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(host_without_port("a.b:80"), Some("a.b"));
+        assert_eq!(host_without_port("a.b"), Some("a.b"));
+        assert_eq!(host_without_port("[::1]:80"), Some("[::1]"));
+        assert_eq!(host_without_port("a b"), None);
+        assert_eq!(host_without_port("a.b:x"), None);
+        assert_eq!(host_without_port(""), None);
+    }
+
+    #[test]
+    fn hop_by_hop_from_every_connection_line() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-one, keep-alive"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Two"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("x-three", HeaderValue::from_static("3"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-one").is_none() && h.get("x-two").is_none());
+        assert!(h.get("keep-alive").is_none() && h.get("te").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get("x-three").map(|v| v.as_bytes()), Some(&b"3"[..]));
+    }
+}

@@ -1,0 +1,276 @@
+//! The routing snapshot: every service, both pools, the live color and its generation.
+//!
+//! A request loads the snapshot once (one `ArcSwap` load) and makes every decision from it, so a
+//! flip (of one service or of all of them) is a single `store` and no request ever sees half of
+//! one. Snapshots are immutable; the [`crate::control`] writer builds a new one and publishes it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::config::{
+    host_pattern_matches, Color, Config, HealthConfig, ServiceConfig, TriggerKind,
+};
+use crate::metrics::Metrics;
+use crate::stats::WindowCounter;
+use crate::upstream::{Pool, Upstream};
+
+/// A service's live state: what the state store persists.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceState {
+    pub active: Color,
+    #[serde(default)]
+    pub previous: Option<Color>,
+    #[serde(default)]
+    pub generation: u64,
+    /// RFC 3339 time of the last change of the live color.
+    #[serde(default)]
+    pub updated_at: Option<String>,
+    /// Automatic rollback paused by an operator.
+    #[serde(default)]
+    pub paused: bool,
+    /// The color an automatic rollback left; auto-rollback stays disarmed until a manual flip.
+    #[serde(default)]
+    pub failed: Option<Color>,
+}
+
+impl ServiceState {
+    pub fn initial(active: Color) -> Self {
+        ServiceState {
+            active,
+            previous: None,
+            generation: 0,
+            updated_at: None,
+            paused: false,
+            failed: None,
+        }
+    }
+
+    /// When the live color last changed, from `updated_at`, mapped onto the monotonic clock.
+    pub fn flipped_at(&self) -> Option<Instant> {
+        let t = humantime::parse_rfc3339(self.updated_at.as_deref()?).ok()?;
+        let ago = SystemTime::now()
+            .duration_since(t)
+            .unwrap_or(Duration::ZERO);
+        Instant::now().checked_sub(ago)
+    }
+}
+
+pub struct Service {
+    pub config: Arc<ServiceConfig>,
+    pub pools: [Arc<Pool>; 2],
+    pub state: ServiceState,
+    /// Monotonic time of the last change of the live color (arming).
+    pub flipped_at: Option<Instant>,
+}
+
+impl Service {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn pool(&self, color: Color) -> &Arc<Pool> {
+        &self.pools[color.index()]
+    }
+
+    pub fn live(&self) -> &Arc<Pool> {
+        self.pool(self.state.active)
+    }
+
+    /// Whether routing (host, path) matches this service. `host` is without port, any case.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(prefix) = &self.config.path_prefix {
+            if !path.starts_with(prefix.as_str()) {
+                return false;
+            }
+        }
+        if self.config.hosts.is_empty() {
+            return true;
+        }
+        let Some(host) = host else { return false };
+        self.config.hosts.iter().any(|pattern| {
+            if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                host_pattern_matches(pattern, &host.to_ascii_lowercase())
+            } else {
+                host_pattern_matches(pattern, host)
+            }
+        })
+    }
+
+    /// Armed: a flip happened less than `watch_for` ago, there is a previous color,
+    /// auto-rollback is enabled and neither paused nor latched by an earlier rollback.
+    pub fn armed(&self, now: Instant) -> bool {
+        let r = &self.config.rollback;
+        r.enabled
+            && !r.triggers.is_empty()
+            && self.state.previous.is_some()
+            && !self.state.paused
+            && self.state.failed.is_none()
+            && self.armed_until().is_some_and(|until| now < until)
+    }
+
+    pub fn armed_until(&self) -> Option<Instant> {
+        self.flipped_at
+            .map(|t| t + self.config.rollback.watch_for)
+            .filter(|_| self.state.previous.is_some())
+    }
+
+    /// A copy with another live state (pools and stats shared).
+    pub fn with_state(&self, state: ServiceState, flipped_at: Option<Instant>) -> Service {
+        Service {
+            config: self.config.clone(),
+            pools: self.pools.clone(),
+            state,
+            flipped_at,
+        }
+    }
+}
+
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub services: Vec<Arc<Service>>,
+}
+
+impl Snapshot {
+    /// The first service (in file order) whose hosts and path prefix both match.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Service>> {
+        self.services.iter().find(|s| s.matches(host, path))
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.iter().find(|s| s.name() == name)
+    }
+
+    /// Every upstream of every pool, for the health checker and the stats ticker.
+    pub fn upstreams(&self) -> impl Iterator<Item = (&Arc<Service>, Color, &Arc<Upstream>)> {
+        self.services.iter().flat_map(|s| {
+            Color::ALL
+                .into_iter()
+                .flat_map(move |c| s.pool(c).upstreams.iter().map(move |u| (s, c, u)))
+        })
+    }
+
+    /// A copy with some services replaced by name.
+    pub fn with_services(&self, changed: &HashMap<String, Arc<Service>>) -> Snapshot {
+        Snapshot {
+            config: self.config.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|s| changed.get(s.name()).cloned().unwrap_or_else(|| s.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Builds a snapshot from a validated config, keeping the live state in `states` and reusing the
+/// upstream objects (stats, health, counters) of `previous` where service, color and address are
+/// unchanged, so stats outlive reloads.
+pub fn build_snapshot(
+    config: Arc<Config>,
+    states: &HashMap<String, ServiceState>,
+    previous: Option<&Snapshot>,
+    metrics: &Metrics,
+) -> Snapshot {
+    let slots = config.window_slots();
+    let mut services = Vec::with_capacity(config.services.len());
+    for svc_cfg in &config.services {
+        let old = previous.and_then(|p| p.service(&svc_cfg.name));
+        let pools = Color::ALL.map(|color| {
+            let old_pool = old.map(|o| o.pool(color));
+            Arc::new(build_pool(svc_cfg, color, old_pool, slots, metrics))
+        });
+        let state = states
+            .get(&svc_cfg.name)
+            .cloned()
+            .unwrap_or_else(|| ServiceState::initial(svc_cfg.active));
+        let flipped_at = match old {
+            Some(o) if o.state.generation == state.generation => o.flipped_at,
+            _ => state.flipped_at(),
+        };
+        services.push(Arc::new(Service {
+            config: Arc::new(svc_cfg.clone()),
+            pools,
+            state,
+            flipped_at,
+        }));
+    }
+    Snapshot { config, services }
+}
+
+fn build_pool(
+    svc: &ServiceConfig,
+    color: Color,
+    old: Option<&Arc<Pool>>,
+    slots: usize,
+    metrics: &Metrics,
+) -> Pool {
+    let pc = svc.pool(color);
+    let upstreams = pc
+        .upstreams
+        .iter()
+        .map(|addr| {
+            old.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .find(|u| u.addr == *addr && u.protocol == pc.protocol)
+            })
+            .filter(|u| u.window.slots() >= slots)
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(Upstream::new(
+                    *addr,
+                    pc.protocol,
+                    &svc.name,
+                    color,
+                    slots,
+                    metrics,
+                    true,
+                ))
+            })
+        })
+        .collect();
+    let critical = svc
+        .rollback
+        .triggers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| match &t.kind {
+            TriggerKind::Critical5xx { paths, .. } => {
+                let counter = old
+                    .and_then(|p| p.critical.iter().find(|c| &c.paths == paths))
+                    .filter(|c| c.counter.slots() >= slots)
+                    .map(|c| c.counter.clone())
+                    .unwrap_or_else(|| Arc::new(WindowCounter::new(slots)));
+                Some(CriticalPaths {
+                    trigger_index: i,
+                    paths: paths.clone(),
+                    counter,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    Pool::new(svc, color, upstreams, critical, metrics)
+}
+
+/// Failures on the path prefixes of one `critical_5xx` trigger, counted per color.
+pub struct CriticalPaths {
+    pub trigger_index: usize,
+    pub paths: Vec<String>,
+    pub counter: Arc<WindowCounter>,
+}
+
+impl CriticalPaths {
+    pub fn matches(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+}
+
+/// The health settings of a service, looked up by the health checker on each round so reloads
+/// take effect without restarting checks.
+pub fn health_of<'a>(snap: &'a Snapshot, service: &str) -> Option<&'a HealthConfig> {
+    snap.service(service).and_then(|s| s.config.health.as_ref())
+}

@@ -1,0 +1,279 @@
+//! Listeners and lifecycle: binding, accept loops, connection limits, graceful shutdown, and the
+//! background tasks (health checks, stats ticker, rollback watcher).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::app::App;
+use crate::config::{Config, ProxyConfig};
+use crate::proxy::{self, ConnInfo, Mode};
+use crate::state::StateStore;
+use crate::tls::TlsSetup;
+
+/// A running Switchyard: its bound addresses and the handle to stop it.
+pub struct Running {
+    pub app: Arc<App>,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub preview_addr: Option<SocketAddr>,
+    pub tls_addr: Option<SocketAddr>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, and returns.
+    pub async fn shutdown(mut self) {
+        self.app.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until the listeners have stopped (after `app.shutdown` is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Everything `serve` needs besides the config.
+pub struct Options {
+    pub config_path: Option<PathBuf>,
+    pub store: StateStore,
+    pub admin_token: Option<String>,
+}
+
+/// Binds every listener and starts serving; returns once all are bound.
+pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
+    let tls = match (
+        &config.proxy.tls_listen,
+        &config.proxy.tls_cert,
+        &config.proxy.tls_key,
+    ) {
+        (Some(_), Some(cert), Some(key)) => Some(
+            TlsSetup::new(cert, key)
+                .map_err(|e| anyhow::anyhow!("proxy.tls_cert / proxy.tls_key: {e}"))?,
+        ),
+        _ => None,
+    };
+    let admin_tls = match (&config.admin.tls_cert, &config.admin.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsSetup::new(cert, key)
+                .map_err(|e| anyhow::anyhow!("admin.tls_cert / admin.tls_key: {e}"))?,
+        ),
+        _ => None,
+    };
+    let proxy_listener = bind(config.proxy.listen, "proxy.listen").await?;
+    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let preview_listener = match config.proxy.preview_listen {
+        Some(a) => Some(bind(a, "proxy.preview_listen").await?),
+        None => None,
+    };
+    let tls_listener = match config.proxy.tls_listen {
+        Some(a) => Some(bind(a, "proxy.tls_listen").await?),
+        None => None,
+    };
+    let proxy_cfg = config.proxy.clone();
+    let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
+        .await
+        .context("cannot load the live state")?;
+    if let Some(t) = &tls {
+        app.set_tls_reloader(t.clone());
+    }
+
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let preview_addr = preview_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let tls_addr = tls_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    crate::health::ensure(&app);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::health::stats_ticker(app.clone()));
+    tasks.spawn(crate::watcher::run(app.clone()));
+
+    let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
+    let builder = proxy_builder(&proxy_cfg);
+    tasks.spawn(serve_proxy(
+        app.clone(),
+        proxy_listener,
+        Mode::Live,
+        None,
+        limit.clone(),
+        builder.clone(),
+    ));
+    if let Some(l) = preview_listener {
+        tasks.spawn(serve_proxy(
+            app.clone(),
+            l,
+            Mode::Preview,
+            None,
+            limit.clone(),
+            builder.clone(),
+        ));
+    }
+    if let (Some(l), Some(t)) = (tls_listener, tls) {
+        tasks.spawn(serve_proxy(
+            app.clone(),
+            l,
+            Mode::Live,
+            Some(t),
+            limit.clone(),
+            builder.clone(),
+        ));
+    }
+    tasks.spawn(crate::admin::serve(app.clone(), admin_listener, admin_tls));
+
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        preview = ?preview_addr,
+        tls = ?tls_addr,
+        "switchyard is serving"
+    );
+    Ok(Running {
+        app,
+        proxy_addr,
+        admin_addr,
+        preview_addr,
+        tls_addr,
+        tasks,
+    })
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .with_context(|| format!("{key}: cannot create a socket"))?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("{key}: cannot listen on {addr}"))?;
+    socket
+        .listen(4096)
+        .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+fn proxy_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_headers)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn serve_proxy(
+    app: Arc<App>,
+    listener: TcpListener,
+    mode: Mode,
+    tls: Option<TlsSetup>,
+    limit: Arc<Semaphore>,
+    builder: auto::Builder<TokioExecutor>,
+) {
+    let graceful = GracefulShutdown::new();
+    let grace = app.snapshot().config.proxy.shutdown_grace;
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = app.shutdown.cancelled() => break,
+        };
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = app.shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            remote,
+            tls: tls.is_some(),
+            mode,
+        };
+        let app2 = app.clone();
+        let svc = service_fn(move |req| {
+            let app = app2.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(&app, req, info).await) }
+        });
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        match &tls {
+            None => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let fut = watcher.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    let _ = fut.await;
+                    drop(permit);
+                });
+            }
+            Some(t) => {
+                let acceptor = t.acceptor();
+                let handshake_timeout = app.snapshot().config.proxy.header_read_timeout;
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    drop(listener);
+    drain(graceful, grace, "proxy").await;
+}
+
+/// Waits for open connections to finish their in-flight requests, at most `grace`.
+pub async fn drain(graceful: GracefulShutdown, grace: Duration, what: &str) {
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(connections = open, listener = what, "draining connections");
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = what,
+            grace = %humantime::format_duration(grace),
+            "shutdown grace elapsed; closing the remaining connections"
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! Upstreams and pools: balancing, per-upstream counters, and the pooled HTTP client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::{Histogram, IntCounter, IntCounterVec};
+
+use crate::config::{Color, Protocol, ProxyConfig, ServiceConfig};
+use crate::metrics::Metrics;
+use crate::routing::CriticalPaths;
+use crate::stats::Window;
+
+/// Why a request counted as an upstream failure (the `kind` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    Connect,
+    Timeout,
+    Reset,
+    Status5xx,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 4] = [
+        FailureKind::Connect,
+        FailureKind::Timeout,
+        FailureKind::Reset,
+        FailureKind::Status5xx,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Reset => "reset",
+            FailureKind::Status5xx => "5xx",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            FailureKind::Connect => 0,
+            FailureKind::Timeout => 1,
+            FailureKind::Reset => 2,
+            FailureKind::Status5xx => 3,
+        }
+    }
+}
+
+/// One upstream address of one color of one service. Lives as long as it is configured: reloads
+/// and flips carry the same object over, so its stats and health survive them.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub addr_label: String,
+    pub authority: Authority,
+    pub protocol: Protocol,
+    healthy: AtomicBool,
+    outstanding: AtomicUsize,
+    /// Windowed requests, failures and latency (rollback triggers, /api/status).
+    pub window: Window,
+    /// `switchyard_requests_total` per status code, resolved on first use so the request path
+    /// never takes the metric family's lock afterwards.
+    by_code: Box<[OnceLock<IntCounter>]>,
+    requests_vec: IntCounterVec,
+    labels: [String; 3],
+    failures: [IntCounter; 4],
+    /// Set once the health checker runs for this upstream.
+    pub health_task: AtomicBool,
+}
+
+const CODE_MIN: u16 = 100;
+const CODE_MAX: u16 = 599;
+
+impl Upstream {
+    pub fn new(
+        addr: SocketAddr,
+        protocol: Protocol,
+        service: &str,
+        color: Color,
+        slots: usize,
+        metrics: &Metrics,
+        healthy: bool,
+    ) -> Upstream {
+        let addr_label = addr.to_string();
+        let authority = Authority::try_from(addr_label.as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid.upstream"));
+        let failures = FailureKind::ALL.map(|k| {
+            metrics.upstream_failures_total.with_label_values(&[
+                service,
+                color.as_str(),
+                &addr_label,
+                k.as_str(),
+            ])
+        });
+        Upstream {
+            addr,
+            authority,
+            protocol,
+            healthy: AtomicBool::new(healthy),
+            outstanding: AtomicUsize::new(0),
+            window: Window::new(slots),
+            by_code: (CODE_MIN..=CODE_MAX).map(|_| OnceLock::new()).collect(),
+            requests_vec: metrics.requests_total.clone(),
+            labels: [
+                service.to_string(),
+                color.as_str().to_string(),
+                addr_label.clone(),
+            ],
+            failures,
+            addr_label,
+            health_task: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Returns the previous value.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed)
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Counts the request as outstanding until the guard drops (least-outstanding balancing).
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// `switchyard_requests_total` for the status the client got.
+    pub fn count_status(&self, code: u16) {
+        let code = code.clamp(CODE_MIN, CODE_MAX);
+        let slot = &self.by_code[(code - CODE_MIN) as usize];
+        slot.get_or_init(|| {
+            let [s, c, u] = &self.labels;
+            self.requests_vec.with_label_values(&[
+                s.as_str(),
+                c.as_str(),
+                u.as_str(),
+                &code.to_string(),
+            ])
+        })
+        .inc();
+    }
+
+    pub fn count_failure(&self, kind: FailureKind) {
+        self.failures[kind.index()].inc();
+    }
+}
+
+pub struct InFlight(Arc<Upstream>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One color of one service.
+pub struct Pool {
+    pub color: Color,
+    pub protocol: Protocol,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub critical: Vec<CriticalPaths>,
+    /// `switchyard_request_duration_seconds{service,color}`, resolved once.
+    pub duration: Histogram,
+    /// `switchyard_requests_total{upstream="none",code="503"}`: no healthy upstream.
+    pub unavailable: IntCounter,
+}
+
+impl Pool {
+    pub fn new(
+        svc: &ServiceConfig,
+        color: Color,
+        upstreams: Vec<Arc<Upstream>>,
+        critical: Vec<CriticalPaths>,
+        metrics: &Metrics,
+    ) -> Pool {
+        Pool {
+            color,
+            protocol: svc.pool(color).protocol,
+            upstreams,
+            critical,
+            duration: metrics
+                .request_duration
+                .with_label_values(&[svc.name.as_str(), color.as_str()]),
+            unavailable: metrics.requests_total.with_label_values(&[
+                svc.name.as_str(),
+                color.as_str(),
+                "none",
+                "503",
+            ]),
+        }
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.upstreams.iter().filter(|u| u.is_healthy()).count()
+    }
+
+    /// Least outstanding requests between two random healthy upstreams (power of two choices):
+    /// near-optimal balance without a shared counter every request would contend on.
+    pub fn pick(&self) -> Option<&Arc<Upstream>> {
+        let ups = &self.upstreams;
+        let n = ups.len();
+        match n {
+            0 => None,
+            1 => ups.first().filter(|u| u.is_healthy()),
+            _ => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ua, ub) = (&ups[a], &ups[b]);
+                match (ua.is_healthy(), ub.is_healthy()) {
+                    (true, true) => Some(if ub.outstanding() < ua.outstanding() {
+                        ub
+                    } else {
+                        ua
+                    }),
+                    (true, false) => Some(ua),
+                    (false, true) => Some(ub),
+                    (false, false) => (1..n).map(|i| &ups[(a + i) % n]).find(|u| u.is_healthy()),
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP clients toward upstreams: pooled keep-alive, TCP_NODELAY, connect timeout.
+#[derive(Clone)]
+pub struct Clients {
+    pub http1: Client<HttpConnector, Incoming>,
+    pub h2: Client<HttpConnector, Incoming>,
+    /// Health checks and smoke tests.
+    pub probe: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Clients {
+    pub fn new(cfg: &ProxyConfig) -> Clients {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.enforce_http(true);
+        let http1 = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.upstream_idle_timeout)
+            .pool_max_idle_per_host(cfg.upstream_max_idle)
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.upstream_idle_timeout)
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .build(connector.clone());
+        let probe = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(4)
+            .build(connector);
+        Clients { http1, h2, probe }
+    }
+
+    pub fn for_protocol(&self, p: Protocol) -> &Client<HttpConnector, Incoming> {
+        match p {
+            Protocol::Http1 => &self.http1,
+            Protocol::H2 => &self.h2,
+        }
+    }
+
+    /// GET `path` on `up` within `timeout`; Ok(status) or Err(reason).
+    pub async fn probe(
+        &self,
+        up: &Upstream,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<http::StatusCode, String> {
+        let uri = http::Uri::builder()
+            .scheme("http")
+            .authority(up.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| format!("bad probe URI: {e}"))?;
+        let req = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(uri)
+            .header(http::header::USER_AGENT, "switchyard-probe")
+            .body(Empty::new())
+            .map_err(|e| format!("bad probe request: {e}"))?;
+        match tokio::time::timeout(timeout, self.probe.request(req)).await {
+            Err(_) => Err(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+            Ok(Err(e)) if e.is_connect() => Err("connection failed".to_string()),
+            Ok(Err(e)) => Err(format!("request failed: {e}")),
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                // Drain the body so the connection can be reused.
+                let _ = tokio::time::timeout(
+                    timeout,
+                    http_body_util::BodyExt::collect(resp.into_body()),
+                )
+                .await;
+                Ok(status)
+            }
+        }
+    }
+}

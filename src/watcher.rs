@@ -1,0 +1,220 @@
+//! The rollback engine's I/O loop: twice a second it measures every service's live color over
+//! each trigger's window, asks the pure engine ([`crate::rollback`]) what to do, and does it
+//! through the app's one writer. It also publishes trigger states for `/api/status`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::app::{App, ChangeError, WatchReport};
+use crate::config::TriggerKind;
+use crate::rollback::{Decision, Evaluation, Fire, Measured, ServiceWatch};
+use crate::routing::Service;
+use crate::stats::Summary;
+
+/// How often triggers are evaluated (the contract asks for at least once a second).
+pub const EVALUATION_INTERVAL: Duration = Duration::from_millis(500);
+
+struct Watched {
+    generation: u64,
+    engine: ServiceWatch,
+}
+
+pub async fn run(app: Arc<App>) {
+    let mut watched: HashMap<String, Watched> = HashMap::new();
+    let mut tick = tokio::time::interval(EVALUATION_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        evaluate_all(&app, &mut watched).await;
+    }
+}
+
+async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
+    let snap = app.snapshot();
+    let now = Instant::now();
+    let epoch = app.clock.now_epoch();
+    let mut reports = HashMap::new();
+    for svc in &snap.services {
+        let cfg = &svc.config.rollback;
+        if !cfg.enabled || cfg.triggers.is_empty() {
+            continue;
+        }
+        let gen = svc.state.generation;
+        let w = watched
+            .entry(svc.name().to_string())
+            .or_insert_with(|| Watched {
+                generation: gen,
+                engine: ServiceWatch::new(cfg),
+            });
+        if w.generation != gen {
+            // The live color changed under us (manual flip, reload of state): start fresh.
+            w.engine.reset();
+            w.generation = gen;
+        }
+        let measured = measure(svc, epoch);
+        let target_healthy = svc
+            .state
+            .previous
+            .is_some_and(|p| svc.pool(p).healthy_count() > 0);
+        let decision = w.engine.evaluate(
+            cfg,
+            &Evaluation {
+                now,
+                armed: svc.armed(now),
+                rollback_target_healthy: target_healthy,
+                measured: &measured,
+            },
+        );
+        let from = svc.state.active;
+        let to = svc.state.previous.unwrap_or(from.other());
+        match decision {
+            Decision::None => {}
+            Decision::Rollback(fire) => {
+                match app
+                    .auto_rollback(svc.name(), gen, &fire.detail, fire_json(&fire))
+                    .await
+                {
+                    // Keep the engine's `fired` state on show: the service is latched now
+                    // and stays disarmed until a manual flip, which resets it.
+                    Ok(Some(outcome)) => w.generation = outcome.generation,
+                    Ok(None) => {}
+                    Err(ChangeError::Refused(why)) => {
+                        app.record_decision(
+                            svc.name(),
+                            "rollback_blocked",
+                            (from, to),
+                            gen,
+                            &format!("{}; not rolled back: {why}", fire.detail),
+                            fire_json(&fire),
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        tracing::error!(service = %svc.name(), error = %e, "automatic rollback failed; will retry");
+                        w.engine.reset();
+                    }
+                }
+            }
+            Decision::Blocked(fire) => {
+                app.record_decision(
+                    svc.name(),
+                    "rollback_blocked",
+                    (from, to),
+                    gen,
+                    &format!(
+                        "{}; not rolled back: the {to} pool has no healthy upstream",
+                        fire.detail
+                    ),
+                    fire_json(&fire),
+                )
+                .await;
+            }
+            Decision::WouldRollback(fire) => {
+                app.record_decision(
+                    svc.name(),
+                    "would_rollback",
+                    (from, to),
+                    gen,
+                    &format!("dry run: {}", fire.detail),
+                    fire_json(&fire),
+                )
+                .await;
+            }
+        }
+        let triggers = w
+            .engine
+            .states()
+            .iter()
+            .zip(&cfg.triggers)
+            .map(|(s, t)| s.to_json(t, now, crate::admin::wall))
+            .collect();
+        reports.insert(
+            svc.name().to_string(),
+            WatchReport {
+                generation: w.generation,
+                triggers,
+                blocked: w.engine.blocked(),
+            },
+        );
+    }
+    watched.retain(|name, _| snap.service(name).is_some());
+    app.watch.store(Arc::new(reports));
+}
+
+/// The live color's numbers for each trigger, over that trigger's own window.
+fn measure(svc: &Service, epoch: u64) -> Vec<Measured> {
+    let pool = svc.live();
+    let mut by_window: HashMap<u64, Summary> = HashMap::new();
+    let mut summary = |over: Duration| -> Summary {
+        let secs = over.as_secs().max(1);
+        by_window
+            .entry(secs)
+            .or_insert_with(|| {
+                let mut s = Summary::default();
+                for u in &pool.upstreams {
+                    u.window.summary_into(epoch, secs, &mut s);
+                }
+                s
+            })
+            .clone()
+    };
+    svc.config
+        .rollback
+        .triggers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match &t.kind {
+            TriggerKind::ErrorRate { over, .. } => {
+                let s = summary(*over);
+                Measured::Rate {
+                    requests: s.requests,
+                    failures: s.failures,
+                }
+            }
+            TriggerKind::P95Latency { over, .. } => {
+                let s = summary(*over);
+                Measured::Latency {
+                    requests: s.requests,
+                    p95: s.p95(),
+                }
+            }
+            TriggerKind::Critical5xx { over, .. } => {
+                let secs = over.as_secs().max(1);
+                let failures = pool
+                    .critical
+                    .iter()
+                    .find(|c| c.trigger_index == i)
+                    .map(|c| c.counter.sum(epoch, secs))
+                    .unwrap_or(0);
+                Measured::Count {
+                    requests: summary(*over).requests,
+                    failures,
+                }
+            }
+            TriggerKind::Unhealthy => Measured::Health {
+                healthy_upstreams: pool.healthy_count(),
+                total: pool.upstreams.len(),
+            },
+        })
+        .collect()
+}
+
+fn fire_json(f: &Fire) -> serde_json::Value {
+    json!({
+        "kind": f.kind,
+        "threshold": f.threshold,
+        "threshold_text": f.threshold_text,
+        "value": f.value,
+        "value_text": f.value_text,
+        "over_secs": f.over.as_secs(),
+        "for_secs": f.for_.as_secs(),
+        "requests": f.requests,
+    })
+}
