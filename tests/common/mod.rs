@@ -1,0 +1,417 @@
+//! Shared helpers for the end-to-end tests: scripted upstream servers, an in-process
+//! Switchyard, and small HTTP clients. Everything listens on 127.0.0.1 with ephemeral ports and
+//! stops when dropped.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const TOKEN: &str = "test-token-123";
+
+/// A scripted upstream: answers its name, or what the test tells it to.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// Status for normal requests (200 by default).
+    pub status: AtomicU16,
+    /// Status for `/health` (200 by default).
+    pub health_status: AtomicU16,
+    /// Delay before answering normal requests, in ms.
+    pub delay_ms: AtomicU64,
+    /// Close the connection without answering normal requests.
+    pub reset: AtomicBool,
+    /// Requests received (excluding /health).
+    pub hits: AtomicUsize,
+    pub health_hits: AtomicUsize,
+    /// The last request's headers, as (name, value) pairs.
+    pub last_headers: Mutex<Vec<(String, String)>>,
+    stop: CancellationToken,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// FNV-1a, to check a body arrived intact without keeping it.
+pub fn fnv(data: &[u8], mut h: u64) -> u64 {
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+pub const FNV_INIT: u64 = 0xcbf29ce484222325;
+
+impl TestUpstream {
+    pub async fn start(name: &str) -> Arc<TestUpstream> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let up = Arc::new(TestUpstream {
+            addr: listener.local_addr().expect("addr"),
+            name: name.to_string(),
+            status: AtomicU16::new(200),
+            health_status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
+            reset: AtomicBool::new(false),
+            hits: AtomicUsize::new(0),
+            health_hits: AtomicUsize::new(0),
+            last_headers: Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
+        });
+        let weak = Arc::downgrade(&up);
+        let stop = up.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop.cancelled() => return,
+                };
+                let Some(me) = weak.upgrade() else { return };
+                if me.reset.load(Ordering::SeqCst) {
+                    // Read the request, then drop the connection without an answer.
+                    me.hits.fetch_add(1, Ordering::SeqCst);
+                    drop(me);
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(200),
+                            tokio::io::AsyncReadExt::read(&mut { stream }, &mut buf),
+                        )
+                        .await;
+                    });
+                    continue;
+                }
+                let stop2 = stop.clone();
+                let svc = service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.answer(req).await) }
+                });
+                tokio::spawn(async move {
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop2.cancelled() => {}
+                    }
+                });
+            }
+        });
+        up
+    }
+
+    pub fn set_status(&self, s: u16) {
+        self.status.store(s, Ordering::SeqCst);
+    }
+    pub fn set_health(&self, s: u16) {
+        self.health_status.store(s, Ordering::SeqCst);
+    }
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        if path == "/health" || path == "/smoke" {
+            self.health_hits.fetch_add(1, Ordering::SeqCst);
+            let s = self.health_status.load(Ordering::SeqCst);
+            return resp(s, format!("{} health\n", self.name));
+        }
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        *self.last_headers.lock().expect("lock") = headers.clone();
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let status = self.status.load(Ordering::SeqCst);
+        if path.starts_with("/echo") {
+            let method = req.method().to_string();
+            let query = req.uri().query().unwrap_or("").to_string();
+            let version = format!("{:?}", req.version());
+            let mut body = req.into_body();
+            let mut len = 0usize;
+            let mut h = FNV_INIT;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(d) = frame.data_ref() {
+                    len += d.len();
+                    h = fnv(d, h);
+                }
+            }
+            let v = json!({
+                "upstream": self.name, "method": method, "path": path, "query": query,
+                "version": version, "headers": headers, "body_len": len, "body_fnv": h,
+            });
+            let mut r = resp(status, v.to_string());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().expect("hv"));
+            r.headers_mut()
+                .insert("connection", "x-upstream-hop".parse().expect("hv"));
+            r.headers_mut()
+                .insert("x-upstream-hop", "secret".parse().expect("hv"));
+            r.headers_mut()
+                .insert("keep-alive", "timeout=5".parse().expect("hv"));
+            return r;
+        }
+        resp(status, format!("{}\n", self.name))
+    }
+}
+
+fn resp(status: u16, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+/// A free loopback port that refuses connections (bound, then closed).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}
+
+/// A Switchyard running in-process with its own temp dir for state.
+pub struct TestProxy {
+    pub running: Option<switchyard::server::Running>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub preview: Option<SocketAddr>,
+    pub dir: Option<tempfile::TempDir>,
+    pub config_path: std::path::PathBuf,
+}
+
+impl TestProxy {
+    /// `body` is the config after `[proxy]`/`[admin]`/`[state]` (services etc.). Listeners use
+    /// ephemeral ports.
+    pub async fn start(body: &str) -> TestProxy {
+        Self::start_with(body, Some(TOKEN), None).await
+    }
+
+    pub async fn start_with(
+        body: &str,
+        token: Option<&str>,
+        dir: Option<tempfile::TempDir>,
+    ) -> TestProxy {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let text = full_config(body, dir.path());
+        let config_path = dir.path().join("switchyard.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let cfg = switchyard::config::from_toml_str_with_env(&text, Some(Default::default()))
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
+        let running = switchyard::server::start(
+            cfg,
+            switchyard::server::Options {
+                config_path: Some(config_path.clone()),
+                store: switchyard::state::StateStore::file(dir.path().join("state.json")),
+                admin_token: token.map(str::to_string),
+            },
+        )
+        .await
+        .expect("start switchyard");
+        TestProxy {
+            proxy: running.proxy_addr,
+            admin: running.admin_addr,
+            preview: running.preview_addr,
+            running: Some(running),
+            dir: Some(dir),
+            config_path,
+        }
+    }
+
+    pub fn app(&self) -> &Arc<switchyard::app::App> {
+        &self.running.as_ref().expect("running").app
+    }
+
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        self.dir.take().expect("dir")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        get(self.proxy, path).await
+    }
+
+    pub async fn status(&self) -> Value {
+        admin_get(self.admin, "/api/status").await.1
+    }
+
+    pub async fn flip(&self, service: &str, to: &str) -> (u16, Value) {
+        admin_post(
+            self.admin,
+            &format!("/api/services/{service}/flip"),
+            Some(TOKEN),
+            Some(json!({ "to": to })),
+        )
+        .await
+    }
+
+    pub async fn service_status(&self, name: &str) -> Value {
+        let s = self.status().await;
+        s["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    pub async fn events(&self) -> Vec<Value> {
+        admin_get(self.admin, "/api/events").await.1["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.app.shutdown.cancel();
+        }
+    }
+}
+
+pub fn full_config(body: &str, dir: &std::path::Path) -> String {
+    let head = if body.contains("[proxy]") {
+        String::new()
+    } else {
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n".to_string()
+    };
+    let admin = if body.contains("[admin]") {
+        String::new()
+    } else {
+        "[admin]\nlisten = \"127.0.0.1:0\"\n".to_string()
+    };
+    format!(
+        "{head}{admin}[state]\npath = \"{}\"\n{body}",
+        dir.join("state.json").display()
+    )
+}
+
+/// One service "api" with the given pools, plus extra service keys (e.g. health).
+pub fn service(name: &str, blue: &[SocketAddr], green: &[SocketAddr], extra: &str) -> String {
+    let list = |a: &[SocketAddr]| {
+        a.iter()
+            .map(|x| format!("\"{x}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "\n[[services]]\nname = \"{name}\"\nblue = {{ upstreams = [{}] }}\ngreen = {{ upstreams = [{}] }}\n{extra}\n",
+        list(blue),
+        list(green)
+    )
+}
+
+pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(16)
+        .build_http()
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    request(addr, "GET", path, &[], Bytes::new()).await
+}
+
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, String) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(body)).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), client().request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let (s, body) = get(addr, path).await;
+    (
+        s,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+pub async fn admin_post(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let bytes = match &body {
+        Some(b) => {
+            headers.push(("content-type", "application/json"));
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let (s, body) = request(addr, "POST", path, &headers, bytes).await;
+    (
+        s,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+/// Polls `f` every 20 ms until it returns true, at most `secs` seconds.
+pub async fn eventually<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
