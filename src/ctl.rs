@@ -17,18 +17,24 @@ pub struct CtlArgs {
     /// Admin listener URL.
     #[arg(
         long,
+        global = true,
         env = "SWITCHYARD_ADMIN_URL",
         default_value = "http://127.0.0.1:9090"
     )]
     pub admin: String,
     /// Bearer token for mutating calls.
-    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Print the API's JSON instead of a summary.
     #[arg(long, global = true)]
     pub json: bool,
     /// Give up after this long.
-    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = crate::config::parse_duration)]
     pub timeout: Duration,
     #[command(subcommand)]
     pub cmd: CtlCmd,
@@ -257,6 +263,23 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
+/// A ratio as a percentage; `-` when there is no traffic to measure.
+fn pct(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_f64) {
+        Some(r) => format!("{:.2}%", r * 100.0),
+        None => "-".to_string(),
+    }
+}
+
+/// Milliseconds with a unit; `-` when there is nothing to measure.
+fn millis(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_f64) {
+        Some(ms) if ms >= 100.0 => format!("{ms:.0}ms"),
+        Some(ms) => format!("{ms:.1}ms"),
+        None => "-".to_string(),
+    }
+}
+
 fn print_status(v: &Value) {
     println!("window: {}s", s(v, "window_secs"));
     for svc in v
@@ -299,13 +322,13 @@ fn print_status(v: &Value) {
             };
             let live = svc.get("active").and_then(Value::as_str) == Some(color);
             println!(
-                "  {}{:<5} healthy={:<5} requests={:<7} errors={:<9} p95={}ms",
+                "  {}{:<5} healthy={:<5} requests={:<7} errors={:<8} p95={}",
                 if live { "*" } else { " " },
                 color,
                 s(c, "healthy"),
                 s(c, "requests"),
-                s(c, "error_rate"),
-                s(c, "p95_ms")
+                pct(c.get("error_rate")),
+                millis(c.get("p95_ms"))
             );
             for u in c
                 .get("upstreams")
@@ -314,12 +337,12 @@ fn print_status(v: &Value) {
                 .flatten()
             {
                 println!(
-                    "      {:<22} healthy={:<5} requests={:<7} errors={:<9} p95={}ms",
+                    "      {:<22} healthy={:<5} requests={:<7} errors={:<8} p95={}",
                     s(u, "addr"),
                     s(u, "healthy"),
                     s(u, "requests"),
-                    s(u, "error_rate"),
-                    s(u, "p95_ms")
+                    pct(u.get("error_rate")),
+                    millis(u.get("p95_ms"))
                 );
             }
         }
@@ -329,12 +352,21 @@ fn print_status(v: &Value) {
             .into_iter()
             .flatten()
         {
+            let kind = s(t, "kind");
+            let fmt = |v: Option<&Value>| match kind.as_str() {
+                "error_rate" => pct(v),
+                "p95_latency" => millis(v),
+                _ => match v {
+                    Some(Value::Null) | None => "-".to_string(),
+                    Some(x) => x.to_string(),
+                },
+            };
             println!(
                 "  trigger {:<12} {:<17} value={} threshold={}",
-                s(t, "kind"),
+                kind,
                 s(t, "state"),
-                s(t, "value"),
-                s(t, "threshold")
+                fmt(t.get("value")),
+                fmt(t.get("threshold"))
             );
         }
     }

@@ -1,0 +1,376 @@
+//! `switchyard ctl`: the real binary against an in-process Switchyard. Every subcommand with
+//! human output and `--json`, and every error path with its exit code (1 refused or unreachable,
+//! 2 usage).
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Out {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{self}"))
+    }
+}
+
+/// Runs `switchyard ctl --admin http://ADMIN [--token T] ARGS...` with a clean environment for
+/// the ctl variables (plus `env`), bounded to 20 s.
+async fn ctl_env(
+    admin: SocketAddr,
+    token: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.arg("ctl")
+        .arg("--admin")
+        .arg(format!("http://{admin}"))
+        .args(["--timeout", "5s"]);
+    if let Some(t) = token {
+        cmd.arg("--token").arg(t);
+    }
+    cmd.args(args)
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .env_remove("SWITCHYARD_ADMIN_URL")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .expect("ctl did not finish within 20 s")
+        .expect("run ctl");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn ctl(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Out {
+    ctl_env(admin, token, &[], args).await
+}
+
+async fn two_services() -> (TestProxy, Vec<std::sync::Arc<TestUpstream>>) {
+    let ups = vec![
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+        TestUpstream::start("web-blue").await,
+        TestUpstream::start("web-green").await,
+    ];
+    let health = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+    let mut body = service(
+        "api",
+        &[ups[0].addr],
+        &[ups[1].addr],
+        "path_prefix = \"/api\"",
+    );
+    body.push_str(health);
+    body.push_str(&service("web", &[ups[2].addr], &[ups[3].addr], ""));
+    body.push_str(health);
+    (TestProxy::start(&body).await, ups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_human_and_json() {
+    let (p, _ups) = two_services().await;
+    assert_eq!(p.get("/api/x").await.0, 200);
+
+    let o = ctl(p.admin, None, &["status"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert!(o.stdout.contains("api  live: BLUE"), "{o}");
+    assert!(o.stdout.contains("web  live: BLUE"), "{o}");
+    assert!(o.stdout.contains("*blue"), "the live color is marked:\n{o}");
+    assert!(o.stdout.contains("healthy=true"), "{o}");
+
+    let o = ctl(p.admin, None, &["status", "--json"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    let v = o.json();
+    let svcs = v["services"].as_array().expect("services");
+    assert_eq!(svcs.len(), 2, "{v}");
+    assert_eq!(svcs[0]["name"], "api");
+    assert_eq!(svcs[0]["active"], "blue");
+    assert_eq!(svcs[1]["name"], "web");
+    // `--json` before the subcommand works too.
+    let o = ctl(p.admin, None, &["--json", "status"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(o.json()["services"][0]["name"], "api");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flip_rollback_flip_all_human_and_json() {
+    let (p, _ups) = two_services().await;
+    // Wait for the first health round so green counts as healthy for the flips.
+    assert!(
+        eventually(10, || async {
+            p.service_status("api").await["colors"]["green"]["healthy"] == true
+                && p.service_status("web").await["colors"]["green"]["healthy"] == true
+        })
+        .await
+    );
+
+    // flip, human
+    let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "green"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert!(o.stdout.contains("green"), "{o}");
+    assert_eq!(p.service_status("api").await["active"], "green");
+    assert_eq!(p.get("/api/x").await, (200, "api-green\n".to_string()));
+
+    // flip to the live color: a no-op that still succeeds
+    let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "green"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["generation"], 1);
+
+    // flip, JSON (the token may come after the subcommand)
+    let o = ctl(
+        p.admin,
+        None,
+        &["flip", "web", "green", "--json", "--token", TOKEN],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o}");
+    let v = o.json();
+    assert_eq!(v["changed"], true, "{v}");
+    assert_eq!(v["to"], "green", "{v}");
+    assert_eq!(p.service_status("web").await["active"], "green");
+
+    // rollback, human then JSON
+    let o = ctl(p.admin, Some(TOKEN), &["rollback", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    let o = ctl(p.admin, Some(TOKEN), &["--json", "rollback", "web"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(o.json()["to"], "blue", "{o}");
+    assert_eq!(p.service_status("web").await["active"], "blue");
+
+    // flip-all, human then JSON
+    let o = ctl(p.admin, Some(TOKEN), &["flip-all", "green"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert!(o.stdout.contains("2 service(s)"), "{o}");
+    for s in ["api", "web"] {
+        assert_eq!(p.service_status(s).await["active"], "green", "{s}");
+    }
+    let o = ctl(p.admin, Some(TOKEN), &["flip-all", "blue", "--json"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    let v = o.json();
+    assert_eq!(v["changed"], true, "{v}");
+    assert_eq!(v["services"].as_array().map(Vec::len), Some(2), "{v}");
+    for s in ["api", "web"] {
+        assert_eq!(p.service_status(s).await["active"], "blue", "{s}");
+    }
+
+    // events, human then JSON with --limit
+    let o = ctl(p.admin, None, &["events"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert!(o.stdout.contains("manual"), "{o}");
+    assert!(o.stdout.contains("green -> blue"), "{o}");
+    let o = ctl(p.admin, None, &["events", "--json", "--limit", "2"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    let v = o.json();
+    let evs = v["events"].as_array().expect("events");
+    assert_eq!(evs.len(), 2, "{v}");
+    assert_eq!(evs[1]["to"], "blue", "newest last: {v}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_reload() {
+    let (p, _ups) = two_services().await;
+    let o = ctl(p.admin, Some(TOKEN), &["pause", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["paused"], true);
+    let o = ctl(p.admin, Some(TOKEN), &["--json", "resume", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(o.json()["paused"], false, "{o}");
+    assert_eq!(p.service_status("api").await["paused"], false);
+    let o = ctl(p.admin, Some(TOKEN), &["pause", "web", "--json"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(o.json()["paused"], true, "{o}");
+
+    // reload the unchanged file: human, then JSON
+    let o = ctl(p.admin, Some(TOKEN), &["reload"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert!(!o.stdout.trim().is_empty(), "{o}");
+    let o = ctl(p.admin, Some(TOKEN), &["--json", "reload"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert!(o.json().is_object(), "{o}");
+
+    // an invalid file is refused with its errors, and nothing changes
+    let good = std::fs::read_to_string(&p.config_path).expect("read config");
+    std::fs::write(
+        &p.config_path,
+        good.replace("interval = \"100ms\"", "interval = \"x\""),
+    )
+    .expect("write config");
+    let o = ctl(p.admin, Some(TOKEN), &["reload"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("400"), "{o}");
+    assert!(o.stderr.contains("services[0].health.interval"), "{o}");
+    assert_eq!(
+        p.status().await["services"].as_array().map(Vec::len),
+        Some(2)
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_failed_calls_exit_1() {
+    let (p, ups) = two_services().await;
+
+    // wrong token: 401, nothing changes
+    let o = ctl(p.admin, Some("wrong-token"), &["flip", "api", "green"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("401"), "{o}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+
+    // no token at all for a mutating command: refused before any call
+    for args in [
+        &["flip", "api", "green"][..],
+        &["flip-all", "green"],
+        &["rollback", "api"],
+        &["pause", "api"],
+        &["resume", "api"],
+        &["reload"],
+    ] {
+        let o = ctl(p.admin, None, args).await;
+        assert_eq!(o.code, 1, "{args:?}: {o}");
+        assert!(o.stderr.contains("SWITCHYARD_ADMIN_TOKEN"), "{args:?}: {o}");
+    }
+    assert_eq!(p.service_status("api").await["paused"], false);
+    assert_eq!(p.service_status("api").await["active"], "blue");
+
+    // unknown service: 404
+    let o = ctl(p.admin, Some(TOKEN), &["flip", "nope", "green"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("404"), "{o}");
+    assert!(o.stderr.contains("nope"), "{o}");
+    let o = ctl(p.admin, Some(TOKEN), &["--json", "pause", "nope"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.json()["error"].is_string(), "{o}");
+
+    // unhealthy target pool: 409, with the API's reason
+    ups[1].set_health(500);
+    assert!(
+        eventually(10, || async {
+            p.service_status("api").await["colors"]["green"]["healthy"] == false
+        })
+        .await
+    );
+    let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "green"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("409"), "{o}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    // --force overrides it
+    let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "green", "--force"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["active"], "green");
+
+    // unreachable admin listener: a clear message naming the URL
+    let dead = dead_addr().await;
+    for args in [&["status"][..], &["flip", "api", "blue"]] {
+        let o = ctl(dead, Some(TOKEN), args).await;
+        assert_eq!(o.code, 1, "{o}");
+        assert!(
+            o.stderr.contains(&format!("http://{dead}")),
+            "names the URL: {o}"
+        );
+        assert!(o.stderr.contains("cannot reach"), "{o}");
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2() {
+    let (p, _ups) = two_services().await;
+    for args in [
+        &["bogus"][..],
+        &["flip", "api", "purple"],
+        &["flip", "api"],
+        &["flip"],
+        &["flip-all"],
+        &["flip-all", "purple"],
+        &["rollback"],
+        &["pause"],
+        &["resume"],
+        &["events", "--limit", "many"],
+        &["status", "--no-such-flag"],
+        &[],
+    ] {
+        let o = ctl(p.admin, Some(TOKEN), args).await;
+        assert_eq!(o.code, 2, "{args:?}: {o}");
+        assert!(!o.stderr.is_empty(), "{args:?}: says why: {o}");
+    }
+    let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "purple"]).await;
+    assert!(o.stderr.contains("purple"), "{o}");
+    // nothing reached the API
+    assert_eq!(p.service_status("api").await["generation"], 0);
+    assert!(p.events().await.is_empty());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_url_from_environment() {
+    let (p, _ups) = two_services().await;
+    assert!(
+        eventually(10, || async {
+            p.service_status("api").await["colors"]["green"]["healthy"] == true
+        })
+        .await
+    );
+    let o = ctl_env(
+        p.admin,
+        None,
+        &[("SWITCHYARD_ADMIN_TOKEN", TOKEN)],
+        &["flip", "api", "green"],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["active"], "green");
+    // a wrong token in the environment is refused
+    let o = ctl_env(
+        p.admin,
+        None,
+        &[("SWITCHYARD_ADMIN_TOKEN", "nope")],
+        &["flip", "api", "blue"],
+    )
+    .await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("401"), "{o}");
+
+    // the admin URL from SWITCHYARD_ADMIN_URL (no --admin)
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(["ctl", "--json", "status"])
+        .env("SWITCHYARD_ADMIN_URL", format!("http://{}", p.admin))
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .expect("ctl timed out")
+        .expect("run ctl");
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["services"][0]["active"], "green");
+    p.stop().await;
+}
