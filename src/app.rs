@@ -46,7 +46,7 @@ pub struct App {
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
-    store: StateStore,
+    pub store: StateStore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,10 @@ pub enum ChangeError {
 impl From<StateError> for ChangeError {
     fn from(e: StateError) -> Self {
         match e {
-            StateError::Unavailable(m) => ChangeError::Unavailable(m),
+            StateError::Unavailable(m) => ChangeError::Unavailable(format!(
+                "{m}; flips are refused until the state backend is back (traffic keeps flowing on the last known colors)"
+            )),
+            StateError::Conflict(m) => ChangeError::Refused(m),
             other => ChangeError::Internal(other.to_string()),
         }
     }
@@ -126,7 +129,16 @@ impl App {
         store: StateStore,
         admin_token: Option<String>,
     ) -> Result<Arc<App>, StateError> {
-        let states = store.load().await?;
+        let states = match store.load().await {
+            Ok(s) => s,
+            // A replica that starts while etcd is down serves the config's colors and
+            // resyncs as soon as etcd answers; a file store must be readable.
+            Err(StateError::Unavailable(e)) if store.as_etcd().is_some() => {
+                tracing::warn!(error = %e, "etcd unreachable at startup: serving the config's colors until it answers");
+                HashMap::new()
+            }
+            Err(e) => return Err(e),
+        };
         let metrics = Arc::new(Metrics::new());
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
         let events = EventLog::new(store.audit_path(), notifier);
@@ -148,6 +160,67 @@ impl App {
             writer: tokio::sync::Mutex::new(()),
             store,
         }))
+    }
+
+    /// Records an event locally (ring, audit file, webhooks) and, with etcd, for every replica.
+    pub async fn record(&self, ev: Event) {
+        if let Some(etcd) = self.store.as_etcd() {
+            let etcd = etcd.clone();
+            let shared = ev.clone();
+            tokio::spawn(async move {
+                if let Err(e) = etcd.put_event(&shared).await {
+                    tracing::warn!(error = %e, "cannot store the event in etcd; it is kept locally");
+                }
+            });
+        }
+        self.events.record(ev).await;
+    }
+
+    /// The audit log, newest last: every replica's with etcd (this replica's if etcd is down).
+    pub async fn events_list(&self) -> Vec<Event> {
+        if let Some(etcd) = self.store.as_etcd() {
+            match etcd.events(crate::events::RING_CAPACITY).await {
+                Ok(evs) => return evs,
+                Err(e) => {
+                    tracing::debug!(error = %e, "etcd events unavailable; answering local ones")
+                }
+            }
+        }
+        self.events.list()
+    }
+
+    /// Applies live states written by another replica (etcd watch). Newer generations win;
+    /// nothing is persisted (they already are).
+    pub async fn apply_remote(&self, remote: HashMap<String, ServiceState>) {
+        let _w = self.writer.lock().await;
+        let snap = self.snapshot();
+        let mut changed = HashMap::new();
+        for svc in &snap.services {
+            let Some(r) = remote.get(svc.name()) else {
+                continue;
+            };
+            if *r == svc.state || r.generation < svc.state.generation {
+                continue;
+            }
+            let flipped_at = if r.generation != svc.state.generation {
+                tracing::info!(
+                    service = %svc.name(),
+                    active = %r.active,
+                    generation = r.generation,
+                    "live color changed by another replica"
+                );
+                r.flipped_at()
+            } else {
+                svc.flipped_at
+            };
+            changed.insert(
+                svc.name().to_string(),
+                Arc::new(svc.with_state(r.clone(), flipped_at)),
+            );
+        }
+        if !changed.is_empty() {
+            self.routes.store(Arc::new(snap.with_services(&changed)));
+        }
     }
 
     pub fn set_tls_reloader(&self, tls: crate::tls::TlsSetup) {
@@ -173,7 +246,8 @@ impl App {
         changed: HashMap<String, Arc<Service>>,
     ) -> Result<(), ChangeError> {
         let next = snap.with_services(&changed);
-        self.store.save(&Self::all_states(&next)).await?;
+        let names: Vec<String> = changed.keys().cloned().collect();
+        self.store.save(&Self::all_states(&next), &names).await?;
         self.routes.store(Arc::new(next));
         Ok(())
     }
@@ -226,13 +300,12 @@ impl App {
             },
             if force { " (forced)" } else { "" }
         );
-        self.events
-            .record(
-                Event::new(name, kind.reason(), actor, detail)
-                    .colors(from, to)
-                    .generation(generation),
-            )
-            .await;
+        self.record(
+            Event::new(name, kind.reason(), actor, detail)
+                .colors(from, to)
+                .generation(generation),
+        )
+        .await;
         Ok(FlipOutcome {
             service: name.to_string(),
             from,
@@ -366,7 +439,25 @@ impl App {
         let gen = next.state.generation;
         let mut changed = HashMap::new();
         changed.insert(name.to_string(), Arc::new(next));
-        self.commit(&snap, changed).await?;
+        match self.commit(&snap, changed).await {
+            Ok(()) => {}
+            Err(ChangeError::Refused(why)) => {
+                // Another replica changed this service first (most likely the same rollback).
+                self.record(
+                    Event::new(
+                        name,
+                        "rollback_conflict",
+                        "rollback-engine",
+                        format!("{detail}; not applied by this replica: {why}"),
+                    )
+                    .colors(from, to)
+                    .generation(generation),
+                )
+                .await;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
         self.metrics
             .flips_total
             .with_label_values(&[name, "auto_rollback"])
@@ -375,7 +466,7 @@ impl App {
             .colors(from, to)
             .generation(gen);
         ev.trigger = Some(trigger);
-        self.events.record(ev).await;
+        self.record(ev).await;
         Ok(Some(FlipOutcome {
             service: name.to_string(),
             from,
@@ -412,12 +503,11 @@ impl App {
         );
         self.commit(&snap, changed).await?;
         let reason = if paused { "pause" } else { "resume" };
-        self.events
-            .record(
-                Event::new(name, reason, actor, format!("automatic rollback {word}"))
-                    .generation(svc.state.generation),
-            )
-            .await;
+        self.record(
+            Event::new(name, reason, actor, format!("automatic rollback {word}"))
+                .generation(svc.state.generation),
+        )
+        .await;
         Ok(format!("automatic rollback of {name} {word}"))
     }
 
@@ -572,8 +662,7 @@ impl App {
             ));
             tracing::warn!(keys = ?restart_required, "config changes that need a restart");
         }
-        self.events
-            .record(Event::new("*", "reload", actor, message.clone()))
+        self.record(Event::new("*", "reload", actor, message.clone()))
             .await;
         ReloadOutcome {
             services,
@@ -602,6 +691,6 @@ impl App {
             .colors(from, to)
             .generation(generation);
         ev.trigger = Some(trigger);
-        self.events.record(ev).await;
+        self.record(ev).await;
     }
 }

@@ -13,6 +13,7 @@ pub mod app;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod etcd;
 pub mod events;
 pub mod health;
 pub mod metrics;

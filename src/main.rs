@@ -137,10 +137,7 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
     };
     let store = match cfg.state.backend {
         StateBackend::File => StateStore::file(&cfg.state.path),
-        StateBackend::Etcd => {
-            eprintln!("state.backend = \"etcd\" is not supported by this build yet; use \"file\"");
-            return ExitCode::FAILURE;
-        }
+        StateBackend::Etcd => StateStore::etcd(&cfg.state.etcd_endpoints, &cfg.state.etcd_prefix),
     };
     if reset_state && cfg.state.backend == StateBackend::File {
         match state::move_aside(&cfg.state.path) {

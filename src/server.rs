@@ -99,6 +99,9 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::health::stats_ticker(app.clone()));
     tasks.spawn(crate::watcher::run(app.clone()));
+    if let Some(etcd) = app.store.as_etcd() {
+        tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
+    }
 
     let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
     let builder = proxy_builder(&proxy_cfg);

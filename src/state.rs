@@ -23,6 +23,9 @@ pub enum StateError {
     Write { path: PathBuf, reason: String },
     #[error("state backend unavailable: {0}")]
     Unavailable(String),
+    /// Another replica changed the state first (etcd compare-and-swap lost).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -34,6 +37,7 @@ pub struct StateFile {
 /// Where the live state is kept. The etcd backend shares it between replicas.
 pub enum StateStore {
     File(FileStore),
+    Etcd(std::sync::Arc<crate::etcd::EtcdStore>),
 }
 
 impl StateStore {
@@ -41,24 +45,44 @@ impl StateStore {
         StateStore::File(FileStore { path: path.into() })
     }
 
+    pub fn etcd(endpoints: &[String], prefix: &str) -> StateStore {
+        StateStore::Etcd(crate::etcd::EtcdStore::new(endpoints, prefix))
+    }
+
     /// The stored state per service; empty when nothing was stored yet.
     pub async fn load(&self) -> Result<HashMap<String, ServiceState>, StateError> {
         match self {
             StateStore::File(f) => f.load().await,
+            StateStore::Etcd(e) => e.load().await.map(|(states, _)| states),
         }
     }
 
-    /// Stores the state of every service.
-    pub async fn save(&self, states: &HashMap<String, ServiceState>) -> Result<(), StateError> {
+    /// Stores the live state after a change of the services named in `changed`; `states` holds
+    /// every service. The file backend rewrites the whole file; etcd writes only the changed
+    /// keys, in one compare-and-swap transaction.
+    pub async fn save(
+        &self,
+        states: &HashMap<String, ServiceState>,
+        changed: &[String],
+    ) -> Result<(), StateError> {
         match self {
             StateStore::File(f) => f.save(states).await,
+            StateStore::Etcd(e) => e.save(states, changed).await,
         }
     }
 
-    /// The audit log path beside the state (file backend).
+    /// The local audit log: beside the state file, or in the working directory for etcd.
     pub fn audit_path(&self) -> Option<PathBuf> {
         match self {
             StateStore::File(f) => Some(f.path.with_extension("events.jsonl")),
+            StateStore::Etcd(_) => None,
+        }
+    }
+
+    pub fn as_etcd(&self) -> Option<&std::sync::Arc<crate::etcd::EtcdStore>> {
+        match self {
+            StateStore::Etcd(e) => Some(e),
+            StateStore::File(_) => None,
         }
     }
 }
@@ -177,7 +201,7 @@ mod tests {
         s.previous = Some(Color::Blue);
         s.generation = 7;
         m.insert("api".to_string(), s.clone());
-        store.save(&m).await.expect("save");
+        store.save(&m, &["api".to_string()]).await.expect("save");
         assert_eq!(store.load().await.expect("load").get("api"), Some(&s));
         std::fs::write(&path, b"{not json").expect("write");
         let err = store.load().await.expect_err("corrupt");

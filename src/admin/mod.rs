@@ -157,7 +157,10 @@ async fn handle(
                 r
             }
             Route::Status => json_response(StatusCode::OK, &status_json(app)),
-            _ => json_response(StatusCode::OK, &json!({ "events": app.events.list() })),
+            _ => json_response(
+                StatusCode::OK,
+                &json!({ "events": app.events_list().await }),
+            ),
         };
     }
     if method != Method::POST {

@@ -81,6 +81,10 @@ pub fn status_json(app: &App) -> Value {
         "window_secs": window,
         "generated_at": now_rfc3339(),
         "uptime_secs": app.started.elapsed().as_secs(),
+        "state": {
+            "backend": if app.store.as_etcd().is_some() { "etcd" } else { "file" },
+            "degraded": app.metrics.state_degraded.get() != 0,
+        },
         "services": services,
     })
 }

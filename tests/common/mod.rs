@@ -229,11 +229,20 @@ impl TestProxy {
         std::fs::write(&config_path, &text).expect("write config");
         let cfg = switchyard::config::from_toml_str_with_env(&text, Some(Default::default()))
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
+        let store = match cfg.state.backend {
+            switchyard::config::StateBackend::Etcd => switchyard::state::StateStore::etcd(
+                &cfg.state.etcd_endpoints,
+                &cfg.state.etcd_prefix,
+            ),
+            switchyard::config::StateBackend::File => {
+                switchyard::state::StateStore::file(dir.path().join("state.json"))
+            }
+        };
         let running = switchyard::server::start(
             cfg,
             switchyard::server::Options {
                 config_path: Some(config_path.clone()),
-                store: switchyard::state::StateStore::file(dir.path().join("state.json")),
+                store,
                 admin_token: token.map(str::to_string),
             },
         )
@@ -313,10 +322,12 @@ pub fn full_config(body: &str, dir: &std::path::Path) -> String {
     } else {
         "[admin]\nlisten = \"127.0.0.1:0\"\n".to_string()
     };
-    format!(
-        "{head}{admin}[state]\npath = \"{}\"\n{body}",
-        dir.join("state.json").display()
-    )
+    let state = if body.contains("[state]") {
+        String::new()
+    } else {
+        format!("[state]\npath = \"{}\"\n", dir.join("state.json").display())
+    };
+    format!("{head}{admin}{state}{body}")
 }
 
 /// One service "api" with the given pools, plus extra service keys (e.g. health).

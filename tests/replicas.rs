@@ -1,0 +1,292 @@
+//! Several replicas, one truth: three Switchyards sharing their live colors through a real etcd
+//! (Debian's `etcd-server`) on loopback ports.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+struct Etcd {
+    child: Option<Child>,
+    client: u16,
+    peer: u16,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Etcd {
+    fn start(dir: &std::path::Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            client: free_port(),
+            peer: free_port(),
+            dir: dir.to_path_buf(),
+        };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let which = Command::new("etcd").arg("--version").output();
+        assert!(
+            which.is_ok(),
+            "etcd is not installed: apt-get install etcd-server (.ci/run does)"
+        );
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&self.dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("127.0.0.1:{}", self.client);
+        let ok = eventually(20, || {
+            let url = url.clone();
+            async move { tokio::net::TcpStream::connect(url).await.is_ok() }
+        })
+        .await;
+        assert!(ok, "etcd did not start");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn replicas(
+    etcd: &Etcd,
+    blue: &TestUpstream,
+    green: &TestUpstream,
+    n: usize,
+) -> Vec<TestProxy> {
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-test/\"\n{}",
+        etcd.endpoint(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(TestProxy::start(&body).await);
+    }
+    out
+}
+
+async fn active_of(p: &TestProxy) -> (String, u64) {
+    let s = p.service_status("api").await;
+    (
+        s["active"].as_str().unwrap_or("").to_string(),
+        s["generation"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+async fn converged(ps: &[TestProxy], color: &str, generation: u64, secs: u64) -> bool {
+    eventually(secs, || async {
+        for p in ps {
+            if active_of(p).await != (color.to_string(), generation) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd"));
+    etcd.wait_ready().await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let ps = replicas(&etcd, &blue, &green, 3).await;
+    assert!(converged(&ps, "blue", 0, 10).await);
+
+    // A flip through one replica's admin reaches the other two.
+    let t0 = Instant::now();
+    let (s, v) = ps[0].flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        converged(&ps, "green", 1, 5).await,
+        "replicas did not converge on green"
+    );
+    eprintln!("flip propagated to 3 replicas in {:?}", t0.elapsed());
+    for p in &ps {
+        assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    }
+
+    // Three replicas flip back at once from the same generation: exactly one wins.
+    let flips = ps.iter().map(|p| {
+        admin_post(
+            p.admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "blue"})),
+        )
+    });
+    let results = futures_join(flips).await;
+    let winners = results
+        .iter()
+        .filter(|(s, v)| *s == 200 && v["changed"] == true)
+        .count();
+    assert_eq!(winners, 1, "{results:?}");
+    for (s, v) in &results {
+        assert!(
+            *s == 409 || (*s == 200 && (v["changed"] == true || v["changed"] == false)),
+            "unexpected answer {s} {v}"
+        );
+    }
+    assert!(
+        converged(&ps, "blue", 2, 5).await,
+        "generation must be 2 everywhere"
+    );
+
+    // Events of every replica are visible from any replica.
+    let evs = ps[2].events().await;
+    assert!(
+        evs.iter().filter(|e| e["reason"] == "manual").count() >= 2,
+        "{evs:?}"
+    );
+    for p in ps {
+        p.stop().await;
+    }
+}
+
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+    F: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("join"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_fails_no_request_blocks_flips_and_replicas_converge_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut etcd = Etcd::start(&dir.path().join("etcd"));
+    etcd.wait_ready().await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let ps = Arc::new(replicas(&etcd, &blue, &green, 3).await);
+    assert!(converged(&ps, "blue", 0, 10).await);
+    let (s, _) = ps[1].flip("api", "green").await;
+    assert_eq!(s, 200);
+    assert!(converged(&ps, "green", 1, 5).await);
+
+    // Traffic through every replica while etcd goes away.
+    let failed = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for i in 0..3 {
+        let (ps, failed, sent, stop) = (ps.clone(), failed.clone(), sent.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let (s, b) = get(ps[i].proxy, "/x").await;
+                sent.fetch_add(1, Ordering::SeqCst);
+                if s != 200 || b != "green\n" {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    etcd.stop();
+    // The replicas notice, say so, and refuse flips with 503.
+    let degraded = eventually(10, || async {
+        let m = get(ps[0].admin, "/metrics").await.1;
+        m.contains("switchyard_state_degraded 1")
+    })
+    .await;
+    assert!(degraded, "state_degraded never became 1");
+    let st = ps[0].status().await;
+    assert_eq!(st["state"]["degraded"], true, "{st}");
+    let (s, v) = ps[0].flip("api", "blue").await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("etcd"), "{v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // etcd comes back: the replicas reconnect by themselves and flips work again.
+    etcd.spawn();
+    etcd.wait_ready().await;
+    let healed = eventually(20, || async {
+        let m = get(ps[2].admin, "/metrics").await.1;
+        m.contains("switchyard_state_degraded 0")
+    })
+    .await;
+    assert!(healed, "replica did not resync");
+    stop.cancel();
+    for l in load {
+        l.await.expect("load task");
+    }
+    assert!(sent.load(Ordering::SeqCst) > 50, "too little traffic");
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed while etcd was down"
+    );
+
+    let ok = eventually(20, || async { ps[2].flip("api", "blue").await.0 == 200 }).await;
+    assert!(ok, "flip after etcd came back");
+    assert!(converged(&ps, "blue", 2, 10).await);
+    // Equal generations everywhere, as the metric shows.
+    for p in ps.iter() {
+        let m = get(p.admin, "/metrics").await.1;
+        assert!(
+            m.contains("switchyard_state_generation{service=\"api\"} 2"),
+            "{m}"
+        );
+    }
+    drop(etcd);
+    if let Ok(ps) = Arc::try_unwrap(ps) {
+        for p in ps {
+            p.stop().await;
+        }
+    }
+}
