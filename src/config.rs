@@ -608,18 +608,29 @@ pub fn from_toml_str_with_env(
     let mut value: serde_json::Value = built
         .try_deserialize()
         .map_err(|e| one(format!("cannot parse config: {e}")))?;
-    let raw = deserialize_collecting(&mut value)?;
-    validate(raw)
+    let (raw, mut errors) = deserialize_collecting(&mut value)?;
+    // Unknown keys were removed from the value: validate the rest too, so one run of `check`
+    // reports every problem, not only the unknown keys.
+    match validate(raw) {
+        Ok(cfg) if errors.is_empty() => Ok(cfg),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(ConfigErrors(more)) => {
+            errors.extend(more);
+            Err(ConfigErrors(errors))
+        }
+    }
 }
 
 /// Deserializes strictly, but reports every unknown key rather than only the first: each one is
-/// recorded and removed, and deserialization runs again.
-fn deserialize_collecting(value: &mut serde_json::Value) -> Result<RawConfig, ConfigErrors> {
+/// recorded and removed, and deserialization runs again. Returns the config without the unknown
+/// keys, and an error for each of them.
+fn deserialize_collecting(
+    value: &mut serde_json::Value,
+) -> Result<(RawConfig, Vec<ConfigError>), ConfigErrors> {
     let mut errors = Vec::new();
     for _ in 0..100 {
         match serde_path_to_error::deserialize::<_, RawConfig>(&*value) {
-            Ok(raw) if errors.is_empty() => return Ok(raw),
-            Ok(_) => return Err(ConfigErrors(errors)),
+            Ok(raw) => return Ok((raw, errors)),
             Err(e) => {
                 let path = e.path().to_string();
                 let msg = e.inner().to_string();

@@ -1,0 +1,241 @@
+//! The command line: `switchyard check` and `switchyard demo`, run as the real binary.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::time::timeout;
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run switchyard")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &std::path::Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("write");
+    p.to_str().expect("utf8").to_string()
+}
+
+#[test]
+fn check_reports_every_error_with_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "bad.toml",
+        r#"
+[proxy]
+listen = "127.0.0.1:8080"
+request_timeout = "30"
+colour = "blue"
+
+[[services]]
+name = "api"
+active = "red"
+blue  = { upstreams = ["127.0.0.1:3001", "x:y"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+
+[[services.rollback.triggers]]
+kind = "error_ratio"
+above = 0.05
+over = "1m"
+for = "2m"
+"#,
+    );
+    let out = switchyard(&["check", "--config", &file]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let all = format!("{stdout}{stderr}");
+    for expected in [
+        "proxy.colour: unknown key",
+        "proxy.request_timeout: invalid duration \"30\"",
+        "services[0].active: invalid color \"red\"",
+        "services[0].blue.upstreams[1]: invalid address \"x:y\"",
+        "services[0].rollback.triggers[0].kind: invalid trigger kind \"error_ratio\"",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert!(all.contains("5 problems"), "{all}");
+}
+
+#[test]
+fn check_accepts_a_good_file_and_prints_a_summary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "good.toml",
+        r#"
+[proxy]
+listen = "127.0.0.1:8080"
+
+[[services]]
+name = "api"
+path_prefix = "/api"
+blue  = { upstreams = ["127.0.0.1:3001", "127.0.0.1:3002"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "1m"
+for = "2m"
+"#,
+    );
+    let out = switchyard(&["check", "--config", &file]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+    assert!(stdout.contains("services: 1"), "{stdout}");
+    assert!(stdout.contains("api"), "{stdout}");
+    assert!(stdout.contains("127.0.0.1:3002"), "{stdout}");
+    assert!(stdout.contains("error_rate"), "{stdout}");
+}
+
+#[test]
+fn check_of_a_missing_file_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nope.toml");
+    let missing = missing.to_str().expect("utf8");
+    let out = switchyard(&["check", "--config", missing]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+    assert!(stderr.contains(missing), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["check", "--no-such-flag"][..],
+        &["no-such-command"][..],
+        &[][..],
+        &["serve", "--config"][..],
+    ] {
+        let out = switchyard(args);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stdout}\n{stderr}");
+        assert!(!stderr.is_empty(), "{args:?}: usage error says nothing");
+    }
+}
+
+#[test]
+fn shipped_config_passes_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");
+    let out = switchyard(&["check", "--config", path]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("services: 2"), "{stdout}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A GET that reports any failure as None.
+async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use http_body_util::{BodyExt, Full};
+    let stream = timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(bytes::Bytes::new()))
+        .ok()?;
+    let resp = timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test]
+async fn demo_serves_and_flips_with_nothing_else_installed() {
+    let (pp, ap, vp) = (free_port(), free_port(), free_port());
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "demo",
+            "--listen",
+            &proxy.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--preview",
+            &preview.to_string(),
+            "--token",
+            "demo-token",
+            "--no-traffic",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+
+    let result = async {
+        let up = eventually(20, || async {
+            try_get(proxy, "/api/x").await == Some((200, "blue\n".to_string()))
+        })
+        .await;
+        if !up {
+            return Err("the demo proxy never answered blue".to_string());
+        }
+        if try_get(preview, "/api/x").await != Some((200, "green\n".to_string())) {
+            return Err("the preview listener does not serve the idle color".to_string());
+        }
+        let (s, v) = admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some("demo-token"),
+            Some(json!({"to": "green"})),
+        )
+        .await;
+        if s != 200 {
+            return Err(format!("flip answered {s}: {v}"));
+        }
+        match try_get(proxy, "/api/x").await {
+            Some((200, b)) if b == "green\n" => Ok(()),
+            other => Err(format!("after the flip: {other:?}")),
+        }
+    }
+    .await;
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -1,0 +1,1107 @@
+//! End-to-end tests of the core: a proxy that serves, flips per request and remembers its color.
+//!
+//! Everything runs on 127.0.0.1 with ephemeral ports; every wait is bounded.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+// ---------------------------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A request body fed chunk by chunk from a channel: no Content-Length, sent chunked.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// One HTTP/1.1 client connection (keep-alive) to `addr`.
+async fn connect<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Sends a GET on an existing connection; Err on any transport failure.
+async fn get_on(
+    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let req = Request::get(path)
+        .header("host", "example.test")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    timeout(Duration::from_secs(10), send.ready())
+        .await
+        .map_err(|_| "ready timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let resp = timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .map_err(|_| "request timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A GET that also returns the response headers.
+async fn get_with_headers(addr: SocketAddr, path: &str) -> (u16, HeaderMap, String) {
+    let mut send = connect::<Full<Bytes>>(addr).await;
+    let req = Request::get(path)
+        .header("host", "example.test")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = timeout(Duration::from_secs(20), send.send_request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A GET that reports a refused connection or any failure as None instead of panicking.
+async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let stream = timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "example.test")
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Writes raw request bytes, reads the whole response (the request must ask for
+/// `Connection: close`) and splits it into status, headers (lowercased names) and body.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("response timed out")
+        .expect("read");
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let raw_body = &buf[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(raw_body)
+    } else {
+        raw_body.to_vec()
+    };
+    (status, headers, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size_str = String::from_utf8_lossy(&b[..eol]);
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+            .expect("chunk size");
+        b = &b[eol + 2..];
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+    out
+}
+
+/// The value of header `name` in an /echo report's header list (all values, joined by "|").
+fn echoed(report: &Value, name: &str) -> Option<String> {
+    let vals: Vec<String> = report["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|p| p[0].as_str() == Some(name))
+        .filter_map(|p| p[1].as_str().map(str::to_string))
+        .collect();
+    (!vals.is_empty()).then(|| vals.join("|"))
+}
+
+fn health_extra(unhealthy_after: u32) -> String {
+    format!(
+        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = {unhealthy_after}\nhealthy_after = 1\n"
+    )
+}
+
+async fn color_healthy(p: &TestProxy, svc: &str, color: &str) -> Option<bool> {
+    p.service_status(svc).await["colors"][color]["healthy"].as_bool()
+}
+
+fn assert_error_body(status: u16, v: &Value, expected: u16) -> String {
+    assert_eq!(status, expected, "{v}");
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not a JSON object: {v}"));
+    let msg = obj
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no \"error\" string in {v}"));
+    assert!(!msg.is_empty());
+    msg.to_string()
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A `switchyard` child process that is killed when dropped.
+fn switchyard_cmd(args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    c.args(args)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+/// A config file for the binary: fixed free ports, state in `dir`, one service "api".
+fn binary_config(
+    dir: &std::path::Path,
+    proxy: u16,
+    admin: u16,
+    blue: SocketAddr,
+    green: SocketAddr,
+) -> std::path::PathBuf {
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [state]\npath = \"{}\"\n{}",
+        dir.join("state.json").display(),
+        service("api", &[blue], &[green], "")
+    );
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests reach the live color intact
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn request_reaches_live_color_intact_with_streamed_body() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+
+    // 8 MiB in 128 chunks of 64 KiB, produced while the request is in flight.
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 128;
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let producer = tokio::spawn(async move {
+        let mut h = FNV_INIT;
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..CHUNKS {
+            let mut chunk = vec![0u8; CHUNK];
+            for b in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            h = fnv(&chunk, h);
+            if tx.send(Bytes::from(chunk)).await.is_err() {
+                break;
+            }
+        }
+        h
+    });
+
+    let mut send = connect::<ChannelBody>(p.proxy).await;
+    let req = Request::builder()
+        .method("PUT")
+        .uri("/echo/deep/path?a=1&b=two%20words&c=")
+        .header("host", "example.test:8080")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("x-custom", "kept")
+        .header("content-type", "application/octet-stream")
+        .body(ChannelBody { rx })
+        .expect("request");
+    let resp = timeout(Duration::from_secs(30), send.send_request(req))
+        .await
+        .expect("timed out")
+        .expect("request failed");
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let sent_hash = producer.await.expect("producer");
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+
+    assert_eq!(v["upstream"], "blue", "{v}");
+    assert_eq!(v["method"], "PUT");
+    assert_eq!(v["path"], "/echo/deep/path");
+    assert_eq!(v["query"], "a=1&b=two%20words&c=");
+    assert_eq!(v["body_len"].as_u64(), Some((CHUNK * CHUNKS) as u64));
+    assert_eq!(v["body_fnv"].as_u64(), Some(sent_hash));
+    assert_eq!(echoed(&v, "host").as_deref(), Some("example.test:8080"));
+    assert_eq!(
+        echoed(&v, "x-forwarded-for").as_deref(),
+        Some("10.1.2.3, 127.0.0.1")
+    );
+    assert_eq!(echoed(&v, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        echoed(&v, "x-forwarded-host").as_deref(),
+        Some("example.test:8080")
+    );
+    assert_eq!(echoed(&v, "x-custom").as_deref(), Some("kept"));
+    assert_eq!(
+        echoed(&v, "content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    // The upstream's hop-by-hop response headers stay on its hop.
+    assert!(headers.get("x-upstream-hop").is_none(), "{headers:?}");
+    assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+    assert_eq!(
+        headers.get("content-type").map(|h| h.as_bytes()),
+        Some(&b"application/json"[..])
+    );
+    assert_eq!(green.hits(), 0);
+
+    // Without a prior X-Forwarded-For the client address is the whole value.
+    let (s, body) = request(p.proxy, "GET", "/echo", &[], Bytes::new()).await;
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echoed(&v, "x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_removed_both_ways_including_two_connection_lines() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+
+    let req = b"POST /echo/hop?x=1 HTTP/1.1\r\n\
+Host: example.test\r\n\
+Connection: x-one, close\r\n\
+Connection: X-Two\r\n\
+X-One: 1\r\n\
+X-Two: 2\r\n\
+X-Three: 3\r\n\
+Keep-Alive: timeout=5\r\n\
+Proxy-Connection: keep-alive\r\n\
+TE: gzip\r\n\
+X-Forwarded-For: 192.0.2.7\r\n\
+Content-Type: text/plain\r\n\
+Content-Length: 5\r\n\
+\r\n\
+hello";
+    let (status, headers, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/echo/hop");
+    assert_eq!(v["query"], "x=1");
+    assert_eq!(v["body_len"], 5);
+    assert_eq!(v["body_fnv"].as_u64(), Some(fnv(b"hello", FNV_INIT)));
+    // Named on the first and on the second Connection line: both gone.
+    for gone in [
+        "x-one",
+        "x-two",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "connection",
+    ] {
+        assert_eq!(echoed(&v, gone), None, "{gone} reached the upstream: {v}");
+    }
+    assert_eq!(echoed(&v, "x-three").as_deref(), Some("3"));
+    assert_eq!(echoed(&v, "host").as_deref(), Some("example.test"));
+    assert_eq!(
+        echoed(&v, "x-forwarded-for").as_deref(),
+        Some("192.0.2.7, 127.0.0.1")
+    );
+    assert_eq!(echoed(&v, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        echoed(&v, "x-forwarded-host").as_deref(),
+        Some("example.test")
+    );
+
+    // Response side: the upstream named x-upstream-hop in its Connection header and sent
+    // keep-alive; neither reaches the client.
+    let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(!names.contains(&"x-upstream-hop"), "{headers:?}");
+    assert!(!names.contains(&"keep-alive"), "{headers:?}");
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v.contains("x-upstream-hop")),
+        "{headers:?}"
+    );
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flip, flip-all, rollback and the admin API's errors
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn flip_flip_all_rollback_status_and_events() {
+    let (ab, ag) = (
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+    );
+    let (wb, wg) = (
+        TestUpstream::start("web-blue").await,
+        TestUpstream::start("web-green").await,
+    );
+    let body = format!(
+        "{}{}",
+        service("api", &[ab.addr], &[ag.addr], "path_prefix = \"/api\""),
+        service("web", &[wb.addr], &[wg.addr], "")
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(p.get("/api/x").await, (200, "api-blue\n".to_string()));
+    assert_eq!(p.get("/other").await, (200, "web-blue\n".to_string()));
+    let st = p.service_status("api").await;
+    assert_eq!(st["active"], "blue");
+    assert_eq!(st["previous"], Value::Null);
+    assert_eq!(st["generation"], 0);
+
+    // Flip one service.
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], true, "{v}");
+    assert_eq!(v["from"], "blue");
+    assert_eq!(v["to"], "green");
+    assert_eq!(v["generation"], 1);
+    assert_eq!(p.get("/api/x").await, (200, "api-green\n".to_string()));
+    assert_eq!(p.get("/other").await, (200, "web-blue\n".to_string()));
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (&st["active"], &st["previous"], &st["generation"]),
+        (&json!("green"), &json!("blue"), &json!(1))
+    );
+
+    // A flip to the live color: 200, nothing changes, and it says so.
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    assert_eq!(v["generation"], 1);
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("already"),
+        "{v}"
+    );
+    assert_eq!(p.service_status("api").await["generation"], 1);
+
+    // Flip every service in one step: web changes, api is already green.
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], true, "{v}");
+    let svcs = v["services"].as_array().expect("services");
+    assert_eq!(svcs.len(), 2, "{v}");
+    let api = svcs.iter().find(|x| x["service"] == "api").expect("api");
+    let web = svcs.iter().find(|x| x["service"] == "web").expect("web");
+    assert_eq!(api["changed"], false);
+    assert_eq!(web["changed"], true);
+    assert_eq!(web["generation"], 1);
+    assert_eq!(p.get("/other").await, (200, "web-green\n".to_string()));
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("already"),
+        "{v}"
+    );
+
+    // Flip-all back to blue: both change at once.
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "blue"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(p.get("/api/x").await, (200, "api-blue\n".to_string()));
+    assert_eq!(p.get("/other").await, (200, "web-blue\n".to_string()));
+    assert_eq!(p.service_status("api").await["generation"], 2);
+    assert_eq!(p.service_status("web").await["generation"], 2);
+
+    // Rollback: to the previous color (green), generation 3.
+    let (s, v) = admin_post(p.admin, "/api/services/api/rollback", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["to"], "green", "{v}");
+    assert_eq!(v["generation"], 3);
+    assert_eq!(p.get("/api/x").await, (200, "api-green\n".to_string()));
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (&st["active"], &st["previous"], &st["generation"]),
+        (&json!("green"), &json!("blue"), &json!(3))
+    );
+
+    // The audit log: api had blue->green (manual), green->blue (flip-all), then the rollback.
+    let events = p.events().await;
+    let api_events: Vec<&Value> = events.iter().filter(|e| e["service"] == "api").collect();
+    assert_eq!(api_events.len(), 3, "{events:?}");
+    let expect = [
+        ("blue", "green", "manual"),
+        ("green", "blue", "manual"),
+        ("blue", "green", "rollback"),
+    ];
+    for (e, (from, to, reason)) in api_events.iter().zip(expect) {
+        assert_eq!(e["from"], from, "{e}");
+        assert_eq!(e["to"], to, "{e}");
+        assert_eq!(e["reason"], reason, "{e}");
+        let time = e["time"].as_str().expect("time");
+        humantime::parse_rfc3339(time).unwrap_or_else(|err| panic!("time {time:?}: {err}"));
+        assert!(!e["actor"].as_str().unwrap_or("").is_empty(), "{e}");
+        assert!(!e["detail"].as_str().unwrap_or("").is_empty(), "{e}");
+    }
+    assert_eq!(
+        events.iter().filter(|e| e["service"] == "web").count(),
+        2,
+        "{events:?}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn admin_errors_have_their_codes_and_json_bodies() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = service("api", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&body).await;
+    let flip = "/api/services/api/flip";
+    let auth = format!("Bearer {TOKEN}");
+    let parse = |(s, b): (u16, String)| -> (u16, Value) {
+        (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+    };
+
+    // 400: bad JSON, bad color, missing "to".
+    let (s, v) = parse(
+        request(
+            p.admin,
+            "POST",
+            flip,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Bytes::from_static(b"{not json"),
+        )
+        .await,
+    );
+    assert_error_body(s, &v, 400);
+    let (s, v) = admin_post(p.admin, flip, Some(TOKEN), Some(json!({"to": "red"}))).await;
+    let m = assert_error_body(s, &v, 400);
+    assert!(m.contains("red"), "{m}");
+    let (s, v) = admin_post(p.admin, flip, Some(TOKEN), Some(json!({"force": true}))).await;
+    let m = assert_error_body(s, &v, 400);
+    assert!(m.contains("\"to\""), "{m}");
+    let (s, v) = admin_post(p.admin, "/api/flip", Some(TOKEN), Some(json!({}))).await;
+    assert_error_body(s, &v, 400);
+
+    // 401: missing token, wrong token.
+    let (s, v) = admin_post(p.admin, flip, None, Some(json!({"to": "green"}))).await;
+    assert_error_body(s, &v, 401);
+    let (s, v) = admin_post(
+        p.admin,
+        flip,
+        Some("wrong-token"),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_error_body(s, &v, 401);
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/flip",
+        Some("test-token-12"),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_error_body(s, &v, 401);
+
+    // 404: unknown service (flip and rollback).
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/nope/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    let m = assert_error_body(s, &v, 404);
+    assert!(m.contains("nope"), "{m}");
+    let (s, v) = admin_post(p.admin, "/api/services/nope/rollback", Some(TOKEN), None).await;
+    assert_error_body(s, &v, 404);
+
+    // 409: a rollback with no previous color is refused.
+    let (s, v) = admin_post(p.admin, "/api/services/api/rollback", Some(TOKEN), None).await;
+    assert_error_body(s, &v, 409);
+
+    // 415: a body that is not application/json.
+    let (s, v) = parse(
+        request(
+            p.admin,
+            "POST",
+            flip,
+            &[("authorization", &auth), ("content-type", "text/plain")],
+            Bytes::from_static(b"{\"to\":\"green\"}"),
+        )
+        .await,
+    );
+    assert_error_body(s, &v, 415);
+    let (s, v) = parse(
+        request(
+            p.admin,
+            "POST",
+            flip,
+            &[("authorization", &auth)],
+            Bytes::from_static(b"{\"to\":\"green\"}"),
+        )
+        .await,
+    );
+    assert_error_body(s, &v, 415);
+
+    // 405: GET on a POST endpoint.
+    for path in [flip, "/api/flip", "/api/services/api/rollback"] {
+        let (s, v) = admin_get(p.admin, path).await;
+        assert_error_body(s, &v, 405);
+    }
+
+    // None of it changed anything.
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (&st["active"], &st["generation"]),
+        (&json!("blue"), &json!(0))
+    );
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    p.stop().await;
+
+    // No token configured at all: every mutating call is refused, and says why.
+    let p = TestProxy::start_with(&body, None, None).await;
+    for token in [None, Some(TOKEN)] {
+        let (s, v) = admin_post(p.admin, flip, token, Some(json!({"to": "green"}))).await;
+        let m = assert_error_body(s, &v, 401);
+        assert!(m.contains("no admin token"), "{m}");
+        assert!(m.contains("SWITCHYARD_ADMIN_TOKEN"), "{m}");
+    }
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The color is chosen per request
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn keep_alive_connection_follows_the_flip() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let mut conn = connect::<Full<Bytes>>(p.proxy).await;
+    assert_eq!(get_on(&mut conn, "/x").await, Ok((200, "blue\n".into())));
+    assert_eq!(get_on(&mut conn, "/x").await, Ok((200, "blue\n".into())));
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    // The same connection: hyper's SendRequest is bound to it and errors if it closed.
+    assert_eq!(get_on(&mut conn, "/x").await, Ok((200, "green\n".into())));
+    let (s, v) = p.flip("api", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(get_on(&mut conn, "/x").await, Ok((200, "blue\n".into())));
+    assert_eq!(blue.hits(), 3);
+    assert_eq!(green.hits(), 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn request_in_flight_across_a_flip_finishes_on_the_old_color() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    blue.set_delay(1000);
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let addr = p.proxy;
+    let slow = tokio::spawn(async move { get(addr, "/slow").await });
+    assert!(
+        eventually(5, || async { blue.hits() == 1 }).await,
+        "the slow request never reached blue"
+    );
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    // While the slow one is still on blue, new requests already go to green.
+    assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    assert!(!slow.is_finished(), "the slow request finished too early");
+    let r = timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("slow request hung")
+        .expect("task");
+    assert_eq!(r, (200, "blue\n".to_string()));
+    assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    assert_eq!(blue.hits(), 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_keep_alive_clients_see_no_failures_across_20_flips() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let stop = stop.clone();
+        let addr = p.proxy;
+        clients.push(tokio::spawn(async move {
+            let mut conn = connect::<Full<Bytes>>(addr).await;
+            let (mut ok, mut bad, mut blues, mut greens) = (0usize, Vec::new(), 0usize, 0usize);
+            while !stop.load(Ordering::SeqCst) {
+                match get_on(&mut conn, "/x").await {
+                    Ok((200, b)) if b == "blue\n" => {
+                        ok += 1;
+                        blues += 1;
+                    }
+                    Ok((200, b)) if b == "green\n" => {
+                        ok += 1;
+                        greens += 1;
+                    }
+                    other => {
+                        bad.push(format!("{other:?}"));
+                        // A broken connection cannot be reused: open another to keep going.
+                        conn = connect::<Full<Bytes>>(addr).await;
+                    }
+                }
+            }
+            (ok, bad, blues, greens)
+        }));
+    }
+    // Let every client get going first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..20 {
+        let to = if i % 2 == 0 { "green" } else { "blue" };
+        let (s, v) = p.flip("api", to).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["changed"], true, "{v}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut bad, mut blues, mut greens) = (0, Vec::new(), 0, 0);
+    for c in clients {
+        let (o, b, bl, gr) = timeout(Duration::from_secs(20), c)
+            .await
+            .expect("client hung")
+            .expect("client task");
+        ok += o;
+        bad.extend(b);
+        blues += bl;
+        greens += gr;
+    }
+    assert!(bad.is_empty(), "{} failed requests: {:?}", bad.len(), bad);
+    assert!(ok >= 80, "only {ok} requests completed");
+    assert!(blues > 0 && greens > 0, "blue {blues}, green {greens}");
+    assert_eq!(blue.hits() + green.hits(), ok);
+    assert_eq!(p.service_status("api").await["generation"], 20);
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy's own answers
+// ---------------------------------------------------------------------------------------------
+
+fn assert_own_answer(status: u16, headers: &HeaderMap, body: &str, expected: u16, says: &str) {
+    assert_eq!(status, expected, "{body}");
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(ct.starts_with("text/plain"), "content-type {ct:?}");
+    assert!(body.len() < 120, "long body: {body:?}");
+    assert!(body.contains(says), "{body:?} should say {says:?}");
+    assert!(!body.contains("127.0.0.1"), "leaks an address: {body:?}");
+    assert!(!body.contains(':'), "may leak an address: {body:?}");
+}
+
+#[tokio::test]
+async fn proxy_answers_502_504_503_404() {
+    // 502: the live upstream refuses connections.
+    let dead = dead_addr().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[dead], &[green.addr], "")).await;
+    let (s, h, b) = get_with_headers(p.proxy, "/x").await;
+    assert_own_answer(s, &h, &b, 502, "upstream");
+    p.stop().await;
+
+    // 504: the upstream answers after request_timeout.
+    let blue = TestUpstream::start("blue").await;
+    blue.set_delay(3000);
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\nshutdown_grace = \"1s\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let started = std::time::Instant::now();
+    let (s, h, b) = get_with_headers(p.proxy, "/x").await;
+    assert_own_answer(s, &h, &b, 504, "timed out");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    p.stop().await;
+
+    // 503: every upstream of the live pool is unhealthy.
+    let blue = TestUpstream::start("blue").await;
+    blue.set_health(500);
+    let p = TestProxy::start(&service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        &health_extra(1),
+    ))
+    .await;
+    assert!(
+        eventually(5, || async {
+            color_healthy(&p, "api", "blue").await == Some(false)
+        })
+        .await,
+        "blue never became unhealthy"
+    );
+    let (s, h, b) = get_with_headers(p.proxy, "/x").await;
+    assert_own_answer(s, &h, &b, 503, "no healthy upstream");
+    assert_eq!(blue.hits(), 0);
+    // Healthy again: served again.
+    blue.set_health(200);
+    assert!(
+        eventually(5, || async {
+            p.get("/x").await == (200, "blue\n".to_string())
+        })
+        .await,
+        "blue never came back"
+    );
+    p.stop().await;
+
+    // 404: no service matches.
+    let p = TestProxy::start(&service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        "path_prefix = \"/api\"",
+    ))
+    .await;
+    let (s, h, b) = get_with_headers(p.proxy, "/other").await;
+    assert_own_answer(s, &h, &b, 404, "no service");
+    assert_eq!(p.get("/api/x").await, (200, "blue\n".to_string()));
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refused flips
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn flip_to_unhealthy_pool_is_refused_unless_forced() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    green.set_health(503);
+    let p = TestProxy::start(&service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        &health_extra(1),
+    ))
+    .await;
+    assert!(
+        eventually(5, || async {
+            color_healthy(&p, "api", "green").await == Some(false)
+        })
+        .await,
+        "green never became unhealthy"
+    );
+    let (s, v) = p.flip("api", "green").await;
+    let m = assert_error_body(s, &v, 409);
+    assert!(m.contains("no healthy upstream"), "{m}");
+    assert!(m.contains("force"), "{m}");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_error_body(s, &v, 409);
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    assert_eq!(p.service_status("api").await["generation"], 0);
+
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green", "force": true})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], true);
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (&st["active"], &st["generation"]),
+        (&json!("green"), &json!(1))
+    );
+    // The forced color is live: with no healthy upstream it answers 503, not blue.
+    assert_eq!(p.get("/x").await.0, 503);
+    let events = p.events().await;
+    let last = events.last().expect("an event");
+    assert!(
+        last["detail"].as_str().unwrap_or("").contains("forced"),
+        "{last}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn flip_with_failing_smoke_path_is_refused() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    green.set_health(500); // the test upstream answers /smoke with its health status
+    let p = TestProxy::start(&service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        "smoke_paths = [\"/smoke\"]",
+    ))
+    .await;
+    let (s, v) = p.flip("api", "green").await;
+    let m = assert_error_body(s, &v, 409);
+    assert!(m.contains("/smoke"), "{m}");
+    assert!(m.contains("500"), "{m}");
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    assert_eq!(p.service_status("api").await["generation"], 0);
+    assert!(green.health_hits.load(Ordering::SeqCst) >= 1);
+
+    green.set_health(200);
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The color survives restarts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn color_and_generation_survive_a_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = service("api", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&body).await;
+    assert_eq!(p.flip("api", "green").await.0, 200);
+    assert_eq!(p.flip("api", "blue").await.0, 200);
+    assert_eq!(p.flip("api", "green").await.0, 200);
+    assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    let dir = p.stop().await;
+
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (&st["active"], &st["previous"], &st["generation"]),
+        (&json!("green"), &json!("blue"), &json!(3))
+    );
+    // The generation goes on from where it was.
+    let (s, v) = p.flip("api", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 4);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_state_file_stops_startup_until_reset_state() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let state = dir.path().join("state.json");
+    std::fs::write(&state, b"{\"version\": 1, \"services\": {not json").expect("write");
+    let config_arg = config.to_str().expect("utf8 path");
+
+    let out = timeout(
+        Duration::from_secs(20),
+        switchyard_cmd(&["serve", "--config", config_arg]).output(),
+    )
+    .await
+    .expect("serve hung on a corrupt state file")
+    .expect("run switchyard");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&state.display().to_string()),
+        "names the file: {stderr}"
+    );
+    assert!(stderr.contains("--reset-state"), "{stderr}");
+    assert!(state.exists(), "the corrupt file must be left alone");
+
+    // --reset-state moves it aside and starts from the config's colors.
+    let mut child = switchyard_cmd(&["serve", "--config", config_arg, "--reset-state"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let up = eventually(15, || async {
+        try_get(proxy, "/x").await == Some((200, "blue\n".to_string()))
+    })
+    .await;
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    assert!(up, "switchyard did not serve after --reset-state");
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("corrupt"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file was not moved aside");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    blue.set_delay(1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "switchyard did not start"
+    );
+
+    let in_flight = tokio::spawn(async move { try_get(proxy, "/slow").await });
+    assert!(
+        eventually(5, || async { blue.hits() == 1 }).await,
+        "the request never reached blue"
+    );
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+
+    let r = timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("request hung")
+        .expect("task");
+    assert_eq!(r, Some((200, "blue\n".to_string())));
+    let status = timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("switchyard did not exit after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // And it no longer accepts connections.
+    assert_eq!(try_get(proxy, "/x").await, None);
+}
