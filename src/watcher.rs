@@ -58,7 +58,12 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             w.engine.reset();
             w.generation = gen;
         }
-        let measured = measure(svc, epoch);
+        // Only traffic of this live period counts: a failure recorded before the flip (the
+        // color's previous live period, or preview traffic while it was idle) is not the live
+        // color's traffic, and must not roll back a fresh flip. The epoch of the flip itself is
+        // included (1 s granularity), so no failure after the flip is ever missed.
+        let live_since = svc.flipped_at.map(|t| app.clock.epoch_at(t));
+        let measured = measure(svc, epoch, live_since);
         let target_healthy = svc
             .state
             .previous
@@ -86,6 +91,10 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                     Ok(Some(outcome)) => w.generation = outcome.generation,
                     Ok(None) => {}
                     Err(ChangeError::Refused(why)) => {
+                        // The target went unhealthy since this evaluation read it. The engine
+                        // latched `Rollback` and would stay silent until the next flip: start
+                        // it fresh so the rollback happens once the condition holds again.
+                        w.engine.reset();
                         app.record_decision(
                             svc.name(),
                             "rollback_blocked",
@@ -148,12 +157,23 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
     app.watch.store(Arc::new(reports));
 }
 
-/// The live color's numbers for each trigger, over that trigger's own window.
-fn measure(svc: &Service, epoch: u64) -> Vec<Measured> {
+/// Seconds of window to read at `epoch` for a trigger window `over`: at most the epochs since
+/// `live_since` (inclusive), at least one.
+fn window_secs(over: Duration, epoch: u64, live_since: Option<u64>) -> u64 {
+    let secs = over.as_secs().max(1);
+    match live_since {
+        Some(since) => secs.min(epoch.saturating_sub(since) + 1),
+        None => secs,
+    }
+}
+
+/// The live color's numbers for each trigger, over that trigger's own window (cut at
+/// `live_since`, the epoch the color went live, when known).
+fn measure(svc: &Service, epoch: u64, live_since: Option<u64>) -> Vec<Measured> {
     let pool = svc.live();
     let mut by_window: HashMap<u64, Summary> = HashMap::new();
     let mut summary = |over: Duration| -> Summary {
-        let secs = over.as_secs().max(1);
+        let secs = window_secs(over, epoch, live_since);
         by_window
             .entry(secs)
             .or_insert_with(|| {
@@ -186,7 +206,7 @@ fn measure(svc: &Service, epoch: u64) -> Vec<Measured> {
                 }
             }
             TriggerKind::Critical5xx { over, .. } => {
-                let secs = over.as_secs().max(1);
+                let secs = window_secs(*over, epoch, live_since);
                 let failures = pool
                     .critical
                     .iter()
@@ -217,4 +237,22 @@ fn fire_json(f: &Fire) -> serde_json::Value {
         "for_secs": f.for_.as_secs(),
         "requests": f.requests,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_is_cut_at_the_flip() {
+        let m = Duration::from_secs(60);
+        assert_eq!(window_secs(m, 100, None), 60);
+        assert_eq!(window_secs(Duration::ZERO, 100, None), 1);
+        // Flipped in epoch 95: epochs 95..=100.
+        assert_eq!(window_secs(m, 100, Some(95)), 6);
+        assert_eq!(window_secs(m, 100, Some(100)), 1);
+        assert_eq!(window_secs(m, 100, Some(10)), 60);
+        // A flip "after" now (clock skew between reads) still reads the current epoch.
+        assert_eq!(window_secs(m, 100, Some(101)), 1);
+    }
 }

@@ -1,0 +1,874 @@
+//! Automatic rollback end to end: a proxy with short trigger windows, flipped to green, with
+//! background traffic; each test breaks green (or blue) in one way and checks what the watcher
+//! does about it: events, metrics, `/api/status`, where traffic goes, and webhooks.
+
+mod common;
+use common::*;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Background traffic: ~50 requests a second through the proxy (one task per request, so a slow
+/// upstream does not slow the rate), counting the answers by body and status.
+struct Traffic {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    answers: Arc<Mutex<HashMap<(u16, String), usize>>>,
+}
+
+impl Traffic {
+    fn start(proxy: SocketAddr, path: &str) -> Traffic {
+        let stop = CancellationToken::new();
+        let answers = Arc::new(Mutex::new(HashMap::new()));
+        let (stop2, answers2, path) = (stop.clone(), answers.clone(), path.to_string());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut inflight = JoinSet::new();
+            let client = client();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop2.cancelled() => break,
+                }
+                while inflight.try_join_next().is_some() {}
+                let (client, answers, uri) = (
+                    client.clone(),
+                    answers2.clone(),
+                    format!("http://{proxy}{path}"),
+                );
+                inflight.spawn(async move {
+                    let req = http::Request::get(uri)
+                        .body(Full::new(Bytes::new()))
+                        .expect("request");
+                    let Ok(Ok(resp)) =
+                        tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+                    else {
+                        return;
+                    };
+                    let code = resp.status().as_u16();
+                    let body = match resp.into_body().collect().await {
+                        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+                        Err(_) => return,
+                    };
+                    if let Ok(mut a) = answers.lock() {
+                        *a.entry((code, body)).or_default() += 1;
+                    }
+                });
+            }
+            inflight.abort_all();
+        });
+        Traffic {
+            stop,
+            task,
+            answers,
+        }
+    }
+
+    /// Answers with this body so far.
+    fn count(&self, body: &str) -> usize {
+        self.answers
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|((_, b), _)| b == body)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// Blue and green upstreams and a proxy whose "api" service has the given rollback section (and
+/// other service keys), flipped to green. `head` goes before the service (e.g. `[notify]`).
+struct Rig {
+    blue: Arc<TestUpstream>,
+    green: Arc<TestUpstream>,
+    p: TestProxy,
+}
+
+impl Rig {
+    async fn start(head: &str, extra: &str) -> Rig {
+        let blue = TestUpstream::start("blue").await;
+        let green = TestUpstream::start("green").await;
+        let body = format!(
+            "{head}\n{}",
+            service("api", &[blue.addr], &[green.addr], extra)
+        );
+        let p = TestProxy::start(&body).await;
+        let r = Rig { blue, green, p };
+        // With health checks the pools may need a round of checks before a flip is allowed.
+        let flipped = eventually(10, || async {
+            let (s, _) = r.p.flip("api", "green").await;
+            s == 200
+        })
+        .await;
+        assert!(flipped, "flip to green refused: {}", r.p.status().await);
+        assert_eq!(r.p.get("/x").await, (200, "green\n".to_string()));
+        r
+    }
+
+    fn drive(&self) -> Traffic {
+        Traffic::start(self.p.proxy, "/x")
+    }
+
+    async fn svc(&self) -> Value {
+        self.p.service_status("api").await
+    }
+
+    async fn events(&self, reason: &str) -> Vec<Value> {
+        self.p
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    }
+
+    /// Waits (bounded) for the first event with this reason.
+    async fn wait_event(&self, reason: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut found = None;
+        while tokio::time::Instant::now() < deadline {
+            found = self.events(reason).await.into_iter().next();
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match found {
+            Some(e) => e,
+            None => panic!(
+                "no {reason} event within {secs}s; events: {:?}; status: {}",
+                self.p.events().await,
+                self.svc().await
+            ),
+        }
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        metric(&get(self.p.admin, "/metrics").await.1, name, labels)
+    }
+
+    async fn trigger_state(&self, i: usize) -> Value {
+        self.svc().await["triggers"][i].clone()
+    }
+}
+
+/// The value of the sample `name` with exactly these labels, in a text exposition.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split('}').next()) else {
+                return labels.is_empty() && rest.starts_with(' ');
+            };
+            inner.split(',').filter(|p| !p.is_empty()).count() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| inner.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `[services.rollback]` with a 10-minute watch and these triggers (TOML bodies without the
+/// `[[services.rollback.triggers]]` header).
+fn rollback(min_requests: u64, dry_run: bool, triggers: &[&str]) -> String {
+    let mut s = format!(
+        "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = {min_requests}\ndry_run = {dry_run}\n"
+    );
+    for t in triggers {
+        s += &format!("[[services.rollback.triggers]]\n{t}\n");
+    }
+    s
+}
+
+const HEALTH: &str = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+const ERROR_RATE: &str = "kind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"1s\"";
+
+/// How long the tests watch for something that must NOT happen: several evaluations (the
+/// watcher evaluates every 500 ms) past every `for` involved.
+const QUIET: Duration = Duration::from_millis(3000);
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_rate_rolls_back_once_and_never_flips_forward() {
+    let r = Rig::start("", &rollback(10, false, &[ERROR_RATE])).await;
+    assert_eq!(r.svc().await["armed"], true);
+    r.green.set_status(500);
+    let t = r.drive();
+
+    let ev = r.wait_event("auto_rollback", 15).await;
+    assert_eq!(ev["from"], "green", "{ev}");
+    assert_eq!(ev["to"], "blue", "{ev}");
+    let detail = ev["detail"].as_str().expect("detail");
+    for part in [
+        "error_rate",
+        "> 0.5",
+        "over 5s",
+        "for 1s",
+        "requests in window",
+    ] {
+        assert!(detail.contains(part), "detail {detail:?} lacks {part:?}");
+    }
+    let tr = &ev["trigger"];
+    assert_eq!(tr["kind"], "error_rate", "{ev}");
+    assert_eq!(tr["threshold"].as_f64(), Some(0.5), "{ev}");
+    assert_eq!(tr["over_secs"], 5, "{ev}");
+    assert_eq!(tr["for_secs"], 1, "{ev}");
+    let n = tr["requests"].as_u64().expect("requests");
+    assert!(n >= 10, "{ev}");
+    assert!(
+        detail.contains(&format!("({n} requests in window)")),
+        "{ev}"
+    );
+    // Every green request in the window failed but the rig's one check before the traffic.
+    // (It may have left the 5 s window already on a slow machine.)
+    let v = tr["value"].as_f64().expect("value");
+    assert!(
+        (v - (n - 1) as f64 / n as f64).abs() < 1e-9 || v == 1.0,
+        "{ev}"
+    );
+
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "blue", "{svc}");
+    assert_eq!(svc["previous"], "green", "{svc}");
+    assert_eq!(svc["failed_color"], "green", "{svc}");
+    assert_eq!(svc["armed"], false, "{svc}");
+    let generation = svc["generation"].as_u64().expect("generation");
+    assert_eq!(
+        r.metric(
+            "switchyard_flips_total",
+            &[("service", "api"), ("reason", "auto_rollback")]
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(r.p.get("/x").await, (200, "blue\n".to_string()));
+
+    // Traffic now goes to blue, and green gets nothing more. Then blue fails too: the engine
+    // must not flip "back" to green (no automatic flip ever goes forward).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let green_hits = r.green.hits();
+    let blue_answers = t.count("blue");
+    r.blue.set_status(500);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        r.green.hits(),
+        green_hits,
+        "green got traffic after the rollback"
+    );
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "blue", "{svc}");
+    assert_eq!(svc["generation"].as_u64(), Some(generation), "{svc}");
+    assert_eq!(r.events("auto_rollback").await.len(), 1);
+    assert!(
+        t.count("blue") > blue_answers + 20,
+        "traffic kept flowing to blue"
+    );
+    assert_eq!(
+        r.metric(
+            "switchyard_flips_total",
+            &[("service", "api"), ("reason", "auto_rollback")]
+        )
+        .await,
+        Some(1.0)
+    );
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_green_rolls_back_on_p95_latency() {
+    let trigger = "kind = \"p95_latency\"\nabove = \"200ms\"\nover = \"5s\"\nfor = \"1s\"";
+    let r = Rig::start("", &rollback(10, false, &[ERROR_RATE, trigger])).await;
+    r.green.set_delay(300);
+    let t = r.drive();
+    let ev = r.wait_event("auto_rollback", 15).await;
+    let tr = &ev["trigger"];
+    assert_eq!(tr["kind"], "p95_latency", "{ev}");
+    assert_eq!(tr["threshold"].as_f64(), Some(0.2), "{ev}");
+    let v = tr["value"].as_f64().expect("value");
+    assert!(v >= 0.3 * 0.965, "measured p95 {v}s below the 300 ms delay");
+    let detail = ev["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("p95_latency ") && detail.contains("> 200ms"),
+        "{detail}"
+    );
+    assert_eq!(r.svc().await["active"], "blue");
+    assert_eq!(r.p.get("/x").await, (200, "blue\n".to_string()));
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_5xx_on_a_critical_path_rolls_back_at_once() {
+    let critical =
+        "kind = \"critical_5xx\"\npaths = [\"/api/payments\"]\nabove = 0\nover = \"30s\"\nfor = \"0s\"";
+    // A lenient error_rate trigger too, which this traffic never trips.
+    let lenient = "kind = \"error_rate\"\nabove = 0.9\nover = \"5s\"\nfor = \"1s\"";
+    let r = Rig::start("", &rollback(10, false, &[lenient, critical])).await;
+    for _ in 0..20 {
+        assert_eq!(r.p.get("/api/orders").await.0, 200);
+    }
+    // 5xx elsewhere is not critical.
+    r.green.set_status(500);
+    for _ in 0..2 {
+        assert_eq!(r.p.get("/api/orders").await.0, 500);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(r.svc().await["active"], "green");
+    assert!(r.events("auto_rollback").await.is_empty());
+
+    // One failing payment.
+    assert_eq!(r.p.get("/api/payments/charge").await.0, 500);
+    r.green.set_status(200);
+    let started = tokio::time::Instant::now();
+    let ev = r.wait_event("auto_rollback", 5).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "for = 0s must fire at the next evaluation, took {:?}",
+        started.elapsed()
+    );
+    let tr = &ev["trigger"];
+    assert_eq!(tr["kind"], "critical_5xx", "{ev}");
+    assert_eq!(tr["value"].as_f64(), Some(1.0), "{ev}");
+    assert_eq!(tr["threshold"].as_f64(), Some(0.0), "{ev}");
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("/api/payments")),
+        "{ev}"
+    );
+    assert_eq!(r.svc().await["active"], "blue");
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_green_rolls_back() {
+    let unhealthy = "kind = \"unhealthy\"\nfor = \"500ms\"";
+    let r = Rig::start(
+        "",
+        &format!("{HEALTH}{}", rollback(10, false, &[ERROR_RATE, unhealthy])),
+    )
+    .await;
+    let t = r.drive();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(r.svc().await["active"], "green", "healthy green stays live");
+    r.green.set_health(503);
+    let ev = r.wait_event("auto_rollback", 10).await;
+    let tr = &ev["trigger"];
+    assert_eq!(tr["kind"], "unhealthy", "{ev}");
+    assert_eq!(tr["value"].as_f64(), Some(0.0), "{ev}");
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("0 of 1 live upstreams healthy")),
+        "{ev}"
+    );
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "blue", "{svc}");
+    assert_eq!(svc["colors"]["green"]["healthy"], false, "{svc}");
+    assert_eq!(r.p.get("/x").await, (200, "blue\n".to_string()));
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_blue_blocks_the_rollback_once_until_it_heals() {
+    let r = Rig::start(
+        "",
+        &format!("{HEALTH}{}", rollback(10, false, &[ERROR_RATE])),
+    )
+    .await;
+    r.blue.set_health(503);
+    assert!(
+        eventually(5, || async {
+            r.svc().await["colors"]["blue"]["healthy"] == false
+        })
+        .await,
+        "blue never went unhealthy"
+    );
+    r.green.set_status(500);
+    let t = r.drive();
+
+    let ev = r.wait_event("rollback_blocked", 15).await;
+    assert_eq!(ev["from"], "green", "{ev}");
+    assert_eq!(ev["to"], "blue", "{ev}");
+    assert_eq!(ev["trigger"]["kind"], "error_rate", "{ev}");
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not rolled back")),
+        "{ev}"
+    );
+    // Several evaluations later: still blocked, still one event for the episode.
+    tokio::time::sleep(QUIET).await;
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    assert_eq!(svc["rollback_blocked"], true, "{svc}");
+    assert_eq!(r.events("rollback_blocked").await.len(), 1);
+    assert!(r.events("auto_rollback").await.is_empty());
+    assert_eq!(
+        r.metric("switchyard_rollback_blocked", &[("service", "api")])
+            .await,
+        Some(1.0)
+    );
+
+    // Blue heals: the rollback happens, without another blocked event.
+    r.blue.set_health(200);
+    let ev = r.wait_event("auto_rollback", 10).await;
+    assert_eq!(ev["to"], "blue", "{ev}");
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "blue", "{svc}");
+    assert_eq!(svc["rollback_blocked"], false, "{svc}");
+    assert_eq!(r.events("rollback_blocked").await.len(), 1);
+    assert_eq!(r.p.get("/x").await, (200, "blue\n".to_string()));
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_traffic_with_404s_and_jitter_never_rolls_back() {
+    let p95 = "kind = \"p95_latency\"\nabove = \"200ms\"\nover = \"5s\"\nfor = \"1s\"";
+    let critical =
+        "kind = \"critical_5xx\"\npaths = [\"/x\"]\nabove = 0\nover = \"30s\"\nfor = \"0s\"";
+    let unhealthy = "kind = \"unhealthy\"\nfor = \"500ms\"";
+    let strict_rate = "kind = \"error_rate\"\nabove = 0.01\nover = \"5s\"\nfor = \"1s\"";
+    let r = Rig::start(
+        "",
+        &format!(
+            "{HEALTH}{}",
+            rollback(10, false, &[strict_rate, p95, critical, unhealthy])
+        ),
+    )
+    .await;
+    let t = r.drive();
+    // Jitter: latency and status change every 100 ms; half the time green answers 404.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(4000);
+    let mut i = 0u64;
+    while tokio::time::Instant::now() < deadline {
+        r.green.set_delay([0, 30, 5, 80, 10][(i % 5) as usize]);
+        r.green.set_status(if i % 2 == 0 { 404 } else { 200 });
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    assert_eq!(svc["armed"], true, "{svc}");
+    // The triggers were evaluated with enough data, and nothing breached.
+    for (i, kind) in ["error_rate", "p95_latency", "critical_5xx", "unhealthy"]
+        .iter()
+        .enumerate()
+    {
+        let st = &svc["triggers"][i];
+        assert_eq!(st["kind"], *kind, "{svc}");
+        assert_eq!(st["state"], "ok", "{svc}");
+    }
+    assert_eq!(svc["triggers"][0]["value"].as_f64(), Some(0.0), "{svc}");
+    assert!(t.count("green") > 50, "too little traffic to mean anything");
+    for reason in ["auto_rollback", "rollback_blocked", "would_rollback"] {
+        assert!(r.events(reason).await.is_empty(), "{reason} event");
+    }
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_and_resume_rolls_back() {
+    let r = Rig::start("", &rollback(10, false, &[ERROR_RATE])).await;
+    assert_eq!(
+        r.metric("switchyard_rollback_armed", &[("service", "api")])
+            .await,
+        Some(1.0)
+    );
+    let (s, v) = admin_post(r.p.admin, "/api/services/api/pause", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    // Without the token: refused.
+    let (s, _) = admin_post(r.p.admin, "/api/services/api/resume", None, None).await;
+    assert_eq!(s, 401);
+    let svc = r.svc().await;
+    assert_eq!(svc["paused"], true, "{svc}");
+    assert_eq!(svc["armed"], false, "{svc}");
+    assert_eq!(
+        r.metric("switchyard_rollback_armed", &[("service", "api")])
+            .await,
+        Some(0.0)
+    );
+
+    r.green.set_status(500);
+    let t = r.drive();
+    // Well past the `for`: still green, but the breach is tracked.
+    tokio::time::sleep(QUIET).await;
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    assert!(r.events("auto_rollback").await.is_empty());
+    assert_eq!(svc["triggers"][0]["state"], "breaching", "{svc}");
+    assert!(
+        svc["triggers"][0]["held_secs"]
+            .as_f64()
+            .is_some_and(|h| h >= 1.0),
+        "{svc}"
+    );
+
+    let (s, v) = admin_post(r.p.admin, "/api/services/api/resume", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    // The condition held all along: the next evaluation fires.
+    let started = tokio::time::Instant::now();
+    let ev = r.wait_event("auto_rollback", 5).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ev["trigger"]["kind"], "error_rate");
+    assert_eq!(r.svc().await["active"], "blue");
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_records_would_rollback_once_and_does_not_flip() {
+    let r = Rig::start("", &rollback(10, true, &[ERROR_RATE])).await;
+    r.green.set_status(500);
+    let t = r.drive();
+    let ev = r.wait_event("would_rollback", 15).await;
+    assert_eq!(ev["from"], "green", "{ev}");
+    assert_eq!(ev["to"], "blue", "{ev}");
+    assert_eq!(ev["trigger"]["kind"], "error_rate", "{ev}");
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("dry run: error_rate")),
+        "{ev}"
+    );
+    tokio::time::sleep(QUIET).await;
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    assert_eq!(svc["dry_run"], true, "{svc}");
+    assert_eq!(r.events("would_rollback").await.len(), 1);
+    assert!(r.events("auto_rollback").await.is_empty());
+    assert_eq!(
+        r.metric(
+            "switchyard_flips_total",
+            &[("service", "api"), ("reason", "auto_rollback")]
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(r.p.get("/x").await.1, "green\n");
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_states_in_status() {
+    let slow_rate = "kind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"2s\"";
+    let r = Rig::start("", &rollback(10, false, &[slow_rate])).await;
+    // One request so far (the rig's check): below min_requests.
+    assert!(
+        eventually(5, || async {
+            r.trigger_state(0).await["state"] == "insufficient_data"
+        })
+        .await,
+        "{}",
+        r.svc().await
+    );
+    for _ in 0..3 {
+        r.p.get("/x").await;
+    }
+    assert!(
+        eventually(5, || async { r.trigger_state(0).await["requests"] == 4 }).await,
+        "{}",
+        r.svc().await
+    );
+    let st = r.trigger_state(0).await;
+    assert_eq!(st["state"], "insufficient_data", "{st}");
+    assert_eq!(st["kind"], "error_rate", "{st}");
+    assert_eq!(st["threshold"].as_f64(), Some(0.5), "{st}");
+    assert_eq!(st["value"], Value::Null, "{st}");
+
+    r.green.set_status(500);
+    let t = r.drive();
+    assert!(
+        eventually(5, || async {
+            r.trigger_state(0).await["state"] == "breaching"
+        })
+        .await,
+        "{}",
+        r.svc().await
+    );
+    let st = r.trigger_state(0).await;
+    assert!(
+        st["since"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{st}"
+    );
+    assert!(st["value"].as_f64().is_some_and(|v| v > 0.5), "{st}");
+    assert!(st["requests"].as_u64().is_some_and(|n| n >= 10), "{st}");
+    assert_eq!(r.svc().await["active"], "green");
+
+    r.wait_event("auto_rollback", 10).await;
+    assert!(
+        eventually(3, || async { r.trigger_state(0).await["state"] == "fired" }).await,
+        "{}",
+        r.svc().await
+    );
+    let st = r.trigger_state(0).await;
+    assert!(st["value"].as_f64().is_some_and(|v| v > 0.5), "{st}");
+    assert!(st["since"].is_string(), "{st}");
+    t.stop().await;
+    r.p.stop().await;
+}
+
+/// A webhook receiver: records every JSON body POSTed to it.
+struct Receiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Value>>>,
+    stop: CancellationToken,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (got2, stop2) = (got.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop2.cancelled() => return,
+                };
+                let got = got2.clone();
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let got = got.clone();
+                    async move {
+                        let ok = req.method() == http::Method::POST
+                            && req
+                                .headers()
+                                .get(http::header::CONTENT_TYPE)
+                                .is_some_and(|v| v == "application/json");
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        if let (true, Ok(b)) = (ok, body) {
+                            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                                got.lock().expect("lock").push(v);
+                            }
+                        }
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver { addr, got, stop }
+    }
+
+    fn reasons(&self) -> Vec<String> {
+        self.got
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|v| v["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_get_flips_and_rollbacks_and_a_dead_one_blocks_nothing() {
+    let recv = Receiver::start().await;
+    let dead = dead_addr().await;
+    let head = format!(
+        "[notify]\nwebhooks = [\"http://{dead}/hook\", \"http://{}/hook\"]\ntimeout = \"200ms\"\nmax_attempts = 2\n",
+        recv.addr
+    );
+    let started = tokio::time::Instant::now();
+    let r = Rig::start(&head, &rollback(10, false, &[ERROR_RATE])).await;
+    // The flip to green answered promptly although one receiver is dead.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(5, || async {
+            recv.reasons().contains(&"manual".to_string())
+        })
+        .await,
+        "receiver got {:?}",
+        recv.reasons()
+    );
+    {
+        let got = recv.got.lock().expect("lock");
+        let manual = got
+            .iter()
+            .find(|v| v["reason"] == "manual")
+            .expect("manual");
+        assert_eq!(manual["service"], "api");
+        assert_eq!(manual["from"], "blue");
+        assert_eq!(manual["to"], "green");
+        assert!(manual["time"].is_string() && manual["actor"].is_string());
+    }
+    // Flips keep answering promptly while the dead receiver's deliveries are retried.
+    for to in ["blue", "green"] {
+        let t0 = tokio::time::Instant::now();
+        let (s, v) = r.p.flip("api", to).await;
+        assert_eq!(s, 200, "{v}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    r.green.set_status(500);
+    let t = r.drive();
+    r.wait_event("auto_rollback", 15).await;
+    assert!(
+        eventually(5, || async {
+            recv.reasons().contains(&"auto_rollback".to_string())
+        })
+        .await,
+        "receiver got {:?}",
+        recv.reasons()
+    );
+    {
+        let got = recv.got.lock().expect("lock");
+        let ev = got
+            .iter()
+            .find(|v| v["reason"] == "auto_rollback")
+            .expect("auto_rollback");
+        assert_eq!(ev["to"], "blue");
+        assert_eq!(ev["trigger"]["kind"], "error_rate");
+    }
+    assert_eq!(
+        recv.reasons().iter().filter(|r| *r == "manual").count(),
+        3,
+        "{:?}",
+        recv.reasons()
+    );
+    assert!(
+        eventually(5, || async {
+            r.metric("switchyard_webhook_failures_total", &[])
+                .await
+                .is_some_and(|v| v >= 1.0)
+        })
+        .await,
+        "the dead webhook's failures were never counted"
+    );
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_flip_rearms_and_failures_from_before_it_do_not_count() {
+    let critical =
+        "kind = \"critical_5xx\"\npaths = [\"/api/payments\"]\nabove = 0\nover = \"30s\"\nfor = \"0s\"";
+    let r = Rig::start("", &rollback(10, false, &[ERROR_RATE, critical])).await;
+    r.green.set_status(500);
+    assert_eq!(r.p.get("/api/payments").await.0, 500);
+    r.green.set_status(200);
+    r.wait_event("auto_rollback", 5).await;
+    assert_eq!(r.svc().await["failed_color"], "green");
+    // Windows have 1 s slots: let the failure's second pass before flipping again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The operator fixed green and flips to it again: armed again, with a clean slate. The
+    // payment that failed before this flip is still inside the 30 s window of green's traffic,
+    // but it was not traffic of this live period and must not roll back again.
+    let (s, v) = r.p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let svc = r.svc().await;
+    assert_eq!(svc["armed"], true, "{svc}");
+    assert_eq!(svc["failed_color"], Value::Null, "{svc}");
+    let t = r.drive();
+    tokio::time::sleep(QUIET).await;
+    let svc = r.svc().await;
+    assert_eq!(
+        svc["active"], "green",
+        "rolled back again on stale failures: {svc}"
+    );
+    assert_eq!(r.events("auto_rollback").await.len(), 1);
+    assert_eq!(svc["triggers"][1]["state"], "ok", "{svc}");
+
+    // A new failure in this live period does roll back (a new episode).
+    r.green.set_status(500);
+    assert_eq!(r.p.get("/api/payments").await.0, 500);
+    r.green.set_status(200);
+    assert!(
+        eventually(5, || async { r.events("auto_rollback").await.len() == 2 }).await,
+        "{:?}",
+        r.p.events().await
+    );
+    assert_eq!(r.svc().await["active"], "blue");
+    assert_eq!(
+        r.metric(
+            "switchyard_flips_total",
+            &[("service", "api"), ("reason", "auto_rollback")]
+        )
+        .await,
+        Some(2.0)
+    );
+    t.stop().await;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_fires_after_watch_for() {
+    let section = format!(
+        "[services.rollback]\nwatch_for = \"1s\"\nmin_requests = 10\n[[services.rollback.triggers]]\n{ERROR_RATE}\n"
+    );
+    let r = Rig::start("", &section).await;
+    assert!(
+        eventually(5, || async { r.svc().await["armed"] == false }).await,
+        "{}",
+        r.svc().await
+    );
+    assert_eq!(
+        r.metric("switchyard_rollback_armed", &[("service", "api")])
+            .await,
+        Some(0.0)
+    );
+    r.green.set_status(500);
+    let t = r.drive();
+    tokio::time::sleep(QUIET).await;
+    let svc = r.svc().await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    // The breach is tracked and shown, but the service is no longer armed.
+    assert_eq!(svc["triggers"][0]["state"], "breaching", "{svc}");
+    assert!(r.events("auto_rollback").await.is_empty());
+    t.stop().await;
+    r.p.stop().await;
+}
