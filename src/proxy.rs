@@ -1,25 +1,33 @@
 //! The request path, top to bottom:
 //!
-//! 1. validate the request (Host, CONNECT) and take the host and path;
+//! 1. validate the request (Host, CONNECT, message framing) and take the host and path;
 //! 2. load the routing snapshot once, match the service, pick the color (live, or idle on the
 //!    preview listener) and a healthy upstream of that pool (power of two choices);
 //! 3. rewrite headers (hop-by-hop out, `X-Forwarded-*` in, `Host` unchanged);
-//! 4. forward with the pooled client, bounded by `request_timeout` until response headers;
-//! 5. record the outcome (window stats, counters, critical paths) and stream the response back.
+//! 4. forward with the pooled client, bounded by `request_timeout` until response headers; the
+//!    request body streams through [`RequestBody`], which ends it after `body_idle_timeout`
+//!    without a frame;
+//! 5. check the response framing, record the outcome (window stats, counters, critical paths)
+//!    and stream the response back.
 //!
 //! The color is chosen here, per request: a flip affects the next request on every keep-alive
 //! connection, while requests already past step 2 finish on the color they started on.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
 use crate::config::Protocol;
@@ -60,16 +68,23 @@ pub async fn handle(
     if req.method() == Method::CONNECT {
         return text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
     }
+    if let Err(msg) = check_framing(req.headers()) {
+        return text(StatusCode::BAD_REQUEST, msg);
+    }
     let (host, host_value) = match request_host(&req) {
         Ok(h) => h,
         Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
     };
 
     // 2. Route: one snapshot load for every decision.
-    let (svc, request_timeout) = {
+    let (svc, request_timeout, body_idle_timeout) = {
         let snap = app.routes.load();
         match snap.route(host.as_deref(), req.uri().path()) {
-            Some(s) => (s.clone(), snap.config.proxy.request_timeout),
+            Some(s) => (
+                s.clone(),
+                snap.config.proxy.request_timeout,
+                snap.config.proxy.body_idle_timeout,
+            ),
             None => {
                 app.metrics.unmatched_requests_total.inc();
                 return text(StatusCode::NOT_FOUND, "no service matches this request\n");
@@ -132,6 +147,7 @@ pub async fn handle(
     };
 
     // 4. Forward.
+    let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
     let client = app.clients.for_protocol(pool.protocol);
     let in_flight = up.begin();
     let result = tokio::time::timeout(request_timeout, client.request(req)).await;
@@ -154,6 +170,18 @@ pub async fn handle(
             return text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
         }
         Ok(Err(e)) => {
+            // The client's side of the body failed: not the upstream's fault, not a failure.
+            match client_body_error(&e) {
+                Some(BodyError::Idle) => {
+                    record(app, pool, &up, path, elapsed, 408, None);
+                    return text(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
+                }
+                Some(BodyError::Client(_)) => {
+                    record(app, pool, &up, path, elapsed, 400, None);
+                    return text(StatusCode::BAD_REQUEST, "request body was not received\n");
+                }
+                None => {}
+            }
             let (kind, msg) = if e.is_connect() {
                 (FailureKind::Connect, "upstream connection failed\n")
             } else {
@@ -165,6 +193,11 @@ pub async fn handle(
         }
         Ok(Ok(resp)) => resp,
     };
+    if check_framing(resp.headers()).is_err() {
+        // Ambiguous framing (Content-Length with Transfer-Encoding): never pass it on.
+        record(app, pool, &up, path, elapsed, 502, Some(FailureKind::Reset));
+        return text(StatusCode::BAD_GATEWAY, "upstream sent no valid response\n");
+    }
     let status = resp.status();
     let failure = status.is_server_error().then_some(FailureKind::Status5xx);
     record(app, pool, &up, path, elapsed, status.as_u16(), failure);
@@ -180,6 +213,28 @@ pub async fn handle(
     }
     strip_hop_by_hop(resp.headers_mut());
     resp.map(Either::Left)
+}
+
+/// Message framing a proxy must not guess at (request smuggling): Transfer-Encoding together
+/// with Content-Length, or any Transfer-Encoding but one plain `chunked`. hyper itself rejects
+/// differing Content-Lengths, a final coding other than chunked, obs-fold, NUL and lone CR; it
+/// accepts these, and an upstream might read them differently. HTTP/2 carries neither header.
+fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(first) = te.next() else {
+        return Ok(());
+    };
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err("both Content-Length and Transfer-Encoding\n");
+    }
+    let plain_chunked = first
+        .to_str()
+        .map(|v| v.trim().eq_ignore_ascii_case("chunked"))
+        .unwrap_or(false);
+    if !plain_chunked || te.next().is_some() {
+        return Err("unsupported Transfer-Encoding\n");
+    }
+    Ok(())
 }
 
 /// The request's host without port, and the raw value for `X-Forwarded-Host`.
@@ -376,6 +431,107 @@ fn tunnel(
     let mut resp = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     resp
+}
+
+/// The request body on its way upstream: the client's body, ended with an error when no frame
+/// arrives for `idle` (a slow or stalled upload), so the upstream sees an aborted body instead
+/// of holding the request open. The timer is allocated only once the body first waits.
+pub struct RequestBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the timer runs for the current wait (reset after every frame).
+    waiting: bool,
+}
+
+/// Why a request body ended early.
+#[derive(Debug)]
+pub enum BodyError {
+    /// No frame for `body_idle_timeout`.
+    Idle,
+    /// The client's stream failed (reset, closed, malformed chunk).
+    Client(hyper::Error),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Idle => f.write_str("request body idle timeout"),
+            BodyError::Client(e) => write!(f, "request body failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Idle => None,
+            BodyError::Client(e) => Some(e),
+        }
+    }
+}
+
+impl RequestBody {
+    /// `idle` zero turns the timeout off.
+    pub fn new(inner: Incoming, idle: Duration) -> RequestBody {
+        RequestBody {
+            inner,
+            idle,
+            timer: None,
+            waiting: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|r| r.map_err(BodyError::Client)));
+        }
+        if this.idle.is_zero() {
+            return Poll::Pending;
+        }
+        let deadline = Instant::now() + this.idle;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !this.waiting {
+            timer.as_mut().reset(deadline);
+            this.waiting = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The [`BodyError`] behind a client error, when the request failed on the client's side.
+fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<BodyError>() {
+            return Some(b);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// The proxy's own short plain-text answers. They never name internal addresses.

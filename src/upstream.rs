@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::Authority;
 use http_body_util::Empty;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -16,6 +15,7 @@ use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::config::{Color, Protocol, ProxyConfig, ServiceConfig};
 use crate::metrics::Metrics;
+use crate::proxy::RequestBody;
 use crate::routing::CriticalPaths;
 use crate::stats::Window;
 
@@ -242,8 +242,8 @@ impl Pool {
 /// The HTTP clients toward upstreams: pooled keep-alive, TCP_NODELAY, connect timeout.
 #[derive(Clone)]
 pub struct Clients {
-    pub http1: Client<HttpConnector, Incoming>,
-    pub h2: Client<HttpConnector, Incoming>,
+    pub http1: Client<HttpConnector, RequestBody>,
+    pub h2: Client<HttpConnector, RequestBody>,
     /// Health checks and smoke tests.
     pub probe: Client<HttpConnector, Empty<Bytes>>,
 }
@@ -277,7 +277,7 @@ impl Clients {
         Clients { http1, h2, probe }
     }
 
-    pub fn for_protocol(&self, p: Protocol) -> &Client<HttpConnector, Incoming> {
+    pub fn for_protocol(&self, p: Protocol) -> &Client<HttpConnector, RequestBody> {
         match p {
             Protocol::Http1 => &self.http1,
             Protocol::H2 => &self.h2,

@@ -1,0 +1,444 @@
+//! Hostile input on the proxy listener (raw sockets) and broken answers from upstreams. Every
+//! malformed request must be refused by the proxy itself: the upstream never sees it.
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PROXY: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nrequest_timeout = \"10s\"\nbody_idle_timeout = \"1s\"\n";
+
+/// The proxy with short timeouts (header_read_timeout 1s unless `extra_proxy` sets it).
+async fn start(blue: SocketAddr, extra_proxy: &str) -> TestProxy {
+    let green = dead_addr().await;
+    let hrt = if extra_proxy.contains("header_read_timeout") {
+        ""
+    } else {
+        "header_read_timeout = \"1s\"\n"
+    };
+    TestProxy::start(&format!(
+        "{PROXY}{hrt}{extra_proxy}{}",
+        service("api", &[blue], &[green], "")
+    ))
+    .await
+}
+
+/// Reads until the peer closes or `quiet` passes without a byte.
+async fn read_all(s: &mut TcpStream, quiet: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(quiet, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Err(_) => break false,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Sends raw bytes, returns the status line.
+async fn raw(addr: SocketAddr, data: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(data).await.expect("write");
+    let (text, _) = read_all(&mut s, Duration::from_millis(500)).await;
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400_and_never_reach_the_upstream() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let cases: &[(&str, &[u8])] = &[
+        ("two Content-Lengths", b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        ("Content-Length list", b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\nhello!"),
+        ("TE xchunked", b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"),
+        ("TE chunked, chunked", b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"),
+        ("TE gzip, chunked", b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        ("TE on two lines", b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("TE folded onto the next line", b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n"),
+        ("space before the colon", b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
+        ("TE in HTTP/1.0", b"POST /echo HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("obs-fold", b"GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n"),
+        ("NUL in a value", b"GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\0c\r\n\r\n"),
+        ("lone CR in a value", b"GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\rc\r\n\r\n"),
+        ("missing Host", b"GET /echo HTTP/1.1\r\n\r\n"),
+        ("two Hosts", b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ("bad Host", b"GET /echo HTTP/1.1\r\nHost: a b\r\n\r\n"),
+    ];
+    for (name, data) in cases {
+        let status = raw(p.proxy, data).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "{name}: got {status:?}");
+    }
+    assert_eq!(blue.hits(), 0, "a malformed request reached the upstream");
+    // The same connection handling still serves a well-formed request (and chunked bodies).
+    let ok = raw(
+        p.proxy,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok:?}");
+    assert_eq!(blue.hits(), 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_are_431() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "max_header_bytes = 16384\n").await;
+    let mut many = b"GET /echo HTTP/1.1\r\nHost: a\r\n".to_vec();
+    for i in 0..101 {
+        many.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let status = raw(p.proxy, &many).await;
+    assert!(
+        status.starts_with("HTTP/1.1 431"),
+        "101 headers: {status:?}"
+    );
+    let mut big = b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 40_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let status = raw(p.proxy, &big).await;
+    assert!(
+        status.starts_with("HTTP/1.1 431"),
+        "40 kB header: {status:?}"
+    );
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_is_closed_at_the_header_read_timeout() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let head = b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let began = tokio::time::Instant::now();
+    let mut closed = false;
+    for b in head.iter() {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        // A read that returns (EOF or a 408) means the proxy gave up on us.
+        let mut buf = [0u8; 256];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            let _ = r;
+            closed = true;
+            break;
+        }
+    }
+    let took = began.elapsed();
+    assert!(closed, "the proxy waited for the whole trickled head");
+    assert!(
+        took < Duration::from_secs(4),
+        "closed only after {took:?} (header_read_timeout is 1s)"
+    );
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
+/// An upstream that records how each request body ended.
+async fn body_recorder() -> (SocketAddr, Arc<Mutex<Vec<Result<usize, String>>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let r = match req.into_body().collect().await {
+                                Ok(b) => Ok(b.to_bytes().len()),
+                                Err(e) => Err(e.to_string()),
+                            };
+                            seen.lock().expect("lock").push(r);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from_static(b"done\n")),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_ended_at_the_body_idle_timeout() {
+    let (up, seen) = body_recorder().await;
+    let p = start(up, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    // Keep sending a byte now and then, but slower than body_idle_timeout (1s)... once.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(b"a").await.expect("write");
+    let (text, _) = tokio::time::timeout(
+        Duration::from_secs(6),
+        read_all(&mut s, Duration::from_secs(5)),
+    )
+    .await
+    .expect("the proxy kept the stalled request open");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+    let ok = eventually(3, || async { !seen.lock().expect("lock").is_empty() }).await;
+    assert!(ok, "the upstream never saw the request end");
+    let first = seen.lock().expect("lock")[0].clone();
+    assert!(first.is_err(), "the upstream saw a clean body: {first:?}");
+    // Not an upstream failure: the client was slow.
+    let st = p.service_status("api").await;
+    let up0 = &st["colors"]["blue"]["upstreams"][0];
+    assert_eq!(up0["error_rate"].as_f64(), Some(0.0), "{st}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_steady_slow_body_is_not_cut() {
+    let (up, seen) = body_recorder().await;
+    let p = start(up, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    // 6 bytes over 1.8s: longer than the idle timeout in total, never idle that long.
+    for b in b"abcdef" {
+        s.write_all(&[*b]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (text, _) = read_all(&mut s, Duration::from_secs(3)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert_eq!(seen.lock().expect("lock").first().cloned(), Some(Ok(6)));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn max_connections_holds_the_next_connection_until_one_closes() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(
+        blue.addr,
+        "max_connections = 2\nheader_read_timeout = \"10s\"\n",
+    )
+    .await;
+    let req = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(req).await.expect("write");
+        let (text, _) = read_all(&mut s, Duration::from_millis(300)).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        open.push(s);
+    }
+    let mut third = TcpStream::connect(p.proxy).await.expect("connect");
+    third.write_all(req).await.expect("write");
+    let (text, _) = read_all(&mut third, Duration::from_millis(500)).await;
+    assert_eq!(
+        text, "",
+        "a third connection was served past max_connections = 2"
+    );
+    drop(open.pop());
+    let (text, _) = read_all(&mut third, Duration::from_millis(1500)).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "not served once a slot freed: {text:?}"
+    );
+    assert_eq!(blue.hits(), 3);
+    p.stop().await;
+}
+
+/// An upstream that answers every request with `answer` and closes.
+async fn canned(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                h.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test]
+async fn ambiguous_upstream_framing_is_502() {
+    for (name, answer) in [
+        (
+            "CL+TE",
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "two CLs",
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"[..],
+        ),
+    ] {
+        let (up, hits) = canned(answer).await;
+        let p = start(up, "").await;
+        let (status, body) = p.get("/x").await;
+        assert_eq!(status, 502, "{name}: {body}");
+        assert!(!body.contains("127.0.0.1"), "{name} leaks an address: {body}");
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "{name}");
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_upstream_body_aborts_the_client_response() {
+    let (up, _) =
+        canned(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly twenty bytes...").await;
+    let p = start(up, "").await;
+    let req = http::Request::builder()
+        .uri(format!("http://{}/x", p.proxy))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("req");
+    let resp = tokio::time::timeout(Duration::from_secs(5), client().request(req))
+        .await
+        .expect("timeout")
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the client was left waiting for the rest of the body");
+    assert!(
+        body.is_err(),
+        "a cut-short body looked complete to the client"
+    );
+
+    // Chunked toward an HTTP/1.1 client that cannot see a length: the last chunk never comes.
+    let (up, _) =
+        canned(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").await;
+    let p2 = start(up, "").await;
+    let mut s = TcpStream::connect(p2.proxy).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (text, closed) = read_all(&mut s, Duration::from_secs(3)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(closed, "connection left open after a broken body");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "the proxy completed a broken body: {text:?}"
+    );
+    p.stop().await;
+    p2.stop().await;
+}
+
+/// hyper resolves Content-Length + Transfer-Encoding (either order) the way RFC 9112 6.3 allows:
+/// chunked wins, Content-Length is dropped before the proxy sees the request, and the connection
+/// is closed after the response. The proxy cannot answer 400 (the header is gone), but nothing
+/// can be smuggled: the upstream gets one request framed one way, and bytes after the chunked
+/// body are never read as a second request.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle() {
+    for (name, head) in [
+        (
+            "CL then TE",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        ),
+        (
+            "TE then CL",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        ),
+    ] {
+        let blue = TestUpstream::start("blue").await;
+        let p = start(blue.addr, "").await;
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        let data = format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\n{head}\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        s.write_all(data.as_bytes()).await.expect("write");
+        let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{name}: {text:?}");
+        assert!(
+            text.contains("\"body_len\":3"),
+            "{name}: framed by length: {text:?}"
+        );
+        assert!(
+            !text
+                .to_ascii_lowercase()
+                .contains("\"content-length\",\"5\""),
+            "{name}: {text:?}"
+        );
+        assert!(
+            closed,
+            "{name}: connection kept open after an ambiguous request"
+        );
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{name}: {text:?}");
+        assert_eq!(
+            blue.hits(),
+            1,
+            "{name}: the smuggled request reached the upstream"
+        );
+        p.stop().await;
+    }
+}
+
+/// hyper (httparse) accepts a bare LF as a line end, as RFC 9112 2.2 permits a recipient to. The
+/// request is re-serialized with CRLF toward the upstream, so it is read one way only.
+#[tokio::test]
+async fn bare_lf_heads_are_reserialized_not_passed_through() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /echo HTTP/1.1\nHost: a\nX-A: b\nConnection: close\n\n")
+        .await
+        .expect("write");
+    let (text, _) = read_all(&mut s, Duration::from_secs(2)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    let headers = blue.last_headers.lock().expect("lock").clone();
+    assert!(
+        headers.contains(&("x-a".to_string(), "b".to_string())),
+        "{headers:?}"
+    );
+    assert_eq!(blue.hits(), 1);
+    p.stop().await;
+}
+
+/// hyper's header_read_timeout also bounds the wait for the next request on an idle keep-alive
+/// connection.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_the_header_read_timeout() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (text, closed) = read_all(&mut s, Duration::from_secs(4)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(
+        closed,
+        "idle keep-alive connection outlived header_read_timeout (1s)"
+    );
+    p.stop().await;
+}
