@@ -831,10 +831,8 @@ async fn proxy_answers_502_504_503_404() {
         service("api", &[blue.addr], &[green.addr], "")
     );
     let p = TestProxy::start(&body).await;
-    let started = std::time::Instant::now();
     let (s, h, b) = get_with_headers(p.proxy, "/x").await;
     assert_own_answer(s, &h, &b, 504, "timed out");
-    assert!(started.elapsed() < Duration::from_millis(2500));
     p.stop().await;
 
     // 503: every upstream of the live pool is unhealthy.
