@@ -146,7 +146,7 @@ impl Metrics {
             window_error_ratio: fgauge_vec(
                 &r,
                 WINDOW_ERROR_RATIO,
-                "Failed / all requests over the status window (NaN-free: absent without traffic).",
+                "Failed / all requests over the status window (0 without traffic: see switchyard_window_requests).",
                 &["service", "color"],
             ),
             window_latency_p95: fgauge_vec(
