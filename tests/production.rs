@@ -1,0 +1,777 @@
+//! Production traffic end to end: TLS with ALPN and certificate reload, h2c and h2 upstreams
+//! with trailers, upgrades, admin hardening, reloads, and zero failed requests while flipping,
+//! reloading and shutting down.
+mod common;
+use common::*;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(10);
+
+fn header_of(echo: &Value, name: &str) -> Option<String> {
+    echo["headers"]
+        .as_array()?
+        .iter()
+        .find_map(|p| (p[0].as_str()? == name).then(|| p[1].as_str().unwrap_or("").to_string()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+struct Cert {
+    cert: PathBuf,
+    key: PathBuf,
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+fn make_cert(dir: &Path, name: &str) -> Cert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+    Cert {
+        cert,
+        key,
+        der: ck.cert.der().clone(),
+    }
+}
+
+fn tls_head(c: &Cert) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nshutdown_grace = \"2s\"\n",
+        c.cert.display(),
+        c.key.display()
+    )
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn tls_connect(addr: SocketAddr, trust: &[&Cert], alpn: &[u8]) -> Tls {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in trust {
+        roots.add(c.der.clone()).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(T, connector.connect(name, tcp))
+        .await
+        .expect("handshake timed out")
+        .expect("handshake")
+}
+
+async fn send<B>(sender: &mut B, req: Request<Empty<Bytes>>) -> (u16, String)
+where
+    B: SendReq,
+{
+    let resp = tokio::time::timeout(T, sender.send(req))
+        .await
+        .expect("timeout")
+        .expect("request");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+trait SendReq {
+    fn send(
+        &mut self,
+        req: Request<Empty<Bytes>>,
+    ) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>>;
+}
+impl SendReq for hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    fn send(
+        &mut self,
+        req: Request<Empty<Bytes>>,
+    ) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>> {
+        self.send_request(req)
+    }
+}
+impl SendReq for hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    fn send(
+        &mut self,
+        req: Request<Empty<Bytes>>,
+    ) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>> {
+        self.send_request(req)
+    }
+}
+
+async fn h1<I>(io: I) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn);
+    s
+}
+
+async fn h2<I>(io: I) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    s
+}
+
+fn get_req(path: &str, h2: bool) -> Request<Empty<Bytes>> {
+    let b = Request::builder();
+    let b = if h2 {
+        b.uri(format!("https://localhost{path}"))
+            .version(http::Version::HTTP_2)
+    } else {
+        b.uri(path).header("host", "localhost")
+    };
+    b.body(Empty::new()).expect("req")
+}
+
+#[tokio::test]
+async fn tls_serves_http1_and_h2_by_alpn_with_forwarded_proto_https() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "{}{}",
+        tls_head(&c),
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let tls_addr = p
+        .running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("tls addr");
+
+    let io = tls_connect(tls_addr, &[&c], b"http/1.1").await;
+    assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut s = h1(io).await;
+    let (status, body) = send(&mut s, get_req("/echo", false)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(header_of(&v, "x-forwarded-proto").as_deref(), Some("https"));
+
+    let io = tls_connect(tls_addr, &[&c], b"h2").await;
+    assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut s = h2(io).await;
+    let (status, body) = send(&mut s, get_req("/echo", true)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(header_of(&v, "x-forwarded-proto").as_deref(), Some("https"));
+    assert_eq!(header_of(&v, "host").as_deref(), Some("localhost"));
+
+    // The plain listener says http.
+    let (_, body) = p.get("/echo").await;
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(header_of(&v, "x-forwarded-proto").as_deref(), Some("http"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_certificate_or_key_is_a_startup_error_naming_the_key() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let good = make_cert(certs.path(), "good");
+    let garbage = certs.path().join("garbage.key");
+    std::fs::write(&garbage, "not a key\n").expect("write");
+    let other = make_cert(certs.path(), "other");
+    for (name, cert, key, want) in [
+        (
+            "missing cert",
+            certs.path().join("nope.crt"),
+            good.key.clone(),
+            "proxy.tls_cert",
+        ),
+        (
+            "garbage key",
+            good.cert.clone(),
+            garbage.clone(),
+            "proxy.tls_key",
+        ),
+        (
+            "mismatched pair",
+            good.cert.clone(),
+            other.key.clone(),
+            "proxy.tls_cert",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}",
+            cert.display(),
+            key.display(),
+            service("api", &[dead_addr().await], &[dead_addr().await], "")
+        );
+        let text = full_config(&body, dir.path());
+        let err = match switchyard::config::from_toml_str_with_env(&text, Some(Default::default()))
+        {
+            Err(e) => e.to_string(),
+            Ok(cfg) => {
+                let r = switchyard::server::start(
+                    cfg,
+                    switchyard::server::Options {
+                        config_path: None,
+                        store: switchyard::state::StateStore::file(dir.path().join("s.json")),
+                        admin_token: None,
+                    },
+                )
+                .await;
+                match r {
+                    Ok(running) => {
+                        running.shutdown().await;
+                        panic!("{name}: started with a bad certificate");
+                    }
+                    Err(e) => format!("{e:#}"),
+                }
+            }
+        };
+        assert!(err.contains(want), "{name}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn reload_swaps_the_certificate_without_dropping_open_connections() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let a = make_cert(certs.path(), "a");
+    let b = make_cert(certs.path(), "b");
+    let svc = service("api", &[blue.addr], &[green], "");
+    let p = TestProxy::start(&format!("{}{svc}", tls_head(&a))).await;
+    let tls_addr = p
+        .running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("tls addr");
+
+    let io = tls_connect(tls_addr, &[&a, &b], b"http/1.1").await;
+    let served = io.get_ref().1.peer_certificates().map(|c| c[0].clone());
+    assert_eq!(served.as_ref(), Some(&a.der));
+    let mut old = h1(io).await;
+    assert_eq!(send(&mut old, get_req("/x", false)).await.0, 200);
+
+    let dir = p.dir.as_ref().expect("dir").path().to_path_buf();
+    std::fs::write(
+        &p.config_path,
+        full_config(&format!("{}{svc}", tls_head(&b)), &dir),
+    )
+    .expect("write config");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+
+    // The open connection keeps working; new handshakes get the new certificate.
+    assert_eq!(send(&mut old, get_req("/x", false)).await.0, 200);
+    let io = tls_connect(tls_addr, &[&a, &b], b"http/1.1").await;
+    let served = io.get_ref().1.peer_certificates().map(|c| c[0].clone());
+    assert_eq!(
+        served.as_ref(),
+        Some(&b.der),
+        "still serving the old certificate"
+    );
+
+    // A reload with a broken key pair is refused and keeps serving the current one.
+    let bad = certs.path().join("bad.key");
+    std::fs::write(&bad, "nope\n").expect("write");
+    let broken = Cert {
+        cert: b.cert.clone(),
+        key: bad,
+        der: b.der.clone(),
+    };
+    std::fs::write(
+        &p.config_path,
+        full_config(&format!("{}{svc}", tls_head(&broken)), &dir),
+    )
+    .expect("write config");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("proxy.tls"), "{v}");
+    let io = tls_connect(tls_addr, &[&a, &b], b"http/1.1").await;
+    let mut s2 = h1(io).await;
+    assert_eq!(send(&mut s2, get_req("/x", false)).await.0, 200);
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2
+
+#[tokio::test]
+async fn h2c_prior_knowledge_on_the_plain_listener() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut s = h2(tcp).await;
+    for _ in 0..3 {
+        let req = Request::builder()
+            .uri(format!("http://api.local:{}/echo", p.proxy.port()))
+            .body(Empty::new())
+            .expect("req");
+        let (status, body) = send(&mut s, req).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["version"], "HTTP/1.1", "toward an http1 pool: {v}");
+        assert_eq!(
+            header_of(&v, "host").as_deref(),
+            Some(&*format!("api.local:{}", p.proxy.port()))
+        );
+    }
+    assert_eq!(blue.hits(), 3);
+    p.stop().await;
+}
+
+/// One data frame, then trailers: what a gRPC server sends.
+struct Trailed(Option<Bytes>, Option<HeaderMap>);
+impl http_body::Body for Trailed {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(d) = self.0.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.1.take().map(|t| Ok(Frame::trailers(t))))
+    }
+}
+
+/// An h2c-only upstream that answers with trailers and reports the version and `te` it saw.
+async fn grpc_like_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let te = req.headers().get("te").map(|v| v.as_bytes().to_vec());
+                let body = format!(
+                    "{:?} te={}",
+                    req.version(),
+                    String::from_utf8_lossy(&te.unwrap_or_default())
+                );
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                trailers.insert("grpc-message", HeaderValue::from_static("fine"));
+                let mut r = Response::new(Trailed(Some(Bytes::from(body)), Some(trailers)));
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/grpc"));
+                Ok::<_, Infallible>(r)
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn h2_upstream_pool_passes_trailers_end_to_end() {
+    let up = grpc_like_upstream().await;
+    let p = TestProxy::start(&format!(
+        "\n[[services]]\nname = \"grpc\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\n",
+        dead_addr().await
+    ))
+    .await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut s = h2(tcp).await;
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://grpc.local:{}/pkg.Svc/Call", p.proxy.port()))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(Empty::new())
+        .expect("req");
+    let resp = tokio::time::timeout(T, s.send_request(req))
+        .await
+        .expect("timeout")
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let collected = tokio::time::timeout(T, resp.into_body().collect())
+        .await
+        .expect("timeout")
+        .expect("body");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the client got no trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    assert_eq!(
+        trailers.get("grpc-message").map(|v| v.as_bytes()),
+        Some(&b"fine"[..])
+    );
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    assert_eq!(body, "HTTP/2.0 te=trailers", "the upstream saw: {body}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn h2_streams_past_the_limit_wait_instead_of_running() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nh2_max_concurrent_streams = 4\nshutdown_grace = \"2s\"\n{}",
+        service("api", &[blue.addr], &[dead_addr().await], "")
+    ))
+    .await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut s = h2(tcp).await;
+    let port = p.proxy.port();
+    let req = || {
+        Request::builder()
+            .uri(format!("http://a:{port}/x"))
+            .body(Empty::new())
+            .expect("req")
+    };
+    // One request first, so the client has the server's SETTINGS before the burst.
+    assert_eq!(send(&mut s, req()).await.0, 200);
+    blue.set_delay(300);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let mut s = s.clone();
+        let r = req();
+        tasks.spawn(async move {
+            match s.send_request(r).await {
+                Ok(r) => r.status().as_u16(),
+                Err(e) => {
+                    eprintln!("stream failed: {e:?}");
+                    0
+                }
+            }
+        });
+    }
+    let app = p.app().clone();
+    let mut peak = 0;
+    let mut ok = 0;
+    let deadline = tokio::time::Instant::now() + T;
+    while !tasks.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "streams did not finish"
+        );
+        let snap = app.snapshot();
+        let live: usize = snap.upstreams().map(|(_, _, u)| u.outstanding()).sum();
+        peak = peak.max(live);
+        if let Ok(Some(r)) =
+            tokio::time::timeout(Duration::from_millis(20), tasks.join_next()).await
+        {
+            if r.expect("task") == 200 {
+                ok += 1;
+            }
+        }
+    }
+    assert_eq!(ok, 12, "every stream past the limit still completes");
+    assert!(
+        peak <= 4,
+        "{peak} streams ran at once with h2_max_concurrent_streams = 4"
+    );
+    assert!(peak >= 2, "the burst never ran concurrently (peak {peak})");
+    assert_eq!(blue.hits(), 13);
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrades
+
+/// Answers 101 to upgrade requests (and to `/force101` whatever was asked), then echoes every
+/// chunk back prefixed with its name.
+async fn ws_upstream(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let h = h.clone();
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                h.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let asked = req.headers().get("upgrade").is_some();
+                    if !asked && req.uri().path() != "/force101" {
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                            format!("{name} plain\n"),
+                        ))));
+                    }
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(up) = on.await else { return };
+                        let mut io = TokioIo::new(up);
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = io.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            let mut out = format!("{name}:").into_bytes();
+                            out.extend_from_slice(&buf[..n]);
+                            if io.write_all(&out).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    r.headers_mut()
+                        .insert("connection", HeaderValue::from_static("upgrade"));
+                    r.headers_mut()
+                        .insert("upgrade", HeaderValue::from_static("websocket"));
+                    Ok(r)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades(),
+            );
+        }
+    });
+    (addr, hits)
+}
+
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(T, s.read(&mut b))
+            .await
+            .expect("timeout")
+        {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+async fn roundtrip(s: &mut TcpStream, msg: &str) -> String {
+    s.write_all(msg.as_bytes()).await.expect("write");
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(T, s.read(&mut buf))
+        .await
+        .expect("timeout")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn websocket_tunnels_stay_on_their_color_and_only_when_asked() {
+    let (blue, _) = ws_upstream("blue").await;
+    let (green, green_hits) = ws_upstream("green").await;
+    let p = TestProxy::start(&service("api", &[blue], &[green], "")).await;
+
+    let mut ws = TcpStream::connect(p.proxy).await.expect("connect");
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut ws).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head:?}"
+    );
+    assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
+
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(p.get("/x").await, (200, "green plain\n".to_string()));
+    assert_eq!(
+        roundtrip(&mut ws, "two").await,
+        "blue:two",
+        "the tunnel moved"
+    );
+    assert_eq!(roundtrip(&mut ws, "three").await, "blue:three");
+    assert_eq!(
+        green_hits.load(Ordering::SeqCst),
+        1,
+        "only the plain request went to green"
+    );
+
+    // An upstream that switches protocols unasked is a broken response.
+    let (s, body) = p.get("/force101").await;
+    assert_eq!(s, 502, "{body}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn upgrade_h2c_is_stripped_and_connect_is_405() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    let seen = blue.last_headers.lock().expect("lock").clone();
+    for (k, _) in &seen {
+        assert!(
+            !matches!(k.as_str(), "upgrade" | "connection" | "http2-settings"),
+            "{k} reached the upstream: {seen:?}"
+        );
+    }
+    let mut c = TcpStream::connect(p.proxy).await.expect("connect");
+    c.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head:?}");
+    assert_eq!(blue.hits(), 1);
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin hardening
+
+#[tokio::test]
+async fn admin_checks_host_and_methods() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let evil = [("host", "evil.example")];
+    let (s, b) = request(p.admin, "GET", "/api/status", &evil, Bytes::new()).await;
+    assert_eq!(s, 403, "{b}");
+    let (s, b) = request(p.admin, "POST", "/api/flip", &evil, Bytes::new()).await;
+    assert_eq!(s, 403, "{b}");
+    for host in ["localhost:9090", "127.0.0.1", "[::1]:9090"] {
+        let (s, b) = request(
+            p.admin,
+            "GET",
+            "/api/status",
+            &[("host", host)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(s, 200, "{host}: {b}");
+    }
+    for path in ["/metrics", "/healthz"] {
+        let (s, b) = request(p.admin, "GET", path, &evil, Bytes::new()).await;
+        assert_eq!(s, 200, "{path}: {b}");
+    }
+    for (m, path) in [
+        ("DELETE", "/api/status"),
+        ("GET", "/api/reload"),
+        ("GET", "/api/flip"),
+        ("PUT", "/api/services/api/flip"),
+    ] {
+        let (s, b) = request(p.admin, m, path, &[], Bytes::new()).await;
+        assert_eq!(s, 405, "{m} {path}: {b}");
+    }
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload
+
+fn upstream_requests(svc: &Value, color: &str, addr: SocketAddr) -> Option<u64> {
+    svc["colors"][color]["upstreams"]
+        .as_array()?
+        .iter()
+        .find(|u| u["addr"] == addr.to_string())?["requests"]
+        .as_u64()
+}
+
+#[tokio::test]
+async fn reload_keeps_colors_generations_and_stats_and_refuses_bad_files() {
+    let b1 = TestUpstream::start("b1").await;
+    let g1 = TestUpstream::start("g1").await;
+    let g2 = TestUpstream::start("g2").await;
+    let p = TestProxy::start(&service("api", &[b1.addr], &[g1.addr], "")).await;
+    let dir = p.dir.as_ref().expect("dir").path().to_path_buf();
+    assert_eq!(p.flip("api", "green").await.0, 200);
+    for _ in 0..5 {
+        assert_eq!(p.get("/x").await, (200, "g1\n".to_string()));
+    }
+    let before = p.service_status("api").await;
+    assert_eq!(
+        upstream_requests(&before, "green", g1.addr),
+        Some(5),
+        "{before}"
+    );
+
+    std::fs::write(
+        &p.config_path,
+        full_config(&service("api", &[b1.addr], &[g1.addr, g2.addr], ""), &dir),
+    )
+    .expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["restart_required"], serde_json::json!([]), "{v}");
+    let after = p.service_status("api").await;
+    assert_eq!(after["active"], "green", "{after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(
+        upstream_requests(&after, "green", g1.addr),
+        Some(5),
+        "{after}"
+    );
+    assert_eq!(
+        upstream_requests(&after, "green", g2.addr),
+        Some(0),
+        "{after}"
+    );
+
+    // Invalid: every error reported, nothing changed.
+    let bad = format!(
+        "{}\nbogus_key = 1\n",
+        service("api", &[b1.addr], &[g1.addr], "").replace(&g1.addr.to_string(), "x:y")
+    );
+    std::fs::write(&p.config_path, full_config(&bad, &dir)).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 400, "{v}");
+    let errors = v["errors"].as_array().cloned().unwrap_or_default();
+    assert!(errors.len() >= 2, "{v}");
+    let all = v.to_string();
+    assert!(all.contains("bogus_key") && all.contains("x:y"), "{v}");
+    let same = p.service_status("api").await;
+    assert_eq!(
+        upstream_requests(&same, "green", g2.addr),
+        Some(0),
+        "{same}"
+    );
+    assert_eq!(same["active"], "green");
+
+    // A new listen address takes a restart, and says so.
+    let moved = full_config(&service("api", &[b1.addr], &[g1.addr, g2.addr], ""), &dir).replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:1\"",
+        1,
+    );
+    std::fs::write(&p.config_path, moved).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["restart_required"],
+        serde_json::json!(["proxy.listen"]),
+        "{v}"
+    );
+    assert_eq!(p.get("/x").await.0, 200, "still serving on the old address");
+    p.stop().await;
+}
