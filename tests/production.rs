@@ -775,3 +775,223 @@ async fn reload_keeps_colors_generations_and_stats_and_refuses_bad_files() {
     assert_eq!(p.get("/x").await.0, 200, "still serving on the old address");
     p.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Zero-error changes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_fails_while_flipping_and_reloading() {
+    let b1 = TestUpstream::start("b1").await;
+    let b2 = TestUpstream::start("b2").await;
+    let g1 = TestUpstream::start("g1").await;
+    let one = service("api", &[b1.addr], &[g1.addr], "");
+    let two = service("api", &[b1.addr, b2.addr], &[g1.addr], "");
+    let p = TestProxy::start(&one).await;
+    let dir = p.dir.as_ref().expect("dir").path().to_path_buf();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let addr = p.proxy;
+        clients.spawn(async move {
+            let h1c = client();
+            let mut h2c = if i % 2 == 1 {
+                Some(h2(TcpStream::connect(addr).await.expect("connect")).await)
+            } else {
+                None
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let outcome = match &mut h2c {
+                    Some(s) => {
+                        let req = Request::builder()
+                            .uri(format!("http://a:{}/x", addr.port()))
+                            .body(Empty::new())
+                            .expect("req");
+                        match tokio::time::timeout(T, s.send_request(req)).await {
+                            Ok(Ok(r)) => {
+                                let st = r.status().as_u16();
+                                match r.into_body().collect().await {
+                                    Ok(_) => Ok(st),
+                                    Err(e) => Err(format!("h2 body: {e}")),
+                                }
+                            }
+                            Ok(Err(e)) => Err(format!("h2: {e}")),
+                            Err(_) => Err("h2 timeout".to_string()),
+                        }
+                    }
+                    None => {
+                        let req = Request::builder()
+                            .uri(format!("http://{addr}/x"))
+                            .body(Full::new(Bytes::new()))
+                            .expect("req");
+                        match tokio::time::timeout(T, h1c.request(req)).await {
+                            Ok(Ok(r)) => {
+                                let st = r.status().as_u16();
+                                match r.into_body().collect().await {
+                                    Ok(_) => Ok(st),
+                                    Err(e) => Err(format!("h1 body: {e}")),
+                                }
+                            }
+                            Ok(Err(e)) => Err(format!("h1: {e}")),
+                            Err(_) => Err("h1 timeout".to_string()),
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(200) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(s) => failed.lock().expect("lock").push(format!("status {s}")),
+                    Err(e) => failed.lock().expect("lock").push(e),
+                }
+            }
+        });
+    }
+    for i in 0..30 {
+        let to = if i % 2 == 0 { "green" } else { "blue" };
+        let (s, v) = p.flip("api", to).await;
+        assert_eq!(s, 200, "flip {i}: {v}");
+        if i % 3 == 0 {
+            let body = if (i / 3) % 2 == 0 { &two } else { &one };
+            std::fs::write(&p.config_path, full_config(body, &dir)).expect("write");
+            let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+            assert_eq!(s, 200, "reload {i}: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    while let Some(r) = tokio::time::timeout(T, clients.join_next())
+        .await
+        .expect("clients did not stop")
+    {
+        r.expect("client task");
+    }
+    let failed = failed.lock().expect("lock").clone();
+    let ok = ok.load(Ordering::SeqCst);
+    eprintln!("zero-error run: {ok} requests ok, {} failed", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 200, "too little traffic to prove anything: {ok}");
+    assert!(b1.hits() > 0 && g1.hits() > 0 && b2.hits() > 0);
+    let events = p.events().await;
+    assert!(events.iter().filter(|e| e["reason"] == "reload").count() >= 10);
+    p.stop().await;
+}
+
+/// The real binary under load: SIGHUP reloads, SIGTERM finishes every in-flight request and
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_in_flight_requests_and_exits_0() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    blue.set_delay(300);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("switchyard.toml");
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    std::fs::write(&path, full_config(&body, dir.path())).expect("write");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid").to_string();
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let find = |line: &str, key: &str| -> Option<SocketAddr> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .parse()
+            .ok()
+    };
+    let (proxy, admin) = tokio::time::timeout(T, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("switchyard is serving") {
+                return (find(&line, "proxy="), find(&line, "admin="));
+            }
+        }
+        (None, None)
+    })
+    .await
+    .expect("no startup line");
+    let (proxy, admin) = (proxy.expect("proxy addr"), admin.expect("admin addr"));
+    // Keep draining the log so the child never blocks on a full pipe.
+    let log = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push(line);
+        }
+        all
+    });
+
+    // SIGHUP reloads the file.
+    assert_eq!(get(proxy, "/x").await, (200, "blue\n".to_string()));
+    let kill = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    kill("-HUP");
+    let ok = eventually(5, || async {
+        let (_, v) = admin_get(admin, "/api/events").await;
+        v["events"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e["reason"] == "reload" && e["actor"] == "SIGHUP")
+        })
+    })
+    .await;
+    assert!(ok, "SIGHUP did not reload");
+
+    let mut inflight = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        inflight.spawn(async move {
+            let path = if i % 2 == 0 { "/x" } else { "/echo" };
+            let body = if i % 2 == 0 {
+                Bytes::new()
+            } else {
+                Bytes::from_static(b"payload")
+            };
+            let method = if i % 2 == 0 { "GET" } else { "POST" };
+            request(proxy, method, path, &[], body).await.0
+        });
+    }
+    let started = eventually(5, || async { blue.hits() >= 7 }).await;
+    assert!(started, "requests never reached the upstream");
+    kill("-TERM");
+    let mut codes = Vec::new();
+    while let Some(r) = tokio::time::timeout(T, inflight.join_next())
+        .await
+        .expect("in-flight requests hung")
+    {
+        codes.push(r.expect("task"));
+    }
+    assert_eq!(codes, vec![200; 6], "in-flight requests failed on SIGTERM");
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .expect("did not exit after SIGTERM")
+        .expect("wait");
+    let log = log.await.unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "log:\n{}", log.join("\n"));
+    // Stopped listening.
+    assert!(
+        TcpStream::connect(proxy).await.is_err(),
+        "still accepting after exit"
+    );
+}
