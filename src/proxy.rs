@@ -323,18 +323,25 @@ fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1) and every header named on any `Connection` line.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(&name);
+    match headers.get_all(header::CONNECTION).iter().count() {
+        0 => {}
+        1 => {
+            // The usual case: one line, taken out whole; nothing is allocated.
+            if let Some(line) = headers.remove(header::CONNECTION) {
+                remove_named(headers, &line);
+            }
         }
-        headers.remove(header::CONNECTION);
+        _ => {
+            let lines: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            headers.remove(header::CONNECTION);
+            for line in &lines {
+                remove_named(headers, line);
+            }
+        }
     }
     for name in [
         &KEEP_ALIVE,
@@ -343,8 +350,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
     ] {
-        if headers.contains_key(name) {
-            headers.remove(name);
+        headers.remove(name);
+    }
+}
+
+/// Removes the headers a `Connection` line names (comma-separated, any case).
+fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
+    for token in line.as_bytes().split(|b| *b == b',') {
+        if let Ok(name) = std::str::from_utf8(token.trim_ascii()) {
+            if !name.is_empty() {
+                headers.remove(name);
+            }
         }
     }
 }
