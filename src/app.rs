@@ -423,7 +423,9 @@ impl App {
             .service(name)
             .ok_or_else(|| ChangeError::UnknownService(name.to_string()))?
             .clone();
-        if svc.state.generation != generation {
+        // Re-checked under the writer lock: a pause, flip or reload that landed after the
+        // evaluation wins over it.
+        if svc.state.generation != generation || !svc.armed(Instant::now()) {
             return Ok(None);
         }
         let Some(to) = svc.state.previous else {
@@ -606,7 +608,11 @@ impl App {
                     .inc();
                 return Err(ReloadError::Invalid(config::ConfigErrors(vec![
                     config::ConfigError {
-                        key: "proxy.tls_cert".to_string(),
+                        key: if e.contains("private key") {
+                            "proxy.tls_key".to_string()
+                        } else {
+                            "proxy.tls_cert".to_string()
+                        },
                         message: e,
                     },
                 ])));

@@ -133,7 +133,6 @@ struct RawProxy {
     // Extensions (README "Configuration reference").
     header_read_timeout: Option<String>,
     body_idle_timeout: Option<String>,
-    keepalive_timeout: Option<String>,
     max_connections: Option<i64>,
     max_headers: Option<i64>,
     max_header_bytes: Option<i64>,
@@ -251,7 +250,6 @@ pub struct ProxyConfig {
     pub preview_listen: Option<SocketAddr>,
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
-    pub keepalive_timeout: Duration,
     pub max_connections: usize,
     pub max_headers: usize,
     pub max_header_bytes: usize,
@@ -637,9 +635,13 @@ fn deserialize_collecting(
                 if let Some(field) = unknown_field_name(&msg) {
                     let parent = parent_path(&path, &field);
                     let key = join_key(&parent, &field);
+                    let expected = msg
+                        .split_once(", expected ")
+                        .map(|(_, e)| format!(" (expected {e})"))
+                        .unwrap_or_default();
                     errors.push(ConfigError {
                         key,
-                        message: format!("unknown key {field:?}"),
+                        message: format!("unknown key {field:?}{expected}"),
                     });
                     if !remove_key(value, &parent, &field) {
                         return Err(ConfigErrors(errors));
@@ -840,11 +842,6 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         p.body_idle_timeout.as_deref(),
         Duration::from_secs(60),
     );
-    let keepalive_timeout = c.duration(
-        "proxy.keepalive_timeout",
-        p.keepalive_timeout.as_deref(),
-        Duration::from_secs(75),
-    );
     let upstream_idle_timeout = c.duration(
         "proxy.upstream_idle_timeout",
         p.upstream_idle_timeout.as_deref(),
@@ -862,7 +859,6 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         preview_listen,
         header_read_timeout,
         body_idle_timeout,
-        keepalive_timeout,
         max_connections: c.count(
             "proxy.max_connections",
             p.max_connections,

@@ -152,32 +152,31 @@ pub async fn handle(
     let in_flight = up.begin();
     let result = tokio::time::timeout(request_timeout, client.request(req)).await;
     drop(in_flight);
-    let elapsed = start.elapsed();
-    let path = path_and_query.as_ref().map(|p| p.path()).unwrap_or("/");
+    let end = Instant::now();
+    let elapsed = end - start;
+    let rec = Recorder {
+        pool,
+        up: &up,
+        path: path_and_query.as_ref().map(|p| p.path()).unwrap_or("/"),
+        epoch: app.clock.epoch_at(end),
+        live: conn.mode == Mode::Live,
+    };
 
     // 5. Record and answer.
     let mut resp = match result {
         Err(_) => {
-            record(
-                app,
-                pool,
-                &up,
-                path,
-                elapsed,
-                504,
-                Some(FailureKind::Timeout),
-            );
+            rec.record(elapsed, 504, Some(FailureKind::Timeout));
             return text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
         }
         Ok(Err(e)) => {
             // The client's side of the body failed: not the upstream's fault, not a failure.
             match client_body_error(&e) {
                 Some(BodyError::Idle) => {
-                    record(app, pool, &up, path, elapsed, 408, None);
+                    rec.record(elapsed, 408, None);
                     return text(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
                 }
                 Some(BodyError::Client(_)) => {
-                    record(app, pool, &up, path, elapsed, 400, None);
+                    rec.record(elapsed, 400, None);
                     return text(StatusCode::BAD_REQUEST, "request body was not received\n");
                 }
                 None => {}
@@ -188,19 +187,19 @@ pub async fn handle(
                 (FailureKind::Reset, "upstream sent no valid response\n")
             };
             tracing::debug!(service = %svc.name(), upstream = %up.addr, error = %e, "upstream request failed");
-            record(app, pool, &up, path, elapsed, 502, Some(kind));
+            rec.record(elapsed, 502, Some(kind));
             return text(StatusCode::BAD_GATEWAY, msg);
         }
         Ok(Ok(resp)) => resp,
     };
     if check_framing(resp.headers()).is_err() {
         // Ambiguous framing (Content-Length with Transfer-Encoding): never pass it on.
-        record(app, pool, &up, path, elapsed, 502, Some(FailureKind::Reset));
+        rec.record(elapsed, 502, Some(FailureKind::Reset));
         return text(StatusCode::BAD_GATEWAY, "upstream sent no valid response\n");
     }
     let status = resp.status();
     let failure = status.is_server_error().then_some(FailureKind::Status5xx);
-    record(app, pool, &up, path, elapsed, status.as_u16(), failure);
+    rec.record(elapsed, status.as_u16(), failure);
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
@@ -398,25 +397,35 @@ pub fn add_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&Hea
     }
 }
 
-/// One request's outcome into the window stats and the counters. A few atomic adds.
-fn record(
-    app: &App,
-    pool: &Pool,
-    up: &Upstream,
-    path: &str,
-    elapsed: std::time::Duration,
-    code: u16,
-    failure: Option<FailureKind>,
-) {
-    let epoch = app.clock.now_epoch();
-    up.window.record(epoch, elapsed, failure.is_some());
-    up.count_status(code);
-    pool.duration.observe(elapsed.as_secs_f64());
-    if let Some(kind) = failure {
-        up.count_failure(kind);
-        for c in &pool.critical {
-            if c.matches(path) {
-                c.counter.add(epoch, 1);
+/// Where one request's outcome is recorded.
+struct Recorder<'a> {
+    pool: &'a Pool,
+    up: &'a Upstream,
+    path: &'a str,
+    epoch: u64,
+    /// Preview traffic is counted in the Prometheus counters but kept out of the window stats
+    /// and critical-path counters: smoke tests of the idle color must never feed a rollback
+    /// trigger once that color goes live.
+    live: bool,
+}
+
+impl Recorder<'_> {
+    /// A few relaxed atomic adds: window slot, status counter, histogram, failure counters.
+    fn record(&self, elapsed: std::time::Duration, code: u16, failure: Option<FailureKind>) {
+        let Recorder { pool, up, .. } = self;
+        if self.live {
+            up.window.record(self.epoch, elapsed, failure.is_some());
+        }
+        up.count_status(code);
+        pool.duration.observe(elapsed.as_secs_f64());
+        if let Some(kind) = failure {
+            up.count_failure(kind);
+            if self.live {
+                for c in &pool.critical {
+                    if c.matches(self.path) {
+                        c.counter.add(self.epoch, 1);
+                    }
+                }
             }
         }
     }

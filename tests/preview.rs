@@ -142,3 +142,45 @@ async fn no_preview_listener_unless_configured() {
     assert!(p.preview.is_none());
     p.stop().await;
 }
+
+/// Preview traffic is not live traffic: failures seen while smoke-testing the idle color through
+/// the preview listener must not count toward a rollback trigger after the flip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_failures_do_not_trigger_a_rollback_after_the_flip() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let mut body = PROXY.to_string();
+    body.push_str(&service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        "[services.rollback]\nenabled = true\nwatch_for = \"1m\"\nmin_requests = 5\n\
+         [[services.rollback.triggers]]\nkind = \"error_rate\"\nabove = 0.2\nover = \"30s\"\nfor = \"0s\"\n",
+    ));
+    let p = TestProxy::start(&body).await;
+    let pv = preview(&p);
+    // The smoke test finds green broken...
+    green.set_status(500);
+    for _ in 0..20 {
+        assert_eq!(get(pv, "/x").await.0, 500);
+    }
+    // ...the operator fixes it, checks again, and flips.
+    green.set_status(200);
+    assert_eq!(get(pv, "/x").await.0, 200);
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    // Healthy live traffic on green from now on.
+    for _ in 0..20 {
+        assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    }
+    // Give the watcher (evaluating at least once a second) time to judge it.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let st = p.service_status("api").await;
+    assert_eq!(
+        st["active"],
+        "green",
+        "pre-flip preview failures rolled green back: {st:#}\nevents: {:#?}",
+        p.events().await
+    );
+    p.stop().await;
+}

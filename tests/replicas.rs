@@ -194,10 +194,10 @@ async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner(
     }
 }
 
-async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
-    F: Send + 'static,
 {
     let handles: Vec<_> = fs.map(tokio::spawn).collect();
     let mut out = Vec::new();
