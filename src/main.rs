@@ -8,6 +8,11 @@ use switchyard::config::{self, StateBackend};
 use switchyard::server::{self, Options};
 use switchyard::state::{self, StateStore};
 
+/// mimalloc: fewer CPU cycles per request than glibc's malloc and a smaller footprint with many
+/// connections (BENCHMARKS.md, "allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "switchyard",
@@ -93,11 +98,18 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// One worker runs on a current-thread runtime: no work-stealing queues, no cross-thread
+/// wake-ups (BENCHMARKS.md, "runtime flavor"). More workers share one multi-thread runtime.
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n);
-    }
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().thread_name("switchyard").build()
 }
 

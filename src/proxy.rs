@@ -44,11 +44,26 @@ pub enum Mode {
     Preview,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
     pub mode: Mode,
+    /// The client address as an `X-Forwarded-For` value, formatted once per connection.
+    pub client_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, tls: bool, mode: Mode) -> ConnInfo {
+        let client_ip = HeaderValue::from_str(&remote.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            remote,
+            tls,
+            mode,
+            client_ip,
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -60,7 +75,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 pub async fn handle(
     app: &Arc<App>,
     mut req: Request<Incoming>,
-    conn: ConnInfo,
+    conn: &ConnInfo,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
 
@@ -71,15 +86,20 @@ pub async fn handle(
     if let Err(msg) = check_framing(req.headers()) {
         return text(StatusCode::BAD_REQUEST, msg);
     }
-    let (host, host_value) = match request_host(&req) {
-        Ok(h) => h,
+    let (host_value, host_len) = match request_host(&req) {
+        Ok(Some((v, len))) => (Some(v), len),
+        Ok(None) => (None, 0),
         Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
     };
+    let host = host_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.get(..host_len));
 
     // 2. Route: one snapshot load for every decision.
     let (svc, request_timeout, body_idle_timeout) = {
         let snap = app.routes.load();
-        match snap.route(host.as_deref(), req.uri().path()) {
+        match snap.route(host, req.uri().path()) {
             Some(s) => (
                 s.clone(),
                 snap.config.proxy.request_timeout,
@@ -114,7 +134,7 @@ pub async fn handle(
         req.headers_mut()
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    add_forwarded(req.headers_mut(), &conn, host_value.as_ref());
+    add_forwarded(req.headers_mut(), conn, host_value.as_ref());
     if host_value.is_some() && !req.headers().contains_key(header::HOST) {
         // HTTP/2 clients send :authority; an HTTP/1.1 upstream needs it as Host.
         if let Some(v) = host_value.clone() {
@@ -238,9 +258,10 @@ fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
 
 /// The request's host without port, and the raw value for `X-Forwarded-Host`.
 /// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead.
-fn request_host(
-    req: &Request<Incoming>,
-) -> Result<(Option<String>, Option<HeaderValue>), &'static str> {
+/// The request's host value (for `X-Forwarded-Host`) and the length of its name without port.
+/// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead. Nothing is
+/// allocated: routing compares names case-insensitively.
+fn request_host(req: &Request<Incoming>) -> Result<Option<(HeaderValue, usize)>, &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -255,11 +276,11 @@ fn request_host(
         },
     };
     let Some(value) = value else {
-        return Ok((None, None));
+        return Ok(None);
     };
     let s = value.to_str().map_err(|_| "invalid Host header\n")?;
-    let name = host_without_port(s).ok_or("invalid Host header\n")?;
-    Ok((Some(name.to_ascii_lowercase()), Some(value)))
+    let len = host_without_port(s).ok_or("invalid Host header\n")?.len();
+    Ok(Some((value, len)))
 }
 
 /// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values.
@@ -322,6 +343,10 @@ fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1) and every header named on any `Connection` line.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (few) names instead of six hashed lookups: most requests carry none.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     match headers.get_all(header::CONNECTION).iter().count() {
         0 => {}
         1 => {
@@ -353,6 +378,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes the headers a `Connection` line names (comma-separated, any case).
 fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
     for token in line.as_bytes().split(|b| *b == b',') {
@@ -366,22 +400,21 @@ fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
-    let ip = conn.remote.ip().to_string();
     let mut prior = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .peekable();
-    let xff = if prior.peek().is_some() {
+    if prior.peek().is_some() {
         let mut s = prior.collect::<Vec<_>>().join(", ");
         s.push_str(", ");
-        s.push_str(&ip);
-        s
+        s.push_str(conn.client_ip.to_str().unwrap_or_default());
+        if let Ok(v) = HeaderValue::from_str(&s) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
     } else {
-        ip
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        // The usual case: the address formatted once per connection.
+        headers.insert(X_FORWARDED_FOR.clone(), conn.client_ip.clone());
     }
     headers.insert(
         X_FORWARDED_PROTO.clone(),

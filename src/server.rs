@@ -214,15 +214,12 @@ async fn serve_proxy(
             _ = app.shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            remote,
-            tls: tls.is_some(),
-            mode,
-        };
+        let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode));
         let app2 = app.clone();
         let svc = service_fn(move |req| {
             let app = app2.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&app, req, info).await) }
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(&app, req, &info).await) }
         });
         let watcher = graceful.watcher();
         let builder = builder.clone();

@@ -63,11 +63,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(flags)))
     };
-    let conn = ConnInfo {
-        remote: SocketAddr::new(ip, 40000),
-        tls: flags & 1 == 1,
-        mode: Mode::Live,
-    };
+    let conn = ConnInfo::new(SocketAddr::new(ip, 40000), flags & 1 == 1, Mode::Live);
     add_forwarded(&mut headers, &conn, host.as_ref());
     let xff = headers
         .get_all("x-forwarded-for")
