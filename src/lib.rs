@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod demo;

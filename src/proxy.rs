@@ -30,11 +30,12 @@ use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
+use crate::client::{ClientError, PooledBody};
 use crate::config::Protocol;
 use crate::upstream::{FailureKind, Pool, Upstream};
 
 /// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -168,9 +169,8 @@ pub async fn handle(
 
     // 4. Forward.
     let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
-    let client = app.clients.for_protocol(pool.protocol);
     let in_flight = up.begin();
-    let result = tokio::time::timeout(request_timeout, client.request(req)).await;
+    let result = tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req)).await;
     drop(in_flight);
     let end = Instant::now();
     let elapsed = end - start;
@@ -232,6 +232,20 @@ pub async fn handle(
     }
     strip_hop_by_hop(resp.headers_mut());
     resp.map(Either::Left)
+}
+
+/// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
+/// pool, HTTP/2 through the multiplexing client.
+async fn forward(
+    app: &App,
+    protocol: Protocol,
+    up: &Upstream,
+    req: Request<RequestBody>,
+) -> Result<Response<PooledBody>, ClientError> {
+    match protocol {
+        Protocol::Http1 => up.conns.send(req).await,
+        Protocol::H2 => Ok(app.clients.h2.request(req).await?.map(PooledBody::unpooled)),
+    }
 }
 
 /// Message framing a proxy must not guess at (request smuggling): Transfer-Encoding together
@@ -467,9 +481,11 @@ impl Recorder<'_> {
 /// Answers 101 to the client and splices both upgraded connections together. The tunnel stays
 /// on the upstream (and so the color) where it began, whatever flips happen meanwhile.
 fn tunnel(
-    mut upstream_resp: Response<Incoming>,
+    mut upstream_resp: Response<PooledBody>,
     client_side: hyper::upgrade::OnUpgrade,
 ) -> Response<ProxyBody> {
+    // The connection now belongs to the tunnel, never to the pool.
+    upstream_resp.body_mut().detach();
     let upstream_side = hyper::upgrade::on(&mut upstream_resp);
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::config::{
-    host_pattern_matches, Color, Config, HealthConfig, ServiceConfig, TriggerKind,
+    host_pattern_matches, Color, Config, HealthConfig, ProxyConfig, ServiceConfig, TriggerKind,
 };
 use crate::metrics::Metrics;
 use crate::stats::WindowCounter;
@@ -180,7 +180,14 @@ pub fn build_snapshot(
         let old = previous.and_then(|p| p.service(&svc_cfg.name));
         let pools = Color::ALL.map(|color| {
             let old_pool = old.map(|o| o.pool(color));
-            Arc::new(build_pool(svc_cfg, color, old_pool, slots, metrics))
+            Arc::new(build_pool(
+                svc_cfg,
+                color,
+                old_pool,
+                slots,
+                metrics,
+                &config.proxy,
+            ))
         });
         let state = states
             .get(&svc_cfg.name)
@@ -206,6 +213,7 @@ fn build_pool(
     old: Option<&Arc<Pool>>,
     slots: usize,
     metrics: &Metrics,
+    proxy: &ProxyConfig,
 ) -> Pool {
     let pc = svc.pool(color);
     let upstreams = pc
@@ -227,7 +235,7 @@ fn build_pool(
                     color,
                     slots,
                     metrics,
-                    true,
+                    proxy,
                 ))
             })
         })

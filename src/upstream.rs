@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 
+use crate::client::ConnPool;
 use crate::config::{Color, Protocol, ProxyConfig, ServiceConfig};
 use crate::metrics::Metrics;
 use crate::proxy::RequestBody;
@@ -64,6 +65,8 @@ pub struct Upstream {
     pub protocol: Protocol,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
+    /// Idle keep-alive connections (HTTP/1.1 pools).
+    pub conns: Arc<ConnPool>,
     /// Windowed requests, failures and latency (rollback triggers, /api/status).
     pub window: Window,
     /// `switchyard_requests_total` per status code, resolved on first use so the request path
@@ -87,7 +90,7 @@ impl Upstream {
         color: Color,
         slots: usize,
         metrics: &Metrics,
-        healthy: bool,
+        proxy: &ProxyConfig,
     ) -> Upstream {
         let addr_label = addr.to_string();
         let authority = Authority::try_from(addr_label.as_str())
@@ -104,7 +107,13 @@ impl Upstream {
             addr,
             authority,
             protocol,
-            healthy: AtomicBool::new(healthy),
+            healthy: AtomicBool::new(true),
+            conns: ConnPool::new(
+                addr,
+                proxy.upstream_max_idle,
+                proxy.connect_timeout,
+                proxy.upstream_idle_timeout,
+            ),
             outstanding: AtomicUsize::new(0),
             window: Window::new(slots),
             by_code: (CODE_MIN..=CODE_MAX).map(|_| OnceLock::new()).collect(),
@@ -239,10 +248,10 @@ impl Pool {
     }
 }
 
-/// The HTTP clients toward upstreams: pooled keep-alive, TCP_NODELAY, connect timeout.
+/// hyper-util's pooled clients: HTTP/2 pools (one multiplexed connection per upstream) and
+/// health/smoke probes. HTTP/1.1 pools use each upstream's own [`ConnPool`].
 #[derive(Clone)]
 pub struct Clients {
-    pub http1: Client<HttpConnector, RequestBody>,
     pub h2: Client<HttpConnector, RequestBody>,
     /// Health checks and smoke tests.
     pub probe: Client<HttpConnector, Empty<Bytes>>,
@@ -255,12 +264,6 @@ impl Clients {
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
         connector.enforce_http(true);
-        let http1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.upstream_idle_timeout)
-            .pool_max_idle_per_host(cfg.upstream_max_idle)
-            .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -274,14 +277,7 @@ impl Clients {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(4)
             .build(connector);
-        Clients { http1, h2, probe }
-    }
-
-    pub fn for_protocol(&self, p: Protocol) -> &Client<HttpConnector, RequestBody> {
-        match p {
-            Protocol::Http1 => &self.http1,
-            Protocol::H2 => &self.h2,
-        }
+        Clients { h2, probe }
     }
 
     /// GET `path` on `up` within `timeout`; Ok(status) or Err(reason).
