@@ -8,10 +8,7 @@ use switchyard::config::{self, StateBackend};
 use switchyard::server::{self, Options};
 use switchyard::state::{self, StateStore};
 
-/// mimalloc: fewer CPU cycles per request than glibc's malloc and a smaller footprint with many
-/// connections (BENCHMARKS.md, "allocator").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The system allocator: see BENCHMARKS.md ("allocator") for mimalloc and jemalloc.
 
 #[derive(Parser, Debug)]
 #[command(

@@ -84,8 +84,11 @@ pub async fn handle(
     if req.method() == Method::CONNECT {
         return text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
     }
-    if let Err(msg) = check_framing(req.headers()) {
-        return text(StatusCode::BAD_REQUEST, msg);
+    let hops = hop_bits(req.headers());
+    if hops & TRANSFER_ENCODING_BIT != 0 {
+        if let Err(msg) = check_framing(req.headers()) {
+            return text(StatusCode::BAD_REQUEST, msg);
+        }
     }
     let (host_value, host_len) = match request_host(&req) {
         Ok(Some((v, len))) => (Some(v), len),
@@ -127,9 +130,13 @@ pub async fn handle(
     let up = up.clone();
 
     // 3. Rewrite.
-    let upgrade = requested_upgrade(req.headers());
-    let te_trailers = wants_trailers(req.headers());
-    strip_hop_by_hop(req.headers_mut());
+    let upgrade = if hops & CONNECTION_BIT != 0 {
+        requested_upgrade(req.headers())
+    } else {
+        None
+    };
+    let te_trailers = hops & TE_BIT != 0 && wants_trailers(req.headers());
+    strip_known(req.headers_mut(), hops);
     if te_trailers {
         // gRPC needs `te: trailers` end to end; it is the one TE value a proxy may pass on.
         req.headers_mut()
@@ -212,7 +219,8 @@ pub async fn handle(
         }
         Ok(Ok(resp)) => resp,
     };
-    if check_framing(resp.headers()).is_err() {
+    let resp_hops = hop_bits(resp.headers());
+    if resp_hops & TRANSFER_ENCODING_BIT != 0 && check_framing(resp.headers()).is_err() {
         // Ambiguous framing (Content-Length with Transfer-Encoding): never pass it on.
         rec.record(elapsed, 502, Some(FailureKind::Reset));
         return text(StatusCode::BAD_GATEWAY, "upstream sent no valid response\n");
@@ -230,7 +238,7 @@ pub async fn handle(
             ),
         };
     }
-    strip_hop_by_hop(resp.headers_mut());
+    strip_known(resp.headers_mut(), resp_hops);
     resp.map(Either::Left)
 }
 
@@ -270,8 +278,6 @@ fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The request's host without port, and the raw value for `X-Forwarded-Host`.
-/// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead.
 /// The request's host value (for `X-Forwarded-Host`) and the length of its name without port.
 /// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead. Nothing is
 /// allocated: routing compares names case-insensitively.
@@ -357,48 +363,78 @@ fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1) and every header named on any `Connection` line.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names instead of six hashed lookups: most requests carry none.
-    if !headers.keys().any(is_hop_by_hop) {
+    strip_known(headers, hop_bits(headers))
+}
+
+/// Which hop-by-hop headers are present: one pass over the (few) names instead of a hashed
+/// lookup per hop-by-hop name. Most requests carry none, a typical response only `Connection`.
+fn hop_bits(headers: &HeaderMap) -> u8 {
+    headers.keys().fold(0u8, |acc, k| acc | hop_bit(k))
+}
+
+/// [`strip_hop_by_hop`] with the [`hop_bits`] already known.
+fn strip_known(headers: &mut HeaderMap, present: u8) {
+    if present == 0 {
         return;
     }
-    match headers.get_all(header::CONNECTION).iter().count() {
-        0 => {}
-        1 => {
-            // The usual case: one line, taken out whole; nothing is allocated.
-            if let Some(line) = headers.remove(header::CONNECTION) {
-                remove_named(headers, &line);
+    if present & CONNECTION_BIT != 0 {
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        match (lines.next().is_some(), lines.next().is_some()) {
+            (true, false) => {
+                // The usual case: one line, taken out whole; nothing is allocated.
+                if let Some(line) = headers.remove(header::CONNECTION) {
+                    remove_named(headers, &line);
+                }
             }
-        }
-        _ => {
-            let lines: Vec<HeaderValue> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect();
-            headers.remove(header::CONNECTION);
-            for line in &lines {
-                remove_named(headers, line);
+            _ => {
+                let lines: Vec<HeaderValue> = headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                headers.remove(header::CONNECTION);
+                for line in &lines {
+                    remove_named(headers, line);
+                }
             }
         }
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
+    for (bit, name) in [
+        (KEEP_ALIVE_BIT, &KEEP_ALIVE),
+        (PROXY_CONNECTION_BIT, &PROXY_CONNECTION),
+        (TE_BIT, &header::TE),
+        (TRANSFER_ENCODING_BIT, &header::TRANSFER_ENCODING),
+        (UPGRADE_BIT, &header::UPGRADE),
     ] {
-        headers.remove(name);
+        if present & bit != 0 {
+            headers.remove(name);
+        }
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+const CONNECTION_BIT: u8 = 1;
+const KEEP_ALIVE_BIT: u8 = 2;
+const PROXY_CONNECTION_BIT: u8 = 4;
+const TE_BIT: u8 = 8;
+const TRANSFER_ENCODING_BIT: u8 = 16;
+const UPGRADE_BIT: u8 = 32;
+
+fn hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION_BIT
+    } else if name == header::TE {
+        TE_BIT
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING_BIT
+    } else if name == header::UPGRADE {
+        UPGRADE_BIT
+    } else if name == KEEP_ALIVE {
+        KEEP_ALIVE_BIT
+    } else if name == PROXY_CONNECTION {
+        PROXY_CONNECTION_BIT
+    } else {
+        0
+    }
 }
 
 /// Removes the headers a `Connection` line names (comma-separated, any case).
