@@ -239,3 +239,102 @@ async fn demo_serves_and_flips_with_nothing_else_installed() {
         panic!("{e}");
     }
 }
+
+/// The README's demo walk-through: flip api to green, make green fail through the demo
+/// upstream's control URL (printed by the demo), and the automatic rollback shows in
+/// /api/events while the demo's own background traffic runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_walkthrough_rolls_back_a_failing_green() {
+    use tokio::io::AsyncBufReadExt;
+    let (pp, ap, vp) = (free_port(), free_port(), free_port());
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "demo",
+            "--listen",
+            &proxy.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--preview",
+            &preview.to_string(),
+            "--token",
+            "demo-token",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+
+    let result = async {
+        // The demo prints the line with the break command for green's api upstream.
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut fail_url = None;
+        while let Ok(Ok(Some(line))) = timeout(Duration::from_secs(20), lines.next_line()).await {
+            if let Some(start) = line.find("'http://") {
+                if line.contains("/_demo/fail") {
+                    let rest = &line[start + 1..];
+                    fail_url = rest.split('\'').next().map(str::to_string);
+                    break;
+                }
+            }
+        }
+        let fail_url = fail_url.ok_or("the demo did not print the /_demo/fail command")?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let up = eventually(20, || async {
+            try_get(proxy, "/api/x").await == Some((200, "blue\n".to_string()))
+        })
+        .await;
+        if !up {
+            return Err("the demo proxy never answered blue".to_string());
+        }
+        let (s, v) = admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some("demo-token"),
+            Some(json!({"to": "green"})),
+        )
+        .await;
+        if s != 200 {
+            return Err(format!("flip answered {s}: {v}"));
+        }
+        // `curl 'http://127.0.0.1:PORT/_demo/fail?rate=30'`, as printed.
+        let url: http::Uri = fail_url.parse().map_err(|e| format!("{fail_url}: {e}"))?;
+        let addr: SocketAddr = url
+            .authority()
+            .ok_or("no authority")?
+            .as_str()
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let path = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if try_get(addr, path).await.map(|r| r.0) != Some(200) {
+            return Err("the demo upstream's control URL failed".to_string());
+        }
+        // The demo's triggers read 10 s windows and hold for 5 s.
+        let rolled = eventually(40, || async {
+            let (_, v) = admin_get(admin, "/api/events").await;
+            v["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["reason"] == "auto_rollback"))
+        })
+        .await;
+        if !rolled {
+            return Err("no auto_rollback event within 40 s".to_string());
+        }
+        match try_get(proxy, "/api/x").await {
+            Some((_, b)) if b == "blue\n" => Ok(()),
+            other => Err(format!("after the rollback: {other:?}")),
+        }
+    }
+    .await;
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -290,3 +290,62 @@ async fn etcd_down_fails_no_request_blocks_flips_and_replicas_converge_after() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_rolling_back_the_same_release_produce_one_flip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd"));
+    etcd.wait_ready().await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-rb/\"\n{}",
+        etcd.endpoint(),
+        service(
+            "api",
+            &[blue.addr],
+            &[green.addr],
+            "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 1\n\
+             [[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/pay\"]\nover = \"10s\"\nfor = \"0s\"\n"
+        )
+    );
+    let mut ps = Vec::new();
+    for _ in 0..3 {
+        ps.push(TestProxy::start(&body).await);
+    }
+    assert!(converged(&ps, "blue", 0, 10).await);
+    assert_eq!(ps[0].flip("api", "green").await.0, 200);
+    assert!(converged(&ps, "green", 1, 5).await);
+
+    // Green fails a critical path on every replica at once: every engine wants to roll back.
+    green.set_status(500);
+    let calls = ps.iter().map(|p| {
+        let addr = p.proxy;
+        async move { get(addr, "/pay").await }
+    });
+    for (s, _) in futures_join(calls).await {
+        assert_eq!(s, 500);
+    }
+    assert!(
+        converged(&ps, "blue", 2, 10).await,
+        "one rollback, seen by all"
+    );
+    // Give the other engines time to try (they evaluate twice a second), then count.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for p in &ps {
+        assert_eq!(
+            active_of(p).await,
+            ("blue".to_string(), 2),
+            "no second flip"
+        );
+    }
+    let evs = ps[1].events().await;
+    let rollbacks = evs
+        .iter()
+        .filter(|e| e["reason"] == "auto_rollback")
+        .count();
+    assert_eq!(rollbacks, 1, "{evs:#?}");
+    for p in ps {
+        p.stop().await;
+    }
+}
