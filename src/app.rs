@@ -77,6 +77,12 @@ impl From<StateError> for ChangeError {
     }
 }
 
+fn service_of(snap: &Snapshot, name: &str) -> Result<Arc<Service>, ChangeError> {
+    snap.service(name)
+        .cloned()
+        .ok_or_else(|| ChangeError::UnknownService(name.to_string()))
+}
+
 /// The answer to one service's flip.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FlipOutcome {
@@ -264,10 +270,7 @@ impl App {
     ) -> Result<FlipOutcome, ChangeError> {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
-        let svc = snap
-            .service(name)
-            .ok_or_else(|| ChangeError::UnknownService(name.to_string()))?
-            .clone();
+        let svc = service_of(&snap, name)?;
         let from = svc.state.active;
         if from == to {
             return Ok(FlipOutcome {
@@ -396,9 +399,7 @@ impl App {
         actor: &str,
     ) -> Result<FlipOutcome, ChangeError> {
         let snap = self.snapshot();
-        let svc = snap
-            .service(name)
-            .ok_or_else(|| ChangeError::UnknownService(name.to_string()))?;
+        let svc = service_of(&snap, name)?;
         let Some(prev) = svc.state.previous else {
             return Err(ChangeError::Refused(format!(
                 "{name} has no previous color to roll back to"
@@ -419,10 +420,7 @@ impl App {
     ) -> Result<Option<FlipOutcome>, ChangeError> {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
-        let svc = snap
-            .service(name)
-            .ok_or_else(|| ChangeError::UnknownService(name.to_string()))?
-            .clone();
+        let svc = service_of(&snap, name)?;
         // Re-checked under the writer lock: a pause, flip or reload that landed after the
         // evaluation wins over it.
         if svc.state.generation != generation || !svc.armed(Instant::now()) {
@@ -488,10 +486,7 @@ impl App {
     ) -> Result<String, ChangeError> {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
-        let svc = snap
-            .service(name)
-            .ok_or_else(|| ChangeError::UnknownService(name.to_string()))?
-            .clone();
+        let svc = service_of(&snap, name)?;
         let word = if paused { "paused" } else { "resumed" };
         if svc.state.paused == paused {
             return Ok(format!("automatic rollback of {name} is already {word}"));

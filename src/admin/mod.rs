@@ -176,41 +176,18 @@ async fn handle(
     };
     match route {
         Route::Flip(name) => {
-            let args: FlipArgs = match parse_args(&body) {
-                Ok(a) => a,
+            let (to, force) = match flip_target(&body) {
+                Ok(t) => t,
                 Err(r) => return r,
             };
-            let Some(to) = args.to.as_deref() else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "body needs \"to\": \"blue\" or \"green\"",
-                );
-            };
-            let to: Color = match to.parse() {
-                Ok(c) => c,
-                Err(m) => return error(StatusCode::BAD_REQUEST, &m),
-            };
-            change(
-                app.flip(&name, to, args.force, FlipKind::Manual, &actor)
-                    .await,
-            )
+            change(app.flip(&name, to, force, FlipKind::Manual, &actor).await)
         }
         Route::FlipAll => {
-            let args: FlipArgs = match parse_args(&body) {
-                Ok(a) => a,
+            let (to, force) = match flip_target(&body) {
+                Ok(t) => t,
                 Err(r) => return r,
             };
-            let Some(to) = args.to.as_deref() else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "body needs \"to\": \"blue\" or \"green\"",
-                );
-            };
-            let to: Color = match to.parse() {
-                Ok(c) => c,
-                Err(m) => return error(StatusCode::BAD_REQUEST, &m),
-            };
-            match app.flip_all(to, args.force, &actor).await {
+            match app.flip_all(to, force, &actor).await {
                 Ok(outcomes) => {
                     let changed = outcomes.iter().filter(|o| o.changed).count();
                     let message = if changed == 0 {
@@ -290,6 +267,21 @@ fn parse_args<T: for<'de> Deserialize<'de> + Default>(
         Some(b) => serde_json::from_slice(b)
             .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))),
     }
+}
+
+/// The `{"to": COLOR, "force": BOOL}` body of a flip.
+fn flip_target(body: &Option<Bytes>) -> Result<(Color, bool), AdminResponse> {
+    let args: FlipArgs = parse_args(body)?;
+    let Some(to) = args.to.as_deref() else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "body needs \"to\": \"blue\" or \"green\"",
+        ));
+    };
+    let to: Color = to
+        .parse()
+        .map_err(|m: String| error(StatusCode::BAD_REQUEST, &m))?;
+    Ok((to, args.force))
 }
 
 fn change(r: Result<crate::app::FlipOutcome, ChangeError>) -> AdminResponse {
