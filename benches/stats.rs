@@ -1,4 +1,6 @@
 //! Hot-path and read-path costs of `switchyard::stats`.
+// This bench times threads itself with the wall clock; nothing here runs on tokio's clock.
+#![allow(clippy::disallowed_types)]
 
 use std::hint::black_box;
 use std::sync::Barrier;

@@ -88,9 +88,9 @@ fn launch_chromium() -> Browser {
         }
     });
     let mut seen = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let devtools = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let line = match rx.recv_timeout(left) {
             Ok(l) => l,
             Err(_) => {
