@@ -143,9 +143,13 @@ pub async fn handle(
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     add_forwarded(req.headers_mut(), conn, host_value.as_ref());
-    if host_value.is_some() && !req.headers().contains_key(header::HOST) {
-        // HTTP/2 clients send :authority; an HTTP/1.1 upstream needs it as Host.
-        if let Some(v) = host_value.clone() {
+    // HTTP/1.1 requests always carry Host (checked above). HTTP/2 clients send :authority and
+    // HTTP/1.0 clients may send nothing; an HTTP/1.1 upstream needs a Host either way.
+    if req.version() != Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        let v = host_value
+            .clone()
+            .or_else(|| HeaderValue::from_str(up.authority.as_str()).ok());
+        if let Some(v) = v {
             req.headers_mut().insert(header::HOST, v);
         }
     }

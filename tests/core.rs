@@ -1103,3 +1103,22 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     // And it no longer accepts connections.
     assert_eq!(try_get(proxy, "/x").await, None);
 }
+
+/// An HTTP/1.0 request without Host still reaches an HTTP/1.1 upstream with one (the
+/// upstream's address), as the pooled client used to add it.
+#[tokio::test]
+async fn http10_request_without_host_gets_one_upstream() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let (status, _, body) = raw_exchange(p.proxy, b"GET /echo HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+    let host = v["headers"]
+        .as_array()
+        .and_then(|h| h.iter().find(|kv| kv[0] == "host"))
+        .and_then(|kv| kv[1].as_str())
+        .map(str::to_string);
+    assert_eq!(host, Some(blue.addr.to_string()), "{v}");
+    p.stop().await;
+}
