@@ -142,69 +142,13 @@ fn shipped_config_passes_check() {
     assert!(stdout.contains("services: 2"), "{stdout}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A GET that reports any failure as None.
-async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use http_body_util::{BodyExt, Full};
-    let stream = timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .ok()?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Full::new(bytes::Bytes::new()))
-        .ok()?;
-    let resp = timeout(Duration::from_secs(5), send.send_request(req))
-        .await
-        .ok()?
-        .ok()?;
-    let status = resp.status().as_u16();
-    let body = timeout(Duration::from_secs(5), resp.into_body().collect())
-        .await
-        .ok()?
-        .ok()?
-        .to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
 #[tokio::test]
 async fn demo_serves_and_flips_with_nothing_else_installed() {
     let (pp, ap, vp) = (free_port(), free_port(), free_port());
     let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "demo",
-            "--listen",
-            &proxy.to_string(),
-            "--admin",
-            &admin.to_string(),
-            "--preview",
-            &preview.to_string(),
-            "--token",
-            "demo-token",
-            "--no-traffic",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn demo");
+    let mut child = spawn_demo(proxy, admin, preview, &["--no-traffic"], Stdio::null());
 
     let result = async {
         let up = eventually(20, || async {
@@ -240,6 +184,38 @@ async fn demo_serves_and_flips_with_nothing_else_installed() {
     }
 }
 
+/// `switchyard demo` on the given listeners with token `demo-token`.
+fn spawn_demo(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    preview: SocketAddr,
+    extra: &[&str],
+    stdout: Stdio,
+) -> tokio::process::Child {
+    let (proxy, admin, preview) = (proxy.to_string(), admin.to_string(), preview.to_string());
+    let mut args = vec![
+        "demo",
+        "--listen",
+        &proxy,
+        "--admin",
+        &admin,
+        "--preview",
+        &preview,
+        "--token",
+        "demo-token",
+    ];
+    args.extend_from_slice(extra);
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo")
+}
+
 /// The README's demo walk-through: flip api to green, make green fail through the demo
 /// upstream's control URL (printed by the demo), and the automatic rollback shows in
 /// /api/events while the demo's own background traffic runs.
@@ -250,25 +226,7 @@ async fn demo_walkthrough_rolls_back_a_failing_green() {
     let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "demo",
-            "--listen",
-            &proxy.to_string(),
-            "--admin",
-            &admin.to_string(),
-            "--preview",
-            &preview.to_string(),
-            "--token",
-            "demo-token",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn demo");
+    let mut child = spawn_demo(proxy, admin, preview, &[], Stdio::piped());
     let stdout = child.stdout.take().expect("stdout");
 
     let result = async {

@@ -109,33 +109,6 @@ async fn get_with_headers(addr: SocketAddr, path: &str) -> (u16, HeaderMap, Stri
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A GET that reports a refused connection or any failure as None instead of panicking.
-async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let stream = timeout(Duration::from_secs(2), TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header("host", "example.test")
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let resp = timeout(Duration::from_secs(5), send.send_request(req))
-        .await
-        .ok()?
-        .ok()?;
-    let status = resp.status().as_u16();
-    let body = timeout(Duration::from_secs(5), resp.into_body().collect())
-        .await
-        .ok()?
-        .ok()?
-        .to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
 /// Writes raw request bytes, reads the whole response (the request must ask for
 /// `Connection: close`) and splits it into status, headers (lowercased names) and body.
 async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
@@ -223,15 +196,6 @@ fn assert_error_body(status: u16, v: &Value, expected: u16) -> String {
         .unwrap_or_else(|| panic!("no \"error\" string in {v}"));
     assert!(!msg.is_empty());
     msg.to_string()
-}
-
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// A `switchyard` child process that is killed when dropped.

@@ -19,13 +19,6 @@ struct Etcd {
     dir: std::path::PathBuf,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 impl Etcd {
     fn start(dir: &std::path::Path) -> Etcd {
         let mut e = Etcd {
