@@ -631,6 +631,7 @@ impl App {
                 p.0.preview_listen != p.1.preview_listen,
             ),
             ("proxy.workers", p.0.workers != p.1.workers),
+            ("proxy.runtime", p.0.runtime != p.1.runtime),
             (
                 "proxy.connect_timeout",
                 p.0.connect_timeout != p.1.connect_timeout,

@@ -129,6 +129,7 @@ struct RawProxy {
     request_timeout: Option<String>,
     shutdown_grace: Option<String>,
     workers: Option<i64>,
+    runtime: Option<String>,
     preview_listen: Option<String>,
     // Extensions (README "Configuration reference").
     header_read_timeout: Option<String>,
@@ -247,6 +248,8 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// None: one per CPU.
     pub workers: Option<usize>,
+    /// How `workers` threads share the work (extension; BENCHMARKS.md "runtime flavor").
+    pub runtime: RuntimeFlavor,
     pub preview_listen: Option<SocketAddr>,
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
@@ -256,6 +259,15 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub h2_max_concurrent_streams: u32,
+}
+
+/// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
+/// runtime). `per_worker`: one current-thread runtime per worker, each accepting on its own
+/// `SO_REUSEPORT` socket of `proxy.listen`, so a connection stays on one thread for its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeFlavor {
+    Shared,
+    PerWorker,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -832,6 +844,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let workers = p
         .workers
         .map(|_| c.count("proxy.workers", p.workers, 1, 1, 1024) as usize);
+    let runtime = match p.runtime.as_deref().unwrap_or("shared") {
+        "shared" => RuntimeFlavor::Shared,
+        "per_worker" => RuntimeFlavor::PerWorker,
+        other => {
+            c.err(
+                "proxy.runtime",
+                format!("invalid runtime {other:?} (expected \"shared\" or \"per_worker\")"),
+            );
+            RuntimeFlavor::Shared
+        }
+    };
     let header_read_timeout = c.duration(
         "proxy.header_read_timeout",
         p.header_read_timeout.as_deref(),
@@ -856,6 +879,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         request_timeout,
         shutdown_grace,
         workers,
+        runtime,
         preview_listen,
         header_read_timeout,
         body_idle_timeout,

@@ -172,7 +172,12 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
             "no admin token set: every mutating admin call will be refused"
         );
     }
-    let rt = match runtime(cfg.proxy.workers) {
+    // per_worker: the main thread is worker 0 (and runs admin and background tasks).
+    let main_workers = match cfg.proxy.runtime {
+        switchyard::config::RuntimeFlavor::PerWorker => Some(1),
+        switchyard::config::RuntimeFlavor::Shared => cfg.proxy.workers,
+    };
+    let rt = match runtime(main_workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

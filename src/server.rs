@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::app::App;
-use crate::config::{Config, ProxyConfig};
+use crate::config::{Config, ProxyConfig, RuntimeFlavor};
 use crate::proxy::{self, ConnInfo, Mode};
 use crate::state::StateStore;
 use crate::tls::TlsSetup;
@@ -30,18 +30,27 @@ pub struct Running {
     pub preview_addr: Option<SocketAddr>,
     pub tls_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
+    /// Extra accept threads of `runtime = "per_worker"`.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, and returns.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         self.app.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        self.wait().await;
     }
 
     /// Waits until the listeners have stopped (after `app.shutdown` is cancelled).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -72,7 +81,15 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         ),
         _ => None,
     };
-    let proxy_listener = bind(config.proxy.listen, "proxy.listen").await?;
+    let extra_workers = match config.proxy.runtime {
+        RuntimeFlavor::PerWorker => config
+            .proxy
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .saturating_sub(1),
+        RuntimeFlavor::Shared => 0,
+    };
+    let proxy_listener = bind_with(config.proxy.listen, "proxy.listen", extra_workers > 0).await?;
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
     let preview_listener = match config.proxy.preview_listen {
         Some(a) => Some(bind(a, "proxy.preview_listen").await?),
@@ -134,6 +151,17 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         ));
     }
     tasks.spawn(crate::admin::serve(app.clone(), admin_listener, admin_tls));
+    let mut threads = Vec::new();
+    for i in 1..=extra_workers {
+        let (app, limit, builder) = (app.clone(), limit.clone(), builder.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("switchyard-w{i}"))
+            .spawn(move || accept_thread(app, proxy_addr, limit, builder));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start worker thread {i}"),
+        }
+    }
 
     tracing::info!(
         proxy = %proxy_addr,
@@ -149,16 +177,50 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         preview_addr,
         tls_addr,
         tasks,
+        threads,
     })
 }
 
+/// One `per_worker` thread: its own current-thread runtime accepting on its own
+/// `SO_REUSEPORT` socket; the kernel spreads new connections over the sockets.
+fn accept_thread(
+    app: Arc<App>,
+    addr: SocketAddr,
+    limit: Arc<Semaphore>,
+    builder: auto::Builder<TokioExecutor>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match bind_with(addr, "proxy.listen", true).await {
+            Ok(l) => serve_proxy(app, l, Mode::Live, None, limit, builder).await,
+            Err(e) => tracing::error!(error = %e, "worker cannot listen"),
+        }
+    });
+}
+
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    bind_with(addr, key, false).await
+}
+
+async fn bind_with(addr: SocketAddr, key: &str, reuseport: bool) -> anyhow::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
     }
     .with_context(|| format!("{key}: cannot create a socket"))?;
     socket.set_reuseaddr(true)?;
+    if reuseport {
+        socket.set_reuseport(true)?;
+    }
     socket
         .bind(addr)
         .with_context(|| format!("{key}: cannot listen on {addr}"))?;

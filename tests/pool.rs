@@ -98,3 +98,31 @@ async fn concurrent_requests_open_several_connections_and_keep_them() {
     );
     p.stop().await;
 }
+
+/// `runtime = "per_worker"`: two current-thread runtimes accept on `SO_REUSEPORT` sockets of
+/// the same address; every request is served, and shutdown stops both.
+#[tokio::test]
+async fn per_worker_runtimes_serve_on_one_address() {
+    let (up, _) = counting_upstream(Duration::from_secs(30)).await;
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\nruntime = \"per_worker\"\nshutdown_grace = \"2s\"\n{}",
+        service("api", &[up], &[up], "")
+    );
+    let p = TestProxy::start(&body).await;
+    for _ in 0..40 {
+        // A fresh connection each time, so the kernel spreads them over both sockets.
+        assert_eq!(
+            try_get(p.proxy, "/x").await,
+            Some((200, "ok\n".to_string()))
+        );
+    }
+    let addr = p.proxy;
+    tokio::time::timeout(Duration::from_secs(10), p.stop())
+        .await
+        .expect("shutdown of both workers");
+    assert_eq!(
+        try_get(addr, "/x").await,
+        None,
+        "still listening after shutdown"
+    );
+}
