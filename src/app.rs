@@ -253,7 +253,9 @@ impl App {
     ) -> Result<(), ChangeError> {
         let next = snap.with_services(&changed);
         let names: Vec<String> = changed.keys().cloned().collect();
-        self.store.save(&Self::all_states(&next), &names).await?;
+        self.store
+            .save(&Self::all_states(&next), &Self::all_states(snap), &names)
+            .await?;
         self.routes.store(Arc::new(next));
         Ok(())
     }

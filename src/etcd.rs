@@ -7,8 +7,9 @@
 //! Keys, under `etcd_prefix`: `services/<name>` holds a service's [`ServiceState`] as JSON;
 //! `events/<time>-<random>` holds one event, attached to a 7-day lease so the history is bounded.
 //!
-//! Every write is a transaction that compares each changed key's `mod_revision` with the one
-//! this replica last saw: a replica with a stale view loses, re-reads, and reports a conflict.
+//! Every write is a transaction that compares each changed key's stored value with the state
+//! this replica's routing snapshot holds (so the compare-and-swap is on the whole state,
+//! generation included): a replica with a stale view loses, re-reads, and reports a conflict.
 //! A watch on `services/` applies every other replica's change within one round trip; when etcd
 //! cannot be reached, traffic keeps flowing on the last known colors, writes answer 503, and the
 //! replica reconnects and resyncs by itself.
@@ -187,9 +188,14 @@ impl EtcdStore {
 
     /// Writes the changed services in one transaction that succeeds only if none of them
     /// changed since this replica last saw them.
+    ///
+    /// The compare is on the value the replica's snapshot was built from (`previous`), not on a
+    /// revision the watch may already have advanced: a replica whose snapshot has not caught up
+    /// with another replica's write must lose, even if it has seen the revision go by.
     pub async fn save(
         &self,
         states: &HashMap<String, ServiceState>,
+        previous: &HashMap<String, ServiceState>,
         changed: &[String],
     ) -> Result<(), StateError> {
         let known = self.revisions.lock().map(|r| r.clone()).unwrap_or_default();
@@ -200,9 +206,13 @@ impl EtcdStore {
                 continue;
             };
             let key = b64(&self.service_key(name));
-            match known.get(name).copied().unwrap_or(0) {
-                0 => compare.push(json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" })),
-                rev => compare.push(json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string() })),
+            let stored = known.get(name).copied().unwrap_or(0) != 0;
+            match previous.get(name).filter(|_| stored) {
+                None => compare.push(json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" })),
+                Some(prev) => {
+                    let prev = serde_json::to_string(prev).unwrap_or_default();
+                    compare.push(json!({ "key": key, "target": "VALUE", "result": "EQUAL", "value": b64(&prev) }));
+                }
             }
             let value = serde_json::to_string(state).map_err(|e| StateError::Write {
                 path: self.service_key(name).into(),

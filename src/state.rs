@@ -60,14 +60,16 @@ impl StateStore {
     /// Stores the live state after a change of the services named in `changed`; `states` holds
     /// every service. The file backend rewrites the whole file; etcd writes only the changed
     /// keys, in one compare-and-swap transaction.
+    /// `previous` is the state the change was computed from (etcd compares against it).
     pub async fn save(
         &self,
         states: &HashMap<String, ServiceState>,
+        previous: &HashMap<String, ServiceState>,
         changed: &[String],
     ) -> Result<(), StateError> {
         match self {
             StateStore::File(f) => f.save(states).await,
-            StateStore::Etcd(e) => e.save(states, changed).await,
+            StateStore::Etcd(e) => e.save(states, previous, changed).await,
         }
     }
 
@@ -201,7 +203,10 @@ mod tests {
         s.previous = Some(Color::Blue);
         s.generation = 7;
         m.insert("api".to_string(), s.clone());
-        store.save(&m, &["api".to_string()]).await.expect("save");
+        store
+            .save(&m, &HashMap::new(), &["api".to_string()])
+            .await
+            .expect("save");
         assert_eq!(store.load().await.expect("load").get("api"), Some(&s));
         std::fs::write(&path, b"{not json").expect("write");
         let err = store.load().await.expect_err("corrupt");
