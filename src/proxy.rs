@@ -236,10 +236,14 @@ pub async fn handle(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
             Some(client_side) => tunnel(resp, client_side),
-            None => text(
-                StatusCode::BAD_GATEWAY,
-                "upstream switched protocols unasked\n",
-            ),
+            None => {
+                // That connection now speaks something else: it must not go back to the pool.
+                resp.body_mut().detach();
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream switched protocols unasked\n",
+                )
+            }
         };
     }
     strip_known(resp.headers_mut(), resp_hops);

@@ -618,6 +618,10 @@ async fn websocket_tunnels_stay_on_their_color_and_only_when_asked() {
     // An upstream that switches protocols unasked is a broken response.
     let (s, body) = p.get("/force101").await;
     assert_eq!(s, 502, "{body}");
+    // ...and its connection never goes back to the pool: the next requests are served.
+    for _ in 0..3 {
+        assert_eq!(p.get("/x").await, (200, "green plain\n".to_string()));
+    }
     p.stop().await;
 }
 
