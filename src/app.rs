@@ -147,7 +147,18 @@ impl App {
         };
         let metrics = Arc::new(Metrics::new());
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
-        let events = EventLog::new(store.audit_path(), notifier);
+        // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
+        let audit = store.audit_path();
+        let events = match tokio::task::spawn_blocking(move || EventLog::new(audit, notifier)).await
+        {
+            Ok(ev) => ev,
+            Err(e) => {
+                return Err(StateError::Corrupt {
+                    path: store.audit_path().unwrap_or_default(),
+                    reason: format!("cannot read the audit log: {e}"),
+                })
+            }
+        };
         let clients = Clients::new(&config.proxy);
         let config = Arc::new(config);
         let snapshot = build_snapshot(config, &states, None, &metrics);
@@ -598,7 +609,11 @@ impl App {
             new_cfg.proxy.tls_cert.as_deref(),
             new_cfg.proxy.tls_key.as_deref(),
         ) {
-            if let Err(e) = tls.reload(Some(cert), Some(key)) {
+            let (tls, cert, key) = (tls.clone(), cert.to_path_buf(), key.to_path_buf());
+            let reloaded = tokio::task::spawn_blocking(move || tls.reload(Some(&cert), Some(&key)))
+                .await
+                .unwrap_or_else(|e| Err(format!("certificate reload task failed: {e}")));
+            if let Err(e) = reloaded {
                 self.metrics
                     .config_reloads_total
                     .with_label_values(&["error"])

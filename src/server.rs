@@ -68,17 +68,15 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         &config.proxy.tls_cert,
         &config.proxy.tls_key,
     ) {
-        (Some(_), Some(cert), Some(key)) => Some(
-            TlsSetup::new(cert, key)
-                .map_err(|e| anyhow::anyhow!("proxy.tls_cert / proxy.tls_key: {e}"))?,
-        ),
+        (Some(_), Some(cert), Some(key)) => {
+            Some(load_tls(cert, key, "proxy.tls_cert / proxy.tls_key").await?)
+        }
         _ => None,
     };
     let admin_tls = match (&config.admin.tls_cert, &config.admin.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            TlsSetup::new(cert, key)
-                .map_err(|e| anyhow::anyhow!("admin.tls_cert / admin.tls_key: {e}"))?,
-        ),
+        (Some(cert), Some(key)) => {
+            Some(load_tls(cert, key, "admin.tls_cert / admin.tls_key").await?)
+        }
         _ => None,
     };
     let extra_workers = match config.proxy.runtime {
@@ -179,6 +177,18 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         tasks,
         threads,
     })
+}
+
+/// Reads a certificate and key off the runtime's threads.
+async fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    keys: &str,
+) -> anyhow::Result<TlsSetup> {
+    let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+    tokio::task::spawn_blocking(move || TlsSetup::new(&cert, &key))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{keys}: {e}"))
 }
 
 /// One `per_worker` thread: its own current-thread runtime accepting on its own
