@@ -80,11 +80,6 @@ impl ConnPool {
         })
     }
 
-    /// Idle connections held now.
-    pub fn idle(&self) -> usize {
-        self.idle.len()
-    }
-
     /// Sends `req` on an idle connection, or a new one.
     pub async fn send(
         self: &Arc<Self>,

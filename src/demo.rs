@@ -19,8 +19,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Color;
-
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
     /// Proxy listener.
@@ -374,9 +372,4 @@ async fn traffic(proxy: SocketAddr, stop: CancellationToken) {
             }
         });
     }
-}
-
-/// The color a demo upstream answers, for tests.
-pub fn color_of(body: &str) -> Option<Color> {
-    body.trim().parse().ok()
 }
