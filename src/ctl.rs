@@ -280,6 +280,17 @@ fn millis(v: Option<&Value>) -> String {
     }
 }
 
+/// Health and window numbers of a color or an upstream, one line.
+fn traffic(v: &Value) -> String {
+    format!(
+        "healthy={:<5} requests={:<7} errors={:<8} p95={}",
+        s(v, "healthy"),
+        s(v, "requests"),
+        pct(v.get("error_rate")),
+        millis(v.get("p95_ms"))
+    )
+}
+
 fn print_status(v: &Value) {
     println!("window: {}s", s(v, "window_secs"));
     for svc in v
@@ -321,29 +332,15 @@ fn print_status(v: &Value) {
                 continue;
             };
             let live = svc.get("active").and_then(Value::as_str) == Some(color);
-            println!(
-                "  {}{:<5} healthy={:<5} requests={:<7} errors={:<8} p95={}",
-                if live { "*" } else { " " },
-                color,
-                s(c, "healthy"),
-                s(c, "requests"),
-                pct(c.get("error_rate")),
-                millis(c.get("p95_ms"))
-            );
+            let mark = if live { "*" } else { " " };
+            println!("  {mark}{color:<5} {}", traffic(c));
             for u in c
                 .get("upstreams")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
             {
-                println!(
-                    "      {:<22} healthy={:<5} requests={:<7} errors={:<8} p95={}",
-                    s(u, "addr"),
-                    s(u, "healthy"),
-                    s(u, "requests"),
-                    pct(u.get("error_rate")),
-                    millis(u.get("p95_ms"))
-                );
+                println!("      {:<22} {}", s(u, "addr"), traffic(u));
             }
         }
         for t in svc

@@ -288,6 +288,13 @@ impl Slot {
     }
 }
 
+/// The epochs a ticker prepares ahead of `now_epoch`: the next two seconds (sentinels excluded).
+fn epochs_ahead(now_epoch: u64) -> impl Iterator<Item = u64> {
+    (1..=2)
+        .map(move |ahead| now_epoch.saturating_add(ahead))
+        .filter(|epoch| *epoch <= MAX_EPOCH)
+}
+
 /// Sliding-window request/failure counts and latency histogram for one
 /// upstream, with one-second resolution.
 pub struct Window {
@@ -347,12 +354,9 @@ impl Window {
     /// Ticker hook (call every ~250 ms): clears and tags the slots for the
     /// next two seconds so recorders find them ready and never clear.
     pub fn prepare(&self, now_epoch: u64) {
-        for ahead in 1..=2 {
-            let epoch = now_epoch.saturating_add(ahead);
-            if epoch <= MAX_EPOCH {
-                let slot = self.slot(epoch);
-                prepare_slot(&slot.tag, epoch, || slot.clear());
-            }
+        for epoch in epochs_ahead(now_epoch) {
+            let slot = self.slot(epoch);
+            prepare_slot(&slot.tag, epoch, || slot.clear());
         }
     }
 
@@ -538,12 +542,9 @@ impl WindowCounter {
 
     /// Ticker hook: clears and tags the slots for the next two seconds.
     pub fn prepare(&self, now_epoch: u64) {
-        for ahead in 1..=2 {
-            let epoch = now_epoch.saturating_add(ahead);
-            if epoch <= MAX_EPOCH {
-                let slot = self.slot(epoch);
-                prepare_slot(&slot.tag, epoch, || slot.count.store(0, Relaxed));
-            }
+        for epoch in epochs_ahead(now_epoch) {
+            let slot = self.slot(epoch);
+            prepare_slot(&slot.tag, epoch, || slot.count.store(0, Relaxed));
         }
     }
 

@@ -185,6 +185,15 @@ async fn color_healthy(p: &TestProxy, svc: &str, color: &str) -> Option<bool> {
     p.service_status(svc).await["colors"][color]["healthy"].as_bool()
 }
 
+/// Waits (at most 5 s) until the health checks take every upstream of `color` of "api" out.
+async fn wait_unhealthy(p: &TestProxy, color: &str) {
+    let down = eventually(5, || async {
+        color_healthy(p, "api", color).await == Some(false)
+    })
+    .await;
+    assert!(down, "{color} never became unhealthy");
+}
+
 fn assert_error_body(status: u16, v: &Value, expected: u16) -> String {
     assert_eq!(status, expected, "{v}");
     let obj = v
@@ -809,13 +818,7 @@ async fn proxy_answers_502_504_503_404() {
         &health_extra(1),
     ))
     .await;
-    assert!(
-        eventually(5, || async {
-            color_healthy(&p, "api", "blue").await == Some(false)
-        })
-        .await,
-        "blue never became unhealthy"
-    );
+    wait_unhealthy(&p, "blue").await;
     let (s, h, b) = get_with_headers(p.proxy, "/x").await;
     assert_own_answer(s, &h, &b, 503, "no healthy upstream");
     assert_eq!(blue.hits(), 0);
@@ -860,13 +863,7 @@ async fn flip_to_unhealthy_pool_is_refused_unless_forced() {
         &health_extra(1),
     ))
     .await;
-    assert!(
-        eventually(5, || async {
-            color_healthy(&p, "api", "green").await == Some(false)
-        })
-        .await,
-        "green never became unhealthy"
-    );
+    wait_unhealthy(&p, "green").await;
     let (s, v) = p.flip("api", "green").await;
     let m = assert_error_body(s, &v, 409);
     assert!(m.contains("no healthy upstream"), "{m}");
