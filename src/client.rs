@@ -1,42 +1,75 @@
 //! The HTTP/1.1 client toward upstreams: per upstream, a lock-free stack of idle keep-alive
-//! connections.
+//! connections, and the exchange on one connection driven inside the request's own task.
 //!
-//! hyper-util's pooled client keeps every host's idle connections in one map behind a mutex and
-//! hashes the pool key on each request; this pool belongs to its upstream (no key, no map) and
-//! is an `ArrayQueue`, so a checkout is one atomic pop. A connection goes back when the
-//! response body has been read to its end; one whose response was abandoned, upgraded or broken
-//! is dropped, and hyper closes it.
+//! Why not hyper's client: hyper runs each connection as a separate task and hands every
+//! request to it over a channel and every response back over a oneshot, and its response body
+//! is another channel; on a small proxied request that machinery was about a third of the
+//! proxy's instructions. Here the request task writes the head (one `writev`), reads and parses
+//! the response head with `httparse` (the parser hyper uses), and the response body reads the
+//! socket itself. hyper still serves the client side.
 //!
-//! Retries: a request that hyper never wrote to a reused connection (it was closed by the
-//! upstream while idle) is tried again on another one, whatever its method: the upstream never
-//! saw it. A request that was written is never retried.
+//! What this client speaks: HTTP/1.1 requests in origin form, bodies by `Content-Length` or
+//! chunked (trailers kept), the request body written while the response is read (an upstream
+//! may answer early or stream both ways); responses framed by RFC 9112 6.3 (HEAD, 1xx, 204 and
+//! 304 carry no body; `Transfer-Encoding: chunked`; `Content-Length`; else until close), where
+//! `Content-Length` with `Transfer-Encoding`, differing lengths or any coding but a single
+//! `chunked` are refused (request smuggling toward the client). `101` hands the connection to a
+//! tunnel. A connection goes back to the pool only when both messages ended cleanly and the
+//! upstream did not ask to close.
+//!
+//! Retries: a pooled connection the upstream closed while idle is noticed before use (a
+//! non-blocking read sees the FIN) and skipped. One that fails the exchange with no response
+//! byte read is retried on a fresh connection when the upstream cannot have seen the request
+//! (nothing was written) or the request is idempotent and had no body; anything else is an error.
 
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
-use http::{Request, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::RequestBody;
+use crate::proxy::{BodyError, RequestBody};
 
-/// Why a request got no response.
+/// Most header lines an upstream response may carry.
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// Largest upstream response head (and chunk-size or trailer line) accepted.
+const MAX_RESPONSE_HEAD: usize = 128 * 1024;
+/// Read buffer of a connection; it grows only for a larger head.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why a request got no (complete) response.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// TCP connect or HTTP handshake failed (or timed out).
+    /// TCP connect failed or timed out.
     #[error("connect: {0}")]
     Connect(String),
-    /// The connection failed while sending the request or reading the response head.
+    /// The connection failed while the request was sent or the response read.
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    /// The upstream closed the connection before a complete response.
+    #[error("upstream closed the connection early")]
+    Closed,
+    /// The upstream's answer is not valid HTTP/1.1 (or ambiguous).
+    #[error("invalid upstream response: {0}")]
+    Protocol(&'static str),
+    /// The client's request body failed or stalled; not the upstream's fault.
+    #[error("request body")]
+    Body(#[source] BodyError),
+    /// From hyper (HTTP/2 response bodies).
     #[error(transparent)]
-    Request(#[from] hyper::Error),
+    Hyper(#[from] hyper::Error),
     /// From hyper-util's pooled client (HTTP/2 pools).
     #[error(transparent)]
     Pooled(#[from] hyper_util::client::legacy::Error),
@@ -46,21 +79,47 @@ impl ClientError {
     pub fn is_connect(&self) -> bool {
         match self {
             ClientError::Connect(_) => true,
-            ClientError::Request(_) => false,
             ClientError::Pooled(e) => e.is_connect(),
+            _ => false,
         }
     }
 }
 
-struct Idle {
-    sender: SendRequest<RequestBody>,
-    since: Instant,
+/// An upstream connection and what has been read from it but not yet used.
+struct Conn {
+    io: TcpStream,
+    rbuf: BytesMut,
+    /// When it went idle; `None` while fresh from connect.
+    since: Option<Instant>,
+}
+
+impl Conn {
+    /// A non-blocking read: an idle connection must have nothing to say. A FIN (0) or stray
+    /// bytes mean it cannot carry another request.
+    fn still_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Reads what the socket has into `rbuf`; `Ok(0)` is end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            match self.io.try_read_buf(&mut self.rbuf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => return Poll::Ready(res),
+            }
+        }
+    }
 }
 
 /// The idle connections of one upstream.
 pub struct ConnPool {
     addr: SocketAddr,
-    idle: ArrayQueue<Idle>,
+    idle: ArrayQueue<Conn>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -80,137 +139,842 @@ impl ConnPool {
         })
     }
 
-    /// Sends `req` on an idle connection, or a new one.
+    /// Sends `req` on an idle connection, or a new one, and returns once the response head has
+    /// been read; the body streams from the connection as it is polled.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, ClientError> {
-        while let Some(Idle { mut sender, since }) = self.idle.pop() {
-            if sender.is_closed() || since.elapsed() > self.idle_timeout {
-                continue;
-            }
-            if !sender.is_ready() && sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the connection went stale while idle. Try another.
-                    Some(back) => req = back,
-                    None => return Err(ClientError::Request(e.into_error())),
-                },
+        let (parts, body) = req.into_parts();
+        let (head, upload) = encode_head(&parts, &body);
+        let idempotent = is_idempotent(&parts.method);
+        let head_request = parts.method == Method::HEAD;
+        let mut body = body;
+        loop {
+            let (conn, reused) = match self.checkout() {
+                Some(c) => (c, true),
+                None => (self.connect().await?, false),
+            };
+            let mut ex = Exchange::new(conn, head.clone(), body, upload);
+            let err = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
+                Ok(resp) => return Ok(self.response(ex, resp, head_request)),
+                Err(e) => e,
+            };
+            // Safe to send again only if the upstream cannot have acted on it: nothing came
+            // back, no body byte was taken, and either nothing was written or it is idempotent.
+            let retry = reused
+                && !ex.read_any
+                && !ex.body_polled
+                && (!ex.wrote_any || idempotent)
+                && matches!(err, ClientError::Io(_) | ClientError::Closed);
+            match ex.body.take() {
+                Some(b) if retry => {
+                    tracing::debug!(error = %err, "pooled upstream connection was stale; retrying");
+                    body = b;
+                }
+                _ => return Err(err),
             }
         }
-        let mut sender = self.connect().await?;
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        Ok(self.wrap(resp, sender))
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, ClientError> {
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(self.addr),
-        )
-        .await
-        .map_err(|_| ClientError::Connect("timed out".to_string()))?
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
+    fn checkout(&self) -> Option<Conn> {
+        while let Some(conn) = self.idle.pop() {
+            let fresh = conn
+                .since
+                .map_or(true, |t| t.elapsed() <= self.idle_timeout);
+            if fresh && conn.still_open() {
+                return Some(conn);
             }
-        });
-        Ok(sender)
+        }
+        None
     }
 
-    fn wrap(
-        self: &Arc<Self>,
-        resp: Response<Incoming>,
-        sender: SendRequest<RequestBody>,
-    ) -> Response<PooledBody> {
-        let pool = self.clone();
-        resp.map(|inner| PooledBody {
-            inner,
-            ret: Some((pool, sender)),
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| ClientError::Connect("timed out".to_string()))?
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let _ = io.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
+        Ok(Conn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            since: None,
         })
     }
 
-    fn put_back(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        // A full pool drops the connection: at most `upstream_max_idle` stay open.
-        let _ = self.idle.push(Idle {
-            sender,
-            since: Instant::now(),
+    fn response(
+        self: &Arc<Self>,
+        ex: Exchange,
+        head: ResponseHead,
+        head_request: bool,
+    ) -> Response<PooledBody> {
+        let ResponseHead {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        } = head;
+        let decoder = if status == StatusCode::SWITCHING_PROTOCOLS {
+            Decoder::Upgrade
+        } else if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Decoder::Length(0)
+        } else {
+            framing
+        };
+        let mut resp = Response::new(PooledBody {
+            kind: Kind::H1(H1Body {
+                ex,
+                decoder,
+                keep_alive,
+                pool: self.clone(),
+                failed: None,
+            }),
         });
+        *resp.status_mut() = status;
+        *resp.version_mut() = Version::HTTP_11;
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    fn put_back(&self, mut conn: Conn) {
+        conn.since = Some(Instant::now());
+        // A full pool drops the connection: at most `upstream_max_idle` stay open.
+        let _ = self.idle.push(conn);
     }
 }
 
-/// An upstream response body that returns its connection to the pool once read to the end.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// How the request body goes on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// Nothing, or exactly the declared `Content-Length`.
+    Raw,
+    Chunked,
+}
+
+/// The request head in origin form, and how its body is framed: the client's
+/// `Content-Length` when it sent one, otherwise the body's exact size, otherwise chunked.
+fn encode_head(parts: &http::request::Parts, body: &RequestBody) -> (Bytes, Upload) {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/");
+    let mut size = parts.method.as_str().len() + path.len() + 16;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut out = BytesMut::with_capacity(size + 32);
+    out.put_slice(parts.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(path.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    for (name, value) in &parts.headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    let upload = if has_length {
+        Upload::Raw
+    } else if body.is_end_stream() {
+        if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            out.put_slice(b"content-length: 0\r\n");
+        }
+        Upload::Raw
+    } else if let Some(n) = body.size_hint().exact() {
+        out.put_slice(b"content-length: ");
+        out.put_slice(n.to_string().as_bytes());
+        out.put_slice(b"\r\n");
+        Upload::Raw
+    } else {
+        out.put_slice(b"transfer-encoding: chunked\r\n");
+        Upload::Chunked
+    };
+    out.put_slice(b"\r\n");
+    (out.freeze(), upload)
+}
+
+/// A parsed response head and what it says about the connection.
+struct ResponseHead {
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: Decoder,
+    keep_alive: bool,
+}
+
+/// One request/response on one connection: the request still being written, and the
+/// connection being read.
+struct Exchange {
+    conn: Option<Conn>,
+    /// Bytes waiting to be written, in order (head, chunk framing, body data).
+    out: VecDeque<Bytes>,
+    /// The request body; kept after its end so that an unsent request can be retried.
+    body: Option<RequestBody>,
+    body_done: bool,
+    upload: Upload,
+    /// Writing failed: the rest of the request is abandoned and the connection is not reused.
+    upload_broken: bool,
+    wrote_any: bool,
+    read_any: bool,
+    body_polled: bool,
+}
+
+impl Exchange {
+    fn new(conn: Conn, head: Bytes, body: RequestBody, upload: Upload) -> Exchange {
+        let mut out = VecDeque::with_capacity(4);
+        out.push_back(head);
+        let body_done = body.is_end_stream();
+        Exchange {
+            conn: Some(conn),
+            out,
+            body: Some(body),
+            body_done,
+            upload,
+            upload_broken: false,
+            wrote_any: false,
+            read_any: false,
+            body_polled: false,
+        }
+    }
+
+    /// The whole request (head and body) is in the socket.
+    fn sent(&self) -> bool {
+        self.body_done && self.out.is_empty() && !self.upload_broken
+    }
+
+    /// Writes what it can of the request. An I/O error stops the upload but not the exchange:
+    /// the upstream may have answered (and closed) before reading everything. Only a failure
+    /// of the client's body is an error.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), ClientError> {
+        if self.upload_broken {
+            return Ok(());
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            while !self.out.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 8];
+                let n = self.out.len().min(slices.len());
+                for (s, b) in slices.iter_mut().zip(self.out.iter()) {
+                    *s = IoSlice::new(b);
+                }
+                match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices[..n]) {
+                    Poll::Pending => return Ok(()),
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.upload_broken = true;
+                        self.out.clear();
+                        return Ok(());
+                    }
+                    Poll::Ready(Ok(mut written)) => {
+                        self.wrote_any = true;
+                        while written > 0 {
+                            let Some(front) = self.out.front_mut() else {
+                                break;
+                            };
+                            let k = written.min(front.len());
+                            front.advance(k);
+                            written -= k;
+                            if front.is_empty() {
+                                self.out.pop_front();
+                            }
+                        }
+                    }
+                }
+            }
+            if self.body_done {
+                return Ok(());
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Ok(());
+            };
+            self.body_polled = true;
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(None) => {
+                    if self.upload == Upload::Chunked {
+                        self.out.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                    self.body_done = true;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.body_done = true;
+                    self.upload_broken = true;
+                    return Err(ClientError::Body(e));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.upload == Upload::Chunked => {
+                        self.out
+                            .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                        self.out.push_back(data);
+                        self.out.push_back(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => self.out.push_back(data),
+                    Err(frame) => {
+                        // Trailers travel only in chunked framing; with a length they are
+                        // dropped (HTTP/1.1 has nowhere to put them).
+                        if let (Ok(trailers), Upload::Chunked) =
+                            (frame.into_trailers(), self.upload)
+                        {
+                            let mut t = BytesMut::from(&b"0\r\n"[..]);
+                            for (name, value) in &trailers {
+                                t.put_slice(name.as_str().as_bytes());
+                                t.put_slice(b": ");
+                                t.put_slice(value.as_bytes());
+                                t.put_slice(b"\r\n");
+                            }
+                            t.put_slice(b"\r\n");
+                            self.out.push_back(t.freeze());
+                            self.body_done = true;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Drives the upload and reads until a final (non-1xx) response head.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, ClientError>> {
+        self.poll_upload(cx)?;
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Err(ClientError::Closed));
+        };
+        loop {
+            if !conn.rbuf.is_empty() {
+                match parse_head(&mut conn.rbuf)? {
+                    Some(head)
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue;
+                    }
+                    Some(head) => return Poll::Ready(Ok(head)),
+                    None if conn.rbuf.len() > MAX_RESPONSE_HEAD => {
+                        return Poll::Ready(Err(ClientError::Protocol("response head too large")));
+                    }
+                    None => {}
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(if self.upload_broken && !self.read_any {
+                        ClientError::Io(io::Error::from(io::ErrorKind::BrokenPipe))
+                    } else {
+                        ClientError::Closed
+                    }))
+                }
+                Ok(_) => self.read_any = true,
+                Err(e) => return Poll::Ready(Err(ClientError::Io(e))),
+            }
+        }
+    }
+}
+
+/// Parses one response head off the front of `buf`; `None` if incomplete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ClientError::Protocol("too many response headers"))
+        }
+        Err(_) => return Err(ClientError::Protocol("malformed response head")),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ClientError::Protocol("invalid status code"))?;
+    let http10 = resp.version == Some(0);
+    // Offsets of every name and value, so the values can share the head's buffer.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
+    let count = resp.headers.len();
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (
+            n as u32,
+            h.name.len() as u32,
+            v as u32,
+            h.value.len() as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut te_lines = 0;
+    let mut close = http10;
+    for &(n, nl, v, vl) in &spans[..count] {
+        let name_bytes = &head[n as usize..(n + nl) as usize];
+        let name = HeaderName::from_bytes(name_bytes)
+            .map_err(|_| ClientError::Protocol("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
+            .map_err(|_| ClientError::Protocol("invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(value.as_bytes())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ClientError::Protocol("conflicting Content-Length"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            te_lines += 1;
+            chunked = value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked");
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = match (te_lines, length) {
+        (0, Some(n)) => Decoder::Length(n),
+        (0, None) => Decoder::Eof,
+        (1, None) if chunked => Decoder::Chunked(ChunkState::Size),
+        (_, Some(_)) => {
+            return Err(ClientError::Protocol(
+                "Content-Length with Transfer-Encoding",
+            ))
+        }
+        _ => return Err(ClientError::Protocol("unsupported Transfer-Encoding")),
+    };
+    Ok(Some(ResponseHead {
+        status,
+        headers,
+        framing,
+        keep_alive: !close,
+    }))
+}
+
+fn parse_length(v: &[u8]) -> Result<u64, ClientError> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(ClientError::Protocol("invalid Content-Length"));
+    }
+    Ok(v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0')))
+}
+
+/// How the rest of the response body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    Length(u64),
+    Chunked(ChunkState),
+    /// Until the upstream closes (HTTP/1.0 style); never reusable.
+    Eof,
+    /// `101`: the connection belongs to a tunnel.
+    Upgrade,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// What one step of chunked decoding produced.
+enum Chunked {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    NeedMore,
+}
+
+/// Decodes chunked framing off the front of `buf`.
+fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked, ClientError> {
+    let mut trailers: Option<HeaderMap> = None;
+    loop {
+        match *st {
+            ChunkState::Size => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(Chunked::NeedMore);
+                };
+                let digits = line
+                    .iter()
+                    .position(|b| !b.is_ascii_hexdigit())
+                    .unwrap_or(line.len());
+                let rest = &line[digits..];
+                if digits == 0
+                    || digits > 15
+                    || !(rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t'))
+                {
+                    return Err(ClientError::Protocol("invalid chunk size"));
+                }
+                let size = line[..digits].iter().fold(0u64, |acc, d| {
+                    acc * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
+                });
+                *st = if size == 0 {
+                    ChunkState::Trailers
+                } else {
+                    ChunkState::Data(size)
+                };
+            }
+            ChunkState::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Chunked::NeedMore);
+                }
+                let take = (buf.len() as u64).min(left) as usize;
+                let data = buf.split_to(take).freeze();
+                *st = if left == take as u64 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left - take as u64)
+                };
+                return Ok(Chunked::Data(data));
+            }
+            ChunkState::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Chunked::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(ClientError::Protocol("chunk not followed by CRLF"));
+                }
+                buf.advance(2);
+                *st = ChunkState::Size;
+            }
+            ChunkState::Trailers => {
+                let Some(line) = take_line(buf)? else {
+                    // Trailers parsed so far stay in `trailers`, so keep them for next time.
+                    if let Some(t) = trailers {
+                        return Ok(Chunked::Trailers(t));
+                    }
+                    return Ok(Chunked::NeedMore);
+                };
+                if line.is_empty() {
+                    return Ok(match trailers {
+                        Some(t) if !t.is_empty() => Chunked::Trailers(t),
+                        _ => Chunked::End,
+                    });
+                }
+                let colon = line
+                    .iter()
+                    .position(|b| *b == b':')
+                    .ok_or(ClientError::Protocol("invalid trailer"))?;
+                let name = HeaderName::from_bytes(&line[..colon])
+                    .map_err(|_| ClientError::Protocol("invalid trailer name"))?;
+                let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+                    .map_err(|_| ClientError::Protocol("invalid trailer value"))?;
+                let t = trailers.get_or_insert_with(HeaderMap::new);
+                if t.len() >= MAX_RESPONSE_HEADERS {
+                    return Err(ClientError::Protocol("too many trailers"));
+                }
+                t.append(name, value);
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-terminated line (without the CRLF) off `buf`; `None` if incomplete.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, ClientError> {
+    match memchr::memchr(b'\n', buf) {
+        Some(i) => {
+            if i == 0 || buf[i - 1] != b'\r' {
+                return Err(ClientError::Protocol("line not ended by CRLF"));
+            }
+            let line = buf.split_to(i + 1).freeze();
+            Ok(Some(line.slice(..i - 1)))
+        }
+        None if buf.len() > MAX_RESPONSE_HEAD => Err(ClientError::Protocol("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// A response body read straight off the upstream connection.
+struct H1Body {
+    ex: Exchange,
+    decoder: Decoder,
+    keep_alive: bool,
+    pool: Arc<ConnPool>,
+    /// A failure held back for one poll, so that what was already passed on gets flushed to
+    /// the client first (hyper drops unflushed output when a body fails).
+    failed: Option<ClientError>,
+}
+
+impl H1Body {
+    /// Hands the connection back when both messages ended cleanly.
+    fn finish(&mut self) {
+        self.decoder = Decoder::Done;
+        let sent = self.ex.sent();
+        let Some(conn) = self.ex.conn.take() else {
+            return;
+        };
+        if self.keep_alive && sent && conn.rbuf.is_empty() {
+            self.pool.put_back(conn);
+        }
+    }
+
+    /// Ends the body with an error, after one more turn of the writer; the connection is
+    /// closed.
+    fn fail(
+        &mut self,
+        e: ClientError,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        // Not `Done` yet: hyper must not take the body for complete meanwhile.
+        self.ex.conn = None;
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        if let Some(e) = self.failed.take() {
+            self.decoder = Decoder::Done;
+            return Poll::Ready(Some(Err(e)));
+        }
+        // The request may still be going out (an upstream streaming both ways).
+        if let Err(e) = self.ex.poll_upload(cx) {
+            return self.fail(e, cx);
+        }
+        loop {
+            let Some(conn) = self.ex.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match &mut self.decoder {
+                Decoder::Done | Decoder::Upgrade => return Poll::Ready(None),
+                Decoder::Length(0) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Decoder::Length(left) if !conn.rbuf.is_empty() => {
+                    let take = (conn.rbuf.len() as u64).min(*left) as usize;
+                    *left -= take as u64;
+                    Some(Frame::data(conn.rbuf.split_to(take).freeze()))
+                }
+                Decoder::Eof if !conn.rbuf.is_empty() => {
+                    Some(Frame::data(conn.rbuf.split().freeze()))
+                }
+                Decoder::Length(_) | Decoder::Eof => None,
+                Decoder::Chunked(st) => match decode_chunked(&mut conn.rbuf, st) {
+                    Err(e) => return self.fail(e, cx),
+                    Ok(Chunked::Data(d)) => Some(Frame::data(d)),
+                    Ok(Chunked::Trailers(t)) => {
+                        self.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Chunked::End) => {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunked::NeedMore) => None,
+                },
+            };
+            if let Some(frame) = frame {
+                if self.decoder == Decoder::Length(0) {
+                    // The last byte: free the connection now, not on the next poll.
+                    self.finish();
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if self.decoder == Decoder::Eof => {
+                    self.decoder = Decoder::Done;
+                    self.ex.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return self.fail(ClientError::Closed, cx),
+                Ok(_) => {}
+                Err(e) => return self.fail(ClientError::Io(e), cx),
+            }
+        }
+    }
+}
+
+/// An upstream response body: read off a pooled HTTP/1.1 connection (which goes back to the
+/// pool at the body's end), or an HTTP/2 stream.
 pub struct PooledBody {
-    inner: Incoming,
-    ret: Option<(Arc<ConnPool>, SendRequest<RequestBody>)>,
+    kind: Kind,
+}
+
+enum Kind {
+    H1(H1Body),
+    H2(Incoming),
 }
 
 impl PooledBody {
-    /// A body whose connection is not pooled here (HTTP/2, or an upgraded connection).
+    /// A body whose connection is not pooled here (HTTP/2).
     pub fn unpooled(inner: Incoming) -> PooledBody {
-        PooledBody { inner, ret: None }
+        PooledBody {
+            kind: Kind::H2(inner),
+        }
     }
 
-    /// Keeps the connection out of the pool (a 101 hands it over to a tunnel).
+    /// Takes the connection out of the pool's hands: it goes nowhere when the body is dropped
+    /// (an unasked `101`).
     pub fn detach(&mut self) {
-        self.ret = None;
+        if let Kind::H1(b) = &mut self.kind {
+            b.ex.conn = None;
+            b.decoder = Decoder::Done;
+        }
     }
 
-    fn give_back(&mut self) {
-        if let Some((pool, sender)) = self.ret.take() {
-            pool.put_back(sender);
+    /// After a `101`: the upstream connection and any bytes already read past the head.
+    pub fn take_upgraded(&mut self) -> Option<(TcpStream, Bytes)> {
+        match &mut self.kind {
+            Kind::H1(b) if b.decoder == Decoder::Upgrade => {
+                b.decoder = Decoder::Done;
+                b.ex.conn.take().map(|c| (c.io, c.rbuf.freeze()))
+            }
+            _ => None,
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Err(_))) => this.ret = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        match &mut self.kind {
+            Kind::H1(b) => b.poll_frame(cx),
+            Kind::H2(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(ClientError::Hyper))),
         }
-        res
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::H1(b) => matches!(
+                b.decoder,
+                Decoder::Length(0) | Decoder::Done | Decoder::Upgrade
+            ),
+            Kind::H2(inner) => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            Kind::H1(b) => match b.decoder {
+                Decoder::Length(n) => SizeHint::with_exact(n),
+                Decoder::Done | Decoder::Upgrade => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            },
+            Kind::H2(inner) => inner.size_hint(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        // A body known to be complete (empty, or its last frame read) frees the connection even
-        // if nobody polled it to None; anything else leaves it to close.
-        if self.inner.is_end_stream() {
-            self.give_back();
+        // A body known to be complete (empty, or its last byte read) frees the connection even
+        // if nobody polled it to the end; anything else closes it.
+        if let Kind::H1(b) = &mut self.kind {
+            if b.decoder == Decoder::Length(0) {
+                b.finish();
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), ClientError> {
+        let mut buf = BytesMut::from(input);
+        let mut st = ChunkState::Size;
+        let mut data = Vec::new();
+        loop {
+            match decode_chunked(&mut buf, &mut st)? {
+                Chunked::Data(d) => data.extend_from_slice(&d),
+                Chunked::Trailers(t) => return Ok((data, Some(t), true)),
+                Chunked::End => return Ok((data, None, true)),
+                Chunked::NeedMore => return Ok((data, None, false)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let (d, t, done) = chunks(b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\n\r\n").expect("ok");
+        assert_eq!(
+            (d.as_slice(), t.is_none(), done),
+            (&b"hello!"[..], true, true)
+        );
+        let (d, t, done) =
+            chunks(b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nx-b: 2\r\n\r\n").expect("ok");
+        let t = t.expect("trailers");
+        assert_eq!((d.as_slice(), done), (&b"abc"[..], true));
+        assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert_eq!(t.len(), 2);
+        let (d, _, done) = chunks(b"a\r\n01234").expect("partial");
+        assert_eq!((d.as_slice(), done), (&b"01234"[..], false));
+        assert!(chunks(b"zz\r\n").is_err());
+        assert!(chunks(b"3\r\nabcX\r\n").is_err());
+        assert!(chunks(b"3\nabc\r\n").is_err());
+    }
+
+    #[test]
+    fn response_heads_decide_framing() {
+        let mut b =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nok\n"[..]);
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert_eq!(h.framing, Decoder::Length(3));
+        assert!(h.keep_alive);
+        assert_eq!(&b[..], b"ok\n");
+        assert_eq!(h.headers.get("x-a").map(|v| v.as_bytes()), Some(&b"b"[..]));
+
+        let mut b = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nabc"[..]);
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert_eq!((h.framing, h.keep_alive), (Decoder::Eof, false));
+
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert_eq!(
+            (h.framing, h.keep_alive),
+            (Decoder::Chunked(ChunkState::Size), false)
+        );
+
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let mut b = BytesMut::from(bad);
+            assert!(
+                parse_head(&mut b).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_head(&mut b).expect("partial").is_none());
     }
 }

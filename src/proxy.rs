@@ -27,6 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
@@ -529,18 +530,23 @@ fn tunnel(
     client_side: hyper::upgrade::OnUpgrade,
 ) -> Response<ProxyBody> {
     // The connection now belongs to the tunnel, never to the pool.
-    upstream_resp.body_mut().detach();
-    let upstream_side = hyper::upgrade::on(&mut upstream_resp);
+    let upstream_side = upstream_resp.body_mut().take_upgraded();
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
-            Ok(pair) => pair,
+        let Some((mut upstream, early)) = upstream_side else {
+            return;
+        };
+        let client = match client_side.await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
         };
         let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
+        // Bytes the upstream sent right behind its 101 head belong to the tunnel.
+        if !early.is_empty() && client.write_all(&early).await.is_err() {
+            return;
+        }
         if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
