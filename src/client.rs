@@ -815,6 +815,8 @@ pub struct PooledBody {
     kind: Kind,
 }
 
+// HTTP/1.1 is the common case: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     H1(H1Body),
     H2(Incoming),
