@@ -40,7 +40,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::{BodyError, RequestBody};
+use crate::proxy::{BodyError, Forwarded, RequestBody};
 
 /// Most header lines an upstream response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
@@ -144,9 +144,10 @@ impl ConnPool {
     pub async fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
+        fwd: &Forwarded<'_>,
     ) -> Result<Response<PooledBody>, ClientError> {
         let (parts, body) = req.into_parts();
-        let (head, upload) = encode_head(&parts, &body);
+        let (head, upload) = encode_head(&parts, &body, fwd);
         let idempotent = is_idempotent(&parts.method);
         let head_request = parts.method == Method::HEAD;
         let mut body = body;
@@ -263,9 +264,14 @@ enum Upload {
     Chunked,
 }
 
-/// The request head in origin form, and how its body is framed: the client's
-/// `Content-Length` when it sent one, otherwise the body's exact size, otherwise chunked.
-fn encode_head(parts: &http::request::Parts, body: &RequestBody) -> (Bytes, Upload) {
+/// The request head in origin form with the `X-Forwarded-*` headers, and how its body is
+/// framed: the client's `Content-Length` when it sent one, otherwise the body's exact size,
+/// otherwise chunked.
+fn encode_head(
+    parts: &http::request::Parts,
+    body: &RequestBody,
+    fwd: &Forwarded<'_>,
+) -> (Bytes, Upload) {
     let path = parts
         .uri
         .path_and_query()
@@ -276,19 +282,31 @@ fn encode_head(parts: &http::request::Parts, body: &RequestBody) -> (Bytes, Uplo
     for (name, value) in &parts.headers {
         size += name.as_str().len() + value.len() + 4;
     }
-    let mut out = BytesMut::with_capacity(size + 32);
+    size += 80 + fwd.client_ip.len() + fwd.host.map_or(0, |h| h.len());
+    let mut out = BytesMut::with_capacity(size);
     out.put_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(path.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let mut had_forwarded = false;
     for (name, value) in &parts.headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        if Forwarded::replaces(name) {
+            had_forwarded = true;
+            continue;
+        }
+        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    let upload = if has_length {
+    let xff = if had_forwarded {
+        fwd.forwarded_for(&parts.headers)
+    } else {
+        fwd.client_ip.clone()
+    };
+    put_header(&mut out, b"x-forwarded-for", xff.as_bytes());
+    put_header(&mut out, b"x-forwarded-proto", fwd.proto.as_bytes());
+    if let Some(host) = fwd.host {
+        put_header(&mut out, b"x-forwarded-host", host.as_bytes());
+    }
+    let upload = if parts.headers.contains_key(header::CONTENT_LENGTH) {
         Upload::Raw
     } else if body.is_end_stream() {
         if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -296,9 +314,7 @@ fn encode_head(parts: &http::request::Parts, body: &RequestBody) -> (Bytes, Uplo
         }
         Upload::Raw
     } else if let Some(n) = body.size_hint().exact() {
-        out.put_slice(b"content-length: ");
-        out.put_slice(n.to_string().as_bytes());
-        out.put_slice(b"\r\n");
+        put_header(&mut out, b"content-length", n.to_string().as_bytes());
         Upload::Raw
     } else {
         out.put_slice(b"transfer-encoding: chunked\r\n");
@@ -306,6 +322,13 @@ fn encode_head(parts: &http::request::Parts, body: &RequestBody) -> (Bytes, Uplo
     };
     out.put_slice(b"\r\n");
     (out.freeze(), upload)
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
 }
 
 /// A parsed response head and what it says about the connection.
@@ -433,10 +456,7 @@ impl Exchange {
                         {
                             let mut t = BytesMut::from(&b"0\r\n"[..]);
                             for (name, value) in &trailers {
-                                t.put_slice(name.as_str().as_bytes());
-                                t.put_slice(b": ");
-                                t.put_slice(value.as_bytes());
-                                t.put_slice(b"\r\n");
+                                put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
                             }
                             t.put_slice(b"\r\n");
                             self.out.push_back(t.freeze());
@@ -521,6 +541,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let mut chunked = false;
     let mut te_lines = 0;
     let mut close = http10;
+    // Hop-by-hop headers stop here, except on a 101, whose Upgrade/Connection the client needs.
+    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut named: Vec<HeaderName> = Vec::new();
     for &(n, nl, v, vl) in &spans[..count] {
         let name_bytes = &head[n as usize..(n + nl) as usize];
         let name = HeaderName::from_bytes(name_bytes)
@@ -539,17 +562,32 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
                 .as_bytes()
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"chunked");
+            if !keep_hops {
+                continue;
+            }
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    close &= !http10;
+                } else if let Ok(other) = HeaderName::from_bytes(token) {
+                    named.push(other);
                 }
             }
+            if !keep_hops {
+                continue;
+            }
+        } else if !keep_hops && is_hop_by_hop(&name) {
+            continue;
         }
         headers.append(name, value);
+    }
+    if !keep_hops {
+        for name in &named {
+            headers.remove(name);
+        }
     }
     let framing = match (te_lines, length) {
         (0, Some(n)) => Decoder::Length(n),
@@ -568,6 +606,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         framing,
         keep_alive: !close,
     }))
+}
+
+/// The hop-by-hop headers of RFC 9110 7.6.1 besides `Connection` and `Transfer-Encoding`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE
+        || name == header::UPGRADE
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 fn parse_length(v: &[u8]) -> Result<u64, ClientError> {
@@ -976,6 +1022,21 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        // Hop-by-hop headers, and those a Connection line names, stop at the proxy; a 101
+        // keeps its Upgrade and Connection for the client.
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nX-Kept: 2\r\nContent-Length: 0\r\n\r\n"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let mut names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert!(h.headers.contains_key("upgrade") && h.headers.contains_key("connection"));
+
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(parse_head(&mut b).expect("partial").is_none());
     }

@@ -143,7 +143,9 @@ pub async fn handle(
         req.headers_mut()
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    add_forwarded(req.headers_mut(), conn, host_value.as_ref());
+    if pool.protocol == Protocol::H2 {
+        add_forwarded(req.headers_mut(), conn, host_value.as_ref());
+    }
     // HTTP/1.1 requests always carry Host (checked above). HTTP/2 clients send :authority and
     // HTTP/1.0 clients may send nothing; an HTTP/1.1 upstream needs a Host either way.
     if req.version() != Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
@@ -182,7 +184,9 @@ pub async fn handle(
     // 4. Forward.
     let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
     let in_flight = up.begin();
-    let result = tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req)).await;
+    let fwd = Forwarded::new(conn, host_value.as_ref());
+    let result =
+        tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req, &fwd)).await;
     drop(in_flight);
     let end = Instant::now();
     let elapsed = end - start;
@@ -258,9 +262,10 @@ async fn forward(
     protocol: Protocol,
     up: &Upstream,
     req: Request<RequestBody>,
+    fwd: &Forwarded<'_>,
 ) -> Result<Response<PooledBody>, ClientError> {
     match protocol {
-        Protocol::Http1 => up.conns.send(req).await,
+        Protocol::Http1 => up.conns.send(req, fwd).await,
         Protocol::H2 => Ok(app.clients.h2.request(req).await?.map(PooledBody::unpooled)),
     }
 }
@@ -457,27 +462,54 @@ fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
-    let mut prior = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .peekable();
-    if prior.peek().is_some() {
+/// The `X-Forwarded-*` values a request carries upstream. The HTTP/1.1 client writes them
+/// straight into the request head; HTTP/2 gets them through [`add_forwarded`].
+pub struct Forwarded<'a> {
+    pub client_ip: &'a HeaderValue,
+    pub proto: &'static str,
+    pub host: Option<&'a HeaderValue>,
+}
+
+impl<'a> Forwarded<'a> {
+    pub fn new(conn: &'a ConnInfo, host: Option<&'a HeaderValue>) -> Forwarded<'a> {
+        Forwarded {
+            client_ip: &conn.client_ip,
+            proto: if conn.tls { "https" } else { "http" },
+            host,
+        }
+    }
+
+    /// Whether `name` is one of the headers this replaces.
+    pub fn replaces(name: &HeaderName) -> bool {
+        name == X_FORWARDED_FOR || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST
+    }
+
+    /// `X-Forwarded-For`: the values the request came with, then the client.
+    pub fn forwarded_for(&self, headers: &HeaderMap) -> HeaderValue {
+        let mut prior = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .peekable();
+        if prior.peek().is_none() {
+            // The usual case: the address formatted once per connection.
+            return self.client_ip.clone();
+        }
         let mut s = prior.collect::<Vec<_>>().join(", ");
         s.push_str(", ");
-        s.push_str(conn.client_ip.to_str().unwrap_or_default());
-        if let Ok(v) = HeaderValue::from_str(&s) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
-    } else {
-        // The usual case: the address formatted once per connection.
-        headers.insert(X_FORWARDED_FOR.clone(), conn.client_ip.clone());
+        s.push_str(self.client_ip.to_str().unwrap_or_default());
+        HeaderValue::from_str(&s).unwrap_or_else(|_| self.client_ip.clone())
     }
+}
+
+/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
+    let fwd = Forwarded::new(conn, host);
+    let xff = fwd.forwarded_for(headers);
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(
         X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        HeaderValue::from_static(fwd.proto),
     );
     match host {
         Some(h) => {
