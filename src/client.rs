@@ -507,9 +507,12 @@ impl Exchange {
 
 /// Parses one response head off the front of `buf`; `None` if incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    // Uninitialized slots: initializing 128 headers cost more than parsing a small head.
+    let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -523,8 +526,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let http10 = resp.version == Some(0);
     // Offsets of every name and value, so the values can share the head's buffer.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
     let count = resp.headers.len();
+    let mut small = [(0u32, 0u32, 0u32, 0u32); 32];
+    let mut large = Vec::new();
+    let spans = if count <= small.len() {
+        &mut small[..count]
+    } else {
+        large.resize(count, (0, 0, 0, 0));
+        &mut large[..]
+    };
     for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
         let n = h.name.as_ptr() as usize - base;
         let v = h.value.as_ptr() as usize - base;
@@ -544,7 +554,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     // Hop-by-hop headers stop here, except on a 101, whose Upgrade/Connection the client needs.
     let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut named: Vec<HeaderName> = Vec::new();
-    for &(n, nl, v, vl) in &spans[..count] {
+    for &(n, nl, v, vl) in spans.iter() {
         let name_bytes = &head[n as usize..(n + nl) as usize];
         let name = HeaderName::from_bytes(name_bytes)
             .map_err(|_| ClientError::Protocol("invalid header name"))?;
@@ -1036,6 +1046,23 @@ mod tests {
         );
         let h = parse_head(&mut b).expect("ok").expect("complete");
         assert!(h.headers.contains_key("upgrade") && h.headers.contains_key("connection"));
+
+        // More headers than the inline offset table holds; more than the parser accepts.
+        let many = |n: usize| {
+            let mut v = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..n {
+                v.extend_from_slice(format!("x-h{i}: {i}\r\n").as_bytes());
+            }
+            v.extend_from_slice(b"content-length: 0\r\n\r\n");
+            BytesMut::from(&v[..])
+        };
+        let h = parse_head(&mut many(60)).expect("ok").expect("complete");
+        assert_eq!(h.headers.len(), 61);
+        assert_eq!(
+            h.headers.get("x-h59").map(|v| v.as_bytes()),
+            Some(&b"59"[..])
+        );
+        assert!(parse_head(&mut many(MAX_RESPONSE_HEADERS)).is_err());
 
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(parse_head(&mut b).expect("partial").is_none());

@@ -166,20 +166,23 @@ pub async fn handle(
         None => None,
     };
     let path_and_query = req.uri().path_and_query().cloned();
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(up.authority.clone());
-    parts.path_and_query = path_and_query
-        .clone()
-        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-    match Uri::from_parts(parts) {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => return text(StatusCode::BAD_REQUEST, "invalid request target\n"),
+    match pool.protocol {
+        // The HTTP/1.1 client writes the origin form (path and query) itself.
+        Protocol::Http1 => *req.version_mut() = Version::HTTP_11,
+        Protocol::H2 => {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(up.authority.clone());
+            parts.path_and_query = path_and_query
+                .clone()
+                .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+            match Uri::from_parts(parts) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => return text(StatusCode::BAD_REQUEST, "invalid request target\n"),
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
     }
-    *req.version_mut() = match pool.protocol {
-        Protocol::Http1 => Version::HTTP_11,
-        Protocol::H2 => Version::HTTP_2,
-    };
 
     // 4. Forward.
     let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
