@@ -101,18 +101,14 @@ impl Conn {
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Reads what the socket has into `rbuf`; `Ok(0)` is end of stream.
+    /// Reads what the socket has into `rbuf`; `Ok(0)` is end of stream. Through `AsyncRead`,
+    /// which clears the socket's readiness on a short read, so the next wait does not start
+    /// with a read that can only say EAGAIN.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.rbuf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                res => return Poll::Ready(res),
-            }
-        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
     }
 }
 
