@@ -333,7 +333,10 @@ async fn serve_proxy(
         }
     }
     drop(listener);
+    let deadline = tokio::time::Instant::now() + grace;
     drain(graceful, grace, "proxy").await;
+    // Tunnels left their connections when they upgraded: they get what is left of the grace.
+    app.tunnels.drain(deadline).await;
 }
 
 /// Waits for open connections to finish their in-flight requests, at most `grace`.
