@@ -42,6 +42,8 @@ pub struct App {
     pub admin_token: Option<String>,
     pub config_path: Option<PathBuf>,
     pub shutdown: CancellationToken,
+    /// Open WebSocket tunnels, drained at shutdown like requests.
+    pub tunnels: crate::proxy::Tunnels,
     pub started: Instant,
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
@@ -172,6 +174,7 @@ impl App {
             admin_token: admin_token.filter(|t| !t.is_empty()),
             config_path,
             shutdown: CancellationToken::new(),
+            tunnels: crate::proxy::Tunnels::default(),
             started: Instant::now(),
             tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),

@@ -5,8 +5,8 @@
 //! [`routing`] (the live snapshot), [`proxy`] (the request path), [`upstream`] (pools, balancing,
 //! the client), [`health`], [`stats`] (windowed histograms), [`rollback`] (the decision engine)
 //! and [`watcher`] (its I/O loop), [`app`] (the one writer), [`admin`], [`state`], [`events`],
-//! [`notify`], [`metrics`], [`tls`], [`server`] (listeners and lifecycle), plus the [`demo`] and
-//! [`ctl`] subcommands.
+//! [`notify`], [`metrics`], [`tls`], [`h1_guard`] (the bare-LF and CL+TE check under hyper),
+//! [`server`] (listeners and lifecycle), plus the [`demo`] and [`ctl`] subcommands.
 
 pub mod admin;
 pub mod app;
@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod demo;
 pub mod etcd;
 pub mod events;
+pub mod h1_guard;
 pub mod health;
 pub mod metrics;
 pub mod notify;

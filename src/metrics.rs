@@ -26,6 +26,7 @@ pub const UNMATCHED_REQUESTS_TOTAL: &str = "switchyard_unmatched_requests_total"
 pub const WINDOW_REQUESTS: &str = "switchyard_window_requests";
 pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
+pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
 
 /// Buckets for API latency: 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -50,6 +51,8 @@ pub struct Metrics {
     pub webhook_failures_total: IntCounter,
     pub unmatched_requests_total: IntCounter,
     pub config_reloads_total: IntCounterVec,
+    /// HTTP/1 requests refused by the framing guard (`h1_guard`), by reason.
+    pub rejected_requests_total: IntCounterVec,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -117,6 +120,16 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
         register(&r, Box::new(state_degraded.clone()));
+        let rejected_requests_total = counter_vec(
+            &r,
+            REJECTED_REQUESTS_TOTAL,
+            "HTTP/1 requests answered 400 before parsing: a bare-LF line end (bare_lf), or both Content-Length and Transfer-Encoding (cl_te).",
+            &["reason"],
+        );
+        // Both series exist from the start, at 0.
+        for reason in ["bare_lf", "cl_te"] {
+            rejected_requests_total.with_label_values(&[reason]);
+        }
         Metrics {
             requests_total: counter_vec(
                 &r,
@@ -191,6 +204,7 @@ impl Metrics {
                 "Config reloads by result (ok, error).",
                 &["result"],
             ),
+            rejected_requests_total,
             state_degraded,
             webhook_failures_total,
             unmatched_requests_total,

@@ -29,6 +29,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::client::{ClientError, PooledBody};
@@ -243,7 +245,7 @@ pub async fn handle(
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
-            Some(client_side) => tunnel(resp, client_side),
+            Some(client_side) => tunnel(app, resp, client_side),
             None => {
                 // That connection now speaks something else: it must not go back to the pool.
                 resp.body_mut().detach();
@@ -561,12 +563,13 @@ impl Recorder<'_> {
 /// Answers 101 to the client and splices both upgraded connections together. The tunnel stays
 /// on the upstream (and so the color) where it began, whatever flips happen meanwhile.
 fn tunnel(
+    app: &App,
     mut upstream_resp: Response<PooledBody>,
     client_side: hyper::upgrade::OnUpgrade,
 ) -> Response<ProxyBody> {
     // The connection now belongs to the tunnel, never to the pool.
     let upstream_side = upstream_resp.body_mut().take_upgraded();
-    tokio::spawn(async move {
+    app.tunnels.spawn(async move {
         let Some((mut upstream, early)) = upstream_side else {
             return;
         };
@@ -590,6 +593,50 @@ fn tunnel(
     let mut resp = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     resp
+}
+
+/// The open upgraded connections (WebSocket tunnels). A tunnel outlives the hyper connection it
+/// came from, so the listeners' graceful shutdown does not see it: shutdown waits for these
+/// separately, within the same `shutdown_grace`, and then closes the ones still open.
+#[derive(Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    /// Cancelled at the shutdown deadline: every tunnel still open drops both its ends.
+    cut: CancellationToken,
+}
+
+impl Tunnels {
+    fn spawn(&self, tunnel: impl Future<Output = ()> + Send + 'static) {
+        let cut = self.cut.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = tunnel => {}
+                _ = cut.cancelled() => {}
+            }
+        });
+    }
+
+    /// Waits until every tunnel has closed or `deadline` passes, then closes those left. Safe to
+    /// call from every listener at once.
+    pub async fn drain(&self, deadline: Instant) {
+        self.tracker.close();
+        let open = self.tracker.len();
+        if open == 0 {
+            return;
+        }
+        tracing::info!(tunnels = open, "waiting for open tunnels to close");
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tunnels = self.tracker.len(),
+                "shutdown grace elapsed; closing the remaining tunnels"
+            );
+            self.cut.cancel();
+            self.tracker.wait().await;
+        }
+    }
 }
 
 /// The request body on its way upstream: the client's body, ended with an error when no frame

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
+use crate::h1_guard::H1Guard;
 use crate::proxy::{self, ConnInfo, Mode};
 use crate::state::StateStore;
 use crate::tls::TlsSetup;
@@ -297,7 +298,8 @@ async fn serve_proxy(
         let builder = builder.clone();
         match &tls {
             None => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let io = TokioIo::new(H1Guard::new(stream).counted(app.metrics.clone()));
+                let conn = builder.serve_connection_with_upgrades(io, svc);
                 let fut = watcher.watch(conn.into_owned());
                 tokio::spawn(async move {
                     let _ = fut.await;
@@ -306,6 +308,7 @@ async fn serve_proxy(
             }
             Some(t) => {
                 let acceptor = t.acceptor();
+                let metrics = app.metrics.clone();
                 let handshake_timeout = app.snapshot().config.proxy.header_read_timeout;
                 tokio::spawn(async move {
                     let stream = match tokio::time::timeout(
@@ -321,7 +324,8 @@ async fn serve_proxy(
                         }
                         Err(_) => return,
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let io = TokioIo::new(H1Guard::new(stream).counted(metrics));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
                     let _ = watcher.watch(conn.into_owned()).await;
                     drop(permit);
                 });
@@ -329,7 +333,10 @@ async fn serve_proxy(
         }
     }
     drop(listener);
+    let deadline = tokio::time::Instant::now() + grace;
     drain(graceful, grace, "proxy").await;
+    // Tunnels left their connections when they upgraded: they get what is left of the grace.
+    app.tunnels.drain(deadline).await;
 }
 
 /// Waits for open connections to finish their in-flight requests, at most `grace`.

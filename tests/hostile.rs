@@ -353,13 +353,54 @@ async fn a_truncated_upstream_body_aborts_the_client_response() {
     p2.stop().await;
 }
 
-/// hyper resolves Content-Length + Transfer-Encoding (either order) the way RFC 9112 6.3 allows:
-/// chunked wins, Content-Length is dropped before the proxy sees the request, and the connection
-/// is closed after the response. The proxy cannot answer 400 (the header is gone), but nothing
-/// can be smuggled: the upstream gets one request framed one way, and bytes after the chunked
-/// body are never read as a second request.
+/// Writes `data` in pieces of `step` bytes with a pause between (each piece its own read on the
+/// proxy's side), stopping at the first write error: the proxy may have answered and closed.
+async fn trickle(s: &mut TcpStream, data: &[u8], step: usize) {
+    for piece in data.chunks(step) {
+        if s.write_all(piece).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Sends `data` (in pieces of `step` bytes, or at once for 0) on a fresh connection and checks
+/// the proxy answered one 400 and closed, without a request reaching the upstream: neither the
+/// ambiguous one nor the pipelined `/smuggled` after it.
+async fn assert_refused(name: &str, data: &[u8], step: usize, reason: &str) {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    if step == 0 {
+        s.write_all(data).await.expect("write");
+    } else {
+        trickle(&mut s, data, step).await;
+    }
+    let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{name}: {text:?}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{name}: {text:?}");
+    assert!(
+        closed,
+        "{name}: connection kept open after a refused request"
+    );
+    assert_eq!(blue.hits(), 0, "{name}: a request reached the upstream");
+    let metrics = metrics_text(&p).await;
+    let line = format!("switchyard_rejected_requests_total{{reason=\"{reason}\"}} 1");
+    assert!(metrics.contains(&line), "{name}: {metrics}");
+    p.stop().await;
+}
+
+async fn metrics_text(p: &TestProxy) -> String {
+    let (status, body) = get(p.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// hyper on its own resolves Content-Length + Transfer-Encoding in favour of chunked (dropping
+/// Content-Length before the proxy sees it); the guard under it makes hyper refuse the request,
+/// in either order, however the bytes arrive.
 #[tokio::test]
-async fn content_length_with_transfer_encoding_cannot_smuggle() {
+async fn content_length_with_transfer_encoding_is_400() {
     for (name, head) in [
         (
             "CL then TE",
@@ -370,57 +411,128 @@ async fn content_length_with_transfer_encoding_cannot_smuggle() {
             "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
         ),
     ] {
-        let blue = TestUpstream::start("blue").await;
-        let p = start(blue.addr, "").await;
-        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
         let data = format!(
             "POST /echo HTTP/1.1\r\nHost: a\r\n{head}\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
         );
-        s.write_all(data.as_bytes()).await.expect("write");
-        let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
-        assert!(text.starts_with("HTTP/1.1 200"), "{name}: {text:?}");
-        assert!(
-            text.contains("\"body_len\":3"),
-            "{name}: framed by length: {text:?}"
-        );
-        assert!(
-            !text
-                .to_ascii_lowercase()
-                .contains("\"content-length\",\"5\""),
-            "{name}: {text:?}"
-        );
-        assert!(
-            closed,
-            "{name}: connection kept open after an ambiguous request"
-        );
-        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{name}: {text:?}");
-        assert_eq!(
-            blue.hits(),
+        assert_refused(name, data.as_bytes(), 0, "cl_te").await;
+        assert_refused(
+            &format!("{name}, one byte a read"),
+            data.as_bytes(),
             1,
-            "{name}: the smuggled request reached the upstream"
+            "cl_te",
+        )
+        .await;
+        // The second framing header split across reads.
+        let cut = data.find("\r\n\r\n").expect("head end") - 6;
+        let p = {
+            let blue = TestUpstream::start("blue").await;
+            let p = start(blue.addr, "").await;
+            let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+            s.write_all(&data.as_bytes()[..cut]).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = s.write_all(&data.as_bytes()[cut..]).await;
+            let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+            assert!(text.starts_with("HTTP/1.1 400"), "{name}, split: {text:?}");
+            assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{name}: {text:?}");
+            assert!(closed, "{name}, split");
+            assert_eq!(blue.hits(), 0, "{name}, split");
+            p
+        };
+        let metrics = metrics_text(&p).await;
+        assert!(
+            metrics.contains("switchyard_rejected_requests_total{reason=\"cl_te\"} 1"),
+            "{metrics}"
         );
         p.stop().await;
     }
 }
 
-/// hyper (httparse) accepts a bare LF as a line end, as RFC 9112 2.2 permits a recipient to. The
-/// request is re-serialized with CRLF toward the upstream, so it is read one way only.
+/// httparse accepts a bare LF as a line end; the guard makes hyper refuse it wherever it is.
 #[tokio::test]
-async fn bare_lf_heads_are_reserialized_not_passed_through() {
+async fn bare_lf_heads_are_400() {
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    for (name, head) in [
+        (
+            "request line",
+            "GET /echo HTTP/1.1\nHost: a\r\nX-A: b\r\n\r\n",
+        ),
+        (
+            "header line",
+            "GET /echo HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n",
+        ),
+        (
+            "blank line only",
+            "GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\n",
+        ),
+        ("every line", "GET /echo HTTP/1.1\nHost: a\nX-A: b\n\n"),
+    ] {
+        let data = format!("{head}{smuggled}");
+        assert_refused(name, data.as_bytes(), 0, "bare_lf").await;
+        assert_refused(
+            &format!("{name}, one byte a read"),
+            data.as_bytes(),
+            1,
+            "bare_lf",
+        )
+        .await;
+        assert_refused(
+            &format!("{name}, three bytes a read"),
+            data.as_bytes(),
+            3,
+            "bare_lf",
+        )
+        .await;
+    }
+    // After a valid request on the same connection: the first is served, the second refused.
     let blue = TestUpstream::start("blue").await;
     let p = start(blue.addr, "").await;
     let mut s = TcpStream::connect(p.proxy).await.expect("connect");
-    s.write_all(b"GET /echo HTTP/1.1\nHost: a\nX-A: b\nConnection: close\n\n")
-        .await
-        .expect("write");
-    let (text, _) = read_all(&mut s, Duration::from_secs(2)).await;
+    s.write_all(
+        format!("GET /echo HTTP/1.1\r\nHost: a\r\n\r\nGET /echo HTTP/1.1\r\nHost: a\nX: b\r\n\r\n{smuggled}")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
-    let headers = blue.last_headers.lock().expect("lock").clone();
-    assert!(
-        headers.contains(&("x-a".to_string(), "b".to_string())),
-        "{headers:?}"
-    );
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text:?}");
+    assert!(text.contains("HTTP/1.1 400"), "{text:?}");
+    assert!(closed);
     assert_eq!(blue.hits(), 1);
+    let metrics = metrics_text(&p).await;
+    assert!(
+        metrics.contains("switchyard_rejected_requests_total{reason=\"bare_lf\"} 1"),
+        "{metrics}"
+    );
+    p.stop().await;
+}
+
+/// The guard follows bodies as hyper frames them: LF bytes inside a Content-Length body or a
+/// chunked body (with extensions and trailers) are data, and the next request is read in step.
+#[tokio::test]
+async fn the_guard_stays_in_step_across_bodies_on_a_keep_alive_connection() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let data = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\nab\ncd\n\nef\r\n\n\
+POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\na\nb\n\r\n3\r\n\n\n\n\r\n0\r\nX-Trailer: t\r\n\r\n\
+GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
+    for step in [0, 1, 7] {
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        if step == 0 {
+            s.write_all(data).await.expect("write");
+        } else {
+            trickle(&mut s, data, step).await;
+        }
+        let (text, _) = read_all(&mut s, Duration::from_millis(700)).await;
+        assert_eq!(
+            text.matches("HTTP/1.1 200").count(),
+            3,
+            "split every {step}: {text:?}"
+        );
+        assert!(text.contains("\"body_len\":12"), "{text:?}");
+        assert!(text.contains("\"body_len\":7"), "{text:?}");
+    }
+    assert_eq!(blue.hits(), 9);
     p.stop().await;
 }
 

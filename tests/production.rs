@@ -625,6 +625,80 @@ async fn websocket_tunnels_stay_on_their_color_and_only_when_asked() {
     p.stop().await;
 }
 
+/// Opens a WebSocket-style tunnel through the proxy.
+async fn open_tunnel(proxy: SocketAddr) -> TcpStream {
+    let mut ws = TcpStream::connect(proxy).await.expect("connect");
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let head = read_head(&mut ws).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    ws
+}
+
+/// At shutdown an open tunnel drains like a request: bytes still flow through it during
+/// `shutdown_grace`, and shutdown ends as soon as it closes.
+#[tokio::test]
+async fn websocket_tunnels_drain_at_shutdown() {
+    let (blue, _) = ws_upstream("blue").await;
+    // shutdown_grace = 5s (common::full_config).
+    let p = TestProxy::start(&service("api", &[blue], &[dead_addr().await], "")).await;
+    let mut ws = open_tunnel(p.proxy).await;
+    assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
+
+    let began = tokio::time::Instant::now();
+    let stop = tokio::spawn(p.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stop.is_finished(),
+        "shutdown did not wait for the open tunnel"
+    );
+    assert_eq!(roundtrip(&mut ws, "two").await, "blue:two");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(roundtrip(&mut ws, "three").await, "blue:three");
+    assert!(!stop.is_finished());
+
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(2), stop)
+        .await
+        .expect("shutdown did not end once the tunnel closed")
+        .expect("stop");
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+/// A tunnel still open when `shutdown_grace` ends is closed, and shutdown ends then.
+#[tokio::test]
+async fn a_tunnel_open_past_the_grace_is_closed() {
+    let (blue, _) = ws_upstream("blue").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n{}",
+        service("api", &[blue], &[dead_addr().await], "")
+    ))
+    .await;
+    let mut ws = open_tunnel(p.proxy).await;
+    assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
+    let began = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(4), p.stop())
+        .await
+        .expect("shutdown waited past the grace for an open tunnel");
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed before the grace: {took:?}"
+    );
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(2), ws.read(&mut buf))
+        .await
+        .expect("the tunnel was left open after shutdown");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+}
+
 #[tokio::test]
 async fn upgrade_h2c_is_stripped_and_connect_is_405() {
     let blue = TestUpstream::start("blue").await;
