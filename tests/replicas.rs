@@ -177,12 +177,14 @@ async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner(
         "generation must be 2 everywhere"
     );
 
-    // Events of every replica are visible from any replica.
-    let evs = ps[2].events().await;
-    assert!(
-        evs.iter().filter(|e| e["reason"] == "manual").count() >= 2,
-        "{evs:?}"
-    );
+    // Events of every replica are visible from any replica (each replica writes its events to
+    // etcd in the background, so give the last write a moment).
+    let seen = eventually(5, || async {
+        let evs = ps[2].events().await;
+        evs.iter().filter(|e| e["reason"] == "manual").count() >= 2
+    })
+    .await;
+    assert!(seen, "{:?}", ps[2].events().await);
     for p in ps {
         p.stop().await;
     }
