@@ -126,3 +126,87 @@ async fn per_worker_runtimes_serve_on_one_address() {
         "still listening after shutdown"
     );
 }
+
+/// An upstream whose first connection answers one request and then, on the next request it
+/// reads, closes without answering (as if it had timed the connection out just then). Every
+/// later connection answers normally. Returns the address and the number of request heads read.
+async fn drops_second_request_on_first_connection() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let h = heads.clone();
+    tokio::spawn(async move {
+        let mut nth = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            nth += 1;
+            let first = nth == 1;
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut served = 0;
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body_len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + body_len {
+                            break;
+                        }
+                        buf.drain(..end + 4 + body_len);
+                        h.fetch_add(1, Ordering::SeqCst);
+                        if first && served == 1 {
+                            return; // Closes without an answer.
+                        }
+                        served += 1;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// A pooled connection that dies under a request: a GET (idempotent, no body) is sent again on
+/// a fresh connection; a POST is not (the upstream may have acted on it) and fails with 502.
+#[tokio::test]
+async fn a_request_lost_on_a_pooled_connection_is_retried_only_if_idempotent() {
+    let (up, heads) = drops_second_request_on_first_connection().await;
+    let p = TestProxy::start(&service("api", &[up], &[up], "")).await;
+    assert_eq!(p.get("/first").await, (200, "ok\n".to_string()));
+    assert_eq!(p.get("/again").await, (200, "ok\n".to_string()));
+    assert_eq!(heads.load(Ordering::SeqCst), 3, "GET was not sent again");
+    p.stop().await;
+
+    // Without a body (only the method says no) and with one.
+    for body in [Bytes::new(), Bytes::from_static(b"x")] {
+        let (up, heads) = drops_second_request_on_first_connection().await;
+        let p = TestProxy::start(&service("api", &[up], &[up], "")).await;
+        assert_eq!(p.get("/first").await, (200, "ok\n".to_string()));
+        let (status, _) = request(p.proxy, "POST", "/order", &[], body.clone()).await;
+        assert_eq!(
+            status, 502,
+            "a POST lost on a pooled connection was retried"
+        );
+        assert_eq!(
+            heads.load(Ordering::SeqCst),
+            2,
+            "the POST reached the upstream twice"
+        );
+        p.stop().await;
+    }
+}
