@@ -210,3 +210,79 @@ async fn a_request_lost_on_a_pooled_connection_is_retried_only_if_idempotent() {
         p.stop().await;
     }
 }
+
+/// A raw HTTP/1.1 upstream answering by path with responses hyper's client would have framed
+/// for us: no body after HEAD, 204 and 304, a 100 Continue first, chunked with trailers, and an
+/// HTTP/1.0 body that ends when the connection closes. Counts connections.
+async fn framing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let answer: &[u8] = match path.as_str() {
+                        "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                        "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        "/304" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                        "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
+                        "/close" => b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n",
+                    };
+                    if s.write_all(answer).await.is_err() || path == "/close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn upstream_responses_are_framed_and_their_connections_reused() {
+    let (up, conns) = framing_upstream().await;
+    let p = TestProxy::start(&service("api", &[up], &[up], "")).await;
+    let none = Bytes::new();
+    assert_eq!(
+        request(p.proxy, "HEAD", "/head", &[], none.clone()).await,
+        (200, String::new())
+    );
+    assert_eq!(p.get("/204").await, (204, String::new()));
+    assert_eq!(p.get("/304").await, (304, String::new()));
+    assert_eq!(p.get("/continue").await, (200, "ok".to_string()));
+    assert_eq!(p.get("/chunked").await, (200, "hello world".to_string()));
+    assert_eq!(p.get("/x").await, (200, "ok\n".to_string()));
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "every one of those should have left the connection reusable"
+    );
+    assert_eq!(p.get("/close").await, (200, "until close".to_string()));
+    assert_eq!(p.get("/x").await, (200, "ok\n".to_string()));
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        2,
+        "a body ended by close cannot leave its connection in the pool"
+    );
+    p.stop().await;
+}
