@@ -28,6 +28,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,13 +49,16 @@ pub enum Mode {
     Preview,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
     pub mode: Mode,
     /// The client address as an `X-Forwarded-For` value, formatted once per connection.
     pub client_ip: HeaderValue,
+    /// The connection's `max_connections` slot. It goes with the last reference, so a tunnel
+    /// upgraded from the connection keeps holding it after hyper lets go of the connection.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl ConnInfo {
@@ -66,7 +70,14 @@ impl ConnInfo {
             tls,
             mode,
             client_ip,
+            slot: None,
         }
+    }
+
+    /// The same, holding a `max_connections` slot until the connection and its tunnel end.
+    pub fn holding(mut self, slot: OwnedSemaphorePermit) -> ConnInfo {
+        self.slot = Some(slot);
+        self
     }
 }
 
@@ -79,7 +90,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 pub async fn handle(
     app: &Arc<App>,
     mut req: Request<Incoming>,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
 
@@ -245,7 +256,7 @@ pub async fn handle(
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
-            Some(client_side) => tunnel(app, resp, client_side),
+            Some(client_side) => tunnel(app, resp, client_side, conn.clone()),
             None => {
                 // That connection now speaks something else: it must not go back to the pool.
                 resp.body_mut().detach();
@@ -566,10 +577,13 @@ fn tunnel(
     app: &App,
     mut upstream_resp: Response<PooledBody>,
     client_side: hyper::upgrade::OnUpgrade,
+    conn: Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
     // The connection now belongs to the tunnel, never to the pool.
     let upstream_side = upstream_resp.body_mut().take_upgraded();
     app.tunnels.spawn(async move {
+        // The tunnel is still a client connection: it keeps its `max_connections` slot.
+        let _conn = conn;
         let Some((mut upstream, early)) = upstream_side else {
             return;
         };

@@ -287,7 +287,7 @@ async fn serve_proxy(
             _ = app.shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode));
+        let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode).holding(permit));
         let app2 = app.clone();
         let svc = service_fn(move |req| {
             let app = app2.clone();
@@ -301,10 +301,7 @@ async fn serve_proxy(
                 let io = TokioIo::new(H1Guard::new(stream).counted(app.metrics.clone()));
                 let conn = builder.serve_connection_with_upgrades(io, svc);
                 let fut = watcher.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    let _ = fut.await;
-                    drop(permit);
-                });
+                tokio::spawn(fut);
             }
             Some(t) => {
                 let acceptor = t.acceptor();
@@ -327,7 +324,6 @@ async fn serve_proxy(
                     let io = TokioIo::new(H1Guard::new(stream).counted(metrics));
                     let conn = builder.serve_connection_with_upgrades(io, svc);
                     let _ = watcher.watch(conn.into_owned()).await;
-                    drop(permit);
                 });
             }
         }

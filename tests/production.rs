@@ -699,6 +699,37 @@ async fn a_tunnel_open_past_the_grace_is_closed() {
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
 }
 
+/// An open tunnel is a client connection: it keeps its `max_connections` slot, and the slot
+/// frees when the tunnel closes.
+#[tokio::test]
+async fn an_open_tunnel_counts_against_max_connections() {
+    let (blue, _) = ws_upstream("blue").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nmax_connections = 1\nshutdown_grace = \"2s\"\n{}",
+        service("api", &[blue], &[dead_addr().await], "")
+    ))
+    .await;
+    let mut ws = open_tunnel(p.proxy).await;
+    assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
+    let mut next = TcpStream::connect(p.proxy).await.expect("connect");
+    next.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(500), next.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a second connection was served while the tunnel held the only slot"
+    );
+    drop(ws);
+    let n = tokio::time::timeout(Duration::from_secs(3), next.read(&mut buf))
+        .await
+        .expect("not served after the tunnel closed")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn upgrade_h2c_is_stripped_and_connect_is_405() {
     let blue = TestUpstream::start("blue").await;
