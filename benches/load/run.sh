@@ -383,14 +383,21 @@ for t in "${TARGETS[@]}"; do
 done
 
 # ------------------------------------------------------------------ helpers
-cpu_ticks() { # pid -> utime+stime in clock ticks
+cpu_ticks() { # pid -> "utime stime" in clock ticks
     local stat
     stat=$(<"/proc/$1/stat")
     stat=${stat##*) }
     # after "pid (comm) ": field 3 is state; utime/stime are fields 14/15 -> index 11/12 here
     local f
     read -r -a f <<<"$stat"
-    echo $((f[11] + f[12]))
+    echo "${f[11]} ${f[12]}"
+}
+proxy_pid() { # target -> the process doing the proxying (nginx: its one worker), or nothing
+    case $1 in
+    switchyard) echo "$SY_PID" ;;
+    nginx) pgrep -P "$NG_PID" 2>/dev/null | head -1 ;;
+    haproxy) echo "$HA_PID" ;;
+    esac
 }
 status_kb() { # pid key -> kB
     awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"
@@ -418,10 +425,12 @@ median() { # numbers on stdin (non-numeric ignored) -> median or n/a
               else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
-# one measurement; appends "rps p50_ms p99_ms requests errors cpu_s_per_100k" to $RES/<mode>.<target>
+# one measurement; appends "rps p50_ms p99_ms requests errors usr_us_per_req sys_us_per_req" to
+# $RES/<mode>.<target> (CPU of the proxy process, user and kernel, per request)
 measure() { # mode target round [rps_total]
-    local mode=$1 t=$2 round=$3 out=$RES/raw.$1.$2.$3 line t0=0 t1 reqs rps p50 p99 errs cpu=-
-    [[ $t == switchyard ]] && t0=$(cpu_ticks "$SY_PID")
+    local mode=$1 t=$2 round=$3 out=$RES/raw.$1.$2.$3 line reqs rps p50 p99 errs usr=- sys=- pid u0 s0 u1 s1
+    pid=$(proxy_pid "$t")
+    [[ -n $pid ]] && read -r u0 s0 < <(cpu_ticks "$pid")
     case $mode in
     h1)
         "${PIN_LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${URL_H1[$t]}" >"$out" 2>&1 || true
@@ -451,18 +460,17 @@ measure() { # mode target round [rps_total]
         rm -f "$out.log"
         ;;
     esac
-    if [[ $t == switchyard ]]; then
-        t1=$(cpu_ticks "$SY_PID")
-        if [[ ${reqs:-0} =~ ^[0-9]+$ ]] && ((reqs > 0)); then
-            cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.3f", d / hz / n * 100000 }')
-        fi
-        if ! kill -0 "$SY_PID" 2>/dev/null; then
-            warn "Switchyard died during $mode round $round; log tail:"
-            tail -5 "$TMP/switchyard.log" | sed 's/^/    /' >&2
-            SY_ENABLED=0
-        fi
+    if [[ -n $pid ]] && read -r u1 s1 < <(cpu_ticks "$pid" 2>/dev/null) &&
+        [[ ${reqs:-0} =~ ^[0-9]+$ ]] && ((reqs > 0)); then
+        usr=$(awk -v d=$((u1 - u0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz / n * 1e6 }')
+        sys=$(awk -v d=$((s1 - s0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz / n * 1e6 }')
     fi
-    line="${rps:-nan} ${p50:-nan} ${p99:-nan} ${reqs:-0} ${errs:-0} $cpu"
+    if [[ $t == switchyard ]] && ! kill -0 "$SY_PID" 2>/dev/null; then
+        warn "Switchyard died during $mode round $round; log tail:"
+        tail -5 "$TMP/switchyard.log" | sed 's/^/    /' >&2
+        SY_ENABLED=0
+    fi
+    line="${rps:-nan} ${p50:-nan} ${p99:-nan} ${reqs:-0} ${errs:-0} $usr $sys"
     echo "$line" >>"$RES/$mode.$t"
     log "$(printf 'round %d %-5s %-10s %10s req/s  p50 %8s ms  p99 %8s ms  errors %s' \
         "$round" "$mode" "$t" "${rps:-nan}" "${p50:-nan}" "${p99:-nan}" "${errs:-0}")"
@@ -629,8 +637,8 @@ printf 'upstream: nginx, 1 worker, return 200 "ok\\n"; proxies: 1 worker/thread 
 echo "h1 = wrk -t1 -c$CONNS --latency | h2c = h2load -c$CONNS -m$STREAMS (prior knowledge; p50/p99 from --log-file)"
 echo "fixed = HTTP/1.1 at $FIXED_RPS req/s total, paced by h2load --h1 --rps=<per client> (wrk2 unavailable); ratios on that row are p99 ratios (lower is better)"
 echo
-printf '%-11s %-6s %11s %9s %9s %9s %10s %7s %13s\n' target mode "req/s" "p50 ms" "p99 ms" "vs nginx" "vs haproxy" errors "cpu s/100k"
-printf '%s\n' "-----------------------------------------------------------------------------------------------"
+printf '%-11s %-6s %11s %9s %9s %9s %10s %7s %11s %11s %11s\n' target mode "req/s" "p50 ms" "p99 ms" "vs nginx" "vs haproxy" errors "usr us/req" "sys us/req" "cpu s/100k"
+printf '%s\n' "------------------------------------------------------------------------------------------------------------------------"
 for mode in h1 h2c fixed; do
     for t in "${ALL_TARGETS[@]}"; do
         rps=$(med "$mode" "$t" 1) p50=$(med "$mode" "$t" 2) p99=$(med "$mode" "$t" 3)
@@ -639,10 +647,13 @@ for mode in h1 h2c fixed; do
         else
             rn=$(ratio "$rps" "$(med "$mode" nginx 1)") rh=$(ratio "$rps" "$(med "$mode" haproxy 1)")
         fi
-        cpu=-
-        if [[ $t == switchyard ]]; then cpu=$(med "$mode" switchyard 6); fi
-        printf '%-11s %-6s %11s %9s %9s %9s %10s %7s %13s\n' "$t" "$mode" "$(fmt "$rps" 0)" "$(fmt "$p50" 2)" \
-            "$(fmt "$p99" 2)" "$rn" "$rh" "$(sum_errs "$mode" "$t")" "$cpu"
+        usr=- sys=- cpu=-
+        if [[ $t != direct ]]; then
+            usr=$(med "$mode" "$t" 6) sys=$(med "$mode" "$t" 7)
+            cpu=$(awk -v u="$usr" -v s="$sys" 'BEGIN { if (u == "n/a" || s == "n/a") print "n/a"; else printf "%.3f", (u + s) / 10 }')
+        fi
+        printf '%-11s %-6s %11s %9s %9s %9s %10s %7s %11s %11s %11s\n' "$t" "$mode" "$(fmt "$rps" 0)" "$(fmt "$p50" 2)" \
+            "$(fmt "$p99" 2)" "$rn" "$rh" "$(sum_errs "$mode" "$t")" "$usr" "$sys" "$cpu"
     done
 done
 kb_mb() { awk -v v="$1" 'BEGIN { if (v == "n/a" || v == "") print "n/a"; else printf "%.1f MiB\n", v / 1024 }'; }
