@@ -46,8 +46,10 @@ use crate::proxy::{BodyError, Forwarded, RequestBody};
 const MAX_RESPONSE_HEADERS: usize = 128;
 /// Largest upstream response head (and chunk-size or trailer line) accepted.
 const MAX_RESPONSE_HEAD: usize = 128 * 1024;
-/// Read buffer of a connection; it grows only for a larger head.
+/// First read size on a connection; it doubles while reads fill it (large bodies), up to
+/// `MAX_READ_CHUNK`, and starts over for the next request.
 const READ_CHUNK: usize = 8 * 1024;
+const MAX_READ_CHUNK: usize = 512 * 1024;
 
 /// Why a request got no (complete) response.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,8 @@ impl ClientError {
 struct Conn {
     io: TcpStream,
     rbuf: BytesMut,
+    /// How much the next read asks for.
+    read_size: usize,
     /// When it went idle; `None` while fresh from connect.
     since: Option<Instant>,
 }
@@ -105,10 +109,20 @@ impl Conn {
     /// which clears the socket's readiness on a short read, so the next wait does not start
     /// with a read that can only say EAGAIN.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 4 {
+            self.rbuf.reserve(self.read_size);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        if n == room && self.read_size < MAX_READ_CHUNK {
+            // The socket had more than we asked for: ask for more next time.
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -197,6 +211,7 @@ impl ConnPool {
         Ok(Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
+            read_size: READ_CHUNK,
             since: None,
         })
     }
@@ -240,6 +255,11 @@ impl ConnPool {
 
     fn put_back(&self, mut conn: Conn) {
         conn.since = Some(Instant::now());
+        if conn.read_size > READ_CHUNK {
+            // After a large body: an idle connection keeps no large buffer.
+            conn.read_size = READ_CHUNK;
+            conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
+        }
         // A full pool drops the connection: at most `upstream_max_idle` stay open.
         let _ = self.idle.push(conn);
     }

@@ -239,6 +239,35 @@ async fn framing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    if path == "/big" || path == "/big-chunked" {
+                        // 3 MiB of a pattern, by length or in 64 KiB chunks.
+                        let body: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+                        let mut out = Vec::new();
+                        if path == "/big" {
+                            out.extend_from_slice(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                    body.len()
+                                )
+                                .as_bytes(),
+                            );
+                            out.extend_from_slice(&body);
+                        } else {
+                            out.extend_from_slice(
+                                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                            );
+                            for chunk in body.chunks(64 << 10) {
+                                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                                out.extend_from_slice(chunk);
+                                out.extend_from_slice(b"\r\n");
+                            }
+                            out.extend_from_slice(b"0\r\n\r\n");
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let answer: &[u8] = match path.as_str() {
                         "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
                         "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
@@ -271,6 +300,17 @@ async fn upstream_responses_are_framed_and_their_connections_reused() {
     assert_eq!(p.get("/304").await, (304, String::new()));
     assert_eq!(p.get("/continue").await, (200, "ok".to_string()));
     assert_eq!(p.get("/chunked").await, (200, "hello world".to_string()));
+    // Large bodies (the client's reads grow past their first 8 KiB) arrive byte for byte.
+    let expected: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    for path in ["/big", "/big-chunked"] {
+        let (status, body) = big_get(p.proxy, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            body == expected,
+            "{path}: {} bytes, not the upstream's",
+            body.len()
+        );
+    }
     assert_eq!(p.get("/x").await, (200, "ok\n".to_string()));
     assert_eq!(
         conns.load(Ordering::SeqCst),
@@ -285,4 +325,20 @@ async fn upstream_responses_are_framed_and_their_connections_reused() {
         "a body ended by close cannot leave its connection in the pool"
     );
     p.stop().await;
+}
+
+/// A GET whose body is returned as raw bytes.
+async fn big_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::builder()
+        .uri(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), client().request(req))
+        .await
+        .expect("timed out")
+        .expect("request");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, body.to_vec())
 }
