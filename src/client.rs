@@ -164,7 +164,9 @@ impl ConnPool {
         loop {
             let (conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
-                None => (self.connect().await?, false),
+                // Boxed: the connect future is large and rarely run; inline, it would sit in every
+                // connection's request future (hyper keeps one per client connection).
+                None => (Box::pin(self.connect()).await?, false),
             };
             let mut ex = Exchange::new(conn, head.clone(), body, upload);
             let err = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
