@@ -46,6 +46,8 @@ use crate::proxy::{BodyError, Forwarded, RequestBody};
 const MAX_RESPONSE_HEADERS: usize = 128;
 /// Largest upstream response head (and chunk-size or trailer line) accepted.
 const MAX_RESPONSE_HEAD: usize = 128 * 1024;
+/// Largest trailer section after a chunked body.
+const MAX_TRAILERS: usize = 16 * 1024;
 /// First read size on a connection; it doubles while reads fill it (large bodies), up to
 /// `MAX_READ_CHUNK`, and starts over for the next request.
 const READ_CHUNK: usize = 8 * 1024;
@@ -682,7 +684,6 @@ enum Chunked {
 
 /// Decodes chunked framing off the front of `buf`.
 fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked, ClientError> {
-    let mut trailers: Option<HeaderMap> = None;
     loop {
         match *st {
             ChunkState::Size => {
@@ -732,36 +733,51 @@ fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked, Cl
                 buf.advance(2);
                 *st = ChunkState::Size;
             }
-            ChunkState::Trailers => {
-                let Some(line) = take_line(buf)? else {
-                    // Trailers parsed so far stay in `trailers`, so keep them for next time.
-                    if let Some(t) = trailers {
-                        return Ok(Chunked::Trailers(t));
-                    }
-                    return Ok(Chunked::NeedMore);
-                };
-                if line.is_empty() {
-                    return Ok(match trailers {
-                        Some(t) if !t.is_empty() => Chunked::Trailers(t),
-                        _ => Chunked::End,
-                    });
-                }
-                let colon = line
-                    .iter()
-                    .position(|b| *b == b':')
-                    .ok_or(ClientError::Protocol("invalid trailer"))?;
-                let name = HeaderName::from_bytes(&line[..colon])
-                    .map_err(|_| ClientError::Protocol("invalid trailer name"))?;
-                let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
-                    .map_err(|_| ClientError::Protocol("invalid trailer value"))?;
-                let t = trailers.get_or_insert_with(HeaderMap::new);
-                if t.len() >= MAX_RESPONSE_HEADERS {
-                    return Err(ClientError::Protocol("too many trailers"));
-                }
-                t.append(name, value);
-            }
+            ChunkState::Trailers => return take_trailers(buf),
         }
     }
+}
+
+/// The trailer section after the last chunk, taken only once it is complete (up to its empty
+/// line), so that nothing is consumed from a section still arriving.
+fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, ClientError> {
+    if buf.len() < 2 {
+        return Ok(Chunked::NeedMore);
+    }
+    if &buf[..2] == b"\r\n" {
+        buf.advance(2);
+        return Ok(Chunked::End);
+    }
+    let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
+        if buf.len() > MAX_TRAILERS {
+            return Err(ClientError::Protocol("trailers too large"));
+        }
+        return Ok(Chunked::NeedMore);
+    };
+    if end + 4 > MAX_TRAILERS {
+        return Err(ClientError::Protocol("trailers too large"));
+    }
+    let section = buf.split_to(end + 4).freeze();
+    let mut trailers = HeaderMap::new();
+    for raw in section[..end + 2].split_inclusive(|b| *b == b'\n') {
+        let line = raw
+            .strip_suffix(b"\r\n")
+            .filter(|l| !l.contains(&b'\r'))
+            .ok_or(ClientError::Protocol("trailer line not ended by CRLF"))?;
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or(ClientError::Protocol("invalid trailer"))?;
+        let name = HeaderName::from_bytes(&line[..colon])
+            .map_err(|_| ClientError::Protocol("invalid trailer name"))?;
+        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+            .map_err(|_| ClientError::Protocol("invalid trailer value"))?;
+        if trailers.len() >= MAX_RESPONSE_HEADERS {
+            return Err(ClientError::Protocol("too many trailers"));
+        }
+        trailers.append(name, value);
+    }
+    Ok(Chunked::Trailers(trailers))
 }
 
 /// Takes one CRLF-terminated line (without the CRLF) off `buf`; `None` if incomplete.
@@ -1084,5 +1100,75 @@ mod tests {
 
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(parse_head(&mut b).expect("partial").is_none());
+    }
+
+    /// Decodes a whole chunked body fed in pieces of the given sizes; `None` on a framing error.
+    fn chunked_in_pieces(input: &[u8], sizes: &[usize]) -> Option<(Vec<u8>, usize, bool)> {
+        let mut buf = BytesMut::new();
+        let mut st = ChunkState::Size;
+        let (mut data, mut trailers, mut fed) = (Vec::new(), 0, 0);
+        let mut sizes = sizes.iter().cycle();
+        loop {
+            match decode_chunked(&mut buf, &mut st).ok()? {
+                Chunked::Data(d) => data.extend_from_slice(&d),
+                Chunked::Trailers(t) => {
+                    trailers += t.len();
+                    return Some((data, trailers, true));
+                }
+                Chunked::End => return Some((data, trailers, true)),
+                Chunked::NeedMore if fed == input.len() => return Some((data, trailers, false)),
+                Chunked::NeedMore => {
+                    let n = (*sizes.next().unwrap_or(&1)).clamp(1, input.len() - fed);
+                    buf.extend_from_slice(&input[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    /// Upstream bytes are untrusted: mutated responses never panic the parser, and a chunked
+    /// body decodes to the same bytes (or the same error) however the reads split it.
+    #[test]
+    fn mutated_upstream_responses_never_panic_and_decode_the_same_in_any_split() {
+        let corpus: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-t: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, x-a\r\nx-a: 1\r\n\r\nhello",
+            b"HTTP/1.0 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        ];
+        let alphabet = b"\r\n:; 0123456789abcdefABCDEF\t,\x00\x7f\xff";
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        for i in 0..100_000 {
+            let mut input = corpus[i % corpus.len()].to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..input.len());
+                match rng.u8(..4) {
+                    0 => input[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => input.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    2 => {
+                        input.remove(at);
+                    }
+                    _ => input.truncate(at.max(1)),
+                }
+                if input.is_empty() {
+                    input.push(b'H');
+                }
+            }
+            let mut buf = BytesMut::from(&input[..]);
+            let Ok(Some(head)) = parse_head(&mut buf) else {
+                continue;
+            };
+            if head.framing == Decoder::Chunked(ChunkState::Size) {
+                let rest = buf.to_vec();
+                let whole = chunked_in_pieces(&rest, &[rest.len().max(1)]);
+                let sizes: Vec<usize> = (0..4).map(|_| rng.usize(1..8)).collect();
+                assert_eq!(
+                    whole,
+                    chunked_in_pieces(&rest, &sizes),
+                    "input {:?} split {sizes:?}",
+                    String::from_utf8_lossy(&input)
+                );
+            }
+        }
     }
 }
