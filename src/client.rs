@@ -1,4 +1,4 @@
-//! The HTTP/1.1 client toward upstreams: per upstream, a lock-free stack of idle keep-alive
+//! The HTTP/1.1 client toward upstreams: per upstream, a lock-free queue of idle keep-alive
 //! connections, and the exchange on one connection driven inside the request's own task.
 //!
 //! Why not hyper's client: hyper runs each connection as a separate task and hands every
@@ -10,7 +10,7 @@
 //!
 //! What this client speaks: HTTP/1.1 requests in origin form, bodies by `Content-Length` or
 //! chunked (trailers kept), the request body written while the response is read (an upstream
-//! may answer early or stream both ways); responses framed by RFC 9112 6.3 (HEAD, 1xx, 204 and
+//! may answer early or stream both ways: then a task of its own finishes the upload); responses framed by RFC 9112 6.3 (HEAD, 1xx, 204 and
 //! 304 carry no body; `Transfer-Encoding: chunked`; `Content-Length`; else until close), where
 //! `Content-Length` with `Transfer-Encoding`, differing lengths or any coding but a single
 //! `chunked` are refused (request smuggling toward the client). `101` hands the connection to a
@@ -46,6 +46,10 @@ use crate::proxy::{BodyError, Forwarded, RequestBody};
 const MAX_RESPONSE_HEADERS: usize = 128;
 /// Largest upstream response head (and chunk-size or trailer line) accepted.
 const MAX_RESPONSE_HEAD: usize = 128 * 1024;
+/// An idle connection older than this is checked with a `MSG_PEEK` before reuse.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
+/// Longest chunk-size line (with extensions).
+const MAX_CHUNK_LINE: usize = 4096;
 /// Largest trailer section after a chunked body.
 const MAX_TRAILERS: usize = 16 * 1024;
 /// First read size on a connection; it doubles while reads fill it (large bodies), up to
@@ -102,7 +106,19 @@ struct Conn {
 impl Conn {
     /// A non-blocking read: an idle connection must have nothing to say. A FIN (0) or stray
     /// bytes mean it cannot carry another request.
+    ///
+    /// tokio answers from its cached readiness, which misses a FIN the reactor has not seen yet.
+    /// A connection idle for a while (where an upstream's keep-alive timeout strikes) asks the
+    /// kernel directly instead, with one `MSG_PEEK`; busy ones skip that syscall.
     fn still_open(&self) -> bool {
+        let long_idle = self.since.is_some_and(|t| t.elapsed() > PEEK_AFTER_IDLE);
+        if long_idle {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            return matches!(
+                socket2::SockRef::from(&self.io).peek(&mut probe),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            );
+        }
         let mut probe = [0u8; 1];
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
@@ -132,6 +148,8 @@ impl Conn {
 pub struct ConnPool {
     addr: SocketAddr,
     idle: ArrayQueue<Conn>,
+    /// `upstream_max_idle`; 0 turns reuse off.
+    max_idle: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -146,6 +164,7 @@ impl ConnPool {
         Arc::new(ConnPool {
             addr,
             idle: ArrayQueue::new(max_idle.max(1)),
+            max_idle,
             connect_timeout,
             idle_timeout,
         })
@@ -194,10 +213,7 @@ impl ConnPool {
 
     fn checkout(&self) -> Option<Conn> {
         while let Some(conn) = self.idle.pop() {
-            let fresh = conn
-                .since
-                .map_or(true, |t| t.elapsed() <= self.idle_timeout);
-            if fresh && conn.still_open() {
+            if self.reusable(&conn) {
                 return Some(conn);
             }
         }
@@ -242,24 +258,54 @@ impl ConnPool {
         } else {
             framing
         };
-        let mut resp = Response::new(PooledBody {
-            kind: Kind::H1(H1Body {
-                ex,
-                decoder,
-                keep_alive,
-                pool: self.clone(),
-                failed: None,
-            }),
-        });
+        // An answer that came before the whole request went out: the upstream may not have read
+        // all of it, so the connection is not reused.
+        let early = !ex.sent();
+        let body = H1Body {
+            ex,
+            decoder,
+            keep_alive: keep_alive && !early,
+            pool: self.clone(),
+            failed: None,
+        };
+        let kind = if early && body.ex.uploading() && decoder != Decoder::Upgrade {
+            Kind::Duplex(Duplex::spawn(body))
+        } else {
+            Kind::H1(body)
+        };
+        let mut resp = Response::new(PooledBody { kind });
         *resp.status_mut() = status;
         *resp.version_mut() = Version::HTTP_11;
         *resp.headers_mut() = headers;
         resp
     }
 
+    /// Closes idle connections past `upstream_idle_timeout` or closed by the upstream, so an
+    /// upstream nobody sends to (the idle color) keeps no sockets open. Run by the stats ticker.
+    pub fn reap(&self) {
+        for _ in 0..self.idle.len() {
+            let Some(conn) = self.idle.pop() else {
+                return;
+            };
+            if self.reusable(&conn) {
+                let _ = self.idle.push(conn);
+            }
+        }
+    }
+
+    fn reusable(&self, conn: &Conn) -> bool {
+        let fresh = conn
+            .since
+            .map_or(true, |t| t.elapsed() <= self.idle_timeout);
+        fresh && conn.still_open()
+    }
+
     fn put_back(&self, mut conn: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
         conn.since = Some(Instant::now());
-        if conn.read_size > READ_CHUNK {
+        if conn.read_size > READ_CHUNK || conn.rbuf.capacity() > 2 * READ_CHUNK {
             // After a large body: an idle connection keeps no large buffer.
             conn.read_size = READ_CHUNK;
             conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -285,7 +331,7 @@ enum Upload {
 }
 
 /// The request head in origin form with the `X-Forwarded-*` headers, and how its body is
-/// framed: the client's `Content-Length` when it sent one, otherwise the body's exact size,
+/// framed: by its exact size when known (the client's `Content-Length`, as hyper checked it),
 /// otherwise chunked.
 fn encode_head(
     parts: &http::request::Parts,
@@ -308,8 +354,13 @@ fn encode_head(
     out.put_u8(b' ');
     out.put_slice(path.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let mut had_forwarded = false;
+    let (mut had_forwarded, mut had_length) = (false, false);
     for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            // Written below from the body hyper validated: one value, never a list.
+            had_length = true;
+            continue;
+        }
         if Forwarded::replaces(name) {
             had_forwarded = true;
             continue;
@@ -326,10 +377,8 @@ fn encode_head(
     if let Some(host) = fwd.host {
         put_header(&mut out, b"x-forwarded-host", host.as_bytes());
     }
-    let upload = if parts.headers.contains_key(header::CONTENT_LENGTH) {
-        Upload::Raw
-    } else if body.is_end_stream() {
-        if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+    let upload = if body.is_end_stream() {
+        if had_length || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
             out.put_slice(b"content-length: 0\r\n");
         }
         Upload::Raw
@@ -342,6 +391,22 @@ fn encode_head(
     };
     out.put_slice(b"\r\n");
     (out.freeze(), upload)
+}
+
+/// Trailers may not carry framing, routing or forwarding headers (RFC 9110 6.5.1): some
+/// upstreams merge trailers into the header section, which would bypass the proxy's rewriting.
+fn trailer_allowed(name: &HeaderName) -> bool {
+    !(name == header::CONTENT_LENGTH
+        || name == header::TRANSFER_ENCODING
+        || name == header::HOST
+        || name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::EXPECT
+        || name == "keep-alive"
+        || name == "proxy-connection"
+        || Forwarded::replaces(name))
 }
 
 fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -397,6 +462,11 @@ impl Exchange {
     /// The whole request (head and body) is in the socket.
     fn sent(&self) -> bool {
         self.body_done && self.out.is_empty() && !self.upload_broken
+    }
+
+    /// Part of the request is still to be written, and can be.
+    fn uploading(&self) -> bool {
+        self.conn.is_some() && !self.sent() && !self.upload_broken
     }
 
     /// Writes what it can of the request. An I/O error stops the upload but not the exchange:
@@ -476,7 +546,9 @@ impl Exchange {
                         {
                             let mut t = BytesMut::from(&b"0\r\n"[..]);
                             for (name, value) in &trailers {
-                                put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
+                                if trailer_allowed(name) {
+                                    put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
+                                }
                             }
                             t.put_slice(b"\r\n");
                             self.out.push_back(t.freeze());
@@ -570,7 +642,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut te_lines = 0;
-    let mut close = http10;
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
     // Hop-by-hop headers stop here, except on a 101, whose Upgrade/Connection the client needs.
     let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut named: Vec<HeaderName> = Vec::new();
@@ -599,9 +671,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
+                    saw_close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    close &= !http10;
+                    saw_keep_alive = true;
                 } else if let Ok(other) = HeaderName::from_bytes(token) {
                     named.push(other);
                 }
@@ -634,7 +706,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         status,
         headers,
         framing,
-        keep_alive: !close,
+        // HTTP/1.0 keeps a connection only when asked to, and never with Transfer-Encoding
+        // (RFC 9112 6.1); `close` always wins.
+        keep_alive: !saw_close && (!http10 || (saw_keep_alive && te_lines == 0)),
     }))
 }
 
@@ -687,17 +761,24 @@ fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked, Cl
     loop {
         match *st {
             ChunkState::Size => {
-                let Some(line) = take_line(buf)? else {
+                let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
                     return Ok(Chunked::NeedMore);
                 };
                 let digits = line
                     .iter()
                     .position(|b| !b.is_ascii_hexdigit())
                     .unwrap_or(line.len());
+                // chunk-size [BWS ";" extensions]: nothing else may follow the size.
                 let rest = &line[digits..];
+                let rest = &rest[rest
+                    .iter()
+                    .take_while(|b| matches!(b, b' ' | b'\t'))
+                    .count()..];
+                let significant = line[..digits].iter().skip_while(|d| **d == b'0').count();
                 if digits == 0
-                    || digits > 15
-                    || !(rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t'))
+                    || significant > 15
+                    || !(rest.is_empty() || rest[0] == b';')
+                    || rest.contains(&b'\r')
                 {
                     return Err(ClientError::Protocol("invalid chunk size"));
                 }
@@ -781,7 +862,7 @@ fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, ClientError> {
 }
 
 /// Takes one CRLF-terminated line (without the CRLF) off `buf`; `None` if incomplete.
-fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, ClientError> {
+fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ClientError> {
     match memchr::memchr(b'\n', buf) {
         Some(i) => {
             if i == 0 || buf[i - 1] != b'\r' {
@@ -790,7 +871,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, ClientError> {
             let line = buf.split_to(i + 1).freeze();
             Ok(Some(line.slice(..i - 1)))
         }
-        None if buf.len() > MAX_RESPONSE_HEAD => Err(ClientError::Protocol("line too long")),
+        None if buf.len() > max => Err(ClientError::Protocol("line too long")),
         None => Ok(None),
     }
 }
@@ -810,6 +891,11 @@ impl H1Body {
     /// Hands the connection back when both messages ended cleanly.
     fn finish(&mut self) {
         self.decoder = Decoder::Done;
+        if self.ex.uploading() {
+            // The response ended first; the rest of the request still needs the connection
+            // (which is then never pooled: see `ConnPool::response`).
+            return;
+        }
         let sent = self.ex.sent();
         let Some(conn) = self.ex.conn.take() else {
             return;
@@ -909,7 +995,72 @@ pub struct PooledBody {
 #[allow(clippy::large_enum_variant)]
 enum Kind {
     H1(H1Body),
+    /// An HTTP/1.1 response that began before its request was fully sent: a task of its own
+    /// keeps writing the request whether or not the client reads the response.
+    Duplex(Duplex),
     H2(Incoming),
+}
+
+/// The receiving end of a response body driven by its own task (see [`Duplex::spawn`]).
+struct Duplex {
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, ClientError>>,
+    hint: SizeHint,
+}
+
+impl Duplex {
+    /// Moves the exchange into a task that writes the rest of the request while reading the
+    /// response into a small channel. Driving the upload from the response body alone would tie
+    /// it to the client's reading: a client that uploads everything before it reads would stall
+    /// both ways, and a response ending first would cut the upload short.
+    fn spawn(mut body: H1Body) -> Duplex {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hint = match body.decoder {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        };
+        tokio::spawn(async move {
+            let mut tx = tokio_util::sync::PollSender::new(tx);
+            // Whether the response has ended (or nobody reads it any more).
+            let mut response_done = false;
+            std::future::poll_fn(|cx| loop {
+                if response_done {
+                    // Only the upload is left; the connection closes when it is done.
+                    if !body.ex.uploading() || body.ex.poll_upload(cx).is_err() {
+                        return Poll::Ready(());
+                    }
+                    return if body.ex.uploading() {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(())
+                    };
+                }
+                match tx.poll_reserve(cx) {
+                    Poll::Pending => {
+                        // The client is not reading: keep uploading meanwhile.
+                        if body.ex.poll_upload(cx).is_err() {
+                            response_done = true;
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(_)) => response_done = true,
+                    Poll::Ready(Ok(())) => match body.poll_frame(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(item)) => {
+                            response_done = item.is_err();
+                            let _ = tx.send_item(item);
+                        }
+                        Poll::Ready(None) => {
+                            response_done = true;
+                            tx.close();
+                        }
+                    },
+                }
+            })
+            .await;
+        });
+        Duplex { rx, hint }
+    }
 }
 
 impl PooledBody {
@@ -951,6 +1102,7 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
         match &mut self.kind {
             Kind::H1(b) => b.poll_frame(cx),
+            Kind::Duplex(d) => d.rx.poll_recv(cx),
             Kind::H2(inner) => Pin::new(inner)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(ClientError::Hyper))),
@@ -963,6 +1115,7 @@ impl Body for PooledBody {
                 b.decoder,
                 Decoder::Length(0) | Decoder::Done | Decoder::Upgrade
             ),
+            Kind::Duplex(_) => false,
             Kind::H2(inner) => inner.is_end_stream(),
         }
     }
@@ -974,6 +1127,7 @@ impl Body for PooledBody {
                 Decoder::Done | Decoder::Upgrade => SizeHint::with_exact(0),
                 _ => SizeHint::default(),
             },
+            Kind::Duplex(d) => d.hint,
             Kind::H2(inner) => inner.size_hint(),
         }
     }
@@ -1025,6 +1179,13 @@ mod tests {
         let (d, _, done) = chunks(b"a\r\n01234").expect("partial");
         assert_eq!((d.as_slice(), done), (&b"01234"[..], false));
         assert!(chunks(b"zz\r\n").is_err());
+        // Only whitespace before `;` may follow the size; leading zeros are fine.
+        assert!(chunks(b"5 garbage\r\nhello\r\n0\r\n\r\n").is_err());
+        assert!(chunks(b"5\r;x\r\nhello\r\n0\r\n\r\n").is_err());
+        let (d, _, done) = chunks(b"5 ;x=1\r\nhello\r\n00000000000000000000\r\n\r\n").expect("ok");
+        assert_eq!((d.as_slice(), done), (&b"hello"[..], true));
+        // A size line without end is refused once it is longer than any sane one.
+        assert!(chunks(&[b'1'; MAX_CHUNK_LINE + 1]).is_err());
         assert!(chunks(b"3\r\nabcX\r\n").is_err());
         assert!(chunks(b"3\nabc\r\n").is_err());
     }
@@ -1042,6 +1203,30 @@ mod tests {
         let mut b = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nabc"[..]);
         let h = parse_head(&mut b).expect("ok").expect("complete");
         assert_eq!((h.framing, h.keep_alive), (Decoder::Eof, false));
+        // HTTP/1.0: kept only when asked, `close` wins in any order, never with chunked.
+        for (head, kept) in [
+            (
+                &b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"[..],
+                true,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+        ] {
+            let h = parse_head(&mut BytesMut::from(head))
+                .expect("ok")
+                .expect("complete");
+            assert_eq!(h.keep_alive, kept, "{:?}", String::from_utf8_lossy(head));
+        }
 
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"[..],
@@ -1124,6 +1309,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn request_trailers_carry_no_framing_or_forwarding_headers() {
+        for name in [
+            "content-length",
+            "host",
+            "transfer-encoding",
+            "x-forwarded-for",
+            "te",
+        ] {
+            assert!(!trailer_allowed(&HeaderName::from_static(name)), "{name}");
+        }
+        assert!(trailer_allowed(&HeaderName::from_static("grpc-status")));
     }
 
     /// Upstream bytes are untrusted: mutated responses never panic the parser, and a chunked

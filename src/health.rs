@@ -87,17 +87,22 @@ async fn check_loop(app: Arc<App>, service: String, color: Color, up: Weak<Upstr
     }
 }
 
-/// Clears the window slots about to be reused, about four times a second. Recorders and
+/// Clears the window slots about to be reused, about four times a second, and every 4 s closes
+/// idle upstream connections past their idle timeout. Recorders and
 /// readers stay correct without it (the slot tags see to that); it only keeps clearing off the
 /// request path.
 pub async fn stats_ticker(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = app.shutdown.cancelled() => return,
         }
+        ticks += 1;
+        // Every 4 s: close idle upstream connections that expired or that the upstream closed.
+        let reap = ticks % 16 == 0;
         let now = app.clock.now_epoch();
         let snap = app.snapshot();
         for svc in &snap.services {
@@ -105,6 +110,9 @@ pub async fn stats_ticker(app: Arc<App>) {
                 let pool = svc.pool(color);
                 for up in &pool.upstreams {
                     up.window.prepare(now);
+                    if reap {
+                        up.conns.reap();
+                    }
                 }
                 for c in &pool.critical {
                     c.counter.prepare(now);

@@ -6,7 +6,7 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -341,4 +341,163 @@ async fn big_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, body.to_vec())
+}
+
+/// A raw upstream that numbers its connections and answers `conn=<n>`, logs when the proxy
+/// closes a connection, and on `/duplex` answers 8 MiB at once while it reads the request's
+/// 8 MiB body concurrently (logging whether the whole upload arrived).
+async fn logging_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    tokio::spawn(async move {
+        let mut id = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            id += 1;
+            let (me, log) = (id, l2.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut c = [0u8; 65536];
+                        match s.read(&mut c).await {
+                            Ok(0) | Err(_) => {
+                                log.lock().expect("log").push(format!("{me} closed"));
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&c[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    buf.drain(..end + 4);
+                    let cl: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if head.starts_with("post /duplex") {
+                        let (mut r, mut w) = s.into_split();
+                        let have = buf.len();
+                        let reader = tokio::spawn(async move {
+                            let mut left = cl - have.min(cl);
+                            let mut c = vec![0u8; 65536];
+                            while left > 0 {
+                                match r.read(&mut c).await {
+                                    Ok(0) | Err(_) => return false,
+                                    Ok(n) => left -= n.min(left),
+                                }
+                            }
+                            true
+                        });
+                        let body = vec![b'x'; 8 << 20];
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = w.write_all(head.as_bytes()).await;
+                        let _ = w.write_all(&body).await;
+                        let complete = reader.await.unwrap_or(false);
+                        log.lock()
+                            .expect("log")
+                            .push(format!("{me} upload complete={complete}"));
+                        return;
+                    }
+                    let body = format!("conn={me}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+fn pool_config(up: SocketAddr, extra: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n{extra}{}",
+        service("api", &[up], &[up], "")
+    )
+}
+
+#[tokio::test]
+async fn max_idle_zero_turns_reuse_off() {
+    let (up, _) = logging_upstream().await;
+    let p = TestProxy::start(&pool_config(up, "upstream_max_idle = 0\n")).await;
+    assert_eq!(p.get("/x").await, (200, "conn=1".to_string()));
+    assert_eq!(p.get("/x").await, (200, "conn=2".to_string()));
+    p.stop().await;
+}
+
+/// Idle connections past `upstream_idle_timeout` are closed even when no request comes to take
+/// them (the idle color after a flip).
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
+    let (up, log) = logging_upstream().await;
+    let p = TestProxy::start(&pool_config(up, "upstream_idle_timeout = \"200ms\"\n")).await;
+    assert_eq!(p.get("/x").await, (200, "conn=1".to_string()));
+    let closed = eventually(10, || async {
+        log.lock().expect("log").iter().any(|e| e == "1 closed")
+    })
+    .await;
+    assert!(
+        closed,
+        "idle connection still open: {:?}",
+        log.lock().expect("log")
+    );
+    p.stop().await;
+}
+
+/// A client that sends its whole 8 MiB body before reading; the upstream answers 8 MiB at once
+/// while it reads. The proxy must keep uploading while the client is not reading, and finish
+/// the upload even after the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_response_does_not_stall_or_cut_the_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, log) = logging_upstream().await;
+    let p = TestProxy::start(&pool_config(up, "")).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    let n = 8usize << 20;
+    let head = format!("POST /duplex HTTP/1.1\r\nHost: a\r\nContent-Length: {n}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.expect("write head");
+    tokio::time::timeout(Duration::from_secs(10), s.write_all(&vec![b'y'; n]))
+        .await
+        .expect("upload stalled: the client is blocked writing")
+        .expect("write body");
+    let mut got = 0;
+    let mut c = vec![0u8; 1 << 16];
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut c)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(k)) => got += k,
+            Err(_) => panic!("response stalled after {got} bytes"),
+        }
+    }
+    assert!(got >= n, "response cut at {got} bytes");
+    let done = eventually(10, || async {
+        log.lock()
+            .expect("log")
+            .iter()
+            .any(|e| e.contains("upload complete="))
+    })
+    .await;
+    assert!(done, "{:?}", log.lock().expect("log"));
+    assert!(
+        log.lock()
+            .expect("log")
+            .iter()
+            .any(|e| e.ends_with("upload complete=true")),
+        "the upstream got a cut upload: {:?}",
+        log.lock().expect("log")
+    );
+    p.stop().await;
 }
