@@ -40,7 +40,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::{BodyError, Forwarded, RequestBody};
+use crate::proxy::{BodyError, Forwarded, IdleTimer, RequestBody};
 
 /// Most header lines an upstream response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
@@ -181,6 +181,7 @@ impl ConnPool {
         let (head, upload) = encode_head(&parts, &body, fwd);
         let idempotent = is_idempotent(&parts.method);
         let head_request = parts.method == Method::HEAD;
+        let idle = body.idle_timeout();
         let mut body = body;
         loop {
             let (conn, reused) = match self.checkout() {
@@ -191,7 +192,7 @@ impl ConnPool {
             };
             let mut ex = Exchange::new(conn, head.clone(), body, upload);
             let err = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
-                Ok(resp) => return Ok(self.response(ex, resp, head_request)),
+                Ok(resp) => return Ok(self.response(ex, resp, head_request, idle)),
                 Err(e) => e,
             };
             // Safe to send again only if the upstream cannot have acted on it: nothing came
@@ -241,6 +242,7 @@ impl ConnPool {
         ex: Exchange,
         head: ResponseHead,
         head_request: bool,
+        idle: Duration,
     ) -> Response<PooledBody> {
         let ResponseHead {
             status,
@@ -267,6 +269,7 @@ impl ConnPool {
             keep_alive: keep_alive && !early,
             pool: self.clone(),
             failed: None,
+            idle: IdleTimer::new(idle),
         };
         let kind = if early && body.ex.uploading() && decoder != Decoder::Upgrade {
             Kind::Duplex(Duplex::spawn(body))
@@ -885,6 +888,9 @@ struct H1Body {
     /// A failure held back for one poll, so that what was already passed on gets flushed to
     /// the client first (hyper drops unflushed output when a body fails).
     failed: Option<ClientError>,
+    /// `body_idle_timeout` between two reads of the body: a stalled upstream does not hold the
+    /// client (and both connections) forever.
+    idle: IdleTimer,
 }
 
 impl H1Body {
@@ -971,7 +977,19 @@ impl H1Body {
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
-            match ready!(conn.poll_fill(cx)) {
+            let filled = conn.poll_fill(cx);
+            let filled = match filled {
+                Poll::Ready(r) => {
+                    self.idle.progressed();
+                    r
+                }
+                Poll::Pending if self.idle.poll_expired(cx) => {
+                    let stalled = io::Error::new(io::ErrorKind::TimedOut, "upstream body stalled");
+                    return self.fail(ClientError::Io(stalled), cx);
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            match filled {
                 Ok(0) if self.decoder == Decoder::Eof => {
                     self.decoder = Decoder::Done;
                     self.ex.conn = None;

@@ -658,10 +658,52 @@ impl Tunnels {
 /// of holding the request open. The timer is allocated only once the body first waits.
 pub struct RequestBody {
     inner: Incoming,
+    idle: IdleTimer,
+}
+
+/// `body_idle_timeout` for one body: the longest wait for its next frame. The timer is
+/// allocated only once the body first waits, and restarts with each wait.
+pub struct IdleTimer {
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
-    /// Whether the timer runs for the current wait (reset after every frame).
+    /// Whether the timer runs for the current wait.
     waiting: bool,
+}
+
+impl IdleTimer {
+    /// `idle` zero turns the timeout off.
+    pub fn new(idle: Duration) -> IdleTimer {
+        IdleTimer {
+            idle,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.idle
+    }
+
+    /// The body made progress: the next wait starts a fresh timer.
+    pub fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// The body is waiting: true once it has waited `idle` since its last progress.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.idle.is_zero() {
+            return false;
+        }
+        let deadline = Instant::now() + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            timer.as_mut().reset(deadline);
+            self.waiting = true;
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// Why a request body ended early.
@@ -696,10 +738,13 @@ impl RequestBody {
     pub fn new(inner: Incoming, idle: Duration) -> RequestBody {
         RequestBody {
             inner,
-            idle,
-            timer: None,
-            waiting: false,
+            idle: IdleTimer::new(idle),
         }
+    }
+
+    /// The `body_idle_timeout` this body runs with (the response gets the same).
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle.duration()
     }
 }
 
@@ -713,24 +758,13 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.waiting = false;
+            this.idle.progressed();
             return Poll::Ready(frame.map(|r| r.map_err(BodyError::Client)));
         }
-        if this.idle.is_zero() {
-            return Poll::Pending;
+        if this.idle.poll_expired(cx) {
+            return Poll::Ready(Some(Err(BodyError::Idle)));
         }
-        let deadline = Instant::now() + this.idle;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !this.waiting {
-            timer.as_mut().reset(deadline);
-            this.waiting = true;
-        }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle))),
-            Poll::Pending => Poll::Pending,
-        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {

@@ -554,3 +554,44 @@ async fn idle_keep_alive_connections_close_at_the_header_read_timeout() {
     );
     p.stop().await;
 }
+
+/// An upstream that sends part of a body and then goes quiet (the connection stays open): the
+/// client's response is aborted at `body_idle_timeout` (1s here) instead of hanging.
+#[tokio::test]
+async fn a_stalled_upstream_body_is_aborted_at_the_body_idle_timeout() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nten bytes.")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let p = start(up, "").await;
+    let req = http::Request::builder()
+        .uri(format!("http://{}/x", p.proxy))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("req");
+    let resp = tokio::time::timeout(Duration::from_secs(5), client().request(req))
+        .await
+        .expect("timeout")
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    let began = tokio::time::Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the client was left waiting on a stalled upstream");
+    assert!(body.is_err(), "a stalled body looked complete");
+    assert!(
+        began.elapsed() >= Duration::from_millis(800),
+        "cut before the idle timeout: {:?}",
+        began.elapsed()
+    );
+    p.stop().await;
+}
