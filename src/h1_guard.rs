@@ -851,4 +851,152 @@ mod tests {
             assert_eq!(c, 1);
         }
     }
+
+    /// A random valid request: GET, or POST with a length body or a chunked body (extensions,
+    /// trailers), bodies full of CR and LF, and header names that only look like framing ones.
+    fn random_request(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let mut r = Vec::new();
+        let decoys = [
+            "Content-Lengthy: 3",
+            "Transfer-Encodings: gzip",
+            "Upgrade-Insecure-Requests: 1",
+            "X-Content-Length: 9",
+            "Accept: */*",
+            "Cookie: a=b; c=d",
+        ];
+        let method = rng.u8(..3);
+        r.extend_from_slice(if method == 0 {
+            b"GET /a?b=c HTTP/1.1\r\n"
+        } else {
+            b"POST /u HTTP/1.1\r\n"
+        });
+        r.extend_from_slice(b"Host: example.com\r\n");
+        for _ in 0..rng.usize(..4) {
+            r.extend_from_slice(decoys[rng.usize(..decoys.len())].as_bytes());
+            r.extend_from_slice(b"\r\n");
+        }
+        let noise = |rng: &mut fastrand::Rng, n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| b"\r\nab0;:\x00\xff"[rng.usize(..9)])
+                .collect()
+        };
+        match method {
+            0 => r.extend_from_slice(b"\r\n"),
+            1 => {
+                let n = rng.usize(..300);
+                let body = noise(rng, n);
+                r.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                r.extend_from_slice(&body);
+            }
+            _ => {
+                r.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                for _ in 0..rng.usize(..4) {
+                    let n = rng.usize(1..100);
+                    let data = noise(rng, n);
+                    r.extend_from_slice(format!("{:x}", data.len()).as_bytes());
+                    if rng.bool() {
+                        r.extend_from_slice(b";ext=\"v\"");
+                    }
+                    r.extend_from_slice(b"\r\n");
+                    r.extend_from_slice(&data);
+                    r.extend_from_slice(b"\r\n");
+                }
+                r.extend_from_slice(b"0\r\n");
+                if rng.bool() {
+                    r.extend_from_slice(b"X-Checksum: 1\r\n");
+                }
+                r.extend_from_slice(b"\r\n");
+            }
+        }
+        r
+    }
+
+    /// Feeds `data` in random-sized pieces.
+    fn run_random(data: &[u8], rng: &mut fastrand::Rng) -> (Option<(usize, Reject)>, Framing) {
+        let mut f = Framing::new();
+        let mut at = 0;
+        while at < data.len() {
+            let n = rng.usize(1..=64).min(data.len() - at);
+            if let Some((i, why)) = f.feed(&data[at..at + n]) {
+                return (Some((at + i, why)), f);
+            }
+            at += n;
+        }
+        (None, f)
+    }
+
+    /// Random keep-alive streams of valid requests pass whole and in random pieces, and the
+    /// guard ends them in step; one fault planted in a random request is found at the same byte
+    /// however the stream is split.
+    #[test]
+    fn random_request_streams_pass_and_planted_faults_are_found_at_the_same_byte() {
+        let mut rng = fastrand::Rng::with_seed(0x9a4d);
+        for _ in 0..20_000 {
+            let reqs: Vec<Vec<u8>> = (0..rng.usize(1..6))
+                .map(|_| random_request(&mut rng))
+                .collect();
+            let stream = reqs.concat();
+            let (verdict, f) = run_random(&stream, &mut rng);
+            assert_eq!(verdict, None, "{:?}", String::from_utf8_lossy(&stream));
+            assert_eq!(
+                f.state,
+                State::Head,
+                "{:?}",
+                String::from_utf8_lossy(&stream)
+            );
+
+            // Plant a fault in one request's head.
+            let victim = rng.usize(..reqs.len());
+            let mut bad = reqs.clone();
+            let head_end = bad[victim]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or(0);
+            let kind = if rng.bool() {
+                // A bare LF: drop the CR of one line end in the head.
+                let crs: Vec<usize> = (0..=head_end)
+                    .filter(|&i| bad[victim][i] == b'\r')
+                    .collect();
+                bad[victim].remove(crs[rng.usize(..crs.len())]);
+                Reject::BareLf
+            } else {
+                let has = |req: &[u8], name: &[u8]| {
+                    req[..head_end].split(|b| *b == b'\n').any(|l| {
+                        l.iter()
+                            .position(|b| *b == b':')
+                            .is_some_and(|c| l[..c].eq_ignore_ascii_case(name))
+                    })
+                };
+                let plant: &[u8] = match (
+                    has(&bad[victim], b"content-length"),
+                    has(&bad[victim], b"transfer-encoding"),
+                ) {
+                    (true, _) => b"Transfer-Encoding: chunked\r\n",
+                    (_, true) => b"Content-Length: 1\r\n",
+                    // A GET: give it both.
+                    _ => b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+                };
+                let host_end = bad[victim]
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .unwrap_or(0)
+                    + 2;
+                bad[victim].splice(host_end..host_end, plant.iter().copied());
+                Reject::ClTe
+            };
+            let stream = bad.concat();
+            let (whole, _) = run_in(&stream, stream.len());
+            let (pieces, _) = run_random(&stream, &mut rng);
+            assert_eq!(whole, pieces, "{:?}", String::from_utf8_lossy(&stream));
+            let (i, why) =
+                whole.unwrap_or_else(|| panic!("missed: {:?}", String::from_utf8_lossy(&stream)));
+            assert_eq!(why, kind, "{:?}", String::from_utf8_lossy(&stream));
+            assert_eq!(stream[i], b'\n');
+            let start: usize = bad[..victim].iter().map(Vec::len).sum();
+            assert!(
+                (start..start + bad[victim].len()).contains(&i),
+                "found outside the planted request"
+            );
+        }
+    }
 }
