@@ -1016,7 +1016,8 @@ enum Kind {
     /// An HTTP/1.1 response that began before its request was fully sent: a task of its own
     /// keeps writing the request whether or not the client reads the response.
     Duplex(Duplex),
-    H2(Incoming),
+    /// An HTTP/2 stream, with `body_idle_timeout` between its frames.
+    H2(Incoming, IdleTimer),
 }
 
 /// The receiving end of a response body driven by its own task (see [`Duplex::spawn`]).
@@ -1082,10 +1083,11 @@ impl Duplex {
 }
 
 impl PooledBody {
-    /// A body whose connection is not pooled here (HTTP/2).
-    pub fn unpooled(inner: Incoming) -> PooledBody {
+    /// A body whose connection is not pooled here (HTTP/2), ended with an error when no frame
+    /// comes for `idle`.
+    pub fn unpooled(inner: Incoming, idle: Duration) -> PooledBody {
         PooledBody {
-            kind: Kind::H2(inner),
+            kind: Kind::H2(inner, IdleTimer::new(idle)),
         }
     }
 
@@ -1121,9 +1123,17 @@ impl Body for PooledBody {
         match &mut self.kind {
             Kind::H1(b) => b.poll_frame(cx),
             Kind::Duplex(d) => d.rx.poll_recv(cx),
-            Kind::H2(inner) => Pin::new(inner)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(ClientError::Hyper))),
+            Kind::H2(inner, idle) => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(f) => {
+                    idle.progressed();
+                    Poll::Ready(f.map(|r| r.map_err(ClientError::Hyper)))
+                }
+                Poll::Pending if idle.poll_expired(cx) => {
+                    let stalled = io::Error::new(io::ErrorKind::TimedOut, "upstream body stalled");
+                    Poll::Ready(Some(Err(ClientError::Io(stalled))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -1134,7 +1144,7 @@ impl Body for PooledBody {
                 Decoder::Length(0) | Decoder::Done | Decoder::Upgrade
             ),
             Kind::Duplex(_) => false,
-            Kind::H2(inner) => inner.is_end_stream(),
+            Kind::H2(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -1146,7 +1156,7 @@ impl Body for PooledBody {
                 _ => SizeHint::default(),
             },
             Kind::Duplex(d) => d.hint,
-            Kind::H2(inner) => inner.size_hint(),
+            Kind::H2(inner, _) => inner.size_hint(),
         }
     }
 }

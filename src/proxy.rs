@@ -282,7 +282,11 @@ async fn forward(
 ) -> Result<Response<PooledBody>, ClientError> {
     match protocol {
         Protocol::Http1 => up.conns.send(req, fwd).await,
-        Protocol::H2 => Ok(app.clients.h2.request(req).await?.map(PooledBody::unpooled)),
+        Protocol::H2 => {
+            let idle = req.body().idle_timeout();
+            let resp = app.clients.h2.request(req).await?;
+            Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
+        }
     }
 }
 

@@ -436,6 +436,63 @@ async fn h2_upstream_pool_passes_trailers_end_to_end() {
     p.stop().await;
 }
 
+/// A body that sends one frame and then never another (nor ends).
+struct Stalls(Option<Bytes>);
+impl http_body::Body for Stalls {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// `body_idle_timeout` holds for h2 upstream pools too: a response body that stalls is aborted
+/// toward the client instead of holding it forever.
+#[tokio::test]
+async fn a_stalled_h2_upstream_body_is_aborted_at_the_body_idle_timeout() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let svc = service_fn(|_req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(Response::new(Stalls(Some(Bytes::from_static(b"partial")))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nbody_idle_timeout = \"1s\"\nshutdown_grace = \"1s\"\n\n[[services]]\nname = \"grpc\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\n",
+        dead_addr().await
+    ))
+    .await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut s = h1(tcp).await;
+    let req = Request::builder()
+        .uri("/stream")
+        .header("host", "a")
+        .body(Empty::new())
+        .expect("req");
+    let resp = tokio::time::timeout(T, s.send_request(req))
+        .await
+        .expect("timeout")
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the client was left waiting on a stalled h2 upstream");
+    assert!(body.is_err(), "a stalled body looked complete");
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn h2_streams_past_the_limit_wait_instead_of_running() {
     let blue = TestUpstream::start("blue").await;
