@@ -40,7 +40,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::{BodyError, Forwarded, IdleTimer, RequestBody};
+use crate::proxy::{is_hop_by_hop, BodyError, Forwarded, IdleTimer, RequestBody};
 
 /// Most header lines an upstream response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
@@ -110,8 +110,7 @@ impl Conn {
     /// tokio answers from its cached readiness, which misses a FIN the reactor has not seen yet.
     /// A connection idle for a while (where an upstream's keep-alive timeout strikes) asks the
     /// kernel directly instead, with one `MSG_PEEK`; busy ones skip that syscall.
-    fn still_open(&self) -> bool {
-        let long_idle = self.since.is_some_and(|t| t.elapsed() > PEEK_AFTER_IDLE);
+    fn still_open(&self, long_idle: bool) -> bool {
         if long_idle {
             let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
             return matches!(
@@ -297,10 +296,11 @@ impl ConnPool {
     }
 
     fn reusable(&self, conn: &Conn) -> bool {
-        let fresh = conn
-            .since
-            .map_or(true, |t| t.elapsed() <= self.idle_timeout);
-        fresh && conn.still_open()
+        let idle_for = conn.since.map(|t| t.elapsed());
+        if idle_for.is_some_and(|d| d > self.idle_timeout) {
+            return false;
+        }
+        conn.still_open(idle_for.is_some_and(|d| d > PEEK_AFTER_IDLE))
     }
 
     fn put_back(&self, mut conn: Conn) {
@@ -399,16 +399,11 @@ fn encode_head(
 /// Trailers may not carry framing, routing or forwarding headers (RFC 9110 6.5.1): some
 /// upstreams merge trailers into the header section, which would bypass the proxy's rewriting.
 fn trailer_allowed(name: &HeaderName) -> bool {
-    !(name == header::CONTENT_LENGTH
-        || name == header::TRANSFER_ENCODING
+    !(is_hop_by_hop(name)
+        || name == header::CONTENT_LENGTH
         || name == header::HOST
-        || name == header::CONNECTION
-        || name == header::TE
         || name == header::TRAILER
-        || name == header::UPGRADE
         || name == header::EXPECT
-        || name == "keep-alive"
-        || name == "proxy-connection"
         || Forwarded::replaces(name))
 }
 
@@ -713,14 +708,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         // (RFC 9112 6.1); `close` always wins.
         keep_alive: !saw_close && (!http10 || (saw_keep_alive && te_lines == 0)),
     }))
-}
-
-/// The hop-by-hop headers of RFC 9110 7.6.1 besides `Connection` and `Transfer-Encoding`.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TE
-        || name == header::UPGRADE
-        || name == "keep-alive"
-        || name == "proxy-connection"
 }
 
 fn parse_length(v: &[u8]) -> Result<u64, ClientError> {

@@ -3,12 +3,12 @@
 //! 1. validate the request (Host, CONNECT, message framing) and take the host and path;
 //! 2. load the routing snapshot once, match the service, pick the color (live, or idle on the
 //!    preview listener) and a healthy upstream of that pool (power of two choices);
-//! 3. rewrite headers (hop-by-hop out, `X-Forwarded-*` in, `Host` unchanged);
+//! 3. rewrite headers (hop-by-hop out; `X-Forwarded-*` in, written by the HTTP/1.1 client
+//!    straight into the head or inserted here for h2; `Host` unchanged);
 //! 4. forward with the pooled client, bounded by `request_timeout` until response headers; the
 //!    request body streams through [`RequestBody`], which ends it after `body_idle_timeout`
-//!    without a frame;
-//! 5. check the response framing, record the outcome (window stats, counters, critical paths)
-//!    and stream the response back.
+//!    without a frame; the client checks the response's framing and drops its hop-by-hop fields;
+//! 5. record the outcome (window stats, counters, critical paths) and stream the response back.
 //!
 //! The color is chosen here, per request: a flip affects the next request on every keep-alive
 //! connection, while requests already past step 2 finish on the color they started on.
@@ -156,8 +156,9 @@ pub async fn handle(
         req.headers_mut()
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    let fwd = Forwarded::new(conn, host_value.as_ref());
     if pool.protocol == Protocol::H2 {
-        add_forwarded(req.headers_mut(), conn, host_value.as_ref());
+        add_forwarded(req.headers_mut(), &fwd);
     }
     // HTTP/1.1 requests always carry Host (checked above). HTTP/2 clients send :authority and
     // HTTP/1.0 clients may send nothing; an HTTP/1.1 upstream needs a Host either way.
@@ -200,7 +201,6 @@ pub async fn handle(
     // 4. Forward.
     let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
     let in_flight = up.begin();
-    let fwd = Forwarded::new(conn, host_value.as_ref());
     let result =
         tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req, &fwd)).await;
     drop(in_flight);
@@ -244,12 +244,6 @@ pub async fn handle(
         }
         Ok(Ok(resp)) => resp,
     };
-    let resp_hops = hop_bits(resp.headers());
-    if resp_hops & TRANSFER_ENCODING_BIT != 0 && check_framing(resp.headers()).is_err() {
-        // Ambiguous framing (Content-Length with Transfer-Encoding): never pass it on.
-        rec.record(elapsed, 502, Some(FailureKind::Reset));
-        return text(StatusCode::BAD_GATEWAY, "upstream sent no valid response\n");
-    }
     let status = resp.status();
     let failure = status.is_server_error().then_some(FailureKind::Status5xx);
     rec.record(elapsed, status.as_u16(), failure);
@@ -267,7 +261,6 @@ pub async fn handle(
             }
         };
     }
-    strip_known(resp.headers_mut(), resp_hops);
     resp.map(Either::Left)
 }
 
@@ -284,7 +277,14 @@ async fn forward(
         Protocol::Http1 => up.conns.send(req, fwd).await,
         Protocol::H2 => {
             let idle = req.body().idle_timeout();
-            let resp = app.clients.h2.request(req).await?;
+            let mut resp = app.clients.h2.request(req).await?;
+            // The HTTP/1.1 client checks framing and drops hop-by-hop fields while it parses;
+            // h2 forbids them, and this keeps hyper-util's client to the same rule.
+            let hops = hop_bits(resp.headers());
+            if hops & TRANSFER_ENCODING_BIT != 0 && check_framing(resp.headers()).is_err() {
+                return Err(ClientError::Protocol("ambiguous response framing"));
+            }
+            strip_known(resp.headers_mut(), hops);
             Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
         }
     }
@@ -453,6 +453,11 @@ const TE_BIT: u8 = 8;
 const TRANSFER_ENCODING_BIT: u8 = 16;
 const UPGRADE_BIT: u8 = 32;
 
+/// A hop-by-hop field (RFC 9110 7.6.1) by name alone.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_bit(name) != 0
+}
+
 fn hop_bit(name: &HeaderName) -> u8 {
     if name == header::CONNECTION {
         CONNECTION_BIT
@@ -523,15 +528,14 @@ impl<'a> Forwarded<'a> {
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
-    let fwd = Forwarded::new(conn, host);
+pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
     let xff = fwd.forwarded_for(headers);
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(fwd.proto),
     );
-    match host {
+    match fwd.host {
         Some(h) => {
             headers.insert(X_FORWARDED_HOST.clone(), h.clone());
         }

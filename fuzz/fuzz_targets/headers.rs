@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use switchyard::proxy::{add_forwarded, strip_hop_by_hop, ConnInfo, Mode};
+use switchyard::proxy::{add_forwarded, strip_hop_by_hop, ConnInfo, Forwarded, Mode};
 
 const HOP_BY_HOP: [&str; 6] = [
     "connection",
@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
         IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(flags)))
     };
     let conn = ConnInfo::new(SocketAddr::new(ip, 40000), flags & 1 == 1, Mode::Live);
-    add_forwarded(&mut headers, &conn, host.as_ref());
+    add_forwarded(&mut headers, &Forwarded::new(&conn, host.as_ref()));
     let xff = headers
         .get_all("x-forwarded-for")
         .iter()
