@@ -15,6 +15,46 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
+/// Reads the next request head off `s` (what was read past it stays in `buf`), lowercased;
+/// `None` once the proxy closes the connection.
+async fn next_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        let mut chunk = [0u8; 65536];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads and drops the body `head` announces; false if the connection ends first.
+async fn skip_body(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, head: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let len = content_length(head);
+    while buf.len() < len {
+        let mut chunk = [0u8; 65536];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf.drain(..len);
+    true
+}
+
 /// An HTTP/1.1 upstream that counts connections and closes idle keep-alive connections after
 /// `idle` without telling anyone (as many servers do).
 async fn counting_upstream(idle: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -131,7 +171,7 @@ async fn per_worker_runtimes_serve_on_one_address() {
 /// reads, closes without answering (as if it had timed the connection out just then). Every
 /// later connection answers normally. Returns the address and the number of request heads read.
 async fn drops_second_request_on_first_connection() -> (SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -147,32 +187,18 @@ async fn drops_second_request_on_first_connection() -> (SocketAddr, Arc<AtomicUs
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut served = 0;
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let body_len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if buf.len() < end + 4 + body_len {
-                            break;
-                        }
-                        buf.drain(..end + 4 + body_len);
-                        h.fetch_add(1, Ordering::SeqCst);
-                        if first && served == 1 {
-                            return; // Closes without an answer.
-                        }
-                        served += 1;
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
+                while let Some(head) = next_head(&mut s, &mut buf).await {
+                    if !skip_body(&mut s, &mut buf, &head).await {
+                        return;
                     }
-                    let mut chunk = [0u8; 4096];
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    h.fetch_add(1, Ordering::SeqCst);
+                    if first && served == 1 {
+                        return; // Closes without an answer.
+                    }
+                    served += 1;
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                    if s.write_all(ok).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -215,7 +241,7 @@ async fn a_request_lost_on_a_pooled_connection_is_retried_only_if_idempotent() {
 /// for us: no body after HEAD, 204 and 304, a 100 Continue first, chunked with trailers, and an
 /// HTTP/1.0 body that ends when the connection closes. Counts connections.
 async fn framing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -227,17 +253,7 @@ async fn framing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
             c.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
+                while let Some(head) = next_head(&mut s, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
                     if path == "/big" || path == "/big-chunked" {
                         // 3 MiB of a pattern, by length or in 64 KiB chunks.
@@ -303,7 +319,7 @@ async fn upstream_responses_are_framed_and_their_connections_reused() {
     // Large bodies (the client's reads grow past their first 8 KiB) arrive byte for byte.
     let expected: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
     for path in ["/big", "/big-chunked"] {
-        let (status, body) = big_get(p.proxy, path).await;
+        let (status, body) = request_bytes(p.proxy, "GET", path, &[], Bytes::new()).await;
         assert_eq!(status, 200, "{path}");
         assert!(
             body == expected,
@@ -327,22 +343,6 @@ async fn upstream_responses_are_framed_and_their_connections_reused() {
     p.stop().await;
 }
 
-/// A GET whose body is returned as raw bytes.
-async fn big_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    use http_body_util::BodyExt;
-    let req = hyper::Request::builder()
-        .uri(format!("http://{addr}{path}"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(20), client().request(req))
-        .await
-        .expect("timed out")
-        .expect("request");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, body.to_vec())
-}
-
 /// A raw upstream that numbers its connections and answers `conn=<n>`, logs when the proxy
 /// closes a connection, and on `/duplex` answers 8 MiB at once while it reads the request's
 /// 8 MiB body concurrently (logging whether the whole upload arrived).
@@ -362,24 +362,11 @@ async fn logging_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut c = [0u8; 65536];
-                        match s.read(&mut c).await {
-                            Ok(0) | Err(_) => {
-                                log.lock().expect("log").push(format!("{me} closed"));
-                                return;
-                            }
-                            Ok(n) => buf.extend_from_slice(&c[..n]),
-                        }
-                        continue;
+                    let Some(head) = next_head(&mut s, &mut buf).await else {
+                        log.lock().expect("log").push(format!("{me} closed"));
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end + 4);
-                    let cl: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
+                    let cl = content_length(&head);
                     if head.starts_with("post /duplex") {
                         let (mut r, mut w) = s.into_split();
                         let have = buf.len();

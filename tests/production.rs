@@ -729,17 +729,24 @@ async fn websocket_tunnels_drain_at_shutdown() {
     );
 }
 
-/// A tunnel still open when `shutdown_grace` ends is closed, and shutdown ends then.
-#[tokio::test]
-async fn a_tunnel_open_past_the_grace_is_closed() {
+/// A proxy with `extra` in its `[proxy]` table in front of a WebSocket upstream (blue), and a
+/// tunnel through it that has carried one message.
+async fn proxy_with_tunnel(extra: &str) -> (TestProxy, TcpStream) {
     let (blue, _) = ws_upstream("blue").await;
     let p = TestProxy::start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n{}",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n{extra}{}",
         service("api", &[blue], &[dead_addr().await], "")
     ))
     .await;
     let mut ws = open_tunnel(p.proxy).await;
     assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
+    (p, ws)
+}
+
+/// A tunnel still open when `shutdown_grace` ends is closed, and shutdown ends then.
+#[tokio::test]
+async fn a_tunnel_open_past_the_grace_is_closed() {
+    let (p, mut ws) = proxy_with_tunnel("shutdown_grace = \"1s\"\n").await;
     let began = tokio::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(4), p.stop())
         .await
@@ -760,14 +767,7 @@ async fn a_tunnel_open_past_the_grace_is_closed() {
 /// frees when the tunnel closes.
 #[tokio::test]
 async fn an_open_tunnel_counts_against_max_connections() {
-    let (blue, _) = ws_upstream("blue").await;
-    let p = TestProxy::start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nmax_connections = 1\nshutdown_grace = \"2s\"\n{}",
-        service("api", &[blue], &[dead_addr().await], "")
-    ))
-    .await;
-    let mut ws = open_tunnel(p.proxy).await;
-    assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
+    let (p, ws) = proxy_with_tunnel("max_connections = 1\nshutdown_grace = \"2s\"\n").await;
     let mut next = TcpStream::connect(p.proxy).await.expect("connect");
     next.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .await

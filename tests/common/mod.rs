@@ -362,6 +362,18 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> (u16, String) {
+    let (status, body) = request_bytes(addr, method, path, headers, body).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// [`request`] with the response body as it came, byte for byte.
+pub async fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, Bytes) {
     let mut b = Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"));
@@ -375,7 +387,7 @@ pub async fn request(
         .expect("request failed");
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, body)
 }
 
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, Value) {
