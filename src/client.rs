@@ -40,6 +40,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::h1::{decode_chunked, parse_length, put_header, trailer_allowed, ChunkState, Chunked};
 use crate::proxy::{is_hop_by_hop, BodyError, Forwarded, IdleTimer, RequestBody};
 
 /// Most header lines an upstream response may carry.
@@ -48,10 +49,6 @@ const MAX_RESPONSE_HEADERS: usize = 128;
 const MAX_RESPONSE_HEAD: usize = 128 * 1024;
 /// An idle connection older than this is checked with a `MSG_PEEK` before reuse.
 const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
-/// Longest chunk-size line (with extensions).
-const MAX_CHUNK_LINE: usize = 4096;
-/// Largest trailer section after a chunked body.
-const MAX_TRAILERS: usize = 16 * 1024;
 /// First read size on a connection; it doubles while reads fill it (large bodies), up to
 /// `MAX_READ_CHUNK`, and starts over for the next request.
 const READ_CHUNK: usize = 8 * 1024;
@@ -396,24 +393,6 @@ fn encode_head(
     (out.freeze(), upload)
 }
 
-/// Trailers may not carry framing, routing or forwarding headers (RFC 9110 6.5.1): some
-/// upstreams merge trailers into the header section, which would bypass the proxy's rewriting.
-fn trailer_allowed(name: &HeaderName) -> bool {
-    !(is_hop_by_hop(name)
-        || name == header::CONTENT_LENGTH
-        || name == header::HOST
-        || name == header::TRAILER
-        || name == header::EXPECT
-        || Forwarded::replaces(name))
-}
-
-fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.put_slice(name);
-    out.put_slice(b": ");
-    out.put_slice(value);
-    out.put_slice(b"\r\n");
-}
-
 /// A parsed response head and what it says about the connection.
 struct ResponseHead {
     status: StatusCode,
@@ -651,7 +630,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
             .map_err(|_| ClientError::Protocol("invalid header value"))?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes())?;
+            let n = parse_length(value.as_bytes()).map_err(ClientError::Protocol)?;
             if length.is_some_and(|l| l != n) {
                 return Err(ClientError::Protocol("conflicting Content-Length"));
             }
@@ -710,14 +689,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     }))
 }
 
-fn parse_length(v: &[u8]) -> Result<u64, ClientError> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return Err(ClientError::Protocol("invalid Content-Length"));
-    }
-    Ok(v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0')))
-}
-
 /// How the rest of the response body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decoder {
@@ -728,142 +699,6 @@ enum Decoder {
     /// `101`: the connection belongs to a tunnel.
     Upgrade,
     Done,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-}
-
-/// What one step of chunked decoding produced.
-enum Chunked {
-    Data(Bytes),
-    Trailers(HeaderMap),
-    End,
-    NeedMore,
-}
-
-/// Decodes chunked framing off the front of `buf`.
-fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked, ClientError> {
-    loop {
-        match *st {
-            ChunkState::Size => {
-                let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
-                    return Ok(Chunked::NeedMore);
-                };
-                let digits = line
-                    .iter()
-                    .position(|b| !b.is_ascii_hexdigit())
-                    .unwrap_or(line.len());
-                // chunk-size [BWS ";" extensions]: nothing else may follow the size.
-                let rest = &line[digits..];
-                let rest = &rest[rest
-                    .iter()
-                    .take_while(|b| matches!(b, b' ' | b'\t'))
-                    .count()..];
-                let significant = line[..digits].iter().skip_while(|d| **d == b'0').count();
-                if digits == 0
-                    || significant > 15
-                    || !(rest.is_empty() || rest[0] == b';')
-                    || rest.contains(&b'\r')
-                {
-                    return Err(ClientError::Protocol("invalid chunk size"));
-                }
-                let size = line[..digits].iter().fold(0u64, |acc, d| {
-                    acc * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
-                });
-                *st = if size == 0 {
-                    ChunkState::Trailers
-                } else {
-                    ChunkState::Data(size)
-                };
-            }
-            ChunkState::Data(left) => {
-                if buf.is_empty() {
-                    return Ok(Chunked::NeedMore);
-                }
-                let take = (buf.len() as u64).min(left) as usize;
-                let data = buf.split_to(take).freeze();
-                *st = if left == take as u64 {
-                    ChunkState::DataEnd
-                } else {
-                    ChunkState::Data(left - take as u64)
-                };
-                return Ok(Chunked::Data(data));
-            }
-            ChunkState::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(Chunked::NeedMore);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(ClientError::Protocol("chunk not followed by CRLF"));
-                }
-                buf.advance(2);
-                *st = ChunkState::Size;
-            }
-            ChunkState::Trailers => return take_trailers(buf),
-        }
-    }
-}
-
-/// The trailer section after the last chunk, taken only once it is complete (up to its empty
-/// line), so that nothing is consumed from a section still arriving.
-fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, ClientError> {
-    if buf.len() < 2 {
-        return Ok(Chunked::NeedMore);
-    }
-    if &buf[..2] == b"\r\n" {
-        buf.advance(2);
-        return Ok(Chunked::End);
-    }
-    let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
-        if buf.len() > MAX_TRAILERS {
-            return Err(ClientError::Protocol("trailers too large"));
-        }
-        return Ok(Chunked::NeedMore);
-    };
-    if end + 4 > MAX_TRAILERS {
-        return Err(ClientError::Protocol("trailers too large"));
-    }
-    let section = buf.split_to(end + 4).freeze();
-    let mut trailers = HeaderMap::new();
-    for raw in section[..end + 2].split_inclusive(|b| *b == b'\n') {
-        let line = raw
-            .strip_suffix(b"\r\n")
-            .filter(|l| !l.contains(&b'\r'))
-            .ok_or(ClientError::Protocol("trailer line not ended by CRLF"))?;
-        let colon = line
-            .iter()
-            .position(|b| *b == b':')
-            .ok_or(ClientError::Protocol("invalid trailer"))?;
-        let name = HeaderName::from_bytes(&line[..colon])
-            .map_err(|_| ClientError::Protocol("invalid trailer name"))?;
-        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
-            .map_err(|_| ClientError::Protocol("invalid trailer value"))?;
-        if trailers.len() >= MAX_RESPONSE_HEADERS {
-            return Err(ClientError::Protocol("too many trailers"));
-        }
-        trailers.append(name, value);
-    }
-    Ok(Chunked::Trailers(trailers))
-}
-
-/// Takes one CRLF-terminated line (without the CRLF) off `buf`; `None` if incomplete.
-fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ClientError> {
-    match memchr::memchr(b'\n', buf) {
-        Some(i) => {
-            if i == 0 || buf[i - 1] != b'\r' {
-                return Err(ClientError::Protocol("line not ended by CRLF"));
-            }
-            let line = buf.split_to(i + 1).freeze();
-            Ok(Some(line.slice(..i - 1)))
-        }
-        None if buf.len() > max => Err(ClientError::Protocol("line too long")),
-        None => Ok(None),
-    }
 }
 
 /// A response body read straight off the upstream connection.
@@ -943,19 +778,21 @@ impl H1Body {
                     Some(Frame::data(conn.rbuf.split().freeze()))
                 }
                 Decoder::Length(_) | Decoder::Eof => None,
-                Decoder::Chunked(st) => match decode_chunked(&mut conn.rbuf, st) {
-                    Err(e) => return self.fail(e, cx),
-                    Ok(Chunked::Data(d)) => Some(Frame::data(d)),
-                    Ok(Chunked::Trailers(t)) => {
-                        self.finish();
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                Decoder::Chunked(st) => {
+                    match decode_chunked(&mut conn.rbuf, st).map_err(ClientError::Protocol) {
+                        Err(e) => return self.fail(e, cx),
+                        Ok(Chunked::Data(d)) => Some(Frame::data(d)),
+                        Ok(Chunked::Trailers(t)) => {
+                            self.finish();
+                            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        }
+                        Ok(Chunked::End) => {
+                            self.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(Chunked::NeedMore) => None,
                     }
-                    Ok(Chunked::End) => {
-                        self.finish();
-                        return Poll::Ready(None);
-                    }
-                    Ok(Chunked::NeedMore) => None,
-                },
+                }
             };
             if let Some(frame) = frame {
                 if self.decoder == Decoder::Length(0) {
@@ -1169,7 +1006,7 @@ mod tests {
         let mut st = ChunkState::Size;
         let mut data = Vec::new();
         loop {
-            match decode_chunked(&mut buf, &mut st)? {
+            match decode_chunked(&mut buf, &mut st).map_err(ClientError::Protocol)? {
                 Chunked::Data(d) => data.extend_from_slice(&d),
                 Chunked::Trailers(t) => return Ok((data, Some(t), true)),
                 Chunked::End => return Ok((data, None, true)),
@@ -1200,7 +1037,7 @@ mod tests {
         let (d, _, done) = chunks(b"5 ;x=1\r\nhello\r\n00000000000000000000\r\n\r\n").expect("ok");
         assert_eq!((d.as_slice(), done), (&b"hello"[..], true));
         // A size line without end is refused once it is longer than any sane one.
-        assert!(chunks(&[b'1'; MAX_CHUNK_LINE + 1]).is_err());
+        assert!(chunks(&[b'1'; crate::h1::MAX_CHUNK_LINE + 1]).is_err());
         assert!(chunks(b"3\r\nabcX\r\n").is_err());
         assert!(chunks(b"3\nabc\r\n").is_err());
     }

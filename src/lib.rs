@@ -5,8 +5,9 @@
 //! [`routing`] (the live snapshot), [`proxy`] (the request path), [`upstream`] (pools, balancing,
 //! the client), [`health`], [`stats`] (windowed histograms), [`rollback`] (the decision engine)
 //! and [`watcher`] (its I/O loop), [`app`] (the one writer), [`admin`], [`state`], [`events`],
-//! [`notify`], [`metrics`], [`tls`], [`h1_guard`] (the bare-LF and CL+TE check under hyper),
-//! [`server`] (listeners and lifecycle), plus the [`demo`] and [`ctl`] subcommands.
+//! [`notify`], [`metrics`], [`tls`], [`h1_server`] (the client side of HTTP/1.1; hyper serves
+//! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
+//! lifecycle), plus the [`demo`] and [`ctl`] subcommands.
 
 pub mod admin;
 pub mod app;
@@ -16,7 +17,8 @@ pub mod ctl;
 pub mod demo;
 pub mod etcd;
 pub mod events;
-pub mod h1_guard;
+pub mod h1;
+pub mod h1_server;
 pub mod health;
 pub mod metrics;
 pub mod notify;

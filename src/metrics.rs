@@ -51,7 +51,7 @@ pub struct Metrics {
     pub webhook_failures_total: IntCounter,
     pub unmatched_requests_total: IntCounter,
     pub config_reloads_total: IntCounterVec,
-    /// HTTP/1 requests refused by the framing guard (`h1_guard`), by reason.
+    /// HTTP/1 requests refused for smuggling-prone framing (`h1_server`), by reason.
     pub rejected_requests_total: IntCounterVec,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,

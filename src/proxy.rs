@@ -26,7 +26,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
@@ -36,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::client::{ClientError, PooledBody};
 use crate::config::Protocol;
+use crate::h1_server::{self, OnUpgrade};
 use crate::upstream::{FailureKind, Pool, Upstream};
 
 /// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
@@ -89,8 +89,9 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 pub async fn handle(
     app: &Arc<App>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
+    on_upgrade: Option<OnUpgrade>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
 
@@ -170,14 +171,15 @@ pub async fn handle(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let client_upgrade = match &upgrade {
-        Some(proto) => {
+    // Only an HTTP/1 client connection can be upgraded (its server passes the slot).
+    let client_upgrade = match (&upgrade, on_upgrade) {
+        (Some(proto), Some(on_upgrade)) => {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             req.headers_mut().insert(header::UPGRADE, proto.clone());
-            Some(hyper::upgrade::on(&mut req))
+            Some(on_upgrade)
         }
-        None => None,
+        _ => None,
     };
     let path_and_query = req.uri().path_and_query().cloned();
     match pool.protocol {
@@ -315,7 +317,7 @@ fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
 /// The request's host value (for `X-Forwarded-Host`) and the length of its name without port.
 /// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead. Nothing is
 /// allocated: routing compares names case-insensitively.
-fn request_host(req: &Request<Incoming>) -> Result<Option<(HeaderValue, usize)>, &'static str> {
+fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>, &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -584,7 +586,7 @@ impl Recorder<'_> {
 fn tunnel(
     app: &App,
     mut upstream_resp: Response<PooledBody>,
-    client_side: hyper::upgrade::OnUpgrade,
+    client_side: OnUpgrade,
     conn: Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
     // The connection now belongs to the tunnel, never to the pool.
@@ -602,7 +604,7 @@ fn tunnel(
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
+        let mut client = client;
         // Bytes the upstream sent right behind its 101 head belong to the tunnel.
         if !early.is_empty() && client.write_all(&early).await.is_err() {
             return;
@@ -661,11 +663,62 @@ impl Tunnels {
     }
 }
 
+/// The client's request body as its server delivered it.
+pub enum ClientBody {
+    /// No body (most requests).
+    Empty,
+    /// A body that arrived whole with its head.
+    Full(Option<Bytes>),
+    /// Read off the HTTP/1.1 client connection as it is polled.
+    H1(h1_server::RequestBody),
+    /// An h2 stream's body.
+    H2(Incoming),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Full(data) => data.is_none(),
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The request body on its way upstream: the client's body, ended with an error when no frame
 /// arrives for `idle` (a slow or stalled upload), so the upstream sees an aborted body instead
 /// of holding the request open. The timer is allocated only once the body first waits.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     idle: IdleTimer,
 }
 
@@ -720,7 +773,7 @@ pub enum BodyError {
     /// No frame for `body_idle_timeout`.
     Idle,
     /// The client's stream failed (reset, closed, malformed chunk).
-    Client(hyper::Error),
+    Client(BoxError),
 }
 
 impl std::fmt::Display for BodyError {
@@ -736,14 +789,14 @@ impl std::error::Error for BodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BodyError::Idle => None,
-            BodyError::Client(e) => Some(e),
+            BodyError::Client(e) => Some(e.as_ref()),
         }
     }
 }
 
 impl RequestBody {
     /// `idle` zero turns the timeout off.
-    pub fn new(inner: Incoming, idle: Duration) -> RequestBody {
+    pub fn new(inner: ClientBody, idle: Duration) -> RequestBody {
         RequestBody {
             inner,
             idle: IdleTimer::new(idle),

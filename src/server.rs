@@ -8,18 +8,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
-use crate::h1_guard::H1Guard;
-use crate::proxy::{self, ConnInfo, Mode};
+use crate::h1_server::{BoxRead, BoxWrite, Reader};
+use crate::proxy::{self, ClientBody, ConnInfo, Mode};
 use crate::state::StateStore;
 use crate::tls::TlsSetup;
 
@@ -120,7 +127,7 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
     }
 
     let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
-    let builder = proxy_builder(&proxy_cfg);
+    let builder = h2_builder(&proxy_cfg);
     tasks.spawn(serve_proxy(
         app.clone(),
         proxy_listener,
@@ -198,7 +205,7 @@ fn accept_thread(
     app: Arc<App>,
     addr: SocketAddr,
     limit: Arc<Semaphore>,
-    builder: auto::Builder<TokioExecutor>,
+    h2: http2::Builder<TokioExecutor>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -212,7 +219,7 @@ fn accept_thread(
     };
     rt.block_on(async move {
         match bind_with(addr, "proxy.listen", true).await {
-            Ok(l) => serve_proxy(app, l, Mode::Live, None, limit, builder).await,
+            Ok(l) => serve_proxy(app, l, Mode::Live, None, limit, h2).await,
             Err(e) => tracing::error!(error = %e, "worker cannot listen"),
         }
     });
@@ -240,16 +247,10 @@ async fn bind_with(addr: SocketAddr, key: &str, reuseport: bool) -> anyhow::Resu
         .with_context(|| format!("{key}: cannot listen on {addr}"))
 }
 
-fn proxy_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_headers(cfg.max_headers)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+/// hyper serves h2 (prior knowledge on plain listeners, ALPN on TLS); HTTP/1 is ours.
+fn h2_builder(cfg: &ProxyConfig) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(cfg.max_header_bytes as u32)
         .max_pending_accept_reset_streams(Some(50))
@@ -265,9 +266,11 @@ async fn serve_proxy(
     mode: Mode,
     tls: Option<TlsSetup>,
     limit: Arc<Semaphore>,
-    builder: auto::Builder<TokioExecutor>,
+    h2: http2::Builder<TokioExecutor>,
 ) {
+    // h2 connections get a GOAWAY at shutdown; HTTP/1 connections close once idle.
     let graceful = GracefulShutdown::new();
+    let conns = TaskTracker::new();
     let grace = app.snapshot().config.proxy.shutdown_grace;
     loop {
         let permit = tokio::select! {
@@ -288,26 +291,23 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode).holding(permit));
-        let app2 = app.clone();
-        let svc = service_fn(move |req| {
-            let app = app2.clone();
-            let info = info.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&app, req, &info).await) }
-        });
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let conn = Connection {
+            app: app.clone(),
+            info,
+            h2: h2.clone(),
+            watcher: graceful.watcher(),
+        };
         match &tls {
             None => {
-                let io = TokioIo::new(H1Guard::new(stream).counted(app.metrics.clone()));
-                let conn = builder.serve_connection_with_upgrades(io, svc);
-                let fut = watcher.watch(conn.into_owned());
-                tokio::spawn(fut);
+                conns.spawn(conn.serve(stream, |s: TcpStream| {
+                    let (r, w) = s.into_split();
+                    (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
+                }));
             }
             Some(t) => {
                 let acceptor = t.acceptor();
-                let metrics = app.metrics.clone();
                 let handshake_timeout = app.snapshot().config.proxy.header_read_timeout;
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let stream = match tokio::time::timeout(
                         handshake_timeout,
                         acceptor.accept(stream),
@@ -321,18 +321,172 @@ async fn serve_proxy(
                         }
                         Err(_) => return,
                     };
-                    let io = TokioIo::new(H1Guard::new(stream).counted(metrics));
-                    let conn = builder.serve_connection_with_upgrades(io, svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        Box::pin(conn.serve_h2(stream, Bytes::new())).await;
+                    } else {
+                        conn.serve(stream, |s| {
+                            let (r, w) = tokio::io::split(s);
+                            (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
+                        })
+                        .await;
+                    }
                 });
             }
         }
     }
     drop(listener);
     let deadline = tokio::time::Instant::now() + grace;
-    drain(graceful, grace, "proxy").await;
+    conns.close();
+    let open = conns.len();
+    if open > 0 {
+        tracing::info!(
+            connections = open,
+            listener = "proxy",
+            "draining connections"
+        );
+    }
+    let drained = tokio::time::timeout_at(deadline, async {
+        tokio::join!(graceful.shutdown(), conns.wait());
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            listener = "proxy",
+            grace = %humantime::format_duration(grace),
+            "shutdown grace elapsed; closing the remaining connections"
+        );
+    }
     // Tunnels left their connections when they upgraded: they get what is left of the grace.
     app.tunnels.drain(deadline).await;
+}
+
+/// One accepted client connection, before it is known to speak HTTP/1 or h2.
+struct Connection {
+    app: Arc<App>,
+    info: Arc<ConnInfo>,
+    h2: http2::Builder<TokioExecutor>,
+    watcher: Watcher,
+}
+
+/// What an h2 client sends first (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl Connection {
+    /// Reads the first bytes: the h2 preface goes to hyper, anything else to our HTTP/1 server.
+    async fn serve<S>(self, mut io: S, split: impl FnOnce(S) -> (BoxRead, BoxWrite))
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let timeout = self.app.snapshot().config.proxy.header_read_timeout;
+        let mut first = BytesMut::new();
+        let read = tokio::time::timeout(timeout, async {
+            loop {
+                let before = first.len();
+                let n = std::future::poll_fn(|cx| {
+                    let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+                    let mut rb = tokio::io::ReadBuf::uninit(&mut tmp);
+                    std::task::ready!(Pin::new(&mut io).poll_read(cx, &mut rb))?;
+                    first.extend_from_slice(rb.filled());
+                    std::task::Poll::Ready(Ok::<_, std::io::Error>(rb.filled().len()))
+                })
+                .await?;
+                let undecided = first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first);
+                if n == 0 || !undecided {
+                    return Ok::<_, std::io::Error>(first.len() > before || before > 0);
+                }
+            }
+        })
+        .await;
+        if !matches!(read, Ok(Ok(true))) {
+            return;
+        }
+        if first.starts_with(H2_PREFACE) {
+            // Boxed: hyper's h2 connection is large, and most connections never need it.
+            Box::pin(self.serve_h2(io, first.freeze())).await;
+            return;
+        }
+        let (r, w) = split(io);
+        crate::h1_server::serve(Reader::new(r, first), w, self.app, self.info).await;
+    }
+
+    async fn serve_h2<S>(self, io: S, read: Bytes)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Connection {
+            app,
+            info,
+            h2,
+            watcher,
+        } = self;
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            let info = info.clone();
+            async move {
+                let req = req.map(ClientBody::H2);
+                Ok::<_, Infallible>(proxy::handle(&app, req, &info, None).await)
+            }
+        });
+        let io = TokioIo::new(Prefixed { read, io });
+        let _ = watcher.watch(h2.serve_connection(io, svc)).await;
+    }
+}
+
+/// A stream with bytes already read off it in front.
+struct Prefixed<S> {
+    read: Bytes,
+    io: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(out.remaining());
+            out.put_slice(&self.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Waits for open connections to finish their in-flight requests, at most `grace`.

@@ -412,9 +412,8 @@ async fn metrics_text(p: &TestProxy) -> String {
     body
 }
 
-/// hyper on its own resolves Content-Length + Transfer-Encoding in favour of chunked (dropping
-/// Content-Length before the proxy sees it); the guard under it makes hyper refuse the request,
-/// in either order, however the bytes arrive.
+/// A lenient server resolves Content-Length + Transfer-Encoding in favour of chunked (hyper
+/// does); the proxy refuses the request instead, in either order, however the bytes arrive.
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_400() {
     for (name, head) in [
@@ -463,7 +462,7 @@ async fn content_length_with_transfer_encoding_is_400() {
     }
 }
 
-/// httparse accepts a bare LF as a line end; the guard makes hyper refuse it wherever it is.
+/// httparse accepts a bare LF as a line end; the proxy refuses it wherever it is.
 #[tokio::test]
 async fn bare_lf_heads_are_400() {
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
@@ -523,10 +522,10 @@ async fn bare_lf_heads_are_400() {
     p.stop().await;
 }
 
-/// The guard follows bodies as hyper frames them: LF bytes inside a Content-Length body or a
-/// chunked body (with extensions and trailers) are data, and the next request is read in step.
+/// Bodies are framed exactly: LF bytes inside a Content-Length body or a chunked body (with
+/// extensions and trailers) are data, and the next request is read in step.
 #[tokio::test]
-async fn the_guard_stays_in_step_across_bodies_on_a_keep_alive_connection() {
+async fn requests_stay_in_step_across_bodies_on_a_keep_alive_connection() {
     let blue = TestUpstream::start("blue").await;
     let p = start(blue.addr, "").await;
     let data = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\nab\ncd\n\nef\r\n\n\
@@ -552,7 +551,7 @@ GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
     p.stop().await;
 }
 
-/// hyper's header_read_timeout also bounds the wait for the next request on an idle keep-alive
+/// header_read_timeout also bounds the wait for the next request on an idle keep-alive
 /// connection.
 #[tokio::test]
 async fn idle_keep_alive_connections_close_at_the_header_read_timeout() {

@@ -1,0 +1,1231 @@
+//! The client side of HTTP/1.1: one task per connection reads request heads, runs the proxy
+//! for each request inline, and writes the response back with vectored writes.
+//!
+//! Why not hyper's server (kept for h2 and the admin listener): hyper's HTTP/1 connection was
+//! about 10k of the proxy's ~24k instructions per request (dispatcher, body channel, buffered
+//! I/O), and it keeps a 16 KiB read buffer and an 8 KiB write buffer for each connection's whole
+//! life. Here an idle connection holds no buffer at all: a request is first read into a stack
+//! buffer and only then copied into a heap buffer sized for it, which is released once the
+//! response has gone out.
+//!
+//! What it speaks: HTTP/1.1 and 1.0 requests (keep-alive and pipelining), bodies by
+//! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered at once, as
+//! nginx does), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
+//! with 400 and before anything reaches an upstream: what httparse refuses (obs-fold, a space
+//! before the colon, NUL, lone CR, bad tokens), a bare LF line end, `Content-Length` with
+//! `Transfer-Encoding`, differing or malformed lengths, any `Transfer-Encoding` but a single
+//! `chunked`, and `Transfer-Encoding` in HTTP/1.0. A head larger than `max_header_bytes` or with
+//! more than `max_headers` fields is 431. `header_read_timeout` bounds both a head being
+//! received and an idle keep-alive connection waiting for its next request.
+//!
+//! The read and write halves are separate, so a request body can stream to the upstream while
+//! the response streams back (an upstream that answers early). The body owns the read half while
+//! it is read and hands it back at its end; a connection whose body was not read to its end is
+//! closed after the response, lingering briefly so the client sees the response, not a reset.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use crate::app::App;
+use crate::h1::{self, decode_chunked, parse_length, put_header, ChunkState, Chunked};
+use crate::proxy::{self, ClientBody, ConnInfo, ProxyBody};
+
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Header slots on the stack; a request with more (up to `max_headers`) is parsed again with
+/// slots on the heap.
+const STACK_HEADERS: usize = 64;
+/// What an idle connection reads into before it has a buffer (on the stack of the poll).
+const FIRST_READ: usize = 4096;
+/// Reads while a body streams start here and double while they fill, up to `MAX_READ`.
+const READ_CHUNK: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// Output queued before it is written even though the body has more ready.
+const MAX_QUEUED: usize = 64 * 1024;
+/// After an error or an unread body: how long the connection keeps reading (and discarding)
+/// after its last response before it closes, so the client reads the response, not a reset.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// The per-listener settings a connection needs, read once when it is accepted.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+/// The read half of a client connection and what has been read but not used yet.
+pub struct Reader {
+    io: BoxRead,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl Reader {
+    pub fn new(io: BoxRead, buf: BytesMut) -> Reader {
+        Reader {
+            io,
+            buf,
+            read_size: READ_CHUNK,
+        }
+    }
+
+    /// Reads what the socket has; `Ok(0)` is end of stream. Without a buffer (an idle
+    /// connection) the read lands on the stack and a buffer of about its size is made only
+    /// when bytes arrive.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() == 0 {
+            let mut tmp = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+            let mut rb = ReadBuf::uninit(&mut tmp);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+            let got = rb.filled();
+            if !got.is_empty() {
+                self.buf = BytesMut::with_capacity(got.len().max(1024));
+                self.buf.extend_from_slice(got);
+            }
+            return Poll::Ready(Ok(got.len()));
+        }
+        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Between requests: nothing buffered means no buffer is kept.
+    fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.read_size = READ_CHUNK;
+        }
+    }
+}
+
+/// Why a request head was refused; answered and then the connection closes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub why: &'static str,
+    /// The `reason` label of `switchyard_rejected_requests_total`, for the framing faults that
+    /// a lenient parser would let through (request smuggling).
+    pub metric: Option<&'static str>,
+}
+
+fn bad(why: &'static str) -> Refused {
+    Refused {
+        status: StatusCode::BAD_REQUEST,
+        why,
+        metric: None,
+    }
+}
+
+fn too_large(why: &'static str) -> Refused {
+    Refused {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        why,
+        metric: None,
+    }
+}
+
+/// How a request's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(ChunkState),
+    Done,
+}
+
+/// A parsed request head and what it says about the connection.
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+/// Parses one request head off the front of `buf`; `None` while incomplete.
+pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, Refused> {
+    match parse_with(buf, limits, false) {
+        Err(r) if r.why == TOO_MANY && limits.max_headers > STACK_HEADERS => {
+            parse_with(buf, limits, true)
+        }
+        other => other,
+    }
+}
+
+const TOO_MANY: &str = "too many header fields\n";
+
+fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<Head>, Refused> {
+    // Uninitialized slots: initializing them all cost more than parsing a small head.
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
+    let mut on_heap = Vec::new();
+    let slots = if heap {
+        on_heap.resize_with(limits.max_headers, MaybeUninit::uninit);
+        &mut on_heap[..]
+    } else {
+        &mut stack[..STACK_HEADERS.min(limits.max_headers)]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        &buf[..],
+        slots,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > limits.max_header_bytes => {
+            return Err(too_large("request head too large\n"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(too_large(TOO_MANY)),
+        Err(httparse::Error::Version) => return Err(bad("unsupported HTTP version\n")),
+        Err(_) => return Err(bad("malformed request head\n")),
+    };
+    if len > limits.max_header_bytes {
+        return Err(too_large("request head too large\n"));
+    }
+    // httparse takes a lone LF for a line end; an upstream may not (request smuggling).
+    let raw = &buf[..len];
+    if memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r') {
+        return Err(Refused {
+            metric: Some("bare_lf"),
+            ..bad("bare LF in the request head\n")
+        });
+    }
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| bad("invalid method\n"))?;
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let target = req.path.unwrap_or_default();
+    let target = (target.as_ptr() as usize - base, target.len());
+    // Offsets of every name and value, so the values can share the head's buffer.
+    let count = req.headers.len();
+    let mut small = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
+    let mut large = Vec::new();
+    let spans = if count <= small.len() {
+        &mut small[..count]
+    } else {
+        large.resize(count, (0, 0, 0, 0));
+        &mut large[..]
+    };
+    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (
+            n as u32,
+            h.name.len() as u32,
+            v as u32,
+            h.value.len() as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+        .map_err(|_| bad("invalid request target\n"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let (mut te_lines, mut chunked) = (0, false);
+    let (mut close, mut keep_alive, mut upgrade_token) = (false, false, false);
+    let (mut expect_continue, mut has_upgrade) = (false, false);
+    for &(n, nl, v, vl) in spans.iter() {
+        let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
+            .map_err(|_| bad("invalid header name\n"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
+            .map_err(|_| bad("invalid header value\n"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(value.as_bytes()).map_err(|_| bad("invalid Content-Length\n"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad("conflicting Content-Length\n"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            te_lines += 1;
+            chunked = value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked");
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
+            }
+        } else if name == header::EXPECT {
+            expect_continue |= value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::UPGRADE {
+            has_upgrade = true;
+        }
+        headers.append(name, value);
+    }
+    let framing = match (te_lines, length) {
+        (0, Some(0) | None) => Framing::Done,
+        (0, Some(n)) => Framing::Length(n),
+        (_, _) if version == Version::HTTP_10 => {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"))
+        }
+        (_, Some(_)) => {
+            return Err(Refused {
+                metric: Some("cl_te"),
+                ..bad("both Content-Length and Transfer-Encoding\n")
+            })
+        }
+        (1, None) if chunked => Framing::Chunked(ChunkState::Size),
+        _ => return Err(bad("unsupported Transfer-Encoding\n")),
+    };
+    let http11 = version == Version::HTTP_11;
+    Ok(Some(Head {
+        // A CONNECT the proxy refuses may be followed by anything: the connection ends there.
+        keep_alive: method != Method::CONNECT && !close && (http11 || keep_alive),
+        expect_continue: http11 && expect_continue,
+        upgrade: upgrade_token && has_upgrade,
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+    }))
+}
+
+/// A request body read off the client connection by whoever polls it (the upstream client).
+/// It owns the connection's read half while it is read and hands it back at its end.
+pub struct RequestBody {
+    reader: Option<Reader>,
+    framing: Framing,
+    back: Option<oneshot::Sender<Returned>>,
+}
+
+/// The read half coming back from a body, and whether the body was read to its end.
+struct Returned {
+    reader: Reader,
+    complete: bool,
+}
+
+impl RequestBody {
+    fn hand_back(&mut self) {
+        if let (Some(reader), Some(back)) = (self.reader.take(), self.back.take()) {
+            let _ = back.send(Returned {
+                reader,
+                complete: self.framing == Framing::Done,
+            });
+        }
+    }
+
+    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        // The connection is unusable: nothing goes back.
+        self.framing = Framing::Done;
+        self.reader = None;
+        self.back = None;
+        Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, why))))
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.hand_back();
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(reader) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.framing {
+                Framing::Done => {
+                    this.hand_back();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) if !reader.buf.is_empty() => {
+                    let take = (reader.buf.len() as u64).min(*left) as usize;
+                    *left -= take as u64;
+                    let data = reader.buf.split_to(take).freeze();
+                    if *left == 0 {
+                        this.framing = Framing::Done;
+                        this.hand_back();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Length(_) => {}
+                Framing::Chunked(st) => match decode_chunked(&mut reader.buf, st) {
+                    Err(why) => return this.fail(why),
+                    Ok(Chunked::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Chunked::Trailers(t)) => {
+                        this.framing = Framing::Done;
+                        this.hand_back();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Chunked::End) => {
+                        this.framing = Framing::Done;
+                        this.hand_back();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunked::NeedMore) => {}
+                },
+            }
+            match ready!(reader.poll_fill(cx)) {
+                Ok(0) => return this.fail("the client closed the connection mid-body"),
+                Ok(_) => {}
+                Err(e) => {
+                    this.reader = None;
+                    this.back = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The client's side of an upgraded connection, delivered once the `101` has been written.
+pub type OnUpgrade = oneshot::Receiver<Upgraded>;
+
+/// An upgraded client connection: what was read past the request head, then the socket.
+pub struct Upgraded {
+    reader: Reader,
+    writer: BoxWrite,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = &mut self.reader;
+        if !r.buf.is_empty() {
+            let n = r.buf.len().min(out.remaining());
+            out.put_slice(&r.buf[..n]);
+            r.buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut r.io).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_shutdown(cx)
+    }
+}
+
+/// The write half and the output waiting for it, written with `writev`.
+struct Writer {
+    io: BoxWrite,
+    out: Vec<Bytes>,
+    queued: usize,
+}
+
+impl Writer {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.queued += b.len();
+            self.out.push(b);
+        }
+    }
+
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut first = 0;
+        while first < self.out.len() {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let n = (self.out.len() - first).min(slices.len());
+            for (s, b) in slices.iter_mut().zip(self.out[first..].iter()) {
+                *s = IoSlice::new(b);
+            }
+            let res = Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]);
+            let mut written = match res {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.out.drain(..first);
+                    return Poll::Pending;
+                }
+            };
+            self.queued -= written;
+            while written > 0 && first < self.out.len() {
+                let b = &mut self.out[first];
+                let k = written.min(b.len());
+                b.advance(k);
+                written -= k;
+                if b.is_empty() {
+                    first += 1;
+                }
+            }
+        }
+        self.out.clear();
+        // TLS buffers what it encrypts; TCP's flush does nothing.
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    async fn write_out(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+    }
+}
+
+/// Serves one HTTP/1.x connection until it closes, fails, idles past `header_read_timeout`,
+/// upgrades, or the server shuts down between two requests.
+pub async fn serve(reader: Reader, writer: BoxWrite, app: Arc<App>, info: Arc<ConnInfo>) {
+    let limits = {
+        let p = &app.snapshot().config.proxy;
+        Limits {
+            header_read_timeout: p.header_read_timeout,
+            max_headers: p.max_headers,
+            max_header_bytes: p.max_header_bytes,
+        }
+    };
+    let mut conn = Conn {
+        app,
+        info,
+        limits,
+        writer: Writer {
+            io: writer,
+            out: Vec::new(),
+            queued: 0,
+        },
+        timer: None,
+    };
+    conn.run(reader).await;
+}
+
+struct Conn {
+    app: Arc<App>,
+    info: Arc<ConnInfo>,
+    limits: Limits,
+    writer: Writer,
+    /// `header_read_timeout`, made the first time a head has to be waited for.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// What waiting for a request head came to.
+enum Next {
+    Head(Box<Head>),
+    Refused(Refused),
+    /// Closed, failed, timed out, or shut down while idle.
+    Close,
+}
+
+impl Conn {
+    /// The request loop. What it keeps between requests is small; each exchange runs in a
+    /// future of its own on the heap (the proxy's request future alone is over 2 KB), so an
+    /// idle connection costs a few hundred bytes, not the largest request it ever served.
+    async fn run(&mut self, reader: Reader) {
+        let mut reader = Some(reader);
+        while let Some(mut r) = reader.take() {
+            reader = match self.next_head(&mut r).await {
+                Next::Head(head) => Box::pin(self.exchange(r, *head)).await,
+                Next::Close => None,
+                Next::Refused(refused) => {
+                    Box::pin(self.refuse(r, refused)).await;
+                    None
+                }
+            };
+        }
+    }
+
+    async fn refuse(&mut self, r: Reader, refused: Refused) {
+        if let Some(reason) = refused.metric {
+            self.app
+                .metrics
+                .rejected_requests_total
+                .with_label_values(&[reason])
+                .inc();
+        }
+        let resp = proxy::text(refused.status, refused.why);
+        let _ = self
+            .respond(resp, &Method::GET, Version::HTTP_11, false)
+            .await;
+        self.linger(Some(r)).await;
+    }
+
+    /// One request and its response; the read half comes back when the connection can carry
+    /// another request.
+    async fn exchange(&mut self, r: Reader, head: Head) -> Option<Reader> {
+        let Head {
+            method,
+            uri,
+            version,
+            headers,
+            framing,
+            keep_alive,
+            expect_continue,
+            upgrade,
+        } = head;
+
+        // The body: nothing, already here whole, or read from the socket as it is polled.
+        let mut r = Some(r);
+        let mut back = None;
+        let body = match (framing, r.as_mut()) {
+            (Framing::Done, _) => ClientBody::Empty,
+            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
+                ClientBody::Full(Some(rd.buf.split_to(n as usize).freeze()))
+            }
+            _ => {
+                if expect_continue {
+                    self.writer
+                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                    if self.writer.write_out().await.is_err() {
+                        return None;
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                back = Some(rx);
+                ClientBody::H1(RequestBody {
+                    reader: r.take(),
+                    framing,
+                    back: Some(tx),
+                })
+            }
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        let (on_upgrade, upgrade_rx) = if upgrade {
+            let (tx, rx) = oneshot::channel::<Upgraded>();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+
+        let resp = proxy::handle(&self.app, req, &self.info, upgrade_rx).await;
+
+        // The read half: still here, back from a finished body, or still with the body.
+        let mut complete = true;
+        let reader_back = match back {
+            None => r,
+            Some(mut rx) => match rx.try_recv() {
+                Ok(ret) => {
+                    complete = ret.complete;
+                    Some(ret.reader)
+                }
+                Err(_) => {
+                    complete = false;
+                    None
+                }
+            },
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let (Some(tx), Some(r)) = (on_upgrade, reader_back) {
+                if self.respond(resp, &method, version, true).await.is_ok() {
+                    let writer =
+                        std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
+                    let _ = tx.send(Upgraded { reader: r, writer });
+                }
+            }
+            return None;
+        }
+        let keep = keep_alive && complete && reader_back.is_some();
+        match self.respond(resp, &method, version, keep).await {
+            Ok(true) => {}
+            Ok(false) if complete => return None,
+            Ok(false) | Err(_) => {
+                self.linger(reader_back).await;
+                return None;
+            }
+        }
+        let mut r = reader_back?;
+        r.release();
+        Some(r)
+    }
+
+    /// Waits for the next request head, at most `header_read_timeout`; an idle connection also
+    /// ends when the server shuts down.
+    async fn next_head(&mut self, r: &mut Reader) -> Next {
+        let limits = self.limits;
+        let deadline = Instant::now() + limits.header_read_timeout;
+        let mut armed = false;
+        let app = self.app.clone();
+        let mut shutdown = std::pin::pin!(app.shutdown.cancelled());
+        let timer = &mut self.timer;
+        std::future::poll_fn(|cx| loop {
+            if !r.buf.is_empty() {
+                match parse_head(&mut r.buf, &limits) {
+                    Ok(Some(h)) => return Poll::Ready(Next::Head(Box::new(h))),
+                    Ok(None) => {}
+                    Err(refused) => return Poll::Ready(Next::Refused(refused)),
+                }
+            }
+            match r.poll_fill(cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Close),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => {}
+            }
+            if r.buf.is_empty() && shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Next::Close);
+            }
+            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if !armed {
+                t.as_mut().reset(deadline);
+                armed = true;
+            }
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Next::Close);
+            }
+            return Poll::Pending;
+        })
+        .await
+    }
+
+    /// Writes `resp`; `Ok(true)` when the connection stays open for another request.
+    async fn respond(
+        &mut self,
+        resp: Response<ProxyBody>,
+        method: &Method,
+        version: Version,
+        keep_alive: bool,
+    ) -> io::Result<bool> {
+        let (parts, mut body) = resp.into_parts();
+        let status = parts.status;
+        let http10 = version == Version::HTTP_10;
+        // Shutting down: this is the connection's last response.
+        let mut keep_alive = keep_alive && !self.app.shutdown.is_cancelled();
+        let bodiless = *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let hint = body.size_hint().exact();
+        let chunked = !bodiless && hint.is_none() && !http10;
+        if !bodiless && hint.is_none() && http10 {
+            // HTTP/1.0 has no chunked framing: the body ends with the connection.
+            keep_alive = false;
+        }
+
+        let mut size = 64;
+        for (name, value) in &parts.headers {
+            size += name.as_str().len() + value.len() + 4;
+        }
+        let mut head = BytesMut::with_capacity(size);
+        head.put_slice(b"HTTP/1.1 ");
+        head.put_slice(status.as_str().as_bytes());
+        head.put_u8(b' ');
+        head.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        head.put_slice(b"\r\n");
+        let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut had_length = false;
+        for (name, value) in &parts.headers {
+            if name == header::CONTENT_LENGTH {
+                // Kept as it is where no body follows (HEAD, 304); otherwise written below.
+                if bodiless && status != StatusCode::NO_CONTENT {
+                    had_length = true;
+                    put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+                }
+                continue;
+            }
+            if !upgrade && (name == header::TRANSFER_ENCODING || name == header::CONNECTION) {
+                continue;
+            }
+            put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+        }
+        match hint {
+            _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
+            Some(n) if !bodiless || (*method == Method::HEAD && !had_length && n > 0) => {
+                let mut digits = itoa::Buffer::new();
+                put_header(&mut head, b"content-length", digits.format(n).as_bytes());
+            }
+            _ if chunked => head.put_slice(b"transfer-encoding: chunked\r\n"),
+            _ => {}
+        }
+        if !upgrade {
+            if !keep_alive && !http10 {
+                head.put_slice(b"connection: close\r\n");
+            } else if keep_alive && http10 {
+                head.put_slice(b"connection: keep-alive\r\n");
+            }
+        }
+        head.put_slice(b"\r\n");
+        self.writer.push(head.freeze());
+        if bodiless {
+            drop(body);
+            self.writer.write_out().await?;
+            return Ok(keep_alive);
+        }
+
+        // The body: whatever is ready goes out with the head in one write; then frame by frame.
+        loop {
+            let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(f) => Poll::Ready(Some(f)),
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await;
+            let frame = match frame {
+                Some(f) => f,
+                None if self.writer.out.is_empty() => {
+                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                }
+                None => {
+                    self.writer.write_out().await?;
+                    continue;
+                }
+            };
+            match frame {
+                None => {
+                    if chunked {
+                        self.writer.push(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    // The upstream failed mid-body: what arrived goes out, then the connection
+                    // closes without a last chunk, so the client sees a truncated response.
+                    tracing::debug!(error = %e, "upstream body failed; aborting the response");
+                    let _ = self.writer.write_out().await;
+                    return Ok(false);
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if chunked => {
+                        let mut line = BytesMut::with_capacity(20);
+                        line.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        self.writer.push(line.freeze());
+                        self.writer.push(data);
+                        self.writer.push(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => self.writer.push(data),
+                    Err(frame) => {
+                        if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
+                            let mut t = BytesMut::from(&b"0\r\n"[..]);
+                            for (name, value) in &trailers {
+                                if h1::trailer_allowed(name) {
+                                    put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
+                                }
+                            }
+                            t.put_slice(b"\r\n");
+                            self.writer.push(t.freeze());
+                            break;
+                        }
+                    }
+                },
+            }
+            if self.writer.queued >= MAX_QUEUED {
+                self.writer.write_out().await?;
+            }
+        }
+        self.writer.write_out().await?;
+        Ok(keep_alive)
+    }
+
+    /// Closes after an error or an unread body: the write side first, then whatever the client
+    /// still sends is read and dropped for a moment, so that closing with unread bytes does not
+    /// turn into a reset that destroys the response in flight.
+    async fn linger(&mut self, reader: Option<Reader>) {
+        let _ = self.writer.io.shutdown().await;
+        let Some(mut r) = reader else {
+            return;
+        };
+        let mut dropped = 0;
+        let _ = tokio::time::timeout(
+            LINGER,
+            std::future::poll_fn(|cx| loop {
+                r.buf.clear();
+                match ready!(r.poll_fill(cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(()),
+                    Ok(n) => {
+                        dropped += n;
+                        if dropped > LINGER_BYTES {
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+            }),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(1),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+
+    fn parse(input: &[u8]) -> Result<Option<Head>, Refused> {
+        parse_head(&mut BytesMut::from(input), &limits())
+    }
+
+    #[test]
+    fn heads_and_their_framing() {
+        let h = parse(b"GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()
+            .flatten();
+        let h = h.expect("complete");
+        assert_eq!(h.method, Method::GET);
+        assert_eq!(h.uri.path(), "/a");
+        assert_eq!(h.framing, Framing::Done);
+        assert!(h.keep_alive && !h.upgrade && !h.expect_continue);
+
+        let h = parse(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        );
+        let h = h.ok().flatten().expect("complete");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.expect_continue);
+
+        let h = parse(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n");
+        let h = h.ok().flatten().expect("complete");
+        assert_eq!(h.framing, Framing::Chunked(ChunkState::Size));
+        assert!(!h.keep_alive);
+
+        let h = parse(b"GET / HTTP/1.0\r\n\r\n")
+            .ok()
+            .flatten()
+            .expect("complete");
+        assert!(!h.keep_alive);
+        let h = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(h.ok().flatten().expect("complete").keep_alive);
+
+        let h = parse(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
+        assert!(h.ok().flatten().expect("complete").upgrade);
+
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (b"GET / HTTP/1.1\nHost: x\r\n\r\n", Some("bare_lf")),
+            (b"GET / HTTP/1.1\r\nHost: x\n\r\n", Some("bare_lf")),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\n", Some("bare_lf")),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Some("cl_te"),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                Some("cl_te"),
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nX-A : b\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nX-A: b\0c\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nX-A: b\rc\r\n\r\n", None),
+            (b"GET / HTTP/2.0\r\n\r\n", None),
+        ];
+        for (input, metric) in cases {
+            let got = parse(input);
+            let text = String::from_utf8_lossy(input);
+            match got {
+                Err(r) => {
+                    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{text:?}");
+                    assert_eq!(r.metric, *metric, "{text:?}");
+                }
+                Ok(_) => panic!("accepted {text:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn limits_are_431() {
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..101 {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let r = parse(&many).err().expect("refused");
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        // Past the stack slots but within max_headers: parsed.
+        let mut ok = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..90 {
+            ok.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        ok.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&ok).ok().flatten().map(|h| h.headers.len()), Some(90));
+        let mut partial = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        partial.extend(std::iter::repeat_n(b'a', 70_000));
+        let r = parse(&partial).err().expect("refused");
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    /// Every prefix of a valid head is incomplete, never refused; the whole is the same head.
+    #[test]
+    fn heads_in_any_split() {
+        let input = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nhi";
+        let head_len = input.len() - 2;
+        for cut in 0..head_len {
+            assert!(matches!(parse(&input[..cut]), Ok(None)), "cut at {cut}");
+        }
+        let mut buf = BytesMut::from(&input[..]);
+        let h = parse_head(&mut buf, &limits())
+            .ok()
+            .flatten()
+            .expect("complete");
+        assert_eq!(h.framing, Framing::Length(2));
+        assert_eq!(&buf[..], b"hi");
+    }
+
+    /// Hands out `data` in random pieces of 1 to 64 bytes, like a socket under load.
+    struct Pieces {
+        data: Vec<u8>,
+        at: usize,
+        rng: fastrand::Rng,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let left = self.data.len() - self.at;
+            let n = self.rng.usize(1..=64).min(left).min(out.remaining());
+            let at = self.at;
+            out.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What the server reads off a stream: each request's method and body, until the end or
+    /// a refusal (with its metric reason and the index of the refused request).
+    async fn serve_stream(
+        data: Vec<u8>,
+        rng: &mut fastrand::Rng,
+    ) -> (Vec<(Method, Vec<u8>)>, Option<Option<&'static str>>) {
+        use http_body_util::BodyExt;
+        let pieces = Pieces {
+            data,
+            at: 0,
+            rng: fastrand::Rng::with_seed(rng.u64(..)),
+        };
+        let mut r = Reader::new(Box::new(pieces), BytesMut::new());
+        let mut seen = Vec::new();
+        loop {
+            let head = loop {
+                match parse_head(&mut r.buf, &limits()) {
+                    Ok(Some(h)) => break h,
+                    Ok(None) => {}
+                    Err(refused) => return (seen, Some(refused.metric)),
+                }
+                let n = std::future::poll_fn(|cx| r.poll_fill(cx))
+                    .await
+                    .expect("read");
+                if n == 0 {
+                    assert!(r.buf.is_empty(), "a partial request was left");
+                    return (seen, None);
+                }
+            };
+            if head.framing == Framing::Done {
+                seen.push((head.method, Vec::new()));
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let body = RequestBody {
+                reader: Some(r),
+                framing: head.framing,
+                back: Some(tx),
+            };
+            let collected = body.collect().await.expect("body");
+            let back = rx.await.expect("the read half came back");
+            assert!(back.complete);
+            r = back.reader;
+            seen.push((head.method, collected.to_bytes().to_vec()));
+        }
+    }
+
+    /// A random valid request and the body it carries: GET, or POST with a length body or a
+    /// chunked one (extensions, trailers), bodies full of CR and LF, and header names that only
+    /// look like framing ones.
+    fn random_request(rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<u8>) {
+        let mut r = Vec::new();
+        let decoys = [
+            "Content-Lengthy: 3",
+            "Transfer-Encodings: gzip",
+            "Upgrade-Insecure-Requests: 1",
+            "X-Content-Length: 9",
+            "Accept: */*",
+            "Cookie: a=b; c=d",
+        ];
+        let method = rng.u8(..3);
+        r.extend_from_slice(if method == 0 {
+            b"GET /a?b=c HTTP/1.1\r\n"
+        } else {
+            b"POST /u HTTP/1.1\r\n"
+        });
+        r.extend_from_slice(b"Host: example.com\r\n");
+        for _ in 0..rng.usize(..4) {
+            r.extend_from_slice(decoys[rng.usize(..decoys.len())].as_bytes());
+            r.extend_from_slice(b"\r\n");
+        }
+        let noise = |rng: &mut fastrand::Rng, n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| b"\r\nab0;:\x00\xff"[rng.usize(..9)])
+                .collect()
+        };
+        let mut body = Vec::new();
+        match method {
+            0 => r.extend_from_slice(b"\r\n"),
+            1 => {
+                let n = rng.usize(1..300);
+                body = noise(rng, n);
+                r.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                r.extend_from_slice(&body);
+            }
+            _ => {
+                r.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                for _ in 0..rng.usize(..4) {
+                    let n = rng.usize(1..100);
+                    let data = noise(rng, n);
+                    r.extend_from_slice(format!("{:x}", data.len()).as_bytes());
+                    if rng.bool() {
+                        r.extend_from_slice(b";ext=\"v\"");
+                    }
+                    r.extend_from_slice(b"\r\n");
+                    r.extend_from_slice(&data);
+                    r.extend_from_slice(b"\r\n");
+                    body.extend_from_slice(&data);
+                }
+                r.extend_from_slice(b"0\r\n");
+                if rng.bool() {
+                    r.extend_from_slice(b"X-Checksum: 1\r\n");
+                }
+                r.extend_from_slice(b"\r\n");
+            }
+        }
+        (r, body)
+    }
+
+    /// Random keep-alive streams of valid requests, read in random pieces, come out as the
+    /// same requests with the same bodies; a bare LF or CL+TE planted in one request's head is
+    /// refused at that request, with its reason, and nothing after it is read.
+    #[tokio::test]
+    async fn random_request_streams_and_planted_faults() {
+        let mut rng = fastrand::Rng::with_seed(0x9a4d);
+        for _ in 0..5_000 {
+            let reqs: Vec<(Vec<u8>, Vec<u8>)> = (0..rng.usize(1..6))
+                .map(|_| random_request(&mut rng))
+                .collect();
+            let stream: Vec<u8> = reqs.iter().flat_map(|(r, _)| r.clone()).collect();
+            let text = String::from_utf8_lossy(&stream).to_string();
+            let (seen, refused) = serve_stream(stream, &mut rng).await;
+            assert_eq!(refused, None, "{text:?}");
+            assert_eq!(seen.len(), reqs.len(), "{text:?}");
+            for ((_, body), (_, want)) in seen.iter().zip(&reqs) {
+                assert_eq!(body, want, "{text:?}");
+            }
+
+            let victim = rng.usize(..reqs.len());
+            let mut bad: Vec<Vec<u8>> = reqs.iter().map(|(r, _)| r.clone()).collect();
+            let head_end = bad[victim]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or(0);
+            let kind = if rng.bool() {
+                // A bare LF: drop the CR of one line end in the head.
+                let crs: Vec<usize> = (0..=head_end)
+                    .filter(|&i| bad[victim][i] == b'\r')
+                    .collect();
+                bad[victim].remove(crs[rng.usize(..crs.len())]);
+                "bare_lf"
+            } else {
+                let has = |req: &[u8], name: &[u8]| {
+                    req[..head_end].split(|b| *b == b'\n').any(|l| {
+                        l.iter()
+                            .position(|b| *b == b':')
+                            .is_some_and(|c| l[..c].eq_ignore_ascii_case(name))
+                    })
+                };
+                let plant: &[u8] = match (
+                    has(&bad[victim], b"content-length"),
+                    has(&bad[victim], b"transfer-encoding"),
+                ) {
+                    (true, _) => b"Transfer-Encoding: chunked\r\n",
+                    (_, true) => b"Content-Length: 1\r\n",
+                    _ => b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+                };
+                let host_end = bad[victim]
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .unwrap_or(0)
+                    + 2;
+                bad[victim].splice(host_end..host_end, plant.iter().copied());
+                "cl_te"
+            };
+            let stream = bad.concat();
+            let text = String::from_utf8_lossy(&stream).to_string();
+            let (seen, refused) = serve_stream(stream, &mut rng).await;
+            assert_eq!(refused, Some(Some(kind)), "{text:?}");
+            assert_eq!(seen.len(), victim, "refused at the wrong request: {text:?}");
+        }
+    }
+}
