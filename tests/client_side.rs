@@ -1,0 +1,344 @@
+//! HTTP/1.x as clients speak it to the proxy (raw sockets): `Expect: 100-continue`, pipelining,
+//! HTTP/1.0 keep-alive and close-delimited bodies, HEAD framing, chunked responses, bodies the
+//! proxy never reads, and idle connections at shutdown.
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PROXY: &str =
+    "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nheader_read_timeout = \"5s\"\n";
+
+async fn start(blue: SocketAddr, extra_service: &str) -> TestProxy {
+    let green = dead_addr().await;
+    TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[blue], &[green], extra_service)
+    ))
+    .await
+}
+
+/// Reads one response (head, then a body framed by Content-Length or chunked, or until close
+/// when it has neither) and returns the head and body.
+async fn read_response(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> (String, Vec<u8>) {
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(s, buf).await;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    buf.drain(..head_end);
+    let lower = head.to_ascii_lowercase();
+    let length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if head_request || head.starts_with("HTTP/1.1 100") {
+        return (head, Vec::new());
+    }
+    if let Some(n) = length {
+        while buf.len() < n {
+            fill(s, buf).await;
+        }
+        return (head, buf.drain(..n).collect());
+    }
+    if lower.contains("transfer-encoding: chunked") {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(s, buf).await;
+            };
+            let size = usize::from_str_radix(&String::from_utf8_lossy(&buf[..line_end]), 16)
+                .expect("chunk size");
+            buf.drain(..line_end + 2);
+            if size == 0 {
+                // The trailer section (or its empty line) is left in `buf`.
+                return (head, body);
+            }
+            while buf.len() < size + 2 {
+                fill(s, buf).await;
+            }
+            body.extend(buf.drain(..size));
+            buf.drain(..2);
+        }
+    }
+    // Neither: the body ends with the connection.
+    loop {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            other => panic!("close-delimited body did not end: {other:?}"),
+        }
+    }
+    (head, std::mem::take(buf))
+}
+
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        .await
+        .expect("response in time")
+        .expect("read");
+    assert!(
+        n > 0,
+        "closed mid-response: {:?}",
+        String::from_utf8_lossy(buf)
+    );
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+/// The connection is closed (EOF, not a reset) within a few seconds.
+async fn assert_closed(s: &mut TcpStream) {
+    let mut chunk = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(4), s.read(&mut chunk)).await;
+    assert!(
+        matches!(r, Ok(Ok(0))),
+        "connection not closed cleanly: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    let (interim, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
+    s.write_all(b"hello").await.expect("write body");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("echo");
+    assert_eq!(v["body_len"], 5, "{v}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"GET /echo?n=1 HTTP/1.1\r\nHost: a\r\n\r\n\
+          POST /echo?n=2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\
+          POST /echo?n=3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n\
+          GET /echo?n=4 HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    for (n, len) in [(1, 0), (2, 3), (3, 2), (4, 0)] {
+        let (head, body) = read_response(&mut s, &mut buf, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{n}: {head:?}");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("echo");
+        assert_eq!(v["query"], format!("n={n}"), "{v}");
+        assert_eq!(v["body_len"], len, "{v}");
+    }
+    assert_eq!(blue.hits(), 4);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn head_keeps_the_length_and_sends_no_body() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, _) = read_response(&mut s, &mut buf, true).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 5\r\n"),
+        "{head:?}"
+    );
+    // No body followed: the next response on the connection starts right away.
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(body, b"blue\n");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn http10_keeps_alive_only_when_asked() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .expect("write");
+        let (head, body) = read_response(&mut s, &mut buf, false).await;
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("connection: keep-alive\r\n"), "{head:?}");
+        assert!(lower.contains("content-length: 5\r\n"), "{head:?}");
+        assert_eq!(body, b"blue\n");
+    }
+    s.write_all(b"GET /x HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(
+        !head.to_ascii_lowercase().contains("keep-alive"),
+        "{head:?}"
+    );
+    assert_eq!(body, b"blue\n");
+    assert_closed(&mut s).await;
+    p.stop().await;
+}
+
+/// An upstream answering every request with a chunked body and a trailer.
+async fn chunked_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bodies_of_unknown_length_are_chunked_for_http11_and_close_delimited_for_http10() {
+    let up = chunked_upstream().await;
+    let p = start(up, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head:?}"
+    );
+    assert_eq!(body, b"hello world");
+    // The trailer section came through (read_response stops at the last chunk's line).
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        fill(&mut s, &mut buf).await;
+    }
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("x-sum: 11\r\n\r\n"),
+        "{buf:?}"
+    );
+    drop(s);
+
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET /c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        !lower.contains("transfer-encoding") && !lower.contains("keep-alive"),
+        "{head:?}"
+    );
+    assert_eq!(body, b"hello world");
+    p.stop().await;
+}
+
+/// The proxy answers before reading the body (no service for this host): the client still gets
+/// the whole response, not a reset, and the connection then closes.
+#[tokio::test]
+async fn a_body_the_proxy_never_reads_does_not_cost_the_client_its_response() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "hosts = [\"api.example\"]\n").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let (mut rd, mut wr) = s.split();
+    let body = vec![b'x'; 100_000];
+    let writer = async {
+        wr.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: other.example\r\nContent-Length: 100000\r\n\r\n",
+        )
+        .await?;
+        wr.write_all(&body).await
+    };
+    let reader = async {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut chunk)).await {
+                Ok(Ok(0)) => return Ok(out),
+                Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => panic!("the connection stayed open"),
+            }
+        }
+    };
+    let (wrote, read) = tokio::join!(writer, reader);
+    assert!(wrote.is_ok(), "the upload failed: {wrote:?}");
+    let text = String::from_utf8_lossy(&read.expect("no reset")).to_string();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text:?}"
+    );
+    assert!(
+        text.ends_with("no service matches this request\n"),
+        "{text:?}"
+    );
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_closes_at_shutdown() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    let began = tokio::time::Instant::now();
+    p.stop().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "shutdown waited for an idle connection"
+    );
+    assert_closed(&mut s).await;
+}
