@@ -94,6 +94,8 @@ impl ClientError {
 struct Conn {
     io: TcpStream,
     rbuf: BytesMut,
+    /// The write queue of the last exchange, kept (empty) for the next one.
+    spare_out: VecDeque<Bytes>,
     /// How much the next read asks for.
     read_size: usize,
     /// When it went idle; `None` while fresh from connect.
@@ -228,6 +230,7 @@ impl ConnPool {
         Ok(Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
+            spare_out: VecDeque::with_capacity(4),
             read_size: READ_CHUNK,
             since: None,
         })
@@ -419,8 +422,8 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn new(conn: Conn, head: Bytes, body: RequestBody, upload: Upload) -> Exchange {
-        let mut out = VecDeque::with_capacity(4);
+    fn new(mut conn: Conn, head: Bytes, body: RequestBody, upload: Upload) -> Exchange {
+        let mut out = std::mem::take(&mut conn.spare_out);
         out.push_back(head);
         let body_done = body.is_end_stream();
         Exchange {
@@ -729,6 +732,9 @@ impl H1Body {
             return;
         };
         if self.keep_alive && sent && conn.rbuf.is_empty() {
+            let mut conn = conn;
+            // Empty once the request is sent: its capacity serves the next exchange.
+            conn.spare_out = std::mem::take(&mut self.ex.out);
             self.pool.put_back(conn);
         }
     }

@@ -565,8 +565,10 @@ struct Conn {
 }
 
 /// What waiting for a request head came to.
+// Returned once per request and moved straight on: boxing would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Next {
-    Head(Box<Head>),
+    Head(Head),
     Refused(Refused),
     /// Closed, failed, timed out, or shut down while idle.
     Close,
@@ -580,7 +582,7 @@ impl Conn {
         let mut reader = Some(reader);
         while let Some(mut r) = reader.take() {
             reader = match self.next_head(&mut r).await {
-                Next::Head(head) => Box::pin(self.exchange(r, *head)).await,
+                Next::Head(head) => Box::pin(self.exchange(r, head)).await,
                 Next::Close => None,
                 Next::Refused(refused) => {
                     Box::pin(self.refuse(r, refused)).await;
@@ -709,7 +711,7 @@ impl Conn {
         std::future::poll_fn(|cx| loop {
             if !r.buf.is_empty() {
                 match parse_head(&mut r.buf, &limits) {
-                    Ok(Some(h)) => return Poll::Ready(Next::Head(Box::new(h))),
+                    Ok(Some(h)) => return Poll::Ready(Next::Head(h)),
                     Ok(None) => {}
                     Err(refused) => return Poll::Ready(Next::Refused(refused)),
                 }
