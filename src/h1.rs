@@ -174,3 +174,30 @@ pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(value);
     out.put_slice(b"\r\n");
 }
+
+/// The `Date` field (RFC 9110 6.6.1) for responses that come without one, formatted at most
+/// once a second per thread.
+pub fn put_date(out: &mut BytesMut) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == c.1.len() {
+                c.1.copy_from_slice(text.as_bytes());
+                c.0 = secs;
+            } else {
+                // Not the fixed IMF-fixdate width (a year past 9999): no cache, still correct.
+                put_header(out, b"date", text.as_bytes());
+                return;
+            }
+        }
+        put_header(out, b"date", &c.1);
+    });
+}

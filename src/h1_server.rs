@@ -250,6 +250,14 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
         );
     }
     let head = buf.split_to(len).freeze();
+    // The http crate's URI holds at most 65,534 bytes.
+    if target.1 >= usize::from(u16::MAX) {
+        return Err(Refused {
+            status: StatusCode::URI_TOO_LONG,
+            why: "request target too long\n",
+            metric: None,
+        });
+    }
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| bad("invalid request target\n"))?;
     let mut headers = HeaderMap::with_capacity(count);
@@ -311,7 +319,8 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
         // A CONNECT the proxy refuses may be followed by anything: the connection ends there.
         keep_alive: method != Method::CONNECT && !close && (http11 || keep_alive),
         expect_continue: http11 && expect_continue,
-        upgrade: upgrade_token && has_upgrade,
+        // RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored.
+        upgrade: http11 && upgrade_token && has_upgrade,
         method,
         uri,
         version,
@@ -479,6 +488,7 @@ struct Writer {
     io: BoxWrite,
     out: Vec<Bytes>,
     queued: usize,
+    closed: bool,
 }
 
 impl Writer {
@@ -528,11 +538,72 @@ impl Writer {
     async fn write_out(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_write_out(cx)).await
     }
+
+    /// Shuts the write side down once, so the client sees a clean end (a FIN; over TLS a
+    /// close_notify first, without which a close-delimited body cannot be told from a cut one).
+    async fn close(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            let _ = tokio::time::timeout(LINGER, self.io.shutdown()).await;
+        }
+    }
+}
+
+/// Ready when the client has closed its connection (or it failed) while its request is
+/// served. The read half is watched once it is back from the request body; what arrives
+/// meanwhile is a pipelined request, kept, and watching stops once `cap` bytes wait.
+fn watch_client(
+    r: &mut Option<Reader>,
+    back: &mut Option<oneshot::Receiver<Returned>>,
+    complete: &mut bool,
+    cap: usize,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if let Some(rx) = back.as_mut() {
+        match Pin::new(rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(ret)) => {
+                *complete = ret.complete;
+                *r = Some(ret.reader);
+                *back = None;
+            }
+            // The body failed and kept the connection: its error ends the exchange.
+            Poll::Ready(Err(_)) => {
+                *complete = false;
+                *back = None;
+            }
+        }
+    }
+    match r.as_mut() {
+        // Bytes of an unread body would be taken for a request: not watched.
+        Some(r) if *complete => watch_reader(r, cap, cx),
+        _ => Poll::Pending,
+    }
+}
+
+/// Ready on end of stream or a read error. Reading here costs no syscall while the socket
+/// has nothing: tokio keeps the readiness that the last short read cleared.
+fn watch_reader(r: &mut Reader, cap: usize, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        if r.buf.len() >= cap {
+            return Poll::Pending;
+        }
+        match ready!(r.poll_fill(cx)) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Serves one HTTP/1.x connection until it closes, fails, idles past `header_read_timeout`,
 /// upgrades, or the server shuts down between two requests.
-pub async fn serve(reader: Reader, writer: BoxWrite, app: Arc<App>, info: Arc<ConnInfo>) {
+pub async fn serve(
+    reader: Reader,
+    writer: BoxWrite,
+    app: Arc<App>,
+    info: Arc<ConnInfo>,
+    first_deadline: Instant,
+) {
     let limits = {
         let p = &app.snapshot().config.proxy;
         Limits {
@@ -549,8 +620,10 @@ pub async fn serve(reader: Reader, writer: BoxWrite, app: Arc<App>, info: Arc<Co
             io: writer,
             out: Vec::new(),
             queued: 0,
+            closed: false,
         },
         timer: None,
+        first_deadline: Some(first_deadline),
     };
     conn.run(reader).await;
 }
@@ -562,6 +635,8 @@ struct Conn {
     writer: Writer,
     /// `header_read_timeout`, made the first time a head has to be waited for.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The first head's deadline, counted from the accept.
+    first_deadline: Option<Instant>,
 }
 
 /// What waiting for a request head came to.
@@ -590,6 +665,7 @@ impl Conn {
                 }
             };
         }
+        self.writer.close().await;
     }
 
     async fn refuse(&mut self, r: Reader, refused: Refused) {
@@ -602,7 +678,7 @@ impl Conn {
         }
         let resp = proxy::text(refused.status, refused.why);
         let _ = self
-            .respond(resp, &Method::GET, Version::HTTP_11, false)
+            .respond(resp, &Method::GET, Version::HTTP_11, false, None)
             .await;
         self.linger(Some(r)).await;
     }
@@ -658,10 +734,28 @@ impl Conn {
             (None, None)
         };
 
-        let resp = proxy::handle(&self.app, req, &self.info, upgrade_rx).await;
+        // While the upstream works, the client's socket is watched: a client that goes away
+        // cancels its request (the upstream connection is closed, nothing is recorded), as
+        // hyper's server and nginx do.
+        let mut complete = true;
+        let resp = {
+            let cap = self.limits.max_header_bytes;
+            let mut handle = std::pin::pin!(proxy::handle(&self.app, req, &self.info, upgrade_rx));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(resp) = handle.as_mut().poll(cx) {
+                    return Poll::Ready(Some(resp));
+                }
+                ready!(watch_client(&mut r, &mut back, &mut complete, cap, cx));
+                Poll::Ready(None)
+            })
+            .await
+        };
+        let Some(resp) = resp else {
+            tracing::debug!("the client closed its connection before the response");
+            return None;
+        };
 
         // The read half: still here, back from a finished body, or still with the body.
-        let mut complete = true;
         let reader_back = match back {
             None => r,
             Some(mut rx) => match rx.try_recv() {
@@ -675,20 +769,40 @@ impl Conn {
                 }
             },
         };
+        let mut reader_back = reader_back;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let (Some(tx), Some(r)) = (on_upgrade, reader_back) {
-                if self.respond(resp, &method, version, true).await.is_ok() {
-                    let writer =
-                        std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
-                    let _ = tx.send(Upgraded { reader: r, writer });
+            match (on_upgrade, reader_back) {
+                (Some(tx), Some(r)) if complete => {
+                    if self
+                        .respond(resp, &method, version, true, None)
+                        .await
+                        .is_ok()
+                    {
+                        let writer =
+                            std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
+                        let _ = tx.send(Upgraded { reader: r, writer });
+                    }
+                }
+                (_, r) => {
+                    // The upstream switched protocols before the request body was all sent
+                    // (or without being asked to): there is no clean way to tunnel that.
+                    tracing::debug!("101 before the request body was sent; answering 502");
+                    let resp = proxy::text(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                    let _ = self.respond(resp, &method, version, false, None).await;
+                    self.linger(r).await;
                 }
             }
             return None;
         }
         let keep = keep_alive && complete && reader_back.is_some();
-        match self.respond(resp, &method, version, keep).await {
+        let watch = if complete { reader_back.as_mut() } else { None };
+        match self.respond(resp, &method, version, keep, watch).await {
             Ok(true) => {}
-            Ok(false) if complete => return None,
+            // Closing with nothing left unread: the write side is shut down (a TLS
+            // close_notify, a TCP FIN) when the connection ends.
+            Ok(false) if complete && !reader_back.as_ref().is_some_and(|r| !r.buf.is_empty()) => {
+                return None
+            }
             Ok(false) | Err(_) => {
                 self.linger(reader_back).await;
                 return None;
@@ -703,7 +817,10 @@ impl Conn {
     /// ends when the server shuts down.
     async fn next_head(&mut self, r: &mut Reader) -> Next {
         let limits = self.limits;
-        let deadline = Instant::now() + limits.header_read_timeout;
+        let deadline = self
+            .first_deadline
+            .take()
+            .unwrap_or_else(|| Instant::now() + limits.header_read_timeout);
         let mut armed = false;
         let app = self.app.clone();
         let mut shutdown = std::pin::pin!(app.shutdown.cancelled());
@@ -737,13 +854,16 @@ impl Conn {
         .await
     }
 
-    /// Writes `resp`; `Ok(true)` when the connection stays open for another request.
+    /// Writes `resp`; `Ok(true)` when the connection stays open for another request. With
+    /// `watch`, a client that closes while the body is awaited ends the response at once (a
+    /// quiet stream would otherwise notice only at its next write).
     async fn respond(
         &mut self,
         resp: Response<ProxyBody>,
         method: &Method,
         version: Version,
         keep_alive: bool,
+        mut watch: Option<&mut Reader>,
     ) -> io::Result<bool> {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
@@ -773,10 +893,12 @@ impl Conn {
         head.put_slice(b"\r\n");
         let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
         let mut had_length = false;
+        let mut had_date = false;
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
                 // Kept as it is where no body follows (HEAD, 304); otherwise written below.
-                if bodiless && status != StatusCode::NO_CONTENT {
+                // Never on 1xx or 204 (RFC 9110 8.6).
+                if bodiless && !status.is_informational() && status != StatusCode::NO_CONTENT {
                     had_length = true;
                     put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
                 }
@@ -785,7 +907,13 @@ impl Conn {
             if !upgrade && (name == header::TRANSFER_ENCODING || name == header::CONNECTION) {
                 continue;
             }
+            had_date |= name == header::DATE;
             put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if !had_date {
+            // An upstream's own Date is passed on; the proxy's answers and Date-less
+            // upstreams get ours, as hyper's server did.
+            h1::put_date(&mut head);
         }
         match hint {
             _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
@@ -821,7 +949,24 @@ impl Conn {
             let frame = match frame {
                 Some(f) => f,
                 None if self.writer.out.is_empty() => {
-                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    let cap = self.limits.max_header_bytes;
+                    let frame = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
+                            return Poll::Ready(Some(f));
+                        }
+                        match watch.as_deref_mut() {
+                            Some(r) => {
+                                ready!(watch_reader(r, cap, cx));
+                                Poll::Ready(None)
+                            }
+                            None => Poll::Pending,
+                        }
+                    })
+                    .await;
+                    match frame {
+                        Some(f) => f,
+                        None => return Err(io::ErrorKind::ConnectionAborted.into()),
+                    }
                 }
                 None => {
                     self.writer.write_out().await?;
@@ -846,7 +991,10 @@ impl Conn {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if chunked => {
                         let mut line = BytesMut::with_capacity(20);
-                        line.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        let _ = std::fmt::Write::write_fmt(
+                            &mut line,
+                            format_args!("{:x}\r\n", data.len()),
+                        );
                         self.writer.push(line.freeze());
                         self.writer.push(data);
                         self.writer.push(Bytes::from_static(b"\r\n"));
@@ -879,7 +1027,7 @@ impl Conn {
     /// still sends is read and dropped for a moment, so that closing with unread bytes does not
     /// turn into a reset that destroys the response in flight.
     async fn linger(&mut self, reader: Option<Reader>) {
-        let _ = self.writer.io.shutdown().await;
+        self.writer.close().await;
         let Some(mut r) = reader else {
             return;
         };

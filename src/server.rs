@@ -377,9 +377,12 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let timeout = self.app.snapshot().config.proxy.header_read_timeout;
+        // One deadline for the first request head, however its bytes arrive.
+        let deadline =
+            tokio::time::Instant::now() + self.app.snapshot().config.proxy.header_read_timeout;
+        let app = self.app.clone();
         let mut first = BytesMut::new();
-        let read = tokio::time::timeout(timeout, async {
+        let first_read = tokio::time::timeout_at(deadline, async {
             loop {
                 let before = first.len();
                 let n = std::future::poll_fn(|cx| {
@@ -395,8 +398,12 @@ impl Connection {
                     return Ok::<_, std::io::Error>(first.len() > before || before > 0);
                 }
             }
-        })
-        .await;
+        });
+        // A connection that has sent nothing yet (a browser's preconnect) holds up no shutdown.
+        let read = tokio::select! {
+            read = first_read => read,
+            () = app.shutdown.cancelled() => return,
+        };
         if !matches!(read, Ok(Ok(true))) {
             return;
         }
@@ -406,7 +413,7 @@ impl Connection {
             return;
         }
         let (r, w) = split(io);
-        crate::h1_server::serve(Reader::new(r, first), w, self.app, self.info).await;
+        crate::h1_server::serve(Reader::new(r, first), w, self.app, self.info, deadline).await;
     }
 
     async fn serve_h2<S>(self, io: S, read: Bytes)

@@ -1,6 +1,7 @@
 //! HTTP/1.x as clients speak it to the proxy (raw sockets): `Expect: 100-continue`, pipelining,
 //! HTTP/1.0 keep-alive and close-delimited bodies, HEAD framing, chunked responses, bodies the
-//! proxy never reads, and idle connections at shutdown.
+//! proxy never reads, idle connections at shutdown, clients that leave mid-request, `Date`,
+//! silent connections and the first head's deadline.
 mod common;
 use common::*;
 
@@ -341,4 +342,332 @@ async fn an_idle_keep_alive_connection_closes_at_shutdown() {
         "shutdown waited for an idle connection"
     );
     assert_closed(&mut s).await;
+}
+
+/// An upstream that never answers `/hold` and counts the held connections the proxy closes;
+/// anything else gets the chunked answer of `chunked_upstream`.
+async fn holding_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let closed = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let closed = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let hold = buf.starts_with(b"GET /hold");
+                        buf.drain(..i + 4);
+                        if hold {
+                            while let Ok(n) = s.read(&mut chunk).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
+
+/// A client that gives up on a slow request cancels it: the upstream connection is closed at
+/// once instead of being held until `request_timeout`, and nothing is recorded for it.
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    use std::sync::atomic::Ordering;
+    let (up, closed) = holding_upstream().await;
+    let p = start(up, "").await;
+    for request in [
+        &b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        // With a body the proxy has read whole before the upstream got it.
+        &b"GET /hold HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"[..],
+    ] {
+        let before = closed.load(Ordering::SeqCst);
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+        assert!(
+            eventually(3, || async { closed.load(Ordering::SeqCst) > before }).await,
+            "the upstream request was still open 3 s after its client left"
+        );
+    }
+    let status = p.service_status("api").await;
+    assert_eq!(status["colors"]["blue"]["requests"], 0, "{status}");
+    p.stop().await;
+}
+
+/// Requests pipelined behind a slow one are not taken for the client going away.
+#[tokio::test]
+async fn a_pipelined_request_behind_a_slow_one_is_kept() {
+    let blue = TestUpstream::start("blue").await;
+    blue.set_delay(300);
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        let (head, _) = read_response(&mut s, &mut buf, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    }
+    assert_closed(&mut s).await;
+    p.stop().await;
+}
+
+/// A connection that has sent nothing (a browser's preconnect) does not hold up shutdown.
+#[tokio::test]
+async fn a_silent_new_connection_does_not_hold_up_shutdown() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nheader_read_timeout = \"4s\"\n{}",
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = tokio::time::Instant::now();
+    p.stop().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "shutdown waited {:?} for a silent connection",
+        began.elapsed()
+    );
+    assert_closed(&mut s).await;
+}
+
+/// `header_read_timeout` bounds the first head from the accept: bytes trickling in do not
+/// restart it.
+#[tokio::test]
+async fn the_first_head_has_one_deadline_from_the_accept() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nheader_read_timeout = \"1s\"\n{}",
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let began = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+    let mut chunk = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(4), s.read(&mut chunk)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert!(
+        began.elapsed() < Duration::from_millis(1600),
+        "closed after {:?}",
+        began.elapsed()
+    );
+    p.stop().await;
+}
+
+/// Every response carries `Date` (RFC 9110 6.6.1): the proxy's own answers and upstream
+/// answers without one get the proxy's; an upstream's own is passed on unchanged.
+#[tokio::test]
+async fn responses_carry_a_date() {
+    let up = chunked_upstream().await; // sends no Date
+    let p = start(up, "hosts = [\"a\"]\n").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: nosuch\r\n\r\n")
+        .await
+        .expect("write");
+    for expected in ["HTTP/1.1 200", "HTTP/1.1 404"] {
+        let (head, _) = read_response(&mut s, &mut buf, false).await;
+        assert!(head.starts_with(expected), "{head:?}");
+        let date = head
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .unwrap_or_else(|| panic!("no date in {head:?}"));
+        assert!(
+            date.len() == 29 && date.ends_with(" GMT"),
+            "not an IMF-fixdate: {date:?}"
+        );
+        if expected.ends_with("200") {
+            // The chunked answer's trailer section.
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                fill(&mut s, &mut buf).await;
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+            buf.drain(..end + 4);
+        }
+    }
+    p.stop().await;
+
+    // The upstream's own Date: exactly one, the upstream's.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let mut chunk = [0u8; 4096];
+            let _ = s.read(&mut chunk).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            let _ = s.read(&mut chunk).await;
+        }
+    });
+    let p = start(up, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, _) = read_response(&mut s, &mut buf, false).await;
+    let dates: Vec<&str> = head.lines().filter(|l| l.starts_with("date: ")).collect();
+    assert_eq!(dates, ["date: Sun, 06 Nov 1994 08:49:37 GMT"], "{head:?}");
+    p.stop().await;
+}
+
+/// An HTTP/1.0 request's Upgrade is ignored (RFC 9110 7.8): it reaches the upstream as a
+/// plain request, without the upgrade fields, so an upstream never switches protocols for it.
+#[tokio::test]
+async fn an_http10_upgrade_is_not_tunnelled() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                let answer: &[u8] = if head.contains("upgrade: websocket") {
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.read(&mut chunk).await;
+            });
+        }
+    });
+    let p = start(up, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.0\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(body, b"plain");
+    p.stop().await;
+}
+
+/// A request target longer than a URI can hold is 414, not a generic 400.
+#[tokio::test]
+async fn an_overlong_request_target_is_414() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}max_header_bytes = 131072\n{}",
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let path = "a".repeat(70_000);
+    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let (head, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 414"), "{head:?}");
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
+/// An upstream answering every request at once with a 101 that carries a Content-Length.
+async fn eager_101_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n";
+                let _ = s.write_all(answer).await;
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 || s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    up
+}
+
+/// A 101 never carries Content-Length (RFC 9110 8.6); a 101 that arrives before the request
+/// body was sent cannot become a tunnel and is answered 502.
+#[tokio::test]
+async fn switching_protocols_framing() {
+    let p = start(eager_101_upstream().await, "").await;
+    let upgrade = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n";
+
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(format!("{upgrade}\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let (head, _) = read_response(&mut s, &mut buf, true).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-length"),
+        "{head:?}"
+    );
+    // The tunnel works: the upstream echoes.
+    s.write_all(b"ping").await.expect("write");
+    while buf.len() < 4 {
+        fill(&mut s, &mut buf).await;
+    }
+    assert_eq!(&buf[..], b"ping");
+    drop(s);
+
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(format!("{upgrade}Content-Length: 10\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let (head, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head:?}");
+    p.stop().await;
 }

@@ -155,6 +155,75 @@ fn get_req(path: &str, h2: bool) -> Request<Empty<Bytes>> {
     b.body(Empty::new()).expect("req")
 }
 
+/// A connection the proxy closes over TLS ends with close_notify, so a client can tell a
+/// complete response (above all a close-delimited body) from a cut one.
+#[tokio::test]
+async fn tls_responses_that_close_the_connection_end_with_close_notify() {
+    // An upstream whose body has no length: an HTTP/1.0 client gets it close-delimited.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let green = dead_addr().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "{}{}",
+        tls_head(&c),
+        service("api", &[up], &[green], "")
+    ))
+    .await;
+    let tls_addr = p
+        .running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("tls addr");
+    for (request, body) in [
+        (
+            &b"GET /x HTTP/1.0\r\nHost: api\r\n\r\n"[..],
+            "\r\n\r\nhello",
+        ),
+        (
+            &b"GET /x HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"[..],
+            "\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+    ] {
+        let mut s = tls_connect(tls_addr, &[&c], b"http/1.1").await;
+        s.write_all(request).await.expect("write");
+        let mut all = Vec::new();
+        let read = tokio::time::timeout(T, s.read_to_end(&mut all))
+            .await
+            .expect("the proxy closed the connection in time");
+        let text = String::from_utf8_lossy(&all).to_string();
+        // rustls reports a close without close_notify as UnexpectedEof.
+        assert!(read.is_ok(), "{read:?} after {text:?}");
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with(body),
+            "{text:?}"
+        );
+    }
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn tls_serves_http1_and_h2_by_alpn_with_forwarded_proto_https() {
     let blue = TestUpstream::start("blue").await;

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Userland instructions per proxied request, counted by callgrind: repeatable to <1% for the
+# same binary and inputs, whatever else the machine is doing (wall-clock figures are not).
+#
+#   benches/load/instructions.sh                    # Switchyard, then nginx as a proxy
+#   TARGETS=switchyard benches/load/instructions.sh
+#
+# Environment: N=20000 requests over C=16 HTTP/1.1 keep-alive connections (h2load --h1),
+# BASE_PORT=29080 (4 ports), SWITCHYARD_BIN (default target/release/switchyard), TARGETS
+# ("switchyard nginx"), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it).
+# Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client). Installs nothing.
+set -euo pipefail
+N=${N:-20000}
+C=${C:-16}
+BASE_PORT=${BASE_PORT:-29080}
+TARGETS=${TARGETS:-switchyard nginx}
+KEEP_TMP=${KEEP_TMP:-0}
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SY_BIN=${SWITCHYARD_BIN:-$REPO_ROOT/target/release/switchyard}
+
+for pair in valgrind:valgrind nginx:nginx h2load:nghttp2-client; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || {
+        echo "missing: ${pair%%:*} (Debian package: ${pair#*:})" >&2
+        exit 1
+    }
+done
+[[ $TARGETS != *switchyard* || -x $SY_BIN ]] || {
+    echo "no $SY_BIN: cargo build --release first" >&2
+    exit 1
+}
+
+P_UP=$BASE_PORT P_SY=$((BASE_PORT + 1)) P_NG=$((BASE_PORT + 2))
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-instr.XXXXXX")
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [[ $KEEP_TMP == 1 ]]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+
+wait_port() {
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "port $1 did not open" >&2
+    return 1
+}
+
+nginx_conf() { # dir, server block
+    mkdir -p "$1"
+    cat >"$1/nginx.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 100000000;
+    client_body_temp_path $1/b; proxy_temp_path $1/p; fastcgi_temp_path $1/f;
+    uwsgi_temp_path $1/u; scgi_temp_path $1/s;
+$2
+}
+EOF
+}
+
+nginx_conf "$TMP/up" "    server { listen 127.0.0.1:$P_UP; location / { default_type text/plain; return 200 \"ok\\n\"; } }"
+nginx -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" &
+PIDS+=($!)
+wait_port "$P_UP"
+
+# Runs "$@" under callgrind on PORT, loads it, prints total instructions / N.
+count() { # name port cmd...
+    local name=$1 port=$2
+    shift 2
+    valgrind --tool=callgrind --callgrind-out-file="$TMP/$name.out" "$@" >"$TMP/$name.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port "$port"
+    h2load --h1 -n 200 -c 4 "http://127.0.0.1:$port/" >/dev/null # warm: pools, caches
+    valgrind_zero "$pid"
+    h2load --h1 -n "$N" -c "$C" "http://127.0.0.1:$port/" >"$TMP/$name.h2load" 2>&1
+    grep -q "$N succeeded" "$TMP/$name.h2load" || {
+        echo "$name: not every request succeeded:" >&2
+        grep -E 'succeeded|failed' "$TMP/$name.h2load" >&2
+    }
+    callgrind_control -d "$pid" >/dev/null
+    kill -TERM "$pid"
+    wait "$pid" 2>/dev/null || true
+    local total
+    # The dump after the warm-up load holds only the measured requests.
+    total=$(awk '/^summary:/ { s = $2 } END { print s + 0 }' "$TMP/$name.out.1")
+    printf '%-12s %8d instructions per request (%d requests, %d connections)\n' \
+        "$name" "$((total / N))" "$N" "$C"
+}
+valgrind_zero() { callgrind_control -z "$1" >/dev/null; }
+
+for t in $TARGETS; do
+    case $t in
+    switchyard)
+        cat >"$TMP/sy.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$P_SY"
+workers = 1
+shutdown_grace = "1s"
+[admin]
+listen = "127.0.0.1:$((BASE_PORT + 3))"
+[state]
+path = "$TMP/state.json"
+[[services]]
+name = "bench"
+active = "blue"
+blue  = { upstreams = ["127.0.0.1:$P_UP"] }
+green = { upstreams = ["127.0.0.1:$P_UP"] }
+EOF
+        SWITCHYARD_ADMIN_TOKEN=t RUST_LOG=warn count switchyard "$P_SY" "$SY_BIN" serve --config "$TMP/sy.toml"
+        ;;
+    nginx)
+        nginx_conf "$TMP/ng" "    upstream b { server 127.0.0.1:$P_UP; keepalive 64; }
+    server { listen 127.0.0.1:$P_NG; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+        count nginx "$P_NG" nginx -p "$TMP/ng" -c "$TMP/ng/nginx.conf" -e "$TMP/ng/error.log"
+        ;;
+    *) echo "unknown target $t" >&2 ;;
+    esac
+done
