@@ -90,15 +90,7 @@ impl Reader {
     /// when bytes arrive.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() == 0 {
-            let mut tmp = [MaybeUninit::<u8>::uninit(); FIRST_READ];
-            let mut rb = ReadBuf::uninit(&mut tmp);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-            let got = rb.filled();
-            if !got.is_empty() {
-                self.buf = BytesMut::with_capacity(got.len().max(1024));
-                self.buf.extend_from_slice(got);
-            }
-            return Poll::Ready(Ok(got.len()));
+            return self.poll_probe::<FIRST_READ>(cx);
         }
         if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
             self.buf.reserve(self.read_size);
@@ -113,6 +105,23 @@ impl Reader {
             self.read_size *= 2;
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// Reads onto the stack and appends what came, for reads that mostly find nothing (an
+    /// idle connection, a connection watched while its request is served): no buffer is made
+    /// or grown for them.
+    fn poll_probe<const N: usize>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut tmp = [MaybeUninit::<u8>::uninit(); N];
+        let mut rb = ReadBuf::uninit(&mut tmp);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let got = rb.filled();
+        if !got.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf = BytesMut::with_capacity(got.len().max(1024));
+            }
+            self.buf.extend_from_slice(got);
+        }
+        Poll::Ready(Ok(got.len()))
     }
 
     /// Between requests: nothing buffered means no buffer is kept.
@@ -588,7 +597,7 @@ fn watch_reader(r: &mut Reader, cap: usize, cx: &mut Context<'_>) -> Poll<()> {
         if r.buf.len() >= cap {
             return Poll::Pending;
         }
-        match ready!(r.poll_fill(cx)) {
+        match ready!(r.poll_probe::<1024>(cx)) {
             Ok(0) | Err(_) => return Poll::Ready(()),
             Ok(_) => {}
         }

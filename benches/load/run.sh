@@ -11,7 +11,7 @@
 #   STREAMS=10          h2c streams per connection (h2load -m)
 #   FIXED_RPS=          total rate of the fixed-rate run (default: half of nginx's HTTP/1.1 max)
 #   IDLE_CONNS=10000    idle keep-alive connections held against Switchyard for the RSS measurement
-#   BASE_PORT=28080     first of the 8 consecutive loopback ports used
+#   BASE_PORT=28080     first of the 9 consecutive loopback ports used
 #   SKIP_SWITCHYARD=1   benchmark only direct / nginx / haproxy
 #   SWITCHYARD_BIN=     use this binary instead of target/release/switchyard
 #   PIN=1               pin upstream / proxy / load generator to separate CPUs (needs >= 3 CPUs)
@@ -121,9 +121,10 @@ P_NG=$((BASE_PORT + 4))    # nginx proxy, HTTP/1.1
 P_NG_H2=$((BASE_PORT + 5)) # nginx proxy, h2c
 P_HA=$((BASE_PORT + 6))    # haproxy, HTTP/1.1
 P_HA_H2=$((BASE_PORT + 7)) # haproxy, h2c (proto h2)
+P_L4=$((BASE_PORT + 8))    # haproxy in mode tcp: a byte relay, the floor for any proxy (below)
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$P_UP" "$P_UP_H2" "$P_SY" "$P_SY_ADMIN" "$P_NG" "$P_NG_H2" "$P_HA" "$P_HA_H2"; do
+for p in "$P_UP" "$P_UP_H2" "$P_SY" "$P_SY_ADMIN" "$P_NG" "$P_NG_H2" "$P_HA" "$P_HA_H2" "$P_L4"; do
     if port_open "$p"; then die "port $p is already in use; set BASE_PORT to a free range"; fi
 done
 
@@ -344,6 +345,22 @@ frontend bench
 
 backend upstream
     server up1 127.0.0.1:$P_UP
+
+# l4relay: the same bytes relayed without reading HTTP (one upstream connection per client
+# connection, recv and send on each side): what any proxy pays in the kernel with nothing
+# parsed, the ceiling an HTTP proxy with the same syscalls can approach.
+frontend l4relay
+    mode tcp
+    no option http-keep-alive
+    timeout client 300s
+    bind 127.0.0.1:$P_L4
+    default_backend upstream_tcp
+
+backend upstream_tcp
+    mode tcp
+    no option http-keep-alive
+    timeout server 300s
+    server up1 127.0.0.1:$P_UP
 EOF
 haproxy -c -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/check.log" 2>&1 ||
     die "haproxy config invalid: $(tail -5 "$TMP/haproxy/check.log")"
@@ -362,10 +379,11 @@ URL_H1[nginx]=http://127.0.0.1:$P_NG/
 URL_H2[nginx]=http://127.0.0.1:$P_NG_H2/
 URL_H1[haproxy]=http://127.0.0.1:$P_HA/
 URL_H2[haproxy]=http://127.0.0.1:$P_HA_H2/
+URL_H1[l4relay]=http://127.0.0.1:$P_L4/
 TARGETS=(direct)
 ((SY_ENABLED)) && TARGETS+=(switchyard)
-TARGETS+=(nginx haproxy)
-ALL_TARGETS=(direct switchyard nginx haproxy)
+TARGETS+=(nginx haproxy l4relay)
+ALL_TARGETS=(direct switchyard nginx haproxy l4relay)
 declare -A H1_OK H2_OK
 
 # HTTP/1.1 and h2c smoke test: 200 and the 3-byte body
@@ -376,7 +394,7 @@ for t in "${TARGETS[@]}"; do
         warn "$t: HTTP/1.1 smoke test failed ($(head -c 200 "$TMP/curl.err")); its HTTP/1.1 results are n/a"
     fi
     H2_OK[$t]=0
-    if [[ $t == nginx && $NG_H2 == 0 ]] || [[ $t == direct && $UP_H2 == 0 ]]; then continue; fi
+    if [[ $t == nginx && $NG_H2 == 0 ]] || [[ $t == direct && $UP_H2 == 0 ]] || [[ $t == l4relay ]]; then continue; fi
     if h2load -n4 -c1 "${URL_H2[$t]}" 2>&1 | grep -q '4 succeeded'; then H2_OK[$t]=1; else
         warn "$t: h2c (prior knowledge) does not work on ${URL_H2[$t]}; its h2c results are n/a"
     fi
@@ -396,7 +414,7 @@ proxy_pid() { # target -> the process doing the proxying (nginx: its one worker)
     case $1 in
     switchyard) echo "$SY_PID" ;;
     nginx) pgrep -P "$NG_PID" 2>/dev/null | head -1 ;;
-    haproxy) echo "$HA_PID" ;;
+    haproxy | l4relay) echo "$HA_PID" ;;
     esac
 }
 status_kb() { # pid key -> kB
