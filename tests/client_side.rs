@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const PROXY: &str =
     "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nheader_read_timeout = \"5s\"\n";
@@ -213,30 +213,12 @@ async fn http10_keeps_alive_only_when_asked() {
 
 /// An upstream answering every request with a chunked body and a trailer.
 async fn chunked_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..i + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    addr
+    raw_upstream(|_| {
+        Raw::Answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n".to_vec(),
+        )
+    })
+    .await
 }
 
 #[tokio::test]
@@ -347,44 +329,18 @@ async fn an_idle_keep_alive_connection_closes_at_shutdown() {
 /// An upstream that never answers `/hold` and counts the held connections the proxy closes;
 /// anything else gets the chunked answer of `chunked_upstream`.
 async fn holding_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let closed = std::sync::Arc::new(AtomicUsize::new(0));
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = closed.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let closed = counter.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let hold = buf.starts_with(b"GET /hold");
-                        buf.drain(..i + 4);
-                        if hold {
-                            while let Ok(n) = s.read(&mut chunk).await {
-                                if n == 0 {
-                                    break;
-                                }
-                            }
-                            closed.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
+    let addr = raw_upstream(move |head| {
+        if head.starts_with("GET /hold") {
+            return Raw::Hold(counter.clone());
         }
-    });
+        Raw::Answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
     (addr, closed)
 }
 
@@ -520,18 +476,13 @@ async fn responses_carry_a_date() {
     p.stop().await;
 
     // The upstream's own Date: exactly one, the upstream's.
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        if let Ok((mut s, _)) = l.accept().await {
-            let mut chunk = [0u8; 4096];
-            let _ = s.read(&mut chunk).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok")
-                .await;
-            let _ = s.read(&mut chunk).await;
-        }
-    });
+    let up = raw_upstream(|_| {
+        Raw::Answer(
+            b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok"
+                .to_vec(),
+        )
+    })
+    .await;
     let p = start(up, "").await;
     let mut s = TcpStream::connect(p.proxy).await.expect("connect");
     let mut buf = Vec::new();
@@ -548,30 +499,14 @@ async fn responses_carry_a_date() {
 /// plain request, without the upgrade fields, so an upstream never switches protocols for it.
 #[tokio::test]
 async fn an_http10_upgrade_is_not_tunnelled() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-                let answer: &[u8] = if head.contains("upgrade: websocket") {
-                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
-                };
-                let _ = s.write_all(answer).await;
-                let _ = s.read(&mut chunk).await;
-            });
+    let up = raw_upstream(|head| {
+        if head.to_ascii_lowercase().contains("upgrade: websocket") {
+            Raw::Echo(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n".to_vec())
+        } else {
+            Raw::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain".to_vec())
         }
-    });
+    })
+    .await;
     let p = start(up, "").await;
     let mut s = TcpStream::connect(p.proxy).await.expect("connect");
     s.write_all(
@@ -610,30 +545,12 @@ async fn an_overlong_request_target_is_414() {
 
 /// An upstream answering every request at once with a 101 that carries a Content-Length.
 async fn eager_101_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n";
-                let _ = s.write_all(answer).await;
-                while let Ok(n) = s.read(&mut chunk).await {
-                    if n == 0 || s.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    up
+    raw_upstream(|_| {
+        Raw::Echo(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        )
+    })
+    .await
 }
 
 /// A 101 never carries Content-Length (RFC 9110 8.6); a 101 that arrives before the request

@@ -160,29 +160,13 @@ fn get_req(path: &str, h2: bool) -> Request<Empty<Bytes>> {
 #[tokio::test]
 async fn tls_responses_that_close_the_connection_end_with_close_notify() {
     // An upstream whose body has no length: an HTTP/1.0 client gets it close-delimited.
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..i + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let up = raw_upstream(|_| {
+        Raw::Answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
     let green = dead_addr().await;
     let certs = tempfile::tempdir().expect("tempdir");
     let c = make_cert(certs.path(), "a");

@@ -473,3 +473,73 @@ pub async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .to_bytes();
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// What a [`raw_upstream`] does with one request head (its text, as received).
+pub enum Raw {
+    /// Writes these bytes and waits for the next request on the connection.
+    Answer(Vec<u8>),
+    /// Never answers; once the proxy closes the connection, counts it here.
+    Hold(Arc<AtomicUsize>),
+    /// Writes these bytes, then echoes whatever arrives (a tunnel after a 101).
+    Echo(Vec<u8>),
+}
+
+/// An upstream on raw sockets, for framing the hyper-based [`TestUpstream`] cannot produce:
+/// `answer` decides per request head. A request's body is not read (send bodiless requests).
+pub async fn raw_upstream<F>(answer: F) -> SocketAddr
+where
+    F: Fn(&str) -> Raw + Send + Sync + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    match answer(&head) {
+                        Raw::Answer(bytes) => {
+                            if s.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Raw::Hold(closed) => {
+                            while let Ok(n) = s.read(&mut chunk).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Raw::Echo(bytes) => {
+                            if s.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                            while let Ok(n) = s.read(&mut chunk).await {
+                                if n == 0 || s.write_all(&chunk[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
