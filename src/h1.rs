@@ -183,20 +183,27 @@ pub fn put_date(out: &mut BytesMut) {
     thread_local! {
         static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
     }
+    // httpdate formats 1970 to 9999 only (and panics outside): a clock outside that range
+    // has no date worth sending (RFC 9110 6.6.1 asks for none without a reliable clock).
+    const YEAR_10000: u64 = 253_402_300_800;
     let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let Ok(since) = now.duration_since(UNIX_EPOCH) else {
+        return;
+    };
+    let secs = since.as_secs();
+    if secs >= YEAR_10000 {
+        return;
+    }
     CACHED.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
             let text = httpdate::fmt_http_date(now);
-            if text.len() == c.1.len() {
-                c.1.copy_from_slice(text.as_bytes());
-                c.0 = secs;
-            } else {
-                // Not the fixed IMF-fixdate width (a year past 9999): no cache, still correct.
+            if text.len() != c.1.len() {
                 put_header(out, b"date", text.as_bytes());
                 return;
             }
+            c.1.copy_from_slice(text.as_bytes());
+            c.0 = secs;
         }
         put_header(out, b"date", &c.1);
     });

@@ -559,13 +559,11 @@ impl Writer {
 }
 
 /// Ready when the client has closed its connection (or it failed) while its request is
-/// served. The read half is watched once it is back from the request body; what arrives
-/// meanwhile is a pipelined request, kept, and watching stops once `cap` bytes wait.
+/// served. The read half is watched once it is back from the request body.
 fn watch_client(
     r: &mut Option<Reader>,
     back: &mut Option<oneshot::Receiver<Returned>>,
     complete: &mut bool,
-    cap: usize,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
     if let Some(rx) = back.as_mut() {
@@ -585,22 +583,23 @@ fn watch_client(
     }
     match r.as_mut() {
         // Bytes of an unread body would be taken for a request: not watched.
-        Some(r) if *complete => watch_reader(r, cap, cx),
+        Some(r) if *complete => watch_reader(r, cx),
         _ => Poll::Pending,
     }
 }
 
 /// Ready on end of stream or a read error. Reading here costs no syscall while the socket
-/// has nothing: tokio keeps the readiness that the last short read cleared.
-fn watch_reader(r: &mut Reader, cap: usize, cx: &mut Context<'_>) -> Poll<()> {
-    loop {
-        if r.buf.len() >= cap {
-            return Poll::Pending;
-        }
-        match ready!(r.poll_probe::<1024>(cx)) {
-            Ok(0) | Err(_) => return Poll::Ready(()),
-            Ok(_) => {}
-        }
+/// has nothing: tokio keeps the readiness that the last short read cleared. Once a pipelined
+/// request has arrived, watching stops (as hyper's does): a client that sends requests and
+/// then half-closes still gets its answers.
+fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
+    if !r.buf.is_empty() {
+        return Poll::Pending;
+    }
+    match ready!(r.poll_probe::<1024>(cx)) {
+        Ok(0) | Err(_) => Poll::Ready(()),
+        // Kept in the buffer for the next head; the exchange's own wakers carry on.
+        Ok(_) => Poll::Pending,
     }
 }
 
@@ -748,19 +747,19 @@ impl Conn {
         // hyper's server and nginx do.
         let mut complete = true;
         let resp = {
-            let cap = self.limits.max_header_bytes;
             let mut handle = std::pin::pin!(proxy::handle(&self.app, req, &self.info, upgrade_rx));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(resp) = handle.as_mut().poll(cx) {
                     return Poll::Ready(Some(resp));
                 }
-                ready!(watch_client(&mut r, &mut back, &mut complete, cap, cx));
+                ready!(watch_client(&mut r, &mut back, &mut complete, cx));
                 Poll::Ready(None)
             })
             .await
         };
         let Some(resp) = resp else {
             tracing::debug!("the client closed its connection before the response");
+            self.app.metrics.client_closed_requests_total.inc();
             return None;
         };
 
@@ -807,9 +806,15 @@ impl Conn {
         let watch = if complete { reader_back.as_mut() } else { None };
         match self.respond(resp, &method, version, keep, watch).await {
             Ok(true) => {}
-            // Closing with nothing left unread: the write side is shut down (a TLS
-            // close_notify, a TCP FIN) when the connection ends.
-            Ok(false) if complete && !reader_back.as_ref().is_some_and(|r| !r.buf.is_empty()) => {
+            // The client asked to close and left nothing unread: the write side is shut down
+            // (a TLS close_notify, a TCP FIN) when the connection ends. Where the proxy closes
+            // on its own account (shutdown, a close-delimited body) a pipelining client may
+            // have sent more already: linger, so that closing does not reset the response.
+            Ok(false)
+                if complete
+                    && !keep_alive
+                    && !reader_back.as_ref().is_some_and(|r| !r.buf.is_empty()) =>
+            {
                 return None
             }
             Ok(false) | Err(_) => {
@@ -958,14 +963,13 @@ impl Conn {
             let frame = match frame {
                 Some(f) => f,
                 None if self.writer.out.is_empty() => {
-                    let cap = self.limits.max_header_bytes;
                     let frame = std::future::poll_fn(|cx| {
                         if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
                             return Poll::Ready(Some(f));
                         }
                         match watch.as_deref_mut() {
                             Some(r) => {
-                                ready!(watch_reader(r, cap, cx));
+                                ready!(watch_reader(r, cx));
                                 Poll::Ready(None)
                             }
                             None => Poll::Pending,
@@ -994,6 +998,9 @@ impl Conn {
                     // closes without a last chunk, so the client sees a truncated response.
                     tracing::debug!(error = %e, "upstream body failed; aborting the response");
                     let _ = self.writer.write_out().await;
+                    // No close_notify: over TLS the client then sees an unclean end, so a
+                    // close-delimited body cut here is not taken for a whole one.
+                    self.writer.closed = true;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => match frame.into_data() {

@@ -27,6 +27,7 @@ pub const WINDOW_REQUESTS: &str = "switchyard_window_requests";
 pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
+pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 
 /// Buckets for API latency: 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -53,6 +54,8 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     /// HTTP/1 requests refused for smuggling-prone framing (`h1_server`), by reason.
     pub rejected_requests_total: IntCounterVec,
+    /// HTTP/1 requests whose client closed its connection before the response (nginx's 499).
+    pub client_closed_requests_total: IntCounter,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -126,6 +129,12 @@ impl Metrics {
             "HTTP/1 requests answered 400 before parsing: a bare-LF line end (bare_lf), or both Content-Length and Transfer-Encoding (cl_te).",
             &["reason"],
         );
+        let client_closed_requests_total = IntCounter::new(
+            CLIENT_CLOSED_REQUESTS_TOTAL,
+            "HTTP/1 requests cancelled because the client closed its connection before the response (nginx logs these as 499); not recorded as upstream traffic.",
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        register(&r, Box::new(client_closed_requests_total.clone()));
         // Both series exist from the start, at 0.
         for reason in ["bare_lf", "cl_te"] {
             rejected_requests_total.with_label_values(&[reason]);
@@ -205,6 +214,7 @@ impl Metrics {
                 &["result"],
             ),
             rejected_requests_total,
+            client_closed_requests_total,
             state_degraded,
             webhook_failures_total,
             unmatched_requests_total,

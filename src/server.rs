@@ -291,11 +291,15 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode).holding(permit));
+        // One deadline from the accept for the TLS handshake and the first request head.
+        let deadline =
+            tokio::time::Instant::now() + app.snapshot().config.proxy.header_read_timeout;
         let conn = Connection {
             app: app.clone(),
             info,
             h2: h2.clone(),
             watcher: graceful.watcher(),
+            deadline,
         };
         match &tls {
             None => {
@@ -306,20 +310,22 @@ async fn serve_proxy(
             }
             Some(t) => {
                 let acceptor = t.acceptor();
-                let handshake_timeout = app.snapshot().config.proxy.header_read_timeout;
+                let app = app.clone();
                 conns.spawn(async move {
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
+                    // A handshake not finished when shutdown begins is dropped: no request
+                    // has been sent on it yet.
+                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        biased;
+                        r = handshake => match r {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                        () = app.shutdown.cancelled() => return,
                     };
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         Box::pin(conn.serve_h2(stream, Bytes::new())).await;
@@ -366,6 +372,8 @@ struct Connection {
     info: Arc<ConnInfo>,
     h2: http2::Builder<TokioExecutor>,
     watcher: Watcher,
+    /// When the first request head must have arrived (`header_read_timeout` from the accept).
+    deadline: tokio::time::Instant,
 }
 
 /// What an h2 client sends first (RFC 9113 3.4).
@@ -377,9 +385,7 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        // One deadline for the first request head, however its bytes arrive.
-        let deadline =
-            tokio::time::Instant::now() + self.app.snapshot().config.proxy.header_read_timeout;
+        let deadline = self.deadline;
         let app = self.app.clone();
         let mut first = BytesMut::new();
         let first_read = tokio::time::timeout_at(deadline, async {
@@ -401,6 +407,8 @@ impl Connection {
         });
         // A connection that has sent nothing yet (a browser's preconnect) holds up no shutdown.
         let read = tokio::select! {
+            // Bytes already there are read first: a request that arrived is not dropped.
+            biased;
             read = first_read => read,
             () = app.shutdown.cancelled() => return,
         };
@@ -425,6 +433,7 @@ impl Connection {
             info,
             h2,
             watcher,
+            ..
         } = self;
         let svc = service_fn(move |req: Request<Incoming>| {
             let app = app.clone();

@@ -368,6 +368,11 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
     }
     let status = p.service_status("api").await;
     assert_eq!(status["colors"]["blue"]["requests"], 0, "{status}");
+    let (_, metrics) = get(p.admin, "/metrics").await;
+    assert!(
+        metrics.contains("\nswitchyard_client_closed_requests_total 2\n"),
+        "{metrics}"
+    );
     p.stop().await;
 }
 
@@ -390,6 +395,28 @@ async fn a_pipelined_request_behind_a_slow_one_is_kept() {
         let (head, _) = read_response(&mut s, &mut buf, false).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
     }
+    assert_closed(&mut s).await;
+    p.stop().await;
+}
+
+/// A client that pipelines its requests and then half-closes (`printf ... | nc`): the requests
+/// buffered behind the one in flight are answered (watching for the client's close stops while
+/// a next request waits); the last one, in flight when the FIN is read, counts as abandoned, as
+/// with nginx's default. A FIN cannot tell a half-close from a close.
+#[tokio::test]
+async fn pipelined_requests_then_a_half_close() {
+    let blue = TestUpstream::start("blue").await;
+    blue.set_delay(200);
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut buf = Vec::new();
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(body, b"blue\n");
     assert_closed(&mut s).await;
     p.stop().await;
 }

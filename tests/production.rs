@@ -206,6 +206,69 @@ async fn tls_responses_that_close_the_connection_end_with_close_notify() {
         );
     }
     p.stop().await;
+
+    // The reverse: a close-delimited body the upstream cut short must not end with
+    // close_notify, or the client would take the part for the whole.
+    let up = raw_upstream(|_| {
+        Raw::Close(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel".to_vec())
+    })
+    .await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{}{}",
+        tls_head(&c),
+        service("api", &[up], &[green], "")
+    ))
+    .await;
+    let tls_addr = p
+        .running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("tls addr");
+    let mut s = tls_connect(tls_addr, &[&c], b"http/1.1").await;
+    s.write_all(b"GET /x HTTP/1.0\r\nHost: api\r\n\r\n")
+        .await
+        .expect("write");
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(T, s.read_to_end(&mut all))
+        .await
+        .expect("the proxy closed the connection in time");
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+        "{read:?} after {:?}",
+        String::from_utf8_lossy(&all)
+    );
+    p.stop().await;
+}
+
+/// A TCP connection to the TLS listener that never starts its handshake does not hold up
+/// shutdown.
+#[tokio::test]
+async fn a_silent_tls_connection_does_not_hold_up_shutdown() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "{}header_read_timeout = \"5s\"\n{}",
+        tls_head(&c),
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let tls_addr = p
+        .running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("tls addr");
+    let _silent = TcpStream::connect(tls_addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = tokio::time::Instant::now();
+    p.stop().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "shutdown waited {:?} for a silent TLS connection",
+        began.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@
 #   SKIP_SWITCHYARD=1   benchmark only direct / nginx / haproxy
 #   SWITCHYARD_BIN=     use this binary instead of target/release/switchyard
 #   PIN=1               pin upstream / proxy / load generator to separate CPUs (needs >= 3 CPUs)
+#   PIN=split           the proxy alone on one CPU, upstream and load generator on another (2 CPUs
+#                       are enough): the proxy's latency without competing for its CPU
 #   KEEP_TMP=1          keep the temp dir (configs, logs, raw tool output)
 #
 # Needs: wrk, nginx, haproxy, h2load (Debian: wrk nginx haproxy nghttp2-client), python3, curl.
@@ -105,6 +107,11 @@ if [[ $PIN == 1 ]] && command -v taskset >/dev/null 2>&1 && ((${#CPUS[@]} >= 3))
     PIN_PROXY=(taskset -c "${CPUS[1]}")
     PIN_LOAD=(taskset -c "${CPUS[2]}")
     PIN_NOTE="pinned: upstream cpu ${CPUS[0]}, proxy cpu ${CPUS[1]}, load generator cpu ${CPUS[2]}"
+elif [[ $PIN == split ]] && command -v taskset >/dev/null 2>&1 && ((${#CPUS[@]} >= 2)); then
+    PIN_UP=(taskset -c "${CPUS[0]}")
+    PIN_PROXY=(taskset -c "${CPUS[1]}")
+    PIN_LOAD=(taskset -c "${CPUS[0]}")
+    PIN_NOTE="split: proxy alone on cpu ${CPUS[1]}, upstream and load generator on cpu ${CPUS[0]} (throughput is bounded by that cpu)"
 else
     PIN_NOTE="not pinned (${#CPUS[@]} CPUs): load generator, proxy and upstream share CPUs; compare ratios, not absolute numbers"
 fi

@@ -482,6 +482,8 @@ pub enum Raw {
     Hold(Arc<AtomicUsize>),
     /// Writes these bytes, then echoes whatever arrives (a tunnel after a 101).
     Echo(Vec<u8>),
+    /// Writes these bytes and closes the connection (a response cut short).
+    Close(Vec<u8>),
 }
 
 /// An upstream on raw sockets, for framing the hyper-based [`TestUpstream`] cannot produce:
@@ -523,6 +525,10 @@ where
                                 }
                             }
                             closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Raw::Close(bytes) => {
+                            let _ = s.write_all(&bytes).await;
                             return;
                         }
                         Raw::Echo(bytes) => {
