@@ -197,13 +197,11 @@ pub fn put_date(out: &mut BytesMut) {
     CACHED.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
-            let text = httpdate::fmt_http_date(now);
-            if text.len() != c.1.len() {
-                put_header(out, b"date", text.as_bytes());
+            // IMF-fixdate is 29 bytes for every year httpdate formats.
+            let Ok(fixed) = <[u8; 29]>::try_from(httpdate::fmt_http_date(now).as_bytes()) else {
                 return;
-            }
-            c.1.copy_from_slice(text.as_bytes());
-            c.0 = secs;
+            };
+            *c = (secs, fixed);
         }
         put_header(out, b"date", &c.1);
     });

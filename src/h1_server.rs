@@ -764,7 +764,7 @@ impl Conn {
         };
 
         // The read half: still here, back from a finished body, or still with the body.
-        let reader_back = match back {
+        let mut reader_back = match back {
             None => r,
             Some(mut rx) => match rx.try_recv() {
                 Ok(ret) => {
@@ -777,7 +777,6 @@ impl Conn {
                 }
             },
         };
-        let mut reader_back = reader_back;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             match (on_upgrade, reader_back) {
                 (Some(tx), Some(r)) if complete => {

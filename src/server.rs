@@ -310,7 +310,6 @@ async fn serve_proxy(
             }
             Some(t) => {
                 let acceptor = t.acceptor();
-                let app = app.clone();
                 conns.spawn(async move {
                     // A handshake not finished when shutdown begins is dropped: no request
                     // has been sent on it yet.
@@ -325,7 +324,7 @@ async fn serve_proxy(
                             }
                             Err(_) => return,
                         },
-                        () = app.shutdown.cancelled() => return,
+                        () = conn.app.shutdown.cancelled() => return,
                     };
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         Box::pin(conn.serve_h2(stream, Bytes::new())).await;
@@ -386,7 +385,6 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let deadline = self.deadline;
-        let app = self.app.clone();
         let mut first = BytesMut::new();
         let first_read = tokio::time::timeout_at(deadline, async {
             loop {
@@ -410,7 +408,7 @@ impl Connection {
             // Bytes already there are read first: a request that arrived is not dropped.
             biased;
             read = first_read => read,
-            () = app.shutdown.cancelled() => return,
+            () = self.app.shutdown.cancelled() => return,
         };
         if !matches!(read, Ok(Ok(true))) {
             return;

@@ -63,6 +63,14 @@ fn tls_head(c: &Cert) -> String {
     )
 }
 
+/// The address the proxy's TLS listener took.
+fn tls_listener(p: &TestProxy) -> SocketAddr {
+    p.running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("tls addr")
+}
+
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 async fn tls_connect(addr: SocketAddr, trust: &[&Cert], alpn: &[u8]) -> Tls {
@@ -176,11 +184,7 @@ async fn tls_responses_that_close_the_connection_end_with_close_notify() {
         service("api", &[up], &[green], "")
     ))
     .await;
-    let tls_addr = p
-        .running
-        .as_ref()
-        .and_then(|r| r.tls_addr)
-        .expect("tls addr");
+    let tls_addr = tls_listener(&p);
     for (request, body) in [
         (
             &b"GET /x HTTP/1.0\r\nHost: api\r\n\r\n"[..],
@@ -220,11 +224,7 @@ async fn tls_responses_that_close_the_connection_end_with_close_notify() {
         service("api", &[up], &[green], "")
     ))
     .await;
-    let tls_addr = p
-        .running
-        .as_ref()
-        .and_then(|r| r.tls_addr)
-        .expect("tls addr");
+    let tls_addr = tls_listener(&p);
     let mut s = tls_connect(tls_addr, &[&c], b"http/1.1").await;
     s.write_all(b"GET /x HTTP/1.0\r\nHost: api\r\n\r\n")
         .await
@@ -255,11 +255,7 @@ async fn a_silent_tls_connection_does_not_hold_up_shutdown() {
         service("api", &[blue.addr], &[green], "")
     ))
     .await;
-    let tls_addr = p
-        .running
-        .as_ref()
-        .and_then(|r| r.tls_addr)
-        .expect("tls addr");
+    let tls_addr = tls_listener(&p);
     let _silent = TcpStream::connect(tls_addr).await.expect("connect");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let began = tokio::time::Instant::now();
@@ -283,11 +279,7 @@ async fn tls_serves_http1_and_h2_by_alpn_with_forwarded_proto_https() {
         service("api", &[blue.addr], &[green], "")
     ))
     .await;
-    let tls_addr = p
-        .running
-        .as_ref()
-        .and_then(|r| r.tls_addr)
-        .expect("tls addr");
+    let tls_addr = tls_listener(&p);
 
     let io = tls_connect(tls_addr, &[&c], b"http/1.1").await;
     assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
@@ -383,11 +375,7 @@ async fn reload_swaps_the_certificate_without_dropping_open_connections() {
     let b = make_cert(certs.path(), "b");
     let svc = service("api", &[blue.addr], &[green], "");
     let p = TestProxy::start(&format!("{}{svc}", tls_head(&a))).await;
-    let tls_addr = p
-        .running
-        .as_ref()
-        .and_then(|r| r.tls_addr)
-        .expect("tls addr");
+    let tls_addr = tls_listener(&p);
 
     let io = tls_connect(tls_addr, &[&a, &b], b"http/1.1").await;
     let served = io.get_ref().1.peer_certificates().map(|c| c[0].clone());
