@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -17,6 +18,7 @@ use crate::events::{now_rfc3339, Event, EventLog};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::routing::{build_snapshot, Service, ServiceState, Snapshot};
+use crate::etcd::WriteOutcome;
 use crate::state::{StateError, StateStore};
 use crate::stats::Clock;
 use crate::upstream::Clients;
@@ -49,6 +51,41 @@ pub struct App {
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
     pub store: StateStore,
+    /// Where the live colors being served came from ([`StateSource`]).
+    state_source: AtomicU8,
+}
+
+/// Where the live colors a replica serves came from, as `/api/status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateSource {
+    /// The file backend's state file.
+    File = 0,
+    /// etcd, read and watched.
+    Etcd = 1,
+    /// etcd was unreachable at start: the last state this replica saw from etcd (`[state] path`).
+    Cache = 2,
+    /// etcd was unreachable at start and there was no cache: the config's `active` colors.
+    Config = 3,
+}
+
+impl StateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateSource::File => "file",
+            StateSource::Etcd => "etcd",
+            StateSource::Cache => "cache",
+            StateSource::Config => "config",
+        }
+    }
+
+    fn from_u8(v: u8) -> StateSource {
+        match v {
+            0 => StateSource::File,
+            1 => StateSource::Etcd,
+            2 => StateSource::Cache,
+            _ => StateSource::Config,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +98,9 @@ pub enum ChangeError {
     /// The state backend cannot take writes (503).
     #[error("{0}")]
     Unavailable(String),
+    /// etcd did not answer whether the change was committed (503); the watch settles it.
+    #[error("{0}")]
+    Unknown(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -77,6 +117,22 @@ impl From<StateError> for ChangeError {
             other => ChangeError::Internal(other.to_string()),
         }
     }
+}
+
+/// Refused when the pool a flip goes to has no healthy upstream.
+fn healthy_target(svc: &Service, to: Color) -> Result<(), ChangeError> {
+    if svc.pool(to).healthy_count() == 0 {
+        return Err(ChangeError::Refused(format!(
+            "{}: the {to} pool has no healthy upstream; pass \"force\": true to flip anyway",
+            svc.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a service is still what the checks of a flip to `to` ran on.
+fn unchanged(checked: &Service, now: &Service, to: Color) -> bool {
+    checked.state == now.state && Arc::ptr_eq(checked.pool(to), now.pool(to))
 }
 
 fn service_of(snap: &Snapshot, name: &str) -> Result<Arc<Service>, ChangeError> {
@@ -137,13 +193,37 @@ impl App {
         store: StateStore,
         admin_token: Option<String>,
     ) -> Result<Arc<App>, StateError> {
-        let states = match store.load().await {
-            Ok(s) => s,
-            // A replica that starts while etcd is down serves the config's colors and
-            // resyncs as soon as etcd answers; a file store must be readable.
+        // A crash between a temp file's write and its rename leaves it behind.
+        if let Some(path) = store.local_path() {
+            let _ = tokio::task::spawn_blocking(move || crate::state::remove_stale_temps(&path))
+                .await;
+        }
+        let (states, source) = match store.load().await {
+            Ok(s) => {
+                if let Some(etcd) = store.as_etcd() {
+                    etcd.save_cache(s.clone()).await;
+                    (s, StateSource::Etcd)
+                } else {
+                    (s, StateSource::File)
+                }
+            }
+            // A replica that starts while etcd is down serves the last state it saw from etcd
+            // (the cache file), else the config's colors, and resyncs as soon as etcd answers;
+            // a file store must be readable.
             Err(StateError::Unavailable(e)) if store.as_etcd().is_some() => {
-                tracing::warn!(error = %e, "etcd unreachable at startup: serving the config's colors until it answers");
-                HashMap::new()
+                match store.as_etcd() {
+                    Some(etcd) => match etcd.load_cache().await {
+                        Some(cached) => {
+                            tracing::warn!(error = %e, "etcd unreachable at startup: serving the last state seen from etcd (cache file) until it answers");
+                            (cached, StateSource::Cache)
+                        }
+                        None => {
+                            tracing::warn!(error = %e, "etcd unreachable at startup and no cache: serving the config's colors until it answers");
+                            (HashMap::new(), StateSource::Config)
+                        }
+                    },
+                    None => (HashMap::new(), StateSource::Config),
+                }
             }
             Err(e) => return Err(e),
         };
@@ -151,7 +231,12 @@ impl App {
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
         let audit = store.audit_path();
-        let events = match tokio::task::spawn_blocking(move || EventLog::new(audit, notifier)).await
+        let max_bytes = config.state.events_max_bytes;
+        let stored = (source == StateSource::File).then(|| states.clone());
+        let events = match tokio::task::spawn_blocking(move || {
+            EventLog::open(audit, notifier, max_bytes, stored.as_ref())
+        })
+        .await
         {
             Ok(ev) => ev,
             Err(e) => {
@@ -179,6 +264,7 @@ impl App {
             tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),
             store,
+            state_source: AtomicU8::new(source as u8),
         }))
     }
 
@@ -213,6 +299,11 @@ impl App {
     /// nothing is persisted (they already are).
     pub async fn apply_remote(&self, remote: HashMap<String, ServiceState>) {
         let _w = self.writer.lock().await;
+        self.apply_states(remote).await;
+    }
+
+    /// [`App::apply_remote`] under the writer lock already held.
+    async fn apply_states(&self, remote: HashMap<String, ServiceState>) {
         let snap = self.snapshot();
         let mut changed = HashMap::new();
         for svc in &snap.services {
@@ -239,8 +330,40 @@ impl App {
             );
         }
         if !changed.is_empty() {
-            self.routes.store(Arc::new(snap.with_services(&changed)));
+            let next = snap.with_services(&changed);
+            let states = Self::all_states(&next);
+            self.routes.store(Arc::new(next));
+            if let Some(etcd) = self.store.as_etcd() {
+                etcd.save_cache(states).await;
+            }
         }
+    }
+
+    /// Records the events of a write whose outcome was unknown and that etcd shows committed
+    /// (they are in etcd already, with the write).
+    pub async fn record_resolved(&self, events: Vec<Event>) {
+        for ev in events {
+            tracing::info!(service = %ev.service, generation = ?ev.generation, "a change whose outcome was unknown took effect");
+            self.count_flip(&ev);
+            self.events.publish(ev);
+        }
+    }
+
+    fn count_flip(&self, ev: &Event) {
+        if ev.from.is_some() && ev.to.is_some() && ev.from != ev.to {
+            self.metrics
+                .flips_total
+                .with_label_values(&[ev.service.as_str(), ev.reason.as_str()])
+                .inc();
+        }
+    }
+
+    pub fn state_source(&self) -> StateSource {
+        StateSource::from_u8(self.state_source.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state_source(&self, source: StateSource) {
+        self.state_source.store(source as u8, Ordering::Relaxed);
     }
 
     pub fn set_tls_reloader(&self, tls: crate::tls::TlsSetup) {
@@ -258,24 +381,107 @@ impl App {
             .collect()
     }
 
-    /// Persists, then publishes: a flip is never visible before it is durable, and never lost
-    /// across a restart once it was answered.
+    /// The one path of every change of the live state (flip, flip-all, rollbacks, pause):
+    /// persists the change together with its events, then publishes both. A flip is never
+    /// visible before it is durable, never lost across a restart once it was answered, and
+    /// never applied without its events.
+    ///
+    /// File backend: the events are written to the audit log as pending (fsynced) before the
+    /// state file, and confirmed after it ([`EventLog`]). etcd: the events are written in the
+    /// same transaction as the state; a write whose answer does not come in time is
+    /// reconciled ([`crate::etcd::EtcdStore::write`]), and on a lost compare-and-swap the state
+    /// read from etcd is applied.
     async fn commit(
         &self,
         snap: &Snapshot,
         changed: HashMap<String, Arc<Service>>,
+        events: Vec<Event>,
     ) -> Result<(), ChangeError> {
         let next = snap.with_services(&changed);
-        let names: Vec<String> = changed.keys().cloned().collect();
-        self.store
-            .save(&Self::all_states(&next), &Self::all_states(snap), &names)
-            .await?;
-        self.routes.store(Arc::new(next));
-        Ok(())
+        let mut names: Vec<String> = changed.keys().cloned().collect();
+        names.sort();
+        let after = Self::all_states(&next);
+        let before = Self::all_states(snap);
+        let id = crate::etcd::new_write_id();
+        match &self.store {
+            StateStore::File(_) => {
+                let written: HashMap<String, ServiceState> = names
+                    .iter()
+                    .filter_map(|n| after.get(n).map(|s| (n.clone(), s.clone())))
+                    .collect();
+                self.events
+                    .begin(&id, &written, &events)
+                    .await
+                    .map_err(|e| {
+                        ChangeError::Internal(format!(
+                            "cannot write the audit log ({e}); nothing was changed"
+                        ))
+                    })?;
+                if let Err(e) = self.store.save(&after, &before, &names).await {
+                    self.events.abort(&id).await;
+                    return Err(e.into());
+                }
+                self.routes.store(Arc::new(next));
+                for ev in &events {
+                    self.count_flip(ev);
+                }
+                self.events.confirm(&id, events).await;
+                Ok(())
+            }
+            StateStore::Etcd(etcd) => {
+                let changes: Vec<(String, ServiceState)> = names
+                    .iter()
+                    .filter_map(|n| after.get(n).map(|s| (n.clone(), s.clone())))
+                    .collect();
+                match etcd.write(&changes, &before, &events, &id).await {
+                    WriteOutcome::Applied => {
+                        self.routes.store(Arc::new(next));
+                        etcd.save_cache(after).await;
+                        for ev in events {
+                            self.count_flip(&ev);
+                            self.events.publish(ev);
+                        }
+                        Ok(())
+                    }
+                    WriteOutcome::Conflict(read) => {
+                        self.apply_states(read).await;
+                        let now = self.snapshot();
+                        let serving = names
+                            .iter()
+                            .filter_map(|n| now.service(n))
+                            .map(|s| {
+                                format!(
+                                    "{} is {} (generation {})",
+                                    s.name(),
+                                    s.state.active,
+                                    s.state.generation
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        Err(ChangeError::Refused(format!(
+                            "the state of {} was changed by another replica; this replica now serves what etcd holds ({serving}); re-read the status and retry",
+                            names.join(", ")
+                        )))
+                    }
+                    WriteOutcome::NotApplied(m) => Err(ChangeError::Unavailable(format!(
+                        "{m}; the change was not applied (traffic keeps flowing on the last known colors)"
+                    ))),
+                    WriteOutcome::Unknown(m) => {
+                        etcd.remember_unresolved(&id, events);
+                        Err(ChangeError::Unknown(m))
+                    }
+                }
+            }
+        }
     }
 
     /// Flips one service to `to`. Refused (409) when the target pool has no healthy upstream or
     /// a smoke path fails, unless `force`.
+    ///
+    /// The checks run outside the writer lock (a slow smoke test must not delay another
+    /// service's automatic rollback); under the lock the service is re-read, and if it changed
+    /// while the checks ran they run again on what it is now.
     pub async fn flip(
         &self,
         name: &str,
@@ -284,127 +490,140 @@ impl App {
         kind: FlipKind,
         actor: &str,
     ) -> Result<FlipOutcome, ChangeError> {
-        let _w = self.writer.lock().await;
-        let snap = self.snapshot();
-        let svc = service_of(&snap, name)?;
-        let from = svc.state.active;
-        if from == to {
+        for _ in 0..3 {
+            let checked = service_of(&self.snapshot(), name)?;
+            if checked.state.active == to {
+                return Ok(FlipOutcome {
+                    service: name.to_string(),
+                    from: to,
+                    to,
+                    generation: checked.state.generation,
+                    changed: false,
+                    message: format!("{name} is already on {to}; nothing to do"),
+                });
+            }
+            if !force {
+                self.preflight(&checked, to).await?;
+            }
+            let _w = self.writer.lock().await;
+            let snap = self.snapshot();
+            let svc = service_of(&snap, name)?;
+            if !unchanged(&checked, &svc, to) {
+                continue;
+            }
+            if !force {
+                healthy_target(&svc, to)?;
+            }
+            let from = svc.state.active;
+            let next = self.flipped(&svc, to, kind);
+            let generation = next.state.generation;
+            let detail = format!(
+                "{} {from} -> {to}{}",
+                match kind {
+                    FlipKind::Manual => "flip",
+                    FlipKind::ManualRollback => "rollback",
+                    FlipKind::AutoRollback => "automatic rollback",
+                },
+                if force { " (forced)" } else { "" }
+            );
+            let ev = Event::new(name, kind.reason(), actor, detail)
+                .colors(from, to)
+                .generation(generation);
+            let mut changed = HashMap::new();
+            changed.insert(name.to_string(), Arc::new(next));
+            self.commit(&snap, changed, vec![ev]).await?;
             return Ok(FlipOutcome {
                 service: name.to_string(),
                 from,
                 to,
-                generation: svc.state.generation,
-                changed: false,
-                message: format!("{name} is already on {to}; nothing to do"),
+                generation,
+                changed: true,
+                message: format!("{name} flipped {from} -> {to} (generation {generation})"),
             });
         }
-        if !force {
-            self.preflight(&svc, to).await?;
-        }
-        let next = self.flipped(&svc, to, kind);
-        let generation = next.state.generation;
-        let mut changed = HashMap::new();
-        changed.insert(name.to_string(), Arc::new(next));
-        self.commit(&snap, changed).await?;
-        self.metrics
-            .flips_total
-            .with_label_values(&[name, kind.reason()])
-            .inc();
-        let detail = format!(
-            "{} {from} -> {to}{}",
-            match kind {
-                FlipKind::Manual => "flip",
-                FlipKind::ManualRollback => "rollback",
-                FlipKind::AutoRollback => "automatic rollback",
-            },
-            if force { " (forced)" } else { "" }
-        );
-        self.record(
-            Event::new(name, kind.reason(), actor, detail)
-                .colors(from, to)
-                .generation(generation),
-        )
-        .await;
-        Ok(FlipOutcome {
-            service: name.to_string(),
-            from,
-            to,
-            generation,
-            changed: true,
-            message: format!("{name} flipped {from} -> {to} (generation {generation})"),
-        })
+        Err(ChangeError::Refused(format!(
+            "{name} kept changing while its checks ran; re-read the status and retry"
+        )))
     }
 
-    /// Flips every service to `to` in one atomic step: all checks first, then one store.
+    /// Flips every service to `to` in one atomic step: all checks first (outside the writer
+    /// lock, re-checked under it as [`App::flip`] does), then one store, with one event per
+    /// service through the same path as every other change.
     pub async fn flip_all(
         &self,
         to: Color,
         force: bool,
         actor: &str,
     ) -> Result<Vec<FlipOutcome>, ChangeError> {
-        let _w = self.writer.lock().await;
-        let snap = self.snapshot();
-        let mut changed = HashMap::new();
-        let mut outcomes = Vec::new();
-        for svc in &snap.services {
-            let from = svc.state.active;
-            if from == to {
+        'attempt: for _ in 0..3 {
+            let checked = self.snapshot();
+            if !force {
+                for svc in checked.services.iter().filter(|s| s.state.active != to) {
+                    self.preflight(svc, to).await?;
+                }
+            }
+            let _w = self.writer.lock().await;
+            let snap = self.snapshot();
+            let mut changed = HashMap::new();
+            let mut outcomes = Vec::new();
+            let mut events = Vec::new();
+            for svc in &snap.services {
+                let from = svc.state.active;
+                if from == to {
+                    outcomes.push(FlipOutcome {
+                        service: svc.name().to_string(),
+                        from,
+                        to,
+                        generation: svc.state.generation,
+                        changed: false,
+                        message: format!("{} is already on {to}", svc.name()),
+                    });
+                    continue;
+                }
+                match checked.service(svc.name()) {
+                    Some(c) if unchanged(c, svc, to) => {}
+                    _ => continue 'attempt,
+                }
+                if !force {
+                    healthy_target(svc, to)?;
+                }
+                let next = self.flipped(svc, to, FlipKind::Manual);
+                let generation = next.state.generation;
                 outcomes.push(FlipOutcome {
                     service: svc.name().to_string(),
                     from,
                     to,
-                    generation: svc.state.generation,
-                    changed: false,
-                    message: format!("{} is already on {to}", svc.name()),
+                    generation,
+                    changed: true,
+                    message: format!(
+                        "{} flipped {from} -> {to} (generation {generation})",
+                        svc.name(),
+                    ),
                 });
-                continue;
-            }
-            if !force {
-                self.preflight(svc, to).await?;
-            }
-            let next = self.flipped(svc, to, FlipKind::Manual);
-            outcomes.push(FlipOutcome {
-                service: svc.name().to_string(),
-                from,
-                to,
-                generation: next.state.generation,
-                changed: true,
-                message: format!(
-                    "{} flipped {from} -> {to} (generation {})",
-                    svc.name(),
-                    next.state.generation
-                ),
-            });
-            changed.insert(svc.name().to_string(), Arc::new(next));
-        }
-        if changed.is_empty() {
-            return Ok(outcomes);
-        }
-        self.commit(&snap, changed).await?;
-        for o in outcomes.iter().filter(|o| o.changed) {
-            self.metrics
-                .flips_total
-                .with_label_values(&[o.service.as_str(), "manual"])
-                .inc();
-            self.events
-                .record(
+                events.push(
                     Event::new(
-                        &o.service,
+                        svc.name(),
                         "manual",
                         actor,
                         format!(
-                            "flip-all {} -> {}{}",
-                            o.from,
-                            o.to,
+                            "flip-all {from} -> {to}{}",
                             if force { " (forced)" } else { "" }
                         ),
                     )
-                    .colors(o.from, o.to)
-                    .generation(o.generation),
-                )
-                .await;
+                    .colors(from, to)
+                    .generation(generation),
+                );
+                changed.insert(svc.name().to_string(), Arc::new(next));
+            }
+            if !changed.is_empty() {
+                self.commit(&snap, changed, events).await?;
+            }
+            return Ok(outcomes);
         }
-        Ok(outcomes)
+        Err(ChangeError::Refused(
+            "services kept changing while the checks ran; re-read the status and retry"
+                .to_string(),
+        ))
     }
 
     /// Flips one service back to its previous color.
@@ -453,9 +672,13 @@ impl App {
         let from = svc.state.active;
         let next = self.flipped(&svc, to, FlipKind::AutoRollback);
         let gen = next.state.generation;
+        let mut ev = Event::new(name, "auto_rollback", "rollback-engine", detail)
+            .colors(from, to)
+            .generation(gen);
+        ev.trigger = Some(trigger);
         let mut changed = HashMap::new();
         changed.insert(name.to_string(), Arc::new(next));
-        match self.commit(&snap, changed).await {
+        match self.commit(&snap, changed, vec![ev]).await {
             Ok(()) => {}
             Err(ChangeError::Refused(why)) => {
                 // Another replica changed this service first (most likely the same rollback).
@@ -474,15 +697,6 @@ impl App {
             }
             Err(e) => return Err(e),
         }
-        self.metrics
-            .flips_total
-            .with_label_values(&[name, "auto_rollback"])
-            .inc();
-        let mut ev = Event::new(name, "auto_rollback", "rollback-engine", detail)
-            .colors(from, to)
-            .generation(gen);
-        ev.trigger = Some(trigger);
-        self.record(ev).await;
         Ok(Some(FlipOutcome {
             service: name.to_string(),
             from,
@@ -514,13 +728,10 @@ impl App {
             name.to_string(),
             Arc::new(svc.with_state(state, svc.flipped_at)),
         );
-        self.commit(&snap, changed).await?;
         let reason = if paused { "pause" } else { "resume" };
-        self.record(
-            Event::new(name, reason, actor, format!("automatic rollback {word}"))
-                .generation(svc.state.generation),
-        )
-        .await;
+        let ev = Event::new(name, reason, actor, format!("automatic rollback {word}"))
+            .generation(svc.state.generation);
+        self.commit(&snap, changed, vec![ev]).await?;
         Ok(format!("automatic rollback of {name} {word}"))
     }
 
@@ -545,13 +756,8 @@ impl App {
 
     /// Health and smoke checks before a flip to `to`.
     async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
+        healthy_target(svc, to)?;
         let pool = svc.pool(to);
-        if pool.healthy_count() == 0 {
-            return Err(ChangeError::Refused(format!(
-                "{}: the {to} pool has no healthy upstream; pass \"force\": true to flip anyway",
-                svc.name()
-            )));
-        }
         if svc.config.smoke_paths.is_empty() {
             return Ok(());
         }

@@ -159,6 +159,9 @@ struct RawState {
     path: Option<String>,
     etcd_endpoints: Option<Vec<String>>,
     etcd_prefix: Option<String>,
+    etcd_timeout: Option<String>,
+    etcd_progress_interval: Option<String>,
+    events_max_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,6 +295,12 @@ pub struct StateConfig {
     pub path: PathBuf,
     pub etcd_endpoints: Vec<String>,
     pub etcd_prefix: String,
+    /// One etcd request (a read, a transaction) waits this long for its answer.
+    pub etcd_timeout: Duration,
+    /// How often the watch's progress is checked; it is declared stalled after three intervals.
+    pub etcd_progress_interval: Duration,
+    /// The audit log is rotated (one `.1` file kept) when it would grow past this size.
+    pub events_max_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1003,7 +1012,32 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             .etcd_prefix
             .clone()
             .unwrap_or_else(|| "/switchyard/".to_string()),
+        etcd_timeout: c.duration(
+            "state.etcd_timeout",
+            s.etcd_timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+        etcd_progress_interval: c.duration(
+            "state.etcd_progress_interval",
+            s.etcd_progress_interval.as_deref(),
+            Duration::from_secs(2),
+        ),
+        events_max_bytes: c.count(
+            "state.events_max_bytes",
+            s.events_max_bytes,
+            16 * 1024 * 1024,
+            4096,
+            1 << 40,
+        ),
     };
+    for (key, d) in [
+        ("state.etcd_timeout", state.etcd_timeout),
+        ("state.etcd_progress_interval", state.etcd_progress_interval),
+    ] {
+        if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+            c.err(key, format!("{d:?} is out of range (100ms..=60s)"));
+        }
+    }
 
     // [notify]
     let n = &raw.notify;

@@ -15,7 +15,8 @@
 //! replica reconnects and resyncs by itself.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,21 +28,107 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use crate::events::Event;
 use crate::routing::ServiceState;
 use crate::state::StateError;
 
 const EVENT_TTL_SECS: u64 = 7 * 24 * 3600;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A granted event lease is reused this long (it lives `EVENT_TTL_SECS`).
+const LEASE_REUSE: Duration = Duration::from_secs(3600);
+/// Write ids of unknown outcomes remembered until the watch shows them.
+const MAX_UNRESOLVED: usize = 64;
+
+/// How the store talks to etcd: `[state] etcd_timeout`, `etcd_progress_interval`, and the
+/// last-known-state cache file (`[state] path`).
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    pub timeout: Duration,
+    pub progress_interval: Duration,
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            timeout: Duration::from_secs(2),
+            progress_interval: Duration::from_secs(2),
+            cache: None,
+        }
+    }
+}
+
+/// A service key as this replica last saw it in etcd.
+#[derive(Clone, Debug)]
+struct Seen {
+    state: ServiceState,
+    mod_revision: i64,
+}
+
+/// What became of a write.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// etcd committed it.
+    Applied,
+    /// Another replica changed one of the keys first; these are the states read after losing
+    /// (possibly fewer than the changed services when the read failed).
+    Conflict(HashMap<String, ServiceState>),
+    /// etcd did not commit it, and never will.
+    NotApplied(String),
+    /// etcd did not answer in time, and no later read could tell: the change may still be
+    /// committed. The watch records its events if it ever shows up.
+    Unknown(String),
+}
+
+/// A call that failed; `maybe_sent` when etcd may have received (and may commit) it.
+#[derive(Debug)]
+struct CallError {
+    message: String,
+    maybe_sent: bool,
+}
+
+impl From<CallError> for StateError {
+    fn from(e: CallError) -> Self {
+        StateError::Unavailable(e.message)
+    }
+}
+
+/// Every stored service state as of one read.
+pub struct Loaded {
+    pub states: HashMap<String, ServiceState>,
+    pub revision: i64,
+    /// The write id stored with each service's value, when it has one.
+    pub write_ids: HashMap<String, String>,
+}
+
+/// One message of the watch stream.
+pub enum WatchMsg {
+    /// A service key changed (None: deleted).
+    Change {
+        name: String,
+        state: Option<ServiceState>,
+        write_id: Option<String>,
+    },
+}
+
+/// Why a watch ended without a transport error: etcd asked for a resync.
+#[derive(Debug)]
+pub enum WatchEnd {
+    /// `canceled`, or the start revision was compacted away.
+    Resync(String),
+}
 
 pub struct EtcdStore {
     endpoints: Vec<String>,
     prefix: String,
     client: Client<HttpConnector, Full<Bytes>>,
-    /// The `mod_revision` of each service key as this replica last saw it (0: absent).
-    revisions: Mutex<HashMap<String, i64>>,
+    options: EtcdOptions,
+    seen: Mutex<HashMap<String, Seen>>,
     next: AtomicUsize,
+    lease: Mutex<Option<(String, Instant)>>,
+    /// Write id -> the events of a write whose outcome is unknown.
+    unresolved: Mutex<HashMap<String, Vec<Event>>>,
 }
 
 fn b64(s: &str) -> String {
@@ -72,21 +159,61 @@ fn prefix_end(prefix: &str) -> String {
     B64.encode([0u8])
 }
 
+/// A fresh id that names one write (and its events) unambiguously.
+pub fn new_write_id() -> String {
+    format!(
+        "{:08x}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    )
+}
+
+/// A service state as stored in etcd: its JSON with the id of the write that stored it.
+fn stored_value(state: &ServiceState, write_id: &str) -> String {
+    let mut v = serde_json::to_value(state).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("write_id".to_string(), Value::String(write_id.to_string()));
+    }
+    v.to_string()
+}
+
 impl EtcdStore {
     pub fn new(endpoints: &[String], prefix: &str) -> Arc<EtcdStore> {
+        Self::with_options(endpoints, prefix, EtcdOptions::default())
+    }
+
+    pub fn with_options(endpoints: &[String], prefix: &str, options: EtcdOptions) -> Arc<EtcdStore> {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_connect_timeout(Some(options.timeout.min(Duration::from_secs(1))));
         connector.set_nodelay(true);
+        // A peer that vanished without a FIN (a dead host, a dropped route) is noticed by the
+        // kernel instead of holding a watch open forever.
+        connector.set_keepalive(Some(Duration::from_secs(10)));
+        connector.set_keepalive_interval(Some(Duration::from_secs(5)));
+        connector.set_keepalive_retries(Some(3));
         Arc::new(EtcdStore {
             endpoints: endpoints
                 .iter()
                 .map(|e| e.trim_end_matches('/').to_string())
                 .collect(),
             prefix: prefix.to_string(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            revisions: Mutex::new(HashMap::new()),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            options,
+            seen: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
+            lease: Mutex::new(None),
+            unresolved: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn options(&self) -> &EtcdOptions {
+        &self.options
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn services_prefix(&self) -> String {
@@ -102,10 +229,11 @@ impl EtcdStore {
     }
 
     /// Posts to the first endpoint that answers, starting with the last one that did.
-    async fn call(&self, path: &str, body: &Value) -> Result<Value, StateError> {
+    async fn call(&self, path: &str, body: &Value) -> Result<Value, CallError> {
         let n = self.endpoints.len().max(1);
         let start = self.next.load(Ordering::Relaxed);
         let mut last_err = String::from("no etcd endpoints configured");
+        let mut maybe_sent = false;
         for i in 0..n {
             let idx = (start + i) % n;
             let Some(base) = self.endpoints.get(idx) else {
@@ -116,40 +244,59 @@ impl EtcdStore {
                     self.next.store(idx, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(e) => last_err = format!("{base}: {e}"),
+                Err(e) => {
+                    maybe_sent |= e.maybe_sent;
+                    last_err = format!("{base}: {}", e.message);
+                }
             }
         }
-        Err(StateError::Unavailable(format!(
-            "etcd unreachable ({last_err})"
-        )))
+        Err(CallError {
+            message: format!("etcd unreachable ({last_err})"),
+            maybe_sent,
+        })
     }
 
-    async fn post(&self, url: &str, body: &Value) -> Result<Value, String> {
+    async fn post(&self, url: &str, body: &Value) -> Result<Value, CallError> {
+        let sent = |message: String| CallError {
+            message,
+            maybe_sent: true,
+        };
         let req = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CallError {
+                message: e.to_string(),
+                maybe_sent: false,
+            })?;
+        let timeout = self.options.timeout;
+        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => return Err(sent(format!("no answer within {timeout:?}"))),
+            Ok(Err(e)) => {
+                return Err(CallError {
+                    message: e.to_string(),
+                    // A refused or failed connect never carried the request.
+                    maybe_sent: !e.is_connect(),
+                })
+            }
+            Ok(Ok(r)) => r,
+        };
         let status = resp.status();
-        let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+        let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?
+            .map_err(|_| sent(format!("no answer within {timeout:?}")))?
+            .map_err(|e| sent(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            return Err(format!(
+            return Err(sent(format!(
                 "answered {status}: {}",
                 String::from_utf8_lossy(&bytes).trim()
-            ));
+            )));
         }
-        serde_json::from_slice(&bytes).map_err(|e| format!("invalid answer: {e}"))
+        serde_json::from_slice(&bytes).map_err(|e| sent(format!("invalid answer: {e}")))
     }
 
     /// Every stored service state, and the store revision it was read at.
-    pub async fn load(&self) -> Result<(HashMap<String, ServiceState>, i64), StateError> {
+    pub async fn load(&self) -> Result<Loaded, StateError> {
         let prefix = self.services_prefix();
         let v = self
             .call(
@@ -159,26 +306,43 @@ impl EtcdStore {
             .await?;
         let revision = num(&v["header"]["revision"]);
         let mut states = HashMap::new();
-        let mut revs = HashMap::new();
+        let mut write_ids = HashMap::new();
+        let mut seen = HashMap::new();
         for kv in v["kvs"].as_array().into_iter().flatten() {
-            if let Some((name, state, rev)) = self.parse_kv(kv) {
-                revs.insert(name.clone(), rev);
+            if let Some((name, state, rev, id)) = self.parse_kv(kv) {
+                seen.insert(
+                    name.clone(),
+                    Seen {
+                        state: state.clone(),
+                        mod_revision: rev,
+                    },
+                );
+                if let Some(id) = id {
+                    write_ids.insert(name.clone(), id);
+                }
                 states.insert(name, state);
             }
         }
-        if let Ok(mut r) = self.revisions.lock() {
-            *r = revs;
+        if let Ok(mut s) = self.seen.lock() {
+            *s = seen;
         }
-        Ok((states, revision))
+        Ok(Loaded {
+            states,
+            revision,
+            write_ids,
+        })
     }
 
-    /// (service name, state, mod_revision) of a `services/<name>` key-value.
-    fn parse_kv(&self, kv: &Value) -> Option<(String, ServiceState, i64)> {
+    /// (service name, state, mod_revision, write id) of a `services/<name>` key-value.
+    fn parse_kv(&self, kv: &Value) -> Option<(String, ServiceState, i64, Option<String>)> {
         let key = String::from_utf8(unb64(&kv["key"])?).ok()?;
         let name = key.strip_prefix(&self.services_prefix())?.to_string();
         let value = unb64(&kv["value"])?;
+        let write_id = serde_json::from_slice::<Value>(&value)
+            .ok()
+            .and_then(|v| v["write_id"].as_str().map(str::to_string));
         match serde_json::from_slice::<ServiceState>(&value) {
-            Ok(state) => Some((name, state, num(&kv["mod_revision"]))),
+            Ok(state) => Some((name, state, num(&kv["mod_revision"]), write_id)),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "ignoring an unreadable service state in etcd");
                 None
@@ -186,78 +350,54 @@ impl EtcdStore {
         }
     }
 
-    /// Writes the changed services in one transaction that succeeds only if none of them
-    /// changed since this replica last saw them.
-    ///
-    /// The compare is on the value the replica's snapshot was built from (`previous`), not on a
-    /// revision the watch may already have advanced: a replica whose snapshot has not caught up
-    /// with another replica's write must lose, even if it has seen the revision go by.
+    /// Records a key seen through the watch or a write (newer revisions win).
+    fn saw(&self, name: &str, state: &ServiceState, rev: i64) {
+        if let Ok(mut s) = self.seen.lock() {
+            let newer = s.get(name).map(|e| rev > e.mod_revision).unwrap_or(true);
+            if newer {
+                s.insert(
+                    name.to_string(),
+                    Seen {
+                        state: state.clone(),
+                        mod_revision: rev,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Writes the changed services without events (see [`EtcdStore::write`]).
     pub async fn save(
         &self,
         states: &HashMap<String, ServiceState>,
         previous: &HashMap<String, ServiceState>,
         changed: &[String],
     ) -> Result<(), StateError> {
-        let known = self.revisions.lock().map(|r| r.clone()).unwrap_or_default();
-        let mut compare = Vec::new();
-        let mut success = Vec::new();
-        for name in changed {
-            let Some(state) = states.get(name) else {
-                continue;
-            };
-            let key = b64(&self.service_key(name));
-            let stored = known.get(name).copied().unwrap_or(0) != 0;
-            match previous.get(name).filter(|_| stored) {
-                None => compare.push(json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" })),
-                Some(prev) => {
-                    let prev = serde_json::to_string(prev).unwrap_or_default();
-                    compare.push(json!({ "key": key, "target": "VALUE", "result": "EQUAL", "value": b64(&prev) }));
-                }
-            }
-            let value = serde_json::to_string(state).map_err(|e| StateError::Write {
-                path: self.service_key(name).into(),
-                reason: e.to_string(),
-            })?;
-            success.push(json!({ "request_put": { "key": key, "value": b64(&value) } }));
-        }
-        if success.is_empty() {
-            return Ok(());
-        }
-        let v = self
-            .call(
-                "/v3/kv/txn",
-                &json!({ "compare": compare, "success": success, "failure": [] }),
-            )
-            .await?;
-        if v["succeeded"].as_bool() != Some(true) {
-            // Another replica wrote first: refresh our view so the next attempt can succeed.
-            let _ = self.load().await;
-            return Err(StateError::Conflict(format!(
+        let changes: Vec<(String, ServiceState)> = changed
+            .iter()
+            .filter_map(|n| states.get(n).map(|s| (n.clone(), s.clone())))
+            .collect();
+        match self.write(&changes, previous, &[], &new_write_id()).await {
+            WriteOutcome::Applied => Ok(()),
+            WriteOutcome::Conflict(_) => Err(StateError::Conflict(format!(
                 "the state of {} was changed by another replica; re-read the status and retry",
                 changed.join(", ")
-            )));
-        }
-        let rev = num(&v["header"]["revision"]);
-        if let Ok(mut r) = self.revisions.lock() {
-            for name in changed {
-                r.insert(name.clone(), rev);
-            }
-        }
-        Ok(())
-    }
-
-    /// Records a key's revision seen through the watch.
-    pub fn saw(&self, name: &str, rev: i64) {
-        if let Ok(mut r) = self.revisions.lock() {
-            let e = r.entry(name.to_string()).or_insert(0);
-            if rev > *e {
-                *e = rev;
+            ))),
+            WriteOutcome::NotApplied(m) | WriteOutcome::Unknown(m) => {
+                Err(StateError::Unavailable(m))
             }
         }
     }
 
-    /// Stores an event under `events/`, attached to a lease so the history expires.
-    pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
+    /// The id of the lease events are attached to (granted at most once an hour).
+    async fn event_lease(&self) -> Result<String, CallError> {
+        if let Ok(l) = self.lease.lock() {
+            if let Some((id, at)) = l.as_ref() {
+                if at.elapsed() < LEASE_REUSE {
+                    return Ok(id.clone());
+                }
+            }
+        }
         let lease = self
             .call(
                 "/v3/lease/grant",
@@ -265,6 +405,227 @@ impl EtcdStore {
             )
             .await?;
         let id = lease["ID"].as_str().unwrap_or("0").to_string();
+        if let Ok(mut l) = self.lease.lock() {
+            *l = Some((id.clone(), Instant::now()));
+        }
+        Ok(id)
+    }
+
+    fn forget_lease(&self) {
+        if let Ok(mut l) = self.lease.lock() {
+            *l = None;
+        }
+    }
+
+    /// Writes the changed services and their events in one transaction that succeeds only if
+    /// none of the services changed since this replica's snapshot was built from etcd.
+    ///
+    /// The compare is on each key's `mod_revision` as this replica last saw it, and only when
+    /// that is also the state the snapshot holds (`previous`): a replica whose snapshot has not
+    /// caught up with another replica's write loses, even if it has seen the revision go by.
+    ///
+    /// The values carry `write_id`, so a write whose answer does not come in time is
+    /// reconciled: a fence transaction with the same compares either wins (the write can
+    /// never commit any more: not applied) or loses, and then the keys it reads back say
+    /// whether this write or another replica's committed.
+    pub async fn write(
+        &self,
+        changes: &[(String, ServiceState)],
+        previous: &HashMap<String, ServiceState>,
+        events: &[Event],
+        write_id: &str,
+    ) -> WriteOutcome {
+        if changes.is_empty() {
+            return WriteOutcome::Applied;
+        }
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut compare = Vec::new();
+        let mut stale = HashMap::new();
+        for (name, _) in changes {
+            let key = b64(&self.service_key(name));
+            match seen.get(name) {
+                Some(s) if s.mod_revision > 0 => {
+                    if previous.get(name) != Some(&s.state) {
+                        stale.insert(name.clone(), s.state.clone());
+                    }
+                    compare.push(json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": s.mod_revision.to_string() }));
+                }
+                _ => compare.push(json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" })),
+            }
+        }
+        if !stale.is_empty() {
+            // The watch already delivered a newer state that the snapshot has not applied yet.
+            return WriteOutcome::Conflict(stale);
+        }
+        let mut success: Vec<Value> = changes
+            .iter()
+            .map(|(name, state)| {
+                json!({ "request_put": {
+                    "key": b64(&self.service_key(name)),
+                    "value": b64(&stored_value(state, write_id)),
+                }})
+            })
+            .collect();
+        if !events.is_empty() {
+            let lease = match self.event_lease().await {
+                Ok(l) => l,
+                Err(e) if !e.maybe_sent => return WriteOutcome::NotApplied(e.message),
+                Err(e) => {
+                    return WriteOutcome::NotApplied(format!("cannot get an event lease: {}", e.message))
+                }
+            };
+            for (i, ev) in events.iter().enumerate() {
+                let key = format!("{}{}-{write_id}-{i}", self.events_prefix(), ev.time);
+                let value = serde_json::to_string(ev).unwrap_or_default();
+                success.push(json!({ "request_put": { "key": b64(&key), "value": b64(&value), "lease": lease }}));
+            }
+        }
+        let txn = json!({ "compare": compare, "success": success, "failure": [] });
+        match self.call("/v3/kv/txn", &txn).await {
+            Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+                let rev = num(&v["header"]["revision"]);
+                for (name, state) in changes {
+                    self.saw(name, state, rev);
+                }
+                WriteOutcome::Applied
+            }
+            // Lost the compare. An earlier attempt on another endpoint may have been ours.
+            Ok(_) => self.reconcile(changes, previous, &compare, write_id).await,
+            Err(e) if !e.maybe_sent => WriteOutcome::NotApplied(e.message),
+            Err(e) => {
+                if e.message.contains("lease") {
+                    self.forget_lease();
+                }
+                tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
+                self.reconcile(changes, previous, &compare, write_id).await
+            }
+        }
+    }
+
+    /// Finds out what became of write `write_id`: a fence transaction with the same compares
+    /// that rewrites the previous states. If it wins, the write can never commit; if it loses,
+    /// the keys it reads back tell whose write committed. Retried for 3 timeouts.
+    async fn reconcile(
+        &self,
+        changes: &[(String, ServiceState)],
+        previous: &HashMap<String, ServiceState>,
+        compare: &[Value],
+        write_id: &str,
+    ) -> WriteOutcome {
+        let fence_id = format!("fence-{write_id}");
+        let success: Vec<Value> = changes
+            .iter()
+            .filter_map(|(name, _)| {
+                let prev = previous.get(name)?;
+                Some(json!({ "request_put": {
+                    "key": b64(&self.service_key(name)),
+                    "value": b64(&stored_value(prev, &fence_id)),
+                }}))
+            })
+            .collect();
+        let failure: Vec<Value> = changes
+            .iter()
+            .map(|(name, _)| json!({ "request_range": { "key": b64(&self.service_key(name)) } }))
+            .collect();
+        let txn = json!({ "compare": compare, "success": success, "failure": failure });
+        let deadline = Instant::now() + self.options.timeout * 3;
+        let mut last;
+        loop {
+            match self.call("/v3/kv/txn", &txn).await {
+                Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+                    let rev = num(&v["header"]["revision"]);
+                    for (name, _) in changes {
+                        if let Some(prev) = previous.get(name) {
+                            self.saw(name, prev, rev);
+                        }
+                    }
+                    return WriteOutcome::NotApplied(
+                        "etcd did not answer in time; the state was re-read and the change was not applied".to_string(),
+                    );
+                }
+                Ok(v) => {
+                    let mut read = HashMap::new();
+                    let mut ours = false;
+                    let mut fenced = false;
+                    for r in v["responses"].as_array().into_iter().flatten() {
+                        for kv in r["response_range"]["kvs"].as_array().into_iter().flatten() {
+                            if let Some((name, state, rev, id)) = self.parse_kv(kv) {
+                                ours |= id.as_deref() == Some(write_id);
+                                fenced |= id.as_deref() == Some(fence_id.as_str());
+                                self.saw(&name, &state, rev);
+                                read.insert(name, state);
+                            }
+                        }
+                    }
+                    return if ours {
+                        WriteOutcome::Applied
+                    } else if fenced {
+                        WriteOutcome::NotApplied(
+                            "etcd did not answer in time; the state was re-read and the change was not applied".to_string(),
+                        )
+                    } else {
+                        WriteOutcome::Conflict(read)
+                    };
+                }
+                Err(e) => last = e.message,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        WriteOutcome::Unknown(format!(
+            "outcome unknown: etcd did not answer the write or the read-back within {:?} ({last}); \
+             the state will be re-read when etcd answers, and the event recorded if the change took effect",
+            self.options.timeout * 4
+        ))
+    }
+
+    /// Remembers the events of a write whose outcome is unknown, so the watch can record them
+    /// if the write shows up.
+    pub fn remember_unresolved(&self, write_id: &str, events: Vec<Event>) {
+        if let Ok(mut u) = self.unresolved.lock() {
+            if u.len() >= MAX_UNRESOLVED {
+                u.clear();
+            }
+            u.insert(write_id.to_string(), events);
+        }
+    }
+
+    /// The events of an unknown-outcome write that a read or the watch just showed committed.
+    pub fn take_unresolved(&self, write_id: &str) -> Option<Vec<Event>> {
+        self.unresolved.lock().ok()?.remove(write_id)
+    }
+
+    /// Whether etcd's service keys are newer than what this replica has seen: Ok(true) when the
+    /// watch lags behind etcd.
+    pub async fn lagging(&self) -> Result<bool, StateError> {
+        let prefix = self.services_prefix();
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({ "key": b64(&prefix), "range_end": prefix_end(&prefix), "keys_only": true }),
+            )
+            .await?;
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        for kv in v["kvs"].as_array().into_iter().flatten() {
+            let Some(key) = unb64(&kv["key"]).and_then(|k| String::from_utf8(k).ok()) else {
+                continue;
+            };
+            let Some(name) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let rev = num(&kv["mod_revision"]);
+            if seen.get(name).map(|s| s.mod_revision).unwrap_or(0) < rev {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Stores an event under `events/`, attached to a lease so the history expires.
+    pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
+        let id = self.event_lease().await?;
         let key = format!(
             "{}{}-{:08x}",
             self.events_prefix(),
@@ -272,11 +633,18 @@ impl EtcdStore {
             fastrand::u32(..)
         );
         let value = serde_json::to_string(ev).unwrap_or_default();
-        self.call(
-            "/v3/kv/put",
-            &json!({ "key": b64(&key), "value": b64(&value), "lease": id }),
-        )
-        .await?;
+        if let Err(e) = self
+            .call(
+                "/v3/kv/put",
+                &json!({ "key": b64(&key), "value": b64(&value), "lease": id }),
+            )
+            .await
+        {
+            if e.message.contains("lease") {
+                self.forget_lease();
+            }
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -302,16 +670,20 @@ impl EtcdStore {
         Ok(out)
     }
 
-    /// Streams service changes after `revision` into `on_change` until the watch breaks.
+    /// Streams service changes after `revision` into `on_msg` until the watch breaks (Err) or
+    /// etcd asks for a resync (Ok). `on_progress` is called for every message etcd sends,
+    /// progress notifications included.
     pub async fn watch(
         &self,
         revision: i64,
-        mut on_change: impl FnMut(String, Option<ServiceState>, i64),
-    ) -> Result<(), StateError> {
+        mut on_msg: impl FnMut(WatchMsg),
+        on_progress: impl Fn(),
+    ) -> Result<WatchEnd, StateError> {
         let prefix = self.services_prefix();
         let body = json!({ "create_request": {
             "key": b64(&prefix), "range_end": prefix_end(&prefix),
             "start_revision": (revision + 1).to_string(),
+            "progress_notify": true,
         }});
         let base = self
             .endpoints
@@ -322,7 +694,7 @@ impl EtcdStore {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| StateError::Unavailable(e.to_string()))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
+        let resp = tokio::time::timeout(self.options.timeout, self.client.request(req))
             .await
             .map_err(|_| StateError::Unavailable("etcd watch: timed out".to_string()))?
             .map_err(|e| StateError::Unavailable(format!("etcd watch: {e}")))?;
@@ -343,7 +715,21 @@ impl EtcdStore {
                             v["error"]
                         )));
                     }
-                    for ev in v["result"]["events"].as_array().into_iter().flatten() {
+                    on_progress();
+                    let r = &v["result"];
+                    if num(&r["compact_revision"]) > 0 {
+                        return Ok(WatchEnd::Resync(format!(
+                            "revision {} was compacted",
+                            revision + 1
+                        )));
+                    }
+                    if r["canceled"].as_bool() == Some(true) {
+                        return Ok(WatchEnd::Resync(format!(
+                            "etcd canceled the watch ({})",
+                            r["cancel_reason"].as_str().unwrap_or("no reason given")
+                        )));
+                    }
+                    for ev in r["events"].as_array().into_iter().flatten() {
                         let kv = &ev["kv"];
                         let deleted = ev["type"].as_str() == Some("DELETE");
                         let Some(key) = unb64(&kv["key"]).and_then(|k| String::from_utf8(k).ok())
@@ -353,12 +739,22 @@ impl EtcdStore {
                         let Some(name) = key.strip_prefix(&prefix) else {
                             continue;
                         };
-                        let rev = num(&kv["mod_revision"]);
                         if deleted {
-                            on_change(name.to_string(), None, rev);
-                        } else if let Some((name, state, rev)) = self.parse_kv(kv) {
-                            self.saw(&name, rev);
-                            on_change(name, Some(state), rev);
+                            if let Ok(mut s) = self.seen.lock() {
+                                s.remove(name);
+                            }
+                            on_msg(WatchMsg::Change {
+                                name: name.to_string(),
+                                state: None,
+                                write_id: None,
+                            });
+                        } else if let Some((name, state, rev, write_id)) = self.parse_kv(kv) {
+                            self.saw(&name, &state, rev);
+                            on_msg(WatchMsg::Change {
+                                name,
+                                state: Some(state),
+                                write_id,
+                            });
                         }
                     }
                 }
@@ -368,6 +764,55 @@ impl EtcdStore {
         }
         Err(StateError::Unavailable("etcd watch ended".to_string()))
     }
+
+    /// Writes the last state seen from etcd to the cache file (temp file, fsync, rename).
+    pub async fn save_cache(&self, states: HashMap<String, ServiceState>) {
+        let Some(path) = self.options.cache.clone() else {
+            return;
+        };
+        let file = CacheFile {
+            version: 1,
+            etcd_prefix: self.prefix.clone(),
+            services: states.into_iter().collect(),
+        };
+        let Ok(bytes) = serde_json::to_vec_pretty(&file) else {
+            return;
+        };
+        let p = path.clone();
+        let res = tokio::task::spawn_blocking(move || crate::state::write_atomic(&p, &bytes)).await;
+        if let Ok(Err(e)) = res {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the etcd state cache");
+        }
+    }
+
+    /// The last state this replica saw from etcd (the cache file), if it is for this prefix.
+    pub async fn load_cache(&self) -> Option<HashMap<String, ServiceState>> {
+        let path = self.options.cache.clone()?;
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+            .await
+            .ok()?
+            .ok()?;
+        let file: CacheFile = match serde_json::from_slice(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable etcd state cache");
+                return None;
+            }
+        };
+        if file.etcd_prefix != self.prefix {
+            tracing::warn!(cached = %file.etcd_prefix, prefix = %self.prefix, "ignoring the etcd state cache of another prefix");
+            return None;
+        }
+        Some(file.services.into_iter().collect())
+    }
+}
+
+/// The etcd backend's last known state on disk (`[state] path`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheFile {
+    version: u32,
+    etcd_prefix: String,
+    services: std::collections::BTreeMap<String, ServiceState>,
 }
 
 /// The first complete top-level JSON object in `buf` and how many bytes are left after it.
@@ -403,39 +848,111 @@ fn split_json(buf: &[u8]) -> Option<(&[u8], usize)> {
 
 /// Keeps this replica's snapshot in step with etcd: a full read, then a watch from that
 /// revision; on any break the state is marked degraded and the loop reconnects and resyncs.
+///
+/// A watch cannot hang: every `etcd_progress_interval` a read of the service keys' revisions
+/// checks that etcd answers and that the watch has delivered everything it holds. Without an
+/// answer (or a watch message) for three intervals the replica is marked degraded, drops the
+/// connection and resyncs with a full read; a watch that lags behind etcd for two checks is
+/// resynced too. (etcd's own progress notifications are requested as well, but their server
+/// interval is 10 minutes by default, and the JSON gateway cannot carry progress requests.)
 pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
     let mut backoff = Duration::from_millis(250);
+    let interval = store.options.progress_interval;
+    let deadline = interval * 3;
     loop {
         if app.shutdown.is_cancelled() {
             return;
         }
         match store.load().await {
-            Ok((states, revision)) => {
+            Ok(loaded) => {
                 if app.metrics.state_degraded.get() != 0 {
                     tracing::info!("etcd reachable again; state resynced");
                 }
                 app.metrics.state_degraded.set(0);
-                app.apply_remote(states).await;
+                app.set_state_source(crate::app::StateSource::Etcd);
+                let revision = loaded.revision;
+                app.apply_remote(loaded.states).await;
+                for id in loaded.write_ids.values() {
+                    if let Some(evs) = store.take_unresolved(id) {
+                        app.record_resolved(evs).await;
+                    }
+                }
                 backoff = Duration::from_millis(250);
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let watch = store.watch(revision, |name, state, _rev| {
-                    if let Some(state) = state {
-                        let _ = tx.send((name, state));
-                    }
-                });
-                let apply = async {
-                    while let Some((name, state)) = rx.recv().await {
-                        app.apply_remote(HashMap::from([(name, state)])).await;
-                    }
+                let base = Instant::now();
+                let last_progress = AtomicU64::new(0);
+                let touch = || {
+                    last_progress.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
                 };
-                tokio::select! {
-                    r = watch => {
-                        if let Err(e) = r {
-                            tracing::warn!(error = %e, "etcd watch broke; traffic continues on the last known colors");
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let watch = store.watch(revision, |msg| {
+                    let _ = tx.send(msg);
+                }, touch);
+                let apply = async {
+                    while let Some(WatchMsg::Change { name, state, write_id }) = rx.recv().await {
+                        if let Some(state) = state {
+                            app.apply_remote(HashMap::from([(name, state)])).await;
+                        }
+                        if let Some(evs) = write_id.and_then(|id| store.take_unresolved(&id)) {
+                            app.record_resolved(evs).await;
                         }
                     }
-                    _ = apply => {}
+                };
+                let check = async {
+                    let mut lagging = 0;
+                    loop {
+                        tokio::time::sleep(interval).await;
+                        match tokio::time::timeout(interval.max(store.options.timeout), store.lagging()).await {
+                            Ok(Ok(false)) => {
+                                touch();
+                                lagging = 0;
+                            }
+                            Ok(Ok(true)) => {
+                                touch();
+                                lagging += 1;
+                                if lagging >= 2 {
+                                    return "the watch lags behind etcd";
+                                }
+                            }
+                            _ => {}
+                        }
+                        let silent = base.elapsed().saturating_sub(Duration::from_millis(
+                            last_progress.load(Ordering::Relaxed),
+                        ));
+                        if silent > deadline {
+                            return "stalled";
+                        }
+                    }
+                };
+                let resync = tokio::select! {
+                    r = watch => match r {
+                        Ok(WatchEnd::Resync(why)) => Some(why),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "etcd watch broke; traffic continues on the last known colors");
+                            None
+                        }
+                    },
+                    _ = apply => None,
+                    why = check => {
+                        if why == "stalled" {
+                            tracing::warn!(
+                                deadline_ms = deadline.as_millis() as u64,
+                                "etcd watch stalled: no progress within the deadline; state degraded, reconnecting (traffic continues on the last known colors)"
+                            );
+                            None
+                        } else {
+                            Some(why.to_string())
+                        }
+                    }
                     _ = app.shutdown.cancelled() => return,
+                };
+                if let Some(why) = resync {
+                    // Not a fault of etcd's: resync at once with a full read, not degraded.
+                    tracing::info!(reason = %why, "resyncing with etcd (full read)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = app.shutdown.cancelled() => return,
+                    }
+                    continue;
                 }
             }
             Err(e) => {

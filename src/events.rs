@@ -1,8 +1,9 @@
 //! The audit log: every flip, rollback, blocked rollback and reload, kept in a bounded ring for
 //! `/api/events`, appended as JSON lines to a file beside the state, and handed to the webhooks.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -11,6 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::Color;
 use crate::notify::Notifier;
+use crate::routing::ServiceState;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Event {
@@ -65,39 +67,237 @@ pub fn now_rfc3339() -> String {
 
 pub const RING_CAPACITY: usize = 1000;
 
+/// Default `[state] events_max_bytes`.
+pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The audit log: a ring for `/api/events`, a JSON-lines file, and the webhooks.
+///
+/// A change of the live state is recorded in three steps that a kill -9 at any instant cannot
+/// make inconsistent: (1) a `pending` line holding the change's events and the states it
+/// writes is appended and fsynced, (2) the state is written, (3) a `confirmed` (or `aborted`)
+/// line is appended. At startup a pending line without its answer is settled against the
+/// stored state: the change took effect exactly when the stored states are the pending ones
+/// (the writer is serialized, so only the last change can be unsettled). The file is rotated
+/// by size (one `.1` file kept), never between a pending line and its answer; a torn last line
+/// (a crash mid-append) is cut off at startup so it cannot swallow the next event.
 pub struct EventLog {
     ring: Mutex<VecDeque<Event>>,
     audit: Option<PathBuf>,
-    file: tokio::sync::Mutex<Option<tokio::fs::File>>,
+    file: tokio::sync::Mutex<AuditFile>,
     notifier: Option<Notifier>,
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct AuditFile {
+    file: Option<tokio::fs::File>,
+    size: u64,
+    /// Pending lines without their answer yet: no rotation while any is open.
+    open_pending: usize,
+}
+
+/// One line of the audit file.
+enum Line {
+    Event(Box<Event>),
+    Pending {
+        id: String,
+        states: HashMap<String, ServiceState>,
+        events: Vec<Event>,
+    },
+    Confirmed(String),
+    Aborted(String),
+}
+
+fn parse_line(line: &str) -> Option<Line> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if let Some(id) = v.get("pending").and_then(|x| x.as_str()) {
+        return Some(Line::Pending {
+            id: id.to_string(),
+            states: serde_json::from_value(v.get("states")?.clone()).ok()?,
+            events: serde_json::from_value(v.get("events")?.clone()).ok()?,
+        });
+    }
+    if let Some(id) = v.get("confirmed").and_then(|x| x.as_str()) {
+        return Some(Line::Confirmed(id.to_string()));
+    }
+    if let Some(id) = v.get("aborted").and_then(|x| x.as_str()) {
+        return Some(Line::Aborted(id.to_string()));
+    }
+    serde_json::from_value(v).ok().map(|e| Line::Event(Box::new(e)))
+}
+
+/// The rotated file beside `path`.
+pub fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// Cuts a torn last line (no trailing newline) off the file; returns the bytes removed.
+fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(0);
+    }
+    let keep = bytes
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(keep as u64)?;
+    f.sync_all()?;
+    Ok((bytes.len() - keep) as u64)
 }
 
 impl EventLog {
-    /// Opens the log; the last events of an existing audit file are loaded so `/api/events`
-    /// survives restarts.
+    /// Opens the log without a stored state to settle pending changes against.
     pub fn new(audit: Option<PathBuf>, notifier: Option<Notifier>) -> EventLog {
+        Self::open(audit, notifier, DEFAULT_MAX_BYTES, None)
+    }
+
+    /// Opens the log; the last events of an existing audit file (and its rotated file) are
+    /// loaded so `/api/events` survives restarts. A change left pending by a crash is settled
+    /// against `stored` (the state as loaded): confirmed when the stored states are the ones it
+    /// wrote, aborted otherwise. Blocking file I/O: call it off the runtime's threads.
+    pub fn open(
+        audit: Option<PathBuf>,
+        notifier: Option<Notifier>,
+        max_bytes: u64,
+        stored: Option<&HashMap<String, ServiceState>>,
+    ) -> EventLog {
         let mut ring = VecDeque::with_capacity(RING_CAPACITY);
+        let push = |ring: &mut VecDeque<Event>, ev: Event| {
+            if ring.len() == RING_CAPACITY {
+                ring.pop_front();
+            }
+            ring.push_back(ev);
+        };
+        let mut settle_lines = Vec::new();
         if let Some(path) = &audit {
-            if let Ok(text) = std::fs::read_to_string(path) {
+            match cut_torn_tail(path) {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(path = %path.display(), bytes = n, "cut a torn last line off the audit log (a crash mid-write)"),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot check the audit log's last line"),
+            }
+            let mut pending: Vec<(String, HashMap<String, ServiceState>, Vec<Event>)> = Vec::new();
+            for p in [rotated_path(path), path.clone()] {
+                let Ok(text) = std::fs::read_to_string(&p) else {
+                    continue;
+                };
                 for line in text.lines() {
-                    if let Ok(ev) = serde_json::from_str::<Event>(line) {
-                        if ring.len() == RING_CAPACITY {
-                            ring.pop_front();
+                    match parse_line(line) {
+                        Some(Line::Event(ev)) => push(&mut ring, *ev),
+                        Some(Line::Pending { id, states, events }) => {
+                            pending.push((id, states, events))
                         }
-                        ring.push_back(ev);
+                        Some(Line::Confirmed(id)) => {
+                            if let Some(i) = pending.iter().position(|p| p.0 == id) {
+                                for ev in pending.remove(i).2 {
+                                    push(&mut ring, ev);
+                                }
+                            }
+                        }
+                        Some(Line::Aborted(id)) => pending.retain(|p| p.0 != id),
+                        None => {}
                     }
+                }
+            }
+            // Only the last change can be unsettled; settle every leftover the same way.
+            for (id, states, events) in pending {
+                let applied = stored.is_some_and(|stored| {
+                    states.iter().all(|(name, s)| stored.get(name) == Some(s))
+                });
+                if applied {
+                    tracing::warn!(id = %id, "a change interrupted by a crash had taken effect; its events are recorded");
+                    for ev in events {
+                        push(&mut ring, ev);
+                    }
+                    settle_lines.push(serde_json::json!({ "confirmed": id }).to_string());
+                } else if stored.is_some() {
+                    tracing::info!(id = %id, "a change interrupted by a crash had not taken effect; dropped from the audit log");
+                    settle_lines.push(serde_json::json!({ "aborted": id }).to_string());
+                }
+            }
+            if !settle_lines.is_empty() {
+                let appended = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| {
+                        for l in &settle_lines {
+                            f.write_all(l.as_bytes())?;
+                            f.write_all(b"\n")?;
+                        }
+                        f.sync_data()
+                    });
+                if let Err(e) = appended {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot settle the audit log's pending change");
                 }
             }
         }
         EventLog {
             ring: Mutex::new(ring),
             audit,
-            file: tokio::sync::Mutex::new(None),
+            file: tokio::sync::Mutex::new(AuditFile::default()),
             notifier,
+            max_bytes,
         }
     }
 
+    /// Records an event that is not part of a state change (ring, file, webhooks).
     pub async fn record(&self, ev: Event) {
+        if let Some(path) = &self.audit {
+            if let Err(e) = self.append(path, &ev, false, 0).await {
+                tracing::warn!(path = %path.display(), error = %e, "cannot append to the audit log; the event is kept in memory only");
+            }
+        }
+        self.publish(ev);
+    }
+
+    /// Step 1 of a state change: the change's events and the states it writes, durable before
+    /// the state is written. An error means nothing may be changed.
+    pub async fn begin(
+        &self,
+        id: &str,
+        states: &HashMap<String, ServiceState>,
+        events: &[Event],
+    ) -> std::io::Result<()> {
+        let Some(path) = &self.audit else {
+            return Ok(());
+        };
+        let line = serde_json::json!({ "pending": id, "states": states, "events": events });
+        self.append(path, &line, true, 1).await
+    }
+
+    /// Step 3: the change took effect; its events are published.
+    pub async fn confirm(&self, id: &str, events: Vec<Event>) {
+        if let Some(path) = &self.audit {
+            let line = serde_json::json!({ "confirmed": id });
+            if let Err(e) = self.append(path, &line, false, -1).await {
+                tracing::warn!(path = %path.display(), error = %e, "cannot confirm a change in the audit log; it is settled at the next start");
+            }
+        }
+        for ev in events {
+            self.publish(ev);
+        }
+    }
+
+    /// Step 3: the change did not take effect.
+    pub async fn abort(&self, id: &str) {
+        if let Some(path) = &self.audit {
+            let line = serde_json::json!({ "aborted": id });
+            if let Err(e) = self.append(path, &line, false, -1).await {
+                tracing::warn!(path = %path.display(), error = %e, "cannot mark a change aborted in the audit log; it is settled at the next start");
+            }
+        }
+    }
+
+    /// Ring, log line and webhooks for an event already stored.
+    pub fn publish(&self, ev: Event) {
         tracing::info!(
             service = %ev.service,
             reason = %ev.reason,
@@ -108,27 +308,43 @@ impl EventLog {
             "{}",
             ev.detail
         );
+        if let Some(n) = &self.notifier {
+            n.send(&ev);
+        }
         if let Ok(mut ring) = self.ring.lock() {
             if ring.len() == RING_CAPACITY {
                 ring.pop_front();
             }
-            ring.push_back(ev.clone());
-        }
-        if let Some(path) = &self.audit {
-            if let Err(e) = self.append(path, &ev).await {
-                tracing::warn!(path = %path.display(), error = %e, "cannot append to the audit log; the event is kept in memory only");
-            }
-        }
-        if let Some(n) = &self.notifier {
-            n.send(&ev);
+            ring.push_back(ev);
         }
     }
 
-    async fn append(&self, path: &PathBuf, ev: &Event) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(ev).map_err(std::io::Error::other)?;
+    /// Appends one line; `pending_delta` counts open pending lines (no rotation while any is).
+    async fn append(
+        &self,
+        path: &Path,
+        v: &impl Serialize,
+        sync: bool,
+        pending_delta: i32,
+    ) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut guard = self.file.lock().await;
-        if guard.is_none() {
+        let g = &mut *guard;
+        if pending_delta < 0 {
+            g.open_pending = g.open_pending.saturating_sub(1);
+        }
+        if g.file.is_some()
+            && g.open_pending == 0
+            && g.size > 0
+            && g.size + line.len() as u64 > self.max_bytes
+        {
+            g.file = None;
+            let rotated = rotated_path(path);
+            tokio::fs::rename(path, &rotated).await?;
+            tracing::info!(path = %path.display(), rotated = %rotated.display(), "audit log rotated");
+        }
+        if g.file.is_none() {
             if let Some(dir) = path.parent() {
                 if !dir.as_os_str().is_empty() {
                     tokio::fs::create_dir_all(dir).await?;
@@ -139,11 +355,35 @@ impl EventLog {
                 .append(true)
                 .open(path)
                 .await?;
-            *guard = Some(f);
+            g.size = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+            g.file = Some(f);
+            // A file larger than the limit already (a lowered limit): rotate before writing.
+            if g.open_pending == 0 && g.size > 0 && g.size + line.len() as u64 > self.max_bytes {
+                g.file = None;
+                tokio::fs::rename(path, rotated_path(path)).await?;
+                let f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await?;
+                g.size = 0;
+                g.file = Some(f);
+            }
         }
-        if let Some(f) = guard.as_mut() {
-            f.write_all(&line).await?;
+        if let Some(f) = g.file.as_mut() {
+            if let Err(e) = f.write_all(&line).await {
+                // The file may now end in a torn line: reopen (and re-check) next time.
+                g.file = None;
+                return Err(e);
+            }
             f.flush().await?;
+            if sync {
+                f.sync_data().await?;
+            }
+            g.size += line.len() as u64;
+        }
+        if pending_delta > 0 {
+            g.open_pending += 1;
         }
         Ok(())
     }

@@ -144,10 +144,7 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = match cfg.state.backend {
-        StateBackend::File => StateStore::file(&cfg.state.path),
-        StateBackend::Etcd => StateStore::etcd(&cfg.state.etcd_endpoints, &cfg.state.etcd_prefix),
-    };
+    let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
         match state::move_aside(&cfg.state.path) {
             Ok(Some(aside)) => eprintln!(

@@ -49,11 +49,37 @@ impl StateStore {
         StateStore::Etcd(crate::etcd::EtcdStore::new(endpoints, prefix))
     }
 
+    /// The store `[state]` describes. With etcd, `path` is the last-known-state cache.
+    pub fn from_config(cfg: &crate::config::StateConfig) -> StateStore {
+        match cfg.backend {
+            crate::config::StateBackend::File => StateStore::file(&cfg.path),
+            crate::config::StateBackend::Etcd => {
+                StateStore::Etcd(crate::etcd::EtcdStore::with_options(
+                    &cfg.etcd_endpoints,
+                    &cfg.etcd_prefix,
+                    crate::etcd::EtcdOptions {
+                        timeout: cfg.etcd_timeout,
+                        progress_interval: cfg.etcd_progress_interval,
+                        cache: Some(cfg.path.clone()),
+                    },
+                ))
+            }
+        }
+    }
+
+    /// The file whose temp files are cleaned up at start: the state file, or etcd's cache.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        match self {
+            StateStore::File(f) => Some(f.path.clone()),
+            StateStore::Etcd(e) => e.options().cache.clone(),
+        }
+    }
+
     /// The stored state per service; empty when nothing was stored yet.
     pub async fn load(&self) -> Result<HashMap<String, ServiceState>, StateError> {
         match self {
             StateStore::File(f) => f.load().await,
-            StateStore::Etcd(e) => e.load().await.map(|(states, _)| states),
+            StateStore::Etcd(e) => e.load().await.map(|l| l.states),
         }
     }
 
@@ -160,7 +186,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "state".to_string());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // Unique per write: replicas in one process (tests) may share a directory.
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -172,6 +203,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+static TEMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Removes the temp files a crash between write and rename left beside `path` (`.NAME.tmp.*`);
+/// returns how many. Call at start, before anything writes.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.tmp.");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let stale = e.file_name().to_string_lossy().starts_with(&prefix)
+            && e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if stale && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!(path = %e.path().display(), "removed a stale temp file left by a crash");
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// `--reset-state`: moves an unreadable state file aside so startup can proceed.

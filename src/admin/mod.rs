@@ -298,7 +298,7 @@ fn change_error(e: ChangeError) -> AdminResponse {
     let status = match &e {
         ChangeError::UnknownService(_) => StatusCode::NOT_FOUND,
         ChangeError::Refused(_) => StatusCode::CONFLICT,
-        ChangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ChangeError::Unavailable(_) | ChangeError::Unknown(_) => StatusCode::SERVICE_UNAVAILABLE,
         ChangeError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -84,6 +84,7 @@ pub fn status_json(app: &App) -> Value {
         "state": {
             "backend": if app.store.as_etcd().is_some() { "etcd" } else { "file" },
             "degraded": app.metrics.state_degraded.get() != 0,
+            "source": app.state_source().as_str(),
         },
         "services": services,
     })

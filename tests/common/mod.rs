@@ -230,10 +230,9 @@ impl TestProxy {
         let cfg = switchyard::config::from_toml_str_with_env(&text, Some(Default::default()))
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
         let store = match cfg.state.backend {
-            switchyard::config::StateBackend::Etcd => switchyard::state::StateStore::etcd(
-                &cfg.state.etcd_endpoints,
-                &cfg.state.etcd_prefix,
-            ),
+            switchyard::config::StateBackend::Etcd => {
+                switchyard::state::StateStore::from_config(&cfg.state)
+            }
             switchyard::config::StateBackend::File => {
                 switchyard::state::StateStore::file(dir.path().join("state.json"))
             }
@@ -323,6 +322,11 @@ pub fn full_config(body: &str, dir: &std::path::Path) -> String {
         "[admin]\nlisten = \"127.0.0.1:0\"\n".to_string()
     };
     let state = if body.contains("[state]") {
+        // The etcd backend keeps its last known state at `path`: in the test's own dir.
+        if !body.contains("\npath =") {
+            let body_state = format!("[state]\npath = \"{}\"", dir.join("state.json").display());
+            return format!("{head}{admin}{}", body.replacen("[state]", &body_state, 1));
+        }
         String::new()
     } else {
         format!("[state]\npath = \"{}\"\n", dir.join("state.json").display())
