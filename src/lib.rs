@@ -17,6 +17,7 @@ pub mod ctl;
 pub mod demo;
 pub mod etcd;
 pub mod events;
+pub mod guard;
 pub mod h1;
 pub mod h1_server;
 pub mod health;

@@ -591,6 +591,7 @@ fn tunnel(
 ) -> Response<ProxyBody> {
     // The connection now belongs to the tunnel, never to the pool.
     let upstream_side = upstream_resp.body_mut().take_upgraded();
+    let idle = app.snapshot().config.proxy.tunnel_idle_timeout;
     app.tunnels.spawn(async move {
         // The tunnel is still a client connection: it keeps its `max_connections` slot.
         let _conn = conn;
@@ -609,7 +610,7 @@ fn tunnel(
         if !early.is_empty() && client.write_all(&early).await.is_err() {
             return;
         }
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        if let Err(e) = crate::guard::splice(&mut client, &mut upstream, idle).await {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
     });
