@@ -31,4 +31,5 @@ pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod upstream;
+pub mod validate;
 pub mod watcher;
