@@ -429,6 +429,9 @@ struct Exchange {
     wrote_any: bool,
     read_any: bool,
     body_polled: bool,
+    /// `upstream_send_timeout`: an upstream that takes no byte of the request for this long
+    /// fails the exchange (its fault, not the client's).
+    send_timer: IdleTimer,
 }
 
 impl Exchange {
@@ -436,6 +439,7 @@ impl Exchange {
         let mut out = std::mem::take(&mut conn.spare_out);
         out.push_back(head);
         let body_done = body.is_end_stream();
+        let send_timer = IdleTimer::new(body.send_timeout());
         Exchange {
             conn: Some(conn),
             out,
@@ -446,6 +450,7 @@ impl Exchange {
             wrote_any: false,
             read_any: false,
             body_polled: false,
+            send_timer,
         }
     }
 
@@ -477,6 +482,14 @@ impl Exchange {
                     *s = IoSlice::new(b);
                 }
                 match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices[..n]) {
+                    Poll::Pending if self.send_timer.poll_expired(cx) => {
+                        self.upload_broken = true;
+                        self.out.clear();
+                        return Err(ClientError::Io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "upstream_send_timeout: the upstream stopped reading the request",
+                        )));
+                    }
                     Poll::Pending => return Ok(()),
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         self.upload_broken = true;
@@ -485,6 +498,7 @@ impl Exchange {
                     }
                     Poll::Ready(Ok(mut written)) => {
                         self.wrote_any = true;
+                        self.send_timer.progressed();
                         while written > 0 {
                             let Some(front) = self.out.front_mut() else {
                                 break;

@@ -128,13 +128,14 @@ pub async fn handle(
         .and_then(|s| s.get(..host_len));
 
     // 2. Route: one snapshot load for every decision.
-    let (svc, request_timeout, body_idle_timeout) = {
+    let (svc, request_timeout, body_idle_timeout, send_timeout) = {
         let snap = app.routes.load();
         match snap.route(host, req.uri().path()) {
             Some(s) => (
                 s.clone(),
                 snap.config.proxy.request_timeout,
                 snap.config.proxy.body_idle_timeout,
+                snap.config.proxy.upstream_send_timeout,
             ),
             None => {
                 app.metrics.unmatched_requests_total.inc();
@@ -216,7 +217,8 @@ pub async fn handle(
     }
 
     // 4. Forward.
-    let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
+    let req =
+        req.map(|body| RequestBody::new(body, body_idle_timeout).with_send_timeout(send_timeout));
     let in_flight = up.begin();
     let result =
         tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req, &fwd)).await;
@@ -793,6 +795,9 @@ impl Body for ClientBody {
 pub struct RequestBody {
     inner: ClientBody,
     idle: IdleTimer,
+    /// `upstream_send_timeout`: the longest a write of this request to the upstream may make
+    /// no progress (zero: none).
+    send_timeout: Duration,
 }
 
 /// `body_idle_timeout` for one body: the longest wait for its next frame. The timer is
@@ -873,7 +878,18 @@ impl RequestBody {
         RequestBody {
             inner,
             idle: IdleTimer::new(idle),
+            send_timeout: Duration::ZERO,
         }
+    }
+
+    /// With `upstream_send_timeout` (zero: none).
+    pub fn with_send_timeout(mut self, send_timeout: Duration) -> RequestBody {
+        self.send_timeout = send_timeout;
+        self
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
     }
 
     /// The `body_idle_timeout` this body runs with (the response gets the same).
