@@ -174,6 +174,9 @@ mod tests {
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
         join_cookies(&mut h);
         assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
-        assert_eq!(h.get(header::COOKIE).map(|v| v.as_bytes()), Some(&b"a=1; b=2"[..]));
+        assert_eq!(
+            h.get(header::COOKIE).map(|v| v.as_bytes()),
+            Some(&b"a=1; b=2"[..])
+        );
     }
 }
