@@ -357,8 +357,13 @@ fn encode_head(
     out.put_u8(b' ');
     out.put_slice(path.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let (mut had_forwarded, mut had_length) = (false, false);
+    let (mut had_forwarded, mut had_length, mut had_rfc7239) = (false, false, false);
     for (name, value) in &parts.headers {
+        if name == header::FORWARDED {
+            // Rewritten below, with the proxy's element last.
+            had_rfc7239 = true;
+            continue;
+        }
         if name == header::CONTENT_LENGTH {
             // Written below from the body hyper validated: one value, never a list.
             had_length = true;
@@ -379,6 +384,11 @@ fn encode_head(
     put_header(&mut out, b"x-forwarded-proto", fwd.proto.as_bytes());
     if let Some(host) = fwd.host {
         put_header(&mut out, b"x-forwarded-host", host.as_bytes());
+    }
+    if had_rfc7239 {
+        if let Some(v) = fwd.forwarded(&parts.headers) {
+            put_header(&mut out, b"forwarded", v.as_bytes());
+        }
     }
     let upload = if body.is_end_stream() {
         if had_length || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -419,6 +429,9 @@ struct Exchange {
     wrote_any: bool,
     read_any: bool,
     body_polled: bool,
+    /// `upstream_send_timeout`: an upstream that takes no byte of the request for this long
+    /// fails the exchange (its fault, not the client's).
+    send_timer: IdleTimer,
 }
 
 impl Exchange {
@@ -426,6 +439,7 @@ impl Exchange {
         let mut out = std::mem::take(&mut conn.spare_out);
         out.push_back(head);
         let body_done = body.is_end_stream();
+        let send_timer = IdleTimer::new(body.send_timeout());
         Exchange {
             conn: Some(conn),
             out,
@@ -436,6 +450,7 @@ impl Exchange {
             wrote_any: false,
             read_any: false,
             body_polled: false,
+            send_timer,
         }
     }
 
@@ -467,6 +482,14 @@ impl Exchange {
                     *s = IoSlice::new(b);
                 }
                 match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices[..n]) {
+                    Poll::Pending if self.send_timer.poll_expired(cx) => {
+                        self.upload_broken = true;
+                        self.out.clear();
+                        return Err(ClientError::Io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "upstream_send_timeout: the upstream stopped reading the request",
+                        )));
+                    }
                     Poll::Pending => return Ok(()),
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         self.upload_broken = true;
@@ -475,6 +498,7 @@ impl Exchange {
                     }
                     Poll::Ready(Ok(mut written)) => {
                         self.wrote_any = true;
+                        self.send_timer.progressed();
                         while written > 0 {
                             let Some(front) = self.out.front_mut() else {
                                 break;
@@ -585,6 +609,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let len = match httparse::ParserConfig::default()
         .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
     {
+        // The head limit holds for a head that arrived whole in one read too.
+        Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD => {
+            return Err(ClientError::Protocol("response head too large"))
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -593,6 +621,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         Err(_) => return Err(ClientError::Protocol("malformed response head")),
     };
     let code = resp.code.unwrap_or(0);
+    // RFC 9110 15: status codes are 100..=599; 600-999 (which the http crate accepts) are an
+    // invalid response, answered 502 and counted against the upstream.
+    if code > 599 {
+        return Err(ClientError::Protocol("invalid status code"));
+    }
     let status =
         StatusCode::from_u16(code).map_err(|_| ClientError::Protocol("invalid status code"))?;
     let http10 = resp.version == Some(0);

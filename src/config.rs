@@ -140,6 +140,10 @@ struct RawProxy {
     upstream_idle_timeout: Option<String>,
     upstream_max_idle: Option<i64>,
     h2_max_concurrent_streams: Option<i64>,
+    client_send_timeout: Option<String>,
+    upstream_send_timeout: Option<String>,
+    h2_idle_timeout: Option<String>,
+    tunnel_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +154,9 @@ struct RawAdmin {
     allowed_hosts: Option<Vec<String>>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    max_connections: Option<i64>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,6 +269,15 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub h2_max_concurrent_streams: u32,
+    /// A write to a client that makes no progress for this long closes the connection
+    /// (HTTP/1 socket writes, h2 socket writes and h2 streams stalled on flow control).
+    pub client_send_timeout: Duration,
+    /// A write of a request to an upstream that makes no progress for this long fails it.
+    pub upstream_send_timeout: Duration,
+    /// An HTTP/2 client connection with no open stream for this long gets a GOAWAY.
+    pub h2_idle_timeout: Duration,
+    /// An upgraded tunnel with no byte either way for this long is closed; zero: never.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
@@ -281,6 +297,13 @@ pub struct AdminConfig {
     pub allowed_hosts: Vec<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Admin connections served at once, apart from the proxy's `max_connections`.
+    pub max_connections: usize,
+    /// How long an admin client may take to send a request head (HTTP/1.1).
+    pub header_read_timeout: Duration,
+    /// An admin connection (HTTP/1.1 keep-alive or h2c) with no request in flight for this long
+    /// is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -922,7 +945,36 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             1,
             1_000_000,
         ) as u32,
+        client_send_timeout: c.duration(
+            "proxy.client_send_timeout",
+            p.client_send_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        upstream_send_timeout: c.duration(
+            "proxy.upstream_send_timeout",
+            p.upstream_send_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        h2_idle_timeout: c.duration(
+            "proxy.h2_idle_timeout",
+            p.h2_idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        tunnel_idle_timeout: c.duration(
+            "proxy.tunnel_idle_timeout",
+            p.tunnel_idle_timeout.as_deref(),
+            Duration::from_secs(300),
+        ),
     };
+    for (k, d) in [
+        ("proxy.client_send_timeout", proxy.client_send_timeout),
+        ("proxy.upstream_send_timeout", proxy.upstream_send_timeout),
+        ("proxy.h2_idle_timeout", proxy.h2_idle_timeout),
+    ] {
+        if d.is_zero() {
+            c.err(k, "must be greater than zero");
+        }
+    }
 
     // [admin]
     let a = &raw.admin;
@@ -957,7 +1009,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             .collect(),
         tls_cert: a.tls_cert.as_ref().map(PathBuf::from),
         tls_key: a.tls_key.as_ref().map(PathBuf::from),
+        max_connections: c.count("admin.max_connections", a.max_connections, 128, 1, 100_000)
+            as usize,
+        header_read_timeout: c.duration(
+            "admin.header_read_timeout",
+            a.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        idle_timeout: c.duration(
+            "admin.idle_timeout",
+            a.idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
     };
+    for (k, d) in [
+        ("admin.header_read_timeout", admin.header_read_timeout),
+        ("admin.idle_timeout", admin.idle_timeout),
+    ] {
+        if d.is_zero() {
+            c.err(k, "must be greater than zero");
+        }
+    }
     let mut listeners = vec![("proxy.listen", Some(proxy.listen))];
     listeners.push(("proxy.tls_listen", proxy.tls_listen));
     listeners.push(("proxy.preview_listen", proxy.preview_listen));

@@ -19,7 +19,12 @@ pub fn parse_length(v: &[u8]) -> Result<u64, &'static str> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return Err("invalid Content-Length");
     }
-    Ok(v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0')))
+    let n = v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+    // Past 2^63 - 1 many parsers (signed 64-bit) read another length: refused, not relayed.
+    if n > i64::MAX as u64 {
+        return Err("invalid Content-Length");
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

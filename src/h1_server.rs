@@ -801,7 +801,9 @@ impl Conn {
             }
             return None;
         }
-        let keep = keep_alive && complete && reader_back.is_some();
+        // A request the proxy refused closes the connection: nothing pipelined behind it runs.
+        let refused = resp.extensions().get::<proxy::CloseConnection>().is_some();
+        let keep = keep_alive && complete && reader_back.is_some() && !refused;
         let watch = if complete { reader_back.as_mut() } else { None };
         match self.respond(resp, &method, version, keep, watch).await {
             Ok(true) => {}

@@ -95,34 +95,47 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
 
-    // 1. Validate.
+    // 1. Validate. A refused request closes its connection: what a client pipelined behind it
+    // is not run.
     if req.method() == Method::CONNECT {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+    }
+    if let Err(msg) = crate::validate::target(&mut req) {
+        return refuse(StatusCode::BAD_REQUEST, msg);
     }
     let hops = hop_bits(req.headers());
     if hops & TRANSFER_ENCODING_BIT != 0 {
         if let Err(msg) = check_framing(req.headers()) {
-            return text(StatusCode::BAD_REQUEST, msg);
+            return refuse(StatusCode::BAD_REQUEST, msg);
         }
     }
     let (host_value, host_len) = match request_host(&req) {
         Ok(Some((v, len))) => (Some(v), len),
         Ok(None) => (None, 0),
-        Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
+        Err(msg) => return refuse(StatusCode::BAD_REQUEST, msg),
     };
+    if req.version() != Version::HTTP_2 && req.uri().authority().is_some() {
+        // Absolute form (RFC 9112 3.2.2): the target's authority replaces Host; the upstream
+        // gets the origin form.
+        if let Some(v) = &host_value {
+            req.headers_mut().insert(header::HOST, v.clone());
+        }
+        crate::validate::to_origin_form(&mut req);
+    }
     let host = host_value
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.get(..host_len));
 
     // 2. Route: one snapshot load for every decision.
-    let (svc, request_timeout, body_idle_timeout) = {
+    let (svc, request_timeout, body_idle_timeout, send_timeout) = {
         let snap = app.routes.load();
         match snap.route(host, req.uri().path()) {
             Some(s) => (
                 s.clone(),
                 snap.config.proxy.request_timeout,
                 snap.config.proxy.body_idle_timeout,
+                snap.config.proxy.upstream_send_timeout,
             ),
             None => {
                 app.metrics.unmatched_requests_total.inc();
@@ -152,6 +165,9 @@ pub async fn handle(
     };
     let te_trailers = hops & TE_BIT != 0 && wants_trailers(req.headers());
     strip_known(req.headers_mut(), hops);
+    if req.version() == Version::HTTP_2 && pool.protocol == Protocol::Http1 {
+        crate::validate::join_cookies(req.headers_mut());
+    }
     if te_trailers {
         // gRPC needs `te: trailers` end to end; it is the one TE value a proxy may pass on.
         req.headers_mut()
@@ -201,7 +217,8 @@ pub async fn handle(
     }
 
     // 4. Forward.
-    let req = req.map(|body| RequestBody::new(body, body_idle_timeout));
+    let req =
+        req.map(|body| RequestBody::new(body, body_idle_timeout).with_send_timeout(send_timeout));
     let in_flight = up.begin();
     let result =
         tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req, &fwd)).await;
@@ -251,8 +268,19 @@ pub async fn handle(
     rec.record(elapsed, status.as_u16(), failure);
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
+        let asked = upgrade
+            .as_ref()
+            .is_some_and(|u| crate::validate::upgrade_matches(u, resp.headers()));
         return match client_upgrade {
-            Some(client_side) => tunnel(app, resp, client_side, conn.clone()),
+            Some(client_side) if asked => tunnel(app, resp, client_side, conn.clone()),
+            Some(_) => {
+                // A protocol the client did not ask for (RFC 9110 7.8): never tunnelled.
+                resp.body_mut().detach();
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream switched to a protocol the client did not ask for\n",
+                )
+            }
             None => {
                 // That connection now speaks something else: it must not go back to the pool.
                 resp.body_mut().detach();
@@ -287,6 +315,9 @@ async fn forward(
                 return Err(ClientError::Protocol("ambiguous response framing"));
             }
             strip_known(resp.headers_mut(), hops);
+            if resp.status().as_u16() > 599 {
+                return Err(ClientError::Protocol("invalid status code"));
+            }
             Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
         }
     }
@@ -323,13 +354,23 @@ fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>, &'s
     if hosts.next().is_some() {
         return Err("more than one Host header\n");
     }
-    let value = match first {
-        Some(v) => Some(v.clone()),
-        None => match req.uri().authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None if req.version() == Version::HTTP_11 => return Err("missing Host header\n"),
-            None => None,
-        },
+    let authority = req.uri().authority();
+    if authority.is_some_and(|a| a.as_str().contains('@')) {
+        return Err("userinfo in the request target\n");
+    }
+    let value = match (authority, first) {
+        (_, None) if req.version() == Version::HTTP_11 => return Err("missing Host header\n"),
+        // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed.
+        (Some(a), Some(h)) if req.version() == Version::HTTP_2 => {
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err("Host and :authority differ\n");
+            }
+            Some(h.clone())
+        }
+        // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host.
+        (Some(a), _) => HeaderValue::from_str(a.as_str()).ok(),
+        (None, Some(h)) => Some(h.clone()),
+        (None, None) => None,
     };
     let Some(value) = value else {
         return Ok(None);
@@ -339,29 +380,35 @@ fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>, &'s
     Ok(Some((value, len)))
 }
 
-/// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values.
+/// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values
+/// (RFC 9110 7.2: `uri-host [ ":" port ]`): a second colon, a port past 65535, an IP literal
+/// that is not an IPv6 address.
 fn host_without_port(s: &str) -> Option<&str> {
-    if s.is_empty() {
-        return None;
-    }
-    let name = if let Some(rest) = s.strip_prefix('[') {
+    let (name, port) = if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']')?;
-        let after = &rest[end + 1..];
-        if !(after.is_empty() || after.starts_with(':')) {
-            return None;
-        }
-        &s[..end + 2]
+        rest[..end].parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match &rest[end + 1..] {
+            "" => None,
+            after => Some(after.strip_prefix(':')?),
+        };
+        (&s[..end + 2], port)
     } else {
-        match s.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            Some(_) => return None,
-            None => s,
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
         }
     };
+    if let Some(p) = port {
+        let digits = p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits || p.parse::<u32>().is_ok_and(|n| n > 65535) {
+            return None;
+        }
+    }
     let ok = !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')
-        });
+        && (name.starts_with('[')
+            || name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')));
     ok.then_some(name)
 }
 
@@ -378,14 +425,7 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         return None;
     }
     let proto = headers.get(header::UPGRADE)?;
-    if proto
-        .to_str()
-        .map(|p| p.trim().eq_ignore_ascii_case("h2c"))
-        .unwrap_or(true)
-    {
-        return None;
-    }
-    Some(proto.clone())
+    crate::validate::without_h2c(proto)
 }
 
 fn wants_trailers(headers: &HeaderMap) -> bool {
@@ -482,7 +522,9 @@ fn hop_bit(name: &HeaderName) -> u8 {
 fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
     for token in line.as_bytes().split(|b| *b == b',') {
         if let Ok(name) = std::str::from_utf8(token.trim_ascii()) {
-            if !name.is_empty() {
+            // The one field a request cannot do without is no hop-by-hop candidate
+            // (RFC 9110 7.6.1, RFC 9112 3.2): `Connection: Host` leaves it in place.
+            if !name.is_empty() && !name.eq_ignore_ascii_case("host") {
                 headers.remove(name);
             }
         }
@@ -529,8 +571,40 @@ impl<'a> Forwarded<'a> {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`.
+impl Forwarded<'_> {
+    /// `Forwarded` (RFC 7239), under the same policy as `X-Forwarded-For`: a client's values
+    /// are kept and the proxy's element goes last (`for`, `host`, `proto`), so the last element
+    /// is always the proxy's. None when the request carries no `Forwarded` (the proxy adds none
+    /// of its own then; `X-Forwarded-*` say the same).
+    pub fn forwarded(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let mut prior = headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .peekable();
+        prior.peek()?;
+        let mut s = prior.collect::<Vec<_>>().join(", ");
+        let ip = self.client_ip.to_str().unwrap_or("unknown");
+        if ip.contains(':') {
+            s.push_str(&format!(", for=\"[{ip}]\""));
+        } else {
+            s.push_str(&format!(", for={ip}"));
+        }
+        if let Some(h) = self.host.and_then(|h| h.to_str().ok()) {
+            s.push_str(&format!(";host=\"{h}\""));
+        }
+        s.push_str(";proto=");
+        s.push_str(self.proto);
+        HeaderValue::from_str(&s).ok()
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Proto` /
+/// `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
+    if let Some(v) = fwd.forwarded(headers) {
+        headers.insert(header::FORWARDED, v);
+    }
     let xff = fwd.forwarded_for(headers);
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(
@@ -591,6 +665,7 @@ fn tunnel(
 ) -> Response<ProxyBody> {
     // The connection now belongs to the tunnel, never to the pool.
     let upstream_side = upstream_resp.body_mut().take_upgraded();
+    let idle = app.snapshot().config.proxy.tunnel_idle_timeout;
     app.tunnels.spawn(async move {
         // The tunnel is still a client connection: it keeps its `max_connections` slot.
         let _conn = conn;
@@ -609,7 +684,7 @@ fn tunnel(
         if !early.is_empty() && client.write_all(&early).await.is_err() {
             return;
         }
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        if let Err(e) = crate::guard::splice(&mut client, &mut upstream, idle).await {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
     });
@@ -720,6 +795,9 @@ impl Body for ClientBody {
 pub struct RequestBody {
     inner: ClientBody,
     idle: IdleTimer,
+    /// `upstream_send_timeout`: the longest a write of this request to the upstream may make
+    /// no progress (zero: none).
+    send_timeout: Duration,
 }
 
 /// `body_idle_timeout` for one body: the longest wait for its next frame. The timer is
@@ -800,7 +878,18 @@ impl RequestBody {
         RequestBody {
             inner,
             idle: IdleTimer::new(idle),
+            send_timeout: Duration::ZERO,
         }
+    }
+
+    /// With `upstream_send_timeout` (zero: none).
+    pub fn with_send_timeout(mut self, send_timeout: Duration) -> RequestBody {
+        self.send_timeout = send_timeout;
+        self
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
     }
 
     /// The `body_idle_timeout` this body runs with (the response gets the same).
@@ -847,6 +936,18 @@ fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         cur = err.source();
     }
     None
+}
+
+/// Marks a response after which the HTTP/1 connection closes (a refused request: whatever the
+/// client sent behind it is not run).
+#[derive(Clone, Copy, Debug)]
+pub struct CloseConnection;
+
+/// A refusal of a malformed request: [`text`], and the connection closes after it.
+pub fn refuse(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut resp = text(status, body);
+    resp.extensions_mut().insert(CloseConnection);
+    resp
 }
 
 /// The proxy's own short plain-text answers. They never name internal addresses.

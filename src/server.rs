@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
+use crate::guard::{ConnActivity, SendTimeout, Watchdog};
 use crate::h1_server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode};
 use crate::state::StateStore;
@@ -106,6 +107,7 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         None => None,
     };
     let proxy_cfg = config.proxy.clone();
+    crate::guard::check_nofile(&config);
     let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
         .await
         .context("cannot load the live state")?;
@@ -300,6 +302,7 @@ async fn serve_proxy(
             h2: h2.clone(),
             watcher: graceful.watcher(),
             deadline,
+            limits: ConnLimits::from(&app.snapshot().config.proxy),
         };
         match &tls {
             None => {
@@ -373,6 +376,23 @@ struct Connection {
     watcher: Watcher,
     /// When the first request head must have arrived (`header_read_timeout` from the accept).
     deadline: tokio::time::Instant,
+    limits: ConnLimits,
+}
+
+/// The deadlines against slow and silent clients, read once per connection.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    send_timeout: Duration,
+    h2_idle_timeout: Duration,
+}
+
+impl From<&ProxyConfig> for ConnLimits {
+    fn from(p: &ProxyConfig) -> ConnLimits {
+        ConnLimits {
+            send_timeout: p.client_send_timeout,
+            h2_idle_timeout: p.h2_idle_timeout,
+        }
+    }
 }
 
 /// What an h2 client sends first (RFC 9113 3.4).
@@ -419,6 +439,7 @@ impl Connection {
             return;
         }
         let (r, w) = split(io);
+        let w: BoxWrite = Box::new(SendTimeout::new(w, self.limits.send_timeout));
         crate::h1_server::serve(Reader::new(r, first), w, self.app, self.info, deadline).await;
     }
 
@@ -431,18 +452,36 @@ impl Connection {
             info,
             h2,
             watcher,
+            limits,
             ..
         } = self;
+        // Shutdown reaches this connection through the watchdog, not the listener's watcher.
+        drop(watcher);
+        let shutdown = app.shutdown.clone();
+        let activity = ConnActivity::new();
+        let dog = Watchdog::new(
+            activity.clone(),
+            limits.h2_idle_timeout,
+            Some(limits.send_timeout),
+        );
         let svc = service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
             let info = info.clone();
+            let stream = activity.open();
+            let activity = activity.clone();
             async move {
                 let req = req.map(ClientBody::H2);
-                Ok::<_, Infallible>(proxy::handle(&app, req, &info, None).await)
+                let resp = proxy::handle(&app, req, &info, None).await;
+                Ok::<_, Infallible>(resp.map(|b| activity.track(b, stream)))
             }
         });
+        let io = SendTimeout::new(io, limits.send_timeout);
         let io = TokioIo::new(Prefixed { read, io });
-        let _ = watcher.watch(h2.serve_connection(io, svc)).await;
+        let conn = std::pin::pin!(h2.serve_connection(io, svc));
+        crate::guard::watch(conn, dog, &shutdown, limits.send_timeout, |c| {
+            c.graceful_shutdown()
+        })
+        .await;
     }
 }
 

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{App, ChangeError, FlipKind, ReloadError};
 use crate::config::Color;
+use crate::guard::{watch, ConnActivity, SendTimeout, Watchdog};
 use crate::tls::TlsSetup;
 
 pub use status::{metrics_text, status_json, wall};
@@ -37,13 +38,27 @@ const MAX_BODY: usize = 64 * 1024;
 type AdminResponse = Response<Full<Bytes>>;
 
 pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) {
+    let cfg = app.snapshot().config.admin.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10));
+        .header_read_timeout(cfg.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(32)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(64));
+    // Its own connection budget: an admin flood never takes the proxy's slots, and is capped
+    // before it can take the process's file descriptors.
+    let limit = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
     loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = app.shutdown.cancelled() => break,
+        };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -57,30 +72,39 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         };
         let _ = stream.set_nodelay(true);
         let app2 = app.clone();
+        let activity = ConnActivity::new();
+        let dog = Watchdog::new(activity.clone(), cfg.idle_timeout, None);
         let svc = service_fn(move |req| {
             let app = app2.clone();
-            async move { Ok::<_, Infallible>(handle(&app, req, remote).await) }
+            let open = activity.open();
+            let activity = activity.clone();
+            async move {
+                let resp = handle(&app, req, remote).await;
+                Ok::<_, Infallible>(resp.map(|b| activity.track(b, open)))
+            }
         });
-        let watcher = graceful.watcher();
         let builder = builder.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
+        let shutdown = app.shutdown.clone();
+        // Held for the connection's life: shutdown's drain waits for it (at most a second).
+        let watcher = graceful.watcher();
+        let (hrt, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
         tokio::spawn(async move {
+            let _held = (permit, watcher);
+            let stream = SendTimeout::new(stream, idle);
             match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    let conn = std::pin::pin!(conn);
+                    watch(conn, dog, &shutdown, idle, |c| c.graceful_shutdown()).await;
                 }
                 Some(acc) => {
-                    let Ok(Ok(s)) = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        acc.accept(stream),
-                    )
-                    .await
-                    else {
+                    let Ok(Ok(s)) = tokio::time::timeout(hrt, acc.accept(stream)).await else {
                         return;
                     };
                     let conn = builder.serve_connection(TokioIo::new(s), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    let conn = std::pin::pin!(conn);
+                    watch(conn, dog, &shutdown, idle, |c| c.graceful_shutdown()).await;
                 }
             }
         });

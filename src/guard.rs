@@ -1,0 +1,511 @@
+//! Deadlines against slow and silent clients (issue 14): a write that makes no progress for
+//! `client_send_timeout`, an HTTP/2 connection with no open stream for `h2_idle_timeout`, an
+//! HTTP/2 stream whose flow-control window stays shut, and a tunnel with no traffic for
+//! `tunnel_idle_timeout`.
+//!
+//! hyper's HTTP/2 server has none of these: a stream whose window is zero is simply never
+//! polled again, and a connection that answers PINGs lives forever. So each h2 connection gets
+//! a watchdog ([`watch_h2`]) next to hyper's connection future: the service counts open streams
+//! in a [`ConnActivity`], and every response body reports when it was last asked for data.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_queue::SegQueue;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::IdleTimer;
+
+/// A stream whose writes fail with `TimedOut` once one has made no progress for `timeout`
+/// (the peer stopped reading: its TCP window is shut). Reads pass through.
+pub struct SendTimeout<S> {
+    io: S,
+    timer: IdleTimer,
+}
+
+impl<S> SendTimeout<S> {
+    pub fn new(io: S, timeout: Duration) -> SendTimeout<S> {
+        SendTimeout {
+            io,
+            timer: IdleTimer::new(timeout),
+        }
+    }
+
+    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(r) => {
+                self.timer.progressed();
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.timer.poll_expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client_send_timeout: the peer stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, r)
+    }
+}
+
+/// Milliseconds since `base`, for timestamps kept in atomics.
+fn millis(base: Instant, now: Instant) -> u64 {
+    now.saturating_duration_since(base).as_millis() as u64
+}
+
+/// "Not waiting on the client" in [`StreamClock`]: the body waits for the upstream, or ended.
+const NOT_STALLED: u64 = u64::MAX;
+
+/// One response body's last moment of progress toward the client.
+struct StreamClock {
+    /// Millis (since the connection's base) of the last frame handed out while the body still
+    /// had more; [`NOT_STALLED`] while the body itself waits or once it ended.
+    ready_at: AtomicU64,
+}
+
+/// The open streams of one HTTP/2 connection (or requests of one admin connection), and the
+/// response bodies being sent, for the connection's watchdog. Only atomics on the request path.
+pub struct ConnActivity {
+    base: Instant,
+    open: AtomicUsize,
+    /// Millis since `base` when `open` last changed.
+    changed_at: AtomicU64,
+    /// Response bodies registered for the stall check; the watchdog takes them out.
+    new_bodies: SegQueue<Arc<StreamClock>>,
+}
+
+impl ConnActivity {
+    pub fn new() -> Arc<ConnActivity> {
+        Arc::new(ConnActivity {
+            base: Instant::now(),
+            open: AtomicUsize::new(0),
+            changed_at: AtomicU64::new(0),
+            new_bodies: SegQueue::new(),
+        })
+    }
+
+    /// A stream (request) opened; it counts as open until the guard drops.
+    pub fn open(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        StreamGuard(self.clone())
+    }
+
+    fn touch(&self) {
+        self.changed_at
+            .store(millis(self.base, Instant::now()), Ordering::Relaxed);
+    }
+
+    /// How long the connection has had no open stream (zero while one is open).
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let since = self.changed_at.load(Ordering::Relaxed);
+        Duration::from_millis(millis(self.base, now).saturating_sub(since))
+    }
+
+    /// Wraps a response body so that the watchdog sees when it stalls; it keeps the stream open
+    /// until it is dropped.
+    pub fn track<B: Body>(&self, inner: B, guard: StreamGuard) -> Tracked<B> {
+        let at = if inner.is_end_stream() {
+            NOT_STALLED
+        } else {
+            millis(self.base, Instant::now())
+        };
+        let clock = Arc::new(StreamClock {
+            ready_at: AtomicU64::new(at),
+        });
+        self.new_bodies.push(clock.clone());
+        Tracked {
+            inner,
+            clock,
+            base: self.base,
+            _guard: guard,
+        }
+    }
+}
+
+/// Counts one open stream until dropped.
+pub struct StreamGuard(Arc<ConnActivity>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body whose progress the connection's watchdog follows.
+pub struct Tracked<B> {
+    inner: B,
+    clock: Arc<StreamClock>,
+    base: Instant,
+    _guard: StreamGuard,
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let at = match &r {
+            // A frame went out; until the next poll the stream waits for the client's window.
+            Poll::Ready(Some(Ok(_))) if !self.inner.is_end_stream() => {
+                millis(self.base, Instant::now())
+            }
+            _ => NOT_STALLED,
+        };
+        self.clock.ready_at.store(at, Ordering::Relaxed);
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the watchdog of one connection decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep serving.
+    Fine,
+    /// No open stream for the idle timeout: send GOAWAY.
+    Idle,
+    /// A response has waited for the client's flow-control window longer than the send
+    /// timeout: close the connection.
+    Stalled,
+}
+
+/// The watchdog's own state for one connection.
+pub struct Watchdog {
+    activity: Arc<ConnActivity>,
+    bodies: Vec<Arc<StreamClock>>,
+    idle_timeout: Duration,
+    send_timeout: Option<Duration>,
+}
+
+impl Watchdog {
+    pub fn new(
+        activity: Arc<ConnActivity>,
+        idle_timeout: Duration,
+        send_timeout: Option<Duration>,
+    ) -> Watchdog {
+        Watchdog {
+            activity,
+            bodies: Vec::new(),
+            idle_timeout,
+            send_timeout,
+        }
+    }
+
+    /// How often to look: a quarter of the shortest timeout, between 20 ms and 1 s.
+    pub fn period(&self) -> Duration {
+        let shortest = self
+            .send_timeout
+            .map_or(self.idle_timeout, |s| s.min(self.idle_timeout));
+        (shortest / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    pub fn check(&mut self, now: Instant) -> Verdict {
+        while let Some(b) = self.activity.new_bodies.pop() {
+            self.bodies.push(b);
+        }
+        // A body only the watchdog still holds has been dropped: its stream is done.
+        self.bodies.retain(|b| Arc::strong_count(b) > 1);
+        if let Some(limit) = self.send_timeout {
+            let now_ms = millis(self.activity.base, now);
+            let limit = limit.as_millis() as u64;
+            let stalled = self.bodies.iter().any(|b| {
+                let at = b.ready_at.load(Ordering::Relaxed);
+                at != NOT_STALLED && now_ms.saturating_sub(at) >= limit
+            });
+            if stalled {
+                return Verdict::Stalled;
+            }
+        }
+        if self.activity.idle_for(now) >= self.idle_timeout {
+            return Verdict::Idle;
+        }
+        Verdict::Fine
+    }
+}
+
+/// Runs a connection future under a watchdog: an idle connection gets `graceful` (GOAWAY) and
+/// is dropped if it has not closed `linger` later; a stalled one is dropped at once; shutdown
+/// starts `graceful` too (the listener's drain bounds what follows).
+pub async fn watch<C>(
+    mut conn: Pin<&mut C>,
+    mut dog: Watchdog,
+    shutdown: &CancellationToken,
+    linger: Duration,
+    graceful: impl Fn(Pin<&mut C>),
+) where
+    C: Future,
+{
+    let mut tick = tokio::time::interval(dog.period());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut goaway: Option<Instant> = None;
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.as_mut() => return,
+            () = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                if goaway.is_none() {
+                    graceful(conn.as_mut());
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                match dog.check(now) {
+                    Verdict::Stalled => {
+                        tracing::debug!("a response stalled on the client's window; closing");
+                        return;
+                    }
+                    Verdict::Idle if goaway.is_none() && !shutting_down => {
+                        tracing::debug!("idle connection; sending GOAWAY");
+                        graceful(conn.as_mut());
+                        goaway = Some(now);
+                    }
+                    _ => {}
+                }
+                if goaway.is_some_and(|t| now - t >= linger) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Splices an upgraded client connection and its upstream together until either side closes,
+/// an error, or `idle` (when not zero) passes without a byte either way.
+pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if idle.is_zero() {
+        return tokio::io::copy_bidirectional(a, b).await.map(|_| ());
+    }
+    let activity = Arc::new(AtomicU64::new(0));
+    let base = Instant::now();
+    let mut a = Counted {
+        io: a,
+        last: activity.clone(),
+        base,
+    };
+    let mut b = Counted {
+        io: b,
+        last: activity.clone(),
+        base,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let period = (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            r = copy.as_mut() => return r.map(|_| ()),
+            _ = tick.tick() => {
+                let last = activity.load(Ordering::Relaxed);
+                if millis(base, Instant::now()).saturating_sub(last) >= idle.as_millis() as u64 {
+                    tracing::debug!("tunnel idle; closing");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// One side of a tunnel, noting when bytes last moved.
+struct Counted<'a, S> {
+    io: &'a mut S,
+    last: Arc<AtomicU64>,
+    base: Instant,
+}
+
+impl<S> Counted<'_, S> {
+    fn moved(&self) {
+        self.last
+            .store(millis(self.base, Instant::now()), Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut *self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits` (Linux); None elsewhere
+/// or when unlimited.
+pub fn nofile_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// File descriptors the configured limits can use at once: each proxied connection may hold
+/// its client socket and an upstream socket, idle pooled upstream connections per upstream, the
+/// admin connections, and a margin for listeners, etcd, health checks and logs.
+pub fn fds_needed(cfg: &crate::config::Config) -> u64 {
+    let upstreams: usize = cfg
+        .services
+        .iter()
+        .map(|s| s.blue.upstreams.len() + s.green.upstreams.len())
+        .sum();
+    2 * cfg.proxy.max_connections as u64
+        + (cfg.proxy.upstream_max_idle * upstreams) as u64
+        + cfg.admin.max_connections as u64
+        + 64
+}
+
+/// Warns at startup when `RLIMIT_NOFILE` is below what the configured limits can use.
+pub fn check_nofile(cfg: &crate::config::Config) {
+    let needed = fds_needed(cfg);
+    if let Some(limit) = nofile_limit() {
+        if limit < needed {
+            tracing::warn!(
+                rlimit_nofile = limit,
+                needed,
+                max_connections = cfg.proxy.max_connections,
+                admin_max_connections = cfg.admin.max_connections,
+                "RLIMIT_NOFILE is below what proxy.max_connections needs (2 per connection: client \
+                 and upstream, plus idle upstream connections and admin.max_connections); raise \
+                 the limit (ulimit -n, LimitNOFILE=) or lower proxy.max_connections"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_is_read() {
+        if std::path::Path::new("/proc/self/limits").exists() {
+            assert!(nofile_limit().is_some_and(|n| n > 0));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_sees_idle_and_stalls() {
+        let act = ConnActivity::new();
+        let mut dog = Watchdog::new(
+            act.clone(),
+            Duration::from_secs(10),
+            Some(Duration::from_secs(5)),
+        );
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(dog.check(Instant::now()), Verdict::Idle);
+        let g = act.open();
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+        let body = act.track(http_body_util::Full::new(Bytes::from_static(b"x")), g);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // Made and never polled: waiting for the window since it was made.
+        assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
+        drop(body);
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+    }
+}

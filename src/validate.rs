@@ -1,0 +1,182 @@
+//! Request checks and rewrites from the hostile-input review (issue 14), kept apart from the
+//! request path in [`crate::proxy`] that calls them: request targets (RFC 9112 3.2), HTTP/2
+//! `cookie` fields toward HTTP/1.1 (RFC 9113 8.2.3), and upgrade tokens (RFC 9110 7.8).
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Uri, Version};
+
+/// The request target's form (RFC 9112 3.2): origin form (`/path`), absolute form
+/// (`http://host/path`, HTTP/1 only), or `*` for OPTIONS. The authority form is CONNECT's only
+/// (refused before this); anything else (`x`, `a:80`) is refused.
+pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    if req.version() == Version::HTTP_2 {
+        // HTTP/1 lengths are checked as the head is parsed; an h2 one is only advisory to h2,
+        // but it is passed on: the same bound (below 2^63) holds.
+        for v in req.headers().get_all(header::CONTENT_LENGTH) {
+            crate::h1::parse_length(v.as_bytes()).map_err(|_| "invalid Content-Length\n")?;
+        }
+    }
+    let uri = req.uri();
+    if req.version() != Version::HTTP_2 {
+        match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(_)) => {
+                if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                    return Err("unsupported scheme in the request target\n");
+                }
+                // `http://a?q` has no path; it stands for `/`.
+                return Ok(());
+            }
+            (None, None) => {}
+            _ => return Err("invalid request target\n"),
+        }
+    }
+    let path = uri.path();
+    if path == "*" {
+        return if req.method() == Method::OPTIONS {
+            Ok(())
+        } else {
+            Err("the asterisk form is for OPTIONS only\n")
+        };
+    }
+    if !path.starts_with('/') {
+        return Err("invalid request target\n");
+    }
+    Ok(())
+}
+
+/// An absolute-form target becomes the origin form for the upstream (`/path?query`).
+pub fn to_origin_form<B>(req: &mut Request<B>) {
+    let pq = match req.uri().path_and_query().map(PathAndQuery::as_str) {
+        None | Some("") => "/".to_string(),
+        Some(q) if q.starts_with('?') => format!("/{q}"),
+        Some(p) => p.to_string(),
+    };
+    if let Ok(uri) = pq.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// Several HTTP/2 `cookie` fields are one `cookie` toward HTTP/1.1, joined with `"; "`
+/// (RFC 9113 8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = BytesMut::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.put_slice(b"; ");
+        }
+        joined.put_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// The `Upgrade` tokens a client may be tunnelled to: its list without `h2c`, which the proxy
+/// speaks itself by prior knowledge and never tunnels. None when nothing is left.
+pub fn without_h2c(proto: &HeaderValue) -> Option<HeaderValue> {
+    let text = proto.to_str().ok()?;
+    let is_h2c = |t: &str| t.trim().eq_ignore_ascii_case("h2c");
+    if !text.split(',').any(is_h2c) {
+        return (!text.trim().is_empty()).then(|| proto.clone());
+    }
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !is_h2c(t))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// Whether a `101`'s `Upgrade` names only protocols the client asked for (RFC 9110 7.8). A
+/// token the client sent without a version matches any version of that protocol.
+pub fn upgrade_matches(asked: &HeaderValue, resp: &HeaderMap) -> bool {
+    let Ok(asked) = asked.to_str() else {
+        return false;
+    };
+    let asked: Vec<&str> = asked.split(',').map(str::trim).collect();
+    let mut any = false;
+    for line in resp.get_all(header::UPGRADE) {
+        let Ok(line) = line.to_str() else {
+            return false;
+        };
+        for got in line.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            any = true;
+            let got_name = got.split('/').next().unwrap_or(got);
+            let ok = asked.iter().any(|a| {
+                a.eq_ignore_ascii_case(got)
+                    || (!a.contains('/') && a.eq_ignore_ascii_case(got_name))
+            });
+            if !ok {
+                return false;
+            }
+        }
+    }
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, target: &str, version: Version) -> Request<()> {
+        let mut r = Request::new(());
+        *r.method_mut() = method;
+        *r.uri_mut() = target.parse().expect("uri");
+        *r.version_mut() = version;
+        r
+    }
+
+    #[test]
+    fn targets() {
+        let v = Version::HTTP_11;
+        for ok in ["/", "/a?b", "http://a/b", "HTTPS://a", "http://a?x"] {
+            assert!(target(&mut req(Method::GET, ok, v)).is_ok(), "{ok}");
+        }
+        assert!(target(&mut req(Method::OPTIONS, "*", v)).is_ok());
+        for bad in ["x", "a:80", "*", "ftp://a/"] {
+            assert!(target(&mut req(Method::GET, bad, v)).is_err(), "{bad}");
+        }
+        let mut r = req(Method::GET, "http://a?x", v);
+        to_origin_form(&mut r);
+        assert_eq!(r.uri().to_string(), "/?x");
+    }
+
+    #[test]
+    fn upgrades() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(without_h2c(&h("h2c")), None);
+        assert_eq!(without_h2c(&h("websocket, h2c")), Some(h("websocket")));
+        assert_eq!(without_h2c(&h("websocket")), Some(h("websocket")));
+        let mut resp = HeaderMap::new();
+        resp.insert(header::UPGRADE, h("h2c"));
+        assert!(!upgrade_matches(&h("websocket"), &resp));
+        resp.insert(header::UPGRADE, h("WebSocket"));
+        assert!(upgrade_matches(&h("websocket"), &resp));
+        resp.insert(header::UPGRADE, h("foo/2"));
+        assert!(upgrade_matches(&h("foo"), &resp));
+        assert!(!upgrade_matches(&h("foo/1"), &resp));
+        assert!(!upgrade_matches(&h("websocket"), &HeaderMap::new()));
+    }
+
+    #[test]
+    fn cookies() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(
+            h.get(header::COOKIE).map(|v| v.as_bytes()),
+            Some(&b"a=1; b=2"[..])
+        );
+    }
+}

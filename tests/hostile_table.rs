@@ -1,0 +1,752 @@
+//! Hostile input, table-driven (issue 14): each row is the bytes a client sends, the status it
+//! must get, and what the upstream may receive (nothing, or a head with and without certain
+//! lines). The README's "Hostile input" table is this table. Below it: the HTTP/2 cases (raw
+//! frames through the `h2` crate), the broken upstream answers, and the resource attacks
+//! (slowloris, slow readers, idle h2 connections, admin floods) against small limits, each
+//! while a normal client must still be served.
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream on raw sockets that records every request head and answers by path.
+struct Recorder {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    /// Connections of `/big` whose endless body could no longer be written (the proxy let go).
+    released: Arc<AtomicUsize>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let released = Arc::new(AtomicUsize::new(0));
+        let (h, r) = (heads.clone(), released.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve_raw(s, h.clone(), r.clone()));
+            }
+        });
+        Recorder {
+            addr,
+            heads,
+            released,
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.heads.lock().expect("lock"))
+    }
+}
+
+async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: Arc<AtomicUsize>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        heads.lock().expect("lock").push(head.clone());
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let answer: Vec<u8> = match path.as_str() {
+            "/big" => {
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                let mut piece = format!("{:x}\r\n", 64 * 1024).into_bytes();
+                piece.extend(std::iter::repeat_n(b'x', 64 * 1024));
+                piece.extend_from_slice(b"\r\n");
+                loop {
+                    let w = tokio::time::timeout(Duration::from_secs(30), s.write_all(&piece));
+                    if !matches!(w.await, Ok(Ok(()))) {
+                        released.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+            "/s650" => b"HTTP/1.1 650 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            "/bighead" => {
+                let mut a = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+                a.extend(std::iter::repeat_n(b'a', 200 * 1024));
+                a.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+                a
+            }
+            "/ws-h2c" => {
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+                    .to_vec()
+            }
+            "/ws" => {
+                let a = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                if s.write_all(a).await.is_err() {
+                    return;
+                }
+                // A tunnel: echo until either side closes.
+                if !buf.is_empty() && s.write_all(&buf).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 || s.write_all(&chunk[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                return;
+            }
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        };
+        if s.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one response (head, and a body by Content-Length); returns the head and whether the
+/// proxy then closed the connection within `linger`.
+async fn response(s: &mut TcpStream, linger: Duration) -> (String, bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut closed = false;
+    let head = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            break head;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return (String::from_utf8_lossy(&buf).into_owned(), true),
+        }
+    };
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < len {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    if !closed {
+        closed = loop {
+            match tokio::time::timeout(linger, s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue,
+                Err(_) => break false,
+            }
+        };
+    }
+    (head, closed)
+}
+
+fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One hostile input and what must come of it.
+struct Row {
+    name: &'static str,
+    input: &'static [u8],
+    status: u16,
+    /// Whether the request reaches the upstream at all.
+    reaches: bool,
+    /// Lines the upstream's request head must have (compared without case).
+    has: &'static [&'static str],
+    /// Text the upstream's request head must not contain (compared without case).
+    lacks: &'static [&'static str],
+}
+
+const fn refused(name: &'static str, input: &'static [u8]) -> Row {
+    Row {
+        name,
+        input,
+        status: 400,
+        reaches: false,
+        has: &[],
+        lacks: &[],
+    }
+}
+
+const fn passed(
+    name: &'static str,
+    input: &'static [u8],
+    has: &'static [&'static str],
+    lacks: &'static [&'static str],
+) -> Row {
+    Row {
+        name,
+        input,
+        status: 200,
+        reaches: true,
+        has,
+        lacks,
+    }
+}
+
+/// The table. Keep the README's "Hostile input" section in step with it.
+const TABLE: &[Row] = &[
+    // Request smuggling: refused by the proxy before anything reaches an upstream.
+    refused("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+    refused("Content-Length list", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\nhello!"),
+    refused("Content-Length with Transfer-Encoding", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    refused("Transfer-Encoding xchunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"),
+    refused("Transfer-Encoding gzip, chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+    refused("Transfer-Encoding on two lines", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    refused("Transfer-Encoding in HTTP/1.0", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    refused("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n"),
+    refused("space before the colon", b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n"),
+    refused("NUL in a value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\0c\r\n\r\n"),
+    refused("lone CR in a value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rc\r\n\r\n"),
+    refused("bare LF line end", b"GET / HTTP/1.1\nHost: a\r\n\r\n"),
+    // Content-Length past 2^63 - 1 (a signed 64-bit parser reads it as negative).
+    refused("Content-Length 2^63", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\n\r\n"),
+    refused("Content-Length 2^64 - 1", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n"),
+    // Host (RFC 9110 7.2, RFC 9112 3.2).
+    refused("missing Host", b"GET / HTTP/1.1\r\n\r\n"),
+    refused("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+    refused("Host with a space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+    refused("Host a:1:2", b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n"),
+    refused("Host port past 65535", b"GET / HTTP/1.1\r\nHost: a:99999999999\r\n\r\n"),
+    refused("Host bad IPv6 literal", b"GET / HTTP/1.1\r\nHost: [zz::1:]\r\n\r\n"),
+    passed("Host IPv6 literal", b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", &["host: [::1]:8080"], &[]),
+    passed("Connection: Host keeps Host", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Host, X-Drop\r\nX-Drop: 1\r\n\r\n", &["host: a"], &["x-drop"]),
+    // Request targets (RFC 9112 3.2).
+    refused("target without a slash", b"GET x HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("authority form without CONNECT", b"GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("asterisk form without OPTIONS", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("absolute form with userinfo", b"GET http://u@b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("absolute form, other scheme", b"GET ftp://b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+    passed("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1"], &[]),
+    passed("absolute form: its authority replaces Host", b"GET http://b.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /p?q http/1.1", "host: b.example", "x-forwarded-host: b.example"], &["host: a"]),
+    passed("absolute form without a path", b"GET http://b.example?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /?q http/1.1", "host: b.example"], &[]),
+    // Upgrade (RFC 9110 7.8): h2c is never tunnelled.
+    passed("Upgrade: websocket, h2c", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n", &["upgrade: websocket"], &["h2c"]),
+    passed("Upgrade: h2c alone", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", &[], &["upgrade"]),
+    // Forwarding headers: the client's values are kept and the proxy's go last.
+    passed("client Forwarded is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=192.0.2.1\r\n\r\n", &["forwarded: for=192.0.2.1, for=127.0.0.1;host=\"a\";proto=http"], &[]),
+    passed("client X-Forwarded-For is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n", &["x-forwarded-for: 192.0.2.1, 127.0.0.1"], &[]),
+    passed("client X-Forwarded-Host/-Proto are replaced", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n\r\n", &["x-forwarded-host: a", "x-forwarded-proto: http"], &["evil", "https"]),
+];
+
+const PROXY: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nheader_read_timeout = \"2s\"\nbody_idle_timeout = \"1s\"\n";
+
+#[tokio::test]
+async fn the_hostile_input_table() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut failures = Vec::new();
+    for row in TABLE {
+        up.take();
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(row.input).await.expect("write");
+        let (head, _) = response(&mut s, Duration::from_millis(1)).await;
+        let status = status_of(&head);
+        let got = up.take();
+        let mut problems = Vec::new();
+        if status != row.status {
+            problems.push(format!("status {status}, want {}", row.status));
+        }
+        match (row.reaches, got.as_slice()) {
+            (false, []) => {}
+            (false, _) => problems.push(format!("reached the upstream: {got:?}")),
+            (true, [h]) => {
+                let lower = h.to_ascii_lowercase();
+                for want in row.has {
+                    let want = want.to_ascii_lowercase();
+                    if !lower.lines().any(|l| l == want) {
+                        problems.push(format!("upstream head lacks {want:?}"));
+                    }
+                }
+                for bad in row.lacks {
+                    if lower.contains(&bad.to_ascii_lowercase()) {
+                        problems.push(format!("upstream head has {bad:?}"));
+                    }
+                }
+                if !problems.is_empty() {
+                    problems.push(format!("upstream head: {h:?}"));
+                }
+            }
+            (true, _) => problems.push(format!("upstream got {} heads", got.len())),
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}: {}", row.name, problems.join("; ")));
+        }
+    }
+    p.stop().await;
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// The README's table lists every row, with its status.
+#[test]
+fn the_readme_lists_the_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme
+        .split("## Hostile input")
+        .nth(1)
+        .expect("a \"Hostile input\" section");
+    for row in TABLE {
+        let line = format!("| {} |", row.name);
+        let found = section
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .unwrap_or_else(|| panic!("README lacks a row for {:?}", row.name));
+        assert!(
+            found.contains(&format!("| {} |", row.status)),
+            "README row {found:?} does not say {}",
+            row.status
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_pipelined_behind_a_refused_one_is_not_run() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, closed) = response(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(status_of(&head), 400, "{head}");
+    assert!(closed, "the connection stayed open after a refused request");
+    assert!(
+        up.take().is_empty(),
+        "the pipelined request reached the upstream"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn broken_upstream_answers_are_502_and_failures() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    // 600-999 are no HTTP status codes (RFC 9110 15).
+    assert_eq!(get(p.proxy, "/s650").await.0, 502);
+    // A head over 128 KiB is refused even when it arrives complete.
+    assert_eq!(get(p.proxy, "/bighead").await.0, 502);
+    let metrics = get(p.admin, "/metrics").await.1;
+    let failures: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_upstream_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(failures, 2.0, "{metrics}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_101_must_switch_to_a_protocol_the_client_asked_for() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /ws-h2c HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, _) = response(&mut s, Duration::from_millis(1)).await;
+    assert_eq!(status_of(&head), 502, "{head}");
+    // The protocol asked for is tunnelled.
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (head, _) = response(&mut s, Duration::from_millis(1)).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    s.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&b, b"ping");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_at_the_tunnel_idle_timeout() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}tunnel_idle_timeout = \"300ms\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (head, _) = response(&mut s, Duration::from_millis(1)).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    let mut b = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle tunnel stayed open: {end:?}"
+    );
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2, raw frames through the h2 crate
+// ---------------------------------------------------------------------------------------------
+
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    client
+}
+
+async fn h2_status(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+    end: bool,
+) -> u16 {
+    let mut c = client.clone().ready().await.expect("ready");
+    let (resp, _send) = c.send_request(req, end).expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    *client = c;
+    resp.status().as_u16()
+}
+
+#[tokio::test]
+async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut c = h2_client(p.proxy).await;
+    up.take();
+    let req = http::Request::get("http://a.example/x")
+        .header("host", "b.example")
+        .body(())
+        .expect("req");
+    assert_eq!(h2_status(&mut c, req, true).await, 400);
+    assert!(
+        up.take().is_empty(),
+        "a malformed h2 request reached the upstream"
+    );
+    let req = http::Request::get("http://a.example/x")
+        .header("host", "A.example")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(())
+        .expect("req");
+    assert_eq!(h2_status(&mut c, req, true).await, 200);
+    let heads = up.take();
+    let head = heads
+        .first()
+        .map(|h| h.to_ascii_lowercase())
+        .unwrap_or_default();
+    assert!(head.lines().any(|l| l == "cookie: a=1; b=2"), "{head}");
+    assert_eq!(head.matches("cookie:").count(), 1, "{head}");
+    let req = http::Request::post("http://a.example/x")
+        .header("content-length", "9223372036854775808")
+        .body(())
+        .expect("req");
+    // Not ended: h2 itself would refuse a stream that ends before its length.
+    assert_eq!(h2_status(&mut c, req, false).await, 400);
+    p.stop().await;
+}
+
+/// A normal GET on a fresh connection answers within 2 s.
+async fn served(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), try_get(addr, "/")).await,
+        Ok(Some((200, _)))
+    )
+}
+
+const SMALL: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nmax_connections = 4\nheader_read_timeout = \"300ms\"\nclient_send_timeout = \"300ms\"\nh2_idle_timeout = \"300ms\"\n";
+
+async fn small_proxy(up: &Recorder, extra: &str) -> TestProxy {
+    let green = dead_addr().await;
+    TestProxy::start(&format!(
+        "{SMALL}{extra}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await
+}
+
+fn upstream_failures(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_upstream_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn slowloris_leaves_normal_clients_served() {
+    let up = Recorder::start().await;
+    let p = small_proxy(&up, "").await;
+    let mut attackers = Vec::new();
+    for _ in 0..8 {
+        let addr = p.proxy;
+        attackers.push(tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return;
+            };
+            for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: "
+                .iter()
+                .cycle()
+                .take(200)
+            {
+                if s.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        served(p.proxy).await,
+        "slowloris locked a normal client out"
+    );
+    for a in attackers {
+        a.abort();
+    }
+    p.stop().await;
+}
+
+/// A socket with a small receive buffer that never reads.
+async fn non_reader(addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    sock.connect(addr).await.expect("connect")
+}
+
+#[tokio::test]
+async fn an_http1_slow_reader_is_closed_and_its_upstream_released() {
+    let up = Recorder::start().await;
+    let p = small_proxy(&up, "").await;
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut s = non_reader(p.proxy).await;
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        readers.push(s);
+    }
+    assert!(
+        served(p.proxy).await,
+        "slow readers locked a normal client out"
+    );
+    // Every endless body was let go of: the upstream connections are released.
+    let released = up.released.clone();
+    assert!(
+        eventually(10, || {
+            let r = released.clone();
+            async move { r.load(Ordering::SeqCst) == 4 }
+        })
+        .await,
+        "released {}",
+        up.released.load(Ordering::SeqCst)
+    );
+    // The client's fault: nothing is held against the upstream.
+    let metrics = get(p.admin, "/metrics").await.1;
+    assert_eq!(upstream_failures(&metrics), 0.0, "{metrics}");
+    drop(readers);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_h2_zero_window_reader_is_closed_and_its_upstream_released() {
+    let up = Recorder::start().await;
+    let p = small_proxy(&up, "").await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+        // A stream window of zero: the proxy may send headers, never a byte of body.
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("handshake");
+        let done = tokio::spawn(conn);
+        let mut c = client.ready().await.expect("ready");
+        let req = http::Request::get("http://a/big").body(()).expect("req");
+        let (resp, _) = c.send_request(req, true).expect("send");
+        conns.push((c, resp, done));
+    }
+    assert!(
+        served(p.proxy).await,
+        "zero-window readers locked a normal client out"
+    );
+    for (_, _, done) in conns.iter_mut() {
+        let end = tokio::time::timeout(Duration::from_secs(5), done).await;
+        assert!(end.is_ok(), "a stalled h2 connection stayed open");
+    }
+    let released = up.released.clone();
+    assert!(
+        eventually(10, || {
+            let r = released.clone();
+            async move { r.load(Ordering::SeqCst) == 4 }
+        })
+        .await,
+        "released {}",
+        up.released.load(Ordering::SeqCst)
+    );
+    let metrics = get(p.admin, "/metrics").await.1;
+    assert_eq!(upstream_failures(&metrics), 0.0, "{metrics}");
+    p.stop().await;
+}
+
+/// The h2 preface and an empty SETTINGS frame, then silence (PINGs would be answered by a
+/// real attacker; the proxy must not wait for them).
+const PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test]
+async fn an_idle_preface_flood_leaves_normal_clients_served() {
+    let up = Recorder::start().await;
+    let p = small_proxy(&up, "").await;
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let addr = p.proxy;
+        flood.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(PREFACE_AND_SETTINGS).await.ok()?;
+            // Read until the proxy closes: a GOAWAY (frame type 7) comes first.
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+                    Ok(Ok(n)) if n > 0 => got.extend_from_slice(&b[..n]),
+                    Ok(_) => return Some(got),
+                    Err(_) => return None,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        served(p.proxy).await,
+        "idle h2 connections locked a normal client out"
+    );
+    for f in flood {
+        let got = f.await.expect("task");
+        let got = got.expect("an idle h2 connection was never closed");
+        // Frames after the server's preface: find a GOAWAY among them.
+        let mut at = 0;
+        let mut goaway = false;
+        while at + 9 <= got.len() {
+            let len = (usize::from(got[at]) << 16)
+                | (usize::from(got[at + 1]) << 8)
+                | usize::from(got[at + 2]);
+            goaway |= got[at + 3] == 7;
+            at += 9 + len;
+        }
+        assert!(goaway, "closed without a GOAWAY");
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_connection_flood_stays_off_the_data_plane() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{SMALL}[admin]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4\nheader_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut flood = Vec::new();
+    for i in 0..40 {
+        let addr = p.admin;
+        flood.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            // Half send nothing, half open h2c and idle.
+            if i % 2 == 0 {
+                s.write_all(PREFACE_AND_SETTINGS).await.ok()?;
+            }
+            let mut b = [0u8; 1024];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), s.read(&mut b)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => return Some(()),
+                    Err(_) => return None,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The proxy's slots are its own.
+    assert!(
+        served(p.proxy).await,
+        "an admin flood took the data plane down"
+    );
+    // And the admin listener comes back as the idle ones are closed.
+    let healthy = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some((200, _)) = try_get(p.admin, "/healthz").await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(healthy.is_ok(), "the admin listener stayed full");
+    for f in flood {
+        assert!(
+            f.await.expect("task").is_some(),
+            "an idle admin connection was never closed"
+        );
+    }
+    p.stop().await;
+}
