@@ -49,6 +49,8 @@ pub struct App {
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
     pub store: StateStore,
+    /// `prometheus`/`probe` triggers and verify checks (src/analysis.rs).
+    pub analysis: crate::analysis::Analysis,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,7 @@ impl App {
             Err(e) => return Err(e),
         };
         let metrics = Arc::new(Metrics::new());
+        let analysis = crate::analysis::Analysis::new(&metrics.registry);
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
         let audit = store.audit_path();
@@ -179,6 +182,7 @@ impl App {
             tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),
             store,
+            analysis,
         }))
     }
 
@@ -550,6 +554,16 @@ impl App {
             return Err(ChangeError::Refused(format!(
                 "{}: the {to} pool has no healthy upstream; pass \"force\": true to flip anyway",
                 svc.name()
+            )));
+        }
+        if let Err(f) = crate::analysis::verify(self, svc, to).await {
+            return Err(ChangeError::Refused(format!(
+                "{}: verify[{}] ({}) failed on {to}: {}; checked {}; pass \"force\": true to flip anyway",
+                svc.name(),
+                f.index,
+                f.kind,
+                f.reason,
+                f.evaluated
             )));
         }
         if svc.config.smoke_paths.is_empty() {
