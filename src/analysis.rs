@@ -253,7 +253,10 @@ impl Analysis {
                 obj.insert("on_error".into(), json!(on_error_name(p.on_error)));
                 obj.insert("max_errors".into(), json!(p.max_errors));
                 obj.insert("interval_secs".into(), secs(p.interval));
-                obj.insert("blind".into(), json!(last.consecutive_errors >= p.max_errors));
+                obj.insert(
+                    "blind".into(),
+                    json!(last.consecutive_errors >= p.max_errors),
+                );
             }
             TriggerKind::Probe(p) => {
                 obj.insert("probe".into(), json!(probe_text(p)));
@@ -261,7 +264,10 @@ impl Analysis {
                 obj.insert("on_error".into(), json!(on_error_name(p.on_error)));
                 obj.insert("max_errors".into(), json!(p.max_errors));
                 obj.insert("interval_secs".into(), secs(p.interval));
-                obj.insert("blind".into(), json!(last.consecutive_errors >= p.max_errors));
+                obj.insert(
+                    "blind".into(),
+                    json!(last.consecutive_errors >= p.max_errors),
+                );
             }
             _ => return,
         }
@@ -394,7 +400,9 @@ pub fn probe_text(p: &ProbeCheck) -> String {
     match &p.condition {
         ProbeCondition::Status => format!("{target}: 2xx"),
         ProbeCondition::Equals(v) => format!("{target}: {ptr} == {v}"),
-        ProbeCondition::Bound(b) => format!("{target}: {ptr} not {} {}", b.op(), fmt_num(b.threshold())),
+        ProbeCondition::Bound(b) => {
+            format!("{target}: {ptr} not {} {}", b.op(), fmt_num(b.threshold()))
+        }
     }
 }
 
@@ -611,7 +619,11 @@ pub fn parse_prometheus(status: http::StatusCode, body: &[u8]) -> Outcome {
         Err(_) => {
             let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
             return err(
-                format!("HTTP {}: not a Prometheus API answer: {}", status.as_u16(), text.trim()),
+                format!(
+                    "HTTP {}: not a Prometheus API answer: {}",
+                    status.as_u16(),
+                    text.trim()
+                ),
                 false,
             );
         }
@@ -1014,8 +1026,7 @@ async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Sl
                 }
                 Err(_) => return,
             };
-            app.analysis
-                .publish(&service, index, &slot.trigger, &last);
+            app.analysis.publish(&service, index, &slot.trigger, &last);
         }
         drop(svc);
         tokio::select! {
@@ -1171,7 +1182,9 @@ mod tests {
             }
         );
         assert_eq!(
-            v(r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"+Inf"]}]}}"#),
+            v(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"+Inf"]}]}}"#
+            ),
             Outcome::Value {
                 value: f64::INFINITY,
                 detail: None
@@ -1182,22 +1195,35 @@ mod tests {
             Outcome::Empty { .. }
         ));
         assert!(matches!(
-            v(r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"NaN"]}]}}"#),
+            v(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"NaN"]}]}}"#
+            ),
             Outcome::Empty { .. }
         ));
-        match v(r#"{"status":"success","data":{"resultType":"vector","result":[{"value":[1,"1"]},{"value":[1,"2"]}]}}"#) {
-            Outcome::Error { error, config: true } => assert!(error.contains("2 series"), "{error}"),
+        match v(
+            r#"{"status":"success","data":{"resultType":"vector","result":[{"value":[1,"1"]},{"value":[1,"2"]}]}}"#,
+        ) {
+            Outcome::Error {
+                error,
+                config: true,
+            } => assert!(error.contains("2 series"), "{error}"),
             o => panic!("{o:?}"),
         }
         match v(r#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#) {
-            Outcome::Error { error, config: true } => assert!(error.contains("matrix"), "{error}"),
+            Outcome::Error {
+                error,
+                config: true,
+            } => assert!(error.contains("matrix"), "{error}"),
             o => panic!("{o:?}"),
         }
         match parse_prometheus(
             http::StatusCode::BAD_REQUEST,
             br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#,
         ) {
-            Outcome::Error { error, config: true } => {
+            Outcome::Error {
+                error,
+                config: true,
+            } => {
                 assert_eq!(error, "HTTP 400: bad_data: parse error")
             }
             o => panic!("{o:?}"),
@@ -1220,7 +1246,11 @@ mod tests {
         assert!(matches!(judge(&eq, ok, b"{}"), ProbeResult::Fail(_)));
         assert!(matches!(judge(&eq, ok, b"nope"), ProbeResult::Fail(_)));
         assert!(matches!(
-            judge(&eq, http::StatusCode::SERVICE_UNAVAILABLE, br#"{"database":"ok"}"#),
+            judge(
+                &eq,
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                br#"{"database":"ok"}"#
+            ),
             ProbeResult::Fail(_)
         ));
         let above = probe_check(Some("/pool"), ProbeCondition::Bound(Bound::Above(0.9)));

@@ -1261,7 +1261,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
     if an.prometheus_token_env.as_deref() == Some("") {
-        c.err("analysis.prometheus_token_env", "must name an environment variable");
+        c.err(
+            "analysis.prometheus_token_env",
+            "must name an environment variable",
+        );
     }
     let analysis = AnalysisConfig {
         prometheus_url: an.prometheus_url.clone(),
@@ -1675,7 +1678,10 @@ fn validate_trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<TriggerCo
         }
         "prometheus" | "probe" => {
             if t.over.is_some() {
-                c.err(&over_key, format!("not used by kind {kind_name:?} (it reads `interval`)"));
+                c.err(
+                    &over_key,
+                    format!("not used by kind {kind_name:?} (it reads `interval`)"),
+                );
             }
             match validate_analysis(c, key, &t, kind_name, false)? {
                 VerifyCheck::Prometheus(p) => TriggerKind::Prometheus(p),
@@ -1739,9 +1745,7 @@ pub fn placeholder_errors(template: &str, known: &[&str]) -> Vec<String> {
     while let Some(start) = rest.find("{{") {
         let after = &rest[start + 2..];
         let Some(end) = after.find("}}") else {
-            errors.push(format!(
-                "unclosed placeholder \"{{{{\" in {template:?}"
-            ));
+            errors.push(format!("unclosed placeholder \"{{{{\" in {template:?}"));
             break;
         };
         let name = after[..end].trim();
@@ -1787,7 +1791,11 @@ fn validate_analysis(
         }
         (None, None) => None,
     };
-    let interval = c.duration(&k("interval"), t.interval.as_deref(), Duration::from_secs(15));
+    let interval = c.duration(
+        &k("interval"),
+        t.interval.as_deref(),
+        Duration::from_secs(15),
+    );
     if interval < Duration::from_millis(100) {
         c.err(k("interval"), "must be at least 100ms");
     }
@@ -1881,7 +1889,10 @@ fn validate_analysis(
             let target = match (&t.path, &t.url) {
                 (Some(p), None) => {
                     if !p.starts_with('/') {
-                        c.err(k("path"), format!("invalid path {p:?} (must start with '/')"));
+                        c.err(
+                            k("path"),
+                            format!("invalid path {p:?} (must start with '/')"),
+                        );
                     }
                     ProbeTarget::Path(p.clone())
                 }
@@ -1895,7 +1906,9 @@ fn validate_analysis(
                     if errs.is_empty() && ok.is_none() {
                         c.err(
                             k("url"),
-                            format!("invalid URL {u:?} (expected http://host:port/path or https://...)"),
+                            format!(
+                                "invalid URL {u:?} (expected http://host:port/path or https://...)"
+                            ),
                         );
                     }
                     for m in errs {
@@ -1935,7 +1948,10 @@ fn validate_analysis(
                         (Some(v), None) => ProbeCondition::Equals(v.clone()),
                         (None, Some(b)) => ProbeCondition::Bound(b),
                         (Some(_), Some(_)) => {
-                            c.err(k("equals"), "set either `equals` or `above`/`below`, not both");
+                            c.err(
+                                k("equals"),
+                                "set either `equals` or `above`/`below`, not both",
+                            );
                             ProbeCondition::Status
                         }
                         (None, None) => {
@@ -1950,16 +1966,18 @@ fn validate_analysis(
             };
             let above_fraction = match &t.above_fraction {
                 None => 0.0,
-                Some(v) => match v.as_f64() {
-                    Some(f) if (0.0..1.0).contains(&f) => f,
-                    _ => {
-                        c.err(
+                Some(v) => {
+                    match v.as_f64() {
+                        Some(f) if (0.0..1.0).contains(&f) => f,
+                        _ => {
+                            c.err(
                             k("above_fraction"),
                             format!("{v} is out of range (a fraction from 0 up to, not including, 1)"),
                         );
-                        0.0
+                            0.0
+                        }
                     }
-                },
+                }
             };
             Some(VerifyCheck::Probe(ProbeCheck {
                 target,

@@ -479,11 +479,19 @@ fn build_fire(
             let detail = if value.is_nan() {
                 format!(
                     "{kind}: {v} (on_{} = \"fail\") for {}",
-                    if v == "empty result" { "empty" } else { "error" },
+                    if v == "empty result" {
+                        "empty"
+                    } else {
+                        "error"
+                    },
                     fmt_duration(for_)
                 )
             } else {
-                format!("{kind} {v} {} {th} for {}", p.bound.op(), fmt_duration(for_))
+                format!(
+                    "{kind} {v} {} {th} for {}",
+                    p.bound.op(),
+                    fmt_duration(for_)
+                )
             };
             (p.bound.threshold(), th, v, detail)
         }
@@ -496,7 +504,10 @@ fn build_fire(
                 _ => format!("{} failing", fmt_num(value)),
             };
             let detail = if value.is_nan() {
-                format!("{kind}: {v} (on_error = \"fail\") for {}", fmt_duration(for_))
+                format!(
+                    "{kind}: {v} (on_error = \"fail\") for {}",
+                    fmt_duration(for_)
+                )
             } else {
                 format!(
                     "{kind} {v} (fraction of upstreams) > {th} for {}",
