@@ -2152,6 +2152,123 @@ green = { upstreams = ["127.0.0.1:2"] }
     }
 
     #[test]
+    fn analysis_keys_validate() {
+        let base = r#"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+"#;
+        let good = format!(
+            "[analysis]\nprometheus_url = \"https://prom.example:9090/prefix\"\nprometheus_token_env = \"PROM_TOKEN\"\n{base}{}",
+            r#"
+[[services.verify]]
+kind = "probe"
+url = "http://checks.internal/{{service}}/{{color}}"
+[[services.verify]]
+kind = "prometheus"
+query = 'max(x{instance=~"{{ upstreams }}"})'
+below = 1
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'sum(rate(app_db_errors_total{service="{{service}}",color="{{color}}"}[1m]))'
+above = 0.5
+for = "1m"
+on_empty = "fail"
+on_error = "fail"
+max_errors = 5
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/pool"
+above = 0.9
+above_fraction = 0.25
+interval = "5s"
+"#
+        );
+        let c = from_toml_str_with_env(&good, env()).unwrap_or_else(|e| panic!("{e}"));
+        let t = &c.services[0].rollback.triggers;
+        match &t[0].kind {
+            TriggerKind::Prometheus(p) => {
+                assert_eq!(p.bound, Bound::Above(0.5));
+                assert_eq!(p.interval, Duration::from_secs(15));
+                assert_eq!(p.on_empty, OnEmpty::Fail);
+                assert_eq!(p.on_error, OnError::Fail);
+                assert_eq!(p.max_errors, 5);
+            }
+            k => panic!("{k:?}"),
+        }
+        match &t[1].kind {
+            TriggerKind::Probe(p) => {
+                assert_eq!(p.condition, ProbeCondition::Bound(Bound::Above(0.9)));
+                assert_eq!(p.above_fraction, 0.25);
+                assert_eq!(p.max_errors, 3);
+                assert_eq!(p.on_error, OnError::Hold);
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(c.services[0].verify.len(), 2);
+        assert_eq!(c.analysis.timeout, Duration::from_secs(5));
+        assert!(c.summary().contains("verify probe"), "{}", c.summary());
+
+        let bad = format!(
+            "{base}{}",
+            r#"
+[[services.verify]]
+kind = "prometheus"
+query = "up"
+above = 1
+for = "1m"
+[[services.verify]]
+kind = "probe"
+path = "/x"
+equals = "ok"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = "up{x=\"{{upstream}}\"}"
+above = 1
+below = 2
+on_error = "ignore"
+on_empty = "pass"
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/x"
+url = "http://a/b"
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.1
+query = "up"
+[[services.rollback.triggers]]
+kind = "probe"
+url = "ftp://x/{{color}}"
+above_fraction = 1
+"#
+        );
+        let errs = errors(&bad);
+        for want in [
+            "services[0].rollback.triggers[0]: kind \"prometheus\" needs [analysis] prometheus_url",
+            "services[0].verify[0].for: not used by verify checks",
+            "services[0].verify[1].json_pointer: required with `equals`",
+            "services[0].rollback.triggers[0].query: unknown placeholder {{upstream}}",
+            "services[0].rollback.triggers[0].below: set either `above` or `below`",
+            "services[0].rollback.triggers[0].on_error: invalid value \"ignore\"",
+            "services[0].rollback.triggers[0].on_empty: invalid value \"pass\"",
+            "services[0].rollback.triggers[1].url: set either `path` or `url`",
+            "services[0].rollback.triggers[2].query: not used by kind \"error_rate\"",
+            "services[0].rollback.triggers[3].url: invalid URL",
+            "services[0].rollback.triggers[3].above_fraction: 1 is out of range",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "missing {want}: {errs:#?}"
+            );
+        }
+        assert!(placeholder_errors("a{{b", QUERY_PLACEHOLDERS)[0].starts_with("unclosed"));
+    }
+
+    #[test]
     fn host_patterns() {
         assert!(host_pattern_matches("*.example.com", "a.example.com"));
         assert!(!host_pattern_matches("*.example.com", "example.com"));

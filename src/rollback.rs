@@ -1315,6 +1315,193 @@ mod tests {
         assert!(is_none(&seen[4]));
     }
 
+    fn prom(bound: Bound, for_: u64, on_empty: OnEmpty, on_error: OnError) -> TriggerConfig {
+        TriggerConfig {
+            kind: TriggerKind::Prometheus(crate::config::PromCheck {
+                query: "max(x)".into(),
+                bound,
+                interval: s(15),
+                on_empty,
+                on_error,
+                max_errors: 3,
+            }),
+            for_: s(for_),
+        }
+    }
+
+    fn ext(r: External) -> Measured {
+        Measured::External(r)
+    }
+
+    /// External readings obey the same `for`, arming and one-flip rules; missing data and
+    /// errors break a breach and never fire unless the policy says "fail".
+    #[tokio::test(start_paused = true)]
+    async fn external_readings_follow_the_engine_rules() {
+        let c = cfg(vec![prom(
+            Bound::Above(0.5),
+            3,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let mut w = ServiceWatch::new(&c);
+        let mut step = |r: External| {
+            let d = w.evaluate(&c, &ev(Instant::now(), &[ext(r)]));
+            (d, w.states()[0])
+        };
+        let (d, st) = step(External::Pending);
+        assert!(is_none(&d));
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        // Breach for 2 s, then an error: the breach is broken (inconclusive), no fire.
+        step(External::Value(0.9));
+        tokio::time::advance(s(2)).await;
+        step(External::Value(0.9));
+        tokio::time::advance(s(1)).await;
+        let (d, st) = step(External::Error { consecutive: 1 });
+        assert!(is_none(&d));
+        assert_eq!(st, TriggerState::Inconclusive { blind: false });
+        // An empty result breaks it too.
+        step(External::Value(0.9));
+        tokio::time::advance(s(2)).await;
+        let (_, st) = step(External::Empty);
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        // NaN is no data; a value at the bound is not a breach (strict).
+        let (_, st) = step(External::Value(f64::NAN));
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        let (_, st) = step(External::Value(0.5));
+        assert!(matches!(st, TriggerState::Ok { value: Some(v), .. } if v == 0.5));
+        // A held breach fires at `for`, once.
+        step(External::Value(0.7));
+        tokio::time::advance(s(2)).await;
+        assert!(is_none(&step(External::Value(0.7)).0));
+        tokio::time::advance(s(1)).await;
+        match step(External::Value(0.8)).0 {
+            Decision::Rollback(f) => {
+                assert_eq!(f.kind, "prometheus");
+                assert_eq!(f.value, 0.8);
+                assert_eq!(f.threshold, 0.5);
+                assert_eq!(f.detail, "prometheus 0.8 > 0.5 for 3s");
+            }
+            d => panic!("{d:?}"),
+        }
+        for _ in 0..10 {
+            tokio::time::advance(s(1)).await;
+            assert!(is_none(&step(External::Value(0.8)).0));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_error_hold_is_blind_and_fail_breaches() {
+        let hold = cfg(vec![prom(
+            Bound::Below(10.0),
+            0,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let fail = cfg(vec![prom(
+            Bound::Below(10.0),
+            0,
+            OnEmpty::InsufficientData,
+            OnError::Fail,
+        )]);
+        let (mut wh, mut wf) = (ServiceWatch::new(&hold), ServiceWatch::new(&fail));
+        for n in 1..=2 {
+            let m = [ext(External::Error { consecutive: n })];
+            assert!(is_none(&wh.evaluate(&hold, &ev(Instant::now(), &m))));
+            assert!(is_none(&wf.evaluate(&fail, &ev(Instant::now(), &m))));
+            assert_eq!(wh.states()[0], TriggerState::Inconclusive { blind: false });
+            assert_eq!(wf.states()[0], TriggerState::Inconclusive { blind: false });
+        }
+        for n in 3..100 {
+            tokio::time::advance(s(1)).await;
+            let m = [ext(External::Error { consecutive: n })];
+            assert!(is_none(&wh.evaluate(&hold, &ev(Instant::now(), &m))));
+            assert_eq!(wh.states()[0], TriggerState::Inconclusive { blind: true });
+        }
+        let m = [ext(External::Error { consecutive: 3 })];
+        match wf.evaluate(&fail, &ev(Instant::now(), &m)) {
+            Decision::Rollback(f) => {
+                assert!(f.value.is_nan());
+                assert_eq!(f.value_text, "3 consecutive errors");
+                assert!(f.detail.contains("on_error = \"fail\""), "{}", f.detail);
+            }
+            d => panic!("{d:?}"),
+        }
+        // A value again ends blindness; `below` breaches under the bound.
+        let m = [ext(External::Value(2.0))];
+        wh.evaluate(&hold, &ev(Instant::now(), &m));
+        assert!(matches!(wh.states()[0], TriggerState::Fired { .. }));
+    }
+
+    #[test]
+    fn on_empty_fail_and_dry_run_and_blocked_apply() {
+        let mut c = cfg(vec![prom(
+            Bound::Above(1.0),
+            0,
+            OnEmpty::Fail,
+            OnError::Hold,
+        )]);
+        let t0 = Instant::now();
+        let empty = [ext(External::Empty)];
+        let mut w = ServiceWatch::new(&c);
+        match w.evaluate(&c, &ev(t0, &empty)) {
+            Decision::Rollback(f) => assert_eq!(f.value_text, "empty result"),
+            d => panic!("{d:?}"),
+        }
+        c.dry_run = true;
+        let mut w = ServiceWatch::new(&c);
+        assert!(matches!(
+            w.evaluate(&c, &ev(t0, &empty)),
+            Decision::WouldRollback(_)
+        ));
+        assert!(is_none(&w.evaluate(&c, &ev(t0 + s(1), &empty))));
+        c.dry_run = false;
+        let mut w = ServiceWatch::new(&c);
+        let blocked = Evaluation {
+            rollback_target_healthy: false,
+            ..ev(t0, &empty)
+        };
+        assert!(matches!(w.evaluate(&c, &blocked), Decision::Blocked(_)));
+        let unarmed = Evaluation {
+            armed: false,
+            ..ev(t0, &empty)
+        };
+        let mut w = ServiceWatch::new(&c);
+        assert!(is_none(&w.evaluate(&c, &unarmed)));
+        // The probe kind: the failing fraction against above_fraction.
+        let probe = TriggerConfig {
+            kind: TriggerKind::Probe(crate::config::ProbeCheck {
+                target: crate::config::ProbeTarget::Path("/health/deps".into()),
+                json_pointer: None,
+                condition: crate::config::ProbeCondition::Status,
+                above_fraction: 0.5,
+                interval: s(5),
+                on_error: OnError::Hold,
+                max_errors: 3,
+            }),
+            for_: s(0),
+        };
+        let c = cfg(vec![probe]);
+        let mut w = ServiceWatch::new(&c);
+        assert!(is_none(
+            &w.evaluate(&c, &ev(t0, &[ext(External::Value(0.5))]))
+        ));
+        match w.evaluate(&c, &ev(t0, &[ext(External::Value(1.0))])) {
+            Decision::Rollback(f) => assert_eq!(
+                f.detail,
+                "probe 1 failing (fraction of upstreams) > 0.5 for 0s"
+            ),
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(
+            TriggerState::Inconclusive { blind: true }.to_json(
+                &c.triggers[0],
+                t0,
+                |_| String::new()
+            )["state"],
+            json!("inconclusive")
+        );
+    }
+
     #[test]
     fn fire_details() {
         let t0 = Instant::now();
