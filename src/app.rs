@@ -53,6 +53,8 @@ pub struct App {
     pub store: StateStore,
     /// Where the live colors being served came from ([`StateSource`]).
     state_source: AtomicU8,
+    /// `prometheus`/`probe` triggers and verify checks (src/analysis.rs).
+    pub analysis: crate::analysis::Analysis,
 }
 
 /// Where the live colors a replica serves came from, as `/api/status` shows it.
@@ -228,6 +230,7 @@ impl App {
             Err(e) => return Err(e),
         };
         let metrics = Arc::new(Metrics::new());
+        let analysis = crate::analysis::Analysis::new(&metrics.registry);
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
         let audit = store.audit_path();
@@ -265,6 +268,7 @@ impl App {
             writer: tokio::sync::Mutex::new(()),
             store,
             state_source: AtomicU8::new(source as u8),
+            analysis,
         }))
     }
 
@@ -758,6 +762,16 @@ impl App {
     async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
         healthy_target(svc, to)?;
         let pool = svc.pool(to);
+        if let Err(f) = crate::analysis::verify(self, svc, to).await {
+            return Err(ChangeError::Refused(format!(
+                "{}: verify[{}] ({}) failed on {to}: {}; checked {}; pass \"force\": true to flip anyway",
+                svc.name(),
+                f.index,
+                f.kind,
+                f.reason,
+                f.evaluated
+            )));
+        }
         if svc.config.smoke_paths.is_empty() {
             return Ok(());
         }

@@ -115,7 +115,18 @@ struct RawConfig {
     #[serde(default)]
     notify: RawNotify,
     #[serde(default)]
+    analysis: RawAnalysis,
+    #[serde(default)]
     services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalysis {
+    prometheus_url: Option<String>,
+    prometheus_token_env: Option<String>,
+    timeout: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +203,8 @@ struct RawService {
     smoke_paths: Option<Vec<String>>,
     health: Option<RawHealth>,
     rollback: Option<RawRollback>,
+    #[serde(default)]
+    verify: Vec<RawTrigger>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +245,18 @@ struct RawTrigger {
     #[serde(rename = "for")]
     for_: Option<String>,
     paths: Option<Vec<String>>,
+    // `prometheus` and `probe` (src/analysis.rs).
+    query: Option<String>,
+    below: Option<serde_json::Value>,
+    interval: Option<String>,
+    on_empty: Option<String>,
+    on_error: Option<String>,
+    max_errors: Option<i64>,
+    path: Option<String>,
+    url: Option<String>,
+    json_pointer: Option<String>,
+    equals: Option<serde_json::Value>,
+    above_fraction: Option<serde_json::Value>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -244,7 +269,21 @@ pub struct Config {
     pub admin: AdminConfig,
     pub state: StateConfig,
     pub notify: NotifyConfig,
+    pub analysis: AnalysisConfig,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[analysis]`: where `prometheus` triggers and verify checks send their queries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnalysisConfig {
+    /// The Prometheus HTTP API base URL (`http://` or `https://`); None: no prometheus checks.
+    pub prometheus_url: Option<String>,
+    /// The environment variable holding a bearer token for Prometheus.
+    pub prometheus_token_env: Option<String>,
+    /// Limit of one query or one probe request (connect, TLS, answer).
+    pub timeout: Duration,
+    /// PEM bundle of CAs trusted for `https://` (default: the system bundle).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -378,6 +417,123 @@ pub enum TriggerKind {
     },
     /// The live pool has no healthy upstream.
     Unhealthy,
+    /// A PromQL query's value is above or below a bound (src/analysis.rs).
+    Prometheus(PromCheck),
+    /// More than `above_fraction` of the live color's upstreams fail an HTTP check.
+    Probe(ProbeCheck),
+}
+
+/// `above` or `below` a number (strict).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Bound {
+    Above(f64),
+    Below(f64),
+}
+
+impl Bound {
+    /// The condition holds: `value > above` or `value < below`.
+    pub fn breached_by(self, value: f64) -> bool {
+        match self {
+            Bound::Above(t) => value > t,
+            Bound::Below(t) => value < t,
+        }
+    }
+
+    pub fn threshold(self) -> f64 {
+        match self {
+            Bound::Above(t) | Bound::Below(t) => t,
+        }
+    }
+
+    /// `>` or `<`.
+    pub fn op(self) -> &'static str {
+        match self {
+            Bound::Above(_) => ">",
+            Bound::Below(_) => "<",
+        }
+    }
+
+    /// `above` or `below`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Bound::Above(_) => "above",
+            Bound::Below(_) => "below",
+        }
+    }
+}
+
+/// What an empty query result means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnEmpty {
+    InsufficientData,
+    Fail,
+}
+
+/// What `max_errors` consecutive errors mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Hold,
+    Fail,
+}
+
+/// A `prometheus` trigger or verify check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromCheck {
+    /// The query template (`{{service}}`, `{{color}}`, `{{upstreams}}`).
+    pub query: String,
+    pub bound: Bound,
+    pub interval: Duration,
+    pub on_empty: OnEmpty,
+    pub on_error: OnError,
+    pub max_errors: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeTarget {
+    /// GET on every upstream of the color.
+    Path(String),
+    /// GET on this URL (`{{service}}` and `{{color}}` placeholders).
+    Url(String),
+}
+
+/// What a probe answer must satisfy besides a 2xx status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeCondition {
+    /// Any 2xx passes.
+    Status,
+    /// The value at `json_pointer` equals this one.
+    Equals(serde_json::Value),
+    /// The number at `json_pointer` is not past the bound (the bound is the failing side).
+    Bound(Bound),
+}
+
+/// A `probe` trigger or verify check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeCheck {
+    pub target: ProbeTarget,
+    pub json_pointer: Option<String>,
+    pub condition: ProbeCondition,
+    /// Fires when more than this fraction of the probed upstreams fail.
+    pub above_fraction: f64,
+    pub interval: Duration,
+    pub on_error: OnError,
+    pub max_errors: u32,
+}
+
+/// A `[[services.verify]]` check: must pass against the target color before a flip.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VerifyCheck {
+    Prometheus(PromCheck),
+    Probe(ProbeCheck),
+}
+
+impl VerifyCheck {
+    pub fn name(&self) -> &'static str {
+        match self {
+            VerifyCheck::Prometheus(_) => "prometheus",
+            VerifyCheck::Probe(_) => "probe",
+        }
+    }
 }
 
 impl TriggerKind {
@@ -387,6 +543,17 @@ impl TriggerKind {
             TriggerKind::P95Latency { .. } => "p95_latency",
             TriggerKind::Critical5xx { .. } => "critical_5xx",
             TriggerKind::Unhealthy => "unhealthy",
+            TriggerKind::Prometheus(_) => "prometheus",
+            TriggerKind::Probe(_) => "probe",
+        }
+    }
+
+    /// How often the trigger's own task evaluates it (`prometheus` and `probe` only).
+    pub fn interval(&self) -> Option<Duration> {
+        match self {
+            TriggerKind::Prometheus(p) => Some(p.interval),
+            TriggerKind::Probe(p) => Some(p.interval),
+            _ => None,
         }
     }
 
@@ -396,7 +563,9 @@ impl TriggerKind {
             TriggerKind::ErrorRate { over, .. }
             | TriggerKind::P95Latency { over, .. }
             | TriggerKind::Critical5xx { over, .. } => *over,
-            TriggerKind::Unhealthy => Duration::ZERO,
+            TriggerKind::Unhealthy | TriggerKind::Prometheus(_) | TriggerKind::Probe(_) => {
+                Duration::ZERO
+            }
         }
     }
 }
@@ -442,6 +611,8 @@ pub struct ServiceConfig {
     /// None: no active checks, every upstream counts as healthy.
     pub health: Option<HealthConfig>,
     pub rollback: RollbackConfig,
+    /// Checks on the target color before a flip (src/analysis.rs).
+    pub verify: Vec<VerifyCheck>,
 }
 
 impl ServiceConfig {
@@ -588,6 +759,18 @@ impl Config {
                         humantime::format_duration(*over)
                     ),
                     TriggerKind::Unhealthy => "live pool has no healthy upstream".to_string(),
+                    TriggerKind::Prometheus(p) => format!(
+                        "{} {} {} every {}",
+                        p.query,
+                        p.bound.op(),
+                        p.bound.threshold(),
+                        humantime::format_duration(p.interval)
+                    ),
+                    TriggerKind::Probe(p) => format!(
+                        "{} every {}",
+                        probe_summary(p),
+                        humantime::format_duration(p.interval)
+                    ),
                 };
                 let _ = writeln!(
                     s,
@@ -597,8 +780,41 @@ impl Config {
                 );
             }
         }
+        for svc in &self.services {
+            for v in &svc.verify {
+                let what = match v {
+                    VerifyCheck::Prometheus(p) => {
+                        format!("{} {} {}", p.query, p.bound.op(), p.bound.threshold())
+                    }
+                    VerifyCheck::Probe(p) => probe_summary(p),
+                };
+                let _ = writeln!(s, "  {} verify {:<10} {what}", svc.name, v.name());
+            }
+        }
+        if let Some(url) = &self.analysis.prometheus_url {
+            let _ = writeln!(
+                s,
+                "analysis: prometheus {url} (timeout {})",
+                humantime::format_duration(self.analysis.timeout)
+            );
+        }
         s
     }
+}
+
+/// `GET /health/deps on each upstream: /database == "ok"` for the summary.
+fn probe_summary(p: &ProbeCheck) -> String {
+    let target = match &p.target {
+        ProbeTarget::Path(path) => format!("GET {path} on each upstream"),
+        ProbeTarget::Url(url) => format!("GET {url}"),
+    };
+    let ptr = p.json_pointer.as_deref().unwrap_or("");
+    let cond = match &p.condition {
+        ProbeCondition::Status => "2xx".to_string(),
+        ProbeCondition::Equals(v) => format!("2xx and {ptr} == {v}"),
+        ProbeCondition::Bound(b) => format!("2xx and not {ptr} {} {}", b.op(), b.threshold()),
+    };
+    format!("{target}: {cond}")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1137,6 +1353,39 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         queue_size: c.count("notify.queue_size", n.queue_size, 1024, 1, 1_000_000) as usize,
     };
 
+    // [analysis]
+    let an = &raw.analysis;
+    if let Some(u) = &an.prometheus_url {
+        let ok = u.parse::<http::Uri>().ok().filter(|x| {
+            matches!(x.scheme_str(), Some("http") | Some("https")) && x.authority().is_some()
+        });
+        if ok.is_none() {
+            c.err(
+                "analysis.prometheus_url",
+                format!("invalid URL {u:?} (expected http://host:port or https://host:port)"),
+            );
+        }
+    }
+    if an.prometheus_token_env.as_deref() == Some("") {
+        c.err(
+            "analysis.prometheus_token_env",
+            "must name an environment variable",
+        );
+    }
+    let analysis = AnalysisConfig {
+        prometheus_url: an.prometheus_url.clone(),
+        prometheus_token_env: an.prometheus_token_env.clone(),
+        timeout: c.duration(
+            "analysis.timeout",
+            an.timeout.as_deref(),
+            Duration::from_secs(5),
+        ),
+        ca_file: an.ca_file.as_ref().map(PathBuf::from),
+    };
+    if analysis.timeout.is_zero() {
+        c.err("analysis.timeout", "must be greater than zero");
+    }
+
     // [[services]]
     let mut services = Vec::new();
     let mut names = HashSet::new();
@@ -1150,6 +1399,26 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 );
             }
             services.push(svc);
+        }
+    }
+    for (i, svc) in services.iter().enumerate() {
+        let uses_prometheus = svc
+            .rollback
+            .triggers
+            .iter()
+            .position(|t| matches!(t.kind, TriggerKind::Prometheus(_)))
+            .map(|j| format!("services[{i}].rollback.triggers[{j}]"))
+            .or_else(|| {
+                svc.verify
+                    .iter()
+                    .position(|v| matches!(v, VerifyCheck::Prometheus(_)))
+                    .map(|j| format!("services[{i}].verify[{j}]"))
+            });
+        if let (Some(key), None) = (uses_prometheus, &analysis.prometheus_url) {
+            c.err(
+                key,
+                "kind \"prometheus\" needs [analysis] prometheus_url (the Prometheus HTTP API base URL)",
+            );
         }
     }
     if services.is_empty() && c.errors.is_empty() {
@@ -1176,6 +1445,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             admin,
             state,
             notify,
+            analysis,
             services,
         })
     } else {
@@ -1313,6 +1583,12 @@ fn validate_service(c: &mut Check, key: &str, rs: RawService) -> Option<ServiceC
         None => RollbackConfig::default(),
         Some(r) => validate_rollback(c, &format!("{key}.rollback"), r),
     };
+    let mut verify = Vec::new();
+    for (i, v) in rs.verify.into_iter().enumerate() {
+        if let Some(v) = validate_verify(c, &format!("{key}.verify[{i}]"), v) {
+            verify.push(v);
+        }
+    }
     Some(ServiceConfig {
         name,
         hosts,
@@ -1323,6 +1599,7 @@ fn validate_service(c: &mut Check, key: &str, rs: RawService) -> Option<ServiceC
         smoke_paths,
         health,
         rollback,
+        verify,
     })
 }
 
@@ -1417,7 +1694,7 @@ fn validate_trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<TriggerCo
         None => {
             c.err(
                 format!("{key}.kind"),
-                "required (error_rate, p95_latency, critical_5xx or unhealthy)",
+                "required (error_rate, p95_latency, critical_5xx, unhealthy, prometheus or probe)",
             );
             return None;
         }
@@ -1505,16 +1782,38 @@ fn validate_trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<TriggerCo
             }
             TriggerKind::Unhealthy
         }
+        "prometheus" | "probe" => {
+            if t.over.is_some() {
+                c.err(
+                    &over_key,
+                    format!("not used by kind {kind_name:?} (it reads `interval`)"),
+                );
+            }
+            match validate_analysis(c, key, &t, kind_name, false)? {
+                VerifyCheck::Prometheus(p) => TriggerKind::Prometheus(p),
+                VerifyCheck::Probe(p) => TriggerKind::Probe(p),
+            }
+        }
         other => {
             c.err(
                 format!("{key}.kind"),
                 format!(
-                    "invalid trigger kind {other:?} (expected error_rate, p95_latency, critical_5xx or unhealthy)"
+                    "invalid trigger kind {other:?} (expected error_rate, p95_latency, critical_5xx, unhealthy, prometheus or probe)"
                 ),
             );
             return None;
         }
     };
+    if !matches!(kind, TriggerKind::Prometheus(_) | TriggerKind::Probe(_)) {
+        for (name, set) in analysis_keys(&t) {
+            if set {
+                c.err(
+                    format!("{key}.{name}"),
+                    format!("not used by kind {:?}", kind.name()),
+                );
+            }
+        }
+    }
     if t.paths.is_some() && !matches!(kind, TriggerKind::Critical5xx { .. }) {
         c.err(
             format!("{key}.paths"),
@@ -1522,6 +1821,299 @@ fn validate_trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<TriggerCo
         );
     }
     Some(TriggerConfig { kind, for_ })
+}
+
+/// The keys only `prometheus` and `probe` use, and whether each is set.
+fn analysis_keys(t: &RawTrigger) -> [(&'static str, bool); 10] {
+    [
+        ("query", t.query.is_some()),
+        ("below", t.below.is_some()),
+        ("interval", t.interval.is_some()),
+        ("on_empty", t.on_empty.is_some()),
+        ("on_error", t.on_error.is_some()),
+        ("max_errors", t.max_errors.is_some()),
+        ("path", t.path.is_some()),
+        ("url", t.url.is_some()),
+        ("json_pointer", t.json_pointer.is_some()),
+        ("equals", t.equals.is_some()),
+    ]
+}
+
+/// The placeholders a query template may use.
+pub const QUERY_PLACEHOLDERS: &[&str] = &["service", "color", "upstreams"];
+/// The placeholders a probe `url` may use.
+pub const URL_PLACEHOLDERS: &[&str] = &["service", "color"];
+
+/// Every `{{name}}` in `template` must be one of `known`; returns one message per problem.
+pub fn placeholder_errors(template: &str, known: &[&str]) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            errors.push(format!("unclosed placeholder \"{{{{\" in {template:?}"));
+            break;
+        };
+        let name = after[..end].trim();
+        if !known.contains(&name) {
+            let list: Vec<String> = known.iter().map(|k| format!("{{{{{k}}}}}")).collect();
+            errors.push(format!(
+                "unknown placeholder {{{{{name}}}}} (known: {})",
+                list.join(", ")
+            ));
+        }
+        rest = &after[end + 2..];
+    }
+    errors
+}
+
+/// The keys of a `prometheus` or `probe` trigger (`verify` false) or verify check.
+fn validate_analysis(
+    c: &mut Check,
+    key: &str,
+    t: &RawTrigger,
+    kind: &str,
+    verify: bool,
+) -> Option<VerifyCheck> {
+    let k = |name: &str| format!("{key}.{name}");
+    let number = |c: &mut Check, name: &str, v: &Option<serde_json::Value>| -> Option<f64> {
+        let v = v.as_ref()?;
+        match v.as_f64() {
+            Some(n) if n.is_finite() => Some(n),
+            _ => {
+                c.err(k(name), format!("must be a number, not {v}"));
+                None
+            }
+        }
+    };
+    let above = number(c, "above", &t.above);
+    let below = number(c, "below", &t.below);
+    let bound = match (above, below) {
+        (Some(a), None) => Some(Bound::Above(a)),
+        (None, Some(b)) => Some(Bound::Below(b)),
+        (Some(_), Some(_)) => {
+            c.err(k("below"), "set either `above` or `below`, not both");
+            None
+        }
+        (None, None) => None,
+    };
+    let interval = c.duration(
+        &k("interval"),
+        t.interval.as_deref(),
+        Duration::from_secs(15),
+    );
+    if interval < Duration::from_millis(100) {
+        c.err(k("interval"), "must be at least 100ms");
+    }
+    let on_error = match t.on_error.as_deref() {
+        None | Some("hold") => OnError::Hold,
+        Some("fail") => OnError::Fail,
+        Some(o) => {
+            c.err(
+                k("on_error"),
+                format!("invalid value {o:?} (expected \"hold\" or \"fail\")"),
+            );
+            OnError::Hold
+        }
+    };
+    let max_errors = c.count(&k("max_errors"), t.max_errors, 3, 1, 1000) as u32;
+    if verify {
+        let unused = [
+            ("for", t.for_.is_some()),
+            ("interval", t.interval.is_some()),
+            ("on_empty", t.on_empty.is_some()),
+            ("on_error", t.on_error.is_some()),
+            ("max_errors", t.max_errors.is_some()),
+            ("over", t.over.is_some()),
+            ("paths", t.paths.is_some()),
+        ];
+        for (name, set) in unused {
+            if set {
+                c.err(
+                    k(name),
+                    "not used by verify checks (one attempt before each flip)",
+                );
+            }
+        }
+    }
+    match kind {
+        "prometheus" => {
+            for (name, set) in [
+                ("path", t.path.is_some()),
+                ("url", t.url.is_some()),
+                ("json_pointer", t.json_pointer.is_some()),
+                ("equals", t.equals.is_some()),
+                ("above_fraction", t.above_fraction.is_some()),
+            ] {
+                if set {
+                    c.err(k(name), "not used by kind \"prometheus\"");
+                }
+            }
+            let query = match t.query.as_deref().map(str::trim) {
+                Some(q) if !q.is_empty() => q.to_string(),
+                _ => {
+                    c.err(
+                        k("query"),
+                        "required: a PromQL query, e.g. 'sum(rate(app_db_errors_total{color=\"{{color}}\"}[1m]))'",
+                    );
+                    String::new()
+                }
+            };
+            for m in placeholder_errors(&query, QUERY_PLACEHOLDERS) {
+                c.err(k("query"), m);
+            }
+            if bound.is_none() && above.is_none() && below.is_none() {
+                c.err(k("above"), "required: `above` or `below` (a number)");
+            }
+            let on_empty = match t.on_empty.as_deref() {
+                None | Some("insufficient_data") => OnEmpty::InsufficientData,
+                Some("fail") => OnEmpty::Fail,
+                Some(o) => {
+                    c.err(
+                        k("on_empty"),
+                        format!("invalid value {o:?} (expected \"insufficient_data\" or \"fail\")"),
+                    );
+                    OnEmpty::InsufficientData
+                }
+            };
+            Some(VerifyCheck::Prometheus(PromCheck {
+                query,
+                bound: bound.unwrap_or(Bound::Above(0.0)),
+                interval,
+                on_empty,
+                on_error,
+                max_errors,
+            }))
+        }
+        _ => {
+            if t.query.is_some() {
+                c.err(k("query"), "not used by kind \"probe\"");
+            }
+            if t.on_empty.is_some() && !verify {
+                c.err(k("on_empty"), "not used by kind \"probe\"");
+            }
+            let target = match (&t.path, &t.url) {
+                (Some(p), None) => {
+                    if !p.starts_with('/') {
+                        c.err(
+                            k("path"),
+                            format!("invalid path {p:?} (must start with '/')"),
+                        );
+                    }
+                    ProbeTarget::Path(p.clone())
+                }
+                (None, Some(u)) => {
+                    let errs = placeholder_errors(u, URL_PLACEHOLDERS);
+                    let bare = u.replace("{{service}}", "s").replace("{{color}}", "blue");
+                    let ok = bare.parse::<http::Uri>().ok().filter(|x| {
+                        matches!(x.scheme_str(), Some("http") | Some("https"))
+                            && x.authority().is_some()
+                    });
+                    if errs.is_empty() && ok.is_none() {
+                        c.err(
+                            k("url"),
+                            format!(
+                                "invalid URL {u:?} (expected http://host:port/path or https://...)"
+                            ),
+                        );
+                    }
+                    for m in errs {
+                        c.err(k("url"), m);
+                    }
+                    ProbeTarget::Url(u.clone())
+                }
+                (Some(_), Some(_)) => {
+                    c.err(k("url"), "set either `path` or `url`, not both");
+                    return None;
+                }
+                (None, None) => {
+                    c.err(
+                        k("path"),
+                        "required: `path` (GET on every upstream of the color) or `url`",
+                    );
+                    return None;
+                }
+            };
+            let condition = match (&t.json_pointer, &t.equals, bound) {
+                (None, None, None) => ProbeCondition::Status,
+                (None, _, _) => {
+                    c.err(
+                        k("json_pointer"),
+                        "required with `equals`, `above` or `below` (e.g. \"/checks/database\")",
+                    );
+                    ProbeCondition::Status
+                }
+                (Some(p), eq, b) => {
+                    if !(p.is_empty() || p.starts_with('/')) {
+                        c.err(
+                            k("json_pointer"),
+                            format!("invalid JSON pointer {p:?} (must start with '/', e.g. \"/database\")"),
+                        );
+                    }
+                    match (eq, b) {
+                        (Some(v), None) => ProbeCondition::Equals(v.clone()),
+                        (None, Some(b)) => ProbeCondition::Bound(b),
+                        (Some(_), Some(_)) => {
+                            c.err(
+                                k("equals"),
+                                "set either `equals` or `above`/`below`, not both",
+                            );
+                            ProbeCondition::Status
+                        }
+                        (None, None) => {
+                            c.err(
+                                k("equals"),
+                                "required with `json_pointer`: `equals`, `above` or `below`",
+                            );
+                            ProbeCondition::Status
+                        }
+                    }
+                }
+            };
+            let above_fraction = match &t.above_fraction {
+                None => 0.0,
+                Some(v) => {
+                    match v.as_f64() {
+                        Some(f) if (0.0..1.0).contains(&f) => f,
+                        _ => {
+                            c.err(
+                            k("above_fraction"),
+                            format!("{v} is out of range (a fraction from 0 up to, not including, 1)"),
+                        );
+                            0.0
+                        }
+                    }
+                }
+            };
+            Some(VerifyCheck::Probe(ProbeCheck {
+                target,
+                json_pointer: t.json_pointer.clone(),
+                condition,
+                above_fraction,
+                interval,
+                on_error,
+                max_errors,
+            }))
+        }
+    }
+}
+
+/// A `[[services.verify]]` check.
+fn validate_verify(c: &mut Check, key: &str, t: RawTrigger) -> Option<VerifyCheck> {
+    match t.kind.as_deref() {
+        Some(kind @ ("prometheus" | "probe")) => validate_analysis(c, key, &t, kind, true),
+        Some(other) => {
+            c.err(
+                format!("{key}.kind"),
+                format!("invalid verify kind {other:?} (expected prometheus or probe)"),
+            );
+            None
+        }
+        None => {
+            c.err(format!("{key}.kind"), "required (prometheus or probe)");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1663,6 +2255,123 @@ green = { upstreams = ["127.0.0.1:2"] }
         let c = from_toml_str_with_env(GOOD, Some(env)).expect("valid");
         assert_eq!(c.proxy.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.proxy.workers, Some(3));
+    }
+
+    #[test]
+    fn analysis_keys_validate() {
+        let base = r#"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+"#;
+        let good = format!(
+            "[analysis]\nprometheus_url = \"https://prom.example:9090/prefix\"\nprometheus_token_env = \"PROM_TOKEN\"\n{base}{}",
+            r#"
+[[services.verify]]
+kind = "probe"
+url = "http://checks.internal/{{service}}/{{color}}"
+[[services.verify]]
+kind = "prometheus"
+query = 'max(x{instance=~"{{ upstreams }}"})'
+below = 1
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'sum(rate(app_db_errors_total{service="{{service}}",color="{{color}}"}[1m]))'
+above = 0.5
+for = "1m"
+on_empty = "fail"
+on_error = "fail"
+max_errors = 5
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/pool"
+above = 0.9
+above_fraction = 0.25
+interval = "5s"
+"#
+        );
+        let c = from_toml_str_with_env(&good, env()).unwrap_or_else(|e| panic!("{e}"));
+        let t = &c.services[0].rollback.triggers;
+        match &t[0].kind {
+            TriggerKind::Prometheus(p) => {
+                assert_eq!(p.bound, Bound::Above(0.5));
+                assert_eq!(p.interval, Duration::from_secs(15));
+                assert_eq!(p.on_empty, OnEmpty::Fail);
+                assert_eq!(p.on_error, OnError::Fail);
+                assert_eq!(p.max_errors, 5);
+            }
+            k => panic!("{k:?}"),
+        }
+        match &t[1].kind {
+            TriggerKind::Probe(p) => {
+                assert_eq!(p.condition, ProbeCondition::Bound(Bound::Above(0.9)));
+                assert_eq!(p.above_fraction, 0.25);
+                assert_eq!(p.max_errors, 3);
+                assert_eq!(p.on_error, OnError::Hold);
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(c.services[0].verify.len(), 2);
+        assert_eq!(c.analysis.timeout, Duration::from_secs(5));
+        assert!(c.summary().contains("verify probe"), "{}", c.summary());
+
+        let bad = format!(
+            "{base}{}",
+            r#"
+[[services.verify]]
+kind = "prometheus"
+query = "up"
+above = 1
+for = "1m"
+[[services.verify]]
+kind = "probe"
+path = "/x"
+equals = "ok"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = "up{x=\"{{upstream}}\"}"
+above = 1
+below = 2
+on_error = "ignore"
+on_empty = "pass"
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/x"
+url = "http://a/b"
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.1
+query = "up"
+[[services.rollback.triggers]]
+kind = "probe"
+url = "ftp://x/{{color}}"
+above_fraction = 1
+"#
+        );
+        let errs = errors(&bad);
+        for want in [
+            "services[0].rollback.triggers[0]: kind \"prometheus\" needs [analysis] prometheus_url",
+            "services[0].verify[0].for: not used by verify checks",
+            "services[0].verify[1].json_pointer: required with `equals`",
+            "services[0].rollback.triggers[0].query: unknown placeholder {{upstream}}",
+            "services[0].rollback.triggers[0].below: set either `above` or `below`",
+            "services[0].rollback.triggers[0].on_error: invalid value \"ignore\"",
+            "services[0].rollback.triggers[0].on_empty: invalid value \"pass\"",
+            "services[0].rollback.triggers[1].url: set either `path` or `url`",
+            "services[0].rollback.triggers[2].query: not used by kind \"error_rate\"",
+            "services[0].rollback.triggers[3].url: invalid URL",
+            "services[0].rollback.triggers[3].above_fraction: 1 is out of range",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "missing {want}: {errs:#?}"
+            );
+        }
+        assert!(placeholder_errors("a{{b", QUERY_PLACEHOLDERS)[0].starts_with("unclosed"));
     }
 
     #[test]

@@ -364,8 +364,32 @@ fn print_status(v: &Value) {
                 s(t, "state"),
                 fmt(t.get("value")),
                 fmt(t.get("threshold"))
-            );
+            );            print_analysis(t);
         }
+    }
+}
+
+/// The extra lines of a `prometheus` or `probe` trigger: what it evaluates, when, and the
+/// last error or detail.
+fn print_analysis(t: &Value) {
+    let what = match (t.get("query"), t.get("probe")) {
+        (Some(Value::String(q)), _) => format!("query {q}"),
+        (_, Some(Value::String(p))) => format!("probe {p}"),
+        _ => return,
+    };
+    let mut notes = vec![format!("evaluated {}", s(t, "evaluated_at"))];
+    if t.get("blind").and_then(Value::as_bool) == Some(true) {
+        notes.push(format!(
+            "BLIND after {} errors (on_error={})",
+            s(t, "consecutive_errors"),
+            s(t, "on_error")
+        ));
+    }
+    println!("      {what}  [{}]", notes.join(", "));
+    if let Some(e) = t.get("error").and_then(Value::as_str) {
+        println!("      error: {e}");
+    } else if let Some(d) = t.get("detail").and_then(Value::as_str) {
+        println!("      {d}");
     }
 }
 

@@ -10,6 +10,7 @@
 //! lifecycle), plus the [`demo`] and [`ctl`] subcommands.
 
 pub mod admin;
+pub mod analysis;
 pub mod app;
 pub mod client;
 pub mod config;

@@ -32,7 +32,15 @@
 //! 7. **Exactly one flip.** After `Rollback` the firing trigger is `Fired` and the engine answers
 //!    `None` until [`ServiceWatch::reset`], however often it is evaluated. After a reset nothing
 //!    fires until a condition holds for its full `for` again.
-//! 8. **Never panics.** Zero requests, failures above requests, a missing measurement or one of
+//! 8. **Signals from outside** (`prometheus`, `probe`; their I/O is in [`crate::analysis`]).
+//!    Each is read from its own task's last reading ([`External`]), taken for the live color.
+//!    A value breaches by its strict bound (a probe: the fraction of failing upstreams >
+//!    `above_fraction`). No reading yet or an empty result (unless `on_empty = "fail"`) is
+//!    `InsufficientData`; an error is `Inconclusive`, and after `max_errors` consecutive errors
+//!    `on_error = "hold"` stays `Inconclusive` (blind: never fires) while `"fail"` breaches. Both
+//!    break a `for` like any evaluation without the condition; from there every rule above
+//!    applies unchanged (arming, `for`, episodes, one flip, blocked, dry run).
+//! 9. **Never panics.** Zero requests, failures above requests, a missing measurement or one of
 //!    the wrong kind (counted as no data: `InsufficientData { requests: 0 }`), a trigger list
 //!    that changed under it (its trigger states start fresh), time going backwards: all are
 //!    answered, none panics.
@@ -42,7 +50,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::config::{RollbackConfig, TriggerConfig, TriggerKind};
+use crate::config::{Bound, OnEmpty, OnError, RollbackConfig, TriggerConfig, TriggerKind};
 
 /// What the I/O side measured for one trigger at one evaluation, over that trigger's own window
 /// `over`, on the live color.
@@ -63,6 +71,21 @@ pub enum Measured {
         healthy_upstreams: usize,
         total: usize,
     },
+    /// `prometheus` and `probe`: the last reading of the trigger's own task.
+    External(External),
+}
+
+/// The last reading of a `prometheus` or `probe` trigger, taken for the live color.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum External {
+    /// No reading for this live color yet.
+    Pending,
+    /// `prometheus`: the query's value; `probe`: the fraction of probed upstreams failing.
+    Value(f64),
+    /// `prometheus`: the query returned no series (or NaN).
+    Empty,
+    /// This many consecutive errors: no answer, a bad answer, a result of the wrong shape.
+    Error { consecutive: u32 },
 }
 
 /// One evaluation of one service.
@@ -95,8 +118,12 @@ pub enum TriggerState {
         value: f64,
         requests: Option<u64>,
     },
-    /// Fewer than `min_requests` requests in the window (rate and latency triggers only).
+    /// Fewer than `min_requests` requests in the window (rate and latency triggers), or no
+    /// value (`prometheus`, `probe`: no reading yet, an empty result).
     InsufficientData { requests: u64 },
+    /// `prometheus` and `probe`: the last evaluation failed. `blind`: `max_errors` consecutive
+    /// errors with `on_error = "hold"`: the trigger cannot fire until it reads a value again.
+    Inconclusive { blind: bool },
     /// This trigger caused the rollback at `at`; it stays so until [`ServiceWatch::reset`].
     Fired {
         at: Instant,
@@ -137,6 +164,9 @@ pub struct Fire {
     pub requests: Option<u64>,
     /// One human line, e.g. `error_rate 0.312 > 0.05 over 1m for 2m (412 requests in window)`.
     pub detail: String,
+    /// `prometheus` and `probe`: the query or probe, last error and detail (added by the
+    /// caller from [`crate::analysis`]) for the event.
+    pub extra: Option<Value>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -184,6 +214,7 @@ impl ServiceWatch {
             }
             *state = match observe(cfg.min_requests, t, ev.measured.get(i)) {
                 Obs::NoData { requests } => TriggerState::InsufficientData { requests },
+                Obs::Inconclusive { blind } => TriggerState::Inconclusive { blind },
                 Obs::Clear { value, requests } => TriggerState::Ok { value, requests },
                 Obs::Breach { value, requests } => match *state {
                     TriggerState::Breaching { since, .. } => TriggerState::Breaching {
@@ -285,6 +316,9 @@ enum Obs {
     NoData {
         requests: u64,
     },
+    Inconclusive {
+        blind: bool,
+    },
     Clear {
         value: Option<f64>,
         requests: Option<u64>,
@@ -335,7 +369,47 @@ fn observe(min_requests: u64, t: &TriggerConfig, m: Option<&Measured>) -> Obs {
                 healthy_upstreams, ..
             }),
         ) => reading(healthy_upstreams as f64, None, healthy_upstreams == 0),
+        (TriggerKind::Prometheus(p), Some(&Measured::External(r))) => {
+            external(r, p.bound, p.on_empty, p.on_error, p.max_errors)
+        }
+        (TriggerKind::Probe(p), Some(&Measured::External(r))) => external(
+            r,
+            Bound::Above(p.above_fraction),
+            OnEmpty::InsufficientData,
+            p.on_error,
+            p.max_errors,
+        ),
         _ => Obs::NoData { requests: 0 },
+    }
+}
+
+/// Invariant 8. A failure without a value (empty, errors) breaches with `value` NaN (shown as
+/// null).
+fn external(r: External, bound: Bound, on_empty: OnEmpty, on_error: OnError, max: u32) -> Obs {
+    match r {
+        External::Pending => Obs::NoData { requests: 0 },
+        External::Value(v) if v.is_nan() => Obs::NoData { requests: 0 },
+        External::Value(v) if bound.breached_by(v) => Obs::Breach {
+            value: v,
+            requests: None,
+        },
+        External::Value(v) => Obs::Clear {
+            value: Some(v),
+            requests: None,
+        },
+        External::Empty if on_empty == OnEmpty::Fail => Obs::Breach {
+            value: f64::NAN,
+            requests: None,
+        },
+        External::Empty => Obs::NoData { requests: 0 },
+        External::Error { consecutive } if consecutive >= max.max(1) => match on_error {
+            OnError::Fail => Obs::Breach {
+                value: f64::NAN,
+                requests: None,
+            },
+            OnError::Hold => Obs::Inconclusive { blind: true },
+        },
+        External::Error { .. } => Obs::Inconclusive { blind: false },
     }
 }
 
@@ -393,6 +467,55 @@ fn build_fire(
             let detail = format!("{kind}: {v} for {}", fmt_duration(for_));
             (0.0, "no healthy upstream".to_string(), v, detail)
         }
+        TriggerKind::Prometheus(p) => {
+            let th = fmt_num(p.bound.threshold());
+            let v = match m {
+                Some(Measured::External(External::Empty)) => "empty result".to_string(),
+                Some(Measured::External(External::Error { consecutive })) => {
+                    format!("{consecutive} consecutive errors")
+                }
+                _ => fmt_num(value),
+            };
+            let detail = if value.is_nan() {
+                format!(
+                    "{kind}: {v} (on_{} = \"fail\") for {}",
+                    if v == "empty result" {
+                        "empty"
+                    } else {
+                        "error"
+                    },
+                    fmt_duration(for_)
+                )
+            } else {
+                format!(
+                    "{kind} {v} {} {th} for {}",
+                    p.bound.op(),
+                    fmt_duration(for_)
+                )
+            };
+            (p.bound.threshold(), th, v, detail)
+        }
+        TriggerKind::Probe(p) => {
+            let th = fmt_num(p.above_fraction);
+            let v = match m {
+                Some(Measured::External(External::Error { consecutive })) => {
+                    format!("{consecutive} consecutive errors")
+                }
+                _ => format!("{} failing", fmt_num(value)),
+            };
+            let detail = if value.is_nan() {
+                format!(
+                    "{kind}: {v} (on_error = \"fail\") for {}",
+                    fmt_duration(for_)
+                )
+            } else {
+                format!(
+                    "{kind} {v} (fraction of upstreams) > {th} for {}",
+                    fmt_duration(for_)
+                )
+            };
+            (p.above_fraction, th, v, detail)
+        }
     };
     Fire {
         trigger_index,
@@ -405,6 +528,7 @@ fn build_fire(
         for_,
         requests,
         detail,
+        extra: None,
     }
 }
 
@@ -416,6 +540,7 @@ impl TriggerState {
             TriggerState::Breaching { .. } => "breaching",
             TriggerState::InsufficientData { .. } => "insufficient_data",
             TriggerState::Fired { .. } => "fired",
+            TriggerState::Inconclusive { .. } => "inconclusive",
         }
     }
 
@@ -438,6 +563,7 @@ impl TriggerState {
                 requests,
             } => (Some(value), Some(since), requests),
             TriggerState::InsufficientData { requests } => (None, None, Some(requests)),
+            TriggerState::Inconclusive { .. } => (None, None, None),
             TriggerState::Fired {
                 at,
                 value,
@@ -457,6 +583,8 @@ impl TriggerState {
             }
             TriggerKind::Critical5xx { above, .. } => (json!(above), value.map(num)),
             TriggerKind::Unhealthy => (Value::Null, value.map(num)),
+            TriggerKind::Prometheus(p) => (num(p.bound.threshold()), value.map(num)),
+            TriggerKind::Probe(p) => (num(p.above_fraction), value.map(num)),
         };
         json!({
             "kind": trigger.kind.name(),
@@ -469,6 +597,23 @@ impl TriggerState {
             "for_secs": secs_json(trigger.for_),
             "requests": requests,
         })
+    }
+}
+
+/// A number as short as it reads: `0.5`, `12`, `0.333`.
+pub fn fmt_num(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.is_finite() {
+        let s = format!("{v:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s == "0" || s == "-0" {
+            format!("{v:e}")
+        } else {
+            s.to_string()
+        }
+    } else {
+        v.to_string()
     }
 }
 
@@ -1168,6 +1313,193 @@ mod tests {
         assert!(seen[..3].iter().all(is_none));
         assert!(matches!(seen[3], Decision::Rollback(_)));
         assert!(is_none(&seen[4]));
+    }
+
+    fn prom(bound: Bound, for_: u64, on_empty: OnEmpty, on_error: OnError) -> TriggerConfig {
+        TriggerConfig {
+            kind: TriggerKind::Prometheus(crate::config::PromCheck {
+                query: "max(x)".into(),
+                bound,
+                interval: s(15),
+                on_empty,
+                on_error,
+                max_errors: 3,
+            }),
+            for_: s(for_),
+        }
+    }
+
+    fn ext(r: External) -> Measured {
+        Measured::External(r)
+    }
+
+    /// External readings obey the same `for`, arming and one-flip rules; missing data and
+    /// errors break a breach and never fire unless the policy says "fail".
+    #[tokio::test(start_paused = true)]
+    async fn external_readings_follow_the_engine_rules() {
+        let c = cfg(vec![prom(
+            Bound::Above(0.5),
+            3,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let mut w = ServiceWatch::new(&c);
+        let mut step = |r: External| {
+            let d = w.evaluate(&c, &ev(Instant::now(), &[ext(r)]));
+            (d, w.states()[0])
+        };
+        let (d, st) = step(External::Pending);
+        assert!(is_none(&d));
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        // Breach for 2 s, then an error: the breach is broken (inconclusive), no fire.
+        step(External::Value(0.9));
+        tokio::time::advance(s(2)).await;
+        step(External::Value(0.9));
+        tokio::time::advance(s(1)).await;
+        let (d, st) = step(External::Error { consecutive: 1 });
+        assert!(is_none(&d));
+        assert_eq!(st, TriggerState::Inconclusive { blind: false });
+        // An empty result breaks it too.
+        step(External::Value(0.9));
+        tokio::time::advance(s(2)).await;
+        let (_, st) = step(External::Empty);
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        // NaN is no data; a value at the bound is not a breach (strict).
+        let (_, st) = step(External::Value(f64::NAN));
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        let (_, st) = step(External::Value(0.5));
+        assert!(matches!(st, TriggerState::Ok { value: Some(v), .. } if v == 0.5));
+        // A held breach fires at `for`, once.
+        step(External::Value(0.7));
+        tokio::time::advance(s(2)).await;
+        assert!(is_none(&step(External::Value(0.7)).0));
+        tokio::time::advance(s(1)).await;
+        match step(External::Value(0.8)).0 {
+            Decision::Rollback(f) => {
+                assert_eq!(f.kind, "prometheus");
+                assert_eq!(f.value, 0.8);
+                assert_eq!(f.threshold, 0.5);
+                assert_eq!(f.detail, "prometheus 0.8 > 0.5 for 3s");
+            }
+            d => panic!("{d:?}"),
+        }
+        for _ in 0..10 {
+            tokio::time::advance(s(1)).await;
+            assert!(is_none(&step(External::Value(0.8)).0));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_error_hold_is_blind_and_fail_breaches() {
+        let hold = cfg(vec![prom(
+            Bound::Below(10.0),
+            0,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let fail = cfg(vec![prom(
+            Bound::Below(10.0),
+            0,
+            OnEmpty::InsufficientData,
+            OnError::Fail,
+        )]);
+        let (mut wh, mut wf) = (ServiceWatch::new(&hold), ServiceWatch::new(&fail));
+        for n in 1..=2 {
+            let m = [ext(External::Error { consecutive: n })];
+            assert!(is_none(&wh.evaluate(&hold, &ev(Instant::now(), &m))));
+            assert!(is_none(&wf.evaluate(&fail, &ev(Instant::now(), &m))));
+            assert_eq!(wh.states()[0], TriggerState::Inconclusive { blind: false });
+            assert_eq!(wf.states()[0], TriggerState::Inconclusive { blind: false });
+        }
+        for n in 3..100 {
+            tokio::time::advance(s(1)).await;
+            let m = [ext(External::Error { consecutive: n })];
+            assert!(is_none(&wh.evaluate(&hold, &ev(Instant::now(), &m))));
+            assert_eq!(wh.states()[0], TriggerState::Inconclusive { blind: true });
+        }
+        let m = [ext(External::Error { consecutive: 3 })];
+        match wf.evaluate(&fail, &ev(Instant::now(), &m)) {
+            Decision::Rollback(f) => {
+                assert!(f.value.is_nan());
+                assert_eq!(f.value_text, "3 consecutive errors");
+                assert!(f.detail.contains("on_error = \"fail\""), "{}", f.detail);
+            }
+            d => panic!("{d:?}"),
+        }
+        // A value again ends blindness; `below` breaches under the bound.
+        let m = [ext(External::Value(2.0))];
+        wh.evaluate(&hold, &ev(Instant::now(), &m));
+        assert!(matches!(wh.states()[0], TriggerState::Fired { .. }));
+    }
+
+    #[test]
+    fn on_empty_fail_and_dry_run_and_blocked_apply() {
+        let mut c = cfg(vec![prom(
+            Bound::Above(1.0),
+            0,
+            OnEmpty::Fail,
+            OnError::Hold,
+        )]);
+        let t0 = Instant::now();
+        let empty = [ext(External::Empty)];
+        let mut w = ServiceWatch::new(&c);
+        match w.evaluate(&c, &ev(t0, &empty)) {
+            Decision::Rollback(f) => assert_eq!(f.value_text, "empty result"),
+            d => panic!("{d:?}"),
+        }
+        c.dry_run = true;
+        let mut w = ServiceWatch::new(&c);
+        assert!(matches!(
+            w.evaluate(&c, &ev(t0, &empty)),
+            Decision::WouldRollback(_)
+        ));
+        assert!(is_none(&w.evaluate(&c, &ev(t0 + s(1), &empty))));
+        c.dry_run = false;
+        let mut w = ServiceWatch::new(&c);
+        let blocked = Evaluation {
+            rollback_target_healthy: false,
+            ..ev(t0, &empty)
+        };
+        assert!(matches!(w.evaluate(&c, &blocked), Decision::Blocked(_)));
+        let unarmed = Evaluation {
+            armed: false,
+            ..ev(t0, &empty)
+        };
+        let mut w = ServiceWatch::new(&c);
+        assert!(is_none(&w.evaluate(&c, &unarmed)));
+        // The probe kind: the failing fraction against above_fraction.
+        let probe = TriggerConfig {
+            kind: TriggerKind::Probe(crate::config::ProbeCheck {
+                target: crate::config::ProbeTarget::Path("/health/deps".into()),
+                json_pointer: None,
+                condition: crate::config::ProbeCondition::Status,
+                above_fraction: 0.5,
+                interval: s(5),
+                on_error: OnError::Hold,
+                max_errors: 3,
+            }),
+            for_: s(0),
+        };
+        let c = cfg(vec![probe]);
+        let mut w = ServiceWatch::new(&c);
+        assert!(is_none(
+            &w.evaluate(&c, &ev(t0, &[ext(External::Value(0.5))]))
+        ));
+        match w.evaluate(&c, &ev(t0, &[ext(External::Value(1.0))])) {
+            Decision::Rollback(f) => assert_eq!(
+                f.detail,
+                "probe 1 failing (fraction of upstreams) > 0.5 for 0s"
+            ),
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(
+            TriggerState::Inconclusive { blind: true }.to_json(
+                &c.triggers[0],
+                t0,
+                |_| String::new()
+            )["state"],
+            json!("inconclusive")
+        );
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::health::stats_ticker(app.clone()));
     tasks.spawn(crate::watcher::run(app.clone()));
+    tasks.spawn(crate::analysis::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
         tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
     }

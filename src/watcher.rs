@@ -63,12 +63,13 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
         // color's traffic, and must not roll back a fresh flip. The epoch of the flip itself is
         // included (1 s granularity), so no failure after the flip is ever missed.
         let live_since = svc.flipped_at.map(|t| app.clock.epoch_at(t));
-        let measured = measure(svc, epoch, live_since);
+        let mut measured = measure(svc, epoch, live_since);
+        app.analysis.fill(svc, &mut measured);
         let target_healthy = svc
             .state
             .previous
             .is_some_and(|p| svc.pool(p).healthy_count() > 0);
-        let decision = w.engine.evaluate(
+        let mut decision = w.engine.evaluate(
             cfg,
             &Evaluation {
                 now,
@@ -77,6 +78,11 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                 measured: &measured,
             },
         );
+        if let Decision::Rollback(f) | Decision::Blocked(f) | Decision::WouldRollback(f) =
+            &mut decision
+        {
+            app.analysis.annotate(svc, f);
+        }
         let from = svc.state.active;
         let to = svc.state.previous.unwrap_or(from.other());
         match decision {
@@ -142,7 +148,12 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             .states()
             .iter()
             .zip(&cfg.triggers)
-            .map(|(s, t)| s.to_json(t, now, crate::admin::wall))
+            .enumerate()
+            .map(|(i, (s, t))| {
+                let mut v = s.to_json(t, now, crate::admin::wall);
+                app.analysis.status_fields(svc, i, t, &mut v);
+                v
+            })
             .collect();
         reports.insert(
             svc.name().to_string(),
@@ -222,12 +233,16 @@ fn measure(svc: &Service, epoch: u64, live_since: Option<u64>) -> Vec<Measured> 
                 healthy_upstreams: pool.healthy_count(),
                 total: pool.upstreams.len(),
             },
+            // Read from the trigger's own task by `Analysis::fill`.
+            TriggerKind::Prometheus(_) | TriggerKind::Probe(_) => {
+                Measured::External(crate::rollback::External::Pending)
+            }
         })
         .collect()
 }
 
 fn fire_json(f: &Fire) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "kind": f.kind,
         "threshold": f.threshold,
         "threshold_text": f.threshold_text,
@@ -236,7 +251,13 @@ fn fire_json(f: &Fire) -> serde_json::Value {
         "over_secs": f.over.as_secs(),
         "for_secs": f.for_.as_secs(),
         "requests": f.requests,
-    })
+    });
+    if let (Some(obj), Some(serde_json::Value::Object(extra))) = (v.as_object_mut(), &f.extra) {
+        for (k, x) in extra {
+            obj.insert(k.clone(), x.clone());
+        }
+    }
+    v
 }
 
 #[cfg(test)]

@@ -1,0 +1,1331 @@
+//! Analysis from the application's own signals: `prometheus` and `probe` triggers, and the
+//! `[[services.verify]]` checks that gate a flip.
+//!
+//! Each `prometheus` or `probe` trigger of a service with automatic rollback enabled gets its own
+//! task ([`run`] starts and stops them as the config and the live colors change). The task
+//! evaluates the trigger every `interval` against the live color (templating the query, or
+//! probing the color's upstreams) and keeps the last reading in the trigger's [`Slot`], tagged with
+//! the generation it was taken for. The rollback watcher reads it twice a second as an
+//! [`External`] measurement, so these triggers obey every rule of the engine
+//! ([`crate::rollback`]): armed only within `watch_for`, `for` held at every evaluation, one
+//! flip per episode, `rollback_blocked`, `dry_run`. A reading taken for another generation (a
+//! flip happened since) is not used: the trigger waits for a reading of the new live color, and
+//! the task is woken at once to take it.
+//!
+//! Missing data is a state, never a silent pass or fail: an empty result is
+//! `insufficient_data` (unless `on_empty = "fail"`); an error or timeout is `inconclusive` with
+//! its text; `max_errors` consecutive errors then follow `on_error` (`hold`: the trigger cannot
+//! fire and `switchyard_analysis_blind` says so; `fail`: it breaches). A result that is neither a
+//! scalar nor a one-element vector is an error of the query itself (`config_error` in the
+//! status, with the query).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde_json::{json, Value};
+use tokio::sync::{Notify, OnceCell};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::{
+    AnalysisConfig, Bound, Color, ProbeCheck, ProbeCondition, ProbeTarget, PromCheck,
+    TriggerConfig, TriggerKind, VerifyCheck,
+};
+use crate::rollback::{fmt_num, External, Fire, Measured};
+use crate::routing::Service;
+
+pub const ANALYSIS_BLIND: &str = "switchyard_analysis_blind";
+pub const ANALYSIS_VALUE: &str = "switchyard_analysis_value";
+pub const ANALYSIS_ERRORS_TOTAL: &str = "switchyard_analysis_errors_total";
+
+/// The largest answer read from Prometheus or a probe.
+const MAX_BODY: usize = 4 << 20;
+/// How often [`run`] reconciles the tasks with the snapshot.
+const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// Where the system's CA bundle usually is (Debian/Ubuntu, Fedora/RHEL, Alpine/macOS-like).
+const SYSTEM_CA_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// What one evaluation of a check found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// `prometheus`: the query's value; `probe`: the fraction of probed upstreams failing.
+    /// `detail`: e.g. which upstream failed and how.
+    Value { value: f64, detail: Option<String> },
+    /// `prometheus`: no series (or NaN).
+    Empty { detail: String },
+    /// No usable answer. `config`: the query itself is wrong (result shape, bad query).
+    Error { error: String, config: bool },
+}
+
+/// The last reading of one trigger, for `/api/status` and the engine.
+#[derive(Clone, Debug, Default)]
+pub struct Last {
+    /// The generation and live color the reading was taken for.
+    pub generation: Option<u64>,
+    pub color: Option<Color>,
+    pub value: Option<f64>,
+    pub empty: bool,
+    pub error: Option<String>,
+    pub config_error: bool,
+    pub detail: Option<String>,
+    pub consecutive_errors: u32,
+    pub evaluated_at: Option<SystemTime>,
+    /// The query as sent (templated), or the probed URLs.
+    pub target: Option<String>,
+}
+
+impl Last {
+    /// Folds one outcome in (the consecutive error count is the state machine's memory).
+    pub fn record(&mut self, generation: u64, color: Color, target: String, o: Outcome) {
+        if self.generation != Some(generation) {
+            self.consecutive_errors = 0;
+        }
+        self.generation = Some(generation);
+        self.color = Some(color);
+        self.target = Some(target);
+        self.evaluated_at = Some(SystemTime::now());
+        match o {
+            Outcome::Value { value, detail } => {
+                self.value = Some(value);
+                self.empty = false;
+                self.error = None;
+                self.config_error = false;
+                self.detail = detail;
+                self.consecutive_errors = 0;
+            }
+            Outcome::Empty { detail } => {
+                self.value = None;
+                self.empty = true;
+                self.error = None;
+                self.config_error = false;
+                self.detail = Some(detail);
+                self.consecutive_errors = 0;
+            }
+            Outcome::Error { error, config } => {
+                self.value = None;
+                self.empty = false;
+                self.error = Some(error);
+                self.config_error = config;
+                self.detail = None;
+                self.consecutive_errors = self.consecutive_errors.saturating_add(1);
+            }
+        }
+    }
+
+    /// The engine's view, for the live color at `generation`.
+    pub fn reading(&self, generation: u64) -> External {
+        if self.generation != Some(generation) {
+            return External::Pending;
+        }
+        if self.error.is_some() {
+            External::Error {
+                consecutive: self.consecutive_errors,
+            }
+        } else if self.empty {
+            External::Empty
+        } else {
+            match self.value {
+                Some(v) => External::Value(v),
+                None => External::Pending,
+            }
+        }
+    }
+}
+
+/// One trigger's task and its last reading.
+pub struct Slot {
+    trigger: TriggerConfig,
+    last: Mutex<Last>,
+    wake: Notify,
+    stop: CancellationToken,
+    /// The generation the supervisor last saw for the service.
+    seen_generation: Mutex<u64>,
+}
+
+impl Slot {
+    fn last(&self) -> Last {
+        self.last.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+type Key = (String, usize);
+
+/// The analysis side of the app: the trigger tasks' slots, the HTTP client, the metrics.
+pub struct Analysis {
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    tls: OnceCell<Result<Arc<rustls::ClientConfig>, String>>,
+    blind: IntGaugeVec,
+    value: GaugeVec,
+    errors_total: IntCounterVec,
+}
+
+impl Analysis {
+    /// Registers the analysis metrics in `registry`.
+    pub fn new(registry: &Registry) -> Analysis {
+        let labels = &["service", "trigger", "kind"];
+        let blind = IntGaugeVec::new(
+            Opts::new(
+                ANALYSIS_BLIND,
+                "1 while a prometheus or probe trigger has failed max_errors consecutive evaluations: with on_error = \"hold\" it cannot fire (analysis is blind).",
+            ),
+            labels,
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        let value = GaugeVec::new(
+            Opts::new(
+                ANALYSIS_VALUE,
+                "The last value of a prometheus trigger's query, or of a probe trigger the fraction of live upstreams failing it.",
+            ),
+            labels,
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        let errors_total = IntCounterVec::new(
+            Opts::new(
+                ANALYSIS_ERRORS_TOTAL,
+                "Evaluations of a prometheus or probe trigger that failed (no answer, a bad answer, a result of the wrong shape).",
+            ),
+            labels,
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        for c in [
+            Box::new(blind.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(value.clone()),
+            Box::new(errors_total.clone()),
+        ] {
+            // The names are unique constants and the registry is the app's own.
+            let _ = registry.register(c);
+        }
+        Analysis {
+            slots: Mutex::new(HashMap::new()),
+            tls: OnceCell::new(),
+            blind,
+            value,
+            errors_total,
+        }
+    }
+
+    fn slot(&self, service: &str, index: usize, trigger: &TriggerConfig) -> Option<Arc<Slot>> {
+        let slots = self.slots.lock().ok()?;
+        slots
+            .get(&(service.to_string(), index))
+            .filter(|s| s.trigger == *trigger)
+            .cloned()
+    }
+
+    /// Replaces the `External(Pending)` placeholders of `measured` (one per trigger of `svc`)
+    /// with the last readings taken for the service's current generation.
+    pub fn fill(&self, svc: &Service, measured: &mut [Measured]) {
+        for (i, t) in svc.config.rollback.triggers.iter().enumerate() {
+            if t.kind.interval().is_none() {
+                continue;
+            }
+            if let (Some(m), Some(slot)) = (measured.get_mut(i), self.slot(svc.name(), i, t)) {
+                *m = Measured::External(slot.last().reading(svc.state.generation));
+            }
+        }
+    }
+
+    /// The status fields of a `prometheus` or `probe` trigger: `query` (or `probe`), `error`,
+    /// `evaluated_at`, and more; merged into the engine's JSON for the trigger.
+    pub fn status_fields(&self, svc: &Service, index: usize, t: &TriggerConfig, out: &mut Value) {
+        let Some(obj) = out.as_object_mut() else {
+            return;
+        };
+        let last = self
+            .slot(svc.name(), index, t)
+            .map(|s| s.last())
+            .filter(|l| l.generation == Some(svc.state.generation))
+            .unwrap_or_default();
+        match &t.kind {
+            TriggerKind::Prometheus(p) => {
+                obj.insert("query".into(), json!(p.query));
+                obj.insert("comparison".into(), json!(p.bound.key()));
+                obj.insert("on_empty".into(), json!(on_empty_name(p)));
+                obj.insert("on_error".into(), json!(on_error_name(p.on_error)));
+                obj.insert("max_errors".into(), json!(p.max_errors));
+                obj.insert("interval_secs".into(), secs(p.interval));
+                obj.insert(
+                    "blind".into(),
+                    json!(last.consecutive_errors >= p.max_errors),
+                );
+            }
+            TriggerKind::Probe(p) => {
+                obj.insert("probe".into(), json!(probe_text(p)));
+                obj.insert("comparison".into(), json!("above_fraction"));
+                obj.insert("on_error".into(), json!(on_error_name(p.on_error)));
+                obj.insert("max_errors".into(), json!(p.max_errors));
+                obj.insert("interval_secs".into(), secs(p.interval));
+                obj.insert(
+                    "blind".into(),
+                    json!(last.consecutive_errors >= p.max_errors),
+                );
+            }
+            _ => return,
+        }
+        // The engine's `value` is its own (null once it fired on an error); the reading's is
+        // the last one measured.
+        obj.insert(
+            "value".into(),
+            last.value
+                .filter(|v| v.is_finite())
+                .map(|v| json!(v))
+                .unwrap_or(Value::Null),
+        );
+        obj.insert("error".into(), json!(last.error));
+        obj.insert("config_error".into(), json!(last.config_error));
+        obj.insert("consecutive_errors".into(), json!(last.consecutive_errors));
+        obj.insert("detail".into(), json!(last.detail));
+        obj.insert(
+            "evaluated_at".into(),
+            json!(last
+                .evaluated_at
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())),
+        );
+        obj.insert("evaluated".into(), json!(last.target));
+        obj.insert("color".into(), json!(last.color));
+    }
+
+    /// Adds the query (or probe), the last error and detail to a fire of a `prometheus` or
+    /// `probe` trigger, for the event.
+    pub fn annotate(&self, svc: &Service, fire: &mut Fire) {
+        let Some(t) = svc.config.rollback.triggers.get(fire.trigger_index) else {
+            return;
+        };
+        let what = match &t.kind {
+            TriggerKind::Prometheus(p) => format!("query {}", p.query),
+            TriggerKind::Probe(p) => format!("probe {}", probe_text(p)),
+            _ => return,
+        };
+        let last = self
+            .slot(svc.name(), fire.trigger_index, t)
+            .map(|s| s.last())
+            .unwrap_or_default();
+        let mut detail = format!("{}; {what}", fire.detail);
+        if let Some(d) = &last.detail {
+            detail.push_str(&format!("; {d}"));
+        }
+        if let Some(e) = &last.error {
+            detail.push_str(&format!("; last error: {e}"));
+        }
+        fire.detail = detail;
+        fire.extra = Some(json!({
+            "query": last.target,
+            "error": last.error,
+            "detail": last.detail,
+            "evaluated_at": last.evaluated_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        }));
+    }
+
+    fn publish(&self, service: &str, index: usize, t: &TriggerConfig, last: &Last) {
+        let labels = [service, &index.to_string(), t.kind.name()];
+        let max = match &t.kind {
+            TriggerKind::Prometheus(p) => p.max_errors,
+            TriggerKind::Probe(p) => p.max_errors,
+            _ => return,
+        };
+        self.blind
+            .with_label_values(&labels)
+            .set((last.consecutive_errors >= max) as i64);
+        let errors = self.errors_total.with_label_values(&labels);
+        if last.error.is_some() {
+            errors.inc();
+        }
+        match last.value {
+            Some(v) => self.value.with_label_values(&labels).set(v),
+            None => {
+                let _ = self.value.remove_label_values(&labels);
+            }
+        }
+    }
+
+    fn forget(&self, service: &str, index: usize, kind: &str) {
+        let labels = [service, &index.to_string(), kind];
+        let _ = self.blind.remove_label_values(&labels);
+        let _ = self.value.remove_label_values(&labels);
+        let _ = self.errors_total.remove_label_values(&labels);
+    }
+
+    /// The rustls client config for `https://`, built once: `ca_file`, else the system bundle.
+    async fn tls(&self, cfg: &AnalysisConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+        let ca = cfg.ca_file.clone();
+        self.tls
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || client_tls(ca.as_deref()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("TLS setup task failed: {e}")))
+            })
+            .await
+            .clone()
+    }
+}
+
+fn secs(d: Duration) -> Value {
+    if d.subsec_nanos() == 0 {
+        json!(d.as_secs())
+    } else {
+        json!(d.as_secs_f64())
+    }
+}
+
+fn on_empty_name(p: &PromCheck) -> &'static str {
+    match p.on_empty {
+        crate::config::OnEmpty::InsufficientData => "insufficient_data",
+        crate::config::OnEmpty::Fail => "fail",
+    }
+}
+
+fn on_error_name(o: crate::config::OnError) -> &'static str {
+    match o {
+        crate::config::OnError::Hold => "hold",
+        crate::config::OnError::Fail => "fail",
+    }
+}
+
+/// `GET /health/deps: /database == "ok"` for the status and events.
+pub fn probe_text(p: &ProbeCheck) -> String {
+    let target = match &p.target {
+        ProbeTarget::Path(path) => format!("GET {path}"),
+        ProbeTarget::Url(url) => format!("GET {url}"),
+    };
+    let ptr = p.json_pointer.as_deref().unwrap_or("");
+    match &p.condition {
+        ProbeCondition::Status => format!("{target}: 2xx"),
+        ProbeCondition::Equals(v) => format!("{target}: {ptr} == {v}"),
+        ProbeCondition::Bound(b) => {
+            format!("{target}: {ptr} not {} {}", b.op(), fmt_num(b.threshold()))
+        }
+    }
+}
+
+fn client_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let path = match ca_file {
+        Some(p) => p.to_path_buf(),
+        None => SYSTEM_CA_FILES
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                "no system CA bundle found; set [analysis] ca_file to a PEM file".to_string()
+            })?,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
+        // A bundle may hold certificates rustls cannot use; skip those, keep the rest.
+        let _ = roots.add(c);
+    }
+    if roots.is_empty() {
+        return Err(format!("no usable CA certificate in {}", path.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP: one connection per request (a check runs every few seconds), http or https by scheme
+// ---------------------------------------------------------------------------------------------
+
+/// GET `uri` within `timeout`: the status and body, or why not.
+async fn http_get(
+    an: &Analysis,
+    cfg: &AnalysisConfig,
+    uri: &http::Uri,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
+    let limit = humantime::format_duration(timeout);
+    match tokio::time::timeout(timeout, http_get_inner(an, cfg, uri, bearer)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {limit}")),
+    }
+}
+
+async fn http_get_inner(
+    an: &Analysis,
+    cfg: &AnalysisConfig,
+    uri: &http::Uri,
+    bearer: Option<&str>,
+) -> Result<(http::StatusCode, Bytes), String> {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        other => return Err(format!("unsupported URL scheme {other:?}")),
+    };
+    let auth = uri
+        .authority()
+        .ok_or_else(|| format!("URL {uri} has no host"))?
+        .clone();
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("cannot connect to {auth}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let mut req = http::Request::get(path)
+        .header(http::header::HOST, auth.as_str())
+        .header(http::header::USER_AGENT, "switchyard-analysis")
+        .header(http::header::ACCEPT, "application/json");
+    if let Some(t) = bearer {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request for {uri}: {e}"))?;
+    if https {
+        let tls = an.tls(cfg).await?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
+        send(TokioIo::new(stream), req).await
+    } else {
+        send(TokioIo::new(tcp), req).await
+    }
+}
+
+async fn send<T>(
+    io: TokioIo<T>,
+    req: http::Request<Empty<Bytes>>,
+) -> Result<(http::StatusCode, Bytes), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus
+// ---------------------------------------------------------------------------------------------
+
+/// The color a check looks at: its name, addresses and the service's name.
+pub struct Target<'a> {
+    pub service: &'a str,
+    pub color: Color,
+    pub svc: &'a Service,
+}
+
+/// The live color's (or a flip target's) addresses as an anchored-alternation regex for a
+/// label matcher (`instance=~"{{upstreams}}"`): regex metacharacters are put in brackets, so the
+/// text needs no backslashes and works inside any PromQL string quoting.
+pub fn upstreams_regex(addrs: &[String]) -> String {
+    addrs
+        .iter()
+        .map(|a| {
+            let mut out = String::with_capacity(a.len() + 8);
+            for ch in a.chars() {
+                match ch {
+                    ']' => out.push_str("[]]"),
+                    '.' | '[' | '+' | '*' | '?' | '(' | ')' | '|' | '{' | '}' | '$' => {
+                        out.push('[');
+                        out.push(ch);
+                        out.push(']');
+                    }
+                    _ => out.push(ch),
+                }
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// Fills `{{service}}`, `{{color}}` and `{{upstreams}}` (spaces inside the braces allowed).
+pub fn render(template: &str, service: &str, color: Color, upstreams: &[String]) -> String {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        match after[..end].trim() {
+            "service" => out.push_str(service),
+            "color" => out.push_str(color.as_str()),
+            "upstreams" => out.push_str(&upstreams_regex(upstreams)),
+            _ => out.push_str(&rest[start..start + 2 + end + 2]),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `application/x-www-form-urlencoded` value encoding.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Reads a Prometheus `/api/v1/query` answer.
+pub fn parse_prometheus(status: http::StatusCode, body: &[u8]) -> Outcome {
+    let err = |error: String, config: bool| Outcome::Error { error, config };
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return err(
+                format!(
+                    "HTTP {}: not a Prometheus API answer: {}",
+                    status.as_u16(),
+                    text.trim()
+                ),
+                false,
+            );
+        }
+    };
+    if v["status"] != "success" {
+        let kind = v["errorType"].as_str().unwrap_or("error");
+        let msg = v["error"].as_str().unwrap_or("no error text");
+        // bad_data: the query does not parse or type-check; it will not get better by itself.
+        return err(
+            format!("HTTP {}: {kind}: {msg}", status.as_u16()),
+            kind == "bad_data",
+        );
+    }
+    let data = &v["data"];
+    let sample = |pair: &Value| -> Result<f64, String> {
+        let text = pair
+            .get(1)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("malformed sample {pair}"))?;
+        text.parse::<f64>()
+            .map_err(|_| format!("malformed sample value {text:?}"))
+    };
+    let value = match data["resultType"].as_str() {
+        Some("scalar") => sample(&data["result"]),
+        Some("vector") => {
+            let series = data["result"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            match series {
+                [] => {
+                    return Outcome::Empty {
+                        detail: "the query returned no series".to_string(),
+                    }
+                }
+                [one] => sample(&one["value"]),
+                many => {
+                    return err(
+                        format!(
+                            "configuration error: the query returned {} series; it must return a scalar or a single series (aggregate it, e.g. with sum() or max())",
+                            many.len()
+                        ),
+                        true,
+                    )
+                }
+            }
+        }
+        Some(other) => {
+            return err(
+                format!(
+                    "configuration error: the query returned a {other}; it must return a scalar or a single series (an instant vector)"
+                ),
+                true,
+            )
+        }
+        None => Err("the answer has no resultType".to_string()),
+    };
+    match value {
+        Ok(v) if v.is_nan() => Outcome::Empty {
+            detail: "the query returned NaN".to_string(),
+        },
+        Ok(v) => Outcome::Value {
+            value: v,
+            detail: None,
+        },
+        Err(e) => err(e, false),
+    }
+}
+
+/// Evaluates a query for `target`: (the query as sent, the outcome).
+pub async fn query(
+    app: &App,
+    cfg: &AnalysisConfig,
+    p: &PromCheck,
+    target: &Target<'_>,
+) -> (String, Outcome) {
+    let addrs: Vec<String> = target
+        .svc
+        .pool(target.color)
+        .upstreams
+        .iter()
+        .map(|u| u.addr_label.clone())
+        .collect();
+    let q = render(&p.query, target.service, target.color, &addrs);
+    let Some(base) = &cfg.prometheus_url else {
+        return (
+            q,
+            Outcome::Error {
+                error: "no [analysis] prometheus_url".to_string(),
+                config: true,
+            },
+        );
+    };
+    let url = format!(
+        "{}/api/v1/query?query={}",
+        base.trim_end_matches('/'),
+        form_encode(&q)
+    );
+    let uri = match url.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            return (
+                q,
+                Outcome::Error {
+                    error: format!("bad query URL: {e}"),
+                    config: true,
+                },
+            )
+        }
+    };
+    let token = cfg
+        .prometheus_token_env
+        .as_deref()
+        .and_then(|k| std::env::var(k).ok())
+        .filter(|t| !t.is_empty());
+    let outcome = match http_get(&app.analysis, cfg, &uri, token.as_deref(), cfg.timeout).await {
+        Ok((status, body)) => parse_prometheus(status, &body),
+        Err(e) => Outcome::Error {
+            error: format!("prometheus {}: {e}", base),
+            config: false,
+        },
+    };
+    (q, outcome)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probes
+// ---------------------------------------------------------------------------------------------
+
+/// What one probed URL answered, judged by the check.
+#[derive(Debug, PartialEq)]
+pub enum ProbeResult {
+    Pass,
+    Fail(String),
+    Error(String),
+}
+
+/// Judges one answer: a 2xx, then the value at `json_pointer` if the check has a condition.
+pub fn judge(p: &ProbeCheck, status: http::StatusCode, body: &[u8]) -> ProbeResult {
+    if !status.is_success() {
+        return ProbeResult::Fail(format!("answered {}", status.as_u16()));
+    }
+    let Some(ptr) = &p.json_pointer else {
+        return ProbeResult::Pass;
+    };
+    let doc: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return ProbeResult::Fail(format!("answer is not JSON: {e}")),
+    };
+    let Some(found) = doc.pointer(ptr) else {
+        return ProbeResult::Fail(format!("no value at {ptr}"));
+    };
+    match &p.condition {
+        ProbeCondition::Status => ProbeResult::Pass,
+        ProbeCondition::Equals(want) => {
+            if json_equal(found, want) {
+                ProbeResult::Pass
+            } else {
+                ProbeResult::Fail(format!("{ptr} = {found} (want {want})"))
+            }
+        }
+        ProbeCondition::Bound(b) => match found.as_f64() {
+            Some(v) if b.breached_by(v) => ProbeResult::Fail(format!(
+                "{ptr} = {} {} {}",
+                fmt_num(v),
+                b.op(),
+                fmt_num(b.threshold())
+            )),
+            Some(_) => ProbeResult::Pass,
+            None => ProbeResult::Fail(format!("{ptr} = {found} is not a number")),
+        },
+    }
+}
+
+/// Numbers compare by value (`1` equals `1.0`); everything else exactly.
+fn json_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Sums per-URL results: the failing fraction of those that answered; all errors is an error.
+pub fn probe_outcome(results: &[(String, ProbeResult)]) -> Outcome {
+    let (mut pass, mut fail) = (0usize, 0usize);
+    let mut notes = Vec::new();
+    let mut errors = Vec::new();
+    for (url, r) in results {
+        match r {
+            ProbeResult::Pass => pass += 1,
+            ProbeResult::Fail(why) => {
+                fail += 1;
+                notes.push(format!("{url}: {why}"));
+            }
+            ProbeResult::Error(why) => errors.push(format!("{url}: {why}")),
+        }
+    }
+    if pass + fail == 0 {
+        let error = if errors.is_empty() {
+            "nothing to probe".to_string()
+        } else {
+            errors.join("; ")
+        };
+        return Outcome::Error {
+            error,
+            config: false,
+        };
+    }
+    notes.extend(errors.iter().map(|e| format!("{e} (not counted)")));
+    let mut detail = format!("{fail} of {} failing", pass + fail);
+    if !notes.is_empty() {
+        detail.push_str(": ");
+        detail.push_str(&notes.join("; "));
+    }
+    Outcome::Value {
+        value: fail as f64 / (pass + fail) as f64,
+        detail: Some(detail),
+    }
+}
+
+/// The URLs a probe GETs for `target`: `path` on each healthy upstream of the color, or `url`.
+fn probe_urls(p: &ProbeCheck, target: &Target<'_>) -> Vec<String> {
+    match &p.target {
+        ProbeTarget::Url(u) => vec![render(u, target.service, target.color, &[])],
+        ProbeTarget::Path(path) => target
+            .svc
+            .pool(target.color)
+            .upstreams
+            .iter()
+            .filter(|u| u.is_healthy())
+            .map(|u| format!("http://{}{path}", u.addr_label))
+            .collect(),
+    }
+}
+
+/// Probes `target`: (the URLs probed, the outcome).
+pub async fn probe(
+    app: &App,
+    cfg: &AnalysisConfig,
+    p: &ProbeCheck,
+    target: &Target<'_>,
+) -> (String, Outcome) {
+    let urls = probe_urls(p, target);
+    if urls.is_empty() {
+        return (
+            String::new(),
+            Outcome::Error {
+                error: format!("the {} pool has no healthy upstream to probe", target.color),
+                config: false,
+            },
+        );
+    }
+    let one = |url: String| async move {
+        let r = match url.parse::<http::Uri>() {
+            Err(e) => ProbeResult::Error(format!("bad URL: {e}")),
+            Ok(uri) => match http_get(&app.analysis, cfg, &uri, None, cfg.timeout).await {
+                Ok((status, body)) => judge(p, status, &body),
+                Err(e) => ProbeResult::Error(e),
+            },
+        };
+        (url, r)
+    };
+    let results: Vec<(String, ProbeResult)> =
+        futures_join_all(urls.iter().cloned().map(one).collect()).await;
+    (urls.join(" "), probe_outcome(&results))
+}
+
+/// Runs futures concurrently on this task and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trigger tasks
+// ---------------------------------------------------------------------------------------------
+
+/// Keeps one task per `prometheus`/`probe` trigger of every service with automatic rollback
+/// enabled, and wakes a trigger's task when its service's live color changes.
+pub async fn run(app: Arc<App>) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = app.shutdown.cancelled() => break,
+        }
+        sync(&app);
+    }
+    if let Ok(mut slots) = app.analysis.slots.lock() {
+        for (_, s) in slots.drain() {
+            s.stop.cancel();
+        }
+    }
+}
+
+fn sync(app: &Arc<App>) {
+    let snap = app.snapshot();
+    let mut wanted: HashMap<Key, (TriggerConfig, u64)> = HashMap::new();
+    for svc in &snap.services {
+        let r = &svc.config.rollback;
+        if !r.enabled {
+            continue;
+        }
+        for (i, t) in r.triggers.iter().enumerate() {
+            if t.kind.interval().is_some() {
+                wanted.insert(
+                    (svc.name().to_string(), i),
+                    (t.clone(), svc.state.generation),
+                );
+            }
+        }
+    }
+    let Ok(mut slots) = app.analysis.slots.lock() else {
+        return;
+    };
+    slots.retain(|key, slot| {
+        let keep = wanted.get(key).is_some_and(|(t, _)| *t == slot.trigger);
+        if !keep {
+            slot.stop.cancel();
+            app.analysis.forget(&key.0, key.1, slot.trigger.kind.name());
+        }
+        keep
+    });
+    for (key, (trigger, generation)) in wanted {
+        match slots.get(&key) {
+            Some(slot) => {
+                if let Ok(mut seen) = slot.seen_generation.lock() {
+                    if *seen != generation {
+                        *seen = generation;
+                        slot.wake.notify_one();
+                    }
+                }
+            }
+            None => {
+                let slot = Arc::new(Slot {
+                    trigger,
+                    last: Mutex::new(Last::default()),
+                    wake: Notify::new(),
+                    stop: app.shutdown.child_token(),
+                    seen_generation: Mutex::new(generation),
+                });
+                tokio::spawn(trigger_task(
+                    app.clone(),
+                    key.0.clone(),
+                    key.1,
+                    slot.clone(),
+                ));
+                slots.insert(key, slot);
+            }
+        }
+    }
+}
+
+async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Slot>) {
+    let Some(interval) = slot.trigger.kind.interval() else {
+        return;
+    };
+    loop {
+        let snap = app.snapshot();
+        let Some(svc) = snap.service(&service).cloned() else {
+            return;
+        };
+        let cfg = snap.config.analysis.clone();
+        drop(snap);
+        let generation = svc.state.generation;
+        let color = svc.state.active;
+        let target = Target {
+            service: &service,
+            color,
+            svc: &svc,
+        };
+        let evaluated = tokio::select! {
+            r = evaluate(&app, &cfg, &slot.trigger.kind, &target) => r,
+            _ = slot.stop.cancelled() => return,
+        };
+        if let Some((text, outcome)) = evaluated {
+            if let Outcome::Error { error, .. } = &outcome {
+                tracing::warn!(service = %service, trigger = index, kind = slot.trigger.kind.name(), error = %error, "analysis check failed: the trigger is inconclusive");
+            }
+            let last = match slot.last.lock() {
+                Ok(mut l) => {
+                    l.record(generation, color, text, outcome);
+                    l.clone()
+                }
+                Err(_) => return,
+            };
+            app.analysis.publish(&service, index, &slot.trigger, &last);
+        }
+        drop(svc);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = slot.wake.notified() => {}
+            _ = slot.stop.cancelled() => return,
+        }
+    }
+}
+
+async fn evaluate(
+    app: &App,
+    cfg: &AnalysisConfig,
+    kind: &TriggerKind,
+    target: &Target<'_>,
+) -> Option<(String, Outcome)> {
+    match kind {
+        TriggerKind::Prometheus(p) => Some(query(app, cfg, p, target).await),
+        TriggerKind::Probe(p) => Some(probe(app, cfg, p, target).await),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verify checks (before a flip)
+// ---------------------------------------------------------------------------------------------
+
+/// A verify check that did not pass, for the 409.
+#[derive(Clone, Debug)]
+pub struct VerifyFailure {
+    pub index: usize,
+    pub kind: &'static str,
+    /// The query as sent, or the probed URLs.
+    pub evaluated: String,
+    pub value: Option<f64>,
+    pub reason: String,
+}
+
+impl VerifyFailure {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "index": self.index,
+            "kind": self.kind,
+            "evaluated": self.evaluated,
+            "value": self.value.filter(|v| v.is_finite()),
+            "reason": self.reason,
+        })
+    }
+}
+
+/// Runs every `[[services.verify]]` check of `svc` against `to`, in order; the first failure.
+pub async fn verify(app: &App, svc: &Service, to: Color) -> Result<(), VerifyFailure> {
+    if svc.config.verify.is_empty() {
+        return Ok(());
+    }
+    let cfg = app.snapshot().config.analysis.clone();
+    let target = Target {
+        service: svc.name(),
+        color: to,
+        svc,
+    };
+    for (index, check) in svc.config.verify.iter().enumerate() {
+        let (evaluated, outcome, bound) = match check {
+            VerifyCheck::Prometheus(p) => {
+                let (q, o) = query(app, &cfg, p, &target).await;
+                (q, o, p.bound)
+            }
+            VerifyCheck::Probe(p) => {
+                let (u, o) = probe(app, &cfg, p, &target).await;
+                (u, o, Bound::Above(p.above_fraction))
+            }
+        };
+        let fail = |value: Option<f64>, reason: String| VerifyFailure {
+            index,
+            kind: check.name(),
+            evaluated: evaluated.clone(),
+            value,
+            reason,
+        };
+        match outcome {
+            Outcome::Value { value, detail } if bound.breached_by(value) => {
+                let what = match check {
+                    VerifyCheck::Prometheus(_) => format!(
+                        "value {} {} {}",
+                        fmt_num(value),
+                        bound.op(),
+                        fmt_num(bound.threshold())
+                    ),
+                    VerifyCheck::Probe(_) => detail.unwrap_or_else(|| "failing".to_string()),
+                };
+                return Err(fail(Some(value), what));
+            }
+            Outcome::Value { .. } => {}
+            Outcome::Empty { detail } => {
+                return Err(fail(None, format!("no data: {detail}")));
+            }
+            Outcome::Error { error, .. } => return Err(fail(None, format!("error: {error}"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe_check(ptr: Option<&str>, condition: ProbeCondition) -> ProbeCheck {
+        ProbeCheck {
+            target: ProbeTarget::Path("/health/deps".into()),
+            json_pointer: ptr.map(str::to_string),
+            condition,
+            above_fraction: 0.0,
+            interval: Duration::from_secs(5),
+            on_error: crate::config::OnError::Hold,
+            max_errors: 3,
+        }
+    }
+
+    #[test]
+    fn upstreams_become_a_regex_without_backslashes() {
+        let r = upstreams_regex(&["127.0.0.1:3001".into(), "[::1]:3002".into()]);
+        assert_eq!(r, "127[.]0[.]0[.]1:3001|[[]::1[]]:3002");
+        assert!(!r.contains('\\'));
+    }
+
+    #[test]
+    fn templates_fill_known_placeholders() {
+        let q = render(
+            r#"sum(rate(x{svc="{{service}}",color="{{ color }}",instance=~"{{upstreams}}"}[1m]))"#,
+            "api",
+            Color::Green,
+            &["10.0.0.1:80".into()],
+        );
+        assert_eq!(
+            q,
+            r#"sum(rate(x{svc="api",color="green",instance=~"10[.]0[.]0[.]1:80"}[1m]))"#
+        );
+        // An unknown one (rejected by `check`) is left as written.
+        assert_eq!(render("a{{x}}b", "s", Color::Blue, &[]), "a{{x}}b");
+        assert_eq!(render("a{{b", "s", Color::Blue, &[]), "a{{b");
+        assert_eq!(form_encode("a b{c=\"d\"}"), "a%20b%7Bc%3D%22d%22%7D");
+    }
+
+    #[test]
+    fn prometheus_answers() {
+        let ok = http::StatusCode::OK;
+        let v = |s: &str| parse_prometheus(ok, s.as_bytes());
+        assert_eq!(
+            v(r#"{"status":"success","data":{"resultType":"scalar","result":[1,"0.5"]}}"#),
+            Outcome::Value {
+                value: 0.5,
+                detail: None
+            }
+        );
+        assert_eq!(
+            v(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"+Inf"]}]}}"#
+            ),
+            Outcome::Value {
+                value: f64::INFINITY,
+                detail: None
+            }
+        );
+        assert!(matches!(
+            v(r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#),
+            Outcome::Empty { .. }
+        ));
+        assert!(matches!(
+            v(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"NaN"]}]}}"#
+            ),
+            Outcome::Empty { .. }
+        ));
+        match v(
+            r#"{"status":"success","data":{"resultType":"vector","result":[{"value":[1,"1"]},{"value":[1,"2"]}]}}"#,
+        ) {
+            Outcome::Error {
+                error,
+                config: true,
+            } => assert!(error.contains("2 series"), "{error}"),
+            o => panic!("{o:?}"),
+        }
+        match v(r#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#) {
+            Outcome::Error {
+                error,
+                config: true,
+            } => assert!(error.contains("matrix"), "{error}"),
+            o => panic!("{o:?}"),
+        }
+        match parse_prometheus(
+            http::StatusCode::BAD_REQUEST,
+            br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#,
+        ) {
+            Outcome::Error {
+                error,
+                config: true,
+            } => {
+                assert_eq!(error, "HTTP 400: bad_data: parse error")
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            parse_prometheus(http::StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>"),
+            Outcome::Error { config: false, .. }
+        ));
+    }
+
+    #[test]
+    fn probe_judgement() {
+        let ok = http::StatusCode::OK;
+        let eq = probe_check(Some("/database"), ProbeCondition::Equals(json!("ok")));
+        assert_eq!(judge(&eq, ok, br#"{"database":"ok"}"#), ProbeResult::Pass);
+        assert_eq!(
+            judge(&eq, ok, br#"{"database":"down"}"#),
+            ProbeResult::Fail(r#"/database = "down" (want "ok")"#.into())
+        );
+        assert!(matches!(judge(&eq, ok, b"{}"), ProbeResult::Fail(_)));
+        assert!(matches!(judge(&eq, ok, b"nope"), ProbeResult::Fail(_)));
+        assert!(matches!(
+            judge(
+                &eq,
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                br#"{"database":"ok"}"#
+            ),
+            ProbeResult::Fail(_)
+        ));
+        let above = probe_check(Some("/pool"), ProbeCondition::Bound(Bound::Above(0.9)));
+        assert_eq!(judge(&above, ok, br#"{"pool":0.5}"#), ProbeResult::Pass);
+        assert_eq!(
+            judge(&above, ok, br#"{"pool":0.95}"#),
+            ProbeResult::Fail("/pool = 0.95 > 0.9".into())
+        );
+        let num = probe_check(Some("/n"), ProbeCondition::Equals(json!(1)));
+        assert_eq!(judge(&num, ok, br#"{"n":1.0}"#), ProbeResult::Pass);
+        let status = probe_check(None, ProbeCondition::Status);
+        assert_eq!(judge(&status, ok, b"anything"), ProbeResult::Pass);
+    }
+
+    #[test]
+    fn probe_fraction_counts_answers_only() {
+        let r = probe_outcome(&[
+            ("a".into(), ProbeResult::Pass),
+            ("b".into(), ProbeResult::Fail("x".into())),
+            ("c".into(), ProbeResult::Error("refused".into())),
+        ]);
+        match r {
+            Outcome::Value { value, detail } => {
+                assert_eq!(value, 0.5);
+                let d = detail.unwrap_or_default();
+                assert!(d.starts_with("1 of 2 failing: b: x"), "{d}");
+                assert!(d.contains("c: refused (not counted)"), "{d}");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            probe_outcome(&[("c".into(), ProbeResult::Error("refused".into()))]),
+            Outcome::Error { .. }
+        ));
+    }
+
+    /// The per-trigger state machine: consecutive errors count up and reset on any answer; a
+    /// reading for another generation is Pending.
+    #[test]
+    fn last_reading_state_machine() {
+        let mut l = Last::default();
+        assert_eq!(l.reading(1), External::Pending);
+        let e = || Outcome::Error {
+            error: "timed out".into(),
+            config: false,
+        };
+        l.record(1, Color::Green, "q".into(), e());
+        l.record(1, Color::Green, "q".into(), e());
+        assert_eq!(l.reading(1), External::Error { consecutive: 2 });
+        assert_eq!(l.reading(2), External::Pending);
+        l.record(
+            1,
+            Color::Green,
+            "q".into(),
+            Outcome::Empty {
+                detail: "none".into(),
+            },
+        );
+        assert_eq!(l.reading(1), External::Empty);
+        l.record(1, Color::Green, "q".into(), e());
+        assert_eq!(l.reading(1), External::Error { consecutive: 1 });
+        l.record(
+            1,
+            Color::Green,
+            "q".into(),
+            Outcome::Value {
+                value: 0.7,
+                detail: None,
+            },
+        );
+        assert_eq!(l.reading(1), External::Value(0.7));
+        assert_eq!(l.error, None);
+        // A new generation starts the error count afresh.
+        l.record(1, Color::Green, "q".into(), e());
+        l.record(2, Color::Blue, "q".into(), e());
+        assert_eq!(l.reading(2), External::Error { consecutive: 1 });
+    }
+}

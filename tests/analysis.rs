@@ -1,0 +1,759 @@
+//! `prometheus` and `probe` triggers and `[[services.verify]]` checks, end to end: a real
+//! Prometheus (the `prometheus` binary) scraping a small exporter the test controls every second,
+//! real upstream servers whose deep health answer the test changes, faults made for real (kill -9,
+//! a listener that never answers).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// An exporter: serves whatever text exposition the test sets, on every scrape.
+struct Exporter {
+    addr: SocketAddr,
+    text: Arc<Mutex<String>>,
+}
+
+impl Exporter {
+    async fn start(text: &str) -> Exporter {
+        let text = Arc::new(Mutex::new(text.to_string()));
+        let t = text.clone();
+        let addr = raw_upstream(move |_head| {
+            let body = t.lock().expect("lock").clone();
+            Raw::Answer(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        })
+        .await;
+        Exporter { addr, text }
+    }
+
+    fn set(&self, text: &str) {
+        *self.text.lock().expect("lock") = text.to_string();
+    }
+}
+
+/// A real Prometheus scraping `target` every second; killed (SIGKILL) when dropped.
+struct Prometheus {
+    child: Option<tokio::process::Child>,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = tokio::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start prometheus (is the `prometheus` binary installed?)");
+        let p = Prometheus {
+            child: Some(child),
+            addr,
+            _dir: dir,
+        };
+        let ready = eventually(60, || async {
+            matches!(try_get(addr, "/-/ready").await, Some((200, _)))
+        })
+        .await;
+        assert!(ready, "prometheus did not become ready on {addr}");
+        // At least one successful scrape of the exporter.
+        let scraped =
+            eventually(60, || async { p.query("up").await.as_deref() == Some("1") }).await;
+        assert!(scraped, "prometheus did not scrape the exporter {target}");
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The value of a one-series instant query, as text.
+    async fn query(&self, q: &str) -> Option<String> {
+        let path = format!("/api/v1/query?query={}", enc(q));
+        let (status, body) = try_get(self.addr, &path).await?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let r = v["data"]["result"].as_array()?;
+        if r.len() != 1 {
+            return None;
+        }
+        r[0]["value"][1].as_str().map(str::to_string)
+    }
+
+    /// Waits until Prometheus has scraped `q` at the value `want`.
+    async fn wait_for(&self, q: &str, want: &str) {
+        let ok = eventually(30, || async {
+            self.query(q).await.as_deref() == Some(want)
+        })
+        .await;
+        assert!(ok, "prometheus never saw {q} = {want}");
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+            let _ = c.wait().await;
+        }
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// An upstream with a deep health endpoint `/health/deps` whose JSON the test sets.
+struct DeepUpstream {
+    addr: SocketAddr,
+    deps: Arc<Mutex<Value>>,
+}
+
+impl DeepUpstream {
+    async fn start() -> DeepUpstream {
+        let deps = Arc::new(Mutex::new(json!({"database": "ok", "payments": "ok"})));
+        let d = deps.clone();
+        let addr = raw_upstream(move |head| {
+            let (status, body) = if head.starts_with("GET /health/deps ") {
+                (200, d.lock().expect("lock").to_string())
+            } else {
+                (200, "ok\n".to_string())
+            };
+            Raw::Answer(
+                format!(
+                    "HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        })
+        .await;
+        DeepUpstream { addr, deps }
+    }
+
+    fn set(&self, key: &str, value: &str) {
+        self.deps.lock().expect("lock")[key] = json!(value);
+    }
+}
+
+/// A listener that accepts connections and never answers (a hung Prometheus).
+async fn silent_listener() -> SocketAddr {
+    raw_upstream(|_head| Raw::Hold(Arc::new(std::sync::atomic::AtomicUsize::new(0)))).await
+}
+
+fn two_colors(
+    name: &str,
+    prefix: &str,
+    blue: &[SocketAddr],
+    green: &[SocketAddr],
+    extra: &str,
+) -> String {
+    let list = |a: &[SocketAddr]| {
+        a.iter()
+            .map(|x| format!("\"{x}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "\n[[services]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nblue = {{ upstreams = [{}] }}\ngreen = {{ upstreams = [{}] }}\n{extra}\n",
+        list(blue),
+        list(green)
+    )
+}
+
+fn trigger_of(svc: &Value, i: usize) -> Value {
+    svc["triggers"][i].clone()
+}
+
+async fn auto_rollbacks(p: &TestProxy, service: &str) -> Vec<Value> {
+    p.events()
+        .await
+        .into_iter()
+        .filter(|e| e["service"] == service && e["reason"] == "auto_rollback")
+        .collect()
+}
+
+/// Waits until the service's trigger `i` was evaluated (for the current live color) and
+/// satisfies `f`.
+async fn wait_trigger(p: &TestProxy, service: &str, i: usize, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let t = trigger_of(&p.service_status(service).await, i);
+        if !t["evaluated_at"].is_null() && f(&t) {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{service} trigger {i} never matched; last: {t:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn flip(p: &TestProxy, service: &str, to: &str, force: bool) -> (u16, Value) {
+    admin_post(
+        p.admin,
+        &format!("/api/services/{service}/flip"),
+        Some(TOKEN),
+        Some(json!({ "to": to, "force": force })),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus triggers
+// ---------------------------------------------------------------------------------------------
+
+/// A query crossing its threshold rolls back (within for + interval + scrape), and `{{color}}`
+/// selects only the live color's series: the idle color's high value never fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_query_crossing_its_threshold_rolls_back() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let exp =
+        Exporter::start("app_db_errors{color=\"blue\"} 0\napp_db_errors{color=\"green\"} 0\n")
+            .await;
+    let prom = Prometheus::start(exp.addr).await;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"{}\"\ntimeout = \"2s\"\n{}",
+        prom.url(),
+        two_colors(
+            "api",
+            "/",
+            &[blue.addr],
+            &[green.addr],
+            r#"
+[services.rollback]
+watch_for = "10m"
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'max(app_db_errors{color="{{color}}"})'
+above = 0.5
+interval = "1s"
+for = "2s"
+"#
+        )
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| {
+        t["state"] == "ok" && t["value"] == json!(0.0)
+    })
+    .await;
+    assert_eq!(t["kind"], "prometheus");
+    assert_eq!(t["query"], r#"max(app_db_errors{color="{{color}}"})"#);
+    assert_eq!(t["evaluated"], r#"max(app_db_errors{color="green"})"#);
+    assert_eq!(t["error"], Value::Null);
+    assert_eq!(t["threshold"], json!(0.5));
+
+    // The idle color (blue) goes bad: the live color's query does not see it.
+    exp.set("app_db_errors{color=\"blue\"} 9\napp_db_errors{color=\"green\"} 0\n");
+    prom.wait_for("max(app_db_errors{color=\"blue\"})", "9")
+        .await;
+    let seen = p.service_status("api").await["triggers"][0]["evaluated_at"].clone();
+    wait_trigger(&p, "api", 0, |t| {
+        t["evaluated_at"] != seen && t["state"] == "ok"
+    })
+    .await;
+    let seen = p.service_status("api").await["triggers"][0]["evaluated_at"].clone();
+    wait_trigger(&p, "api", 0, |t| {
+        t["evaluated_at"] != seen && t["value"] == json!(0.0)
+    })
+    .await;
+    assert!(auto_rollbacks(&p, "api").await.is_empty());
+    assert_eq!(p.service_status("api").await["active"], "green");
+
+    // The live color goes bad: rolled back to blue, the event names the trigger and the value.
+    exp.set("app_db_errors{color=\"blue\"} 9\napp_db_errors{color=\"green\"} 3\n");
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(
+        rolled,
+        "no automatic rollback: {:#}",
+        p.service_status("api").await
+    );
+    let ev = auto_rollbacks(&p, "api").await.remove(0);
+    assert_eq!(ev["from"], "green");
+    assert_eq!(ev["to"], "blue");
+    assert_eq!(ev["trigger"]["kind"], "prometheus");
+    assert_eq!(ev["trigger"]["threshold"], json!(0.5));
+    assert_eq!(ev["trigger"]["value"], json!(3.0));
+    assert_eq!(
+        ev["trigger"]["query"],
+        r#"max(app_db_errors{color="green"})"#
+    );
+    let detail = ev["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("prometheus 3 > 0.5"), "{detail}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    // One flip per episode: still exactly one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(auto_rollbacks(&p, "api").await.len(), 1);
+    p.stop().await;
+}
+
+/// `{{upstreams}}` selects the flip target's (and then the live color's) instances; a verify
+/// check refuses a flip with the failing value (409) unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_placeholder_and_verify_gate() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let util = |b: &str, g: &str| {
+        format!(
+            "app_pool_utilization{{upstream=\"{}\"}} {b}\napp_pool_utilization{{upstream=\"{}\"}} {g}\n",
+            blue.addr, green.addr
+        )
+    };
+    let exp = Exporter::start(&util("0.95", "0.95")).await;
+    let prom = Prometheus::start(exp.addr).await;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"{}\"\n{}",
+        prom.url(),
+        two_colors(
+            "api",
+            "/",
+            &[blue.addr],
+            &[green.addr],
+            r#"
+[[services.verify]]
+kind = "prometheus"
+query = 'max(app_pool_utilization{upstream=~"{{upstreams}}"})'
+above = 0.9
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'max(app_pool_utilization{upstream=~"{{upstreams}}"})'
+above = 0.9
+interval = "1s"
+for = "1s"
+"#
+        )
+    );
+    let p = TestProxy::start(&body).await;
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 409, "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(err.contains("verify[0]"), "{err}");
+    assert!(err.contains("value 0.95 > 0.9"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "upstream=~\"{}\"",
+            green.addr.to_string().replace('.', "[.]")
+        )),
+        "{err}"
+    );
+    assert_eq!(p.service_status("api").await["active"], "blue");
+
+    // Only green's instance matters to the check: blue stays at 0.95.
+    exp.set(&util("0.95", "0.5"));
+    prom.wait_for(
+        &format!("app_pool_utilization{{upstream=\"{}\"}}", green.addr),
+        "0.5",
+    )
+    .await;
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 200, "{v}");
+    let t = wait_trigger(&p, "api", 0, |t| t["state"] == "ok").await;
+    assert_eq!(t["value"], json!(0.5));
+
+    // Green saturates: rolled back.
+    exp.set(&util("0.95", "0.97"));
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(rolled, "no rollback: {:#}", p.service_status("api").await);
+    assert_eq!(p.service_status("api").await["active"], "blue");
+
+    // A forced flip skips the verify checks.
+    let (status, v) = flip(&p, "api", "green", true).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(p.service_status("api").await["active"], "green");
+    p.stop().await;
+}
+
+/// An empty result is `insufficient_data` and never fires; with `on_empty = "fail"` it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_result_is_insufficient_data() {
+    let ups: Vec<_> = futures_ups(4).await;
+    let exp = Exporter::start("app_db_errors{color=\"blue\"} 0\n").await;
+    let prom = Prometheus::start(exp.addr).await;
+    let trig = |on_empty: &str| {
+        format!(
+            r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'max(app_db_errors{{color="{{{{color}}}}"}})'
+above = 0.5
+interval = "500ms"
+for = "0s"
+on_empty = "{on_empty}"
+"#
+        )
+    };
+    let body = format!(
+        "[analysis]\nprometheus_url = \"{}\"\n{}{}",
+        prom.url(),
+        two_colors(
+            "a",
+            "/a",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            &trig("insufficient_data")
+        ),
+        two_colors("b", "/b", &[ups[2].addr], &[ups[3].addr], &trig("fail")),
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "a", "green", false).await.0, 200);
+    assert_eq!(flip(&p, "b", "green", false).await.0, 200);
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "b").await.is_empty() }).await;
+    assert!(
+        rolled,
+        "on_empty = fail did not fire: {:#}",
+        p.service_status("b").await
+    );
+    let ev = auto_rollbacks(&p, "b").await.remove(0);
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("empty result"),
+        "{ev}"
+    );
+    // Service a saw the same empty result all along.
+    let t = wait_trigger(&p, "a", 0, |t| t["state"] == "insufficient_data").await;
+    assert_eq!(t["value"], Value::Null);
+    assert_eq!(t["error"], Value::Null);
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no series"),
+        "{t}"
+    );
+    assert!(auto_rollbacks(&p, "a").await.is_empty());
+    assert_eq!(p.service_status("a").await["active"], "green");
+    p.stop().await;
+}
+
+async fn futures_ups(n: usize) -> Vec<Arc<TestUpstream>> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(TestUpstream::start(&format!("u{i}")).await);
+    }
+    v
+}
+
+/// Two services on one Prometheus, `on_error = "hold"` and `"fail"`: once Prometheus fails
+/// (`fault`), both are inconclusive with the error; after max_errors the hold one is blind (status
+/// and metric) and never fires, the fail one rolls back.
+async fn on_error_policies(
+    prometheus_url: &str,
+    timeout: &str,
+    values_first: bool,
+    fault: impl std::future::Future<Output = ()>,
+    error_has: &str,
+) {
+    let ups = futures_ups(4).await;
+    let trig = |on_error: &str| {
+        format!(
+            r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'max(app_db_errors{{color="{{{{color}}}}"}})'
+above = 0.5
+interval = "500ms"
+for = "0s"
+on_error = "{on_error}"
+max_errors = 2
+"#
+        )
+    };
+    let body = format!(
+        "[analysis]\nprometheus_url = \"{prometheus_url}\"\ntimeout = \"{timeout}\"\n{}{}",
+        two_colors("hold", "/h", &[ups[0].addr], &[ups[1].addr], &trig("hold")),
+        two_colors("fail", "/f", &[ups[2].addr], &[ups[3].addr], &trig("fail")),
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "hold", "green", false).await.0, 200);
+    assert_eq!(flip(&p, "fail", "green", false).await.0, 200);
+    if values_first {
+        for svc in ["hold", "fail"] {
+            wait_trigger(&p, svc, 0, |t| t["state"] == "ok").await;
+        }
+    }
+    fault.await;
+    let t = wait_trigger(&p, "hold", 0, |t| t["state"] == "inconclusive").await;
+    let err = t["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains(error_has), "{t}");
+    let rolled = eventually(40, || async {
+        !auto_rollbacks(&p, "fail").await.is_empty()
+    })
+    .await;
+    assert!(
+        rolled,
+        "on_error = fail did not fire: {:#}",
+        p.service_status("fail").await
+    );
+    let t = wait_trigger(&p, "hold", 0, |t| t["blind"] == json!(true)).await;
+    assert_eq!(t["state"], "inconclusive");
+    assert!(t["consecutive_errors"].as_u64().unwrap_or(0) >= 2, "{t}");
+    let (_, metrics) = admin_get(p.admin, "/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains(
+            "switchyard_analysis_blind{kind=\"prometheus\",service=\"hold\",trigger=\"0\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(auto_rollbacks(&p, "hold").await.is_empty());
+    assert_eq!(p.service_status("hold").await["active"], "green");
+    assert_eq!(p.service_status("fail").await["active"], "blue");
+    p.stop().await;
+}
+
+/// Prometheus killed (-9) after the triggers read values: inconclusive, then on_error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_down_is_inconclusive_then_on_error() {
+    let exp =
+        Exporter::start("app_db_errors{color=\"blue\"} 0\napp_db_errors{color=\"green\"} 0\n")
+            .await;
+    let mut prom = Prometheus::start(exp.addr).await;
+    let url = prom.url();
+    let kill = async move { prom.kill().await };
+    on_error_policies(&url, "2s", true, kill, "cannot connect").await;
+}
+
+/// A Prometheus that accepts connections and never answers: timeouts, then on_error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_slow_is_inconclusive_then_on_error() {
+    let hung = silent_listener().await;
+    on_error_policies(
+        &format!("http://{hung}"),
+        "300ms",
+        false,
+        async {},
+        "timed out after 300ms",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probes
+// ---------------------------------------------------------------------------------------------
+
+/// A probe fires when more than `above_fraction` of the live upstreams fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_fires_past_above_fraction() {
+    let blue = DeepUpstream::start().await;
+    let g1 = DeepUpstream::start().await;
+    let g2 = DeepUpstream::start().await;
+    let body = two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[g1.addr, g2.addr],
+        r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/payments"
+equals = "ok"
+above_fraction = 0.5
+interval = "300ms"
+for = "1s"
+"#,
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| {
+        t["state"] == "ok" && t["value"] == json!(0.0)
+    })
+    .await;
+    assert_eq!(t["kind"], "probe");
+    assert_eq!(t["probe"], "GET /health/deps: /payments == \"ok\"");
+
+    // Half the live pool fails: not more than 0.5.
+    g1.set("payments", "down");
+    let t = wait_trigger(&p, "api", 0, |t| t["value"] == json!(0.5)).await;
+    assert_eq!(t["state"], "ok");
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/payments = \"down\""),
+        "{t}"
+    );
+    // The idle color's health does not matter.
+    blue.set("payments", "down");
+    blue.set("payments", "ok");
+
+    g2.set("payments", "down");
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(rolled, "no rollback: {:#}", p.service_status("api").await);
+    let ev = auto_rollbacks(&p, "api").await.remove(0);
+    assert_eq!(ev["trigger"]["kind"], "probe");
+    assert_eq!(ev["trigger"]["value"], json!(1.0));
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 of 2 failing"),
+        "{ev}"
+    );
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}
+
+/// A probe verify check refuses the flip (409, the failing upstream and value) unless forced;
+/// a probe trigger's dead upstreams are inconclusive, not failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_verify_gate_and_probe_errors() {
+    let blue = DeepUpstream::start().await;
+    let green = DeepUpstream::start().await;
+    green.set("payments", "down");
+    let body = two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[green.addr],
+        r#"
+[[services.verify]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/payments"
+equals = "ok"
+"#,
+    );
+    let p = TestProxy::start(&body).await;
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 409, "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(err.contains("verify[0] (probe)"), "{err}");
+    assert!(err.contains("/payments = \"down\" (want \"ok\")"), "{err}");
+    assert!(err.contains(&green.addr.to_string()), "{err}");
+    let (status, v) = flip(&p, "api", "green", true).await;
+    assert_eq!(status, 200, "{v}");
+    // Back to blue (verify on blue passes), then green heals and passes too.
+    assert_eq!(flip(&p, "api", "blue", false).await.0, 200);
+    green.set("payments", "ok");
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 200, "{v}");
+    p.stop().await;
+
+    // A probe whose upstream refuses connections: inconclusive, with the error.
+    let dead = dead_addr().await;
+    let blue = DeepUpstream::start().await;
+    let body = two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[dead],
+        r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+interval = "200ms"
+max_errors = 2
+"#,
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", true).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| t["blind"] == json!(true)).await;
+    assert_eq!(t["state"], "inconclusive");
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot connect"),
+        "{t}"
+    );
+    assert!(auto_rollbacks(&p, "api").await.is_empty());
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// switchyard check
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn check_names_every_analysis_error_with_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[analysis]
+prometheus_url = "http://127.0.0.1:9091"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[[services.verify]]
+kind = "probe"
+json_pointer = "/payments"
+equals = "ok"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'sum(rate(x{colour="{{colour}}"}[1m]))'
+above = 0.5
+[[services.rollback.triggers]]
+kind = "probe"
+for = "30"
+"#,
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run switchyard check");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for want in [
+        "services[0].rollback.triggers[0].query: unknown placeholder {{colour}}",
+        "services[0].rollback.triggers[1].path: required",
+        "services[0].rollback.triggers[1].for: invalid duration \"30\"",
+        "services[0].verify[0].path: required",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
