@@ -140,6 +140,10 @@ struct RawProxy {
     upstream_idle_timeout: Option<String>,
     upstream_max_idle: Option<i64>,
     h2_max_concurrent_streams: Option<i64>,
+    // Retries and passive health (README "Upstream faults").
+    retries: Option<i64>,
+    eject_after: Option<i64>,
+    eject_for: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,6 +263,11 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub h2_max_concurrent_streams: u32,
+    /// Other upstreams of the same color a request may go to when its upstream could not take
+    /// it (connect failure; a reset before any answer, for idempotent bodiless requests).
+    pub retries: u32,
+    /// Passive ejection (`eject_after`, `eject_for`).
+    pub passive: crate::passive::PassiveConfig,
 }
 
 /// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
@@ -870,6 +879,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         p.upstream_idle_timeout.as_deref(),
         Duration::from_secs(60),
     );
+    let eject_for = c.duration(
+        "proxy.eject_for",
+        p.eject_for.as_deref(),
+        crate::passive::PassiveConfig::default().eject_for,
+    );
+    if eject_for.is_zero() {
+        c.err("proxy.eject_for", "must be greater than zero");
+    }
+    let passive = crate::passive::PassiveConfig {
+        eject_after: c.count(
+            "proxy.eject_after",
+            p.eject_after,
+            crate::passive::PassiveConfig::default().eject_after.into(),
+            0,
+            1000,
+        ) as u32,
+        eject_for,
+    };
     let proxy = ProxyConfig {
         listen,
         tls_listen,
@@ -913,6 +940,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             1,
             1_000_000,
         ) as u32,
+        retries: c.count("proxy.retries", p.retries, 2, 0, 10) as u32,
+        passive,
     };
 
     // [admin]
