@@ -175,18 +175,46 @@ impl ConnPool {
         req: Request<RequestBody>,
         fwd: &Forwarded<'_>,
     ) -> Result<Response<PooledBody>, ClientError> {
-        let (parts, body) = req.into_parts();
-        let (head, upload) = encode_head(&parts, &body, fwd);
-        let idempotent = is_idempotent(&parts.method);
-        let head_request = parts.method == Method::HEAD;
+        self.send_prepared(Prepared::new(req, fwd))
+            .await
+            .map_err(|f| f.error)
+    }
+
+    /// Sends a prepared request (see [`Prepared`]). On failure the request comes back in
+    /// [`Failed::unsent`] when the upstream cannot have acted on it, so that the caller may send
+    /// it to another upstream; the same rule decides the retry on a fresh connection here.
+    pub async fn send_prepared(
+        self: &Arc<Self>,
+        req: Prepared,
+    ) -> Result<Response<PooledBody>, Failed> {
+        let Prepared {
+            head,
+            upload,
+            idempotent,
+            head_request,
+            mut body,
+        } = req;
         let idle = body.idle_timeout();
-        let mut body = body;
+        let give_back = |error, body: Option<RequestBody>| Failed {
+            error,
+            unsent: body.map(|body| Prepared {
+                head: head.clone(),
+                upload,
+                idempotent,
+                head_request,
+                body,
+            }),
+        };
         loop {
             let (conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
                 // Boxed: the connect future is large and rarely run; inline, it would sit in every
                 // connection's request future (hyper keeps one per client connection).
-                None => (Box::pin(self.connect()).await?, false),
+                None => match Box::pin(self.connect()).await {
+                    Ok(c) => (c, false),
+                    // Nothing was sent: the request can go elsewhere.
+                    Err(e) => return Err(give_back(e, Some(body))),
+                },
             };
             let mut ex = Exchange::new(conn, head.clone(), body, upload);
             let err = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
@@ -195,17 +223,18 @@ impl ConnPool {
             };
             // Safe to send again only if the upstream cannot have acted on it: nothing came
             // back, no body byte was taken, and either nothing was written or it is idempotent.
-            let retry = reused
-                && !ex.read_any
+            let untouched = !ex.read_any
                 && !ex.body_polled
                 && (!ex.wrote_any || idempotent)
                 && matches!(err, ClientError::Io(_) | ClientError::Closed);
             match ex.body.take() {
-                Some(b) if retry => {
+                // A pooled connection the upstream had closed: try a fresh one.
+                Some(b) if untouched && reused => {
                     tracing::debug!(error = %err, "pooled upstream connection was stale; retrying");
                     body = b;
                 }
-                _ => return Err(err),
+                Some(b) if untouched => return Err(give_back(err, Some(b))),
+                _ => return Err(give_back(err, None)),
             }
         }
     }
@@ -323,6 +352,39 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+/// A request encoded for any upstream of a pool: the head is in origin form and names no
+/// upstream, so the same bytes can go to another one when the first cannot be reached.
+pub struct Prepared {
+    head: Bytes,
+    upload: Upload,
+    idempotent: bool,
+    head_request: bool,
+    body: RequestBody,
+}
+
+impl Prepared {
+    pub fn new(req: Request<RequestBody>, fwd: &Forwarded<'_>) -> Prepared {
+        let (parts, body) = req.into_parts();
+        let (head, upload) = encode_head(&parts, &body, fwd);
+        Prepared {
+            head,
+            upload,
+            idempotent: is_idempotent(&parts.method),
+            head_request: parts.method == Method::HEAD,
+            body,
+        }
+    }
+}
+
+/// A request that got no response.
+pub struct Failed {
+    pub error: ClientError,
+    /// The request, when the upstream cannot have acted on it: the connect failed, or the
+    /// connection failed before any response byte, no body byte was taken, and either nothing
+    /// was written or the request is idempotent. Anything else must not be sent again.
+    pub unsent: Option<Prepared>,
 }
 
 /// How the request body goes on the wire.

@@ -155,6 +155,10 @@ struct RawProxy {
     upstream_send_timeout: Option<String>,
     h2_idle_timeout: Option<String>,
     tunnel_idle_timeout: Option<String>,
+    // Retries and passive health (README "Upstream faults").
+    retries: Option<i64>,
+    eject_after: Option<i64>,
+    eject_for: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -317,6 +321,11 @@ pub struct ProxyConfig {
     pub h2_idle_timeout: Duration,
     /// An upgraded tunnel with no byte either way for this long is closed; zero: never.
     pub tunnel_idle_timeout: Duration,
+    /// Other upstreams of the same color a request may go to when its upstream could not take
+    /// it (connect failure; a reset before any answer, for idempotent bodiless requests).
+    pub retries: u32,
+    /// Passive ejection (`eject_after`, `eject_for`).
+    pub passive: crate::passive::PassiveConfig,
 }
 
 /// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
@@ -1118,6 +1127,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         p.upstream_idle_timeout.as_deref(),
         Duration::from_secs(60),
     );
+    let eject_for = c.duration(
+        "proxy.eject_for",
+        p.eject_for.as_deref(),
+        crate::passive::PassiveConfig::default().eject_for,
+    );
+    if eject_for.is_zero() {
+        c.err("proxy.eject_for", "must be greater than zero");
+    }
+    let passive = crate::passive::PassiveConfig {
+        eject_after: c.count(
+            "proxy.eject_after",
+            p.eject_after,
+            crate::passive::PassiveConfig::default().eject_after.into(),
+            0,
+            1000,
+        ) as u32,
+        eject_for,
+    };
     let proxy = ProxyConfig {
         listen,
         tls_listen,
@@ -1181,6 +1208,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             p.tunnel_idle_timeout.as_deref(),
             Duration::from_secs(300),
         ),
+        retries: c.count("proxy.retries", p.retries, 2, 0, 10) as u32,
+        passive,
     };
     for (k, d) in [
         ("proxy.client_send_timeout", proxy.client_send_timeout),

@@ -498,6 +498,9 @@ struct Writer {
     out: Vec<Bytes>,
     queued: usize,
     closed: bool,
+    /// The response was cut (the upstream failed mid-body): the connection ends at once,
+    /// without lingering, so the client sees the cut now.
+    cut: bool,
 }
 
 impl Writer {
@@ -629,6 +632,7 @@ pub async fn serve(
             out: Vec::new(),
             queued: 0,
             closed: false,
+            cut: false,
         },
         timer: None,
         first_deadline: Some(first_deadline),
@@ -818,6 +822,9 @@ impl Conn {
             {
                 return None
             }
+            // A cut response: the connection closes now (no last chunk, no linger), so the
+            // client sees the cut at once rather than after the linger.
+            Ok(false) if self.writer.cut => return None,
             Ok(false) | Err(_) => {
                 self.linger(reader_back).await;
                 return None;
@@ -1002,6 +1009,7 @@ impl Conn {
                     // No close_notify: over TLS the client then sees an unclean end, so a
                     // close-delimited body cut here is not taken for a whole one.
                     self.writer.closed = true;
+                    self.writer.cut = true;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => match frame.into_data() {

@@ -56,7 +56,7 @@ async fn check_loop(app: Arc<App>, service: String, color: Color, up: Weak<Upstr
             failures += 1;
             successes = 0;
         }
-        let healthy = up.is_healthy();
+        let healthy = up.is_active_healthy();
         let next = if first {
             ok
         } else if healthy && failures >= cfg.unhealthy_after {

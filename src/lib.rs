@@ -24,6 +24,8 @@ pub mod h1_server;
 pub mod health;
 pub mod metrics;
 pub mod notify;
+pub mod outcome;
+pub mod passive;
 pub mod proxy;
 pub mod rollback;
 pub mod routing;

@@ -33,13 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
-use crate::client::{ClientError, PooledBody};
+use crate::client::{ClientError, Failed, PooledBody, Prepared};
 use crate::config::Protocol;
 use crate::h1_server::{self, OnUpgrade};
+use crate::outcome::{Outcome, RecordedBody};
 use crate::upstream::{FailureKind, Pool, Upstream};
 
-/// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+/// Upstream bodies stream through untouched (recording the request when they end); the proxy's
+/// own answers are small and whole.
+pub type ProxyBody = Either<RecordedBody, Full<Bytes>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -128,7 +130,7 @@ pub async fn handle(
         .and_then(|s| s.get(..host_len));
 
     // 2. Route: one snapshot load for every decision.
-    let (svc, request_timeout, body_idle_timeout, send_timeout) = {
+    let (svc, request_timeout, body_idle_timeout, send_timeout, retries) = {
         let snap = app.routes.load();
         match snap.route(host, req.uri().path()) {
             Some(s) => (
@@ -136,6 +138,7 @@ pub async fn handle(
                 snap.config.proxy.request_timeout,
                 snap.config.proxy.body_idle_timeout,
                 snap.config.proxy.upstream_send_timeout,
+                snap.config.proxy.retries,
             ),
             None => {
                 app.metrics.unmatched_requests_total.inc();
@@ -216,38 +219,43 @@ pub async fn handle(
         }
     }
 
-    // 4. Forward.
+    // 4. Forward, to the upstream picked and, while it cannot take the request, to others of
+    //    the same pool (at most `retries` more). `up` ends as the one that answered or failed
+    //    last: the request is recorded there, once.
     let req =
         req.map(|body| RequestBody::new(body, body_idle_timeout).with_send_timeout(send_timeout));
-    let in_flight = up.begin();
-    let result =
-        tokio::time::timeout(request_timeout, forward(app, pool.protocol, &up, req, &fwd)).await;
-    drop(in_flight);
+    let mut up = up;
+    let result = tokio::time::timeout(
+        request_timeout,
+        forward(app, pool, &mut up, req, &fwd, retries),
+    )
+    .await;
     let end = Instant::now();
     let elapsed = end - start;
-    let rec = Recorder {
-        pool,
-        up: &up,
-        path: path_and_query.as_ref().map(|p| p.path()).unwrap_or("/"),
-        epoch: app.clock.epoch_at(end),
+    let outcome = Outcome {
+        pool: pool.clone(),
+        up,
+        path: path_and_query,
+        start,
+        clock: app.clock,
         live: conn.mode == Mode::Live,
     };
 
     // 5. Record and answer.
     let mut resp = match result {
         Err(_) => {
-            rec.record(elapsed, 504, Some(FailureKind::Timeout));
+            outcome.record(end, elapsed, 504, Some(FailureKind::Timeout));
             return text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
         }
         Ok(Err(e)) => {
             // The client's side of the body failed: not the upstream's fault, not a failure.
             match client_body_error(&e) {
                 Some(BodyError::Idle) => {
-                    rec.record(elapsed, 408, None);
+                    outcome.record(end, elapsed, 408, None);
                     return text(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
                 }
                 Some(BodyError::Client(_)) => {
-                    rec.record(elapsed, 400, None);
+                    outcome.record(end, elapsed, 400, None);
                     return text(StatusCode::BAD_REQUEST, "request body was not received\n");
                 }
                 None => {}
@@ -257,17 +265,16 @@ pub async fn handle(
             } else {
                 (FailureKind::Reset, "upstream sent no valid response\n")
             };
-            tracing::debug!(service = %svc.name(), upstream = %up.addr, error = %e, "upstream request failed");
-            rec.record(elapsed, 502, Some(kind));
+            tracing::debug!(service = %svc.name(), upstream = %outcome.up.addr, error = %e, "upstream request failed");
+            outcome.record(end, elapsed, 502, Some(kind));
             return text(StatusCode::BAD_GATEWAY, msg);
         }
         Ok(Ok(resp)) => resp,
     };
     let status = resp.status();
-    let failure = status.is_server_error().then_some(FailureKind::Status5xx);
-    rec.record(elapsed, status.as_u16(), failure);
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
+        outcome.record(end, elapsed, status.as_u16(), None);
         let asked = upgrade
             .as_ref()
             .is_some_and(|u| crate::validate::upgrade_matches(u, resp.headers()));
@@ -291,36 +298,138 @@ pub async fn handle(
             }
         };
     }
-    resp.map(Either::Left)
+    // Recorded when the body ends: a body the upstream cuts is a failure.
+    resp.map(|body| Either::Left(RecordedBody::new(body, outcome, elapsed, status.as_u16())))
 }
 
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
-/// pool, HTTP/2 through the multiplexing client.
+/// pool, HTTP/2 through the multiplexing client. A request the upstream cannot have acted on
+/// (see [`Failed::unsent`]; for HTTP/2, a failed connect of a bodiless request) goes to another
+/// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
+/// its upstream (failure counter, passive health) but not in the window, where the request is
+/// recorded once, on `up`, the upstream of the last attempt.
 async fn forward(
     app: &App,
-    protocol: Protocol,
-    up: &Upstream,
+    pool: &Pool,
+    up: &mut Arc<Upstream>,
     req: Request<RequestBody>,
     fwd: &Forwarded<'_>,
+    retries: u32,
 ) -> Result<Response<PooledBody>, ClientError> {
-    match protocol {
-        Protocol::Http1 => up.conns.send(req, fwd).await,
+    let mut tried: Vec<Arc<Upstream>> = Vec::new();
+    match pool.protocol {
+        Protocol::Http1 => {
+            let mut req = Prepared::new(req, fwd);
+            loop {
+                let in_flight = up.begin();
+                let Failed { error, unsent } = match up.conns.send_prepared(req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(failed) => failed,
+                };
+                drop(in_flight);
+                match unsent {
+                    Some(unsent) if tried.len() < retries as usize => {
+                        if !next_attempt(pool, up, &mut tried, &error) {
+                            return Err(error);
+                        }
+                        req = unsent;
+                    }
+                    _ => return Err(error),
+                }
+            }
+        }
         Protocol::H2 => {
-            let idle = req.body().idle_timeout();
-            let mut resp = app.clients.h2.request(req).await?;
-            // The HTTP/1.1 client checks framing and drops hop-by-hop fields while it parses;
-            // h2 forbids them, and this keeps hyper-util's client to the same rule.
-            let hops = hop_bits(resp.headers());
-            if hops & TRANSFER_ENCODING_BIT != 0 && check_framing(resp.headers()).is_err() {
-                return Err(ClientError::Protocol("ambiguous response framing"));
+            // A bodiless request can be rebuilt for another upstream; one with a body cannot.
+            let replay = (retries > 0 && req.body().is_end_stream()).then(|| {
+                let mut copy = Request::new(());
+                *copy.method_mut() = req.method().clone();
+                *copy.uri_mut() = req.uri().clone();
+                *copy.version_mut() = req.version();
+                *copy.headers_mut() = req.headers().clone();
+                (copy, req.body().idle_timeout())
+            });
+            let mut req = req;
+            loop {
+                let in_flight = up.begin();
+                let error = match forward_h2(app, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => e,
+                };
+                drop(in_flight);
+                match &replay {
+                    Some((copy, idle)) if error.is_connect() && tried.len() < retries as usize => {
+                        if !next_attempt(pool, up, &mut tried, &error) {
+                            return Err(error);
+                        }
+                        req = replay_h2(copy, &up.authority, *idle)?;
+                    }
+                    _ => return Err(error),
+                }
             }
-            strip_known(resp.headers_mut(), hops);
-            if resp.status().as_u16() > 599 {
-                return Err(ClientError::Protocol("invalid status code"));
-            }
-            Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
         }
     }
+}
+
+/// Counts the failed attempt against `up` and moves `up` to another upstream of the pool;
+/// false when there is none left to try.
+fn next_attempt(
+    pool: &Pool,
+    up: &mut Arc<Upstream>,
+    tried: &mut Vec<Arc<Upstream>>,
+    error: &ClientError,
+) -> bool {
+    tried.push(up.clone());
+    let Some(next) = pool.pick_retry(tried) else {
+        return false;
+    };
+    let kind = if error.is_connect() {
+        FailureKind::Connect
+    } else {
+        FailureKind::Reset
+    };
+    up.count_failure(kind);
+    up.passive_failure(&pool.passive);
+    tracing::debug!(upstream = %up.addr, next = %next.addr, error = %error, "upstream could not take the request; trying another");
+    *up = next.clone();
+    true
+}
+
+/// A bodiless HTTP/2 request again, for the upstream at `authority`.
+fn replay_h2(
+    copy: &Request<()>,
+    authority: &http::uri::Authority,
+    idle: Duration,
+) -> Result<Request<RequestBody>, ClientError> {
+    let mut parts = copy.uri().clone().into_parts();
+    parts.authority = Some(authority.clone());
+    let uri =
+        Uri::from_parts(parts).map_err(|_| ClientError::Protocol("invalid request target"))?;
+    let mut req = Request::new(RequestBody::new(ClientBody::Empty, idle));
+    *req.method_mut() = copy.method().clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = copy.version();
+    *req.headers_mut() = copy.headers().clone();
+    Ok(req)
+}
+
+/// One HTTP/2 exchange through the multiplexing client.
+async fn forward_h2(
+    app: &App,
+    req: Request<RequestBody>,
+) -> Result<Response<PooledBody>, ClientError> {
+    let idle = req.body().idle_timeout();
+    let mut resp = app.clients.h2.request(req).await?;
+    // The HTTP/1.1 client checks framing and drops hop-by-hop fields while it parses;
+    // h2 forbids them, and this keeps hyper-util's client to the same rule.
+    let hops = hop_bits(resp.headers());
+    if hops & TRANSFER_ENCODING_BIT != 0 && check_framing(resp.headers()).is_err() {
+        return Err(ClientError::Protocol("ambiguous response framing"));
+    }
+    strip_known(resp.headers_mut(), hops);
+    if resp.status().as_u16() > 599 {
+        return Err(ClientError::Protocol("invalid status code"));
+    }
+    Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
 }
 
 /// Message framing a proxy must not guess at (request smuggling): Transfer-Encoding together
@@ -617,40 +726,6 @@ pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
         }
         None => {
             headers.remove(&X_FORWARDED_HOST);
-        }
-    }
-}
-
-/// Where one request's outcome is recorded.
-struct Recorder<'a> {
-    pool: &'a Pool,
-    up: &'a Upstream,
-    path: &'a str,
-    epoch: u64,
-    /// Preview traffic is counted in the Prometheus counters but kept out of the window stats
-    /// and critical-path counters: smoke tests of the idle color must never feed a rollback
-    /// trigger once that color goes live.
-    live: bool,
-}
-
-impl Recorder<'_> {
-    /// A few relaxed atomic adds: window slot, status counter, histogram, failure counters.
-    fn record(&self, elapsed: std::time::Duration, code: u16, failure: Option<FailureKind>) {
-        let Recorder { pool, up, .. } = self;
-        if self.live {
-            up.window.record(self.epoch, elapsed, failure.is_some());
-        }
-        up.count_status(code);
-        pool.duration.observe(elapsed.as_secs_f64());
-        if let Some(kind) = failure {
-            up.count_failure(kind);
-            if self.live {
-                for c in &pool.critical {
-                    if c.matches(self.path) {
-                        c.counter.add(self.epoch, 1);
-                    }
-                }
-            }
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::config::{
     host_pattern_matches, Color, Config, HealthConfig, ProxyConfig, ServiceConfig, TriggerKind,
 };
 use crate::metrics::Metrics;
-use crate::stats::WindowCounter;
+use crate::stats::{WindowBin, WindowCounter};
 use crate::upstream::{Pool, Upstream};
 
 /// A service's live state: what the state store persists.
@@ -131,6 +131,9 @@ impl Service {
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub services: Vec<Arc<Service>>,
+    /// Windows of removed upstreams, for the next reload's new ones (carried from snapshot to
+    /// snapshot).
+    pub windows: Arc<WindowBin>,
 }
 
 impl Snapshot {
@@ -161,6 +164,7 @@ impl Snapshot {
                 .iter()
                 .map(|s| changed.get(s.name()).cloned().unwrap_or_else(|| s.clone()))
                 .collect(),
+            windows: self.windows.clone(),
         }
     }
 }
@@ -175,6 +179,7 @@ pub fn build_snapshot(
     metrics: &Metrics,
 ) -> Snapshot {
     let slots = config.window_slots();
+    let windows = previous.map(|p| p.windows.clone()).unwrap_or_default();
     let mut services = Vec::with_capacity(config.services.len());
     for svc_cfg in &config.services {
         let old = previous.and_then(|p| p.service(&svc_cfg.name));
@@ -187,6 +192,7 @@ pub fn build_snapshot(
                 slots,
                 metrics,
                 &config.proxy,
+                &windows,
             ))
         });
         let state = states
@@ -204,7 +210,46 @@ pub fn build_snapshot(
             flipped_at,
         }));
     }
-    Snapshot { config, services }
+    // Windows this reload did not reuse are freed; those of the upstreams it removes come in
+    // as the old snapshot is dropped, for the next reload.
+    windows.trim();
+    let next = Snapshot {
+        config,
+        services,
+        windows,
+    };
+    if let Some(prev) = previous {
+        retire_removed(prev, &next, metrics);
+    }
+    next
+}
+
+/// Removes the metric series of upstreams (and services) the new snapshot no longer has. An
+/// upstream whose object was replaced but whose labels live on (same service, color and
+/// address) keeps its series: the new object resolves the same ones.
+fn retire_removed(prev: &Snapshot, next: &Snapshot, metrics: &Metrics) {
+    for (_, _, up) in prev.upstreams() {
+        let still = next
+            .upstreams()
+            .any(|(_, _, n)| Arc::ptr_eq(n, up) || n.labels() == up.labels());
+        if !still {
+            up.retire_metrics(metrics);
+        }
+    }
+    for svc in &prev.services {
+        if next.service(svc.name()).is_none() {
+            for color in Color::ALL {
+                let labels = [svc.name(), color.as_str()];
+                let _ = metrics.request_duration.remove_label_values(&labels);
+                let _ = metrics.requests_total.remove_label_values(&[
+                    svc.name(),
+                    color.as_str(),
+                    "none",
+                    "503",
+                ]);
+            }
+        }
+    }
 }
 
 fn build_pool(
@@ -214,6 +259,7 @@ fn build_pool(
     slots: usize,
     metrics: &Metrics,
     proxy: &ProxyConfig,
+    windows: &Arc<WindowBin>,
 ) -> Pool {
     let pc = svc.pool(color);
     let upstreams = pc
@@ -236,6 +282,7 @@ fn build_pool(
                     slots,
                     metrics,
                     proxy,
+                    windows,
                 ))
             })
         })
@@ -261,7 +308,7 @@ fn build_pool(
             _ => None,
         })
         .collect();
-    Pool::new(svc, color, upstreams, critical, metrics)
+    Pool::new(svc, color, upstreams, critical, metrics).with_passive(proxy.passive)
 }
 
 /// Failures on the path prefixes of one `critical_5xx` trigger, counted per color.

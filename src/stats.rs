@@ -217,6 +217,59 @@ fn window_start(now: u64, over: u64) -> Option<u64> {
     }
 }
 
+/// Windows of upstreams a reload removed, for the upstreams a later reload adds. A window is
+/// large (about 1 MiB with the default ten-minute ring) and every byte of it is written when
+/// it is made; freed, that memory mostly stays with the process (glibc keeps it, fragmented
+/// between smaller allocations), so each reload with new upstream addresses used to grow the
+/// RSS by about a window per new upstream. Reused, the windows cost nothing after the first
+/// reload. The lock is taken only by reloads and by upstreams being dropped.
+#[derive(Default)]
+pub struct WindowBin {
+    windows: std::sync::Mutex<Vec<Window>>,
+}
+
+impl WindowBin {
+    /// Keeps `window` (of an upstream being dropped) for reuse.
+    pub fn put(&self, window: Window) {
+        if window.slots.is_empty() {
+            return;
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        windows.push(window);
+    }
+
+    /// A kept window of exactly `slots` slots (as [`Window::new`] rounds them), emptied.
+    pub fn take(&self, slots: usize) -> Option<Window> {
+        let want = slots.max(MIN_SLOTS);
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let at = windows.iter().position(|w| w.slots.len() == want)?;
+        let mut window = windows.swap_remove(at);
+        drop(windows);
+        window.reset();
+        Some(window)
+    }
+
+    /// A kept window, or a new one.
+    pub fn take_or_new(&self, slots: usize) -> Window {
+        self.take(slots).unwrap_or_else(|| Window::new(slots))
+    }
+
+    /// Frees the windows no new upstream took (a reload that removed more than it added).
+    pub fn trim(&self) {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        windows.clear();
+    }
+
+    /// Windows kept.
+    pub fn len(&self) -> usize {
+        self.windows.lock().map(|w| w.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One second of data for one upstream.
 #[repr(align(64))]
 struct Slot {
@@ -320,6 +373,25 @@ impl Window {
     /// Number of one-second slots in the ring.
     pub fn slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// A ring of no slots, to stand in for a window moved out of an upstream being dropped
+    /// (see [`WindowBin`]). Nothing may record into it or read it.
+    pub fn placeholder() -> Self {
+        Window {
+            slots: Box::new([]),
+            len: 0,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets every sample: all slots empty, as from [`Window::new`]. A slot's counters are
+    /// zeroed when it is claimed for an epoch, so marking it empty is enough.
+    fn reset(&mut self) {
+        for slot in self.slots.iter_mut() {
+            *slot.tag.get_mut() = EMPTY;
+        }
+        *self.dropped.get_mut() = 0;
     }
 
     /// Samples that could not be recorded (late recorders, or a slot held in

@@ -16,9 +16,10 @@ use prometheus::{Histogram, IntCounter, IntCounterVec};
 use crate::client::ConnPool;
 use crate::config::{Color, Protocol, ProxyConfig, ServiceConfig};
 use crate::metrics::Metrics;
+use crate::passive::{PassiveConfig, PassiveState};
 use crate::proxy::RequestBody;
 use crate::routing::CriticalPaths;
-use crate::stats::Window;
+use crate::stats::{Window, WindowBin};
 
 /// Why a request counted as an upstream failure (the `kind` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +78,17 @@ pub struct Upstream {
     failures: [IntCounter; 4],
     /// Set once the health checker runs for this upstream.
     pub health_task: AtomicBool,
+    /// Consecutive failures and ejection (see [`crate::passive`]).
+    pub passive: PassiveState,
+    /// Where the window goes when the upstream is dropped, for an upstream a later reload adds.
+    bin: Arc<WindowBin>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.bin
+            .put(std::mem::replace(&mut self.window, Window::placeholder()));
+    }
 }
 
 const CODE_MIN: u16 = 100;
@@ -91,6 +103,7 @@ impl Upstream {
         slots: usize,
         metrics: &Metrics,
         proxy: &ProxyConfig,
+        bin: &Arc<WindowBin>,
     ) -> Upstream {
         let addr_label = addr.to_string();
         let authority = Authority::try_from(addr_label.as_str())
@@ -115,7 +128,7 @@ impl Upstream {
                 proxy.upstream_idle_timeout,
             ),
             outstanding: AtomicUsize::new(0),
-            window: Window::new(slots),
+            window: bin.take_or_new(slots),
             by_code: (CODE_MIN..=CODE_MAX).map(|_| OnceLock::new()).collect(),
             requests_vec: metrics.requests_total.clone(),
             labels: [
@@ -126,11 +139,37 @@ impl Upstream {
             failures,
             addr_label,
             health_task: AtomicBool::new(false),
+            passive: PassiveState::default(),
+            bin: bin.clone(),
         }
     }
 
+    /// Healthy by the active checks and not ejected by passive health.
     pub fn is_healthy(&self) -> bool {
+        self.is_active_healthy() && !self.passive.ejected()
+    }
+
+    /// Healthy by the active checks alone (always, without a health section).
+    pub fn is_active_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Ejected by passive health (see [`crate::passive`]).
+    pub fn is_ejected(&self) -> bool {
+        self.passive.ejected()
+    }
+
+    /// Counts a failed request toward passive ejection; logs the ejection.
+    pub fn passive_failure(&self, cfg: &PassiveConfig) {
+        if self.passive.failure(cfg) {
+            let [service, color, _] = &self.labels;
+            tracing::warn!(
+                service = %service, color = %color, upstream = %self.addr,
+                "upstream ejected: {} requests in a row failed; it gets no traffic for {}",
+                cfg.eject_after,
+                humantime::format_duration(cfg.eject_for)
+            );
+        }
     }
 
     /// Returns the previous value.
@@ -167,6 +206,37 @@ impl Upstream {
     pub fn count_failure(&self, kind: FailureKind) {
         self.failures[kind.index()].inc();
     }
+
+    /// Removes this upstream's series from `switchyard_requests_total` and
+    /// `switchyard_upstream_failures_total`, once a reload has removed the upstream: without
+    /// it, every address ever configured stays in the registry (and in every scrape) for the
+    /// life of the process.
+    pub fn retire_metrics(&self, metrics: &Metrics) {
+        let [s, c, u] = &self.labels;
+        for kind in FailureKind::ALL {
+            let _ = metrics.upstream_failures_total.remove_label_values(&[
+                s.as_str(),
+                c.as_str(),
+                u.as_str(),
+                kind.as_str(),
+            ]);
+        }
+        for (code, slot) in (CODE_MIN..=CODE_MAX).zip(self.by_code.iter()) {
+            if slot.get().is_some() {
+                let _ = metrics.requests_total.remove_label_values(&[
+                    s.as_str(),
+                    c.as_str(),
+                    u.as_str(),
+                    &code.to_string(),
+                ]);
+            }
+        }
+    }
+
+    /// `(service, color, upstream)`: the labels of its series.
+    pub fn labels(&self) -> &[String; 3] {
+        &self.labels
+    }
 }
 
 pub struct InFlight(Arc<Upstream>);
@@ -187,6 +257,8 @@ pub struct Pool {
     pub duration: Histogram,
     /// `switchyard_requests_total{upstream="none",code="503"}`: no healthy upstream.
     pub unavailable: IntCounter,
+    /// `[proxy] eject_after` / `eject_for`.
+    pub passive: PassiveConfig,
 }
 
 impl Pool {
@@ -211,7 +283,14 @@ impl Pool {
                 "none",
                 "503",
             ]),
+            passive: PassiveConfig::default(),
         }
+    }
+
+    /// The same pool with these passive health settings.
+    pub fn with_passive(mut self, passive: PassiveConfig) -> Pool {
+        self.passive = passive;
+        self
     }
 
     pub fn healthy_count(&self) -> usize {
@@ -219,13 +298,18 @@ impl Pool {
     }
 
     /// Least outstanding requests between two random healthy upstreams (power of two choices):
-    /// near-optimal balance without a shared counter every request would contend on.
+    /// near-optimal balance without a shared counter every request would contend on. An
+    /// upstream whose last request failed loses to one whose did not, whatever their
+    /// outstanding counts (a dead upstream has none: it would otherwise win every draw). With
+    /// every healthy upstream ejected by passive health, the ejected ones are used (panic mode,
+    /// see [`crate::passive`]).
     pub fn pick(&self) -> Option<&Arc<Upstream>> {
         let ups = &self.upstreams;
         let n = ups.len();
         match n {
             0 => None,
-            1 => ups.first().filter(|u| u.is_healthy()),
+            // Alone, an ejected upstream is still the only one there is (panic mode).
+            1 => ups.first().filter(|u| u.is_active_healthy()),
             _ => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
@@ -234,18 +318,37 @@ impl Pool {
                 }
                 let (ua, ub) = (&ups[a], &ups[b]);
                 match (ua.is_healthy(), ub.is_healthy()) {
-                    (true, true) => Some(if ub.outstanding() < ua.outstanding() {
-                        ub
-                    } else {
-                        ua
-                    }),
+                    (true, true) => Some(if rank(ub) < rank(ua) { ub } else { ua }),
                     (true, false) => Some(ua),
                     (false, true) => Some(ub),
-                    (false, false) => (1..n).map(|i| &ups[(a + i) % n]).find(|u| u.is_healthy()),
+                    (false, false) => (1..n)
+                        .map(|i| &ups[(a + i) % n])
+                        .find(|u| u.is_healthy())
+                        .or_else(|| {
+                            (0..n)
+                                .map(|i| &ups[(a + i) % n])
+                                .find(|u| u.is_active_healthy())
+                        }),
                 }
             }
         }
     }
+
+    /// Another upstream for a request that `tried` could not take: a healthy one not tried
+    /// yet, those whose last request succeeded first, ejected ones only as a last resort.
+    pub fn pick_retry(&self, tried: &[Arc<Upstream>]) -> Option<&Arc<Upstream>> {
+        let n = self.upstreams.len();
+        let start = fastrand::usize(..n.max(1));
+        (0..n)
+            .map(|i| &self.upstreams[(start + i) % n])
+            .filter(|u| u.is_active_healthy() && !tried.iter().any(|t| Arc::ptr_eq(t, u)))
+            .min_by_key(|u| (u.is_ejected(), rank(u)))
+    }
+}
+
+/// Balancing order: upstreams whose last request succeeded first, then fewest outstanding.
+fn rank(u: &Upstream) -> (bool, usize) {
+    (u.passive.failing(), u.outstanding())
 }
 
 /// hyper-util's pooled clients: HTTP/2 pools (one multiplexed connection per upstream) and

@@ -105,6 +105,9 @@ fn color_json(svc: &Service, color: Color, now_epoch: u64, window: u64) -> Value
             json!({
                 "addr": u.addr_label,
                 "healthy": u.is_healthy(),
+                // Passive health: ejected after failed requests, for this many ms more.
+                "ejected": u.is_ejected(),
+                "ejected_for_ms": u.passive.ejected_for_ms(),
                 "requests": s.requests,
                 "failures": s.failures,
                 "rps": recent as f64 / RATE_WINDOW_SECS as f64,

@@ -1,0 +1,157 @@
+//! Where one request's outcome is recorded, exactly once: at once for the proxy's own answers
+//! (502, 504, ...), and for an upstream's response when its body ends, fails or is dropped, so
+//! that a body the upstream cuts counts as the failure it is (`kind="reset"`, or `"timeout"`
+//! when it stalls past `body_idle_timeout`), in the window, the critical-path counters and the
+//! failure counters alike.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::client::{ClientError, PooledBody};
+use crate::passive::is_gateway_error;
+use crate::stats::Clock;
+use crate::upstream::{FailureKind, Pool, Upstream};
+
+/// One request's destination and when it started.
+pub struct Outcome {
+    pub pool: Arc<Pool>,
+    pub up: Arc<Upstream>,
+    /// Matched against the critical paths only when the request failed.
+    pub path: Option<PathAndQuery>,
+    pub start: Instant,
+    pub clock: Clock,
+    /// Preview traffic is counted in the Prometheus counters but kept out of the window stats
+    /// and critical-path counters: smoke tests of the idle color must never feed a rollback
+    /// trigger once that color goes live.
+    pub live: bool,
+}
+
+impl Outcome {
+    /// A few relaxed atomic adds: window slot, status counter, histogram, failure counters,
+    /// passive health. `elapsed` is the latency the window keeps (to the response head, or to
+    /// the failure).
+    pub fn record(&self, end: Instant, elapsed: Duration, code: u16, failure: Option<FailureKind>) {
+        let Outcome { pool, up, .. } = self;
+        let epoch = self.clock.epoch_at(end);
+        if self.live {
+            up.window.record(epoch, elapsed, failure.is_some());
+        }
+        up.count_status(code);
+        pool.duration.observe(elapsed.as_secs_f64());
+        // Passive health counts what says the upstream could not serve: no answer, or a
+        // gateway error. A 500 is the application's answer, and ends a run of failures.
+        match failure {
+            Some(FailureKind::Status5xx) if !is_gateway_error(code) => up.passive.success(),
+            Some(_) => up.passive_failure(&pool.passive),
+            None => up.passive.success(),
+        }
+        if let Some(kind) = failure {
+            up.count_failure(kind);
+            if self.live {
+                let path = self.path.as_ref().map(|p| p.path()).unwrap_or("/");
+                for c in &pool.critical {
+                    if c.matches(path) {
+                        c.counter.add(epoch, 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An upstream response body that records its request when it ends: cleanly (the status
+/// decides), with an error (an upstream failure, unless the client's own upload failed), or
+/// dropped unfinished (the client went away: not the upstream's fault).
+pub struct RecordedBody {
+    inner: PooledBody,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    outcome: Outcome,
+    /// Latency to the response head.
+    head_elapsed: Duration,
+    code: u16,
+}
+
+impl RecordedBody {
+    pub fn new(inner: PooledBody, outcome: Outcome, head_elapsed: Duration, code: u16) -> Self {
+        RecordedBody {
+            inner,
+            pending: Some(Pending {
+                outcome,
+                head_elapsed,
+                code,
+            }),
+        }
+    }
+
+    fn finish(&mut self, error: Option<&ClientError>) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let by_status = (p.code >= 500).then_some(FailureKind::Status5xx);
+        match error.and_then(upstream_fault) {
+            Some(kind) => {
+                let elapsed = now.saturating_duration_since(p.outcome.start);
+                p.outcome.record(now, elapsed, p.code, Some(kind));
+            }
+            None => p.outcome.record(now, p.head_elapsed, p.code, by_status),
+        }
+    }
+}
+
+/// The failure kind of a body error that is the upstream's doing.
+fn upstream_fault(e: &ClientError) -> Option<FailureKind> {
+    match e {
+        // The client's upload failed while the response streamed (an upstream reading and
+        // answering at once): the client's doing.
+        ClientError::Body(_) => None,
+        ClientError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            Some(FailureKind::Timeout)
+        }
+        _ => Some(FailureKind::Reset),
+    }
+}
+
+impl Body for RecordedBody {
+    type Data = Bytes;
+    type Error = ClientError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.finish(None),
+            Poll::Ready(Some(Err(e))) => this.finish(Some(e)),
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RecordedBody {
+    fn drop(&mut self) {
+        // Ended without an error seen here: complete, or abandoned by the client.
+        self.finish(None);
+    }
+}
