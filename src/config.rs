@@ -115,6 +115,8 @@ struct RawConfig {
     #[serde(default)]
     notify: RawNotify,
     #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
     services: Vec<RawService>,
 }
 
@@ -140,6 +142,8 @@ struct RawProxy {
     upstream_idle_timeout: Option<String>,
     upstream_max_idle: Option<i64>,
     h2_max_concurrent_streams: Option<i64>,
+    resolve_interval: Option<String>,
+    upgrade_socket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +172,14 @@ struct RawNotify {
     timeout: Option<String>,
     max_attempts: Option<i64>,
     queue_size: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    access: Option<String>,
+    access_format: Option<String>,
+    access_buffer: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +246,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub state: StateConfig,
     pub notify: NotifyConfig,
+    pub log: LogConfig,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -259,6 +272,33 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub h2_max_concurrent_streams: u32,
+    /// How often upstream names are resolved again (README "Upstreams by name").
+    pub resolve_interval: Duration,
+    /// The Unix socket `serve --upgrade` takes the listeners over (README "Upgrading").
+    pub upgrade_socket: PathBuf,
+}
+
+/// `[log]`: the access log (README "Access log").
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub access: AccessTarget,
+    pub access_format: AccessFormat,
+    /// Lines queued for the writer thread; past it lines are dropped and counted.
+    pub access_buffer: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessTarget {
+    Off,
+    Stderr,
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessFormat {
+    Json,
+    Combined,
 }
 
 /// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
@@ -870,7 +910,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         p.upstream_idle_timeout.as_deref(),
         Duration::from_secs(60),
     );
-    let proxy = ProxyConfig {
+    let resolve_interval = c.duration(
+        "proxy.resolve_interval",
+        p.resolve_interval.as_deref(),
+        Duration::from_secs(5),
+    );
+    if resolve_interval < Duration::from_millis(100) {
+        c.err("proxy.resolve_interval", "must be at least 100ms");
+    }
+    let mut proxy = ProxyConfig {
         listen,
         tls_listen,
         tls_cert,
@@ -913,6 +961,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             1,
             1_000_000,
         ) as u32,
+        resolve_interval,
+        // Set below, next to the state file unless given.
+        upgrade_socket: PathBuf::new(),
     };
 
     // [admin]
@@ -1005,6 +1056,48 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             .unwrap_or_else(|| "/switchyard/".to_string()),
     };
 
+    proxy.upgrade_socket = match &raw.proxy.upgrade_socket {
+        Some(p) if p.is_empty() => {
+            c.err("proxy.upgrade_socket", "must be a path");
+            PathBuf::new()
+        }
+        Some(p) => PathBuf::from(p),
+        None => state.path.with_extension("upgrade.sock"),
+    };
+
+    // [log]
+    let l = &raw.log;
+    let access = match l.access.as_deref().unwrap_or("off") {
+        "off" => AccessTarget::Off,
+        "stderr" => AccessTarget::Stderr,
+        "stdout" => AccessTarget::Stdout,
+        "" => {
+            c.err(
+                "log.access",
+                "must be \"off\", \"stderr\", \"stdout\" or a file path",
+            );
+            AccessTarget::Off
+        }
+        path => AccessTarget::File(PathBuf::from(path)),
+    };
+    let access_format = match l.access_format.as_deref().unwrap_or("json") {
+        "json" => AccessFormat::Json,
+        "combined" => AccessFormat::Combined,
+        other => {
+            c.err(
+                "log.access_format",
+                format!("invalid format {other:?} (expected \"json\" or \"combined\")"),
+            );
+            AccessFormat::Json
+        }
+    };
+    let log = LogConfig {
+        access,
+        access_format,
+        access_buffer: c.count("log.access_buffer", l.access_buffer, 16_384, 1, 10_000_000)
+            as usize,
+    };
+
     // [notify]
     let n = &raw.notify;
     let webhooks = n.webhooks.clone().unwrap_or_default();
@@ -1070,6 +1163,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             admin,
             state,
             notify,
+            log,
             services,
         })
     } else {

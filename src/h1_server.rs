@@ -41,7 +41,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
 use crate::h1::{self, decode_chunked, parse_length, put_header, ChunkState, Chunked};
-use crate::proxy::{self, ClientBody, ConnInfo, ProxyBody};
+use crate::proxy::{self, ClientBody, ConnInfo};
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -870,14 +870,18 @@ impl Conn {
     /// Writes `resp`; `Ok(true)` when the connection stays open for another request. With
     /// `watch`, a client that closes while the body is awaited ends the response at once (a
     /// quiet stream would otherwise notice only at its next write).
-    async fn respond(
+    async fn respond<B>(
         &mut self,
-        resp: Response<ProxyBody>,
+        resp: Response<B>,
         method: &Method,
         version: Version,
         keep_alive: bool,
         mut watch: Option<&mut Reader>,
-    ) -> io::Result<bool> {
+    ) -> io::Result<bool>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
         let http10 = version == Version::HTTP_10;

@@ -9,6 +9,7 @@
 //! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
 //! lifecycle), plus the [`demo`] and [`ctl`] subcommands.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod client;

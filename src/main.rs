@@ -202,8 +202,15 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
             }
         };
         let app = running.app.clone();
+        let app_for_log = app.clone();
         signals(app).await;
         running.wait().await;
+        if let Some(log) = app_for_log.access_log.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || {
+                log.flush(std::time::Duration::from_secs(2))
+            })
+            .await;
+        }
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
@@ -214,10 +221,11 @@ async fn signals(app: std::sync::Arc<switchyard::app::App>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
         ) else {
             let _ = tokio::signal::ctrl_c().await;
             app.shutdown.cancel();
@@ -227,6 +235,12 @@ async fn signals(app: std::sync::Arc<switchyard::app::App>) {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = usr1.recv() => {
+                    // logrotate: the access log file is reopened at its configured path.
+                    if let Some(log) = app.access_log.get() {
+                        log.reopen();
+                    }
+                }
                 _ = hup.recv() => {
                     match app.reload("SIGHUP").await {
                         Ok(o) => {

@@ -112,6 +112,16 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
     }
+    let log_cfg = app.snapshot().config.log.clone();
+    let registry = app.metrics.registry.clone();
+    let access = tokio::task::spawn_blocking(move || {
+        crate::access_log::AccessLog::start(&log_cfg, &registry)
+    })
+    .await?
+    .context("log.access: cannot open the access log")?;
+    if let Some(log) = access {
+        let _ = app.access_log.set(log);
+    }
 
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
