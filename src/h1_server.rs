@@ -830,11 +830,12 @@ impl Conn {
     /// ends when the server shuts down.
     async fn next_head(&mut self, r: &mut Reader) -> Next {
         let limits = self.limits;
-        let deadline = self
+        let mut deadline = self
             .first_deadline
             .take()
             .unwrap_or_else(|| Instant::now() + limits.header_read_timeout);
         let mut armed = false;
+        let mut closing = false;
         let app = self.app.clone();
         let mut shutdown = std::pin::pin!(app.shutdown.cancelled());
         let timer = &mut self.timer;
@@ -851,8 +852,17 @@ impl Conn {
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending => {}
             }
-            if r.buf.is_empty() && shutdown.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Next::Close);
+            // Shutting down (or handing the listeners to a new process): an idle connection gets
+            // a moment for a request already on its way, answered with `connection: close`. A
+            // client that sends its next request right after a response (any busy keep-alive
+            // connection) then learns of the close from that answer instead of racing it.
+            if r.buf.is_empty() && !closing && shutdown.as_mut().poll(cx).is_ready() {
+                closing = true;
+                let soon = Instant::now() + crate::server::IDLE_AT_SHUTDOWN;
+                if soon < deadline {
+                    deadline = soon;
+                    armed = false;
+                }
             }
             let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             if !armed {

@@ -30,5 +30,6 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod watcher;
