@@ -47,6 +47,8 @@ pub struct App {
     /// Open WebSocket tunnels, drained at shutdown like requests.
     pub tunnels: crate::proxy::Tunnels,
     pub started: Instant,
+    /// The access log's queue, when `[log] access` is not "off" (set once at startup).
+    pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLog>>,
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
@@ -264,6 +266,7 @@ impl App {
             shutdown: CancellationToken::new(),
             tunnels: crate::proxy::Tunnels::default(),
             started: Instant::now(),
+            access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),
             store,
@@ -883,6 +886,11 @@ impl App {
             ),
             ("state", old.state != new_cfg.state),
             ("notify", old.notify != new_cfg.notify),
+            ("log", old.log != new_cfg.log),
+            (
+                "proxy.upgrade_socket",
+                p.0.upgrade_socket != p.1.upgrade_socket,
+            ),
         ] {
             if changed {
                 restart_required.push(key.to_string());

@@ -116,6 +116,7 @@ struct RawConfig {
     notify: RawNotify,
     #[serde(default)]
     analysis: RawAnalysis,
+    log: RawLog,
     #[serde(default)]
     services: Vec<RawService>,
 }
@@ -159,6 +160,8 @@ struct RawProxy {
     retries: Option<i64>,
     eject_after: Option<i64>,
     eject_for: Option<String>,
+    resolve_interval: Option<String>,
+    upgrade_socket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +196,14 @@ struct RawNotify {
     timeout: Option<String>,
     max_attempts: Option<i64>,
     queue_size: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    access: Option<String>,
+    access_format: Option<String>,
+    access_buffer: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +285,7 @@ pub struct Config {
     pub state: StateConfig,
     pub notify: NotifyConfig,
     pub analysis: AnalysisConfig,
+    pub log: LogConfig,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -326,6 +338,33 @@ pub struct ProxyConfig {
     pub retries: u32,
     /// Passive ejection (`eject_after`, `eject_for`).
     pub passive: crate::passive::PassiveConfig,
+    /// How often upstream names are resolved again (README "Upstreams by name").
+    pub resolve_interval: Duration,
+    /// The Unix socket `serve --upgrade` takes the listeners over (README "Upgrading").
+    pub upgrade_socket: PathBuf,
+}
+
+/// `[log]`: the access log (README "Access log").
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub access: AccessTarget,
+    pub access_format: AccessFormat,
+    /// Lines queued for the writer thread; past it lines are dropped and counted.
+    pub access_buffer: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessTarget {
+    Off,
+    Stderr,
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessFormat {
+    Json,
+    Combined,
 }
 
 /// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
@@ -1145,7 +1184,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         ) as u32,
         eject_for,
     };
-    let proxy = ProxyConfig {
+    let resolve_interval = c.duration(
+        "proxy.resolve_interval",
+        p.resolve_interval.as_deref(),
+        Duration::from_secs(5),
+    );
+    if resolve_interval < Duration::from_millis(100) {
+        c.err("proxy.resolve_interval", "must be at least 100ms");
+    }
+    let mut proxy = ProxyConfig {
         listen,
         tls_listen,
         tls_cert,
@@ -1210,6 +1257,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         ),
         retries: c.count("proxy.retries", p.retries, 2, 0, 10) as u32,
         passive,
+        resolve_interval,
+        // Set below, next to the state file unless given.
+        upgrade_socket: PathBuf::new(),
     };
     for (k, d) in [
         ("proxy.client_send_timeout", proxy.client_send_timeout),
@@ -1356,6 +1406,48 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
+    proxy.upgrade_socket = match &raw.proxy.upgrade_socket {
+        Some(p) if p.is_empty() => {
+            c.err("proxy.upgrade_socket", "must be a path");
+            PathBuf::new()
+        }
+        Some(p) => PathBuf::from(p),
+        None => state.path.with_extension("upgrade.sock"),
+    };
+
+    // [log]
+    let l = &raw.log;
+    let access = match l.access.as_deref().unwrap_or("off") {
+        "off" => AccessTarget::Off,
+        "stderr" => AccessTarget::Stderr,
+        "stdout" => AccessTarget::Stdout,
+        "" => {
+            c.err(
+                "log.access",
+                "must be \"off\", \"stderr\", \"stdout\" or a file path",
+            );
+            AccessTarget::Off
+        }
+        path => AccessTarget::File(PathBuf::from(path)),
+    };
+    let access_format = match l.access_format.as_deref().unwrap_or("json") {
+        "json" => AccessFormat::Json,
+        "combined" => AccessFormat::Combined,
+        other => {
+            c.err(
+                "log.access_format",
+                format!("invalid format {other:?} (expected \"json\" or \"combined\")"),
+            );
+            AccessFormat::Json
+        }
+    };
+    let log = LogConfig {
+        access,
+        access_format,
+        access_buffer: c.count("log.access_buffer", l.access_buffer, 16_384, 1, 10_000_000)
+            as usize,
+    };
+
     // [notify]
     let n = &raw.notify;
     let webhooks = n.webhooks.clone().unwrap_or_default();
@@ -1475,6 +1567,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             state,
             notify,
             analysis,
+            log,
             services,
         })
     } else {

@@ -41,7 +41,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
 use crate::h1::{self, decode_chunked, parse_length, put_header, ChunkState, Chunked};
-use crate::proxy::{self, ClientBody, ConnInfo, ProxyBody};
+use crate::proxy::{self, ClientBody, ConnInfo};
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -839,11 +839,12 @@ impl Conn {
     /// ends when the server shuts down.
     async fn next_head(&mut self, r: &mut Reader) -> Next {
         let limits = self.limits;
-        let deadline = self
+        let mut deadline = self
             .first_deadline
             .take()
             .unwrap_or_else(|| Instant::now() + limits.header_read_timeout);
         let mut armed = false;
+        let mut closing = false;
         let app = self.app.clone();
         let mut shutdown = std::pin::pin!(app.shutdown.cancelled());
         let timer = &mut self.timer;
@@ -860,8 +861,17 @@ impl Conn {
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending => {}
             }
-            if r.buf.is_empty() && shutdown.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Next::Close);
+            // Shutting down (or handing the listeners to a new process): an idle connection gets
+            // a moment for a request already on its way, answered with `connection: close`. A
+            // client that sends its next request right after a response (any busy keep-alive
+            // connection) then learns of the close from that answer instead of racing it.
+            if r.buf.is_empty() && !closing && shutdown.as_mut().poll(cx).is_ready() {
+                closing = true;
+                let soon = Instant::now() + crate::server::IDLE_AT_SHUTDOWN;
+                if soon < deadline {
+                    deadline = soon;
+                    armed = false;
+                }
             }
             let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             if !armed {
@@ -879,14 +889,18 @@ impl Conn {
     /// Writes `resp`; `Ok(true)` when the connection stays open for another request. With
     /// `watch`, a client that closes while the body is awaited ends the response at once (a
     /// quiet stream would otherwise notice only at its next write).
-    async fn respond(
+    async fn respond<B>(
         &mut self,
-        resp: Response<ProxyBody>,
+        resp: Response<B>,
         method: &Method,
         version: Version,
         keep_alive: bool,
         mut watch: Option<&mut Reader>,
-    ) -> io::Result<bool> {
+    ) -> io::Result<bool>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
         let http10 = version == Version::HTTP_10;

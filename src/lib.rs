@@ -9,6 +9,7 @@
 //! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
 //! lifecycle), plus the [`demo`] and [`ctl`] subcommands.
 
+pub mod access_log;
 pub mod admin;
 pub mod analysis;
 pub mod app;
@@ -33,6 +34,7 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod validate;
 pub mod watcher;

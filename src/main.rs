@@ -39,6 +39,10 @@ enum Cmd {
         /// Move an unreadable state file aside and start from the config's colors.
         #[arg(long)]
         reset_state: bool,
+        /// Take the listening sockets over from the Switchyard running with this config (its
+        /// `proxy.upgrade_socket`); it stops accepting and drains once this one serves.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file and print a summary, or every error with its key.
     Check {
@@ -59,7 +63,8 @@ fn main() -> ExitCode {
         Cmd::Serve {
             config,
             reset_state,
-        } => serve(&config, reset_state),
+            upgrade,
+        } => serve(&config, reset_state, upgrade, cli.log_format),
         Cmd::Demo(args) => match runtime(None) {
             Ok(rt) => match rt.block_on(switchyard::demo::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -136,7 +141,12 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
+fn serve(
+    path: &std::path::Path,
+    reset_state: bool,
+    upgrade: bool,
+    log_format: LogFormat,
+) -> ExitCode {
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(errs) => {
@@ -162,6 +172,19 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
             }
         }
     }
+    // The running process's sockets, before anything else can fail: without them, stop here
+    // and leave it serving.
+    let inherited = if upgrade {
+        match switchyard::upgrade::request(&cfg.proxy.upgrade_socket) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("error: --upgrade: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        switchyard::upgrade::Inherited::default()
+    };
     let token = std::env::var(&cfg.admin.token_env).ok();
     if token.as_deref().unwrap_or("").is_empty() {
         tracing::warn!(
@@ -182,13 +205,14 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let running = match server::start(
+        let running = match server::start_with(
             cfg,
             Options {
                 config_path: Some(path.to_path_buf()),
                 store,
                 admin_token: token,
             },
+            inherited,
         )
         .await
         {
@@ -199,22 +223,33 @@ fn serve(path: &std::path::Path, reset_state: bool) -> ExitCode {
             }
         };
         let app = running.app.clone();
-        signals(app).await;
+        let app_for_log = app.clone();
+        switchyard::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        signals(app, path.to_path_buf(), matches!(log_format, LogFormat::Json)).await;
+        switchyard::upgrade::sd_notify("STOPPING=1");
         running.wait().await;
+        if let Some(log) = app_for_log.access_log.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || {
+                log.flush(std::time::Duration::from_secs(2))
+            })
+            .await;
+        }
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
 }
 
 /// SIGTERM / SIGINT: graceful shutdown. SIGHUP: reload the config.
-async fn signals(app: std::sync::Arc<switchyard::app::App>) {
+async fn signals(app: std::sync::Arc<switchyard::app::App>, config: PathBuf, json_logs: bool) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1), Ok(mut usr2)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
         ) else {
             let _ = tokio::signal::ctrl_c().await;
             app.shutdown.cancel();
@@ -224,6 +259,16 @@ async fn signals(app: std::sync::Arc<switchyard::app::App>) {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                // An upgrade handed the sockets to a new process: drain and exit.
+                () = app.shutdown.cancelled() => return,
+                // Upgrade: start the binary again with --upgrade; it takes the sockets over.
+                _ = usr2.recv() => switchyard::upgrade::spawn_successor(&config, json_logs),
+                _ = usr1.recv() => {
+                    // logrotate: the access log file is reopened at its configured path.
+                    if let Some(log) = app.access_log.get() {
+                        log.reopen();
+                    }
+                }
                 _ = hup.recv() => {
                     match app.reload("SIGHUP").await {
                         Ok(o) => {

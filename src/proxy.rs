@@ -32,6 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{Logged, Routed, X_REQUEST_ID};
 use crate::app::App;
 use crate::client::{ClientError, Failed, PooledBody, Prepared};
 use crate::config::Protocol;
@@ -89,11 +90,53 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// A response on its way to the client: with `[log] access` on, its end writes the log line.
+pub type ServedBody = Logged<ProxyBody>;
+
+/// One request, with its access log line when the log is on (see [`crate::access_log`]).
 pub async fn handle(
     app: &Arc<App>,
     mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
+) -> Response<ServedBody> {
+    let Some(log) = app.access_log.get() else {
+        return route_and_forward(app, req, conn, on_upgrade, None)
+            .await
+            .map(Logged::off);
+    };
+    let start = Instant::now();
+    let id = log.request_id(req.headers().get(&X_REQUEST_ID));
+    if req.headers().contains_key(&X_REQUEST_ID) {
+        req.headers_mut().remove(&X_REQUEST_ID);
+    }
+    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    let mut entry = log.entry(
+        start,
+        conn.remote.ip(),
+        req.method().clone(),
+        req.uri().path_and_query().cloned(),
+        req.version(),
+        id.clone(),
+        req.headers(),
+    );
+    let mut routed = Routed::default();
+    let mut resp = route_and_forward(app, req, conn, on_upgrade, Some(&mut routed)).await;
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    entry.status = resp.status().as_u16();
+    entry.service = routed.service;
+    entry.color = routed.color;
+    entry.upstream = routed.upstream;
+    let log = log.clone();
+    resp.map(|body| Logged::new(body, log, entry))
+}
+
+async fn route_and_forward(
+    app: &Arc<App>,
+    mut req: Request<ClientBody>,
+    conn: &Arc<ConnInfo>,
+    on_upgrade: Option<OnUpgrade>,
+    mut routed: Option<&mut Routed>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
 
@@ -150,6 +193,10 @@ pub async fn handle(
         Mode::Live => svc.state.active,
         Mode::Preview => svc.state.active.other(),
     };
+    if let Some(r) = routed.as_deref_mut() {
+        r.service = Some(svc.clone());
+        r.color = Some(color);
+    }
     let pool = svc.pool(color);
     let Some(up) = pool.pick() else {
         pool.unavailable.inc();
@@ -159,6 +206,9 @@ pub async fn handle(
         );
     };
     let up = up.clone();
+    if let Some(r) = routed {
+        r.upstream = Some(up.clone());
+    }
 
     // 3. Rewrite.
     let upgrade = if hops & CONNECTION_BIT != 0 {

@@ -30,6 +30,7 @@ use crate::h1_server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode};
 use crate::state::StateStore;
 use crate::tls::TlsSetup;
+use crate::upgrade::{Handover, Inherited};
 
 /// A running Switchyard: its bound addresses and the handle to stop it.
 pub struct Running {
@@ -72,6 +73,16 @@ pub struct Options {
 
 /// Binds every listener and starts serving; returns once all are bound.
 pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
+    start_with(config, opts, Inherited::default()).await
+}
+
+/// As [`start`], on the listening sockets a running process handed over (`serve --upgrade`);
+/// those it did not hand over are bound. The old process is told to drain once this one serves.
+pub async fn start_with(
+    config: Config,
+    opts: Options,
+    mut inherited: Inherited,
+) -> anyhow::Result<Running> {
     let tls = match (
         &config.proxy.tls_listen,
         &config.proxy.tls_cert,
@@ -96,16 +107,66 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
             .saturating_sub(1),
         RuntimeFlavor::Shared => 0,
     };
-    let proxy_listener = bind_with(config.proxy.listen, "proxy.listen", extra_workers > 0).await?;
-    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let inherit = &mut inherited;
+    let proxy_listener = match inherit.take("proxy.listen", config.proxy.listen) {
+        Some(l) => TcpListener::from_std(l)?,
+        None => bind_with(config.proxy.listen, "proxy.listen", extra_workers > 0).await?,
+    };
+    let admin_listener = match inherit.take("admin.listen", config.admin.listen) {
+        Some(l) => TcpListener::from_std(l)?,
+        None => bind(config.admin.listen, "admin.listen").await?,
+    };
     let preview_listener = match config.proxy.preview_listen {
-        Some(a) => Some(bind(a, "proxy.preview_listen").await?),
+        Some(a) => Some(match inherit.take("proxy.preview_listen", a) {
+            Some(l) => TcpListener::from_std(l)?,
+            None => bind(a, "proxy.preview_listen").await?,
+        }),
         None => None,
     };
     let tls_listener = match config.proxy.tls_listen {
-        Some(a) => Some(bind(a, "proxy.tls_listen").await?),
+        Some(a) => Some(match inherit.take("proxy.tls_listen", a) {
+            Some(l) => TcpListener::from_std(l)?,
+            None => bind(a, "proxy.tls_listen").await?,
+        }),
         None => None,
     };
+    // per_worker: the other workers' SO_REUSEPORT sockets, bound here so they can be handed over.
+    let bound_proxy = proxy_listener.local_addr()?;
+    let mut worker_listeners = Vec::new();
+    for i in 1..=extra_workers {
+        let l = match inherit.take(&format!("proxy.listen#{i}"), bound_proxy) {
+            Some(l) => l,
+            None => bind_std_reuseport(bound_proxy)?,
+        };
+        worker_listeners.push(l);
+    }
+    let mut handover = match Handover::bind(&config.proxy.upgrade_socket) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process");
+            None
+        }
+    };
+    if let Some(h) = handover.as_mut() {
+        let mut sockets: Vec<(String, &dyn std::os::fd::AsFd)> = vec![
+            ("proxy.listen".to_string(), &proxy_listener),
+            ("admin.listen".to_string(), &admin_listener),
+        ];
+        if let Some(l) = &preview_listener {
+            sockets.push(("proxy.preview_listen".to_string(), l));
+        }
+        if let Some(l) = &tls_listener {
+            sockets.push(("proxy.tls_listen".to_string(), l));
+        }
+        for (i, l) in worker_listeners.iter().enumerate() {
+            sockets.push((format!("proxy.listen#{}", i + 1), l));
+        }
+        for (key, sock) in sockets {
+            if let Err(e) = h.add(&key, &sock) {
+                tracing::warn!(error = %e, listener = %key, "cannot keep this socket for an upgrade");
+            }
+        }
+    }
     let proxy_cfg = config.proxy.clone();
     crate::guard::check_nofile(&config);
     let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
@@ -113,6 +174,16 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         .context("cannot load the live state")?;
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
+    }
+    let log_cfg = app.snapshot().config.log.clone();
+    let registry = app.metrics.registry.clone();
+    let access = tokio::task::spawn_blocking(move || {
+        crate::access_log::AccessLog::start(&log_cfg, &registry)
+    })
+    .await?
+    .context("log.access: cannot open the access log")?;
+    if let Some(log) = access {
+        let _ = app.access_log.set(log);
     }
 
     let proxy_addr = proxy_listener.local_addr()?;
@@ -160,12 +231,15 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         ));
     }
     tasks.spawn(crate::admin::serve(app.clone(), admin_listener, admin_tls));
+    if let Some(h) = handover {
+        tasks.spawn(h.run(app.clone()));
+    }
     let mut threads = Vec::new();
-    for i in 1..=extra_workers {
+    for (i, listener) in (1..=extra_workers).zip(worker_listeners) {
         let (app, limit, builder) = (app.clone(), limit.clone(), builder.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("switchyard-w{i}"))
-            .spawn(move || accept_thread(app, proxy_addr, limit, builder));
+            .spawn(move || accept_thread(app, listener, limit, builder));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => tracing::error!(error = %e, "cannot start worker thread {i}"),
@@ -179,6 +253,13 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
         tls = ?tls_addr,
         "switchyard is serving"
     );
+    if inherited.old_pid != 0 {
+        tracing::info!(
+            old_pid = inherited.old_pid,
+            "upgrade: serving on the old process's sockets; it drains now"
+        );
+    }
+    inherited.ready();
     Ok(Running {
         app,
         proxy_addr,
@@ -206,7 +287,7 @@ async fn load_tls(
 /// `SO_REUSEPORT` socket; the kernel spreads new connections over the sockets.
 fn accept_thread(
     app: Arc<App>,
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
     h2: http2::Builder<TokioExecutor>,
 ) {
@@ -221,11 +302,28 @@ fn accept_thread(
         }
     };
     rt.block_on(async move {
-        match bind_with(addr, "proxy.listen", true).await {
+        match TcpListener::from_std(listener) {
             Ok(l) => serve_proxy(app, l, Mode::Live, None, limit, h2).await,
             Err(e) => tracing::error!(error = %e, "worker cannot listen"),
         }
     });
+}
+
+/// A `per_worker` socket beside `proxy.listen`, bound off the runtime (its thread adopts it).
+fn bind_std_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .context("proxy.listen: cannot create a socket")?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
+    socket
+        .listen(4096)
+        .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
+    Ok(socket.into())
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
@@ -315,8 +413,8 @@ async fn serve_proxy(
             Some(t) => {
                 let acceptor = t.acceptor();
                 conns.spawn(async move {
-                    // A handshake not finished when shutdown begins is dropped: no request
-                    // has been sent on it yet.
+                    // A handshake not finished shortly after shutdown begins is dropped: no
+                    // request has been sent on it yet.
                     let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
                     let stream = tokio::select! {
                         biased;
@@ -328,7 +426,7 @@ async fn serve_proxy(
                             }
                             Err(_) => return,
                         },
-                        () = conn.app.shutdown.cancelled() => return,
+                        () = shutdown_then(&conn.app, IDLE_AT_SHUTDOWN) => return,
                     };
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         Box::pin(conn.serve_h2(stream, Bytes::new())).await;
@@ -367,6 +465,17 @@ async fn serve_proxy(
     }
     // Tunnels left their connections when they upgraded: they get what is left of the grace.
     app.tunnels.drain(deadline).await;
+}
+
+/// How long a client connection that is idle when shutdown begins (or that was accepted and has
+/// sent nothing yet) is kept for a request already on its way. Closing it at once would race a
+/// keep-alive client's next request; nginx and HAProxy have the same window.
+pub const IDLE_AT_SHUTDOWN: Duration = Duration::from_millis(250);
+
+/// Completes `linger` after shutdown begins.
+async fn shutdown_then(app: &App, linger: Duration) {
+    app.shutdown.cancelled().await;
+    tokio::time::sleep(linger).await;
 }
 
 /// One accepted client connection, before it is known to speak HTTP/1 or h2.
@@ -424,12 +533,14 @@ impl Connection {
                 }
             }
         });
-        // A connection that has sent nothing yet (a browser's preconnect) holds up no shutdown.
+        // A connection that has sent nothing yet (a browser's preconnect) holds up no shutdown
+        // for longer than IDLE_AT_SHUTDOWN: a client that has just connected gets its request
+        // (answered with `connection: close`) rather than a closed connection.
         let read = tokio::select! {
             // Bytes already there are read first: a request that arrived is not dropped.
             biased;
             read = first_read => read,
-            () = self.app.shutdown.cancelled() => return,
+            () = shutdown_then(&self.app, IDLE_AT_SHUTDOWN) => return,
         };
         if !matches!(read, Ok(Ok(true))) {
             return;

@@ -23,6 +23,7 @@ const TABLES: &[(&str, &str)] = &[
     ("admin", "RawAdmin"),
     ("state", "RawState"),
     ("notify", "RawNotify"),
+    ("log", "RawLog"),
     ("services[]", "RawService"),
     ("services[].blue", "RawPool"),
     ("services[].green", "RawPool"),

@@ -1,0 +1,366 @@
+//! Upgrading Switchyard without refusing a connection: `serve --upgrade` takes the listening
+//! sockets over from the running process, as Pingora, HAProxy (`expose-fd listeners`) and
+//! Envoy's hot restart do.
+//!
+//! Every running process listens on a Unix socket (`[proxy] upgrade_socket`). The exchange:
+//!
+//! 1. the new process connects and writes `switchyard-upgrade 1\n`;
+//! 2. the old one answers with one `sendmsg`: a JSON line naming its listeners
+//!    (`{"pid":…,"listeners":["proxy.listen","admin.listen",…]}`) and, as `SCM_RIGHTS`, the
+//!    listening sockets themselves, in the same order;
+//! 3. the new process loads the live state (file or etcd), starts accepting on those sockets,
+//!    binds the upgrade socket itself, and writes `ready\n`;
+//! 4. the old process stops accepting and drains its connections within `shutdown_grace`, then
+//!    exits 0.
+//!
+//! Both processes hold the same kernel sockets, so a connection that arrives meanwhile waits in
+//! the one accept queue until either accepts it: none is refused. If the new process fails before
+//! step 3 (a bad config, a crash), the old one keeps serving as if nothing happened.
+//!
+//! The file descriptors travel through rustix's safe `sendmsg`/`recvmsg` wrappers (`OwnedFd` in,
+//! `OwnedFd` out); this crate has no `unsafe`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+use crate::app::App;
+
+const HELLO: &[u8] = b"switchyard-upgrade 1\n";
+const READY: &[u8] = b"ready\n";
+/// Listening sockets one process may have: proxy, TLS, preview, admin, and per-worker sockets.
+const MAX_FDS: usize = 64;
+/// How long the old process waits for the new one to say it serves.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Offer {
+    pid: u32,
+    listeners: Vec<String>,
+}
+
+/// Listening sockets received from the old process, by config key (`proxy.listen`,
+/// `proxy.listen#1` for the second `per_worker` socket, `admin.listen`, …).
+#[derive(Default)]
+pub struct Inherited {
+    listeners: HashMap<String, std::net::TcpListener>,
+    /// The old process: told `ready` once the new one serves.
+    old: Option<UnixStream>,
+    pub old_pid: u32,
+}
+
+impl Inherited {
+    /// The socket for `key` if the old process had one on the address the config names (any
+    /// port when the config says port 0). A changed address is bound anew instead.
+    pub fn take(&mut self, key: &str, want: SocketAddr) -> Option<std::net::TcpListener> {
+        let l = self.listeners.remove(key)?;
+        let have = l.local_addr().ok()?;
+        let same = have == want || (want.port() == 0 && have.ip() == want.ip());
+        if !same {
+            tracing::warn!(
+                listener = key, old = %have, new = %want,
+                "the address changed; the old socket is closed with the old process"
+            );
+            return None;
+        }
+        l.set_nonblocking(true).ok()?;
+        Some(l)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+
+    /// Tells the old process to stop accepting and drain.
+    pub fn ready(&mut self) {
+        if let Some(mut s) = self.old.take() {
+            if let Err(e) = s.write_all(READY) {
+                tracing::error!(error = %e, "cannot tell the old process to drain; stop it with SIGTERM");
+            }
+        }
+    }
+}
+
+/// The new process's side: asks the process behind `path` for its listening sockets.
+/// Blocking: runs before the runtime starts.
+pub fn request(path: &Path) -> anyhow::Result<Inherited> {
+    let mut s = UnixStream::connect(path).with_context(|| {
+        format!(
+            "proxy.upgrade_socket: no running Switchyard answers at {} (start without --upgrade)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(HELLO)?;
+
+    let mut data = vec![0u8; 16 * 1024];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &s,
+        &mut [IoSliceMut::new(&mut data)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .context("receiving the listening sockets")?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = msg {
+            fds.extend(rights);
+        }
+    }
+    data.truncate(got.bytes);
+    // The JSON line may come in more than one read; the descriptors came with its first byte.
+    while !data.contains(&b'\n') {
+        let mut more = [0u8; 4096];
+        let n = s.read(&mut more)?;
+        if n == 0 {
+            anyhow::bail!("the running process closed the upgrade connection");
+        }
+        data.extend_from_slice(&more[..n]);
+    }
+    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    let offer: Offer =
+        serde_json::from_slice(line).context("the running process sent an unreadable offer")?;
+    if offer.listeners.len() != fds.len() {
+        anyhow::bail!(
+            "the running process named {} listeners but sent {} sockets",
+            offer.listeners.len(),
+            fds.len()
+        );
+    }
+    let listeners = offer
+        .listeners
+        .into_iter()
+        .zip(fds)
+        .map(|(k, fd)| (k, std::net::TcpListener::from(fd)))
+        .collect();
+    s.set_read_timeout(None)?;
+    Ok(Inherited {
+        listeners,
+        old: Some(s),
+        old_pid: offer.pid,
+    })
+}
+
+/// The old process's side: listens on `path` and hands `listeners` over to a new process, then
+/// shuts this one down. The sockets (duplicates) are dropped as soon as shutdown begins, so a
+/// plain SIGTERM still closes the listening sockets at once.
+pub struct Handover {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    fds: Vec<(String, OwnedFd)>,
+}
+
+impl Handover {
+    /// Binds the upgrade socket, replacing a stale file (or the old process's socket after an
+    /// upgrade: it has handed over and is draining).
+    pub fn bind(path: &Path) -> anyhow::Result<Handover> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("proxy.upgrade_socket: cannot create {}", dir.display())
+            })?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("proxy.upgrade_socket: cannot replace {}", path.display())
+                })
+            }
+        }
+        let listener = tokio::net::UnixListener::bind(path).with_context(|| {
+            format!("proxy.upgrade_socket: cannot listen on {}", path.display())
+        })?;
+        Ok(Handover {
+            listener,
+            path: path.to_path_buf(),
+            fds: Vec::new(),
+        })
+    }
+
+    /// Adds a listening socket to hand over (a duplicate of its descriptor).
+    pub fn add(&mut self, key: &str, socket: &impl AsFd) -> std::io::Result<()> {
+        let fd = socket.as_fd().try_clone_to_owned()?;
+        self.fds.push((key.to_string(), fd));
+        Ok(())
+    }
+
+    /// Answers upgrade requests until one succeeds (then shuts this process down) or shutdown
+    /// begins.
+    pub async fn run(self, app: Arc<App>) {
+        let Handover {
+            listener,
+            path,
+            fds,
+        } = self;
+        let fds = Arc::new(fds);
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upgrade socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = app.shutdown.cancelled() => return,
+            };
+            let Ok(std) = stream.into_std().and_then(|s| {
+                s.set_nonblocking(false)?;
+                Ok(s)
+            }) else {
+                continue;
+            };
+            let fds2 = fds.clone();
+            let exchange = tokio::task::spawn_blocking(move || hand_over(std, &fds2));
+            let outcome = tokio::select! {
+                r = exchange => r,
+                () = app.shutdown.cancelled() => return,
+            };
+            match outcome {
+                Ok(Ok(pid)) => {
+                    tracing::info!(
+                        new_pid = pid,
+                        socket = %path.display(),
+                        "upgrade: the new process serves on the same sockets; this one stops accepting and drains"
+                    );
+                    app.shutdown.cancel();
+                    return;
+                }
+                Ok(Err(e)) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "upgrade aborted; this process keeps serving"
+                ),
+                Err(e) => tracing::error!(error = %e, "upgrade task failed; this process keeps serving"),
+            }
+        }
+    }
+}
+
+/// One exchange on a blocking socket: hello, offer with the descriptors, wait for ready.
+fn hand_over(mut s: UnixStream, fds: &[(String, OwnedFd)]) -> anyhow::Result<u32> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(s.try_clone()?);
+    let mut hello = String::new();
+    reader.read_line(&mut hello)?;
+    if hello.as_bytes() != HELLO {
+        anyhow::bail!("not an upgrade request: {:?}", hello.trim_end());
+    }
+    let offer = Offer {
+        pid: std::process::id(),
+        listeners: fds.iter().map(|(k, _)| k.clone()).collect(),
+    };
+    let mut line = serde_json::to_vec(&offer)?;
+    line.push(b'\n');
+    let borrowed: Vec<_> = fds.iter().map(|(_, fd)| fd.as_fd()).collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+        anyhow::bail!("too many listening sockets to hand over");
+    }
+    let sent = rustix::net::sendmsg(&s, &[IoSlice::new(&line)], &mut control, SendFlags::empty())
+        .context("sending the listening sockets")?;
+    if sent < line.len() {
+        s.write_all(&line[sent..])?;
+    }
+    tracing::info!(
+        listeners = ?offer.listeners,
+        "upgrade: listening sockets handed to a new process; waiting for it to serve"
+    );
+    // The new process loads its state and starts its listeners before it says ready.
+    s.set_read_timeout(Some(READY_TIMEOUT))?;
+    let mut answer = String::new();
+    reader.get_mut().set_read_timeout(Some(READY_TIMEOUT))?;
+    reader.read_line(&mut answer)?;
+    if answer.as_bytes() != READY {
+        anyhow::bail!("the new process went away before it served (it logs why)");
+    }
+    Ok(peer_pid(&s))
+}
+
+/// The new process's pid, from the socket's peer credentials where available.
+fn peer_pid(s: &UnixStream) -> u32 {
+    rustix::net::sockopt::socket_peercred(s)
+        .map(|c| c.pid.as_raw_nonzero().get() as u32)
+        .unwrap_or(0)
+}
+
+/// SIGUSR2: starts the binary this process was started as (`argv[0]`, which after a package
+/// update is the new binary) with `serve --config FILE --upgrade`, in this process's cgroup, so
+/// a supervisor such as systemd keeps the service (see `deploy/systemd/switchyard.service`). The
+/// child takes the sockets over as `serve --upgrade` does; if it fails, this process keeps
+/// serving and logs its exit status.
+pub fn spawn_successor(config: &Path, log_format_json: bool) {
+    let exe = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .filter(|p| p.components().count() > 1)
+        .or_else(|| std::env::current_exe().ok());
+    let Some(exe) = exe else {
+        tracing::error!("upgrade on SIGUSR2: cannot tell which binary to start");
+        return;
+    };
+    let mut cmd = tokio::process::Command::new(&exe);
+    if log_format_json {
+        cmd.args(["--log-format", "json"]);
+    }
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--upgrade")
+        .stdin(std::process::Stdio::null());
+    match cmd.spawn() {
+        Ok(mut child) => {
+            tracing::info!(binary = %exe.display(), pid = child.id(), "upgrade on SIGUSR2: started the new process");
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => tracing::error!(status = %s, "upgrade on SIGUSR2: the new process failed; this one keeps serving"),
+                    Err(e) => tracing::error!(error = %e, "upgrade on SIGUSR2: cannot wait for the new process"),
+                }
+            });
+        }
+        Err(e) => tracing::error!(binary = %exe.display(), error = %e, "upgrade on SIGUSR2: cannot start the new process"),
+    }
+}
+
+/// systemd's readiness protocol (`Type=notify`, `NotifyAccess=all`): `READY=1` once serving,
+/// with `MAINPID=` after an upgrade so systemd follows the new process, `STOPPING=1` when
+/// draining. Nothing happens without `$NOTIFY_SOCKET`.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        }
+        None => sock.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}

@@ -1,0 +1,353 @@
+//! The access log (`[log] access`, `access_format`): one line per proxied request with every
+//! field, 404s and 5xx included; `X-Request-Id` kept, generated, sent upstream and returned; the
+//! combined format; SIGUSR1 reopening the file after logrotate's rename (the real binary).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+/// GET with extra headers; the status, the `x-request-id` answered and the body.
+async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut b = Request::get(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::new())).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let id = resp
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().expect("ascii").to_string())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, id, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+async fn wait_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let ok = eventually(10, || async { lines(path).len() >= n }).await;
+    let got = lines(path);
+    assert!(ok, "expected {n} lines in {}, got {got:?}", path.display());
+    got
+}
+
+fn upstream_header(up: &TestUpstream, name: &str) -> Option<String> {
+    up.last_headers
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}
+
+#[tokio::test]
+async fn json_lines_with_every_field_and_request_ids() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = format!(
+        "[log]\naccess = \"{}\"\naccess_format = \"json\"\n{}",
+        log.display(),
+        service("api", &[blue.addr], &[green.addr], "path_prefix = \"/api\"")
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+
+    // 1. A client's id is kept, sent upstream and returned.
+    let (s, id, b) = get_with(p.proxy, "/api/one?x=1", &[("x-request-id", "client-id-1")]).await;
+    assert_eq!((s, b.as_str()), (200, "blue\n"));
+    assert_eq!(id, "client-id-1");
+    assert_eq!(
+        upstream_header(&blue, "x-request-id").as_deref(),
+        Some("client-id-1")
+    );
+    // 2. Without one (or with an unusable one), one is generated, sent upstream and returned.
+    let (s, id2, _) = get_with(p.proxy, "/api/two", &[]).await;
+    assert_eq!(s, 200);
+    assert!(!id2.is_empty() && id2 != "client-id-1");
+    assert_eq!(upstream_header(&blue, "x-request-id"), Some(id2.clone()));
+    let (_, id3, _) = get_with(p.proxy, "/api/three", &[("x-request-id", "has space\"")]).await;
+    assert!(!id3.is_empty() && !id3.contains(' ') && id3 != id2, "{id3}");
+    // 3. A 500 from the upstream, a 404 of the proxy's own.
+    blue.set_status(500);
+    let (s, id500, _) = get_with(p.proxy, "/api/fail", &[]).await;
+    assert_eq!(s, 500);
+    blue.set_status(200);
+    let (s, id404, b404) = get_with(p.proxy, "/nowhere", &[]).await;
+    assert_eq!(s, 404);
+    assert!(!id404.is_empty());
+
+    let got = wait_lines(&log, 5).await;
+    assert_eq!(got.len(), 5, "one line per request: {got:?}");
+    let v: Vec<Value> = got
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &v {
+        let obj = line.as_object().expect("object");
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "bytes",
+                "client",
+                "color",
+                "duration_ms",
+                "method",
+                "path",
+                "request_id",
+                "service",
+                "status",
+                "time",
+                "upstream"
+            ],
+            "{line}"
+        );
+        assert!(humantime::parse_rfc3339(line["time"].as_str().expect("time")).is_ok());
+        assert_eq!(line["client"], "127.0.0.1");
+        assert_eq!(line["method"], "GET");
+        assert!(line["duration_ms"].as_f64().expect("duration") >= 0.0);
+    }
+    let first = &v[0];
+    assert_eq!(first["path"], "/api/one?x=1");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["bytes"], "blue\n".len());
+    assert_eq!(first["service"], "api");
+    assert_eq!(first["color"], "blue");
+    assert_eq!(first["upstream"], blue.addr.to_string());
+    assert_eq!(first["request_id"], "client-id-1");
+    assert_eq!(v[1]["request_id"], id2.as_str());
+    assert_eq!(v[2]["request_id"], id3.as_str());
+    assert_eq!(v[3]["status"], 500);
+    assert_eq!(v[3]["request_id"], id500.as_str());
+    assert_eq!(v[3]["upstream"], blue.addr.to_string());
+    assert_eq!(v[4]["status"], 404);
+    assert_eq!(v[4]["path"], "/nowhere");
+    assert_eq!(v[4]["bytes"], b404.len());
+    assert_eq!(v[4]["service"], Value::Null);
+    assert_eq!(v[4]["upstream"], Value::Null);
+    assert_eq!(v[4]["request_id"], id404.as_str());
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn off_means_no_request_id() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let (s, id, _) = get_with(p.proxy, "/", &[]).await;
+    assert_eq!((s, id.as_str()), (200, ""));
+    assert_eq!(upstream_header(&blue, "x-request-id"), None);
+    // A client's own header still passes as any header does.
+    let (_, _, _) = get_with(p.proxy, "/", &[("x-request-id", "mine")]).await;
+    assert_eq!(
+        upstream_header(&blue, "x-request-id").as_deref(),
+        Some("mine")
+    );
+    p.stop().await;
+}
+
+/// `client - - [date] "METHOD target VERSION" status bytes "referer" "ua" key=value...`
+fn parse_combined(line: &str) -> Option<(String, String, String, u16, u64, String, String)> {
+    let (client, rest) = line.split_once(" - - [")?;
+    let (date, rest) = rest.split_once("] \"")?;
+    let (request, rest) = rest.split_once("\" ")?;
+    let mut parts = rest.splitn(3, ' ');
+    let status: u16 = parts.next()?.parse().ok()?;
+    let bytes: u64 = parts.next()?.parse().ok()?;
+    let rest = parts.next()?.strip_prefix('"')?;
+    let (referer, rest) = rest.split_once("\" \"")?;
+    let (ua, extras) = rest.split_once("\" ")?;
+    // 01/Dec/2026:13:47:05 +0000
+    let (day, zone) = date.split_once(' ')?;
+    if zone != "+0000" || day.len() != 20 || &day[2..3] != "/" || &day[6..7] != "/" {
+        return None;
+    }
+    Some((
+        client.to_string(),
+        request.to_string(),
+        format!("{referer}|{ua}"),
+        status,
+        bytes,
+        extras.to_string(),
+        date.to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn combined_format_parses() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = format!(
+        "[log]\naccess = \"{}\"\naccess_format = \"combined\"\n{}",
+        log.display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let (_, id, _) = get_with(
+        p.proxy,
+        "/a?b=%22c%22",
+        &[("referer", "http://x/\"q\""), ("user-agent", "test-agent/1")],
+    )
+    .await;
+    let got = wait_lines(&log, 1).await;
+    let (client, request, refua, status, bytes, extras, _) =
+        parse_combined(&got[0]).unwrap_or_else(|| panic!("not combined: {}", got[0]));
+    assert_eq!(client, "127.0.0.1");
+    assert_eq!(request, "GET /a?b=%22c%22 HTTP/1.1");
+    assert_eq!(refua, "http://x/\\x22q\\x22|test-agent/1");
+    assert_eq!((status, bytes), (200, "blue\n".len() as u64));
+    assert!(
+        extras.starts_with("rt=")
+            && extras.ends_with(&format!(
+                "service=api color=blue upstream={} request_id={id}",
+                blue.addr
+            )),
+        "{extras}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn sigusr1_reopens_after_rename() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"5s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+         [log]\naccess = \"{}\"\n{}",
+        dir.path().join("state.json").display(),
+        log.display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "switchyard did not start"
+    );
+    assert_eq!(get(proxy, "/before").await.0, 200);
+    wait_lines(&log, 1).await;
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rename");
+    // Written to the renamed file until the reopen (the file handle follows the rename).
+    assert_eq!(get(proxy, "/between").await.0, 200);
+    wait_lines(&rotated, 2).await;
+    let sent = std::process::Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    // The reopen happens on the writer thread; requests go on meanwhile.
+    assert!(
+        eventually(10, || async {
+            let _ = get(proxy, "/after").await;
+            log.exists() && lines(&log).iter().any(|l| l.contains("\"/after\""))
+        })
+        .await,
+        "no new file after SIGUSR1"
+    );
+    let old = lines(&rotated);
+    assert!(old[0].contains("\"/before\"") && old[1].contains("\"/between\""));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exit")
+        .expect("status");
+    assert!(status.success());
+}
+
+/// A sink that does not drain (stdout into a pipe nobody reads): requests go on, lines past the
+/// queue are dropped and counted.
+#[tokio::test]
+async fn a_blocked_sink_drops_and_counts_never_waits() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"2s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+         [log]\naccess = \"stdout\"\naccess_buffer = 16\n{}",
+        dir.path().join("state.json").display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    // stdout is a pipe this test never reads: once its buffer (64 KiB) is full the writer
+    // thread blocks in write(2).
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "switchyard did not start"
+    );
+    // ~200 bytes a line: 1,000 lines are three times what the pipe holds.
+    let long = format!("/{}", "x".repeat(100));
+    for i in 0..1000 {
+        let (s, _) = get(proxy, &format!("{long}/{i}")).await;
+        assert_eq!(s, 200, "request {i}");
+    }
+    let (_, metrics) = get(admin, "/metrics").await;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_access_log_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dropped counter in\n{metrics}"));
+    assert!(dropped > 0.0, "nothing dropped: {dropped}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
