@@ -150,6 +150,7 @@ struct RawAdmin {
     allowed_hosts: Option<Vec<String>>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    watch_config: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +279,9 @@ pub struct AdminConfig {
     pub allowed_hosts: Vec<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Reload when the config file's content changes (a Kubernetes ConfigMap update), polled
+    /// every second ([`crate::config_watch`]).
+    pub watch_config: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -476,6 +480,9 @@ impl Config {
             "admin: listen {} (token from ${})",
             self.admin.listen, self.admin.token_env
         );
+        if self.admin.watch_config {
+            let _ = writeln!(s, "       watch_config: reload when the file changes");
+        }
         match self.state.backend {
             StateBackend::File => {
                 let _ = writeln!(s, "state: file {}", self.state.path.display());
@@ -948,6 +955,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             .collect(),
         tls_cert: a.tls_cert.as_ref().map(PathBuf::from),
         tls_key: a.tls_key.as_ref().map(PathBuf::from),
+        watch_config: a.watch_config.unwrap_or(false),
     };
     let mut listeners = vec![("proxy.listen", Some(proxy.listen))];
     listeners.push(("proxy.tls_listen", proxy.tls_listen));

@@ -65,6 +65,15 @@ pub fn now_rfc3339() -> String {
 
 pub const RING_CAPACITY: usize = 1000;
 
+/// Events a person should look at: the proxy changed or wanted to change traffic on its own.
+/// Logged at WARN; every other event (manual flips, reloads, pauses) at INFO.
+pub fn is_warning(reason: &str) -> bool {
+    matches!(
+        reason,
+        "auto_rollback" | "rollback_blocked" | "release_rollback"
+    )
+}
+
 pub struct EventLog {
     ring: Mutex<VecDeque<Event>>,
     audit: Option<PathBuf>,
@@ -98,16 +107,34 @@ impl EventLog {
     }
 
     pub async fn record(&self, ev: Event) {
-        tracing::info!(
-            service = %ev.service,
-            reason = %ev.reason,
-            from = ?ev.from,
-            to = ?ev.to,
-            actor = %ev.actor,
-            generation = ?ev.generation,
-            "{}",
-            ev.detail
+        // Colors by their names (`green`); absent fields are left out rather than `None`.
+        let (from, to) = (
+            ev.from.map(tracing::field::display),
+            ev.to.map(tracing::field::display),
         );
+        if is_warning(&ev.reason) {
+            tracing::warn!(
+                service = %ev.service,
+                reason = %ev.reason,
+                from,
+                to,
+                actor = %ev.actor,
+                generation = ev.generation,
+                "{}",
+                ev.detail
+            );
+        } else {
+            tracing::info!(
+                service = %ev.service,
+                reason = %ev.reason,
+                from,
+                to,
+                actor = %ev.actor,
+                generation = ev.generation,
+                "{}",
+                ev.detail
+            );
+        }
         if let Ok(mut ring) = self.ring.lock() {
             if ring.len() == RING_CAPACITY {
                 ring.pop_front();

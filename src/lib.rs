@@ -13,6 +13,7 @@ pub mod admin;
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod config_watch;
 pub mod ctl;
 pub mod demo;
 pub mod etcd;

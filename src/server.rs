@@ -122,6 +122,8 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::health::stats_ticker(app.clone()));
     tasks.spawn(crate::watcher::run(app.clone()));
+    let config_baseline = crate::config_watch::baseline(&app).await;
+    tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
     if let Some(etcd) = app.store.as_etcd() {
         tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
     }
@@ -172,8 +174,8 @@ pub async fn start(config: Config, opts: Options) -> anyhow::Result<Running> {
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
-        preview = ?preview_addr,
-        tls = ?tls_addr,
+        preview = preview_addr.map(tracing::field::display),
+        tls = tls_addr.map(tracing::field::display),
         "switchyard is serving"
     );
     Ok(Running {
