@@ -252,6 +252,9 @@ impl App {
             }
         };
         let clients = Clients::new(&config.proxy);
+        for svc in &config.services {
+            metrics.init_service(&svc.name);
+        }
         let config = Arc::new(config);
         let snapshot = build_snapshot(config, &states, None, &metrics);
         Ok(Arc::new(App {
@@ -898,6 +901,9 @@ impl App {
         }
         let states = Self::all_states(&snap);
         let services = new_cfg.services.len();
+        for svc in &new_cfg.services {
+            self.metrics.init_service(&svc.name);
+        }
         let next = build_snapshot(Arc::new(new_cfg), &states, Some(&snap), &self.metrics);
         self.routes.store(Arc::new(next));
         self.metrics
@@ -910,7 +916,7 @@ impl App {
                 "; these changes take effect only after a restart: {}",
                 restart_required.join(", ")
             ));
-            tracing::warn!(keys = ?restart_required, "config changes that need a restart");
+            tracing::warn!(keys = %restart_required.join(", "), "config changes that need a restart");
         }
         self.record(Event::new("*", "reload", actor, message.clone()))
             .await;

@@ -175,6 +175,7 @@ struct RawAdmin {
     max_connections: Option<i64>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    watch_config: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +392,9 @@ pub struct AdminConfig {
     /// An admin connection (HTTP/1.1 keep-alive or h2c) with no request in flight for this long
     /// is closed.
     pub idle_timeout: Duration,
+    /// Reload when the config file's content changes (a Kubernetes ConfigMap update), polled
+    /// every second ([`crate::config_watch`]).
+    pub watch_config: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -727,6 +731,9 @@ impl Config {
             "admin: listen {} (token from ${})",
             self.admin.listen, self.admin.token_env
         );
+        if self.admin.watch_config {
+            let _ = writeln!(s, "       watch_config: reload when the file changes");
+        }
         match self.state.backend {
             StateBackend::File => {
                 let _ = writeln!(s, "state: file {}", self.state.path.display());
@@ -1316,6 +1323,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             a.idle_timeout.as_deref(),
             Duration::from_secs(60),
         ),
+        watch_config: a.watch_config.unwrap_or(false),
     };
     for (k, d) in [
         ("admin.header_read_timeout", admin.header_read_timeout),

@@ -70,6 +70,15 @@ pub const RING_CAPACITY: usize = 1000;
 /// Default `[state] events_max_bytes`.
 pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Events a person should look at: the proxy changed or wanted to change traffic on its own.
+/// Logged at WARN; every other event (manual flips, reloads, pauses) at INFO.
+pub fn is_warning(reason: &str) -> bool {
+    matches!(
+        reason,
+        "auto_rollback" | "rollback_blocked" | "release_rollback"
+    )
+}
+
 /// The audit log: a ring for `/api/events`, a JSON-lines file, and the webhooks.
 ///
 /// A change of the live state is recorded in three steps that a kill -9 at any instant cannot
@@ -298,16 +307,34 @@ impl EventLog {
 
     /// Ring, log line and webhooks for an event already stored.
     pub fn publish(&self, ev: Event) {
-        tracing::info!(
-            service = %ev.service,
-            reason = %ev.reason,
-            from = ?ev.from,
-            to = ?ev.to,
-            actor = %ev.actor,
-            generation = ?ev.generation,
-            "{}",
-            ev.detail
+        // Colors by their names (`green`); absent fields are left out rather than `None`.
+        let (from, to) = (
+            ev.from.map(tracing::field::display),
+            ev.to.map(tracing::field::display),
         );
+        if is_warning(&ev.reason) {
+            tracing::warn!(
+                service = %ev.service,
+                reason = %ev.reason,
+                from,
+                to,
+                actor = %ev.actor,
+                generation = ev.generation,
+                "{}",
+                ev.detail
+            );
+        } else {
+            tracing::info!(
+                service = %ev.service,
+                reason = %ev.reason,
+                from,
+                to,
+                actor = %ev.actor,
+                generation = ev.generation,
+                "{}",
+                ev.detail
+            );
+        }
         if let Some(n) = &self.notifier {
             n.send(&ev);
         }

@@ -15,6 +15,7 @@ pub mod analysis;
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod config_watch;
 pub mod ctl;
 pub mod demo;
 pub mod etcd;

@@ -8,12 +8,21 @@ use switchyard::config::{self, StateBackend};
 use switchyard::server::{self, Options};
 use switchyard::state::{self, StateStore};
 
+/// `--version`: the crate version and the git commit it was built from (build.rs; "unknown"
+/// outside a git checkout, e.g. in a Docker build without `--build-arg SWITCHYARD_GIT_COMMIT`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SWITCHYARD_GIT_COMMIT"),
+    ")"
+);
+
 // The system allocator: see BENCHMARKS.md ("allocator") for mimalloc and jemalloc.
 
 #[derive(Parser, Debug)]
 #[command(
     name = "switchyard",
-    version,
+    version = VERSION,
     about = "Blue-green traffic-switching reverse proxy with automatic rollback"
 )]
 struct Cli {
@@ -91,8 +100,10 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colors only for a person at a terminal: a file, a pipe or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -29,6 +29,12 @@ pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 
+/// Every `reason` of `switchyard_flips_total`.
+pub const FLIP_REASONS: [&str; 4] = ["manual", "rollback", "auto_rollback", "rollback_blocked"];
+
+/// Every `result` of `switchyard_config_reloads_total`.
+pub const CONFIG_RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
 /// Buckets for API latency: 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -139,7 +145,7 @@ impl Metrics {
         for reason in ["bare_lf", "cl_te"] {
             rejected_requests_total.with_label_values(&[reason]);
         }
-        Metrics {
+        let m = Metrics {
             requests_total: counter_vec(
                 &r,
                 REQUESTS_TOTAL,
@@ -220,6 +226,20 @@ impl Metrics {
             unmatched_requests_total,
             registry: r,
             scrape: tokio::sync::Mutex::new(()),
+        };
+        for result in CONFIG_RELOAD_RESULTS {
+            m.config_reloads_total.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// Creates a service's counters whose label values are known in advance at 0, so the first
+    /// event is an increase that `increase()` and `rate()` see (Prometheus's instrumentation
+    /// guide: "avoid missing metrics"). The per-upstream failure kinds are created with each
+    /// upstream (`Upstream::new`).
+    pub fn init_service(&self, service: &str) {
+        for reason in FLIP_REASONS {
+            self.flips_total.with_label_values(&[service, reason]);
         }
     }
 

@@ -196,6 +196,8 @@ pub async fn start_with(
     tasks.spawn(crate::health::stats_ticker(app.clone()));
     tasks.spawn(crate::watcher::run(app.clone()));
     tasks.spawn(crate::analysis::run(app.clone()));
+    let config_baseline = crate::config_watch::baseline(&app).await;
+    tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
     if let Some(etcd) = app.store.as_etcd() {
         tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
     }
@@ -249,8 +251,8 @@ pub async fn start_with(
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
-        preview = ?preview_addr,
-        tls = ?tls_addr,
+        preview = preview_addr.map(tracing::field::display),
+        tls = tls_addr.map(tracing::field::display),
         "switchyard is serving"
     );
     if inherited.old_pid != 0 {

@@ -1,0 +1,496 @@
+//! Running it as operators do: the config reloaded when its file changes (a Kubernetes ConfigMap
+//! update, symlink swap included), logs fit for files and log collectors (no escape codes, colors
+//! by name, rollbacks at WARN), `--version` with the commit, and counters that exist at 0.
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The value of the sample `name` with exactly these labels, in a text exposition.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split('}').next()) else {
+                return labels.is_empty() && rest.starts_with(' ');
+            };
+            inner.split(',').filter(|p| !p.is_empty()).count() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| inner.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn metrics_text(admin: SocketAddr) -> String {
+    get(admin, "/metrics").await.1
+}
+
+fn service_names(status: &Value) -> Vec<String> {
+    status["services"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// watch_config
+// ---------------------------------------------------------------------------------------------
+
+/// The layout the kubelet gives a mounted ConfigMap: `FILE -> ..data/FILE`,
+/// `..data -> ..<timestamp>/`; an update writes a new timestamped directory, swaps `..data` with
+/// one rename, and removes the old directory.
+struct ConfigMapDir {
+    dir: PathBuf,
+    file: &'static str,
+    generation: u32,
+    current: Option<PathBuf>,
+}
+
+impl ConfigMapDir {
+    /// Turns `dir/file` (a plain file) into the kubelet's layout, content unchanged.
+    fn adopt(dir: &Path, file: &'static str) -> ConfigMapDir {
+        let text = std::fs::read_to_string(dir.join(file)).expect("read config");
+        let mut cm = ConfigMapDir {
+            dir: dir.to_path_buf(),
+            file,
+            generation: 0,
+            current: None,
+        };
+        cm.publish(&text);
+        let tmp = dir.join(format!("{file}.tmp"));
+        std::os::unix::fs::symlink(Path::new("..data").join(file), &tmp).expect("symlink");
+        std::fs::rename(&tmp, dir.join(file)).expect("swap file for symlink");
+        cm
+    }
+
+    /// What the kubelet does on a ConfigMap update.
+    fn publish(&mut self, text: &str) {
+        self.generation += 1;
+        let name = format!(
+            "..2026_12_01_00_00_{:02}.{}",
+            self.generation,
+            1000 + self.generation
+        );
+        let data = self.dir.join(&name);
+        std::fs::create_dir(&data).expect("mkdir");
+        std::fs::write(data.join(self.file), text).expect("write");
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &tmp).expect("symlink");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap ..data");
+        if let Some(old) = self.current.replace(data) {
+            std::fs::remove_dir_all(old).expect("remove the old data dir");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_reloads_and_an_invalid_one_changes_nothing() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\nwatch_config = true\n";
+    let api = service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        "hosts = [\"api.test\"]\n",
+    );
+    let p = TestProxy::start(&format!("{admin}{api}")).await;
+    let dir = p.config_path.parent().expect("dir").to_path_buf();
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    let mut cm = ConfigMapDir::adopt(&dir, "switchyard.toml");
+    assert_eq!(service_names(&p.status().await), ["api"]);
+
+    // A valid update: a second service appears, with no signal and no API call.
+    let web = service(
+        "web",
+        &[blue.addr],
+        &[green.addr],
+        "hosts = [\"web.test\"]\n",
+    );
+    cm.publish(&format!("{text}{web}"));
+    let reloaded = eventually(15, || async {
+        service_names(&p.status().await) == ["api", "web"]
+    })
+    .await;
+    assert!(reloaded, "not reloaded: {}", p.status().await);
+    let events = p.events().await;
+    let reload = events
+        .iter()
+        .find(|e| e["reason"] == "reload")
+        .unwrap_or_else(|| panic!("no reload event: {events:?}"));
+    assert_eq!(reload["actor"], "config-watch", "{reload}");
+    let m = metrics_text(p.admin).await;
+    assert_eq!(
+        metric(&m, "switchyard_config_reloads_total", &[("result", "ok")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchyard_config_reloads_total",
+            &[("result", "error")]
+        ),
+        Some(0.0)
+    );
+
+    // An invalid update (an unknown key, a bad address): all or nothing, so nothing.
+    let bad = format!(
+        "{text}{}",
+        service("web", &[blue.addr], &[green.addr], "bogus = 1\n")
+    )
+    .replace(
+        "127.0.0.1:0\"\nwatch_config",
+        "not-an-address\"\nwatch_config",
+    );
+    cm.publish(&bad);
+    let refused = eventually(15, || async {
+        metric(
+            &metrics_text(p.admin).await,
+            "switchyard_config_reloads_total",
+            &[("result", "error")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(refused, "the invalid file was not seen");
+    let m = metrics_text(p.admin).await;
+    assert_eq!(
+        metric(&m, "switchyard_config_reloads_total", &[("result", "ok")]),
+        Some(1.0),
+        "an invalid file must not count as a reload"
+    );
+    assert_eq!(service_names(&p.status().await), ["api", "web"]);
+    assert_eq!(
+        p.events()
+            .await
+            .iter()
+            .filter(|e| e["reason"] == "reload")
+            .count(),
+        1
+    );
+    let (code, body) = request(
+        p.proxy,
+        "GET",
+        "/x",
+        &[("host", "web.test")],
+        Default::default(),
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "blue\n"));
+
+    // Fixed again: reloaded again (the refused content is not retried, a new one is).
+    cm.publish(&text);
+    let back = eventually(15, || async { service_names(&p.status().await) == ["api"] }).await;
+    assert!(back, "not reloaded after the fix: {}", p.status().await);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_place_reloads() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\nwatch_config = true\n";
+    let api = service("api", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&format!("{admin}{api}")).await;
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    // The new content appears with a rename, as editors and config managers write it.
+    let green2 = TestUpstream::start("green2").await;
+    let moved = text.replace(&green.addr.to_string(), &green2.addr.to_string());
+    assert_ne!(moved, text);
+    let tmp = p.config_path.with_extension("tmp");
+    std::fs::write(&tmp, &moved).expect("write");
+    std::fs::rename(&tmp, &p.config_path).expect("rename");
+    let reloaded = eventually(15, || async {
+        p.service_status("api").await["colors"]["green"]["upstreams"][0]["addr"]
+            == Value::String(green2.addr.to_string())
+    })
+    .await;
+    assert!(reloaded, "not reloaded: {}", p.service_status("api").await);
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary: logs, --version
+// ---------------------------------------------------------------------------------------------
+
+/// `switchyard serve` with stderr to a file, as a service manager or `2>file` runs it.
+struct Served {
+    child: tokio::process::Child,
+    admin: SocketAddr,
+    proxy: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn start(body: &str, extra_args: &[&str]) -> Served {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\nshutdown_grace = \"2s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[state]\npath = \"{}\"\n{body}",
+            dir.path().join("state.json").display()
+        );
+        let config = dir.path().join("switchyard.toml");
+        std::fs::write(&config, text).expect("config");
+        let log = dir.path().join("switchyard.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(extra_args)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            // Whatever the test runner's environment says: the decision must come from stderr.
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let s = Served {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            proxy: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
+            log,
+            _dir: dir,
+        };
+        let up = eventually(20, || async {
+            try_get(s.admin, "/healthz")
+                .await
+                .is_some_and(|(c, _)| c == 200)
+        })
+        .await;
+        assert!(up, "switchyard did not start: {}", s.log_text());
+        s
+    }
+
+    fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// SIGTERM, then the whole log.
+    async fn stop(mut self) -> String {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await;
+        let _ = self.child.kill().await;
+        self.log_text()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_are_plain_and_name_colors() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = service("api", &[blue.addr], &[green.addr], "");
+
+    for format in ["text", "json"] {
+        let s = Served::start(&body, &["--log-format", format]).await;
+        let (code, answer) = admin_post(
+            s.admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(serde_json::json!({"to": "green"})),
+        )
+        .await;
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(get(s.proxy, "/x").await, (200, "green\n".to_string()));
+        let log = s.stop().await;
+        assert!(
+            !log.contains('\x1b'),
+            "{format}: escape codes in a log written to a file:\n{log}"
+        );
+        assert!(
+            !log.contains("Some("),
+            "{format}: a debug form leaked:\n{log}"
+        );
+        assert!(
+            !log.contains("Green"),
+            "{format}: a debug form leaked:\n{log}"
+        );
+        let flip = log
+            .lines()
+            .find(|l| l.contains("flip blue -> green"))
+            .unwrap_or_else(|| panic!("{format}: no flip line:\n{log}"));
+        match format {
+            "text" => {
+                assert!(flip.contains(" INFO "), "{flip}");
+                assert!(flip.contains("from=blue"), "{flip}");
+                assert!(flip.contains("to=green"), "{flip}");
+                assert!(flip.contains("generation=1"), "{flip}");
+            }
+            _ => {
+                let v: Value = serde_json::from_str(flip).expect("a JSON log line");
+                assert_eq!(v["level"], "INFO", "{v}");
+                assert_eq!(v["fields"]["from"], "blue", "{v}");
+                assert_eq!(v["fields"]["to"], "green", "{v}");
+                assert_eq!(v["fields"]["generation"], 1, "{v}");
+                // Every line of the file is JSON.
+                for l in log.lines() {
+                    assert!(serde_json::from_str::<Value>(l).is_ok(), "not JSON: {l}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_rollback_is_logged_at_warn() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let extra = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n[services.rollback]\nwatch_for = \"10m\"\n[[services.rollback.triggers]]\nkind = \"unhealthy\"\nfor = \"0s\"\n";
+    let s = Served::start(&service("api", &[blue.addr], &[green.addr], extra), &[]).await;
+    let flipped = eventually(10, || async {
+        admin_post(
+            s.admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(serde_json::json!({"to": "green"})),
+        )
+        .await
+        .0 == 200
+    })
+    .await;
+    assert!(flipped, "flip refused: {}", s.log_text());
+    green.set_health(500);
+    let rolled_back = eventually(20, || async {
+        admin_get(s.admin, "/api/status").await.1["services"][0]["active"] == "blue"
+    })
+    .await;
+    assert!(rolled_back, "no automatic rollback: {}", s.log_text());
+    let log = s.stop().await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("reason=auto_rollback"))
+        .unwrap_or_else(|| panic!("no rollback line:\n{log}"));
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("from=green to=blue"), "{line}");
+    // A manual flip stays at INFO.
+    let manual = log
+        .lines()
+        .find(|l| l.contains("flip blue -> green"))
+        .unwrap_or_else(|| panic!("no flip line:\n{log}"));
+    assert!(manual.contains(" INFO "), "{manual}");
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("--version")
+        .output()
+        .expect("run --version");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let prefix = format!("switchyard {} (commit ", env!("CARGO_PKG_VERSION"));
+    let commit = text
+        .strip_prefix(&prefix)
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected --version: {text:?}"));
+    // build.rs gives the package's targets the same value it gave the binary.
+    assert_eq!(commit, env!("SWITCHYARD_GIT_COMMIT"), "{text}");
+    // In a git checkout (CI's clone included) that is HEAD's short hash.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if let (Some(head), None) = (head, std::env::var_os("SWITCHYARD_GIT_COMMIT")) {
+        assert_eq!(commit, head, "{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters at 0
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_with_known_labels_exist_at_zero_from_the_start() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let api = service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        "hosts = [\"api.test\"]\n",
+    );
+    let p = TestProxy::start(&api).await;
+    let m = metrics_text(p.admin).await;
+    for reason in ["manual", "rollback", "auto_rollback", "rollback_blocked"] {
+        assert_eq!(
+            metric(
+                &m,
+                "switchyard_flips_total",
+                &[("service", "api"), ("reason", reason)]
+            ),
+            Some(0.0),
+            "flips_total reason={reason}:\n{m}"
+        );
+    }
+    for (color, up) in [("blue", blue.addr), ("green", green.addr)] {
+        for kind in ["connect", "timeout", "reset", "5xx"] {
+            let up = up.to_string();
+            assert_eq!(
+                metric(
+                    &m,
+                    "switchyard_upstream_failures_total",
+                    &[
+                        ("service", "api"),
+                        ("color", color),
+                        ("upstream", up.as_str()),
+                        ("kind", kind)
+                    ]
+                ),
+                Some(0.0),
+                "upstream_failures_total {color} {kind}:\n{m}"
+            );
+        }
+    }
+    for result in ["ok", "error"] {
+        assert_eq!(
+            metric(&m, "switchyard_config_reloads_total", &[("result", result)]),
+            Some(0.0),
+            "{m}"
+        );
+    }
+    // A service added by a reload gets its counters too.
+    let web = service(
+        "web",
+        &[blue.addr],
+        &[green.addr],
+        "hosts = [\"web.test\"]\n",
+    );
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    std::fs::write(&p.config_path, format!("{text}{web}")).expect("write");
+    let (code, answer) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(code, 200, "{answer}");
+    let m = metrics_text(p.admin).await;
+    assert_eq!(
+        metric(
+            &m,
+            "switchyard_flips_total",
+            &[("service", "web"), ("reason", "auto_rollback")]
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    p.stop().await;
+}
