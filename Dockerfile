@@ -16,7 +16,7 @@ ARG SWITCHYARD_GIT_COMMIT=unknown
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 COPY benches benches
-# Stripped (symbols and debug info): 39 MB -> about 8 MB.
+# Stripped of symbols and debug info (issue 16 measured 39 MB unstripped, 7.9 MB stripped).
 RUN --mount=type=cache,id=switchyard-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=switchyard-target,target=/src/target,sharing=locked \
     CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --bin switchyard \

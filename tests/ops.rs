@@ -239,9 +239,17 @@ impl Served {
     async fn start(body: &str, extra_args: &[&str]) -> Served {
         let dir = tempfile::tempdir().expect("tempdir");
         let (proxy_port, admin_port) = (free_port(), free_port());
+        // `body` may bring its own [state].
+        let state = if body.contains("[state]") {
+            String::new()
+        } else {
+            format!(
+                "[state]\npath = \"{}\"\n",
+                dir.path().join("state.json").display()
+            )
+        };
         let text = format!(
-            "[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\nshutdown_grace = \"2s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[state]\npath = \"{}\"\n{body}",
-            dir.path().join("state.json").display()
+            "[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\nshutdown_grace = \"2s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{state}{body}"
         );
         let config = dir.path().join("switchyard.toml");
         std::fs::write(&config, text).expect("config");
@@ -352,7 +360,7 @@ async fn logs_to_a_file_are_plain_and_name_colors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_automatic_rollback_is_logged_at_warn() {
+async fn blocked_and_automatic_rollbacks_are_logged_at_warn() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let extra = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n[services.rollback]\nwatch_for = \"10m\"\n[[services.rollback.triggers]]\nkind = \"unhealthy\"\nfor = \"0s\"\n";
@@ -369,7 +377,24 @@ async fn an_automatic_rollback_is_logged_at_warn() {
     })
     .await;
     assert!(flipped, "flip refused: {}", s.log_text());
+    // Blue down first: the rollback is due but blocked...
+    blue.set_health(500);
+    let blue_down = eventually(20, || async {
+        admin_get(s.admin, "/api/status").await.1["services"][0]["colors"]["blue"]["healthy"]
+            == false
+    })
+    .await;
+    assert!(blue_down, "blue never went unhealthy: {}", s.log_text());
     green.set_health(500);
+    let blocked = eventually(20, || async {
+        admin_get(s.admin, "/api/events").await.1["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["reason"] == "rollback_blocked"))
+    })
+    .await;
+    assert!(blocked, "no blocked rollback: {}", s.log_text());
+    // ...and happens once blue heals.
+    blue.set_health(200);
     let rolled_back = eventually(20, || async {
         admin_get(s.admin, "/api/status").await.1["services"][0]["active"] == "blue"
     })
@@ -382,12 +407,42 @@ async fn an_automatic_rollback_is_logged_at_warn() {
         .unwrap_or_else(|| panic!("no rollback line:\n{log}"));
     assert!(line.contains(" WARN "), "{line}");
     assert!(line.contains("from=green to=blue"), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("reason=rollback_blocked"))
+        .unwrap_or_else(|| panic!("no blocked rollback line:\n{log}"));
+    assert!(line.contains(" WARN "), "{line}");
     // A manual flip stays at INFO.
     let manual = log
         .lines()
         .find(|l| l.contains("flip blue -> green"))
         .unwrap_or_else(|| panic!("no flip line:\n{log}"));
     assert!(manual.contains(" INFO "), "{manual}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_state_backend_is_logged_at_warn() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let etcd = dead_addr().await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let s = Served::start(&body, &[]).await;
+    let degraded = eventually(20, || async {
+        admin_get(s.admin, "/api/status").await.1["state"]["degraded"] == true
+    })
+    .await;
+    assert!(degraded, "not degraded: {}", s.log_text());
+    // Traffic still flows on the config's colors.
+    assert_eq!(get(s.proxy, "/x").await, (200, "blue\n".to_string()));
+    let log = s.stop().await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("state degraded"))
+        .unwrap_or_else(|| panic!("no degraded line:\n{log}"));
+    assert!(line.contains(" WARN "), "{line}");
 }
 
 #[test]
