@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Color, Config};
 use crate::events::{now_rfc3339, Event, EventLog};
@@ -43,7 +42,8 @@ pub struct App {
     /// The admin bearer token, read once at startup from the variable `token_env` names.
     pub admin_token: Option<String>,
     pub config_path: Option<PathBuf>,
-    pub shutdown: CancellationToken,
+    /// Lock-free on the request path (see [`crate::shutdown`]).
+    pub shutdown: crate::shutdown::Shutdown,
     /// Open WebSocket tunnels, drained at shutdown like requests.
     pub tunnels: crate::proxy::Tunnels,
     pub started: Instant,
@@ -266,7 +266,7 @@ impl App {
             watch: ArcSwap::from_pointee(HashMap::new()),
             admin_token: admin_token.filter(|t| !t.is_empty()),
             config_path,
-            shutdown: CancellationToken::new(),
+            shutdown: crate::shutdown::Shutdown::new(),
             tunnels: crate::proxy::Tunnels::default(),
             started: Instant::now(),
             access_log: std::sync::OnceLock::new(),

@@ -682,11 +682,7 @@ impl Conn {
 
     async fn refuse(&mut self, r: Reader, refused: Refused) {
         if let Some(reason) = refused.metric {
-            self.app
-                .metrics
-                .rejected_requests_total
-                .with_label_values(&[reason])
-                .inc();
+            self.app.metrics.count_rejected(reason);
         }
         let resp = proxy::text(refused.status, refused.why);
         let _ = self

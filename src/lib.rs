@@ -32,6 +32,7 @@ pub mod proxy;
 pub mod rollback;
 pub mod routing;
 pub mod server;
+pub mod shutdown;
 pub mod state;
 pub mod stats;
 pub mod tls;

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub rejected_requests_total: IntCounterVec,
     /// HTTP/1 requests whose client closed its connection before the response (nginx's 499).
     pub client_closed_requests_total: IntCounter,
+    /// `rejected_requests_total`'s series by reason, resolved at startup (see `count_rejected`).
+    rejected_by_reason: Vec<(&'static str, IntCounter)>,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -141,10 +143,10 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
         register(&r, Box::new(client_closed_requests_total.clone()));
-        // Both series exist from the start, at 0.
-        for reason in ["bare_lf", "cl_te"] {
-            rejected_requests_total.with_label_values(&[reason]);
-        }
+        // Both series exist from the start, at 0; their handles are resolved once, here.
+        let rejected_by_reason = ["bare_lf", "cl_te"]
+            .map(|reason| (reason, rejected_requests_total.with_label_values(&[reason])))
+            .to_vec();
         let m = Metrics {
             requests_total: counter_vec(
                 &r,
@@ -220,6 +222,7 @@ impl Metrics {
                 &["result"],
             ),
             rejected_requests_total,
+            rejected_by_reason,
             client_closed_requests_total,
             state_degraded,
             webhook_failures_total,
@@ -243,6 +246,19 @@ impl Metrics {
         }
     }
 
+    /// One refused request in `switchyard_rejected_requests_total`: a reason known at startup
+    /// increments its stored handle (no label hashing, no lock on the vec); any other reason
+    /// goes through `with_label_values`.
+    pub fn count_rejected(&self, reason: &str) {
+        match self.rejected_by_reason.iter().find(|(r, _)| *r == reason) {
+            Some((_, counter)) => counter.inc(),
+            None => self
+                .rejected_requests_total
+                .with_label_values(&[reason])
+                .inc(),
+        }
+    }
+
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
@@ -251,5 +267,32 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod rejected_tests {
+    use super::*;
+
+    #[test]
+    fn count_rejected_uses_the_stored_handles_and_still_takes_other_reasons() {
+        let m = Metrics::new();
+        m.count_rejected("cl_te");
+        m.count_rejected("cl_te");
+        m.count_rejected("bare_lf");
+        m.count_rejected("something_else");
+        let text = m.encode();
+        assert!(
+            text.contains("switchyard_rejected_requests_total{reason=\"cl_te\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_rejected_requests_total{reason=\"bare_lf\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_rejected_requests_total{reason=\"something_else\"} 1"),
+            "{text}"
+        );
     }
 }

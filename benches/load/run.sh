@@ -408,15 +408,17 @@ EOF
 fi
 
 # ------------------------------------------------------------------ nginx proxy
-write_nginx_proxy() { # with_h2 (1/0)
+write_nginx_proxy() { # with_h2 (1/0) with_tls (1/0)
     local h2=
     [[ $1 == 1 ]] && h2=" http2"
     nginx_common "$TMP/nginx-proxy"
     echo "http {"
     nginx_http_common "$TMP/nginx-proxy"
+    if [[ $2 == 1 ]]; then
+        echo "    ssl_certificate $TMP/tls/cert.pem;"
+        echo "    ssl_certificate_key $TMP/tls/key.pem;"
+    fi
     cat <<EOF
-    ssl_certificate $TMP/tls/cert.pem;
-    ssl_certificate_key $TMP/tls/key.pem;
     upstream backend {
         server 127.0.0.1:$P_UP;
         keepalive 64;
@@ -427,8 +429,8 @@ write_nginx_proxy() { # with_h2 (1/0)
         listen 127.0.0.1:$P_NG;
 EOF
     if [[ $1 == 1 ]]; then echo "        listen 127.0.0.1:$P_NG_H2 http2;"; fi
+    if [[ $2 == 1 ]]; then echo "        listen 127.0.0.1:$P_NG_TLS ssl$h2;"; fi
     cat <<EOF
-        listen 127.0.0.1:$P_NG_TLS ssl$h2;
         client_max_body_size 2m;
         location / {
             proxy_pass http://backend;
@@ -441,13 +443,18 @@ EOF
 }
 EOF
 }
-NG_H2=1
-write_nginx_proxy 1 >"$TMP/nginx-proxy/nginx.conf"
+NG_H2=1 NG_TLS=1
+write_nginx_proxy 1 1 >"$TMP/nginx-proxy/nginx.conf"
 if ! nginx_ok "$TMP/nginx-proxy"; then
     NG_H2=0
-    write_nginx_proxy 0 >"$TMP/nginx-proxy/nginx.conf"
-    nginx_ok "$TMP/nginx-proxy" || die "nginx proxy config invalid: $(tail -3 "$TMP/nginx-proxy/check.log")"
-    warn "this nginx rejects 'listen ... http2' (no h2c): nginx h2c is n/a"
+    write_nginx_proxy 0 1 >"$TMP/nginx-proxy/nginx.conf"
+    if ! nginx_ok "$TMP/nginx-proxy"; then
+        NG_TLS=0
+        write_nginx_proxy 0 0 >"$TMP/nginx-proxy/nginx.conf"
+        nginx_ok "$TMP/nginx-proxy" || die "nginx proxy config invalid: $(tail -3 "$TMP/nginx-proxy/check.log")"
+        warn "this nginx rejects 'listen ... ssl': nginx's TLS rows are n/a"
+    fi
+    warn "this nginx rejects 'listen ... http2' (no h2c, no h2 over TLS): nginx h2c and h2tls are n/a"
 fi
 "${PIN_PROXY[@]}" nginx -p "$TMP/nginx-proxy" -c "$TMP/nginx-proxy/nginx.conf" -e "$TMP/nginx-proxy/error.log" \
     >"$TMP/nginx-proxy/stdout.log" 2>&1 &
@@ -476,7 +483,7 @@ defaults
 frontend bench
     bind 127.0.0.1:$P_HA
     bind 127.0.0.1:$P_HA_H2 proto h2
-    bind 127.0.0.1:$P_HA_TLS ssl crt $TMP/tls/haproxy.pem alpn h2,http/1.1
+    bind 127.0.0.1:$P_HA_TLS ssl crt $TMP/tls/haproxy.pem alpn h2,http/1.1 # TLS
     default_backend upstream
 
 backend upstream
@@ -498,8 +505,15 @@ backend upstream_tcp
     timeout server 300s
     server up1 127.0.0.1:$P_UP
 EOF
-haproxy -c -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/check.log" 2>&1 ||
-    die "haproxy config invalid: $(tail -5 "$TMP/haproxy/check.log")"
+HA_TLS=1
+if ! haproxy -c -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/check.log" 2>&1; then
+    # a HAProxy built without OpenSSL: the rest of the benchmark still runs
+    HA_TLS=0
+    sed -i '/ # TLS$/d' "$TMP/haproxy/haproxy.cfg"
+    haproxy -c -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/check.log" 2>&1 ||
+        die "haproxy config invalid: $(tail -5 "$TMP/haproxy/check.log")"
+    warn "this haproxy rejects 'bind ... ssl': its TLS rows are n/a"
+fi
 "${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/haproxy.log" 2>&1 &
 HA_PID=$!
 PIDS+=("$HA_PID")
@@ -514,10 +528,10 @@ URL_H2[switchyard]=http://127.0.0.1:$P_SY/
 URL_TLS[switchyard]=https://127.0.0.1:$P_SY_TLS/
 URL_H1[nginx]=http://127.0.0.1:$P_NG/
 URL_H2[nginx]=http://127.0.0.1:$P_NG_H2/
-URL_TLS[nginx]=https://127.0.0.1:$P_NG_TLS/
+((NG_TLS)) && URL_TLS[nginx]=https://127.0.0.1:$P_NG_TLS/
 URL_H1[haproxy]=http://127.0.0.1:$P_HA/
 URL_H2[haproxy]=http://127.0.0.1:$P_HA_H2/
-URL_TLS[haproxy]=https://127.0.0.1:$P_HA_TLS/
+((HA_TLS)) && URL_TLS[haproxy]=https://127.0.0.1:$P_HA_TLS/
 URL_H1[l4relay]=http://127.0.0.1:$P_L4/
 TARGETS=(direct)
 ((SY_ENABLED)) && TARGETS+=(switchyard)
