@@ -978,7 +978,7 @@ fn sync(app: &Arc<App>) {
                     trigger,
                     last: Mutex::new(Last::default()),
                     wake: Notify::new(),
-                    stop: app.shutdown.child_token(),
+                    stop: CancellationToken::new(),
                     seen_generation: Mutex::new(generation),
                 });
                 tokio::spawn(trigger_task(

@@ -21,7 +21,6 @@ use crossbeam_queue::SegQueue;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::proxy::IdleTimer;
 
@@ -299,7 +298,7 @@ impl Watchdog {
 pub async fn watch<C>(
     mut conn: Pin<&mut C>,
     mut dog: Watchdog,
-    shutdown: &CancellationToken,
+    shutdown: &crate::shutdown::Shutdown,
     linger: Duration,
     graceful: impl Fn(Pin<&mut C>),
 ) where

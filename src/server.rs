@@ -571,7 +571,7 @@ impl Connection {
         } = self;
         // Shutdown reaches this connection through the watchdog, not the listener's watcher.
         drop(watcher);
-        let shutdown = app.shutdown.clone();
+        let shutdown = app.clone();
         let activity = ConnActivity::new();
         let dog = Watchdog::new(
             activity.clone(),
@@ -592,7 +592,7 @@ impl Connection {
         let io = SendTimeout::new(io, limits.send_timeout);
         let io = TokioIo::new(Prefixed { read, io });
         let conn = std::pin::pin!(h2.serve_connection(io, svc));
-        crate::guard::watch(conn, dog, &shutdown, limits.send_timeout, |c| {
+        crate::guard::watch(conn, dog, &shutdown.shutdown, limits.send_timeout, |c| {
             c.graceful_shutdown()
         })
         .await;

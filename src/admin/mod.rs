@@ -85,7 +85,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         });
         let builder = builder.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
-        let shutdown = app.shutdown.clone();
+        let shutdown = app.clone();
         // Held for the connection's life: shutdown's drain waits for it (at most a second).
         let watcher = graceful.watcher();
         let (hrt, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
@@ -96,7 +96,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     let conn = std::pin::pin!(conn);
-                    watch(conn, dog, &shutdown, idle, |c| c.graceful_shutdown()).await;
+                    watch(conn, dog, &shutdown.shutdown, idle, |c| c.graceful_shutdown()).await;
                 }
                 Some(acc) => {
                     let Ok(Ok(s)) = tokio::time::timeout(hrt, acc.accept(stream)).await else {
@@ -104,7 +104,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                     };
                     let conn = builder.serve_connection(TokioIo::new(s), svc);
                     let conn = std::pin::pin!(conn);
-                    watch(conn, dog, &shutdown, idle, |c| c.graceful_shutdown()).await;
+                    watch(conn, dog, &shutdown.shutdown, idle, |c| c.graceful_shutdown()).await;
                 }
             }
         });
