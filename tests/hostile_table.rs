@@ -79,6 +79,11 @@ async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: A
                     }
                 }
             }
+            "/noread" => {
+                // Takes the head, never a byte of the body.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
             "/s650" => b"HTTP/1.1 650 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
             "/bighead" => {
                 let mut a = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
@@ -748,5 +753,46 @@ async fn an_admin_connection_flood_stays_off_the_data_plane() {
             "an idle admin connection was never closed"
         );
     }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_request_fails_at_the_upstream_send_timeout() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}request_timeout = \"20s\"\nupstream_send_timeout = \"300ms\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let s = TcpStream::connect(p.proxy).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let len = 64 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /noread HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n");
+        w.write_all(head.as_bytes()).await.ok()?;
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..len / piece.len() {
+            w.write_all(&piece).await.ok()?;
+        }
+        Some(w)
+    });
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match r.read(&mut b).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer before the request_timeout");
+    let head = String::from_utf8_lossy(&got).into_owned();
+    assert_eq!(status_of(&head), 502, "{head}");
+    writer.abort();
+    let metrics = get(p.admin, "/metrics").await.1;
+    assert_eq!(upstream_failures(&metrics), 1.0, "{metrics}");
     p.stop().await;
 }
