@@ -69,7 +69,7 @@ async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: A
                     return;
                 }
                 let mut piece = format!("{:x}\r\n", 64 * 1024).into_bytes();
-                piece.extend(std::iter::repeat_n(b'x', 64 * 1024));
+                piece.extend_from_slice(&[b'x'; 64 * 1024]);
                 piece.extend_from_slice(b"\r\n");
                 loop {
                     let w = tokio::time::timeout(Duration::from_secs(30), s.write_all(&piece));
@@ -87,7 +87,7 @@ async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: A
             "/s650" => b"HTTP/1.1 650 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
             "/bighead" => {
                 let mut a = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
-                a.extend(std::iter::repeat_n(b'a', 200 * 1024));
+                a.extend_from_slice(&vec![b'a'; 200 * 1024]);
                 a.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
                 a
             }
