@@ -324,9 +324,15 @@ impl Watchdog {
     }
 }
 
+/// After an idle GOAWAY, how long the connection gets to send it (and to notice a stream the
+/// client opened meanwhile) before it is closed. h2 would otherwise wait for the client to
+/// answer a PING first, which a hostile client never does.
+const GOAWAY_FLUSH: Duration = Duration::from_millis(100);
+
 /// Runs a connection future under a watchdog: an idle connection gets `graceful` (GOAWAY) and
-/// is dropped if it has not closed `linger` later; a stalled one is dropped at once; shutdown
-/// starts `graceful` too (the listener's drain bounds what follows).
+/// is dropped [`GOAWAY_FLUSH`] later if still without an open stream, or `linger` later at
+/// the latest; a stalled one is dropped at once; shutdown starts `graceful` too (the
+/// listener's drain bounds what follows).
 pub async fn watch<C>(
     mut conn: Pin<&mut C>,
     mut dog: Watchdog,
@@ -364,8 +370,11 @@ pub async fn watch<C>(
                     }
                     _ => {}
                 }
-                if goaway.is_some_and(|t| now - t >= linger) {
-                    return;
+                if let Some(t) = goaway {
+                    let quiet = dog.activity.open.load(Ordering::Relaxed) == 0;
+                    if now - t >= linger || (quiet && now - t >= GOAWAY_FLUSH) {
+                        return;
+                    }
                 }
             }
         }
