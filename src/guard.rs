@@ -169,6 +169,7 @@ impl ConnActivity {
         self.new_bodies.push(clock.clone());
         Tracked {
             inner,
+            rest: Bytes::new(),
             clock,
             base: self.base,
             _guard: guard,
@@ -186,9 +187,18 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body whose progress the connection's watchdog follows.
+/// Most of a body handed to hyper at once. hyper asks for the next frame only once h2 has sent
+/// what it buffered, so each ask is progress of at most this much: a client must take this
+/// much per `client_send_timeout` (273 B/s at the default) not to count as stalled, and a
+/// stalled stream holds at most this much in h2's buffer.
+const TRACKED_FRAME: usize = 16 * 1024;
+
+/// A response body whose progress the connection's watchdog follows. Its data goes out in
+/// pieces of at most [`TRACKED_FRAME`].
 pub struct Tracked<B> {
     inner: B,
+    /// What is left of the last data frame.
+    rest: Bytes,
     clock: Arc<StreamClock>,
     base: Instant,
     _guard: StreamGuard,
@@ -205,24 +215,45 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let r = if this.rest.is_empty() {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) if data.len() > TRACKED_FRAME => {
+                        this.rest = data.split_off(TRACKED_FRAME);
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            }
+        } else {
+            let n = this.rest.len().min(TRACKED_FRAME);
+            Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+        };
         let at = match &r {
             // A frame went out; until the next poll the stream waits for the client's window.
-            Poll::Ready(Some(Ok(_))) if !self.inner.is_end_stream() => {
-                millis(self.base, Instant::now())
-            }
+            Poll::Ready(Some(Ok(_))) if !this.is_end_stream() => millis(this.base, Instant::now()),
             _ => NOT_STALLED,
         };
-        self.clock.ready_at.store(at, Ordering::Relaxed);
+        this.clock.ready_at.store(at, Ordering::Relaxed);
         r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -292,9 +323,15 @@ impl Watchdog {
     }
 }
 
+/// After an idle GOAWAY, how long the connection gets to send it (and to notice a stream the
+/// client opened meanwhile) before it is closed. h2 would otherwise wait for the client to
+/// answer a PING first, which a hostile client never does.
+const GOAWAY_FLUSH: Duration = Duration::from_millis(100);
+
 /// Runs a connection future under a watchdog: an idle connection gets `graceful` (GOAWAY) and
-/// is dropped if it has not closed `linger` later; a stalled one is dropped at once; shutdown
-/// starts `graceful` too (the listener's drain bounds what follows).
+/// is dropped [`GOAWAY_FLUSH`] later if still without an open stream, or `linger` later at
+/// the latest; a stalled one is dropped at once; shutdown starts `graceful` too (the
+/// listener's drain bounds what follows).
 pub async fn watch<C>(
     mut conn: Pin<&mut C>,
     mut dog: Watchdog,
@@ -332,8 +369,11 @@ pub async fn watch<C>(
                     }
                     _ => {}
                 }
-                if goaway.is_some_and(|t| now - t >= linger) {
-                    return;
+                if let Some(t) = goaway {
+                    let quiet = dog.activity.open.load(Ordering::Relaxed) == 0;
+                    if now - t >= linger || (quiet && now - t >= GOAWAY_FLUSH) {
+                        return;
+                    }
                 }
             }
         }
@@ -506,5 +546,22 @@ mod tests {
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
         drop(body);
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+    }
+
+    #[tokio::test]
+    async fn tracked_bodies_come_in_small_pieces_and_whole() {
+        use http_body_util::BodyExt;
+        let act = ConnActivity::new();
+        let data = Bytes::from(vec![7u8; 40 * 1024]);
+        let mut body = act.track(http_body_util::Full::new(data.clone()), act.open());
+        assert_eq!(body.size_hint().exact(), Some(40 * 1024));
+        let mut got = Vec::new();
+        while let Some(f) = body.frame().await {
+            let d = f.ok().and_then(|f| f.into_data().ok()).expect("data");
+            assert!(d.len() <= TRACKED_FRAME);
+            got.extend_from_slice(&d);
+        }
+        assert!(body.is_end_stream());
+        assert_eq!(got, data);
     }
 }

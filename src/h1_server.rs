@@ -821,6 +821,12 @@ impl Conn {
             // A cut response: the connection closes now (no last chunk, no linger), so the
             // client sees the cut at once rather than after the linger.
             Ok(false) if self.writer.cut => return None,
+            // The client stopped reading (`client_send_timeout`): nothing more can reach it,
+            // so no lingering and no orderly close either; the slot goes at once.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                self.writer.closed = true;
+                return None;
+            }
             Ok(false) | Err(_) => {
                 self.linger(reader_back).await;
                 return None;

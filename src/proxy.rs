@@ -1100,6 +1100,13 @@ mod tests {
         assert_eq!(host_without_port("a b"), None);
         assert_eq!(host_without_port("a.b:x"), None);
         assert_eq!(host_without_port(""), None);
+        assert_eq!(host_without_port("a:1:2"), None);
+        assert_eq!(host_without_port("a:99999999999"), None);
+        assert_eq!(host_without_port("a:65536"), None);
+        assert_eq!(host_without_port("a:65535"), Some("a"));
+        assert_eq!(host_without_port("[zz::1:]"), None);
+        assert_eq!(host_without_port("[::1]x"), None);
+        assert_eq!(host_without_port("::1"), None);
     }
 
     #[test]
