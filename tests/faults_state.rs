@@ -727,3 +727,66 @@ async fn kill_9_at_any_instant_of_a_flip_leaves_state_and_audit_consistent() {
     audit_lines(&dir.path().join("state.events.jsonl"));
     bin.kill9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_smoke_test_does_not_delay_another_services_rollback() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let slow_blue = TestUpstream::start("slow-blue").await;
+    let slow_green = TestUpstream::start("slow-green").await;
+    let body = format!(
+        "{}{}",
+        service(
+            "slow",
+            &[slow_blue.addr],
+            &[slow_green.addr],
+            "hosts = [\"slow.local\"]\nsmoke_paths = [\"/slow\"]"
+        ),
+        service(
+            "api",
+            &[blue.addr],
+            &[green.addr],
+            "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 1\n\
+             [[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/pay\"]\nover = \"10s\"\nfor = \"0s\"\n"
+        )
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(p.flip("api", "green").await.0, 200);
+
+    // A flip of `slow` whose smoke test takes 6 s...
+    slow_green.set_delay(6000);
+    let admin = p.admin;
+    let slow_flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/slow/flip",
+            Some(TOKEN),
+            Some(json!({"to": "green"})),
+        )
+        .await
+    });
+    assert!(
+        eventually(5, || async {
+            slow_green.hits.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await,
+        "the smoke test never started"
+    );
+    // ...while green of `api` fails a critical path: the rollback must not wait for it.
+    green.set_status(500);
+    assert_eq!(p.get("/pay").await.0, 500);
+    let rolled_back = eventually(10, || async {
+        active_of(&p, "api").await.0 == "blue" || slow_flip.is_finished()
+    })
+    .await;
+    assert!(rolled_back);
+    assert!(
+        !slow_flip.is_finished(),
+        "the automatic rollback of api waited for the smoke test of slow"
+    );
+    assert_eq!(active_of(&p, "api").await, ("blue".to_string(), 2));
+    let (s, v) = slow_flip.await.expect("slow flip");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(active_of(&p, "slow").await, ("green".to_string(), 1));
+    p.stop().await;
+}
