@@ -603,6 +603,42 @@ fn dir_of(p: &std::path::Path) -> std::path::PathBuf {
     p.parent().expect("parent").to_path_buf()
 }
 
+/// A flip that reports any failure (the process was killed under it) as None.
+async fn try_flip(admin: SocketAddr, to: &str) -> Option<(u16, Value)> {
+    let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::post("/api/services/api/flip")
+        .header("host", admin.to_string())
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(json!({ "to": to }).to_string())))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    Some((status, serde_json::from_slice(&body).ok()?))
+}
+
+/// The binary's log, beside its config (appended across restarts).
+fn log_file(config: &std::path::Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
 /// The real binary, file backend, on fixed free ports.
 struct Binary {
     child: Child,
@@ -614,9 +650,9 @@ impl Binary {
             .args(["serve", "--config"])
             .arg(config)
             .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file(config))
             .spawn()
             .expect("spawn switchyard");
         let b = Binary { child };
@@ -624,7 +660,18 @@ impl Binary {
             try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
         })
         .await;
-        assert!(up, "switchyard did not start");
+        if !up {
+            let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(3000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!("switchyard did not start:\n{tail}");
+        }
         b
     }
 
@@ -665,13 +712,9 @@ async fn kill_9_at_any_instant_of_a_flip_leaves_state_and_audit_consistent() {
         let flipper = tokio::spawn(async move {
             let mut to = if round % 2 == 0 { "green" } else { "blue" };
             while !stop2.is_cancelled() {
-                let (s, v) = admin_post(
-                    admin,
-                    "/api/services/api/flip",
-                    Some(TOKEN),
-                    Some(json!({ "to": to })),
-                )
-                .await;
+                let Some((s, v)) = try_flip(admin, to).await else {
+                    continue;
+                };
                 if s == 200 && v["changed"] == true {
                     if let Some(g) = v["generation"].as_u64() {
                         applied2.lock().expect("lock").push(g);
@@ -680,7 +723,14 @@ async fn kill_9_at_any_instant_of_a_flip_leaves_state_and_audit_consistent() {
                 to = if to == "green" { "blue" } else { "green" };
             }
         });
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(30..400))).await;
+        // Kill at a random moment once the loop is flipping (the machine may be slow to start).
+        let before = applied.lock().expect("lock").len();
+        let flipping = eventually(20, || async {
+            applied.lock().expect("lock").len() > before
+        })
+        .await;
+        assert!(flipping, "no flip was answered in round {round}");
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
         bin.kill9();
         stop.cancel();
         let _ = flipper.await;
@@ -725,6 +775,14 @@ async fn kill_9_at_any_instant_of_a_flip_leaves_state_and_audit_consistent() {
         .collect();
     assert!(temps.is_empty(), "stale temp files: {temps:?}");
     audit_lines(&dir.path().join("state.events.jsonl"));
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    eprintln!(
+        "settled at startup: {} changes that had taken effect, {} that had not; {} torn lines cut, {} temp files removed",
+        log.matches("had taken effect").count(),
+        log.matches("had not taken effect").count(),
+        log.matches("torn last line").count(),
+        log.matches("stale temp file").count(),
+    );
     bin.kill9();
 }
 
