@@ -279,8 +279,49 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
     let answer = flip.await.expect("flip task");
     eprintln!("delayed both ways: answered {} {}", answer.0, answer.1);
     fleet_agrees(&[&a, &b], &answer, "blue", "green", 3).await;
+
+    // Answers 10 s late: etcd commits at once, but neither the write nor any read-back is
+    // answered within A's window. A says "outcome unknown" (not "refused"); when the change
+    // reaches A, A records it as its own flip (event and counter), and serves it.
+    let (color, generation) = active_of(&a, "api").await;
+    let to = if color == "green" { "blue" } else { "green" };
+    let counted = flips_of(&a).await;
+    relay.set_mode(Mode::DelayAnswers(Duration::from_secs(10)));
+    let (s, v) = a.flip("api", to).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("outcome unknown"), "{v}");
+    relay.set_mode(Mode::Pass);
+    assert!(
+        converged(&[&a, &b], to, generation + 1, 30).await,
+        "the committed change never reached the fleet"
+    );
+    let recorded = eventually(10, || async { flips_of(&a).await == counted + 1 }).await;
+    assert!(recorded, "A never recorded the change it made");
+    assert!(a
+        .app()
+        .events
+        .list()
+        .iter()
+        .any(|e| e.generation == Some(generation + 1) && e.reason == "manual"));
+    assert_eq!(events_at(&b, "api", "manual", generation + 1).await, 1);
     a.stop().await;
     b.stop().await;
+}
+
+/// `switchyard_flips_total{reason="manual",service="api"}` of a replica.
+async fn flips_of(p: &TestProxy) -> u64 {
+    get(p.admin, "/metrics")
+        .await
+        .1
+        .lines()
+        .find(|l| {
+            l.starts_with("switchyard_flips_total{")
+                && l.contains("reason=\"manual\"")
+                && l.contains("service=\"api\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
