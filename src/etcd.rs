@@ -992,6 +992,77 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
 mod tests {
     use super::*;
 
+    /// A one-shot etcd gateway that answers the watch with `messages`, then holds the stream.
+    async fn fake_watch(messages: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            let chunk = format!("{:x}\r\n{messages}\r\n", messages.len());
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(chunk.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_compacted_or_canceled_watch_asks_for_a_resync() {
+        for (msgs, word) in [
+            (
+                r#"{"result":{"header":{"revision":"9"},"created":true}}{"result":{"header":{"revision":"9"},"compact_revision":"7","canceled":true}}"#,
+                "compacted",
+            ),
+            (
+                r#"{"result":{"header":{"revision":"9"},"canceled":true,"cancel_reason":"rpc error"}}"#,
+                "canceled",
+            ),
+        ] {
+            let store = EtcdStore::new(&[fake_watch(msgs).await], "/t/");
+            let progressed = std::sync::atomic::AtomicUsize::new(0);
+            let end = tokio::time::timeout(
+                Duration::from_secs(5),
+                store.watch(
+                    3,
+                    |_| {},
+                    || {
+                        progressed.fetch_add(1, Ordering::Relaxed);
+                    },
+                ),
+            )
+            .await
+            .expect("the watch ended");
+            match end {
+                Ok(WatchEnd::Resync(why)) => assert!(why.contains(word), "{why}"),
+                Err(e) => panic!("expected a resync, got {e}"),
+            }
+            assert!(progressed.load(Ordering::Relaxed) >= 1);
+        }
+    }
+
+    #[test]
+    fn stored_values_carry_the_write_id_and_parse_as_states() {
+        let store = EtcdStore::new(&["http://127.0.0.1:1".to_string()], "/t/");
+        let state = ServiceState::initial(crate::config::Color::Green);
+        let value = stored_value(&state, "w-1");
+        let kv =
+            json!({ "key": b64("/t/services/api"), "value": b64(&value), "mod_revision": "12" });
+        let (name, parsed, rev, id) = store.parse_kv(&kv).expect("parsed");
+        assert_eq!(
+            (name.as_str(), rev, id.as_deref()),
+            ("api", 12, Some("w-1"))
+        );
+        assert_eq!(parsed, state);
+    }
+
     #[test]
     fn prefix_end_increments_last_byte() {
         assert_eq!(prefix_end("/a/"), B64.encode("/a0"));

@@ -289,7 +289,13 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
     relay.set_mode(Mode::DelayAnswers(Duration::from_secs(10)));
     let (s, v) = a.flip("api", to).await;
     assert_eq!(s, 503, "{v}");
-    assert!(v["error"].as_str().unwrap_or("").contains("outcome unknown"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outcome unknown"),
+        "{v}"
+    );
     relay.set_mode(Mode::Pass);
     assert!(
         converged(&[&a, &b], to, generation + 1, 30).await,
