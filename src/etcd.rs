@@ -882,6 +882,8 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                     }
                 }
                 backoff = Duration::from_millis(250);
+                // The first write needs an event lease: grant it now, not on the flip's clock.
+                let _ = store.event_lease().await;
                 let base = Instant::now();
                 let last_progress = AtomicU64::new(0);
                 let touch = || {

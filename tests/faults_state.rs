@@ -52,7 +52,7 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file(&self.dir.with_extension("toml")))
             .spawn()
             .expect("start etcd (apt-get install etcd-server)");
         self.child = Some(child);
@@ -88,7 +88,8 @@ impl Etcd {
 
     async fn wait_ready(&self) {
         let url = format!("{}/v3/kv/range", self.endpoint());
-        let ok = eventually(20, || {
+        // A loaded machine (load average 12 on 2 cores was seen) can take a while.
+        let ok = eventually(60, || {
             let url = url.clone();
             async move {
                 let req = http::Request::post(url)
@@ -102,7 +103,18 @@ impl Etcd {
             }
         })
         .await;
-        assert!(ok, "etcd did not start");
+        if !ok {
+            let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(3000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!("etcd did not start:\n{tail}");
+        }
     }
 }
 
@@ -567,7 +579,12 @@ async fn flip_all_events_reach_every_replica_and_the_webhooks() {
         service("api", &[blue.addr], &[green.addr], "path_prefix = \"/api\""),
         service("web", &[blue.addr], &[green.addr], "")
     );
-    let body = etcd_body(&etcd.endpoint(), "/all/", "", &services);
+    let body = etcd_body(
+        &etcd.endpoint(),
+        "/all/",
+        "etcd_timeout = \"5s\"",
+        &services,
+    );
     let a = TestProxy::start(&body).await;
     let b = TestProxy::start(&body).await;
     let (s, v) = admin_post(
