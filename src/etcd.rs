@@ -1050,6 +1050,133 @@ mod tests {
         }
     }
 
+    /// What a fake etcd does with transactions.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fake {
+        /// Commits the write but never answers it; answers the read-back.
+        CommitSilently,
+        /// Loses the write (never answers, never commits); answers the read-back.
+        LoseIt,
+        /// Answers nothing at all.
+        Hang,
+    }
+
+    /// A fake etcd gateway holding one key, for the write/reconcile logic.
+    async fn fake_etcd(mode: Fake) -> String {
+        use http_body_util::BodyExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stored: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let stored = stored.clone();
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let stored = stored.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let fence = v["failure"].as_array().is_some_and(|f| !f.is_empty());
+                            let answer = match (path.as_str(), fence) {
+                                ("/v3/lease/grant", _) => Some(json!({ "ID": "7" })),
+                                ("/v3/kv/txn", false) => {
+                                    if mode == Fake::CommitSilently {
+                                        let put = &v["success"][0]["request_put"];
+                                        *stored.lock().expect("lock") =
+                                            put["value"].as_str().map(str::to_string);
+                                    }
+                                    None
+                                }
+                                ("/v3/kv/txn", true) if mode != Fake::Hang => {
+                                    let held = stored.lock().expect("lock").clone();
+                                    Some(match held {
+                                        None => {
+                                            json!({ "header": { "revision": "20" }, "succeeded": true })
+                                        }
+                                        Some(value) => json!({
+                                            "header": { "revision": "20" }, "succeeded": false,
+                                            "responses": [{ "response_range": { "kvs": [{
+                                                "key": b64("/t/services/api"), "value": value, "mod_revision": "19",
+                                            }]}}],
+                                        }),
+                                    })
+                                }
+                                _ => None,
+                            };
+                            match answer {
+                                Some(a) => Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    Full::new(Bytes::from(a.to_string())),
+                                )),
+                                None => {
+                                    // Never answers (the client gives up first).
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                    Ok(http::Response::new(Full::new(Bytes::new())))
+                                }
+                            }
+                        }
+                    },
+                );
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn write_with(mode: Fake) -> WriteOutcome {
+        let store = EtcdStore::with_options(
+            &[fake_etcd(mode).await],
+            "/t/",
+            EtcdOptions {
+                timeout: Duration::from_millis(200),
+                ..EtcdOptions::default()
+            },
+        );
+        let before = ServiceState::initial(crate::config::Color::Blue);
+        let mut after = before.clone();
+        after.active = crate::config::Color::Green;
+        after.generation = 1;
+        let ev = Event::new("api", "manual", "test", "flip").generation(1);
+        store
+            .write(
+                &[("api".to_string(), after)],
+                &HashMap::from([("api".to_string(), before)]),
+                &[ev],
+                "w-42",
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_write_without_an_answer_is_settled_by_reading_back() {
+        // etcd committed it: the read-back finds the write id.
+        assert!(matches!(
+            write_with(Fake::CommitSilently).await,
+            WriteOutcome::Applied
+        ));
+        // etcd never got it: the fence wins, and the write can never commit any more.
+        match write_with(Fake::LoseIt).await {
+            WriteOutcome::NotApplied(m) => assert!(m.contains("not applied"), "{m}"),
+            other => panic!("expected not applied, got {other:?}"),
+        }
+        // etcd answers nothing: unknown, never "refused".
+        match write_with(Fake::Hang).await {
+            WriteOutcome::Unknown(m) => assert!(m.contains("outcome unknown"), "{m}"),
+            other => panic!("expected unknown, got {other:?}"),
+        }
+    }
+
     #[test]
     fn stored_values_carry_the_write_id_and_parse_as_states() {
         let store = EtcdStore::new(&["http://127.0.0.1:1".to_string()], "/t/");
