@@ -939,3 +939,27 @@ async fn a_slow_smoke_test_does_not_delay_another_services_rollback() {
     assert_eq!(active_of(&p, "slow").await, ("green".to_string(), 1));
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_silently_lost_its_connection_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/lag/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/lag/", state, &svc)).await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+    // Only the connections open now go silent (A's watch among them); etcd still answers A.
+    relay.freeze_existing();
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert!(
+        converged(&[&a, &b], "green", 1, 15).await,
+        "A never noticed that its watch missed a change"
+    );
+    assert_eq!(a.get("/x").await, (200, "green\n".to_string()));
+    a.stop().await;
+    b.stop().await;
+}
