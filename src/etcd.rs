@@ -15,8 +15,8 @@
 //! replica reconnects and resyncs by itself.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,11 +161,7 @@ fn prefix_end(prefix: &str) -> String {
 
 /// A fresh id that names one write (and its events) unambiguously.
 pub fn new_write_id() -> String {
-    format!(
-        "{:08x}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    )
+    format!("{:08x}-{:016x}", std::process::id(), fastrand::u64(..))
 }
 
 /// A service state as stored in etcd: its JSON with the id of the write that stored it.
@@ -182,7 +178,11 @@ impl EtcdStore {
         Self::with_options(endpoints, prefix, EtcdOptions::default())
     }
 
-    pub fn with_options(endpoints: &[String], prefix: &str, options: EtcdOptions) -> Arc<EtcdStore> {
+    pub fn with_options(
+        endpoints: &[String],
+        prefix: &str,
+        options: EtcdOptions,
+    ) -> Arc<EtcdStore> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(options.timeout.min(Duration::from_secs(1))));
         connector.set_nodelay(true);
@@ -276,7 +276,7 @@ impl EtcdStore {
                     message: e.to_string(),
                     // A refused or failed connect never carried the request.
                     maybe_sent: !e.is_connect(),
-                })
+                });
             }
             Ok(Ok(r)) => r,
         };
@@ -469,9 +469,11 @@ impl EtcdStore {
         if !events.is_empty() {
             let lease = match self.event_lease().await {
                 Ok(l) => l,
-                Err(e) if !e.maybe_sent => return WriteOutcome::NotApplied(e.message),
                 Err(e) => {
-                    return WriteOutcome::NotApplied(format!("cannot get an event lease: {}", e.message))
+                    return WriteOutcome::NotApplied(format!(
+                        "cannot get an event lease ({}); the change was not applied",
+                        e.message
+                    ))
                 }
             };
             for (i, ev) in events.iter().enumerate() {
@@ -491,7 +493,9 @@ impl EtcdStore {
             }
             // Lost the compare. An earlier attempt on another endpoint may have been ours.
             Ok(_) => self.reconcile(changes, previous, &compare, write_id).await,
-            Err(e) if !e.maybe_sent => WriteOutcome::NotApplied(e.message),
+            Err(e) if !e.maybe_sent => {
+                WriteOutcome::NotApplied(format!("{}; the change was not applied", e.message))
+            }
             Err(e) => {
                 if e.message.contains("lease") {
                     self.forget_lease();
@@ -878,17 +882,28 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                     }
                 }
                 backoff = Duration::from_millis(250);
+                // The first write needs an event lease: grant it now, not on the flip's clock.
+                let _ = store.event_lease().await;
                 let base = Instant::now();
                 let last_progress = AtomicU64::new(0);
                 let touch = || {
                     last_progress.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
                 };
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let watch = store.watch(revision, |msg| {
-                    let _ = tx.send(msg);
-                }, touch);
+                let watch = store.watch(
+                    revision,
+                    |msg| {
+                        let _ = tx.send(msg);
+                    },
+                    touch,
+                );
                 let apply = async {
-                    while let Some(WatchMsg::Change { name, state, write_id }) = rx.recv().await {
+                    while let Some(WatchMsg::Change {
+                        name,
+                        state,
+                        write_id,
+                    }) = rx.recv().await
+                    {
                         if let Some(state) = state {
                             app.apply_remote(HashMap::from([(name, state)])).await;
                         }
@@ -901,7 +916,12 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                     let mut lagging = 0;
                     loop {
                         tokio::time::sleep(interval).await;
-                        match tokio::time::timeout(interval.max(store.options.timeout), store.lagging()).await {
+                        match tokio::time::timeout(
+                            interval.max(store.options.timeout),
+                            store.lagging(),
+                        )
+                        .await
+                        {
                             Ok(Ok(false)) => {
                                 touch();
                                 lagging = 0;
@@ -973,6 +993,204 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-shot etcd gateway that answers the watch with `messages`, then holds the stream.
+    async fn fake_watch(messages: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            let chunk = format!("{:x}\r\n{messages}\r\n", messages.len());
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(chunk.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_compacted_or_canceled_watch_asks_for_a_resync() {
+        for (msgs, word) in [
+            (
+                r#"{"result":{"header":{"revision":"9"},"created":true}}{"result":{"header":{"revision":"9"},"compact_revision":"7","canceled":true}}"#,
+                "compacted",
+            ),
+            (
+                r#"{"result":{"header":{"revision":"9"},"canceled":true,"cancel_reason":"rpc error"}}"#,
+                "canceled",
+            ),
+        ] {
+            let store = EtcdStore::new(&[fake_watch(msgs).await], "/t/");
+            let progressed = std::sync::atomic::AtomicUsize::new(0);
+            let end = tokio::time::timeout(
+                Duration::from_secs(5),
+                store.watch(
+                    3,
+                    |_| {},
+                    || {
+                        progressed.fetch_add(1, Ordering::Relaxed);
+                    },
+                ),
+            )
+            .await
+            .expect("the watch ended");
+            match end {
+                Ok(WatchEnd::Resync(why)) => assert!(why.contains(word), "{why}"),
+                Err(e) => panic!("expected a resync, got {e}"),
+            }
+            assert!(progressed.load(Ordering::Relaxed) >= 1);
+        }
+    }
+
+    /// What a fake etcd does with transactions.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fake {
+        /// Commits the write but never answers it; answers the read-back.
+        CommitSilently,
+        /// Loses the write (never answers, never commits); answers the read-back.
+        LoseIt,
+        /// Answers nothing at all.
+        Hang,
+    }
+
+    /// A fake etcd gateway holding one key, for the write/reconcile logic.
+    async fn fake_etcd(mode: Fake) -> String {
+        use http_body_util::BodyExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stored: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let stored = stored.clone();
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let stored = stored.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let fence = v["failure"].as_array().is_some_and(|f| !f.is_empty());
+                            let answer = match (path.as_str(), fence) {
+                                ("/v3/lease/grant", _) => Some(json!({ "ID": "7" })),
+                                ("/v3/kv/txn", false) => {
+                                    if mode == Fake::CommitSilently {
+                                        let put = &v["success"][0]["request_put"];
+                                        *stored.lock().expect("lock") =
+                                            put["value"].as_str().map(str::to_string);
+                                    }
+                                    None
+                                }
+                                ("/v3/kv/txn", true) if mode != Fake::Hang => {
+                                    let held = stored.lock().expect("lock").clone();
+                                    Some(match held {
+                                        None => {
+                                            json!({ "header": { "revision": "20" }, "succeeded": true })
+                                        }
+                                        Some(value) => json!({
+                                            "header": { "revision": "20" }, "succeeded": false,
+                                            "responses": [{ "response_range": { "kvs": [{
+                                                "key": b64("/t/services/api"), "value": value, "mod_revision": "19",
+                                            }]}}],
+                                        }),
+                                    })
+                                }
+                                _ => None,
+                            };
+                            match answer {
+                                Some(a) => Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    Full::new(Bytes::from(a.to_string())),
+                                )),
+                                None => {
+                                    // Never answers (the client gives up first).
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                    Ok(http::Response::new(Full::new(Bytes::new())))
+                                }
+                            }
+                        }
+                    },
+                );
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn write_with(mode: Fake) -> WriteOutcome {
+        let store = EtcdStore::with_options(
+            &[fake_etcd(mode).await],
+            "/t/",
+            EtcdOptions {
+                timeout: Duration::from_millis(200),
+                ..EtcdOptions::default()
+            },
+        );
+        let before = ServiceState::initial(crate::config::Color::Blue);
+        let mut after = before.clone();
+        after.active = crate::config::Color::Green;
+        after.generation = 1;
+        let ev = Event::new("api", "manual", "test", "flip").generation(1);
+        store
+            .write(
+                &[("api".to_string(), after)],
+                &HashMap::from([("api".to_string(), before)]),
+                &[ev],
+                "w-42",
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_write_without_an_answer_is_settled_by_reading_back() {
+        // etcd committed it: the read-back finds the write id.
+        assert!(matches!(
+            write_with(Fake::CommitSilently).await,
+            WriteOutcome::Applied
+        ));
+        // etcd never got it: the fence wins, and the write can never commit any more.
+        match write_with(Fake::LoseIt).await {
+            WriteOutcome::NotApplied(m) => assert!(m.contains("not applied"), "{m}"),
+            other => panic!("expected not applied, got {other:?}"),
+        }
+        // etcd answers nothing: unknown, never "refused".
+        match write_with(Fake::Hang).await {
+            WriteOutcome::Unknown(m) => assert!(m.contains("outcome unknown"), "{m}"),
+            other => panic!("expected unknown, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stored_values_carry_the_write_id_and_parse_as_states() {
+        let store = EtcdStore::new(&["http://127.0.0.1:1".to_string()], "/t/");
+        let state = ServiceState::initial(crate::config::Color::Green);
+        let value = stored_value(&state, "w-1");
+        let kv =
+            json!({ "key": b64("/t/services/api"), "value": b64(&value), "mod_revision": "12" });
+        let (name, parsed, rev, id) = store.parse_kv(&kv).expect("parsed");
+        assert_eq!(
+            (name.as_str(), rev, id.as_deref()),
+            ("api", 12, Some("w-1"))
+        );
+        assert_eq!(parsed, state);
+    }
 
     #[test]
     fn prefix_end_increments_last_byte() {

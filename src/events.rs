@@ -132,7 +132,9 @@ fn parse_line(line: &str) -> Option<Line> {
     if let Some(id) = v.get("aborted").and_then(|x| x.as_str()) {
         return Some(Line::Aborted(id.to_string()));
     }
-    serde_json::from_value(v).ok().map(|e| Line::Event(Box::new(e)))
+    serde_json::from_value(v)
+        .ok()
+        .map(|e| Line::Event(Box::new(e)))
 }
 
 /// The rotated file beside `path`.
@@ -190,8 +192,12 @@ impl EventLog {
         if let Some(path) = &audit {
             match cut_torn_tail(path) {
                 Ok(0) => {}
-                Ok(n) => tracing::warn!(path = %path.display(), bytes = n, "cut a torn last line off the audit log (a crash mid-write)"),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot check the audit log's last line"),
+                Ok(n) => {
+                    tracing::warn!(path = %path.display(), bytes = n, "cut a torn last line off the audit log (a crash mid-write)")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot check the audit log's last line")
+                }
             }
             let mut pending: Vec<(String, HashMap<String, ServiceState>, Vec<Event>)> = Vec::new();
             for p in [rotated_path(path), path.clone()] {
@@ -421,5 +427,109 @@ impl EventLog {
             .lock()
             .map(|r| r.iter().cloned().collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states(g: u64) -> HashMap<String, ServiceState> {
+        let mut s = ServiceState::initial(Color::Green);
+        s.previous = Some(Color::Blue);
+        s.generation = g;
+        HashMap::from([("api".to_string(), s)])
+    }
+
+    fn ev(g: u64) -> Event {
+        Event::new("api", "manual", "test", "flip")
+            .colors(Color::Blue, Color::Green)
+            .generation(g)
+    }
+
+    fn gens(log: &EventLog) -> Vec<u64> {
+        log.list().iter().filter_map(|e| e.generation).collect()
+    }
+
+    #[tokio::test]
+    async fn a_pending_change_is_settled_against_the_stored_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.events.jsonl");
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        log.begin("one", &states(1), &[ev(1)]).await.expect("begin");
+        log.confirm("one", vec![ev(1)]).await;
+        log.begin("two", &states(2), &[ev(2)]).await.expect("begin");
+        log.abort("two").await;
+        // A crash after step 1: no answer for `three`.
+        log.begin("three", &states(2), &[ev(2)])
+            .await
+            .expect("begin");
+        drop(log);
+
+        // The state was not written: the pending change is dropped.
+        let log = EventLog::open(
+            Some(path.clone()),
+            None,
+            DEFAULT_MAX_BYTES,
+            Some(&states(1)),
+        );
+        assert_eq!(gens(&log), vec![1]);
+        drop(log);
+        // Settled once, for good: an `aborted` line was appended.
+        let log = EventLog::open(
+            Some(path.clone()),
+            None,
+            DEFAULT_MAX_BYTES,
+            Some(&states(2)),
+        );
+        assert_eq!(gens(&log), vec![1]);
+        log.begin("four", &states(2), &[ev(2)])
+            .await
+            .expect("begin");
+        drop(log);
+        // The state was written: the pending change is confirmed.
+        let log = EventLog::open(
+            Some(path.clone()),
+            None,
+            DEFAULT_MAX_BYTES,
+            Some(&states(2)),
+        );
+        assert_eq!(gens(&log), vec![1, 2]);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.ends_with("{\"confirmed\":\"four\"}\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_does_not_swallow_the_next_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.events.jsonl");
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        log.record(ev(1)).await;
+        drop(log);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend_from_slice(b"{\"time\":\"2026");
+        std::fs::write(&path, bytes).expect("write");
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        log.record(ev(2)).await;
+        drop(log);
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        assert_eq!(gens(&log), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn rotates_by_size_and_reads_both_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.events.jsonl");
+        let log = EventLog::open(Some(path.clone()), None, 4096, None);
+        for g in 1..=40 {
+            log.record(ev(g)).await;
+        }
+        drop(log);
+        assert!(std::fs::metadata(&path).expect("current").len() <= 4096);
+        assert!(rotated_path(&path).exists());
+        let log = EventLog::open(Some(path.clone()), None, 4096, None);
+        let g = gens(&log);
+        assert_eq!(g.last(), Some(&40));
+        assert!(g.windows(2).all(|w| w[1] == w[0] + 1), "{g:?}");
     }
 }

@@ -3,6 +3,8 @@
 //! stops when dropped.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};

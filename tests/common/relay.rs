@@ -1,0 +1,174 @@
+//! A TCP relay the test controls, to make network faults for real between Switchyard and a
+//! server (etcd): pass traffic, delay it, black-hole it (bytes read and dropped, the connection
+//! kept open, as a silent packet drop looks from the ends), freeze only the connections open now,
+//! or cut every connection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward at once.
+    Pass,
+    /// Forward every chunk this long after it arrived (order kept).
+    Delay(Duration),
+    /// Forward what the client sends at once, and every answer this long after it arrived: the
+    /// server acts in time, the client learns of it late.
+    DelayAnswers(Duration),
+    /// Read and drop everything; connections stay open.
+    Blackhole,
+}
+
+struct Conn {
+    frozen: AtomicBool,
+    cut: CancellationToken,
+}
+
+struct Shared {
+    mode: Mutex<Mode>,
+    conns: Mutex<Vec<Arc<Conn>>>,
+}
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Relay {
+    /// Listens on an ephemeral loopback port and relays every connection to `target`.
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let shared = Arc::new(Shared {
+            mode: Mutex::new(Mode::Pass),
+            conns: Mutex::new(Vec::new()),
+        });
+        let stop = CancellationToken::new();
+        let (sh, st) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = st.cancelled() => return,
+                };
+                let conn = Arc::new(Conn {
+                    frozen: AtomicBool::new(false),
+                    cut: st.child_token(),
+                });
+                if let Ok(mut c) = sh.conns.lock() {
+                    c.retain(|c| !c.cut.is_cancelled());
+                    c.push(conn.clone());
+                }
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let up = pump(cr, sw, sh.clone(), conn.clone(), false);
+                    let down = pump(sr, cw, sh, conn.clone(), true);
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = conn.cut.cancelled() => {}
+                    }
+                    conn.cut.cancel();
+                });
+            }
+        });
+        Relay { addr, shared, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The mode of every connection, open now or later (frozen ones stay frozen).
+    pub fn set_mode(&self, mode: Mode) {
+        if let Ok(mut m) = self.shared.mode.lock() {
+            *m = mode;
+        }
+    }
+
+    /// Black-holes the connections open now; new ones follow the mode.
+    pub fn freeze_existing(&self) {
+        if let Ok(c) = self.shared.conns.lock() {
+            for conn in c.iter() {
+                conn.frozen.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Closes every connection open now.
+    pub fn cut_all(&self) {
+        if let Ok(mut c) = self.shared.conns.lock() {
+            for conn in c.drain(..) {
+                conn.cut.cancel();
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One direction: a reader that timestamps (or drops) chunks and a writer that sends each one
+/// when its delay is over.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    answers: bool,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = async move {
+        while let Some((at, data)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mode = shared.mode.lock().map(|m| *m).unwrap_or(Mode::Pass);
+            if conn.frozen.load(Ordering::SeqCst) || mode == Mode::Blackhole {
+                continue;
+            }
+            let delay = match mode {
+                Mode::Delay(d) => d,
+                Mode::DelayAnswers(d) if answers => d,
+                _ => Duration::ZERO,
+            };
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    // The writer finishes what the reader queued (a half-close keeps its order).
+    tokio::join!(reader, writer);
+}

@@ -1,0 +1,965 @@
+//! Faults of the state path, made for real: a real etcd stopped (SIGSTOP/SIGCONT) or killed, a
+//! TCP relay between a replica and etcd that delays or black-holes traffic, and the real binary
+//! killed with SIGKILL in the middle of flips. Each test checks what the operator was told
+//! against what the fleet and the audit log hold.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::relay::{Mode, Relay};
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+struct Etcd {
+    child: Option<Child>,
+    client: u16,
+    peer: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Etcd {
+    async fn start(dir: &std::path::Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            client: free_port(),
+            peer: free_port(),
+            dir: dir.to_path_buf(),
+        };
+        e.spawn();
+        e.wait_ready().await;
+        e
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.with_extension("toml")))
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        self.child = Some(child);
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client))
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("etcd running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig} {pid}");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A stopped process must be continued to die of SIGKILL promptly and be reaped.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("{}/v3/kv/range", self.endpoint());
+        // A loaded machine (load average 12 on 2 cores was seen) can take a while.
+        let ok = eventually(60, || {
+            let url = url.clone();
+            async move {
+                let req = http::Request::post(url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(r#"{"key":"AA=="}"#)))
+                    .expect("req");
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(1), client().request(req)).await,
+                    Ok(Ok(r)) if r.status() == 200
+                )
+            }
+        })
+        .await;
+        if !ok {
+            let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(3000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!("etcd did not start:\n{tail}");
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn etcd_body(endpoint: &str, prefix: &str, extra_state: &str, services: &str) -> String {
+    format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{endpoint}\"]\netcd_prefix = \"{prefix}\"\n{extra_state}\n{services}"
+    )
+}
+
+async fn active_of(p: &TestProxy, svc: &str) -> (String, u64) {
+    let s = p.service_status(svc).await;
+    (
+        s["active"].as_str().unwrap_or("").to_string(),
+        s["generation"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+async fn converged(ps: &[&TestProxy], color: &str, generation: u64, secs: u64) -> bool {
+    eventually(secs, || async {
+        for p in ps {
+            if active_of(p, "api").await != (color.to_string(), generation) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+async fn degraded(p: &TestProxy) -> bool {
+    p.status().await["state"]["degraded"] == true
+        && get(p.admin, "/metrics")
+            .await
+            .1
+            .contains("switchyard_state_degraded 1")
+}
+
+/// The events (from etcd, every replica's) of `reason` for service `svc` at `generation`.
+async fn events_at(p: &TestProxy, svc: &str, reason: &str, generation: u64) -> usize {
+    p.events()
+        .await
+        .iter()
+        .filter(|e| e["service"] == svc && e["reason"] == reason && e["generation"] == generation)
+        .count()
+}
+
+/// After a write's answer, the fleet agrees with it: applied -> every replica serves `to` at
+/// `generation` and exactly one event records it; not applied -> nobody does, and no event.
+async fn fleet_agrees(
+    ps: &[&TestProxy],
+    answer: &(u16, Value),
+    from: &str,
+    to: &str,
+    generation: u64,
+) {
+    let (status, body) = answer;
+    if *status == 200 {
+        assert_eq!(body["changed"], true, "{body}");
+        assert_eq!(body["generation"], generation, "{body}");
+        assert!(
+            converged(ps, to, generation, 10).await,
+            "answered applied, but the fleet does not serve it"
+        );
+        let one = eventually(5, || async {
+            events_at(ps[ps.len() - 1], "api", "manual", generation).await == 1
+        })
+        .await;
+        assert!(one, "{:#?}", ps[0].events().await);
+    } else if body["error"]
+        .as_str()
+        .is_some_and(|m| m.contains("outcome unknown"))
+    {
+        assert_eq!(*status, 503, "{body}");
+        // Once etcd answers again, whatever happened is what every replica serves, and the
+        // change has its event exactly when it took effect.
+        let settled = eventually(20, || async {
+            for p in ps {
+                if degraded(p).await {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(settled, "replicas did not resync");
+        let (color, g) = active_of(ps[0], "api").await;
+        assert!(converged(ps, &color, g, 10).await, "replicas disagree");
+        if g == generation {
+            assert_eq!(color, to);
+            let one = eventually(5, || async {
+                events_at(ps[ps.len() - 1], "api", "manual", generation).await == 1
+            })
+            .await;
+            assert!(one, "{:#?}", ps[0].events().await);
+        } else {
+            assert_eq!((color.as_str(), g), (from, generation - 1));
+            assert_eq!(events_at(ps[0], "api", "manual", generation).await, 0);
+        }
+    } else {
+        assert_eq!(*status, 503, "{body}");
+        let msg = body["error"].as_str().unwrap_or("");
+        assert!(msg.contains("not applied"), "{body}");
+        // Give a late commit every chance to show up: it must not.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            converged(ps, from, generation - 1, 5).await,
+            "answered not applied, but it went live"
+        );
+        for p in ps {
+            assert_eq!(events_at(p, "api", "manual", generation).await, 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/late/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/late/", state, &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 5).await);
+
+    // Every answer from etcd to A now arrives 3 s late: etcd commits the transaction, but A
+    // hears nothing within its 2 s timeout, and its first read-back is answered late too.
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let admin = a.admin;
+    let flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "blue"})),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    relay.set_mode(Mode::Pass);
+    let answer = flip.await.expect("flip task");
+    // The transaction committed: A must say so, not "refused".
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    fleet_agrees(&[&a, &b], &answer, "green", "blue", 2).await;
+    assert_eq!(
+        active_of(&a, "api").await,
+        ("blue".to_string(), 2),
+        "A serves what it answered"
+    );
+
+    // Both directions late: the request reaches etcd after A gave up and closed its
+    // connection. Whatever etcd did with it, A's answer and the fleet agree.
+    relay.set_mode(Mode::Delay(Duration::from_millis(3000)));
+    let flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "green"})),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    relay.set_mode(Mode::Pass);
+    let answer = flip.await.expect("flip task");
+    eprintln!("delayed both ways: answered {} {}", answer.0, answer.1);
+    fleet_agrees(&[&a, &b], &answer, "blue", "green", 3).await;
+
+    // Answers 10 s late: etcd commits at once, but neither the write nor any read-back is
+    // answered within A's window. A says "outcome unknown" (not "refused"); when the change
+    // reaches A, A records it as its own flip (event and counter), and serves it.
+    let (color, generation) = active_of(&a, "api").await;
+    let to = if color == "green" { "blue" } else { "green" };
+    let counted = flips_of(&a).await;
+    relay.set_mode(Mode::DelayAnswers(Duration::from_secs(10)));
+    let (s, v) = a.flip("api", to).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outcome unknown"),
+        "{v}"
+    );
+    relay.set_mode(Mode::Pass);
+    assert!(
+        converged(&[&a, &b], to, generation + 1, 30).await,
+        "the committed change never reached the fleet"
+    );
+    let recorded = eventually(10, || async { flips_of(&a).await == counted + 1 }).await;
+    assert!(recorded, "A never recorded the change it made");
+    assert!(a
+        .app()
+        .events
+        .list()
+        .iter()
+        .any(|e| e.generation == Some(generation + 1) && e.reason == "manual"));
+    assert_eq!(events_at(&b, "api", "manual", generation + 1).await, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `switchyard_flips_total{reason="manual",service="api"}` of a replica.
+async fn flips_of(p: &TestProxy) -> u64 {
+    get(p.admin, "/metrics")
+        .await
+        .1
+        .lines()
+        .find(|l| {
+            l.starts_with("switchyard_flips_total{")
+                && l.contains("reason=\"manual\"")
+                && l.contains("service=\"api\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_while_etcd_is_stopped_is_answered_with_what_the_fleet_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"";
+    let a = TestProxy::start(&etcd_body(&etcd.endpoint(), "/stop/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/stop/", state, &svc)).await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+    // One flip first, so the event lease is granted.
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 5).await);
+
+    let mut generation = 1;
+    let mut colors = ("green", "blue");
+    // Short stalls end within the read-back window (an answer: applied or not applied); the
+    // last one outlasts it (outcome unknown, settled by the watch when etcd continues).
+    for pause_ms in [2500u64, 4500, 10000] {
+        etcd.signal("-STOP");
+        let admin = a.admin;
+        let to = colors.1;
+        let flip = tokio::spawn(async move {
+            admin_post(
+                admin,
+                "/api/services/api/flip",
+                Some(TOKEN),
+                Some(json!({ "to": to })),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        etcd.signal("-CONT");
+        let answer = flip.await.expect("flip task");
+        eprintln!(
+            "etcd stopped {pause_ms} ms: answered {} {}",
+            answer.0, answer.1
+        );
+        fleet_agrees(&[&a, &b], &answer, colors.0, colors.1, generation + 1).await;
+        if active_of(&a, "api").await.1 == generation + 1 {
+            generation += 1;
+            colors = (colors.1, colors.0);
+        }
+        // Both replicas resync after the stall.
+        let healed = eventually(20, || async { !degraded(&a).await && !degraded(&b).await }).await;
+        assert!(healed, "replicas did not recover");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_watch_is_reported_degraded_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/stall/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/stall/", state, &svc)).await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+    assert!(!degraded(&a).await);
+
+    // Packets between A and etcd silently vanish: A's watch is open but says nothing.
+    relay.set_mode(Mode::Blackhole);
+    assert!(
+        eventually(10, || degraded(&a)).await,
+        "a black-holed watch was never reported"
+    );
+    // The fleet moves on without A.
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("blue".to_string(), 0));
+    relay.set_mode(Mode::Pass);
+    assert!(
+        eventually(15, || async { !degraded(&a).await }).await,
+        "A did not recover"
+    );
+    assert!(converged(&[&a, &b], "green", 1, 10).await);
+    assert_eq!(a.get("/x").await, (200, "green\n".to_string()));
+
+    // etcd itself hangs: both replicas say so, and both recover when it continues.
+    etcd.signal("-STOP");
+    assert!(
+        eventually(10, || async { degraded(&a).await && degraded(&b).await }).await,
+        "a hung etcd was never reported"
+    );
+    etcd.signal("-CONT");
+    assert!(
+        eventually(15, || async { !degraded(&a).await && !degraded(&b).await }).await,
+        "replicas did not recover from a hung etcd"
+    );
+    assert_eq!(a.flip("api", "blue").await.0, 200);
+    assert!(converged(&[&a, &b], "blue", 2, 10).await);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_compare_and_swap_applies_the_state_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/cas/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/cas/", state, &svc)).await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+
+    // A's watch goes silent (its open connections are black-holed; new ones pass), so A keeps
+    // an old view while B flips.
+    relay.freeze_existing();
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert_eq!(b.flip("api", "blue").await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("blue".to_string(), 0));
+
+    // A's flip from its stale view loses the compare-and-swap: 409, and A now serves what etcd
+    // holds instead of answering "retry" forever.
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(active_of(&a, "api").await, ("blue".to_string(), 2), "{v}");
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(converged(&[&a, &b], "green", 3, 10).await);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_during_an_outage_serves_the_fleet_color() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    // The config says blue; the fleet goes green.
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let body = etcd_body(&etcd.endpoint(), "/cache/", "etcd_timeout = \"2s\"", &svc);
+    let a = TestProxy::start(&body).await;
+    let b = TestProxy::start(&body).await;
+    assert_eq!(a.status().await["state"]["source"], "etcd");
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 5).await);
+
+    // A restarts while etcd is down.
+    let a_dir = a.stop().await;
+    etcd.stop();
+    let a = TestProxy::start_with(&body, Some(TOKEN), Some(a_dir)).await;
+    assert_eq!(a.get("/x").await, (200, "green\n".to_string()));
+    let st = a.status().await;
+    assert_eq!(st["state"]["source"], "cache", "{st}");
+    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 1));
+    // A replica without a cache can only serve the config's colors, and says so.
+    let fresh = TestProxy::start(&body).await;
+    assert_eq!(fresh.status().await["state"]["source"], "config");
+    assert_eq!(fresh.get("/x").await, (200, "blue\n".to_string()));
+
+    etcd.spawn();
+    etcd.wait_ready().await;
+    for p in [&a, &fresh] {
+        let back = eventually(20, || async {
+            p.status().await["state"]["source"] == "etcd" && !degraded(p).await
+        })
+        .await;
+        assert!(back, "replica did not go back to etcd");
+    }
+    assert!(converged(&[&a, &b, &fresh], "green", 1, 10).await);
+    a.stop().await;
+    b.stop().await;
+    fresh.stop().await;
+}
+
+/// A webhook receiver: records every JSON body POSTed to it.
+struct Receiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Value>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (got2, stop2) = (got.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop2.cancelled() => return,
+                };
+                let got = got2.clone();
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let got = got.clone();
+                    async move {
+                        if let Ok(b) = req.into_body().collect().await {
+                            if let Ok(v) = serde_json::from_slice::<Value>(&b.to_bytes()) {
+                                got.lock().expect("lock").push(v);
+                            }
+                        }
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver { addr, got, stop }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flip_all_events_reach_every_replica_and_the_webhooks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let hook = Receiver::start().await;
+    let services = format!(
+        "[notify]\nwebhooks = [\"http://{}/hook\"]\n{}{}",
+        hook.addr,
+        service("api", &[blue.addr], &[green.addr], "path_prefix = \"/api\""),
+        service("web", &[blue.addr], &[green.addr], "")
+    );
+    let body = etcd_body(
+        &etcd.endpoint(),
+        "/all/",
+        "etcd_timeout = \"5s\"",
+        &services,
+    );
+    let a = TestProxy::start(&body).await;
+    let b = TestProxy::start(&body).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    for p in [&a, &b] {
+        for svc in ["api", "web"] {
+            let seen = eventually(5, || async { events_at(p, svc, "manual", 1).await == 1 }).await;
+            assert!(
+                seen,
+                "{svc} flip-all event missing: {:#?}",
+                p.events().await
+            );
+        }
+    }
+    let hooked = eventually(5, || async {
+        let got = hook.got.lock().expect("lock").clone();
+        ["api", "web"].iter().all(|svc| {
+            got.iter()
+                .any(|e| e["service"] == *svc && e["reason"] == "manual" && e["generation"] == 1)
+        })
+    })
+    .await;
+    assert!(hooked, "{:?}", hook.got.lock().expect("lock"));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The audit file's events (JSON lines that are events, confirmed ones included via the ring).
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("torn line {l:?}: {e}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_last_line_stale_temp_files_and_rotation() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.json");
+    let audit = dir.path().join("state.events.jsonl");
+    let body = format!(
+        "[state]\npath = \"{}\"\nevents_max_bytes = 4096\n{}",
+        state.display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    assert_eq!(p.flip("api", "green").await.0, 200);
+    let dir = p.stop().await;
+
+    // A crash mid-append left a torn line; a crash mid-write left a temp file.
+    let mut torn = std::fs::read(&audit).expect("audit");
+    torn.extend_from_slice(br#"{"time":"2026-12-01T10:00:00.000Z","serv"#);
+    std::fs::write(&audit, &torn).expect("write");
+    let stale = dir.path().join(".state.json.tmp.4242.7");
+    std::fs::write(&stale, b"{").expect("write");
+
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    assert!(!stale.exists(), "stale temp file left in place");
+    assert_eq!(p.flip("api", "blue").await.0, 200);
+    let evs = p.events().await;
+    for g in [1, 2] {
+        assert_eq!(
+            evs.iter()
+                .filter(|e| e["generation"] == g && e["reason"] == "manual")
+                .count(),
+            1,
+            "{evs:#?}"
+        );
+    }
+    audit_lines(&audit);
+
+    // Rotation: 4 KiB at most per file, one rotated file kept.
+    for i in 0..30 {
+        let to = if i % 2 == 0 { "green" } else { "blue" };
+        assert_eq!(p.flip("api", to).await.0, 200);
+    }
+    let rotated = dir_of(&audit).join("state.events.jsonl.1");
+    assert!(rotated.exists(), "never rotated");
+    let size = std::fs::metadata(&audit).expect("audit").len();
+    assert!(size <= 4096, "audit log is {size} bytes");
+    audit_lines(&rotated);
+    audit_lines(&audit);
+    // The newest events survive a restart (read from both files).
+    let dir = p.stop().await;
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let evs = p.events().await;
+    assert!(
+        evs.iter()
+            .any(|e| e["generation"] == 32 && e["reason"] == "manual"),
+        "{evs:#?}"
+    );
+    p.stop().await;
+}
+
+fn dir_of(p: &std::path::Path) -> std::path::PathBuf {
+    p.parent().expect("parent").to_path_buf()
+}
+
+/// A flip that reports any failure (the process was killed under it) as None.
+async fn try_flip(admin: SocketAddr, to: &str) -> Option<(u16, Value)> {
+    let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::post("/api/services/api/flip")
+        .header("host", admin.to_string())
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(json!({ "to": to }).to_string())))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    Some((status, serde_json::from_slice(&body).ok()?))
+}
+
+/// The binary's log, beside its config (appended across restarts).
+fn log_file(config: &std::path::Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// The real binary, file backend, on fixed free ports.
+struct Binary {
+    child: Child,
+}
+
+impl Binary {
+    async fn start(config: &std::path::Path, admin: SocketAddr) -> Binary {
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(config))
+            .spawn()
+            .expect("spawn switchyard");
+        let b = Binary { child };
+        let up = eventually(20, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await;
+        if !up {
+            let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(3000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!("switchyard did not start:\n{tail}");
+        }
+        b
+    }
+
+    /// SIGKILL, and reaped.
+    fn kill9(self) {}
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_any_instant_of_a_flip_leaves_state_and_audit_consistent() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let state = dir.path().join("state.json");
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[state]\npath = \"{}\"\n{}",
+            state.display(),
+            service("api", &[blue.addr], &[green.addr], "")
+        ),
+    )
+    .expect("config");
+    let applied = Arc::new(Mutex::new(Vec::<u64>::new()));
+    for round in 0..12u64 {
+        let bin = Binary::start(&config, admin).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (applied2, stop2) = (applied.clone(), stop.clone());
+        let flipper = tokio::spawn(async move {
+            let mut to = if round % 2 == 0 { "green" } else { "blue" };
+            while !stop2.is_cancelled() {
+                let Some((s, v)) = try_flip(admin, to).await else {
+                    continue;
+                };
+                if s == 200 && v["changed"] == true {
+                    if let Some(g) = v["generation"].as_u64() {
+                        applied2.lock().expect("lock").push(g);
+                    }
+                }
+                to = if to == "green" { "blue" } else { "green" };
+            }
+        });
+        // Kill at a random moment once the loop is flipping (the machine may be slow to start).
+        let before = applied.lock().expect("lock").len();
+        let flipping = eventually(20, || async {
+            applied.lock().expect("lock").len() > before
+        })
+        .await;
+        assert!(flipping, "no flip was answered in round {round}");
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
+        bin.kill9();
+        stop.cancel();
+        let _ = flipper.await;
+    }
+    let bin = Binary::start(&config, admin).await;
+    let st = admin_get(admin, "/api/status").await.1;
+    let svc = st["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "api").cloned())
+        .expect("api");
+    let generation = svc["generation"].as_u64().expect("generation");
+    let answered = applied.lock().expect("lock").clone();
+    eprintln!(
+        "{} flips answered applied across 12 kill -9s; final generation {generation}",
+        answered.len()
+    );
+    assert!(answered.len() >= 12, "too few flips: {answered:?}");
+    assert!(
+        answered.iter().all(|g| *g <= generation),
+        "an answered flip was lost"
+    );
+    let evs = admin_get(admin, "/api/events").await.1["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for g in 1..=generation {
+        let n = evs
+            .iter()
+            .filter(|e| e["reason"] == "manual" && e["generation"] == g)
+            .count();
+        assert_eq!(n, 1, "generation {g} has {n} events: {evs:#?}");
+    }
+    assert!(
+        !evs.iter()
+            .any(|e| e["generation"].as_u64().unwrap_or(0) > generation),
+        "an event for a change that never took effect: {evs:#?}"
+    );
+    let temps: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+        .collect();
+    assert!(temps.is_empty(), "stale temp files: {temps:?}");
+    audit_lines(&dir.path().join("state.events.jsonl"));
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    eprintln!(
+        "settled at startup: {} changes that had taken effect, {} that had not; {} torn lines cut, {} temp files removed",
+        log.matches("had taken effect").count(),
+        log.matches("had not taken effect").count(),
+        log.matches("torn last line").count(),
+        log.matches("stale temp file").count(),
+    );
+    bin.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_smoke_test_does_not_delay_another_services_rollback() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let slow_blue = TestUpstream::start("slow-blue").await;
+    let slow_green = TestUpstream::start("slow-green").await;
+    let body = format!(
+        "{}{}",
+        service(
+            "slow",
+            &[slow_blue.addr],
+            &[slow_green.addr],
+            "hosts = [\"slow.local\"]\nsmoke_paths = [\"/slow\"]"
+        ),
+        service(
+            "api",
+            &[blue.addr],
+            &[green.addr],
+            "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 1\n\
+             [[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/pay\"]\nover = \"10s\"\nfor = \"0s\"\n"
+        )
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(p.flip("api", "green").await.0, 200);
+
+    // A flip of `slow` whose smoke test takes 6 s...
+    slow_green.set_delay(6000);
+    let admin = p.admin;
+    let slow_flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/slow/flip",
+            Some(TOKEN),
+            Some(json!({"to": "green"})),
+        )
+        .await
+    });
+    assert!(
+        eventually(5, || async {
+            slow_green.hits.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await,
+        "the smoke test never started"
+    );
+    // ...while green of `api` fails a critical path: the rollback must not wait for it.
+    green.set_status(500);
+    assert_eq!(p.get("/pay").await.0, 500);
+    let rolled_back = eventually(10, || async {
+        active_of(&p, "api").await.0 == "blue" || slow_flip.is_finished()
+    })
+    .await;
+    assert!(rolled_back);
+    assert!(
+        !slow_flip.is_finished(),
+        "the automatic rollback of api waited for the smoke test of slow"
+    );
+    assert_eq!(active_of(&p, "api").await, ("blue".to_string(), 2));
+    let (s, v) = slow_flip.await.expect("slow flip");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(active_of(&p, "slow").await, ("green".to_string(), 1));
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_silently_lost_its_connection_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/lag/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/lag/", state, &svc)).await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+    // Only the connections open now go silent (A's watch among them); etcd still answers A.
+    relay.freeze_existing();
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert!(
+        converged(&[&a, &b], "green", 1, 15).await,
+        "A never noticed that its watch missed a change"
+    );
+    assert_eq!(a.get("/x").await, (200, "green\n".to_string()));
+    a.stop().await;
+    b.stop().await;
+}
