@@ -95,6 +95,9 @@ const CODE_MIN: u16 = 100;
 const CODE_MAX: u16 = 599;
 
 impl Upstream {
+    /// `slots`: the window ring's size; the ring comes from `bin` when a removed upstream left
+    /// one of that size.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         addr: SocketAddr,
         protocol: Protocol,
