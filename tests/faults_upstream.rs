@@ -317,6 +317,32 @@ async fn a_refused_connect_goes_to_another_upstream_and_counts_against_the_dead_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_pool_sends_a_bodiless_request_elsewhere_when_the_connect_fails() {
+    let dead = dead_addr().await;
+    let up = TestUpstream::start("alive").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{dead}\", \"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        up.addr, green.addr
+    ))
+    .await;
+    for i in 0..30 {
+        let (s, body) = request(p.proxy, "GET", "/echo", &[], Bytes::new()).await;
+        assert_eq!(s, 200, "GET {i}: {body}");
+        assert!(
+            body.contains("HTTP/2"),
+            "GET {i} did not go over h2: {body}"
+        );
+    }
+    let text = metrics(&p).await;
+    assert!(failures(&text, "blue", dead, "connect") >= 1.0, "{text}");
+    let blue = &p.service_status("api").await["colors"]["blue"];
+    assert_eq!(blue["requests"].as_u64(), Some(30), "{blue}");
+    assert_eq!(blue["failures"].as_u64(), Some(0), "{blue}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_may_have_reached_the_upstream_is_not_sent_again() {
     // This upstream reads the request head and closes without an answer.
     let seen = Arc::new(AtomicUsize::new(0));
@@ -456,6 +482,35 @@ async fn a_pool_with_every_upstream_ejected_still_sends_to_them() {
     let hits = only.hits();
     assert_eq!(p.get("/x").await, (200, "only\n".to_string()));
     assert_eq!(only.hits(), hits + 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_pool_ejected_whole_trips_the_unhealthy_trigger() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    // No health section: only passive ejection can say green is down.
+    let extra = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 1\n[[services.rollback.triggers]]\nkind = \"unhealthy\"\nfor = \"0s\"\n";
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 3\neject_for = \"30s\"\n{}",
+        service("api", &[blue.addr], &[green.addr], extra)
+    ))
+    .await;
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    green.set_status(503);
+    for _ in 0..3 {
+        assert_eq!(p.get("/x").await.0, 503);
+    }
+    let rolled = eventually(10, || async {
+        p.events()
+            .await
+            .iter()
+            .any(|e| e["reason"] == "auto_rollback" && e["trigger"]["kind"] == "unhealthy")
+    })
+    .await;
+    assert!(rolled, "no rollback: {}", p.service_status("api").await);
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
     p.stop().await;
 }
 
