@@ -786,3 +786,30 @@ async fn rss_stays_flat_over_40_reloads_with_new_upstreams() {
         "RSS grew from {start} KiB to {end} KiB over 40 reloads"
     );
 }
+
+#[test]
+fn retry_and_ejection_keys_are_checked_with_their_keys() {
+    let svc = "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3001\"] }\ngreen = { upstreams = [\"127.0.0.1:3011\"] }\n";
+    let parse = |proxy: &str| {
+        switchyard::config::from_toml_str_with_env(
+            &format!("[proxy]\n{proxy}\n{svc}"),
+            Some(Default::default()),
+        )
+    };
+    let cfg = parse("").expect("defaults");
+    assert_eq!(cfg.proxy.retries, 2);
+    assert_eq!(cfg.proxy.passive.eject_after, 5);
+    assert_eq!(cfg.proxy.passive.eject_for, Duration::from_secs(10));
+    let cfg = parse("retries = 0\neject_after = 0\neject_for = \"250ms\"").expect("valid");
+    assert_eq!((cfg.proxy.retries, cfg.proxy.passive.eject_after), (0, 0));
+    let err = parse("retries = 11\neject_after = -1\neject_for = \"0s\"")
+        .expect_err("invalid")
+        .to_string();
+    for key in ["proxy.retries", "proxy.eject_after", "proxy.eject_for"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    let err = parse("eject_for = \"10\"")
+        .expect_err("no unit")
+        .to_string();
+    assert!(err.contains("proxy.eject_for"), "{err}");
+}
