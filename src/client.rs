@@ -21,6 +21,8 @@
 //! non-blocking read sees the FIN) and skipped. One that fails the exchange with no response
 //! byte read is retried on a fresh connection when the upstream cannot have seen the request
 //! (nothing was written) or the request is idempotent and had no body; anything else is an error.
+//! By the same rule, a request that fails on a fresh connection (or whose connect fails) comes
+//! back to the caller in [`Failed::unsent`], for another upstream of the pool.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};

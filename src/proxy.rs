@@ -8,7 +8,10 @@
 //! 4. forward with the pooled client, bounded by `request_timeout` until response headers; the
 //!    request body streams through [`RequestBody`], which ends it after `body_idle_timeout`
 //!    without a frame; the client checks the response's framing and drops its hop-by-hop fields;
-//! 5. record the outcome (window stats, counters, critical paths) and stream the response back.
+//!    a request its upstream could not take goes to another of the pool (`retries`);
+//! 5. record the outcome (window stats, counters, critical paths, passive health) once: at once
+//!    for the proxy's own answers, when the body ends for the upstream's (see
+//!    [`crate::outcome`]), and stream the response back.
 //!
 //! The color is chosen here, per request: a flip affects the next request on every keep-alive
 //! connection, while requests already past step 2 finish on the color they started on.

@@ -226,6 +226,8 @@ fn window_start(now: u64, over: u64) -> Option<u64> {
 #[derive(Default)]
 pub struct WindowBin {
     windows: std::sync::Mutex<Vec<Window>>,
+    /// Windows handed out again, for tests and the curious.
+    reused: AtomicU64,
 }
 
 impl WindowBin {
@@ -246,6 +248,7 @@ impl WindowBin {
         let mut window = windows.swap_remove(at);
         drop(windows);
         window.reset();
+        self.reused.fetch_add(1, Relaxed);
         Some(window)
     }
 
@@ -267,6 +270,11 @@ impl WindowBin {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Windows handed out again so far.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Relaxed)
     }
 }
 

@@ -95,6 +95,9 @@ const CODE_MIN: u16 = 100;
 const CODE_MAX: u16 = 599;
 
 impl Upstream {
+    /// `slots`: the window ring's size; the ring comes from `bin` when a removed upstream left
+    /// one of that size.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         addr: SocketAddr,
         protocol: Protocol,
@@ -420,5 +423,83 @@ impl Clients {
                 Ok(status)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::passive::AVOID_FOR;
+    use crate::routing::build_snapshot;
+
+    fn pool(n: usize) -> Arc<Pool> {
+        let ups: Vec<String> = (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 3000 + i))
+            .collect();
+        let text = format!(
+            "[[services]]\nname = \"api\"\nblue = {{ upstreams = [{}] }}\ngreen = {{ upstreams = [\"127.0.0.1:4000\"] }}\n[proxy]\neject_after = 3\n",
+            ups.join(", ")
+        );
+        let cfg = crate::config::from_toml_str_with_env(&text, Some(HashMap::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let snap = build_snapshot(Arc::new(cfg), &HashMap::new(), None, &Metrics::new());
+        snap.services[0].pool(Color::Blue).clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn balancing_never_prefers_an_upstream_that_just_failed() {
+        let p = pool(2);
+        let (dead, alive) = (&p.upstreams[0], &p.upstreams[1]);
+        // The live one is busy, the dead one idle: without its failure the dead one would win.
+        let _busy: Vec<InFlight> = (0..5).map(|_| alive.begin()).collect();
+        dead.passive_failure(&p.passive);
+        for _ in 0..200 {
+            let picked = p.pick().map(|u| u.addr);
+            assert_eq!(picked, Some(alive.addr));
+        }
+        // A second later it is drawn again (and may prove itself).
+        tokio::time::advance(AVOID_FOR).await;
+        assert!((0..200).any(|_| p.pick().map(|u| u.addr) == Some(dead.addr)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_upstreams_get_traffic_only_when_none_else_is_left() {
+        let p = pool(3);
+        for _ in 0..3 {
+            p.upstreams[0].passive_failure(&p.passive);
+        }
+        assert!(p.upstreams[0].is_ejected() && !p.upstreams[0].is_healthy());
+        assert_eq!(p.healthy_count(), 2);
+        for _ in 0..200 {
+            assert_ne!(p.pick().map(|u| u.addr), Some(p.upstreams[0].addr));
+        }
+        // Retries: never an upstream already tried, ejected ones last.
+        let tried = vec![p.upstreams[1].clone()];
+        for _ in 0..50 {
+            assert_eq!(
+                p.pick_retry(&tried).map(|u| u.addr),
+                Some(p.upstreams[2].addr)
+            );
+        }
+        let tried = vec![p.upstreams[1].clone(), p.upstreams[2].clone()];
+        assert_eq!(
+            p.pick_retry(&tried).map(|u| u.addr),
+            Some(p.upstreams[0].addr)
+        );
+        // All ejected: panic mode, every upstream is drawn.
+        for u in &p.upstreams[1..] {
+            for _ in 0..3 {
+                u.passive_failure(&p.passive);
+            }
+        }
+        assert_eq!(p.healthy_count(), 0);
+        assert!(p.pick().is_some());
+        // Active checks still rule: an actively unhealthy upstream is never drawn.
+        for u in &p.upstreams {
+            u.set_healthy(false);
+        }
+        assert!(p.pick().is_none());
     }
 }
