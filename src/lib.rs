@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod rollback;
+pub mod resolve;
 pub mod routing;
 pub mod server;
 pub mod state;

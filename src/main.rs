@@ -130,7 +130,22 @@ fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
+            // Names are looked up once: a failure is a warning (it may resolve once deployed).
+            let (cfg, notes) = if switchyard::resolve::has_names(&cfg) {
+                match runtime(Some(1)) {
+                    Ok(rt) => rt.block_on(async {
+                        let notes = switchyard::resolve::check_warnings(&cfg).await;
+                        (switchyard::resolve::resolve(cfg, None).await, notes)
+                    }),
+                    Err(_) => (cfg, Vec::new()),
+                }
+            } else {
+                (cfg, Vec::new())
+            };
             println!("{}: ok", path.display());
+            for n in &notes {
+                println!("{n}");
+            }
             print!("{}", cfg.summary());
             ExitCode::SUCCESS
         }

@@ -82,6 +82,8 @@ pub async fn start_with(
     opts: Options,
     mut inherited: Inherited,
 ) -> anyhow::Result<Running> {
+    // Upstream names are resolved before the first request (README "Upstreams by name").
+    let config = crate::resolve::resolve(config, None).await;
     let tls = match (
         &config.proxy.tls_listen,
         &config.proxy.tls_cert,
@@ -193,6 +195,7 @@ pub async fn start_with(
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::health::stats_ticker(app.clone()));
     tasks.spawn(crate::watcher::run(app.clone()));
+    tasks.spawn(crate::resolve::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
         tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
     }
