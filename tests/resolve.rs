@@ -222,7 +222,14 @@ async fn the_host_header_stays_the_clients() {
             });
         }
     });
-    let (st, _) = request(s.proxy.proxy, "GET", "/", &[("host", "shop.example")], Bytes::new()).await;
+    let (st, _) = request(
+        s.proxy.proxy,
+        "GET",
+        "/",
+        &[("host", "shop.example")],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(*seen.lock().expect("lock"), "shop.example");
     s.proxy.stop().await;
@@ -235,7 +242,12 @@ async fn a_changed_answer_adds_and_drains_under_load() {
     let a = ip_upstream(ip(2)).await;
     let b = ip_upstream(ip(3)).await;
     let c = ip_upstream(ip(4)).await;
-    let s = setup(port, &["127.0.0.2 app.blue.test", "127.0.0.3 app.blue.test"], "").await;
+    let s = setup(
+        port,
+        &["127.0.0.2 app.blue.test", "127.0.0.3 app.blue.test"],
+        "",
+    )
+    .await;
     let proxy = s.proxy.proxy;
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -276,10 +288,16 @@ async fn a_changed_answer_adds_and_drains_under_load() {
     assert_eq!(c.hits.load(Ordering::SeqCst), 0);
 
     // .2 leaves, .4 joins.
-    write_hosts(&s.hosts, &["127.0.0.3 app.blue.test", "127.0.0.4 app.blue.test"]);
+    write_hosts(
+        &s.hosts,
+        &["127.0.0.3 app.blue.test", "127.0.0.4 app.blue.test"],
+    );
     let want = vec![ip(3).to_string(), ip(4).to_string()];
     assert!(
-        eventually(10, || async { pool_addrs(&s.proxy.status().await, "blue") == want }).await,
+        eventually(10, || async {
+            pool_addrs(&s.proxy.status().await, "blue") == want
+        })
+        .await,
         "the pool did not follow the answer"
     );
     // A request that picked .2 from the snapshot before the change may still arrive there.
@@ -292,16 +310,31 @@ async fn a_changed_answer_adds_and_drains_under_load() {
         t.await.expect("load");
     }
     let failed = failed.lock().expect("lock").clone();
-    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(10)]);
-    assert!(c.hits.load(Ordering::SeqCst) > 0, "the new address got no traffic");
-    assert_eq!(a.hits.load(Ordering::SeqCst), gone_hits, "the drained address still gets requests");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(
+        c.hits.load(Ordering::SeqCst) > 0,
+        "the new address got no traffic"
+    );
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        gone_hits,
+        "the drained address still gets requests"
+    );
     // Its pooled keep-alive connections were closed.
     assert!(
         eventually(10, || async { a.open.load(Ordering::SeqCst) == 0 }).await,
         "{} connections to the drained address are still open",
         a.open.load(Ordering::SeqCst)
     );
-    assert!(b.open.load(Ordering::SeqCst) > 0, "the kept address has no pooled connection");
+    assert!(
+        b.open.load(Ordering::SeqCst) > 0,
+        "the kept address has no pooled connection"
+    );
     s.proxy.stop().await;
 }
 
@@ -321,7 +354,11 @@ async fn a_failing_or_empty_answer_keeps_the_last_set() {
         "the failure is not shown"
     );
     let status = s.proxy.status().await;
-    assert_eq!(pool_addrs(&status, "blue"), [a.addr.to_string()], "{status}");
+    assert_eq!(
+        pool_addrs(&status, "blue"),
+        [a.addr.to_string()],
+        "{status}"
+    );
     let err = status["services"][0]["colors"]["blue"]["names"][0]["error"]
         .as_str()
         .unwrap_or_default()
@@ -332,7 +369,10 @@ async fn a_failing_or_empty_answer_keeps_the_last_set() {
     }
     let (_, metrics) = get(s.proxy.admin, "/metrics").await;
     let label = format!("{{name=\"app.blue.test:{}\"}}", s.port);
-    assert!(metrics.contains(&format!("switchyard_upstream_resolution_stale{label} 1")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("switchyard_upstream_resolution_stale{label} 1")),
+        "{metrics}"
+    );
     let failures: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix(&format!("switchyard_resolve_failures_total{label} ")))
@@ -342,14 +382,22 @@ async fn a_failing_or_empty_answer_keeps_the_last_set() {
     // A listed name without a usable address (an empty answer) keeps the set too.
     write_hosts(&s.hosts, &["not-an-ip app.blue.test"]);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(pool_addrs(&s.proxy.status().await, "blue"), [a.addr.to_string()]);
+    assert_eq!(
+        pool_addrs(&s.proxy.status().await, "blue"),
+        [a.addr.to_string()]
+    );
     assert_eq!(s.proxy.get("/").await.0, 200);
     // A reload while it fails keeps the set as well.
     assert_eq!(
-        admin_post(s.proxy.admin, "/api/reload", Some(TOKEN), None).await.0,
+        admin_post(s.proxy.admin, "/api/reload", Some(TOKEN), None)
+            .await
+            .0,
         200
     );
-    assert_eq!(pool_addrs(&s.proxy.status().await, "blue"), [a.addr.to_string()]);
+    assert_eq!(
+        pool_addrs(&s.proxy.status().await, "blue"),
+        [a.addr.to_string()]
+    );
     // It recovers.
     write_hosts(&s.hosts, &["127.0.0.2 app.blue.test"]);
     assert!(
@@ -384,7 +432,9 @@ async fn check_accepts_names_and_warns_with_the_key() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
-        text.contains("warning: services[0].green.upstreams[0]: cannot resolve \"unknown.test:3000\""),
+        text.contains(
+            "warning: services[0].green.upstreams[0]: cannot resolve \"unknown.test:3000\""
+        ),
         "{text}"
     );
     assert!(text.contains("known.test:3000 -> 127.0.0.2:3000"), "{text}");
@@ -401,6 +451,12 @@ async fn check_accepts_names_and_warns_with_the_key() {
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err.contains("services[0].blue.upstreams[0]: invalid address \"bad name:3000\""), "{err}");
-    assert!(err.contains("services[0].green.upstreams[0]: invalid address \"x:y\""), "{err}");
+    assert!(
+        err.contains("services[0].blue.upstreams[0]: invalid address \"bad name:3000\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("services[0].green.upstreams[0]: invalid address \"x:y\""),
+        "{err}"
+    );
 }
