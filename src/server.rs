@@ -141,7 +141,26 @@ pub async fn start_with(
         };
         worker_listeners.push(l);
     }
-    let mut handover = match Handover::bind(&config.proxy.upgrade_socket) {
+    let upgrade_socket = config.proxy.upgrade_socket.clone();
+    let proxy_cfg = config.proxy.clone();
+    let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
+        .await
+        .context("cannot load the live state")?;
+    if let Some(t) = &tls {
+        app.set_tls_reloader(t.clone());
+    }
+    let log_cfg = app.snapshot().config.log.clone();
+    let registry = app.metrics.registry.clone();
+    let access = tokio::task::spawn_blocking(move || {
+        crate::access_log::AccessLog::start(&log_cfg, &registry)
+    })
+    .await?
+    .context("log.access: cannot open the access log")?;
+    if let Some(log) = access {
+        let _ = app.access_log.set(log);
+    }
+    // Bound only once this process can serve: until then the running one keeps its socket.
+    let mut handover = match Handover::bind(&upgrade_socket) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process");
@@ -167,23 +186,6 @@ pub async fn start_with(
                 tracing::warn!(error = %e, listener = %key, "cannot keep this socket for an upgrade");
             }
         }
-    }
-    let proxy_cfg = config.proxy.clone();
-    let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
-        .await
-        .context("cannot load the live state")?;
-    if let Some(t) = &tls {
-        app.set_tls_reloader(t.clone());
-    }
-    let log_cfg = app.snapshot().config.log.clone();
-    let registry = app.metrics.registry.clone();
-    let access = tokio::task::spawn_blocking(move || {
-        crate::access_log::AccessLog::start(&log_cfg, &registry)
-    })
-    .await?
-    .context("log.access: cannot open the access log")?;
-    if let Some(log) = access {
-        let _ = app.access_log.set(log);
     }
 
     let proxy_addr = proxy_listener.local_addr()?;
@@ -258,6 +260,10 @@ pub async fn start_with(
             old_pid = inherited.old_pid,
             "upgrade: serving on the old process's sockets; it drains now"
         );
+    }
+    if inherited.old_pid != 0 {
+        // systemd follows this process before the old one exits (NotifyAccess=all).
+        crate::upgrade::sd_notify(&format!("MAINPID={}", std::process::id()));
     }
     inherited.ready();
     Ok(Running {
