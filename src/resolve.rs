@@ -316,3 +316,73 @@ pub async fn run(app: Arc<App>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::config::from_toml_str_with_env(
+            "[[services]]\nname = \"api\"\n\
+             blue = { upstreams = [\"127.0.0.1:1\", \"app.test:80\"] }\n\
+             green = { upstreams = [\"app.test:80\"] }\n",
+            Some(Default::default()),
+        )
+        .expect("valid")
+    }
+
+    fn answer(r: Result<Vec<&str>, &str>) -> Answers {
+        let mut a = Answers::new();
+        a.insert(
+            ("app.test".to_string(), 80),
+            r.map(|v| v.iter().map(|s| s.parse().expect("addr")).collect())
+                .map_err(str::to_string),
+        );
+        a
+    }
+
+    fn blue(c: &Config) -> Vec<String> {
+        c.services[0]
+            .blue
+            .upstreams
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn answers_replace_and_failures_keep() {
+        let mut c = config();
+        assert_eq!(blue(&c), ["127.0.0.1:1"], "unresolved: the IP entry only");
+        assert!(apply(
+            &mut c,
+            &answer(Ok(vec!["10.0.0.1:80", "10.0.0.2:80"]))
+        ));
+        assert_eq!(blue(&c), ["127.0.0.1:1", "10.0.0.1:80", "10.0.0.2:80"]);
+        assert_eq!(c.services[0].green.upstreams.len(), 2);
+        // Failure: the set is kept, the name is marked, and that is a change to publish once.
+        assert!(apply(&mut c, &answer(Err("nxdomain"))));
+        assert_eq!(blue(&c), ["127.0.0.1:1", "10.0.0.1:80", "10.0.0.2:80"]);
+        assert!(c.services[0].blue.names().all(|n| n.error.is_some()));
+        assert!(!apply(&mut c, &answer(Err("nxdomain"))));
+        // Recovery with another answer.
+        assert!(apply(&mut c, &answer(Ok(vec!["10.0.0.3:80"]))));
+        assert_eq!(blue(&c), ["127.0.0.1:1", "10.0.0.3:80"]);
+        assert!(!apply(&mut c, &answer(Ok(vec!["10.0.0.3:80"]))));
+        // A reloaded config starts from the last good set.
+        let mut fresh = config();
+        carry_over(&mut fresh, &c);
+        assert_eq!(blue(&fresh), ["127.0.0.1:1", "10.0.0.3:80"]);
+    }
+
+    #[tokio::test]
+    async fn hosts_file_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("hosts");
+        std::fs::write(&p, "# c\n10.0.0.1 a.test b.test\n::1 a.test\n").expect("write");
+        let r = HostsFile(p);
+        let got = r.lookup("A.test", 8).await.expect("found");
+        assert_eq!(got.len(), 2);
+        assert!(r.lookup("c.test", 8).await.is_err());
+    }
+}
