@@ -856,6 +856,8 @@ impl App {
                 ])));
             }
         }
+        // Upstream names: looked up now; a name that fails keeps its last good addresses.
+        let new_cfg = crate::resolve::resolve(new_cfg, Some(&self.snapshot().config)).await;
         Ok(self.apply_config(new_cfg, actor).await)
     }
 
@@ -922,6 +924,20 @@ impl App {
             restart_required,
             message,
         }
+    }
+
+    /// Publishes the config `f` builds from the current one (new answers for upstream names),
+    /// keeping live states and unchanged upstreams; `f` returning None changes nothing.
+    pub async fn update_config(&self, f: impl FnOnce(&Config) -> Option<Config>) -> bool {
+        let _w = self.writer.lock().await;
+        let snap = self.snapshot();
+        let Some(next_cfg) = f(&snap.config) else {
+            return false;
+        };
+        let states = Self::all_states(&snap);
+        let next = build_snapshot(Arc::new(next_cfg), &states, Some(&snap), &self.metrics);
+        self.routes.store(Arc::new(next));
+        true
     }
 
     /// Records a blocked or dry-run rollback decision.

@@ -162,6 +162,7 @@ struct RawProxy {
     eject_after: Option<i64>,
     eject_for: Option<String>,
     resolve_interval: Option<String>,
+    resolve_hosts_file: Option<String>,
     upgrade_socket: Option<String>,
 }
 
@@ -342,6 +343,9 @@ pub struct ProxyConfig {
     pub passive: crate::passive::PassiveConfig,
     /// How often upstream names are resolved again (README "Upstreams by name").
     pub resolve_interval: Duration,
+    /// Resolve names from this hosts-format file instead of the system resolver (tests, and
+    /// setups that keep their own name list).
+    pub resolve_hosts_file: Option<PathBuf>,
     /// The Unix socket `serve --upgrade` takes the listeners over (README "Upgrading").
     pub upgrade_socket: PathBuf,
 }
@@ -443,8 +447,72 @@ impl Protocol {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolConfig {
+    /// What the pool balances over: the `IP:port` entries and every address the names resolved
+    /// to, in file order ([`crate::resolve`] fills in the names' part).
     pub upstreams: Vec<SocketAddr>,
     pub protocol: Protocol,
+    /// The entries as written, names with their last good resolution.
+    pub entries: Vec<UpstreamEntry>,
+}
+
+/// One `upstreams` entry of a pool.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UpstreamEntry {
+    Addr(SocketAddr),
+    Name(UpstreamName),
+}
+
+/// A `name:port` upstream (README "Upstreams by name").
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamName {
+    /// Its config key, `services[0].blue.upstreams[1]`.
+    pub key: String,
+    pub host: String,
+    pub port: u16,
+    /// The last good answer (sorted); empty until a lookup succeeds.
+    pub addrs: Vec<SocketAddr>,
+    /// Why the last lookup failed (the addresses above are then kept from before).
+    pub error: Option<String>,
+}
+
+impl UpstreamName {
+    /// `host:port`, as written.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl PoolConfig {
+    /// Recomputes `upstreams` from the entries (the names' last good addresses).
+    pub fn refresh(&mut self) {
+        let mut all: Vec<SocketAddr> = Vec::new();
+        for e in &self.entries {
+            let addrs = match e {
+                UpstreamEntry::Addr(a) => std::slice::from_ref(a),
+                UpstreamEntry::Name(n) => n.addrs.as_slice(),
+            };
+            for a in addrs {
+                if !all.contains(a) {
+                    all.push(*a);
+                }
+            }
+        }
+        self.upstreams = all;
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &UpstreamName> {
+        self.entries.iter().filter_map(|e| match e {
+            UpstreamEntry::Name(n) => Some(n),
+            UpstreamEntry::Addr(_) => None,
+        })
+    }
+
+    pub fn names_mut(&mut self) -> impl Iterator<Item = &mut UpstreamName> {
+        self.entries.iter_mut().filter_map(|e| match e {
+            UpstreamEntry::Name(n) => Some(n),
+            UpstreamEntry::Addr(_) => None,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -765,7 +833,20 @@ impl Config {
             );
             for c in Color::ALL {
                 let p = svc.pool(c);
-                let ups: Vec<String> = p.upstreams.iter().map(|a| a.to_string()).collect();
+                let ups: Vec<String> = p
+                    .entries
+                    .iter()
+                    .map(|e| match e {
+                        UpstreamEntry::Addr(a) => a.to_string(),
+                        UpstreamEntry::Name(n) if n.addrs.is_empty() => {
+                            format!("{} (unresolved)", n.label())
+                        }
+                        UpstreamEntry::Name(n) => {
+                            let a: Vec<String> = n.addrs.iter().map(|a| a.to_string()).collect();
+                            format!("{} -> {}", n.label(), a.join(" "))
+                        }
+                    })
+                    .collect();
                 let _ = writeln!(s, "    {c:<5} {} [{}]", p.protocol.as_str(), ups.join(", "));
             }
             match &svc.health {
@@ -1266,6 +1347,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         retries: c.count("proxy.retries", p.retries, 2, 0, 10) as u32,
         passive,
         resolve_interval,
+        resolve_hosts_file: p.resolve_hosts_file.as_ref().map(PathBuf::from),
         // Set below, next to the state file unless given.
         upgrade_socket: PathBuf::new(),
     };
@@ -1741,6 +1823,22 @@ fn valid_name(n: &str) -> bool {
             .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
 }
 
+/// `name:port` with a DNS name (letters, digits, `-`, `_`, dots) and a port 1..=65535.
+fn host_and_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let labels_ok = host.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    (host.len() <= 253 && labels_ok && !numeric).then_some((host, port))
+}
+
 fn validate_pool(c: &mut Check, key: &str, rp: Option<RawPool>) -> Option<PoolConfig> {
     let Some(rp) = rp else {
         c.err(key, "required (a pool: { upstreams = [\"IP:port\", ...] })");
@@ -1764,21 +1862,48 @@ fn validate_pool(c: &mut Check, key: &str, rp: Option<RawPool>) -> Option<PoolCo
             "a pool needs at least one upstream",
         );
     }
-    let mut upstreams = Vec::new();
+    let mut entries: Vec<UpstreamEntry> = Vec::new();
     for (i, u) in raw.iter().enumerate() {
         let k = format!("{key}.upstreams[{i}]");
-        if let Some(a) = c.addr(&k, u) {
-            if upstreams.contains(&a) {
-                c.err(k, format!("duplicate upstream {u:?}"));
-            } else {
-                upstreams.push(a);
+        let entry = if let Ok(a) = u.parse::<SocketAddr>() {
+            UpstreamEntry::Addr(a)
+        } else if let Some((host, port)) = host_and_port(u) {
+            UpstreamEntry::Name(UpstreamName {
+                key: k.clone(),
+                host: host.to_ascii_lowercase(),
+                port,
+                addrs: Vec::new(),
+                error: None,
+            })
+        } else {
+            c.err(
+                &k,
+                format!(
+                    "invalid address {u:?} (expected IP:port or name:port, e.g. \"127.0.0.1:3001\" or \"api-blue:3000\")"
+                ),
+            );
+            continue;
+        };
+        let dup = entries.iter().any(|e| match (e, &entry) {
+            (UpstreamEntry::Addr(a), UpstreamEntry::Addr(b)) => a == b,
+            (UpstreamEntry::Name(a), UpstreamEntry::Name(b)) => {
+                a.host == b.host && a.port == b.port
             }
+            _ => false,
+        });
+        if dup {
+            c.err(k, format!("duplicate upstream {u:?}"));
+        } else {
+            entries.push(entry);
         }
     }
-    Some(PoolConfig {
-        upstreams,
+    let mut pool = PoolConfig {
+        upstreams: Vec::new(),
         protocol,
-    })
+        entries,
+    };
+    pool.refresh();
+    Some(pool)
 }
 
 fn validate_rollback(c: &mut Check, key: &str, r: RawRollback) -> RollbackConfig {

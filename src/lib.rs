@@ -29,6 +29,7 @@ pub mod notify;
 pub mod outcome;
 pub mod passive;
 pub mod proxy;
+pub mod resolve;
 pub mod rollback;
 pub mod routing;
 pub mod server;

@@ -144,7 +144,22 @@ fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
+            // Names are looked up once: a failure is a warning (it may resolve once deployed).
+            let (cfg, notes) = if switchyard::resolve::has_names(&cfg) {
+                match runtime(Some(1)) {
+                    Ok(rt) => rt.block_on(async {
+                        let notes = switchyard::resolve::check_warnings(&cfg).await;
+                        (switchyard::resolve::resolve(cfg, None).await, notes)
+                    }),
+                    Err(_) => (cfg, Vec::new()),
+                }
+            } else {
+                (cfg, Vec::new())
+            };
             println!("{}: ok", path.display());
+            for n in &notes {
+                println!("{n}");
+            }
             print!("{}", cfg.summary());
             ExitCode::SUCCESS
         }
@@ -239,14 +254,21 @@ fn serve(
         let app = running.app.clone();
         let app_for_log = app.clone();
         switchyard::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
-        signals(app, path.to_path_buf(), matches!(log_format, LogFormat::Json)).await;
-        switchyard::upgrade::sd_notify("STOPPING=1");
+        let handed_over = signals(
+            app,
+            path.to_path_buf(),
+            matches!(log_format, LogFormat::Json),
+        )
+        .await;
+        if !handed_over {
+            // After an upgrade the successor is the service: it must not look like it stops.
+            switchyard::upgrade::sd_notify("STOPPING=1");
+        }
         running.wait().await;
         if let Some(log) = app_for_log.access_log.get().cloned() {
-            let _ = tokio::task::spawn_blocking(move || {
-                log.flush(std::time::Duration::from_secs(2))
-            })
-            .await;
+            let _ =
+                tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2)))
+                    .await;
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS
@@ -254,7 +276,12 @@ fn serve(
 }
 
 /// SIGTERM / SIGINT: graceful shutdown. SIGHUP: reload the config.
-async fn signals(app: std::sync::Arc<switchyard::app::App>, config: PathBuf, json_logs: bool) {
+/// Returns true when an upgrade handed the sockets to a new process.
+async fn signals(
+    app: std::sync::Arc<switchyard::app::App>,
+    config: PathBuf,
+    json_logs: bool,
+) -> bool {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -267,14 +294,14 @@ async fn signals(app: std::sync::Arc<switchyard::app::App>, config: PathBuf, jso
         ) else {
             let _ = tokio::signal::ctrl_c().await;
             app.shutdown.cancel();
-            return;
+            return false;
         };
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 // An upgrade handed the sockets to a new process: drain and exit.
-                () = app.shutdown.cancelled() => return,
+                () = app.shutdown.cancelled() => return true,
                 // Upgrade: start the binary again with --upgrade; it takes the sockets over.
                 _ = usr2.recv() => switchyard::upgrade::spawn_successor(&config, json_logs),
                 _ = usr1.recv() => {
@@ -301,4 +328,5 @@ async fn signals(app: std::sync::Arc<switchyard::app::App>, config: PathBuf, jso
     }
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     app.shutdown.cancel();
+    false
 }

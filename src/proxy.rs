@@ -110,9 +110,7 @@ pub async fn handle(
     };
     let start = Instant::now();
     let id = log.request_id(req.headers().get(&X_REQUEST_ID));
-    if req.headers().contains_key(&X_REQUEST_ID) {
-        req.headers_mut().remove(&X_REQUEST_ID);
-    }
+    // One value upstream: `insert` replaces every value the client sent.
     req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
     let mut entry = log.entry(
         start,

@@ -83,6 +83,8 @@ pub async fn start_with(
     opts: Options,
     mut inherited: Inherited,
 ) -> anyhow::Result<Running> {
+    // Upstream names are resolved before the first request (README "Upstreams by name").
+    let config = crate::resolve::resolve(config, None).await;
     let tls = match (
         &config.proxy.tls_listen,
         &config.proxy.tls_cert,
@@ -140,7 +142,27 @@ pub async fn start_with(
         };
         worker_listeners.push(l);
     }
-    let mut handover = match Handover::bind(&config.proxy.upgrade_socket) {
+    let upgrade_socket = config.proxy.upgrade_socket.clone();
+    let proxy_cfg = config.proxy.clone();
+    crate::guard::check_nofile(&config);
+    let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
+        .await
+        .context("cannot load the live state")?;
+    if let Some(t) = &tls {
+        app.set_tls_reloader(t.clone());
+    }
+    let log_cfg = app.snapshot().config.log.clone();
+    let registry = app.metrics.registry.clone();
+    let access = tokio::task::spawn_blocking(move || {
+        crate::access_log::AccessLog::start(&log_cfg, &registry)
+    })
+    .await?
+    .context("log.access: cannot open the access log")?;
+    if let Some(log) = access {
+        let _ = app.access_log.set(log);
+    }
+    // Bound only once this process can serve: until then the running one keeps its socket.
+    let mut handover = match Handover::bind(&upgrade_socket) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process");
@@ -167,24 +189,6 @@ pub async fn start_with(
             }
         }
     }
-    let proxy_cfg = config.proxy.clone();
-    crate::guard::check_nofile(&config);
-    let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
-        .await
-        .context("cannot load the live state")?;
-    if let Some(t) = &tls {
-        app.set_tls_reloader(t.clone());
-    }
-    let log_cfg = app.snapshot().config.log.clone();
-    let registry = app.metrics.registry.clone();
-    let access = tokio::task::spawn_blocking(move || {
-        crate::access_log::AccessLog::start(&log_cfg, &registry)
-    })
-    .await?
-    .context("log.access: cannot open the access log")?;
-    if let Some(log) = access {
-        let _ = app.access_log.set(log);
-    }
 
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
@@ -198,6 +202,7 @@ pub async fn start_with(
     tasks.spawn(crate::analysis::run(app.clone()));
     let config_baseline = crate::config_watch::baseline(&app).await;
     tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
+    tasks.spawn(crate::resolve::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
         tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
     }
@@ -260,6 +265,10 @@ pub async fn start_with(
             old_pid = inherited.old_pid,
             "upgrade: serving on the old process's sockets; it drains now"
         );
+    }
+    if inherited.old_pid != 0 {
+        // systemd follows this process before the old one exits (NotifyAccess=all).
+        crate::upgrade::sd_notify(&format!("MAINPID={}", std::process::id()));
     }
     inherited.ready();
     Ok(Running {

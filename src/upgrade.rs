@@ -247,7 +247,9 @@ impl Handover {
                     error = %format!("{e:#}"),
                     "upgrade aborted; this process keeps serving"
                 ),
-                Err(e) => tracing::error!(error = %e, "upgrade task failed; this process keeps serving"),
+                Err(e) => {
+                    tracing::error!(error = %e, "upgrade task failed; this process keeps serving")
+                }
             }
         }
     }
@@ -332,12 +334,18 @@ pub fn spawn_successor(config: &Path, log_format_json: bool) {
             tokio::spawn(async move {
                 match child.wait().await {
                     Ok(s) if s.success() => {}
-                    Ok(s) => tracing::error!(status = %s, "upgrade on SIGUSR2: the new process failed; this one keeps serving"),
-                    Err(e) => tracing::error!(error = %e, "upgrade on SIGUSR2: cannot wait for the new process"),
+                    Ok(s) => {
+                        tracing::error!(status = %s, "upgrade on SIGUSR2: the new process failed; this one keeps serving")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "upgrade on SIGUSR2: cannot wait for the new process")
+                    }
                 }
             });
         }
-        Err(e) => tracing::error!(binary = %exe.display(), error = %e, "upgrade on SIGUSR2: cannot start the new process"),
+        Err(e) => {
+            tracing::error!(binary = %exe.display(), error = %e, "upgrade on SIGUSR2: cannot start the new process")
+        }
     }
 }
 
@@ -353,11 +361,14 @@ pub fn sd_notify(state: &str) {
     };
     let bytes = path.as_encoded_bytes();
     let sent = match bytes.strip_prefix(b"@") {
+        #[cfg(target_os = "linux")]
         Some(name) => {
             use std::os::linux::net::SocketAddrExt;
             std::os::unix::net::SocketAddr::from_abstract_name(name)
                 .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
         }
+        #[cfg(not(target_os = "linux"))]
+        Some(_) => Err(std::io::ErrorKind::Unsupported.into()),
         None => sock.send_to(state.as_bytes(), &path),
     };
     if let Err(e) = sent {

@@ -15,7 +15,20 @@ use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 
-fn spawn_serve(cfg: &std::path::Path, log: &std::path::Path, upgrade: bool) -> tokio::process::Child {
+fn spawn_serve(
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+    upgrade: bool,
+) -> tokio::process::Child {
+    spawn_serve_env(cfg, log, upgrade, &[])
+}
+
+fn spawn_serve_env(
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+    upgrade: bool,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
     let mut args = vec!["serve", "--config", cfg.to_str().expect("utf-8")];
     if upgrade {
         args.push("--upgrade");
@@ -25,6 +38,7 @@ fn spawn_serve(cfg: &std::path::Path, log: &std::path::Path, upgrade: bool) -> t
         .args(args)
         .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stderr(stderr)
         .kill_on_drop(true)
@@ -49,11 +63,9 @@ impl Tally {
 
 /// Requests on one keep-alive client (its own pool), until `stop`.
 async fn keep_alive_load(proxy: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .pool_max_idle_per_host(1)
-    .build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .build_http::<Full<Bytes>>();
     while !stop.load(Ordering::SeqCst) {
         let req = Request::get(format!("http://{proxy}/ka"))
             .body(Full::new(Bytes::new()))
@@ -189,9 +201,18 @@ async fn upgrade_under_load(runtime: &str) {
         0,
         "{failed} failed requests of {}: {:?}\n{logs}",
         tally.ok.load(Ordering::SeqCst),
-        tally.errors.lock().expect("lock").iter().take(10).collect::<Vec<_>>()
+        tally
+            .errors
+            .lock()
+            .expect("lock")
+            .iter()
+            .take(10)
+            .collect::<Vec<_>>()
     );
-    assert!(at_exit > before_exit, "no request was served during the upgrade");
+    assert!(
+        at_exit > before_exit,
+        "no request was served during the upgrade"
+    );
     assert!(logs.contains("upgrade"), "{logs}");
 
     // The new process serves the live state it read (green, generation 1) on the same ports.
@@ -244,7 +265,12 @@ async fn upgrade_without_a_running_process_fails_and_says_where() {
     let cfg = dir.path().join("switchyard.toml");
     std::fs::write(&cfg, text).expect("write config");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config", cfg.to_str().expect("utf-8"), "--upgrade"])
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--upgrade",
+        ])
         .stdin(Stdio::null())
         .output()
         .await
@@ -275,8 +301,15 @@ async fn sigusr2_upgrades_in_place() {
     std::fs::write(&cfg, text).expect("write config");
     let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    // systemd's notify socket: the datagrams say who the main process is and whether it stops.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let notify_str = notify_path.to_str().expect("utf-8").to_string();
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(&cfg, &old_log, false);
+    let mut old = spawn_serve_env(&cfg, &old_log, false, &[("NOTIFY_SOCKET", &notify_str)]);
     assert!(
         eventually(15, || async {
             try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
@@ -301,6 +334,26 @@ async fn sigusr2_upgrades_in_place() {
         .expect("wait");
     assert!(st.success());
     assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = notify.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(
+        messages.first(),
+        Some(&format!("MAINPID={pid}\nREADY=1")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("MAINPID=") && !m.contains(&format!("={pid}"))),
+        "the successor did not announce itself: {messages:?}"
+    );
+    assert!(
+        !messages.iter().any(|m| m.contains("STOPPING=1")),
+        "an upgrade looked like a stop: {messages:?}"
+    );
     // The successor is not this test's child: upgrade it to one that is, then stop that one.
     let last_log = dir.path().join("last.log");
     let mut last = spawn_serve(&cfg, &last_log, true);

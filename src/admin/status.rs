@@ -92,6 +92,25 @@ pub fn status_json(app: &App) -> Value {
 
 fn color_json(svc: &Service, color: Color, now_epoch: u64, window: u64) -> Value {
     let pool = svc.pool(color);
+    let pool_cfg = svc.config.pool(color);
+    let name_of = |addr: &std::net::SocketAddr| {
+        pool_cfg
+            .names()
+            .find(|n| n.addrs.contains(addr))
+            .map(|n| n.label())
+    };
+    let names: Vec<Value> = pool_cfg
+        .names()
+        .map(|n| {
+            json!({
+                "name": n.label(),
+                "key": n.key,
+                "addrs": n.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "stale": n.error.is_some(),
+                "error": n.error,
+            })
+        })
+        .collect();
     let mut total = Summary::default();
     let mut recent_total = 0u64;
     let upstreams: Vec<Value> = pool
@@ -104,6 +123,7 @@ fn color_json(svc: &Service, color: Color, now_epoch: u64, window: u64) -> Value
             total.merge(&s);
             json!({
                 "addr": u.addr_label,
+                "name": name_of(&u.addr),
                 "healthy": u.is_healthy(),
                 // Passive health: ejected after failed requests, for this many ms more.
                 "ejected": u.is_ejected(),
@@ -129,6 +149,7 @@ fn color_json(svc: &Service, color: Color, now_epoch: u64, window: u64) -> Value
         "error_rate": ratio(total.error_rate()),
         "p95_ms": ms(total.p95()),
         "upstreams": upstreams,
+        "names": names,
     })
 }
 

@@ -1,0 +1,388 @@
+//! Upstreams by name: `name:port` entries are resolved at startup, on reload, and every
+//! `[proxy] resolve_interval`; each address is an upstream of its own.
+//!
+//! The resolver is the system's (`getaddrinfo` through `tokio::net::lookup_host`, on the
+//! blocking pool), so `/etc/hosts`, nsswitch and the container runtime's DNS (Docker's embedded
+//! DNS, Kubernetes' cluster DNS with its search domains) answer exactly as for every other
+//! program on the host. `getaddrinfo` reports no TTL: names are re-resolved every
+//! `resolve_interval` (a caching resolver on the host applies TTLs below it). A hosts-format file
+//! (`[proxy] resolve_hosts_file`) can stand in for it; the tests use that to change answers.
+//!
+//! Invariants: an answer replaces the name's addresses only when it is non-empty; a failed or
+//! empty lookup keeps the last good set and marks the name stale (status, metrics, a WARN line
+//! when it starts failing, an INFO line when it recovers); so no pool is emptied by a resolver
+//! hiccup. Addresses that disappear leave the next snapshot: requests in flight on them finish
+//! (they hold their upstream), their pooled connections close when the last request lets go.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+
+use crate::app::App;
+use crate::config::{Config, ProxyConfig};
+
+pub const RESOLVE_FAILURES_TOTAL: &str = "switchyard_resolve_failures_total";
+pub const RESOLUTION_STALE: &str = "switchyard_upstream_resolution_stale";
+
+/// One lookup may take this long before it counts as failed.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Lookup<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+
+/// A source of answers for `name:port`.
+pub trait Resolve: Send + Sync {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a>;
+}
+
+/// `getaddrinfo` on tokio's blocking pool.
+pub struct System;
+
+impl Resolve for System {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// Answers from a file in `/etc/hosts` format (`ADDRESS NAME...`, `#` comments), read on every
+/// lookup; a name it does not list fails as NXDOMAIN would.
+pub struct HostsFile(pub PathBuf);
+
+impl Resolve for HostsFile {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        Box::pin(async move {
+            let text = tokio::fs::read_to_string(&self.0).await?;
+            let mut found = false;
+            let mut addrs = Vec::new();
+            for line in text.lines() {
+                let line = line.split('#').next().unwrap_or_default();
+                let mut words = line.split_whitespace();
+                let Some(ip) = words.next() else { continue };
+                if words.any(|w| w.eq_ignore_ascii_case(host)) {
+                    found = true;
+                    if let Ok(ip) = ip.parse::<IpAddr>() {
+                        addrs.push(SocketAddr::new(ip, port));
+                    }
+                }
+            }
+            if !found {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{host} is not in {}", self.0.display()),
+                ));
+            }
+            Ok(addrs)
+        })
+    }
+}
+
+pub fn resolver(proxy: &ProxyConfig) -> Arc<dyn Resolve> {
+    match &proxy.resolve_hosts_file {
+        Some(p) => Arc::new(HostsFile(p.clone())),
+        None => Arc::new(System),
+    }
+}
+
+/// Answers by `(host, port)`: the addresses, or why there are none.
+pub type Answers = HashMap<(String, u16), Result<Vec<SocketAddr>, String>>;
+
+/// Looks every name of `config` up, concurrently, each within [`LOOKUP_TIMEOUT`].
+pub async fn lookup_all(config: &Config) -> Answers {
+    let resolver = resolver(&config.proxy);
+    let mut wanted: Vec<(String, u16)> = Vec::new();
+    for svc in &config.services {
+        for color in crate::config::Color::ALL {
+            for n in svc.pool(color).names() {
+                let k = (n.host.clone(), n.port);
+                if !wanted.contains(&k) {
+                    wanted.push(k);
+                }
+            }
+        }
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (host, port) in wanted {
+        let resolver = resolver.clone();
+        set.spawn(async move {
+            let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(&host, port))
+                .await
+            {
+                Ok(Ok(addrs)) if addrs.is_empty() => Err("the answer has no address".to_string()),
+                Ok(Ok(mut addrs)) => {
+                    addrs.sort();
+                    addrs.dedup();
+                    Ok(addrs)
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(LOOKUP_TIMEOUT)
+                )),
+            };
+            ((host, port), answer)
+        });
+    }
+    let mut answers = HashMap::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok((k, a)) = r {
+            answers.insert(k, a);
+        }
+    }
+    answers
+}
+
+/// Applies `answers` to `config` (names missing from them keep what they have); true when any
+/// pool's addresses or any name's failure state changed. Logs names that start or stop failing.
+pub fn apply(config: &mut Config, answers: &Answers) -> bool {
+    let mut changed = false;
+    for svc in &mut config.services {
+        for pool in [&mut svc.blue, &mut svc.green] {
+            let before = pool.upstreams.clone();
+            for n in pool.names_mut() {
+                let Some(answer) = answers.get(&(n.host.clone(), n.port)) else {
+                    continue;
+                };
+                match answer {
+                    Ok(addrs) => {
+                        if n.error.is_some() {
+                            tracing::info!(upstream = %n.label(), key = %n.key, addrs = ?addrs, "upstream name resolves again");
+                            changed = true;
+                        }
+                        n.error = None;
+                        if n.addrs != *addrs {
+                            tracing::info!(upstream = %n.label(), key = %n.key, from = ?n.addrs, to = ?addrs, "upstream name resolves to other addresses");
+                            n.addrs = addrs.clone();
+                        }
+                    }
+                    Err(e) => {
+                        if n.error.is_none() {
+                            tracing::warn!(
+                                upstream = %n.label(), key = %n.key, error = %e, kept = ?n.addrs,
+                                "cannot resolve an upstream name; keeping its last good addresses"
+                            );
+                            changed = true;
+                        }
+                        n.error = Some(e.clone());
+                    }
+                }
+            }
+            pool.refresh();
+            changed |= pool.upstreams != before;
+        }
+    }
+    changed
+}
+
+/// Copies the names' last good addresses (and failure state) of `old` into `new` (a reloaded
+/// config), so a name that fails on reload keeps what it had.
+pub fn carry_over(new: &mut Config, old: &Config) {
+    let mut known: HashMap<(String, u16), (Vec<SocketAddr>, Option<String>)> = HashMap::new();
+    for svc in &old.services {
+        for pool in [&svc.blue, &svc.green] {
+            for n in pool.names() {
+                known.insert((n.host.clone(), n.port), (n.addrs.clone(), n.error.clone()));
+            }
+        }
+    }
+    for svc in &mut new.services {
+        for pool in [&mut svc.blue, &mut svc.green] {
+            for n in pool.names_mut() {
+                if let Some((addrs, error)) = known.get(&(n.host.clone(), n.port)) {
+                    n.addrs = addrs.clone();
+                    n.error = error.clone();
+                }
+            }
+            pool.refresh();
+        }
+    }
+}
+
+/// Resolves a freshly loaded config (startup, reload), keeping `previous`'s answers for names
+/// that fail now.
+pub async fn resolve(mut config: Config, previous: Option<&Config>) -> Config {
+    if let Some(old) = previous {
+        carry_over(&mut config, old);
+    }
+    if has_names(&config) {
+        let answers = lookup_all(&config).await;
+        apply(&mut config, &answers);
+    }
+    config
+}
+
+pub fn has_names(config: &Config) -> bool {
+    config
+        .services
+        .iter()
+        .any(|s| s.blue.names().next().is_some() || s.green.names().next().is_some())
+}
+
+/// `switchyard check`: one warning per name that does not resolve, with its key.
+pub async fn check_warnings(config: &Config) -> Vec<String> {
+    let answers = lookup_all(config).await;
+    let mut out = Vec::new();
+    for svc in &config.services {
+        for pool in [&svc.blue, &svc.green] {
+            for n in pool.names() {
+                match answers.get(&(n.host.clone(), n.port)) {
+                    Some(Ok(addrs)) => {
+                        let a: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                        out.push(format!(
+                            "info: {}: {} resolves to {}",
+                            n.key,
+                            n.label(),
+                            a.join(", ")
+                        ));
+                    }
+                    Some(Err(e)) => out.push(format!(
+                        "warning: {}: cannot resolve {:?} now: {e} (it is resolved again every resolve_interval once running)",
+                        n.key,
+                        n.label()
+                    )),
+                    None => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Re-resolves every `resolve_interval` and publishes a new snapshot when an answer changes.
+pub async fn run(app: Arc<App>) {
+    let registry = &app.metrics.registry;
+    let failures = IntCounterVec::new(
+        Opts::new(
+            RESOLVE_FAILURES_TOTAL,
+            "Failed or empty lookups of upstream names (the last good addresses are kept).",
+        ),
+        &["name"],
+    );
+    let stale = IntGaugeVec::new(
+        Opts::new(
+            RESOLUTION_STALE,
+            "1 while an upstream name's last lookup failed and its last good addresses are in use.",
+        ),
+        &["name"],
+    );
+    let (Ok(failures), Ok(stale)) = (failures, stale) else {
+        return;
+    };
+    let _ = registry.register(Box::new(failures.clone()));
+    let _ = registry.register(Box::new(stale.clone()));
+    loop {
+        let config = app.snapshot().config.clone();
+        // Gauges and counters for every name, at 0 from the start.
+        for svc in &config.services {
+            for pool in [&svc.blue, &svc.green] {
+                for n in pool.names() {
+                    let label = n.label();
+                    failures.with_label_values(&[label.as_str()]);
+                    stale
+                        .with_label_values(&[label.as_str()])
+                        .set(n.error.is_some() as i64);
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(config.proxy.resolve_interval) => {}
+            () = app.shutdown.cancelled() => return,
+        }
+        let config = app.snapshot().config.clone();
+        if !has_names(&config) {
+            continue;
+        }
+        let answers = lookup_all(&config).await;
+        for ((host, port), a) in &answers {
+            if a.is_err() {
+                failures
+                    .with_label_values(&[format!("{host}:{port}").as_str()])
+                    .inc();
+            }
+        }
+        let published = app
+            .update_config(|current| {
+                let mut next = current.clone();
+                apply(&mut next, &answers).then_some(next)
+            })
+            .await;
+        if published {
+            crate::health::ensure(&app);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::config::from_toml_str_with_env(
+            "[[services]]\nname = \"api\"\n\
+             blue = { upstreams = [\"127.0.0.1:1\", \"app.test:80\"] }\n\
+             green = { upstreams = [\"app.test:80\"] }\n",
+            Some(Default::default()),
+        )
+        .expect("valid")
+    }
+
+    fn answer(r: Result<Vec<&str>, &str>) -> Answers {
+        let mut a = Answers::new();
+        a.insert(
+            ("app.test".to_string(), 80),
+            r.map(|v| v.iter().map(|s| s.parse().expect("addr")).collect())
+                .map_err(str::to_string),
+        );
+        a
+    }
+
+    fn blue(c: &Config) -> Vec<String> {
+        c.services[0]
+            .blue
+            .upstreams
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn answers_replace_and_failures_keep() {
+        let mut c = config();
+        assert_eq!(blue(&c), ["127.0.0.1:1"], "unresolved: the IP entry only");
+        assert!(apply(
+            &mut c,
+            &answer(Ok(vec!["10.0.0.1:80", "10.0.0.2:80"]))
+        ));
+        assert_eq!(blue(&c), ["127.0.0.1:1", "10.0.0.1:80", "10.0.0.2:80"]);
+        assert_eq!(c.services[0].green.upstreams.len(), 2);
+        // Failure: the set is kept, the name is marked, and that is a change to publish once.
+        assert!(apply(&mut c, &answer(Err("nxdomain"))));
+        assert_eq!(blue(&c), ["127.0.0.1:1", "10.0.0.1:80", "10.0.0.2:80"]);
+        assert!(c.services[0].blue.names().all(|n| n.error.is_some()));
+        assert!(!apply(&mut c, &answer(Err("nxdomain"))));
+        // Recovery with another answer.
+        assert!(apply(&mut c, &answer(Ok(vec!["10.0.0.3:80"]))));
+        assert_eq!(blue(&c), ["127.0.0.1:1", "10.0.0.3:80"]);
+        assert!(!apply(&mut c, &answer(Ok(vec!["10.0.0.3:80"]))));
+        // A reloaded config starts from the last good set.
+        let mut fresh = config();
+        carry_over(&mut fresh, &c);
+        assert_eq!(blue(&fresh), ["127.0.0.1:1", "10.0.0.3:80"]);
+    }
+
+    #[tokio::test]
+    async fn hosts_file_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("hosts");
+        std::fs::write(&p, "# c\n10.0.0.1 a.test b.test\n::1 a.test\n").expect("write");
+        let r = HostsFile(p);
+        let got = r.lookup("A.test", 8).await.expect("found");
+        assert_eq!(got.len(), 2);
+        assert!(r.lookup("c.test", 8).await.is_err());
+    }
+}

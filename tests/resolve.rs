@@ -1,0 +1,462 @@
+//! Upstreams by name: a name that resolves to two addresses gives two upstreams; a change of the
+//! answer adds and drains upstreams under load with no failed request; a failing or empty answer
+//! keeps the last good set and says so; `check` warns with the key.
+//!
+//! Answers come from a hosts-format file the test rewrites (`[proxy] resolve_hosts_file`); the
+//! upstreams listen on 127.0.0.2, 127.0.0.3, … (all loopback on Linux) on one port.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// An upstream on a given address that answers its address, and counts.
+struct Ip {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Drop for Ip {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn ip_upstream(addr: SocketAddr) -> Ip {
+    let l = TcpListener::bind(addr).await.expect("bind on loopback");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (h, s, o) = (hits.clone(), stop.clone(), open.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
+                () = s.cancelled() => return,
+            };
+            let h = h.clone();
+            let s2 = s.clone();
+            let o = o.clone();
+            o.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let h = h.clone();
+                    async move {
+                        if req.uri().path() != "/health" {
+                            h.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "{addr}\n"
+                        )))))
+                    }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    () = s2.cancelled() => {}
+                }
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Ip {
+        addr,
+        hits,
+        open,
+        stop,
+    }
+}
+
+/// A port free on 127.0.0.2..=127.0.0.5.
+async fn common_port() -> u16 {
+    for _ in 0..20 {
+        let port = free_port();
+        let mut ok = true;
+        for last in 2..=5u8 {
+            let a = SocketAddr::from(([127, 0, 0, last], port));
+            if std::net::TcpListener::bind(a).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            return port;
+        }
+    }
+    panic!("no common free port");
+}
+
+fn write_hosts(path: &std::path::Path, lines: &[&str]) {
+    // Written whole and renamed: the resolver never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, lines.join("\n") + "\n").expect("write hosts");
+    std::fs::rename(&tmp, path).expect("rename hosts");
+}
+
+fn pool_addrs(status: &Value, color: &str) -> Vec<String> {
+    let mut v: Vec<String> = status["services"][0]["colors"][color]["upstreams"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|u| u["addr"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+struct Setup {
+    proxy: TestProxy,
+    hosts: std::path::PathBuf,
+    port: u16,
+}
+
+async fn setup(port: u16, hosts_lines: &[&str], extra: &str) -> Setup {
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    write_hosts(&hosts, hosts_lines);
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nresolve_interval = \"100ms\"\n\
+         resolve_hosts_file = \"{}\"\n\n[[services]]\nname = \"api\"\n\
+         blue = {{ upstreams = [\"app.blue.test:{port}\"] }}\n\
+         green = {{ upstreams = [\"{}\"] }}\n{extra}\n",
+        hosts.display(),
+        green.addr
+    );
+    // The green upstream lives as long as the test: leak its handle into the proxy's lifetime.
+    std::mem::forget(green);
+    let proxy = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    Setup { proxy, hosts, port }
+}
+
+#[tokio::test]
+async fn a_name_with_two_addresses_is_two_upstreams() {
+    let port = common_port().await;
+    let a = ip_upstream(SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let b = ip_upstream(SocketAddr::from(([127, 0, 0, 3], port))).await;
+    let s = setup(
+        port,
+        &["127.0.0.2 app.blue.test", "127.0.0.3 app.blue.test other"],
+        "[services.health]\npath = \"/health\"\ninterval = \"200ms\"",
+    )
+    .await;
+    let status = s.proxy.status().await;
+    assert_eq!(
+        pool_addrs(&status, "blue"),
+        [
+            format!("127.0.0.2:{}", s.port),
+            format!("127.0.0.3:{}", s.port)
+        ],
+        "{status}"
+    );
+    let ups = status["services"][0]["colors"]["blue"]["upstreams"].clone();
+    for u in ups.as_array().expect("upstreams") {
+        assert_eq!(u["name"], format!("app.blue.test:{}", s.port));
+    }
+    let names = &status["services"][0]["colors"]["blue"]["names"][0];
+    assert_eq!(names["key"], "services[0].blue.upstreams[0]");
+    assert_eq!(names["stale"], false);
+    // Both get traffic; the Host the upstream sees stays the client's.
+    for _ in 0..40 {
+        assert_eq!(s.proxy.get("/").await.0, 200);
+    }
+    assert!(a.hits.load(Ordering::SeqCst) > 0 && b.hits.load(Ordering::SeqCst) > 0);
+    // Each address has its own metrics series.
+    let (_, metrics) = get(s.proxy.admin, "/metrics").await;
+    for addr in [a.addr, b.addr] {
+        assert!(
+            metrics.contains(&format!(
+                "switchyard_upstream_healthy{{color=\"blue\",service=\"api\",upstream=\"{addr}\"}}"
+            )),
+            "{metrics}"
+        );
+    }
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_host_header_stays_the_clients() {
+    let s = setup(common_port().await, &["127.0.0.2 app.blue.test"], "").await;
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let seen2 = seen.clone();
+    let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 2], s.port)))
+        .await
+        .expect("bind");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = l.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        if let Some(h) = req.headers().get("host") {
+                            *seen.lock().expect("lock") =
+                                h.to_str().unwrap_or_default().to_string();
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let (st, _) = request(
+        s.proxy.proxy,
+        "GET",
+        "/",
+        &[("host", "shop.example")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(*seen.lock().expect("lock"), "shop.example");
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_answer_adds_and_drains_under_load() {
+    let port = common_port().await;
+    let ip = |last: u8| SocketAddr::from(([127, 0, 0, last], port));
+    let a = ip_upstream(ip(2)).await;
+    let b = ip_upstream(ip(3)).await;
+    let c = ip_upstream(ip(4)).await;
+    let s = setup(
+        port,
+        &["127.0.0.2 app.blue.test", "127.0.0.3 app.blue.test"],
+        "",
+    )
+    .await;
+    let proxy = s.proxy.proxy;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    for i in 0..6 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::SeqCst) {
+                // Half keep-alive, half a new connection each time.
+                let r = if i % 2 == 0 {
+                    let req = Request::get(format!("http://{proxy}/load"))
+                        .body(Full::new(Bytes::new()))
+                        .expect("request");
+                    match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                        Ok(Ok(resp)) => {
+                            let st = resp.status().as_u16();
+                            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                            Some(st)
+                        }
+                        _ => None,
+                    }
+                } else {
+                    try_get(proxy, "/load").await.map(|r| r.0)
+                };
+                match r {
+                    Some(200) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => failed.lock().expect("lock").push(format!("{other:?}")),
+                }
+            }
+        }));
+    }
+    assert!(eventually(10, || async { ok.load(Ordering::SeqCst) > 200 }).await);
+    assert!(a.hits.load(Ordering::SeqCst) > 0 && b.hits.load(Ordering::SeqCst) > 0);
+    assert_eq!(c.hits.load(Ordering::SeqCst), 0);
+
+    // .2 leaves, .4 joins.
+    write_hosts(
+        &s.hosts,
+        &["127.0.0.3 app.blue.test", "127.0.0.4 app.blue.test"],
+    );
+    let want = vec![ip(3).to_string(), ip(4).to_string()];
+    assert!(
+        eventually(10, || async {
+            pool_addrs(&s.proxy.status().await, "blue") == want
+        })
+        .await,
+        "the pool did not follow the answer"
+    );
+    // A request that picked .2 from the snapshot before the change may still arrive there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gone_hits = a.hits.load(Ordering::SeqCst);
+    let target = ok.load(Ordering::SeqCst) + 300;
+    assert!(eventually(20, || async { ok.load(Ordering::SeqCst) > target }).await);
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.expect("load");
+    }
+    let failed = failed.lock().expect("lock").clone();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(
+        c.hits.load(Ordering::SeqCst) > 0,
+        "the new address got no traffic"
+    );
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        gone_hits,
+        "the drained address still gets requests"
+    );
+    // Its pooled keep-alive connections were closed.
+    assert!(
+        eventually(10, || async { a.open.load(Ordering::SeqCst) == 0 }).await,
+        "{} connections to the drained address are still open",
+        a.open.load(Ordering::SeqCst)
+    );
+    assert!(
+        b.open.load(Ordering::SeqCst) > 0,
+        "the kept address has no pooled connection"
+    );
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_or_empty_answer_keeps_the_last_set() {
+    let port = common_port().await;
+    let a = ip_upstream(SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let s = setup(port, &["127.0.0.2 app.blue.test"], "").await;
+    assert_eq!(s.proxy.get("/").await.0, 200);
+    // The name disappears (NXDOMAIN).
+    write_hosts(&s.hosts, &["127.0.0.9 someone.else"]);
+    assert!(
+        eventually(10, || async {
+            s.proxy.status().await["services"][0]["colors"]["blue"]["names"][0]["stale"] == true
+        })
+        .await,
+        "the failure is not shown"
+    );
+    let status = s.proxy.status().await;
+    assert_eq!(
+        pool_addrs(&status, "blue"),
+        [a.addr.to_string()],
+        "{status}"
+    );
+    let err = status["services"][0]["colors"]["blue"]["names"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("app.blue.test"), "{err}");
+    for _ in 0..10 {
+        assert_eq!(s.proxy.get("/").await.0, 200);
+    }
+    let (_, metrics) = get(s.proxy.admin, "/metrics").await;
+    let label = format!("{{name=\"app.blue.test:{}\"}}", s.port);
+    assert!(
+        metrics.contains(&format!("switchyard_upstream_resolution_stale{label} 1")),
+        "{metrics}"
+    );
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("switchyard_resolve_failures_total{label} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "{metrics}");
+    // A listed name without a usable address (an empty answer) keeps the set too.
+    write_hosts(&s.hosts, &["not-an-ip app.blue.test"]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        pool_addrs(&s.proxy.status().await, "blue"),
+        [a.addr.to_string()]
+    );
+    assert_eq!(s.proxy.get("/").await.0, 200);
+    // A reload while it fails keeps the set as well.
+    assert_eq!(
+        admin_post(s.proxy.admin, "/api/reload", Some(TOKEN), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        pool_addrs(&s.proxy.status().await, "blue"),
+        [a.addr.to_string()]
+    );
+    // It recovers.
+    write_hosts(&s.hosts, &["127.0.0.2 app.blue.test"]);
+    assert!(
+        eventually(10, || async {
+            s.proxy.status().await["services"][0]["colors"]["blue"]["names"][0]["stale"] == false
+        })
+        .await
+    );
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn check_accepts_names_and_warns_with_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    write_hosts(&hosts, &["127.0.0.2 known.test"]);
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[proxy]\nresolve_hosts_file = \"{}\"\n[[services]]\nname = \"api\"\n\
+             blue = {{ upstreams = [\"known.test:3000\"] }}\n\
+             green = {{ upstreams = [\"unknown.test:3000\", \"127.0.0.1:3011\"] }}\n",
+            hosts.display()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", cfg.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(
+            "warning: services[0].green.upstreams[0]: cannot resolve \"unknown.test:3000\""
+        ),
+        "{text}"
+    );
+    assert!(text.contains("known.test:3000 -> 127.0.0.2:3000"), "{text}");
+    // A malformed entry is still an error with its key.
+    std::fs::write(
+        &cfg,
+        "[[services]]\nname = \"api\"\nblue = { upstreams = [\"bad name:3000\"] }\n\
+         green = { upstreams = [\"x:y\"] }\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", cfg.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("services[0].blue.upstreams[0]: invalid address \"bad name:3000\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("services[0].green.upstreams[0]: invalid address \"x:y\""),
+        "{err}"
+    );
+}
