@@ -757,3 +757,74 @@ for = "30"
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The demo
+// ---------------------------------------------------------------------------------------------
+
+/// The demo's printed command breaks green's payments dependency; its probe trigger rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_probe_trigger_fires_from_the_printed_command() {
+    use tokio::io::AsyncBufReadExt;
+    let port = |_| format!("127.0.0.1:{}", free_port());
+    let (proxy, admin, preview): (String, String, String) = (port(0), port(1), port(2));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "demo",
+            "--listen",
+            &proxy,
+            "--admin",
+            &admin,
+            "--preview",
+            &preview,
+        ])
+        .args(["--token", "demo-token", "--no-traffic"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let admin: SocketAddr = admin.parse().expect("addr");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut url = None;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await
+    {
+        if line.contains("/_demo/deps?payments=down") {
+            url = line
+                .split('\'')
+                .nth(1)
+                .and_then(|u| u.strip_prefix("http://"))
+                .map(str::to_string);
+            break;
+        }
+    }
+    let url = url.expect("the demo prints the /_demo/deps?payments=down command");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (host, path) = url.split_once('/').expect("host/path");
+    let green: SocketAddr = host.parse().expect("green addr");
+    let (s, v) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some("demo-token"),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(get(green, &format!("/{path}")).await.0, 200);
+    let probe_rollback = || async {
+        admin_get(admin, "/api/events").await.1["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["reason"] == "auto_rollback" && e["trigger"]["kind"] == "probe")
+    };
+    let rolled = eventually(40, probe_rollback).await;
+    let (_, status) = admin_get(admin, "/api/status").await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    assert!(rolled, "no probe rollback: {status:#}");
+}
