@@ -828,3 +828,29 @@ async fn demo_probe_trigger_fires_from_the_printed_command() {
     let _ = child.wait().await;
     assert!(rolled, "no probe rollback: {status:#}");
 }
+
+/// The reference's analysis example is valid, and `[analysis]` keys take environment overrides.
+#[test]
+fn reference_analysis_example_is_valid() {
+    let doc = include_str!("../docs/configuration.md");
+    let block = doc
+        .split("<!-- analysis example")
+        .nth(1)
+        .and_then(|b| b.split("```toml\n").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("the analysis example in docs/configuration.md");
+    let cfg = switchyard::config::from_toml_str_with_env(block, Some(Default::default()))
+        .unwrap_or_else(|e| panic!("the analysis example is invalid:\n{e}"));
+    assert_eq!(cfg.services[0].rollback.triggers.len(), 3);
+    assert_eq!(cfg.services[0].verify.len(), 1);
+    let env = [(
+        "SWITCHYARD__ANALYSIS__PROMETHEUS_URL".to_string(),
+        "https://prom.internal:9090".to_string(),
+    )];
+    let cfg = switchyard::config::from_toml_str_with_env(block, Some(env.into_iter().collect()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.analysis.prometheus_url.as_deref(),
+        Some("https://prom.internal:9090")
+    );
+}
