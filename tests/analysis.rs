@@ -854,3 +854,48 @@ fn reference_analysis_example_is_valid() {
         Some("https://prom.internal:9090")
     );
 }
+
+/// The shipped config's commented analysis examples are valid once uncommented.
+#[test]
+fn shipped_config_analysis_examples_are_valid() {
+    let text = include_str!("../config/switchyard.toml");
+    let uncommented: String = text
+        .lines()
+        .map(|l| {
+            let body = l.strip_prefix("# ").unwrap_or(l);
+            let is_toml = body.starts_with('[')
+                || body.split_once(" = ").is_some_and(|(k, _)| {
+                    k.trim().chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                });
+            if l.starts_with("# ") && is_toml {
+                body.to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cfg = switchyard::config::from_toml_str_with_env(&uncommented, Some(Default::default()))
+        .unwrap_or_else(|e| {
+            panic!("the uncommented shipped config is invalid:\n{e}\n{uncommented}")
+        });
+    let api = &cfg.services[0];
+    let kinds: Vec<&str> = api
+        .rollback
+        .triggers
+        .iter()
+        .map(|t| t.kind.name())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "prometheus").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "probe").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(api.verify.len(), 1);
+    assert!(cfg.analysis.prometheus_url.is_some());
+}
