@@ -1015,6 +1015,9 @@ async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Sl
             r = evaluate(&app, &cfg, &slot.trigger.kind, &target) => r,
             _ = slot.stop.cancelled() => return,
         };
+        if slot.stop.is_cancelled() {
+            return;
+        }
         if let Some((text, outcome)) = evaluated {
             if let Outcome::Error { error, .. } = &outcome {
                 tracing::warn!(service = %service, trigger = index, kind = slot.trigger.kind.name(), error = %error, "analysis check failed: the trigger is inconclusive");

@@ -899,3 +899,150 @@ fn shipped_config_analysis_examples_are_valid() {
     assert_eq!(api.verify.len(), 1);
     assert!(cfg.analysis.prometheus_url.is_some());
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS and the bearer token
+// ---------------------------------------------------------------------------------------------
+
+/// `https://` by the URL's scheme: a real Prometheus serving TLS (its web config), trusted
+/// through `[analysis] ca_file`; the same URL without the CA is an error, inconclusive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_over_tls() {
+    let exp = Exporter::start("app_db_errors{color=\"green\"} 0.25\n").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    let (cert, key) = (dir.path().join("prom.crt"), dir.path().join("prom.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+    let web = dir.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("write web.yml");
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['{}']\n",
+            exp.addr
+        ),
+    )
+    .expect("write prometheus.yml");
+    let port = free_port();
+    let mut child = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--web.config.file={}", web.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start prometheus");
+    let ups = futures_ups(4).await;
+    let trig = r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'max(app_db_errors{color="{{color}}"})'
+above = 0.5
+interval = "300ms"
+"#;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"https://localhost:{port}\"\nca_file = \"{}\"\n{}",
+        cert.display(),
+        two_colors("api", "/", &[ups[0].addr], &[ups[1].addr], trig)
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| t["value"] == json!(0.25)).await;
+    assert_eq!(t["state"], "ok");
+    p.stop().await;
+
+    // Without the CA (the system bundle does not trust it): a TLS error, inconclusive.
+    let body = format!(
+        "[analysis]\nprometheus_url = \"https://localhost:{port}\"\n{}",
+        two_colors("api", "/", &[ups[2].addr], &[ups[3].addr], trig)
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| t["state"] == "inconclusive").await;
+    let err = t["error"].as_str().unwrap_or_default();
+    assert!(err.contains("TLS handshake") || err.contains("CA"), "{t}");
+    p.stop().await;
+    let _ = child.kill().await;
+}
+
+/// The bearer token comes from the variable `prometheus_token_env` names (here one cargo sets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_from_the_environment() {
+    let heads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let h = heads.clone();
+    let fake = raw_upstream(move |head| {
+        h.lock().expect("lock").push(head.to_string());
+        let body = r#"{"status":"success","data":{"resultType":"scalar","result":[1,"7"]}}"#;
+        Raw::Answer(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await;
+    let ups = futures_ups(2).await;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"http://{fake}/prefix/\"\nprometheus_token_env = \"CARGO_PKG_NAME\"\n{}",
+        two_colors(
+            "api",
+            "/",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'scalar(x{color="{{color}}"})'
+below = 1
+interval = "300ms"
+for = "1h"
+"#
+        )
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| t["value"] == json!(7.0)).await;
+    assert_eq!(t["state"], "ok");
+    let head = heads
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        head.starts_with(
+            "GET /prefix/api/v1/query?query=scalar%28x%7Bcolor%3D%22green%22%7D%29 HTTP/1.1"
+        ),
+        "{head}"
+    );
+    match std::env::var("CARGO_PKG_NAME") {
+        Ok(v) => assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("authorization: bearer {}", v.to_ascii_lowercase())),
+            "{head}"
+        ),
+        Err(_) => assert!(
+            !head.to_ascii_lowercase().contains("authorization"),
+            "{head}"
+        ),
+    }
+    p.stop().await;
+}
