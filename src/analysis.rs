@@ -485,8 +485,13 @@ async fn http_get_inner(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
+    // Host is host[:port], never the userinfo an authority may carry.
+    let host_header = match auth.port() {
+        Some(p) => format!("{}:{p}", auth.host()),
+        None => auth.host().to_string(),
+    };
     let mut req = http::Request::get(path)
-        .header(http::header::HOST, auth.as_str())
+        .header(http::header::HOST, host_header)
         .header(http::header::USER_AGENT, "switchyard-analysis")
         .header(http::header::ACCEPT, "application/json");
     if let Some(t) = bearer {

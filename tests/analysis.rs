@@ -1046,3 +1046,58 @@ for = "1h"
     }
     p.stop().await;
 }
+
+/// The dashboard (in headless Chromium) shows a probe trigger's state, what it checks and its
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_analysis_triggers() {
+    let blue = DeepUpstream::start().await;
+    let dead = dead_addr().await;
+    let body = two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[dead],
+        r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/payments"
+equals = "ok"
+interval = "200ms"
+"#,
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", true).await.0, 200);
+    wait_trigger(&p, "api", 0, |t| t["state"] == "inconclusive").await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("/usr/bin/chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("http://{}/", p.admin))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium timed out")
+    .expect("run /usr/bin/chromium (Debian package chromium)");
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    p.stop().await;
+    assert!(dom.contains("st-inconclusive"), "{dom}");
+    assert!(
+        dom.contains("GET /health/deps: /payments == \"ok\""),
+        "{dom}"
+    );
+    assert!(dom.contains("error: "), "{dom}");
+    assert!(dom.contains("cannot connect"), "{dom}");
+}
