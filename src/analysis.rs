@@ -579,7 +579,21 @@ pub fn upstreams_regex(addrs: &[String]) -> String {
         .join("|")
 }
 
-/// Fills `{{service}}`, `{{color}}` and `{{upstreams}}` (spaces inside the braces allowed).
+/// The distinct hosts of `host:port` addresses, in order (`[::1]:80` -> `[::1]`): for matching
+/// an `instance` label when the metrics port differs from the traffic port.
+fn hosts_of(addrs: &[String]) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    for a in addrs {
+        let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a).to_string();
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    hosts
+}
+
+/// Fills `{{service}}`, `{{color}}`, `{{upstreams}}` and `{{upstream_hosts}}` (spaces inside
+/// the braces allowed).
 pub fn render(template: &str, service: &str, color: Color, upstreams: &[String]) -> String {
     let mut out = String::with_capacity(template.len() + 32);
     let mut rest = template;
@@ -594,6 +608,7 @@ pub fn render(template: &str, service: &str, color: Color, upstreams: &[String])
             "service" => out.push_str(service),
             "color" => out.push_str(color.as_str()),
             "upstreams" => out.push_str(&upstreams_regex(upstreams)),
+            "upstream_hosts" => out.push_str(&upstreams_regex(&hosts_of(upstreams))),
             _ => out.push_str(&rest[start..start + 2 + end + 2]),
         }
         rest = &after[end + 2..];
@@ -1172,6 +1187,17 @@ mod tests {
             q,
             r#"sum(rate(x{svc="api",color="green",instance=~"10[.]0[.]0[.]1:80"}[1m]))"#
         );
+        let hosts = render(
+            "{{upstream_hosts}}",
+            "api",
+            Color::Blue,
+            &[
+                "10.0.0.1:80".into(),
+                "10.0.0.1:81".into(),
+                "[::1]:80".into(),
+            ],
+        );
+        assert_eq!(hosts, "10[.]0[.]0[.]1|[[]::1[]]");
         // An unknown one (rejected by `check`) is left as written.
         assert_eq!(render("a{{x}}b", "s", Color::Blue, &[]), "a{{x}}b");
         assert_eq!(render("a{{b", "s", Color::Blue, &[]), "a{{b");

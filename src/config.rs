@@ -1750,7 +1750,7 @@ fn analysis_keys(t: &RawTrigger) -> [(&'static str, bool); 10] {
 }
 
 /// The placeholders a query template may use.
-pub const QUERY_PLACEHOLDERS: &[&str] = &["service", "color", "upstreams"];
+pub const QUERY_PLACEHOLDERS: &[&str] = &["service", "color", "upstreams", "upstream_hosts"];
 /// The placeholders a probe `url` may use.
 pub const URL_PLACEHOLDERS: &[&str] = &["service", "color"];
 
