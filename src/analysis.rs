@@ -288,7 +288,7 @@ impl Analysis {
             "evaluated_at".into(),
             json!(last
                 .evaluated_at
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())),
+                .map(|t| humantime::format_rfc3339_millis(t).to_string())),
         );
         obj.insert("evaluated".into(), json!(last.target));
         obj.insert("color".into(), json!(last.color));
@@ -321,7 +321,7 @@ impl Analysis {
             "query": last.target,
             "error": last.error,
             "detail": last.detail,
-            "evaluated_at": last.evaluated_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "evaluated_at": last.evaluated_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
         }));
     }
 
