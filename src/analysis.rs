@@ -271,15 +271,17 @@ impl Analysis {
             }
             _ => return,
         }
-        // The engine's `value` is its own (null once it fired on an error); the reading's is
-        // the last one measured.
-        obj.insert(
-            "value".into(),
-            last.value
-                .filter(|v| v.is_finite())
-                .map(|v| json!(v))
-                .unwrap_or(Value::Null),
-        );
+        // `value` is the last one measured, except that a `fired` trigger keeps the value it
+        // fired on (its service is on the other color now).
+        if obj.get("state").and_then(Value::as_str) != Some("fired") {
+            obj.insert(
+                "value".into(),
+                last.value
+                    .filter(|v| v.is_finite())
+                    .map(|v| json!(v))
+                    .unwrap_or(Value::Null),
+            );
+        }
         obj.insert("error".into(), json!(last.error));
         obj.insert("config_error".into(), json!(last.config_error));
         obj.insert("consecutive_errors".into(), json!(last.consecutive_errors));
