@@ -1105,3 +1105,65 @@ interval = "200ms"
     assert!(dom.contains("error: "), "{dom}");
     assert!(dom.contains("cannot connect"), "{dom}");
 }
+
+/// A trigger is evaluated at its own `interval`, not at the engine's twice a second; a reload
+/// that changes it restarts its task with the new query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_interval_and_reload() {
+    let heads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let h = heads.clone();
+    let fake = raw_upstream(move |head| {
+        h.lock().expect("lock").push(head.to_string());
+        let body = r#"{"status":"success","data":{"resultType":"scalar","result":[1,"7"]}}"#;
+        Raw::Answer(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await;
+    let ups = futures_ups(2).await;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"http://{fake}\"\n{}",
+        two_colors(
+            "api",
+            "/",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'scalar(first_query)'
+above = 100
+interval = "1h"
+"#
+        )
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    wait_trigger(&p, "api", 0, |t| t["value"] == json!(7.0)).await;
+    let before = heads.lock().expect("lock").len();
+    // The engine evaluates the trigger 4 times or more in these 2 s; Prometheus is not asked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(heads.lock().expect("lock").len(), before);
+    assert_eq!(p.service_status("api").await["triggers"][0]["state"], "ok");
+
+    let text = std::fs::read_to_string(&p.config_path).expect("read config");
+    let text = text
+        .replace("scalar(first_query)", "scalar(second_query)")
+        .replace("\"1h\"", "\"200ms\"");
+    std::fs::write(&p.config_path, text).expect("write config");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    let t = wait_trigger(&p, "api", 0, |t| t["evaluated"] == "scalar(second_query)").await;
+    assert_eq!(t["query"], "scalar(second_query)");
+    assert!(heads
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|h| h.contains("second_query")));
+    p.stop().await;
+}
