@@ -271,15 +271,17 @@ impl Analysis {
             }
             _ => return,
         }
-        // The engine's `value` is its own (null once it fired on an error); the reading's is
-        // the last one measured.
-        obj.insert(
-            "value".into(),
-            last.value
-                .filter(|v| v.is_finite())
-                .map(|v| json!(v))
-                .unwrap_or(Value::Null),
-        );
+        // `value` is the last one measured, except that a `fired` trigger keeps the value it
+        // fired on (its service is on the other color now).
+        if obj.get("state").and_then(Value::as_str) != Some("fired") {
+            obj.insert(
+                "value".into(),
+                last.value
+                    .filter(|v| v.is_finite())
+                    .map(|v| json!(v))
+                    .unwrap_or(Value::Null),
+            );
+        }
         obj.insert("error".into(), json!(last.error));
         obj.insert("config_error".into(), json!(last.config_error));
         obj.insert("consecutive_errors".into(), json!(last.consecutive_errors));
@@ -288,7 +290,7 @@ impl Analysis {
             "evaluated_at".into(),
             json!(last
                 .evaluated_at
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())),
+                .map(|t| humantime::format_rfc3339_millis(t).to_string())),
         );
         obj.insert("evaluated".into(), json!(last.target));
         obj.insert("color".into(), json!(last.color));
@@ -321,7 +323,7 @@ impl Analysis {
             "query": last.target,
             "error": last.error,
             "detail": last.detail,
-            "evaluated_at": last.evaluated_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "evaluated_at": last.evaluated_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
         }));
     }
 
@@ -485,8 +487,13 @@ async fn http_get_inner(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
+    // Host is host[:port], never the userinfo an authority may carry.
+    let host_header = match auth.port() {
+        Some(p) => format!("{}:{p}", auth.host()),
+        None => auth.host().to_string(),
+    };
     let mut req = http::Request::get(path)
-        .header(http::header::HOST, auth.as_str())
+        .header(http::header::HOST, host_header)
         .header(http::header::USER_AGENT, "switchyard-analysis")
         .header(http::header::ACCEPT, "application/json");
     if let Some(t) = bearer {
@@ -574,7 +581,21 @@ pub fn upstreams_regex(addrs: &[String]) -> String {
         .join("|")
 }
 
-/// Fills `{{service}}`, `{{color}}` and `{{upstreams}}` (spaces inside the braces allowed).
+/// The distinct hosts of `host:port` addresses, in order (`[::1]:80` -> `[::1]`): for matching
+/// an `instance` label when the metrics port differs from the traffic port.
+fn hosts_of(addrs: &[String]) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    for a in addrs {
+        let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a).to_string();
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    hosts
+}
+
+/// Fills `{{service}}`, `{{color}}`, `{{upstreams}}` and `{{upstream_hosts}}` (spaces inside
+/// the braces allowed).
 pub fn render(template: &str, service: &str, color: Color, upstreams: &[String]) -> String {
     let mut out = String::with_capacity(template.len() + 32);
     let mut rest = template;
@@ -589,6 +610,7 @@ pub fn render(template: &str, service: &str, color: Color, upstreams: &[String])
             "service" => out.push_str(service),
             "color" => out.push_str(color.as_str()),
             "upstreams" => out.push_str(&upstreams_regex(upstreams)),
+            "upstream_hosts" => out.push_str(&upstreams_regex(&hosts_of(upstreams))),
             _ => out.push_str(&rest[start..start + 2 + end + 2]),
         }
         rest = &after[end + 2..];
@@ -1015,6 +1037,9 @@ async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Sl
             r = evaluate(&app, &cfg, &slot.trigger.kind, &target) => r,
             _ = slot.stop.cancelled() => return,
         };
+        if slot.stop.is_cancelled() {
+            return;
+        }
         if let Some((text, outcome)) = evaluated {
             if let Outcome::Error { error, .. } = &outcome {
                 tracing::warn!(service = %service, trigger = index, kind = slot.trigger.kind.name(), error = %error, "analysis check failed: the trigger is inconclusive");
@@ -1164,6 +1189,17 @@ mod tests {
             q,
             r#"sum(rate(x{svc="api",color="green",instance=~"10[.]0[.]0[.]1:80"}[1m]))"#
         );
+        let hosts = render(
+            "{{upstream_hosts}}",
+            "api",
+            Color::Blue,
+            &[
+                "10.0.0.1:80".into(),
+                "10.0.0.1:81".into(),
+                "[::1]:80".into(),
+            ],
+        );
+        assert_eq!(hosts, "10[.]0[.]0[.]1|[[]::1[]]");
         // An unknown one (rejected by `check`) is left as written.
         assert_eq!(render("a{{x}}b", "s", Color::Blue, &[]), "a{{x}}b");
         assert_eq!(render("a{{b", "s", Color::Blue, &[]), "a{{b");

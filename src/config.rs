@@ -222,7 +222,23 @@ struct RawService {
     health: Option<RawHealth>,
     rollback: Option<RawRollback>,
     #[serde(default)]
-    verify: Vec<RawTrigger>,
+    verify: Vec<RawVerify>,
+}
+
+/// A `[[services.verify]]` check: the keys of a `prometheus` or `probe` trigger that mean
+/// something for one attempt before a flip (no `for`, `interval` or error policy).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    kind: Option<String>,
+    query: Option<String>,
+    above: Option<serde_json::Value>,
+    below: Option<serde_json::Value>,
+    path: Option<String>,
+    url: Option<String>,
+    json_pointer: Option<String>,
+    equals: Option<serde_json::Value>,
+    above_fraction: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2096,7 +2112,7 @@ fn analysis_keys(t: &RawTrigger) -> [(&'static str, bool); 10] {
 }
 
 /// The placeholders a query template may use.
-pub const QUERY_PLACEHOLDERS: &[&str] = &["service", "color", "upstreams"];
+pub const QUERY_PLACEHOLDERS: &[&str] = &["service", "color", "upstreams", "upstream_hosts"];
 /// The placeholders a probe `url` may use.
 pub const URL_PLACEHOLDERS: &[&str] = &["service", "color"];
 
@@ -2173,25 +2189,6 @@ fn validate_analysis(
         }
     };
     let max_errors = c.count(&k("max_errors"), t.max_errors, 3, 1, 1000) as u32;
-    if verify {
-        let unused = [
-            ("for", t.for_.is_some()),
-            ("interval", t.interval.is_some()),
-            ("on_empty", t.on_empty.is_some()),
-            ("on_error", t.on_error.is_some()),
-            ("max_errors", t.max_errors.is_some()),
-            ("over", t.over.is_some()),
-            ("paths", t.paths.is_some()),
-        ];
-        for (name, set) in unused {
-            if set {
-                c.err(
-                    k(name),
-                    "not used by verify checks (one attempt before each flip)",
-                );
-            }
-        }
-    }
     match kind {
         "prometheus" => {
             for (name, set) in [
@@ -2355,7 +2352,25 @@ fn validate_analysis(
 }
 
 /// A `[[services.verify]]` check.
-fn validate_verify(c: &mut Check, key: &str, t: RawTrigger) -> Option<VerifyCheck> {
+fn validate_verify(c: &mut Check, key: &str, v: RawVerify) -> Option<VerifyCheck> {
+    let t = RawTrigger {
+        kind: v.kind,
+        above: v.above,
+        over: None,
+        for_: None,
+        paths: None,
+        query: v.query,
+        below: v.below,
+        interval: None,
+        on_empty: None,
+        on_error: None,
+        max_errors: None,
+        path: v.path,
+        url: v.url,
+        json_pointer: v.json_pointer,
+        equals: v.equals,
+        above_fraction: v.above_fraction,
+    };
     match t.kind.as_deref() {
         Some(kind @ ("prometheus" | "probe")) => validate_analysis(c, key, &t, kind, true),
         Some(other) => {
@@ -2611,7 +2626,7 @@ above_fraction = 1
         let errs = errors(&bad);
         for want in [
             "services[0].rollback.triggers[0]: kind \"prometheus\" needs [analysis] prometheus_url",
-            "services[0].verify[0].for: not used by verify checks",
+            "services[0].verify[0].for: unknown key",
             "services[0].verify[1].json_pointer: required with `equals`",
             "services[0].rollback.triggers[0].query: unknown placeholder {{upstream}}",
             "services[0].rollback.triggers[0].below: set either `above` or `below`",

@@ -39,14 +39,22 @@ pub struct DemoArgs {
 }
 
 /// A built-in upstream whose behavior can be changed over HTTP: `/_demo/fail?rate=30` (percent
-/// of requests answered 500), `/_demo/slow?ms=1500`, `/_demo/health?ok=false`, `/_demo/reset`.
+/// of requests answered 500), `/_demo/slow?ms=1500`, `/_demo/health?ok=false`,
+/// `/_demo/deps?payments=down&email=down&database=down` (its deep health at `/health/deps` and
+/// its `/metrics`), `/_demo/reset`.
 pub struct DemoUpstream {
     pub addr: SocketAddr,
     pub name: String,
     fail_percent: AtomicU32,
     slow_ms: AtomicU64,
     healthy: AtomicBool,
+    /// Dependencies reported by `/health/deps`: database, payments, email.
+    deps: [AtomicBool; 3],
+    /// Requests answered, for `/metrics`.
+    served: AtomicU64,
 }
+
+const DEPS: [&str; 3] = ["database", "payments", "email"];
 
 impl DemoUpstream {
     pub async fn start(name: &str, stop: CancellationToken) -> std::io::Result<Arc<DemoUpstream>> {
@@ -57,6 +65,12 @@ impl DemoUpstream {
             fail_percent: AtomicU32::new(0),
             slow_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            deps: [
+                AtomicBool::new(true),
+                AtomicBool::new(true),
+                AtomicBool::new(true),
+            ],
+            served: AtomicU64::new(0),
         });
         let me = up.clone();
         tokio::spawn(async move {
@@ -119,7 +133,30 @@ impl DemoUpstream {
                     ),
                 );
             }
+            "/_demo/deps" => {
+                for (i, dep) in DEPS.iter().enumerate() {
+                    if let Some(v) = param(dep) {
+                        self.deps[i].store(v != "down", Ordering::Relaxed);
+                    }
+                }
+                return reply(
+                    StatusCode::OK,
+                    format!("{}: {}\n", self.name, self.deps_json()),
+                );
+            }
+            "/health/deps" => {
+                let mut r = reply(StatusCode::OK, self.deps_json());
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                return r;
+            }
+            "/metrics" => return reply(StatusCode::OK, self.metrics_text()),
             "/_demo/reset" => {
+                for d in &self.deps {
+                    d.store(true, Ordering::Relaxed);
+                }
                 self.fail_percent.store(0, Ordering::Relaxed);
                 self.slow_ms.store(0, Ordering::Relaxed);
                 self.healthy.store(true, Ordering::Relaxed);
@@ -137,6 +174,7 @@ impl DemoUpstream {
             }
             _ => {}
         }
+        self.served.fetch_add(1, Ordering::Relaxed);
         let slow = self.slow_ms.load(Ordering::Relaxed);
         if slow > 0 {
             tokio::time::sleep(Duration::from_millis(slow)).await;
@@ -150,6 +188,55 @@ impl DemoUpstream {
         }
         let color = self.name.rsplit('-').next().unwrap_or("");
         reply(StatusCode::OK, format!("{color}\n"))
+    }
+}
+
+impl DemoUpstream {
+    fn color(&self) -> &str {
+        self.name.rsplit('-').next().unwrap_or("")
+    }
+
+    fn dep_ok(&self, i: usize) -> bool {
+        self.deps[i].load(Ordering::Relaxed)
+    }
+
+    /// The deep health answer: each dependency "ok" or "down", and the pool utilization.
+    fn deps_json(&self) -> String {
+        let mut v = serde_json::Map::new();
+        for (i, dep) in DEPS.iter().enumerate() {
+            v.insert(
+                dep.to_string(),
+                serde_json::json!(if self.dep_ok(i) { "ok" } else { "down" }),
+            );
+        }
+        v.insert(
+            "db_pool_utilization".to_string(),
+            serde_json::json!(if self.dep_ok(0) { 0.42 } else { 1.0 }),
+        );
+        serde_json::Value::Object(v).to_string()
+    }
+
+    /// Prometheus text exposition of what an application would export about itself.
+    fn metrics_text(&self) -> String {
+        let color = self.color();
+        let service = self.name.split('-').next().unwrap_or("");
+        let labels = format!("service=\"{service}\",color=\"{color}\"");
+        let mut s = format!(
+            "# TYPE app_requests_total counter\napp_requests_total{{{labels}}} {}\n",
+            self.served.load(Ordering::Relaxed)
+        );
+        s.push_str(&format!(
+            "# TYPE app_db_pool_utilization gauge\napp_db_pool_utilization{{{labels}}} {}\n",
+            if self.dep_ok(0) { 0.42 } else { 1.0 }
+        ));
+        s.push_str("# TYPE app_dependency_up gauge\n");
+        for (i, dep) in DEPS.iter().enumerate() {
+            s.push_str(&format!(
+                "app_dependency_up{{{labels},dependency=\"{dep}\"}} {}\n",
+                self.dep_ok(i) as u8
+            ));
+        }
+        s
     }
 }
 
@@ -226,6 +313,22 @@ for = "0s"
 [[services.rollback.triggers]]
 kind = "unhealthy"
 for = "3s"
+
+# The application's own deep health: any live upstream reporting payments down, for 4s.
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/payments"
+equals = "ok"
+interval = "1s"
+for = "4s"
+
+# Before a flip: the target color's database must be reachable.
+[[services.verify]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/database"
+equals = "ok"
 
 [[services]]
 name = "panel"
@@ -314,6 +417,14 @@ Break green and watch the automatic rollback (error rate > 5% over 10s, held for
 
 Other ways to break it: /_demo/slow?ms=1500 (p95 trigger), /_demo/health?ok=false (unhealthy trigger),
 or `curl http://{proxy}/api/payments` while green fails (critical_5xx fires at once).
+
+The application's own signals (each upstream has a deep health endpoint and /metrics):
+
+  curl http://{green}/health/deps                # {{"database":"ok","payments":"ok",...}}
+  switchyard ctl flip api green                       # (after a rollback: flip forward again)
+  curl 'http://{green}/_demo/deps?payments=down'  # the probe trigger fires in ~5s: auto_rollback green -> blue
+  curl 'http://{green}/_demo/deps?database=down'  # now a flip to green is refused (409): verify /database
+  curl 'http://{green}/_demo/reset'
 "#,
         ab = ups[0].addr,
         ag = ups[1].addr,

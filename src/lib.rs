@@ -4,7 +4,8 @@
 //! The modules follow the request and the operator: [`config`] (file → validated config),
 //! [`routing`] (the live snapshot), [`proxy`] (the request path), [`upstream`] (pools, balancing,
 //! the client), [`health`], [`stats`] (windowed histograms), [`rollback`] (the decision engine)
-//! and [`watcher`] (its I/O loop), [`app`] (the one writer), [`admin`], [`state`], [`events`],
+//! and [`watcher`] (its I/O loop), [`analysis`] (`prometheus` and `probe` triggers, verify
+//! checks), [`app`] (the one writer), [`admin`], [`state`], [`events`],
 //! [`notify`], [`metrics`], [`tls`], [`h1_server`] (the client side of HTTP/1.1; hyper serves
 //! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
 //! lifecycle), plus the [`demo`] and [`ctl`] subcommands.

@@ -496,12 +496,12 @@ fn build_fire(
             (p.bound.threshold(), th, v, detail)
         }
         TriggerKind::Probe(p) => {
-            let th = fmt_num(p.above_fraction);
+            let th = format!("{}%", fmt_num(p.above_fraction * 100.0));
             let v = match m {
                 Some(Measured::External(External::Error { consecutive })) => {
                     format!("{consecutive} consecutive errors")
                 }
-                _ => format!("{} failing", fmt_num(value)),
+                _ => format!("{}%", fmt_num(value * 100.0)),
             };
             let detail = if value.is_nan() {
                 format!(
@@ -510,7 +510,7 @@ fn build_fire(
                 )
             } else {
                 format!(
-                    "{kind} {v} (fraction of upstreams) > {th} for {}",
+                    "{kind}: {v} of the live upstreams failing > {th} for {}",
                     fmt_duration(for_)
                 )
             };
@@ -1488,7 +1488,7 @@ mod tests {
         match w.evaluate(&c, &ev(t0, &[ext(External::Value(1.0))])) {
             Decision::Rollback(f) => assert_eq!(
                 f.detail,
-                "probe 1 failing (fraction of upstreams) > 0.5 for 0s"
+                "probe: 100% of the live upstreams failing > 50% for 0s"
             ),
             d => panic!("{d:?}"),
         }

@@ -30,6 +30,8 @@ const TABLES: &[(&str, &str)] = &[
     ("services[].health", "RawHealth"),
     ("services[].rollback", "RawRollback"),
     ("services[].rollback.triggers[]", "RawTrigger"),
+    ("analysis", "RawAnalysis"),
+    ("services[].verify[]", "RawVerify"),
 ];
 
 /// A complete, valid service, for tests that need the rest of the config to pass.
