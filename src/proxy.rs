@@ -391,14 +391,16 @@ async fn forward(
         }
         Protocol::H2 => {
             // A bodiless request can be rebuilt for another upstream; one with a body cannot.
-            let replay = (retries > 0 && req.body().is_end_stream()).then(|| {
-                let mut copy = Request::new(());
-                *copy.method_mut() = req.method().clone();
-                *copy.uri_mut() = req.uri().clone();
-                *copy.version_mut() = req.version();
-                *copy.headers_mut() = req.headers().clone();
-                (copy, req.body().idle_timeout())
-            });
+            // The copy (its headers) is made only where there is another upstream to try.
+            let replay = (retries > 0 && pool.upstreams.len() > 1 && req.body().is_end_stream())
+                .then(|| {
+                    let mut copy = Request::new(());
+                    *copy.method_mut() = req.method().clone();
+                    *copy.uri_mut() = req.uri().clone();
+                    *copy.version_mut() = req.version();
+                    *copy.headers_mut() = req.headers().clone();
+                    (copy, req.body().idle_timeout())
+                });
             let mut req = req;
             loop {
                 let in_flight = up.begin();
