@@ -139,7 +139,9 @@ for mode in off json combined; do
     printf '%s' "${RESULTS[$mode]}" | python3 -c '
 import sys, statistics
 rows = [l.split() for l in sys.stdin if l.strip()]
-col = lambda i: statistics.median(float(r[i]) for r in rows)
+def col(i):
+    vals = [float(r[i]) for r in rows if r[i] != "nan"]
+    return statistics.median(vals) if vals else float("nan")
 print(f"%-9s {col(0):9.0f} {col(1):8.2f} {col(2):8.2f} {col(3):12.2f} {col(4):10.0f} {col(5):9.0f}" % sys.argv[1])
 ' "$mode"
 done
