@@ -382,7 +382,8 @@ const IDLE_POLLS: u32 = 100;
 struct Writer {
     buf: Vec<u8>,
     failing: bool,
-    /// The combined format's date, formatted once per second.
+    /// The date of the current second, formatted once: combined `01/Dec/2026:13:47:05 +0000`,
+    /// JSON `2026-12-01T13:47:05` (the milliseconds are added per line).
     date: (u64, String),
 }
 
@@ -420,14 +421,20 @@ impl Writer {
     }
 
     fn format(&mut self, e: &Entry, format: AccessFormat) {
-        if format == AccessFormat::Combined {
-            let secs = e
-                .time
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            if self.date.0 != secs {
-                self.date = (secs, combined_date(e.time));
-            }
+        let secs = e
+            .time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.date.0 != secs {
+            let date = match format {
+                AccessFormat::Combined => combined_date(e.time),
+                AccessFormat::Json => {
+                    let mut d = humantime::format_rfc3339_seconds(e.time).to_string();
+                    d.pop(); // the `Z`
+                    d
+                }
+            };
+            self.date = (secs, date);
         }
         format_line(&mut self.buf, e, format, &self.date.1);
     }
@@ -444,32 +451,44 @@ fn combined_date(t: SystemTime) -> String {
     }
 }
 
-/// One line in `format`, newline included; `date` is the combined format's date.
+/// One line in `format`, newline included; `date` is the line's second, formatted for it
+/// (`2026-12-01T13:47:05` for JSON, `01/Dec/2026:13:47:05 +0000` for combined).
 pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &str) {
     let target = e.target.as_ref().map_or("/", |t| t.as_str());
     let service = e.service.as_ref().map(|s| s.name());
     let color = e.color.map(Color::as_str);
     let upstream = e.upstream.as_ref().map(|u| u.addr_label.as_str());
     let request_id = e.request_id.to_str().unwrap_or("-");
-    let duration_ms = (e.duration.as_micros() as f64) / 1000.0;
+    let micros = e.duration.as_micros() as u64;
+    let duration_ms = (micros as f64) / 1000.0;
+    let mut num = itoa::Buffer::new();
     match format {
         AccessFormat::Json => {
-            // Written by hand (a `serde_json::Value` costs a dozen allocations a line); strings
-            // go through serde_json for their escaping.
-            let _ = write!(
-                out,
-                "{{\"time\":\"{}\",\"client\":\"{}\",\"method\":",
-                humantime::format_rfc3339_millis(e.time),
-                e.client
-            );
+            // Written by hand, without the formatting machinery where it is easy: this runs
+            // once per request (BENCHMARKS.md, "access log").
+            out.extend_from_slice(b"{\"time\":\"");
+            out.extend_from_slice(date.as_bytes());
+            let millis = e
+                .time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_millis());
+            out.push(b'.');
+            out.extend_from_slice(&three_digits(millis as u64));
+            out.extend_from_slice(b"Z\",\"client\":\"");
+            let _ = write!(out, "{}", e.client);
+            out.extend_from_slice(b"\",\"method\":");
             json_str(out, Some(e.method.as_str()));
             out.extend_from_slice(b",\"path\":");
             json_str(out, Some(target));
-            let _ = write!(
-                out,
-                ",\"status\":{},\"bytes\":{},\"duration_ms\":{duration_ms},\"service\":",
-                e.status, e.bytes
-            );
+            out.extend_from_slice(b",\"status\":");
+            out.extend_from_slice(num.format(e.status).as_bytes());
+            out.extend_from_slice(b",\"bytes\":");
+            out.extend_from_slice(num.format(e.bytes).as_bytes());
+            out.extend_from_slice(b",\"duration_ms\":");
+            out.extend_from_slice(num.format(micros / 1000).as_bytes());
+            out.push(b'.');
+            out.extend_from_slice(&three_digits(micros % 1000));
+            out.extend_from_slice(b",\"service\":");
             json_str(out, service);
             out.extend_from_slice(b",\"color\":");
             json_str(out, color);
@@ -497,8 +516,25 @@ pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &st
     }
 }
 
+fn three_digits(n: u64) -> [u8; 3] {
+    [
+        b'0' + (n / 100 % 10) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
+}
+
+/// A JSON string (or null): plain printable ASCII is copied, anything else escaped by serde_json.
 fn json_str(out: &mut Vec<u8>, v: Option<&str>) {
     match v {
+        Some(s)
+            if s.bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') =>
+        {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
         Some(s) => {
             let _ = serde_json::to_writer(&mut *out, s);
         }
@@ -538,6 +574,47 @@ mod tests {
         let mut buf = [0u8; 4];
         hex(&mut buf, 0x1a);
         assert_eq!(&buf, b"001a");
+    }
+
+    #[test]
+    fn json_line_parses() {
+        let e = Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_596_825_007),
+            start: Instant::now(),
+            client: "10.0.0.7".parse().expect("ip"),
+            method: Method::from_bytes(b"PURGE").expect("method"),
+            target: Some(PathAndQuery::from_static("/a/%22b?c=d")),
+            version: Version::HTTP_11,
+            status: 503,
+            bytes: 42,
+            duration: Duration::from_micros(1_234_567),
+            service: None,
+            color: Some(Color::Green),
+            upstream: None,
+            request_id: HeaderValue::from_static("id-1"),
+            referer: None,
+            user_agent: None,
+        };
+        let mut w = Writer {
+            buf: Vec::new(),
+            failing: false,
+            date: (u64::MAX, String::new()),
+        };
+        w.format(&e, AccessFormat::Json);
+        let v: serde_json::Value = serde_json::from_slice(&w.buf).expect("json");
+        assert_eq!(v["time"], "2025-12-01T13:47:05.007Z");
+        assert_eq!(v["duration_ms"], 1234.567);
+        assert_eq!(v["method"], "PURGE");
+        assert_eq!(v["path"], "/a/%22b?c=d");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["service"], serde_json::Value::Null);
+        assert_eq!(v["color"], "green");
+        let mut out = Vec::new();
+        json_str(&mut out, Some("é\"\n"));
+        assert_eq!(
+            serde_json::from_slice::<String>(&out).expect("json"),
+            "é\"\n"
+        );
     }
 
     #[test]

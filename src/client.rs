@@ -715,7 +715,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         );
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // One slot spare: the access log adds `x-request-id` without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + 1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut te_lines = 0;

@@ -269,7 +269,8 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     }
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| bad("invalid request target\n"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // One slot spare: the access log adds `x-request-id` without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + 1);
     let mut length: Option<u64> = None;
     let (mut te_lines, mut chunked) = (0, false);
     let (mut close, mut keep_alive, mut upgrade_token) = (false, false, false);

@@ -8,7 +8,8 @@
 //! checks), [`app`] (the one writer), [`admin`], [`state`], [`events`],
 //! [`notify`], [`metrics`], [`tls`], [`h1_server`] (the client side of HTTP/1.1; hyper serves
 //! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
-//! lifecycle), plus the [`demo`] and [`ctl`] subcommands.
+//! lifecycle), [`upgrade`] (handing the listeners to a new process), [`resolve`] (upstreams by
+//! name), [`access_log`], plus the [`demo`] and [`ctl`] subcommands.
 
 pub mod access_log;
 pub mod admin;

@@ -111,9 +111,11 @@ import re, sys
 text = open(sys.argv[1]).read()
 t0, t1, ticks = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        return float("nan")
     n, u = float(m.group(1)), m.group(2)
-    return n / 1000 if u == "us" else n * 1000 if u == "s" else n
+    return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[u]
 reqs = int(re.search(r"(\d+) requests in", text).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p50 = ms(re.search(r"50%\s+(\S+)", text).group(1))
@@ -137,7 +139,9 @@ for mode in off json combined; do
     printf '%s' "${RESULTS[$mode]}" | python3 -c '
 import sys, statistics
 rows = [l.split() for l in sys.stdin if l.strip()]
-col = lambda i: statistics.median(float(r[i]) for r in rows)
+def col(i):
+    vals = [float(r[i]) for r in rows if r[i] != "nan"]
+    return statistics.median(vals) if vals else float("nan")
 print(f"%-9s {col(0):9.0f} {col(1):8.2f} {col(2):8.2f} {col(3):12.2f} {col(4):10.0f} {col(5):9.0f}" % sys.argv[1])
 ' "$mode"
 done

@@ -7,7 +7,9 @@
 #
 # Environment: N=20000 requests over C=16 HTTP/1.1 keep-alive connections (h2load --h1),
 # BASE_PORT=29080 (4 ports), SWITCHYARD_BIN (default target/release/switchyard), TARGETS
-# ("switchyard nginx"), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it).
+# ("switchyard nginx"), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it),
+# SY_ACCESS=json|combined turns Switchyard's access log on (to a file in the temp dir; the
+# writer thread's instructions are counted too).
 # Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client). Installs nothing.
 set -euo pipefail
 N=${N:-20000}
@@ -116,6 +118,9 @@ active = "blue"
 blue  = { upstreams = ["127.0.0.1:$P_UP"] }
 green = { upstreams = ["127.0.0.1:$P_UP"] }
 EOF
+        if [[ -n ${SY_ACCESS:-} && ${SY_ACCESS:-} != off ]]; then
+            printf '[log]\naccess = "%s"\naccess_format = "%s"\n' "$TMP/access.log" "$SY_ACCESS" >>"$TMP/sy.toml"
+        fi
         SWITCHYARD_ADMIN_TOKEN=t RUST_LOG=warn count switchyard "$P_SY" "$SY_BIN" serve --config "$TMP/sy.toml"
         ;;
     nginx)
