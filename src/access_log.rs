@@ -480,12 +480,7 @@ pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &st
             out.extend_from_slice(b"}\n");
         }
         AccessFormat::Combined => {
-            let _ = write!(
-                out,
-                "{} - - [{date}] \"{} ",
-                e.client,
-                e.method.as_str()
-            );
+            let _ = write!(out, "{} - - [{date}] \"{} ", e.client, e.method.as_str());
             escaped(out, target.as_bytes());
             let _ = write!(out, " {:?}\" {} {} \"", e.version, e.status, e.bytes);
             quoted_or_dash(out, e.referer.as_ref());

@@ -96,7 +96,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     let conn = std::pin::pin!(conn);
-                    watch(conn, dog, &shutdown.shutdown, idle, |c| c.graceful_shutdown()).await;
+                    watch(conn, dog, &shutdown.shutdown, idle, |c| {
+                        c.graceful_shutdown()
+                    })
+                    .await;
                 }
                 Some(acc) => {
                     let Ok(Ok(s)) = tokio::time::timeout(hrt, acc.accept(stream)).await else {
@@ -104,7 +107,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                     };
                     let conn = builder.serve_connection(TokioIo::new(s), svc);
                     let conn = std::pin::pin!(conn);
-                    watch(conn, dog, &shutdown.shutdown, idle, |c| c.graceful_shutdown()).await;
+                    watch(conn, dog, &shutdown.shutdown, idle, |c| {
+                        c.graceful_shutdown()
+                    })
+                    .await;
                 }
             }
         });
