@@ -210,14 +210,19 @@ async fn handle(
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            change(app.flip(&name, to, force, FlipKind::Manual, &actor).await)
+            let app = app.clone();
+            change(
+                to_end(async move { app.flip(&name, to, force, FlipKind::Manual, &actor).await })
+                    .await,
+            )
         }
         Route::FlipAll => {
             let (to, force) = match flip_target(&body) {
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            match app.flip_all(to, force, &actor).await {
+            let app = app.clone();
+            match to_end(async move { app.flip_all(to, force, &actor).await }).await {
                 Ok(outcomes) => {
                     let changed = outcomes.iter().filter(|o| o.changed).count();
                     let message = if changed == 0 {
@@ -238,9 +243,15 @@ async fn handle(
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            change(app.rollback(&name, args.force, &actor).await)
+            let app = app.clone();
+            change(to_end(async move { app.rollback(&name, args.force, &actor).await }).await)
         }
-        Route::Pause(name, paused) => match app.set_paused(&name, paused, &actor).await {
+        Route::Pause(name, paused) => match to_end({
+            let (app, name) = (app.clone(), name.clone());
+            async move { app.set_paused(&name, paused, &actor).await }
+        })
+        .await
+        {
             Ok(message) => json_response(
                 StatusCode::OK,
                 &json!({ "service": name, "paused": paused, "message": message }),
@@ -322,6 +333,18 @@ fn change(r: Result<crate::app::FlipOutcome, ChangeError>) -> AdminResponse {
         ),
         Err(e) => change_error(e),
     }
+}
+
+/// Runs a change of the live state to its end in a task of its own. hyper drops a handler
+/// whose client went away (a closed HTTP/1 connection, an h2 RST_STREAM); dropped between the
+/// state write and its events, a flip would go live (or, with etcd, come back through the
+/// watch) with no event, webhook or counter on this replica.
+async fn to_end<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, ChangeError>> + Send + 'static,
+) -> Result<T, ChangeError> {
+    tokio::spawn(f)
+        .await
+        .unwrap_or_else(|e| Err(ChangeError::Internal(format!("the change failed: {e}"))))
 }
 
 fn change_error(e: ChangeError) -> AdminResponse {
