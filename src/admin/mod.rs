@@ -258,22 +258,20 @@ async fn handle(
             ),
             Err(e) => change_error(e),
         },
-        Route::Reload => match app.reload(&actor).await {
-            Ok(outcome) => {
-                crate::health::ensure(app);
-                json_response(
-                    StatusCode::OK,
-                    &serde_json::to_value(&outcome).unwrap_or_default(),
-                )
-            }
-            Err(ReloadError::Invalid(errs)) => json_response(
+        Route::Reload => match reload_to_end(app, actor).await {
+            Ok(outcome) => json_response(
+                StatusCode::OK,
+                &serde_json::to_value(&outcome).unwrap_or_default(),
+            ),
+            Err(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
+            Err(Some(ReloadError::Invalid(errs))) => json_response(
                 StatusCode::BAD_REQUEST,
                 &json!({
                     "error": "invalid configuration; nothing was changed",
                     "errors": errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 }),
             ),
-            Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
+            Err(Some(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, &e.to_string()),
         },
         Route::Dashboard | Route::Status | Route::Events => {
             error(StatusCode::NOT_FOUND, "not found")
@@ -345,6 +343,24 @@ async fn to_end<T: Send + 'static>(
     tokio::spawn(f)
         .await
         .unwrap_or_else(|e| Err(ChangeError::Internal(format!("the change failed: {e}"))))
+}
+
+/// A reload, and the health checks of the upstreams it adds, run to their end as
+/// [`to_end`] runs a change: dropped after the new routes are stored, the reload would have no
+/// event and its new upstreams no health checks. `Err(None)`: the task failed.
+async fn reload_to_end(
+    app: &Arc<App>,
+    actor: String,
+) -> Result<crate::app::ReloadOutcome, Option<ReloadError>> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let outcome = app.reload(&actor).await?;
+        crate::health::ensure(&app);
+        Ok(outcome)
+    })
+    .await
+    .map_err(|_| None)?
+    .map_err(Some)
 }
 
 fn change_error(e: ChangeError) -> AdminResponse {
