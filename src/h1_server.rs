@@ -267,8 +267,25 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
             metric: None,
         });
     }
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
-        .map_err(|_| bad("invalid request target\n"))?;
+    let raw_target = head.slice(target.0..target.0 + target.1);
+    let mut uri =
+        Uri::from_maybe_shared(raw_target.clone()).map_err(|_| bad("invalid request target\n"))?;
+    // RFC 9112 3.2.4: OPTIONS in absolute form with an empty path and no query is for the
+    // server as a whole: the last proxy sends it as `*`. The URI reads the same as with `/`,
+    // so the raw target decides.
+    if method == Method::OPTIONS && uri.authority().is_some() {
+        let after = raw_target
+            .windows(3)
+            .position(|w| w == b"://")
+            .and_then(|i| raw_target.get(i + 3..));
+        if after.is_some_and(|a| !a.iter().any(|b| matches!(b, b'/' | b'?' | b'#'))) {
+            let mut parts = uri.clone().into_parts();
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("*"));
+            if let Ok(u) = Uri::from_parts(parts) {
+                uri = u;
+            }
+        }
+    }
     // One slot spare: the access log adds `x-request-id` without growing the map.
     let mut headers = HeaderMap::with_capacity(count + 1);
     let mut length: Option<u64> = None;

@@ -963,3 +963,64 @@ async fn a_watch_that_silently_lost_its_connection_catches_up() {
     a.stop().await;
     b.stop().await;
 }
+
+/// An admin client that goes away while its flip is being written: the change still completes
+/// on this replica as one, with its event and counter (the handler is not cancelled halfway
+/// through the one commit path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_whose_admin_client_goes_away_mid_write_is_still_recorded() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"3s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/gone/", state, &svc)).await;
+    // One flip first, so the event lease is granted.
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a], "green", 1, 5).await);
+    let counted = flips_of(&a).await;
+
+    // etcd commits at once; its answer reaches A 1.5 s later (within A's etcd_timeout).
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(1500)));
+    let body = r#"{"to":"blue"}"#;
+    let req = format!(
+        "POST /api/services/api/flip HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        a.admin,
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(a.admin)
+        .await
+        .expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    // The client gives up while the write is in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    relay.set_mode(Mode::Pass);
+
+    let reached = converged(&[&a], "blue", 2, 20).await;
+    if !reached {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &etcd.endpoint(), "get", "--prefix", "/gone/"])
+            .output()
+            .expect("etcdctl");
+        eprintln!("etcd holds: {}", String::from_utf8_lossy(&out.stdout));
+        eprintln!("A: {:?}", active_of(&a, "api").await);
+    }
+    assert!(reached, "the committed change never reached A");
+    let recorded = eventually(10, || async { flips_of(&a).await == counted + 1 }).await;
+    assert!(recorded, "A applied a flip it never recorded (counter)");
+    assert!(
+        a.app()
+            .events
+            .list()
+            .iter()
+            .any(|e| e.generation == Some(2) && e.reason == "manual"),
+        "A applied a flip without its event: {:#?}",
+        a.app().events.list()
+    );
+    a.stop().await;
+}

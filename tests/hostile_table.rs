@@ -249,6 +249,9 @@ const TABLE: &[Row] = &[
     passed("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1"], &[]),
     passed("absolute form: its authority replaces Host", b"GET http://b.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /p?q http/1.1", "host: b.example", "x-forwarded-host: b.example"], &["host: a"]),
     passed("absolute form without a path", b"GET http://b.example?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /?q http/1.1", "host: b.example"], &[]),
+    // RFC 9112 3.2.4: the last proxy sends OPTIONS with an empty path and no query as `*`.
+    passed("OPTIONS absolute form without a path", b"OPTIONS http://b.example HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1", "host: b.example"], &[]),
+    passed("OPTIONS absolute form with a path", b"OPTIONS http://b.example/ HTTP/1.1\r\nHost: a\r\n\r\n", &["options / http/1.1", "host: b.example"], &[]),
     // Upgrade (RFC 9110 7.8): h2c is never tunnelled.
     passed("Upgrade: websocket, h2c", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n", &["upgrade: websocket"], &["h2c"]),
     passed("Upgrade: h2c alone", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", &[], &["upgrade"]),

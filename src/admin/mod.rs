@@ -210,14 +210,19 @@ async fn handle(
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            change(app.flip(&name, to, force, FlipKind::Manual, &actor).await)
+            let app = app.clone();
+            change(
+                to_end(async move { app.flip(&name, to, force, FlipKind::Manual, &actor).await })
+                    .await,
+            )
         }
         Route::FlipAll => {
             let (to, force) = match flip_target(&body) {
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            match app.flip_all(to, force, &actor).await {
+            let app = app.clone();
+            match to_end(async move { app.flip_all(to, force, &actor).await }).await {
                 Ok(outcomes) => {
                     let changed = outcomes.iter().filter(|o| o.changed).count();
                     let message = if changed == 0 {
@@ -238,31 +243,35 @@ async fn handle(
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            change(app.rollback(&name, args.force, &actor).await)
+            let app = app.clone();
+            change(to_end(async move { app.rollback(&name, args.force, &actor).await }).await)
         }
-        Route::Pause(name, paused) => match app.set_paused(&name, paused, &actor).await {
+        Route::Pause(name, paused) => match to_end({
+            let (app, name) = (app.clone(), name.clone());
+            async move { app.set_paused(&name, paused, &actor).await }
+        })
+        .await
+        {
             Ok(message) => json_response(
                 StatusCode::OK,
                 &json!({ "service": name, "paused": paused, "message": message }),
             ),
             Err(e) => change_error(e),
         },
-        Route::Reload => match app.reload(&actor).await {
-            Ok(outcome) => {
-                crate::health::ensure(app);
-                json_response(
-                    StatusCode::OK,
-                    &serde_json::to_value(&outcome).unwrap_or_default(),
-                )
-            }
-            Err(ReloadError::Invalid(errs)) => json_response(
+        Route::Reload => match reload_to_end(app, actor).await {
+            Ok(outcome) => json_response(
+                StatusCode::OK,
+                &serde_json::to_value(&outcome).unwrap_or_default(),
+            ),
+            Err(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
+            Err(Some(ReloadError::Invalid(errs))) => json_response(
                 StatusCode::BAD_REQUEST,
                 &json!({
                     "error": "invalid configuration; nothing was changed",
                     "errors": errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 }),
             ),
-            Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
+            Err(Some(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, &e.to_string()),
         },
         Route::Dashboard | Route::Status | Route::Events => {
             error(StatusCode::NOT_FOUND, "not found")
@@ -322,6 +331,36 @@ fn change(r: Result<crate::app::FlipOutcome, ChangeError>) -> AdminResponse {
         ),
         Err(e) => change_error(e),
     }
+}
+
+/// Runs a change of the live state to its end in a task of its own. hyper drops a handler
+/// whose client went away (a closed HTTP/1 connection, an h2 RST_STREAM); dropped between the
+/// state write and its events, a flip would go live (or, with etcd, come back through the
+/// watch) with no event, webhook or counter on this replica.
+async fn to_end<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, ChangeError>> + Send + 'static,
+) -> Result<T, ChangeError> {
+    tokio::spawn(f)
+        .await
+        .unwrap_or_else(|e| Err(ChangeError::Internal(format!("the change failed: {e}"))))
+}
+
+/// A reload, and the health checks of the upstreams it adds, run to their end as
+/// [`to_end`] runs a change: dropped after the new routes are stored, the reload would have no
+/// event and its new upstreams no health checks. `Err(None)`: the task failed.
+async fn reload_to_end(
+    app: &Arc<App>,
+    actor: String,
+) -> Result<crate::app::ReloadOutcome, Option<ReloadError>> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let outcome = app.reload(&actor).await?;
+        crate::health::ensure(&app);
+        Ok(outcome)
+    })
+    .await
+    .map_err(|_| None)?
+    .map_err(Some)
 }
 
 fn change_error(e: ChangeError) -> AdminResponse {
