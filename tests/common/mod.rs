@@ -195,11 +195,14 @@ fn resp(status: u16, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// A free loopback port that refuses connections (bound, then closed).
+/// A loopback port that refuses connections. The socket stays bound without listening (a
+/// connect gets a RST) for the rest of the test process, so no other test running in parallel
+/// can take the port and answer in its place.
 pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let a = s.local_addr().expect("addr");
+    std::mem::forget(s);
     a
 }
 
