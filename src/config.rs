@@ -116,6 +116,7 @@ struct RawConfig {
     notify: RawNotify,
     #[serde(default)]
     analysis: RawAnalysis,
+    #[serde(default)]
     log: RawLog,
     #[serde(default)]
     services: Vec<RawService>,

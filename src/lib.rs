@@ -29,6 +29,8 @@ pub mod notify;
 pub mod outcome;
 pub mod passive;
 pub mod proxy;
+pub mod release;
+pub mod release_ctl;
 pub mod rollback;
 pub mod routing;
 pub mod server;

@@ -1,0 +1,1205 @@
+//! Releases: a named, ordered list of phases, each flipping one or more services in one atomic
+//! step, baking, and passing an `auto` or `manual` gate; after the last phase a `validate`
+//! window. From the first flip until the end of that window, any rollback trigger that fires on a
+//! service the release flipped returns EVERY service it flipped to its pre-release color in one
+//! atomic step, with one `release_rollback` event ([`triggered`]); `abort` does the same by hand.
+//!
+//! One release runs at a time. Its driver is one task ([`drive`]); a phase flip and a whole
+//! release rollback are serialized by `Releases::op`, so an abort can never be overtaken by the
+//! next phase's flip. Lock order: `op`, then the app's writer lock; the plain mutex around the
+//! release's data is never held across an await.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, ChangeError, FlipKind};
+use crate::config::{parse_duration, Color, Config, ConfigError, ConfigErrors};
+use crate::events::{now_rfc3339, Event};
+use crate::routing::Service;
+
+pub const RELEASE_PHASE: &str = "switchyard_release_phase";
+pub const RELEASE_STATE: &str = "switchyard_release_state";
+pub const RELEASES_TOTAL: &str = "switchyard_releases_total";
+
+/// Every release state, as `switchyard_release_state{state}` labels.
+pub const STATES: [&str; 6] = [
+    "running",
+    "waiting",
+    "validating",
+    "complete",
+    "rolled_back",
+    "aborted",
+];
+/// Every `result` of `switchyard_releases_total`.
+pub const RESULTS: [&str; 3] = ["complete", "rolled_back", "aborted"];
+/// Ended releases kept for `GET /api/releases`.
+pub const RECENT: usize = 20;
+
+// ---------------------------------------------------------------------------------------------
+// The plan
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Auto,
+    Manual,
+}
+
+impl Gate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gate::Auto => "auto",
+            Gate::Manual => "manual",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PhasePlan {
+    pub name: String,
+    pub services: Vec<String>,
+    /// None: each service's idle color at the release's start.
+    pub to: Option<Color>,
+    pub bake: Duration,
+    pub gate: Gate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: String,
+    /// None: the longest `watch_for` of the plan's services.
+    pub validate: Option<Duration>,
+    pub phases: Vec<PhasePlan>,
+}
+
+fn one(message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        key: String::new(),
+        message,
+    }])
+}
+
+/// A TOML plan as the JSON value the API takes.
+pub fn value_from_toml(text: &str) -> Result<Value, ConfigErrors> {
+    ::config::Config::builder()
+        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<Value>())
+        .map_err(|e| one(format!("cannot parse the plan: {e}")))
+}
+
+/// Reads a TOML plan file and validates it (against `cfg`'s services when given).
+pub fn load(path: &std::path::Path, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| one(format!("cannot read plan file {}: {e}", path.display())))?;
+    parse(&value_from_toml(&text)?, cfg)
+}
+
+/// Validates a plan; every problem is reported with its key. With `cfg`, services must exist.
+pub fn parse(v: &Value, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
+    let mut errs: Vec<ConfigError> = Vec::new();
+    let mut err = |key: &str, message: String| {
+        errs.push(ConfigError {
+            key: key.to_string(),
+            message,
+        })
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(one(
+            "a plan is a table (JSON object) with name, validate and phases".to_string(),
+        ));
+    };
+    for k in obj.keys() {
+        if !["name", "validate", "phases"].contains(&k.as_str()) {
+            err(
+                k,
+                format!("unknown key {k:?} (expected one of name, validate, phases)"),
+            );
+        }
+    }
+    let name = match obj.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => {
+            err("name", "must not be empty".to_string());
+            String::new()
+        }
+        None => {
+            err("name", "missing: every release has a name".to_string());
+            String::new()
+        }
+        Some(_) => {
+            err("name", "must be a string".to_string());
+            String::new()
+        }
+    };
+    let validate = match obj.get("validate") {
+        None => None,
+        Some(Value::String(s)) => match parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(m) => {
+                err("validate", m);
+                None
+            }
+        },
+        Some(_) => {
+            err(
+                "validate",
+                "must be a duration string such as \"30m\"".to_string(),
+            );
+            None
+        }
+    };
+    let mut phases = Vec::new();
+    let raw_phases: &[Value] = match obj.get("phases") {
+        None => {
+            err(
+                "phases",
+                "missing: a release has at least one [[phases]]".to_string(),
+            );
+            &[]
+        }
+        Some(Value::Array(a)) if a.is_empty() => {
+            err(
+                "phases",
+                "empty: a release has at least one [[phases]]".to_string(),
+            );
+            &[]
+        }
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            err(
+                "phases",
+                "must be an array of tables ([[phases]])".to_string(),
+            );
+            &[]
+        }
+    };
+    let mut seen_names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen_services: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, p) in raw_phases.iter().enumerate() {
+        let key = format!("phases[{i}]");
+        let Some(p) = p.as_object() else {
+            err(
+                &key,
+                "must be a table with name, services, to, bake, gate".to_string(),
+            );
+            continue;
+        };
+        for k in p.keys() {
+            if !["name", "services", "to", "bake", "gate"].contains(&k.as_str()) {
+                err(
+                    &format!("{key}.{k}"),
+                    format!("unknown key {k:?} (expected one of name, services, to, bake, gate)"),
+                );
+            }
+        }
+        let pname = match p.get("name") {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                if let Some(j) = seen_names.insert(s.clone(), i) {
+                    err(
+                        &format!("{key}.name"),
+                        format!("{s:?} is also the name of phases[{j}]; phase names are unique"),
+                    );
+                }
+                s.clone()
+            }
+            None => {
+                err(
+                    &format!("{key}.name"),
+                    "missing: every phase has a name".to_string(),
+                );
+                String::new()
+            }
+            Some(_) => {
+                err(
+                    &format!("{key}.name"),
+                    "must be a non-empty string".to_string(),
+                );
+                String::new()
+            }
+        };
+        let mut services = Vec::new();
+        match p.get("services") {
+            // An empty list is a verification phase: nothing is flipped, the bake and the
+            // gate still run, and every service flipped so far stays watched.
+            Some(Value::Array(a)) => {
+                for (j, s) in a.iter().enumerate() {
+                    let skey = format!("{key}.services[{j}]");
+                    let Some(s) = s.as_str() else {
+                        err(&skey, "must be a service name (a string)".to_string());
+                        continue;
+                    };
+                    if let Some(cfg) = cfg {
+                        if !cfg.services.iter().any(|x| x.name == s) {
+                            let known: Vec<&str> =
+                                cfg.services.iter().map(|x| x.name.as_str()).collect();
+                            err(
+                                &skey,
+                                format!(
+                                    "unknown service {s:?} (the config has: {})",
+                                    known.join(", ")
+                                ),
+                            );
+                            continue;
+                        }
+                    }
+                    if let Some(k) = seen_services.insert(s.to_string(), i) {
+                        err(
+                            &skey,
+                            if k == i {
+                                format!("{s:?} is named twice in this phase")
+                            } else {
+                                format!(
+                                    "{s:?} is already flipped by phases[{k}]; a release flips a service once"
+                                )
+                            },
+                        );
+                        continue;
+                    }
+                    services.push(s.to_string());
+                }
+            }
+            None => err(
+                &format!("{key}.services"),
+                "missing: the services this phase flips".to_string(),
+            ),
+            Some(_) => err(
+                &format!("{key}.services"),
+                "must be an array of service names ([] for a verification phase)".to_string(),
+            ),
+        }
+        let to = match p.get("to") {
+            None => None,
+            Some(Value::String(s)) => match s.parse::<Color>() {
+                Ok(c) => Some(c),
+                Err(m) => {
+                    err(&format!("{key}.to"), m);
+                    None
+                }
+            },
+            Some(_) => {
+                err(
+                    &format!("{key}.to"),
+                    "must be \"blue\" or \"green\"".to_string(),
+                );
+                None
+            }
+        };
+        let bake = match p.get("bake") {
+            Some(Value::String(s)) => parse_duration(s).unwrap_or_else(|m| {
+                err(&format!("{key}.bake"), m);
+                Duration::ZERO
+            }),
+            None => {
+                err(
+                    &format!("{key}.bake"),
+                    "missing: how long the phase is watched before the next (\"15m\")"
+                        .to_string(),
+                );
+                Duration::ZERO
+            }
+            Some(_) => {
+                err(
+                    &format!("{key}.bake"),
+                    "must be a duration string such as \"15m\"".to_string(),
+                );
+                Duration::ZERO
+            }
+        };
+        let gate = match p.get("gate").map(|g| g.as_str()) {
+            None | Some(Some("auto")) => Gate::Auto,
+            Some(Some("manual")) => Gate::Manual,
+            Some(_) => {
+                err(
+                    &format!("{key}.gate"),
+                    "must be \"auto\" or \"manual\"".to_string(),
+                );
+                Gate::Auto
+            }
+        };
+        phases.push(PhasePlan {
+            name: pname,
+            services,
+            to,
+            bake,
+            gate,
+        });
+    }
+    if errs.is_empty() {
+        Ok(Plan {
+            name,
+            validate,
+            phases,
+        })
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+impl Plan {
+    /// A short description for `check`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("release {:?}: {} phases\n", self.name, self.phases.len());
+        for (i, p) in self.phases.iter().enumerate() {
+            if p.services.is_empty() {
+                s += &format!(
+                    "  phase {i} {:?}: verification (nothing flipped), bake {}, gate {}\n",
+                    p.name,
+                    humantime::format_duration(p.bake),
+                    p.gate.as_str()
+                );
+                continue;
+            }
+            s += &format!(
+                "  phase {i} {:?}: {} -> {}, bake {}, gate {}\n",
+                p.name,
+                p.services.join(", "),
+                p.to.map(|c| c.to_string())
+                    .unwrap_or_else(|| "idle color".to_string()),
+                humantime::format_duration(p.bake),
+                p.gate.as_str()
+            );
+        }
+        s += &format!(
+            "  validate: {}\n",
+            self.validate
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_else(|| "the longest watch_for of its services".to_string())
+        );
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A running release
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct PhaseRun {
+    plan: PhasePlan,
+    /// Each service and the color this phase sends it to.
+    targets: Vec<(String, Color)>,
+    state: &'static str,
+    started_at: Option<String>,
+    bake_ends_at: Option<String>,
+    bake_deadline: Option<Instant>,
+    ended_at: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub id: String,
+    pub name: String,
+    pub state: &'static str,
+    pub phase: usize,
+    phases: Vec<PhaseRun>,
+    started_at: String,
+    ended_at: Option<String>,
+    reason: Option<String>,
+    validate: Duration,
+    validate_ends_at: Option<String>,
+    validate_deadline: Option<Instant>,
+    /// Each service of the plan and its color when the release started.
+    pre: BTreeMap<String, Color>,
+    /// The services the release has flipped so far (in order).
+    flipped: Vec<String>,
+    /// Why the release does not advance by itself any more (a forced manual change).
+    paused: Option<String>,
+    actor: String,
+}
+
+impl Release {
+    fn live(&self) -> bool {
+        matches!(self.state, "running" | "waiting" | "validating")
+    }
+
+    fn involves(&self, service: &str) -> bool {
+        self.pre.contains_key(service)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let now = Instant::now();
+        let left = |d: Option<Instant>| d.map(|d| d.saturating_duration_since(now).as_secs_f64());
+        let phases: Vec<Value> = self
+            .phases
+            .iter()
+            .map(|p| {
+                let colors: Vec<Color> = p.targets.iter().map(|(_, c)| *c).collect();
+                let to = match colors.first() {
+                    Some(c) if colors.iter().all(|x| x == c) => json!(c),
+                    _ => json!(p
+                        .targets
+                        .iter()
+                        .map(|(s, c)| (s.clone(), json!(c)))
+                        .collect::<serde_json::Map<_, _>>()),
+                };
+                json!({
+                    "name": p.plan.name,
+                    "services": p.plan.services,
+                    "to": to,
+                    "gate": p.plan.gate.as_str(),
+                    "bake_secs": p.plan.bake.as_secs_f64(),
+                    "state": p.state,
+                    "started_at": p.started_at,
+                    "bake_ends_at": p.bake_ends_at,
+                    "bake_left_secs": if p.state == "baking" { left(p.bake_deadline) } else { None },
+                    "ended_at": p.ended_at,
+                })
+            })
+            .collect();
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "phase": self.phase,
+            "phases": phases,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "reason": self.reason,
+            "validate_secs": self.validate.as_secs_f64(),
+            "validate_ends_at": self.validate_ends_at,
+            "validate_left_secs": if self.state == "validating" { left(self.validate_deadline) } else { None },
+            "pre_release": self.pre,
+            "flipped": self.flipped,
+            "paused": self.paused,
+            "actor": self.actor,
+        })
+    }
+}
+
+fn wall_after(d: Duration) -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now() + d).to_string()
+}
+
+struct ReleaseMetrics {
+    phase: IntGauge,
+    state: IntGaugeVec,
+    total: IntCounterVec,
+}
+
+impl ReleaseMetrics {
+    fn new(r: &Registry) -> ReleaseMetrics {
+        let phase = IntGauge::new(
+            RELEASE_PHASE,
+            "Index of the running release's current phase (from 0); -1 without a release.",
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        let state = IntGaugeVec::new(
+            Opts::new(
+                RELEASE_STATE,
+                "1 for the running release's state, 0 for the others.",
+            ),
+            &["state"],
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        let total = IntCounterVec::new(
+            Opts::new(RELEASES_TOTAL, "Releases ended, by result."),
+            &["result"],
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        // The registry is the app's own and fresh: the names cannot collide.
+        let _ = r.register(Box::new(phase.clone()));
+        let _ = r.register(Box::new(state.clone()));
+        let _ = r.register(Box::new(total.clone()));
+        phase.set(-1);
+        for s in STATES {
+            state.with_label_values(&[s]).set(0);
+        }
+        for s in RESULTS {
+            total.with_label_values(&[s]);
+        }
+        ReleaseMetrics {
+            phase,
+            state,
+            total,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    current: Option<Release>,
+    /// Newest first.
+    recent: VecDeque<Release>,
+    cancel: Option<CancellationToken>,
+    promote: bool,
+}
+
+/// The release machinery of one app: the running release, the last [`RECENT`] ones.
+pub struct Releases {
+    inner: Mutex<Inner>,
+    /// Serializes phase flips and whole-release rollbacks (taken before the app's writer lock).
+    op: tokio::sync::Mutex<()>,
+    wake: tokio::sync::Notify,
+    metrics: ReleaseMetrics,
+}
+
+/// Why a release did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// 400: every problem of the plan.
+    Invalid(ConfigErrors),
+    /// 409: a release is running.
+    Conflict(String),
+}
+
+impl Releases {
+    pub fn new(registry: &Registry) -> Releases {
+        Releases {
+            inner: Mutex::new(Inner::default()),
+            op: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+            metrics: ReleaseMetrics::new(registry),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `{"current": ..., "recent": [...]}` for `GET /api/releases`.
+    pub fn to_json(&self) -> Value {
+        let inner = self.lock();
+        json!({
+            "current": inner.current.as_ref().map(Release::to_json),
+            "recent": inner.recent.iter().map(Release::to_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The running release, if any.
+    pub fn current(&self) -> Option<Release> {
+        self.lock().current.clone()
+    }
+
+    /// Whether `service` was flipped by the running release (its triggers roll it all back).
+    pub fn owns(&self, service: &str) -> bool {
+        self.lock()
+            .current
+            .as_ref()
+            .is_some_and(|r| r.live() && r.flipped.iter().any(|s| s == service))
+    }
+
+    /// Whether the running release keeps `svc`'s triggers armed: from its flip until the end
+    /// of the release's validate window, whatever `watch_for` says (a bake may be longer).
+    pub fn arms(&self, svc: &Service) -> bool {
+        let r = &svc.config.rollback;
+        r.enabled
+            && !r.triggers.is_empty()
+            && svc.state.previous.is_some()
+            && !svc.state.paused
+            && svc.state.failed.is_none()
+            && self.owns(svc.name())
+    }
+
+    fn publish(&self, inner: &Inner) {
+        let state = inner.current.as_ref().map(|r| r.state);
+        self.metrics
+            .phase
+            .set(inner.current.as_ref().map_or(-1, |r| r.phase as i64));
+        for s in STATES {
+            self.metrics
+                .state
+                .with_label_values(&[s])
+                .set(i64::from(state == Some(s)));
+        }
+    }
+
+    /// Changes the running release `id` (if it is still the running one); publishes metrics.
+    fn update<T>(&self, id: &str, f: impl FnOnce(&mut Release) -> T) -> Option<T> {
+        let mut inner = self.lock();
+        let r = inner.current.as_mut().filter(|r| r.id == id)?;
+        let out = f(r);
+        self.publish(&inner);
+        Some(out)
+    }
+
+    /// Ends the running release `id` with `result`; it moves to `recent`.
+    fn end(&self, id: &str, result: &'static str, reason: String) -> bool {
+        let mut inner = self.lock();
+        let Some(mut r) = inner.current.take_if(|r| r.id == id) else {
+            return false;
+        };
+        let now = now_rfc3339();
+        r.state = result;
+        r.reason = Some(reason);
+        r.ended_at = Some(now.clone());
+        for p in &mut r.phases {
+            if matches!(p.state, "baking" | "waiting") {
+                p.state = if result == "complete" {
+                    "passed"
+                } else {
+                    "rolled_back"
+                };
+                p.ended_at = Some(now.clone());
+                p.bake_deadline = None;
+            }
+        }
+        if result != "complete" {
+            // Every phase that flipped something went back.
+            for p in &mut r.phases {
+                if p.state == "passed" {
+                    p.state = "rolled_back";
+                }
+            }
+        }
+        if let Some(c) = inner.cancel.take() {
+            c.cancel();
+        }
+        inner.promote = false;
+        inner.recent.push_front(r);
+        inner.recent.truncate(RECENT);
+        self.metrics.total.with_label_values(&[result]).inc();
+        self.publish(&inner);
+        true
+    }
+}
+
+/// Starts a release from a plan (JSON value); answers the release as JSON.
+pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, StartError> {
+    let snap = app.snapshot();
+    let plan = parse(plan, Some(&snap.config)).map_err(StartError::Invalid)?;
+    let rel = &app.releases;
+    let _op = rel.op.lock().await;
+    if let Some(cur) = rel.lock().current.as_ref() {
+        return Err(StartError::Conflict(format!(
+            "release {:?} ({}) is {} (phase {}); one release runs at a time: wait for it, promote it or abort it",
+            cur.name, cur.id, cur.state, cur.phase
+        )));
+    }
+    let snap = app.snapshot();
+    let mut errs = Vec::new();
+    let mut pre = BTreeMap::new();
+    let mut phases = Vec::new();
+    let mut longest_watch = Duration::ZERO;
+    for (i, p) in plan.phases.iter().enumerate() {
+        let mut targets = Vec::new();
+        for (j, name) in p.services.iter().enumerate() {
+            let Some(svc) = snap.service(name) else {
+                errs.push(ConfigError {
+                    key: format!("phases[{i}].services[{j}]"),
+                    message: format!("unknown service {name:?}"),
+                });
+                continue;
+            };
+            let from = svc.state.active;
+            let to = p.to.unwrap_or(from.other());
+            if to == from {
+                errs.push(ConfigError {
+                    key: format!("phases[{i}].to"),
+                    message: format!("{name} is already on {to}; nothing to release"),
+                });
+            }
+            longest_watch = longest_watch.max(svc.config.rollback.watch_for);
+            pre.insert(name.clone(), from);
+            targets.push((name.clone(), to));
+        }
+        phases.push(PhaseRun {
+            plan: p.clone(),
+            targets,
+            state: "pending",
+            started_at: None,
+            bake_ends_at: None,
+            bake_deadline: None,
+            ended_at: None,
+        });
+    }
+    if !errs.is_empty() {
+        return Err(StartError::Invalid(ConfigErrors(errs)));
+    }
+    let started = std::time::SystemTime::now();
+    let id = format!(
+        "r-{}",
+        started
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
+    let release = Release {
+        id: id.clone(),
+        name: plan.name.clone(),
+        state: "running",
+        phase: 0,
+        phases,
+        started_at: now_rfc3339(),
+        ended_at: None,
+        reason: None,
+        validate: plan.validate.unwrap_or(longest_watch),
+        validate_ends_at: None,
+        validate_deadline: None,
+        pre,
+        flipped: Vec::new(),
+        paused: None,
+        actor: actor.to_string(),
+    };
+    let cancel = CancellationToken::new();
+    let answer = release.to_json();
+    {
+        let mut inner = rel.lock();
+        inner.current = Some(release);
+        inner.cancel = Some(cancel.clone());
+        inner.promote = false;
+        rel.publish(&inner);
+    }
+    app.record(Event::new(
+        "*",
+        "release_start",
+        actor,
+        format!(
+            "release {:?} ({id}) started: {}",
+            plan.name,
+            plan.phases
+                .iter()
+                .map(|p| format!("{} [{}]", p.name, p.services.join(", ")))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        ),
+    ))
+    .await;
+    tokio::spawn(drive(app.clone(), id, cancel));
+    Ok(answer)
+}
+
+/// Passes the manual gate (or resumes a paused release).
+pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
+    let rel = &app.releases;
+    let (id, name, phase) = {
+        let mut inner = rel.lock();
+        let Some(r) = inner.current.as_ref() else {
+            return Err(ChangeError::Refused("no release is running".to_string()));
+        };
+        if r.state != "waiting" && r.paused.is_none() {
+            return Err(ChangeError::Refused(format!(
+                "release {:?} is {} (phase {}), not waiting at a manual gate",
+                r.name, r.state, r.phase
+            )));
+        }
+        let out = (r.id.clone(), r.name.clone(), r.phase);
+        inner.promote = true;
+        out
+    };
+    rel.wake.notify_one();
+    app.record(Event::new(
+        "*",
+        "release_promote",
+        actor,
+        format!("release {name:?} ({id}) promoted at phase {phase}"),
+    ))
+    .await;
+    Ok(json!({ "id": id, "message": format!("release {name:?} promoted") }))
+}
+
+/// Returns every service the release flipped to its pre-release color in one step.
+pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
+    let Some(cur) = app.releases.current() else {
+        return Err(ChangeError::Refused("no release is running".to_string()));
+    };
+    let reason = format!("aborted by {actor}");
+    let (returned, skipped) = roll_back(
+        app,
+        &cur.id,
+        "aborted",
+        FlipKind::ManualRollback,
+        reason.clone(),
+        |ev| {
+            ev.reason = "release_abort".to_string();
+            ev.actor = actor.to_string();
+        },
+    )
+    .await?
+    .ok_or_else(|| ChangeError::Refused("the release ended while aborting".to_string()))?;
+    Ok(json!({
+        "id": cur.id,
+        "message": format!("release {:?} aborted: {} service(s) returned in one step", cur.name, returned.len()),
+        "returned": returned,
+        "not_returned": skipped,
+    }))
+}
+
+/// A rollback trigger fired on `service`, a service the running release flipped: the whole
+/// release goes back. Ok(true) when this call rolled it back.
+pub async fn triggered(
+    app: &Arc<App>,
+    service: &str,
+    detail: &str,
+    trigger: Value,
+) -> Result<bool, ChangeError> {
+    let Some(cur) = app.releases.current().filter(|r| r.live()) else {
+        return Ok(false);
+    };
+    if !cur.flipped.iter().any(|s| s == service) {
+        return Ok(false);
+    }
+    let reason = format!("trigger fired on {service}: {detail}");
+    let mut t = trigger;
+    if let Some(o) = t.as_object_mut() {
+        o.insert("service".to_string(), json!(service));
+    }
+    let done = roll_back(
+        app,
+        &cur.id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason,
+        |ev| {
+            ev.service = service.to_string();
+            ev.trigger = Some(t);
+        },
+    )
+    .await?;
+    Ok(done.is_some())
+}
+
+/// The one whole-release rollback: under `op` (no phase flip can land after it), one
+/// [`App::return_set`], one event; the release ends with `result`.
+async fn roll_back(
+    app: &Arc<App>,
+    id: &str,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event),
+) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
+    let rel = &app.releases;
+    let _op = rel.op.lock().await;
+    let Some(cur) = rel.current().filter(|r| r.id == id && r.live()) else {
+        return Ok(None);
+    };
+    let targets: Vec<(String, Color)> = cur
+        .flipped
+        .iter()
+        .filter_map(|s| cur.pre.get(s).map(|c| (s.clone(), *c)))
+        .collect();
+    let label = format!("release {:?} ({})", cur.name, cur.id);
+    let phase = cur.phase;
+    let (returned, skipped) = app
+        .return_set(&targets, kind, |returned, skipped| {
+            let mut detail = format!("{label} {result} at phase {phase}: {reason}");
+            if returned.is_empty() {
+                detail.push_str("; nothing to return");
+            } else {
+                detail.push_str(&format!(
+                    "; returned in one step: {}",
+                    returned
+                        .iter()
+                        .map(|o| format!("{} {} -> {}", o.service, o.from, o.to))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !skipped.is_empty() {
+                detail.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
+            }
+            let mut ev = Event::new("*", "release_rollback", "release", detail);
+            if let Some(first) = returned.first() {
+                ev = ev.colors(first.from, first.to).generation(first.generation);
+            }
+            shape(&mut ev);
+            let extra = json!({
+                "release": cur.id,
+                "returned": returned.iter().map(|o| json!({"service": o.service, "from": o.from, "to": o.to, "generation": o.generation})).collect::<Vec<_>>(),
+                "not_returned": skipped,
+            });
+            match ev.trigger.as_mut().and_then(Value::as_object_mut) {
+                Some(o) => {
+                    if let Value::Object(x) = extra {
+                        o.extend(x);
+                    }
+                }
+                None => ev.trigger = Some(extra),
+            }
+            ev
+        })
+        .await?;
+    rel.end(id, result, reason);
+    Ok(Some((returned, skipped)))
+}
+
+/// A manual flip, rollback or pause of `services` while a release runs: refused (409) unless
+/// `force`; a forced one pauses the release (it stops advancing until promoted).
+pub async fn guard_manual(
+    app: &Arc<App>,
+    services: &[&str],
+    force: bool,
+    what: &str,
+    actor: &str,
+) -> Result<(), ChangeError> {
+    let (id, name, hit) = {
+        let inner = app.releases.lock();
+        let Some(r) = inner.current.as_ref().filter(|r| r.live()) else {
+            return Ok(());
+        };
+        let hit: Vec<String> = services
+            .iter()
+            .filter(|s| r.involves(s))
+            .map(|s| s.to_string())
+            .collect();
+        if hit.is_empty() {
+            return Ok(());
+        }
+        (r.id.clone(), r.name.clone(), hit)
+    };
+    if !force {
+        return Err(ChangeError::Refused(format!(
+            "{} {} part of the running release {name:?} ({id}); pass \"force\": true to {what} anyway (the release then pauses), or abort the release",
+            hit.join(", "),
+            if hit.len() == 1 { "is" } else { "are" }
+        )));
+    }
+    let why = format!("paused: forced {what} of {} by {actor}", hit.join(", "));
+    app.releases.update(&id, |r| r.paused = Some(why.clone()));
+    app.record(Event::new(
+        "*",
+        "release_phase",
+        actor,
+        format!("release {name:?} ({id}) {why}; it advances again on promote"),
+    ))
+    .await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the release `id` to its end: phases, gates, the validate window, `complete`.
+async fn drive(app: Arc<App>, id: String, cancel: CancellationToken) {
+    let rel = &app.releases;
+    let Some(count) = rel.update(&id, |r| r.phases.len()) else {
+        return;
+    };
+    for i in 0..count {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let Some((targets, plan, label)) = rel.update(&id, |r| {
+            r.phase = i;
+            r.state = "running";
+            (
+                r.phases[i].targets.clone(),
+                r.phases[i].plan.clone(),
+                format!("release {:?} ({}) phase {i} {:?}", r.name, r.id, r.phases[i].plan.name),
+            )
+        }) else {
+            return;
+        };
+        // The pre-flip checks on every service of the phase, outside every lock.
+        let snap = app.snapshot();
+        let mut failed = None;
+        for (name, to) in &targets {
+            match snap.service(name) {
+                Some(svc) => {
+                    if let Err(e) = app.preflight(svc, *to).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                None => {
+                    failed = Some(format!("{name} is no longer configured"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            let reason = format!("the checks before phase {i} {:?} failed: {why}", plan.name);
+            give_up(&app, &id, reason).await;
+            return;
+        }
+        // One atomic flip of the phase's services, never after an abort or rollback.
+        {
+            let _op = rel.op.lock().await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            if let Err(e) = app.flip_set(&targets, "release", &label).await {
+                drop(_op);
+                give_up(&app, &id, format!("the flip of phase {i} failed: {e}")).await;
+                return;
+            }
+            let deadline = Instant::now() + plan.bake;
+            rel.update(&id, |r| {
+                let p = &mut r.phases[i];
+                p.state = "baking";
+                p.started_at = Some(now_rfc3339());
+                p.bake_ends_at = Some(wall_after(plan.bake));
+                p.bake_deadline = Some(deadline);
+                for (s, _) in &targets {
+                    if !r.flipped.contains(s) {
+                        r.flipped.push(s.clone());
+                    }
+                }
+            });
+        }
+        app.record(Event::new(
+            "*",
+            "release_phase",
+            "release",
+            format!(
+                "{label}: {} flipped in one step; baking {}",
+                targets
+                    .iter()
+                    .map(|(s, c)| format!("{s} -> {c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                humantime::format_duration(plan.bake)
+            ),
+        ))
+        .await;
+        if !sleep_or_cancel(plan.bake, &cancel).await {
+            return;
+        }
+        if (plan.gate == Gate::Manual || paused(&app, &id))
+            && !gate(&app, &id, i, &label, &cancel).await
+        {
+            return;
+        }
+        rel.update(&id, |r| {
+            let p = &mut r.phases[i];
+            p.state = "passed";
+            p.ended_at = Some(now_rfc3339());
+            p.bake_deadline = None;
+        });
+        app.record(Event::new(
+            "*",
+            "release_phase",
+            "release",
+            format!("{label} passed"),
+        ))
+        .await;
+    }
+    // Validation: every trigger of every flipped service still rolls the whole release back.
+    let Some((validate, name)) = rel.update(&id, |r| {
+        r.state = "validating";
+        r.validate_ends_at = Some(wall_after(r.validate));
+        r.validate_deadline = Some(Instant::now() + r.validate);
+        (r.validate, r.name.clone())
+    }) else {
+        return;
+    };
+    app.record(Event::new(
+        "*",
+        "release_phase",
+        "release",
+        format!(
+            "release {name:?} ({id}) validating for {}",
+            humantime::format_duration(validate)
+        ),
+    ))
+    .await;
+    if !sleep_or_cancel(validate, &cancel).await {
+        return;
+    }
+    if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel).await {
+        return;
+    }
+    let ended = {
+        let _op = rel.op.lock().await;
+        !cancel.is_cancelled()
+            && rel.end(
+                &id,
+                "complete",
+                "every phase passed and the validate window ended".to_string(),
+            )
+    };
+    if ended {
+        app.record(Event::new(
+            "*",
+            "release_complete",
+            "release",
+            format!("release {name:?} ({id}) complete"),
+        ))
+        .await;
+    }
+}
+
+fn paused(app: &App, id: &str) -> bool {
+    app.releases
+        .update(id, |r| r.paused.is_some())
+        .unwrap_or(false)
+}
+
+/// Waits at a gate (manual, or a paused release) for promote; false when the release ended.
+async fn gate(
+    app: &Arc<App>,
+    id: &str,
+    i: usize,
+    label: &str,
+    cancel: &CancellationToken,
+) -> bool {
+    let rel = &app.releases;
+    let why = rel.update(id, |r| {
+        r.state = "waiting";
+        if r.phases[i].state == "baking" {
+            r.phases[i].state = "waiting";
+            r.phases[i].bake_deadline = None;
+        }
+        r.paused.clone()
+    });
+    let Some(why) = why else { return false };
+    app.record(Event::new(
+        "*",
+        "release_phase",
+        "release",
+        format!(
+            "{label} waiting for promote{}",
+            why.map(|w| format!(" ({w})")).unwrap_or_default()
+        ),
+    ))
+    .await;
+    loop {
+        {
+            let mut inner = rel.lock();
+            if inner.promote {
+                inner.promote = false;
+                drop(inner);
+                rel.update(id, |r| {
+                    r.paused = None;
+                    r.state = "running";
+                });
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = rel.wake.notified() => {}
+            _ = cancel.cancelled() => return false,
+        }
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
+/// A phase could not run: everything the release flipped goes back (`rolled_back`).
+async fn give_up(app: &Arc<App>, id: &str, reason: String) {
+    tracing::warn!(release = %id, %reason, "release rolled back");
+    match roll_back(
+        app,
+        id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason.clone(),
+        |ev| ev.trigger = Some(json!({ "kind": "preflight", "detail": reason })),
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(e) => {
+            // The state backend refused: nothing was returned; the release stays as it is, and
+            // an operator can abort it once the backend is back.
+            tracing::error!(release = %id, error = %e, "the release's rollback failed");
+            app.releases.update(id, |r| {
+                r.state = "waiting";
+                r.paused = Some(format!("{reason}; its rollback failed: {e}; abort it"));
+            });
+        }
+    }
+}
