@@ -1203,3 +1203,254 @@ async fn give_up(app: &Arc<App>, id: &str, reason: String) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[proxy]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[[services]]
+name = "api"
+path_prefix = "/api"
+blue = { upstreams = ["127.0.0.1:9"] }
+green = { upstreams = ["127.0.0.1:9"] }
+[services.rollback]
+watch_for = "45m"
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "2m"
+for = "2m"
+[[services]]
+name = "panel"
+path_prefix = "/panel"
+blue = { upstreams = ["127.0.0.1:9"] }
+green = { upstreams = ["127.0.0.1:9"] }
+"#;
+
+    async fn app(dir: &std::path::Path) -> Arc<App> {
+        let cfg = crate::config::from_toml_str_with_env(CONFIG, Some(Default::default()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        App::new(
+            cfg,
+            None,
+            crate::state::StateStore::file(dir.join("state.json")),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn plan(text: &str) -> Value {
+        value_from_toml(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn active(app: &App, name: &str) -> Color {
+        app.snapshot()
+            .service(name)
+            .map(|s| s.state.active)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    fn current(app: &App) -> Value {
+        app.releases.to_json()["current"].clone()
+    }
+
+    fn reasons(app: &App, reason: &str) -> Vec<Event> {
+        app.events
+            .list()
+            .into_iter()
+            .filter(|e| e.reason == reason)
+            .collect()
+    }
+
+    const TWO: &str = r#"
+name = "feature"
+validate = "30m"
+[[phases]]
+name = "backend"
+services = ["api"]
+bake = "15m"
+[[phases]]
+name = "frontend"
+services = ["panel"]
+bake = "10m"
+gate = "manual"
+"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn phases_bake_wait_at_the_gate_validate_and_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        assert_eq!(app.releases.metrics.phase.get(), -1);
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "running", "{c}");
+        assert_eq!(c["phase"], 0);
+        assert_eq!(c["phases"][0]["state"], "baking");
+        assert_eq!(c["phases"][1]["state"], "pending");
+        let left = c["phases"][0]["bake_left_secs"].as_f64().expect("left");
+        assert!(left > 890.0 && left <= 900.0, "{left}");
+        assert_eq!(active(&app, "api"), Color::Green);
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        // Default validate window: the longest watch_for; this plan sets 30m.
+        assert_eq!(c["validate_secs"], 1800.0);
+
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][0]["state"], "passed");
+        assert_eq!(c["phases"][1]["state"], "baking");
+        assert_eq!(active(&app, "panel"), Color::Green);
+        assert_eq!(app.releases.metrics.phase.get(), 1);
+
+        // The manual gate holds for as long as nobody promotes.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "waiting", "{c}");
+        assert_eq!(c["phases"][1]["state"], "waiting");
+        assert_eq!(
+            app.releases
+                .metrics
+                .state
+                .with_label_values(&["waiting"])
+                .get(),
+            1
+        );
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "validating", "{c}");
+        assert_eq!(c["phases"][1]["state"], "passed");
+        // Promote is refused when nothing waits.
+        assert!(promote(&app, "test").await.is_err());
+
+        tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "complete");
+        assert_eq!(reasons(&app, "release_complete").len(), 1);
+        assert_eq!(
+            app.releases
+                .metrics
+                .total
+                .with_label_values(&["complete"])
+                .get(),
+            1
+        );
+        assert_eq!(app.releases.metrics.phase.get(), -1);
+        assert_eq!(active(&app, "api"), Color::Green);
+        assert_eq!(active(&app, "panel"), Color::Green);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trigger_returns_every_flipped_service_in_one_step_with_one_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
+        assert_eq!(current(&app)["phase"], 1);
+        let gen_before: u64 = app.snapshot().services.iter().map(|s| s.state.generation).sum();
+        // A second release is refused while this one runs, naming it.
+        match start(&app, &plan(TWO), "test").await {
+            Err(StartError::Conflict(m)) => assert!(m.contains("\"feature\""), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        // Not a service of the release: nothing happens.
+        assert!(!app.releases.owns("other"));
+        assert!(app.releases.owns("api"));
+        let fired = triggered(
+            &app,
+            "api",
+            "error rate 0.2 above 0.05",
+            json!({"kind": "error_rate", "threshold": 0.05, "value": 0.2}),
+        )
+        .await
+        .expect("rollback");
+        assert!(fired);
+        assert_eq!(active(&app, "api"), Color::Blue);
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        let gen_after: u64 = app.snapshot().services.iter().map(|s| s.state.generation).sum();
+        assert_eq!(gen_after, gen_before + 2);
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        let t = evs[0].trigger.clone().expect("trigger");
+        assert_eq!(t["service"], "api");
+        assert_eq!(t["threshold"], 0.05);
+        assert_eq!(t["value"], 0.2);
+        assert_eq!(t["returned"].as_array().map(Vec::len), Some(2), "{t}");
+        assert_eq!(evs[0].service, "api");
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null());
+        assert_eq!(all["recent"][0]["state"], "rolled_back");
+        assert_eq!(all["recent"][0]["phases"][0]["state"], "rolled_back");
+        assert_eq!(all["recent"][0]["phases"][1]["state"], "rolled_back");
+        // The driver stopped: nothing flips forward again.
+        tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        assert_eq!(reasons(&app, "release_rollback").len(), 1);
+        // A trigger after the end changes nothing.
+        assert!(!triggered(&app, "api", "x", json!({})).await.expect("no-op"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abort_before_the_second_phase_returns_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let v = abort(&app, "ops").await.expect("abort");
+        assert_eq!(v["returned"].as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(active(&app, "api"), Color::Blue);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue, "phase 2 must never run");
+        assert_eq!(reasons(&app, "release_abort").len(), 1);
+        assert_eq!(app.releases.to_json()["recent"][0]["state"], "aborted");
+        assert!(abort(&app, "ops").await.is_err());
+    }
+
+    #[test]
+    fn every_plan_error_has_its_key() {
+        let bad = plan(
+            r#"
+validate = 5
+extra = 1
+[[phases]]
+services = ["api", "api"]
+bake = "1x"
+[[phases]]
+name = "b"
+services = ["ghost"]
+to = "red"
+bake = "1m"
+gate = "sometimes"
+"#,
+        );
+        let cfg = crate::config::from_toml_str_with_env(CONFIG, Some(Default::default()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let errs = parse(&bad, Some(&cfg)).expect_err("invalid").0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "extra",
+            "name",
+            "validate",
+            "phases[0].name",
+            "phases[0].services[1]",
+            "phases[0].bake",
+            "phases[1].services[0]",
+            "phases[1].to",
+            "phases[1].gate",
+        ] {
+            assert!(keys.contains(&k), "{k} missing in {keys:?}");
+        }
+        assert!(parse(&json!({"name": "x"}), None).is_err());
+        let ok = parse(&plan(TWO), Some(&cfg)).expect("valid");
+        assert_eq!(ok.phases[1].gate, Gate::Manual);
+        assert_eq!(ok.validate, Some(Duration::from_secs(1800)));
+    }
+}
