@@ -299,8 +299,7 @@ pub fn parse(v: &Value, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
             None => {
                 err(
                     &format!("{key}.bake"),
-                    "missing: how long the phase is watched before the next (\"15m\")"
-                        .to_string(),
+                    "missing: how long the phase is watched before the next (\"15m\")".to_string(),
                 );
                 Duration::ZERO
             }
@@ -983,7 +982,10 @@ async fn drive(app: Arc<App>, id: String, cancel: CancellationToken) {
             (
                 r.phases[i].targets.clone(),
                 r.phases[i].plan.clone(),
-                format!("release {:?} ({}) phase {i} {:?}", r.name, r.id, r.phases[i].plan.name),
+                format!(
+                    "release {:?} ({}) phase {i} {:?}",
+                    r.name, r.id, r.phases[i].plan.name
+                ),
             )
         }) else {
             return;
@@ -1124,13 +1126,7 @@ fn paused(app: &App, id: &str) -> bool {
 }
 
 /// Waits at a gate (manual, or a paused release) for promote; false when the release ended.
-async fn gate(
-    app: &Arc<App>,
-    id: &str,
-    i: usize,
-    label: &str,
-    cancel: &CancellationToken,
-) -> bool {
+async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &CancellationToken) -> bool {
     let rel = &app.releases;
     let why = rel.update(id, |r| {
         r.state = "waiting";
@@ -1355,7 +1351,12 @@ gate = "manual"
         start(&app, &plan(TWO), "test").await.expect("start");
         tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
         assert_eq!(current(&app)["phase"], 1);
-        let gen_before: u64 = app.snapshot().services.iter().map(|s| s.state.generation).sum();
+        let gen_before: u64 = app
+            .snapshot()
+            .services
+            .iter()
+            .map(|s| s.state.generation)
+            .sum();
         // A second release is refused while this one runs, naming it.
         match start(&app, &plan(TWO), "test").await {
             Err(StartError::Conflict(m)) => assert!(m.contains("\"feature\""), "{m}"),
@@ -1375,7 +1376,12 @@ gate = "manual"
         assert!(fired);
         assert_eq!(active(&app, "api"), Color::Blue);
         assert_eq!(active(&app, "panel"), Color::Blue);
-        let gen_after: u64 = app.snapshot().services.iter().map(|s| s.state.generation).sum();
+        let gen_after: u64 = app
+            .snapshot()
+            .services
+            .iter()
+            .map(|s| s.state.generation)
+            .sum();
         assert_eq!(gen_after, gen_before + 2);
         let evs = reasons(&app, "release_rollback");
         assert_eq!(evs.len(), 1, "{evs:?}");

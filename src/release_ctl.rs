@@ -55,9 +55,13 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
             .await
         }
         ReleaseCmd::Promote => {
-            post(args, &base, "/api/releases/current/promote", json!({}), |v| {
-                println!("{}", v["message"].as_str().unwrap_or("promoted"))
-            })
+            post(
+                args,
+                &base,
+                "/api/releases/current/promote",
+                json!({}),
+                |v| println!("{}", v["message"].as_str().unwrap_or("promoted")),
+            )
             .await
         }
         ReleaseCmd::Abort => {

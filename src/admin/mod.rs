@@ -155,9 +155,7 @@ async fn handle(
         ["api", "events"] => Route::Events,
         ["api", "flip"] => Route::FlipAll,
         ["api", "reload"] => Route::Reload,
-        ["api", "releases"] if method == Method::GET || method == Method::HEAD => {
-            Route::Releases
-        }
+        ["api", "releases"] if method == Method::GET || method == Method::HEAD => Route::Releases,
         ["api", "releases"] => Route::ReleaseStart,
         ["api", "releases", "current", "promote"] => Route::ReleasePromote,
         ["api", "releases", "current", "abort"] => Route::ReleaseAbort,
@@ -234,8 +232,7 @@ async fn handle(
                 .map(|s| s.name().to_string())
                 .collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if let Err(e) = crate::release::guard_manual(app, &names, force, "flip", &actor).await
-            {
+            if let Err(e) = crate::release::guard_manual(app, &names, force, "flip", &actor).await {
                 return change_error(e);
             }
             match app.flip_all(to, force, &actor).await {
@@ -270,11 +267,11 @@ async fn handle(
         Route::Pause(name, paused) => match pause_guard(app, &name, paused, &body, &actor).await {
             Err(r) => r,
             Ok(()) => match app.set_paused(&name, paused, &actor).await {
-            Ok(message) => json_response(
-                StatusCode::OK,
-                &json!({ "service": name, "paused": paused, "message": message }),
-            ),
-            Err(e) => change_error(e),
+                Ok(message) => json_response(
+                    StatusCode::OK,
+                    &json!({ "service": name, "paused": paused, "message": message }),
+                ),
+                Err(e) => change_error(e),
             },
         },
         Route::ReleaseStart => {
