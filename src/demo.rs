@@ -249,6 +249,19 @@ timeout = "500ms"
     )
 }
 
+/// The release `switchyard demo` suggests (written beside its state file).
+const DEMO_PLAN: &str = r#"name = "demo release"
+validate = "5m"
+[[phases]]
+name = "backend"
+services = ["api"]
+bake = "30s"
+[[phases]]
+name = "frontend"
+services = ["panel"]
+bake = "2m"
+"#;
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut ups = Vec::new();
@@ -283,6 +296,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(traffic(proxy, stop.clone()));
     }
     let green = ups[1].addr;
+    // A two-phase release of the demo's services, short enough to watch.
+    let plan = state_dir.join("release.toml");
+    let _ = std::fs::create_dir_all(&state_dir);
+    if let Err(e) = std::fs::write(&plan, DEMO_PLAN) {
+        eprintln!("cannot write the demo release plan {}: {e}", plan.display());
+    }
     println!(
         r#"
 Switchyard demo is running (Ctrl-C to stop).
@@ -314,7 +333,16 @@ Break green and watch the automatic rollback (error rate > 5% over 10s, held for
 
 Other ways to break it: /_demo/slow?ms=1500 (p95 trigger), /_demo/health?ok=false (unhealthy trigger),
 or `curl http://{proxy}/api/payments` while green fails (critical_5xx fires at once).
+
+Ship a release (from blue: api first, then panel; one rollback for both):
+
+  curl 'http://{green}/_demo/reset'; switchyard ctl flip api blue   # if you tried the steps above
+  switchyard ctl release start {plan}
+  switchyard ctl release status --watch               # phase 0 bakes 30s, then phase 1 flips panel
+  curl 'http://{green}/_demo/fail?rate=30'       # during phase 1: break api's green
+  switchyard ctl release wait                         # exits 1: rolled_back, api AND panel back on blue in one step
 "#,
+        plan = plan.display(),
         ab = ups[0].addr,
         ag = ups[1].addr,
         pb = ups[2].addr,
