@@ -388,6 +388,8 @@ struct PhaseRun {
     started_at: Option<String>,
     bake_ends_at: Option<String>,
     bake_deadline: Option<Instant>,
+    /// Wall clock (ms since the epoch) when the bake started: a restart resumes from it.
+    bake_started_ms: Option<u64>,
     ended_at: Option<String>,
 }
 
@@ -404,6 +406,9 @@ pub struct Release {
     validate: Duration,
     validate_ends_at: Option<String>,
     validate_deadline: Option<Instant>,
+    validate_started_ms: Option<u64>,
+    /// The plan as submitted (stored, so a restart can resume the release).
+    plan_json: Value,
     /// Each service of the plan and its color when the release started.
     pre: BTreeMap<String, Color>,
     /// The services the release has flipped so far (in order).
@@ -472,6 +477,13 @@ impl Release {
     }
 }
 
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn wall_after(d: Duration) -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now() + d).to_string()
 }
@@ -537,6 +549,8 @@ pub struct Releases {
     op: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
     metrics: ReleaseMetrics,
+    /// The running release for the state backend's directory ([`resume`]), written by a task.
+    persist: std::sync::OnceLock<tokio::sync::watch::Sender<Option<Value>>>,
 }
 
 /// Why a release did not start.
@@ -555,6 +569,7 @@ impl Releases {
             op: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             metrics: ReleaseMetrics::new(registry),
+            persist: std::sync::OnceLock::new(),
         }
     }
 
@@ -597,6 +612,9 @@ impl Releases {
     }
 
     fn publish(&self, inner: &Inner) {
+        if let Some(tx) = self.persist.get() {
+            tx.send_replace(inner.current.as_ref().map(Release::stored));
+        }
         let state = inner.current.as_ref().map(|r| r.state);
         self.metrics
             .phase
@@ -662,6 +680,7 @@ impl Releases {
 /// Starts a release from a plan (JSON value); answers the release as JSON.
 pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, StartError> {
     let snap = app.snapshot();
+    let plan_value = plan;
     let plan = parse(plan, Some(&snap.config)).map_err(StartError::Invalid)?;
     let rel = &app.releases;
     let _op = rel.op.lock().await;
@@ -705,6 +724,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
             started_at: None,
             bake_ends_at: None,
             bake_deadline: None,
+            bake_started_ms: None,
             ended_at: None,
         });
     }
@@ -731,12 +751,15 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         validate: plan.validate.unwrap_or(longest_watch),
         validate_ends_at: None,
         validate_deadline: None,
+        validate_started_ms: None,
+        plan_json: plan_value.clone(),
         pre,
         flipped: Vec::new(),
         paused: None,
         actor: actor.to_string(),
     };
-    let cancel = CancellationToken::new();
+    // A shutdown stops the driver without ending the release: a restart resumes it.
+    let cancel = app.shutdown.child_token();
     let answer = release.to_json();
     {
         let mut inner = rel.lock();
@@ -760,7 +783,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         ),
     ))
     .await;
-    tokio::spawn(drive(app.clone(), id, cancel));
+    tokio::spawn(drive(app.clone(), id, cancel, 0, None));
     Ok(answer)
 }
 
@@ -967,12 +990,35 @@ pub async fn guard_manual(
 // ---------------------------------------------------------------------------------------------
 
 /// Runs the release `id` to its end: phases, gates, the validate window, `complete`.
-async fn drive(app: Arc<App>, id: String, cancel: CancellationToken) {
+/// A restarted release resumes in phase `from` at one of these points.
+#[derive(Debug)]
+enum Resume {
+    /// The phase's services are flipped; this much of the bake is left.
+    Bake(Duration),
+    /// The bake is over; the phase waits at its gate.
+    Gate,
+    /// Every phase passed; this much of the validate window is left.
+    Validate(Duration),
+}
+
+async fn drive(
+    app: Arc<App>,
+    id: String,
+    cancel: CancellationToken,
+    from: usize,
+    mut resume: Option<Resume>,
+) {
     let rel = &app.releases;
     let Some(count) = rel.update(&id, |r| r.phases.len()) else {
         return;
     };
-    for i in 0..count {
+    let mut validate_left = None;
+    if let Some(Resume::Validate(d)) = resume {
+        validate_left = Some(d);
+        resume = None;
+    }
+    let first = if validate_left.is_some() { count } else { from };
+    for i in first..count {
         if cancel.is_cancelled() {
             return;
         }
@@ -990,69 +1036,15 @@ async fn drive(app: Arc<App>, id: String, cancel: CancellationToken) {
         }) else {
             return;
         };
-        // The pre-flip checks on every service of the phase, outside every lock.
-        let snap = app.snapshot();
-        let mut failed = None;
-        for (name, to) in &targets {
-            match snap.service(name) {
-                Some(svc) => {
-                    if let Err(e) = app.preflight(svc, *to).await {
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                }
-                None => {
-                    failed = Some(format!("{name} is no longer configured"));
-                    break;
-                }
-            }
-        }
-        if let Some(why) = failed {
-            let reason = format!("the checks before phase {i} {:?} failed: {why}", plan.name);
-            give_up(&app, &id, reason).await;
-            return;
-        }
-        // One atomic flip of the phase's services, never after an abort or rollback.
-        {
-            let _op = rel.op.lock().await;
-            if cancel.is_cancelled() {
-                return;
-            }
-            if let Err(e) = app.flip_set(&targets, "release", &label).await {
-                drop(_op);
-                give_up(&app, &id, format!("the flip of phase {i} failed: {e}")).await;
-                return;
-            }
-            let deadline = Instant::now() + plan.bake;
-            rel.update(&id, |r| {
-                let p = &mut r.phases[i];
-                p.state = "baking";
-                p.started_at = Some(now_rfc3339());
-                p.bake_ends_at = Some(wall_after(plan.bake));
-                p.bake_deadline = Some(deadline);
-                for (s, _) in &targets {
-                    if !r.flipped.contains(s) {
-                        r.flipped.push(s.clone());
-                    }
-                }
-            });
-        }
-        app.record(Event::new(
-            "*",
-            "release_phase",
-            "release",
-            format!(
-                "{label}: {} flipped in one step; baking {}",
-                targets
-                    .iter()
-                    .map(|(s, c)| format!("{s} -> {c}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                humantime::format_duration(plan.bake)
-            ),
-        ))
-        .await;
-        if !sleep_or_cancel(plan.bake, &cancel).await {
+        let bake = match if i == from { resume.take() } else { None } {
+            Some(Resume::Bake(left)) => left,
+            Some(Resume::Gate) => Duration::ZERO,
+            _ => match run_phase(&app, &id, &cancel, i, &targets, &plan, &label).await {
+                Some(()) => plan.bake,
+                None => return,
+            },
+        };
+        if !sleep_or_cancel(bake, &cancel).await {
             return;
         }
         if (plan.gate == Gate::Manual || paused(&app, &id))
@@ -1075,24 +1067,32 @@ async fn drive(app: Arc<App>, id: String, cancel: CancellationToken) {
         .await;
     }
     // Validation: every trigger of every flipped service still rolls the whole release back.
-    let Some((validate, name)) = rel.update(&id, |r| {
-        r.state = "validating";
-        r.validate_ends_at = Some(wall_after(r.validate));
-        r.validate_deadline = Some(Instant::now() + r.validate);
-        (r.validate, r.name.clone())
-    }) else {
-        return;
+    let name = rel.update(&id, |r| r.name.clone()).unwrap_or_default();
+    let validate = match validate_left {
+        Some(left) => left,
+        None => {
+            let Some(validate) = rel.update(&id, |r| {
+                r.state = "validating";
+                r.validate_ends_at = Some(wall_after(r.validate));
+                r.validate_deadline = Some(Instant::now() + r.validate);
+                r.validate_started_ms = Some(wall_ms());
+                r.validate
+            }) else {
+                return;
+            };
+            app.record(Event::new(
+                "*",
+                "release_phase",
+                "release",
+                format!(
+                    "release {name:?} ({id}) validating for {}",
+                    humantime::format_duration(validate)
+                ),
+            ))
+            .await;
+            validate
+        }
     };
-    app.record(Event::new(
-        "*",
-        "release_phase",
-        "release",
-        format!(
-            "release {name:?} ({id}) validating for {}",
-            humantime::format_duration(validate)
-        ),
-    ))
-    .await;
     if !sleep_or_cancel(validate, &cancel).await {
         return;
     }
@@ -1116,6 +1116,85 @@ async fn drive(app: Arc<App>, id: String, cancel: CancellationToken) {
             format!("release {name:?} ({id}) complete"),
         ))
         .await;
+    }
+}
+
+/// A phase's checks and its one atomic flip; None when the release ended (rolled back).
+async fn run_phase(
+    app: &Arc<App>,
+    id: &str,
+    cancel: &CancellationToken,
+    i: usize,
+    targets: &[(String, Color)],
+    plan: &PhasePlan,
+    label: &str,
+) -> Option<()> {
+    let rel = &app.releases;
+    {
+        // The pre-flip checks on every service of the phase, outside every lock.
+        let snap = app.snapshot();
+        let mut failed = None;
+        for (name, to) in targets {
+            match snap.service(name) {
+                Some(svc) => {
+                    if let Err(e) = app.preflight(svc, *to).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                None => {
+                    failed = Some(format!("{name} is no longer configured"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            let reason = format!("the checks before phase {i} {:?} failed: {why}", plan.name);
+            give_up(app, id, reason).await;
+            return None;
+        }
+        // One atomic flip of the phase's services, never after an abort or rollback.
+        {
+            let _op = rel.op.lock().await;
+            if cancel.is_cancelled() {
+                return None;
+            }
+            if let Err(e) = app.flip_set(targets, "release", label).await {
+                drop(_op);
+                give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
+                return None;
+            }
+            let deadline = Instant::now() + plan.bake;
+            rel.update(id, |r| {
+                let p = &mut r.phases[i];
+                p.state = "baking";
+                p.started_at = Some(now_rfc3339());
+                p.bake_ends_at = Some(wall_after(plan.bake));
+                p.bake_deadline = Some(deadline);
+                p.bake_started_ms = Some(wall_ms());
+                for (s, _) in targets {
+                    if !r.flipped.contains(s) {
+                        r.flipped.push(s.clone());
+                    }
+                }
+            });
+        }
+        app.record(Event::new(
+            "*",
+            "release_phase",
+            "release",
+            format!(
+                "{label}: {} flipped in one step; baking {}",
+                targets
+                    .iter()
+                    .map(|(s, c)| format!("{s} -> {c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                humantime::format_duration(plan.bake)
+            ),
+        ))
+        .await;
+        Some(())
     }
 }
 
@@ -1198,6 +1277,202 @@ async fn give_up(app: &Arc<App>, id: &str, reason: String) {
             });
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability: the running release beside the state, resumed after a restart
+// ---------------------------------------------------------------------------------------------
+
+const PHASE_STATES: [&str; 5] = ["pending", "baking", "waiting", "passed", "rolled_back"];
+
+fn known(list: &[&'static str], v: &Value) -> Option<&'static str> {
+    let s = v.as_str()?;
+    list.iter().copied().find(|x| *x == s)
+}
+
+fn opt_str(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_string)
+}
+
+impl Release {
+    /// What is stored: enough to resume (plan, phase, bake start, pre-release colors).
+    fn stored(&self) -> Value {
+        json!({
+            "version": 1,
+            "plan": self.plan_json,
+            "id": self.id,
+            "state": self.state,
+            "phase": self.phase,
+            "phases": self.phases.iter().map(|p| json!({
+                "targets": p.targets,
+                "state": p.state,
+                "started_at": p.started_at,
+                "bake_ends_at": p.bake_ends_at,
+                "bake_started_ms": p.bake_started_ms,
+                "ended_at": p.ended_at,
+            })).collect::<Vec<_>>(),
+            "started_at": self.started_at,
+            "validate_ms": self.validate.as_millis() as u64,
+            "validate_ends_at": self.validate_ends_at,
+            "validate_started_ms": self.validate_started_ms,
+            "pre": self.pre,
+            "flipped": self.flipped,
+            "paused": self.paused,
+            "actor": self.actor,
+        })
+    }
+
+    fn from_stored(v: &Value) -> Option<Release> {
+        let plan = parse(&v["plan"], None).ok()?;
+        let stored: &[Value] = v["phases"].as_array()?;
+        if stored.len() != plan.phases.len() {
+            return None;
+        }
+        let mut phases = Vec::new();
+        for (p, st) in plan.phases.iter().zip(stored) {
+            let targets: Vec<(String, Color)> =
+                serde_json::from_value(st["targets"].clone()).ok()?;
+            phases.push(PhaseRun {
+                plan: p.clone(),
+                targets,
+                state: known(&PHASE_STATES, &st["state"])?,
+                started_at: opt_str(&st["started_at"]),
+                bake_ends_at: opt_str(&st["bake_ends_at"]),
+                bake_deadline: None,
+                bake_started_ms: st["bake_started_ms"].as_u64(),
+                ended_at: opt_str(&st["ended_at"]),
+            });
+        }
+        Some(Release {
+            id: v["id"].as_str()?.to_string(),
+            name: plan.name.clone(),
+            state: known(&STATES, &v["state"])?,
+            phase: v["phase"].as_u64()? as usize,
+            phases,
+            started_at: opt_str(&v["started_at"]).unwrap_or_default(),
+            ended_at: None,
+            reason: None,
+            validate: Duration::from_millis(v["validate_ms"].as_u64()?),
+            validate_ends_at: opt_str(&v["validate_ends_at"]),
+            validate_deadline: None,
+            validate_started_ms: v["validate_started_ms"].as_u64(),
+            plan_json: v["plan"].clone(),
+            pre: serde_json::from_value(v["pre"].clone()).ok()?,
+            flipped: serde_json::from_value(v["flipped"].clone()).ok()?,
+            paused: opt_str(&v["paused"]),
+            actor: opt_str(&v["actor"]).unwrap_or_default(),
+        })
+    }
+}
+
+/// Where the running release is kept: beside the state file (or etcd's local cache).
+pub fn stored_path(app: &App) -> Option<std::path::PathBuf> {
+    app.store
+        .local_path()
+        .map(|p| p.with_extension("release.json"))
+}
+
+fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("release.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(v).unwrap_or_default())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// At startup: resumes the release that was running when the process stopped (a bake resumes
+/// with the time already spent counted), then keeps the stored copy current.
+pub async fn resume(app: &Arc<App>) {
+    let Some(path) = stored_path(app) else { return };
+    let p2 = path.clone();
+    let stored = tokio::task::spawn_blocking(move || std::fs::read(&p2))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<Value>);
+    if app.releases.persist.set(tx).is_err() {
+        return;
+    }
+    let shutdown = app.shutdown.clone();
+    let wpath = path.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                r = rx.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            let current = rx.borrow_and_update().clone();
+            let path = wpath.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                write_atomic(&path, &json!({ "current": current }))
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!(error = %e, "cannot store the running release; a restart would not resume it");
+            }
+        }
+    });
+    let Some(v) = stored else { return };
+    if v["current"].is_null() {
+        return;
+    }
+    let Some(mut rel) = Release::from_stored(&v["current"]) else {
+        tracing::error!(path = %path.display(), "the stored release is unreadable; it is not resumed (abort it by hand: flip its services back)");
+        return;
+    };
+    let now = wall_ms();
+    let elapsed =
+        |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
+    let i = rel.phase.min(rel.phases.len().saturating_sub(1));
+    let resume = match (rel.state, rel.phases.get(i).map(|p| p.state)) {
+        ("validating", _) | ("waiting", Some("passed")) => {
+            let left = rel
+                .validate
+                .saturating_sub(elapsed(rel.validate_started_ms));
+            rel.validate_deadline = Some(Instant::now() + left);
+            Some(Resume::Validate(left))
+        }
+        (_, Some("baking")) => {
+            let p = &mut rel.phases[i];
+            let left = p.plan.bake.saturating_sub(elapsed(p.bake_started_ms));
+            p.bake_deadline = Some(Instant::now() + left);
+            Some(Resume::Bake(left))
+        }
+        (_, Some("waiting")) => Some(Resume::Gate),
+        _ => None,
+    };
+    tracing::info!(release = %rel.id, phase = i, resume = ?resume, "resuming the release that was running");
+    let id = rel.id.clone();
+    let detail = format!(
+        "release {:?} ({id}) resumed after a restart at phase {i} ({})",
+        rel.name,
+        match &resume {
+            Some(Resume::Bake(d)) => format!(
+                "{} of the bake left",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            ),
+            Some(Resume::Validate(d)) => format!(
+                "{} of the validate window left",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            ),
+            Some(Resume::Gate) => "waiting for promote".to_string(),
+            None => "the phase starts again".to_string(),
+        }
+    );
+    let cancel = app.shutdown.child_token();
+    {
+        let rels = &app.releases;
+        let mut inner = rels.lock();
+        inner.current = Some(rel);
+        inner.cancel = Some(cancel.clone());
+        rels.publish(&inner);
+    }
+    app.record(Event::new("*", "release_phase", "release", detail))
+        .await;
+    tokio::spawn(drive(app.clone(), id, cancel, i, resume));
 }
 
 #[cfg(test)]

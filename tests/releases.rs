@@ -15,6 +15,7 @@ struct Rig {
     api: [Arc<TestUpstream>; 2],
     panel: [Arc<TestUpstream>; 2],
     p: TestProxy,
+    body: String,
 }
 
 const TRIGGERS: &str = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 10\n[[services.rollback.triggers]]\nkind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"1s\"\n";
@@ -45,7 +46,31 @@ impl Rig {
             ),
         );
         let p = TestProxy::start(&body).await;
-        Rig { api, panel, p }
+        Rig {
+            api,
+            panel,
+            p,
+            body,
+        }
+    }
+
+    /// Stops Switchyard, waits `down`, starts it again on the same state directory.
+    async fn restart(self, down: Duration) -> Rig {
+        let Rig {
+            api,
+            panel,
+            p,
+            body,
+        } = self;
+        let dir = p.stop().await;
+        tokio::time::sleep(down).await;
+        let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+        Rig {
+            api,
+            panel,
+            p,
+            body,
+        }
     }
 
     async fn serving(&self) -> (String, String) {
@@ -461,5 +486,47 @@ async fn a_rollback_to_a_latched_color_is_refused_without_force() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(r.p.get("/panel/x").await.1, "panel-green\n");
     let _ = &r.api;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_bake_resumes_with_the_time_already_spent() {
+    let r = Rig::start().await;
+    let (s, v) = r.start_release(two_phases("1s", "8s", "auto", "1s")).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    let id = r.releases().await["current"]["id"].clone();
+    let r = r.restart(Duration::from_secs(3)).await;
+    let cur = r.releases().await["current"].clone();
+    assert_eq!(cur["id"], id, "{cur}");
+    assert_eq!(cur["phase"], 1, "{cur}");
+    assert_eq!(cur["phases"][0]["state"], "passed", "{cur}");
+    assert_eq!(cur["phases"][1]["state"], "baking", "{cur}");
+    // The 3 s the process was down count: less than 8 - 3 s of the bake is left.
+    let left = cur["phases"][1]["bake_left_secs"]
+        .as_f64()
+        .expect("bake_left_secs");
+    assert!(left <= 5.0, "{cur}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
+    assert!(
+        r.events("release_phase").await.iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("resumed after a restart")),
+        "{:?}",
+        r.p.events().await
+    );
+    let end = r.wait_end(30).await;
+    assert_eq!(end["state"], "complete", "{end}");
+    assert_eq!(end["id"], id);
+    // Nothing is left to resume after the end.
+    let r = r.restart(Duration::ZERO).await;
+    assert!(r.releases().await["current"].is_null());
     r.p.stop().await;
 }
