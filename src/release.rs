@@ -1044,7 +1044,7 @@ async fn drive(
                 None => return,
             },
         };
-        if !sleep_or_cancel(bake, &cancel).await {
+        if !sleep_or_cancel(&app, &id, bake, &cancel).await {
             return;
         }
         if (plan.gate == Gate::Manual || paused(&app, &id))
@@ -1093,7 +1093,7 @@ async fn drive(
             validate
         }
     };
-    if !sleep_or_cancel(validate, &cancel).await {
+    if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
     if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel).await {
@@ -1241,16 +1241,71 @@ async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &Cancella
         }
         tokio::select! {
             _ = rel.wake.notified() => {}
+            _ = tokio::time::sleep(CHECK_EVERY) => {
+                if removed_by_reload(app, id).await {
+                    return false;
+                }
+            }
             _ = cancel.cancelled() => return false,
         }
     }
 }
 
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = cancel.cancelled() => false,
+/// How often a waiting driver checks that a reload did not remove one of its services.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Sleeps `d` unless the release ends first (false), or a reload removed one of its services
+/// (then the release is aborted: everything it flipped goes back; false).
+async fn sleep_or_cancel(
+    app: &Arc<App>,
+    id: &str,
+    d: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let deadline = Instant::now() + d;
+    loop {
+        let step = deadline
+            .saturating_duration_since(Instant::now())
+            .min(CHECK_EVERY);
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = cancel.cancelled() => return false,
+        }
+        if removed_by_reload(app, id).await {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
     }
+}
+
+/// A reload removed a service of the release: abort it with an event. True when it did.
+async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
+    let snap = app.snapshot();
+    let gone: Vec<String> = match app.releases.current().filter(|r| r.id == id) {
+        Some(r) => r
+            .pre
+            .keys()
+            .filter(|s| snap.service(s).is_none())
+            .cloned()
+            .collect(),
+        None => return false,
+    };
+    if gone.is_empty() {
+        return false;
+    }
+    let reason = format!("{} removed from the config by a reload", gone.join(", "));
+    if let Err(e) = roll_back(app, id, "aborted", FlipKind::ManualRollback, reason, |ev| {
+        ev.reason = "release_abort".to_string();
+        ev.actor = "reload".to_string();
+    })
+    .await
+    {
+        tracing::error!(release = %id, error = %e, "cannot abort the release after a reload removed its services");
+        return false;
+    }
+    true
 }
 
 /// A phase could not run: everything the release flipped goes back (`rolled_back`).

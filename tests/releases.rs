@@ -530,3 +530,41 @@ async fn a_restart_mid_bake_resumes_with_the_time_already_spent() {
     assert!(r.releases().await["current"].is_null());
     r.p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_service_aborts_the_release() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    // The same config without `panel`.
+    let dir = r.p.dir.as_ref().expect("dir").path().to_path_buf();
+    let api_only = service(
+        "api",
+        &[r.api[0].addr],
+        &[r.api[1].addr],
+        &format!("path_prefix = \"/api\"\n{TRIGGERS}"),
+    );
+    std::fs::write(&r.p.config_path, full_config(&api_only, &dir)).expect("write config");
+    let (s, v) = r.post("/api/reload", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let end = r.wait_end(20).await;
+    assert_eq!(end["state"], "aborted", "{end}");
+    assert!(
+        end["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("panel removed"),
+        "{end}"
+    );
+    assert_eq!(r.p.get("/api/x").await.1, "api-blue\n");
+    let evs = r.events("release_abort").await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["actor"], "reload");
+    r.p.stop().await;
+}
