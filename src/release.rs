@@ -922,6 +922,12 @@ async fn roll_back(
                 ev = ev.colors(first.from, first.to).generation(first.generation);
             }
             shape(&mut ev);
+            // The colors and generation of the service the trigger fired on, when it went back.
+            if let Some(o) = returned.iter().find(|o| o.service == ev.service) {
+                ev.from = Some(o.from);
+                ev.to = Some(o.to);
+                ev.generation = Some(o.generation);
+            }
             let extra = json!({
                 "release": cur.id,
                 "returned": returned.iter().map(|o| json!({"service": o.service, "from": o.from, "to": o.to, "generation": o.generation})).collect::<Vec<_>>(),

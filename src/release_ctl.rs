@@ -108,9 +108,20 @@ async fn wait(args: &CtlArgs, base: &str) -> i32 {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let Some(id) = first["current"]["id"].as_str().map(str::to_string) else {
-        eprintln!("error: no release is running");
-        return 1;
+    let id = match (
+        first["current"]["id"].as_str(),
+        first["recent"][0]["id"].as_str(),
+    ) {
+        (Some(id), _) => id.to_string(),
+        // Already over (a short release ends before `wait` starts): its result decides.
+        (None, Some(id)) => {
+            println!("no release is running; the last one:");
+            id.to_string()
+        }
+        (None, None) => {
+            eprintln!("error: no release is running and none ran yet");
+            return 1;
+        }
     };
     let mut last_state = String::new();
     loop {
