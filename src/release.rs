@@ -1286,6 +1286,62 @@ async fn sleep_or_cancel(
     }
 }
 
+/// A service the release flipped was rolled back from its release color and latched as failed
+/// by something other than this release (another replica's automatic rollback, applied from
+/// etcd): the whole release goes back. Not while the release is paused (a forced manual
+/// rollback here pauses it first). True when it rolled the release back.
+async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
+    let snap = app.snapshot();
+    let Some(r) = app
+        .releases
+        .current()
+        .filter(|r| r.id == id && r.paused.is_none())
+    else {
+        return false;
+    };
+    let target = |name: &str| {
+        r.phases
+            .iter()
+            .flat_map(|p| p.targets.iter())
+            .find(|(s, _)| s == name)
+            .map(|(_, c)| *c)
+    };
+    let Some(svc) = r.flipped.iter().find_map(|name| {
+        let to = target(name)?;
+        let svc = snap.service(name)?;
+        (svc.state.active != to && svc.state.failed == Some(to)).then(|| svc.clone())
+    }) else {
+        return false;
+    };
+    let reason = format!(
+        "{} was rolled back {} -> {} outside this release (generation {}: another replica's automatic rollback)",
+        svc.name(),
+        svc.state.failed.map(|c| c.to_string()).unwrap_or_default(),
+        svc.state.active,
+        svc.state.generation
+    );
+    let name = svc.name().to_string();
+    match roll_back(
+        app,
+        id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason,
+        |ev| {
+            ev.service = name.clone();
+            ev.trigger = Some(json!({ "kind": "remote_rollback", "service": name }));
+        },
+    )
+    .await
+    {
+        Ok(done) => done.is_some(),
+        Err(e) => {
+            tracing::error!(release = %id, error = %e, "cannot roll the release back after a rollback elsewhere; will retry");
+            false
+        }
+    }
+}
+
 /// A reload removed a service of the release: abort it with an event. True when it did.
 async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
     let snap = app.snapshot();
@@ -1299,7 +1355,7 @@ async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
         None => return false,
     };
     if gone.is_empty() {
-        return false;
+        return rolled_back_elsewhere(app, id).await;
     }
     let reason = format!("{} removed from the config by a reload", gone.join(", "));
     if let Err(e) = roll_back(app, id, "aborted", FlipKind::ManualRollback, reason, |ev| {
@@ -1754,6 +1810,42 @@ gate = "manual"
         assert_eq!(reasons(&app, "release_abort").len(), 1);
         assert_eq!(app.releases.to_json()["recent"][0]["state"], "aborted");
         assert!(abort(&app, "ops").await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_applied_from_another_replica_rolls_the_whole_release_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
+        assert_eq!(active(&app, "panel"), Color::Green);
+        // Another replica rolled `api` back on its own trigger (as the etcd watch applies it).
+        let api = app
+            .snapshot()
+            .service("api")
+            .map(|s| s.state.clone())
+            .expect("api");
+        let mut remote = std::collections::HashMap::new();
+        remote.insert(
+            "api".to_string(),
+            crate::routing::ServiceState {
+                active: Color::Blue,
+                previous: Some(Color::Green),
+                generation: api.generation + 1,
+                updated_at: Some(now_rfc3339()),
+                paused: false,
+                failed: Some(Color::Green),
+            },
+        );
+        app.apply_remote(remote).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue, "panel follows api back");
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back");
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert_eq!(evs[0].service, "api");
     }
 
     #[test]
