@@ -568,3 +568,116 @@ async fn a_reload_that_removes_a_service_aborts_the_release() {
     assert_eq!(evs[0]["actor"], "reload");
     r.p.stop().await;
 }
+
+/// A real etcd on loopback ports (Debian's `etcd-server`), as tests/replicas.rs starts it.
+struct Etcd {
+    child: std::process::Child,
+    client: u16,
+}
+
+impl Etcd {
+    async fn start(dir: &std::path::Path) -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("test={p}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        let ok = eventually(20, || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", client))
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(ok, "etcd did not start");
+        Etcd { child, client }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let ups = [
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+        TestUpstream::start("panel-blue").await,
+        TestUpstream::start("panel-green").await,
+    ];
+    let critical = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 1\n[[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/api/pay\"]\nover = \"10s\"\nfor = \"0s\"\n";
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\netcd_prefix = \"/sy-release/\"\n{}{}",
+        etcd.client,
+        service(
+            "api",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            &format!("path_prefix = \"/api\"\n{critical}")
+        ),
+        service("panel", &[ups[2].addr], &[ups[3].addr], "path_prefix = \"/panel\"")
+    );
+    let a = TestProxy::start(&body).await;
+    let b = TestProxy::start(&body).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "10m", "auto", "10m")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let both_green = eventually(20, || async {
+        b.service_status("api").await["active"] == "green"
+            && b.service_status("panel").await["active"] == "green"
+    })
+    .await;
+    assert!(both_green, "replica b follows the release's flips");
+    // The trigger fires on replica b (only b sees the failing request).
+    ups[1].set_status(500);
+    assert_eq!(get(b.proxy, "/api/pay").await.0, 500);
+    let ended = eventually(20, || async {
+        admin_get(a.admin, "/api/releases").await.1["current"].is_null()
+    })
+    .await;
+    let all = admin_get(a.admin, "/api/releases").await.1;
+    assert!(ended, "{all}");
+    assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
+    // b's own automatic rollback of api, then a's one release rollback (panel back).
+    let evs = a.events().await;
+    let rb: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["reason"] == "release_rollback")
+        .collect();
+    assert_eq!(rb.len(), 1, "{evs:#?}");
+    assert_eq!(rb[0]["trigger"]["kind"], "remote_rollback", "{evs:#?}");
+    assert_eq!(rb[0]["service"], "api", "{evs:#?}");
+    for p in [&a, &b] {
+        let back = eventually(10, || async {
+            p.service_status("api").await["active"] == "blue"
+                && p.service_status("panel").await["active"] == "blue"
+        })
+        .await;
+        assert!(back, "both services back on blue: {}", p.status().await);
+    }
+    a.stop().await;
+    b.stop().await;
+}
