@@ -90,7 +90,9 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
         // (and a service whose pre-release pool is dead is reported, the others still go).
         if let Decision::Rollback(fire) | Decision::Blocked(fire) = &decision {
             if app.releases.owns(svc.name()) {
-                match crate::release::triggered(app, svc.name(), &fire.detail, fire_json(fire))
+                let fire = fire.clone();
+                decision = Decision::None;
+                match crate::release::triggered(app, svc.name(), &fire.detail, fire_json(&fire))
                     .await
                 {
                     Ok(true) => {}
@@ -100,7 +102,6 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                         w.engine.reset();
                     }
                 }
-                continue;
             }
         }
         match decision {
