@@ -681,3 +681,80 @@ async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() 
     a.stop().await;
     b.stop().await;
 }
+
+/// `switchyard ctl ARGS` against the rig with the token; (exit code, stdout, stderr).
+async fn ctl(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{admin}"),
+            "--token",
+            TOKEN,
+        ])
+        .args(args)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("ctl timed out")
+        .expect("ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_release_start_status_promote_abort_from_a_toml_plan() {
+    let r = Rig::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "name = \"ctl release\"\nvalidate = \"10m\"\n[[phases]]\nname = \"backend\"\nservices = [\"api\"]\nbake = \"0s\"\ngate = \"manual\"\n[[phases]]\nname = \"frontend\"\nservices = [\"panel\"]\nto = \"green\"\nbake = \"10m\"\n",
+    )
+    .expect("write plan");
+    let plan = plan.to_string_lossy().into_owned();
+    let (code, out, err) = ctl(r.p.admin, &["release", "start", &plan]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ctl release"), "{out}");
+    r.wait_current(20, "waiting at the gate", |c| c["state"] == "waiting")
+        .await;
+    let (code, out, _) = ctl(r.p.admin, &["release", "status"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("waiting") && out.contains("frontend"), "{out}");
+    // A second start: refused, naming the running one.
+    let (code, _, err) = ctl(r.p.admin, &["release", "start", &plan]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("409") && err.contains("ctl release"), "{err}");
+    let (code, out, err) = ctl(r.p.admin, &["release", "promote"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    let (code, out, err) = ctl(r.p.admin, &["release", "abort"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 service(s) returned"), "{out}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let (code, _, _) = ctl(r.p.admin, &["release", "wait"]).await;
+    assert_eq!(code, 1, "the last release was aborted");
+    // A plan with errors: every error with its key, from the server.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "name = \"x\"\n[[phases]]\nname = \"a\"\nservices = [\"ghost\"]\nbake = \"soon\"\n",
+    )
+    .expect("write");
+    let bad = dir.path().join("bad.toml").to_string_lossy().into_owned();
+    let (code, _, err) = ctl(r.p.admin, &["release", "start", &bad]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("phases[0].services[0]") && err.contains("phases[0].bake"),
+        "{err}"
+    );
+    r.p.stop().await;
+}
