@@ -1189,15 +1189,22 @@ async fn run_phase(
             "*",
             "release_phase",
             "release",
-            format!(
-                "{label}: {} flipped in one step; baking {}",
-                targets
-                    .iter()
-                    .map(|(s, c)| format!("{s} -> {c}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                humantime::format_duration(plan.bake)
-            ),
+            if targets.is_empty() {
+                format!(
+                    "{label}: verification, nothing flipped; watching {}",
+                    humantime::format_duration(plan.bake)
+                )
+            } else {
+                format!(
+                    "{label}: {} flipped in one step; baking {}",
+                    targets
+                        .iter()
+                        .map(|(s, c)| format!("{s} -> {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    humantime::format_duration(plan.bake)
+                )
+            },
         ))
         .await;
         Some(())
@@ -1846,6 +1853,31 @@ gate = "manual"
         let evs = reasons(&app, "release_rollback");
         assert_eq!(evs.len(), 1, "{evs:?}");
         assert_eq!(evs[0].service, "api");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_verification_phase_flips_nothing_and_waits_for_promote() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let p = plan(
+            "name = \"v\"\n[[phases]]\nname = \"backend\"\nservices = [\"api\"]\nbake = \"1m\"\n[[phases]]\nname = \"verification\"\nservices = []\nbake = \"15m\"\ngate = \"manual\"\n",
+        );
+        start(&app, &p, "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][1]["state"], "baking");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        assert_eq!(current(&app)["state"], "waiting");
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "validating", "{c}");
+        // Default validate window: the longest watch_for of the plan's services (api: 45m).
+        assert_eq!(c["validate_secs"], 2700.0);
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        assert_eq!(active(&app, "api"), Color::Green);
     }
 
     #[test]
