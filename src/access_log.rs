@@ -202,7 +202,8 @@ impl AccessLog {
 fn usable_id(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= MAX_CLIENT_ID
-        && v.iter()
+        && v
+            .iter()
             .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b'\\')
 }
 
@@ -403,7 +404,12 @@ pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat) {
                 [_, d, m, y, t, _] => format!("{d}/{m}/{y}:{t} +0000"),
                 _ => date.clone(),
             };
-            let _ = write!(out, "{} - - [{when}] \"{} ", e.client, e.method.as_str());
+            let _ = write!(
+                out,
+                "{} - - [{when}] \"{} ",
+                e.client,
+                e.method.as_str()
+            );
             escaped(out, target.as_bytes());
             let _ = write!(out, " {:?}\" {} {} \"", e.version, e.status, e.bytes);
             quoted_or_dash(out, e.referer.as_ref());

@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Color, Config};
-use crate::etcd::WriteOutcome;
 use crate::events::{now_rfc3339, Event, EventLog};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::routing::{build_snapshot, Service, ServiceState, Snapshot};
+use crate::etcd::WriteOutcome;
 use crate::state::{StateError, StateStore};
 use crate::stats::Clock;
 use crate::upstream::Clients;
@@ -201,8 +201,8 @@ impl App {
     ) -> Result<Arc<App>, StateError> {
         // A crash between a temp file's write and its rename leaves it behind.
         if let Some(path) = store.local_path() {
-            let _ =
-                tokio::task::spawn_blocking(move || crate::state::remove_stale_temps(&path)).await;
+            let _ = tokio::task::spawn_blocking(move || crate::state::remove_stale_temps(&path))
+                .await;
         }
         let (states, source) = match store.load().await {
             Ok(s) => {
@@ -216,19 +216,21 @@ impl App {
             // A replica that starts while etcd is down serves the last state it saw from etcd
             // (the cache file), else the config's colors, and resyncs as soon as etcd answers;
             // a file store must be readable.
-            Err(StateError::Unavailable(e)) if store.as_etcd().is_some() => match store.as_etcd() {
-                Some(etcd) => match etcd.load_cache().await {
-                    Some(cached) => {
-                        tracing::warn!(error = %e, "etcd unreachable at startup: serving the last state seen from etcd (cache file) until it answers");
-                        (cached, StateSource::Cache)
-                    }
-                    None => {
-                        tracing::warn!(error = %e, "etcd unreachable at startup and no cache: serving the config's colors until it answers");
-                        (HashMap::new(), StateSource::Config)
-                    }
-                },
-                None => (HashMap::new(), StateSource::Config),
-            },
+            Err(StateError::Unavailable(e)) if store.as_etcd().is_some() => {
+                match store.as_etcd() {
+                    Some(etcd) => match etcd.load_cache().await {
+                        Some(cached) => {
+                            tracing::warn!(error = %e, "etcd unreachable at startup: serving the last state seen from etcd (cache file) until it answers");
+                            (cached, StateSource::Cache)
+                        }
+                        None => {
+                            tracing::warn!(error = %e, "etcd unreachable at startup and no cache: serving the config's colors until it answers");
+                            (HashMap::new(), StateSource::Config)
+                        }
+                    },
+                    None => (HashMap::new(), StateSource::Config),
+                }
+            }
             Err(e) => return Err(e),
         };
         let metrics = Arc::new(Metrics::new());
@@ -633,7 +635,8 @@ impl App {
             return Ok(outcomes);
         }
         Err(ChangeError::Refused(
-            "services kept changing while the checks ran; re-read the status and retry".to_string(),
+            "services kept changing while the checks ran; re-read the status and retry"
+                .to_string(),
         ))
     }
 

@@ -383,8 +383,7 @@ fn print_status(v: &Value) {
                 s(t, "state"),
                 fmt(t.get("value")),
                 fmt(t.get("threshold"))
-            );
-            print_analysis(t);
+            );            print_analysis(t);
         }
     }
 }

@@ -15,8 +15,8 @@
 //! replica reconnects and resyncs by itself.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,7 +161,11 @@ fn prefix_end(prefix: &str) -> String {
 
 /// A fresh id that names one write (and its events) unambiguously.
 pub fn new_write_id() -> String {
-    format!("{:08x}-{:016x}", std::process::id(), fastrand::u64(..))
+    format!(
+        "{:08x}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    )
 }
 
 /// A service state as stored in etcd: its JSON with the id of the write that stored it.
@@ -178,11 +182,7 @@ impl EtcdStore {
         Self::with_options(endpoints, prefix, EtcdOptions::default())
     }
 
-    pub fn with_options(
-        endpoints: &[String],
-        prefix: &str,
-        options: EtcdOptions,
-    ) -> Arc<EtcdStore> {
+    pub fn with_options(endpoints: &[String], prefix: &str, options: EtcdOptions) -> Arc<EtcdStore> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(options.timeout.min(Duration::from_secs(1))));
         connector.set_nodelay(true);
@@ -276,7 +276,7 @@ impl EtcdStore {
                     message: e.to_string(),
                     // A refused or failed connect never carried the request.
                     maybe_sent: !e.is_connect(),
-                });
+                })
             }
             Ok(Ok(r)) => r,
         };
@@ -471,10 +471,7 @@ impl EtcdStore {
                 Ok(l) => l,
                 Err(e) if !e.maybe_sent => return WriteOutcome::NotApplied(e.message),
                 Err(e) => {
-                    return WriteOutcome::NotApplied(format!(
-                        "cannot get an event lease: {}",
-                        e.message
-                    ))
+                    return WriteOutcome::NotApplied(format!("cannot get an event lease: {}", e.message))
                 }
             };
             for (i, ev) in events.iter().enumerate() {
@@ -887,20 +884,11 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                     last_progress.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
                 };
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let watch = store.watch(
-                    revision,
-                    |msg| {
-                        let _ = tx.send(msg);
-                    },
-                    touch,
-                );
+                let watch = store.watch(revision, |msg| {
+                    let _ = tx.send(msg);
+                }, touch);
                 let apply = async {
-                    while let Some(WatchMsg::Change {
-                        name,
-                        state,
-                        write_id,
-                    }) = rx.recv().await
-                    {
+                    while let Some(WatchMsg::Change { name, state, write_id }) = rx.recv().await {
                         if let Some(state) = state {
                             app.apply_remote(HashMap::from([(name, state)])).await;
                         }
@@ -913,12 +901,7 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                     let mut lagging = 0;
                     loop {
                         tokio::time::sleep(interval).await;
-                        match tokio::time::timeout(
-                            interval.max(store.options.timeout),
-                            store.lagging(),
-                        )
-                        .await
-                        {
+                        match tokio::time::timeout(interval.max(store.options.timeout), store.lagging()).await {
                             Ok(Ok(false)) => {
                                 touch();
                                 lagging = 0;

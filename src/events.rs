@@ -132,9 +132,7 @@ fn parse_line(line: &str) -> Option<Line> {
     if let Some(id) = v.get("aborted").and_then(|x| x.as_str()) {
         return Some(Line::Aborted(id.to_string()));
     }
-    serde_json::from_value(v)
-        .ok()
-        .map(|e| Line::Event(Box::new(e)))
+    serde_json::from_value(v).ok().map(|e| Line::Event(Box::new(e)))
 }
 
 /// The rotated file beside `path`.
@@ -192,12 +190,8 @@ impl EventLog {
         if let Some(path) = &audit {
             match cut_torn_tail(path) {
                 Ok(0) => {}
-                Ok(n) => {
-                    tracing::warn!(path = %path.display(), bytes = n, "cut a torn last line off the audit log (a crash mid-write)")
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot check the audit log's last line")
-                }
+                Ok(n) => tracing::warn!(path = %path.display(), bytes = n, "cut a torn last line off the audit log (a crash mid-write)"),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot check the audit log's last line"),
             }
             let mut pending: Vec<(String, HashMap<String, ServiceState>, Vec<Event>)> = Vec::new();
             for p in [rotated_path(path), path.clone()] {

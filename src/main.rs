@@ -275,18 +275,14 @@ fn serve(
         let app = running.app.clone();
         let app_for_log = app.clone();
         switchyard::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
-        signals(
-            app,
-            path.to_path_buf(),
-            matches!(log_format, LogFormat::Json),
-        )
-        .await;
+        signals(app, path.to_path_buf(), matches!(log_format, LogFormat::Json)).await;
         switchyard::upgrade::sd_notify("STOPPING=1");
         running.wait().await;
         if let Some(log) = app_for_log.access_log.get().cloned() {
-            let _ =
-                tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2)))
-                    .await;
+            let _ = tokio::task::spawn_blocking(move || {
+                log.flush(std::time::Duration::from_secs(2))
+            })
+            .await;
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS

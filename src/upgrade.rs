@@ -247,9 +247,7 @@ impl Handover {
                     error = %format!("{e:#}"),
                     "upgrade aborted; this process keeps serving"
                 ),
-                Err(e) => {
-                    tracing::error!(error = %e, "upgrade task failed; this process keeps serving")
-                }
+                Err(e) => tracing::error!(error = %e, "upgrade task failed; this process keeps serving"),
             }
         }
     }
@@ -334,18 +332,12 @@ pub fn spawn_successor(config: &Path, log_format_json: bool) {
             tokio::spawn(async move {
                 match child.wait().await {
                     Ok(s) if s.success() => {}
-                    Ok(s) => {
-                        tracing::error!(status = %s, "upgrade on SIGUSR2: the new process failed; this one keeps serving")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "upgrade on SIGUSR2: cannot wait for the new process")
-                    }
+                    Ok(s) => tracing::error!(status = %s, "upgrade on SIGUSR2: the new process failed; this one keeps serving"),
+                    Err(e) => tracing::error!(error = %e, "upgrade on SIGUSR2: cannot wait for the new process"),
                 }
             });
         }
-        Err(e) => {
-            tracing::error!(binary = %exe.display(), error = %e, "upgrade on SIGUSR2: cannot start the new process")
-        }
+        Err(e) => tracing::error!(binary = %exe.display(), error = %e, "upgrade on SIGUSR2: cannot start the new process"),
     }
 }
 

@@ -209,10 +209,7 @@ async fn combined_format_parses() {
     let (_, id, _) = get_with(
         p.proxy,
         "/a?b=%22c%22",
-        &[
-            ("referer", "http://x/\"q\""),
-            ("user-agent", "test-agent/1"),
-        ],
+        &[("referer", "http://x/\"q\""), ("user-agent", "test-agent/1")],
     )
     .await;
     let got = wait_lines(&log, 1).await;

@@ -15,11 +15,7 @@ use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 
-fn spawn_serve(
-    cfg: &std::path::Path,
-    log: &std::path::Path,
-    upgrade: bool,
-) -> tokio::process::Child {
+fn spawn_serve(cfg: &std::path::Path, log: &std::path::Path, upgrade: bool) -> tokio::process::Child {
     let mut args = vec!["serve", "--config", cfg.to_str().expect("utf-8")];
     if upgrade {
         args.push("--upgrade");
@@ -53,9 +49,11 @@ impl Tally {
 
 /// Requests on one keep-alive client (its own pool), until `stop`.
 async fn keep_alive_load(proxy: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(1)
-        .build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(
+        hyper_util::rt::TokioExecutor::new(),
+    )
+    .pool_max_idle_per_host(1)
+    .build_http::<Full<Bytes>>();
     while !stop.load(Ordering::SeqCst) {
         let req = Request::get(format!("http://{proxy}/ka"))
             .body(Full::new(Bytes::new()))
@@ -191,18 +189,9 @@ async fn upgrade_under_load(runtime: &str) {
         0,
         "{failed} failed requests of {}: {:?}\n{logs}",
         tally.ok.load(Ordering::SeqCst),
-        tally
-            .errors
-            .lock()
-            .expect("lock")
-            .iter()
-            .take(10)
-            .collect::<Vec<_>>()
+        tally.errors.lock().expect("lock").iter().take(10).collect::<Vec<_>>()
     );
-    assert!(
-        at_exit > before_exit,
-        "no request was served during the upgrade"
-    );
+    assert!(at_exit > before_exit, "no request was served during the upgrade");
     assert!(logs.contains("upgrade"), "{logs}");
 
     // The new process serves the live state it read (green, generation 1) on the same ports.
@@ -255,12 +244,7 @@ async fn upgrade_without_a_running_process_fails_and_says_where() {
     let cfg = dir.path().join("switchyard.toml");
     std::fs::write(&cfg, text).expect("write config");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--config",
-            cfg.to_str().expect("utf-8"),
-            "--upgrade",
-        ])
+        .args(["serve", "--config", cfg.to_str().expect("utf-8"), "--upgrade"])
         .stdin(Stdio::null())
         .output()
         .await
