@@ -57,6 +57,8 @@ pub struct App {
     state_source: AtomicU8,
     /// `prometheus`/`probe` triggers and verify checks (src/analysis.rs).
     pub analysis: crate::analysis::Analysis,
+    /// The running release and the last ones (src/release.rs).
+    pub releases: crate::release::Releases,
 }
 
 /// Where the live colors a replica serves came from, as `/api/status` shows it.
@@ -231,6 +233,7 @@ impl App {
         };
         let metrics = Arc::new(Metrics::new());
         let analysis = crate::analysis::Analysis::new(&metrics.registry);
+        let releases = crate::release::Releases::new(&metrics.registry);
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
         let audit = store.audit_path();
@@ -273,6 +276,7 @@ impl App {
             store,
             state_source: AtomicU8::new(source as u8),
             analysis,
+            releases,
         }))
     }
 
@@ -647,6 +651,12 @@ impl App {
                 "{name} has no previous color to roll back to"
             )));
         };
+        // After an automatic rollback the previous color is the one that just failed.
+        if svc.state.failed == Some(prev) && !force {
+            return Err(ChangeError::Refused(format!(
+                "{name}: the previous color {prev} is latched as failed (a rollback left it); a rollback would send traffic back to it; flip to it deliberately or pass \"force\": true"
+            )));
+        }
         self.flip(name, prev, force, FlipKind::ManualRollback, actor)
             .await
     }
@@ -714,6 +724,104 @@ impl App {
         }))
     }
 
+    /// A release phase's flip: the named services to their colors in one atomic step (one
+    /// store, one state write), one `release_phase` event per service. Refused (409) when a
+    /// target pool has no healthy upstream; the checks ([`App::preflight`]) ran before.
+    pub async fn flip_set(
+        &self,
+        targets: &[(String, Color)],
+        actor: &str,
+        detail: &str,
+    ) -> Result<Vec<FlipOutcome>, ChangeError> {
+        let _w = self.writer.lock().await;
+        let snap = self.snapshot();
+        let mut changed = HashMap::new();
+        let mut outcomes = Vec::new();
+        let mut events = Vec::new();
+        for (name, to) in targets {
+            let svc = service_of(&snap, name)?;
+            let (from, to) = (svc.state.active, *to);
+            if from == to {
+                continue;
+            }
+            healthy_target(&svc, to)?;
+            let next = self.flipped(&svc, to, FlipKind::Manual);
+            let generation = next.state.generation;
+            outcomes.push(FlipOutcome {
+                service: name.clone(),
+                from,
+                to,
+                generation,
+                changed: true,
+                message: format!("{name} flipped {from} -> {to} (generation {generation})"),
+            });
+            events.push(
+                Event::new(
+                    name,
+                    "release_phase",
+                    actor,
+                    format!("{detail}: {from} -> {to}"),
+                )
+                .colors(from, to)
+                .generation(generation),
+            );
+            changed.insert(name.clone(), Arc::new(next));
+        }
+        if !changed.is_empty() {
+            self.commit(&snap, changed, events).await?;
+        }
+        Ok(outcomes)
+    }
+
+    /// A release's rollback: every named service back to its color in one atomic step, with
+    /// the ONE event `event` builds from what was returned and what was not (never onto a pool
+    /// without a healthy upstream: that service is skipped and reported, the others go back).
+    pub async fn return_set(
+        &self,
+        targets: &[(String, Color)],
+        kind: FlipKind,
+        event: impl FnOnce(&[FlipOutcome], &[String]) -> Event,
+    ) -> Result<(Vec<FlipOutcome>, Vec<String>), ChangeError> {
+        let _w = self.writer.lock().await;
+        let snap = self.snapshot();
+        let mut changed = HashMap::new();
+        let mut outcomes = Vec::new();
+        let mut skipped = Vec::new();
+        for (name, to) in targets {
+            let Some(svc) = snap.service(name) else {
+                skipped.push(format!("{name}: no longer configured"));
+                continue;
+            };
+            let (from, to) = (svc.state.active, *to);
+            if from == to {
+                continue;
+            }
+            if svc.pool(to).healthy_count() == 0 {
+                skipped.push(format!(
+                    "{name}: not returned to {to}, its pool has no healthy upstream (stays on {from})"
+                ));
+                continue;
+            }
+            let next = self.flipped(svc, to, kind);
+            outcomes.push(FlipOutcome {
+                service: name.clone(),
+                from,
+                to,
+                generation: next.state.generation,
+                changed: true,
+                message: format!("{name} returned {from} -> {to}"),
+            });
+            changed.insert(name.clone(), Arc::new(next));
+        }
+        let ev = event(&outcomes, &skipped);
+        if changed.is_empty() {
+            self.record(ev).await;
+        } else {
+            self.commit(&snap, changed, vec![ev]).await?;
+        }
+        Ok((outcomes, skipped))
+    }
+
     /// Pauses or resumes automatic rollback for a service (persisted; generation unchanged).
     pub async fn set_paused(
         &self,
@@ -762,7 +870,7 @@ impl App {
     }
 
     /// Health and smoke checks before a flip to `to`.
-    async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
+    pub async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
         healthy_target(svc, to)?;
         let pool = svc.pool(to);
         if let Err(f) = crate::analysis::verify(self, svc, to).await {

@@ -33,9 +33,10 @@ pub struct CtlArgs {
     /// Print the API's JSON instead of a summary.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Give up after this long.
-    #[arg(long, global = true, default_value = "10s", value_parser = crate::config::parse_duration)]
-    pub timeout: Duration,
+    /// Give up after this long (default 10s; for `release wait`: how long to wait, default
+    /// until the release ends).
+    #[arg(long, global = true, value_parser = crate::config::parse_duration)]
+    pub timeout: Option<Duration>,
     #[command(subcommand)]
     pub cmd: CtlCmd,
 }
@@ -78,6 +79,19 @@ pub enum CtlCmd {
     },
     /// Re-read the config file (as SIGHUP does).
     Reload,
+    /// Releases: start a plan, follow it, pass a manual gate, abort, wait for its end.
+    #[command(subcommand)]
+    Release(crate::release_ctl::ReleaseCmd),
+}
+
+/// The default of `--timeout` for one call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl CtlArgs {
+    /// How long one call may take.
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT)
+    }
 }
 
 fn parse_color(s: &str) -> Result<Color, String> {
@@ -87,6 +101,9 @@ fn parse_color(s: &str) -> Result<Color, String> {
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(args: CtlArgs) -> i32 {
     let base = args.admin.trim_end_matches('/').to_string();
+    if let CtlCmd::Release(cmd) = &args.cmd {
+        return crate::release_ctl::run(&args, cmd).await;
+    }
     let (method, path, body) = match &args.cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
@@ -120,6 +137,8 @@ pub async fn run(args: CtlArgs) -> i32 {
             Some(json!({})),
         ),
         CtlCmd::Reload => ("POST", "/api/reload".to_string(), Some(json!({}))),
+        // Answered above.
+        CtlCmd::Release(_) => return 2,
     };
     if method == "POST" && args.token.as_deref().unwrap_or("").is_empty() {
         eprintln!(
@@ -129,7 +148,7 @@ pub async fn run(args: CtlArgs) -> i32 {
     }
     let url = format!("{base}{path}");
     let result = tokio::time::timeout(
-        args.timeout,
+        args.request_timeout(),
         call(method, &url, args.token.as_deref(), body),
     )
     .await;
@@ -137,7 +156,7 @@ pub async fn run(args: CtlArgs) -> i32 {
         Err(_) => {
             eprintln!(
                 "error: no answer from the admin listener at {base} within {}",
-                humantime::format_duration(args.timeout)
+                humantime::format_duration(args.request_timeout())
             );
             return 1;
         }
@@ -210,7 +229,7 @@ pub async fn run(args: CtlArgs) -> i32 {
     0
 }
 
-async fn call(
+pub(crate) async fn call(
     method: &str,
     url: &str,
     token: Option<&str>,

@@ -352,6 +352,19 @@ timeout = "500ms"
     )
 }
 
+/// The release `switchyard demo` suggests (written beside its state file).
+const DEMO_PLAN: &str = r#"name = "demo release"
+validate = "5m"
+[[phases]]
+name = "backend"
+services = ["api"]
+bake = "30s"
+[[phases]]
+name = "frontend"
+services = ["panel"]
+bake = "2m"
+"#;
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut ups = Vec::new();
@@ -386,6 +399,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(traffic(proxy, stop.clone()));
     }
     let green = ups[1].addr;
+    // A two-phase release of the demo's services, short enough to watch.
+    let plan = state_dir.join("release.toml");
+    let _ = std::fs::create_dir_all(&state_dir);
+    if let Err(e) = std::fs::write(&plan, DEMO_PLAN) {
+        eprintln!("cannot write the demo release plan {}: {e}", plan.display());
+    }
     println!(
         r#"
 Switchyard demo is running (Ctrl-C to stop).
@@ -425,7 +444,16 @@ The application's own signals (each upstream has a deep health endpoint and /met
   curl 'http://{green}/_demo/deps?payments=down'  # the probe trigger fires in ~5s: auto_rollback green -> blue
   curl 'http://{green}/_demo/deps?database=down'  # now a flip to green is refused (409): verify /database
   curl 'http://{green}/_demo/reset'
+
+Ship a release (from blue: api first, then panel; one rollback for both):
+
+  curl 'http://{green}/_demo/reset'; switchyard ctl flip api blue   # if you tried the steps above
+  switchyard ctl release start {plan}
+  switchyard ctl release status --watch               # phase 0 bakes 30s, then phase 1 flips panel
+  curl 'http://{green}/_demo/fail?rate=30'       # during phase 1: break api's green
+  switchyard ctl release wait                         # exits 1: rolled_back, api AND panel back on blue in one step
 "#,
+        plan = plan.display(),
         ab = ups[0].addr,
         ag = ups[1].addr,
         pb = ups[2].addr,

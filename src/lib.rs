@@ -31,6 +31,8 @@ pub mod notify;
 pub mod outcome;
 pub mod passive;
 pub mod proxy;
+pub mod release;
+pub mod release_ctl;
 pub mod resolve;
 pub mod rollback;
 pub mod routing;

@@ -57,6 +57,10 @@ enum Cmd {
     Check {
         #[arg(long, default_value = "config/switchyard.toml")]
         config: PathBuf,
+        /// Validate this release plan (TOML) instead, against the config's services when
+        /// --config is given.
+        #[arg(long)]
+        release: Option<PathBuf>,
     },
     /// A self-contained demo: the proxy plus built-in blue and green upstreams.
     Demo(switchyard::demo::DemoArgs),
@@ -68,7 +72,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
-        Cmd::Check { config } => check(&config),
+        Cmd::Check {
+            config,
+            release: Some(plan),
+        } => check_release(&plan, &config),
+        Cmd::Check {
+            config,
+            release: None,
+        } => check(&config),
         Cmd::Serve {
             config,
             reset_state,
@@ -165,6 +176,34 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
         Err(errs) => {
             print_errors(path, &errs);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check --release FILE [--config FILE]`: the plan's problems, each with its key. The config
+/// is read only when given explicitly or present at the default path.
+fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitCode {
+    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+    let cfg = if explicit || config_path.exists() {
+        match config::load(config_path) {
+            Ok(c) => Some(c),
+            Err(errs) => {
+                print_errors(config_path, &errs);
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    match switchyard::release::load(plan, cfg.as_ref()) {
+        Ok(p) => {
+            println!("{}: ok", plan.display());
+            print!("{}", p.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            print_errors(plan, &errs);
             ExitCode::FAILURE
         }
     }

@@ -199,6 +199,8 @@ pub async fn start_with(
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::health::stats_ticker(app.clone()));
     tasks.spawn(crate::watcher::run(app.clone()));
+    // A release that was running when the process stopped goes on where it was.
+    crate::release::resume(&app).await;
     tasks.spawn(crate::analysis::run(app.clone()));
     let config_baseline = crate::config_watch::baseline(&app).await;
     tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));

@@ -73,7 +73,8 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             cfg,
             &Evaluation {
                 now,
-                armed: svc.armed(now),
+                // A release keeps the triggers of the services it flipped armed until it ends.
+                armed: svc.armed(now) || app.releases.arms(svc),
                 rollback_target_healthy: target_healthy,
                 measured: &measured,
             },
@@ -85,6 +86,24 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
         }
         let from = svc.state.active;
         let to = svc.state.previous.unwrap_or(from.other());
+        // A service the running release flipped: the whole release goes back in one step
+        // (and a service whose pre-release pool is dead is reported, the others still go).
+        if let Decision::Rollback(fire) | Decision::Blocked(fire) = &decision {
+            if app.releases.owns(svc.name()) {
+                let fire = fire.clone();
+                decision = Decision::None;
+                match crate::release::triggered(app, svc.name(), &fire.detail, fire_json(&fire))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => w.engine.reset(),
+                    Err(e) => {
+                        tracing::error!(service = %svc.name(), error = %e, "release rollback failed; will retry");
+                        w.engine.reset();
+                    }
+                }
+            }
+        }
         match decision {
             Decision::None => {}
             Decision::Rollback(fire) => {

@@ -486,3 +486,117 @@ async fn dashboard_shows_the_live_color_and_its_button_flips() {
         .await
         .expect("the dashboard test took longer than 45 s");
 }
+
+const RELEASE_STATE: &str = r#"(function(){var c=document.querySelector('#release [data-role="release-state"]');return c?c.textContent.trim():null})()"#;
+
+/// The release timeline: the state, the promote button at a manual gate; and no one-click
+/// rollback onto a color latched as failed.
+async fn release_flow() {
+    let ups = [
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+        TestUpstream::start("panel-blue").await,
+        TestUpstream::start("panel-green").await,
+    ];
+    let body = format!(
+        "{}{}",
+        service(
+            "api",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            "path_prefix = \"/api\""
+        ),
+        service(
+            "panel",
+            &[ups[2].addr],
+            &[ups[3].addr],
+            "path_prefix = \"/panel\""
+        )
+    );
+    // `panel` was rolled back automatically before: blue live, green latched as failed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("state.json"),
+        json!({"version": 1, "services": {"panel": {"active": "blue", "previous": "green", "generation": 2, "failed": "green"}}}).to_string(),
+    )
+    .expect("state");
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let browser = launch_chromium();
+    let mut page = open_page(&browser).await;
+    page.call(
+        "Page.navigate",
+        json!({ "url": format!("http://{}/", p.admin) }),
+    )
+    .await;
+    let rb = r#"(function(){var b=document.querySelector('[data-service="panel"] [data-action="rollback"]');return b?[b.disabled,b.textContent]:null})()"#;
+    let v = page
+        .wait_for(rb, &json!([true, "No rollback: GREEN failed"]), 10)
+        .await;
+    assert_eq!(
+        v,
+        json!([true, "No rollback: GREEN failed"]),
+        "no one-click rollback onto a latched color"
+    );
+
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(json!({
+            "name": "dash release",
+            "validate": "0s",
+            "phases": [
+                { "name": "backend", "services": ["api"], "bake": "0s", "gate": "manual" },
+                { "name": "frontend", "services": ["panel"], "bake": "0s" },
+            ]
+        })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let st = page.wait_for(RELEASE_STATE, &json!("waiting"), 10).await;
+    assert_eq!(st, json!("waiting"), "the release and its state are shown");
+    let text = page
+        .eval("document.getElementById('release').innerText")
+        .await;
+    let text = text.as_str().unwrap_or_default().to_string();
+    for want in ["dash release", "backend", "frontend", "Promote", "Abort"] {
+        assert!(text.contains(want), "the timeline shows {want:?}:\n{text}");
+    }
+    page.eval(&format!(
+        "sessionStorage.setItem('switchyard_token', {}); sessionStorage.setItem('switchyard_noconfirm', '1'); true",
+        json!(TOKEN)
+    ))
+    .await;
+    page.eval(
+        r#"document.querySelector('#release [data-action="release-promote"]').click(); true"#,
+    )
+    .await;
+    let done = eventually(10, || async {
+        admin_get(p.admin, "/api/releases").await.1["recent"][0]["state"] == "complete"
+    })
+    .await;
+    assert!(done, "{}", admin_get(p.admin, "/api/releases").await.1);
+    let last = page
+        .wait_for(
+            r#"(function(){var c=document.querySelector('#release [data-role="release-last"]');return c?c.textContent.indexOf('complete')>=0:false})()"#,
+            &json!(true),
+            10,
+        )
+        .await;
+    assert_eq!(last, json!(true), "the page shows the release ended");
+    assert!(
+        page.errors.is_empty(),
+        "the page reported errors: {:#?}",
+        page.errors
+    );
+    drop(page);
+    drop(browser);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_release_and_promotes_it() {
+    tokio::time::timeout(Duration::from_secs(45), Box::pin(release_flow()))
+        .await
+        .expect("the dashboard release test took longer than 45 s");
+}

@@ -161,6 +161,10 @@ async fn handle(
         ["api", "events"] => Route::Events,
         ["api", "flip"] => Route::FlipAll,
         ["api", "reload"] => Route::Reload,
+        ["api", "releases"] if method == Method::GET || method == Method::HEAD => Route::Releases,
+        ["api", "releases"] => Route::ReleaseStart,
+        ["api", "releases", "current", "promote"] => Route::ReleasePromote,
+        ["api", "releases", "current", "abort"] => Route::ReleaseAbort,
         ["api", "services", name, action] => match *action {
             "flip" => Route::Flip(name.to_string()),
             "rollback" => Route::Rollback(name.to_string()),
@@ -170,7 +174,10 @@ async fn handle(
         },
         _ => return error(StatusCode::NOT_FOUND, "not found"),
     };
-    let read_only = matches!(route, Route::Dashboard | Route::Status | Route::Events);
+    let read_only = matches!(
+        route,
+        Route::Dashboard | Route::Status | Route::Events | Route::Releases
+    );
     if read_only {
         if method != Method::GET && method != Method::HEAD {
             return method_not_allowed("GET, HEAD");
@@ -187,6 +194,7 @@ async fn handle(
                 r
             }
             Route::Status => json_response(StatusCode::OK, &status_json(app)),
+            Route::Releases => json_response(StatusCode::OK, &app.releases.to_json()),
             _ => json_response(
                 StatusCode::OK,
                 &json!({ "events": app.events_list().await }),
@@ -210,6 +218,11 @@ async fn handle(
                 Ok(t) => t,
                 Err(r) => return r,
             };
+            if let Err(e) =
+                crate::release::guard_manual(app, &[name.as_str()], force, "flip", &actor).await
+            {
+                return change_error(e);
+            }
             let app = app.clone();
             change(
                 to_end(async move { app.flip(&name, to, force, FlipKind::Manual, &actor).await })
@@ -221,6 +234,17 @@ async fn handle(
                 Ok(t) => t,
                 Err(r) => return r,
             };
+            let names: Vec<String> = app
+                .snapshot()
+                .services
+                .iter()
+                .filter(|s| s.state.active != to)
+                .map(|s| s.name().to_string())
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            if let Err(e) = crate::release::guard_manual(app, &names, force, "flip", &actor).await {
+                return change_error(e);
+            }
             let app = app.clone();
             match to_end(async move { app.flip_all(to, force, &actor).await }).await {
                 Ok(outcomes) => {
@@ -243,19 +267,61 @@ async fn handle(
                 Ok(a) => a,
                 Err(r) => return r,
             };
+            if let Err(e) =
+                crate::release::guard_manual(app, &[name.as_str()], args.force, "roll back", &actor)
+                    .await
+            {
+                return change_error(e);
+            }
             let app = app.clone();
             change(to_end(async move { app.rollback(&name, args.force, &actor).await }).await)
         }
-        Route::Pause(name, paused) => match to_end({
-            let (app, name) = (app.clone(), name.clone());
-            async move { app.set_paused(&name, paused, &actor).await }
-        })
-        .await
-        {
-            Ok(message) => json_response(
-                StatusCode::OK,
-                &json!({ "service": name, "paused": paused, "message": message }),
-            ),
+        Route::Pause(name, paused) => match pause_guard(app, &name, paused, &body, &actor).await {
+            Err(r) => r,
+            Ok(()) => match to_end({
+                let (app, name) = (app.clone(), name.clone());
+                async move { app.set_paused(&name, paused, &actor).await }
+            })
+            .await
+            {
+                Ok(message) => json_response(
+                    StatusCode::OK,
+                    &json!({ "service": name, "paused": paused, "message": message }),
+                ),
+                Err(e) => change_error(e),
+            },
+        },
+        Route::ReleaseStart => {
+            let Some(b) = body.as_ref() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body needs the release plan as JSON (name, validate, phases)",
+                );
+            };
+            let plan: serde_json::Value = match serde_json::from_slice(b) {
+                Ok(v) => v,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
+                }
+            };
+            match crate::release::start(app, &plan, &actor).await {
+                Ok(r) => json_response(StatusCode::OK, &json!({ "release": r })),
+                Err(crate::release::StartError::Conflict(m)) => error(StatusCode::CONFLICT, &m),
+                Err(crate::release::StartError::Invalid(errs)) => json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({
+                        "error": "invalid release plan; nothing was started",
+                        "errors": errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                    }),
+                ),
+            }
+        }
+        Route::ReleasePromote => match crate::release::promote(app, &actor).await {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => change_error(e),
+        },
+        Route::ReleaseAbort => match crate::release::abort(app, &actor).await {
+            Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => change_error(e),
         },
         Route::Reload => match reload_to_end(app, actor).await {
@@ -273,7 +339,7 @@ async fn handle(
             ),
             Err(Some(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, &e.to_string()),
         },
-        Route::Dashboard | Route::Status | Route::Events => {
+        Route::Dashboard | Route::Status | Route::Events | Route::Releases => {
             error(StatusCode::NOT_FOUND, "not found")
         }
     }
@@ -288,6 +354,27 @@ enum Route {
     Flip(String),
     Rollback(String),
     Pause(String, bool),
+    Releases,
+    ReleaseStart,
+    ReleasePromote,
+    ReleaseAbort,
+}
+
+/// A pause (not a resume) of a service inside a running release needs `"force": true`.
+async fn pause_guard(
+    app: &Arc<App>,
+    name: &str,
+    paused: bool,
+    body: &Option<Bytes>,
+    actor: &str,
+) -> Result<(), AdminResponse> {
+    if !paused {
+        return Ok(());
+    }
+    let args: FlipArgs = parse_args(body)?;
+    crate::release::guard_manual(app, &[name], args.force, "pause", actor)
+        .await
+        .map_err(change_error)
 }
 
 #[derive(Deserialize, Default)]

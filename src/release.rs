@@ -1,0 +1,1922 @@
+//! Releases: a named, ordered list of phases, each flipping one or more services in one atomic
+//! step, baking, and passing an `auto` or `manual` gate; after the last phase a `validate`
+//! window. From the first flip until the end of that window, any rollback trigger that fires on a
+//! service the release flipped returns EVERY service it flipped to its pre-release color in one
+//! atomic step, with one `release_rollback` event ([`triggered`]); `abort` does the same by hand.
+//!
+//! One release runs at a time. Its driver is one task ([`drive`]); a phase flip and a whole
+//! release rollback are serialized by `Releases::op`, so an abort can never be overtaken by the
+//! next phase's flip. Lock order: `op`, then the app's writer lock; the plain mutex around the
+//! release's data is never held across an await.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, ChangeError, FlipKind};
+use crate::config::{parse_duration, Color, Config, ConfigError, ConfigErrors};
+use crate::events::{now_rfc3339, Event};
+use crate::routing::Service;
+
+pub const RELEASE_PHASE: &str = "switchyard_release_phase";
+pub const RELEASE_STATE: &str = "switchyard_release_state";
+pub const RELEASES_TOTAL: &str = "switchyard_releases_total";
+
+/// Every release state, as `switchyard_release_state{state}` labels.
+pub const STATES: [&str; 6] = [
+    "running",
+    "waiting",
+    "validating",
+    "complete",
+    "rolled_back",
+    "aborted",
+];
+/// Every `result` of `switchyard_releases_total`.
+pub const RESULTS: [&str; 3] = ["complete", "rolled_back", "aborted"];
+/// Ended releases kept for `GET /api/releases`.
+pub const RECENT: usize = 20;
+
+// ---------------------------------------------------------------------------------------------
+// The plan
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Auto,
+    Manual,
+}
+
+impl Gate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gate::Auto => "auto",
+            Gate::Manual => "manual",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PhasePlan {
+    pub name: String,
+    pub services: Vec<String>,
+    /// None: each service's idle color at the release's start.
+    pub to: Option<Color>,
+    pub bake: Duration,
+    pub gate: Gate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: String,
+    /// None: the longest `watch_for` of the plan's services.
+    pub validate: Option<Duration>,
+    pub phases: Vec<PhasePlan>,
+}
+
+fn one(message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        key: String::new(),
+        message,
+    }])
+}
+
+/// A TOML plan as the JSON value the API takes.
+pub fn value_from_toml(text: &str) -> Result<Value, ConfigErrors> {
+    ::config::Config::builder()
+        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<Value>())
+        .map_err(|e| one(format!("cannot parse the plan: {e}")))
+}
+
+/// Reads a TOML plan file and validates it (against `cfg`'s services when given).
+pub fn load(path: &std::path::Path, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| one(format!("cannot read plan file {}: {e}", path.display())))?;
+    parse(&value_from_toml(&text)?, cfg)
+}
+
+/// Validates a plan; every problem is reported with its key. With `cfg`, services must exist.
+pub fn parse(v: &Value, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
+    let mut errs: Vec<ConfigError> = Vec::new();
+    let mut err = |key: &str, message: String| {
+        errs.push(ConfigError {
+            key: key.to_string(),
+            message,
+        })
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(one(
+            "a plan is a table (JSON object) with name, validate and phases".to_string(),
+        ));
+    };
+    for k in obj.keys() {
+        if !["name", "validate", "phases"].contains(&k.as_str()) {
+            err(
+                k,
+                format!("unknown key {k:?} (expected one of name, validate, phases)"),
+            );
+        }
+    }
+    let name = match obj.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => {
+            err("name", "must not be empty".to_string());
+            String::new()
+        }
+        None => {
+            err("name", "missing: every release has a name".to_string());
+            String::new()
+        }
+        Some(_) => {
+            err("name", "must be a string".to_string());
+            String::new()
+        }
+    };
+    let validate = match obj.get("validate") {
+        None => None,
+        Some(Value::String(s)) => match parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(m) => {
+                err("validate", m);
+                None
+            }
+        },
+        Some(_) => {
+            err(
+                "validate",
+                "must be a duration string such as \"30m\"".to_string(),
+            );
+            None
+        }
+    };
+    let mut phases = Vec::new();
+    let raw_phases: &[Value] = match obj.get("phases") {
+        None => {
+            err(
+                "phases",
+                "missing: a release has at least one [[phases]]".to_string(),
+            );
+            &[]
+        }
+        Some(Value::Array(a)) if a.is_empty() => {
+            err(
+                "phases",
+                "empty: a release has at least one [[phases]]".to_string(),
+            );
+            &[]
+        }
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            err(
+                "phases",
+                "must be an array of tables ([[phases]])".to_string(),
+            );
+            &[]
+        }
+    };
+    let mut seen_names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen_services: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, p) in raw_phases.iter().enumerate() {
+        let key = format!("phases[{i}]");
+        let Some(p) = p.as_object() else {
+            err(
+                &key,
+                "must be a table with name, services, to, bake, gate".to_string(),
+            );
+            continue;
+        };
+        for k in p.keys() {
+            if !["name", "services", "to", "bake", "gate"].contains(&k.as_str()) {
+                err(
+                    &format!("{key}.{k}"),
+                    format!("unknown key {k:?} (expected one of name, services, to, bake, gate)"),
+                );
+            }
+        }
+        let pname = match p.get("name") {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                if let Some(j) = seen_names.insert(s.clone(), i) {
+                    err(
+                        &format!("{key}.name"),
+                        format!("{s:?} is also the name of phases[{j}]; phase names are unique"),
+                    );
+                }
+                s.clone()
+            }
+            None => {
+                err(
+                    &format!("{key}.name"),
+                    "missing: every phase has a name".to_string(),
+                );
+                String::new()
+            }
+            Some(_) => {
+                err(
+                    &format!("{key}.name"),
+                    "must be a non-empty string".to_string(),
+                );
+                String::new()
+            }
+        };
+        let mut services = Vec::new();
+        match p.get("services") {
+            // An empty list is a verification phase: nothing is flipped, the bake and the
+            // gate still run, and every service flipped so far stays watched.
+            Some(Value::Array(a)) => {
+                for (j, s) in a.iter().enumerate() {
+                    let skey = format!("{key}.services[{j}]");
+                    let Some(s) = s.as_str() else {
+                        err(&skey, "must be a service name (a string)".to_string());
+                        continue;
+                    };
+                    if let Some(cfg) = cfg {
+                        if !cfg.services.iter().any(|x| x.name == s) {
+                            let known: Vec<&str> =
+                                cfg.services.iter().map(|x| x.name.as_str()).collect();
+                            err(
+                                &skey,
+                                format!(
+                                    "unknown service {s:?} (the config has: {})",
+                                    known.join(", ")
+                                ),
+                            );
+                            continue;
+                        }
+                    }
+                    if let Some(k) = seen_services.insert(s.to_string(), i) {
+                        err(
+                            &skey,
+                            if k == i {
+                                format!("{s:?} is named twice in this phase")
+                            } else {
+                                format!(
+                                    "{s:?} is already flipped by phases[{k}]; a release flips a service once"
+                                )
+                            },
+                        );
+                        continue;
+                    }
+                    services.push(s.to_string());
+                }
+            }
+            None => err(
+                &format!("{key}.services"),
+                "missing: the services this phase flips".to_string(),
+            ),
+            Some(_) => err(
+                &format!("{key}.services"),
+                "must be an array of service names ([] for a verification phase)".to_string(),
+            ),
+        }
+        let to = match p.get("to") {
+            None => None,
+            Some(Value::String(s)) => match s.parse::<Color>() {
+                Ok(c) => Some(c),
+                Err(m) => {
+                    err(&format!("{key}.to"), m);
+                    None
+                }
+            },
+            Some(_) => {
+                err(
+                    &format!("{key}.to"),
+                    "must be \"blue\" or \"green\"".to_string(),
+                );
+                None
+            }
+        };
+        let bake = match p.get("bake") {
+            Some(Value::String(s)) => parse_duration(s).unwrap_or_else(|m| {
+                err(&format!("{key}.bake"), m);
+                Duration::ZERO
+            }),
+            None => {
+                err(
+                    &format!("{key}.bake"),
+                    "missing: how long the phase is watched before the next (\"15m\")".to_string(),
+                );
+                Duration::ZERO
+            }
+            Some(_) => {
+                err(
+                    &format!("{key}.bake"),
+                    "must be a duration string such as \"15m\"".to_string(),
+                );
+                Duration::ZERO
+            }
+        };
+        let gate = match p.get("gate").map(|g| g.as_str()) {
+            None | Some(Some("auto")) => Gate::Auto,
+            Some(Some("manual")) => Gate::Manual,
+            Some(_) => {
+                err(
+                    &format!("{key}.gate"),
+                    "must be \"auto\" or \"manual\"".to_string(),
+                );
+                Gate::Auto
+            }
+        };
+        phases.push(PhasePlan {
+            name: pname,
+            services,
+            to,
+            bake,
+            gate,
+        });
+    }
+    if errs.is_empty() {
+        Ok(Plan {
+            name,
+            validate,
+            phases,
+        })
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+impl Plan {
+    /// A short description for `check`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("release {:?}: {} phases\n", self.name, self.phases.len());
+        for (i, p) in self.phases.iter().enumerate() {
+            if p.services.is_empty() {
+                s += &format!(
+                    "  phase {i} {:?}: verification (nothing flipped), bake {}, gate {}\n",
+                    p.name,
+                    humantime::format_duration(p.bake),
+                    p.gate.as_str()
+                );
+                continue;
+            }
+            s += &format!(
+                "  phase {i} {:?}: {} -> {}, bake {}, gate {}\n",
+                p.name,
+                p.services.join(", "),
+                p.to.map(|c| c.to_string())
+                    .unwrap_or_else(|| "idle color".to_string()),
+                humantime::format_duration(p.bake),
+                p.gate.as_str()
+            );
+        }
+        s += &format!(
+            "  validate: {}\n",
+            self.validate
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_else(|| "the longest watch_for of its services".to_string())
+        );
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A running release
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct PhaseRun {
+    plan: PhasePlan,
+    /// Each service and the color this phase sends it to.
+    targets: Vec<(String, Color)>,
+    state: &'static str,
+    started_at: Option<String>,
+    bake_ends_at: Option<String>,
+    bake_deadline: Option<Instant>,
+    /// Wall clock (ms since the epoch) when the bake started: a restart resumes from it.
+    bake_started_ms: Option<u64>,
+    ended_at: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub id: String,
+    pub name: String,
+    pub state: &'static str,
+    pub phase: usize,
+    phases: Vec<PhaseRun>,
+    started_at: String,
+    ended_at: Option<String>,
+    reason: Option<String>,
+    validate: Duration,
+    validate_ends_at: Option<String>,
+    validate_deadline: Option<Instant>,
+    validate_started_ms: Option<u64>,
+    /// The plan as submitted (stored, so a restart can resume the release).
+    plan_json: Value,
+    /// Each service of the plan and its color when the release started.
+    pre: BTreeMap<String, Color>,
+    /// The services the release has flipped so far (in order).
+    flipped: Vec<String>,
+    /// Why the release does not advance by itself any more (a forced manual change).
+    paused: Option<String>,
+    actor: String,
+}
+
+impl Release {
+    fn live(&self) -> bool {
+        matches!(self.state, "running" | "waiting" | "validating")
+    }
+
+    fn involves(&self, service: &str) -> bool {
+        self.pre.contains_key(service)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let now = Instant::now();
+        let left = |d: Option<Instant>| d.map(|d| d.saturating_duration_since(now).as_secs_f64());
+        let phases: Vec<Value> = self
+            .phases
+            .iter()
+            .map(|p| {
+                let colors: Vec<Color> = p.targets.iter().map(|(_, c)| *c).collect();
+                let to = match colors.first() {
+                    Some(c) if colors.iter().all(|x| x == c) => json!(c),
+                    _ => json!(p
+                        .targets
+                        .iter()
+                        .map(|(s, c)| (s.clone(), json!(c)))
+                        .collect::<serde_json::Map<_, _>>()),
+                };
+                json!({
+                    "name": p.plan.name,
+                    "services": p.plan.services,
+                    "to": to,
+                    "gate": p.plan.gate.as_str(),
+                    "bake_secs": p.plan.bake.as_secs_f64(),
+                    "state": p.state,
+                    "started_at": p.started_at,
+                    "bake_ends_at": p.bake_ends_at,
+                    "bake_left_secs": if p.state == "baking" { left(p.bake_deadline) } else { None },
+                    "ended_at": p.ended_at,
+                })
+            })
+            .collect();
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "phase": self.phase,
+            "phases": phases,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "reason": self.reason,
+            "validate_secs": self.validate.as_secs_f64(),
+            "validate_ends_at": self.validate_ends_at,
+            "validate_left_secs": if self.state == "validating" { left(self.validate_deadline) } else { None },
+            "pre_release": self.pre,
+            "flipped": self.flipped,
+            "paused": self.paused,
+            "actor": self.actor,
+        })
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn wall_after(d: Duration) -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now() + d).to_string()
+}
+
+struct ReleaseMetrics {
+    phase: IntGauge,
+    state: IntGaugeVec,
+    total: IntCounterVec,
+}
+
+impl ReleaseMetrics {
+    fn new(r: &Registry) -> ReleaseMetrics {
+        let phase = IntGauge::new(
+            RELEASE_PHASE,
+            "Index of the running release's current phase (from 0); -1 without a release.",
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        let state = IntGaugeVec::new(
+            Opts::new(
+                RELEASE_STATE,
+                "1 for the running release's state, 0 for the others.",
+            ),
+            &["state"],
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
+        let total = IntCounterVec::new(
+            Opts::new(RELEASES_TOTAL, "Releases ended, by result."),
+            &["result"],
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        // The registry is the app's own and fresh: the names cannot collide.
+        let _ = r.register(Box::new(phase.clone()));
+        let _ = r.register(Box::new(state.clone()));
+        let _ = r.register(Box::new(total.clone()));
+        phase.set(-1);
+        for s in STATES {
+            state.with_label_values(&[s]).set(0);
+        }
+        for s in RESULTS {
+            total.with_label_values(&[s]);
+        }
+        ReleaseMetrics {
+            phase,
+            state,
+            total,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    current: Option<Release>,
+    /// Newest first.
+    recent: VecDeque<Release>,
+    cancel: Option<CancellationToken>,
+    promote: bool,
+}
+
+/// The release machinery of one app: the running release, the last [`RECENT`] ones.
+pub struct Releases {
+    inner: Mutex<Inner>,
+    /// Serializes phase flips and whole-release rollbacks (taken before the app's writer lock).
+    op: tokio::sync::Mutex<()>,
+    wake: tokio::sync::Notify,
+    metrics: ReleaseMetrics,
+    /// The running release for the state backend's directory ([`resume`]), written by a task.
+    persist: std::sync::OnceLock<tokio::sync::watch::Sender<Option<Value>>>,
+}
+
+/// Why a release did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// 400: every problem of the plan.
+    Invalid(ConfigErrors),
+    /// 409: a release is running.
+    Conflict(String),
+}
+
+impl Releases {
+    pub fn new(registry: &Registry) -> Releases {
+        Releases {
+            inner: Mutex::new(Inner::default()),
+            op: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+            metrics: ReleaseMetrics::new(registry),
+            persist: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `{"current": ..., "recent": [...]}` for `GET /api/releases`.
+    pub fn to_json(&self) -> Value {
+        let inner = self.lock();
+        json!({
+            "current": inner.current.as_ref().map(Release::to_json),
+            "recent": inner.recent.iter().map(Release::to_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The running release, if any.
+    pub fn current(&self) -> Option<Release> {
+        self.lock().current.clone()
+    }
+
+    /// Whether `service` was flipped by the running release (its triggers roll it all back).
+    pub fn owns(&self, service: &str) -> bool {
+        self.lock()
+            .current
+            .as_ref()
+            .is_some_and(|r| r.live() && r.flipped.iter().any(|s| s == service))
+    }
+
+    /// Whether the running release keeps `svc`'s triggers armed: from its flip until the end
+    /// of the release's validate window, whatever `watch_for` says (a bake may be longer).
+    pub fn arms(&self, svc: &Service) -> bool {
+        let r = &svc.config.rollback;
+        r.enabled
+            && !r.triggers.is_empty()
+            && svc.state.previous.is_some()
+            && !svc.state.paused
+            && svc.state.failed.is_none()
+            && self.owns(svc.name())
+    }
+
+    fn publish(&self, inner: &Inner) {
+        if let Some(tx) = self.persist.get() {
+            tx.send_replace(inner.current.as_ref().map(Release::stored));
+        }
+        let state = inner.current.as_ref().map(|r| r.state);
+        self.metrics
+            .phase
+            .set(inner.current.as_ref().map_or(-1, |r| r.phase as i64));
+        for s in STATES {
+            self.metrics
+                .state
+                .with_label_values(&[s])
+                .set(i64::from(state == Some(s)));
+        }
+    }
+
+    /// Changes the running release `id` (if it is still the running one); publishes metrics.
+    fn update<T>(&self, id: &str, f: impl FnOnce(&mut Release) -> T) -> Option<T> {
+        let mut inner = self.lock();
+        let r = inner.current.as_mut().filter(|r| r.id == id)?;
+        let out = f(r);
+        self.publish(&inner);
+        Some(out)
+    }
+
+    /// Ends the running release `id` with `result`; it moves to `recent`.
+    fn end(&self, id: &str, result: &'static str, reason: String) -> bool {
+        let mut inner = self.lock();
+        let Some(mut r) = inner.current.take_if(|r| r.id == id) else {
+            return false;
+        };
+        let now = now_rfc3339();
+        r.state = result;
+        r.reason = Some(reason);
+        r.ended_at = Some(now.clone());
+        for p in &mut r.phases {
+            if matches!(p.state, "baking" | "waiting") {
+                p.state = if result == "complete" {
+                    "passed"
+                } else {
+                    "rolled_back"
+                };
+                p.ended_at = Some(now.clone());
+                p.bake_deadline = None;
+            }
+        }
+        if result != "complete" {
+            // Every phase that flipped something went back.
+            for p in &mut r.phases {
+                if p.state == "passed" {
+                    p.state = "rolled_back";
+                }
+            }
+        }
+        if let Some(c) = inner.cancel.take() {
+            c.cancel();
+        }
+        inner.promote = false;
+        inner.recent.push_front(r);
+        inner.recent.truncate(RECENT);
+        self.metrics.total.with_label_values(&[result]).inc();
+        self.publish(&inner);
+        true
+    }
+}
+
+/// Starts a release from a plan (JSON value); answers the release as JSON.
+pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, StartError> {
+    let snap = app.snapshot();
+    let plan_value = plan;
+    let plan = parse(plan, Some(&snap.config)).map_err(StartError::Invalid)?;
+    let rel = &app.releases;
+    let _op = rel.op.lock().await;
+    if let Some(cur) = rel.lock().current.as_ref() {
+        return Err(StartError::Conflict(format!(
+            "release {:?} ({}) is {} (phase {}); one release runs at a time: wait for it, promote it or abort it",
+            cur.name, cur.id, cur.state, cur.phase
+        )));
+    }
+    let snap = app.snapshot();
+    let mut errs = Vec::new();
+    let mut pre = BTreeMap::new();
+    let mut phases = Vec::new();
+    let mut longest_watch = Duration::ZERO;
+    for (i, p) in plan.phases.iter().enumerate() {
+        let mut targets = Vec::new();
+        for (j, name) in p.services.iter().enumerate() {
+            let Some(svc) = snap.service(name) else {
+                errs.push(ConfigError {
+                    key: format!("phases[{i}].services[{j}]"),
+                    message: format!("unknown service {name:?}"),
+                });
+                continue;
+            };
+            let from = svc.state.active;
+            let to = p.to.unwrap_or(from.other());
+            if to == from {
+                errs.push(ConfigError {
+                    key: format!("phases[{i}].to"),
+                    message: format!("{name} is already on {to}; nothing to release"),
+                });
+            }
+            longest_watch = longest_watch.max(svc.config.rollback.watch_for);
+            pre.insert(name.clone(), from);
+            targets.push((name.clone(), to));
+        }
+        phases.push(PhaseRun {
+            plan: p.clone(),
+            targets,
+            state: "pending",
+            started_at: None,
+            bake_ends_at: None,
+            bake_deadline: None,
+            bake_started_ms: None,
+            ended_at: None,
+        });
+    }
+    if !errs.is_empty() {
+        return Err(StartError::Invalid(ConfigErrors(errs)));
+    }
+    let started = std::time::SystemTime::now();
+    let id = format!(
+        "r-{}",
+        started
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
+    let release = Release {
+        id: id.clone(),
+        name: plan.name.clone(),
+        state: "running",
+        phase: 0,
+        phases,
+        started_at: now_rfc3339(),
+        ended_at: None,
+        reason: None,
+        validate: plan.validate.unwrap_or(longest_watch),
+        validate_ends_at: None,
+        validate_deadline: None,
+        validate_started_ms: None,
+        plan_json: plan_value.clone(),
+        pre,
+        flipped: Vec::new(),
+        paused: None,
+        actor: actor.to_string(),
+    };
+    // A shutdown stops the driver without ending the release: a restart resumes it.
+    let cancel = app.shutdown.child_token();
+    let answer = release.to_json();
+    {
+        let mut inner = rel.lock();
+        inner.current = Some(release);
+        inner.cancel = Some(cancel.clone());
+        inner.promote = false;
+        rel.publish(&inner);
+    }
+    app.record(Event::new(
+        "*",
+        "release_start",
+        actor,
+        format!(
+            "release {:?} ({id}) started: {}",
+            plan.name,
+            plan.phases
+                .iter()
+                .map(|p| format!("{} [{}]", p.name, p.services.join(", ")))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        ),
+    ))
+    .await;
+    tokio::spawn(drive(app.clone(), id, cancel, 0, None));
+    Ok(answer)
+}
+
+/// Passes the manual gate (or resumes a paused release).
+pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
+    let rel = &app.releases;
+    let (id, name, phase) = {
+        let mut inner = rel.lock();
+        let Some(r) = inner.current.as_ref() else {
+            return Err(ChangeError::Refused("no release is running".to_string()));
+        };
+        if r.state != "waiting" && r.paused.is_none() {
+            return Err(ChangeError::Refused(format!(
+                "release {:?} is {} (phase {}), not waiting at a manual gate",
+                r.name, r.state, r.phase
+            )));
+        }
+        let out = (r.id.clone(), r.name.clone(), r.phase);
+        inner.promote = true;
+        out
+    };
+    rel.wake.notify_one();
+    app.record(Event::new(
+        "*",
+        "release_promote",
+        actor,
+        format!("release {name:?} ({id}) promoted at phase {phase}"),
+    ))
+    .await;
+    Ok(json!({ "id": id, "message": format!("release {name:?} promoted") }))
+}
+
+/// Returns every service the release flipped to its pre-release color in one step.
+pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
+    let Some(cur) = app.releases.current() else {
+        return Err(ChangeError::Refused("no release is running".to_string()));
+    };
+    let reason = format!("aborted by {actor}");
+    let (returned, skipped) = roll_back(
+        app,
+        &cur.id,
+        "aborted",
+        FlipKind::ManualRollback,
+        reason.clone(),
+        |ev| {
+            ev.reason = "release_abort".to_string();
+            ev.actor = actor.to_string();
+        },
+    )
+    .await?
+    .ok_or_else(|| ChangeError::Refused("the release ended while aborting".to_string()))?;
+    Ok(json!({
+        "id": cur.id,
+        "message": format!("release {:?} aborted: {} service(s) returned in one step", cur.name, returned.len()),
+        "returned": returned,
+        "not_returned": skipped,
+    }))
+}
+
+/// A rollback trigger fired on `service`, a service the running release flipped: the whole
+/// release goes back. Ok(true) when this call rolled it back.
+pub async fn triggered(
+    app: &Arc<App>,
+    service: &str,
+    detail: &str,
+    trigger: Value,
+) -> Result<bool, ChangeError> {
+    let Some(cur) = app.releases.current().filter(|r| r.live()) else {
+        return Ok(false);
+    };
+    if !cur.flipped.iter().any(|s| s == service) {
+        return Ok(false);
+    }
+    let reason = format!("trigger fired on {service}: {detail}");
+    let mut t = trigger;
+    if let Some(o) = t.as_object_mut() {
+        o.insert("service".to_string(), json!(service));
+    }
+    let done = roll_back(
+        app,
+        &cur.id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason,
+        |ev| {
+            ev.service = service.to_string();
+            ev.trigger = Some(t);
+        },
+    )
+    .await?;
+    Ok(done.is_some())
+}
+
+/// The one whole-release rollback: under `op` (no phase flip can land after it), one
+/// [`App::return_set`], one event; the release ends with `result`.
+async fn roll_back(
+    app: &Arc<App>,
+    id: &str,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event),
+) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
+    let rel = &app.releases;
+    let _op = rel.op.lock().await;
+    let Some(cur) = rel.current().filter(|r| r.id == id && r.live()) else {
+        return Ok(None);
+    };
+    let targets: Vec<(String, Color)> = cur
+        .flipped
+        .iter()
+        .filter_map(|s| cur.pre.get(s).map(|c| (s.clone(), *c)))
+        .collect();
+    let label = format!("release {:?} ({})", cur.name, cur.id);
+    let phase = cur.phase;
+    let (returned, skipped) = app
+        .return_set(&targets, kind, |returned, skipped| {
+            let mut detail = format!("{label} {result} at phase {phase}: {reason}");
+            if returned.is_empty() {
+                detail.push_str("; nothing to return");
+            } else {
+                detail.push_str(&format!(
+                    "; returned in one step: {}",
+                    returned
+                        .iter()
+                        .map(|o| format!("{} {} -> {}", o.service, o.from, o.to))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !skipped.is_empty() {
+                detail.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
+            }
+            let mut ev = Event::new("*", "release_rollback", "release", detail);
+            if let Some(first) = returned.first() {
+                ev = ev.colors(first.from, first.to).generation(first.generation);
+            }
+            shape(&mut ev);
+            // The colors and generation of the service the trigger fired on, when it went back.
+            if let Some(o) = returned.iter().find(|o| o.service == ev.service) {
+                ev.from = Some(o.from);
+                ev.to = Some(o.to);
+                ev.generation = Some(o.generation);
+            }
+            let extra = json!({
+                "release": cur.id,
+                "returned": returned.iter().map(|o| json!({"service": o.service, "from": o.from, "to": o.to, "generation": o.generation})).collect::<Vec<_>>(),
+                "not_returned": skipped,
+            });
+            match ev.trigger.as_mut().and_then(Value::as_object_mut) {
+                Some(o) => {
+                    if let Value::Object(x) = extra {
+                        o.extend(x);
+                    }
+                }
+                None => ev.trigger = Some(extra),
+            }
+            ev
+        })
+        .await?;
+    rel.end(id, result, reason);
+    Ok(Some((returned, skipped)))
+}
+
+/// A manual flip, rollback or pause of `services` while a release runs: refused (409) unless
+/// `force`; a forced one pauses the release (it stops advancing until promoted).
+pub async fn guard_manual(
+    app: &Arc<App>,
+    services: &[&str],
+    force: bool,
+    what: &str,
+    actor: &str,
+) -> Result<(), ChangeError> {
+    let (id, name, hit) = {
+        let inner = app.releases.lock();
+        let Some(r) = inner.current.as_ref().filter(|r| r.live()) else {
+            return Ok(());
+        };
+        let hit: Vec<String> = services
+            .iter()
+            .filter(|s| r.involves(s))
+            .map(|s| s.to_string())
+            .collect();
+        if hit.is_empty() {
+            return Ok(());
+        }
+        (r.id.clone(), r.name.clone(), hit)
+    };
+    if !force {
+        return Err(ChangeError::Refused(format!(
+            "{} {} part of the running release {name:?} ({id}); pass \"force\": true to {what} anyway (the release then pauses), or abort the release",
+            hit.join(", "),
+            if hit.len() == 1 { "is" } else { "are" }
+        )));
+    }
+    let why = format!("paused: forced {what} of {} by {actor}", hit.join(", "));
+    app.releases.update(&id, |r| r.paused = Some(why.clone()));
+    app.record(Event::new(
+        "*",
+        "release_phase",
+        actor,
+        format!("release {name:?} ({id}) {why}; it advances again on promote"),
+    ))
+    .await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the release `id` to its end: phases, gates, the validate window, `complete`.
+/// A restarted release resumes in phase `from` at one of these points.
+#[derive(Debug)]
+enum Resume {
+    /// The phase's services are flipped; this much of the bake is left.
+    Bake(Duration),
+    /// The bake is over; the phase waits at its gate.
+    Gate,
+    /// Every phase passed; this much of the validate window is left.
+    Validate(Duration),
+}
+
+async fn drive(
+    app: Arc<App>,
+    id: String,
+    cancel: CancellationToken,
+    from: usize,
+    mut resume: Option<Resume>,
+) {
+    let rel = &app.releases;
+    let Some(count) = rel.update(&id, |r| r.phases.len()) else {
+        return;
+    };
+    let mut validate_left = None;
+    if let Some(Resume::Validate(d)) = resume {
+        validate_left = Some(d);
+        resume = None;
+    }
+    let first = if validate_left.is_some() { count } else { from };
+    for i in first..count {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let Some((targets, plan, label)) = rel.update(&id, |r| {
+            r.phase = i;
+            r.state = "running";
+            (
+                r.phases[i].targets.clone(),
+                r.phases[i].plan.clone(),
+                format!(
+                    "release {:?} ({}) phase {i} {:?}",
+                    r.name, r.id, r.phases[i].plan.name
+                ),
+            )
+        }) else {
+            return;
+        };
+        let bake = match if i == from { resume.take() } else { None } {
+            Some(Resume::Bake(left)) => left,
+            Some(Resume::Gate) => Duration::ZERO,
+            _ => match run_phase(&app, &id, &cancel, i, &targets, &plan, &label).await {
+                Some(()) => plan.bake,
+                None => return,
+            },
+        };
+        if !sleep_or_cancel(&app, &id, bake, &cancel).await {
+            return;
+        }
+        if (plan.gate == Gate::Manual || paused(&app, &id))
+            && !gate(&app, &id, i, &label, &cancel).await
+        {
+            return;
+        }
+        rel.update(&id, |r| {
+            let p = &mut r.phases[i];
+            p.state = "passed";
+            p.ended_at = Some(now_rfc3339());
+            p.bake_deadline = None;
+        });
+        app.record(Event::new(
+            "*",
+            "release_phase",
+            "release",
+            format!("{label} passed"),
+        ))
+        .await;
+    }
+    // Validation: every trigger of every flipped service still rolls the whole release back.
+    let name = rel.update(&id, |r| r.name.clone()).unwrap_or_default();
+    let validate = match validate_left {
+        Some(left) => left,
+        None => {
+            let Some(validate) = rel.update(&id, |r| {
+                r.state = "validating";
+                r.validate_ends_at = Some(wall_after(r.validate));
+                r.validate_deadline = Some(Instant::now() + r.validate);
+                r.validate_started_ms = Some(wall_ms());
+                r.validate
+            }) else {
+                return;
+            };
+            app.record(Event::new(
+                "*",
+                "release_phase",
+                "release",
+                format!(
+                    "release {name:?} ({id}) validating for {}",
+                    humantime::format_duration(validate)
+                ),
+            ))
+            .await;
+            validate
+        }
+    };
+    if !sleep_or_cancel(&app, &id, validate, &cancel).await {
+        return;
+    }
+    if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel).await {
+        return;
+    }
+    let ended = {
+        let _op = rel.op.lock().await;
+        !cancel.is_cancelled()
+            && rel.end(
+                &id,
+                "complete",
+                "every phase passed and the validate window ended".to_string(),
+            )
+    };
+    if ended {
+        app.record(Event::new(
+            "*",
+            "release_complete",
+            "release",
+            format!("release {name:?} ({id}) complete"),
+        ))
+        .await;
+    }
+}
+
+/// A phase's checks and its one atomic flip; None when the release ended (rolled back).
+async fn run_phase(
+    app: &Arc<App>,
+    id: &str,
+    cancel: &CancellationToken,
+    i: usize,
+    targets: &[(String, Color)],
+    plan: &PhasePlan,
+    label: &str,
+) -> Option<()> {
+    let rel = &app.releases;
+    {
+        // The pre-flip checks on every service of the phase, outside every lock.
+        let snap = app.snapshot();
+        let mut failed = None;
+        for (name, to) in targets {
+            match snap.service(name) {
+                Some(svc) => {
+                    if let Err(e) = app.preflight(svc, *to).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                None => {
+                    failed = Some(format!("{name} is no longer configured"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            let reason = format!("the checks before phase {i} {:?} failed: {why}", plan.name);
+            give_up(app, id, reason).await;
+            return None;
+        }
+        // One atomic flip of the phase's services, never after an abort or rollback.
+        {
+            let _op = rel.op.lock().await;
+            if cancel.is_cancelled() {
+                return None;
+            }
+            if let Err(e) = app.flip_set(targets, "release", label).await {
+                drop(_op);
+                give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
+                return None;
+            }
+            let deadline = Instant::now() + plan.bake;
+            rel.update(id, |r| {
+                let p = &mut r.phases[i];
+                p.state = "baking";
+                p.started_at = Some(now_rfc3339());
+                p.bake_ends_at = Some(wall_after(plan.bake));
+                p.bake_deadline = Some(deadline);
+                p.bake_started_ms = Some(wall_ms());
+                for (s, _) in targets {
+                    if !r.flipped.contains(s) {
+                        r.flipped.push(s.clone());
+                    }
+                }
+            });
+        }
+        app.record(Event::new(
+            "*",
+            "release_phase",
+            "release",
+            if targets.is_empty() {
+                format!(
+                    "{label}: verification, nothing flipped; watching {}",
+                    humantime::format_duration(plan.bake)
+                )
+            } else {
+                format!(
+                    "{label}: {} flipped in one step; baking {}",
+                    targets
+                        .iter()
+                        .map(|(s, c)| format!("{s} -> {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    humantime::format_duration(plan.bake)
+                )
+            },
+        ))
+        .await;
+        Some(())
+    }
+}
+
+fn paused(app: &App, id: &str) -> bool {
+    app.releases
+        .update(id, |r| r.paused.is_some())
+        .unwrap_or(false)
+}
+
+/// Waits at a gate (manual, or a paused release) for promote; false when the release ended.
+async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &CancellationToken) -> bool {
+    let rel = &app.releases;
+    let why = rel.update(id, |r| {
+        r.state = "waiting";
+        if r.phases[i].state == "baking" {
+            r.phases[i].state = "waiting";
+            r.phases[i].bake_deadline = None;
+        }
+        r.paused.clone()
+    });
+    let Some(why) = why else { return false };
+    app.record(Event::new(
+        "*",
+        "release_phase",
+        "release",
+        format!(
+            "{label} waiting for promote{}",
+            why.map(|w| format!(" ({w})")).unwrap_or_default()
+        ),
+    ))
+    .await;
+    loop {
+        {
+            let mut inner = rel.lock();
+            if inner.promote {
+                inner.promote = false;
+                drop(inner);
+                rel.update(id, |r| {
+                    r.paused = None;
+                    r.state = "running";
+                });
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = rel.wake.notified() => {}
+            _ = tokio::time::sleep(CHECK_EVERY) => {
+                if removed_by_reload(app, id).await {
+                    return false;
+                }
+            }
+            _ = cancel.cancelled() => return false,
+        }
+    }
+}
+
+/// How often a waiting driver checks that a reload did not remove one of its services.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Sleeps `d` unless the release ends first (false), or a reload removed one of its services
+/// (then the release is aborted: everything it flipped goes back; false).
+async fn sleep_or_cancel(
+    app: &Arc<App>,
+    id: &str,
+    d: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let deadline = Instant::now() + d;
+    loop {
+        let step = deadline
+            .saturating_duration_since(Instant::now())
+            .min(CHECK_EVERY);
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = cancel.cancelled() => return false,
+        }
+        if removed_by_reload(app, id).await {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+    }
+}
+
+/// A service the release flipped was rolled back from its release color and latched as failed
+/// by something other than this release (another replica's automatic rollback, applied from
+/// etcd): the whole release goes back. Not while the release is paused (a forced manual
+/// rollback here pauses it first). True when it rolled the release back.
+async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
+    let snap = app.snapshot();
+    let Some(r) = app
+        .releases
+        .current()
+        .filter(|r| r.id == id && r.paused.is_none())
+    else {
+        return false;
+    };
+    let target = |name: &str| {
+        r.phases
+            .iter()
+            .flat_map(|p| p.targets.iter())
+            .find(|(s, _)| s == name)
+            .map(|(_, c)| *c)
+    };
+    let Some(svc) = r.flipped.iter().find_map(|name| {
+        let to = target(name)?;
+        let svc = snap.service(name)?;
+        (svc.state.active != to && svc.state.failed == Some(to)).then(|| svc.clone())
+    }) else {
+        return false;
+    };
+    let reason = format!(
+        "{} was rolled back {} -> {} outside this release (generation {}: another replica's automatic rollback)",
+        svc.name(),
+        svc.state.failed.map(|c| c.to_string()).unwrap_or_default(),
+        svc.state.active,
+        svc.state.generation
+    );
+    let name = svc.name().to_string();
+    match roll_back(
+        app,
+        id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason,
+        |ev| {
+            ev.service = name.clone();
+            ev.trigger = Some(json!({ "kind": "remote_rollback", "service": name }));
+        },
+    )
+    .await
+    {
+        Ok(done) => done.is_some(),
+        Err(e) => {
+            tracing::error!(release = %id, error = %e, "cannot roll the release back after a rollback elsewhere; will retry");
+            false
+        }
+    }
+}
+
+/// A reload removed a service of the release: abort it with an event. True when it did.
+async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
+    let snap = app.snapshot();
+    let gone: Vec<String> = match app.releases.current().filter(|r| r.id == id) {
+        Some(r) => r
+            .pre
+            .keys()
+            .filter(|s| snap.service(s).is_none())
+            .cloned()
+            .collect(),
+        None => return false,
+    };
+    if gone.is_empty() {
+        return rolled_back_elsewhere(app, id).await;
+    }
+    let reason = format!("{} removed from the config by a reload", gone.join(", "));
+    if let Err(e) = roll_back(app, id, "aborted", FlipKind::ManualRollback, reason, |ev| {
+        ev.reason = "release_abort".to_string();
+        ev.actor = "reload".to_string();
+    })
+    .await
+    {
+        tracing::error!(release = %id, error = %e, "cannot abort the release after a reload removed its services");
+        return false;
+    }
+    true
+}
+
+/// A phase could not run: everything the release flipped goes back (`rolled_back`).
+async fn give_up(app: &Arc<App>, id: &str, reason: String) {
+    tracing::warn!(release = %id, %reason, "release rolled back");
+    match roll_back(
+        app,
+        id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason.clone(),
+        |ev| ev.trigger = Some(json!({ "kind": "preflight", "detail": reason })),
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(e) => {
+            // The state backend refused: nothing was returned; the release stays as it is, and
+            // an operator can abort it once the backend is back.
+            tracing::error!(release = %id, error = %e, "the release's rollback failed");
+            app.releases.update(id, |r| {
+                r.state = "waiting";
+                r.paused = Some(format!("{reason}; its rollback failed: {e}; abort it"));
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability: the running release beside the state, resumed after a restart
+// ---------------------------------------------------------------------------------------------
+
+const PHASE_STATES: [&str; 5] = ["pending", "baking", "waiting", "passed", "rolled_back"];
+
+fn known(list: &[&'static str], v: &Value) -> Option<&'static str> {
+    let s = v.as_str()?;
+    list.iter().copied().find(|x| *x == s)
+}
+
+fn opt_str(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_string)
+}
+
+impl Release {
+    /// What is stored: enough to resume (plan, phase, bake start, pre-release colors).
+    fn stored(&self) -> Value {
+        json!({
+            "version": 1,
+            "plan": self.plan_json,
+            "id": self.id,
+            "state": self.state,
+            "phase": self.phase,
+            "phases": self.phases.iter().map(|p| json!({
+                "targets": p.targets,
+                "state": p.state,
+                "started_at": p.started_at,
+                "bake_ends_at": p.bake_ends_at,
+                "bake_started_ms": p.bake_started_ms,
+                "ended_at": p.ended_at,
+            })).collect::<Vec<_>>(),
+            "started_at": self.started_at,
+            "validate_ms": self.validate.as_millis() as u64,
+            "validate_ends_at": self.validate_ends_at,
+            "validate_started_ms": self.validate_started_ms,
+            "pre": self.pre,
+            "flipped": self.flipped,
+            "paused": self.paused,
+            "actor": self.actor,
+        })
+    }
+
+    fn from_stored(v: &Value) -> Option<Release> {
+        let plan = parse(&v["plan"], None).ok()?;
+        let stored: &[Value] = v["phases"].as_array()?;
+        if stored.len() != plan.phases.len() {
+            return None;
+        }
+        let mut phases = Vec::new();
+        for (p, st) in plan.phases.iter().zip(stored) {
+            let targets: Vec<(String, Color)> =
+                serde_json::from_value(st["targets"].clone()).ok()?;
+            phases.push(PhaseRun {
+                plan: p.clone(),
+                targets,
+                state: known(&PHASE_STATES, &st["state"])?,
+                started_at: opt_str(&st["started_at"]),
+                bake_ends_at: opt_str(&st["bake_ends_at"]),
+                bake_deadline: None,
+                bake_started_ms: st["bake_started_ms"].as_u64(),
+                ended_at: opt_str(&st["ended_at"]),
+            });
+        }
+        Some(Release {
+            id: v["id"].as_str()?.to_string(),
+            name: plan.name.clone(),
+            state: known(&STATES, &v["state"])?,
+            phase: v["phase"].as_u64()? as usize,
+            phases,
+            started_at: opt_str(&v["started_at"]).unwrap_or_default(),
+            ended_at: None,
+            reason: None,
+            validate: Duration::from_millis(v["validate_ms"].as_u64()?),
+            validate_ends_at: opt_str(&v["validate_ends_at"]),
+            validate_deadline: None,
+            validate_started_ms: v["validate_started_ms"].as_u64(),
+            plan_json: v["plan"].clone(),
+            pre: serde_json::from_value(v["pre"].clone()).ok()?,
+            flipped: serde_json::from_value(v["flipped"].clone()).ok()?,
+            paused: opt_str(&v["paused"]),
+            actor: opt_str(&v["actor"]).unwrap_or_default(),
+        })
+    }
+}
+
+/// Where the running release is kept: beside the state file (or etcd's local cache).
+pub fn stored_path(app: &App) -> Option<std::path::PathBuf> {
+    app.store
+        .local_path()
+        .map(|p| p.with_extension("release.json"))
+}
+
+fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("release.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(v).unwrap_or_default())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// At startup: resumes the release that was running when the process stopped (a bake resumes
+/// with the time already spent counted), then keeps the stored copy current.
+pub async fn resume(app: &Arc<App>) {
+    let Some(path) = stored_path(app) else { return };
+    let p2 = path.clone();
+    let stored = tokio::task::spawn_blocking(move || std::fs::read(&p2))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<Value>);
+    if app.releases.persist.set(tx).is_err() {
+        return;
+    }
+    let shutdown = app.shutdown.clone();
+    let wpath = path.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                r = rx.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            let current = rx.borrow_and_update().clone();
+            let path = wpath.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                write_atomic(&path, &json!({ "current": current }))
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!(error = %e, "cannot store the running release; a restart would not resume it");
+            }
+        }
+    });
+    let Some(v) = stored else { return };
+    if v["current"].is_null() {
+        return;
+    }
+    let Some(mut rel) = Release::from_stored(&v["current"]) else {
+        tracing::error!(path = %path.display(), "the stored release is unreadable; it is not resumed (abort it by hand: flip its services back)");
+        return;
+    };
+    let now = wall_ms();
+    let elapsed =
+        |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
+    let i = rel.phase.min(rel.phases.len().saturating_sub(1));
+    let resume = match (rel.state, rel.phases.get(i).map(|p| p.state)) {
+        ("validating", _) | ("waiting", Some("passed")) => {
+            let left = rel
+                .validate
+                .saturating_sub(elapsed(rel.validate_started_ms));
+            rel.validate_deadline = Some(Instant::now() + left);
+            Some(Resume::Validate(left))
+        }
+        (_, Some("baking")) => {
+            let p = &mut rel.phases[i];
+            let left = p.plan.bake.saturating_sub(elapsed(p.bake_started_ms));
+            p.bake_deadline = Some(Instant::now() + left);
+            Some(Resume::Bake(left))
+        }
+        (_, Some("waiting")) => Some(Resume::Gate),
+        _ => None,
+    };
+    tracing::info!(release = %rel.id, phase = i, resume = ?resume, "resuming the release that was running");
+    let id = rel.id.clone();
+    let detail = format!(
+        "release {:?} ({id}) resumed after a restart at phase {i} ({})",
+        rel.name,
+        match &resume {
+            Some(Resume::Bake(d)) => format!(
+                "{} of the bake left",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            ),
+            Some(Resume::Validate(d)) => format!(
+                "{} of the validate window left",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            ),
+            Some(Resume::Gate) => "waiting for promote".to_string(),
+            None => "the phase starts again".to_string(),
+        }
+    );
+    let cancel = app.shutdown.child_token();
+    {
+        let rels = &app.releases;
+        let mut inner = rels.lock();
+        inner.current = Some(rel);
+        inner.cancel = Some(cancel.clone());
+        rels.publish(&inner);
+    }
+    app.record(Event::new("*", "release_phase", "release", detail))
+        .await;
+    tokio::spawn(drive(app.clone(), id, cancel, i, resume));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[proxy]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[[services]]
+name = "api"
+path_prefix = "/api"
+blue = { upstreams = ["127.0.0.1:9"] }
+green = { upstreams = ["127.0.0.1:9"] }
+[services.rollback]
+watch_for = "45m"
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "2m"
+for = "2m"
+[[services]]
+name = "panel"
+path_prefix = "/panel"
+blue = { upstreams = ["127.0.0.1:9"] }
+green = { upstreams = ["127.0.0.1:9"] }
+"#;
+
+    async fn app(dir: &std::path::Path) -> Arc<App> {
+        let cfg = crate::config::from_toml_str_with_env(CONFIG, Some(Default::default()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        App::new(
+            cfg,
+            None,
+            crate::state::StateStore::file(dir.join("state.json")),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn plan(text: &str) -> Value {
+        value_from_toml(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn active(app: &App, name: &str) -> Color {
+        app.snapshot()
+            .service(name)
+            .map(|s| s.state.active)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    fn current(app: &App) -> Value {
+        app.releases.to_json()["current"].clone()
+    }
+
+    fn reasons(app: &App, reason: &str) -> Vec<Event> {
+        app.events
+            .list()
+            .into_iter()
+            .filter(|e| e.reason == reason)
+            .collect()
+    }
+
+    const TWO: &str = r#"
+name = "feature"
+validate = "30m"
+[[phases]]
+name = "backend"
+services = ["api"]
+bake = "15m"
+[[phases]]
+name = "frontend"
+services = ["panel"]
+bake = "10m"
+gate = "manual"
+"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn phases_bake_wait_at_the_gate_validate_and_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        assert_eq!(app.releases.metrics.phase.get(), -1);
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "running", "{c}");
+        assert_eq!(c["phase"], 0);
+        assert_eq!(c["phases"][0]["state"], "baking");
+        assert_eq!(c["phases"][1]["state"], "pending");
+        let left = c["phases"][0]["bake_left_secs"].as_f64().expect("left");
+        assert!(left > 890.0 && left <= 900.0, "{left}");
+        assert_eq!(active(&app, "api"), Color::Green);
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        // Default validate window: the longest watch_for; this plan sets 30m.
+        assert_eq!(c["validate_secs"], 1800.0);
+
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][0]["state"], "passed");
+        assert_eq!(c["phases"][1]["state"], "baking");
+        assert_eq!(active(&app, "panel"), Color::Green);
+        assert_eq!(app.releases.metrics.phase.get(), 1);
+
+        // The manual gate holds for as long as nobody promotes.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "waiting", "{c}");
+        assert_eq!(c["phases"][1]["state"], "waiting");
+        assert_eq!(
+            app.releases
+                .metrics
+                .state
+                .with_label_values(&["waiting"])
+                .get(),
+            1
+        );
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "validating", "{c}");
+        assert_eq!(c["phases"][1]["state"], "passed");
+        // Promote is refused when nothing waits.
+        assert!(promote(&app, "test").await.is_err());
+
+        tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "complete");
+        assert_eq!(reasons(&app, "release_complete").len(), 1);
+        assert_eq!(
+            app.releases
+                .metrics
+                .total
+                .with_label_values(&["complete"])
+                .get(),
+            1
+        );
+        assert_eq!(app.releases.metrics.phase.get(), -1);
+        assert_eq!(active(&app, "api"), Color::Green);
+        assert_eq!(active(&app, "panel"), Color::Green);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trigger_returns_every_flipped_service_in_one_step_with_one_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
+        assert_eq!(current(&app)["phase"], 1);
+        let gen_before: u64 = app
+            .snapshot()
+            .services
+            .iter()
+            .map(|s| s.state.generation)
+            .sum();
+        // A second release is refused while this one runs, naming it.
+        match start(&app, &plan(TWO), "test").await {
+            Err(StartError::Conflict(m)) => assert!(m.contains("\"feature\""), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        // Not a service of the release: nothing happens.
+        assert!(!app.releases.owns("other"));
+        assert!(app.releases.owns("api"));
+        let fired = triggered(
+            &app,
+            "api",
+            "error rate 0.2 above 0.05",
+            json!({"kind": "error_rate", "threshold": 0.05, "value": 0.2}),
+        )
+        .await
+        .expect("rollback");
+        assert!(fired);
+        assert_eq!(active(&app, "api"), Color::Blue);
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        let gen_after: u64 = app
+            .snapshot()
+            .services
+            .iter()
+            .map(|s| s.state.generation)
+            .sum();
+        assert_eq!(gen_after, gen_before + 2);
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        let t = evs[0].trigger.clone().expect("trigger");
+        assert_eq!(t["service"], "api");
+        assert_eq!(t["threshold"], 0.05);
+        assert_eq!(t["value"], 0.2);
+        assert_eq!(t["returned"].as_array().map(Vec::len), Some(2), "{t}");
+        assert_eq!(evs[0].service, "api");
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null());
+        assert_eq!(all["recent"][0]["state"], "rolled_back");
+        assert_eq!(all["recent"][0]["phases"][0]["state"], "rolled_back");
+        assert_eq!(all["recent"][0]["phases"][1]["state"], "rolled_back");
+        // The driver stopped: nothing flips forward again.
+        tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        assert_eq!(reasons(&app, "release_rollback").len(), 1);
+        // A trigger after the end changes nothing.
+        assert!(!triggered(&app, "api", "x", json!({})).await.expect("no-op"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abort_before_the_second_phase_returns_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let v = abort(&app, "ops").await.expect("abort");
+        assert_eq!(v["returned"].as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(active(&app, "api"), Color::Blue);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue, "phase 2 must never run");
+        assert_eq!(reasons(&app, "release_abort").len(), 1);
+        assert_eq!(app.releases.to_json()["recent"][0]["state"], "aborted");
+        assert!(abort(&app, "ops").await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_applied_from_another_replica_rolls_the_whole_release_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
+        assert_eq!(active(&app, "panel"), Color::Green);
+        // Another replica rolled `api` back on its own trigger (as the etcd watch applies it).
+        let api = app
+            .snapshot()
+            .service("api")
+            .map(|s| s.state.clone())
+            .expect("api");
+        let mut remote = std::collections::HashMap::new();
+        remote.insert(
+            "api".to_string(),
+            crate::routing::ServiceState {
+                active: Color::Blue,
+                previous: Some(Color::Green),
+                generation: api.generation + 1,
+                updated_at: Some(now_rfc3339()),
+                paused: false,
+                failed: Some(Color::Green),
+            },
+        );
+        app.apply_remote(remote).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue, "panel follows api back");
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back");
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert_eq!(evs[0].service, "api");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_verification_phase_flips_nothing_and_waits_for_promote() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let p = plan(
+            "name = \"v\"\n[[phases]]\nname = \"backend\"\nservices = [\"api\"]\nbake = \"1m\"\n[[phases]]\nname = \"verification\"\nservices = []\nbake = \"15m\"\ngate = \"manual\"\n",
+        );
+        start(&app, &p, "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][1]["state"], "baking");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        assert_eq!(current(&app)["state"], "waiting");
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "validating", "{c}");
+        // Default validate window: the longest watch_for of the plan's services (api: 45m).
+        assert_eq!(c["validate_secs"], 2700.0);
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        assert_eq!(active(&app, "api"), Color::Green);
+    }
+
+    #[test]
+    fn every_plan_error_has_its_key() {
+        let bad = plan(
+            r#"
+validate = 5
+extra = 1
+[[phases]]
+services = ["api", "api"]
+bake = "1x"
+[[phases]]
+name = "b"
+services = ["ghost"]
+to = "red"
+bake = "1m"
+gate = "sometimes"
+"#,
+        );
+        let cfg = crate::config::from_toml_str_with_env(CONFIG, Some(Default::default()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let errs = parse(&bad, Some(&cfg)).expect_err("invalid").0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "extra",
+            "name",
+            "validate",
+            "phases[0].name",
+            "phases[0].services[1]",
+            "phases[0].bake",
+            "phases[1].services[0]",
+            "phases[1].to",
+            "phases[1].gate",
+        ] {
+            assert!(keys.contains(&k), "{k} missing in {keys:?}");
+        }
+        assert!(parse(&json!({"name": "x"}), None).is_err());
+        let ok = parse(&plan(TWO), Some(&cfg)).expect("valid");
+        assert_eq!(ok.phases[1].gate, Gate::Manual);
+        assert_eq!(ok.validate, Some(Duration::from_secs(1800)));
+    }
+}

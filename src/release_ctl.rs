@@ -1,0 +1,308 @@
+//! `switchyard ctl release ...`: start a plan, follow it, pass a manual gate, abort, and `wait`
+//! (a CI pipeline's gate: exit 0 when the release is `complete`, 1 when `rolled_back` or
+//! `aborted`, or when it is still running at `--timeout`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::ctl::{call, CtlArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum ReleaseCmd {
+    /// Start a release from a TOML plan file.
+    Start { file: PathBuf },
+    /// The running release (and the last ones with --json).
+    Status {
+        /// Print again every 2 seconds until the release ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Pass the manual gate the release waits at.
+    Promote,
+    /// Return every service the release flipped to its pre-release color, in one step.
+    Abort,
+    /// Block until the running release ends: exit 0 when complete, 1 when rolled back or
+    /// aborted (or still running after the global --timeout).
+    Wait,
+}
+
+const POLL: Duration = Duration::from_secs(1);
+
+pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
+    let base = args.admin.trim_end_matches('/').to_string();
+    match cmd {
+        ReleaseCmd::Start { file } => {
+            let text = match std::fs::read_to_string(file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: cannot read plan file {}: {e}", file.display());
+                    return 1;
+                }
+            };
+            let plan = match crate::release::value_from_toml(&text) {
+                Ok(v) => v,
+                Err(errs) => {
+                    eprintln!("error: {}: {errs}", file.display());
+                    return 1;
+                }
+            };
+            post(args, &base, "/api/releases", plan, |v| {
+                print_release(&v["release"]);
+            })
+            .await
+        }
+        ReleaseCmd::Promote => {
+            post(
+                args,
+                &base,
+                "/api/releases/current/promote",
+                json!({}),
+                |v| println!("{}", v["message"].as_str().unwrap_or("promoted")),
+            )
+            .await
+        }
+        ReleaseCmd::Abort => {
+            post(args, &base, "/api/releases/current/abort", json!({}), |v| {
+                println!("{}", v["message"].as_str().unwrap_or("aborted"));
+                for o in v["returned"].as_array().into_iter().flatten() {
+                    println!("  {}", o["message"].as_str().unwrap_or_default());
+                }
+                for s in v["not_returned"].as_array().into_iter().flatten() {
+                    println!("  NOT returned: {}", s.as_str().unwrap_or_default());
+                }
+            })
+            .await
+        }
+        ReleaseCmd::Status { watch } => loop {
+            let v = match get(args, &base).await {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if v["current"].is_null() {
+                println!("no release is running");
+                if let Some(last) = v["recent"].get(0) {
+                    println!("last:");
+                    print_release(last);
+                }
+            } else {
+                print_release(&v["current"]);
+            }
+            if !*watch || v["current"].is_null() {
+                return 0;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            println!();
+        },
+        ReleaseCmd::Wait => wait(args, &base).await,
+    }
+}
+
+async fn wait(args: &CtlArgs, base: &str) -> i32 {
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+    let first = match get(args, base).await {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let id = match (
+        first["current"]["id"].as_str(),
+        first["recent"][0]["id"].as_str(),
+    ) {
+        (Some(id), _) => id.to_string(),
+        // Already over (a short release ends before `wait` starts): its result decides.
+        (None, Some(id)) => {
+            println!("no release is running; the last one:");
+            id.to_string()
+        }
+        (None, None) => {
+            eprintln!("error: no release is running and none ran yet");
+            return 1;
+        }
+    };
+    let mut last_state = String::new();
+    loop {
+        let v = match get(args, base).await {
+            Ok(v) => v,
+            // A replica restarting or a network blip: keep waiting until the deadline.
+            Err(_) => Value::Null,
+        };
+        let rel = if v["current"]["id"] == id.as_str() {
+            Some(&v["current"])
+        } else {
+            v["recent"]
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["id"] == id.as_str()))
+        };
+        if let Some(r) = rel {
+            let state = r["state"].as_str().unwrap_or_default().to_string();
+            if state != last_state {
+                println!(
+                    "release {} ({id}): {state}{}",
+                    r["name"],
+                    match r["phase"].as_u64() {
+                        Some(p) if r["ended_at"].is_null() => format!(
+                            " (phase {p} {})",
+                            r["phases"][p as usize]["name"].as_str().unwrap_or_default()
+                        ),
+                        _ => String::new(),
+                    }
+                );
+                last_state = state.clone();
+            }
+            match state.as_str() {
+                "complete" => return 0,
+                "rolled_back" | "aborted" => {
+                    eprintln!("release {state}: {}", r["reason"].as_str().unwrap_or("-"));
+                    return 1;
+                }
+                _ => {}
+            }
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            eprintln!(
+                "error: release {id} still {last_state} after {}",
+                humantime::format_duration(args.timeout.unwrap_or_default())
+            );
+            return 1;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn get(args: &CtlArgs, base: &str) -> Result<Value, i32> {
+    let url = format!("{base}/api/releases");
+    match tokio::time::timeout(args.request_timeout(), call("GET", &url, None, None)).await {
+        Ok(Ok((200, v))) => Ok(v),
+        Ok(Ok((status, v))) => {
+            eprintln!(
+                "error ({status}): {}",
+                v["error"].as_str().unwrap_or("request failed")
+            );
+            Err(1)
+        }
+        Ok(Err(e)) => {
+            eprintln!("error: cannot reach the admin listener at {base}: {e}");
+            Err(1)
+        }
+        Err(_) => {
+            eprintln!("error: no answer from the admin listener at {base}");
+            Err(1)
+        }
+    }
+}
+
+async fn post(
+    args: &CtlArgs,
+    base: &str,
+    path: &str,
+    body: Value,
+    show: impl FnOnce(Value),
+) -> i32 {
+    let Some(token) = args.token.as_deref().filter(|t| !t.is_empty()) else {
+        eprintln!(
+            "error: this command needs the admin token: pass --token or set SWITCHYARD_ADMIN_TOKEN"
+        );
+        return 1;
+    };
+    let url = format!("{base}{path}");
+    let (status, v) = match tokio::time::timeout(
+        args.request_timeout(),
+        call("POST", &url, Some(token), Some(body)),
+    )
+    .await
+    {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            eprintln!("error: cannot reach the admin listener at {base}: {e}");
+            return 1;
+        }
+        Err(_) => {
+            eprintln!("error: no answer from the admin listener at {base}");
+            return 1;
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    if !(200..300).contains(&status) {
+        eprintln!(
+            "error ({status}): {}",
+            v["error"].as_str().unwrap_or("request failed")
+        );
+        for e in v["errors"].as_array().into_iter().flatten() {
+            eprintln!("  {}", e.as_str().unwrap_or_default());
+        }
+        return 1;
+    }
+    if !args.json {
+        show(v);
+    }
+    0
+}
+
+fn secs(v: &Value) -> String {
+    v.as_f64()
+        .map(|s| humantime::format_duration(Duration::from_secs(s.ceil() as u64)).to_string())
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn print_release(r: &Value) {
+    let phase = r["phase"].as_u64().unwrap_or(0);
+    println!(
+        "release {} ({}): {}, phase {phase}, started {}",
+        r["name"],
+        r["id"].as_str().unwrap_or("-"),
+        r["state"].as_str().unwrap_or("-"),
+        r["started_at"].as_str().unwrap_or("-"),
+    );
+    for (i, p) in r["phases"].as_array().into_iter().flatten().enumerate() {
+        let mut line = format!(
+            "  {} {i} {:<12} {:<10} {} -> {} (bake {}, gate {})",
+            if i as u64 == phase && r["ended_at"].is_null() {
+                ">"
+            } else {
+                " "
+            },
+            p["name"].as_str().unwrap_or("-"),
+            p["state"].as_str().unwrap_or("-"),
+            p["services"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            match &p["to"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            secs(&p["bake_secs"]),
+            p["gate"].as_str().unwrap_or("-"),
+        );
+        if !p["bake_left_secs"].is_null() {
+            line += &format!(", {} left", secs(&p["bake_left_secs"]));
+        }
+        println!("{line}");
+    }
+    if !r["validate_left_secs"].is_null() {
+        println!(
+            "  validating: {} left (until {})",
+            secs(&r["validate_left_secs"]),
+            r["validate_ends_at"].as_str().unwrap_or("-")
+        );
+    }
+    if let Some(p) = r["paused"].as_str() {
+        println!("  {p}; `switchyard ctl release promote` resumes it");
+    }
+    if let Some(reason) = r["reason"].as_str() {
+        println!(
+            "  ended {}: {reason}",
+            r["ended_at"].as_str().unwrap_or("-")
+        );
+    }
+}

@@ -1,0 +1,760 @@
+//! Releases end to end: real upstreams, a real Switchyard, the admin API and `ctl release`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Two services, `api` (/api) and `panel` (/panel), each with its own blue and green upstream,
+/// both on blue; `panel` and `api` roll back on a 50% error rate over a 5 s window.
+struct Rig {
+    api: [Arc<TestUpstream>; 2],
+    panel: [Arc<TestUpstream>; 2],
+    p: TestProxy,
+    body: String,
+}
+
+const TRIGGERS: &str = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 10\n[[services.rollback.triggers]]\nkind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"1s\"\n";
+
+impl Rig {
+    async fn start() -> Rig {
+        let api = [
+            TestUpstream::start("api-blue").await,
+            TestUpstream::start("api-green").await,
+        ];
+        let panel = [
+            TestUpstream::start("panel-blue").await,
+            TestUpstream::start("panel-green").await,
+        ];
+        let body = format!(
+            "{}{}",
+            service(
+                "api",
+                &[api[0].addr],
+                &[api[1].addr],
+                &format!("path_prefix = \"/api\"\n{TRIGGERS}")
+            ),
+            service(
+                "panel",
+                &[panel[0].addr],
+                &[panel[1].addr],
+                &format!("path_prefix = \"/panel\"\n{TRIGGERS}")
+            ),
+        );
+        let p = TestProxy::start(&body).await;
+        Rig {
+            api,
+            panel,
+            p,
+            body,
+        }
+    }
+
+    /// Stops Switchyard, waits `down`, starts it again on the same state directory.
+    async fn restart(self, down: Duration) -> Rig {
+        let Rig {
+            api,
+            panel,
+            p,
+            body,
+        } = self;
+        let dir = p.stop().await;
+        tokio::time::sleep(down).await;
+        let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+        Rig {
+            api,
+            panel,
+            p,
+            body,
+        }
+    }
+
+    async fn serving(&self) -> (String, String) {
+        (self.p.get("/api/x").await.1, self.p.get("/panel/x").await.1)
+    }
+
+    async fn releases(&self) -> Value {
+        admin_get(self.p.admin, "/api/releases").await.1
+    }
+
+    async fn start_release(&self, plan: Value) -> (u16, Value) {
+        admin_post(self.p.admin, "/api/releases", Some(TOKEN), Some(plan)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        admin_post(self.p.admin, path, Some(TOKEN), Some(body)).await
+    }
+
+    /// Waits (bounded) until the current release matches `f`; panics with the state otherwise.
+    async fn wait_current(&self, secs: u64, what: &str, f: impl Fn(&Value) -> bool) {
+        let ok = eventually(secs, || async { f(&self.releases().await["current"]) }).await;
+        assert!(ok, "{what}: {}", self.releases().await);
+    }
+
+    /// Waits (bounded) for the release to end; answers it.
+    async fn wait_end(&self, secs: u64) -> Value {
+        let ok = eventually(secs, || async {
+            self.releases().await["current"].is_null()
+        })
+        .await;
+        let all = self.releases().await;
+        assert!(ok, "the release did not end: {all}");
+        all["recent"][0].clone()
+    }
+
+    async fn events(&self, reason: &str) -> Vec<Value> {
+        self.p
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    }
+
+    async fn metrics(&self) -> String {
+        get(self.p.admin, "/metrics").await.1
+    }
+}
+
+fn two_phases(bake1: &str, bake2: &str, gate1: &str, validate: &str) -> Value {
+    json!({
+        "name": "feature release",
+        "validate": validate,
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": bake1, "gate": gate1 },
+            { "name": "frontend", "services": ["panel"], "bake": bake2 },
+        ]
+    })
+}
+
+/// Requests on `path` until cancelled.
+fn drive(addr: std::net::SocketAddr, path: &'static str) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        while !s.is_cancelled() {
+            let _ = try_get(addr, path).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    stop
+}
+
+/// `switchyard ctl release wait` against the rig; its exit code.
+fn ctl_wait(admin: std::net::SocketAddr) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{admin}"),
+            "--timeout",
+            "60s",
+            "release",
+            "wait",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ctl")
+}
+
+async fn exit_code(mut child: tokio::process::Child) -> i32 {
+    tokio::time::timeout(Duration::from_secs(90), child.wait())
+        .await
+        .expect("ctl release wait did not end")
+        .expect("wait")
+        .code()
+        .unwrap_or(-1)
+}
+
+fn metric_line(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_phase_release_completes_and_ctl_wait_exits_0() {
+    let r = Rig::start().await;
+    let m = r.metrics().await;
+    assert_eq!(metric_line(&m, "switchyard_release_phase "), Some(-1.0));
+    for result in ["complete", "rolled_back", "aborted"] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_releases_total{{result=\"{result}\"}}")
+            ),
+            Some(0.0),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let (s, v) = r.start_release(two_phases("1s", "1s", "auto", "1s")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["release"]["state"], "running");
+    let wait = ctl_wait(r.p.admin);
+    let end = r.wait_end(30).await;
+    assert_eq!(end["state"], "complete", "{end}");
+    assert_eq!(end["phases"][0]["state"], "passed");
+    assert_eq!(end["phases"][1]["state"], "passed");
+    assert_eq!(end["phases"][1]["to"], "green");
+    assert!(end["phases"][1]["bake_ends_at"].is_string());
+    assert_eq!(exit_code(wait).await, 0);
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
+    assert_eq!(r.events("release_start").await.len(), 1);
+    assert_eq!(r.events("release_complete").await.len(), 1);
+    // One flip event per service, through the app's one commit path.
+    let flips: Vec<Value> = r
+        .events("release_phase")
+        .await
+        .into_iter()
+        .filter(|e| e["to"] == "green")
+        .collect();
+    assert_eq!(flips.len(), 2, "{flips:?}");
+    let m = r.metrics().await;
+    assert_eq!(
+        metric_line(&m, "switchyard_releases_total{result=\"complete\"}"),
+        Some(1.0)
+    );
+    assert_eq!(metric_line(&m, "switchyard_release_phase "), Some(-1.0));
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_in_phase_2_returns_both_services_in_one_step_and_ctl_wait_exits_1() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phase"] == 1 && c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    assert_eq!(
+        metric_line(&r.metrics().await, "switchyard_release_phase "),
+        Some(1.0)
+    );
+    // A second release is refused while this one runs, naming it.
+    let (s, v) = r.start_release(two_phases("1s", "1s", "auto", "1s")).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("feature release"),
+        "{v}"
+    );
+    let wait = ctl_wait(r.p.admin);
+    r.panel[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/panel/x");
+    let end = r.wait_end(30).await;
+    traffic.cancel();
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let evs = r.events("release_rollback").await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let ev = &evs[0];
+    assert_eq!(ev["service"], "panel", "{ev}");
+    assert_eq!(ev["trigger"]["service"], "panel", "{ev}");
+    assert_eq!(ev["trigger"]["kind"], "error_rate", "{ev}");
+    assert_eq!(ev["trigger"]["threshold"], 0.5, "{ev}");
+    assert!(ev["trigger"]["value"].as_f64().unwrap_or(0.0) > 0.5, "{ev}");
+    let returned = ev["trigger"]["returned"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(returned.len(), 2, "{ev}");
+    // The per-service engine did not roll back on its own as well.
+    assert!(r.events("auto_rollback").await.is_empty());
+    assert_eq!(exit_code(wait).await, 1);
+    assert_eq!(
+        metric_line(
+            &r.metrics().await,
+            "switchyard_releases_total{result=\"rolled_back\"}"
+        ),
+        Some(1.0)
+    );
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_gate_waits_for_promote() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("0s", "0s", "manual", "0s"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "waiting at the gate", |c| {
+        c["state"] == "waiting" && c["phases"][0]["state"] == "waiting"
+    })
+    .await;
+    // It holds: the panel is not flipped while nobody promotes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(r.releases().await["current"]["state"], "waiting");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let end = r.wait_end(20).await;
+    assert_eq!(end["state"], "complete", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
+    assert_eq!(r.events("release_promote").await.len(), 1);
+    // Nothing to promote any more.
+    let (s, _) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 409);
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    // A manual flip, rollback or pause of a service inside the release: 409 unless forced.
+    let (s, v) = r.p.flip("api", "blue").await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("release"), "{v}");
+    let (s, _) = r.post("/api/services/panel/rollback", json!({})).await;
+    assert_eq!(s, 409);
+    let (s, _) = r.post("/api/services/panel/pause", json!({})).await;
+    assert_eq!(s, 409);
+    // A forced one goes through and pauses the release, which says so.
+    let (s, v) = r
+        .post("/api/services/panel/pause", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let cur = r.releases().await["current"].clone();
+    assert!(
+        cur["paused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("forced pause"),
+        "{cur}"
+    );
+    let (s, _) = r.post("/api/services/panel/resume", json!({})).await;
+    assert_eq!(s, 200);
+    // Reload keeps the release.
+    let (s, v) = r.post("/api/reload", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(r.releases().await["current"]["id"], cur["id"]);
+
+    let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["returned"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let end = r.releases().await["recent"][0].clone();
+    assert_eq!(end["state"], "aborted", "{end}");
+    assert_eq!(r.events("release_abort").await.len(), 1);
+    assert_eq!(
+        metric_line(
+            &r.metrics().await,
+            "switchyard_releases_total{result=\"aborted\"}"
+        ),
+        Some(1.0)
+    );
+    let (s, _) = r.post("/api/releases/current/abort", json!({})).await;
+    assert_eq!(s, 409);
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_with_errors_is_refused_with_every_error_and_its_key() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(json!({
+            "validate": "soon",
+            "phases": [
+                { "name": "a", "services": ["api", "ghost"], "bake": "1m", "gate": "maybe" },
+                { "name": "a", "services": ["api"], "to": "red" },
+            ]
+        }))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let errs: Vec<String> = v["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str().map(str::to_string))
+        .collect();
+    for key in [
+        "name: ",
+        "validate: ",
+        "phases[0].services[1]: ",
+        "phases[0].gate: ",
+        "phases[1].name: ",
+        "phases[1].services[0]: ",
+        "phases[1].to: ",
+        "phases[1].bake: ",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(key)), "{key} in {errs:?}");
+    }
+    assert!(r.releases().await["current"].is_null());
+    // Unauthenticated: refused.
+    let (s, _) = admin_post(
+        r.p.admin,
+        "/api/releases",
+        None,
+        Some(two_phases("1s", "1s", "auto", "1s")),
+    )
+    .await;
+    assert_eq!(s, 401);
+    // The same checks offline, from the TOML file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "name = \"x\"\n[[phases]]\nname = \"a\"\nservices = [\"ghost\"]\nbake = \"1m\"\ngate = \"maybe\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--release"])
+        .arg(&plan)
+        .arg("--config")
+        .arg(&r.p.config_path)
+        .output()
+        .expect("check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("phases[0].services[0]: unknown service \"ghost\""),
+        "{err}"
+    );
+    assert!(err.contains("phases[0].gate: "), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--release", "config/releases/example.toml"])
+        .output()
+        .expect("check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_a_latched_color_is_refused_without_force() {
+    let r = Rig::start().await;
+    let (s, v) = r.p.flip("panel", "green").await;
+    assert_eq!(s, 200, "{v}");
+    r.panel[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/panel/x");
+    let ok = eventually(20, || async { !r.events("auto_rollback").await.is_empty() }).await;
+    traffic.cancel();
+    assert!(ok, "no auto_rollback: {:?}", r.p.events().await);
+    let svc = r.p.service_status("panel").await;
+    assert_eq!(svc["active"], "blue", "{svc}");
+    // "Roll back" now would go to green, the color that just failed.
+    let (s, v) = r.post("/api/services/panel/rollback", json!({})).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("latched"), "{v}");
+    assert_eq!(r.p.get("/panel/x").await.1, "panel-blue\n");
+    r.panel[1].set_status(200);
+    let (s, v) = r
+        .post("/api/services/panel/rollback", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(r.p.get("/panel/x").await.1, "panel-green\n");
+    let _ = &r.api;
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_bake_resumes_with_the_time_already_spent() {
+    let r = Rig::start().await;
+    let (s, v) = r.start_release(two_phases("1s", "8s", "auto", "1s")).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    let id = r.releases().await["current"]["id"].clone();
+    let r = r.restart(Duration::from_secs(3)).await;
+    let cur = r.releases().await["current"].clone();
+    assert_eq!(cur["id"], id, "{cur}");
+    assert_eq!(cur["phase"], 1, "{cur}");
+    assert_eq!(cur["phases"][0]["state"], "passed", "{cur}");
+    assert_eq!(cur["phases"][1]["state"], "baking", "{cur}");
+    // The 3 s the process was down count: less than 8 - 3 s of the bake is left.
+    let left = cur["phases"][1]["bake_left_secs"]
+        .as_f64()
+        .expect("bake_left_secs");
+    assert!(left <= 5.0, "{cur}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
+    assert!(
+        r.events("release_phase").await.iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("resumed after a restart")),
+        "{:?}",
+        r.p.events().await
+    );
+    let end = r.wait_end(30).await;
+    assert_eq!(end["state"], "complete", "{end}");
+    assert_eq!(end["id"], id);
+    // Nothing is left to resume after the end.
+    let r = r.restart(Duration::ZERO).await;
+    assert!(r.releases().await["current"].is_null());
+    r.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_service_aborts_the_release() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    // The same config without `panel`.
+    let dir = r.p.dir.as_ref().expect("dir").path().to_path_buf();
+    let api_only = service(
+        "api",
+        &[r.api[0].addr],
+        &[r.api[1].addr],
+        &format!("path_prefix = \"/api\"\n{TRIGGERS}"),
+    );
+    std::fs::write(&r.p.config_path, full_config(&api_only, &dir)).expect("write config");
+    let (s, v) = r.post("/api/reload", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let end = r.wait_end(20).await;
+    assert_eq!(end["state"], "aborted", "{end}");
+    assert!(
+        end["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("panel removed"),
+        "{end}"
+    );
+    assert_eq!(r.p.get("/api/x").await.1, "api-blue\n");
+    let evs = r.events("release_abort").await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["actor"], "reload");
+    r.p.stop().await;
+}
+
+/// A real etcd on loopback ports (Debian's `etcd-server`), as tests/replicas.rs starts it.
+struct Etcd {
+    child: std::process::Child,
+    client: u16,
+}
+
+impl Etcd {
+    async fn start(dir: &std::path::Path) -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("test={p}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        let ok = eventually(20, || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", client))
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(ok, "etcd did not start");
+        Etcd { child, client }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let ups = [
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+        TestUpstream::start("panel-blue").await,
+        TestUpstream::start("panel-green").await,
+    ];
+    let critical = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 1\n[[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/api/pay\"]\nover = \"10s\"\nfor = \"0s\"\n";
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\netcd_prefix = \"/sy-release/\"\n{}{}",
+        etcd.client,
+        service(
+            "api",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            &format!("path_prefix = \"/api\"\n{critical}")
+        ),
+        service("panel", &[ups[2].addr], &[ups[3].addr], "path_prefix = \"/panel\"")
+    );
+    let a = TestProxy::start(&body).await;
+    let b = TestProxy::start(&body).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "10m", "auto", "10m")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let both_green = eventually(20, || async {
+        b.service_status("api").await["active"] == "green"
+            && b.service_status("panel").await["active"] == "green"
+    })
+    .await;
+    assert!(both_green, "replica b follows the release's flips");
+    // The trigger fires on replica b (only b sees the failing request).
+    ups[1].set_status(500);
+    assert_eq!(get(b.proxy, "/api/pay").await.0, 500);
+    let ended = eventually(20, || async {
+        admin_get(a.admin, "/api/releases").await.1["current"].is_null()
+    })
+    .await;
+    let all = admin_get(a.admin, "/api/releases").await.1;
+    assert!(ended, "{all}");
+    assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
+    // b's own automatic rollback of api, then a's one release rollback (panel back).
+    let evs = a.events().await;
+    let rb: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["reason"] == "release_rollback")
+        .collect();
+    assert_eq!(rb.len(), 1, "{evs:#?}");
+    assert_eq!(rb[0]["trigger"]["kind"], "remote_rollback", "{evs:#?}");
+    assert_eq!(rb[0]["service"], "api", "{evs:#?}");
+    for p in [&a, &b] {
+        let back = eventually(10, || async {
+            p.service_status("api").await["active"] == "blue"
+                && p.service_status("panel").await["active"] == "blue"
+        })
+        .await;
+        assert!(back, "both services back on blue: {}", p.status().await);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `switchyard ctl ARGS` against the rig with the token; (exit code, stdout, stderr).
+async fn ctl(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{admin}"),
+            "--token",
+            TOKEN,
+        ])
+        .args(args)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("ctl timed out")
+        .expect("ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_release_start_status_promote_abort_from_a_toml_plan() {
+    let r = Rig::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "name = \"ctl release\"\nvalidate = \"10m\"\n[[phases]]\nname = \"backend\"\nservices = [\"api\"]\nbake = \"0s\"\ngate = \"manual\"\n[[phases]]\nname = \"frontend\"\nservices = [\"panel\"]\nto = \"green\"\nbake = \"10m\"\n",
+    )
+    .expect("write plan");
+    let plan = plan.to_string_lossy().into_owned();
+    let (code, out, err) = ctl(r.p.admin, &["release", "start", &plan]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ctl release"), "{out}");
+    r.wait_current(20, "waiting at the gate", |c| c["state"] == "waiting")
+        .await;
+    let (code, out, _) = ctl(r.p.admin, &["release", "status"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("waiting") && out.contains("frontend"), "{out}");
+    // A second start: refused, naming the running one.
+    let (code, _, err) = ctl(r.p.admin, &["release", "start", &plan]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("409") && err.contains("ctl release"), "{err}");
+    let (code, out, err) = ctl(r.p.admin, &["release", "promote"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    let (code, out, err) = ctl(r.p.admin, &["release", "abort"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 service(s) returned"), "{out}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let (code, _, _) = ctl(r.p.admin, &["release", "wait"]).await;
+    assert_eq!(code, 1, "the last release was aborted");
+    // A plan with errors: every error with its key, from the server.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "name = \"x\"\n[[phases]]\nname = \"a\"\nservices = [\"ghost\"]\nbake = \"soon\"\n",
+    )
+    .expect("write");
+    let bad = dir.path().join("bad.toml").to_string_lossy().into_owned();
+    let (code, _, err) = ctl(r.p.admin, &["release", "start", &bad]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("phases[0].services[0]") && err.contains("phases[0].bake"),
+        "{err}"
+    );
+    r.p.stop().await;
+}
