@@ -1519,7 +1519,7 @@ pub async fn resume(app: &Arc<App>) {
     if app.releases.persist.set(tx).is_err() {
         return;
     }
-    let shutdown = app.shutdown.clone();
+    let shutdown = app.shutdown.child_token();
     let wpath = path.clone();
     tokio::spawn(async move {
         loop {

@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Wake-up shards: threads beyond this many share them (round robin), which costs contention,
 /// never a missed wake-up.
@@ -24,6 +25,8 @@ pub const SHARDS: usize = 32;
 pub struct Shutdown {
     cancelled: AtomicBool,
     shards: Box<[Notify]>,
+    /// Parent of [`Shutdown::child_token`]s; never touched on the request path.
+    tree: CancellationToken,
 }
 
 impl Default for Shutdown {
@@ -45,6 +48,7 @@ impl Shutdown {
         Shutdown {
             cancelled: AtomicBool::new(false),
             shards: (0..SHARDS).map(|_| Notify::new()).collect(),
+            tree: CancellationToken::new(),
         }
     }
 
@@ -57,6 +61,13 @@ impl Shutdown {
         for shard in self.shards.iter() {
             shard.notify_waiters();
         }
+        self.tree.cancel();
+    }
+
+    /// A token cancelled with this signal that can also be cancelled on its own: for a
+    /// long-lived task off the request path (a release's driver) that something else may stop.
+    pub fn child_token(&self) -> CancellationToken {
+        self.tree.child_token()
     }
 
     /// One atomic load: no lock.
