@@ -54,8 +54,10 @@ const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
 /// First read size on a connection; it doubles while reads fill it (large bodies), up to
 /// `MAX_READ_CHUNK`, and starts over for the next request.
 const READ_CHUNK: usize = 8 * 1024;
-/// Request body bytes gathered from the client before they are written upstream.
-const UPLOAD_BATCH: usize = 256 * 1024;
+/// Request body bytes gathered from the client before they are written upstream. Small: it
+/// is for frames that come several per read (chunks); a large read is one frame, written at
+/// once. What an upload holds is at most this plus one read (256 KiB, `h1_server::MAX_READ`).
+const UPLOAD_BATCH: usize = 128 * 1024;
 /// Most pieces (head, body data, chunk framing) written upstream with one `writev`.
 const UPLOAD_SLICES: usize = 32;
 const MAX_READ_CHUNK: usize = 512 * 1024;
