@@ -54,6 +54,12 @@ const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
 /// First read size on a connection; it doubles while reads fill it (large bodies), up to
 /// `MAX_READ_CHUNK`, and starts over for the next request.
 const READ_CHUNK: usize = 8 * 1024;
+/// Request body bytes gathered from the client before they are written upstream. Small: it
+/// is for frames that come several per read (chunks); a large read is one frame, written at
+/// once. What an upload holds is at most this plus one read (256 KiB, `h1_server::MAX_READ`).
+const UPLOAD_BATCH: usize = 128 * 1024;
+/// Most pieces (head, body data, chunk framing) written upstream with one `writev`.
+const UPLOAD_SLICES: usize = 32;
 const MAX_READ_CHUNK: usize = 512 * 1024;
 
 /// Why a request got no (complete) response.
@@ -493,6 +499,8 @@ struct Exchange {
     wrote_any: bool,
     read_any: bool,
     body_polled: bool,
+    /// Bytes in `out`, which stops gathering body frames at `UPLOAD_BATCH`.
+    queued: usize,
     /// `upstream_send_timeout`: an upstream that takes no byte of the request for this long
     /// fails the exchange (its fault, not the client's).
     send_timer: IdleTimer,
@@ -514,6 +522,7 @@ impl Exchange {
             wrote_any: false,
             read_any: false,
             body_polled: false,
+            queued: 0,
             send_timer,
         }
     }
@@ -535,12 +544,80 @@ impl Exchange {
         if self.upload_broken {
             return Ok(());
         }
-        let Some(conn) = self.conn.as_mut() else {
+        if self.conn.is_none() {
             return Ok(());
-        };
+        }
         loop {
+            // What the client's body has ready is gathered first and then written with one
+            // `writev`: a body that arrives in several pieces (or a chunked body decoded into
+            // one frame per chunk) is not written piece by piece. The head alone goes out first
+            // (as before): until then no body byte is taken, so a request whose first write
+            // fails can still be sent again.
+            let mut waiting = self.body_done;
+            while self.wrote_any
+                && !waiting
+                && self.queued < UPLOAD_BATCH
+                && self.out.len() + 3 <= UPLOAD_SLICES
+            {
+                let Some(body) = self.body.as_mut() else {
+                    waiting = true;
+                    break;
+                };
+                self.body_polled = true;
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => waiting = true,
+                    Poll::Ready(None) => {
+                        if self.upload == Upload::Chunked {
+                            self.push_out(Bytes::from_static(b"0\r\n\r\n"));
+                        }
+                        self.body_done = true;
+                        waiting = true;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.body_done = true;
+                        self.upload_broken = true;
+                        self.out.clear();
+                        self.queued = 0;
+                        return Err(ClientError::Body(e));
+                    }
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) if self.upload == Upload::Chunked => {
+                            self.push_out(Bytes::from(format!("{:x}\r\n", data.len())));
+                            self.push_out(data);
+                            self.push_out(Bytes::from_static(b"\r\n"));
+                        }
+                        Ok(data) => self.push_out(data),
+                        Err(frame) => {
+                            // Trailers travel only in chunked framing; with a length they are
+                            // dropped (HTTP/1.1 has nowhere to put them).
+                            if let (Ok(trailers), Upload::Chunked) =
+                                (frame.into_trailers(), self.upload)
+                            {
+                                let mut t = BytesMut::from(&b"0\r\n"[..]);
+                                for (name, value) in &trailers {
+                                    if trailer_allowed(name) {
+                                        put_header(
+                                            &mut t,
+                                            name.as_str().as_bytes(),
+                                            value.as_bytes(),
+                                        );
+                                    }
+                                }
+                                t.put_slice(b"\r\n");
+                                self.push_out(t.freeze());
+                                self.body_done = true;
+                                waiting = true;
+                            }
+                        }
+                    },
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(());
+            };
             while !self.out.is_empty() {
-                let mut slices = [IoSlice::new(&[]); 8];
+                let mut slices = [IoSlice::new(&[]); UPLOAD_SLICES];
                 let n = self.out.len().min(slices.len());
                 for (s, b) in slices.iter_mut().zip(self.out.iter()) {
                     *s = IoSlice::new(b);
@@ -549,6 +626,7 @@ impl Exchange {
                     Poll::Pending if self.send_timer.poll_expired(cx) => {
                         self.upload_broken = true;
                         self.out.clear();
+                        self.queued = 0;
                         return Err(ClientError::Io(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "upstream_send_timeout: the upstream stopped reading the request",
@@ -558,11 +636,13 @@ impl Exchange {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         self.upload_broken = true;
                         self.out.clear();
+                        self.queued = 0;
                         return Ok(());
                     }
                     Poll::Ready(Ok(mut written)) => {
                         self.wrote_any = true;
                         self.send_timer.progressed();
+                        self.queued = self.queued.saturating_sub(written);
                         while written > 0 {
                             let Some(front) = self.out.front_mut() else {
                                 break;
@@ -577,55 +657,18 @@ impl Exchange {
                     }
                 }
             }
-            if self.body_done {
+            // Everything gathered is written. A body that is waiting (its waker is set) or has
+            // ended needs no further poll now: polling it again would be one more read that
+            // finds nothing. One stopped by the batch limit, or the head just written, goes on.
+            if waiting {
                 return Ok(());
-            }
-            let Some(body) = self.body.as_mut() else {
-                return Ok(());
-            };
-            self.body_polled = true;
-            match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(None) => {
-                    if self.upload == Upload::Chunked {
-                        self.out.push_back(Bytes::from_static(b"0\r\n\r\n"));
-                    }
-                    self.body_done = true;
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.body_done = true;
-                    self.upload_broken = true;
-                    return Err(ClientError::Body(e));
-                }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) if self.upload == Upload::Chunked => {
-                        self.out
-                            .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
-                        self.out.push_back(data);
-                        self.out.push_back(Bytes::from_static(b"\r\n"));
-                    }
-                    Ok(data) => self.out.push_back(data),
-                    Err(frame) => {
-                        // Trailers travel only in chunked framing; with a length they are
-                        // dropped (HTTP/1.1 has nowhere to put them).
-                        if let (Ok(trailers), Upload::Chunked) =
-                            (frame.into_trailers(), self.upload)
-                        {
-                            let mut t = BytesMut::from(&b"0\r\n"[..]);
-                            for (name, value) in &trailers {
-                                if trailer_allowed(name) {
-                                    put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
-                                }
-                            }
-                            t.put_slice(b"\r\n");
-                            self.out.push_back(t.freeze());
-                            self.body_done = true;
-                        }
-                    }
-                },
             }
         }
+    }
+
+    fn push_out(&mut self, b: Bytes) {
+        self.queued += b.len();
+        self.out.push_back(b);
     }
 
     /// Drives the upload and reads until a final (non-1xx) response head.

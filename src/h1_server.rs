@@ -124,6 +124,34 @@ impl Reader {
         Poll::Ready(Ok(got.len()))
     }
 
+    /// Reads body bytes when `want` more are expected (what is left of a body's length or of
+    /// its current chunk). The read is sized for them, up to `MAX_READ`, so that a body already
+    /// in the socket comes in one read. Without this, a body whose every piece empties the
+    /// buffer (its capacity then 0) was read 4 KiB at a time onto the stack, one upstream write
+    /// each.
+    fn poll_fill_body(&mut self, cx: &mut Context<'_>, want: u64) -> Poll<io::Result<usize>> {
+        let want = match usize::try_from(want) {
+            Ok(0) => self.read_size,
+            Ok(n) => n.min(MAX_READ),
+            Err(_) => MAX_READ,
+        };
+        // As in `poll_fill`: a buffer with a quarter of that room left is read into as it is,
+        // so that a client sending a few bytes at a time does not make a new buffer per read.
+        if self.buf.capacity() - self.buf.len() < want.div_ceil(4) {
+            self.buf.reserve(want);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
     /// Between requests: nothing buffered means no buffer is kept.
     fn release(&mut self) {
         if self.buf.is_empty() {
@@ -440,7 +468,14 @@ impl Body for RequestBody {
                     Ok(Chunked::NeedMore) => {}
                 },
             }
-            match ready!(reader.poll_fill(cx)) {
+            // What is known to be still on its way: the rest of the length, or of the chunk
+            // (with its CRLF and the next size line); else the growing read size.
+            let want = match this.framing {
+                Framing::Length(left) => left,
+                Framing::Chunked(ChunkState::Data(left)) => left.saturating_add(16),
+                _ => 0,
+            };
+            match ready!(reader.poll_fill_body(cx, want)) {
                 Ok(0) => return this.fail("the client closed the connection mid-body"),
                 Ok(_) => {}
                 Err(e) => {
