@@ -304,10 +304,19 @@ async fn handle(
                     return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
                 }
             };
-            match crate::release::start(app, &plan, &actor).await {
-                Ok(r) => json_response(StatusCode::OK, &json!({ "release": r })),
-                Err(crate::release::StartError::Conflict(m)) => error(StatusCode::CONFLICT, &m),
-                Err(crate::release::StartError::Invalid(errs)) => json_response(
+            // Run to its end as a change does ([`to_end`]): dropped half way, a release could be
+            // current with no driver, and every later start would answer 409.
+            let app = app.clone();
+            let started =
+                tokio::spawn(async move { crate::release::start(&app, &plan, &actor).await }).await;
+            match started {
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the release start failed",
+                ),
+                Ok(Ok(r)) => json_response(StatusCode::OK, &json!({ "release": r })),
+                Ok(Err(crate::release::StartError::Conflict(m))) => error(StatusCode::CONFLICT, &m),
+                Ok(Err(crate::release::StartError::Invalid(errs))) => json_response(
                     StatusCode::BAD_REQUEST,
                     &json!({
                         "error": "invalid release plan; nothing was started",
@@ -316,11 +325,21 @@ async fn handle(
                 ),
             }
         }
-        Route::ReleasePromote => match crate::release::promote(app, &actor).await {
+        Route::ReleasePromote => match to_end({
+            let app = app.clone();
+            async move { crate::release::promote(&app, &actor).await }
+        })
+        .await
+        {
             Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => change_error(e),
         },
-        Route::ReleaseAbort => match crate::release::abort(app, &actor).await {
+        Route::ReleaseAbort => match to_end({
+            let app = app.clone();
+            async move { crate::release::abort(&app, &actor).await }
+        })
+        .await
+        {
             Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => change_error(e),
         },
