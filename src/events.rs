@@ -405,7 +405,10 @@ impl EventLog {
         }
         if let Some(f) = g.file.as_mut() {
             if let Err(e) = f.write_all(&line).await {
-                // The file may now end in a torn line: reopen (and re-check) next time.
+                // Part of the line may have reached the file: cut it back to the last whole
+                // line, so the next line is not glued onto a torn one (startup cuts a torn tail
+                // too, should this fail as well), and reopen next time.
+                let _ = f.set_len(g.size).await;
                 g.file = None;
                 return Err(e);
             }
