@@ -515,6 +515,10 @@ async fn status_numbers_match_the_traffic() {
 
     // Blue: 40 requests, 10 of them answered 500, each at least 50 ms.
     let mut sent = 0;
+    // The slowest answer as the client saw it: the proxy's own timing of each request lies
+    // inside the client's, so its p95 can never be above this (bucket precision aside), however
+    // loaded the machine is.
+    let mut slowest = Duration::ZERO;
     for batch in 0..4 {
         if batch == 3 {
             blue.set_status(500);
@@ -522,10 +526,15 @@ async fn status_numbers_match_the_traffic() {
         let mut tasks = Vec::new();
         for _ in 0..10 {
             let addr = p.proxy;
-            tasks.push(tokio::spawn(async move { get(addr, "/x").await.0 }));
+            tasks.push(tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let code = get(addr, "/x").await.0;
+                (code, start.elapsed())
+            }));
         }
         for t in tasks {
-            let code = t.await.expect("task");
+            let (code, took) = t.await.expect("task");
+            slowest = slowest.max(took);
             assert_eq!(code, if batch == 3 { 500 } else { 200 });
             sent += 1;
         }
@@ -560,11 +569,12 @@ async fn status_numbers_match_the_traffic() {
     assert_eq!(bu["error_rate"].as_f64(), Some(0.25), "{svc}");
     for p95 in [b["p95_ms"].as_f64(), bu["p95_ms"].as_f64()] {
         let p95 = p95.expect("p95_ms is a number");
-        // The bucket midpoint is within ~3.5% of the true value; the proxy adds a little.
+        // The bucket midpoint is within ~3.5% of the true value.
         assert!(p95 >= 50.0 * 0.965, "p95 {p95} ms below the 50 ms delay");
+        let ceiling = slowest.as_secs_f64() * 1000.0 * 1.035;
         assert!(
-            p95 <= 50.0 * 1.035 + 20.0,
-            "p95 {p95} ms far above the 50 ms delay"
+            p95 <= ceiling,
+            "p95 {p95} ms above the slowest answer the client saw ({ceiling:.1} ms with the bucket precision)"
         );
     }
 
