@@ -1,42 +1,17 @@
 //! `switchyard ctl`: the admin API from a terminal. Human-readable output by default, `--json`
 //! for scripts; exit 0 on success, 1 when the API refuses or cannot be reached, 2 on usage errors.
 
-use std::time::Duration;
-
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 use crate::config::Color;
+use crate::ctl_client::{call, CtlArgs};
 
+/// `switchyard ctl`: the global flags and one command.
 #[derive(Args, Debug)]
-pub struct CtlArgs {
-    /// Admin listener URL.
-    #[arg(
-        long,
-        global = true,
-        env = "SWITCHYARD_ADMIN_URL",
-        default_value = "http://127.0.0.1:9090"
-    )]
-    pub admin: String,
-    /// Bearer token for mutating calls.
-    #[arg(
-        long,
-        global = true,
-        env = "SWITCHYARD_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
-    pub token: Option<String>,
-    /// Print the API's JSON instead of a summary.
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// Give up after this long (default 10s; for `release wait`: how long to wait, default
-    /// until the release ends).
-    #[arg(long, global = true, value_parser = crate::config::parse_duration)]
-    pub timeout: Option<Duration>,
+pub struct Ctl {
+    #[command(flatten)]
+    pub args: CtlArgs,
     #[command(subcommand)]
     pub cmd: CtlCmd,
 }
@@ -84,27 +59,18 @@ pub enum CtlCmd {
     Release(crate::release_ctl::ReleaseCmd),
 }
 
-/// The default of `--timeout` for one call.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl CtlArgs {
-    /// How long one call may take.
-    pub fn request_timeout(&self) -> Duration {
-        self.timeout.unwrap_or(DEFAULT_TIMEOUT)
-    }
-}
-
 fn parse_color(s: &str) -> Result<Color, String> {
     s.parse()
 }
 
 /// Runs one ctl command; returns the process exit code.
-pub async fn run(args: CtlArgs) -> i32 {
+pub async fn run(ctl: Ctl) -> i32 {
+    let Ctl { args, cmd } = ctl;
     let base = args.admin.trim_end_matches('/').to_string();
-    if let CtlCmd::Release(cmd) = &args.cmd {
-        return crate::release_ctl::run(&args, cmd).await;
+    if let CtlCmd::Release(release) = &cmd {
+        return crate::release_ctl::run(&args, release).await;
     }
-    let (method, path, body) = match &args.cmd {
+    let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
         CtlCmd::Flip {
@@ -186,7 +152,7 @@ pub async fn run(args: CtlArgs) -> i32 {
         return 1;
     }
     if args.json {
-        let out = match (&args.cmd, value.get("events").and_then(Value::as_array)) {
+        let out = match (&cmd, value.get("events").and_then(Value::as_array)) {
             (CtlCmd::Events { limit }, Some(evs)) => {
                 json!({ "events": evs[evs.len().saturating_sub(*limit)..] })
             }
@@ -195,7 +161,7 @@ pub async fn run(args: CtlArgs) -> i32 {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return 0;
     }
-    match &args.cmd {
+    match &cmd {
         CtlCmd::Status => print_status(&value),
         CtlCmd::Events { limit } => print_events(&value, *limit),
         CtlCmd::FlipAll { .. } => {
@@ -227,51 +193,6 @@ pub async fn run(args: CtlArgs) -> i32 {
         ),
     }
     0
-}
-
-pub(crate) async fn call(
-    method: &str,
-    url: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> Result<(u16, Value), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header(http::header::USER_AGENT, "switchyard-ctl");
-    if let Some(t) = token {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some(b) => {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let req = req
-        .body(Full::new(body))
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    let resp = client.request(req).await.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        msg
-    })?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
-    Ok((status, value))
 }
 
 fn s(v: &Value, k: &str) -> String {

@@ -19,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod config_watch;
 pub mod ctl;
+pub mod ctl_client;
 pub mod demo;
 pub mod etcd;
 pub mod events;

@@ -65,7 +65,7 @@ enum Cmd {
     /// A self-contained demo: the proxy plus built-in blue and green upstreams.
     Demo(switchyard::demo::DemoArgs),
     /// The admin API from a terminal.
-    Ctl(switchyard::ctl::CtlArgs),
+    Ctl(switchyard::ctl::Ctl),
 }
 
 fn main() -> ExitCode {

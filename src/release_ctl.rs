@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::ctl::{call, CtlArgs};
+use crate::ctl_client::{call, CtlArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum ReleaseCmd {
