@@ -946,7 +946,7 @@ impl App {
             let (tls, cert, key) = (tls.clone(), cert.to_path_buf(), key.to_path_buf());
             let reloaded = tokio::task::spawn_blocking(move || tls.reload(Some(&cert), Some(&key)))
                 .await
-                .unwrap_or_else(|e| Err(format!("certificate reload task failed: {e}")));
+                .unwrap_or_else(|e| Err(crate::tls::TlsError::Task(e.to_string())));
             if let Err(e) = reloaded {
                 self.metrics
                     .config_reloads_total
@@ -954,12 +954,11 @@ impl App {
                     .inc();
                 return Err(ReloadError::Invalid(config::ConfigErrors(vec![
                     config::ConfigError {
-                        key: if e.contains("private key") {
-                            "proxy.tls_key".to_string()
-                        } else {
-                            "proxy.tls_cert".to_string()
+                        key: match e.file() {
+                            crate::tls::TlsFile::Key => "proxy.tls_key".to_string(),
+                            crate::tls::TlsFile::Cert => "proxy.tls_cert".to_string(),
                         },
-                        message: e,
+                        message: e.to_string(),
                     },
                 ])));
             }

@@ -5,11 +5,64 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
+
+/// Why a certificate and key could not be loaded; [`TlsError::file`] says which file is at fault,
+/// so that the caller can name its config key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate {}: {source}", path.display())]
+    ReadCert { path: PathBuf, source: pem::Error },
+    #[error("invalid certificate PEM {}: {source}", path.display())]
+    CertPem { path: PathBuf, source: pem::Error },
+    #[error("no certificate found in {}", path.display())]
+    NoCert { path: PathBuf },
+    #[error("cannot read private key {}: {source}", path.display())]
+    ReadKey { path: PathBuf, source: pem::Error },
+    #[error("unsupported private key {}: {source}", path.display())]
+    UnsupportedKey {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("certificate {} and key {} do not match: {source}", cert.display(), key.display())]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Setup(rustls::Error),
+    /// The blocking task that read the files did not finish (it panicked or was cancelled).
+    #[error("certificate reload task failed: {0}")]
+    Task(String),
+}
+
+/// The two files of a TLS setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFile {
+    Cert,
+    Key,
+}
+
+impl TlsError {
+    /// The file the error is about: the key when it cannot be read or used, else the
+    /// certificate (a pair that does not match is reported at the certificate).
+    pub fn file(&self) -> TlsFile {
+        match self {
+            TlsError::ReadKey { .. } | TlsError::UnsupportedKey { .. } => TlsFile::Key,
+            TlsError::ReadCert { .. }
+            | TlsError::CertPem { .. }
+            | TlsError::NoCert { .. }
+            | TlsError::Mismatch { .. }
+            | TlsError::Setup(_)
+            | TlsError::Task(_) => TlsFile::Cert,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Resolver {
@@ -32,7 +85,7 @@ pub struct TlsSetup {
 }
 
 impl TlsSetup {
-    pub fn new(cert: &Path, key: &Path) -> Result<TlsSetup, String> {
+    pub fn new(cert: &Path, key: &Path) -> Result<TlsSetup, TlsError> {
         let ck = load_certified_key(cert, key)?;
         let resolver = Arc::new(Resolver {
             key: ArcSwap::from_pointee(ck),
@@ -40,7 +93,7 @@ impl TlsSetup {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(TlsError::Setup)?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -58,7 +111,7 @@ impl TlsSetup {
 
     /// Re-reads the certificate and key from their paths (or new ones); on error keeps the
     /// current pair. Open connections are not touched.
-    pub fn reload(&self, cert: Option<&Path>, key: Option<&Path>) -> Result<(), String> {
+    pub fn reload(&self, cert: Option<&Path>, key: Option<&Path>) -> Result<(), TlsError> {
         let cert = cert.unwrap_or(&self.cert);
         let key = key.unwrap_or(&self.key);
         let ck = load_certified_key(cert, key)?;
@@ -68,25 +121,76 @@ impl TlsSetup {
 }
 
 /// Reads a PEM certificate chain and private key.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?
+        .map_err(|source| TlsError::ReadCert {
+            path: cert.to_path_buf(),
+            source,
+        })?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("invalid certificate PEM {}: {e}", cert.display()))?;
+        .map_err(|source| TlsError::CertPem {
+            path: cert.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("no certificate found in {}", cert.display()));
+        return Err(TlsError::NoCert {
+            path: cert.to_path_buf(),
+        });
     }
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("unsupported private key {}: {e}", key.display()))?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|source| {
+        TlsError::UnsupportedKey {
+            path: key.to_path_buf(),
+            source,
+        }
+    })?;
     let ck = CertifiedKey::new(certs, signer);
-    ck.keys_match().map_err(|e| {
-        format!(
-            "certificate {} and key {} do not match: {e}",
-            cert.display(),
-            key.display()
-        )
+    ck.keys_match().map_err(|source| TlsError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
     })?;
     Ok(ck)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_their_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        let e = load_certified_key(&missing, &missing).expect_err("no cert file");
+        assert_eq!(e.file(), TlsFile::Cert, "{e}");
+        assert!(e.to_string().starts_with("cannot read certificate"), "{e}");
+        let e = load_certified_key(&empty, &empty).expect_err("empty cert file");
+        assert_eq!(e.file(), TlsFile::Cert, "{e}");
+        assert!(e.to_string().starts_with("no certificate found in"), "{e}");
+
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, ck.cert.pem()).expect("write");
+        let e = load_certified_key(&cert, &missing).expect_err("no key file");
+        assert_eq!(e.file(), TlsFile::Key, "{e}");
+        assert!(e.to_string().starts_with("cannot read private key"), "{e}");
+        let e = load_certified_key(&cert, &empty).expect_err("empty key file");
+        assert_eq!(e.file(), TlsFile::Key, "{e}");
+
+        let other = rcgen::generate_simple_self_signed(vec!["other".to_string()]).expect("rcgen");
+        let key = dir.path().join("other-key.pem");
+        std::fs::write(&key, other.key_pair.serialize_pem()).expect("write");
+        let e = load_certified_key(&cert, &key).expect_err("mismatched pair");
+        assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+        assert_eq!(e.file(), TlsFile::Cert, "{e}");
+
+        let own = dir.path().join("key.pem");
+        std::fs::write(&own, ck.key_pair.serialize_pem()).expect("write");
+        load_certified_key(&cert, &own).expect("a matching pair loads");
+    }
 }
