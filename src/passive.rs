@@ -18,22 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// `[proxy] eject_after` and `[proxy] eject_for`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PassiveConfig {
-    /// Consecutive failures that eject an upstream; 0 turns passive ejection off.
-    pub eject_after: u32,
-    pub eject_for: Duration,
-}
-
-impl Default for PassiveConfig {
-    fn default() -> Self {
-        PassiveConfig {
-            eject_after: 5,
-            eject_for: Duration::from_secs(10),
-        }
-    }
-}
+pub use crate::config::PassiveConfig;
 
 /// Whether an answer with this status counts against its upstream: a gateway error means the
 /// upstream (or the proxy in front of it) could not serve, unlike a 500 from the application.

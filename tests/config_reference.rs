@@ -5,7 +5,7 @@
 //! The real keys of each table come from the parser itself: a config with an unknown key
 //! `zz_unknown` in that table must be refused at exactly that key, and serde's "expected one of
 //! `a`, `b`, ..." list is read from the error when the message carries it. Where it does not, the
-//! field lists are read from the `Raw*` structs in src/config.rs (the structs serde deserializes
+//! field lists are read from the `Raw*` structs in src/config/raw.rs (the structs serde deserializes
 //! the file into), and each documented key is also probed through the parser.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::Value;
 
 const DOC: &str = include_str!("../docs/configuration.md");
-const CONFIG_SRC: &str = include_str!("../src/config.rs");
+const CONFIG_SRC: &str = include_str!("../src/config/raw.rs");
 
 /// Every table of the file, as written in the reference ("" is the top level), with the Raw
 /// struct serde reads it into.
@@ -146,11 +146,11 @@ fn expected_list(msg: &str) -> Option<BTreeSet<String>> {
     )
 }
 
-/// The fields of `struct NAME { ... }` in src/config.rs, with serde renames applied.
+/// The fields of `struct NAME { ... }` in src/config/raw.rs, with serde renames applied.
 fn struct_fields(name: &str) -> BTreeSet<String> {
     let start = CONFIG_SRC
         .find(&format!("struct {name} {{"))
-        .unwrap_or_else(|| panic!("struct {name} not found in src/config.rs"));
+        .unwrap_or_else(|| panic!("struct {name} not found in src/config/raw.rs"));
     let body = &CONFIG_SRC[start..];
     let body = &body[body.find('{').map(|i| i + 1).unwrap_or(0)..body.find("\n}").unwrap_or(0)];
     let mut fields = BTreeSet::new();
@@ -251,7 +251,7 @@ fn every_key_is_documented_and_every_documented_key_exists() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     eprintln!(
-        "tables whose key list came from the parser's own error: {from_parser:?}; the rest from the Raw structs in src/config.rs"
+        "tables whose key list came from the parser's own error: {from_parser:?}; the rest from the Raw structs in src/config/raw.rs"
     );
 
     // And each documented key, set on its own, is taken by the parser as a known key (a wrong

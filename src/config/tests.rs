@@ -1,0 +1,263 @@
+use super::*;
+
+const GOOD: &str = r#"
+[proxy]
+listen = "127.0.0.1:8080"
+[admin]
+listen = "127.0.0.1:9090"
+[[services]]
+name = "api"
+path_prefix = "/api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "1m"
+for = "2m"
+[[services.rollback.triggers]]
+kind = "p95_latency"
+above = "1000ms"
+[[services.rollback.triggers]]
+kind = "critical_5xx"
+paths = ["/api/payments"]
+above = 0
+over = "30s"
+[[services.rollback.triggers]]
+kind = "unhealthy"
+for = "10s"
+"#;
+
+fn env() -> Option<std::collections::HashMap<String, String>> {
+    Some(Default::default())
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match from_toml_str_with_env(text, env()) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn good_config_validates() {
+    let c = from_toml_str_with_env(GOOD, env()).expect("valid");
+    assert_eq!(c.services.len(), 1);
+    assert_eq!(c.services[0].rollback.triggers.len(), 4);
+    assert_eq!(
+        c.services[0].rollback.triggers[0].for_,
+        Duration::from_secs(120)
+    );
+    assert!(c.summary().contains("api"));
+}
+
+#[test]
+fn every_unknown_key_is_reported() {
+    let text = GOOD.replace("[admin]", "[admin]\nbogus = 1\n").replace(
+        "kind = \"unhealthy\"",
+        "kind = \"unhealthy\"\nwhatever = true",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter().any(|e| e.starts_with("admin.bogus")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("services[0].rollback.triggers[3].whatever")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn semantic_errors_all_named() {
+    let text = GOOD
+        .replace("127.0.0.1:3011", "x:y")
+        .replace("\"2m\"", "\"2 parsecs\"")
+        .replace("kind = \"unhealthy\"", "kind = \"sad\"")
+        .replace(
+            "path_prefix = \"/api\"",
+            "path_prefix = \"/api\"\nactive = \"red\"",
+        );
+    let errs = errors(&text);
+    let want = [
+        "services[0].green.upstreams[0]: invalid address \"x:y\"",
+        "services[0].rollback.triggers[0].for: invalid duration",
+        "services[0].rollback.triggers[3].kind: invalid trigger kind",
+        "services[0].active: invalid color",
+    ];
+    for w in want {
+        assert!(
+            errs.iter().any(|e| e.starts_with(w)),
+            "missing {w}: {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn shadowed_service_and_duplicates() {
+    let text = r#"
+[[services]]
+name = "all"
+blue = { upstreams = ["127.0.0.1:1"] }
+green = { upstreams = ["127.0.0.1:2"] }
+[[services]]
+name = "all"
+path_prefix = "/x"
+blue = { upstreams = [] }
+green = { upstreams = ["127.0.0.1:2"] }
+"#;
+    let errs = errors(text);
+    assert!(
+        errs.iter().any(|e| e.contains("duplicate service name")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("can never match")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("services[1].blue.upstreams")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn env_overrides() {
+    let mut env = std::collections::HashMap::new();
+    env.insert(
+        "SWITCHYARD__PROXY__LISTEN".to_string(),
+        "127.0.0.1:7000".to_string(),
+    );
+    env.insert("SWITCHYARD__PROXY__WORKERS".to_string(), "3".to_string());
+    let c = from_toml_str_with_env(GOOD, Some(env)).expect("valid");
+    assert_eq!(c.proxy.listen, "127.0.0.1:7000".parse().unwrap());
+    assert_eq!(c.proxy.workers, Some(3));
+}
+
+#[test]
+fn analysis_keys_validate() {
+    let base = r#"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+"#;
+    let good = format!(
+        "[analysis]\nprometheus_url = \"https://prom.example:9090/prefix\"\nprometheus_token_env = \"PROM_TOKEN\"\n{base}{}",
+        r#"
+[[services.verify]]
+kind = "probe"
+url = "http://checks.internal/{{service}}/{{color}}"
+[[services.verify]]
+kind = "prometheus"
+query = 'max(x{instance=~"{{ upstreams }}"})'
+below = 1
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'sum(rate(app_db_errors_total{service="{{service}}",color="{{color}}"}[1m]))'
+above = 0.5
+for = "1m"
+on_empty = "fail"
+on_error = "fail"
+max_errors = 5
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/pool"
+above = 0.9
+above_fraction = 0.25
+interval = "5s"
+"#
+    );
+    let c = from_toml_str_with_env(&good, env()).unwrap_or_else(|e| panic!("{e}"));
+    let t = &c.services[0].rollback.triggers;
+    match &t[0].kind {
+        TriggerKind::Prometheus(p) => {
+            assert_eq!(p.bound, Bound::Above(0.5));
+            assert_eq!(p.interval, Duration::from_secs(15));
+            assert_eq!(p.on_empty, OnEmpty::Fail);
+            assert_eq!(p.on_error, OnError::Fail);
+            assert_eq!(p.max_errors, 5);
+        }
+        k => panic!("{k:?}"),
+    }
+    match &t[1].kind {
+        TriggerKind::Probe(p) => {
+            assert_eq!(p.condition, ProbeCondition::Bound(Bound::Above(0.9)));
+            assert_eq!(p.above_fraction, 0.25);
+            assert_eq!(p.max_errors, 3);
+            assert_eq!(p.on_error, OnError::Hold);
+        }
+        k => panic!("{k:?}"),
+    }
+    assert_eq!(c.services[0].verify.len(), 2);
+    assert_eq!(c.analysis.timeout, Duration::from_secs(5));
+    assert!(c.summary().contains("verify probe"), "{}", c.summary());
+
+    let bad = format!(
+        "{base}{}",
+        r#"
+[[services.verify]]
+kind = "prometheus"
+query = "up"
+above = 1
+for = "1m"
+[[services.verify]]
+kind = "probe"
+path = "/x"
+equals = "ok"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = "up{x=\"{{upstream}}\"}"
+above = 1
+below = 2
+on_error = "ignore"
+on_empty = "pass"
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/x"
+url = "http://a/b"
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.1
+query = "up"
+[[services.rollback.triggers]]
+kind = "probe"
+url = "ftp://x/{{color}}"
+above_fraction = 1
+"#
+    );
+    let errs = errors(&bad);
+    for want in [
+        "services[0].rollback.triggers[0]: kind \"prometheus\" needs [analysis] prometheus_url",
+        "services[0].verify[0].for: unknown key",
+        "services[0].verify[1].json_pointer: required with `equals`",
+        "services[0].rollback.triggers[0].query: unknown placeholder {{upstream}}",
+        "services[0].rollback.triggers[0].below: set either `above` or `below`",
+        "services[0].rollback.triggers[0].on_error: invalid value \"ignore\"",
+        "services[0].rollback.triggers[0].on_empty: invalid value \"pass\"",
+        "services[0].rollback.triggers[1].url: set either `path` or `url`",
+        "services[0].rollback.triggers[2].query: not used by kind \"error_rate\"",
+        "services[0].rollback.triggers[3].url: invalid URL",
+        "services[0].rollback.triggers[3].above_fraction: 1 is out of range",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want}: {errs:#?}"
+        );
+    }
+    assert!(placeholder_errors("a{{b", QUERY_PLACEHOLDERS)[0].starts_with("unclosed"));
+}
+
+#[test]
+fn host_patterns() {
+    assert!(host_pattern_matches("*.example.com", "a.example.com"));
+    assert!(!host_pattern_matches("*.example.com", "example.com"));
+    assert!(!host_pattern_matches("*.example.com", "aexample.com"));
+    assert!(host_pattern_matches("api.x", "api.x"));
+}
