@@ -67,9 +67,6 @@ fn parse_color(s: &str) -> Result<Color, String> {
 pub async fn run(ctl: Ctl) -> i32 {
     let Ctl { args, cmd } = ctl;
     let base = args.admin.trim_end_matches('/').to_string();
-    if let CtlCmd::Release(release) = &cmd {
-        return crate::release_ctl::run(&args, release).await;
-    }
     let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
@@ -103,8 +100,7 @@ pub async fn run(ctl: Ctl) -> i32 {
             Some(json!({})),
         ),
         CtlCmd::Reload => ("POST", "/api/reload".to_string(), Some(json!({}))),
-        // Answered above.
-        CtlCmd::Release(_) => return 2,
+        CtlCmd::Release(release) => return crate::release_ctl::run(&args, release).await,
     };
     if method == "POST" && args.token.as_deref().unwrap_or("").is_empty() {
         eprintln!(
