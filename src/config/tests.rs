@@ -70,6 +70,63 @@ fn every_unknown_key_is_reported() {
     );
 }
 
+/// Every table's unknown key carries the keys that table has (serde_ignored gives the path,
+/// [`raw::fields_at`] the keys), and a type error still names its path.
+#[test]
+fn unknown_keys_list_their_tables_keys() {
+    let text = format!(
+        "zz = 1\n{}",
+        GOOD.replace("[proxy]", "[proxy]\nzz = 1")
+            .replace("[admin]", "[admin]\nzz = 1")
+            .replace(
+                "green = { upstreams = [\"127.0.0.1:3011\"] }",
+                "green = { upstreams = [\"127.0.0.1:3011\"], zz = 1 }\nzz = 1\nhealth = { zz = 1 }",
+            )
+            .replace("[services.rollback]", "[services.rollback]\nzz = 1")
+            .replace("kind = \"unhealthy\"", "kind = \"unhealthy\"\nzz = 1")
+            + "[[services.verify]]\nkind = \"probe\"\npath = \"/\"\nzz = 1\n"
+            + "[state]\nzz = 1\n[notify]\nzz = 1\n[log]\nzz = 1\n[analysis]\nzz = 1\n"
+    );
+    let errs = errors(&text);
+    for key in [
+        "zz",
+        "proxy.zz",
+        "admin.zz",
+        "state.zz",
+        "notify.zz",
+        "log.zz",
+        "analysis.zz",
+        "services[0].zz",
+        "services[0].green.zz",
+        "services[0].health.zz",
+        "services[0].rollback.zz",
+        "services[0].rollback.triggers[3].zz",
+        "services[0].verify[0].zz",
+    ] {
+        let want = format!("{key}: unknown key \"zz\" (expected ");
+        assert!(
+            errs.iter().any(|e| e.starts_with(&want)),
+            "{want}: {errs:#?}"
+        );
+    }
+    assert!(
+        errs.contains(
+            &"services[0].green.zz: unknown key \"zz\" (expected `upstreams` or `protocol`)"
+                .to_string()
+        ),
+        "{errs:#?}"
+    );
+    assert_eq!(errs.len(), 13, "{errs:#?}");
+
+    let errs = errors(&GOOD.replace("[admin]", "[admin]\nbogus = 1\nmax_connections = \"x\""));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with("admin.bogus: unknown key"), "{errs:#?}");
+    assert!(
+        errs[1].starts_with("admin.max_connections: invalid type"),
+        "{errs:#?}"
+    );
+}
+
 #[test]
 fn semantic_errors_all_named() {
     let text = GOOD
