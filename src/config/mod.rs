@@ -1,6 +1,6 @@
-//! Configuration: the file as serde reads it ([`raw`]), validated section by section
-//! ([`validate`]) into the config the proxy runs on ([`types`]), and the summary `check`
-//! prints ([`check`]).
+//! Configuration: the file as serde reads it (`raw.rs`), validated section by section
+//! (`validate/`) into the config the proxy runs on (`types.rs`), and the summary `check`
+//! prints (`check.rs`).
 //!
 //! `check`, startup and reload share [`load`]: the file is read through the `config` crate (so
 //! `SWITCHYARD__SECTION__KEY` environment variables override it), deserialized with every
@@ -62,6 +62,7 @@ impl fmt::Display for ConfigErrors {
         Ok(())
     }
 }
+
 /// Reads, overrides from the environment and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {

@@ -1,7 +1,7 @@
 //! The file as serde reads it: every key optional, so that validation can report each missing
 //! or wrong one with its key. Keys the structs do not name are collected as unknown
-//! ([`super::from_toml_str_with_env`]); to add a section, add its struct here, a field to
-//! [`RawConfig`], and its fields to [`fields_at`].
+//! ([`super::from_toml_str_with_env`]). To add a section: its struct here, a field of
+//! [`RawConfig`], and its path in [`fields_at`] (so that an unknown key in it lists its keys).
 
 use serde::Deserialize;
 
