@@ -157,9 +157,15 @@ pub async fn run(ctl: Ctl) -> i32 {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return 0;
     }
-    match &cmd {
-        CtlCmd::Status => print_status(&value),
-        CtlCmd::Events { limit } => print_events(&value, *limit),
+    print_answer(&cmd, &value);
+    0
+}
+
+/// The human-readable form of a successful answer.
+fn print_answer(cmd: &CtlCmd, value: &Value) {
+    match cmd {
+        CtlCmd::Status => print_status(value),
+        CtlCmd::Events { limit } => print_events(value, *limit),
         CtlCmd::FlipAll { .. } => {
             println!(
                 "{}",
@@ -188,7 +194,6 @@ pub async fn run(ctl: Ctl) -> i32 {
                 .unwrap_or("done")
         ),
     }
-    0
 }
 
 fn s(v: &Value, k: &str) -> String {
