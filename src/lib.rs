@@ -20,7 +20,6 @@ pub mod config;
 pub mod config_watch;
 pub mod ctl;
 pub mod demo;
-pub mod etcd;
 pub mod events;
 pub mod guard;
 pub mod h1;

@@ -206,7 +206,16 @@ pub async fn start_with(
     tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
     tasks.spawn(crate::resolve::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
-        tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
+        // etcd delivers other replicas' changes; the app (the one writer) applies them.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.spawn(crate::state::etcd::sync(
+            etcd.clone(),
+            tx,
+            app.metrics.state_degraded.clone(),
+            app.shutdown.child_token(),
+        ));
+        let follower = app.clone();
+        tasks.spawn(async move { follower.follow_remote(rx).await });
     }
 
     let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
