@@ -675,21 +675,3 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
-
-/// Waits for open connections to finish their in-flight requests, at most `grace`.
-pub async fn drain(graceful: GracefulShutdown, grace: Duration, what: &str) {
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(connections = open, listener = what, "draining connections");
-    }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            listener = what,
-            grace = %humantime::format_duration(grace),
-            "shutdown grace elapsed; closing the remaining connections"
-        );
-    }
-}

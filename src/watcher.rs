@@ -169,7 +169,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             .zip(&cfg.triggers)
             .enumerate()
             .map(|(i, (s, t))| {
-                let mut v = s.to_json(t, now, crate::admin::wall);
+                let mut v = s.to_json(t, now, crate::stats::wall);
                 app.analysis.status_fields(svc, i, t, &mut v);
                 v
             })

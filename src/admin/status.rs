@@ -1,7 +1,7 @@
 //! `/api/status` and the scrape-time gauges of `/metrics`, both read from the routing snapshot
 //! and the window rings.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::config::Color;
 use crate::events::now_rfc3339;
+use crate::stats::wall;
 use crate::routing::Service;
 use crate::stats::Summary;
 
@@ -23,17 +24,6 @@ fn ms(d: Option<Duration>) -> Value {
 fn ratio(r: Option<f64>) -> Value {
     r.map(|r| json!((r * 1e6).round() / 1e6))
         .unwrap_or(Value::Null)
-}
-
-/// Maps a monotonic instant onto wall-clock RFC 3339.
-pub fn wall(at: Instant) -> String {
-    let now = Instant::now();
-    let t = if at >= now {
-        SystemTime::now() + (at - now)
-    } else {
-        SystemTime::now() - (now - at)
-    };
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 pub fn status_json(app: &App) -> Value {
