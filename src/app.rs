@@ -893,7 +893,8 @@ impl App {
     pub async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
         healthy_target(svc, to)?;
         let pool = svc.pool(to);
-        if let Err(f) = crate::analysis::verify(self, svc, to).await {
+        let analysis_cfg = &self.snapshot().config.analysis;
+        if let Err(f) = crate::analysis::verify(&self.analysis, analysis_cfg, svc, to).await {
             return Err(ChangeError::Refused(format!(
                 "{}: verify[{}] ({}) failed on {to}: {}; checked {}; pass \"force\": true to flip anyway",
                 svc.name(),
@@ -1089,5 +1090,15 @@ impl App {
             .generation(generation);
         ev.trigger = Some(trigger);
         self.record(ev).await;
+    }
+}
+
+impl crate::analysis::Host for App {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        App::snapshot(self)
+    }
+
+    fn analysis(&self) -> &crate::analysis::Analysis {
+        &self.analysis
     }
 }

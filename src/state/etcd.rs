@@ -31,8 +31,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::event::Event;
-use super::{Backend, ServiceState, StateError};
+use crate::state::event::Event;
+use crate::state::{Backend, ServiceState, StateError};
 
 const EVENT_TTL_SECS: u64 = 7 * 24 * 3600;
 /// A granted event lease is reused this long (it lives `EVENT_TTL_SECS`).
@@ -760,7 +760,7 @@ impl EtcdStore {
             return;
         };
         let p = path.clone();
-        let res = tokio::task::spawn_blocking(move || super::write_atomic(&p, &bytes)).await;
+        let res = tokio::task::spawn_blocking(move || crate::state::write_atomic(&p, &bytes)).await;
         if let Ok(Err(e)) = res {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the etcd state cache");
         }
@@ -1175,7 +1175,7 @@ mod tests {
         let mut after = before.clone();
         after.active = crate::config::Color::Green;
         after.generation = 1;
-        let ev = Event::new("api", super::super::event::Reason::Manual, "test", "flip").generation(1);
+        let ev = Event::new("api", crate::state::event::Reason::Manual, "test", "flip").generation(1);
         store
             .write(
                 &[("api".to_string(), after)],

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{Backend, ServiceState, StateError, StateFile};
+use crate::state::{Backend, ServiceState, StateError, StateFile};
 
 pub struct FileStore {
     path: PathBuf,
