@@ -20,6 +20,7 @@ pub mod config;
 pub mod config_watch;
 pub mod ctl;
 pub mod demo;
+pub mod dns_watch;
 pub mod events;
 pub mod guard;
 pub mod h1;

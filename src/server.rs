@@ -204,7 +204,7 @@ pub async fn start_with(
     tasks.spawn(crate::analysis::run(app.clone(), app.shutdown.child_token()));
     let config_baseline = crate::config_watch::baseline(&app).await;
     tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
-    tasks.spawn(crate::resolve::run(app.clone()));
+    tasks.spawn(crate::dns_watch::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
         // etcd delivers other replicas' changes; the app (the one writer) applies them.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
