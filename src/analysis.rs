@@ -988,7 +988,8 @@ fn sync<H: Host>(app: &Arc<H>) {
         let keep = wanted.get(key).is_some_and(|(t, _)| *t == slot.trigger);
         if !keep {
             slot.stop.cancel();
-            app.analysis().forget(&key.0, key.1, slot.trigger.kind.name());
+            app.analysis()
+                .forget(&key.0, key.1, slot.trigger.kind.name());
         }
         keep
     });
@@ -1058,7 +1059,8 @@ async fn trigger_task<H: Host>(app: Arc<H>, service: String, index: usize, slot:
                 }
                 Err(_) => return,
             };
-            app.analysis().publish(&service, index, &slot.trigger, &last);
+            app.analysis()
+                .publish(&service, index, &slot.trigger, &last);
         }
         drop(svc);
         tokio::select! {

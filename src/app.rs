@@ -108,8 +108,6 @@ pub enum ChangeError {
     #[error("{0}")]
     Unknown(String),
     #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
     Internal(String),
 }
 
@@ -863,7 +861,11 @@ impl App {
             name.to_string(),
             Arc::new(svc.with_state(state, svc.flipped_at)),
         );
-        let reason = if paused { Reason::Pause } else { Reason::Resume };
+        let reason = if paused {
+            Reason::Pause
+        } else {
+            Reason::Resume
+        };
         let ev = Event::new(name, reason, actor, format!("automatic rollback {word}"))
             .generation(svc.state.generation);
         self.commit(&snap, changed, vec![ev]).await?;

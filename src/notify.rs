@@ -52,7 +52,6 @@ impl Notifier {
             failures,
         })
     }
-
 }
 
 impl EventSink for Notifier {

@@ -1594,8 +1594,13 @@ pub async fn resume(app: &Arc<App>) {
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);
     }
-    app.record(Event::new("*", crate::events::Reason::ReleasePhase, "release", detail))
-        .await;
+    app.record(Event::new(
+        "*",
+        crate::events::Reason::ReleasePhase,
+        "release",
+        detail,
+    ))
+    .await;
     tokio::spawn(drive(app.clone(), id, cancel, i, resume));
 }
 

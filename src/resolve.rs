@@ -23,7 +23,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use crate::config::{Config, ProxyConfig};
 
 pub const RESOLVE_FAILURES_TOTAL: &str = "switchyard_resolve_failures_total";

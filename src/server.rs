@@ -201,7 +201,10 @@ pub async fn start_with(
     tasks.spawn(crate::watcher::run(app.clone()));
     // A release that was running when the process stopped goes on where it was.
     crate::release::resume(&app).await;
-    tasks.spawn(crate::analysis::run(app.clone(), app.shutdown.child_token()));
+    tasks.spawn(crate::analysis::run(
+        app.clone(),
+        app.shutdown.child_token(),
+    ));
     let config_baseline = crate::config_watch::baseline(&app).await;
     tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
     tasks.spawn(crate::dns_watch::run(app.clone()));

@@ -493,7 +493,6 @@ fn change_error(e: ChangeError) -> AdminResponse {
         ChangeError::UnknownService(_) => StatusCode::NOT_FOUND,
         ChangeError::Refused(_) => StatusCode::CONFLICT,
         ChangeError::Unavailable(_) | ChangeError::Unknown(_) => StatusCode::SERVICE_UNAVAILABLE,
-        ChangeError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &e.to_string())

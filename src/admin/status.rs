@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::config::Color;
 use crate::events::now_rfc3339;
-use crate::stats::wall;
 use crate::routing::Service;
+use crate::stats::wall;
 use crate::stats::Summary;
 
 /// Requests-per-second are read over this short window so the dashboard feels live.
@@ -159,6 +159,7 @@ pub async fn metrics_text(app: &App) -> String {
         &m.rollback_blocked,
         &m.state_generation,
         &m.window_requests,
+        &m.window_dropped_samples,
     ] {
         g.reset();
     }
@@ -186,15 +187,25 @@ pub async fn metrics_text(app: &App) -> String {
                 .set((svc.state.active == color) as i64);
             let pool = svc.pool(color);
             let mut total = Summary::default();
+            let mut dropped = 0;
             for u in &pool.upstreams {
                 m.upstream_healthy
                     .with_label_values(&[name, c, &u.addr_label])
                     .set(u.is_healthy() as i64);
                 u.window.summary_into(now_epoch, window, &mut total);
+                dropped += u.window.dropped();
             }
+            dropped += pool
+                .critical
+                .iter()
+                .map(|p| p.counter.dropped())
+                .sum::<u64>();
             m.window_requests
                 .with_label_values(&[name, c])
                 .set(total.requests as i64);
+            m.window_dropped_samples
+                .with_label_values(&[name, c])
+                .set(dropped as i64);
             // Without traffic there is no ratio: leave the series at 0 rather than NaN, which
             // alert expressions handle badly; window_requests says whether it means anything.
             m.window_error_ratio

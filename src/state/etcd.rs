@@ -1175,7 +1175,8 @@ mod tests {
         let mut after = before.clone();
         after.active = crate::config::Color::Green;
         after.generation = 1;
-        let ev = Event::new("api", crate::state::event::Reason::Manual, "test", "flip").generation(1);
+        let ev =
+            Event::new("api", crate::state::event::Reason::Manual, "test", "flip").generation(1);
         store
             .write(
                 &[("api".to_string(), after)],

@@ -154,4 +154,3 @@ pub fn move_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
     std::fs::rename(path, &aside)?;
     Ok(Some(aside))
 }
-

@@ -119,17 +119,15 @@ impl StateStore {
     pub fn from_config(cfg: &crate::config::StateConfig) -> StateStore {
         match cfg.backend {
             crate::config::StateBackend::File => StateStore::file(&cfg.path),
-            crate::config::StateBackend::Etcd => {
-                StateStore::Etcd(etcd::EtcdStore::with_options(
-                    &cfg.etcd_endpoints,
-                    &cfg.etcd_prefix,
-                    etcd::EtcdOptions {
-                        timeout: cfg.etcd_timeout,
-                        progress_interval: cfg.etcd_progress_interval,
-                        cache: Some(cfg.path.clone()),
-                    },
-                ))
-            }
+            crate::config::StateBackend::Etcd => StateStore::Etcd(etcd::EtcdStore::with_options(
+                &cfg.etcd_endpoints,
+                &cfg.etcd_prefix,
+                etcd::EtcdOptions {
+                    timeout: cfg.etcd_timeout,
+                    progress_interval: cfg.etcd_progress_interval,
+                    cache: Some(cfg.path.clone()),
+                },
+            )),
         }
     }
 
