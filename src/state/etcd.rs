@@ -86,6 +86,8 @@ pub enum WriteOutcome {
 struct CallError {
     message: String,
     maybe_sent: bool,
+    /// etcd answered an error about the lease (expired or revoked): grant a new one.
+    lease_gone: bool,
 }
 
 impl From<CallError> for StateError {
@@ -234,6 +236,7 @@ impl EtcdStore {
         let start = self.next.load(Ordering::Relaxed);
         let mut last_err = String::from("no etcd endpoints configured");
         let mut maybe_sent = false;
+        let mut lease_gone = false;
         for i in 0..n {
             let idx = (start + i) % n;
             let Some(base) = self.endpoints.get(idx) else {
@@ -246,6 +249,7 @@ impl EtcdStore {
                 }
                 Err(e) => {
                     maybe_sent |= e.maybe_sent;
+                    lease_gone = e.lease_gone;
                     last_err = format!("{base}: {}", e.message);
                 }
             }
@@ -253,6 +257,7 @@ impl EtcdStore {
         Err(CallError {
             message: format!("etcd unreachable ({last_err})"),
             maybe_sent,
+            lease_gone,
         })
     }
 
@@ -260,6 +265,7 @@ impl EtcdStore {
         let sent = |message: String| CallError {
             message,
             maybe_sent: true,
+            lease_gone: false,
         };
         let req = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -267,6 +273,7 @@ impl EtcdStore {
             .map_err(|e| CallError {
                 message: e.to_string(),
                 maybe_sent: false,
+                lease_gone: false,
             })?;
         let timeout = self.options.timeout;
         let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
@@ -276,6 +283,7 @@ impl EtcdStore {
                     message: e.to_string(),
                     // A refused or failed connect never carried the request.
                     maybe_sent: !e.is_connect(),
+                    lease_gone: false,
                 });
             }
             Ok(Ok(r)) => r,
@@ -287,10 +295,12 @@ impl EtcdStore {
             .map_err(|e| sent(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            return Err(sent(format!(
-                "answered {status}: {}",
-                String::from_utf8_lossy(&bytes).trim()
-            )));
+            let answer = String::from_utf8_lossy(&bytes);
+            return Err(CallError {
+                // etcd's "requested lease not found".
+                lease_gone: answer.contains("lease"),
+                ..sent(format!("answered {status}: {}", answer.trim()))
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| sent(format!("invalid answer: {e}")))
     }
@@ -474,7 +484,7 @@ impl EtcdStore {
                 WriteOutcome::NotApplied(format!("{}; the change was not applied", e.message))
             }
             Err(e) => {
-                if e.message.contains("lease") {
+                if e.lease_gone {
                     self.forget_lease();
                 }
                 tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
@@ -621,7 +631,7 @@ impl EtcdStore {
             )
             .await
         {
-            if e.message.contains("lease") {
+            if e.lease_gone {
                 self.forget_lease();
             }
             return Err(e.into());
