@@ -154,4 +154,12 @@ mod tests {
             assert_eq!(serde_json::from_str::<Reason>(&json).expect("parse"), r);
         }
     }
+
+    #[test]
+    fn the_flip_metric_reasons_are_reasons() {
+        for name in crate::metrics::FLIP_REASONS {
+            let r: Reason = serde_json::from_value(serde_json::json!(name)).expect(name);
+            assert_eq!(r.as_str(), name);
+        }
+    }
 }
