@@ -31,13 +31,12 @@ use serde_json::{json, Value};
 use tokio::sync::{Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
 use crate::config::{
     AnalysisConfig, Bound, Color, ProbeCheck, ProbeCondition, ProbeTarget, PromCheck,
     TriggerConfig, TriggerKind, VerifyCheck,
 };
 use crate::rollback::{fmt_num, External, Fire, Measured};
-use crate::routing::Service;
+use crate::routing::{Service, Snapshot};
 
 pub const ANALYSIS_BLIND: &str = "switchyard_analysis_blind";
 pub const ANALYSIS_VALUE: &str = "switchyard_analysis_value";
@@ -714,7 +713,7 @@ pub fn parse_prometheus(status: http::StatusCode, body: &[u8]) -> Outcome {
 
 /// Evaluates a query for `target`: (the query as sent, the outcome).
 pub async fn query(
-    app: &App,
+    analysis: &Analysis,
     cfg: &AnalysisConfig,
     p: &PromCheck,
     target: &Target<'_>,
@@ -758,7 +757,7 @@ pub async fn query(
         .as_deref()
         .and_then(|k| std::env::var(k).ok())
         .filter(|t| !t.is_empty());
-    let outcome = match http_get(&app.analysis, cfg, &uri, token.as_deref(), cfg.timeout).await {
+    let outcome = match http_get(analysis, cfg, &uri, token.as_deref(), cfg.timeout).await {
         Ok((status, body)) => parse_prometheus(status, &body),
         Err(e) => Outcome::Error {
             error: format!("prometheus {}: {e}", base),
@@ -880,7 +879,7 @@ fn probe_urls(p: &ProbeCheck, target: &Target<'_>) -> Vec<String> {
 
 /// Probes `target`: (the URLs probed, the outcome).
 pub async fn probe(
-    app: &App,
+    analysis: &Analysis,
     cfg: &AnalysisConfig,
     p: &ProbeCheck,
     target: &Target<'_>,
@@ -898,7 +897,7 @@ pub async fn probe(
     let one = |url: String| async move {
         let r = match url.parse::<http::Uri>() {
             Err(e) => ProbeResult::Error(format!("bad URL: {e}")),
-            Ok(uri) => match http_get(&app.analysis, cfg, &uri, None, cfg.timeout).await {
+            Ok(uri) => match http_get(analysis, cfg, &uri, None, cfg.timeout).await {
                 Ok((status, body)) => judge(p, status, &body),
                 Err(e) => ProbeResult::Error(e),
             },
@@ -938,26 +937,34 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
 // The trigger tasks
 // ---------------------------------------------------------------------------------------------
 
+/// What the trigger tasks need from the app (which implements it): the live snapshot and the
+/// analysis state it holds. Analysis sits below the app and never names it.
+pub trait Host: Send + Sync + 'static {
+    fn snapshot(&self) -> Arc<Snapshot>;
+    fn analysis(&self) -> &Analysis;
+}
+
 /// Keeps one task per `prometheus`/`probe` trigger of every service with automatic rollback
-/// enabled, and wakes a trigger's task when its service's live color changes.
-pub async fn run(app: Arc<App>) {
+/// enabled, and wakes a trigger's task when its service's live color changes; stops them all
+/// when `shutdown` is cancelled.
+pub async fn run<H: Host>(app: Arc<H>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = app.shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break,
         }
         sync(&app);
     }
-    if let Ok(mut slots) = app.analysis.slots.lock() {
+    if let Ok(mut slots) = app.analysis().slots.lock() {
         for (_, s) in slots.drain() {
             s.stop.cancel();
         }
     }
 }
 
-fn sync(app: &Arc<App>) {
+fn sync<H: Host>(app: &Arc<H>) {
     let snap = app.snapshot();
     let mut wanted: HashMap<Key, (TriggerConfig, u64)> = HashMap::new();
     for svc in &snap.services {
@@ -974,14 +981,15 @@ fn sync(app: &Arc<App>) {
             }
         }
     }
-    let Ok(mut slots) = app.analysis.slots.lock() else {
+    let Ok(mut slots) = app.analysis().slots.lock() else {
         return;
     };
     slots.retain(|key, slot| {
         let keep = wanted.get(key).is_some_and(|(t, _)| *t == slot.trigger);
         if !keep {
             slot.stop.cancel();
-            app.analysis.forget(&key.0, key.1, slot.trigger.kind.name());
+            app.analysis()
+                .forget(&key.0, key.1, slot.trigger.kind.name());
         }
         keep
     });
@@ -1015,7 +1023,7 @@ fn sync(app: &Arc<App>) {
     }
 }
 
-async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Slot>) {
+async fn trigger_task<H: Host>(app: Arc<H>, service: String, index: usize, slot: Arc<Slot>) {
     let Some(interval) = slot.trigger.kind.interval() else {
         return;
     };
@@ -1034,7 +1042,7 @@ async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Sl
             svc: &svc,
         };
         let evaluated = tokio::select! {
-            r = evaluate(&app, &cfg, &slot.trigger.kind, &target) => r,
+            r = evaluate(app.analysis(), &cfg, &slot.trigger.kind, &target) => r,
             _ = slot.stop.cancelled() => return,
         };
         if slot.stop.is_cancelled() {
@@ -1051,7 +1059,8 @@ async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Sl
                 }
                 Err(_) => return,
             };
-            app.analysis.publish(&service, index, &slot.trigger, &last);
+            app.analysis()
+                .publish(&service, index, &slot.trigger, &last);
         }
         drop(svc);
         tokio::select! {
@@ -1063,14 +1072,14 @@ async fn trigger_task(app: Arc<App>, service: String, index: usize, slot: Arc<Sl
 }
 
 async fn evaluate(
-    app: &App,
+    analysis: &Analysis,
     cfg: &AnalysisConfig,
     kind: &TriggerKind,
     target: &Target<'_>,
 ) -> Option<(String, Outcome)> {
     match kind {
-        TriggerKind::Prometheus(p) => Some(query(app, cfg, p, target).await),
-        TriggerKind::Probe(p) => Some(probe(app, cfg, p, target).await),
+        TriggerKind::Prometheus(p) => Some(query(analysis, cfg, p, target).await),
+        TriggerKind::Probe(p) => Some(probe(analysis, cfg, p, target).await),
         _ => None,
     }
 }
@@ -1103,11 +1112,16 @@ impl VerifyFailure {
 }
 
 /// Runs every `[[services.verify]]` check of `svc` against `to`, in order; the first failure.
-pub async fn verify(app: &App, svc: &Service, to: Color) -> Result<(), VerifyFailure> {
+/// `cfg` is the live config's `[analysis]`.
+pub async fn verify(
+    analysis: &Analysis,
+    cfg: &AnalysisConfig,
+    svc: &Service,
+    to: Color,
+) -> Result<(), VerifyFailure> {
     if svc.config.verify.is_empty() {
         return Ok(());
     }
-    let cfg = app.snapshot().config.analysis.clone();
     let target = Target {
         service: svc.name(),
         color: to,
@@ -1116,11 +1130,11 @@ pub async fn verify(app: &App, svc: &Service, to: Color) -> Result<(), VerifyFai
     for (index, check) in svc.config.verify.iter().enumerate() {
         let (evaluated, outcome, bound) = match check {
             VerifyCheck::Prometheus(p) => {
-                let (q, o) = query(app, &cfg, p, &target).await;
+                let (q, o) = query(analysis, cfg, p, &target).await;
                 (q, o, p.bound)
             }
             VerifyCheck::Probe(p) => {
-                let (u, o) = probe(app, &cfg, p, &target).await;
+                let (u, o) = probe(analysis, cfg, p, &target).await;
                 (u, o, Bound::Above(p.above_fraction))
             }
         };

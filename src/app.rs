@@ -13,12 +13,12 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::config::{self, Color, Config};
-use crate::etcd::WriteOutcome;
-use crate::events::{now_rfc3339, Event, EventLog};
+use crate::events::{now_rfc3339, Event, EventLog, Reason};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::routing::{build_snapshot, Service, ServiceState, Snapshot};
-use crate::state::{StateError, StateStore};
+use crate::routing::{build_snapshot, Service, Snapshot};
+use crate::state::etcd::WriteOutcome;
+use crate::state::{ServiceState, StateError, StateStore};
 use crate::stats::Clock;
 use crate::upstream::Clients;
 
@@ -108,8 +108,6 @@ pub enum ChangeError {
     #[error("{0}")]
     Unknown(String),
     #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
     Internal(String),
 }
 
@@ -182,11 +180,11 @@ pub enum FlipKind {
 }
 
 impl FlipKind {
-    fn reason(self) -> &'static str {
+    fn reason(self) -> Reason {
         match self {
-            FlipKind::Manual => "manual",
-            FlipKind::ManualRollback => "rollback",
-            FlipKind::AutoRollback => "auto_rollback",
+            FlipKind::Manual => Reason::Manual,
+            FlipKind::ManualRollback => Reason::Rollback,
+            FlipKind::AutoRollback => Reason::AutoRollback,
         }
     }
 }
@@ -234,7 +232,8 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let analysis = crate::analysis::Analysis::new(&metrics.registry);
         let releases = crate::release::Releases::new(&metrics.registry);
-        let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
+        let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone())
+            .map(|n| Box::new(n) as Box<dyn crate::events::EventSink>);
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
         let audit = store.audit_path();
         let max_bytes = config.state.events_max_bytes;
@@ -305,6 +304,25 @@ impl App {
             }
         }
         self.events.list()
+    }
+
+    /// Applies what the etcd backend delivers ([`crate::state::etcd::sync`]), in order, until
+    /// the channel closes.
+    pub async fn follow_remote(
+        &self,
+        mut from_etcd: tokio::sync::mpsc::UnboundedReceiver<crate::state::etcd::Remote>,
+    ) {
+        use crate::state::etcd::Remote;
+        while let Some(msg) = from_etcd.recv().await {
+            match msg {
+                Remote::Synced(states) => {
+                    self.set_state_source(StateSource::Etcd);
+                    self.apply_remote(states).await;
+                }
+                Remote::Changed(states) => self.apply_remote(states).await,
+                Remote::Resolved(events) => self.record_resolved(events).await,
+            }
+        }
     }
 
     /// Applies live states written by another replica (etcd watch). Newer generations win;
@@ -401,7 +419,7 @@ impl App {
     /// File backend: the events are written to the audit log as pending (fsynced) before the
     /// state file, and confirmed after it ([`EventLog`]). etcd: the events are written in the
     /// same transaction as the state; a write whose answer does not come in time is
-    /// reconciled ([`crate::etcd::EtcdStore::write`]), and on a lost compare-and-swap the state
+    /// reconciled ([`crate::state::etcd::EtcdStore::write`]), and on a lost compare-and-swap the state
     /// read from etcd is applied.
     async fn commit(
         &self,
@@ -414,7 +432,7 @@ impl App {
         names.sort();
         let after = Self::all_states(&next);
         let before = Self::all_states(snap);
-        let id = crate::etcd::new_write_id();
+        let id = crate::state::etcd::new_write_id();
         match &self.store {
             StateStore::File(_) => {
                 let written: HashMap<String, ServiceState> = names
@@ -615,7 +633,7 @@ impl App {
                 events.push(
                     Event::new(
                         svc.name(),
-                        "manual",
+                        Reason::Manual,
                         actor,
                         format!(
                             "flip-all {from} -> {to}{}",
@@ -689,7 +707,7 @@ impl App {
         let from = svc.state.active;
         let next = self.flipped(&svc, to, FlipKind::AutoRollback);
         let gen = next.state.generation;
-        let mut ev = Event::new(name, "auto_rollback", "rollback-engine", detail)
+        let mut ev = Event::new(name, Reason::AutoRollback, "rollback-engine", detail)
             .colors(from, to)
             .generation(gen);
         ev.trigger = Some(trigger);
@@ -702,7 +720,7 @@ impl App {
                 self.record(
                     Event::new(
                         name,
-                        "rollback_conflict",
+                        Reason::RollbackConflict,
                         "rollback-engine",
                         format!("{detail}; not applied by this replica: {why}"),
                     )
@@ -758,7 +776,7 @@ impl App {
             events.push(
                 Event::new(
                     name,
-                    "release_phase",
+                    Reason::ReleasePhase,
                     actor,
                     format!("{detail}: {from} -> {to}"),
                 )
@@ -843,7 +861,11 @@ impl App {
             name.to_string(),
             Arc::new(svc.with_state(state, svc.flipped_at)),
         );
-        let reason = if paused { "pause" } else { "resume" };
+        let reason = if paused {
+            Reason::Pause
+        } else {
+            Reason::Resume
+        };
         let ev = Event::new(name, reason, actor, format!("automatic rollback {word}"))
             .generation(svc.state.generation);
         self.commit(&snap, changed, vec![ev]).await?;
@@ -873,7 +895,8 @@ impl App {
     pub async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
         healthy_target(svc, to)?;
         let pool = svc.pool(to);
-        if let Err(f) = crate::analysis::verify(self, svc, to).await {
+        let analysis_cfg = &self.snapshot().config.analysis;
+        if let Err(f) = crate::analysis::verify(&self.analysis, analysis_cfg, svc, to).await {
             return Err(ChangeError::Refused(format!(
                 "{}: verify[{}] ({}) failed on {to}: {}; checked {}; pass \"force\": true to flip anyway",
                 svc.name(),
@@ -1024,7 +1047,7 @@ impl App {
             ));
             tracing::warn!(keys = %restart_required.join(", "), "config changes that need a restart");
         }
-        self.record(Event::new("*", "reload", actor, message.clone()))
+        self.record(Event::new("*", Reason::Reload, actor, message.clone()))
             .await;
         ReloadOutcome {
             services,
@@ -1051,16 +1074,16 @@ impl App {
     pub async fn record_decision(
         &self,
         name: &str,
-        reason: &str,
+        reason: Reason,
         (from, to): (Color, Color),
         generation: u64,
         detail: &str,
         trigger: serde_json::Value,
     ) {
-        if reason == "rollback_blocked" {
+        if reason == Reason::RollbackBlocked {
             self.metrics
                 .flips_total
-                .with_label_values(&[name, "rollback_blocked"])
+                .with_label_values(&[name, reason.as_str()])
                 .inc();
         }
         let mut ev = Event::new(name, reason, "rollback-engine", detail)
@@ -1068,5 +1091,15 @@ impl App {
             .generation(generation);
         ev.trigger = Some(trigger);
         self.record(ev).await;
+    }
+}
+
+impl crate::analysis::Host for App {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        App::snapshot(self)
+    }
+
+    fn analysis(&self) -> &crate::analysis::Analysis {
+        &self.analysis
     }
 }

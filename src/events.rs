@@ -5,79 +5,24 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::config::Color;
-use crate::notify::Notifier;
-use crate::routing::ServiceState;
+use crate::state::ServiceState;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Event {
-    /// RFC 3339, UTC.
-    pub time: String,
-    pub service: String,
-    pub from: Option<Color>,
-    pub to: Option<Color>,
-    /// `manual`, `flip_all`, `rollback`, `auto_rollback`, `rollback_blocked`, `would_rollback`,
-    /// `reload`, `pause`, `resume`, `health`.
-    pub reason: String,
-    pub actor: String,
-    pub detail: String,
-    /// The service's generation after the event.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generation: Option<u64>,
-    /// For rollback decisions: trigger kind, threshold, measured value, window, requests.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trigger: Option<serde_json::Value>,
-}
+pub use crate::state::event::{now_rfc3339, Event, Reason};
 
-impl Event {
-    pub fn new(service: &str, reason: &str, actor: &str, detail: impl Into<String>) -> Event {
-        Event {
-            time: now_rfc3339(),
-            service: service.to_string(),
-            from: None,
-            to: None,
-            reason: reason.to_string(),
-            actor: actor.to_string(),
-            detail: detail.into(),
-            generation: None,
-            trigger: None,
-        }
-    }
-
-    pub fn colors(mut self, from: Color, to: Color) -> Event {
-        self.from = Some(from);
-        self.to = Some(to);
-        self
-    }
-
-    pub fn generation(mut self, g: u64) -> Event {
-        self.generation = Some(g);
-        self
-    }
-}
-
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+/// Where published events go besides the ring and the log (the webhooks, [`crate::notify`]).
+/// Must not wait: it is called by the writer.
+pub trait EventSink: Send + Sync {
+    fn send(&self, ev: &Event);
 }
 
 pub const RING_CAPACITY: usize = 1000;
 
 /// Default `[state] events_max_bytes`.
 pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Events a person should look at: the proxy changed or wanted to change traffic on its own.
-/// Logged at WARN; every other event (manual flips, reloads, pauses) at INFO.
-pub fn is_warning(reason: &str) -> bool {
-    matches!(
-        reason,
-        "auto_rollback" | "rollback_blocked" | "release_rollback"
-    )
-}
 
 /// The audit log: a ring for `/api/events`, a JSON-lines file, and the webhooks.
 ///
@@ -93,7 +38,7 @@ pub struct EventLog {
     ring: Mutex<VecDeque<Event>>,
     audit: Option<PathBuf>,
     file: tokio::sync::Mutex<AuditFile>,
-    notifier: Option<Notifier>,
+    sink: Option<Box<dyn EventSink>>,
     max_bytes: u64,
 }
 
@@ -167,8 +112,8 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
 
 impl EventLog {
     /// Opens the log without a stored state to settle pending changes against.
-    pub fn new(audit: Option<PathBuf>, notifier: Option<Notifier>) -> EventLog {
-        Self::open(audit, notifier, DEFAULT_MAX_BYTES, None)
+    pub fn new(audit: Option<PathBuf>, sink: Option<Box<dyn EventSink>>) -> EventLog {
+        Self::open(audit, sink, DEFAULT_MAX_BYTES, None)
     }
 
     /// Opens the log; the last events of an existing audit file (and its rotated file) are
@@ -177,7 +122,7 @@ impl EventLog {
     /// wrote, aborted otherwise. Blocking file I/O: call it off the runtime's threads.
     pub fn open(
         audit: Option<PathBuf>,
-        notifier: Option<Notifier>,
+        sink: Option<Box<dyn EventSink>>,
         max_bytes: u64,
         stored: Option<&HashMap<String, ServiceState>>,
     ) -> EventLog {
@@ -258,7 +203,7 @@ impl EventLog {
             ring: Mutex::new(ring),
             audit,
             file: tokio::sync::Mutex::new(AuditFile::default()),
-            notifier,
+            sink,
             max_bytes,
         }
     }
@@ -318,7 +263,7 @@ impl EventLog {
             ev.from.map(tracing::field::display),
             ev.to.map(tracing::field::display),
         );
-        if is_warning(&ev.reason) {
+        if ev.reason.is_warning() {
             tracing::warn!(
                 service = %ev.service,
                 reason = %ev.reason,
@@ -341,7 +286,7 @@ impl EventLog {
                 ev.detail
             );
         }
-        if let Some(n) = &self.notifier {
+        if let Some(n) = &self.sink {
             n.send(&ev);
         }
         if let Ok(mut ring) = self.ring.lock() {
@@ -436,6 +381,7 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Color;
 
     fn states(g: u64) -> HashMap<String, ServiceState> {
         let mut s = ServiceState::initial(Color::Green);
@@ -445,7 +391,7 @@ mod tests {
     }
 
     fn ev(g: u64) -> Event {
-        Event::new("api", "manual", "test", "flip")
+        Event::new("api", Reason::Manual, "test", "flip")
             .colors(Color::Blue, Color::Green)
             .generation(g)
     }

@@ -9,7 +9,7 @@
 //! [`notify`], [`metrics`], [`tls`], [`h1_server`] (the client side of HTTP/1.1; hyper serves
 //! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
 //! lifecycle), [`upgrade`] (handing the listeners to a new process), [`resolve`] (upstreams by
-//! name), [`access_log`], plus the [`demo`] and [`ctl`] subcommands.
+//! name) and [`dns_watch`] (re-resolving them while running), [`access_log`], plus the [`demo`] and [`ctl`] subcommands.
 
 pub mod access_log;
 pub mod admin;
@@ -21,7 +21,7 @@ pub mod config_watch;
 pub mod ctl;
 pub mod ctl_client;
 pub mod demo;
-pub mod etcd;
+pub mod dns_watch;
 pub mod events;
 pub mod guard;
 pub mod h1;

@@ -24,6 +24,7 @@ pub const ROLLBACK_BLOCKED: &str = "switchyard_rollback_blocked";
 pub const WEBHOOK_FAILURES_TOTAL: &str = "switchyard_webhook_failures_total";
 pub const UNMATCHED_REQUESTS_TOTAL: &str = "switchyard_unmatched_requests_total";
 pub const WINDOW_REQUESTS: &str = "switchyard_window_requests";
+pub const WINDOW_DROPPED_SAMPLES: &str = "switchyard_window_dropped_samples";
 pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
@@ -50,6 +51,7 @@ pub struct Metrics {
     pub window_error_ratio: GaugeVec,
     pub window_latency_p95: GaugeVec,
     pub window_requests: IntGaugeVec,
+    pub window_dropped_samples: IntGaugeVec,
     pub upstream_healthy: IntGaugeVec,
     pub rollback_armed: IntGaugeVec,
     pub rollback_blocked: IntGaugeVec,
@@ -189,6 +191,12 @@ impl Metrics {
                 &r,
                 WINDOW_REQUESTS,
                 "Requests over the status window.",
+                &["service", "color"],
+            ),
+            window_dropped_samples: gauge_vec(
+                &r,
+                WINDOW_DROPPED_SAMPLES,
+                "Samples the pool's statistics windows (per upstream, and critical_5xx paths) could not record: a recorder that lost the race with a slot being cleared. Counted since each window was made; normally 0.",
                 &["service", "color"],
             ),
             upstream_healthy: gauge_vec(

@@ -15,7 +15,7 @@ use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
 use crate::config::NotifyConfig;
-use crate::events::Event;
+use crate::events::{Event, EventSink};
 
 #[derive(Clone)]
 pub struct Notifier {
@@ -52,9 +52,11 @@ impl Notifier {
             failures,
         })
     }
+}
 
+impl EventSink for Notifier {
     /// Never waits: a full queue drops the event for that URL.
-    pub fn send(&self, ev: &Event) {
+    fn send(&self, ev: &Event) {
         let body = match serde_json::to_vec(ev) {
             Ok(b) => Bytes::from(b),
             Err(_) => return,

@@ -770,7 +770,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     }
     app.record(Event::new(
         "*",
-        "release_start",
+        crate::events::Reason::ReleaseStart,
         actor,
         format!(
             "release {:?} ({id}) started: {}",
@@ -808,7 +808,7 @@ pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> 
     rel.wake.notify_one();
     app.record(Event::new(
         "*",
-        "release_promote",
+        crate::events::Reason::ReleasePromote,
         actor,
         format!("release {name:?} ({id}) promoted at phase {phase}"),
     ))
@@ -829,7 +829,7 @@ pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
         FlipKind::ManualRollback,
         reason.clone(),
         |ev| {
-            ev.reason = "release_abort".to_string();
+            ev.reason = crate::events::Reason::ReleaseAbort;
             ev.actor = actor.to_string();
         },
     )
@@ -917,7 +917,7 @@ async fn roll_back(
             if !skipped.is_empty() {
                 detail.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
             }
-            let mut ev = Event::new("*", "release_rollback", "release", detail);
+            let mut ev = Event::new("*", crate::events::Reason::ReleaseRollback, "release", detail);
             if let Some(first) = returned.first() {
                 ev = ev.colors(first.from, first.to).generation(first.generation);
             }
@@ -983,7 +983,7 @@ pub async fn guard_manual(
     app.releases.update(&id, |r| r.paused = Some(why.clone()));
     app.record(Event::new(
         "*",
-        "release_phase",
+        crate::events::Reason::ReleasePhase,
         actor,
         format!("release {name:?} ({id}) {why}; it advances again on promote"),
     ))
@@ -1066,7 +1066,7 @@ async fn drive(
         });
         app.record(Event::new(
             "*",
-            "release_phase",
+            crate::events::Reason::ReleasePhase,
             "release",
             format!("{label} passed"),
         ))
@@ -1088,7 +1088,7 @@ async fn drive(
             };
             app.record(Event::new(
                 "*",
-                "release_phase",
+                crate::events::Reason::ReleasePhase,
                 "release",
                 format!(
                     "release {name:?} ({id}) validating for {}",
@@ -1117,7 +1117,7 @@ async fn drive(
     if ended {
         app.record(Event::new(
             "*",
-            "release_complete",
+            crate::events::Reason::ReleaseComplete,
             "release",
             format!("release {name:?} ({id}) complete"),
         ))
@@ -1187,7 +1187,7 @@ async fn run_phase(
         }
         app.record(Event::new(
             "*",
-            "release_phase",
+            crate::events::Reason::ReleasePhase,
             "release",
             if targets.is_empty() {
                 format!(
@@ -1231,7 +1231,7 @@ async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &Cancella
     let Some(why) = why else { return false };
     app.record(Event::new(
         "*",
-        "release_phase",
+        crate::events::Reason::ReleasePhase,
         "release",
         format!(
             "{label} waiting for promote{}",
@@ -1366,7 +1366,7 @@ async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
     }
     let reason = format!("{} removed from the config by a reload", gone.join(", "));
     if let Err(e) = roll_back(app, id, "aborted", FlipKind::ManualRollback, reason, |ev| {
-        ev.reason = "release_abort".to_string();
+        ev.reason = crate::events::Reason::ReleaseAbort;
         ev.actor = "reload".to_string();
     })
     .await
@@ -1594,8 +1594,13 @@ pub async fn resume(app: &Arc<App>) {
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);
     }
-    app.record(Event::new("*", "release_phase", "release", detail))
-        .await;
+    app.record(Event::new(
+        "*",
+        crate::events::Reason::ReleasePhase,
+        "release",
+        detail,
+    ))
+    .await;
     tokio::spawn(drive(app.clone(), id, cancel, i, resume));
 }
 
@@ -1659,7 +1664,7 @@ green = { upstreams = ["127.0.0.1:9"] }
         app.events
             .list()
             .into_iter()
-            .filter(|e| e.reason == reason)
+            .filter(|e| e.reason.as_str() == reason)
             .collect()
     }
 
@@ -1835,7 +1840,7 @@ gate = "manual"
         let mut remote = std::collections::HashMap::new();
         remote.insert(
             "api".to_string(),
-            crate::routing::ServiceState {
+            crate::state::ServiceState {
                 active: Color::Blue,
                 previous: Some(Color::Green),
                 generation: api.generation + 1,

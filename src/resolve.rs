@@ -23,9 +23,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts};
-
-use crate::app::App;
 use crate::config::{Config, ProxyConfig};
 
 pub const RESOLVE_FAILURES_TOTAL: &str = "switchyard_resolve_failures_total";
@@ -251,70 +248,6 @@ pub async fn check_warnings(config: &Config) -> Vec<String> {
         }
     }
     out
-}
-
-/// Re-resolves every `resolve_interval` and publishes a new snapshot when an answer changes.
-pub async fn run(app: Arc<App>) {
-    let registry = &app.metrics.registry;
-    let failures = IntCounterVec::new(
-        Opts::new(
-            RESOLVE_FAILURES_TOTAL,
-            "Failed or empty lookups of upstream names (the last good addresses are kept).",
-        ),
-        &["name"],
-    );
-    let stale = IntGaugeVec::new(
-        Opts::new(
-            RESOLUTION_STALE,
-            "1 while an upstream name's last lookup failed and its last good addresses are in use.",
-        ),
-        &["name"],
-    );
-    let (Ok(failures), Ok(stale)) = (failures, stale) else {
-        return;
-    };
-    let _ = registry.register(Box::new(failures.clone()));
-    let _ = registry.register(Box::new(stale.clone()));
-    loop {
-        let config = app.snapshot().config.clone();
-        // Gauges and counters for every name, at 0 from the start.
-        for svc in &config.services {
-            for pool in [&svc.blue, &svc.green] {
-                for n in pool.names() {
-                    let label = n.label();
-                    failures.with_label_values(&[label.as_str()]);
-                    stale
-                        .with_label_values(&[label.as_str()])
-                        .set(n.error.is_some() as i64);
-                }
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(config.proxy.resolve_interval) => {}
-            () = app.shutdown.cancelled() => return,
-        }
-        let config = app.snapshot().config.clone();
-        if !has_names(&config) {
-            continue;
-        }
-        let answers = lookup_all(&config).await;
-        for ((host, port), a) in &answers {
-            if a.is_err() {
-                failures
-                    .with_label_values(&[format!("{host}:{port}").as_str()])
-                    .inc();
-            }
-        }
-        let published = app
-            .update_config(|current| {
-                let mut next = current.clone();
-                apply(&mut next, &answers).then_some(next)
-            })
-            .await;
-        if published {
-            crate::health::ensure(&app);
-        }
-    }
 }
 
 #[cfg(test)]

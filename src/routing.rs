@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -14,49 +13,9 @@ use crate::config::{
     host_pattern_matches, Color, Config, HealthConfig, ProxyConfig, ServiceConfig, TriggerKind,
 };
 use crate::metrics::Metrics;
+pub use crate::state::ServiceState;
 use crate::stats::{WindowBin, WindowCounter};
 use crate::upstream::{Pool, Upstream};
-
-/// A service's live state: what the state store persists.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ServiceState {
-    pub active: Color,
-    #[serde(default)]
-    pub previous: Option<Color>,
-    #[serde(default)]
-    pub generation: u64,
-    /// RFC 3339 time of the last change of the live color.
-    #[serde(default)]
-    pub updated_at: Option<String>,
-    /// Automatic rollback paused by an operator.
-    #[serde(default)]
-    pub paused: bool,
-    /// The color an automatic rollback left; auto-rollback stays disarmed until a manual flip.
-    #[serde(default)]
-    pub failed: Option<Color>,
-}
-
-impl ServiceState {
-    pub fn initial(active: Color) -> Self {
-        ServiceState {
-            active,
-            previous: None,
-            generation: 0,
-            updated_at: None,
-            paused: false,
-            failed: None,
-        }
-    }
-
-    /// When the live color last changed, from `updated_at`, mapped onto the monotonic clock.
-    pub fn flipped_at(&self) -> Option<Instant> {
-        let t = humantime::parse_rfc3339(self.updated_at.as_deref()?).ok()?;
-        let ago = SystemTime::now()
-            .duration_since(t)
-            .unwrap_or(Duration::ZERO);
-        Instant::now().checked_sub(ago)
-    }
-}
 
 pub struct Service {
     pub config: Arc<ServiceConfig>,

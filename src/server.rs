@@ -201,12 +201,24 @@ pub async fn start_with(
     tasks.spawn(crate::watcher::run(app.clone()));
     // A release that was running when the process stopped goes on where it was.
     crate::release::resume(&app).await;
-    tasks.spawn(crate::analysis::run(app.clone()));
+    tasks.spawn(crate::analysis::run(
+        app.clone(),
+        app.shutdown.child_token(),
+    ));
     let config_baseline = crate::config_watch::baseline(&app).await;
     tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
-    tasks.spawn(crate::resolve::run(app.clone()));
+    tasks.spawn(crate::dns_watch::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
-        tasks.spawn(crate::etcd::sync(app.clone(), etcd.clone()));
+        // etcd delivers other replicas' changes; the app (the one writer) applies them.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.spawn(crate::state::etcd::sync(
+            etcd.clone(),
+            tx,
+            app.metrics.state_degraded.clone(),
+            app.shutdown.child_token(),
+        ));
+        let follower = app.clone();
+        tasks.spawn(async move { follower.follow_remote(rx).await });
     }
 
     let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
@@ -664,23 +676,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Waits for open connections to finish their in-flight requests, at most `grace`.
-pub async fn drain(graceful: GracefulShutdown, grace: Duration, what: &str) {
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(connections = open, listener = what, "draining connections");
-    }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            listener = what,
-            grace = %humantime::format_duration(grace),
-            "shutdown grace elapsed; closing the remaining connections"
-        );
     }
 }

@@ -150,6 +150,17 @@ impl Default for Clock {
     }
 }
 
+/// Maps a monotonic instant onto wall-clock RFC 3339.
+pub fn wall(at: Instant) -> String {
+    let now = Instant::now();
+    let t = if at >= now {
+        std::time::SystemTime::now() + (at - now)
+    } else {
+        std::time::SystemTime::now() - (now - at)
+    };
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// Makes `tag` hold `epoch`, clearing the slot if it held an older epoch.
 /// Returns false when the sample must be dropped (slot already holds a newer
 /// epoch, or another thread kept it in `CLEARING` for too long).

@@ -122,7 +122,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                         w.engine.reset();
                         app.record_decision(
                             svc.name(),
-                            "rollback_blocked",
+                            crate::events::Reason::RollbackBlocked,
                             (from, to),
                             gen,
                             &format!("{}; not rolled back: {why}", fire.detail),
@@ -139,7 +139,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             Decision::Blocked(fire) => {
                 app.record_decision(
                     svc.name(),
-                    "rollback_blocked",
+                    crate::events::Reason::RollbackBlocked,
                     (from, to),
                     gen,
                     &format!(
@@ -153,7 +153,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             Decision::WouldRollback(fire) => {
                 app.record_decision(
                     svc.name(),
-                    "would_rollback",
+                    crate::events::Reason::WouldRollback,
                     (from, to),
                     gen,
                     &format!("dry run: {}", fire.detail),
@@ -169,7 +169,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             .zip(&cfg.triggers)
             .enumerate()
             .map(|(i, (s, t))| {
-                let mut v = s.to_json(t, now, crate::admin::wall);
+                let mut v = s.to_json(t, now, crate::stats::wall);
                 app.analysis.status_fields(svc, i, t, &mut v);
                 v
             })

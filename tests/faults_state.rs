@@ -320,7 +320,7 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
         .events
         .list()
         .iter()
-        .any(|e| e.generation == Some(generation + 1) && e.reason == "manual"));
+        .any(|e| e.generation == Some(generation + 1) && e.reason.as_str() == "manual"));
     assert_eq!(events_at(&b, "api", "manual", generation + 1).await, 1);
     a.stop().await;
     b.stop().await;
@@ -1032,7 +1032,7 @@ async fn a_flip_whose_admin_client_goes_away_mid_write_is_still_recorded() {
             .events
             .list()
             .iter()
-            .any(|e| e.generation == Some(2) && e.reason == "manual"),
+            .any(|e| e.generation == Some(2) && e.reason.as_str() == "manual"),
         "A applied a flip without its event: {:#?}",
         a.app().events.list()
     );

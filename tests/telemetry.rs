@@ -618,3 +618,40 @@ async fn status_numbers_match_the_traffic() {
     );
     p.stop().await;
 }
+
+/// The statistics windows' dropped samples are exported per service and color: a gauge with
+/// exactly those labels, 0 when requests come one at a time (nothing races a slot's clearing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_dropped_samples_are_exported() {
+    let blue = TestUpstream::start("api-blue").await;
+    let green = TestUpstream::start("api-green").await;
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let p = TestProxy::start(&body).await;
+    for _ in 0..5 {
+        assert_eq!(p.get("/x").await.0, 200);
+    }
+    let text = metrics(p.admin).await;
+    assert!(
+        text.contains("# TYPE switchyard_window_dropped_samples gauge\n"),
+        "{text}"
+    );
+    let samples = parse(&text);
+    for s in of(&samples, "switchyard_window_dropped_samples") {
+        assert_eq!(keys(s), set(&["service", "color"]), "{s:?}");
+    }
+    for c in ["blue", "green"] {
+        assert_eq!(
+            value(
+                &samples,
+                "switchyard_window_dropped_samples",
+                &[("service", "api"), ("color", c)]
+            ),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    p.stop().await;
+}

@@ -11,6 +11,7 @@ mod status;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -30,7 +31,7 @@ use crate::config::Color;
 use crate::guard::{watch, ConnActivity, SendTimeout, Watchdog};
 use crate::tls::TlsSetup;
 
-pub use status::{metrics_text, status_json, wall};
+pub use status::{metrics_text, status_json};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 const MAX_BODY: usize = 64 * 1024;
@@ -117,7 +118,25 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
     }
     drop(listener);
     // Admin calls are short; a second is plenty.
-    crate::server::drain(graceful, std::time::Duration::from_secs(1), "admin").await;
+    drain(graceful, Duration::from_secs(1), "admin").await;
+}
+
+/// Waits for open connections to finish their in-flight requests, at most `grace`.
+async fn drain(graceful: GracefulShutdown, grace: Duration, what: &str) {
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(connections = open, listener = what, "draining connections");
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = what,
+            grace = %humantime::format_duration(grace),
+            "shutdown grace elapsed; closing the remaining connections"
+        );
+    }
 }
 
 async fn handle(
@@ -474,7 +493,6 @@ fn change_error(e: ChangeError) -> AdminResponse {
         ChangeError::UnknownService(_) => StatusCode::NOT_FOUND,
         ChangeError::Refused(_) => StatusCode::CONFLICT,
         ChangeError::Unavailable(_) | ChangeError::Unknown(_) => StatusCode::SERVICE_UNAVAILABLE,
-        ChangeError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &e.to_string())

@@ -1,7 +1,7 @@
 //! `/api/status` and the scrape-time gauges of `/metrics`, both read from the routing snapshot
 //! and the window rings.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -10,6 +10,7 @@ use crate::app::App;
 use crate::config::Color;
 use crate::events::now_rfc3339;
 use crate::routing::Service;
+use crate::stats::wall;
 use crate::stats::Summary;
 
 /// Requests-per-second are read over this short window so the dashboard feels live.
@@ -23,17 +24,6 @@ fn ms(d: Option<Duration>) -> Value {
 fn ratio(r: Option<f64>) -> Value {
     r.map(|r| json!((r * 1e6).round() / 1e6))
         .unwrap_or(Value::Null)
-}
-
-/// Maps a monotonic instant onto wall-clock RFC 3339.
-pub fn wall(at: Instant) -> String {
-    let now = Instant::now();
-    let t = if at >= now {
-        SystemTime::now() + (at - now)
-    } else {
-        SystemTime::now() - (now - at)
-    };
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 pub fn status_json(app: &App) -> Value {
@@ -169,6 +159,7 @@ pub async fn metrics_text(app: &App) -> String {
         &m.rollback_blocked,
         &m.state_generation,
         &m.window_requests,
+        &m.window_dropped_samples,
     ] {
         g.reset();
     }
@@ -196,15 +187,25 @@ pub async fn metrics_text(app: &App) -> String {
                 .set((svc.state.active == color) as i64);
             let pool = svc.pool(color);
             let mut total = Summary::default();
+            let mut dropped = 0;
             for u in &pool.upstreams {
                 m.upstream_healthy
                     .with_label_values(&[name, c, &u.addr_label])
                     .set(u.is_healthy() as i64);
                 u.window.summary_into(now_epoch, window, &mut total);
+                dropped += u.window.dropped();
             }
+            dropped += pool
+                .critical
+                .iter()
+                .map(|p| p.counter.dropped())
+                .sum::<u64>();
             m.window_requests
                 .with_label_values(&[name, c])
                 .set(total.requests as i64);
+            m.window_dropped_samples
+                .with_label_values(&[name, c])
+                .set(dropped as i64);
             // Without traffic there is no ratio: leave the series at 0 rather than NaN, which
             // alert expressions handle badly; window_requests says whether it means anything.
             m.window_error_ratio

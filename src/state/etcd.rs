@@ -10,7 +10,8 @@
 //! Every write is a transaction that compares each changed key's stored value with the state
 //! this replica's routing snapshot holds (so the compare-and-swap is on the whole state,
 //! generation included): a replica with a stale view loses, re-reads, and reports a conflict.
-//! A watch on `services/` applies every other replica's change within one round trip; when etcd
+//! A watch on `services/` delivers every other replica's change within one round trip, as a
+//! [`Remote`] message on the channel the app drains ([`sync`] never calls the app); when etcd
 //! cannot be reached, traffic keeps flowing on the last known colors, writes answer 503, and the
 //! replica reconnects and resyncs by itself.
 
@@ -30,9 +31,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::events::Event;
-use crate::routing::ServiceState;
-use crate::state::StateError;
+use crate::state::event::Event;
+use crate::state::{Backend, ServiceState, StateError};
 
 const EVENT_TTL_SECS: u64 = 7 * 24 * 3600;
 /// A granted event lease is reused this long (it lives `EVENT_TTL_SECS`).
@@ -86,6 +86,8 @@ pub enum WriteOutcome {
 struct CallError {
     message: String,
     maybe_sent: bool,
+    /// etcd answered an error about the lease (expired or revoked): grant a new one.
+    lease_gone: bool,
 }
 
 impl From<CallError> for StateError {
@@ -234,6 +236,7 @@ impl EtcdStore {
         let start = self.next.load(Ordering::Relaxed);
         let mut last_err = String::from("no etcd endpoints configured");
         let mut maybe_sent = false;
+        let mut lease_gone = false;
         for i in 0..n {
             let idx = (start + i) % n;
             let Some(base) = self.endpoints.get(idx) else {
@@ -246,6 +249,7 @@ impl EtcdStore {
                 }
                 Err(e) => {
                     maybe_sent |= e.maybe_sent;
+                    lease_gone = e.lease_gone;
                     last_err = format!("{base}: {}", e.message);
                 }
             }
@@ -253,6 +257,7 @@ impl EtcdStore {
         Err(CallError {
             message: format!("etcd unreachable ({last_err})"),
             maybe_sent,
+            lease_gone,
         })
     }
 
@@ -260,6 +265,7 @@ impl EtcdStore {
         let sent = |message: String| CallError {
             message,
             maybe_sent: true,
+            lease_gone: false,
         };
         let req = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -267,6 +273,7 @@ impl EtcdStore {
             .map_err(|e| CallError {
                 message: e.to_string(),
                 maybe_sent: false,
+                lease_gone: false,
             })?;
         let timeout = self.options.timeout;
         let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
@@ -276,6 +283,7 @@ impl EtcdStore {
                     message: e.to_string(),
                     // A refused or failed connect never carried the request.
                     maybe_sent: !e.is_connect(),
+                    lease_gone: false,
                 });
             }
             Ok(Ok(r)) => r,
@@ -287,10 +295,12 @@ impl EtcdStore {
             .map_err(|e| sent(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            return Err(sent(format!(
-                "answered {status}: {}",
-                String::from_utf8_lossy(&bytes).trim()
-            )));
+            let answer = String::from_utf8_lossy(&bytes);
+            return Err(CallError {
+                // etcd's "requested lease not found".
+                lease_gone: answer.contains("lease"),
+                ..sent(format!("answered {status}: {}", answer.trim()))
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| sent(format!("invalid answer: {e}")))
     }
@@ -362,29 +372,6 @@ impl EtcdStore {
                         mod_revision: rev,
                     },
                 );
-            }
-        }
-    }
-
-    /// Writes the changed services without events (see [`EtcdStore::write`]).
-    pub async fn save(
-        &self,
-        states: &HashMap<String, ServiceState>,
-        previous: &HashMap<String, ServiceState>,
-        changed: &[String],
-    ) -> Result<(), StateError> {
-        let changes: Vec<(String, ServiceState)> = changed
-            .iter()
-            .filter_map(|n| states.get(n).map(|s| (n.clone(), s.clone())))
-            .collect();
-        match self.write(&changes, previous, &[], &new_write_id()).await {
-            WriteOutcome::Applied => Ok(()),
-            WriteOutcome::Conflict(_) => Err(StateError::Conflict(format!(
-                "the state of {} was changed by another replica; re-read the status and retry",
-                changed.join(", ")
-            ))),
-            WriteOutcome::NotApplied(m) | WriteOutcome::Unknown(m) => {
-                Err(StateError::Unavailable(m))
             }
         }
     }
@@ -497,7 +484,7 @@ impl EtcdStore {
                 WriteOutcome::NotApplied(format!("{}; the change was not applied", e.message))
             }
             Err(e) => {
-                if e.message.contains("lease") {
+                if e.lease_gone {
                     self.forget_lease();
                 }
                 tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
@@ -644,7 +631,7 @@ impl EtcdStore {
             )
             .await
         {
-            if e.message.contains("lease") {
+            if e.lease_gone {
                 self.forget_lease();
             }
             return Err(e.into());
@@ -819,6 +806,47 @@ struct CacheFile {
     services: std::collections::BTreeMap<String, ServiceState>,
 }
 
+impl Backend for EtcdStore {
+    async fn load(&self) -> Result<HashMap<String, ServiceState>, StateError> {
+        EtcdStore::load(self).await.map(|l| l.states)
+    }
+
+    /// Writes the changed services without events (see [`EtcdStore::write`]).
+    async fn save(
+        &self,
+        states: &HashMap<String, ServiceState>,
+        previous: &HashMap<String, ServiceState>,
+        changed: &[String],
+    ) -> Result<(), StateError> {
+        let changes: Vec<(String, ServiceState)> = changed
+            .iter()
+            .filter_map(|n| states.get(n).map(|s| (n.clone(), s.clone())))
+            .collect();
+        match self.write(&changes, previous, &[], &new_write_id()).await {
+            WriteOutcome::Applied => Ok(()),
+            WriteOutcome::Conflict(_) => Err(StateError::Conflict(format!(
+                "the state of {} was changed by another replica; re-read the status and retry",
+                changed.join(", ")
+            ))),
+            WriteOutcome::NotApplied(m) | WriteOutcome::Unknown(m) => {
+                Err(StateError::Unavailable(m))
+            }
+        }
+    }
+}
+
+/// What the sync loop delivers to the app, in the order etcd showed it.
+#[derive(Debug)]
+pub enum Remote {
+    /// A full read: every stored state. The live colors come from etcd (again).
+    Synced(HashMap<String, ServiceState>),
+    /// A service's state changed (the watch).
+    Changed(HashMap<String, ServiceState>),
+    /// The events of a write whose outcome was unknown and that etcd shows committed (they are
+    /// stored in etcd already, with the write).
+    Resolved(Vec<Event>),
+}
+
 /// The first complete top-level JSON object in `buf` and how many bytes are left after it.
 fn split_json(buf: &[u8]) -> Option<(&[u8], usize)> {
     let start = buf.iter().position(|b| *b == b'{')?;
@@ -859,26 +887,35 @@ fn split_json(buf: &[u8]) -> Option<(&[u8], usize)> {
 /// connection and resyncs with a full read; a watch that lags behind etcd for two checks is
 /// resynced too. (etcd's own progress notifications are requested as well, but their server
 /// interval is 10 minutes by default, and the JSON gateway cannot carry progress requests.)
-pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
+///
+/// Every change goes to `to_app` ([`Remote`]); `degraded` is the `switchyard_state_degraded`
+/// gauge. Ends when `shutdown` is cancelled or the app stops listening.
+pub async fn sync(
+    store: Arc<EtcdStore>,
+    to_app: tokio::sync::mpsc::UnboundedSender<Remote>,
+    degraded: prometheus::IntGauge,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut backoff = Duration::from_millis(250);
     let interval = store.options.progress_interval;
     let deadline = interval * 3;
     loop {
-        if app.shutdown.is_cancelled() {
+        if shutdown.is_cancelled() {
             return;
         }
         match store.load().await {
             Ok(loaded) => {
-                if app.metrics.state_degraded.get() != 0 {
+                if degraded.get() != 0 {
                     tracing::info!("etcd reachable again; state resynced");
                 }
-                app.metrics.state_degraded.set(0);
-                app.set_state_source(crate::app::StateSource::Etcd);
+                degraded.set(0);
                 let revision = loaded.revision;
-                app.apply_remote(loaded.states).await;
+                if to_app.send(Remote::Synced(loaded.states)).is_err() {
+                    return;
+                }
                 for id in loaded.write_ids.values() {
                     if let Some(evs) = store.take_unresolved(id) {
-                        app.record_resolved(evs).await;
+                        let _ = to_app.send(Remote::Resolved(evs));
                     }
                 }
                 backoff = Duration::from_millis(250);
@@ -905,10 +942,10 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                     }) = rx.recv().await
                     {
                         if let Some(state) = state {
-                            app.apply_remote(HashMap::from([(name, state)])).await;
+                            let _ = to_app.send(Remote::Changed(HashMap::from([(name, state)])));
                         }
                         if let Some(evs) = write_id.and_then(|id| store.take_unresolved(&id)) {
-                            app.record_resolved(evs).await;
+                            let _ = to_app.send(Remote::Resolved(evs));
                         }
                     }
                 };
@@ -963,28 +1000,29 @@ pub async fn sync(app: Arc<crate::app::App>, store: Arc<EtcdStore>) {
                             Some(why.to_string())
                         }
                     }
-                    _ = app.shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return,
+                    _ = to_app.closed() => return,
                 };
                 if let Some(why) = resync {
                     // Not a fault of etcd's: resync at once with a full read, not degraded.
                     tracing::info!(reason = %why, "resyncing with etcd (full read)");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        _ = app.shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                     continue;
                 }
             }
             Err(e) => {
-                if app.metrics.state_degraded.get() == 0 {
+                if degraded.get() == 0 {
                     tracing::warn!(error = %e, "etcd unreachable: state degraded, flips refused, traffic continues on the last known colors");
                 }
             }
         }
-        app.metrics.state_degraded.set(1);
+        degraded.set(1);
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = app.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -1147,7 +1185,8 @@ mod tests {
         let mut after = before.clone();
         after.active = crate::config::Color::Green;
         after.generation = 1;
-        let ev = Event::new("api", "manual", "test", "flip").generation(1);
+        let ev =
+            Event::new("api", crate::state::event::Reason::Manual, "test", "flip").generation(1);
         store
             .write(
                 &[("api".to_string(), after)],
