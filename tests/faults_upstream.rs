@@ -607,15 +607,20 @@ async fn a_cut_body_reaches_an_h2_client_as_an_error() {
     let req = http::Request::get(format!("http://{}/chunked", p.proxy))
         .body(Full::new(Bytes::new()))
         .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+    // The proxy answers the head as soon as the upstream's arrives and resets the stream when the
+    // body is cut; when the cut is in the same read as the head, h2 drops the still-queued HEADERS
+    // frame with the reset (RFC 9113 5.4.2 lets it), so the client sees the error on the head.
+    // Either way the client must see an error, never a clean end.
+    let head = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
-        .expect("head in time")
-        .expect("head");
-    assert_eq!(resp.status(), 200);
-    let body = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
-        .await
-        .expect("the cut reached the client within 2 s");
-    assert!(body.is_err(), "a cut body ended cleanly for the h2 client");
+        .expect("head or reset in time");
+    if let Ok(resp) = head {
+        assert_eq!(resp.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
+            .await
+            .expect("the cut reached the client within 2 s");
+        assert!(body.is_err(), "a cut body ended cleanly for the h2 client");
+    }
     let blue = &p.service_status("api").await["colors"]["blue"];
     assert_eq!(blue["failures"].as_u64(), Some(1), "{blue}");
     p.stop().await;
