@@ -18,6 +18,9 @@
 //! fire and `switchyard_analysis_blind` says so; `fail`: it breaches). A result that is neither a
 //! scalar nor a one-element vector is an error of the query itself (`config_error` in the
 //! status, with the query).
+//!
+//! This module sits below the app: the trigger tasks reach the live snapshot through [`Host`]
+//! (which the app implements), and [`verify`] takes the analysis state and `[analysis]` config.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

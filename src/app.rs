@@ -101,6 +101,10 @@ pub enum ChangeError {
     /// A refused flip (409).
     #[error("{0}")]
     Refused(String),
+    /// Another replica changed the state first: etcd's compare-and-swap was lost, and this
+    /// replica now serves what etcd holds (409).
+    #[error("{0}")]
+    Conflict(String),
     /// The state backend cannot take writes (503).
     #[error("{0}")]
     Unavailable(String),
@@ -117,7 +121,7 @@ impl From<StateError> for ChangeError {
             StateError::Unavailable(m) => ChangeError::Unavailable(format!(
                 "{m}; flips are refused until the state backend is back (traffic keeps flowing on the last known colors)"
             )),
-            StateError::Conflict(m) => ChangeError::Refused(m),
+            StateError::Conflict(m) => ChangeError::Conflict(m),
             other => ChangeError::Internal(other.to_string()),
         }
     }
@@ -489,7 +493,7 @@ impl App {
                             })
                             .collect::<Vec<_>>()
                             .join(", ");
-                        Err(ChangeError::Refused(format!(
+                        Err(ChangeError::Conflict(format!(
                             "the state of {} was changed by another replica; this replica now serves what etcd holds ({serving}); re-read the status and retry",
                             names.join(", ")
                         )))
@@ -715,7 +719,7 @@ impl App {
         changed.insert(name.to_string(), Arc::new(next));
         match self.commit(&snap, changed, vec![ev]).await {
             Ok(()) => {}
-            Err(ChangeError::Refused(why)) => {
+            Err(ChangeError::Conflict(why)) => {
                 // Another replica changed this service first (most likely the same rollback).
                 self.record(
                     Event::new(

@@ -1,5 +1,8 @@
 //! The audit log: every flip, rollback, blocked rollback and reload, kept in a bounded ring for
-//! `/api/events`, appended as JSON lines to a file beside the state, and handed to the webhooks.
+//! `/api/events`, appended as JSON lines to a file beside the state, and handed to an
+//! [`EventSink`] (the webhooks, [`crate::notify`], which sits above this module). The record
+//! itself, [`Event`] with its [`Reason`], is defined with the state it is stored with
+//! ([`crate::state::event`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;

@@ -89,7 +89,7 @@ pub fn resolver(proxy: &ProxyConfig) -> Arc<dyn Resolve> {
 /// Answers by `(host, port)`: the addresses, or why there are none.
 pub type Answers = HashMap<(String, u16), Result<Vec<SocketAddr>, String>>;
 
-/// Looks every name of `config` up, concurrently, each within [`LOOKUP_TIMEOUT`].
+/// Looks every name of `config` up, concurrently, each within `LOOKUP_TIMEOUT`.
 pub async fn lookup_all(config: &Config) -> Answers {
     let resolver = resolver(&config.proxy);
     let mut wanted: Vec<(String, u16)> = Vec::new();

@@ -491,7 +491,7 @@ async fn reload_to_end(
 fn change_error(e: ChangeError) -> AdminResponse {
     let status = match &e {
         ChangeError::UnknownService(_) => StatusCode::NOT_FOUND,
-        ChangeError::Refused(_) => StatusCode::CONFLICT,
+        ChangeError::Refused(_) | ChangeError::Conflict(_) => StatusCode::CONFLICT,
         ChangeError::Unavailable(_) | ChangeError::Unknown(_) => StatusCode::SERVICE_UNAVAILABLE,
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

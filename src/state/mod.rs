@@ -1,6 +1,6 @@
 //! The persisted live state: per service the active and previous color and the generation
-//! ([`ServiceState`]), the [`Backend`] trait and its two backends, [`file`] and [`etcd`], and the
-//! record of a change ([`event`]) that is stored together with it.
+//! ([`ServiceState`]), the [`Backend`] trait and its two backends, [`file`](mod@file) and
+//! [`etcd`], and the record of a change ([`event`]) that is stored together with it.
 //!
 //! This layer knows nothing of routing or the app: the app (the one writer) calls
 //! [`StateStore::load`]/[`StateStore::save`], and the etcd backend delivers other replicas'
