@@ -120,6 +120,9 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     services: Vec<RawService>,
+    /// `[release_plans.NAME]`: release plans started by name (validated by crate::release).
+    #[serde(default)]
+    release_plans: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +309,8 @@ pub struct Config {
     pub analysis: AnalysisConfig,
     pub log: LogConfig,
     pub services: Vec<ServiceConfig>,
+    /// `[release_plans.NAME]`: validated plans (as JSON), started by name.
+    pub release_plans: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// `[analysis]`: where `prometheus` triggers and verify checks send their queries.
@@ -1667,6 +1672,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
+    // Release plans named in the config (crate::release validates them).
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    c.errors
+        .extend(crate::release::check_named(&raw.release_plans, &names));
+
     if c.errors.is_empty() {
         Ok(Config {
             proxy,
@@ -1676,6 +1686,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             analysis,
             log,
             services,
+            release_plans: raw.release_plans,
         })
     } else {
         Err(ConfigErrors(c.errors))

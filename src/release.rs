@@ -103,6 +103,13 @@ pub fn load(path: &std::path::Path, cfg: Option<&Config>) -> Result<Plan, Config
 
 /// Validates a plan; every problem is reported with its key. With `cfg`, services must exist.
 pub fn parse(v: &Value, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
+    let names: Option<Vec<&str>> =
+        cfg.map(|c| c.services.iter().map(|s| s.name.as_str()).collect());
+    parse_in(v, names.as_deref())
+}
+
+/// [`parse`] against a list of service names (None: any name).
+fn parse_in(v: &Value, known_services: Option<&[&str]>) -> Result<Plan, ConfigErrors> {
     let mut errs: Vec<ConfigError> = Vec::new();
     let mut err = |key: &str, message: String| {
         errs.push(ConfigError {
@@ -235,10 +242,8 @@ pub fn parse(v: &Value, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
                         err(&skey, "must be a service name (a string)".to_string());
                         continue;
                     };
-                    if let Some(cfg) = cfg {
-                        if !cfg.services.iter().any(|x| x.name == s) {
-                            let known: Vec<&str> =
-                                cfg.services.iter().map(|x| x.name.as_str()).collect();
+                    if let Some(known) = known_services {
+                        if !known.contains(&s) {
                             err(
                                 &skey,
                                 format!(
@@ -372,6 +377,66 @@ impl Plan {
                 .unwrap_or_else(|| "the longest watch_for of its services".to_string())
         );
         s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plans named in the config: `[release_plans.NAME]`, started by name
+// ---------------------------------------------------------------------------------------------
+
+/// Validates the config's `[release_plans.NAME]` tables as plan files are validated (against
+/// the config's services); every error is keyed `release_plans.NAME.<key in the plan>`.
+pub fn check_named(plans: &BTreeMap<String, Value>, services: &[&str]) -> Vec<ConfigError> {
+    let mut out = Vec::new();
+    for (name, v) in plans {
+        let base = format!("release_plans.{name}");
+        if name.trim().is_empty() {
+            out.push(ConfigError {
+                key: base.clone(),
+                message: "a named plan needs a non-empty name".to_string(),
+            });
+        }
+        if let Err(ConfigErrors(errs)) = parse_in(v, Some(services)) {
+            out.extend(errs.into_iter().map(|e| ConfigError {
+                key: if e.key.is_empty() {
+                    base.clone()
+                } else {
+                    format!("{base}.{}", e.key)
+                },
+                message: e.message,
+            }));
+        }
+    }
+    out
+}
+
+/// `{"plan": "NAME"}`: the body of a start by name (and the name).
+fn plan_name(body: &Value) -> Option<&str> {
+    let o = body.as_object()?;
+    (o.len() == 1).then(|| o.get("plan")?.as_str())?
+}
+
+/// The plan a start body stands for: the body itself, or the config's plan it names.
+fn resolve_plan(body: &Value, cfg: &Config) -> Result<Value, StartError> {
+    let Some(name) = plan_name(body) else {
+        return Ok(body.clone());
+    };
+    match cfg.release_plans.get(name) {
+        Some(p) => Ok(p.clone()),
+        None => {
+            let known: Vec<&str> = cfg.release_plans.keys().map(String::as_str).collect();
+            Err(StartError::Invalid(ConfigErrors(vec![ConfigError {
+                key: "plan".to_string(),
+                message: format!(
+                    "unknown plan {name:?}: the config names {}",
+                    if known.is_empty() {
+                        "no plans ([release_plans.NAME])".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            }])))
+        }
     }
 }
 
@@ -680,8 +745,8 @@ impl Releases {
 /// Starts a release from a plan (JSON value); answers the release as JSON.
 pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, StartError> {
     let snap = app.snapshot();
-    let plan_value = plan;
-    let plan = parse(plan, Some(&snap.config)).map_err(StartError::Invalid)?;
+    let plan_value = &resolve_plan(plan, &snap.config)?;
+    let plan = parse(plan_value, Some(&snap.config)).map_err(StartError::Invalid)?;
     let rel = &app.releases;
     let _op = rel.op.lock().await;
     if let Some(cur) = rel.lock().current.as_ref() {
