@@ -23,6 +23,10 @@ use crate::config::{parse_duration, Color, Config, ConfigError, ConfigErrors};
 use crate::events::{now_rfc3339, Event};
 use crate::routing::Service;
 
+/// With the etcd backend, the release lives in etcd (src/release_store.rs).
+#[path = "release_store.rs"]
+mod store;
+
 pub const RELEASE_PHASE: &str = "switchyard_release_phase";
 pub const RELEASE_STATE: &str = "switchyard_release_state";
 pub const RELEASES_TOTAL: &str = "switchyard_releases_total";
@@ -616,6 +620,8 @@ pub struct Releases {
     metrics: ReleaseMetrics,
     /// The running release for the state backend's directory ([`resume`]), written by a task.
     persist: std::sync::OnceLock<tokio::sync::watch::Sender<Option<Value>>>,
+    /// With the etcd backend: what this replica knows of the release key.
+    shared: store::Shared,
 }
 
 /// Why a release did not start.
@@ -625,6 +631,8 @@ pub enum StartError {
     Invalid(ConfigErrors),
     /// 409: a release is running.
     Conflict(String),
+    /// 503: etcd did not answer whether the release was stored.
+    Unknown(String),
 }
 
 impl Releases {
@@ -635,6 +643,7 @@ impl Releases {
             wake: tokio::sync::Notify::new(),
             metrics: ReleaseMetrics::new(registry),
             persist: std::sync::OnceLock::new(),
+            shared: store::Shared::default(),
         }
     }
 
@@ -823,6 +832,10 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         paused: None,
         actor: actor.to_string(),
     };
+    if let Some(etcd) = store::etcd(app) {
+        // Shared through etcd: stored first (a compare-and-swap), then driven by this replica.
+        store::create(app, &etcd, &release).await?;
+    }
     // A shutdown stops the driver without ending the release: a restart resumes it.
     let cancel = app.shutdown.child_token();
     let answer = release.to_json();
@@ -855,6 +868,38 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
 /// Passes the manual gate (or resumes a paused release).
 pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
     let rel = &app.releases;
+    if let Some(etcd) = store::etcd(app) {
+        if let Some(cur) = rel.current().filter(|r| !store::drives(app, &r.id)) {
+            // Driven by another replica: the promote goes into the shared record.
+            store::change(app, &etcd, &cur.id, |v| {
+                let r = &v["release"];
+                if r["state"] != "waiting" && r["paused"].is_null() {
+                    return Err(ChangeError::Refused(format!(
+                        "release {:?} is {} (phase {}), not waiting at a manual gate",
+                        cur.name,
+                        r["state"].as_str().unwrap_or(""),
+                        r["phase"]
+                    )));
+                }
+                v["promote"] = json!(true);
+                Ok(())
+            })
+            .await?;
+            app.record(Event::new(
+                "*",
+                "release_promote",
+                actor,
+                format!(
+                    "release {:?} ({}) promoted at phase {}",
+                    cur.name, cur.id, cur.phase
+                ),
+            ))
+            .await;
+            return Ok(
+                json!({ "id": cur.id, "message": format!("release {:?} promoted", cur.name) }),
+            );
+        }
+    }
     let (id, name, phase) = {
         let mut inner = rel.lock();
         let Some(r) = inner.current.as_ref() else {
@@ -954,9 +999,16 @@ async fn roll_back(
 ) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
     let rel = &app.releases;
     let _op = rel.op.lock().await;
-    let Some(cur) = rel.current().filter(|r| r.id == id && r.live()) else {
+    let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live()) else {
         return Ok(None);
     };
+    if let Some(etcd) = store::etcd(app) {
+        // One replica ends it: the compare-and-swap decides; a loser finds it ended.
+        match store::end(app, &etcd, id, result, &reason).await? {
+            Some(c) => cur = c,
+            None => return Ok(None),
+        }
+    }
     let targets: Vec<(String, Color)> = cur
         .flipped
         .iter()
@@ -1045,7 +1097,19 @@ pub async fn guard_manual(
         )));
     }
     let why = format!("paused: forced {what} of {} by {actor}", hit.join(", "));
-    app.releases.update(&id, |r| r.paused = Some(why.clone()));
+    match store::etcd(app).filter(|_| !store::drives(app, &id)) {
+        // Driven by another replica: the pause goes into the shared record.
+        Some(etcd) => {
+            store::change(app, &etcd, &id, |v| {
+                v["release"]["paused"] = json!(why);
+                Ok(())
+            })
+            .await?
+        }
+        None => {
+            app.releases.update(&id, |r| r.paused = Some(why.clone()));
+        }
+    }
     app.record(Event::new(
         "*",
         "release_phase",
@@ -1172,7 +1236,22 @@ async fn drive(
     }
     let ended = {
         let _op = rel.op.lock().await;
-        !cancel.is_cancelled()
+        let shared_ok = match store::etcd(&app) {
+            Some(etcd) if !cancel.is_cancelled() => matches!(
+                store::end(
+                    &app,
+                    &etcd,
+                    &id,
+                    "complete",
+                    "every phase passed and the validate window ended"
+                )
+                .await,
+                Ok(Some(_))
+            ),
+            _ => true,
+        };
+        shared_ok
+            && !cancel.is_cancelled()
             && rel.end(
                 &id,
                 "complete",
@@ -1229,6 +1308,27 @@ async fn run_phase(
             let _op = rel.op.lock().await;
             if cancel.is_cancelled() {
                 return None;
+            }
+            if let Some(etcd) = store::etcd(app) {
+                // Claim the phase in etcd before flipping anything: if another replica ended
+                // or took over the release meanwhile, this write loses and nothing flips.
+                rel.update(id, |r| {
+                    let p = &mut r.phases[i];
+                    p.state = "baking";
+                    p.started_at = Some(now_rfc3339());
+                    p.bake_ends_at = Some(wall_after(plan.bake));
+                    p.bake_deadline = Some(Instant::now() + plan.bake);
+                    p.bake_started_ms = Some(wall_ms());
+                    for (s, _) in targets {
+                        if !r.flipped.contains(s) {
+                            r.flipped.push(s.clone());
+                        }
+                    }
+                });
+                if !store::persist(app, &etcd, id).await {
+                    tracing::warn!(release = %id, phase = i, "the phase's claim in etcd did not apply; nothing flipped");
+                    return None;
+                }
             }
             if let Err(e) = app.flip_set(targets, "release", label).await {
                 drop(_op);
@@ -1508,7 +1608,28 @@ impl Release {
             "flipped": self.flipped,
             "paused": self.paused,
             "actor": self.actor,
+            "ended_at": self.ended_at,
+            "reason": self.reason,
         })
+    }
+
+    /// The monotonic deadlines of a release read back, from the wall-clock start times stored
+    /// with it (the time already spent in a bake or the validate window counts).
+    fn set_deadlines(&mut self) {
+        let now = wall_ms();
+        let elapsed = |started: Option<u64>| {
+            Duration::from_millis(now.saturating_sub(started.unwrap_or(now)))
+        };
+        for p in &mut self.phases {
+            p.bake_deadline = (p.state == "baking")
+                .then(|| Instant::now() + p.plan.bake.saturating_sub(elapsed(p.bake_started_ms)));
+        }
+        self.validate_deadline = (self.state == "validating").then(|| {
+            Instant::now()
+                + self
+                    .validate
+                    .saturating_sub(elapsed(self.validate_started_ms))
+        });
     }
 
     fn from_stored(v: &Value) -> Option<Release> {
@@ -1573,6 +1694,11 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
 /// At startup: resumes the release that was running when the process stopped (a bake resumes
 /// with the time already spent counted), then keeps the stored copy current.
 pub async fn resume(app: &Arc<App>) {
+    if let Some(etcd) = store::etcd(app) {
+        // Shared through etcd: followed, driven, taken over there (src/release_store.rs).
+        tokio::spawn(store::run(app.clone(), etcd));
+        return;
+    }
     let Some(path) = stored_path(app) else { return };
     let p2 = path.clone();
     let stored = tokio::task::spawn_blocking(move || std::fs::read(&p2))
@@ -1608,10 +1734,16 @@ pub async fn resume(app: &Arc<App>) {
     if v["current"].is_null() {
         return;
     }
-    let Some(mut rel) = Release::from_stored(&v["current"]) else {
+    let Some(rel) = Release::from_stored(&v["current"]) else {
         tracing::error!(path = %path.display(), "the stored release is unreadable; it is not resumed (abort it by hand: flip its services back)");
         return;
     };
+    adopt(app, rel, "resumed after a restart").await;
+}
+
+/// Drives a release read back (after a restart, or taken over from another replica) from
+/// where it was: a bake resumes with the time already spent counted.
+async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
     let now = wall_ms();
     let elapsed =
         |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
@@ -1636,7 +1768,7 @@ pub async fn resume(app: &Arc<App>) {
     tracing::info!(release = %rel.id, phase = i, resume = ?resume, "resuming the release that was running");
     let id = rel.id.clone();
     let detail = format!(
-        "release {:?} ({id}) resumed after a restart at phase {i} ({})",
+        "release {:?} ({id}) {how} at phase {i} ({})",
         rel.name,
         match &resume {
             Some(Resume::Bake(d)) => format!(
