@@ -661,15 +661,20 @@ async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() 
     let all = admin_get(a.admin, "/api/releases").await.1;
     assert!(ended, "{all}");
     assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
-    // b's own automatic rollback of api, then a's one release rollback (panel back).
+    // b shares the release through etcd: its trigger rolls the whole release back, in one
+    // step with one event (no automatic rollback of api on its own).
     let evs = a.events().await;
     let rb: Vec<&Value> = evs
         .iter()
         .filter(|e| e["reason"] == "release_rollback")
         .collect();
     assert_eq!(rb.len(), 1, "{evs:#?}");
-    assert_eq!(rb[0]["trigger"]["kind"], "remote_rollback", "{evs:#?}");
+    assert_eq!(rb[0]["trigger"]["kind"], "critical_5xx", "{evs:#?}");
     assert_eq!(rb[0]["service"], "api", "{evs:#?}");
+    assert!(
+        !evs.iter().any(|e| e["reason"] == "auto_rollback"),
+        "{evs:#?}"
+    );
     for p in [&a, &b] {
         let back = eventually(10, || async {
             p.service_status("api").await["active"] == "blue"
