@@ -938,9 +938,12 @@ pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
         "aborted",
         FlipKind::ManualRollback,
         reason.clone(),
-        |ev| {
-            ev.reason = "release_abort".to_string();
-            ev.actor = actor.to_string();
+        {
+            let actor = actor.to_string();
+            move |ev: &mut Event| {
+                ev.reason = "release_abort".to_string();
+                ev.actor = actor;
+            }
         },
     )
     .await?
@@ -978,9 +981,12 @@ pub async fn triggered(
         "rolled_back",
         FlipKind::AutoRollback,
         reason,
-        |ev| {
-            ev.service = service.to_string();
-            ev.trigger = Some(t);
+        {
+            let service = service.to_string();
+            move |ev: &mut Event| {
+                ev.service = service;
+                ev.trigger = Some(t);
+            }
         },
     )
     .await?;
@@ -995,7 +1001,7 @@ async fn roll_back(
     result: &'static str,
     kind: FlipKind,
     reason: String,
-    shape: impl FnOnce(&mut Event),
+    shape: impl FnOnce(&mut Event) + Send + 'static,
 ) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
     let rel = &app.releases;
     let _op = rel.op.lock().await;
@@ -1005,10 +1011,44 @@ async fn roll_back(
     if let Some(etcd) = store::etcd(app) {
         // One replica ends it: the compare-and-swap decides; a loser finds it ended.
         match store::end(app, &etcd, id, result, &reason).await? {
-            Some(c) => cur = c,
-            None => return Ok(None),
+            store::Ended::Won(c) => cur = c,
+            store::Ended::NotLive => return Ok(None),
+            store::Ended::Unknown { write_id, message } => {
+                // Settled later: if the end turns out stored, this replica returns the
+                // services then (it won); if not, the release goes on (a trigger fires again).
+                let app2 = app.clone();
+                tokio::spawn(async move {
+                    if store::settle(&app2, &etcd, &write_id).await {
+                        let _op = app2.releases.op.lock().await;
+                        let id = cur.id.clone();
+                        if let Err(e) = finish(&app2, cur, result, kind, reason, shape).await {
+                            tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; abort by hand (ctl flip)");
+                        }
+                    }
+                });
+                return Err(ChangeError::Unknown(format!(
+                    "{message}; whether the release ended is unknown: if etcd stored it, its services are returned as soon as etcd answers"
+                )));
+            }
         }
     }
+    finish(app, cur, result, kind, reason, shape)
+        .await
+        .map(Some)
+}
+
+/// The services of an ended release back in one step ([`App::return_set`]), one event; the
+/// local copy ends. Under `op`.
+async fn finish(
+    app: &Arc<App>,
+    cur: Release,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event),
+) -> Result<(Vec<crate::app::FlipOutcome>, Vec<String>), ChangeError> {
+    let rel = &app.releases;
+    let id = cur.id.as_str();
     let targets: Vec<(String, Color)> = cur
         .flipped
         .iter()
@@ -1062,7 +1102,7 @@ async fn roll_back(
         })
         .await?;
     rel.end(id, result, reason);
-    Ok(Some((returned, skipped)))
+    Ok((returned, skipped))
 }
 
 /// A manual flip, rollback or pause of `services` while a release runs: refused (409) unless
@@ -1246,7 +1286,7 @@ async fn drive(
                     "every phase passed and the validate window ended"
                 )
                 .await,
-                Ok(Some(_))
+                Ok(store::Ended::Won(_))
             ),
             _ => true,
         };
@@ -1330,10 +1370,38 @@ async fn run_phase(
                     return None;
                 }
             }
+            let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
             if let Err(e) = app.flip_set(targets, "release", label).await {
                 drop(_op);
                 give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
                 return None;
+            }
+            if let Some(etcd) = store::etcd(app) {
+                if !store::confirm(app, &etcd, id).await {
+                    // Another replica ended the release between this phase's claim and its
+                    // flip (it returned what it knew was flipped): this flip goes back too.
+                    let back: Vec<(String, Color)> = targets
+                        .iter()
+                        .filter_map(|(s, _)| pre.get(s).map(|c| (s.clone(), *c)))
+                        .collect();
+                    let what = format!("{label}: the release ended on another replica while this phase flipped; the phase's flip is undone");
+                    if let Err(e) = app
+                        .return_set(&back, FlipKind::AutoRollback, |returned, skipped| {
+                            let mut d = what.clone();
+                            for o in returned {
+                                d.push_str(&format!("; {} {} -> {}", o.service, o.from, o.to));
+                            }
+                            if !skipped.is_empty() {
+                                d.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
+                            }
+                            Event::new("*", "release_phase", "release", d)
+                        })
+                        .await
+                    {
+                        tracing::error!(release = %id, error = %e, "cannot undo a phase flip that landed after the release ended");
+                    }
+                    return None;
+                }
             }
             let deadline = Instant::now() + plan.bake;
             rel.update(id, |r| {
@@ -1499,7 +1567,7 @@ async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
         "rolled_back",
         FlipKind::AutoRollback,
         reason,
-        |ev| {
+        move |ev: &mut Event| {
             ev.service = name.clone();
             ev.trigger = Some(json!({ "kind": "remote_rollback", "service": name }));
         },
@@ -1551,7 +1619,12 @@ async fn give_up(app: &Arc<App>, id: &str, reason: String) {
         "rolled_back",
         FlipKind::AutoRollback,
         reason.clone(),
-        |ev| ev.trigger = Some(json!({ "kind": "preflight", "detail": reason })),
+        {
+            let reason = reason.clone();
+            move |ev: &mut Event| {
+                ev.trigger = Some(json!({ "kind": "preflight", "detail": reason }))
+            }
+        },
     )
     .await
     {

@@ -103,13 +103,16 @@ fn live_state(s: &str) -> bool {
 }
 
 /// Compare-and-swap of the key from what this replica last saw; keeps `seen` current.
-async fn cas(app: &App, store: &EtcdStore, mut value: Value) -> ReleaseCas {
-    let write_id = new_write_id();
+async fn cas(app: &App, store: &EtcdStore, value: Value) -> ReleaseCas {
+    cas_id(app, store, value, &new_write_id()).await
+}
+
+async fn cas_id(app: &App, store: &EtcdStore, mut value: Value, write_id: &str) -> ReleaseCas {
     if let Some(o) = value.as_object_mut() {
         o.insert("write_id".to_string(), json!(write_id));
     }
     let expected = app.releases.shared.seen().rev;
-    let out = store.cas_release(expected, &value, &write_id).await;
+    let out = store.cas_release(expected, &value, write_id).await;
     let shared = &app.releases.shared;
     match &out {
         ReleaseCas::Applied(rev) => {
@@ -287,21 +290,29 @@ pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
     false
 }
 
-/// Ends the live release `id` in etcd (one compare-and-swap to `result`). Some(the release as
-/// it was when it ended) when this replica ended it; None when it is no longer live (another
-/// replica ended it first).
+/// What became of [`end`].
+pub(super) enum Ended {
+    /// This replica ended it: the release as it was (it returns the services).
+    Won(Release),
+    /// It is no longer live (another replica ended it first).
+    NotLive,
+    /// etcd did not answer: [`settle`] finds out whether write `write_id` was stored.
+    Unknown { write_id: String, message: String },
+}
+
+/// Ends the live release `id` in etcd (one compare-and-swap to `result`).
 pub(super) async fn end(
     app: &App,
     store: &EtcdStore,
     id: &str,
     result: &'static str,
     reason: &str,
-) -> Result<Option<Release>, ChangeError> {
+) -> Result<Ended, ChangeError> {
     let shared = &app.releases.shared;
     let _io = shared.io.lock().await;
     for _ in 0..8 {
         let Some(cur) = app.releases.current().filter(|c| c.id == id && c.live()) else {
-            return Ok(None);
+            return Ok(Ended::NotLive);
         };
         let driver = shared
             .seen()
@@ -309,19 +320,50 @@ pub(super) async fn end(
             .as_ref()
             .and_then(|v| v["driver"].as_str().map(str::to_string));
         let ended = ended_copy(&cur, result, reason);
-        match cas(app, store, record(&ended, false, driver.as_deref(), "")).await {
-            ReleaseCas::Applied(_) => return Ok(Some(cur)),
+        let write_id = new_write_id();
+        let value = record(&ended, false, driver.as_deref(), "");
+        match cas_id(app, store, value, &write_id).await {
+            ReleaseCas::Applied(_) => return Ok(Ended::Won(cur)),
             ReleaseCas::Lost(read) => apply(app, &read),
-            ReleaseCas::Unknown(m) => {
-                return Err(ChangeError::Unknown(format!(
-                    "{m}; whether the release ended is unknown: nothing was returned yet (a trigger retries)"
-                )))
-            }
+            ReleaseCas::Unknown(message) => return Ok(Ended::Unknown { write_id, message }),
         }
     }
     Err(ChangeError::Unavailable(
         "the release record in etcd kept changing under this change; retry".to_string(),
     ))
+}
+
+/// After a phase's flip: whether this replica still drives the live release `id` (a fresh read
+/// of the key). When etcd does not answer, the last known answer stands.
+pub(super) async fn confirm(app: &App, store: &EtcdStore, id: &str) -> bool {
+    if let Ok(read) = store.read_release().await {
+        apply(app, &read);
+    }
+    drives(app, id)
+        && app
+            .releases
+            .current()
+            .is_some_and(|c| c.id == id && c.live())
+}
+
+/// After an end whose outcome was unknown: reads the key until etcd answers (for at most ten
+/// minutes). True when write `write_id` is what etcd stored: the caller won and returns the
+/// services; false when something else was stored (the end did not land).
+pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline && !app.shutdown.is_cancelled() {
+        if let Ok(read) = store.read_release().await {
+            let ours = read.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id);
+            tracing::info!(
+                write_id,
+                stored = ours,
+                "the release end with an unknown outcome is settled"
+            );
+            return ours;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
 }
 
 /// A change a follower makes to the release driven elsewhere (promote, a forced pause):

@@ -317,3 +317,87 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
     a.stop().await;
     b.stop().await;
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-unknown/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "10m", "10m")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let seen = eventually(20, || async {
+        releases(&b).await["current"]["phases"][1]["state"] == "baking"
+    })
+    .await;
+    assert!(seen, "b: {}", releases(&b).await);
+    // etcd stops answering (SIGSTOP): an abort on b cannot know whether it was stored.
+    let pid = etcd.child.id();
+    signal(pid, "-STOP");
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    signal(pid, "-CONT");
+    assert_eq!(s, 503, "an unknown outcome is not a refusal: {v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("unknown"), "{v}");
+    // Once etcd answers, either the abort was stored (and then its services are returned), or
+    // it was not (the release still runs, and an abort now works): never an ended release
+    // with its services left on the new colors.
+    let settled = eventually(30, || async {
+        let (ra, rb) = (releases(&a).await, releases(&b).await);
+        ra["current"]["id"] == rb["current"]["id"]
+            && ra["current"]["state"] == rb["current"]["state"]
+            && (ra["current"].is_null() || ra["current"]["state"] == "running")
+    })
+    .await;
+    assert!(
+        settled,
+        "a: {}\nb: {}",
+        releases(&a).await,
+        releases(&b).await
+    );
+    if !releases(&b).await["current"].is_null() {
+        let (s, v) = admin_post(
+            b.admin,
+            "/api/releases/current/abort",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    for p in [&a, &b] {
+        let ended = eventually(20, || async { releases(p).await["current"].is_null() }).await;
+        let all = releases(p).await;
+        assert!(ended, "{all}");
+        assert_eq!(all["recent"][0]["state"], "aborted", "{all}");
+        let back = eventually(20, || async {
+            p.get("/api/x").await.1 == "api-blue\n" && p.get("/panel/x").await.1 == "panel-blue\n"
+        })
+        .await;
+        assert!(back, "both services back on blue: {}", p.status().await);
+    }
+    assert_eq!(events_of(&b, "release_abort").await.len(), 1);
+    a.stop().await;
+    b.stop().await;
+}
