@@ -1013,12 +1013,16 @@ async fn roll_back(
         match store::end(app, &etcd, id, result, &reason).await? {
             store::Ended::Won(c) => cur = c,
             store::Ended::NotLive => return Ok(None),
-            store::Ended::Unknown { write_id, message } => {
+            store::Ended::Unknown {
+                write_id,
+                expected,
+                message,
+            } => {
                 // Settled later: if the end turns out stored, this replica returns the
                 // services then (it won); if not, the release goes on (a trigger fires again).
                 let app2 = app.clone();
                 tokio::spawn(async move {
-                    if store::settle(&app2, &etcd, &write_id).await {
+                    if store::settle(&app2, &etcd, &write_id, expected).await {
                         let _op = app2.releases.op.lock().await;
                         let id = cur.id.clone();
                         if let Err(e) = finish(&app2, cur, result, kind, reason, shape).await {

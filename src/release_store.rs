@@ -297,7 +297,11 @@ pub(super) enum Ended {
     /// It is no longer live (another replica ended it first).
     NotLive,
     /// etcd did not answer: [`settle`] finds out whether write `write_id` was stored.
-    Unknown { write_id: String, message: String },
+    Unknown {
+        write_id: String,
+        expected: i64,
+        message: String,
+    },
 }
 
 /// Ends the live release `id` in etcd (one compare-and-swap to `result`).
@@ -321,11 +325,18 @@ pub(super) async fn end(
             .and_then(|v| v["driver"].as_str().map(str::to_string));
         let ended = ended_copy(&cur, result, reason);
         let write_id = new_write_id();
+        let expected = shared.seen().rev;
         let value = record(&ended, false, driver.as_deref(), "");
         match cas_id(app, store, value, &write_id).await {
             ReleaseCas::Applied(_) => return Ok(Ended::Won(cur)),
             ReleaseCas::Lost(read) => apply(app, &read),
-            ReleaseCas::Unknown(message) => return Ok(Ended::Unknown { write_id, message }),
+            ReleaseCas::Unknown(message) => {
+                return Ok(Ended::Unknown {
+                    write_id,
+                    expected,
+                    message,
+                })
+            }
         }
     }
     Err(ChangeError::Unavailable(
@@ -348,18 +359,32 @@ pub(super) async fn confirm(app: &App, store: &EtcdStore, id: &str) -> bool {
 
 /// After an end whose outcome was unknown: reads the key until etcd answers (for at most ten
 /// minutes). True when write `write_id` is what etcd stored: the caller won and returns the
-/// services; false when something else was stored (the end did not land).
-pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str) -> bool {
+/// services; false when it can never land (the key moved on, or a fence under the same compare
+/// won).
+pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expected: i64) -> bool {
+    let ours =
+        |r: &ReleaseRead| r.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id);
     let deadline = Instant::now() + Duration::from_secs(600);
     while Instant::now() < deadline && !app.shutdown.is_cancelled() {
         if let Ok(read) = store.read_release().await {
-            let ours = read.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id);
-            tracing::info!(
-                write_id,
-                stored = ours,
-                "the release end with an unknown outcome is settled"
-            );
-            return ours;
+            if ours(&read) {
+                return true;
+            }
+            if read.mod_revision != expected {
+                return false;
+            }
+            // Unchanged: the write may still be on its way; a fence under the same compare
+            // decides it for good.
+            let mut fence = read.value.clone().unwrap_or(json!({ "release": null }));
+            let fence_id = format!("fence-{write_id}");
+            if let Some(o) = fence.as_object_mut() {
+                o.insert("write_id".to_string(), json!(fence_id));
+            }
+            match store.cas_release(expected, &fence, &fence_id).await {
+                ReleaseCas::Applied(_) => return false,
+                ReleaseCas::Lost(r) => return ours(&r),
+                ReleaseCas::Unknown(_) => {}
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

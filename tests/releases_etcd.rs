@@ -264,7 +264,12 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
     let a = TestProxy::start_with(&rig.body, Some(TOKEN), Some(a_dir)).await;
     // The bake goes on where it was (its end unchanged) and the release completes.
     for p in [&a, &b] {
-        let done = eventually(40, || async { releases(p).await["current"].is_null() }).await;
+        // (A replica that just started lists the release once it has read it from etcd.)
+        let done = eventually(40, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["id"] == first["id"]
+        })
+        .await;
         let all = releases(p).await;
         assert!(done, "{all}");
         let end = &all["recent"][0];
@@ -390,7 +395,12 @@ async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_re
         let ended = eventually(20, || async { releases(p).await["current"].is_null() }).await;
         let all = releases(p).await;
         assert!(ended, "{all}");
-        assert_eq!(all["recent"][0]["state"], "aborted", "{all}");
+        assert_eq!(
+            all["recent"][0]["state"],
+            "aborted",
+            "{all}\n{:#?}",
+            p.events().await
+        );
         let back = eventually(20, || async {
             p.get("/api/x").await.1 == "api-blue\n" && p.get("/panel/x").await.1 == "panel-blue\n"
         })
