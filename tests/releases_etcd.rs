@@ -411,3 +411,65 @@ async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_re
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-promote/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let plan = json!({
+        "name": "gated release",
+        "validate": "1s",
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": "0s", "gate": "manual" },
+            { "name": "frontend", "services": ["panel"], "bake": "1s" },
+        ]
+    });
+    let (s, v) = admin_post(a.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    let waiting = eventually(20, || async {
+        let c = releases(&b).await["current"].clone();
+        c["state"] == "waiting" && c["phases"][0]["state"] == "waiting"
+    })
+    .await;
+    assert!(waiting, "b: {}", releases(&b).await);
+    // It waits: the second phase does not start by itself.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(releases(&a).await["current"]["phase"], 0);
+    assert_eq!(b.get("/panel/x").await.1, "panel-blue\n");
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    for p in [&a, &b] {
+        let done = eventually(30, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["state"] == "complete"
+        })
+        .await;
+        assert!(done, "{}", releases(p).await);
+        let green = eventually(10, || async {
+            p.get("/api/x").await.1 == "api-green\n" && p.get("/panel/x").await.1 == "panel-green\n"
+        })
+        .await;
+        assert!(green, "{}", p.status().await);
+    }
+    assert_eq!(events_of(&a, "release_promote").await.len(), 1);
+    // A second promote has nothing to pass.
+    let (s, _) = admin_post(
+        b.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 409);
+    a.stop().await;
+    b.stop().await;
+}
