@@ -1011,7 +1011,7 @@ async fn roll_back(
     if let Some(etcd) = store::etcd(app) {
         // One replica ends it: the compare-and-swap decides; a loser finds it ended.
         match store::end(app, &etcd, id, result, &reason).await? {
-            store::Ended::Won(c) => cur = c,
+            store::Ended::Won(c) => cur = *c,
             store::Ended::NotLive => return Ok(None),
             store::Ended::Unknown {
                 write_id,

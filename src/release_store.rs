@@ -293,7 +293,7 @@ pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
 /// What became of [`end`].
 pub(super) enum Ended {
     /// This replica ended it: the release as it was (it returns the services).
-    Won(Release),
+    Won(Box<Release>),
     /// It is no longer live (another replica ended it first).
     NotLive,
     /// etcd did not answer: [`settle`] finds out whether write `write_id` was stored.
@@ -328,7 +328,7 @@ pub(super) async fn end(
         let expected = shared.seen().rev;
         let value = record(&ended, false, driver.as_deref(), "");
         match cas_id(app, store, value, &write_id).await {
-            ReleaseCas::Applied(_) => return Ok(Ended::Won(cur)),
+            ReleaseCas::Applied(_) => return Ok(Ended::Won(Box::new(cur))),
             ReleaseCas::Lost(read) => apply(app, &read),
             ReleaseCas::Unknown(message) => {
                 return Ok(Ended::Unknown {
