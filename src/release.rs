@@ -1410,11 +1410,14 @@ async fn run_phase(
             let deadline = Instant::now() + plan.bake;
             rel.update(id, |r| {
                 let p = &mut r.phases[i];
-                p.state = "baking";
-                p.started_at = Some(now_rfc3339());
-                p.bake_ends_at = Some(wall_after(plan.bake));
-                p.bake_deadline = Some(deadline);
-                p.bake_started_ms = Some(wall_ms());
+                // (With etcd the bake started with the phase's claim, before the flip.)
+                if p.state != "baking" {
+                    p.state = "baking";
+                    p.started_at = Some(now_rfc3339());
+                    p.bake_ends_at = Some(wall_after(plan.bake));
+                    p.bake_deadline = Some(deadline);
+                    p.bake_started_ms = Some(wall_ms());
+                }
                 for (s, _) in targets {
                     if !r.flipped.contains(s) {
                         r.flipped.push(s.clone());
@@ -1864,6 +1867,12 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
     {
         let rels = &app.releases;
         let mut inner = rels.lock();
+        // Taken over from etcd: not if it ended (or was taken by another replica) meanwhile.
+        if inner.recent.iter().any(|r| r.id == id)
+            || (store::etcd(app).is_some() && !store::drives(app, &id))
+        {
+            return;
+        }
         inner.current = Some(rel);
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);

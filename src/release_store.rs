@@ -328,7 +328,10 @@ pub(super) async fn end(
         let expected = shared.seen().rev;
         let value = record(&ended, false, driver.as_deref(), "");
         match cas_id(app, store, value, &write_id).await {
-            ReleaseCas::Applied(_) => return Ok(Ended::Won(Box::new(cur))),
+            ReleaseCas::Applied(_) => {
+                shared.seen().driving = None;
+                return Ok(Ended::Won(Box::new(cur)));
+            }
             ReleaseCas::Lost(read) => apply(app, &read),
             ReleaseCas::Unknown(message) => {
                 return Ok(Ended::Unknown {

@@ -65,7 +65,12 @@ struct Rig {
 }
 
 impl Rig {
+    /// etcd answers within 3 s (a loaded test machine's etcd can take over a second to fsync).
     async fn new(etcd: &Etcd, prefix: &str) -> Rig {
+        Rig::with_timeout(etcd, prefix, "3s").await
+    }
+
+    async fn with_timeout(etcd: &Etcd, prefix: &str, timeout: &str) -> Rig {
         let ups = [
             TestUpstream::start("api-blue").await,
             TestUpstream::start("api-green").await,
@@ -73,7 +78,7 @@ impl Rig {
             TestUpstream::start("panel-green").await,
         ];
         let body = format!(
-            "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\netcd_prefix = \"{prefix}\"\netcd_timeout = \"1s\"\netcd_progress_interval = \"200ms\"\n{}{}",
+            "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\netcd_prefix = \"{prefix}\"\netcd_timeout = \"{timeout}\"\netcd_progress_interval = \"200ms\"\n{}{}",
             etcd.client,
             service(
                 "api",
@@ -336,7 +341,7 @@ fn signal(pid: u32, sig: &str) {
 async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_release() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let rig = Rig::new(&etcd, "/sy-rel-unknown/").await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-unknown/", "1s").await;
     let a = TestProxy::start(&rig.body).await;
     let b = TestProxy::start(&rig.body).await;
     let (s, v) = admin_post(
