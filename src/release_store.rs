@@ -524,7 +524,19 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             None if live && changed_at.map_or(true, |t| t.elapsed() >= stale) => {
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "the release's driver stopped writing to etcd; this replica takes it over");
+                    // A promote stored before the takeover still passes the gate.
+                    let promote = app
+                        .releases
+                        .shared
+                        .seen()
+                        .value
+                        .as_ref()
+                        .is_some_and(|v| v["promote"].as_bool() == Some(true));
                     super::adopt(&app, r, "taken over from a replica that stopped").await;
+                    if promote {
+                        app.releases.lock().promote = true;
+                        app.releases.wake.notify_one();
+                    }
                 }
             }
             None => {}
