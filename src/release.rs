@@ -19,9 +19,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, ChangeError, FlipKind};
-use crate::config::{parse_duration, Color, Config, ConfigError, ConfigErrors};
+use crate::config::{Color, Config, ConfigError, ConfigErrors};
 use crate::events::{now_rfc3339, Event};
 use crate::routing::Service;
+
+pub use crate::config::plan::{load, parse, value_from_toml, Gate, PhasePlan, Plan};
+
+/// With the etcd backend, the release lives in etcd (src/release_store.rs).
+#[path = "release_store.rs"]
+mod store;
 
 pub const RELEASE_PHASE: &str = "switchyard_release_phase";
 pub const RELEASE_STATE: &str = "switchyard_release_state";
@@ -41,337 +47,33 @@ pub const RESULTS: [&str; 3] = ["complete", "rolled_back", "aborted"];
 /// Ended releases kept for `GET /api/releases`.
 pub const RECENT: usize = 20;
 
-// ---------------------------------------------------------------------------------------------
-// The plan
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Gate {
-    Auto,
-    Manual,
+/// `{"plan": "NAME"}`: the body of a start by name (and the name).
+fn plan_name(body: &Value) -> Option<&str> {
+    let o = body.as_object()?;
+    (o.len() == 1).then(|| o.get("plan")?.as_str())?
 }
 
-impl Gate {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Gate::Auto => "auto",
-            Gate::Manual => "manual",
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct PhasePlan {
-    pub name: String,
-    pub services: Vec<String>,
-    /// None: each service's idle color at the release's start.
-    pub to: Option<Color>,
-    pub bake: Duration,
-    pub gate: Gate,
-}
-
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub name: String,
-    /// None: the longest `watch_for` of the plan's services.
-    pub validate: Option<Duration>,
-    pub phases: Vec<PhasePlan>,
-}
-
-fn one(message: String) -> ConfigErrors {
-    ConfigErrors(vec![ConfigError {
-        key: String::new(),
-        message,
-    }])
-}
-
-/// A TOML plan as the JSON value the API takes.
-pub fn value_from_toml(text: &str) -> Result<Value, ConfigErrors> {
-    ::config::Config::builder()
-        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
-        .build()
-        .and_then(|c| c.try_deserialize::<Value>())
-        .map_err(|e| one(format!("cannot parse the plan: {e}")))
-}
-
-/// Reads a TOML plan file and validates it (against `cfg`'s services when given).
-pub fn load(path: &std::path::Path, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| one(format!("cannot read plan file {}: {e}", path.display())))?;
-    parse(&value_from_toml(&text)?, cfg)
-}
-
-/// Validates a plan; every problem is reported with its key. With `cfg`, services must exist.
-pub fn parse(v: &Value, cfg: Option<&Config>) -> Result<Plan, ConfigErrors> {
-    let mut errs: Vec<ConfigError> = Vec::new();
-    let mut err = |key: &str, message: String| {
-        errs.push(ConfigError {
-            key: key.to_string(),
-            message,
-        })
+/// The plan a start body stands for: the body itself, or the config's plan it names.
+fn resolve_plan(body: &Value, cfg: &Config) -> Result<Value, StartError> {
+    let Some(name) = plan_name(body) else {
+        return Ok(body.clone());
     };
-    let Some(obj) = v.as_object() else {
-        return Err(one(
-            "a plan is a table (JSON object) with name, validate and phases".to_string(),
-        ));
-    };
-    for k in obj.keys() {
-        if !["name", "validate", "phases"].contains(&k.as_str()) {
-            err(
-                k,
-                format!("unknown key {k:?} (expected one of name, validate, phases)"),
-            );
-        }
-    }
-    let name = match obj.get("name") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-        Some(Value::String(_)) => {
-            err("name", "must not be empty".to_string());
-            String::new()
-        }
+    match cfg.release_plans.get(name) {
+        Some(p) => Ok(p.clone()),
         None => {
-            err("name", "missing: every release has a name".to_string());
-            String::new()
-        }
-        Some(_) => {
-            err("name", "must be a string".to_string());
-            String::new()
-        }
-    };
-    let validate = match obj.get("validate") {
-        None => None,
-        Some(Value::String(s)) => match parse_duration(s) {
-            Ok(d) => Some(d),
-            Err(m) => {
-                err("validate", m);
-                None
-            }
-        },
-        Some(_) => {
-            err(
-                "validate",
-                "must be a duration string such as \"30m\"".to_string(),
-            );
-            None
-        }
-    };
-    let mut phases = Vec::new();
-    let raw_phases: &[Value] = match obj.get("phases") {
-        None => {
-            err(
-                "phases",
-                "missing: a release has at least one [[phases]]".to_string(),
-            );
-            &[]
-        }
-        Some(Value::Array(a)) if a.is_empty() => {
-            err(
-                "phases",
-                "empty: a release has at least one [[phases]]".to_string(),
-            );
-            &[]
-        }
-        Some(Value::Array(a)) => a,
-        Some(_) => {
-            err(
-                "phases",
-                "must be an array of tables ([[phases]])".to_string(),
-            );
-            &[]
-        }
-    };
-    let mut seen_names: BTreeMap<String, usize> = BTreeMap::new();
-    let mut seen_services: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, p) in raw_phases.iter().enumerate() {
-        let key = format!("phases[{i}]");
-        let Some(p) = p.as_object() else {
-            err(
-                &key,
-                "must be a table with name, services, to, bake, gate".to_string(),
-            );
-            continue;
-        };
-        for k in p.keys() {
-            if !["name", "services", "to", "bake", "gate"].contains(&k.as_str()) {
-                err(
-                    &format!("{key}.{k}"),
-                    format!("unknown key {k:?} (expected one of name, services, to, bake, gate)"),
-                );
-            }
-        }
-        let pname = match p.get("name") {
-            Some(Value::String(s)) if !s.trim().is_empty() => {
-                if let Some(j) = seen_names.insert(s.clone(), i) {
-                    err(
-                        &format!("{key}.name"),
-                        format!("{s:?} is also the name of phases[{j}]; phase names are unique"),
-                    );
-                }
-                s.clone()
-            }
-            None => {
-                err(
-                    &format!("{key}.name"),
-                    "missing: every phase has a name".to_string(),
-                );
-                String::new()
-            }
-            Some(_) => {
-                err(
-                    &format!("{key}.name"),
-                    "must be a non-empty string".to_string(),
-                );
-                String::new()
-            }
-        };
-        let mut services = Vec::new();
-        match p.get("services") {
-            // An empty list is a verification phase: nothing is flipped, the bake and the
-            // gate still run, and every service flipped so far stays watched.
-            Some(Value::Array(a)) => {
-                for (j, s) in a.iter().enumerate() {
-                    let skey = format!("{key}.services[{j}]");
-                    let Some(s) = s.as_str() else {
-                        err(&skey, "must be a service name (a string)".to_string());
-                        continue;
-                    };
-                    if let Some(cfg) = cfg {
-                        if !cfg.services.iter().any(|x| x.name == s) {
-                            let known: Vec<&str> =
-                                cfg.services.iter().map(|x| x.name.as_str()).collect();
-                            err(
-                                &skey,
-                                format!(
-                                    "unknown service {s:?} (the config has: {})",
-                                    known.join(", ")
-                                ),
-                            );
-                            continue;
-                        }
+            let known: Vec<&str> = cfg.release_plans.keys().map(String::as_str).collect();
+            Err(StartError::Invalid(ConfigErrors(vec![ConfigError {
+                key: "plan".to_string(),
+                message: format!(
+                    "unknown plan {name:?}: the config names {}",
+                    if known.is_empty() {
+                        "no plans ([release_plans.NAME])".to_string()
+                    } else {
+                        known.join(", ")
                     }
-                    if let Some(k) = seen_services.insert(s.to_string(), i) {
-                        err(
-                            &skey,
-                            if k == i {
-                                format!("{s:?} is named twice in this phase")
-                            } else {
-                                format!(
-                                    "{s:?} is already flipped by phases[{k}]; a release flips a service once"
-                                )
-                            },
-                        );
-                        continue;
-                    }
-                    services.push(s.to_string());
-                }
-            }
-            None => err(
-                &format!("{key}.services"),
-                "missing: the services this phase flips".to_string(),
-            ),
-            Some(_) => err(
-                &format!("{key}.services"),
-                "must be an array of service names ([] for a verification phase)".to_string(),
-            ),
+                ),
+            }])))
         }
-        let to = match p.get("to") {
-            None => None,
-            Some(Value::String(s)) => match s.parse::<Color>() {
-                Ok(c) => Some(c),
-                Err(m) => {
-                    err(&format!("{key}.to"), m);
-                    None
-                }
-            },
-            Some(_) => {
-                err(
-                    &format!("{key}.to"),
-                    "must be \"blue\" or \"green\"".to_string(),
-                );
-                None
-            }
-        };
-        let bake = match p.get("bake") {
-            Some(Value::String(s)) => parse_duration(s).unwrap_or_else(|m| {
-                err(&format!("{key}.bake"), m);
-                Duration::ZERO
-            }),
-            None => {
-                err(
-                    &format!("{key}.bake"),
-                    "missing: how long the phase is watched before the next (\"15m\")".to_string(),
-                );
-                Duration::ZERO
-            }
-            Some(_) => {
-                err(
-                    &format!("{key}.bake"),
-                    "must be a duration string such as \"15m\"".to_string(),
-                );
-                Duration::ZERO
-            }
-        };
-        let gate = match p.get("gate").map(|g| g.as_str()) {
-            None | Some(Some("auto")) => Gate::Auto,
-            Some(Some("manual")) => Gate::Manual,
-            Some(_) => {
-                err(
-                    &format!("{key}.gate"),
-                    "must be \"auto\" or \"manual\"".to_string(),
-                );
-                Gate::Auto
-            }
-        };
-        phases.push(PhasePlan {
-            name: pname,
-            services,
-            to,
-            bake,
-            gate,
-        });
-    }
-    if errs.is_empty() {
-        Ok(Plan {
-            name,
-            validate,
-            phases,
-        })
-    } else {
-        Err(ConfigErrors(errs))
-    }
-}
-
-impl Plan {
-    /// A short description for `check`.
-    pub fn summary(&self) -> String {
-        let mut s = format!("release {:?}: {} phases\n", self.name, self.phases.len());
-        for (i, p) in self.phases.iter().enumerate() {
-            if p.services.is_empty() {
-                s += &format!(
-                    "  phase {i} {:?}: verification (nothing flipped), bake {}, gate {}\n",
-                    p.name,
-                    humantime::format_duration(p.bake),
-                    p.gate.as_str()
-                );
-                continue;
-            }
-            s += &format!(
-                "  phase {i} {:?}: {} -> {}, bake {}, gate {}\n",
-                p.name,
-                p.services.join(", "),
-                p.to.map(|c| c.to_string())
-                    .unwrap_or_else(|| "idle color".to_string()),
-                humantime::format_duration(p.bake),
-                p.gate.as_str()
-            );
-        }
-        s += &format!(
-            "  validate: {}\n",
-            self.validate
-                .map(|d| humantime::format_duration(d).to_string())
-                .unwrap_or_else(|| "the longest watch_for of its services".to_string())
-        );
-        s
     }
 }
 
@@ -551,6 +253,8 @@ pub struct Releases {
     metrics: ReleaseMetrics,
     /// The running release for the state backend's directory ([`resume`]), written by a task.
     persist: std::sync::OnceLock<tokio::sync::watch::Sender<Option<Value>>>,
+    /// With the etcd backend: what this replica knows of the release key.
+    shared: store::Shared,
 }
 
 /// Why a release did not start.
@@ -560,6 +264,8 @@ pub enum StartError {
     Invalid(ConfigErrors),
     /// 409: a release is running.
     Conflict(String),
+    /// 503: etcd did not answer whether the release was stored.
+    Unknown(String),
 }
 
 impl Releases {
@@ -570,6 +276,7 @@ impl Releases {
             wake: tokio::sync::Notify::new(),
             metrics: ReleaseMetrics::new(registry),
             persist: std::sync::OnceLock::new(),
+            shared: store::Shared::default(),
         }
     }
 
@@ -680,8 +387,8 @@ impl Releases {
 /// Starts a release from a plan (JSON value); answers the release as JSON.
 pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, StartError> {
     let snap = app.snapshot();
-    let plan_value = plan;
-    let plan = parse(plan, Some(&snap.config)).map_err(StartError::Invalid)?;
+    let plan_value = &resolve_plan(plan, &snap.config)?;
+    let plan = parse(plan_value, Some(&snap.config)).map_err(StartError::Invalid)?;
     let rel = &app.releases;
     let _op = rel.op.lock().await;
     if let Some(cur) = rel.lock().current.as_ref() {
@@ -758,6 +465,10 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         paused: None,
         actor: actor.to_string(),
     };
+    if let Some(etcd) = store::etcd(app) {
+        // Shared through etcd: stored first (a compare-and-swap), then driven by this replica.
+        store::create(app, &etcd, &release).await?;
+    }
     // A shutdown stops the driver without ending the release: a restart resumes it.
     let cancel = app.shutdown.child_token();
     let answer = release.to_json();
@@ -790,6 +501,38 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
 /// Passes the manual gate (or resumes a paused release).
 pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
     let rel = &app.releases;
+    if let Some(etcd) = store::etcd(app) {
+        if let Some(cur) = rel.current().filter(|r| !store::drives(app, &r.id)) {
+            // Driven by another replica: the promote goes into the shared record.
+            store::change(app, &etcd, &cur.id, |v| {
+                let r = &v["release"];
+                if r["state"] != "waiting" && r["paused"].is_null() {
+                    return Err(ChangeError::Refused(format!(
+                        "release {:?} is {} (phase {}), not waiting at a manual gate",
+                        cur.name,
+                        r["state"].as_str().unwrap_or(""),
+                        r["phase"]
+                    )));
+                }
+                v["promote"] = json!(true);
+                Ok(())
+            })
+            .await?;
+            app.record(Event::new(
+                "*",
+                crate::events::Reason::ReleasePromote,
+                actor,
+                format!(
+                    "release {:?} ({}) promoted at phase {}",
+                    cur.name, cur.id, cur.phase
+                ),
+            ))
+            .await;
+            return Ok(
+                json!({ "id": cur.id, "message": format!("release {:?} promoted", cur.name) }),
+            );
+        }
+    }
     let (id, name, phase) = {
         let mut inner = rel.lock();
         let Some(r) = inner.current.as_ref() else {
@@ -828,9 +571,12 @@ pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
         "aborted",
         FlipKind::ManualRollback,
         reason.clone(),
-        |ev| {
-            ev.reason = crate::events::Reason::ReleaseAbort;
-            ev.actor = actor.to_string();
+        {
+            let actor = actor.to_string();
+            move |ev: &mut Event| {
+                ev.reason = crate::events::Reason::ReleaseAbort;
+                ev.actor = actor;
+            }
         },
     )
     .await?
@@ -868,9 +614,12 @@ pub async fn triggered(
         "rolled_back",
         FlipKind::AutoRollback,
         reason,
-        |ev| {
-            ev.service = service.to_string();
-            ev.trigger = Some(t);
+        {
+            let service = service.to_string();
+            move |ev: &mut Event| {
+                ev.service = service;
+                ev.trigger = Some(t);
+            }
         },
     )
     .await?;
@@ -885,13 +634,58 @@ async fn roll_back(
     result: &'static str,
     kind: FlipKind,
     reason: String,
-    shape: impl FnOnce(&mut Event),
+    shape: impl FnOnce(&mut Event) + Send + 'static,
 ) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
     let rel = &app.releases;
     let _op = rel.op.lock().await;
-    let Some(cur) = rel.current().filter(|r| r.id == id && r.live()) else {
+    let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live()) else {
         return Ok(None);
     };
+    if let Some(etcd) = store::etcd(app) {
+        // One replica ends it: the compare-and-swap decides; a loser finds it ended.
+        match store::end(app, &etcd, id, result, &reason).await? {
+            store::Ended::Won(c) => cur = *c,
+            store::Ended::NotLive => return Ok(None),
+            store::Ended::Unknown {
+                write_id,
+                expected,
+                message,
+            } => {
+                // Settled later: if the end turns out stored, this replica returns the
+                // services then (it won); if not, the release goes on (a trigger fires again).
+                let app2 = app.clone();
+                tokio::spawn(async move {
+                    if store::settle(&app2, &etcd, &write_id, expected).await {
+                        let _op = app2.releases.op.lock().await;
+                        let id = cur.id.clone();
+                        if let Err(e) = finish(&app2, cur, result, kind, reason, shape).await {
+                            tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; abort by hand (ctl flip)");
+                        }
+                    }
+                });
+                return Err(ChangeError::Unknown(format!(
+                    "{message}; whether the release ended is unknown: if etcd stored it, its services are returned as soon as etcd answers"
+                )));
+            }
+        }
+    }
+    finish(app, cur, result, kind, reason, shape)
+        .await
+        .map(Some)
+}
+
+/// The services of an ended release back in one step ([`App::return_set`]), one event; the
+/// local copy ends. Under `op`.
+async fn finish(
+    app: &Arc<App>,
+    cur: Release,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event),
+) -> Result<(Vec<crate::app::FlipOutcome>, Vec<String>), ChangeError> {
+    let rel = &app.releases;
+    let id = cur.id.as_str();
     let targets: Vec<(String, Color)> = cur
         .flipped
         .iter()
@@ -945,7 +739,7 @@ async fn roll_back(
         })
         .await?;
     rel.end(id, result, reason);
-    Ok(Some((returned, skipped)))
+    Ok((returned, skipped))
 }
 
 /// A manual flip, rollback or pause of `services` while a release runs: refused (409) unless
@@ -980,7 +774,19 @@ pub async fn guard_manual(
         )));
     }
     let why = format!("paused: forced {what} of {} by {actor}", hit.join(", "));
-    app.releases.update(&id, |r| r.paused = Some(why.clone()));
+    match store::etcd(app).filter(|_| !store::drives(app, &id)) {
+        // Driven by another replica: the pause goes into the shared record.
+        Some(etcd) => {
+            store::change(app, &etcd, &id, |v| {
+                v["release"]["paused"] = json!(why);
+                Ok(())
+            })
+            .await?
+        }
+        None => {
+            app.releases.update(&id, |r| r.paused = Some(why.clone()));
+        }
+    }
     app.record(Event::new(
         "*",
         crate::events::Reason::ReleasePhase,
@@ -1107,7 +913,22 @@ async fn drive(
     }
     let ended = {
         let _op = rel.op.lock().await;
-        !cancel.is_cancelled()
+        let shared_ok = match store::etcd(&app) {
+            Some(etcd) if !cancel.is_cancelled() => matches!(
+                store::end(
+                    &app,
+                    &etcd,
+                    &id,
+                    "complete",
+                    "every phase passed and the validate window ended"
+                )
+                .await,
+                Ok(store::Ended::Won(_))
+            ),
+            _ => true,
+        };
+        shared_ok
+            && !cancel.is_cancelled()
             && rel.end(
                 &id,
                 "complete",
@@ -1165,19 +986,71 @@ async fn run_phase(
             if cancel.is_cancelled() {
                 return None;
             }
+            if let Some(etcd) = store::etcd(app) {
+                // Claim the phase in etcd before flipping anything: if another replica ended
+                // or took over the release meanwhile, this write loses and nothing flips.
+                rel.update(id, |r| {
+                    let p = &mut r.phases[i];
+                    p.state = "baking";
+                    p.started_at = Some(now_rfc3339());
+                    p.bake_ends_at = Some(wall_after(plan.bake));
+                    p.bake_deadline = Some(Instant::now() + plan.bake);
+                    p.bake_started_ms = Some(wall_ms());
+                    for (s, _) in targets {
+                        if !r.flipped.contains(s) {
+                            r.flipped.push(s.clone());
+                        }
+                    }
+                });
+                if !store::persist(app, &etcd, id).await {
+                    tracing::warn!(release = %id, phase = i, "the phase's claim in etcd did not apply; nothing flipped");
+                    return None;
+                }
+            }
+            let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
             if let Err(e) = app.flip_set(targets, "release", label).await {
                 drop(_op);
                 give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
                 return None;
             }
+            if let Some(etcd) = store::etcd(app) {
+                if !store::confirm(app, &etcd, id).await {
+                    // Another replica ended the release between this phase's claim and its
+                    // flip (it returned what it knew was flipped): this flip goes back too.
+                    let back: Vec<(String, Color)> = targets
+                        .iter()
+                        .filter_map(|(s, _)| pre.get(s).map(|c| (s.clone(), *c)))
+                        .collect();
+                    let what = format!("{label}: the release ended on another replica while this phase flipped; the phase's flip is undone");
+                    if let Err(e) = app
+                        .return_set(&back, FlipKind::AutoRollback, |returned, skipped| {
+                            let mut d = what.clone();
+                            for o in returned {
+                                d.push_str(&format!("; {} {} -> {}", o.service, o.from, o.to));
+                            }
+                            if !skipped.is_empty() {
+                                d.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
+                            }
+                            Event::new("*", crate::events::Reason::ReleasePhase, "release", d)
+                        })
+                        .await
+                    {
+                        tracing::error!(release = %id, error = %e, "cannot undo a phase flip that landed after the release ended");
+                    }
+                    return None;
+                }
+            }
             let deadline = Instant::now() + plan.bake;
             rel.update(id, |r| {
                 let p = &mut r.phases[i];
-                p.state = "baking";
-                p.started_at = Some(now_rfc3339());
-                p.bake_ends_at = Some(wall_after(plan.bake));
-                p.bake_deadline = Some(deadline);
-                p.bake_started_ms = Some(wall_ms());
+                // (With etcd the bake started with the phase's claim, before the flip.)
+                if p.state != "baking" {
+                    p.state = "baking";
+                    p.started_at = Some(now_rfc3339());
+                    p.bake_ends_at = Some(wall_after(plan.bake));
+                    p.bake_deadline = Some(deadline);
+                    p.bake_started_ms = Some(wall_ms());
+                }
                 for (s, _) in targets {
                     if !r.flipped.contains(s) {
                         r.flipped.push(s.clone());
@@ -1334,7 +1207,7 @@ async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
         "rolled_back",
         FlipKind::AutoRollback,
         reason,
-        |ev| {
+        move |ev: &mut Event| {
             ev.service = name.clone();
             ev.trigger = Some(json!({ "kind": "remote_rollback", "service": name }));
         },
@@ -1386,7 +1259,12 @@ async fn give_up(app: &Arc<App>, id: &str, reason: String) {
         "rolled_back",
         FlipKind::AutoRollback,
         reason.clone(),
-        |ev| ev.trigger = Some(json!({ "kind": "preflight", "detail": reason })),
+        {
+            let reason = reason.clone();
+            move |ev: &mut Event| {
+                ev.trigger = Some(json!({ "kind": "preflight", "detail": reason }))
+            }
+        },
     )
     .await
     {
@@ -1443,7 +1321,28 @@ impl Release {
             "flipped": self.flipped,
             "paused": self.paused,
             "actor": self.actor,
+            "ended_at": self.ended_at,
+            "reason": self.reason,
         })
+    }
+
+    /// The monotonic deadlines of a release read back, from the wall-clock start times stored
+    /// with it (the time already spent in a bake or the validate window counts).
+    fn set_deadlines(&mut self) {
+        let now = wall_ms();
+        let elapsed = |started: Option<u64>| {
+            Duration::from_millis(now.saturating_sub(started.unwrap_or(now)))
+        };
+        for p in &mut self.phases {
+            p.bake_deadline = (p.state == "baking")
+                .then(|| Instant::now() + p.plan.bake.saturating_sub(elapsed(p.bake_started_ms)));
+        }
+        self.validate_deadline = (self.state == "validating").then(|| {
+            Instant::now()
+                + self
+                    .validate
+                    .saturating_sub(elapsed(self.validate_started_ms))
+        });
     }
 
     fn from_stored(v: &Value) -> Option<Release> {
@@ -1508,6 +1407,11 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
 /// At startup: resumes the release that was running when the process stopped (a bake resumes
 /// with the time already spent counted), then keeps the stored copy current.
 pub async fn resume(app: &Arc<App>) {
+    if let Some(etcd) = store::etcd(app) {
+        // Shared through etcd: followed, driven, taken over there (src/release_store.rs).
+        tokio::spawn(store::run(app.clone(), etcd));
+        return;
+    }
     let Some(path) = stored_path(app) else { return };
     let p2 = path.clone();
     let stored = tokio::task::spawn_blocking(move || std::fs::read(&p2))
@@ -1543,10 +1447,16 @@ pub async fn resume(app: &Arc<App>) {
     if v["current"].is_null() {
         return;
     }
-    let Some(mut rel) = Release::from_stored(&v["current"]) else {
+    let Some(rel) = Release::from_stored(&v["current"]) else {
         tracing::error!(path = %path.display(), "the stored release is unreadable; it is not resumed (abort it by hand: flip its services back)");
         return;
     };
+    adopt(app, rel, "resumed after a restart").await;
+}
+
+/// Drives a release read back (after a restart, or taken over from another replica) from
+/// where it was: a bake resumes with the time already spent counted.
+async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
     let now = wall_ms();
     let elapsed =
         |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
@@ -1571,7 +1481,7 @@ pub async fn resume(app: &Arc<App>) {
     tracing::info!(release = %rel.id, phase = i, resume = ?resume, "resuming the release that was running");
     let id = rel.id.clone();
     let detail = format!(
-        "release {:?} ({id}) resumed after a restart at phase {i} ({})",
+        "release {:?} ({id}) {how} at phase {i} ({})",
         rel.name,
         match &resume {
             Some(Resume::Bake(d)) => format!(
@@ -1590,6 +1500,12 @@ pub async fn resume(app: &Arc<App>) {
     {
         let rels = &app.releases;
         let mut inner = rels.lock();
+        // Taken over from etcd: not if it ended (or was taken by another replica) meanwhile.
+        if inner.recent.iter().any(|r| r.id == id)
+            || (store::etcd(app).is_some() && !store::drives(app, &id))
+        {
+            return;
+        }
         inner.current = Some(rel);
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);

@@ -12,8 +12,14 @@ use crate::ctl_client::{call, CtlArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum ReleaseCmd {
-    /// Start a release from a TOML plan file.
-    Start { file: PathBuf },
+    /// Start a release from a TOML plan file, or a plan the config names (--plan NAME).
+    Start {
+        #[arg(required_unless_present = "plan")]
+        file: Option<PathBuf>,
+        /// The name of a `[release_plans.NAME]` table of the running config.
+        #[arg(long, conflicts_with = "file")]
+        plan: Option<String>,
+    },
     /// The running release (and the last ones with --json).
     Status {
         /// Print again every 2 seconds until the release ends.
@@ -34,7 +40,17 @@ const POLL: Duration = Duration::from_secs(1);
 pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
     let base = args.admin.trim_end_matches('/').to_string();
     match cmd {
-        ReleaseCmd::Start { file } => {
+        ReleaseCmd::Start {
+            plan: Some(name), ..
+        } => {
+            post(args, &base, "/api/releases", json!({ "plan": name }), |v| {
+                print_release(&v["release"]);
+            })
+            .await
+        }
+        ReleaseCmd::Start {
+            file: Some(file), ..
+        } => {
             let text = match std::fs::read_to_string(file) {
                 Ok(t) => t,
                 Err(e) => {
@@ -53,6 +69,10 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
                 print_release(&v["release"]);
             })
             .await
+        }
+        ReleaseCmd::Start { .. } => {
+            eprintln!("error: give a plan file, or --plan NAME for a plan the config names");
+            2
         }
         ReleaseCmd::Promote => {
             post(

@@ -22,6 +22,11 @@ const TRIGGERS: &str = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests =
 
 impl Rig {
     async fn start() -> Rig {
+        Rig::build("", "").await
+    }
+
+    /// As [`Rig::start`], with `api_extra` in api's service table and `tail` after the services.
+    async fn build(api_extra: &str, tail: &str) -> Rig {
         let api = [
             TestUpstream::start("api-blue").await,
             TestUpstream::start("api-green").await,
@@ -36,7 +41,7 @@ impl Rig {
                 "api",
                 &[api[0].addr],
                 &[api[1].addr],
-                &format!("path_prefix = \"/api\"\n{TRIGGERS}")
+                &format!("path_prefix = \"/api\"\n{api_extra}{TRIGGERS}")
             ),
             service(
                 "panel",
@@ -44,7 +49,7 @@ impl Rig {
                 &[panel[1].addr],
                 &format!("path_prefix = \"/panel\"\n{TRIGGERS}")
             ),
-        );
+        ) + tail;
         let p = TestProxy::start(&body).await;
         Rig {
             api,
@@ -661,15 +666,20 @@ async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() 
     let all = admin_get(a.admin, "/api/releases").await.1;
     assert!(ended, "{all}");
     assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
-    // b's own automatic rollback of api, then a's one release rollback (panel back).
+    // b shares the release through etcd: its trigger rolls the whole release back, in one
+    // step with one event (no automatic rollback of api on its own).
     let evs = a.events().await;
     let rb: Vec<&Value> = evs
         .iter()
         .filter(|e| e["reason"] == "release_rollback")
         .collect();
     assert_eq!(rb.len(), 1, "{evs:#?}");
-    assert_eq!(rb[0]["trigger"]["kind"], "remote_rollback", "{evs:#?}");
+    assert_eq!(rb[0]["trigger"]["kind"], "critical_5xx", "{evs:#?}");
     assert_eq!(rb[0]["service"], "api", "{evs:#?}");
+    assert!(
+        !evs.iter().any(|e| e["reason"] == "auto_rollback"),
+        "{evs:#?}"
+    );
     for p in [&a, &b] {
         let back = eventually(10, || async {
             p.service_status("api").await["active"] == "blue"
@@ -755,6 +765,129 @@ async fn ctl_release_start_status_promote_abort_from_a_toml_plan() {
     assert!(
         err.contains("phases[0].services[0]") && err.contains("phases[0].bake"),
         "{err}"
+    );
+    r.p.stop().await;
+}
+
+const NAMED: &str = "[release_plans.weekly]\nname = \"weekly release\"\nvalidate = \"1s\"\n[[release_plans.weekly.phases]]\nname = \"backend\"\nservices = [\"api\"]\nbake = \"1s\"\n[[release_plans.weekly.phases]]\nname = \"frontend\"\nservices = [\"panel\"]\nbake = \"1s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_named_in_the_config_starts_by_name_and_an_unknown_name_is_refused() {
+    let r = Rig::build("", NAMED).await;
+    // An unknown name: 400, naming it and the plans the config has; nothing starts.
+    let (s, v) = r.start_release(json!({ "plan": "nope" })).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    let errs = v["errors"].to_string();
+    assert!(
+        errs.contains("plan") && errs.contains("\\\"nope\\\""),
+        "{v}"
+    );
+    assert!(errs.contains("weekly"), "{v}");
+    assert!(r.releases().await["current"].is_null());
+    let (code, _, err) = ctl(r.p.admin, &["release", "start", "--plan", "nope"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("nope"), "{err}");
+    // By name, from ctl.
+    let (code, out, err) = ctl(r.p.admin, &["release", "start", "--plan", "weekly"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let cur = r.releases().await["current"].clone();
+    assert_eq!(cur["name"], "weekly release", "{cur}");
+    assert_eq!(cur["phases"][1]["name"], "frontend", "{cur}");
+    let end = r.wait_end(30).await;
+    assert_eq!(end["state"], "complete", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
+    r.p.stop().await;
+
+    // `switchyard check` reports every error of a named plan with its key.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}[release_plans.bad]\nname = \"bad\"\n[[release_plans.bad.phases]]\nname = \"x\"\nservices = [\"nosuch\"]\ngate = \"later\"\n",
+            full_config(&r.body, dir.path())
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    for key in [
+        "release_plans.bad.phases[0].services[0]",
+        "release_plans.bad.phases[0].bake",
+        "release_plans.bad.phases[0].gate",
+    ] {
+        assert!(text.contains(key), "{key} missing:\n{text}");
+    }
+    assert!(!text.contains("release_plans.weekly"), "{text}");
+}
+
+const HEALTH: &str = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_back() {
+    let r = Rig::build(HEALTH, "").await;
+    let healthy = eventually(10, || async {
+        let api = r.p.service_status("api").await;
+        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == true
+    })
+    .await;
+    assert!(healthy, "{}", r.p.status().await);
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phase"] == 1 && c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    // api's pre-release pool (blue) dies; then panel's trigger fires.
+    r.api[0].set_health(500);
+    let dead = eventually(10, || async {
+        r.p.service_status("api").await["colors"]["blue"]["healthy"] == false
+    })
+    .await;
+    assert!(dead, "api blue never went unhealthy");
+    r.panel[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/panel/x");
+    let end = r.wait_end(30).await;
+    traffic.cancel();
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    // panel went back; api stayed on green (never onto a dead pool), and the event says so.
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let evs = r.events("release_rollback").await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let ev = &evs[0];
+    let returned: Vec<&str> = ev["trigger"]["returned"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["service"].as_str())
+        .collect();
+    assert_eq!(returned, ["panel"], "{ev}");
+    let not_returned = ev["trigger"]["not_returned"].to_string();
+    assert!(
+        not_returned.contains("api") && not_returned.contains("no healthy upstream"),
+        "{ev}"
+    );
+    assert!(
+        ev["detail"].as_str().unwrap_or("").contains("NOT returned"),
+        "{ev}"
     );
     r.p.stop().await;
 }

@@ -335,6 +335,10 @@ async fn handle(
                 ),
                 Ok(Ok(r)) => json_response(StatusCode::OK, &json!({ "release": r })),
                 Ok(Err(crate::release::StartError::Conflict(m))) => error(StatusCode::CONFLICT, &m),
+                // etcd did not answer whether the release was stored: never a refusal.
+                Ok(Err(crate::release::StartError::Unknown(m))) => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, &m)
+                }
                 Ok(Err(crate::release::StartError::Invalid(errs))) => json_response(
                     StatusCode::BAD_REQUEST,
                     &json!({

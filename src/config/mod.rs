@@ -8,6 +8,7 @@
 //! reported at once, each with its key path.
 
 mod check;
+pub mod plan;
 mod raw;
 mod types;
 mod validate;

@@ -21,6 +21,9 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// `[release_plans.NAME]`: release plans started by name (validated by [`super::plan`]).
+    #[serde(default)]
+    pub release_plans: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -70,6 +70,8 @@ pub struct Config {
     pub analysis: AnalysisConfig,
     pub log: LogConfig,
     pub services: Vec<ServiceConfig>,
+    /// `[release_plans.NAME]`: validated plans (as JSON), started by name.
+    pub release_plans: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// `[analysis]`: where `prometheus` triggers and verify checks send their queries.

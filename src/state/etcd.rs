@@ -1247,3 +1247,164 @@ mod tests {
         assert!(split_json(&tail[tail.len() - rest2..]).is_none());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The running release (crate::release_store): one key, `<prefix>release`, written only by a
+// compare-and-swap on its mod_revision. Appended here (not mixed into the state code above) so
+// that it moves with this file unchanged.
+// ---------------------------------------------------------------------------------------------
+
+/// The release key as read: its JSON value and mod_revision (0: the key does not exist).
+#[derive(Clone, Debug)]
+pub struct ReleaseRead {
+    pub value: Option<Value>,
+    pub mod_revision: i64,
+}
+
+/// What became of a compare-and-swap of the release key.
+#[derive(Debug)]
+pub enum ReleaseCas {
+    /// Written; the key's new mod_revision.
+    Applied(i64),
+    /// The key changed since `expected` (another replica wrote it): what it holds now.
+    Lost(ReleaseRead),
+    /// etcd did not answer and no read-back could tell: the write may still be committed.
+    Unknown(String),
+}
+
+impl EtcdStore {
+    fn release_key(&self) -> String {
+        format!("{}release", self.prefix)
+    }
+
+    fn release_read_of(kvs: &Value) -> ReleaseRead {
+        match kvs.as_array().and_then(|a| a.first()) {
+            Some(kv) => ReleaseRead {
+                value: unb64(&kv["value"]).and_then(|b| serde_json::from_slice(&b).ok()),
+                mod_revision: num(&kv["mod_revision"]),
+            },
+            None => ReleaseRead {
+                value: None,
+                mod_revision: 0,
+            },
+        }
+    }
+
+    /// Reads the release key.
+    pub async fn read_release(&self) -> Result<ReleaseRead, StateError> {
+        let v = self
+            .call("/v3/kv/range", &json!({ "key": b64(&self.release_key()) }))
+            .await?;
+        Ok(Self::release_read_of(&v["kvs"]))
+    }
+
+    /// Writes `value` (which carries `"write_id": write_id`) to the release key if its
+    /// mod_revision is still `expected` (0: the key must not exist). Without an answer in time
+    /// the key is read back: our write id there means applied; a newer revision with another
+    /// value means lost (our transaction's compare can no longer pass); an unchanged revision is
+    /// fenced by rewriting the same value under the same compare, so our write can never land
+    /// later. Unknown only when etcd answers none of that.
+    pub async fn cas_release(&self, expected: i64, value: &Value, write_id: &str) -> ReleaseCas {
+        let key = b64(&self.release_key());
+        let compare = json!([{ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": expected.to_string() }]);
+        let txn = json!({
+            "compare": compare,
+            "success": [{ "request_put": { "key": key, "value": b64(&value.to_string()) } }],
+            "failure": [{ "request_range": { "key": key } }],
+        });
+        let lost = |v: &Value| {
+            let kvs = v["responses"]
+                .as_array()
+                .and_then(|a| a.first())
+                .map(|r| r["response_range"]["kvs"].clone())
+                .unwrap_or(Value::Null);
+            ReleaseCas::Lost(Self::release_read_of(&kvs))
+        };
+        let first = match self.call("/v3/kv/txn", &txn).await {
+            Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+                return ReleaseCas::Applied(num(&v["header"]["revision"]))
+            }
+            Ok(v) => return lost(&v),
+            Err(e) if !e.maybe_sent => {
+                // Never sent: as good as a lost compare with nothing known; re-read.
+                return match self.read_release().await {
+                    Ok(r) if r.mod_revision != expected => ReleaseCas::Lost(r),
+                    Ok(_) | Err(_) => {
+                        ReleaseCas::Unknown(format!("{}; the release was not changed", e.message))
+                    }
+                };
+            }
+            Err(e) => e.message,
+        };
+        tracing::warn!(error = %first, write_id, "etcd did not answer a release write in time; reading back what happened");
+        let deadline = Instant::now() + self.options.timeout * 3;
+        let mut last;
+        loop {
+            match self.read_release().await {
+                Ok(r) => {
+                    let ours =
+                        r.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id);
+                    if ours {
+                        return ReleaseCas::Applied(r.mod_revision);
+                    }
+                    if r.mod_revision != expected {
+                        return ReleaseCas::Lost(r);
+                    }
+                    // Unchanged: fence it, so the pending write can never commit.
+                    let mut fence = r.value.clone().unwrap_or(Value::Null);
+                    if let Some(o) = fence.as_object_mut() {
+                        o.insert("write_id".to_string(), json!(format!("fence-{write_id}")));
+                    }
+                    let body = if r.value.is_some() {
+                        json!({
+                            "compare": compare,
+                            "success": [{ "request_put": { "key": key, "value": b64(&fence.to_string()) } }],
+                            "failure": [{ "request_range": { "key": key } }],
+                        })
+                    } else {
+                        // An absent key is fenced by creating it empty (no release).
+                        json!({
+                            "compare": compare,
+                            "success": [{ "request_put": { "key": key, "value": b64("{\"release\":null}") } }],
+                            "failure": [{ "request_range": { "key": key } }],
+                        })
+                    };
+                    match self.call("/v3/kv/txn", &body).await {
+                        Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+                            let rev = num(&v["header"]["revision"]);
+                            return ReleaseCas::Lost(ReleaseRead {
+                                value: if r.value.is_some() {
+                                    Some(fence)
+                                } else {
+                                    Some(json!({"release": null}))
+                                },
+                                mod_revision: rev,
+                            });
+                        }
+                        Ok(v) => {
+                            let ReleaseCas::Lost(now) = lost(&v) else {
+                                continue;
+                            };
+                            let ours = now.value.as_ref().and_then(|v| v["write_id"].as_str())
+                                == Some(write_id);
+                            return if ours {
+                                ReleaseCas::Applied(now.mod_revision)
+                            } else {
+                                ReleaseCas::Lost(now)
+                            };
+                        }
+                        Err(e) => last = e.message,
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return ReleaseCas::Unknown(format!(
+                    "outcome unknown: etcd did not answer the release write or its read-back within {:?} ({last})",
+                    self.options.timeout * 4
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

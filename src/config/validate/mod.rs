@@ -90,6 +90,9 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let notify = notify(&mut c, &raw.notify);
     let analysis = analysis(&mut c, &raw.analysis);
     let services = services(&mut c, raw.services, &analysis);
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    c.errors
+        .extend(super::plan::check_named(&raw.release_plans, &names));
     if c.errors.is_empty() {
         Ok(Config {
             proxy,
@@ -99,6 +102,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             analysis,
             log,
             services,
+            release_plans: raw.release_plans,
         })
     } else {
         Err(ConfigErrors(c.errors))

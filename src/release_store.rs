@@ -1,0 +1,549 @@
+//! With `[state] backend = "etcd"`: the running release lives in etcd, so every replica sees it
+//! and any replica can end it. (A child module of `release`: `#[path]` in src/release.rs.)
+//!
+//! One key, `<etcd_prefix>release`, holds the current (or the last ended) release as JSON:
+//! `{"release": <stored release>, "driver": <replica id>, "promote": bool, "beat_ms": ..,
+//! "write_id": ..}`. Every write is a compare-and-swap on the key's mod_revision
+//! ([`EtcdStore::cas_release`]); a replica that loses re-reads, applies what it read, and
+//! decides again. So:
+//!
+//! - exactly one replica drives the release (`driver`): it runs the phases, and writes every
+//!   change and a heartbeat (`beat_ms`, every `[state] etcd_progress_interval`). Before a phase
+//!   flips its services the driver's write of the phase's `baking` state must be applied: if
+//!   another replica changed the release first (ended it, took it over), nothing flips;
+//! - the others follow: they read the key every half interval and mirror the release (status,
+//!   metrics, triggers armed on the services it flipped);
+//! - any replica ends the release (a trigger, an abort) by one compare-and-swap to its end
+//!   state; the winner returns the services (one state write, one event), every other replica
+//!   sees the ended release and stops;
+//! - when the key has not changed for three heartbeats (the driver died or was cut off), a
+//!   follower takes the release over by a compare-and-swap of `driver`, and resumes it where the
+//!   record says, with the time already spent in a bake counted;
+//! - promote and a forced pause from a follower are compare-and-swapped into the record; the
+//!   driver picks them up on its next read (or when its own write loses to them).
+//!
+//! An etcd that does not answer a write is never taken for a refusal: the outcome is read back
+//! (and fenced), and reported as unknown (503) when even that fails.
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::{wall_ms, Release, StartError};
+use crate::app::{App, ChangeError};
+use crate::state::etcd::{new_write_id, EtcdStore, ReleaseCas, ReleaseRead};
+
+/// This process, as the `driver` of a release.
+pub(super) fn replica_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(new_write_id)
+}
+
+/// What this replica knows of the release key.
+#[derive(Default)]
+struct Seen {
+    /// The key's mod_revision as last read or written (0: never seen / absent).
+    rev: i64,
+    value: Option<Value>,
+    /// When `rev` last changed (a driver that stopped writing is taken over after a while).
+    changed_at: Option<Instant>,
+    /// The id of the release this replica drives.
+    driving: Option<String>,
+    /// When this replica last wrote the key.
+    wrote_at: Option<Instant>,
+}
+
+/// The etcd side of one app's releases.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// Serializes this replica's writes of the key (each reads `seen.rev` under it).
+    io: tokio::sync::Mutex<()>,
+    seen: Mutex<Seen>,
+}
+
+impl Shared {
+    fn seen(&self) -> MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_read(&self, r: &ReleaseRead) {
+        let mut s = self.seen();
+        if r.mod_revision != s.rev {
+            s.changed_at = Some(Instant::now());
+        }
+        s.rev = r.mod_revision;
+        s.value = r.value.clone();
+    }
+}
+
+/// The etcd store, when the state backend is etcd.
+pub(super) fn etcd(app: &App) -> Option<Arc<EtcdStore>> {
+    app.store.as_etcd().cloned()
+}
+
+/// Whether this replica drives the release `id`.
+pub(super) fn drives(app: &App, id: &str) -> bool {
+    app.releases.shared.seen().driving.as_deref() == Some(id)
+}
+
+fn record(r: &Release, promote: bool, driver: Option<&str>, write_id: &str) -> Value {
+    json!({
+        "release": r.stored(),
+        "driver": driver,
+        "promote": promote,
+        "beat_ms": wall_ms(),
+        "write_id": write_id,
+    })
+}
+
+fn live_state(s: &str) -> bool {
+    matches!(s, "running" | "waiting" | "validating")
+}
+
+/// Compare-and-swap of the key from what this replica last saw; keeps `seen` current.
+async fn cas(app: &App, store: &EtcdStore, value: Value) -> ReleaseCas {
+    cas_id(app, store, value, &new_write_id()).await
+}
+
+async fn cas_id(app: &App, store: &EtcdStore, mut value: Value, write_id: &str) -> ReleaseCas {
+    if let Some(o) = value.as_object_mut() {
+        o.insert("write_id".to_string(), json!(write_id));
+    }
+    let expected = app.releases.shared.seen().rev;
+    let out = store.cas_release(expected, &value, write_id).await;
+    let shared = &app.releases.shared;
+    match &out {
+        ReleaseCas::Applied(rev) => {
+            let mut s = shared.seen();
+            s.rev = *rev;
+            s.value = Some(value);
+            s.changed_at = Some(Instant::now());
+            s.wrote_at = Some(Instant::now());
+        }
+        ReleaseCas::Lost(read) => shared.record_read(read),
+        ReleaseCas::Unknown(_) => {}
+    }
+    out
+}
+
+/// Stops driving (another replica ended or took over the release, or etcd cannot tell).
+fn stop_driving(app: &App) {
+    app.releases.shared.seen().driving = None;
+    if let Some(c) = app.releases.lock().cancel.take() {
+        c.cancel();
+    }
+}
+
+/// Applies the release key as read: mirrors a release driven elsewhere, merges a follower's
+/// promote or pause into the release this replica drives, ends the local copy of an ended one.
+fn apply(app: &App, read: &ReleaseRead) {
+    let rels = &app.releases;
+    rels.shared.record_read(read);
+    let Some(v) = read.value.as_ref() else { return };
+    if v["release"].is_null() {
+        return;
+    }
+    let Some(mut r) = Release::from_stored(&v["release"]) else {
+        tracing::warn!("the release stored in etcd is unreadable; ignored");
+        return;
+    };
+    r.ended_at = v["release"]["ended_at"].as_str().map(str::to_string);
+    r.reason = v["release"]["reason"].as_str().map(str::to_string);
+    r.set_deadlines();
+    let driver = v["driver"].as_str();
+    let driving = rels.shared.seen().driving.clone();
+    if !live_state(r.state) {
+        if driving.as_deref() == Some(r.id.as_str()) {
+            stop_driving(app);
+        }
+        let mut inner = rels.lock();
+        if inner.current.as_ref().is_some_and(|c| c.id == r.id) {
+            inner.current = None;
+            if let Some(c) = inner.cancel.take() {
+                c.cancel();
+            }
+            inner.promote = false;
+            rels.metrics.total.with_label_values(&[r.state]).inc();
+        } else if inner.recent.iter().any(|x| x.id == r.id) {
+            return;
+        }
+        for p in &mut r.phases {
+            p.bake_deadline = None;
+        }
+        inner.recent.push_front(r);
+        inner.recent.truncate(super::RECENT);
+        rels.publish(&inner);
+        return;
+    }
+    if driving.as_deref() == Some(r.id.as_str()) {
+        if driver == Some(replica_id()) {
+            // Ours: take what followers wrote into it.
+            let promote = v["promote"].as_bool() == Some(true);
+            let mut inner = rels.lock();
+            if promote {
+                inner.promote = true;
+            }
+            if let Some(cur) = inner.current.as_mut().filter(|c| c.id == r.id) {
+                if cur.paused.is_none() && r.paused.is_some() {
+                    cur.paused = r.paused.clone();
+                }
+            }
+            drop(inner);
+            if promote {
+                rels.wake.notify_one();
+            }
+            return;
+        }
+        tracing::warn!(release = %r.id, driver = ?driver, "another replica took the release over; following it");
+        stop_driving(app);
+    }
+    let mut inner = rels.lock();
+    inner.current = Some(r);
+    rels.publish(&inner);
+}
+
+fn ended_copy(cur: &Release, result: &'static str, reason: &str) -> Release {
+    let mut e = cur.clone();
+    e.state = result;
+    e.reason = Some(reason.to_string());
+    e.ended_at = Some(crate::events::now_rfc3339());
+    for p in &mut e.phases {
+        if matches!(p.state, "baking" | "waiting") || (result != "complete" && p.state == "passed")
+        {
+            p.state = if result == "complete" {
+                "passed"
+            } else {
+                "rolled_back"
+            };
+        }
+    }
+    e
+}
+
+/// Stores a new release `r` (this replica drives it). 409 when one is live in etcd.
+pub(super) async fn create(
+    app: &Arc<App>,
+    store: &EtcdStore,
+    r: &Release,
+) -> Result<(), StartError> {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    if shared.seen().rev == 0 {
+        // Nothing read yet (a start right after this replica started): read first.
+        if let Ok(read) = store.read_release().await {
+            apply(app, &read);
+        }
+    }
+    for _ in 0..5 {
+        if let Some(cur) = app.releases.current() {
+            return Err(StartError::Conflict(format!(
+                "release {:?} ({}) is {} (phase {}) on the replicas sharing this etcd; one release runs at a time",
+                cur.name, cur.id, cur.state, cur.phase
+            )));
+        }
+        match cas(app, store, record(r, false, Some(replica_id()), "")).await {
+            ReleaseCas::Applied(_) => {
+                shared.seen().driving = Some(r.id.clone());
+                return Ok(());
+            }
+            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Unknown(m) => {
+                return Err(StartError::Unknown(format!(
+                    "{m}; whether the release was stored is unknown: check `ctl release status` before starting again"
+                )))
+            }
+        }
+    }
+    Err(StartError::Conflict(
+        "the release record in etcd kept changing; try again".to_string(),
+    ))
+}
+
+/// Writes the release this replica drives (every change, and the heartbeat). True when
+/// written; false when this replica does not (or no longer) drive it.
+pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    for _ in 0..5 {
+        if !drives(app, id) {
+            return false;
+        }
+        let (cur, promote) = {
+            let inner = app.releases.lock();
+            match inner.current.as_ref().filter(|c| c.id == id && c.live()) {
+                Some(c) => (c.clone(), inner.promote),
+                None => return false,
+            }
+        };
+        match cas(app, store, record(&cur, promote, Some(replica_id()), "")).await {
+            ReleaseCas::Applied(_) => return true,
+            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Unknown(m) => {
+                tracing::error!(release = %id, error = %m, "cannot store the release in etcd; another replica takes it over if this lasts");
+                stop_driving(app);
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// What became of [`end`].
+pub(super) enum Ended {
+    /// This replica ended it: the release as it was (it returns the services).
+    Won(Box<Release>),
+    /// It is no longer live (another replica ended it first).
+    NotLive,
+    /// etcd did not answer: [`settle`] finds out whether write `write_id` was stored.
+    Unknown {
+        write_id: String,
+        expected: i64,
+        message: String,
+    },
+}
+
+/// Ends the live release `id` in etcd (one compare-and-swap to `result`).
+pub(super) async fn end(
+    app: &App,
+    store: &EtcdStore,
+    id: &str,
+    result: &'static str,
+    reason: &str,
+) -> Result<Ended, ChangeError> {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    for _ in 0..8 {
+        let Some(cur) = app.releases.current().filter(|c| c.id == id && c.live()) else {
+            return Ok(Ended::NotLive);
+        };
+        let driver = shared
+            .seen()
+            .value
+            .as_ref()
+            .and_then(|v| v["driver"].as_str().map(str::to_string));
+        let ended = ended_copy(&cur, result, reason);
+        let write_id = new_write_id();
+        let expected = shared.seen().rev;
+        let value = record(&ended, false, driver.as_deref(), "");
+        match cas_id(app, store, value, &write_id).await {
+            ReleaseCas::Applied(_) => {
+                shared.seen().driving = None;
+                return Ok(Ended::Won(Box::new(cur)));
+            }
+            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Unknown(message) => {
+                return Ok(Ended::Unknown {
+                    write_id,
+                    expected,
+                    message,
+                })
+            }
+        }
+    }
+    Err(ChangeError::Unavailable(
+        "the release record in etcd kept changing under this change; retry".to_string(),
+    ))
+}
+
+/// After a phase's flip: whether this replica still drives the live release `id` (a fresh read
+/// of the key). When etcd does not answer, the last known answer stands.
+pub(super) async fn confirm(app: &App, store: &EtcdStore, id: &str) -> bool {
+    if let Ok(read) = store.read_release().await {
+        apply(app, &read);
+    }
+    drives(app, id)
+        && app
+            .releases
+            .current()
+            .is_some_and(|c| c.id == id && c.live())
+}
+
+/// After an end whose outcome was unknown: reads the key until etcd answers (for at most ten
+/// minutes). True when write `write_id` is what etcd stored: the caller won and returns the
+/// services; false when it can never land (the key moved on, or a fence under the same compare
+/// won).
+pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expected: i64) -> bool {
+    let ours =
+        |r: &ReleaseRead| r.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline && !app.shutdown.is_cancelled() {
+        if let Ok(read) = store.read_release().await {
+            if ours(&read) {
+                return true;
+            }
+            if read.mod_revision != expected {
+                return false;
+            }
+            // Unchanged: the write may still be on its way; a fence under the same compare
+            // decides it for good.
+            let mut fence = read.value.clone().unwrap_or(json!({ "release": null }));
+            let fence_id = format!("fence-{write_id}");
+            if let Some(o) = fence.as_object_mut() {
+                o.insert("write_id".to_string(), json!(fence_id));
+            }
+            match store.cas_release(expected, &fence, &fence_id).await {
+                ReleaseCas::Applied(_) => return false,
+                ReleaseCas::Lost(r) => return ours(&r),
+                ReleaseCas::Unknown(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+/// A change a follower makes to the release driven elsewhere (promote, a forced pause):
+/// compare-and-swapped into the record; `f` refuses (Err) or changes the record.
+pub(super) async fn change(
+    app: &App,
+    store: &EtcdStore,
+    id: &str,
+    f: impl Fn(&mut Value) -> Result<(), ChangeError>,
+) -> Result<(), ChangeError> {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    for _ in 0..8 {
+        let mut v = shared.seen().value.clone().unwrap_or(Value::Null);
+        if v["release"]["id"].as_str() != Some(id)
+            || !live_state(v["release"]["state"].as_str().unwrap_or(""))
+        {
+            return Err(ChangeError::Refused(
+                "the release is no longer running".to_string(),
+            ));
+        }
+        f(&mut v)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("beat_ms".to_string(), json!(wall_ms()));
+        }
+        match cas(app, store, v).await {
+            ReleaseCas::Applied(_) => {
+                let read = {
+                    let s = shared.seen();
+                    ReleaseRead {
+                        value: s.value.clone(),
+                        mod_revision: s.rev,
+                    }
+                };
+                apply(app, &read);
+                return Ok(());
+            }
+            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Unknown(m) => {
+                return Err(ChangeError::Unknown(format!(
+                    "{m}; whether the change was stored is unknown: check `ctl release status`"
+                )))
+            }
+        }
+    }
+    Err(ChangeError::Unavailable(
+        "the release record in etcd kept changing under this change; retry".to_string(),
+    ))
+}
+
+/// Takes over a release whose driver stopped writing; true when this replica drives it now.
+async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    let mut v = shared.seen().value.clone()?;
+    let r = Release::from_stored(&v["release"]).filter(|r| r.live())?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("driver".to_string(), json!(replica_id()));
+        o.insert("beat_ms".to_string(), json!(wall_ms()));
+    }
+    match cas(app, store, v).await {
+        ReleaseCas::Applied(_) => {
+            shared.seen().driving = Some(r.id.clone());
+            Some(r)
+        }
+        ReleaseCas::Lost(read) => {
+            apply(app, &read);
+            None
+        }
+        ReleaseCas::Unknown(_) => None,
+    }
+}
+
+/// With the etcd backend, instead of the local file: keeps the release in step with etcd
+/// (see the module's doc) until shutdown.
+pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<Value>);
+    if app.releases.persist.set(tx).is_err() {
+        return;
+    }
+    let beat = store.options().progress_interval;
+    let poll = (beat / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let stale = beat * 3 + store.options().timeout;
+    // The driver's writer: every change of the release it drives.
+    {
+        let app = app.clone();
+        let store = store.clone();
+        let shutdown = app.shutdown.child_token();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                }
+                let id = rx
+                    .borrow_and_update()
+                    .as_ref()
+                    .and_then(|v| v["id"].as_str().map(str::to_string));
+                if let Some(id) = id {
+                    if drives(&app, &id) {
+                        persist(&app, &store, &id).await;
+                    }
+                }
+            }
+        });
+    }
+    loop {
+        match store.read_release().await {
+            Ok(read) => {
+                if read.mod_revision != app.releases.shared.seen().rev {
+                    apply(&app, &read);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the release from etcd"),
+        }
+        let (driving, wrote_at, changed_at, live) = {
+            let s = app.releases.shared.seen();
+            let live = s
+                .value
+                .as_ref()
+                .is_some_and(|v| live_state(v["release"]["state"].as_str().unwrap_or("")));
+            (s.driving.clone(), s.wrote_at, s.changed_at, live)
+        };
+        match driving {
+            Some(id) if wrote_at.map_or(true, |t| t.elapsed() >= beat) => {
+                persist(&app, &store, &id).await;
+            }
+            Some(_) => {}
+            None if live && changed_at.map_or(true, |t| t.elapsed() >= stale) => {
+                if let Some(r) = take_over(&app, &store).await {
+                    tracing::warn!(release = %r.id, "the release's driver stopped writing to etcd; this replica takes it over");
+                    // A promote stored before the takeover still passes the gate.
+                    let promote = app
+                        .releases
+                        .shared
+                        .seen()
+                        .value
+                        .as_ref()
+                        .is_some_and(|v| v["promote"].as_bool() == Some(true));
+                    super::adopt(&app, r, "taken over from a replica that stopped").await;
+                    if promote {
+                        app.releases.lock().promote = true;
+                        app.releases.wake.notify_one();
+                    }
+                }
+            }
+            None => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}

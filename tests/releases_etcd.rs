@@ -1,0 +1,480 @@
+//! Releases shared through a real etcd (Debian's `etcd-server`) by two Switchyard replicas with
+//! real upstreams: one release on both, ended by a trigger on the replica that did not start it,
+//! and taken over (the bake resuming with the time already spent) when its driver stops.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// A real etcd on loopback ports, as tests/replicas.rs starts it.
+struct Etcd {
+    child: std::process::Child,
+    client: u16,
+}
+
+impl Etcd {
+    async fn start(dir: &std::path::Path) -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("test={p}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        let ok = eventually(20, || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", client))
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(ok, "etcd did not start");
+        Etcd { child, client }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const TRIGGERS: &str = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 10\n[[services.rollback.triggers]]\nkind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"1s\"\n";
+
+/// Two services, `api` and `panel` (each its own blue and green upstream, both on blue), their
+/// state in `etcd` under `prefix`; heartbeats every 200 ms.
+struct Rig {
+    ups: [Arc<TestUpstream>; 4],
+    body: String,
+}
+
+impl Rig {
+    /// etcd answers within 3 s (a loaded test machine's etcd can take over a second to fsync).
+    async fn new(etcd: &Etcd, prefix: &str) -> Rig {
+        Rig::with_timeout(etcd, prefix, "3s").await
+    }
+
+    async fn with_timeout(etcd: &Etcd, prefix: &str, timeout: &str) -> Rig {
+        let ups = [
+            TestUpstream::start("api-blue").await,
+            TestUpstream::start("api-green").await,
+            TestUpstream::start("panel-blue").await,
+            TestUpstream::start("panel-green").await,
+        ];
+        let body = format!(
+            "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\netcd_prefix = \"{prefix}\"\netcd_timeout = \"{timeout}\"\netcd_progress_interval = \"200ms\"\n{}{}",
+            etcd.client,
+            service(
+                "api",
+                &[ups[0].addr],
+                &[ups[1].addr],
+                &format!("path_prefix = \"/api\"\n{TRIGGERS}")
+            ),
+            service(
+                "panel",
+                &[ups[2].addr],
+                &[ups[3].addr],
+                &format!("path_prefix = \"/panel\"\n{TRIGGERS}")
+            ),
+        );
+        Rig { ups, body }
+    }
+}
+
+async fn releases(p: &TestProxy) -> Value {
+    admin_get(p.admin, "/api/releases").await.1
+}
+
+async fn metric(p: &TestProxy, line_start: &str) -> Option<f64> {
+    get(p.admin, "/metrics")
+        .await
+        .1
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn events_of(p: &TestProxy, reason: &str) -> Vec<Value> {
+    p.events()
+        .await
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+/// Requests on `path` until cancelled.
+fn traffic(addr: std::net::SocketAddr, path: &'static str) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        while !s.is_cancelled() {
+            let _ = try_get(addr, path).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    stop
+}
+
+fn two_phases(bake1: &str, bake2: &str, validate: &str) -> Value {
+    json!({
+        "name": "feature release",
+        "validate": validate,
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": bake1 },
+            { "name": "frontend", "services": ["panel"], "bake": bake2 },
+        ]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_release_and_a_trigger_on_the_other_rolls_back_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-share/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "10m", "10m")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["release"]["id"].as_str().unwrap_or_default().to_string();
+    assert!(!id.is_empty(), "{v}");
+
+    // Replica b, which did not start it, shows the same release, phase and metrics.
+    let seen = eventually(20, || async {
+        let c = releases(&b).await["current"].clone();
+        c["id"] == id.as_str() && c["phase"] == 1 && c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    assert!(seen, "b: {}", releases(&b).await);
+    let c = releases(&b).await["current"].clone();
+    assert_eq!(c["phases"][0]["state"], "passed", "{c}");
+    assert!(
+        c["phases"][1]["bake_left_secs"].as_f64().unwrap_or(0.0) > 0.0,
+        "{c}"
+    );
+    assert_eq!(metric(&b, "switchyard_release_phase ").await, Some(1.0));
+    assert_eq!(
+        metric(&b, "switchyard_release_state{state=\"running\"}").await,
+        Some(1.0)
+    );
+    // One release at a time across the replicas: b refuses a second one, naming the first.
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "1s", "1s")),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("feature release"),
+        "{v}"
+    );
+
+    // panel's new color fails; only b sees the traffic, so only b's trigger fires.
+    rig.ups[3].set_status(500);
+    let load = traffic(b.proxy, "/panel/x");
+    for p in [&a, &b] {
+        let ended = eventually(30, || async { releases(p).await["current"].is_null() }).await;
+        let all = releases(p).await;
+        assert!(ended, "{all}");
+        assert_eq!(all["recent"][0]["id"], id.as_str(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
+    }
+    load.cancel();
+    for p in [&a, &b] {
+        let back = eventually(10, || async {
+            p.get("/api/x").await.1 == "api-blue\n" && p.get("/panel/x").await.1 == "panel-blue\n"
+        })
+        .await;
+        assert!(back, "both services back on blue: {}", p.status().await);
+        assert_eq!(
+            metric(p, "switchyard_releases_total{result=\"rolled_back\"}").await,
+            Some(1.0)
+        );
+        assert_eq!(metric(p, "switchyard_release_phase ").await, Some(-1.0));
+    }
+    // One event, in the history both replicas read, names the trigger and b's service; both
+    // services went back in that one step; no service rolled back on its own.
+    for p in [&a, &b] {
+        let evs = events_of(p, "release_rollback").await;
+        assert_eq!(evs.len(), 1, "{evs:#?}");
+        let ev = &evs[0];
+        assert_eq!(ev["service"], "panel", "{ev}");
+        assert_eq!(ev["trigger"]["kind"], "error_rate", "{ev}");
+        assert_eq!(ev["trigger"]["threshold"], 0.5, "{ev}");
+        let returned = ev["trigger"]["returned"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(returned.len(), 2, "{ev}");
+        assert!(events_of(p, "auto_rollback").await.is_empty());
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-takeover/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let gen_before = b.service_status("api").await["generation"]
+        .as_u64()
+        .unwrap_or(0);
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("6s", "1s", "1s")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let seen = eventually(20, || async {
+        releases(&b).await["current"]["phases"][0]["state"] == "baking"
+    })
+    .await;
+    assert!(seen, "b: {}", releases(&b).await);
+    let first = releases(&b).await["current"].clone();
+    // The replica that started (and drives) the release stops mid-bake, then comes back.
+    let a_dir = a.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = TestProxy::start_with(&rig.body, Some(TOKEN), Some(a_dir)).await;
+    // The bake goes on where it was (its end unchanged) and the release completes.
+    for p in [&a, &b] {
+        // (A replica that just started lists the release once it has read it from etcd.)
+        let done = eventually(40, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["id"] == first["id"]
+        })
+        .await;
+        let all = releases(p).await;
+        assert!(done, "{all}");
+        let end = &all["recent"][0];
+        assert_eq!(end["id"], first["id"], "{all}");
+        assert_eq!(end["state"], "complete", "{all}");
+        assert_eq!(
+            end["phases"][0]["bake_ends_at"], first["phases"][0]["bake_ends_at"],
+            "{all}"
+        );
+        assert_eq!(
+            end["phases"][0]["started_at"], first["phases"][0]["started_at"],
+            "{all}"
+        );
+    }
+    // Taken over once, with part of the bake already spent; each phase advanced once.
+    let phase_events = events_of(&b, "release_phase").await;
+    let detail = |e: &Value| e["detail"].as_str().unwrap_or("").to_string();
+    let took: Vec<String> = phase_events
+        .iter()
+        .map(detail)
+        .filter(|d| d.contains("taken over"))
+        .collect();
+    assert_eq!(took.len(), 1, "{phase_events:#?}");
+    assert!(took[0].contains("of the bake left"), "{took:?}");
+    for (phase, label) in [
+        ("phase 0", "flipped in one step"),
+        ("phase 1", "flipped in one step"),
+    ] {
+        let n = phase_events
+            .iter()
+            .map(detail)
+            .filter(|d| d.contains(phase) && d.contains(label))
+            .count();
+        assert_eq!(n, 1, "{phase} flipped once: {phase_events:#?}");
+    }
+    assert_eq!(events_of(&b, "release_complete").await.len(), 1);
+    for p in [&a, &b] {
+        assert_eq!(p.get("/api/x").await.1, "api-green\n");
+        assert_eq!(p.get("/panel/x").await.1, "panel-green\n");
+        assert_eq!(
+            p.service_status("api").await["generation"].as_u64(),
+            Some(gen_before + 1),
+            "api flipped exactly once"
+        );
+        assert_eq!(
+            metric(p, "switchyard_releases_total{result=\"complete\"}").await,
+            Some(1.0)
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-unknown/", "1s").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "10m", "10m")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let seen = eventually(20, || async {
+        releases(&b).await["current"]["phases"][1]["state"] == "baking"
+    })
+    .await;
+    assert!(seen, "b: {}", releases(&b).await);
+    // etcd stops answering (SIGSTOP): an abort on b cannot know whether it was stored.
+    let pid = etcd.child.id();
+    signal(pid, "-STOP");
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    signal(pid, "-CONT");
+    assert_eq!(s, 503, "an unknown outcome is not a refusal: {v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("unknown"), "{v}");
+    // Once etcd answers, either the abort was stored (and then its services are returned), or
+    // it was not (the release still runs, and an abort now works): never an ended release
+    // with its services left on the new colors.
+    let settled = eventually(30, || async {
+        let (ra, rb) = (releases(&a).await, releases(&b).await);
+        ra["current"]["id"] == rb["current"]["id"]
+            && ra["current"]["state"] == rb["current"]["state"]
+            && (ra["current"].is_null() || ra["current"]["state"] == "running")
+    })
+    .await;
+    assert!(
+        settled,
+        "a: {}\nb: {}",
+        releases(&a).await,
+        releases(&b).await
+    );
+    if !releases(&b).await["current"].is_null() {
+        let (s, v) = admin_post(
+            b.admin,
+            "/api/releases/current/abort",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    for p in [&a, &b] {
+        let ended = eventually(20, || async { releases(p).await["current"].is_null() }).await;
+        let all = releases(p).await;
+        assert!(ended, "{all}");
+        assert_eq!(
+            all["recent"][0]["state"],
+            "aborted",
+            "{all}\n{:#?}",
+            p.events().await
+        );
+        let back = eventually(20, || async {
+            p.get("/api/x").await.1 == "api-blue\n" && p.get("/panel/x").await.1 == "panel-blue\n"
+        })
+        .await;
+        assert!(back, "both services back on blue: {}", p.status().await);
+    }
+    assert_eq!(events_of(&b, "release_abort").await.len(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-promote/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let plan = json!({
+        "name": "gated release",
+        "validate": "1s",
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": "0s", "gate": "manual" },
+            { "name": "frontend", "services": ["panel"], "bake": "1s" },
+        ]
+    });
+    let (s, v) = admin_post(a.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    let waiting = eventually(20, || async {
+        let c = releases(&b).await["current"].clone();
+        c["state"] == "waiting" && c["phases"][0]["state"] == "waiting"
+    })
+    .await;
+    assert!(waiting, "b: {}", releases(&b).await);
+    // It waits: the second phase does not start by itself.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(releases(&a).await["current"]["phase"], 0);
+    assert_eq!(b.get("/panel/x").await.1, "panel-blue\n");
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    for p in [&a, &b] {
+        let done = eventually(30, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["state"] == "complete"
+        })
+        .await;
+        assert!(done, "{}", releases(p).await);
+        let green = eventually(10, || async {
+            p.get("/api/x").await.1 == "api-green\n" && p.get("/panel/x").await.1 == "panel-green\n"
+        })
+        .await;
+        assert!(green, "{}", p.status().await);
+    }
+    assert_eq!(events_of(&a, "release_promote").await.len(), 1);
+    // A second promote has nothing to pass.
+    let (s, _) = admin_post(
+        b.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 409);
+    a.stop().await;
+    b.stop().await;
+}
