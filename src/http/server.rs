@@ -1,5 +1,6 @@
-//! The client side of HTTP/1.1: one task per connection reads request heads, runs the proxy
-//! for each request inline, and writes the response back with vectored writes.
+//! The client side of HTTP/1.1: one task per connection reads request heads, runs the
+//! [`Handler`] for each request inline (generic, so the handler's future is part of the
+//! connection's: no box, no channel), and writes the response back with vectored writes.
 //!
 //! Why not hyper's server (kept for h2 and the admin listener): hyper's HTTP/1 connection was
 //! about 10k of the proxy's ~24k instructions per request (dispatcher, body channel, buffered
@@ -23,25 +24,59 @@
 //! it is read and hands it back at its end; a connection whose body was not read to its end is
 //! closed after the response, lingering briefly so the client sees the response, not a reset.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::app::App;
-use crate::h1::{self, decode_chunked, parse_length, put_header, ChunkState, Chunked};
-use crate::proxy::{self, ClientBody, ConnInfo};
+use super::codec::{
+    self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
+    Span,
+};
+use super::headers::{put_date, put_header};
+use super::{plain, CloseConnection};
+
+/// What the server runs for each request, inline in the connection's task: the handler's
+/// future is polled by the connection itself (monomorphised, never boxed per request).
+pub trait Handler: Send + Sync + 'static {
+    /// The response body; its error ends the response early (the connection closes).
+    type Body: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin + 'static;
+
+    /// Answers one request. `on_upgrade` is there when the request asked to upgrade: it
+    /// delivers the client's connection once a `101` answer has been written.
+    fn call(
+        &self,
+        req: Request<RequestBody>,
+        on_upgrade: Option<OnUpgrade>,
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// Whether the server is shutting down: the response being written is the connection's
+    /// last.
+    fn shutting_down(&self) -> bool;
+
+    /// Completes once the server shuts down (an idle connection then closes soon).
+    fn until_shutdown(&self) -> impl Future<Output = ()> + Send;
+
+    /// A request head was refused for a framing fault that a lenient parser would let through
+    /// (request smuggling); `reason` is `"bare_lf"` or `"cl_te"`.
+    fn refused(&self, reason: &'static str) {
+        let _ = reason;
+    }
+
+    /// The client closed its connection before its response was ready.
+    fn client_closed(&self) {}
+}
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -69,6 +104,14 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
+/// A connection's settings: its limits, and how long a connection that is idle when shutdown
+/// begins is kept for a request already on its way.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    pub limits: Limits,
+    pub idle_at_shutdown: Duration,
+}
+
 /// The read half of a client connection and what has been read but not used yet.
 pub struct Reader {
     io: BoxRead,
@@ -92,19 +135,15 @@ impl Reader {
         if self.buf.capacity() == 0 {
             return self.poll_probe::<FIRST_READ>(cx);
         }
-        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
-            self.buf.reserve(self.read_size);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
+        let want = self.read_size;
+        super::io::poll_fill(
+            &mut *self.io,
+            &mut self.buf,
+            want,
+            &mut self.read_size,
+            MAX_READ,
             cx,
-            &mut self.buf
-        ))?;
-        if n == room && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        )
     }
 
     /// Reads onto the stack and appends what came, for reads that mostly find nothing (an
@@ -135,21 +174,14 @@ impl Reader {
             Ok(n) => n.min(MAX_READ),
             Err(_) => MAX_READ,
         };
-        // As in `poll_fill`: a buffer with a quarter of that room left is read into as it is,
-        // so that a client sending a few bytes at a time does not make a new buffer per read.
-        if self.buf.capacity() - self.buf.len() < want.div_ceil(4) {
-            self.buf.reserve(want);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
+        super::io::poll_fill(
+            &mut *self.io,
+            &mut self.buf,
+            want,
+            &mut self.read_size,
+            MAX_READ,
             cx,
-            &mut self.buf
-        ))?;
-        if n == room && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        )
     }
 
     /// Between requests: nothing buffered means no buffer is kept.
@@ -263,29 +295,16 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr() as usize;
     let target = req.path.unwrap_or_default();
-    let target = (target.as_ptr() as usize - base, target.len());
+    let target = (
+        target.as_ptr() as usize - buf.as_ptr() as usize,
+        target.len(),
+    );
     // Offsets of every name and value, so the values can share the head's buffer.
     let count = req.headers.len();
-    let mut small = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
+    let mut small: [Span; STACK_HEADERS] = [(0, 0, 0, 0); STACK_HEADERS];
     let mut large = Vec::new();
-    let spans = if count <= small.len() {
-        &mut small[..count]
-    } else {
-        large.resize(count, (0, 0, 0, 0));
-        &mut large[..]
-    };
-    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        *span = (
-            n as u32,
-            h.name.len() as u32,
-            v as u32,
-            h.value.len() as u32,
-        );
-    }
+    let spans = codec::header_spans(buf, req.headers, &mut small, &mut large);
     let head = buf.split_to(len).freeze();
     // The http crate's URI holds at most 65,534 bytes.
     if target.1 >= usize::from(u16::MAX) {
@@ -316,27 +335,22 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     }
     // One slot spare: the access log adds `x-request-id` without growing the map.
     let mut headers = HeaderMap::with_capacity(count + 1);
-    let mut length: Option<u64> = None;
-    let (mut te_lines, mut chunked) = (0, false);
+    let mut fields = FramingFields::default();
     let (mut close, mut keep_alive, mut upgrade_token) = (false, false, false);
     let (mut expect_continue, mut has_upgrade) = (false, false);
-    for &(n, nl, v, vl) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
-            .map_err(|_| bad("invalid header name\n"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
-            .map_err(|_| bad("invalid header value\n"))?;
+    for &span in spans.iter() {
+        let (name, value) = codec::header_at(&head, span).map_err(|e| {
+            bad(match e {
+                BadHeader::Name => "invalid header name\n",
+                BadHeader::Value => "invalid header value\n",
+            })
+        })?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes()).map_err(|_| bad("invalid Content-Length\n"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting Content-Length\n"));
-            }
-            length = Some(n);
+            fields
+                .content_length(value.as_bytes())
+                .map_err(|e| bad(framing_refusal(e)))?;
         } else if name == header::TRANSFER_ENCODING {
-            te_lines += 1;
-            chunked = value
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked");
+            fields.transfer_encoding(value.as_bytes());
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
@@ -354,20 +368,20 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
         }
         headers.append(name, value);
     }
-    let framing = match (te_lines, length) {
-        (0, Some(0) | None) => Framing::Done,
-        (0, Some(n)) => Framing::Length(n),
-        (_, _) if version == Version::HTTP_10 => {
-            return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"))
-        }
-        (_, Some(_)) => {
+    if fields.has_transfer_encoding() && version == Version::HTTP_10 {
+        return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"));
+    }
+    let framing = match fields.decide() {
+        Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
+        Ok(BodyFraming::Length(n)) => Framing::Length(n),
+        Ok(BodyFraming::Chunked) => Framing::Chunked(ChunkState::Size),
+        Err(e @ FramingError::LengthAndTransferEncoding) => {
             return Err(Refused {
                 metric: Some("cl_te"),
-                ..bad("both Content-Length and Transfer-Encoding\n")
+                ..bad(framing_refusal(e))
             })
         }
-        (1, None) if chunked => Framing::Chunked(ChunkState::Size),
-        _ => return Err(bad("unsupported Transfer-Encoding\n")),
+        Err(e) => return Err(bad(framing_refusal(e))),
     };
     let http11 = version == Version::HTTP_11;
     Ok(Some(Head {
@@ -384,9 +398,63 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     }))
 }
 
+/// The 400 answer's text for a framing fault.
+fn framing_refusal(e: FramingError) -> &'static str {
+    match e {
+        FramingError::InvalidLength => "invalid Content-Length\n",
+        FramingError::ConflictingLength => "conflicting Content-Length\n",
+        FramingError::LengthAndTransferEncoding => "both Content-Length and Transfer-Encoding\n",
+        FramingError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding\n",
+    }
+}
+
+/// A request's body as the server delivers it to the [`Handler`].
+pub enum RequestBody {
+    /// No body (most requests).
+    Empty,
+    /// A body that arrived whole with its head.
+    Full(Option<Bytes>),
+    /// Read off the connection as it is polled.
+    Streaming(Streaming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Full(data) => data.is_none(),
+            RequestBody::Streaming(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Streaming(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body read off the client connection by whoever polls it (the upstream client).
 /// It owns the connection's read half while it is read and hands it back at its end.
-pub struct RequestBody {
+pub struct Streaming {
     reader: Option<Reader>,
     framing: Framing,
     back: Option<oneshot::Sender<Returned>>,
@@ -398,7 +466,7 @@ struct Returned {
     complete: bool,
 }
 
-impl RequestBody {
+impl Streaming {
     fn hand_back(&mut self) {
         if let (Some(reader), Some(back)) = (self.reader.take(), self.back.take()) {
             let _ = back.send(Returned {
@@ -417,13 +485,13 @@ impl RequestBody {
     }
 }
 
-impl Drop for RequestBody {
+impl Drop for Streaming {
     fn drop(&mut self) {
         self.hand_back();
     }
 }
 
-impl Body for RequestBody {
+impl Body for Streaming {
     type Data = Bytes;
     type Error = io::Error;
 
@@ -548,7 +616,7 @@ impl AsyncWrite for Upgraded {
 /// The write half and the output waiting for it, written with `writev`.
 struct Writer {
     io: BoxWrite,
-    out: Vec<Bytes>,
+    out: VecDeque<Bytes>,
     queued: usize,
     closed: bool,
     /// The response was cut (the upstream failed mid-body): the connection ends at once,
@@ -560,42 +628,21 @@ impl Writer {
     fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
             self.queued += b.len();
-            self.out.push(b);
+            self.out.push_back(b);
         }
     }
 
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut first = 0;
-        while first < self.out.len() {
-            let mut slices = [IoSlice::new(&[]); 16];
-            let n = (self.out.len() - first).min(slices.len());
-            for (s, b) in slices.iter_mut().zip(self.out[first..].iter()) {
-                *s = IoSlice::new(b);
-            }
-            let res = Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]);
-            let mut written = match res {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(w)) => w,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    self.out.drain(..first);
-                    return Poll::Pending;
-                }
-            };
-            self.queued -= written;
-            while written > 0 && first < self.out.len() {
-                let b = &mut self.out[first];
-                let k = written.min(b.len());
-                b.advance(k);
-                written -= k;
-                if b.is_empty() {
-                    first += 1;
-                }
+        while !self.out.is_empty() {
+            match ready!(super::io::poll_write_queue(
+                &mut *self.io,
+                &mut self.out,
+                cx
+            ))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                written => self.queued -= written,
             }
         }
-        self.out.clear();
         // TLS buffers what it encrypts; TCP's flush does nothing.
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -661,28 +708,19 @@ fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
 
 /// Serves one HTTP/1.x connection until it closes, fails, idles past `header_read_timeout`,
 /// upgrades, or the server shuts down between two requests.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     reader: Reader,
     writer: BoxWrite,
-    app: Arc<App>,
-    info: Arc<ConnInfo>,
+    handler: H,
+    settings: Settings,
     first_deadline: Instant,
 ) {
-    let limits = {
-        let p = &app.snapshot().config.proxy;
-        Limits {
-            header_read_timeout: p.header_read_timeout,
-            max_headers: p.max_headers,
-            max_header_bytes: p.max_header_bytes,
-        }
-    };
     let mut conn = Conn {
-        app,
-        info,
-        limits,
+        handler,
+        settings,
         writer: Writer {
             io: writer,
-            out: Vec::new(),
+            out: VecDeque::new(),
             queued: 0,
             closed: false,
             cut: false,
@@ -693,10 +731,9 @@ pub async fn serve(
     conn.run(reader).await;
 }
 
-struct Conn {
-    app: Arc<App>,
-    info: Arc<ConnInfo>,
-    limits: Limits,
+struct Conn<H> {
+    handler: H,
+    settings: Settings,
     writer: Writer,
     /// `header_read_timeout`, made the first time a head has to be waited for.
     timer: Option<Pin<Box<Sleep>>>,
@@ -714,7 +751,7 @@ enum Next {
     Close,
 }
 
-impl Conn {
+impl<H: Handler> Conn<H> {
     /// The request loop. What it keeps between requests is small; each exchange runs in a
     /// future of its own on the heap (the proxy's request future alone is over 2 KB), so an
     /// idle connection costs a few hundred bytes, not the largest request it ever served.
@@ -735,9 +772,9 @@ impl Conn {
 
     async fn refuse(&mut self, r: Reader, refused: Refused) {
         if let Some(reason) = refused.metric {
-            self.app.metrics.count_rejected(reason);
+            self.handler.refused(reason);
         }
-        let resp = proxy::text(refused.status, refused.why);
+        let resp = plain(refused.status, refused.why);
         let _ = self
             .respond(resp, &Method::GET, Version::HTTP_11, false, None)
             .await;
@@ -762,9 +799,9 @@ impl Conn {
         let mut r = Some(r);
         let mut back = None;
         let body = match (framing, r.as_mut()) {
-            (Framing::Done, _) => ClientBody::Empty,
+            (Framing::Done, _) => RequestBody::Empty,
             (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
-                ClientBody::Full(Some(rd.buf.split_to(n as usize).freeze()))
+                RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()))
             }
             _ => {
                 if expect_continue {
@@ -776,7 +813,7 @@ impl Conn {
                 }
                 let (tx, rx) = oneshot::channel();
                 back = Some(rx);
-                ClientBody::H1(RequestBody {
+                RequestBody::Streaming(Streaming {
                     reader: r.take(),
                     framing,
                     back: Some(tx),
@@ -800,7 +837,7 @@ impl Conn {
         // hyper's server and nginx do.
         let mut complete = true;
         let resp = {
-            let mut handle = std::pin::pin!(proxy::handle(&self.app, req, &self.info, upgrade_rx));
+            let mut handle = std::pin::pin!(self.handler.call(req, upgrade_rx));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(resp) = handle.as_mut().poll(cx) {
                     return Poll::Ready(Some(resp));
@@ -812,7 +849,7 @@ impl Conn {
         };
         let Some(resp) = resp else {
             tracing::debug!("the client closed its connection before the response");
-            self.app.metrics.client_closed_requests_total.inc();
+            self.handler.client_closed();
             return None;
         };
 
@@ -847,7 +884,7 @@ impl Conn {
                     // The upstream switched protocols before the request body was all sent
                     // (or without being asked to): there is no clean way to tunnel that.
                     tracing::debug!("101 before the request body was sent; answering 502");
-                    let resp = proxy::text(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                    let resp = plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
                     let _ = self.respond(resp, &method, version, false, None).await;
                     self.linger(r).await;
                 }
@@ -855,7 +892,7 @@ impl Conn {
             return None;
         }
         // A request the proxy refused closes the connection: nothing pipelined behind it runs.
-        let refused = resp.extensions().get::<proxy::CloseConnection>().is_some();
+        let refused = resp.extensions().get::<CloseConnection>().is_some();
         let keep = keep_alive && complete && reader_back.is_some() && !refused;
         let watch = if complete { reader_back.as_mut() } else { None };
         match self.respond(resp, &method, version, keep, watch).await {
@@ -893,15 +930,17 @@ impl Conn {
     /// Waits for the next request head, at most `header_read_timeout`; an idle connection also
     /// ends when the server shuts down.
     async fn next_head(&mut self, r: &mut Reader) -> Next {
-        let limits = self.limits;
+        let Settings {
+            limits,
+            idle_at_shutdown,
+        } = self.settings;
         let mut deadline = self
             .first_deadline
             .take()
             .unwrap_or_else(|| Instant::now() + limits.header_read_timeout);
         let mut armed = false;
         let mut closing = false;
-        let app = self.app.clone();
-        let mut shutdown = std::pin::pin!(app.shutdown.cancelled());
+        let mut shutdown = std::pin::pin!(self.handler.until_shutdown());
         let timer = &mut self.timer;
         std::future::poll_fn(|cx| loop {
             if !r.buf.is_empty() {
@@ -922,7 +961,7 @@ impl Conn {
             // connection) then learns of the close from that answer instead of racing it.
             if r.buf.is_empty() && !closing && shutdown.as_mut().poll(cx).is_ready() {
                 closing = true;
-                let soon = Instant::now() + crate::server::IDLE_AT_SHUTDOWN;
+                let soon = Instant::now() + idle_at_shutdown;
                 if soon < deadline {
                     deadline = soon;
                     armed = false;
@@ -960,7 +999,7 @@ impl Conn {
         let status = parts.status;
         let http10 = version == Version::HTTP_10;
         // Shutting down: this is the connection's last response.
-        let mut keep_alive = keep_alive && !self.app.shutdown.is_cancelled();
+        let mut keep_alive = keep_alive && !self.handler.shutting_down();
         let bodiless = *method == Method::HEAD
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -1004,7 +1043,7 @@ impl Conn {
         if !had_date {
             // An upstream's own Date is passed on; the proxy's answers and Date-less
             // upstreams get ours, as hyper's server did.
-            h1::put_date(&mut head);
+            put_date(&mut head);
         }
         match hint {
             _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
@@ -1066,7 +1105,7 @@ impl Conn {
             match frame {
                 None => {
                     if chunked {
-                        self.writer.push(Bytes::from_static(b"0\r\n\r\n"));
+                        self.writer.push(Bytes::from_static(codec::LAST_CHUNK));
                     }
                     break;
                 }
@@ -1084,26 +1123,14 @@ impl Conn {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if chunked => {
-                        let mut line = BytesMut::with_capacity(20);
-                        let _ = std::fmt::Write::write_fmt(
-                            &mut line,
-                            format_args!("{:x}\r\n", data.len()),
-                        );
-                        self.writer.push(line.freeze());
+                        self.writer.push(codec::chunk_size_line(data.len()));
                         self.writer.push(data);
-                        self.writer.push(Bytes::from_static(b"\r\n"));
+                        self.writer.push(Bytes::from_static(codec::CHUNK_END));
                     }
                     Ok(data) => self.writer.push(data),
                     Err(frame) => {
                         if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
-                            let mut t = BytesMut::from(&b"0\r\n"[..]);
-                            for (name, value) in &trailers {
-                                if h1::trailer_allowed(name) {
-                                    put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
-                                }
-                            }
-                            t.put_slice(b"\r\n");
-                            self.writer.push(t.freeze());
+                            self.writer.push(codec::last_chunk_with(&trailers));
                             break;
                         }
                     }
@@ -1334,7 +1361,7 @@ mod tests {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            let body = RequestBody {
+            let body = Streaming {
                 reader: Some(r),
                 framing: head.framing,
                 back: Some(tx),
