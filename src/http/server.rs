@@ -306,6 +306,41 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     let mut large = Vec::new();
     let spans = codec::header_spans(buf, req.headers, &mut small, &mut large);
     let head = buf.split_to(len).freeze();
+    let uri = request_target(&head, target, &method)?;
+    let (headers, fields, flags) = header_fields(&head, spans, count)?;
+    if fields.has_transfer_encoding() && version == Version::HTTP_10 {
+        return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"));
+    }
+    let framing = match fields.decide() {
+        Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
+        Ok(BodyFraming::Length(n)) => Framing::Length(n),
+        Ok(BodyFraming::Chunked) => Framing::Chunked(ChunkState::Size),
+        Err(e @ FramingError::LengthAndTransferEncoding) => {
+            return Err(Refused {
+                metric: Some("cl_te"),
+                ..bad(framing_refusal(e))
+            })
+        }
+        Err(e) => return Err(bad(framing_refusal(e))),
+    };
+    let http11 = version == Version::HTTP_11;
+    Ok(Some(Head {
+        // A CONNECT the proxy refuses may be followed by anything: the connection ends there.
+        keep_alive: method != Method::CONNECT && !flags.close && (http11 || flags.keep_alive),
+        expect_continue: http11 && flags.expect_continue,
+        // RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored.
+        upgrade: http11 && flags.upgrade_token && flags.has_upgrade,
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+    }))
+}
+
+/// The request target (at `target`, offset and length, in `head`) as a URI sharing the head's
+/// buffer.
+fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Result<Uri, Refused> {
     // The http crate's URI holds at most 65,534 bytes.
     if target.1 >= usize::from(u16::MAX) {
         return Err(Refused {
@@ -333,13 +368,32 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
             }
         }
     }
+    Ok(uri)
+}
+
+/// What a request's fields say about its connection.
+#[derive(Default)]
+struct Flags {
+    close: bool,
+    keep_alive: bool,
+    upgrade_token: bool,
+    expect_continue: bool,
+    has_upgrade: bool,
+}
+
+/// The header map (values sharing `head`'s buffer), the framing fields and the connection
+/// flags of a request head.
+fn header_fields(
+    head: &Bytes,
+    spans: &[Span],
+    count: usize,
+) -> Result<(HeaderMap, FramingFields, Flags), Refused> {
     // One slot spare: the access log adds `x-request-id` without growing the map.
     let mut headers = HeaderMap::with_capacity(count + 1);
     let mut fields = FramingFields::default();
-    let (mut close, mut keep_alive, mut upgrade_token) = (false, false, false);
-    let (mut expect_continue, mut has_upgrade) = (false, false);
+    let mut flags = Flags::default();
     for &span in spans.iter() {
-        let (name, value) = codec::header_at(&head, span).map_err(|e| {
+        let (name, value) = codec::header_at(head, span).map_err(|e| {
             bad(match e {
                 BadHeader::Name => "invalid header name\n",
                 BadHeader::Value => "invalid header value\n",
@@ -354,48 +408,21 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
+                flags.close |= token.eq_ignore_ascii_case(b"close");
+                flags.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                flags.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name == header::EXPECT {
-            expect_continue |= value
+            flags.expect_continue |= value
                 .as_bytes()
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
         } else if name == header::UPGRADE {
-            has_upgrade = true;
+            flags.has_upgrade = true;
         }
         headers.append(name, value);
     }
-    if fields.has_transfer_encoding() && version == Version::HTTP_10 {
-        return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"));
-    }
-    let framing = match fields.decide() {
-        Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
-        Ok(BodyFraming::Length(n)) => Framing::Length(n),
-        Ok(BodyFraming::Chunked) => Framing::Chunked(ChunkState::Size),
-        Err(e @ FramingError::LengthAndTransferEncoding) => {
-            return Err(Refused {
-                metric: Some("cl_te"),
-                ..bad(framing_refusal(e))
-            })
-        }
-        Err(e) => return Err(bad(framing_refusal(e))),
-    };
-    let http11 = version == Version::HTTP_11;
-    Ok(Some(Head {
-        // A CONNECT the proxy refuses may be followed by anything: the connection ends there.
-        keep_alive: method != Method::CONNECT && !close && (http11 || keep_alive),
-        expect_continue: http11 && expect_continue,
-        // RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored.
-        upgrade: http11 && upgrade_token && has_upgrade,
-        method,
-        uri,
-        version,
-        headers,
-        framing,
-    }))
+    Ok((headers, fields, flags))
 }
 
 /// The 400 answer's text for a framing fault.
@@ -706,6 +733,99 @@ fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
     }
 }
 
+/// How a response goes on the wire.
+struct ResponseFraming {
+    /// No body follows the head (HEAD, 1xx, 204, 304).
+    bodiless: bool,
+    chunked: bool,
+    /// The connection stays open after it.
+    keep_alive: bool,
+}
+
+/// The status line and header section of a response, and how its body is framed: by its exact
+/// size when known, chunked otherwise (HTTP/1.1), or until close (HTTP/1.0).
+fn response_head<B: Body>(
+    parts: &http::response::Parts,
+    method: &Method,
+    version: Version,
+    keep_alive: bool,
+    body: &B,
+) -> (Bytes, ResponseFraming) {
+    let mut keep_alive = keep_alive;
+    let status = parts.status;
+    let http10 = version == Version::HTTP_10;
+    let bodiless = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let hint = body.size_hint().exact();
+    let chunked = !bodiless && hint.is_none() && !http10;
+    if !bodiless && hint.is_none() && http10 {
+        // HTTP/1.0 has no chunked framing: the body ends with the connection.
+        keep_alive = false;
+    }
+
+    let mut size = 64;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut head = BytesMut::with_capacity(size);
+    head.put_slice(b"HTTP/1.1 ");
+    head.put_slice(status.as_str().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.put_slice(b"\r\n");
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut had_length = false;
+    let mut had_date = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            // Kept as it is where no body follows (HEAD, 304); otherwise written below.
+            // Never on 1xx or 204 (RFC 9110 8.6).
+            if bodiless && !status.is_informational() && status != StatusCode::NO_CONTENT {
+                had_length = true;
+                put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+            }
+            continue;
+        }
+        if !upgrade && (name == header::TRANSFER_ENCODING || name == header::CONNECTION) {
+            continue;
+        }
+        had_date |= name == header::DATE;
+        put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !had_date {
+        // An upstream's own Date is passed on; the handler's own answers and Date-less
+        // upstreams get ours.
+        put_date(&mut head);
+    }
+    match hint {
+        _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
+        Some(n) if !bodiless || (*method == Method::HEAD && !had_length && n > 0) => {
+            let mut digits = itoa::Buffer::new();
+            put_header(&mut head, b"content-length", digits.format(n).as_bytes());
+        }
+        _ if chunked => head.put_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if !upgrade {
+        if !keep_alive && !http10 {
+            head.put_slice(b"connection: close\r\n");
+        } else if keep_alive && http10 {
+            head.put_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    head.put_slice(b"\r\n");
+    (
+        head.freeze(),
+        ResponseFraming {
+            bodiless,
+            chunked,
+            keep_alive,
+        },
+    )
+}
+
 /// Serves one HTTP/1.x connection until it closes, fails, idles past `header_read_timeout`,
 /// upgrades, or the server shuts down between two requests.
 pub async fn serve<H: Handler>(
@@ -795,31 +915,8 @@ impl<H: Handler> Conn<H> {
             upgrade,
         } = head;
 
-        // The body: nothing, already here whole, or read from the socket as it is polled.
         let mut r = Some(r);
-        let mut back = None;
-        let body = match (framing, r.as_mut()) {
-            (Framing::Done, _) => RequestBody::Empty,
-            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
-                RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()))
-            }
-            _ => {
-                if expect_continue {
-                    self.writer
-                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
-                    if self.writer.write_out().await.is_err() {
-                        return None;
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                back = Some(rx);
-                RequestBody::Streaming(Streaming {
-                    reader: r.take(),
-                    framing,
-                    back: Some(tx),
-                })
-            }
-        };
+        let (body, mut back) = self.request_body(&mut r, framing, expect_continue).await?;
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
@@ -854,7 +951,7 @@ impl<H: Handler> Conn<H> {
         };
 
         // The read half: still here, back from a finished body, or still with the body.
-        let mut reader_back = match back {
+        let reader_back = match back {
             None => r,
             Some(mut rx) => match rx.try_recv() {
                 Ok(ret) => {
@@ -868,34 +965,105 @@ impl<H: Handler> Conn<H> {
             },
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            match (on_upgrade, reader_back) {
-                (Some(tx), Some(r)) if complete => {
-                    if self
-                        .respond(resp, &method, version, true, None)
-                        .await
-                        .is_ok()
-                    {
-                        let writer =
-                            std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
-                        let _ = tx.send(Upgraded { reader: r, writer });
-                    }
-                }
-                (_, r) => {
-                    // The upstream switched protocols before the request body was all sent
-                    // (or without being asked to): there is no clean way to tunnel that.
-                    tracing::debug!("101 before the request body was sent; answering 502");
-                    let resp = plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
-                    let _ = self.respond(resp, &method, version, false, None).await;
-                    self.linger(r).await;
-                }
-            }
+            self.switch(resp, &method, version, on_upgrade, reader_back, complete)
+                .await;
             return None;
         }
-        // A request the proxy refused closes the connection: nothing pipelined behind it runs.
+        self.finish(resp, &method, version, keep_alive, complete, reader_back)
+            .await
+    }
+
+    /// The request's body: nothing, already here whole, or read from the socket as it is
+    /// polled (then `Expect: 100-continue` is answered first, and the read half comes back
+    /// through the receiver at the body's end). None: the connection failed.
+    async fn request_body(
+        &mut self,
+        r: &mut Option<Reader>,
+        framing: Framing,
+        expect_continue: bool,
+    ) -> Option<(RequestBody, Option<oneshot::Receiver<Returned>>)> {
+        match (framing, r.as_mut()) {
+            (Framing::Done, _) => Some((RequestBody::Empty, None)),
+            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
+                let body = RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()));
+                Some((body, None))
+            }
+            _ => {
+                if expect_continue {
+                    self.writer
+                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                    if self.writer.write_out().await.is_err() {
+                        return None;
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                let body = RequestBody::Streaming(Streaming {
+                    reader: r.take(),
+                    framing,
+                    back: Some(tx),
+                });
+                Some((body, Some(rx)))
+            }
+        }
+    }
+
+    /// A `101`: written, and the connection handed over, when the client asked to upgrade and
+    /// its request was read whole; otherwise a 502 and the connection closes.
+    async fn switch<B>(
+        &mut self,
+        resp: Response<B>,
+        method: &Method,
+        version: Version,
+        on_upgrade: Option<oneshot::Sender<Upgraded>>,
+        reader_back: Option<Reader>,
+        complete: bool,
+    ) where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        match (on_upgrade, reader_back) {
+            (Some(tx), Some(r)) if complete => {
+                if self
+                    .respond(resp, method, version, true, None)
+                    .await
+                    .is_ok()
+                {
+                    let writer =
+                        std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
+                    let _ = tx.send(Upgraded { reader: r, writer });
+                }
+            }
+            (_, r) => {
+                // The upstream switched protocols before the request body was all sent
+                // (or without being asked to): there is no clean way to tunnel that.
+                tracing::debug!("101 before the request body was sent; answering 502");
+                let resp = plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                let _ = self.respond(resp, method, version, false, None).await;
+                self.linger(r).await;
+            }
+        }
+    }
+
+    /// Writes the handler's response and decides what becomes of the connection: the read
+    /// half back for the next request, or closed (at once, or after lingering).
+    async fn finish<B>(
+        &mut self,
+        resp: Response<B>,
+        method: &Method,
+        version: Version,
+        keep_alive: bool,
+        complete: bool,
+        mut reader_back: Option<Reader>,
+    ) -> Option<Reader>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        // A request the handler refused closes the connection: nothing pipelined behind it runs.
         let refused = resp.extensions().get::<CloseConnection>().is_some();
         let keep = keep_alive && complete && reader_back.is_some() && !refused;
         let watch = if complete { reader_back.as_mut() } else { None };
-        match self.respond(resp, &method, version, keep, watch).await {
+        match self.respond(resp, method, version, keep, watch).await {
             Ok(true) => {}
             // The client asked to close and left nothing unread: the write side is shut down
             // (a TLS close_notify, a TCP FIN) when the connection ends. Where the proxy closes
@@ -989,87 +1157,38 @@ impl<H: Handler> Conn<H> {
         method: &Method,
         version: Version,
         keep_alive: bool,
+        watch: Option<&mut Reader>,
+    ) -> io::Result<bool>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, body) = resp.into_parts();
+        // Shutting down: this is the connection's last response.
+        let keep_alive = keep_alive && !self.handler.shutting_down();
+        let (head, framing) = response_head(&parts, method, version, keep_alive, &body);
+        self.writer.push(head);
+        if framing.bodiless {
+            drop(body);
+            self.writer.write_out().await?;
+            return Ok(framing.keep_alive);
+        }
+        let complete = self.write_body(body, framing.chunked, watch).await?;
+        Ok(complete && framing.keep_alive)
+    }
+
+    /// Streams a response body: whatever is ready goes out with the head in one write; then
+    /// frame by frame. `Ok(false)`: the body failed and the response was cut.
+    async fn write_body<B>(
+        &mut self,
+        mut body: B,
+        chunked: bool,
         mut watch: Option<&mut Reader>,
     ) -> io::Result<bool>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let (parts, mut body) = resp.into_parts();
-        let status = parts.status;
-        let http10 = version == Version::HTTP_10;
-        // Shutting down: this is the connection's last response.
-        let mut keep_alive = keep_alive && !self.handler.shutting_down();
-        let bodiless = *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let hint = body.size_hint().exact();
-        let chunked = !bodiless && hint.is_none() && !http10;
-        if !bodiless && hint.is_none() && http10 {
-            // HTTP/1.0 has no chunked framing: the body ends with the connection.
-            keep_alive = false;
-        }
-
-        let mut size = 64;
-        for (name, value) in &parts.headers {
-            size += name.as_str().len() + value.len() + 4;
-        }
-        let mut head = BytesMut::with_capacity(size);
-        head.put_slice(b"HTTP/1.1 ");
-        head.put_slice(status.as_str().as_bytes());
-        head.put_u8(b' ');
-        head.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        head.put_slice(b"\r\n");
-        let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-        let mut had_length = false;
-        let mut had_date = false;
-        for (name, value) in &parts.headers {
-            if name == header::CONTENT_LENGTH {
-                // Kept as it is where no body follows (HEAD, 304); otherwise written below.
-                // Never on 1xx or 204 (RFC 9110 8.6).
-                if bodiless && !status.is_informational() && status != StatusCode::NO_CONTENT {
-                    had_length = true;
-                    put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
-                }
-                continue;
-            }
-            if !upgrade && (name == header::TRANSFER_ENCODING || name == header::CONNECTION) {
-                continue;
-            }
-            had_date |= name == header::DATE;
-            put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
-        }
-        if !had_date {
-            // An upstream's own Date is passed on; the proxy's answers and Date-less
-            // upstreams get ours, as hyper's server did.
-            put_date(&mut head);
-        }
-        match hint {
-            _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
-            Some(n) if !bodiless || (*method == Method::HEAD && !had_length && n > 0) => {
-                let mut digits = itoa::Buffer::new();
-                put_header(&mut head, b"content-length", digits.format(n).as_bytes());
-            }
-            _ if chunked => head.put_slice(b"transfer-encoding: chunked\r\n"),
-            _ => {}
-        }
-        if !upgrade {
-            if !keep_alive && !http10 {
-                head.put_slice(b"connection: close\r\n");
-            } else if keep_alive && http10 {
-                head.put_slice(b"connection: keep-alive\r\n");
-            }
-        }
-        head.put_slice(b"\r\n");
-        self.writer.push(head.freeze());
-        if bodiless {
-            drop(body);
-            self.writer.write_out().await?;
-            return Ok(keep_alive);
-        }
-
-        // The body: whatever is ready goes out with the head in one write; then frame by frame.
         loop {
             let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
@@ -1141,7 +1260,7 @@ impl<H: Handler> Conn<H> {
             }
         }
         self.writer.write_out().await?;
-        Ok(keep_alive)
+        Ok(true)
     }
 
     /// Closes after an error or an unread body: the write side first, then whatever the client
