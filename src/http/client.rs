@@ -286,7 +286,7 @@ impl ConnPool {
             let (conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
                 // Boxed: the connect future is large and rarely run; inline, it would sit in every
-                // connection's request future (hyper keeps one per client connection).
+                // connection's request future (the server keeps one per client connection).
                 None => match Box::pin(self.connect()).await {
                     Ok(c) => (c, false),
                     // Nothing was sent: the request can go elsewhere.
@@ -872,7 +872,7 @@ struct H1Body<B> {
     keep_alive: bool,
     pool: Arc<ConnPool>,
     /// A failure held back for one poll, so that what was already passed on gets flushed to
-    /// the client first (hyper drops unflushed output when a body fails).
+    /// the client first (hyper's h2 server drops unflushed output when a body fails).
     failed: Option<ClientError>,
     /// `body_idle_timeout` between two reads of the body: a stalled upstream does not hold the
     /// client (and both connections) forever.
@@ -909,7 +909,7 @@ impl<B: UploadBody> H1Body<B> {
         e: ClientError,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
-        // Not `Done` yet: hyper must not take the body for complete meanwhile.
+        // Not `Done` yet: the server must not take the body for complete meanwhile.
         self.ex.conn = None;
         self.failed = Some(e);
         cx.waker().wake_by_ref();
