@@ -1618,4 +1618,73 @@ mod tests {
             assert_eq!(seen.len(), victim, "refused at the wrong request: {text:?}");
         }
     }
+
+    /// A handler that answers each request with its method, path and body length.
+    struct Echo;
+
+    impl Handler for Echo {
+        type Body = http_body_util::Full<Bytes>;
+
+        async fn call(
+            &self,
+            req: Request<RequestBody>,
+            _on_upgrade: Option<OnUpgrade>,
+        ) -> Response<Self::Body> {
+            use http_body_util::BodyExt;
+            let line = format!("{} {} ", req.method(), req.uri().path());
+            let len = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes().len().to_string(),
+                Err(e) => e.to_string(),
+            };
+            Response::new(http_body_util::Full::new(Bytes::from(line + &len)))
+        }
+
+        fn shutting_down(&self) -> bool {
+            false
+        }
+
+        fn until_shutdown(&self) -> impl Future<Output = ()> + Send {
+            std::future::pending()
+        }
+    }
+
+    /// The whole connection loop around a handler: pipelined requests, a chunked body, and
+    /// `Connection: close` ending the connection after its answer.
+    #[tokio::test]
+    async fn a_handler_serves_pipelined_requests_on_one_connection() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server_side) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(server_side);
+        let settings = Settings {
+            limits: limits(),
+            idle_at_shutdown: Duration::from_millis(10),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let reader = Reader::new(Box::new(r), BytesMut::new());
+        let server = tokio::spawn(serve(reader, Box::new(w), Echo, settings, deadline));
+        client
+            .write_all(
+                b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+                  POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n0\r\n\r\n\
+                  PUT /c HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+            )
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+            .await
+            .expect("the server closes after `Connection: close`")
+            .expect("read");
+        let out = String::from_utf8(out).expect("utf-8");
+        assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{out}");
+        let (a, b, c) = (
+            out.find("GET /a 0").expect("first answer"),
+            out.find("POST /b 3").expect("second answer"),
+            out.find("PUT /c 2").expect("third answer"),
+        );
+        assert!(a < b && b < c, "{out}");
+        assert_eq!(out.matches("connection: close\r\n").count(), 1, "{out}");
+        server.await.expect("the connection task ends");
+    }
 }

@@ -28,11 +28,6 @@ impl<'a> Forwarded<'a> {
         }
     }
 
-    /// Whether `name` is one of the headers this replaces.
-    pub fn replaces(name: &HeaderName) -> bool {
-        is_x_forwarded(name)
-    }
-
     /// `X-Forwarded-For`: the values the request came with, then the client.
     pub fn forwarded_for(&self, headers: &HeaderMap) -> HeaderValue {
         let mut prior = headers

@@ -336,10 +336,11 @@ async fn route_and_forward(
     //    the same pool (at most `retries` more). `up` ends as the one that answered or failed
     //    last: the request is recorded there, once.
     let req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
-    let mut up = route.up.clone();
+    let pool = route.svc.pool(route.color);
+    let mut up = route.up;
     let attempt = forward(
         proxy,
-        route.pool(),
+        pool,
         &mut up,
         req,
         &fwd,
@@ -353,14 +354,14 @@ async fn route_and_forward(
     };
     // 5. Finish: record and answer.
     let outcome = Outcome {
-        pool: route.pool().clone(),
+        pool: pool.clone(),
         up,
         path: rewritten.path.take(),
         start,
         clock: proxy.clock,
         live: conn.mode == Mode::Live,
     };
-    finish(proxy, &route, outcome, result, rewritten, conn)
+    finish(proxy, &route.svc, route.tunnel_idle, outcome, result, rewritten, conn)
 }
 
 /// The request's host (for routing and `X-Forwarded-Host`): the value, and the length of its
@@ -512,7 +513,8 @@ fn rewrite(
 /// (a body the upstream cuts is a failure).
 fn finish(
     proxy: &Proxy,
-    route: &Route,
+    svc: &Service,
+    tunnel_idle: Duration,
     outcome: Outcome,
     result: Result<Response<UpstreamBody>, ProxyError>,
     rewritten: Rewritten,
@@ -525,7 +527,7 @@ fn finish(
         Err(e) => {
             let answer = e.answer();
             if let ProxyError::Upstream(err) = &e {
-                tracing::debug!(service = %route.svc.name(), upstream = %outcome.up.addr, error = %err, "upstream request failed");
+                tracing::debug!(service = %svc.name(), upstream = %outcome.up.addr, error = %err, "upstream request failed");
             }
             outcome.record(end, elapsed, answer.status.as_u16(), answer.failure);
             return e.response();
@@ -544,7 +546,7 @@ fn finish(
     let error = match rewritten.client_upgrade {
         Some(client_side) if asked => {
             let tunnels = &proxy.tunnels;
-            return tunnel::tunnel(tunnels, route.tunnel_idle, resp, client_side, conn.clone());
+            return tunnel::tunnel(tunnels, tunnel_idle, resp, client_side, conn.clone());
         }
         Some(_) => ProxyError::OtherProtocol,
         // That connection now speaks something else: it must not go back to the pool.
