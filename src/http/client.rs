@@ -53,7 +53,7 @@ use super::codec::{
     Span,
 };
 use super::headers::{hop_bit, put_header, remove_named};
-use super::io::{poll_fill, poll_write_queue, WRITE_SLICES};
+use super::io::{poll_fill, poll_write_queue};
 use super::BoxError;
 
 /// TCP keepalive on every outgoing connection (upstreams, etcd, webhooks): a peer that
@@ -142,7 +142,7 @@ const READ_CHUNK: usize = 8 * 1024;
 /// once. What an upload holds is at most this plus one read (256 KiB, the server's `MAX_READ`).
 const UPLOAD_BATCH: usize = 128 * 1024;
 /// Most pieces (head, body data, chunk framing) written upstream with one `writev`.
-const UPLOAD_SLICES: usize = WRITE_SLICES;
+const UPLOAD_SLICES: usize = 32;
 const MAX_READ_CHUNK: usize = 512 * 1024;
 
 /// Why a request got no (complete) response.
@@ -672,7 +672,7 @@ impl<B: UploadBody> Exchange<B> {
                 return Ok(());
             };
             while !self.out.is_empty() {
-                match poll_write_queue(&mut conn.io, &mut self.out, cx) {
+                match poll_write_queue::<UPLOAD_SLICES, _>(&mut conn.io, &mut self.out, cx) {
                     Poll::Pending if self.send_timer.poll_expired(cx) => {
                         self.upload_broken = true;
                         self.out.clear();

@@ -169,6 +169,7 @@ pub type Span = (u32, u32, u32, u32);
 
 /// The [`Span`]s of httparse's headers in `buf` (which they borrow), in `small` when they fit,
 /// else in `large`: the values can then share the head's buffer once it is frozen.
+#[inline]
 pub fn header_spans<'s>(
     buf: &[u8],
     parsed: &[httparse::Header<'_>],
@@ -203,6 +204,7 @@ pub enum BadHeader {
 }
 
 /// The header at `span` of the frozen `head`; the value shares its buffer.
+#[inline]
 pub fn header_at(head: &Bytes, span: Span) -> Result<(HeaderName, HeaderValue), BadHeader> {
     let (n, nl, v, vl) = span;
     let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
@@ -240,6 +242,7 @@ pub enum BodyFraming {
 }
 
 impl FramingFields {
+    #[inline]
     pub fn content_length(&mut self, value: &[u8]) -> Result<(), FramingError> {
         let n = parse_length(value).map_err(|_| FramingError::InvalidLength)?;
         if self.length.is_some_and(|l| l != n) {
@@ -249,17 +252,20 @@ impl FramingFields {
         Ok(())
     }
 
+    #[inline]
     pub fn transfer_encoding(&mut self, value: &[u8]) {
         self.te_lines += 1;
         self.chunked = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
     }
 
+    #[inline]
     pub fn has_transfer_encoding(&self) -> bool {
         self.te_lines > 0
     }
 
     /// The decision: a length, a single plain `chunked`, or neither; `Content-Length` with
     /// `Transfer-Encoding`, or any coding but one `chunked`, is refused.
+    #[inline]
     pub fn decide(&self) -> Result<BodyFraming, FramingError> {
         match (self.te_lines, self.length) {
             (0, Some(n)) => Ok(BodyFraming::Length(n)),

@@ -71,11 +71,13 @@ pub fn strip_known(headers: &mut HeaderMap, present: u8) {
 }
 
 /// A hop-by-hop field (RFC 9110 7.6.1) by name alone.
+#[inline]
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     hop_bit(name) != 0
 }
 
 /// The [`hop_bits`] bit of one name (0: not hop-by-hop).
+#[inline]
 pub fn hop_bit(name: &HeaderName) -> u8 {
     if name == header::CONNECTION {
         CONNECTION_BIT
@@ -108,6 +110,7 @@ pub fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
 }
 
 /// Whether `name` is one of the `X-Forwarded-*` fields a proxy writes itself.
+#[inline]
 pub fn is_x_forwarded(name: &HeaderName) -> bool {
     name == X_FORWARDED_FOR || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST
 }
@@ -134,6 +137,7 @@ pub fn trailer_allowed(name: &HeaderName) -> bool {
 }
 
 /// One `name: value` line.
+#[inline]
 pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(name);
     out.put_slice(b": ");

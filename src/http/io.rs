@@ -9,15 +9,13 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Most buffers one `writev` takes.
-pub const WRITE_SLICES: usize = 32;
-
 /// Reads what `io` has into `buf`; `Ok(0)` is end of stream. The buffer gets room for `want`
 /// bytes when less than a quarter of that is left (so a peer sending a few bytes at a time does
 /// not make a new buffer per read), and `read_size` doubles, up to `max`, each time a read
 /// fills all the room there was: a socket with more than was asked for is asked for more.
 /// Through `AsyncRead`, which clears the socket's readiness on a short read, so the next wait
 /// does not start with a read that can only say EAGAIN.
+#[inline]
 pub fn poll_fill<R: AsyncRead + Unpin + ?Sized>(
     io: &mut R,
     buf: &mut BytesMut,
@@ -37,14 +35,15 @@ pub fn poll_fill<R: AsyncRead + Unpin + ?Sized>(
     Poll::Ready(Ok(n))
 }
 
-/// One `writev` of the front of `out` (at most [`WRITE_SLICES`] buffers); what was written is
-/// taken off the queue and its length returned. `Ok(0)`: the peer takes nothing more.
-pub fn poll_write_queue<W: AsyncWrite + Unpin + ?Sized>(
+/// One `writev` of the front of `out` (at most `SLICES` buffers); what was written is taken off
+/// the queue and its length returned. `Ok(0)`: the peer takes nothing more.
+#[inline]
+pub fn poll_write_queue<const SLICES: usize, W: AsyncWrite + Unpin + ?Sized>(
     io: &mut W,
     out: &mut VecDeque<Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+    let mut slices = [IoSlice::new(&[]); SLICES];
     let n = out.len().min(slices.len());
     for (s, b) in slices.iter_mut().zip(out.iter()) {
         *s = IoSlice::new(b);

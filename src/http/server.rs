@@ -50,6 +50,9 @@ use super::{plain, CloseConnection};
 /// What the server runs for each request, inline in the connection's task: the handler's
 /// future is polled by the connection itself (monomorphised, never boxed per request).
 pub trait Handler: Send + Sync + 'static {
+    /// The request body as the handler takes it, made from the server's [`RequestBody`] when
+    /// the request is built (no second pass over the request).
+    type RequestBody: From<RequestBody> + Send;
     /// The response body; its error ends the response early (the connection closes).
     type Body: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin + 'static;
 
@@ -57,7 +60,7 @@ pub trait Handler: Send + Sync + 'static {
     /// delivers the client's connection once a `101` answer has been written.
     fn call(
         &self,
-        req: Request<RequestBody>,
+        req: Request<Self::RequestBody>,
         on_upgrade: Option<OnUpgrade>,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
@@ -89,6 +92,8 @@ const FIRST_READ: usize = 4096;
 /// Reads while a body streams start here and double while they fill, up to `MAX_READ`.
 const READ_CHUNK: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
+/// Most buffers one `writev` toward the client takes.
+const WRITE_SLICES: usize = 16;
 /// Output queued before it is written even though the body has more ready.
 const MAX_QUEUED: usize = 64 * 1024;
 /// After an error or an unread body: how long the connection keeps reading (and discarding)
@@ -661,7 +666,7 @@ impl Writer {
 
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
-            match ready!(super::io::poll_write_queue(
+            match ready!(super::io::poll_write_queue::<WRITE_SLICES, _>(
                 &mut *self.io,
                 &mut self.out,
                 cx
@@ -917,7 +922,7 @@ impl<H: Handler> Conn<H> {
 
         let mut r = Some(r);
         let (body, mut back) = self.request_body(&mut r, framing, expect_continue).await?;
-        let mut req = Request::new(body);
+        let mut req = Request::new(H::RequestBody::from(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = version;
@@ -1173,7 +1178,8 @@ impl<H: Handler> Conn<H> {
             self.writer.write_out().await?;
             return Ok(framing.keep_alive);
         }
-        let complete = self.write_body(body, framing.chunked, watch).await?;
+        let mut body = body;
+        let complete = self.write_body(&mut body, framing.chunked, watch).await?;
         Ok(complete && framing.keep_alive)
     }
 
@@ -1181,7 +1187,7 @@ impl<H: Handler> Conn<H> {
     /// frame by frame. `Ok(false)`: the body failed and the response was cut.
     async fn write_body<B>(
         &mut self,
-        mut body: B,
+        body: &mut B,
         chunked: bool,
         mut watch: Option<&mut Reader>,
     ) -> io::Result<bool>
@@ -1190,7 +1196,7 @@ impl<H: Handler> Conn<H> {
         B::Error: std::fmt::Display,
     {
         loop {
-            let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            let frame = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
                 Poll::Pending => Poll::Ready(None),
             })
@@ -1199,7 +1205,7 @@ impl<H: Handler> Conn<H> {
                 Some(f) => f,
                 None if self.writer.out.is_empty() => {
                     let frame = std::future::poll_fn(|cx| {
-                        if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
+                        if let Poll::Ready(f) = Pin::new(&mut *body).poll_frame(cx) {
                             return Poll::Ready(Some(f));
                         }
                         match watch.as_deref_mut() {
@@ -1623,6 +1629,7 @@ mod tests {
     struct Echo;
 
     impl Handler for Echo {
+        type RequestBody = RequestBody;
         type Body = http_body_util::Full<Bytes>;
 
         async fn call(

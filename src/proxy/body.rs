@@ -23,6 +23,12 @@ pub enum ClientBody {
     H2(Incoming),
 }
 
+impl From<server::RequestBody> for ClientBody {
+    fn from(b: server::RequestBody) -> ClientBody {
+        ClientBody::H1(b)
+    }
+}
+
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -75,6 +75,7 @@ impl<'a> Forwarded<'a> {
 /// What the HTTP/1.1 client writes into the head: the request's own forwarding fields are left
 /// out and written again here, the proxy's element last.
 impl ExtraFields for Forwarded<'_> {
+    #[inline]
     fn replaces(&self, name: &HeaderName) -> bool {
         name == header::FORWARDED || is_x_forwarded(name)
     }

@@ -211,15 +211,16 @@ impl Proxy {
 }
 
 /// Serves one HTTP/1.x client connection (see [`crate::http::server`]) with the proxy as its
-/// handler. `idle_at_shutdown`: how long an idle connection is kept once shutdown begins.
-pub async fn serve_h1(
+/// handler. `idle_at_shutdown`: how long an idle connection is kept once shutdown begins. Not
+/// an `async fn`: the connection's future is the server's own, with no layer around it.
+pub fn serve_h1(
     reader: Reader,
     writer: BoxWrite,
     proxy: Arc<Proxy>,
     info: Arc<ConnInfo>,
     first_deadline: Instant,
     idle_at_shutdown: Duration,
-) {
+) -> impl Future<Output = ()> + Send {
     let limits = {
         let p = &proxy.routes.load().config.proxy;
         Limits {
@@ -233,7 +234,7 @@ pub async fn serve_h1(
         idle_at_shutdown,
     };
     let handler = ProxyConn { proxy, info };
-    server::serve(reader, writer, handler, settings, first_deadline).await;
+    server::serve(reader, writer, handler, settings, first_deadline)
 }
 
 /// The proxy as one HTTP/1 connection's handler.
@@ -243,14 +244,15 @@ struct ProxyConn {
 }
 
 impl Handler for ProxyConn {
+    type RequestBody = ClientBody;
     type Body = ServedBody;
 
     fn call(
         &self,
-        req: Request<server::RequestBody>,
+        req: Request<ClientBody>,
         on_upgrade: Option<OnUpgrade>,
     ) -> impl Future<Output = Response<ServedBody>> + Send {
-        handle(&self.proxy, req.map(ClientBody::H1), &self.info, on_upgrade)
+        handle(&self.proxy, req, &self.info, on_upgrade)
     }
 
     fn shutting_down(&self) -> bool {
@@ -361,7 +363,15 @@ async fn route_and_forward(
         clock: proxy.clock,
         live: conn.mode == Mode::Live,
     };
-    finish(proxy, &route.svc, route.tunnel_idle, outcome, result, rewritten, conn)
+    finish(
+        proxy,
+        &route.svc,
+        route.tunnel_idle,
+        outcome,
+        result,
+        rewritten,
+        conn,
+    )
 }
 
 /// The request's host (for routing and `X-Forwarded-Host`): the value, and the length of its
