@@ -33,7 +33,8 @@ pub struct WatchReport {
 }
 
 pub struct App {
-    pub routes: ArcSwap<Snapshot>,
+    /// Published here, read by the proxy (which holds the same `Arc`).
+    pub routes: Arc<ArcSwap<Snapshot>>,
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
     pub clients: Clients,
@@ -43,9 +44,7 @@ pub struct App {
     pub admin_token: Option<String>,
     pub config_path: Option<PathBuf>,
     /// Lock-free on the request path (see [`crate::shutdown`]).
-    pub shutdown: crate::shutdown::Shutdown,
-    /// Open WebSocket tunnels, drained at shutdown like requests.
-    pub tunnels: crate::proxy::Tunnels,
+    pub shutdown: Arc<crate::shutdown::Shutdown>,
     pub started: Instant,
     /// The access log's queue, when `[log] access` is not "off" (set once at startup).
     pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLog>>,
@@ -262,7 +261,7 @@ impl App {
         let config = Arc::new(config);
         let snapshot = build_snapshot(config, &states, None, &metrics);
         Ok(Arc::new(App {
-            routes: ArcSwap::from_pointee(snapshot),
+            routes: Arc::new(ArcSwap::from_pointee(snapshot)),
             clock: Clock::new(),
             metrics,
             clients,
@@ -270,8 +269,7 @@ impl App {
             watch: ArcSwap::from_pointee(HashMap::new()),
             admin_token: admin_token.filter(|t| !t.is_empty()),
             config_path,
-            shutdown: crate::shutdown::Shutdown::new(),
-            tunnels: crate::proxy::Tunnels::default(),
+            shutdown: Arc::new(crate::shutdown::Shutdown::new()),
             started: Instant::now(),
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),

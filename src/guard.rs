@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use crate::proxy::IdleTimer;
+use crate::http::body::IdleTimer;
 
 /// A stream whose writes fail with `TimedOut` once one has made no progress for `timeout`
 /// (the peer stopped reading: its TCP window is shut). Reads pass through.

@@ -2,12 +2,12 @@
 //! rolls it back on its own when it misbehaves.
 //!
 //! The modules follow the request and the operator: [`config`] (file → validated config),
-//! [`routing`] (the live snapshot), [`proxy`] (the request path), [`upstream`] (pools, balancing,
-//! the client), [`health`], [`stats`] (windowed histograms), [`rollback`] (the decision engine)
-//! and [`watcher`] (its I/O loop), [`analysis`] (`prometheus` and `probe` triggers, verify
-//! checks), [`app`] (the one writer), [`admin`], [`state`], [`events`],
-//! [`notify`], [`metrics`], [`tls`], [`h1_server`] (the client side of HTTP/1.1; hyper serves
-//! h2) and [`h1`] (framing shared with the upstream [`client`]), [`server`] (listeners and
+//! [`http`] (HTTP/1.1 server, upstream client and codec; it knows nothing of the proxy; hyper
+//! serves h2), [`upstream`] (addresses, health flags, pools, counters), [`routing`] (the live
+//! snapshot), [`proxy`] (the request path), [`health`], [`stats`] (windowed histograms),
+//! [`rollback`] (the decision engine) and [`watcher`] (its I/O loop), [`analysis`]
+//! (`prometheus` and `probe` triggers, verify checks), [`app`] (the one writer), [`admin`],
+//! [`state`], [`events`], [`notify`], [`metrics`], [`tls`], [`server`] (listeners and
 //! lifecycle), [`upgrade`] (handing the listeners to a new process), [`resolve`] (upstreams by
 //! name) and [`dns_watch`] (re-resolving them while running), [`access_log`], plus the [`demo`] and [`ctl`] subcommands.
 
@@ -15,7 +15,6 @@ pub mod access_log;
 pub mod admin;
 pub mod analysis;
 pub mod app;
-pub mod client;
 pub mod config;
 pub mod config_watch;
 pub mod ctl;
@@ -24,12 +23,10 @@ pub mod demo;
 pub mod dns_watch;
 pub mod events;
 pub mod guard;
-pub mod h1;
-pub mod h1_server;
 pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod notify;
-pub mod outcome;
 pub mod passive;
 pub mod proxy;
 pub mod release;
@@ -44,5 +41,4 @@ pub mod stats;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
-pub mod validate;
 pub mod watcher;

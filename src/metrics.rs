@@ -60,7 +60,7 @@ pub struct Metrics {
     pub webhook_failures_total: IntCounter,
     pub unmatched_requests_total: IntCounter,
     pub config_reloads_total: IntCounterVec,
-    /// HTTP/1 requests refused for smuggling-prone framing (`h1_server`), by reason.
+    /// HTTP/1 requests refused for smuggling-prone framing (`http::server`), by reason.
     pub rejected_requests_total: IntCounterVec,
     /// HTTP/1 requests whose client closed its connection before the response (nginx's 499).
     pub client_closed_requests_total: IntCounter,

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http::client::hyper_client;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
@@ -29,11 +29,8 @@ impl Notifier {
         if cfg.webhooks.is_empty() {
             return None;
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.timeout));
-        connector.set_nodelay(true);
         let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
+            hyper_client(cfg.timeout, Duration::from_secs(90), None, false);
         let mut queues = Vec::new();
         for url in &cfg.webhooks {
             let (tx, rx) = mpsc::channel(cfg.queue_size);

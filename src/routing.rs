@@ -2,7 +2,7 @@
 //!
 //! A request loads the snapshot once (one `ArcSwap` load) and makes every decision from it, so a
 //! flip (of one service or of all of them) is a single `store` and no request ever sees half of
-//! one. Snapshots are immutable; the [`crate::control`] writer builds a new one and publishes it.
+//! one. Snapshots are immutable; the one writer, [`crate::app`], builds a new one and publishes it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use crate::config::{
 use crate::metrics::Metrics;
 pub use crate::state::ServiceState;
 use crate::stats::{WindowBin, WindowCounter};
-use crate::upstream::{Pool, Upstream};
+use crate::upstream::{CriticalPaths, Pool, Upstream};
 
 pub struct Service {
     pub config: Arc<ServiceConfig>,
@@ -268,19 +268,6 @@ fn build_pool(
         })
         .collect();
     Pool::new(svc, color, upstreams, critical, metrics).with_passive(proxy.passive)
-}
-
-/// Failures on the path prefixes of one `critical_5xx` trigger, counted per color.
-pub struct CriticalPaths {
-    pub trigger_index: usize,
-    pub paths: Vec<String>,
-    pub counter: Arc<WindowCounter>,
-}
-
-impl CriticalPaths {
-    pub fn matches(&self, path: &str) -> bool {
-        self.paths.iter().any(|p| path.starts_with(p.as_str()))
-    }
 }
 
 /// The health settings of a service, looked up by the health checker on each round so reloads

@@ -26,8 +26,9 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
 use crate::guard::{ConnActivity, SendTimeout, Watchdog};
-use crate::h1_server::{BoxRead, BoxWrite, Reader};
-use crate::proxy::{self, ClientBody, ConnInfo, Mode};
+use crate::http::io::Prefixed;
+use crate::http::server::{BoxRead, BoxWrite, Reader};
+use crate::proxy::{self, ClientBody, ConnInfo, Mode, Proxy};
 use crate::state::StateStore;
 use crate::tls::TlsSetup;
 use crate::upgrade::{Handover, Inherited};
@@ -161,6 +162,13 @@ pub async fn start_with(
     if let Some(log) = access {
         let _ = app.access_log.set(log);
     }
+    let proxy = Arc::new(Proxy::new(
+        app.routes.clone(),
+        app.metrics.clone(),
+        app.clock,
+        app.shutdown.clone(),
+        app.access_log.get().cloned(),
+    ));
     // Bound only once this process can serve: until then the running one keeps its socket.
     let mut handover = match Handover::bind(&upgrade_socket) {
         Ok(h) => Some(h),
@@ -225,6 +233,7 @@ pub async fn start_with(
     let builder = h2_builder(&proxy_cfg);
     tasks.spawn(serve_proxy(
         app.clone(),
+        proxy.clone(),
         proxy_listener,
         Mode::Live,
         None,
@@ -234,6 +243,7 @@ pub async fn start_with(
     if let Some(l) = preview_listener {
         tasks.spawn(serve_proxy(
             app.clone(),
+            proxy.clone(),
             l,
             Mode::Preview,
             None,
@@ -244,6 +254,7 @@ pub async fn start_with(
     if let (Some(l), Some(t)) = (tls_listener, tls) {
         tasks.spawn(serve_proxy(
             app.clone(),
+            proxy.clone(),
             l,
             Mode::Live,
             Some(t),
@@ -257,10 +268,11 @@ pub async fn start_with(
     }
     let mut threads = Vec::new();
     for (i, listener) in (1..=extra_workers).zip(worker_listeners) {
-        let (app, limit, builder) = (app.clone(), limit.clone(), builder.clone());
+        let (app, proxy) = (app.clone(), proxy.clone());
+        let (limit, builder) = (limit.clone(), builder.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("switchyard-w{i}"))
-            .spawn(move || accept_thread(app, listener, limit, builder));
+            .spawn(move || accept_thread(app, proxy, listener, limit, builder));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => tracing::error!(error = %e, "cannot start worker thread {i}"),
@@ -312,6 +324,7 @@ async fn load_tls(
 /// `SO_REUSEPORT` socket; the kernel spreads new connections over the sockets.
 fn accept_thread(
     app: Arc<App>,
+    proxy: Arc<Proxy>,
     listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
     h2: http2::Builder<TokioExecutor>,
@@ -328,7 +341,7 @@ fn accept_thread(
     };
     rt.block_on(async move {
         match TcpListener::from_std(listener) {
-            Ok(l) => serve_proxy(app, l, Mode::Live, None, limit, h2).await,
+            Ok(l) => serve_proxy(app, proxy, l, Mode::Live, None, limit, h2).await,
             Err(e) => tracing::error!(error = %e, "worker cannot listen"),
         }
     });
@@ -388,6 +401,7 @@ fn h2_builder(cfg: &ProxyConfig) -> http2::Builder<TokioExecutor> {
 
 async fn serve_proxy(
     app: Arc<App>,
+    proxy: Arc<Proxy>,
     listener: TcpListener,
     mode: Mode,
     tls: Option<TlsSetup>,
@@ -422,6 +436,7 @@ async fn serve_proxy(
             tokio::time::Instant::now() + app.snapshot().config.proxy.header_read_timeout;
         let conn = Connection {
             app: app.clone(),
+            proxy: proxy.clone(),
             info,
             h2: h2.clone(),
             watcher: graceful.watcher(),
@@ -489,7 +504,7 @@ async fn serve_proxy(
         );
     }
     // Tunnels left their connections when they upgraded: they get what is left of the grace.
-    app.tunnels.drain(deadline).await;
+    proxy.tunnels().drain(deadline).await;
 }
 
 /// How long a client connection that is idle when shutdown begins (or that was accepted and has
@@ -506,6 +521,7 @@ async fn shutdown_then(app: &App, linger: Duration) {
 /// One accepted client connection, before it is known to speak HTTP/1 or h2.
 struct Connection {
     app: Arc<App>,
+    proxy: Arc<Proxy>,
     info: Arc<ConnInfo>,
     h2: http2::Builder<TokioExecutor>,
     watcher: Watcher,
@@ -577,7 +593,8 @@ impl Connection {
         }
         let (r, w) = split(io);
         let w: BoxWrite = Box::new(SendTimeout::new(w, self.limits.send_timeout));
-        crate::h1_server::serve(Reader::new(r, first), w, self.app, self.info, deadline).await;
+        let r = Reader::new(r, first);
+        proxy::serve_h1(r, w, self.proxy, self.info, deadline, IDLE_AT_SHUTDOWN).await;
     }
 
     async fn serve_h2<S>(self, io: S, read: Bytes)
@@ -586,6 +603,7 @@ impl Connection {
     {
         let Connection {
             app,
+            proxy,
             info,
             h2,
             watcher,
@@ -602,13 +620,13 @@ impl Connection {
             Some(limits.send_timeout),
         );
         let svc = service_fn(move |req: Request<Incoming>| {
-            let app = app.clone();
+            let proxy = proxy.clone();
             let info = info.clone();
             let stream = activity.open();
             let activity = activity.clone();
             async move {
                 let req = req.map(ClientBody::H2);
-                let resp = proxy::handle(&app, req, &info, None).await;
+                let resp = proxy::handle(&proxy, req, &info, None).await;
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, stream)))
             }
         });
@@ -622,59 +640,3 @@ impl Connection {
     }
 }
 
-/// A stream with bytes already read off it in front.
-struct Prefixed<S> {
-    read: Bytes,
-    io: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        out: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.read.is_empty() {
-            let n = self.read.len().min(out.remaining());
-            out.put_slice(&self.read.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, out)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}

@@ -10,16 +10,13 @@ use http::uri::Authority;
 use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 
-use crate::client::ConnPool;
 use crate::config::{Color, Protocol, ProxyConfig, ServiceConfig};
+use crate::http::client::{hyper_client, ConnPool};
 use crate::metrics::Metrics;
 use crate::passive::{PassiveConfig, PassiveState};
-use crate::proxy::RequestBody;
-use crate::routing::CriticalPaths;
-use crate::stats::{Window, WindowBin};
+use crate::stats::{Window, WindowBin, WindowCounter};
 
 /// Why a request counted as an upstream failure (the `kind` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,36 +351,18 @@ fn rank(u: &Upstream) -> (bool, usize) {
     (u.passive.failing(), u.outstanding())
 }
 
-/// hyper-util's pooled clients: HTTP/2 pools (one multiplexed connection per upstream) and
-/// health/smoke probes. HTTP/1.1 pools use each upstream's own [`ConnPool`].
+/// hyper-util's pooled client for health and smoke probes. HTTP/1.1 pools use each
+/// upstream's own [`ConnPool`]; HTTP/2 pools the proxy's multiplexing client.
 #[derive(Clone)]
 pub struct Clients {
-    pub h2: Client<HttpConnector, RequestBody>,
     /// Health checks and smoke tests.
     pub probe: Client<HttpConnector, Empty<Bytes>>,
 }
 
 impl Clients {
     pub fn new(cfg: &ProxyConfig) -> Clients {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.enforce_http(true);
-        let h2 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.upstream_idle_timeout)
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(connector.clone());
-        let probe = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(4)
-            .build(connector);
-        Clients { h2, probe }
+        let probe = hyper_client(cfg.connect_timeout, Duration::from_secs(30), Some(4), false);
+        Clients { probe }
     }
 
     /// GET `path` on `up` within `timeout`; Ok(status) or Err(reason).
@@ -423,6 +402,19 @@ impl Clients {
                 Ok(status)
             }
         }
+    }
+}
+
+/// Failures on the path prefixes of one `critical_5xx` trigger, counted per color.
+pub struct CriticalPaths {
+    pub trigger_index: usize,
+    pub paths: Vec<String>,
+    pub counter: Arc<WindowCounter>,
+}
+
+impl CriticalPaths {
+    pub fn matches(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| path.starts_with(p.as_str()))
     }
 }
 

@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::http::client::hyper_client;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -185,23 +185,14 @@ impl EtcdStore {
         prefix: &str,
         options: EtcdOptions,
     ) -> Arc<EtcdStore> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(options.timeout.min(Duration::from_secs(1))));
-        connector.set_nodelay(true);
-        // A peer that vanished without a FIN (a dead host, a dropped route) is noticed by the
-        // kernel instead of holding a watch open forever.
-        connector.set_keepalive(Some(Duration::from_secs(10)));
-        connector.set_keepalive_interval(Some(Duration::from_secs(5)));
-        connector.set_keepalive_retries(Some(3));
+        let connect_timeout = options.timeout.min(Duration::from_secs(1));
         Arc::new(EtcdStore {
             endpoints: endpoints
                 .iter()
                 .map(|e| e.trim_end_matches('/').to_string())
                 .collect(),
             prefix: prefix.to_string(),
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
+            client: hyper_client(connect_timeout, Duration::from_secs(30), None, false),
             options,
             seen: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),

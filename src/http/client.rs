@@ -1,12 +1,15 @@
 //! The HTTP/1.1 client toward upstreams: per upstream, a lock-free queue of idle keep-alive
-//! connections, and the exchange on one connection driven inside the request's own task.
+//! connections, and the exchange on one connection driven inside the request's own task. It
+//! sends any body ([`UploadBody`]) and writes the caller's own head fields ([`ExtraFields`]);
+//! [`hyper_client`] builds hyper-util's pooled client for everything else (HTTP/2 upstreams,
+//! probes, etcd, webhooks), with one set of socket options.
 //!
 //! Why not hyper's client: hyper runs each connection as a separate task and hands every
 //! request to it over a channel and every response back over a oneshot, and its response body
 //! is another channel; on a small proxied request that machinery was about a third of the
 //! proxy's instructions. Here the request task writes the head (one `writev`), reads and parses
 //! the response head with `httparse` (the parser hyper uses), and the response body reads the
-//! socket itself. hyper still serves the client side.
+//! socket itself.
 //!
 //! What this client speaks: HTTP/1.1 requests in origin form, bodies by `Content-Length` or
 //! chunked (trailers kept), the request body written while the response is read (an upstream
@@ -25,25 +28,105 @@
 //! back to the caller in [`Failed::unsent`], for another upstream of the pool.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::AsyncWrite;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::h1::{decode_chunked, parse_length, put_header, trailer_allowed, ChunkState, Chunked};
-use crate::proxy::{is_hop_by_hop, BodyError, Forwarded, IdleTimer, RequestBody};
+use super::body::IdleTimer;
+use super::codec::{
+    self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
+    Span,
+};
+use super::headers::{hop_bit, put_header, remove_named};
+use super::io::{poll_fill, poll_write_queue};
+use super::BoxError;
+
+/// TCP keepalive on every outgoing connection (upstreams, etcd, webhooks): a peer that
+/// vanished without a FIN (a dead host, a dropped route) is noticed by the kernel within about
+/// `TIME + RETRIES * INTERVAL` of silence instead of holding a connection (or a watch) forever.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// hyper-util's pooled client with Switchyard's socket options (no Nagle, TCP keepalive,
+/// `connect_timeout`), for `http://` URLs only. `http2_only` for HTTP/2 upstreams (prior
+/// knowledge); the pool keeps idle connections `idle_timeout`, at most `max_idle_per_host`
+/// per host (`None`: no limit).
+pub fn hyper_client<B>(
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_host: Option<usize>,
+    http2_only: bool,
+) -> Client<HttpConnector, B>
+where
+    B: Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(KEEPALIVE_TIME));
+    connector.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+    connector.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
+    connector.enforce_http(true);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout);
+    if let Some(n) = max_idle_per_host {
+        builder.pool_max_idle_per_host(n);
+    }
+    if http2_only {
+        builder
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+    }
+    builder.build(connector)
+}
+
+/// A request body the client can send: any body of bytes, polled inside the request's task
+/// (or, when the upstream answers before the upload ends, a task of its own).
+pub trait UploadBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+impl<B> UploadBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+/// Head fields the caller writes into every request in place of the request's own fields of
+/// those names (the proxy's forwarding fields).
+pub trait ExtraFields {
+    /// Whether the request's own field `name` is left out: [`ExtraFields::write`] writes it.
+    fn replaces(&self, name: &HeaderName) -> bool;
+    /// Writes the fields into the head; `replaced` tells whether the request had any field
+    /// that [`ExtraFields::replaces`] named (the request's `headers` say which).
+    fn write(&self, headers: &HeaderMap, replaced: bool, out: &mut BytesMut);
+    /// About how many bytes [`ExtraFields::write`] adds.
+    fn len_hint(&self) -> usize;
+}
+
+/// The deadlines of one request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timeouts {
+    /// `body_idle_timeout`: the longest wait for the response body's next bytes.
+    pub body_idle: Duration,
+    /// `upstream_send_timeout`: the longest a write of the request may make no progress.
+    pub send: Duration,
+}
 
 /// Most header lines an upstream response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
@@ -56,7 +139,7 @@ const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
 const READ_CHUNK: usize = 8 * 1024;
 /// Request body bytes gathered from the client before they are written upstream. Small: it
 /// is for frames that come several per read (chunks); a large read is one frame, written at
-/// once. What an upload holds is at most this plus one read (256 KiB, `h1_server::MAX_READ`).
+/// once. What an upload holds is at most this plus one read (256 KiB, the server's `MAX_READ`).
 const UPLOAD_BATCH: usize = 128 * 1024;
 /// Most pieces (head, body data, chunk framing) written upstream with one `writev`.
 const UPLOAD_SLICES: usize = 32;
@@ -65,9 +148,9 @@ const MAX_READ_CHUNK: usize = 512 * 1024;
 /// Why a request got no (complete) response.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// TCP connect failed or timed out.
+    /// TCP connect failed or timed out (`ErrorKind::TimedOut`).
     #[error("connect: {0}")]
-    Connect(String),
+    Connect(#[source] io::Error),
     /// The connection failed while the request was sent or the response read.
     #[error("upstream connection: {0}")]
     Io(#[from] io::Error),
@@ -79,7 +162,7 @@ pub enum ClientError {
     Protocol(&'static str),
     /// The client's request body failed or stalled; not the upstream's fault.
     #[error("request body")]
-    Body(#[source] BodyError),
+    Body(#[source] BoxError),
     /// From hyper (HTTP/2 response bodies).
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
@@ -133,20 +216,15 @@ impl Conn {
     /// which clears the socket's readiness on a short read, so the next wait does not start
     /// with a read that can only say EAGAIN.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 4 {
-            self.rbuf.reserve(self.read_size);
-        }
-        let room = self.rbuf.capacity() - self.rbuf.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
+        let want = self.read_size;
+        poll_fill(
+            &mut self.io,
+            &mut self.rbuf,
+            want,
+            &mut self.read_size,
+            MAX_READ_CHUNK,
             cx,
-            &mut self.rbuf
-        ))?;
-        if n == room && self.read_size < MAX_READ_CHUNK {
-            // The socket had more than we asked for: ask for more next time.
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        )
     }
 }
 
@@ -176,40 +254,31 @@ impl ConnPool {
         })
     }
 
-    /// Sends `req` on an idle connection, or a new one, and returns once the response head has
-    /// been read; the body streams from the connection as it is polled.
-    pub async fn send(
+    /// Sends a prepared request (see [`Prepared`]) on an idle connection, or a new one, and
+    /// returns once the response head has been read; the body streams from the connection as
+    /// it is polled. On failure the request comes back in [`Failed::unsent`] when the upstream
+    /// cannot have acted on it, so that the caller may send it to another upstream; the same
+    /// rule decides the retry on a fresh connection here.
+    pub async fn send_prepared<B: UploadBody>(
         self: &Arc<Self>,
-        req: Request<RequestBody>,
-        fwd: &Forwarded<'_>,
-    ) -> Result<Response<PooledBody>, ClientError> {
-        self.send_prepared(Prepared::new(req, fwd))
-            .await
-            .map_err(|f| f.error)
-    }
-
-    /// Sends a prepared request (see [`Prepared`]). On failure the request comes back in
-    /// [`Failed::unsent`] when the upstream cannot have acted on it, so that the caller may send
-    /// it to another upstream; the same rule decides the retry on a fresh connection here.
-    pub async fn send_prepared(
-        self: &Arc<Self>,
-        req: Prepared,
-    ) -> Result<Response<PooledBody>, Failed> {
+        req: Prepared<B>,
+    ) -> Result<Response<PooledBody<B>>, Failed<B>> {
         let Prepared {
             head,
             upload,
             idempotent,
             head_request,
+            timeouts,
             mut body,
         } = req;
-        let idle = body.idle_timeout();
-        let give_back = |error, body: Option<RequestBody>| Failed {
+        let give_back = |error, body: Option<B>| Failed {
             error,
             unsent: body.map(|body| Prepared {
                 head: head.clone(),
                 upload,
                 idempotent,
                 head_request,
+                timeouts,
                 body,
             }),
         };
@@ -217,16 +286,16 @@ impl ConnPool {
             let (conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
                 // Boxed: the connect future is large and rarely run; inline, it would sit in every
-                // connection's request future (hyper keeps one per client connection).
+                // connection's request future (the server keeps one per client connection).
                 None => match Box::pin(self.connect()).await {
                     Ok(c) => (c, false),
                     // Nothing was sent: the request can go elsewhere.
                     Err(e) => return Err(give_back(e, Some(body))),
                 },
             };
-            let mut ex = Exchange::new(conn, head.clone(), body, upload);
+            let mut ex = Exchange::new(conn, head.clone(), body, upload, timeouts.send);
             let err = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
-                Ok(resp) => return Ok(self.response(ex, resp, head_request, idle)),
+                Ok(resp) => return Ok(self.response(ex, resp, head_request, timeouts.body_idle)),
                 Err(e) => e,
             };
             // Safe to send again only if the upstream cannot have acted on it: nothing came
@@ -259,10 +328,15 @@ impl ConnPool {
     async fn connect(&self) -> Result<Conn, ClientError> {
         let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
             .await
-            .map_err(|_| ClientError::Connect("timed out".to_string()))?
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|_| {
+                ClientError::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+            })?
+            .map_err(ClientError::Connect)?;
         let _ = io.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_TIME)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
         let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
         Ok(Conn {
             io,
@@ -273,13 +347,13 @@ impl ConnPool {
         })
     }
 
-    fn response(
+    fn response<B: UploadBody>(
         self: &Arc<Self>,
-        ex: Exchange,
+        ex: Exchange<B>,
         head: ResponseHead,
         head_request: bool,
         idle: Duration,
-    ) -> Response<PooledBody> {
+    ) -> Response<PooledBody<B>> {
         let ResponseHead {
             status,
             headers,
@@ -364,35 +438,37 @@ fn is_idempotent(m: &Method) -> bool {
 
 /// A request encoded for any upstream of a pool: the head is in origin form and names no
 /// upstream, so the same bytes can go to another one when the first cannot be reached.
-pub struct Prepared {
+pub struct Prepared<B> {
     head: Bytes,
     upload: Upload,
     idempotent: bool,
     head_request: bool,
-    body: RequestBody,
+    timeouts: Timeouts,
+    body: B,
 }
 
-impl Prepared {
-    pub fn new(req: Request<RequestBody>, fwd: &Forwarded<'_>) -> Prepared {
+impl<B: UploadBody> Prepared<B> {
+    pub fn new(req: Request<B>, extra: &impl ExtraFields, timeouts: Timeouts) -> Prepared<B> {
         let (parts, body) = req.into_parts();
-        let (head, upload) = encode_head(&parts, &body, fwd);
+        let (head, upload) = encode_head(&parts, &body, extra);
         Prepared {
             head,
             upload,
             idempotent: is_idempotent(&parts.method),
             head_request: parts.method == Method::HEAD,
+            timeouts,
             body,
         }
     }
 }
 
 /// A request that got no response.
-pub struct Failed {
+pub struct Failed<B> {
     pub error: ClientError,
     /// The request, when the upstream cannot have acted on it: the connect failed, or the
     /// connection failed before any response byte, no body byte was taken, and either nothing
     /// was written or the request is idempotent. Anything else must not be sent again.
-    pub unsent: Option<Prepared>,
+    pub unsent: Option<Prepared<B>>,
 }
 
 /// How the request body goes on the wire.
@@ -403,13 +479,13 @@ enum Upload {
     Chunked,
 }
 
-/// The request head in origin form with the `X-Forwarded-*` headers, and how its body is
-/// framed: by its exact size when known (the client's `Content-Length`, as hyper checked it),
-/// otherwise chunked.
-fn encode_head(
+/// The request head in origin form with the caller's [`ExtraFields`], and how its body is
+/// framed: by its exact size when known (the client's `Content-Length`, as the server checked
+/// it), otherwise chunked.
+fn encode_head<B: Body>(
     parts: &http::request::Parts,
-    body: &RequestBody,
-    fwd: &Forwarded<'_>,
+    body: &B,
+    extra: &impl ExtraFields,
 ) -> (Bytes, Upload) {
     let path = parts
         .uri
@@ -421,52 +497,34 @@ fn encode_head(
     for (name, value) in &parts.headers {
         size += name.as_str().len() + value.len() + 4;
     }
-    size += 80 + fwd.client_ip.len() + fwd.host.map_or(0, |h| h.len());
+    size += 80 + extra.len_hint();
     let mut out = BytesMut::with_capacity(size);
     out.put_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(path.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let (mut had_forwarded, mut had_length, mut had_rfc7239) = (false, false, false);
+    let (mut replaced, mut had_length) = (false, false);
     for (name, value) in &parts.headers {
-        if name == header::FORWARDED {
-            // Rewritten below, with the proxy's element last.
-            had_rfc7239 = true;
-            continue;
-        }
         if name == header::CONTENT_LENGTH {
-            // Written below from the body hyper validated: one value, never a list.
+            // Written below from the body the server validated: one value, never a list.
             had_length = true;
             continue;
         }
-        if Forwarded::replaces(name) {
-            had_forwarded = true;
+        if extra.replaces(name) {
+            replaced = true;
             continue;
         }
         put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    let xff = if had_forwarded {
-        fwd.forwarded_for(&parts.headers)
-    } else {
-        fwd.client_ip.clone()
-    };
-    put_header(&mut out, b"x-forwarded-for", xff.as_bytes());
-    put_header(&mut out, b"x-forwarded-proto", fwd.proto.as_bytes());
-    if let Some(host) = fwd.host {
-        put_header(&mut out, b"x-forwarded-host", host.as_bytes());
-    }
-    if had_rfc7239 {
-        if let Some(v) = fwd.forwarded(&parts.headers) {
-            put_header(&mut out, b"forwarded", v.as_bytes());
-        }
-    }
+    extra.write(&parts.headers, replaced, &mut out);
     let upload = if body.is_end_stream() {
         if had_length || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
             out.put_slice(b"content-length: 0\r\n");
         }
         Upload::Raw
     } else if let Some(n) = body.size_hint().exact() {
-        put_header(&mut out, b"content-length", n.to_string().as_bytes());
+        let mut digits = itoa::Buffer::new();
+        put_header(&mut out, b"content-length", digits.format(n).as_bytes());
         Upload::Raw
     } else {
         out.put_slice(b"transfer-encoding: chunked\r\n");
@@ -486,12 +544,12 @@ struct ResponseHead {
 
 /// One request/response on one connection: the request still being written, and the
 /// connection being read.
-struct Exchange {
+struct Exchange<B> {
     conn: Option<Conn>,
     /// Bytes waiting to be written, in order (head, chunk framing, body data).
     out: VecDeque<Bytes>,
     /// The request body; kept after its end so that an unsent request can be retried.
-    body: Option<RequestBody>,
+    body: Option<B>,
     body_done: bool,
     upload: Upload,
     /// Writing failed: the rest of the request is abandoned and the connection is not reused.
@@ -506,12 +564,30 @@ struct Exchange {
     send_timer: IdleTimer,
 }
 
-impl Exchange {
-    fn new(mut conn: Conn, head: Bytes, body: RequestBody, upload: Upload) -> Exchange {
+impl<B> Exchange<B> {
+    /// The whole request (head and body) is in the socket.
+    fn sent(&self) -> bool {
+        self.body_done && self.out.is_empty() && !self.upload_broken
+    }
+
+    /// Part of the request is still to be written, and can be.
+    fn uploading(&self) -> bool {
+        self.conn.is_some() && !self.sent() && !self.upload_broken
+    }
+}
+
+impl<B: UploadBody> Exchange<B> {
+    fn new(
+        mut conn: Conn,
+        head: Bytes,
+        body: B,
+        upload: Upload,
+        send_timeout: Duration,
+    ) -> Exchange<B> {
         let mut out = std::mem::take(&mut conn.spare_out);
         out.push_back(head);
         let body_done = body.is_end_stream();
-        let send_timer = IdleTimer::new(body.send_timeout());
+        let send_timer = IdleTimer::new(send_timeout);
         Exchange {
             conn: Some(conn),
             out,
@@ -525,16 +601,6 @@ impl Exchange {
             queued: 0,
             send_timer,
         }
-    }
-
-    /// The whole request (head and body) is in the socket.
-    fn sent(&self) -> bool {
-        self.body_done && self.out.is_empty() && !self.upload_broken
-    }
-
-    /// Part of the request is still to be written, and can be.
-    fn uploading(&self) -> bool {
-        self.conn.is_some() && !self.sent() && !self.upload_broken
     }
 
     /// Writes what it can of the request. An I/O error stops the upload but not the exchange:
@@ -568,7 +634,7 @@ impl Exchange {
                     Poll::Pending => waiting = true,
                     Poll::Ready(None) => {
                         if self.upload == Upload::Chunked {
-                            self.push_out(Bytes::from_static(b"0\r\n\r\n"));
+                            self.push_out(Bytes::from_static(codec::LAST_CHUNK));
                         }
                         self.body_done = true;
                         waiting = true;
@@ -578,14 +644,14 @@ impl Exchange {
                         self.upload_broken = true;
                         self.out.clear();
                         self.queued = 0;
-                        return Err(ClientError::Body(e));
+                        return Err(ClientError::Body(e.into()));
                     }
                     Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                         Ok(data) if data.is_empty() => {}
                         Ok(data) if self.upload == Upload::Chunked => {
-                            self.push_out(Bytes::from(format!("{:x}\r\n", data.len())));
+                            self.push_out(codec::chunk_size_line(data.len()));
                             self.push_out(data);
-                            self.push_out(Bytes::from_static(b"\r\n"));
+                            self.push_out(Bytes::from_static(codec::CHUNK_END));
                         }
                         Ok(data) => self.push_out(data),
                         Err(frame) => {
@@ -594,18 +660,7 @@ impl Exchange {
                             if let (Ok(trailers), Upload::Chunked) =
                                 (frame.into_trailers(), self.upload)
                             {
-                                let mut t = BytesMut::from(&b"0\r\n"[..]);
-                                for (name, value) in &trailers {
-                                    if trailer_allowed(name) {
-                                        put_header(
-                                            &mut t,
-                                            name.as_str().as_bytes(),
-                                            value.as_bytes(),
-                                        );
-                                    }
-                                }
-                                t.put_slice(b"\r\n");
-                                self.push_out(t.freeze());
+                                self.push_out(codec::last_chunk_with(&trailers));
                                 self.body_done = true;
                                 waiting = true;
                             }
@@ -617,12 +672,7 @@ impl Exchange {
                 return Ok(());
             };
             while !self.out.is_empty() {
-                let mut slices = [IoSlice::new(&[]); UPLOAD_SLICES];
-                let n = self.out.len().min(slices.len());
-                for (s, b) in slices.iter_mut().zip(self.out.iter()) {
-                    *s = IoSlice::new(b);
-                }
-                match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices[..n]) {
+                match poll_write_queue::<UPLOAD_SLICES, _>(&mut conn.io, &mut self.out, cx) {
                     Poll::Pending if self.send_timer.poll_expired(cx) => {
                         self.upload_broken = true;
                         self.out.clear();
@@ -639,21 +689,10 @@ impl Exchange {
                         self.queued = 0;
                         return Ok(());
                     }
-                    Poll::Ready(Ok(mut written)) => {
+                    Poll::Ready(Ok(written)) => {
                         self.wrote_any = true;
                         self.send_timer.progressed();
                         self.queued = self.queued.saturating_sub(written);
-                        while written > 0 {
-                            let Some(front) = self.out.front_mut() else {
-                                break;
-                            };
-                            let k = written.min(front.len());
-                            front.advance(k);
-                            written -= k;
-                            if front.is_empty() {
-                                self.out.pop_front();
-                            }
-                        }
                     }
                 }
             }
@@ -737,91 +776,62 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         StatusCode::from_u16(code).map_err(|_| ClientError::Protocol("invalid status code"))?;
     let http10 = resp.version == Some(0);
     // Offsets of every name and value, so the values can share the head's buffer.
-    let base = buf.as_ptr() as usize;
     let count = resp.headers.len();
-    let mut small = [(0u32, 0u32, 0u32, 0u32); 32];
+    let mut small: [Span; 32] = [(0, 0, 0, 0); 32];
     let mut large = Vec::new();
-    let spans = if count <= small.len() {
-        &mut small[..count]
-    } else {
-        large.resize(count, (0, 0, 0, 0));
-        &mut large[..]
-    };
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        *span = (
-            n as u32,
-            h.name.len() as u32,
-            v as u32,
-            h.value.len() as u32,
-        );
-    }
+    let spans = codec::header_spans(buf, resp.headers, &mut small, &mut large);
     let head = buf.split_to(len).freeze();
     // One slot spare: the access log adds `x-request-id` without growing the map.
     let mut headers = HeaderMap::with_capacity(count + 1);
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut te_lines = 0;
+    let mut fields = FramingFields::default();
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     // Hop-by-hop headers stop here, except on a 101, whose Upgrade/Connection the client needs.
     let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut named: Vec<HeaderName> = Vec::new();
-    for &(n, nl, v, vl) in spans.iter() {
-        let name_bytes = &head[n as usize..(n + nl) as usize];
-        let name = HeaderName::from_bytes(name_bytes)
-            .map_err(|_| ClientError::Protocol("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
-            .map_err(|_| ClientError::Protocol("invalid header value"))?;
+    // `Connection` lines naming other fields, which go too (no allocation without one).
+    let mut naming: Vec<HeaderValue> = Vec::new();
+    for &span in spans.iter() {
+        let (name, value) = codec::header_at(&head, span).map_err(|e| {
+            ClientError::Protocol(match e {
+                BadHeader::Name => "invalid header name",
+                BadHeader::Value => "invalid header value",
+            })
+        })?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes()).map_err(ClientError::Protocol)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ClientError::Protocol("conflicting Content-Length"));
-            }
-            length = Some(n);
+            fields
+                .content_length(value.as_bytes())
+                .map_err(|e| ClientError::Protocol(framing_fault(e)))?;
         } else if name == header::TRANSFER_ENCODING {
-            te_lines += 1;
-            chunked = value
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked");
-            if !keep_hops {
-                continue;
-            }
+            fields.transfer_encoding(value.as_bytes());
         } else if name == header::CONNECTION {
+            let mut names_others = false;
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     saw_close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     saw_keep_alive = true;
-                } else if let Ok(other) = HeaderName::from_bytes(token) {
-                    named.push(other);
+                } else {
+                    names_others |= HeaderName::from_bytes(token).is_ok();
                 }
             }
-            if !keep_hops {
+            if names_others && !keep_hops {
+                naming.push(value);
                 continue;
             }
-        } else if !keep_hops && is_hop_by_hop(&name) {
+        }
+        if !keep_hops && hop_bit(&name) != 0 {
             continue;
         }
         headers.append(name, value);
     }
-    if !keep_hops {
-        for name in &named {
-            headers.remove(name);
-        }
+    for line in &naming {
+        remove_named(&mut headers, line);
     }
-    let framing = match (te_lines, length) {
-        (0, Some(n)) => Decoder::Length(n),
-        (0, None) => Decoder::Eof,
-        (1, None) if chunked => Decoder::Chunked(ChunkState::Size),
-        (_, Some(_)) => {
-            return Err(ClientError::Protocol(
-                "Content-Length with Transfer-Encoding",
-            ))
-        }
-        _ => return Err(ClientError::Protocol("unsupported Transfer-Encoding")),
+    let framing = match fields.decide() {
+        Ok(BodyFraming::Length(n)) => Decoder::Length(n),
+        Ok(BodyFraming::Unframed) => Decoder::Eof,
+        Ok(BodyFraming::Chunked) => Decoder::Chunked(ChunkState::Size),
+        Err(e) => return Err(ClientError::Protocol(framing_fault(e))),
     };
     Ok(Some(ResponseHead {
         status,
@@ -829,8 +839,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         framing,
         // HTTP/1.0 keeps a connection only when asked to, and never with Transfer-Encoding
         // (RFC 9112 6.1); `close` always wins.
-        keep_alive: !saw_close && (!http10 || (saw_keep_alive && te_lines == 0)),
+        keep_alive: !saw_close && (!http10 || (saw_keep_alive && !fields.has_transfer_encoding())),
     }))
+}
+
+/// The reason a response's framing is refused (a 502 toward the client).
+fn framing_fault(e: FramingError) -> &'static str {
+    match e {
+        FramingError::InvalidLength => "invalid Content-Length",
+        FramingError::ConflictingLength => "conflicting Content-Length",
+        FramingError::LengthAndTransferEncoding => "Content-Length with Transfer-Encoding",
+        FramingError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding",
+    }
 }
 
 /// How the rest of the response body is read.
@@ -846,20 +866,20 @@ enum Decoder {
 }
 
 /// A response body read straight off the upstream connection.
-struct H1Body {
-    ex: Exchange,
+struct H1Body<B> {
+    ex: Exchange<B>,
     decoder: Decoder,
     keep_alive: bool,
     pool: Arc<ConnPool>,
     /// A failure held back for one poll, so that what was already passed on gets flushed to
-    /// the client first (hyper drops unflushed output when a body fails).
+    /// the client first (hyper's h2 server drops unflushed output when a body fails).
     failed: Option<ClientError>,
     /// `body_idle_timeout` between two reads of the body: a stalled upstream does not hold the
     /// client (and both connections) forever.
     idle: IdleTimer,
 }
 
-impl H1Body {
+impl<B> H1Body<B> {
     /// Hands the connection back when both messages ended cleanly.
     fn finish(&mut self) {
         self.decoder = Decoder::Done;
@@ -879,7 +899,9 @@ impl H1Body {
             self.pool.put_back(conn);
         }
     }
+}
 
+impl<B: UploadBody> H1Body<B> {
     /// Ends the body with an error, after one more turn of the writer; the connection is
     /// closed.
     fn fail(
@@ -887,7 +909,7 @@ impl H1Body {
         e: ClientError,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
-        // Not `Done` yet: hyper must not take the body for complete meanwhile.
+        // Not `Done` yet: the server must not take the body for complete meanwhile.
         self.ex.conn = None;
         self.failed = Some(e);
         cx.waker().wake_by_ref();
@@ -976,14 +998,14 @@ impl H1Body {
 
 /// An upstream response body: read off a pooled HTTP/1.1 connection (which goes back to the
 /// pool at the body's end), or an HTTP/2 stream.
-pub struct PooledBody {
-    kind: Kind,
+pub struct PooledBody<B> {
+    kind: Kind<B>,
 }
 
 // HTTP/1.1 is the common case: boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
-enum Kind {
-    H1(H1Body),
+enum Kind<B> {
+    H1(H1Body<B>),
     /// An HTTP/1.1 response that began before its request was fully sent: a task of its own
     /// keeps writing the request whether or not the client reads the response.
     Duplex(Duplex),
@@ -1002,7 +1024,7 @@ impl Duplex {
     /// response into a small channel. Driving the upload from the response body alone would tie
     /// it to the client's reading: a client that uploads everything before it reads would stall
     /// both ways, and a response ending first would cut the upload short.
-    fn spawn(mut body: H1Body) -> Duplex {
+    fn spawn<B: UploadBody>(mut body: H1Body<B>) -> Duplex {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let hint = match body.decoder {
             Decoder::Length(n) => SizeHint::with_exact(n),
@@ -1053,10 +1075,10 @@ impl Duplex {
     }
 }
 
-impl PooledBody {
+impl<B: UploadBody> PooledBody<B> {
     /// A body whose connection is not pooled here (HTTP/2), ended with an error when no frame
     /// comes for `idle`.
-    pub fn unpooled(inner: Incoming, idle: Duration) -> PooledBody {
+    pub fn unpooled(inner: Incoming, idle: Duration) -> PooledBody<B> {
         PooledBody {
             kind: Kind::H2(inner, IdleTimer::new(idle)),
         }
@@ -1083,7 +1105,7 @@ impl PooledBody {
     }
 }
 
-impl Body for PooledBody {
+impl<B: UploadBody> Body for PooledBody<B> {
     type Data = Bytes;
     type Error = ClientError;
 
@@ -1132,7 +1154,7 @@ impl Body for PooledBody {
     }
 }
 
-impl Drop for PooledBody {
+impl<B> Drop for PooledBody<B> {
     fn drop(&mut self) {
         // A body known to be complete (empty, or its last byte read) frees the connection even
         // if nobody polled it to the end; anything else closes it.
@@ -1147,6 +1169,7 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::headers::trailer_allowed;
 
     fn chunks(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), ClientError> {
         let mut buf = BytesMut::from(input);
@@ -1184,7 +1207,7 @@ mod tests {
         let (d, _, done) = chunks(b"5 ;x=1\r\nhello\r\n00000000000000000000\r\n\r\n").expect("ok");
         assert_eq!((d.as_slice(), done), (&b"hello"[..], true));
         // A size line without end is refused once it is longer than any sane one.
-        assert!(chunks(&[b'1'; crate::h1::MAX_CHUNK_LINE + 1]).is_err());
+        assert!(chunks(&[b'1'; codec::MAX_CHUNK_LINE + 1]).is_err());
         assert!(chunks(b"3\r\nabcX\r\n").is_err());
         assert!(chunks(b"3\nabc\r\n").is_err());
     }

@@ -1,5 +1,6 @@
-//! The client side of HTTP/1.1: one task per connection reads request heads, runs the proxy
-//! for each request inline, and writes the response back with vectored writes.
+//! The client side of HTTP/1.1: one task per connection reads request heads, runs the
+//! [`Handler`] for each request inline (generic, so the handler's future is part of the
+//! connection's: no box, no channel), and writes the response back with vectored writes.
 //!
 //! Why not hyper's server (kept for h2 and the admin listener): hyper's HTTP/1 connection was
 //! about 10k of the proxy's ~24k instructions per request (dispatcher, body channel, buffered
@@ -23,25 +24,62 @@
 //! it is read and hands it back at its end; a connection whose body was not read to its end is
 //! closed after the response, lingering briefly so the client sees the response, not a reset.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::app::App;
-use crate::h1::{self, decode_chunked, parse_length, put_header, ChunkState, Chunked};
-use crate::proxy::{self, ClientBody, ConnInfo};
+use super::codec::{
+    self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
+    Span,
+};
+use super::headers::{put_date, put_header};
+use super::{plain, CloseConnection};
+
+/// What the server runs for each request, inline in the connection's task: the handler's
+/// future is polled by the connection itself (monomorphised, never boxed per request).
+pub trait Handler: Send + Sync + 'static {
+    /// The request body as the handler takes it, made from the server's [`RequestBody`] when
+    /// the request is built (no second pass over the request).
+    type RequestBody: From<RequestBody> + Send;
+    /// The response body; its error ends the response early (the connection closes).
+    type Body: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin + 'static;
+
+    /// Answers one request. `on_upgrade` is there when the request asked to upgrade: it
+    /// delivers the client's connection once a `101` answer has been written.
+    fn call(
+        &self,
+        req: Request<Self::RequestBody>,
+        on_upgrade: Option<OnUpgrade>,
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// Whether the server is shutting down: the response being written is the connection's
+    /// last.
+    fn shutting_down(&self) -> bool;
+
+    /// Completes once the server shuts down (an idle connection then closes soon).
+    fn until_shutdown(&self) -> impl Future<Output = ()> + Send;
+
+    /// A request head was refused for a framing fault that a lenient parser would let through
+    /// (request smuggling); `reason` is `"bare_lf"` or `"cl_te"`.
+    fn refused(&self, reason: &'static str) {
+        let _ = reason;
+    }
+
+    /// The client closed its connection before its response was ready.
+    fn client_closed(&self) {}
+}
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -54,6 +92,8 @@ const FIRST_READ: usize = 4096;
 /// Reads while a body streams start here and double while they fill, up to `MAX_READ`.
 const READ_CHUNK: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
+/// Most buffers one `writev` toward the client takes.
+const WRITE_SLICES: usize = 16;
 /// Output queued before it is written even though the body has more ready.
 const MAX_QUEUED: usize = 64 * 1024;
 /// After an error or an unread body: how long the connection keeps reading (and discarding)
@@ -67,6 +107,14 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+}
+
+/// A connection's settings: its limits, and how long a connection that is idle when shutdown
+/// begins is kept for a request already on its way.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    pub limits: Limits,
+    pub idle_at_shutdown: Duration,
 }
 
 /// The read half of a client connection and what has been read but not used yet.
@@ -92,19 +140,15 @@ impl Reader {
         if self.buf.capacity() == 0 {
             return self.poll_probe::<FIRST_READ>(cx);
         }
-        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
-            self.buf.reserve(self.read_size);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
+        let want = self.read_size;
+        super::io::poll_fill(
+            &mut *self.io,
+            &mut self.buf,
+            want,
+            &mut self.read_size,
+            MAX_READ,
             cx,
-            &mut self.buf
-        ))?;
-        if n == room && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        )
     }
 
     /// Reads onto the stack and appends what came, for reads that mostly find nothing (an
@@ -135,21 +179,14 @@ impl Reader {
             Ok(n) => n.min(MAX_READ),
             Err(_) => MAX_READ,
         };
-        // As in `poll_fill`: a buffer with a quarter of that room left is read into as it is,
-        // so that a client sending a few bytes at a time does not make a new buffer per read.
-        if self.buf.capacity() - self.buf.len() < want.div_ceil(4) {
-            self.buf.reserve(want);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
+        super::io::poll_fill(
+            &mut *self.io,
+            &mut self.buf,
+            want,
+            &mut self.read_size,
+            MAX_READ,
             cx,
-            &mut self.buf
-        ))?;
-        if n == room && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        )
     }
 
     /// Between requests: nothing buffered means no buffer is kept.
@@ -263,30 +300,52 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr() as usize;
     let target = req.path.unwrap_or_default();
-    let target = (target.as_ptr() as usize - base, target.len());
+    let target = (
+        target.as_ptr() as usize - buf.as_ptr() as usize,
+        target.len(),
+    );
     // Offsets of every name and value, so the values can share the head's buffer.
     let count = req.headers.len();
-    let mut small = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
+    let mut small: [Span; STACK_HEADERS] = [(0, 0, 0, 0); STACK_HEADERS];
     let mut large = Vec::new();
-    let spans = if count <= small.len() {
-        &mut small[..count]
-    } else {
-        large.resize(count, (0, 0, 0, 0));
-        &mut large[..]
-    };
-    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        *span = (
-            n as u32,
-            h.name.len() as u32,
-            v as u32,
-            h.value.len() as u32,
-        );
-    }
+    let spans = codec::header_spans(buf, req.headers, &mut small, &mut large);
     let head = buf.split_to(len).freeze();
+    let uri = request_target(&head, target, &method)?;
+    let (headers, fields, flags) = header_fields(&head, spans, count)?;
+    if fields.has_transfer_encoding() && version == Version::HTTP_10 {
+        return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"));
+    }
+    let framing = match fields.decide() {
+        Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
+        Ok(BodyFraming::Length(n)) => Framing::Length(n),
+        Ok(BodyFraming::Chunked) => Framing::Chunked(ChunkState::Size),
+        Err(e @ FramingError::LengthAndTransferEncoding) => {
+            return Err(Refused {
+                metric: Some("cl_te"),
+                ..bad(framing_refusal(e))
+            })
+        }
+        Err(e) => return Err(bad(framing_refusal(e))),
+    };
+    let http11 = version == Version::HTTP_11;
+    Ok(Some(Head {
+        // A CONNECT the proxy refuses may be followed by anything: the connection ends there.
+        keep_alive: method != Method::CONNECT && !flags.close && (http11 || flags.keep_alive),
+        expect_continue: http11 && flags.expect_continue,
+        // RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored.
+        upgrade: http11 && flags.upgrade_token && flags.has_upgrade,
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+    }))
+}
+
+/// The request target (at `target`, offset and length, in `head`) as a URI sharing the head's
+/// buffer.
+fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Result<Uri, Refused> {
     // The http crate's URI holds at most 65,534 bytes.
     if target.1 >= usize::from(u16::MAX) {
         return Err(Refused {
@@ -314,79 +373,120 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
             }
         }
     }
+    Ok(uri)
+}
+
+/// What a request's fields say about its connection.
+#[derive(Default)]
+struct Flags {
+    close: bool,
+    keep_alive: bool,
+    upgrade_token: bool,
+    expect_continue: bool,
+    has_upgrade: bool,
+}
+
+/// The header map (values sharing `head`'s buffer), the framing fields and the connection
+/// flags of a request head.
+fn header_fields(
+    head: &Bytes,
+    spans: &[Span],
+    count: usize,
+) -> Result<(HeaderMap, FramingFields, Flags), Refused> {
     // One slot spare: the access log adds `x-request-id` without growing the map.
     let mut headers = HeaderMap::with_capacity(count + 1);
-    let mut length: Option<u64> = None;
-    let (mut te_lines, mut chunked) = (0, false);
-    let (mut close, mut keep_alive, mut upgrade_token) = (false, false, false);
-    let (mut expect_continue, mut has_upgrade) = (false, false);
-    for &(n, nl, v, vl) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
-            .map_err(|_| bad("invalid header name\n"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
-            .map_err(|_| bad("invalid header value\n"))?;
+    let mut fields = FramingFields::default();
+    let mut flags = Flags::default();
+    for &span in spans.iter() {
+        let (name, value) = codec::header_at(head, span).map_err(|e| {
+            bad(match e {
+                BadHeader::Name => "invalid header name\n",
+                BadHeader::Value => "invalid header value\n",
+            })
+        })?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes()).map_err(|_| bad("invalid Content-Length\n"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting Content-Length\n"));
-            }
-            length = Some(n);
+            fields
+                .content_length(value.as_bytes())
+                .map_err(|e| bad(framing_refusal(e)))?;
         } else if name == header::TRANSFER_ENCODING {
-            te_lines += 1;
-            chunked = value
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked");
+            fields.transfer_encoding(value.as_bytes());
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
+                flags.close |= token.eq_ignore_ascii_case(b"close");
+                flags.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                flags.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name == header::EXPECT {
-            expect_continue |= value
+            flags.expect_continue |= value
                 .as_bytes()
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
         } else if name == header::UPGRADE {
-            has_upgrade = true;
+            flags.has_upgrade = true;
         }
         headers.append(name, value);
     }
-    let framing = match (te_lines, length) {
-        (0, Some(0) | None) => Framing::Done,
-        (0, Some(n)) => Framing::Length(n),
-        (_, _) if version == Version::HTTP_10 => {
-            return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"))
+    Ok((headers, fields, flags))
+}
+
+/// The 400 answer's text for a framing fault.
+fn framing_refusal(e: FramingError) -> &'static str {
+    match e {
+        FramingError::InvalidLength => "invalid Content-Length\n",
+        FramingError::ConflictingLength => "conflicting Content-Length\n",
+        FramingError::LengthAndTransferEncoding => "both Content-Length and Transfer-Encoding\n",
+        FramingError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding\n",
+    }
+}
+
+/// A request's body as the server delivers it to the [`Handler`].
+pub enum RequestBody {
+    /// No body (most requests).
+    Empty,
+    /// A body that arrived whole with its head.
+    Full(Option<Bytes>),
+    /// Read off the connection as it is polled.
+    Streaming(Streaming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx),
         }
-        (_, Some(_)) => {
-            return Err(Refused {
-                metric: Some("cl_te"),
-                ..bad("both Content-Length and Transfer-Encoding\n")
-            })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Full(data) => data.is_none(),
+            RequestBody::Streaming(b) => b.is_end_stream(),
         }
-        (1, None) if chunked => Framing::Chunked(ChunkState::Size),
-        _ => return Err(bad("unsupported Transfer-Encoding\n")),
-    };
-    let http11 = version == Version::HTTP_11;
-    Ok(Some(Head {
-        // A CONNECT the proxy refuses may be followed by anything: the connection ends there.
-        keep_alive: method != Method::CONNECT && !close && (http11 || keep_alive),
-        expect_continue: http11 && expect_continue,
-        // RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored.
-        upgrade: http11 && upgrade_token && has_upgrade,
-        method,
-        uri,
-        version,
-        headers,
-        framing,
-    }))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Streaming(b) => b.size_hint(),
+        }
+    }
 }
 
 /// A request body read off the client connection by whoever polls it (the upstream client).
 /// It owns the connection's read half while it is read and hands it back at its end.
-pub struct RequestBody {
+pub struct Streaming {
     reader: Option<Reader>,
     framing: Framing,
     back: Option<oneshot::Sender<Returned>>,
@@ -398,7 +498,7 @@ struct Returned {
     complete: bool,
 }
 
-impl RequestBody {
+impl Streaming {
     fn hand_back(&mut self) {
         if let (Some(reader), Some(back)) = (self.reader.take(), self.back.take()) {
             let _ = back.send(Returned {
@@ -417,13 +517,13 @@ impl RequestBody {
     }
 }
 
-impl Drop for RequestBody {
+impl Drop for Streaming {
     fn drop(&mut self) {
         self.hand_back();
     }
 }
 
-impl Body for RequestBody {
+impl Body for Streaming {
     type Data = Bytes;
     type Error = io::Error;
 
@@ -548,7 +648,7 @@ impl AsyncWrite for Upgraded {
 /// The write half and the output waiting for it, written with `writev`.
 struct Writer {
     io: BoxWrite,
-    out: Vec<Bytes>,
+    out: VecDeque<Bytes>,
     queued: usize,
     closed: bool,
     /// The response was cut (the upstream failed mid-body): the connection ends at once,
@@ -560,42 +660,21 @@ impl Writer {
     fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
             self.queued += b.len();
-            self.out.push(b);
+            self.out.push_back(b);
         }
     }
 
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut first = 0;
-        while first < self.out.len() {
-            let mut slices = [IoSlice::new(&[]); 16];
-            let n = (self.out.len() - first).min(slices.len());
-            for (s, b) in slices.iter_mut().zip(self.out[first..].iter()) {
-                *s = IoSlice::new(b);
-            }
-            let res = Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]);
-            let mut written = match res {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(w)) => w,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    self.out.drain(..first);
-                    return Poll::Pending;
-                }
-            };
-            self.queued -= written;
-            while written > 0 && first < self.out.len() {
-                let b = &mut self.out[first];
-                let k = written.min(b.len());
-                b.advance(k);
-                written -= k;
-                if b.is_empty() {
-                    first += 1;
-                }
+        while !self.out.is_empty() {
+            match ready!(super::io::poll_write_queue::<WRITE_SLICES, _>(
+                &mut *self.io,
+                &mut self.out,
+                cx
+            ))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                written => self.queued -= written,
             }
         }
-        self.out.clear();
         // TLS buffers what it encrypts; TCP's flush does nothing.
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -659,30 +738,114 @@ fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
     }
 }
 
+/// How a response goes on the wire.
+struct ResponseFraming {
+    /// No body follows the head (HEAD, 1xx, 204, 304).
+    bodiless: bool,
+    chunked: bool,
+    /// The connection stays open after it.
+    keep_alive: bool,
+}
+
+/// The status line and header section of a response, and how its body is framed: by its exact
+/// size when known, chunked otherwise (HTTP/1.1), or until close (HTTP/1.0).
+fn response_head<B: Body>(
+    parts: &http::response::Parts,
+    method: &Method,
+    version: Version,
+    keep_alive: bool,
+    body: &B,
+) -> (Bytes, ResponseFraming) {
+    let mut keep_alive = keep_alive;
+    let status = parts.status;
+    let http10 = version == Version::HTTP_10;
+    let bodiless = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let hint = body.size_hint().exact();
+    let chunked = !bodiless && hint.is_none() && !http10;
+    if !bodiless && hint.is_none() && http10 {
+        // HTTP/1.0 has no chunked framing: the body ends with the connection.
+        keep_alive = false;
+    }
+
+    let mut size = 64;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut head = BytesMut::with_capacity(size);
+    head.put_slice(b"HTTP/1.1 ");
+    head.put_slice(status.as_str().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.put_slice(b"\r\n");
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut had_length = false;
+    let mut had_date = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            // Kept as it is where no body follows (HEAD, 304); otherwise written below.
+            // Never on 1xx or 204 (RFC 9110 8.6).
+            if bodiless && !status.is_informational() && status != StatusCode::NO_CONTENT {
+                had_length = true;
+                put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+            }
+            continue;
+        }
+        if !upgrade && (name == header::TRANSFER_ENCODING || name == header::CONNECTION) {
+            continue;
+        }
+        had_date |= name == header::DATE;
+        put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !had_date {
+        // An upstream's own Date is passed on; the handler's own answers and Date-less
+        // upstreams get ours.
+        put_date(&mut head);
+    }
+    match hint {
+        _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
+        Some(n) if !bodiless || (*method == Method::HEAD && !had_length && n > 0) => {
+            let mut digits = itoa::Buffer::new();
+            put_header(&mut head, b"content-length", digits.format(n).as_bytes());
+        }
+        _ if chunked => head.put_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if !upgrade {
+        if !keep_alive && !http10 {
+            head.put_slice(b"connection: close\r\n");
+        } else if keep_alive && http10 {
+            head.put_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    head.put_slice(b"\r\n");
+    (
+        head.freeze(),
+        ResponseFraming {
+            bodiless,
+            chunked,
+            keep_alive,
+        },
+    )
+}
+
 /// Serves one HTTP/1.x connection until it closes, fails, idles past `header_read_timeout`,
 /// upgrades, or the server shuts down between two requests.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     reader: Reader,
     writer: BoxWrite,
-    app: Arc<App>,
-    info: Arc<ConnInfo>,
+    handler: H,
+    settings: Settings,
     first_deadline: Instant,
 ) {
-    let limits = {
-        let p = &app.snapshot().config.proxy;
-        Limits {
-            header_read_timeout: p.header_read_timeout,
-            max_headers: p.max_headers,
-            max_header_bytes: p.max_header_bytes,
-        }
-    };
     let mut conn = Conn {
-        app,
-        info,
-        limits,
+        handler,
+        settings,
         writer: Writer {
             io: writer,
-            out: Vec::new(),
+            out: VecDeque::new(),
             queued: 0,
             closed: false,
             cut: false,
@@ -693,10 +856,9 @@ pub async fn serve(
     conn.run(reader).await;
 }
 
-struct Conn {
-    app: Arc<App>,
-    info: Arc<ConnInfo>,
-    limits: Limits,
+struct Conn<H> {
+    handler: H,
+    settings: Settings,
     writer: Writer,
     /// `header_read_timeout`, made the first time a head has to be waited for.
     timer: Option<Pin<Box<Sleep>>>,
@@ -714,7 +876,7 @@ enum Next {
     Close,
 }
 
-impl Conn {
+impl<H: Handler> Conn<H> {
     /// The request loop. What it keeps between requests is small; each exchange runs in a
     /// future of its own on the heap (the proxy's request future alone is over 2 KB), so an
     /// idle connection costs a few hundred bytes, not the largest request it ever served.
@@ -735,9 +897,9 @@ impl Conn {
 
     async fn refuse(&mut self, r: Reader, refused: Refused) {
         if let Some(reason) = refused.metric {
-            self.app.metrics.count_rejected(reason);
+            self.handler.refused(reason);
         }
-        let resp = proxy::text(refused.status, refused.why);
+        let resp = plain(refused.status, refused.why);
         let _ = self
             .respond(resp, &Method::GET, Version::HTTP_11, false, None)
             .await;
@@ -758,32 +920,9 @@ impl Conn {
             upgrade,
         } = head;
 
-        // The body: nothing, already here whole, or read from the socket as it is polled.
         let mut r = Some(r);
-        let mut back = None;
-        let body = match (framing, r.as_mut()) {
-            (Framing::Done, _) => ClientBody::Empty,
-            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
-                ClientBody::Full(Some(rd.buf.split_to(n as usize).freeze()))
-            }
-            _ => {
-                if expect_continue {
-                    self.writer
-                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
-                    if self.writer.write_out().await.is_err() {
-                        return None;
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                back = Some(rx);
-                ClientBody::H1(RequestBody {
-                    reader: r.take(),
-                    framing,
-                    back: Some(tx),
-                })
-            }
-        };
-        let mut req = Request::new(body);
+        let (body, mut back) = self.request_body(&mut r, framing, expect_continue).await?;
+        let mut req = Request::new(H::RequestBody::from(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = version;
@@ -800,7 +939,7 @@ impl Conn {
         // hyper's server and nginx do.
         let mut complete = true;
         let resp = {
-            let mut handle = std::pin::pin!(proxy::handle(&self.app, req, &self.info, upgrade_rx));
+            let mut handle = std::pin::pin!(self.handler.call(req, upgrade_rx));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(resp) = handle.as_mut().poll(cx) {
                     return Poll::Ready(Some(resp));
@@ -812,12 +951,12 @@ impl Conn {
         };
         let Some(resp) = resp else {
             tracing::debug!("the client closed its connection before the response");
-            self.app.metrics.client_closed_requests_total.inc();
+            self.handler.client_closed();
             return None;
         };
 
         // The read half: still here, back from a finished body, or still with the body.
-        let mut reader_back = match back {
+        let reader_back = match back {
             None => r,
             Some(mut rx) => match rx.try_recv() {
                 Ok(ret) => {
@@ -831,34 +970,105 @@ impl Conn {
             },
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            match (on_upgrade, reader_back) {
-                (Some(tx), Some(r)) if complete => {
-                    if self
-                        .respond(resp, &method, version, true, None)
-                        .await
-                        .is_ok()
-                    {
-                        let writer =
-                            std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
-                        let _ = tx.send(Upgraded { reader: r, writer });
-                    }
-                }
-                (_, r) => {
-                    // The upstream switched protocols before the request body was all sent
-                    // (or without being asked to): there is no clean way to tunnel that.
-                    tracing::debug!("101 before the request body was sent; answering 502");
-                    let resp = proxy::text(StatusCode::BAD_GATEWAY, "bad gateway\n");
-                    let _ = self.respond(resp, &method, version, false, None).await;
-                    self.linger(r).await;
-                }
-            }
+            self.switch(resp, &method, version, on_upgrade, reader_back, complete)
+                .await;
             return None;
         }
-        // A request the proxy refused closes the connection: nothing pipelined behind it runs.
-        let refused = resp.extensions().get::<proxy::CloseConnection>().is_some();
+        self.finish(resp, &method, version, keep_alive, complete, reader_back)
+            .await
+    }
+
+    /// The request's body: nothing, already here whole, or read from the socket as it is
+    /// polled (then `Expect: 100-continue` is answered first, and the read half comes back
+    /// through the receiver at the body's end). None: the connection failed.
+    async fn request_body(
+        &mut self,
+        r: &mut Option<Reader>,
+        framing: Framing,
+        expect_continue: bool,
+    ) -> Option<(RequestBody, Option<oneshot::Receiver<Returned>>)> {
+        match (framing, r.as_mut()) {
+            (Framing::Done, _) => Some((RequestBody::Empty, None)),
+            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
+                let body = RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()));
+                Some((body, None))
+            }
+            _ => {
+                if expect_continue {
+                    self.writer
+                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                    if self.writer.write_out().await.is_err() {
+                        return None;
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                let body = RequestBody::Streaming(Streaming {
+                    reader: r.take(),
+                    framing,
+                    back: Some(tx),
+                });
+                Some((body, Some(rx)))
+            }
+        }
+    }
+
+    /// A `101`: written, and the connection handed over, when the client asked to upgrade and
+    /// its request was read whole; otherwise a 502 and the connection closes.
+    async fn switch<B>(
+        &mut self,
+        resp: Response<B>,
+        method: &Method,
+        version: Version,
+        on_upgrade: Option<oneshot::Sender<Upgraded>>,
+        reader_back: Option<Reader>,
+        complete: bool,
+    ) where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        match (on_upgrade, reader_back) {
+            (Some(tx), Some(r)) if complete => {
+                if self
+                    .respond(resp, method, version, true, None)
+                    .await
+                    .is_ok()
+                {
+                    let writer =
+                        std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink()));
+                    let _ = tx.send(Upgraded { reader: r, writer });
+                }
+            }
+            (_, r) => {
+                // The upstream switched protocols before the request body was all sent
+                // (or without being asked to): there is no clean way to tunnel that.
+                tracing::debug!("101 before the request body was sent; answering 502");
+                let resp = plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
+                let _ = self.respond(resp, method, version, false, None).await;
+                self.linger(r).await;
+            }
+        }
+    }
+
+    /// Writes the handler's response and decides what becomes of the connection: the read
+    /// half back for the next request, or closed (at once, or after lingering).
+    async fn finish<B>(
+        &mut self,
+        resp: Response<B>,
+        method: &Method,
+        version: Version,
+        keep_alive: bool,
+        complete: bool,
+        mut reader_back: Option<Reader>,
+    ) -> Option<Reader>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        // A request the handler refused closes the connection: nothing pipelined behind it runs.
+        let refused = resp.extensions().get::<CloseConnection>().is_some();
         let keep = keep_alive && complete && reader_back.is_some() && !refused;
         let watch = if complete { reader_back.as_mut() } else { None };
-        match self.respond(resp, &method, version, keep, watch).await {
+        match self.respond(resp, method, version, keep, watch).await {
             Ok(true) => {}
             // The client asked to close and left nothing unread: the write side is shut down
             // (a TLS close_notify, a TCP FIN) when the connection ends. Where the proxy closes
@@ -893,15 +1103,17 @@ impl Conn {
     /// Waits for the next request head, at most `header_read_timeout`; an idle connection also
     /// ends when the server shuts down.
     async fn next_head(&mut self, r: &mut Reader) -> Next {
-        let limits = self.limits;
+        let Settings {
+            limits,
+            idle_at_shutdown,
+        } = self.settings;
         let mut deadline = self
             .first_deadline
             .take()
             .unwrap_or_else(|| Instant::now() + limits.header_read_timeout);
         let mut armed = false;
         let mut closing = false;
-        let app = self.app.clone();
-        let mut shutdown = std::pin::pin!(app.shutdown.cancelled());
+        let mut shutdown = std::pin::pin!(self.handler.until_shutdown());
         let timer = &mut self.timer;
         std::future::poll_fn(|cx| loop {
             if !r.buf.is_empty() {
@@ -922,7 +1134,7 @@ impl Conn {
             // connection) then learns of the close from that answer instead of racing it.
             if r.buf.is_empty() && !closing && shutdown.as_mut().poll(cx).is_ready() {
                 closing = true;
-                let soon = Instant::now() + crate::server::IDLE_AT_SHUTDOWN;
+                let soon = Instant::now() + idle_at_shutdown;
                 if soon < deadline {
                     deadline = soon;
                     armed = false;
@@ -950,89 +1162,41 @@ impl Conn {
         method: &Method,
         version: Version,
         keep_alive: bool,
+        watch: Option<&mut Reader>,
+    ) -> io::Result<bool>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, body) = resp.into_parts();
+        // Shutting down: this is the connection's last response.
+        let keep_alive = keep_alive && !self.handler.shutting_down();
+        let (head, framing) = response_head(&parts, method, version, keep_alive, &body);
+        self.writer.push(head);
+        if framing.bodiless {
+            drop(body);
+            self.writer.write_out().await?;
+            return Ok(framing.keep_alive);
+        }
+        let mut body = body;
+        let complete = self.write_body(&mut body, framing.chunked, watch).await?;
+        Ok(complete && framing.keep_alive)
+    }
+
+    /// Streams a response body: whatever is ready goes out with the head in one write; then
+    /// frame by frame. `Ok(false)`: the body failed and the response was cut.
+    async fn write_body<B>(
+        &mut self,
+        body: &mut B,
+        chunked: bool,
         mut watch: Option<&mut Reader>,
     ) -> io::Result<bool>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let (parts, mut body) = resp.into_parts();
-        let status = parts.status;
-        let http10 = version == Version::HTTP_10;
-        // Shutting down: this is the connection's last response.
-        let mut keep_alive = keep_alive && !self.app.shutdown.is_cancelled();
-        let bodiless = *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let hint = body.size_hint().exact();
-        let chunked = !bodiless && hint.is_none() && !http10;
-        if !bodiless && hint.is_none() && http10 {
-            // HTTP/1.0 has no chunked framing: the body ends with the connection.
-            keep_alive = false;
-        }
-
-        let mut size = 64;
-        for (name, value) in &parts.headers {
-            size += name.as_str().len() + value.len() + 4;
-        }
-        let mut head = BytesMut::with_capacity(size);
-        head.put_slice(b"HTTP/1.1 ");
-        head.put_slice(status.as_str().as_bytes());
-        head.put_u8(b' ');
-        head.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        head.put_slice(b"\r\n");
-        let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-        let mut had_length = false;
-        let mut had_date = false;
-        for (name, value) in &parts.headers {
-            if name == header::CONTENT_LENGTH {
-                // Kept as it is where no body follows (HEAD, 304); otherwise written below.
-                // Never on 1xx or 204 (RFC 9110 8.6).
-                if bodiless && !status.is_informational() && status != StatusCode::NO_CONTENT {
-                    had_length = true;
-                    put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
-                }
-                continue;
-            }
-            if !upgrade && (name == header::TRANSFER_ENCODING || name == header::CONNECTION) {
-                continue;
-            }
-            had_date |= name == header::DATE;
-            put_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
-        }
-        if !had_date {
-            // An upstream's own Date is passed on; the proxy's answers and Date-less
-            // upstreams get ours, as hyper's server did.
-            h1::put_date(&mut head);
-        }
-        match hint {
-            _ if status.is_informational() || status == StatusCode::NO_CONTENT => {}
-            Some(n) if !bodiless || (*method == Method::HEAD && !had_length && n > 0) => {
-                let mut digits = itoa::Buffer::new();
-                put_header(&mut head, b"content-length", digits.format(n).as_bytes());
-            }
-            _ if chunked => head.put_slice(b"transfer-encoding: chunked\r\n"),
-            _ => {}
-        }
-        if !upgrade {
-            if !keep_alive && !http10 {
-                head.put_slice(b"connection: close\r\n");
-            } else if keep_alive && http10 {
-                head.put_slice(b"connection: keep-alive\r\n");
-            }
-        }
-        head.put_slice(b"\r\n");
-        self.writer.push(head.freeze());
-        if bodiless {
-            drop(body);
-            self.writer.write_out().await?;
-            return Ok(keep_alive);
-        }
-
-        // The body: whatever is ready goes out with the head in one write; then frame by frame.
         loop {
-            let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            let frame = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
                 Poll::Pending => Poll::Ready(None),
             })
@@ -1041,7 +1205,7 @@ impl Conn {
                 Some(f) => f,
                 None if self.writer.out.is_empty() => {
                     let frame = std::future::poll_fn(|cx| {
-                        if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
+                        if let Poll::Ready(f) = Pin::new(&mut *body).poll_frame(cx) {
                             return Poll::Ready(Some(f));
                         }
                         match watch.as_deref_mut() {
@@ -1066,7 +1230,7 @@ impl Conn {
             match frame {
                 None => {
                     if chunked {
-                        self.writer.push(Bytes::from_static(b"0\r\n\r\n"));
+                        self.writer.push(Bytes::from_static(codec::LAST_CHUNK));
                     }
                     break;
                 }
@@ -1084,26 +1248,14 @@ impl Conn {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if chunked => {
-                        let mut line = BytesMut::with_capacity(20);
-                        let _ = std::fmt::Write::write_fmt(
-                            &mut line,
-                            format_args!("{:x}\r\n", data.len()),
-                        );
-                        self.writer.push(line.freeze());
+                        self.writer.push(codec::chunk_size_line(data.len()));
                         self.writer.push(data);
-                        self.writer.push(Bytes::from_static(b"\r\n"));
+                        self.writer.push(Bytes::from_static(codec::CHUNK_END));
                     }
                     Ok(data) => self.writer.push(data),
                     Err(frame) => {
                         if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
-                            let mut t = BytesMut::from(&b"0\r\n"[..]);
-                            for (name, value) in &trailers {
-                                if h1::trailer_allowed(name) {
-                                    put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
-                                }
-                            }
-                            t.put_slice(b"\r\n");
-                            self.writer.push(t.freeze());
+                            self.writer.push(codec::last_chunk_with(&trailers));
                             break;
                         }
                     }
@@ -1114,7 +1266,7 @@ impl Conn {
             }
         }
         self.writer.write_out().await?;
-        Ok(keep_alive)
+        Ok(true)
     }
 
     /// Closes after an error or an unread body: the write side first, then whatever the client
@@ -1334,7 +1486,7 @@ mod tests {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            let body = RequestBody {
+            let body = Streaming {
                 reader: Some(r),
                 framing: head.framing,
                 back: Some(tx),
@@ -1471,5 +1623,75 @@ mod tests {
             assert_eq!(refused, Some(Some(kind)), "{text:?}");
             assert_eq!(seen.len(), victim, "refused at the wrong request: {text:?}");
         }
+    }
+
+    /// A handler that answers each request with its method, path and body length.
+    struct Echo;
+
+    impl Handler for Echo {
+        type RequestBody = RequestBody;
+        type Body = http_body_util::Full<Bytes>;
+
+        async fn call(
+            &self,
+            req: Request<RequestBody>,
+            _on_upgrade: Option<OnUpgrade>,
+        ) -> Response<Self::Body> {
+            use http_body_util::BodyExt;
+            let line = format!("{} {} ", req.method(), req.uri().path());
+            let len = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes().len().to_string(),
+                Err(e) => e.to_string(),
+            };
+            Response::new(http_body_util::Full::new(Bytes::from(line + &len)))
+        }
+
+        fn shutting_down(&self) -> bool {
+            false
+        }
+
+        fn until_shutdown(&self) -> impl Future<Output = ()> + Send {
+            std::future::pending()
+        }
+    }
+
+    /// The whole connection loop around a handler: pipelined requests, a chunked body, and
+    /// `Connection: close` ending the connection after its answer.
+    #[tokio::test]
+    async fn a_handler_serves_pipelined_requests_on_one_connection() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server_side) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(server_side);
+        let settings = Settings {
+            limits: limits(),
+            idle_at_shutdown: Duration::from_millis(10),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let reader = Reader::new(Box::new(r), BytesMut::new());
+        let server = tokio::spawn(serve(reader, Box::new(w), Echo, settings, deadline));
+        client
+            .write_all(
+                b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+                  POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n0\r\n\r\n\
+                  PUT /c HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+            )
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+            .await
+            .expect("the server closes after `Connection: close`")
+            .expect("read");
+        let out = String::from_utf8(out).expect("utf-8");
+        assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{out}");
+        let (a, b, c) = (
+            out.find("GET /a 0").expect("first answer"),
+            out.find("POST /b 3").expect("second answer"),
+            out.find("PUT /c 2").expect("third answer"),
+        );
+        assert!(a < b && b < c, "{out}");
+        assert_eq!(out.matches("connection: close\r\n").count(), 1, "{out}");
+        server.await.expect("the connection task ends");
     }
 }

@@ -1,11 +1,12 @@
-//! HTTP/1.1 framing shared by the client side (`h1_server`) and the upstream side (`client`):
-//! lengths, chunked bodies and their trailers, header lines. Errors are short reasons that the
+//! HTTP/1.1 framing, in one copy for the [`server`](super::server) and the
+//! [`client`](super::client): header spans of a parsed head, lengths, the framing decision,
+//! chunked bodies (decoding and encoding) and their trailers. Errors are short reasons that the
 //! caller turns into its own error (a 400 toward clients, a 502 toward upstreams).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::proxy::{is_hop_by_hop, Forwarded};
+use super::headers::{put_header, trailer_allowed};
 
 /// Longest chunk-size line (with extensions).
 pub const MAX_CHUNK_LINE: usize = 4096;
@@ -162,52 +163,168 @@ pub fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, &'stat
     }
 }
 
-/// Trailers may not carry framing, routing or forwarding headers (RFC 9110 6.5.1): some
-/// upstreams merge trailers into the header section, which would bypass the proxy's rewriting.
-pub fn trailer_allowed(name: &HeaderName) -> bool {
-    !(is_hop_by_hop(name)
-        || name == header::CONTENT_LENGTH
-        || name == header::HOST
-        || name == header::TRAILER
-        || name == header::EXPECT
-        || Forwarded::replaces(name))
-}
+/// Where one header's name and value lie in the head's buffer: name offset, name length,
+/// value offset, value length.
+pub type Span = (u32, u32, u32, u32);
 
-pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.put_slice(name);
-    out.put_slice(b": ");
-    out.put_slice(value);
-    out.put_slice(b"\r\n");
-}
-
-/// The `Date` field (RFC 9110 6.6.1) for responses that come without one, formatted at most
-/// once a second per thread.
-pub fn put_date(out: &mut BytesMut) {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-    thread_local! {
-        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
-    }
-    // httpdate formats 1970 to 9999 only (and panics outside): a clock outside that range
-    // has no date worth sending (RFC 9110 6.6.1 asks for none without a reliable clock).
-    const YEAR_10000: u64 = 253_402_300_800;
-    let now = SystemTime::now();
-    let Ok(since) = now.duration_since(UNIX_EPOCH) else {
-        return;
+/// The [`Span`]s of httparse's headers in `buf` (which they borrow), in `small` when they fit,
+/// else in `large`: the values can then share the head's buffer once it is frozen.
+#[inline]
+pub fn header_spans<'s>(
+    buf: &[u8],
+    parsed: &[httparse::Header<'_>],
+    small: &'s mut [Span],
+    large: &'s mut Vec<Span>,
+) -> &'s [Span] {
+    let base = buf.as_ptr() as usize;
+    let spans = if parsed.len() <= small.len() {
+        &mut small[..parsed.len()]
+    } else {
+        large.resize(parsed.len(), (0, 0, 0, 0));
+        &mut large[..]
     };
-    let secs = since.as_secs();
-    if secs >= YEAR_10000 {
-        return;
+    for (span, h) in spans.iter_mut().zip(parsed.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (
+            n as u32,
+            h.name.len() as u32,
+            v as u32,
+            h.value.len() as u32,
+        );
     }
-    CACHED.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            // IMF-fixdate is 29 bytes for every year httpdate formats.
-            let Ok(fixed) = <[u8; 29]>::try_from(httpdate::fmt_http_date(now).as_bytes()) else {
-                return;
-            };
-            *c = (secs, fixed);
+    spans
+}
+
+/// Which part of a header line is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHeader {
+    Name,
+    Value,
+}
+
+/// The header at `span` of the frozen `head`; the value shares its buffer.
+#[inline]
+pub fn header_at(head: &Bytes, span: Span) -> Result<(HeaderName, HeaderValue), BadHeader> {
+    let (n, nl, v, vl) = span;
+    let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
+        .map_err(|_| BadHeader::Name)?;
+    let value = HeaderValue::from_maybe_shared(head.slice(v as usize..(v + vl) as usize))
+        .map_err(|_| BadHeader::Value)?;
+    Ok((name, value))
+}
+
+/// What a head's `Content-Length` and `Transfer-Encoding` fields say, gathered while its
+/// headers are read.
+#[derive(Default)]
+pub struct FramingFields {
+    length: Option<u64>,
+    te_lines: u32,
+    chunked: bool,
+}
+
+/// Framing a message may not be relayed with (request smuggling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramingError {
+    InvalidLength,
+    ConflictingLength,
+    LengthAndTransferEncoding,
+    UnsupportedTransferEncoding,
+}
+
+/// How a message's body is framed, by its fields alone (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Neither field: no body for a request, until close for a response.
+    Unframed,
+    Length(u64),
+    Chunked,
+}
+
+impl FramingFields {
+    #[inline]
+    pub fn content_length(&mut self, value: &[u8]) -> Result<(), FramingError> {
+        let n = parse_length(value).map_err(|_| FramingError::InvalidLength)?;
+        if self.length.is_some_and(|l| l != n) {
+            return Err(FramingError::ConflictingLength);
         }
-        put_header(out, b"date", &c.1);
-    });
+        self.length = Some(n);
+        Ok(())
+    }
+
+    #[inline]
+    pub fn transfer_encoding(&mut self, value: &[u8]) {
+        self.te_lines += 1;
+        self.chunked = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+    }
+
+    #[inline]
+    pub fn has_transfer_encoding(&self) -> bool {
+        self.te_lines > 0
+    }
+
+    /// The decision: a length, a single plain `chunked`, or neither; `Content-Length` with
+    /// `Transfer-Encoding`, or any coding but one `chunked`, is refused.
+    #[inline]
+    pub fn decide(&self) -> Result<BodyFraming, FramingError> {
+        match (self.te_lines, self.length) {
+            (0, Some(n)) => Ok(BodyFraming::Length(n)),
+            (0, None) => Ok(BodyFraming::Unframed),
+            (_, Some(_)) => Err(FramingError::LengthAndTransferEncoding),
+            (1, None) if self.chunked => Ok(BodyFraming::Chunked),
+            _ => Err(FramingError::UnsupportedTransferEncoding),
+        }
+    }
+}
+
+/// The size line in front of one chunk of `len` bytes (`len` > 0).
+pub fn chunk_size_line(len: usize) -> Bytes {
+    let mut line = [0u8; 18];
+    let mut at = 16;
+    let mut n = len;
+    loop {
+        at -= 1;
+        line[at] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    line[16] = b'\r';
+    line[17] = b'\n';
+    Bytes::copy_from_slice(&line[at..])
+}
+
+/// What ends a chunk's data.
+pub const CHUNK_END: &[u8] = b"\r\n";
+/// The last chunk without trailers.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The last chunk with a trailer section: the fields a trailer may carry
+/// ([`trailer_allowed`]), the others dropped.
+pub fn last_chunk_with(trailers: &HeaderMap) -> Bytes {
+    let mut t = BytesMut::from(&b"0\r\n"[..]);
+    for (name, value) in trailers {
+        if trailer_allowed(name) {
+            put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    t.put_slice(b"\r\n");
+    t.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        assert_eq!(&chunk_size_line(1)[..], b"1\r\n");
+        assert_eq!(&chunk_size_line(255)[..], b"ff\r\n");
+        assert_eq!(&chunk_size_line(4096)[..], b"1000\r\n");
+        assert_eq!(
+            &chunk_size_line(usize::MAX)[..],
+            format!("{:x}\r\n", usize::MAX).as_bytes()
+        );
+    }
 }

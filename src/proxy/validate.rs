@@ -1,9 +1,11 @@
-//! Request checks and rewrites from the hostile-input review (issue 14), kept apart from the
-//! request path in [`crate::proxy`] that calls them: request targets (RFC 9112 3.2), HTTP/2
-//! `cookie` fields toward HTTP/1.1 (RFC 9113 8.2.3), and upgrade tokens (RFC 9110 7.8).
+//! Request checks and rewrites, kept apart from the request path in [`crate::proxy`] that calls
+//! them: request targets (RFC 9112 3.2), the Host (RFC 9110 7.2), HTTP/2 `cookie` fields toward
+//! HTTP/1.1 (RFC 9113 8.2.3), and upgrade tokens (RFC 9110 7.8).
 
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
+
+use crate::http::codec::parse_length;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
 
@@ -15,7 +17,7 @@ pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
         // HTTP/1 lengths are checked as the head is parsed; an h2 one is only advisory to h2,
         // but it is passed on: the same bound (below 2^63) holds.
         for v in req.headers().get_all(header::CONTENT_LENGTH) {
-            crate::h1::parse_length(v.as_bytes()).map_err(|_| "invalid Content-Length\n")?;
+            parse_length(v.as_bytes()).map_err(|_| "invalid Content-Length\n")?;
         }
     }
     let uri = req.uri();
@@ -123,6 +125,89 @@ pub fn upgrade_matches(asked: &HeaderValue, resp: &HeaderMap) -> bool {
     any
 }
 
+/// The request's host value (for `X-Forwarded-Host`) and the length of its name without port.
+/// HTTP/1.1 needs exactly one Host; HTTP/2 may carry it as :authority instead. Nothing is
+/// allocated: routing compares names case-insensitively.
+pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header\n");
+    }
+    let authority = req.uri().authority();
+    if authority.is_some_and(|a| a.as_str().contains('@')) {
+        return Err("userinfo in the request target\n");
+    }
+    let value = match (authority, first) {
+        (_, None) if req.version() == Version::HTTP_11 => return Err("missing Host header\n"),
+        // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed.
+        (Some(a), Some(h)) if req.version() == Version::HTTP_2 => {
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err("Host and :authority differ\n");
+            }
+            Some(h.clone())
+        }
+        // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host.
+        (Some(a), _) => HeaderValue::from_str(a.as_str()).ok(),
+        (None, Some(h)) => Some(h.clone()),
+        (None, None) => None,
+    };
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let s = value.to_str().map_err(|_| "invalid Host header\n")?;
+    let len = host_without_port(s).ok_or("invalid Host header\n")?.len();
+    Ok(Some((value, len)))
+}
+
+/// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values
+/// (RFC 9110 7.2: `uri-host [ ":" port ]`): a second colon, a port past 65535, an IP literal
+/// that is not an IPv6 address.
+pub fn host_without_port(s: &str) -> Option<&str> {
+    let (name, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        rest[..end].parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match &rest[end + 1..] {
+            "" => None,
+            after => Some(after.strip_prefix(':')?),
+        };
+        (&s[..end + 2], port)
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if let Some(p) = port {
+        let digits = p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits || p.parse::<u32>().is_ok_and(|n| n > 65535) {
+            return None;
+        }
+    }
+    let ok = !name.is_empty()
+        && (name.starts_with('[')
+            || name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')));
+    ok.then_some(name)
+}
+
+/// The protocol a client asks to upgrade to (WebSocket and friends); never h2c, which the
+/// proxy speaks itself by prior knowledge and must not tunnel.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    let proto = headers.get(header::UPGRADE)?;
+    without_h2c(proto)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +263,22 @@ mod tests {
             h.get(header::COOKIE).map(|v| v.as_bytes()),
             Some(&b"a=1; b=2"[..])
         );
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(host_without_port("a.b:80"), Some("a.b"));
+        assert_eq!(host_without_port("a.b"), Some("a.b"));
+        assert_eq!(host_without_port("[::1]:80"), Some("[::1]"));
+        assert_eq!(host_without_port("a b"), None);
+        assert_eq!(host_without_port("a.b:x"), None);
+        assert_eq!(host_without_port(""), None);
+        assert_eq!(host_without_port("a:1:2"), None);
+        assert_eq!(host_without_port("a:99999999999"), None);
+        assert_eq!(host_without_port("a:65536"), None);
+        assert_eq!(host_without_port("a:65535"), Some("a"));
+        assert_eq!(host_without_port("[zz::1:]"), None);
+        assert_eq!(host_without_port("[::1]x"), None);
+        assert_eq!(host_without_port("::1"), None);
     }
 }

@@ -14,7 +14,8 @@ use http::uri::PathAndQuery;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::client::{ClientError, PooledBody};
+use super::UpstreamBody;
+use crate::http::client::ClientError;
 use crate::passive::is_gateway_error;
 use crate::stats::Clock;
 use crate::upstream::{FailureKind, Pool, Upstream};
@@ -70,7 +71,7 @@ impl Outcome {
 /// decides), with an error (an upstream failure, unless the client's own upload failed), or
 /// dropped unfinished (the client went away: not the upstream's fault).
 pub struct RecordedBody {
-    inner: PooledBody,
+    inner: UpstreamBody,
     pending: Option<Pending>,
 }
 
@@ -82,7 +83,7 @@ struct Pending {
 }
 
 impl RecordedBody {
-    pub fn new(inner: PooledBody, outcome: Outcome, head_elapsed: Duration, code: u16) -> Self {
+    pub fn new(inner: UpstreamBody, outcome: Outcome, head_elapsed: Duration, code: u16) -> Self {
         RecordedBody {
             inner,
             pending: Some(Pending {

@@ -1,0 +1,203 @@
+//! Header rules shared by the server, the client and the proxy above them: the hop-by-hop set
+//! (RFC 9110 7.6.1) and its removal, what a trailer section may carry, the forwarding header
+//! names, header lines and the cached `Date`.
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Bits of [`hop_bits`]: which hop-by-hop fields a header map carries.
+pub const CONNECTION_BIT: u8 = 1;
+pub const KEEP_ALIVE_BIT: u8 = 2;
+pub const PROXY_CONNECTION_BIT: u8 = 4;
+pub const TE_BIT: u8 = 8;
+pub const TRANSFER_ENCODING_BIT: u8 = 16;
+pub const UPGRADE_BIT: u8 = 32;
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1) and every header named on any `Connection` line.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_known(headers, hop_bits(headers))
+}
+
+/// Which hop-by-hop headers are present: one pass over the (few) names instead of a hashed
+/// lookup per hop-by-hop name. Most requests carry none, a typical response only `Connection`.
+pub fn hop_bits(headers: &HeaderMap) -> u8 {
+    headers.keys().fold(0u8, |acc, k| acc | hop_bit(k))
+}
+
+/// [`strip_hop_by_hop`] with the [`hop_bits`] already known.
+pub fn strip_known(headers: &mut HeaderMap, present: u8) {
+    if present == 0 {
+        return;
+    }
+    if present & CONNECTION_BIT != 0 {
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        match (lines.next().is_some(), lines.next().is_some()) {
+            (true, false) => {
+                // The usual case: one line, taken out whole; nothing is allocated.
+                if let Some(line) = headers.remove(header::CONNECTION) {
+                    remove_named(headers, &line);
+                }
+            }
+            _ => {
+                let lines: Vec<HeaderValue> = headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                headers.remove(header::CONNECTION);
+                for line in &lines {
+                    remove_named(headers, line);
+                }
+            }
+        }
+    }
+    for (bit, name) in [
+        (KEEP_ALIVE_BIT, &KEEP_ALIVE),
+        (PROXY_CONNECTION_BIT, &PROXY_CONNECTION),
+        (TE_BIT, &header::TE),
+        (TRANSFER_ENCODING_BIT, &header::TRANSFER_ENCODING),
+        (UPGRADE_BIT, &header::UPGRADE),
+    ] {
+        if present & bit != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// A hop-by-hop field (RFC 9110 7.6.1) by name alone.
+#[inline]
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_bit(name) != 0
+}
+
+/// The [`hop_bits`] bit of one name (0: not hop-by-hop).
+#[inline]
+pub fn hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION_BIT
+    } else if name == header::TE {
+        TE_BIT
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING_BIT
+    } else if name == header::UPGRADE {
+        UPGRADE_BIT
+    } else if name == KEEP_ALIVE {
+        KEEP_ALIVE_BIT
+    } else if name == PROXY_CONNECTION {
+        PROXY_CONNECTION_BIT
+    } else {
+        0
+    }
+}
+
+/// Removes the headers a `Connection` line names (comma-separated, any case).
+pub fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
+    for token in line.as_bytes().split(|b| *b == b',') {
+        if let Ok(name) = std::str::from_utf8(token.trim_ascii()) {
+            // The one field a request cannot do without is no hop-by-hop candidate
+            // (RFC 9110 7.6.1, RFC 9112 3.2): `Connection: Host` leaves it in place.
+            if !name.is_empty() && !name.eq_ignore_ascii_case("host") {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// Whether `name` is one of the `X-Forwarded-*` fields a proxy writes itself.
+#[inline]
+pub fn is_x_forwarded(name: &HeaderName) -> bool {
+    name == X_FORWARDED_FOR || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST
+}
+
+/// Whether a `TE` field asks for trailers (the one TE value a proxy may pass on).
+pub fn wants_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Trailers may not carry framing, routing or forwarding headers (RFC 9110 6.5.1): some
+/// upstreams merge trailers into the header section, which would bypass the proxy's rewriting.
+pub fn trailer_allowed(name: &HeaderName) -> bool {
+    !(is_hop_by_hop(name)
+        || name == header::CONTENT_LENGTH
+        || name == header::HOST
+        || name == header::TRAILER
+        || name == header::EXPECT
+        || is_x_forwarded(name))
+}
+
+/// One `name: value` line.
+#[inline]
+pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// The `Date` field (RFC 9110 6.6.1) for responses that come without one, formatted at most
+/// once a second per thread.
+pub fn put_date(out: &mut BytesMut) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    // httpdate formats 1970 to 9999 only (and panics outside): a clock outside that range
+    // has no date worth sending (RFC 9110 6.6.1 asks for none without a reliable clock).
+    const YEAR_10000: u64 = 253_402_300_800;
+    let now = SystemTime::now();
+    let Ok(since) = now.duration_since(UNIX_EPOCH) else {
+        return;
+    };
+    let secs = since.as_secs();
+    if secs >= YEAR_10000 {
+        return;
+    }
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            // IMF-fixdate is 29 bytes for every year httpdate formats.
+            let Ok(fixed) = <[u8; 29]>::try_from(httpdate::fmt_http_date(now).as_bytes()) else {
+                return;
+            };
+            *c = (secs, fixed);
+        }
+        put_header(out, b"date", &c.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_from_every_connection_line() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-one, keep-alive"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Two"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("x-three", HeaderValue::from_static("3"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-one").is_none() && h.get("x-two").is_none());
+        assert!(h.get("keep-alive").is_none() && h.get("te").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get("x-three").map(|v| v.as_bytes()), Some(&b"3"[..]));
+    }
+}

@@ -1,0 +1,122 @@
+//! I/O shared by the server and the client: the adaptive read into a growing buffer, the
+//! vectored write of a queue of buffers, and a stream with bytes already read off it in front.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Reads what `io` has into `buf`; `Ok(0)` is end of stream. The buffer gets room for `want`
+/// bytes when less than a quarter of that is left (so a peer sending a few bytes at a time does
+/// not make a new buffer per read), and `read_size` doubles, up to `max`, each time a read
+/// fills all the room there was: a socket with more than was asked for is asked for more.
+/// Through `AsyncRead`, which clears the socket's readiness on a short read, so the next wait
+/// does not start with a read that can only say EAGAIN.
+#[inline]
+pub fn poll_fill<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    want: usize,
+    read_size: &mut usize,
+    max: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < want.div_ceil(4) {
+        buf.reserve(want);
+    }
+    let room = buf.capacity() - buf.len();
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, buf))?;
+    if n == room && *read_size < max {
+        *read_size *= 2;
+    }
+    Poll::Ready(Ok(n))
+}
+
+/// One `writev` of the front of `out` (at most `SLICES` buffers); what was written is taken off
+/// the queue and its length returned. `Ok(0)`: the peer takes nothing more.
+#[inline]
+pub fn poll_write_queue<const SLICES: usize, W: AsyncWrite + Unpin + ?Sized>(
+    io: &mut W,
+    out: &mut VecDeque<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut slices = [IoSlice::new(&[]); SLICES];
+    let n = out.len().min(slices.len());
+    for (s, b) in slices.iter_mut().zip(out.iter()) {
+        *s = IoSlice::new(b);
+    }
+    let written = ready!(Pin::new(io).poll_write_vectored(cx, &slices[..n]))?;
+    let mut left = written;
+    while left > 0 {
+        let Some(front) = out.front_mut() else {
+            break;
+        };
+        let k = left.min(front.len());
+        front.advance(k);
+        left -= k;
+        if front.is_empty() {
+            out.pop_front();
+        }
+    }
+    Poll::Ready(Ok(written))
+}
+
+/// A stream with bytes already read off it in front (a sniffed preface, a head's leftovers).
+pub struct Prefixed<S> {
+    pub read: Bytes,
+    pub io: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(read: Bytes, io: S) -> Prefixed<S> {
+        Prefixed { read, io }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(out.remaining());
+            out.put_slice(&self.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

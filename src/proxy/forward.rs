@@ -1,0 +1,141 @@
+//! Step 4 of the request path: the request to the upstream picked and, while it cannot take
+//! the request, to others of the same pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, Uri};
+use http_body::Body;
+
+use super::body::{ClientBody, RequestBody};
+use super::error::attempt_failure;
+use super::forwarded::Forwarded;
+use super::{Proxy, UpstreamBody};
+use crate::config::Protocol;
+use crate::http::client::{ClientError, Failed, PooledBody, Prepared, Timeouts};
+use crate::http::headers::strip_hop_by_hop;
+use crate::upstream::{Pool, Upstream};
+
+/// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
+/// pool, HTTP/2 through the multiplexing client. A request the upstream cannot have acted on
+/// (see [`Failed::unsent`]; for HTTP/2, a failed connect of a bodiless request) goes to another
+/// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
+/// its upstream (failure counter, passive health) but not in the window, where the request is
+/// recorded once, on `up`, the upstream of the last attempt.
+pub(super) async fn forward(
+    proxy: &Proxy,
+    pool: &Pool,
+    up: &mut Arc<Upstream>,
+    req: Request<RequestBody>,
+    fwd: &Forwarded<'_>,
+    timeouts: Timeouts,
+    retries: u32,
+) -> Result<Response<UpstreamBody>, ClientError> {
+    let mut tried: Vec<Arc<Upstream>> = Vec::new();
+    match pool.protocol {
+        Protocol::Http1 => {
+            let mut req = Prepared::new(req, fwd, timeouts);
+            loop {
+                let in_flight = up.begin();
+                let Failed { error, unsent } = match up.conns.send_prepared(req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(failed) => failed,
+                };
+                drop(in_flight);
+                match unsent {
+                    Some(unsent) if tried.len() < retries as usize => {
+                        if !next_attempt(pool, up, &mut tried, &error) {
+                            return Err(error);
+                        }
+                        req = unsent;
+                    }
+                    _ => return Err(error),
+                }
+            }
+        }
+        Protocol::H2 => {
+            // A bodiless request can be rebuilt for another upstream; one with a body cannot.
+            // The copy (its headers) is made only where there is another upstream to try.
+            let replay = (retries > 0 && pool.upstreams.len() > 1 && req.body().is_end_stream())
+                .then(|| {
+                    let mut copy = Request::new(());
+                    *copy.method_mut() = req.method().clone();
+                    *copy.uri_mut() = req.uri().clone();
+                    *copy.version_mut() = req.version();
+                    *copy.headers_mut() = req.headers().clone();
+                    (copy, req.body().idle_timeout())
+                });
+            let mut req = req;
+            loop {
+                let in_flight = up.begin();
+                let error = match forward_h2(proxy, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => e,
+                };
+                drop(in_flight);
+                match &replay {
+                    Some((copy, idle)) if error.is_connect() && tried.len() < retries as usize => {
+                        if !next_attempt(pool, up, &mut tried, &error) {
+                            return Err(error);
+                        }
+                        req = replay_h2(copy, &up.authority, *idle)?;
+                    }
+                    _ => return Err(error),
+                }
+            }
+        }
+    }
+}
+
+/// Counts the failed attempt against `up` and moves `up` to another upstream of the pool;
+/// false when there is none left to try.
+fn next_attempt(
+    pool: &Pool,
+    up: &mut Arc<Upstream>,
+    tried: &mut Vec<Arc<Upstream>>,
+    error: &ClientError,
+) -> bool {
+    tried.push(up.clone());
+    let Some(next) = pool.pick_retry(tried) else {
+        return false;
+    };
+    up.count_failure(attempt_failure(error));
+    up.passive_failure(&pool.passive);
+    tracing::debug!(upstream = %up.addr, next = %next.addr, error = %error, "upstream could not take the request; trying another");
+    *up = next.clone();
+    true
+}
+
+/// A bodiless HTTP/2 request again, for the upstream at `authority`.
+fn replay_h2(
+    copy: &Request<()>,
+    authority: &http::uri::Authority,
+    idle: Duration,
+) -> Result<Request<RequestBody>, ClientError> {
+    let mut parts = copy.uri().clone().into_parts();
+    parts.authority = Some(authority.clone());
+    let uri =
+        Uri::from_parts(parts).map_err(|_| ClientError::Protocol("invalid request target"))?;
+    let mut req = Request::new(RequestBody::new(ClientBody::Empty, idle));
+    *req.method_mut() = copy.method().clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = copy.version();
+    *req.headers_mut() = copy.headers().clone();
+    Ok(req)
+}
+
+/// One HTTP/2 exchange through the multiplexing client. h2 itself refuses responses with
+/// connection-specific fields or `Transfer-Encoding` (RFC 9113 8.2.2); a `TE` that got through
+/// is dropped like the HTTP/1.1 client drops hop-by-hop fields.
+async fn forward_h2(
+    proxy: &Proxy,
+    req: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, ClientError> {
+    let idle = req.body().idle_timeout();
+    let mut resp = proxy.h2.request(req).await?;
+    strip_hop_by_hop(resp.headers_mut());
+    if resp.status().as_u16() > 599 {
+        return Err(ClientError::Protocol("invalid status code"));
+    }
+    Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
+}

@@ -1,0 +1,567 @@
+//! The request path, on one page ([`route_and_forward`]):
+//!
+//! 1. **validate** the request (CONNECT, the target, the Host) and take the host;
+//! 2. **route**: load the routing snapshot once, match the service, pick the color (live, or
+//!    idle on the preview listener) and a healthy upstream of that pool (power of two choices);
+//! 3. **rewrite** headers (hop-by-hop out; `X-Forwarded-*` in, written by the HTTP/1.1 client
+//!    straight into the head or inserted here for h2; `Host` unchanged);
+//! 4. **forward** with the pooled client, bounded by `request_timeout` until response headers;
+//!    the request body streams through [`RequestBody`], which ends it after `body_idle_timeout`
+//!    without a frame; the client checks the response's framing and drops its hop-by-hop
+//!    fields; a request its upstream could not take goes to another of the pool (`retries`);
+//! 5. **finish**: record the outcome (window stats, counters, critical paths, passive health)
+//!    once — at once for the proxy's own answers, when the body ends for the upstream's (see
+//!    [`outcome`]) — and stream the response back, or hand an upgraded connection to a
+//!    [`tunnel`].
+//!
+//! The color is chosen here, per request: a flip affects the next request on every keep-alive
+//! connection, while requests already past step 2 finish on the color they started on.
+//!
+//! The proxy's own answers (all in [`error::ProxyError::answer`]), plain text, never naming an
+//! internal address:
+//!
+//! | status | when | counts against the upstream |
+//! |---|---|---|
+//! | 400 | malformed request (target, Host, lengths); the connection closes | no |
+//! | 405 | CONNECT; the connection closes | no |
+//! | 404 | no service matches | no |
+//! | 503 | no healthy upstream in the pool | no |
+//! | 408 / 400 | the client's request body stalled / failed | no |
+//! | 504 | no response head within `request_timeout` | `timeout` |
+//! | 502 | connect failed / no valid response | `connect` / `reset` |
+//! | 502 | a `101` the client did not ask for | no (recorded as the 101) |
+//!
+//! The HTTP/1 server itself answers 400/431/414 for heads it refuses (see
+//! [`crate::http::server`]).
+
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod forwarded;
+pub mod outcome;
+pub mod tunnel;
+pub mod validate;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::access_log::{AccessLog, Logged, Routed, X_REQUEST_ID};
+use crate::config::{Color, Protocol};
+use crate::http::client::{hyper_client, PooledBody, Timeouts};
+use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
+use crate::http::server::{self, BoxWrite, Handler, Limits, OnUpgrade, Reader, Settings};
+use crate::metrics::Metrics;
+use crate::routing::{Service, Snapshot};
+use crate::shutdown::Shutdown;
+use crate::stats::Clock;
+use crate::upstream::{Pool, Upstream};
+
+pub use body::{BodyError, ClientBody, RequestBody};
+pub use error::{text, ProxyBody, ProxyError};
+pub use forwarded::{add_forwarded, Forwarded};
+pub use tunnel::Tunnels;
+
+use forward::forward;
+use outcome::{Outcome, RecordedBody};
+
+/// An upstream's response body on its way through the proxy.
+pub type UpstreamBody = PooledBody<RequestBody>;
+
+/// A response on its way to the client: with `[log] access` on, its end writes the log line.
+pub type ServedBody = Logged<ProxyBody>;
+
+/// The multiplexing client of HTTP/2 pools.
+pub type H2Client = hyper_util::client::legacy::Client<HttpConnector, RequestBody>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Requests go to the live color.
+    Live,
+    /// Requests go to the idle color (smoke tests before a flip).
+    Preview,
+}
+
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+    pub mode: Mode,
+    /// The client address as an `X-Forwarded-For` value, formatted once per connection.
+    pub client_ip: HeaderValue,
+    /// The connection's `max_connections` slot. It goes with the last reference, so a tunnel
+    /// upgraded from the connection keeps holding it after the connection itself has ended.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, tls: bool, mode: Mode) -> ConnInfo {
+        let client_ip = HeaderValue::from_str(&remote.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            remote,
+            tls,
+            mode,
+            client_ip,
+            slot: None,
+        }
+    }
+
+    /// The same, holding a `max_connections` slot until the connection and its tunnel end.
+    pub fn holding(mut self, slot: OwnedSemaphorePermit) -> ConnInfo {
+        self.slot = Some(slot);
+        self
+    }
+}
+
+/// What the request path needs, shared by every listener: the routing snapshot the app
+/// publishes into, the HTTP/2 client, the open tunnels, the access log and the metrics.
+pub struct Proxy {
+    routes: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+    shutdown: Arc<Shutdown>,
+    access_log: Option<Arc<AccessLog>>,
+    h2: H2Client,
+    tunnels: Tunnels,
+}
+
+impl Proxy {
+    /// The HTTP/2 client is built from the snapshot's `[proxy]` settings.
+    pub fn new(
+        routes: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+        shutdown: Arc<Shutdown>,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> Proxy {
+        let h2 = {
+            let p = &routes.load().config.proxy;
+            hyper_client(p.connect_timeout, p.upstream_idle_timeout, None, true)
+        };
+        Proxy {
+            routes,
+            metrics,
+            clock,
+            shutdown,
+            access_log,
+            h2,
+            tunnels: Tunnels::default(),
+        }
+    }
+
+    /// The open upgraded connections, drained at shutdown.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
+    }
+
+    /// Step 2: the service, color and upstream for a request, from one snapshot load.
+    fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        mode: Mode,
+        mut routed: Option<&mut Routed>,
+    ) -> Result<Route, ProxyError> {
+        let snap = self.routes.load();
+        let Some(svc) = snap.route(host, path) else {
+            self.metrics.unmatched_requests_total.inc();
+            return Err(ProxyError::NoService);
+        };
+        let color = match mode {
+            Mode::Live => svc.state.active,
+            Mode::Preview => svc.state.active.other(),
+        };
+        if let Some(r) = routed.as_deref_mut() {
+            r.service = Some(svc.clone());
+            r.color = Some(color);
+        }
+        let pool = svc.pool(color);
+        let Some(up) = pool.pick() else {
+            pool.unavailable.inc();
+            return Err(ProxyError::NoHealthyUpstream);
+        };
+        if let Some(r) = routed {
+            r.upstream = Some(up.clone());
+        }
+        let p = &snap.config.proxy;
+        Ok(Route {
+            svc: svc.clone(),
+            color,
+            up: up.clone(),
+            request_timeout: p.request_timeout,
+            timeouts: Timeouts {
+                body_idle: p.body_idle_timeout,
+                send: p.upstream_send_timeout,
+            },
+            retries: p.retries,
+            tunnel_idle: p.tunnel_idle_timeout,
+        })
+    }
+}
+
+/// Serves one HTTP/1.x client connection (see [`crate::http::server`]) with the proxy as its
+/// handler. `idle_at_shutdown`: how long an idle connection is kept once shutdown begins. Not
+/// an `async fn`: the connection's future is the server's own, with no layer around it.
+pub fn serve_h1(
+    reader: Reader,
+    writer: BoxWrite,
+    proxy: Arc<Proxy>,
+    info: Arc<ConnInfo>,
+    first_deadline: Instant,
+    idle_at_shutdown: Duration,
+) -> impl Future<Output = ()> + Send {
+    let limits = {
+        let p = &proxy.routes.load().config.proxy;
+        Limits {
+            header_read_timeout: p.header_read_timeout,
+            max_headers: p.max_headers,
+            max_header_bytes: p.max_header_bytes,
+        }
+    };
+    let settings = Settings {
+        limits,
+        idle_at_shutdown,
+    };
+    let handler = ProxyConn { proxy, info };
+    server::serve(reader, writer, handler, settings, first_deadline)
+}
+
+/// The proxy as one HTTP/1 connection's handler.
+struct ProxyConn {
+    proxy: Arc<Proxy>,
+    info: Arc<ConnInfo>,
+}
+
+impl Handler for ProxyConn {
+    type RequestBody = ClientBody;
+    type Body = ServedBody;
+
+    fn call(
+        &self,
+        req: Request<ClientBody>,
+        on_upgrade: Option<OnUpgrade>,
+    ) -> impl Future<Output = Response<ServedBody>> + Send {
+        handle(&self.proxy, req, &self.info, on_upgrade)
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.proxy.shutdown.is_cancelled()
+    }
+
+    fn until_shutdown(&self) -> impl Future<Output = ()> + Send {
+        self.proxy.shutdown.cancelled()
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.proxy.metrics.count_rejected(reason);
+    }
+
+    fn client_closed(&self) {
+        self.proxy.metrics.client_closed_requests_total.inc();
+    }
+}
+
+/// One request, with its access log line when the log is on (see [`crate::access_log`]).
+pub async fn handle(
+    proxy: &Proxy,
+    mut req: Request<ClientBody>,
+    conn: &Arc<ConnInfo>,
+    on_upgrade: Option<OnUpgrade>,
+) -> Response<ServedBody> {
+    let Some(log) = &proxy.access_log else {
+        return route_and_forward(proxy, req, conn, on_upgrade, None)
+            .await
+            .map(Logged::off);
+    };
+    let start = Instant::now();
+    let id = log.request_id(req.headers().get(&X_REQUEST_ID));
+    // One value upstream: `insert` replaces every value the client sent.
+    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    let mut entry = log.entry(
+        start,
+        conn.remote.ip(),
+        req.method().clone(),
+        req.uri().path_and_query().cloned(),
+        req.version(),
+        id.clone(),
+        req.headers(),
+    );
+    let mut routed = Routed::default();
+    let mut resp = route_and_forward(proxy, req, conn, on_upgrade, Some(&mut routed)).await;
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    entry.status = resp.status().as_u16();
+    entry.service = routed.service;
+    entry.color = routed.color;
+    entry.upstream = routed.upstream;
+    let log = log.clone();
+    resp.map(|body| Logged::new(body, log, entry))
+}
+
+/// The request path: validate → route → rewrite → forward → finish.
+async fn route_and_forward(
+    proxy: &Proxy,
+    mut req: Request<ClientBody>,
+    conn: &Arc<ConnInfo>,
+    on_upgrade: Option<OnUpgrade>,
+    routed: Option<&mut Routed>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    // 1. Validate. A refused request closes its connection: what a client pipelined behind it
+    // is not run.
+    let host = match check(&mut req) {
+        Ok(host) => host,
+        Err(e) => return e.response(),
+    };
+    // 2. Route: one snapshot load for every decision.
+    let route = match proxy.route(host.name(), req.uri().path(), conn.mode, routed) {
+        Ok(route) => route,
+        Err(e) => return e.response(),
+    };
+    // 3. Rewrite.
+    let fwd = Forwarded::new(conn, host.value.as_ref());
+    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
+        Ok(r) => r,
+        Err(e) => return e.response(),
+    };
+    // 4. Forward, to the upstream picked and, while it cannot take the request, to others of
+    //    the same pool (at most `retries` more). `up` ends as the one that answered or failed
+    //    last: the request is recorded there, once.
+    let req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
+    let pool = route.svc.pool(route.color);
+    let mut up = route.up;
+    let attempt = forward(
+        proxy,
+        pool,
+        &mut up,
+        req,
+        &fwd,
+        route.timeouts,
+        route.retries,
+    );
+    let result = match tokio::time::timeout(route.request_timeout, attempt).await {
+        Err(_) => Err(ProxyError::Timeout),
+        Ok(Err(e)) => Err(ProxyError::from_client(e)),
+        Ok(Ok(resp)) => Ok(resp),
+    };
+    // 5. Finish: record and answer.
+    let outcome = Outcome {
+        pool: pool.clone(),
+        up,
+        path: rewritten.path.take(),
+        start,
+        clock: proxy.clock,
+        live: conn.mode == Mode::Live,
+    };
+    finish(
+        proxy,
+        &route.svc,
+        route.tunnel_idle,
+        outcome,
+        result,
+        rewritten,
+        conn,
+    )
+}
+
+/// The request's host (for routing and `X-Forwarded-Host`): the value, and the length of its
+/// name without the port.
+struct Host {
+    value: Option<HeaderValue>,
+    len: usize,
+}
+
+impl Host {
+    fn name(&self) -> Option<&str> {
+        self.value
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.get(..self.len))
+    }
+}
+
+/// Where a request goes, decided once from one snapshot.
+struct Route {
+    svc: Arc<Service>,
+    color: Color,
+    up: Arc<Upstream>,
+    request_timeout: Duration,
+    timeouts: Timeouts,
+    retries: u32,
+    tunnel_idle: Duration,
+}
+
+impl Route {
+    fn pool(&self) -> &Arc<Pool> {
+        self.svc.pool(self.color)
+    }
+}
+
+/// What the rewrite leaves for the end of the request.
+struct Rewritten {
+    /// The protocol the client asked to upgrade to.
+    upgrade: Option<HeaderValue>,
+    /// The client's connection once upgraded, when it may be (an HTTP/1 connection).
+    client_upgrade: Option<OnUpgrade>,
+    /// For the critical-path counters.
+    path: Option<PathAndQuery>,
+}
+
+/// Step 1: CONNECT, the request target and the Host; an absolute-form target becomes origin
+/// form, its authority the Host.
+fn check(req: &mut Request<ClientBody>) -> Result<Host, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectMethod);
+    }
+    validate::target(req).map_err(ProxyError::Malformed)?;
+    let host = match validate::request_host(req).map_err(ProxyError::Malformed)? {
+        Some((value, len)) => Host {
+            value: Some(value),
+            len,
+        },
+        None => Host {
+            value: None,
+            len: 0,
+        },
+    };
+    if req.version() != Version::HTTP_2 && req.uri().authority().is_some() {
+        // Absolute form (RFC 9112 3.2.2): the target's authority replaces Host; the upstream
+        // gets the origin form.
+        if let Some(v) = &host.value {
+            req.headers_mut().insert(header::HOST, v.clone());
+        }
+        validate::to_origin_form(req);
+    }
+    Ok(host)
+}
+
+/// Step 3: hop-by-hop fields out, `TE: trailers` and the upgrade kept, forwarding fields in
+/// (h2; the HTTP/1.1 client writes its own), a Host for HTTP/1.1 upstreams, and the target in
+/// the form the pool's protocol wants.
+fn rewrite(
+    req: &mut Request<ClientBody>,
+    route: &Route,
+    host: &Host,
+    fwd: &Forwarded<'_>,
+    on_upgrade: Option<OnUpgrade>,
+) -> Result<Rewritten, ProxyError> {
+    let protocol = route.pool().protocol;
+    let hops = hop_bits(req.headers());
+    let upgrade = if hops & CONNECTION_BIT != 0 {
+        validate::requested_upgrade(req.headers())
+    } else {
+        None
+    };
+    let te_trailers = hops & TE_BIT != 0 && wants_trailers(req.headers());
+    strip_known(req.headers_mut(), hops);
+    if req.version() == Version::HTTP_2 && protocol == Protocol::Http1 {
+        validate::join_cookies(req.headers_mut());
+    }
+    if te_trailers {
+        // gRPC needs `te: trailers` end to end; it is the one TE value a proxy may pass on.
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if protocol == Protocol::H2 {
+        add_forwarded(req.headers_mut(), fwd);
+    }
+    // HTTP/1.1 requests always carry Host (checked above). HTTP/2 clients send :authority and
+    // HTTP/1.0 clients may send nothing; an HTTP/1.1 upstream needs a Host either way.
+    if req.version() != Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        let v = host
+            .value
+            .clone()
+            .or_else(|| HeaderValue::from_str(route.up.authority.as_str()).ok());
+        if let Some(v) = v {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    // Only an HTTP/1 client connection can be upgraded (its server passes the slot).
+    let client_upgrade = match (&upgrade, on_upgrade) {
+        (Some(proto), Some(on_upgrade)) => {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut().insert(header::UPGRADE, proto.clone());
+            Some(on_upgrade)
+        }
+        _ => None,
+    };
+    let path = req.uri().path_and_query().cloned();
+    match protocol {
+        // The HTTP/1.1 client writes the origin form (path and query) itself.
+        Protocol::Http1 => *req.version_mut() = Version::HTTP_11,
+        Protocol::H2 => {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(route.up.authority.clone());
+            parts.path_and_query = path
+                .clone()
+                .or_else(|| Some(PathAndQuery::from_static("/")));
+            *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::InvalidTarget)?;
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+    Ok(Rewritten {
+        upgrade,
+        client_upgrade,
+        path,
+    })
+}
+
+/// Step 5: the outcome recorded once and the answer: the proxy's own for an error, a tunnel
+/// for a `101` the client asked for, else the upstream's response, recorded when its body ends
+/// (a body the upstream cuts is a failure).
+fn finish(
+    proxy: &Proxy,
+    svc: &Service,
+    tunnel_idle: Duration,
+    outcome: Outcome,
+    result: Result<Response<UpstreamBody>, ProxyError>,
+    rewritten: Rewritten,
+    conn: &Arc<ConnInfo>,
+) -> Response<ProxyBody> {
+    let end = Instant::now();
+    let elapsed = end - outcome.start;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            let answer = e.answer();
+            if let ProxyError::Upstream(err) = &e {
+                tracing::debug!(service = %svc.name(), upstream = %outcome.up.addr, error = %err, "upstream request failed");
+            }
+            outcome.record(end, elapsed, answer.status.as_u16(), answer.failure);
+            return e.response();
+        }
+    };
+    let status = resp.status();
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return resp
+            .map(|body| Either::Left(RecordedBody::new(body, outcome, elapsed, status.as_u16())));
+    }
+    outcome.record(end, elapsed, status.as_u16(), None);
+    let asked = rewritten
+        .upgrade
+        .as_ref()
+        .is_some_and(|u| validate::upgrade_matches(u, resp.headers()));
+    let error = match rewritten.client_upgrade {
+        Some(client_side) if asked => {
+            let tunnels = &proxy.tunnels;
+            return tunnel::tunnel(tunnels, tunnel_idle, resp, client_side, conn.clone());
+        }
+        Some(_) => ProxyError::OtherProtocol,
+        // That connection now speaks something else: it must not go back to the pool.
+        None => ProxyError::UnaskedUpgrade,
+    };
+    resp.body_mut().detach();
+    error.response()
+}
