@@ -57,7 +57,7 @@ pub struct App {
     /// `prometheus`/`probe` triggers and verify checks (src/analysis.rs).
     pub analysis: crate::analysis::Analysis,
     /// The running release and the last ones (src/release.rs).
-    pub releases: crate::release::Releases,
+    pub releases: crate::release_record::Releases,
 }
 
 /// Where the live colors a replica serves came from, as `/api/status` shows it.
@@ -234,7 +234,7 @@ impl App {
         };
         let metrics = Arc::new(Metrics::new());
         let analysis = crate::analysis::Analysis::new(&metrics.registry);
-        let releases = crate::release::Releases::new(&metrics.registry);
+        let releases = crate::release_record::Releases::new(&metrics.registry);
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone())
             .map(|n| Box::new(n) as Box<dyn crate::events::EventSink>);
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.

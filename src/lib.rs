@@ -31,6 +31,7 @@ pub mod passive;
 pub mod proxy;
 pub mod release;
 pub mod release_ctl;
+pub mod release_record;
 pub mod resolve;
 pub mod rollback;
 pub mod routing;

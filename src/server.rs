@@ -639,4 +639,3 @@ impl Connection {
         .await;
     }
 }
-

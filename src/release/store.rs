@@ -1,5 +1,5 @@
 //! With `[state] backend = "etcd"`: the running release lives in etcd, so every replica sees it
-//! and any replica can end it. (A child module of `release`: `#[path]` in src/release.rs.)
+//! and any replica can end it.
 //!
 //! One key, `<etcd_prefix>release`, holds the current (or the last ended) release as JSON:
 //! `{"release": <stored release>, "driver": <replica id>, "promote": bool, "beat_ms": ..,
@@ -25,7 +25,7 @@
 //! An etcd that does not answer a write is never taken for a refusal: the outcome is read back
 //! (and fenced), and reported as unknown (503) when even that fails.
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -39,43 +39,6 @@ use crate::state::etcd::{new_write_id, EtcdStore, ReleaseCas, ReleaseRead};
 pub(super) fn replica_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(new_write_id)
-}
-
-/// What this replica knows of the release key.
-#[derive(Default)]
-struct Seen {
-    /// The key's mod_revision as last read or written (0: never seen / absent).
-    rev: i64,
-    value: Option<Value>,
-    /// When `rev` last changed (a driver that stopped writing is taken over after a while).
-    changed_at: Option<Instant>,
-    /// The id of the release this replica drives.
-    driving: Option<String>,
-    /// When this replica last wrote the key.
-    wrote_at: Option<Instant>,
-}
-
-/// The etcd side of one app's releases.
-#[derive(Default)]
-pub(super) struct Shared {
-    /// Serializes this replica's writes of the key (each reads `seen.rev` under it).
-    io: tokio::sync::Mutex<()>,
-    seen: Mutex<Seen>,
-}
-
-impl Shared {
-    fn seen(&self) -> MutexGuard<'_, Seen> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn record_read(&self, r: &ReleaseRead) {
-        let mut s = self.seen();
-        if r.mod_revision != s.rev {
-            s.changed_at = Some(Instant::now());
-        }
-        s.rev = r.mod_revision;
-        s.value = r.value.clone();
-    }
 }
 
 /// The etcd store, when the state backend is etcd.
