@@ -395,7 +395,7 @@ impl Window {
     }
 
     /// A ring of no slots, to stand in for a window moved out of an upstream being dropped
-    /// (see [`WindowBin`]). Nothing may record into it or read it.
+    /// (see `WindowBin`). Nothing may record into it or read it.
     pub fn placeholder() -> Self {
         Window {
             slots: Box::new([]),
