@@ -279,10 +279,6 @@ impl WindowBin {
         self.windows.lock().map(|w| w.len()).unwrap_or(0)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Windows handed out again so far.
     pub fn reused(&self) -> u64 {
         self.reused.load(Relaxed)
@@ -542,6 +538,7 @@ impl Summary {
     }
 
     /// Per-bucket sample counts, indexed like [`bucket_index`].
+    #[cfg(test)]
     pub fn buckets(&self) -> &[u64] {
         &self.buckets
     }

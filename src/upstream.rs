@@ -249,7 +249,6 @@ impl Drop for InFlight {
 
 /// One color of one service.
 pub struct Pool {
-    pub color: Color,
     pub protocol: Protocol,
     pub upstreams: Vec<Arc<Upstream>>,
     pub critical: Vec<CriticalPaths>,
@@ -270,7 +269,6 @@ impl Pool {
         metrics: &Metrics,
     ) -> Pool {
         Pool {
-            color,
             protocol: svc.pool(color).protocol,
             upstreams,
             critical,
