@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use switchyard::http::server::{parse_head, Limits};
+use switchyard::{parse_head, Limits};
 
 /// 97 bytes, four lines: what a typical API client sends.
 const GET: &[u8] = b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n";

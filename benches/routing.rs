@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
-use switchyard::metrics::Metrics;
-use switchyard::routing::build_snapshot;
+use switchyard::build_snapshot;
+use switchyard::Metrics;
 
 fn config() -> switchyard::config::Config {
     let mut text = String::new();

@@ -7,7 +7,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use switchyard::stats::Window;
+use switchyard::Window;
 
 /// 1024 latencies spread log-uniformly over ~50 µs .. ~5 s, so records hit
 /// many different buckets.

@@ -137,10 +137,6 @@ impl AccessLog {
         }
     }
 
-    pub fn dropped(&self) -> u64 {
-        self.dropped.get()
-    }
-
     /// The client's `X-Request-Id` when it is usable, or a fresh one.
     pub fn request_id(&self, client: Option<&HeaderValue>) -> HeaderValue {
         if let Some(v) = client.filter(|v| usable_id(v.as_bytes())) {

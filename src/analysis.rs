@@ -1098,20 +1098,7 @@ pub struct VerifyFailure {
     pub kind: &'static str,
     /// The query as sent, or the probed URLs.
     pub evaluated: String,
-    pub value: Option<f64>,
     pub reason: String,
-}
-
-impl VerifyFailure {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "index": self.index,
-            "kind": self.kind,
-            "evaluated": self.evaluated,
-            "value": self.value.filter(|v| v.is_finite()),
-            "reason": self.reason,
-        })
-    }
 }
 
 /// Runs every `[[services.verify]]` check of `svc` against `to`, in order; the first failure.
@@ -1141,11 +1128,10 @@ pub async fn verify(
                 (u, o, Bound::Above(p.above_fraction))
             }
         };
-        let fail = |value: Option<f64>, reason: String| VerifyFailure {
+        let fail = |reason: String| VerifyFailure {
             index,
             kind: check.name(),
             evaluated: evaluated.clone(),
-            value,
             reason,
         };
         match outcome {
@@ -1159,13 +1145,13 @@ pub async fn verify(
                     ),
                     VerifyCheck::Probe(_) => detail.unwrap_or_else(|| "failing".to_string()),
                 };
-                return Err(fail(Some(value), what));
+                return Err(fail(what));
             }
             Outcome::Value { .. } => {}
             Outcome::Empty { detail } => {
-                return Err(fail(None, format!("no data: {detail}")));
+                return Err(fail(format!("no data: {detail}")));
             }
-            Outcome::Error { error, .. } => return Err(fail(None, format!("error: {error}"))),
+            Outcome::Error { error, .. } => return Err(fail(format!("error: {error}"))),
         }
     }
     Ok(())

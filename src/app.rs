@@ -43,7 +43,7 @@ pub struct App {
     /// The admin bearer token, read once at startup from the variable `token_env` names.
     pub admin_token: Option<String>,
     pub config_path: Option<PathBuf>,
-    /// Lock-free on the request path (see [`crate::shutdown`]).
+    /// Lock-free on the request path (see `crate::shutdown`).
     pub shutdown: Arc<crate::shutdown::Shutdown>,
     pub started: Instant,
     /// The access log's queue, when `[log] access` is not "off" (set once at startup).
@@ -308,7 +308,7 @@ impl App {
         self.events.list()
     }
 
-    /// Applies what the etcd backend delivers ([`crate::state::etcd::sync`]), in order, until
+    /// Applies what the etcd backend delivers (`crate::state::etcd::sync`), in order, until
     /// the channel closes.
     pub async fn follow_remote(
         &self,

@@ -24,9 +24,6 @@ pub trait EventSink: Send + Sync {
 
 pub const RING_CAPACITY: usize = 1000;
 
-/// Default `[state] events_max_bytes`.
-pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
-
 /// The audit log: a ring for `/api/events`, a JSON-lines file, and the webhooks.
 ///
 /// A change of the live state is recorded in three steps that a kill -9 at any instant cannot
@@ -114,11 +111,6 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
 }
 
 impl EventLog {
-    /// Opens the log without a stored state to settle pending changes against.
-    pub fn new(audit: Option<PathBuf>, sink: Option<Box<dyn EventSink>>) -> EventLog {
-        Self::open(audit, sink, DEFAULT_MAX_BYTES, None)
-    }
-
     /// Opens the log; the last events of an existing audit file (and its rotated file) are
     /// loaded so `/api/events` survives restarts. A change left pending by a crash is settled
     /// against `stored` (the state as loaded): confirmed when the stored states are the ones it
@@ -385,6 +377,9 @@ impl EventLog {
 mod tests {
     use super::*;
     use crate::config::Color;
+
+    /// The default `[state] events_max_bytes`.
+    const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
     fn states(g: u64) -> HashMap<String, ServiceState> {
         let mut s = ServiceState::initial(Color::Green);

@@ -2,44 +2,72 @@
 //! rolls it back on its own when it misbehaves.
 //!
 //! The modules follow the request and the operator: [`config`] (file → validated config),
-//! [`http`] (HTTP/1.1 server, upstream client and codec; it knows nothing of the proxy; hyper
-//! serves h2), [`upstream`] (addresses, health flags, pools, counters), [`routing`] (the live
-//! snapshot), [`proxy`] (the request path), [`health`], [`stats`] (windowed histograms),
-//! [`rollback`] (the decision engine) and [`watcher`] (its I/O loop), [`analysis`]
-//! (`prometheus` and `probe` triggers, verify checks), [`app`] (the one writer), [`admin`],
-//! [`state`], [`events`], [`notify`], [`metrics`], [`tls`], [`server`] (listeners and
-//! lifecycle), [`upgrade`] (handing the listeners to a new process), [`resolve`] (upstreams by
-//! name) and [`dns_watch`] (re-resolving them while running), [`access_log`], plus the [`demo`] and [`ctl`] subcommands.
+//! `http` (HTTP/1.1 server, upstream client and codec; it knows nothing of the proxy; hyper
+//! serves h2), `upstream` (addresses, health flags, pools, counters), `routing` (the live
+//! snapshot), `proxy` (the request path), `health`, `stats` (windowed histograms),
+//! `rollback` (the decision engine) and `watcher` (its I/O loop), `analysis`
+//! (`prometheus` and `probe` triggers, verify checks), `app` (the one writer), `admin`,
+//! `state`, `events`, `notify`, `metrics`, `tls`, `server` (listeners and
+//! lifecycle), `upgrade` (handing the listeners to a new process), `resolve` (upstreams by
+//! name) and `dns_watch` (re-resolving them while running), `access_log`, plus the `demo` and `ctl` subcommands.
+//!
+//! The modules are private: the public surface is [`config`] and the re-exports below, which
+//! is what the binary (`src/main.rs`), `tests/`, `benches/` and `fuzz/` use.
 
-pub mod access_log;
-pub mod admin;
-pub mod analysis;
-pub mod app;
+#![forbid(unsafe_code)]
+
+mod access_log;
+mod admin;
+mod analysis;
+mod app;
 pub mod config;
-pub mod config_watch;
-pub mod ctl;
-pub mod ctl_client;
-pub mod demo;
-pub mod dns_watch;
-pub mod events;
-pub mod guard;
-pub mod health;
-pub mod http;
-pub mod metrics;
-pub mod notify;
-pub mod passive;
-pub mod proxy;
-pub mod release;
-pub mod release_ctl;
-pub mod release_record;
-pub mod resolve;
-pub mod rollback;
-pub mod routing;
-pub mod server;
-pub mod shutdown;
-pub mod state;
-pub mod stats;
-pub mod tls;
-pub mod upgrade;
-pub mod upstream;
-pub mod watcher;
+mod config_watch;
+mod ctl;
+mod ctl_client;
+mod demo;
+mod dns_watch;
+mod events;
+mod guard;
+mod health;
+mod http;
+mod metrics;
+mod notify;
+mod passive;
+mod proxy;
+mod release;
+mod release_ctl;
+mod release_record;
+mod resolve;
+mod rollback;
+mod routing;
+mod server;
+mod shutdown;
+mod state;
+mod stats;
+mod tls;
+mod upgrade;
+mod upstream;
+mod watcher;
+
+// Starting, running and stopping the proxy (the binary's `serve`, the end-to-end tests).
+pub use app::App;
+pub use health::ensure as ensure_health_checks;
+pub use server::{start, start_with, Options, Running};
+pub use state::{move_aside as move_state_aside, StateStore};
+pub use upgrade::{request as request_upgrade, sd_notify, spawn_successor, Inherited};
+// `check`: upstream names (DNS) and release plans; the states a release can be in.
+pub use release::{load as load_release_plan, STATES as RELEASE_STATES};
+pub use resolve::{check_warnings as name_warnings, has_names, resolve as resolve_names};
+// The `demo` and `ctl` subcommands.
+pub use ctl::{run as run_ctl, Ctl};
+pub use demo::{run as run_demo, DemoArgs};
+// Types the end-to-end tests inspect through `App`.
+pub use upstream::Upstream;
+// What benches/ and fuzz/ drive directly: the HTTP/1 head parser, header rewriting, the routing
+// snapshot, windowed histograms.
+pub use http::headers::strip_hop_by_hop;
+pub use http::server::{parse_head, Limits};
+pub use metrics::Metrics;
+pub use proxy::{add_forwarded, ConnInfo, Forwarded, Mode};
+pub use routing::build_snapshot;
+pub use stats::Window;

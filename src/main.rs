@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::{self, StateBackend};
-use switchyard::server::{self, Options};
-use switchyard::state::{self, StateStore};
+use switchyard::{Options, StateStore};
 
 /// `--version`: the crate version and the git commit it was built from (build.rs; "unknown"
 /// outside a git checkout, e.g. in a Docker build without `--build-arg SWITCHYARD_GIT_COMMIT`).
@@ -63,9 +62,9 @@ enum Cmd {
         release: Option<PathBuf>,
     },
     /// A self-contained demo: the proxy plus built-in blue and green upstreams.
-    Demo(switchyard::demo::DemoArgs),
+    Demo(switchyard::DemoArgs),
     /// The admin API from a terminal.
-    Ctl(switchyard::ctl::Ctl),
+    Ctl(switchyard::Ctl),
 }
 
 fn main() -> ExitCode {
@@ -86,7 +85,7 @@ fn main() -> ExitCode {
             upgrade,
         } => serve(&config, reset_state, upgrade, cli.log_format),
         Cmd::Demo(args) => match runtime(None) {
-            Ok(rt) => match rt.block_on(switchyard::demo::run(args)) {
+            Ok(rt) => match rt.block_on(switchyard::run_demo(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -99,7 +98,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Ctl(args) => match runtime(Some(1)) {
-            Ok(rt) => ExitCode::from(rt.block_on(switchyard::ctl::run(args)) as u8),
+            Ok(rt) => ExitCode::from(rt.block_on(switchyard::run_ctl(args)) as u8),
             Err(e) => {
                 eprintln!("error: cannot start the runtime: {e}");
                 ExitCode::FAILURE
@@ -156,11 +155,11 @@ fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
             // Names are looked up once: a failure is a warning (it may resolve once deployed).
-            let (cfg, notes) = if switchyard::resolve::has_names(&cfg) {
+            let (cfg, notes) = if switchyard::has_names(&cfg) {
                 match runtime(Some(1)) {
                     Ok(rt) => rt.block_on(async {
-                        let notes = switchyard::resolve::check_warnings(&cfg).await;
-                        (switchyard::resolve::resolve(cfg, None).await, notes)
+                        let notes = switchyard::name_warnings(&cfg).await;
+                        (switchyard::resolve_names(cfg, None).await, notes)
                     }),
                     Err(_) => (cfg, Vec::new()),
                 }
@@ -196,7 +195,7 @@ fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitC
     } else {
         None
     };
-    match switchyard::release::load(plan, cfg.as_ref()) {
+    match switchyard::load_release_plan(plan, cfg.as_ref()) {
         Ok(p) => {
             println!("{}: ok", plan.display());
             print!("{}", p.summary());
@@ -224,7 +223,7 @@ fn serve(
     };
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
-        match state::move_aside(&cfg.state.path) {
+        match switchyard::move_state_aside(&cfg.state.path) {
             Ok(Some(aside)) => eprintln!(
                 "--reset-state: moved {} to {}",
                 cfg.state.path.display(),
@@ -243,7 +242,7 @@ fn serve(
     // The running process's sockets, before anything else can fail: without them, stop here
     // and leave it serving.
     let inherited = if upgrade {
-        match switchyard::upgrade::request(&cfg.proxy.upgrade_socket) {
+        match switchyard::request_upgrade(&cfg.proxy.upgrade_socket) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("error: --upgrade: {e:#}");
@@ -251,7 +250,7 @@ fn serve(
             }
         }
     } else {
-        switchyard::upgrade::Inherited::default()
+        switchyard::Inherited::default()
     };
     let token = std::env::var(&cfg.admin.token_env).ok();
     if token.as_deref().unwrap_or("").is_empty() {
@@ -273,7 +272,7 @@ fn serve(
         }
     };
     rt.block_on(async move {
-        let running = match server::start_with(
+        let running = match switchyard::start_with(
             cfg,
             Options {
                 config_path: Some(path.to_path_buf()),
@@ -292,7 +291,7 @@ fn serve(
         };
         let app = running.app.clone();
         let app_for_log = app.clone();
-        switchyard::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        switchyard::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         let handed_over = signals(
             app,
             path.to_path_buf(),
@@ -301,7 +300,7 @@ fn serve(
         .await;
         if !handed_over {
             // After an upgrade the successor is the service: it must not look like it stops.
-            switchyard::upgrade::sd_notify("STOPPING=1");
+            switchyard::sd_notify("STOPPING=1");
         }
         running.wait().await;
         if let Some(log) = app_for_log.access_log.get().cloned() {
@@ -316,11 +315,7 @@ fn serve(
 
 /// SIGTERM / SIGINT: graceful shutdown. SIGHUP: reload the config.
 /// Returns true when an upgrade handed the sockets to a new process.
-async fn signals(
-    app: std::sync::Arc<switchyard::app::App>,
-    config: PathBuf,
-    json_logs: bool,
-) -> bool {
+async fn signals(app: std::sync::Arc<switchyard::App>, config: PathBuf, json_logs: bool) -> bool {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -342,7 +337,7 @@ async fn signals(
                 // An upgrade handed the sockets to a new process: drain and exit.
                 () = app.shutdown.cancelled() => return true,
                 // Upgrade: start the binary again with --upgrade; it takes the sockets over.
-                _ = usr2.recv() => switchyard::upgrade::spawn_successor(&config, json_logs),
+                _ = usr2.recv() => switchyard::spawn_successor(&config, json_logs),
                 _ = usr1.recv() => {
                     // logrotate: the access log file is reopened at its configured path.
                     if let Some(log) = app.access_log.get() {
@@ -352,7 +347,7 @@ async fn signals(
                 _ = hup.recv() => {
                     match app.reload("SIGHUP").await {
                         Ok(o) => {
-                            switchyard::health::ensure(&app);
+                            switchyard::ensure_health_checks(&app);
                             tracing::info!("{}", o.message);
                         }
                         Err(e) => tracing::error!(error = %e, "reload on SIGHUP refused"),

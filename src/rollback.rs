@@ -307,6 +307,7 @@ impl ServiceWatch {
     }
 
     /// A `Rollback` was returned and `reset` has not been called since.
+    #[cfg(test)]
     pub fn rolled_back(&self) -> bool {
         self.rolled_back
     }
@@ -550,12 +551,12 @@ impl TriggerState {
     /// `held_secs` (`now - since` while breaching, else null), `over_secs`, `for_secs`,
     /// `requests` (null when unknown or for unhealthy).
     pub fn to_json(
-        &self,
+        self,
         trigger: &TriggerConfig,
         now: Instant,
         to_wall: impl Fn(Instant) -> String,
     ) -> Value {
-        let (value, since, requests) = match *self {
+        let (value, since, requests) = match self {
             TriggerState::Ok { value, requests } => (value, None, requests),
             TriggerState::Breaching {
                 since,
@@ -570,7 +571,7 @@ impl TriggerState {
                 requests,
             } => (Some(value), Some(at), requests),
         };
-        let held = match *self {
+        let held = match self {
             TriggerState::Breaching { since, .. } => {
                 secs_json(now.saturating_duration_since(since))
             }

@@ -279,10 +279,6 @@ impl WindowBin {
         self.windows.lock().map(|w| w.len()).unwrap_or(0)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Windows handed out again so far.
     pub fn reused(&self) -> u64 {
         self.reused.load(Relaxed)
@@ -395,7 +391,7 @@ impl Window {
     }
 
     /// A ring of no slots, to stand in for a window moved out of an upstream being dropped
-    /// (see [`WindowBin`]). Nothing may record into it or read it.
+    /// (see `WindowBin`). Nothing may record into it or read it.
     pub fn placeholder() -> Self {
         Window {
             slots: Box::new([]),
@@ -542,6 +538,7 @@ impl Summary {
     }
 
     /// Per-bucket sample counts, indexed like [`bucket_index`].
+    #[cfg(test)]
     pub fn buckets(&self) -> &[u64] {
         &self.buckets
     }

@@ -79,10 +79,6 @@ impl Inherited {
         Some(l)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
-    }
-
     /// Tells the old process to stop accepting and drain.
     pub fn ready(&mut self) {
         if let Some(mut s) = self.old.take() {

@@ -75,7 +75,7 @@ pub struct Upstream {
     failures: [IntCounter; 4],
     /// Set once the health checker runs for this upstream.
     pub health_task: AtomicBool,
-    /// Consecutive failures and ejection (see [`crate::passive`]).
+    /// Consecutive failures and ejection (see `crate::passive`).
     pub passive: PassiveState,
     /// Where the window goes when the upstream is dropped, for an upstream a later reload adds.
     bin: Arc<WindowBin>,
@@ -154,7 +154,7 @@ impl Upstream {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Ejected by passive health (see [`crate::passive`]).
+    /// Ejected by passive health (see `crate::passive`).
     pub fn is_ejected(&self) -> bool {
         self.passive.ejected()
     }
@@ -249,7 +249,6 @@ impl Drop for InFlight {
 
 /// One color of one service.
 pub struct Pool {
-    pub color: Color,
     pub protocol: Protocol,
     pub upstreams: Vec<Arc<Upstream>>,
     pub critical: Vec<CriticalPaths>,
@@ -270,7 +269,6 @@ impl Pool {
         metrics: &Metrics,
     ) -> Pool {
         Pool {
-            color,
             protocol: svc.pool(color).protocol,
             upstreams,
             critical,

@@ -662,7 +662,7 @@ async fn reload_drops_removed_upstreams_their_series_and_reuses_their_windows() 
     let first = [dead_addr().await, dead_addr().await];
     let p = TestProxy::start(&config_with(&first, green.addr)).await;
     let app = p.app().clone();
-    let old: Vec<std::sync::Weak<switchyard::upstream::Upstream>> = app
+    let old: Vec<std::sync::Weak<switchyard::Upstream>> = app
         .snapshot()
         .service("api")
         .expect("api")

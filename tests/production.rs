@@ -344,11 +344,11 @@ async fn a_bad_certificate_or_key_is_a_startup_error_naming_the_key() {
         {
             Err(e) => e.to_string(),
             Ok(cfg) => {
-                let r = switchyard::server::start(
+                let r = switchyard::start(
                     cfg,
-                    switchyard::server::Options {
+                    switchyard::Options {
                         config_path: None,
-                        store: switchyard::state::StateStore::file(dir.path().join("s.json")),
+                        store: switchyard::StateStore::file(dir.path().join("s.json")),
                         admin_token: None,
                     },
                 )

@@ -471,7 +471,7 @@ async fn metrics_carry_every_contract_series_with_its_labels() {
                 "le" => v == "+Inf" || v.parse::<f64>().is_ok(),
                 "reason" | "result" => v.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
                 // switchyard_release_state: the release states of the contract.
-                "state" => switchyard::release::STATES.contains(&v.as_str()),
+                "state" => switchyard::RELEASE_STATES.contains(&v.as_str()),
                 _ => false,
             };
             assert!(ok, "unexpected label {k}={v:?} on {}", s.name);

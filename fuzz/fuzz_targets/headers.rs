@@ -9,8 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use switchyard::http::headers::strip_hop_by_hop;
-use switchyard::proxy::{add_forwarded, ConnInfo, Forwarded, Mode};
+use switchyard::{add_forwarded, strip_hop_by_hop, ConnInfo, Forwarded, Mode};
 
 const HOP_BY_HOP: [&str; 6] = [
     "connection",

@@ -25,11 +25,11 @@ pub use types::{
     LogConfig, NotifyConfig, OnEmpty, OnError, PassiveConfig, PoolConfig, ProbeCheck,
     ProbeCondition, ProbeTarget, PromCheck, Protocol, ProxyConfig, RollbackConfig, RuntimeFlavor,
     ServiceConfig, StateBackend, StateConfig, TriggerConfig, TriggerKind, UpstreamEntry,
-    UpstreamName, VerifyCheck, DEFAULT_STATUS_WINDOW, MAX_WINDOW,
+    UpstreamName, VerifyCheck, MAX_WINDOW,
 };
-pub use validate::{
-    host_pattern_matches, placeholder_errors, QUERY_PLACEHOLDERS, URL_PLACEHOLDERS,
-};
+pub use validate::host_pattern_matches;
+#[cfg(test)]
+use validate::{placeholder_errors, QUERY_PLACEHOLDERS};
 
 /// One problem in a config file, with the key it is at.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -132,7 +132,7 @@ pub struct ProxyConfig {
     pub upgrade_socket: PathBuf,
 }
 
-/// `proxy.eject_after` and `proxy.eject_for`: passive ejection ([`crate::passive`]).
+/// `proxy.eject_after` and `proxy.eject_for`: passive ejection (`crate::passive`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PassiveConfig {
     /// Consecutive failures that eject an upstream; 0 turns passive ejection off.
@@ -197,7 +197,7 @@ pub struct AdminConfig {
     /// is closed.
     pub idle_timeout: Duration,
     /// Reload when the config file's content changes (a Kubernetes ConfigMap update), polled
-    /// every second ([`crate::config_watch`]).
+    /// every second (`crate::config_watch`).
     pub watch_config: bool,
 }
 
@@ -247,7 +247,7 @@ impl Protocol {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolConfig {
     /// What the pool balances over: the `IP:port` entries and every address the names resolved
-    /// to, in file order ([`crate::resolve`] fills in the names' part).
+    /// to, in file order (`crate::resolve` fills in the names' part).
     pub upstreams: Vec<SocketAddr>,
     pub protocol: Protocol,
     /// The entries as written, names with their last good resolution.

@@ -70,12 +70,6 @@ pub struct Prefixed<S> {
     pub io: S,
 }
 
-impl<S> Prefixed<S> {
-    pub fn new(read: Bytes, io: S) -> Prefixed<S> {
-        Prefixed { read, io }
-    }
-}
-
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -67,8 +67,8 @@ use crate::shutdown::Shutdown;
 use crate::stats::Clock;
 use crate::upstream::{Pool, Upstream};
 
-pub use body::{BodyError, ClientBody, RequestBody};
-pub use error::{text, ProxyBody, ProxyError};
+pub use body::{ClientBody, RequestBody};
+pub use error::{ProxyBody, ProxyError};
 pub use forwarded::{add_forwarded, Forwarded};
 pub use tunnel::Tunnels;
 

@@ -21,11 +21,9 @@ use crate::app::{App, ChangeError, FlipKind};
 use crate::config::{Color, Config, ConfigError, ConfigErrors};
 use crate::events::{now_rfc3339, Event};
 
-pub use crate::config::plan::{load, parse, value_from_toml, Gate, PhasePlan, Plan};
+pub use crate::config::plan::{load, parse, value_from_toml, Gate, PhasePlan};
 use crate::release_record::{wall_after, wall_ms, PhaseRun};
-pub use crate::release_record::{
-    Release, Releases, RECENT, RELEASES_TOTAL, RELEASE_PHASE, RELEASE_STATE, RESULTS, STATES,
-};
+pub use crate::release_record::{Release, RECENT, STATES};
 
 /// With the etcd backend, the release lives in etcd.
 mod store;

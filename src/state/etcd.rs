@@ -176,6 +176,7 @@ fn stored_value(state: &ServiceState, write_id: &str) -> String {
 }
 
 impl EtcdStore {
+    #[cfg(test)]
     pub fn new(endpoints: &[String], prefix: &str) -> Arc<EtcdStore> {
         Self::with_options(endpoints, prefix, EtcdOptions::default())
     }
@@ -203,10 +204,6 @@ impl EtcdStore {
 
     pub fn options(&self) -> &EtcdOptions {
         &self.options
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 
     fn services_prefix(&self) -> String {

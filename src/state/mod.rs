@@ -111,10 +111,6 @@ impl StateStore {
         StateStore::File(FileStore::new(path.into()))
     }
 
-    pub fn etcd(endpoints: &[String], prefix: &str) -> StateStore {
-        StateStore::Etcd(etcd::EtcdStore::new(endpoints, prefix))
-    }
-
     /// The store `[state]` describes. With etcd, `path` is the last-known-state cache.
     pub fn from_config(cfg: &crate::config::StateConfig) -> StateStore {
         match cfg.backend {

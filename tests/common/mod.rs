@@ -208,7 +208,7 @@ pub async fn dead_addr() -> SocketAddr {
 
 /// A Switchyard running in-process with its own temp dir for state.
 pub struct TestProxy {
-    pub running: Option<switchyard::server::Running>,
+    pub running: Option<switchyard::Running>,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub preview: Option<SocketAddr>,
@@ -236,15 +236,15 @@ impl TestProxy {
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
         let store = match cfg.state.backend {
             switchyard::config::StateBackend::Etcd => {
-                switchyard::state::StateStore::from_config(&cfg.state)
+                switchyard::StateStore::from_config(&cfg.state)
             }
             switchyard::config::StateBackend::File => {
-                switchyard::state::StateStore::file(dir.path().join("state.json"))
+                switchyard::StateStore::file(dir.path().join("state.json"))
             }
         };
-        let running = switchyard::server::start(
+        let running = switchyard::start(
             cfg,
-            switchyard::server::Options {
+            switchyard::Options {
                 config_path: Some(config_path.clone()),
                 store,
                 admin_token: token.map(str::to_string),
@@ -262,7 +262,7 @@ impl TestProxy {
         }
     }
 
-    pub fn app(&self) -> &Arc<switchyard::app::App> {
+    pub fn app(&self) -> &Arc<switchyard::App> {
         &self.running.as_ref().expect("running").app
     }
 

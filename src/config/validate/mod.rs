@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use trigger::{placeholder_errors, QUERY_PLACEHOLDERS, URL_PLACEHOLDERS};
+#[cfg(test)]
+pub use trigger::{placeholder_errors, QUERY_PLACEHOLDERS};
 
 use super::raw::{
     RawAdmin, RawAnalysis, RawConfig, RawLog, RawNotify, RawProxy, RawService, RawState,
