@@ -1265,3 +1265,101 @@ async fn sigterm_under_load_finishes_in_flight_requests_and_exits_0() {
         "still accepting after exit"
     );
 }
+
+/// An h2c upstream that answers with the `:authority` and `Host` it saw.
+async fn authority_echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let authority = req.uri().authority().map(|a| a.to_string());
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                let body = format!("authority={authority:?} host={host:?}");
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// RFC 9113 8.3.1: over an h2 upstream pool the request's `:authority` is the client's host,
+/// the same as its `Host` (as an HTTP/1.1 upstream keeps the client's `Host`), not the
+/// upstream's address; and a bodiless request retried on another upstream keeps it.
+#[tokio::test]
+async fn an_h2_upstream_sees_the_clients_authority_equal_to_host() {
+    let up = authority_echo_upstream().await;
+    let dead = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nretries = 1\n\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{dead}\", \"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\n"
+    ))
+    .await;
+    // Over HTTP/1.1 (Host), several times so that both the dead and the live upstream are
+    // picked first at least once.
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: api.example:8443\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut got))
+            .await
+            .expect("timeout")
+            .expect("read");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(
+            got.ends_with("authority=Some(\"api.example:8443\") host=Some(\"api.example:8443\")"),
+            "{got}"
+        );
+    }
+    // Over h2 (:authority).
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut s = h2(tcp).await;
+    let req = Request::builder()
+        .uri("http://api.example/y")
+        .version(http::Version::HTTP_2)
+        .body(Empty::new())
+        .expect("req");
+    let resp = tokio::time::timeout(T, s.send_request(req))
+        .await
+        .expect("timeout")
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("authority=Some(\"api.example\")"),
+        "{body}"
+    );
+    assert!(
+        !body.contains(&up.to_string()),
+        "the upstream's address leaked into the request: {body}"
+    );
+    p.stop().await;
+}
+
+/// Switchyard in front of Switchyard over h2: the inner one refuses a request whose `host`
+/// differs from its `:authority` (RFC 9113 8.3.1), so this chain works only when the outer one
+/// sends the client's authority.
+#[tokio::test]
+async fn switchyard_behind_switchyard_over_h2() {
+    let app = TestUpstream::start("inner").await;
+    let inner = TestProxy::start(&service("api", &[app.addr], &[app.addr], "")).await;
+    let outer = TestProxy::start(&format!(
+        "\n[[services]]\nname = \"edge\"\nblue = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\n",
+        inner.proxy, inner.proxy
+    ))
+    .await;
+    let (s, body) = outer.get("/hello").await;
+    assert_eq!(s, 200, "{body}");
+    inner.stop().await;
+    outer.stop().await;
+}

@@ -181,6 +181,34 @@ impl ClientError {
     }
 }
 
+/// The body of a request to an HTTP/2 upstream: boxed, since one connection carries the
+/// requests of every caller.
+pub type H2Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+type H2Sender = hyper::client::conn::http2::SendRequest<H2Body>;
+
+/// PINGs on an idle HTTP/2 upstream connection, so that a dead peer is noticed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// One upstream's HTTP/2 connection: the sender is read without a lock on every request; the
+/// mutex is only taken to open a connection.
+#[derive(Default)]
+struct H2Conn {
+    sender: arc_swap::ArcSwapOption<H2Sender>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl H2Conn {
+    /// The open connection's sender, unless it has closed.
+    fn live(&self) -> Option<H2Sender> {
+        self.sender
+            .load()
+            .as_deref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+}
+
 /// An upstream connection and what has been read from it but not yet used.
 struct Conn {
     io: TcpStream,
@@ -232,6 +260,8 @@ impl Conn {
 pub struct ConnPool {
     addr: SocketAddr,
     idle: ArrayQueue<Conn>,
+    /// The upstream's one multiplexed HTTP/2 connection, for `protocol = "h2"` pools.
+    h2: H2Conn,
     /// `upstream_max_idle`; 0 turns reuse off.
     max_idle: usize,
     connect_timeout: Duration,
@@ -248,6 +278,7 @@ impl ConnPool {
         Arc::new(ConnPool {
             addr,
             idle: ArrayQueue::new(max_idle.max(1)),
+            h2: H2Conn::default(),
             max_idle,
             connect_timeout,
             idle_timeout,
@@ -325,7 +356,53 @@ impl ConnPool {
         None
     }
 
+    /// Sends an HTTP/2 request on the upstream's multiplexed connection (opened on first use,
+    /// and again once it has closed). The connection goes to this pool's address whatever the
+    /// request's URI says, so the URI carries the client's authority: it becomes `:authority`,
+    /// equal to `Host` (RFC 9113 8.3.1), as the HTTP/1.1 client keeps `Host`.
+    pub async fn send_h2(&self, req: Request<H2Body>) -> Result<Response<Incoming>, ClientError> {
+        let mut sender = match self.h2.live() {
+            Some(s) => s,
+            None => self.h2_connect().await?,
+        };
+        Ok(sender.send_request(req).await?)
+    }
+
+    /// Opens the HTTP/2 connection; callers that arrive meanwhile wait for it and share it.
+    async fn h2_connect(&self) -> Result<H2Sender, ClientError> {
+        let _one = self.h2.connecting.lock().await;
+        if let Some(s) = self.h2.live() {
+            return Ok(s);
+        }
+        let io = self.connect_tcp().await?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .handshake(hyper_util::rt::TokioIo::new(io))
+            .await?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended");
+            }
+        });
+        self.h2.sender.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
     async fn connect(&self) -> Result<Conn, ClientError> {
+        let io = self.connect_tcp().await?;
+        Ok(Conn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            spare_out: VecDeque::with_capacity(4),
+            read_size: READ_CHUNK,
+            since: None,
+        })
+    }
+
+    /// A TCP connection to the upstream: `connect_timeout`, no Nagle, keepalive probes.
+    async fn connect_tcp(&self) -> Result<TcpStream, ClientError> {
         let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| {
@@ -338,13 +415,7 @@ impl ConnPool {
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_RETRIES);
         let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
-        Ok(Conn {
-            io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            spare_out: VecDeque::with_capacity(4),
-            read_size: READ_CHUNK,
-            since: None,
-        })
+        Ok(io)
     }
 
     fn response<B: UploadBody>(

@@ -4,26 +4,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body::Body;
+use http_body_util::BodyExt;
 
 use super::body::{ClientBody, RequestBody};
 use super::error::attempt_failure;
 use super::forwarded::Forwarded;
-use super::{Proxy, UpstreamBody};
+use super::UpstreamBody;
 use crate::config::Protocol;
 use crate::http::client::{ClientError, Failed, PooledBody, Prepared, Timeouts};
 use crate::http::headers::strip_hop_by_hop;
+use crate::http::BoxError;
 use crate::upstream::{Pool, Upstream};
 
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
-/// pool, HTTP/2 through the multiplexing client. A request the upstream cannot have acted on
+/// pool, HTTP/2 on its multiplexed connection. A request the upstream cannot have acted on
 /// (see [`Failed::unsent`]; for HTTP/2, a failed connect of a bodiless request) goes to another
 /// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
 /// its upstream (failure counter, passive health) but not in the window, where the request is
 /// recorded once, on `up`, the upstream of the last attempt.
 pub(super) async fn forward(
-    proxy: &Proxy,
     pool: &Pool,
     up: &mut Arc<Upstream>,
     req: Request<RequestBody>,
@@ -68,7 +69,7 @@ pub(super) async fn forward(
             let mut req = req;
             loop {
                 let in_flight = up.begin();
-                let error = match forward_h2(proxy, req).await {
+                let error = match forward_h2(up, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => e,
                 };
@@ -78,7 +79,7 @@ pub(super) async fn forward(
                         if !next_attempt(pool, up, &mut tried, &error) {
                             return Err(error);
                         }
-                        req = replay_h2(copy, &up.authority, *idle)?;
+                        req = replay_h2(copy, *idle);
                     }
                     _ => return Err(error),
                 }
@@ -106,33 +107,27 @@ fn next_attempt(
     true
 }
 
-/// A bodiless HTTP/2 request again, for the upstream at `authority`.
-fn replay_h2(
-    copy: &Request<()>,
-    authority: &http::uri::Authority,
-    idle: Duration,
-) -> Result<Request<RequestBody>, ClientError> {
-    let mut parts = copy.uri().clone().into_parts();
-    parts.authority = Some(authority.clone());
-    let uri =
-        Uri::from_parts(parts).map_err(|_| ClientError::Protocol("invalid request target"))?;
+/// A bodiless HTTP/2 request again (for another upstream: the connection, not the URI, says
+/// which).
+fn replay_h2(copy: &Request<()>, idle: Duration) -> Request<RequestBody> {
     let mut req = Request::new(RequestBody::new(ClientBody::Empty, idle));
     *req.method_mut() = copy.method().clone();
-    *req.uri_mut() = uri;
+    *req.uri_mut() = copy.uri().clone();
     *req.version_mut() = copy.version();
     *req.headers_mut() = copy.headers().clone();
-    Ok(req)
+    req
 }
 
-/// One HTTP/2 exchange through the multiplexing client. h2 itself refuses responses with
-/// connection-specific fields or `Transfer-Encoding` (RFC 9113 8.2.2); a `TE` that got through
-/// is dropped like the HTTP/1.1 client drops hop-by-hop fields.
+/// One HTTP/2 exchange on the upstream's multiplexed connection. h2 itself refuses responses
+/// with connection-specific fields or `Transfer-Encoding` (RFC 9113 8.2.2); a `TE` that got
+/// through is dropped like the HTTP/1.1 client drops hop-by-hop fields.
 async fn forward_h2(
-    proxy: &Proxy,
+    up: &Upstream,
     req: Request<RequestBody>,
 ) -> Result<Response<UpstreamBody>, ClientError> {
     let idle = req.body().idle_timeout();
-    let mut resp = proxy.h2.request(req).await?;
+    let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+    let mut resp = up.conns.send_h2(req).await?;
     strip_hop_by_hop(resp.headers_mut());
     if resp.status().as_u16() > 599 {
         return Err(ClientError::Protocol("invalid status code"));

@@ -52,13 +52,12 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Logged, Routed, X_REQUEST_ID};
 use crate::config::{Color, Protocol};
-use crate::http::client::{hyper_client, PooledBody, Timeouts};
+use crate::http::client::{PooledBody, Timeouts};
 use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
 use crate::http::server::{self, BoxWrite, Handler, Limits, OnUpgrade, Reader, Settings};
 use crate::metrics::Metrics;
@@ -80,9 +79,6 @@ pub type UpstreamBody = PooledBody<RequestBody>;
 
 /// A response on its way to the client: with `[log] access` on, its end writes the log line.
 pub type ServedBody = Logged<ProxyBody>;
-
-/// The multiplexing client of HTTP/2 pools.
-pub type H2Client = hyper_util::client::legacy::Client<HttpConnector, RequestBody>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -125,19 +121,17 @@ impl ConnInfo {
 }
 
 /// What the request path needs, shared by every listener: the routing snapshot the app
-/// publishes into, the HTTP/2 client, the open tunnels, the access log and the metrics.
+/// publishes into, the open tunnels, the access log and the metrics.
 pub struct Proxy {
     routes: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
     clock: Clock,
     shutdown: Arc<Shutdown>,
     access_log: Option<Arc<AccessLog>>,
-    h2: H2Client,
     tunnels: Tunnels,
 }
 
 impl Proxy {
-    /// The HTTP/2 client is built from the snapshot's `[proxy]` settings.
     pub fn new(
         routes: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<Metrics>,
@@ -145,17 +139,12 @@ impl Proxy {
         shutdown: Arc<Shutdown>,
         access_log: Option<Arc<AccessLog>>,
     ) -> Proxy {
-        let h2 = {
-            let p = &routes.load().config.proxy;
-            hyper_client(p.connect_timeout, p.upstream_idle_timeout, None, true)
-        };
         Proxy {
             routes,
             metrics,
             clock,
             shutdown,
             access_log,
-            h2,
             tunnels: Tunnels::default(),
         }
     }
@@ -340,15 +329,7 @@ async fn route_and_forward(
     let req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
     let pool = route.svc.pool(route.color);
     let mut up = route.up;
-    let attempt = forward(
-        proxy,
-        pool,
-        &mut up,
-        req,
-        &fwd,
-        route.timeouts,
-        route.retries,
-    );
+    let attempt = forward(pool, &mut up, req, &fwd, route.timeouts, route.retries);
     let result = match tokio::time::timeout(route.request_timeout, attempt).await {
         Err(_) => Err(ProxyError::Timeout),
         Ok(Err(e)) => Err(ProxyError::from_client(e)),
@@ -503,7 +484,13 @@ fn rewrite(
         Protocol::H2 => {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(route.up.authority.clone());
+            // The client's authority (RFC 9113 8.3.1: `:authority` and `Host` agree); the
+            // connection, not the URI, goes to the upstream.
+            parts.authority = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| http::uri::Authority::try_from(v.as_bytes()).ok())
+                .or_else(|| Some(route.up.authority.clone()));
             parts.path_and_query = path
                 .clone()
                 .or_else(|| Some(PathAndQuery::from_static("/")));
