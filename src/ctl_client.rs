@@ -7,8 +7,9 @@ use bytes::Bytes;
 use clap::Args;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+
+use crate::http::client::hyper_client;
 
 /// The flags every `ctl` command takes.
 #[derive(Args, Debug)]
@@ -55,7 +56,12 @@ pub(crate) async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, Value), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Full<Bytes>> = hyper_client(
+        Duration::from_secs(10),
+        Duration::from_secs(90),
+        None,
+        false,
+    );
     let mut req = http::Request::builder()
         .method(method)
         .uri(url)

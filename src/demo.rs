@@ -15,7 +15,9 @@ use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+
+use crate::http::client::hyper_client;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -489,7 +491,8 @@ async fn wait_for_signal() {
 
 /// Steady background traffic: about 20 requests a second.
 async fn traffic(proxy: SocketAddr, stop: CancellationToken) {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<Bytes>> =
+        hyper_client(Duration::from_secs(2), Duration::from_secs(90), None, false);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut n = 0u64;
     loop {
