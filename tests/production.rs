@@ -1363,3 +1363,51 @@ async fn switchyard_behind_switchyard_over_h2() {
     inner.stop().await;
     outer.stop().await;
 }
+
+/// An h2 upstream whose connections all close (it restarted): the next request through the
+/// pool opens a new connection instead of failing on the old one.
+#[tokio::test]
+async fn an_h2_upstream_that_closes_its_connections_is_reconnected() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(0u32);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepted2 = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            let mut cut = cut_rx.clone();
+            cut.mark_unchanged();
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"up"))))
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc);
+                // A restart: the connection is dropped, no GOAWAY.
+                tokio::select! {
+                    _ = conn => {}
+                    _ = cut.changed() => {}
+                }
+            });
+        }
+    });
+    let p = TestProxy::start(&format!(
+        "\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\n"
+    ))
+    .await;
+    for round in 0..3u32 {
+        for _ in 0..3 {
+            let (s, body) = p.get("/x").await;
+            assert_eq!((s, body.as_str()), (200, "up"), "round {round}");
+        }
+        cut_tx.send_replace(round + 1);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "one connection per round, shared by its requests"
+    );
+    p.stop().await;
+    server.abort();
+}

@@ -360,12 +360,26 @@ impl ConnPool {
     /// and again once it has closed). The connection goes to this pool's address whatever the
     /// request's URI says, so the URI carries the client's authority: it becomes `:authority`,
     /// equal to `Host` (RFC 9113 8.3.1), as the HTTP/1.1 client keeps `Host`.
+    ///
+    /// A request the connection never took (it closed under it: the upstream restarted or sent
+    /// GOAWAY before this side noticed) is sent once more on a new connection, as hyper-util's
+    /// pooled client does; one it took is never sent twice.
     pub async fn send_h2(&self, req: Request<H2Body>) -> Result<Response<Incoming>, ClientError> {
         let mut sender = match self.h2.live() {
             Some(s) => s,
             None => self.h2_connect().await?,
         };
-        Ok(sender.send_request(req).await?)
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    // The sender it refused is closed now, so this opens a new connection.
+                    let mut sender = self.h2_connect().await?;
+                    Ok(sender.send_request(req).await?)
+                }
+                None => Err(e.into_error().into()),
+            },
+        }
     }
 
     /// Opens the HTTP/2 connection; callers that arrive meanwhile wait for it and share it.
