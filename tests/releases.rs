@@ -5,6 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::etcd::Etcd;
 use common::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -572,50 +573,6 @@ async fn a_reload_that_removes_a_service_aborts_the_release() {
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0]["actor"], "reload");
     r.p.stop().await;
-}
-
-/// A real etcd on loopback ports (Debian's `etcd-server`), as tests/replicas.rs starts it.
-struct Etcd {
-    child: std::process::Child,
-    client: u16,
-}
-
-impl Etcd {
-    async fn start(dir: &std::path::Path) -> Etcd {
-        let (client, peer) = (free_port(), free_port());
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
-        let child = std::process::Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir)
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("test={p}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start etcd (apt-get install etcd-server)");
-        let ok = eventually(20, || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", client))
-                .await
-                .is_ok()
-        })
-        .await;
-        assert!(ok, "etcd did not start");
-        Etcd { child, client }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

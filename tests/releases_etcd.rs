@@ -7,53 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::etcd::Etcd;
 use common::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-
-/// A real etcd on loopback ports, as tests/replicas.rs starts it.
-struct Etcd {
-    child: std::process::Child,
-    client: u16,
-}
-
-impl Etcd {
-    async fn start(dir: &std::path::Path) -> Etcd {
-        let (client, peer) = (free_port(), free_port());
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
-        let child = std::process::Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir)
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("test={p}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start etcd (apt-get install etcd-server)");
-        let ok = eventually(20, || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", client))
-                .await
-                .is_ok()
-        })
-        .await;
-        assert!(ok, "etcd did not start");
-        Etcd { child, client }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const TRIGGERS: &str = "[services.rollback]\nwatch_for = \"10m\"\nmin_requests = 10\n[[services.rollback.triggers]]\nkind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"1s\"\n";
 
@@ -358,7 +315,7 @@ async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_re
     .await;
     assert!(seen, "b: {}", releases(&b).await);
     // etcd stops answering (SIGSTOP): an abort on b cannot know whether it was stored.
-    let pid = etcd.child.id();
+    let pid = etcd.pid();
     signal(pid, "-STOP");
     let (s, v) = admin_post(
         b.admin,

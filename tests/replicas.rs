@@ -3,92 +3,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use common::etcd::Etcd;
 use common::*;
 use serde_json::json;
-
-struct Etcd {
-    child: Option<Child>,
-    client: u16,
-    peer: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Etcd {
-    fn start(dir: &std::path::Path) -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            client: free_port(),
-            peer: free_port(),
-            dir: dir.to_path_buf(),
-        };
-        e.spawn();
-        e
-    }
-
-    fn spawn(&mut self) {
-        let which = Command::new("etcd").arg("--version").output();
-        assert!(
-            which.is_ok(),
-            "etcd is not installed: apt-get install etcd-server (.ci/run does)"
-        );
-        let client = format!("http://127.0.0.1:{}", self.client);
-        let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(&self.dir)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("test={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        self.child = Some(child);
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let url = format!("127.0.0.1:{}", self.client);
-        let ok = eventually(20, || {
-            let url = url.clone();
-            async move { tokio::net::TcpStream::connect(url).await.is_ok() }
-        })
-        .await;
-        assert!(ok, "etcd did not start");
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 async fn replicas(
     etcd: &Etcd,
@@ -131,7 +53,7 @@ async fn converged(ps: &[TestProxy], color: &str, generation: u64, secs: u64) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd"));
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
     etcd.wait_ready().await;
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
@@ -206,7 +128,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_fails_no_request_blocks_flips_and_replicas_converge_after() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut etcd = Etcd::start(&dir.path().join("etcd"));
+    let mut etcd = Etcd::start(&dir.path().join("etcd")).await;
     etcd.wait_ready().await;
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
@@ -290,7 +212,7 @@ async fn etcd_down_fails_no_request_blocks_flips_and_replicas_converge_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_rolling_back_the_same_release_produce_one_flip() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd"));
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
     etcd.wait_ready().await;
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;

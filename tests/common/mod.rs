@@ -3,6 +3,7 @@
 //! stops when dropped.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod relay;
 
 use std::convert::Infallible;
