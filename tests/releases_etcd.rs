@@ -100,6 +100,22 @@ fn two_phases(bake1: &str, bake2: &str, validate: &str) -> Value {
     })
 }
 
+/// Starts a release on `p` from `plan`; it must be accepted. The answer.
+async fn start_release(p: &TestProxy, plan: Value) -> Value {
+    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// Waits until `p` shows phase `i` of the current release in `state`.
+async fn wait_phase(p: &TestProxy, i: usize, state: &str) {
+    let seen = eventually(20, || async {
+        releases(p).await["current"]["phases"][i]["state"] == state
+    })
+    .await;
+    assert!(seen, "phase {i} never {state}: {}", releases(p).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_release_and_a_trigger_on_the_other_rolls_back_both() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -107,14 +123,7 @@ async fn two_replicas_share_one_release_and_a_trigger_on_the_other_rolls_back_bo
     let rig = Rig::new(&etcd, "/sy-rel-share/").await;
     let a = TestProxy::start(&rig.body).await;
     let b = TestProxy::start(&rig.body).await;
-    let (s, v) = admin_post(
-        a.admin,
-        "/api/releases",
-        Some(TOKEN),
-        Some(two_phases("1s", "10m", "10m")),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
+    let v = start_release(&a, two_phases("1s", "10m", "10m")).await;
     let id = v["release"]["id"].as_str().unwrap_or_default().to_string();
     assert!(!id.is_empty(), "{v}");
 
@@ -206,19 +215,8 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
     let gen_before = b.service_status("api").await["generation"]
         .as_u64()
         .unwrap_or(0);
-    let (s, v) = admin_post(
-        a.admin,
-        "/api/releases",
-        Some(TOKEN),
-        Some(two_phases("6s", "1s", "1s")),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    let seen = eventually(20, || async {
-        releases(&b).await["current"]["phases"][0]["state"] == "baking"
-    })
-    .await;
-    assert!(seen, "b: {}", releases(&b).await);
+    start_release(&a, two_phases("6s", "1s", "1s")).await;
+    wait_phase(&b, 0, "baking").await;
     let first = releases(&b).await["current"].clone();
     // The replica that started (and drives) the release stops mid-bake, then comes back.
     let a_dir = a.stop().await;
@@ -301,19 +299,8 @@ async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_re
     let rig = Rig::with_timeout(&etcd, "/sy-rel-unknown/", "1s").await;
     let a = TestProxy::start(&rig.body).await;
     let b = TestProxy::start(&rig.body).await;
-    let (s, v) = admin_post(
-        a.admin,
-        "/api/releases",
-        Some(TOKEN),
-        Some(two_phases("1s", "10m", "10m")),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    let seen = eventually(20, || async {
-        releases(&b).await["current"]["phases"][1]["state"] == "baking"
-    })
-    .await;
-    assert!(seen, "b: {}", releases(&b).await);
+    start_release(&a, two_phases("1s", "10m", "10m")).await;
+    wait_phase(&b, 1, "baking").await;
     // etcd stops answering (SIGSTOP): an abort on b cannot know whether it was stored.
     let pid = etcd.pid();
     signal(pid, "-STOP");
