@@ -501,7 +501,11 @@ async fn traffic(proxy: SocketAddr, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         n += 1;
-        let path = if n % 4 == 0 { "/" } else { "/api/items" };
+        let path = if n.is_multiple_of(4) {
+            "/"
+        } else {
+            "/api/items"
+        };
         let Ok(req) = Request::get(format!("http://{proxy}{path}")).body(Empty::new()) else {
             continue;
         };

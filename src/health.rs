@@ -102,7 +102,7 @@ pub async fn stats_ticker(app: Arc<App>) {
         }
         ticks += 1;
         // Every 4 s: close idle upstream connections that expired or that the upstream closed.
-        let reap = ticks % 16 == 0;
+        let reap = ticks.is_multiple_of(16);
         let now = app.clock.now_epoch();
         let snap = app.snapshot();
         for svc in &snap.services {

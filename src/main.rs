@@ -113,7 +113,7 @@ fn init_logging(format: LogFormat) {
     // Colors only for a person at a terminal who did not ask for none (NO_COLOR, no-color.org):
     // a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)

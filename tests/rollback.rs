@@ -474,7 +474,8 @@ async fn healthy_traffic_with_404s_and_jitter_never_rolls_back() {
     let mut i = 0u64;
     while tokio::time::Instant::now() < deadline {
         r.green.set_delay([0, 30, 5, 80, 10][(i % 5) as usize]);
-        r.green.set_status(if i % 2 == 0 { 404 } else { 200 });
+        r.green
+            .set_status(if i.is_multiple_of(2) { 404 } else { 200 });
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

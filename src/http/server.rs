@@ -884,7 +884,11 @@ impl<H: Handler> Conn<H> {
         let mut reader = Some(reader);
         while let Some(mut r) = reader.take() {
             reader = match self.next_head(&mut r).await {
-                Next::Head(head) => Box::pin(self.exchange(r, head)).await,
+                // Allocated first and written in place: `Box::pin(fut)` built the >2 KB future
+                // on the stack and copied it (~500 instructions per request, callgrind).
+                Next::Head(head) => {
+                    Box::into_pin(Box::write(Box::new_uninit(), self.exchange(r, head))).await
+                }
                 Next::Close => None,
                 Next::Refused(refused) => {
                     Box::pin(self.refuse(r, refused)).await;
@@ -1077,7 +1081,7 @@ impl<H: Handler> Conn<H> {
             Ok(false)
                 if complete
                     && !keep_alive
-                    && !reader_back.as_ref().is_some_and(|r| !r.buf.is_empty()) =>
+                    && reader_back.as_ref().is_none_or(|r| r.buf.is_empty()) =>
             {
                 return None
             }

@@ -480,11 +480,11 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             (s.driving.clone(), s.wrote_at, s.changed_at, live)
         };
         match driving {
-            Some(id) if wrote_at.map_or(true, |t| t.elapsed() >= beat) => {
+            Some(id) if wrote_at.is_none_or(|t| t.elapsed() >= beat) => {
                 persist(&app, &store, &id).await;
             }
             Some(_) => {}
-            None if live && changed_at.map_or(true, |t| t.elapsed() >= stale) => {
+            None if live && changed_at.is_none_or(|t| t.elapsed() >= stale) => {
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "the release's driver stopped writing to etcd; this replica takes it over");
                     // A promote stored before the takeover still passes the gate.
