@@ -10,7 +10,10 @@
 #   h2c         h2c prior knowledge, CONNS connections x STREAMS streams
 #   close       HTTP/1.1, a new connection per request (Connection: close)
 #   tls         HTTPS keep-alive (ECDSA P-256, the same certificate on every proxy)
-#   tlsclose    HTTPS, a new connection and a full TLS handshake per request
+#   tlsclose    HTTPS, a new connection per request (wrk; every proxy resumes the TLS 1.3 session
+#               as its defaults allow, as real clients do)
+#   tlsfull     HTTPS, a full TLS 1.3 handshake per request, no resumption (openssl s_time -new,
+#               TLSFULL_CLIENTS sequential clients in parallel)
 #   h2tls       h2 over TLS (ALPN), H2TLS_CONNS connections x H2TLS_STREAMS streams
 #   c1000       HTTP/1.1 keep-alive, MANY_CONNS (1000) connections
 #   down1m      1 MiB responses, BODY_CONNS connections
@@ -29,6 +32,7 @@
 #   STREAMS=10          h2c streams per connection (h2load -m)
 #   H2TLS_CONNS=16      h2tls connections;  H2TLS_STREAMS=16 streams per connection
 #   MANY_CONNS=1000     c1000 connections
+#   TLSFULL_CLIENTS=16  tlsfull clients (each one connection at a time)
 #   BODY_CONNS=16       connections for down1m and the uploads
 #   NGINX_REQUEST_BUFFERING=off   nginx proxy_request_buffering: off streams uploads as Switchyard
 #                       and HAProxy do (the fair setting); "on" is nginx's default (store, then send)
@@ -56,10 +60,11 @@ STREAMS=${STREAMS:-10}
 H2TLS_CONNS=${H2TLS_CONNS:-16}
 H2TLS_STREAMS=${H2TLS_STREAMS:-16}
 MANY_CONNS=${MANY_CONNS:-1000}
+TLSFULL_CLIENTS=${TLSFULL_CLIENTS:-16}
 BODY_CONNS=${BODY_CONNS:-16}
 NGINX_REQUEST_BUFFERING=${NGINX_REQUEST_BUFFERING:-off}
 NGINX_PROXY_BUFFERING=${NGINX_PROXY_BUFFERING:-on}
-ALL_WORKLOADS=(h1 h2c close tls tlsclose h2tls c1000 down1m upload64k upload1m chunked64k chunked1m fixed idle)
+ALL_WORKLOADS=(h1 h2c close tls tlsclose tlsfull h2tls c1000 down1m upload64k upload1m chunked64k chunked1m fixed idle)
 WORKLOADS=${WORKLOADS:-${ALL_WORKLOADS[*]}}
 FIXED_RPS=${FIXED_RPS:-}
 IDLE_CONNS=${IDLE_CONNS:-10000}
@@ -72,7 +77,7 @@ log()  { printf '[bench] %s\n' "$*" >&2; }
 warn() { printf '[bench] WARNING: %s\n' "$*" >&2; }
 die()  { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 
-for v in ROUNDS DURATION CONNS STREAMS H2TLS_CONNS H2TLS_STREAMS MANY_CONNS BODY_CONNS IDLE_CONNS BASE_PORT; do
+for v in ROUNDS DURATION CONNS STREAMS H2TLS_CONNS H2TLS_STREAMS MANY_CONNS TLSFULL_CLIENTS BODY_CONNS IDLE_CONNS BASE_PORT; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
 done
 for v in NGINX_REQUEST_BUFFERING NGINX_PROXY_BUFFERING; do
@@ -417,6 +422,8 @@ write_nginx_proxy() { # with_h2 (1/0) with_tls (1/0)
     if [[ $2 == 1 ]]; then
         echo "    ssl_certificate $TMP/tls/cert.pem;"
         echo "    ssl_certificate_key $TMP/tls/key.pem;"
+        # nginx before 1.23.4 offers TLS 1.2 at most by default; Switchyard and HAProxy offer 1.3
+        echo "    ssl_protocols TLSv1.2 TLSv1.3;"
     fi
     cat <<EOF
     upstream backend {
@@ -545,7 +552,7 @@ wl_feature() {
     case $1 in
     h1 | close | c1000 | fixed) echo h1 ;;
     h2c) echo h2c ;;
-    tls | tlsclose) echo tls ;;
+    tls | tlsclose | tlsfull) echo tls ;;
     h2tls) echo h2tls ;;
     down1m) echo down ;;
     upload64k | upload1m) echo upload ;;
@@ -556,6 +563,7 @@ wl_conns() {
     case $1 in
     h2tls) echo "$H2TLS_CONNS" ;;
     c1000) echo "$MANY_CONNS" ;;
+    tlsfull) echo "$TLSFULL_CLIENTS" ;;
     down1m | upload* | chunked*) echo "$BODY_CONNS" ;;
     *) echo "$CONNS" ;;
     esac
@@ -579,7 +587,8 @@ wl_desc() {
     h2c) echo "h2c, $CONNS conns x $STREAMS streams (h2load)" ;;
     close) echo "HTTP/1.1, a connection per request, $CONNS conns (wrk, Connection: close)" ;;
     tls) echo "HTTPS keep-alive, ECDSA P-256, $CONNS conns (wrk)" ;;
-    tlsclose) echo "HTTPS, a full handshake per request, $CONNS conns (wrk, Connection: close)" ;;
+    tlsclose) echo "HTTPS, a connection per request, default resumption, $CONNS conns (wrk, Connection: close)" ;;
+    tlsfull) echo "HTTPS, a full TLS 1.3 handshake per request, $TLSFULL_CLIENTS clients (openssl s_time -new)" ;;
     h2tls) echo "h2 over TLS, $H2TLS_CONNS conns x $H2TLS_STREAMS streams (h2load)" ;;
     c1000) echo "HTTP/1.1 keep-alive, $MANY_CONNS conns (wrk)" ;;
     down1m) echo "1 MiB responses, $BODY_CONNS conns (wrk)" ;;
@@ -706,6 +715,26 @@ measure() { # workload target round [rps_total]
         errs=$(awk '/^requests:/ { n += $10 } /^status codes:/ { n += $7 + $9 } END { print n + 0 }' "$out")
         read -r p50 p99 < <(log_percentiles "$out.log")
         rm -f "$out.log"
+        ;;
+    tlsfull)
+        # s_time: one connection at a time per client, each a full handshake (-new) and one
+        # "GET / HTTP/1.0" (no Host: every proxy here routes it to its one upstream)
+        local hostport=${url#https://} i clients=() t0 t1
+        hostport=${hostport%/}
+        t0=$(date +%s.%N)
+        for ((i = 0; i < conns; i++)); do
+            "${PIN_LOAD[@]}" openssl s_time -connect "$hostport" -new -tls1_3 -www / \
+                -time "$DURATION" >"$out.$i" 2>&1 &
+            clients+=($!)
+        done
+        wait "${clients[@]}"
+        t1=$(date +%s.%N)
+        reqs=$(cat "$out".* | awk '/connections in [0-9]+ real seconds/ { n += $1 } END { print n + 0 }')
+        rps=$(awk -v n="$reqs" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", n / (b - a) }')
+        p50=nan p99=nan
+        errs=$(cat "$out".* | grep -c -i -E 'error|fail' || true)
+        cat "$out".* >"$out"
+        rm -f "$out".*
         ;;
     *)
         local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
