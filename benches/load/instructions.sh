@@ -4,10 +4,12 @@
 #
 #   benches/load/instructions.sh                    # Switchyard, then nginx as a proxy
 #   TARGETS=switchyard benches/load/instructions.sh
+#   PROTO=h2c TARGETS="switchyard haproxy" benches/load/instructions.sh   # h2c, STREAMS per conn
 #
 # Environment: N=20000 requests over C=16 HTTP/1.1 keep-alive connections (h2load --h1),
 # BASE_PORT=29080 (4 ports), SWITCHYARD_BIN (default target/release/switchyard), TARGETS
-# ("switchyard nginx"), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it),
+# ("switchyard nginx"; also haproxy), PROTO=h1|h2c (h2c: prior knowledge, STREAMS=10 concurrent
+# streams per connection; the upstream stays HTTP/1.1), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it),
 # SY_ACCESS=json|combined turns Switchyard's access log on (to a file in the temp dir; the
 # writer thread's instructions are counted too).
 # Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client). Installs nothing.
@@ -16,6 +18,16 @@ N=${N:-20000}
 C=${C:-16}
 BASE_PORT=${BASE_PORT:-29080}
 TARGETS=${TARGETS:-switchyard nginx}
+PROTO=${PROTO:-h1}
+STREAMS=${STREAMS:-10}
+case $PROTO in
+h1) LOAD=(--h1) ;;
+h2c) LOAD=(-m "$STREAMS") ;;
+*)
+    echo "PROTO is h1 or h2c, not $PROTO" >&2
+    exit 1
+    ;;
+esac
 KEEP_TMP=${KEEP_TMP:-0}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SY_BIN=${SWITCHYARD_BIN:-$REPO_ROOT/target/release/switchyard}
@@ -31,7 +43,7 @@ done
     exit 1
 }
 
-P_UP=$BASE_PORT P_SY=$((BASE_PORT + 1)) P_NG=$((BASE_PORT + 2))
+P_UP=$BASE_PORT P_SY=$((BASE_PORT + 1)) P_NG=$((BASE_PORT + 2)) P_HA=$((BASE_PORT + 4))
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-instr.XXXXXX")
 PIDS=()
 cleanup() {
@@ -82,9 +94,9 @@ count() { # name port cmd...
     local pid=$!
     PIDS+=("$pid")
     wait_port "$port"
-    h2load --h1 -n 200 -c 4 "http://127.0.0.1:$port/" >/dev/null # warm: pools, caches
+    h2load "${LOAD[@]}" -n 200 -c 4 "http://127.0.0.1:$port/" >/dev/null # warm: pools, caches
     valgrind_zero "$pid"
-    h2load --h1 -n "$N" -c "$C" "http://127.0.0.1:$port/" >"$TMP/$name.h2load" 2>&1
+    h2load "${LOAD[@]}" -n "$N" -c "$C" "http://127.0.0.1:$port/" >"$TMP/$name.h2load" 2>&1
     grep -q "$N succeeded" "$TMP/$name.h2load" || {
         echo "$name: not every request succeeded:" >&2
         grep -E 'succeeded|failed' "$TMP/$name.h2load" >&2
@@ -95,8 +107,8 @@ count() { # name port cmd...
     local total
     # The dump after the warm-up load holds only the measured requests.
     total=$(awk '/^summary:/ { s = $2 } END { print s + 0 }' "$TMP/$name.out.1")
-    printf '%-12s %8d instructions per request (%d requests, %d connections)\n' \
-        "$name" "$((total / N))" "$N" "$C"
+    printf '%-12s %8d instructions per request (%d requests, %d connections, %s)\n' \
+        "$name" "$((total / N))" "$N" "$C" "$PROTO"
 }
 valgrind_zero() { callgrind_control -z "$1" >/dev/null; }
 
@@ -124,9 +136,35 @@ EOF
         SWITCHYARD_ADMIN_TOKEN=t RUST_LOG=warn count switchyard "$P_SY" "$SY_BIN" serve --config "$TMP/sy.toml"
         ;;
     nginx)
+        ng_h2=
+        [[ $PROTO == h2c ]] && ng_h2=" http2"
         nginx_conf "$TMP/ng" "    upstream b { server 127.0.0.1:$P_UP; keepalive 64; }
-    server { listen 127.0.0.1:$P_NG; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+    server { listen 127.0.0.1:$P_NG$ng_h2; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
         count nginx "$P_NG" nginx -p "$TMP/ng" -c "$TMP/ng/nginx.conf" -e "$TMP/ng/error.log"
+        ;;
+    haproxy)
+        command -v haproxy >/dev/null 2>&1 || {
+            echo "missing: haproxy (Debian package: haproxy)" >&2
+            exit 1
+        }
+        ha_proto=
+        [[ $PROTO == h2c ]] && ha_proto=" proto h2"
+        cat >"$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend f
+    bind 127.0.0.1:$P_HA$ha_proto
+    default_backend b
+backend b
+    server up 127.0.0.1:$P_UP
+EOF
+        count haproxy "$P_HA" haproxy -db -f "$TMP/haproxy.cfg"
         ;;
     *) echo "unknown target $t" >&2 ;;
     esac
