@@ -624,11 +624,14 @@ impl Connection {
             let info = info.clone();
             let stream = activity.open();
             let activity = activity.clone();
-            async move {
+            let exchange = async move {
                 let req = req.map(ClientBody::H2);
                 let resp = proxy::handle(&proxy, req, &info, None).await;
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, stream)))
-            }
+            };
+            // Boxed once and built in place: hyper moves each stream's future into its H2Stream
+            // and tokio moves that into a task, which copied the >2 KB request future each time.
+            Box::into_pin(Box::write(Box::new_uninit(), exchange))
         });
         let io = SendTimeout::new(io, limits.send_timeout);
         let io = TokioIo::new(Prefixed { read, io });
