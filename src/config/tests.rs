@@ -252,6 +252,11 @@ interval = "5s"
         k => panic!("{k:?}"),
     }
     assert_eq!(c.services[0].verify.len(), 2);
+    match &c.services[0].verify[0] {
+        // `above_fraction` defaults to 0: any one failing upstream fails the probe.
+        VerifyCheck::Probe(p) => assert_eq!(p.above_fraction, 0.0),
+        k => panic!("{k:?}"),
+    }
     assert_eq!(c.analysis.timeout, Duration::from_secs(5));
     assert!(c.summary().contains("verify probe"), "{}", c.summary());
 
