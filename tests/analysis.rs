@@ -1193,7 +1193,29 @@ async fn demo_probe_trigger_fires_from_the_printed_command() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
+    // Green's own signals before the fault: a deep health endpoint and a metrics endpoint.
+    let (s, deps) = get(green, "/health/deps").await;
+    assert_eq!(s, 200, "{deps}");
+    let deps: Value = serde_json::from_str(&deps).expect("deep health is JSON");
+    assert_eq!(deps["payments"], "ok", "{deps}");
+    let (s, metrics) = get(green, "/metrics").await;
+    assert_eq!(s, 200, "{metrics}");
+    assert!(
+        metrics.contains(
+            "app_dependency_up{service=\"api\",color=\"green\",dependency=\"payments\"} 1"
+        ),
+        "{metrics}"
+    );
     assert_eq!(get(green, &format!("/{path}")).await.0, 200);
+    let (_, deps) = get(green, "/health/deps").await;
+    assert!(deps.contains("\"payments\":\"down\""), "{deps}");
+    let (_, metrics) = get(green, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "app_dependency_up{service=\"api\",color=\"green\",dependency=\"payments\"} 0"
+        ),
+        "{metrics}"
+    );
     let probe_rollback = || async {
         admin_get(admin, "/api/events").await.1["events"]
             .as_array()
@@ -1444,12 +1466,25 @@ for = "1h"
 async fn dashboard_shows_analysis_triggers() {
     let blue = DeepUpstream::start().await;
     let dead = dead_addr().await;
-    let body = two_colors(
-        "api",
-        "/",
-        &[blue.addr],
-        &[dead],
-        r#"
+    // A Prometheus answer of two series: a configuration error, shown with the query.
+    let fake = raw_upstream(|_head| {
+        let body = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"color":"blue"},"value":[1,"0"]},{"metric":{"color":"green"},"value":[1,"1"]}]}}"#;
+        Raw::Answer(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await;
+    let body = format!("[analysis]\nprometheus_url = \"http://{fake}\"\n")
+        + &two_colors(
+            "api",
+            "/",
+            &[blue.addr],
+            &[dead],
+            r#"
 [services.rollback]
 [[services.rollback.triggers]]
 kind = "probe"
@@ -1457,11 +1492,17 @@ path = "/health/deps"
 json_pointer = "/payments"
 equals = "ok"
 interval = "200ms"
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'app_db_errors_by_color_total'
+above = 0.5
+interval = "200ms"
 "#,
-    );
+        );
     let p = TestProxy::start(&body).await;
     assert_eq!(flip(&p, "api", "green", true).await.0, 200);
     wait_trigger(&p, "api", 0, |t| t["state"] == "inconclusive").await;
+    wait_trigger(&p, "api", 1, |t| t["state"] == "inconclusive").await;
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new("/usr/bin/chromium")
@@ -1491,6 +1532,11 @@ interval = "200ms"
     );
     assert!(dom.contains("error: "), "{dom}");
     assert!(dom.contains("cannot connect"), "{dom}");
+    assert!(dom.contains("app_db_errors_by_color_total"), "{dom}");
+    assert!(
+        dom.contains("configuration error: the query returned 2 series"),
+        "{dom}"
+    );
 }
 
 /// A trigger is evaluated at its own `interval`, not at the engine's twice a second; a reload
