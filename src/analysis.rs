@@ -266,13 +266,20 @@ impl Analysis {
         let Some(obj) = out.as_object_mut() else {
             return;
         };
-        if t.kind.interval().is_some() {
-            let state = obj.get("state").and_then(Value::as_str).unwrap_or("");
-            let index = index.to_string();
-            for s in ANALYSIS_STATES {
-                self.state
-                    .with_label_values(&[svc.name(), &index, t.kind.name(), s])
-                    .set((s == state) as i64);
+        // Under the slots lock, and only while the trigger's task runs: [`sync`] removes the
+        // series of a trigger it stops under the same lock, so none outlives its trigger.
+        if let Ok(slots) = self.slots.lock() {
+            let running = slots
+                .get(&(svc.name().to_string(), index))
+                .is_some_and(|s| s.trigger == *t);
+            if running {
+                let state = obj.get("state").and_then(Value::as_str).unwrap_or("");
+                let index = index.to_string();
+                for s in ANALYSIS_STATES {
+                    self.state
+                        .with_label_values(&[svc.name(), &index, t.kind.name(), s])
+                        .set((s == state) as i64);
+                }
             }
         }
         let last = self

@@ -1598,5 +1598,32 @@ interval = "1h"
         .expect("lock")
         .iter()
         .any(|h| h.contains("second_query")));
+    let state_series =
+        r#"switchyard_analysis_state{kind="prometheus",service="api",state="ok",trigger="0"} 1"#;
+    let metrics = || async {
+        let (_, m) = admin_get(p.admin, "/metrics").await;
+        m.as_str().unwrap_or_default().to_string()
+    };
+    assert!(
+        eventually(20, || async { metrics().await.contains(state_series) }).await,
+        "{}",
+        metrics().await
+    );
+
+    // A reload that disables automatic rollback stops the task and drops its series.
+    let text = std::fs::read_to_string(&p.config_path).expect("read config");
+    let text = text.replace(
+        "[services.rollback]\n",
+        "[services.rollback]\nenabled = false\n",
+    );
+    std::fs::write(&p.config_path, text).expect("write config");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    let gone = eventually(20, || async {
+        let m = metrics().await;
+        !m.contains("switchyard_analysis_state{") && !m.contains("switchyard_analysis_value{")
+    })
+    .await;
+    assert!(gone, "{}", metrics().await);
     p.stop().await;
 }
