@@ -568,6 +568,18 @@ max_errors = 2
         "on_error = fail did not fire: {:#}",
         p.service_status("fail").await
     );
+    // The event says why: the errors in a row, the policy, the query and the last error.
+    let ev = auto_rollbacks(&p, "fail").await.remove(0);
+    let detail = ev["detail"].as_str().unwrap_or_default();
+    for want in [
+        "consecutive errors",
+        "on_error = \"fail\"",
+        "query max(app_db_errors",
+        "last error: ",
+    ] {
+        assert!(detail.contains(want), "missing {want:?} in {detail}");
+    }
+    assert!(ev["trigger"]["error"].is_string(), "{ev}");
     let t = wait_trigger(&p, "hold", 0, |t| t["blind"] == json!(true)).await;
     assert_eq!(t["state"], "inconclusive");
     assert!(t["consecutive_errors"].as_u64().unwrap_or(0) >= 2, "{t}");
