@@ -44,6 +44,16 @@ use crate::routing::{Service, Snapshot};
 pub const ANALYSIS_BLIND: &str = "switchyard_analysis_blind";
 pub const ANALYSIS_VALUE: &str = "switchyard_analysis_value";
 pub const ANALYSIS_ERRORS_TOTAL: &str = "switchyard_analysis_errors_total";
+pub const ANALYSIS_STATE: &str = "switchyard_analysis_state";
+
+/// The states a `prometheus` or `probe` trigger can be in (`switchyard_analysis_state`).
+pub const ANALYSIS_STATES: [&str; 5] = [
+    "ok",
+    "breaching",
+    "insufficient_data",
+    "inconclusive",
+    "fired",
+];
 
 /// The largest answer read from Prometheus or a probe.
 const MAX_BODY: usize = 4 << 20;
@@ -164,10 +174,13 @@ type Key = (String, usize);
 /// The analysis side of the app: the trigger tasks' slots, the HTTP client, the metrics.
 pub struct Analysis {
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
-    tls: OnceCell<Result<Arc<rustls::ClientConfig>, String>>,
+    /// Built at the first `https://` request that succeeds in building it (a failure, e.g. a
+    /// CA file not there yet, is tried again at the next request).
+    tls: OnceCell<Arc<rustls::ClientConfig>>,
     blind: IntGaugeVec,
     value: GaugeVec,
     errors_total: IntCounterVec,
+    state: IntGaugeVec,
 }
 
 impl Analysis {
@@ -198,10 +211,19 @@ impl Analysis {
             labels,
         )
         .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        let state = IntGaugeVec::new(
+            Opts::new(
+                ANALYSIS_STATE,
+                "1 for the state a prometheus or probe trigger is in (ok, breaching, insufficient_data, inconclusive, fired), 0 for the others.",
+            ),
+            &["service", "trigger", "kind", "state"],
+        )
+        .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
         for c in [
             Box::new(blind.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(value.clone()),
             Box::new(errors_total.clone()),
+            Box::new(state.clone()),
         ] {
             // The names are unique constants and the registry is the app's own.
             let _ = registry.register(c);
@@ -212,6 +234,7 @@ impl Analysis {
             blind,
             value,
             errors_total,
+            state,
         }
     }
 
@@ -237,11 +260,28 @@ impl Analysis {
     }
 
     /// The status fields of a `prometheus` or `probe` trigger: `query` (or `probe`), `error`,
-    /// `evaluated_at`, and more; merged into the engine's JSON for the trigger.
+    /// `evaluated_at`, and more; merged into the engine's JSON for the trigger. Also sets the
+    /// trigger's `switchyard_analysis_state` to the engine's `state` there.
     pub fn status_fields(&self, svc: &Service, index: usize, t: &TriggerConfig, out: &mut Value) {
         let Some(obj) = out.as_object_mut() else {
             return;
         };
+        // Under the slots lock, and only while the trigger's task runs: [`sync`] removes the
+        // series of a trigger it stops under the same lock, so none outlives its trigger.
+        if let Ok(slots) = self.slots.lock() {
+            let running = slots
+                .get(&(svc.name().to_string(), index))
+                .is_some_and(|s| s.trigger == *t);
+            if running {
+                let state = obj.get("state").and_then(Value::as_str).unwrap_or("");
+                let index = index.to_string();
+                for s in ANALYSIS_STATES {
+                    self.state
+                        .with_label_values(&[svc.name(), &index, t.kind.name(), s])
+                        .set((s == state) as i64);
+                }
+            }
+        }
         let last = self
             .slot(svc.name(), index, t)
             .map(|s| s.last())
@@ -356,19 +396,24 @@ impl Analysis {
         let _ = self.blind.remove_label_values(&labels);
         let _ = self.value.remove_label_values(&labels);
         let _ = self.errors_total.remove_label_values(&labels);
+        for s in ANALYSIS_STATES {
+            let _ = self
+                .state
+                .remove_label_values(&[labels[0], labels[1], labels[2], s]);
+        }
     }
 
     /// The rustls client config for `https://`, built once: `ca_file`, else the system bundle.
     async fn tls(&self, cfg: &AnalysisConfig) -> Result<Arc<rustls::ClientConfig>, String> {
         let ca = cfg.ca_file.clone();
         self.tls
-            .get_or_init(|| async move {
+            .get_or_try_init(|| async move {
                 tokio::task::spawn_blocking(move || client_tls(ca.as_deref()))
                     .await
                     .unwrap_or_else(|e| Err(format!("TLS setup task failed: {e}")))
             })
             .await
-            .clone()
+            .cloned()
     }
 }
 
@@ -705,6 +750,11 @@ pub fn parse_prometheus(status: http::StatusCode, body: &[u8]) -> Outcome {
     match value {
         Ok(v) if v.is_nan() => Outcome::Empty {
             detail: "the query returned NaN".to_string(),
+        },
+        // JSON has no infinity: the status shows `value` null, and this says why.
+        Ok(v) if v.is_infinite() => Outcome::Value {
+            value: v,
+            detail: Some(format!("the query returned {}", fmt_num(v))),
         },
         Ok(v) => Outcome::Value {
             value: v,
@@ -1178,6 +1228,11 @@ mod tests {
         let r = upstreams_regex(&["127.0.0.1:3001".into(), "[::1]:3002".into()]);
         assert_eq!(r, "127[.]0[.]0[.]1:3001|[[]::1[]]:3002");
         assert!(!r.contains('\\'));
+        // tests/analysis.rs asks a real Prometheus what this one matches.
+        assert_eq!(
+            upstreams_regex(&["[::1]:3002".into(), "10.0.0.1:80".into()]),
+            "[[]::1[]]:3002|10[.]0[.]0[.]1:80"
+        );
     }
 
     #[test]
@@ -1226,9 +1281,10 @@ mod tests {
             ),
             Outcome::Value {
                 value: f64::INFINITY,
-                detail: None
+                detail: Some("the query returned +Inf".into())
             }
         );
+        assert_eq!(fmt_num(f64::NEG_INFINITY), "-Inf");
         assert!(matches!(
             v(r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#),
             Outcome::Empty { .. }

@@ -601,7 +601,8 @@ impl TriggerState {
     }
 }
 
-/// A number as short as it reads: `0.5`, `12`, `0.333`.
+/// A number as short as it reads: `0.5`, `12`, `0.333`; infinities as Prometheus writes them
+/// (`+Inf`, `-Inf`).
 pub fn fmt_num(v: f64) -> String {
     if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
@@ -613,6 +614,10 @@ pub fn fmt_num(v: f64) -> String {
         } else {
             s.to_string()
         }
+    } else if v == f64::INFINITY {
+        "+Inf".to_string()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".to_string()
     } else {
         v.to_string()
     }

@@ -123,12 +123,28 @@ impl Prometheus {
         assert!(ok, "prometheus never saw {q} = {want}");
     }
 
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("prometheus runs")
+    }
+
     async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill().await;
             let _ = c.wait().await;
         }
     }
+}
+
+fn signal_pid(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{signal} {pid} failed");
 }
 
 fn enc(s: &str) -> String {
@@ -247,9 +263,11 @@ async fn flip(p: &TestProxy, service: &str, to: &str, force: bool) -> (u16, Valu
 async fn prometheus_query_crossing_its_threshold_rolls_back() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
-    let exp =
-        Exporter::start("app_db_errors{color=\"blue\"} 0\napp_db_errors{color=\"green\"} 0\n")
-            .await;
+    // `other`: another service's series, high all along; `{{service}}` leaves it out.
+    let series = |b: u32, g: u32| {
+        format!("app_db_errors{{service=\"api\",color=\"blue\"}} {b}\napp_db_errors{{service=\"api\",color=\"green\"}} {g}\napp_db_errors{{service=\"other\",color=\"green\"}} 7\n")
+    };
+    let exp = Exporter::start(&series(0, 0)).await;
     let prom = Prometheus::start(exp.addr).await;
     let body = format!(
         "[analysis]\nprometheus_url = \"{}\"\ntimeout = \"2s\"\n{}",
@@ -264,7 +282,7 @@ async fn prometheus_query_crossing_its_threshold_rolls_back() {
 watch_for = "10m"
 [[services.rollback.triggers]]
 kind = "prometheus"
-query = 'max(app_db_errors{color="{{color}}"})'
+query = 'max(app_db_errors{service="{{service}}",color="{{color}}"})'
 above = 0.5
 interval = "1s"
 for = "2s"
@@ -278,14 +296,20 @@ for = "2s"
     })
     .await;
     assert_eq!(t["kind"], "prometheus");
-    assert_eq!(t["query"], r#"max(app_db_errors{color="{{color}}"})"#);
-    assert_eq!(t["evaluated"], r#"max(app_db_errors{color="green"})"#);
+    assert_eq!(
+        t["query"],
+        r#"max(app_db_errors{service="{{service}}",color="{{color}}"})"#
+    );
+    assert_eq!(
+        t["evaluated"],
+        r#"max(app_db_errors{service="api",color="green"})"#
+    );
     assert_eq!(t["error"], Value::Null);
     assert_eq!(t["threshold"], json!(0.5));
 
     // The idle color (blue) goes bad: the live color's query does not see it.
-    exp.set("app_db_errors{color=\"blue\"} 9\napp_db_errors{color=\"green\"} 0\n");
-    prom.wait_for("max(app_db_errors{color=\"blue\"})", "9")
+    exp.set(&series(9, 0));
+    prom.wait_for("max(app_db_errors{service=\"api\",color=\"blue\"})", "9")
         .await;
     let seen = p.service_status("api").await["triggers"][0]["evaluated_at"].clone();
     wait_trigger(&p, "api", 0, |t| {
@@ -301,7 +325,7 @@ for = "2s"
     assert_eq!(p.service_status("api").await["active"], "green");
 
     // The live color goes bad: rolled back to blue, the event names the trigger and the value.
-    exp.set("app_db_errors{color=\"blue\"} 9\napp_db_errors{color=\"green\"} 3\n");
+    exp.set(&series(9, 3));
     let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
     assert!(
         rolled,
@@ -316,7 +340,7 @@ for = "2s"
     assert_eq!(ev["trigger"]["value"], json!(3.0));
     assert_eq!(
         ev["trigger"]["query"],
-        r#"max(app_db_errors{color="green"})"#
+        r#"max(app_db_errors{service="api",color="green"})"#
     );
     let detail = ev["detail"].as_str().unwrap_or_default();
     assert!(detail.contains("prometheus 3 > 0.5"), "{detail}");
@@ -333,14 +357,26 @@ for = "2s"
 async fn upstreams_placeholder_and_verify_gate() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
+    // (`app_addr`: how the placeholder's bracketed regex reads in Prometheus, IPv6 included.)
     let util = |b: &str, g: &str| {
         format!(
-            "app_pool_utilization{{upstream=\"{}\"}} {b}\napp_pool_utilization{{upstream=\"{}\"}} {g}\n",
+            "app_pool_utilization{{upstream=\"{}\"}} {b}\napp_pool_utilization{{upstream=\"{}\"}} {g}\napp_addr{{addr=\"[::1]:3002\"}} 1\napp_addr{{addr=\"10.0.0.1:80\"}} 1\napp_addr{{addr=\"10x0x0x1:80\"}} 1\napp_addr{{addr=\"::1:3002\"}} 1\n",
             blue.addr, green.addr
         )
     };
     let exp = Exporter::start(&util("0.95", "0.95")).await;
     let prom = Prometheus::start(exp.addr).await;
+    // The regex `{{upstreams}}` gives for ["[::1]:3002", "10.0.0.1:80"] (the unit test
+    // `upstreams_become_a_regex_without_backslashes` pins it) matches exactly those two.
+    prom.wait_for(
+        r#"count(app_addr{addr=~"[[]::1[]]:3002|10[.]0[.]0[.]1:80"})"#,
+        "2",
+    )
+    .await;
+    let exact = prom
+        .query(r#"count(app_addr{addr=~"[[]::1[]]:3002"})"#)
+        .await;
+    assert_eq!(exact.as_deref(), Some("1"));
     let body = format!(
         "[analysis]\nprometheus_url = \"{}\"\n{}",
         prom.url(),
@@ -486,6 +522,7 @@ async fn on_error_policies(
     values_first: bool,
     fault: impl std::future::Future<Output = ()>,
     error_has: &str,
+    recover: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 ) {
     let ups = futures_ups(4).await;
     let trig = |on_error: &str| {
@@ -531,6 +568,18 @@ max_errors = 2
         "on_error = fail did not fire: {:#}",
         p.service_status("fail").await
     );
+    // The event says why: the errors in a row, the policy, the query and the last error.
+    let ev = auto_rollbacks(&p, "fail").await.remove(0);
+    let detail = ev["detail"].as_str().unwrap_or_default();
+    for want in [
+        "consecutive errors",
+        "on_error = \"fail\"",
+        "query max(app_db_errors",
+        "last error: ",
+    ] {
+        assert!(detail.contains(want), "missing {want:?} in {detail}");
+    }
+    assert!(ev["trigger"]["error"].is_string(), "{ev}");
     let t = wait_trigger(&p, "hold", 0, |t| t["blind"] == json!(true)).await;
     assert_eq!(t["state"], "inconclusive");
     assert!(t["consecutive_errors"].as_u64().unwrap_or(0) >= 2, "{t}");
@@ -545,6 +594,25 @@ max_errors = 2
     assert!(auto_rollbacks(&p, "hold").await.is_empty());
     assert_eq!(p.service_status("hold").await["active"], "green");
     assert_eq!(p.service_status("fail").await["active"], "blue");
+    if let Some(recover) = recover {
+        // Prometheus answers again: the held trigger reads values, is no longer blind.
+        recover.await;
+        let t = wait_trigger(&p, "hold", 0, |t| {
+            t["state"] == "ok" && t["blind"] == json!(false)
+        })
+        .await;
+        assert_eq!(t["error"], Value::Null, "{t}");
+        assert_eq!(t["consecutive_errors"], json!(0), "{t}");
+        let (_, metrics) = admin_get(p.admin, "/metrics").await;
+        let metrics = metrics.as_str().unwrap_or_default().to_string();
+        assert!(
+            metrics.contains(
+                "switchyard_analysis_blind{kind=\"prometheus\",service=\"hold\",trigger=\"0\"} 0"
+            ),
+            "{metrics}"
+        );
+        assert!(auto_rollbacks(&p, "hold").await.is_empty());
+    }
     p.stop().await;
 }
 
@@ -557,7 +625,7 @@ async fn prometheus_down_is_inconclusive_then_on_error() {
     let mut prom = Prometheus::start(exp.addr).await;
     let url = prom.url();
     let kill = async move { prom.kill().await };
-    on_error_policies(&url, "2s", true, kill, "cannot connect").await;
+    on_error_policies(&url, "2s", true, kill, "cannot connect", None).await;
 }
 
 /// A Prometheus that accepts connections and never answers: timeouts, then on_error.
@@ -570,13 +638,277 @@ async fn prometheus_slow_is_inconclusive_then_on_error() {
         false,
         async {},
         "timed out after 300ms",
+        None,
     )
     .await;
+}
+
+/// A real Prometheus stopped (SIGSTOP): its queries time out, inconclusive, then on_error;
+/// resumed (SIGCONT), the held trigger reads values again and is no longer blind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_stopped_is_inconclusive_then_on_error_and_recovers() {
+    let exp =
+        Exporter::start("app_db_errors{color=\"blue\"} 0\napp_db_errors{color=\"green\"} 0\n")
+            .await;
+    let prom = Prometheus::start(exp.addr).await;
+    let pid = prom.pid();
+    on_error_policies(
+        &prom.url(),
+        "500ms",
+        true,
+        async move { signal_pid(pid, "STOP") },
+        "timed out after 500ms",
+        Some(Box::pin(async move { signal_pid(pid, "CONT") })),
+    )
+    .await;
+    drop(prom);
+}
+
+/// A result that is neither a scalar nor one series is a configuration error shown in the
+/// trigger state with the query (status, `ctl status`, the state metric); NaN is no data; +Inf
+/// is a value past any `above`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_shapes_nan_and_inf() {
+    let ups = futures_ups(8).await;
+    let exp =
+        Exporter::start("app_db_errors{color=\"blue\"} 0\napp_db_errors{color=\"green\"} 1\n")
+            .await;
+    let prom = Prometheus::start(exp.addr).await;
+    let trig = |query: &str| {
+        format!(
+            "[services.rollback]\n[[services.rollback.triggers]]\nkind = \"prometheus\"\nquery = '{query}'\nabove = 0.5\ninterval = \"300ms\"\nfor = \"0s\"\nmax_errors = 2\n"
+        )
+    };
+    let body = format!(
+        "[analysis]\nprometheus_url = \"{}\"\n{}{}{}{}",
+        prom.url(),
+        two_colors(
+            "multi",
+            "/m",
+            &[ups[0].addr],
+            &[ups[1].addr],
+            &trig("app_db_errors")
+        ),
+        two_colors(
+            "matrix",
+            "/r",
+            &[ups[2].addr],
+            &[ups[3].addr],
+            &trig(r#"app_db_errors{color="{{color}}"}[1m]"#)
+        ),
+        two_colors(
+            "nan",
+            "/n",
+            &[ups[4].addr],
+            &[ups[5].addr],
+            &trig(r#"max(app_db_errors{color="{{color}}"}) * 0 / 0"#)
+        ),
+        two_colors(
+            "inf",
+            "/i",
+            &[ups[6].addr],
+            &[ups[7].addr],
+            &trig(r#"max(app_db_errors{color="{{color}}"}) / 0"#)
+        ),
+    );
+    let p = TestProxy::start(&body).await;
+    for svc in ["multi", "matrix", "nan", "inf"] {
+        assert_eq!(flip(&p, svc, "green", false).await.0, 200, "{svc}");
+    }
+
+    let t = wait_trigger(&p, "multi", 0, |t| t["blind"] == json!(true)).await;
+    assert_eq!(t["state"], "inconclusive", "{t}");
+    assert_eq!(t["config_error"], json!(true), "{t}");
+    assert_eq!(t["query"], "app_db_errors", "{t}");
+    assert_eq!(t["evaluated"], "app_db_errors", "{t}");
+    assert_eq!(t["value"], Value::Null, "{t}");
+    let err = t["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("configuration error") && err.contains("2 series"),
+        "{t}"
+    );
+    let t = wait_trigger(&p, "matrix", 0, |t| t["state"] == "inconclusive").await;
+    assert_eq!(t["config_error"], json!(true), "{t}");
+    assert_eq!(t["evaluated"], r#"app_db_errors{color="green"}[1m]"#, "{t}");
+    assert!(
+        t["error"].as_str().unwrap_or_default().contains("matrix"),
+        "{t}"
+    );
+    let t = wait_trigger(&p, "nan", 0, |t| t["state"] == "insufficient_data").await;
+    assert!(
+        t["detail"].as_str().unwrap_or_default().contains("NaN"),
+        "{t}"
+    );
+    assert_eq!(t["error"], Value::Null, "{t}");
+
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "inf").await.is_empty() }).await;
+    assert!(
+        rolled,
+        "+Inf did not fire: {:#}",
+        p.service_status("inf").await
+    );
+    let ev = auto_rollbacks(&p, "inf").await.remove(0);
+    assert_eq!(ev["trigger"]["value_text"], "+Inf", "{ev}");
+    let detail = ev["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("prometheus +Inf > 0.5"), "{detail}");
+
+    // The state metric and `ctl status` show the same.
+    let (_, metrics) = admin_get(p.admin, "/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    for want in [
+        r#"switchyard_analysis_state{kind="prometheus",service="multi",state="inconclusive",trigger="0"} 1"#,
+        r#"switchyard_analysis_state{kind="prometheus",service="multi",state="ok",trigger="0"} 0"#,
+        r#"switchyard_analysis_state{kind="prometheus",service="nan",state="insufficient_data",trigger="0"} 1"#,
+        r#"switchyard_analysis_state{kind="prometheus",service="inf",state="fired",trigger="0"} 1"#,
+        r#"switchyard_analysis_blind{kind="prometheus",service="multi",trigger="0"} 1"#,
+    ] {
+        assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &format!("http://{}", p.admin), "status"])
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .env_remove("SWITCHYARD_ADMIN_URL")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("ctl status finished")
+        .expect("run ctl status");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    let multi = text
+        .split("\nmulti ")
+        .nth(1)
+        .and_then(|s| s.split("\nmatrix ").next())
+        .unwrap_or_default();
+    for want in [
+        "trigger prometheus   inconclusive",
+        "query app_db_errors  [evaluated 20",
+        "BLIND after",
+        "error: configuration error: the query returned 2 series",
+    ] {
+        assert!(multi.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("trigger prometheus   insufficient_data"),
+        "{text}"
+    );
+    p.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Probes
 // ---------------------------------------------------------------------------------------------
+
+/// A per-path answer server: GET `path` answers the status and JSON the test set for it.
+struct Answers {
+    addr: SocketAddr,
+    table: Arc<Mutex<std::collections::HashMap<String, (u16, String)>>>,
+}
+
+impl Answers {
+    async fn start() -> Answers {
+        let table: Arc<Mutex<std::collections::HashMap<String, (u16, String)>>> = Arc::default();
+        let t = table.clone();
+        let addr = raw_upstream(move |head| {
+            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+            let (status, body) = t
+                .lock()
+                .expect("lock")
+                .get(&path)
+                .cloned()
+                .unwrap_or((404, "{}".to_string()));
+            Raw::Answer(
+                format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        })
+        .await;
+        Answers { addr, table }
+    }
+
+    fn set(&self, path: &str, status: u16, body: Value) {
+        self.table
+            .lock()
+            .expect("lock")
+            .insert(path.to_string(), (status, body.to_string()));
+    }
+}
+
+/// A probe of one fixed `url` (templated with `{{color}}`) and a numeric `above` on a JSON
+/// value; a status-only verify check by `url` refuses a flip while the target answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_by_url_with_a_numeric_bound() {
+    let srv = Answers::start().await;
+    srv.set("/ready/green", 503, json!({"ready": false}));
+    srv.set("/deps/blue", 200, json!({"pool": 0.95}));
+    srv.set("/deps/green", 200, json!({"pool": 0.5}));
+    let ups = futures_ups(2).await;
+    let extra = r#"
+[[services.verify]]
+kind = "probe"
+url = "http://SRV/ready/{{color}}"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+url = "http://SRV/deps/{{color}}"
+json_pointer = "/pool"
+above = 0.9
+interval = "300ms"
+for = "0s"
+"#
+    .replace("SRV", &srv.addr.to_string());
+    let p = TestProxy::start(&two_colors(
+        "api",
+        "/",
+        &[ups[0].addr],
+        &[ups[1].addr],
+        &extra,
+    ))
+    .await;
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 409, "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(err.contains("verify[0] (probe)"), "{err}");
+    assert!(err.contains("answered 503"), "{err}");
+    assert!(
+        err.contains(&format!("http://{}/ready/green", srv.addr)),
+        "{err}"
+    );
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    srv.set("/ready/green", 200, json!({"ready": true}));
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 200, "{v}");
+
+    // Green's pool at 0.5 passes (blue's 0.95 is not looked at).
+    let t = wait_trigger(&p, "api", 0, |t| t["state"] == "ok").await;
+    assert_eq!(t["value"], json!(0.0), "{t}");
+    assert_eq!(
+        t["evaluated"],
+        json!(format!("http://{}/deps/green", srv.addr)),
+        "{t}"
+    );
+    assert_eq!(
+        t["probe"],
+        json!(format!(
+            "GET http://{}/deps/{{{{color}}}}: /pool not > 0.9",
+            srv.addr
+        )),
+        "{t}"
+    );
+    srv.set("/deps/green", 200, json!({"pool": 0.97}));
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(rolled, "no rollback: {:#}", p.service_status("api").await);
+    let ev = auto_rollbacks(&p, "api").await.remove(0);
+    let detail = ev["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("/pool = 0.97 > 0.9"), "{detail}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}
 
 /// A probe fires when more than `above_fraction` of the live upstreams fail it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,6 +1044,61 @@ max_errors = 2
     p.stop().await;
 }
 
+/// A release phase runs the verify checks of its services before its flip: the second phase's
+/// target fails one, and the whole release (the first phase's flip too) is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_phase_runs_the_verify_checks() {
+    let panel = futures_ups(2).await;
+    let blue = DeepUpstream::start().await;
+    let green = DeepUpstream::start().await;
+    green.set("payments", "down");
+    let body = two_colors("panel", "/panel", &[panel[0].addr], &[panel[1].addr], "")
+        + &two_colors(
+            "api",
+            "/",
+            &[blue.addr],
+            &[green.addr],
+            r#"
+[[services.verify]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/payments"
+equals = "ok"
+"#,
+        );
+    let p = TestProxy::start(&body).await;
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(json!({
+            "name": "verify in a phase",
+            "validate": "1s",
+            "phases": [
+                { "name": "frontend", "services": ["panel"], "bake": "1s" },
+                { "name": "backend", "services": ["api"], "bake": "1s" },
+            ]
+        })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let ended = eventually(40, || async {
+        admin_get(p.admin, "/api/releases").await.1["current"].is_null()
+    })
+    .await;
+    let all = admin_get(p.admin, "/api/releases").await.1;
+    assert!(ended, "the release did not end: {all}");
+    let end = &all["recent"][0];
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    let reason = end["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("verify[0] (probe)"), "{reason}");
+    assert!(reason.contains("/payments = \"down\""), "{reason}");
+    assert_eq!(end["phases"][0]["state"], "rolled_back", "{end}");
+    assert_eq!(p.service_status("panel").await["active"], "blue");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // switchyard check
 // ---------------------------------------------------------------------------------------------
@@ -818,7 +1205,29 @@ async fn demo_probe_trigger_fires_from_the_printed_command() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
+    // Green's own signals before the fault: a deep health endpoint and a metrics endpoint.
+    let (s, deps) = get(green, "/health/deps").await;
+    assert_eq!(s, 200, "{deps}");
+    let deps: Value = serde_json::from_str(&deps).expect("deep health is JSON");
+    assert_eq!(deps["payments"], "ok", "{deps}");
+    let (s, metrics) = get(green, "/metrics").await;
+    assert_eq!(s, 200, "{metrics}");
+    assert!(
+        metrics.contains(
+            "app_dependency_up{service=\"api\",color=\"green\",dependency=\"payments\"} 1"
+        ),
+        "{metrics}"
+    );
     assert_eq!(get(green, &format!("/{path}")).await.0, 200);
+    let (_, deps) = get(green, "/health/deps").await;
+    assert!(deps.contains("\"payments\":\"down\""), "{deps}");
+    let (_, metrics) = get(green, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "app_dependency_up{service=\"api\",color=\"green\",dependency=\"payments\"} 0"
+        ),
+        "{metrics}"
+    );
     let probe_rollback = || async {
         admin_get(admin, "/api/events").await.1["events"]
             .as_array()
@@ -960,13 +1369,25 @@ query = 'max(app_db_errors{color="{{color}}"})'
 above = 0.5
 interval = "300ms"
 "#;
+    // The CA file is not there at first (a sidecar writes it later): an error, tried again at
+    // every evaluation, and once it is there the queries go through.
+    let ca = dir.path().join("ca.pem");
     let body = format!(
         "[analysis]\nprometheus_url = \"https://localhost:{port}\"\nca_file = \"{}\"\n{}",
-        cert.display(),
+        ca.display(),
         two_colors("api", "/", &[ups[0].addr], &[ups[1].addr], trig)
     );
     let p = TestProxy::start(&body).await;
     assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let t = wait_trigger(&p, "api", 0, |t| t["state"] == "inconclusive").await;
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot read CA file"),
+        "{t}"
+    );
+    std::fs::copy(&cert, &ca).expect("copy the CA");
     let t = wait_trigger(&p, "api", 0, |t| t["value"] == json!(0.25)).await;
     assert_eq!(t["state"], "ok");
     p.stop().await;
@@ -1057,12 +1478,25 @@ for = "1h"
 async fn dashboard_shows_analysis_triggers() {
     let blue = DeepUpstream::start().await;
     let dead = dead_addr().await;
-    let body = two_colors(
-        "api",
-        "/",
-        &[blue.addr],
-        &[dead],
-        r#"
+    // A Prometheus answer of two series: a configuration error, shown with the query.
+    let fake = raw_upstream(|_head| {
+        let body = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"color":"blue"},"value":[1,"0"]},{"metric":{"color":"green"},"value":[1,"1"]}]}}"#;
+        Raw::Answer(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await;
+    let body = format!("[analysis]\nprometheus_url = \"http://{fake}\"\n")
+        + &two_colors(
+            "api",
+            "/",
+            &[blue.addr],
+            &[dead],
+            r#"
 [services.rollback]
 [[services.rollback.triggers]]
 kind = "probe"
@@ -1070,11 +1504,17 @@ path = "/health/deps"
 json_pointer = "/payments"
 equals = "ok"
 interval = "200ms"
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'app_db_errors_by_color_total'
+above = 0.5
+interval = "200ms"
 "#,
-    );
+        );
     let p = TestProxy::start(&body).await;
     assert_eq!(flip(&p, "api", "green", true).await.0, 200);
     wait_trigger(&p, "api", 0, |t| t["state"] == "inconclusive").await;
+    wait_trigger(&p, "api", 1, |t| t["state"] == "inconclusive").await;
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new("/usr/bin/chromium")
@@ -1104,6 +1544,11 @@ interval = "200ms"
     );
     assert!(dom.contains("error: "), "{dom}");
     assert!(dom.contains("cannot connect"), "{dom}");
+    assert!(dom.contains("app_db_errors_by_color_total"), "{dom}");
+    assert!(
+        dom.contains("configuration error: the query returned 2 series"),
+        "{dom}"
+    );
 }
 
 /// A trigger is evaluated at its own `interval`, not at the engine's twice a second; a reload
@@ -1165,5 +1610,32 @@ interval = "1h"
         .expect("lock")
         .iter()
         .any(|h| h.contains("second_query")));
+    let state_series =
+        r#"switchyard_analysis_state{kind="prometheus",service="api",state="ok",trigger="0"} 1"#;
+    let metrics = || async {
+        let (_, m) = admin_get(p.admin, "/metrics").await;
+        m.as_str().unwrap_or_default().to_string()
+    };
+    assert!(
+        eventually(20, || async { metrics().await.contains(state_series) }).await,
+        "{}",
+        metrics().await
+    );
+
+    // A reload that disables automatic rollback stops the task and drops its series.
+    let text = std::fs::read_to_string(&p.config_path).expect("read config");
+    let text = text.replace(
+        "[services.rollback]\n",
+        "[services.rollback]\nenabled = false\n",
+    );
+    std::fs::write(&p.config_path, text).expect("write config");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    let gone = eventually(20, || async {
+        let m = metrics().await;
+        !m.contains("switchyard_analysis_state{") && !m.contains("switchyard_analysis_value{")
+    })
+    .await;
+    assert!(gone, "{}", metrics().await);
     p.stop().await;
 }

@@ -135,6 +135,12 @@ pub struct RawVerify {
     pub json_pointer: Option<String>,
     pub equals: Option<serde_json::Value>,
     pub above_fraction: Option<serde_json::Value>,
+    // A trigger's keys but `for` (CONTRACT "Additions"): checked, with no effect on a check
+    // that runs once.
+    pub interval: Option<String>,
+    pub on_empty: Option<String>,
+    pub on_error: Option<String>,
+    pub max_errors: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -252,8 +252,53 @@ interval = "5s"
         k => panic!("{k:?}"),
     }
     assert_eq!(c.services[0].verify.len(), 2);
+    match &c.services[0].verify[0] {
+        // `above_fraction` defaults to 0: any one failing upstream fails the probe.
+        VerifyCheck::Probe(p) => assert_eq!(p.above_fraction, 0.0),
+        k => panic!("{k:?}"),
+    }
     assert_eq!(c.analysis.timeout, Duration::from_secs(5));
     assert!(c.summary().contains("verify probe"), "{}", c.summary());
+
+    // A verify check takes a trigger's keys but `for` (the contract); they are checked.
+    let reused = format!(
+        "[analysis]\nprometheus_url = \"http://127.0.0.1:9091\"\n{base}{}",
+        r#"
+[[services.verify]]
+kind = "prometheus"
+query = "up"
+below = 1
+interval = "15s"
+on_empty = "fail"
+on_error = "hold"
+max_errors = 3
+[[services.verify]]
+kind = "probe"
+path = "/health/deps"
+interval = "5s"
+on_error = "fail"
+"#
+    );
+    let c = from_toml_str_with_env(&reused, env()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services[0].verify.len(), 2);
+    let errs = errors(&format!(
+        "{base}{}",
+        r#"
+[[services.verify]]
+kind = "probe"
+path = "/health/deps"
+interval = "5"
+on_empty = "fail"
+max_errors = 0
+"#
+    ));
+    for want in [
+        "services[0].verify[0].interval: invalid duration",
+        "services[0].verify[0].on_empty: not used by kind \"probe\"",
+        "services[0].verify[0].max_errors",
+    ] {
+        assert!(errs.iter().any(|e| e.contains(want)), "{want}: {errs:?}");
+    }
 
     let bad = format!(
         "{base}{}",

@@ -67,7 +67,7 @@ pub(super) fn trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<Trigger
                     format!("not used by kind {kind_name:?} (it reads `interval`)"),
                 );
             }
-            match analysis(c, key, &t, kind_name, false)? {
+            match analysis(c, key, &t, kind_name)? {
                 VerifyCheck::Prometheus(p) => TriggerKind::Prometheus(p),
                 VerifyCheck::Probe(p) => TriggerKind::Probe(p),
             }
@@ -226,18 +226,12 @@ struct Common {
     max_errors: u32,
 }
 
-/// The keys of a `prometheus` or `probe` trigger (`verify` false) or verify check.
-fn analysis(
-    c: &mut Check,
-    key: &str,
-    t: &RawTrigger,
-    kind: &str,
-    verify: bool,
-) -> Option<VerifyCheck> {
+/// The keys of a `prometheus` or `probe` trigger or verify check.
+fn analysis(c: &mut Check, key: &str, t: &RawTrigger, kind: &str) -> Option<VerifyCheck> {
     let common = common(c, key, t);
     match kind {
         "prometheus" => Some(VerifyCheck::Prometheus(prometheus(c, key, t, common))),
-        _ => probe(c, key, t, common, verify).map(VerifyCheck::Probe),
+        _ => probe(c, key, t, common).map(VerifyCheck::Probe),
     }
 }
 
@@ -345,18 +339,12 @@ fn prometheus(c: &mut Check, key: &str, t: &RawTrigger, common: Common) -> PromC
 }
 
 /// None when the target (`path` or `url`) is missing or given twice (reported).
-fn probe(
-    c: &mut Check,
-    key: &str,
-    t: &RawTrigger,
-    common: Common,
-    verify: bool,
-) -> Option<ProbeCheck> {
+fn probe(c: &mut Check, key: &str, t: &RawTrigger, common: Common) -> Option<ProbeCheck> {
     let k = |name: &str| format!("{key}.{name}");
     if t.query.is_some() {
         c.err(k("query"), "not used by kind \"probe\"");
     }
-    if t.on_empty.is_some() && !verify {
+    if t.on_empty.is_some() {
         c.err(k("on_empty"), "not used by kind \"probe\"");
     }
     let target = probe_target(c, key, t)?;
@@ -472,7 +460,10 @@ fn probe_condition(
     }
 }
 
-/// A `[[services.verify]]` check.
+/// A `[[services.verify]]` check: a trigger's keys but `for` (and `over`, `paths`).
+/// `interval`, `on_empty`, `on_error` and `max_errors` are checked as a trigger's, so that a
+/// trigger's table can be reused as it is, but change nothing: a check runs once, and no value
+/// (an empty result, an error) always refuses the flip.
 pub(super) fn verify(c: &mut Check, key: &str, v: RawVerify) -> Option<VerifyCheck> {
     let t = RawTrigger {
         kind: v.kind,
@@ -482,10 +473,10 @@ pub(super) fn verify(c: &mut Check, key: &str, v: RawVerify) -> Option<VerifyChe
         paths: None,
         query: v.query,
         below: v.below,
-        interval: None,
-        on_empty: None,
-        on_error: None,
-        max_errors: None,
+        interval: v.interval,
+        on_empty: v.on_empty,
+        on_error: v.on_error,
+        max_errors: v.max_errors,
         path: v.path,
         url: v.url,
         json_pointer: v.json_pointer,
@@ -493,7 +484,7 @@ pub(super) fn verify(c: &mut Check, key: &str, v: RawVerify) -> Option<VerifyChe
         above_fraction: v.above_fraction,
     };
     match t.kind.as_deref() {
-        Some(kind @ ("prometheus" | "probe")) => analysis(c, key, &t, kind, true),
+        Some(kind @ ("prometheus" | "probe")) => analysis(c, key, &t, kind),
         Some(other) => {
             c.err(
                 format!("{key}.kind"),
