@@ -376,6 +376,9 @@ connect_timeout = "2s"
 request_timeout = "30s"
 shutdown_grace = "1s"
 workers = 1
+# the idle measurement opens IDLE_CONNS keep-alive connections one batch at a time, which takes
+# longer than the default 10 s a keep-alive connection may wait for its next request
+header_read_timeout = "300s"
 tls_listen = "127.0.0.1:$P_SY_TLS"
 tls_cert = "$TMP/tls/cert.pem"
 tls_key = "$TMP/tls/key.pem"
