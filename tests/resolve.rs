@@ -460,3 +460,25 @@ async fn check_accepts_names_and_warns_with_the_key() {
         "{err}"
     );
 }
+
+/// Without `resolve_hosts_file` the system resolver answers (`getaddrinfo`: `/etc/hosts`,
+/// nsswitch, DNS), as for every other program on the host: `localhost` is one of its names.
+#[tokio::test]
+async fn the_system_resolver_answers_names() {
+    let port = common_port().await;
+    let up = ip_upstream(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"localhost:{port}\"] }}\n\
+         green = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    );
+    let p = TestProxy::start(&body).await;
+    let status = p.status().await;
+    let addrs = pool_addrs(&status, "blue");
+    assert!(addrs.contains(&up.addr.to_string()), "{status}");
+    let names = &status["services"][0]["colors"]["blue"]["names"][0];
+    assert_eq!(names["stale"], false, "{status}");
+    assert_eq!(names["key"], "services[0].blue.upstreams[0]");
+    p.stop().await;
+}
