@@ -590,3 +590,58 @@ async fn combined_format_logs_refused_requests() {
     }
     p.stop().await;
 }
+
+/// h2 requests (prior knowledge) are logged as HTTP/1 ones are, with their request id returned
+/// and sent upstream.
+#[tokio::test]
+async fn h2_requests_have_their_line() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(
+        &log,
+        "json",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let mut ids = Vec::new();
+    for path in ["/h2/one", "/h2/two?q=1"] {
+        let req = Request::get(format!("http://{}{path}", p.proxy))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .expect("in time")
+            .expect("h2 request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("an x-request-id")
+            .to_string();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"blue\n");
+        assert_eq!(upstream_header(&blue, "x-request-id"), Some(id.clone()));
+        ids.push((path, id));
+    }
+    let got = wait_lines(&log, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (line, (path, id)) in got.iter().zip(&ids) {
+        let v: Value = serde_json::from_str(line).expect("JSON");
+        assert_eq!(v["path"], *path, "{v}");
+        assert_eq!(v["method"], "GET", "{v}");
+        assert_eq!(v["status"], 200, "{v}");
+        assert_eq!(v["bytes"], 5, "{v}");
+        assert_eq!(v["request_id"], id.as_str(), "{v}");
+        assert_eq!(v["service"], "api", "{v}");
+        assert_eq!(v["color"], "blue", "{v}");
+        assert_eq!(v["upstream"], blue.addr.to_string(), "{v}");
+    }
+    p.stop().await;
+}
