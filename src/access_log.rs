@@ -271,6 +271,17 @@ impl<B> Logged<B> {
     }
 }
 
+impl<B> Logged<B> {
+    /// The client got another answer than this body's response (`status`, `bytes` of body):
+    /// the line says so, and is written now.
+    pub fn answered(mut self, status: u16, bytes: u64) {
+        if let Some((_, entry)) = self.tap.as_mut() {
+            entry.status = status;
+            entry.bytes = bytes;
+        }
+    }
+}
+
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
         if let Some((log, mut entry)) = self.tap.take() {

@@ -645,3 +645,53 @@ async fn h2_requests_have_their_line() {
     }
     p.stop().await;
 }
+
+/// A `101` the server cannot switch to (the upstream switched before the request body was all
+/// sent) reaches the client as a 502, and the line says 502, not 101.
+#[tokio::test]
+async fn a_101_answered_as_502_is_logged_as_502() {
+    let up = raw_upstream(|_| {
+        Raw::Answer(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(&log, "json", &service("api", &[up], &[green.addr], ""));
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    // Ten bytes of body announced, two sent: the upstream answers 101 before the rest.
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Content-Length: 10\r\n\r\nab",
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answer timed out")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    let got = wait_lines(&log, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = if lines(&log).len() > got.len() {
+        lines(&log)
+    } else {
+        got
+    };
+    assert_eq!(got.len(), 1, "{got:?}");
+    let v: Value = serde_json::from_str(&got[0]).expect("JSON");
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(v["bytes"], "bad gateway\n".len(), "{v}");
+    assert_eq!(v["path"], "/ws", "{v}");
+    assert_eq!(v["service"], "api", "{v}");
+    assert_eq!(v["upstream"], up.to_string(), "{v}");
+    p.stop().await;
+}

@@ -93,6 +93,13 @@ pub trait Handler: Send + Sync + 'static {
         let _ = (status, text, line);
         None
     }
+
+    /// The server could not send the handler's `resp` (a `101` before the request body was all
+    /// read) and answered `status` with a `bytes`-byte body instead; `resp` ends here. The proxy
+    /// logs what the client got.
+    fn replaced(&self, resp: Response<Self::Body>, status: StatusCode, bytes: u64) {
+        let _ = (resp, status, bytes);
+    }
 }
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -1081,18 +1088,15 @@ impl<H: Handler> Conn<H> {
 
     /// A `101`: written, and the connection handed over, when the client asked to upgrade and
     /// its request was read whole; otherwise a 502 and the connection closes.
-    async fn switch<B>(
+    async fn switch(
         &mut self,
-        resp: Response<B>,
+        resp: Response<H::Body>,
         method: &Method,
         version: Version,
         on_upgrade: Option<oneshot::Sender<Upgraded>>,
         reader_back: Option<Reader>,
         complete: bool,
-    ) where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
-    {
+    ) {
         match (on_upgrade, reader_back) {
             (Some(tx), Some(r)) if complete => {
                 if self
@@ -1109,8 +1113,11 @@ impl<H: Handler> Conn<H> {
                 // The upstream switched protocols before the request body was all sent
                 // (or without being asked to): there is no clean way to tunnel that.
                 tracing::debug!("101 before the request body was sent; answering 502");
-                let resp = plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
-                let _ = self.respond(resp, method, version, false, None).await;
+                const TEXT: &str = "bad gateway\n";
+                let answer = plain(StatusCode::BAD_GATEWAY, TEXT);
+                let sent = self.respond(answer, method, version, false, None).await;
+                let bytes = if sent.is_ok() { TEXT.len() as u64 } else { 0 };
+                self.handler.replaced(resp, StatusCode::BAD_GATEWAY, bytes);
                 self.linger(r).await;
             }
         }

@@ -281,6 +281,10 @@ impl Handler for ProxyConn {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         Some(resp.map(|body| Logged::new(body, log.clone(), entry)))
     }
+
+    fn replaced(&self, resp: Response<ServedBody>, status: StatusCode, bytes: u64) {
+        resp.into_body().answered(status.as_u16(), bytes);
+    }
 }
 
 /// One request, with its access log line when the log is on (see [`crate::access_log`]).
