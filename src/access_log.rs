@@ -1,4 +1,9 @@
-//! The access log: one line per proxied request, formatted and written by a thread of its own.
+//! The access log: one line per request answered on the proxy listeners, formatted and written
+//! by a thread of its own. That is every request the proxy routed or answered itself (404, 503,
+//! 400 from validation), and every request head the HTTP/1 server refused before routing (400,
+//! 414, 431, …, see [`crate::http::server`]), as nginx logs its 400s: for those `service`, `color`
+//! and `upstream` are null (`-` in combined), `method` and `path` are taken from the request line
+//! as it was received (null when there is none) and the combined format shows that line as sent.
 //!
 //! The request path only fills an [`Entry`] (a few reference-count increments and one
 //! allocation) and hands it to a bounded channel with `try_send` (the writer drains it in
@@ -49,9 +54,13 @@ pub struct Entry {
     pub time: SystemTime,
     start: Instant,
     pub client: IpAddr,
-    pub method: Method,
+    /// `None` for a request refused before it was parsed (see `line`).
+    pub method: Option<Method>,
     pub target: Option<PathAndQuery>,
     pub version: Version,
+    /// The request line as received, for a request the HTTP/1 server refused before it was
+    /// parsed: its method and target are logged from it.
+    pub line: Option<Bytes>,
     pub status: u16,
     pub bytes: u64,
     pub duration: Duration,
@@ -173,9 +182,10 @@ impl AccessLog {
             time: SystemTime::now(),
             start,
             client,
-            method,
+            method: Some(method),
             target,
             version,
+            line: None,
             status: 0,
             bytes: 0,
             duration: Duration::ZERO,
@@ -185,6 +195,35 @@ impl AccessLog {
             request_id,
             referer,
             user_agent,
+        })
+    }
+
+    /// The entry for a request head the HTTP/1 server refused (`line`: its request line as
+    /// received, when there is one), answered with `status`.
+    pub fn refused_entry(
+        &self,
+        client: IpAddr,
+        line: Option<Bytes>,
+        status: u16,
+        request_id: HeaderValue,
+    ) -> Box<Entry> {
+        Box::new(Entry {
+            time: SystemTime::now(),
+            start: Instant::now(),
+            client,
+            method: None,
+            target: None,
+            version: Version::HTTP_11,
+            line,
+            status,
+            bytes: 0,
+            duration: Duration::ZERO,
+            service: None,
+            color: None,
+            upstream: None,
+            request_id,
+            referer: None,
+            user_agent: None,
         })
     }
 
@@ -228,6 +267,17 @@ impl<B> Logged<B> {
         Logged {
             inner,
             tap: Some((log, entry)),
+        }
+    }
+}
+
+impl<B> Logged<B> {
+    /// The client got another answer than this body's response (`status`, `bytes` of body):
+    /// the line says so, and is written now.
+    pub fn answered(mut self, status: u16, bytes: u64) {
+        if let Some((_, entry)) = self.tap.as_mut() {
+            entry.status = status;
+            entry.bytes = bytes;
         }
     }
 }
@@ -450,6 +500,16 @@ fn combined_date(t: SystemTime) -> String {
 /// One line in `format`, newline included; `date` is the line's second, formatted for it
 /// (`2026-12-01T13:47:05` for JSON, `01/Dec/2026:13:47:05 +0000` for combined).
 pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &str) {
+    // A refused request: method and target as the request line has them (its first two words).
+    let (raw_method, raw_target) = match &e.line {
+        Some(line) => {
+            let mut words = line
+                .split(|b| *b == b' ' || *b == b'\t')
+                .filter(|w| !w.is_empty());
+            (words.next(), words.next())
+        }
+        None => (None, None),
+    };
     let target = e.target.as_ref().map_or("/", |t| t.as_str());
     let service = e.service.as_ref().map(|s| s.name());
     let color = e.color.map(Color::as_str);
@@ -473,9 +533,16 @@ pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &st
             out.extend_from_slice(b"Z\",\"client\":\"");
             let _ = write!(out, "{}", e.client);
             out.extend_from_slice(b"\",\"method\":");
-            json_str(out, Some(e.method.as_str()));
+            match (&e.method, e.line.is_some()) {
+                (Some(m), _) => json_str(out, Some(m.as_str())),
+                (None, true) => json_bytes(out, raw_method),
+                (None, false) => json_str(out, None),
+            }
             out.extend_from_slice(b",\"path\":");
-            json_str(out, Some(target));
+            match e.line.is_some() {
+                false => json_str(out, Some(target)),
+                true => json_bytes(out, raw_target),
+            }
             out.extend_from_slice(b",\"status\":");
             out.extend_from_slice(num.format(e.status).as_bytes());
             out.extend_from_slice(b",\"bytes\":");
@@ -495,9 +562,18 @@ pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &st
             out.extend_from_slice(b"}\n");
         }
         AccessFormat::Combined => {
-            let _ = write!(out, "{} - - [{date}] \"{} ", e.client, e.method.as_str());
-            escaped(out, target.as_bytes());
-            let _ = write!(out, " {:?}\" {} {} \"", e.version, e.status, e.bytes);
+            let _ = write!(out, "{} - - [{date}] \"", e.client);
+            match (&e.method, &e.line) {
+                (Some(m), _) => {
+                    let _ = write!(out, "{} ", m.as_str());
+                    escaped(out, target.as_bytes());
+                    let _ = write!(out, " {:?}", e.version);
+                }
+                // As nginx logs `$request` for a request it refused: the line as sent.
+                (None, Some(line)) if !line.is_empty() => escaped(out, line),
+                (None, _) => out.push(b'-'),
+            }
+            let _ = write!(out, "\" {} {} \"", e.status, e.bytes);
             quoted_or_dash(out, e.referer.as_ref());
             out.extend_from_slice(b"\" \"");
             quoted_or_dash(out, e.user_agent.as_ref());
@@ -535,6 +611,14 @@ fn json_str(out: &mut Vec<u8>, v: Option<&str>) {
             let _ = serde_json::to_writer(&mut *out, s);
         }
         None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Bytes from a request line as a JSON string (invalid UTF-8 replaced), or null.
+fn json_bytes(out: &mut Vec<u8>, v: Option<&[u8]>) {
+    match v {
+        Some(b) => json_str(out, Some(&String::from_utf8_lossy(b))),
+        None => json_str(out, None),
     }
 }
 
@@ -578,9 +662,10 @@ mod tests {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_596_825_007),
             start: Instant::now(),
             client: "10.0.0.7".parse().expect("ip"),
-            method: Method::from_bytes(b"PURGE").expect("method"),
+            method: Some(Method::from_bytes(b"PURGE").expect("method")),
             target: Some(PathAndQuery::from_static("/a/%22b?c=d")),
             version: Version::HTTP_11,
+            line: None,
             status: 503,
             bytes: 42,
             duration: Duration::from_micros(1_234_567),

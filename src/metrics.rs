@@ -31,7 +31,16 @@ pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 
 /// Every `reason` of `switchyard_flips_total`.
-pub const FLIP_REASONS: [&str; 4] = ["manual", "rollback", "auto_rollback", "rollback_blocked"];
+/// A release's flips count under its own reasons (a phase, its rollback, its abort).
+pub const FLIP_REASONS: [&str; 7] = [
+    "manual",
+    "rollback",
+    "auto_rollback",
+    "rollback_blocked",
+    "release_phase",
+    "release_rollback",
+    "release_abort",
+];
 
 /// Every `result` of `switchyard_config_reloads_total`.
 pub const CONFIG_RELOAD_RESULTS: [&str; 2] = ["ok", "error"];

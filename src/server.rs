@@ -91,15 +91,11 @@ pub async fn start_with(
         &config.proxy.tls_cert,
         &config.proxy.tls_key,
     ) {
-        (Some(_), Some(cert), Some(key)) => {
-            Some(load_tls(cert, key, "proxy.tls_cert / proxy.tls_key").await?)
-        }
+        (Some(_), Some(cert), Some(key)) => Some(load_tls(cert, key, "proxy").await?),
         _ => None,
     };
     let admin_tls = match (&config.admin.tls_cert, &config.admin.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(load_tls(cert, key, "admin.tls_cert / admin.tls_key").await?)
-        }
+        (Some(cert), Some(key)) => Some(load_tls(cert, key, "admin").await?),
         _ => None,
     };
     let extra_workers = match config.proxy.runtime {
@@ -308,16 +304,23 @@ pub async fn start_with(
     })
 }
 
-/// Reads a certificate and key off the runtime's threads.
+/// Reads a certificate and key off the runtime's threads. An error names the one key of
+/// `section` (`proxy` or `admin`) whose file is at fault, `tls_cert` or `tls_key`, and why.
 async fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
-    keys: &str,
+    section: &str,
 ) -> anyhow::Result<TlsSetup> {
     let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
     tokio::task::spawn_blocking(move || TlsSetup::new(&cert, &key))
         .await?
-        .map_err(|e| anyhow::anyhow!("{keys}: {e}"))
+        .map_err(|e| {
+            let file = match e.file() {
+                crate::tls::TlsFile::Cert => "tls_cert",
+                crate::tls::TlsFile::Key => "tls_key",
+            };
+            anyhow::anyhow!("{section}.{file}: {e}")
+        })
 }
 
 /// One `per_worker` thread: its own current-thread runtime accepting on its own

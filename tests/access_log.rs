@@ -1,6 +1,7 @@
-//! The access log (`[log] access`, `access_format`): one line per proxied request with every
-//! field, 404s and 5xx included; `X-Request-Id` kept, generated, sent upstream and returned; the
-//! combined format; SIGUSR1 reopening the file after logrotate's rename (the real binary).
+//! The access log (`[log] access`, `access_format`): one line per answered request with every
+//! field, 404s and 5xx included, and the requests the HTTP/1 server refused before routing;
+//! `X-Request-Id` kept, generated, sent upstream and returned; the combined format; SIGUSR1
+//! reopening the file after logrotate's rename (the real binary).
 
 mod common;
 
@@ -13,6 +14,7 @@ use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET with extra headers; the status, the `x-request-id` answered and the body.
 async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
@@ -353,4 +355,343 @@ async fn a_blocked_sink_drops_and_counts_never_waits() {
     assert!(dropped > 0.0, "nothing dropped: {dropped}");
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// Sends `data` on a connection of its own and reads the answer to the end: the status, the
+/// `x-request-id` it carries, and its body. The sending side is closed after `data` unless it
+/// asks for `Connection: close` (a request that is routed: a client that half-closes before its
+/// answer counts as gone, as with hyper's server and nginx).
+async fn raw(addr: SocketAddr, data: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(data).await.expect("write");
+    if !data.windows(17).any(|w| w == b"Connection: close") {
+        s.shutdown().await.expect("shutdown");
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answer timed out")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer head: {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {head:?}"));
+    let id = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-request-id")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, id, body.as_bytes().to_vec())
+}
+
+fn log_config(log: &std::path::Path, format: &str, services: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nmax_header_bytes = 131072\n\
+         [log]\naccess = \"{}\"\naccess_format = \"{format}\"\n{services}",
+        log.display()
+    )
+}
+
+/// Every answered request has its line, the ones the HTTP/1 server refuses before routing
+/// included (as nginx logs its 400s): the status the client got, the bytes, the request id the
+/// answer carried, the method and path as far as the request line has them, and null for what
+/// was never decided (service, color, upstream).
+#[tokio::test]
+async fn requests_refused_before_routing_have_their_line() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(
+        &log,
+        "json",
+        &service("api", &[blue.addr], &[green.addr], "hosts = [\"api.test\"]"),
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let long_target = format!("/{}", "a".repeat(70_000));
+    let many_headers: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    // (what is sent, the method and path the line must have: None for null)
+    let cases: Vec<(Vec<u8>, Option<&str>, Option<String>)> = vec![
+        // httparse refuses a space in a field name: refused before the head is split off.
+        (
+            b"GET /bad-field HTTP/1.1\r\nHost: api.test\r\nBad Field: x\r\n\r\n".to_vec(),
+            Some("GET"),
+            Some("/bad-field".to_string()),
+        ),
+        // Content-Length with Transfer-Encoding: refused after the head was parsed.
+        (
+            b"POST /smuggle HTTP/1.1\r\nHost: api.test\r\nContent-Length: 3\r\n\
+              Transfer-Encoding: chunked\r\n\r\nabc"
+                .to_vec(),
+            Some("POST"),
+            Some("/smuggle".to_string()),
+        ),
+        // A bare LF line end.
+        (
+            b"GET /bare-lf HTTP/1.1\nHost: api.test\r\n\r\n".to_vec(),
+            Some("GET"),
+            Some("/bare-lf".to_string()),
+        ),
+        // Too many header fields: 431.
+        (
+            format!("GET /many HTTP/1.1\r\nHost: api.test\r\n{many_headers}\r\n").into_bytes(),
+            Some("GET"),
+            Some("/many".to_string()),
+        ),
+        // A target the URI type cannot hold: 414 (its line is cut for the log).
+        (
+            format!("GET {long_target} HTTP/1.1\r\nHost: api.test\r\n\r\n").into_bytes(),
+            Some("GET"),
+            None,
+        ),
+        // An HTTP version the server does not speak.
+        (
+            b"GET /version HTTP/3.0\r\nHost: api.test\r\n\r\n".to_vec(),
+            Some("GET"),
+            Some("/version".to_string()),
+        ),
+        // Not HTTP at all: a method-like word and nothing else.
+        (b"hello\r\n\r\n".to_vec(), Some("hello"), None),
+        // Routed, for comparison: no service for this Host (404), and a proxied one.
+        (
+            b"GET /unknown-host HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n".to_vec(),
+            Some("GET"),
+            Some("/unknown-host".to_string()),
+        ),
+        (
+            b"GET /ok HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n".to_vec(),
+            Some("GET"),
+            Some("/ok".to_string()),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (data, _, _) in &cases {
+        answers.push(raw(p.proxy, data).await);
+    }
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(
+        &statuses[..5],
+        [400, 400, 400, 431, 414],
+        "the refusals this test means to make"
+    );
+    assert!(statuses[5] >= 400 && statuses[6] >= 400, "{statuses:?}");
+    assert_eq!(&statuses[7..], [404, 200]);
+
+    let got = wait_lines(&log, cases.len()).await;
+    // Late lines would show here: give the writer a moment more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = if lines(&log).len() > got.len() {
+        lines(&log)
+    } else {
+        got
+    };
+    assert_eq!(
+        got.len(),
+        cases.len(),
+        "one line per answered request: {got:?}"
+    );
+    let v: Vec<Value> = got
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for (i, ((_, method, path), (status, id, body))) in cases.iter().zip(&answers).enumerate() {
+        assert!(!id.is_empty(), "case {i}: the answer has no x-request-id");
+        let line = v
+            .iter()
+            .find(|l| l["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("case {i}: no line with request_id {id}: {got:?}"));
+        assert_eq!(line["status"], *status, "case {i}: {line}");
+        assert_eq!(line["bytes"], body.len(), "case {i}: {line}");
+        assert_eq!(line["client"], "127.0.0.1", "case {i}: {line}");
+        assert!(humantime::parse_rfc3339(line["time"].as_str().unwrap_or("")).is_ok());
+        assert!(line["duration_ms"].as_f64().is_some(), "case {i}: {line}");
+        assert_eq!(
+            line["method"],
+            method.map_or(Value::Null, Value::from),
+            "case {i}: {line}"
+        );
+        match (i, path) {
+            // The 414's path is the target as far as the line was kept.
+            (4, _) => {
+                let logged = line["path"].as_str().expect("a path");
+                assert!(
+                    logged.starts_with("/aaaa") && logged.len() < long_target.len(),
+                    "case {i}: {} bytes",
+                    logged.len()
+                );
+            }
+            _ => assert_eq!(
+                line["path"],
+                path.clone().map_or(Value::Null, Value::from),
+                "case {i}: {line}"
+            ),
+        }
+        if i < 8 {
+            for k in ["service", "color", "upstream"] {
+                assert_eq!(line[k], Value::Null, "case {i}: {k}: {line}");
+            }
+        }
+    }
+    let ok = v
+        .iter()
+        .find(|l| l["path"] == "/ok")
+        .expect("the proxied line");
+    assert_eq!(ok["service"], "api");
+    assert_eq!(ok["upstream"], blue.addr.to_string());
+    p.stop().await;
+}
+
+/// The combined format shows a refused request's line as it was sent, and `-` for what was
+/// never decided.
+#[tokio::test]
+async fn combined_format_logs_refused_requests() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(
+        &log,
+        "combined",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let (s1, id1, b1) = raw(
+        p.proxy,
+        b"GET /x\"y HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    )
+    .await;
+    let (s2, id2, b2) = raw(p.proxy, b"\r\nhello\r\n\r\n").await;
+    assert_eq!((s1, s2), (400, 400));
+    let got = wait_lines(&log, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (line, (want_request, status, bytes, id)) in got.iter().zip([
+        ("GET /x\\x22y HTTP/1.1", s1, b1.len(), &id1),
+        ("hello", s2, b2.len(), &id2),
+    ]) {
+        let (client, request, refua, st, b, extras, _) =
+            parse_combined(line).unwrap_or_else(|| panic!("not combined: {line}"));
+        assert_eq!(client, "127.0.0.1");
+        assert_eq!(request, want_request, "{line}");
+        assert_eq!(refua, "-|-", "{line}");
+        assert_eq!((st, b), (status, bytes as u64), "{line}");
+        assert!(
+            extras.starts_with("rt=")
+                && extras.ends_with(&format!("service=- color=- upstream=- request_id={id}")),
+            "{line}"
+        );
+    }
+    p.stop().await;
+}
+
+/// h2 requests (prior knowledge) are logged as HTTP/1 ones are, with their request id returned
+/// and sent upstream.
+#[tokio::test]
+async fn h2_requests_have_their_line() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(
+        &log,
+        "json",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let mut ids = Vec::new();
+    for path in ["/h2/one", "/h2/two?q=1"] {
+        let req = Request::get(format!("http://{}{path}", p.proxy))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .expect("in time")
+            .expect("h2 request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("an x-request-id")
+            .to_string();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"blue\n");
+        assert_eq!(upstream_header(&blue, "x-request-id"), Some(id.clone()));
+        ids.push((path, id));
+    }
+    let got = wait_lines(&log, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (line, (path, id)) in got.iter().zip(&ids) {
+        let v: Value = serde_json::from_str(line).expect("JSON");
+        assert_eq!(v["path"], *path, "{v}");
+        assert_eq!(v["method"], "GET", "{v}");
+        assert_eq!(v["status"], 200, "{v}");
+        assert_eq!(v["bytes"], 5, "{v}");
+        assert_eq!(v["request_id"], id.as_str(), "{v}");
+        assert_eq!(v["service"], "api", "{v}");
+        assert_eq!(v["color"], "blue", "{v}");
+        assert_eq!(v["upstream"], blue.addr.to_string(), "{v}");
+    }
+    p.stop().await;
+}
+
+/// A `101` the server cannot switch to (the upstream switched before the request body was all
+/// sent) reaches the client as a 502, and the line says 502, not 101.
+#[tokio::test]
+async fn a_101_answered_as_502_is_logged_as_502() {
+    let up = raw_upstream(|_| {
+        Raw::Answer(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(&log, "json", &service("api", &[up], &[green.addr], ""));
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    // Ten bytes of body announced, two sent: the upstream answers 101 before the rest.
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Content-Length: 10\r\n\r\nab",
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answer timed out")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    let got = wait_lines(&log, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = if lines(&log).len() > got.len() {
+        lines(&log)
+    } else {
+        got
+    };
+    assert_eq!(got.len(), 1, "{got:?}");
+    let v: Value = serde_json::from_str(&got[0]).expect("JSON");
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(v["bytes"], "bad gateway\n".len(), "{v}");
+    assert_eq!(v["path"], "/ws", "{v}");
+    assert_eq!(v["service"], "api", "{v}");
+    assert_eq!(v["upstream"], up.to_string(), "{v}");
+    p.stop().await;
 }

@@ -118,6 +118,111 @@ fn check_of_a_missing_file_says_so() {
     assert!(stderr.contains(missing), "{stderr}");
 }
 
+/// `serve` with a certificate or key it cannot use exits 1 naming the one key at fault (not
+/// both), with the file and the reason.
+#[test]
+fn serve_names_the_tls_key_that_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    let cert = write(dir.path(), "cert.pem", &ck.cert.pem());
+    let key = write(dir.path(), "key.pem", &ck.key_pair.serialize_pem());
+    let garbage = write(dir.path(), "garbage.pem", "not a PEM file\n");
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().expect("utf8").to_string();
+    let state = dir.path().join("state.json");
+    let services = "[[services]]\nname = \"api\"\n\
+                    blue = { upstreams = [\"127.0.0.1:3001\"] }\n\
+                    green = { upstreams = [\"127.0.0.1:3011\"] }\n";
+    // (section, cert, key, the key that must be named, the other one, the file, the reason)
+    let cases = [
+        (
+            "proxy",
+            &cert,
+            &missing,
+            "proxy.tls_key",
+            "proxy.tls_cert",
+            &missing,
+            "cannot read private key",
+        ),
+        (
+            "proxy",
+            &cert,
+            &garbage,
+            "proxy.tls_key",
+            "proxy.tls_cert",
+            &garbage,
+            "cannot read private key",
+        ),
+        (
+            "proxy",
+            &missing,
+            &key,
+            "proxy.tls_cert",
+            "proxy.tls_key",
+            &missing,
+            "cannot read certificate",
+        ),
+        (
+            "proxy",
+            &garbage,
+            &key,
+            "proxy.tls_cert",
+            "proxy.tls_key",
+            &garbage,
+            "no certificate found",
+        ),
+        (
+            "admin",
+            &cert,
+            &missing,
+            "admin.tls_key",
+            "admin.tls_cert",
+            &missing,
+            "cannot read private key",
+        ),
+        (
+            "admin",
+            &missing,
+            &key,
+            "admin.tls_cert",
+            "admin.tls_key",
+            &missing,
+            "cannot read certificate",
+        ),
+    ];
+    for (section, c, k, named, other, file, why) in cases {
+        let (proxy_tls, admin_tls) = match section {
+            "proxy" => (
+                format!("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n"),
+                String::new(),
+            ),
+            _ => (
+                String::new(),
+                format!("tls_cert = \"{c}\"\ntls_key = \"{k}\"\n"),
+            ),
+        };
+        let config = write(
+            dir.path(),
+            "switchyard.toml",
+            &format!(
+                "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_tls}[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 {admin_tls}[state]\npath = \"{}\"\n{services}",
+                state.display()
+            ),
+        );
+        let out = switchyard(&["serve", "--config", &config]);
+        let (stdout, stderr) = text(&out);
+        let case = format!("{named} ({why}): {stdout}\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "{case}");
+        assert!(stderr.contains(&format!("{named}: {why}")), "{case}");
+        assert!(stderr.contains(file.as_str()), "{case}");
+        assert!(
+            !stderr.contains(other),
+            "the key not at fault is named: {case}"
+        );
+    }
+}
+
 #[test]
 fn usage_errors_exit_2() {
     for args in [

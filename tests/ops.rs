@@ -489,7 +489,15 @@ async fn counters_with_known_labels_exist_at_zero_from_the_start() {
     );
     let p = TestProxy::start(&api).await;
     let m = metrics_text(p.admin).await;
-    for reason in ["manual", "rollback", "auto_rollback", "rollback_blocked"] {
+    for reason in [
+        "manual",
+        "rollback",
+        "auto_rollback",
+        "rollback_blocked",
+        "release_phase",
+        "release_rollback",
+        "release_abort",
+    ] {
         assert_eq!(
             metric(
                 &m,

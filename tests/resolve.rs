@@ -460,3 +460,112 @@ async fn check_accepts_names_and_warns_with_the_key() {
         "{err}"
     );
 }
+
+/// Without `resolve_hosts_file` the system resolver answers (`getaddrinfo`: `/etc/hosts`,
+/// nsswitch, DNS), as for every other program on the host: `localhost` is one of its names.
+#[tokio::test]
+async fn the_system_resolver_answers_names() {
+    let port = common_port().await;
+    let up = ip_upstream(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"localhost:{port}\"] }}\n\
+         green = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    );
+    let p = TestProxy::start(&body).await;
+    let status = p.status().await;
+    let addrs = pool_addrs(&status, "blue");
+    assert!(addrs.contains(&up.addr.to_string()), "{status}");
+    let names = &status["services"][0]["colors"]["blue"]["names"][0];
+    assert_eq!(names["stale"], false, "{status}");
+    assert_eq!(names["key"], "services[0].blue.upstreams[0]");
+    p.stop().await;
+}
+
+/// The binary says so in its log: a WARN line naming the upstream and its key when a name stops
+/// resolving (with the addresses kept), an INFO line when it resolves again.
+#[tokio::test]
+async fn a_failing_name_is_logged_at_warn_with_its_key() {
+    let port = common_port().await;
+    let _a = ip_upstream(SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    write_hosts(&hosts, &["127.0.0.2 app.blue.test"]);
+    let (pp, ap) = (free_port(), free_port());
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"2s\"\n\
+             resolve_interval = \"100ms\"\nresolve_hosts_file = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"app.blue.test:{port}\"] }}\n\
+             green = {{ upstreams = [\"{}\"] }}\n",
+            hosts.display(),
+            dir.path().join("state.json").display(),
+            green.addr
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("switchyard.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let read = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let admin = SocketAddr::from(([127, 0, 0, 1], ap));
+    assert!(
+        eventually(20, || async {
+            try_get(admin, "/healthz")
+                .await
+                .is_some_and(|(c, _)| c == 200)
+        })
+        .await,
+        "switchyard did not start: {}",
+        read()
+    );
+    write_hosts(&hosts, &["127.0.0.9 someone.else"]);
+    assert!(
+        eventually(10, || async {
+            read().contains("cannot resolve an upstream name")
+        })
+        .await,
+        "no log line: {}",
+        read()
+    );
+    write_hosts(&hosts, &["127.0.0.2 app.blue.test"]);
+    assert!(
+        eventually(10, || async {
+            read().contains("upstream name resolves again")
+        })
+        .await,
+        "no recovery line: {}",
+        read()
+    );
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let text = read();
+    let warn = text
+        .lines()
+        .find(|l| l.contains("cannot resolve an upstream name"))
+        .expect("the line");
+    assert!(warn.contains(" WARN "), "{warn}");
+    assert!(
+        warn.contains(&format!("upstream=app.blue.test:{port}")),
+        "{warn}"
+    );
+    assert!(warn.contains("key=services[0].blue.upstreams[0]"), "{warn}");
+    assert!(warn.contains("127.0.0.2"), "the kept addresses: {warn}");
+    let info = text
+        .lines()
+        .find(|l| l.contains("upstream name resolves again"))
+        .expect("the line");
+    assert!(info.contains(" INFO "), "{info}");
+}

@@ -79,6 +79,27 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The client closed its connection before its response was ready.
     fn client_closed(&self) {}
+
+    /// The server is about to answer a request head it refused (`status`, the plain `text`);
+    /// the handler may make that answer itself (the proxy adds its request id and writes the
+    /// access log line). `line`: the request line as received, when there is one. `None`: the
+    /// server answers with `text` as it is.
+    fn refusal(
+        &self,
+        status: StatusCode,
+        text: &'static str,
+        line: Option<&Bytes>,
+    ) -> Option<Response<Self::Body>> {
+        let _ = (status, text, line);
+        None
+    }
+
+    /// The server could not send the handler's `resp` (a `101` before the request body was all
+    /// read) and answered `status` with a `bytes`-byte body instead; `resp` ends here. The proxy
+    /// logs what the client got.
+    fn replaced(&self, resp: Response<Self::Body>, status: StatusCode, bytes: u64) {
+        let _ = (resp, status, bytes);
+    }
 }
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -206,6 +227,33 @@ pub struct Refused {
     /// The `reason` label of `switchyard_rejected_requests_total`, for the framing faults that
     /// a lenient parser would let through (request smuggling).
     pub metric: Option<&'static str>,
+    /// The request line as received (at most [`MAX_LOGGED_LINE`] bytes), for the access log;
+    /// `None` when nothing but line ends arrived.
+    pub line: Option<Bytes>,
+}
+
+impl Refused {
+    /// The same, with the request line taken from `head` (the bytes the refused head starts
+    /// with), unless it has one already.
+    fn with_line(mut self, head: &[u8]) -> Refused {
+        if self.line.is_none() {
+            self.line = request_line(head);
+        }
+        self
+    }
+}
+
+/// The most of a refused request's line kept for the access log (nginx's default
+/// `large_client_header_buffers` size).
+pub const MAX_LOGGED_LINE: usize = 8 * 1024;
+
+/// The first line of `head` without its line end (empty lines before it skipped, as RFC 9112
+/// 2.2 lets a server do), cut at [`MAX_LOGGED_LINE`].
+fn request_line(head: &[u8]) -> Option<Bytes> {
+    let start = head.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    let rest = &head[start..];
+    let end = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+    Some(Bytes::copy_from_slice(&rest[..end.min(MAX_LOGGED_LINE)]))
 }
 
 fn bad(why: &'static str) -> Refused {
@@ -213,6 +261,7 @@ fn bad(why: &'static str) -> Refused {
         status: StatusCode::BAD_REQUEST,
         why,
         metric: None,
+        line: None,
     }
 }
 
@@ -221,6 +270,7 @@ fn too_large(why: &'static str) -> Refused {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         why,
         metric: None,
+        line: None,
     }
 }
 
@@ -246,12 +296,14 @@ pub struct Head {
 
 /// Parses one request head off the front of `buf`; `None` while incomplete.
 pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, Refused> {
-    match parse_with(buf, limits, false) {
+    let parsed = match parse_with(buf, limits, false) {
         Err(r) if r.why == TOO_MANY && limits.max_headers > STACK_HEADERS => {
             parse_with(buf, limits, true)
         }
         other => other,
-    }
+    };
+    // Refused before the head was split off: it is still at the front of `buf`.
+    parsed.map_err(|r| r.with_line(buf))
 }
 
 const TOO_MANY: &str = "too many header fields\n";
@@ -311,22 +363,24 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     let mut large = Vec::new();
     let spans = codec::header_spans(buf, req.headers, &mut small, &mut large);
     let head = buf.split_to(len).freeze();
-    let uri = request_target(&head, target, &method)?;
-    let (headers, fields, flags) = header_fields(&head, spans, count)?;
+    // Refused from here on: the head has left `buf`, its line is taken from `head`.
+    let line_of = |r: Refused| r.with_line(&head);
+    let uri = request_target(&head, target, &method).map_err(line_of)?;
+    let (headers, fields, flags) = header_fields(&head, spans, count).map_err(line_of)?;
     if fields.has_transfer_encoding() && version == Version::HTTP_10 {
-        return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"));
+        return Err(line_of(bad("Transfer-Encoding in an HTTP/1.0 request\n")));
     }
     let framing = match fields.decide() {
         Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
         Ok(BodyFraming::Length(n)) => Framing::Length(n),
         Ok(BodyFraming::Chunked) => Framing::Chunked(ChunkState::Size),
         Err(e @ FramingError::LengthAndTransferEncoding) => {
-            return Err(Refused {
+            return Err(line_of(Refused {
                 metric: Some("cl_te"),
                 ..bad(framing_refusal(e))
-            })
+            }))
         }
-        Err(e) => return Err(bad(framing_refusal(e))),
+        Err(e) => return Err(line_of(bad(framing_refusal(e)))),
     };
     let http11 = version == Version::HTTP_11;
     Ok(Some(Head {
@@ -352,6 +406,7 @@ fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Resu
             status: StatusCode::URI_TOO_LONG,
             why: "request target too long\n",
             metric: None,
+            line: None,
         });
     }
     let raw_target = head.slice(target.0..target.0 + target.1);
@@ -903,10 +958,25 @@ impl<H: Handler> Conn<H> {
         if let Some(reason) = refused.metric {
             self.handler.refused(reason);
         }
-        let resp = plain(refused.status, refused.why);
-        let _ = self
-            .respond(resp, &Method::GET, Version::HTTP_11, false, None)
-            .await;
+        // The handler's answer when it makes one (the proxy's carries its request id and is
+        // logged as every answered request is), else the plain text.
+        let (status, why) = (refused.status, refused.why);
+        let _ = match self.handler.refusal(status, why, refused.line.as_ref()) {
+            Some(resp) => {
+                self.respond(resp, &Method::GET, Version::HTTP_11, false, None)
+                    .await
+            }
+            None => {
+                self.respond(
+                    plain(status, why),
+                    &Method::GET,
+                    Version::HTTP_11,
+                    false,
+                    None,
+                )
+                .await
+            }
+        };
         self.linger(Some(r)).await;
     }
 
@@ -1018,18 +1088,15 @@ impl<H: Handler> Conn<H> {
 
     /// A `101`: written, and the connection handed over, when the client asked to upgrade and
     /// its request was read whole; otherwise a 502 and the connection closes.
-    async fn switch<B>(
+    async fn switch(
         &mut self,
-        resp: Response<B>,
+        resp: Response<H::Body>,
         method: &Method,
         version: Version,
         on_upgrade: Option<oneshot::Sender<Upgraded>>,
         reader_back: Option<Reader>,
         complete: bool,
-    ) where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
-    {
+    ) {
         match (on_upgrade, reader_back) {
             (Some(tx), Some(r)) if complete => {
                 if self
@@ -1046,8 +1113,11 @@ impl<H: Handler> Conn<H> {
                 // The upstream switched protocols before the request body was all sent
                 // (or without being asked to): there is no clean way to tunnel that.
                 tracing::debug!("101 before the request body was sent; answering 502");
-                let resp = plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
-                let _ = self.respond(resp, method, version, false, None).await;
+                const TEXT: &str = "bad gateway\n";
+                let answer = plain(StatusCode::BAD_GATEWAY, TEXT);
+                let sent = self.respond(answer, method, version, false, None).await;
+                let bytes = if sent.is_ok() { TEXT.len() as u64 } else { 0 };
+                self.handler.replaced(resp, StatusCode::BAD_GATEWAY, bytes);
                 self.linger(r).await;
             }
         }

@@ -32,7 +32,8 @@
 //! | 502 | a `101` the client did not ask for | no (recorded as the 101) |
 //!
 //! The HTTP/1 server itself answers 400/431/414 for heads it refuses (see
-//! [`crate::http::server`]).
+//! [`crate::http::server`]); with the access log on, [`ProxyConn`] makes those answers, so that
+//! they carry a request id and are logged like every other.
 
 pub mod body;
 pub mod error;
@@ -258,6 +259,31 @@ impl Handler for ProxyConn {
 
     fn client_closed(&self) {
         self.proxy.metrics.client_closed_requests_total.inc();
+    }
+
+    /// A head the server refused is answered here when the access log is on, so that it has
+    /// its line and its request id like every other answered request.
+    fn refusal(
+        &self,
+        status: StatusCode,
+        text: &'static str,
+        line: Option<&bytes::Bytes>,
+    ) -> Option<Response<ServedBody>> {
+        let log = self.proxy.access_log.as_ref()?;
+        let id = log.request_id(None);
+        let entry = log.refused_entry(
+            self.info.remote.ip(),
+            line.cloned(),
+            status.as_u16(),
+            id.clone(),
+        );
+        let mut resp = error::text(status, text);
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        Some(resp.map(|body| Logged::new(body, log.clone(), entry)))
+    }
+
+    fn replaced(&self, resp: Response<ServedBody>, status: StatusCode, bytes: u64) {
+        resp.into_body().answered(status.as_u16(), bytes);
     }
 }
 
