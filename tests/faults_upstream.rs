@@ -316,6 +316,83 @@ async fn a_refused_connect_goes_to_another_upstream_and_counts_against_the_dead_
     p.stop().await;
 }
 
+/// An HTTP/1.0 request without Host, on a connection of its own: the upstream's `/echo`
+/// answer (HTTP/1.0: the proxy closes the connection after it).
+async fn http10_echo_without_host(proxy: SocketAddr) -> Value {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /echo HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The proxy fills in the Host of an HTTP/1.0 request that has none with the address of the
+/// upstream it goes to; a request retried on another upstream after a refused connect carries
+/// that upstream's address, not the first one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_http10_request_without_host_carries_the_host_of_its_upstream() {
+    retried_http10_without_host("http1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_http10_request_without_host_carries_the_authority_of_its_h2_upstream() {
+    retried_http10_without_host("h2").await;
+}
+
+async fn retried_http10_without_host(protocol: &str) {
+    let dead = dead_addr().await;
+    let up = TestUpstream::start("alive").await;
+    let green = TestUpstream::start("green").await;
+    // Passive ejection off, so that the dead upstream keeps being drawn.
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 0\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{dead}\", \"{}\"], protocol = \"{protocol}\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        up.addr, green.addr
+    ))
+    .await;
+    let mut retried = 0.0;
+    for i in 0..40 {
+        if i > 0 {
+            // An upstream whose last request failed is avoided for a second.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let echo = http10_echo_without_host(p.proxy).await;
+        assert_eq!(echo["upstream"], "alive", "{echo}");
+        if protocol == "h2" {
+            assert_eq!(echo["version"], "HTTP/2.0", "{echo}");
+        }
+        let hosts: Vec<&str> = echo["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h[0] == "host")
+            .filter_map(|h| h[1].as_str())
+            .collect();
+        assert_eq!(hosts, [up.addr.to_string()], "request {i}: {echo}");
+        retried = failures(&metrics(&p).await, "blue", dead, "connect");
+        if retried >= 2.0 {
+            break;
+        }
+    }
+    assert!(
+        retried >= 1.0,
+        "no request was drawn to the dead upstream first (nothing retried)"
+    );
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_pool_sends_a_bodiless_request_elsewhere_when_the_connect_fails() {
     let dead = dead_addr().await;

@@ -329,7 +329,15 @@ async fn route_and_forward(
     let req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
     let pool = route.svc.pool(route.color);
     let mut up = route.up;
-    let attempt = forward(pool, &mut up, req, &fwd, route.timeouts, route.retries);
+    let attempt = forward(
+        pool,
+        &mut up,
+        req,
+        &fwd,
+        route.timeouts,
+        route.retries,
+        rewritten.host_from_upstream,
+    );
     let result = match tokio::time::timeout(route.request_timeout, attempt).await {
         Err(_) => Err(ProxyError::Timeout),
         Ok(Err(e)) => Err(ProxyError::from_client(e)),
@@ -396,6 +404,9 @@ struct Rewritten {
     client_upgrade: Option<OnUpgrade>,
     /// For the critical-path counters.
     path: Option<PathAndQuery>,
+    /// The client sent no Host (HTTP/1.0): the one upstream gets is its own address, so a
+    /// retry on another upstream carries that one's.
+    host_from_upstream: bool,
 }
 
 /// Step 1: CONNECT, the request target and the Host; an absolute-form target becomes origin
@@ -458,11 +469,15 @@ fn rewrite(
     }
     // HTTP/1.1 requests always carry Host (checked above). HTTP/2 clients send :authority and
     // HTTP/1.0 clients may send nothing; an HTTP/1.1 upstream needs a Host either way.
+    let mut host_from_upstream = false;
     if req.version() != Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
-        let v = host
-            .value
-            .clone()
-            .or_else(|| HeaderValue::from_str(route.up.authority.as_str()).ok());
+        let v = match host.value.clone() {
+            Some(v) => Some(v),
+            None => {
+                host_from_upstream = true;
+                HeaderValue::from_str(route.up.authority.as_str()).ok()
+            }
+        };
         if let Some(v) = v {
             req.headers_mut().insert(header::HOST, v);
         }
@@ -502,6 +517,7 @@ fn rewrite(
         upgrade,
         client_upgrade,
         path,
+        host_from_upstream,
     })
 }
 
