@@ -675,7 +675,10 @@ impl EtcdStore {
                 return Ok(Some((id_of(&now), now_rev)));
             }
             let first = self.kv_at(key, Some(created)).await?;
-            return Ok(Some((first.as_ref().map(id_of).unwrap_or_default(), created)));
+            return Ok(Some((
+                first.as_ref().map(id_of).unwrap_or_default(),
+                created,
+            )));
         }
         // The first write after `after` is in [lo, hi]; `known` is the key as of `hi`.
         let (mut lo, mut hi, mut known) = (after + 1, now_rev, Some(now));
