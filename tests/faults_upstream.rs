@@ -810,8 +810,9 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The real binary: 40 reloads, each with four new upstream addresses (health checks on, a
-/// scrape after each), and RSS ends within 16 MiB of where it started (it grew by ~5 MiB per
-/// reload before the fix: about 200 MiB over the same run).
+/// scrape after each), and RSS ends within 16 MiB of where it started and within 4 MiB of where
+/// it was after reload 10 (it grew by ~5 MiB per reload before the fix: about 200 MiB over the
+/// same run). Measured in a debug build: 26.4 MiB at start, 31.8 after reload 10, 31.9 after 40.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_stays_flat_over_40_reloads_with_new_upstreams() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -853,20 +854,35 @@ async fn rss_stays_flat_over_40_reloads_with_new_upstreams() {
     let _ = get(admin_addr, "/metrics").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = rss_kib(pid);
+    let mut after_10 = 0;
     for i in 1..=40u16 {
         write(1000 + i * 10);
         let (s, v) = admin_post(admin_addr, "/api/reload", Some(TOKEN), None).await;
         assert_eq!(s, 200, "reload {i}: {v}");
         let _ = get(admin_addr, "/metrics").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
+        if i % 10 == 0 {
+            let rss = rss_kib(pid);
+            eprintln!("RSS after reload {i}: {rss} KiB");
+            if i == 10 {
+                after_10 = rss;
+            }
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let end = rss_kib(pid);
+    eprintln!("RSS {start} KiB at start, {end} KiB after 40 reloads");
     let _ = child.kill().await;
     assert!(start > 0 && end > 0, "no RSS read ({start}, {end})");
     assert!(
         end < start + 16 * 1024,
         "RSS grew from {start} KiB to {end} KiB over 40 reloads"
+    );
+    // Flat: the one-time cost (the windows kept for the next reload's new upstreams) is paid by
+    // reload 10; the last 30 reloads add nothing that stays (measured: +0.2 MiB).
+    assert!(
+        end < after_10 + 4 * 1024,
+        "RSS grew from {after_10} KiB after reload 10 to {end} KiB after reload 40"
     );
 }
 
