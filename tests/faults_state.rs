@@ -296,6 +296,75 @@ async fn a_late_answered_flip_overwritten_since_is_reported_applied_with_its_eve
     b.stop().await;
 }
 
+/// A flip whose outcome stays unknown (etcd's answers never reach A in time) and that another
+/// replica flips on top of before A's watch shows it (A's connections are cut, so A sees only
+/// the later state when it resyncs): once etcd answers again, A still records the change it made
+/// (event and counter), because etcd's history shows it took effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/unk/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/unk/", state, &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 5).await);
+    let counted = flips_of(&a).await;
+
+    relay.set_mode(Mode::DelayAnswers(Duration::from_secs(60)));
+    let admin = a.admin;
+    let flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "blue"})),
+        )
+        .await
+    });
+    let seen = eventually(5, || async {
+        active_of(&b, "api").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(seen, "A's flip never reached B");
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    let (s, v) = flip.await.expect("flip task");
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outcome unknown"),
+        "{v}"
+    );
+    // A's watch never delivers its own write: its connections go, and it resyncs from a read
+    // that shows only B's.
+    relay.cut_all();
+    relay.set_mode(Mode::Pass);
+    assert!(
+        converged(&[&a, &b], "green", 3, 20).await,
+        "A did not resync"
+    );
+    let recorded = eventually(10, || async { flips_of(&a).await == counted + 1 }).await;
+    assert!(recorded, "A never recorded the change it made");
+    assert!(
+        a.app()
+            .events
+            .list()
+            .iter()
+            .any(|e| e.generation == Some(2) && e.reason.as_str() == "manual"),
+        "{:#?}",
+        a.app().events.list()
+    );
+    assert_eq!(events_at(&b, "api", "manual", 2).await, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The release key, written with a compare-and-swap whose answer comes late while another
 /// replica writes on top of it: etcd's history says the write landed, so it is applied, not
 /// lost; a write that another one beat is lost.

@@ -144,6 +144,9 @@ pub struct EtcdStore {
     lease: Mutex<Option<(String, Instant)>>,
     /// Write id -> the events of a write whose outcome is unknown.
     unresolved: Mutex<HashMap<String, Vec<Event>>>,
+    /// Write id -> the key and revision its history is read on (see [`EtcdStore::committed`]),
+    /// for writes whose outcome is unknown.
+    probes: Mutex<HashMap<String, (String, i64)>>,
 }
 
 fn b64(s: &str) -> String {
@@ -212,6 +215,7 @@ impl EtcdStore {
             next: AtomicUsize::new(0),
             lease: Mutex::new(None),
             unresolved: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -484,7 +488,7 @@ impl EtcdStore {
             }
         }
         let txn = json!({ "compare": compare, "success": success, "failure": [] });
-        match self.call("/v3/kv/txn", &txn).await {
+        let outcome = match self.call("/v3/kv/txn", &txn).await {
             Ok(v) if v["succeeded"].as_bool() == Some(true) => {
                 let rev = num(&v["header"]["revision"]);
                 for (name, state) in changes {
@@ -504,7 +508,16 @@ impl EtcdStore {
                 tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
                 self.reconcile(changes, previous, &settle).await
             }
+        };
+        if let (WriteOutcome::Unknown(_), Some(probe)) = (&outcome, settle.probe) {
+            if let Ok(mut p) = self.probes.lock() {
+                if p.len() >= MAX_UNRESOLVED {
+                    p.clear();
+                }
+                p.insert(write_id.to_string(), probe);
+            }
         }
+        outcome
     }
 
     /// Finds out what became of write `write_id`: a fence transaction with the same compares
@@ -610,7 +623,39 @@ impl EtcdStore {
 
     /// The events of an unknown-outcome write that a read or the watch just showed committed.
     pub fn take_unresolved(&self, write_id: &str) -> Option<Vec<Event>> {
+        if let Ok(mut p) = self.probes.lock() {
+            p.remove(write_id);
+        }
         self.unresolved.lock().ok()?.remove(write_id)
+    }
+
+    /// Settles the unknown-outcome writes a full read did not show (another replica's write may
+    /// have replaced one since, while this replica's watch was down): etcd's history says
+    /// whether each committed (its events are returned, to be recorded) or never can (it is
+    /// forgotten). Those etcd cannot decide yet stay for the next read or the watch.
+    pub async fn settle_unresolved(&self) -> Vec<Event> {
+        let pending: Vec<(String, (String, i64))> = {
+            let (Ok(u), Ok(p)) = (self.unresolved.lock(), self.probes.lock()) else {
+                return Vec::new();
+            };
+            u.keys()
+                .filter_map(|id| p.get(id).map(|probe| (id.clone(), probe.clone())))
+                .collect()
+        };
+        let mut settled = Vec::new();
+        for (id, (key, after)) in pending {
+            let Ok(Some((first, _))) = self.first_write_after(&key, after).await else {
+                continue;
+            };
+            let events = self.take_unresolved(&id).unwrap_or_default();
+            if first == id {
+                tracing::info!(write_id = %id, "a write whose outcome was unknown took effect (replaced since by another write)");
+                settled.extend(events);
+            } else {
+                tracing::info!(write_id = %id, "a write whose outcome was unknown never took effect");
+            }
+        }
+        settled
     }
 
     /// Whether write `settle.write_id` committed, when the keys it changed now hold another
@@ -1040,6 +1085,10 @@ pub async fn sync(
                     if let Some(evs) = store.take_unresolved(id) {
                         let _ = to_app.send(Remote::Resolved(evs));
                     }
+                }
+                let settled = store.settle_unresolved().await;
+                if !settled.is_empty() {
+                    let _ = to_app.send(Remote::Resolved(settled));
                 }
                 backoff = Duration::from_millis(250);
                 // The first write needs an event lease: grant it now, not on the flip's clock.
