@@ -482,12 +482,26 @@ async fn a_request_that_may_have_reached_the_upstream_is_not_sent_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_errors_eject_an_upstream_until_eject_for_passes() {
+    gateway_errors_eject("").await;
+}
+
+/// Passive ejection with active checks on: the upstream's health endpoint keeps answering 200
+/// while its requests fail, and the requests win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_eject_an_upstream_whose_health_checks_pass() {
+    gateway_errors_eject(
+        "[services.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n",
+    )
+    .await;
+}
+
+async fn gateway_errors_eject(extra: &str) {
     let sick = TestUpstream::start("sick").await;
     let up = TestUpstream::start("well").await;
     let green = TestUpstream::start("green").await;
     let p = TestProxy::start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 3\neject_for = \"1s\"\n{}",
-        service("api", &[sick.addr, up.addr], &[green.addr], "")
+        service("api", &[sick.addr, up.addr], &[green.addr], extra)
     ))
     .await;
     sick.set_status(503);
