@@ -445,6 +445,42 @@ async fn a_late_answered_release_write_overwritten_since_is_applied() {
     );
 }
 
+/// Two endpoints: the first commits the release write but answers too late, so the same call
+/// goes on to the second, whose compare fails because of that very write. That is our write
+/// applied, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_write_committed_through_a_slow_endpoint_is_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let endpoints = format!("{}\", \"{}", relay.endpoint(), etcd.endpoint());
+    let cfg = switchyard::config::from_toml_str_with_env(
+        &format!(
+            "{}\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
+            etcd_body(&endpoints, "/two/", "etcd_timeout = \"1s\"", "")
+        ),
+        Some(Default::default()),
+    )
+    .expect("config");
+    let store = switchyard::StateStore::from_config(&cfg.state);
+    let a = store.as_etcd().expect("etcd");
+    let first = format!(
+        "{:?}",
+        a.cas_release(0, &json!({ "release": null, "write_id": "w-1" }), "w-1")
+            .await
+    );
+    assert!(first.starts_with("Applied"), "{first}");
+    let rev = a.read_release().await.expect("read").mod_revision;
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let second = format!(
+        "{:?}",
+        a.cas_release(rev, &json!({ "release": null, "write_id": "w-2" }), "w-2")
+            .await
+    );
+    relay.set_mode(Mode::Pass);
+    assert!(second.starts_with("Applied"), "{second}");
+}
+
 /// `switchyard_flips_total{reason="manual",service="api"}` of a replica.
 async fn flips_of(p: &TestProxy) -> u64 {
     get(p.admin, "/metrics")

@@ -1496,7 +1496,23 @@ impl EtcdStore {
             Ok(v) if v["succeeded"].as_bool() == Some(true) => {
                 return ReleaseCas::Applied(num(&v["header"]["revision"]))
             }
-            Ok(v) => return lost(&v),
+            Ok(v) => {
+                let ReleaseCas::Lost(read) = lost(&v) else {
+                    return lost(&v);
+                };
+                if self.endpoints.len() < 2 {
+                    return ReleaseCas::Lost(read);
+                }
+                // An earlier attempt on another endpoint that did not answer in time may have
+                // been committed: then the key holds our write, or etcd's history shows it.
+                if read.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id) {
+                    return ReleaseCas::Applied(read.mod_revision);
+                }
+                return match self.release_landed(expected, write_id).await {
+                    Ok(Some(rev)) => ReleaseCas::Applied(rev),
+                    Ok(None) | Err(_) => ReleaseCas::Lost(read),
+                };
+            }
             Err(e) if !e.maybe_sent => {
                 // Never sent: as good as a lost compare with nothing known; re-read.
                 return match self.read_release().await {
