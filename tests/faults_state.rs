@@ -481,6 +481,31 @@ async fn a_release_write_committed_through_a_slow_endpoint_is_applied() {
     assert!(second.starts_with("Applied"), "{second}");
 }
 
+/// The same for a flip: the first endpoint commits it but answers too late, the second one's
+/// compare fails because of it. A answers applied, with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_committed_through_a_slow_endpoint_is_applied_with_its_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let endpoints = format!("{}\", \"{}", relay.endpoint(), etcd.endpoint());
+    let state = "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&endpoints, "/two-flip/", state, &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a], "green", 1, 5).await);
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let (s, v) = a.flip("api", "blue").await;
+    relay.set_mode(Mode::Pass);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert!(converged(&[&a], "blue", 2, 10).await);
+    assert_eq!(events_at(&a, "api", "manual", 2).await, 1);
+    a.stop().await;
+}
+
 /// `switchyard_flips_total{reason="manual",service="api"}` of a replica.
 async fn flips_of(p: &TestProxy) -> u64 {
     get(p.admin, "/metrics")
