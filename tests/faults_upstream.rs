@@ -393,6 +393,52 @@ async fn retried_http10_without_host(protocol: &str) {
     p.stop().await;
 }
 
+/// The access log names the upstream that answered a retried request, as the stats do, not the
+/// one that refused the connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_upstream_that_answered_a_retried_request() {
+    let dead = dead_addr().await;
+    let up = TestUpstream::start("alive").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 0\n[log]\naccess = \"{}\"\naccess_format = \"json\"\n{}",
+        log.display(),
+        service("api", &[dead, up.addr], &[green.addr], "")
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let mut sent = 0;
+    for i in 0..40 {
+        if i > 0 {
+            // An upstream whose last request failed is avoided for a second.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(p.get("/x").await, (200, "alive\n".to_string()));
+        sent += 1;
+        if failures(&metrics(&p).await, "blue", dead, "connect") >= 2.0 {
+            break;
+        }
+    }
+    assert!(
+        failures(&metrics(&p).await, "blue", dead, "connect") >= 1.0,
+        "nothing was retried"
+    );
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let all = eventually(10, || async { read().len() >= sent }).await;
+    assert!(all, "{} of {sent} lines", read().len());
+    for line in read() {
+        assert_eq!(line["upstream"], up.addr.to_string(), "{line}");
+    }
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_pool_sends_a_bodiless_request_elsewhere_when_the_connect_fails() {
     let dead = dead_addr().await;

@@ -303,7 +303,7 @@ async fn route_and_forward(
     mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
-    routed: Option<&mut Routed>,
+    mut routed: Option<&mut Routed>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     // 1. Validate. A refused request closes its connection: what a client pipelined behind it
@@ -313,7 +313,12 @@ async fn route_and_forward(
         Err(e) => return e.response(),
     };
     // 2. Route: one snapshot load for every decision.
-    let route = match proxy.route(host.name(), req.uri().path(), conn.mode, routed) {
+    let route = match proxy.route(
+        host.name(),
+        req.uri().path(),
+        conn.mode,
+        routed.as_deref_mut(),
+    ) {
         Ok(route) => route,
         Err(e) => return e.response(),
     };
@@ -343,6 +348,10 @@ async fn route_and_forward(
         Ok(Err(e)) => Err(ProxyError::from_client(e)),
         Ok(Ok(resp)) => Ok(resp),
     };
+    // The access log names the upstream that answered (or failed last), as the stats do.
+    if let Some(r) = routed {
+        r.upstream = Some(up.clone());
+    }
     // 5. Finish: record and answer.
     let outcome = Outcome {
         pool: pool.clone(),
