@@ -475,6 +475,16 @@ impl App {
                         }
                         Ok(())
                     }
+                    WriteOutcome::Overwritten(read) => {
+                        // It took effect (its events are in etcd with it); another replica's
+                        // write replaced it since, and that is what this replica serves now.
+                        for ev in events {
+                            self.count_flip(&ev);
+                            self.events.publish(ev);
+                        }
+                        self.apply_states(read).await;
+                        Ok(())
+                    }
                     WriteOutcome::Conflict(read) => {
                         self.apply_states(read).await;
                         let now = self.snapshot();

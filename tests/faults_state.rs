@@ -223,6 +223,289 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
     b.stop().await;
 }
 
+/// A flip that etcd commits at once but whose answer reaches A late, after another replica
+/// flipped on top of it: when A settles the write, etcd holds B's write, yet A's took effect
+/// (B's was made from it). A answers applied (not 409 "retry"), records it (event, counter), and
+/// serves what the fleet holds now; the fleet has one event per change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answered_flip_overwritten_since_is_reported_applied_with_its_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/over/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/over/", state, &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 5).await);
+    let counted = flips_of(&a).await;
+
+    // etcd's answers reach A 3 s late: A's flip to blue commits at once, A does not hear it.
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let admin = a.admin;
+    let flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "blue"})),
+        )
+        .await
+    });
+    // B sees A's change and flips back on top of it, while A still waits.
+    let seen = eventually(5, || async {
+        active_of(&b, "api").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(seen, "A's flip never reached B");
+    let (s, v) = b.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    relay.set_mode(Mode::Pass);
+
+    let (s, v) = flip.await.expect("flip task");
+    assert_eq!(s, 200, "A's flip took effect, but A answered {s}: {v}");
+    assert_eq!(
+        (v["changed"].clone(), v["generation"].clone()),
+        (json!(true), json!(2)),
+        "{v}"
+    );
+    // A serves what the fleet holds now: B's flip on top of A's.
+    assert!(
+        converged(&[&a, &b], "green", 3, 10).await,
+        "the replicas do not serve the last change"
+    );
+    // A recorded its change (event and counter) and the fleet has one event per change.
+    let recorded = eventually(10, || async { flips_of(&a).await == counted + 1 }).await;
+    assert!(recorded, "A did not count the flip it made");
+    assert!(
+        a.app()
+            .events
+            .list()
+            .iter()
+            .any(|e| e.generation == Some(2) && e.reason.as_str() == "manual"),
+        "A did not record the flip it made: {:#?}",
+        a.app().events.list()
+    );
+    for g in [2, 3] {
+        assert_eq!(events_at(&b, "api", "manual", g).await, 1, "generation {g}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A flip whose outcome stays unknown (etcd's answers never reach A in time) and that another
+/// replica flips on top of before A's watch shows it (A's connections are cut, so A sees only
+/// the later state when it resyncs): once etcd answers again, A still records the change it made
+/// (event and counter), because etcd's history shows it took effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let state = "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/unk/", state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/unk/", state, &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 5).await);
+    let counted = flips_of(&a).await;
+
+    relay.set_mode(Mode::DelayAnswers(Duration::from_secs(60)));
+    let admin = a.admin;
+    let flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "blue"})),
+        )
+        .await
+    });
+    let seen = eventually(5, || async {
+        active_of(&b, "api").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(seen, "A's flip never reached B");
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    let (s, v) = flip.await.expect("flip task");
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outcome unknown"),
+        "{v}"
+    );
+    // A's watch never delivers its own write: its connections go, and it resyncs from a read
+    // that shows only B's.
+    relay.cut_all();
+    relay.set_mode(Mode::Pass);
+    assert!(
+        converged(&[&a, &b], "green", 3, 20).await,
+        "A did not resync"
+    );
+    let recorded = eventually(10, || async { flips_of(&a).await == counted + 1 }).await;
+    assert!(recorded, "A never recorded the change it made");
+    assert!(
+        a.app()
+            .events
+            .list()
+            .iter()
+            .any(|e| e.generation == Some(2) && e.reason.as_str() == "manual"),
+        "{:#?}",
+        a.app().events.list()
+    );
+    assert_eq!(events_at(&b, "api", "manual", 2).await, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The release key, written with a compare-and-swap whose answer comes late while another
+/// replica writes on top of it: etcd's history says the write landed, so it is applied, not
+/// lost; a write that another one beat is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answered_release_write_overwritten_since_is_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let store_of = |endpoint: String| {
+        let cfg = switchyard::config::from_toml_str_with_env(
+            &format!(
+                "{}\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
+                etcd_body(&endpoint, "/rel/", "etcd_timeout = \"1s\"", "")
+            ),
+            Some(Default::default()),
+        )
+        .expect("config");
+        switchyard::StateStore::from_config(&cfg.state)
+    };
+    let (a, b) = (store_of(relay.endpoint()), store_of(etcd.endpoint()));
+    let (a, b) = (a.as_etcd().expect("etcd"), b.as_etcd().expect("etcd"));
+    let first = a
+        .cas_release(0, &json!({ "release": null, "write_id": "w-1" }), "w-1")
+        .await;
+    let rev: i64 = format!("{first:?}")
+        .strip_prefix("Applied(")
+        .and_then(|r| r.strip_suffix(')'))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("first write: {first:?}"));
+
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2500)));
+    let late = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.cas_release(rev, &json!({ "release": null, "write_id": "w-2" }), "w-2")
+                .await
+        })
+    };
+    // B sees A's write land and writes on top of it.
+    let mut b_rev = 0;
+    let landed = eventually(5, || {
+        let b = b.clone();
+        async move {
+            b.read_release()
+                .await
+                .is_ok_and(|r| r.value.is_some_and(|v| v["write_id"] == "w-2"))
+        }
+    })
+    .await;
+    assert!(landed, "A's write never landed");
+    if let Ok(r) = b.read_release().await {
+        b_rev = r.mod_revision;
+    }
+    let over = b
+        .cas_release(b_rev, &json!({ "release": null, "write_id": "w-3" }), "w-3")
+        .await;
+    assert!(format!("{over:?}").starts_with("Applied"), "{over:?}");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    relay.set_mode(Mode::Pass);
+    let late = format!("{:?}", late.await.expect("task"));
+    assert_eq!(late, format!("Applied({b_rev})"), "A's write landed first");
+
+    // A write from the revision B already replaced never lands: lost, with what etcd holds.
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2500)));
+    let stale = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.cas_release(b_rev, &json!({ "release": null, "write_id": "w-4" }), "w-4")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.set_mode(Mode::Pass);
+    let stale = format!("{:?}", stale.await.expect("task"));
+    assert!(
+        stale.starts_with("Lost") && stale.contains("w-3"),
+        "{stale}"
+    );
+}
+
+/// Two endpoints: the first commits the release write but answers too late, so the same call
+/// goes on to the second, whose compare fails because of that very write. That is our write
+/// applied, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_write_committed_through_a_slow_endpoint_is_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let endpoints = format!("{}\", \"{}", relay.endpoint(), etcd.endpoint());
+    let cfg = switchyard::config::from_toml_str_with_env(
+        &format!(
+            "{}\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
+            etcd_body(&endpoints, "/two/", "etcd_timeout = \"1s\"", "")
+        ),
+        Some(Default::default()),
+    )
+    .expect("config");
+    let store = switchyard::StateStore::from_config(&cfg.state);
+    let a = store.as_etcd().expect("etcd");
+    let first = format!(
+        "{:?}",
+        a.cas_release(0, &json!({ "release": null, "write_id": "w-1" }), "w-1")
+            .await
+    );
+    assert!(first.starts_with("Applied"), "{first}");
+    let rev = a.read_release().await.expect("read").mod_revision;
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let second = format!(
+        "{:?}",
+        a.cas_release(rev, &json!({ "release": null, "write_id": "w-2" }), "w-2")
+            .await
+    );
+    relay.set_mode(Mode::Pass);
+    assert!(second.starts_with("Applied"), "{second}");
+}
+
+/// The same for a flip: the first endpoint commits it but answers too late, the second one's
+/// compare fails because of it. A answers applied, with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_committed_through_a_slow_endpoint_is_applied_with_its_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let endpoints = format!("{}\", \"{}", relay.endpoint(), etcd.endpoint());
+    let state = "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"";
+    let a = TestProxy::start(&etcd_body(&endpoints, "/two-flip/", state, &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a], "green", 1, 5).await);
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let (s, v) = a.flip("api", "blue").await;
+    relay.set_mode(Mode::Pass);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert!(converged(&[&a], "blue", 2, 10).await);
+    assert_eq!(events_at(&a, "api", "manual", 2).await, 1);
+    a.stop().await;
+}
+
 /// `switchyard_flips_total{reason="manual",service="api"}` of a replica.
 async fn flips_of(p: &TestProxy) -> u64 {
     get(p.admin, "/metrics")
@@ -848,6 +1131,52 @@ async fn a_slow_smoke_test_does_not_delay_another_services_rollback() {
     let (s, v) = slow_flip.await.expect("slow flip");
     assert_eq!(s, 200, "{v}");
     assert_eq!(active_of(&p, "slow").await, ("green".to_string(), 1));
+    p.stop().await;
+}
+
+/// The checks of a flip run outside the writer lock; under it the service is re-read, and a
+/// pool that changed while they ran (a reload) is checked again: a flip never goes to a pool
+/// its smoke test did not pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_reloaded_during_the_smoke_test_is_checked_again() {
+    let blue = TestUpstream::start("blue").await;
+    let slow = TestUpstream::start("slow-green").await;
+    let broken = TestUpstream::start("broken-green").await;
+    broken.set_status(500);
+    let config =
+        |green: SocketAddr| service("api", &[blue.addr], &[green], "smoke_paths = [\"/check\"]");
+    let p = TestProxy::start(&config(slow.addr)).await;
+    slow.set_delay(3000);
+    let admin = p.admin;
+    let flip = tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({"to": "green"})),
+        )
+        .await
+    });
+    let started = eventually(5, || async { slow.hits() > 0 || flip.is_finished() }).await;
+    assert!(
+        started && !flip.is_finished(),
+        "the smoke test never started: {:?}",
+        if flip.is_finished() {
+            Some(flip.await)
+        } else {
+            None
+        }
+    );
+    // While it runs, a reload replaces green by an upstream that fails the smoke test.
+    let body = full_config(&config(broken.addr), p.dir.as_ref().expect("dir").path());
+    std::fs::write(&p.config_path, body).expect("write config");
+    p.app().reload("test").await.expect("reload");
+    let (s, v) = flip.await.expect("flip task");
+    assert_eq!(s, 409, "{v}");
+    let msg = v["error"].as_str().unwrap_or("");
+    assert!(msg.contains("smoke") && msg.contains("500"), "{v}");
+    assert!(broken.hits() > 0, "the new pool was never checked");
+    assert_eq!(active_of(&p, "api").await, ("blue".to_string(), 0));
     p.stop().await;
 }
 

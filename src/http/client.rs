@@ -547,6 +547,33 @@ impl<B: UploadBody> Prepared<B> {
     }
 }
 
+impl<B> Prepared<B> {
+    /// The same request with its `Host` value replaced: for a Host the proxy filled in from
+    /// the upstream's address (an HTTP/1.0 request without one), when the request goes to
+    /// another upstream. Only on a retry, so the head is rebuilt rather than kept in parts.
+    pub fn with_host(mut self, host: &[u8]) -> Prepared<B> {
+        let mut out = BytesMut::with_capacity(self.head.len() + host.len());
+        let mut lines = self.head.split_inclusive(|b| *b == b'\n');
+        if let Some(request_line) = lines.next() {
+            out.put_slice(request_line);
+        }
+        let mut done = false;
+        for line in lines {
+            let is_host = line.len() > 5 && line[..5].eq_ignore_ascii_case(b"host:");
+            if !done && (is_host || line == b"\r\n") {
+                put_header(&mut out, b"host", host);
+                done = true;
+                if is_host {
+                    continue;
+                }
+            }
+            out.put_slice(line);
+        }
+        self.head = out.freeze();
+        self
+    }
+}
+
 /// A request that got no response.
 pub struct Failed<B> {
     pub error: ClientError,

@@ -24,6 +24,9 @@ use crate::upstream::{Pool, Upstream};
 /// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
 /// its upstream (failure counter, passive health) but not in the window, where the request is
 /// recorded once, on `up`, the upstream of the last attempt.
+///
+/// `host_from_upstream`: the request's `Host` is the first upstream's address (the client sent
+/// none, see `rewrite`); every other attempt carries its own upstream's.
 pub(super) async fn forward(
     pool: &Pool,
     up: &mut Arc<Upstream>,
@@ -31,6 +34,7 @@ pub(super) async fn forward(
     fwd: &Forwarded<'_>,
     timeouts: Timeouts,
     retries: u32,
+    host_from_upstream: bool,
 ) -> Result<Response<UpstreamBody>, ClientError> {
     let mut tried: Vec<Arc<Upstream>> = Vec::new();
     match pool.protocol {
@@ -48,7 +52,11 @@ pub(super) async fn forward(
                         if !next_attempt(pool, up, &mut tried, &error) {
                             return Err(error);
                         }
-                        req = unsent;
+                        req = if host_from_upstream {
+                            unsent.with_host(up.authority.as_str().as_bytes())
+                        } else {
+                            unsent
+                        };
                     }
                     _ => return Err(error),
                 }
@@ -80,6 +88,9 @@ pub(super) async fn forward(
                             return Err(error);
                         }
                         req = replay_h2(copy, *idle);
+                        if host_from_upstream {
+                            retarget_h2(&mut req, up);
+                        }
                     }
                     _ => return Err(error),
                 }
@@ -116,6 +127,19 @@ fn replay_h2(copy: &Request<()>, idle: Duration) -> Request<RequestBody> {
     *req.version_mut() = copy.version();
     *req.headers_mut() = copy.headers().clone();
     req
+}
+
+/// A replayed HTTP/2 request whose authority the proxy filled in from the first upstream's
+/// address: the next upstream's address instead, in `Host` and `:authority`.
+fn retarget_h2(req: &mut Request<RequestBody>, up: &Upstream) {
+    if let Ok(v) = http::HeaderValue::from_str(up.authority.as_str()) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.authority = Some(up.authority.clone());
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
 }
 
 /// One HTTP/2 exchange on the upstream's multiplexed connection. h2 itself refuses responses

@@ -329,7 +329,7 @@ async fn route_and_forward(
     mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
-    routed: Option<&mut Routed>,
+    mut routed: Option<&mut Routed>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     // 1. Validate. A refused request closes its connection: what a client pipelined behind it
@@ -339,7 +339,12 @@ async fn route_and_forward(
         Err(e) => return e.response(),
     };
     // 2. Route: one snapshot load for every decision.
-    let route = match proxy.route(host.name(), req.uri().path(), conn.mode, routed) {
+    let route = match proxy.route(
+        host.name(),
+        req.uri().path(),
+        conn.mode,
+        routed.as_deref_mut(),
+    ) {
         Ok(route) => route,
         Err(e) => return e.response(),
     };
@@ -355,12 +360,24 @@ async fn route_and_forward(
     let req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
     let pool = route.svc.pool(route.color);
     let mut up = route.up;
-    let attempt = forward(pool, &mut up, req, &fwd, route.timeouts, route.retries);
+    let attempt = forward(
+        pool,
+        &mut up,
+        req,
+        &fwd,
+        route.timeouts,
+        route.retries,
+        rewritten.host_from_upstream,
+    );
     let result = match tokio::time::timeout(route.request_timeout, attempt).await {
         Err(_) => Err(ProxyError::Timeout),
         Ok(Err(e)) => Err(ProxyError::from_client(e)),
         Ok(Ok(resp)) => Ok(resp),
     };
+    // The access log names the upstream that answered (or failed last), as the stats do.
+    if let Some(r) = routed {
+        r.upstream = Some(up.clone());
+    }
     // 5. Finish: record and answer.
     let outcome = Outcome {
         pool: pool.clone(),
@@ -422,6 +439,9 @@ struct Rewritten {
     client_upgrade: Option<OnUpgrade>,
     /// For the critical-path counters.
     path: Option<PathAndQuery>,
+    /// The client sent no Host (HTTP/1.0): the one upstream gets is its own address, so a
+    /// retry on another upstream carries that one's.
+    host_from_upstream: bool,
 }
 
 /// Step 1: CONNECT, the request target and the Host; an absolute-form target becomes origin
@@ -484,11 +504,15 @@ fn rewrite(
     }
     // HTTP/1.1 requests always carry Host (checked above). HTTP/2 clients send :authority and
     // HTTP/1.0 clients may send nothing; an HTTP/1.1 upstream needs a Host either way.
+    let mut host_from_upstream = false;
     if req.version() != Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
-        let v = host
-            .value
-            .clone()
-            .or_else(|| HeaderValue::from_str(route.up.authority.as_str()).ok());
+        let v = match host.value.clone() {
+            Some(v) => Some(v),
+            None => {
+                host_from_upstream = true;
+                HeaderValue::from_str(route.up.authority.as_str()).ok()
+            }
+        };
         if let Some(v) = v {
             req.headers_mut().insert(header::HOST, v);
         }
@@ -528,6 +552,7 @@ fn rewrite(
         upgrade,
         client_upgrade,
         path,
+        host_from_upstream,
     })
 }
 

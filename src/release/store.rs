@@ -337,7 +337,15 @@ pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expecte
                 return true;
             }
             if read.mod_revision != expected {
-                return false;
+                // Moved on: the key's history says whether ours was the write that moved it
+                // (and was replaced since) or another one beat it.
+                match store.release_landed(expected, write_id).await {
+                    Ok(landed) => return landed.is_some(),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
             }
             // Unchanged: the write may still be on its way; a fence under the same compare
             // decides it for good.
@@ -348,7 +356,12 @@ pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expecte
             }
             match store.cas_release(expected, &fence, &fence_id).await {
                 ReleaseCas::Applied(_) => return false,
-                ReleaseCas::Lost(r) => return ours(&r),
+                ReleaseCas::Lost(r) if ours(&r) => return true,
+                ReleaseCas::Lost(_) => {
+                    if let Ok(landed) = store.release_landed(expected, write_id).await {
+                        return landed.is_some();
+                    }
+                }
                 ReleaseCas::Unknown(_) => {}
             }
         }

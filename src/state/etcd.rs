@@ -71,6 +71,10 @@ struct Seen {
 pub enum WriteOutcome {
     /// etcd committed it.
     Applied,
+    /// etcd committed it, and another replica's write has replaced it since (found while
+    /// settling a write whose answer did not come in time): the states read now. The change
+    /// took effect (its events are stored with it); the live state is what was read.
+    Overwritten(HashMap<String, ServiceState>),
     /// Another replica changed one of the keys first; these are the states read after losing
     /// (possibly fewer than the changed services when the read failed).
     Conflict(HashMap<String, ServiceState>),
@@ -88,6 +92,15 @@ struct CallError {
     maybe_sent: bool,
     /// etcd answered an error about the lease (expired or revoked): grant a new one.
     lease_gone: bool,
+}
+
+/// What [`EtcdStore::reconcile`] needs to settle a write: its compares, the key its history is
+/// read on, its events and its id.
+struct Settle<'a> {
+    compare: &'a [Value],
+    probe: Option<(String, i64)>,
+    events: &'a [Event],
+    write_id: &'a str,
 }
 
 impl From<CallError> for StateError {
@@ -131,6 +144,9 @@ pub struct EtcdStore {
     lease: Mutex<Option<(String, Instant)>>,
     /// Write id -> the events of a write whose outcome is unknown.
     unresolved: Mutex<HashMap<String, Vec<Event>>>,
+    /// Write id -> the key and revision its history is read on (see [`EtcdStore::committed`]),
+    /// for writes whose outcome is unknown.
+    probes: Mutex<HashMap<String, (String, i64)>>,
 }
 
 fn b64(s: &str) -> String {
@@ -199,6 +215,7 @@ impl EtcdStore {
             next: AtomicUsize::new(0),
             lease: Mutex::new(None),
             unresolved: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -416,6 +433,9 @@ impl EtcdStore {
         let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
         let mut compare = Vec::new();
         let mut stale = HashMap::new();
+        // The first changed key and the revision it is compared at (0: must not exist): the
+        // first write of that key after it is this one exactly when this write committed.
+        let mut probe = None;
         for (name, _) in changes {
             let key = b64(&self.service_key(name));
             match seen.get(name) {
@@ -423,11 +443,21 @@ impl EtcdStore {
                     if previous.get(name) != Some(&s.state) {
                         stale.insert(name.clone(), s.state.clone());
                     }
+                    probe.get_or_insert((self.service_key(name), s.mod_revision));
                     compare.push(json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": s.mod_revision.to_string() }));
                 }
-                _ => compare.push(json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" })),
+                _ => {
+                    probe.get_or_insert((self.service_key(name), 0));
+                    compare.push(json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }))
+                }
             }
         }
+        let settle = Settle {
+            compare: &compare,
+            probe,
+            events,
+            write_id,
+        };
         if !stale.is_empty() {
             // The watch already delivered a newer state that the snapshot has not applied yet.
             return WriteOutcome::Conflict(stale);
@@ -458,7 +488,7 @@ impl EtcdStore {
             }
         }
         let txn = json!({ "compare": compare, "success": success, "failure": [] });
-        match self.call("/v3/kv/txn", &txn).await {
+        let outcome = match self.call("/v3/kv/txn", &txn).await {
             Ok(v) if v["succeeded"].as_bool() == Some(true) => {
                 let rev = num(&v["header"]["revision"]);
                 for (name, state) in changes {
@@ -467,7 +497,7 @@ impl EtcdStore {
                 WriteOutcome::Applied
             }
             // Lost the compare. An earlier attempt on another endpoint may have been ours.
-            Ok(_) => self.reconcile(changes, previous, &compare, write_id).await,
+            Ok(_) => self.reconcile(changes, previous, &settle).await,
             Err(e) if !e.maybe_sent => {
                 WriteOutcome::NotApplied(format!("{}; the change was not applied", e.message))
             }
@@ -476,21 +506,32 @@ impl EtcdStore {
                     self.forget_lease();
                 }
                 tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
-                self.reconcile(changes, previous, &compare, write_id).await
+                self.reconcile(changes, previous, &settle).await
+            }
+        };
+        if let (WriteOutcome::Unknown(_), Some(probe)) = (&outcome, settle.probe) {
+            if let Ok(mut p) = self.probes.lock() {
+                if p.len() >= MAX_UNRESOLVED {
+                    p.clear();
+                }
+                p.insert(write_id.to_string(), probe);
             }
         }
+        outcome
     }
 
     /// Finds out what became of write `write_id`: a fence transaction with the same compares
     /// that rewrites the previous states. If it wins, the write can never commit; if it loses,
-    /// the keys it reads back tell whose write committed. Retried for 3 timeouts.
+    /// the keys it reads back tell whose write committed, and when they hold another replica's
+    /// write, etcd's history of the key says whether that write replaced ours (applied, then
+    /// overwritten) or beat it (never committed). Retried for 3 timeouts.
     async fn reconcile(
         &self,
         changes: &[(String, ServiceState)],
         previous: &HashMap<String, ServiceState>,
-        compare: &[Value],
-        write_id: &str,
+        settle: &Settle<'_>,
     ) -> WriteOutcome {
+        let (compare, write_id) = (settle.compare, settle.write_id);
         let fence_id = format!("fence-{write_id}");
         let success: Vec<Value> = changes
             .iter()
@@ -536,15 +577,24 @@ impl EtcdStore {
                             }
                         }
                     }
-                    return if ours {
-                        WriteOutcome::Applied
-                    } else if fenced {
-                        WriteOutcome::NotApplied(
+                    if ours {
+                        return WriteOutcome::Applied;
+                    }
+                    if fenced {
+                        return WriteOutcome::NotApplied(
                             "etcd did not answer in time; the state was re-read and the change was not applied".to_string(),
-                        )
-                    } else {
-                        WriteOutcome::Conflict(read)
-                    };
+                        );
+                    }
+                    // Another replica's write is there now: it either beat ours (ours can
+                    // never commit: its compare no longer holds) or replaced it.
+                    match self.committed(settle).await {
+                        Ok(true) => {
+                            tracing::info!(write_id, "a write whose answer was late took effect and was overwritten since by another replica's");
+                            return WriteOutcome::Overwritten(read);
+                        }
+                        Ok(false) => return WriteOutcome::Conflict(read),
+                        Err(e) => last = e.message,
+                    }
                 }
                 Err(e) => last = e.message,
             }
@@ -573,7 +623,137 @@ impl EtcdStore {
 
     /// The events of an unknown-outcome write that a read or the watch just showed committed.
     pub fn take_unresolved(&self, write_id: &str) -> Option<Vec<Event>> {
+        if let Ok(mut p) = self.probes.lock() {
+            p.remove(write_id);
+        }
         self.unresolved.lock().ok()?.remove(write_id)
+    }
+
+    /// Settles the unknown-outcome writes a full read did not show (another replica's write may
+    /// have replaced one since, while this replica's watch was down): etcd's history says
+    /// whether each committed (its events are returned, to be recorded) or never can (it is
+    /// forgotten). Those etcd cannot decide yet stay for the next read or the watch.
+    pub async fn settle_unresolved(&self) -> Vec<Event> {
+        let pending: Vec<(String, (String, i64))> = {
+            let (Ok(u), Ok(p)) = (self.unresolved.lock(), self.probes.lock()) else {
+                return Vec::new();
+            };
+            u.keys()
+                .filter_map(|id| p.get(id).map(|probe| (id.clone(), probe.clone())))
+                .collect()
+        };
+        let mut settled = Vec::new();
+        for (id, (key, after)) in pending {
+            let Ok(Some((first, _))) = self.first_write_after(&key, after).await else {
+                continue;
+            };
+            let events = self.take_unresolved(&id).unwrap_or_default();
+            if first == id {
+                tracing::info!(write_id = %id, "a write whose outcome was unknown took effect (replaced since by another write)");
+                settled.extend(events);
+            } else {
+                tracing::info!(write_id = %id, "a write whose outcome was unknown never took effect");
+            }
+        }
+        settled
+    }
+
+    /// Whether write `settle.write_id` committed, when the keys it changed now hold another
+    /// write: the first write of the probed key after the revision the transaction compared is
+    /// ours exactly when it committed. When etcd's history no longer reaches back (compacted),
+    /// the write's first event key says it (stored in the same transaction, kept for 7 days).
+    async fn committed(&self, settle: &Settle<'_>) -> Result<bool, CallError> {
+        let Some((key, after)) = &settle.probe else {
+            return Ok(false);
+        };
+        match self.first_write_after(key, *after).await {
+            Ok(first) => Ok(first.is_some_and(|(id, _)| id == settle.write_id)),
+            Err(e) => {
+                let Some(ev) = settle.events.first() else {
+                    return Err(e);
+                };
+                tracing::debug!(error = %e.message, "etcd history unavailable; looking for the write's event");
+                let key = format!("{}{}-{}-0", self.events_prefix(), ev.time, settle.write_id);
+                Ok(self.kv_at(&key, None).await?.is_some())
+            }
+        }
+    }
+
+    /// The key-value of `key` as of `revision` (None: now); None when it did not exist then.
+    async fn kv_at(&self, key: &str, revision: Option<i64>) -> Result<Option<Value>, CallError> {
+        let mut body = json!({ "key": b64(key) });
+        if let Some(r) = revision {
+            body["revision"] = json!(r.to_string());
+        }
+        let v = self.call("/v3/kv/range", &body).await?;
+        Ok(v["kvs"].as_array().and_then(|a| a.first()).cloned())
+    }
+
+    /// The first write of `key` after revision `after` (the key's mod_revision when a
+    /// transaction compared it; 0: compared as absent), from etcd's history: the write id stored
+    /// with it ("" for a value without one, or a delete) and its revision. None when the key has
+    /// not been written since. A binary search over revisions: a range read at revision r gives
+    /// the last write at or before r.
+    async fn first_write_after(
+        &self,
+        key: &str,
+        after: i64,
+    ) -> Result<Option<(String, i64)>, CallError> {
+        fn id_of(kv: &Value) -> String {
+            unb64(&kv["value"])
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["write_id"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        }
+        let Some(now) = self.kv_at(key, None).await? else {
+            // Deleted since (or never written): not by a write of ours.
+            return Ok(None);
+        };
+        let now_rev = num(&now["mod_revision"]);
+        if now_rev <= after {
+            return Ok(None);
+        }
+        if after == 0 {
+            // Compared as absent: the first write is the one that created the key.
+            let created = num(&now["create_revision"]);
+            if created == now_rev {
+                return Ok(Some((id_of(&now), now_rev)));
+            }
+            let first = self.kv_at(key, Some(created)).await?;
+            return Ok(Some((
+                first.as_ref().map(id_of).unwrap_or_default(),
+                created,
+            )));
+        }
+        // The first write after `after` is in [lo, hi]; `known` is the key as of `hi`.
+        let (mut lo, mut hi, mut known) = (after + 1, now_rev, Some(now));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.kv_at(key, Some(mid)).await? {
+                Some(kv) if num(&kv["mod_revision"]) > after => {
+                    hi = num(&kv["mod_revision"]);
+                    known = Some(kv);
+                }
+                Some(_) => lo = mid + 1,
+                // Deleted in (after, mid]: the first change is at or before mid.
+                None => {
+                    hi = mid;
+                    known = None;
+                }
+            }
+        }
+        let first = match known {
+            Some(kv) => Some(kv),
+            None => self.kv_at(key, Some(hi)).await?,
+        };
+        Ok(Some((
+            first
+                .filter(|kv| num(&kv["mod_revision"]) == hi)
+                .as_ref()
+                .map(id_of)
+                .unwrap_or_default(),
+            hi,
+        )))
     }
 
     /// Whether etcd's service keys are newer than what this replica has seen: Ok(true) when the
@@ -811,7 +991,7 @@ impl Backend for EtcdStore {
             .filter_map(|n| states.get(n).map(|s| (n.clone(), s.clone())))
             .collect();
         match self.write(&changes, previous, &[], &new_write_id()).await {
-            WriteOutcome::Applied => Ok(()),
+            WriteOutcome::Applied | WriteOutcome::Overwritten(_) => Ok(()),
             WriteOutcome::Conflict(_) => Err(StateError::Conflict(format!(
                 "the state of {} was changed by another replica; re-read the status and retry",
                 changed.join(", ")
@@ -905,6 +1085,10 @@ pub async fn sync(
                     if let Some(evs) = store.take_unresolved(id) {
                         let _ = to_app.send(Remote::Resolved(evs));
                     }
+                }
+                let settled = store.settle_unresolved().await;
+                if !settled.is_empty() {
+                    let _ = to_app.send(Remote::Resolved(settled));
                 }
                 backoff = Duration::from_millis(250);
                 // The first write needs an event lease: grant it now, not on the flip's clock.
@@ -1312,7 +1496,23 @@ impl EtcdStore {
             Ok(v) if v["succeeded"].as_bool() == Some(true) => {
                 return ReleaseCas::Applied(num(&v["header"]["revision"]))
             }
-            Ok(v) => return lost(&v),
+            Ok(v) => {
+                let ReleaseCas::Lost(read) = lost(&v) else {
+                    return lost(&v);
+                };
+                if self.endpoints.len() < 2 {
+                    return ReleaseCas::Lost(read);
+                }
+                // An earlier attempt on another endpoint that did not answer in time may have
+                // been committed: then the key holds our write, or etcd's history shows it.
+                if read.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id) {
+                    return ReleaseCas::Applied(read.mod_revision);
+                }
+                return match self.release_landed(expected, write_id).await {
+                    Ok(Some(rev)) => ReleaseCas::Applied(rev),
+                    Ok(None) | Err(_) => ReleaseCas::Lost(read),
+                };
+            }
             Err(e) if !e.maybe_sent => {
                 // Never sent: as good as a lost compare with nothing known; re-read.
                 return match self.read_release().await {
@@ -1336,7 +1536,20 @@ impl EtcdStore {
                         return ReleaseCas::Applied(r.mod_revision);
                     }
                     if r.mod_revision != expected {
-                        return ReleaseCas::Lost(r);
+                        // Moved on: our write either landed first and was replaced since, or
+                        // lost to another one; the key's history says which.
+                        match self.release_landed(expected, write_id).await {
+                            Ok(Some(rev)) => return ReleaseCas::Applied(rev),
+                            Ok(None) => return ReleaseCas::Lost(r),
+                            Err(e) => {
+                                last = e.to_string();
+                                if Instant::now() >= deadline {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                continue;
+                            }
+                        }
                     }
                     // Unchanged: fence it, so the pending write can never commit.
                     let mut fence = r.value.clone().unwrap_or(Value::Null);
@@ -1375,11 +1588,14 @@ impl EtcdStore {
                             };
                             let ours = now.value.as_ref().and_then(|v| v["write_id"].as_str())
                                 == Some(write_id);
-                            return if ours {
-                                ReleaseCas::Applied(now.mod_revision)
-                            } else {
-                                ReleaseCas::Lost(now)
-                            };
+                            if ours {
+                                return ReleaseCas::Applied(now.mod_revision);
+                            }
+                            match self.release_landed(expected, write_id).await {
+                                Ok(Some(rev)) => return ReleaseCas::Applied(rev),
+                                Ok(None) => return ReleaseCas::Lost(now),
+                                Err(e) => last = e.to_string(),
+                            }
                         }
                         Err(e) => last = e.message,
                     }
@@ -1387,12 +1603,28 @@ impl EtcdStore {
                 Err(e) => last = e.to_string(),
             }
             if Instant::now() >= deadline {
-                return ReleaseCas::Unknown(format!(
-                    "outcome unknown: etcd did not answer the release write or its read-back within {:?} ({last})",
-                    self.options.timeout * 4
-                ));
+                break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        ReleaseCas::Unknown(format!(
+            "outcome unknown: etcd did not answer the release write or its read-back within {:?} ({last})",
+            self.options.timeout * 4
+        ))
+    }
+
+    /// Whether write `write_id` of the release key, compared at mod_revision `expected`, is the
+    /// first write after it in etcd's history (it committed, even if another replica's write
+    /// replaced it since): its revision, or None when another write came first.
+    pub async fn release_landed(
+        &self,
+        expected: i64,
+        write_id: &str,
+    ) -> Result<Option<i64>, StateError> {
+        Ok(self
+            .first_write_after(&self.release_key(), expected)
+            .await?
+            .filter(|(id, _)| id == write_id)
+            .map(|(_, rev)| rev))
     }
 }
