@@ -5,8 +5,11 @@
 //!
 //! hyper's HTTP/2 server has none of these: a stream whose window is zero is simply never
 //! polled again, and a connection that answers PINGs lives forever. So each h2 connection gets
-//! a watchdog ([`watch_h2`]) next to hyper's connection future: the service counts open streams
+//! a watchdog ([`watch`]) next to hyper's connection future: the service counts open streams
 //! in a [`ConnActivity`], and every response body reports when it was last asked for data.
+//! Each stream runs in a task of its own that hyper spawns through [`StreamExec`], which can
+//! stop it: a stream stalled while others still move is reset alone (RST_STREAM CANCEL); a
+//! connection on which nothing moved since is closed.
 
 use std::future::Future;
 use std::io;
@@ -20,6 +23,7 @@ use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::http::body::IdleTimer;
@@ -106,11 +110,42 @@ fn millis(base: Instant, now: Instant) -> u64 {
 /// "Not waiting on the client" in [`StreamClock`]: the body waits for the upstream, or ended.
 const NOT_STALLED: u64 = u64::MAX;
 
+tokio::task_local! {
+    /// The stop signal of the HTTP/2 stream whose task is running (set by [`StreamExec`]).
+    static STREAM_STOP: Arc<Notify>;
+}
+
+/// hyper's executor for the HTTP/2 server: each stream's task can be stopped by the
+/// connection's watchdog. Stopping drops hyper's stream future, and with it the response body
+/// (the upstream connection is closed, not pooled) and h2's last handle on the stream, so h2
+/// discards what it buffered for the stream and sends RST_STREAM (CANCEL).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let stop = Arc::new(Notify::new());
+        let task = STREAM_STOP.scope(stop.clone(), async move {
+            tokio::select! {
+                _ = fut => {}
+                () = stop.notified() => {}
+            }
+        });
+        tokio::spawn(task);
+    }
+}
+
 /// One response body's last moment of progress toward the client.
 struct StreamClock {
     /// Millis (since the connection's base) of the last frame handed out while the body still
     /// had more; [`NOT_STALLED`] while the body itself waits or once it ended.
     ready_at: AtomicU64,
+    /// Stops the stream's task: set when the body is sent by a [`StreamExec`] task.
+    stop: Option<Arc<Notify>>,
 }
 
 /// The open streams of one HTTP/2 connection (or requests of one admin connection), and the
@@ -120,6 +155,9 @@ pub struct ConnActivity {
     open: AtomicUsize,
     /// Millis since `base` when `open` last changed.
     changed_at: AtomicU64,
+    /// Millis since `base` when a response body was last asked for data: the client's window
+    /// let the previous frame out.
+    progress_at: AtomicU64,
     /// Response bodies registered for the stall check; the watchdog takes them out.
     new_bodies: SegQueue<Arc<StreamClock>>,
 }
@@ -130,6 +168,7 @@ impl ConnActivity {
             base: Instant::now(),
             open: AtomicUsize::new(0),
             changed_at: AtomicU64::new(0),
+            progress_at: AtomicU64::new(0),
             new_bodies: SegQueue::new(),
         })
     }
@@ -165,6 +204,7 @@ impl ConnActivity {
         };
         let clock = Arc::new(StreamClock {
             ready_at: AtomicU64::new(at),
+            stop: STREAM_STOP.try_with(Arc::clone).ok(),
         });
         self.new_bodies.push(clock.clone());
         Tracked {
@@ -172,7 +212,7 @@ impl ConnActivity {
             rest: Bytes::new(),
             clock,
             base: self.base,
-            _guard: guard,
+            guard,
         }
     }
 }
@@ -201,7 +241,7 @@ pub struct Tracked<B> {
     rest: Bytes,
     clock: Arc<StreamClock>,
     base: Instant,
-    _guard: StreamGuard,
+    guard: StreamGuard,
 }
 
 impl<B> Body for Tracked<B>
@@ -216,6 +256,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
+        let now = millis(this.base, Instant::now());
+        this.guard.0.progress_at.store(now, Ordering::Relaxed);
         let r = if this.rest.is_empty() {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -234,7 +276,7 @@ where
         };
         let at = match &r {
             // A frame went out; until the next poll the stream waits for the client's window.
-            Poll::Ready(Some(Ok(_))) if !this.is_end_stream() => millis(this.base, Instant::now()),
+            Poll::Ready(Some(Ok(_))) if !this.is_end_stream() => now,
             _ => NOT_STALLED,
         };
         this.clock.ready_at.store(at, Ordering::Relaxed);
@@ -265,7 +307,7 @@ pub enum Verdict {
     /// No open stream for the idle timeout: send GOAWAY.
     Idle,
     /// A response has waited for the client's flow-control window longer than the send
-    /// timeout: close the connection.
+    /// timeout, and no other response of the connection moved meanwhile: close the connection.
     Stalled,
 }
 
@@ -308,11 +350,29 @@ impl Watchdog {
         if let Some(limit) = self.send_timeout {
             let now_ms = millis(self.activity.base, now);
             let limit = limit.as_millis() as u64;
-            let stalled = self.bodies.iter().any(|b| {
+            let progress = self.activity.progress_at.load(Ordering::Relaxed);
+            let mut whole = false;
+            self.bodies.retain(|b| {
                 let at = b.ready_at.load(Ordering::Relaxed);
-                at != NOT_STALLED && now_ms.saturating_sub(at) >= limit
+                if at == NOT_STALLED || now_ms.saturating_sub(at) < limit {
+                    return true;
+                }
+                match &b.stop {
+                    // Another response moved since this one stalled: the client reads, only
+                    // not this stream. It alone is reset; the watchdog lets go of it.
+                    Some(stop) if progress > at => {
+                        tracing::debug!("a response stalled on its stream's window; resetting it");
+                        stop.notify_one();
+                        false
+                    }
+                    // Nothing moved since: the whole client stopped reading.
+                    _ => {
+                        whole = true;
+                        true
+                    }
+                }
             });
-            if stalled {
+            if whole {
                 return Verdict::Stalled;
             }
         }
@@ -359,7 +419,7 @@ pub async fn watch<C>(
                 let now = Instant::now();
                 match dog.check(now) {
                     Verdict::Stalled => {
-                        tracing::debug!("a response stalled on the client's window; closing");
+                        tracing::debug!("the client stopped reading every response; closing");
                         return;
                     }
                     Verdict::Idle if goaway.is_none() && !shutting_down => {
@@ -545,6 +605,64 @@ mod tests {
         // Made and never polled: waiting for the window since it was made.
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
         drop(body);
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+    }
+
+    /// A body with always one more byte.
+    struct Endless;
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_stalled_alone_is_stopped_and_a_stalled_connection_closed() {
+        use http_body_util::BodyExt;
+        let act = ConnActivity::new();
+        let mut dog = Watchdog::new(
+            act.clone(),
+            Duration::from_secs(60),
+            Some(Duration::from_secs(5)),
+        );
+        let endless = || Endless;
+        // Two bodies sent by stream tasks (with a stop handle each).
+        let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let mut a = STREAM_STOP
+            .scope(stop_a.clone(), async { act.track(endless(), act.open()) })
+            .await;
+        let mut b = STREAM_STOP
+            .scope(stop_b.clone(), async { act.track(endless(), act.open()) })
+            .await;
+        // A hands out a frame and is never asked again; B goes on being read.
+        a.frame().await;
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            b.frame().await;
+        }
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+        let stopped = |n: &Arc<Notify>| {
+            let n = n.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(1), n.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(stopped(&stop_a).await, "the stalled stream was not stopped");
+        assert!(!stopped(&stop_b).await, "the moving stream was stopped");
+        drop(a);
+        // Then B stalls too, with nothing else moving: the whole connection is stuck.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
+        drop(b);
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
     }
 
