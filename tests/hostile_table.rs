@@ -963,6 +963,74 @@ async fn an_upstream_that_stops_reading_the_request_fails_at_the_upstream_send_t
     p.stop().await;
 }
 
+/// An h2 upstream that opens 64 MiB windows, takes the first request's head, and then never
+/// reads its connection again.
+async fn h2_non_reader() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .initial_window_size(64 << 20)
+                    .initial_connection_window_size(64 << 20)
+                    .handshake::<_, bytes::Bytes>(s)
+                    .await
+                else {
+                    return;
+                };
+                let Some(Ok(req)) = conn.accept().await else {
+                    return;
+                };
+                // Held, never polled again: the socket's buffers fill and stay full.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop((req, conn));
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_h2_upstream_that_stops_reading_fails_at_the_upstream_send_timeout() {
+    let up = h2_non_reader().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}request_timeout = \"20s\"\nupstream_send_timeout = \"300ms\"\n\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\n"
+    ))
+    .await;
+    let s = TcpStream::connect(p.proxy).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let len = 48 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n");
+        w.write_all(head.as_bytes()).await.ok()?;
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..len / piece.len() {
+            w.write_all(&piece).await.ok()?;
+        }
+        Some(w)
+    });
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match r.read(&mut b).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer before the request_timeout");
+    let head = String::from_utf8_lossy(&got).into_owned();
+    assert_eq!(status_of(&head), 502, "{head}");
+    writer.abort();
+    let metrics = get(p.admin, "/metrics").await.1;
+    assert_eq!(upstream_failures(&metrics), 1.0, "{metrics}");
+    p.stop().await;
+}
+
 /// Starts the binary under `ulimit -n 256` and returns its log lines up to "switchyard is
 /// serving".
 async fn startup_log(limits: &str) -> String {
