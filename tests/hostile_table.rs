@@ -923,6 +923,40 @@ async fn an_admin_connection_flood_stays_off_the_data_plane() {
 }
 
 #[tokio::test]
+async fn an_admin_slowloris_is_closed_at_the_admin_header_read_timeout() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    // The idle timeout is far off: only the header timeout can close the trickling client.
+    let p = TestProxy::start(&format!(
+        "{PROXY}[admin]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\nidle_timeout = \"30s\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.admin).await.expect("connect");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            if s.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 256];
+            // A read that returns (EOF, a reset or a 408) means the listener gave up.
+            if tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the admin listener waited for the trickled head");
+    p.stop().await;
+}
+
+#[tokio::test]
 async fn an_upstream_that_stops_reading_the_request_fails_at_the_upstream_send_timeout() {
     let up = Recorder::start().await;
     let green = dead_addr().await;
