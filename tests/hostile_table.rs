@@ -952,7 +952,10 @@ async fn an_admin_slowloris_is_closed_at_the_admin_header_read_timeout() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the admin listener waited for the trickled head");
+    assert!(
+        closed.is_ok(),
+        "the admin listener waited for the trickled head"
+    );
     p.stop().await;
 }
 
