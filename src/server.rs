@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
-use crate::guard::{ConnActivity, SendTimeout, StreamExec, Watchdog};
+use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog};
 use crate::http::io::Prefixed;
 use crate::http::server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode, Proxy};
@@ -614,6 +614,7 @@ impl Connection {
         drop(watcher);
         let shutdown = app.clone();
         let activity = ConnActivity::new();
+        let window = activity.clone();
         let dog = Watchdog::new(
             activity.clone(),
             limits.h2_idle_timeout,
@@ -631,7 +632,7 @@ impl Connection {
             }
         });
         let io = SendTimeout::new(io, limits.send_timeout);
-        let io = TokioIo::new(Prefixed { read, io });
+        let io = TokioIo::new(CountWindow::new(Prefixed { read, io }, window));
         let conn = std::pin::pin!(h2.serve_connection(io, svc));
         crate::guard::watch(conn, dog, &shutdown.shutdown, limits.send_timeout, |c| {
             c.graceful_shutdown()

@@ -711,6 +711,39 @@ async fn h2_read(
 
 #[tokio::test]
 async fn one_stalled_h2_stream_is_reset_and_the_others_are_served() {
+    stalled_stream_among_others(false).await;
+}
+
+#[tokio::test]
+async fn a_stream_stalled_after_the_others_ended_is_reset_alone() {
+    stalled_stream_among_others(true).await;
+}
+
+/// GET of `path` on `c`; returns the response body once the head is in.
+async fn h2_open(c: &mut h2::client::SendRequest<bytes::Bytes>, path: &str) -> h2::RecvStream {
+    let mut ready = c
+        .clone()
+        .ready()
+        .await
+        .expect("the connection takes streams");
+    let req = http::Request::get(format!("http://a{path}"))
+        .body(())
+        .expect("req");
+    let (resp, _) = ready.send_request(req, true).expect("send");
+    *c = ready;
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("head in time")
+        .expect("head");
+    assert_eq!(resp.status(), 200);
+    resp.into_body()
+}
+
+/// One stream takes 64 KiB of an endless body and never opens its window again; another on
+/// the same connection is read fully (`others_first`: before the stalled one starts, else
+/// while it stalls). The stalled stream alone is reset, its upstream let go of, and the
+/// connection goes on serving.
+async fn stalled_stream_among_others(others_first: bool) {
     let up = Recorder::start().await;
     let green = dead_addr().await;
     let p = TestProxy::start(&format!(
@@ -720,7 +753,7 @@ async fn one_stalled_h2_stream_is_reset_and_the_others_are_served() {
     .await;
     let tcp = TcpStream::connect(p.proxy).await.expect("connect");
     // Stream windows of 64 KiB, and a connection window that one stalled stream cannot shut.
-    let (client, conn) = h2::client::Builder::new()
+    let (mut c, conn) = h2::client::Builder::new()
         .initial_window_size(64 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
         .handshake::<_, bytes::Bytes>(tcp)
@@ -728,32 +761,23 @@ async fn one_stalled_h2_stream_is_reset_and_the_others_are_served() {
         .expect("handshake");
     let done = tokio::spawn(conn);
     let in_time = Duration::from_secs(5);
-    // Stream 1: an endless body the client takes 64 KiB of, and never opens its window again.
-    let mut c = client.ready().await.expect("ready");
-    let req = http::Request::get("http://a/big").body(()).expect("req");
-    let (resp, _) = c.send_request(req, true).expect("send");
-    let resp = tokio::time::timeout(in_time, resp)
-        .await
-        .expect("head in time")
-        .expect("head");
-    assert_eq!(resp.status(), 200);
-    let mut stalled = resp.into_body();
+    let read_large = |mut body: h2::RecvStream| async move {
+        let (n, e) = tokio::time::timeout(in_time, h2_read(&mut body, true, usize::MAX))
+            .await
+            .expect("the large body in time");
+        assert_eq!((n, e.is_none()), (LARGE, true), "{e:?}");
+    };
+    if others_first {
+        read_large(h2_open(&mut c, "/large").await).await;
+    }
+    let mut stalled = h2_open(&mut c, "/big").await;
     let (n, e) = tokio::time::timeout(in_time, h2_read(&mut stalled, false, 64 * 1024))
         .await
         .expect("the first window in time");
     assert_eq!((n, e.is_none()), (64 * 1024, true), "{e:?}");
-    // Stream 3, on the same connection, read fully meanwhile.
-    let mut c = c.ready().await.expect("ready");
-    let req = http::Request::get("http://a/large").body(()).expect("req");
-    let (resp, _) = c.send_request(req, true).expect("send");
-    let resp = tokio::time::timeout(in_time, resp)
-        .await
-        .expect("head in time")
-        .expect("head");
-    let (n, e) = tokio::time::timeout(in_time, h2_read(&mut resp.into_body(), true, usize::MAX))
-        .await
-        .expect("the large body in time");
-    assert_eq!((n, e.is_none()), (LARGE, true), "{e:?}");
+    if !others_first {
+        read_large(h2_open(&mut c, "/large").await).await;
+    }
     // The stalled stream alone is reset at the client_send_timeout...
     let (_, e) = tokio::time::timeout(in_time, h2_read(&mut stalled, false, usize::MAX))
         .await
@@ -763,15 +787,8 @@ async fn one_stalled_h2_stream_is_reset_and_the_others_are_served() {
     // ...its upstream connection is let go of, not blamed on the upstream...
     released_and_not_blamed(&up, &p, 1).await;
     // ...and the connection goes on serving.
-    let mut c = c.ready().await.expect("the connection still takes streams");
-    let req = http::Request::get("http://a/").body(()).expect("req");
-    let (resp, _) = c.send_request(req, true).expect("send");
-    let resp = tokio::time::timeout(in_time, resp)
-        .await
-        .expect("head in time")
-        .expect("head");
-    assert_eq!(resp.status(), 200);
-    let (n, e) = h2_read(&mut resp.into_body(), true, usize::MAX).await;
+    let mut body = h2_open(&mut c, "/").await;
+    let (n, e) = h2_read(&mut body, true, usize::MAX).await;
     assert_eq!((n, e.is_none()), (2, true), "{e:?}");
     assert!(!done.is_finished(), "the connection was closed");
     p.stop().await;
