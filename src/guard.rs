@@ -5,13 +5,17 @@
 //!
 //! hyper's HTTP/2 server has none of these: a stream whose window is zero is simply never
 //! polled again, and a connection that answers PINGs lives forever. So each h2 connection gets
-//! a watchdog ([`watch_h2`]) next to hyper's connection future: the service counts open streams
+//! a watchdog ([`watch`]) next to hyper's connection future: the service counts open streams
 //! in a [`ConnActivity`], and every response body reports when it was last asked for data.
+//! Each stream runs in a task of its own that hyper spawns through [`StreamExec`], which can
+//! stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
+//! whose connection-level window is shut ([`CountWindow`] follows it), or on which no response
+//! ever moved, is closed.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,83 +24,10 @@ use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::http::body::IdleTimer;
-
-/// A stream whose writes fail with `TimedOut` once one has made no progress for `timeout`
-/// (the peer stopped reading: its TCP window is shut). Reads pass through.
-pub struct SendTimeout<S> {
-    io: S,
-    timer: IdleTimer,
-}
-
-impl<S> SendTimeout<S> {
-    pub fn new(io: S, timeout: Duration) -> SendTimeout<S> {
-        SendTimeout {
-            io,
-            timer: IdleTimer::new(timeout),
-        }
-    }
-
-    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        match r {
-            Poll::Ready(r) => {
-                self.timer.progressed();
-                Poll::Ready(r)
-            }
-            Poll::Pending if self.timer.poll_expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client_send_timeout: the peer stopped reading",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.check(cx, r)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.check(cx, r)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.io).poll_flush(cx);
-        self.check(cx, r)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.io).poll_shutdown(cx);
-        self.check(cx, r)
-    }
-}
+pub use crate::http::io::SendTimeout;
 
 /// Milliseconds since `base`, for timestamps kept in atomics.
 fn millis(base: Instant, now: Instant) -> u64 {
@@ -106,11 +37,42 @@ fn millis(base: Instant, now: Instant) -> u64 {
 /// "Not waiting on the client" in [`StreamClock`]: the body waits for the upstream, or ended.
 const NOT_STALLED: u64 = u64::MAX;
 
+tokio::task_local! {
+    /// The stop signal of the HTTP/2 stream whose task is running (set by [`StreamExec`]).
+    static STREAM_STOP: Arc<Notify>;
+}
+
+/// hyper's executor for the HTTP/2 server: each stream's task can be stopped by the
+/// connection's watchdog. Stopping drops hyper's stream future, and with it the response body
+/// (the upstream connection is closed, not pooled) and h2's last handle on the stream, so h2
+/// discards what it buffered for the stream and sends RST_STREAM (CANCEL).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let stop = Arc::new(Notify::new());
+        let task = STREAM_STOP.scope(stop.clone(), async move {
+            tokio::select! {
+                _ = fut => {}
+                () = stop.notified() => {}
+            }
+        });
+        tokio::spawn(task);
+    }
+}
+
 /// One response body's last moment of progress toward the client.
 struct StreamClock {
     /// Millis (since the connection's base) of the last frame handed out while the body still
     /// had more; [`NOT_STALLED`] while the body itself waits or once it ended.
     ready_at: AtomicU64,
+    /// Stops the stream's task: set when the body is sent by a [`StreamExec`] task.
+    stop: Option<Arc<Notify>>,
 }
 
 /// The open streams of one HTTP/2 connection (or requests of one admin connection), and the
@@ -120,6 +82,11 @@ pub struct ConnActivity {
     open: AtomicUsize,
     /// Millis since `base` when `open` last changed.
     changed_at: AtomicU64,
+    /// Whether a response body was ever asked for data (the client's windows let some out).
+    moved: AtomicBool,
+    /// The connection-level send window the client has granted (RFC 9113 6.9), as
+    /// [`CountWindow`] sees the frames go by; stays at the initial 65,535 without it.
+    send_window: AtomicI64,
     /// Response bodies registered for the stall check; the watchdog takes them out.
     new_bodies: SegQueue<Arc<StreamClock>>,
 }
@@ -130,6 +97,8 @@ impl ConnActivity {
             base: Instant::now(),
             open: AtomicUsize::new(0),
             changed_at: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
+            send_window: AtomicI64::new(INITIAL_WINDOW),
             new_bodies: SegQueue::new(),
         })
     }
@@ -165,6 +134,7 @@ impl ConnActivity {
         };
         let clock = Arc::new(StreamClock {
             ready_at: AtomicU64::new(at),
+            stop: STREAM_STOP.try_with(Arc::clone).ok(),
         });
         self.new_bodies.push(clock.clone());
         Tracked {
@@ -172,7 +142,7 @@ impl ConnActivity {
             rest: Bytes::new(),
             clock,
             base: self.base,
-            _guard: guard,
+            guard,
         }
     }
 }
@@ -201,7 +171,7 @@ pub struct Tracked<B> {
     rest: Bytes,
     clock: Arc<StreamClock>,
     base: Instant,
-    _guard: StreamGuard,
+    guard: StreamGuard,
 }
 
 impl<B> Body for Tracked<B>
@@ -216,6 +186,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
+        let moved = &this.guard.0.moved;
+        if !moved.load(Ordering::Relaxed) {
+            moved.store(true, Ordering::Relaxed);
+        }
         let r = if this.rest.is_empty() {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -265,7 +239,8 @@ pub enum Verdict {
     /// No open stream for the idle timeout: send GOAWAY.
     Idle,
     /// A response has waited for the client's flow-control window longer than the send
-    /// timeout: close the connection.
+    /// timeout, and the client reads nothing: the connection-level window is shut, or no
+    /// response of the connection ever moved. Close the connection.
     Stalled,
 }
 
@@ -308,11 +283,30 @@ impl Watchdog {
         if let Some(limit) = self.send_timeout {
             let now_ms = millis(self.activity.base, now);
             let limit = limit.as_millis() as u64;
-            let stalled = self.bodies.iter().any(|b| {
+            // The whole client stopped reading: nothing can move on any stream.
+            let shut = self.activity.send_window.load(Ordering::Relaxed) <= 0
+                || !self.activity.moved.load(Ordering::Relaxed);
+            let mut whole = false;
+            self.bodies.retain(|b| {
                 let at = b.ready_at.load(Ordering::Relaxed);
-                at != NOT_STALLED && now_ms.saturating_sub(at) >= limit
+                if at == NOT_STALLED || now_ms.saturating_sub(at) < limit {
+                    return true;
+                }
+                match &b.stop {
+                    // Only this stream's window is shut: it alone is reset, and the watchdog
+                    // lets go of it.
+                    Some(stop) if !shut => {
+                        tracing::debug!("a response stalled on its stream's window; resetting it");
+                        stop.notify_one();
+                        false
+                    }
+                    _ => {
+                        whole = true;
+                        true
+                    }
+                }
             });
-            if stalled {
+            if whole {
                 return Verdict::Stalled;
             }
         }
@@ -320,6 +314,161 @@ impl Watchdog {
             return Verdict::Idle;
         }
         Verdict::Fine
+    }
+}
+
+/// The connection-level flow-control window every HTTP/2 connection starts with (RFC 9113
+/// 6.9.2); SETTINGS do not change it, only WINDOW_UPDATE on stream 0.
+const INITIAL_WINDOW: i64 = 65_535;
+
+/// Frame boundaries in one direction of an HTTP/2 connection, read off the bytes as they pass.
+#[derive(Default)]
+struct FrameScan {
+    /// Bytes to pass over before the next frame header: the client preface, or a payload.
+    skip: usize,
+    head: [u8; 9],
+    have: usize,
+    /// A connection-level WINDOW_UPDATE's increment being read, and how much of it is here.
+    incr: Option<([u8; 4], usize)>,
+}
+
+impl FrameScan {
+    /// Follows `buf`: DATA frames going out (`inbound` false) take from `window`, connection
+    /// WINDOW_UPDATEs coming in add to it.
+    fn feed(&mut self, mut buf: &[u8], inbound: bool, window: &AtomicI64) {
+        while !buf.is_empty() {
+            if let Some((b, n)) = &mut self.incr {
+                let take = (4 - *n).min(buf.len());
+                b[*n..*n + take].copy_from_slice(&buf[..take]);
+                *n += take;
+                buf = &buf[take..];
+                if *n == 4 {
+                    let inc = u32::from_be_bytes(*b) & 0x7fff_ffff;
+                    window.fetch_add(i64::from(inc), Ordering::Relaxed);
+                    self.incr = None;
+                }
+                continue;
+            }
+            if self.skip > 0 {
+                let take = self.skip.min(buf.len());
+                self.skip -= take;
+                buf = &buf[take..];
+                continue;
+            }
+            let take = (9 - self.have).min(buf.len());
+            self.head[self.have..self.have + take].copy_from_slice(&buf[..take]);
+            self.have += take;
+            buf = &buf[take..];
+            if self.have < 9 {
+                continue;
+            }
+            self.have = 0;
+            let h = self.head;
+            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            match h[3] {
+                // WINDOW_UPDATE on the connection.
+                0x8 if inbound && stream == 0 && len == 4 => self.incr = Some(([0; 4], 0)),
+                // DATA: its whole payload (padding included) counts against the window.
+                0x0 if !inbound => {
+                    window.fetch_sub(len as i64, Ordering::Relaxed);
+                    self.skip = len;
+                }
+                _ => self.skip = len,
+            }
+        }
+    }
+}
+
+/// An HTTP/2 server connection's socket that follows the connection-level send window for the
+/// watchdog (hyper and h2 do not tell it): what the client grants with WINDOW_UPDATE on stream
+/// 0, less the DATA sent. A scan of the frame headers; payloads are skipped.
+pub struct CountWindow<S> {
+    io: S,
+    activity: Arc<ConnActivity>,
+    inbound: FrameScan,
+    outbound: FrameScan,
+}
+
+impl<S> CountWindow<S> {
+    /// `io` from its first byte: the client's preface comes first.
+    pub fn new(io: S, activity: Arc<ConnActivity>) -> CountWindow<S> {
+        CountWindow {
+            io,
+            activity,
+            inbound: FrameScan {
+                skip: H2_CLIENT_PREFACE_LEN,
+                ..FrameScan::default()
+            },
+            outbound: FrameScan::default(),
+        }
+    }
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const H2_CLIENT_PREFACE_LEN: usize = 24;
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountWindow<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let this = &mut *self;
+        this.inbound
+            .feed(&buf.filled()[before..], true, &this.activity.send_window);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountWindow<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            let this = &mut *self;
+            this.outbound
+                .feed(&buf[..n], false, &this.activity.send_window);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = r {
+            let this = &mut *self;
+            for b in bufs {
+                let take = n.min(b.len());
+                this.outbound
+                    .feed(&b[..take], false, &this.activity.send_window);
+                n -= take;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -359,7 +508,7 @@ pub async fn watch<C>(
                 let now = Instant::now();
                 match dog.check(now) {
                     Verdict::Stalled => {
-                        tracing::debug!("a response stalled on the client's window; closing");
+                        tracing::debug!("the client stopped reading every response; closing");
                         return;
                     }
                     Verdict::Idle if goaway.is_none() && !shutting_down => {
@@ -546,6 +695,120 @@ mod tests {
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
         drop(body);
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+    }
+
+    /// A body with always one more byte.
+    struct Endless;
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_stalled_alone_is_stopped_and_a_stalled_connection_closed() {
+        use http_body_util::BodyExt;
+        let act = ConnActivity::new();
+        let mut dog = Watchdog::new(
+            act.clone(),
+            Duration::from_secs(60),
+            Some(Duration::from_secs(5)),
+        );
+        let endless = || Endless;
+        // Two bodies sent by stream tasks (with a stop handle each).
+        let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let mut a = STREAM_STOP
+            .scope(stop_a.clone(), async { act.track(endless(), act.open()) })
+            .await;
+        let mut b = STREAM_STOP
+            .scope(stop_b.clone(), async { act.track(endless(), act.open()) })
+            .await;
+        // A hands out a frame and is never asked again; B goes on being read.
+        a.frame().await;
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            b.frame().await;
+        }
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+        let stopped = |n: &Arc<Notify>| {
+            let n = n.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(1), n.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(stopped(&stop_a).await, "the stalled stream was not stopped");
+        assert!(!stopped(&stop_b).await, "the moving stream was stopped");
+        drop(a);
+        // Then B stalls too, on a shut connection window: the whole client is stuck.
+        act.send_window.store(0, Ordering::Relaxed);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
+        drop(b);
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+        // A connection on which no response ever moved (every stream window zero) is closed.
+        let act = ConnActivity::new();
+        let mut dog = Watchdog::new(
+            act.clone(),
+            Duration::from_secs(60),
+            Some(Duration::from_secs(5)),
+        );
+        let c = STREAM_STOP
+            .scope(Arc::new(Notify::new()), async {
+                act.track(endless(), act.open())
+            })
+            .await;
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
+        drop(c);
+    }
+
+    #[test]
+    fn the_connection_window_follows_the_frames() {
+        let w = AtomicI64::new(INITIAL_WINDOW);
+        let mut inbound = FrameScan {
+            skip: H2_CLIENT_PREFACE_LEN,
+            ..FrameScan::default()
+        };
+        let mut outbound = FrameScan::default();
+        let frame = |kind: u8, stream: u32, payload: &[u8]| {
+            let len = payload.len() as u32;
+            let mut f = len.to_be_bytes()[1..].to_vec();
+            f.extend_from_slice(&[kind, 0]);
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        // The preface, SETTINGS, a stream's WINDOW_UPDATE (ignored), the connection's, fed a
+        // byte at a time.
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(0x4, 0, &[0, 4, 0, 0, 0, 0]));
+        input.extend(frame(0x8, 1, &1000u32.to_be_bytes()));
+        input.extend(frame(0x8, 0, &100_000u32.to_be_bytes()));
+        for b in &input {
+            inbound.feed(std::slice::from_ref(b), true, &w);
+        }
+        assert_eq!(w.load(Ordering::Relaxed), INITIAL_WINDOW + 100_000);
+        // Going out: SETTINGS, HEADERS, DATA of 16 KiB and 5 bytes, in odd pieces.
+        let mut output = frame(0x4, 0, &[]);
+        output.extend(frame(0x1, 1, b"head"));
+        output.extend(frame(0x0, 1, &[7; 16384]));
+        output.extend(frame(0x0, 1, b"hello"));
+        for piece in output.chunks(1000) {
+            outbound.feed(piece, false, &w);
+        }
+        assert_eq!(
+            w.load(Ordering::Relaxed),
+            INITIAL_WINDOW + 100_000 - 16384 - 5
+        );
     }
 
     #[tokio::test]

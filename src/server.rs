@@ -15,7 +15,7 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
-use crate::guard::{ConnActivity, SendTimeout, Watchdog};
+use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog};
 use crate::http::io::Prefixed;
 use crate::http::server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode, Proxy};
@@ -330,7 +330,7 @@ fn accept_thread(
     proxy: Arc<Proxy>,
     listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamExec>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -390,8 +390,8 @@ async fn bind_with(addr: SocketAddr, key: &str, reuseport: bool) -> anyhow::Resu
 }
 
 /// hyper serves h2 (prior knowledge on plain listeners, ALPN on TLS); HTTP/1 is ours.
-fn h2_builder(cfg: &ProxyConfig) -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
+fn h2_builder(cfg: &ProxyConfig) -> http2::Builder<StreamExec> {
+    let mut b = http2::Builder::new(StreamExec);
     b.timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(cfg.max_header_bytes as u32)
@@ -409,7 +409,7 @@ async fn serve_proxy(
     mode: Mode,
     tls: Option<TlsSetup>,
     limit: Arc<Semaphore>,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamExec>,
 ) {
     // h2 connections get a GOAWAY at shutdown; HTTP/1 connections close once idle.
     let graceful = GracefulShutdown::new();
@@ -526,7 +526,7 @@ struct Connection {
     app: Arc<App>,
     proxy: Arc<Proxy>,
     info: Arc<ConnInfo>,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamExec>,
     watcher: Watcher,
     /// When the first request head must have arrived (`header_read_timeout` from the accept).
     deadline: tokio::time::Instant,
@@ -617,6 +617,7 @@ impl Connection {
         drop(watcher);
         let shutdown = app.clone();
         let activity = ConnActivity::new();
+        let window = activity.clone();
         let dog = Watchdog::new(
             activity.clone(),
             limits.h2_idle_timeout,
@@ -637,7 +638,7 @@ impl Connection {
             Box::into_pin(Box::write(Box::new_uninit(), exchange))
         });
         let io = SendTimeout::new(io, limits.send_timeout);
-        let io = TokioIo::new(Prefixed { read, io });
+        let io = TokioIo::new(CountWindow::new(Prefixed { read, io }, window));
         let conn = std::pin::pin!(h2.serve_connection(io, svc));
         crate::guard::watch(conn, dog, &shutdown.shutdown, limits.send_timeout, |c| {
             c.graceful_shutdown()

@@ -364,17 +364,25 @@ impl ConnPool {
     /// A request the connection never took (it closed under it: the upstream restarted or sent
     /// GOAWAY before this side noticed) is sent once more on a new connection, as hyper-util's
     /// pooled client does; one it took is never sent twice.
-    pub async fn send_h2(&self, req: Request<H2Body>) -> Result<Response<Incoming>, ClientError> {
+    ///
+    /// `send_timeout` (`upstream_send_timeout`): a write to the connection that makes no
+    /// progress for this long (the upstream stopped reading) fails the connection and every
+    /// request on it.
+    pub async fn send_h2(
+        &self,
+        req: Request<H2Body>,
+        send_timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
         let mut sender = match self.h2.live() {
             Some(s) => s,
-            None => self.h2_connect().await?,
+            None => self.h2_connect(send_timeout).await?,
         };
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     // The sender it refused is closed now, so this opens a new connection.
-                    let mut sender = self.h2_connect().await?;
+                    let mut sender = self.h2_connect(send_timeout).await?;
                     Ok(sender.send_request(req).await?)
                 }
                 None => Err(e.into_error().into()),
@@ -383,12 +391,12 @@ impl ConnPool {
     }
 
     /// Opens the HTTP/2 connection; callers that arrive meanwhile wait for it and share it.
-    async fn h2_connect(&self) -> Result<H2Sender, ClientError> {
+    async fn h2_connect(&self, send_timeout: Duration) -> Result<H2Sender, ClientError> {
         let _one = self.h2.connecting.lock().await;
         if let Some(s) = self.h2.live() {
             return Ok(s);
         }
-        let io = self.connect_tcp().await?;
+        let io = crate::http::io::SendTimeout::new(self.connect_tcp().await?, send_timeout);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_PING_INTERVAL)

@@ -77,7 +77,7 @@ pub(super) async fn forward(
             let mut req = req;
             loop {
                 let in_flight = up.begin();
-                let error = match forward_h2(up, req).await {
+                let error = match forward_h2(up, req, timeouts.send).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => e,
                 };
@@ -148,10 +148,11 @@ fn retarget_h2(req: &mut Request<RequestBody>, up: &Upstream) {
 async fn forward_h2(
     up: &Upstream,
     req: Request<RequestBody>,
+    send_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ClientError> {
     let idle = req.body().idle_timeout();
     let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
-    let mut resp = up.conns.send_h2(req).await?;
+    let mut resp = up.conns.send_h2(req, send_timeout).await?;
     strip_hop_by_hop(resp.headers_mut());
     if resp.status().as_u16() > 599 {
         return Err(ClientError::Protocol("invalid status code"));
