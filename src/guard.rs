@@ -62,7 +62,9 @@ where
                 () = stop.notified() => {}
             }
         });
-        tokio::spawn(task);
+        // Boxed in place: tokio writes a task's future (and later its output) into the task
+        // cell's stage, a copy of the whole stream future each time it is not behind a pointer.
+        tokio::spawn(Box::into_pin(Box::write(Box::new_uninit(), task)));
     }
 }
 
@@ -87,6 +89,10 @@ pub struct ConnActivity {
     /// The connection-level send window the client has granted (RFC 9113 6.9), as
     /// [`CountWindow`] sees the frames go by; stays at the initial 65,535 without it.
     send_window: AtomicI64,
+    /// Millis since `base` of the last connection-level WINDOW_UPDATE from the client. A client
+    /// whose connection window is the bottleneck sits at zero most of the time while reading
+    /// at full speed; it is shut only when no grant came for the whole send timeout.
+    granted_at: AtomicU64,
     /// Response bodies registered for the stall check; the watchdog takes them out.
     new_bodies: SegQueue<Arc<StreamClock>>,
 }
@@ -99,6 +105,7 @@ impl ConnActivity {
             changed_at: AtomicU64::new(0),
             moved: AtomicBool::new(false),
             send_window: AtomicI64::new(INITIAL_WINDOW),
+            granted_at: AtomicU64::new(0),
             new_bodies: SegQueue::new(),
         })
     }
@@ -108,6 +115,12 @@ impl ConnActivity {
         self.open.fetch_add(1, Ordering::Relaxed);
         self.touch();
         StreamGuard(self.clone())
+    }
+
+    /// The client granted connection-level window (a WINDOW_UPDATE on stream 0 arrived).
+    fn granted(&self) {
+        self.granted_at
+            .store(millis(self.base, Instant::now()), Ordering::Relaxed);
     }
 
     fn touch(&self) {
@@ -283,8 +296,11 @@ impl Watchdog {
         if let Some(limit) = self.send_timeout {
             let now_ms = millis(self.activity.base, now);
             let limit = limit.as_millis() as u64;
-            // The whole client stopped reading: nothing can move on any stream.
-            let shut = self.activity.send_window.load(Ordering::Relaxed) <= 0
+            // The whole client stopped reading: nothing can move on any stream (its connection
+            // window shut and not opened for the whole limit, or no response ever moved).
+            let granted = self.activity.granted_at.load(Ordering::Relaxed);
+            let shut = (self.activity.send_window.load(Ordering::Relaxed) <= 0
+                && now_ms.saturating_sub(granted) >= limit)
                 || !self.activity.moved.load(Ordering::Relaxed);
             let mut whole = false;
             self.bodies.retain(|b| {
@@ -334,8 +350,9 @@ struct FrameScan {
 
 impl FrameScan {
     /// Follows `buf`: DATA frames going out (`inbound` false) take from `window`, connection
-    /// WINDOW_UPDATEs coming in add to it.
-    fn feed(&mut self, mut buf: &[u8], inbound: bool, window: &AtomicI64) {
+    /// WINDOW_UPDATEs coming in add to it. True when such a WINDOW_UPDATE was read.
+    fn feed(&mut self, mut buf: &[u8], inbound: bool, window: &AtomicI64) -> bool {
+        let mut granted = false;
         while !buf.is_empty() {
             if let Some((b, n)) = &mut self.incr {
                 let take = (4 - *n).min(buf.len());
@@ -346,6 +363,7 @@ impl FrameScan {
                     let inc = u32::from_be_bytes(*b) & 0x7fff_ffff;
                     window.fetch_add(i64::from(inc), Ordering::Relaxed);
                     self.incr = None;
+                    granted = true;
                 }
                 continue;
             }
@@ -377,6 +395,7 @@ impl FrameScan {
                 _ => self.skip = len,
             }
         }
+        granted
     }
 }
 
@@ -417,8 +436,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for CountWindow<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let this = &mut *self;
-        this.inbound
-            .feed(&buf.filled()[before..], true, &this.activity.send_window);
+        if this
+            .inbound
+            .feed(&buf.filled()[before..], true, &this.activity.send_window)
+        {
+            this.activity.granted();
+        }
         r
     }
 }
@@ -769,6 +792,51 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
         drop(c);
+    }
+
+    /// A client whose connection window is the bottleneck reads at full speed with the window
+    /// at zero most of the time: one stream stalled on its own window is reset alone, not the
+    /// whole connection, as long as the client keeps granting connection window.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_window_at_zero_but_still_granted_is_not_shut() {
+        use http_body_util::BodyExt;
+        let act = ConnActivity::new();
+        let mut dog = Watchdog::new(
+            act.clone(),
+            Duration::from_secs(60),
+            Some(Duration::from_secs(5)),
+        );
+        let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let mut a = STREAM_STOP
+            .scope(stop_a.clone(), async { act.track(Endless, act.open()) })
+            .await;
+        let mut b = STREAM_STOP
+            .scope(stop_b.clone(), async { act.track(Endless, act.open()) })
+            .await;
+        a.frame().await;
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            b.frame().await;
+            // B's data used the whole window and the client granted it again a moment ago.
+            act.granted();
+            act.send_window.store(0, Ordering::Relaxed);
+        }
+        assert_eq!(dog.check(Instant::now()), Verdict::Fine);
+        let stopped = |n: &Arc<Notify>| {
+            let n = n.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(1), n.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(stopped(&stop_a).await, "the stalled stream was not reset");
+        assert!(!stopped(&stop_b).await, "the moving stream was stopped");
+        drop(a);
+        // No grant for the whole limit with the window shut: the client stopped reading.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
+        drop(b);
     }
 
     #[test]
