@@ -343,6 +343,13 @@ async fn roll_back(
                     if store::settle(&app2, &etcd, &write_id, expected).await {
                         let _op = app2.releases.op.lock().await;
                         let id = cur.id.clone();
+                        // The end landed, but a newer release may have started since (the
+                        // release key moved on): its services are that release's now, and
+                        // returning them to this one's colors would undo its flips.
+                        if let Some(newer) = app2.releases.current().filter(|r| r.id != id) {
+                            tracing::warn!(release = %id, newer = %newer.id, "the release's end was stored in etcd after release {} started; its services are left as that release set them", newer.id);
+                            return;
+                        }
                         if let Err(e) = finish(&app2, cur, result, kind, reason, shape).await {
                             tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; abort by hand (ctl flip)");
                         }
