@@ -446,16 +446,20 @@ async fn serve_proxy(
             deadline,
             limits: ConnLimits::from(&app.snapshot().config.proxy),
         };
+        // Each connection's future (the HTTP/1 server and, for h2, hyper's connection, a few
+        // KB) is boxed and built in place: the task tracker and tokio's task cell then move a
+        // pointer instead of copying it on every spawn.
         match &tls {
             None => {
-                conns.spawn(conn.serve(stream, |s: TcpStream| {
+                let serve = conn.serve(stream, |s: TcpStream| {
                     let (r, w) = s.into_split();
                     (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
-                }));
+                });
+                conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
             }
             Some(t) => {
                 let acceptor = t.acceptor();
-                conns.spawn(async move {
+                let serve = async move {
                     // A handshake not finished shortly after shutdown begins is dropped: no
                     // request has been sent on it yet.
                     let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
@@ -480,7 +484,8 @@ async fn serve_proxy(
                         })
                         .await;
                     }
-                });
+                };
+                conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
             }
         }
     }
