@@ -9,7 +9,8 @@
 # Environment: N=20000 requests over C=16 HTTP/1.1 keep-alive connections (h2load --h1),
 # BASE_PORT=29080 (4 ports), SWITCHYARD_BIN (default target/release/switchyard), TARGETS
 # ("switchyard nginx"; also haproxy), PROTO=h1|h2c (h2c: prior knowledge, STREAMS=10 concurrent
-# streams per connection; the upstream stays HTTP/1.1), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it),
+# streams per connection; the upstream stays HTTP/1.1; close: HTTP/1.1 with a new connection per
+# request, wrk for CLOSE_SECONDS=10 under callgrind, its request count as N), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it),
 # SY_ACCESS=json|combined turns Switchyard's access log on (to a file in the temp dir; the
 # writer thread's instructions are counted too).
 # Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client). Installs nothing.
@@ -20,11 +21,13 @@ BASE_PORT=${BASE_PORT:-29080}
 TARGETS=${TARGETS:-switchyard nginx}
 PROTO=${PROTO:-h1}
 STREAMS=${STREAMS:-10}
+CLOSE_SECONDS=${CLOSE_SECONDS:-10}
 case $PROTO in
 h1) LOAD=(--h1) ;;
 h2c) LOAD=(-m "$STREAMS") ;;
+close) LOAD=() ;;
 *)
-    echo "PROTO is h1 or h2c, not $PROTO" >&2
+    echo "PROTO is h1, h2c or close, not $PROTO" >&2
     exit 1
     ;;
 esac
@@ -94,13 +97,31 @@ count() { # name port cmd...
     local pid=$!
     PIDS+=("$pid")
     wait_port "$port"
-    h2load "${LOAD[@]}" -n 200 -c 4 "http://127.0.0.1:$port/" >/dev/null # warm: pools, caches
-    valgrind_zero "$pid"
-    h2load "${LOAD[@]}" -n "$N" -c "$C" "http://127.0.0.1:$port/" >"$TMP/$name.h2load" 2>&1
-    grep -q "$N succeeded" "$TMP/$name.h2load" || {
-        echo "$name: not every request succeeded:" >&2
-        grep -E 'succeeded|failed' "$TMP/$name.h2load" >&2
-    }
+    local n=$N
+    if [[ $PROTO == close ]]; then
+        # h2load cannot open a connection per request: wrk for a fixed time, its count of requests
+        command -v wrk >/dev/null 2>&1 || {
+            echo "missing: wrk (Debian package: wrk)" >&2
+            exit 1
+        }
+        wrk -t1 -c4 -d2s -H "Connection: close" "http://127.0.0.1:$port/" >/dev/null 2>&1
+        valgrind_zero "$pid"
+        wrk -t1 -c"$C" -d"${CLOSE_SECONDS}s" -H "Connection: close" "http://127.0.0.1:$port/" \
+            >"$TMP/$name.wrk" 2>&1
+        n=$(awk '/requests in/ { print $1 }' "$TMP/$name.wrk")
+        if grep -q -E 'Non-2xx|Socket errors' "$TMP/$name.wrk" || [[ -z $n ]]; then
+            echo "$name: not every request succeeded:" >&2
+            grep -E 'requests in|Non-2xx|Socket errors' "$TMP/$name.wrk" >&2
+        fi
+    else
+        h2load "${LOAD[@]}" -n 200 -c 4 "http://127.0.0.1:$port/" >/dev/null # warm: pools, caches
+        valgrind_zero "$pid"
+        h2load "${LOAD[@]}" -n "$N" -c "$C" "http://127.0.0.1:$port/" >"$TMP/$name.h2load" 2>&1
+        grep -q "$N succeeded" "$TMP/$name.h2load" || {
+            echo "$name: not every request succeeded:" >&2
+            grep -E 'succeeded|failed' "$TMP/$name.h2load" >&2
+        }
+    fi
     callgrind_control -d "$pid" >/dev/null
     kill -TERM "$pid"
     wait "$pid" 2>/dev/null || true
@@ -108,7 +129,7 @@ count() { # name port cmd...
     # The dump after the warm-up load holds only the measured requests.
     total=$(awk '/^summary:/ { s = $2 } END { print s + 0 }' "$TMP/$name.out.1")
     printf '%-12s %8d instructions per request (%d requests, %d connections, %s)\n' \
-        "$name" "$((total / N))" "$N" "$C" "$PROTO"
+        "$name" "$((total / n))" "$n" "$C" "$PROTO"
 }
 valgrind_zero() { callgrind_control -z "$1" >/dev/null; }
 
