@@ -103,8 +103,7 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(remote: SocketAddr, tls: bool, mode: Mode) -> ConnInfo {
-        let client_ip = HeaderValue::from_str(&remote.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let client_ip = ip_value(remote.ip());
         ConnInfo {
             remote,
             tls,
@@ -119,6 +118,31 @@ impl ConnInfo {
         self.slot = Some(slot);
         self
     }
+}
+
+/// `ip` as a header value, as `Display` writes it. IPv4 (most clients) is written octet by
+/// octet on the stack: `to_string` goes through the formatter and a `String` on every
+/// accepted connection.
+fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    let v = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut buf = [0u8; 15];
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let d = digits.format(octet).as_bytes();
+                buf[n..n + d.len()].copy_from_slice(d);
+                n += d.len();
+            }
+            HeaderValue::from_bytes(&buf[..n])
+        }
+        std::net::IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()),
+    };
+    v.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// What the request path needs, shared by every listener: the routing snapshot the app
@@ -602,4 +626,27 @@ fn finish(
     };
     resp.body_mut().detach();
     error.response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_value;
+    use std::net::IpAddr;
+
+    #[test]
+    fn client_ip_values_read_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.22.133.4",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).to_str().unwrap(), ip.to_string());
+        }
+    }
 }
