@@ -366,8 +366,8 @@ async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
 }
 
 /// The release key, written with a compare-and-swap whose answer comes late while another
-/// replica writes on top of it: etcd's history says the write landed, so it is applied, not
-/// lost; a write that another one beat is lost.
+/// replica writes on top of it: etcd's history says the write landed, so it is applied (replaced
+/// since, with what the key holds now), not lost; a write that another one beat is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_answered_release_write_overwritten_since_is_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -424,8 +424,18 @@ async fn a_late_answered_release_write_overwritten_since_is_applied() {
     assert!(format!("{over:?}").starts_with("Applied"), "{over:?}");
     tokio::time::sleep(Duration::from_millis(3000)).await;
     relay.set_mode(Mode::Pass);
+    // Applied at B's compare revision, and carrying what etcd holds now (B's newer write), so
+    // that A does not take its view of the key back behind B's write.
     let late = format!("{:?}", late.await.expect("task"));
-    assert_eq!(late, format!("Applied({b_rev})"), "A's write landed first");
+    assert!(
+        late.starts_with(&format!("Replaced {{ rev: {b_rev}, now: ")),
+        "A's write landed first: {late}"
+    );
+    assert!(late.contains("w-3") && !late.contains("w-2"), "{late}");
+    assert!(
+        late.ends_with(&format!("mod_revision: {} }} }}", b_rev + 1)),
+        "{late}"
+    );
 
     // A write from the revision B already replaced never lands: lost, with what etcd holds.
     relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2500)));

@@ -1438,6 +1438,9 @@ pub struct ReleaseRead {
 pub enum ReleaseCas {
     /// Written; the key's new mod_revision.
     Applied(i64),
+    /// Written at `rev` (etcd's history shows it), but a newer write replaced it since (another
+    /// replica's): `now` is what the key holds, newer than this write.
+    Replaced { rev: i64, now: ReleaseRead },
     /// The key changed since `expected` (another replica wrote it): what it holds now.
     Lost(ReleaseRead),
     /// etcd did not answer and no read-back could tell: the write may still be committed.
@@ -1509,7 +1512,7 @@ impl EtcdStore {
                     return ReleaseCas::Applied(read.mod_revision);
                 }
                 return match self.release_landed(expected, write_id).await {
-                    Ok(Some(rev)) => ReleaseCas::Applied(rev),
+                    Ok(Some(rev)) => ReleaseCas::Replaced { rev, now: read },
                     Ok(None) | Err(_) => ReleaseCas::Lost(read),
                 };
             }
@@ -1539,7 +1542,7 @@ impl EtcdStore {
                         // Moved on: our write either landed first and was replaced since, or
                         // lost to another one; the key's history says which.
                         match self.release_landed(expected, write_id).await {
-                            Ok(Some(rev)) => return ReleaseCas::Applied(rev),
+                            Ok(Some(rev)) => return ReleaseCas::Replaced { rev, now: r },
                             Ok(None) => return ReleaseCas::Lost(r),
                             Err(e) => {
                                 last = e.to_string();
@@ -1592,7 +1595,7 @@ impl EtcdStore {
                                 return ReleaseCas::Applied(now.mod_revision);
                             }
                             match self.release_landed(expected, write_id).await {
-                                Ok(Some(rev)) => return ReleaseCas::Applied(rev),
+                                Ok(Some(rev)) => return ReleaseCas::Replaced { rev, now },
                                 Ok(None) => return ReleaseCas::Lost(now),
                                 Err(e) => last = e.to_string(),
                             }
