@@ -302,6 +302,17 @@ async fn a_late_answered_flip_overwritten_since_is_reported_applied_with_its_eve
 /// (event and counter), because etcd's history shows it took effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
+    unknown_outcome_replaced_before_the_resync(false).await;
+}
+
+/// The same, with etcd's history compacted past the write before A resyncs: the write's event
+/// key (stored in the same transaction) says it took effect, so A still records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_replaced_and_compacted_before_the_resync_is_still_recorded() {
+    unknown_outcome_replaced_before_the_resync(true).await;
+}
+
+async fn unknown_outcome_replaced_before_the_resync(compact: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let relay = Relay::start(etcd.addr()).await;
@@ -341,6 +352,21 @@ async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
             .contains("outcome unknown"),
         "{v}"
     );
+    if compact {
+        let etcdctl = |args: &[&str]| {
+            let out = Command::new("etcdctl")
+                .arg(format!("--endpoints={}", etcd.endpoint()))
+                .args(args)
+                .output()
+                .expect("etcdctl");
+            assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let status: Value =
+            serde_json::from_str(&etcdctl(&["get", "/", "-w", "json"])).expect("etcdctl json");
+        let rev = status["header"]["revision"].as_i64().expect("revision");
+        etcdctl(&["compact", &rev.to_string(), "--physical"]);
+    }
     // A's watch never delivers its own write: its connections go, and it resyncs from a read
     // that shows only B's.
     relay.cut_all();

@@ -94,6 +94,16 @@ struct CallError {
     lease_gone: bool,
 }
 
+/// What [`EtcdStore::settle_unresolved`] found of one write.
+enum Settled {
+    Committed,
+    Never,
+    /// etcd can never tell (why).
+    Undecidable(String),
+    /// Not yet (etcd did not answer, or the key is unchanged).
+    NotYet,
+}
+
 /// What [`EtcdStore::reconcile`] needs to settle a write: its compares, the key its history is
 /// read on, its events and its id.
 struct Settle<'a> {
@@ -632,8 +642,11 @@ impl EtcdStore {
     /// Settles the unknown-outcome writes a full read did not show (another replica's write may
     /// have replaced one since, while this replica's watch was down): etcd's history says
     /// whether each committed (its events are returned, to be recorded) or never can (it is
-    /// forgotten). Those etcd cannot decide yet stay for the next read or the watch.
-    pub async fn settle_unresolved(&self) -> Vec<Event> {
+    /// forgotten). Those etcd cannot decide yet stay for the next read or the watch; those it
+    /// never can (the history was compacted and the write left no event, or the key was deleted
+    /// since) are dropped with a warning. Bounded by `budget` as a whole: the rest waits for the
+    /// next resync.
+    pub async fn settle_unresolved(&self, budget: Duration) -> Vec<Event> {
         let pending: Vec<(String, (String, i64))> = {
             let (Ok(u), Ok(p)) = (self.unresolved.lock(), self.probes.lock()) else {
                 return Vec::new();
@@ -642,20 +655,69 @@ impl EtcdStore {
                 .filter_map(|id| p.get(id).map(|probe| (id.clone(), probe.clone())))
                 .collect()
         };
+        let deadline = Instant::now() + budget;
         let mut settled = Vec::new();
         for (id, (key, after)) in pending {
-            let Ok(Some((first, _))) = self.first_write_after(&key, after).await else {
-                continue;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Ok(found) = tokio::time::timeout(left, self.settle_one(&id, &key, after)).await
+            else {
+                break;
             };
-            let events = self.take_unresolved(&id).unwrap_or_default();
-            if first == id {
-                tracing::info!(write_id = %id, "a write whose outcome was unknown took effect (replaced since by another write)");
-                settled.extend(events);
-            } else {
-                tracing::info!(write_id = %id, "a write whose outcome was unknown never took effect");
+            match found {
+                Settled::Committed => {
+                    let events = self.take_unresolved(&id).unwrap_or_default();
+                    tracing::info!(write_id = %id, "a write whose outcome was unknown took effect (replaced since by another write)");
+                    settled.extend(events);
+                }
+                Settled::Never => {
+                    self.take_unresolved(&id);
+                    tracing::info!(write_id = %id, "a write whose outcome was unknown never took effect");
+                }
+                Settled::Undecidable(why) => {
+                    self.take_unresolved(&id);
+                    tracing::warn!(write_id = %id, key = %key, "whether a write whose outcome was unknown took effect can no longer be told ({why}); forgotten: check the service's state");
+                }
+                Settled::NotYet => {}
             }
         }
         settled
+    }
+
+    /// What etcd says of one unknown-outcome write (see [`EtcdStore::settle_unresolved`]).
+    async fn settle_one(&self, id: &str, key: &str, after: i64) -> Settled {
+        match self.first_write_after(key, after).await {
+            Ok(Some((first, _))) if first == id => Settled::Committed,
+            Ok(Some(_)) => Settled::Never,
+            Ok(None) => match self.kv_at(key, None).await {
+                // Deleted since the compared revision: the compare can never pass again, and
+                // the history of a deleted key is not searched.
+                Ok(None) if after > 0 => {
+                    Settled::Undecidable("the key was deleted since".to_string())
+                }
+                _ => Settled::NotYet,
+            },
+            Err(e) if e.message.contains("compacted") => {
+                // The write's first event key is stored in the same transaction.
+                let event = self.unresolved.lock().ok().and_then(|u| {
+                    u.get(id).and_then(|evs| {
+                        evs.first()
+                            .map(|ev| format!("{}{}-{}-0", self.events_prefix(), ev.time, id))
+                    })
+                });
+                let Some(event) = event else {
+                    return Settled::Undecidable(e.message);
+                };
+                match self.kv_at(&event, None).await {
+                    Ok(Some(_)) => Settled::Committed,
+                    Ok(None) => Settled::Never,
+                    Err(_) => Settled::NotYet,
+                }
+            }
+            Err(_) => Settled::NotYet,
+        }
     }
 
     /// Whether write `settle.write_id` committed, when the keys it changed now hold another
@@ -1067,6 +1129,7 @@ pub async fn sync(
     let mut backoff = Duration::from_millis(250);
     let interval = store.options.progress_interval;
     let deadline = interval * 3;
+    let mut settling: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -1086,9 +1149,16 @@ pub async fn sync(
                         let _ = to_app.send(Remote::Resolved(evs));
                     }
                 }
-                let settled = store.settle_unresolved().await;
-                if !settled.is_empty() {
-                    let _ = to_app.send(Remote::Resolved(settled));
+                // Settled beside the watch (each history read may wait for etcd), one at a time.
+                if settling.as_ref().is_none_or(|t| t.is_finished()) {
+                    let (store, to_app) = (store.clone(), to_app.clone());
+                    let budget = store.options.timeout * 8;
+                    settling = Some(tokio::spawn(async move {
+                        let settled = store.settle_unresolved(budget).await;
+                        if !settled.is_empty() {
+                            let _ = to_app.send(Remote::Resolved(settled));
+                        }
+                    }));
                 }
                 backoff = Duration::from_millis(250);
                 // The first write needs an event lease: grant it now, not on the flip's clock.
