@@ -111,6 +111,9 @@ struct Settle<'a> {
     probe: Option<(String, i64)>,
     events: &'a [Event],
     write_id: &'a str,
+    /// An attempt of this write may have reached etcd (one timed out): only then can a lost
+    /// compare or another replica's value hide our write, so only then is the history read.
+    maybe_sent: bool,
 }
 
 impl From<CallError> for StateError {
@@ -247,6 +250,12 @@ impl EtcdStore {
 
     /// Posts to the first endpoint that answers, starting with the last one that did.
     async fn call(&self, path: &str, body: &Value) -> Result<Value, CallError> {
+        Ok(self.call_noting(path, body).await?.0)
+    }
+
+    /// [`Self::call`], and whether an endpoint tried before the one that answered may have
+    /// received the request (it did not answer in time).
+    async fn call_noting(&self, path: &str, body: &Value) -> Result<(Value, bool), CallError> {
         let n = self.endpoints.len().max(1);
         let start = self.next.load(Ordering::Relaxed);
         let mut last_err = String::from("no etcd endpoints configured");
@@ -260,7 +269,7 @@ impl EtcdStore {
             match self.post(&format!("{base}{path}"), body).await {
                 Ok(v) => {
                     self.next.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+                    return Ok((v, maybe_sent));
                 }
                 Err(e) => {
                     maybe_sent |= e.maybe_sent;
@@ -462,11 +471,12 @@ impl EtcdStore {
                 }
             }
         }
-        let settle = Settle {
+        let mut settle = Settle {
             compare: &compare,
             probe,
             events,
             write_id,
+            maybe_sent: false,
         };
         if !stale.is_empty() {
             // The watch already delivered a newer state that the snapshot has not applied yet.
@@ -498,8 +508,8 @@ impl EtcdStore {
             }
         }
         let txn = json!({ "compare": compare, "success": success, "failure": [] });
-        let outcome = match self.call("/v3/kv/txn", &txn).await {
-            Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+        let outcome = match self.call_noting("/v3/kv/txn", &txn).await {
+            Ok((v, _)) if v["succeeded"].as_bool() == Some(true) => {
                 let rev = num(&v["header"]["revision"]);
                 for (name, state) in changes {
                     self.saw(name, state, rev);
@@ -507,7 +517,10 @@ impl EtcdStore {
                 WriteOutcome::Applied
             }
             // Lost the compare. An earlier attempt on another endpoint may have been ours.
-            Ok(_) => self.reconcile(changes, previous, &settle).await,
+            Ok((_, earlier)) => {
+                settle.maybe_sent = earlier;
+                self.reconcile(changes, previous, &settle).await
+            }
             Err(e) if !e.maybe_sent => {
                 WriteOutcome::NotApplied(format!("{}; the change was not applied", e.message))
             }
@@ -516,6 +529,7 @@ impl EtcdStore {
                     self.forget_lease();
                 }
                 tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
+                settle.maybe_sent = true;
                 self.reconcile(changes, previous, &settle).await
             }
         };
@@ -597,7 +611,7 @@ impl EtcdStore {
                     }
                     // Another replica's write is there now: it either beat ours (ours can
                     // never commit: its compare no longer holds) or replaced it.
-                    match self.committed(settle).await {
+                    match self.committed(settle, deadline).await {
                         Ok(true) => {
                             tracing::info!(write_id, "a write whose answer was late took effect and was overwritten since by another replica's");
                             return WriteOutcome::Overwritten(read);
@@ -662,7 +676,8 @@ impl EtcdStore {
             if left.is_zero() {
                 break;
             }
-            let Ok(found) = tokio::time::timeout(left, self.settle_one(&id, &key, after)).await
+            let Ok(found) =
+                tokio::time::timeout(left, self.settle_one(&id, &key, after, deadline)).await
             else {
                 break;
             };
@@ -687,8 +702,8 @@ impl EtcdStore {
     }
 
     /// What etcd says of one unknown-outcome write (see [`EtcdStore::settle_unresolved`]).
-    async fn settle_one(&self, id: &str, key: &str, after: i64) -> Settled {
-        match self.first_write_after(key, after).await {
+    async fn settle_one(&self, id: &str, key: &str, after: i64, deadline: Instant) -> Settled {
+        match self.first_write_after(key, after, deadline).await {
             Ok(Some((first, _))) if first == id => Settled::Committed,
             Ok(Some(_)) => Settled::Never,
             Ok(None) => match self.kv_at(key, None).await {
@@ -724,11 +739,12 @@ impl EtcdStore {
     /// write: the first write of the probed key after the revision the transaction compared is
     /// ours exactly when it committed. When etcd's history no longer reaches back (compacted),
     /// the write's first event key says it (stored in the same transaction, kept for 7 days).
-    async fn committed(&self, settle: &Settle<'_>) -> Result<bool, CallError> {
-        let Some((key, after)) = &settle.probe else {
+    async fn committed(&self, settle: &Settle<'_>, deadline: Instant) -> Result<bool, CallError> {
+        let Some((key, after)) = settle.probe.as_ref().filter(|_| settle.maybe_sent) else {
+            // Never sent before this attempt, whose compare failed: not ours.
             return Ok(false);
         };
-        match self.first_write_after(key, *after).await {
+        match self.first_write_after(key, *after, deadline).await {
             Ok(first) => Ok(first.is_some_and(|(id, _)| id == settle.write_id)),
             Err(e) => {
                 let Some(ev) = settle.events.first() else {
@@ -755,11 +771,12 @@ impl EtcdStore {
     /// transaction compared it; 0: compared as absent), from etcd's history: the write id stored
     /// with it ("" for a value without one, or a delete) and its revision. None when the key has
     /// not been written since. A binary search over revisions: a range read at revision r gives
-    /// the last write at or before r.
+    /// the last write at or before r. Gives up (an error) at `deadline`.
     async fn first_write_after(
         &self,
         key: &str,
         after: i64,
+        deadline: Instant,
     ) -> Result<Option<(String, i64)>, CallError> {
         fn id_of(kv: &Value) -> String {
             unb64(&kv["value"])
@@ -790,6 +807,13 @@ impl EtcdStore {
         // The first write after `after` is in [lo, hi]; `known` is the key as of `hi`.
         let (mut lo, mut hi, mut known) = (after + 1, now_rev, Some(now));
         while lo < hi {
+            if Instant::now() >= deadline {
+                return Err(CallError {
+                    message: "etcd's history was not read in time".to_string(),
+                    maybe_sent: false,
+                    lease_gone: false,
+                });
+            }
             let mid = lo + (hi - lo) / 2;
             match self.kv_at(key, Some(mid)).await? {
                 Some(kv) if num(&kv["mod_revision"]) > after => {
@@ -1565,15 +1589,15 @@ impl EtcdStore {
                 .unwrap_or(Value::Null);
             ReleaseCas::Lost(Self::release_read_of(&kvs))
         };
-        let first = match self.call("/v3/kv/txn", &txn).await {
-            Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+        let first = match self.call_noting("/v3/kv/txn", &txn).await {
+            Ok((v, _)) if v["succeeded"].as_bool() == Some(true) => {
                 return ReleaseCas::Applied(num(&v["header"]["revision"]))
             }
-            Ok(v) => {
+            Ok((v, earlier)) => {
                 let ReleaseCas::Lost(read) = lost(&v) else {
                     return lost(&v);
                 };
-                if self.endpoints.len() < 2 {
+                if !earlier {
                     return ReleaseCas::Lost(read);
                 }
                 // An earlier attempt on another endpoint that did not answer in time may have
@@ -1581,7 +1605,8 @@ impl EtcdStore {
                 if read.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id) {
                     return ReleaseCas::Applied(read.mod_revision);
                 }
-                return match self.release_landed(expected, write_id).await {
+                let deadline = Instant::now() + self.options.timeout * 3;
+                return match self.landed_by(expected, write_id, deadline).await {
                     Ok(Some(rev)) => ReleaseCas::Replaced { rev, now: read },
                     Ok(None) | Err(_) => ReleaseCas::Lost(read),
                 };
@@ -1611,11 +1636,11 @@ impl EtcdStore {
                     if r.mod_revision != expected {
                         // Moved on: our write either landed first and was replaced since, or
                         // lost to another one; the key's history says which.
-                        match self.release_landed(expected, write_id).await {
+                        match self.landed_by(expected, write_id, deadline).await {
                             Ok(Some(rev)) => return ReleaseCas::Replaced { rev, now: r },
                             Ok(None) => return ReleaseCas::Lost(r),
                             Err(e) => {
-                                last = e.to_string();
+                                last = e.message;
                                 if Instant::now() >= deadline {
                                     break;
                                 }
@@ -1664,10 +1689,10 @@ impl EtcdStore {
                             if ours {
                                 return ReleaseCas::Applied(now.mod_revision);
                             }
-                            match self.release_landed(expected, write_id).await {
+                            match self.landed_by(expected, write_id, deadline).await {
                                 Ok(Some(rev)) => return ReleaseCas::Replaced { rev, now },
                                 Ok(None) => return ReleaseCas::Lost(now),
-                                Err(e) => last = e.to_string(),
+                                Err(e) => last = e.message,
                             }
                         }
                         Err(e) => last = e.message,
@@ -1694,8 +1719,19 @@ impl EtcdStore {
         expected: i64,
         write_id: &str,
     ) -> Result<Option<i64>, StateError> {
+        let deadline = Instant::now() + self.options.timeout * 3;
+        Ok(self.landed_by(expected, write_id, deadline).await?)
+    }
+
+    /// [`Self::release_landed`], giving up at `deadline`.
+    async fn landed_by(
+        &self,
+        expected: i64,
+        write_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<i64>, CallError> {
         Ok(self
-            .first_write_after(&self.release_key(), expected)
+            .first_write_after(&self.release_key(), expected, deadline)
             .await?
             .filter(|(id, _)| id == write_id)
             .map(|(_, rev)| rev))
