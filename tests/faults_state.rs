@@ -302,6 +302,17 @@ async fn a_late_answered_flip_overwritten_since_is_reported_applied_with_its_eve
 /// (event and counter), because etcd's history shows it took effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
+    unknown_outcome_replaced_before_the_resync(false).await;
+}
+
+/// The same, with etcd's history compacted past the write before A resyncs: the write's event
+/// key (stored in the same transaction) says it took effect, so A still records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_replaced_and_compacted_before_the_resync_is_still_recorded() {
+    unknown_outcome_replaced_before_the_resync(true).await;
+}
+
+async fn unknown_outcome_replaced_before_the_resync(compact: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let relay = Relay::start(etcd.addr()).await;
@@ -341,6 +352,21 @@ async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
             .contains("outcome unknown"),
         "{v}"
     );
+    if compact {
+        let etcdctl = |args: &[&str]| {
+            let out = Command::new("etcdctl")
+                .arg(format!("--endpoints={}", etcd.endpoint()))
+                .args(args)
+                .output()
+                .expect("etcdctl");
+            assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let status: Value =
+            serde_json::from_str(&etcdctl(&["get", "/", "-w", "json"])).expect("etcdctl json");
+        let rev = status["header"]["revision"].as_i64().expect("revision");
+        etcdctl(&["compact", &rev.to_string(), "--physical"]);
+    }
     // A's watch never delivers its own write: its connections go, and it resyncs from a read
     // that shows only B's.
     relay.cut_all();
@@ -366,8 +392,8 @@ async fn an_unknown_outcome_replaced_before_the_resync_is_still_recorded() {
 }
 
 /// The release key, written with a compare-and-swap whose answer comes late while another
-/// replica writes on top of it: etcd's history says the write landed, so it is applied, not
-/// lost; a write that another one beat is lost.
+/// replica writes on top of it: etcd's history says the write landed, so it is applied (replaced
+/// since, with what the key holds now), not lost; a write that another one beat is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_answered_release_write_overwritten_since_is_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -424,8 +450,18 @@ async fn a_late_answered_release_write_overwritten_since_is_applied() {
     assert!(format!("{over:?}").starts_with("Applied"), "{over:?}");
     tokio::time::sleep(Duration::from_millis(3000)).await;
     relay.set_mode(Mode::Pass);
+    // Applied at B's compare revision, and carrying what etcd holds now (B's newer write), so
+    // that A does not take its view of the key back behind B's write.
     let late = format!("{:?}", late.await.expect("task"));
-    assert_eq!(late, format!("Applied({b_rev})"), "A's write landed first");
+    assert!(
+        late.starts_with(&format!("Replaced {{ rev: {b_rev}, now: ")),
+        "A's write landed first: {late}"
+    );
+    assert!(late.contains("w-3") && !late.contains("w-2"), "{late}");
+    assert!(
+        late.ends_with(&format!("mod_revision: {} }} }}", b_rev + 1)),
+        "{late}"
+    );
 
     // A write from the revision B already replaced never lands: lost, with what etcd holds.
     relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2500)));

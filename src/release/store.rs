@@ -85,6 +85,12 @@ async fn cas_id(app: &App, store: &EtcdStore, mut value: Value, write_id: &str) 
             s.changed_at = Some(Instant::now());
             s.wrote_at = Some(Instant::now());
         }
+        // Ours landed but another write replaced it since: `seen` is what etcd holds now (not
+        // ours, which would take it back behind a newer write the watch may have delivered).
+        ReleaseCas::Replaced { now, .. } => {
+            shared.record_read(now);
+            shared.seen().wrote_at = Some(Instant::now());
+        }
         ReleaseCas::Lost(read) => shared.record_read(read),
         ReleaseCas::Unknown(_) => {}
     }
@@ -211,6 +217,13 @@ pub(super) async fn create(
                 shared.seen().driving = Some(r.id.clone());
                 return Ok(());
             }
+            ReleaseCas::Replaced { now, .. } => {
+                // Stored, then changed by another replica: it is followed from there (a
+                // takeover or an end stops this replica driving it).
+                shared.seen().driving = Some(r.id.clone());
+                apply(app, &now);
+                return Ok(());
+            }
             ReleaseCas::Lost(read) => apply(app, &read),
             ReleaseCas::Unknown(m) => {
                 return Err(StartError::Unknown(format!(
@@ -242,6 +255,12 @@ pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
         };
         match cas(app, store, record(&cur, promote, Some(replica_id()), "")).await {
             ReleaseCas::Applied(_) => return true,
+            // Written, then replaced: still driving only if the newer write keeps this replica
+            // the driver (a follower's promote or pause), not after another one took over.
+            ReleaseCas::Replaced { now, .. } => {
+                apply(app, &now);
+                return drives(app, id);
+            }
             ReleaseCas::Lost(read) => apply(app, &read),
             ReleaseCas::Unknown(m) => {
                 tracing::error!(release = %id, error = %m, "cannot store the release in etcd; another replica takes it over if this lasts");
@@ -293,6 +312,17 @@ pub(super) async fn end(
         match cas_id(app, store, value, &write_id).await {
             ReleaseCas::Applied(_) => {
                 shared.seen().driving = None;
+                return Ok(Ended::Won(Box::new(cur)));
+            }
+            ReleaseCas::Replaced { now, .. } => {
+                shared.seen().driving = None;
+                apply(app, &now);
+                // Ended by this replica; but when a newer release started since, its services
+                // are that release's now: they are left as it set them.
+                if let Some(newer) = app.releases.current().filter(|c| c.id != id) {
+                    tracing::warn!(release = %id, newer = %newer.id, "the release's end was stored in etcd, then release {} started; its services are left as that release set them", newer.id);
+                    return Ok(Ended::NotLive);
+                }
                 return Ok(Ended::Won(Box::new(cur)));
             }
             ReleaseCas::Lost(read) => apply(app, &read),
@@ -355,7 +385,7 @@ pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expecte
                 o.insert("write_id".to_string(), json!(fence_id));
             }
             match store.cas_release(expected, &fence, &fence_id).await {
-                ReleaseCas::Applied(_) => return false,
+                ReleaseCas::Applied(_) | ReleaseCas::Replaced { .. } => return false,
                 ReleaseCas::Lost(r) if ours(&r) => return true,
                 ReleaseCas::Lost(_) => {
                     if let Ok(landed) = store.release_landed(expected, write_id).await {
@@ -405,6 +435,10 @@ pub(super) async fn change(
                 apply(app, &read);
                 return Ok(());
             }
+            ReleaseCas::Replaced { now, .. } => {
+                apply(app, &now);
+                return Ok(());
+            }
             ReleaseCas::Lost(read) => apply(app, &read),
             ReleaseCas::Unknown(m) => {
                 return Err(ChangeError::Unknown(format!(
@@ -432,6 +466,12 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
         ReleaseCas::Applied(_) => {
             shared.seen().driving = Some(r.id.clone());
             Some(r)
+        }
+        ReleaseCas::Replaced { now, .. } => {
+            // Taken over, then changed again: driving only if this replica still is the driver.
+            shared.seen().driving = Some(r.id.clone());
+            apply(app, &now);
+            drives(app, &r.id).then_some(r)
         }
         ReleaseCas::Lost(read) => {
             apply(app, &read);

@@ -94,6 +94,16 @@ struct CallError {
     lease_gone: bool,
 }
 
+/// What [`EtcdStore::settle_unresolved`] found of one write.
+enum Settled {
+    Committed,
+    Never,
+    /// etcd can never tell (why).
+    Undecidable(String),
+    /// Not yet (etcd did not answer, or the key is unchanged).
+    NotYet,
+}
+
 /// What [`EtcdStore::reconcile`] needs to settle a write: its compares, the key its history is
 /// read on, its events and its id.
 struct Settle<'a> {
@@ -101,6 +111,9 @@ struct Settle<'a> {
     probe: Option<(String, i64)>,
     events: &'a [Event],
     write_id: &'a str,
+    /// An attempt of this write may have reached etcd (one timed out): only then can a lost
+    /// compare or another replica's value hide our write, so only then is the history read.
+    maybe_sent: bool,
 }
 
 impl From<CallError> for StateError {
@@ -237,6 +250,12 @@ impl EtcdStore {
 
     /// Posts to the first endpoint that answers, starting with the last one that did.
     async fn call(&self, path: &str, body: &Value) -> Result<Value, CallError> {
+        Ok(self.call_noting(path, body).await?.0)
+    }
+
+    /// [`Self::call`], and whether an endpoint tried before the one that answered may have
+    /// received the request (it did not answer in time).
+    async fn call_noting(&self, path: &str, body: &Value) -> Result<(Value, bool), CallError> {
         let n = self.endpoints.len().max(1);
         let start = self.next.load(Ordering::Relaxed);
         let mut last_err = String::from("no etcd endpoints configured");
@@ -250,7 +269,7 @@ impl EtcdStore {
             match self.post(&format!("{base}{path}"), body).await {
                 Ok(v) => {
                     self.next.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+                    return Ok((v, maybe_sent));
                 }
                 Err(e) => {
                     maybe_sent |= e.maybe_sent;
@@ -452,11 +471,12 @@ impl EtcdStore {
                 }
             }
         }
-        let settle = Settle {
+        let mut settle = Settle {
             compare: &compare,
             probe,
             events,
             write_id,
+            maybe_sent: false,
         };
         if !stale.is_empty() {
             // The watch already delivered a newer state that the snapshot has not applied yet.
@@ -488,8 +508,8 @@ impl EtcdStore {
             }
         }
         let txn = json!({ "compare": compare, "success": success, "failure": [] });
-        let outcome = match self.call("/v3/kv/txn", &txn).await {
-            Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+        let outcome = match self.call_noting("/v3/kv/txn", &txn).await {
+            Ok((v, _)) if v["succeeded"].as_bool() == Some(true) => {
                 let rev = num(&v["header"]["revision"]);
                 for (name, state) in changes {
                     self.saw(name, state, rev);
@@ -497,7 +517,10 @@ impl EtcdStore {
                 WriteOutcome::Applied
             }
             // Lost the compare. An earlier attempt on another endpoint may have been ours.
-            Ok(_) => self.reconcile(changes, previous, &settle).await,
+            Ok((_, earlier)) => {
+                settle.maybe_sent = earlier;
+                self.reconcile(changes, previous, &settle).await
+            }
             Err(e) if !e.maybe_sent => {
                 WriteOutcome::NotApplied(format!("{}; the change was not applied", e.message))
             }
@@ -506,6 +529,7 @@ impl EtcdStore {
                     self.forget_lease();
                 }
                 tracing::warn!(error = %e.message, write_id, "etcd did not answer a write in time; reading back what happened");
+                settle.maybe_sent = true;
                 self.reconcile(changes, previous, &settle).await
             }
         };
@@ -587,7 +611,7 @@ impl EtcdStore {
                     }
                     // Another replica's write is there now: it either beat ours (ours can
                     // never commit: its compare no longer holds) or replaced it.
-                    match self.committed(settle).await {
+                    match self.committed(settle, deadline).await {
                         Ok(true) => {
                             tracing::info!(write_id, "a write whose answer was late took effect and was overwritten since by another replica's");
                             return WriteOutcome::Overwritten(read);
@@ -632,8 +656,11 @@ impl EtcdStore {
     /// Settles the unknown-outcome writes a full read did not show (another replica's write may
     /// have replaced one since, while this replica's watch was down): etcd's history says
     /// whether each committed (its events are returned, to be recorded) or never can (it is
-    /// forgotten). Those etcd cannot decide yet stay for the next read or the watch.
-    pub async fn settle_unresolved(&self) -> Vec<Event> {
+    /// forgotten). Those etcd cannot decide yet stay for the next read or the watch; those it
+    /// never can (the history was compacted and the write left no event, or the key was deleted
+    /// since) are dropped with a warning. Bounded by `budget` as a whole: the rest waits for the
+    /// next resync.
+    pub async fn settle_unresolved(&self, budget: Duration) -> Vec<Event> {
         let pending: Vec<(String, (String, i64))> = {
             let (Ok(u), Ok(p)) = (self.unresolved.lock(), self.probes.lock()) else {
                 return Vec::new();
@@ -642,31 +669,82 @@ impl EtcdStore {
                 .filter_map(|id| p.get(id).map(|probe| (id.clone(), probe.clone())))
                 .collect()
         };
+        let deadline = Instant::now() + budget;
         let mut settled = Vec::new();
         for (id, (key, after)) in pending {
-            let Ok(Some((first, _))) = self.first_write_after(&key, after).await else {
-                continue;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Ok(found) =
+                tokio::time::timeout(left, self.settle_one(&id, &key, after, deadline)).await
+            else {
+                break;
             };
-            let events = self.take_unresolved(&id).unwrap_or_default();
-            if first == id {
-                tracing::info!(write_id = %id, "a write whose outcome was unknown took effect (replaced since by another write)");
-                settled.extend(events);
-            } else {
-                tracing::info!(write_id = %id, "a write whose outcome was unknown never took effect");
+            match found {
+                Settled::Committed => {
+                    let events = self.take_unresolved(&id).unwrap_or_default();
+                    tracing::info!(write_id = %id, "a write whose outcome was unknown took effect (replaced since by another write)");
+                    settled.extend(events);
+                }
+                Settled::Never => {
+                    self.take_unresolved(&id);
+                    tracing::info!(write_id = %id, "a write whose outcome was unknown never took effect");
+                }
+                Settled::Undecidable(why) => {
+                    self.take_unresolved(&id);
+                    tracing::warn!(write_id = %id, key = %key, "whether a write whose outcome was unknown took effect can no longer be told ({why}); forgotten: check the service's state");
+                }
+                Settled::NotYet => {}
             }
         }
         settled
+    }
+
+    /// What etcd says of one unknown-outcome write (see [`EtcdStore::settle_unresolved`]).
+    async fn settle_one(&self, id: &str, key: &str, after: i64, deadline: Instant) -> Settled {
+        match self.first_write_after(key, after, deadline).await {
+            Ok(Some((first, _))) if first == id => Settled::Committed,
+            Ok(Some(_)) => Settled::Never,
+            Ok(None) => match self.kv_at(key, None).await {
+                // Deleted since the compared revision: the compare can never pass again, and
+                // the history of a deleted key is not searched.
+                Ok(None) if after > 0 => {
+                    Settled::Undecidable("the key was deleted since".to_string())
+                }
+                _ => Settled::NotYet,
+            },
+            Err(e) if e.message.contains("compacted") => {
+                // The write's first event key is stored in the same transaction.
+                let event = self.unresolved.lock().ok().and_then(|u| {
+                    u.get(id).and_then(|evs| {
+                        evs.first()
+                            .map(|ev| format!("{}{}-{}-0", self.events_prefix(), ev.time, id))
+                    })
+                });
+                let Some(event) = event else {
+                    return Settled::Undecidable(e.message);
+                };
+                match self.kv_at(&event, None).await {
+                    Ok(Some(_)) => Settled::Committed,
+                    Ok(None) => Settled::Never,
+                    Err(_) => Settled::NotYet,
+                }
+            }
+            Err(_) => Settled::NotYet,
+        }
     }
 
     /// Whether write `settle.write_id` committed, when the keys it changed now hold another
     /// write: the first write of the probed key after the revision the transaction compared is
     /// ours exactly when it committed. When etcd's history no longer reaches back (compacted),
     /// the write's first event key says it (stored in the same transaction, kept for 7 days).
-    async fn committed(&self, settle: &Settle<'_>) -> Result<bool, CallError> {
-        let Some((key, after)) = &settle.probe else {
+    async fn committed(&self, settle: &Settle<'_>, deadline: Instant) -> Result<bool, CallError> {
+        let Some((key, after)) = settle.probe.as_ref().filter(|_| settle.maybe_sent) else {
+            // Never sent before this attempt, whose compare failed: not ours.
             return Ok(false);
         };
-        match self.first_write_after(key, *after).await {
+        match self.first_write_after(key, *after, deadline).await {
             Ok(first) => Ok(first.is_some_and(|(id, _)| id == settle.write_id)),
             Err(e) => {
                 let Some(ev) = settle.events.first() else {
@@ -693,11 +771,12 @@ impl EtcdStore {
     /// transaction compared it; 0: compared as absent), from etcd's history: the write id stored
     /// with it ("" for a value without one, or a delete) and its revision. None when the key has
     /// not been written since. A binary search over revisions: a range read at revision r gives
-    /// the last write at or before r.
+    /// the last write at or before r. Gives up (an error) at `deadline`.
     async fn first_write_after(
         &self,
         key: &str,
         after: i64,
+        deadline: Instant,
     ) -> Result<Option<(String, i64)>, CallError> {
         fn id_of(kv: &Value) -> String {
             unb64(&kv["value"])
@@ -728,6 +807,13 @@ impl EtcdStore {
         // The first write after `after` is in [lo, hi]; `known` is the key as of `hi`.
         let (mut lo, mut hi, mut known) = (after + 1, now_rev, Some(now));
         while lo < hi {
+            if Instant::now() >= deadline {
+                return Err(CallError {
+                    message: "etcd's history was not read in time".to_string(),
+                    maybe_sent: false,
+                    lease_gone: false,
+                });
+            }
             let mid = lo + (hi - lo) / 2;
             match self.kv_at(key, Some(mid)).await? {
                 Some(kv) if num(&kv["mod_revision"]) > after => {
@@ -1067,6 +1153,7 @@ pub async fn sync(
     let mut backoff = Duration::from_millis(250);
     let interval = store.options.progress_interval;
     let deadline = interval * 3;
+    let mut settling: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -1086,9 +1173,16 @@ pub async fn sync(
                         let _ = to_app.send(Remote::Resolved(evs));
                     }
                 }
-                let settled = store.settle_unresolved().await;
-                if !settled.is_empty() {
-                    let _ = to_app.send(Remote::Resolved(settled));
+                // Settled beside the watch (each history read may wait for etcd), one at a time.
+                if settling.as_ref().is_none_or(|t| t.is_finished()) {
+                    let (store, to_app) = (store.clone(), to_app.clone());
+                    let budget = store.options.timeout * 8;
+                    settling = Some(tokio::spawn(async move {
+                        let settled = store.settle_unresolved(budget).await;
+                        if !settled.is_empty() {
+                            let _ = to_app.send(Remote::Resolved(settled));
+                        }
+                    }));
                 }
                 backoff = Duration::from_millis(250);
                 // The first write needs an event lease: grant it now, not on the flip's clock.
@@ -1438,6 +1532,9 @@ pub struct ReleaseRead {
 pub enum ReleaseCas {
     /// Written; the key's new mod_revision.
     Applied(i64),
+    /// Written at `rev` (etcd's history shows it), but a newer write replaced it since (another
+    /// replica's): `now` is what the key holds, newer than this write.
+    Replaced { rev: i64, now: ReleaseRead },
     /// The key changed since `expected` (another replica wrote it): what it holds now.
     Lost(ReleaseRead),
     /// etcd did not answer and no read-back could tell: the write may still be committed.
@@ -1492,15 +1589,15 @@ impl EtcdStore {
                 .unwrap_or(Value::Null);
             ReleaseCas::Lost(Self::release_read_of(&kvs))
         };
-        let first = match self.call("/v3/kv/txn", &txn).await {
-            Ok(v) if v["succeeded"].as_bool() == Some(true) => {
+        let first = match self.call_noting("/v3/kv/txn", &txn).await {
+            Ok((v, _)) if v["succeeded"].as_bool() == Some(true) => {
                 return ReleaseCas::Applied(num(&v["header"]["revision"]))
             }
-            Ok(v) => {
+            Ok((v, earlier)) => {
                 let ReleaseCas::Lost(read) = lost(&v) else {
                     return lost(&v);
                 };
-                if self.endpoints.len() < 2 {
+                if !earlier {
                     return ReleaseCas::Lost(read);
                 }
                 // An earlier attempt on another endpoint that did not answer in time may have
@@ -1508,8 +1605,9 @@ impl EtcdStore {
                 if read.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id) {
                     return ReleaseCas::Applied(read.mod_revision);
                 }
-                return match self.release_landed(expected, write_id).await {
-                    Ok(Some(rev)) => ReleaseCas::Applied(rev),
+                let deadline = Instant::now() + self.options.timeout * 3;
+                return match self.landed_by(expected, write_id, deadline).await {
+                    Ok(Some(rev)) => ReleaseCas::Replaced { rev, now: read },
                     Ok(None) | Err(_) => ReleaseCas::Lost(read),
                 };
             }
@@ -1538,11 +1636,11 @@ impl EtcdStore {
                     if r.mod_revision != expected {
                         // Moved on: our write either landed first and was replaced since, or
                         // lost to another one; the key's history says which.
-                        match self.release_landed(expected, write_id).await {
-                            Ok(Some(rev)) => return ReleaseCas::Applied(rev),
+                        match self.landed_by(expected, write_id, deadline).await {
+                            Ok(Some(rev)) => return ReleaseCas::Replaced { rev, now: r },
                             Ok(None) => return ReleaseCas::Lost(r),
                             Err(e) => {
-                                last = e.to_string();
+                                last = e.message;
                                 if Instant::now() >= deadline {
                                     break;
                                 }
@@ -1591,10 +1689,10 @@ impl EtcdStore {
                             if ours {
                                 return ReleaseCas::Applied(now.mod_revision);
                             }
-                            match self.release_landed(expected, write_id).await {
-                                Ok(Some(rev)) => return ReleaseCas::Applied(rev),
+                            match self.landed_by(expected, write_id, deadline).await {
+                                Ok(Some(rev)) => return ReleaseCas::Replaced { rev, now },
                                 Ok(None) => return ReleaseCas::Lost(now),
-                                Err(e) => last = e.to_string(),
+                                Err(e) => last = e.message,
                             }
                         }
                         Err(e) => last = e.message,
@@ -1621,8 +1719,19 @@ impl EtcdStore {
         expected: i64,
         write_id: &str,
     ) -> Result<Option<i64>, StateError> {
+        let deadline = Instant::now() + self.options.timeout * 3;
+        Ok(self.landed_by(expected, write_id, deadline).await?)
+    }
+
+    /// [`Self::release_landed`], giving up at `deadline`.
+    async fn landed_by(
+        &self,
+        expected: i64,
+        write_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<i64>, CallError> {
         Ok(self
-            .first_write_after(&self.release_key(), expected)
+            .first_write_after(&self.release_key(), expected, deadline)
             .await?
             .filter(|(id, _)| id == write_id)
             .map(|(_, rev)| rev))
