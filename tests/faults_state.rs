@@ -132,17 +132,38 @@ async fn fleet_agrees(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() {
+/// Two replicas of `api` (blue and green test upstreams) sharing etcd under `prefix`: A reaches
+/// etcd through a relay the test controls, B directly. Bind every part where it is used (a
+/// `_name` at least): dropping one stops what it holds.
+async fn over_relay(
+    prefix: &str,
+    state: &str,
+) -> (
+    tempfile::TempDir,
+    Etcd,
+    Relay,
+    [Arc<TestUpstream>; 2],
+    TestProxy,
+    TestProxy,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let relay = Relay::start(etcd.addr()).await;
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let svc = service("api", &[blue.addr], &[green.addr], "");
-    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"";
-    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/late/", state, &svc)).await;
-    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/late/", state, &svc)).await;
+    let a = TestProxy::start(&etcd_body(&relay.endpoint(), prefix, state, &svc)).await;
+    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), prefix, state, &svc)).await;
+    (dir, etcd, relay, [blue, green], a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() {
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/late/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"",
+    )
+    .await;
     assert_eq!(a.flip("api", "green").await.0, 200);
     assert!(converged(&[&a, &b], "green", 1, 5).await);
 
@@ -229,15 +250,11 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
 /// serves what the fleet holds now; the fleet has one event per change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_answered_flip_overwritten_since_is_reported_applied_with_its_event() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let relay = Relay::start(etcd.addr()).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let svc = service("api", &[blue.addr], &[green.addr], "");
-    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"";
-    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/over/", state, &svc)).await;
-    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/over/", state, &svc)).await;
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/over/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"",
+    )
+    .await;
     assert_eq!(a.flip("api", "green").await.0, 200);
     assert!(converged(&[&a, &b], "green", 1, 5).await);
     let counted = flips_of(&a).await;
@@ -313,15 +330,11 @@ async fn an_unknown_outcome_replaced_and_compacted_before_the_resync_is_still_re
 }
 
 async fn unknown_outcome_replaced_before_the_resync(compact: bool) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let relay = Relay::start(etcd.addr()).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let svc = service("api", &[blue.addr], &[green.addr], "");
-    let state = "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"";
-    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/unk/", state, &svc)).await;
-    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/unk/", state, &svc)).await;
+    let (_dir, etcd, relay, _upstreams, a, b) = over_relay(
+        "/unk/",
+        "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"",
+    )
+    .await;
     assert_eq!(a.flip("api", "green").await.0, 200);
     assert!(converged(&[&a, &b], "green", 1, 5).await);
     let counted = flips_of(&a).await;
@@ -612,15 +625,11 @@ async fn a_flip_while_etcd_is_stopped_is_answered_with_what_the_fleet_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_watch_is_reported_degraded_and_recovers() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let relay = Relay::start(etcd.addr()).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let svc = service("api", &[blue.addr], &[green.addr], "");
-    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"";
-    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/stall/", state, &svc)).await;
-    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/stall/", state, &svc)).await;
+    let (_dir, etcd, relay, _upstreams, a, b) = over_relay(
+        "/stall/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"",
+    )
+    .await;
     assert!(converged(&[&a, &b], "blue", 0, 10).await);
     assert!(!degraded(&a).await);
 
@@ -660,15 +669,11 @@ async fn a_stalled_watch_is_reported_degraded_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_compare_and_swap_applies_the_state_read() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let relay = Relay::start(etcd.addr()).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let svc = service("api", &[blue.addr], &[green.addr], "");
-    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"";
-    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/cas/", state, &svc)).await;
-    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/cas/", state, &svc)).await;
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/cas/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"",
+    )
+    .await;
     assert!(converged(&[&a, &b], "blue", 0, 10).await);
 
     // A's watch goes silent (its open connections are black-holed; new ones pass), so A keeps
@@ -1218,15 +1223,11 @@ async fn a_pool_reloaded_during_the_smoke_test_is_checked_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_that_silently_lost_its_connection_catches_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let relay = Relay::start(etcd.addr()).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let svc = service("api", &[blue.addr], &[green.addr], "");
-    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"";
-    let a = TestProxy::start(&etcd_body(&relay.endpoint(), "/lag/", state, &svc)).await;
-    let b = TestProxy::start(&etcd_body(&etcd.endpoint(), "/lag/", state, &svc)).await;
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/lag/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"300ms\"",
+    )
+    .await;
     assert!(converged(&[&a, &b], "blue", 0, 10).await);
     // Only the connections open now go silent (A's watch among them); etcd still answers A.
     relay.freeze_existing();
