@@ -720,6 +720,13 @@ mod tests {
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
     }
 
+    /// Whether the watchdog stopped the stream task that holds `stop`.
+    async fn stopped(stop: &Arc<Notify>) -> bool {
+        tokio::time::timeout(Duration::from_millis(1), stop.notified())
+            .await
+            .is_ok()
+    }
+
     /// A body with always one more byte.
     struct Endless;
 
@@ -760,14 +767,6 @@ mod tests {
             b.frame().await;
         }
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
-        let stopped = |n: &Arc<Notify>| {
-            let n = n.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(1), n.notified())
-                    .await
-                    .is_ok()
-            }
-        };
         assert!(stopped(&stop_a).await, "the stalled stream was not stopped");
         assert!(!stopped(&stop_b).await, "the moving stream was stopped");
         drop(a);
@@ -822,14 +821,6 @@ mod tests {
             act.send_window.store(0, Ordering::Relaxed);
         }
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
-        let stopped = |n: &Arc<Notify>| {
-            let n = n.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(1), n.notified())
-                    .await
-                    .is_ok()
-            }
-        };
         assert!(stopped(&stop_a).await, "the stalled stream was not reset");
         assert!(!stopped(&stop_b).await, "the moving stream was stopped");
         drop(a);
