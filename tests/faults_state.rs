@@ -132,6 +132,20 @@ async fn fleet_agrees(
     }
 }
 
+/// Flips `api` to `to` through the admin listener at `admin`, in a task of its own: the test
+/// holds etcd's answer back meanwhile, then reads the answer.
+fn spawn_flip(admin: SocketAddr, to: &'static str) -> tokio::task::JoinHandle<(u16, Value)> {
+    tokio::spawn(async move {
+        admin_post(
+            admin,
+            "/api/services/api/flip",
+            Some(TOKEN),
+            Some(json!({ "to": to })),
+        )
+        .await
+    })
+}
+
 /// Two replicas of `api` (blue and green test upstreams) sharing etcd under `prefix`: A reaches
 /// etcd through a relay the test controls, B directly. Bind every part where it is used (a
 /// `_name` at least): dropping one stops what it holds.
@@ -170,16 +184,7 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
     // Every answer from etcd to A now arrives 3 s late: etcd commits the transaction, but A
     // hears nothing within its 2 s timeout, and its first read-back is answered late too.
     relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
-    let admin = a.admin;
-    let flip = tokio::spawn(async move {
-        admin_post(
-            admin,
-            "/api/services/api/flip",
-            Some(TOKEN),
-            Some(json!({"to": "blue"})),
-        )
-        .await
-    });
+    let flip = spawn_flip(a.admin, "blue");
     tokio::time::sleep(Duration::from_millis(4500)).await;
     relay.set_mode(Mode::Pass);
     let answer = flip.await.expect("flip task");
@@ -195,15 +200,7 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
     // Both directions late: the request reaches etcd after A gave up and closed its
     // connection. Whatever etcd did with it, A's answer and the fleet agree.
     relay.set_mode(Mode::Delay(Duration::from_millis(3000)));
-    let flip = tokio::spawn(async move {
-        admin_post(
-            admin,
-            "/api/services/api/flip",
-            Some(TOKEN),
-            Some(json!({"to": "green"})),
-        )
-        .await
-    });
+    let flip = spawn_flip(a.admin, "green");
     tokio::time::sleep(Duration::from_millis(4500)).await;
     relay.set_mode(Mode::Pass);
     let answer = flip.await.expect("flip task");
@@ -261,16 +258,7 @@ async fn a_late_answered_flip_overwritten_since_is_reported_applied_with_its_eve
 
     // etcd's answers reach A 3 s late: A's flip to blue commits at once, A does not hear it.
     relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
-    let admin = a.admin;
-    let flip = tokio::spawn(async move {
-        admin_post(
-            admin,
-            "/api/services/api/flip",
-            Some(TOKEN),
-            Some(json!({"to": "blue"})),
-        )
-        .await
-    });
+    let flip = spawn_flip(a.admin, "blue");
     // B sees A's change and flips back on top of it, while A still waits.
     let seen = eventually(5, || async {
         active_of(&b, "api").await == ("blue".to_string(), 2)
@@ -340,16 +328,7 @@ async fn unknown_outcome_replaced_before_the_resync(compact: bool) {
     let counted = flips_of(&a).await;
 
     relay.set_mode(Mode::DelayAnswers(Duration::from_secs(60)));
-    let admin = a.admin;
-    let flip = tokio::spawn(async move {
-        admin_post(
-            admin,
-            "/api/services/api/flip",
-            Some(TOKEN),
-            Some(json!({"to": "blue"})),
-        )
-        .await
-    });
+    let flip = spawn_flip(a.admin, "blue");
     let seen = eventually(5, || async {
         active_of(&b, "api").await == ("blue".to_string(), 2)
     })
@@ -592,17 +571,7 @@ async fn a_flip_while_etcd_is_stopped_is_answered_with_what_the_fleet_holds() {
     // last one outlasts it (outcome unknown, settled by the watch when etcd continues).
     for pause_ms in [2500u64, 4500, 10000] {
         etcd.signal("-STOP");
-        let admin = a.admin;
-        let to = colors.1;
-        let flip = tokio::spawn(async move {
-            admin_post(
-                admin,
-                "/api/services/api/flip",
-                Some(TOKEN),
-                Some(json!({ "to": to })),
-            )
-            .await
-        });
+        let flip = spawn_flip(a.admin, colors.1);
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         etcd.signal("-CONT");
         let answer = flip.await.expect("flip task");
@@ -1188,16 +1157,7 @@ async fn a_pool_reloaded_during_the_smoke_test_is_checked_again() {
         |green: SocketAddr| service("api", &[blue.addr], &[green], "smoke_paths = [\"/check\"]");
     let p = TestProxy::start(&config(slow.addr)).await;
     slow.set_delay(3000);
-    let admin = p.admin;
-    let flip = tokio::spawn(async move {
-        admin_post(
-            admin,
-            "/api/services/api/flip",
-            Some(TOKEN),
-            Some(json!({"to": "green"})),
-        )
-        .await
-    });
+    let flip = spawn_flip(p.admin, "green");
     let started = eventually(5, || async { slow.hits() > 0 || flip.is_finished() }).await;
     assert!(
         started && !flip.is_finished(),
