@@ -39,6 +39,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::config::{AccessFormat, AccessTarget, Color, LogConfig};
+use crate::http::fields::{BodyFields, Fields};
 use crate::routing::Service;
 use crate::upstream::Upstream;
 
@@ -279,6 +280,12 @@ impl<B> Logged<B> {
             entry.status = status;
             entry.bytes = bytes;
         }
+    }
+}
+
+impl<B: BodyFields> BodyFields for Logged<B> {
+    fn fields(&self) -> Option<&Fields> {
+        self.inner.fields()
     }
 }
 

@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -49,10 +49,13 @@ use tokio::time::Instant;
 
 use super::body::IdleTimer;
 use super::codec::{
-    self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
-    Span,
+    self, decode_chunked, BodyFraming, ChunkState, Chunked, FramingError, FramingFields, Span,
 };
-use super::headers::{hop_bit, put_header, remove_named};
+use super::fields::{BodyFields, Fields};
+use super::headers::{
+    put_header, CONNECTION_BIT, KEEP_ALIVE_BIT, PROXY_CONNECTION_BIT, TE_BIT,
+    TRANSFER_ENCODING_BIT, UPGRADE_BIT,
+};
 use super::io::{poll_fill, poll_write_queue};
 use super::BoxError;
 
@@ -449,6 +452,7 @@ impl ConnPool {
     ) -> Response<PooledBody<B>> {
         let ResponseHead {
             status,
+            fields,
             headers,
             framing,
             keep_alive,
@@ -479,7 +483,7 @@ impl ConnPool {
         } else {
             Kind::H1(body)
         };
-        let mut resp = Response::new(PooledBody { kind });
+        let mut resp = Response::new(PooledBody { kind, fields });
         *resp.status_mut() = status;
         *resp.version_mut() = Version::HTTP_11;
         *resp.headers_mut() = headers;
@@ -657,6 +661,8 @@ fn encode_head<B: Body>(
 /// A parsed response head and what it says about the connection.
 struct ResponseHead {
     status: StatusCode,
+    /// The fields that go on (none for a `101`, whose fields are in `headers`).
+    fields: Fields,
     headers: HeaderMap,
     framing: Decoder,
     keep_alive: bool,
@@ -867,7 +873,9 @@ impl<B: UploadBody> Exchange<B> {
     }
 }
 
-/// Parses one response head off the front of `buf`; `None` if incomplete.
+/// Parses one response head off the front of `buf`; `None` if incomplete. The fields stay
+/// in the head's buffer as lines (see [`Fields`]), compacted in place over the hop-by-hop and
+/// framing fields that do not go on; only a `101` gets a map (the proxy reads its `Upgrade`).
 fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     // Uninitialized slots: initializing 128 headers cost more than parsing a small head.
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_RESPONSE_HEADERS];
@@ -895,72 +903,127 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let status =
         StatusCode::from_u16(code).map_err(|_| ClientError::Protocol("invalid status code"))?;
     let http10 = resp.version == Some(0);
-    // Offsets of every name and value, so the values can share the head's buffer.
-    let count = resp.headers.len();
+    // Offsets of every name and value: the lines are rewritten in the head's own buffer.
     let mut small: [Span; 32] = [(0, 0, 0, 0); 32];
     let mut large = Vec::new();
     let spans = codec::header_spans(buf, resp.headers, &mut small, &mut large);
-    let head = buf.split_to(len).freeze();
-    // One slot spare: the access log adds `x-request-id` without growing the map.
-    let mut headers = HeaderMap::with_capacity(count + 1);
-    let mut fields = FramingFields::default();
-    let (mut saw_close, mut saw_keep_alive) = (false, false);
-    // Hop-by-hop headers stop here, except on a 101, whose Upgrade/Connection the client needs.
-    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
-    // `Connection` lines naming other fields, which go too (no allocation without one).
-    let mut naming: Vec<HeaderValue> = Vec::new();
-    for &span in spans.iter() {
-        let (name, value) = codec::header_at(&head, span).map_err(|e| {
-            ClientError::Protocol(match e {
-                BadHeader::Name => "invalid header name",
-                BadHeader::Value => "invalid header value",
-            })
-        })?;
-        if name == header::CONTENT_LENGTH {
-            fields
-                .content_length(value.as_bytes())
-                .map_err(|e| ClientError::Protocol(framing_fault(e)))?;
-        } else if name == header::TRANSFER_ENCODING {
-            fields.transfer_encoding(value.as_bytes());
-        } else if name == header::CONNECTION {
-            let mut names_others = false;
-            for token in value.as_bytes().split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    saw_close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    saw_keep_alive = true;
-                } else {
-                    names_others |= HeaderName::from_bytes(token).is_ok();
+    let mut head = buf.split_to(len);
+
+    // First pass: framing, the connection's fate, and the names `Connection` lines take out
+    // (they may come after the fields they name).
+    let mut framing = FramingFields::default();
+    let (mut saw_close, mut saw_keep_alive, mut date) = (false, false, false);
+    let mut named: Vec<Vec<u8>> = Vec::new();
+    // Each field's kind, found once for both passes.
+    let mut kinds_small = [0u8; 32];
+    let mut kinds_large = Vec::new();
+    let kinds = if spans.len() <= kinds_small.len() {
+        &mut kinds_small[..spans.len()]
+    } else {
+        kinds_large.resize(spans.len(), 0u8);
+        &mut kinds_large[..]
+    };
+    for (&(n, nl, v, vl), kind) in spans.iter().zip(kinds.iter_mut()) {
+        let name = &head[n as usize..(n + nl) as usize];
+        let value = &head[v as usize..(v + vl) as usize];
+        *kind = response_field(name);
+        match *kind {
+            CONTENT_LENGTH_FIELD => framing
+                .content_length(value)
+                .map_err(|e| ClientError::Protocol(framing_fault(e)))?,
+            DATE_FIELD => date = true,
+            bits if bits & TRANSFER_ENCODING_BIT != 0 => framing.transfer_encoding(value),
+            bits if bits & CONNECTION_BIT != 0 => {
+                for token in value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        saw_close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        saw_keep_alive = true;
+                    } else if HeaderName::from_bytes(token).is_ok()
+                        && !token.eq_ignore_ascii_case(b"host")
+                    {
+                        named.push(token.to_vec());
+                    }
                 }
             }
-            if names_others && !keep_hops {
-                naming.push(value);
-                continue;
-            }
+            _ => {}
         }
-        if !keep_hops && hop_bit(&name) != 0 {
-            continue;
-        }
-        headers.append(name, value);
     }
-    for line in &naming {
-        remove_named(&mut headers, line);
-    }
-    let framing = match fields.decide() {
+    let decoder = match framing.decide() {
         Ok(BodyFraming::Length(n)) => Decoder::Length(n),
         Ok(BodyFraming::Unframed) => Decoder::Eof,
         Ok(BodyFraming::Chunked) => Decoder::Chunked(ChunkState::Size),
         Err(e) => return Err(ClientError::Protocol(framing_fault(e))),
     };
+
+    // Second pass: the lines that go on, moved toward the front over those that do not. A
+    // line never grows (`name:` then the value as sent, less trailing whitespace), so it is
+    // written before the next line starts.
+    // Hop-by-hop fields stop here, except on a 101, whose Upgrade/Connection the client needs.
+    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
+    let start = spans.first().map_or(len, |s| s.0 as usize);
+    let mut w = start;
+    for (&(n, nl, v, vl), &bits) in spans.iter().zip(kinds.iter()) {
+        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
+        let dropped = bits == CONTENT_LENGTH_FIELD
+            || (!keep_hops
+                && (bits & HOP_FIELDS != 0
+                    || named
+                        .iter()
+                        .any(|t| t.eq_ignore_ascii_case(&head[n..n + nl]))));
+        if dropped {
+            continue;
+        }
+        let end = if vl == 0 { n + nl + 1 } else { v + vl };
+        head.copy_within(n..end, w);
+        head[w..w + nl].make_ascii_lowercase();
+        w += end - n;
+        head[w..w + 2].copy_from_slice(b"\r\n");
+        w += 2;
+    }
+    head.truncate(w);
+    head.advance(start);
+    let fields = Fields::new(head.freeze(), framing.length(), date);
+    let (fields, headers) = if keep_hops {
+        let mut map = HeaderMap::new();
+        fields.into_map(&mut map);
+        (Fields::default(), map)
+    } else {
+        (fields, HeaderMap::new())
+    };
     Ok(Some(ResponseHead {
         status,
+        fields,
         headers,
-        framing,
+        framing: decoder,
         // HTTP/1.0 keeps a connection only when asked to, and never with Transfer-Encoding
         // (RFC 9112 6.1); `close` always wins.
-        keep_alive: !saw_close && (!http10 || (saw_keep_alive && !fields.has_transfer_encoding())),
+        keep_alive: !saw_close && (!http10 || (saw_keep_alive && !framing.has_transfer_encoding())),
     }))
+}
+
+/// [`response_field`]: `Content-Length` and `Date` (alone), or hop-by-hop bits.
+const CONTENT_LENGTH_FIELD: u8 = 128;
+const DATE_FIELD: u8 = 64;
+const HOP_FIELDS: u8 = 63;
+
+/// What a response field's name is to the client, by its bytes (any case): one of the two
+/// markers above, [`hop_bit`]'s bit, or 0.
+#[inline]
+fn response_field(name: &[u8]) -> u8 {
+    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        2 if is(b"te") => TE_BIT,
+        4 if is(b"date") => DATE_FIELD,
+        7 if is(b"upgrade") => UPGRADE_BIT,
+        10 if is(b"connection") => CONNECTION_BIT,
+        10 if is(b"keep-alive") => KEEP_ALIVE_BIT,
+        14 if is(b"content-length") => CONTENT_LENGTH_FIELD,
+        16 if is(b"proxy-connection") => PROXY_CONNECTION_BIT,
+        17 if is(b"transfer-encoding") => TRANSFER_ENCODING_BIT,
+        _ => 0,
+    }
 }
 
 /// The reason a response's framing is refused (a 502 toward the client).
@@ -1120,6 +1183,8 @@ impl<B: UploadBody> H1Body<B> {
 /// pool at the body's end), or an HTTP/2 stream.
 pub struct PooledBody<B> {
     kind: Kind<B>,
+    /// An HTTP/1.x response's header fields, as the upstream wrote them (see [`Fields`]).
+    fields: Fields,
 }
 
 // HTTP/1.1 is the common case: boxing it would cost an allocation per request.
@@ -1201,7 +1266,14 @@ impl<B: UploadBody> PooledBody<B> {
     pub fn unpooled(inner: Incoming, idle: Duration) -> PooledBody<B> {
         PooledBody {
             kind: Kind::H2(inner, IdleTimer::new(idle)),
+            fields: Fields::default(),
         }
+    }
+
+    /// The response's fields, for a response that goes on with a map of its own (to an
+    /// HTTP/2 client): the body keeps none.
+    pub fn take_fields(&mut self) -> Fields {
+        std::mem::take(&mut self.fields)
     }
 
     /// Takes the connection out of the pool's hands: it goes nowhere when the body is dropped
@@ -1274,6 +1346,12 @@ impl<B: UploadBody> Body for PooledBody<B> {
     }
 }
 
+impl<B> BodyFields for PooledBody<B> {
+    fn fields(&self) -> Option<&Fields> {
+        (!self.fields.is_empty()).then_some(&self.fields)
+    }
+}
+
 impl<B> Drop for PooledBody<B> {
     fn drop(&mut self) {
         // A body known to be complete (empty, or its last byte read) frees the connection even
@@ -1332,6 +1410,44 @@ mod tests {
         assert!(chunks(b"3\nabc\r\n").is_err());
     }
 
+    /// The fields that go on are rewritten in the head's buffer: names lowercased, values as
+    /// sent less trailing whitespace, hop-by-hop and framing fields out, and those a
+    /// `Connection` line names, before or after it.
+    #[test]
+    fn response_fields_are_compacted_in_place() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nX-Early: 1\r\nServer:nginx \r\nConnection: keep-alive, X-Early, x-late\r\n\
+               Content-Length: 2\r\nKeep-Alive: timeout=5\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\n\
+               X-Empty:\r\nX-Late: 2\r\nSet-Cookie: a=1\r\nTE: trailers\r\n\
+               Set-Cookie:   b=2\t \r\nProxy-Connection: close\r\nUpgrade: h2c\r\n\r\nok"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert_eq!(&b[..], b"ok");
+        assert_eq!(
+            String::from_utf8_lossy(h.fields.lines()),
+            "server:nginx\r\ndate: Tue, 01 Dec 2026 21:00:00 GMT\r\nx-empty:\r\n\
+             set-cookie: a=1\r\nset-cookie:   b=2\r\n"
+        );
+        assert_eq!(h.fields.length(), Some(2));
+        assert!(h.fields.has_date());
+        assert!(h.keep_alive);
+        let mut map = HeaderMap::new();
+        h.fields.clone().into_map(&mut map);
+        assert_eq!(map.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(map["x-empty"], "");
+        assert_eq!(map["content-length"], "2");
+        assert!(map.get("x-late").is_none() && map.get("connection").is_none());
+
+        // A 101 keeps everything, as a map: the proxy reads its Upgrade and Connection.
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert!(h.fields.is_empty());
+        assert_eq!(h.headers["upgrade"], "websocket");
+        assert_eq!(h.headers["connection"], "Upgrade");
+    }
+
     #[test]
     fn response_heads_decide_framing() {
         let mut b =
@@ -1340,7 +1456,9 @@ mod tests {
         assert_eq!(h.framing, Decoder::Length(3));
         assert!(h.keep_alive);
         assert_eq!(&b[..], b"ok\n");
-        assert_eq!(h.headers.get("x-a").map(|v| v.as_bytes()), Some(&b"b"[..]));
+        assert_eq!(h.fields.lines(), b"x-a: b\r\n");
+        assert_eq!(h.fields.length(), Some(3));
+        assert!(h.headers.is_empty());
 
         let mut b = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nabc"[..]);
         let h = parse_head(&mut b).expect("ok").expect("complete");
@@ -1399,7 +1517,9 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nX-Kept: 2\r\nContent-Length: 0\r\n\r\n"[..],
         );
         let h = parse_head(&mut b).expect("ok").expect("complete");
-        let mut names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        let mut map = HeaderMap::new();
+        h.fields.into_map(&mut map);
+        let mut names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-length", "x-kept"]);
         let mut b = BytesMut::from(
@@ -1418,11 +1538,10 @@ mod tests {
             BytesMut::from(&v[..])
         };
         let h = parse_head(&mut many(60)).expect("ok").expect("complete");
-        assert_eq!(h.headers.len(), 61);
-        assert_eq!(
-            h.headers.get("x-h59").map(|v| v.as_bytes()),
-            Some(&b"59"[..])
-        );
+        let mut map = HeaderMap::new();
+        h.fields.into_map(&mut map);
+        assert_eq!(map.len(), 61);
+        assert_eq!(map.get("x-h59").map(|v| v.as_bytes()), Some(&b"59"[..]));
         assert!(parse_head(&mut many(MAX_RESPONSE_HEADERS)).is_err());
 
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);

@@ -258,6 +258,12 @@ impl FramingFields {
         self.chunked = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
     }
 
+    /// The `Content-Length` seen, if any.
+    #[inline]
+    pub fn length(&self) -> Option<u64> {
+        self.length
+    }
+
     #[inline]
     pub fn has_transfer_encoding(&self) -> bool {
         self.te_lines > 0

@@ -44,6 +44,7 @@ use super::codec::{
     self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
     Span,
 };
+use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
 use super::{plain, CloseConnection};
 
@@ -54,7 +55,7 @@ pub trait Handler: Send + Sync + 'static {
     /// the request is built (no second pass over the request).
     type RequestBody: From<RequestBody> + Send;
     /// The response body; its error ends the response early (the connection closes).
-    type Body: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin + 'static;
+    type Body: Body<Data = Bytes, Error: std::fmt::Display> + BodyFields + Send + Unpin + 'static;
 
     /// Answers one request. `on_upgrade` is there when the request asked to upgrade: it
     /// delivers the client's connection once a `101` answer has been written.
@@ -804,7 +805,7 @@ struct ResponseFraming {
 
 /// The status line and header section of a response, and how its body is framed: by its exact
 /// size when known, chunked otherwise (HTTP/1.1), or until close (HTTP/1.0).
-fn response_head<B: Body>(
+fn response_head<B: Body + BodyFields>(
     parts: &http::response::Parts,
     method: &Method,
     version: Version,
@@ -825,7 +826,8 @@ fn response_head<B: Body>(
         keep_alive = false;
     }
 
-    let mut size = 64;
+    let fields = body.fields();
+    let mut size = 64 + fields.map_or(0, |f| f.lines().len());
     for (name, value) in &parts.headers {
         size += name.as_str().len() + value.len() + 4;
     }
@@ -838,6 +840,20 @@ fn response_head<B: Body>(
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut had_length = false;
     let mut had_date = false;
+    if let Some(f) = fields {
+        // The upstream's lines, less those the map replaces; its length as the map's would be.
+        f.write_to(&mut head, &parts.headers);
+        had_date = f.has_date();
+        if let (Some(n), true) = (f.length(), bodiless && !status.is_informational()) {
+            if status != StatusCode::NO_CONTENT
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                had_length = true;
+                let mut digits = itoa::Buffer::new();
+                put_header(&mut head, b"content-length", digits.format(n).as_bytes());
+            }
+        }
+    }
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH {
             // Kept as it is where no body follows (HEAD, 304); otherwise written below.
@@ -1044,8 +1060,8 @@ impl<H: Handler> Conn<H> {
             },
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            self.switch(resp, &method, version, on_upgrade, reader_back, complete)
-                .await;
+            // Boxed: rare, and inline it would grow every request's exchange future.
+            Box::pin(self.switch(resp, &method, version, on_upgrade, reader_back, complete)).await;
             return None;
         }
         self.finish(resp, &method, version, keep_alive, complete, reader_back)
@@ -1135,7 +1151,7 @@ impl<H: Handler> Conn<H> {
         mut reader_back: Option<Reader>,
     ) -> Option<Reader>
     where
-        B: Body<Data = Bytes> + Unpin,
+        B: Body<Data = Bytes> + BodyFields + Unpin,
         B::Error: std::fmt::Display,
     {
         // A request the handler refused closes the connection: nothing pipelined behind it runs.
@@ -1239,7 +1255,7 @@ impl<H: Handler> Conn<H> {
         watch: Option<&mut Reader>,
     ) -> io::Result<bool>
     where
-        B: Body<Data = Bytes> + Unpin,
+        B: Body<Data = Bytes> + BodyFields + Unpin,
         B::Error: std::fmt::Display,
     {
         let (parts, body) = resp.into_parts();

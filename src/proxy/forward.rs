@@ -77,7 +77,9 @@ pub(super) async fn forward(
             let mut req = req;
             loop {
                 let in_flight = up.begin();
-                let error = match forward_h2(up, req, timeouts.send).await {
+                // Boxed: hyper's h2 request future is several times the HTTP/1.1 path's, and
+                // inline it would size every request's future (and its copies) for h2.
+                let error = match Box::pin(forward_h2(up, req, timeouts.send)).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => e,
                 };

@@ -466,6 +466,8 @@ struct Rewritten {
     /// The client sent no Host (HTTP/1.0): the one upstream gets is its own address, so a
     /// retry on another upstream carries that one's.
     host_from_upstream: bool,
+    /// The client speaks HTTP/2: its server takes the response's fields as a map.
+    fields_to_map: bool,
 }
 
 /// Step 1: CONNECT, the request target and the Host; an absolute-form target becomes origin
@@ -507,6 +509,7 @@ fn rewrite(
     on_upgrade: Option<OnUpgrade>,
 ) -> Result<Rewritten, ProxyError> {
     let protocol = route.pool().protocol;
+    let fields_to_map = req.version() == Version::HTTP_2;
     let hops = hop_bits(req.headers());
     let upgrade = if hops & CONNECTION_BIT != 0 {
         validate::requested_upgrade(req.headers())
@@ -577,6 +580,7 @@ fn rewrite(
         client_upgrade,
         path,
         host_from_upstream,
+        fields_to_map,
     })
 }
 
@@ -607,6 +611,10 @@ fn finish(
     };
     let status = resp.status();
     if status != StatusCode::SWITCHING_PROTOCOLS {
+        if rewritten.fields_to_map {
+            let fields = resp.body_mut().take_fields();
+            fields.into_map(resp.headers_mut());
+        }
         return resp
             .map(|body| Either::Left(RecordedBody::new(body, outcome, elapsed, status.as_u16())));
     }

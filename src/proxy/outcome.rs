@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::UpstreamBody;
 use crate::http::client::ClientError;
+use crate::http::fields::{BodyFields, Fields};
 use crate::passive::is_gateway_error;
 use crate::stats::Clock;
 use crate::upstream::{FailureKind, Pool, Upstream};
@@ -147,6 +148,12 @@ impl Body for RecordedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl BodyFields for RecordedBody {
+    fn fields(&self) -> Option<&Fields> {
+        self.inner.fields()
     }
 }
 
