@@ -570,6 +570,28 @@ async fn idle_keep_alive_connections_close_at_the_header_read_timeout() {
     p.stop().await;
 }
 
+/// The timeout counts from the last request, not from the connection's start: a client that
+/// sends a request every 400 ms keeps its connection well past header_read_timeout (1s), and
+/// loses it once it stops (the timer is moved lazily, so this is its behaviour to keep).
+#[tokio::test]
+async fn a_busy_keep_alive_connection_outlives_the_header_read_timeout() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    for i in 0..6 {
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let (text, closed) = read_all(&mut s, Duration::from_millis(400)).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text:?}");
+        assert!(!closed, "closed after request {i}, under 1s after it");
+    }
+    let (_, closed) = read_all(&mut s, Duration::from_secs(4)).await;
+    assert!(closed, "the idle connection outlived header_read_timeout");
+    assert_eq!(blue.hits(), 6);
+    p.stop().await;
+}
+
 /// An upstream that sends part of a body and then goes quiet (the connection stays open): the
 /// client's response is aborted at `body_idle_timeout` (1s here) instead of hanging.
 #[tokio::test]
