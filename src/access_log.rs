@@ -270,6 +270,12 @@ impl<B> Logged<B> {
             tap: Some((log, entry)),
         }
     }
+
+    /// The same body, logged with `entry` when it ends.
+    pub fn with_log(mut self, log: Arc<AccessLog>, entry: Box<Entry>) -> Logged<B> {
+        self.tap = Some((log, entry));
+        self
+    }
 }
 
 impl<B> Logged<B> {

@@ -904,7 +904,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         StatusCode::from_u16(code).map_err(|_| ClientError::Protocol("invalid status code"))?;
     let http10 = resp.version == Some(0);
     // Offsets of every name and value: the lines are rewritten in the head's own buffer.
-    let mut small: [Span; 32] = [(0, 0, 0, 0); 32];
+    let mut small: [Span; 16] = [(0, 0, 0, 0); 16];
     let mut large = Vec::new();
     let spans = codec::header_spans(buf, resp.headers, &mut small, &mut large);
     let mut head = buf.split_to(len);
@@ -915,7 +915,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let (mut saw_close, mut saw_keep_alive, mut date) = (false, false, false);
     let mut named: Vec<Vec<u8>> = Vec::new();
     // Each field's kind, found once for both passes.
-    let mut kinds_small = [0u8; 32];
+    let mut kinds_small = [0u8; 16];
     let mut kinds_large = Vec::new();
     let kinds = if spans.len() <= kinds_small.len() {
         &mut kinds_small[..spans.len()]
@@ -936,9 +936,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
             bits if bits & CONNECTION_BIT != 0 => {
                 for token in value.split(|b| *b == b',') {
                     let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
+                    if codec::name_is(token, b"close") {
                         saw_close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    } else if codec::name_is(token, b"keep-alive") {
                         saw_keep_alive = true;
                     } else if HeaderName::from_bytes(token).is_ok()
                         && !token.eq_ignore_ascii_case(b"host")
@@ -977,7 +977,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         }
         let end = if vl == 0 { n + nl + 1 } else { v + vl };
         head.copy_within(n..end, w);
-        head[w..w + nl].make_ascii_lowercase();
+        codec::lowercase_name(&mut head[w..w + nl]);
         w += end - n;
         head[w..w + 2].copy_from_slice(b"\r\n");
         w += 2;
@@ -1012,7 +1012,7 @@ const HOP_FIELDS: u8 = 63;
 /// markers above, [`hop_bit`]'s bit, or 0.
 #[inline]
 fn response_field(name: &[u8]) -> u8 {
-    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    let is = |known: &[u8]| codec::name_is(name, known);
     match name.len() {
         2 if is(b"te") => TE_BIT,
         4 if is(b"date") => DATE_FIELD,

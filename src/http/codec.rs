@@ -319,6 +319,54 @@ pub fn last_chunk_with(trailers: &HeaderMap) -> Bytes {
     t.freeze()
 }
 
+/// Whether `name` is `lower` (a lowercase name of letters, digits and `-`) in any case, for
+/// bytes a parser accepted in a field name or value (no CR, LF or other control but HTAB).
+/// Eight bytes at a time: among those bytes, setting the 0x20 bit maps only the uppercase
+/// letters onto `lower`'s bytes (CR would map onto `-`); the byte-wise `eq_ignore_ascii_case`
+/// cost ~10 instructions a byte.
+#[inline]
+pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    if name.len() != lower.len() {
+        return false;
+    }
+    let mut a = name.chunks_exact(8);
+    let mut b = lower.chunks_exact(8);
+    for (x, y) in a.by_ref().zip(b.by_ref()) {
+        if word(x) | CASE != word(y) | CASE {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == y | 0x20)
+}
+
+/// Lowercases a field name (token characters only, all ASCII) in place, eight bytes at a time.
+#[inline]
+pub fn lowercase_name(name: &mut [u8]) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut chunks = name.chunks_exact_mut(8);
+    for chunk in chunks.by_ref() {
+        let w = word(chunk);
+        // Bytes are below 0x80, so these sums stay within each byte: the high bit says
+        // "at least `A`" and "past `Z`".
+        let at_least_a = w + ONES * (0x80 - u64::from(b'A'));
+        let past_z = w + ONES * (0x80 - u64::from(b'Z') - 1);
+        let upper = at_least_a & !past_z & (ONES * 0x80);
+        chunk.copy_from_slice(&(w | (upper >> 2)).to_le_bytes());
+    }
+    chunks.into_remainder().make_ascii_lowercase();
+}
+
+#[inline]
+fn word(bytes: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,5 +380,61 @@ mod tests {
             &chunk_size_line(usize::MAX)[..],
             format!("{:x}\r\n", usize::MAX).as_bytes()
         );
+    }
+
+    #[test]
+    fn names_compare_and_lowercase_like_the_byte_wise_versions() {
+        let names: &[&[u8]] = &[
+            b"Content-Length",
+            b"content-length",
+            b"CONTENT-LENGTH",
+            b"Content-Lengtx",
+            b"Date",
+            b"date",
+            b"DatE",
+            b"Connection",
+            b"keep-alive",
+            b"Keep-Alive",
+            b"X-Custom_Field.1",
+            b"Transfer-Encoding",
+            b"te",
+            b"TE",
+            b"Upgrade",
+            b"proxy-connection",
+            b"A",
+            b"",
+            b"!#$%&'*+-.^_`|~09AZaz",
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZ[]@",
+        ];
+        let known: &[&[u8]] = &[
+            b"content-length",
+            b"date",
+            b"connection",
+            b"keep-alive",
+            b"transfer-encoding",
+            b"te",
+            b"upgrade",
+            b"proxy-connection",
+            b"a",
+        ];
+        for name in names {
+            for k in known {
+                assert_eq!(
+                    name_is(name, k),
+                    name.eq_ignore_ascii_case(k),
+                    "{:?} vs {:?}",
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(k)
+                );
+            }
+            let mut mine = name.to_vec();
+            lowercase_name(&mut mine);
+            assert_eq!(
+                mine,
+                name.to_ascii_lowercase(),
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
     }
 }

@@ -82,10 +82,14 @@ impl ExtraFields for Forwarded<'_> {
 
     fn write(&self, headers: &HeaderMap, replaced: bool, out: &mut BytesMut) {
         // Without a prior field (the usual case) nothing is looked up.
+        // The client's address as it is (no clone of the shared value) unless the request
+        // carried a list to extend.
+        let joined;
         let xff = if replaced {
-            self.forwarded_for(headers)
+            joined = self.forwarded_for(headers);
+            &joined
         } else {
-            self.client_ip.clone()
+            self.client_ip
         };
         put_header(out, b"x-forwarded-for", xff.as_bytes());
         put_header(out, b"x-forwarded-proto", self.proto.as_bytes());

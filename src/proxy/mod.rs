@@ -319,9 +319,7 @@ pub async fn handle(
     on_upgrade: Option<OnUpgrade>,
 ) -> Response<ServedBody> {
     let Some(log) = &proxy.access_log else {
-        return route_and_forward(proxy, req, conn, on_upgrade, None)
-            .await
-            .map(Logged::off);
+        return route_and_forward(proxy, req, conn, on_upgrade, None).await;
     };
     let start = Instant::now();
     let id = log.request_id(req.headers().get(&X_REQUEST_ID));
@@ -344,7 +342,7 @@ pub async fn handle(
     entry.color = routed.color;
     entry.upstream = routed.upstream;
     let log = log.clone();
-    resp.map(|body| Logged::new(body, log, entry))
+    resp.map(|body| body.with_log(log, entry))
 }
 
 /// The request path: validate → route → rewrite → forward → finish.
@@ -354,13 +352,13 @@ async fn route_and_forward(
     conn: &Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
     mut routed: Option<&mut Routed>,
-) -> Response<ProxyBody> {
+) -> Response<ServedBody> {
     let start = Instant::now();
     // 1. Validate. A refused request closes its connection: what a client pipelined behind it
     // is not run.
     let host = match check(&mut req) {
         Ok(host) => host,
-        Err(e) => return e.response(),
+        Err(e) => return served(e.response()),
     };
     // 2. Route: one snapshot load for every decision.
     let route = match proxy.route(
@@ -370,13 +368,13 @@ async fn route_and_forward(
         routed.as_deref_mut(),
     ) {
         Ok(route) => route,
-        Err(e) => return e.response(),
+        Err(e) => return served(e.response()),
     };
     // 3. Rewrite.
     let fwd = Forwarded::new(conn, host.value.as_ref());
     let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
         Ok(r) => r,
-        Err(e) => return e.response(),
+        Err(e) => return served(e.response()),
     };
     // 4. Forward, to the upstream picked and, while it cannot take the request, to others of
     //    the same pool (at most `retries` more). `up` ends as the one that answered or failed
@@ -461,7 +459,7 @@ struct Rewritten {
     upgrade: Option<HeaderValue>,
     /// The client's connection once upgraded, when it may be (an HTTP/1 connection).
     client_upgrade: Option<OnUpgrade>,
-    /// For the critical-path counters.
+    /// For the critical-path counters (none when the pool has no critical paths) and h2.
     path: Option<PathAndQuery>,
     /// The client sent no Host (HTTP/1.0): the one upstream gets is its own address, so a
     /// retry on another upstream carries that one's.
@@ -554,7 +552,10 @@ fn rewrite(
         }
         _ => None,
     };
-    let path = req.uri().path_and_query().cloned();
+    // Kept for the critical-path counters (only a pool that has some needs it) and the h2 URI.
+    let path = (protocol == Protocol::H2 || !route.pool().critical.is_empty())
+        .then(|| req.uri().path_and_query().cloned())
+        .flatten();
     match protocol {
         // The HTTP/1.1 client writes the origin form (path and query) itself.
         Protocol::Http1 => *req.version_mut() = Version::HTTP_11,
@@ -595,7 +596,7 @@ fn finish(
     result: Result<Response<UpstreamBody>, ProxyError>,
     rewritten: Rewritten,
     conn: &Arc<ConnInfo>,
-) -> Response<ProxyBody> {
+) -> Response<ServedBody> {
     let end = Instant::now();
     let elapsed = end - outcome.start;
     let mut resp = match result {
@@ -606,7 +607,7 @@ fn finish(
                 tracing::debug!(service = %svc.name(), upstream = %outcome.up.addr, error = %err, "upstream request failed");
             }
             outcome.record(end, elapsed, answer.status.as_u16(), answer.failure);
-            return e.response();
+            return served(e.response());
         }
     };
     let status = resp.status();
@@ -615,8 +616,15 @@ fn finish(
             let fields = resp.body_mut().take_fields();
             fields.into_map(resp.headers_mut());
         }
-        return resp
-            .map(|body| Either::Left(RecordedBody::new(body, outcome, elapsed, status.as_u16())));
+        // Wrapped once, in the type the server takes: each `map` moves the whole response.
+        return resp.map(|body| {
+            Logged::off(Either::Left(RecordedBody::new(
+                body,
+                outcome,
+                elapsed,
+                status.as_u16(),
+            )))
+        });
     }
     outcome.record(end, elapsed, status.as_u16(), None);
     let asked = rewritten
@@ -626,14 +634,25 @@ fn finish(
     let error = match rewritten.client_upgrade {
         Some(client_side) if asked => {
             let tunnels = &proxy.tunnels;
-            return tunnel::tunnel(tunnels, tunnel_idle, resp, client_side, conn.clone());
+            return served(tunnel::tunnel(
+                tunnels,
+                tunnel_idle,
+                resp,
+                client_side,
+                conn.clone(),
+            ));
         }
         Some(_) => ProxyError::OtherProtocol,
         // That connection now speaks something else: it must not go back to the pool.
         None => ProxyError::UnaskedUpgrade,
     };
     resp.body_mut().detach();
-    error.response()
+    served(error.response())
+}
+
+/// The proxy's own answer (or a tunnel's 101) as the server takes it, not logged yet.
+fn served(resp: Response<ProxyBody>) -> Response<ServedBody> {
+    resp.map(Logged::off)
 }
 
 #[cfg(test)]
