@@ -77,7 +77,9 @@ pub(super) async fn forward(
             let mut req = req;
             loop {
                 let in_flight = up.begin();
-                let error = match forward_h2(up, req, timeouts.send).await {
+                // Boxed: inline, the h2 exchange (3.4 KB) made every request's future that
+                // size, HTTP/1.1 upstreams included: 6.6 KB per request allocated and copied.
+                let error = match Box::pin(forward_h2(up, req, timeouts.send)).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => e,
                 };
