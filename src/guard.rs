@@ -7,12 +7,13 @@
 //! polled again, and a connection that answers PINGs lives forever. So each h2 connection gets
 //! a watchdog ([`watch`]) next to hyper's connection future: the service counts open streams
 //! in a [`ConnActivity`], and every response body reports when it was last asked for data.
-//! Each stream runs in a task of its own that hyper spawns through [`StreamExec`], which can
-//! stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
+//! hyper hands each stream to [`StreamExec`], which runs it in a task of its own (on a
+//! multi-thread runtime) or in the connection's task beside hyper's connection (on a
+//! current-thread one), and can stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
 //! whose connection-level window is shut ([`CountWindow`] follows it), or on which no response
 //! ever moved, is closed.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -43,10 +45,36 @@ thread_local! {
     /// stream's future to the executor in one step (`service.call(req)`, then
     /// `execute_h2stream`), with nothing between. Set by [`ConnActivity::open_stream`].
     static NEXT_STREAM: Cell<Option<Arc<StreamClock>>> = const { Cell::new(None) };
+    /// Whether a connection's future is being polled by [`watch`] on this thread: the streams
+    /// hyper spawns meanwhile are that connection's, and [`watch`] runs them in its own task.
+    static IN_WATCH: Cell<bool> = const { Cell::new(false) };
+    /// The streams spawned while [`IN_WATCH`], until [`watch`] takes them (right after the
+    /// poll that spawned them, on the same thread).
+    static SPAWNED: RefCell<Vec<StreamTask>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A stream's future, as [`watch`] runs it.
+type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Marks the poll of a watched connection's future; unmarks on drop (a panic included).
+struct InWatch;
+
+impl InWatch {
+    fn enter() -> InWatch {
+        IN_WATCH.set(true);
+        InWatch
+    }
+}
+
+impl Drop for InWatch {
+    fn drop(&mut self) {
+        IN_WATCH.set(false);
+    }
 }
 
 /// hyper's executor for the HTTP/2 server: each stream's task can be stopped by the
-/// connection's watchdog. Stopping drops hyper's stream future, and with it the response body
+/// connection's watchdog. A stream spawned while [`watch`] polls its connection on a
+/// current-thread runtime runs in the connection's task; any other becomes a tokio task. Stopping drops hyper's stream future, and with it the response body
 /// (the upstream connection is closed, not pooled) and h2's last handle on the stream, so h2
 /// discards what it buffered for the stream and sends RST_STREAM (CANCEL).
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,7 +92,14 @@ where
         };
         // Boxed in place: tokio writes a task's future (and later its output) into the task
         // cell's stage, a copy of the whole stream future each time it is not behind a pointer.
-        tokio::spawn(Box::into_pin(Box::write(Box::new_uninit(), task)));
+        let task: Pin<Box<Stoppable<F>>> = Box::into_pin(Box::write(Box::new_uninit(), task));
+        let task: StreamTask = task;
+        if IN_WATCH.get() {
+            // Spawned by a connection under `watch`: it runs in the connection's task.
+            SPAWNED.with_borrow_mut(|v| v.push(task));
+        } else {
+            tokio::spawn(task);
+        }
     }
 }
 
@@ -581,10 +616,29 @@ pub async fn watch<C>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut goaway: Option<Instant> = None;
     let mut shutting_down = false;
+    // On a current-thread runtime (`workers = 1`, `per_worker`) the connection's streams (an
+    // HTTP/2 server's, spawned through `StreamExec`) run here rather than as a tokio task each:
+    // they would share the thread anyway. A multi-thread runtime keeps a task per stream, so
+    // that one connection's streams spread over the workers.
+    let inline = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    let mut streams: FuturesUnordered<StreamTask> = FuturesUnordered::new();
     loop {
+        let serve = std::future::poll_fn(|cx| {
+            let polled = {
+                let _in = inline.then(InWatch::enter);
+                conn.as_mut().poll(cx)
+            };
+            SPAWNED.with_borrow_mut(|v| streams.extend(v.drain(..)));
+            if polled.is_ready() {
+                return Poll::Ready(());
+            }
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            Poll::Pending
+        });
         tokio::select! {
             biased;
-            _ = conn.as_mut() => return,
+            () = serve => return,
             () = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 if goaway.is_none() {
