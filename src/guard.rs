@@ -69,6 +69,11 @@ impl InWatch {
 impl Drop for InWatch {
     fn drop(&mut self) {
         IN_WATCH.set(false);
+        if std::thread::panicking() {
+            // The connection's poll panicked before `watch` took its new streams: drop them
+            // here rather than leave them to the next connection polled on this thread.
+            drop(SPAWNED.with_borrow_mut(std::mem::take));
+        }
     }
 }
 
