@@ -7,24 +7,26 @@
 //! polled again, and a connection that answers PINGs lives forever. So each h2 connection gets
 //! a watchdog ([`watch`]) next to hyper's connection future: the service counts open streams
 //! in a [`ConnActivity`], and every response body reports when it was last asked for data.
-//! Each stream runs in a task of its own that hyper spawns through [`StreamExec`], which can
-//! stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
+//! hyper hands each stream to [`StreamExec`], which runs it in a task of its own (on a
+//! multi-thread runtime) or in the connection's task beside hyper's connection (on a
+//! current-thread one), and can stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
 //! whose connection-level window is shut ([`CountWindow`] follows it), or on which no response
 //! ever moved, is closed.
 
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use crate::http::io::SendTimeout;
@@ -37,13 +39,47 @@ fn millis(base: Instant, now: Instant) -> u64 {
 /// "Not waiting on the client" in [`StreamClock`]: the body waits for the upstream, or ended.
 const NOT_STALLED: u64 = u64::MAX;
 
-tokio::task_local! {
-    /// The stop signal of the HTTP/2 stream whose task is running (set by [`StreamExec`]).
-    static STREAM_STOP: Arc<Notify>;
+thread_local! {
+    /// The stream whose service future hyper's HTTP/2 server has just made on this thread, for
+    /// the [`StreamExec::execute`] call that follows: hyper calls the service and hands the
+    /// stream's future to the executor in one step (`service.call(req)`, then
+    /// `execute_h2stream`), with nothing between. Set by [`ConnActivity::open_stream`].
+    static NEXT_STREAM: Cell<Option<Arc<StreamClock>>> = const { Cell::new(None) };
+    /// Whether a connection's future is being polled by [`watch`] on this thread: the streams
+    /// hyper spawns meanwhile are that connection's, and [`watch`] runs them in its own task.
+    static IN_WATCH: Cell<bool> = const { Cell::new(false) };
+    /// The streams spawned while [`IN_WATCH`], until [`watch`] takes them (right after the
+    /// poll that spawned them, on the same thread).
+    static SPAWNED: RefCell<Vec<StreamTask>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A stream's future, as [`watch`] runs it.
+type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Marks the poll of a watched connection's future; unmarks on drop (a panic included).
+struct InWatch;
+
+impl InWatch {
+    fn enter() -> InWatch {
+        IN_WATCH.set(true);
+        InWatch
+    }
+}
+
+impl Drop for InWatch {
+    fn drop(&mut self) {
+        IN_WATCH.set(false);
+        if std::thread::panicking() {
+            // The connection's poll panicked before `watch` took its new streams: drop them
+            // here rather than leave them to the next connection polled on this thread.
+            drop(SPAWNED.with_borrow_mut(std::mem::take));
+        }
+    }
 }
 
 /// hyper's executor for the HTTP/2 server: each stream's task can be stopped by the
-/// connection's watchdog. Stopping drops hyper's stream future, and with it the response body
+/// connection's watchdog. A stream spawned while [`watch`] polls its connection on a
+/// current-thread runtime runs in the connection's task; any other becomes a tokio task. Stopping drops hyper's stream future, and with it the response body
 /// (the upstream connection is closed, not pooled) and h2's last handle on the stream, so h2
 /// discards what it buffered for the stream and sends RST_STREAM (CANCEL).
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,30 +87,85 @@ pub struct StreamExec;
 
 impl<F> hyper::rt::Executor<F> for StreamExec
 where
-    F: Future + Send + 'static,
+    F: Future + Send + Unpin + 'static,
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let stop = Arc::new(Notify::new());
-        let task = STREAM_STOP.scope(stop.clone(), async move {
-            tokio::select! {
-                _ = fut => {}
-                () = stop.notified() => {}
-            }
-        });
+        let task = Stoppable {
+            fut,
+            clock: take_next_stream(),
+        };
         // Boxed in place: tokio writes a task's future (and later its output) into the task
         // cell's stage, a copy of the whole stream future each time it is not behind a pointer.
-        tokio::spawn(Box::into_pin(Box::write(Box::new_uninit(), task)));
+        let task: Pin<Box<Stoppable<F>>> = Box::into_pin(Box::write(Box::new_uninit(), task));
+        let task: StreamTask = task;
+        if IN_WATCH.get() {
+            // Spawned by a connection under `watch`: it runs in the connection's task.
+            SPAWNED.with_borrow_mut(|v| v.push(task));
+        } else {
+            tokio::spawn(task);
+        }
     }
 }
 
-/// One response body's last moment of progress toward the client.
+/// The stream [`ConnActivity::open_stream`] left for the task being spawned, now stoppable.
+fn take_next_stream() -> Option<Arc<StreamClock>> {
+    let clock = NEXT_STREAM.take()?;
+    clock.stoppable.store(true, Ordering::Relaxed);
+    Some(clock)
+}
+
+/// A stream's task: ends (dropping the stream) once its clock is stopped. A flag and the
+/// task's waker, where a `Notify` took a lock to register and another to deregister.
+struct Stoppable<F> {
+    fut: F,
+    clock: Option<Arc<StreamClock>>,
+}
+
+impl<F: Future + Unpin> Future for Stoppable<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if let Some(clock) = &this.clock {
+            // A task's waker wakes the same task for its whole life: kept from the first poll.
+            if clock.waker.get().is_none() {
+                let _ = clock.waker.set(cx.waker().clone());
+                // Pairs with the fence in `stop`: either this load sees the flag, or `stop`
+                // sees the waker.
+                fence(Ordering::SeqCst);
+            }
+            if clock.stopped.load(Ordering::Relaxed) {
+                return Poll::Ready(());
+            }
+        }
+        Pin::new(&mut this.fut).poll(cx).map(|_| ())
+    }
+}
+
+/// One stream (request): its response body's last moment of progress toward the client, and
+/// the stop signal of the task that runs it.
 struct StreamClock {
     /// Millis (since the connection's base) of the last frame handed out while the body still
-    /// had more; [`NOT_STALLED`] while the body itself waits or once it ended.
+    /// had more; [`NOT_STALLED`] while the body itself waits, before it exists, or once it
+    /// ended.
     ready_at: AtomicU64,
-    /// Stops the stream's task: set when the body is sent by a [`StreamExec`] task.
-    stop: Option<Arc<Notify>>,
+    /// The stream runs in a [`StreamExec`] task, which [`StreamClock::stop`] ends.
+    stoppable: AtomicBool,
+    stopped: AtomicBool,
+    /// The stream task's waker, from its first poll.
+    waker: OnceLock<Waker>,
+}
+
+impl StreamClock {
+    /// Ends the stream's task (at its next poll, which this wakes).
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if let Some(w) = self.waker.get() {
+            w.wake_by_ref();
+        }
+    }
 }
 
 /// The open streams of one HTTP/2 connection (or requests of one admin connection), and the
@@ -112,9 +203,28 @@ impl ConnActivity {
 
     /// A stream (request) opened; it counts as open until the guard drops.
     pub fn open(self: &Arc<Self>) -> StreamGuard {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.touch();
-        StreamGuard(self.clone())
+        // Only the moments the connection becomes busy or idle count for `idle_for`.
+        if self.open.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.touch();
+        }
+        StreamGuard {
+            conn: self.clone(),
+            clock: Arc::new(StreamClock {
+                ready_at: AtomicU64::new(NOT_STALLED),
+                stoppable: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+                waker: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// [`open`](Self::open) for an HTTP/2 stream, from the service that hyper calls right
+    /// before it spawns the stream's task through [`StreamExec`]: that task is the one the
+    /// watchdog stops when this stream's body stalls alone.
+    pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
+        let guard = self.open();
+        NEXT_STREAM.set(Some(guard.clock.clone()));
+        guard
     }
 
     /// The client granted connection-level window (a WINDOW_UPDATE on stream 0 arrived).
@@ -140,20 +250,14 @@ impl ConnActivity {
     /// Wraps a response body so that the watchdog sees when it stalls; it keeps the stream open
     /// until it is dropped.
     pub fn track<B: Body>(&self, inner: B, guard: StreamGuard) -> Tracked<B> {
-        let at = if inner.is_end_stream() {
-            NOT_STALLED
-        } else {
-            millis(self.base, Instant::now())
-        };
-        let clock = Arc::new(StreamClock {
-            ready_at: AtomicU64::new(at),
-            stop: STREAM_STOP.try_with(Arc::clone).ok(),
-        });
-        self.new_bodies.push(clock.clone());
+        if !inner.is_end_stream() {
+            let at = millis(self.base, Instant::now());
+            guard.clock.ready_at.store(at, Ordering::Relaxed);
+        }
+        self.new_bodies.push(guard.clock.clone());
         Tracked {
             inner,
             rest: Bytes::new(),
-            clock,
             base: self.base,
             guard,
         }
@@ -161,12 +265,16 @@ impl ConnActivity {
 }
 
 /// Counts one open stream until dropped.
-pub struct StreamGuard(Arc<ConnActivity>);
+pub struct StreamGuard {
+    conn: Arc<ConnActivity>,
+    clock: Arc<StreamClock>,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        if self.conn.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.conn.touch();
+        }
     }
 }
 
@@ -182,7 +290,6 @@ pub struct Tracked<B> {
     inner: B,
     /// What is left of the last data frame.
     rest: Bytes,
-    clock: Arc<StreamClock>,
     base: Instant,
     guard: StreamGuard,
 }
@@ -199,7 +306,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
-        let moved = &this.guard.0.moved;
+        let moved = &this.guard.conn.moved;
         if !moved.load(Ordering::Relaxed) {
             moved.store(true, Ordering::Relaxed);
         }
@@ -224,7 +331,7 @@ where
             Poll::Ready(Some(Ok(_))) if !this.is_end_stream() => millis(this.base, Instant::now()),
             _ => NOT_STALLED,
         };
-        this.clock.ready_at.store(at, Ordering::Relaxed);
+        this.guard.clock.ready_at.store(at, Ordering::Relaxed);
         r
     }
 
@@ -308,18 +415,15 @@ impl Watchdog {
                 if at == NOT_STALLED || now_ms.saturating_sub(at) < limit {
                     return true;
                 }
-                match &b.stop {
+                if !shut && b.stoppable.load(Ordering::Relaxed) {
                     // Only this stream's window is shut: it alone is reset, and the watchdog
                     // lets go of it.
-                    Some(stop) if !shut => {
-                        tracing::debug!("a response stalled on its stream's window; resetting it");
-                        stop.notify_one();
-                        false
-                    }
-                    _ => {
-                        whole = true;
-                        true
-                    }
+                    tracing::debug!("a response stalled on its stream's window; resetting it");
+                    b.stop();
+                    false
+                } else {
+                    whole = true;
+                    true
                 }
             });
             if whole {
@@ -517,10 +621,29 @@ pub async fn watch<C>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut goaway: Option<Instant> = None;
     let mut shutting_down = false;
+    // On a current-thread runtime (`workers = 1`, `per_worker`) the connection's streams (an
+    // HTTP/2 server's, spawned through `StreamExec`) run here rather than as a tokio task each:
+    // they would share the thread anyway. A multi-thread runtime keeps a task per stream, so
+    // that one connection's streams spread over the workers.
+    let inline = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    let mut streams: FuturesUnordered<StreamTask> = FuturesUnordered::new();
     loop {
+        let serve = std::future::poll_fn(|cx| {
+            let polled = {
+                let _in = inline.then(InWatch::enter);
+                conn.as_mut().poll(cx)
+            };
+            SPAWNED.with_borrow_mut(|v| streams.extend(v.drain(..)));
+            if polled.is_ready() {
+                return Poll::Ready(());
+            }
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            Poll::Pending
+        });
         tokio::select! {
             biased;
-            _ = conn.as_mut() => return,
+            () = serve => return,
             () = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 if goaway.is_none() {
@@ -720,11 +843,18 @@ mod tests {
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
     }
 
-    /// Whether the watchdog stopped the stream task that holds `stop`.
-    async fn stopped(stop: &Arc<Notify>) -> bool {
-        tokio::time::timeout(Duration::from_millis(1), stop.notified())
-            .await
-            .is_ok()
+    /// A stream as hyper's server opens it: its service takes it with `open_stream`, then
+    /// `StreamExec::execute` takes it for the stream's task: the stream's guard, and the clock
+    /// its task holds.
+    fn stream_task(act: &Arc<ConnActivity>) -> (StreamGuard, Arc<StreamClock>) {
+        let guard = act.open_stream();
+        let clock = take_next_stream().expect("open_stream left the stream for its task");
+        (guard, clock)
+    }
+
+    /// Whether the watchdog stopped the stream task of `clock`.
+    fn stopped(clock: &StreamClock) -> bool {
+        clock.stopped.load(Ordering::Relaxed)
     }
 
     /// A body with always one more byte.
@@ -753,13 +883,10 @@ mod tests {
         );
         let endless = || Endless;
         // Two bodies sent by stream tasks (with a stop handle each).
-        let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        let mut a = STREAM_STOP
-            .scope(stop_a.clone(), async { act.track(endless(), act.open()) })
-            .await;
-        let mut b = STREAM_STOP
-            .scope(stop_b.clone(), async { act.track(endless(), act.open()) })
-            .await;
+        let (guard_a, stop_a) = stream_task(&act);
+        let (guard_b, stop_b) = stream_task(&act);
+        let mut a = act.track(endless(), guard_a);
+        let mut b = act.track(endless(), guard_b);
         // A hands out a frame and is never asked again; B goes on being read.
         a.frame().await;
         for _ in 0..6 {
@@ -767,14 +894,15 @@ mod tests {
             b.frame().await;
         }
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
-        assert!(stopped(&stop_a).await, "the stalled stream was not stopped");
-        assert!(!stopped(&stop_b).await, "the moving stream was stopped");
+        assert!(stopped(&stop_a), "the stalled stream was not stopped");
+        assert!(!stopped(&stop_b), "the moving stream was stopped");
         drop(a);
         // Then B stalls too, on a shut connection window: the whole client is stuck.
         act.send_window.store(0, Ordering::Relaxed);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
-        drop(b);
+        // B's task ends, and its body with it.
+        drop((b, stop_b));
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
         // A connection on which no response ever moved (every stream window zero) is closed.
         let act = ConnActivity::new();
@@ -783,11 +911,8 @@ mod tests {
             Duration::from_secs(60),
             Some(Duration::from_secs(5)),
         );
-        let c = STREAM_STOP
-            .scope(Arc::new(Notify::new()), async {
-                act.track(endless(), act.open())
-            })
-            .await;
+        let (guard_c, _stop_c) = stream_task(&act);
+        let c = act.track(endless(), guard_c);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
         drop(c);
@@ -805,13 +930,10 @@ mod tests {
             Duration::from_secs(60),
             Some(Duration::from_secs(5)),
         );
-        let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        let mut a = STREAM_STOP
-            .scope(stop_a.clone(), async { act.track(Endless, act.open()) })
-            .await;
-        let mut b = STREAM_STOP
-            .scope(stop_b.clone(), async { act.track(Endless, act.open()) })
-            .await;
+        let (guard_a, stop_a) = stream_task(&act);
+        let (guard_b, stop_b) = stream_task(&act);
+        let mut a = act.track(Endless, guard_a);
+        let mut b = act.track(Endless, guard_b);
         a.frame().await;
         for _ in 0..6 {
             tokio::time::advance(Duration::from_secs(1)).await;
@@ -821,13 +943,56 @@ mod tests {
             act.send_window.store(0, Ordering::Relaxed);
         }
         assert_eq!(dog.check(Instant::now()), Verdict::Fine);
-        assert!(stopped(&stop_a).await, "the stalled stream was not reset");
-        assert!(!stopped(&stop_b).await, "the moving stream was stopped");
+        assert!(stopped(&stop_a), "the stalled stream was not reset");
+        assert!(!stopped(&stop_b), "the moving stream was stopped");
         drop(a);
         // No grant for the whole limit with the window shut: the client stopped reading.
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(dog.check(Instant::now()), Verdict::Stalled);
         drop(b);
+    }
+
+    /// A stream task that never finishes by itself, spawned through `StreamExec` for the
+    /// stream `open_stream` opened; `alive` closes when the task's future is dropped.
+    fn spawn_stream(
+        act: &Arc<ConnActivity>,
+    ) -> (Arc<StreamClock>, tokio::sync::oneshot::Receiver<()>) {
+        let guard = act.open_stream();
+        let clock = guard.clock.clone();
+        let (tx, alive) = tokio::sync::oneshot::channel::<()>();
+        let fut = Box::pin(async move {
+            let _held = (tx, guard);
+            std::future::pending::<()>().await
+        });
+        hyper::rt::Executor::execute(&StreamExec, fut);
+        (clock, alive)
+    }
+
+    #[tokio::test]
+    async fn a_stopped_stream_task_ends_whether_it_was_polled_or_not() {
+        let act = ConnActivity::new();
+        // Stopped after its first poll: the stop wakes it.
+        let (clock, alive) = spawn_stream(&act);
+        assert!(clock.stoppable.load(Ordering::Relaxed));
+        tokio::task::yield_now().await;
+        assert!(clock.waker.get().is_some(), "the task was not polled");
+        clock.stop();
+        let ended = tokio::time::timeout(Duration::from_secs(5), alive).await;
+        assert!(matches!(ended, Ok(Err(_))), "the stopped task still runs");
+        // Stopped before it ever ran.
+        let (clock, alive) = spawn_stream(&act);
+        clock.stop();
+        let ended = tokio::time::timeout(Duration::from_secs(5), alive).await;
+        assert!(matches!(ended, Ok(Err(_))), "the stopped task still runs");
+        // One not stopped goes on; a task spawned without open_stream has no stream to stop.
+        let (clock, mut alive) = spawn_stream(&act);
+        tokio::task::yield_now().await;
+        assert!(alive
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty));
+        drop(clock);
+        assert!(take_next_stream().is_none());
+        assert_eq!(act.open.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -631,16 +631,17 @@ impl Connection {
         let svc = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let info = info.clone();
-            let stream = activity.open();
+            // The stream's task, which hyper spawns next, can be stopped by the watchdog.
+            let stream = activity.open_stream();
             let activity = activity.clone();
-            let exchange = async move {
+            // Boxed once and built in place: hyper moves each stream's future into its H2Stream
+            // and tokio moves that into a task, which copied the >2 KB request future each time.
+            // Written straight into the box, not bound to a local first (that was one more copy).
+            Box::into_pin(Box::write(Box::new_uninit(), async move {
                 let req = req.map(ClientBody::H2);
                 let resp = proxy::handle(&proxy, req, &info, None).await;
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, stream)))
-            };
-            // Boxed once and built in place: hyper moves each stream's future into its H2Stream
-            // and tokio moves that into a task, which copied the >2 KB request future each time.
-            Box::into_pin(Box::write(Box::new_uninit(), exchange))
+            }))
         });
         let io = SendTimeout::new(io, limits.send_timeout);
         let io = TokioIo::new(CountWindow::new(Prefixed { read, io }, window));

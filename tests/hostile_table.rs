@@ -719,6 +719,15 @@ async fn a_stream_stalled_after_the_others_ended_is_reset_alone() {
     stalled_stream_among_others(true).await;
 }
 
+/// On a multi-thread runtime each stream is a task of its own (on a current-thread one, as in
+/// the tests above, the streams run in their connection's task): the stalled one is reset
+/// alone there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stalled_h2_stream_is_reset_alone_on_a_multi_thread_runtime() {
+    stalled_stream_among_others(false).await;
+    stalled_stream_among_others(true).await;
+}
+
 /// GET of `path` on `c`; returns the response body once the head is in.
 async fn h2_open(c: &mut h2::client::SendRequest<bytes::Bytes>, path: &str) -> h2::RecvStream {
     let mut ready = c
