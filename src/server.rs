@@ -434,9 +434,9 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode).holding(permit));
+        let snap = app.snapshot();
         // One deadline from the accept for the TLS handshake and the first request head.
-        let deadline =
-            tokio::time::Instant::now() + app.snapshot().config.proxy.header_read_timeout;
+        let deadline = tokio::time::Instant::now() + snap.config.proxy.header_read_timeout;
         let conn = Connection {
             app: app.clone(),
             proxy: proxy.clone(),
@@ -444,17 +444,15 @@ async fn serve_proxy(
             h2: h2.clone(),
             watcher: graceful.watcher(),
             deadline,
-            limits: ConnLimits::from(&app.snapshot().config.proxy),
+            limits: ConnLimits::from(&snap.config.proxy),
         };
+        drop(snap);
         // Each connection's future (the HTTP/1 server and, for h2, hyper's connection, a few
         // KB) is boxed and built in place: the task tracker and tokio's task cell then move a
         // pointer instead of copying it on every spawn.
         match &tls {
             None => {
-                let serve = conn.serve(stream, |s: TcpStream| {
-                    let (r, w) = s.into_split();
-                    (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
-                });
+                let serve = conn.serve(stream, TcpStream::into_split);
                 conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
             }
             Some(t) => {
@@ -478,11 +476,7 @@ async fn serve_proxy(
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         Box::pin(conn.serve_h2(stream, Bytes::new())).await;
                     } else {
-                        conn.serve(stream, |s| {
-                            let (r, w) = tokio::io::split(s);
-                            (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
-                        })
-                        .await;
+                        conn.serve(stream, tokio::io::split).await;
                     }
                 };
                 conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
@@ -559,9 +553,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Connection {
     /// Reads the first bytes: the h2 preface goes to hyper, anything else to our HTTP/1 server.
-    async fn serve<S>(self, mut io: S, split: impl FnOnce(S) -> (BoxRead, BoxWrite))
+    async fn serve<S, R, W>(self, mut io: S, split: impl FnOnce(S) -> (R, W))
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
     {
         let deadline = self.deadline;
         let mut first = BytesMut::new();
@@ -600,8 +596,9 @@ impl Connection {
             return;
         }
         let (r, w) = split(io);
+        // Each half boxed once (the write half with its send timeout inside the same box).
         let w: BoxWrite = Box::new(SendTimeout::new(w, self.limits.send_timeout));
-        let r = Reader::new(r, first);
+        let r = Reader::new(Box::new(r) as BoxRead, first);
         proxy::serve_h1(r, w, self.proxy, self.info, deadline, IDLE_AT_SHUTDOWN).await;
     }
 
