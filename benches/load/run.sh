@@ -684,7 +684,8 @@ log_percentiles() { # h2load --log-file -> "p50_ms p99_ms"
               printf "%.3f %.3f\n", a[i50] / 1000, a[i99] / 1000 }'
 }
 median() { # numbers on stdin (non-numeric ignored) -> median or n/a
-    grep -E '^[0-9.]+$' | sort -g | awk '{ a[NR] = $1 }
+    # `|| true`: no number at all (s_time gives no latencies) is "n/a", not a failed pipeline.
+    { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{ a[NR] = $1 }
         END { if (NR == 0) print "n/a"
               else if (NR % 2) print a[(NR + 1) / 2]
               else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
