@@ -912,7 +912,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     // First pass: framing, the connection's fate, and the names `Connection` lines take out
     // (they may come after the fields they name).
     let mut framing = FramingFields::default();
-    let (mut saw_close, mut saw_keep_alive, mut date) = (false, false, false);
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
     let mut named: Vec<Vec<u8>> = Vec::new();
     // Each field's kind, found once for both passes.
     let mut kinds_small = [0u8; 16];
@@ -931,7 +931,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
             CONTENT_LENGTH_FIELD => framing
                 .content_length(value)
                 .map_err(|e| ClientError::Protocol(framing_fault(e)))?,
-            DATE_FIELD => date = true,
             bits if bits & TRANSFER_ENCODING_BIT != 0 => framing.transfer_encoding(value),
             bits if bits & CONNECTION_BIT != 0 => {
                 for token in value.split(|b| *b == b',') {
@@ -957,34 +956,68 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         Err(e) => return Err(ClientError::Protocol(framing_fault(e))),
     };
 
-    // Second pass: the lines that go on, moved toward the front over those that do not. A
-    // line never grows (`name:` then the value as sent, less trailing whitespace), so it is
-    // written before the next line starts.
-    // Hop-by-hop fields stop here, except on a 101, whose Upgrade/Connection the client needs.
+    // Which fields go on, decided before any byte moves (a `Connection` line may name a field
+    // that comes before it). Hop-by-hop fields stop here, except on a 101, whose
+    // Upgrade/Connection the client needs.
     let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
-    let start = spans.first().map_or(len, |s| s.0 as usize);
-    let mut w = start;
-    for (&(n, nl, v, vl), &bits) in spans.iter().zip(kinds.iter()) {
-        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
-        let dropped = bits == CONTENT_LENGTH_FIELD
+    let mut date = false;
+    for (&(n, nl, _, _), kind) in spans.iter().zip(kinds.iter_mut()) {
+        let name = &head[n as usize..(n + nl) as usize];
+        let dropped = *kind == CONTENT_LENGTH_FIELD
             || (!keep_hops
-                && (bits & HOP_FIELDS != 0
-                    || named
-                        .iter()
-                        .any(|t| t.eq_ignore_ascii_case(&head[n..n + nl]))));
+                && (*kind & HOP_FIELDS != 0 || named.iter().any(|t| t.eq_ignore_ascii_case(name))));
         if dropped {
-            continue;
+            *kind = DROPPED;
+        } else if *kind == DATE_FIELD {
+            // Only a Date that goes on spares the server its own (RFC 9110 6.6.1).
+            date = true;
         }
-        let end = if vl == 0 { n + nl + 1 } else { v + vl };
-        head.copy_within(n..end, w);
-        codec::lowercase_name(&mut head[w..w + nl]);
-        w += end - n;
-        head[w..w + 2].copy_from_slice(b"\r\n");
-        w += 2;
     }
-    head.truncate(w);
-    head.advance(start);
-    let fields = Fields::new(head.freeze(), framing.length(), date);
+
+    // Second pass: the lines that go on, each `name:value\r\n`. Where every line ends in CRLF
+    // they move toward the front of the head's own buffer over those that do not: a line never
+    // grows (`name:` then the value as sent, less trailing whitespace), so it is written before
+    // the next line starts. A lone LF (RFC 9112 2.2 lets a recipient accept one) would make its
+    // line a byte longer: such a head is copied out instead.
+    let start = spans.first().map_or(len, |s| s.0 as usize);
+    let crlf_only =
+        !memchr::memchr_iter(b'\n', &head[start..]).any(|i| i == 0 || head[start + i - 1] != b'\r');
+    let kept = spans
+        .iter()
+        .zip(kinds.iter())
+        .filter(|(_, &kind)| kind != DROPPED)
+        .map(|(&(n, nl, v, vl), _)| {
+            let (n, nl) = (n as usize, nl as usize);
+            let end = if vl == 0 {
+                n + nl + 1
+            } else {
+                (v + vl) as usize
+            };
+            (n, nl, end)
+        });
+    let lines = if crlf_only {
+        let mut w = start;
+        for (n, nl, end) in kept {
+            head.copy_within(n..end, w);
+            codec::lowercase_name(&mut head[w..w + nl]);
+            w += end - n;
+            head[w..w + 2].copy_from_slice(b"\r\n");
+            w += 2;
+        }
+        head.truncate(w);
+        head.advance(start);
+        head.freeze()
+    } else {
+        let mut out = BytesMut::with_capacity(len - start + spans.len());
+        for (n, nl, end) in kept {
+            let at = out.len();
+            out.put_slice(&head[n..end]);
+            codec::lowercase_name(&mut out[at..at + nl]);
+            out.put_slice(b"\r\n");
+        }
+        out.freeze()
+    };
+    let fields = Fields::new(lines, framing.length(), date);
     let (fields, headers) = if keep_hops {
         let mut map = HeaderMap::new();
         fields.into_map(&mut map);
@@ -1007,6 +1040,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
 const CONTENT_LENGTH_FIELD: u8 = 128;
 const DATE_FIELD: u8 = 64;
 const HOP_FIELDS: u8 = 63;
+/// A field that does not go on (set between the passes; `response_field` never returns it).
+const DROPPED: u8 = 255;
 
 /// What a response field's name is to the client, by its bytes (any case): one of the two
 /// markers above, [`hop_bit`]'s bit, or 0.
@@ -1447,6 +1482,44 @@ mod tests {
         assert!(h.fields.is_empty());
         assert_eq!(h.headers["upgrade"], "websocket");
         assert_eq!(h.headers["connection"], "Upgrade");
+    }
+
+    /// A field line ended by a lone LF (RFC 9112 2.2: a recipient may accept it) comes out
+    /// whole with CRLF, and no line after it is touched (rewritten in place, such a line grew
+    /// by a byte: the next name lost its first byte, or the write ran past the head).
+    #[test]
+    fn response_fields_ended_by_a_lone_lf_come_out_whole() {
+        for (head, lines) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nX-A: 1\nX-B: 2\r\nContent-Length: 0\r\n\r\n"[..],
+                "x-a: 1\r\nx-b: 2\r\n",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nX-E:\nX-F: 3\r\nContent-Length: 0\r\n\r\n",
+                "x-e:\r\nx-f: 3\r\n",
+            ),
+            (b"HTTP/1.1 200 OK\nA: 1\nB: 2\n\n", "a: 1\r\nb: 2\r\n"),
+            (
+                b"HTTP/1.1 200 OK\nConnection: x-gone\nX-Kept: 1\nX-Gone: 2\n\n",
+                "x-kept: 1\r\n",
+            ),
+        ] {
+            let mut b = BytesMut::from(head);
+            let h = parse_head(&mut b).expect("ok").expect("complete");
+            assert_eq!(String::from_utf8_lossy(h.fields.lines()), lines);
+            assert!(b.is_empty());
+        }
+    }
+
+    /// A Date that a `Connection` line takes out does not count: the server writes its own.
+    #[test]
+    fn a_date_named_by_connection_is_not_kept() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\nConnection: date\r\nContent-Length: 0\r\n\r\n"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert!(!h.fields.has_date());
+        assert!(h.fields.lines().is_empty());
     }
 
     #[test]
