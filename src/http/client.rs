@@ -909,8 +909,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     let spans = codec::header_spans(buf, resp.headers, &mut small, &mut large);
     let mut head = buf.split_to(len);
 
-    // First pass: framing, the connection's fate, and the names `Connection` lines take out
-    // (they may come after the fields they name).
+    // First pass: framing, the connection's fate, which fields go on, and the names
+    // `Connection` lines take out (they may come after the fields they name). Hop-by-hop
+    // fields stop here, except on a 101, whose Upgrade/Connection the client needs. And
+    // whether every line ends with at least two bytes (CRLF, or LF after whitespace) before
+    // the next one starts: then each line fits where it was, see the second pass.
+    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
+    let (mut date, mut roomy) = (false, true);
     let mut framing = FramingFields::default();
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     let mut named: Vec<Vec<u8>> = Vec::new();
@@ -923,10 +928,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         kinds_large.resize(spans.len(), 0u8);
         &mut kinds_large[..]
     };
-    for (&(n, nl, v, vl), kind) in spans.iter().zip(kinds.iter_mut()) {
+    for (i, (&(n, nl, v, vl), kind)) in spans.iter().zip(kinds.iter_mut()).enumerate() {
         let name = &head[n as usize..(n + nl) as usize];
         let value = &head[v as usize..(v + vl) as usize];
+        let next = spans.get(i + 1).map_or(len, |s| s.0 as usize);
+        roomy &= next >= line_end(n, nl, v, vl) + 2;
         *kind = response_field(name);
+        // Only a Date that goes on spares the server its own (RFC 9110 6.6.1).
+        date |= *kind == DATE_FIELD;
         match *kind {
             CONTENT_LENGTH_FIELD => framing
                 .content_length(value)
@@ -948,6 +957,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
             }
             _ => {}
         }
+        if *kind == CONTENT_LENGTH_FIELD || (!keep_hops && *kind & HOP_FIELDS != 0) {
+            *kind = DROPPED;
+        }
+    }
+    if !keep_hops && !named.is_empty() {
+        // Fields a `Connection` line names, before or after it.
+        date = false;
+        for (&(n, nl, _, _), kind) in spans.iter().zip(kinds.iter_mut()) {
+            let name = &head[n as usize..(n + nl) as usize];
+            if named.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+                *kind = DROPPED;
+            }
+            date |= *kind == DATE_FIELD;
+        }
     }
     let decoder = match framing.decide() {
         Ok(BodyFraming::Length(n)) => Decoder::Length(n),
@@ -956,48 +979,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         Err(e) => return Err(ClientError::Protocol(framing_fault(e))),
     };
 
-    // Which fields go on, decided before any byte moves (a `Connection` line may name a field
-    // that comes before it). Hop-by-hop fields stop here, except on a 101, whose
-    // Upgrade/Connection the client needs.
-    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut date = false;
-    for (&(n, nl, _, _), kind) in spans.iter().zip(kinds.iter_mut()) {
-        let name = &head[n as usize..(n + nl) as usize];
-        let dropped = *kind == CONTENT_LENGTH_FIELD
-            || (!keep_hops
-                && (*kind & HOP_FIELDS != 0 || named.iter().any(|t| t.eq_ignore_ascii_case(name))));
-        if dropped {
-            *kind = DROPPED;
-        } else if *kind == DATE_FIELD {
-            // Only a Date that goes on spares the server its own (RFC 9110 6.6.1).
-            date = true;
-        }
-    }
-
-    // Second pass: the lines that go on, each `name:value\r\n`. Where every line ends in CRLF
-    // they move toward the front of the head's own buffer over those that do not: a line never
-    // grows (`name:` then the value as sent, less trailing whitespace), so it is written before
-    // the next line starts. A lone LF (RFC 9112 2.2 lets a recipient accept one) would make its
-    // line a byte longer: such a head is copied out instead.
+    // Second pass: the lines that go on, each `name:value\r\n`. Where every kept line has room
+    // for its CRLF they move toward the front of the head's own buffer over those that do not:
+    // a line then never grows, so it is written before the next line starts. A lone LF right
+    // after a value (RFC 9112 2.2 lets a recipient accept one) leaves one byte: such a head is
+    // copied out instead (rewritten in place, the next name lost its first byte, or the write
+    // ran past the head).
     let start = spans.first().map_or(len, |s| s.0 as usize);
-    let crlf_only =
-        !memchr::memchr_iter(b'\n', &head[start..]).any(|i| i == 0 || head[start + i - 1] != b'\r');
-    let kept = spans
-        .iter()
-        .zip(kinds.iter())
-        .filter(|(_, &kind)| kind != DROPPED)
-        .map(|(&(n, nl, v, vl), _)| {
-            let (n, nl) = (n as usize, nl as usize);
-            let end = if vl == 0 {
-                n + nl + 1
-            } else {
-                (v + vl) as usize
-            };
-            (n, nl, end)
-        });
-    let lines = if crlf_only {
+    let lines = if roomy {
         let mut w = start;
-        for (n, nl, end) in kept {
+        for (&(n, nl, v, vl), &kind) in spans.iter().zip(kinds.iter()) {
+            if kind == DROPPED {
+                continue;
+            }
+            let (n, nl, end) = (n as usize, nl as usize, line_end(n, nl, v, vl));
             head.copy_within(n..end, w);
             codec::lowercase_name(&mut head[w..w + nl]);
             w += end - n;
@@ -1009,7 +1004,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         head.freeze()
     } else {
         let mut out = BytesMut::with_capacity(len - start + spans.len());
-        for (n, nl, end) in kept {
+        for (&(n, nl, v, vl), &kind) in spans.iter().zip(kinds.iter()) {
+            if kind == DROPPED {
+                continue;
+            }
+            let (n, nl, end) = (n as usize, nl as usize, line_end(n, nl, v, vl));
             let at = out.len();
             out.put_slice(&head[n..end]);
             codec::lowercase_name(&mut out[at..at + nl]);
@@ -1042,6 +1041,17 @@ const DATE_FIELD: u8 = 64;
 const HOP_FIELDS: u8 = 63;
 /// A field that does not go on (set between the passes; `response_field` never returns it).
 const DROPPED: u8 = 255;
+
+/// Where a field line's `name:value` ends (its value less trailing whitespace; the colon for
+/// an empty value).
+#[inline]
+fn line_end(n: u32, nl: u32, v: u32, vl: u32) -> usize {
+    if vl == 0 {
+        (n + nl + 1) as usize
+    } else {
+        (v + vl) as usize
+    }
+}
 
 /// What a response field's name is to the client, by its bytes (any case): one of the two
 /// markers above, [`hop_bit`]'s bit, or 0.
