@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -911,10 +911,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
 
     // First pass: framing, the connection's fate, which fields go on, and the names
     // `Connection` lines take out (they may come after the fields they name). Hop-by-hop
-    // fields stop here, except on a 101, whose Upgrade/Connection the client needs. And
-    // whether every line ends with at least two bytes (CRLF, or LF after whitespace) before
-    // the next one starts: then each line fits where it was, see the second pass.
-    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
+    // fields stop here, except a 101's Upgrade, which the client needs (its `Connection:
+    // upgrade` is written anew below). And whether every line ends with at least two bytes
+    // (CRLF, or LF after whitespace) before the next one starts: then each line fits where it
+    // was, see the second pass. A 1xx has no body (RFC 9110 15.2): its framing fields are not
+    // read.
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let bodiless = status.is_informational();
     let (mut date, mut roomy) = (false, true);
     let mut framing = FramingFields::default();
     let (mut saw_close, mut saw_keep_alive) = (false, false);
@@ -937,10 +940,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         // Only a Date that goes on spares the server its own (RFC 9110 6.6.1).
         date |= *kind == DATE_FIELD;
         match *kind {
-            CONTENT_LENGTH_FIELD => framing
+            CONTENT_LENGTH_FIELD if !bodiless => framing
                 .content_length(value)
                 .map_err(|e| ClientError::Protocol(framing_fault(e)))?,
-            bits if bits & TRANSFER_ENCODING_BIT != 0 => framing.transfer_encoding(value),
+            bits if bits & TRANSFER_ENCODING_BIT != 0 && !bodiless => {
+                framing.transfer_encoding(value);
+            }
             bits if bits & CONNECTION_BIT != 0 => {
                 for token in value.split(|b| *b == b',') {
                     let token = token.trim_ascii();
@@ -957,22 +962,25 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
             }
             _ => {}
         }
-        if *kind == CONTENT_LENGTH_FIELD || (!keep_hops && *kind & HOP_FIELDS != 0) {
+        if *kind == CONTENT_LENGTH_FIELD
+            || (*kind & HOP_FIELDS != 0 && !(switching && *kind == UPGRADE_BIT))
+        {
             *kind = DROPPED;
         }
     }
-    if !keep_hops && !named.is_empty() {
+    if !named.is_empty() {
         // Fields a `Connection` line names, before or after it.
         date = false;
         for (&(n, nl, _, _), kind) in spans.iter().zip(kinds.iter_mut()) {
             let name = &head[n as usize..(n + nl) as usize];
-            if named.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+            if *kind != UPGRADE_BIT && named.iter().any(|t| t.eq_ignore_ascii_case(name)) {
                 *kind = DROPPED;
             }
             date |= *kind == DATE_FIELD;
         }
     }
     let decoder = match framing.decide() {
+        _ if bodiless => Decoder::Length(0),
         Ok(BodyFraming::Length(n)) => Decoder::Length(n),
         Ok(BodyFraming::Unframed) => Decoder::Eof,
         Ok(BodyFraming::Chunked) => Decoder::Chunked(ChunkState::Size),
@@ -1017,9 +1025,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         out.freeze()
     };
     let fields = Fields::new(lines, framing.length(), date);
-    let (fields, headers) = if keep_hops {
+    let (fields, headers) = if switching {
         let mut map = HeaderMap::new();
         fields.into_map(&mut map);
+        map.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         (Fields::default(), map)
     } else {
         (fields, HeaderMap::new())
@@ -1484,14 +1493,43 @@ mod tests {
         assert_eq!(map["content-length"], "2");
         assert!(map.get("x-late").is_none() && map.get("connection").is_none());
 
-        // A 101 keeps everything, as a map: the proxy reads its Upgrade and Connection.
+        // A 101 comes as a map: the proxy reads its Upgrade; its Connection is written anew.
         let mut b = BytesMut::from(
             &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
         );
         let h = parse_head(&mut b).expect("ok").expect("complete");
         assert!(h.fields.is_empty());
         assert_eq!(h.headers["upgrade"], "websocket");
-        assert_eq!(h.headers["connection"], "Upgrade");
+        assert_eq!(h.headers["connection"], "upgrade");
+    }
+
+    /// A 101 keeps its Upgrade, and `Connection: upgrade` alone: the other hop-by-hop fields,
+    /// and those its Connection line names, stop at the proxy (RFC 9110 7.6.1); its framing
+    /// fields mean nothing (no body follows a 1xx), so an odd one is no reason for a 502.
+    #[test]
+    fn a_101_passes_on_upgrade_and_no_other_hop_by_hop_field() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade, X-Hop\r\nUpgrade: websocket\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTransfer-Encoding: gzip\r\nContent-Length: 7\r\nX-Hop: secret\r\nX-Kept: 1\r\n\r\nws-bytes"[..],
+        );
+        let h = parse_head(&mut b)
+            .expect("a 101's framing fields are not read")
+            .expect("complete");
+        let mut names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["connection", "upgrade", "x-kept"]);
+        assert_eq!(h.headers["connection"], "upgrade");
+        assert_eq!(h.headers["upgrade"], "websocket");
+        // What follows the head is the tunnel's, untouched.
+        assert_eq!(&b[..], b"ws-bytes");
+
+        // Other 1xx answers are skipped by the exchange; an odd framing field on one is no
+        // error either.
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nTransfer-Encoding: gzip\r\nContent-Length: x\r\n\r\n"[..],
+        );
+        let h = parse_head(&mut b).expect("ok").expect("complete");
+        assert_eq!(h.framing, Decoder::Length(0));
+        assert_eq!(h.fields.lines(), b"link: </a.css>; rel=preload\r\n");
     }
 
     /// A field line ended by a lone LF (RFC 9112 2.2: a recipient may accept it) comes out
@@ -1596,7 +1634,7 @@ mod tests {
             );
         }
         // Hop-by-hop headers, and those a Connection line names, stop at the proxy; a 101
-        // keeps its Upgrade and Connection for the client.
+        // keeps its Upgrade, and Connection: upgrade, for the client.
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nX-Kept: 2\r\nContent-Length: 0\r\n\r\n"[..],
         );
