@@ -542,6 +542,72 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
     assert!(problems.is_empty(), "{problems:?}");
 }
 
+/// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
+/// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
+/// ends with whitespace (RFC 9113 8.2.1: malformed). (No `:authority` and no Host, which the
+/// h2 client cannot send: `validate::tests`.)
+#[tokio::test]
+async fn h2_fields_are_held_to_what_an_http1_head_is() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}max_headers = 10\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut c = h2_client(p.proxy).await;
+    up.take();
+    let mut problems = Vec::new();
+    let mut many = http::Request::get("http://a.example/many");
+    for i in 0..11 {
+        many = many.header(format!("x-h{i}"), "1");
+    }
+    let cases = [
+        (
+            "11 fields over max_headers = 10",
+            many.body(()).expect("req"),
+            431,
+        ),
+        (
+            "a value with a leading space",
+            http::Request::get("http://a.example/lead")
+                .header("x-lead", " a")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            "a value with a trailing tab",
+            http::Request::get("http://a.example/trail")
+                .header("x-trail", "b\t")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+    ];
+    for (what, req, want) in cases {
+        let status = h2_status(&mut c, req, true).await;
+        let reached = !up.take().is_empty();
+        if status != want || reached {
+            problems.push(format!(
+                "{what}: {status} (want {want}), reached the upstream: {reached}"
+            ));
+        }
+    }
+    // Within the limit and clean: served.
+    let mut ten = http::Request::get("http://a.example/ten");
+    for i in 0..9 {
+        ten = ten.header(format!("x-h{i}"), "a b");
+    }
+    let status = h2_status(&mut c, ten.body(()).expect("req"), true).await;
+    if status != 200 || up.take().is_empty() {
+        problems.push(format!("ten clean fields: {status}"));
+    }
+
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
 /// A normal GET on a fresh connection answers within a second (issue 14's bound).
 async fn served(addr: SocketAddr) -> bool {
     let start = tokio::time::Instant::now();

@@ -914,6 +914,12 @@ async fn upgrade_h2c_is_stripped_and_connect_is_405() {
         .expect("write");
     let head = read_head(&mut c).await;
     assert!(head.starts_with("HTTP/1.1 405"), "{head:?}");
+    // A 405 says which methods are taken (RFC 9110 15.5.6).
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nallow: get, head, post, put, delete, options, trace, patch\r\n"),
+        "{head:?}"
+    );
     assert_eq!(blue.hits(), 1);
     p.stop().await;
 }

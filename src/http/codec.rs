@@ -6,7 +6,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::headers::{put_header, trailer_allowed};
+use super::headers::{edge_whitespace, put_header, trailer_allowed};
 
 /// Longest chunk-size line (with extensions).
 pub const MAX_CHUNK_LINE: usize = 4096;
@@ -307,11 +307,12 @@ pub const CHUNK_END: &[u8] = b"\r\n";
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// The last chunk with a trailer section: the fields a trailer may carry
-/// ([`trailer_allowed`]), the others dropped.
+/// ([`trailer_allowed`]), the others dropped, as is a value that begins or ends with
+/// whitespace (an HTTP/2 client's: RFC 9113 8.2.1 makes it malformed; HTTP/1 parsers trim it).
 pub fn last_chunk_with(trailers: &HeaderMap) -> Bytes {
     let mut t = BytesMut::from(&b"0\r\n"[..]);
     for (name, value) in trailers {
-        if trailer_allowed(name) {
+        if trailer_allowed(name) && !edge_whitespace(value.as_bytes()) {
             put_header(&mut t, name.as_str().as_bytes(), value.as_bytes());
         }
     }
@@ -370,6 +371,18 @@ fn word(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Trailers keep what a trailer may carry; a value that begins or ends with whitespace (an
+    /// HTTP/2 client's, malformed by RFC 9113 8.2.1) stays behind with the framing fields.
+    #[test]
+    fn last_chunk_keeps_allowed_clean_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("x-good", http::HeaderValue::from_static("ok"));
+        t.insert("x-lead", http::HeaderValue::from_static(" a"));
+        t.insert("x-trail", http::HeaderValue::from_static("b\t"));
+        t.insert("content-length", http::HeaderValue::from_static("5"));
+        assert_eq!(&last_chunk_with(&t)[..], b"0\r\nx-good: ok\r\n\r\n");
+    }
 
     #[test]
     fn chunk_size_lines_are_hex() {

@@ -136,6 +136,13 @@ pub fn trailer_allowed(name: &HeaderName) -> bool {
         || is_x_forwarded(name))
 }
 
+/// A field value that begins or ends with SP or HTAB: HTTP/1 parsers trim such whitespace,
+/// an HTTP/2 message with it is malformed (RFC 9113 8.2.1).
+#[inline]
+pub fn edge_whitespace(v: &[u8]) -> bool {
+    matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t'))
+}
+
 /// One `name: value` line.
 #[inline]
 pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {

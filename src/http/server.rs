@@ -266,6 +266,25 @@ fn bad(why: &'static str) -> Refused {
     }
 }
 
+/// A request line whose version is not HTTP/1.0 or 1.1: a well-formed `HTTP/x.y` of another
+/// major version is 505 (RFC 9110 15.6.6), anything else a malformed line (400).
+fn version_refusal(buf: &[u8]) -> Refused {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() && *major != b'1' =>
+        {
+            Refused {
+                status: StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                ..bad("unsupported HTTP version\n")
+            }
+        }
+        _ => bad("unsupported HTTP version\n"),
+    }
+}
+
 fn too_large(why: &'static str) -> Refused {
     Refused {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -332,7 +351,7 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(too_large(TOO_MANY)),
-        Err(httparse::Error::Version) => return Err(bad("unsupported HTTP version\n")),
+        Err(httparse::Error::Version) => return Err(version_refusal(buf)),
         Err(_) => return Err(bad("malformed request head\n")),
     };
     if len > limits.max_header_bytes {
@@ -1455,6 +1474,39 @@ mod tests {
     }
 
     #[test]
+    fn other_http_versions_are_505_and_garbled_ones_400() {
+        for (input, status) in [
+            (
+                &b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"[..],
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            ),
+            (
+                b"GET / HTTP/3.0\r\nHost: a\r\n\r\n",
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            ),
+            (
+                b"GET / HTTP/0.9\r\nHost: a\r\n\r\n",
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            ),
+            (
+                b"GET / HTTP/1.x\r\nHost: a\r\n\r\n",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                b"GET / HTTP/22.0\r\nHost: a\r\n\r\n",
+                StatusCode::BAD_REQUEST,
+            ),
+            (b"GET / FTP/2.0\r\nHost: a\r\n\r\n", StatusCode::BAD_REQUEST),
+        ] {
+            let text = String::from_utf8_lossy(input);
+            match parse(input) {
+                Err(r) => assert_eq!(r.status, status, "{text:?}"),
+                Ok(_) => panic!("accepted {text:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn smuggling_shapes_are_refused() {
         let cases: &[(&[u8], Option<&str>)] = &[
             (b"GET / HTTP/1.1\nHost: x\r\n\r\n", Some("bare_lf")),
@@ -1478,7 +1530,7 @@ mod tests {
             (b"GET / HTTP/1.1\r\nX-A : b\r\n\r\n", None),
             (b"GET / HTTP/1.1\r\nX-A: b\0c\r\n\r\n", None),
             (b"GET / HTTP/1.1\r\nX-A: b\rc\r\n\r\n", None),
-            (b"GET / HTTP/2.0\r\n\r\n", None),
+            (b"GET / HTTP/1.x\r\n\r\n", None),
         ];
         for (input, metric) in cases {
             let got = parse(input);

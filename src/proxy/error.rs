@@ -24,6 +24,9 @@ pub enum ProxyError {
     ConnectMethod,
     #[error("malformed request: {}", .0.trim_end())]
     Malformed(&'static str),
+    /// More header fields than `max_headers` (HTTP/2; an HTTP/1 head is refused as it is read).
+    #[error("too many header fields")]
+    TooManyHeaders,
     /// Routing: nothing to send the request to.
     #[error("no service matches the request")]
     NoService,
@@ -81,6 +84,12 @@ impl ProxyError {
                 true,
             ),
             Malformed(text) => (StatusCode::BAD_REQUEST, *text, None, true),
+            TooManyHeaders => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields\n",
+                None,
+                true,
+            ),
             NoService => (
                 StatusCode::NOT_FOUND,
                 "no service matches this request\n",
@@ -154,6 +163,16 @@ impl ProxyError {
     pub fn response(&self) -> Response<ProxyBody> {
         let a = self.answer();
         let mut resp = text(a.status, a.text);
+        if let ProxyError::ConnectMethod = self {
+            // A 405 names the methods the target does take (RFC 9110 15.5.6): every other one
+            // is passed on.
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static(
+                    "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH",
+                ),
+            );
+        }
         if a.close {
             resp.extensions_mut().insert(CloseConnection);
         }

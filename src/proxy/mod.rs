@@ -356,7 +356,7 @@ async fn route_and_forward(
     let start = Instant::now();
     // 1. Validate. A refused request closes its connection: what a client pipelined behind it
     // is not run.
-    let host = match check(&mut req) {
+    let host = match check(proxy, &mut req) {
         Ok(host) => host,
         Err(e) => return served(e.response()),
     };
@@ -470,9 +470,18 @@ struct Rewritten {
 
 /// Step 1: CONNECT, the request target and the Host; an absolute-form target becomes origin
 /// form, its authority the Host.
-fn check(req: &mut Request<ClientBody>) -> Result<Host, ProxyError> {
+fn check(proxy: &Proxy, req: &mut Request<ClientBody>) -> Result<Host, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectMethod);
+    }
+    if req.version() == Version::HTTP_2 {
+        let max_headers = proxy.routes.load().config.proxy.max_headers;
+        validate::h2_fields(req, max_headers).map_err(|e| match e {
+            validate::H2FieldsError::TooMany => ProxyError::TooManyHeaders,
+            validate::H2FieldsError::Whitespace => {
+                ProxyError::Malformed("a field value begins or ends with whitespace\n")
+            }
+        })?;
     }
     validate::target(req).map_err(ProxyError::Malformed)?;
     let host = match validate::request_host(req).map_err(ProxyError::Malformed)? {

@@ -6,12 +6,37 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http::codec::parse_length;
+use crate::http::headers::edge_whitespace;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
 
 /// The request target's form (RFC 9112 3.2): origin form (`/path`), absolute form
 /// (`http://host/path`, HTTP/1 only), or `*` for OPTIONS. The authority form is CONNECT's only
 /// (refused before this); anything else (`x`, `a:80`) is refused.
+/// What an HTTP/1 parser checks as it reads a head, checked on an HTTP/2 request's fields:
+/// no more than `max_headers` of them (431), and no value that begins or ends with whitespace
+/// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it).
+pub fn h2_fields<B>(req: &Request<B>, max_headers: usize) -> Result<(), H2FieldsError> {
+    if req.headers().len() > max_headers {
+        return Err(H2FieldsError::TooMany);
+    }
+    if req
+        .headers()
+        .values()
+        .any(|v| edge_whitespace(v.as_bytes()))
+    {
+        return Err(H2FieldsError::Whitespace);
+    }
+    Ok(())
+}
+
+/// Why [`h2_fields`] refused a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum H2FieldsError {
+    TooMany,
+    Whitespace,
+}
+
 pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     if req.version() == Version::HTTP_2 {
         // HTTP/1 lengths are checked as the head is parsed; an h2 one is only advisory to h2,
@@ -140,6 +165,11 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
     }
     let value = match (authority, first) {
         (_, None) if req.version() == Version::HTTP_11 => return Err("missing Host header\n"),
+        // An `http`/`https` URI needs a host (RFC 9110 4.2.1); HTTP/2 carries it in
+        // `:authority` or Host (RFC 9113 8.3.1), and has no HTTP/1.0 to excuse its absence.
+        (None, None) if req.version() == Version::HTTP_2 => {
+            return Err("missing :authority and Host\n")
+        }
         // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed.
         (Some(a), Some(h)) if req.version() == Version::HTTP_2 => {
             if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
@@ -219,6 +249,37 @@ mod tests {
         *r.uri_mut() = target.parse().expect("uri");
         *r.version_mut() = version;
         r
+    }
+
+    /// An h2 request's fields meet what an HTTP/1 parser checks; an h2 request names a host.
+    #[test]
+    fn h2_fields_and_host() {
+        let mut r = req(Method::GET, "/x", Version::HTTP_2);
+        assert_eq!(h2_fields(&r, 10), Ok(()));
+        // No `:authority` and no Host: an http(s) URI without a host (RFC 9110 4.2.1).
+        assert!(request_host(&r).is_err());
+        // HTTP/1.0 may send neither; HTTP/1.1 must send Host.
+        assert_eq!(
+            request_host(&req(Method::GET, "/x", Version::HTTP_10)),
+            Ok(None)
+        );
+        assert!(request_host(&req(Method::GET, "/x", Version::HTTP_11)).is_err());
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a.example"));
+        assert!(request_host(&r).is_ok_and(|h| h.is_some()));
+        for i in 0..10 {
+            r.headers_mut().insert(
+                http::header::HeaderName::from_bytes(format!("x-{i}").as_bytes()).expect("name"),
+                HeaderValue::from_static("a b"),
+            );
+        }
+        assert_eq!(h2_fields(&r, 10), Err(H2FieldsError::TooMany));
+        assert_eq!(h2_fields(&r, 11), Ok(()));
+        for bad in [" a", "a ", "\ta", "a\t"] {
+            r.headers_mut()
+                .insert("x-0", HeaderValue::from_str(bad).expect("value"));
+            assert_eq!(h2_fields(&r, 11), Err(H2FieldsError::Whitespace), "{bad:?}");
+        }
     }
 
     #[test]
