@@ -110,6 +110,9 @@ pub fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked
 /// The trailer section after the last chunk, taken only once it is complete (up to its empty
 /// line), so that nothing is consumed from a section still arriving.
 pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
+    if buf.first() == Some(&b'\n') {
+        return Err("trailer line not ended by CRLF");
+    }
     if buf.len() < 2 {
         return Ok(Chunked::NeedMore);
     }
@@ -120,6 +123,11 @@ pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
     let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
         if buf.len() > MAX_TRAILERS {
             return Err("trailers too large");
+        }
+        // A lone LF cannot be part of a section that ends in CRLF CRLF: refused now, not after
+        // waiting for an end that never comes.
+        if memchr::memchr_iter(b'\n', buf).any(|i| i == 0 || buf[i - 1] != b'\r') {
+            return Err("trailer line not ended by CRLF");
         }
         return Ok(Chunked::NeedMore);
     };
@@ -371,6 +379,23 @@ fn word(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A trailer section with a lone LF is refused at once, not left waiting for CRLF CRLF.
+    #[test]
+    fn trailers_with_a_lone_lf_are_refused_at_once() {
+        for bad in [&b"\n"[..], b"\n\r\n", b"X-T: 1\n\r\n", b"X-T: 1\r\n\n"] {
+            let mut b = BytesMut::from(bad);
+            assert!(
+                take_trailers(&mut b).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut b = BytesMut::from(&b"X-T: 1\r\n"[..]);
+        assert!(matches!(take_trailers(&mut b), Ok(Chunked::NeedMore)));
+        b.extend_from_slice(b"\r\n");
+        assert!(matches!(take_trailers(&mut b), Ok(Chunked::Trailers(_))));
+    }
 
     /// Trailers keep what a trailer may carry; a value that begins or ends with whitespace (an
     /// HTTP/2 client's, malformed by RFC 9113 8.2.1) stays behind with the framing fields.
