@@ -266,15 +266,16 @@ fn bad(why: &'static str) -> Refused {
     }
 }
 
-/// A request line whose version is not HTTP/1.0 or 1.1: a well-formed `HTTP/x.y` of another
-/// major version is 505 (RFC 9110 15.6.6), anything else a malformed line (400).
+/// A request line whose version is not HTTP/1.0 or 1.1: a later HTTP/1 minor version is read
+/// as 1.1 ([`parse_head`], RFC 9110 2.5), a well-formed `HTTP/x.y` of another major version is
+/// 505 (RFC 9110 15.6.6), anything else a malformed line (400).
 fn version_refusal(buf: &[u8]) -> Refused {
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
-    match version {
+    match request_version(buf).1 {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => {
+            bad(HIGHER_MINOR)
+        }
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
-            if major.is_ascii_digit() && minor.is_ascii_digit() && *major != b'1' =>
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
         {
             Refused {
                 status: StatusCode::HTTP_VERSION_NOT_SUPPORTED,
@@ -283,6 +284,33 @@ fn version_refusal(buf: &[u8]) -> Refused {
         }
         _ => bad("unsupported HTTP version\n"),
     }
+}
+
+/// [`version_refusal`] for `HTTP/1.2` to `HTTP/1.9`, which [`parse_head`] reads again as 1.1.
+const HIGHER_MINOR: &str = "unsupported HTTP/1 minor version\n";
+
+/// Where the request line's version starts in `buf`, and its bytes (after the empty lines a
+/// request may be preceded by, RFC 9112 2.2, which httparse skips).
+fn request_version(buf: &[u8]) -> (usize, &[u8]) {
+    let mut start = 0;
+    loop {
+        match &buf[start..] {
+            [b'\r', b'\n', ..] => start += 2,
+            [b'\n', ..] => start += 1,
+            _ => break,
+        }
+    }
+    let end = memchr::memchr(b'\n', &buf[start..]).map_or(buf.len(), |i| start + i);
+    let end = if end > start && buf[end - 1] == b'\r' {
+        end - 1
+    } else {
+        end
+    };
+    let at = buf[start..end]
+        .iter()
+        .rposition(|&b| b == b' ')
+        .map_or(end, |i| start + i + 1);
+    (at, &buf[at..end])
 }
 
 fn too_large(why: &'static str) -> Refused {
@@ -316,12 +344,17 @@ pub struct Head {
 
 /// Parses one request head off the front of `buf`; `None` while incomplete.
 pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, Refused> {
-    let parsed = match parse_with(buf, limits, false) {
-        Err(r) if r.why == TOO_MANY && limits.max_headers > STACK_HEADERS => {
-            parse_with(buf, limits, true)
-        }
-        other => other,
-    };
+    let mut parsed = parse_with(buf, limits, false);
+    if matches!(&parsed, Err(r) if r.why == HIGHER_MINOR) {
+        // HTTP/1.2 and later minor versions are read as 1.1, the highest this server speaks
+        // (RFC 9110 2.5); the request goes on, and is answered, as HTTP/1.1.
+        let (at, _) = request_version(buf);
+        buf[at + 7] = b'1';
+        parsed = parse_with(buf, limits, false);
+    }
+    if matches!(&parsed, Err(r) if r.why == TOO_MANY) && limits.max_headers > STACK_HEADERS {
+        parsed = parse_with(buf, limits, true);
+    }
     // Refused before the head was split off: it is still at the front of `buf`.
     parsed.map_err(|r| r.with_line(buf))
 }
@@ -1475,6 +1508,24 @@ mod tests {
 
     #[test]
     fn other_http_versions_are_505_and_garbled_ones_400() {
+        // A later HTTP/1 minor version is read as HTTP/1.1 (RFC 9110 2.5), whole or in parts.
+        for input in [
+            &b"GET /a HTTP/1.2\r\nHost: a\r\n\r\n"[..],
+            b"\r\nGET /a HTTP/1.9\r\nHost: a\r\n\r\n",
+        ] {
+            let h = parse(input).ok().flatten().expect("read as HTTP/1.1");
+            assert_eq!((h.version, h.uri.path()), (Version::HTTP_11, "/a"));
+            assert!(h.keep_alive);
+        }
+        let mut b = BytesMut::from(&b"GET /a HTTP/1.2"[..]);
+        assert!(matches!(parse_head(&mut b, &limits()), Ok(None)));
+        b.extend_from_slice(b"\r\nHost: a\r\n\r\n");
+        let h = parse_head(&mut b, &limits())
+            .ok()
+            .flatten()
+            .expect("complete");
+        assert_eq!(h.version, Version::HTTP_11);
+
         for (input, status) in [
             (
                 &b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"[..],
@@ -1497,6 +1548,14 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
             (b"GET / FTP/2.0\r\nHost: a\r\n\r\n", StatusCode::BAD_REQUEST),
+            (
+                b"\r\nGET / HTTP/2.0\r\nHost: a\r\n\r\n",
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            ),
+            (
+                b"GET / HTTP/1.23\r\nHost: a\r\n\r\n",
+                StatusCode::BAD_REQUEST,
+            ),
         ] {
             let text = String::from_utf8_lossy(input);
             match parse(input) {
