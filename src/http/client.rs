@@ -1086,7 +1086,9 @@ fn framing_fault(e: FramingError) -> &'static str {
         FramingError::InvalidLength => "invalid Content-Length",
         FramingError::ConflictingLength => "conflicting Content-Length",
         FramingError::LengthAndTransferEncoding => "Content-Length with Transfer-Encoding",
-        FramingError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding",
+        FramingError::UnsupportedTransferEncoding | FramingError::UnimplementedCoding => {
+            "unsupported Transfer-Encoding"
+        }
     }
 }
 

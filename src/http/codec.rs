@@ -229,6 +229,11 @@ pub struct FramingFields {
     length: Option<u64>,
     te_lines: u32,
     chunked: bool,
+    /// Across every `Transfer-Encoding` line: the codings named, how many are `chunked`, and
+    /// whether the last one is.
+    codings: u32,
+    chunked_codings: u32,
+    last_chunked: bool,
 }
 
 /// Framing a message may not be relayed with (request smuggling).
@@ -238,6 +243,9 @@ pub enum FramingError {
     ConflictingLength,
     LengthAndTransferEncoding,
     UnsupportedTransferEncoding,
+    /// `chunked` last, once, after a coding this side does not implement (`gzip, chunked`):
+    /// the framing is clear, the coding is not supported (a request: 501, RFC 9112 6.1).
+    UnimplementedCoding,
 }
 
 /// How a message's body is framed, by its fields alone (RFC 9112 6.3).
@@ -264,6 +272,15 @@ impl FramingFields {
     pub fn transfer_encoding(&mut self, value: &[u8]) {
         self.te_lines += 1;
         self.chunked = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if coding.is_empty() {
+                continue;
+            }
+            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            self.codings += 1;
+            self.chunked_codings += u32::from(chunked);
+            self.last_chunked = chunked;
+        }
     }
 
     /// The `Content-Length` seen, if any.
@@ -286,6 +303,9 @@ impl FramingFields {
             (0, None) => Ok(BodyFraming::Unframed),
             (_, Some(_)) => Err(FramingError::LengthAndTransferEncoding),
             (1, None) if self.chunked => Ok(BodyFraming::Chunked),
+            _ if self.last_chunked && self.chunked_codings == 1 && self.codings > 1 => {
+                Err(FramingError::UnimplementedCoding)
+            }
             _ => Err(FramingError::UnsupportedTransferEncoding),
         }
     }

@@ -434,6 +434,13 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
                 ..bad(framing_refusal(e))
             }))
         }
+        // RFC 9112 6.1: a coding the server does not implement, in a framing it can read.
+        Err(e @ FramingError::UnimplementedCoding) => {
+            return Err(line_of(Refused {
+                status: StatusCode::NOT_IMPLEMENTED,
+                ..bad(framing_refusal(e))
+            }))
+        }
         Err(e) => return Err(line_of(bad(framing_refusal(e)))),
     };
     let http11 = version == Version::HTTP_11;
@@ -545,7 +552,9 @@ fn framing_refusal(e: FramingError) -> &'static str {
         FramingError::InvalidLength => "invalid Content-Length\n",
         FramingError::ConflictingLength => "conflicting Content-Length\n",
         FramingError::LengthAndTransferEncoding => "both Content-Length and Transfer-Encoding\n",
-        FramingError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding\n",
+        FramingError::UnsupportedTransferEncoding | FramingError::UnimplementedCoding => {
+            "unsupported Transfer-Encoding\n"
+        }
     }
 }
 
@@ -1507,6 +1516,28 @@ mod tests {
     }
 
     #[test]
+    fn transfer_codings_other_than_chunked_are_501_where_chunked_frames_the_body() {
+        for (input, status) in [
+            (&b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..], StatusCode::NOT_IMPLEMENTED),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            // chunked not last, twice, or absent: the body's length cannot be known (RFC 9112 6.3).
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked, chunked\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::BAD_REQUEST),
+        ] {
+            let text = String::from_utf8_lossy(input);
+            match parse(input) {
+                Err(r) => assert_eq!(r.status, status, "{text:?}"),
+                Ok(_) => panic!("accepted {text:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn other_http_versions_are_505_and_garbled_ones_400() {
         // A later HTTP/1 minor version is read as HTTP/1.1 (RFC 9110 2.5), whole or in parts.
         for input in [
@@ -1582,7 +1613,7 @@ mod tests {
             (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", None),
             (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", None),
             (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", None),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", None),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", None),
             (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", None),
             (b"GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", None),
