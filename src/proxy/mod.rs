@@ -468,8 +468,9 @@ struct Rewritten {
     fields_to_map: bool,
 }
 
-/// Step 1: CONNECT, the request target and the Host; an absolute-form target becomes origin
-/// form, its authority the Host.
+/// Step 1: CONNECT, an h2 request's fields (what the HTTP/1 parser checks as it reads a head),
+/// the request target and the Host; an absolute-form target becomes origin form, its
+/// authority the Host.
 fn check(proxy: &Proxy, req: &mut Request<ClientBody>) -> Result<Host, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectMethod);

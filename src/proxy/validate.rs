@@ -10,9 +10,6 @@ use crate::http::headers::edge_whitespace;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
 
-/// The request target's form (RFC 9112 3.2): origin form (`/path`), absolute form
-/// (`http://host/path`, HTTP/1 only), or `*` for OPTIONS. The authority form is CONNECT's only
-/// (refused before this); anything else (`x`, `a:80`) is refused.
 /// What an HTTP/1 parser checks as it reads a head, checked on an HTTP/2 request's fields:
 /// no more than `max_headers` of them (431), and no value that begins or ends with whitespace
 /// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it).
@@ -37,6 +34,9 @@ pub enum H2FieldsError {
     Whitespace,
 }
 
+/// The request target's form (RFC 9112 3.2): origin form (`/path`), absolute form
+/// (`http://host/path`, HTTP/1 only), or `*` for OPTIONS. The authority form is CONNECT's only
+/// (refused before this); anything else (`x`, `a:80`) is refused.
 pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     if req.version() == Version::HTTP_2 {
         // HTTP/1 lengths are checked as the head is parsed; an h2 one is only advisory to h2,
