@@ -1515,6 +1515,15 @@ mod tests {
         assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
     }
 
+    /// `input` is refused, with `status`.
+    fn assert_refused_with(input: &[u8], status: StatusCode) {
+        let text = String::from_utf8_lossy(input);
+        match parse(input) {
+            Err(r) => assert_eq!(r.status, status, "{text:?}"),
+            Ok(_) => panic!("accepted {text:?}"),
+        }
+    }
+
     #[test]
     fn transfer_codings_other_than_chunked_are_501_where_chunked_frames_the_body() {
         for (input, status) in [
@@ -1529,11 +1538,7 @@ mod tests {
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::BAD_REQUEST),
         ] {
-            let text = String::from_utf8_lossy(input);
-            match parse(input) {
-                Err(r) => assert_eq!(r.status, status, "{text:?}"),
-                Ok(_) => panic!("accepted {text:?}"),
-            }
+            assert_refused_with(input, status);
         }
     }
 
@@ -1588,11 +1593,7 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
         ] {
-            let text = String::from_utf8_lossy(input);
-            match parse(input) {
-                Err(r) => assert_eq!(r.status, status, "{text:?}"),
-                Ok(_) => panic!("accepted {text:?}"),
-            }
+            assert_refused_with(input, status);
         }
     }
 
