@@ -306,11 +306,32 @@ fn request_version(buf: &[u8]) -> (usize, &[u8]) {
     } else {
         end
     };
-    let at = buf[start..end]
+    // After the method and the target, neither of which holds a space: where httparse reads
+    // the version.
+    let mut spaces = buf[start..end]
         .iter()
-        .rposition(|&b| b == b' ')
-        .map_or(end, |i| start + i + 1);
+        .enumerate()
+        .filter(|(_, &b)| b == b' ')
+        .map(|(i, _)| start + i + 1);
+    let at = spaces.nth(1).unwrap_or(end);
     (at, &buf[at..end])
+}
+
+/// Whether the request line has not ended yet and its version so far could still become a
+/// well-formed `HTTP/x.y` (httparse refuses `HTTP/2` before the `.0` arrives): then the head is
+/// incomplete, not refused, so that its status does not depend on how it was split.
+fn version_still_arriving(buf: &[u8]) -> bool {
+    let (at, version) = request_version(buf);
+    let line_open = memchr::memchr(b'\n', &buf[at..]).is_none();
+    line_open
+        && version.len() < 8
+        && version.iter().zip(b"HTTP/0.0").all(|(&b, &want)| {
+            if want == b'0' {
+                b.is_ascii_digit()
+            } else {
+                b == want
+            }
+        })
 }
 
 fn too_large(why: &'static str) -> Refused {
@@ -384,6 +405,10 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(too_large(TOO_MANY)),
+        Err(httparse::Error::Version) if buf.len() > limits.max_header_bytes => {
+            return Err(too_large("request head too large\n"))
+        }
+        Err(httparse::Error::Version) if version_still_arriving(buf) => return Ok(None),
         Err(httparse::Error::Version) => return Err(version_refusal(buf)),
         Err(_) => return Err(bad("malformed request head\n")),
     };
@@ -1553,6 +1578,17 @@ mod tests {
             assert_eq!((h.version, h.uri.path()), (Version::HTTP_11, "/a"));
             assert!(h.keep_alive);
         }
+        // The status does not depend on how the line arrives.
+        let mut b = BytesMut::from(&b"GET / HTTP/2"[..]);
+        assert!(matches!(parse_head(&mut b, &limits()), Ok(None)));
+        b.extend_from_slice(b".0\r\nHost: a\r\n\r\n");
+        assert!(parse_head(&mut b, &limits())
+            .is_err_and(|r| r.status == StatusCode::HTTP_VERSION_NOT_SUPPORTED));
+        // The version is the third token: a line with a stray word is malformed, and its
+        // buffer is left as it came.
+        let mut b = BytesMut::from(&b"GET / X HTTP/1.2\r\nHost: a\r\n\r\n"[..]);
+        assert!(parse_head(&mut b, &limits()).is_err_and(|r| r.status == StatusCode::BAD_REQUEST));
+        assert!(b.starts_with(b"GET / X HTTP/1.2\r\n"));
         let mut b = BytesMut::from(&b"GET /a HTTP/1.2"[..]);
         assert!(matches!(parse_head(&mut b, &limits()), Ok(None)));
         b.extend_from_slice(b"\r\nHost: a\r\n\r\n");
