@@ -1,7 +1,7 @@
 //! HTTP/1.x as clients speak it to the proxy (raw sockets): `Expect: 100-continue`, pipelining,
 //! HTTP/1.0 keep-alive and close-delimited bodies, HEAD framing, chunked responses, bodies the
 //! proxy never reads, idle connections at shutdown, clients that leave mid-request, `Date`,
-//! silent connections and the first head's deadline.
+//! silent connections and the first head's deadline, an upstream's 1xx heads.
 mod common;
 use common::*;
 
@@ -43,7 +43,8 @@ async fn read_response(
         .lines()
         .find_map(|l| l.strip_prefix("content-length: "))
         .and_then(|v| v.trim().parse::<usize>().ok());
-    if head_request || head.starts_with("HTTP/1.1 100") {
+    // No body follows a 1xx.
+    if head_request || head.starts_with("HTTP/1.1 1") {
         return (head, Vec::new());
     }
     if let Some(n) = length {
@@ -613,5 +614,124 @@ async fn switching_protocols_framing() {
     let mut buf = Vec::new();
     let (head, _) = read_response(&mut s, &mut buf, false).await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head:?}");
+    p.stop().await;
+}
+
+/// An upstream that answers `GET /one` with a `103 Early Hints` (carrying hop-by-hop fields
+/// too), then waits for `go` before its `200`; anything else with 40 interim heads (`103` and
+/// `102`) and the `200` at once.
+async fn early_hints_upstream(go: std::sync::Arc<tokio::sync::Notify>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let go = go.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let one = buf.starts_with(b"GET /one ");
+                    buf.drain(..end + 4);
+                    let hint: &[u8] = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\r\n";
+                    let done: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                    if one {
+                        if s.write_all(hint).await.is_err() {
+                            return;
+                        }
+                        go.notified().await;
+                    } else {
+                        let mut all = Vec::new();
+                        for i in 0..40 {
+                            all.extend_from_slice(if i % 2 == 0 {
+                                hint
+                            } else {
+                                b"HTTP/1.1 102 Processing\r\n\r\n"
+                            });
+                        }
+                        if s.write_all(&all).await.is_err() {
+                            return;
+                        }
+                    }
+                    if s.write_all(done).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// RFC 9110 15.2: a proxy forwards the 1xx responses it did not ask for. An HTTP/1.1 client
+/// gets the upstream's `103` as it comes (before the upstream has answered), without its
+/// hop-by-hop fields, then the response; at most 16 interim heads per request; an HTTP/1.0
+/// client gets none (a server must not send it a 1xx).
+#[tokio::test]
+async fn an_upstreams_interim_responses_reach_http11_clients() {
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = early_hints_upstream(go.clone()).await;
+    let p = start(up, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // The upstream sends its 200 only once the 103 has reached the client.
+    let (hint, _) = read_response(&mut s, &mut buf, false).await;
+    go.notify_one();
+    let lower = hint.to_ascii_lowercase();
+    assert!(hint.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{hint:?}");
+    assert!(
+        lower.contains("link: </a.css>; rel=preload\r\n"),
+        "{hint:?}"
+    );
+    for hop in [
+        "connection",
+        "x-hop",
+        "keep-alive",
+        "content-length",
+        "date",
+    ] {
+        assert!(!lower.contains(&format!("{hop}:")), "{hop} in {hint:?}");
+    }
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(body, b"ok\n");
+
+    // Forty interim heads: sixteen are passed on, then the response, on the same connection.
+    s.write_all(b"GET /many HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut interim = Vec::new();
+    let (head, body) = loop {
+        let (head, body) = read_response(&mut s, &mut buf, false).await;
+        if !head.starts_with("HTTP/1.1 1") {
+            break (head, body);
+        }
+        interim.push(head.lines().next().unwrap_or_default().to_string());
+    };
+    assert_eq!(interim.len(), 16, "{interim:?}");
+    assert_eq!(interim[1], "HTTP/1.1 102 Processing");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(body, b"ok\n");
+
+    // HTTP/1.0: the response alone.
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET /many HTTP/1.0\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(body, b"ok\n");
     p.stop().await;
 }

@@ -17,7 +17,8 @@
 //! 304 carry no body; `Transfer-Encoding: chunked`; `Content-Length`; else until close), where
 //! `Content-Length` with `Transfer-Encoding`, differing lengths or any coding but a single
 //! `chunked` are refused (request smuggling toward the client). `101` hands the connection to a
-//! tunnel. A connection goes back to the pool only when both messages ended cleanly and the
+//! tunnel; other 1xx heads go to the client's [`Interim`] when it has one, and are skipped
+//! otherwise. A connection goes back to the pool only when both messages ended cleanly and the
 //! upstream did not ask to close.
 //!
 //! Retries: a pooled connection the upstream closed while idle is noticed before use (a
@@ -56,6 +57,7 @@ use super::headers::{
     put_header, CONNECTION_BIT, KEEP_ALIVE_BIT, PROXY_CONNECTION_BIT, TE_BIT,
     TRANSFER_ENCODING_BIT, UPGRADE_BIT,
 };
+use super::interim::{self, Interim};
 use super::io::{poll_fill, poll_write_queue};
 use super::BoxError;
 
@@ -303,8 +305,10 @@ impl ConnPool {
             idempotent,
             head_request,
             timeouts,
+            interim,
             mut body,
         } = req;
+        let mut forwarded = 0u8;
         let give_back = |error, body: Option<B>| Failed {
             error,
             unsent: body.map(|body| Prepared {
@@ -313,6 +317,7 @@ impl ConnPool {
                 idempotent,
                 head_request,
                 timeouts,
+                interim: interim.clone(),
                 body,
             }),
         };
@@ -328,7 +333,9 @@ impl ConnPool {
                 },
             };
             let mut ex = Exchange::new(conn, head.clone(), body, upload, timeouts.send);
-            let err = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
+            let sink = interim.as_deref();
+            let err = match std::future::poll_fn(|cx| ex.poll_head(cx, sink, &mut forwarded)).await
+            {
                 Ok(resp) => return Ok(self.response(ex, resp, head_request, timeouts.body_idle)),
                 Err(e) => e,
             };
@@ -541,6 +548,8 @@ pub struct Prepared<B> {
     idempotent: bool,
     head_request: bool,
     timeouts: Timeouts,
+    /// Where 1xx heads go (an HTTP/1.1 client's connection); None: they are skipped.
+    interim: Option<Arc<Interim>>,
     body: B,
 }
 
@@ -554,12 +563,19 @@ impl<B: UploadBody> Prepared<B> {
             idempotent: is_idempotent(&parts.method),
             head_request: parts.method == Method::HEAD,
             timeouts,
+            interim: None,
             body,
         }
     }
 }
 
 impl<B> Prepared<B> {
+    /// The same request, its upstream's 1xx heads passed to `interim`.
+    pub fn with_interim(mut self, interim: Option<Arc<Interim>>) -> Prepared<B> {
+        self.interim = interim;
+        self
+    }
+
     /// The same request with its `Host` value replaced: for a Host the proxy filled in from
     /// the upstream's address (an HTTP/1.0 request without one), when the request goes to
     /// another upstream. Only on a retry, so the head is rebuilt rather than kept in parts.
@@ -836,8 +852,15 @@ impl<B: UploadBody> Exchange<B> {
         self.out.push_back(b);
     }
 
-    /// Drives the upload and reads until a final (non-1xx) response head.
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, ClientError>> {
+    /// Drives the upload and reads until a final (non-1xx) response head. Interim heads go
+    /// to `interim`, at most [`interim::MAX_FORWARDED`] of them (`forwarded` counts them);
+    /// without it they are skipped.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        interim: Option<&Interim>,
+        forwarded: &mut u8,
+    ) -> Poll<Result<ResponseHead, ClientError>> {
         self.poll_upload(cx)?;
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Err(ClientError::Closed));
@@ -849,6 +872,11 @@ impl<B: UploadBody> Exchange<B> {
                         if head.status.is_informational()
                             && head.status != StatusCode::SWITCHING_PROTOCOLS =>
                     {
+                        if let Some(sink) = interim.filter(|_| *forwarded < interim::MAX_FORWARDED)
+                        {
+                            sink.push(head.status, head.fields.lines());
+                            *forwarded += 1;
+                        }
                         continue;
                     }
                     Some(head) => return Poll::Ready(Ok(head)),

@@ -5,6 +5,7 @@
 //! - [`codec`]: HTTP/1.1 framing (lengths, the framing decision, chunked decoding and encoding,
 //!   header spans shared with the parsed head);
 //! - [`fields`]: a response's header fields as the upstream wrote them, relayed without a map;
+//! - [`interim`]: 1xx responses on their way from the upstream client to the HTTP/1 server;
 //! - [`io`]: the adaptive reader, the vectored writer, a stream with bytes read ahead in front;
 //! - [`body`]: the idle timer bodies use between frames;
 //! - [`server`]: the client side of HTTP/1.1, calling a [`server::Handler`] per request inline;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod codec;
 pub mod fields;
 pub mod headers;
+pub mod interim;
 pub mod io;
 pub mod server;
 

@@ -11,7 +11,8 @@
 //!
 //! What it speaks: HTTP/1.1 and 1.0 requests (keep-alive and pipelining), bodies by
 //! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered at once, as
-//! nginx does), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
+//! nginx does), an upstream's other 1xx heads written ahead of the response (HTTP/1.1
+//! clients), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
 //! with 400 and before anything reaches an upstream: what httparse refuses (obs-fold, a space
 //! before the colon, NUL, lone CR, bad tokens), a bare LF line end, `Content-Length` with
 //! `Transfer-Encoding`, differing or malformed lengths, any `Transfer-Encoding` but a single
@@ -29,6 +30,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -46,7 +48,19 @@ use super::codec::{
 };
 use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
+use super::interim::Interim;
 use super::{plain, CloseConnection};
+
+/// What the connection lends one request besides its head and body.
+#[derive(Default)]
+pub struct Hooks {
+    /// There when the request asked to upgrade: delivers the client's connection once a `101`
+    /// answer has been written.
+    pub on_upgrade: Option<OnUpgrade>,
+    /// There for an HTTP/1.1 request: 1xx heads pushed into it reach the client ahead of the
+    /// response (see [`Interim`]).
+    pub interim: Option<Arc<Interim>>,
+}
 
 /// What the server runs for each request, inline in the connection's task: the handler's
 /// future is polled by the connection itself (monomorphised, never boxed per request).
@@ -57,12 +71,11 @@ pub trait Handler: Send + Sync + 'static {
     /// The response body; its error ends the response early (the connection closes).
     type Body: Body<Data = Bytes, Error: std::fmt::Display> + BodyFields + Send + Unpin + 'static;
 
-    /// Answers one request. `on_upgrade` is there when the request asked to upgrade: it
-    /// delivers the client's connection once a `101` answer has been written.
+    /// Answers one request.
     fn call(
         &self,
         req: Request<Self::RequestBody>,
-        on_upgrade: Option<OnUpgrade>,
+        hooks: Hooks,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Whether the server is shutting down: the response being written is the connection's
@@ -1010,6 +1023,7 @@ pub async fn serve<H: Handler>(
         },
         timer: None,
         first_deadline: Some(first_deadline),
+        interim: None,
     };
     conn.run(reader).await;
 }
@@ -1022,6 +1036,8 @@ struct Conn<H> {
     timer: Option<Pin<Box<Sleep>>>,
     /// The first head's deadline, counted from the accept.
     first_deadline: Option<Instant>,
+    /// Where the handler leaves 1xx heads; made for the connection's first HTTP/1.1 request.
+    interim: Option<Arc<Interim>>,
 }
 
 /// What waiting for a request head came to.
@@ -1117,12 +1133,36 @@ impl<H: Handler> Conn<H> {
         // While the upstream works, the client's socket is watched: a client that goes away
         // cancels its request (the upstream connection is closed, nothing is recorded), as
         // hyper's server and nginx do.
+        //
+        // 1xx heads the upstream sent go out as they come, ahead of the response, to HTTP/1.1
+        // clients only (RFC 9110 15.2: never to an HTTP/1.0 one).
+        let interim = (version == Version::HTTP_11)
+            .then(|| self.interim.get_or_insert_with(Interim::new).clone());
         let mut complete = true;
         let resp = {
-            let mut handle = std::pin::pin!(self.handler.call(req, upgrade_rx));
+            let writer = &mut self.writer;
+            let hooks = Hooks {
+                on_upgrade: upgrade_rx,
+                interim: interim.clone(),
+            };
+            let mut handle = std::pin::pin!(self.handler.call(req, hooks));
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(resp) = handle.as_mut().poll(cx) {
+                let polled = handle.as_mut().poll(cx);
+                if let Some(interim) = &interim {
+                    while let Some(head) = interim.pop() {
+                        // The client's `Expect: 100-continue` is answered here (and went on to
+                        // the upstream too): the upstream's own 100 would be a second answer.
+                        if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
+                            writer.push(head);
+                        }
+                    }
+                }
+                if let Poll::Ready(resp) = polled {
                     return Poll::Ready(Some(resp));
+                }
+                if !writer.out.is_empty() {
+                    // Written as far as the client takes them; the rest goes with the response.
+                    let _ = writer.poll_write_out(cx);
                 }
                 ready!(watch_client(&mut r, &mut back, &mut complete, cx));
                 Poll::Ready(None)
@@ -1913,11 +1953,7 @@ mod tests {
         type RequestBody = RequestBody;
         type Body = http_body_util::Full<Bytes>;
 
-        async fn call(
-            &self,
-            req: Request<RequestBody>,
-            _on_upgrade: Option<OnUpgrade>,
-        ) -> Response<Self::Body> {
+        async fn call(&self, req: Request<RequestBody>, _hooks: Hooks) -> Response<Self::Body> {
             use http_body_util::BodyExt;
             let line = format!("{} {} ", req.method(), req.uri().path());
             let len = match req.into_body().collect().await {
