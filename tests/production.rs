@@ -540,6 +540,43 @@ async fn h2_upstream_pool_passes_trailers_end_to_end() {
     p.stop().await;
 }
 
+/// An HTTP/1.1 upstream's trailers reach an h2 client without the fields a trailer may not
+/// carry: a connection-specific one would make the client reset the stream (RFC 9113 8.2.2)
+/// and lose the whole response.
+#[tokio::test]
+async fn h1_upstream_trailers_reach_h2_clients_without_connection_fields() {
+    let up = raw_upstream(|_| {
+        Raw::Answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\
+              Connection: close\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\
+              Host: evil\r\nContent-Length: 99\r\nTE: gzip\r\nGrpc-Status: 0\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
+    let p = TestProxy::start(&service("api", &[up], &[dead_addr().await], "")).await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut s = h2(tcp).await;
+    let req = Request::get(format!("http://api.local:{}/t", p.proxy.port()))
+        .header("te", "trailers")
+        .body(Empty::new())
+        .expect("req");
+    let resp = tokio::time::timeout(T, s.send_request(req))
+        .await
+        .expect("timeout")
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let collected = tokio::time::timeout(T, resp.into_body().collect())
+        .await
+        .expect("timeout")
+        .expect("the response was lost");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["grpc-status"]);
+    assert_eq!(&collected.to_bytes()[..], b"hello");
+    p.stop().await;
+}
+
 /// A body that sends one frame and then never another (nor ends).
 struct Stalls(Option<Bytes>);
 impl http_body::Body for Stalls {

@@ -108,7 +108,8 @@ pub fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked
 }
 
 /// The trailer section after the last chunk, taken only once it is complete (up to its empty
-/// line), so that nothing is consumed from a section still arriving.
+/// line), so that nothing is consumed from a section still arriving; the fields a trailer may
+/// not carry are left out.
 pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
     if buf.first() == Some(&b'\n') {
         return Err("trailer line not ended by CRLF");
@@ -151,7 +152,12 @@ pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
         if trailers.len() >= MAX_TRAILER_FIELDS {
             return Err("too many trailers");
         }
-        trailers.append(name, value);
+        // Framing, hop-by-hop and routing fields do not belong in trailers (RFC 9110 6.5.1):
+        // dropped here for every client, as HTTP/2 ones reset the stream on a connection-
+        // specific field (RFC 9113 8.2.2), losing the whole response.
+        if trailer_allowed(&name) {
+            trailers.append(name, value);
+        }
     }
     Ok(Chunked::Trailers(trailers))
 }
