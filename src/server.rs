@@ -27,7 +27,7 @@ use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
 use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog};
 use crate::http::io::Prefixed;
-use crate::http::server::{BoxRead, BoxWrite, Hooks, Reader};
+use crate::http::server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode, Proxy};
 use crate::state::StateStore;
 use crate::tls::TlsSetup;
@@ -636,7 +636,7 @@ impl Connection {
             // Written straight into the box, not bound to a local first (that was one more copy).
             Box::into_pin(Box::write(Box::new_uninit(), async move {
                 let req = req.map(ClientBody::H2);
-                let resp = proxy::handle(&proxy, req, &info, Hooks::default()).await;
+                let resp = proxy::handle(&proxy, req, &info, None).await;
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, stream)))
             }))
         });

@@ -238,7 +238,8 @@ async fn a_request_lost_on_a_pooled_connection_is_retried_only_if_idempotent() {
 }
 
 /// A raw HTTP/1.1 upstream answering by path with responses hyper's client would have framed
-/// for us: no body after HEAD, 204 and 304, a 100 Continue first, chunked with trailers, and an
+/// for us: no body after HEAD, 204 and 304 (whatever their framing fields say), a 100
+/// Continue first, chunked with trailers, and an
 /// HTTP/1.0 body that ends when the connection closes. Counts connections.
 async fn framing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::AsyncWriteExt;
@@ -286,6 +287,13 @@ async fn framing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                     }
                     let answer: &[u8] = match path.as_str() {
                         "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                        // What the GET would carry; a HEAD answer ends at its empty line.
+                        "/head-te" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                        "/204-te" => b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip\r\n\r\n",
+                        "/304-both" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        "/304-list" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5, 6\r\n\r\n",
+                        // An empty list element is no coding (RFC 9110 5.6.1).
+                        "/chunked-comma" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n2\r\nok\r\n0\r\n\r\n",
                         "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
                         "/304" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
                         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
@@ -314,6 +322,14 @@ async fn upstream_responses_are_framed_and_their_connections_reused() {
     );
     assert_eq!(p.get("/204").await, (204, String::new()));
     assert_eq!(p.get("/304").await, (304, String::new()));
+    assert_eq!(
+        request(p.proxy, "HEAD", "/head-te", &[], none.clone()).await,
+        (200, String::new())
+    );
+    assert_eq!(p.get("/204-te").await, (204, String::new()));
+    assert_eq!(p.get("/304-both").await, (304, String::new()));
+    assert_eq!(p.get("/304-list").await, (304, String::new()));
+    assert_eq!(p.get("/chunked-comma").await, (200, "ok".to_string()));
     assert_eq!(p.get("/continue").await, (200, "ok".to_string()));
     assert_eq!(p.get("/chunked").await, (200, "hello world".to_string()));
     // Large bodies (the client's reads grow past their first 8 KiB) arrive byte for byte.

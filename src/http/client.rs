@@ -17,7 +17,7 @@
 //! 304 carry no body; `Transfer-Encoding: chunked`; `Content-Length`; else until close), where
 //! `Content-Length` with `Transfer-Encoding`, differing lengths or any coding but a single
 //! `chunked` are refused (request smuggling toward the client). `101` hands the connection to a
-//! tunnel; other 1xx heads go to the client's [`Interim`] when it has one, and are skipped
+//! tunnel; other 1xx heads are offered to an HTTP/1.1 client (see [`interim`]), and skipped
 //! otherwise. A connection goes back to the pool only when both messages ended cleanly and the
 //! upstream did not ask to close.
 //!
@@ -57,7 +57,7 @@ use super::headers::{
     put_header, CONNECTION_BIT, KEEP_ALIVE_BIT, PROXY_CONNECTION_BIT, TE_BIT,
     TRANSFER_ENCODING_BIT, UPGRADE_BIT,
 };
-use super::interim::{self, Interim};
+use super::interim;
 use super::io::{poll_fill, poll_write_queue};
 use super::BoxError;
 
@@ -305,9 +305,9 @@ impl ConnPool {
             idempotent,
             head_request,
             timeouts,
-            interim,
             mut body,
         } = req;
+        // 1xx heads passed on to the client, across attempts.
         let mut forwarded = 0u8;
         let give_back = |error, body: Option<B>| Failed {
             error,
@@ -317,7 +317,6 @@ impl ConnPool {
                 idempotent,
                 head_request,
                 timeouts,
-                interim: interim.clone(),
                 body,
             }),
         };
@@ -332,10 +331,15 @@ impl ConnPool {
                     Err(e) => return Err(give_back(e, Some(body))),
                 },
             };
-            let mut ex = Exchange::new(conn, head.clone(), body, upload, timeouts.send);
-            let sink = interim.as_deref();
-            let err = match std::future::poll_fn(|cx| ex.poll_head(cx, sink, &mut forwarded)).await
-            {
+            let mut ex = Exchange::new(
+                conn,
+                head.clone(),
+                body,
+                upload,
+                timeouts.send,
+                head_request,
+            );
+            let err = match std::future::poll_fn(|cx| ex.poll_head(cx, &mut forwarded)).await {
                 Ok(resp) => return Ok(self.response(ex, resp, head_request, timeouts.body_idle)),
                 Err(e) => e,
             };
@@ -548,8 +552,6 @@ pub struct Prepared<B> {
     idempotent: bool,
     head_request: bool,
     timeouts: Timeouts,
-    /// Where 1xx heads go (an HTTP/1.1 client's connection); None: they are skipped.
-    interim: Option<Arc<Interim>>,
     body: B,
 }
 
@@ -563,19 +565,12 @@ impl<B: UploadBody> Prepared<B> {
             idempotent: is_idempotent(&parts.method),
             head_request: parts.method == Method::HEAD,
             timeouts,
-            interim: None,
             body,
         }
     }
 }
 
 impl<B> Prepared<B> {
-    /// The same request, its upstream's 1xx heads passed to `interim`.
-    pub fn with_interim(mut self, interim: Option<Arc<Interim>>) -> Prepared<B> {
-        self.interim = interim;
-        self
-    }
-
     /// The same request with its `Host` value replaced: for a Host the proxy filled in from
     /// the upstream's address (an HTTP/1.0 request without one), when the request goes to
     /// another upstream. Only on a retry, so the head is rebuilt rather than kept in parts.
@@ -704,6 +699,8 @@ struct Exchange<B> {
     /// `upstream_send_timeout`: an upstream that takes no byte of the request for this long
     /// fails the exchange (its fault, not the client's).
     send_timer: IdleTimer,
+    /// The request is a HEAD: its answer has no body.
+    head_request: bool,
 }
 
 impl<B> Exchange<B> {
@@ -725,6 +722,7 @@ impl<B: UploadBody> Exchange<B> {
         body: B,
         upload: Upload,
         send_timeout: Duration,
+        head_request: bool,
     ) -> Exchange<B> {
         let mut out = std::mem::take(&mut conn.spare_out);
         out.push_back(head);
@@ -742,6 +740,7 @@ impl<B: UploadBody> Exchange<B> {
             body_polled: false,
             queued: 0,
             send_timer,
+            head_request,
         }
     }
 
@@ -852,13 +851,12 @@ impl<B: UploadBody> Exchange<B> {
         self.out.push_back(b);
     }
 
-    /// Drives the upload and reads until a final (non-1xx) response head. Interim heads go
-    /// to `interim`, at most [`interim::MAX_FORWARDED`] of them (`forwarded` counts them);
-    /// without it they are skipped.
+    /// Drives the upload and reads until a final (non-1xx) response head. Interim heads are
+    /// offered to the client (see [`interim`]), at most [`interim::MAX_FORWARDED`] of them
+    /// (`forwarded` counts them).
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
-        interim: Option<&Interim>,
         forwarded: &mut u8,
     ) -> Poll<Result<ResponseHead, ClientError>> {
         self.poll_upload(cx)?;
@@ -867,14 +865,14 @@ impl<B: UploadBody> Exchange<B> {
         };
         loop {
             if !conn.rbuf.is_empty() {
-                match parse_head(&mut conn.rbuf)? {
+                match parse_head(&mut conn.rbuf, self.head_request)? {
                     Some(head)
                         if head.status.is_informational()
                             && head.status != StatusCode::SWITCHING_PROTOCOLS =>
                     {
-                        if let Some(sink) = interim.filter(|_| *forwarded < interim::MAX_FORWARDED)
+                        if *forwarded < interim::MAX_FORWARDED
+                            && interim::offer(head.status, head.fields.lines())
                         {
-                            sink.push(head.status, head.fields.lines());
                             *forwarded += 1;
                         }
                         continue;
@@ -904,7 +902,8 @@ impl<B: UploadBody> Exchange<B> {
 /// Parses one response head off the front of `buf`; `None` if incomplete. The fields stay
 /// in the head's buffer as lines (see [`Fields`]), compacted in place over the hop-by-hop and
 /// framing fields that do not go on; only a `101` gets a map (the proxy reads its `Upgrade`).
-fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
+/// `head_request`: the answer to a HEAD, which has no body whatever its fields say.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, ClientError> {
     // Uninitialized slots: initializing 128 headers cost more than parsing a small head.
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -943,10 +942,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
     // upgrade` is written anew below). And whether every line ends with at least two bytes
     // (CRLF, or LF after whitespace) before the next one starts: then each line fits where it
     // was, see the second pass. A 1xx has no body (RFC 9110 15.2): its framing fields are not
-    // read.
+    // read. Nor has the answer to a HEAD, a 204 or a 304, which ends at its empty line whatever
+    // its fields say (RFC 9112 6.3): their Transfer-Encoding is not read, and their length
+    // (the size a GET would have had) goes on only when it is one valid value and no
+    // Transfer-Encoding makes it doubtful.
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    let bodiless = status.is_informational();
-    let (mut date, mut roomy) = (false, true);
+    let informational = status.is_informational();
+    let bodiless = informational
+        || head_request
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let (mut date, mut roomy, mut doubtful_length) = (false, true, false);
     let mut framing = FramingFields::default();
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     let mut named: Vec<Vec<u8>> = Vec::new();
@@ -968,11 +974,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         // Only a Date that goes on spares the server its own (RFC 9110 6.6.1).
         date |= *kind == DATE_FIELD;
         match *kind {
-            CONTENT_LENGTH_FIELD if !bodiless => framing
-                .content_length(value)
-                .map_err(|e| ClientError::Protocol(framing_fault(e)))?,
-            bits if bits & TRANSFER_ENCODING_BIT != 0 && !bodiless => {
-                framing.transfer_encoding(value);
+            CONTENT_LENGTH_FIELD if !informational => {
+                if let Err(e) = framing.content_length(value) {
+                    if !bodiless {
+                        return Err(ClientError::Protocol(framing_fault(e)));
+                    }
+                    doubtful_length = true;
+                }
+            }
+            bits if bits & TRANSFER_ENCODING_BIT != 0 => {
+                if bodiless {
+                    doubtful_length = true;
+                } else {
+                    framing.transfer_encoding(value);
+                }
             }
             bits if bits & CONNECTION_BIT != 0 => {
                 for token in value.split(|b| *b == b',') {
@@ -1052,7 +1067,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
         }
         out.freeze()
     };
-    let fields = Fields::new(lines, framing.length(), date);
+    let length = framing.length().filter(|_| !doubtful_length);
+    let fields = Fields::new(lines, length, date);
     let (fields, headers) = if switching {
         let mut map = HeaderMap::new();
         fields.into_map(&mut map);
@@ -1506,7 +1522,7 @@ mod tests {
                X-Empty:\r\nX-Late: 2\r\nSet-Cookie: a=1\r\nTE: trailers\r\n\
                Set-Cookie:   b=2\t \r\nProxy-Connection: close\r\nUpgrade: h2c\r\n\r\nok"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert_eq!(&b[..], b"ok");
         assert_eq!(
             String::from_utf8_lossy(h.fields.lines()),
@@ -1527,7 +1543,7 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert!(h.fields.is_empty());
         assert_eq!(h.headers["upgrade"], "websocket");
         assert_eq!(h.headers["connection"], "upgrade");
@@ -1541,7 +1557,7 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade, X-Hop\r\nUpgrade: websocket\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTransfer-Encoding: gzip\r\nContent-Length: 7\r\nX-Hop: secret\r\nX-Kept: 1\r\n\r\nws-bytes"[..],
         );
-        let h = parse_head(&mut b)
+        let h = parse_head(&mut b, false)
             .expect("a 101's framing fields are not read")
             .expect("complete");
         let mut names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
@@ -1557,7 +1573,7 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nTransfer-Encoding: gzip\r\nContent-Length: x\r\n\r\n"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert_eq!(h.framing, Decoder::Length(0));
         assert_eq!(h.fields.lines(), b"link: </a.css>; rel=preload\r\n");
     }
@@ -1583,7 +1599,7 @@ mod tests {
             ),
         ] {
             let mut b = BytesMut::from(head);
-            let h = parse_head(&mut b).expect("ok").expect("complete");
+            let h = parse_head(&mut b, false).expect("ok").expect("complete");
             assert_eq!(String::from_utf8_lossy(h.fields.lines()), lines);
             assert!(b.is_empty());
         }
@@ -1595,16 +1611,48 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\nConnection: date\r\nContent-Length: 0\r\n\r\n"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert!(!h.fields.has_date());
         assert!(h.fields.lines().is_empty());
+    }
+
+    /// The answer to a HEAD, a 204 and a 304 end at their empty line whatever their framing
+    /// fields say (RFC 9112 6.3): no 502 for what the GET would have carried. Their length
+    /// goes on only when it is one valid value and no Transfer-Encoding makes it doubtful.
+    #[test]
+    fn bodiless_answers_are_not_refused_for_their_framing_fields() {
+        for (head, head_request, length) in [
+            (&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..], true, None),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", true, Some(7)),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n", true, None),
+            (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip\r\n\r\n", false, None),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", false, None),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5, 6\r\n\r\n", false, None),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false, Some(5)),
+        ] {
+            let mut b = BytesMut::from(head);
+            let h = parse_head(&mut b, head_request)
+                .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(head)))
+                .expect("complete");
+            assert_eq!(h.framing, Decoder::Length(0));
+            assert_eq!(h.fields.length(), length, "{:?}", String::from_utf8_lossy(head));
+            assert!(h.keep_alive);
+        }
+        // The same fields on an answer with a body are still refused.
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(parse_head(&mut BytesMut::from(head), false).is_err());
+        }
     }
 
     #[test]
     fn response_heads_decide_framing() {
         let mut b =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nok\n"[..]);
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert_eq!(h.framing, Decoder::Length(3));
         assert!(h.keep_alive);
         assert_eq!(&b[..], b"ok\n");
@@ -1613,7 +1661,7 @@ mod tests {
         assert!(h.headers.is_empty());
 
         let mut b = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nabc"[..]);
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert_eq!((h.framing, h.keep_alive), (Decoder::Eof, false));
         // HTTP/1.0: kept only when asked, `close` wins in any order, never with chunked.
         for (head, kept) in [
@@ -1634,7 +1682,7 @@ mod tests {
                 false,
             ),
         ] {
-            let h = parse_head(&mut BytesMut::from(head))
+            let h = parse_head(&mut BytesMut::from(head), false)
                 .expect("ok")
                 .expect("complete");
             assert_eq!(h.keep_alive, kept, "{:?}", String::from_utf8_lossy(head));
@@ -1643,7 +1691,7 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert_eq!(
             (h.framing, h.keep_alive),
             (Decoder::Chunked(ChunkState::Size), false)
@@ -1658,7 +1706,7 @@ mod tests {
         ] {
             let mut b = BytesMut::from(bad);
             assert!(
-                parse_head(&mut b).is_err(),
+                parse_head(&mut b, false).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
@@ -1668,7 +1716,7 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nX-Kept: 2\r\nContent-Length: 0\r\n\r\n"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         let mut map = HeaderMap::new();
         h.fields.into_map(&mut map);
         let mut names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
@@ -1677,7 +1725,7 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
         );
-        let h = parse_head(&mut b).expect("ok").expect("complete");
+        let h = parse_head(&mut b, false).expect("ok").expect("complete");
         assert!(h.headers.contains_key("upgrade") && h.headers.contains_key("connection"));
 
         // More headers than the inline offset table holds; more than the parser accepts.
@@ -1689,15 +1737,17 @@ mod tests {
             v.extend_from_slice(b"content-length: 0\r\n\r\n");
             BytesMut::from(&v[..])
         };
-        let h = parse_head(&mut many(60)).expect("ok").expect("complete");
+        let h = parse_head(&mut many(60), false)
+            .expect("ok")
+            .expect("complete");
         let mut map = HeaderMap::new();
         h.fields.into_map(&mut map);
         assert_eq!(map.len(), 61);
         assert_eq!(map.get("x-h59").map(|v| v.as_bytes()), Some(&b"59"[..]));
-        assert!(parse_head(&mut many(MAX_RESPONSE_HEADERS)).is_err());
+        assert!(parse_head(&mut many(MAX_RESPONSE_HEADERS), false).is_err());
 
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
-        assert!(parse_head(&mut b).expect("partial").is_none());
+        assert!(parse_head(&mut b, false).expect("partial").is_none());
     }
 
     /// Decodes a whole chunked body fed in pieces of the given sizes; `None` on a framing error.
@@ -1767,7 +1817,7 @@ mod tests {
                 }
             }
             let mut buf = BytesMut::from(&input[..]);
-            let Ok(Some(head)) = parse_head(&mut buf) else {
+            let Ok(Some(head)) = parse_head(&mut buf, false) else {
                 continue;
             };
             if head.framing == Decoder::Chunked(ChunkState::Size) {

@@ -277,16 +277,21 @@ impl FramingFields {
     #[inline]
     pub fn transfer_encoding(&mut self, value: &[u8]) {
         self.te_lines += 1;
-        self.chunked = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        // Empty list elements (`chunked,`) are ignored (RFC 9110 5.6.1): the line is chunked
+        // when its one coding is.
+        let (mut codings, mut chunked_codings) = (0u32, 0u32);
         for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
             if coding.is_empty() {
                 continue;
             }
             let chunked = coding.eq_ignore_ascii_case(b"chunked");
-            self.codings += 1;
-            self.chunked_codings += u32::from(chunked);
+            codings += 1;
+            chunked_codings += u32::from(chunked);
             self.last_chunked = chunked;
         }
+        self.chunked = codings == 1 && chunked_codings == 1;
+        self.codings += codings;
+        self.chunked_codings += chunked_codings;
     }
 
     /// The `Content-Length` seen, if any.

@@ -1,54 +1,80 @@
 //! Interim (1xx) responses on their way from an upstream to an HTTP/1.1 client.
 //!
 //! RFC 9110 15.2: a proxy forwards the 1xx responses it did not ask for (`103 Early Hints`, a
-//! `100` an upstream sends unprompted, `102`). The upstream client reads them while it waits
-//! for the final head, deep inside the handler's future; the HTTP/1 server writes them. The
-//! two meet here: the client pushes each interim head, written out whole, and the server, which
-//! polls the handler's future inline in the connection's task, takes them after every poll of
-//! that future and queues them ahead of the final response. HTTP/1.0 clients get none (a server
-//! must not send them a 1xx), and neither do h2 clients (hyper's server cannot send one).
+//! `102`, a `100` an upstream sends unprompted). The upstream client reads them while it waits
+//! for the final head, deep inside the handler's future; the HTTP/1 server, which polls that
+//! future inline in the connection's task, writes them. They meet in a thread-local slot that
+//! is open only while the server polls an HTTP/1.1 request's handler ([`collect`]): the client
+//! [`offer`]s each interim head there, and the server takes them after the poll and queues them
+//! ahead of the response. Nothing is threaded through the proxy's layers, and a request that
+//! gets no 1xx pays two thread-local flag writes per poll. An exchange polled anywhere else (an
+//! h2 stream, an HTTP/1.0 request) finds the slot closed: its 1xx are skipped, as HTTP/1.0
+//! clients must get none and hyper's h2 server cannot send one.
 
-use std::sync::Arc;
+use std::cell::{Cell, RefCell};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use crossbeam_queue::SegQueue;
 use http::StatusCode;
 
 /// At most this many interim responses are forwarded per request; an upstream that sends more
 /// has the rest skipped (each is still read), so that one cannot fill the client's send queue.
 pub const MAX_FORWARDED: u8 = 16;
 
-/// The interim heads of one client connection's request in flight, oldest first. Lock-free;
-/// it allocates only once a head is pushed.
-#[derive(Default)]
-pub struct Interim {
-    heads: SegQueue<Bytes>,
+thread_local! {
+    /// Open while the server polls an HTTP/1.1 request's handler.
+    static OPEN: Cell<bool> = const { Cell::new(false) };
+    /// A head was offered during the poll.
+    static OFFERED: Cell<bool> = const { Cell::new(false) };
+    static HEADS: RefCell<Vec<Bytes>> = const { RefCell::new(Vec::new()) };
 }
 
-impl Interim {
-    pub fn new() -> Arc<Interim> {
-        Arc::new(Interim::default())
+/// Runs `poll` (one poll of an HTTP/1.1 request's handler) with the slot open, then hands
+/// `take` each head offered during it, oldest first.
+#[inline]
+pub fn collect<R>(poll: impl FnOnce() -> R, mut take: impl FnMut(Bytes)) -> R {
+    /// Closes the slot however the poll ends (a panic included).
+    struct Close;
+    impl Drop for Close {
+        fn drop(&mut self) {
+            OPEN.set(false);
+            // A poll that panicked leaves nothing for the next request on the thread.
+            if std::thread::panicking() {
+                OFFERED.set(false);
+                drop(HEADS.take());
+            }
+        }
     }
+    OPEN.set(true);
+    let close = Close;
+    let r = poll();
+    drop(close);
+    if OFFERED.replace(false) {
+        for head in HEADS.take() {
+            take(head);
+        }
+    }
+    r
+}
 
-    /// Queues a 1xx head for the client: `lines` are its `name:value\r\n` fields, hop-by-hop
-    /// fields already left out.
-    pub fn push(&self, status: StatusCode, lines: &[u8]) {
-        let reason = status.canonical_reason().unwrap_or("");
-        let mut head = BytesMut::with_capacity(16 + reason.len() + lines.len());
-        head.put_slice(b"HTTP/1.1 ");
-        head.put_slice(status.as_str().as_bytes());
-        head.put_u8(b' ');
-        head.put_slice(reason.as_bytes());
-        head.put_slice(b"\r\n");
-        head.put_slice(lines);
-        head.put_slice(b"\r\n");
-        self.heads.push(head.freeze());
+/// Offers a 1xx head for the client whose handler is being polled on this thread: `lines`
+/// are its `name:value\r\n` fields, hop-by-hop fields already left out. False when there is
+/// no such client (the head is skipped).
+pub fn offer(status: StatusCode, lines: &[u8]) -> bool {
+    if !OPEN.get() {
+        return false;
     }
-
-    /// The oldest head not yet taken.
-    pub fn pop(&self) -> Option<Bytes> {
-        self.heads.pop()
-    }
+    let reason = status.canonical_reason().unwrap_or("");
+    let mut head = BytesMut::with_capacity(16 + reason.len() + lines.len());
+    head.put_slice(b"HTTP/1.1 ");
+    head.put_slice(status.as_str().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(reason.as_bytes());
+    head.put_slice(b"\r\n");
+    head.put_slice(lines);
+    head.put_slice(b"\r\n");
+    HEADS.with_borrow_mut(|heads| heads.push(head.freeze()));
+    OFFERED.set(true);
+    true
 }
 
 #[cfg(test)]
@@ -56,19 +82,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heads_come_out_whole_and_in_order() {
-        let i = Interim::new();
-        assert!(i.pop().is_none());
-        i.push(StatusCode::EARLY_HINTS, b"link: </a.css>; rel=preload\r\n");
-        i.push(StatusCode::CONTINUE, b"");
-        assert_eq!(
-            i.pop().as_deref(),
-            Some(&b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"[..])
+    fn heads_offered_during_the_poll_come_out_whole_and_in_order() {
+        // Outside a poll nothing is taken.
+        assert!(!offer(StatusCode::EARLY_HINTS, b""));
+        let mut out = Vec::new();
+        let r = collect(
+            || {
+                assert!(offer(
+                    StatusCode::EARLY_HINTS,
+                    b"link: </a.css>; rel=preload\r\n"
+                ));
+                assert!(offer(StatusCode::CONTINUE, b""));
+                7
+            },
+            |h| out.push(h),
         );
+        assert_eq!(r, 7);
         assert_eq!(
-            i.pop().as_deref(),
-            Some(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            out,
+            [
+                &b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"[..],
+                b"HTTP/1.1 100 Continue\r\n\r\n"
+            ]
         );
-        assert!(i.pop().is_none());
+        // The slot is closed again, and empty.
+        assert!(!offer(StatusCode::PROCESSING, b""));
+        let mut again = 0;
+        collect(|| (), |_| again += 1);
+        assert_eq!(again, 0);
     }
 }

@@ -30,7 +30,6 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -48,19 +47,8 @@ use super::codec::{
 };
 use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
-use super::interim::Interim;
+use super::interim;
 use super::{plain, CloseConnection};
-
-/// What the connection lends one request besides its head and body.
-#[derive(Default)]
-pub struct Hooks {
-    /// There when the request asked to upgrade: delivers the client's connection once a `101`
-    /// answer has been written.
-    pub on_upgrade: Option<OnUpgrade>,
-    /// There for an HTTP/1.1 request: 1xx heads pushed into it reach the client ahead of the
-    /// response (see [`Interim`]).
-    pub interim: Option<Arc<Interim>>,
-}
 
 /// What the server runs for each request, inline in the connection's task: the handler's
 /// future is polled by the connection itself (monomorphised, never boxed per request).
@@ -71,11 +59,14 @@ pub trait Handler: Send + Sync + 'static {
     /// The response body; its error ends the response early (the connection closes).
     type Body: Body<Data = Bytes, Error: std::fmt::Display> + BodyFields + Send + Unpin + 'static;
 
-    /// Answers one request.
+    /// Answers one request. `on_upgrade` is there when the request asked to upgrade: it
+    /// delivers the client's connection once a `101` answer has been written. While an
+    /// HTTP/1.1 request's future is polled, 1xx heads can be offered to the client through
+    /// [`interim::offer`].
     fn call(
         &self,
         req: Request<Self::RequestBody>,
-        hooks: Hooks,
+        on_upgrade: Option<OnUpgrade>,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Whether the server is shutting down: the response being written is the connection's
@@ -1023,7 +1014,6 @@ pub async fn serve<H: Handler>(
         },
         timer: None,
         first_deadline: Some(first_deadline),
-        interim: None,
     };
     conn.run(reader).await;
 }
@@ -1036,8 +1026,6 @@ struct Conn<H> {
     timer: Option<Pin<Box<Sleep>>>,
     /// The first head's deadline, counted from the accept.
     first_deadline: Option<Instant>,
-    /// Where the handler leaves 1xx heads; made for the connection's first HTTP/1.1 request.
-    interim: Option<Arc<Interim>>,
 }
 
 /// What waiting for a request head came to.
@@ -1135,28 +1123,27 @@ impl<H: Handler> Conn<H> {
         // hyper's server and nginx do.
         //
         // 1xx heads the upstream sent go out as they come, ahead of the response, to HTTP/1.1
-        // clients only (RFC 9110 15.2: never to an HTTP/1.0 one).
-        let interim = (version == Version::HTTP_11)
-            .then(|| self.interim.get_or_insert_with(Interim::new).clone());
+        // clients only (RFC 9110 15.2: never to an HTTP/1.0 one). The client's `Expect:
+        // 100-continue` is answered here (and went on to the upstream too): the upstream's own
+        // 100 would be a second answer.
+        let interim = version == Version::HTTP_11;
         let mut complete = true;
         let resp = {
             let writer = &mut self.writer;
-            let hooks = Hooks {
-                on_upgrade: upgrade_rx,
-                interim: interim.clone(),
-            };
-            let mut handle = std::pin::pin!(self.handler.call(req, hooks));
+            let mut handle = std::pin::pin!(self.handler.call(req, upgrade_rx));
             std::future::poll_fn(|cx| {
-                let polled = handle.as_mut().poll(cx);
-                if let Some(interim) = &interim {
-                    while let Some(head) = interim.pop() {
-                        // The client's `Expect: 100-continue` is answered here (and went on to
-                        // the upstream too): the upstream's own 100 would be a second answer.
-                        if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
-                            writer.push(head);
-                        }
-                    }
-                }
+                let polled = if interim {
+                    interim::collect(
+                        || handle.as_mut().poll(cx),
+                        |head| {
+                            if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
+                                writer.push(head);
+                            }
+                        },
+                    )
+                } else {
+                    handle.as_mut().poll(cx)
+                };
                 if let Poll::Ready(resp) = polled {
                     return Poll::Ready(Some(resp));
                 }
@@ -1600,10 +1587,17 @@ mod tests {
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked, chunked\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", StatusCode::BAD_REQUEST),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::BAD_REQUEST),
         ] {
             assert_refused_with(input, status);
+        }
+        // Empty list elements are no codings (RFC 9110 5.6.1): still one chunked.
+        for input in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: , chunked ,,\r\n\r\n",
+        ] {
+            let h = parse(input).ok().flatten().expect("accepted");
+            assert!(matches!(h.framing, Framing::Chunked(_)), "{input:?}");
         }
     }
 
@@ -1953,7 +1947,11 @@ mod tests {
         type RequestBody = RequestBody;
         type Body = http_body_util::Full<Bytes>;
 
-        async fn call(&self, req: Request<RequestBody>, _hooks: Hooks) -> Response<Self::Body> {
+        async fn call(
+            &self,
+            req: Request<RequestBody>,
+            _on_upgrade: Option<OnUpgrade>,
+        ) -> Response<Self::Body> {
             use http_body_util::BodyExt;
             let line = format!("{} {} ", req.method(), req.uri().path());
             let len = match req.into_body().collect().await {

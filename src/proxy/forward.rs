@@ -15,22 +15,8 @@ use super::UpstreamBody;
 use crate::config::Protocol;
 use crate::http::client::{ClientError, Failed, PooledBody, Prepared, Timeouts};
 use crate::http::headers::strip_hop_by_hop;
-use crate::http::interim::Interim;
 use crate::http::BoxError;
 use crate::upstream::{Pool, Upstream};
-
-/// How a request goes out, besides the request itself.
-pub(super) struct Sending {
-    pub timeouts: Timeouts,
-    /// At most this many more upstreams after the first.
-    pub retries: u32,
-    /// The request's `Host` is the first upstream's address (the client sent none, see
-    /// `rewrite`); every other attempt carries its own upstream's.
-    pub host_from_upstream: bool,
-    /// Where an HTTP/1.1 upstream's 1xx heads go (an HTTP/1.1 client's; HTTP/2 upstreams'
-    /// are not passed on).
-    pub interim: Option<Arc<Interim>>,
-}
 
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
 /// pool, HTTP/2 on its multiplexed connection. A request the upstream cannot have acted on
@@ -38,23 +24,22 @@ pub(super) struct Sending {
 /// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
 /// its upstream (failure counter, passive health) but not in the window, where the request is
 /// recorded once, on `up`, the upstream of the last attempt.
+///
+/// `host_from_upstream`: the request's `Host` is the first upstream's address (the client sent
+/// none, see `rewrite`); every other attempt carries its own upstream's.
 pub(super) async fn forward(
     pool: &Pool,
     up: &mut Arc<Upstream>,
     req: Request<RequestBody>,
     fwd: &Forwarded<'_>,
-    sending: Sending,
+    timeouts: Timeouts,
+    retries: u32,
+    host_from_upstream: bool,
 ) -> Result<Response<UpstreamBody>, ClientError> {
-    let Sending {
-        timeouts,
-        retries,
-        host_from_upstream,
-        interim,
-    } = sending;
     let mut tried: Vec<Arc<Upstream>> = Vec::new();
     match pool.protocol {
         Protocol::Http1 => {
-            let mut req = Prepared::new(req, fwd, timeouts).with_interim(interim);
+            let mut req = Prepared::new(req, fwd, timeouts);
             loop {
                 let in_flight = up.begin();
                 let Failed { error, unsent } = match up.conns.send_prepared(req).await {

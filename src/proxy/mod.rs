@@ -60,7 +60,7 @@ use crate::access_log::{AccessLog, Logged, Routed, X_REQUEST_ID};
 use crate::config::{Color, Protocol};
 use crate::http::client::{PooledBody, Timeouts};
 use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
-use crate::http::server::{self, BoxWrite, Handler, Hooks, Limits, OnUpgrade, Reader, Settings};
+use crate::http::server::{self, BoxWrite, Handler, Limits, OnUpgrade, Reader, Settings};
 use crate::metrics::Metrics;
 use crate::routing::{Service, Snapshot};
 use crate::shutdown::Shutdown;
@@ -72,7 +72,7 @@ pub use error::{ProxyBody, ProxyError};
 pub use forwarded::{add_forwarded, Forwarded};
 pub use tunnel::Tunnels;
 
-use forward::{forward, Sending};
+use forward::forward;
 use outcome::{Outcome, RecordedBody};
 
 /// An upstream's response body on its way through the proxy.
@@ -264,9 +264,9 @@ impl Handler for ProxyConn {
     fn call(
         &self,
         req: Request<ClientBody>,
-        hooks: Hooks,
+        on_upgrade: Option<OnUpgrade>,
     ) -> impl Future<Output = Response<ServedBody>> + Send {
-        handle(&self.proxy, req, &self.info, hooks)
+        handle(&self.proxy, req, &self.info, on_upgrade)
     }
 
     fn shutting_down(&self) -> bool {
@@ -316,10 +316,10 @@ pub async fn handle(
     proxy: &Proxy,
     mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
-    hooks: Hooks,
+    on_upgrade: Option<OnUpgrade>,
 ) -> Response<ServedBody> {
     let Some(log) = &proxy.access_log else {
-        return route_and_forward(proxy, req, conn, hooks, None).await;
+        return route_and_forward(proxy, req, conn, on_upgrade, None).await;
     };
     let start = Instant::now();
     let id = log.request_id(req.headers().get(&X_REQUEST_ID));
@@ -335,7 +335,7 @@ pub async fn handle(
         req.headers(),
     );
     let mut routed = Routed::default();
-    let mut resp = route_and_forward(proxy, req, conn, hooks, Some(&mut routed)).await;
+    let mut resp = route_and_forward(proxy, req, conn, on_upgrade, Some(&mut routed)).await;
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     entry.status = resp.status().as_u16();
     entry.service = routed.service;
@@ -350,7 +350,7 @@ async fn route_and_forward(
     proxy: &Proxy,
     mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
-    hooks: Hooks,
+    on_upgrade: Option<OnUpgrade>,
     mut routed: Option<&mut Routed>,
 ) -> Response<ServedBody> {
     let start = Instant::now();
@@ -372,7 +372,7 @@ async fn route_and_forward(
     };
     // 3. Rewrite.
     let fwd = Forwarded::new(conn, host.value.as_ref());
-    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, hooks.on_upgrade) {
+    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
         Ok(r) => r,
         Err(e) => return served(e.response()),
     };
@@ -387,12 +387,9 @@ async fn route_and_forward(
         &mut up,
         req,
         &fwd,
-        Sending {
-            timeouts: route.timeouts,
-            retries: route.retries,
-            host_from_upstream: rewritten.host_from_upstream,
-            interim: hooks.interim,
-        },
+        route.timeouts,
+        route.retries,
+        rewritten.host_from_upstream,
     );
     let result = match tokio::time::timeout(route.request_timeout, attempt).await {
         Err(_) => Err(ProxyError::Timeout),
