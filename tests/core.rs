@@ -395,6 +395,77 @@ hello";
     p.stop().await;
 }
 
+/// `TE: trailers` (gRPC needs it end to end) goes on, named in `Connection` as RFC 9110
+/// 10.1.4 asks of a sender of TE; beside an upgrade's `Connection: upgrade` too.
+#[tokio::test]
+async fn te_trailers_goes_on_with_its_connection_option() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let req = b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: te, close\r\nTE: trailers\r\n\r\n";
+    let (status, _, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(echoed(&v, "te").as_deref(), Some("trailers"), "{v}");
+    assert_eq!(echoed(&v, "connection").as_deref(), Some("te"), "{v}");
+    p.stop().await;
+}
+
+/// RFC 9110 7.6.2: a TRACE or OPTIONS whose `Max-Forwards` is 0 is answered by the proxy as
+/// the final recipient (TRACE with the request it received, less credentials; OPTIONS with
+/// `Allow`); any other value goes on one lower; other methods' values go on untouched.
+#[tokio::test]
+async fn max_forwards_on_trace_and_options() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let before = blue.hits();
+
+    let req = b"TRACE /t?q=1 HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nCookie: secret=1\r\nX-Seen: yes\r\nConnection: close\r\n\r\n";
+    let (status, headers, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200);
+    assert!(
+        headers.contains(&("content-type".into(), "message/http".into())),
+        "{headers:?}"
+    );
+    let echo = String::from_utf8_lossy(&body).to_ascii_lowercase();
+    assert!(echo.starts_with("trace /t?q=1 http/1.1\r\n"), "{echo:?}");
+    assert!(
+        echo.contains("x-seen: yes\r\n") && echo.contains("max-forwards: 0\r\n"),
+        "{echo:?}"
+    );
+    assert!(!echo.contains("secret"), "{echo:?}");
+
+    let req = b"OPTIONS /o HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n";
+    let (status, headers, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200);
+    assert!(body.is_empty());
+    let allow = headers
+        .iter()
+        .find(|(k, _)| k == "allow")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        allow.as_deref(),
+        Some("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH")
+    );
+    assert_eq!(
+        blue.hits(),
+        before,
+        "a spent Max-Forwards reached the upstream"
+    );
+
+    let req = b"OPTIONS /echo HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(echoed(&v, "max-forwards").as_deref(), Some("2"), "{v}");
+
+    let req = b"GET /echo HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(echoed(&v, "max-forwards").as_deref(), Some("0"), "{v}");
+    p.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Flip, flip-all, rollback and the admin API's errors
 // ---------------------------------------------------------------------------------------------

@@ -168,9 +168,7 @@ impl ProxyError {
             // is passed on.
             resp.headers_mut().insert(
                 http::header::ALLOW,
-                http::HeaderValue::from_static(
-                    "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH",
-                ),
+                http::HeaderValue::from_static(super::validate::ALLOWED_METHODS),
             );
         }
         if a.close {

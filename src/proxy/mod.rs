@@ -74,6 +74,7 @@ pub use tunnel::Tunnels;
 
 use forward::forward;
 use outcome::{Outcome, RecordedBody};
+use validate::LastHop;
 
 /// An upstream's response body on its way through the proxy.
 pub type UpstreamBody = PooledBody<RequestBody>;
@@ -370,6 +371,10 @@ async fn route_and_forward(
         Ok(route) => route,
         Err(e) => return served(e.response()),
     };
+    // A TRACE or OPTIONS whose Max-Forwards is spent ends here.
+    if validate::max_forwards(&mut req) == LastHop::Answer {
+        return served(last_hop(&req));
+    }
     // 3. Rewrite.
     let fwd = Forwarded::new(conn, host.value.as_ref());
     let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
@@ -562,6 +567,11 @@ fn rewrite(
         }
         _ => None,
     };
+    // A sender of TE names it in Connection (RFC 9110 10.1.4); HTTP/2 has no Connection field.
+    if te_trailers && protocol == Protocol::Http1 {
+        req.headers_mut()
+            .append(header::CONNECTION, HeaderValue::from_static("te"));
+    }
     // Kept for the critical-path counters (only a pool that has some needs it) and the h2 URI.
     let path = (protocol == Protocol::H2 || !route.pool().critical.is_empty())
         .then(|| req.uri().path_and_query().cloned())
@@ -658,6 +668,30 @@ fn finish(
     };
     resp.body_mut().detach();
     served(error.response())
+}
+
+/// A TRACE or OPTIONS the proxy answers as the final recipient (RFC 9110 7.6.2): OPTIONS with
+/// the methods behind it, TRACE with the request it received.
+fn last_hop(req: &Request<ClientBody>) -> Response<ProxyBody> {
+    let mut resp = if req.method() == Method::TRACE {
+        let mut resp = Response::new(Either::Right(http_body_util::Full::new(
+            validate::trace_echo(req),
+        )));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("message/http"),
+        );
+        resp
+    } else {
+        Response::new(Either::Right(
+            http_body_util::Full::new(bytes::Bytes::new()),
+        ))
+    };
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static(validate::ALLOWED_METHODS),
+    );
+    resp
 }
 
 /// The proxy's own answer (or a tunnel's 101) as the server takes it, not logged yet.

@@ -1,6 +1,7 @@
 //! Request checks and rewrites, kept apart from the request path in [`crate::proxy`] that calls
 //! them: request targets (RFC 9112 3.2), the Host (RFC 9110 7.2), HTTP/2 `cookie` fields toward
-//! HTTP/1.1 (RFC 9113 8.2.3), and upgrade tokens (RFC 9110 7.8).
+//! HTTP/1.1 (RFC 9113 8.2.3), upgrade tokens (RFC 9110 7.8), and `Max-Forwards` on TRACE and
+//! OPTIONS (RFC 9110 7.6.2).
 
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -9,6 +10,72 @@ use crate::http::codec::parse_length;
 use crate::http::headers::edge_whitespace;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
+
+/// The methods a request target behind the proxy takes (CONNECT is refused): what a 405 and an
+/// OPTIONS answered by the proxy list in `Allow`.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+
+/// What a TRACE or OPTIONS request's `Max-Forwards` asks of the proxy (RFC 9110 7.6.2).
+#[derive(Debug, PartialEq, Eq)]
+pub enum LastHop {
+    /// No (valid) `Max-Forwards`, or another method: the request goes on as it is.
+    Forward,
+    /// Zero: the proxy answers as the final recipient.
+    Answer,
+}
+
+/// `Max-Forwards` on TRACE and OPTIONS: zero makes the proxy the final recipient; any other
+/// value goes on one lower. A value that is not a number is left as it is.
+pub fn max_forwards<B>(req: &mut Request<B>) -> LastHop {
+    if !matches!(*req.method(), Method::TRACE | Method::OPTIONS) {
+        return LastHop::Forward;
+    }
+    let Some(n) = req
+        .headers()
+        .get(header::MAX_FORWARDS)
+        .and_then(|v| parse_length(v.as_bytes()).ok())
+    else {
+        return LastHop::Forward;
+    };
+    if n == 0 {
+        return LastHop::Answer;
+    }
+    req.headers_mut()
+        .insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
+    LastHop::Forward
+}
+
+/// A TRACE answered by the proxy: the request as it arrived, as `message/http` content (RFC
+/// 9110 9.3.8), without the fields likely to carry credentials.
+pub fn trace_echo<B>(req: &Request<B>) -> bytes::Bytes {
+    let mut out = BytesMut::new();
+    out.put_slice(req.method().as_str().as_bytes());
+    out.put_u8(b' ');
+    let target = match req.uri().path_and_query() {
+        Some(p) if !p.as_str().is_empty() => p.as_str(),
+        _ => "/",
+    };
+    out.put_slice(target.as_bytes());
+    out.put_slice(match req.version() {
+        Version::HTTP_10 => b" HTTP/1.0\r\n",
+        Version::HTTP_2 => b" HTTP/2.0\r\n",
+        _ => b" HTTP/1.1\r\n",
+    });
+    for (name, value) in req.headers() {
+        if matches!(
+            *name,
+            header::AUTHORIZATION | header::PROXY_AUTHORIZATION | header::COOKIE
+        ) {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
 
 /// What an HTTP/1 parser checks as it reads a head, checked on an HTTP/2 request's fields:
 /// no more than `max_headers` of them (431), and no value that begins or ends with whitespace
