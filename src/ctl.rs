@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use crate::config::Color;
 use crate::ctl_client::{call, CtlArgs};
+use crate::{errln, outln};
 
 /// `switchyard ctl`: the global flags and one command.
 #[derive(Args, Debug)]
@@ -103,7 +104,7 @@ pub async fn run(ctl: Ctl) -> i32 {
         CtlCmd::Release(release) => return crate::release_ctl::run(&args, release).await,
     };
     if method == "POST" && args.token.as_deref().unwrap_or("").is_empty() {
-        eprintln!(
+        errln!(
             "error: this command needs the admin token: pass --token or set SWITCHYARD_ADMIN_TOKEN"
         );
         return 1;
@@ -116,14 +117,14 @@ pub async fn run(ctl: Ctl) -> i32 {
     .await;
     let (status, value) = match result {
         Err(_) => {
-            eprintln!(
+            errln!(
                 "error: no answer from the admin listener at {base} within {}",
                 humantime::format_duration(args.request_timeout())
             );
             return 1;
         }
         Ok(Err(e)) => {
-            eprintln!("error: cannot reach the admin listener at {base}: {e}\n(is switchyard running? set --admin or SWITCHYARD_ADMIN_URL)");
+            errln!("error: cannot reach the admin listener at {base}: {e}\n(is switchyard running? set --admin or SWITCHYARD_ADMIN_URL)");
             return 1;
         }
         Ok(Ok(x)) => x,
@@ -134,15 +135,15 @@ pub async fn run(ctl: Ctl) -> i32 {
             .and_then(Value::as_str)
             .unwrap_or("request failed");
         if args.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&value).unwrap_or_default()
             );
         }
-        eprintln!("error ({status}): {msg}");
+        errln!("error ({status}): {msg}");
         if let Some(errs) = value.get("errors").and_then(Value::as_array) {
             for e in errs {
-                eprintln!("  {}", e.as_str().unwrap_or_default());
+                errln!("  {}", e.as_str().unwrap_or_default());
             }
         }
         return 1;
@@ -154,7 +155,7 @@ pub async fn run(ctl: Ctl) -> i32 {
             }
             _ => value,
         };
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return 0;
     }
     print_answer(&cmd, &value);
@@ -167,7 +168,7 @@ fn print_answer(cmd: &CtlCmd, value: &Value) {
         CtlCmd::Status => print_status(value),
         CtlCmd::Events { limit } => print_events(value, *limit),
         CtlCmd::FlipAll { .. } => {
-            println!(
+            outln!(
                 "{}",
                 value
                     .get("message")
@@ -180,13 +181,13 @@ fn print_answer(cmd: &CtlCmd, value: &Value) {
                 .into_iter()
                 .flatten()
             {
-                println!(
+                outln!(
                     "  {}",
                     s.get("message").and_then(Value::as_str).unwrap_or_default()
                 );
             }
         }
-        _ => println!(
+        _ => outln!(
             "{}",
             value
                 .get("message")
@@ -233,7 +234,7 @@ fn traffic(v: &Value) -> String {
 }
 
 fn print_status(v: &Value) {
-    println!("window: {}s", s(v, "window_secs"));
+    outln!("window: {}s", s(v, "window_secs"));
     for svc in v
         .get("services")
         .and_then(Value::as_array)
@@ -256,7 +257,7 @@ fn print_status(v: &Value) {
         if svc.get("rollback_blocked").and_then(Value::as_bool) == Some(true) {
             flags.push("ROLLBACK BLOCKED".to_string());
         }
-        println!(
+        outln!(
             "\n{}  live: {}  previous: {}  generation: {}{}",
             s(svc, "name"),
             s(svc, "active").to_uppercase(),
@@ -274,14 +275,14 @@ fn print_status(v: &Value) {
             };
             let live = svc.get("active").and_then(Value::as_str) == Some(color);
             let mark = if live { "*" } else { " " };
-            println!("  {mark}{color:<5} {}", traffic(c));
+            outln!("  {mark}{color:<5} {}", traffic(c));
             for u in c
                 .get("upstreams")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
             {
-                println!("      {:<22} {}", s(u, "addr"), traffic(u));
+                outln!("      {:<22} {}", s(u, "addr"), traffic(u));
             }
         }
         for t in svc
@@ -299,7 +300,7 @@ fn print_status(v: &Value) {
                     Some(x) => x.to_string(),
                 },
             };
-            println!(
+            outln!(
                 "  trigger {:<12} {:<17} value={} threshold={}",
                 kind,
                 s(t, "state"),
@@ -327,11 +328,11 @@ fn print_analysis(t: &Value) {
             s(t, "on_error")
         ));
     }
-    println!("      {what}  [{}]", notes.join(", "));
+    outln!("      {what}  [{}]", notes.join(", "));
     if let Some(e) = t.get("error").and_then(Value::as_str) {
-        println!("      error: {e}");
+        outln!("      error: {e}");
     } else if let Some(d) = t.get("detail").and_then(Value::as_str) {
-        println!("      {d}");
+        outln!("      {d}");
     }
 }
 
@@ -342,10 +343,10 @@ fn print_events(v: &Value, limit: usize) {
         .cloned()
         .unwrap_or_default();
     if evs.is_empty() {
-        println!("no events yet");
+        outln!("no events yet");
     }
     for e in &evs[evs.len().saturating_sub(limit)..] {
-        println!(
+        outln!(
             "{}  {:<10} {:<16} {} -> {}  by {}: {}",
             s(e, "time"),
             s(e, "service"),

@@ -405,9 +405,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let plan = state_dir.join("release.toml");
     let _ = std::fs::create_dir_all(&state_dir);
     if let Err(e) = std::fs::write(&plan, DEMO_PLAN) {
-        eprintln!("cannot write the demo release plan {}: {e}", plan.display());
+        crate::errln!("cannot write the demo release plan {}: {e}", plan.display());
     }
-    println!(
+    crate::outln!(
         r#"
 Switchyard demo is running (Ctrl-C to stop).
 
@@ -468,7 +468,7 @@ Ship a release (from blue: api first, then panel; one rollback for both):
         },
     );
     wait_for_signal().await;
-    eprintln!("stopping the demo");
+    crate::errln!("stopping the demo");
     stop.cancel();
     running.shutdown().await;
     Ok(())

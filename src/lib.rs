@@ -11,7 +11,8 @@
 //! lifecycle), `upgrade` (handing the listeners to a new process), `resolve` (upstreams by
 //! name) and `dns_watch` (re-resolving them while running), `access_log`, plus the `demo` and `ctl` subcommands.
 //!
-//! The modules are private: the public surface is [`config`] and the re-exports below, which
+//! The modules are private: the public surface is [`config`], [`out`] (the CLI's stdout and
+//! stderr, which a closed pipe does not turn into a panic) and the re-exports below, which
 //! is what the binary (`src/main.rs`), `tests/`, `benches/` and `fuzz/` use.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ mod health;
 mod http;
 mod metrics;
 mod notify;
+pub mod out;
 mod passive;
 mod proxy;
 mod release;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::{self, StateBackend};
-use switchyard::{Options, StateStore};
+use switchyard::{errln, out, outln, Options, StateStore};
 
 /// `--version`: the crate version and the git commit it was built from (build.rs; "unknown"
 /// outside a git checkout, e.g. in a Docker build without `--build-arg SWITCHYARD_GIT_COMMIT`).
@@ -94,19 +94,19 @@ fn main() -> ExitCode {
             Ok(rt) => match rt.block_on(switchyard::run_demo(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    errln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
             },
             Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
+                errln!("error: cannot start the runtime: {e}");
                 ExitCode::FAILURE
             }
         },
         Cmd::Ctl(args) => match runtime(Some(1)) {
-            Ok(rt) => ExitCode::from(rt.block_on(switchyard::run_ctl(args)) as u8),
+            Ok(rt) => exit(rt.block_on(switchyard::run_ctl(args))),
             Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
+                errln!("error: cannot start the runtime: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -145,15 +145,20 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().thread_name("switchyard").build()
 }
 
+/// A command's exit code (`out::exit_code`: a success whose output could not be written is 1).
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(out::exit_code(code) as u8)
+}
+
 fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
-    eprintln!(
+    errln!(
         "{}: {} problem{}:",
         path.display(),
         errs.0.len(),
         if errs.0.len() == 1 { "" } else { "s" }
     );
     for e in &errs.0 {
-        eprintln!("  {e}");
+        errln!("  {e}");
     }
 }
 
@@ -172,12 +177,12 @@ fn check(path: &std::path::Path) -> ExitCode {
             } else {
                 (cfg, Vec::new())
             };
-            println!("{}: ok", path.display());
+            outln!("{}: ok", path.display());
             for n in &notes {
-                println!("{n}");
+                outln!("{n}");
             }
-            print!("{}", cfg.summary());
-            ExitCode::SUCCESS
+            out!("{}", cfg.summary());
+            exit(0)
         }
         Err(errs) => {
             print_errors(path, &errs);
@@ -203,9 +208,9 @@ fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitC
     };
     match switchyard::load_release_plan(plan, cfg.as_ref()) {
         Ok(p) => {
-            println!("{}: ok", plan.display());
-            print!("{}", p.summary());
-            ExitCode::SUCCESS
+            outln!("{}: ok", plan.display());
+            out!("{}", p.summary());
+            exit(0)
         }
         Err(errs) => {
             print_errors(plan, &errs);
@@ -230,14 +235,14 @@ fn serve(
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
         match switchyard::move_state_aside(&cfg.state.path) {
-            Ok(Some(aside)) => eprintln!(
+            Ok(Some(aside)) => errln!(
                 "--reset-state: moved {} to {}",
                 cfg.state.path.display(),
                 aside.display()
             ),
             Ok(None) => {}
             Err(e) => {
-                eprintln!(
+                errln!(
                     "--reset-state: cannot move {} aside: {e}",
                     cfg.state.path.display()
                 );
@@ -251,7 +256,7 @@ fn serve(
         match switchyard::request_upgrade(&cfg.proxy.upgrade_socket) {
             Ok(i) => i,
             Err(e) => {
-                eprintln!("error: --upgrade: {e:#}");
+                errln!("error: --upgrade: {e:#}");
                 return ExitCode::FAILURE;
             }
         }
@@ -273,7 +278,7 @@ fn serve(
     let rt = match runtime(main_workers) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            errln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -291,7 +296,7 @@ fn serve(
         {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                errln!("error: {e:#}");
                 return ExitCode::FAILURE;
             }
         };

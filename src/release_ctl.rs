@@ -9,6 +9,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 
 use crate::ctl_client::{call, CtlArgs};
+use crate::{errln, outln};
 
 #[derive(Subcommand, Debug)]
 pub enum ReleaseCmd {
@@ -54,14 +55,14 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
             let text = match std::fs::read_to_string(file) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("error: cannot read plan file {}: {e}", file.display());
+                    errln!("error: cannot read plan file {}: {e}", file.display());
                     return 1;
                 }
             };
             let plan = match crate::release::value_from_toml(&text) {
                 Ok(v) => v,
                 Err(errs) => {
-                    eprintln!("error: {}: {errs}", file.display());
+                    errln!("error: {}: {errs}", file.display());
                     return 1;
                 }
             };
@@ -71,7 +72,7 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
             .await
         }
         ReleaseCmd::Start { .. } => {
-            eprintln!("error: give a plan file, or --plan NAME for a plan the config names");
+            errln!("error: give a plan file, or --plan NAME for a plan the config names");
             2
         }
         ReleaseCmd::Promote => {
@@ -80,18 +81,18 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
                 &base,
                 "/api/releases/current/promote",
                 json!({}),
-                |v| println!("{}", v["message"].as_str().unwrap_or("promoted")),
+                |v| outln!("{}", v["message"].as_str().unwrap_or("promoted")),
             )
             .await
         }
         ReleaseCmd::Abort => {
             post(args, &base, "/api/releases/current/abort", json!({}), |v| {
-                println!("{}", v["message"].as_str().unwrap_or("aborted"));
+                outln!("{}", v["message"].as_str().unwrap_or("aborted"));
                 for o in v["returned"].as_array().into_iter().flatten() {
-                    println!("  {}", o["message"].as_str().unwrap_or_default());
+                    outln!("  {}", o["message"].as_str().unwrap_or_default());
                 }
                 for s in v["not_returned"].as_array().into_iter().flatten() {
-                    println!("  NOT returned: {}", s.as_str().unwrap_or_default());
+                    outln!("  NOT returned: {}", s.as_str().unwrap_or_default());
                 }
             })
             .await
@@ -102,21 +103,22 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
                 Err(code) => return code,
             };
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if v["current"].is_null() {
-                println!("no release is running");
+                outln!("no release is running");
                 if let Some(last) = v["recent"].get(0) {
-                    println!("last:");
+                    outln!("last:");
                     print_release(last);
                 }
             } else {
                 print_release(&v["current"]);
             }
-            if !*watch || v["current"].is_null() {
+            // A reader that went away (`--watch | head`) ends the watch.
+            if !*watch || v["current"].is_null() || crate::out::closed() {
                 return 0;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            println!();
+            outln!();
         },
         ReleaseCmd::Wait => wait(args, &base).await,
     }
@@ -135,11 +137,11 @@ async fn wait(args: &CtlArgs, base: &str) -> i32 {
         (Some(id), _) => id.to_string(),
         // Already over (a short release ends before `wait` starts): its result decides.
         (None, Some(id)) => {
-            println!("no release is running; the last one:");
+            outln!("no release is running; the last one:");
             id.to_string()
         }
         (None, None) => {
-            eprintln!("error: no release is running and none ran yet");
+            errln!("error: no release is running and none ran yet");
             return 1;
         }
     };
@@ -160,7 +162,7 @@ async fn wait(args: &CtlArgs, base: &str) -> i32 {
         if let Some(r) = rel {
             let state = r["state"].as_str().unwrap_or_default().to_string();
             if state != last_state {
-                println!(
+                outln!(
                     "release {} ({id}): {state}{}",
                     r["name"],
                     match r["phase"].as_u64() {
@@ -176,14 +178,14 @@ async fn wait(args: &CtlArgs, base: &str) -> i32 {
             match state.as_str() {
                 "complete" => return 0,
                 "rolled_back" | "aborted" => {
-                    eprintln!("release {state}: {}", r["reason"].as_str().unwrap_or("-"));
+                    errln!("release {state}: {}", r["reason"].as_str().unwrap_or("-"));
                     return 1;
                 }
                 _ => {}
             }
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            eprintln!(
+            errln!(
                 "error: release {id} still {last_state} after {}",
                 humantime::format_duration(args.timeout.unwrap_or_default())
             );
@@ -198,18 +200,18 @@ async fn get(args: &CtlArgs, base: &str) -> Result<Value, i32> {
     match tokio::time::timeout(args.request_timeout(), call("GET", &url, None, None)).await {
         Ok(Ok((200, v))) => Ok(v),
         Ok(Ok((status, v))) => {
-            eprintln!(
+            errln!(
                 "error ({status}): {}",
                 v["error"].as_str().unwrap_or("request failed")
             );
             Err(1)
         }
         Ok(Err(e)) => {
-            eprintln!("error: cannot reach the admin listener at {base}: {e}");
+            errln!("error: cannot reach the admin listener at {base}: {e}");
             Err(1)
         }
         Err(_) => {
-            eprintln!("error: no answer from the admin listener at {base}");
+            errln!("error: no answer from the admin listener at {base}");
             Err(1)
         }
     }
@@ -223,7 +225,7 @@ async fn post(
     show: impl FnOnce(Value),
 ) -> i32 {
     let Some(token) = args.token.as_deref().filter(|t| !t.is_empty()) else {
-        eprintln!(
+        errln!(
             "error: this command needs the admin token: pass --token or set SWITCHYARD_ADMIN_TOKEN"
         );
         return 1;
@@ -237,24 +239,24 @@ async fn post(
     {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            eprintln!("error: cannot reach the admin listener at {base}: {e}");
+            errln!("error: cannot reach the admin listener at {base}: {e}");
             return 1;
         }
         Err(_) => {
-            eprintln!("error: no answer from the admin listener at {base}");
+            errln!("error: no answer from the admin listener at {base}");
             return 1;
         }
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     if !(200..300).contains(&status) {
-        eprintln!(
+        errln!(
             "error ({status}): {}",
             v["error"].as_str().unwrap_or("request failed")
         );
         for e in v["errors"].as_array().into_iter().flatten() {
-            eprintln!("  {}", e.as_str().unwrap_or_default());
+            errln!("  {}", e.as_str().unwrap_or_default());
         }
         return 1;
     }
@@ -272,7 +274,7 @@ fn secs(v: &Value) -> String {
 
 fn print_release(r: &Value) {
     let phase = r["phase"].as_u64().unwrap_or(0);
-    println!(
+    outln!(
         "release {} ({}): {}, phase {phase}, started {}",
         r["name"],
         r["id"].as_str().unwrap_or("-"),
@@ -307,20 +309,20 @@ fn print_release(r: &Value) {
         if !p["bake_left_secs"].is_null() {
             line += &format!(", {} left", secs(&p["bake_left_secs"]));
         }
-        println!("{line}");
+        outln!("{line}");
     }
     if !r["validate_left_secs"].is_null() {
-        println!(
+        outln!(
             "  validating: {} left (until {})",
             secs(&r["validate_left_secs"]),
             r["validate_ends_at"].as_str().unwrap_or("-")
         );
     }
     if let Some(p) = r["paused"].as_str() {
-        println!("  {p}; `switchyard ctl release promote` resumes it");
+        outln!("  {p}; `switchyard ctl release promote` resumes it");
     }
     if let Some(reason) = r["reason"].as_str() {
-        println!(
+        outln!(
             "  ended {}: {reason}",
             r["ended_at"].as_str().unwrap_or("-")
         );

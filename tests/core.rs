@@ -727,6 +727,77 @@ async fn admin_errors_have_their_codes_and_json_bodies() {
     p.stop().await;
 }
 
+/// RFC 9110 11.1: the auth scheme is case-insensitive; the token is not.
+#[tokio::test]
+async fn admin_bearer_scheme_is_case_insensitive() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let call = |auth: String| {
+        let req = format!(
+            "POST /api/services/api/resume HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        let admin = p.admin;
+        async move {
+            let (s, _, body) = raw_exchange(admin, req.as_bytes()).await;
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            (s, v)
+        }
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let (s, v) = call(format!("{scheme} {TOKEN}")).await;
+        assert_eq!(s, 200, "{scheme}: {v}");
+    }
+    let upper = TOKEN.to_ascii_uppercase();
+    for auth in [
+        format!("Basic {TOKEN}"),
+        format!("Bearer{TOKEN}"),
+        format!("BEARER {upper}"),
+        "BEARER wrong".to_string(),
+    ] {
+        let (s, v) = call(auth.clone()).await;
+        assert_error_body(s, &v, 401);
+    }
+    p.stop().await;
+}
+
+/// `/healthz` and `/metrics` take GET and HEAD; another method is 405 with `Allow`, as on the
+/// other admin paths, and is not taken for an unknown path.
+#[tokio::test]
+async fn admin_healthz_and_metrics_answer_405_to_other_methods() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    for (method, path) in [
+        ("POST", "/metrics"),
+        ("DELETE", "/healthz"),
+        ("PUT", "/healthz"),
+        ("POST", "/healthz"),
+        ("DELETE", "/metrics"),
+        ("PATCH", "/metrics"),
+    ] {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let (s, headers, body) = raw_exchange(p.admin, req.as_bytes()).await;
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        assert_error_body(s, &v, 405);
+        let allow = headers
+            .iter()
+            .find(|(k, _)| k == "allow")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(allow, Some("GET, HEAD"), "{method} {path}: {headers:?}");
+    }
+    for path in ["/metrics", "/healthz"] {
+        for method in ["GET", "HEAD"] {
+            let req =
+                format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let (s, _, _) = raw_exchange(p.admin, req.as_bytes()).await;
+            assert_eq!(s, 200, "{method} {path}");
+        }
+    }
+    p.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The color is chosen per request
 // ---------------------------------------------------------------------------------------------

@@ -374,3 +374,116 @@ async fn token_and_url_from_environment() {
     assert_eq!(v["services"][0]["active"], "green");
     p.stop().await;
 }
+
+/// Runs `switchyard ARGS...` with stdout a pipe whose reader is gone before it writes (as in
+/// `switchyard ctl events | head -0`): the exit code and stderr, bounded to 20 s.
+async fn closed_stdout(args: &[String]) -> (i32, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .env_remove("SWITCHYARD_ADMIN_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn switchyard");
+    // The reader goes away at once: every write of the child meets EPIPE.
+    drop(child.stdout.take());
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} did not end within 20 s with stdout closed"))
+        .expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly_with_the_commands_own_exit_code() {
+    let (p, _ups) = two_services().await;
+    for _ in 0..3 {
+        assert_eq!(p.flip("api", "green").await.0, 200);
+        assert_eq!(p.flip("api", "blue").await.0, 200);
+    }
+    let admin = format!("http://{}", p.admin);
+    let ctl_args = |args: &[&str]| -> Vec<String> {
+        [
+            "ctl",
+            "--admin",
+            &admin,
+            "--timeout",
+            "5s",
+            "--token",
+            TOKEN,
+        ]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let config = p.config_path.display().to_string();
+    let quiet = |args: &[String], code: i32, err: &str| {
+        assert_eq!(code, 0, "{args:?}: exit {code}, stderr:\n{err}");
+        assert!(err.is_empty(), "{args:?}: stderr:\n{err}");
+    };
+    for args in [
+        ctl_args(&["events"]),
+        ctl_args(&["--json", "events"]),
+        ctl_args(&["status"]),
+        ctl_args(&["--json", "status"]),
+        ctl_args(&["release", "status"]),
+        ctl_args(&["--json", "release", "status"]),
+        ctl_args(&["pause", "web"]),
+        ctl_args(&["resume", "web"]),
+        vec!["check".into(), "--config".into(), config.clone()],
+    ] {
+        let (code, err) = closed_stdout(&args).await;
+        quiet(&args, code, &err);
+    }
+    // The action happened although its answer was not read.
+    assert_eq!(p.service_status("web").await["paused"], false);
+    assert_eq!(
+        p.events()
+            .await
+            .iter()
+            .filter(|e| e["service"] == "web")
+            .count(),
+        2
+    );
+
+    // A refused action still exits 1 and says why on stderr.
+    let args = ctl_args(&["--json", "flip", "nope", "green"]);
+    let (code, err) = closed_stdout(&args).await;
+    assert_eq!(code, 1, "{args:?}: stderr:\n{err}");
+    assert!(err.contains("404"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // `release status --watch` stops watching once nobody reads it (the release runs 10 min).
+    let plan = serde_json::json!({
+        "name": "slow",
+        "phases": [{ "name": "backend", "services": ["api"], "bake": "10m" }],
+    });
+    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    for json in [false, true] {
+        let mut args = ctl_args(&["release", "status", "--watch"]);
+        if json {
+            args.insert(1, "--json".into());
+        }
+        let started = tokio::time::Instant::now();
+        let (code, err) = closed_stdout(&args).await;
+        quiet(&args, code, &err);
+        assert!(started.elapsed() < Duration::from_secs(10), "{args:?}");
+    }
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    p.stop().await;
+}

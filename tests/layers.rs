@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// modules on one row are independent of each other).
 const LAYERS: &[&[&str]] = &[
     // Foundations, no crate imports: HTTP/1 and the client (`http/`), metrics, windows, shutdown,
-    // TLS.
-    &["http", "metrics", "stats", "shutdown", "tls"],
+    // TLS, the CLI's stdout and stderr.
+    &["http", "metrics", "stats", "shutdown", "tls", "out"],
     // What the operator wrote, parsed and validated (release plans included).
     &["config"],
     // Pure pieces on the config: passive ejection, the rollback decision, name resolution, the

@@ -165,6 +165,7 @@ async fn handle(
                 "text/plain; version=0.0.4; charset=utf-8",
             );
         }
+        (_, "/healthz" | "/metrics") => return method_not_allowed("GET, HEAD"),
         _ => {}
     }
     if !host_allowed(app, &req) {
@@ -558,11 +559,7 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(bearer_credentials);
     match given {
         None => Err(error(
             StatusCode::UNAUTHORIZED,
@@ -571,6 +568,15 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
         Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
         Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong token")),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 9110 11.1): `Bearer`, `bearer` and `BEARER` are the same.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(credentials.trim())
 }
 
 /// Compares without an early exit, so response time does not reveal how much of a guess matched.
@@ -657,5 +663,22 @@ mod tests {
         assert!(super::constant_time_eq(b"abc", b"abc"));
         assert!(!super::constant_time_eq(b"abc", b"abd"));
         assert!(!super::constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer tok", "bearer tok", "BEARER tok", "bEaReR  tok "] {
+            assert_eq!(super::bearer_credentials(v), Some("tok"), "{v:?}");
+        }
+        for v in [
+            "Basic tok",
+            "Bearertok",
+            "Bearer",
+            "tok",
+            "",
+            "Bearer-x tok",
+        ] {
+            assert_eq!(super::bearer_credentials(v), None, "{v:?}");
+        }
     }
 }
