@@ -73,6 +73,47 @@ for = "2m"
     assert!(all.contains("5 problems"), "{all}");
 }
 
+/// Values of the wrong type do not hide the rest: each is named at its key, beside every
+/// semantic error of the file, and none draws a second error about its key.
+#[test]
+fn check_reports_wrong_types_with_every_other_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "bad.toml",
+        r#"
+[proxy]
+listen = "localhost"
+workers = "two"
+
+[[services]]
+name = "api"
+active = "purple"
+blue  = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+health = { interval = "5", unhealthy_after = "x" }
+
+[services.rollback]
+dry_run = "no"
+"#,
+    );
+    let out = switchyard(&["check", "--config", &file]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let all = format!("{stdout}{stderr}");
+    for expected in [
+        "proxy.workers: invalid type: string \"two\", expected an integer",
+        "services[0].health.unhealthy_after: invalid type: string \"x\", expected an integer",
+        "services[0].rollback.dry_run: invalid type: string \"no\", expected a boolean",
+        "proxy.listen: invalid address \"localhost\"",
+        "services[0].active: invalid color \"purple\"",
+        "services[0].health.interval: invalid duration \"5\"",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert!(all.contains("6 problems"), "{all}");
+}
+
 #[test]
 fn check_accepts_a_good_file_and_prints_a_summary() {
     let dir = tempfile::tempdir().expect("tempdir");

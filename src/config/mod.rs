@@ -4,10 +4,11 @@
 //!
 //! `check`, startup and reload share [`load`]: the file is read through the `config` crate (so
 //! `SWITCHYARD__SECTION__KEY` environment variables override it), deserialized with every
-//! unknown key collected (`serde_ignored`), then validated as a whole so that every problem is
-//! reported at once, each with its key path.
+//! unknown key and every value of the wrong type collected (`de.rs`), then validated as a whole
+//! so that every problem is reported at once, each with its key path.
 
 mod check;
+mod de;
 pub mod plan;
 mod raw;
 mod types;
@@ -91,6 +92,7 @@ pub fn from_toml_str_with_env(
             message,
         }])
     };
+    let env_keys = de::env_keys(env.as_ref());
     let mut envsrc = config::Environment::with_prefix("SWITCHYARD")
         .separator("__")
         .try_parsing(true)
@@ -109,95 +111,18 @@ pub fn from_toml_str_with_env(
     let value: serde_json::Value = built
         .try_deserialize()
         .map_err(|e| one(format!("cannot parse config: {e}")))?;
-    let (raw, mut errors) = deserialize(&value)?;
-    // Validate the known keys too, so that one run of `check` reports every problem, not only
-    // the unknown keys.
-    match validate::validate(raw) {
-        Ok(cfg) if errors.is_empty() => Ok(cfg),
-        Ok(_) => Err(ConfigErrors(errors)),
-        Err(ConfigErrors(more)) => {
-            errors.extend(more);
-            Err(ConfigErrors(errors))
+    let (raw, mut errors, removed) = de::deserialize(value);
+    // Validate the known keys too, with each wrong-typed value counted as absent, so that one
+    // run of `check` reports every problem, not only the unknown keys and the wrong types.
+    match raw.map(validate::validate) {
+        Some(Ok(cfg)) if errors.is_empty() => return Ok(cfg),
+        Some(Err(ConfigErrors(more))) => {
+            errors.extend(more.into_iter().filter_map(|e| removed.place(e)));
         }
+        Some(Ok(_)) | None => {}
     }
-}
-
-/// Deserializes the file, collecting every key no struct names as an error at its key path
-/// (with the keys that table has). A value of the wrong type stops deserialization: it is
-/// reported with its path, after the unknown keys met before it.
-fn deserialize(
-    value: &serde_json::Value,
-) -> Result<(raw::RawConfig, Vec<ConfigError>), ConfigErrors> {
-    let mut errors = Vec::new();
-    let mut unknown = |path: serde_ignored::Path<'_>| {
-        let mut segments = Vec::new();
-        key_segments(&path, &mut segments);
-        errors.push(unknown_key(&segments));
-    };
-    let de = serde_ignored::Deserializer::new(value, &mut unknown);
-    match serde_path_to_error::deserialize::<_, raw::RawConfig>(de) {
-        Ok(raw) => Ok((raw, errors)),
-        Err(e) => {
-            let path = e.path().to_string();
-            let key = if path == "." { String::new() } else { path };
-            let message = e.into_inner().to_string();
-            errors.push(ConfigError { key, message });
-            Err(ConfigErrors(errors))
-        }
-    }
-}
-
-/// The map keys of a path, outermost first, each with the index that follows it when it is a
-/// sequence (`services`, 0).
-fn key_segments(path: &serde_ignored::Path<'_>, out: &mut Vec<(String, Option<usize>)>) {
-    use serde_ignored::Path;
-    match path {
-        Path::Root => {}
-        Path::Seq { parent, index } => {
-            key_segments(parent, out);
-            if let Some(last) = out.last_mut() {
-                last.1 = Some(*index);
-            }
-        }
-        Path::Map { parent, key } => {
-            key_segments(parent, out);
-            out.push((key.clone(), None));
-        }
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => key_segments(parent, out),
-    }
-}
-
-/// `services[0].blue.zz: unknown key "zz" (expected one of `protocol`, `upstreams`)`.
-fn unknown_key(segments: &[(String, Option<usize>)]) -> ConfigError {
-    let mut key = String::new();
-    let mut table: Vec<&str> = Vec::new();
-    for (name, index) in segments {
-        if !key.is_empty() {
-            key.push('.');
-        }
-        key.push_str(name);
-        table.push(name);
-        if let Some(i) = index {
-            key.push_str(&format!("[{i}]"));
-            table.push("[]");
-        }
-    }
-    let field = table.pop().unwrap_or_default();
-    let expected = match raw::fields_at(&table) {
-        Some([]) | None => String::new(),
-        Some([one]) => format!(" (expected `{one}`)"),
-        Some([a, b]) => format!(" (expected `{a}` or `{b}`)"),
-        Some(all) => {
-            let list: Vec<String> = all.iter().map(|f| format!("`{f}`")).collect();
-            format!(" (expected one of {})", list.join(", "))
-        }
-    };
-    ConfigError {
-        key,
-        message: format!("unknown key {field:?}{expected}"),
-    }
+    de::name_env_vars(&mut errors, &env_keys);
+    Err(ConfigErrors(errors))
 }
 
 /// Durations need a unit: `"250ms"`, `"2s"`, `"2m"`, `"2h"`.

@@ -194,6 +194,94 @@ fn env_overrides() {
     assert_eq!(c.proxy.workers, Some(3));
 }
 
+/// A value of the wrong type is reported at its key beside every other error of the file; it
+/// counts as absent, so no "required" follows it and a later array element keeps its index.
+#[test]
+fn wrong_types_are_reported_with_every_other_error() {
+    let text = GOOD
+        .replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"nowhere\"\nworkers = \"two\"\nzz = 1",
+        )
+        .replace(
+            "path_prefix = \"/api\"",
+            "path_prefix = \"/api\"\nactive = \"purple\"\nhosts = [\"a.example\", 5, \"b c\"]\n\
+             health = { unhealthy_after = \"x\", interval = \"2 parsecs\" }",
+        )
+        .replace(
+            "[services.rollback]",
+            "[services.rollback]\ndry_run = \"no\"",
+        )
+        .replace("kind = \"unhealthy\"", "kind = 7");
+    let errs = errors(&text);
+    let want = [
+        "proxy.zz: unknown key \"zz\"",
+        "proxy.workers: invalid type: string \"two\", expected an integer",
+        "services[0].hosts[1]: invalid type: integer `5`, expected a string",
+        "services[0].health.unhealthy_after: invalid type: string \"x\", expected an integer",
+        "services[0].rollback.dry_run: invalid type: string \"no\", expected a boolean",
+        "services[0].rollback.triggers[3].kind: invalid type: integer `7`, expected a string",
+        "proxy.listen: invalid address \"nowhere\"",
+        "services[0].active: invalid color \"purple\"",
+        // The element after the removed hosts[1] keeps the index it has in the file.
+        "services[0].hosts[2]: invalid host \"b c\"",
+        "services[0].health.interval: invalid duration \"2 parsecs\"",
+    ];
+    for w in want {
+        assert!(
+            errs.iter().any(|e| e.starts_with(w)),
+            "missing {w}: {errs:#?}"
+        );
+    }
+    // Nothing else: no "required" at the trigger's kind, no second error at a key.
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+
+    // A table where a table belongs, and a table's value of the wrong type.
+    let errs = errors(
+        &GOOD
+            .replace("name = \"api\"", "name = 6")
+            .replace("green = { upstreams = [\"127.0.0.1:3011\"] }", "green = 5"),
+    );
+    assert_eq!(
+        errs,
+        [
+            "services[0].green: invalid type: integer `5`, expected a table",
+            "services[0].name: invalid type: integer `6`, expected a string",
+        ],
+        "{errs:#?}"
+    );
+}
+
+/// A wrong type from `SWITCHYARD__*` names its key and the variable it came from.
+#[test]
+fn wrong_types_from_the_environment_name_the_variable() {
+    let env = [
+        ("SWITCHYARD__PROXY__WORKERS", "two"),
+        ("SWITCHYARD__PROXY__LISTEN", "127.0.0.1:7000"),
+        ("SWITCHYARD__ADMIN__WATCH_CONFIG", "maybe"),
+        ("SWITCHYARD__LOG__ACCESS_FORMAT", "xml"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let errs: Vec<String> = match from_toml_str_with_env(GOOD, Some(env)) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    };
+    assert_eq!(
+        errs,
+        [
+            "admin.watch_config: invalid type: string \"maybe\", expected a boolean \
+             (from environment variable SWITCHYARD__ADMIN__WATCH_CONFIG)",
+            "proxy.workers: invalid type: string \"two\", expected an integer \
+             (from environment variable SWITCHYARD__PROXY__WORKERS)",
+            "log.access_format: invalid format \"xml\" (expected \"json\" or \"combined\") \
+             (from environment variable SWITCHYARD__LOG__ACCESS_FORMAT)",
+        ],
+        "{errs:#?}"
+    );
+}
+
 #[test]
 fn analysis_keys_validate() {
     let base = r#"
