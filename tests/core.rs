@@ -466,6 +466,44 @@ async fn max_forwards_on_trace_and_options() {
     p.stop().await;
 }
 
+/// RFC 9110 7.6.3: requests carry this hop's `Via` (the client's protocol, then the proxy's
+/// name) after any the client sent; `proxy.via = false` leaves it out.
+#[tokio::test]
+async fn requests_carry_via_unless_turned_off() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green], "")).await;
+    for (req, via) in [
+        (
+            &b"GET /echo HTTP/1.1\r\nHost: a\r\nVia: 1.0 edge\r\nConnection: close\r\n\r\n"[..],
+            "1.0 edge|1.1 switchyard",
+        ),
+        (
+            b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "1.1 switchyard",
+        ),
+        (b"GET /echo HTTP/1.0\r\nHost: a\r\n\r\n", "1.0 switchyard"),
+    ] {
+        let (status, _, body) = raw_exchange(p.proxy, req).await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&body).expect("echo json");
+        assert_eq!(echoed(&v, "via").as_deref(), Some(via), "{v}");
+    }
+    p.stop().await;
+
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nvia = false\n{}",
+        service("api", &[blue.addr], &[green], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let req = b"GET /echo HTTP/1.1\r\nHost: a\r\nVia: 1.0 edge\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw_exchange(p.proxy, req).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).expect("echo json");
+    assert_eq!(echoed(&v, "via").as_deref(), Some("1.0 edge"), "{v}");
+    p.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Flip, flip-all, rollback and the admin API's errors
 // ---------------------------------------------------------------------------------------------

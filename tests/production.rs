@@ -446,6 +446,8 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
             header_of(&v, "host").as_deref(),
             Some(&*format!("api.local:{}", p.proxy.port()))
         );
+        // Received over HTTP/2 (RFC 9110 7.6.3).
+        assert_eq!(header_of(&v, "via").as_deref(), Some("2 switchyard"), "{v}");
     }
     assert_eq!(blue.hits(), 3);
     p.stop().await;

@@ -59,6 +59,7 @@ pub struct RawProxy {
     pub upstream_send_timeout: Option<String>,
     pub h2_idle_timeout: Option<String>,
     pub tunnel_idle_timeout: Option<String>,
+    pub via: Option<bool>,
     // Retries and passive health (README "Upstream faults").
     pub retries: Option<i64>,
     pub eject_after: Option<i64>,

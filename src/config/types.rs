@@ -118,6 +118,8 @@ pub struct ProxyConfig {
     pub h2_idle_timeout: Duration,
     /// An upgraded tunnel with no byte either way for this long is closed; zero: never.
     pub tunnel_idle_timeout: Duration,
+    /// Requests carry `Via` to their upstream (RFC 9110 7.6.3).
+    pub via: bool,
     /// Other upstreams of the same color a request may go to when its upstream could not take
     /// it (connect failure; a reset before any answer, for idempotent bodiless requests).
     pub retries: u32,

@@ -1,10 +1,11 @@
 //! The proxy's forwarding policy: `X-Forwarded-For` (the client appended), `-Proto`, `-Host`,
-//! and `Forwarded` (RFC 7239) when the request carries one. The HTTP/1.1 client writes them
+//! `Forwarded` (RFC 7239) when the request carries one, and `Via` (RFC 9110 7.6.3). The HTTP/1.1 client writes them
 //! straight into the request head ([`ExtraFields`]); HTTP/2 gets them through
 //! [`add_forwarded`].
 
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
 
 use super::ConnInfo;
 use crate::http::client::ExtraFields;
@@ -17,14 +18,31 @@ pub struct Forwarded<'a> {
     pub client_ip: &'a HeaderValue,
     pub proto: &'static str,
     pub host: Option<&'a HeaderValue>,
+    /// This hop's `Via` element, after any the request came with; None: `proxy.via = false`.
+    pub via: Option<&'static str>,
+}
+
+/// This hop's `Via` element for a request received over `version` (RFC 9110 7.6.3: the
+/// protocol it was received with, then the proxy's pseudonym).
+pub fn via(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "1.0 switchyard",
+        Version::HTTP_2 => "2 switchyard",
+        _ => "1.1 switchyard",
+    }
 }
 
 impl<'a> Forwarded<'a> {
-    pub fn new(conn: &'a ConnInfo, host: Option<&'a HeaderValue>) -> Forwarded<'a> {
+    pub fn new(
+        conn: &'a ConnInfo,
+        host: Option<&'a HeaderValue>,
+        via: Option<&'static str>,
+    ) -> Forwarded<'a> {
         Forwarded {
             client_ip: &conn.client_ip,
             proto: if conn.tls { "https" } else { "http" },
             host,
+            via,
         }
     }
 
@@ -101,14 +119,18 @@ impl ExtraFields for Forwarded<'_> {
                 put_header(out, b"forwarded", v.as_bytes());
             }
         }
+        // A line of its own after the request's own `Via` lines: the list keeps its order.
+        if let Some(via) = self.via {
+            put_header(out, b"via", via.as_bytes());
+        }
     }
 
     fn len_hint(&self) -> usize {
-        self.client_ip.len() + self.host.map_or(0, |h| h.len())
+        self.client_ip.len() + self.host.map_or(0, |h| h.len()) + 24
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Proto` /
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, this hop to `Via`, and sets `X-Forwarded-Proto` /
 /// `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
     if let Some(v) = fwd.forwarded(headers) {
@@ -127,5 +149,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
         None => {
             headers.remove(&X_FORWARDED_HOST);
         }
+    }
+    if let Some(via) = fwd.via {
+        headers.append(header::VIA, HeaderValue::from_static(via));
     }
 }

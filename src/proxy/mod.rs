@@ -221,6 +221,7 @@ impl Proxy {
             },
             retries: p.retries,
             tunnel_idle: p.tunnel_idle_timeout,
+            via: p.via,
         })
     }
 }
@@ -376,7 +377,8 @@ async fn route_and_forward(
         return served(last_hop(&req));
     }
     // 3. Rewrite.
-    let fwd = Forwarded::new(conn, host.value.as_ref());
+    let via = route.via.then(|| forwarded::via(req.version()));
+    let fwd = Forwarded::new(conn, host.value.as_ref(), via);
     let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
         Ok(r) => r,
         Err(e) => return served(e.response()),
@@ -450,6 +452,8 @@ struct Route {
     timeouts: Timeouts,
     retries: u32,
     tunnel_idle: Duration,
+    /// Requests carry `Via` (`proxy.via`).
+    via: bool,
 }
 
 impl Route {

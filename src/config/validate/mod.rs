@@ -189,6 +189,7 @@ fn proxy(c: &mut Check, p: &RawProxy) -> ProxyConfig {
         upstream_send_timeout,
         h2_idle_timeout,
         tunnel_idle_timeout,
+        via: p.via.unwrap_or(true),
         retries: retries as u32,
         passive,
         resolve_interval,
