@@ -952,7 +952,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         || head_request
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let (mut date, mut roomy, mut doubtful_length) = (false, true, false);
+    let (mut date, mut roomy, mut doubtful_length, mut saw_te) = (false, true, false, false);
     let mut framing = FramingFields::default();
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     let mut named: Vec<Vec<u8>> = Vec::new();
@@ -983,6 +983,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
                 }
             }
             bits if bits & TRANSFER_ENCODING_BIT != 0 => {
+                saw_te = true;
                 if bodiless {
                     doubtful_length = true;
                 } else {
@@ -1067,7 +1068,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         }
         out.freeze()
     };
-    let length = framing.length().filter(|_| !doubtful_length);
+    // Never a length on a 204 (RFC 9110 8.6); an h2 client would reset the stream on one.
+    let length = framing
+        .length()
+        .filter(|_| !doubtful_length && status != StatusCode::NO_CONTENT);
     let fields = Fields::new(lines, length, date);
     let (fields, headers) = if switching {
         let mut map = HeaderMap::new();
@@ -1083,8 +1087,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         headers,
         framing: decoder,
         // HTTP/1.0 keeps a connection only when asked to, and never with Transfer-Encoding
-        // (RFC 9112 6.1); `close` always wins.
-        keep_alive: !saw_close && (!http10 || (saw_keep_alive && !framing.has_transfer_encoding())),
+        // (RFC 9112 6.1: its framing is faulty, even on an answer without a body); `close`
+        // always wins.
+        keep_alive: !saw_close && (!http10 || (saw_keep_alive && !saw_te)),
     }))
 }
 
@@ -1629,6 +1634,7 @@ mod tests {
             (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", false, None),
             (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5, 6\r\n\r\n", false, None),
             (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false, Some(5)),
+            (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", false, None),
         ] {
             let mut b = BytesMut::from(head);
             let h = parse_head(&mut b, head_request)
@@ -1637,6 +1643,16 @@ mod tests {
             assert_eq!(h.framing, Decoder::Length(0));
             assert_eq!(h.fields.length(), length, "{:?}", String::from_utf8_lossy(head));
             assert!(h.keep_alive);
+        }
+        // An HTTP/1.0 answer with Transfer-Encoding closes its connection, body or not.
+        for (head, head_request) in [
+            (&b"HTTP/1.0 304 Not Modified\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"[..], false),
+            (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n", true),
+        ] {
+            let h = parse_head(&mut BytesMut::from(head), head_request)
+                .expect("ok")
+                .expect("complete");
+            assert!(!h.keep_alive, "{:?}", String::from_utf8_lossy(head));
         }
         // The same fields on an answer with a body are still refused.
         for head in [

@@ -159,6 +159,10 @@ pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
             trailers.append(name, value);
         }
     }
+    if trailers.is_empty() {
+        // Nothing left: the body simply ends (no empty trailer section for h2 clients).
+        return Ok(Chunked::End);
+    }
     Ok(Chunked::Trailers(trailers))
 }
 
@@ -426,6 +430,27 @@ mod tests {
         assert!(matches!(take_trailers(&mut b), Ok(Chunked::NeedMore)));
         b.extend_from_slice(b"\r\n");
         assert!(matches!(take_trailers(&mut b), Ok(Chunked::Trailers(_))));
+    }
+
+    /// A trailer section loses the fields a trailer may not carry; with none left the body
+    /// simply ends, and what follows the section stays in the buffer.
+    #[test]
+    fn trailer_sections_keep_only_what_a_trailer_may_carry() {
+        let mut b = BytesMut::from(
+            &b"Connection: close\r\nHost: evil\r\nGrpc-Status: 0\r\nContent-Length: 9\r\n\r\nnext"
+                [..],
+        );
+        match take_trailers(&mut b) {
+            Ok(Chunked::Trailers(t)) => {
+                assert_eq!(t.len(), 1);
+                assert_eq!(t["grpc-status"], "0");
+            }
+            _ => panic!("trailers expected"),
+        }
+        assert_eq!(&b[..], b"next");
+        let mut b = BytesMut::from(&b"Connection: close\r\nKeep-Alive: 5\r\n\r\nnext"[..]);
+        assert!(matches!(take_trailers(&mut b), Ok(Chunked::End)));
+        assert_eq!(&b[..], b"next");
     }
 
     /// Trailers keep what a trailer may carry; a value that begins or ends with whitespace (an

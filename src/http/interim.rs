@@ -4,7 +4,7 @@
 //! `102`, a `100` an upstream sends unprompted). The upstream client reads them while it waits
 //! for the final head, deep inside the handler's future; the HTTP/1 server, which polls that
 //! future inline in the connection's task, writes them. They meet in a thread-local slot that
-//! is open only while the server polls an HTTP/1.1 request's handler ([`collect`]): the client
+//! is open only while the server polls an HTTP/1.1 request's handler ([`Open`]): the client
 //! [`offer`]s each interim head there, and the server takes them after the poll and queues them
 //! ahead of the response. Nothing is threaded through the proxy's layers, and a request that
 //! gets no 1xx pays two thread-local flag writes per poll. An exchange polled anywhere else (an
@@ -28,32 +28,40 @@ thread_local! {
     static HEADS: RefCell<Vec<Bytes>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `poll` (one poll of an HTTP/1.1 request's handler) with the slot open, then hands
-/// `take` each head offered during it, oldest first.
-#[inline]
-pub fn collect<R>(poll: impl FnOnce() -> R, mut take: impl FnMut(Bytes)) -> R {
-    /// Closes the slot however the poll ends (a panic included).
-    struct Close;
-    impl Drop for Close {
-        fn drop(&mut self) {
-            OPEN.set(false);
-            // A poll that panicked leaves nothing for the next request on the thread.
-            if std::thread::panicking() {
-                OFFERED.set(false);
-                drop(HEADS.take());
+/// The slot, open for one poll of an HTTP/1.1 request's handler: closed when dropped
+/// (however the poll ends, a panic included). The poll happens in the caller, so that its
+/// result (a whole response) is not moved through a function.
+pub struct Open(());
+
+impl Open {
+    #[inline]
+    pub fn new() -> Open {
+        OPEN.set(true);
+        Open(())
+    }
+
+    /// Closes the slot and hands `take` each head offered while it was open, oldest first.
+    #[inline]
+    pub fn close(self, mut take: impl FnMut(Bytes)) {
+        drop(self);
+        if OFFERED.replace(false) {
+            for head in HEADS.take() {
+                take(head);
             }
         }
     }
-    OPEN.set(true);
-    let close = Close;
-    let r = poll();
-    drop(close);
-    if OFFERED.replace(false) {
-        for head in HEADS.take() {
-            take(head);
+}
+
+impl Drop for Open {
+    #[inline]
+    fn drop(&mut self) {
+        OPEN.set(false);
+        // A poll that panicked leaves nothing for the next request on the thread.
+        if std::thread::panicking() {
+            OFFERED.set(false);
+            drop(HEADS.take());
         }
     }
-    r
 }
 
 /// Offers a 1xx head for the client whose handler is being polled on this thread: `lines`
@@ -86,18 +94,13 @@ mod tests {
         // Outside a poll nothing is taken.
         assert!(!offer(StatusCode::EARLY_HINTS, b""));
         let mut out = Vec::new();
-        let r = collect(
-            || {
-                assert!(offer(
-                    StatusCode::EARLY_HINTS,
-                    b"link: </a.css>; rel=preload\r\n"
-                ));
-                assert!(offer(StatusCode::CONTINUE, b""));
-                7
-            },
-            |h| out.push(h),
-        );
-        assert_eq!(r, 7);
+        let open = Open::new();
+        assert!(offer(
+            StatusCode::EARLY_HINTS,
+            b"link: </a.css>; rel=preload\r\n"
+        ));
+        assert!(offer(StatusCode::CONTINUE, b""));
+        open.close(|h| out.push(h));
         assert_eq!(
             out,
             [
@@ -108,7 +111,7 @@ mod tests {
         // The slot is closed again, and empty.
         assert!(!offer(StatusCode::PROCESSING, b""));
         let mut again = 0;
-        collect(|| (), |_| again += 1);
+        Open::new().close(|_| again += 1);
         assert_eq!(again, 0);
     }
 }

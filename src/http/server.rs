@@ -1132,18 +1132,15 @@ impl<H: Handler> Conn<H> {
             let writer = &mut self.writer;
             let mut handle = std::pin::pin!(self.handler.call(req, upgrade_rx));
             std::future::poll_fn(|cx| {
-                let polled = if interim {
-                    interim::collect(
-                        || handle.as_mut().poll(cx),
-                        |head| {
-                            if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
-                                writer.push(head);
-                            }
-                        },
-                    )
-                } else {
-                    handle.as_mut().poll(cx)
-                };
+                let open = interim.then(interim::Open::new);
+                let polled = handle.as_mut().poll(cx);
+                if let Some(open) = open {
+                    open.close(|head| {
+                        if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
+                            writer.push(head);
+                        }
+                    });
+                }
                 if let Poll::Ready(resp) = polled {
                     return Poll::Ready(Some(resp));
                 }

@@ -362,6 +362,10 @@ async fn route_and_forward(
         Ok(host) => host,
         Err(e) => return served(e.response()),
     };
+    // A TRACE or OPTIONS whose Max-Forwards is spent ends here, whatever its host.
+    if validate::max_forwards(&mut req) == LastHop::Answer {
+        return served(last_hop(&req));
+    }
     // 2. Route: one snapshot load for every decision.
     let route = match proxy.route(
         host.name(),
@@ -372,10 +376,6 @@ async fn route_and_forward(
         Ok(route) => route,
         Err(e) => return served(e.response()),
     };
-    // A TRACE or OPTIONS whose Max-Forwards is spent ends here.
-    if validate::max_forwards(&mut req) == LastHop::Answer {
-        return served(last_hop(&req));
-    }
     // 3. Rewrite.
     let via = route.via.then(|| forwarded::via(req.version()));
     let fwd = Forwarded::new(conn, host.value.as_ref(), via);
