@@ -181,6 +181,46 @@ green = { upstreams = ["127.0.0.1:2"] }
     );
 }
 
+/// A service that failed its own checks (no green pool) does not shift the index the later
+/// checks name: the shadowed service and its prometheus trigger are `services[2]`.
+#[test]
+fn checks_across_services_name_them_as_the_file_numbers_them() {
+    let text = r#"
+[[services]]
+name = "broken"
+blue = { upstreams = ["127.0.0.1:1"] }
+[[services]]
+name = "all"
+blue = { upstreams = ["127.0.0.1:1"] }
+green = { upstreams = ["127.0.0.1:2"] }
+[[services]]
+name = "hidden"
+path_prefix = "/x"
+blue = { upstreams = ["127.0.0.1:1"] }
+green = { upstreams = ["127.0.0.1:2"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = "up"
+above = 0.5
+"#;
+    let errs = errors(text);
+    assert!(
+        errs.iter().any(|e| e.starts_with("services[0].green")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("services[2]:") && e.contains("can never match")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("services[2].rollback.triggers[0]")),
+        "{errs:?}"
+    );
+}
+
 #[test]
 fn env_overrides() {
     let mut env = std::collections::HashMap::new();

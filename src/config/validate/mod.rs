@@ -508,7 +508,9 @@ fn analysis(c: &mut Check, an: &RawAnalysis) -> AnalysisConfig {
 /// `[[services]]`: each service, then what spans them (unique names, a Prometheus URL for the
 /// `prometheus` checks, no service hidden behind an earlier one).
 fn services(c: &mut Check, raw: Vec<RawService>, analysis: &AnalysisConfig) -> Vec<ServiceConfig> {
-    let mut services = Vec::new();
+    // Each service with its index in the file: a service that failed its own checks is left
+    // out, and the keys of the checks below still name the entries as the file numbers them.
+    let mut services: Vec<(usize, ServiceConfig)> = Vec::new();
     let mut names = HashSet::new();
     for (i, rs) in raw.into_iter().enumerate() {
         let key = format!("services[{i}]");
@@ -519,10 +521,10 @@ fn services(c: &mut Check, raw: Vec<RawService>, analysis: &AnalysisConfig) -> V
                     format!("duplicate service name {:?}", svc.name),
                 );
             }
-            services.push(svc);
+            services.push((i, svc));
         }
     }
-    for (i, svc) in services.iter().enumerate() {
+    for (i, svc) in &services {
         let uses_prometheus = svc
             .rollback
             .triggers
@@ -545,21 +547,18 @@ fn services(c: &mut Check, raw: Vec<RawService>, analysis: &AnalysisConfig) -> V
     if services.is_empty() && c.errors.is_empty() {
         c.err("services", "at least one [[services]] entry is required");
     }
-    for j in 0..services.len() {
-        for i in 0..j {
-            if shadows(&services[i], &services[j]) {
-                c.err(
-                    format!("services[{j}]"),
-                    format!(
-                        "service {:?} can never match: the earlier service {:?} matches every request it would",
-                        services[j].name, services[i].name
-                    ),
-                );
-                break;
-            }
+    for (j, (later_at, later)) in services.iter().enumerate() {
+        if let Some((_, earlier)) = services[..j].iter().find(|(_, e)| shadows(e, later)) {
+            c.err(
+                format!("services[{later_at}]"),
+                format!(
+                    "service {:?} can never match: the earlier service {:?} matches every request it would",
+                    later.name, earlier.name
+                ),
+            );
         }
     }
-    services
+    services.into_iter().map(|(_, svc)| svc).collect()
 }
 
 /// True when every request `later` could match is matched by `earlier` first.
