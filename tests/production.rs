@@ -485,6 +485,8 @@ async fn grpc_like_upstream() -> SocketAddr {
                 let mut trailers = HeaderMap::new();
                 trailers.insert("grpc-status", HeaderValue::from_static("0"));
                 trailers.insert("grpc-message", HeaderValue::from_static("fine"));
+                // Not for a trailer (RFC 9110 6.5.1): the proxy drops it.
+                trailers.insert("host", HeaderValue::from_static("evil.example"));
                 let mut r = Response::new(Trailed(Some(Bytes::from(body)), Some(trailers)));
                 r.headers_mut()
                     .insert("content-type", HeaderValue::from_static("application/grpc"));
@@ -537,6 +539,7 @@ async fn h2_upstream_pool_passes_trailers_end_to_end() {
         trailers.get("grpc-message").map(|v| v.as_bytes()),
         Some(&b"fine"[..])
     );
+    assert!(trailers.get("host").is_none(), "{trailers:?}");
     let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
     assert_eq!(body, "HTTP/2.0 te=trailers", "the upstream saw: {body}");
     p.stop().await;

@@ -54,7 +54,7 @@ use super::codec::{
 };
 use super::fields::{BodyFields, Fields};
 use super::headers::{
-    put_header, CONNECTION_BIT, KEEP_ALIVE_BIT, PROXY_CONNECTION_BIT, TE_BIT,
+    put_header, trailer_allowed, CONNECTION_BIT, KEEP_ALIVE_BIT, PROXY_CONNECTION_BIT, TE_BIT,
     TRANSFER_ENCODING_BIT, UPGRADE_BIT,
 };
 use super::interim;
@@ -1403,6 +1403,26 @@ impl<B: UploadBody> PooledBody<B> {
     }
 }
 
+/// An h2 upstream's trailers lose the fields a trailer may not carry, as an HTTP/1.1
+/// upstream's do in [`codec::take_trailers`]; data frames pass untouched.
+fn allowed_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
+    if !frame.is_trailers() {
+        return frame;
+    }
+    match frame.into_trailers() {
+        Ok(trailers) => {
+            let mut kept = HeaderMap::with_capacity(trailers.len());
+            for (name, value) in &trailers {
+                if trailer_allowed(name) {
+                    kept.append(name.clone(), value.clone());
+                }
+            }
+            Frame::trailers(kept)
+        }
+        Err(frame) => frame,
+    }
+}
+
 impl<B: UploadBody> Body for PooledBody<B> {
     type Data = Bytes;
     type Error = ClientError;
@@ -1417,7 +1437,7 @@ impl<B: UploadBody> Body for PooledBody<B> {
             Kind::H2(inner, idle) => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(f) => {
                     idle.progressed();
-                    Poll::Ready(f.map(|r| r.map_err(ClientError::Hyper)))
+                    Poll::Ready(f.map(|r| r.map(allowed_trailers).map_err(ClientError::Hyper)))
                 }
                 Poll::Pending if idle.poll_expired(cx) => {
                     let stalled = io::Error::new(io::ErrorKind::TimedOut, "upstream body stalled");
