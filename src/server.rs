@@ -452,7 +452,7 @@ async fn serve_proxy(
         // pointer instead of copying it on every spawn.
         match &tls {
             None => {
-                let serve = conn.serve(stream, TcpStream::into_split);
+                let serve = conn.serve(stream, TcpStream::into_split, Speaks::Either);
                 conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
             }
             Some(t) => {
@@ -473,11 +473,14 @@ async fn serve_proxy(
                         },
                         () = shutdown_then(&conn.app, IDLE_AT_SHUTDOWN) => return,
                     };
-                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        Box::pin(conn.serve_h2(stream, Bytes::new())).await;
+                    // What ALPN agreed on: h2 over TLS is negotiated, never assumed from a
+                    // preface (RFC 9113 3.4).
+                    let speaks = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        Speaks::H2
                     } else {
-                        conn.serve(stream, tokio::io::split).await;
-                    }
+                        Speaks::H1
+                    };
+                    conn.serve(stream, tokio::io::split, speaks).await;
                 };
                 conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
             }
@@ -551,9 +554,22 @@ impl From<&ProxyConfig> for ConnLimits {
 /// What an h2 client sends first (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What a client connection may speak, as its transport decided.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    /// Plain TCP: h2 with prior knowledge (its preface) or HTTP/1.
+    Either,
+    /// TLS whose ALPN agreed on h2.
+    H2,
+    /// TLS without h2 agreed: HTTP/1 only (prior knowledge is for cleartext, RFC 9113 3.4).
+    H1,
+}
+
 impl Connection {
-    /// Reads the first bytes: the h2 preface goes to hyper, anything else to our HTTP/1 server.
-    async fn serve<S, R, W>(self, mut io: S, split: impl FnOnce(S) -> (R, W))
+    /// Reads the first bytes within the connection's first deadline (the TLS handshake's
+    /// too): the h2 preface goes to hyper, anything else to our HTTP/1 server, as `speaks`
+    /// allows. An h2 connection over TLS is held to the same deadline for its preface.
+    async fn serve<S, R, W>(self, mut io: S, split: impl FnOnce(S) -> (R, W), speaks: Speaks)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         R: AsyncRead + Send + Unpin + 'static,
@@ -572,7 +588,9 @@ impl Connection {
                     std::task::Poll::Ready(Ok::<_, std::io::Error>(rb.filled().len()))
                 })
                 .await?;
-                let undecided = first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first);
+                let undecided = speaks != Speaks::H1
+                    && first.len() < H2_PREFACE.len()
+                    && H2_PREFACE.starts_with(&first);
                 if n == 0 || !undecided {
                     return Ok::<_, std::io::Error>(first.len() > before || before > 0);
                 }
@@ -590,7 +608,13 @@ impl Connection {
         if !matches!(read, Ok(Ok(true))) {
             return;
         }
-        if first.starts_with(H2_PREFACE) {
+        let h2 = match speaks {
+            Speaks::Either => first.starts_with(H2_PREFACE),
+            // Whatever came: hyper answers a wrong preface with a GOAWAY.
+            Speaks::H2 => true,
+            Speaks::H1 => false,
+        };
+        if h2 {
             // Boxed: hyper's h2 connection is large, and most connections never need it.
             Box::pin(self.serve_h2(io, first.freeze())).await;
             return;

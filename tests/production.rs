@@ -267,6 +267,71 @@ async fn a_silent_tls_connection_does_not_hold_up_shutdown() {
     );
 }
 
+/// A TLS connection whose ALPN agreed on h2 is held to the first deadline for its preface,
+/// as any other (it waited for `h2_idle_timeout`), and one that has sent nothing does not
+/// hold up shutdown.
+#[tokio::test]
+async fn a_silent_h2_tls_connection_is_held_to_the_first_deadline() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "{}header_read_timeout = \"1s\"\n{}",
+        tls_head(&c),
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let tls_addr = tls_listener(&p);
+    // Half a preface, then nothing: closed at the deadline, not after a minute.
+    let mut s = tls_connect(tls_addr, &[&c], b"h2").await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(T, s.read_to_end(&mut all)).await;
+    assert!(read.is_ok(), "still open: the preface had no deadline");
+    // Silent from the handshake on, at shutdown.
+    let _silent = tls_connect(tls_addr, &[&c], b"h2").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = tokio::time::Instant::now();
+    p.stop().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "shutdown waited {:?} for a silent h2 TLS connection",
+        began.elapsed()
+    );
+}
+
+/// Over TLS, h2 is what ALPN agreed on, never a preface sent on a connection that agreed on
+/// HTTP/1.1 (RFC 9113 3.4: prior knowledge is for cleartext): that is an HTTP/1 request line
+/// of another version.
+#[tokio::test]
+async fn tls_without_h2_in_alpn_does_not_speak_h2() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "{}{}",
+        tls_head(&c),
+        service("api", &[blue.addr], &[green], "")
+    ))
+    .await;
+    let mut s = tls_connect(tls_listener(&p), &[&c], b"http/1.1").await;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut all)).await;
+    assert!(
+        all.starts_with(b"HTTP/1.1 505"),
+        "{:?}",
+        String::from_utf8_lossy(&all)
+    );
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn tls_serves_http1_and_h2_by_alpn_with_forwarded_proto_https() {
     let blue = TestUpstream::start("blue").await;
