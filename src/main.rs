@@ -282,7 +282,11 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
+        // Taken over before startup (which may wait on name resolution for seconds): a SIGHUP
+        // from logrotate or `systemctl reload` then, or a SIGTERM, is acted on once the proxy
+        // runs instead of killing it with the default action.
+        let caught = Caught::new();
         let running = match switchyard::start_with(
             cfg,
             Options {
@@ -307,6 +311,7 @@ fn serve(
             app,
             path.to_path_buf(),
             matches!(log_format, LogFormat::Json),
+            caught,
         )
         .await;
         if !handed_over {
@@ -321,22 +326,55 @@ fn serve(
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    // A blocking call that never returns (a name lookup stuck on a hung resolver or a FIFO)
+    // does not keep a stopped proxy alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+/// The signals `serve` acts on, caught from before startup on; None where they could not be
+/// (not Unix, or the runtime refused).
+struct Caught {
+    #[cfg(unix)]
+    streams: Option<[tokio::signal::unix::Signal; 5]>,
+}
+
+impl Caught {
+    fn new() -> Caught {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+                signal(SignalKind::user_defined1()),
+                signal(SignalKind::user_defined2()),
+            ) {
+                (Ok(term), Ok(int), Ok(hup), Ok(usr1), Ok(usr2)) => {
+                    Some([term, int, hup, usr1, usr2])
+                }
+                _ => None,
+            };
+            Caught { streams }
+        }
+        #[cfg(not(unix))]
+        Caught {}
+    }
 }
 
 /// SIGTERM / SIGINT: graceful shutdown. SIGHUP: reload the config.
 /// Returns true when an upgrade handed the sockets to a new process.
-async fn signals(app: std::sync::Arc<switchyard::App>, config: PathBuf, json_logs: bool) -> bool {
+async fn signals(
+    app: std::sync::Arc<switchyard::App>,
+    config: PathBuf,
+    json_logs: bool,
+    caught: Caught,
+) -> bool {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1), Ok(mut usr2)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-            signal(SignalKind::user_defined1()),
-            signal(SignalKind::user_defined2()),
-        ) else {
+        let Some([mut term, mut int, mut hup, mut usr1, mut usr2]) = caught.streams else {
             let _ = tokio::signal::ctrl_c().await;
             app.shutdown.cancel();
             return false;

@@ -1246,6 +1246,77 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     assert_eq!(try_get(proxy, "/x").await, None);
 }
 
+/// A SIGHUP that arrives while the binary starts (its first lookup of an upstream name hangs
+/// on a FIFO here, as on a stuck resolver) does not kill it: the proxy starts and serves, and
+/// a SIGTERM still ends it with 0, the stuck lookup left behind.
+#[tokio::test]
+async fn a_sighup_during_startup_does_not_kill_the_proxy() {
+    let blue = TestUpstream::start("blue").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("hosts.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nworkers = 1\nshutdown_grace = \"2s\"\n\
+         resolve_hosts_file = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{ap}\"\n\
+         [state]\npath = \"{}\"\n[[services]]\nname = \"api\"\n\
+         blue = {{ upstreams = [\"{}\"] }}\ngreen = {{ upstreams = [\"hangs.test:{}\"] }}\n",
+        fifo.display(),
+        dir.path().join("state.json").display(),
+        blue.addr,
+        blue.addr.port()
+    );
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(&config, text).expect("write config");
+    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        try_get(admin, "/healthz").await,
+        None,
+        "startup did not wait on the lookup"
+    );
+    let sent = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    assert!(
+        eventually(20, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "switchyard did not start: {:?}",
+        child.try_wait()
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    assert_eq!(
+        try_get(proxy, "/x").await,
+        Some((200, "blue\n".to_string()))
+    );
+    let sent = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    let status = timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("switchyard did not exit after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 /// An HTTP/1.0 request without Host still reaches an HTTP/1.1 upstream with one (the
 /// upstream's address), as the pooled client used to add it.
 #[tokio::test]
