@@ -165,6 +165,12 @@ fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
+            // The files it names, as `serve` reads them at startup.
+            let problems = switchyard::file_problems(&cfg);
+            if !problems.is_empty() {
+                print_errors(path, &config::ConfigErrors(problems));
+                return ExitCode::FAILURE;
+            }
             // Names are looked up once: a failure is a warning (it may resolve once deployed).
             let (cfg, notes) = if switchyard::has_names(&cfg) {
                 match runtime(Some(1)) {

@@ -304,6 +304,54 @@ pub async fn start_with(
     })
 }
 
+/// What `switchyard check` finds in the files the config names, as `serve` would at startup:
+/// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key`, `admin.…`),
+/// and the access log's file writable or creatable. Each problem names its key. Blocking.
+pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
+    let mut problems = Vec::new();
+    let pairs = [
+        ("proxy", &config.proxy.tls_cert, &config.proxy.tls_key),
+        ("admin", &config.admin.tls_cert, &config.admin.tls_key),
+    ];
+    for (section, cert, key) in pairs {
+        if let (Some(cert), Some(key)) = (cert, key) {
+            if let Err(e) = TlsSetup::new(cert, key) {
+                let file = match e.file() {
+                    crate::tls::TlsFile::Cert => "tls_cert",
+                    crate::tls::TlsFile::Key => "tls_key",
+                };
+                problems.push(crate::config::ConfigError {
+                    key: format!("{section}.{file}"),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    if let crate::config::AccessTarget::File(path) = &config.log.access {
+        // An existing file must open for appending; a new one needs its directory (nothing is
+        // created here).
+        let fault = if path.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) if !dir.is_dir() => Some(format!("no directory {}", dir.display())),
+                _ => None,
+            }
+        };
+        if let Some(fault) = fault {
+            problems.push(crate::config::ConfigError {
+                key: "log.access".to_string(),
+                message: format!("cannot open the access log {}: {fault}", path.display()),
+            });
+        }
+    }
+    problems
+}
+
 /// Reads a certificate and key off the runtime's threads. An error names the one key of
 /// `section` (`proxy` or `admin`) whose file is at fault, `tls_cert` or `tls_key`, and why.
 async fn load_tls(

@@ -32,6 +32,65 @@ fn write(dir: &std::path::Path, name: &str, body: &str) -> String {
     p.to_str().expect("utf8").to_string()
 }
 
+/// `check` reads the files the config names as `serve` does at startup: a TLS key that is not
+/// one, a certificate and key that do not match, an access log in a directory that does not
+/// exist: exit 1, each named by its key; a good pair passes.
+#[test]
+fn check_reads_the_tls_files_and_the_access_log_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = |name: &str| {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+        (
+            write(dir.path(), &format!("{name}.crt"), &ck.cert.pem()),
+            write(
+                dir.path(),
+                &format!("{name}.key"),
+                &ck.key_pair.serialize_pem(),
+            ),
+        )
+    };
+    let (cert, key) = pair("a");
+    let (_, other_key) = pair("b");
+    let garbage = write(dir.path(), "garbage.key", "not a key\n");
+    let service = "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3001\"] }\ngreen = { upstreams = [\"127.0.0.1:3002\"] }\n";
+    let config = |tls_key: &str, admin_key: &str, access: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:8080\"\ntls_listen = \"127.0.0.1:8443\"\n\
+             tls_cert = \"{cert}\"\ntls_key = \"{tls_key}\"\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\ntls_cert = \"{cert}\"\ntls_key = \"{admin_key}\"\n\
+             [log]\naccess = \"{access}\"\n{service}"
+        )
+    };
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &config(
+            &key,
+            &key,
+            &dir.path().join("access.log").display().to_string(),
+        ),
+    );
+    let out = switchyard(&["check", "--config", &good]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        &config(
+            &garbage,
+            &other_key,
+            &dir.path().join("nowhere/access.log").display().to_string(),
+        ),
+    );
+    let out = switchyard(&["check", "--config", &bad]);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for key in ["proxy.tls_key:", "admin.tls_", "log.access:"] {
+        assert!(err.contains(key), "no {key} in {err}");
+    }
+    assert!(err.contains("3 problems"), "{err}");
+}
+
 #[test]
 fn check_reports_every_error_with_its_key() {
     let dir = tempfile::tempdir().expect("tempdir");
