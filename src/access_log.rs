@@ -50,6 +50,24 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const WRITE_CHUNK: usize = 64 * 1024;
 const MAX_CLIENT_ID: usize = 128;
 
+/// A request's target as the log has it: its path and query, or, for an HTTP/1 request in
+/// absolute form, the whole target as received (`http://host/path`; a path must begin with
+/// `/`, so it is kept as text).
+#[derive(Clone, Debug)]
+pub enum Target {
+    Path(PathAndQuery),
+    Whole(String),
+}
+
+impl Target {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Target::Path(p) => p.as_str(),
+            Target::Whole(s) => s,
+        }
+    }
+}
+
 /// What the request path learned about one request, completed when its response ends.
 pub struct Entry {
     pub time: SystemTime,
@@ -57,7 +75,7 @@ pub struct Entry {
     pub client: IpAddr,
     /// `None` for a request refused before it was parsed (see `line`).
     pub method: Option<Method>,
-    pub target: Option<PathAndQuery>,
+    pub target: Option<Target>,
     pub version: Version,
     /// The request line as received, for a request the HTTP/1 server refused before it was
     /// parsed: its method and target are logged from it.
@@ -167,7 +185,7 @@ impl AccessLog {
         start: Instant,
         client: IpAddr,
         method: Method,
-        target: Option<PathAndQuery>,
+        target: Option<Target>,
         version: Version,
         request_id: HeaderValue,
         headers: &http::HeaderMap,
@@ -523,7 +541,7 @@ pub fn format_line(out: &mut Vec<u8>, e: &Entry, format: AccessFormat, date: &st
         }
         None => (None, None),
     };
-    let target = e.target.as_ref().map_or("/", |t| t.as_str());
+    let target = e.target.as_ref().map_or("/", Target::as_str);
     let service = e.service.as_ref().map(|s| s.name());
     let color = e.color.map(Color::as_str);
     let upstream = e.upstream.as_ref().map(|u| u.addr_label.as_str());
@@ -676,7 +694,7 @@ mod tests {
             start: Instant::now(),
             client: "10.0.0.7".parse().expect("ip"),
             method: Some(Method::from_bytes(b"PURGE").expect("method")),
-            target: Some(PathAndQuery::from_static("/a/%22b?c=d")),
+            target: Some(Target::Path(PathAndQuery::from_static("/a/%22b?c=d"))),
             version: Version::HTTP_11,
             line: None,
             status: 503,

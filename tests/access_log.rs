@@ -404,6 +404,32 @@ fn log_config(log: &std::path::Path, format: &str, services: &str) -> String {
 /// included (as nginx logs its 400s): the status the client got, the bytes, the request id the
 /// answer carried, the method and path as far as the request line has them, and null for what
 /// was never decided (service, color, upstream).
+/// An absolute-form target is logged as received, whole (as nginx's `$request`), though the
+/// upstream gets the origin form.
+#[tokio::test]
+async fn an_absolute_form_target_is_logged_whole() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(
+        &log,
+        "json",
+        &service("api", &[blue.addr], &[green.addr], "hosts = [\"api.test\"]"),
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let (status, _, _) = raw(
+        p.proxy,
+        b"GET http://api.test/abs?q=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let lines = wait_lines(&log, 1).await;
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).expect("json line");
+    assert_eq!(v["path"], "http://api.test/abs?q=1", "{v}");
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn requests_refused_before_routing_have_their_line() {
     let blue = TestUpstream::start("blue").await;

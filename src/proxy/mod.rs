@@ -56,7 +56,7 @@ use http_body_util::Either;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::access_log::{AccessLog, Logged, Routed, X_REQUEST_ID};
+use crate::access_log::{AccessLog, Logged, Routed, Target, X_REQUEST_ID};
 use crate::config::{Color, Protocol};
 use crate::http::client::{PooledBody, Timeouts};
 use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
@@ -331,7 +331,7 @@ pub async fn handle(
         start,
         conn.remote.ip(),
         req.method().clone(),
-        req.uri().path_and_query().cloned(),
+        logged_target(req.uri(), req.version()),
         req.version(),
         id.clone(),
         req.headers(),
@@ -345,6 +345,16 @@ pub async fn handle(
     entry.upstream = routed.upstream;
     let log = log.clone();
     resp.map(|body| body.with_log(log, entry))
+}
+
+/// The request target as received, for the access log: an HTTP/1 absolute-form target whole
+/// (`http://host/path`, as nginx's `$request` has it); otherwise the path and query (h2's
+/// `:path`).
+fn logged_target(uri: &Uri, version: Version) -> Option<Target> {
+    if version != Version::HTTP_2 && uri.authority().is_some() {
+        return Some(Target::Whole(uri.to_string()));
+    }
+    uri.path_and_query().cloned().map(Target::Path)
 }
 
 /// The request path: validate → route → rewrite → forward → finish.
