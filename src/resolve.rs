@@ -54,7 +54,9 @@ pub struct HostsFile(pub PathBuf);
 impl Resolve for HostsFile {
     fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
         Box::pin(async move {
-            let text = tokio::fs::read_to_string(&self.0).await?;
+            let text = tokio::fs::read_to_string(&self.0)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.0.display())))?;
             let mut found = false;
             let mut addrs = Vec::new();
             for line in text.lines() {
@@ -317,5 +319,9 @@ mod tests {
         let got = r.lookup("A.test", 8).await.expect("found");
         assert_eq!(got.len(), 2);
         assert!(r.lookup("c.test", 8).await.is_err());
+        // A file that is not there is named in the error.
+        let gone = HostsFile(dir.path().join("gone"));
+        let e = gone.lookup("a.test", 8).await.expect_err("no file");
+        assert!(e.to_string().contains("gone"), "{e}");
     }
 }
