@@ -989,10 +989,7 @@ impl App {
                     .inc();
                 return Err(ReloadError::Invalid(config::ConfigErrors(vec![
                     config::ConfigError {
-                        key: match e.file() {
-                            crate::tls::TlsFile::Key => "proxy.tls_key".to_string(),
-                            crate::tls::TlsFile::Cert => "proxy.tls_cert".to_string(),
-                        },
+                        key: format!("proxy.{}", e.file().key()),
                         message: e.to_string(),
                     },
                 ])));

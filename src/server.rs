@@ -316,12 +316,8 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
     for (section, cert, key) in pairs {
         if let (Some(cert), Some(key)) = (cert, key) {
             if let Err(e) = TlsSetup::new(cert, key) {
-                let file = match e.file() {
-                    crate::tls::TlsFile::Cert => "tls_cert",
-                    crate::tls::TlsFile::Key => "tls_key",
-                };
                 problems.push(crate::config::ConfigError {
-                    key: format!("{section}.{file}"),
+                    key: format!("{section}.{}", e.file().key()),
                     message: e.to_string(),
                 });
             }
@@ -362,13 +358,7 @@ async fn load_tls(
     let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
     tokio::task::spawn_blocking(move || TlsSetup::new(&cert, &key))
         .await?
-        .map_err(|e| {
-            let file = match e.file() {
-                crate::tls::TlsFile::Cert => "tls_cert",
-                crate::tls::TlsFile::Key => "tls_key",
-            };
-            anyhow::anyhow!("{section}.{file}: {e}")
-        })
+        .map_err(|e| anyhow::anyhow!("{section}.{}: {e}", e.file().key()))
 }
 
 /// One `per_worker` thread: its own current-thread runtime accepting on its own

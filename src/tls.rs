@@ -48,6 +48,16 @@ pub enum TlsFile {
     Key,
 }
 
+impl TlsFile {
+    /// Its config key within a section: `tls_cert` or `tls_key`.
+    pub fn key(self) -> &'static str {
+        match self {
+            TlsFile::Cert => "tls_cert",
+            TlsFile::Key => "tls_key",
+        }
+    }
+}
+
 impl TlsError {
     /// The file the error is about: the key when it cannot be read or used, else the
     /// certificate (a pair that does not match is reported at the certificate).
