@@ -1,6 +1,7 @@
 //! The request path, on one page ([`route_and_forward`]):
 //!
-//! 1. **validate** the request (CONNECT, the target, the Host) and take the host;
+//! 1. **validate** the request (CONNECT, the target, the Host) and take the host; a TRACE or
+//!    OPTIONS whose `Max-Forwards` is spent is answered here;
 //! 2. **route**: load the routing snapshot once, match the service, pick the color (live, or
 //!    idle on the preview listener) and a healthy upstream of that pool (power of two choices);
 //! 3. **rewrite** headers (hop-by-hop out; `X-Forwarded-*` in, written by the HTTP/1.1 client
@@ -24,6 +25,7 @@
 //! |---|---|---|
 //! | 400 | malformed request (target, Host, lengths); the connection closes | no |
 //! | 405 | CONNECT; the connection closes | no |
+//! | 200 | TRACE or OPTIONS with `Max-Forwards: 0` (the proxy is the final recipient) | no |
 //! | 404 | no service matches | no |
 //! | 503 | no healthy upstream in the pool | no |
 //! | 408 / 400 | the client's request body stalled / failed | no |
