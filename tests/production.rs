@@ -63,6 +63,21 @@ fn tls_head(c: &Cert) -> String {
     )
 }
 
+/// A proxy with a TLS listener (a certificate for `localhost`) and `proxy_extra` in
+/// `[proxy]`, one service with `blue` live; the certificate's directory lives as long as the
+/// returned guard.
+async fn tls_proxy(blue: SocketAddr, proxy_extra: &str) -> (TestProxy, Cert, tempfile::TempDir) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "{}{proxy_extra}{}",
+        tls_head(&c),
+        service("api", &[blue], &[dead_addr().await], "")
+    ))
+    .await;
+    (p, c, certs)
+}
+
 /// The address the proxy's TLS listener took.
 fn tls_listener(p: &TestProxy) -> SocketAddr {
     p.running
@@ -175,15 +190,7 @@ async fn tls_responses_that_close_the_connection_end_with_close_notify() {
         )
     })
     .await;
-    let green = dead_addr().await;
-    let certs = tempfile::tempdir().expect("tempdir");
-    let c = make_cert(certs.path(), "a");
-    let p = TestProxy::start(&format!(
-        "{}{}",
-        tls_head(&c),
-        service("api", &[up], &[green], "")
-    ))
-    .await;
+    let (p, c, _certs) = tls_proxy(up, "").await;
     let tls_addr = tls_listener(&p);
     for (request, body) in [
         (
@@ -246,15 +253,7 @@ async fn tls_responses_that_close_the_connection_end_with_close_notify() {
 #[tokio::test]
 async fn a_silent_tls_connection_does_not_hold_up_shutdown() {
     let blue = TestUpstream::start("blue").await;
-    let green = dead_addr().await;
-    let certs = tempfile::tempdir().expect("tempdir");
-    let c = make_cert(certs.path(), "a");
-    let p = TestProxy::start(&format!(
-        "{}header_read_timeout = \"5s\"\n{}",
-        tls_head(&c),
-        service("api", &[blue.addr], &[green], "")
-    ))
-    .await;
+    let (p, _, _certs) = tls_proxy(blue.addr, "header_read_timeout = \"5s\"\n").await;
     let tls_addr = tls_listener(&p);
     let _silent = TcpStream::connect(tls_addr).await.expect("connect");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -273,15 +272,7 @@ async fn a_silent_tls_connection_does_not_hold_up_shutdown() {
 #[tokio::test]
 async fn a_silent_h2_tls_connection_is_held_to_the_first_deadline() {
     let blue = TestUpstream::start("blue").await;
-    let green = dead_addr().await;
-    let certs = tempfile::tempdir().expect("tempdir");
-    let c = make_cert(certs.path(), "a");
-    let p = TestProxy::start(&format!(
-        "{}header_read_timeout = \"1s\"\n{}",
-        tls_head(&c),
-        service("api", &[blue.addr], &[green], "")
-    ))
-    .await;
+    let (p, c, _certs) = tls_proxy(blue.addr, "header_read_timeout = \"1s\"\n").await;
     let tls_addr = tls_listener(&p);
     // Half a preface, then nothing: closed at the deadline, not after a minute.
     let mut s = tls_connect(tls_addr, &[&c], b"h2").await;
@@ -308,15 +299,7 @@ async fn a_silent_h2_tls_connection_is_held_to_the_first_deadline() {
 #[tokio::test]
 async fn tls_without_h2_in_alpn_does_not_speak_h2() {
     let blue = TestUpstream::start("blue").await;
-    let green = dead_addr().await;
-    let certs = tempfile::tempdir().expect("tempdir");
-    let c = make_cert(certs.path(), "a");
-    let p = TestProxy::start(&format!(
-        "{}{}",
-        tls_head(&c),
-        service("api", &[blue.addr], &[green], "")
-    ))
-    .await;
+    let (p, c, _certs) = tls_proxy(blue.addr, "").await;
     let mut s = tls_connect(tls_listener(&p), &[&c], b"http/1.1").await;
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
@@ -335,15 +318,7 @@ async fn tls_without_h2_in_alpn_does_not_speak_h2() {
 #[tokio::test]
 async fn tls_serves_http1_and_h2_by_alpn_with_forwarded_proto_https() {
     let blue = TestUpstream::start("blue").await;
-    let green = dead_addr().await;
-    let certs = tempfile::tempdir().expect("tempdir");
-    let c = make_cert(certs.path(), "a");
-    let p = TestProxy::start(&format!(
-        "{}{}",
-        tls_head(&c),
-        service("api", &[blue.addr], &[green], "")
-    ))
-    .await;
+    let (p, c, _certs) = tls_proxy(blue.addr, "").await;
     let tls_addr = tls_listener(&p);
 
     let io = tls_connect(tls_addr, &[&c], b"http/1.1").await;
