@@ -612,9 +612,12 @@ async fn status_numbers_match_the_traffic() {
         &[("service", "api"), ("color", "blue")],
     )
     .expect("p95 gauge");
+    // The same bounds as the status's p95: a fixed ceiling above the delay is a timing
+    // assertion that a loaded machine breaks; the slowest answer the client saw is not.
+    let ceiling = slowest.as_secs_f64() * 1.035;
     assert!(
-        (0.050 * 0.965..=0.050 * 1.035 + 0.020).contains(&p95),
-        "{p95}"
+        (0.050 * 0.965..=ceiling).contains(&p95),
+        "p95 gauge {p95} s outside 48.25 ms ..= {ceiling:.4} s (the slowest answer the client saw)"
     );
     p.stop().await;
 }
