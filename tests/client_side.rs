@@ -90,7 +90,7 @@ async fn read_response(
 
 async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
     let mut chunk = [0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
         .await
         .expect("response in time")
         .expect("read");
@@ -332,13 +332,21 @@ async fn an_idle_keep_alive_connection_closes_at_shutdown() {
     assert_closed(&mut s).await;
 }
 
-/// An upstream that never answers `/hold` and counts the held connections the proxy closes;
-/// anything else gets the chunked answer of `chunked_upstream`.
-async fn holding_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// The held requests that reached the upstream, and the held connections the proxy closed.
+type Held = (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+/// An upstream that never answers `/hold` and counts the held requests and the held
+/// connections the proxy closes; anything else gets the chunked answer of `chunked_upstream`.
+async fn holding_upstream() -> (SocketAddr, Held) {
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = closed.clone();
+    let (arrivals, counter) = (arrived.clone(), closed.clone());
     let addr = raw_upstream(move |head| {
         if head.starts_with("GET /hold") {
+            arrivals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Raw::Hold(counter.clone());
         }
         Raw::Answer(
@@ -347,7 +355,7 @@ async fn holding_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::At
         )
     })
     .await;
-    (addr, closed)
+    (addr, (arrived, closed))
 }
 
 /// A client that gives up on a slow request cancels it: the upstream connection is closed at
@@ -355,21 +363,30 @@ async fn holding_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::At
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_its_upstream_request() {
     use std::sync::atomic::Ordering;
-    let (up, closed) = holding_upstream().await;
+    let (up, (arrived, closed)) = holding_upstream().await;
     let p = start(up, "").await;
     for request in [
         &b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n"[..],
         // With a body the proxy has read whole before the upstream got it.
         &b"GET /hold HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"[..],
     ] {
-        let before = closed.load(Ordering::SeqCst);
+        let (sent, before) = (
+            arrived.load(Ordering::SeqCst),
+            closed.load(Ordering::SeqCst),
+        );
         let mut s = TcpStream::connect(p.proxy).await.expect("connect");
         s.write_all(request).await.expect("write");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(s);
+        // The client leaves once its request is at the upstream (not after a fixed pause, which
+        // a loaded machine may not have forwarded it in).
         assert!(
-            eventually(3, || async { closed.load(Ordering::SeqCst) > before }).await,
-            "the upstream request was still open 3 s after its client left"
+            eventually(10, || async { arrived.load(Ordering::SeqCst) > sent }).await,
+            "the request never reached the upstream"
+        );
+        drop(s);
+        // Held otherwise until the request_timeout (30 s).
+        assert!(
+            eventually(10, || async { closed.load(Ordering::SeqCst) > before }).await,
+            "the upstream request was still open 10 s after its client left"
         );
     }
     let status = p.service_status("api").await;

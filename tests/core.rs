@@ -177,7 +177,7 @@ fn echoed(report: &Value, name: &str) -> Option<String> {
 
 fn health_extra(unhealthy_after: u32) -> String {
     format!(
-        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = {unhealthy_after}\nhealthy_after = 1\n"
+        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = {unhealthy_after}\nhealthy_after = 1\n"
     )
 }
 
@@ -865,7 +865,8 @@ async fn keep_alive_connection_follows_the_flip() {
 async fn request_in_flight_across_a_flip_finishes_on_the_old_color() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
-    blue.set_delay(1000);
+    // Seconds for the flip and the request after it, however loaded the machine.
+    blue.set_delay(3000);
     let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
     let addr = p.proxy;
     let slow = tokio::spawn(async move { get(addr, "/slow").await });

@@ -79,7 +79,7 @@ async fn two_services() -> (TestProxy, Vec<std::sync::Arc<TestUpstream>>) {
         TestUpstream::start("web-blue").await,
         TestUpstream::start("web-green").await,
     ];
-    let health = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+    let health = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n";
     let mut body = service(
         "api",
         &[ups[0].addr],

@@ -329,7 +329,7 @@ const ACTIVE: &str = r#"(function(){var c=document.querySelector('[data-service=
 async fn dashboard_flow() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
-    let health = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+    let health = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n";
     let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], health)).await;
     for _ in 0..10 {
         assert_eq!(p.get("/x").await.0, 200);
@@ -482,9 +482,9 @@ async fn dashboard_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_the_live_color_and_its_button_flips() {
-    tokio::time::timeout(Duration::from_secs(45), Box::pin(dashboard_flow()))
+    tokio::time::timeout(Duration::from_secs(90), Box::pin(dashboard_flow()))
         .await
-        .expect("the dashboard test took longer than 45 s");
+        .expect("the dashboard test took longer than 90 s");
 }
 
 const RELEASE_STATE: &str = r#"(function(){var c=document.querySelector('#release [data-role="release-state"]');return c?c.textContent.trim():null})()"#;
@@ -596,7 +596,7 @@ async fn release_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_the_release_and_promotes_it() {
-    tokio::time::timeout(Duration::from_secs(45), Box::pin(release_flow()))
+    tokio::time::timeout(Duration::from_secs(90), Box::pin(release_flow()))
         .await
-        .expect("the dashboard release test took longer than 45 s");
+        .expect("the dashboard release test took longer than 90 s");
 }

@@ -269,7 +269,7 @@ async fn killed_upstream_fails_no_get_without_health_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_upstream_fails_no_get_with_health_checks() {
     kill_one_of_two_under_load(
-        "[services.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n",
+        "[services.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"2s\"\n",
     )
     .await;
 }
@@ -536,7 +536,7 @@ async fn gateway_errors_eject_an_upstream_until_eject_for_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_errors_eject_an_upstream_whose_health_checks_pass() {
     gateway_errors_eject(
-        "[services.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n",
+        "[services.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"2s\"\n",
     )
     .await;
 }
@@ -545,8 +545,10 @@ async fn gateway_errors_eject(extra: &str) {
     let sick = TestUpstream::start("sick").await;
     let up = TestUpstream::start("well").await;
     let green = TestUpstream::start("green").await;
+    // `eject_for` leaves the checks of "ejected: no traffic" below seconds to run on a loaded
+    // machine before the ejection ends.
     let p = TestProxy::start(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 3\neject_for = \"1s\"\n{}",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 3\neject_for = \"4s\"\n{}",
         service("api", &[sick.addr, up.addr], &[green.addr], extra)
     ))
     .await;
@@ -581,7 +583,7 @@ async fn gateway_errors_eject(extra: &str) {
     assert_eq!(sick.hits(), hits, "an ejected upstream got traffic");
     // Recovered, it gets traffic again once `eject_for` has passed.
     sick.set_status(200);
-    let back = eventually(10, || async {
+    let back = eventually(15, || async {
         let _ = p.get("/x").await;
         sick.hits() > hits
     })
@@ -672,7 +674,9 @@ async fn cutting_upstream() -> SocketAddr {
 }
 
 /// A raw HTTP/1.1 GET on a keep-alive connection the client never closes: what arrived, and
-/// how long until the proxy closed the connection.
+/// how long the proxy kept the connection open after the response's first bytes (the time
+/// from the cut to the close: the request's own way through the proxy is not counted, so a
+/// loaded machine adds little to it).
 async fn raw_get_until_closed(proxy: SocketAddr, path: &str) -> (Vec<u8>, Duration) {
     let mut s = tokio::net::TcpStream::connect(proxy)
         .await
@@ -680,20 +684,24 @@ async fn raw_get_until_closed(proxy: SocketAddr, path: &str) -> (Vec<u8>, Durati
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes())
         .await
         .expect("write");
-    let started = tokio::time::Instant::now();
+    let mut first = None;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    first.get_or_insert_with(tokio::time::Instant::now);
+                    got.extend_from_slice(&buf[..n]);
+                }
             }
         }
     })
     .await;
     assert!(read.is_ok(), "the proxy kept the cut connection open 5 s");
-    (got, started.elapsed())
+    let open_for = first.map_or(Duration::ZERO, |t| t.elapsed());
+    (got, open_for)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -709,8 +717,10 @@ async fn a_cut_body_is_a_failure_and_the_client_sees_the_cut_at_once() {
         assert!(text.contains("partial"), "{text}");
         // Cut: never the last chunk, never the whole length.
         assert!(!text.ends_with("0\r\n\r\n"), "{text}");
-        // The proxy used to linger 1 s after a cut before closing; now it closes at once.
-        eprintln!("{path}: the cut connection closed after {took:?}");
+        // The proxy used to linger 1 s after a cut before closing; now it closes at once. (The
+        // linger is a fixed 1 s, so this bound cannot leave seconds; it counts only from the
+        // response's first bytes, which the cut follows at once.)
+        eprintln!("{path}: the cut connection closed {took:?} after the first bytes");
         assert!(
             took < Duration::from_millis(800),
             "{path}: the connection closed only after {took:?}"
@@ -753,9 +763,9 @@ async fn a_cut_body_reaches_an_h2_client_as_an_error() {
         .expect("head or reset in time");
     if let Ok(resp) = head {
         assert_eq!(resp.status(), 200);
-        let body = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
+        let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
             .await
-            .expect("the cut reached the client within 2 s");
+            .expect("the cut reached the client within 10 s");
         assert!(body.is_err(), "a cut body ended cleanly for the h2 client");
     }
     let blue = &p.service_status("api").await["colors"]["blue"];

@@ -13,22 +13,29 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const PROXY: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nrequest_timeout = \"10s\"\nbody_idle_timeout = \"1s\"\n";
+const PROXY: &str =
+    "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nrequest_timeout = \"10s\"\n";
 
-/// The proxy with short timeouts (header_read_timeout 1s unless `extra_proxy` sets it).
+/// The proxy with short timeouts (header_read_timeout and body_idle_timeout 1s unless
+/// `extra_proxy` sets them).
 async fn start(blue: SocketAddr, extra_proxy: &str) -> TestProxy {
     let green = dead_addr().await;
-    let hrt = if extra_proxy.contains("header_read_timeout") {
-        ""
-    } else {
-        "header_read_timeout = \"1s\"\n"
-    };
+    let mut short = String::new();
+    for key in ["header_read_timeout", "body_idle_timeout"] {
+        if !extra_proxy.contains(key) {
+            short += &format!("{key} = \"1s\"\n");
+        }
+    }
     TestProxy::start(&format!(
-        "{PROXY}{hrt}{extra_proxy}{}",
+        "{PROXY}{short}{extra_proxy}{}",
         service("api", &[blue], &[green], "")
     ))
     .await
 }
+
+/// For tests that trickle bytes: a head sent a few bytes a read must not run into the
+/// header_read_timeout on a loaded machine (it is not what they test).
+const SLOW_HEADS: &str = "header_read_timeout = \"10s\"\n";
 
 /// Reads until the peer closes or `quiet` passes without a byte.
 async fn read_all(s: &mut TcpStream, quiet: Duration) -> (String, bool) {
@@ -48,7 +55,9 @@ async fn read_all(s: &mut TcpStream, quiet: Duration) -> (String, bool) {
 async fn raw(addr: SocketAddr, data: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(data).await.expect("write");
-    let (text, _) = read_all(&mut s, Duration::from_millis(500)).await;
+    // The proxy closes after these answers (or at the 1 s header_read_timeout of an idle
+    // keep-alive connection): the quiet period only bounds a hang.
+    let (text, _) = read_all(&mut s, Duration::from_secs(5)).await;
     text.lines().next().unwrap_or("").to_string()
 }
 
@@ -138,8 +147,9 @@ async fn slowloris_is_closed_at_the_header_read_timeout() {
     }
     let took = began.elapsed();
     assert!(closed, "the proxy waited for the whole trickled head");
+    // The whole trickled head takes 16 s or more.
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(8),
         "closed only after {took:?} (header_read_timeout is 1s)"
     );
     assert_eq!(blue.hits(), 0);
@@ -189,7 +199,8 @@ async fn a_stalled_body_is_ended_at_the_body_idle_timeout() {
         .expect("write");
     // Keep sending a byte now and then, but slower than body_idle_timeout (1s)... once.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    s.write_all(b"a").await.expect("write");
+    // (On a loaded machine the proxy may have given up already and closed: not an error.)
+    let _ = s.write_all(b"a").await;
     let (text, _) = tokio::time::timeout(
         Duration::from_secs(6),
         read_all(&mut s, Duration::from_secs(5)),
@@ -197,7 +208,7 @@ async fn a_stalled_body_is_ended_at_the_body_idle_timeout() {
     .await
     .expect("the proxy kept the stalled request open");
     assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
-    let ok = eventually(3, || async { !seen.lock().expect("lock").is_empty() }).await;
+    let ok = eventually(10, || async { !seen.lock().expect("lock").is_empty() }).await;
     assert!(ok, "the upstream never saw the request end");
     let first = seen.lock().expect("lock")[0].clone();
     assert!(first.is_err(), "the upstream saw a clean body: {first:?}");
@@ -211,21 +222,21 @@ async fn a_stalled_body_is_ended_at_the_body_idle_timeout() {
 #[tokio::test]
 async fn a_steady_slow_body_is_not_cut() {
     let (up, seen) = body_recorder().await;
-    let p = start(up, "").await;
+    let p = start(up, "body_idle_timeout = \"3s\"\n").await;
     let mut s = TcpStream::connect(p.proxy).await.expect("connect");
     s.write_all(
-        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nConnection: close\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\nConnection: close\r\n\r\n",
     )
     .await
     .expect("write");
-    // 6 bytes over 1.8s: longer than the idle timeout in total, never idle that long.
-    for b in b"abcdef" {
+    // 8 bytes over 4 s: longer than the idle timeout (3 s) in total, never idle half as long.
+    for b in b"abcdefgh" {
         s.write_all(&[*b]).await.expect("write");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (text, _) = read_all(&mut s, Duration::from_secs(3)).await;
+    let (text, _) = read_all(&mut s, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
-    assert_eq!(seen.lock().expect("lock").first().cloned(), Some(Ok(6)));
+    assert_eq!(seen.lock().expect("lock").first().cloned(), Some(Ok(8)));
     p.stop().await;
 }
 
@@ -242,7 +253,7 @@ async fn max_connections_holds_the_next_connection_until_one_closes() {
     for _ in 0..2 {
         let mut s = TcpStream::connect(p.proxy).await.expect("connect");
         s.write_all(req).await.expect("write");
-        let (text, _) = read_all(&mut s, Duration::from_millis(300)).await;
+        let text = read_one_response(&mut s).await;
         assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
         open.push(s);
     }
@@ -254,7 +265,7 @@ async fn max_connections_holds_the_next_connection_until_one_closes() {
         "a third connection was served past max_connections = 2"
     );
     drop(open.pop());
-    let (text, _) = read_all(&mut third, Duration::from_millis(1500)).await;
+    let text = read_one_response(&mut third).await;
     assert!(
         text.starts_with("HTTP/1.1 200"),
         "not served once a slot freed: {text:?}"
@@ -313,7 +324,7 @@ async fn ambiguous_upstream_framing_is_502() {
 }
 
 /// GETs `/x` through the proxy: the status, then the body as the client collects it (`None` if
-/// it was still waiting after 5 s) and how long that took after the head.
+/// it was still waiting after 10 s) and how long that took after the head.
 async fn get_head_then_body(
     proxy: SocketAddr,
 ) -> (
@@ -331,7 +342,7 @@ async fn get_head_then_body(
         .expect("response head");
     let status = resp.status().as_u16();
     let began = tokio::time::Instant::now();
-    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
         .await
         .ok();
     (status, body, began.elapsed())
@@ -358,7 +369,7 @@ async fn a_truncated_upstream_body_aborts_the_client_response() {
     s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .expect("write");
-    let (text, closed) = read_all(&mut s, Duration::from_secs(3)).await;
+    let (text, closed) = read_all(&mut s, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
     assert!(closed, "connection left open after a broken body");
     assert!(
@@ -385,14 +396,15 @@ async fn trickle(s: &mut TcpStream, data: &[u8], step: usize) {
 /// ambiguous one nor the pipelined `/smuggled` after it.
 async fn assert_refused(name: &str, data: &[u8], step: usize, reason: &str) {
     let blue = TestUpstream::start("blue").await;
-    let p = start(blue.addr, "").await;
+    let p = start(blue.addr, SLOW_HEADS).await;
     let mut s = TcpStream::connect(p.proxy).await.expect("connect");
     if step == 0 {
         s.write_all(data).await.expect("write");
     } else {
         trickle(&mut s, data, step).await;
     }
-    let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+    // The proxy closes after its 400: the quiet period only bounds a hang.
+    let (text, closed) = read_all(&mut s, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 400"), "{name}: {text:?}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{name}: {text:?}");
     assert!(
@@ -446,7 +458,7 @@ async fn content_length_with_transfer_encoding_is_400() {
             s.write_all(&data.as_bytes()[..cut]).await.expect("write");
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = s.write_all(&data.as_bytes()[cut..]).await;
-            let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+            let (text, closed) = read_all(&mut s, Duration::from_secs(10)).await;
             assert!(text.starts_with("HTTP/1.1 400"), "{name}, split: {text:?}");
             assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{name}: {text:?}");
             assert!(closed, "{name}, split");
@@ -508,7 +520,7 @@ async fn bare_lf_heads_are_400() {
     )
     .await
     .expect("write");
-    let (text, closed) = read_all(&mut s, Duration::from_secs(2)).await;
+    let (text, closed) = read_all(&mut s, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text:?}");
     assert!(text.contains("HTTP/1.1 400"), "{text:?}");
@@ -527,10 +539,10 @@ async fn bare_lf_heads_are_400() {
 #[tokio::test]
 async fn requests_stay_in_step_across_bodies_on_a_keep_alive_connection() {
     let blue = TestUpstream::start("blue").await;
-    let p = start(blue.addr, "").await;
+    let p = start(blue.addr, SLOW_HEADS).await;
     let data = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\nab\ncd\n\nef\r\n\n\
 POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\na\nb\n\r\n3\r\n\n\n\n\r\n0\r\nX-Trailer: t\r\n\r\n\
-GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
+GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
     for step in [0, 1, 7] {
         let mut s = TcpStream::connect(p.proxy).await.expect("connect");
         if step == 0 {
@@ -538,7 +550,8 @@ GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
         } else {
             trickle(&mut s, data, step).await;
         }
-        let (text, _) = read_all(&mut s, Duration::from_millis(700)).await;
+        // The last request asks to close: the quiet period only bounds a hang.
+        let (text, _) = read_all(&mut s, Duration::from_secs(10)).await;
         assert_eq!(
             text.matches("HTTP/1.1 200").count(),
             3,
@@ -571,14 +584,15 @@ async fn idle_keep_alive_connections_close_at_the_header_read_timeout() {
 }
 
 /// The timeout counts from the last request, not from the connection's start: a client that
-/// sends a request every 400 ms keeps its connection well past header_read_timeout (1s), and
-/// loses it once it stops (the timer is moved lazily, so this is its behaviour to keep).
+/// sends a request every 400 ms keeps its connection well past header_read_timeout (3 s here:
+/// seconds more than a pause between requests, however loaded the machine), and loses it once
+/// it stops (the timer is moved lazily, so this is its behaviour to keep).
 #[tokio::test]
 async fn a_busy_keep_alive_connection_outlives_the_header_read_timeout() {
     let blue = TestUpstream::start("blue").await;
-    let p = start(blue.addr, "").await;
+    let p = start(blue.addr, "header_read_timeout = \"3s\"\n").await;
     let mut s = TcpStream::connect(p.proxy).await.expect("connect");
-    for i in 0..6 {
+    for i in 0..10 {
         s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .expect("write");
@@ -586,18 +600,18 @@ async fn a_busy_keep_alive_connection_outlives_the_header_read_timeout() {
         assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text:?}");
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    let (_, closed) = read_all(&mut s, Duration::from_secs(4)).await;
+    let (_, closed) = read_all(&mut s, Duration::from_secs(8)).await;
     assert!(closed, "the idle connection outlived header_read_timeout");
-    assert_eq!(blue.hits(), 6);
+    assert_eq!(blue.hits(), 10);
     p.stop().await;
 }
 
 /// One whole response (head and `Content-Length` body) off a keep-alive connection; what
-/// arrived when the connection closed or 5 s passed otherwise.
+/// arrived when the connection closed or 10 s passed otherwise.
 async fn read_one_response(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = String::from_utf8_lossy(&out).into_owned();
         if let Some(end) = text.find("\r\n\r\n") {

@@ -363,7 +363,7 @@ async fn logs_to_a_file_are_plain_and_name_colors() {
 async fn blocked_and_automatic_rollbacks_are_logged_at_warn() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
-    let extra = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n[services.rollback]\nwatch_for = \"10m\"\n[[services.rollback.triggers]]\nkind = \"unhealthy\"\nfor = \"0s\"\n";
+    let extra = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n[services.rollback]\nwatch_for = \"10m\"\n[[services.rollback.triggers]]\nkind = \"unhealthy\"\nfor = \"0s\"\n";
     let s = Served::start(&service("api", &[blue.addr], &[green.addr], extra), &[]).await;
     let flipped = eventually(10, || async {
         admin_post(

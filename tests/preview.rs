@@ -105,7 +105,7 @@ async fn a_broken_idle_color_fails_on_preview_only() {
         "api",
         &[blue.addr],
         &[green.addr],
-        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n",
+        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n",
     ));
     let p = TestProxy::start(&body).await;
     let pv = preview(&p);

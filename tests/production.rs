@@ -297,13 +297,17 @@ async fn a_silent_h2_tls_connection_is_held_to_the_first_deadline() {
     let mut all = Vec::new();
     let read = tokio::time::timeout(T, s.read_to_end(&mut all)).await;
     assert!(read.is_ok(), "still open: the preface had no deadline");
-    // Silent from the handshake on, at shutdown.
-    let _silent = tls_connect(tls_addr, &[&c], b"h2").await;
+    p.stop().await;
+    // Silent from the handshake on, at shutdown. Waiting for it would take 10 s (the deadline
+    // and the grace); the bound leaves a loaded machine room to stop a process.
+    let (p, c, _certs) =
+        tls_proxy_with_grace(blue.addr, "10s", "header_read_timeout = \"10s\"\n").await;
+    let _silent = tls_connect(tls_listener(&p), &[&c], b"h2").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let began = tokio::time::Instant::now();
     p.stop().await;
     assert!(
-        began.elapsed() < Duration::from_secs(1),
+        began.elapsed() < Duration::from_secs(4),
         "shutdown waited {:?} for a silent h2 TLS connection",
         began.elapsed()
     );
@@ -902,8 +906,13 @@ async fn open_tunnel(proxy: SocketAddr) -> TcpStream {
 #[tokio::test]
 async fn websocket_tunnels_drain_at_shutdown() {
     let (blue, _) = ws_upstream("blue").await;
-    // shutdown_grace = 5s (common::full_config).
-    let p = TestProxy::start(&service("api", &[blue], &[dead_addr().await], "")).await;
+    // Waiting out the grace would take 10 s: seconds more than the bound below, which leaves
+    // a loaded machine seconds for the two pauses and three round trips.
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{}",
+        service("api", &[blue], &[dead_addr().await], "")
+    ))
+    .await;
     let mut ws = open_tunnel(p.proxy).await;
     assert_eq!(roundtrip(&mut ws, "one").await, "blue:one");
 
@@ -920,12 +929,12 @@ async fn websocket_tunnels_drain_at_shutdown() {
     assert!(!stop.is_finished());
 
     drop(ws);
-    tokio::time::timeout(Duration::from_secs(2), stop)
+    tokio::time::timeout(Duration::from_secs(5), stop)
         .await
         .expect("shutdown did not end once the tunnel closed")
         .expect("stop");
     assert!(
-        began.elapsed() < Duration::from_secs(3),
+        began.elapsed() < Duration::from_secs(6),
         "{:?}",
         began.elapsed()
     );
@@ -959,7 +968,7 @@ async fn a_tunnel_open_past_the_grace_is_closed() {
         "closed before the grace: {took:?}"
     );
     let mut buf = [0u8; 16];
-    let r = tokio::time::timeout(Duration::from_secs(2), ws.read(&mut buf))
+    let r = tokio::time::timeout(Duration::from_secs(10), ws.read(&mut buf))
         .await
         .expect("the tunnel was left open after shutdown");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
@@ -981,7 +990,7 @@ async fn an_open_tunnel_counts_against_max_connections() {
         "a second connection was served while the tunnel held the only slot"
     );
     drop(ws);
-    let n = tokio::time::timeout(Duration::from_secs(3), next.read(&mut buf))
+    let n = tokio::time::timeout(Duration::from_secs(10), next.read(&mut buf))
         .await
         .expect("not served after the tunnel closed")
         .expect("read");

@@ -791,7 +791,7 @@ async fn a_plan_named_in_the_config_starts_by_name_and_an_unknown_name_is_refuse
     assert!(!text.contains("release_plans.weekly"), "{text}");
 }
 
-const HEALTH: &str = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+const HEALTH: &str = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_back() {

@@ -215,7 +215,9 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
     let gen_before = b.service_status("api").await["generation"]
         .as_u64()
         .unwrap_or(0);
-    start_release(&a, two_phases("6s", "1s", "1s")).await;
+    // The takeover comes ~3.6 s after the driver stops (three 200 ms beats and the 3 s etcd
+    // timeout); the 10 s bake leaves seconds after it for "the bake left" on a loaded machine.
+    start_release(&a, two_phases("10s", "1s", "1s")).await;
     wait_phase(&b, 0, "baking").await;
     let first = releases(&b).await["current"].clone();
     // The replica that started (and drives) the release stops mid-bake, then comes back.

@@ -65,7 +65,7 @@ async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner(
     let (s, v) = ps[0].flip("api", "green").await;
     assert_eq!(s, 200, "{v}");
     assert!(
-        converged(&ps, "green", 1, 5).await,
+        converged(&ps, "green", 1, 10).await,
         "replicas did not converge on green"
     );
     eprintln!("flip propagated to 3 replicas in {:?}", t0.elapsed());
@@ -95,13 +95,13 @@ async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner(
         );
     }
     assert!(
-        converged(&ps, "blue", 2, 5).await,
+        converged(&ps, "blue", 2, 10).await,
         "generation must be 2 everywhere"
     );
 
     // Events of every replica are visible from any replica (each replica writes its events to
     // etcd in the background, so give the last write a moment).
-    let seen = eventually(5, || async {
+    let seen = eventually(10, || async {
         let evs = ps[2].events().await;
         evs.iter().filter(|e| e["reason"] == "manual").count() >= 2
     })
@@ -136,7 +136,7 @@ async fn etcd_down_fails_no_request_blocks_flips_and_replicas_converge_after() {
     assert!(converged(&ps, "blue", 0, 10).await);
     let (s, _) = ps[1].flip("api", "green").await;
     assert_eq!(s, 200);
-    assert!(converged(&ps, "green", 1, 5).await);
+    assert!(converged(&ps, "green", 1, 10).await);
 
     // Traffic through every replica while etcd goes away.
     let failed = Arc::new(AtomicUsize::new(0));
@@ -233,7 +233,7 @@ async fn replicas_rolling_back_the_same_release_produce_one_flip() {
     }
     assert!(converged(&ps, "blue", 0, 10).await);
     assert_eq!(ps[0].flip("api", "green").await.0, 200);
-    assert!(converged(&ps, "green", 1, 5).await);
+    assert!(converged(&ps, "green", 1, 10).await);
 
     // Green fails a critical path on every replica at once: every engine wants to roll back.
     green.set_status(500);

@@ -449,6 +449,30 @@ where
     false
 }
 
+/// Waits (at most `secs` seconds) until the count `f` reads stays the same for `quiet`, and
+/// returns it; None if it never settled. For "nothing more arrives there" after a change: a
+/// request already on its way when the change happened may land late on a loaded machine, so
+/// a fixed pause before taking the count is a race; traffic that keeps arriving never settles.
+pub async fn settled<F>(secs: u64, quiet: Duration, f: F) -> Option<usize>
+where
+    F: Fn() -> usize,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = f();
+    let mut since = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = f();
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= quiet {
+            return Some(last);
+        }
+    }
+    None
+}
+
 /// A free loopback port (bound, then released) for the binary's listeners.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
