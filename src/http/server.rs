@@ -17,7 +17,8 @@
 //! before the colon, NUL, lone CR, bad tokens), a bare LF line end, `Content-Length` with
 //! `Transfer-Encoding`, differing or malformed lengths, any `Transfer-Encoding` but a single
 //! `chunked`, and `Transfer-Encoding` in HTTP/1.0. A head larger than `max_header_bytes` or with
-//! more than `max_headers` fields is 431. `header_read_timeout` bounds both a head being
+//! more than `max_headers` fields is 431; a request line alone longer than that, or a target the
+//! URI type cannot hold, is 414. `header_read_timeout` bounds both a head being
 //! received and an idle keep-alive connection waiting for its next request.
 //!
 //! The read and write halves are separate, so a request body can stream to the upstream while
@@ -338,6 +339,29 @@ fn version_still_arriving(buf: &[u8]) -> bool {
         })
 }
 
+/// A head over `max`: 414 when its request line alone does not fit (RFC 9112 3: a target
+/// longer than the server will parse is 414, whatever the limit it ran into), else 431.
+fn oversized(buf: &[u8], max: usize) -> Refused {
+    let start = buf
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(buf.len());
+    let line = memchr::memchr(b'\n', &buf[start..]).unwrap_or(buf.len() - start);
+    if line > max {
+        return uri_too_long();
+    }
+    too_large("request head too large\n")
+}
+
+fn uri_too_long() -> Refused {
+    Refused {
+        status: StatusCode::URI_TOO_LONG,
+        why: "request target too long\n",
+        metric: None,
+        line: None,
+    }
+}
+
 fn too_large(why: &'static str) -> Refused {
     Refused {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -405,19 +429,19 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > limits.max_header_bytes => {
-            return Err(too_large("request head too large\n"))
+            return Err(oversized(buf, limits.max_header_bytes))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(too_large(TOO_MANY)),
         Err(httparse::Error::Version) if buf.len() > limits.max_header_bytes => {
-            return Err(too_large("request head too large\n"))
+            return Err(oversized(buf, limits.max_header_bytes))
         }
         Err(httparse::Error::Version) if version_still_arriving(buf) => return Ok(None),
         Err(httparse::Error::Version) => return Err(version_refusal(buf)),
         Err(_) => return Err(bad("malformed request head\n")),
     };
     if len > limits.max_header_bytes {
-        return Err(too_large("request head too large\n"));
+        return Err(oversized(buf, limits.max_header_bytes));
     }
     // httparse takes a lone LF for a line end; an upstream may not (request smuggling).
     let raw = &buf[..len];
@@ -492,12 +516,7 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
 fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Result<Uri, Refused> {
     // The http crate's URI holds at most 65,534 bytes.
     if target.1 >= usize::from(u16::MAX) {
-        return Err(Refused {
-            status: StatusCode::URI_TOO_LONG,
-            why: "request target too long\n",
-            metric: None,
-            line: None,
-        });
+        return Err(uri_too_long());
     }
     let raw_target = head.slice(target.0..target.0 + target.1);
     let mut uri =
@@ -1722,6 +1741,28 @@ mod tests {
         let mut partial = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
         partial.extend(std::iter::repeat_n(b'a', 70_000));
         let r = parse(&partial).err().expect("refused");
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    /// A request line that alone is longer than `max_header_bytes` is 414 (RFC 9112 3), whether
+    /// it is still arriving or came whole; a head that is too large for its fields is 431.
+    #[test]
+    fn a_request_line_over_the_head_limit_is_414() {
+        let mut open = b"\r\nGET /".to_vec();
+        open.extend(std::iter::repeat_n(b'a', 70_000));
+        let r = parse(&open).err().expect("refused");
+        assert_eq!(r.status, StatusCode::URI_TOO_LONG);
+        let mut whole = open.clone();
+        whole.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = parse(&whole).err().expect("refused");
+        assert_eq!(r.status, StatusCode::URI_TOO_LONG);
+        // A long line that fits, with a field that makes the head too large: 431.
+        let mut fields = b"GET /".to_vec();
+        fields.extend(std::iter::repeat_n(b'a', 40_000));
+        fields.extend_from_slice(b" HTTP/1.1\r\nX-Big: ");
+        fields.extend(std::iter::repeat_n(b'b', 40_000));
+        fields.extend_from_slice(b"\r\n\r\n");
+        let r = parse(&fields).err().expect("refused");
         assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
 
