@@ -10,9 +10,9 @@
 //! response has gone out.
 //!
 //! What it speaks: HTTP/1.1 and 1.0 requests (keep-alive and pipelining), bodies by
-//! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered at once, as
-//! nginx does), an upstream's other 1xx heads written ahead of the response (HTTP/1.1
-//! clients), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
+//! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered when the body
+//! is first read, as nginx does), an upstream's other 1xx heads written ahead of the response
+//! (HTTP/1.1 clients), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
 //! with 400 and before anything reaches an upstream: what httparse refuses (obs-fold, a space
 //! before the colon, NUL, lone CR, bad tokens), a bare LF line end, `Content-Length` with
 //! `Transfer-Encoding`, differing or malformed lengths, any `Transfer-Encoding` but a single
@@ -656,6 +656,10 @@ pub struct Streaming {
     reader: Option<Reader>,
     framing: Framing,
     back: Option<oneshot::Sender<Returned>>,
+    /// `Expect: 100-continue`: told when the body is first read, so that the `100` goes out
+    /// once the request is on its way, never ahead of an answer made without the body (RFC 9110
+    /// 10.1.1: a final status known from the head is sent at once, with no `100`).
+    go_on: Option<oneshot::Sender<()>>,
 }
 
 /// The read half coming back from a body, and whether the body was read to its end.
@@ -698,6 +702,12 @@ impl Body for Streaming {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
+        if let Some(go_on) = this.go_on.take() {
+            // Only a client still waiting for it: one that sent body bytes has gone on without.
+            if this.reader.as_ref().is_some_and(|r| r.buf.is_empty()) {
+                let _ = go_on.send(());
+            }
+        }
         loop {
             let Some(reader) = this.reader.as_mut() else {
                 return Poll::Ready(None);
@@ -763,6 +773,44 @@ impl Body for Streaming {
             Framing::Length(n) => SizeHint::with_exact(n),
             Framing::Done => SizeHint::with_exact(0),
             Framing::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The request's body: nothing, already here whole, or read from the socket as it is polled
+/// (the read half comes back through the first receiver at the body's end; with `Expect:
+/// 100-continue` the second says when the body is first read).
+#[allow(clippy::type_complexity)]
+fn request_body(
+    r: &mut Option<Reader>,
+    framing: Framing,
+    expect_continue: bool,
+) -> (
+    RequestBody,
+    Option<oneshot::Receiver<Returned>>,
+    Option<oneshot::Receiver<()>>,
+) {
+    match (framing, r.as_mut()) {
+        (Framing::Done, _) => (RequestBody::Empty, None, None),
+        (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
+            let body = RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()));
+            (body, None, None)
+        }
+        _ => {
+            let (go_on, go_on_rx) = if expect_continue {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let (tx, rx) = oneshot::channel();
+            let body = RequestBody::Streaming(Streaming {
+                reader: r.take(),
+                framing,
+                back: Some(tx),
+                go_on,
+            });
+            (body, Some(rx), go_on_rx)
         }
     }
 }
@@ -1124,7 +1172,7 @@ impl<H: Handler> Conn<H> {
         } = head;
 
         let mut r = Some(r);
-        let (body, mut back) = self.request_body(&mut r, framing, expect_continue).await?;
+        let (body, mut back, mut go_on) = request_body(&mut r, framing, expect_continue);
         let mut req = Request::new(H::RequestBody::from(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
@@ -1143,8 +1191,8 @@ impl<H: Handler> Conn<H> {
         //
         // 1xx heads the upstream sent go out as they come, ahead of the response, to HTTP/1.1
         // clients only (RFC 9110 15.2: never to an HTTP/1.0 one). The client's `Expect:
-        // 100-continue` is answered here (and went on to the upstream too): the upstream's own
-        // 100 would be a second answer.
+        // 100-continue` is answered here once its body is first read (the request is on its way;
+        // the field went on to the upstream too): the upstream's own 100 would be a second one.
         let interim = version == Version::HTTP_11;
         let mut complete = true;
         let resp = {
@@ -1153,6 +1201,14 @@ impl<H: Handler> Conn<H> {
             std::future::poll_fn(|cx| {
                 let open = interim.then(interim::Open::new);
                 let polled = handle.as_mut().poll(cx);
+                if let Some(rx) = go_on.as_mut() {
+                    if let Poll::Ready(read) = Pin::new(rx).poll(cx) {
+                        go_on = None;
+                        if read.is_ok() {
+                            writer.push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                        }
+                    }
+                }
                 if let Some(open) = open {
                     open.close(|head| {
                         if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
@@ -1199,40 +1255,6 @@ impl<H: Handler> Conn<H> {
         }
         self.finish(resp, &method, version, keep_alive, complete, reader_back)
             .await
-    }
-
-    /// The request's body: nothing, already here whole, or read from the socket as it is
-    /// polled (then `Expect: 100-continue` is answered first, and the read half comes back
-    /// through the receiver at the body's end). None: the connection failed.
-    async fn request_body(
-        &mut self,
-        r: &mut Option<Reader>,
-        framing: Framing,
-        expect_continue: bool,
-    ) -> Option<(RequestBody, Option<oneshot::Receiver<Returned>>)> {
-        match (framing, r.as_mut()) {
-            (Framing::Done, _) => Some((RequestBody::Empty, None)),
-            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
-                let body = RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()));
-                Some((body, None))
-            }
-            _ => {
-                if expect_continue {
-                    self.writer
-                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
-                    if self.writer.write_out().await.is_err() {
-                        return None;
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                let body = RequestBody::Streaming(Streaming {
-                    reader: r.take(),
-                    framing,
-                    back: Some(tx),
-                });
-                Some((body, Some(rx)))
-            }
-        }
     }
 
     /// A `101`: written, and the connection handed over, when the client asked to upgrade and
@@ -1843,6 +1865,7 @@ mod tests {
                 reader: Some(r),
                 framing: head.framing,
                 back: Some(tx),
+                go_on: None,
             };
             let collected = body.collect().await.expect("body");
             let back = rx.await.expect("the read half came back");
