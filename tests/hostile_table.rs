@@ -264,6 +264,8 @@ const TABLE: &[Row] = &[
     refused("asterisk form without OPTIONS", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("absolute form with userinfo", b"GET http://u@b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("absolute form, other scheme", b"GET ftp://b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("fragment in the target", b"GET /p#f HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("fragment in an absolute-form target", b"GET http://b/p?q#f HTTP/1.1\r\nHost: a\r\n\r\n"),
     passed("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1"], &[]),
     passed("absolute form: its authority replaces Host", b"GET http://b.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /p?q http/1.1", "host: b.example", "x-forwarded-host: b.example"], &["host: a"]),
     passed("absolute form in HTTP/1.0 without Host", b"GET http://b.example/p HTTP/1.0\r\n\r\n", &["get /p http/1.1", "host: b.example"], &[]),

@@ -519,6 +519,11 @@ fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Resu
         return Err(uri_too_long());
     }
     let raw_target = head.slice(target.0..target.0 + target.1);
+    // No form of the request target has a fragment (RFC 9112 3.2): the URI type would drop it,
+    // and the upstream would get another target than the one the client sent.
+    if memchr::memchr(b'#', &raw_target).is_some() {
+        return Err(bad("invalid request target\n"));
+    }
     let mut uri =
         Uri::from_maybe_shared(raw_target.clone()).map_err(|_| bad("invalid request target\n"))?;
     // RFC 9112 3.2.4: OPTIONS in absolute form with an empty path and no query is for the
