@@ -133,6 +133,35 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     p.stop().await;
 }
 
+/// A request the proxy answers without its body (no service for this host, a malformed Host)
+/// gets that answer at once, with no `100 Continue` ahead of it (RFC 9110 10.1.1): the client is
+/// not asked for a body that would be thrown away.
+#[tokio::test]
+async fn expect_100_continue_is_not_sent_ahead_of_the_proxys_own_answer() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "hosts = [\"api.example\"]\n").await;
+    for (host, status) in [("other.example", "404"), ("a:1:2", "400")] {
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut buf = Vec::new();
+        let (head, _) = read_response(&mut s, &mut buf, false).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{host}: {head:?}"
+        );
+        assert_closed(&mut s).await;
+    }
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let blue = TestUpstream::start("blue").await;

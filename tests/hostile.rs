@@ -124,6 +124,24 @@ async fn oversized_heads_are_431() {
     p.stop().await;
 }
 
+/// With the default head limit (64 KiB) a request target too long to fit is 414, not 431
+/// (RFC 9112 3), and the connection closes.
+#[tokio::test]
+async fn a_request_line_over_the_head_limit_is_414() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut long = b"GET /".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 70_000));
+    long.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(&long).await.expect("write");
+    let (answer, closed) = read_all(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{answer:?}");
+    assert!(answer.contains("connection: close") && closed, "{answer:?}");
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn slowloris_is_closed_at_the_header_read_timeout() {
     let blue = TestUpstream::start("blue").await;

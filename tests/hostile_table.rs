@@ -264,6 +264,8 @@ const TABLE: &[Row] = &[
     refused("asterisk form without OPTIONS", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("absolute form with userinfo", b"GET http://u@b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("absolute form, other scheme", b"GET ftp://b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("fragment in the target", b"GET /p#f HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("fragment in an absolute-form target", b"GET http://b/p?q#f HTTP/1.1\r\nHost: a\r\n\r\n"),
     passed("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1"], &[]),
     passed("absolute form: its authority replaces Host", b"GET http://b.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /p?q http/1.1", "host: b.example", "x-forwarded-host: b.example"], &["host: a"]),
     passed("absolute form in HTTP/1.0 without Host", b"GET http://b.example/p HTTP/1.0\r\n\r\n", &["get /p http/1.1", "host: b.example"], &[]),
@@ -553,7 +555,8 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
 
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
-/// ends with whitespace (RFC 9113 8.2.1: malformed). (No `:authority` and no Host, which the
+/// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an
+/// absolute-form target). (No `:authority` and no Host, which the
 /// h2 client cannot send: `validate::tests`.)
 #[tokio::test]
 async fn h2_fields_are_held_to_what_an_http1_head_is() {
@@ -581,6 +584,13 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
             "a value with a leading space",
             http::Request::get("http://a.example/lead")
                 .header("x-lead", " a")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            "a scheme other than http or https",
+            http::Request::get("ftp://a.example/scheme")
                 .body(())
                 .expect("req"),
             400,

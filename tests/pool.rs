@@ -408,6 +408,22 @@ async fn logging_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                             .push(format!("{me} upload complete={complete}"));
                         return;
                     }
+                    if head.starts_with("post /refuse") {
+                        // Refuses the upload at once, chunked, then reads what comes until the
+                        // proxy closes (never closing first: the upload is left waiting).
+                        let refusal = b"HTTP/1.1 413 Payload Too Large\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n6\r\nearly\n\r\n0\r\n\r\n";
+                        if s.write_all(refusal).await.is_err() {
+                            return;
+                        }
+                        let mut c = vec![0u8; 65536];
+                        while let Ok(n) = s.read(&mut c).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        log.lock().expect("log").push(format!("{me} closed"));
+                        return;
+                    }
                     let body = format!("conn={me}");
                     let resp = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
@@ -455,6 +471,41 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
         "idle connection still open: {:?}",
         log.lock().expect("log")
     );
+    p.stop().await;
+}
+
+/// An upstream that refuses an upload at once with a chunked answer, while the client has sent
+/// only part of its body and waits: the client gets the whole answer, its last chunk included,
+/// at once, not when the stalled upload ends (`body_idle_timeout`).
+#[tokio::test]
+async fn a_chunked_early_answer_ends_while_the_upload_waits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _) = logging_upstream().await;
+    let p = TestProxy::start(&pool_config(up, "body_idle_timeout = \"60s\"\n")).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    s.write_all(b"POST /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\npart")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut c = [0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while !got.ends_with(b"0\r\n\r\n") {
+            match s.read(&mut c).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&c[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(
+        matches!(ended, Ok(true)),
+        "the answer did not end while the upload waited: {text:?}"
+    );
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
     p.stop().await;
 }
 

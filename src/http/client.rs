@@ -1352,9 +1352,16 @@ impl Duplex {
                         Poll::Ready(Some(item)) => {
                             response_done = item.is_err();
                             let _ = tx.send_item(item);
+                            if response_done {
+                                tx.close();
+                            }
                         }
                         Poll::Ready(None) => {
                             response_done = true;
+                            // The slot reserved above holds a sender: while it is kept, the
+                            // receiver sees no end until the upload is done (a chunked answer
+                            // would lack its last chunk until then).
+                            tx.abort_send();
                             tx.close();
                         }
                     },

@@ -10,14 +10,15 @@
 //! response has gone out.
 //!
 //! What it speaks: HTTP/1.1 and 1.0 requests (keep-alive and pipelining), bodies by
-//! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered at once, as
-//! nginx does), an upstream's other 1xx heads written ahead of the response (HTTP/1.1
-//! clients), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
+//! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered when the body
+//! is first read, as nginx does), an upstream's other 1xx heads written ahead of the response
+//! (HTTP/1.1 clients), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
 //! with 400 and before anything reaches an upstream: what httparse refuses (obs-fold, a space
 //! before the colon, NUL, lone CR, bad tokens), a bare LF line end, `Content-Length` with
 //! `Transfer-Encoding`, differing or malformed lengths, any `Transfer-Encoding` but a single
 //! `chunked`, and `Transfer-Encoding` in HTTP/1.0. A head larger than `max_header_bytes` or with
-//! more than `max_headers` fields is 431. `header_read_timeout` bounds both a head being
+//! more than `max_headers` fields is 431; a request line alone longer than that, or a target the
+//! URI type cannot hold, is 414. `header_read_timeout` bounds both a head being
 //! received and an idle keep-alive connection waiting for its next request.
 //!
 //! The read and write halves are separate, so a request body can stream to the upstream while
@@ -338,6 +339,29 @@ fn version_still_arriving(buf: &[u8]) -> bool {
         })
 }
 
+/// A head over `max`: 414 when its request line alone does not fit (RFC 9112 3: a target
+/// longer than the server will parse is 414, whatever the limit it ran into), else 431.
+fn oversized(buf: &[u8], max: usize) -> Refused {
+    let start = buf
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(buf.len());
+    let line = memchr::memchr(b'\n', &buf[start..]).unwrap_or(buf.len() - start);
+    if line > max {
+        return uri_too_long();
+    }
+    too_large("request head too large\n")
+}
+
+fn uri_too_long() -> Refused {
+    Refused {
+        status: StatusCode::URI_TOO_LONG,
+        why: "request target too long\n",
+        metric: None,
+        line: None,
+    }
+}
+
 fn too_large(why: &'static str) -> Refused {
     Refused {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -405,19 +429,19 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > limits.max_header_bytes => {
-            return Err(too_large("request head too large\n"))
+            return Err(oversized(buf, limits.max_header_bytes))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(too_large(TOO_MANY)),
         Err(httparse::Error::Version) if buf.len() > limits.max_header_bytes => {
-            return Err(too_large("request head too large\n"))
+            return Err(oversized(buf, limits.max_header_bytes))
         }
         Err(httparse::Error::Version) if version_still_arriving(buf) => return Ok(None),
         Err(httparse::Error::Version) => return Err(version_refusal(buf)),
         Err(_) => return Err(bad("malformed request head\n")),
     };
     if len > limits.max_header_bytes {
-        return Err(too_large("request head too large\n"));
+        return Err(oversized(buf, limits.max_header_bytes));
     }
     // httparse takes a lone LF for a line end; an upstream may not (request smuggling).
     let raw = &buf[..len];
@@ -492,14 +516,14 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
 fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Result<Uri, Refused> {
     // The http crate's URI holds at most 65,534 bytes.
     if target.1 >= usize::from(u16::MAX) {
-        return Err(Refused {
-            status: StatusCode::URI_TOO_LONG,
-            why: "request target too long\n",
-            metric: None,
-            line: None,
-        });
+        return Err(uri_too_long());
     }
     let raw_target = head.slice(target.0..target.0 + target.1);
+    // No form of the request target has a fragment (RFC 9112 3.2): the URI type would drop it,
+    // and the upstream would get another target than the one the client sent.
+    if memchr::memchr(b'#', &raw_target).is_some() {
+        return Err(bad("invalid request target\n"));
+    }
     let mut uri =
         Uri::from_maybe_shared(raw_target.clone()).map_err(|_| bad("invalid request target\n"))?;
     // RFC 9112 3.2.4: OPTIONS in absolute form with an empty path and no query is for the
@@ -637,6 +661,10 @@ pub struct Streaming {
     reader: Option<Reader>,
     framing: Framing,
     back: Option<oneshot::Sender<Returned>>,
+    /// `Expect: 100-continue`: told when the body is first read, so that the `100` goes out
+    /// once the request is on its way, never ahead of an answer made without the body (RFC 9110
+    /// 10.1.1: a final status known from the head is sent at once, with no `100`).
+    go_on: Option<oneshot::Sender<()>>,
 }
 
 /// The read half coming back from a body, and whether the body was read to its end.
@@ -679,6 +707,12 @@ impl Body for Streaming {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
+        if let Some(go_on) = this.go_on.take() {
+            // Only a client still waiting for it: one that sent body bytes has gone on without.
+            if this.reader.as_ref().is_some_and(|r| r.buf.is_empty()) {
+                let _ = go_on.send(());
+            }
+        }
         loop {
             let Some(reader) = this.reader.as_mut() else {
                 return Poll::Ready(None);
@@ -744,6 +778,44 @@ impl Body for Streaming {
             Framing::Length(n) => SizeHint::with_exact(n),
             Framing::Done => SizeHint::with_exact(0),
             Framing::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The request's body: nothing, already here whole, or read from the socket as it is polled
+/// (the read half comes back through the first receiver at the body's end; with `Expect:
+/// 100-continue` the second says when the body is first read).
+#[allow(clippy::type_complexity)]
+fn request_body(
+    r: &mut Option<Reader>,
+    framing: Framing,
+    expect_continue: bool,
+) -> (
+    RequestBody,
+    Option<oneshot::Receiver<Returned>>,
+    Option<oneshot::Receiver<()>>,
+) {
+    match (framing, r.as_mut()) {
+        (Framing::Done, _) => (RequestBody::Empty, None, None),
+        (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
+            let body = RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()));
+            (body, None, None)
+        }
+        _ => {
+            let (go_on, go_on_rx) = if expect_continue {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let (tx, rx) = oneshot::channel();
+            let body = RequestBody::Streaming(Streaming {
+                reader: r.take(),
+                framing,
+                back: Some(tx),
+                go_on,
+            });
+            (body, Some(rx), go_on_rx)
         }
     }
 }
@@ -1105,7 +1177,7 @@ impl<H: Handler> Conn<H> {
         } = head;
 
         let mut r = Some(r);
-        let (body, mut back) = self.request_body(&mut r, framing, expect_continue).await?;
+        let (body, mut back, mut go_on) = request_body(&mut r, framing, expect_continue);
         let mut req = Request::new(H::RequestBody::from(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
@@ -1124,8 +1196,8 @@ impl<H: Handler> Conn<H> {
         //
         // 1xx heads the upstream sent go out as they come, ahead of the response, to HTTP/1.1
         // clients only (RFC 9110 15.2: never to an HTTP/1.0 one). The client's `Expect:
-        // 100-continue` is answered here (and went on to the upstream too): the upstream's own
-        // 100 would be a second answer.
+        // 100-continue` is answered here once its body is first read (the request is on its way;
+        // the field went on to the upstream too): the upstream's own 100 would be a second one.
         let interim = version == Version::HTTP_11;
         let mut complete = true;
         let resp = {
@@ -1134,6 +1206,14 @@ impl<H: Handler> Conn<H> {
             std::future::poll_fn(|cx| {
                 let open = interim.then(interim::Open::new);
                 let polled = handle.as_mut().poll(cx);
+                if let Some(rx) = go_on.as_mut() {
+                    if let Poll::Ready(read) = Pin::new(rx).poll(cx) {
+                        go_on = None;
+                        if read.is_ok() {
+                            writer.push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                        }
+                    }
+                }
                 if let Some(open) = open {
                     open.close(|head| {
                         if !(expect_continue && head.starts_with(b"HTTP/1.1 100 ")) {
@@ -1180,40 +1260,6 @@ impl<H: Handler> Conn<H> {
         }
         self.finish(resp, &method, version, keep_alive, complete, reader_back)
             .await
-    }
-
-    /// The request's body: nothing, already here whole, or read from the socket as it is
-    /// polled (then `Expect: 100-continue` is answered first, and the read half comes back
-    /// through the receiver at the body's end). None: the connection failed.
-    async fn request_body(
-        &mut self,
-        r: &mut Option<Reader>,
-        framing: Framing,
-        expect_continue: bool,
-    ) -> Option<(RequestBody, Option<oneshot::Receiver<Returned>>)> {
-        match (framing, r.as_mut()) {
-            (Framing::Done, _) => Some((RequestBody::Empty, None)),
-            (Framing::Length(n), Some(rd)) if rd.buf.len() as u64 >= n => {
-                let body = RequestBody::Full(Some(rd.buf.split_to(n as usize).freeze()));
-                Some((body, None))
-            }
-            _ => {
-                if expect_continue {
-                    self.writer
-                        .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
-                    if self.writer.write_out().await.is_err() {
-                        return None;
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                let body = RequestBody::Streaming(Streaming {
-                    reader: r.take(),
-                    framing,
-                    back: Some(tx),
-                });
-                Some((body, Some(rx)))
-            }
-        }
     }
 
     /// A `101`: written, and the connection handed over, when the client asked to upgrade and
@@ -1725,6 +1771,28 @@ mod tests {
         assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
 
+    /// A request line that alone is longer than `max_header_bytes` is 414 (RFC 9112 3), whether
+    /// it is still arriving or came whole; a head that is too large for its fields is 431.
+    #[test]
+    fn a_request_line_over_the_head_limit_is_414() {
+        let mut open = b"\r\nGET /".to_vec();
+        open.extend(std::iter::repeat_n(b'a', 70_000));
+        let r = parse(&open).err().expect("refused");
+        assert_eq!(r.status, StatusCode::URI_TOO_LONG);
+        let mut whole = open.clone();
+        whole.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = parse(&whole).err().expect("refused");
+        assert_eq!(r.status, StatusCode::URI_TOO_LONG);
+        // A long line that fits, with a field that makes the head too large: 431.
+        let mut fields = b"GET /".to_vec();
+        fields.extend(std::iter::repeat_n(b'a', 40_000));
+        fields.extend_from_slice(b" HTTP/1.1\r\nX-Big: ");
+        fields.extend(std::iter::repeat_n(b'b', 40_000));
+        fields.extend_from_slice(b"\r\n\r\n");
+        let r = parse(&fields).err().expect("refused");
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
     /// Every prefix of a valid head is incomplete, never refused; the whole is the same head.
     #[test]
     fn heads_in_any_split() {
@@ -1802,6 +1870,7 @@ mod tests {
                 reader: Some(r),
                 framing: head.framing,
                 back: Some(tx),
+                go_on: None,
             };
             let collected = body.collect().await.expect("body");
             let back = rx.await.expect("the read half came back");

@@ -111,6 +111,13 @@ pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
         for v in req.headers().get_all(header::CONTENT_LENGTH) {
             parse_length(v.as_bytes()).map_err(|_| "invalid Content-Length\n")?;
         }
+        // `:scheme` is the target URI's (RFC 9113 8.3.1): as in an HTTP/1 absolute form, only
+        // http and https are served; anything else would go on as if it were http.
+        if let Some(scheme) = req.uri().scheme_str() {
+            if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                return Err("unsupported scheme in the request target\n");
+            }
+        }
     }
     let uri = req.uri();
     if req.version() != Version::HTTP_2 {
@@ -359,6 +366,9 @@ mod tests {
         for bad in ["x", "a:80", "*", "ftp://a/"] {
             assert!(target(&mut req(Method::GET, bad, v)).is_err(), "{bad}");
         }
+        let h2 = Version::HTTP_2;
+        assert!(target(&mut req(Method::GET, "https://a/x", h2)).is_ok());
+        assert!(target(&mut req(Method::GET, "ftp://a/x", h2)).is_err());
         let mut r = req(Method::GET, "http://a?x", v);
         to_origin_form(&mut r);
         assert_eq!(r.uri().to_string(), "/?x");
