@@ -468,6 +468,48 @@ async fn a_plan_with_errors_is_refused_with_every_error_and_its_key() {
     r.p.stop().await;
 }
 
+/// A bake or validate window too long to be a deadline is a plan error at its key, not a panic
+/// of the driver after the phase flipped (which left the flip out of the release: an abort
+/// returned nothing and the release never ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurdly_long_bake_or_validate_is_refused_with_its_key() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases(
+            "500000000000h",
+            "1s",
+            "auto",
+            "18446744073709551615s",
+        ))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let errors = v["errors"].to_string();
+    assert!(errors.contains("phases[0].bake: invalid duration"), "{v}");
+    assert!(errors.contains("validate: invalid duration"), "{v}");
+    assert!(r.releases().await["current"].is_null());
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    // The longest allowed bake is a release like any other: it flips, bakes, and aborts whole.
+    let (s, v) = r
+        .start_release(two_phases("3650d", "1s", "auto", "1s"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 1 baking", |c| {
+        c["phases"][0]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["returned"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_to_a_latched_color_is_refused_without_force() {
     let r = Rig::start().await;
