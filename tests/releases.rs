@@ -289,13 +289,22 @@ async fn a_trigger_in_phase_2_returns_both_services_in_one_step_and_ctl_wait_exi
     // The per-service engine did not roll back on its own as well.
     assert!(r.events("auto_rollback").await.is_empty());
     assert_eq!(exit_code(wait).await, 1);
+    let m = r.metrics().await;
     assert_eq!(
-        metric_line(
-            &r.metrics().await,
-            "switchyard_releases_total{result=\"rolled_back\"}"
-        ),
+        metric_line(&m, "switchyard_releases_total{result=\"rolled_back\"}"),
         Some(1.0)
     );
+    // Each service's return is a change of its live color, counted under its own name.
+    for svc in ["api", "panel"] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_flips_total{{reason=\"release_rollback\",service=\"{svc}\"}}")
+            ),
+            Some(1.0),
+            "{svc}"
+        );
+    }
     r.p.stop().await;
 }
 
@@ -381,13 +390,23 @@ async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
     let end = r.releases().await["recent"][0].clone();
     assert_eq!(end["state"], "aborted", "{end}");
     assert_eq!(r.events("release_abort").await.len(), 1);
+    let m = r.metrics().await;
     assert_eq!(
-        metric_line(
-            &r.metrics().await,
-            "switchyard_releases_total{result=\"aborted\"}"
-        ),
+        metric_line(&m, "switchyard_releases_total{result=\"aborted\"}"),
         Some(1.0)
     );
+    // The abort's one event counts each service it returned, and no series names "*".
+    for svc in ["api", "panel"] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_flips_total{{reason=\"release_abort\",service=\"{svc}\"}}")
+            ),
+            Some(1.0),
+            "{svc}"
+        );
+    }
+    assert!(!m.contains("service=\"*\""), "{m}");
     let (s, _) = r.post("/api/releases/current/abort", json!({})).await;
     assert_eq!(s, 409);
     r.p.stop().await;
@@ -888,5 +907,61 @@ async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_b
         ev["detail"].as_str().unwrap_or("").contains("NOT returned"),
         "{ev}"
     );
+    r.p.stop().await;
+}
+
+/// A trigger that fires on a service whose own pre-release pool is dead: the others go back, it
+/// stays, and the one event names it without claiming a change it did not make (no `from`/`to`
+/// of another service), while the flip counter counts only what went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_on_a_service_that_cannot_go_back_names_it_without_a_change() {
+    let r = Rig::build(HEALTH, "").await;
+    let healthy = eventually(10, || async {
+        let api = r.p.service_status("api").await;
+        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == true
+    })
+    .await;
+    assert!(healthy, "{}", r.p.status().await);
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phase"] == 1 && c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    // api's pre-release pool (blue) dies; then api's own trigger fires.
+    r.api[0].set_health(500);
+    let dead = eventually(10, || async {
+        r.p.service_status("api").await["colors"]["blue"]["healthy"] == false
+    })
+    .await;
+    assert!(dead, "api blue never went unhealthy");
+    r.api[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/api/x");
+    let end = r.wait_end(30).await;
+    traffic.cancel();
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let evs = r.events("release_rollback").await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let ev = &evs[0];
+    assert_eq!(ev["service"], "api", "{ev}");
+    assert!(ev["from"].is_null() && ev["to"].is_null(), "{ev}");
+    assert!(ev.get("generation").is_none(), "{ev}");
+    let m = r.metrics().await;
+    for (svc, n) in [("api", 0.0), ("panel", 1.0)] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_flips_total{{reason=\"release_rollback\",service=\"{svc}\"}}")
+            ),
+            Some(n),
+            "{svc}"
+        );
+    }
     r.p.stop().await;
 }
