@@ -850,6 +850,14 @@ impl App {
                 ));
                 continue;
             }
+            if svc.state.failed == Some(to) {
+                // A rollback after the release began left `to` (its pre-release color) as
+                // failed: returning would send traffic back to it. Only a manual flip does.
+                skipped.push(format!(
+                    "{name}: not returned to {to}, a rollback latched {to} as failed (stays on {from}; flip it by hand to send traffic there)"
+                ));
+                continue;
+            }
             let next = self.flipped(svc, to, kind);
             outcomes.push(FlipOutcome {
                 service: name.clone(),

@@ -965,3 +965,56 @@ async fn a_trigger_on_a_service_that_cannot_go_back_names_it_without_a_change() 
     }
     r.p.stop().await;
 }
+
+/// A service of a later phase that the per-service engine rolls back before its phase runs has
+/// its pre-release color latched as failed. The release's rollback must not send it back there
+/// (issue 17: a rollback never targets a latched color unless forced): it stays, and the one
+/// event says why; the others still go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_rollback_never_returns_a_service_to_a_color_latched_as_failed() {
+    let r = Rig::start().await;
+    // panel is on green before the release (armed by this manual flip); api on blue.
+    let (s, v) = r.p.flip("panel", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = r
+        .start_release(two_phases("0s", "10m", "manual", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "waiting at the gate", |c| c["state"] == "waiting")
+        .await;
+    // Green panel fails while its phase has not run: its own engine rolls it back to blue
+    // and latches green.
+    r.panel[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/panel/x");
+    let rolled = eventually(30, || async {
+        r.p.service_status("panel").await["failed_color"] == "green"
+    })
+    .await;
+    traffic.cancel();
+    assert!(rolled, "{}", r.p.status().await);
+    r.panel[1].set_status(200);
+    // Phase 2 (panel to blue, where it already is), then api's green fails.
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    r.api[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/api/x");
+    let end = r.wait_end(30).await;
+    traffic.cancel();
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let ev = r.events("release_rollback").await.pop().unwrap_or_default();
+    let not_returned = ev["trigger"]["not_returned"].to_string();
+    assert!(
+        not_returned.contains("panel") && not_returned.contains("latched"),
+        "{ev}"
+    );
+    assert_eq!(r.p.service_status("panel").await["failed_color"], "green");
+    r.p.stop().await;
+}
