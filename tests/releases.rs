@@ -762,6 +762,18 @@ async fn ctl_release_start_status_promote_abort_from_a_toml_plan() {
         c["phases"][1]["state"] == "baking"
     })
     .await;
+    // Pausing a service of the release: refused, and `--force` (which the refusal asks for)
+    // goes through from ctl too and pauses the release.
+    let (code, _, err) = ctl(r.p.admin, &["pause", "panel"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("409") && err.contains("force"), "{err}");
+    let (code, out, err) = ctl(r.p.admin, &["pause", "panel", "--force"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(r.p.service_status("panel").await["paused"], true);
+    let paused = r.releases().await["current"]["paused"].clone();
+    assert!(paused.as_str().unwrap_or("").contains("pause"), "{paused}");
+    let (code, out, err) = ctl(r.p.admin, &["resume", "panel"]).await;
+    assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = ctl(r.p.admin, &["release", "abort"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("2 service(s) returned"), "{out}");
