@@ -1030,3 +1030,46 @@ async fn a_release_rollback_never_returns_a_service_to_a_color_latched_as_failed
     assert_eq!(r.p.service_status("panel").await["failed_color"], "green");
     r.p.stop().await;
 }
+
+/// A promote that resumes a release paused during a bake resumes it then; it does not also
+/// pass the manual gate at the end of that bake, which still waits for its own promote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_that_resumes_a_paused_bake_does_not_pass_the_manual_gate_after_it() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("8s", "10m", "manual", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 1 baking", |c| {
+        c["phases"][0]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r
+        .post("/api/services/api/pause", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = r.post("/api/services/api/resume", json!({})).await;
+    assert_eq!(s, 200);
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(10, "resumed", |c| c["paused"].is_null())
+        .await;
+    // The bake ends; the gate holds.
+    r.wait_current(20, "waiting at the gate", |c| c["state"] == "waiting")
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = r.releases().await["current"].clone();
+    assert_eq!(c["state"], "waiting", "{c}");
+    assert_eq!(c["phase"], 0, "{c}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    r.p.stop().await;
+}

@@ -860,10 +860,32 @@ async fn sleep_or_cancel(
         if removed_by_reload(app, id).await {
             return false;
         }
+        resume_if_promoted(app, id);
         if Instant::now() >= deadline {
             return true;
         }
     }
+}
+
+/// A promote that arrives while a paused release is still baking (or validating) resumes it
+/// there and then. Left for the gate, it would also pass the phase's manual gate, which
+/// nobody promoted, and the release would show as paused until the bake ended.
+fn resume_if_promoted(app: &App, id: &str) {
+    let rel = &app.releases;
+    let mut inner = rel.lock();
+    if !inner.promote {
+        return;
+    }
+    let Some(r) = inner
+        .current
+        .as_mut()
+        .filter(|r| r.id == id && r.paused.is_some() && r.state != "waiting")
+    else {
+        return;
+    };
+    r.paused = None;
+    inner.promote = false;
+    rel.publish(&inner);
 }
 
 /// A service the release flipped was rolled back from its release color and latched as failed
