@@ -381,8 +381,26 @@ impl App {
         }
     }
 
+    /// Counts the live-color changes an applied event stands for in `switchyard_flips_total`.
+    /// A release's rollback or abort is ONE event for every service it returned (its
+    /// `trigger.returned`, each a change of its own), whatever `service` the event names ("*",
+    /// or the one a trigger fired on).
     fn count_flip(&self, ev: &Event) {
-        if ev.from.is_some() && ev.to.is_some() && ev.from != ev.to {
+        let returned = ev
+            .trigger
+            .as_ref()
+            .and_then(|t| t.get("returned"))
+            .and_then(serde_json::Value::as_array);
+        if let Some(returned) = returned {
+            for service in returned.iter().filter_map(|o| o["service"].as_str()) {
+                self.metrics
+                    .flips_total
+                    .with_label_values(&[service, ev.reason.as_str()])
+                    .inc();
+            }
+            return;
+        }
+        if ev.service != "*" && ev.from.is_some() && ev.to.is_some() && ev.from != ev.to {
             self.metrics
                 .flips_total
                 .with_label_values(&[ev.service.as_str(), ev.reason.as_str()])
@@ -829,6 +847,14 @@ impl App {
             if svc.pool(to).healthy_count() == 0 {
                 skipped.push(format!(
                     "{name}: not returned to {to}, its pool has no healthy upstream (stays on {from})"
+                ));
+                continue;
+            }
+            if svc.state.failed == Some(to) {
+                // A rollback after the release began left `to` (its pre-release color) as
+                // failed: returning would send traffic back to it. Only a manual flip does.
+                skipped.push(format!(
+                    "{name}: not returned to {to}, a rollback latched {to} as failed (stays on {from}; flip it by hand to send traffic there)"
                 ));
                 continue;
             }

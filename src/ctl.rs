@@ -44,7 +44,12 @@ pub enum CtlCmd {
         force: bool,
     },
     /// Pause automatic rollback for a service.
-    Pause { service: String },
+    Pause {
+        service: String,
+        /// Pause even a service of the running release (the release then pauses too).
+        #[arg(long)]
+        force: bool,
+    },
     /// Resume automatic rollback for a service.
     Resume { service: String },
     /// The audit log, newest last.
@@ -90,10 +95,10 @@ pub async fn run(ctl: Ctl) -> i32 {
             format!("/api/services/{service}/rollback"),
             Some(json!({ "force": force })),
         ),
-        CtlCmd::Pause { service } => (
+        CtlCmd::Pause { service, force } => (
             "POST",
             format!("/api/services/{service}/pause"),
-            Some(json!({})),
+            Some(json!({ "force": force })),
         ),
         CtlCmd::Resume { service } => (
             "POST",

@@ -289,13 +289,22 @@ async fn a_trigger_in_phase_2_returns_both_services_in_one_step_and_ctl_wait_exi
     // The per-service engine did not roll back on its own as well.
     assert!(r.events("auto_rollback").await.is_empty());
     assert_eq!(exit_code(wait).await, 1);
+    let m = r.metrics().await;
     assert_eq!(
-        metric_line(
-            &r.metrics().await,
-            "switchyard_releases_total{result=\"rolled_back\"}"
-        ),
+        metric_line(&m, "switchyard_releases_total{result=\"rolled_back\"}"),
         Some(1.0)
     );
+    // Each service's return is a change of its live color, counted under its own name.
+    for svc in ["api", "panel"] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_flips_total{{reason=\"release_rollback\",service=\"{svc}\"}}")
+            ),
+            Some(1.0),
+            "{svc}"
+        );
+    }
     r.p.stop().await;
 }
 
@@ -381,13 +390,23 @@ async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
     let end = r.releases().await["recent"][0].clone();
     assert_eq!(end["state"], "aborted", "{end}");
     assert_eq!(r.events("release_abort").await.len(), 1);
+    let m = r.metrics().await;
     assert_eq!(
-        metric_line(
-            &r.metrics().await,
-            "switchyard_releases_total{result=\"aborted\"}"
-        ),
+        metric_line(&m, "switchyard_releases_total{result=\"aborted\"}"),
         Some(1.0)
     );
+    // The abort's one event counts each service it returned, and no series names "*".
+    for svc in ["api", "panel"] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_flips_total{{reason=\"release_abort\",service=\"{svc}\"}}")
+            ),
+            Some(1.0),
+            "{svc}"
+        );
+    }
+    assert!(!m.contains("service=\"*\""), "{m}");
     let (s, _) = r.post("/api/releases/current/abort", json!({})).await;
     assert_eq!(s, 409);
     r.p.stop().await;
@@ -464,6 +483,48 @@ async fn a_plan_with_errors_is_refused_with_every_error_and_its_key() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    r.p.stop().await;
+}
+
+/// A bake or validate window too long to be a deadline is a plan error at its key, not a panic
+/// of the driver after the phase flipped (which left the flip out of the release: an abort
+/// returned nothing and the release never ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurdly_long_bake_or_validate_is_refused_with_its_key() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases(
+            "500000000000h",
+            "1s",
+            "auto",
+            "18446744073709551615s",
+        ))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let errors = v["errors"].to_string();
+    assert!(errors.contains("phases[0].bake: invalid duration"), "{v}");
+    assert!(errors.contains("validate: invalid duration"), "{v}");
+    assert!(r.releases().await["current"].is_null());
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    // The longest allowed bake is a release like any other: it flips, bakes, and aborts whole.
+    let (s, v) = r
+        .start_release(two_phases("3650d", "1s", "auto", "1s"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 1 baking", |c| {
+        c["phases"][0]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["returned"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
     );
     r.p.stop().await;
 }
@@ -701,6 +762,18 @@ async fn ctl_release_start_status_promote_abort_from_a_toml_plan() {
         c["phases"][1]["state"] == "baking"
     })
     .await;
+    // Pausing a service of the release: refused, and `--force` (which the refusal asks for)
+    // goes through from ctl too and pauses the release.
+    let (code, _, err) = ctl(r.p.admin, &["pause", "panel"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("409") && err.contains("force"), "{err}");
+    let (code, out, err) = ctl(r.p.admin, &["pause", "panel", "--force"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(r.p.service_status("panel").await["paused"], true);
+    let paused = r.releases().await["current"]["paused"].clone();
+    assert!(paused.as_str().unwrap_or("").contains("pause"), "{paused}");
+    let (code, out, err) = ctl(r.p.admin, &["resume", "panel"]).await;
+    assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = ctl(r.p.admin, &["release", "abort"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("2 service(s) returned"), "{out}");
@@ -846,5 +919,157 @@ async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_b
         ev["detail"].as_str().unwrap_or("").contains("NOT returned"),
         "{ev}"
     );
+    r.p.stop().await;
+}
+
+/// A trigger that fires on a service whose own pre-release pool is dead: the others go back, it
+/// stays, and the one event names it without claiming a change it did not make (no `from`/`to`
+/// of another service), while the flip counter counts only what went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_on_a_service_that_cannot_go_back_names_it_without_a_change() {
+    let r = Rig::build(HEALTH, "").await;
+    let healthy = eventually(10, || async {
+        let api = r.p.service_status("api").await;
+        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == true
+    })
+    .await;
+    assert!(healthy, "{}", r.p.status().await);
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phase"] == 1 && c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    // api's pre-release pool (blue) dies; then api's own trigger fires.
+    r.api[0].set_health(500);
+    let dead = eventually(10, || async {
+        r.p.service_status("api").await["colors"]["blue"]["healthy"] == false
+    })
+    .await;
+    assert!(dead, "api blue never went unhealthy");
+    r.api[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/api/x");
+    let end = r.wait_end(30).await;
+    traffic.cancel();
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let evs = r.events("release_rollback").await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let ev = &evs[0];
+    assert_eq!(ev["service"], "api", "{ev}");
+    assert!(ev["from"].is_null() && ev["to"].is_null(), "{ev}");
+    assert!(ev.get("generation").is_none(), "{ev}");
+    let m = r.metrics().await;
+    for (svc, n) in [("api", 0.0), ("panel", 1.0)] {
+        assert_eq!(
+            metric_line(
+                &m,
+                &format!("switchyard_flips_total{{reason=\"release_rollback\",service=\"{svc}\"}}")
+            ),
+            Some(n),
+            "{svc}"
+        );
+    }
+    r.p.stop().await;
+}
+
+/// A service of a later phase that the per-service engine rolls back before its phase runs has
+/// its pre-release color latched as failed. The release's rollback must not send it back there
+/// (issue 17: a rollback never targets a latched color unless forced): it stays, and the one
+/// event says why; the others still go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_rollback_never_returns_a_service_to_a_color_latched_as_failed() {
+    let r = Rig::start().await;
+    // panel is on green before the release (armed by this manual flip); api on blue.
+    let (s, v) = r.p.flip("panel", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = r
+        .start_release(two_phases("0s", "10m", "manual", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "waiting at the gate", |c| c["state"] == "waiting")
+        .await;
+    // Green panel fails while its phase has not run: its own engine rolls it back to blue
+    // and latches green.
+    r.panel[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/panel/x");
+    let rolled = eventually(30, || async {
+        r.p.service_status("panel").await["failed_color"] == "green"
+    })
+    .await;
+    traffic.cancel();
+    assert!(rolled, "{}", r.p.status().await);
+    r.panel[1].set_status(200);
+    // Phase 2 (panel to blue, where it already is), then api's green fails.
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    r.api[1].set_status(500);
+    let traffic = drive(r.p.proxy, "/api/x");
+    let end = r.wait_end(30).await;
+    traffic.cancel();
+    assert_eq!(end["state"], "rolled_back", "{end}");
+    assert_eq!(
+        r.serving().await,
+        ("api-blue\n".into(), "panel-blue\n".into())
+    );
+    let ev = r.events("release_rollback").await.pop().unwrap_or_default();
+    let not_returned = ev["trigger"]["not_returned"].to_string();
+    assert!(
+        not_returned.contains("panel") && not_returned.contains("latched"),
+        "{ev}"
+    );
+    assert_eq!(r.p.service_status("panel").await["failed_color"], "green");
+    r.p.stop().await;
+}
+
+/// A promote that resumes a release paused during a bake resumes it then; it does not also
+/// pass the manual gate at the end of that bake, which still waits for its own promote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_that_resumes_a_paused_bake_does_not_pass_the_manual_gate_after_it() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("8s", "10m", "manual", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 1 baking", |c| {
+        c["phases"][0]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r
+        .post("/api/services/api/pause", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = r.post("/api/services/api/resume", json!({})).await;
+    assert_eq!(s, 200);
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(10, "resumed", |c| c["paused"].is_null())
+        .await;
+    // The bake ends; the gate holds.
+    r.wait_current(20, "waiting at the gate", |c| c["state"] == "waiting")
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = r.releases().await["current"].clone();
+    assert_eq!(c["state"], "waiting", "{c}");
+    assert_eq!(c["phase"], 0, "{c}");
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
     r.p.stop().await;
 }

@@ -125,7 +125,13 @@ pub fn from_toml_str_with_env(
     Err(ConfigErrors(errors))
 }
 
-/// Durations need a unit: `"250ms"`, `"2s"`, `"2m"`, `"2h"`.
+/// The longest duration any key (or `ctl --timeout`) accepts: ten years. Longer ones are typos,
+/// and they are not harmless: a deadline of `now + d` past what `Instant` holds panics, and a
+/// wall-clock time past year 9999 cannot be written as RFC 3339 (a bake, `watch_for` or
+/// `validate` of "500000000000h" used to panic the release driver and `/api/status`).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Durations need a unit: `"250ms"`, `"2s"`, `"2m"`, `"2h"`; at most ten years.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.is_empty() || t.chars().all(|c| c.is_ascii_digit() || c == '.') {
@@ -133,7 +139,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "invalid duration {s:?} (needs a unit: \"250ms\", \"2s\", \"2m\", \"2h\")"
         ));
     }
-    humantime::parse_duration(t).map_err(|e| {
+    let d = humantime::parse_duration(t).map_err(|e| {
         format!("invalid duration {s:?}: {e} (use a unit: \"250ms\", \"2s\", \"2m\", \"2h\")")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {s:?}: longer than the longest allowed, 10 years (\"3650d\")"
+        ));
+    }
+    Ok(d)
 }

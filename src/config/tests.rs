@@ -491,3 +491,22 @@ fn host_patterns() {
     assert!(!host_pattern_matches("*.example.com", "aexample.com"));
     assert!(host_pattern_matches("api.x", "api.x"));
 }
+
+/// A duration past ten years is an error at its key: `now + d` for a longer one overflowed
+/// `Instant` or left the RFC 3339 range and panicked (the status page, the release driver).
+#[test]
+fn absurdly_long_durations_are_errors_at_their_key() {
+    let text = GOOD.replace(
+        "[services.rollback]",
+        "[services.rollback]\nwatch_for = \"500000000000h\"",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e
+                .starts_with("services[0].rollback.watch_for: invalid duration \"500000000000h\"")),
+        "{errs:?}"
+    );
+    assert!(parse_duration("3650d").is_ok());
+    assert!(parse_duration("3651d").is_err());
+}

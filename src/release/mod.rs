@@ -404,12 +404,12 @@ async fn finish(
                 detail.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
             }
             let mut ev = Event::new("*", crate::events::Reason::ReleaseRollback, "release", detail);
-            if let Some(first) = returned.first() {
-                ev = ev.colors(first.from, first.to).generation(first.generation);
-            }
             shape(&mut ev);
-            // The colors and generation of the service the trigger fired on, when it went back.
-            if let Some(o) = returned.iter().find(|o| o.service == ev.service) {
+            // The colors and generation of the service the trigger fired on, when it went back
+            // (none when it did not: its pre-release pool was dead, and it stayed where it was);
+            // an event for the whole release ("*") has the first returned service's.
+            let own = returned.iter().find(|o| o.service == ev.service);
+            if let Some(o) = own.or(returned.first().filter(|_| ev.service == "*")) {
                 ev.from = Some(o.from);
                 ev.to = Some(o.to);
                 ev.generation = Some(o.generation);
@@ -723,7 +723,15 @@ async fn run_phase(
                             if !skipped.is_empty() {
                                 d.push_str(&format!("; NOT returned: {}", skipped.join("; ")));
                             }
-                            Event::new("*", crate::events::Reason::ReleasePhase, "release", d)
+                            let mut ev =
+                                Event::new("*", crate::events::Reason::ReleasePhase, "release", d);
+                            // Named, so that `switchyard_flips_total` counts each return.
+                            ev.trigger = Some(json!({
+                                "release": id,
+                                "returned": returned.iter().map(|o| json!({"service": o.service, "from": o.from, "to": o.to, "generation": o.generation})).collect::<Vec<_>>(),
+                                "not_returned": skipped,
+                            }));
+                            ev
                         })
                         .await
                     {
@@ -852,10 +860,32 @@ async fn sleep_or_cancel(
         if removed_by_reload(app, id).await {
             return false;
         }
+        resume_if_promoted(app, id);
         if Instant::now() >= deadline {
             return true;
         }
     }
+}
+
+/// A promote that arrives while a paused release is still baking (or validating) resumes it
+/// there and then. Left for the gate, it would also pass the phase's manual gate, which
+/// nobody promoted, and the release would show as paused until the bake ended.
+fn resume_if_promoted(app: &App, id: &str) {
+    let rel = &app.releases;
+    let mut inner = rel.lock();
+    if !inner.promote {
+        return;
+    }
+    let Some(r) = inner
+        .current
+        .as_mut()
+        .filter(|r| r.id == id && r.paused.is_some() && r.state != "waiting")
+    else {
+        return;
+    };
+    r.paused = None;
+    inner.promote = false;
+    rel.publish(&inner);
 }
 
 /// A service the release flipped was rolled back from its release color and latched as failed
