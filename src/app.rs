@@ -114,6 +114,17 @@ pub enum ChangeError {
     Internal(String),
 }
 
+impl ChangeError {
+    /// The same error, its message led by `what` (the kind, hence the status, is kept).
+    fn with_prefix(self, what: &str) -> ChangeError {
+        match self {
+            ChangeError::Unavailable(m) => ChangeError::Unavailable(format!("{what}: {m}")),
+            ChangeError::Internal(m) => ChangeError::Internal(format!("{what}: {m}")),
+            other => other,
+        }
+    }
+}
+
 impl From<StateError> for ChangeError {
     fn from(e: StateError) -> Self {
         match e {
@@ -334,6 +345,21 @@ impl App {
         self.apply_states(remote).await;
     }
 
+    /// With etcd, what etcd holds now: read before answering that a change is not needed. A
+    /// replica whose watch stalled (or whose etcd is gone) may still show a color the fleet
+    /// left, and "already on green" from it would drop the operator's flip while the fleet
+    /// stays blue. The caller applies the read and decides again on it; without an answer the
+    /// request is refused as any write is. `None` with the file backend.
+    async fn read_etcd(&self) -> Result<Option<HashMap<String, ServiceState>>, ChangeError> {
+        let Some(etcd) = self.store.as_etcd() else {
+            return Ok(None);
+        };
+        let read = etcd.read_current().await.map_err(|e| {
+            ChangeError::from(e).with_prefix("cannot confirm the live state with etcd")
+        })?;
+        Ok(Some(read))
+    }
+
     /// [`App::apply_remote`] under the writer lock already held.
     async fn apply_states(&self, remote: HashMap<String, ServiceState>) {
         let snap = self.snapshot();
@@ -532,6 +558,11 @@ impl App {
         kind: FlipKind,
         actor: &str,
     ) -> Result<FlipOutcome, ChangeError> {
+        if service_of(&self.snapshot(), name)?.state.active == to {
+            if let Some(read) = self.read_etcd().await? {
+                self.apply_remote(read).await;
+            }
+        }
         for _ in 0..3 {
             let checked = service_of(&self.snapshot(), name)?;
             if checked.state.active == to {
@@ -597,6 +628,16 @@ impl App {
         force: bool,
         actor: &str,
     ) -> Result<Vec<FlipOutcome>, ChangeError> {
+        if self
+            .snapshot()
+            .services
+            .iter()
+            .any(|s| s.state.active == to)
+        {
+            if let Some(read) = self.read_etcd().await? {
+                self.apply_remote(read).await;
+            }
+        }
         'attempt: for _ in 0..3 {
             let checked = self.snapshot();
             if !force {
@@ -860,6 +901,11 @@ impl App {
         actor: &str,
     ) -> Result<String, ChangeError> {
         let _w = self.writer.lock().await;
+        if service_of(&self.snapshot(), name)?.state.paused == paused {
+            if let Some(read) = self.read_etcd().await? {
+                self.apply_states(read).await;
+            }
+        }
         let snap = self.snapshot();
         let svc = service_of(&snap, name)?;
         let word = if paused { "paused" } else { "resumed" };
