@@ -361,15 +361,65 @@ impl App {
     }
 
     /// [`App::apply_remote`] under the writer lock already held.
+    ///
+    /// A state of a lower generation than this replica serves is normally an old one arriving
+    /// late (the watch delivering a write this replica has already gone past), and is skipped.
+    /// But etcd may really hold a lower generation: restored from a backup, or written by hand.
+    /// Skipping it then would serve a color etcd no longer holds, disagree with every replica
+    /// started since, and lose every compare-and-swap (409 forever). So a lower generation is
+    /// checked with a fresh read under the writer lock (no write of this replica can race it):
+    /// what etcd holds now is applied, whatever its generation.
     async fn apply_states(&self, remote: HashMap<String, ServiceState>) {
+        let behind: Vec<String> = self
+            .snapshot()
+            .services
+            .iter()
+            .filter(|svc| {
+                remote
+                    .get(svc.name())
+                    .is_some_and(|r| r.generation < svc.state.generation)
+            })
+            .map(|svc| svc.name().to_string())
+            .collect();
+        let mut remote = remote;
+        let mut held = HashMap::new();
+        if !behind.is_empty() {
+            if let Some(etcd) = self.store.as_etcd() {
+                match etcd.read_current().await {
+                    Ok(now) => {
+                        for name in behind {
+                            if let Some(r) = now.get(&name) {
+                                held.insert(name, r.clone());
+                            }
+                        }
+                        remote.extend(now);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read etcd to check a state of an older generation; keeping the colors served")
+                    }
+                }
+            }
+        }
         let snap = self.snapshot();
         let mut changed = HashMap::new();
         for svc in &snap.services {
             let Some(r) = remote.get(svc.name()) else {
                 continue;
             };
-            if *r == svc.state || r.generation < svc.state.generation {
+            if *r == svc.state {
                 continue;
+            }
+            if r.generation < svc.state.generation {
+                if held.get(svc.name()) != Some(r) {
+                    continue;
+                }
+                tracing::warn!(
+                    service = %svc.name(),
+                    active = %r.active,
+                    generation = r.generation,
+                    served_generation = svc.state.generation,
+                    "etcd holds an older generation than this replica served (restored from a backup, or written by hand?); serving what etcd holds"
+                );
             }
             let flipped_at = if r.generation != svc.state.generation {
                 tracing::info!(

@@ -731,6 +731,42 @@ async fn a_stale_replica_never_answers_nothing_to_do_for_a_fleet_elsewhere() {
     b.stop().await;
 }
 
+/// etcd may come to hold a lower generation than the replicas served: restored from a backup,
+/// or a state written by hand. The replicas serve what etcd holds (as a replica started since
+/// does), and flips work from there instead of losing every compare-and-swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_generation_in_etcd_is_what_every_replica_serves() {
+    let (_dir, etcd, _relay, _upstreams, a, b) =
+        over_relay("/older/", "etcd_timeout = \"2s\"").await;
+    for to in ["green", "blue", "green"] {
+        let (s, v) = a.flip("api", to).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert!(converged(&[&a, &b], "green", 3, 10).await);
+
+    let older = json!({ "active": "blue", "previous": "green", "generation": 1,
+        "updated_at": "2026-01-01T00:00:00.000Z", "paused": false, "failed": null });
+    let out = Command::new("etcdctl")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .args(["put", "/older/services/api", &older.to_string()])
+        .output()
+        .expect("etcdctl");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        converged(&[&a, &b], "blue", 1, 10).await,
+        "replicas keep serving a color etcd no longer holds: {:?} {:?}",
+        active_of(&a, "api").await,
+        active_of(&b, "api").await
+    );
+    assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert!(converged(&[&a, &b], "green", 2, 10).await);
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_during_an_outage_serves_the_fleet_color() {
     let dir = tempfile::tempdir().expect("tempdir");
