@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -51,6 +51,10 @@ pub struct App {
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
+    /// Set while the listening sockets go to a new process, and for good once it took them
+    /// (upgrade): it reads the live state when it takes over, so a change made here from then
+    /// on would never reach it ([`App::freeze_changes`]).
+    frozen: AtomicBool,
     pub store: StateStore,
     /// Where the live colors being served came from ([`StateSource`]).
     state_source: AtomicU8,
@@ -112,6 +116,28 @@ pub enum ChangeError {
     Unknown(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// The live state held still while the listening sockets go to a new process
+/// ([`App::freeze_changes`]); dropping it lets changes go on (an aborted upgrade).
+pub struct Freeze<'a> {
+    app: &'a App,
+    handed_over: bool,
+}
+
+impl Freeze<'_> {
+    /// The new process took over: every change from now on is refused here (503).
+    pub fn handed_over(mut self) {
+        self.handed_over = true;
+    }
+}
+
+impl Drop for Freeze<'_> {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            self.app.frozen.store(false, Ordering::Release);
+        }
+    }
 }
 
 impl ChangeError {
@@ -285,11 +311,26 @@ impl App {
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),
+            frozen: AtomicBool::new(false),
             store,
             state_source: AtomicU8::new(source as u8),
             analysis,
             releases,
         }))
+    }
+
+    /// Upgrade: waits for a change in progress to finish (the writer lock), then refuses every
+    /// change (503) until the [`Freeze`] is dropped (the upgrade aborted), or for good once
+    /// [`Freeze::handed_over`]: the new process reads the live state while this holds, and a
+    /// change answered here after that read would never be served there. Changes are refused
+    /// rather than held: the new process may take long to say it serves.
+    pub async fn freeze_changes(&self) -> Freeze<'_> {
+        let _w = self.writer.lock().await;
+        self.frozen.store(true, Ordering::Release);
+        Freeze {
+            app: self,
+            handed_over: false,
+        }
     }
 
     /// Records an event locally (ring, audit file, webhooks) and, with etcd, for every replica.
@@ -505,6 +546,11 @@ impl App {
         changed: HashMap<String, Arc<Service>>,
         events: Vec<Event>,
     ) -> Result<(), ChangeError> {
+        if self.frozen.load(Ordering::Acquire) {
+            return Err(ChangeError::Unavailable(
+                "this process is handing its sockets to a new one (upgrade); the change was not applied: send it again, the new process answers".to_string(),
+            ));
+        }
         let next = snap.with_services(&changed);
         let mut names: Vec<String> = changed.keys().cloned().collect();
         names.sort();
