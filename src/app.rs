@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -51,6 +51,10 @@ pub struct App {
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
+    /// Set while the listening sockets go to a new process, and for good once it took them
+    /// (upgrade): it reads the live state when it takes over, so a change made here from then
+    /// on would never reach it ([`App::freeze_changes`]).
+    frozen: AtomicBool,
     pub store: StateStore,
     /// Where the live colors being served came from ([`StateSource`]).
     state_source: AtomicU8,
@@ -112,6 +116,39 @@ pub enum ChangeError {
     Unknown(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// The live state held still while the listening sockets go to a new process
+/// ([`App::freeze_changes`]); dropping it lets changes go on (an aborted upgrade).
+pub struct Freeze<'a> {
+    app: &'a App,
+    handed_over: bool,
+}
+
+impl Freeze<'_> {
+    /// The new process took over: every change from now on is refused here (503).
+    pub fn handed_over(mut self) {
+        self.handed_over = true;
+    }
+}
+
+impl Drop for Freeze<'_> {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            self.app.frozen.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl ChangeError {
+    /// The same error, its message led by `what` (the kind, hence the status, is kept).
+    fn with_prefix(self, what: &str) -> ChangeError {
+        match self {
+            ChangeError::Unavailable(m) => ChangeError::Unavailable(format!("{what}: {m}")),
+            ChangeError::Internal(m) => ChangeError::Internal(format!("{what}: {m}")),
+            other => other,
+        }
+    }
 }
 
 impl From<StateError> for ChangeError {
@@ -274,11 +311,26 @@ impl App {
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),
+            frozen: AtomicBool::new(false),
             store,
             state_source: AtomicU8::new(source as u8),
             analysis,
             releases,
         }))
+    }
+
+    /// Upgrade: waits for a change in progress to finish (the writer lock), then refuses every
+    /// change (503) until the [`Freeze`] is dropped (the upgrade aborted), or for good once
+    /// [`Freeze::handed_over`]: the new process reads the live state while this holds, and a
+    /// change answered here after that read would never be served there. Changes are refused
+    /// rather than held: the new process may take long to say it serves.
+    pub async fn freeze_changes(&self) -> Freeze<'_> {
+        let _w = self.writer.lock().await;
+        self.frozen.store(true, Ordering::Release);
+        Freeze {
+            app: self,
+            handed_over: false,
+        }
     }
 
     /// Records an event locally (ring, audit file, webhooks) and, with etcd, for every replica.
@@ -334,16 +386,81 @@ impl App {
         self.apply_states(remote).await;
     }
 
+    /// With etcd, what etcd holds now: read before answering that a change is not needed. A
+    /// replica whose watch stalled (or whose etcd is gone) may still show a color the fleet
+    /// left, and "already on green" from it would drop the operator's flip while the fleet
+    /// stays blue. The caller applies the read and decides again on it; without an answer the
+    /// request is refused as any write is. `None` with the file backend.
+    async fn read_etcd(&self) -> Result<Option<HashMap<String, ServiceState>>, ChangeError> {
+        let Some(etcd) = self.store.as_etcd() else {
+            return Ok(None);
+        };
+        let read = etcd.read_current().await.map_err(|e| {
+            ChangeError::from(e).with_prefix("cannot confirm the live state with etcd")
+        })?;
+        Ok(Some(read))
+    }
+
     /// [`App::apply_remote`] under the writer lock already held.
+    ///
+    /// A state of a lower generation than this replica serves is normally an old one arriving
+    /// late (the watch delivering a write this replica has already gone past), and is skipped.
+    /// But etcd may really hold a lower generation: restored from a backup, or written by hand.
+    /// Skipping it then would serve a color etcd no longer holds, disagree with every replica
+    /// started since, and lose every compare-and-swap (409 forever). So a lower generation is
+    /// checked with a fresh read under the writer lock (no write of this replica can race it):
+    /// what etcd holds now is applied, whatever its generation.
     async fn apply_states(&self, remote: HashMap<String, ServiceState>) {
+        let behind: Vec<String> = self
+            .snapshot()
+            .services
+            .iter()
+            .filter(|svc| {
+                remote
+                    .get(svc.name())
+                    .is_some_and(|r| r.generation < svc.state.generation)
+            })
+            .map(|svc| svc.name().to_string())
+            .collect();
+        let mut remote = remote;
+        let mut held = HashMap::new();
+        if !behind.is_empty() {
+            if let Some(etcd) = self.store.as_etcd() {
+                match etcd.read_current().await {
+                    Ok(now) => {
+                        for name in behind {
+                            if let Some(r) = now.get(&name) {
+                                held.insert(name, r.clone());
+                            }
+                        }
+                        remote.extend(now);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read etcd to check a state of an older generation; keeping the colors served")
+                    }
+                }
+            }
+        }
         let snap = self.snapshot();
         let mut changed = HashMap::new();
         for svc in &snap.services {
             let Some(r) = remote.get(svc.name()) else {
                 continue;
             };
-            if *r == svc.state || r.generation < svc.state.generation {
+            if *r == svc.state {
                 continue;
+            }
+            if r.generation < svc.state.generation {
+                if held.get(svc.name()) != Some(r) {
+                    continue;
+                }
+                tracing::warn!(
+                    service = %svc.name(),
+                    active = %r.active,
+                    generation = r.generation,
+                    served_generation = svc.state.generation,
+                    "etcd holds an older generation than this replica served (restored from a backup, or written by hand?); serving what etcd holds"
+                );
             }
             let flipped_at = if r.generation != svc.state.generation {
                 tracing::info!(
@@ -447,6 +564,11 @@ impl App {
         changed: HashMap<String, Arc<Service>>,
         events: Vec<Event>,
     ) -> Result<(), ChangeError> {
+        if self.frozen.load(Ordering::Acquire) {
+            return Err(ChangeError::Unavailable(
+                "this process is handing its sockets to a new one (upgrade); the change was not applied: send it again, the new process answers".to_string(),
+            ));
+        }
         let next = snap.with_services(&changed);
         let mut names: Vec<String> = changed.keys().cloned().collect();
         names.sort();
@@ -550,6 +672,11 @@ impl App {
         kind: FlipKind,
         actor: &str,
     ) -> Result<FlipOutcome, ChangeError> {
+        if service_of(&self.snapshot(), name)?.state.active == to {
+            if let Some(read) = self.read_etcd().await? {
+                self.apply_remote(read).await;
+            }
+        }
         for _ in 0..3 {
             let checked = service_of(&self.snapshot(), name)?;
             if checked.state.active == to {
@@ -615,6 +742,16 @@ impl App {
         force: bool,
         actor: &str,
     ) -> Result<Vec<FlipOutcome>, ChangeError> {
+        if self
+            .snapshot()
+            .services
+            .iter()
+            .any(|s| s.state.active == to)
+        {
+            if let Some(read) = self.read_etcd().await? {
+                self.apply_remote(read).await;
+            }
+        }
         'attempt: for _ in 0..3 {
             let checked = self.snapshot();
             if !force {
@@ -886,6 +1023,11 @@ impl App {
         actor: &str,
     ) -> Result<String, ChangeError> {
         let _w = self.writer.lock().await;
+        if service_of(&self.snapshot(), name)?.state.paused == paused {
+            if let Some(read) = self.read_etcd().await? {
+                self.apply_states(read).await;
+            }
+        }
         let snap = self.snapshot();
         let svc = service_of(&snap, name)?;
         let word = if paused { "paused" } else { "resumed" };

@@ -223,14 +223,34 @@ impl Handover {
             }) else {
                 continue;
             };
+            let greeting = tokio::task::spawn_blocking(move || greeted(std));
+            let greeted = tokio::select! {
+                r = greeting => r,
+                () = app.shutdown.cancelled() => return,
+            };
+            let greeted = match greeted {
+                Ok(Ok(g)) => g,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "upgrade aborted; this process keeps serving");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "upgrade task failed; this process keeps serving");
+                    continue;
+                }
+            };
+            // No flip may land between the new process reading the live state and this one
+            // stopping: it would be answered here and never served there.
+            let freeze = app.freeze_changes().await;
             let fds2 = fds.clone();
-            let exchange = tokio::task::spawn_blocking(move || hand_over(std, &fds2));
+            let exchange = tokio::task::spawn_blocking(move || hand_over(greeted, &fds2));
             let outcome = tokio::select! {
                 r = exchange => r,
                 () = app.shutdown.cancelled() => return,
             };
             match outcome {
                 Ok(Ok(pid)) => {
+                    freeze.handed_over();
                     tracing::info!(
                         new_pid = pid,
                         socket = %path.display(),
@@ -251,8 +271,8 @@ impl Handover {
     }
 }
 
-/// One exchange on a blocking socket: hello, offer with the descriptors, wait for ready.
-fn hand_over(mut s: UnixStream, fds: &[(String, OwnedFd)]) -> anyhow::Result<u32> {
+/// The first step of an exchange on a blocking socket: the new process's hello.
+fn greeted(s: UnixStream) -> anyhow::Result<(UnixStream, BufReader<UnixStream>)> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(s.try_clone()?);
@@ -261,6 +281,14 @@ fn hand_over(mut s: UnixStream, fds: &[(String, OwnedFd)]) -> anyhow::Result<u32
     if hello.as_bytes() != HELLO {
         anyhow::bail!("not an upgrade request: {:?}", hello.trim_end());
     }
+    Ok((s, reader))
+}
+
+/// The rest of it, after the hello: the offer with the descriptors, then wait for ready.
+fn hand_over(
+    (mut s, mut reader): (UnixStream, BufReader<UnixStream>),
+    fds: &[(String, OwnedFd)],
+) -> anyhow::Result<u32> {
     let offer = Offer {
         pid: std::process::id(),
         listeners: fds.iter().map(|(k, _)| k.clone()).collect(),

@@ -664,6 +664,109 @@ async fn a_lost_compare_and_swap_applies_the_state_read() {
     b.stop().await;
 }
 
+/// A replica whose watch went silent still shows the color the fleet left. Asked to flip (or
+/// flip-all, or pause) to what it shows, it must not answer "already so, nothing to do" from
+/// that stale view: the operator would be told the fleet is where it is not, and the flip would
+/// be lost. It reads etcd first: the flip then happens, and with etcd unreachable it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_replica_never_answers_nothing_to_do_for_a_fleet_elsewhere() {
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/noop/",
+        "etcd_timeout = \"1s\"\netcd_progress_interval = \"20s\"",
+    )
+    .await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+
+    // A's watch goes silent while B flips: A still shows blue.
+    relay.freeze_existing();
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("blue".to_string(), 0));
+
+    // "Flip to blue" through A: the fleet is on green, so this is a real flip.
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!((s, &v["changed"]), (200, &json!(true)), "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert!(converged(&[&a, &b], "blue", 2, 10).await);
+
+    // The same through flip-all.
+    relay.freeze_existing();
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("blue".to_string(), 2));
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({ "to": "blue" })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(converged(&[&a, &b], "blue", 4, 10).await, "{v}");
+
+    // Pause: B pauses while A is silent, so A shows automatic rollback running; "resume"
+    // through A is not "already resumed" from that view: it resumes the fleet.
+    relay.freeze_existing();
+    let pause = |p: &TestProxy, what: &str| {
+        let (admin, path) = (p.admin, format!("/api/services/api/{what}"));
+        async move { admin_post(admin, &path, Some(TOKEN), None).await }
+    };
+    assert_eq!(pause(&b, "pause").await.0, 200);
+    assert_eq!(a.service_status("api").await["paused"], false);
+    let (s, v) = pause(&a, "resume").await;
+    assert_eq!(s, 200, "{v}");
+    let resumed = eventually(10, || async {
+        b.service_status("api").await["paused"] == false
+    })
+    .await;
+    assert!(resumed, "A answered {v}, but the fleet stays paused");
+
+    // etcd out of reach: A cannot know, so it refuses instead of answering "nothing to do".
+    relay.set_mode(Mode::Blackhole);
+    relay.freeze_existing();
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("etcd"), "{v}");
+    let (s, v) = pause(&a, "resume").await;
+    assert_eq!(s, 503, "{v}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// etcd may come to hold a lower generation than the replicas served: restored from a backup,
+/// or a state written by hand. The replicas serve what etcd holds (as a replica started since
+/// does), and flips work from there instead of losing every compare-and-swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_generation_in_etcd_is_what_every_replica_serves() {
+    let (_dir, etcd, _relay, _upstreams, a, b) =
+        over_relay("/older/", "etcd_timeout = \"2s\"").await;
+    for to in ["green", "blue", "green"] {
+        let (s, v) = a.flip("api", to).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert!(converged(&[&a, &b], "green", 3, 10).await);
+
+    let older = json!({ "active": "blue", "previous": "green", "generation": 1,
+        "updated_at": "2026-01-01T00:00:00.000Z", "paused": false, "failed": null });
+    let out = Command::new("etcdctl")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .args(["put", "/older/services/api", &older.to_string()])
+        .output()
+        .expect("etcdctl");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        converged(&[&a, &b], "blue", 1, 10).await,
+        "replicas keep serving a color etcd no longer holds: {:?} {:?}",
+        active_of(&a, "api").await,
+        active_of(&b, "api").await
+    );
+    assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert!(converged(&[&a, &b], "green", 2, 10).await);
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_during_an_outage_serves_the_fleet_color() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -382,3 +382,141 @@ async fn sigusr2_upgrades_in_place() {
         "something still accepts on the port"
     );
 }
+
+/// A green upstream whose `/smoke` answer waits until the test releases it (so a flip's smoke
+/// check is in flight for as long as the test needs); every other request is answered `green`.
+/// Returns its address, a flag set when a smoke request arrived, and the release.
+async fn held_smoke_upstream() -> (SocketAddr, Arc<AtomicBool>, Arc<tokio::sync::Semaphore>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let arrived = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (a, r) = (arrived.clone(), release.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (a, r) = (a.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let smoke = buf.starts_with(b"GET /smoke ");
+                    buf.drain(..end + 4);
+                    if smoke {
+                        a.store(true, Ordering::SeqCst);
+                        let Ok(p) = r.acquire().await else { return };
+                        p.forget();
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ngreen\n";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, arrived, release)
+}
+
+/// A flip in flight in the old process while a new one takes over (its smoke check still
+/// running) must not be answered "flipped" by the old process: the new one read the live state
+/// when it took over and would never serve it. It is refused (503), and both agree on blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_in_flight_during_an_upgrade_is_never_answered_and_lost() {
+    let blue = TestUpstream::start("blue").await;
+    let (green, arrived, release) = held_smoke_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{}",
+        dir.path().join("state.json").display(),
+        service("api", &[blue.addr], &[green], "smoke_paths = [\"/smoke\"]")
+    );
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let old_log = dir.path().join("old.log");
+    let mut old = spawn_serve(&cfg, &old_log, false);
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "the first process did not start"
+    );
+
+    // The flip reaches the old process and waits in its smoke check.
+    let flip = tokio::spawn(async move {
+        let req = Request::post(format!("http://{admin}/api/services/api/flip"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(r#"{"to":"green"}"#)))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(30), client().request(req))
+            .await
+            .ok()?
+            .ok()?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    });
+    assert!(
+        eventually(10, || async { arrived.load(Ordering::SeqCst) }).await,
+        "the flip's smoke check never reached green"
+    );
+
+    // A new process takes over meanwhile; then the smoke check passes.
+    let new_log = dir.path().join("new.log");
+    let _new = spawn_serve(&cfg, &new_log, true);
+    assert!(
+        eventually(30, || async {
+            std::fs::read_to_string(&old_log)
+                .unwrap_or_default()
+                .contains("the new process serves on the same sockets")
+        })
+        .await,
+        "the upgrade did not happen:\n{}",
+        std::fs::read_to_string(&new_log).unwrap_or_default()
+    );
+    release.add_permits(100);
+    let answer = flip.await.expect("flip task");
+    tokio::time::timeout(Duration::from_secs(30), old.wait())
+        .await
+        .expect("the old process did not exit")
+        .expect("wait");
+
+    // What the operator was told is what is served.
+    let served = get(proxy, "/").await;
+    let (_, status) = admin_get(admin, "/api/status").await;
+    if let Some((code, body)) = &answer {
+        assert_ne!(
+            *code, 200,
+            "answered {body}, but the new process serves {served:?}: {status}"
+        );
+        assert_eq!(*code, 503, "{body}");
+        assert!(body.contains("upgrade"), "{body}");
+    }
+    assert_eq!(served, (200, "blue\n".to_string()), "{answer:?}");
+    assert_eq!(status["services"][0]["active"], "blue", "{status}");
+    // The refused flip works against the new process.
+    let (s, v) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
+}

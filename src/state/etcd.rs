@@ -367,6 +367,34 @@ impl EtcdStore {
         })
     }
 
+    /// Every stored service state, read now (linearizable), for a replica that must not answer
+    /// from a view its watch may not have brought up to date. Unlike [`EtcdStore::load`] it
+    /// runs beside the watch, so what it read is merged into the revisions seen (newer wins)
+    /// rather than replacing them: a watch event that came in meanwhile is not undone.
+    /// A read that gets no answer is tried again (up to three in all): the pooled connection
+    /// it went out on may be the silent one, and the next goes out on a fresh connection.
+    pub async fn read_current(&self) -> Result<HashMap<String, ServiceState>, StateError> {
+        let prefix = self.services_prefix();
+        let body = json!({ "key": b64(&prefix), "range_end": prefix_end(&prefix) });
+        let mut tries = 0;
+        let v = loop {
+            tries += 1;
+            match self.call("/v3/kv/range", &body).await {
+                Ok(v) => break v,
+                Err(e) if e.maybe_sent && tries < 3 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut states = HashMap::new();
+        for kv in v["kvs"].as_array().into_iter().flatten() {
+            if let Some((name, state, rev, _)) = self.parse_kv(kv) {
+                self.saw(&name, &state, rev);
+                states.insert(name, state);
+            }
+        }
+        Ok(states)
+    }
+
     /// (service name, state, mod_revision, write id) of a `services/<name>` key-value.
     fn parse_kv(&self, kv: &Value) -> Option<(String, ServiceState, i64, Option<String>)> {
         let key = String::from_utf8(unb64(&kv["key"])?).ok()?;

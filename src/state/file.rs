@@ -101,13 +101,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::process::id(),
         TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // A full disk fails every write: each would leave one more temp file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
@@ -153,4 +158,36 @@ pub fn move_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
     let aside = path.with_extension(format!("json.corrupt-{stamp}"));
     std::fs::rename(path, &aside)?;
     Ok(Some(aside))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temps(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp."))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        // A directory where the file should be: the temp file is written, the rename fails.
+        std::fs::create_dir(&path).expect("mkdir");
+        std::fs::write(path.join("x"), b"x").expect("write");
+        for _ in 0..3 {
+            assert!(write_atomic(&path, b"{}").is_err());
+        }
+        assert_eq!(temps(dir.path()), Vec::<String>::new());
+        std::fs::remove_dir_all(&path).expect("rmdir");
+        write_atomic(&path, b"{}").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{}\n");
+        assert_eq!(temps(dir.path()), Vec::<String>::new());
+    }
 }
