@@ -264,6 +264,7 @@ const TABLE: &[Row] = &[
     refused("asterisk form without OPTIONS", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("absolute form with userinfo", b"GET http://u@b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("absolute form, other scheme", b"GET ftp://b/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("absolute form with an invalid Host", b"GET http://b/ HTTP/1.1\r\nHost: a b\r\n\r\n"),
     refused("fragment in the target", b"GET /p#f HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("fragment in an absolute-form target", b"GET http://b/p?q#f HTTP/1.1\r\nHost: a\r\n\r\n"),
     passed("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1"], &[]),

@@ -12,14 +12,14 @@
 //! What it speaks: HTTP/1.1 and 1.0 requests (keep-alive and pipelining), bodies by
 //! `Content-Length` or chunked (trailers kept), `Expect: 100-continue` (answered when the body
 //! is first read, as nginx does), an upstream's other 1xx heads written ahead of the response
-//! (HTTP/1.1 clients), and upgrades (the connection is handed to a tunnel after a `101`). It refuses,
-//! with 400 and before anything reaches an upstream: what httparse refuses (obs-fold, a space
-//! before the colon, NUL, lone CR, bad tokens), a bare LF line end, `Content-Length` with
-//! `Transfer-Encoding`, differing or malformed lengths, any `Transfer-Encoding` but a single
-//! `chunked`, and `Transfer-Encoding` in HTTP/1.0. A head larger than `max_header_bytes` or with
-//! more than `max_headers` fields is 431; a request line alone longer than that, or a target the
-//! URI type cannot hold, is 414. `header_read_timeout` bounds both a head being
-//! received and an idle keep-alive connection waiting for its next request.
+//! (HTTP/1.1 clients), and upgrades (the connection is handed to a tunnel after a `101`). It
+//! refuses, with 400 and before anything reaches an upstream: what httparse refuses (obs-fold, a
+//! space before the colon, NUL, lone CR, bad tokens), a bare LF line end, a target with a
+//! fragment, `Content-Length` with `Transfer-Encoding`, differing or malformed lengths, any
+//! `Transfer-Encoding` but a single `chunked`, and `Transfer-Encoding` in HTTP/1.0. A head larger
+//! than `max_header_bytes` or with more than `max_headers` fields is 431; a request line alone
+//! longer than that, or a target the URI type cannot hold, is 414. `header_read_timeout` bounds
+//! both a head being received and an idle keep-alive connection waiting for its next request.
 //!
 //! The read and write halves are separate, so a request body can stream to the upstream while
 //! the response streams back (an upstream that answers early). The body owns the read half while

@@ -251,8 +251,14 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
             }
             Some(h.clone())
         }
-        // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host.
-        (Some(a), _) => HeaderValue::from_str(a.as_str()).ok(),
+        // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host, which
+        // must still be valid (RFC 9110 7.2: a Host with an invalid value is 400).
+        (Some(a), h) => {
+            if h.is_some_and(|h| h.to_str().ok().and_then(host_without_port).is_none()) {
+                return Err("invalid Host header\n");
+            }
+            HeaderValue::from_str(a.as_str()).ok()
+        }
         (None, Some(h)) => Some(h.clone()),
         (None, None) => None,
     };
@@ -402,6 +408,21 @@ mod tests {
             h.get(header::COOKIE).map(|v| v.as_bytes()),
             Some(&b"a=1; b=2"[..])
         );
+    }
+
+    /// An absolute-form target's authority replaces Host, but an invalid Host is still refused.
+    #[test]
+    fn absolute_form_hosts() {
+        let mut r = req(Method::GET, "http://b.example/x", Version::HTTP_11);
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a.example"));
+        let host = request_host(&r).ok().flatten().map(|(v, _)| v);
+        assert_eq!(host, Some(HeaderValue::from_static("b.example")));
+        for bad in ["a b", "a:1:2", "a:99999", "[zz::1:]"] {
+            r.headers_mut()
+                .insert(header::HOST, HeaderValue::from_static(bad));
+            assert!(request_host(&r).is_err(), "{bad}");
+        }
     }
 
     #[test]
