@@ -380,6 +380,28 @@ async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(r.releases().await["current"]["id"], cur["id"]);
 
+    // A bad body is a 400 and changes nothing: it is never taken for an empty one.
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (path, body) in [
+        ("/api/releases/current/abort", "nope"),
+        ("/api/releases/current/abort", "{\"now\": true}"),
+        ("/api/releases/current/promote", "[1]"),
+        ("/api/services/panel/resume", "nope"),
+        ("/api/reload", "{\"file\": \"x\"}"),
+    ] {
+        let (s, text) = request(r.p.admin, "POST", path, &headers, body.into()).await;
+        assert_eq!(s, 400, "{path} {body}: {text}");
+        assert!(text.contains("\"error\""), "{text}");
+    }
+    assert_eq!(r.releases().await["current"]["id"], cur["id"]);
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
     let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["returned"].as_array().map(Vec::len), Some(2), "{v}");

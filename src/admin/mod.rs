@@ -349,42 +349,60 @@ async fn handle(
                 ),
             }
         }
-        Route::ReleasePromote => match to_end({
-            let app = app.clone();
-            async move { crate::release::promote(&app, &actor).await }
-        })
-        .await
-        {
-            Ok(v) => json_response(StatusCode::OK, &v),
-            Err(e) => change_error(e),
-        },
-        Route::ReleaseAbort => match to_end({
-            let app = app.clone();
-            async move { crate::release::abort(&app, &actor).await }
-        })
-        .await
-        {
-            Ok(v) => json_response(StatusCode::OK, &v),
-            Err(e) => change_error(e),
-        },
-        Route::Reload => match reload_to_end(app, actor).await {
-            Ok(outcome) => json_response(
-                StatusCode::OK,
-                &serde_json::to_value(&outcome).unwrap_or_default(),
-            ),
-            Err(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
-            Err(Some(ReloadError::Invalid(errs))) => json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({
-                    "error": "invalid configuration; nothing was changed",
-                    "errors": errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-                }),
-            ),
-            Err(Some(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Route::ReleasePromote => {
+            if let Err(r) = parse_args::<NoArgs>(&body) {
+                return r;
+            }
+            match to_end({
+                let app = app.clone();
+                async move { crate::release::promote(&app, &actor).await }
+            })
+            .await
+            {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => change_error(e),
+            }
+        }
+        Route::ReleaseAbort => {
+            if let Err(r) = parse_args::<NoArgs>(&body) {
+                return r;
+            }
+            match to_end({
+                let app = app.clone();
+                async move { crate::release::abort(&app, &actor).await }
+            })
+            .await
+            {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => change_error(e),
+            }
+        }
+        Route::Reload => match parse_args::<NoArgs>(&body) {
+            Err(r) => r,
+            Ok(NoArgs {}) => reloaded(reload_to_end(app, actor).await),
         },
         Route::Dashboard | Route::Status | Route::Events | Route::Releases => {
             error(StatusCode::NOT_FOUND, "not found")
         }
+    }
+}
+
+/// The answer to a reload.
+fn reloaded(r: Result<crate::app::ReloadOutcome, Option<ReloadError>>) -> AdminResponse {
+    match r {
+        Ok(outcome) => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(&outcome).unwrap_or_default(),
+        ),
+        Err(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
+        Err(Some(ReloadError::Invalid(errs))) => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({
+                "error": "invalid configuration; nothing was changed",
+                "errors": errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(Some(e @ ReloadError::NoFile)) => error(StatusCode::CONFLICT, &e.to_string()),
     }
 }
 
@@ -411,14 +429,22 @@ async fn pause_guard(
     body: &Option<Bytes>,
     actor: &str,
 ) -> Result<(), AdminResponse> {
+    // A bad body is a 400 for a resume too, never taken as an empty one.
+    let args: FlipArgs = parse_args(body)?;
     if !paused {
         return Ok(());
     }
-    let args: FlipArgs = parse_args(body)?;
     crate::release::guard_manual(app, &[name], args.force, "pause", actor)
         .await
         .map_err(change_error)
 }
+
+/// The body of a call that takes no field (promote, abort, reload): none, or `{}`. Anything
+/// else is a bad body (400), never run as if it were empty: an abort sent malformed JSON
+/// used to abort the release.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
