@@ -767,6 +767,47 @@ async fn an_older_generation_in_etcd_is_what_every_replica_serves() {
     b.stop().await;
 }
 
+/// The lease a replica keeps for its events can vanish (revoked, or etcd restored from a
+/// backup older than it). etcd then refuses the whole transaction at once: the flip must not be
+/// answered "etcd did not answer in time … not applied"; it goes through with a new lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_after_the_event_lease_vanished_goes_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let svc = service("api", &[blue.addr], &[green.addr], "");
+    let a = TestProxy::start(&etcd_body(&etcd.endpoint(), "/lease/", "", &svc)).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+
+    let etcdctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .arg(format!("--endpoints={}", etcd.endpoint()))
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let leases: Vec<String> = etcdctl(&["lease", "list"])
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(!leases.is_empty(), "no event lease to revoke");
+    for l in &leases {
+        etcdctl(&["lease", "revoke", l]);
+    }
+
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2, "{v}");
+    let recorded = eventually(5, || async { events_at(&a, "api", "manual", 2).await == 1 }).await;
+    assert!(recorded, "{:#?}", a.events().await);
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_during_an_outage_serves_the_fleet_color() {
     let dir = tempfile::tempdir().expect("tempdir");

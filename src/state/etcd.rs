@@ -510,33 +510,48 @@ impl EtcdStore {
             // The watch already delivered a newer state that the snapshot has not applied yet.
             return WriteOutcome::Conflict(stale);
         }
-        let mut success: Vec<Value> = changes
-            .iter()
-            .map(|(name, state)| {
-                json!({ "request_put": {
-                    "key": b64(&self.service_key(name)),
-                    "value": b64(&stored_value(state, write_id)),
-                }})
-            })
-            .collect();
-        if !events.is_empty() {
-            let lease = match self.event_lease().await {
-                Ok(l) => l,
+        let txn = |lease: Option<&str>| {
+            let mut success: Vec<Value> = changes
+                .iter()
+                .map(|(name, state)| {
+                    json!({ "request_put": {
+                        "key": b64(&self.service_key(name)),
+                        "value": b64(&stored_value(state, write_id)),
+                    }})
+                })
+                .collect();
+            for (i, ev) in events.iter().enumerate() {
+                let key = format!("{}{}-{write_id}-{i}", self.events_prefix(), ev.time);
+                let value = serde_json::to_string(ev).unwrap_or_default();
+                success.push(json!({ "request_put": { "key": b64(&key), "value": b64(&value), "lease": lease }}));
+            }
+            json!({ "compare": compare, "success": success, "failure": [] })
+        };
+        let lease = if events.is_empty() {
+            None
+        } else {
+            match self.event_lease().await {
+                Ok(l) => Some(l),
                 Err(e) => {
                     return WriteOutcome::NotApplied(format!(
                         "cannot get an event lease ({}); the change was not applied",
                         e.message
                     ))
                 }
-            };
-            for (i, ev) in events.iter().enumerate() {
-                let key = format!("{}{}-{write_id}-{i}", self.events_prefix(), ev.time);
-                let value = serde_json::to_string(ev).unwrap_or_default();
-                success.push(json!({ "request_put": { "key": b64(&key), "value": b64(&value), "lease": lease }}));
+            }
+        };
+        let mut answer = self.call_noting("/v3/kv/txn", &txn(lease.as_deref())).await;
+        if matches!(&answer, Err(e) if e.lease_gone) && lease.is_some() {
+            // The event lease this replica kept is gone (revoked, or etcd restored from a
+            // backup older than it): etcd refused the whole transaction, so it is sent again
+            // once with a new lease, same compares and write id (an earlier attempt that did
+            // commit makes this one lose the compare, and the read-back finds it).
+            self.forget_lease();
+            if let Ok(l) = self.event_lease().await {
+                answer = self.call_noting("/v3/kv/txn", &txn(Some(&l))).await;
             }
         }
-        let txn = json!({ "compare": compare, "success": success, "failure": [] });
-        let outcome = match self.call_noting("/v3/kv/txn", &txn).await {
+        let outcome = match answer {
             Ok((v, _)) if v["succeeded"].as_bool() == Some(true) => {
                 let rev = num(&v["header"]["revision"]);
                 for (name, state) in changes {
