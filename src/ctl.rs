@@ -67,7 +67,13 @@ fn parse_color(s: &str) -> Result<Color, String> {
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(ctl: Ctl) -> i32 {
     let Ctl { args, cmd } = ctl;
-    let base = args.admin.trim_end_matches('/').to_string();
+    let base = match args.admin_base() {
+        Ok(b) => b,
+        Err(e) => {
+            errln!("error: {e}");
+            return 2;
+        }
+    };
     let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
@@ -112,7 +118,7 @@ pub async fn run(ctl: Ctl) -> i32 {
     let url = format!("{base}{path}");
     let result = tokio::time::timeout(
         args.request_timeout(),
-        call(method, &url, args.token.as_deref(), body),
+        call(&args, method, &url, args.token.as_deref(), body),
     )
     .await;
     let (status, value) = match result {

@@ -39,7 +39,13 @@ pub enum ReleaseCmd {
 const POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
-    let base = args.admin.trim_end_matches('/').to_string();
+    let base = match args.admin_base() {
+        Ok(b) => b,
+        Err(e) => {
+            errln!("error: {e}");
+            return 2;
+        }
+    };
     match cmd {
         ReleaseCmd::Start {
             plan: Some(name), ..
@@ -197,7 +203,7 @@ async fn wait(args: &CtlArgs, base: &str) -> i32 {
 
 async fn get(args: &CtlArgs, base: &str) -> Result<Value, i32> {
     let url = format!("{base}/api/releases");
-    match tokio::time::timeout(args.request_timeout(), call("GET", &url, None, None)).await {
+    match tokio::time::timeout(args.request_timeout(), call(args, "GET", &url, None, None)).await {
         Ok(Ok((200, v))) => Ok(v),
         Ok(Ok((status, v))) => {
             errln!(
@@ -233,7 +239,7 @@ async fn post(
     let url = format!("{base}{path}");
     let (status, v) = match tokio::time::timeout(
         args.request_timeout(),
-        call("POST", &url, Some(token), Some(body)),
+        call(args, "POST", &url, Some(token), Some(body)),
     )
     .await
     {
