@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::config::Color;
-use crate::ctl_client::{call, CtlArgs};
+use crate::ctl_client::{call, from_admin, CtlArgs};
 use crate::{errln, outln};
 
 /// `switchyard ctl`: the global flags and one command.
@@ -152,6 +152,15 @@ pub async fn run(ctl: Ctl) -> i32 {
                 errln!("  {}", e.as_str().unwrap_or_default());
             }
         }
+        return 1;
+    }
+    let key = match &cmd {
+        CtlCmd::Status => "services",
+        CtlCmd::Events { .. } => "events",
+        _ => "message",
+    };
+    if let Err(e) = from_admin(&base, status, &value, key) {
+        errln!("error: {e}");
         return 1;
     }
     if args.json {

@@ -76,6 +76,18 @@ impl CtlArgs {
     }
 }
 
+/// Whether a 2xx answer is the admin API's: a JSON object with `key`. Anything else (a proxied
+/// application's page when `--admin` names the proxy listener) must not pass for success.
+pub(crate) fn from_admin(base: &str, status: u16, value: &Value, key: &str) -> Result<(), String> {
+    if value.get(key).is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "{base} answered {status} without the admin API's \"{key}\": is --admin (or \
+         SWITCHYARD_ADMIN_URL) the admin listener ([admin] listen), not the proxy?"
+    ))
+}
+
 /// One call: the status and the JSON answer (a body that is not JSON becomes `{"error": body}`).
 /// One connection per call (a ctl run makes one call, `release wait` one a second): plain TCP for
 /// `http://`, rustls for `https://` (the admin listener with `[admin] tls_cert`).

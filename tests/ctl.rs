@@ -596,3 +596,29 @@ async fn https_admin_with_ca_file() {
     assert_eq!(o.json()["services"][0]["paused"], true, "{o}");
     p.stop().await;
 }
+
+/// `--admin` pointed at the proxy listener (8080 for 9090): the application behind it answers
+/// 200 to anything. ctl must not report a flip that never happened as done (exit 0): every
+/// command checks that the answer is the admin API's and exits 1 naming the likely mix-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_is_not_the_admin_apis_is_not_success() {
+    let (p, ups) = two_services().await;
+    for args in [
+        &["flip", "api", "green"][..],
+        &["flip-all", "green"],
+        &["pause", "web"],
+        &["status"],
+        &["events"],
+        &["release", "status"],
+        &["release", "promote"],
+    ] {
+        let o = ctl(p.proxy, Some(TOKEN), args).await;
+        assert_eq!(o.code, 1, "{args:?}: {o}");
+        assert!(o.stderr.contains("admin listener"), "{args:?}: {o}");
+    }
+    // the application did get the requests; Switchyard's state did not change
+    assert!(ups.iter().map(|u| u.hits()).sum::<usize>() > 0);
+    assert_eq!(p.service_status("api").await["generation"], 0);
+    assert_eq!(p.service_status("web").await["paused"], false);
+    p.stop().await;
+}
