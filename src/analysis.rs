@@ -59,12 +59,6 @@ pub const ANALYSIS_STATES: [&str; 5] = [
 const MAX_BODY: usize = 4 << 20;
 /// How often [`run`] reconciles the tasks with the snapshot.
 const SYNC_INTERVAL: Duration = Duration::from_millis(250);
-/// Where the system's CA bundle usually is (Debian/Ubuntu, Fedora/RHEL, Alpine/macOS-like).
-const SYSTEM_CA_FILES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 
 /// What one evaluation of a check found.
 #[derive(Clone, Debug, PartialEq)]
@@ -408,9 +402,11 @@ impl Analysis {
         let ca = cfg.ca_file.clone();
         self.tls
             .get_or_try_init(|| async move {
-                tokio::task::spawn_blocking(move || client_tls(ca.as_deref()))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("TLS setup task failed: {e}")))
+                tokio::task::spawn_blocking(move || {
+                    crate::tls::client_config(ca.as_deref(), "set [analysis] ca_file to a PEM file")
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("TLS setup task failed: {e}")))
             })
             .await
             .cloned()
@@ -453,40 +449,6 @@ pub fn probe_text(p: &ProbeCheck) -> String {
             format!("{target}: {ptr} not {} {}", b.op(), fmt_num(b.threshold()))
         }
     }
-}
-
-fn client_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let path = match ca_file {
-        Some(p) => p.to_path_buf(),
-        None => SYSTEM_CA_FILES
-            .iter()
-            .map(std::path::PathBuf::from)
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                "no system CA bundle found; set [analysis] ca_file to a PEM file".to_string()
-            })?,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&path)
-        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-    for c in certs {
-        let c = c.map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
-        // A bundle may hold certificates rustls cannot use; skip those, keep the rest.
-        let _ = roots.add(c);
-    }
-    if roots.is_empty() {
-        return Err(format!("no usable CA certificate in {}", path.display()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
 }
 
 // ---------------------------------------------------------------------------------------------

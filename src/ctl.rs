@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::config::Color;
-use crate::ctl_client::{call, CtlArgs};
+use crate::ctl_client::{call, from_admin, CtlArgs};
 use crate::{errln, outln};
 
 /// `switchyard ctl`: the global flags and one command.
@@ -72,7 +72,13 @@ fn parse_color(s: &str) -> Result<Color, String> {
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(ctl: Ctl) -> i32 {
     let Ctl { args, cmd } = ctl;
-    let base = args.admin.trim_end_matches('/').to_string();
+    let base = match args.admin_base() {
+        Ok(b) => b,
+        Err(e) => {
+            errln!("error: {e}");
+            return 2;
+        }
+    };
     let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
@@ -117,7 +123,7 @@ pub async fn run(ctl: Ctl) -> i32 {
     let url = format!("{base}{path}");
     let result = tokio::time::timeout(
         args.request_timeout(),
-        call(method, &url, args.token.as_deref(), body),
+        call(&args, method, &url, args.token.as_deref(), body),
     )
     .await;
     let (status, value) = match result {
@@ -151,6 +157,15 @@ pub async fn run(ctl: Ctl) -> i32 {
                 errln!("  {}", e.as_str().unwrap_or_default());
             }
         }
+        return 1;
+    }
+    let key = match &cmd {
+        CtlCmd::Status => "services",
+        CtlCmd::Events { .. } => "events",
+        _ => "message",
+    };
+    if let Err(e) = from_admin(&base, status, &value, key) {
+        errln!("error: {e}");
         return 1;
     }
     if args.json {

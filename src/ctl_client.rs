@@ -6,10 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-
-use crate::http::client::hyper_client;
 
 /// The flags every `ctl` command takes.
 #[derive(Args, Debug)]
@@ -37,6 +35,9 @@ pub struct CtlArgs {
     /// until the release ends).
     #[arg(long, global = true, value_parser = crate::config::parse_duration)]
     pub timeout: Option<Duration>,
+    /// PEM CA certificates to trust for an `https://` admin URL (default: the system bundle).
+    #[arg(long, global = true, env = "SWITCHYARD_ADMIN_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The default of `--timeout` for one call.
@@ -47,24 +48,71 @@ impl CtlArgs {
     pub fn request_timeout(&self) -> Duration {
         self.timeout.unwrap_or(DEFAULT_TIMEOUT)
     }
+
+    /// The admin base URL from `--admin`, without a trailing slash. `HOST:PORT` alone (what
+    /// `[admin] listen` says) means `http://HOST:PORT`; any scheme but http and https, a URL
+    /// without a host or with a query is a usage error.
+    pub fn admin_base(&self) -> Result<String, String> {
+        let raw = self.admin.trim();
+        let full = if raw.contains("://") {
+            raw.to_string()
+        } else {
+            format!("http://{raw}")
+        };
+        let bad = |why: &str| {
+            format!("invalid admin URL {raw:?} (--admin or SWITCHYARD_ADMIN_URL): {why}")
+        };
+        let uri: http::Uri = full.parse().map_err(|e| bad(&format!("{e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(bad("the scheme must be http:// or https://"));
+        }
+        if uri.authority().is_none_or(|a| a.host().is_empty()) {
+            return Err(bad("no host"));
+        }
+        if uri.query().is_some() {
+            return Err(bad("a base URL takes no query"));
+        }
+        Ok(full.trim_end_matches('/').to_string())
+    }
+}
+
+/// Whether a 2xx answer is the admin API's: a JSON object with `key`. Anything else (a proxied
+/// application's page when `--admin` names the proxy listener) must not pass for success.
+pub(crate) fn from_admin(base: &str, status: u16, value: &Value, key: &str) -> Result<(), String> {
+    if value.get(key).is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "{base} answered {status} without the admin API's \"{key}\": is --admin (or \
+         SWITCHYARD_ADMIN_URL) the admin listener ([admin] listen), not the proxy?"
+    ))
 }
 
 /// One call: the status and the JSON answer (a body that is not JSON becomes `{"error": body}`).
+/// One connection per call (a ctl run makes one call, `release wait` one a second): plain TCP for
+/// `http://`, rustls for `https://` (the admin listener with `[admin] tls_cert`).
 pub(crate) async fn call(
+    args: &CtlArgs,
     method: &str,
     url: &str,
     token: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, Value), String> {
-    let client: Client<_, Full<Bytes>> = hyper_client(
-        Duration::from_secs(10),
-        Duration::from_secs(90),
-        None,
-        false,
-    );
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    let https = uri.scheme_str() == Some("https");
+    let auth = uri
+        .authority()
+        .ok_or_else(|| format!("URL {url:?} has no host"))?
+        .clone();
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut req = http::Request::builder()
         .method(method)
-        .uri(url)
+        .uri(path)
+        .header(http::header::HOST, auth.as_str())
         .header(http::header::USER_AGENT, "switchyard-ctl");
     if let Some(t) = token {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -79,23 +127,56 @@ pub(crate) async fn call(
     let req = req
         .body(Full::new(body))
         .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    let resp = client.request(req).await.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        msg
-    })?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
+    let tcp = tokio::net::TcpStream::connect((host, port))
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+        .map_err(|e| format!("cannot connect to {auth}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (status, bytes) = if https {
+        let ca = args.ca_file.clone();
+        let tls = tokio::task::spawn_blocking(move || {
+            crate::tls::client_config(ca.as_deref(), "pass --ca-file")
+        })
+        .await
+        .map_err(|e| format!("TLS setup task failed: {e}"))??;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
+        send(TokioIo::new(stream), req).await?
+    } else {
+        send(TokioIo::new(tcp), req).await?
+    };
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
     Ok((status, value))
+}
+
+/// One HTTP/1.1 exchange on `io`: the status and the whole body.
+async fn send<T>(io: TokioIo<T>, req: http::Request<Full<Bytes>>) -> Result<(u16, Bytes), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    }
+    .await;
+    conn.abort();
+    result
 }

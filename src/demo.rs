@@ -417,7 +417,7 @@ Switchyard demo is running (Ctrl-C to stop).
   metrics    http://{admin}/metrics
   token      {token}
   upstreams  api: blue {ab}, green {ag}   panel: blue {pb}, green {pg}
-  state      {state}
+  state      {state}  (removed when the demo stops)
 {traffic}
 Try it (in another terminal):
 
@@ -471,6 +471,11 @@ Ship a release (from blue: api first, then panel; one rollback for both):
     crate::errln!("stopping the demo");
     stop.cancel();
     running.shutdown().await;
+    // The state, audit log and plan were the demo's alone: leave no directory per run in /tmp.
+    let dir = state_dir.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await {
+        crate::errln!("cannot remove {}: {e}", state_dir.display());
+    }
     Ok(())
 }
 

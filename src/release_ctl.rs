@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::ctl_client::{call, CtlArgs};
+use crate::ctl_client::{call, from_admin, CtlArgs};
 use crate::{errln, outln};
 
 #[derive(Subcommand, Debug)]
@@ -39,7 +39,13 @@ pub enum ReleaseCmd {
 const POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
-    let base = args.admin.trim_end_matches('/').to_string();
+    let base = match args.admin_base() {
+        Ok(b) => b,
+        Err(e) => {
+            errln!("error: {e}");
+            return 2;
+        }
+    };
     match cmd {
         ReleaseCmd::Start {
             plan: Some(name), ..
@@ -197,8 +203,14 @@ async fn wait(args: &CtlArgs, base: &str) -> i32 {
 
 async fn get(args: &CtlArgs, base: &str) -> Result<Value, i32> {
     let url = format!("{base}/api/releases");
-    match tokio::time::timeout(args.request_timeout(), call("GET", &url, None, None)).await {
-        Ok(Ok((200, v))) => Ok(v),
+    match tokio::time::timeout(args.request_timeout(), call(args, "GET", &url, None, None)).await {
+        Ok(Ok((200, v))) => match from_admin(base, 200, &v, "current") {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                errln!("error: {e}");
+                Err(1)
+            }
+        },
         Ok(Ok((status, v))) => {
             errln!(
                 "error ({status}): {}",
@@ -233,7 +245,7 @@ async fn post(
     let url = format!("{base}{path}");
     let (status, v) = match tokio::time::timeout(
         args.request_timeout(),
-        call("POST", &url, Some(token), Some(body)),
+        call(args, "POST", &url, Some(token), Some(body)),
     )
     .await
     {
@@ -247,6 +259,17 @@ async fn post(
             return 1;
         }
     };
+    let key = if v.get("release").is_some() {
+        "release"
+    } else {
+        "message"
+    };
+    if (200..300).contains(&status) {
+        if let Err(e) = from_admin(base, status, &v, key) {
+            errln!("error: {e}");
+            return 1;
+        }
+    }
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }

@@ -166,6 +166,49 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     Ok(ck)
 }
 
+/// Where the system's CA bundle usually is (Debian/Ubuntu, Fedora/RHEL, Alpine/macOS-like).
+const SYSTEM_CA_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// A rustls client config (HTTP/1.1 by ALPN) trusting `ca_file`, else the system bundle;
+/// `hint` says how to name a CA file when there is no system bundle. Reads files: call it
+/// from the blocking pool.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    hint: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let path = match ca_file {
+        Some(p) => p.to_path_buf(),
+        None => SYSTEM_CA_FILES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| format!("no system CA bundle found; {hint}"))?,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
+        // A bundle may hold certificates rustls cannot use; skip those, keep the rest.
+        let _ = roots.add(c);
+    }
+    if roots.is_empty() {
+        return Err(format!("no usable CA certificate in {}", path.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

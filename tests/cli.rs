@@ -389,6 +389,56 @@ async fn demo_serves_and_flips_with_nothing_else_installed() {
     }
 }
 
+/// Ctrl-C (SIGINT) or SIGTERM stops the demo: exit 0, its upstreams closed with it, and the
+/// state directory it made in the temp dir removed (one was left behind per run).
+#[tokio::test]
+async fn demo_stops_on_a_signal_and_leaves_nothing_behind() {
+    for signal in ["-INT", "-TERM"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (pp, ap, vp) = (free_port(), free_port(), free_port());
+        let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+        let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["demo", "--listen", &proxy.to_string(), "--admin"])
+            .args([
+                &admin.to_string(),
+                "--preview",
+                &preview.to_string(),
+                "--no-traffic",
+            ])
+            .env("RUST_LOG", "warn")
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn demo");
+        let up = eventually(20, || async {
+            try_get(proxy, "/api/x").await == Some((200, "blue\n".to_string()))
+        })
+        .await;
+        let made = std::fs::read_dir(tmp.path()).expect("read tmp").count();
+        let pid = child.id().expect("pid").to_string();
+        let _ = Command::new("kill").args([signal, &pid]).status();
+        let status = timeout(Duration::from_secs(20), child.wait()).await;
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("read tmp")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(up, "the demo never answered blue");
+        assert_eq!(made, 1, "the demo made its state directory in TMPDIR");
+        let status = status
+            .expect("the demo did not stop within 20 s")
+            .expect("wait");
+        assert_eq!(status.code(), Some(0), "{signal}");
+        assert!(left.is_empty(), "{signal}: left behind {left:?}");
+        assert_eq!(try_get(proxy, "/api/x").await, None, "the proxy is closed");
+    }
+}
+
 /// `switchyard demo` on the given listeners with token `demo-token`.
 fn spawn_demo(
     proxy: SocketAddr,

@@ -487,3 +487,138 @@ async fn a_closed_stdout_ends_quietly_with_the_commands_own_exit_code() {
     assert_eq!(s, 200, "{v}");
     p.stop().await;
 }
+
+/// `--admin` as an operator writes it: `HOST:PORT` as `[admin] listen` says it, a trailing
+/// slash, or the full URL all reach the API; a scheme that is not http(s) or a URL with a query
+/// is a usage error (exit 2) that names the bad value, never "cannot reach ... is it running?".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_url_forms() {
+    let (p, _ups) = two_services().await;
+    let run = |admin: String, args: &'static [&'static str]| async move {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["ctl", "--timeout", "5s", "--admin", &admin])
+            .args(args)
+            .env_remove("SWITCHYARD_ADMIN_URL")
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(20), out)
+            .await
+            .expect("ctl did not finish within 20 s")
+            .expect("run ctl");
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    for admin in [
+        format!("{}", p.admin),
+        format!("{}/", p.admin),
+        format!("http://{}/", p.admin),
+        format!("localhost:{}", p.admin.port()),
+    ] {
+        let o = run(admin.clone(), &["--json", "status"]).await;
+        assert_eq!(o.code, 0, "{admin}: {o}");
+        assert_eq!(o.json()["services"][0]["name"], "api", "{admin}: {o}");
+    }
+    let o = run(p.admin.to_string(), &["pause", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    for admin in [
+        format!("ftp://{}", p.admin),
+        format!("http://{}/?x=1", p.admin),
+    ] {
+        let o = run(admin.clone(), &["resume", "api"]).await;
+        assert_eq!(o.code, 2, "{admin}: {o}");
+        assert!(o.stderr.contains("invalid admin URL"), "{admin}: {o}");
+        assert!(!o.stderr.contains("is switchyard running"), "{admin}: {o}");
+    }
+    // nothing reached the API: still paused
+    assert_eq!(p.service_status("api").await["paused"], true);
+    p.stop().await;
+}
+
+/// An admin listener with `[admin] tls_cert` is reached by `https://`: its CA from `--ca-file`
+/// (or SWITCHYARD_ADMIN_CA_FILE); a certificate the client does not trust is refused (exit 1,
+/// the handshake named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_admin_with_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    let cert = dir.path().join("admin.crt");
+    let key = dir.path().join("admin.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("write");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    let other_ca = dir.path().join("other.crt");
+    std::fs::write(&other_ca, other.cert.pem()).expect("write");
+    let up = TestUpstream::start("api-blue").await;
+    let body = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        service("api", &[up.addr], &[up.addr], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let run = |ca: std::path::PathBuf, args: &'static [&'static str]| {
+        let admin = format!("https://localhost:{}", p.admin.port());
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(["ctl", "--timeout", "5s", "--admin", &admin])
+                .args(args)
+                .env_remove("SWITCHYARD_ADMIN_URL")
+                .env("SWITCHYARD_ADMIN_CA_FILE", ca)
+                .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(20), out)
+                .await
+                .expect("ctl did not finish within 20 s")
+                .expect("run ctl");
+            Out {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+    };
+    let o = run(cert.clone(), &["--json", "status"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(o.json()["services"][0]["active"], "blue", "{o}");
+    let o = run(cert.clone(), &["pause", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    let o = run(other_ca, &["resume", "api"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("TLS handshake"), "{o}");
+    let o = run(cert, &["--json", "status"]).await;
+    assert_eq!(o.json()["services"][0]["paused"], true, "{o}");
+    p.stop().await;
+}
+
+/// `--admin` pointed at the proxy listener (8080 for 9090): the application behind it answers
+/// 200 to anything. ctl must not report a flip that never happened as done (exit 0): every
+/// command checks that the answer is the admin API's and exits 1 naming the likely mix-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_is_not_the_admin_apis_is_not_success() {
+    let (p, ups) = two_services().await;
+    for args in [
+        &["flip", "api", "green"][..],
+        &["flip-all", "green"],
+        &["pause", "web"],
+        &["status"],
+        &["events"],
+        &["release", "status"],
+        &["release", "promote"],
+    ] {
+        let o = ctl(p.proxy, Some(TOKEN), args).await;
+        assert_eq!(o.code, 1, "{args:?}: {o}");
+        assert!(o.stderr.contains("admin listener"), "{args:?}: {o}");
+    }
+    // the application did get the requests; Switchyard's state did not change
+    assert!(ups.iter().map(|u| u.hits()).sum::<usize>() > 0);
+    assert_eq!(p.service_status("api").await["generation"], 0);
+    assert_eq!(p.service_status("web").await["paused"], false);
+    p.stop().await;
+}
