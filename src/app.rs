@@ -401,6 +401,17 @@ impl App {
         Ok(Some(read))
     }
 
+    /// A read from [`App::read_etcd`], applied under the writer lock already held: each state
+    /// as the newest the watch has seen, since the read may be older than an event the watch
+    /// applied while it was on its way.
+    async fn apply_read(&self, read: HashMap<String, ServiceState>) {
+        let read = match self.store.as_etcd() {
+            Some(etcd) => etcd.newest_seen(read),
+            None => read,
+        };
+        self.apply_states(read).await;
+    }
+
     /// [`App::apply_remote`] under the writer lock already held.
     ///
     /// A state of a lower generation than this replica serves is normally an old one arriving
@@ -674,7 +685,8 @@ impl App {
     ) -> Result<FlipOutcome, ChangeError> {
         if service_of(&self.snapshot(), name)?.state.active == to {
             if let Some(read) = self.read_etcd().await? {
-                self.apply_remote(read).await;
+                let _w = self.writer.lock().await;
+                self.apply_read(read).await;
             }
         }
         for _ in 0..3 {
@@ -749,7 +761,8 @@ impl App {
             .any(|s| s.state.active == to)
         {
             if let Some(read) = self.read_etcd().await? {
-                self.apply_remote(read).await;
+                let _w = self.writer.lock().await;
+                self.apply_read(read).await;
             }
         }
         'attempt: for _ in 0..3 {
@@ -1025,7 +1038,7 @@ impl App {
         let _w = self.writer.lock().await;
         if service_of(&self.snapshot(), name)?.state.paused == paused {
             if let Some(read) = self.read_etcd().await? {
-                self.apply_states(read).await;
+                self.apply_read(read).await;
             }
         }
         let snap = self.snapshot();

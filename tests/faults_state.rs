@@ -1407,3 +1407,54 @@ async fn a_flip_whose_admin_client_goes_away_mid_write_is_still_recorded() {
     );
     a.stop().await;
 }
+
+/// The read a replica makes before answering "nothing to do" is a snapshot of one moment; a
+/// change its watch brought in while that read was on its way (a pause elsewhere, which keeps
+/// the generation) is newer, and the read must not undo it: the replica would serve an
+/// unpaused service, and its next write would carry that back to etcd for the whole fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_confirming_read_never_undoes_a_newer_change() {
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/lateread/",
+        "etcd_timeout = \"5s\"\netcd_progress_interval = \"30s\"",
+    )
+    .await;
+    // The key exists in etcd (a state never written is no key at all).
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 10).await);
+
+    // A's confirming read is answered at once by etcd but reaches A 3 s later.
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let flip = spawn_flip(a.admin, "green");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.set_mode(Mode::Pass);
+    // Meanwhile B pauses; A's watch brings it in at once.
+    let (s, v) = admin_post(b.admin, "/api/services/api/pause", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        eventually(10, || async {
+            a.service_status("api").await["paused"] == true
+        })
+        .await,
+        "A never saw the pause"
+    );
+    let answer = flip.await.expect("flip task");
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    // The late read came in after the pause: A still serves it paused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        a.service_status("api").await["paused"],
+        true,
+        "A undid the pause"
+    );
+    // And A's next write keeps the pause for the fleet.
+    assert_eq!(a.flip("api", "blue").await.0, 200);
+    assert!(converged(&[&a, &b], "blue", 2, 10).await);
+    assert_eq!(
+        b.service_status("api").await["paused"],
+        true,
+        "the pause was lost"
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -252,9 +252,13 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
             Some(h.clone())
         }
         // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host, which
-        // must still be valid (RFC 9110 7.2: a Host with an invalid value is 400).
+        // must still be valid (RFC 9110 7.2: a Host with an invalid value is 400). An empty one
+        // is valid (an empty reg-name, RFC 3986 3.2.2) and, ignored here, harmless.
         (Some(a), h) => {
-            if h.is_some_and(|h| h.to_str().ok().and_then(host_without_port).is_none()) {
+            let invalid = |h: &HeaderValue| {
+                !h.is_empty() && h.to_str().ok().and_then(host_without_port).is_none()
+            };
+            if h.is_some_and(invalid) {
                 return Err("invalid Host header\n");
             }
             HeaderValue::from_str(a.as_str()).ok()
@@ -416,6 +420,11 @@ mod tests {
         let mut r = req(Method::GET, "http://b.example/x", Version::HTTP_11);
         r.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("a.example"));
+        let host = request_host(&r).ok().flatten().map(|(v, _)| v);
+        assert_eq!(host, Some(HeaderValue::from_static("b.example")));
+        // An empty Host is valid (an empty reg-name); the target names the host.
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static(""));
         let host = request_host(&r).ok().flatten().map(|(v, _)| v);
         assert_eq!(host, Some(HeaderValue::from_static("b.example")));
         for bad in ["a b", "a:1:2", "a:99999", "[zz::1:]"] {

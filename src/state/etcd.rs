@@ -395,6 +395,25 @@ impl EtcdStore {
         Ok(states)
     }
 
+    /// `read` (from [`EtcdStore::read_current`]), each state replaced by the newest one seen for
+    /// its service. Called under the writer lock, just before applying: a watch event that came
+    /// in after etcd served the read (a pause elsewhere, which keeps the generation) is newer,
+    /// and applying the read after it would undo it here, and this replica's next write would
+    /// carry the undone state back to etcd.
+    pub fn newest_seen(
+        &self,
+        mut read: HashMap<String, ServiceState>,
+    ) -> HashMap<String, ServiceState> {
+        if let Ok(seen) = self.seen.lock() {
+            for (name, state) in read.iter_mut() {
+                if let Some(e) = seen.get(name) {
+                    *state = e.state.clone();
+                }
+            }
+        }
+        read
+    }
+
     /// (service name, state, mod_revision, write id) of a `services/<name>` key-value.
     fn parse_kv(&self, kv: &Value) -> Option<(String, ServiceState, i64, Option<String>)> {
         let key = String::from_utf8(unb64(&kv["key"])?).ok()?;
