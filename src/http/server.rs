@@ -617,8 +617,9 @@ pub enum RequestBody {
     Empty,
     /// A body that arrived whole with its head.
     Full(Option<Bytes>),
-    /// Read off the connection as it is polled.
-    Streaming(Streaming),
+    /// Read off the connection as it is polled. Boxed: every request's body is moved several
+    /// times on its way to the upstream, and most have none; inline, this variant sized them all.
+    Streaming(Box<Streaming>),
 }
 
 impl Body for RequestBody {
@@ -809,12 +810,12 @@ fn request_body(
                 (None, None)
             };
             let (tx, rx) = oneshot::channel();
-            let body = RequestBody::Streaming(Streaming {
+            let body = RequestBody::Streaming(Box::new(Streaming {
                 reader: r.take(),
                 framing,
                 back: Some(tx),
                 go_on,
-            });
+            }));
             (body, Some(rx), go_on_rx)
         }
     }
