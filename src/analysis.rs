@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::{json, Value};
@@ -38,6 +38,7 @@ use crate::config::{
     AnalysisConfig, Bound, Color, ProbeCheck, ProbeCondition, ProbeTarget, PromCheck,
     TriggerConfig, TriggerKind, VerifyCheck,
 };
+use crate::http::client::exchange_once;
 use crate::rollback::{fmt_num, External, Fire, Measured};
 use crate::routing::{Service, Snapshot};
 
@@ -519,39 +520,10 @@ async fn http_get_inner(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
-        send(TokioIo::new(stream), req).await
+        exchange_once(TokioIo::new(stream), req, MAX_BODY).await
     } else {
-        send(TokioIo::new(tcp), req).await
+        exchange_once(TokioIo::new(tcp), req, MAX_BODY).await
     }
-}
-
-async fn send<T>(
-    io: TokioIo<T>,
-    req: http::Request<Empty<Bytes>>,
-) -> Result<(http::StatusCode, Bytes), String>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let result = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?
-            .to_bytes();
-        Ok((status, body))
-    }
-    .await;
-    conn.abort();
-    result
 }
 
 // ---------------------------------------------------------------------------------------------

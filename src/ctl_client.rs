@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+
+use crate::http::client::exchange_once;
 use serde_json::{json, Value};
 
 /// The flags every `ctl` command takes.
@@ -144,39 +146,11 @@ pub(crate) async fn call(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
-        send(TokioIo::new(stream), req).await?
+        exchange_once(TokioIo::new(stream), req, usize::MAX).await?
     } else {
-        send(TokioIo::new(tcp), req).await?
+        exchange_once(TokioIo::new(tcp), req, usize::MAX).await?
     };
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
-    Ok((status, value))
-}
-
-/// One HTTP/1.1 exchange on `io`: the status and the whole body.
-async fn send<T>(io: TokioIo<T>, req: http::Request<Full<Bytes>>) -> Result<(u16, Bytes), String>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let result = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?
-            .to_bytes();
-        Ok((status, body))
-    }
-    .await;
-    conn.abort();
-    result
+    Ok((status.as_u16(), value))
 }

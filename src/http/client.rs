@@ -1497,6 +1497,43 @@ impl<B> Drop for PooledBody<B> {
     }
 }
 
+/// One HTTP/1.1 exchange on `io` (a fresh connection, closed after it) for the proxy's own
+/// calls (`ctl`, analysis probes and queries): the status and the body, read up to `limit`
+/// bytes.
+pub async fn exchange_once<T, B>(
+    io: hyper_util::rt::TokioIo<T>,
+    req: Request<B>,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    }
+    .await;
+    conn.abort();
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
