@@ -28,7 +28,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::{json, Value};
 use tokio::sync::{Notify, OnceCell};
@@ -38,7 +37,7 @@ use crate::config::{
     AnalysisConfig, Bound, Color, ProbeCheck, ProbeCondition, ProbeTarget, PromCheck,
     TriggerConfig, TriggerKind, VerifyCheck,
 };
-use crate::http::client::exchange_once;
+use crate::http::client::fetch_once;
 use crate::rollback::{fmt_num, External, Fire, Measured};
 use crate::routing::{Service, Snapshot};
 
@@ -486,12 +485,6 @@ async fn http_get_inner(
         .authority()
         .ok_or_else(|| format!("URL {uri} has no host"))?
         .clone();
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-    let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot connect to {auth}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
     let path = uri
         .path_and_query()
         .map(|p| p.as_str())
@@ -512,18 +505,12 @@ async fn http_get_inner(
     let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("bad request for {uri}: {e}"))?;
-    if https {
-        let tls = an.tls(cfg).await?;
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
-        exchange_once(TokioIo::new(stream), req, MAX_BODY).await
+    let tls = if https {
+        Some(an.tls(cfg).await?)
     } else {
-        exchange_once(TokioIo::new(tcp), req, MAX_BODY).await
-    }
+        None
+    };
+    fetch_once(&auth, tls, req, MAX_BODY).await
 }
 
 // ---------------------------------------------------------------------------------------------

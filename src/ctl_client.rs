@@ -6,9 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 
-use crate::http::client::exchange_once;
+use crate::http::client::fetch_once;
 use serde_json::{json, Value};
 
 /// The flags every `ctl` command takes.
@@ -108,8 +107,6 @@ pub(crate) async fn call(
         .authority()
         .ok_or_else(|| format!("URL {url:?} has no host"))?
         .clone();
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-    let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut req = http::Request::builder()
         .method(method)
@@ -129,27 +126,18 @@ pub(crate) async fn call(
     let req = req
         .body(Full::new(body))
         .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    let tcp = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot connect to {auth}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let (status, bytes) = if https {
+    let tls = if https {
         let ca = args.ca_file.clone();
         let tls = tokio::task::spawn_blocking(move || {
             crate::tls::client_config(ca.as_deref(), "pass --ca-file")
         })
         .await
         .map_err(|e| format!("TLS setup task failed: {e}"))??;
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
-        exchange_once(TokioIo::new(stream), req, usize::MAX).await?
+        Some(tls)
     } else {
-        exchange_once(TokioIo::new(tcp), req, usize::MAX).await?
+        None
     };
+    let (status, bytes) = fetch_once(&auth, tls, req, usize::MAX).await?;
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
     Ok((status.as_u16(), value))

@@ -1497,10 +1497,42 @@ impl<B> Drop for PooledBody<B> {
     }
 }
 
-/// One HTTP/1.1 exchange on `io` (a fresh connection, closed after it) for the proxy's own
-/// calls (`ctl`, analysis probes and queries): the status and the body, read up to `limit`
-/// bytes.
-pub async fn exchange_once<T, B>(
+/// One HTTP/1.1 exchange over a fresh connection to `auth` (TLS with `tls`, for `https`),
+/// closed after it, for the proxy's own calls (`ctl`, analysis probes and queries): the status
+/// and the body, read up to `limit` bytes.
+pub async fn fetch_once<B>(
+    auth: &http::uri::Authority,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    req: Request<B>,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), String>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let port = auth
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("cannot connect to {auth}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return exchange_once(hyper_util::rt::TokioIo::new(tcp), req, limit).await;
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake with {auth} failed: {e}"))?;
+    exchange_once(hyper_util::rt::TokioIo::new(stream), req, limit).await
+}
+
+/// One HTTP/1.1 exchange on `io`: the status and the body, read up to `limit` bytes.
+async fn exchange_once<T, B>(
     io: hyper_util::rt::TokioIo<T>,
     req: Request<B>,
     limit: usize,

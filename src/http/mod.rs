@@ -9,7 +9,8 @@
 //! - [`io`]: the adaptive reader, the vectored writer, a stream with bytes read ahead in front;
 //! - [`body`]: the idle timer bodies use between frames;
 //! - [`server`]: the client side of HTTP/1.1, calling a [`server::Handler`] per request inline;
-//! - [`client`]: the HTTP/1.1 client toward upstreams, and the one hyper-util client builder.
+//! - [`client`]: the HTTP/1.1 client toward upstreams, the one hyper-util client builder, and
+//!   the one-shot fetch of the proxy's own calls (`ctl`, analysis probes and queries).
 //!
 //! Nothing here names `crate::` outside `crate::http` (checked by `tests/layers.rs`).
 
