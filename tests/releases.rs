@@ -888,8 +888,9 @@ async fn a_plan_named_in_the_config_starts_by_name_and_an_unknown_name_is_refuse
 
 const HEALTH: &str = "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_back() {
+/// A two-phase release baking its second phase, every pool healthy until api's pre-release
+/// pool (blue) dies.
+async fn baking_phase_two_with_apis_old_pool_dead() -> Rig {
     let r = Rig::build(HEALTH, "").await;
     let healthy = eventually(10, || async {
         let api = r.p.service_status("api").await;
@@ -905,13 +906,19 @@ async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_b
         c["phase"] == 1 && c["phases"][1]["state"] == "baking"
     })
     .await;
-    // api's pre-release pool (blue) dies; then panel's trigger fires.
     r.api[0].set_health(500);
     let dead = eventually(10, || async {
         r.p.service_status("api").await["colors"]["blue"]["healthy"] == false
     })
     .await;
     assert!(dead, "api blue never went unhealthy");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_back() {
+    // api's pre-release pool (blue) dies; then panel's trigger fires.
+    let r = baking_phase_two_with_apis_old_pool_dead().await;
     r.panel[1].set_status(500);
     let traffic = drive(r.p.proxy, "/panel/x");
     let end = r.wait_end(30).await;
@@ -949,28 +956,8 @@ async fn a_dead_pre_release_pool_is_reported_and_the_other_services_still_roll_b
 /// of another service), while the flip counter counts only what went back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trigger_on_a_service_that_cannot_go_back_names_it_without_a_change() {
-    let r = Rig::build(HEALTH, "").await;
-    let healthy = eventually(10, || async {
-        let api = r.p.service_status("api").await;
-        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == true
-    })
-    .await;
-    assert!(healthy, "{}", r.p.status().await);
-    let (s, v) = r
-        .start_release(two_phases("1s", "10m", "auto", "10m"))
-        .await;
-    assert_eq!(s, 200, "{v}");
-    r.wait_current(20, "phase 2 baking", |c| {
-        c["phase"] == 1 && c["phases"][1]["state"] == "baking"
-    })
-    .await;
     // api's pre-release pool (blue) dies; then api's own trigger fires.
-    r.api[0].set_health(500);
-    let dead = eventually(10, || async {
-        r.p.service_status("api").await["colors"]["blue"]["healthy"] == false
-    })
-    .await;
-    assert!(dead, "api blue never went unhealthy");
+    let r = baking_phase_two_with_apis_old_pool_dead().await;
     r.api[1].set_status(500);
     let traffic = drive(r.p.proxy, "/api/x");
     let end = r.wait_end(30).await;
