@@ -1166,41 +1166,52 @@ for = "30"
 async fn demo_probe_trigger_fires_from_the_printed_command() {
     use tokio::io::AsyncBufReadExt;
     let port = |_| format!("127.0.0.1:{}", free_port());
-    let (proxy, admin, preview): (String, String, String) = (port(0), port(1), port(2));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "demo",
-            "--listen",
-            &proxy,
-            "--admin",
-            &admin,
-            "--preview",
-            &preview,
-        ])
-        .args(["--token", "demo-token", "--no-traffic"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn demo");
-    let admin: SocketAddr = admin.parse().expect("addr");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    // A port `free_port` found free can be taken by another test before the demo binds it (the
+    // demo then exits at startup): a fresh set of ports, at most three times.
     let mut url = None;
-    while let Ok(Ok(Some(line))) =
-        tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await
-    {
-        if line.contains("/_demo/deps?payments=down") {
-            url = line
-                .split('\'')
-                .nth(1)
-                .and_then(|u| u.strip_prefix("http://"))
-                .map(str::to_string);
+    let mut started = None;
+    for _ in 0..3 {
+        let (proxy, admin, preview): (String, String, String) = (port(0), port(1), port(2));
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "demo",
+                "--listen",
+                &proxy,
+                "--admin",
+                &admin,
+                "--preview",
+                &preview,
+            ])
+            .args(["--token", "demo-token", "--no-traffic"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn demo");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await
+        {
+            if line.contains("/_demo/deps?payments=down") {
+                url = line
+                    .split('\'')
+                    .nth(1)
+                    .and_then(|u| u.strip_prefix("http://"))
+                    .map(str::to_string);
+                break;
+            }
+        }
+        if url.is_some() {
+            let admin: SocketAddr = admin.parse().expect("addr");
+            started = Some((child, admin, lines));
             break;
         }
+        let _ = child.kill().await;
     }
+    let (mut child, admin, mut lines) = started.expect("the demo started");
     let url = url.expect("the demo prints the /_demo/deps?payments=down command");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let (host, path) = url.split_once('/').expect("host/path");
