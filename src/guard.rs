@@ -3,12 +3,13 @@
 //! HTTP/2 stream whose flow-control window stays shut, and a tunnel with no traffic for
 //! `tunnel_idle_timeout`.
 //!
-//! hyper's HTTP/2 server has none of these: a stream whose window is zero is simply never
-//! polled again, and a connection that answers PINGs lives forever. So each h2 connection gets
-//! a watchdog ([`watch`]) next to hyper's connection future: the service counts open streams
-//! in a [`ConnActivity`], and every response body reports when it was last asked for data.
-//! hyper hands each stream to [`StreamExec`], which runs it in a task of its own (on a
-//! multi-thread runtime) or in the connection's task beside hyper's connection (on a
+//! HTTP/2 (the `h2` crate, and hyper's server on the admin listener) has none of these: a
+//! stream whose window is zero is simply never polled again, and a connection that answers
+//! PINGs lives forever. So each h2 connection gets a watchdog ([`watch`]) next to the
+//! connection's future: the service counts open streams in a [`ConnActivity`], and every
+//! response body reports when it was last asked for data. The h2 server
+//! (`http::h2_server`) hands each stream to [`StreamExec`], which runs it in a task of its own
+//! (on a multi-thread runtime) or in the connection's task beside the connection (on a
 //! current-thread one), and can stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
 //! whose connection-level window is shut ([`CountWindow`] follows it), or on which no response
 //! ever moved, is closed.
@@ -40,13 +41,13 @@ fn millis(base: Instant, now: Instant) -> u64 {
 const NOT_STALLED: u64 = u64::MAX;
 
 thread_local! {
-    /// The stream whose service future hyper's HTTP/2 server has just made on this thread, for
-    /// the [`StreamExec::execute`] call that follows: hyper calls the service and hands the
-    /// stream's future to the executor in one step (`service.call(req)`, then
-    /// `execute_h2stream`), with nothing between. Set by [`ConnActivity::open_stream`].
+    /// The stream whose service future the HTTP/2 server has just made on this thread, for
+    /// the [`StreamExec::execute`] call that follows: the server calls the service and hands
+    /// the stream's future to the executor in one step, with nothing between. Set by
+    /// [`ConnActivity::open_stream`].
     static NEXT_STREAM: Cell<Option<Arc<StreamClock>>> = const { Cell::new(None) };
     /// Whether a connection's future is being polled by [`watch`] on this thread: the streams
-    /// hyper spawns meanwhile are that connection's, and [`watch`] runs them in its own task.
+    /// the server spawns meanwhile are that connection's, and [`watch`] runs them in its own task.
     static IN_WATCH: Cell<bool> = const { Cell::new(false) };
     /// The streams spawned while [`IN_WATCH`], until [`watch`] takes them (right after the
     /// poll that spawned them, on the same thread).
@@ -77,9 +78,9 @@ impl Drop for InWatch {
     }
 }
 
-/// hyper's executor for the HTTP/2 server: each stream's task can be stopped by the
+/// The HTTP/2 server's executor: each stream's task can be stopped by the
 /// connection's watchdog. A stream spawned while [`watch`] polls its connection on a
-/// current-thread runtime runs in the connection's task; any other becomes a tokio task. Stopping drops hyper's stream future, and with it the response body
+/// current-thread runtime runs in the connection's task; any other becomes a tokio task. Stopping drops the stream's future, and with it the response body
 /// (the upstream connection is closed, not pooled) and h2's last handle on the stream, so h2
 /// discards what it buffered for the stream and sends RST_STREAM (CANCEL).
 #[derive(Clone, Copy, Debug, Default)]
@@ -218,7 +219,7 @@ impl ConnActivity {
         }
     }
 
-    /// [`open`](Self::open) for an HTTP/2 stream, from the service that hyper calls right
+    /// [`open`](Self::open) for an HTTP/2 stream, from the service that the server calls right
     /// before it spawns the stream's task through [`StreamExec`]: that task is the one the
     /// watchdog stops when this stream's body stalls alone.
     pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
@@ -278,8 +279,8 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Most of a body handed to hyper at once. hyper asks for the next frame only once h2 has sent
-/// what it buffered, so each ask is progress of at most this much: a client must take this
+/// Most of a body handed to the h2 server at once. It asks for the next frame only once h2
+/// has sent what it buffered, so each ask is progress of at most this much: a client must take this
 /// much per `client_send_timeout` (273 B/s at the default) not to count as stalled, and a
 /// stalled stream holds at most this much in h2's buffer.
 const TRACKED_FRAME: usize = 16 * 1024;
@@ -614,6 +615,7 @@ pub async fn watch<C>(
     shutdown: &crate::shutdown::Shutdown,
     linger: Duration,
     graceful: impl Fn(Pin<&mut C>),
+    mut keep_alive: impl FnMut(Pin<&mut C>, Instant) -> bool,
 ) where
     C: Future,
 {
@@ -652,6 +654,10 @@ pub async fn watch<C>(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                if !keep_alive(conn.as_mut(), now) {
+                    tracing::debug!("the client did not answer a PING; closing");
+                    return;
+                }
                 match dog.check(now) {
                     Verdict::Stalled => {
                         tracing::debug!("the client stopped reading every response; closing");

@@ -1,7 +1,6 @@
 //! Listeners and lifecycle: binding, accept loops, connection limits, graceful shutdown, and the
 //! background tasks (health checks, stats ticker, rollback watcher).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,10 +11,6 @@ use std::pin::Pin;
 
 use bytes::{Bytes, BytesMut};
 use http::Request;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
 use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog};
+use crate::http::h2_server::{self, Settings as H2Settings};
 use crate::http::io::Prefixed;
 use crate::http::server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode, Proxy};
@@ -368,7 +364,7 @@ fn accept_thread(
     proxy: Arc<Proxy>,
     listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
-    h2: http2::Builder<StreamExec>,
+    h2: H2Settings,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -427,17 +423,15 @@ async fn bind_with(addr: SocketAddr, key: &str, reuseport: bool) -> anyhow::Resu
         .with_context(|| format!("{key}: cannot listen on {addr}"))
 }
 
-/// hyper serves h2 (prior knowledge on plain listeners, ALPN on TLS); HTTP/1 is ours.
-fn h2_builder(cfg: &ProxyConfig) -> http2::Builder<StreamExec> {
-    let mut b = http2::Builder::new(StreamExec);
-    b.timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(Some(50))
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
+/// h2 (prior knowledge on plain listeners, ALPN on TLS) is served by `http::h2_server`; the
+/// PING finds clients that vanished with a stream open.
+fn h2_builder(cfg: &ProxyConfig) -> H2Settings {
+    H2Settings {
+        max_concurrent_streams: cfg.h2_max_concurrent_streams,
+        max_header_list_size: cfg.max_header_bytes as u32,
+        keep_alive_interval: Some(Duration::from_secs(30)),
+        keep_alive_timeout: Duration::from_secs(20),
+    }
 }
 
 async fn serve_proxy(
@@ -447,7 +441,7 @@ async fn serve_proxy(
     mode: Mode,
     tls: Option<TlsSetup>,
     limit: Arc<Semaphore>,
-    h2: http2::Builder<StreamExec>,
+    h2: H2Settings,
 ) {
     // h2 connections get a GOAWAY at shutdown; HTTP/1 connections close once idle.
     let graceful = GracefulShutdown::new();
@@ -566,7 +560,7 @@ struct Connection {
     app: Arc<App>,
     proxy: Arc<Proxy>,
     info: Arc<ConnInfo>,
-    h2: http2::Builder<StreamExec>,
+    h2: H2Settings,
     watcher: Watcher,
     /// When the first request head must have arrived (`header_read_timeout` from the accept).
     deadline: tokio::time::Instant,
@@ -687,27 +681,32 @@ impl Connection {
             limits.h2_idle_timeout,
             Some(limits.send_timeout),
         );
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let info = info.clone();
-            // The stream's task, which hyper spawns next, can be stopped by the watchdog.
+        let svc = move |req: Request<h2_server::RequestBody>| {
+            // The stream's task, which the connection spawns next, can be stopped by the
+            // watchdog.
             let stream = activity.open_stream();
             let activity = activity.clone();
-            // Boxed once and built in place: hyper moves each stream's future into its H2Stream
-            // and tokio moves that into a task, which copied the >2 KB request future each time.
-            // Written straight into the box, not bound to a local first (that was one more copy).
+            let proxy = proxy.clone();
+            let info = info.clone();
+            // Boxed once and built in place: the stream's future moves into the executor's
+            // task, which copied the >2 KB request future each time it was not behind a pointer.
             Box::into_pin(Box::write(Box::new_uninit(), async move {
                 let req = req.map(ClientBody::H2);
                 let resp = proxy::handle(&proxy, req, &info, None).await;
-                Ok::<_, Infallible>(resp.map(|b| activity.track(b, stream)))
+                resp.map(|b| activity.track(b, stream))
             }))
-        });
+        };
         let io = SendTimeout::new(io, limits.send_timeout);
-        let io = TokioIo::new(CountWindow::new(Prefixed { read, io }, window));
-        let conn = std::pin::pin!(h2.serve_connection(io, svc));
-        crate::guard::watch(conn, dog, &shutdown.shutdown, limits.send_timeout, |c| {
-            c.graceful_shutdown()
-        })
+        let io = CountWindow::new(Prefixed { read, io }, window);
+        let conn = std::pin::pin!(h2_server::Connection::new(io, &h2, svc, StreamExec));
+        crate::guard::watch(
+            conn,
+            dog,
+            &shutdown.shutdown,
+            limits.send_timeout,
+            |c| c.graceful_shutdown(),
+            |c, now| c.keep_alive(now),
+        )
         .await;
     }
 }

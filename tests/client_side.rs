@@ -788,3 +788,71 @@ async fn an_upstreams_interim_responses_reach_http11_clients() {
     assert_eq!(body, b"ok\n");
     p.stop().await;
 }
+
+/// The same for an h2 client (RFC 9110 15.2, RFC 9113 8.1): the upstream's `103` reaches it as
+/// an interim HEADERS frame before the upstream has answered, without the hop-by-hop fields,
+/// then the response.
+#[tokio::test]
+async fn an_upstreams_interim_responses_reach_h2_clients() {
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = early_hints_upstream(go.clone()).await;
+    let p = start(up, "").await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let req = http::Request::get(format!("http://{}/one", p.proxy))
+        .body(())
+        .expect("request");
+    let (mut resp, _) = client.send_request(req, true).expect("send");
+    // The upstream sends its 200 only once the 103 has reached the client.
+    let hint = tokio::time::timeout(
+        Duration::from_secs(10),
+        std::future::poll_fn(|cx| resp.poll_informational(cx)),
+    )
+    .await
+    .expect("a 103 in time")
+    .expect("an interim response")
+    .expect("no stream error");
+    go.notify_one();
+    assert_eq!(hint.status(), 103);
+    assert_eq!(
+        hint.headers().get("link").map(|v| v.as_bytes()),
+        Some(&b"</a.css>; rel=preload"[..])
+    );
+    for hop in ["connection", "x-hop", "keep-alive", "content-length"] {
+        assert!(hint.headers().get(hop).is_none(), "{hop} in {hint:?}");
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("a response in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.expect("data"));
+    }
+    assert_eq!(got, b"ok\n");
+
+    // Forty interim heads: sixteen are passed on, then the response.
+    let req = http::Request::get(format!("http://{}/many", p.proxy))
+        .body(())
+        .expect("request");
+    let (mut resp, _) = client.send_request(req, true).expect("send");
+    let mut interim = Vec::new();
+    while let Some(r) = tokio::time::timeout(
+        Duration::from_secs(10),
+        std::future::poll_fn(|cx| resp.poll_informational(cx)),
+    )
+    .await
+    .expect("interim heads in time")
+    {
+        interim.push(r.expect("no stream error").status().as_u16());
+    }
+    assert_eq!(interim.len(), 16, "{interim:?}");
+    assert_eq!(interim[1], 102);
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200);
+    p.stop().await;
+}

@@ -97,9 +97,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     let conn = std::pin::pin!(conn);
-                    watch(conn, dog, &shutdown.shutdown, idle, |c| {
-                        c.graceful_shutdown()
-                    })
+                    watch(
+                        conn,
+                        dog,
+                        &shutdown.shutdown,
+                        idle,
+                        |c| c.graceful_shutdown(),
+                        |_, _| true,
+                    )
                     .await;
                 }
                 Some(acc) => {
@@ -108,9 +113,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                     };
                     let conn = builder.serve_connection(TokioIo::new(s), svc);
                     let conn = std::pin::pin!(conn);
-                    watch(conn, dog, &shutdown.shutdown, idle, |c| {
-                        c.graceful_shutdown()
-                    })
+                    watch(
+                        conn,
+                        dog,
+                        &shutdown.shutdown,
+                        idle,
+                        |c| c.graceful_shutdown(),
+                        |_, _| true,
+                    )
                     .await;
                 }
             }

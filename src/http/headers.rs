@@ -155,6 +155,18 @@ pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
 /// The `Date` field (RFC 9110 6.6.1) for responses that come without one, formatted at most
 /// once a second per thread.
 pub fn put_date(out: &mut BytesMut) {
+    with_date(|d| put_header(out, b"date", d));
+}
+
+/// [`put_date`]'s value for a header map (an h2 response).
+pub fn date_value() -> Option<HeaderValue> {
+    let mut v = None;
+    with_date(|d| v = HeaderValue::from_bytes(d).ok());
+    v
+}
+
+/// Calls `f` with the current IMF-fixdate, unless the clock is outside what it can express.
+fn with_date(f: impl FnOnce(&[u8; 29])) {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
@@ -180,7 +192,7 @@ pub fn put_date(out: &mut BytesMut) {
             };
             *c = (secs, fixed);
         }
-        put_header(out, b"date", &c.1);
+        f(&c.1);
     });
 }
 

@@ -1,15 +1,15 @@
-//! Interim (1xx) responses on their way from an upstream to an HTTP/1.1 client.
+//! Interim (1xx) responses on their way from an upstream to an HTTP/1.1 or HTTP/2 client.
 //!
 //! RFC 9110 15.2: a proxy forwards the 1xx responses it did not ask for (`103 Early Hints`, a
 //! `102`, a `100` an upstream sends unprompted). The upstream client reads them while it waits
-//! for the final head, deep inside the handler's future; the HTTP/1 server, which polls that
-//! future inline in the connection's task, writes them. They meet in a thread-local slot that
-//! is open only while the server polls an HTTP/1.1 request's handler ([`Open`]): the client
-//! [`offer`]s each interim head there, and the server takes them after the poll and queues them
-//! ahead of the response. Nothing is threaded through the proxy's layers, and a request that
-//! gets no 1xx pays two thread-local flag writes per poll. An exchange polled anywhere else (an
-//! h2 stream, an HTTP/1.0 request) finds the slot closed: its 1xx are skipped, as HTTP/1.0
-//! clients must get none and hyper's h2 server cannot send one.
+//! for the final head, deep inside the handler's future; the server that polls that future
+//! (the HTTP/1 server inline in the connection's task, the h2 server in the stream's future)
+//! sends them. They meet in a thread-local slot that is open only while a server polls an
+//! HTTP/1.1 request's handler or an h2 stream's ([`Open`]): the client [`offer`]s each interim
+//! head there, and the server takes them after the poll and sends them ahead of the response.
+//! Nothing is threaded through the proxy's layers, and a request that gets no 1xx pays two
+//! thread-local flag writes per poll. An exchange polled anywhere else (an HTTP/1.0 request)
+//! finds the slot closed: its 1xx are skipped, as HTTP/1.0 clients must get none.
 
 use std::cell::{Cell, RefCell};
 
@@ -25,7 +25,8 @@ thread_local! {
     static OPEN: Cell<bool> = const { Cell::new(false) };
     /// A head was offered during the poll.
     static OFFERED: Cell<bool> = const { Cell::new(false) };
-    static HEADS: RefCell<Vec<Bytes>> = const { RefCell::new(Vec::new()) };
+    /// Each head's status and its `name:value\r\n` field lines.
+    static HEADS: RefCell<Vec<(StatusCode, Bytes)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The slot, open for one poll of an HTTP/1.1 request's handler: closed when dropped
@@ -40,13 +41,20 @@ impl Open {
         Open(())
     }
 
-    /// Closes the slot and hands `take` each head offered while it was open, oldest first.
+    /// Closes the slot and hands `take` each head offered while it was open, oldest first, as
+    /// an HTTP/1.1 head.
     #[inline]
     pub fn close(self, mut take: impl FnMut(Bytes)) {
+        self.close_fields(|status, lines| take(h1_head(status, &lines)));
+    }
+
+    /// [`close`](Self::close), each head as its status and its `name:value\r\n` field lines.
+    #[inline]
+    pub fn close_fields(self, mut take: impl FnMut(StatusCode, Bytes)) {
         drop(self);
         if OFFERED.replace(false) {
-            for head in HEADS.take() {
-                take(head);
+            for (status, lines) in HEADS.take() {
+                take(status, lines);
             }
         }
     }
@@ -71,6 +79,14 @@ pub fn offer(status: StatusCode, lines: &[u8]) -> bool {
     if !OPEN.get() {
         return false;
     }
+    let lines = Bytes::copy_from_slice(lines);
+    HEADS.with_borrow_mut(|heads| heads.push((status, lines)));
+    OFFERED.set(true);
+    true
+}
+
+/// An interim head as an HTTP/1.1 client reads it.
+fn h1_head(status: StatusCode, lines: &[u8]) -> Bytes {
     let reason = status.canonical_reason().unwrap_or("");
     let mut head = BytesMut::with_capacity(16 + reason.len() + lines.len());
     head.put_slice(b"HTTP/1.1 ");
@@ -80,9 +96,7 @@ pub fn offer(status: StatusCode, lines: &[u8]) -> bool {
     head.put_slice(b"\r\n");
     head.put_slice(lines);
     head.put_slice(b"\r\n");
-    HEADS.with_borrow_mut(|heads| heads.push(head.freeze()));
-    OFFERED.set(true);
-    true
+    head.freeze()
 }
 
 #[cfg(test)]

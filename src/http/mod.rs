@@ -9,6 +9,8 @@
 //! - [`io`]: the adaptive reader, the vectored writer, a stream with bytes read ahead in front;
 //! - [`body`]: the idle timer bodies use between frames;
 //! - [`server`]: the client side of HTTP/1.1, calling a [`server::Handler`] per request inline;
+//! - [`h2_server`]: the client side of HTTP/2, the `h2` crate driven directly, each stream
+//!   handed to an executor as one future;
 //! - [`client`]: the HTTP/1.1 client toward upstreams, the one hyper-util client builder, and
 //!   the one-shot fetch of the proxy's own calls (`ctl`, analysis probes and queries).
 //!
@@ -18,6 +20,7 @@ pub mod body;
 pub mod client;
 pub mod codec;
 pub mod fields;
+pub mod h2_server;
 pub mod headers;
 pub mod interim;
 pub mod io;

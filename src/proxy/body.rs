@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::http::body::IdleTimer;
+use crate::http::h2_server;
 use crate::http::server;
 use crate::http::BoxError;
 
@@ -20,7 +20,7 @@ pub enum ClientBody {
     /// From the HTTP/1.1 server: none, whole, or read off the connection as it is polled.
     H1(server::RequestBody),
     /// An h2 stream's body.
-    H2(Incoming),
+    H2(h2_server::RequestBody),
 }
 
 impl From<server::RequestBody> for ClientBody {

@@ -1,0 +1,583 @@
+//! The client side of HTTP/2: the `h2` crate driven directly, each stream handed to an executor
+//! as one small future.
+//!
+//! Why not hyper's h2 server (kept for the admin listener): per stream it builds a request
+//! around its own body type, wraps the service's future in a state machine that moves the
+//! response through it, scans the response for connection-specific fields that `h2` checks
+//! again, looks `Date` and `Content-Length` up again, and records every frame for a keep-alive
+//! timer (`BENCHMARKS.md`, "h2, second pass": 4.6k instructions per request of hyper around
+//! `h2`'s own work). Here a stream is [`Stream`]: the handler's future, then the response body
+//! piped into `h2` as hyper's pipe does (one frame at a time, asked for only once `h2` has room),
+//! and the keep-alive PING is sent from a timer the caller already runs ([`Connection::keep_alive`]).
+//!
+//! What stays hyper's behaviour: the same SETTINGS (1 MiB windows, 16 KiB frames, a 400 KiB send
+//! buffer per stream), a `Date` on responses that come without one, `Content-Length` from a
+//! body of known length, RST_STREAM (INTERNAL_ERROR) when a response body fails, a stream's work
+//! dropped when the client resets it. CONNECT (RFC 9113 8.5) is the handler's to refuse; the
+//! extended CONNECT protocol is not offered.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::{Connection as H2Connection, Handshake, SendResponse};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+/// What every h2 connection of a listener allows and promises.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE: a larger request head is refused (431 by `h2`).
+    pub max_header_list_size: u32,
+    /// How often a PING goes out to find a client that vanished (None: never).
+    pub keep_alive_interval: Option<Duration>,
+    /// How long a PING may wait for its answer before the connection is dropped.
+    pub keep_alive_timeout: Duration,
+}
+
+impl Settings {
+    fn builder(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW)
+            .max_frame_size(16 * 1024)
+            .max_send_buffer_size(400 * 1024)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size)
+            // A client that resets streams as fast as it opens them (CVE-2023-44487) or makes
+            // the server reset them gets a GOAWAY.
+            .max_pending_accept_reset_streams(50)
+            .max_local_error_reset_streams(Some(256));
+        b
+    }
+}
+
+/// Stream and connection receive windows (hyper's defaults): a 1 MiB upload goes in one
+/// round trip.
+const WINDOW: u32 = 1024 * 1024;
+
+/// One client connection: accepts its streams and hands each to `exec` as a [`Stream`] of the
+/// future `service` made for it. Completes when the connection is closed.
+pub struct Connection<T, S, E> {
+    state: State<T>,
+    service: S,
+    exec: E,
+    /// A graceful shutdown asked for before the handshake ended.
+    close_pending: bool,
+    keep_alive: Option<KeepAlive>,
+}
+
+enum State<T> {
+    Handshaking(Handshake<T, Bytes>),
+    Serving(H2Connection<T, Bytes>),
+}
+
+/// The PING that finds a client that stopped answering while its connection looks open.
+struct KeepAlive {
+    interval: Duration,
+    timeout: Duration,
+    ping: Option<PingPong>,
+    /// When the next PING goes out, or when the one sent must have been answered.
+    due: Instant,
+    waiting: bool,
+}
+
+impl<T, S, E, F, B> Connection<T, S, E>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: FnMut(Request<RequestBody>) -> F + Unpin,
+    F: Future<Output = Response<B>> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Display,
+    E: hyper::rt::Executor<Stream<F, B>> + Unpin,
+{
+    /// `io` positioned at the client's connection preface.
+    pub fn new(io: T, settings: &Settings, service: S, exec: E) -> Self {
+        Connection {
+            state: State::Handshaking(settings.builder().handshake(io)),
+            service,
+            exec,
+            close_pending: false,
+            keep_alive: settings.keep_alive_interval.map(|interval| KeepAlive {
+                interval,
+                timeout: settings.keep_alive_timeout,
+                ping: None,
+                due: Instant::now() + interval,
+                waiting: false,
+            }),
+        }
+    }
+
+    /// GOAWAY: no new stream is accepted, the open ones finish, then the connection closes.
+    pub fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        match &mut this.state {
+            State::Handshaking(_) => this.close_pending = true,
+            State::Serving(conn) => conn.graceful_shutdown(),
+        }
+    }
+
+    /// Sends a PING once `keep_alive_interval` has passed since the last answer; false once a
+    /// PING has gone `keep_alive_timeout` without one (the client is gone: drop the
+    /// connection). Called from the caller's own periodic timer, so that no frame or request
+    /// pays for a timer of its own.
+    pub fn keep_alive(self: Pin<&mut Self>, now: Instant) -> bool {
+        let this = self.get_mut();
+        let Some(k) = &mut this.keep_alive else {
+            return true;
+        };
+        let Some(ping) = &mut k.ping else {
+            return true;
+        };
+        if k.waiting {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match ping.poll_pong(&mut cx) {
+                Poll::Ready(Ok(_)) => {
+                    k.waiting = false;
+                    k.due = now + k.interval;
+                }
+                // The connection failed: its own poll ends it.
+                Poll::Ready(Err(_)) => return true,
+                Poll::Pending => return now < k.due,
+            }
+        }
+        if now >= k.due && ping.send_ping(Ping::opaque()).is_ok() {
+            k.waiting = true;
+            k.due = now + k.timeout;
+        }
+        true
+    }
+}
+
+impl<T, S, E, F, B> Future for Connection<T, S, E>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: FnMut(Request<RequestBody>) -> F + Unpin,
+    F: Future<Output = Response<B>> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Display,
+    E: hyper::rt::Executor<Stream<F, B>> + Unpin,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            let conn = match &mut this.state {
+                State::Handshaking(hs) => match ready!(Pin::new(hs).poll(cx)) {
+                    Ok(mut conn) => {
+                        if this.close_pending {
+                            conn.graceful_shutdown();
+                        }
+                        if let Some(k) = &mut this.keep_alive {
+                            k.ping = conn.ping_pong();
+                        }
+                        this.state = State::Serving(conn);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "h2 handshake failed");
+                        return Poll::Ready(());
+                    }
+                },
+                State::Serving(conn) => conn,
+            };
+            return match ready!(conn.poll_accept(cx)) {
+                Some(Ok((req, reply))) => {
+                    let mut req = req.map(RequestBody::new);
+                    declare_length(&mut req);
+                    let handled = (this.service)(req);
+                    this.exec.execute(Stream {
+                        reply,
+                        state: StreamState::Waiting(handled),
+                    });
+                    continue;
+                }
+                // h2 has sent its GOAWAY (a protocol error) or the transport failed.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "h2 connection ended");
+                    Poll::Ready(())
+                }
+                None => Poll::Ready(()),
+            };
+        }
+    }
+}
+
+/// One stream: the handler's future, then its response body piped into `h2`.
+pub struct Stream<F, B> {
+    reply: SendResponse<Bytes>,
+    state: StreamState<F, B>,
+}
+
+enum StreamState<F, B> {
+    Waiting(F),
+    Sending(B, SendStream<Bytes>),
+}
+
+impl<F, B> Future for Stream<F, B>
+where
+    F: Future<Output = Response<B>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Display,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let (body, tx) = match &mut this.state {
+            StreamState::Waiting(handled) => {
+                // 1xx the upstream sent go out ahead of the response (RFC 9110 15.2).
+                let open = super::interim::Open::new();
+                let polled = Pin::new(handled).poll(cx);
+                let reply = &mut this.reply;
+                open.close_fields(|status, lines| send_interim(reply, status, &lines));
+                let Poll::Ready(resp) = polled else {
+                    // A client that resets the stream drops the work done for it.
+                    if this.reply.poll_reset(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                };
+                let (parts, body) = resp.into_parts();
+                let mut head = Response::from_parts(parts, ());
+                if let header::Entry::Vacant(v) = head.headers_mut().entry(header::DATE) {
+                    if let Some(date) = super::headers::date_value() {
+                        v.insert(date);
+                    }
+                }
+                let end = body.is_end_stream();
+                if !end {
+                    if let Some(n) = body.size_hint().exact() {
+                        head.headers_mut()
+                            .entry(header::CONTENT_LENGTH)
+                            .or_insert_with(|| HeaderValue::from(n));
+                    }
+                }
+                match this.reply.send_response(head, end) {
+                    Ok(_) if end => return Poll::Ready(()),
+                    Ok(tx) => {
+                        this.state = StreamState::Sending(body, tx);
+                        match &mut this.state {
+                            StreamState::Sending(body, tx) => (body, tx),
+                            StreamState::Waiting(_) => return Poll::Ready(()),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "h2 response refused");
+                        this.reply.send_reset(Reason::INTERNAL_ERROR);
+                        return Poll::Ready(());
+                    }
+                }
+            }
+            StreamState::Sending(body, tx) => (body, tx),
+        };
+        pipe(body, tx, cx)
+    }
+}
+
+/// An interim response whose fields are `name:value\r\n` lines (names lowercase). One `h2`
+/// refuses (a connection-specific field) is skipped.
+fn send_interim(reply: &mut SendResponse<Bytes>, status: StatusCode, lines: &[u8]) {
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    for line in lines.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let value = line[colon + 1..].trim_ascii();
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(value),
+        ) {
+            head.headers_mut().append(name, value);
+        }
+    }
+    if let Err(e) = reply.send_informational(head) {
+        tracing::debug!(error = %e, status = status.as_u16(), "interim response not sent");
+    }
+}
+
+/// A response body into `h2`, as hyper's pipe: the next frame is asked for only once `h2` has
+/// room for more of the stream (so a client that stops reading holds at most one frame here),
+/// and a stream the client reset stops at once.
+fn pipe<B>(body: &mut B, tx: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<()>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Display,
+{
+    loop {
+        tx.reserve_capacity(1);
+        if tx.capacity() == 0 {
+            loop {
+                match ready!(tx.poll_capacity(cx)) {
+                    Some(Ok(0)) => {}
+                    Some(Ok(_)) => break,
+                    // Reset by the client, or the connection is gone.
+                    Some(Err(_)) | None => return Poll::Ready(()),
+                }
+            }
+        } else if tx.poll_reset(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if tx.send_data(data, end).is_err() || end {
+                        return Poll::Ready(());
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        tx.reserve_capacity(0);
+                        let _ = tx.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "response body failed; resetting the stream");
+                tx.send_reset(Reason::INTERNAL_ERROR);
+                return Poll::Ready(());
+            }
+            None => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
+/// A request's body as the client sends it on its stream. Read data is handed back to the
+/// client's windows at once (the upstream's pace is the backpressure).
+pub struct RequestBody {
+    recv: RecvStream,
+    /// What `Content-Length` says is still to come.
+    remaining: Option<u64>,
+    data_done: bool,
+}
+
+impl RequestBody {
+    fn new(recv: RecvStream) -> RequestBody {
+        RequestBody {
+            recv,
+            remaining: None,
+            data_done: false,
+        }
+    }
+}
+
+/// Reads the declared length of a request whose stream is still open (`h2` has checked that it
+/// parses and will reset the stream if the data does not match it).
+fn declare_length(req: &mut Request<RequestBody>) {
+    if req.body().recv.is_end_stream() {
+        return;
+    }
+    let n = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    req.body_mut().remaining = n;
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(n) = &mut this.remaining {
+                        *n = n.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // The client stopped sending without failing the request (RFC 9113 8.1).
+                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.recv.is_end_stream() {
+            return SizeHint::with_exact(0);
+        }
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Runs each stream as a tokio task.
+    #[derive(Clone, Copy)]
+    struct Spawn;
+
+    impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Spawn {
+        fn execute(&self, fut: F) {
+            tokio::spawn(fut);
+        }
+    }
+
+    fn settings(interval: Duration, timeout: Duration) -> Settings {
+        Settings {
+            max_concurrent_streams: 100,
+            max_header_list_size: 16 * 1024,
+            keep_alive_interval: Some(interval),
+            keep_alive_timeout: timeout,
+        }
+    }
+
+    type Handled = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+
+    fn answer(calls: Arc<AtomicUsize>) -> impl FnMut(Request<RequestBody>) -> Handled + Unpin {
+        move |req: Request<RequestBody>| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move {
+                let n = req.body().size_hint().exact();
+                let mut body = req.into_body();
+                let mut got = 0;
+                while let Some(Ok(f)) =
+                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    got += f.data_ref().map_or(0, |d| d.len());
+                }
+                Response::new(Full::new(Bytes::from(format!("{n:?} {got}"))))
+            }) as Handled
+        }
+    }
+
+    /// A client that answers PINGs keeps its connection through several intervals; one that
+    /// has gone silent (its preface sent, then nothing read or written) is given up once a
+    /// PING has waited `keep_alive_timeout`.
+    #[tokio::test]
+    async fn a_client_that_stops_answering_pings_is_given_up() {
+        let (interval, timeout) = (Duration::from_millis(50), Duration::from_secs(1));
+        let calls = Arc::new(AtomicUsize::new(0));
+
+        // A live client: its connection task answers PINGs.
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let conn = Connection::new(
+            server_io,
+            &settings(interval, timeout),
+            answer(calls.clone()),
+            Spawn,
+        );
+        let mut conn = Box::pin(conn);
+        let (client, client_conn) = h2::client::handshake(client_io).await.expect("handshake");
+        tokio::spawn(client_conn);
+        let mut client = client;
+        let started = Instant::now();
+        let mut served = false;
+        while started.elapsed() < Duration::from_millis(2500) {
+            tokio::select! {
+                () = conn.as_mut() => panic!("the connection ended"),
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            assert!(
+                conn.as_mut().keep_alive(Instant::now()),
+                "a client that answers was given up"
+            );
+            if !served {
+                let req = Request::post("http://a/").body(()).expect("request");
+                let (resp, mut tx) = client.send_request(req, false).expect("send");
+                tx.send_data(Bytes::from_static(b"12345"), true)
+                    .expect("data");
+                let resp = tokio::select! {
+                    () = conn.as_mut() => panic!("the connection ended"),
+                    r = resp => r.expect("response"),
+                };
+                let mut body = resp.into_body();
+                let got = tokio::select! {
+                    () = conn.as_mut() => panic!("the connection ended"),
+                    d = body.data() => d.expect("data").expect("data"),
+                };
+                // No Content-Length was sent: the body's length is unknown, all of it arrives.
+                assert_eq!(&got[..], b"None 5");
+                served = true;
+            }
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        // A silent client: the preface and an empty SETTINGS, then nothing.
+        let (server_io, mut client_io) = tokio::io::duplex(64 * 1024);
+        client_io
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .expect("preface");
+        let conn = Connection::new(
+            server_io,
+            &settings(interval, timeout),
+            answer(calls.clone()),
+            Spawn,
+        );
+        let mut conn = Box::pin(conn);
+        let started = Instant::now();
+        let given_up = loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a silent client was never given up"
+            );
+            tokio::select! {
+                () = conn.as_mut() => panic!("the connection ended"),
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            if !conn.as_mut().keep_alive(Instant::now()) {
+                break started.elapsed();
+            }
+        };
+        // Not before one interval and one timeout.
+        assert!(given_up >= interval + timeout, "{given_up:?}");
+        // The server did send its PING (after its SETTINGS and the SETTINGS ack).
+        let mut seen = vec![0u8; 4096];
+        let n = client_io.read(&mut seen).await.expect("read");
+        let mut at = 0;
+        let mut kinds = Vec::new();
+        while at + 9 <= n {
+            let len = usize::from(seen[at]) << 16
+                | usize::from(seen[at + 1]) << 8
+                | usize::from(seen[at + 2]);
+            kinds.push(seen[at + 3]);
+            at += 9 + len;
+        }
+        assert!(kinds.contains(&6), "no PING frame in {kinds:?}");
+    }
+}
