@@ -210,7 +210,9 @@ pub struct Releases {
     pub(crate) op: tokio::sync::Mutex<()>,
     pub(crate) wake: tokio::sync::Notify,
     pub(crate) metrics: ReleaseMetrics,
-    /// The running release for the state backend's directory ([`resume`]), written by a task.
+    /// The running release, to the task that stores it (`crate::release::resume`), on every
+    /// change of the record: the file backend's writer stores the whole record then
+    /// ([`persisted`]), etcd's the running release.
     pub(crate) persist: std::sync::OnceLock<tokio::sync::watch::Sender<Option<Value>>>,
     /// With the etcd backend: what this replica knows of the release key.
     pub(crate) shared: Shared,
@@ -291,6 +293,25 @@ impl Releases {
         Some(out)
     }
 
+    /// Adds ended releases read back from the state backend (after a restart, or written by
+    /// another replica) to `recent`: one entry per id (the one already here stays), newest end
+    /// first, at most [`RECENT`]. Nothing is written back: they came from there.
+    pub(crate) fn restore_recent(&self, ended: impl IntoIterator<Item = Release>) {
+        let mut inner = self.lock();
+        for r in ended {
+            if r.live() || inner.recent.iter().any(|x| x.id == r.id) {
+                continue;
+            }
+            inner.recent.push_back(r);
+        }
+        // RFC 3339 UTC with milliseconds (`now_rfc3339`): the strings order as the times do.
+        inner
+            .recent
+            .make_contiguous()
+            .sort_by(|a, b| b.ended_at.cmp(&a.ended_at));
+        inner.recent.truncate(RECENT);
+    }
+
     /// Ends the running release `id` with `result`; it moves to `recent`.
     pub(crate) fn end(&self, id: &str, result: &'static str, reason: String) -> bool {
         let mut inner = self.lock();
@@ -330,6 +351,17 @@ impl Releases {
         self.publish(&inner);
         true
     }
+}
+
+/// What the file backend keeps beside the state file (`<state>.release.json`): the running
+/// release, to resume it, and the ended ones, so that `recent` survives a restart. A file
+/// written before `recent` was kept has only `current`; it reads as no ended release.
+pub(crate) fn persisted(releases: &Releases) -> Value {
+    let inner = releases.lock();
+    json!({
+        "current": inner.current.as_ref().map(Release::stored),
+        "recent": inner.recent.iter().map(Release::stored).collect::<Vec<_>>(),
+    })
 }
 
 pub(crate) const PHASE_STATES: [&str; 5] =
@@ -421,8 +453,8 @@ impl Release {
             phase: v["phase"].as_u64()? as usize,
             phases,
             started_at: opt_str(&v["started_at"]).unwrap_or_default(),
-            ended_at: None,
-            reason: None,
+            ended_at: opt_str(&v["ended_at"]),
+            reason: opt_str(&v["reason"]),
             validate: Duration::from_millis(v["validate_ms"].as_u64()?),
             validate_ends_at: opt_str(&v["validate_ends_at"]),
             validate_deadline: None,

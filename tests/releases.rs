@@ -620,6 +620,80 @@ async fn a_restart_mid_bake_resumes_with_the_time_already_spent() {
     r.p.stop().await;
 }
 
+/// The ended releases survive a restart: `recent` lists them again, newest first, with the
+/// same fields; a release ended after the restart keeps them; a file from before `recent` was
+/// kept (only `current`) still loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_releases_are_listed_again_after_a_restart() {
+    let r = Rig::start().await;
+    let (s, v) = r.start_release(two_phases("1s", "1s", "auto", "1s")).await;
+    assert_eq!(s, 200, "{v}");
+    let first = r.wait_end(30).await;
+    assert_eq!(first["state"], "complete", "{first}");
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let second = r.wait_end(20).await;
+    assert_eq!(second["state"], "aborted", "{second}");
+    let before = r.releases().await["recent"].clone();
+    assert_eq!(before.as_array().map(Vec::len), Some(2), "{before}");
+    assert_eq!(before[1], first);
+
+    let r = r.restart(Duration::ZERO).await;
+    let after = r.releases().await;
+    assert!(after["current"].is_null(), "{after}");
+    assert_eq!(
+        after["recent"], before,
+        "the same releases, fields and order"
+    );
+
+    // A release that ends after the restart is added in front of them, and all are kept.
+    let (s, v) = r.start_release(two_phases("1s", "1s", "auto", "1s")).await;
+    assert_eq!(s, 200, "{v}");
+    let third = r.wait_end(30).await;
+    assert_eq!(third["state"], "complete", "{third}");
+    let r = r.restart(Duration::ZERO).await;
+    let recent = r.releases().await["recent"].clone();
+    assert_eq!(recent.as_array().map(Vec::len), Some(3), "{recent}");
+    assert_eq!(recent[0]["id"], third["id"], "{recent}");
+    assert_eq!(recent[1], before[0]);
+    assert_eq!(recent[2], before[1]);
+
+    // `ctl release status` shows the last one after a restart too.
+    let (code, out, err) = ctl(r.p.admin, &["release", "status"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(third["id"].as_str().unwrap_or("?")), "{out}");
+
+    // The file as versions without `recent` wrote it: it loads, with no ended release.
+    let Rig {
+        api,
+        panel,
+        p,
+        body,
+    } = r;
+    let dir = p.stop().await;
+    std::fs::write(
+        dir.path().join("state.release.json"),
+        "{\n  \"current\": null\n}",
+    )
+    .expect("write the old form");
+    let r = Rig {
+        api,
+        panel,
+        p: TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await,
+        body,
+    };
+    assert_eq!(r.releases().await["recent"], json!([]));
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_removes_a_service_aborts_the_release() {
     let r = Rig::start().await;

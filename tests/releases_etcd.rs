@@ -437,3 +437,101 @@ async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
     a.stop().await;
     b.stop().await;
 }
+
+/// An ended release as every replica must list it: its fields and what they say, but the end
+/// times (the replica that ended it keeps its own clock's, the others etcd's, a few ms apart).
+fn ended_view(r: &Value) -> Value {
+    let mut r = r.clone();
+    let mut keys: Vec<String> = r
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    assert!(r["ended_at"].is_string(), "{r}");
+    r["ended_at"] = Value::Null;
+    for p in r["phases"].as_array_mut().into_iter().flatten() {
+        p["ended_at"] = Value::Null;
+    }
+    json!({ "keys": keys, "release": r })
+}
+
+/// The ended releases are shared through etcd: a replica started after they ended (or one
+/// restarted) lists all of them, newest first, not only the last one the release key holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_releases_are_listed_on_a_replica_started_after_they_ended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-history/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let first = start_release(&a, two_phases("1s", "1s", "1s")).await["release"]["id"].clone();
+    let done = eventually(30, || async {
+        releases(&a).await["recent"][0]["id"] == first
+    })
+    .await;
+    assert!(done, "{}", releases(&a).await);
+    let second = start_release(&a, two_phases("1s", "10m", "10m")).await["release"]["id"].clone();
+    wait_phase(&a, 1, "baking").await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let ended = eventually(20, || async { releases(&a).await["current"].is_null() }).await;
+    let on_a = releases(&a).await["recent"].clone();
+    assert!(ended, "{on_a}");
+    let ids = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&on_a), vec![second.clone(), first.clone()], "{on_a}");
+    assert_eq!(on_a[0]["state"], "aborted", "{on_a}");
+    assert_eq!(on_a[1]["state"], "complete", "{on_a}");
+    let want: Vec<Value> = on_a
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(ended_view)
+        .collect();
+
+    // A replica that was not running when they ended.
+    let b = TestProxy::start(&rig.body).await;
+    let listed = eventually(20, || async {
+        ids(&releases(&b).await["recent"]).len() == 2
+    })
+    .await;
+    let on_b = releases(&b).await;
+    assert!(listed, "{on_b}");
+    assert!(on_b["current"].is_null(), "{on_b}");
+    let got: Vec<Value> = on_b["recent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(ended_view)
+        .collect();
+    assert_eq!(got, want);
+
+    // The replica that ran them, restarted on its own state directory.
+    let state_dir = a.stop().await;
+    let a = TestProxy::start_with(&rig.body, Some(TOKEN), Some(state_dir)).await;
+    let listed = eventually(20, || async {
+        ids(&releases(&a).await["recent"]).len() == 2
+    })
+    .await;
+    let again = releases(&a).await["recent"].clone();
+    assert!(listed, "{again}");
+    let got: Vec<Value> = again
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(ended_view)
+        .collect();
+    assert_eq!(got, want);
+    a.stop().await;
+    b.stop().await;
+}

@@ -1004,10 +1004,11 @@ async fn give_up(app: &Arc<App>, id: &str, reason: String) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Durability: the running release beside the state, resumed after a restart
+// Durability: the running release and the ended ones beside the state, read back after a restart
 // ---------------------------------------------------------------------------------------------
 
-/// Where the running release is kept: beside the state file (or etcd's local cache).
+/// Where the running release and the last [`RECENT`] ended ones are kept: beside the state file
+/// (with etcd, in etcd instead).
 pub fn stored_path(app: &App) -> Option<std::path::PathBuf> {
     app.store
         .local_path()
@@ -1023,8 +1024,9 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// At startup: resumes the release that was running when the process stopped (a bake resumes
-/// with the time already spent counted), then keeps the stored copy current.
+/// At startup: lists the ended releases stored beside the state again, resumes the release that
+/// was running when the process stopped (a bake resumes with the time already spent counted),
+/// then keeps the stored copy current.
 pub async fn resume(app: &Arc<App>) {
     if let Some(etcd) = store::etcd(app) {
         // Shared through etcd: followed, driven, taken over there (src/release_store.rs).
@@ -1044,6 +1046,7 @@ pub async fn resume(app: &Arc<App>) {
     }
     let shutdown = app.shutdown.child_token();
     let wpath = path.clone();
+    let app2 = app.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -1051,18 +1054,27 @@ pub async fn resume(app: &Arc<App>) {
                 r = rx.changed() => if r.is_err() { return },
                 _ = shutdown.cancelled() => return,
             }
-            let current = rx.borrow_and_update().clone();
+            rx.borrow_and_update();
+            // The whole record as it is now: the ended releases too.
+            let record = crate::release_record::persisted(&app2.releases);
             let path = wpath.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                write_atomic(&path, &json!({ "current": current }))
-            })
-            .await;
+            let written = tokio::task::spawn_blocking(move || write_atomic(&path, &record)).await;
             if let Ok(Err(e)) = written {
-                tracing::warn!(error = %e, "cannot store the running release; a restart would not resume it");
+                tracing::warn!(error = %e, "cannot store the releases; a restart would not resume the running one nor list the ended ones");
             }
         }
     });
     let Some(v) = stored else { return };
+    // Before the running release is adopted: its first write must carry them along.
+    let recent = v["recent"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let readable: Vec<Release> = recent.iter().filter_map(Release::from_stored).collect();
+    if readable.len() < recent.len() {
+        tracing::warn!(path = %path.display(), unreadable = recent.len() - readable.len(), "some ended releases stored beside the state are unreadable; they are not listed");
+    }
+    app.releases.restore_recent(readable);
     if v["current"].is_null() {
         return;
     }

@@ -70,12 +70,26 @@ async fn cas(app: &App, store: &EtcdStore, value: Value) -> ReleaseCas {
     cas_id(app, store, value, &new_write_id()).await
 }
 
-async fn cas_id(app: &App, store: &EtcdStore, mut value: Value, write_id: &str) -> ReleaseCas {
+async fn cas_id(app: &App, store: &EtcdStore, value: Value, write_id: &str) -> ReleaseCas {
+    cas_ending(app, store, value, write_id, None).await
+}
+
+/// [`cas_id`] that, with `ended`, also adds that ended release to the history in etcd (the
+/// same transaction: [`EtcdStore::cas_release_ending`]).
+async fn cas_ending(
+    app: &App,
+    store: &EtcdStore,
+    mut value: Value,
+    write_id: &str,
+    ended: Option<(&str, &Value)>,
+) -> ReleaseCas {
     if let Some(o) = value.as_object_mut() {
         o.insert("write_id".to_string(), json!(write_id));
     }
     let expected = app.releases.shared.seen().rev;
-    let out = store.cas_release(expected, &value, write_id).await;
+    let out = store
+        .cas_release_ending(expected, &value, write_id, ended)
+        .await;
     let shared = &app.releases.shared;
     match &out {
         ReleaseCas::Applied(rev) => {
@@ -173,12 +187,18 @@ fn apply(app: &App, read: &ReleaseRead) {
     rels.publish(&inner);
 }
 
+/// The release as it ended (what etcd stores): phase states and end times as
+/// `Releases::end` sets them locally.
 fn ended_copy(cur: &Release, result: &'static str, reason: &str) -> Release {
     let mut e = cur.clone();
+    let now = crate::events::now_rfc3339();
     e.state = result;
     e.reason = Some(reason.to_string());
-    e.ended_at = Some(crate::events::now_rfc3339());
+    e.ended_at = Some(now.clone());
     for p in &mut e.phases {
+        if matches!(p.state, "baking" | "waiting") {
+            p.ended_at = Some(now.clone());
+        }
         if matches!(p.state, "baking" | "waiting") || (result != "complete" && p.state == "passed")
         {
             p.state = if result == "complete" {
@@ -309,13 +329,16 @@ pub(super) async fn end(
         let write_id = new_write_id();
         let expected = shared.seen().rev;
         let value = record(&ended, false, driver.as_deref(), "");
-        match cas_id(app, store, value, &write_id).await {
+        let history = ended.stored();
+        match cas_ending(app, store, value, &write_id, Some((id, &history))).await {
             ReleaseCas::Applied(_) => {
                 shared.seen().driving = None;
+                prune_history(app);
                 return Ok(Ended::Won(Box::new(cur)));
             }
             ReleaseCas::Replaced { now, .. } => {
                 shared.seen().driving = None;
+                prune_history(app);
                 apply(app, &now);
                 // Ended by this replica; but when a newer release started since, its services
                 // are that release's now: they are left as it set them.
@@ -338,6 +361,38 @@ pub(super) async fn end(
     Err(ChangeError::Unavailable(
         "the release record in etcd kept changing under this change; retry".to_string(),
     ))
+}
+
+/// Keeps the history in etcd to the last [`super::RECENT`] (after an end this replica stored);
+/// in the background, as a failure only leaves an older entry for the next end to delete.
+fn prune_history(app: &App) {
+    let Some(store) = etcd(app) else { return };
+    tokio::spawn(async move {
+        if let Err(e) = store.prune_release_history(super::RECENT).await {
+            tracing::debug!(error = %e, "cannot prune the release history in etcd");
+        }
+    });
+}
+
+/// Reads the history of ended releases from etcd into `recent`; false when etcd did not answer.
+async fn load_history(app: &App, store: &EtcdStore) -> bool {
+    match store.release_history(super::RECENT).await {
+        Ok(values) => {
+            let ended: Vec<Release> = values.iter().filter_map(Release::from_stored).collect();
+            if ended.len() < values.len() {
+                tracing::warn!(
+                    unreadable = values.len() - ended.len(),
+                    "some ended releases in etcd are unreadable; they are not listed"
+                );
+            }
+            app.releases.restore_recent(ended);
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the release history from etcd");
+            false
+        }
+    }
 }
 
 /// After a phase's flip: whether this replica still drives the live release `id` (a fresh read
@@ -515,14 +570,25 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             }
         });
     }
+    // The ended releases: read at start, and again after every end seen here (two ends between
+    // two reads of the key would otherwise show only the last one).
+    let mut history_read = false;
     loop {
         match store.read_release().await {
             Ok(read) => {
                 if read.mod_revision != app.releases.shared.seen().rev {
                     apply(&app, &read);
+                    let ended = read.value.as_ref().is_some_and(|v| {
+                        !v["release"].is_null()
+                            && !live_state(v["release"]["state"].as_str().unwrap_or(""))
+                    });
+                    history_read &= !ended;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "cannot read the release from etcd"),
+        }
+        if !history_read {
+            history_read = load_history(&app, &store).await;
         }
         let (driving, wrote_at, changed_at, live) = {
             let s = app.releases.shared.seen();

@@ -1578,8 +1578,8 @@ mod tests {
 
 // ---------------------------------------------------------------------------------------------
 // The running release (crate::release_store): one key, `<prefix>release`, written only by a
-// compare-and-swap on its mod_revision. Appended here (not mixed into the state code above) so
-// that it moves with this file unchanged.
+// compare-and-swap on its mod_revision; the ended ones under `<prefix>release_history/`.
+// Appended here (not mixed into the state code above) so that it moves with this file unchanged.
 // ---------------------------------------------------------------------------------------------
 
 /// The release key as read: its JSON value and mod_revision (0: the key does not exist).
@@ -1606,6 +1606,58 @@ pub enum ReleaseCas {
 impl EtcdStore {
     fn release_key(&self) -> String {
         format!("{}release", self.prefix)
+    }
+
+    fn history_prefix(&self) -> String {
+        format!("{}release_history/", self.prefix)
+    }
+
+    /// The newest `limit` ended releases of the history, newest end first (the order their ends
+    /// were stored in), as stored; unreadable values are skipped.
+    pub async fn release_history(&self, limit: usize) -> Result<Vec<Value>, StateError> {
+        let prefix = self.history_prefix();
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({
+                    "key": b64(&prefix), "range_end": prefix_end(&prefix),
+                    "limit": limit.to_string(), "sort_order": "DESCEND", "sort_target": "CREATE",
+                }),
+            )
+            .await?;
+        Ok(v["kvs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|kv| serde_json::from_slice(&unb64(&kv["value"])?).ok())
+            .collect())
+    }
+
+    /// Deletes all but the newest `keep` entries of the release history (in one transaction).
+    pub async fn prune_release_history(&self, keep: usize) -> Result<(), StateError> {
+        let prefix = self.history_prefix();
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({
+                    "key": b64(&prefix), "range_end": prefix_end(&prefix), "keys_only": true,
+                    "sort_order": "DESCEND", "sort_target": "CREATE",
+                }),
+            )
+            .await?;
+        let deletes: Vec<Value> = v["kvs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .skip(keep)
+            .filter_map(|kv| kv["key"].as_str())
+            .map(|k| json!({ "request_delete_range": { "key": k } }))
+            .collect();
+        if !deletes.is_empty() {
+            self.call("/v3/kv/txn", &json!({ "success": deletes }))
+                .await?;
+        }
+        Ok(())
     }
 
     fn release_read_of(kvs: &Value) -> ReleaseRead {
@@ -1636,11 +1688,33 @@ impl EtcdStore {
     /// fenced by rewriting the same value under the same compare, so our write can never land
     /// later. Unknown only when etcd answers none of that.
     pub async fn cas_release(&self, expected: i64, value: &Value, write_id: &str) -> ReleaseCas {
+        self.cas_release_ending(expected, value, write_id, None)
+            .await
+    }
+
+    /// [`Self::cas_release`] that, when `ended` is `(id, record)`, also stores `record` in the
+    /// release history (`<prefix>release_history/<id>`) in the same transaction: the history
+    /// holds an ended release exactly when the end of it was stored. A fence never touches it.
+    pub async fn cas_release_ending(
+        &self,
+        expected: i64,
+        value: &Value,
+        write_id: &str,
+        ended: Option<(&str, &Value)>,
+    ) -> ReleaseCas {
         let key = b64(&self.release_key());
         let compare = json!([{ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": expected.to_string() }]);
+        let mut success =
+            vec![json!({ "request_put": { "key": key, "value": b64(&value.to_string()) } })];
+        if let Some((id, record)) = ended {
+            success.push(json!({ "request_put": {
+                "key": b64(&format!("{}{id}", self.history_prefix())),
+                "value": b64(&record.to_string()),
+            } }));
+        }
         let txn = json!({
             "compare": compare,
-            "success": [{ "request_put": { "key": key, "value": b64(&value.to_string()) } }],
+            "success": success,
             "failure": [{ "request_range": { "key": key } }],
         });
         let lost = |v: &Value| {
