@@ -120,6 +120,12 @@ fn init_logging(format: LogFormat) {
     // a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    // Startup failures of `serve` are logged under their own target, kept at any RUST_LOG
+    // (`off` included): exiting 1 without saying why is never what was asked for.
+    let filter = match format!("{STARTUP}=info").parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -127,6 +133,51 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// The tracing target of `serve`'s startup reports (see [`Startup`]).
+const STARTUP: &str = "switchyard::startup";
+
+/// How `serve` reports what stops it from starting: with `--log-format json` as JSON log lines
+/// (a log pipeline that parses every line must not meet plain text), with `text` as plain
+/// lines on stderr, unchanged.
+#[derive(Clone, Copy)]
+struct Startup(LogFormat);
+
+impl Startup {
+    /// A failure, `error: ...` in text.
+    fn error(self, text: &str) {
+        match self.0 {
+            LogFormat::Text => errln!("error: {text}"),
+            LogFormat::Json => tracing::error!(target: STARTUP, error = %text, "cannot start"),
+        }
+    }
+
+    /// Something done on the way that an operator must know (not a failure).
+    fn note(self, text: &str) {
+        match self.0 {
+            LogFormat::Text => errln!("{text}"),
+            LogFormat::Json => tracing::warn!(target: STARTUP, "{text}"),
+        }
+    }
+
+    /// Every problem of a config file, each with its key: one line per problem.
+    fn config_errors(self, path: &std::path::Path, errs: &config::ConfigErrors) {
+        match self.0 {
+            LogFormat::Text => print_errors(path, errs),
+            LogFormat::Json => {
+                for e in &errs.0 {
+                    tracing::error!(
+                        target: STARTUP,
+                        config = %path.display(),
+                        key = (!e.key.is_empty()).then_some(e.key.as_str()),
+                        error = %e,
+                        "invalid configuration"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -231,27 +282,28 @@ fn serve(
     upgrade: bool,
     log_format: LogFormat,
 ) -> ExitCode {
+    let report = Startup(log_format);
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(errs) => {
-            print_errors(path, &errs);
+            report.config_errors(path, &errs);
             return ExitCode::FAILURE;
         }
     };
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
         match switchyard::move_state_aside(&cfg.state.path) {
-            Ok(Some(aside)) => errln!(
+            Ok(Some(aside)) => report.note(&format!(
                 "--reset-state: moved {} to {}",
                 cfg.state.path.display(),
                 aside.display()
-            ),
+            )),
             Ok(None) => {}
             Err(e) => {
-                errln!(
+                report.error(&format!(
                     "--reset-state: cannot move {} aside: {e}",
                     cfg.state.path.display()
-                );
+                ));
                 return ExitCode::FAILURE;
             }
         }
@@ -262,7 +314,7 @@ fn serve(
         match switchyard::request_upgrade(&cfg.proxy.upgrade_socket) {
             Ok(i) => i,
             Err(e) => {
-                errln!("error: --upgrade: {e:#}");
+                report.error(&format!("--upgrade: {e:#}"));
                 return ExitCode::FAILURE;
             }
         }
@@ -284,7 +336,7 @@ fn serve(
     let rt = match runtime(main_workers) {
         Ok(rt) => rt,
         Err(e) => {
-            errln!("error: cannot start the runtime: {e}");
+            report.error(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -306,7 +358,7 @@ fn serve(
         {
             Ok(r) => r,
             Err(e) => {
-                errln!("error: {e:#}");
+                report.error(&format!("{e:#}"));
                 return ExitCode::FAILURE;
             }
         };

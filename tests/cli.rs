@@ -323,6 +323,116 @@ fn serve_names_the_tls_key_that_failed() {
     }
 }
 
+/// `serve --log-format json` says why it cannot start in JSON lines shaped like its other log
+/// lines (`timestamp`, `level`, `fields`, `target`): every config problem with its key, a
+/// listener it cannot bind, even with `RUST_LOG=off`; exit 1 all the same. Text stays text.
+#[test]
+fn serve_reports_startup_errors_as_json_lines_with_log_format_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\ncolour = \"blue\"\n[admin]\nlisten = \"nope\"\n\
+         [[services]]\nname = \"api\"\nblue = { upstreams = [\"x:y\"] }\n\
+         green = { upstreams = [\"127.0.0.1:3011\"] }\n",
+    );
+    let keys = [
+        "proxy.colour",
+        "admin.listen",
+        "services[0].blue.upstreams[0]",
+    ];
+    // Every stderr line a JSON object of the tracing shape; the ERROR ones returned.
+    let json_lines = |out: &Output| -> Vec<serde_json::Value> {
+        let (stdout, stderr) = text(out);
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        assert!(!stderr.trim().is_empty(), "nothing said");
+        let mut errors = Vec::new();
+        for line in stderr.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}\n{stderr}"));
+            for k in ["timestamp", "level", "fields", "target"] {
+                assert!(v.get(k).is_some(), "no {k} in {line}");
+            }
+            assert!(v["fields"]["message"].is_string(), "{line}");
+            if v["level"] == "ERROR" {
+                errors.push(v);
+            }
+        }
+        errors
+    };
+    for rust_log in ["warn", "off"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["--log-format", "json", "serve", "--config", &bad])
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run switchyard");
+        let errors = json_lines(&out);
+        for key in keys {
+            let e = errors
+                .iter()
+                .find(|e| e["fields"]["key"] == key)
+                .unwrap_or_else(|| panic!("RUST_LOG={rust_log}: no error for {key}: {errors:?}"));
+            let error = e["fields"]["error"].as_str().unwrap_or_default();
+            assert!(error.starts_with(&format!("{key}: ")), "{e}");
+            assert!(e["fields"]["config"].as_str() == Some(bad.as_str()), "{e}");
+        }
+    }
+    let missing = dir.path().join("nope.toml").display().to_string();
+    let out = switchyard(&["--log-format", "json", "serve", "--config", &missing]);
+    let errors = json_lines(&out);
+    assert!(
+        errors.iter().any(|e| e["fields"]["error"]
+            .as_str()
+            .is_some_and(|t| t.contains("cannot read config file"))),
+        "{errors:?}"
+    );
+
+    // A taken port: the bind failure with its key.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &format!(
+            "[proxy]\nlisten = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
+            taken.local_addr().expect("addr"),
+            dir.path().join("state.json").display()
+        ),
+    );
+    let out = switchyard(&["--log-format", "json", "serve", "--config", &good]);
+    let errors = json_lines(&out);
+    assert!(
+        errors.iter().any(|e| e["fields"]["error"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("proxy.listen: cannot listen on"))),
+        "{errors:?}"
+    );
+
+    // Text as before: a header, then every problem with its key.
+    let out = switchyard(&["serve", "--config", &bad]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{bad}: 3 problems:\n")),
+        "{stderr}"
+    );
+    for key in keys {
+        assert!(
+            stderr.contains(&format!("\n  {key}: ")),
+            "no {key}: {stderr}"
+        );
+    }
+    let out = switchyard(&["serve", "--config", &good]);
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains("error: proxy.listen: cannot listen on"),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
 #[test]
 fn usage_errors_exit_2() {
     for args in [
