@@ -1,4 +1,4 @@
-//! The `switchyard` binary: serve, check, demo, ctl.
+//! The `switchyard` binary: serve, check, demo, ctl, healthcheck.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,7 +48,11 @@ enum LogFormat {
 enum Cmd {
     /// Run the proxy.
     Serve {
-        #[arg(long, default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
         /// Move an unreadable state file aside and start from the config's colors.
         #[arg(long)]
@@ -60,7 +64,11 @@ enum Cmd {
     },
     /// Validate a config file and print a summary, or every error with its key.
     Check {
-        #[arg(long, default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
         /// Validate this release plan (TOML) instead, against the config's services when
         /// --config is given.
@@ -71,6 +79,10 @@ enum Cmd {
     Demo(switchyard::DemoArgs),
     /// The admin API from a terminal.
     Ctl(switchyard::Ctl),
+    /// Exit 0 when the Switchyard running with this config answers on its admin listener's
+    /// /healthz (address, scheme and certificate from the config), else 1: a container health
+    /// check.
+    Healthcheck(switchyard::HealthcheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +115,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Healthcheck(args) => healthcheck(&args),
         Cmd::Ctl(args) => match runtime(Some(1)) {
             Ok(rt) => exit(rt.block_on(switchyard::run_ctl(args))),
             Err(e) => {
@@ -248,10 +261,56 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `healthcheck`: one probe of the admin listener the config describes, bounded by `--timeout`
+/// (a health check that hangs is no answer); a line on stdout when healthy, on stderr when not.
+fn healthcheck(args: &switchyard::HealthcheckArgs) -> ExitCode {
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_errors(&args.config, &errs);
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = match switchyard::HealthcheckTarget::from_config(&cfg.admin) {
+        Ok(t) => t,
+        Err(e) => {
+            errln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match runtime(Some(1)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            errln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async { tokio::time::timeout(args.timeout, target.probe()).await });
+    match result {
+        Ok(Ok(())) => {
+            outln!("ok: {}", target.url);
+            exit(0)
+        }
+        Ok(Err(e)) => {
+            errln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            errln!(
+                "unhealthy: no answer from {} within {}",
+                target.url,
+                humantime::format_duration(args.timeout)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `check --release FILE [--config FILE]`: the plan's problems, each with its key. The config
 /// is read only when given explicitly or present at the default path.
 fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitCode {
-    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="))
+        || std::env::var_os("SWITCHYARD_CONFIG").is_some_and(|v| !v.is_empty());
     let cfg = if explicit || config_path.exists() {
         match config::load(config_path) {
             Ok(c) => Some(c),
