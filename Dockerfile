@@ -39,11 +39,17 @@ WORKDIR /var/lib/switchyard
 # it behind a ClusterIP Service (deploy/kubernetes). Mutating calls always need the bearer token.
 # The proxy listener comes from the config (0.0.0.0:8080); any listener can be changed with
 # SWITCHYARD__PROXY__LISTEN, SWITCHYARD__PROXY__PREVIEW_LISTEN, SWITCHYARD__ADMIN__LISTEN.
-ENV SWITCHYARD__STATE__PATH=/var/lib/switchyard/switchyard.json \
+# SWITCHYARD_CONFIG is the config file of `serve` (CMD) and of `healthcheck` (HEALTHCHECK) alike:
+# to run another file, set it rather than passing `serve --config`, so that both read the same.
+ENV SWITCHYARD_CONFIG=/etc/switchyard/switchyard.toml \
+    SWITCHYARD__STATE__PATH=/var/lib/switchyard/switchyard.json \
     SWITCHYARD__ADMIN__LISTEN=0.0.0.0:9090
 VOLUME ["/etc/switchyard", "/var/lib/switchyard"]
 EXPOSE 8080 8081 9090
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=10s --timeout=2s CMD ["switchyard", "ctl", "--admin", "http://127.0.0.1:9090", "status", "--json"]
+# GET /healthz on the admin listener where the config and the environment put it (its port,
+# https with [admin] tls_cert), exit 0 or 1 within 3 s: a config with another admin port or TLS
+# does not leave the container unhealthy.
+HEALTHCHECK --interval=10s --timeout=5s CMD ["switchyard", "healthcheck"]
 ENTRYPOINT ["switchyard"]
-CMD ["serve", "--config", "/etc/switchyard/switchyard.toml"]
+CMD ["serve"]

@@ -3,7 +3,9 @@
 //! 400 from validation), and every request head the HTTP/1 server refused before routing (400,
 //! 414, 431, …, see [`crate::http::server`]), as nginx logs its 400s: for those `service`, `color`
 //! and `upstream` are null (`-` in combined), `method` and `path` are taken from the request line
-//! as it was received (null when there is none) and the combined format shows that line as sent.
+//! as it was received (null when there is none) and the combined format shows that line as sent;
+//! their Referer, User-Agent and client `X-Request-Id` come from the field lines of the refused
+//! head that could be read ([`crate::http::server::Refused::field`]).
 //!
 //! The request path only fills an [`Entry`] (a few reference-count increments and one
 //! allocation) and hands it to a bounded channel with `try_send` (the writer drains it in
@@ -218,14 +220,23 @@ impl AccessLog {
     }
 
     /// The entry for a request head the HTTP/1 server refused (`line`: its request line as
-    /// received, when there is one), answered with `status`.
+    /// received, when there is one), answered with `status`; `field` reads the fields of the
+    /// refused head that could be parsed (Referer and User-Agent, for combined).
     pub fn refused_entry(
         &self,
         client: IpAddr,
         line: Option<Bytes>,
         status: u16,
         request_id: HeaderValue,
+        field: impl Fn(&HeaderName) -> Option<HeaderValue>,
     ) -> Box<Entry> {
+        let (referer, user_agent) = match self.format {
+            AccessFormat::Combined => (
+                field(&http::header::REFERER),
+                field(&http::header::USER_AGENT),
+            ),
+            AccessFormat::Json => (None, None),
+        };
         Box::new(Entry {
             time: SystemTime::now(),
             start: Instant::now(),
@@ -241,8 +252,8 @@ impl AccessLog {
             color: None,
             upstream: None,
             request_id,
-            referer: None,
-            user_agent: None,
+            referer,
+            user_agent,
         })
     }
 

@@ -30,6 +30,7 @@ mod dns_watch;
 mod events;
 mod guard;
 mod health;
+mod healthcheck;
 mod http;
 mod metrics;
 mod notify;
@@ -63,6 +64,7 @@ pub use resolve::{check_warnings as name_warnings, has_names, resolve as resolve
 // The `demo` and `ctl` subcommands.
 pub use ctl::{run as run_ctl, Ctl};
 pub use demo::{run as run_demo, DemoArgs};
+pub use healthcheck::{HealthcheckArgs, Target as HealthcheckTarget};
 // Types the end-to-end tests inspect through `App`.
 pub use upstream::Upstream;
 // What benches/ and fuzz/ drive directly: the HTTP/1 head parser, header rewriting, the routing

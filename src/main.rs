@@ -1,4 +1,4 @@
-//! The `switchyard` binary: serve, check, demo, ctl.
+//! The `switchyard` binary: serve, check, demo, ctl, healthcheck.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,7 +48,11 @@ enum LogFormat {
 enum Cmd {
     /// Run the proxy.
     Serve {
-        #[arg(long, default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
         /// Move an unreadable state file aside and start from the config's colors.
         #[arg(long)]
@@ -60,7 +64,11 @@ enum Cmd {
     },
     /// Validate a config file and print a summary, or every error with its key.
     Check {
-        #[arg(long, default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
         /// Validate this release plan (TOML) instead, against the config's services when
         /// --config is given.
@@ -71,6 +79,10 @@ enum Cmd {
     Demo(switchyard::DemoArgs),
     /// The admin API from a terminal.
     Ctl(switchyard::Ctl),
+    /// Exit 0 when the Switchyard running with this config answers on its admin listener's
+    /// /healthz (address, scheme and certificate from the config), else 1: a container health
+    /// check.
+    Healthcheck(switchyard::HealthcheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +115,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Healthcheck(args) => healthcheck(&args),
         Cmd::Ctl(args) => match runtime(Some(1)) {
             Ok(rt) => exit(rt.block_on(switchyard::run_ctl(args))),
             Err(e) => {
@@ -120,6 +133,12 @@ fn init_logging(format: LogFormat) {
     // a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    // Startup failures of `serve` are logged under their own target, kept at any RUST_LOG
+    // (`off` included): exiting 1 without saying why is never what was asked for.
+    let filter = match format!("{STARTUP}=info").parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -127,6 +146,51 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// The tracing target of `serve`'s startup reports (see [`Startup`]).
+const STARTUP: &str = "switchyard::startup";
+
+/// How `serve` reports what stops it from starting: with `--log-format json` as JSON log lines
+/// (a log pipeline that parses every line must not meet plain text), with `text` as plain
+/// lines on stderr, unchanged.
+#[derive(Clone, Copy)]
+struct Startup(LogFormat);
+
+impl Startup {
+    /// A failure, `error: ...` in text.
+    fn error(self, text: &str) {
+        match self.0 {
+            LogFormat::Text => errln!("error: {text}"),
+            LogFormat::Json => tracing::error!(target: STARTUP, error = %text, "cannot start"),
+        }
+    }
+
+    /// Something done on the way that an operator must know (not a failure).
+    fn note(self, text: &str) {
+        match self.0 {
+            LogFormat::Text => errln!("{text}"),
+            LogFormat::Json => tracing::warn!(target: STARTUP, "{text}"),
+        }
+    }
+
+    /// Every problem of a config file, each with its key: one line per problem.
+    fn config_errors(self, path: &std::path::Path, errs: &config::ConfigErrors) {
+        match self.0 {
+            LogFormat::Text => print_errors(path, errs),
+            LogFormat::Json => {
+                for e in &errs.0 {
+                    tracing::error!(
+                        target: STARTUP,
+                        config = %path.display(),
+                        key = (!e.key.is_empty()).then_some(e.key.as_str()),
+                        error = %e,
+                        "invalid configuration"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -197,10 +261,56 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `healthcheck`: one probe of the admin listener the config describes, bounded by `--timeout`
+/// (a health check that hangs is no answer); a line on stdout when healthy, on stderr when not.
+fn healthcheck(args: &switchyard::HealthcheckArgs) -> ExitCode {
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_errors(&args.config, &errs);
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = match switchyard::HealthcheckTarget::from_config(&cfg.admin) {
+        Ok(t) => t,
+        Err(e) => {
+            errln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match runtime(Some(1)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            errln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async { tokio::time::timeout(args.timeout, target.probe()).await });
+    match result {
+        Ok(Ok(())) => {
+            outln!("ok: {}", target.url);
+            exit(0)
+        }
+        Ok(Err(e)) => {
+            errln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            errln!(
+                "unhealthy: no answer from {} within {}",
+                target.url,
+                humantime::format_duration(args.timeout)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `check --release FILE [--config FILE]`: the plan's problems, each with its key. The config
 /// is read only when given explicitly or present at the default path.
 fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitCode {
-    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="))
+        || std::env::var_os("SWITCHYARD_CONFIG").is_some_and(|v| !v.is_empty());
     let cfg = if explicit || config_path.exists() {
         match config::load(config_path) {
             Ok(c) => Some(c),
@@ -231,27 +341,28 @@ fn serve(
     upgrade: bool,
     log_format: LogFormat,
 ) -> ExitCode {
+    let report = Startup(log_format);
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(errs) => {
-            print_errors(path, &errs);
+            report.config_errors(path, &errs);
             return ExitCode::FAILURE;
         }
     };
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
         match switchyard::move_state_aside(&cfg.state.path) {
-            Ok(Some(aside)) => errln!(
+            Ok(Some(aside)) => report.note(&format!(
                 "--reset-state: moved {} to {}",
                 cfg.state.path.display(),
                 aside.display()
-            ),
+            )),
             Ok(None) => {}
             Err(e) => {
-                errln!(
+                report.error(&format!(
                     "--reset-state: cannot move {} aside: {e}",
                     cfg.state.path.display()
-                );
+                ));
                 return ExitCode::FAILURE;
             }
         }
@@ -262,7 +373,7 @@ fn serve(
         match switchyard::request_upgrade(&cfg.proxy.upgrade_socket) {
             Ok(i) => i,
             Err(e) => {
-                errln!("error: --upgrade: {e:#}");
+                report.error(&format!("--upgrade: {e:#}"));
                 return ExitCode::FAILURE;
             }
         }
@@ -284,7 +395,7 @@ fn serve(
     let rt = match runtime(main_workers) {
         Ok(rt) => rt,
         Err(e) => {
-            errln!("error: cannot start the runtime: {e}");
+            report.error(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -306,7 +417,7 @@ fn serve(
         {
             Ok(r) => r,
             Err(e) => {
-                errln!("error: {e:#}");
+                report.error(&format!("{e:#}"));
                 return ExitCode::FAILURE;
             }
         };

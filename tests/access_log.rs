@@ -617,6 +617,85 @@ async fn combined_format_logs_refused_requests() {
     p.stop().await;
 }
 
+/// A refused head's Referer and User-Agent are logged in combined, as for any request, when the
+/// head carried them in field lines that could be read (before the first that could not); `-`
+/// when it did not. A client's usable `X-Request-Id` is kept and answered, as for any request.
+#[tokio::test]
+async fn combined_format_logs_the_referer_and_user_agent_of_refused_requests() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = log_config(
+        &log,
+        "combined",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    // (what is sent, the status, the "referer|ua" the line must have, the client's id if kept)
+    let cases: Vec<(Vec<u8>, u16, &str, Option<&str>)> = vec![
+        // Parsed, then refused for its framing.
+        (
+            b"GET /te HTTP/1.1\r\nHost: a\r\nUser-Agent: curl/8.5.0\r\nReferer: http://r/p?q=1\r\n\
+              X-Request-Id: client-1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+                .to_vec(),
+            400,
+            "http://r/p?q=1|curl/8.5.0",
+            Some("client-1"),
+        ),
+        // Refused by httparse at a bad field line: the fields before it are known, not after.
+        (
+            b"GET /bad HTTP/1.1\r\nUser-Agent: ua/1\r\nBad Field: x\r\nReferer: http://late/\r\n\r\n"
+                .to_vec(),
+            400,
+            "-|ua/1",
+            None,
+        ),
+        // A bare LF line end.
+        (
+            b"GET /lf HTTP/1.1\nHost: a\r\nReferer: http://r/\r\nUser-Agent: ua \"q\"\r\n\r\n".to_vec(),
+            400,
+            "http://r/|ua \\x22q\\x22",
+            None,
+        ),
+        // Too many fields: 431.
+        (
+            format!("GET /many HTTP/1.1\r\nUser-Agent: many/1\r\n{many}\r\n").into_bytes(),
+            431,
+            "-|many/1",
+            None,
+        ),
+        // Neither field: `-` for both.
+        (
+            b"GET /none HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n".to_vec(),
+            400,
+            "-|-",
+            None,
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (data, status, _, client_id) in &cases {
+        let a = raw(p.proxy, data).await;
+        assert_eq!(a.0, *status, "{}", String::from_utf8_lossy(&data[..20]));
+        if let Some(id) = client_id {
+            assert_eq!(a.1, *id, "the client's request id is answered");
+        }
+        answers.push(a);
+    }
+    let got = wait_lines(&log, cases.len()).await;
+    for (i, ((_, _, refua, _), (_, id, _))) in cases.iter().zip(&answers).enumerate() {
+        let line = got
+            .iter()
+            .find(|l| l.ends_with(&format!("request_id={id}")))
+            .unwrap_or_else(|| panic!("case {i}: no line with request_id {id}: {got:?}"));
+        let (_, _, got_refua, _, _, _, _) =
+            parse_combined(line).unwrap_or_else(|| panic!("not combined: {line}"));
+        assert_eq!(got_refua, *refua, "case {i}: {line}");
+    }
+    p.stop().await;
+}
+
 /// h2 requests (prior knowledge) are logged as HTTP/1 ones are, with their request id returned
 /// and sent upstream.
 #[tokio::test]

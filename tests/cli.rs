@@ -323,6 +323,116 @@ fn serve_names_the_tls_key_that_failed() {
     }
 }
 
+/// `serve --log-format json` says why it cannot start in JSON lines shaped like its other log
+/// lines (`timestamp`, `level`, `fields`, `target`): every config problem with its key, a
+/// listener it cannot bind, even with `RUST_LOG=off`; exit 1 all the same. Text stays text.
+#[test]
+fn serve_reports_startup_errors_as_json_lines_with_log_format_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\ncolour = \"blue\"\n[admin]\nlisten = \"nope\"\n\
+         [[services]]\nname = \"api\"\nblue = { upstreams = [\"x:y\"] }\n\
+         green = { upstreams = [\"127.0.0.1:3011\"] }\n",
+    );
+    let keys = [
+        "proxy.colour",
+        "admin.listen",
+        "services[0].blue.upstreams[0]",
+    ];
+    // Every stderr line a JSON object of the tracing shape; the ERROR ones returned.
+    let json_lines = |out: &Output| -> Vec<serde_json::Value> {
+        let (stdout, stderr) = text(out);
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        assert!(!stderr.trim().is_empty(), "nothing said");
+        let mut errors = Vec::new();
+        for line in stderr.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}\n{stderr}"));
+            for k in ["timestamp", "level", "fields", "target"] {
+                assert!(v.get(k).is_some(), "no {k} in {line}");
+            }
+            assert!(v["fields"]["message"].is_string(), "{line}");
+            if v["level"] == "ERROR" {
+                errors.push(v);
+            }
+        }
+        errors
+    };
+    for rust_log in ["warn", "off"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["--log-format", "json", "serve", "--config", &bad])
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run switchyard");
+        let errors = json_lines(&out);
+        for key in keys {
+            let e = errors
+                .iter()
+                .find(|e| e["fields"]["key"] == key)
+                .unwrap_or_else(|| panic!("RUST_LOG={rust_log}: no error for {key}: {errors:?}"));
+            let error = e["fields"]["error"].as_str().unwrap_or_default();
+            assert!(error.starts_with(&format!("{key}: ")), "{e}");
+            assert!(e["fields"]["config"].as_str() == Some(bad.as_str()), "{e}");
+        }
+    }
+    let missing = dir.path().join("nope.toml").display().to_string();
+    let out = switchyard(&["--log-format", "json", "serve", "--config", &missing]);
+    let errors = json_lines(&out);
+    assert!(
+        errors.iter().any(|e| e["fields"]["error"]
+            .as_str()
+            .is_some_and(|t| t.contains("cannot read config file"))),
+        "{errors:?}"
+    );
+
+    // A taken port: the bind failure with its key.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &format!(
+            "[proxy]\nlisten = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
+            taken.local_addr().expect("addr"),
+            dir.path().join("state.json").display()
+        ),
+    );
+    let out = switchyard(&["--log-format", "json", "serve", "--config", &good]);
+    let errors = json_lines(&out);
+    assert!(
+        errors.iter().any(|e| e["fields"]["error"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("proxy.listen: cannot listen on"))),
+        "{errors:?}"
+    );
+
+    // Text as before: a header, then every problem with its key.
+    let out = switchyard(&["serve", "--config", &bad]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{bad}: 3 problems:\n")),
+        "{stderr}"
+    );
+    for key in keys {
+        assert!(
+            stderr.contains(&format!("\n  {key}: ")),
+            "no {key}: {stderr}"
+        );
+    }
+    let out = switchyard(&["serve", "--config", &good]);
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains("error: proxy.listen: cannot listen on"),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
 #[test]
 fn usage_errors_exit_2() {
     for args in [
@@ -550,4 +660,208 @@ async fn demo_walkthrough_rolls_back_a_failing_green() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// From the Dockerfile: the HEALTHCHECK command and the CMD (the arguments of the
+/// `switchyard` entrypoint), both in exec form, and the SWITCHYARD_CONFIG it sets.
+fn dockerfile() -> (Vec<String>, Vec<String>, String) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
+        .expect("Dockerfile");
+    let exec = |prefix: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in the Dockerfile"));
+        let json = &line[line
+            .find("CMD [")
+            .unwrap_or_else(|| panic!("exec form: {line}"))
+            + 4..];
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    let config = text
+        .split("SWITCHYARD_CONFIG=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("ENV SWITCHYARD_CONFIG in the Dockerfile")
+        .to_string();
+    (exec("HEALTHCHECK "), exec("CMD "), config)
+}
+
+/// The binary run as a Dockerfile argument list says (`switchyard` first), with `env`, under a
+/// bound of its own: (exit code, stdout, stderr).
+async fn run_image_command(args: &[String], env: &[(&str, &str)]) -> (i32, String, String) {
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("switchyard"),
+        "{args:?}"
+    );
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(&args[1..])
+        .kill_on_drop(true)
+        .env("RUST_LOG", "warn");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SWITCHYARD") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let out = timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("no exit within 30 s")
+        .expect("run switchyard");
+    let (stdout, stderr) = text(&out);
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// The image's HEALTHCHECK follows the config the image's CMD serves (both from
+/// SWITCHYARD_CONFIG and the SWITCHYARD__* overrides): an admin listener on a port other than
+/// 9090 and one over https (a certificate naming neither the IP nor localhost) are healthy; a
+/// wildcard admin address is probed on loopback; another certificate than the configured one,
+/// a stopped server and a listener that never answers are not, each within its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_healthcheck_follows_the_admin_port_and_tls_of_the_config() {
+    let (health, serve, image_config) = dockerfile();
+    assert_eq!(
+        serve.first().map(String::as_str),
+        Some("serve"),
+        "{serve:?}"
+    );
+    assert!(
+        image_config.starts_with("/etc/switchyard/"),
+        "{image_config}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["admin.example.com".to_string()]).expect("rcgen");
+    let cert = write(dir.path(), "admin.crt", &ck.cert.pem());
+    let key = write(dir.path(), "admin.key", &ck.key_pair.serialize_pem());
+    let other =
+        rcgen::generate_simple_self_signed(vec!["admin.example.com".to_string()]).expect("rcgen");
+    let other_cert = write(dir.path(), "other.crt", &other.cert.pem());
+    let up = TestUpstream::start("blue").await;
+
+    for tls in [false, true] {
+        let admin_port = free_port();
+        let admin_tls = if tls {
+            format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n")
+        } else {
+            String::new()
+        };
+        let config = write(
+            dir.path(),
+            &format!("switchyard-{tls}.toml"),
+            &format!(
+                "[proxy]\nlisten = \"127.0.0.1:{}\"\nshutdown_grace = \"1s\"\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin_tls}\
+                 [state]\npath = \"{}\"\n{}",
+                free_port(),
+                dir.path().join(format!("state-{tls}.json")).display(),
+                service("api", &[up.addr], &[up.addr], "")
+            ),
+        );
+        let env = [("SWITCHYARD_CONFIG", config.as_str())];
+        let log = dir.path().join(format!("serve-{tls}.log"));
+        let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        server
+            .args(&serve)
+            .env("RUST_LOG", "warn")
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .kill_on_drop(true);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SWITCHYARD__") {
+                server.env_remove(k);
+            }
+        }
+        let mut server = server.spawn().expect("spawn serve");
+        let mut last = (0, String::new(), String::new());
+        let mut healthy = false;
+        for _ in 0..100 {
+            last = run_image_command(&health, &env).await;
+            if last.0 == 0 {
+                healthy = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            healthy,
+            "tls={tls}: never healthy: {last:?}\nserve: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let scheme = if tls { "https" } else { "http" };
+        assert!(
+            last.1
+                .contains(&format!("{scheme}://127.0.0.1:{admin_port}/healthz")),
+            "{last:?}"
+        );
+
+        // The image listens on 0.0.0.0: probed on loopback.
+        let wildcard = format!("0.0.0.0:{admin_port}");
+        let o = run_image_command(
+            &health,
+            &[
+                ("SWITCHYARD_CONFIG", &config),
+                ("SWITCHYARD__ADMIN__LISTEN", &wildcard),
+            ],
+        )
+        .await;
+        assert_eq!(o.0, 0, "tls={tls}: {o:?}");
+        if tls {
+            let o = run_image_command(
+                &health,
+                &[
+                    ("SWITCHYARD_CONFIG", &config),
+                    ("SWITCHYARD__ADMIN__TLS_CERT", &other_cert),
+                ],
+            )
+            .await;
+            assert_eq!(o.0, 1, "another certificate passed: {o:?}");
+            assert!(o.2.contains("certificate"), "{o:?}");
+        }
+
+        server.start_kill().expect("kill");
+        let _ = timeout(Duration::from_secs(10), server.wait()).await;
+        let started = tokio::time::Instant::now();
+        let o = run_image_command(&health, &env).await;
+        assert_eq!(o.0, 1, "tls={tls}: a stopped server is healthy: {o:?}");
+        assert!(o.2.contains("unhealthy"), "{o:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    // A listener that takes the connection and never answers: bounded by --timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let config = write(
+        dir.path(),
+        "silent.toml",
+        &format!(
+            "[admin]\nlisten = \"{}\"\n{}",
+            silent.local_addr().expect("addr"),
+            service("api", &[up.addr], &[up.addr], "")
+        ),
+    );
+    let started = tokio::time::Instant::now();
+    let o = run_image_command(
+        &[
+            "switchyard".to_string(),
+            "healthcheck".to_string(),
+            "--timeout".to_string(),
+            "1s".to_string(),
+        ],
+        &[("SWITCHYARD_CONFIG", &config)],
+    )
+    .await;
+    assert_eq!(o.0, 1, "{o:?}");
+    assert!(o.2.contains("no answer"), "{o:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
 }

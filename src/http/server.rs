@@ -86,17 +86,12 @@ pub trait Handler: Send + Sync + 'static {
     /// The client closed its connection before its response was ready.
     fn client_closed(&self) {}
 
-    /// The server is about to answer a request head it refused (`status`, the plain `text`);
-    /// the handler may make that answer itself (the proxy adds its request id and writes the
-    /// access log line). `line`: the request line as received, when there is one. `None`: the
-    /// server answers with `text` as it is.
-    fn refusal(
-        &self,
-        status: StatusCode,
-        text: &'static str,
-        line: Option<&Bytes>,
-    ) -> Option<Response<Self::Body>> {
-        let _ = (status, text, line);
+    /// The server is about to answer a request head it refused (`refused.status`, the plain
+    /// `refused.why`); the handler may make that answer itself (the proxy adds its request id and
+    /// writes the access log line from the request line and the fields that could be read).
+    /// `None`: the server answers with the text as it is.
+    fn refusal(&self, refused: &Refused) -> Option<Response<Self::Body>> {
+        let _ = refused;
         None
     }
 
@@ -236,18 +231,59 @@ pub struct Refused {
     /// The request line as received (at most [`MAX_LOGGED_LINE`] bytes), for the access log;
     /// `None` when nothing but line ends arrived.
     pub line: Option<Bytes>,
+    /// The refused head as received (at most [`MAX_KEPT_HEAD`] bytes when it had to be copied),
+    /// for [`Refused::field`]; empty when there is none.
+    pub head: Bytes,
 }
 
 impl Refused {
-    /// The same, with the request line taken from `head` (the bytes the refused head starts
-    /// with), unless it has one already.
-    fn with_line(mut self, head: &[u8]) -> Refused {
+    /// The same, with the request line and the head taken from `head` (the bytes the refused
+    /// head starts with, still in the read buffer: copied), unless it has them already.
+    fn with_head(mut self, head: &[u8]) -> Refused {
         if self.line.is_none() {
             self.line = request_line(head);
         }
+        if self.head.is_empty() {
+            self.head = Bytes::copy_from_slice(&head[..head.len().min(MAX_KEPT_HEAD)]);
+        }
         self
     }
+
+    /// [`Refused::with_head`] for a head already split off the read buffer: shared, not copied.
+    fn with_split_head(mut self, head: &Bytes) -> Refused {
+        if self.head.is_empty() {
+            self.head = head.clone();
+        }
+        self.with_head(head)
+    }
+
+    /// The value of the first field named `name` among the refused head's field lines that
+    /// could be read: those after the request line, each ended by a line end, up to the end of
+    /// the head or the first line that is not a valid `name: value` (as nginx knows the fields
+    /// before the one it refused, and none after). For the access log of a refused request
+    /// (`User-Agent`, `Referer`, `X-Request-Id`), never for routing.
+    pub fn field(&self, name: &header::HeaderName) -> Option<header::HeaderValue> {
+        let start = self.head.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+        let mut lines = self.head[start..].split(|b| *b == b'\n');
+        lines.next(); // the request line
+        let mut lines = lines.peekable();
+        while let Some(line) = lines.next() {
+            // The last piece has no line end: it may have been cut short.
+            lines.peek()?;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let colon = memchr::memchr(b':', line)?;
+            let n = header::HeaderName::from_bytes(&line[..colon]).ok()?;
+            let v = header::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+            if n == *name {
+                return Some(v);
+            }
+        }
+        None
+    }
 }
+
+/// The most of a refused head kept when it has to be copied for [`Refused::field`].
+pub const MAX_KEPT_HEAD: usize = 64 * 1024;
 
 /// The most of a refused request's line kept for the access log (nginx's default
 /// `large_client_header_buffers` size).
@@ -268,6 +304,7 @@ fn bad(why: &'static str) -> Refused {
         why,
         metric: None,
         line: None,
+        head: Bytes::new(),
     }
 }
 
@@ -359,6 +396,7 @@ fn uri_too_long() -> Refused {
         why: "request target too long\n",
         metric: None,
         line: None,
+        head: Bytes::new(),
     }
 }
 
@@ -368,6 +406,7 @@ fn too_large(why: &'static str) -> Refused {
         why,
         metric: None,
         line: None,
+        head: Bytes::new(),
     }
 }
 
@@ -405,7 +444,7 @@ pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, R
         parsed = parse_with(buf, limits, true);
     }
     // Refused before the head was split off: it is still at the front of `buf`.
-    parsed.map_err(|r| r.with_line(buf))
+    parsed.map_err(|r| r.with_head(buf))
 }
 
 const TOO_MANY: &str = "too many header fields\n";
@@ -471,7 +510,7 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     let spans = codec::header_spans(buf, req.headers, &mut small, &mut large);
     let head = buf.split_to(len).freeze();
     // Refused from here on: the head has left `buf`, its line is taken from `head`.
-    let line_of = |r: Refused| r.with_line(&head);
+    let line_of = |r: Refused| r.with_split_head(&head);
     let uri = request_target(&head, target, &method).map_err(line_of)?;
     let (headers, fields, flags) = header_fields(&head, spans, count).map_err(line_of)?;
     if fields.has_transfer_encoding() && version == Version::HTTP_10 {
@@ -1144,7 +1183,7 @@ impl<H: Handler> Conn<H> {
         // The handler's answer when it makes one (the proxy's carries its request id and is
         // logged as every answered request is), else the plain text.
         let (status, why) = (refused.status, refused.why);
-        let _ = match self.handler.refusal(status, why, refused.line.as_ref()) {
+        let _ = match self.handler.refusal(&refused) {
             Some(resp) => {
                 self.respond(resp, &Method::GET, Version::HTTP_11, false, None)
                     .await
@@ -1792,6 +1831,51 @@ mod tests {
         fields.extend_from_slice(b"\r\n\r\n");
         let r = parse(&fields).err().expect("refused");
         assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    /// A refused head's fields, for the access log: those on complete lines after the request
+    /// line, up to the first line that is not a field (nothing after it), names in any case,
+    /// values without their surrounding whitespace; a line cut short by the head limit is not
+    /// read.
+    #[test]
+    fn a_refused_heads_fields_are_read_up_to_the_first_bad_line() {
+        let ua = header::USER_AGENT;
+        let referer = header::REFERER;
+        // Parsed, then refused for its framing (the head was split off the buffer).
+        let r = parse(
+            b"\r\nGET / HTTP/1.1\r\nuser-AGENT:  curl/8 \t\r\nReferer: http://r/\r\n\
+              Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        )
+        .err()
+        .expect("refused");
+        assert_eq!(
+            r.field(&ua).as_ref().map(|v| v.as_bytes()),
+            Some(&b"curl/8"[..])
+        );
+        assert_eq!(
+            r.field(&referer).as_ref().map(|v| v.as_bytes()),
+            Some(&b"http://r/"[..])
+        );
+        assert_eq!(r.field(&header::ACCEPT), None);
+        // Refused by httparse at a bad line (still in the buffer): the fields before it only.
+        let r = parse(b"GET / HTTP/1.1\r\nUser-Agent: a\r\nBad Field: x\r\nReferer: b\r\n\r\n")
+            .err()
+            .expect("refused");
+        assert_eq!(r.field(&ua).as_ref().map(|v| v.as_bytes()), Some(&b"a"[..]));
+        assert_eq!(r.field(&referer), None);
+        // Over the head limit: the complete lines are read, the last, cut short, is not.
+        let mut big = b"GET / HTTP/1.1\r\nUser-Agent: big\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'b', 70_000));
+        let r = parse(&big).err().expect("refused");
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert_eq!(
+            r.field(&ua).as_ref().map(|v| v.as_bytes()),
+            Some(&b"big"[..])
+        );
+        assert_eq!(r.field(&header::HeaderName::from_static("x-big")), None);
+        // No fields at all.
+        let r = parse(b"hello\r\n\r\n").err().expect("refused");
+        assert_eq!(r.field(&ua), None);
     }
 
     /// Every prefix of a valid head is incomplete, never refused; the whole is the same head.

@@ -62,7 +62,7 @@ use crate::access_log::{AccessLog, Logged, Routed, Target, X_REQUEST_ID};
 use crate::config::{Color, Protocol};
 use crate::http::client::{PooledBody, Timeouts};
 use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
-use crate::http::server::{self, BoxWrite, Handler, Limits, OnUpgrade, Reader, Settings};
+use crate::http::server::{self, BoxWrite, Handler, Limits, OnUpgrade, Reader, Refused, Settings};
 use crate::metrics::Metrics;
 use crate::routing::{Service, Snapshot};
 use crate::shutdown::Shutdown;
@@ -290,22 +290,19 @@ impl Handler for ProxyConn {
     }
 
     /// A head the server refused is answered here when the access log is on, so that it has
-    /// its line and its request id like every other answered request.
-    fn refusal(
-        &self,
-        status: StatusCode,
-        text: &'static str,
-        line: Option<&bytes::Bytes>,
-    ) -> Option<Response<ServedBody>> {
+    /// its line, its request id (the client's when usable) and, in combined, the Referer and
+    /// User-Agent it carried, like every other answered request.
+    fn refusal(&self, refused: &Refused) -> Option<Response<ServedBody>> {
         let log = self.proxy.access_log.as_ref()?;
-        let id = log.request_id(None);
+        let id = log.request_id(refused.field(&X_REQUEST_ID).as_ref());
         let entry = log.refused_entry(
             self.info.remote.ip(),
-            line.cloned(),
-            status.as_u16(),
+            refused.line.clone(),
+            refused.status.as_u16(),
             id.clone(),
+            |name| refused.field(name),
         );
-        let mut resp = error::text(status, text);
+        let mut resp = error::text(refused.status, refused.why);
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         Some(resp.map(|body| Logged::new(body, log.clone(), entry)))
     }
