@@ -312,17 +312,16 @@ where
             moved.store(true, Ordering::Relaxed);
         }
         let r = if this.rest.is_empty() {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(mut data) if data.len() > TRACKED_FRAME => {
+            // The frame is passed on where it lies (rebuilding it moved it twice more).
+            let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &mut r {
+                if let Some(data) = frame.data_mut() {
+                    if data.len() > TRACKED_FRAME {
                         this.rest = data.split_off(TRACKED_FRAME);
-                        Poll::Ready(Some(Ok(Frame::data(data))))
                     }
-                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Err(frame) => Poll::Ready(Some(Ok(frame))),
-                },
-                other => other,
+                }
             }
+            r
         } else {
             let n = this.rest.len().min(TRACKED_FRAME);
             Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))

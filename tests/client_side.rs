@@ -856,3 +856,99 @@ async fn an_upstreams_interim_responses_reach_h2_clients() {
     assert_eq!(resp.status(), 200);
     p.stop().await;
 }
+
+/// An upstream that reads one request head, answers `/head` with a head and 2 of 100 body
+/// bytes (`/none`: nothing), then waits; it reports when it has the request and when the
+/// proxy closes the connection.
+async fn stalling_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let which = if buf.starts_with(b"GET /head ") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab")
+                        .await;
+                    "head"
+                } else {
+                    "none"
+                };
+                let _ = tx.send(format!("got {which}"));
+                // Whatever comes next, an EOF or a reset means the proxy let go.
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = tx.send(format!("closed {which}"));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An h2 client that resets its stream (RST_STREAM CANCEL) gets the proxy to let go of the
+/// upstream request at once, whether the upstream has not answered yet or is in the middle of
+/// a (small) body: the upstream connection is closed long before `body_idle_timeout`.
+#[tokio::test]
+async fn an_h2_stream_the_client_resets_lets_go_of_its_upstream() {
+    let (up, mut closed) = stalling_upstream().await;
+    let p = start(up, "").await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    for path in ["none", "head"] {
+        let req = http::Request::get(format!("http://{}/{path}", p.proxy))
+            .body(())
+            .expect("request");
+        let (resp, mut stream) = client.send_request(req, true).expect("send");
+        if path == "head" {
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .expect("a head in time")
+                .expect("response");
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.into_body();
+            let first = tokio::time::timeout(Duration::from_secs(10), body.data())
+                .await
+                .expect("data in time")
+                .expect("data")
+                .expect("data");
+            assert_eq!(&first[..], b"ab");
+            stream.send_reset(h2::Reason::CANCEL);
+        } else {
+            // Once the request has reached the upstream.
+            let got = tokio::time::timeout(Duration::from_secs(10), closed.recv())
+                .await
+                .expect("the request reached the upstream in time");
+            assert_eq!(got.as_deref(), Some("got none"));
+            stream.send_reset(h2::Reason::CANCEL);
+            drop(resp);
+        }
+        // body_idle_timeout is 60 s by default: far beyond this bound.
+        let mut seen = Vec::new();
+        while !seen.contains(&format!("closed {path}")) {
+            let next = tokio::time::timeout(Duration::from_secs(15), closed.recv())
+                .await
+                .expect("the upstream was let go of in time")
+                .expect("upstream task");
+            seen.push(next);
+        }
+    }
+    p.stop().await;
+}

@@ -221,8 +221,15 @@ pub struct Stream<F, B> {
 
 enum StreamState<F, B> {
     Waiting(F),
-    Sending(B, SendStream<Bytes>),
+    /// The body, its stream, and whether the body is small enough to be handed to `h2` whole
+    /// ([`SMALL_BODY`]).
+    Sending(B, SendStream<Bytes>, bool),
 }
+
+/// A body of at most this many bytes is handed to `h2` without asking for send capacity first:
+/// `h2` buffers it whole at worst, and a small response skips three locks of `h2`'s stream
+/// store per frame.
+const SMALL_BODY: u64 = 16 * 1024;
 
 impl<F, B> Future for Stream<F, B>
 where
@@ -234,7 +241,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let (body, tx) = match &mut this.state {
+        let (body, tx, small) = match &mut this.state {
             StreamState::Waiting(handled) => {
                 // 1xx the upstream sent go out ahead of the response (RFC 9110 15.2).
                 let open = super::interim::Open::new();
@@ -266,9 +273,10 @@ where
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
                     Ok(tx) => {
-                        this.state = StreamState::Sending(body, tx);
+                        let small = body.size_hint().upper().is_some_and(|n| n <= SMALL_BODY);
+                        this.state = StreamState::Sending(body, tx, small);
                         match &mut this.state {
-                            StreamState::Sending(body, tx) => (body, tx),
+                            StreamState::Sending(body, tx, small) => (body, tx, *small),
                             StreamState::Waiting(_) => return Poll::Ready(()),
                         }
                     }
@@ -279,9 +287,9 @@ where
                     }
                 }
             }
-            StreamState::Sending(body, tx) => (body, tx),
+            StreamState::Sending(body, tx, small) => (body, tx, *small),
         };
-        pipe(body, tx, cx)
+        pipe(body, tx, small, cx)
     }
 }
 
@@ -310,13 +318,26 @@ fn send_interim(reply: &mut SendResponse<Bytes>, status: StatusCode, lines: &[u8
 
 /// A response body into `h2`, as hyper's pipe: the next frame is asked for only once `h2` has
 /// room for more of the stream (so a client that stops reading holds at most one frame here),
-/// and a stream the client reset stops at once.
-fn pipe<B>(body: &mut B, tx: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<()>
+/// unless the whole body is `small`; a stream the client reset stops at once.
+fn pipe<B>(body: &mut B, tx: &mut SendStream<Bytes>, small: bool, cx: &mut Context<'_>) -> Poll<()>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Display,
 {
     loop {
+        if small {
+            let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) else {
+                // Waiting on the upstream: a reset from the client still ends the stream.
+                if tx.poll_reset(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                return Poll::Pending;
+            };
+            match send_frame(body, tx, frame) {
+                Some(()) => continue,
+                None => return Poll::Ready(()),
+            }
+        }
         tx.reserve_capacity(1);
         if tx.capacity() == 0 {
             loop {
@@ -330,31 +351,49 @@ where
         } else if tx.poll_reset(cx).is_ready() {
             return Poll::Ready(());
         }
-        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let end = body.is_end_stream();
-                    if tx.send_data(data, end).is_err() || end {
-                        return Poll::Ready(());
-                    }
+        let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+        if send_frame(body, tx, frame).is_none() {
+            return Poll::Ready(());
+        }
+    }
+}
+
+/// Hands one polled frame to `h2`; None once the stream is done (ended, failed or reset).
+fn send_frame<B>(
+    body: &B,
+    tx: &mut SendStream<Bytes>,
+    frame: Option<Result<Frame<Bytes>, B::Error>>,
+) -> Option<()>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Display,
+{
+    match frame {
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                if tx.send_data(data, end).is_err() || end {
+                    return None;
                 }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        tx.reserve_capacity(0);
-                        let _ = tx.send_trailers(trailers);
-                        return Poll::Ready(());
-                    }
+                Some(())
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    tx.reserve_capacity(0);
+                    let _ = tx.send_trailers(trailers);
+                    return None;
                 }
-            },
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "response body failed; resetting the stream");
-                tx.send_reset(Reason::INTERNAL_ERROR);
-                return Poll::Ready(());
+                Some(())
             }
-            None => {
-                let _ = tx.send_data(Bytes::new(), true);
-                return Poll::Ready(());
-            }
+        },
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "response body failed; resetting the stream");
+            tx.send_reset(Reason::INTERNAL_ERROR);
+            None
+        }
+        None => {
+            let _ = tx.send_data(Bytes::new(), true);
+            None
         }
     }
 }
