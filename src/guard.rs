@@ -185,6 +185,8 @@ pub struct ConnActivity {
     /// whose connection window is the bottleneck sits at zero most of the time while reading
     /// at full speed; it is shut only when no grant came for the whole send timeout.
     granted_at: AtomicU64,
+    /// Bytes read from the client so far ([`CountWindow`]): any of them shows it alive.
+    heard: AtomicU64,
     /// Response bodies registered for the stall check; the watchdog takes them out.
     new_bodies: SegQueue<Arc<StreamClock>>,
 }
@@ -199,6 +201,7 @@ impl ConnActivity {
             send_window: AtomicI64::new(INITIAL_WINDOW),
             granted_at: AtomicU64::new(0),
             new_bodies: SegQueue::new(),
+            heard: AtomicU64::new(0),
         })
     }
 
@@ -226,6 +229,11 @@ impl ConnActivity {
         let guard = self.open();
         NEXT_STREAM.set(Some(guard.clock.clone()));
         guard
+    }
+
+    /// How many bytes have been read from the client so far (the keep-alive's sign of life).
+    pub fn heard(&self) -> u64 {
+        self.heard.load(Ordering::Relaxed)
     }
 
     /// The client granted connection-level window (a WINDOW_UPDATE on stream 0 arrived).
@@ -279,10 +287,12 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Most of a body handed to the h2 server at once. It asks for the next frame only once h2
-/// has sent what it buffered, so each ask is progress of at most this much: a client must take this
-/// much per `client_send_timeout` (273 B/s at the default) not to count as stalled, and a
-/// stalled stream holds at most this much in h2's buffer.
+/// Most of a body handed to the h2 server at once. It asks for the next frame only once h2 has
+/// send capacity for the stream (the client's window, less what h2 holds for it), so each ask
+/// is progress of at most this much: a client must take this much per `client_send_timeout`
+/// (273 B/s at the default) not to count as stalled. A client whose windows are open but that
+/// stops reading the socket leaves up to h2's send buffer (400 KiB) per stream queued; the
+/// connection-level check ([`CountWindow`], the send timeout) closes it.
 const TRACKED_FRAME: usize = 16 * 1024;
 
 /// A response body whose progress the connection's watchdog follows. Its data goes out in
@@ -540,10 +550,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for CountWindow<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let this = &mut *self;
-        if this
-            .inbound
-            .feed(&buf.filled()[before..], true, &this.activity.send_window)
-        {
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            this.activity
+                .heard
+                .fetch_add(read.len() as u64, Ordering::Relaxed);
+        }
+        if this.inbound.feed(read, true, &this.activity.send_window) {
             this.activity.granted();
         }
         r

@@ -676,6 +676,7 @@ impl Connection {
         let shutdown = app.clone();
         let activity = ConnActivity::new();
         let window = activity.clone();
+        let heard = activity.clone();
         let dog = Watchdog::new(
             activity.clone(),
             limits.h2_idle_timeout,
@@ -705,7 +706,7 @@ impl Connection {
             &shutdown.shutdown,
             limits.send_timeout,
             |c| c.graceful_shutdown(),
-            |c, now| c.keep_alive(now),
+            |c, now| c.keep_alive(now, heard.heard()),
         )
         .await;
     }

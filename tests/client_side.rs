@@ -952,3 +952,73 @@ async fn an_h2_stream_the_client_resets_lets_go_of_its_upstream() {
     }
     p.stop().await;
 }
+
+/// An upstream that reads one request (head and whatever body follows) until the proxy closes
+/// the connection or a whole chunked body has arrived, and reports what it read.
+async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    if buf.ends_with(b"\r\n0\r\n\r\n") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                            .await;
+                        break;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = tx.send(buf);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An h2 upload the client resets mid-body (RST_STREAM, CANCEL or NO_ERROR) is incomplete: the
+/// upstream must see an aborted body, never the last chunk of a complete one (RFC 9112 7.1,
+/// RFC 9113 8.1).
+#[tokio::test]
+async fn an_h2_upload_the_client_resets_never_reaches_the_upstream_complete() {
+    let (up, mut seen) = recording_upstream().await;
+    let p = start(up, "").await;
+    for reason in [h2::Reason::CANCEL, h2::Reason::NO_ERROR] {
+        let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+        let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut client = client.ready().await.expect("ready");
+        // No Content-Length: the proxy sends the body chunked.
+        let req = http::Request::post(format!("http://{}/upload", p.proxy))
+            .body(())
+            .expect("request");
+        let (_resp, mut body) = client.send_request(req, false).expect("send");
+        body.send_data(bytes::Bytes::from_static(b"partial-"), false)
+            .expect("data");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        body.send_data(bytes::Bytes::from_static(b"more"), false)
+            .expect("data");
+        body.send_reset(reason);
+        let got = tokio::time::timeout(Duration::from_secs(15), seen.recv())
+            .await
+            .expect("the upstream's connection ended in time")
+            .expect("upstream task");
+        let got = String::from_utf8_lossy(&got).to_string();
+        assert!(got.starts_with("POST /upload "), "{got:?}");
+        assert!(
+            !got.ends_with("\r\n0\r\n\r\n"),
+            "{reason:?}: a reset upload reached the upstream complete: {got:?}"
+        );
+    }
+    p.stop().await;
+}

@@ -16,8 +16,15 @@ const LAYERS: &[&[&str]] = &[
     // What the operator wrote, parsed and validated (release plans included).
     &["config"],
     // Pure pieces on the config: passive ejection, the rollback decision, name resolution, the
-    // state backends, the admin API client of `ctl`.
-    &["passive", "rollback", "resolve", "state", "ctl_client"],
+    // state backends, the admin API client of `ctl`, the image's health check.
+    &[
+        "passive",
+        "rollback",
+        "resolve",
+        "state",
+        "ctl_client",
+        "healthcheck",
+    ],
     // Upstreams (pools, health flags, counters); the audit log of events.
     &["upstream", "events"],
     // The routing snapshot; webhooks.

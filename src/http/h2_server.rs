@@ -3,18 +3,22 @@
 //!
 //! Why not hyper's h2 server (kept for the admin listener): per stream it builds a request
 //! around its own body type, wraps the service's future in a state machine that moves the
-//! response through it, scans the response for connection-specific fields that `h2` checks
-//! again, looks `Date` and `Content-Length` up again, and records every frame for a keep-alive
-//! timer (`BENCHMARKS.md`, "h2, second pass": 4.6k instructions per request of hyper around
-//! `h2`'s own work). Here a stream is [`Stream`]: the handler's future, then the response body
-//! piped into `h2` as hyper's pipe does (one frame at a time, asked for only once `h2` has room),
-//! and the keep-alive PING is sent from a timer the caller already runs ([`Connection::keep_alive`]).
+//! response through it, removes connection-specific fields from every response (which `h2`
+//! checks again), looks `Date` and `Content-Length` up again, and records every frame for a
+//! keep-alive timer (`BENCHMARKS.md`, "h2, second pass": 4.6k instructions per request of hyper
+//! around `h2`'s own work). Here a stream is [`Stream`]: the handler's future, then the response
+//! body piped into `h2` as hyper's pipe does (the next frame asked for only once `h2` has room
+//! for the stream, a small body at once), and the keep-alive PING is sent from a timer the caller
+//! already runs ([`Connection::keep_alive`]).
 //!
 //! What stays hyper's behaviour: the same SETTINGS (1 MiB windows, 16 KiB frames, a 400 KiB send
 //! buffer per stream), a `Date` on responses that come without one, `Content-Length` from a
 //! body of known length, RST_STREAM (INTERNAL_ERROR) when a response body fails, a stream's work
 //! dropped when the client resets it. CONNECT (RFC 9113 8.5) is the handler's to refuse; the
-//! extended CONNECT protocol is not offered.
+//! extended CONNECT protocol is not offered. A response must not carry connection-specific
+//! fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `Proxy-Connection`, a
+//! `TE` other than `trailers`): `h2` refuses it and the stream is reset (INTERNAL_ERROR); every
+//! response the proxy makes or relays has them removed already.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -86,9 +90,23 @@ struct KeepAlive {
     interval: Duration,
     timeout: Duration,
     ping: Option<PingPong>,
-    /// When the next PING goes out, or when the one sent must have been answered.
+    /// The count of bytes read from the client at the last call.
+    heard: u64,
+    /// When a PING goes out if nothing is heard, when the one sent must have been answered, or
+    /// when a connection given up must have closed.
     due: Instant,
-    waiting: bool,
+    state: KeepAliveState,
+}
+
+/// Where the keep-alive stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeepAliveState {
+    /// Something was heard within the interval.
+    Heard,
+    /// A PING is out; nothing heard since.
+    Waiting,
+    /// Given up: GOAWAY sent, the connection closing.
+    Closing,
 }
 
 impl<T, S, E, F, B> Connection<T, S, E>
@@ -111,8 +129,9 @@ where
                 interval,
                 timeout: settings.keep_alive_timeout,
                 ping: None,
+                heard: 0,
                 due: Instant::now() + interval,
-                waiting: false,
+                state: KeepAliveState::Heard,
             }),
         }
     }
@@ -126,35 +145,49 @@ where
         }
     }
 
-    /// Sends a PING once `keep_alive_interval` has passed since the last answer; false once a
-    /// PING has gone `keep_alive_timeout` without one (the client is gone: drop the
-    /// connection). Called from the caller's own periodic timer, so that no frame or request
-    /// pays for a timer of its own.
-    pub fn keep_alive(self: Pin<&mut Self>, now: Instant) -> bool {
+    /// Sends a PING once nothing has been read from the client for `keep_alive_interval`
+    /// (`heard`: the count of bytes read from it so far; any byte, the PING's answer included,
+    /// shows it alive, so a busy connection whose answer waits behind its downloads is never
+    /// pinged or given up); once a PING has then gone `keep_alive_timeout` with nothing heard,
+    /// sends GOAWAY and lets the connection close; false if it has not closed one timeout
+    /// later (drop it). Called from the caller's own periodic timer, so that no frame or
+    /// request pays for a timer of its own.
+    pub fn keep_alive(self: Pin<&mut Self>, now: Instant, heard: u64) -> bool {
         let this = self.get_mut();
-        let Some(k) = &mut this.keep_alive else {
+        let (Some(k), State::Serving(conn)) = (&mut this.keep_alive, &mut this.state) else {
             return true;
         };
         let Some(ping) = &mut k.ping else {
             return true;
         };
-        if k.waiting {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            match ping.poll_pong(&mut cx) {
-                Poll::Ready(Ok(_)) => {
-                    k.waiting = false;
-                    k.due = now + k.interval;
-                }
-                // The connection failed: its own poll ends it.
-                Poll::Ready(Err(_)) => return true,
-                Poll::Pending => return now < k.due,
+        if heard != k.heard && k.state != KeepAliveState::Closing {
+            k.heard = heard;
+            k.state = KeepAliveState::Heard;
+            k.due = now + k.interval;
+            return true;
+        }
+        if now < k.due {
+            return true;
+        }
+        match k.state {
+            KeepAliveState::Heard => {
+                // An answered PING is cleared first; one still out serves as well.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _ = ping.poll_pong(&mut cx);
+                let _ = ping.send_ping(Ping::opaque());
+                k.state = KeepAliveState::Waiting;
+                k.due = now + k.timeout;
+                true
             }
+            KeepAliveState::Waiting => {
+                tracing::debug!("the client did not answer a PING; sending GOAWAY");
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+                k.state = KeepAliveState::Closing;
+                k.due = now + k.timeout;
+                true
+            }
+            KeepAliveState::Closing => false,
         }
-        if now >= k.due && ping.send_ping(Ping::opaque()).is_ok() {
-            k.waiting = true;
-            k.due = now + k.timeout;
-        }
-        true
     }
 }
 
@@ -247,7 +280,12 @@ where
                 let open = super::interim::Open::new();
                 let polled = Pin::new(handled).poll(cx);
                 let reply = &mut this.reply;
-                open.close_fields(|status, lines| send_interim(reply, status, &lines));
+                open.close_fields(|status, lines| {
+                    // Never on a stream the client has reset (RFC 9113 5.1).
+                    if reply.poll_reset(cx).is_pending() {
+                        send_interim(reply, status, &lines);
+                    }
+                });
                 let Poll::Ready(resp) = polled else {
                     // A client that resets the stream drops the work done for it.
                     if this.reply.poll_reset(cx).is_ready() {
@@ -449,11 +487,14 @@ impl Body for RequestBody {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                // The client stopped sending without failing the request (RFC 9113 8.1).
-                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
-                    return Poll::Ready(None);
-                }
+                // A stream reset before its END_STREAM, whatever the code (CANCEL, or NO_ERROR
+                // from a client), leaves the request incomplete: an error, so that the upstream
+                // sees an aborted body rather than a complete request (RFC 9112 7.1).
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                // `h2` checks the declared length at END_STREAM; this is the belt to its braces.
+                None if this.remaining.is_some_and(|n| n > 0) => {
+                    return Poll::Ready(Some(Err(h2::Error::from(Reason::PROTOCOL_ERROR))));
+                }
                 None => this.data_done = true,
             }
         }
@@ -482,7 +523,7 @@ impl Body for RequestBody {
 mod tests {
     use super::*;
     use http_body_util::Full;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -524,24 +565,92 @@ mod tests {
         }
     }
 
-    /// A client that answers PINGs keeps its connection through several intervals; one that
-    /// has gone silent (its preface sent, then nothing read or written) is given up once a
-    /// PING has waited `keep_alive_timeout`.
+    /// Counts the bytes read from the client, as the server's caller does.
+    struct Counted<T> {
+        io: T,
+        heard: Arc<AtomicU64>,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.io).poll_read(cx, buf);
+            let n = (buf.filled().len() - before) as u64;
+            self.heard.fetch_add(n, Ordering::Relaxed);
+            r
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    const CLIENT_PING: &[u8] =
+        b"\x00\x00\x08\x06\x00\x00\x00\x00\x00\x01\x02\x03\x04\x05\x06\x07\x08";
+
+    /// The frame types in `bytes` (whole frames only).
+    fn frame_types(bytes: &[u8]) -> Vec<u8> {
+        let mut at = 0;
+        let mut kinds = Vec::new();
+        while at + 9 <= bytes.len() {
+            let len = usize::from(bytes[at]) << 16
+                | usize::from(bytes[at + 1]) << 8
+                | usize::from(bytes[at + 2]);
+            kinds.push(bytes[at + 3]);
+            at += 9 + len;
+        }
+        kinds
+    }
+
+    /// A client that answers PINGs keeps its connection through many intervals, and so does one
+    /// that never answers but keeps sending (its answer could be waiting behind our data); one
+    /// that has gone silent (its preface sent, then nothing) is sent a PING, then a GOAWAY once
+    /// the PING has waited `keep_alive_timeout`, and is dropped one timeout later.
     #[tokio::test]
     async fn a_client_that_stops_answering_pings_is_given_up() {
-        let (interval, timeout) = (Duration::from_millis(50), Duration::from_secs(1));
+        let (interval, timeout) = (Duration::from_millis(50), Duration::from_millis(600));
         let calls = Arc::new(AtomicUsize::new(0));
+        let serve = |io: tokio::io::DuplexStream, heard: &Arc<AtomicU64>| {
+            let io = Counted {
+                io,
+                heard: heard.clone(),
+            };
+            Box::pin(Connection::new(
+                io,
+                &settings(interval, timeout),
+                answer(calls.clone()),
+                Spawn,
+            ))
+        };
 
         // A live client: its connection task answers PINGs.
+        let heard = Arc::new(AtomicU64::new(0));
         let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let conn = Connection::new(
-            server_io,
-            &settings(interval, timeout),
-            answer(calls.clone()),
-            Spawn,
-        );
-        let mut conn = Box::pin(conn);
-        let (client, client_conn) = h2::client::handshake(client_io).await.expect("handshake");
+        let mut conn = serve(server_io, &heard);
+        let (client, client_conn) = tokio::select! {
+            () = conn.as_mut() => panic!("the connection ended"),
+            r = h2::client::handshake(client_io) => r.expect("handshake"),
+        };
         tokio::spawn(client_conn);
         let mut client = client;
         let started = Instant::now();
@@ -551,8 +660,9 @@ mod tests {
                 () = conn.as_mut() => panic!("the connection ended"),
                 () = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
+            let now = Instant::now();
             assert!(
-                conn.as_mut().keep_alive(Instant::now()),
+                conn.as_mut().keep_alive(now, heard.load(Ordering::Relaxed)),
                 "a client that answers was given up"
             );
             if !served {
@@ -576,47 +686,67 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::Relaxed), 1);
 
+        // A client that sends (its own PINGs) but never reads: never given up.
+        let heard = Arc::new(AtomicU64::new(0));
+        let (server_io, mut client_io) = tokio::io::duplex(1024 * 1024);
+        client_io.write_all(PREFACE).await.expect("preface");
+        let mut conn = serve(server_io, &heard);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(2500) {
+            tokio::select! {
+                () = conn.as_mut() => panic!("the connection ended"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            client_io.write_all(CLIENT_PING).await.expect("ping");
+            assert!(
+                conn.as_mut()
+                    .keep_alive(Instant::now(), heard.load(Ordering::Relaxed)),
+                "a client that keeps sending was given up"
+            );
+        }
+
         // A silent client: the preface and an empty SETTINGS, then nothing.
+        let heard = Arc::new(AtomicU64::new(0));
         let (server_io, mut client_io) = tokio::io::duplex(64 * 1024);
-        client_io
-            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-            .await
-            .expect("preface");
-        let conn = Connection::new(
-            server_io,
-            &settings(interval, timeout),
-            answer(calls.clone()),
-            Spawn,
-        );
-        let mut conn = Box::pin(conn);
+        client_io.write_all(PREFACE).await.expect("preface");
+        let mut conn = serve(server_io, &heard);
         let started = Instant::now();
         let given_up = loop {
             assert!(
-                started.elapsed() < Duration::from_secs(10),
+                started.elapsed() < Duration::from_secs(20),
                 "a silent client was never given up"
             );
             tokio::select! {
-                () = conn.as_mut() => panic!("the connection ended"),
+                // It closes itself after its GOAWAY, or is dropped below.
+                () = conn.as_mut() => break started.elapsed(),
                 () = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
-            if !conn.as_mut().keep_alive(Instant::now()) {
+            if !conn
+                .as_mut()
+                .keep_alive(Instant::now(), heard.load(Ordering::Relaxed))
+            {
                 break started.elapsed();
             }
         };
         // Not before one interval and one timeout.
         assert!(given_up >= interval + timeout, "{given_up:?}");
-        // The server did send its PING (after its SETTINGS and the SETTINGS ack).
-        let mut seen = vec![0u8; 4096];
-        let n = client_io.read(&mut seen).await.expect("read");
-        let mut at = 0;
-        let mut kinds = Vec::new();
-        while at + 9 <= n {
-            let len = usize::from(seen[at]) << 16
-                | usize::from(seen[at + 1]) << 8
-                | usize::from(seen[at + 2]);
-            kinds.push(seen[at + 3]);
-            at += 9 + len;
+        // It was sent a PING, then a GOAWAY.
+        let mut seen = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), client_io.read(&mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&chunk[..n]);
         }
-        assert!(kinds.contains(&6), "no PING frame in {kinds:?}");
+        let kinds = frame_types(&seen);
+        let ping = kinds.iter().position(|k| *k == 6);
+        let goaway = kinds.iter().position(|k| *k == 7);
+        assert!(
+            ping.is_some() && goaway.is_some() && ping < goaway,
+            "no PING then GOAWAY in {kinds:?}"
+        );
     }
 }
