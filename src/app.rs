@@ -50,6 +50,8 @@ pub struct App {
     pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLog>>,
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
+    /// The admin listener's certificate, reloaded the same way.
+    admin_tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     writer: tokio::sync::Mutex<()>,
     /// Set while the listening sockets go to a new process, and for good once it took them
     /// (upgrade): it reads the live state when it takes over, so a change made here from then
@@ -310,6 +312,7 @@ impl App {
             started: Instant::now(),
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
+            admin_tls: std::sync::OnceLock::new(),
             writer: tokio::sync::Mutex::new(()),
             frozen: AtomicBool::new(false),
             store,
@@ -546,6 +549,10 @@ impl App {
 
     pub fn set_tls_reloader(&self, tls: crate::tls::TlsSetup) {
         let _ = self.tls.set(tls);
+    }
+
+    pub fn set_admin_tls_reloader(&self, tls: crate::tls::TlsSetup) {
+        let _ = self.admin_tls.set(tls);
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -1154,11 +1161,24 @@ impl App {
                 return Err(ReloadError::Invalid(errs));
             }
         };
-        if let (Some(tls), Some(cert), Some(key)) = (
-            self.tls.get(),
-            new_cfg.proxy.tls_cert.as_deref(),
-            new_cfg.proxy.tls_key.as_deref(),
-        ) {
+        // The certificates are read again (a renewal on disk takes effect without a restart).
+        for (tls, cert, key, section) in [
+            (
+                self.tls.get(),
+                new_cfg.proxy.tls_cert.as_deref(),
+                new_cfg.proxy.tls_key.as_deref(),
+                "proxy",
+            ),
+            (
+                self.admin_tls.get(),
+                new_cfg.admin.tls_cert.as_deref(),
+                new_cfg.admin.tls_key.as_deref(),
+                "admin",
+            ),
+        ] {
+            let (Some(tls), Some(cert), Some(key)) = (tls, cert, key) else {
+                continue;
+            };
             let (tls, cert, key) = (tls.clone(), cert.to_path_buf(), key.to_path_buf());
             let reloaded = tokio::task::spawn_blocking(move || tls.reload(Some(&cert), Some(&key)))
                 .await
@@ -1170,7 +1190,7 @@ impl App {
                     .inc();
                 return Err(ReloadError::Invalid(config::ConfigErrors(vec![
                     config::ConfigError {
-                        key: format!("proxy.{}", e.file().key()),
+                        key: format!("{section}.{}", e.file().key()),
                         message: e.to_string(),
                     },
                 ])));

@@ -185,7 +185,10 @@ pub struct ConnActivity {
     /// whose connection window is the bottleneck sits at zero most of the time while reading
     /// at full speed; it is shut only when no grant came for the whole send timeout.
     granted_at: AtomicU64,
-    /// Bytes read from the client so far ([`CountWindow`]): any of them shows it alive.
+    /// Signs of life from the client so far ([`CountWindow`]): bytes read from it, and DATA
+    /// payload bytes its socket took (a download whose client sends nothing for a while, its
+    /// windows being large, still moves). Control frames written do not count: a vanished
+    /// client's socket buffer would take PINGs for ever.
     heard: AtomicU64,
     /// Response bodies registered for the stall check; the watchdog takes them out.
     new_bodies: SegQueue<Arc<StreamClock>>,
@@ -231,7 +234,7 @@ impl ConnActivity {
         guard
     }
 
-    /// How many bytes have been read from the client so far (the keep-alive's sign of life).
+    /// The client's signs of life so far (the keep-alive's: bytes read from it, DATA taken).
     pub fn heard(&self) -> u64 {
         self.heard.load(Ordering::Relaxed)
     }
@@ -460,6 +463,8 @@ struct FrameScan {
     have: usize,
     /// A connection-level WINDOW_UPDATE's increment being read, and how much of it is here.
     incr: Option<([u8; 4], usize)>,
+    /// DATA payload bytes whose frames went out since the caller last took them.
+    data_out: u64,
 }
 
 impl FrameScan {
@@ -504,6 +509,7 @@ impl FrameScan {
                 // DATA: its whole payload (padding included) counts against the window.
                 0x0 if !inbound => {
                     window.fetch_sub(len as i64, Ordering::Relaxed);
+                    self.data_out += len as u64;
                     self.skip = len;
                 }
                 _ => self.skip = len,
@@ -534,6 +540,14 @@ impl<S> CountWindow<S> {
                 ..FrameScan::default()
             },
             outbound: FrameScan::default(),
+        }
+    }
+
+    /// DATA frames written count as the client's signs of life.
+    fn took_data(&mut self) {
+        let data = std::mem::take(&mut self.outbound.data_out);
+        if data > 0 {
+            self.activity.heard.fetch_add(data, Ordering::Relaxed);
         }
     }
 }
@@ -574,6 +588,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWindow<S> {
             let this = &mut *self;
             this.outbound
                 .feed(&buf[..n], false, &this.activity.send_window);
+            this.took_data();
         }
         r
     }
@@ -595,6 +610,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWindow<S> {
                     break;
                 }
             }
+            this.took_data();
         }
         r
     }
@@ -1068,5 +1084,36 @@ mod tests {
         }
         assert!(body.is_end_stream());
         assert_eq!(got, data);
+    }
+    /// The keep-alive's signs of life: bytes read from the client, and DATA payload the socket
+    /// took; a PING (or any control frame) written is none (a vanished client's socket buffer
+    /// would take them for ever).
+    #[tokio::test]
+    async fn bytes_read_and_data_written_are_signs_of_life_control_frames_are_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let act = ConnActivity::new();
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let mut io = CountWindow::new(ours, act.clone());
+        // The client's preface and a PING: read.
+        theirs
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.expect("read");
+        assert_eq!(act.heard(), n as u64);
+        let before = act.heard();
+        // A PING written: no sign of life.
+        io.write_all(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00AAAAAAAA")
+            .await
+            .expect("write");
+        assert_eq!(act.heard(), before);
+        // A DATA frame of 5 bytes on stream 1 written: 5.
+        io.write_all(b"\x00\x00\x05\x00\x00\x00\x00\x00\x01hello")
+            .await
+            .expect("write");
+        assert_eq!(act.heard(), before + 5);
+        let mut sink = vec![0u8; 64];
+        let _ = theirs.read(&mut sink).await.expect("read");
     }
 }

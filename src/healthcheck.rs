@@ -36,6 +36,8 @@ pub struct HealthcheckArgs {
 pub struct Target {
     pub url: String,
     addr: SocketAddr,
+    /// For a `[::]` listen: 127.0.0.1, where IPv6 is off but the dual-stack socket takes IPv4.
+    fallback: Option<SocketAddr>,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -46,7 +48,14 @@ impl Target {
         if addr.port() == 0 {
             return Err("admin.listen has port 0 (chosen at start): nothing to probe".into());
         }
+        let mut fallback = None;
         if addr.ip().is_unspecified() {
+            if addr.is_ipv6() {
+                fallback = Some(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    addr.port(),
+                ));
+            }
             addr.set_ip(match addr.ip() {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -63,17 +72,27 @@ impl Target {
         Ok(Target {
             url: format!("{scheme}://{addr}/healthz"),
             addr,
+            fallback,
             tls,
         })
     }
 
-    /// GET /healthz: Ok on the admin listener's `200 ok`, else why not.
+    /// GET /healthz: Ok on the admin listener's `200 ok`, else why not. A `[::]` listener that
+    /// cannot be reached on `::1` (IPv6 off in the container) is tried on 127.0.0.1.
     pub async fn probe(&self) -> Result<(), String> {
-        let auth: http::uri::Authority = self
-            .addr
+        match (self.probe_at(self.addr).await, self.fallback) {
+            (Err(e), Some(v4)) if e.starts_with("cannot connect") => {
+                self.probe_at(v4).await.map_err(|e4| format!("{e}; {e4}"))
+            }
+            (r, _) => r,
+        }
+    }
+
+    async fn probe_at(&self, addr: SocketAddr) -> Result<(), String> {
+        let auth: http::uri::Authority = addr
             .to_string()
             .parse()
-            .map_err(|e| format!("invalid admin address {}: {e}", self.addr))?;
+            .map_err(|e| format!("invalid admin address {addr}: {e}"))?;
         let req = http::Request::get("/healthz")
             .header(http::header::HOST, auth.as_str())
             .header(http::header::USER_AGENT, "switchyard-healthcheck")
@@ -86,5 +105,45 @@ impl Target {
         } else {
             Err(format!("{} answered {status}: {}", self.url, body.trim()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A `[::]` admin listen whose `::1` cannot be reached (IPv6 off, or here: nothing listens
+    /// on it) is probed on 127.0.0.1, where a dual-stack listener takes IPv4.
+    #[tokio::test]
+    async fn a_wildcard_v6_listen_falls_back_to_ipv4_loopback() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    )
+                    .await;
+            }
+        });
+        let t = Target {
+            url: format!("http://[::1]:{port}/healthz"),
+            addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+            fallback: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            tls: None,
+        };
+        assert_eq!(t.probe().await, Ok(()));
+        // Without the fallback, the same probe fails.
+        let t = Target {
+            fallback: None,
+            ..t
+        };
+        assert!(t.probe().await.is_err());
     }
 }

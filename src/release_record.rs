@@ -302,6 +302,10 @@ impl Releases {
             if r.live() || inner.recent.iter().any(|x| x.id == r.id) {
                 continue;
             }
+            // The local copy still runs it: its end is read from the key, where it is whole.
+            if inner.current.as_ref().is_some_and(|c| c.id == r.id) {
+                continue;
+            }
             inner.recent.push_back(r);
         }
         // RFC 3339 UTC with milliseconds (`now_rfc3339`): the strings order as the times do.
@@ -345,6 +349,7 @@ impl Releases {
             c.cancel();
         }
         inner.promote = false;
+        inner.recent.retain(|x| x.id != r.id);
         inner.recent.push_front(r);
         inner.recent.truncate(RECENT);
         self.metrics.total.with_label_values(&[result]).inc();
@@ -488,6 +493,9 @@ pub(crate) struct Shared {
     /// Serializes this replica's writes of the key (each reads `seen.rev` under it).
     pub(crate) io: tokio::sync::Mutex<()>,
     pub(crate) seen: Mutex<Seen>,
+    /// The history of ended releases in etcd may hold one `recent` lacks: the key changed to
+    /// another release, or to an ended one, by any path (a read, this replica's own write).
+    pub(crate) history_stale: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -501,6 +509,28 @@ impl Shared {
             s.changed_at = Some(Instant::now());
         }
         s.rev = r.mod_revision;
+        self.note_value(&s.value, &r.value);
         s.value = r.value.clone();
+    }
+
+    /// Marks the history stale when the key moves from `old` to `new` across releases or to
+    /// an ended one: two ends (or an end and a start) between two reads would otherwise leave a
+    /// release out of `recent`.
+    pub(crate) fn note_value(&self, old: &Option<Value>, new: &Option<Value>) {
+        let id = |v: &Option<Value>| {
+            v.as_ref()
+                .and_then(|v| v["release"]["id"].as_str().map(str::to_string))
+        };
+        let ended = new.as_ref().is_some_and(|v| {
+            !v["release"].is_null()
+                && !matches!(
+                    v["release"]["state"].as_str(),
+                    Some("running" | "waiting" | "validating")
+                )
+        });
+        if ended || id(old) != id(new) {
+            self.history_stale
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }

@@ -144,6 +144,9 @@ pub async fn start_with(
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
     }
+    if let Some(t) = &admin_tls {
+        app.set_admin_tls_reloader(t.clone());
+    }
     let log_cfg = app.snapshot().config.log.clone();
     let registry = app.metrics.registry.clone();
     let access = tokio::task::spawn_blocking(move || {

@@ -819,6 +819,39 @@ async fn image_healthcheck_follows_the_admin_port_and_tls_of_the_config() {
             .await;
             assert_eq!(o.0, 1, "another certificate passed: {o:?}");
             assert!(o.2.contains("certificate"), "{o:?}");
+
+            // A renewal: the files replaced on disk, then a reload (SIGHUP). Before the reload
+            // the server still serves the old certificate (unhealthy); after it, the new one.
+            std::fs::write(&cert, other.cert.pem()).expect("renew cert");
+            std::fs::write(&key, other.key_pair.serialize_pem()).expect("renew key");
+            let o = run_image_command(&health, &env).await;
+            assert_eq!(
+                o.0, 1,
+                "the old certificate matched the renewed file: {o:?}"
+            );
+            let pid = server.id().expect("pid").to_string();
+            let hup = std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .expect("kill -HUP");
+            assert!(hup.success());
+            let mut renewed = (0, String::new(), String::new());
+            for _ in 0..100 {
+                renewed = run_image_command(&health, &env).await;
+                if renewed.0 == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            assert_eq!(
+                renewed.0,
+                0,
+                "the admin certificate was not reloaded: {renewed:?}\nserve: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            // Back to the first pair for the rest of the test.
+            std::fs::write(&cert, ck.cert.pem()).expect("restore cert");
+            std::fs::write(&key, ck.key_pair.serialize_pem()).expect("restore key");
         }
 
         server.start_kill().expect("kill");

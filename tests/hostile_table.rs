@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The size of `/large`, a finite body.
 const LARGE: usize = 1024 * 1024;
+/// The size of `/small`, a body under the h2 server's small-body size.
+const SMALL_BODY: usize = 10_000;
 
 /// An upstream on raw sockets that records every request head and answers by path.
 struct Recorder {
@@ -94,6 +96,12 @@ async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: A
                 return;
             }
             "/s650" => b"HTTP/1.1 650 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            "/small" => {
+                let mut a =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {SMALL_BODY}\r\n\r\n").into_bytes();
+                a.extend_from_slice(&[b'z'; SMALL_BODY]);
+                a
+            }
             "/bighead" => {
                 let mut a = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
                 a.extend_from_slice(&vec![b'a'; 200 * 1024]);
@@ -886,6 +894,44 @@ async fn stalled_stream_among_others(others_first: bool) {
     // ...its upstream connection is let go of, not blamed on the upstream...
     released_and_not_blamed(&up, &p, 1).await;
     // ...and the connection goes on serving.
+    let mut body = h2_open(&mut c, "/").await;
+    let (n, e) = h2_read(&mut body, true, usize::MAX).await;
+    assert_eq!((n, e.is_none()), (2, true), "{e:?}");
+    assert!(!done.is_finished(), "the connection was closed");
+    p.stop().await;
+}
+
+/// A small response (10 kB) whose stream window the client opens to 1,000 bytes and never
+/// again is reset at `client_send_timeout` like a large one, while the connection goes on
+/// serving: the small-body path is taken only when the window has room for the whole body.
+#[tokio::test]
+async fn a_small_response_the_client_never_opens_a_window_for_is_reset() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}client_send_timeout = \"1s\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (mut c, conn) = h2::client::Builder::new()
+        .initial_window_size(1000)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("handshake");
+    let done = tokio::spawn(conn);
+    let in_time = Duration::from_secs(5);
+    let mut stalled = h2_open(&mut c, "/small").await;
+    let (n, e) = tokio::time::timeout(in_time, h2_read(&mut stalled, false, 1000))
+        .await
+        .expect("the first window in time");
+    assert_eq!((n, e.is_none()), (1000, true), "{e:?}");
+    let (_, e) = tokio::time::timeout(in_time, h2_read(&mut stalled, false, usize::MAX))
+        .await
+        .expect("the stalled stream ended in time");
+    let reason = e.as_ref().and_then(h2::Error::reason);
+    assert_eq!(reason, Some(h2::Reason::CANCEL), "{e:?}");
     let mut body = h2_open(&mut c, "/").await;
     let (n, e) = h2_read(&mut body, true, usize::MAX).await;
     assert_eq!((n, e.is_none()), (2, true), "{e:?}");

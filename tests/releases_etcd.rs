@@ -535,3 +535,61 @@ async fn ended_releases_are_listed_on_a_replica_started_after_they_ended() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Two replicas running: a release ended and the next started on A between two of B's reads
+/// of the release key still reaches B's `recent` (from the history in etcd), and a release B
+/// ends itself leaves B listing the same releases as A, each once.
+#[tokio::test]
+async fn replicas_list_the_same_ended_releases_when_ends_and_starts_come_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-history2/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let ids = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].clone())
+            .collect()
+    };
+    let x = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    let seen = eventually(20, || async { releases(&b).await["current"]["id"] == x }).await;
+    assert!(seen, "{}", releases(&b).await);
+    // X aborted and Y started on A, back to back.
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let y = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    let converged = eventually(20, || async {
+        let on_b = releases(&b).await;
+        on_b["current"]["id"] == y && ids(&on_b["recent"]) == vec![x.clone()]
+    })
+    .await;
+    assert!(converged, "{}", releases(&b).await);
+
+    // Y aborted on B: both list Y then X, once each.
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    for p in [&a, &b] {
+        let both = eventually(20, || async {
+            let r = releases(p).await;
+            r["current"].is_null() && ids(&r["recent"]) == vec![y.clone(), x.clone()]
+        })
+        .await;
+        assert!(both, "{}", releases(p).await);
+    }
+    a.stop().await;
+    b.stop().await;
+}

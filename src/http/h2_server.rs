@@ -145,10 +145,10 @@ where
         }
     }
 
-    /// Sends a PING once nothing has been read from the client for `keep_alive_interval`
-    /// (`heard`: the count of bytes read from it so far; any byte, the PING's answer included,
-    /// shows it alive, so a busy connection whose answer waits behind its downloads is never
-    /// pinged or given up); once a PING has then gone `keep_alive_timeout` with nothing heard,
+    /// Sends a PING once the client has shown no sign of life for `keep_alive_interval`
+    /// (`heard`: a count the caller keeps of bytes read from it and DATA its socket took; any
+    /// change, the PING's answer included, shows it alive, so a download still moving is not
+    /// given up while its PING's answer waits behind the data); once a PING has then gone `keep_alive_timeout` with nothing heard,
     /// sends GOAWAY and lets the connection close; false if it has not closed one timeout
     /// later (drop it). Called from the caller's own periodic timer, so that no frame or
     /// request pays for a timer of its own.
@@ -259,9 +259,11 @@ enum StreamState<F, B> {
     Sending(B, SendStream<Bytes>, bool),
 }
 
-/// A body of at most this many bytes is handed to `h2` without asking for send capacity first:
-/// `h2` buffers it whole at worst, and a small response skips three locks of `h2`'s stream
-/// store per frame.
+/// A body of at most this many bytes, for which the client's windows have room when its head
+/// goes out, is handed to `h2` without asking for send capacity frame by frame: a small
+/// response skips three locks of `h2`'s stream store per frame. (Without the room, it takes the
+/// paced path, where a stream the client never opens a window for is reset at
+/// `client_send_timeout`.)
 const SMALL_BODY: u64 = 16 * 1024;
 
 impl<F, B> Future for Stream<F, B>
@@ -310,8 +312,17 @@ where
                 }
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
-                    Ok(tx) => {
-                        let small = body.size_hint().upper().is_some_and(|n| n <= SMALL_BODY);
+                    Ok(mut tx) => {
+                        // Small, and the client's windows have room for all of it now: the
+                        // stream's watchdog clock (the body's last ask) has nothing to follow.
+                        let small = match body.size_hint().upper() {
+                            Some(n) if n <= SMALL_BODY => {
+                                let n = n as usize;
+                                tx.reserve_capacity(n);
+                                tx.capacity() >= n
+                            }
+                            _ => false,
+                        };
                         this.state = StreamState::Sending(body, tx, small);
                         match &mut this.state {
                             StreamState::Sending(body, tx, small) => (body, tx, *small),

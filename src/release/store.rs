@@ -95,7 +95,9 @@ async fn cas_ending(
         ReleaseCas::Applied(rev) => {
             let mut s = shared.seen();
             s.rev = *rev;
-            s.value = Some(value);
+            let value = Some(value);
+            shared.note_value(&s.value, &value);
+            s.value = value;
             s.changed_at = Some(Instant::now());
             s.wrote_at = Some(Instant::now());
         }
@@ -149,12 +151,29 @@ fn apply(app: &App, read: &ReleaseRead) {
             }
             inner.promote = false;
             rels.metrics.total.with_label_values(&[r.state]).inc();
-        } else if inner.recent.iter().any(|x| x.id == r.id) {
-            return;
+        } else {
+            // A local copy of another release is over too (etcd moved past it): its end is in
+            // the history, which the next pass reads (`note_value` marked it stale).
+            if inner
+                .current
+                .as_ref()
+                .is_some_and(|c| c.id != r.id && driving.as_deref() != Some(c.id.as_str()))
+            {
+                inner.current = None;
+                if let Some(c) = inner.cancel.take() {
+                    c.cancel();
+                }
+                inner.promote = false;
+            }
+            if inner.recent.iter().any(|x| x.id == r.id) {
+                rels.publish(&inner);
+                return;
+            }
         }
         for p in &mut r.phases {
             p.bake_deadline = None;
         }
+        inner.recent.retain(|x| x.id != r.id);
         inner.recent.push_front(r);
         inner.recent.truncate(super::RECENT);
         rels.publish(&inner);
@@ -320,6 +339,14 @@ pub(super) async fn end(
         let Some(cur) = app.releases.current().filter(|c| c.id == id && c.live()) else {
             return Ok(Ended::NotLive);
         };
+        // The key itself must still hold it live: a stale local copy never ends a release twice.
+        let stored_live = shared.seen().value.as_ref().is_some_and(|v| {
+            v["release"]["id"].as_str() == Some(id)
+                && live_state(v["release"]["state"].as_str().unwrap_or(""))
+        });
+        if !stored_live {
+            return Ok(Ended::NotLive);
+        }
         let driver = shared
             .seen()
             .value
@@ -570,22 +597,26 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             }
         });
     }
-    // The ended releases: read at start, and again after every end seen here (two ends between
-    // two reads of the key would otherwise show only the last one).
+    // The ended releases: read at start, and again whenever the key moved to another release or
+    // to an ended one (two ends between two reads of the key would otherwise show only the last).
     let mut history_read = false;
     loop {
         match store.read_release().await {
             Ok(read) => {
                 if read.mod_revision != app.releases.shared.seen().rev {
                     apply(&app, &read);
-                    let ended = read.value.as_ref().is_some_and(|v| {
-                        !v["release"].is_null()
-                            && !live_state(v["release"]["state"].as_str().unwrap_or(""))
-                    });
-                    history_read &= !ended;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "cannot read the release from etcd"),
+        }
+        // Whatever path saw the key move on (this read, this replica's own end or start).
+        if app
+            .releases
+            .shared
+            .history_stale
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            history_read = false;
         }
         if !history_read {
             history_read = load_history(&app, &store).await;
