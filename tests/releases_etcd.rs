@@ -267,7 +267,17 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
             .count();
         assert_eq!(n, 1, "{phase} flipped once: {phase_events:#?}");
     }
-    assert_eq!(events_of(&b, "release_complete").await.len(), 1);
+    assert_eq!(
+        events_of(&b, "release_complete").await.len(),
+        1,
+        "{:#?} {}",
+        b.events()
+            .await
+            .iter()
+            .map(|e| format!("{} {}", e["reason"], e["detail"]))
+            .collect::<Vec<_>>(),
+        releases(&b).await
+    );
     for p in [&a, &b] {
         assert_eq!(p.get("/api/x").await.1, "api-green\n");
         assert_eq!(p.get("/panel/x").await.1, "panel-green\n");

@@ -605,27 +605,25 @@ async fn drive(
     }
     let ended = {
         let _op = rel.op.lock().await;
-        let shared_ok = match store::etcd(&app) {
-            Some(etcd) if !cancel.is_cancelled() => matches!(
-                store::end(
-                    &app,
-                    &etcd,
-                    &id,
-                    "complete",
-                    "every phase passed and the validate window ended"
-                )
-                .await,
-                Ok(store::Ended::Won(_))
-            ),
-            _ => true,
-        };
-        shared_ok
-            && !cancel.is_cancelled()
-            && rel.end(
-                &id,
-                "complete",
-                "every phase passed and the validate window ended".to_string(),
-            )
+        const WHY: &str = "every phase passed and the validate window ended";
+        match store::etcd(&app) {
+            Some(etcd) if !cancel.is_cancelled() => {
+                let won = matches!(
+                    store::end(&app, &etcd, &id, "complete", WHY).await,
+                    Ok(store::Ended::Won(_))
+                );
+                // The key's poll can read the stored end before its answer comes back and move
+                // the local copy to `recent` first: the end is this replica's all the same.
+                // (`end` cancels the release's token: read it first.)
+                let ours = won && !cancel.is_cancelled();
+                if won {
+                    rel.end(&id, "complete", WHY.to_string());
+                }
+                ours
+            }
+            Some(_) => false,
+            None => !cancel.is_cancelled() && rel.end(&id, "complete", WHY.to_string()),
+        }
     };
     if ended {
         app.record(Event::new(
