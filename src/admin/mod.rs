@@ -93,37 +93,26 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         tokio::spawn(async move {
             let _held = (permit, watcher);
             let stream = SendTimeout::new(stream, idle);
-            match acceptor {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    let conn = std::pin::pin!(conn);
-                    watch(
-                        conn,
-                        dog,
-                        &shutdown.shutdown,
-                        idle,
-                        |c| c.graceful_shutdown(),
-                        |_, _| true,
-                    )
-                    .await;
-                }
+            let io = match acceptor {
+                None => tokio_util::either::Either::Left(stream),
                 Some(acc) => {
                     let Ok(Ok(s)) = tokio::time::timeout(hrt, acc.accept(stream)).await else {
                         return;
                     };
-                    let conn = builder.serve_connection(TokioIo::new(s), svc);
-                    let conn = std::pin::pin!(conn);
-                    watch(
-                        conn,
-                        dog,
-                        &shutdown.shutdown,
-                        idle,
-                        |c| c.graceful_shutdown(),
-                        |_, _| true,
-                    )
-                    .await;
+                    tokio_util::either::Either::Right(s)
                 }
-            }
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let conn = std::pin::pin!(conn);
+            watch(
+                conn,
+                dog,
+                &shutdown.shutdown,
+                idle,
+                |c| c.graceful_shutdown(),
+                |_, _| true,
+            )
+            .await;
         });
     }
     drop(listener);
