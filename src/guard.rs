@@ -10,9 +10,10 @@
 //! response body reports when it was last asked for data. The h2 server
 //! (`http::h2_server`) hands each stream to [`StreamExec`], which runs it in a task of its own
 //! (on a multi-thread runtime) or in the connection's task beside the connection (on a
-//! current-thread one), and can stop it: a stream stalled on its own window is reset alone (RST_STREAM CANCEL); a connection
-//! whose connection-level window is shut ([`CountWindow`] follows it), or on which no response
-//! ever moved, is closed.
+//! current-thread one), and can stop it: a stream stalled on its own window is reset alone
+//! (RST_STREAM CANCEL); a connection whose connection-level window is shut ([`CountWindow`]
+//! follows it), or on which no response ever moved, is closed. The h2 server's keep-alive PING
+//! runs on the watchdog's tick too, on the signs of life [`CountWindow`] counts.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -78,11 +79,12 @@ impl Drop for InWatch {
     }
 }
 
-/// The HTTP/2 server's executor: each stream's task can be stopped by the
-/// connection's watchdog. A stream spawned while [`watch`] polls its connection on a
-/// current-thread runtime runs in the connection's task; any other becomes a tokio task. Stopping drops the stream's future, and with it the response body
-/// (the upstream connection is closed, not pooled) and h2's last handle on the stream, so h2
-/// discards what it buffered for the stream and sends RST_STREAM (CANCEL).
+/// The HTTP/2 server's executor: each stream's task can be stopped by the connection's
+/// watchdog. A stream spawned while [`watch`] polls its connection on a current-thread runtime
+/// runs in the connection's task; any other becomes a tokio task. Stopping drops the stream's
+/// future, and with it the response body (the upstream connection is closed, not pooled) and
+/// h2's last handle on the stream, so h2 discards what it buffered for the stream and sends
+/// RST_STREAM (CANCEL).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StreamExec;
 

@@ -148,10 +148,10 @@ where
     /// Sends a PING once the client has shown no sign of life for `keep_alive_interval`
     /// (`heard`: a count the caller keeps of bytes read from it and DATA its socket took; any
     /// change, the PING's answer included, shows it alive, so a download still moving is not
-    /// given up while its PING's answer waits behind the data); once a PING has then gone `keep_alive_timeout` with nothing heard,
-    /// sends GOAWAY and lets the connection close; false if it has not closed one timeout
-    /// later (drop it). Called from the caller's own periodic timer, so that no frame or
-    /// request pays for a timer of its own.
+    /// given up while its PING's answer waits behind the data); once a PING has then gone
+    /// `keep_alive_timeout` with nothing heard, sends GOAWAY and lets the connection close;
+    /// false if it has not closed one timeout later (drop it). Called from the caller's own
+    /// periodic timer, so that no frame or request pays for a timer of its own.
     pub fn keep_alive(self: Pin<&mut Self>, now: Instant, heard: u64) -> bool {
         let this = self.get_mut();
         let (Some(k), State::Serving(conn)) = (&mut this.keep_alive, &mut this.state) else {
