@@ -861,44 +861,34 @@ async fn an_upstreams_interim_responses_reach_h2_clients() {
 /// bytes (`/none`: nothing), then waits; it reports when it has the request and when the
 /// proxy closes the connection.
 async fn stalling_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let which = if buf.starts_with(b"GET /head ") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab")
-                        .await;
-                    "head"
-                } else {
-                    "none"
-                };
-                let _ = tx.send(format!("got {which}"));
-                // Whatever comes next, an EOF or a reset means the proxy let go.
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = s.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let _ = tx.send(format!("closed {which}"));
-            });
+    channel_upstream(|mut s, tx| async move {
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
-    });
-    (addr, rx)
+        let which = if buf.starts_with(b"GET /head ") {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab")
+                .await;
+            "head"
+        } else {
+            "none"
+        };
+        let _ = tx.send(format!("got {which}"));
+        // Whatever comes next, an EOF or a reset means the proxy let go.
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = tx.send(format!("closed {which}"));
+    })
+    .await
 }
 
 /// An h2 client that resets its stream (RST_STREAM CANCEL) gets the proxy to let go of the
@@ -956,31 +946,44 @@ async fn an_h2_stream_the_client_resets_lets_go_of_its_upstream() {
 /// An upstream that reads one request (head and whatever body follows) until the proxy closes
 /// the connection or a whole chunked body has arrived, and reports what it read.
 async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    channel_upstream(|mut s, tx| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if buf.ends_with(b"\r\n0\r\n\r\n") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                    .await;
+                break;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = tx.send(buf);
+    })
+    .await
+}
+
+/// An upstream on an ephemeral port: each connection is served by `serve`, which reports
+/// what it saw on the channel.
+async fn channel_upstream<T, F, Fut>(
+    serve: F,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<T>)
+where
+    T: Send + 'static,
+    F: Fn(TcpStream, tokio::sync::mpsc::UnboundedSender<T>) -> Fut + Send + Copy + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    if buf.ends_with(b"\r\n0\r\n\r\n") {
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-                            .await;
-                        break;
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let _ = tx.send(buf);
-            });
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s, tx.clone()));
         }
     });
     (addr, rx)
