@@ -555,3 +555,75 @@ async fn an_early_response_does_not_stall_or_cut_the_upload() {
     );
     p.stop().await;
 }
+
+/// An upstream that answers a request only once `n` requests wait at once (so that `n`
+/// connections are in use together), counting the connections it accepts and those the proxy
+/// closes.
+async fn gathering_upstream(n: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, c) = (opened.clone(), closed.clone());
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            o.fetch_add(1, Ordering::SeqCst);
+            let (c, barrier) = (c.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while next_head(&mut s, &mut buf).await.is_some() {
+                    barrier.wait().await;
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                    if s.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, opened, closed)
+}
+
+/// More answers coming back at once than `upstream_max_idle` (a burst, as from an h2 client
+/// with many streams in flight) keep their connections for the requests about to need them:
+/// the next burst opens none. The excess is closed by the next reap, down to the cap.
+#[tokio::test]
+async fn a_burst_beyond_max_idle_reuses_its_connections_and_the_reap_trims_them() {
+    const BURST: usize = 8;
+    let (up, opened, closed) = gathering_upstream(BURST).await;
+    let p = TestProxy::start(&pool_config(up, "upstream_max_idle = 2\n")).await;
+    for _ in 0..3 {
+        let mut tasks = Vec::new();
+        for _ in 0..BURST {
+            let addr = p.proxy;
+            tasks.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(10), get(addr, "/x")).await
+            }));
+        }
+        for t in tasks {
+            let got = t.await.expect("join").expect("answered in time");
+            assert_eq!(got, (200, "ok\n".to_string()));
+        }
+    }
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        BURST,
+        "each burst should reuse the connections of the one before"
+    );
+    // The reap (every 4 s) closes all but `upstream_max_idle` of them.
+    let trimmed = eventually(20, || async { closed.load(Ordering::SeqCst) == BURST - 2 }).await;
+    assert!(
+        trimmed,
+        "{} of {BURST} idle connections closed, expected {}",
+        closed.load(Ordering::SeqCst),
+        BURST - 2
+    );
+    // And no more than that.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(closed.load(Ordering::SeqCst), BURST - 2);
+    p.stop().await;
+}

@@ -37,7 +37,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -261,13 +261,20 @@ impl Conn {
     }
 }
 
+/// How long an idle connection beyond `upstream_max_idle` waits unused before a reap closes it.
+const EXCESS_IDLE: Duration = Duration::from_secs(1);
+
 /// The idle connections of one upstream.
 pub struct ConnPool {
     addr: SocketAddr,
-    idle: ArrayQueue<Conn>,
+    /// Oldest first. Not capped as connections come back: a burst of answers can return more
+    /// than `max_idle` at once while as many requests are about to need them (h2 clients with
+    /// hundreds of streams in flight), and closing the excess only to open as many again cost
+    /// a connect per 10–30 requests. [`ConnPool::reap`] brings it down to `max_idle`.
+    idle: SegQueue<Conn>,
     /// The upstream's one multiplexed HTTP/2 connection, for `protocol = "h2"` pools.
     h2: H2Conn,
-    /// `upstream_max_idle`; 0 turns reuse off.
+    /// `upstream_max_idle`: the idle connections a reap keeps; 0 turns reuse off.
     max_idle: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -282,7 +289,7 @@ impl ConnPool {
     ) -> Arc<ConnPool> {
         Arc::new(ConnPool {
             addr,
-            idle: ArrayQueue::new(max_idle.max(1)),
+            idle: SegQueue::new(),
             h2: H2Conn::default(),
             max_idle,
             connect_timeout,
@@ -502,14 +509,23 @@ impl ConnPool {
     }
 
     /// Closes idle connections past `upstream_idle_timeout` or closed by the upstream, so an
-    /// upstream nobody sends to (the idle color) keeps no sockets open. Run by the stats ticker.
+    /// upstream nobody sends to (the idle color) keeps no sockets open, and the oldest beyond
+    /// `upstream_max_idle` that no request took for [`EXCESS_IDLE`] (while a load keeps more in
+    /// flight than the cap, each is taken again within milliseconds). Run by the stats ticker
+    /// (every 4 s).
     pub fn reap(&self) {
-        for _ in 0..self.idle.len() {
+        let n = self.idle.len();
+        let mut excess = n.saturating_sub(self.max_idle);
+        for _ in 0..n {
             let Some(conn) = self.idle.pop() else {
                 return;
             };
+            if excess > 0 && conn.since.is_some_and(|t| t.elapsed() >= EXCESS_IDLE) {
+                excess -= 1;
+                continue;
+            }
             if self.reusable(&conn) {
-                let _ = self.idle.push(conn);
+                self.idle.push(conn);
             }
         }
     }
@@ -532,8 +548,7 @@ impl ConnPool {
             conn.read_size = READ_CHUNK;
             conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
         }
-        // A full pool drops the connection: at most `upstream_max_idle` stay open.
-        let _ = self.idle.push(conn);
+        self.idle.push(conn);
     }
 }
 

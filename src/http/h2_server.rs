@@ -453,6 +453,10 @@ pub struct RequestBody {
     recv: RecvStream,
     /// What `Content-Length` says is still to come.
     remaining: Option<u64>,
+    /// The last declared bytes, come before the stream's END_STREAM: held until it comes, so
+    /// that a client that resets the stream instead leaves the upstream an incomplete request
+    /// (RFC 9113 8.1), not one complete by its length.
+    held: Option<Bytes>,
     data_done: bool,
 }
 
@@ -461,6 +465,7 @@ impl RequestBody {
         RequestBody {
             recv,
             remaining: None,
+            held: None,
             data_done: false,
         }
     }
@@ -489,12 +494,24 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
-        if !this.data_done {
+        while !this.data_done {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
                     if let Some(n) = &mut this.remaining {
                         *n = n.saturating_sub(data.len() as u64);
+                    }
+                    let data = match this.held.take() {
+                        None => data,
+                        Some(held) if data.is_empty() => held,
+                        Some(held) => {
+                            this.held = Some(data);
+                            return Poll::Ready(Some(Ok(Frame::data(held))));
+                        }
+                    };
+                    if this.remaining == Some(0) && !this.recv.is_end_stream() {
+                        this.held = Some(data);
+                        continue;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -506,7 +523,12 @@ impl Body for RequestBody {
                 None if this.remaining.is_some_and(|n| n > 0) => {
                     return Poll::Ready(Some(Err(h2::Error::from(Reason::PROTOCOL_ERROR))));
                 }
-                None => this.data_done = true,
+                None => {
+                    this.data_done = true;
+                    if let Some(held) = this.held.take() {
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
+                }
             }
         }
         match ready!(this.recv.poll_trailers(cx)) {
@@ -516,15 +538,16 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.held.is_none() && self.recv.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        let held = self.held.as_ref().map_or(0, |b| b.len() as u64);
         if self.recv.is_end_stream() {
-            return SizeHint::with_exact(0);
+            return SizeHint::with_exact(held);
         }
         match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
+            Some(n) => SizeHint::with_exact(n + held),
             None => SizeHint::default(),
         }
     }
