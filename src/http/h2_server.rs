@@ -458,11 +458,15 @@ pub struct RequestBody {
     /// (RFC 9113 8.1), not one complete by its length.
     held: Option<Bytes>,
     data_done: bool,
+    /// The request came without a body (END_STREAM on its HEADERS): asking `h2` again takes
+    /// its stream store's lock, and the proxy asks a few times per request.
+    empty: bool,
 }
 
 impl RequestBody {
     fn new(recv: RecvStream) -> RequestBody {
         RequestBody {
+            empty: recv.is_end_stream(),
             recv,
             remaining: None,
             held: None,
@@ -474,7 +478,7 @@ impl RequestBody {
 /// Reads the declared length of a request whose stream is still open (`h2` has checked that it
 /// parses and will reset the stream if the data does not match it).
 fn declare_length(req: &mut Request<RequestBody>) {
-    if req.body().recv.is_end_stream() {
+    if req.body().empty {
         return;
     }
     let n = req
@@ -494,6 +498,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
+        if this.empty {
+            return Poll::Ready(None);
+        }
         while !this.data_done {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
@@ -538,10 +545,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.recv.is_end_stream()
+        self.empty || (self.held.is_none() && self.recv.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.empty {
+            return SizeHint::with_exact(0);
+        }
         let held = self.held.as_ref().map_or(0, |b| b.len() as u64);
         if self.recv.is_end_stream() {
             return SizeHint::with_exact(held);
