@@ -603,3 +603,121 @@ async fn replicas_list_the_same_ended_releases_when_ends_and_starts_come_close()
     a.stop().await;
     b.stop().await;
 }
+
+/// etcd's JSON gateway: `path` with `body`, the answer.
+async fn etcd_call(etcd: &Etcd, path: &str, body: Value) -> Value {
+    let (s, v) = request(
+        etcd.addr(),
+        "POST",
+        path,
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(body.to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    serde_json::from_str(&v).expect("etcd answers JSON")
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The ended releases are listed in the order etcd stored their ends, not by `ended_at` (each
+/// replica's own clock, which can be skewed): two history entries written in one order with
+/// `ended_at`s saying the other (as replicas whose clocks disagree store them) are listed newest
+/// write first, on a replica that reads them from the history and on one that ends the next
+/// release itself; `ended_at` is listed as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_releases_are_ordered_by_etcd_write_not_by_the_replicas_clocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let prefix = "/sy-rel-order/";
+    let rig = Rig::new(&etcd, prefix).await;
+    let a = TestProxy::start(&rig.body).await;
+    let ids = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].clone())
+            .collect()
+    };
+    // One real end, for an entry in the stored format.
+    let x = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    wait_phase(&a, 0, "baking").await;
+    let abort = |p: std::net::SocketAddr| async move {
+        let (s, v) = admin_post(
+            p,
+            "/api/releases/current/abort",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    };
+    abort(a.admin).await;
+    let hist = format!("{prefix}release_history/");
+    let entry = etcd_call(
+        &etcd,
+        "/v3/kv/range",
+        json!({ "key": b64(&format!("{hist}{}", x.as_str().unwrap_or_default())) }),
+    )
+    .await;
+    let raw = entry["kvs"][0]["value"].as_str().unwrap_or_default();
+    let stored: Value = {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(raw)
+            .expect("base64");
+        serde_json::from_slice(&b).expect("a stored release")
+    };
+    assert_eq!(stored["id"], x, "{entry}");
+    // Written first by a replica whose clock runs ahead; then one whose clock is behind.
+    for (id, ended_at) in [
+        ("r-skew-late-clock", "2099-01-01T00:00:00.000Z"),
+        ("r-skew-early-clock", "2001-01-01T00:00:00.000Z"),
+    ] {
+        let mut v = stored.clone();
+        v["id"] = json!(id);
+        v["ended_at"] = json!(ended_at);
+        etcd_call(
+            &etcd,
+            "/v3/kv/put",
+            json!({ "key": b64(&format!("{hist}{id}")), "value": b64(&v.to_string()) }),
+        )
+        .await;
+    }
+    let want = vec![
+        json!("r-skew-early-clock"),
+        json!("r-skew-late-clock"),
+        x.clone(),
+    ];
+    // A replica that reads them from the history.
+    let b = TestProxy::start(&rig.body).await;
+    let listed = eventually(20, || async {
+        ids(&releases(&b).await["recent"]).len() == 3
+    })
+    .await;
+    let on_b = releases(&b).await["recent"].clone();
+    assert!(listed, "{on_b}");
+    assert_eq!(ids(&on_b), want, "{on_b}");
+    assert_eq!(on_b[0]["ended_at"], "2001-01-01T00:00:00.000Z", "{on_b}");
+    assert_eq!(on_b[1]["ended_at"], "2099-01-01T00:00:00.000Z", "{on_b}");
+
+    // The next release, ended on B (its clock says before 2099): first on both.
+    let z = start_release(&b, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    wait_phase(&b, 0, "baking").await;
+    abort(b.admin).await;
+    let mut want = want;
+    want.insert(0, z);
+    for p in [&a, &b] {
+        let same = eventually(20, || async {
+            let r = releases(p).await;
+            r["current"].is_null() && ids(&r["recent"]) == want
+        })
+        .await;
+        assert!(same, "{}", releases(p).await);
+    }
+    a.stop().await;
+    b.stop().await;
+}

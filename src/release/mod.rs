@@ -149,6 +149,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         flipped: Vec::new(),
         paused: None,
         actor: actor.to_string(),
+        end_rev: None,
     };
     if let Some(etcd) = store::etcd(app) {
         // Shared through etcd: stored first (a compare-and-swap), then driven by this replica.

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::{wall_ms, Release, StartError};
 use crate::app::{App, ChangeError};
+use crate::release_record::sort_recent;
 use crate::state::etcd::{new_write_id, EtcdStore, ReleaseCas, ReleaseRead};
 
 /// This process, as the `driver` of a release.
@@ -165,7 +166,12 @@ fn apply(app: &App, read: &ReleaseRead) {
                 }
                 inner.promote = false;
             }
-            if inner.recent.iter().any(|x| x.id == r.id) {
+            if let Some(x) = inner.recent.iter_mut().find(|x| x.id == r.id) {
+                // Ended here: the key's revision orders it until the history's is read.
+                if x.end_rev.is_none() {
+                    x.end_rev = Some(read.mod_revision);
+                    sort_recent(&mut inner.recent);
+                }
                 rels.publish(&inner);
                 return;
             }
@@ -173,8 +179,12 @@ fn apply(app: &App, read: &ReleaseRead) {
         for p in &mut r.phases {
             p.bake_deadline = None;
         }
+        // The end and its history entry are one transaction: the key's revision is the entry's
+        // (later only if a fence rewrote the key since, which no other end can come between).
+        r.end_rev = Some(read.mod_revision);
         inner.recent.retain(|x| x.id != r.id);
         inner.recent.push_front(r);
+        sort_recent(&mut inner.recent);
         inner.recent.truncate(super::RECENT);
         rels.publish(&inner);
         return;
@@ -405,7 +415,14 @@ fn prune_history(app: &App) {
 async fn load_history(app: &App, store: &EtcdStore) -> bool {
     match store.release_history(super::RECENT).await {
         Ok(values) => {
-            let ended: Vec<Release> = values.iter().filter_map(Release::from_stored).collect();
+            let ended: Vec<Release> = values
+                .iter()
+                .filter_map(|(rev, v)| {
+                    let mut r = Release::from_stored(v)?;
+                    r.end_rev = Some(*rev);
+                    Some(r)
+                })
+                .collect();
             if ended.len() < values.len() {
                 tracing::warn!(
                     unreadable = values.len() - ended.len(),
