@@ -721,3 +721,73 @@ async fn ended_releases_are_ordered_by_etcd_write_not_by_the_replicas_clocks() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A replica whose reads of the release history etcd never answers (only those: the relay
+/// black-holes each connection that sends one, its other requests pass) still follows the
+/// release key as it changes, and lists the ended release once the history answers again: the
+/// history read never holds up the loop that reads the key, beats and takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_etcd_does_not_answer_never_delays_following_the_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-history-stall/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let abort = |p: std::net::SocketAddr| async move {
+        let (s, v) = admin_post(
+            p,
+            "/api/releases/current/abort",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    };
+    // Two ended before B starts: the key holds the second, only the history the first.
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        let id = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+        wait_phase(&a, 0, "baking").await;
+        abort(a.admin).await;
+        ended.insert(0, id);
+    }
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    // Only the history's range read sorts by create revision (prune does too, after an end
+    // this replica stores; B stores none).
+    relay.freeze_when_sent(Some(br#""sort_target":"CREATE""#));
+    // A stalled read lasts etcd_timeout: far longer than the waits below.
+    let body_b = rig
+        .body
+        .replace(
+            &format!("127.0.0.1:{}", etcd.client),
+            &relay.addr.to_string(),
+        )
+        .replace("etcd_timeout = \"3s\"", "etcd_timeout = \"60s\"");
+    assert_ne!(body_b, rig.body);
+    let b = TestProxy::start(&body_b).await;
+    let stalled = eventually(20, || async { relay.frozen_by_pattern() > 0 }).await;
+    assert!(stalled, "B never read the history");
+
+    let x = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    let followed = eventually(15, || async { releases(&b).await["current"]["id"] == x }).await;
+    assert!(followed, "B never saw the release: {}", releases(&b).await);
+
+    // Ended on A; the history answers again (the stalled connections cut): B lists all three.
+    abort(a.admin).await;
+    relay.freeze_when_sent(None);
+    relay.cut_all();
+    ended.insert(0, x);
+    let listed = eventually(20, || async {
+        let r = releases(&b).await;
+        let ids: Vec<Value> = r["recent"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].clone())
+            .collect();
+        r["current"].is_null() && ids == ended
+    })
+    .await;
+    assert!(listed, "{}", releases(&b).await);
+    a.stop().await;
+    b.stop().await;
+}

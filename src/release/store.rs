@@ -439,6 +439,36 @@ async fn load_history(app: &App, store: &EtcdStore) -> bool {
     }
 }
 
+/// Reads the history ([`load_history`]) each time `wanted` is notified (a notification during a
+/// read makes one more read after it), retrying every `retry` until etcd answers; until
+/// shutdown.
+async fn history_reader(
+    app: &App,
+    store: &EtcdStore,
+    wanted: &tokio::sync::Notify,
+    retry: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = wanted.notified() => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        loop {
+            let read = tokio::select! {
+                ok = load_history(app, store) => ok,
+                _ = app.shutdown.cancelled() => return,
+            };
+            if read {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = app.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
 /// After a phase's flip: whether this replica still drives the live release `id` (a fresh read
 /// of the key). When etcd does not answer, the last known answer stands.
 pub(super) async fn confirm(app: &App, store: &EtcdStore, id: &str) -> bool {
@@ -616,7 +646,17 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
     }
     // The ended releases: read at start, and again whenever the key moved to another release or
     // to an ended one (two ends between two reads of the key would otherwise show only the last).
-    let mut history_read = false;
+    // In their own task: a history read etcd does not answer (each try can take up to
+    // `etcd_timeout`, and a failing one is retried) never delays this loop's reads of the key,
+    // the driver's heartbeat or a takeover.
+    let history = Arc::new(tokio::sync::Notify::new());
+    {
+        let app = app.clone();
+        let store = store.clone();
+        let history = history.clone();
+        tokio::spawn(async move { history_reader(&app, &store, &history, poll).await });
+    }
+    history.notify_one();
     loop {
         match store.read_release().await {
             Ok(read) => {
@@ -633,10 +673,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             .history_stale
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
-            history_read = false;
-        }
-        if !history_read {
-            history_read = load_history(&app, &store).await;
+            history.notify_one();
         }
         let (driving, wrote_at, changed_at, live) = {
             let s = app.releases.shared.seen();
