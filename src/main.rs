@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use switchyard::config::{self, StateBackend};
 use switchyard::{errln, out, outln, Options, StateStore};
 
@@ -85,8 +85,21 @@ enum Cmd {
     Healthcheck(switchyard::HealthcheckArgs),
 }
 
+/// The command line as given. An empty `SWITCHYARD_CONFIG` is unset (the default path, or
+/// `--config`), for every subcommand that reads it, as `check --release` treats it: clap would
+/// take it for an empty `--config` (a usage error).
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    if std::env::var_os("SWITCHYARD_CONFIG").is_some_and(|v| v.is_empty()) {
+        for sub in ["serve", "check", "healthcheck"] {
+            cmd = cmd.mut_subcommand(sub, |s| s.mut_arg("config", |a| a.env(None)));
+        }
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging(cli.log_format);
     match cli.cmd {
         Cmd::Check {
