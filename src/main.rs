@@ -365,11 +365,27 @@ fn serve(
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
         match switchyard::move_state_aside(&cfg.state.path) {
-            Ok(Some(aside)) => report.note(&format!(
-                "--reset-state: moved {} to {}",
-                cfg.state.path.display(),
-                aside.display()
-            )),
+            Ok(Some(aside)) => {
+                report.note(&format!(
+                    "--reset-state: moved {} to {}",
+                    cfg.state.path.display(),
+                    aside.display()
+                ));
+                // A release it ran is not resumed against the config's colors.
+                match switchyard::end_release_on_state_reset(&cfg.state.path) {
+                    Ok(Some((id, name))) => report.note(&format!(
+                        "--reset-state: release {name:?} ({id}) was running; it is ended (aborted), not resumed: every service is at the config's colors"
+                    )),
+                    Ok(None) => {}
+                    Err(e) => {
+                        report.error(&format!(
+                            "--reset-state: cannot end the release that was running in {}: {e}",
+                            cfg.state.path.with_extension("release.json").display()
+                        ));
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             Ok(None) => {}
             Err(e) => {
                 report.error(&format!(

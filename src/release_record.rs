@@ -85,6 +85,34 @@ pub struct Release {
 }
 
 impl Release {
+    /// Marks it ended now with `result`: its phases' states and end times as an end leaves
+    /// them.
+    pub(crate) fn finish(&mut self, result: &'static str, reason: String) {
+        let now = now_rfc3339();
+        self.state = result;
+        self.reason = Some(reason);
+        self.ended_at = Some(now.clone());
+        for p in &mut self.phases {
+            if matches!(p.state, "baking" | "waiting") {
+                p.state = if result == "complete" {
+                    "passed"
+                } else {
+                    "rolled_back"
+                };
+                p.ended_at = Some(now.clone());
+                p.bake_deadline = None;
+            }
+        }
+        if result != "complete" {
+            // Every phase that flipped something went back.
+            for p in &mut self.phases {
+                if p.state == "passed" {
+                    p.state = "rolled_back";
+                }
+            }
+        }
+    }
+
     pub(crate) fn live(&self) -> bool {
         matches!(self.state, "running" | "waiting" | "validating")
     }
@@ -330,29 +358,7 @@ impl Releases {
         let Some(mut r) = inner.current.take_if(|r| r.id == id) else {
             return false;
         };
-        let now = now_rfc3339();
-        r.state = result;
-        r.reason = Some(reason);
-        r.ended_at = Some(now.clone());
-        for p in &mut r.phases {
-            if matches!(p.state, "baking" | "waiting") {
-                p.state = if result == "complete" {
-                    "passed"
-                } else {
-                    "rolled_back"
-                };
-                p.ended_at = Some(now.clone());
-                p.bake_deadline = None;
-            }
-        }
-        if result != "complete" {
-            // Every phase that flipped something went back.
-            for p in &mut r.phases {
-                if p.state == "passed" {
-                    p.state = "rolled_back";
-                }
-            }
-        }
+        r.finish(result, reason);
         if let Some(c) = inner.cancel.take() {
             c.cancel();
         }
