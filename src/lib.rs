@@ -59,7 +59,10 @@ pub use server::{file_problems, start, start_with, Options, Running};
 pub use state::{move_aside as move_state_aside, StateStore};
 pub use upgrade::{request as request_upgrade, sd_notify, spawn_successor, Inherited};
 // `check`: upstream names (DNS) and release plans; the states a release can be in.
-pub use release::{load as load_release_plan, STATES as RELEASE_STATES};
+pub use release::{
+    end_stored_on_reset as end_release_on_state_reset, load as load_release_plan,
+    STATES as RELEASE_STATES,
+};
 pub use resolve::{check_warnings as name_warnings, has_names, resolve as resolve_names};
 // The `demo` and `ctl` subcommands.
 pub use ctl::{run as run_ctl, Ctl};

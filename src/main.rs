@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use switchyard::config::{self, StateBackend};
 use switchyard::{errln, out, outln, Options, StateStore};
 
@@ -85,8 +85,21 @@ enum Cmd {
     Healthcheck(switchyard::HealthcheckArgs),
 }
 
+/// The command line as given. An empty `SWITCHYARD_CONFIG` is unset (the default path, or
+/// `--config`), for every subcommand that reads it, as `check --release` treats it: clap would
+/// take it for an empty `--config` (a usage error).
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    if std::env::var_os("SWITCHYARD_CONFIG").is_some_and(|v| v.is_empty()) {
+        for sub in ["serve", "check", "healthcheck"] {
+            cmd = cmd.mut_subcommand(sub, |s| s.mut_arg("config", |a| a.env(None)));
+        }
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging(cli.log_format);
     match cli.cmd {
         Cmd::Check {
@@ -352,11 +365,27 @@ fn serve(
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
         match switchyard::move_state_aside(&cfg.state.path) {
-            Ok(Some(aside)) => report.note(&format!(
-                "--reset-state: moved {} to {}",
-                cfg.state.path.display(),
-                aside.display()
-            )),
+            Ok(Some(aside)) => {
+                report.note(&format!(
+                    "--reset-state: moved {} to {}",
+                    cfg.state.path.display(),
+                    aside.display()
+                ));
+                // A release it ran is not resumed against the config's colors.
+                match switchyard::end_release_on_state_reset(&cfg.state.path) {
+                    Ok(Some((id, name))) => report.note(&format!(
+                        "--reset-state: release {name:?} ({id}) was running; it is ended (aborted), not resumed: every service is at the config's colors"
+                    )),
+                    Ok(None) => {}
+                    Err(e) => {
+                        report.error(&format!(
+                            "--reset-state: cannot end the release that was running in {}: {e}",
+                            cfg.state.path.with_extension("release.json").display()
+                        ));
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             Ok(None) => {}
             Err(e) => {
                 report.error(&format!(

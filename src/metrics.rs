@@ -29,6 +29,9 @@ pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
+pub const PREVIEW_REQUESTS_TOTAL: &str = "switchyard_preview_requests_total";
+pub const PREVIEW_UPSTREAM_FAILURES_TOTAL: &str = "switchyard_preview_upstream_failures_total";
+pub const PREVIEW_REQUEST_DURATION_SECONDS: &str = "switchyard_preview_request_duration_seconds";
 
 /// Every `reason` of `switchyard_flips_total`.
 /// A release's flips count under its own reasons (a phase, its rollback, its abort).
@@ -73,6 +76,12 @@ pub struct Metrics {
     pub rejected_requests_total: IntCounterVec,
     /// HTTP/1 requests whose client closed its connection before the response (nginx's 499).
     pub client_closed_requests_total: IntCounter,
+    /// The preview listener's share of `requests_total`, `upstream_failures_total` and
+    /// `request_duration` (same labels): preview requests count in those too, these tell them
+    /// apart. Their series are resolved on a pool's or upstream's first preview request.
+    pub preview_requests_total: IntCounterVec,
+    pub preview_upstream_failures_total: IntCounterVec,
+    pub preview_request_duration: HistogramVec,
     /// `rejected_requests_total`'s series by reason, resolved at startup (see `count_rejected`).
     rejected_by_reason: Vec<(&'static str, IntCounter)>,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
@@ -124,6 +133,16 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static histogram definition: {e}"));
         register(&r, Box::new(request_duration.clone()));
+        let preview_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                PREVIEW_REQUEST_DURATION_SECONDS,
+                "The preview listener's share of switchyard_request_duration_seconds.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["service", "color"],
+        )
+        .unwrap_or_else(|e| unreachable!("static histogram definition: {e}"));
+        register(&r, Box::new(preview_request_duration.clone()));
         let webhook_failures_total = IntCounter::new(
             WEBHOOK_FAILURES_TOTAL,
             "Webhook deliveries that failed after every retry, or were dropped because the queue was full.",
@@ -172,6 +191,19 @@ impl Metrics {
                 &["service", "color", "upstream", "kind"],
             ),
             request_duration,
+            preview_requests_total: counter_vec(
+                &r,
+                PREVIEW_REQUESTS_TOTAL,
+                "The preview listener's share of switchyard_requests_total (requests to the idle color).",
+                &["service", "color", "upstream", "code"],
+            ),
+            preview_upstream_failures_total: counter_vec(
+                &r,
+                PREVIEW_UPSTREAM_FAILURES_TOTAL,
+                "The preview listener's share of switchyard_upstream_failures_total.",
+                &["service", "color", "upstream", "kind"],
+            ),
+            preview_request_duration,
             active_color: gauge_vec(
                 &r,
                 ACTIVE_COLOR,

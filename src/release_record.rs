@@ -77,9 +77,42 @@ pub struct Release {
     /// Why the release does not advance by itself any more (a forced manual change).
     pub(crate) paused: Option<String>,
     pub(crate) actor: String,
+    /// With the etcd backend, the revision at which etcd stored this release's end (its
+    /// history key's create revision): `recent` is ordered by it, not by `ended_at`, which is
+    /// the ending replica's own clock. None until known (a local end etcd has not shown yet,
+    /// and always with the file backend).
+    pub(crate) end_rev: Option<i64>,
 }
 
 impl Release {
+    /// Marks it ended now with `result`: its phases' states and end times as an end leaves
+    /// them.
+    pub(crate) fn finish(&mut self, result: &'static str, reason: String) {
+        let now = now_rfc3339();
+        self.state = result;
+        self.reason = Some(reason);
+        self.ended_at = Some(now.clone());
+        for p in &mut self.phases {
+            if matches!(p.state, "baking" | "waiting") {
+                p.state = if result == "complete" {
+                    "passed"
+                } else {
+                    "rolled_back"
+                };
+                p.ended_at = Some(now.clone());
+                p.bake_deadline = None;
+            }
+        }
+        if result != "complete" {
+            // Every phase that flipped something went back.
+            for p in &mut self.phases {
+                if p.state == "passed" {
+                    p.state = "rolled_back";
+                }
+            }
+        }
+    }
+
     pub(crate) fn live(&self) -> bool {
         matches!(self.state, "running" | "waiting" | "validating")
     }
@@ -294,12 +327,19 @@ impl Releases {
     }
 
     /// Adds ended releases read back from the state backend (after a restart, or written by
-    /// another replica) to `recent`: one entry per id (the one already here stays), newest end
-    /// first, at most [`RECENT`]. Nothing is written back: they came from there.
+    /// another replica) to `recent`: one entry per id (the one already here stays, taking the
+    /// etcd revision of its end when it lacked it), newest end first, at most [`RECENT`].
+    /// Nothing is written back: they came from there.
     pub(crate) fn restore_recent(&self, ended: impl IntoIterator<Item = Release>) {
         let mut inner = self.lock();
         for r in ended {
-            if r.live() || inner.recent.iter().any(|x| x.id == r.id) {
+            if r.live() {
+                continue;
+            }
+            if let Some(x) = inner.recent.iter_mut().find(|x| x.id == r.id) {
+                if r.end_rev.is_some() {
+                    x.end_rev = r.end_rev;
+                }
                 continue;
             }
             // The local copy still runs it: its end is read from the key, where it is whole.
@@ -308,11 +348,7 @@ impl Releases {
             }
             inner.recent.push_back(r);
         }
-        // RFC 3339 UTC with milliseconds (`now_rfc3339`): the strings order as the times do.
-        inner
-            .recent
-            .make_contiguous()
-            .sort_by(|a, b| b.ended_at.cmp(&a.ended_at));
+        sort_recent(&mut inner.recent);
         inner.recent.truncate(RECENT);
     }
 
@@ -322,29 +358,7 @@ impl Releases {
         let Some(mut r) = inner.current.take_if(|r| r.id == id) else {
             return false;
         };
-        let now = now_rfc3339();
-        r.state = result;
-        r.reason = Some(reason);
-        r.ended_at = Some(now.clone());
-        for p in &mut r.phases {
-            if matches!(p.state, "baking" | "waiting") {
-                p.state = if result == "complete" {
-                    "passed"
-                } else {
-                    "rolled_back"
-                };
-                p.ended_at = Some(now.clone());
-                p.bake_deadline = None;
-            }
-        }
-        if result != "complete" {
-            // Every phase that flipped something went back.
-            for p in &mut r.phases {
-                if p.state == "passed" {
-                    p.state = "rolled_back";
-                }
-            }
-        }
+        r.finish(result, reason);
         if let Some(c) = inner.cancel.take() {
             c.cancel();
         }
@@ -356,6 +370,19 @@ impl Releases {
         self.publish(&inner);
         true
     }
+}
+
+/// Newest end first. With etcd, by the revision at which etcd stored each end (one order for
+/// every replica, whatever their clocks say); an end etcd has not shown yet is the newest (it
+/// just happened here). Otherwise (the file backend: one clock) by `ended_at`, RFC 3339 UTC
+/// with milliseconds (`now_rfc3339`), whose strings order as the times do.
+pub(crate) fn sort_recent(recent: &mut std::collections::VecDeque<Release>) {
+    recent.make_contiguous().sort_by(|a, b| {
+        let rev = |r: &Release| r.end_rev.unwrap_or(i64::MAX);
+        rev(b)
+            .cmp(&rev(a))
+            .then_with(|| b.ended_at.cmp(&a.ended_at))
+    });
 }
 
 /// What the file backend keeps beside the state file (`<state>.release.json`): the running
@@ -469,6 +496,7 @@ impl Release {
             flipped: serde_json::from_value(v["flipped"].clone()).ok()?,
             paused: opt_str(&v["paused"]),
             actor: opt_str(&v["actor"]).unwrap_or_default(),
+            end_rev: None,
         })
     }
 }

@@ -206,6 +206,15 @@ fn retire_removed(prev: &Snapshot, next: &Snapshot, metrics: &Metrics) {
                     "none",
                     "503",
                 ]);
+                let _ = metrics
+                    .preview_request_duration
+                    .remove_label_values(&labels);
+                let _ = metrics.preview_requests_total.remove_label_values(&[
+                    svc.name(),
+                    color.as_str(),
+                    "none",
+                    "503",
+                ]);
             }
         }
     }

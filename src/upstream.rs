@@ -10,7 +10,7 @@ use http::uri::Authority;
 use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use prometheus::{Histogram, IntCounter, IntCounterVec};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 
 use crate::config::{Color, Protocol, ProxyConfig, ServiceConfig};
 use crate::http::client::{hyper_client, ConnPool};
@@ -73,12 +73,24 @@ pub struct Upstream {
     requests_vec: IntCounterVec,
     labels: [String; 3],
     failures: [IntCounter; 4],
+    /// The preview listener's series (`switchyard_preview_*`): resolved on this upstream's first
+    /// preview request, so an upstream that never gets one has none.
+    preview: OnceLock<Box<PreviewSeries>>,
+    preview_requests_vec: IntCounterVec,
+    preview_failures_vec: IntCounterVec,
     /// Set once the health checker runs for this upstream.
     pub health_task: AtomicBool,
     /// Consecutive failures and ejection (see `crate::passive`).
     pub passive: PassiveState,
     /// Where the window goes when the upstream is dropped, for an upstream a later reload adds.
     bin: Arc<WindowBin>,
+}
+
+/// An upstream's `switchyard_preview_requests_total` (per status code, each resolved on first
+/// use) and `switchyard_preview_upstream_failures_total` (every kind).
+struct PreviewSeries {
+    by_code: Box<[OnceLock<IntCounter>]>,
+    failures: [IntCounter; 4],
 }
 
 impl Drop for Upstream {
@@ -131,6 +143,9 @@ impl Upstream {
             window: bin.take_or_new(slots),
             by_code: (CODE_MIN..=CODE_MAX).map(|_| OnceLock::new()).collect(),
             requests_vec: metrics.requests_total.clone(),
+            preview: OnceLock::new(),
+            preview_requests_vec: metrics.preview_requests_total.clone(),
+            preview_failures_vec: metrics.preview_upstream_failures_total.clone(),
             labels: [
                 service.to_string(),
                 color.as_str().to_string(),
@@ -207,6 +222,53 @@ impl Upstream {
         self.failures[kind.index()].inc();
     }
 
+    fn preview_series(&self) -> &PreviewSeries {
+        self.preview.get_or_init(|| {
+            let [s, c, u] = &self.labels;
+            Box::new(PreviewSeries {
+                by_code: (CODE_MIN..=CODE_MAX).map(|_| OnceLock::new()).collect(),
+                failures: FailureKind::ALL.map(|k| {
+                    self.preview_failures_vec.with_label_values(&[
+                        s.as_str(),
+                        c.as_str(),
+                        u.as_str(),
+                        k.as_str(),
+                    ])
+                }),
+            })
+        })
+    }
+
+    /// `switchyard_preview_requests_total` for a preview request's status (besides
+    /// [`Self::count_status`]).
+    pub fn count_preview_status(&self, code: u16) {
+        let code = code.clamp(CODE_MIN, CODE_MAX);
+        let slot = &self.preview_series().by_code[(code - CODE_MIN) as usize];
+        slot.get_or_init(|| {
+            let [s, c, u] = &self.labels;
+            self.preview_requests_vec.with_label_values(&[
+                s.as_str(),
+                c.as_str(),
+                u.as_str(),
+                &code.to_string(),
+            ])
+        })
+        .inc();
+    }
+
+    /// `switchyard_preview_upstream_failures_total` (besides [`Self::count_failure`]).
+    pub fn count_preview_failure(&self, kind: FailureKind) {
+        self.preview_series().failures[kind.index()].inc();
+    }
+
+    /// [`Self::count_failure`], and for a preview request its preview series too.
+    pub fn count_failure_of(&self, kind: FailureKind, live: bool) {
+        self.count_failure(kind);
+        if !live {
+            self.count_preview_failure(kind);
+        }
+    }
+
     /// Removes this upstream's series from `switchyard_requests_total` and
     /// `switchyard_upstream_failures_total`, once a reload has removed the upstream: without
     /// it, every address ever configured stays in the registry (and in every scrape) for the
@@ -224,6 +286,24 @@ impl Upstream {
         for (code, slot) in (CODE_MIN..=CODE_MAX).zip(self.by_code.iter()) {
             if slot.get().is_some() {
                 let _ = metrics.requests_total.remove_label_values(&[
+                    s.as_str(),
+                    c.as_str(),
+                    u.as_str(),
+                    &code.to_string(),
+                ]);
+            }
+        }
+        let Some(preview) = self.preview.get() else {
+            return;
+        };
+        for kind in FailureKind::ALL {
+            let _ = metrics
+                .preview_upstream_failures_total
+                .remove_label_values(&[s.as_str(), c.as_str(), u.as_str(), kind.as_str()]);
+        }
+        for (code, slot) in (CODE_MIN..=CODE_MAX).zip(preview.by_code.iter()) {
+            if slot.get().is_some() {
+                let _ = metrics.preview_requests_total.remove_label_values(&[
                     s.as_str(),
                     c.as_str(),
                     u.as_str(),
@@ -256,6 +336,11 @@ pub struct Pool {
     pub duration: Histogram,
     /// `switchyard_requests_total{upstream="none",code="503"}`: no healthy upstream.
     pub unavailable: IntCounter,
+    /// The same two for preview requests (`switchyard_preview_*`), resolved on the pool's first
+    /// preview request.
+    preview: OnceLock<(Histogram, IntCounter)>,
+    preview_vecs: (HistogramVec, IntCounterVec),
+    labels: [String; 2],
     /// `[proxy] eject_after` / `eject_for`.
     pub passive: PassiveConfig,
 }
@@ -281,7 +366,47 @@ impl Pool {
                 "none",
                 "503",
             ]),
+            preview: OnceLock::new(),
+            preview_vecs: (
+                metrics.preview_request_duration.clone(),
+                metrics.preview_requests_total.clone(),
+            ),
+            labels: [svc.name.clone(), color.as_str().to_string()],
             passive: PassiveConfig::default(),
+        }
+    }
+
+    /// `switchyard_preview_request_duration_seconds{service,color}` and
+    /// `switchyard_preview_requests_total{upstream="none",code="503"}`.
+    fn preview(&self) -> &(Histogram, IntCounter) {
+        self.preview.get_or_init(|| {
+            let [s, c] = &self.labels;
+            (
+                self.preview_vecs
+                    .0
+                    .with_label_values(&[s.as_str(), c.as_str()]),
+                self.preview_vecs
+                    .1
+                    .with_label_values(&[s.as_str(), c.as_str(), "none", "503"]),
+            )
+        })
+    }
+
+    /// A request's latency in the duration histogram; a preview request's in the preview one
+    /// too.
+    pub fn observe(&self, elapsed: Duration, live: bool) {
+        let secs = elapsed.as_secs_f64();
+        self.duration.observe(secs);
+        if !live {
+            self.preview().0.observe(secs);
+        }
+    }
+
+    /// A 503 for want of a healthy upstream; a preview request's in the preview series too.
+    pub fn count_unavailable(&self, live: bool) {
+        self.unavailable.inc();
+        if !live {
+            self.preview().1.inc();
         }
     }
 

@@ -898,3 +898,54 @@ async fn image_healthcheck_follows_the_admin_port_and_tls_of_the_config() {
     );
     drop(silent);
 }
+
+/// An empty `SWITCHYARD_CONFIG` is unset, for every subcommand that reads it: `check`,
+/// `healthcheck` and `serve` use `config/switchyard.toml` (not a usage error, exit 2); an explicit
+/// `--config` still wins.
+#[test]
+fn an_empty_switchyard_config_is_the_default_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |cwd: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .current_dir(cwd)
+            .env("SWITCHYARD_CONFIG", "")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run switchyard")
+    };
+    // A valid config at the default path; nothing listens on its admin port.
+    std::fs::create_dir(dir.path().join("config")).expect("mkdir");
+    let admin = free_port();
+    let good = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+         green = {{ upstreams = [\"127.0.0.1:3002\"] }}\n",
+        free_port()
+    );
+    write(&dir.path().join("config"), "switchyard.toml", &good);
+    let out = run(dir.path(), &["check"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("config/switchyard.toml"), "{stdout}");
+    let out = run(dir.path(), &["healthcheck", "--timeout", "1s"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("unhealthy"), "{stdout}{stderr}");
+    // `serve` where the default path holds no config: it names that path, exit 1.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = run(empty.path(), &["serve"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("cannot read config file config/switchyard.toml"),
+        "{stdout}{stderr}"
+    );
+    // --config given explicitly is read, not the default.
+    let other = write(dir.path(), "other.toml", &good);
+    let out = run(empty.path(), &["check", "--config", &other]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("other.toml"), "{stdout}");
+}

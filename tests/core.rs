@@ -1193,6 +1193,97 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
     assert_eq!(aside.len(), 1, "the corrupt file was not moved aside");
 }
 
+/// `--reset-state` while a release runs (killed mid-bake: `<state>.release.json` still holds it
+/// live, its phase flipped `api` to green): the reset state has every service at the config's
+/// colors, so the release is not resumed claiming a flip the state no longer has: it is listed
+/// ended (aborted, the reason says why), none runs, traffic stays on the config's color; and a
+/// later restart (no reset) does not bring it back.
+#[tokio::test]
+async fn reset_state_ends_the_release_that_was_running() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let config_arg = config.to_str().expect("utf8 path");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let serve = |reset: bool| {
+        let mut args = vec!["serve", "--config", config_arg];
+        if reset {
+            args.push("--reset-state");
+        }
+        switchyard_cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let serves = |color: &'static str| async move {
+        eventually(15, || async {
+            try_get(proxy, "/x").await == Some((200, format!("{color}\n")))
+        })
+        .await
+    };
+    let mut child = serve(false);
+    assert!(serves("blue").await, "switchyard did not serve");
+    let plan = json!({
+        "name": "one phase",
+        "validate": "10m",
+        "phases": [{ "name": "api", "services": ["api"], "bake": "10m" }],
+    });
+    let (s, v) = admin_post(admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["release"]["id"].clone();
+    let baking = eventually(15, || async {
+        admin_get(admin, "/api/releases").await.1["current"]["phases"][0]["state"] == "baking"
+    })
+    .await;
+    assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
+    assert!(serves("green").await);
+    // Killed mid-bake; the state file is then unreadable.
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    let release_file = dir.path().join("state.release.json");
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(&release_file).expect("release file")).expect("json");
+    assert_eq!(stored["current"]["id"], id, "{stored}");
+    std::fs::write(dir.path().join("state.json"), b"{not json").expect("write");
+
+    let mut child = serve(true);
+    assert!(
+        serves("blue").await,
+        "switchyard did not serve after --reset-state"
+    );
+    let check = |r: Value| {
+        assert!(r["current"].is_null(), "{r}");
+        assert_eq!(r["recent"][0]["id"], id, "{r}");
+        assert_eq!(r["recent"][0]["state"], "aborted", "{r}");
+        assert!(
+            r["recent"][0]["reason"]
+                .as_str()
+                .is_some_and(|why| why.contains("--reset-state")),
+            "{r}"
+        );
+    };
+    check(admin_get(admin, "/api/releases").await.1);
+    let st = admin_get(admin, "/api/status").await.1;
+    assert_eq!(st["services"][0]["name"], "api", "{st}");
+    assert_eq!(st["services"][0]["active"], "blue", "{st}");
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+
+    // Restarted without a reset: still ended, still blue.
+    let mut child = serve(false);
+    assert!(
+        serves("blue").await,
+        "switchyard did not serve after a restart"
+    );
+    check(admin_get(admin, "/api/releases").await.1);
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Graceful shutdown
 // ---------------------------------------------------------------------------------------------

@@ -184,3 +184,145 @@ async fn preview_failures_do_not_trigger_a_rollback_after_the_flip() {
     );
     p.stop().await;
 }
+
+/// The value of the `/metrics` line of `name` whose labels include every `labels` pair, if any.
+async fn metric(p: &TestProxy, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = get(p.admin, "/metrics").await.1;
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Preview requests count in the request metrics like any other (`switchyard_requests_total`,
+/// failures, duration: unchanged), and in their own `switchyard_preview_*` share, so a
+/// dashboard tells them from live traffic on the same color: green's smoke tests before the
+/// flip, green's live traffic after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_requests_have_their_own_series_besides_the_request_metrics() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let mut body = PROXY.to_string();
+    body.push_str(&service("api", &[blue.addr], &[green.addr], ""));
+    let p = TestProxy::start(&body).await;
+    let pv = preview(&p);
+    let g = green.addr.to_string();
+    let green_ok = [
+        ("service", "api"),
+        ("color", "green"),
+        ("upstream", g.as_str()),
+        ("code", "200"),
+    ];
+    // Smoke tests of green: four answers, then one 500.
+    for _ in 0..4 {
+        assert_eq!(get(pv, "/x").await, (200, "green\n".to_string()));
+    }
+    green.set_status(500);
+    assert_eq!(get(pv, "/x").await.0, 500);
+    green.set_status(200);
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    // Green live: two requests.
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    for _ in 0..2 {
+        assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    }
+
+    let requests = "switchyard_requests_total";
+    let preview_requests = "switchyard_preview_requests_total";
+    // Each is recorded as its body ends: the last one's maybe just after the client had it.
+    let all = eventually(10, || async {
+        metric(&p, requests, &green_ok).await == Some(6.0)
+    })
+    .await;
+    assert!(all, "{:?}", metric(&p, requests, &green_ok).await);
+    assert_eq!(metric(&p, preview_requests, &green_ok).await, Some(4.0));
+    let green_500 = [("color", "green"), ("code", "500")];
+    assert_eq!(metric(&p, requests, &green_500).await, Some(1.0));
+    assert_eq!(metric(&p, preview_requests, &green_500).await, Some(1.0));
+    let green_5xx = [("color", "green"), ("kind", "5xx")];
+    assert_eq!(
+        metric(&p, "switchyard_upstream_failures_total", &green_5xx).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&p, "switchyard_preview_upstream_failures_total", &green_5xx).await,
+        Some(1.0)
+    );
+    let green = [("service", "api"), ("color", "green")];
+    assert_eq!(
+        metric(&p, "switchyard_request_duration_seconds_count", &green).await,
+        Some(7.0)
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "switchyard_preview_request_duration_seconds_count",
+            &green
+        )
+        .await,
+        Some(5.0)
+    );
+    // Blue got live traffic only: no preview series.
+    let blue_ok = [("color", "blue"), ("code", "200")];
+    assert_eq!(metric(&p, requests, &blue_ok).await, Some(1.0));
+    assert_eq!(
+        metric(&p, preview_requests, &[("color", "blue")]).await,
+        None
+    );
+    // A reload that removes green's upstream removes its preview series with its others.
+    let green2 = TestUpstream::start("green2").await;
+    let mut next = PROXY.to_string();
+    next.push_str(&service("api", &[blue.addr], &[green2.addr], ""));
+    let next = full_config(&next, p.dir.as_ref().expect("dir").path());
+    std::fs::write(&p.config_path, next).expect("write config");
+    p.app().reload("test").await.expect("reload");
+    let text = get(p.admin, "/metrics").await.1;
+    assert!(
+        !text.contains(&g),
+        "series of the removed upstream {g} remain:\n{text}"
+    );
+    p.stop().await;
+}
+
+/// A preview request's attempt on an idle upstream that refuses connections, retried on
+/// another one, counts in the preview failure series too (as in the failure counter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_request_retried_past_a_dead_upstream_counts_its_failure_as_preview() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dead = dead_addr().await;
+    let mut body = PROXY.to_string();
+    body.push_str(&service("api", &[blue.addr], &[dead, green.addr], ""));
+    let p = TestProxy::start(&body).await;
+    let pv = preview(&p);
+    let d = dead.to_string();
+    let refused = [
+        ("color", "green"),
+        ("upstream", d.as_str()),
+        ("kind", "connect"),
+    ];
+    let mut seen = false;
+    for _ in 0..40 {
+        assert_eq!(get(pv, "/x").await, (200, "green\n".to_string()));
+        if metric(&p, "switchyard_upstream_failures_total", &refused)
+            .await
+            .unwrap_or(0.0)
+            > 0.0
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the dead upstream was never tried");
+    assert_eq!(
+        metric(&p, "switchyard_upstream_failures_total", &refused).await,
+        metric(&p, "switchyard_preview_upstream_failures_total", &refused).await,
+    );
+    p.stop().await;
+}

@@ -603,3 +603,191 @@ async fn replicas_list_the_same_ended_releases_when_ends_and_starts_come_close()
     a.stop().await;
     b.stop().await;
 }
+
+/// etcd's JSON gateway: `path` with `body`, the answer.
+async fn etcd_call(etcd: &Etcd, path: &str, body: Value) -> Value {
+    let (s, v) = request(
+        etcd.addr(),
+        "POST",
+        path,
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(body.to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    serde_json::from_str(&v).expect("etcd answers JSON")
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The ended releases are listed in the order etcd stored their ends, not by `ended_at` (each
+/// replica's own clock, which can be skewed): two history entries written in one order with
+/// `ended_at`s saying the other (as replicas whose clocks disagree store them) are listed newest
+/// write first, on a replica that reads them from the history and on one that ends the next
+/// release itself; `ended_at` is listed as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_releases_are_ordered_by_etcd_write_not_by_the_replicas_clocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let prefix = "/sy-rel-order/";
+    let rig = Rig::new(&etcd, prefix).await;
+    let a = TestProxy::start(&rig.body).await;
+    let ids = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].clone())
+            .collect()
+    };
+    // One real end, for an entry in the stored format.
+    let x = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    wait_phase(&a, 0, "baking").await;
+    let abort = |p: std::net::SocketAddr| async move {
+        let (s, v) = admin_post(
+            p,
+            "/api/releases/current/abort",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    };
+    abort(a.admin).await;
+    let hist = format!("{prefix}release_history/");
+    let entry = etcd_call(
+        &etcd,
+        "/v3/kv/range",
+        json!({ "key": b64(&format!("{hist}{}", x.as_str().unwrap_or_default())) }),
+    )
+    .await;
+    let raw = entry["kvs"][0]["value"].as_str().unwrap_or_default();
+    let stored: Value = {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(raw)
+            .expect("base64");
+        serde_json::from_slice(&b).expect("a stored release")
+    };
+    assert_eq!(stored["id"], x, "{entry}");
+    // Written first by a replica whose clock runs ahead; then one whose clock is behind.
+    for (id, ended_at) in [
+        ("r-skew-late-clock", "2099-01-01T00:00:00.000Z"),
+        ("r-skew-early-clock", "2001-01-01T00:00:00.000Z"),
+    ] {
+        let mut v = stored.clone();
+        v["id"] = json!(id);
+        v["ended_at"] = json!(ended_at);
+        etcd_call(
+            &etcd,
+            "/v3/kv/put",
+            json!({ "key": b64(&format!("{hist}{id}")), "value": b64(&v.to_string()) }),
+        )
+        .await;
+    }
+    let want = vec![
+        json!("r-skew-early-clock"),
+        json!("r-skew-late-clock"),
+        x.clone(),
+    ];
+    // A replica that reads them from the history.
+    let b = TestProxy::start(&rig.body).await;
+    let listed = eventually(20, || async {
+        ids(&releases(&b).await["recent"]).len() == 3
+    })
+    .await;
+    let on_b = releases(&b).await["recent"].clone();
+    assert!(listed, "{on_b}");
+    assert_eq!(ids(&on_b), want, "{on_b}");
+    assert_eq!(on_b[0]["ended_at"], "2001-01-01T00:00:00.000Z", "{on_b}");
+    assert_eq!(on_b[1]["ended_at"], "2099-01-01T00:00:00.000Z", "{on_b}");
+
+    // The next release, ended on B (its clock says before 2099): first on both.
+    let z = start_release(&b, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    wait_phase(&b, 0, "baking").await;
+    abort(b.admin).await;
+    let mut want = want;
+    want.insert(0, z);
+    for p in [&a, &b] {
+        let same = eventually(20, || async {
+            let r = releases(p).await;
+            r["current"].is_null() && ids(&r["recent"]) == want
+        })
+        .await;
+        assert!(same, "{}", releases(p).await);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A replica whose reads of the release history etcd never answers (only those: the relay
+/// black-holes each connection that sends one, its other requests pass) still follows the
+/// release key as it changes, and lists the ended release once the history answers again: the
+/// history read never holds up the loop that reads the key, beats and takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_etcd_does_not_answer_never_delays_following_the_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-history-stall/").await;
+    let a = TestProxy::start(&rig.body).await;
+    let abort = |p: std::net::SocketAddr| async move {
+        let (s, v) = admin_post(
+            p,
+            "/api/releases/current/abort",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    };
+    // Two ended before B starts: the key holds the second, only the history the first.
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        let id = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+        wait_phase(&a, 0, "baking").await;
+        abort(a.admin).await;
+        ended.insert(0, id);
+    }
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    // Only the history's range read sorts by create revision (prune does too, after an end
+    // this replica stores; B stores none).
+    relay.freeze_when_sent(Some(br#""sort_target":"CREATE""#));
+    // A stalled read lasts etcd_timeout: far longer than the waits below.
+    let body_b = rig
+        .body
+        .replace(
+            &format!("127.0.0.1:{}", etcd.client),
+            &relay.addr.to_string(),
+        )
+        .replace("etcd_timeout = \"3s\"", "etcd_timeout = \"60s\"");
+    assert_ne!(body_b, rig.body);
+    let b = TestProxy::start(&body_b).await;
+    let stalled = eventually(20, || async { relay.frozen_by_pattern() > 0 }).await;
+    assert!(stalled, "B never read the history");
+
+    let x = start_release(&a, two_phases("10m", "10m", "10m")).await["release"]["id"].clone();
+    let followed = eventually(15, || async { releases(&b).await["current"]["id"] == x }).await;
+    assert!(followed, "B never saw the release: {}", releases(&b).await);
+
+    // Ended on A; the history answers again (the stalled connections cut): B lists all three.
+    abort(a.admin).await;
+    relay.freeze_when_sent(None);
+    relay.cut_all();
+    ended.insert(0, x);
+    let listed = eventually(20, || async {
+        let r = releases(&b).await;
+        let ids: Vec<Value> = r["recent"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["id"].clone())
+            .collect();
+        r["current"].is_null() && ids == ended
+    })
+    .await;
+    assert!(listed, "{}", releases(&b).await);
+    a.stop().await;
+    b.stop().await;
+}

@@ -26,7 +26,9 @@ use crate::upstream::{Pool, Upstream};
 /// recorded once, on `up`, the upstream of the last attempt.
 ///
 /// `host_from_upstream`: the request's `Host` is the first upstream's address (the client sent
-/// none, see `rewrite`); every other attempt carries its own upstream's.
+/// none, see `rewrite`); every other attempt carries its own upstream's. `live`: false on the
+/// preview listener (its failed attempts count in the preview failure series too).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     pool: &Pool,
     up: &mut Arc<Upstream>,
@@ -35,6 +37,7 @@ pub(super) async fn forward(
     timeouts: Timeouts,
     retries: u32,
     host_from_upstream: bool,
+    live: bool,
 ) -> Result<Response<UpstreamBody>, ClientError> {
     let mut tried: Vec<Arc<Upstream>> = Vec::new();
     match pool.protocol {
@@ -49,7 +52,7 @@ pub(super) async fn forward(
                 drop(in_flight);
                 match unsent {
                     Some(unsent) if tried.len() < retries as usize => {
-                        if !next_attempt(pool, up, &mut tried, &error) {
+                        if !next_attempt(pool, up, &mut tried, &error, live) {
                             return Err(error);
                         }
                         req = if host_from_upstream {
@@ -86,7 +89,7 @@ pub(super) async fn forward(
                 drop(in_flight);
                 match &replay {
                     Some((copy, idle)) if error.is_connect() && tried.len() < retries as usize => {
-                        if !next_attempt(pool, up, &mut tried, &error) {
+                        if !next_attempt(pool, up, &mut tried, &error, live) {
                             return Err(error);
                         }
                         req = replay_h2(copy, *idle);
@@ -108,12 +111,13 @@ fn next_attempt(
     up: &mut Arc<Upstream>,
     tried: &mut Vec<Arc<Upstream>>,
     error: &ClientError,
+    live: bool,
 ) -> bool {
     tried.push(up.clone());
     let Some(next) = pool.pick_retry(tried) else {
         return false;
     };
-    up.count_failure(attempt_failure(error));
+    up.count_failure_of(attempt_failure(error), live);
     up.passive_failure(&pool.passive);
     tracing::debug!(upstream = %up.addr, next = %next.addr, error = %error, "upstream could not take the request; trying another");
     *up = next.clone();

@@ -205,7 +205,7 @@ impl Proxy {
         }
         let pool = svc.pool(color);
         let Some(up) = pool.pick() else {
-            pool.unavailable.inc();
+            pool.count_unavailable(mode == Mode::Live);
             return Err(ProxyError::NoHealthyUpstream);
         };
         if let Some(r) = routed {
@@ -406,6 +406,7 @@ async fn route_and_forward(
         route.timeouts,
         route.retries,
         rewritten.host_from_upstream,
+        conn.mode == Mode::Live,
     );
     let result = match tokio::time::timeout(route.request_timeout, attempt).await {
         Err(_) => Err(ProxyError::Timeout),

@@ -29,9 +29,10 @@ pub struct Outcome {
     pub path: Option<PathAndQuery>,
     pub start: Instant,
     pub clock: Clock,
-    /// Preview traffic is counted in the Prometheus counters but kept out of the window stats
-    /// and critical-path counters: smoke tests of the idle color must never feed a rollback
-    /// trigger once that color goes live.
+    /// Preview traffic is counted in the Prometheus counters (and in their
+    /// `switchyard_preview_*` share) but kept out of the window stats and critical-path
+    /// counters: smoke tests of the idle color must never feed a rollback trigger once that
+    /// color goes live.
     pub live: bool,
 }
 
@@ -46,7 +47,10 @@ impl Outcome {
             up.window.record(epoch, elapsed, failure.is_some());
         }
         up.count_status(code);
-        pool.duration.observe(elapsed.as_secs_f64());
+        if !self.live {
+            up.count_preview_status(code);
+        }
+        pool.observe(elapsed, self.live);
         // Passive health counts what says the upstream could not serve: no answer, or a
         // gateway error. A 500 is the application's answer, and ends a run of failures.
         match failure {
@@ -55,7 +59,7 @@ impl Outcome {
             None => up.passive.success(),
         }
         if let Some(kind) = failure {
-            up.count_failure(kind);
+            up.count_failure_of(kind, self.live);
             if self.live {
                 let path = self.path.as_ref().map(|p| p.path()).unwrap_or("/");
                 for c in &pool.critical {

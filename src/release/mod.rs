@@ -149,6 +149,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         flipped: Vec::new(),
         paused: None,
         actor: actor.to_string(),
+        end_rev: None,
     };
     if let Some(etcd) = store::etcd(app) {
         // Shared through etcd: stored first (a compare-and-swap), then driven by this replica.
@@ -1020,6 +1021,45 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     f.write_all(&serde_json::to_vec_pretty(v).unwrap_or_default())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// `serve --reset-state` with the file backend, once the state file was moved aside (every
+/// service back at the config's colors): a release still running in `<state>.release.json` is
+/// ended there (aborted, with the reason) instead of being resumed claiming flips the new state
+/// does not have. Before the app starts (plain file I/O). The release ended: its id and name.
+pub fn end_stored_on_reset(
+    state_path: &std::path::Path,
+) -> std::io::Result<Option<(String, String)>> {
+    let path = state_path.with_extension("release.json");
+    let mut v: Value = match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(v) => v,
+            // Unreadable: nothing is resumed from it anyway.
+            Err(_) => return Ok(None),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if v["current"].is_null() {
+        return Ok(None);
+    }
+    let Some(mut rel) = Release::from_stored(&v["current"]).filter(Release::live) else {
+        // Unreadable (never resumed) or not running: left as it is.
+        return Ok(None);
+    };
+    rel.finish(
+        "aborted",
+        "not resumed: the state was reset (--reset-state) while it ran, every service is at the config's colors"
+            .to_string(),
+    );
+    let mut recent: Vec<Value> = v["recent"].as_array().cloned().unwrap_or_default();
+    recent.retain(|r| r["id"].as_str() != Some(rel.id.as_str()));
+    recent.insert(0, rel.stored());
+    recent.truncate(RECENT);
+    v["current"] = Value::Null;
+    v["recent"] = Value::Array(recent);
+    write_atomic(&path, &v)?;
+    Ok(Some((rel.id, rel.name)))
 }
 
 /// At startup: lists the ended releases stored beside the state again, resumes the release that

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::{wall_ms, Release, StartError};
 use crate::app::{App, ChangeError};
+use crate::release_record::sort_recent;
 use crate::state::etcd::{new_write_id, EtcdStore, ReleaseCas, ReleaseRead};
 
 /// This process, as the `driver` of a release.
@@ -165,7 +166,12 @@ fn apply(app: &App, read: &ReleaseRead) {
                 }
                 inner.promote = false;
             }
-            if inner.recent.iter().any(|x| x.id == r.id) {
+            if let Some(x) = inner.recent.iter_mut().find(|x| x.id == r.id) {
+                // Ended here: the key's revision orders it until the history's is read.
+                if x.end_rev.is_none() {
+                    x.end_rev = Some(read.mod_revision);
+                    sort_recent(&mut inner.recent);
+                }
                 rels.publish(&inner);
                 return;
             }
@@ -173,8 +179,12 @@ fn apply(app: &App, read: &ReleaseRead) {
         for p in &mut r.phases {
             p.bake_deadline = None;
         }
+        // The end and its history entry are one transaction: the key's revision is the entry's
+        // (later only if a fence rewrote the key since, which no other end can come between).
+        r.end_rev = Some(read.mod_revision);
         inner.recent.retain(|x| x.id != r.id);
         inner.recent.push_front(r);
+        sort_recent(&mut inner.recent);
         inner.recent.truncate(super::RECENT);
         rels.publish(&inner);
         return;
@@ -405,7 +415,14 @@ fn prune_history(app: &App) {
 async fn load_history(app: &App, store: &EtcdStore) -> bool {
     match store.release_history(super::RECENT).await {
         Ok(values) => {
-            let ended: Vec<Release> = values.iter().filter_map(Release::from_stored).collect();
+            let ended: Vec<Release> = values
+                .iter()
+                .filter_map(|(rev, v)| {
+                    let mut r = Release::from_stored(v)?;
+                    r.end_rev = Some(*rev);
+                    Some(r)
+                })
+                .collect();
             if ended.len() < values.len() {
                 tracing::warn!(
                     unreadable = values.len() - ended.len(),
@@ -418,6 +435,36 @@ async fn load_history(app: &App, store: &EtcdStore) -> bool {
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the release history from etcd");
             false
+        }
+    }
+}
+
+/// Reads the history ([`load_history`]) each time `wanted` is notified (a notification during a
+/// read makes one more read after it), retrying every `retry` until etcd answers; until
+/// shutdown.
+async fn history_reader(
+    app: &App,
+    store: &EtcdStore,
+    wanted: &tokio::sync::Notify,
+    retry: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = wanted.notified() => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        loop {
+            let read = tokio::select! {
+                ok = load_history(app, store) => ok,
+                _ = app.shutdown.cancelled() => return,
+            };
+            if read {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = app.shutdown.cancelled() => return,
+            }
         }
     }
 }
@@ -599,7 +646,17 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
     }
     // The ended releases: read at start, and again whenever the key moved to another release or
     // to an ended one (two ends between two reads of the key would otherwise show only the last).
-    let mut history_read = false;
+    // In their own task: a history read etcd does not answer (each try can take up to
+    // `etcd_timeout`, and a failing one is retried) never delays this loop's reads of the key,
+    // the driver's heartbeat or a takeover.
+    let history = Arc::new(tokio::sync::Notify::new());
+    {
+        let app = app.clone();
+        let store = store.clone();
+        let history = history.clone();
+        tokio::spawn(async move { history_reader(&app, &store, &history, poll).await });
+    }
+    history.notify_one();
     loop {
         match store.read_release().await {
             Ok(read) => {
@@ -616,10 +673,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             .history_stale
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
-            history_read = false;
-        }
-        if !history_read {
-            history_read = load_history(&app, &store).await;
+            history.notify_one();
         }
         let (driving, wrote_at, changed_at, live) = {
             let s = app.releases.shared.seen();

@@ -1613,8 +1613,10 @@ impl EtcdStore {
     }
 
     /// The newest `limit` ended releases of the history, newest end first (the order their ends
-    /// were stored in), as stored; unreadable values are skipped.
-    pub async fn release_history(&self, limit: usize) -> Result<Vec<Value>, StateError> {
+    /// were stored in), as stored, each with the revision etcd created its key at (the order to
+    /// list them in: the `ended_at` inside is the ending replica's clock); unreadable values
+    /// are skipped.
+    pub async fn release_history(&self, limit: usize) -> Result<Vec<(i64, Value)>, StateError> {
         let prefix = self.history_prefix();
         let v = self
             .call(
@@ -1629,7 +1631,10 @@ impl EtcdStore {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|kv| serde_json::from_slice(&unb64(&kv["value"])?).ok())
+            .filter_map(|kv| {
+                let v = serde_json::from_slice(&unb64(&kv["value"])?).ok()?;
+                Some((num(&kv["create_revision"]), v))
+            })
             .collect())
     }
 

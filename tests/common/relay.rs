@@ -34,6 +34,11 @@ struct Conn {
 struct Shared {
     mode: Mutex<Mode>,
     conns: Mutex<Vec<Arc<Conn>>>,
+    /// A connection whose client sends these bytes is black-holed from then on (that chunk
+    /// dropped): one kind of request stalls while the others pass.
+    freeze_on: Mutex<Option<Vec<u8>>>,
+    /// How many connections `freeze_on` black-holed.
+    frozen_by_pattern: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Relay {
@@ -50,6 +55,8 @@ impl Relay {
         let shared = Arc::new(Shared {
             mode: Mutex::new(Mode::Pass),
             conns: Mutex::new(Vec::new()),
+            freeze_on: Mutex::new(None),
+            frozen_by_pattern: std::sync::atomic::AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         let (sh, st) = (shared.clone(), stop.clone());
@@ -110,6 +117,19 @@ impl Relay {
         }
     }
 
+    /// Black-holes every connection (open now or later) whose client sends `pattern`, from the
+    /// chunk that holds it on; None: no more (the ones black-holed stay so).
+    pub fn freeze_when_sent(&self, pattern: Option<&[u8]>) {
+        if let Ok(mut p) = self.shared.freeze_on.lock() {
+            *p = pattern.map(<[u8]>::to_vec);
+        }
+    }
+
+    /// How many connections [`Relay::freeze_when_sent`] black-holed so far.
+    pub fn frozen_by_pattern(&self) -> usize {
+        self.shared.frozen_by_pattern.load(Ordering::SeqCst)
+    }
+
     /// Closes every connection open now.
     pub fn cut_all(&self) {
         if let Ok(mut c) = self.shared.conns.lock() {
@@ -147,11 +167,28 @@ async fn pump(
     };
     let reader = async move {
         let mut buf = vec![0u8; 16 * 1024];
+        // The client's last bytes, for a pattern split across two chunks.
+        let mut seen: Vec<u8> = Vec::new();
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            let pattern = if answers {
+                None
+            } else {
+                shared.freeze_on.lock().ok().and_then(|p| p.clone())
+            };
+            if let Some(p) = pattern.filter(|p| !p.is_empty()) {
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(p.len()).any(|w| w == p.as_slice())
+                    && !conn.frozen.swap(true, Ordering::SeqCst)
+                {
+                    shared.frozen_by_pattern.fetch_add(1, Ordering::SeqCst);
+                }
+                let keep = seen.len().min(p.len());
+                seen.drain(..seen.len() - keep);
+            }
             let mode = shared.mode.lock().map(|m| *m).unwrap_or(Mode::Pass);
             if conn.frozen.load(Ordering::SeqCst) || mode == Mode::Blackhole {
                 continue;
