@@ -1050,3 +1050,47 @@ async fn an_h2_upload_the_client_resets_never_reaches_the_upstream_complete() {
     }
     p.stop().await;
 }
+
+/// HEAD over h2 to an answer the proxy makes itself (the upstream refuses connections: 502)
+/// gets its head with END_STREAM and no DATA (RFC 9110 9.3.2; a body makes the response
+/// malformed, RFC 9113 8.1.1, and strict clients reset the stream); GET gets the body.
+#[tokio::test]
+async fn an_h2_head_gets_no_body_from_the_proxys_own_answers() {
+    let p = start(dead_addr().await, "").await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    for method in [http::Method::HEAD, http::Method::GET] {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}/x", p.proxy))
+            .body(())
+            .expect("request");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("answered in time")
+            .expect("response");
+        assert!(
+            resp.status().is_server_error(),
+            "{method}: {}",
+            resp.status()
+        );
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(d) = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("body in time")
+        {
+            got.extend_from_slice(&d.expect("data"));
+        }
+        if method == http::Method::HEAD {
+            assert!(got.is_empty(), "a body to HEAD: {got:?}");
+        } else {
+            assert!(!got.is_empty(), "GET got no body");
+        }
+        client = client.ready().await.expect("the connection still serves");
+    }
+    p.stop().await;
+}

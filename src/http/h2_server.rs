@@ -18,7 +18,8 @@
 //! extended CONNECT protocol is not offered. A response must not carry connection-specific
 //! fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `Proxy-Connection`, a
 //! `TE` other than `trailers`): `h2` refuses it and the stream is reset (INTERNAL_ERROR); every
-//! response the proxy makes or relays has them removed already.
+//! response the proxy makes or relays has them removed already. A response to HEAD goes out
+//! without its body, whatever the handler gave it.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -228,9 +229,11 @@ where
                 Some(Ok((req, reply))) => {
                     let mut req = req.map(RequestBody::new);
                     declare_length(&mut req);
+                    let head = req.method() == http::Method::HEAD;
                     let handled = (this.service)(req);
                     this.exec.execute(Stream {
                         reply,
+                        head,
                         state: StreamState::Waiting(handled),
                     });
                     continue;
@@ -249,6 +252,9 @@ where
 /// One stream: the handler's future, then its response body piped into `h2`.
 pub struct Stream<F, B> {
     reply: SendResponse<Bytes>,
+    /// The request is HEAD: whatever body the handler's response has (one the proxy made
+    /// itself: a 404, a 503) is dropped, never sent (RFC 9110 9.3.2).
+    head: bool,
     state: StreamState<F, B>,
 }
 
@@ -302,14 +308,15 @@ where
                         v.insert(date);
                     }
                 }
-                let end = body.is_end_stream();
-                if !end {
+                // To HEAD, the length a GET would have had, and no body.
+                if !body.is_end_stream() {
                     if let Some(n) = body.size_hint().exact() {
                         head.headers_mut()
                             .entry(header::CONTENT_LENGTH)
                             .or_insert_with(|| HeaderValue::from(n));
                     }
                 }
+                let end = this.head || body.is_end_stream();
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
                     Ok(mut tx) => {
