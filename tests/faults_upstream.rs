@@ -982,3 +982,63 @@ fn retry_and_ejection_keys_are_checked_with_their_keys() {
         .to_string();
     assert!(err.contains("proxy.eject_for"), "{err}");
 }
+
+/// An h2 upstream that resets every stream with REFUSED_STREAM (RFC 9113 8.7: not processed),
+/// counting them.
+async fn refusing_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut reply))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    reply.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+/// A bodiless request an h2 upstream refused (REFUSED_STREAM: it did not process it) goes to
+/// another upstream of the pool, as a failed connect does; the client never sees the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_pool_sends_a_refused_bodiless_request_elsewhere() {
+    let (refuser, refused) = refusing_h2_upstream().await;
+    let up = TestUpstream::start("alive").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 0\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{refuser}\", \"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        up.addr, green.addr
+    ))
+    .await;
+    for i in 0..40 {
+        if i > 0 && refused.load(Ordering::SeqCst) >= 2 {
+            break;
+        }
+        if i > 0 {
+            // An upstream whose last request failed is avoided for a second.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let (s, body) = request(p.proxy, "GET", "/echo", &[], Bytes::new()).await;
+        assert_eq!(s, 200, "GET {i}: {body}");
+        assert!(
+            body.contains("HTTP/2"),
+            "GET {i} did not go over h2: {body}"
+        );
+    }
+    assert!(
+        refused.load(Ordering::SeqCst) >= 1,
+        "no request was drawn to the refusing upstream first (nothing retried)"
+    );
+    p.stop().await;
+}

@@ -184,6 +184,19 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// An HTTP/2 upstream reset the stream with REFUSED_STREAM: it did not process the request
+    /// (RFC 9113 8.7), which may go elsewhere.
+    pub fn is_refused(&self) -> bool {
+        let mut at: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = at {
+            if let Some(e) = e.downcast_ref::<h2::Error>() {
+                return e.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            at = e.source();
+        }
+        false
+    }
 }
 
 /// The body of a request to an HTTP/2 upstream: boxed, since one connection carries the

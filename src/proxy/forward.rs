@@ -20,7 +20,8 @@ use crate::upstream::{Pool, Upstream};
 
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
 /// pool, HTTP/2 on its multiplexed connection. A request the upstream cannot have acted on
-/// (see [`Failed::unsent`]; for HTTP/2, a failed connect of a bodiless request) goes to another
+/// (see [`Failed::unsent`]; for HTTP/2, a bodiless request whose connect failed or whose stream
+/// the upstream refused, REFUSED_STREAM) goes to another
 /// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
 /// its upstream (failure counter, passive health) but not in the window, where the request is
 /// recorded once, on `up`, the upstream of the last attempt.
@@ -88,7 +89,10 @@ pub(super) async fn forward(
                 };
                 drop(in_flight);
                 match &replay {
-                    Some((copy, idle)) if error.is_connect() && tried.len() < retries as usize => {
+                    Some((copy, idle))
+                        if (error.is_connect() || error.is_refused())
+                            && tried.len() < retries as usize =>
+                    {
                         if !next_attempt(pool, up, &mut tried, &error, live) {
                             return Err(error);
                         }
