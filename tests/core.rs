@@ -1427,3 +1427,47 @@ async fn http10_request_without_host_gets_one_upstream() {
     assert_eq!(host, Some(blue.addr.to_string()), "{v}");
     p.stop().await;
 }
+
+/// `request_timeout` is the wait for the upstream's answer: it counts from the end of the
+/// upload, so a client sending its body at a steady pace for longer than it is answered (not
+/// a 504 charged to the upstream, which could roll a release back); an upstream that takes
+/// longer than it to answer once the body is in is still a 504.
+#[tokio::test]
+async fn request_timeout_counts_from_the_end_of_the_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1s\"\nshutdown_grace = \"1s\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    ))
+    .await;
+    let slow_post = |pace: Duration| async move {
+        let mut s = tokio::net::TcpStream::connect(p.proxy)
+            .await
+            .expect("connect");
+        s.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("head");
+        for _ in 0..10 {
+            tokio::time::sleep(pace).await;
+            if s.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await;
+        String::from_utf8_lossy(&got).to_string()
+    };
+    // Ten bytes 300 ms apart: three seconds of upload, three request_timeouts.
+    let got = slow_post(Duration::from_millis(300)).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("\"body_len\":10"), "{got}");
+    // The control: the body at once, the answer 3 s later.
+    blue.set_delay(3000);
+    let got = slow_post(Duration::ZERO).await;
+    assert!(got.starts_with("HTTP/1.1 504"), "{got}");
+    p.stop().await;
+}

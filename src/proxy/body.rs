@@ -2,11 +2,15 @@
 //! with [`BodyError::Idle`] when it stalls past `body_idle_timeout`.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+
+use tokio::time::Instant;
 
 use crate::http::body::IdleTimer;
 use crate::http::h2_server;
@@ -67,6 +71,46 @@ impl Body for ClientBody {
 pub struct RequestBody {
     inner: ClientBody,
     idle: IdleTimer,
+    /// Where the upload stands, for `request_timeout` ([`RequestBody::track`]).
+    upload: Option<Arc<UploadClock>>,
+}
+
+/// How far a request's upload has come, so that `request_timeout` (the wait for the upstream's
+/// answer) counts from the end of the upload and not through a long one: a client sending a
+/// large body at a steady pace is not an upstream too slow to answer. One word: the
+/// milliseconds (since `start`, plus one) of the last frame read from the client, and whether
+/// the body has ended or is waiting on the client now.
+pub struct UploadClock {
+    start: Instant,
+    state: AtomicU64,
+}
+
+const UPLOAD_DONE: u64 = 1 << 63;
+const UPLOAD_WAITING: u64 = 1 << 62;
+const UPLOAD_AT: u64 = UPLOAD_WAITING - 1;
+
+impl UploadClock {
+    fn mark(&self, done: bool) {
+        let at = (self.start.elapsed().as_millis() as u64 + 1).min(UPLOAD_AT);
+        let done = if done { UPLOAD_DONE } else { 0 };
+        self.state.store(at | done, Ordering::Relaxed);
+    }
+
+    /// When the wait for the answer ends, asked at `now` once `timeout` has run from the
+    /// request's start (and at each deadline this returned since): `None` if it has ended. A
+    /// body still read from the client (waiting on it, or a frame from it within `timeout`)
+    /// moves the deadline on; a finished one ends it `timeout` after its last frame; a body
+    /// the upstream stopped taking (the proxy no longer asks the client for more) ends it
+    /// `timeout` after the last frame that moved.
+    pub fn deadline(&self, now: Instant, timeout: Duration) -> Option<Instant> {
+        let state = self.state.load(Ordering::Relaxed);
+        let last = self.start + Duration::from_millis((state & UPLOAD_AT).saturating_sub(1));
+        if state & UPLOAD_DONE == 0 && state & UPLOAD_WAITING != 0 {
+            return Some(now + timeout);
+        }
+        let end = last + timeout;
+        (end > now).then_some(end)
+    }
 }
 
 /// Why a request body ended early.
@@ -102,7 +146,22 @@ impl RequestBody {
         RequestBody {
             inner,
             idle: IdleTimer::new(idle),
+            upload: None,
         }
+    }
+
+    /// The clock of this body's upload, `start`ed with the request; None for a body already
+    /// ended.
+    pub fn track(&mut self, start: Instant) -> Option<Arc<UploadClock>> {
+        if self.inner.is_end_stream() {
+            return None;
+        }
+        let clock = Arc::new(UploadClock {
+            start,
+            state: AtomicU64::new(0),
+        });
+        self.upload = Some(clock.clone());
+        Some(clock)
     }
 
     /// The `body_idle_timeout` this body runs with (the response gets the same).
@@ -122,7 +181,13 @@ impl Body for RequestBody {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.idle.progressed();
+            if let Some(u) = &this.upload {
+                u.mark(frame.is_none() || this.inner.is_end_stream());
+            }
             return Poll::Ready(frame.map(|r| r.map_err(BodyError::Client)));
+        }
+        if let Some(u) = &this.upload {
+            u.state.fetch_or(UPLOAD_WAITING, Ordering::Relaxed);
         }
         if this.idle.poll_expired(cx) {
             return Poll::Ready(Some(Err(BodyError::Idle)));
@@ -149,4 +214,62 @@ pub fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
         cur = err.source();
     }
     None
+}
+
+/// `attempt` (the request to the upstream, until its answer's head) within `timeout`, counted
+/// as [`UploadClock::deadline`] says when the request has a body still coming; None once past.
+pub async fn within_request_timeout<F: std::future::Future>(
+    attempt: F,
+    timeout: Duration,
+    upload: Option<Arc<UploadClock>>,
+) -> Option<F::Output> {
+    let Some(upload) = upload else {
+        return tokio::time::timeout(timeout, attempt).await.ok();
+    };
+    let mut attempt = std::pin::pin!(attempt);
+    let mut deadline = upload.start + timeout;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut attempt => return Some(out),
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        deadline = upload.deadline(Instant::now(), timeout)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(state: u64) -> UploadClock {
+        UploadClock {
+            start: Instant::now(),
+            state: AtomicU64::new(state),
+        }
+    }
+
+    /// Waiting on the client moves the deadline on; a finished upload, or one the upstream
+    /// stopped taking, ends the wait `timeout` after its last frame.
+    #[test]
+    fn the_answer_is_waited_for_from_the_end_of_the_upload() {
+        let t = Duration::from_secs(1);
+        let c = clock(UPLOAD_WAITING | 501);
+        let now = c.start + Duration::from_secs(5);
+        assert_eq!(c.deadline(now, t), Some(now + t));
+        // Ended at 0.5 s: past at 5 s, not at 1.2 s.
+        let c = clock(UPLOAD_DONE | 501);
+        assert_eq!(c.deadline(c.start + Duration::from_secs(5), t), None);
+        let at = c.start + Duration::from_millis(1200);
+        assert_eq!(
+            c.deadline(at, t),
+            Some(c.start + Duration::from_millis(1500))
+        );
+        // Not asked for more since 0.5 s (the upstream stopped reading): past at 1.5 s.
+        let c = clock(501);
+        assert_eq!(c.deadline(c.start + Duration::from_secs(2), t), None);
+        // Never asked for at all: past at `timeout`.
+        let c = clock(0);
+        assert_eq!(c.deadline(c.start + t, t), None);
+    }
 }

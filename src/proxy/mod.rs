@@ -395,7 +395,10 @@ async fn route_and_forward(
     // 4. Forward, to the upstream picked and, while it cannot take the request, to others of
     //    the same pool (at most `retries` more). `up` ends as the one that answered or failed
     //    last: the request is recorded there, once.
-    let req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
+    let mut req = req.map(|body| RequestBody::new(body, route.timeouts.body_idle));
+    // `request_timeout` runs from the end of the upload: a long one at the client's steady
+    // pace is not an upstream too slow to answer.
+    let upload = req.body_mut().track(start);
     let pool = route.svc.pool(route.color);
     let mut up = route.up;
     let attempt = forward(
@@ -408,10 +411,10 @@ async fn route_and_forward(
         rewritten.host_from_upstream,
         conn.mode == Mode::Live,
     );
-    let result = match tokio::time::timeout(route.request_timeout, attempt).await {
-        Err(_) => Err(ProxyError::Timeout),
-        Ok(Err(e)) => Err(ProxyError::from_client(e)),
-        Ok(Ok(resp)) => Ok(resp),
+    let result = match body::within_request_timeout(attempt, route.request_timeout, upload).await {
+        None => Err(ProxyError::Timeout),
+        Some(Err(e)) => Err(ProxyError::from_client(e)),
+        Some(Ok(resp)) => Ok(resp),
     };
     // The access log names the upstream that answered (or failed last), as the stats do.
     if let Some(r) = routed {
