@@ -1470,4 +1470,27 @@ async fn request_timeout_counts_from_the_end_of_the_upload() {
     let got = slow_post(Duration::ZERO).await;
     assert!(got.starts_with("HTTP/1.1 504"), "{got}");
     p.stop().await;
+
+    // With `body_idle_timeout` off nothing else bounds a stalled upload: request_timeout counts
+    // from the start again.
+    blue.set_delay(0);
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1s\"\nbody_idle_timeout = \"0s\"\nshutdown_grace = \"1s\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhalf")
+        .await
+        .expect("head");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).to_string();
+    assert!(
+        got.starts_with("HTTP/1.1 504"),
+        "a stalled upload was held: {got:?}"
+    );
+    p.stop().await;
 }

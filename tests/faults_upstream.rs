@@ -1042,3 +1042,46 @@ async fn an_h2_pool_sends_a_refused_bodiless_request_elsewhere() {
     );
     p.stop().await;
 }
+
+/// On an h2 pool, a client's upload that stalls (past `body_idle_timeout`) or is cut is the
+/// client's doing, as on an HTTP/1.1 pool: 408, and no failure charged to the upstream (the
+/// pool's client turns the body's error into a reset of its own, which read as the upstream's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_pools_upload_the_client_stalls_or_cuts_is_not_an_upstream_failure() {
+    let up = TestUpstream::start("alive").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nbody_idle_timeout = \"1s\"\nrequest_timeout = \"20s\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        up.addr, green.addr
+    ))
+    .await;
+    let head = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello";
+    // Stalled: half the body, then nothing.
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    s.write_all(head).await.expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).to_string();
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    // Cut: half the body, then the connection closed.
+    let mut s = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    s.write_all(head).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let blue = &p.service_status("api").await["colors"]["blue"];
+    assert_eq!(blue["failures"].as_u64(), Some(0), "{blue}");
+    let text = metrics(&p).await;
+    for kind in ["reset", "timeout", "protocol", "connect"] {
+        assert_eq!(
+            failures(&text, "blue", up.addr, kind),
+            0.0,
+            "{kind}: {text}"
+        );
+    }
+    p.stop().await;
+}

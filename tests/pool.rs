@@ -556,9 +556,9 @@ async fn an_early_response_does_not_stall_or_cut_the_upload() {
     p.stop().await;
 }
 
-/// An upstream that answers a request only once `n` requests wait at once (so that `n`
-/// connections are in use together), counting the connections it accepts and those the proxy
-/// closes.
+/// An upstream that answers a request to `/burst` only once `n` of them wait at once (so that
+/// `n` connections are in use together), any other at once, counting the connections it
+/// accepts and those the proxy closes.
 async fn gathering_upstream(n: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -574,8 +574,10 @@ async fn gathering_upstream(n: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<Atom
             let (c, barrier) = (c.clone(), barrier.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                while next_head(&mut s, &mut buf).await.is_some() {
-                    barrier.wait().await;
+                while let Some(head) = next_head(&mut s, &mut buf).await {
+                    if head.starts_with("get /burst") {
+                        barrier.wait().await;
+                    }
                     let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
                     if s.write_all(ok).await.is_err() {
                         break;
@@ -601,7 +603,7 @@ async fn a_burst_beyond_max_idle_reuses_its_connections_and_the_reap_trims_them(
         for _ in 0..BURST {
             let addr = p.proxy;
             tasks.push(tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(10), get(addr, "/x")).await
+                tokio::time::timeout(Duration::from_secs(10), get(addr, "/burst")).await
             }));
         }
         for t in tasks {
@@ -625,5 +627,64 @@ async fn a_burst_beyond_max_idle_reuses_its_connections_and_the_reap_trims_them(
     // And no more than that.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(closed.load(Ordering::SeqCst), BURST - 2);
+    p.stop().await;
+}
+
+/// Under a steady load with more requests in flight than `upstream_max_idle` (three, cap two),
+/// the connections a burst left beyond what the load needs are closed while the load goes on,
+/// although it takes each pooled connection in turn.
+#[tokio::test]
+async fn a_steady_load_keeps_only_the_connections_it_needs_after_a_burst() {
+    const BURST: usize = 8;
+    let (up, opened, closed) = gathering_upstream(BURST).await;
+    let p = TestProxy::start(&pool_config(
+        up,
+        "upstream_max_idle = 2
+",
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..BURST {
+        let addr = p.proxy;
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(10), get(addr, "/burst")).await
+        }));
+    }
+    for t in tasks {
+        let got = t.await.expect("join").expect("answered in time");
+        assert_eq!(got.0, 200);
+    }
+    assert_eq!(opened.load(Ordering::SeqCst), BURST);
+    // Three clients, one request at a time each, for up to 14 s (three reaps and more).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (addr, stop) = (p.proxy, stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut failed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let got = tokio::time::timeout(Duration::from_secs(10), get(addr, "/steady")).await;
+                if !matches!(got, Ok((200, _))) {
+                    failed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            failed
+        }));
+    }
+    let trimmed = eventually(14, || async { closed.load(Ordering::SeqCst) >= BURST - 3 }).await;
+    stop.store(true, Ordering::SeqCst);
+    for l in load {
+        assert_eq!(
+            l.await.expect("join"),
+            0,
+            "requests failed under the steady load"
+        );
+    }
+    assert!(
+        trimmed,
+        "{} of the burst's {BURST} connections closed under a load that needs 3",
+        closed.load(Ordering::SeqCst)
+    );
     p.stop().await;
 }

@@ -32,12 +32,13 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use crossbeam_queue::SegQueue;
+use crossbeam_queue::{ArrayQueue, SegQueue};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -191,7 +192,11 @@ impl ClientError {
         let mut at: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = at {
             if let Some(e) = e.downcast_ref::<h2::Error>() {
-                return e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                // A reset of this stream by the upstream; not a GOAWAY with that code, which
+                // covers streams it may have processed.
+                return e.is_reset()
+                    && e.is_remote()
+                    && e.reason() == Some(h2::Reason::REFUSED_STREAM);
             }
             at = e.source();
         }
@@ -280,11 +285,17 @@ const EXCESS_IDLE: Duration = Duration::from_secs(1);
 /// The idle connections of one upstream.
 pub struct ConnPool {
     addr: SocketAddr,
-    /// Oldest first. Not capped as connections come back: a burst of answers can return more
-    /// than `max_idle` at once while as many requests are about to need them (h2 clients with
-    /// hundreds of streams in flight), and closing the excess only to open as many again cost
-    /// a connect per 10–30 requests. [`ConnPool::reap`] brings it down to `max_idle`.
-    idle: SegQueue<Conn>,
+    /// Up to `max_idle`, oldest first.
+    idle: ArrayQueue<Conn>,
+    /// Beyond `max_idle`: a burst of answers can return more at once while as many requests
+    /// are about to need them (h2 clients with hundreds of streams in flight), and closing the
+    /// excess only to open as many again cost a connect per 10–30 requests. Taken from when
+    /// `idle` is empty; [`ConnPool::reap`] closes what stays unused.
+    overflow: SegQueue<Conn>,
+    /// The fewest connections `overflow` held after a checkout took one since the last reap
+    /// (`usize::MAX`: none was taken): that many were not needed even at the busiest moment,
+    /// although a steady load takes each of the others in turn (first in, first out).
+    overflow_low: AtomicUsize,
     /// The upstream's one multiplexed HTTP/2 connection, for `protocol = "h2"` pools.
     h2: H2Conn,
     /// `upstream_max_idle`: the idle connections a reap keeps; 0 turns reuse off.
@@ -302,7 +313,9 @@ impl ConnPool {
     ) -> Arc<ConnPool> {
         Arc::new(ConnPool {
             addr,
-            idle: SegQueue::new(),
+            idle: ArrayQueue::new(max_idle.max(1)),
+            overflow: SegQueue::new(),
+            overflow_low: AtomicUsize::new(usize::MAX),
             h2: H2Conn::default(),
             max_idle,
             connect_timeout,
@@ -382,12 +395,19 @@ impl ConnPool {
     }
 
     fn checkout(&self) -> Option<Conn> {
-        while let Some(conn) = self.idle.pop() {
+        while let Some(conn) = self.idle.pop().or_else(|| self.take_overflow()) {
             if self.reusable(&conn) {
                 return Some(conn);
             }
         }
         None
+    }
+
+    fn take_overflow(&self) -> Option<Conn> {
+        let conn = self.overflow.pop()?;
+        self.overflow_low
+            .fetch_min(self.overflow.len(), Ordering::Relaxed);
+        Some(conn)
     }
 
     /// Sends an HTTP/2 request on the upstream's multiplexed connection (opened on first use,
@@ -522,23 +542,42 @@ impl ConnPool {
     }
 
     /// Closes idle connections past `upstream_idle_timeout` or closed by the upstream, so an
-    /// upstream nobody sends to (the idle color) keeps no sockets open, and the oldest beyond
-    /// `upstream_max_idle` that no request took for [`EXCESS_IDLE`] (while a load keeps more in
-    /// flight than the cap, each is taken again within milliseconds). Run by the stats ticker
-    /// (every 4 s).
+    /// upstream nobody sends to (the idle color) keeps no sockets open, and those beyond
+    /// `upstream_max_idle` that were not needed: as many as the overflow never went below
+    /// since the last reap, and any no request took for [`EXCESS_IDLE`]. Run by the stats
+    /// ticker (every 4 s).
     pub fn reap(&self) {
-        let n = self.idle.len();
-        let mut excess = n.saturating_sub(self.max_idle);
-        for _ in 0..n {
+        for _ in 0..self.idle.len() {
             let Some(conn) = self.idle.pop() else {
+                break;
+            };
+            if self.reusable(&conn) {
+                // Room: it was just taken out.
+                let _ = self.idle.push(conn);
+            }
+        }
+        // Those never needed since the last reap go first.
+        let mut unneeded = self.overflow_low.swap(usize::MAX, Ordering::Relaxed);
+        if unneeded == usize::MAX {
+            unneeded = 0;
+        }
+        for _ in 0..self.overflow.len() {
+            let Some(conn) = self.overflow.pop() else {
                 return;
             };
-            if excess > 0 && conn.since.is_some_and(|t| t.elapsed() >= EXCESS_IDLE) {
-                excess -= 1;
+            if !self.reusable(&conn) {
+                unneeded = unneeded.saturating_sub(1);
                 continue;
             }
-            if self.reusable(&conn) {
-                self.idle.push(conn);
+            if unneeded > 0 {
+                unneeded -= 1;
+                continue;
+            }
+            if conn.since.is_some_and(|t| t.elapsed() < EXCESS_IDLE) {
+                self.overflow.push(conn);
+            } else {
+                // Kept only where the pool has room under the cap.
+                let _ = self.idle.push(conn);
             }
         }
     }
@@ -561,7 +600,9 @@ impl ConnPool {
             conn.read_size = READ_CHUNK;
             conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
         }
-        self.idle.push(conn);
+        if let Err(conn) = self.idle.push(conn) {
+            self.overflow.push(conn);
+        }
     }
 }
 

@@ -80,14 +80,23 @@ pub struct RequestBody {
 /// large body at a steady pace is not an upstream too slow to answer. One word: the
 /// milliseconds (since `start`, plus one) of the last frame read from the client, and whether
 /// the body has ended or is waiting on the client now.
+///
+/// It also says how the client's body failed, if it did: an h2 pool's client (hyper) turns a
+/// request body's error into a reset of its own, which would otherwise read as the upstream's
+/// failure.
 pub struct UploadClock {
     start: Instant,
+    /// `body_idle_timeout` is on: without it nothing else bounds a stalled upload, and
+    /// `request_timeout` keeps counting from the start.
+    moves: bool,
     state: AtomicU64,
 }
 
 const UPLOAD_DONE: u64 = 1 << 63;
 const UPLOAD_WAITING: u64 = 1 << 62;
-const UPLOAD_AT: u64 = UPLOAD_WAITING - 1;
+const UPLOAD_IDLE: u64 = 1 << 61;
+const UPLOAD_FAILED: u64 = 1 << 60;
+const UPLOAD_AT: u64 = UPLOAD_FAILED - 1;
 
 impl UploadClock {
     fn mark(&self, done: bool) {
@@ -103,6 +112,9 @@ impl UploadClock {
     /// the upstream stopped taking (the proxy no longer asks the client for more) ends it
     /// `timeout` after the last frame that moved.
     pub fn deadline(&self, now: Instant, timeout: Duration) -> Option<Instant> {
+        if !self.moves {
+            return None;
+        }
         let state = self.state.load(Ordering::Relaxed);
         let last = self.start + Duration::from_millis((state & UPLOAD_AT).saturating_sub(1));
         if state & UPLOAD_DONE == 0 && state & UPLOAD_WAITING != 0 {
@@ -110,6 +122,19 @@ impl UploadClock {
         }
         let end = last + timeout;
         (end > now).then_some(end)
+    }
+
+    /// How the client's body failed: `Some(true)` stalled past `body_idle_timeout`,
+    /// `Some(false)` failed otherwise (reset, closed, malformed).
+    pub fn failed(&self) -> Option<bool> {
+        let state = self.state.load(Ordering::Relaxed);
+        if state & UPLOAD_IDLE != 0 {
+            Some(true)
+        } else if state & UPLOAD_FAILED != 0 {
+            Some(false)
+        } else {
+            None
+        }
     }
 }
 
@@ -158,6 +183,7 @@ impl RequestBody {
         }
         let clock = Arc::new(UploadClock {
             start,
+            moves: !self.idle.duration().is_zero(),
             state: AtomicU64::new(0),
         });
         self.upload = Some(clock.clone());
@@ -183,6 +209,9 @@ impl Body for RequestBody {
             this.idle.progressed();
             if let Some(u) = &this.upload {
                 u.mark(frame.is_none() || this.inner.is_end_stream());
+                if let Some(Err(_)) = &frame {
+                    u.state.fetch_or(UPLOAD_FAILED, Ordering::Relaxed);
+                }
             }
             return Poll::Ready(frame.map(|r| r.map_err(BodyError::Client)));
         }
@@ -190,6 +219,9 @@ impl Body for RequestBody {
             u.state.fetch_or(UPLOAD_WAITING, Ordering::Relaxed);
         }
         if this.idle.poll_expired(cx) {
+            if let Some(u) = &this.upload {
+                u.state.fetch_or(UPLOAD_IDLE, Ordering::Relaxed);
+            }
             return Poll::Ready(Some(Err(BodyError::Idle)));
         }
         Poll::Pending
@@ -216,25 +248,55 @@ pub fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
     None
 }
 
-/// `attempt` (the request to the upstream, until its answer's head) within `timeout`, counted
-/// as [`UploadClock::deadline`] says when the request has a body still coming; None once past.
-pub async fn within_request_timeout<F: std::future::Future>(
+pin_project_lite::pin_project! {
+    /// `attempt` (the request to the upstream, until its answer's head) within `timeout`, as
+    /// `tokio::time::timeout`, except that with a body still coming the deadline moves as
+    /// [`UploadClock::deadline`] says. A struct built in place rather than an `async fn`
+    /// around the attempt: that moved the request's whole future once more (600 instructions
+    /// of `memcpy` per request).
+    pub struct WithinRequestTimeout<F> {
+        #[pin]
+        attempt: F,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        timeout: Duration,
+        upload: Option<Arc<UploadClock>>,
+    }
+}
+
+/// See [`WithinRequestTimeout`]; its output is None once past the deadline.
+pub fn within_request_timeout<F: std::future::Future>(
     attempt: F,
     timeout: Duration,
     upload: Option<Arc<UploadClock>>,
-) -> Option<F::Output> {
-    let Some(upload) = upload else {
-        return tokio::time::timeout(timeout, attempt).await.ok();
-    };
-    let mut attempt = std::pin::pin!(attempt);
-    let mut deadline = upload.start + timeout;
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut attempt => return Some(out),
-            () = tokio::time::sleep_until(deadline) => {}
+) -> WithinRequestTimeout<F> {
+    WithinRequestTimeout {
+        attempt,
+        sleep: tokio::time::sleep(timeout),
+        timeout,
+        upload,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for WithinRequestTimeout<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.attempt.poll(cx) {
+            return Poll::Ready(Some(out));
         }
-        deadline = upload.deadline(Instant::now(), timeout)?;
+        loop {
+            std::task::ready!(this.sleep.as_mut().poll(cx));
+            let next = this
+                .upload
+                .as_ref()
+                .and_then(|u| u.deadline(Instant::now(), *this.timeout));
+            match next {
+                Some(at) => this.sleep.as_mut().reset(at),
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
 
@@ -245,6 +307,7 @@ mod tests {
     fn clock(state: u64) -> UploadClock {
         UploadClock {
             start: Instant::now(),
+            moves: true,
             state: AtomicU64::new(state),
         }
     }
@@ -271,5 +334,17 @@ mod tests {
         // Never asked for at all: past at `timeout`.
         let c = clock(0);
         assert_eq!(c.deadline(c.start + t, t), None);
+        // Without `body_idle_timeout` nothing else bounds a stall: `timeout` from the start.
+        let mut c = clock(UPLOAD_WAITING | 501);
+        c.moves = false;
+        assert_eq!(c.deadline(c.start + t, t), None);
+        // A failure is the client's, whatever the pool's client made of it.
+        let c = clock(UPLOAD_IDLE | UPLOAD_WAITING | 501);
+        assert_eq!(
+            (c.failed(), c.deadline(c.start + t, t)),
+            (Some(true), Some(c.start + t + t))
+        );
+        assert_eq!(clock(UPLOAD_FAILED | 501).failed(), Some(false));
+        assert_eq!(clock(UPLOAD_DONE | 501).failed(), None);
     }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use super::body::{client_body_error, BodyError};
+use super::body::{client_body_error, BodyError, UploadClock};
 use super::outcome::RecordedBody;
 use crate::http::client::ClientError;
 use crate::http::{plain, CloseConnection};
@@ -64,11 +64,12 @@ pub struct Answer {
 impl ProxyError {
     /// An upstream exchange's error: the client's body when that is what failed, else the
     /// upstream's.
-    pub fn from_client(e: ClientError) -> ProxyError {
-        match client_body_error(&e) {
-            Some(BodyError::Idle) => ProxyError::BodyIdle,
-            Some(BodyError::Client(_)) => ProxyError::BodyFailed,
-            None => ProxyError::Upstream(e),
+    /// `upload` knows it too where the error lost it (an h2 pool resets the stream).
+    pub fn from_client(e: ClientError, upload: Option<&UploadClock>) -> ProxyError {
+        match (client_body_error(&e), upload.and_then(UploadClock::failed)) {
+            (Some(BodyError::Idle), _) | (None, Some(true)) => ProxyError::BodyIdle,
+            (Some(BodyError::Client(_)), _) | (None, Some(false)) => ProxyError::BodyFailed,
+            (None, None) => ProxyError::Upstream(e),
         }
     }
 

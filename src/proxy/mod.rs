@@ -411,9 +411,10 @@ async fn route_and_forward(
         rewritten.host_from_upstream,
         conn.mode == Mode::Live,
     );
-    let result = match body::within_request_timeout(attempt, route.request_timeout, upload).await {
+    let answered = body::within_request_timeout(attempt, route.request_timeout, upload.clone());
+    let result = match answered.await {
         None => Err(ProxyError::Timeout),
-        Some(Err(e)) => Err(ProxyError::from_client(e)),
+        Some(Err(e)) => Err(ProxyError::from_client(e, upload.as_deref())),
         Some(Ok(resp)) => Ok(resp),
     };
     // The access log names the upstream that answered (or failed last), as the stats do.
