@@ -565,7 +565,7 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
 /// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an
-/// absolute-form target). (No `:authority` and no Host, which the
+/// absolute-form target), a `:path` that is neither origin form nor `*` (400). (No `:authority` and no Host, which the
 /// h2 client cannot send: `validate::tests`.)
 #[tokio::test]
 async fn h2_fields_are_held_to_what_an_http1_head_is() {
@@ -600,6 +600,15 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
         (
             "a scheme other than http or https",
             http::Request::get("ftp://a.example/scheme")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            // `:path` is `?x=1`: neither origin form nor `*` (RFC 9113 8.3.1), as the HTTP/1
+            // `GET ?x=1`.
+            "a :path without a leading slash",
+            http::Request::get("http://a.example?x=1")
                 .body(())
                 .expect("req"),
             400,
