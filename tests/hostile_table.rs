@@ -300,6 +300,8 @@ const TABLE: &[Row] = &[
     // Upgrade (RFC 9110 7.8): h2c is never tunnelled.
     passed("Upgrade: websocket, h2c", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n", &["upgrade: websocket"], &["h2c"]),
     passed("Upgrade: h2c alone", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", &[], &["upgrade"]),
+    // RFC 9110 10.1.1: a 100-continue in HTTP/1.0 is ignored, not made real in HTTP/1.1.
+    passed("Expect: 100-continue in HTTP/1.0 is dropped", b"POST / HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", &["post / http/1.1", "content-length: 5"], &["expect"]),
     // Forwarding headers: the client's values are kept and the proxy's go last.
     passed("client Forwarded is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=192.0.2.1\r\n\r\n", &["forwarded: for=192.0.2.1, for=127.0.0.1;host=\"a\";proto=http"], &[]),
     passed("client X-Forwarded-For is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n", &["x-forwarded-for: 192.0.2.1, 127.0.0.1"], &[]),

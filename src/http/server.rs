@@ -512,9 +512,14 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     // Refused from here on: the head has left `buf`, its line is taken from `head`.
     let line_of = |r: Refused| r.with_split_head(&head);
     let uri = request_target(&head, target, &method).map_err(line_of)?;
-    let (headers, fields, flags) = header_fields(&head, spans, count).map_err(line_of)?;
+    let (mut headers, fields, flags) = header_fields(&head, spans, count).map_err(line_of)?;
     if fields.has_transfer_encoding() && version == Version::HTTP_10 {
         return Err(line_of(bad("Transfer-Encoding in an HTTP/1.0 request\n")));
+    }
+    // RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored; passed on
+    // inside an HTTP/1.1 request it would become a real one.
+    if flags.has_expect && version == Version::HTTP_10 {
+        headers.remove(header::EXPECT);
     }
     let framing = match fields.decide() {
         Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
@@ -657,6 +662,7 @@ struct Flags {
     keep_alive: bool,
     upgrade_token: bool,
     expect_continue: bool,
+    has_expect: bool,
     has_upgrade: bool,
 }
 
@@ -692,6 +698,7 @@ fn header_fields(
                 flags.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name == header::EXPECT {
+            flags.has_expect = true;
             flags.expect_continue |= value
                 .as_bytes()
                 .trim_ascii()
