@@ -147,6 +147,11 @@ async fn handle(
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
 
+    // RFC 9112 3.2: an HTTP/1.1 request without exactly one Host is 400, whatever it asks for.
+    let host = match request_host(&req) {
+        Ok(host) => host,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     // Scrapers and load balancers reach these by IP; they change nothing.
     match (method.as_str(), path.as_str()) {
         ("GET" | "HEAD", "/healthz") => {
@@ -167,7 +172,7 @@ async fn handle(
         (_, "/healthz" | "/metrics") => return method_not_allowed("GET, HEAD"),
         _ => {}
     }
-    if !host_allowed(app, &req) {
+    if host.is_some_and(|h| !host_allowed(app, h)) {
         return error(
             StatusCode::FORBIDDEN,
             "Host not allowed on the admin listener; add it to [admin] allowed_hosts",
@@ -611,13 +616,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
-fn host_allowed(app: &App, req: &Request<Incoming>) -> bool {
-    let value = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    let Some(value) = value else { return true };
+/// The host a request is for: the target's authority when it has one (an h2 `:authority`, an
+/// HTTP/1 absolute form: RFC 9112 3.2.2, it wins over Host), else the Host field; `None` for an
+/// HTTP/1.0 request with neither. More than one Host, or none in HTTP/1.1, is an error (RFC
+/// 9112 3.2), as is a Host that is not text.
+fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if first.is_none() && req.version() == http::Version::HTTP_11 {
+        return Err("missing Host header");
+    }
+    if let Some(authority) = req.uri().authority() {
+        return Ok(Some(authority.as_str()));
+    }
+    match first {
+        Some(v) => v.to_str().map(Some).map_err(|_| "invalid Host header"),
+        None => Ok(None),
+    }
+}
+
+fn host_allowed(app: &App, value: &str) -> bool {
+    // Userinfo (`u@host`) is not part of the host.
+    let value = value.rsplit_once('@').map_or(value, |(_, h)| h);
     let host = match value.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(""),
         None => value.rsplit_once(':').map(|(h, _)| h).unwrap_or(value),
