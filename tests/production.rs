@@ -1204,6 +1204,53 @@ async fn admin_requests_need_one_host_and_an_absolute_target_is_checked_by_its_a
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
+/// RFC 9110 9.3.2: an answer to HEAD has no body, over h2c as over HTTP/1.1 (hyper's h2 server
+/// sends what the handler gives it), and keeps the GET answer's Content-Length.
+#[tokio::test]
+async fn admin_head_answers_have_no_body_over_h2c_and_http1() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let c = h2c_client(p.admin).await;
+    let mut problems = Vec::new();
+    for path in ["/healthz", "/metrics", "/api/status", "/", "/nope"] {
+        let uri = format!("http://localhost{path}");
+        let (get_status, get_len, get_body) = h2c_request(&c, "GET", &uri).await;
+        let (status, len, body) = h2c_request(&c, "HEAD", &uri).await;
+        if status != get_status {
+            problems.push(format!("h2 HEAD {path}: {status}, GET {get_status}"));
+        }
+        if body != Ok(Vec::new()) {
+            problems.push(format!("h2 HEAD {path}: a body: {body:?}"));
+        }
+        // /metrics and /api/status may change between the two.
+        let stable = matches!(path, "/healthz" | "/" | "/nope");
+        if len.is_none() || (stable && len != get_len) {
+            problems.push(format!(
+                "h2 HEAD {path}: content-length {len:?}, GET {get_len:?} ({} bytes)",
+                get_body.map(|b| b.len()).unwrap_or(0)
+            ));
+        }
+        let (status, text) = raw_admin(
+            p.admin,
+            &format!("HEAD {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let after_head = text.split_once("\r\n\r\n").map(|(_, b)| b.len());
+        let h1_len = text.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        });
+        if status != get_status || after_head != Some(0) || (stable && h1_len != get_len) {
+            problems.push(format!(
+                "HTTP/1.1 HEAD {path}: {text:?}, GET length {get_len:?}"
+            ));
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reload
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -80,7 +80,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
             let open = activity.open();
             let activity = activity.clone();
             async move {
+                let head = req.method() == Method::HEAD;
                 let resp = handle(&app, req, remote).await;
+                let resp = if head { bodiless(resp) } else { resp };
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, open)))
             }
         });
@@ -664,6 +666,20 @@ fn host_allowed(app: &App, value: &str) -> bool {
         .allowed_hosts
         .iter()
         .any(|h| h == &host)
+}
+
+/// A HEAD answer: the GET answer's fields, its Content-Length included, and no body (RFC 9110
+/// 9.3.2). hyper's HTTP/1 server leaves a HEAD body out itself; its h2 server would send it as
+/// DATA.
+fn bodiless(resp: AdminResponse) -> AdminResponse {
+    let (mut parts, body) = resp.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
+    }
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> AdminResponse {
