@@ -96,21 +96,29 @@ impl PassiveState {
         }
     }
 
-    /// A request failed; true when this failure ejected the upstream.
+    /// A request failed; true when this failure ejected the upstream: once per ejection, however
+    /// many requests in flight fail together (they would log one ejection each).
     pub fn failure(&self, cfg: &PassiveConfig) -> bool {
-        self.failed_at.store(self.now_ms(), Ordering::Relaxed);
+        let now = self.now_ms();
+        self.failed_at.store(now, Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if cfg.eject_after == 0 || n < cfg.eject_after {
             return false;
         }
         // Counted afresh after the ejection: it takes `eject_after` more to eject it again.
         self.failures.store(0, Ordering::Relaxed);
-        let until = self
-            .now_ms()
-            .saturating_add(cfg.eject_for.as_millis() as u64)
-            .max(1);
-        self.ejected_until.store(until, Ordering::Relaxed);
-        true
+        let until = now.saturating_add(cfg.eject_for.as_millis() as u64).max(1);
+        let prev = self.ejected_until.load(Ordering::Relaxed);
+        if prev != 0 && now < prev {
+            // Already ejected (failures of requests that were in flight, or of a pool in panic
+            // mode): the same ejection, extended as before, not a new one.
+            self.ejected_until.fetch_max(until, Ordering::Relaxed);
+            return false;
+        }
+        // Of failures racing here, the one that moves it from "not ejected" ejects it.
+        self.ejected_until
+            .compare_exchange(prev, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Milliseconds of ejection left (0 when not ejected), for `/api/status`.
@@ -159,6 +167,50 @@ mod tests {
             assert!(!s.failure(&off));
         }
         assert!(!s.ejected() && s.failing());
+    }
+
+    /// Requests in flight that fail together eject it once: one `true`, so one "upstream
+    /// ejected" line, per ejection.
+    #[test]
+    fn failures_at_once_eject_once() {
+        let cfg = PassiveConfig {
+            eject_after: 1,
+            eject_for: Duration::from_secs(60),
+        };
+        let s = std::sync::Arc::new(PassiveState::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || s.failure(&cfg))
+            })
+            .collect();
+        let ejections = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(false))
+            .filter(|e| *e)
+            .count();
+        assert_eq!(ejections, 1, "eight failures at once");
+        assert!(s.ejected());
+    }
+
+    /// Failures while it is ejected (requests that were in flight) are the same ejection; once
+    /// it is back, the next ejection is reported again.
+    #[tokio::test(start_paused = true)]
+    async fn failures_while_ejected_do_not_eject_again() {
+        let cfg = PassiveConfig {
+            eject_after: 2,
+            eject_for: Duration::from_secs(10),
+        };
+        let s = PassiveState::default();
+        assert!(!s.failure(&cfg) && s.failure(&cfg));
+        for _ in 0..6 {
+            assert!(!s.failure(&cfg));
+        }
+        assert!(s.ejected());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!s.ejected());
+        assert!(!s.failure(&cfg) && s.failure(&cfg));
+        assert!(s.ejected());
     }
 
     #[tokio::test(start_paused = true)]

@@ -682,3 +682,49 @@ async fn a_stalled_upstream_body_is_aborted_at_the_body_idle_timeout() {
     );
     p.stop().await;
 }
+
+/// A chunk-size line takes whitespace only before an extension (RFC 9112 7.1: `chunk-size
+/// [BWS ";" ...]`): `5 ` alone is refused, toward the proxy (400) and from an upstream (the
+/// broken body is cut, never passed on as complete), while `5 ;ext` and `5;ext` are read.
+#[tokio::test]
+async fn a_chunk_size_with_whitespace_and_no_extension_is_refused() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    for (line, want) in [
+        ("5 ", "HTTP/1.1 400"),
+        ("5\t", "HTTP/1.1 400"),
+        ("5 ;ext", "HTTP/1.1 200"),
+        ("5;ext=1", "HTTP/1.1 200"),
+    ] {
+        let data = format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{line}\r\nhello\r\n0\r\n\r\n"
+        );
+        let status = raw(p.proxy, data.as_bytes()).await;
+        assert!(status.starts_with(want), "{line:?}: got {status:?}");
+    }
+    p.stop().await;
+
+    for (line, good) in [("5 ", false), ("5 ;ext", true)] {
+        let answer: &'static [u8] = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{line}\r\nhello\r\n0\r\n\r\n"
+        )
+        .into_bytes()
+        .leak();
+        let (up, _) = canned(answer).await;
+        let p = start(up, "").await;
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let (text, _) = read_all(&mut s, Duration::from_secs(10)).await;
+        // The head is on its way before the body is read (as with a cut-short body): what
+        // the client must not get is a complete body from a broken one.
+        assert!(text.starts_with("HTTP/1.1 200"), "{line:?}: {text:?}");
+        assert_eq!(
+            text.ends_with("5\r\nhello\r\n0\r\n\r\n"),
+            good,
+            "{line:?}: {text:?}"
+        );
+        p.stop().await;
+    }
+}

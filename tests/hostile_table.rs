@@ -275,6 +275,21 @@ const TABLE: &[Row] = &[
     refused("absolute form with an invalid Host", b"GET http://b/ HTTP/1.1\r\nHost: a b\r\n\r\n"),
     refused("fragment in the target", b"GET /p#f HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("fragment in an absolute-form target", b"GET http://b/p?q#f HTTP/1.1\r\nHost: a\r\n\r\n"),
+    // Bytes outside RFC 3986's set (RFC 9112 3.2), which the http crate would take and pass on.
+    refused("raw UTF-8 in the path", b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("raw byte 0x80 in the query", b"GET /?q=\x80 HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("raw UTF-8 in an absolute-form target", b"GET http://b.example/\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("DEL in the target", b"GET /a\x7fb HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("double quote in the target", b"GET /\"x\" HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("braces in the target", b"GET /{a} HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("backslash in the target", b"GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("caret in the query", b"GET /?a^b HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("angle brackets in the target", b"GET /<a> HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("square brackets in the path", b"GET /[a] HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("% without two hex digits", b"GET /a%zz HTTP/1.1\r\nHost: a\r\n\r\n"),
+    refused("% at the end of the target", b"GET /a?b% HTTP/1.1\r\nHost: a\r\n\r\n"),
+    passed("percent-encoding, sub-delims, : and @ in the target", b"GET /a%20b/!$&'()*+,;=:@-._~?x=%C3%a9&y=/?:@ HTTP/1.1\r\nHost: a\r\n\r\n", &["get /a%20b/!$&'()*+,;=:@-._~?x=%c3%a9&y=/?:@ http/1.1"], &[]),
+    passed("absolute form with an IPv6 literal", b"GET http://[::1]:8080/p?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /p?q http/1.1", "host: [::1]:8080"], &[]),
     passed("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", &["options * http/1.1"], &[]),
     passed("absolute form: its authority replaces Host", b"GET http://b.example/p?q HTTP/1.1\r\nHost: a\r\n\r\n", &["get /p?q http/1.1", "host: b.example", "x-forwarded-host: b.example"], &["host: a"]),
     passed("absolute form in HTTP/1.0 without Host", b"GET http://b.example/p HTTP/1.0\r\n\r\n", &["get /p http/1.1", "host: b.example"], &[]),
@@ -285,6 +300,8 @@ const TABLE: &[Row] = &[
     // Upgrade (RFC 9110 7.8): h2c is never tunnelled.
     passed("Upgrade: websocket, h2c", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n", &["upgrade: websocket"], &["h2c"]),
     passed("Upgrade: h2c alone", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", &[], &["upgrade"]),
+    // RFC 9110 10.1.1: a 100-continue in HTTP/1.0 is ignored, not made real in HTTP/1.1.
+    passed("Expect: 100-continue in HTTP/1.0 is dropped", b"POST / HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", &["post / http/1.1", "content-length: 5"], &["expect"]),
     // Forwarding headers: the client's values are kept and the proxy's go last.
     passed("client Forwarded is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=192.0.2.1\r\n\r\n", &["forwarded: for=192.0.2.1, for=127.0.0.1;host=\"a\";proto=http"], &[]),
     passed("client X-Forwarded-For is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n", &["x-forwarded-for: 192.0.2.1, 127.0.0.1"], &[]),
@@ -565,7 +582,7 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
 /// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an
-/// absolute-form target). (No `:authority` and no Host, which the
+/// absolute-form target), a `:path` that is neither origin form nor `*` (400). (No `:authority` and no Host, which the
 /// h2 client cannot send: `validate::tests`.)
 #[tokio::test]
 async fn h2_fields_are_held_to_what_an_http1_head_is() {
@@ -600,6 +617,15 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
         (
             "a scheme other than http or https",
             http::Request::get("ftp://a.example/scheme")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            // `:path` is `?x=1`: neither origin form nor `*` (RFC 9113 8.3.1), as the HTTP/1
+            // `GET ?x=1`.
+            "a :path without a leading slash",
+            http::Request::get("http://a.example?x=1")
                 .body(())
                 .expect("req"),
             400,

@@ -1070,6 +1070,187 @@ async fn admin_checks_host_and_methods() {
     p.stop().await;
 }
 
+/// One raw HTTP/1 request to `addr` (that asks to close, or is HTTP/1.0); the status and the
+/// whole answer.
+async fn raw_admin(addr: SocketAddr, req: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// An h2c client (raw frames, the `h2` crate) on `addr`.
+async fn h2c_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    client
+}
+
+/// One h2 request without a body: the status, the Content-Length and the DATA received
+/// (`Err` if the stream failed while reading it).
+async fn h2c_request(
+    client: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    uri: &str,
+) -> (u16, Option<String>, Result<Vec<u8>, String>) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .expect("req");
+    let mut c = client.clone().ready().await.expect("ready");
+    let (resp, _) = c.send_request(req, true).expect("send");
+    let resp = tokio::time::timeout(T, resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let len = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut body = resp.into_body();
+    let mut data = Ok(Vec::new());
+    while let Some(chunk) = tokio::time::timeout(T, body.data()).await.expect("in time") {
+        match chunk {
+            Ok(b) => {
+                let _ = body.flow_control().release_capacity(b.len());
+                if let Ok(d) = data.as_mut() {
+                    d.extend_from_slice(&b);
+                }
+            }
+            Err(e) => {
+                data = Err(e.to_string());
+                break;
+            }
+        }
+    }
+    (status, len, data)
+}
+
+/// RFC 9112 3.2 / 3.2.2 on the admin listener: an HTTP/1.1 request without exactly one Host is
+/// 400 (JSON, as every admin error), whatever its path; an absolute-form target's authority is
+/// what the allowed-hosts check reads, not Host. HTTP/1.0 without Host, and h2 by
+/// `:authority`, are served as before.
+#[tokio::test]
+async fn admin_requests_need_one_host_and_an_absolute_target_is_checked_by_its_authority() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let mut problems = Vec::new();
+    let close = "Connection: close\r\n\r\n";
+    for (what, head, want) in [
+        (
+            "two Hosts",
+            "GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n",
+            400,
+        ),
+        (
+            "two Hosts, /healthz",
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n",
+            400,
+        ),
+        ("no Host", "GET /api/status HTTP/1.1\r\n", 400),
+        ("no Host, /metrics", "GET /metrics HTTP/1.1\r\n", 400),
+        (
+            "absolute form without Host",
+            "GET http://127.0.0.1/api/status HTTP/1.1\r\n",
+            400,
+        ),
+        (
+            "absolute form naming another host",
+            "GET http://evil.example/api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            403,
+        ),
+        (
+            "absolute form naming loopback",
+            "GET http://127.0.0.1/api/status HTTP/1.1\r\nHost: evil.example\r\n",
+            200,
+        ),
+        (
+            "one Host",
+            "GET /api/status HTTP/1.1\r\nHost: localhost:9090\r\n",
+            200,
+        ),
+        ("HTTP/1.0 without Host", "GET /api/status HTTP/1.0\r\n", 200),
+    ] {
+        let (status, text) = raw_admin(p.admin, &format!("{head}{close}")).await;
+        let json_error =
+            text.contains("\r\ncontent-type: application/json\r\n") && text.contains("\"error\"");
+        if status != want || (want >= 400 && !json_error) {
+            let short: String = text.chars().take(300).collect();
+            problems.push(format!("{what}: {status} (want {want}): {short:?}"));
+        }
+    }
+    let c = h2c_client(p.admin).await;
+    for (uri, want) in [
+        ("http://localhost/api/status", 200),
+        ("http://evil.example/api/status", 403),
+    ] {
+        let (status, _, _) = h2c_request(&c, "GET", uri).await;
+        if status != want {
+            problems.push(format!("h2 {uri}: {status} (want {want})"));
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// RFC 9110 9.3.2: an answer to HEAD has no body, over h2c as over HTTP/1.1 (hyper's h2 server
+/// sends what the handler gives it), and keeps the GET answer's Content-Length.
+#[tokio::test]
+async fn admin_head_answers_have_no_body_over_h2c_and_http1() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let c = h2c_client(p.admin).await;
+    let mut problems = Vec::new();
+    for path in ["/healthz", "/metrics", "/api/status", "/", "/nope"] {
+        let uri = format!("http://localhost{path}");
+        let (get_status, get_len, get_body) = h2c_request(&c, "GET", &uri).await;
+        let (status, len, body) = h2c_request(&c, "HEAD", &uri).await;
+        if status != get_status {
+            problems.push(format!("h2 HEAD {path}: {status}, GET {get_status}"));
+        }
+        if body != Ok(Vec::new()) {
+            problems.push(format!("h2 HEAD {path}: a body: {body:?}"));
+        }
+        // /metrics and /api/status may change between the two.
+        let stable = matches!(path, "/healthz" | "/" | "/nope");
+        if len.is_none() || (stable && len != get_len) {
+            problems.push(format!(
+                "h2 HEAD {path}: content-length {len:?}, GET {get_len:?} ({} bytes)",
+                get_body.map(|b| b.len()).unwrap_or(0)
+            ));
+        }
+        let (status, text) = raw_admin(
+            p.admin,
+            &format!("HEAD {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let after_head = text.split_once("\r\n\r\n").map(|(_, b)| b.len());
+        let h1_len = text.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        });
+        if status != get_status || after_head != Some(0) || (stable && h1_len != get_len) {
+            problems.push(format!(
+                "HTTP/1.1 HEAD {path}: {text:?}, GET length {get_len:?}"
+            ));
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reload
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -80,7 +80,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
             let open = activity.open();
             let activity = activity.clone();
             async move {
+                let head = req.method() == Method::HEAD;
                 let resp = handle(&app, req, remote).await;
+                let resp = if head { bodiless(resp) } else { resp };
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, open)))
             }
         });
@@ -147,6 +149,11 @@ async fn handle(
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
 
+    // RFC 9112 3.2: an HTTP/1.1 request without exactly one Host is 400, whatever it asks for.
+    let host = match request_host(&req) {
+        Ok(host) => host,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     // Scrapers and load balancers reach these by IP; they change nothing.
     match (method.as_str(), path.as_str()) {
         ("GET" | "HEAD", "/healthz") => {
@@ -167,7 +174,7 @@ async fn handle(
         (_, "/healthz" | "/metrics") => return method_not_allowed("GET, HEAD"),
         _ => {}
     }
-    if !host_allowed(app, &req) {
+    if host.is_some_and(|h| !host_allowed(app, h)) {
         return error(
             StatusCode::FORBIDDEN,
             "Host not allowed on the admin listener; add it to [admin] allowed_hosts",
@@ -611,13 +618,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
-fn host_allowed(app: &App, req: &Request<Incoming>) -> bool {
-    let value = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    let Some(value) = value else { return true };
+/// The host a request is for: the target's authority when it has one (an h2 `:authority`, an
+/// HTTP/1 absolute form: RFC 9112 3.2.2, it wins over Host), else the Host field; `None` for an
+/// HTTP/1.0 request with neither. More than one Host, or none in HTTP/1.1, is an error (RFC
+/// 9112 3.2), as is a Host that is not text.
+fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if first.is_none() && req.version() == http::Version::HTTP_11 {
+        return Err("missing Host header");
+    }
+    if let Some(authority) = req.uri().authority() {
+        return Ok(Some(authority.as_str()));
+    }
+    match first {
+        Some(v) => v.to_str().map(Some).map_err(|_| "invalid Host header"),
+        None => Ok(None),
+    }
+}
+
+fn host_allowed(app: &App, value: &str) -> bool {
+    // Userinfo (`u@host`) is not part of the host.
+    let value = value.rsplit_once('@').map_or(value, |(_, h)| h);
     let host = match value.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(""),
         None => value.rsplit_once(':').map(|(h, _)| h).unwrap_or(value),
@@ -641,6 +666,20 @@ fn host_allowed(app: &App, req: &Request<Incoming>) -> bool {
         .allowed_hosts
         .iter()
         .any(|h| h == &host)
+}
+
+/// A HEAD answer: the GET answer's fields, its Content-Length included, and no body (RFC 9110
+/// 9.3.2). hyper's HTTP/1 server leaves a HEAD body out itself; its h2 server would send it as
+/// DATA.
+fn bodiless(resp: AdminResponse) -> AdminResponse {
+    let (mut parts, body) = resp.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
+    }
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> AdminResponse {

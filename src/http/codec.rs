@@ -56,18 +56,21 @@ pub fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked
                     .iter()
                     .position(|b| !b.is_ascii_hexdigit())
                     .unwrap_or(line.len());
-                // chunk-size [BWS ";" extensions]: nothing else may follow the size.
-                let rest = &line[digits..];
-                let rest = &rest[rest
+                // chunk-size [BWS ";" extensions]: nothing else may follow the size, and
+                // whitespace only before a `;` (RFC 9112 7.1).
+                let after = &line[digits..];
+                let bws = after
                     .iter()
                     .take_while(|b| matches!(b, b' ' | b'\t'))
-                    .count()..];
+                    .count();
+                let rest = &after[bws..];
                 let significant = line[..digits].iter().skip_while(|d| **d == b'0').count();
-                if digits == 0
-                    || significant > 15
-                    || !(rest.is_empty() || rest[0] == b';')
-                    || rest.contains(&b'\r')
-                {
+                let tail_ok = match rest.first() {
+                    Some(b';') => true,
+                    Some(_) => false,
+                    None => bws == 0,
+                };
+                if digits == 0 || significant > 15 || !tail_ok || rest.contains(&b'\r') {
                     return Err("invalid chunk size");
                 }
                 let size = line[..digits].iter().fold(0u64, |acc, d| {
@@ -463,6 +466,38 @@ mod tests {
         t.insert("x-trail", http::HeaderValue::from_static("b\t"));
         t.insert("content-length", http::HeaderValue::from_static("5"));
         assert_eq!(&last_chunk_with(&t)[..], b"0\r\nx-good: ok\r\n\r\n");
+    }
+
+    #[test]
+    fn chunk_size_lines_take_whitespace_only_before_an_extension() {
+        let decode = |body: &[u8]| {
+            let mut buf = BytesMut::from(body);
+            let mut st = ChunkState::Size;
+            let mut data = Vec::new();
+            loop {
+                match decode_chunked(&mut buf, &mut st)? {
+                    Chunked::Data(d) => data.extend_from_slice(&d),
+                    Chunked::End | Chunked::Trailers(_) => return Ok(data),
+                    Chunked::NeedMore => return Err("incomplete"),
+                }
+            }
+        };
+        for ok in [
+            &b"5\r\nhello\r\n0\r\n\r\n"[..],
+            b"5;ext\r\nhello\r\n0\r\n\r\n",
+            b"5 ;ext\r\nhello\r\n0\r\n\r\n",
+            b"5\t;ext=\"v\"\r\nhello\r\n0 ;x\r\n\r\n",
+        ] {
+            assert_eq!(decode(ok).as_deref(), Ok(&b"hello"[..]), "{ok:?}");
+        }
+        for bad in [
+            &b"5 \r\nhello\r\n0\r\n\r\n"[..],
+            b"5\t\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0 \r\n\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert!(decode(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -512,9 +512,14 @@ fn parse_with(buf: &mut BytesMut, limits: &Limits, heap: bool) -> Result<Option<
     // Refused from here on: the head has left `buf`, its line is taken from `head`.
     let line_of = |r: Refused| r.with_split_head(&head);
     let uri = request_target(&head, target, &method).map_err(line_of)?;
-    let (headers, fields, flags) = header_fields(&head, spans, count).map_err(line_of)?;
+    let (mut headers, fields, flags) = header_fields(&head, spans, count).map_err(line_of)?;
     if fields.has_transfer_encoding() && version == Version::HTTP_10 {
         return Err(line_of(bad("Transfer-Encoding in an HTTP/1.0 request\n")));
+    }
+    // RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored; passed on
+    // inside an HTTP/1.1 request it would become a real one.
+    if flags.has_expect && version == Version::HTTP_10 {
+        headers.remove(header::EXPECT);
     }
     let framing = match fields.decide() {
         Ok(BodyFraming::Unframed | BodyFraming::Length(0)) => Framing::Done,
@@ -560,7 +565,7 @@ fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Resu
     let raw_target = head.slice(target.0..target.0 + target.1);
     // No form of the request target has a fragment (RFC 9112 3.2): the URI type would drop it,
     // and the upstream would get another target than the one the client sent.
-    if memchr::memchr(b'#', &raw_target).is_some() {
+    if memchr::memchr(b'#', &raw_target).is_some() || !target_bytes_valid(&raw_target) {
         return Err(bad("invalid request target\n"));
     }
     let mut uri =
@@ -584,6 +589,72 @@ fn request_target(head: &Bytes, target: (usize, usize), method: &Method) -> Resu
     Ok(uri)
 }
 
+/// The bytes RFC 3986 allows unescaped in a request target (RFC 9112 3.2): unreserved,
+/// sub-delims, `:`, `@`, `/`, `?` (and `%`, checked for its two hex digits apart).
+const TARGET_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'/'
+                    | b'?'
+            );
+        b += 1;
+    }
+    t
+};
+
+/// Whether every byte of an HTTP/1 request target is one RFC 3986 allows there: no raw byte
+/// over 0x7F, space, control, `"`, `<`, `>`, `\\`, `^`, `` ` ``, `{`, `|`, `}`, and `%` only
+/// before two hex digits. `[` and `]` enclose an IP literal, so only in an authority (the
+/// part of an absolute or authority form before its path or query).
+fn target_bytes_valid(t: &[u8]) -> bool {
+    let authority_end = if t.first() == Some(&b'/') {
+        0
+    } else {
+        let start = memchr::memmem::find(t, b"://").map_or(0, |i| i + 3);
+        let rest = t.get(start..).unwrap_or_default();
+        start + memchr::memchr2(b'/', b'?', rest).unwrap_or(rest.len())
+    };
+    let mut i = 0;
+    while let Some(&b) = t.get(i) {
+        match b {
+            b'%' => {
+                let hex = |j: usize| t.get(j).is_some_and(u8::is_ascii_hexdigit);
+                if !(hex(i + 1) && hex(i + 2)) {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            b'[' | b']' if i < authority_end => {}
+            _ if TARGET_BYTES[usize::from(b)] => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
 /// What a request's fields say about its connection.
 #[derive(Default)]
 struct Flags {
@@ -591,6 +662,7 @@ struct Flags {
     keep_alive: bool,
     upgrade_token: bool,
     expect_continue: bool,
+    has_expect: bool,
     has_upgrade: bool,
 }
 
@@ -626,6 +698,7 @@ fn header_fields(
                 flags.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name == header::EXPECT {
+            flags.has_expect = true;
             flags.expect_continue |= value
                 .as_bytes()
                 .trim_ascii()
@@ -1598,6 +1671,47 @@ impl<H: Handler> Conn<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_targets_hold_only_rfc_3986_bytes() {
+        for ok in [
+            &b"/"[..],
+            b"*",
+            b"/a%20b/!$&'()*+,;=:@-._~?x=%C3%a9&y=/?:@",
+            b"http://b.example",
+            b"http://b.example?q",
+            b"https://[::1]:8080/p?q",
+            b"http://[v1.x]/",
+            b"b.example:443",
+            b"[::1]:443",
+        ] {
+            assert!(target_bytes_valid(ok), "{ok:?}");
+        }
+        for bad in [
+            &b"/caf\xc3\xa9"[..],
+            b"/?q=\x80",
+            b"/a\x7f",
+            b"/a\x01",
+            b"/a b",
+            b"/a\tb",
+            b"/\"x\"",
+            b"/<a>",
+            b"/a\\b",
+            b"/a^b",
+            b"/a`b",
+            b"/{a}",
+            b"/a|b",
+            b"/[a]",
+            b"/?[a]",
+            b"http://b/[a]",
+            b"/a%",
+            b"/a%2",
+            b"/a%zz",
+            b"http://b.example\xff/",
+        ] {
+            assert!(!target_bytes_valid(bad), "{bad:?}");
+        }
+    }
 
     fn limits() -> Limits {
         Limits {

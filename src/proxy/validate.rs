@@ -133,7 +133,9 @@ pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
             _ => return Err("invalid request target\n"),
         }
     }
-    let path = uri.path();
+    // The raw path and query: `path()` reads an empty path as "/", and an h2 `:path` of `?x`
+    // (neither origin form nor `*`, RFC 9113 8.3.1) would go on as it is.
+    let path = uri.path_and_query().map_or("", PathAndQuery::as_str);
     if path == "*" {
         return if req.method() == Method::OPTIONS {
             Ok(())
@@ -379,6 +381,12 @@ mod tests {
         let h2 = Version::HTTP_2;
         assert!(target(&mut req(Method::GET, "https://a/x", h2)).is_ok());
         assert!(target(&mut req(Method::GET, "ftp://a/x", h2)).is_err());
+        // An h2 `:path` of `?x` (the URI's `path()` reads it as "/").
+        let mut r = req(Method::GET, "https://a/", h2);
+        let mut parts = r.uri().clone().into_parts();
+        parts.path_and_query = Some(PathAndQuery::from_static("?x"));
+        *r.uri_mut() = Uri::from_parts(parts).expect("uri");
+        assert!(target(&mut r).is_err());
         let mut r = req(Method::GET, "http://a?x", v);
         to_origin_form(&mut r);
         assert_eq!(r.uri().to_string(), "/?x");
