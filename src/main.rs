@@ -418,6 +418,26 @@ fn serve(
             }
         }
     }
+    // No state file (deleted, or `[state] path` changed; after a reset too when there was none
+    // to move aside): every service starts at the config's colors, so a release that flipped
+    // one elsewhere is ended, not resumed against them.
+    if cfg.state.backend == StateBackend::File {
+        match switchyard::end_release_on_missing_state(&cfg.state.path, &cfg) {
+            Ok(Some((id, name))) => report.note(&format!(
+                "the state file {} is missing: release {name:?} ({id}) was running; it is ended (aborted), not resumed: every service is at the config's colors",
+                cfg.state.path.display()
+            )),
+            Ok(None) => {}
+            Err(e) => {
+                report.error(&format!(
+                    "the state file {} is missing: cannot end the release that was running in {}: {e}",
+                    cfg.state.path.display(),
+                    cfg.state.path.with_extension("release.json").display()
+                ));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // The running process's sockets, before anything else can fail: without them, stop here
     // and leave it serving.
     let inherited = if upgrade {

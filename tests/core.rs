@@ -1200,6 +1200,27 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
 /// later restart (no reset) does not bring it back.
 #[tokio::test]
 async fn reset_state_ends_the_release_that_was_running() {
+    release_running_when_the_state_was_lost(Lost::Reset).await;
+}
+
+/// The same with the state file deleted (no `--reset-state`): a missing state file is the
+/// config's colors too, so the release that flipped `api` to green is ended, its reason naming
+/// the missing file, not resumed against blue.
+#[tokio::test]
+async fn missing_state_file_ends_the_release_that_was_running() {
+    release_running_when_the_state_was_lost(Lost::Deleted).await;
+}
+
+/// How the state of a running release was lost.
+#[derive(Clone, Copy)]
+enum Lost {
+    /// The state file corrupted, then `serve --reset-state`.
+    Reset,
+    /// The state file deleted, then a plain `serve`.
+    Deleted,
+}
+
+async fn release_running_when_the_state_was_lost(lost: Lost) {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1241,19 +1262,29 @@ async fn reset_state_ends_the_release_that_was_running() {
     .await;
     assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
     assert!(serves("green").await);
-    // Killed mid-bake; the state file is then unreadable.
+    // Killed mid-bake; the state file is then lost.
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
     let release_file = dir.path().join("state.release.json");
     let stored: Value =
         serde_json::from_slice(&std::fs::read(&release_file).expect("release file")).expect("json");
     assert_eq!(stored["current"]["id"], id, "{stored}");
-    std::fs::write(dir.path().join("state.json"), b"{not json").expect("write");
+    let state_file = dir.path().join("state.json");
+    let (reset, why) = match lost {
+        Lost::Reset => {
+            std::fs::write(&state_file, b"{not json").expect("write");
+            (true, "--reset-state".to_string())
+        }
+        Lost::Deleted => {
+            std::fs::remove_file(&state_file).expect("remove the state file");
+            (false, format!("{} was missing", state_file.display()))
+        }
+    };
 
-    let mut child = serve(true);
+    let mut child = serve(reset);
     assert!(
         serves("blue").await,
-        "switchyard did not serve after --reset-state"
+        "switchyard did not serve after the state was lost"
     );
     let check = |r: Value| {
         assert!(r["current"].is_null(), "{r}");
@@ -1262,7 +1293,7 @@ async fn reset_state_ends_the_release_that_was_running() {
         assert!(
             r["recent"][0]["reason"]
                 .as_str()
-                .is_some_and(|why| why.contains("--reset-state")),
+                .is_some_and(|reason| reason.contains(why.as_str())),
             "{r}"
         );
     };

@@ -1030,6 +1030,58 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
 pub fn end_stored_on_reset(
     state_path: &std::path::Path,
 ) -> std::io::Result<Option<(String, String)>> {
+    end_stored(
+        state_path,
+        "not resumed: the state was reset (--reset-state) while it ran, every service is at the config's colors",
+        |_| true,
+    )
+}
+
+/// `serve` with the file backend and no state file (deleted, or `[state] path` changed while a
+/// release ran): every service starts at the config's colors, so a release still running in
+/// `<state>.release.json` that flipped a service to another color than the config's is ended
+/// there (aborted, with the reason), as [`end_stored_on_reset`] does. One that flipped nothing
+/// the config's colors contradict (e.g. the first release of a new install, stopped before its
+/// first flip) is resumed as usual. Nothing when the state file exists or its presence cannot
+/// be told (its load then says why). Before the app starts.
+pub fn end_stored_on_missing_state(
+    state_path: &std::path::Path,
+    config: &Config,
+) -> std::io::Result<Option<(String, String)>> {
+    if !matches!(std::fs::symlink_metadata(state_path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Ok(None);
+    }
+    let reason = format!(
+        "not resumed: the state file {} was missing at startup while it ran, every service is at the config's colors",
+        state_path.display()
+    );
+    end_stored(state_path, &reason, |rel| {
+        rel.flipped.iter().any(|svc| {
+            let target = rel
+                .phases
+                .iter()
+                .flat_map(|p| &p.targets)
+                .rev()
+                .find(|(name, _)| name == svc)
+                .map(|(_, c)| *c);
+            let configured = config
+                .services
+                .iter()
+                .find(|s| &s.name == svc)
+                .map(|s| s.active);
+            target.is_some() && target != configured
+        })
+    })
+}
+
+/// Ends the live release stored beside `state_path` (aborted, `reason`) when `contradicted`
+/// says the state does not have what it did: moved to `recent`.
+fn end_stored(
+    state_path: &std::path::Path,
+    reason: &str,
+    contradicted: impl Fn(&Release) -> bool,
+) -> std::io::Result<Option<(String, String)>> {
     let path = state_path.with_extension("release.json");
     let mut v: Value = match std::fs::read(&path) {
         Ok(b) => match serde_json::from_slice(&b) {
@@ -1043,15 +1095,14 @@ pub fn end_stored_on_reset(
     if v["current"].is_null() {
         return Ok(None);
     }
-    let Some(mut rel) = Release::from_stored(&v["current"]).filter(Release::live) else {
-        // Unreadable (never resumed) or not running: left as it is.
+    let Some(mut rel) = Release::from_stored(&v["current"])
+        .filter(Release::live)
+        .filter(|r| contradicted(r))
+    else {
+        // Unreadable (never resumed), not running, or consistent with the state: left as it is.
         return Ok(None);
     };
-    rel.finish(
-        "aborted",
-        "not resumed: the state was reset (--reset-state) while it ran, every service is at the config's colors"
-            .to_string(),
-    );
+    rel.finish("aborted", reason.to_string());
     let mut recent: Vec<Value> = v["recent"].as_array().cloned().unwrap_or_default();
     recent.retain(|r| r["id"].as_str() != Some(rel.id.as_str()));
     recent.insert(0, rel.stored());
