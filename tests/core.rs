@@ -1301,16 +1301,49 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
     let st = admin_get(admin, "/api/status").await.1;
     assert_eq!(st["services"][0]["name"], "api", "{st}");
     assert_eq!(st["services"][0]["active"], "blue", "{st}");
+    // Its end is recorded once the app is up, as an abort is: one `release_abort` event naming
+    // it and the reason, and one count in switchyard_releases_total{result="aborted"}.
+    let ends = || async {
+        let evs = admin_get(admin, "/api/events").await.1;
+        let list: Vec<Value> = evs["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["reason"] == "release_abort")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        list
+    };
+    let aborted_total = || async {
+        let (s, text) = get(admin, "/metrics").await;
+        assert_eq!(s, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix("switchyard_releases_total{result=\"aborted\"} "))
+            .map(str::to_string)
+    };
+    let evs = ends().await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["actor"], "startup", "{evs:?}");
+    let detail = evs[0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(id.as_str().unwrap_or("?")) && detail.contains(why.as_str()),
+        "{evs:?}"
+    );
+    assert_eq!(aborted_total().await.as_deref(), Some("1"));
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
 
-    // Restarted without a reset: still ended, still blue.
+    // Restarted without a reset: still ended, still blue, its end not recorded again.
     let mut child = serve(false);
     assert!(
         serves("blue").await,
         "switchyard did not serve after a restart"
     );
     check(admin_get(admin, "/api/releases").await.1);
+    assert_eq!(ends().await.len(), 1, "{:?}", ends().await);
+    assert_eq!(aborted_total().await.as_deref(), Some("0"));
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
 }

@@ -1023,6 +1023,11 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Marks a release that `serve` ended before the app started (its state was reset or missing)
+/// in `<state>.release.json`'s `recent`: once the app is up, [`resume`] records its event and
+/// counts it in `switchyard_releases_total`, then stores the record without the mark.
+const UNANNOUNCED: &str = "unannounced";
+
 /// `serve --reset-state` with the file backend, once the state file was moved aside (every
 /// service back at the config's colors): a release still running in `<state>.release.json` is
 /// ended there (aborted, with the reason) instead of being resumed claiming flips the new state
@@ -1076,7 +1081,7 @@ pub fn end_stored_on_missing_state(
 }
 
 /// Ends the live release stored beside `state_path` (aborted, `reason`) when `contradicted`
-/// says the state does not have what it did: moved to `recent`.
+/// says the state does not have what it did: moved to `recent`, marked [`UNANNOUNCED`].
 fn end_stored(
     state_path: &std::path::Path,
     reason: &str,
@@ -1105,12 +1110,49 @@ fn end_stored(
     rel.finish("aborted", reason.to_string());
     let mut recent: Vec<Value> = v["recent"].as_array().cloned().unwrap_or_default();
     recent.retain(|r| r["id"].as_str() != Some(rel.id.as_str()));
-    recent.insert(0, rel.stored());
+    let mut ended = rel.stored();
+    ended[UNANNOUNCED] = Value::Bool(true);
+    recent.insert(0, ended);
     recent.truncate(RECENT);
     v["current"] = Value::Null;
     v["recent"] = Value::Array(recent);
     write_atomic(&path, &v)?;
     Ok(Some((rel.id, rel.name)))
+}
+
+/// The releases `serve` ended before the app started ([`UNANNOUNCED`] in `recent`), once the
+/// app is up: each one's `release_abort` event (actor `startup`, the reason) and its count in
+/// `switchyard_releases_total{result}`, as an abort records them. The record is then stored
+/// again without the marks (the writer stores [`crate::release_record::persisted`]).
+async fn announce_ended_at_startup(app: &Arc<App>, recent: &[Value]) {
+    let mut any = false;
+    for v in recent
+        .iter()
+        .filter(|v| v[UNANNOUNCED] == Value::Bool(true))
+    {
+        let Some(rel) = Release::from_stored(v) else {
+            continue;
+        };
+        any = true;
+        // `serve` said so on stderr before startup; the event is its record.
+        let why = rel.reason.clone().unwrap_or_default();
+        app.releases
+            .metrics
+            .total
+            .with_label_values(&[rel.state])
+            .inc();
+        app.record(Event::new(
+            "*",
+            crate::events::Reason::ReleaseAbort,
+            "startup",
+            format!("release {:?} ({}) {}: {why}", rel.name, rel.id, rel.state),
+        ))
+        .await;
+    }
+    if any {
+        let inner = app.releases.lock();
+        app.releases.publish(&inner);
+    }
 }
 
 /// At startup: lists the ended releases stored beside the state again, resumes the release that
@@ -1164,6 +1206,7 @@ pub async fn resume(app: &Arc<App>) {
         tracing::warn!(path = %path.display(), unreadable = recent.len() - readable.len(), "some ended releases stored beside the state are unreadable; they are not listed");
     }
     app.releases.restore_recent(readable);
+    announce_ended_at_startup(app, recent).await;
     if v["current"].is_null() {
         return;
     }
