@@ -1211,9 +1211,19 @@ async fn missing_state_file_ends_the_release_that_was_running() {
     release_running_when_the_state_was_lost(Lost::Deleted).await;
 }
 
+/// A missing state file that does not contradict the release (the config's color for `api`
+/// is now green, the color the release flipped it to): the release is resumed as after any
+/// restart, still baking, nothing ended.
+#[tokio::test]
+async fn missing_state_file_the_config_agrees_with_resumes_the_release() {
+    release_running_when_the_state_was_lost(Lost::DeletedConfigAgrees).await;
+}
+
 /// How the state of a running release was lost.
 #[derive(Clone, Copy)]
 enum Lost {
+    /// The state file deleted and the config's `active` changed to the release's color.
+    DeletedConfigAgrees,
     /// The state file corrupted, then `serve --reset-state`.
     Reset,
     /// The state file deleted, then a plain `serve`.
@@ -1278,6 +1288,21 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
         Lost::Deleted => {
             std::fs::remove_file(&state_file).expect("remove the state file");
             (false, format!("{} was missing", state_file.display()))
+        }
+        Lost::DeletedConfigAgrees => {
+            std::fs::remove_file(&state_file).expect("remove the state file");
+            let text = std::fs::read_to_string(&config).expect("read config");
+            std::fs::write(&config, format!("{text}active = \"green\"\n")).expect("write");
+            let mut child = serve(false);
+            assert!(serves("green").await, "switchyard did not serve green");
+            let r = admin_get(admin, "/api/releases").await.1;
+            assert_eq!(r["current"]["id"], id, "{r}");
+            assert_eq!(r["current"]["phases"][0]["state"], "baking", "{r}");
+            let evs = admin_get(admin, "/api/events").await.1;
+            assert!(!evs.to_string().contains("release_abort"), "{evs}");
+            let _ = child.start_kill();
+            let _ = timeout(Duration::from_secs(10), child.wait()).await;
+            return;
         }
     };
 
