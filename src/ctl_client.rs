@@ -113,7 +113,8 @@ pub(crate) async fn call(
         .uri(path)
         .header(http::header::HOST, auth.as_str())
         .header(http::header::USER_AGENT, "switchyard-ctl");
-    if let Some(t) = token {
+    // An empty token (`--token ""`) is none: never `Bearer ` with nothing after it.
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let body = match body {

@@ -60,6 +60,7 @@ pub use state::{move_aside as move_state_aside, StateStore};
 pub use upgrade::{request as request_upgrade, sd_notify, spawn_successor, Inherited};
 // `check`: upstream names (DNS) and release plans; the states a release can be in.
 pub use release::{
+    end_stored_on_missing_state as end_release_on_missing_state,
     end_stored_on_reset as end_release_on_state_reset, load as load_release_plan,
     STATES as RELEASE_STATES,
 };

@@ -85,17 +85,39 @@ enum Cmd {
     Healthcheck(switchyard::HealthcheckArgs),
 }
 
-/// The command line as given. An empty `SWITCHYARD_CONFIG` is unset (the default path, or
-/// `--config`), for every subcommand that reads it, as `check --release` treats it: clap would
-/// take it for an empty `--config` (a usage error).
+/// The command line as given. An environment variable that backs an argument and is set but
+/// empty counts as unset, for every subcommand (`SWITCHYARD_CONFIG` for serve, check and
+/// healthcheck; `SWITCHYARD_ADMIN_URL`, `SWITCHYARD_ADMIN_TOKEN`, `SWITCHYARD_ADMIN_CA_FILE` for
+/// ctl), as `check --release` treats `SWITCHYARD_CONFIG`: clap would take it for an empty value
+/// (a usage error, or an empty token sent as `Bearer `). The argument's default applies, or the
+/// flag given on the command line.
 fn parse_cli() -> Cli {
-    let mut cmd = Cli::command();
-    if std::env::var_os("SWITCHYARD_CONFIG").is_some_and(|v| v.is_empty()) {
-        for sub in ["serve", "check", "healthcheck"] {
-            cmd = cmd.mut_subcommand(sub, |s| s.mut_arg("config", |a| a.env(None)));
-        }
-    }
+    let cmd = drop_empty_env(Cli::command());
     Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// `cmd` and its subcommands without the env binding of every argument whose variable is set
+/// and empty.
+fn drop_empty_env(mut cmd: clap::Command) -> clap::Command {
+    let empty: Vec<clap::Id> = cmd
+        .get_arguments()
+        .filter(|a| {
+            a.get_env()
+                .is_some_and(|var| std::env::var_os(var).is_some_and(|v| v.is_empty()))
+        })
+        .map(|a| a.get_id().clone())
+        .collect();
+    for id in empty {
+        cmd = cmd.mut_arg(id, |a| a.env(None));
+    }
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for sub in subs {
+        cmd = cmd.mut_subcommand(sub, drop_empty_env);
+    }
+    cmd
 }
 
 fn main() -> ExitCode {
@@ -391,6 +413,26 @@ fn serve(
                 report.error(&format!(
                     "--reset-state: cannot move {} aside: {e}",
                     cfg.state.path.display()
+                ));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // No state file (deleted, or `[state] path` changed; after a reset too when there was none
+    // to move aside): every service starts at the config's colors, so a release that flipped
+    // one elsewhere is ended, not resumed against them.
+    if cfg.state.backend == StateBackend::File {
+        match switchyard::end_release_on_missing_state(&cfg.state.path, &cfg) {
+            Ok(Some((id, name))) => report.note(&format!(
+                "the state file {} is missing: release {name:?} ({id}) was running; it is ended (aborted), not resumed: every service is at the config's colors",
+                cfg.state.path.display()
+            )),
+            Ok(None) => {}
+            Err(e) => {
+                report.error(&format!(
+                    "the state file {} is missing: cannot end the release that was running in {}: {e}",
+                    cfg.state.path.display(),
+                    cfg.state.path.with_extension("release.json").display()
                 ));
                 return ExitCode::FAILURE;
             }

@@ -164,6 +164,15 @@ pub async fn start_with(
         app.shutdown.clone(),
         app.access_log.get().cloned(),
     ));
+    // An old process that stopped waiting for this one (`proxy.upgrade_timeout`: a slow start,
+    // e.g. names to resolve or a large config) keeps serving on its sockets: this one must not
+    // serve beside it, nor take its upgrade socket.
+    if !inherited.old_still_waits() {
+        anyhow::bail!(
+            "--upgrade: the running process (pid {}) stopped waiting for this one to start (its proxy.upgrade_timeout passed) and keeps serving; this one exits (raise proxy.upgrade_timeout there, reload it, and upgrade again)",
+            inherited.old_pid
+        );
+    }
     // Bound only once this process can serve: until then the running one keeps its socket.
     let mut handover = match Handover::bind(&upgrade_socket) {
         Ok(h) => Some(h),
@@ -291,7 +300,16 @@ pub async fn start_with(
         // systemd follows this process before the old one exits (NotifyAccess=all).
         crate::upgrade::sd_notify(&format!("MAINPID={}", std::process::id()));
     }
-    inherited.ready();
+    if !inherited.ready() {
+        // It gave up just now, between the check above and here: it keeps serving, this one
+        // drains what it accepted meanwhile and exits; systemd follows the old one again.
+        tracing::error!(
+            old_pid = inherited.old_pid,
+            "upgrade: the running process stopped waiting for this one (proxy.upgrade_timeout) and keeps serving; this one drains and exits"
+        );
+        crate::upgrade::sd_notify(&format!("MAINPID={}", inherited.old_pid));
+        app.shutdown.cancel();
+    }
     Ok(Running {
         app,
         proxy_addr,

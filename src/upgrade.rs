@@ -42,8 +42,6 @@ const HELLO: &[u8] = b"switchyard-upgrade 1\n";
 const READY: &[u8] = b"ready\n";
 /// Listening sockets one process may have: proxy, TLS, preview, admin, and per-worker sockets.
 const MAX_FDS: usize = 64;
-/// How long the old process waits for the new one to say it serves.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Offer {
@@ -79,13 +77,44 @@ impl Inherited {
         Some(l)
     }
 
-    /// Tells the old process to stop accepting and drain.
-    pub fn ready(&mut self) {
-        if let Some(mut s) = self.old.take() {
-            if let Err(e) = s.write_all(READY) {
-                tracing::error!(error = %e, "cannot tell the old process to drain; stop it with SIGTERM");
+    /// Whether the old process still waits for this one to say it serves: false once it gave
+    /// up (past its `proxy.upgrade_timeout` it closes the connection and keeps serving on its
+    /// sockets). True without an old process. Does not block.
+    pub fn old_still_waits(&self) -> bool {
+        self.old.as_ref().is_none_or(peer_waits)
+    }
+
+    /// Tells the old process to stop accepting and drain. False when it could not be told (it
+    /// gave up waiting, or went away): it keeps serving, so this one must not.
+    pub fn ready(&mut self) -> bool {
+        let Some(mut s) = self.old.take() else {
+            return true;
+        };
+        if !peer_waits(&s) {
+            return false;
+        }
+        match s.write_all(READY) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot tell the old process to drain");
+                false
             }
         }
+    }
+}
+
+/// Whether the peer of an upgrade connection still holds it open, without blocking: it sends
+/// nothing after the offer, so anything but "nothing to read yet" (end of stream, a reset) means
+/// it went away.
+fn peer_waits(s: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    match rustix::net::recv(
+        s,
+        &mut byte[..],
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+    ) {
+        Err(e) => e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR,
+        Ok((_, n)) => n > 0,
     }
 }
 
@@ -243,7 +272,9 @@ impl Handover {
             // stopping: it would be answered here and never served there.
             let freeze = app.freeze_changes().await;
             let fds2 = fds.clone();
-            let exchange = tokio::task::spawn_blocking(move || hand_over(greeted, &fds2));
+            // Read at each upgrade: a reload can lengthen it for a slow successor.
+            let wait = app.snapshot().config.proxy.upgrade_timeout;
+            let exchange = tokio::task::spawn_blocking(move || hand_over(greeted, &fds2, wait));
             let outcome = tokio::select! {
                 r = exchange => r,
                 () = app.shutdown.cancelled() => return,
@@ -288,6 +319,7 @@ fn greeted(s: UnixStream) -> anyhow::Result<(UnixStream, BufReader<UnixStream>)>
 fn hand_over(
     (mut s, mut reader): (UnixStream, BufReader<UnixStream>),
     fds: &[(String, OwnedFd)],
+    wait: Duration,
 ) -> anyhow::Result<u32> {
     let offer = Offer {
         pid: std::process::id(),
@@ -310,11 +342,27 @@ fn hand_over(
         listeners = ?offer.listeners,
         "upgrade: listening sockets handed to a new process; waiting for it to serve"
     );
-    // The new process loads its state and starts its listeners before it says ready.
-    s.set_read_timeout(Some(READY_TIMEOUT))?;
+    // The new process loads its state and starts its listeners before it says ready. Past
+    // `wait` this one gives up: it closes the connection (the new process then exits instead of
+    // serving beside it) and keeps serving, its listeners never having stopped.
+    s.set_read_timeout(Some(wait))?;
     let mut answer = String::new();
-    reader.get_mut().set_read_timeout(Some(READY_TIMEOUT))?;
-    reader.read_line(&mut answer)?;
+    reader.get_mut().set_read_timeout(Some(wait))?;
+    match reader.read_line(&mut answer) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            anyhow::bail!(
+                "the new process did not say it serves within {} (proxy.upgrade_timeout); it is told to exit",
+                humantime::format_duration(wait)
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
     if answer.as_bytes() != READY {
         anyhow::bail!("the new process went away before it served (it logs why)");
     }

@@ -949,3 +949,121 @@ fn an_empty_switchyard_config_is_the_default_path() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("other.toml"), "{stdout}");
 }
+
+/// A stand-in admin listener for `ctl`: answers every request `200` with a JSON object the ctl
+/// commands accept, and hands each request's head (lowercased) to the test.
+fn fake_admin() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = r#"{"services":[],"events":[],"message":"ok","current":null,"recent":[]}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if tx
+                .send(String::from_utf8_lossy(&head).to_lowercase())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// An empty `SWITCHYARD_ADMIN_URL`, `SWITCHYARD_ADMIN_TOKEN` or `SWITCHYARD_ADMIN_CA_FILE` is
+/// unset for `ctl` (and `ctl release`), as an empty `SWITCHYARD_CONFIG` is: not a usage error
+/// (exit 2: an empty URL, "a value is required for --ca-file"), and no `Authorization: Bearer `
+/// with nothing after it.
+#[test]
+fn empty_ctl_environment_variables_are_unset() {
+    let ctl = |env: (&str, &str), args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("ctl")
+            .args(args)
+            .env_remove("SWITCHYARD_ADMIN_URL")
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .env_remove("SWITCHYARD_ADMIN_CA_FILE")
+            .env(env.0, env.1)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run switchyard");
+        let (stdout, stderr) = text(&out);
+        (out.status.code(), format!("{stdout}{stderr}"))
+    };
+    let (admin, heads) = fake_admin();
+    let admin = admin.to_string();
+    let a = admin.as_str();
+
+    // The URL: the default address is used (whatever answers there, not a usage error).
+    let (code, out) = ctl(("SWITCHYARD_ADMIN_URL", ""), &["--timeout", "2s", "status"]);
+    assert_ne!(code, Some(2), "{out}");
+    assert!(!out.contains("invalid admin URL"), "{out}");
+    assert!(out.contains("127.0.0.1:9090"), "{out}");
+    // --admin still wins.
+    let (code, out) = ctl(("SWITCHYARD_ADMIN_URL", ""), &["--admin", a, "status"]);
+    assert_eq!(code, Some(0), "{out}");
+    let _ = heads.recv_timeout(Duration::from_secs(5));
+
+    // The CA file: plain http needs none; https would use the system bundle.
+    for args in [
+        &["--admin", a, "status"][..],
+        &["--admin", a, "release", "status"][..],
+    ] {
+        let (code, out) = ctl(("SWITCHYARD_ADMIN_CA_FILE", ""), args);
+        assert_eq!(code, Some(0), "{args:?}: {out}");
+        let _ = heads.recv_timeout(Duration::from_secs(5));
+    }
+
+    // The token: a read sends no Authorization header; a change is refused before any call,
+    // naming the token; --token still wins.
+    for args in [
+        &["--admin", a, "status"][..],
+        &["--admin", a, "release", "status"][..],
+    ] {
+        let (code, out) = ctl(("SWITCHYARD_ADMIN_TOKEN", ""), args);
+        assert_eq!(code, Some(0), "{args:?}: {out}");
+        let head = heads
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a request");
+        assert!(!head.contains("authorization"), "{args:?}: {head}");
+    }
+    let (code, out) = ctl(
+        ("SWITCHYARD_ADMIN_TOKEN", ""),
+        &["--admin", a, "flip", "api", "green"],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("needs the admin token"), "{out}");
+    let (code, out) = ctl(
+        ("SWITCHYARD_ADMIN_TOKEN", ""),
+        &["--admin", a, "--token", "t0k", "flip", "api", "green"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let head = heads
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a request");
+    assert!(head.contains("authorization: bearer t0k\r\n"), "{head}");
+    // An explicit empty --token is no token either.
+    let (code, out) = ctl(("SWITCHYARD_ADMIN_URL", a), &["--token", "", "status"]);
+    assert_eq!(code, Some(0), "{out}");
+    let head = heads
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a request");
+    assert!(!head.contains("authorization"), "{head}");
+}

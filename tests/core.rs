@@ -1200,6 +1200,37 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
 /// later restart (no reset) does not bring it back.
 #[tokio::test]
 async fn reset_state_ends_the_release_that_was_running() {
+    release_running_when_the_state_was_lost(Lost::Reset).await;
+}
+
+/// The same with the state file deleted (no `--reset-state`): a missing state file is the
+/// config's colors too, so the release that flipped `api` to green is ended, its reason naming
+/// the missing file, not resumed against blue.
+#[tokio::test]
+async fn missing_state_file_ends_the_release_that_was_running() {
+    release_running_when_the_state_was_lost(Lost::Deleted).await;
+}
+
+/// A missing state file that does not contradict the release (the config's color for `api`
+/// is now green, the color the release flipped it to): the release is resumed as after any
+/// restart, still baking, nothing ended.
+#[tokio::test]
+async fn missing_state_file_the_config_agrees_with_resumes_the_release() {
+    release_running_when_the_state_was_lost(Lost::DeletedConfigAgrees).await;
+}
+
+/// How the state of a running release was lost.
+#[derive(Clone, Copy)]
+enum Lost {
+    /// The state file deleted and the config's `active` changed to the release's color.
+    DeletedConfigAgrees,
+    /// The state file corrupted, then `serve --reset-state`.
+    Reset,
+    /// The state file deleted, then a plain `serve`.
+    Deleted,
+}
+
+async fn release_running_when_the_state_was_lost(lost: Lost) {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1241,19 +1272,44 @@ async fn reset_state_ends_the_release_that_was_running() {
     .await;
     assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
     assert!(serves("green").await);
-    // Killed mid-bake; the state file is then unreadable.
+    // Killed mid-bake; the state file is then lost.
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
     let release_file = dir.path().join("state.release.json");
     let stored: Value =
         serde_json::from_slice(&std::fs::read(&release_file).expect("release file")).expect("json");
     assert_eq!(stored["current"]["id"], id, "{stored}");
-    std::fs::write(dir.path().join("state.json"), b"{not json").expect("write");
+    let state_file = dir.path().join("state.json");
+    let (reset, why) = match lost {
+        Lost::Reset => {
+            std::fs::write(&state_file, b"{not json").expect("write");
+            (true, "--reset-state".to_string())
+        }
+        Lost::Deleted => {
+            std::fs::remove_file(&state_file).expect("remove the state file");
+            (false, format!("{} was missing", state_file.display()))
+        }
+        Lost::DeletedConfigAgrees => {
+            std::fs::remove_file(&state_file).expect("remove the state file");
+            let text = std::fs::read_to_string(&config).expect("read config");
+            std::fs::write(&config, format!("{text}active = \"green\"\n")).expect("write");
+            let mut child = serve(false);
+            assert!(serves("green").await, "switchyard did not serve green");
+            let r = admin_get(admin, "/api/releases").await.1;
+            assert_eq!(r["current"]["id"], id, "{r}");
+            assert_eq!(r["current"]["phases"][0]["state"], "baking", "{r}");
+            let evs = admin_get(admin, "/api/events").await.1;
+            assert!(!evs.to_string().contains("release_abort"), "{evs}");
+            let _ = child.start_kill();
+            let _ = timeout(Duration::from_secs(10), child.wait()).await;
+            return;
+        }
+    };
 
-    let mut child = serve(true);
+    let mut child = serve(reset);
     assert!(
         serves("blue").await,
-        "switchyard did not serve after --reset-state"
+        "switchyard did not serve after the state was lost"
     );
     let check = |r: Value| {
         assert!(r["current"].is_null(), "{r}");
@@ -1262,7 +1318,7 @@ async fn reset_state_ends_the_release_that_was_running() {
         assert!(
             r["recent"][0]["reason"]
                 .as_str()
-                .is_some_and(|why| why.contains("--reset-state")),
+                .is_some_and(|reason| reason.contains(why.as_str())),
             "{r}"
         );
     };
@@ -1270,16 +1326,49 @@ async fn reset_state_ends_the_release_that_was_running() {
     let st = admin_get(admin, "/api/status").await.1;
     assert_eq!(st["services"][0]["name"], "api", "{st}");
     assert_eq!(st["services"][0]["active"], "blue", "{st}");
+    // Its end is recorded once the app is up, as an abort is: one `release_abort` event naming
+    // it and the reason, and one count in switchyard_releases_total{result="aborted"}.
+    let ends = || async {
+        let evs = admin_get(admin, "/api/events").await.1;
+        let list: Vec<Value> = evs["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["reason"] == "release_abort")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        list
+    };
+    let aborted_total = || async {
+        let (s, text) = get(admin, "/metrics").await;
+        assert_eq!(s, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix("switchyard_releases_total{result=\"aborted\"} "))
+            .map(str::to_string)
+    };
+    let evs = ends().await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["actor"], "startup", "{evs:?}");
+    let detail = evs[0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(id.as_str().unwrap_or("?")) && detail.contains(why.as_str()),
+        "{evs:?}"
+    );
+    assert_eq!(aborted_total().await.as_deref(), Some("1"));
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
 
-    // Restarted without a reset: still ended, still blue.
+    // Restarted without a reset: still ended, still blue, its end not recorded again.
     let mut child = serve(false);
     assert!(
         serves("blue").await,
         "switchyard did not serve after a restart"
     );
     check(admin_get(admin, "/api/releases").await.1);
+    assert_eq!(ends().await.len(), 1, "{:?}", ends().await);
+    assert_eq!(aborted_total().await.as_deref(), Some("0"));
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
 }

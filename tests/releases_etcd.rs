@@ -791,3 +791,95 @@ async fn a_history_read_etcd_does_not_answer_never_delays_following_the_release(
     a.stop().await;
     b.stop().await;
 }
+
+/// With etcd the running release and the live colors live together in etcd: `[state] path` is
+/// only this replica's cache of the colors, and no release is kept beside it. A replica killed
+/// mid-bake whose cache is gone, restarted with `--reset-state`, neither ends the release (as a
+/// reset or a missing state file does with the file backend) nor loses its flip: the release is
+/// still running, api still on green, no `release_abort` recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_a_restart_without_the_cache_or_with_reset_state_keeps_the_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let (pp, ap) = (free_port(), free_port());
+    let cache = dir.path().join("state.json");
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{ap}\"\n\
+             [state]\nbackend = \"etcd\"\npath = \"{}\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\n\
+             etcd_prefix = \"/sy-bin-reset/\"\netcd_timeout = \"3s\"\n{}",
+            cache.display(),
+            etcd.client,
+            service("api", &[blue.addr], &[green.addr], "")
+        ),
+    )
+    .expect("write config");
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let serve = |reset: bool| {
+        let mut args = vec!["serve", "--config", cfg.to_str().expect("utf8")];
+        if reset {
+            args.push("--reset-state");
+        }
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn")
+    };
+    let serves = |color: &'static str| async move {
+        eventually(20, || async {
+            try_get(proxy, "/x").await == Some((200, format!("{color}\n")))
+        })
+        .await
+    };
+    let mut child = serve(false);
+    assert!(serves("blue").await, "switchyard did not serve");
+    let plan = json!({
+        "name": "one phase",
+        "validate": "10m",
+        "phases": [{ "name": "api", "services": ["api"], "bake": "10m" }],
+    });
+    let (s, v) = admin_post(admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["release"]["id"].clone();
+    let baking = eventually(15, || async {
+        admin_get(admin, "/api/releases").await.1["current"]["phases"][0]["state"] == "baking"
+    })
+    .await;
+    assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
+    assert!(serves("green").await);
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    assert!(
+        !dir.path().join("state.release.json").exists(),
+        "a release file beside the etcd cache"
+    );
+    let _ = std::fs::remove_file(&cache);
+
+    for reset in [true, false] {
+        let mut child = serve(reset);
+        assert!(serves("green").await, "reset {reset}: not on green");
+        let running = eventually(20, || async {
+            let r = admin_get(admin, "/api/releases").await.1;
+            r["current"]["id"] == id && r["current"]["phases"][0]["state"] == "baking"
+        })
+        .await;
+        let r = admin_get(admin, "/api/releases").await.1;
+        assert!(running, "reset {reset}: {r}");
+        let evs = admin_get(admin, "/api/events").await.1;
+        assert!(!evs.to_string().contains("release_abort"), "{evs}");
+        let _ = child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        let _ = std::fs::remove_file(&cache);
+    }
+}

@@ -520,3 +520,155 @@ async fn a_flip_in_flight_during_an_upgrade_is_never_answered_and_lost() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
 }
+
+/// A new process slower to start than the old one's `proxy.upgrade_timeout` (here: an upstream
+/// name whose lookup hangs on a FIFO for its 5 s lookup timeout, against 500ms): the old process
+/// gives up waiting, keeps its listeners and serves on (no failed request under load, changes
+/// taken again, its upgrade socket still its own), and the new one, once it gets that far, exits
+/// 1 saying why instead of serving beside it. A later upgrade goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let config = |extra: &str, blue_upstream: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
+             upgrade_timeout = \"500ms\"\n{extra}\
+             [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue_upstream}\"] }}\n\
+             green = {{ upstreams = [\"{}\"] }}\n",
+            dir.path().join("state.json").display(),
+            green.addr
+        )
+    };
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, config("", &blue.addr.to_string())).expect("write config");
+    // The same state path (so the same upgrade socket), names looked up in a FIFO nobody writes.
+    let fifo = dir.path().join("hosts.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let slow_cfg = dir.path().join("slow.toml");
+    std::fs::write(
+        &slow_cfg,
+        config(
+            &format!("resolve_hosts_file = \"{}\"\n", fifo.display()),
+            &format!("blue.test:{}", blue.addr.port()),
+        ),
+    )
+    .expect("write config");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+
+    let old_log = dir.path().join("old.log");
+    let mut old = spawn_serve(&cfg, &old_log, false);
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "the first process did not start"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        load.push(tokio::spawn(keep_alive_load(
+            proxy,
+            stop.clone(),
+            tally.clone(),
+        )));
+        load.push(tokio::spawn(new_connection_load(
+            proxy,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+    assert!(
+        eventually(10, || async { tally.ok.load(Ordering::SeqCst) >= 100 }).await,
+        "the load did not get going"
+    );
+
+    let slow_log = dir.path().join("slow.log");
+    let mut slow = spawn_serve(&slow_cfg, &slow_log, true);
+    let slow_status = tokio::time::timeout(Duration::from_secs(60), slow.wait())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the slow new process did not exit:\n{}",
+                std::fs::read_to_string(&slow_log).unwrap_or_default()
+            )
+        })
+        .expect("wait");
+    let logs = || {
+        format!(
+            "old:\n{}\nslow new:\n{}",
+            std::fs::read_to_string(&old_log).unwrap_or_default(),
+            std::fs::read_to_string(&slow_log).unwrap_or_default()
+        )
+    };
+    assert_eq!(slow_status.code(), Some(1), "{}", logs());
+    assert!(
+        logs().contains("stopped waiting for this one"),
+        "{}",
+        logs()
+    );
+    assert!(logs().contains("proxy.upgrade_timeout"), "{}", logs());
+    // The old one served throughout and serves on.
+    let after = tally.ok.load(Ordering::SeqCst) + 100;
+    assert!(
+        eventually(20, || async { tally.ok.load(Ordering::SeqCst) >= after }).await,
+        "the old process does not serve: {}",
+        logs()
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.expect("load task");
+    }
+    let failed = tally.failed.load(Ordering::SeqCst);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed requests of {}: {:?}\n{}",
+        tally.ok.load(Ordering::SeqCst),
+        tally
+            .errors
+            .lock()
+            .expect("lock")
+            .iter()
+            .take(10)
+            .collect::<Vec<_>>(),
+        logs()
+    );
+    assert!(
+        matches!(old.try_wait(), Ok(None)),
+        "the old process exited: {}",
+        logs()
+    );
+    // It takes changes again (not frozen for a hand-over that never came).
+    let (s, v) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}\n{}", logs());
+    assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
+
+    // Its upgrade socket is still its own: an upgrade with the plain config goes through.
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    let st = tokio::time::timeout(Duration::from_secs(30), old.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the old process did not hand over: {}", logs()))
+        .expect("wait");
+    assert!(st.success(), "{}", logs());
+    assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
+    let _ = new.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
+}

@@ -67,6 +67,7 @@ pub struct RawProxy {
     pub resolve_interval: Option<String>,
     pub resolve_hosts_file: Option<String>,
     pub upgrade_socket: Option<String>,
+    pub upgrade_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

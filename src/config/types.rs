@@ -132,6 +132,9 @@ pub struct ProxyConfig {
     pub resolve_hosts_file: Option<PathBuf>,
     /// The Unix socket `serve --upgrade` takes the listeners over (README "Upgrading").
     pub upgrade_socket: PathBuf,
+    /// How long a running process waits, after handing its sockets to `serve --upgrade`, for
+    /// the new one to say it serves; it keeps serving (and the new one exits) past it.
+    pub upgrade_timeout: Duration,
 }
 
 /// `proxy.eject_after` and `proxy.eject_for`: passive ejection (`crate::passive`).

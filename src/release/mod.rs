@@ -1023,12 +1023,69 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Marks a release that `serve` ended before the app started (its state was reset or missing)
+/// in `<state>.release.json`'s `recent`: once the app is up, [`resume`] records its event and
+/// counts it in `switchyard_releases_total`, then stores the record without the mark.
+const UNANNOUNCED: &str = "unannounced";
+
 /// `serve --reset-state` with the file backend, once the state file was moved aside (every
 /// service back at the config's colors): a release still running in `<state>.release.json` is
 /// ended there (aborted, with the reason) instead of being resumed claiming flips the new state
 /// does not have. Before the app starts (plain file I/O). The release ended: its id and name.
 pub fn end_stored_on_reset(
     state_path: &std::path::Path,
+) -> std::io::Result<Option<(String, String)>> {
+    end_stored(
+        state_path,
+        "not resumed: the state was reset (--reset-state) while it ran, every service is at the config's colors",
+        |_| true,
+    )
+}
+
+/// `serve` with the file backend and no state file (deleted, or `[state] path` changed while a
+/// release ran): every service starts at the config's colors, so a release still running in
+/// `<state>.release.json` that flipped a service to another color than the config's is ended
+/// there (aborted, with the reason), as [`end_stored_on_reset`] does. One that flipped nothing
+/// the config's colors contradict (e.g. the first release of a new install, stopped before its
+/// first flip) is resumed as usual. Nothing when the state file exists or its presence cannot
+/// be told (its load then says why). Before the app starts.
+pub fn end_stored_on_missing_state(
+    state_path: &std::path::Path,
+    config: &Config,
+) -> std::io::Result<Option<(String, String)>> {
+    if !matches!(std::fs::symlink_metadata(state_path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Ok(None);
+    }
+    let reason = format!(
+        "not resumed: the state file {} was missing at startup while it ran, every service is at the config's colors",
+        state_path.display()
+    );
+    end_stored(state_path, &reason, |rel| {
+        rel.flipped.iter().any(|svc| {
+            let target = rel
+                .phases
+                .iter()
+                .flat_map(|p| &p.targets)
+                .rev()
+                .find(|(name, _)| name == svc)
+                .map(|(_, c)| *c);
+            let configured = config
+                .services
+                .iter()
+                .find(|s| &s.name == svc)
+                .map(|s| s.active);
+            target.is_some() && target != configured
+        })
+    })
+}
+
+/// Ends the live release stored beside `state_path` (aborted, `reason`) when `contradicted`
+/// says the state does not have what it did: moved to `recent`, marked [`UNANNOUNCED`].
+fn end_stored(
+    state_path: &std::path::Path,
+    reason: &str,
+    contradicted: impl Fn(&Release) -> bool,
 ) -> std::io::Result<Option<(String, String)>> {
     let path = state_path.with_extension("release.json");
     let mut v: Value = match std::fs::read(&path) {
@@ -1043,23 +1100,59 @@ pub fn end_stored_on_reset(
     if v["current"].is_null() {
         return Ok(None);
     }
-    let Some(mut rel) = Release::from_stored(&v["current"]).filter(Release::live) else {
-        // Unreadable (never resumed) or not running: left as it is.
+    let Some(mut rel) = Release::from_stored(&v["current"])
+        .filter(Release::live)
+        .filter(|r| contradicted(r))
+    else {
+        // Unreadable (never resumed), not running, or consistent with the state: left as it is.
         return Ok(None);
     };
-    rel.finish(
-        "aborted",
-        "not resumed: the state was reset (--reset-state) while it ran, every service is at the config's colors"
-            .to_string(),
-    );
+    rel.finish("aborted", reason.to_string());
     let mut recent: Vec<Value> = v["recent"].as_array().cloned().unwrap_or_default();
     recent.retain(|r| r["id"].as_str() != Some(rel.id.as_str()));
-    recent.insert(0, rel.stored());
+    let mut ended = rel.stored();
+    ended[UNANNOUNCED] = Value::Bool(true);
+    recent.insert(0, ended);
     recent.truncate(RECENT);
     v["current"] = Value::Null;
     v["recent"] = Value::Array(recent);
     write_atomic(&path, &v)?;
     Ok(Some((rel.id, rel.name)))
+}
+
+/// The releases `serve` ended before the app started ([`UNANNOUNCED`] in `recent`), once the
+/// app is up: each one's `release_abort` event (actor `startup`, the reason) and its count in
+/// `switchyard_releases_total{result}`, as an abort records them. The record is then stored
+/// again without the marks (the writer stores [`crate::release_record::persisted`]).
+async fn announce_ended_at_startup(app: &Arc<App>, recent: &[Value]) {
+    let mut any = false;
+    for v in recent
+        .iter()
+        .filter(|v| v[UNANNOUNCED] == Value::Bool(true))
+    {
+        let Some(rel) = Release::from_stored(v) else {
+            continue;
+        };
+        any = true;
+        // `serve` said so on stderr before startup; the event is its record.
+        let why = rel.reason.clone().unwrap_or_default();
+        app.releases
+            .metrics
+            .total
+            .with_label_values(&[rel.state])
+            .inc();
+        app.record(Event::new(
+            "*",
+            crate::events::Reason::ReleaseAbort,
+            "startup",
+            format!("release {:?} ({}) {}: {why}", rel.name, rel.id, rel.state),
+        ))
+        .await;
+    }
+    if any {
+        let inner = app.releases.lock();
+        app.releases.publish(&inner);
+    }
 }
 
 /// At startup: lists the ended releases stored beside the state again, resumes the release that
@@ -1113,6 +1206,7 @@ pub async fn resume(app: &Arc<App>) {
         tracing::warn!(path = %path.display(), unreadable = recent.len() - readable.len(), "some ended releases stored beside the state are unreadable; they are not listed");
     }
     app.releases.restore_recent(readable);
+    announce_ended_at_startup(app, recent).await;
     if v["current"].is_null() {
         return;
     }

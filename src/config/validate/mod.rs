@@ -166,6 +166,8 @@ fn proxy(c: &mut Check, p: &RawProxy) -> ProxyConfig {
     c.positive("proxy.client_send_timeout", client_send_timeout);
     c.positive("proxy.upstream_send_timeout", upstream_send_timeout);
     c.positive("proxy.h2_idle_timeout", h2_idle_timeout);
+    let upgrade_timeout = secs(c, "upgrade_timeout", &p.upgrade_timeout, 120);
+    c.positive("proxy.upgrade_timeout", upgrade_timeout);
     ProxyConfig {
         listen,
         tls_listen,
@@ -195,6 +197,7 @@ fn proxy(c: &mut Check, p: &RawProxy) -> ProxyConfig {
         resolve_interval,
         resolve_hosts_file: p.resolve_hosts_file.as_ref().map(PathBuf::from),
         upgrade_socket: PathBuf::new(),
+        upgrade_timeout,
     }
 }
 
