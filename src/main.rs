@@ -494,6 +494,15 @@ fn serve(
         };
         let app = running.app.clone();
         let app_for_log = app.clone();
+        if let Some(old) = running.upgrade_refused {
+            // The old process gave up waiting for this one and serves on (it said so after
+            // this one's last check): drain what was accepted meanwhile, and exit 1.
+            running.wait().await;
+            report.error(&format!(
+                "--upgrade: the running process (pid {old}) stopped waiting for this one (its proxy.upgrade_timeout passed) and keeps serving; this one exits (raise proxy.upgrade_timeout there, reload it, and upgrade again)"
+            ));
+            return ExitCode::FAILURE;
+        }
         switchyard::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         let handed_over = signals(
             app,

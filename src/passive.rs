@@ -108,17 +108,27 @@ impl PassiveState {
         // Counted afresh after the ejection: it takes `eject_after` more to eject it again.
         self.failures.store(0, Ordering::Relaxed);
         let until = now.saturating_add(cfg.eject_for.as_millis() as u64).max(1);
-        let prev = self.ejected_until.load(Ordering::Relaxed);
-        if prev != 0 && now < prev {
-            // Already ejected (failures of requests that were in flight, or of a pool in panic
-            // mode): the same ejection, extended as before, not a new one.
-            self.ejected_until.fetch_max(until, Ordering::Relaxed);
-            return false;
+        let mut prev = self.ejected_until.load(Ordering::Relaxed);
+        loop {
+            if prev != 0 && now < prev {
+                // Already ejected (failures of requests that were in flight, or of a pool in
+                // panic mode): the same ejection, extended as before, not a new one.
+                self.ejected_until.fetch_max(until, Ordering::Relaxed);
+                return false;
+            }
+            // Of failures racing here, the one that moves it from "not ejected" ejects it; a
+            // lost race against a reader clearing an expired ejection tries again (the
+            // ejection is never lost).
+            match self.ejected_until.compare_exchange(
+                prev,
+                until,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now_there) => prev = now_there,
+            }
         }
-        // Of failures racing here, the one that moves it from "not ejected" ejects it.
-        self.ejected_until
-            .compare_exchange(prev, until, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
     }
 
     /// Milliseconds of ejection left (0 when not ejected), for `/api/status`.

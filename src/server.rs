@@ -36,6 +36,9 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub preview_addr: Option<SocketAddr>,
     pub tls_addr: Option<SocketAddr>,
+    /// The old process (this pid) gave up waiting for this one's upgrade and serves on: this
+    /// one drains what it accepted meanwhile and exits 1.
+    pub upgrade_refused: Option<u32>,
     tasks: JoinSet<()>,
     /// Extra accept threads of `runtime = "per_worker"`.
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -173,15 +176,11 @@ pub async fn start_with(
             inherited.old_pid
         );
     }
-    // Bound only once this process can serve: until then the running one keeps its socket.
-    let mut handover = match Handover::bind(&upgrade_socket) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process");
-            None
-        }
-    };
-    if let Some(h) = handover.as_mut() {
+    // The listening sockets a later upgrade hands over, kept now (the servers take them). The
+    // upgrade socket is bound only once this process is the server (after the old one's "go"):
+    // until then the running one keeps its own.
+    let mut kept: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+    {
         let mut sockets: Vec<(String, &dyn std::os::fd::AsFd)> = vec![
             ("proxy.listen".to_string(), &proxy_listener),
             ("admin.listen".to_string(), &admin_listener),
@@ -196,8 +195,11 @@ pub async fn start_with(
             sockets.push((format!("proxy.listen#{}", i + 1), l));
         }
         for (key, sock) in sockets {
-            if let Err(e) = h.add(&key, &sock) {
-                tracing::warn!(error = %e, listener = %key, "cannot keep this socket for an upgrade");
+            match crate::upgrade::keep(&sock) {
+                Ok(fd) => kept.push((key, fd)),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = %key, "cannot keep this socket for an upgrade")
+                }
             }
         }
     }
@@ -267,9 +269,6 @@ pub async fn start_with(
         ));
     }
     tasks.spawn(crate::admin::serve(app.clone(), admin_listener, admin_tls));
-    if let Some(h) = handover {
-        tasks.spawn(h.run(app.clone()));
-    }
     let mut threads = Vec::new();
     for (i, listener) in (1..=extra_workers).zip(worker_listeners) {
         let (app, proxy) = (app.clone(), proxy.clone());
@@ -300,17 +299,28 @@ pub async fn start_with(
         // systemd follows this process before the old one exits (NotifyAccess=all).
         crate::upgrade::sd_notify(&format!("MAINPID={}", std::process::id()));
     }
-    if !inherited.ready() {
+    let upgrade_refused = !inherited.ready().await;
+    if upgrade_refused {
         // It gave up just now, between the check above and here: it keeps serving, this one
-        // drains what it accepted meanwhile and exits; systemd follows the old one again.
-        tracing::error!(
-            old_pid = inherited.old_pid,
-            "upgrade: the running process stopped waiting for this one (proxy.upgrade_timeout) and keeps serving; this one drains and exits"
-        );
+        // drains what it accepted meanwhile and exits 1; systemd follows the old one again, and
+        // the upgrade socket stays the old one's.
         crate::upgrade::sd_notify(&format!("MAINPID={}", inherited.old_pid));
         app.shutdown.cancel();
+    } else {
+        match Handover::bind(&upgrade_socket) {
+            Ok(mut h) => {
+                for (key, fd) in kept {
+                    h.add(key, fd);
+                }
+                tasks.spawn(h.run(app.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process")
+            }
+        }
     }
     Ok(Running {
+        upgrade_refused: upgrade_refused.then_some(inherited.old_pid),
         app,
         proxy_addr,
         admin_addr,

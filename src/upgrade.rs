@@ -40,6 +40,10 @@ use crate::app::App;
 
 const HELLO: &[u8] = b"switchyard-upgrade 1\n";
 const READY: &[u8] = b"ready\n";
+/// The old process's answer to "ready": it stops accepting and drains; this one serves.
+const GO: &[u8] = b"go\n";
+/// What the old process says when it stops waiting (`proxy.upgrade_timeout`) and serves on.
+const ABORT: &[u8] = b"abort\n";
 /// Listening sockets one process may have: proxy, TLS, preview, admin, and per-worker sockets.
 const MAX_FDS: usize = 64;
 
@@ -77,45 +81,67 @@ impl Inherited {
         Some(l)
     }
 
-    /// Whether the old process still waits for this one to say it serves: false once it gave
-    /// up (past its `proxy.upgrade_timeout` it closes the connection and keeps serving on its
-    /// sockets). True without an old process. Does not block.
+    /// Whether the old process still waits for this one to say it serves: false once it said
+    /// it gave up ("abort": past its `proxy.upgrade_timeout` it serves on). An old process that
+    /// went away (killed, crashed) is not waiting either, but then this one must serve: nobody
+    /// else does. True without an old process. Does not block.
     pub fn old_still_waits(&self) -> bool {
-        self.old.as_ref().is_none_or(peer_waits)
+        self.old.as_ref().is_none_or(|s| !peer_aborted(s))
     }
 
-    /// Tells the old process to stop accepting and drain. False when it could not be told (it
-    /// gave up waiting, or went away): it keeps serving, so this one must not.
-    pub fn ready(&mut self) -> bool {
-        let Some(mut s) = self.old.take() else {
+    /// Tells the old process that this one serves, and takes its answer: true when this one
+    /// is the server now ("go": the old one stops accepting and drains; or it went away, or it
+    /// is an older Switchyard that answers nothing and drains), false when it gave up first
+    /// ("abort": it serves on, so this one must not). One side decides: the old process reads
+    /// "ready" within its timeout and says "go", or says "abort" and ignores what comes later.
+    pub async fn ready(&mut self) -> bool {
+        let Some(s) = self.old.take() else {
             return true;
         };
-        if !peer_waits(&s) {
+        if peer_aborted(&s) {
             return false;
         }
-        match s.write_all(READY) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot tell the old process to drain");
-                false
-            }
+        let Ok(mut s) = s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(s))
+        else {
+            tracing::error!("upgrade: cannot use the connection to the old process; serving");
+            return true;
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if let Err(e) = s.write_all(READY).await {
+            // It went away: this one serves.
+            tracing::warn!(error = %e, "upgrade: the old process went away before it was told");
+            return true;
         }
+        let mut answer = Vec::with_capacity(8);
+        let read = async {
+            let mut byte = [0u8; 1];
+            while answer.len() < 8 && !answer.ends_with(b"\n") {
+                match s.read(&mut byte).await {
+                    Ok(1) => answer.push(byte[0]),
+                    _ => break,
+                }
+            }
+        };
+        // It answers at once (it is blocked reading); an older one closes without a word.
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        answer != ABORT
     }
 }
 
-/// Whether the peer of an upgrade connection still holds it open, without blocking: it sends
-/// nothing after the offer, so anything but "nothing to read yet" (end of stream, a reset) means
-/// it went away.
-fn peer_waits(s: &UnixStream) -> bool {
+/// Whether the old process has said it gave up ("abort", the only thing it sends before this
+/// one's "ready"), without blocking. End of stream is not that: it went away.
+fn peer_aborted(s: &UnixStream) -> bool {
     let mut byte = [0u8; 1];
-    match rustix::net::recv(
-        s,
-        &mut byte[..],
-        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
-    ) {
-        Err(e) => e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR,
-        Ok((_, n)) => n > 0,
-    }
+    matches!(
+        rustix::net::recv(
+            s,
+            &mut byte[..],
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+        ),
+        Ok((_, n)) if n > 0
+    )
 }
 
 /// The new process's side: asks the process behind `path` for its listening sockets.
@@ -190,6 +216,11 @@ pub struct Handover {
     fds: Vec<(String, OwnedFd)>,
 }
 
+/// A duplicate of a listening socket's descriptor, kept for a later upgrade.
+pub fn keep(socket: &impl AsFd) -> std::io::Result<OwnedFd> {
+    socket.as_fd().try_clone_to_owned()
+}
+
 impl Handover {
     /// Binds the upgrade socket, replacing a stale file (or the old process's socket after an
     /// upgrade: it has handed over and is draining).
@@ -218,11 +249,9 @@ impl Handover {
         })
     }
 
-    /// Adds a listening socket to hand over (a duplicate of its descriptor).
-    pub fn add(&mut self, key: &str, socket: &impl AsFd) -> std::io::Result<()> {
-        let fd = socket.as_fd().try_clone_to_owned()?;
-        self.fds.push((key.to_string(), fd));
-        Ok(())
+    /// Adds a listening socket to hand over (a duplicate of its descriptor: [`keep`]).
+    pub fn add(&mut self, key: String, fd: OwnedFd) {
+        self.fds.push((key, fd));
     }
 
     /// Answers upgrade requests until one succeeds (then shuts this process down) or shutdown
@@ -343,8 +372,9 @@ fn hand_over(
         "upgrade: listening sockets handed to a new process; waiting for it to serve"
     );
     // The new process loads its state and starts its listeners before it says ready. Past
-    // `wait` this one gives up: it closes the connection (the new process then exits instead of
-    // serving beside it) and keeps serving, its listeners never having stopped.
+    // `wait` this one gives up: it says "abort" (the new process then exits instead of serving
+    // beside it) and keeps serving, its listeners never having stopped. Whatever it says later
+    // is not read: this side decided.
     s.set_read_timeout(Some(wait))?;
     let mut answer = String::new();
     reader.get_mut().set_read_timeout(Some(wait))?;
@@ -356,6 +386,7 @@ fn hand_over(
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
+            let _ = s.write_all(ABORT);
             anyhow::bail!(
                 "the new process did not say it serves within {} (proxy.upgrade_timeout); it is told to exit",
                 humantime::format_duration(wait)
@@ -366,6 +397,9 @@ fn hand_over(
     if answer.as_bytes() != READY {
         anyhow::bail!("the new process went away before it served (it logs why)");
     }
+    // It serves; this one drains. (It serves too if this answer is lost: it cannot tell that
+    // from this process having died.)
+    let _ = s.write_all(GO);
     Ok(peer_pid(&s))
 }
 

@@ -672,3 +672,93 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     let _ = new.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
 }
+
+/// The old process killed (-9) while the new one starts: the new one serves on the inherited
+/// sockets (nobody else does), although it can no longer say "ready" to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_serves_when_the_old_one_dies_during_the_upgrade() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let config = |extra: &str, blue_upstream: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
+             upgrade_timeout = \"60s\"\n{extra}\
+             [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue_upstream}\"] }}\n\
+             green = {{ upstreams = [\"{}\"] }}\n",
+            dir.path().join("state.json").display(),
+            green.addr
+        )
+    };
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, config("", &blue.addr.to_string())).expect("write config");
+    // Its start takes the 5 s lookup timeout: names looked up in a FIFO nobody writes.
+    let fifo = dir.path().join("hosts.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let slow_cfg = dir.path().join("slow.toml");
+    std::fs::write(
+        &slow_cfg,
+        config(
+            &format!("resolve_hosts_file = \"{}\"\n", fifo.display()),
+            &format!("blue.test:{}", blue.addr.port()),
+        ),
+    )
+    .expect("write config");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let old_log = dir.path().join("old.log");
+    let mut old = spawn_serve(&cfg, &old_log, false);
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "the first process did not start"
+    );
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&slow_cfg, &new_log, true);
+    let logs = || {
+        format!(
+            "old:\n{}\nnew:\n{}",
+            std::fs::read_to_string(&old_log).unwrap_or_default(),
+            std::fs::read_to_string(&new_log).unwrap_or_default()
+        )
+    };
+    // Once the new process holds the sockets (it logs the old one's offer), kill the old one.
+    assert!(
+        eventually(15, || async {
+            std::fs::read_to_string(&old_log)
+                .unwrap_or_default()
+                .contains("handed to a new process")
+        })
+        .await,
+        "no hand-over began: {}",
+        logs()
+    );
+    old.start_kill().expect("kill -9");
+    let _ = old.wait().await;
+    // (Its upstream's name never resolved: the proxy answers, 503.)
+    let served = eventually(30, || async {
+        try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+            && try_get(proxy, "/").await.is_some()
+    })
+    .await;
+    assert!(
+        served,
+        "nothing serves after the old process died: {}",
+        logs()
+    );
+    assert!(
+        matches!(new.try_wait(), Ok(None)),
+        "the new process exited: {}",
+        logs()
+    );
+    let _ = new.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
+}

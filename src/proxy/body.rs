@@ -177,10 +177,17 @@ impl RequestBody {
 
     /// The clock of this body's upload, `start`ed with the request; None for a body already
     /// ended.
+    #[inline]
     pub fn track(&mut self, start: Instant) -> Option<Arc<UploadClock>> {
         if self.inner.is_end_stream() {
             return None;
         }
+        self.track_upload(start)
+    }
+
+    /// Out of line: most requests have no body.
+    #[inline(never)]
+    fn track_upload(&mut self, start: Instant) -> Option<Arc<UploadClock>> {
         let clock = Arc::new(UploadClock {
             start,
             moves: !self.idle.duration().is_zero(),
