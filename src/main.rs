@@ -420,8 +420,9 @@ fn serve(
     }
     // No state file (deleted, or `[state] path` changed; after a reset too when there was none
     // to move aside): every service starts at the config's colors, so a release that flipped
-    // one elsewhere is ended, not resumed against them.
-    if cfg.state.backend == StateBackend::File {
+    // one elsewhere is ended, not resumed against them. Not in an upgrade: the running process
+    // drives its release and writes these files until it hands over.
+    if cfg.state.backend == StateBackend::File && !upgrade {
         match switchyard::end_release_on_missing_state(&cfg.state.path, &cfg) {
             Ok(Some((id, name))) => report.note(&format!(
                 "the state file {} is missing: release {name:?} ({id}) was running; it is ended (aborted), not resumed: every service is at the config's colors",
