@@ -590,6 +590,21 @@ async fn gathering_upstream(n: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<Atom
     (addr, opened, closed)
 }
 
+/// `n` requests to `/burst` at once (the upstream answers when all have come), each answered.
+async fn burst(p: &TestProxy, n: usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let addr = p.proxy;
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(10), get(addr, "/burst")).await
+        }));
+    }
+    for t in tasks {
+        let got = t.await.expect("join").expect("answered in time");
+        assert_eq!(got, (200, "ok\n".to_string()));
+    }
+}
+
 /// More answers coming back at once than `upstream_max_idle` (a burst, as from an h2 client
 /// with many streams in flight) keep their connections for the requests about to need them:
 /// the next burst opens none. The excess is closed by the next reap, down to the cap.
@@ -599,17 +614,7 @@ async fn a_burst_beyond_max_idle_reuses_its_connections_and_the_reap_trims_them(
     let (up, opened, closed) = gathering_upstream(BURST).await;
     let p = TestProxy::start(&pool_config(up, "upstream_max_idle = 2\n")).await;
     for _ in 0..3 {
-        let mut tasks = Vec::new();
-        for _ in 0..BURST {
-            let addr = p.proxy;
-            tasks.push(tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(10), get(addr, "/burst")).await
-            }));
-        }
-        for t in tasks {
-            let got = t.await.expect("join").expect("answered in time");
-            assert_eq!(got, (200, "ok\n".to_string()));
-        }
+        burst(&p, BURST).await;
     }
     assert_eq!(
         opened.load(Ordering::SeqCst),
@@ -637,23 +642,8 @@ async fn a_burst_beyond_max_idle_reuses_its_connections_and_the_reap_trims_them(
 async fn a_steady_load_keeps_only_the_connections_it_needs_after_a_burst() {
     const BURST: usize = 8;
     let (up, opened, closed) = gathering_upstream(BURST).await;
-    let p = TestProxy::start(&pool_config(
-        up,
-        "upstream_max_idle = 2
-",
-    ))
-    .await;
-    let mut tasks = Vec::new();
-    for _ in 0..BURST {
-        let addr = p.proxy;
-        tasks.push(tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_secs(10), get(addr, "/burst")).await
-        }));
-    }
-    for t in tasks {
-        let got = t.await.expect("join").expect("answered in time");
-        assert_eq!(got.0, 200);
-    }
+    let p = TestProxy::start(&pool_config(up, "upstream_max_idle = 2\n")).await;
+    burst(&p, BURST).await;
     assert_eq!(opened.load(Ordering::SeqCst), BURST);
     // Three clients, one request at a time each, for up to 14 s (three reaps and more).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -521,13 +521,20 @@ async fn a_flip_in_flight_during_an_upgrade_is_never_answered_and_lost() {
     assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
 }
 
-/// A new process slower to start than the old one's `proxy.upgrade_timeout` (here: an upstream
-/// name whose lookup hangs on a FIFO for its 5 s lookup timeout, against 500ms): the old process
-/// gives up waiting, keeps its listeners and serves on (no failed request under load, changes
-/// taken again, its upgrade socket still its own), and the new one, once it gets that far, exits
-/// 1 saying why instead of serving beside it. A later upgrade goes through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on() {
+/// Two configs on the same ports and state path (so the same upgrade socket): a plain one, and
+/// a slow one whose upstream name is looked up in a FIFO nobody writes (its start takes the 5 s
+/// lookup timeout), both with `proxy.upgrade_timeout` as given.
+struct SlowUpgrade {
+    _blue: Arc<TestUpstream>,
+    _green: Arc<TestUpstream>,
+    dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+    slow_cfg: std::path::PathBuf,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn slow_upgrade(upgrade_timeout: &str) -> SlowUpgrade {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -535,7 +542,7 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     let config = |extra: &str, blue_upstream: &str| {
         format!(
             "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
-             upgrade_timeout = \"500ms\"\n{extra}\
+             upgrade_timeout = \"{upgrade_timeout}\"\n{extra}\
              [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
              [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue_upstream}\"] }}\n\
              green = {{ upstreams = [\"{}\"] }}\n",
@@ -563,9 +570,29 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     .expect("write config");
     let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    SlowUpgrade {
+        _blue: blue,
+        _green: green,
+        dir,
+        cfg,
+        slow_cfg,
+        proxy,
+        admin,
+    }
+}
+
+/// A new process slower to start than the old one's `proxy.upgrade_timeout` (here: an upstream
+/// name whose lookup hangs on a FIFO for its 5 s lookup timeout, against 500ms): the old process
+/// gives up waiting, keeps its listeners and serves on (no failed request under load, changes
+/// taken again, its upgrade socket still its own), and the new one, once it gets that far, exits
+/// 1 saying why instead of serving beside it. A later upgrade goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on() {
+    let u = slow_upgrade("500ms").await;
+    let (dir, cfg, slow_cfg, proxy, admin) = (&u.dir, &u.cfg, &u.slow_cfg, u.proxy, u.admin);
 
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(&cfg, &old_log, false);
+    let mut old = spawn_serve(cfg, &old_log, false);
     assert!(
         eventually(15, || async {
             try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
@@ -594,7 +621,7 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     );
 
     let slow_log = dir.path().join("slow.log");
-    let mut slow = spawn_serve(&slow_cfg, &slow_log, true);
+    let mut slow = spawn_serve(slow_cfg, &slow_log, true);
     let slow_status = tokio::time::timeout(Duration::from_secs(60), slow.wait())
         .await
         .unwrap_or_else(|_| {
@@ -662,7 +689,7 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
 
     // Its upgrade socket is still its own: an upgrade with the plain config goes through.
     let new_log = dir.path().join("new.log");
-    let mut new = spawn_serve(&cfg, &new_log, true);
+    let mut new = spawn_serve(cfg, &new_log, true);
     let st = tokio::time::timeout(Duration::from_secs(30), old.wait())
         .await
         .unwrap_or_else(|_| panic!("the old process did not hand over: {}", logs()))
@@ -677,43 +704,10 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
 /// sockets (nobody else does), although it can no longer say "ready" to anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_serves_when_the_old_one_dies_during_the_upgrade() {
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let config = |extra: &str, blue_upstream: &str| {
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
-             upgrade_timeout = \"60s\"\n{extra}\
-             [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
-             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue_upstream}\"] }}\n\
-             green = {{ upstreams = [\"{}\"] }}\n",
-            dir.path().join("state.json").display(),
-            green.addr
-        )
-    };
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, config("", &blue.addr.to_string())).expect("write config");
-    // Its start takes the 5 s lookup timeout: names looked up in a FIFO nobody writes.
-    let fifo = dir.path().join("hosts.fifo");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
-    let slow_cfg = dir.path().join("slow.toml");
-    std::fs::write(
-        &slow_cfg,
-        config(
-            &format!("resolve_hosts_file = \"{}\"\n", fifo.display()),
-            &format!("blue.test:{}", blue.addr.port()),
-        ),
-    )
-    .expect("write config");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let u = slow_upgrade("60s").await;
+    let (dir, cfg, slow_cfg, proxy, admin) = (&u.dir, &u.cfg, &u.slow_cfg, u.proxy, u.admin);
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(&cfg, &old_log, false);
+    let mut old = spawn_serve(cfg, &old_log, false);
     assert!(
         eventually(15, || async {
             try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
@@ -722,7 +716,7 @@ async fn a_new_process_serves_when_the_old_one_dies_during_the_upgrade() {
         "the first process did not start"
     );
     let new_log = dir.path().join("new.log");
-    let mut new = spawn_serve(&slow_cfg, &new_log, true);
+    let mut new = spawn_serve(slow_cfg, &new_log, true);
     let logs = || {
         format!(
             "old:\n{}\nnew:\n{}",
