@@ -1181,6 +1181,16 @@ async fn admin_requests_need_one_host_and_an_absolute_target_is_checked_by_its_a
             200,
         ),
         ("HTTP/1.0 without Host", "GET /api/status HTTP/1.0\r\n", 200),
+        (
+            "userinfo in an absolute form",
+            "GET http://evil.example@127.0.0.1/api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            400,
+        ),
+        (
+            "userinfo in Host",
+            "GET /api/status HTTP/1.1\r\nHost: evil.example@127.0.0.1\r\n",
+            400,
+        ),
     ] {
         let (status, text) = raw_admin(p.admin, &format!("{head}{close}")).await;
         let json_error =

@@ -631,18 +631,23 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, &'static str> {
     if first.is_none() && req.version() == http::Version::HTTP_11 {
         return Err("missing Host header");
     }
+    // Userinfo (`user@host`) has no place in either (RFC 9110 4.2.4: treat it as an error).
     if let Some(authority) = req.uri().authority() {
+        if authority.as_str().contains('@') {
+            return Err("userinfo in the request target");
+        }
         return Ok(Some(authority.as_str()));
     }
     match first {
-        Some(v) => v.to_str().map(Some).map_err(|_| "invalid Host header"),
+        Some(v) => match v.to_str() {
+            Ok(v) if !v.contains('@') => Ok(Some(v)),
+            _ => Err("invalid Host header"),
+        },
         None => Ok(None),
     }
 }
 
 fn host_allowed(app: &App, value: &str) -> bool {
-    // Userinfo (`u@host`) is not part of the host.
-    let value = value.rsplit_once('@').map_or(value, |(_, h)| h);
     let host = match value.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(""),
         None => value.rsplit_once(':').map(|(h, _)| h).unwrap_or(value),
