@@ -289,24 +289,20 @@ pub async fn start_with(
         tls = tls_addr.map(tracing::field::display),
         "switchyard is serving"
     );
-    if inherited.old_pid != 0 {
-        tracing::info!(
-            old_pid = inherited.old_pid,
-            "upgrade: serving on the old process's sockets; it drains now"
-        );
-    }
-    if inherited.old_pid != 0 {
-        // systemd follows this process before the old one exits (NotifyAccess=all).
-        crate::upgrade::sd_notify(&format!("MAINPID={}", std::process::id()));
-    }
+    let old_pid = inherited.old_pid;
     let upgrade_refused = !inherited.ready().await;
     if upgrade_refused {
         // It gave up just now, between the check above and here: it keeps serving, this one
-        // drains what it accepted meanwhile and exits 1; systemd follows the old one again, and
-        // the upgrade socket stays the old one's.
-        crate::upgrade::sd_notify(&format!("MAINPID={}", inherited.old_pid));
+        // drains what it accepted meanwhile and exits 1; systemd still follows the old one
+        // (told of this one only with "go"), and the upgrade socket stays the old one's.
         app.shutdown.cancel();
     } else {
+        if old_pid != 0 {
+            tracing::info!(
+                old_pid,
+                "upgrade: serving on the old process's sockets; it drains now"
+            );
+        }
         match Handover::bind(&upgrade_socket) {
             Ok(mut h) => {
                 for (key, fd) in kept {

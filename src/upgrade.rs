@@ -81,25 +81,37 @@ impl Inherited {
         Some(l)
     }
 
-    /// Whether the old process still waits for this one to say it serves: false once it said
-    /// it gave up ("abort": past its `proxy.upgrade_timeout` it serves on). An old process that
-    /// went away (killed, crashed) is not waiting either, but then this one must serve: nobody
-    /// else does. True without an old process. Does not block.
+    /// Whether the old process still waits for this one to say it serves: false once it gave
+    /// up (past its `proxy.upgrade_timeout` it serves on). True without an old process, and
+    /// when it died: then this one must serve, nobody else does. Does not block.
     pub fn old_still_waits(&self) -> bool {
-        self.old.as_ref().is_none_or(|s| !peer_aborted(s))
+        match &self.old {
+            None => true,
+            Some(s) => match said(s) {
+                Said::Nothing => true,
+                Said::Something => false,
+                Said::Closed => !alive(self.old_pid),
+            },
+        }
     }
 
     /// Tells the old process that this one serves, and takes its answer: true when this one
-    /// is the server now ("go": the old one stops accepting and drains; or it went away, or it
-    /// is an older Switchyard that answers nothing and drains), false when it gave up first
-    /// ("abort": it serves on, so this one must not). One side decides: the old process reads
-    /// "ready" within its timeout and says "go", or says "abort" and ignores what comes later.
+    /// is the server now, false when the old one gave up first and serves on (this one must
+    /// then not). One side decides: the old process reads "ready" within its timeout and says
+    /// "go", or says "abort" and reads nothing more. An older Switchyard says neither: it
+    /// closes the connection, before "ready" when it gave up (it is still alive), after it
+    /// when it drains. A closed connection and a dead old process: this one serves. The
+    /// answer is waited for as long as the connection stays open (this process already serves
+    /// meanwhile, as the old one does until it reads "ready").
     pub async fn ready(&mut self) -> bool {
         let Some(s) = self.old.take() else {
             return true;
         };
-        if peer_aborted(&s) {
-            return false;
+        let old_pid = self.old_pid;
+        match said(&s) {
+            Said::Nothing => {}
+            Said::Something => return false,
+            Said::Closed => return !alive(old_pid),
         }
         let Ok(mut s) = s
             .set_nonblocking(true)
@@ -110,38 +122,64 @@ impl Inherited {
         };
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         if let Err(e) = s.write_all(READY).await {
-            // It went away: this one serves.
-            tracing::warn!(error = %e, "upgrade: the old process went away before it was told");
-            return true;
-        }
-        let mut answer = Vec::with_capacity(8);
-        let read = async {
-            let mut byte = [0u8; 1];
-            while answer.len() < 8 && !answer.ends_with(b"\n") {
-                match s.read(&mut byte).await {
-                    Ok(1) => answer.push(byte[0]),
-                    _ => break,
+            // It closed just now: after an "abort" (still there to read), or gone.
+            let mut buf = [0u8; 8];
+            if let Ok(n) = s.try_read(&mut buf) {
+                if buf[..n].starts_with(ABORT) {
+                    return false;
                 }
             }
-        };
-        // It answers at once (it is blocked reading); an older one closes without a word.
-        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+            tracing::warn!(error = %e, "upgrade: the old process closed the connection before it was told");
+            return !alive(old_pid);
+        }
+        let mut answer = Vec::with_capacity(8);
+        let mut byte = [0u8; 1];
+        while answer.len() < 8 && !answer.ends_with(b"\n") {
+            match s.read(&mut byte).await {
+                Ok(1) => answer.push(byte[0]),
+                _ => break,
+            }
+        }
+        // "go"; or nothing and closed: an older Switchyard draining, or one that died.
         answer != ABORT
     }
 }
 
-/// Whether the old process has said it gave up ("abort", the only thing it sends before this
-/// one's "ready"), without blocking. End of stream is not that: it went away.
-fn peer_aborted(s: &UnixStream) -> bool {
+/// What the old process has said on the upgrade connection before this one's "ready".
+enum Said {
+    Nothing,
+    /// "abort" (the only thing it sends before "ready").
+    Something,
+    Closed,
+}
+
+/// Peeks without blocking.
+fn said(s: &UnixStream) -> Said {
     let mut byte = [0u8; 1];
-    matches!(
-        rustix::net::recv(
-            s,
-            &mut byte[..],
-            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
-        ),
-        Ok((_, n)) if n > 0
-    )
+    match rustix::net::recv(
+        s,
+        &mut byte[..],
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+    ) {
+        Ok((_, n)) if n > 0 => Said::Something,
+        Ok(_) => Said::Closed,
+        Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => Said::Nothing,
+        Err(_) => Said::Closed,
+    }
+}
+
+/// Whether process `pid` is alive (not gone, not a zombie), from `/proc` (Linux). An older old
+/// process that gave up closes the connection without a word and lives on; one that died does
+/// not.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: "pid (comm) S ...".
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// The new process's side: asks the process behind `path` for its listening sockets.
@@ -397,10 +435,18 @@ fn hand_over(
     if answer.as_bytes() != READY {
         anyhow::bail!("the new process went away before it served (it logs why)");
     }
-    // It serves; this one drains. (It serves too if this answer is lost: it cannot tell that
-    // from this process having died.)
-    let _ = s.write_all(GO);
-    Ok(peer_pid(&s))
+    // It serves; this one drains. systemd follows it from now (before "go", so that this
+    // process's exit never finds systemd still following it).
+    let pid = peer_pid(&s);
+    if pid != 0 {
+        sd_notify(&format!("MAINPID={pid}"));
+    }
+    if let Err(e) = s.write_all(GO) {
+        // It is gone: this one serves on.
+        sd_notify(&format!("MAINPID={}", std::process::id()));
+        return Err(e).context("the new process went away before it was told to serve");
+    }
+    Ok(pid)
 }
 
 /// The new process's pid, from the socket's peer credentials where available.
@@ -479,5 +525,39 @@ pub fn sd_notify(state: &str) {
     };
     if let Err(e) = sent {
         tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An old process that closed the upgrade connection without a word gave up if it is
+    /// alive, died if not: a zombie counts as dead.
+    #[test]
+    fn a_process_is_alive_until_it_exits() {
+        assert!(alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        let mut waited = 0;
+        while alive(pid) {
+            assert!(waited < 1000, "still alive: {pid}");
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        let _ = child.wait();
+        assert!(!alive(pid));
+    }
+
+    /// What the peer said before "ready", without blocking: nothing yet, "abort", or closed.
+    #[test]
+    fn what_the_old_process_said_is_read_without_blocking() {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        assert!(matches!(said(&a), Said::Nothing));
+        b.write_all(ABORT).expect("write");
+        assert!(matches!(said(&a), Said::Something));
+        let (a, b) = UnixStream::pair().expect("pair");
+        drop(b);
+        assert!(matches!(said(&a), Said::Closed));
     }
 }
