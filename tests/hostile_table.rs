@@ -277,6 +277,7 @@ const TABLE: &[Row] = &[
     refused("fragment in an absolute-form target", b"GET http://b/p?q#f HTTP/1.1\r\nHost: a\r\n\r\n"),
     // Raw bytes over 0x7F, quotes and angle brackets (RFC 9112 3.2), which the http crate would
     // take and pass on; what browsers send unencoded in queries passes (WHATWG URL).
+    refused("backslash in the path", b"GET /a\\..\\b HTTP/1.1\r\nHost: a\r\n\r\n"),
     passed("what browsers leave unencoded in a query", b"GET /s?filter[status]=open&ids[]=1&q={x}|a^b&p=100% HTTP/1.1\r\nHost: a\r\n\r\n", &["get /s?filter[status]=open&ids[]=1&q={x}|a^b&p=100% http/1.1"], &[]),
     refused("raw UTF-8 in the path", b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"),
     refused("raw byte 0x80 in the query", b"GET /?q=\x80 HTTP/1.1\r\nHost: a\r\n\r\n"),

@@ -607,9 +607,12 @@ const TARGET_BYTES: [bool; 256] = {
 
 /// Whether every byte of an HTTP/1 request target is one [`TARGET_BYTES`] allows: no raw
 /// byte over 0x7F (RFC 9112 3: an invalid request line; clients percent-encode them), space,
-/// control or DEL.
+/// control or DEL; and no `\` before the query (browsers turn it into `/` in an http(s) path,
+/// and an upstream that does the same would see another path than the one routed).
 fn target_bytes_valid(t: &[u8]) -> bool {
+    let path_end = memchr::memchr(b'?', t).unwrap_or(t.len());
     t.iter().all(|&b| TARGET_BYTES[usize::from(b)])
+        && memchr::memchr(b'\\', &t[..path_end]).is_none()
 }
 
 /// What a request's fields say about its connection.
@@ -1658,6 +1661,7 @@ mod tests {
             b"/\"x\"",
             b"/<a>",
             b"/a#b",
+            b"/a\\..\\b",
             b"http://b.example\xff/",
         ] {
             assert!(!target_bytes_valid(bad), "{bad:?}");
