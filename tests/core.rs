@@ -1258,19 +1258,7 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
     };
     let mut child = serve(false);
     assert!(serves("blue").await, "switchyard did not serve");
-    let plan = json!({
-        "name": "one phase",
-        "validate": "10m",
-        "phases": [{ "name": "api", "services": ["api"], "bake": "10m" }],
-    });
-    let (s, v) = admin_post(admin, "/api/releases", Some(TOKEN), Some(plan)).await;
-    assert_eq!(s, 200, "{v}");
-    let id = v["release"]["id"].clone();
-    let baking = eventually(15, || async {
-        admin_get(admin, "/api/releases").await.1["current"]["phases"][0]["state"] == "baking"
-    })
-    .await;
-    assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
+    let id = start_baking_release(admin).await;
     assert!(serves("green").await);
     // Killed mid-bake; the state file is then lost.
     let _ = child.start_kill();

@@ -844,19 +844,7 @@ async fn with_etcd_a_restart_without_the_cache_or_with_reset_state_keeps_the_rel
     };
     let mut child = serve(false);
     assert!(serves("blue").await, "switchyard did not serve");
-    let plan = json!({
-        "name": "one phase",
-        "validate": "10m",
-        "phases": [{ "name": "api", "services": ["api"], "bake": "10m" }],
-    });
-    let (s, v) = admin_post(admin, "/api/releases", Some(TOKEN), Some(plan)).await;
-    assert_eq!(s, 200, "{v}");
-    let id = v["release"]["id"].clone();
-    let baking = eventually(15, || async {
-        admin_get(admin, "/api/releases").await.1["current"]["phases"][0]["state"] == "baking"
-    })
-    .await;
-    assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
+    let id = start_baking_release(admin).await;
     assert!(serves("green").await);
     let _ = child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;

@@ -400,6 +400,24 @@ pub async fn request_bytes(
     (status, body)
 }
 
+/// Starts a one-phase release of service `api` (10 m bake and validation) through the admin
+/// API and waits until it bakes; returns its id.
+pub async fn start_baking_release(admin: SocketAddr) -> Value {
+    let plan = json!({
+        "name": "one phase",
+        "validate": "10m",
+        "phases": [{ "name": "api", "services": ["api"], "bake": "10m" }],
+    });
+    let (s, v) = admin_post(admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    let baking = eventually(15, || async {
+        admin_get(admin, "/api/releases").await.1["current"]["phases"][0]["state"] == "baking"
+    })
+    .await;
+    assert!(baking, "{}", admin_get(admin, "/api/releases").await.1);
+    v["release"]["id"].clone()
+}
+
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, Value) {
     let (s, body) = get(addr, path).await;
     (
