@@ -1250,16 +1250,10 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
             .spawn()
             .expect("spawn")
     };
-    let serves = |color: &'static str| async move {
-        eventually(15, || async {
-            try_get(proxy, "/x").await == Some((200, format!("{color}\n")))
-        })
-        .await
-    };
     let mut child = serve(false);
-    assert!(serves("blue").await, "switchyard did not serve");
+    assert!(serves(proxy, "blue", 15).await, "switchyard did not serve");
     let id = start_baking_release(admin).await;
-    assert!(serves("green").await);
+    assert!(serves(proxy, "green", 15).await);
     // Killed mid-bake; the state file is then lost.
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
@@ -1282,7 +1276,10 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
             let text = std::fs::read_to_string(&config).expect("read config");
             std::fs::write(&config, format!("{text}active = \"green\"\n")).expect("write");
             let mut child = serve(false);
-            assert!(serves("green").await, "switchyard did not serve green");
+            assert!(
+                serves(proxy, "green", 15).await,
+                "switchyard did not serve green"
+            );
             let r = admin_get(admin, "/api/releases").await.1;
             assert_eq!(r["current"]["id"], id, "{r}");
             assert_eq!(r["current"]["phases"][0]["state"], "baking", "{r}");
@@ -1296,7 +1293,7 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
 
     let mut child = serve(reset);
     assert!(
-        serves("blue").await,
+        serves(proxy, "blue", 15).await,
         "switchyard did not serve after the state was lost"
     );
     let check = |r: Value| {
@@ -1351,7 +1348,7 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
     // Restarted without a reset: still ended, still blue, its end not recorded again.
     let mut child = serve(false);
     assert!(
-        serves("blue").await,
+        serves(proxy, "blue", 15).await,
         "switchyard did not serve after a restart"
     );
     check(admin_get(admin, "/api/releases").await.1);

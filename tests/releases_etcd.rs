@@ -836,16 +836,10 @@ async fn with_etcd_a_restart_without_the_cache_or_with_reset_state_keeps_the_rel
             .spawn()
             .expect("spawn")
     };
-    let serves = |color: &'static str| async move {
-        eventually(20, || async {
-            try_get(proxy, "/x").await == Some((200, format!("{color}\n")))
-        })
-        .await
-    };
     let mut child = serve(false);
-    assert!(serves("blue").await, "switchyard did not serve");
+    assert!(serves(proxy, "blue", 20).await, "switchyard did not serve");
     let id = start_baking_release(admin).await;
-    assert!(serves("green").await);
+    assert!(serves(proxy, "green", 20).await);
     let _ = child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     assert!(
@@ -856,7 +850,10 @@ async fn with_etcd_a_restart_without_the_cache_or_with_reset_state_keeps_the_rel
 
     for reset in [true, false] {
         let mut child = serve(reset);
-        assert!(serves("green").await, "reset {reset}: not on green");
+        assert!(
+            serves(proxy, "green", 20).await,
+            "reset {reset}: not on green"
+        );
         let running = eventually(20, || async {
             let r = admin_get(admin, "/api/releases").await.1;
             r["current"]["id"] == id && r["current"]["phases"][0]["state"] == "baking"

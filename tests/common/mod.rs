@@ -400,6 +400,14 @@ pub async fn request_bytes(
     (status, body)
 }
 
+/// Whether `GET /x` through `proxy` is answered by the upstream named `color` within `secs`.
+pub async fn serves(proxy: SocketAddr, color: &str, secs: u64) -> bool {
+    eventually(secs, || async {
+        try_get(proxy, "/x").await == Some((200, format!("{color}\n")))
+    })
+    .await
+}
+
 /// Starts a one-phase release of service `api` (10 m bake and validation) through the admin
 /// API and waits until it bakes; returns its id.
 pub async fn start_baking_release(admin: SocketAddr) -> Value {
