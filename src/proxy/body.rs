@@ -271,15 +271,22 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// See [`WithinRequestTimeout`]; its output is None once past the deadline.
+/// See [`WithinRequestTimeout`]; its output is None once past the deadline. `start`: when the
+/// request began, already read (one clock read fewer per request than `sleep(timeout)`).
 pub fn within_request_timeout<F: std::future::Future>(
     attempt: F,
+    start: Instant,
     timeout: Duration,
     upload: Option<Arc<UploadClock>>,
 ) -> WithinRequestTimeout<F> {
     WithinRequestTimeout {
         attempt,
-        sleep: tokio::time::sleep(timeout),
+        // As `sleep`: a timeout too long to add is as good as none.
+        sleep: tokio::time::sleep_until(
+            start
+                .checked_add(timeout)
+                .unwrap_or_else(|| start + Duration::from_secs(86400 * 365 * 30)),
+        ),
         timeout,
         upload,
     }

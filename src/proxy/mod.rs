@@ -313,15 +313,30 @@ impl Handler for ProxyConn {
 }
 
 /// One request, with its access log line when the log is on (see [`crate::access_log`]).
-pub async fn handle(
+/// Not an `async fn`: without the log the caller gets [`route_and_forward`]'s own future, one
+/// layer fewer to move the request into and the response out of.
+pub fn handle<'a>(
+    proxy: &'a Proxy,
+    req: Request<ClientBody>,
+    conn: &'a Arc<ConnInfo>,
+    on_upgrade: Option<OnUpgrade>,
+) -> impl Future<Output = Response<ServedBody>> + Send + 'a {
+    match &proxy.access_log {
+        None => futures_util::future::Either::Left(route_and_forward(
+            proxy, req, conn, on_upgrade, None,
+        )),
+        Some(log) => futures_util::future::Either::Right(logged(proxy, log, req, conn, on_upgrade)),
+    }
+}
+
+/// [`handle`] with the access log on.
+async fn logged(
     proxy: &Proxy,
+    log: &Arc<AccessLog>,
     mut req: Request<ClientBody>,
     conn: &Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
 ) -> Response<ServedBody> {
-    let Some(log) = &proxy.access_log else {
-        return route_and_forward(proxy, req, conn, on_upgrade, None).await;
-    };
     let start = Instant::now();
     let id = log.request_id(req.headers().get(&X_REQUEST_ID));
     // One value upstream: `insert` replaces every value the client sent.
@@ -411,7 +426,8 @@ async fn route_and_forward(
         rewritten.host_from_upstream,
         conn.mode == Mode::Live,
     );
-    let answered = body::within_request_timeout(attempt, route.request_timeout, upload.clone());
+    let answered =
+        body::within_request_timeout(attempt, start, route.request_timeout, upload.clone());
     let result = match answered.await {
         None => Err(ProxyError::Timeout),
         Some(Err(e)) => Err(ProxyError::from_client(e, upload.as_deref())),
