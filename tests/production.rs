@@ -1715,3 +1715,82 @@ async fn an_h2_upstream_that_closes_its_connections_is_reconnected() {
     p.stop().await;
     server.abort();
 }
+
+/// A POST whose body stalls is answered 408 (JSON) within `[admin] header_read_timeout` and its
+/// connection closed, over HTTP/1.1 and h2: stalled bodies no longer hold the admin's
+/// connections (and `/healthz` behind them) for as long as the client likes. A body the client
+/// cuts is 400, not "too large".
+#[tokio::test]
+async fn an_admin_post_whose_body_stalls_is_answered_408_and_its_slot_freed() {
+    let blue = TestUpstream::start("blue").await;
+    let body = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nheader_read_timeout = \"1s\"\n{}",
+        service("api", &[blue.addr], &[dead_addr().await], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let stalled = format!(
+        "POST /api/services/api/flip HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    // Both of the listener's slots, each with a body that never comes.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.admin).await.expect("connect");
+        s.write_all(stalled.as_bytes()).await.expect("write");
+        held.push(s);
+    }
+    let mut problems = Vec::new();
+    for (i, mut s) in held.into_iter().enumerate() {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        if read.is_err() {
+            problems.push(format!("connection {i}: still open after 10 s: {text:?}"));
+        } else if !(text.starts_with("HTTP/1.1 408 ")
+            && text.contains("\"error\"")
+            && text.contains("header_read_timeout"))
+        {
+            problems.push(format!("connection {i}: {text:?}"));
+        }
+    }
+    let (status, text) = raw_admin(
+        p.admin,
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    if status != 200 {
+        problems.push(format!(
+            "/healthz after the stalled POSTs: {status} {text:?}"
+        ));
+    }
+    // A body cut short: 400, not 413.
+    let cut = {
+        let mut s = TcpStream::connect(p.admin).await.expect("connect");
+        s.write_all(stalled.as_bytes()).await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    if !cut.starts_with("HTTP/1.1 400 ") || !cut.contains("\"error\"") {
+        problems.push(format!("body cut short: {cut:?}"));
+    }
+    // h2: the stream answered 408 too.
+    let c = h2c_client(p.admin).await;
+    let req = Request::post("http://127.0.0.1/api/services/api/flip")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .header("content-length", "100")
+        .body(())
+        .expect("request");
+    let mut c = c.ready().await.expect("ready");
+    let (resp, mut tx) = c.send_request(req, false).expect("send");
+    tx.send_data(Bytes::from_static(b"{"), false).expect("data");
+    match tokio::time::timeout(Duration::from_secs(10), resp).await {
+        Ok(Ok(r)) if r.status() == 408 => {}
+        other => problems.push(format!("h2 stalled POST: {other:?}")),
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let (s, _) = admin_get(p.admin, "/api/status").await;
+    assert_eq!(s, 200);
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
@@ -234,7 +234,7 @@ async fn handle(
         return resp;
     }
     let actor = format!("admin-api {}", remote.ip());
-    let body = match read_json_body(req).await {
+    let body = match read_json_body(req, app.snapshot().config.admin.header_read_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -536,7 +536,13 @@ fn change_error(e: ChangeError) -> AdminResponse {
 }
 
 /// The body as JSON bytes, or None when empty. A body must say it is JSON (415 otherwise).
-async fn read_json_body(req: Request<Incoming>) -> Result<Option<Bytes>, AdminResponse> {
+/// The body of a POST, whole, within `timeout` (`[admin] header_read_timeout`: a body that
+/// stalls would hold its connection, and one of `max_connections`, for as long as the client
+/// likes, with a request in flight that no idle rule ends).
+async fn read_json_body(
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Result<Option<Bytes>, AdminResponse> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -546,12 +552,35 @@ async fn read_json_body(req: Request<Incoming>) -> Result<Option<Bytes>, AdminRe
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         });
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let http1 = req.version() < Version::HTTP_2;
+    let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
+    let bytes = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large (64 KiB at most)",
+            ))
+        }
+        Ok(Err(_)) => {
+            return Err(closing(
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "request body was not received whole",
+                ),
+                http1,
+            ))
+        }
+        Err(_) => {
+            return Err(closing(
+                error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "request body not received within {} (admin.header_read_timeout)",
+                        humantime::format_duration(timeout)
+                    ),
+                ),
+                http1,
             ))
         }
     };
@@ -691,6 +720,16 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> AdminResponse {
     let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
     body.push(b'\n');
     with_type(status, body.into(), "application/json")
+}
+
+/// `resp` with `Connection: close` on HTTP/1 (HTTP/2 has no such field): the rest of a body
+/// the answer did not wait for must not be read as the next request.
+fn closing(mut resp: AdminResponse, http1: bool) -> AdminResponse {
+    if http1 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 fn error(status: StatusCode, msg: &str) -> AdminResponse {
