@@ -113,6 +113,23 @@ impl Release {
         }
     }
 
+    /// Marks it ended now with `result` where nothing of it was returned (`serve` ended it at
+    /// startup: the state was reset or missing): each phase keeps the state it had, a bake or
+    /// a gate it was in is over (its end time set, no time left); none is `rolled_back`, since
+    /// nothing was flipped back.
+    pub(crate) fn end_in_place(&mut self, result: &'static str, reason: String) {
+        let now = now_rfc3339();
+        self.state = result;
+        self.reason = Some(reason);
+        self.ended_at = Some(now.clone());
+        for p in &mut self.phases {
+            if matches!(p.state, "baking" | "waiting") {
+                p.ended_at = Some(now.clone());
+                p.bake_deadline = None;
+            }
+        }
+    }
+
     pub(crate) fn live(&self) -> bool {
         matches!(self.state, "running" | "waiting" | "validating")
     }

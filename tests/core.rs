@@ -1254,13 +1254,23 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
     assert!(serves(proxy, "blue", 15).await, "switchyard did not serve");
     let id = start_baking_release(admin).await;
     assert!(serves(proxy, "green", 15).await);
-    // Killed mid-bake; the state file is then lost.
+    // The release is stored (a write after the API shows it), then killed mid-bake; the state
+    // file is then lost.
+    let release_file = dir.path().join("state.release.json");
+    let stored = || {
+        std::fs::read(&release_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .unwrap_or_default()
+    };
+    let written = eventually(10, || async {
+        stored()["current"]["phases"][0]["state"] == "baking"
+    })
+    .await;
+    assert!(written, "{}", stored());
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
-    let release_file = dir.path().join("state.release.json");
-    let stored: Value =
-        serde_json::from_slice(&std::fs::read(&release_file).expect("release file")).expect("json");
-    assert_eq!(stored["current"]["id"], id, "{stored}");
+    assert_eq!(stored()["current"]["id"], id, "{}", stored());
     let state_file = dir.path().join("state.json");
     let (reset, why) = match lost {
         Lost::Reset => {
@@ -1300,6 +1310,14 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
         assert!(r["current"].is_null(), "{r}");
         assert_eq!(r["recent"][0]["id"], id, "{r}");
         assert_eq!(r["recent"][0]["state"], "aborted", "{r}");
+        // Nothing was flipped back (the state was): the phase is listed as it was when the
+        // release ended, baking, its bake over; not `rolled_back`.
+        assert_eq!(r["recent"][0]["phases"][0]["state"], "baking", "{r}");
+        assert!(r["recent"][0]["phases"][0]["ended_at"].is_string(), "{r}");
+        assert!(
+            r["recent"][0]["phases"][0]["bake_left_secs"].is_null(),
+            "{r}"
+        );
         assert!(
             r["recent"][0]["reason"]
                 .as_str()
@@ -1342,6 +1360,13 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
         "{evs:?}"
     );
     assert_eq!(aborted_total().await.as_deref(), Some("1"));
+    // Once recorded, the end is stored again without its startup mark (a write after the
+    // event): only then does a restart find it announced.
+    let announced = eventually(10, || async {
+        stored()["recent"][0]["id"] == id && stored()["recent"][0].get("unannounced").is_none()
+    })
+    .await;
+    assert!(announced, "{}", stored());
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
 

@@ -728,3 +728,63 @@ async fn a_chunk_size_with_whitespace_and_no_extension_is_refused() {
         p.stop().await;
     }
 }
+
+/// A request body whose chunked framing is broken (a size line with trailing whitespace, one
+/// that is not hex, a size past 15 significant hex digits, a size line still unended past its
+/// limit, data not followed by CRLF) is 400 with a body that says so, and the connection closes;
+/// a body the client stops sending (it shuts its side down mid-body) keeps its own answer. The
+/// same toward an HTTP/1.1 pool and an h2 one (whose client turns the body's error into a reset
+/// of its own).
+#[tokio::test]
+async fn a_malformed_chunked_request_body_is_400_saying_the_framing_is_invalid() {
+    let blue = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let head = "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+    // No CRLF: still no end past MAX_CHUNK_LINE (4096).
+    let unended = format!("5;{}", "a".repeat(5000));
+    for h2 in [false, true] {
+        let p = TestProxy::start(&format!(
+            "{PROXY}body_idle_timeout = \"5s\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{}\"]{} }}\ngreen = {{ upstreams = [\"{green}\"] }}\n",
+            blue.addr,
+            if h2 { ", protocol = \"h2\"" } else { "" }
+        ))
+        .await;
+        for body in [
+            "5 \r\nhello\r\n0\r\n\r\n",
+            "zz\r\nhello\r\n0\r\n\r\n",
+            "10000000000000005\r\nhello\r\n0\r\n\r\n",
+            &unended,
+            "5\r\nhelloXX\r\n0\r\n\r\n",
+        ] {
+            let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+            s.write_all(format!("{head}{body}").as_bytes())
+                .await
+                .expect("write");
+            let (text, closed) = read_all(&mut s, Duration::from_secs(5)).await;
+            let short = &body[..body.len().min(24)];
+            assert!(
+                text.starts_with("HTTP/1.1 400"),
+                "h2 {h2}, {short:?}: {text:?}"
+            );
+            assert!(
+                text.ends_with("\r\n\r\ninvalid chunked framing in the request body\n"),
+                "h2 {h2}, {short:?}: {text:?}"
+            );
+            assert!(closed, "h2 {h2}, {short:?}: the connection stayed open");
+        }
+
+        // Cut short: the client sends part of a chunk, then shuts its side down.
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(format!("{head}a\r\nhello").as_bytes())
+            .await
+            .expect("write");
+        s.shutdown().await.expect("shutdown");
+        let (text, _) = read_all(&mut s, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "h2 {h2}: {text:?}");
+        assert!(
+            text.ends_with("\r\n\r\nrequest body was not received\n"),
+            "h2 {h2}: {text:?}"
+        );
+        p.stop().await;
+    }
+}

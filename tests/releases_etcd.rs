@@ -792,6 +792,79 @@ async fn a_history_read_etcd_does_not_answer_never_delays_following_the_release(
     b.stop().await;
 }
 
+/// A history read etcd keeps failing is tried again with a growing wait (from the poll
+/// interval, doubled each time, up to 30 s), not at every poll: the relay closes every
+/// connection that sends one (the other requests pass), and over a 3 s window it sees at most
+/// 5 tries (waits of at least 100, 200, 400, 800, 1600 ms between them; a try every 100 ms poll
+/// would be some 30). The log says so once: one WARN when the reads start failing, one INFO
+/// when one answers again, nothing per try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_history_read_backs_off_and_logs_once_each_way() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    // Only the history's range read sorts by create revision (prune does too, after an end
+    // this replica stores; it stores none).
+    relay.cut_when_sent(Some(br#""sort_target":"CREATE""#));
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let (pp, ap) = (free_port(), free_port());
+    let cfg = dir.path().join("switchyard.toml");
+    // Heartbeats every 200 ms: the key is read every 100 ms, the first history retry after it.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{ap}\"\n\
+             [state]\nbackend = \"etcd\"\npath = \"{}\"\netcd_endpoints = [\"{}\"]\n\
+             etcd_prefix = \"/sy-history-backoff/\"\netcd_timeout = \"3s\"\netcd_progress_interval = \"200ms\"\n{}",
+            dir.path().join("state.json").display(),
+            relay.endpoint(),
+            service("api", &[blue.addr], &[green.addr], "")
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("switchyard.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let read = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let failing = eventually(20, || async { relay.cut_by_pattern() > 0 }).await;
+    assert!(failing, "the history was never read: {}", read());
+    let before = relay.cut_by_pattern();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = relay.cut_by_pattern() - before;
+    assert!(tries <= 5, "{tries} history reads in 3 s: {}", read());
+
+    // etcd answers the history again: read on the next try.
+    relay.cut_when_sent(None);
+    let again = "the release history is read from etcd again";
+    let recovered = eventually(40, || async { read().contains(again) }).await;
+    assert!(recovered, "no recovery line: {}", read());
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let text = read();
+    let lines = |what: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_string)
+            .collect()
+    };
+    let warns = lines("cannot read the release history from etcd");
+    assert_eq!(warns.len(), 1, "{text}");
+    assert!(warns[0].contains(" WARN "), "{text}");
+    let infos = lines(again);
+    assert_eq!(infos.len(), 1, "{text}");
+    assert!(infos[0].contains(" INFO "), "{text}");
+}
+
 /// With etcd the running release and the live colors live together in etcd: `[state] path` is
 /// only this replica's cache of the colors, and no release is kept beside it. A replica killed
 /// mid-bake whose cache is gone, restarted with `--reset-state`, neither ends the release (as a

@@ -547,13 +547,25 @@ impl ConnPool {
     /// since the last reap, and any no request took for [`EXCESS_IDLE`]. Run by the stats
     /// ticker (every 4 s).
     pub fn reap(&self) {
+        self.reap_with(|| {});
+    }
+
+    /// [`ConnPool::reap`], calling `between` after each idle connection it takes out to check
+    /// (a test runs a concurrent `put_back` there).
+    fn reap_with(&self, mut between: impl FnMut()) {
+        // Reusable idle connections whose slot a concurrent `put_back` filled while they were
+        // checked: they join the overflow after this reap's pass over it, as the one put back
+        // would have had it come a moment later (judged at the next reap, never closed here).
+        let mut displaced = Vec::new();
         for _ in 0..self.idle.len() {
             let Some(conn) = self.idle.pop() else {
                 break;
             };
+            between();
             if self.reusable(&conn) {
-                // Room: it was just taken out.
-                let _ = self.idle.push(conn);
+                if let Err(conn) = self.idle.push(conn) {
+                    displaced.push(conn);
+                }
             }
         }
         // Those never needed since the last reap go first.
@@ -563,7 +575,7 @@ impl ConnPool {
         }
         for _ in 0..self.overflow.len() {
             let Some(conn) = self.overflow.pop() else {
-                return;
+                break;
             };
             if !self.reusable(&conn) {
                 unneeded = unneeded.saturating_sub(1);
@@ -579,6 +591,9 @@ impl ConnPool {
                 // Kept only where the pool has room under the cap.
                 let _ = self.idle.push(conn);
             }
+        }
+        for conn in displaced {
+            self.overflow.push(conn);
         }
     }
 
@@ -1639,6 +1654,54 @@ where
 mod tests {
     use super::*;
     use crate::http::headers::trailer_allowed;
+
+    /// A reap takes each idle connection out to check it and puts it back; a `put_back` that
+    /// fills its slot meanwhile (the pool at `upstream_max_idle`) must not get it closed: it
+    /// joins the overflow, judged at the next reap like any connection beyond the cap.
+    #[tokio::test]
+    async fn a_put_back_during_a_reap_never_closes_a_reusable_idle_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (keep_tx, mut keep_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                // Held open: every connection stays reusable.
+                if keep_tx.send(s).is_err() {
+                    return;
+                }
+            }
+        });
+        let pool = ConnPool::new(addr, 2, Duration::from_secs(5), Duration::from_secs(60));
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.connect().await.expect("connect"));
+        }
+        let mut accepted = Vec::new();
+        for _ in 0..3 {
+            accepted.push(keep_rx.recv().await.expect("accepted"));
+        }
+        let late = conns.pop().expect("third");
+        for c in conns {
+            pool.put_back(c);
+        }
+        assert_eq!((pool.idle.len(), pool.overflow.len()), (2, 0));
+        // The third comes back while the reap has the first idle one out.
+        let mut late = Some(late);
+        pool.reap_with(|| {
+            if let Some(c) = late.take() {
+                pool.put_back(c);
+            }
+        });
+        assert!(late.is_none());
+        assert_eq!(
+            (pool.idle.len(), pool.overflow.len()),
+            (2, 1),
+            "a reusable connection was closed"
+        );
+        drop(accepted);
+    }
 
     fn chunks(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), ClientError> {
         let mut buf = BytesMut::from(input);

@@ -28,6 +28,20 @@ pub fn parse_length(v: &[u8]) -> Result<u64, &'static str> {
     Ok(n)
 }
 
+/// A request body's chunked framing broken (a size line, the CRLF after a chunk's data, the
+/// trailer section): what the server's body ends with (inside an `io::Error`), so that the
+/// answer can tell the client that its framing, not the transfer, failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidChunked(pub &'static str);
+
+impl std::fmt::Display for InvalidChunked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid chunked framing: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidChunked {}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkState {
     Size,

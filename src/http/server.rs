@@ -44,7 +44,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::codec::{
     self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
-    Span,
+    InvalidChunked, Span,
 };
 use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
@@ -756,7 +756,10 @@ impl Streaming {
         }
     }
 
-    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn fail<E>(&mut self, why: E) -> Poll<Option<Result<Frame<Bytes>, io::Error>>>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         // The connection is unusable: nothing goes back.
         self.framing = Framing::Done;
         self.reader = None;
@@ -807,7 +810,7 @@ impl Body for Streaming {
                 }
                 Framing::Length(_) => {}
                 Framing::Chunked(st) => match decode_chunked(&mut reader.buf, st) {
-                    Err(why) => return this.fail(why),
+                    Err(why) => return this.fail(InvalidChunked(why)),
                     Ok(Chunked::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
                     Ok(Chunked::Trailers(t)) => {
                         this.framing = Framing::Done;

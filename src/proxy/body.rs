@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::http::body::IdleTimer;
+use crate::http::codec::InvalidChunked;
 use crate::http::h2_server;
 use crate::http::server;
 use crate::http::BoxError;
@@ -96,7 +97,8 @@ const UPLOAD_DONE: u64 = 1 << 63;
 const UPLOAD_WAITING: u64 = 1 << 62;
 const UPLOAD_IDLE: u64 = 1 << 61;
 const UPLOAD_FAILED: u64 = 1 << 60;
-const UPLOAD_AT: u64 = UPLOAD_FAILED - 1;
+const UPLOAD_MALFORMED: u64 = 1 << 59;
+const UPLOAD_AT: u64 = UPLOAD_MALFORMED - 1;
 
 impl UploadClock {
     fn mark(&self, done: bool) {
@@ -124,18 +126,47 @@ impl UploadClock {
         (end > now).then_some(end)
     }
 
-    /// How the client's body failed: `Some(true)` stalled past `body_idle_timeout`,
-    /// `Some(false)` failed otherwise (reset, closed, malformed).
-    pub fn failed(&self) -> Option<bool> {
+    /// How the client's body failed, if it did.
+    pub fn failed(&self) -> Option<UploadFailure> {
         let state = self.state.load(Ordering::Relaxed);
         if state & UPLOAD_IDLE != 0 {
-            Some(true)
+            Some(UploadFailure::Idle)
+        } else if state & UPLOAD_MALFORMED != 0 {
+            Some(UploadFailure::Malformed)
         } else if state & UPLOAD_FAILED != 0 {
-            Some(false)
+            Some(UploadFailure::Other)
         } else {
             None
         }
     }
+}
+
+/// How a client's request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadFailure {
+    /// Stalled past `body_idle_timeout`.
+    Idle,
+    /// Its chunked framing was broken ([`InvalidChunked`]).
+    Malformed,
+    /// Reset, or the client closed the connection mid-body.
+    Other,
+}
+
+/// Whether `e` (or an error behind it) is a broken chunked framing of the client's body.
+pub fn invalid_chunked(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        // An `io::Error` hides the error it carries from `source()`.
+        let carried = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        if err.is::<InvalidChunked>() || carried.is_some_and(|c| c.is::<InvalidChunked>()) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Why a request body ended early.
@@ -216,8 +247,14 @@ impl Body for RequestBody {
             this.idle.progressed();
             if let Some(u) = &this.upload {
                 u.mark(frame.is_none() || this.inner.is_end_stream());
-                if let Some(Err(_)) = &frame {
-                    u.state.fetch_or(UPLOAD_FAILED, Ordering::Relaxed);
+                if let Some(Err(e)) = &frame {
+                    let malformed = if invalid_chunked(e.as_ref()) {
+                        UPLOAD_MALFORMED
+                    } else {
+                        0
+                    };
+                    u.state
+                        .fetch_or(UPLOAD_FAILED | malformed, Ordering::Relaxed);
                 }
             }
             return Poll::Ready(frame.map(|r| r.map_err(BodyError::Client)));
@@ -356,9 +393,16 @@ mod tests {
         let c = clock(UPLOAD_IDLE | UPLOAD_WAITING | 501);
         assert_eq!(
             (c.failed(), c.deadline(c.start + t, t)),
-            (Some(true), Some(c.start + t + t))
+            (Some(UploadFailure::Idle), Some(c.start + t + t))
         );
-        assert_eq!(clock(UPLOAD_FAILED | 501).failed(), Some(false));
+        assert_eq!(
+            clock(UPLOAD_FAILED | 501).failed(),
+            Some(UploadFailure::Other)
+        );
+        assert_eq!(
+            clock(UPLOAD_FAILED | UPLOAD_MALFORMED | 501).failed(),
+            Some(UploadFailure::Malformed)
+        );
         assert_eq!(clock(UPLOAD_DONE | 501).failed(), None);
     }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use super::body::{client_body_error, BodyError, UploadClock};
+use super::body::{client_body_error, invalid_chunked, BodyError, UploadClock, UploadFailure};
 use super::outcome::RecordedBody;
 use crate::http::client::ClientError;
 use crate::http::{plain, CloseConnection};
@@ -39,6 +39,10 @@ pub enum ProxyError {
     BodyIdle,
     #[error("request body failed")]
     BodyFailed,
+    /// The client's chunked framing of its body was broken (a chunk-size line, the CRLF after
+    /// a chunk, the trailers).
+    #[error("invalid chunked framing in the request body")]
+    BodyMalformed,
     /// The upstream's doing: counted against it.
     #[error("upstream timed out")]
     Timeout,
@@ -67,8 +71,14 @@ impl ProxyError {
     /// `upload` knows it too where the error lost it (an h2 pool resets the stream).
     pub fn from_client(e: ClientError, upload: Option<&UploadClock>) -> ProxyError {
         match (client_body_error(&e), upload.and_then(UploadClock::failed)) {
-            (Some(BodyError::Idle), _) | (None, Some(true)) => ProxyError::BodyIdle,
-            (Some(BodyError::Client(_)), _) | (None, Some(false)) => ProxyError::BodyFailed,
+            (Some(BodyError::Idle), _) | (None, Some(UploadFailure::Idle)) => ProxyError::BodyIdle,
+            (Some(BodyError::Client(b)), _) if invalid_chunked(b.as_ref()) => {
+                ProxyError::BodyMalformed
+            }
+            (None, Some(UploadFailure::Malformed)) => ProxyError::BodyMalformed,
+            (Some(BodyError::Client(_)), _) | (None, Some(UploadFailure::Other)) => {
+                ProxyError::BodyFailed
+            }
             (None, None) => ProxyError::Upstream(e),
         }
     }
@@ -120,6 +130,13 @@ impl ProxyError {
                 "request body was not received\n",
                 None,
                 false,
+            ),
+            // The connection's framing is lost: it closes.
+            BodyMalformed => (
+                StatusCode::BAD_REQUEST,
+                "invalid chunked framing in the request body\n",
+                None,
+                true,
             ),
             Timeout => (
                 StatusCode::GATEWAY_TIMEOUT,

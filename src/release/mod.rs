@@ -1107,7 +1107,8 @@ fn end_stored(
         // Unreadable (never resumed), not running, or consistent with the state: left as it is.
         return Ok(None);
     };
-    rel.finish("aborted", reason.to_string());
+    // Nothing was flipped back (the state was), so no phase says `rolled_back`.
+    rel.end_in_place("aborted", reason.to_string());
     let mut recent: Vec<Value> = v["recent"].as_array().cloned().unwrap_or_default();
     recent.retain(|r| r["id"].as_str() != Some(rel.id.as_str()));
     let mut ended = rel.stored();
@@ -1501,6 +1502,37 @@ gate = "manual"
         assert_eq!(reasons(&app, "release_abort").len(), 1);
         assert_eq!(app.releases.to_json()["recent"][0]["state"], "aborted");
         assert!(abort(&app, "ops").await.is_err());
+    }
+
+    /// A release `serve` ends at startup (state reset or missing) had nothing flipped back: its
+    /// phases keep the states they had (the passed one `passed`, the one baking `baking`, its
+    /// bake over), none `rolled_back`; the release is `aborted`.
+    #[tokio::test(start_paused = true)]
+    async fn a_release_ended_at_startup_lists_no_phase_rolled_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(16 * 60)).await;
+        let c = current(&app);
+        assert_eq!(c["phases"][0]["state"], "passed", "{c}");
+        assert_eq!(c["phases"][1]["state"], "baking", "{c}");
+        let state = dir.path().join("state.json");
+        let stored = state.with_extension("release.json");
+        let record = crate::release_record::persisted(&app.releases);
+        std::fs::write(&stored, record.to_string()).expect("write");
+        let ended = end_stored_on_reset(&state).expect("end").expect("ended");
+        assert_eq!(Some(ended.0.as_str()), c["id"].as_str());
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(&stored).expect("read")).expect("json");
+        assert!(v["current"].is_null(), "{v}");
+        let r = Release::from_stored(&v["recent"][0])
+            .expect("readable")
+            .to_json();
+        assert_eq!(r["state"], "aborted", "{r}");
+        assert_eq!(r["phases"][0]["state"], "passed", "{r}");
+        assert_eq!(r["phases"][1]["state"], "baking", "{r}");
+        assert!(r["phases"][1]["ended_at"].is_string(), "{r}");
+        assert!(r["phases"][1]["bake_left_secs"].is_null(), "{r}");
     }
 
     #[tokio::test(start_paused = true)]

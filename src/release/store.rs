@@ -411,8 +411,9 @@ fn prune_history(app: &App) {
     });
 }
 
-/// Reads the history of ended releases from etcd into `recent`; false when etcd did not answer.
-async fn load_history(app: &App, store: &EtcdStore) -> bool {
+/// Reads the history of ended releases from etcd into `recent`; the error when etcd did not
+/// answer.
+async fn load_history(app: &App, store: &EtcdStore) -> Result<(), String> {
     match store.release_history(super::RECENT).await {
         Ok(values) => {
             let ended: Vec<Release> = values
@@ -430,39 +431,70 @@ async fn load_history(app: &App, store: &EtcdStore) -> bool {
                 );
             }
             app.releases.restore_recent(ended);
-            true
+            Ok(())
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot read the release history from etcd");
-            false
-        }
+        Err(e) => Err(e.to_string()),
     }
 }
 
+/// The longest wait between two tries of a history read etcd does not answer.
+const HISTORY_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the next try of a history read after `failures` (at least 1) in a row:
+/// `first`, doubled at each further failure, at most [`HISTORY_RETRY_MAX`] (or `first`, when
+/// longer).
+fn history_retry(first: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    first
+        .saturating_mul(1 << doublings)
+        .min(HISTORY_RETRY_MAX.max(first))
+}
+
 /// Reads the history ([`load_history`]) each time `wanted` is notified (a notification during a
-/// read makes one more read after it), retrying every `retry` until etcd answers; until
-/// shutdown.
+/// read makes one more read after it), until shutdown. A read etcd does not answer is tried
+/// again after `first`, then after twice as long each time, up to [`HISTORY_RETRY_MAX`], until
+/// it answers: an etcd outage costs a few requests, not one every poll (a notification during
+/// the wait, from a read of the key that etcd answered, tries at once). One WARN when the reads
+/// start failing, one INFO when one answers again; nothing for each try between.
 async fn history_reader(
     app: &App,
     store: &EtcdStore,
     wanted: &tokio::sync::Notify,
-    retry: Duration,
+    first: Duration,
 ) {
     loop {
         tokio::select! {
             _ = wanted.notified() => {}
             _ = app.shutdown.cancelled() => return,
         }
+        let mut failures: u32 = 0;
         loop {
             let read = tokio::select! {
-                ok = load_history(app, store) => ok,
+                r = load_history(app, store) => r,
                 _ = app.shutdown.cancelled() => return,
             };
-            if read {
-                break;
+            match read {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            tries = failures + 1,
+                            "the release history is read from etcd again"
+                        );
+                    }
+                    break;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "cannot read the release history from etcd; `recent` may miss releases until it answers (tried again with a growing wait, up to 30s)");
+                    }
+                }
             }
+            // A notification meanwhile (a read of the key saw it move: etcd answers that one)
+            // tries at once, the wait still growing.
             tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
+                _ = tokio::time::sleep(history_retry(first, failures)) => {}
+                _ = wanted.notified() => {}
                 _ = app.shutdown.cancelled() => return,
             }
         }
@@ -712,5 +744,23 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             _ = tokio::time::sleep(poll) => {}
             _ = app.shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_history_read_waits_longer_each_time_up_to_the_cap() {
+        let ms = Duration::from_millis;
+        let waits: Vec<Duration> = (1..=6).map(|n| history_retry(ms(100), n)).collect();
+        assert_eq!(
+            waits,
+            [ms(100), ms(200), ms(400), ms(800), ms(1600), ms(3200)]
+        );
+        assert_eq!(history_retry(ms(100), 10), HISTORY_RETRY_MAX);
+        assert_eq!(history_retry(ms(100), u32::MAX), HISTORY_RETRY_MAX);
+        assert_eq!(history_retry(Duration::from_secs(1), 6), HISTORY_RETRY_MAX);
     }
 }

@@ -39,6 +39,11 @@ struct Shared {
     freeze_on: Mutex<Option<Vec<u8>>>,
     /// How many connections `freeze_on` black-holed.
     frozen_by_pattern: std::sync::atomic::AtomicUsize,
+    /// A connection whose client sends these bytes is closed at once (that chunk dropped): one
+    /// kind of request fails fast while the others pass.
+    cut_on: Mutex<Option<Vec<u8>>>,
+    /// How many connections `cut_on` closed.
+    cut_by_pattern: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Relay {
@@ -57,6 +62,8 @@ impl Relay {
             conns: Mutex::new(Vec::new()),
             freeze_on: Mutex::new(None),
             frozen_by_pattern: std::sync::atomic::AtomicUsize::new(0),
+            cut_on: Mutex::new(None),
+            cut_by_pattern: std::sync::atomic::AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         let (sh, st) = (shared.clone(), stop.clone());
@@ -130,6 +137,19 @@ impl Relay {
         self.shared.frozen_by_pattern.load(Ordering::SeqCst)
     }
 
+    /// Closes every connection (open now or later) whose client sends `pattern`, at the chunk
+    /// that holds it (dropped); None: no more.
+    pub fn cut_when_sent(&self, pattern: Option<&[u8]>) {
+        if let Ok(mut p) = self.shared.cut_on.lock() {
+            *p = pattern.map(<[u8]>::to_vec);
+        }
+    }
+
+    /// How many connections [`Relay::cut_when_sent`] closed so far.
+    pub fn cut_by_pattern(&self) -> usize {
+        self.shared.cut_by_pattern.load(Ordering::SeqCst)
+    }
+
     /// Closes every connection open now.
     pub fn cut_all(&self) {
         if let Ok(mut c) = self.shared.conns.lock() {
@@ -169,11 +189,27 @@ async fn pump(
         let mut buf = vec![0u8; 16 * 1024];
         // The client's last bytes, for a pattern split across two chunks.
         let mut seen: Vec<u8> = Vec::new();
+        let mut cut_seen: Vec<u8> = Vec::new();
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            let cut = if answers {
+                None
+            } else {
+                shared.cut_on.lock().ok().and_then(|p| p.clone())
+            };
+            if let Some(p) = cut.filter(|p| !p.is_empty()) {
+                cut_seen.extend_from_slice(&buf[..n]);
+                if cut_seen.windows(p.len()).any(|w| w == p.as_slice()) {
+                    shared.cut_by_pattern.fetch_add(1, Ordering::SeqCst);
+                    conn.cut.cancel();
+                    return;
+                }
+                let keep = cut_seen.len().min(p.len());
+                cut_seen.drain(..cut_seen.len() - keep);
+            }
             let pattern = if answers {
                 None
             } else {
