@@ -97,8 +97,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The first service (in file order) whose hosts and path prefix both match.
+    /// The first service matching `host` and `path`, the path matched as the upstream will
+    /// resolve it ([`crate::http::path::normalized`]).
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Service>> {
-        self.services.iter().find(|s| s.matches(host, path))
+        let path = crate::http::path::normalized(path);
+        self.services.iter().find(|s| s.matches(host, &path))
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {

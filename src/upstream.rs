@@ -536,7 +536,10 @@ pub struct CriticalPaths {
 }
 
 impl CriticalPaths {
+    /// `path` as received: matched as the upstream resolves it
+    /// ([`crate::http::path::normalized`]), so `/api/./payments` is `/api/payments`.
     pub fn matches(&self, path: &str) -> bool {
+        let path = crate::http::path::normalized(path);
         self.paths.iter().any(|p| path.starts_with(p.as_str()))
     }
 }

@@ -1593,3 +1593,57 @@ async fn request_timeout_counts_from_the_end_of_the_upload() {
     );
     p.stop().await;
 }
+
+/// `path_prefix` matches the path as the upstream resolves it (percent-decoded, dot segments
+/// and repeated slashes resolved, as nginx's `location`), not the raw target: `/x/../admin`
+/// is not let past an `/admin` service to the catch-all, nor `/admin/../x` into it. The target
+/// goes upstream as the client sent it.
+#[tokio::test]
+async fn a_path_prefix_matches_the_path_the_upstream_will_serve() {
+    let adm = TestUpstream::start("adm").await;
+    let web = TestUpstream::start("web").await;
+    let dead = dead_addr().await;
+    let body = format!(
+        "{}{}",
+        service("adm", &[adm.addr], &[dead], "path_prefix = \"/echo/admin\""),
+        service("web", &[web.addr], &[dead], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let mut problems = Vec::new();
+    for (target, want) in [
+        ("/echo/admin/p", "adm"),
+        ("/echo/adminx", "adm"),
+        ("/echo/x", "web"),
+        ("/echo/x/../admin/p", "adm"),
+        ("/echo/./admin/p", "adm"),
+        ("/echo//admin/p", "adm"),
+        ("/echo/%61dmin/p", "adm"),
+        ("/echo/x/%2e%2e/admin/p", "adm"),
+        ("/echo/admin/../x", "web"),
+        ("/echo/admin/%2E%2E/x?q=/echo/admin", "web"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(p.proxy)
+            .await
+            .expect("connect");
+        let req = format!("GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out);
+        let json = text
+            .split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str::<Value>(b).ok());
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        match json {
+            Some(v) if v["upstream"] == want && v["path"] == path && v["query"] == query => {}
+            _ => problems.push(format!("{target}: want {want}, got {text:?}")),
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -350,8 +350,9 @@ async fn one_5xx_on_a_critical_path_rolls_back_at_once() {
     assert_eq!(r.svc().await["active"], "green");
     assert!(r.events("auto_rollback").await.is_empty());
 
-    // One failing payment.
-    assert_eq!(r.p.get("/api/payments/charge").await.0, 500);
+    // One failing payment, by a path that only names /api/payments once resolved (as the
+    // upstream resolves it).
+    assert_eq!(r.p.get("/api/./payments/charge").await.0, 500);
     r.green.set_status(200);
     // for = 0s fires at the next evaluation (500 ms); 10 s is far below the 30 s window a
     // trigger that waited for it (or for more failures) would take.

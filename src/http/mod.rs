@@ -7,6 +7,8 @@
 //! - [`fields`]: a response's header fields as the upstream wrote them, relayed without a map;
 //! - [`interim`]: 1xx responses on their way from the upstream client to the HTTP/1 server;
 //! - [`io`]: the adaptive reader, the vectored writer, a stream with bytes read ahead in front;
+//! - [`path`]: the path a target means (decoded, dot segments and repeated slashes resolved),
+//!   for matching routes and critical paths;
 //! - [`body`]: the idle timer bodies use between frames;
 //! - [`server`]: the client side of HTTP/1.1, calling a [`server::Handler`] per request inline;
 //! - [`h2_server`]: the client side of HTTP/2, the `h2` crate driven directly, each stream
@@ -24,6 +26,7 @@ pub mod h2_server;
 pub mod headers;
 pub mod interim;
 pub mod io;
+pub mod path;
 pub mod server;
 
 use bytes::Bytes;
