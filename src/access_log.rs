@@ -110,14 +110,42 @@ enum Msg {
     Flush(std::sync::mpsc::Sender<()>),
 }
 
-/// The access log's handle: the queue's sending end and the request id generator.
+/// The access log's handle: the queue's sending end.
 pub struct AccessLog {
     tx: SyncSender<Msg>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
     format: AccessFormat,
+}
+
+/// `X-Request-Id` values: a random per-process prefix and a counter, in hex.
+pub struct RequestIds {
     prefix: u32,
     next_id: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds {
+            prefix: fastrand::u32(..),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    /// The client's `X-Request-Id` when it is usable, or a fresh one.
+    pub fn id(&self, client: Option<&HeaderValue>) -> HeaderValue {
+        if let Some(v) = client.filter(|v| usable_id(v.as_bytes())) {
+            return v.clone();
+        }
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 21];
+        hex(&mut buf[..8], self.prefix as u64);
+        buf[8] = b'-';
+        hex(&mut buf[9..], n);
+        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
 }
 
 impl AccessLog {
@@ -148,8 +176,6 @@ impl AccessLog {
             reopen,
             dropped,
             format: cfg.access_format,
-            prefix: fastrand::u32(..),
-            next_id: AtomicU64::new(1),
         })))
     }
 
@@ -165,19 +191,6 @@ impl AccessLog {
         if self.tx.send(Msg::Flush(tx)).is_ok() {
             let _ = rx.recv_timeout(timeout);
         }
-    }
-
-    /// The client's `X-Request-Id` when it is usable, or a fresh one.
-    pub fn request_id(&self, client: Option<&HeaderValue>) -> HeaderValue {
-        if let Some(v) = client.filter(|v| usable_id(v.as_bytes())) {
-            return v.clone();
-        }
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 21];
-        hex(&mut buf[..8], self.prefix as u64);
-        buf[8] = b'-';
-        hex(&mut buf[9..], n);
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 
     /// The entry for a request that has just arrived.

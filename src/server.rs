@@ -151,6 +151,7 @@ pub async fn start_with(
         app.set_admin_tls_reloader(t.clone());
     }
     let log_cfg = app.snapshot().config.log.clone();
+    let request_id = log_cfg.request_id;
     let registry = app.metrics.registry.clone();
     let access = tokio::task::spawn_blocking(move || {
         crate::access_log::AccessLog::start(&log_cfg, &registry)
@@ -166,6 +167,7 @@ pub async fn start_with(
         app.clock,
         app.shutdown.clone(),
         app.access_log.get().cloned(),
+        request_id,
     ));
     // An old process that stopped waiting for this one (`proxy.upgrade_timeout`: a slow start,
     // e.g. names to resolve or a large config) keeps serving on its sockets: this one must not

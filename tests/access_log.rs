@@ -152,16 +152,63 @@ async fn json_lines_with_every_field_and_request_ids() {
     p.stop().await;
 }
 
+/// The contract's `X-Request-Id` without the access log: kept from the client or generated,
+/// sent upstream and returned, on upstream answers, the proxy's own (404) and a head the
+/// server refuses; `[log] request_id = false` leaves the header alone.
 #[tokio::test]
-async fn off_means_no_request_id() {
+async fn request_ids_without_the_access_log() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
-    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
-    let (s, id, _) = get_with(p.proxy, "/", &[]).await;
+    let svc = service("api", &[blue.addr], &[green.addr], "path_prefix = \"/api\"");
+    let p = TestProxy::start(&svc).await;
+    let (s, id, _) = get_with(p.proxy, "/api/x", &[]).await;
+    assert_eq!(s, 200);
+    assert!(id.len() == 21 && id.as_bytes()[8] == b'-', "{id:?}");
+    assert_eq!(upstream_header(&blue, "x-request-id"), Some(id.clone()));
+    let (_, id2, _) = get_with(p.proxy, "/api/x", &[]).await;
+    assert_ne!(id, id2);
+    // A client's usable id is kept, both ways; an unusable one is replaced.
+    let (_, kept, _) = get_with(p.proxy, "/api/x", &[("x-request-id", "mine")]).await;
+    assert_eq!(kept, "mine");
+    assert_eq!(
+        upstream_header(&blue, "x-request-id").as_deref(),
+        Some("mine")
+    );
+    let (_, replaced, _) = get_with(p.proxy, "/api/x", &[("x-request-id", "a\"b")]).await;
+    assert!(replaced.len() == 21, "{replaced:?}");
+    assert_eq!(upstream_header(&blue, "x-request-id"), Some(replaced));
+    // The proxy's own answers carry one too.
+    let (s, id404, _) = get_with(p.proxy, "/nowhere", &[("x-request-id", "lost")]).await;
+    assert_eq!((s, id404.as_str()), (404, "lost"));
+    let mut c = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut c,
+        b"GET /api/x HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Request-Id: refused-1\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut c, &mut out),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(
+        text.starts_with("http/1.1 400") && text.contains("\r\nx-request-id: refused-1\r\n"),
+        "{text}"
+    );
+    p.stop().await;
+
+    let off = format!("[log]\nrequest_id = false\n{svc}");
+    let p = TestProxy::start(&off).await;
+    let (s, id, _) = get_with(p.proxy, "/api/x", &[]).await;
     assert_eq!((s, id.as_str()), (200, ""));
     assert_eq!(upstream_header(&blue, "x-request-id"), None);
     // A client's own header still passes as any header does.
-    let (_, _, _) = get_with(p.proxy, "/", &[("x-request-id", "mine")]).await;
+    let (_, _, _) = get_with(p.proxy, "/api/x", &[("x-request-id", "mine")]).await;
     assert_eq!(
         upstream_header(&blue, "x-request-id").as_deref(),
         Some("mine")

@@ -107,6 +107,7 @@ pub struct RawLog {
     pub access: Option<String>,
     pub access_format: Option<String>,
     pub access_buffer: Option<i64>,
+    pub request_id: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

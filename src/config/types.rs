@@ -161,6 +161,9 @@ pub struct LogConfig {
     pub access_format: AccessFormat,
     /// Lines queued for the writer thread; past it lines are dropped and counted.
     pub access_buffer: usize,
+    /// `X-Request-Id` kept or generated, sent upstream and returned (the access log's lines
+    /// carry it whatever this says).
+    pub request_id: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -58,7 +58,7 @@ use http_body_util::Either;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::access_log::{AccessLog, Logged, Routed, Target, X_REQUEST_ID};
+use crate::access_log::{AccessLog, Logged, RequestIds, Routed, Target, X_REQUEST_ID};
 use crate::config::{Color, Protocol};
 use crate::http::client::{PooledBody, Timeouts};
 use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
@@ -156,6 +156,9 @@ pub struct Proxy {
     clock: Clock,
     shutdown: Arc<Shutdown>,
     access_log: Option<Arc<AccessLog>>,
+    ids: RequestIds,
+    /// `[log] request_id`: `X-Request-Id` handled without the access log too.
+    request_id: bool,
     tunnels: Tunnels,
 }
 
@@ -166,6 +169,7 @@ impl Proxy {
         clock: Clock,
         shutdown: Arc<Shutdown>,
         access_log: Option<Arc<AccessLog>>,
+        request_id: bool,
     ) -> Proxy {
         Proxy {
             routes,
@@ -173,6 +177,8 @@ impl Proxy {
             clock,
             shutdown,
             access_log,
+            ids: RequestIds::default(),
+            request_id,
             tunnels: Tunnels::default(),
         }
     }
@@ -293,8 +299,17 @@ impl Handler for ProxyConn {
     /// its line, its request id (the client's when usable) and, in combined, the Referer and
     /// User-Agent it carried, like every other answered request.
     fn refusal(&self, refused: &Refused) -> Option<Response<ServedBody>> {
-        let log = self.proxy.access_log.as_ref()?;
-        let id = log.request_id(refused.field(&X_REQUEST_ID).as_ref());
+        let Some(log) = self.proxy.access_log.as_ref() else {
+            // Without the log, the answer still carries its request id.
+            if !self.proxy.request_id {
+                return None;
+            }
+            let id = self.proxy.ids.id(refused.field(&X_REQUEST_ID).as_ref());
+            let mut resp = error::text(refused.status, refused.why);
+            resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            return Some(resp.map(Logged::off));
+        };
+        let id = self.proxy.ids.id(refused.field(&X_REQUEST_ID).as_ref());
         let entry = log.refused_entry(
             self.info.remote.ip(),
             refused.line.clone(),
@@ -317,15 +332,57 @@ impl Handler for ProxyConn {
 /// layer fewer to move the request into and the response out of.
 pub fn handle<'a>(
     proxy: &'a Proxy,
-    req: Request<ClientBody>,
+    mut req: Request<ClientBody>,
     conn: &'a Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
 ) -> impl Future<Output = Response<ServedBody>> + Send + 'a {
+    use futures_util::future::Either as E;
     match &proxy.access_log {
-        None => futures_util::future::Either::Left(route_and_forward(
+        None if proxy.request_id => {
+            let id = with_request_id(proxy, &mut req);
+            E::Left(E::Right(WithRequestId {
+                answer: route_and_forward(proxy, req, conn, on_upgrade, None),
+                id: Some(id),
+            }))
+        }
+        None => E::Left(E::Left(route_and_forward(
             proxy, req, conn, on_upgrade, None,
-        )),
-        Some(log) => futures_util::future::Either::Right(logged(proxy, log, req, conn, on_upgrade)),
+        ))),
+        Some(log) => E::Right(logged(proxy, log, req, conn, on_upgrade)),
+    }
+}
+
+/// The request's `X-Request-Id` (the client's when usable, else a new one), set as its one
+/// value upstream: `insert` replaces every value the client sent.
+fn with_request_id(proxy: &Proxy, req: &mut Request<ClientBody>) -> HeaderValue {
+    let id = proxy.ids.id(req.headers().get(&X_REQUEST_ID));
+    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+pin_project_lite::pin_project! {
+    /// The answer with the request's `X-Request-Id` on it: a struct built in place around the
+    /// request's future, not an `async fn` that would move that future once more.
+    struct WithRequestId<F> {
+        #[pin]
+        answer: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F: Future<Output = Response<ServedBody>>> Future for WithRequestId<F> {
+    type Output = Response<ServedBody>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.answer.poll(cx));
+        if let Some(id) = this.id.take() {
+            resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        std::task::Poll::Ready(resp)
     }
 }
 
@@ -338,9 +395,7 @@ async fn logged(
     on_upgrade: Option<OnUpgrade>,
 ) -> Response<ServedBody> {
     let start = Instant::now();
-    let id = log.request_id(req.headers().get(&X_REQUEST_ID));
-    // One value upstream: `insert` replaces every value the client sent.
-    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    let id = with_request_id(proxy, &mut req);
     let mut entry = log.entry(
         start,
         conn.remote.ip(),

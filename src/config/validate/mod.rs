@@ -445,6 +445,7 @@ fn log(c: &mut Check, l: &RawLog) -> LogConfig {
         access_format,
         access_buffer: c.count("log.access_buffer", l.access_buffer, 16_384, 1, 10_000_000)
             as usize,
+        request_id: l.request_id.unwrap_or(true),
     }
 }
 
