@@ -773,6 +773,95 @@ async fn a_cut_body_reaches_an_h2_client_as_an_error() {
     p.stop().await;
 }
 
+/// An HTTP/1.0 GET over plain TCP: the bytes that arrived, and how the connection ended
+/// (`Ok` on a clean FIN, else the read's error).
+async fn http10_get(proxy: SocketAddr, path: &str) -> (String, std::io::Result<()>) {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: api\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the proxy ended the response within 5 s");
+    (String::from_utf8_lossy(&got).into_owned(), end)
+}
+
+/// RFC 9112 8: a response to an HTTP/1.0 client has no chunked framing, so a body of unknown
+/// length is close-delimited, and only the way the connection ends can tell a cut one from a
+/// whole one. A cut (the upstream closes a chunked body before its last chunk, or resets a
+/// close-delimited one) ends in a reset, never a clean FIN; a whole body still ends in a FIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_close_delimited_body_reaches_an_http10_client_as_a_reset() {
+    let up = raw_upstream(|head| {
+        let raw = |b: &[u8]| b.to_vec();
+        if head.contains("/cut_chunk") {
+            Raw::Close(raw(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            ))
+        } else if head.contains("/reset") {
+            Raw::Reset(raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello"))
+        } else if head.contains("/cut_length") {
+            Raw::Close(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"))
+        } else if head.contains("/whole_chunked") {
+            Raw::Close(raw(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ))
+        } else {
+            // Close-delimited and whole: the upstream's FIN ends it.
+            Raw::Close(raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello"))
+        }
+    })
+    .await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[up], &[green.addr], "")).await;
+
+    for path in ["/r/cut_chunk", "/r/reset"] {
+        let (got, end) = http10_get(p.proxy, path).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{path}: {got}");
+        let lower = got.to_ascii_lowercase();
+        assert!(
+            !lower.contains("content-length") && !lower.contains("transfer-encoding"),
+            "{path}: not close-delimited: {got}"
+        );
+        // What arrived before the cut is passed on; then the reset.
+        assert!(got.ends_with("\r\n\r\nhello"), "{path}: {got}");
+        match end {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{path}"),
+            Ok(()) => panic!("{path}: a cut close-delimited body ended with a clean FIN"),
+        }
+    }
+
+    // A cut Content-Length body: short of its length when the connection ends (a FIN or a
+    // reset), never padded.
+    let (got, _) = http10_get(p.proxy, "/r/cut_length").await;
+    assert!(
+        got.to_ascii_lowercase().contains("content-length: 100\r\n"),
+        "{got}"
+    );
+    assert!(got.ends_with("\r\n\r\nhello"), "{got}");
+
+    // Whole close-delimited bodies end cleanly.
+    for path in ["/r/whole_chunked", "/r/whole_close"] {
+        let (got, end) = http10_get(p.proxy, path).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{path}: {got}");
+        assert!(got.ends_with("\r\n\r\nhello"), "{path}: {got}");
+        assert!(end.is_ok(), "{path}: a whole body ended with {end:?}");
+    }
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_body_on_a_critical_path_rolls_back() {
     let blue = TestUpstream::start("blue").await;

@@ -49,6 +49,7 @@ use super::codec::{
 use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
 use super::interim;
+use super::io::ClientWrite;
 use super::{plain, CloseConnection};
 
 /// What the server runs for each request, inline in the connection's task: the handler's
@@ -104,7 +105,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+pub type BoxWrite = Box<dyn ClientWrite>;
 
 /// Header slots on the stack; a request with more (up to `max_headers`) is parsed again with
 /// slots on the heap.
@@ -949,6 +950,9 @@ struct Writer {
     /// The response was cut (the upstream failed mid-body): the connection ends at once,
     /// without lingering, so the client sees the cut now.
     cut: bool,
+    /// The cut body was close-delimited: the connection ends with a reset, the one way left to
+    /// tell the client that the body is not whole (RFC 9112 8).
+    reset: bool,
 }
 
 impl Writer {
@@ -1037,9 +1041,19 @@ fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
 struct ResponseFraming {
     /// No body follows the head (HEAD, 1xx, 204, 304).
     bodiless: bool,
-    chunked: bool,
+    delimit: Delimit,
     /// The connection stays open after it.
     keep_alive: bool,
+}
+
+/// How the client learns where a response body ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delimit {
+    /// `Content-Length` (or no body at all).
+    Length,
+    Chunked,
+    /// The connection's end (HTTP/1.0, size unknown): a cut shows only as a reset.
+    Close,
 }
 
 /// The status line and header section of a response, and how its body is framed: by its exact
@@ -1059,9 +1073,14 @@ fn response_head<B: Body + BodyFields>(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let hint = body.size_hint().exact();
-    let chunked = !bodiless && hint.is_none() && !http10;
-    if !bodiless && hint.is_none() && http10 {
+    let delimit = match (bodiless, hint, http10) {
+        (false, None, false) => Delimit::Chunked,
         // HTTP/1.0 has no chunked framing: the body ends with the connection.
+        (false, None, true) => Delimit::Close,
+        _ => Delimit::Length,
+    };
+    let chunked = delimit == Delimit::Chunked;
+    if delimit == Delimit::Close {
         keep_alive = false;
     }
 
@@ -1135,7 +1154,7 @@ fn response_head<B: Body + BodyFields>(
         head.freeze(),
         ResponseFraming {
             bodiless,
-            chunked,
+            delimit,
             keep_alive,
         },
     )
@@ -1159,6 +1178,7 @@ pub async fn serve<H: Handler>(
             queued: 0,
             closed: false,
             cut: false,
+            reset: false,
         },
         timer: None,
         first_deadline: Some(first_deadline),
@@ -1210,6 +1230,11 @@ impl<H: Handler> Conn<H> {
             };
         }
         self.writer.close().await;
+        if self.writer.reset {
+            // SO_LINGER 0 and close where the transport is TCP; over TLS a close without
+            // close_notify already tells.
+            std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink())).reset();
+        }
     }
 
     async fn refuse(&mut self, r: Reader, refused: Refused) {
@@ -1513,7 +1538,7 @@ impl<H: Handler> Conn<H> {
             return Ok(framing.keep_alive);
         }
         let mut body = body;
-        let complete = self.write_body(&mut body, framing.chunked, watch).await?;
+        let complete = self.write_body(&mut body, framing.delimit, watch).await?;
         Ok(complete && framing.keep_alive)
     }
 
@@ -1522,13 +1547,14 @@ impl<H: Handler> Conn<H> {
     async fn write_body<B>(
         &mut self,
         body: &mut B,
-        chunked: bool,
+        delimit: Delimit,
         mut watch: Option<&mut Reader>,
     ) -> io::Result<bool>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
+        let chunked = delimit == Delimit::Chunked;
         loop {
             let frame = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
@@ -1574,9 +1600,11 @@ impl<H: Handler> Conn<H> {
                     tracing::debug!(error = %e, "upstream body failed; aborting the response");
                     let _ = self.writer.write_out().await;
                     // No close_notify: over TLS the client then sees an unclean end, so a
-                    // close-delimited body cut here is not taken for a whole one.
+                    // close-delimited body cut here is not taken for a whole one. Over TCP a
+                    // FIN would end it as cleanly as a whole one: the connection is reset.
                     self.writer.closed = true;
                     self.writer.cut = true;
+                    self.writer.reset = delimit == Delimit::Close;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => match frame.into_data() {
