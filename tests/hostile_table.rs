@@ -257,6 +257,8 @@ const TABLE: &[Row] = &[
     // Content-Length past 2^63 - 1 (a signed 64-bit parser reads it as negative).
     refused("Content-Length 2^63", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\n\r\n"),
     refused("Content-Length 2^64 - 1", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n"),
+    // 1*DIGIT (RFC 9110 8.6): leading zeros, however many, are the same length.
+    passed("Content-Length with 21 digits, all but one leading zeros", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 000000000000000000005\r\n\r\nhello", &["post / http/1.1", "content-length: 5"], &["content-length: 0"]),
     // Host (RFC 9110 7.2, RFC 9112 3.2).
     refused("missing Host", b"GET / HTTP/1.1\r\n\r\n"),
     refused("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
