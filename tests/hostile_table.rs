@@ -581,7 +581,8 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
 /// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an
-/// absolute-form target), a `:path` that is neither origin form nor `*` (400). (No `:authority` and no Host, which the
+/// absolute-form target), a `:path` that is neither origin form nor `*` (400), a `:path` with a
+/// byte an HTTP/1 target may not hold (400). (No `:authority` and no Host, which the
 /// h2 client cannot send: `validate::tests`.)
 #[tokio::test]
 async fn h2_fields_are_held_to_what_an_http1_head_is() {
@@ -630,6 +631,29 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
             400,
         ),
         (
+            // The bytes an HTTP/1 target is refused for (commit b7175d7: an upstream that
+            // turns `\` into `/` would see another path than the one routed).
+            "a :path with a backslash",
+            http::Request::get("http://a.example/echo/a\\..\\b")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            "a :path with double quotes",
+            http::Request::get("http://a.example/echo/\"x\"")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            "a :path with raw UTF-8",
+            http::Request::get("http://a.example/echo/caf\u{e9}")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
             "a value with a trailing tab",
             http::Request::get("http://a.example/trail")
                 .header("x-trail", "b\t")
@@ -655,6 +679,14 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
     let status = h2_status(&mut c, ten.body(()).expect("req"), true).await;
     if status != 200 || up.take().is_empty() {
         problems.push(format!("ten clean fields: {status}"));
+    }
+    // A `\` in the query passes, as over HTTP/1.
+    let req = http::Request::get("http://a.example/q?x=a\\b")
+        .body(())
+        .expect("req");
+    let status = h2_status(&mut c, req, true).await;
+    if status != 200 || up.take().is_empty() {
+        problems.push(format!("a backslash in the query: {status}"));
     }
 
     p.stop().await;
