@@ -303,6 +303,11 @@ const TABLE: &[Row] = &[
     passed("Expect: 100-continue in HTTP/1.0 is dropped", b"POST / HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", &["post / http/1.1", "content-length: 5"], &["expect"]),
     // Forwarding headers: the client's values are kept and the proxy's go last.
     passed("client Forwarded is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=192.0.2.1\r\n\r\n", &["forwarded: for=192.0.2.1, for=127.0.0.1;host=\"a\";proto=http"], &[]),
+    // A client's Forwarded that is not RFC 7239's grammar is dropped: its open quoted-string
+    // would take the proxy's element in. Empty list elements are not written (RFC 9110 5.6.1).
+    passed("client Forwarded with an unterminated quoted-string is dropped", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=\"1.2.3.4\r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http"], &["1.2.3.4"]),
+    passed("client Forwarded ending in a backslash is dropped", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=1.2.3.4;proto=https;by=\"\\\r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http"], &["1.2.3.4"]),
+    passed("empty client Forwarded and X-Forwarded-For", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded:\r\nX-Forwarded-For: , \r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http", "x-forwarded-for: 127.0.0.1"], &[]),
     passed("client X-Forwarded-For is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n", &["x-forwarded-for: 192.0.2.1, 127.0.0.1"], &[]),
     passed("client X-Forwarded-Host/-Proto are replaced", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n\r\n", &["x-forwarded-host: a", "x-forwarded-proto: http"], &["evil", "https"]),
 ];
