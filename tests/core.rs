@@ -329,6 +329,59 @@ async fn request_reaches_live_color_intact_with_streamed_body() {
     p.stop().await;
 }
 
+/// A client's `Forwarded` reaches the upstream only when it is RFC 7239's grammar: one that is
+/// not (an unterminated quoted-string, a quoted-pair cut short) would take the proxy's element
+/// into its own quoted-string, so the proxy's element goes alone. Empty list elements of
+/// `Forwarded` and `X-Forwarded-For` are not written. Toward an HTTP/1.1 upstream (the head
+/// written directly) and an h2 one (the header map) alike.
+#[tokio::test]
+async fn a_malformed_or_empty_forwarding_field_never_takes_the_proxys_element() {
+    let up = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let h1 = TestProxy::start(&service("api", &[up.addr], &[green], "")).await;
+    let h2 = TestProxy::start(&format!(
+        "\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\n",
+        up.addr
+    ))
+    .await;
+    let own = "for=127.0.0.1;host=\"a\";proto=http";
+    let kept = format!("for=192.0.2.1;proto=https, for=\"[2001:db8::1]\";host=\"x,\\\"y\", {own}");
+    let cases: [(&str, &str, &str); 6] = [
+        ("Forwarded: for=\"1.2.3.4\r\n", own, "127.0.0.1"),
+        ("Forwarded: for=1.2.3.4;proto=https;by=\"\\\r\n", own, "127.0.0.1"),
+        // One malformed line drops the others too.
+        ("Forwarded: for=192.0.2.1\r\nForwarded: for=\"x\r\n", own, "127.0.0.1"),
+        ("Forwarded:\r\nX-Forwarded-For:\r\n", own, "127.0.0.1"),
+        ("Forwarded: , ,\r\nX-Forwarded-For: ,\t,\r\n", own, "127.0.0.1"),
+        (
+            "Forwarded: for=192.0.2.1;proto=https,, for=\"[2001:db8::1]\";host=\"x,\\\"y\"\r\nX-Forwarded-For: 192.0.2.1,,192.0.2.2\r\n",
+            &kept,
+            "192.0.2.1, 192.0.2.2, 127.0.0.1",
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (upstream, p) in [("http/1.1", &h1), ("h2", &h2)] {
+        for (fields, forwarded, xff) in &cases {
+            let req = format!("GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{fields}\r\n");
+            let (status, _, body) = raw_exchange(p.proxy, req.as_bytes()).await;
+            let v: Value = match serde_json::from_slice(&body) {
+                Ok(v) if status == 200 => v,
+                _ => {
+                    problems.push(format!("{upstream} {fields:?}: {status}"));
+                    continue;
+                }
+            };
+            let got = (echoed(&v, "forwarded"), echoed(&v, "x-forwarded-for"));
+            if got != (Some(forwarded.to_string()), Some(xff.to_string())) {
+                problems.push(format!("{upstream} {fields:?}: got {got:?}"));
+            }
+        }
+    }
+    h1.stop().await;
+    h2.stop().await;
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_removed_both_ways_including_two_connection_lines() {
     let blue = TestUpstream::start("blue").await;

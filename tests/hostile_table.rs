@@ -257,6 +257,8 @@ const TABLE: &[Row] = &[
     // Content-Length past 2^63 - 1 (a signed 64-bit parser reads it as negative).
     refused("Content-Length 2^63", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\n\r\n"),
     refused("Content-Length 2^64 - 1", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n"),
+    // 1*DIGIT (RFC 9110 8.6): leading zeros, however many, are the same length.
+    passed("Content-Length with 21 digits, all but one leading zeros", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 000000000000000000005\r\n\r\nhello", &["post / http/1.1", "content-length: 5"], &["content-length: 0"]),
     // Host (RFC 9110 7.2, RFC 9112 3.2).
     refused("missing Host", b"GET / HTTP/1.1\r\n\r\n"),
     refused("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
@@ -301,6 +303,11 @@ const TABLE: &[Row] = &[
     passed("Expect: 100-continue in HTTP/1.0 is dropped", b"POST / HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", &["post / http/1.1", "content-length: 5"], &["expect"]),
     // Forwarding headers: the client's values are kept and the proxy's go last.
     passed("client Forwarded is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=192.0.2.1\r\n\r\n", &["forwarded: for=192.0.2.1, for=127.0.0.1;host=\"a\";proto=http"], &[]),
+    // A client's Forwarded that is not RFC 7239's grammar is dropped: its open quoted-string
+    // would take the proxy's element in. Empty list elements are not written (RFC 9110 5.6.1).
+    passed("client Forwarded with an unterminated quoted-string is dropped", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=\"1.2.3.4\r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http"], &["1.2.3.4"]),
+    passed("client Forwarded ending in a backslash is dropped", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=1.2.3.4;proto=https;by=\"\\\r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http"], &["1.2.3.4"]),
+    passed("empty client Forwarded and X-Forwarded-For", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded:\r\nX-Forwarded-For: , \r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http", "x-forwarded-for: 127.0.0.1"], &[]),
     passed("client X-Forwarded-For is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n", &["x-forwarded-for: 192.0.2.1, 127.0.0.1"], &[]),
     passed("client X-Forwarded-Host/-Proto are replaced", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n\r\n", &["x-forwarded-host: a", "x-forwarded-proto: http"], &["evil", "https"]),
 ];
@@ -579,7 +586,8 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
 /// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an
-/// absolute-form target), a `:path` that is neither origin form nor `*` (400). (No `:authority` and no Host, which the
+/// absolute-form target), a `:path` that is neither origin form nor `*` (400), a `:path` with a
+/// byte an HTTP/1 target may not hold (400). (No `:authority` and no Host, which the
 /// h2 client cannot send: `validate::tests`.)
 #[tokio::test]
 async fn h2_fields_are_held_to_what_an_http1_head_is() {
@@ -628,6 +636,29 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
             400,
         ),
         (
+            // The bytes an HTTP/1 target is refused for (commit b7175d7: an upstream that
+            // turns `\` into `/` would see another path than the one routed).
+            "a :path with a backslash",
+            http::Request::get("http://a.example/echo/a\\..\\b")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            "a :path with double quotes",
+            http::Request::get("http://a.example/echo/\"x\"")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
+            "a :path with raw UTF-8",
+            http::Request::get("http://a.example/echo/caf\u{e9}")
+                .body(())
+                .expect("req"),
+            400,
+        ),
+        (
             "a value with a trailing tab",
             http::Request::get("http://a.example/trail")
                 .header("x-trail", "b\t")
@@ -653,6 +684,14 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
     let status = h2_status(&mut c, ten.body(()).expect("req"), true).await;
     if status != 200 || up.take().is_empty() {
         problems.push(format!("ten clean fields: {status}"));
+    }
+    // A `\` in the query passes, as over HTTP/1.
+    let req = http::Request::get("http://a.example/q?x=a\\b")
+        .body(())
+        .expect("req");
+    let status = h2_status(&mut c, req, true).await;
+    if status != 200 || up.take().is_empty() {
+        problems.push(format!("a backslash in the query: {status}"));
     }
 
     p.stop().await;

@@ -17,7 +17,14 @@ const MAX_TRAILER_FIELDS: usize = 128;
 
 pub fn parse_length(v: &[u8]) -> Result<u64, &'static str> {
     let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return Err("invalid Content-Length");
+    }
+    // 1*DIGIT (RFC 9110 8.6): leading zeros count for nothing; past 19 digits what is left would
+    // overflow the sum below (and is past 2^63 - 1 anyway).
+    let start = v.iter().position(|&d| d != b'0').unwrap_or(v.len());
+    let v = &v[start..];
+    if v.len() > 19 {
         return Err("invalid Content-Length");
     }
     let n = v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
@@ -431,6 +438,43 @@ fn word(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `1*DIGIT`: any number of leading zeros is the same length; too large, empty or not
+    /// digits is refused.
+    #[test]
+    fn lengths_take_leading_zeros_of_any_count() {
+        for (v, n) in [
+            (&b"5"[..], 5),
+            (b"0", 0),
+            (b"000", 0),
+            (b" 000000000000000000005 ", 5),
+            (
+                b"0000000000000000000000000000009223372036854775807",
+                i64::MAX as u64,
+            ),
+        ] {
+            assert_eq!(parse_length(v), Ok(n), "{:?}", String::from_utf8_lossy(v));
+        }
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"-5",
+            b"+5",
+            b"5a",
+            b"0x5",
+            b"9223372036854775808",
+            b"00000000009223372036854775808",
+            b"18446744073709551616",
+            b"99999999999999999999",
+            b"000000000099999999999999999999",
+        ] {
+            assert!(
+                parse_length(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     /// A trailer section with a lone LF is refused at once, not left waiting for CRLF CRLF.
     #[test]

@@ -609,8 +609,9 @@ const TARGET_BYTES: [bool; 256] = {
 /// Whether every byte of an HTTP/1 request target is one [`TARGET_BYTES`] allows: no raw
 /// byte over 0x7F (RFC 9112 3: an invalid request line; clients percent-encode them), space,
 /// control or DEL; and no `\` before the query (browsers turn it into `/` in an http(s) path,
-/// and an upstream that does the same would see another path than the one routed).
-fn target_bytes_valid(t: &[u8]) -> bool {
+/// and an upstream that does the same would see another path than the one routed). An HTTP/2
+/// `:path` is held to the same (it goes on as an HTTP/1.1 request target).
+pub fn target_bytes_valid(t: &[u8]) -> bool {
     let path_end = memchr::memchr(b'?', t).unwrap_or(t.len());
     t.iter().all(|&b| TARGET_BYTES[usize::from(b)])
         && memchr::memchr(b'\\', &t[..path_end]).is_none()

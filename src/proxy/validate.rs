@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http::codec::parse_length;
 use crate::http::headers::edge_whitespace;
+use crate::http::server::target_bytes_valid;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
 
@@ -117,6 +118,13 @@ pub fn target<B>(req: &mut Request<B>) -> Result<(), &'static str> {
             if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
                 return Err("unsupported scheme in the request target\n");
             }
+        }
+        // `:path` goes on as an HTTP/1.1 request target: the bytes an HTTP/1 one is refused
+        // for (raw bytes over 0x7F, `"`, `<`, `>`, controls, a `\` before the query), which
+        // the URI type takes, are refused here too.
+        let pq = req.uri().path_and_query().map_or("", PathAndQuery::as_str);
+        if !target_bytes_valid(pq.as_bytes()) {
+            return Err("invalid request target\n");
         }
     }
     let uri = req.uri();
@@ -381,6 +389,17 @@ mod tests {
         let h2 = Version::HTTP_2;
         assert!(target(&mut req(Method::GET, "https://a/x", h2)).is_ok());
         assert!(target(&mut req(Method::GET, "ftp://a/x", h2)).is_err());
+        // An h2 `:path` is held to an HTTP/1 target's bytes; a `\` in its query passes.
+        for bad in [
+            "https://a/a\\..\\b",
+            "https://a/\"x\"",
+            "https://a/caf\u{e9}",
+        ] {
+            assert!(target(&mut req(Method::GET, bad, h2)).is_err(), "{bad}");
+        }
+        for ok in ["https://a/?q=a\\b", "https://a/s?f[x]={y}|z^w&p=100%"] {
+            assert!(target(&mut req(Method::GET, ok, h2)).is_ok(), "{ok}");
+        }
         // An h2 `:path` of `?x` (the URI's `path()` reads it as "/").
         let mut r = req(Method::GET, "https://a/", h2);
         let mut parts = r.uri().clone().into_parts();
