@@ -225,6 +225,8 @@ fn check_takes_number_and_boolean_looking_overrides_of_string_keys() {
         .env("SWITCHYARD__STATE__ETCD_PREFIX", "true")
         .env("SWITCHYARD__ADMIN__TOKEN_ENV", "1")
         .env("SWITCHYARD__PROXY__WORKERS", "4")
+        // An empty list key is an empty list.
+        .env("SWITCHYARD__NOTIFY__WEBHOOKS", "")
         .stdin(Stdio::null())
         .output()
         .expect("run switchyard");

@@ -552,6 +552,73 @@ fn environment_overrides_are_typed_by_their_key_not_by_their_value() {
     }
 }
 
+/// A list key's variable: comma-separated, each item trimmed, empty items left out, so an empty
+/// variable is an empty list (it was one empty item: `notify.webhooks[0]: invalid URL ""`).
+#[test]
+fn list_overrides_trim_their_items_and_an_empty_one_is_an_empty_list() {
+    let file = format!(
+        "[notify]\nwebhooks = [\"http://hooks.internal:8080/a\"]\n\
+         [state]\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
+         [admin]\nallowed_hosts = [\"switchyard\"]\n{SERVICE}"
+    );
+    for value in ["", "  ", ",", " , ,"] {
+        let cfg = parse_env(
+            &file,
+            &[
+                ("SWITCHYARD__NOTIFY__WEBHOOKS", value),
+                ("SWITCHYARD__STATE__ETCD_ENDPOINTS", value),
+                ("SWITCHYARD__ADMIN__ALLOWED_HOSTS", value),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{value:?} refused:\n{e}"));
+        assert!(
+            cfg.notify.webhooks.is_empty(),
+            "{value:?}: {:?}",
+            cfg.notify.webhooks
+        );
+        assert!(
+            cfg.state.etcd_endpoints.is_empty(),
+            "{value:?}: {:?}",
+            cfg.state.etcd_endpoints
+        );
+        assert!(
+            cfg.admin.allowed_hosts.is_empty(),
+            "{value:?}: {:?}",
+            cfg.admin.allowed_hosts
+        );
+    }
+    let cfg = parse_env(
+        SERVICE,
+        &[
+            (
+                "SWITCHYARD__NOTIFY__WEBHOOKS",
+                " http://hooks.internal:8080/a ,, http://hooks.internal:8080/b,",
+            ),
+            (
+                "SWITCHYARD__STATE__ETCD_ENDPOINTS",
+                "http://10.0.0.1:2379 , http://10.0.0.2:2379",
+            ),
+            (
+                "SWITCHYARD__ADMIN__ALLOWED_HOSTS",
+                " switchyard , Admin.Example ",
+            ),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("refused:\n{e}"));
+    assert_eq!(
+        cfg.notify.webhooks,
+        [
+            "http://hooks.internal:8080/a",
+            "http://hooks.internal:8080/b"
+        ]
+    );
+    assert_eq!(
+        cfg.state.etcd_endpoints,
+        ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    assert_eq!(cfg.admin.allowed_hosts, ["switchyard", "admin.example"]);
+}
+
 #[test]
 fn shipped_config_uses_only_documented_keys() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");

@@ -162,11 +162,17 @@ const LIST_KEYS: [&str; 3] = [
     "admin.allowed_hosts",
 ];
 
-/// A list key's variable, a string, as the list it means: split at commas.
+/// A list key's variable, a string, as the list it means: split at commas, each item trimmed,
+/// empty items left out (so an empty variable is an empty list).
 fn split_list(value: &mut Value, path: &[Seg]) {
     if let Some(v) = get_mut(value, path) {
         if let Value::String(s) = v {
-            let items = s.split(',').map(|i| Value::String(i.to_string())).collect();
+            let items = s
+                .split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|i| Value::String(i.to_string()))
+                .collect();
             *v = Value::Array(items);
         }
     }
