@@ -206,6 +206,35 @@ for = "2m"
     assert!(stdout.contains("error_rate"), "{stdout}");
 }
 
+/// `SWITCHYARD__SECTION__KEY` overrides any key whatever its value looks like: a string key
+/// given "123" or "true" keeps the string (they were refused as an integer and a boolean), and
+/// an integer key still reads its number.
+#[test]
+fn check_takes_number_and_boolean_looking_overrides_of_string_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "c.toml",
+        "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3001\"] }\n\
+         green = { upstreams = [\"127.0.0.1:3011\"] }\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", &file])
+        .env("RUST_LOG", "warn")
+        .env("SWITCHYARD__STATE__PATH", "123")
+        .env("SWITCHYARD__STATE__ETCD_PREFIX", "true")
+        .env("SWITCHYARD__ADMIN__TOKEN_ENV", "1")
+        .env("SWITCHYARD__PROXY__WORKERS", "4")
+        // An empty list key is an empty list.
+        .env("SWITCHYARD__NOTIFY__WEBHOOKS", "")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run switchyard");
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+}
+
 #[test]
 fn check_of_a_missing_file_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");

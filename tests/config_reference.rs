@@ -461,6 +461,164 @@ fn every_section_key_can_be_overridden_from_the_environment() {
     assert!(e.contains("proxy.zz_unknown: unknown key"), "{e}");
 }
 
+/// An override is typed by its key, not by what its value looks like: a string key keeps "123"
+/// or "true" as written (the `config` crate's `try_parsing` made them an integer and a boolean,
+/// and `state.path` refused them), while an integer key still reads "7", a boolean key "true"
+/// or "FALSE", and a list key "123" as one item.
+#[test]
+fn environment_overrides_are_typed_by_their_key_not_by_their_value() {
+    let doc = documented();
+    let mut problems = Vec::new();
+    let mut n = 0;
+    for (key, cells) in doc
+        .iter()
+        .filter(|(k, _)| !k.starts_with("services") && k.contains('.'))
+    {
+        let (section, leaf) = split_key(key);
+        let var = format!(
+            "SWITCHYARD__{}__{}",
+            section.to_ascii_uppercase(),
+            leaf.to_ascii_uppercase()
+        );
+        let ty = cells[0].as_str();
+        let values: &[&str] = if ty.starts_with("integer") {
+            &["7"]
+        } else if ty.starts_with("bool") {
+            &["true", "FALSE"]
+        } else {
+            // Strings, addresses, paths, durations, URLs and lists of them.
+            &["123", "true", "1.5"]
+        };
+        for value in values {
+            n += 1;
+            if let Err(e) = parse_env(SERVICE, &[(&var, value)]) {
+                if e.contains("invalid type") {
+                    problems.push(format!("{var}={value} ({ty}): {e}"));
+                }
+            }
+        }
+    }
+    assert!(n > 60, "only {n} overrides tried");
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    let cfg = parse_env(
+        SERVICE,
+        &[
+            ("SWITCHYARD__STATE__PATH", "123"),
+            ("SWITCHYARD__STATE__ETCD_PREFIX", "true"),
+            ("SWITCHYARD__ADMIN__TOKEN_ENV", "1"),
+            ("SWITCHYARD__ANALYSIS__PROMETHEUS_TOKEN_ENV", "2.5"),
+            ("SWITCHYARD__ADMIN__ALLOWED_HOSTS", "123"),
+            ("SWITCHYARD__PROXY__WORKERS", "4"),
+            ("SWITCHYARD__PROXY__VIA", "FALSE"),
+            ("SWITCHYARD__ADMIN__WATCH_CONFIG", "true"),
+            ("SWITCHYARD__NOTIFY__MAX_ATTEMPTS", "9"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("refused:\n{e}"));
+    assert_eq!(cfg.state.path, std::path::PathBuf::from("123"));
+    assert_eq!(cfg.state.etcd_prefix, "true");
+    assert_eq!(cfg.admin.token_env, "1");
+    assert_eq!(cfg.analysis.prometheus_token_env.as_deref(), Some("2.5"));
+    assert_eq!(cfg.admin.allowed_hosts, ["123"]);
+    assert_eq!(cfg.proxy.workers, Some(4));
+    assert!(!cfg.proxy.via);
+    assert!(cfg.admin.watch_config);
+    assert_eq!(cfg.notify.max_attempts, 9);
+
+    // An integer or boolean key still refuses what is neither, naming key and variable.
+    for (var, value, want) in [
+        (
+            "SWITCHYARD__PROXY__WORKERS",
+            "four",
+            "proxy.workers: invalid type: string \"four\", expected an integer \
+             (from environment variable SWITCHYARD__PROXY__WORKERS)",
+        ),
+        (
+            "SWITCHYARD__PROXY__WORKERS",
+            "1.5",
+            "proxy.workers: invalid type: floating point `1.5`, expected an integer \
+             (from environment variable SWITCHYARD__PROXY__WORKERS)",
+        ),
+        (
+            "SWITCHYARD__PROXY__VIA",
+            "1",
+            "proxy.via: invalid type: integer `1`, expected a boolean \
+             (from environment variable SWITCHYARD__PROXY__VIA)",
+        ),
+    ] {
+        let e = parse_env(SERVICE, &[(var, value)]).expect_err(value);
+        assert!(e.contains(want), "{var}={value}: {e}");
+    }
+}
+
+/// A list key's variable: comma-separated, each item trimmed, empty items left out, so an empty
+/// variable is an empty list (it was one empty item: `notify.webhooks[0]: invalid URL ""`).
+#[test]
+fn list_overrides_trim_their_items_and_an_empty_one_is_an_empty_list() {
+    let file = format!(
+        "[notify]\nwebhooks = [\"http://hooks.internal:8080/a\"]\n\
+         [state]\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
+         [admin]\nallowed_hosts = [\"switchyard\"]\n{SERVICE}"
+    );
+    for value in ["", "  ", ",", " , ,"] {
+        let cfg = parse_env(
+            &file,
+            &[
+                ("SWITCHYARD__NOTIFY__WEBHOOKS", value),
+                ("SWITCHYARD__STATE__ETCD_ENDPOINTS", value),
+                ("SWITCHYARD__ADMIN__ALLOWED_HOSTS", value),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{value:?} refused:\n{e}"));
+        assert!(
+            cfg.notify.webhooks.is_empty(),
+            "{value:?}: {:?}",
+            cfg.notify.webhooks
+        );
+        assert!(
+            cfg.state.etcd_endpoints.is_empty(),
+            "{value:?}: {:?}",
+            cfg.state.etcd_endpoints
+        );
+        assert!(
+            cfg.admin.allowed_hosts.is_empty(),
+            "{value:?}: {:?}",
+            cfg.admin.allowed_hosts
+        );
+    }
+    let cfg = parse_env(
+        SERVICE,
+        &[
+            (
+                "SWITCHYARD__NOTIFY__WEBHOOKS",
+                " http://hooks.internal:8080/a ,, http://hooks.internal:8080/b,",
+            ),
+            (
+                "SWITCHYARD__STATE__ETCD_ENDPOINTS",
+                "http://10.0.0.1:2379 , http://10.0.0.2:2379",
+            ),
+            (
+                "SWITCHYARD__ADMIN__ALLOWED_HOSTS",
+                " switchyard , Admin.Example ",
+            ),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("refused:\n{e}"));
+    assert_eq!(
+        cfg.notify.webhooks,
+        [
+            "http://hooks.internal:8080/a",
+            "http://hooks.internal:8080/b"
+        ]
+    );
+    assert_eq!(
+        cfg.state.etcd_endpoints,
+        ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    assert_eq!(cfg.admin.allowed_hosts, ["switchyard", "admin.example"]);
+}
+
 #[test]
 fn shipped_config_uses_only_documented_keys() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");

@@ -1070,6 +1070,83 @@ async fn admin_checks_host_and_methods() {
     p.stop().await;
 }
 
+/// The Host allow-list is a DNS-rebinding defence, and a rebinding page makes the browser send
+/// the attacker's name: an IP-literal Host (any address, with or without port, IPv6 bracketed)
+/// is accepted by default, as containers and load balancers reach the admin listener by IP.
+/// Names stay refused unless `[admin] allowed_hosts` lists them.
+#[tokio::test]
+async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
+    let blue = TestUpstream::start("blue").await;
+    let body = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"switchyard.internal\"]\n{}",
+        service("api", &[blue.addr], &[dead_addr().await], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let mut problems = Vec::new();
+    for (host, want) in [
+        ("10.0.0.5:9090", 200),
+        ("10.0.0.5", 200),
+        ("192.168.1.20:80", 200),
+        ("[2001:db8::5]:9090", 200),
+        ("[fd00::5]", 200),
+        ("switchyard.internal:9090", 200),
+        ("SwitchYard.Internal", 200),
+        ("switchyard:9090", 403),
+        ("10.0.0.5.nip.io", 403),
+        ("evil.example", 403),
+    ] {
+        let (s, b) = request(
+            p.admin,
+            "GET",
+            "/api/status",
+            &[("host", host)],
+            Bytes::new(),
+        )
+        .await;
+        if s != want {
+            problems.push(format!("GET Host {host}: {s} (want {want}): {b}"));
+        }
+    }
+    // A mutating call by IP passes the Host check and reaches the token check.
+    let (s, b) = request(
+        p.admin,
+        "POST",
+        "/api/flip",
+        &[("host", "10.0.0.5:9090")],
+        Bytes::new(),
+    )
+    .await;
+    if s != 401 {
+        problems.push(format!(
+            "POST /api/flip by IP without a token: {s} (want 401): {b}"
+        ));
+    }
+    let (status, text) = raw_admin(
+        p.admin,
+        "GET http://10.0.0.5:9090/api/status HTTP/1.1\r\nHost: 10.0.0.5:9090\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    if status != 200 {
+        let short: String = text.chars().take(300).collect();
+        problems.push(format!(
+            "absolute form by IP: {status} (want 200): {short:?}"
+        ));
+    }
+    let c = h2c_client(p.admin).await;
+    for (uri, want) in [
+        ("http://10.0.0.5:9090/api/status", 200),
+        ("http://[2001:db8::5]/api/status", 200),
+        ("http://rebind.example/api/status", 403),
+    ] {
+        let (status, _, _) = h2c_request(&c, "GET", uri).await;
+        if status != want {
+            problems.push(format!("h2 {uri}: {status} (want {want})"));
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 /// One raw HTTP/1 request to `addr` (that asks to close, or is HTTP/1.0); the status and the
 /// whole answer.
 async fn raw_admin(addr: SocketAddr, req: &str) -> (u16, String) {

@@ -86,9 +86,19 @@ impl Removed {
 
 /// Deserializes the tree: the config (None when a wrong type could not be taken out, or too
 /// many were found), every unknown key and wrong type as an error, and what was taken out.
-pub(super) fn deserialize(mut value: Value) -> (Option<RawConfig>, Vec<ConfigError>, Removed) {
+/// `env` are the keys `SWITCHYARD__*` variables set ([`env_keys`]): their values are strings,
+/// typed here by what each key takes (see [`env_value`]).
+pub(super) fn deserialize(
+    mut value: Value,
+    env: &[(String, String)],
+) -> (Option<RawConfig>, Vec<ConfigError>, Removed) {
     let mut removed = Removed::default();
     let mut wrong: Vec<ConfigError> = Vec::new();
+    for (key, _) in env {
+        if LIST_KEYS.contains(&key.as_str()) {
+            split_list(&mut value, &parse_key(key));
+        }
+    }
     loop {
         let mut unknown = Vec::new();
         let result = {
@@ -112,6 +122,14 @@ pub(super) fn deserialize(mut value: Value) -> (Option<RawConfig>, Vec<ConfigErr
             Err(e) => e,
         };
         let now = error_segments(e.path());
+        // A variable's string where the key takes another type: read it as a number or a
+        // boolean and try again (once per key: the value is no longer a string after).
+        if let Some(now) = &now {
+            let key = render(now);
+            if env.iter().any(|(k, _)| *k == key) && env_value(&mut value, now) {
+                continue;
+            }
+        }
         let message = plain_type_error(e.into_inner().to_string());
         let at = now.as_deref().map(|p| removed.in_file(p));
         wrong.push(ConfigError {
@@ -137,23 +155,73 @@ pub(super) fn deserialize(mut value: Value) -> (Option<RawConfig>, Vec<ConfigErr
     }
 }
 
+/// The keys whose variable is a comma-separated list (README "Configuration").
+const LIST_KEYS: [&str; 3] = [
+    "notify.webhooks",
+    "state.etcd_endpoints",
+    "admin.allowed_hosts",
+];
+
+/// A list key's variable, a string, as the list it means: split at commas, each item trimmed,
+/// empty items left out (so an empty variable is an empty list).
+fn split_list(value: &mut Value, path: &[Seg]) {
+    if let Some(v) = get_mut(value, path) {
+        if let Value::String(s) = v {
+            let items = s
+                .split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|i| Value::String(i.to_string()))
+                .collect();
+            *v = Value::Array(items);
+        }
+    }
+}
+
+/// A variable's string at `path`, refused by the type its key takes, as the boolean (any case)
+/// or number it spells; false when it is not a string or spells neither (the type error
+/// stands).
+fn env_value(value: &mut Value, path: &[Seg]) -> bool {
+    let Some(v) = get_mut(value, path) else {
+        return false;
+    };
+    let Value::String(s) = v else {
+        return false;
+    };
+    let typed = if let Ok(b) = s.to_ascii_lowercase().parse::<bool>() {
+        Value::Bool(b)
+    } else if let Ok(i) = s.parse::<i64>() {
+        Value::from(i)
+    } else if let Some(n) = s.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+        Value::Number(n)
+    } else {
+        return false;
+    };
+    *v = typed;
+    true
+}
+
+/// The value at `path` (in the tree as it is now).
+fn get_mut<'a>(value: &'a mut Value, path: &[Seg]) -> Option<&'a mut Value> {
+    let mut v = value;
+    for seg in path {
+        v = match (seg, v) {
+            (Seg::Key(k), Value::Object(m)) => m.get_mut(k)?,
+            (Seg::Index(i), Value::Array(a)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
 /// Removes the value at `path` (in the tree as it is now); false when there is none.
 fn take(value: &mut Value, path: &[Seg]) -> bool {
     let Some((last, parent)) = path.split_last() else {
         return false;
     };
-    let mut v = value;
-    for seg in parent {
-        let next = match (seg, v) {
-            (Seg::Key(k), Value::Object(m)) => m.get_mut(k),
-            (Seg::Index(i), Value::Array(a)) => a.get_mut(*i),
-            _ => None,
-        };
-        let Some(next) = next else {
-            return false;
-        };
-        v = next;
-    }
+    let Some(v) = get_mut(value, parent) else {
+        return false;
+    };
     match (last, v) {
         (Seg::Key(k), Value::Object(m)) => m.remove(k).is_some(),
         (Seg::Index(i), Value::Array(a)) if *i < a.len() => {

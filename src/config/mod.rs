@@ -93,13 +93,11 @@ pub fn from_toml_str_with_env(
         }])
     };
     let env_keys = de::env_keys(env.as_ref());
-    let mut envsrc = config::Environment::with_prefix("SWITCHYARD")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",")
-        .with_list_parse_key("notify.webhooks")
-        .with_list_parse_key("state.etcd_endpoints")
-        .with_list_parse_key("admin.allowed_hosts");
+    // Every variable is read as a string; [`de::deserialize`] turns one into the number or
+    // boolean its key takes only where the key asks for one, so that a string key keeps "123"
+    // or "true" as written (the `config` crate's `try_parsing` guessed the type from the value
+    // alone, and `state.path=123` was refused as an integer).
+    let mut envsrc = config::Environment::with_prefix("SWITCHYARD").separator("__");
     if let Some(env) = env {
         envsrc = envsrc.source(Some(env.into_iter().collect()));
     }
@@ -111,7 +109,7 @@ pub fn from_toml_str_with_env(
     let value: serde_json::Value = built
         .try_deserialize()
         .map_err(|e| one(format!("cannot parse config: {e}")))?;
-    let (raw, mut errors, removed) = de::deserialize(value);
+    let (raw, mut errors, removed) = de::deserialize(value, &env_keys);
     // Validate the known keys too, with each wrong-typed value counted as absent, so that one
     // run of `check` reports every problem, not only the unknown keys and the wrong types.
     match raw.map(validate::validate) {
