@@ -12,7 +12,9 @@
 # streams per connection; the upstream stays HTTP/1.1; close: HTTP/1.1 with a new connection per
 # request, wrk for CLOSE_SECONDS=10 under callgrind, its request count as N), KEEP_TMP=1 keeps the callgrind output (callgrind_annotate reads it),
 # SY_ACCESS=json|combined turns Switchyard's access log on (to a file in the temp dir; the
-# writer thread's instructions are counted too).
+# writer thread's instructions are counted too). REQUEST_ID=0 (default): like for like, no proxy
+# adds an `X-Request-Id` (Switchyard's `[log] request_id = false`); REQUEST_ID=1: each one does
+# (Switchyard's default; nginx `$request_id`, HAProxy `unique-id`), both ways.
 # Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client). Installs nothing.
 set -euo pipefail
 N=${N:-20000}
@@ -20,6 +22,7 @@ C=${C:-16}
 BASE_PORT=${BASE_PORT:-29080}
 TARGETS=${TARGETS:-switchyard nginx}
 PROTO=${PROTO:-h1}
+REQUEST_ID=${REQUEST_ID:-0}
 STREAMS=${STREAMS:-10}
 CLOSE_SECONDS=${CLOSE_SECONDS:-10}
 case $PROTO in
@@ -151,16 +154,21 @@ active = "blue"
 blue  = { upstreams = ["127.0.0.1:$P_UP"] }
 green = { upstreams = ["127.0.0.1:$P_UP"] }
 EOF
+        if [[ $REQUEST_ID != 1 ]]; then
+            printf '[log]\nrequest_id = false\n' >>"$TMP/sy.toml"
+        fi
         if [[ -n ${SY_ACCESS:-} && ${SY_ACCESS:-} != off ]]; then
-            printf '[log]\naccess = "%s"\naccess_format = "%s"\n' "$TMP/access.log" "$SY_ACCESS" >>"$TMP/sy.toml"
+            [[ $REQUEST_ID == 1 ]] && printf '[log]\n' >>"$TMP/sy.toml"
+            printf 'access = "%s"\naccess_format = "%s"\n' "$TMP/access.log" "$SY_ACCESS" >>"$TMP/sy.toml"
         fi
         SWITCHYARD_ADMIN_TOKEN=t RUST_LOG=warn count switchyard "$P_SY" "$SY_BIN" serve --config "$TMP/sy.toml"
         ;;
     nginx)
-        ng_h2=
+        ng_h2= ng_id=
         [[ $PROTO == h2c ]] && ng_h2=" http2"
+        [[ $REQUEST_ID == 1 ]] && ng_id=" proxy_set_header X-Request-Id \$request_id; add_header X-Request-Id \$request_id always;"
         nginx_conf "$TMP/ng" "    upstream b { server 127.0.0.1:$P_UP; keepalive 64; }
-    server { listen 127.0.0.1:$P_NG$ng_h2; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+    server { listen 127.0.0.1:$P_NG$ng_h2; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\";$ng_id } }"
         count nginx "$P_NG" nginx -p "$TMP/ng" -c "$TMP/ng/nginx.conf" -e "$TMP/ng/error.log"
         ;;
     haproxy)
@@ -168,8 +176,11 @@ EOF
             echo "missing: haproxy (Debian package: haproxy)" >&2
             exit 1
         }
-        ha_proto=
+        ha_proto= ha_id=
         [[ $PROTO == h2c ]] && ha_proto=" proto h2"
+        [[ $REQUEST_ID == 1 ]] && ha_id="    unique-id-format %[uuid()]
+    unique-id-header X-Request-Id
+    http-response set-header X-Request-Id %[unique-id]"
         cat >"$TMP/haproxy.cfg" <<EOF
 global
     nbthread 1
@@ -181,6 +192,7 @@ defaults
     http-reuse always
 frontend f
     bind 127.0.0.1:$P_HA$ha_proto
+$ha_id
     default_backend b
 backend b
     server up 127.0.0.1:$P_UP

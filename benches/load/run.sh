@@ -37,6 +37,9 @@
 #   NGINX_REQUEST_BUFFERING=off   nginx proxy_request_buffering: off streams uploads as Switchyard
 #                       and HAProxy do (the fair setting); "on" is nginx's default (store, then send)
 #   NGINX_PROXY_BUFFERING=on      nginx proxy_buffering for responses (nginx's default)
+#   REQUEST_ID=0        like for like: no proxy adds an X-Request-Id (Switchyard's `[log]
+#                       request_id = false`); 1: each one does, both ways (Switchyard's default;
+#                       nginx `$request_id`, HAProxy `unique-id`)
 #   FIXED_RPS=          total rate of the fixed-rate run (default: half of nginx's HTTP/1.1 max)
 #   IDLE_CONNS=10000    idle keep-alive connections held against Switchyard for the RSS measurement
 #   BASE_PORT=28080     first of the 12 consecutive loopback ports used
@@ -397,6 +400,9 @@ active = "blue"
 blue  = { upstreams = ["127.0.0.1:$P_UP"] }
 green = { upstreams = ["127.0.0.1:$P_UP"] }
 EOF
+    if [[ ${REQUEST_ID:-0} != 1 ]]; then
+        printf '\n[log]\nrequest_id = false\n' >>"$TMP/switchyard.toml"
+    fi
     SY_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     if ! SWITCHYARD_ADMIN_TOKEN=$SY_TOKEN "$SY_BIN" check --config "$TMP/switchyard.toml" >"$TMP/switchyard-check.log" 2>&1; then
         warn "switchyard check rejected the bench config; continuing without Switchyard:"
@@ -448,6 +454,12 @@ EOF
             proxy_set_header Connection "";
             proxy_request_buffering $NGINX_REQUEST_BUFFERING;
             proxy_buffering $NGINX_PROXY_BUFFERING;
+EOF
+    if [[ ${REQUEST_ID:-0} == 1 ]]; then
+        echo '            proxy_set_header X-Request-Id $request_id;'
+        echo '            add_header X-Request-Id $request_id always;'
+    fi
+    cat <<EOF
         }
     }
 }
@@ -494,6 +506,7 @@ frontend bench
     bind 127.0.0.1:$P_HA
     bind 127.0.0.1:$P_HA_H2 proto h2
     bind 127.0.0.1:$P_HA_TLS ssl crt $TMP/tls/haproxy.pem alpn h2,http/1.1 # TLS
+$(if [[ ${REQUEST_ID:-0} == 1 ]]; then printf '    unique-id-format %%[uuid()]\n    unique-id-header X-Request-Id\n    http-response set-header X-Request-Id %%[unique-id]\n'; fi)
     default_backend upstream
 
 backend upstream

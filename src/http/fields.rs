@@ -59,16 +59,22 @@ impl Fields {
     }
 
     /// Writes the lines to an HTTP/1 head, leaving out names that `map` has (the map's fields
-    /// replace the upstream's).
+    /// replace the upstream's). The map's names (a few: the proxy's own, a request id) are
+    /// first looked for in the lines as a whole (the lines' names are lowercase, as a
+    /// `HeaderName` is); only when one is there are the lines gone through one by one.
     pub fn write_to(&self, head: &mut BytesMut, map: &HeaderMap) {
-        if map.is_empty() {
-            head.put_slice(&self.lines);
+        let lines = &self.lines[..];
+        if map
+            .keys()
+            .all(|name| !has_line_named(lines, name.as_str().as_bytes()))
+        {
+            head.put_slice(lines);
             return;
         }
-        let mut rest = &self.lines[..];
-        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+        let mut rest = lines;
+        while let Some(end) = memchr::memchr(b'\n', rest) {
             let (line, after) = rest.split_at(end + 1);
-            let name = line.split(|b| *b == b':').next().unwrap_or_default();
+            let name = &line[..memchr::memchr(b':', line).unwrap_or(line.len())];
             let replaced = std::str::from_utf8(name).is_ok_and(|n| map.contains_key(n));
             if !replaced {
                 head.put_slice(line);
@@ -100,6 +106,21 @@ impl Fields {
             if keep(&header::CONTENT_LENGTH) {
                 map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
             }
+        }
+    }
+}
+
+/// Whether one of `lines` (`name:value\r\n` each) is named `name`: a look at each line's
+/// start (a `memmem` finder costs more to build than a few lines take to read).
+fn has_line_named(lines: &[u8], name: &[u8]) -> bool {
+    let mut rest = lines;
+    loop {
+        if rest.get(name.len()) == Some(&b':') && rest.starts_with(name) {
+            return true;
+        }
+        match memchr::memchr(b'\n', rest) {
+            Some(end) => rest = &rest[end + 1..],
+            None => return false,
         }
     }
 }
@@ -156,6 +177,14 @@ mod tests {
         let mut head = BytesMut::new();
         f.write_to(&mut head, &map);
         assert_eq!(&head[..], b"server: nginx\r\n");
+        // More names than are compared one by one: looked up in the map.
+        let mut many = map.clone();
+        for name in ["a", "b", "c", "d", "server"] {
+            many.insert(name, HeaderValue::from_static("x"));
+        }
+        let mut head = BytesMut::new();
+        f.write_to(&mut head, &many);
+        assert!(head.is_empty(), "{head:?}");
 
         f.into_map(&mut map);
         let ids: Vec<_> = map.get_all("x-request-id").iter().collect();

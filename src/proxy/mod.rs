@@ -355,9 +355,20 @@ pub fn handle<'a>(
 /// The request's `X-Request-Id` (the client's when usable, else a new one), set as its one
 /// value upstream: `insert` replaces every value the client sent.
 fn with_request_id(proxy: &Proxy, req: &mut Request<ClientBody>) -> HeaderValue {
-    let id = proxy.ids.id(req.headers().get(&X_REQUEST_ID));
-    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-    id
+    // One lookup: `entry`, not `get` then `insert`.
+    match req.headers_mut().entry(&X_REQUEST_ID) {
+        header::Entry::Occupied(mut e) => {
+            let id = proxy.ids.id(Some(e.get()));
+            // Replaces every value the client sent: one id upstream.
+            e.insert(id.clone());
+            id
+        }
+        header::Entry::Vacant(e) => {
+            let id = proxy.ids.id(None);
+            e.insert(id.clone());
+            id
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
