@@ -134,17 +134,23 @@ impl Default for RequestIds {
 }
 
 impl RequestIds {
-    /// The client's `X-Request-Id` when it is usable, or a fresh one.
+    /// The client's `X-Request-Id` when it is usable, or a fresh one. Marked sensitive: HPACK
+    /// sends it as a literal never indexed (RFC 7541 6.2.3), as a value unique to one response
+    /// should be, instead of adding it to the dynamic table and evicting what repeats.
     pub fn id(&self, client: Option<&HeaderValue>) -> HeaderValue {
-        if let Some(v) = client.filter(|v| usable_id(v.as_bytes())) {
-            return v.clone();
-        }
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 21];
-        hex(&mut buf[..8], self.prefix as u64);
-        buf[8] = b'-';
-        hex(&mut buf[9..], n);
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        let mut id = match client.filter(|v| usable_id(v.as_bytes())) {
+            Some(v) => v.clone(),
+            None => {
+                let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let mut buf = [0u8; 21];
+                hex(&mut buf[..8], self.prefix as u64);
+                buf[8] = b'-';
+                hex(&mut buf[9..], n);
+                HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+            }
+        };
+        id.set_sensitive(true);
+        id
     }
 }
 
@@ -698,6 +704,25 @@ fn escaped(out: &mut Vec<u8>, v: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kept or generated, an id is sensitive: HPACK never indexes a value unique to one
+    /// response (it would evict what repeats from the dynamic table).
+    #[test]
+    fn request_ids_are_kept_or_made_and_never_indexed() {
+        let ids = RequestIds::default();
+        let made = ids.id(None);
+        let next = ids.id(None);
+        assert!(made.is_sensitive() && next.is_sensitive());
+        assert_ne!(made, next);
+        assert_eq!(made.len(), 21);
+        let kept = ids.id(Some(&HeaderValue::from_static("abc-1")));
+        assert_eq!(
+            (kept.to_str().ok(), kept.is_sensitive()),
+            (Some("abc-1"), true)
+        );
+        let replaced = ids.id(Some(&HeaderValue::from_static("a\"b")));
+        assert_eq!(replaced.len(), 21);
+    }
 
     #[test]
     fn ids_are_checked_and_generated() {
