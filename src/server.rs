@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
 use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog};
 use crate::http::h2_server::{self, Settings as H2Settings};
-use crate::http::io::{ClientWrite, Prefixed};
+use crate::http::io::Prefixed;
 use crate::http::server::{BoxRead, BoxWrite, Reader};
 use crate::proxy::{self, ClientBody, ConnInfo, Mode, Proxy};
 use crate::state::StateStore;
@@ -635,7 +635,6 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         R: AsyncRead + Send + Unpin + 'static,
         W: AsyncWrite + Send + Unpin + 'static,
-        SendTimeout<W>: ClientWrite + 'static,
     {
         let deadline = self.deadline;
         let mut first = BytesMut::new();

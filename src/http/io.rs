@@ -10,8 +10,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, WriteHalf};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::body::IdleTimer;
 
@@ -120,30 +119,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
-
-/// The write half of a client connection, as the HTTP/1 server holds it.
-pub trait ClientWrite: AsyncWrite + Send + Unpin {
-    /// Ends the connection with a reset (a TCP RST) instead of the orderly close that dropping
-    /// the half makes, for a response cut where its framing cannot show it (a close-delimited
-    /// body), so that the client sees an error rather than a clean end. Where the transport has
-    /// no such close, the half is just dropped (over TLS, no close_notify already tells).
-    fn reset(self: Box<Self>) {}
-}
-
-impl ClientWrite for SendTimeout<OwnedWriteHalf> {
-    fn reset(self: Box<Self>) {
-        let half = self.io;
-        // SO_LINGER 0: the close that comes with the last half (the read half may still be
-        // held) sends an RST; `forget`, or dropping the half would send a FIN first.
-        let _ = socket2::SockRef::from(half.as_ref()).set_linger(Some(Duration::ZERO));
-        half.forget();
-    }
-}
-
-/// TLS: its close without close_notify shows a cut.
-impl<S: AsyncWrite + Send> ClientWrite for SendTimeout<WriteHalf<S>> {}
-impl<S: AsyncWrite + Send> ClientWrite for WriteHalf<S> {}
-impl ClientWrite for tokio::io::Sink {}
 
 /// A stream whose writes fail with `TimedOut` once one has made no progress for `timeout`
 /// (the peer stopped reading: its TCP window is shut). Reads pass through. Client sockets

@@ -49,7 +49,6 @@ use super::codec::{
 use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
 use super::interim;
-use super::io::ClientWrite;
 use super::{plain, CloseConnection};
 
 /// What the server runs for each request, inline in the connection's task: the handler's
@@ -105,7 +104,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub type BoxWrite = Box<dyn ClientWrite>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Header slots on the stack; a request with more (up to `max_headers`) is parsed again with
 /// slots on the heap.
@@ -951,9 +950,6 @@ struct Writer {
     /// The response was cut (the upstream failed mid-body): the connection ends at once,
     /// without lingering, so the client sees the cut now.
     cut: bool,
-    /// The cut body was close-delimited: the connection ends with a reset, the one way left to
-    /// tell the client that the body is not whole (RFC 9112 8).
-    reset: bool,
 }
 
 impl Writer {
@@ -1042,19 +1038,9 @@ fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
 struct ResponseFraming {
     /// No body follows the head (HEAD, 1xx, 204, 304).
     bodiless: bool,
-    delimit: Delimit,
+    chunked: bool,
     /// The connection stays open after it.
     keep_alive: bool,
-}
-
-/// How the client learns where a response body ends.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Delimit {
-    /// `Content-Length` (or no body at all).
-    Length,
-    Chunked,
-    /// The connection's end (HTTP/1.0, size unknown): a cut shows only as a reset.
-    Close,
 }
 
 /// The status line and header section of a response, and how its body is framed: by its exact
@@ -1074,14 +1060,9 @@ fn response_head<B: Body + BodyFields>(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let hint = body.size_hint().exact();
-    let delimit = match (bodiless, hint, http10) {
-        (false, None, false) => Delimit::Chunked,
+    let chunked = !bodiless && hint.is_none() && !http10;
+    if !bodiless && hint.is_none() && http10 {
         // HTTP/1.0 has no chunked framing: the body ends with the connection.
-        (false, None, true) => Delimit::Close,
-        _ => Delimit::Length,
-    };
-    let chunked = delimit == Delimit::Chunked;
-    if delimit == Delimit::Close {
         keep_alive = false;
     }
 
@@ -1155,7 +1136,7 @@ fn response_head<B: Body + BodyFields>(
         head.freeze(),
         ResponseFraming {
             bodiless,
-            delimit,
+            chunked,
             keep_alive,
         },
     )
@@ -1179,7 +1160,6 @@ pub async fn serve<H: Handler>(
             queued: 0,
             closed: false,
             cut: false,
-            reset: false,
         },
         timer: None,
         first_deadline: Some(first_deadline),
@@ -1231,11 +1211,6 @@ impl<H: Handler> Conn<H> {
             };
         }
         self.writer.close().await;
-        if self.writer.reset {
-            // SO_LINGER 0 and close where the transport is TCP; over TLS a close without
-            // close_notify already tells.
-            std::mem::replace(&mut self.writer.io, Box::new(tokio::io::sink())).reset();
-        }
     }
 
     async fn refuse(&mut self, r: Reader, refused: Refused) {
@@ -1539,7 +1514,7 @@ impl<H: Handler> Conn<H> {
             return Ok(framing.keep_alive);
         }
         let mut body = body;
-        let complete = self.write_body(&mut body, framing.delimit, watch).await?;
+        let complete = self.write_body(&mut body, framing.chunked, watch).await?;
         Ok(complete && framing.keep_alive)
     }
 
@@ -1548,14 +1523,13 @@ impl<H: Handler> Conn<H> {
     async fn write_body<B>(
         &mut self,
         body: &mut B,
-        delimit: Delimit,
+        chunked: bool,
         mut watch: Option<&mut Reader>,
     ) -> io::Result<bool>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let chunked = delimit == Delimit::Chunked;
         loop {
             let frame = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
@@ -1601,11 +1575,9 @@ impl<H: Handler> Conn<H> {
                     tracing::debug!(error = %e, "upstream body failed; aborting the response");
                     let _ = self.writer.write_out().await;
                     // No close_notify: over TLS the client then sees an unclean end, so a
-                    // close-delimited body cut here is not taken for a whole one. Over TCP a
-                    // FIN would end it as cleanly as a whole one: the connection is reset.
+                    // close-delimited body cut here is not taken for a whole one.
                     self.writer.closed = true;
                     self.writer.cut = true;
-                    self.writer.reset = delimit == Delimit::Close;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => match frame.into_data() {

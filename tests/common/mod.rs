@@ -544,8 +544,6 @@ pub enum Raw {
     Echo(Vec<u8>),
     /// Writes these bytes and closes the connection (a response cut short).
     Close(Vec<u8>),
-    /// Writes these bytes and resets the connection (SO_LINGER 0, then close: an RST).
-    Reset(Vec<u8>),
 }
 
 /// An upstream on raw sockets, for framing the hyper-based [`TestUpstream`] cannot produce:
@@ -591,11 +589,6 @@ where
                         }
                         Raw::Close(bytes) => {
                             let _ = s.write_all(&bytes).await;
-                            return;
-                        }
-                        Raw::Reset(bytes) => {
-                            let _ = s.write_all(&bytes).await;
-                            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                             return;
                         }
                         Raw::Echo(bytes) => {
