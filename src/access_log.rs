@@ -46,7 +46,7 @@ use crate::routing::Service;
 use crate::upstream::Upstream;
 
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "switchyard_access_log_dropped_total";
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::http::headers::X_REQUEST_ID;
 
 /// Flushed to the sink once this much is buffered, and whenever the queue runs empty.
 const WRITE_CHUNK: usize = 64 * 1024;

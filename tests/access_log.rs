@@ -831,6 +831,13 @@ async fn a_101_answered_as_502_is_logged_as_502() {
         .expect("read");
     let text = String::from_utf8_lossy(&out).into_owned();
     assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    // The answer keeps the request's id, as every answer does.
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(id.len(), 21, "{text}");
     let got = wait_lines(&log, 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let got = if lines(&log).len() > got.len() {
@@ -845,5 +852,6 @@ async fn a_101_answered_as_502_is_logged_as_502() {
     assert_eq!(v["path"], "/ws", "{v}");
     assert_eq!(v["service"], "api", "{v}");
     assert_eq!(v["upstream"], up.to_string(), "{v}");
+    assert_eq!(v["request_id"], id.as_str(), "{v}");
     p.stop().await;
 }

@@ -1647,8 +1647,8 @@ async fn request_timeout_counts_from_the_end_of_the_upload() {
     p.stop().await;
 }
 
-/// `path_prefix` matches the path as the upstream resolves it (percent-decoded, dot segments
-/// and repeated slashes resolved, as nginx's `location`), not the raw target: `/x/../admin`
+/// `path_prefix` matches the path as the upstream resolves it (RFC 3986 syntax-based
+/// normalization: unreserved `%XX` decoded, dot segments removed), not the raw target: `/x/../admin`
 /// is not let past an `/admin` service to the catch-all, nor `/admin/../x` into it. The target
 /// goes upstream as the client sent it.
 #[tokio::test]
@@ -1669,7 +1669,11 @@ async fn a_path_prefix_matches_the_path_the_upstream_will_serve() {
         ("/echo/x", "web"),
         ("/echo/x/../admin/p", "adm"),
         ("/echo/./admin/p", "adm"),
-        ("/echo//admin/p", "adm"),
+        // RFC 3986: `//` is an empty segment, `%2F` a byte of one, as URL libraries read them.
+        ("/echo//admin/p", "web"),
+        ("/echo/admin//../x", "adm"),
+        ("/echo/admin%2F..%2Fx", "adm"),
+        ("/echo/x/..%2Fadmin", "web"),
         ("/echo/%61dmin/p", "adm"),
         ("/echo/x/%2e%2e/admin/p", "adm"),
         ("/echo/admin/../x", "web"),

@@ -510,3 +510,29 @@ fn absurdly_long_durations_are_errors_at_their_key() {
     assert!(parse_duration("3650d").is_ok());
     assert!(parse_duration("3651d").is_err());
 }
+
+/// Prefixes are kept in the normalized form requests are matched in (RFC 3986 6.2.2): one
+/// written with a dot segment or lower-case `%xx` still matches what it names.
+#[test]
+fn path_prefixes_and_critical_paths_are_normalized() {
+    let text = GOOD
+        .replace(
+            "path_prefix = \"/api\"",
+            "path_prefix = \"/v1/./caf%c3%a9\"",
+        )
+        .replace(
+            "paths = [\"/api/payments\"]",
+            "paths = [\"/api/x/../pay%6dents\"]",
+        );
+    let c = from_toml_str_with_env(&text, env()).expect("valid");
+    assert_eq!(c.services[0].path_prefix.as_deref(), Some("/v1/caf%C3%A9"));
+    let paths = c.services[0]
+        .rollback
+        .triggers
+        .iter()
+        .find_map(|t| match &t.kind {
+            TriggerKind::Critical5xx { paths, .. } => Some(paths.clone()),
+            _ => None,
+        });
+    assert_eq!(paths, Some(vec!["/api/payments".to_string()]));
+}

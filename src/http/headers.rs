@@ -196,6 +196,10 @@ fn with_date(f: impl FnOnce(&[u8; 29])) {
     });
 }
 
+/// The request id field: the proxy keeps or makes one per request (`access_log::RequestIds`);
+/// the server keeps it on an answer that replaces the handler's response.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 #[cfg(test)]
 mod tests {
     use super::*;

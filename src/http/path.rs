@@ -1,26 +1,31 @@
 //! The path a request target means, for matching it against configured prefixes.
 //!
-//! Upstreams (and nginx's `location`) resolve `%XX`, `.` and `..` segments and repeated
-//! slashes before they look at a path: `/x/../admin`, `/%61dmin` and `//admin` all name
-//! `/admin` there. A prefix compared with the raw target would route such a request by another
-//! path than the one the upstream serves (and let it pass a `critical_5xx` path unseen). The
-//! target itself is forwarded as received; only the matching uses this form.
+//! An upstream resolves `.` and `..` segments and percent-encoded unreserved characters before
+//! it looks at a path: `/x/../admin` and `/%61dmin` both name `/admin` there. A prefix compared
+//! with the raw target would route such a request by another path than the one the upstream
+//! serves (and let it pass a `critical_5xx` path unseen). The form used is RFC 3986's
+//! syntax-based normalization (6.2.2), which every URL library applies alike; what libraries do
+//! differently (`%2F` as a separator, repeated `/` merged) is left as it is, so that neither
+//! reading routes a request by a path the other would not. The target itself is forwarded as
+//! received; only the matching uses this form.
 
 use std::borrow::Cow;
 
-/// `path` with percent-encodings decoded, dot segments removed (RFC 3986 5.2.4; `..` stops at
-/// the root) and runs of `/` merged, as nginx normalizes a URI before matching `location`s.
-/// A path that needs none of it (the common case: no `%`, `//`, `/.`) is returned as it is.
-/// Decoded bytes that are not UTF-8 are replaced (U+FFFD), which no ASCII prefix matches.
+/// `path` normalized as RFC 3986 6.2.2 says: percent-encoded unreserved characters (`A-Z a-z
+/// 0-9 - . _ ~`) decoded, the hex digits of the other encodings in upper case (`%2f` is
+/// `%2F`), and dot segments removed as 5.2.4 does (`..` stops at the root; `/a//../b` is
+/// `/a/b`). `%2F` stays an encoded byte, not a separator, and `//` an empty segment. A path that
+/// needs none of it (no `%`, no `/.`) is returned as it is.
 pub fn normalized(path: &str) -> Cow<'_, str> {
     let b = path.as_bytes();
     let plain = !b
         .iter()
         .enumerate()
-        .any(|(i, &c)| c == b'%' || (c == b'/' && matches!(b.get(i + 1), Some(b'/' | b'.'))));
+        .any(|(i, &c)| c == b'%' || (c == b'.' && (i == 0 || b[i - 1] == b'/')));
     if plain || !path.starts_with('/') {
         return Cow::Borrowed(path);
     }
+    // 6.2.2.1 and 6.2.2.2: unreserved characters decoded, other encodings in upper case.
     let mut decoded = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -29,7 +34,14 @@ pub fn normalized(path: &str) -> Cow<'_, str> {
                 b.get(i + 1).and_then(|&c| hex(c)),
                 b.get(i + 2).and_then(|&c| hex(c)),
             ) {
-                decoded.push(h << 4 | l);
+                let c = h << 4 | l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c);
+                } else {
+                    decoded.push(b'%');
+                    decoded.push(b[i + 1].to_ascii_uppercase());
+                    decoded.push(b[i + 2].to_ascii_uppercase());
+                }
                 i += 3;
                 continue;
             }
@@ -37,15 +49,17 @@ pub fn normalized(path: &str) -> Cow<'_, str> {
         decoded.push(b[i]);
         i += 1;
     }
+    // 5.2.4 on the segments after the leading `/`: `.` dropped, `..` drops the one before it;
+    // a path ending in `.` or `..` keeps its trailing `/`.
     let mut segments: Vec<&[u8]> = Vec::new();
-    // Whether the result ends with `/`: a path ending in `/`, `/.` or `/..` names a directory.
     let mut trailing = false;
-    for seg in decoded.split(|&c| c == b'/').skip(1) {
-        trailing = matches!(seg, b"" | b"." | b"..");
+    for seg in decoded[1..].split(|&c| c == b'/') {
+        trailing = false;
         match seg {
-            b"" | b"." => {}
+            b"." => trailing = true,
             b".." => {
                 segments.pop();
+                trailing = true;
             }
             s => segments.push(s),
         }
@@ -58,10 +72,8 @@ pub fn normalized(path: &str) -> Cow<'_, str> {
     if trailing || segments.is_empty() {
         out.push(b'/');
     }
-    Cow::Owned(match String::from_utf8(out) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    })
+    // Only ASCII came in (a `&str` of a valid target) and only ASCII was decoded.
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -91,23 +103,35 @@ mod tests {
             ("/admin/..", "/"),
             ("/..", "/"),
             ("/../../admin", "/admin"),
-            ("//admin//p", "/admin/p"),
             ("/admin/", "/admin/"),
             ("/%61dmin/p", "/admin/p"),
             ("/%2e%2e/admin", "/admin"),
             ("/x/%2E%2E/admin", "/admin"),
-            ("/api%2Fadmin", "/api/admin"),
+            // RFC 3986 5.2.4: an empty segment is a segment (`..` removes it).
+            ("//admin//p", "//admin//p"),
+            ("/admin//../x", "/admin/x"),
+            ("/admin/x//../../y", "/admin/y"),
+            // `%2F` is a byte of a segment, not a separator; other encodings in upper case.
+            ("/api%2Fadmin", "/api%2Fadmin"),
+            ("/api%2fadmin", "/api%2Fadmin"),
+            ("/admin/x/..%2F..%2Fy", "/admin/x/..%2F..%2Fy"),
+            ("/admin%2F..%2Fx", "/admin%2F..%2Fx"),
+            ("/files%20x", "/files%20x"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
             ("/a%zzb", "/a%zzb"),
             ("/a%4", "/a%4"),
-            ("/caf%C3%A9", "/café"),
+            ("/a%", "/a%"),
             ("*", "*"),
             ("", ""),
         ] {
             assert_eq!(normalized(raw), want, "{raw}");
         }
-        assert!(normalized("/%FF/admin").starts_with("/\u{FFFD}"));
         assert!(matches!(
             normalized("/api/users"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert!(matches!(
+            normalized("/api//users"),
             std::borrow::Cow::Borrowed(_)
         ));
     }

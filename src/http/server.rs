@@ -1367,7 +1367,14 @@ impl<H: Handler> Conn<H> {
                 // (or without being asked to): there is no clean way to tunnel that.
                 tracing::debug!("101 before the request body was sent; answering 502");
                 const TEXT: &str = "bad gateway\n";
-                let answer = plain(StatusCode::BAD_GATEWAY, TEXT);
+                let mut answer = plain(StatusCode::BAD_GATEWAY, TEXT);
+                // The handler's request id (if it set one) stays with the answer that replaces
+                // its response.
+                if let Some(id) = resp.headers().get(&super::headers::X_REQUEST_ID) {
+                    answer
+                        .headers_mut()
+                        .insert(super::headers::X_REQUEST_ID.clone(), id.clone());
+                }
                 let sent = self.respond(answer, method, version, false, None).await;
                 let bytes = if sent.is_ok() { TEXT.len() as u64 } else { 0 };
                 self.handler.replaced(resp, StatusCode::BAD_GATEWAY, bytes);

@@ -84,7 +84,11 @@ pub(super) fn service(c: &mut Check, key: &str, rs: RawService) -> Option<Servic
     Some(ServiceConfig {
         name,
         hosts,
-        path_prefix: rs.path_prefix,
+        // Matched against the request's path in its normalized form: the prefix in it too
+        // (`/a/./b` is `/a/b`, `%2f` is `%2F`), or it could never match what it names.
+        path_prefix: rs
+            .path_prefix
+            .map(|p| crate::http::path::normalized(&p).into_owned()),
         active,
         blue: blue?,
         green: green?,

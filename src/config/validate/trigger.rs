@@ -152,6 +152,11 @@ fn critical_5xx(c: &mut Check, key: &str, t: &RawTrigger) -> (Vec<String>, u64) 
             );
         }
     }
+    // In the normalized form requests are matched in (see `path_prefix`).
+    let paths = paths
+        .iter()
+        .map(|p| crate::http::path::normalized(p).into_owned())
+        .collect();
     (paths, above)
 }
 
