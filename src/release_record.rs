@@ -85,13 +85,19 @@ pub struct Release {
 }
 
 impl Release {
-    /// Marks it ended now with `result`: its phases' states and end times as an end leaves
-    /// them.
-    pub(crate) fn finish(&mut self, result: &'static str, reason: String) {
+    /// The release's own end: its result, why, and when (returned for its phases).
+    fn end(&mut self, result: &'static str, reason: String) -> String {
         let now = now_rfc3339();
         self.state = result;
         self.reason = Some(reason);
         self.ended_at = Some(now.clone());
+        now
+    }
+
+    /// Marks it ended now with `result`: its phases' states and end times as an end leaves
+    /// them.
+    pub(crate) fn finish(&mut self, result: &'static str, reason: String) {
+        let now = self.end(result, reason);
         for p in &mut self.phases {
             if matches!(p.state, "baking" | "waiting") {
                 p.state = if result == "complete" {
@@ -118,10 +124,7 @@ impl Release {
     /// a gate it was in is over (its end time set, no time left); none is `rolled_back`, since
     /// nothing was flipped back.
     pub(crate) fn end_in_place(&mut self, result: &'static str, reason: String) {
-        let now = now_rfc3339();
-        self.state = result;
-        self.reason = Some(reason);
-        self.ended_at = Some(now.clone());
+        let now = self.end(result, reason);
         for p in &mut self.phases {
             if matches!(p.state, "baking" | "waiting") {
                 p.ended_at = Some(now.clone());

@@ -1133,16 +1133,16 @@ async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
         ));
     }
     let c = h2c_client(p.admin).await;
-    for (uri, want) in [
-        ("http://10.0.0.5:9090/api/status", 200),
-        ("http://[2001:db8::5]/api/status", 200),
-        ("http://rebind.example/api/status", 403),
-    ] {
-        let (status, _, _) = h2c_request(&c, "GET", uri).await;
-        if status != want {
-            problems.push(format!("h2 {uri}: {status} (want {want})"));
-        }
-    }
+    h2_statuses(
+        &c,
+        &[
+            ("http://10.0.0.5:9090/api/status", 200),
+            ("http://[2001:db8::5]/api/status", 200),
+            ("http://rebind.example/api/status", 403),
+        ],
+        &mut problems,
+    )
+    .await;
     p.stop().await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
@@ -1161,6 +1161,20 @@ async fn raw_admin(addr: SocketAddr, req: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (status, text)
+}
+
+/// GET each URI over `c`; a status other than the one wanted is a problem.
+async fn h2_statuses(
+    c: &h2::client::SendRequest<Bytes>,
+    cases: &[(&str, u16)],
+    problems: &mut Vec<String>,
+) {
+    for &(uri, want) in cases {
+        let (status, _, _) = h2c_request(c, "GET", uri).await;
+        if status != want {
+            problems.push(format!("h2 {uri}: {status} (want {want})"));
+        }
+    }
 }
 
 /// An h2c client (raw frames, the `h2` crate) on `addr`.
@@ -1278,15 +1292,15 @@ async fn admin_requests_need_one_host_and_an_absolute_target_is_checked_by_its_a
         }
     }
     let c = h2c_client(p.admin).await;
-    for (uri, want) in [
-        ("http://localhost/api/status", 200),
-        ("http://evil.example/api/status", 403),
-    ] {
-        let (status, _, _) = h2c_request(&c, "GET", uri).await;
-        if status != want {
-            problems.push(format!("h2 {uri}: {status} (want {want})"));
-        }
-    }
+    h2_statuses(
+        &c,
+        &[
+            ("http://localhost/api/status", 200),
+            ("http://evil.example/api/status", 403),
+        ],
+        &mut problems,
+    )
+    .await;
     p.stop().await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
@@ -1870,4 +1884,5 @@ async fn an_admin_post_whose_body_stalls_is_answered_408_and_its_slot_freed() {
     assert!(problems.is_empty(), "{problems:#?}");
     let (s, _) = admin_get(p.admin, "/api/status").await;
     assert_eq!(s, 200);
+    p.stop().await;
 }
