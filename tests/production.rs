@@ -1871,3 +1871,53 @@ async fn an_admin_post_whose_body_stalls_is_answered_408_and_its_slot_freed() {
     let (s, _) = admin_get(p.admin, "/api/status").await;
     assert_eq!(s, 200);
 }
+
+/// A POST that declares a body over the 64 KiB limit is answered 413 (JSON) at once, before
+/// any of it is read: no `100 Continue` that would invite the upload, no wait for a body that
+/// is never sent, and the connection closed (the unread body is not the next request).
+#[tokio::test]
+async fn an_admin_post_declared_too_large_is_answered_413_before_its_body() {
+    let blue = TestUpstream::start("blue").await;
+    let body = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\n{}",
+        service("api", &[blue.addr], &[dead_addr().await], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let mut problems = Vec::new();
+    for expect in ["Expect: 100-continue\r\n", ""] {
+        let head = format!(
+            "POST /api/services/api/flip HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\n{expect}Content-Length: 70000\r\n\r\n"
+        );
+        let mut s = TcpStream::connect(p.admin).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        if read.is_err()
+            || !text.starts_with("HTTP/1.1 413 ")
+            || !text.contains("\"error\"")
+            || !text.to_ascii_lowercase().contains("connection: close")
+        {
+            problems.push(format!("{expect:?}: {text:?}"));
+        }
+    }
+    // h2: the stream answered 413 with no DATA sent.
+    let c = h2c_client(p.admin).await;
+    let req = Request::post("http://127.0.0.1/api/services/api/flip")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .header("content-length", "70000")
+        .body(())
+        .expect("request");
+    let mut c = c.ready().await.expect("ready");
+    let (resp, _tx) = c.send_request(req, false).expect("send");
+    match tokio::time::timeout(T, resp).await {
+        Ok(Ok(r)) if r.status() == 413 => {}
+        other => problems.push(format!("h2: {other:?}")),
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let (s, _) = admin_get(p.admin, "/api/status").await;
+    assert_eq!(s, 200);
+    p.stop().await;
+}

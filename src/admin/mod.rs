@@ -554,14 +554,17 @@ async fn read_json_body(
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         });
     let http1 = req.version() < Version::HTTP_2;
+    // A body declared too large is refused before any of it is read: polling the body is what
+    // makes hyper send `100 Continue`, which would invite the client to upload it all first.
+    // The unread body must not be parsed as the next request, hence `Connection: close`.
+    if declared_len(&req).is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(closing(too_large(), http1));
+    }
     let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
     let bytes = match read.await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large (64 KiB at most)",
-            ))
+            return Err(closing(too_large(), http1))
         }
         Ok(Err(_)) => {
             return Err(closing(
@@ -605,6 +608,26 @@ async fn read_json_body(
         return Ok(None);
     }
     Ok(Some(bytes))
+}
+
+/// The body length the request declares before any of it is read: its `Content-Length`, or
+/// the lower bound hyper knows from the framing. A `Content-Length` that is not a number is
+/// hyper's to refuse; here it declares nothing.
+fn declared_len(req: &Request<Incoming>) -> Option<u64> {
+    let header = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let hint = req.body().size_hint().lower();
+    Some(header.unwrap_or(0).max(hint)).filter(|&n| n > 0)
+}
+
+fn too_large() -> AdminResponse {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large (64 KiB at most)",
+    )
 }
 
 fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
