@@ -1094,6 +1094,15 @@ async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
         ("switchyard:9090", 403),
         ("10.0.0.5.nip.io", 403),
         ("evil.example", 403),
+        // Only a port may follow a bracketed IPv6 literal; brackets hold IPv6 only.
+        ("[::1]evil.com", 403),
+        ("[::1]evil.com:9090", 403),
+        ("[::1].evil.com", 403),
+        ("[::1]:9090evil", 403),
+        ("[::1]:", 200),
+        ("[10.0.0.5]", 403),
+        ("[localhost]", 403),
+        ("10.0.0.5:evil", 403),
     ] {
         let (s, b) = request(
             p.admin,
@@ -1132,11 +1141,23 @@ async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
             "absolute form by IP: {status} (want 200): {short:?}"
         ));
     }
+    let (status, text) = raw_admin(
+        p.admin,
+        "GET http://[::1]evil.com/api/status HTTP/1.1\r\nHost: [::1]evil.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    if status != 403 {
+        let short: String = text.chars().take(300).collect();
+        problems.push(format!(
+            "absolute form [::1]evil.com: {status} (want 403): {short:?}"
+        ));
+    }
     let c = h2c_client(p.admin).await;
     for (uri, want) in [
         ("http://10.0.0.5:9090/api/status", 200),
         ("http://[2001:db8::5]/api/status", 200),
         ("http://rebind.example/api/status", 403),
+        ("http://[::1]evil.com/api/status", 403),
     ] {
         let (status, _, _) = h2c_request(&c, "GET", uri).await;
         if status != want {

@@ -701,17 +701,17 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, &'static str> {
 }
 
 fn host_allowed(app: &App, value: &str) -> bool {
-    let host = match value.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => value.rsplit_once(':').map(|(h, _)| h).unwrap_or(value),
-    }
-    .to_ascii_lowercase();
+    // An IP literal cannot be a DNS-rebinding attack: a page on the attacker's domain makes the
+    // browser send that domain's name, never the address it resolved to.
+    let host = match split_host(value) {
+        None => return false,
+        Some(Host::V6) => return true,
+        Some(Host::Other(h)) => h.to_ascii_lowercase(),
+    };
     if host == "localhost" || host.ends_with(".localhost") {
         return true;
     }
-    // An IP literal cannot be a DNS-rebinding attack: a page on the attacker's domain makes the
-    // browser send that domain's name, never the address it resolved to.
-    if host.parse::<std::net::IpAddr>().is_ok() {
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
         return true;
     }
     app.snapshot()
@@ -720,6 +720,37 @@ fn host_allowed(app: &App, value: &str) -> bool {
         .allowed_hosts
         .iter()
         .any(|h| h == &host)
+}
+
+enum Host<'a> {
+    /// A bracketed IPv6 literal.
+    V6,
+    /// A name or an IPv4 address.
+    Other(&'a str),
+}
+
+/// The host of a Host value or authority without its port: `[IPv6]` or a name/IPv4, then
+/// nothing or `:` and digits (RFC 3986 3.2.2, 3.2.3). `None` when malformed: text after `]`
+/// other than a port (`[::1]evil.com`), brackets around something that is not IPv6, a port
+/// that is not digits.
+fn split_host(value: &str) -> Option<Host<'_>> {
+    let (host, port) = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (ip, after) = rest.split_once(']')?;
+            ip.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match after {
+                "" => None,
+                a => Some(a.strip_prefix(':')?),
+            };
+            (Host::V6, port)
+        }
+        None => match value.rsplit_once(':') {
+            Some((h, p)) => (Host::Other(h), Some(p)),
+            None => (Host::Other(value), None),
+        },
+    };
+    port.is_none_or(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(host)
 }
 
 /// A HEAD answer: the GET answer's fields, its Content-Length included, and no body (RFC 9110
