@@ -235,6 +235,39 @@ fn check_takes_number_and_boolean_looking_overrides_of_string_keys() {
     assert!(stdout.contains("ok"), "{stdout}");
 }
 
+/// Two overrides where one's key is inside the other's are refused with exit 1, naming both
+/// variables, in every run: applied in hash-map order, they were an error in some runs and in
+/// others dropped the file's whole `[proxy]` table.
+#[test]
+fn check_refuses_overrides_one_inside_the_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "c.toml",
+        "[proxy]\nlisten = \"127.0.0.1:8088\"\n[[services]]\nname = \"api\"\n\
+         blue = { upstreams = [\"127.0.0.1:3001\"] }\ngreen = { upstreams = [\"127.0.0.1:3011\"] }\n",
+    );
+    for _ in 0..5 {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["check", "--config", &file])
+            .env("RUST_LOG", "warn")
+            .env("SWITCHYARD__PROXY", "1")
+            .env("SWITCHYARD__PROXY__WORKERS", "4")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run switchyard");
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        assert!(
+            stderr.contains("proxy: ")
+                && stderr.contains("SWITCHYARD__PROXY ")
+                && stderr.contains("SWITCHYARD__PROXY__WORKERS ")
+                && stderr.contains("set only one"),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn check_of_a_missing_file_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -461,6 +461,73 @@ fn every_section_key_can_be_overridden_from_the_environment() {
     assert!(e.contains("proxy.zz_unknown: unknown key"), "{e}");
 }
 
+/// Two variables where one's key is the other's or inside it are refused, naming both, every
+/// time: the `config` crate applied them in hash-map order, so `SWITCHYARD__PROXY=1` with
+/// `SWITCHYARD__PROXY__WORKERS=4` was an error in some runs and in others silently dropped
+/// the file's whole `[proxy]` table. A variable with no key is refused, naming it.
+#[test]
+fn overlapping_or_empty_environment_keys_are_refused_naming_the_variables() {
+    let file = format!("[proxy]\nlisten = \"127.0.0.1:8088\"\n{SERVICE}");
+    let mut problems = Vec::new();
+    type Vars<'a> = &'a [(&'a str, &'a str)];
+    let cases: &[(Vars, &[&str])] = &[
+        (
+            &[
+                ("SWITCHYARD__PROXY", "1"),
+                ("SWITCHYARD__PROXY__WORKERS", "4"),
+            ],
+            &[
+                "proxy: ",
+                "SWITCHYARD__PROXY ",
+                "SWITCHYARD__PROXY__WORKERS ",
+                "proxy.workers",
+            ],
+        ),
+        (
+            &[
+                ("SWITCHYARD__STATE__PATH", "a.json"),
+                ("SWITCHYARD__state__path", "b.json"),
+            ],
+            &[
+                "state.path: ",
+                "SWITCHYARD__STATE__PATH ",
+                "SWITCHYARD__state__path ",
+            ],
+        ),
+        (
+            &[("SWITCHYARD__", "1")],
+            &["environment variable SWITCHYARD__ names no key"],
+        ),
+    ];
+    for (env, want) in cases {
+        // Hash-map order changes from map to map: ask often enough to meet both orders.
+        for _ in 0..20 {
+            match parse_env(&file, env) {
+                Ok(cfg) => {
+                    problems.push(format!("{env:?}: accepted (listen {})", cfg.proxy.listen));
+                    break;
+                }
+                Err(e) if want.iter().all(|w| e.contains(w)) && e.lines().count() == 1 => {}
+                Err(e) => {
+                    problems.push(format!("{env:?}: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    // Keys that only share a beginning are not inside one another.
+    if let Err(e) = parse_env(
+        &file,
+        &[
+            ("SWITCHYARD__LOG__ACCESS", "stderr"),
+            ("SWITCHYARD__LOG__ACCESS_FORMAT", "combined"),
+        ],
+    ) {
+        problems.push(format!("log.access with log.access_format: {e}"));
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 /// An override is typed by its key, not by what its value looks like: a string key keeps "123"
 /// or "true" as written (the `config` crate's `try_parsing` made them an integer and a boolean,
 /// and `state.path` refused them), while an integer key still reads "7", a boolean key "true"

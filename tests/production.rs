@@ -1094,6 +1094,15 @@ async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
         ("switchyard:9090", 403),
         ("10.0.0.5.nip.io", 403),
         ("evil.example", 403),
+        // Only a port may follow a bracketed IPv6 literal; brackets hold IPv6 only.
+        ("[::1]evil.com", 403),
+        ("[::1]evil.com:9090", 403),
+        ("[::1].evil.com", 403),
+        ("[::1]:9090evil", 403),
+        ("[::1]:", 200),
+        ("[10.0.0.5]", 403),
+        ("[localhost]", 403),
+        ("10.0.0.5:evil", 403),
     ] {
         let (s, b) = request(
             p.admin,
@@ -1132,6 +1141,17 @@ async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
             "absolute form by IP: {status} (want 200): {short:?}"
         ));
     }
+    let (status, text) = raw_admin(
+        p.admin,
+        "GET http://[::1]evil.com/api/status HTTP/1.1\r\nHost: [::1]evil.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    if status != 403 {
+        let short: String = text.chars().take(300).collect();
+        problems.push(format!(
+            "absolute form [::1]evil.com: {status} (want 403): {short:?}"
+        ));
+    }
     let c = h2c_client(p.admin).await;
     h2_statuses(
         &c,
@@ -1139,6 +1159,7 @@ async fn admin_accepts_any_ip_literal_host_and_only_listed_names() {
             ("http://10.0.0.5:9090/api/status", 200),
             ("http://[2001:db8::5]/api/status", 200),
             ("http://rebind.example/api/status", 403),
+            ("http://[::1]evil.com/api/status", 403),
         ],
         &mut problems,
     )
@@ -1880,6 +1901,56 @@ async fn an_admin_post_whose_body_stalls_is_answered_408_and_its_slot_freed() {
     match tokio::time::timeout(Duration::from_secs(10), resp).await {
         Ok(Ok(r)) if r.status() == 408 => {}
         other => problems.push(format!("h2 stalled POST: {other:?}")),
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let (s, _) = admin_get(p.admin, "/api/status").await;
+    assert_eq!(s, 200);
+    p.stop().await;
+}
+
+/// A POST that declares a body over the 64 KiB limit is answered 413 (JSON) at once, before
+/// any of it is read: no `100 Continue` that would invite the upload, no wait for a body that
+/// is never sent, and the connection closed (the unread body is not the next request).
+#[tokio::test]
+async fn an_admin_post_declared_too_large_is_answered_413_before_its_body() {
+    let blue = TestUpstream::start("blue").await;
+    let body = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\n{}",
+        service("api", &[blue.addr], &[dead_addr().await], "")
+    );
+    let p = TestProxy::start(&body).await;
+    let mut problems = Vec::new();
+    for expect in ["Expect: 100-continue\r\n", ""] {
+        let head = format!(
+            "POST /api/services/api/flip HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\n{expect}Content-Length: 70000\r\n\r\n"
+        );
+        let mut s = TcpStream::connect(p.admin).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        if read.is_err()
+            || !text.starts_with("HTTP/1.1 413 ")
+            || !text.contains("\"error\"")
+            || !text.to_ascii_lowercase().contains("connection: close")
+        {
+            problems.push(format!("{expect:?}: {text:?}"));
+        }
+    }
+    // h2: the stream answered 413 with no DATA sent.
+    let c = h2c_client(p.admin).await;
+    let req = Request::post("http://127.0.0.1/api/services/api/flip")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .header("content-length", "70000")
+        .body(())
+        .expect("request");
+    let mut c = c.ready().await.expect("ready");
+    let (resp, _tx) = c.send_request(req, false).expect("send");
+    match tokio::time::timeout(T, resp).await {
+        Ok(Ok(r)) if r.status() == 413 => {}
+        other => problems.push(format!("h2: {other:?}")),
     }
     assert!(problems.is_empty(), "{problems:#?}");
     let (s, _) = admin_get(p.admin, "/api/status").await;

@@ -554,14 +554,17 @@ async fn read_json_body(
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         });
     let http1 = req.version() < Version::HTTP_2;
+    // A body declared too large is refused before any of it is read: polling the body is what
+    // makes hyper send `100 Continue`, which would invite the client to upload it all first.
+    // The unread body must not be parsed as the next request, hence `Connection: close`.
+    if declared_len(&req).is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(closing(too_large(), http1));
+    }
     let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
     let bytes = match read.await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large (64 KiB at most)",
-            ))
+            return Err(closing(too_large(), http1))
         }
         Ok(Err(_)) => {
             return Err(closing(
@@ -605,6 +608,26 @@ async fn read_json_body(
         return Ok(None);
     }
     Ok(Some(bytes))
+}
+
+/// The body length the request declares before any of it is read: its `Content-Length`, or
+/// the lower bound hyper knows from the framing. A `Content-Length` that is not a number is
+/// hyper's to refuse; here it declares nothing.
+fn declared_len(req: &Request<Incoming>) -> Option<u64> {
+    let header = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let hint = req.body().size_hint().lower();
+    Some(header.unwrap_or(0).max(hint)).filter(|&n| n > 0)
+}
+
+fn too_large() -> AdminResponse {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large (64 KiB at most)",
+    )
 }
 
 fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
@@ -678,17 +701,17 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, &'static str> {
 }
 
 fn host_allowed(app: &App, value: &str) -> bool {
-    let host = match value.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => value.rsplit_once(':').map(|(h, _)| h).unwrap_or(value),
-    }
-    .to_ascii_lowercase();
+    // An IP literal cannot be a DNS-rebinding attack: a page on the attacker's domain makes the
+    // browser send that domain's name, never the address it resolved to.
+    let host = match split_host(value) {
+        None => return false,
+        Some(Host::V6) => return true,
+        Some(Host::Other(h)) => h.to_ascii_lowercase(),
+    };
     if host == "localhost" || host.ends_with(".localhost") {
         return true;
     }
-    // An IP literal cannot be a DNS-rebinding attack: a page on the attacker's domain makes the
-    // browser send that domain's name, never the address it resolved to.
-    if host.parse::<std::net::IpAddr>().is_ok() {
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
         return true;
     }
     app.snapshot()
@@ -697,6 +720,37 @@ fn host_allowed(app: &App, value: &str) -> bool {
         .allowed_hosts
         .iter()
         .any(|h| h == &host)
+}
+
+enum Host<'a> {
+    /// A bracketed IPv6 literal.
+    V6,
+    /// A name or an IPv4 address.
+    Other(&'a str),
+}
+
+/// The host of a Host value or authority without its port: `[IPv6]` or a name/IPv4, then
+/// nothing or `:` and digits (RFC 3986 3.2.2, 3.2.3). `None` when malformed: text after `]`
+/// other than a port (`[::1]evil.com`), brackets around something that is not IPv6, a port
+/// that is not digits.
+fn split_host(value: &str) -> Option<Host<'_>> {
+    let (host, port) = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (ip, after) = rest.split_once(']')?;
+            ip.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match after {
+                "" => None,
+                a => Some(a.strip_prefix(':')?),
+            };
+            (Host::V6, port)
+        }
+        None => match value.rsplit_once(':') {
+            Some((h, p)) => (Host::Other(h), Some(p)),
+            None => (Host::Other(value), None),
+        },
+    };
+    port.is_none_or(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(host)
 }
 
 /// A HEAD answer: the GET answer's fields, its Content-Length included, and no body (RFC 9110

@@ -345,8 +345,16 @@ fn parse_key(key: &str) -> Vec<Seg> {
 }
 
 /// The keys `SWITCHYARD__*` variables set, each with its variable, read as the `config` crate
-/// reads them (any case, `__` between the parts).
-pub(super) fn env_keys(env: Option<&HashMap<String, String>>) -> Vec<(String, String)> {
+/// reads them (any case, `__` between the parts), sorted by key.
+///
+/// Refused, each pair naming both variables: two variables setting the same key (they may
+/// differ only in case) or one a key inside the other's (`SWITCHYARD__PROXY` and
+/// `SWITCHYARD__PROXY__WORKERS`). The `config` crate applies variables in hash-map order, so
+/// such a pair gave a different config from run to run (an error, or the file's whole table
+/// replaced). And a variable with no key (`SWITCHYARD__`).
+pub(super) fn env_keys(
+    env: Option<&HashMap<String, String>>,
+) -> Result<Vec<(String, String)>, Vec<ConfigError>> {
     const PREFIX: &str = "switchyard__";
     let names: Vec<String> = match env {
         Some(env) => env.keys().cloned().collect(),
@@ -359,11 +367,51 @@ pub(super) fn env_keys(env: Option<&HashMap<String, String>>) -> Vec<(String, St
         .filter_map(|var| {
             let lower = var.to_lowercase();
             let key = lower.strip_prefix(PREFIX)?.replace("__", ".");
-            (!key.is_empty()).then_some((key, var))
+            Some((key, var))
         })
         .collect();
     keys.sort();
-    keys
+    let mut errors = Vec::new();
+    for (i, (key, var)) in keys.iter().enumerate() {
+        if key.is_empty() {
+            errors.push(ConfigError {
+                key: String::new(),
+                message: format!(
+                    "environment variable {var} names no key (use SWITCHYARD__SECTION__KEY, e.g. SWITCHYARD__PROXY__WORKERS)"
+                ),
+            });
+            continue;
+        }
+        for (other, other_var) in &keys[i + 1..] {
+            let message = if other == key {
+                format!("set by both environment variables {var} and {other_var} (which would win is not defined); set only one")
+            } else if within(other, key) {
+                format!(
+                    "set by environment variable {var} while {other_var} sets {other}, inside it (which would win is not defined); set only one"
+                )
+            } else {
+                continue;
+            };
+            errors.push(ConfigError {
+                key: key.clone(),
+                message,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(keys)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Whether key `a` is `b` or inside it (`proxy.workers` in `proxy`, `services[0]` in
+/// `services`).
+fn within(a: &str, b: &str) -> bool {
+    a == b
+        || (!b.is_empty()
+            && a.strip_prefix(b)
+                .is_some_and(|r| r.starts_with('.') || r.starts_with('[')))
 }
 
 /// Names the variable behind each error at, under or above a key the environment set: the
@@ -372,16 +420,10 @@ pub(super) fn name_env_vars(errors: &mut [ConfigError], keys: &[(String, String)
     if keys.is_empty() {
         return;
     }
-    let related = |a: &str, b: &str| {
-        a == b
-            || (!b.is_empty()
-                && a.strip_prefix(b)
-                    .is_some_and(|r| r.starts_with('.') || r.starts_with('[')))
-    };
     for e in errors {
         let vars: Vec<&str> = keys
             .iter()
-            .filter(|(k, _)| related(&e.key, k) || related(k, &e.key))
+            .filter(|(k, _)| within(&e.key, k) || within(k, &e.key))
             .map(|(_, v)| v.as_str())
             .collect();
         match vars.as_slice() {

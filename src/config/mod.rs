@@ -92,7 +92,7 @@ pub fn from_toml_str_with_env(
             message,
         }])
     };
-    let env_keys = de::env_keys(env.as_ref());
+    let env_keys = de::env_keys(env.as_ref()).map_err(ConfigErrors)?;
     // Every variable is read as a string; [`de::deserialize`] turns one into the number or
     // boolean its key takes only where the key asks for one, so that a string key keeps "123"
     // or "true" as written (the `config` crate's `try_parsing` guessed the type from the value
