@@ -1654,11 +1654,15 @@ async fn request_timeout_counts_from_the_end_of_the_upload() {
 #[tokio::test]
 async fn a_path_prefix_matches_the_path_the_upstream_will_serve() {
     let adm = TestUpstream::start("adm").await;
+    let dots = TestUpstream::start("dots").await;
     let web = TestUpstream::start("web").await;
     let dead = dead_addr().await;
+    // A prefix's last segment is unfinished: `/echo/.` is the prefix of `/echo/.env`, not of
+    // every `/echo/` path.
     let body = format!(
-        "{}{}",
+        "{}{}{}",
         service("adm", &[adm.addr], &[dead], "path_prefix = \"/echo/admin\""),
+        service("dots", &[dots.addr], &[dead], "path_prefix = \"/echo/.\""),
         service("web", &[web.addr], &[dead], "")
     );
     let p = TestProxy::start(&body).await;
@@ -1667,6 +1671,8 @@ async fn a_path_prefix_matches_the_path_the_upstream_will_serve() {
         ("/echo/admin/p", "adm"),
         ("/echo/adminx", "adm"),
         ("/echo/x", "web"),
+        ("/echo/.env", "dots"),
+        ("/echo/%2Egit/x", "dots"),
         ("/echo/x/../admin/p", "adm"),
         ("/echo/./admin/p", "adm"),
         // RFC 3986: `//` is an empty segment, `%2F` a byte of one, as URL libraries read them.

@@ -27,28 +27,7 @@ pub fn normalized(path: &str) -> Cow<'_, str> {
     }
     // 6.2.2.1 and 6.2.2.2: unreserved characters decoded, other encodings in upper case.
     let mut decoded = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            if let (Some(h), Some(l)) = (
-                b.get(i + 1).and_then(|&c| hex(c)),
-                b.get(i + 2).and_then(|&c| hex(c)),
-            ) {
-                let c = h << 4 | l;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(c);
-                } else {
-                    decoded.push(b'%');
-                    decoded.push(b[i + 1].to_ascii_uppercase());
-                    decoded.push(b[i + 2].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(b[i]);
-        i += 1;
-    }
+    decode_unreserved(b, &mut decoded);
     // 5.2.4 on the segments after the leading `/`: `.` dropped, `..` drops the one before it;
     // a path ending in `.` or `..` keeps its trailing `/`.
     let mut segments: Vec<&[u8]> = Vec::new();
@@ -72,8 +51,68 @@ pub fn normalized(path: &str) -> Cow<'_, str> {
     if trailing || segments.is_empty() {
         out.push(b'/');
     }
-    // Only ASCII came in (a `&str` of a valid target) and only ASCII was decoded.
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    Cow::Owned(into_string(out))
+}
+
+/// A configured prefix (`path_prefix`, a `critical_5xx` path) in the form [`normalized`]
+/// paths are compared in. Bytes a path cannot hold as they are (a space, non-ASCII: RFC 3986
+/// `pchar`) are percent-encoded first, as a request must send them; the prefix's last segment
+/// is unfinished (a prefix matches what continues it: `/.` matches `/.env`), so it gets only
+/// its `%XX` decoded, never read as a dot segment.
+pub fn normalized_prefix(prefix: &str) -> String {
+    let mut encoded = Vec::with_capacity(prefix.len());
+    for &c in prefix.as_bytes() {
+        if c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&c) {
+            encoded.push(c);
+        } else {
+            encoded.extend_from_slice(&[b'%', HEX[usize::from(c >> 4)], HEX[usize::from(c & 15)]]);
+        }
+    }
+    let Some(last) = encoded.iter().rposition(|&c| c == b'/') else {
+        return into_string(encoded);
+    };
+    let (dirs, tail) = encoded.split_at(last + 1);
+    let mut out = normalized(&String::from_utf8_lossy(dirs))
+        .into_owned()
+        .into_bytes();
+    decode_unreserved(tail, &mut out);
+    into_string(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// `b` onto `out` with percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) decoded
+/// and the hex digits of the other encodings in upper case (RFC 3986 6.2.2.1, 6.2.2.2).
+fn decode_unreserved(b: &[u8], out: &mut Vec<u8>) {
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                let c = h << 4 | l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c);
+                } else {
+                    out.extend_from_slice(&[
+                        b'%',
+                        b[i + 1].to_ascii_uppercase(),
+                        b[i + 2].to_ascii_uppercase(),
+                    ]);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+}
+
+/// Only ASCII goes in (a `&str` target, or a prefix percent-encoded) and only ASCII is decoded.
+fn into_string(out: Vec<u8>) -> String {
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -87,7 +126,7 @@ fn hex(c: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::normalized;
+    use super::{normalized, normalized_prefix};
 
     #[test]
     fn paths_are_matched_as_the_upstream_resolves_them() {
@@ -134,5 +173,34 @@ mod tests {
             normalized("/api//users"),
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    /// A prefix's last segment is unfinished: `/.` stays the prefix of `/.env`, not `/`; what
+    /// a request must percent-encode is encoded in the prefix too.
+    #[test]
+    fn prefixes_keep_their_unfinished_last_segment() {
+        for (prefix, want) in [
+            ("/api", "/api"),
+            ("/api/", "/api/"),
+            ("/.", "/."),
+            ("/..", "/.."),
+            ("/%2e", "/."),
+            ("/static/.", "/static/."),
+            ("/x/../a", "/a"),
+            ("/v1/./caf%c3%a9", "/v1/caf%C3%A9"),
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/my files", "/my%20files"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/pay%6dents", "/payments"),
+            ("/x/%2E%2E/y", "/y"),
+        ] {
+            assert_eq!(normalized_prefix(prefix), want, "{prefix}");
+            // What the prefix names, as a request sends it, starts with it once normalized.
+            let request = format!("{want}more");
+            assert!(
+                normalized(&request).starts_with(want),
+                "{prefix}: {request}"
+            );
+        }
     }
 }

@@ -88,7 +88,7 @@ pub(super) fn service(c: &mut Check, key: &str, rs: RawService) -> Option<Servic
         // (`/a/./b` is `/a/b`, `%2f` is `%2F`), or it could never match what it names.
         path_prefix: rs
             .path_prefix
-            .map(|p| crate::http::path::normalized(&p).into_owned()),
+            .map(|p| crate::http::path::normalized_prefix(&p)),
         active,
         blue: blue?,
         green: green?,

@@ -155,7 +155,7 @@ fn critical_5xx(c: &mut Check, key: &str, t: &RawTrigger) -> (Vec<String>, u64) 
     // In the normalized form requests are matched in (see `path_prefix`).
     let paths = paths
         .iter()
-        .map(|p| crate::http::path::normalized(p).into_owned())
+        .map(|p| crate::http::path::normalized_prefix(p))
         .collect();
     (paths, above)
 }
