@@ -536,10 +536,9 @@ pub struct CriticalPaths {
 }
 
 impl CriticalPaths {
-    /// `path` as received: matched as the upstream resolves it
-    /// ([`crate::http::path::normalized`]), so `/api/./payments` is `/api/payments`.
+    /// `path` normalized as [`crate::http::path::normalized`] makes it (`/api/./payments` is
+    /// `/api/payments`), as the paths are.
     pub fn matches(&self, path: &str) -> bool {
-        let path = crate::http::path::normalized(path);
         self.paths.iter().any(|p| path.starts_with(p.as_str()))
     }
 }

@@ -62,8 +62,10 @@ impl Outcome {
             up.count_failure_of(kind, self.live);
             if self.live {
                 let path = self.path.as_ref().map(|p| p.path()).unwrap_or("/");
+                // Once, for every trigger: matched as the upstream resolves it.
+                let path = crate::http::path::normalized(path);
                 for c in &pool.critical {
-                    if c.matches(path) {
+                    if c.matches(&path) {
                         c.counter.add(epoch, 1);
                     }
                 }
