@@ -1192,6 +1192,23 @@ async fn h2_statuses(
     }
 }
 
+/// An authorized h2 POST of a flip declaring `length` body bytes, none sent yet: the response
+/// to come and the stream to send the body on.
+async fn h2_flip_post(
+    admin: SocketAddr,
+    length: u64,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let c = h2c_client(admin).await;
+    let req = Request::post("http://127.0.0.1/api/services/api/flip")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .header("content-length", length)
+        .body(())
+        .expect("request");
+    let mut c = c.ready().await.expect("ready");
+    c.send_request(req, false).expect("send")
+}
+
 /// An h2c client (raw frames, the `h2` crate) on `addr`.
 async fn h2c_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
     let tcp = TcpStream::connect(addr).await.expect("connect");
@@ -1882,15 +1899,7 @@ async fn an_admin_post_whose_body_stalls_is_answered_408_and_its_slot_freed() {
         problems.push(format!("body cut short: {cut:?}"));
     }
     // h2: the stream answered 408 too.
-    let c = h2c_client(p.admin).await;
-    let req = Request::post("http://127.0.0.1/api/services/api/flip")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("content-type", "application/json")
-        .header("content-length", "100")
-        .body(())
-        .expect("request");
-    let mut c = c.ready().await.expect("ready");
-    let (resp, mut tx) = c.send_request(req, false).expect("send");
+    let (resp, mut tx) = h2_flip_post(p.admin, 100).await;
     tx.send_data(Bytes::from_static(b"{"), false).expect("data");
     match tokio::time::timeout(Duration::from_secs(10), resp).await {
         Ok(Ok(r)) if r.status() == 408 => {}
@@ -1919,13 +1928,9 @@ async fn an_admin_post_declared_too_large_is_answered_413_before_its_body() {
             "POST /api/services/api/flip HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
              Content-Type: application/json\r\n{expect}Content-Length: 70000\r\n\r\n"
         );
-        let mut s = TcpStream::connect(p.admin).await.expect("connect");
-        s.write_all(head.as_bytes()).await.expect("write");
-        let mut out = Vec::new();
-        let read = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out);
-        if read.is_err()
-            || !text.starts_with("HTTP/1.1 413 ")
+        // Read to the end: the connection must close (no wait for the body).
+        let (_, text) = raw_admin(p.admin, &head).await;
+        if !text.starts_with("HTTP/1.1 413 ")
             || !text.contains("\"error\"")
             || !text.to_ascii_lowercase().contains("connection: close")
         {
@@ -1933,15 +1938,7 @@ async fn an_admin_post_declared_too_large_is_answered_413_before_its_body() {
         }
     }
     // h2: the stream answered 413 with no DATA sent.
-    let c = h2c_client(p.admin).await;
-    let req = Request::post("http://127.0.0.1/api/services/api/flip")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("content-type", "application/json")
-        .header("content-length", "70000")
-        .body(())
-        .expect("request");
-    let mut c = c.ready().await.expect("ready");
-    let (resp, _tx) = c.send_request(req, false).expect("send");
+    let (resp, _tx) = h2_flip_post(p.admin, 70_000).await;
     match tokio::time::timeout(T, resp).await {
         Ok(Ok(r)) if r.status() == 413 => {}
         other => problems.push(format!("h2: {other:?}")),

@@ -62,6 +62,46 @@ impl Tally {
 }
 
 /// Requests on one keep-alive client (its own pool), until `stop`.
+/// Clients on the proxy until stopped: `pairs` keep-alive and `pairs` new-connection loops.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Started, and returned once `min_ok` requests have succeeded.
+    async fn start(proxy: SocketAddr, pairs: usize, min_ok: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Tally::default());
+        let mut tasks = Vec::new();
+        for _ in 0..pairs {
+            tasks.push(tokio::spawn(keep_alive_load(
+                proxy,
+                stop.clone(),
+                tally.clone(),
+            )));
+            tasks.push(tokio::spawn(new_connection_load(
+                proxy,
+                stop.clone(),
+                tally.clone(),
+            )));
+        }
+        assert!(
+            eventually(10, || async { tally.ok.load(Ordering::SeqCst) >= min_ok }).await,
+            "the load did not get going"
+        );
+        Load { stop, tally, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("load task");
+        }
+    }
+}
+
 async fn keep_alive_load(proxy: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(1)
@@ -146,25 +186,8 @@ async fn upgrade_under_load(runtime: &str) {
     .await;
     assert_eq!(s, 200);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        load.push(tokio::spawn(keep_alive_load(
-            proxy,
-            stop.clone(),
-            tally.clone(),
-        )));
-        load.push(tokio::spawn(new_connection_load(
-            proxy,
-            stop.clone(),
-            tally.clone(),
-        )));
-    }
-    assert!(
-        eventually(10, || async { tally.ok.load(Ordering::SeqCst) >= 200 }).await,
-        "the load did not get going"
-    );
+    let load = Load::start(proxy, 4, 200).await;
+    let tally = load.tally.clone();
 
     let new_log = dir.path().join("new.log");
     let mut new = spawn_serve(&cfg, &new_log, true);
@@ -185,10 +208,7 @@ async fn upgrade_under_load(runtime: &str) {
         eventually(20, || async { tally.ok.load(Ordering::SeqCst) >= target }).await,
         "the new process does not serve"
     );
-    stop.store(true, Ordering::SeqCst);
-    for t in load {
-        t.await.expect("load task");
-    }
+    load.stop().await;
     let logs = format!(
         "old:\n{}\nnew:\n{}",
         std::fs::read_to_string(&old_log).unwrap_or_default(),
@@ -600,25 +620,8 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
         .await,
         "the first process did not start"
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let mut load = Vec::new();
-    for _ in 0..2 {
-        load.push(tokio::spawn(keep_alive_load(
-            proxy,
-            stop.clone(),
-            tally.clone(),
-        )));
-        load.push(tokio::spawn(new_connection_load(
-            proxy,
-            stop.clone(),
-            tally.clone(),
-        )));
-    }
-    assert!(
-        eventually(10, || async { tally.ok.load(Ordering::SeqCst) >= 100 }).await,
-        "the load did not get going"
-    );
+    let load = Load::start(proxy, 2, 100).await;
+    let tally = load.tally.clone();
 
     let slow_log = dir.path().join("slow.log");
     let mut slow = spawn_serve(slow_cfg, &slow_log, true);
@@ -652,10 +655,7 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
         "the old process does not serve: {}",
         logs()
     );
-    stop.store(true, Ordering::SeqCst);
-    for t in load {
-        t.await.expect("load task");
-    }
+    load.stop().await;
     let failed = tally.failed.load(Ordering::SeqCst);
     assert_eq!(
         failed,
