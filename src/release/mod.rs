@@ -1024,8 +1024,9 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
 }
 
 /// Marks a release that `serve` ended before the app started (its state was reset or missing)
-/// in `<state>.release.json`'s `recent`: once the app is up, [`resume`] records its event and
-/// counts it in `switchyard_releases_total`, then stores the record without the mark.
+/// in `<state>.release.json`'s `recent`: once the app is up, [`resume`] stores the record
+/// without the mark, then (that write done) records its event and counts it in
+/// `switchyard_releases_total`: recorded once, even if the process dies between the two.
 const UNANNOUNCED: &str = "unannounced";
 
 /// `serve --reset-state` with the file backend, once the state file was moved aside (every
@@ -1122,19 +1123,12 @@ fn end_stored(
 }
 
 /// The releases `serve` ended before the app started ([`UNANNOUNCED`] in `recent`), once the
-/// app is up: each one's `release_abort` event (actor `startup`, the reason) and its count in
-/// `switchyard_releases_total{result}`, as an abort records them. The record is then stored
-/// again without the marks (the writer stores [`crate::release_record::persisted`]).
-async fn announce_ended_at_startup(app: &Arc<App>, recent: &[Value]) {
-    let mut any = false;
-    for v in recent
-        .iter()
-        .filter(|v| v[UNANNOUNCED] == Value::Bool(true))
-    {
-        let Some(rel) = Release::from_stored(v) else {
-            continue;
-        };
-        any = true;
+/// app is up and their end is stored without the marks: each one's `release_abort` event (actor
+/// `startup`, the reason) and its count in `switchyard_releases_total{result}`, as an abort
+/// records them. Only after that write: a process killed between the two finds the marks gone
+/// and does not record them again (killed before it, the next start records them).
+async fn announce_ended_at_startup(app: &Arc<App>, ended: Vec<Release>) {
+    for rel in ended {
         // `serve` said so on stderr before startup; the event is its record.
         let why = rel.reason.clone().unwrap_or_default();
         app.releases
@@ -1150,11 +1144,12 @@ async fn announce_ended_at_startup(app: &Arc<App>, recent: &[Value]) {
         ))
         .await;
     }
-    if any {
-        let inner = app.releases.lock();
-        app.releases.publish(&inner);
-    }
 }
+
+/// The first retry of a failed write while ended releases wait for it to be announced; doubled
+/// after each failure up to [`WRITE_RETRY_MAX`].
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// At startup: lists the ended releases stored beside the state again, resumes the release that
 /// was running when the process stopped (a bake resumes with the time already spent counted),
@@ -1176,38 +1171,82 @@ pub async fn resume(app: &Arc<App>) {
     if app.releases.persist.set(tx).is_err() {
         return;
     }
+    // The releases `serve` ended before startup, announced once their end is stored unmarked.
+    let mut unannounced: Vec<Release> = Vec::new();
+    if let Some(v) = &stored {
+        // Before the running release is adopted: its first write must carry them along.
+        let recent = v["recent"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let readable: Vec<Release> = recent.iter().filter_map(Release::from_stored).collect();
+        if readable.len() < recent.len() {
+            tracing::warn!(path = %path.display(), unreadable = recent.len() - readable.len(), "some ended releases stored beside the state are unreadable; they are not listed");
+        }
+        app.releases.restore_recent(readable);
+        unannounced = recent
+            .iter()
+            .filter(|r| r[UNANNOUNCED] == Value::Bool(true))
+            .filter_map(Release::from_stored)
+            .collect();
+        if !unannounced.is_empty() {
+            // The file as it is, without the marks (nothing else writes it yet).
+            let mut unmarked = v.clone();
+            if let Some(list) = unmarked["recent"].as_array_mut() {
+                for r in list.iter_mut().filter_map(Value::as_object_mut) {
+                    r.remove(UNANNOUNCED);
+                }
+            }
+            let p3 = path.clone();
+            match tokio::task::spawn_blocking(move || write_atomic(&p3, &unmarked)).await {
+                Ok(Ok(())) => {
+                    announce_ended_at_startup(app, std::mem::take(&mut unannounced)).await
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot store the end of the release ended at startup; it is recorded once it is stored (retried)")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the write of the release ended at startup failed; it is recorded once it is stored (retried)")
+                }
+            }
+        }
+    }
     let shutdown = app.shutdown.child_token();
     let wpath = path.clone();
     let app2 = app.clone();
     tokio::spawn(async move {
+        let mut retry = WRITE_RETRY;
         loop {
             tokio::select! {
                 biased;
                 r = rx.changed() => if r.is_err() { return },
-                _ = shutdown.cancelled() => return,
+                () = tokio::time::sleep(retry), if !unannounced.is_empty() => {}
+                () = shutdown.cancelled() => return,
             }
             rx.borrow_and_update();
             // The whole record as it is now: the ended releases too.
             let record = crate::release_record::persisted(&app2.releases);
             let path = wpath.clone();
             let written = tokio::task::spawn_blocking(move || write_atomic(&path, &record)).await;
-            if let Ok(Err(e)) = written {
-                tracing::warn!(error = %e, "cannot store the releases; a restart would not resume the running one nor list the ended ones");
+            match written {
+                Ok(Ok(())) => {
+                    // Stored without the startup marks: only now are those ends recorded.
+                    if !unannounced.is_empty() {
+                        announce_ended_at_startup(&app2, std::mem::take(&mut unannounced)).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot store the releases; a restart would not resume the running one nor list the ended ones");
+                    retry = (retry * 2).min(WRITE_RETRY_MAX);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the write of the releases failed");
+                    retry = (retry * 2).min(WRITE_RETRY_MAX);
+                }
             }
         }
     });
     let Some(v) = stored else { return };
-    // Before the running release is adopted: its first write must carry them along.
-    let recent = v["recent"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let readable: Vec<Release> = recent.iter().filter_map(Release::from_stored).collect();
-    if readable.len() < recent.len() {
-        tracing::warn!(path = %path.display(), unreadable = recent.len() - readable.len(), "some ended releases stored beside the state are unreadable; they are not listed");
-    }
-    app.releases.restore_recent(readable);
-    announce_ended_at_startup(app, recent).await;
     if v["current"].is_null() {
         return;
     }
@@ -1533,6 +1572,71 @@ gate = "manual"
         assert_eq!(r["phases"][1]["state"], "baking", "{r}");
         assert!(r["phases"][1]["ended_at"].is_string(), "{r}");
         assert!(r["phases"][1]["bake_left_secs"].is_null(), "{r}");
+    }
+
+    /// A release `serve` ended at startup is recorded (its `release_abort` event, its count)
+    /// only once its end is stored without the startup mark: while that write fails (its
+    /// temporary file's path is a directory) nothing is recorded and the file keeps the mark, as
+    /// a process killed between the two leaves it, so the next start records it; once the
+    /// retried write succeeds it is recorded, and a restart does not record it again.
+    #[tokio::test]
+    async fn a_release_ended_at_startup_is_recorded_only_once_its_end_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state.json");
+        let stored = state.with_extension("release.json");
+        let marked = || {
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(&stored).expect("read")).expect("json");
+            v["recent"][0][UNANNOUNCED] == Value::Bool(true)
+        };
+        let aborted = |app: &App| {
+            app.releases
+                .metrics
+                .total
+                .with_label_values(&["aborted"])
+                .get()
+        };
+        // A release running when the process stopped, then ended before the next start.
+        let first = app(dir.path()).await;
+        start(&first, &plan(TWO), "test").await.expect("start");
+        let record = crate::release_record::persisted(&first.releases);
+        first.shutdown.cancel();
+        drop(first);
+        std::fs::write(&stored, record.to_string()).expect("write");
+        end_stored_on_reset(&state).expect("end").expect("ended");
+        assert!(marked());
+        // The release file cannot be written (write_atomic's temporary file).
+        let blocker = stored.with_extension("release.json.tmp");
+        std::fs::create_dir(&blocker).expect("block");
+        std::fs::write(blocker.join("x"), b"x").expect("write");
+
+        let second = app(dir.path()).await;
+        resume(&second).await;
+        assert!(reasons(&second, "release_abort").is_empty());
+        assert_eq!(aborted(&second), 0);
+        assert!(marked(), "the mark went without a write");
+        std::fs::remove_dir_all(&blocker).expect("unblock");
+        let mut recorded = false;
+        for _ in 0..400 {
+            if !reasons(&second, "release_abort").is_empty() {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(recorded, "not recorded once its end could be stored");
+        assert!(!marked());
+        assert_eq!(reasons(&second, "release_abort").len(), 1);
+        assert_eq!(aborted(&second), 1);
+        second.shutdown.cancel();
+        drop(second);
+
+        // Restarted: listed from the audit log, not recorded again.
+        let third = app(dir.path()).await;
+        resume(&third).await;
+        assert_eq!(reasons(&third, "release_abort").len(), 1);
+        assert_eq!(aborted(&third), 0);
+        third.shutdown.cancel();
     }
 
     #[tokio::test(start_paused = true)]
