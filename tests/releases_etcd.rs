@@ -800,23 +800,60 @@ async fn a_history_read_etcd_does_not_answer_never_delays_following_the_release(
 /// when one answers again, nothing per try.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_history_read_backs_off_and_logs_once_each_way() {
+    // Only the history's range read sorts by create revision (prune does too, after an end
+    // this replica stores; it stores none).
+    a_failing_read_backs_off_and_logs_once_each_way(
+        "/sy-history-backoff/",
+        br#""sort_target":"CREATE""#.to_vec(),
+        "cannot read the release history from etcd",
+        "the release history is read from etcd again",
+    )
+    .await;
+}
+
+/// The same for the read of the release key itself (every half heartbeat while etcd answers):
+/// through an outage it is tried again with the same growing wait, not at every poll, and logged
+/// once each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_release_key_read_backs_off_and_logs_once_each_way() {
+    use base64::Engine as _;
+    let prefix = "/sy-key-backoff/";
+    // Only the key's plain read is a range of the key alone (a compare-and-swap names it with
+    // a `target`, a read at a past revision with a `revision`); no release runs here.
+    let key = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}release"));
+    a_failing_read_backs_off_and_logs_once_each_way(
+        prefix,
+        format!(r#"{{"key":"{key}"}}"#).into_bytes(),
+        "cannot read the release from etcd",
+        "the release is read from etcd again",
+    )
+    .await;
+}
+
+/// A replica whose etcd connections are closed by a relay when they send `pattern` (one kind of
+/// read; the other requests pass): at most 5 such reads in 3 s, then, the relay passing them
+/// again, one WARN `failing` and one INFO `again` in its log.
+async fn a_failing_read_backs_off_and_logs_once_each_way(
+    prefix: &str,
+    pattern: Vec<u8>,
+    failing: &str,
+    again: &str,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let relay = common::relay::Relay::start(etcd.addr()).await;
-    // Only the history's range read sorts by create revision (prune does too, after an end
-    // this replica stores; it stores none).
-    relay.cut_when_sent(Some(br#""sort_target":"CREATE""#));
+    relay.cut_when_sent(Some(&pattern));
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let (pp, ap) = (free_port(), free_port());
     let cfg = dir.path().join("switchyard.toml");
-    // Heartbeats every 200 ms: the key is read every 100 ms, the first history retry after it.
+    // Heartbeats every 200 ms: the key is read every 100 ms, the first retry after it.
     std::fs::write(
         &cfg,
         format!(
             "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{ap}\"\n\
              [state]\nbackend = \"etcd\"\npath = \"{}\"\netcd_endpoints = [\"{}\"]\n\
-             etcd_prefix = \"/sy-history-backoff/\"\netcd_timeout = \"3s\"\netcd_progress_interval = \"200ms\"\n{}",
+             etcd_prefix = \"{prefix}\"\netcd_timeout = \"3s\"\netcd_progress_interval = \"200ms\"\n{}",
             dir.path().join("state.json").display(),
             relay.endpoint(),
             service("api", &[blue.addr], &[green.addr], "")
@@ -836,16 +873,15 @@ async fn a_failing_history_read_backs_off_and_logs_once_each_way() {
         .spawn()
         .expect("spawn");
     let read = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-    let failing = eventually(20, || async { relay.cut_by_pattern() > 0 }).await;
-    assert!(failing, "the history was never read: {}", read());
+    let failing_now = eventually(20, || async { relay.cut_by_pattern() > 0 }).await;
+    assert!(failing_now, "never read: {}", read());
     let before = relay.cut_by_pattern();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let tries = relay.cut_by_pattern() - before;
-    assert!(tries <= 5, "{tries} history reads in 3 s: {}", read());
+    assert!(tries <= 5, "{tries} reads in 3 s: {}", read());
 
-    // etcd answers the history again: read on the next try.
+    // etcd answers again: read on the next try.
     relay.cut_when_sent(None);
-    let again = "the release history is read from etcd again";
     let recovered = eventually(40, || async { read().contains(again) }).await;
     assert!(recovered, "no recovery line: {}", read());
     let _ = child.start_kill();
@@ -857,7 +893,7 @@ async fn a_failing_history_read_backs_off_and_logs_once_each_way() {
             .map(str::to_string)
             .collect()
     };
-    let warns = lines("cannot read the release history from etcd");
+    let warns = lines(failing);
     assert_eq!(warns.len(), 1, "{text}");
     assert!(warns[0].contains(" WARN "), "{text}");
     let infos = lines(again);

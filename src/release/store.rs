@@ -437,25 +437,68 @@ async fn load_history(app: &App, store: &EtcdStore) -> Result<(), String> {
     }
 }
 
-/// The longest wait between two tries of a history read etcd does not answer.
-const HISTORY_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The longest wait between two tries of a periodic etcd read that keeps failing.
+const READ_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// The wait before the next try of a history read after `failures` (at least 1) in a row:
-/// `first`, doubled at each further failure, at most [`HISTORY_RETRY_MAX`] (or `first`, when
-/// longer).
-fn history_retry(first: Duration, failures: u32) -> Duration {
+/// The wait before the next try of a read after `failures` (at least 1) in a row: `first`,
+/// doubled at each further failure, at most [`READ_RETRY_MAX`] (or `first`, when longer).
+fn read_retry(first: Duration, failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     first
         .saturating_mul(1 << doublings)
-        .min(HISTORY_RETRY_MAX.max(first))
+        .min(READ_RETRY_MAX.max(first))
+}
+
+/// One periodic read of etcd (the release key, the history) through an outage: the wait before
+/// its next try is `first` while it answers, then grows after each failure in a row (doubled, up
+/// to [`READ_RETRY_MAX`]), so an outage costs a few requests, not one every poll; and the log
+/// says it once each way: one WARN when the reads start failing, one INFO when one answers
+/// again, nothing for each try between.
+struct ReadRetry {
+    first: Duration,
+    failures: u32,
+    /// The WARN, then the INFO.
+    failing: &'static str,
+    again: &'static str,
+}
+
+impl ReadRetry {
+    fn new(first: Duration, failing: &'static str, again: &'static str) -> ReadRetry {
+        ReadRetry {
+            first,
+            failures: 0,
+            failing,
+            again,
+        }
+    }
+
+    fn answered(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(tries = self.failures + 1, "{}", self.again);
+        }
+        self.failures = 0;
+    }
+
+    fn failed(&mut self, e: &dyn std::fmt::Display) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures == 1 {
+            tracing::warn!(error = %e, "{}", self.failing);
+        }
+    }
+
+    /// Until the next try.
+    fn wait(&self) -> Duration {
+        match self.failures {
+            0 => self.first,
+            n => read_retry(self.first, n),
+        }
+    }
 }
 
 /// Reads the history ([`load_history`]) each time `wanted` is notified (a notification during a
 /// read makes one more read after it), until shutdown. A read etcd does not answer is tried
-/// again after `first`, then after twice as long each time, up to [`HISTORY_RETRY_MAX`], until
-/// it answers: an etcd outage costs a few requests, not one every poll (a notification during
-/// the wait, from a read of the key that etcd answered, tries at once). One WARN when the reads
-/// start failing, one INFO when one answers again; nothing for each try between.
+/// again as [`ReadRetry`] says, from `first`, until it answers (a notification during the wait,
+/// from a read of the key that etcd answered, tries at once, the wait still growing).
 async fn history_reader(
     app: &App,
     store: &EtcdStore,
@@ -467,7 +510,11 @@ async fn history_reader(
             _ = wanted.notified() => {}
             _ = app.shutdown.cancelled() => return,
         }
-        let mut failures: u32 = 0;
+        let mut retry = ReadRetry::new(
+            first,
+            "cannot read the release history from etcd; `recent` may miss releases until it answers (tried again with a growing wait, up to 30s)",
+            "the release history is read from etcd again",
+        );
         loop {
             let read = tokio::select! {
                 r = load_history(app, store) => r,
@@ -475,25 +522,15 @@ async fn history_reader(
             };
             match read {
                 Ok(()) => {
-                    if failures > 0 {
-                        tracing::info!(
-                            tries = failures + 1,
-                            "the release history is read from etcd again"
-                        );
-                    }
+                    retry.answered();
                     break;
                 }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!(error = %e, "cannot read the release history from etcd; `recent` may miss releases until it answers (tried again with a growing wait, up to 30s)");
-                    }
-                }
+                Err(e) => retry.failed(&e),
             }
             // A notification meanwhile (a read of the key saw it move: etcd answers that one)
             // tries at once, the wait still growing.
             tokio::select! {
-                _ = tokio::time::sleep(history_retry(first, failures)) => {}
+                _ = tokio::time::sleep(retry.wait()) => {}
                 _ = wanted.notified() => {}
                 _ = app.shutdown.cancelled() => return,
             }
@@ -689,14 +726,22 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
         tokio::spawn(async move { history_reader(&app, &store, &history, poll).await });
     }
     history.notify_one();
+    // Read every `poll` while etcd answers; through an outage, with a growing wait (the
+    // heartbeat and a takeover wait with it: etcd would not take them either).
+    let mut key_reads = ReadRetry::new(
+        poll,
+        "cannot read the release from etcd; a release driven elsewhere is not followed nor taken over until it answers (tried again with a growing wait, up to 30s)",
+        "the release is read from etcd again",
+    );
     loop {
         match store.read_release().await {
             Ok(read) => {
+                key_reads.answered();
                 if read.mod_revision != app.releases.shared.seen().rev {
                     apply(&app, &read);
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read the release from etcd"),
+            Err(e) => key_reads.failed(&e),
         }
         // Whatever path saw the key move on (this read, this replica's own end or start).
         if app
@@ -741,7 +786,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             None => {}
         }
         tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(key_reads.wait()) => {}
             _ = app.shutdown.cancelled() => return,
         }
     }
@@ -752,15 +797,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failing_history_read_waits_longer_each_time_up_to_the_cap() {
+    fn a_failing_read_waits_longer_each_time_up_to_the_cap() {
         let ms = Duration::from_millis;
-        let waits: Vec<Duration> = (1..=6).map(|n| history_retry(ms(100), n)).collect();
+        let waits: Vec<Duration> = (1..=6).map(|n| read_retry(ms(100), n)).collect();
         assert_eq!(
             waits,
             [ms(100), ms(200), ms(400), ms(800), ms(1600), ms(3200)]
         );
-        assert_eq!(history_retry(ms(100), 10), HISTORY_RETRY_MAX);
-        assert_eq!(history_retry(ms(100), u32::MAX), HISTORY_RETRY_MAX);
-        assert_eq!(history_retry(Duration::from_secs(1), 6), HISTORY_RETRY_MAX);
+        assert_eq!(read_retry(ms(100), 10), READ_RETRY_MAX);
+        assert_eq!(read_retry(ms(100), u32::MAX), READ_RETRY_MAX);
+        assert_eq!(read_retry(Duration::from_secs(1), 6), READ_RETRY_MAX);
     }
 }
