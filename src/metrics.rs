@@ -164,7 +164,7 @@ impl Metrics {
         let rejected_requests_total = counter_vec(
             &r,
             REJECTED_REQUESTS_TOTAL,
-            "HTTP/1 requests answered 400 before parsing: a bare-LF line end (bare_lf), or both Content-Length and Transfer-Encoding (cl_te).",
+            "HTTP/1 requests answered 400 for request-smuggling framing: a bare-LF line end (bare_lf), both Content-Length and Transfer-Encoding (cl_te), or a request body's broken chunked framing (chunked).",
             &["reason"],
         );
         let client_closed_requests_total = IntCounter::new(
@@ -173,8 +173,8 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
         register(&r, Box::new(client_closed_requests_total.clone()));
-        // Both series exist from the start, at 0; their handles are resolved once, here.
-        let rejected_by_reason = ["bare_lf", "cl_te"]
+        // Every series exists from the start, at 0; their handles are resolved once, here.
+        let rejected_by_reason = ["bare_lf", "cl_te", "chunked"]
             .map(|reason| (reason, rejected_requests_total.with_label_values(&[reason])))
             .to_vec();
         let m = Metrics {

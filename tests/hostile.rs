@@ -734,7 +734,9 @@ async fn a_chunk_size_with_whitespace_and_no_extension_is_refused() {
 /// limit, data not followed by CRLF) is 400 with a body that says so, and the connection closes;
 /// a body the client stops sending (it shuts its side down mid-body) keeps its own answer. The
 /// same toward an HTTP/1.1 pool and an h2 one (whose client turns the body's error into a reset
-/// of its own).
+/// of its own). Each broken framing is counted in
+/// `switchyard_rejected_requests_total{reason="chunked"}` (at 0 from the start); the body cut
+/// short is not.
 #[tokio::test]
 async fn a_malformed_chunked_request_body_is_400_saying_the_framing_is_invalid() {
     let blue = TestUpstream::start("blue").await;
@@ -749,13 +751,18 @@ async fn a_malformed_chunked_request_body_is_400_saying_the_framing_is_invalid()
             if h2 { ", protocol = \"h2\"" } else { "" }
         ))
         .await;
-        for body in [
+        let chunked =
+            |n: usize| format!("switchyard_rejected_requests_total{{reason=\"chunked\"}} {n}\n");
+        let metrics = metrics_text(&p).await;
+        assert!(metrics.contains(&chunked(0)), "h2 {h2}: {metrics}");
+        let bodies = [
             "5 \r\nhello\r\n0\r\n\r\n",
             "zz\r\nhello\r\n0\r\n\r\n",
             "10000000000000005\r\nhello\r\n0\r\n\r\n",
             &unended,
             "5\r\nhelloXX\r\n0\r\n\r\n",
-        ] {
+        ];
+        for body in bodies {
             let mut s = TcpStream::connect(p.proxy).await.expect("connect");
             s.write_all(format!("{head}{body}").as_bytes())
                 .await
@@ -784,6 +791,11 @@ async fn a_malformed_chunked_request_body_is_400_saying_the_framing_is_invalid()
         assert!(
             text.ends_with("\r\n\r\nrequest body was not received\n"),
             "h2 {h2}: {text:?}"
+        );
+        let metrics = metrics_text(&p).await;
+        assert!(
+            metrics.contains(&chunked(bodies.len())),
+            "h2 {h2}: {metrics}"
         );
         p.stop().await;
     }

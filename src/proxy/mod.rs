@@ -723,8 +723,13 @@ fn finish(
         Ok(resp) => resp,
         Err(e) => {
             let answer = e.answer();
-            if let ProxyError::Upstream(err) = &e {
-                tracing::debug!(service = %svc.name(), upstream = %outcome.up.addr, error = %err, "upstream request failed");
+            match &e {
+                ProxyError::Upstream(err) => {
+                    tracing::debug!(service = %svc.name(), upstream = %outcome.up.addr, error = %err, "upstream request failed");
+                }
+                // Request-smuggling framing, as the server's refusals of a head are counted.
+                ProxyError::BodyMalformed => proxy.metrics.count_rejected("chunked"),
+                _ => {}
             }
             outcome.record(end, elapsed, answer.status.as_u16(), answer.failure);
             return served(e.response());
