@@ -231,6 +231,36 @@ impl FlipKind {
     }
 }
 
+/// Whether the file backend's state file is absent (not merely unreadable: its load says so).
+async fn state_file_missing(store: &StateStore) -> bool {
+    let Some(path) = store.local_path() else {
+        return false;
+    };
+    matches!(tokio::fs::symlink_metadata(&path).await, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// `serve --upgrade` without a state file: the live state the old process handed over (its
+/// services that the config still has), written back to the file. A failed write is logged;
+/// the state is served all the same (the next change writes the file).
+async fn restore_handed(
+    store: &StateStore,
+    config: &Config,
+    mut handed: HashMap<String, ServiceState>,
+) -> HashMap<String, ServiceState> {
+    handed.retain(|name, _| config.services.iter().any(|s| &s.name == name));
+    let path = store.local_path().unwrap_or_default();
+    let names: Vec<String> = handed.keys().cloned().collect();
+    match store.save(&handed, &HashMap::new(), &names).await {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), "the state file is missing: serving the live state the old process handed over (not the config's colors), written back to it")
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the state file is missing: serving the live state the old process handed over (not the config's colors); it could not be written back")
+        }
+    }
+    handed
+}
+
 impl App {
     /// Builds the app from a validated config: the stored state wins over the config's `active`.
     pub async fn new(
@@ -238,6 +268,20 @@ impl App {
         config_path: Option<PathBuf>,
         store: StateStore,
         admin_token: Option<String>,
+    ) -> Result<Arc<App>, StateError> {
+        App::new_handed(config, config_path, store, admin_token, None).await
+    }
+
+    /// As [`App::new`] in a process taking over from a running one (`serve --upgrade`):
+    /// `handed` is the live state the old process served when it handed over. With the file
+    /// backend and no state file (deleted, or `[state] path` changed while the old process
+    /// ran), this one starts from it rather than from the config's colors, and writes it back.
+    pub async fn new_handed(
+        config: Config,
+        config_path: Option<PathBuf>,
+        store: StateStore,
+        admin_token: Option<String>,
+        handed: Option<HashMap<String, ServiceState>>,
     ) -> Result<Arc<App>, StateError> {
         // A crash between a temp file's write and its rename leaves it behind.
         if let Some(path) = store.local_path() {
@@ -250,7 +294,12 @@ impl App {
                     etcd.save_cache(s.clone()).await;
                     (s, StateSource::Etcd)
                 } else {
-                    (s, StateSource::File)
+                    match handed {
+                        Some(h) if s.is_empty() && state_file_missing(&store).await => {
+                            (restore_handed(&store, &config, h).await, StateSource::File)
+                        }
+                        _ => (s, StateSource::File),
+                    }
                 }
             }
             // A replica that starts while etcd is down serves the last state it saw from etcd

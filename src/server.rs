@@ -141,9 +141,15 @@ pub async fn start_with(
     let upgrade_socket = config.proxy.upgrade_socket.clone();
     let proxy_cfg = config.proxy.clone();
     crate::guard::check_nofile(&config);
-    let app = App::new(config, opts.config_path, opts.store, opts.admin_token)
-        .await
-        .context("cannot load the live state")?;
+    let app = App::new_handed(
+        config,
+        opts.config_path,
+        opts.store,
+        opts.admin_token,
+        inherited.states.take(),
+    )
+    .await
+    .context("cannot load the live state")?;
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
     }

@@ -5,10 +5,12 @@
 //! Every running process listens on a Unix socket (`[proxy] upgrade_socket`). The exchange:
 //!
 //! 1. the new process connects and writes `switchyard-upgrade 1\n`;
-//! 2. the old one answers with one `sendmsg`: a JSON line naming its listeners
-//!    (`{"pid":…,"listeners":["proxy.listen","admin.listen",…]}`) and, as `SCM_RIGHTS`, the
-//!    listening sockets themselves, in the same order;
-//! 3. the new process loads the live state (file or etcd), starts accepting on those sockets,
+//! 2. the old one stops taking changes (flips answer 503), then answers with one `sendmsg`: a
+//!    JSON line naming its listeners and holding the live state it serves
+//!    (`{"pid":…,"listeners":["proxy.listen","admin.listen",…],"states":{…}}`) and, as
+//!    `SCM_RIGHTS`, the listening sockets themselves, in the same order;
+//! 3. the new process loads the live state (file or etcd; with the file backend and no state
+//!    file, the old process's `states`, written back), starts accepting on those sockets,
 //!    binds the upgrade socket itself, and writes `ready\n`;
 //! 4. the old process stops accepting and drains its connections within `shutdown_grace`, then
 //!    exits 0.
@@ -20,7 +22,7 @@
 //! The file descriptors travel through rustix's safe `sendmsg`/`recvmsg` wrappers (`OwnedFd` in,
 //! `OwnedFd` out); this crate has no `unsafe`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -37,6 +39,7 @@ use rustix::net::{
 };
 
 use crate::app::App;
+use crate::state::ServiceState;
 
 const HELLO: &[u8] = b"switchyard-upgrade 1\n";
 const READY: &[u8] = b"ready\n";
@@ -51,6 +54,10 @@ const MAX_FDS: usize = 64;
 struct Offer {
     pid: u32,
     listeners: Vec<String>,
+    /// The live state of every service as the old process serves it, read once its changes
+    /// stopped. Absent from an older Switchyard (and an older one ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    states: Option<BTreeMap<String, ServiceState>>,
 }
 
 /// Listening sockets received from the old process, by config key (`proxy.listen`,
@@ -61,6 +68,8 @@ pub struct Inherited {
     /// The old process: told `ready` once the new one serves.
     old: Option<UnixStream>,
     pub old_pid: u32,
+    /// The live state the old process served when it handed over (none from an older one).
+    pub states: Option<HashMap<String, ServiceState>>,
 }
 
 impl Inherited {
@@ -242,6 +251,7 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
         listeners,
         old: Some(s),
         old_pid: offer.pid,
+        states: offer.states.map(|m| m.into_iter().collect()),
     })
 }
 
@@ -339,9 +349,19 @@ impl Handover {
             // stopping: it would be answered here and never served there.
             let freeze = app.freeze_changes().await;
             let fds2 = fds.clone();
+            let snapshot = app.snapshot();
             // Read at each upgrade: a reload can lengthen it for a slow successor.
-            let wait = app.snapshot().config.proxy.upgrade_timeout;
-            let exchange = tokio::task::spawn_blocking(move || hand_over(greeted, &fds2, wait));
+            let wait = snapshot.config.proxy.upgrade_timeout;
+            // What this process serves, no change possible any more: the new one starts from it
+            // when it has no state file.
+            let states = snapshot
+                .services
+                .iter()
+                .map(|s| (s.name().to_string(), s.state.clone()))
+                .collect();
+            drop(snapshot);
+            let exchange =
+                tokio::task::spawn_blocking(move || hand_over(greeted, &fds2, wait, states));
             let outcome = tokio::select! {
                 r = exchange => r,
                 () = app.shutdown.cancelled() => return,
@@ -387,10 +407,12 @@ fn hand_over(
     (mut s, mut reader): (UnixStream, BufReader<UnixStream>),
     fds: &[(String, OwnedFd)],
     wait: Duration,
+    states: BTreeMap<String, ServiceState>,
 ) -> anyhow::Result<u32> {
     let offer = Offer {
         pid: std::process::id(),
         listeners: fds.iter().map(|(k, _)| k.clone()).collect(),
+        states: Some(states),
     };
     let mut line = serde_json::to_vec(&offer)?;
     line.push(b'\n');
@@ -547,6 +569,15 @@ mod tests {
         }
         let _ = child.wait();
         assert!(!alive(pid));
+    }
+
+    /// An older Switchyard's offer has no `states`: read all the same, with none.
+    #[test]
+    fn an_offer_without_states_is_read() {
+        let offer: Offer =
+            serde_json::from_str(r#"{"pid":7,"listeners":["proxy.listen"]}"#).expect("offer");
+        assert!(offer.states.is_none());
+        assert_eq!(offer.listeners, ["proxy.listen"]);
     }
 
     /// What the peer said before "ready", without blocking: nothing yet, "abort", or closed.

@@ -756,3 +756,77 @@ async fn a_new_process_serves_when_the_old_one_dies_during_the_upgrade() {
     let _ = new.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
 }
+
+/// The state file deleted while the old process serves a flipped color: the new process starts
+/// from the live state the old one hands over with its sockets (api on green, generation 1),
+/// not from the config's colors (blue), and writes it back to the state file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_without_the_state_file_serves_the_old_process_s_live_colors() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let state = dir.path().join("state.json");
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"5s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{}",
+        state.display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    let old_log = dir.path().join("old.log");
+    let mut old = spawn_serve(&cfg, &old_log, false);
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "the first process did not start"
+    );
+    let (s, v) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
+    std::fs::remove_file(&state).expect("remove the state file");
+
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    let logs = || {
+        format!(
+            "old:\n{}\nnew:\n{}",
+            std::fs::read_to_string(&old_log).unwrap_or_default(),
+            std::fs::read_to_string(&new_log).unwrap_or_default()
+        )
+    };
+    let exited = tokio::time::timeout(Duration::from_secs(30), old.wait()).await;
+    assert!(
+        matches!(exited, Ok(Ok(s)) if s.success()),
+        "the old process did not hand over and exit: {exited:?}\n{}",
+        logs()
+    );
+    // Only the new process serves now.
+    assert_eq!(
+        get(proxy, "/").await,
+        (200, "green\n".to_string()),
+        "{}",
+        logs()
+    );
+    let (_, status) = admin_get(admin, "/api/status").await;
+    assert_eq!(status["services"][0]["active"], "green", "{status}");
+    assert_eq!(status["services"][0]["generation"], 1, "{status}");
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("the state file is written back"))
+            .expect("json");
+    assert_eq!(stored["services"]["api"]["active"], "green", "{stored}");
+    assert_eq!(stored["services"]["api"]["generation"], 1, "{stored}");
+    let _ = new.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
+}
