@@ -102,11 +102,25 @@ fn tls_listener(p: &TestProxy) -> SocketAddr {
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 async fn tls_connect(addr: SocketAddr, trust: &[&Cert], alpn: &[u8]) -> Tls {
+    tls_connect_offering(addr, trust, alpn, None).await
+}
+
+/// [`tls_connect`] offering only `groups` for the key exchange (rustls's defaults if `None`).
+async fn tls_connect_offering(
+    addr: SocketAddr,
+    trust: &[&Cert],
+    alpn: &[u8],
+    groups: Option<Vec<&'static dyn rustls::crypto::SupportedKxGroup>>,
+) -> Tls {
     let mut roots = rustls::RootCertStore::empty();
     for c in trust {
         roots.add(c.der.clone()).expect("root");
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(groups) = groups {
+        provider.kx_groups = groups;
+    }
+    let provider = Arc::new(provider);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -332,6 +346,33 @@ async fn tls_without_h2_in_alpn_does_not_speak_h2() {
         String::from_utf8_lossy(&all)
     );
     assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
+/// A client that offers the X25519MLKEM768 hybrid (current browsers, rustls) gets a
+/// post-quantum key exchange; one that offers only X25519 (OpenSSL 3.0) gets X25519 without a
+/// HelloRetryRequest.
+#[tokio::test]
+async fn tls_key_exchange_is_post_quantum_hybrid_for_clients_that_offer_it() {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    use rustls::{HandshakeKind, NamedGroup};
+    let blue = TestUpstream::start("blue").await;
+    let (p, c, _certs) = tls_proxy(blue.addr, "").await;
+    type Groups = Option<Vec<&'static dyn rustls::crypto::SupportedKxGroup>>;
+    let cases: [(Groups, NamedGroup); 2] = [
+        (None, NamedGroup::X25519MLKEM768),
+        (Some(vec![kx_group::X25519]), NamedGroup::X25519),
+    ];
+    for (groups, want) in cases {
+        let io = tls_connect_offering(tls_listener(&p), &[&c], b"http/1.1", groups).await;
+        let conn = io.get_ref().1;
+        let got = conn.negotiated_key_exchange_group().map(|g| g.name());
+        assert_eq!(got, Some(want));
+        assert_eq!(conn.handshake_kind(), Some(HandshakeKind::Full));
+        let mut s = h1(io).await;
+        let (status, body) = send(&mut s, get_req("/echo", false)).await;
+        assert_eq!(status, 200, "{body}");
+    }
     p.stop().await;
 }
 
