@@ -1,11 +1,12 @@
 //! `switchyard ctl`: the admin API from a terminal. Human-readable output by default, `--json`
-//! for scripts; exit 0 on success, 1 when the API refuses or cannot be reached, 2 on usage errors.
+//! for scripts; exit 0 on success, 1 when the API refuses or cannot be reached, 2 on usage errors,
+//! 3 when a change's outcome is unknown (no answer to it, or 503 `"outcome": "unknown"`).
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::config::Color;
-use crate::ctl_client::{call, from_admin, CtlArgs};
+use crate::ctl_client::{call, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
 use crate::{errln, outln};
 
 /// `switchyard ctl`: the global flags and one command.
@@ -132,6 +133,10 @@ pub async fn run(ctl: Ctl) -> i32 {
                 "error: no answer from the admin listener at {base} within {}",
                 humantime::format_duration(args.request_timeout())
             );
+            if method == "POST" {
+                errln!("the change may or may not have been made: check `switchyard ctl status`");
+                return EXIT_UNKNOWN;
+            }
             return 1;
         }
         Ok(Err(e)) => {
@@ -157,7 +162,7 @@ pub async fn run(ctl: Ctl) -> i32 {
                 errln!("  {}", e.as_str().unwrap_or_default());
             }
         }
-        return 1;
+        return failed_exit(&value);
     }
     let key = match &cmd {
         CtlCmd::Status => "services",

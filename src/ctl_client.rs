@@ -41,6 +41,21 @@ pub struct CtlArgs {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// The exit code of a change whose outcome is not known: no answer to the POST, or the admin
+/// API's 503 `"outcome": "unknown"` (etcd did not say whether it stored it). Never 1, which
+/// says the change was refused or not made: check `switchyard ctl status`.
+pub const EXIT_UNKNOWN: i32 = 3;
+
+/// The exit code of a failed call's answer: [`EXIT_UNKNOWN`] when the API says the outcome is
+/// unknown, 1 otherwise.
+pub fn failed_exit(value: &Value) -> i32 {
+    if value.get("outcome").and_then(Value::as_str) == Some("unknown") {
+        EXIT_UNKNOWN
+    } else {
+        1
+    }
+}
+
 /// The default of `--timeout` for one call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::ctl_client::{call, from_admin, CtlArgs};
+use crate::ctl_client::{call, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
 use crate::{errln, outln};
 
 #[derive(Subcommand, Debug)]
@@ -256,7 +256,10 @@ async fn post(
         }
         Err(_) => {
             errln!("error: no answer from the admin listener at {base}");
-            return 1;
+            errln!(
+                "the change may or may not have been made: check `switchyard ctl release status`"
+            );
+            return EXIT_UNKNOWN;
         }
     };
     let key = if v.get("release").is_some() {
@@ -281,7 +284,7 @@ async fn post(
         for e in v["errors"].as_array().into_iter().flatten() {
             errln!("  {}", e.as_str().unwrap_or_default());
         }
-        return 1;
+        return failed_exit(&v);
     }
     if !args.json {
         show(v);

@@ -301,6 +301,36 @@ async fn refused_and_failed_calls_exit_1() {
     p.stop().await;
 }
 
+/// A change whose outcome is unknown is never reported as a refusal (exit 1): a POST the admin
+/// listener took and never answered exits 3, telling the caller to look before trying again; a
+/// read that gets no answer is a plain failure (1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_with_no_answer_exits_3_not_as_refused() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    // Takes each connection and its request, and never answers.
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    // Each waits out ctl's --timeout (5 s here): all three at once.
+    let (flip, abort, status) = tokio::join!(
+        ctl(addr, Some(TOKEN), &["flip", "api", "green"]),
+        ctl(addr, Some(TOKEN), &["release", "abort"]),
+        ctl(addr, Some(TOKEN), &["status"]),
+    );
+    for o in [flip, abort] {
+        assert_eq!(o.code, 3, "{o}");
+        assert!(o.stderr.contains("may or may not"), "{o}");
+    }
+    assert_eq!(status.code, 1, "{status}");
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2() {
     let (p, _ups) = two_services().await;

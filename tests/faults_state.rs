@@ -223,6 +223,7 @@ async fn a_commit_delayed_past_the_timeout_is_reported_applied_with_its_event() 
             .contains("outcome unknown"),
         "{v}"
     );
+    assert_eq!(v["outcome"], "unknown", "{v}");
     relay.set_mode(Mode::Pass);
     assert!(
         converged(&[&a, &b], to, generation + 1, 30).await,

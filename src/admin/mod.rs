@@ -344,9 +344,7 @@ async fn handle(
                 Ok(Ok(r)) => json_response(StatusCode::OK, &json!({ "release": r })),
                 Ok(Err(crate::release::StartError::Conflict(m))) => error(StatusCode::CONFLICT, &m),
                 // etcd did not answer whether the release was stored: never a refusal.
-                Ok(Err(crate::release::StartError::Unknown(m))) => {
-                    error(StatusCode::SERVICE_UNAVAILABLE, &m)
-                }
+                Ok(Err(crate::release::StartError::Unknown(m))) => unknown_outcome(&m),
                 Ok(Err(crate::release::StartError::Invalid(errs))) => json_response(
                     StatusCode::BAD_REQUEST,
                     &json!({
@@ -530,10 +528,21 @@ fn change_error(e: ChangeError) -> AdminResponse {
     let status = match &e {
         ChangeError::UnknownService(_) => StatusCode::NOT_FOUND,
         ChangeError::Refused(_) | ChangeError::Conflict(_) => StatusCode::CONFLICT,
-        ChangeError::Unavailable(_) | ChangeError::Unknown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ChangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ChangeError::Unknown(_) => return unknown_outcome(&e.to_string()),
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &e.to_string())
+}
+
+/// 503 for a change etcd may or may not have stored: `"outcome": "unknown"` tells a client
+/// (`switchyard ctl` exits 3) that it was neither refused nor done, where `503` alone can also
+/// mean "not applied".
+fn unknown_outcome(msg: &str) -> AdminResponse {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({ "error": msg, "outcome": "unknown" }),
+    )
 }
 
 /// The body as JSON bytes, or None when empty. A body must say it is JSON (415 otherwise).
