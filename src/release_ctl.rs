@@ -298,6 +298,33 @@ fn secs(v: &Value) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
+/// What a phase flips, for people: `api -> green`, `api -> green, panel -> blue` (a color per
+/// service), `api, panel -> green`, or `no flip` (a verification phase).
+fn flips(p: &Value) -> String {
+    let services: Vec<&str> = p["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if services.is_empty() {
+        return "no flip".to_string();
+    }
+    match &p["to"] {
+        Value::Object(to) => services
+            .iter()
+            .map(|s| {
+                format!(
+                    "{s} -> {}",
+                    to.get(*s).and_then(Value::as_str).unwrap_or("-")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        to => format!("{} -> {}", services.join(", "), to.as_str().unwrap_or("-")),
+    }
+}
+
 fn print_release(r: &Value) {
     let phase = r["phase"].as_u64().unwrap_or(0);
     outln!(
@@ -309,7 +336,7 @@ fn print_release(r: &Value) {
     );
     for (i, p) in r["phases"].as_array().into_iter().flatten().enumerate() {
         let mut line = format!(
-            "  {} {i} {:<12} {:<10} {} -> {} (bake {}, gate {})",
+            "  {} {i} {:<12} {:<10} {} (bake {}, gate {})",
             if i as u64 == phase && r["ended_at"].is_null() {
                 ">"
             } else {
@@ -317,18 +344,7 @@ fn print_release(r: &Value) {
             },
             p["name"].as_str().unwrap_or("-"),
             p["state"].as_str().unwrap_or("-"),
-            p["services"]
-                .as_array()
-                .map(|a| a
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default(),
-            match &p["to"] {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            },
+            flips(p),
             secs(&p["bake_secs"]),
             p["gate"].as_str().unwrap_or("-"),
         );
@@ -352,5 +368,30 @@ fn print_release(r: &Value) {
             "  ended {}: {reason}",
             r["ended_at"].as_str().unwrap_or("-")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phase_says_what_it_flips_in_words() {
+        let cases = [
+            (json!({"services": ["api"], "to": "green"}), "api -> green"),
+            (
+                json!({"services": ["api", "panel"], "to": "green"}),
+                "api, panel -> green",
+            ),
+            (
+                json!({"services": ["api", "panel"], "to": {"api": "green", "panel": "blue"}}),
+                "api -> green, panel -> blue",
+            ),
+            (json!({"services": [], "to": {}}), "no flip"),
+            (json!({}), "no flip"),
+        ];
+        for (phase, want) in cases {
+            assert_eq!(flips(&phase), want, "{phase}");
+        }
     }
 }
