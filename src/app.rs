@@ -165,11 +165,15 @@ impl From<StateError> for ChangeError {
     }
 }
 
+/// How a refused check ends its reason for a manual flip; a release, which has no `force`,
+/// drops it from its own reason.
+pub(crate) const FORCE_HINT: &str = "; pass \"force\": true to flip anyway";
+
 /// Refused when the pool a flip goes to has no healthy upstream.
 fn healthy_target(svc: &Service, to: Color) -> Result<(), ChangeError> {
     if svc.pool(to).healthy_count() == 0 {
         return Err(ChangeError::Refused(format!(
-            "{}: the {to} pool has no healthy upstream; pass \"force\": true to flip anyway",
+            "{}: the {to} pool has no healthy upstream{FORCE_HINT}",
             svc.name()
         )));
     }
@@ -1147,7 +1151,7 @@ impl App {
         let analysis_cfg = &self.snapshot().config.analysis;
         if let Err(f) = crate::analysis::verify(&self.analysis, analysis_cfg, svc, to).await {
             return Err(ChangeError::Refused(format!(
-                "{}: verify[{}] ({}) failed on {to}: {}; checked {}; pass \"force\": true to flip anyway",
+                "{}: verify[{}] ({}) failed on {to}: {}; checked {}{FORCE_HINT}",
                 svc.name(),
                 f.index,
                 f.kind,

@@ -281,6 +281,7 @@ async fn refused_and_failed_calls_exit_1() {
     let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "green"]).await;
     assert_eq!(o.code, 1, "{o}");
     assert!(o.stderr.contains("409"), "{o}");
+    assert!(o.stderr.contains("pass \"force\": true"), "{o}");
     assert_eq!(p.service_status("api").await["active"], "blue");
     // --force overrides it
     let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "green", "--force"]).await;

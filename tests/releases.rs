@@ -1156,3 +1156,31 @@ async fn a_promote_that_resumes_a_paused_bake_does_not_pass_the_manual_gate_afte
     .await;
     r.p.stop().await;
 }
+
+/// A phase whose target pool has no healthy upstream does not flip, and the release's reason
+/// says why without offering a `force` that releases do not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phase_onto_a_dead_pool_ends_the_release_saying_why_without_offering_force() {
+    let r = Rig::build(HEALTH, "").await;
+    r.api[1].set_health(500);
+    let dead = eventually(10, || async {
+        let api = r.p.service_status("api").await;
+        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == false
+    })
+    .await;
+    assert!(dead, "{}", r.p.status().await);
+    let plan = json!({
+        "name": "onto a dead pool",
+        "phases": [{ "name": "backend", "services": ["api"], "bake": "1s" }],
+    });
+    let (s, v) = r.start_release(plan).await;
+    let why = if s == 200 {
+        r.wait_end(30).await.to_string()
+    } else {
+        v.to_string()
+    };
+    assert!(why.contains("no healthy upstream"), "{s} {why}");
+    assert!(!why.contains("force"), "{s} {why}");
+    assert_eq!(r.serving().await.0, "api-blue\n");
+    r.p.stop().await;
+}

@@ -656,7 +656,7 @@ async fn run_phase(
             match snap.service(name) {
                 Some(svc) => {
                     if let Err(e) = app.preflight(svc, *to).await {
-                        failed = Some(e.to_string());
+                        failed = Some(e.to_string().replace(crate::app::FORCE_HINT, ""));
                         break;
                     }
                 }
@@ -701,6 +701,7 @@ async fn run_phase(
             let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
             if let Err(e) = app.flip_set(targets, "release", label).await {
                 drop(_op);
+                let e = e.to_string().replace(crate::app::FORCE_HINT, "");
                 give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
                 return None;
             }
