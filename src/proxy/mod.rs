@@ -469,7 +469,9 @@ async fn route_and_forward(
     // 3. Rewrite.
     let via = route.via.then(|| forwarded::via(req.version()));
     let fwd = Forwarded::new(conn, host.value.as_ref(), via);
-    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
+    // The id set before routing (`with_request_id`) is the proxy's, not the client's to drop.
+    let own_id = proxy.request_id || proxy.access_log.is_some();
+    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade, own_id) {
         Ok(r) => r,
         Err(e) => return served(e.response()),
     };
@@ -620,6 +622,7 @@ fn rewrite(
     host: &Host,
     fwd: &Forwarded<'_>,
     on_upgrade: Option<OnUpgrade>,
+    own_id: bool,
 ) -> Result<Rewritten, ProxyError> {
     let protocol = route.pool().protocol;
     let fields_to_map = req.version() == Version::HTTP_2;
@@ -630,7 +633,17 @@ fn rewrite(
         None
     };
     let te_trailers = hops & TE_BIT != 0 && wants_trailers(req.headers());
+    // The proxy's `X-Request-Id` goes upstream whatever a `Connection` line names: it is the
+    // proxy's field, set for this hop, not one the client's hop-by-hop list may remove. (The
+    // forwarding fields are written after this, so a `Connection` line removes only the
+    // client's own values of them.)
+    let id = (own_id && hops & CONNECTION_BIT != 0)
+        .then(|| req.headers_mut().remove(&X_REQUEST_ID))
+        .flatten();
     strip_known(req.headers_mut(), hops);
+    if let Some(id) = id {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
     if req.version() == Version::HTTP_2 && protocol == Protocol::Http1 {
         validate::join_cookies(req.headers_mut());
     }
