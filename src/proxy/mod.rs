@@ -584,7 +584,9 @@ fn check(proxy: &Proxy, req: &mut Request<ClientBody>) -> Result<Host, ProxyErro
     }
     if req.version() == Version::HTTP_2 {
         let max_headers = proxy.routes.load().config.proxy.max_headers;
-        validate::h2_fields(req, max_headers).map_err(|e| match e {
+        // The request's `X-Request-Id` may be the proxy's own, set before this check.
+        let own_id = proxy.request_id || proxy.access_log.is_some();
+        validate::h2_fields(req, max_headers, own_id).map_err(|e| match e {
             validate::H2FieldsError::TooMany => ProxyError::TooManyHeaders,
             validate::H2FieldsError::Whitespace => {
                 ProxyError::Malformed("a field value begins or ends with whitespace\n")

@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http::codec::parse_length;
-use crate::http::headers::edge_whitespace;
+use crate::http::headers::{edge_whitespace, X_REQUEST_ID};
 use crate::http::server::target_bytes_valid;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
@@ -80,10 +80,24 @@ pub fn trace_echo<B>(req: &Request<B>) -> bytes::Bytes {
 
 /// What an HTTP/1 parser checks as it reads a head, checked on an HTTP/2 request's fields:
 /// no more than `max_headers` of them (431), and no value that begins or ends with whitespace
-/// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it).
-pub fn h2_fields<B>(req: &Request<B>, max_headers: usize) -> Result<(), H2FieldsError> {
-    if req.headers().len() > max_headers {
-        return Err(H2FieldsError::TooMany);
+/// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it). The fields
+/// are counted as the HTTP/1.1 head they stand for: every `cookie` field counts as one, the one
+/// `Cookie` line that h2 clients split into a field per cookie (RFC 9113 8.2.3, as browsers
+/// do), and `own_id` (the proxy set the request's `X-Request-Id` before this check) leaves that
+/// field out, as the client may not have sent it.
+pub fn h2_fields<B>(
+    req: &Request<B>,
+    max_headers: usize,
+    own_id: bool,
+) -> Result<(), H2FieldsError> {
+    let fields = req.headers().len();
+    // Only a request over the limit is looked at again: most are far below it.
+    if fields > max_headers {
+        let crumbs = req.headers().get_all(header::COOKIE).iter().count();
+        let id = usize::from(own_id && req.headers().contains_key(&X_REQUEST_ID));
+        if fields - crumbs.saturating_sub(1) - id > max_headers {
+            return Err(H2FieldsError::TooMany);
+        }
     }
     if req
         .headers()
@@ -349,7 +363,7 @@ mod tests {
     #[test]
     fn h2_fields_and_host() {
         let mut r = req(Method::GET, "/x", Version::HTTP_2);
-        assert_eq!(h2_fields(&r, 10), Ok(()));
+        assert_eq!(h2_fields(&r, 10, false), Ok(()));
         // No `:authority` and no Host: an http(s) URI without a host (RFC 9110 4.2.1).
         assert!(request_host(&r).is_err());
         // HTTP/1.0 may send neither; HTTP/1.1 must send Host.
@@ -367,12 +381,32 @@ mod tests {
                 HeaderValue::from_static("a b"),
             );
         }
-        assert_eq!(h2_fields(&r, 10), Err(H2FieldsError::TooMany));
-        assert_eq!(h2_fields(&r, 11), Ok(()));
+        assert_eq!(h2_fields(&r, 10, false), Err(H2FieldsError::TooMany));
+        assert_eq!(h2_fields(&r, 11, false), Ok(()));
+        // Cookie crumbs count as one field; the proxy's own request id as none.
+        for i in 0..5 {
+            r.headers_mut().append(
+                header::COOKIE,
+                HeaderValue::from_str(&format!("c{i}=v")).expect("value"),
+            );
+        }
+        assert_eq!(h2_fields(&r, 12, false), Ok(()));
+        assert_eq!(h2_fields(&r, 11, false), Err(H2FieldsError::TooMany));
+        r.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("id"));
+        assert_eq!(h2_fields(&r, 12, false), Err(H2FieldsError::TooMany));
+        assert_eq!(h2_fields(&r, 12, true), Ok(()));
+        assert_eq!(h2_fields(&r, 11, true), Err(H2FieldsError::TooMany));
+        r.headers_mut().remove(header::COOKIE);
+        r.headers_mut().remove("x-request-id");
         for bad in [" a", "a ", "\ta", "a\t"] {
             r.headers_mut()
                 .insert("x-0", HeaderValue::from_str(bad).expect("value"));
-            assert_eq!(h2_fields(&r, 11), Err(H2FieldsError::Whitespace), "{bad:?}");
+            assert_eq!(
+                h2_fields(&r, 11, false),
+                Err(H2FieldsError::Whitespace),
+                "{bad:?}"
+            );
         }
     }
 
