@@ -583,6 +583,49 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
     assert!(problems.is_empty(), "{problems:?}");
 }
 
+/// `:authority` and `Host` that differ only by the scheme's default port (or the case of the
+/// name) are the same origin (RFC 9113 8.3.1, RFC 9110 4.2.3): served, with the client's Host.
+/// Another port, or the other scheme's default, is still 400.
+#[tokio::test]
+async fn h2_host_and_authority_agree_up_to_the_default_port() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut c = h2_client(p.proxy).await;
+    up.take();
+    let mut problems = Vec::new();
+    for (target, host, want) in [
+        ("http://a.example:80/x", "a.example", 200),
+        ("http://a.example/x", "A.EXAMPLE:80", 200),
+        ("https://a.example:443/x", "a.example", 200),
+        ("http://a.example:443/x", "a.example", 400),
+        ("https://a.example/x", "a.example:80", 400),
+        ("http://a.example:8080/x", "a.example:80", 400),
+    ] {
+        let req = http::Request::get(target)
+            .header("host", host)
+            .body(())
+            .expect("req");
+        let status = h2_status(&mut c, req, true).await;
+        let heads = up.take();
+        let sent_host = heads.first().is_some_and(|h| {
+            h.lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("host: {host}")))
+        });
+        if status != want || (want == 200) != sent_host {
+            problems.push(format!(
+                "{target} with host {host}: {status} (want {want}), upstream got {heads:?}"
+            ));
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
 /// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an

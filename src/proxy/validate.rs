@@ -268,12 +268,19 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
         (None, None) if req.version() == Version::HTTP_2 => {
             return Err("missing :authority and Host\n")
         }
-        // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed.
+        // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed,
+        // compared after scheme-based normalization (RFC 3986 6.2.3): `a:80` is `a` for http.
         (Some(a), Some(h)) if req.version() == Version::HTTP_2 => {
-            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+            let https = req
+                .uri()
+                .scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+            let port: &[u8] = if https { b"443" } else { b"80" };
+            let (a, h) = (a.as_str().as_bytes(), h.as_bytes());
+            if !without_default_port(a, port).eq_ignore_ascii_case(without_default_port(h, port)) {
                 return Err("Host and :authority differ\n");
             }
-            Some(h.clone())
+            first.cloned()
         }
         // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host, which
         // must still be valid (RFC 9110 7.2: a Host with an invalid value is 400). An empty one
@@ -296,6 +303,23 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
     let s = value.to_str().map_err(|_| "invalid Host header\n")?;
     let len = host_without_port(s).ok_or("invalid Host header\n")?.len();
     Ok(Some((value, len)))
+}
+
+/// An authority without its port when that is the scheme's default `port` or empty (RFC 3986
+/// 6.2.3: `a:80`, `a:` and `a` are the same http authority); else as it is.
+fn without_default_port<'a>(authority: &'a [u8], port: &[u8]) -> &'a [u8] {
+    // The port follows the last `:`, unless that is inside an IP literal (`[::1]`).
+    match authority.iter().rposition(|&b| b == b':' || b == b']') {
+        Some(i) if authority[i] == b':' => {
+            let (host, p) = (&authority[..i], &authority[i + 1..]);
+            if p.is_empty() || p == port {
+                host
+            } else {
+                authority
+            }
+        }
+        _ => authority,
+    }
 }
 
 /// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values
@@ -357,6 +381,39 @@ mod tests {
         *r.uri_mut() = target.parse().expect("uri");
         *r.version_mut() = version;
         r
+    }
+
+    /// h2 `:authority` and `Host` name the same origin when they differ only by the scheme's
+    /// default port, an empty port or case (RFC 9113 8.3.1, RFC 3986 6.2.3).
+    #[test]
+    fn h2_host_and_authority_compare_with_default_ports_normalized() {
+        for (target, host, same) in [
+            ("http://a.example:80/x", "a.example", true),
+            ("http://a.example/x", "A.Example:80", true),
+            ("http://a.example:/x", "a.example:80", true),
+            ("https://a.example:443/x", "a.example", true),
+            ("https://a.example/x", "a.example:443", true),
+            ("http://[::1]:80/x", "[::1]", true),
+            ("http://[::1]/x", "[::1]:", true),
+            ("http://a.example:8080/x", "a.example:8080", true),
+            ("http://a.example:443/x", "a.example", false),
+            ("https://a.example/x", "a.example:80", false),
+            ("http://a.example:8080/x", "a.example:80", false),
+            ("http://a.example/x", "a.example:8080", false),
+            ("http://[::1]/x", "[::2]", false),
+            ("http://b.example/x", "a.example", false),
+        ] {
+            let mut r = req(Method::GET, target, Version::HTTP_2);
+            r.headers_mut()
+                .insert(header::HOST, HeaderValue::from_static(host));
+            let got = request_host(&r);
+            if same {
+                let (value, _) = got.ok().flatten().expect("a host");
+                assert_eq!(value, host, "{target} {host}");
+            } else {
+                assert_eq!(got, Err("Host and :authority differ\n"), "{target} {host}");
+            }
+        }
     }
 
     /// An h2 request's fields meet what an HTTP/1 parser checks; an h2 request names a host.
