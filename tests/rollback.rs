@@ -401,6 +401,52 @@ async fn unhealthy_green_rolls_back() {
     r.p.stop().await;
 }
 
+/// The live color's only upstream dies: every request is the proxy's own 503 (no healthy
+/// upstream), which is a failed request of that color. With no `unhealthy` trigger, the
+/// error_rate trigger sees them and rolls back, and the color's window error ratio shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_rate_rolls_back_when_the_live_color_has_no_healthy_upstream() {
+    let r = Rig::start(
+        "",
+        &format!("{HEALTH}{}", rollback(10, false, &[ERROR_RATE])),
+    )
+    .await;
+    r.green.kill();
+    assert!(
+        eventually(10, || async {
+            r.svc().await["colors"]["green"]["healthy"] == false
+        })
+        .await,
+        "green never went unhealthy"
+    );
+    // From here on no request reaches green: each is answered 503 by the proxy.
+    assert_eq!(r.p.get("/x").await.0, 503);
+    let t = r.drive();
+    let ev = r.wait_event("auto_rollback", 15).await;
+    assert_eq!(
+        (&ev["from"], &ev["to"]),
+        (&"green".into(), &"blue".into()),
+        "{ev}"
+    );
+    let tr = &ev["trigger"];
+    assert_eq!(tr["kind"], "error_rate", "{ev}");
+    assert!(tr["value"].as_f64().is_some_and(|v| v > 0.5), "{ev}");
+    let ratio = r
+        .metric(
+            "switchyard_window_error_ratio",
+            &[("service", "api"), ("color", "green")],
+        )
+        .await;
+    assert!(
+        ratio.is_some_and(|v| v > 0.5),
+        "green's window error ratio {ratio:?}"
+    );
+    assert_eq!(r.svc().await["active"], "blue");
+    assert_eq!(r.p.get("/x").await, (200, "blue\n".to_string()));
+    t.stop().await;
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_blue_blocks_the_rollback_once_until_it_heals() {
     let r = Rig::start(

@@ -27,7 +27,7 @@
 //! | 405 | CONNECT; the connection closes | no |
 //! | 200 | TRACE or OPTIONS with `Max-Forwards: 0` (the proxy is the final recipient) | no |
 //! | 404 | no service matches | no |
-//! | 503 | no healthy upstream in the pool | no |
+//! | 503 | no healthy upstream in the pool | no (a failure of the live color's window, [`outcome::record_unavailable`]) |
 //! | 408 / 400 | the client's request body stalled / failed | no |
 //! | 504 | no response head within `request_timeout` | `timeout` |
 //! | 502 | connect failed / no valid response | `connect` / `reset` |
@@ -212,6 +212,10 @@ impl Proxy {
         let pool = svc.pool(color);
         let Some(up) = pool.pick() else {
             pool.count_unavailable(mode == Mode::Live);
+            // A failure of the live color; preview traffic stays out of the windows.
+            if mode == Mode::Live {
+                outcome::record_unavailable(pool, self.clock.now_epoch(), path);
+            }
             return Err(ProxyError::NoHealthyUpstream);
         };
         if let Some(r) = routed {
