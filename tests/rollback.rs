@@ -447,6 +447,52 @@ async fn error_rate_rolls_back_when_the_live_color_has_no_healthy_upstream() {
     r.p.stop().await;
 }
 
+/// The same dead green, seen by the other window triggers: a 503 on a critical path is a
+/// critical failure (it fires at once), while those 503s add no latency, so `p95_latency` is
+/// not taken from the two answered requests that came before them (one of them slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_live_color_is_critical_but_adds_no_latency() {
+    let p95 = "kind = \"p95_latency\"\nabove = \"200ms\"\nover = \"5s\"\nfor = \"1s\"";
+    let critical =
+        "kind = \"critical_5xx\"\npaths = [\"/api/payments\"]\nabove = 0\nover = \"30s\"\nfor = \"0s\"";
+    let r = Rig::start("", &format!("{HEALTH}{}", rollback(10, false, &[p95]))).await;
+    r.green.set_delay(300);
+    assert_eq!(r.p.get("/x").await.0, 200);
+    r.green.kill();
+    assert!(
+        eventually(10, || async {
+            r.svc().await["colors"]["green"]["healthy"] == false
+        })
+        .await,
+        "green never went unhealthy"
+    );
+    let t = r.drive();
+    tokio::time::sleep(QUIET).await;
+    t.stop().await;
+    assert!(
+        r.events("auto_rollback").await.is_empty(),
+        "{:?}",
+        r.p.events().await
+    );
+    assert_eq!(r.trigger_state(0).await["state"], "insufficient_data");
+    r.p.stop().await;
+
+    let r = Rig::start("", &format!("{HEALTH}{}", rollback(10, false, &[critical]))).await;
+    r.green.kill();
+    assert!(
+        eventually(10, || async {
+            r.svc().await["colors"]["green"]["healthy"] == false
+        })
+        .await,
+        "green never went unhealthy"
+    );
+    assert_eq!(r.p.get("/api/payments/charge").await.0, 503);
+    let ev = r.wait_event("auto_rollback", 10).await;
+    assert_eq!(ev["trigger"]["kind"], "critical_5xx", "{ev}");
+    assert_eq!(ev["trigger"]["value"].as_f64(), Some(1.0), "{ev}");
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_blue_blocks_the_rollback_once_until_it_heals() {
     let r = Rig::start(
