@@ -425,6 +425,27 @@ impl Window {
     #[inline]
     pub fn record(&self, epoch: u64, latency: Duration, failed: bool) {
         let bucket = bucket_index(micros_of(latency));
+        if let Some(slot) = self.claimed(epoch) {
+            slot.add(bucket, failed);
+        }
+    }
+
+    /// Records one failed request finished in `epoch` that has no latency to count: it never
+    /// went to an upstream (none was healthy). It weighs in the request and failure counts
+    /// (the error rate), not in the histogram (the quantiles), which its near-zero time would
+    /// pull down. Lock-free; never panics.
+    #[inline]
+    pub fn record_unsent_failure(&self, epoch: u64) {
+        if let Some(slot) = self.claimed(epoch) {
+            slot.requests.fetch_add(1, Relaxed);
+            slot.failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The slot of `epoch`, claimed for recording; None (the sample counted as dropped) when
+    /// it cannot be.
+    #[inline]
+    fn claimed(&self, epoch: u64) -> Option<&Slot> {
         let slot = self.slot(epoch);
         // The epoch bound keeps a sentinel-valued epoch from matching a slot
         // that is empty or being cleared.
@@ -432,9 +453,10 @@ impl Window {
             && (slot.tag.load(Acquire) == epoch
                 || claim_for_record(&slot.tag, epoch, || slot.clear()))
         {
-            slot.add(bucket, failed);
+            Some(slot)
         } else {
             self.dropped.fetch_add(1, Relaxed);
+            None
         }
     }
 
@@ -897,6 +919,22 @@ mod tests {
         assert_eq!(into.quantile(0.0), Some(Duration::from_micros(20)));
         assert_eq!(into.quantile(0.5), Some(Duration::from_micros(25)));
         assert_eq!(into.quantile(1.0), Some(Duration::from_micros(30)));
+    }
+
+    /// A failure that was never sent counts in the error rate, not in the quantiles.
+    #[test]
+    fn unsent_failures_count_without_latency() {
+        let w = Window::new(600);
+        w.record(3, Duration::from_micros(20), false);
+        w.record_unsent_failure(3);
+        w.record_unsent_failure(3);
+        let s = w.summary(3, 10);
+        assert_eq!((s.requests, s.failures, s.samples()), (3, 2, 1));
+        assert_eq!(s.p95(), Some(Duration::from_micros(20)));
+        let only = Window::new(600);
+        only.record_unsent_failure(5);
+        let s = only.summary(5, 10);
+        assert_eq!((s.error_rate(), s.p95()), (Some(1.0), None));
     }
 
     #[test]

@@ -231,7 +231,9 @@ fn measure(svc: &Service, epoch: u64, live_since: Option<u64>) -> Vec<Measured> 
             TriggerKind::P95Latency { over, .. } => {
                 let s = summary(*over);
                 Measured::Latency {
-                    requests: s.requests,
+                    // The requests with a latency: a 503 for want of a healthy upstream has
+                    // none, and `min_requests` is about the samples p95 is taken from.
+                    requests: s.samples(),
                     p95: s.p95(),
                 }
             }

@@ -382,6 +382,81 @@ async fn a_malformed_or_empty_forwarding_field_never_takes_the_proxys_element() 
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
 
+/// A client's `Connection` line is its own hop's list: it cannot remove what the proxy itself
+/// writes for the next hop. The request's `X-Request-Id` (the client's, or one generated) still
+/// reaches the upstream, as the contract has it, and so do the proxy's `X-Forwarded-*`,
+/// `Forwarded` and `Via` elements (the client's own values of those named fields are dropped),
+/// toward an HTTP/1.1 upstream and an h2 one, with and without the access log.
+#[tokio::test]
+async fn a_connection_line_cannot_remove_the_request_id_or_forwarding_fields() {
+    let up = TestUpstream::start("blue").await;
+    let green = dead_addr().await;
+    let h1 = service("api", &[up.addr], &[green], "");
+    let h2 = format!(
+        "\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\n",
+        up.addr
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let with_log = |svc: &str| format!("[log]\naccess = \"{}\"\n{svc}", log.display());
+    let mut problems = Vec::new();
+    for (what, config) in [
+        ("http/1.1", h1.clone()),
+        ("h2", h2.clone()),
+        ("http/1.1, access log", with_log(&h1)),
+        ("h2, access log", with_log(&h2)),
+    ] {
+        let p = TestProxy::start(&config).await;
+        for (fields, client_id) in [
+            ("Connection: X-Request-Id\r\nX-Request-Id: mine-1\r\n", Some("mine-1")),
+            ("Connection: keep-alive, x-request-id\r\n", None),
+            ("Connection: X-Forwarded-For, Forwarded, Via, X-Forwarded-Proto, X-Forwarded-Host\r\nX-Request-Id: mine-2\r\nX-Forwarded-For: 192.0.2.9\r\nForwarded: for=192.0.2.9\r\nVia: 1.1 other\r\n", Some("mine-2")),
+        ] {
+            let req = format!(
+                "GET /echo HTTP/1.1\r\nHost: a\r\n{fields}Connection: close\r\n\r\n"
+            );
+            let (status, headers, body) = raw_exchange(p.proxy, req.as_bytes()).await;
+            let answered = headers
+                .iter()
+                .find(|(k, _)| k == "x-request-id")
+                .map(|(_, v)| v.clone());
+            let v: Value = match serde_json::from_slice(&body) {
+                Ok(v) if status == 200 => v,
+                _ => {
+                    problems.push(format!("{what} {fields:?}: {status}"));
+                    continue;
+                }
+            };
+            let sent = echoed(&v, "x-request-id");
+            if sent.is_none() || sent != answered || client_id.is_some_and(|c| sent.as_deref() != Some(c)) {
+                problems.push(format!(
+                    "{what} {fields:?}: x-request-id upstream {sent:?}, answered {answered:?}"
+                ));
+            }
+            let forwarding = (
+                echoed(&v, "x-forwarded-for"),
+                echoed(&v, "x-forwarded-proto"),
+                echoed(&v, "x-forwarded-host"),
+                echoed(&v, "via"),
+            );
+            let want = (
+                Some("127.0.0.1".to_string()),
+                Some("http".to_string()),
+                Some("a".to_string()),
+                Some("1.1 switchyard".to_string()),
+            );
+            if forwarding != want || echoed(&v, "forwarded").is_some() {
+                problems.push(format!(
+                    "{what} {fields:?}: forwarding fields {forwarding:?}, forwarded {:?}",
+                    echoed(&v, "forwarded")
+                ));
+            }
+        }
+        p.stop().await;
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_removed_both_ways_including_two_connection_lines() {
     let blue = TestUpstream::start("blue").await;

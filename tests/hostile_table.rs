@@ -583,6 +583,49 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
     assert!(problems.is_empty(), "{problems:?}");
 }
 
+/// `:authority` and `Host` that differ only by the scheme's default port (or the case of the
+/// name) are the same origin (RFC 9113 8.3.1, RFC 9110 4.2.3): served, with the client's Host.
+/// Another port, or the other scheme's default, is still 400.
+#[tokio::test]
+async fn h2_host_and_authority_agree_up_to_the_default_port() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut c = h2_client(p.proxy).await;
+    up.take();
+    let mut problems = Vec::new();
+    for (target, host, want) in [
+        ("http://a.example:80/x", "a.example", 200),
+        ("http://a.example/x", "A.EXAMPLE:80", 200),
+        ("https://a.example:443/x", "a.example", 200),
+        ("http://a.example:443/x", "a.example", 400),
+        ("https://a.example/x", "a.example:80", 400),
+        ("http://a.example:8080/x", "a.example:80", 400),
+    ] {
+        let req = http::Request::get(target)
+            .header("host", host)
+            .body(())
+            .expect("req");
+        let status = h2_status(&mut c, req, true).await;
+        let heads = up.take();
+        let sent_host = heads.first().is_some_and(|h| {
+            h.lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("host: {host}")))
+        });
+        if status != want || (want == 200) != sent_host {
+            problems.push(format!(
+                "{target} with host {host}: {status} (want {want}), upstream got {heads:?}"
+            ));
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
 /// What an HTTP/1 head is refused for as it is read, an h2 request is refused for too, before
 /// anything reaches the upstream: more fields than `max_headers` (431), a value that begins or
 /// ends with whitespace (RFC 9113 8.2.1: malformed), a scheme other than http(s) (400, as in an
@@ -677,8 +720,9 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
         }
     }
     // Within the limit and clean: served.
+    // Ten (the proxy's own `X-Request-Id` is not one of them).
     let mut ten = http::Request::get("http://a.example/ten");
-    for i in 0..9 {
+    for i in 0..10 {
         ten = ten.header(format!("x-h{i}"), "a b");
     }
     let status = h2_status(&mut c, ten.body(()).expect("req"), true).await;
@@ -694,6 +738,54 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
         problems.push(format!("a backslash in the query: {status}"));
     }
 
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// An h2 client splits its cookies into a field each (RFC 9113 8.2.3; browsers do): they count
+/// against `max_headers` as the one HTTP/1.1 `Cookie` line they stand for, and reach an HTTP/1.1
+/// upstream joined in that one line. Other fields still count one each.
+#[tokio::test]
+async fn h2_cookie_crumbs_count_as_one_field() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}max_headers = 10\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut c = h2_client(p.proxy).await;
+    up.take();
+    let mut problems = Vec::new();
+    // 40 crumbs and 9 other fields: 10 fields as HTTP/1.1 would have them (the proxy's own
+    // `X-Request-Id` is not one of the client's).
+    let mut crumbs = http::Request::get("http://a.example/crumbs");
+    for i in 0..9 {
+        crumbs = crumbs.header(format!("x-h{i}"), "1");
+    }
+    for i in 0..40 {
+        crumbs = crumbs.header("cookie", format!("c{i}=v"));
+    }
+    let status = h2_status(&mut c, crumbs.body(()).expect("req"), true).await;
+    let heads = up.take();
+    let head = heads
+        .first()
+        .map(|h| h.to_ascii_lowercase())
+        .unwrap_or_default();
+    let joined: Vec<String> = (0..40).map(|i| format!("c{i}=v")).collect();
+    let line = format!("cookie: {}", joined.join("; "));
+    if status != 200 || head.matches("cookie:").count() != 1 || !head.lines().any(|l| l == line) {
+        problems.push(format!("40 crumbs and 9 fields: {status}, {head:?}"));
+    }
+    // 10 other fields and a cookie: 11, over the limit.
+    let mut many = http::Request::get("http://a.example/many").header("cookie", "a=1");
+    for i in 0..10 {
+        many = many.header(format!("x-h{i}"), "1");
+    }
+    let status = h2_status(&mut c, many.body(()).expect("req"), true).await;
+    if status != 431 || !up.take().is_empty() {
+        problems.push(format!("10 fields and a cookie: {status}"));
+    }
     p.stop().await;
     assert!(problems.is_empty(), "{problems:?}");
 }

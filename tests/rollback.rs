@@ -401,6 +401,98 @@ async fn unhealthy_green_rolls_back() {
     r.p.stop().await;
 }
 
+/// The live color's only upstream dies: every request is the proxy's own 503 (no healthy
+/// upstream), which is a failed request of that color. With no `unhealthy` trigger, the
+/// error_rate trigger sees them and rolls back, and the color's window error ratio shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_rate_rolls_back_when_the_live_color_has_no_healthy_upstream() {
+    let r = Rig::start(
+        "",
+        &format!("{HEALTH}{}", rollback(10, false, &[ERROR_RATE])),
+    )
+    .await;
+    r.green.kill();
+    assert!(
+        eventually(10, || async {
+            r.svc().await["colors"]["green"]["healthy"] == false
+        })
+        .await,
+        "green never went unhealthy"
+    );
+    // From here on no request reaches green: each is answered 503 by the proxy.
+    assert_eq!(r.p.get("/x").await.0, 503);
+    let t = r.drive();
+    let ev = r.wait_event("auto_rollback", 15).await;
+    assert_eq!(
+        (&ev["from"], &ev["to"]),
+        (&"green".into(), &"blue".into()),
+        "{ev}"
+    );
+    let tr = &ev["trigger"];
+    assert_eq!(tr["kind"], "error_rate", "{ev}");
+    assert!(tr["value"].as_f64().is_some_and(|v| v > 0.5), "{ev}");
+    let ratio = r
+        .metric(
+            "switchyard_window_error_ratio",
+            &[("service", "api"), ("color", "green")],
+        )
+        .await;
+    assert!(
+        ratio.is_some_and(|v| v > 0.5),
+        "green's window error ratio {ratio:?}"
+    );
+    assert_eq!(r.svc().await["active"], "blue");
+    assert_eq!(r.p.get("/x").await, (200, "blue\n".to_string()));
+    t.stop().await;
+    r.p.stop().await;
+}
+
+/// The same dead green, seen by the other window triggers: a 503 on a critical path is a
+/// critical failure (it fires at once), while those 503s add no latency, so `p95_latency` is
+/// not taken from the two answered requests that came before them (one of them slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_live_color_is_critical_but_adds_no_latency() {
+    let p95 = "kind = \"p95_latency\"\nabove = \"200ms\"\nover = \"5s\"\nfor = \"1s\"";
+    let critical =
+        "kind = \"critical_5xx\"\npaths = [\"/api/payments\"]\nabove = 0\nover = \"30s\"\nfor = \"0s\"";
+    let r = Rig::start("", &format!("{HEALTH}{}", rollback(10, false, &[p95]))).await;
+    r.green.set_delay(300);
+    assert_eq!(r.p.get("/x").await.0, 200);
+    r.green.kill();
+    assert!(
+        eventually(10, || async {
+            r.svc().await["colors"]["green"]["healthy"] == false
+        })
+        .await,
+        "green never went unhealthy"
+    );
+    let t = r.drive();
+    tokio::time::sleep(QUIET).await;
+    t.stop().await;
+    assert!(
+        r.events("auto_rollback").await.is_empty(),
+        "{:?}",
+        r.p.events().await
+    );
+    assert_eq!(r.trigger_state(0).await["state"], "insufficient_data");
+    r.p.stop().await;
+
+    let r = Rig::start("", &format!("{HEALTH}{}", rollback(10, false, &[critical]))).await;
+    r.green.kill();
+    assert!(
+        eventually(10, || async {
+            r.svc().await["colors"]["green"]["healthy"] == false
+        })
+        .await,
+        "green never went unhealthy"
+    );
+    assert_eq!(r.p.get("/api/payments/charge").await.0, 503);
+    let ev = r.wait_event("auto_rollback", 10).await;
+    assert_eq!(ev["trigger"]["kind"], "critical_5xx", "{ev}");
+    assert_eq!(ev["trigger"]["value"].as_f64(), Some(1.0), "{ev}");
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_blue_blocks_the_rollback_once_until_it_heals() {
     let r = Rig::start(

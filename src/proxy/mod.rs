@@ -27,7 +27,7 @@
 //! | 405 | CONNECT; the connection closes | no |
 //! | 200 | TRACE or OPTIONS with `Max-Forwards: 0` (the proxy is the final recipient) | no |
 //! | 404 | no service matches | no |
-//! | 503 | no healthy upstream in the pool | no |
+//! | 503 | no healthy upstream in the pool | no (a failure of the live color's window, [`outcome::record_unavailable`]) |
 //! | 408 / 400 | the client's request body stalled / failed | no |
 //! | 504 | no response head within `request_timeout` | `timeout` |
 //! | 502 | connect failed / no valid response | `connect` / `reset` |
@@ -212,6 +212,10 @@ impl Proxy {
         let pool = svc.pool(color);
         let Some(up) = pool.pick() else {
             pool.count_unavailable(mode == Mode::Live);
+            // A failure of the live color; preview traffic stays out of the windows.
+            if mode == Mode::Live {
+                outcome::record_unavailable(pool, self.clock.now_epoch(), path);
+            }
             return Err(ProxyError::NoHealthyUpstream);
         };
         if let Some(r) = routed {
@@ -469,7 +473,9 @@ async fn route_and_forward(
     // 3. Rewrite.
     let via = route.via.then(|| forwarded::via(req.version()));
     let fwd = Forwarded::new(conn, host.value.as_ref(), via);
-    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade) {
+    // The id set before routing (`with_request_id`) is the proxy's, not the client's to drop.
+    let own_id = proxy.request_id || proxy.access_log.is_some();
+    let mut rewritten = match rewrite(&mut req, &route, &host, &fwd, on_upgrade, own_id) {
         Ok(r) => r,
         Err(e) => return served(e.response()),
     };
@@ -582,7 +588,9 @@ fn check(proxy: &Proxy, req: &mut Request<ClientBody>) -> Result<Host, ProxyErro
     }
     if req.version() == Version::HTTP_2 {
         let max_headers = proxy.routes.load().config.proxy.max_headers;
-        validate::h2_fields(req, max_headers).map_err(|e| match e {
+        // The request's `X-Request-Id` may be the proxy's own, set before this check.
+        let own_id = proxy.request_id || proxy.access_log.is_some();
+        validate::h2_fields(req, max_headers, own_id).map_err(|e| match e {
             validate::H2FieldsError::TooMany => ProxyError::TooManyHeaders,
             validate::H2FieldsError::Whitespace => {
                 ProxyError::Malformed("a field value begins or ends with whitespace\n")
@@ -620,6 +628,7 @@ fn rewrite(
     host: &Host,
     fwd: &Forwarded<'_>,
     on_upgrade: Option<OnUpgrade>,
+    own_id: bool,
 ) -> Result<Rewritten, ProxyError> {
     let protocol = route.pool().protocol;
     let fields_to_map = req.version() == Version::HTTP_2;
@@ -630,7 +639,17 @@ fn rewrite(
         None
     };
     let te_trailers = hops & TE_BIT != 0 && wants_trailers(req.headers());
+    // The proxy's `X-Request-Id` goes upstream whatever a `Connection` line names: it is the
+    // proxy's field, set for this hop, not one the client's hop-by-hop list may remove. (The
+    // forwarding fields are written after this, so a `Connection` line removes only the
+    // client's own values of them.)
+    let id = (own_id && hops & CONNECTION_BIT != 0)
+        .then(|| req.headers_mut().remove(&X_REQUEST_ID))
+        .flatten();
     strip_known(req.headers_mut(), hops);
+    if let Some(id) = id {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
     if req.version() == Version::HTTP_2 && protocol == Protocol::Http1 {
         validate::join_cookies(req.headers_mut());
     }

@@ -62,14 +62,41 @@ impl Outcome {
             up.count_failure_of(kind, self.live);
             if self.live {
                 let path = self.path.as_ref().map(|p| p.path()).unwrap_or("/");
-                // Once, for every trigger: matched as the upstream resolves it.
-                let path = crate::http::path::normalized(path);
-                for c in &pool.critical {
-                    if c.matches(&path) {
-                        c.counter.add(epoch, 1);
-                    }
-                }
+                count_critical(pool, epoch, path);
             }
+        }
+    }
+}
+
+/// A live request answered 503 because its pool had no healthy upstream: a failed request of
+/// the live color like any other (contract: a failure is one that got no response), so that
+/// `error_rate` and `critical_5xx` see a color whose every upstream is down. The color's
+/// window is the sum of its upstreams' (the triggers, `/api/status` and the metrics read it
+/// so), and no upstream was picked: the request goes into the window of one drawn at random,
+/// as balancing would have spread it, with no latency sample (its time is not an upstream's,
+/// and a run of near-zero samples would hide a slow pool's p95). An empty pool (a name that
+/// resolved to no address) has no window to count it in.
+pub fn record_unavailable(pool: &Pool, epoch: u64, path: &str) {
+    let n = pool.upstreams.len();
+    if n == 0 {
+        return;
+    }
+    if let Some(up) = pool.upstreams.get(fastrand::usize(..n)) {
+        up.window.record_unsent_failure(epoch);
+    }
+    count_critical(pool, epoch, path);
+}
+
+/// One failure on `path` in each critical-path counter of `pool` that matches it.
+fn count_critical(pool: &Pool, epoch: u64, path: &str) {
+    if pool.critical.is_empty() {
+        return;
+    }
+    // Once, for every trigger: matched as the upstream resolves it.
+    let path = crate::http::path::normalized(path);
+    for c in &pool.critical {
+        if c.matches(&path) {
+            c.counter.add(epoch, 1);
         }
     }
 }

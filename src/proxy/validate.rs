@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http::codec::parse_length;
-use crate::http::headers::edge_whitespace;
+use crate::http::headers::{edge_whitespace, X_REQUEST_ID};
 use crate::http::server::target_bytes_valid;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
@@ -80,10 +80,24 @@ pub fn trace_echo<B>(req: &Request<B>) -> bytes::Bytes {
 
 /// What an HTTP/1 parser checks as it reads a head, checked on an HTTP/2 request's fields:
 /// no more than `max_headers` of them (431), and no value that begins or ends with whitespace
-/// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it).
-pub fn h2_fields<B>(req: &Request<B>, max_headers: usize) -> Result<(), H2FieldsError> {
-    if req.headers().len() > max_headers {
-        return Err(H2FieldsError::TooMany);
+/// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it). The fields
+/// are counted as the HTTP/1.1 head they stand for: every `cookie` field counts as one, the one
+/// `Cookie` line that h2 clients split into a field per cookie (RFC 9113 8.2.3, as browsers
+/// do), and `own_id` (the proxy set the request's `X-Request-Id` before this check) leaves that
+/// field out, as the client may not have sent it.
+pub fn h2_fields<B>(
+    req: &Request<B>,
+    max_headers: usize,
+    own_id: bool,
+) -> Result<(), H2FieldsError> {
+    let fields = req.headers().len();
+    // Only a request over the limit is looked at again: most are far below it.
+    if fields > max_headers {
+        let crumbs = req.headers().get_all(header::COOKIE).iter().count();
+        let id = usize::from(own_id && req.headers().contains_key(&X_REQUEST_ID));
+        if fields - crumbs.saturating_sub(1) - id > max_headers {
+            return Err(H2FieldsError::TooMany);
+        }
     }
     if req
         .headers()
@@ -254,12 +268,19 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
         (None, None) if req.version() == Version::HTTP_2 => {
             return Err("missing :authority and Host\n")
         }
-        // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed.
+        // HTTP/2 (RFC 9113 8.3.1): a Host that names another authority makes it malformed,
+        // compared after scheme-based normalization (RFC 3986 6.2.3): `a:80` is `a` for http.
         (Some(a), Some(h)) if req.version() == Version::HTTP_2 => {
-            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+            let https = req
+                .uri()
+                .scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+            let port: &[u8] = if https { b"443" } else { b"80" };
+            let (a, h) = (a.as_str().as_bytes(), h.as_bytes());
+            if !without_default_port(a, port).eq_ignore_ascii_case(without_default_port(h, port)) {
                 return Err("Host and :authority differ\n");
             }
-            Some(h.clone())
+            first.cloned()
         }
         // HTTP/1 absolute form (RFC 9112 3.2.2): the target's authority wins over Host, which
         // must still be valid (RFC 9110 7.2: a Host with an invalid value is 400). An empty one
@@ -282,6 +303,23 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<(HeaderValue, usize)>,
     let s = value.to_str().map_err(|_| "invalid Host header\n")?;
     let len = host_without_port(s).ok_or("invalid Host header\n")?.len();
     Ok(Some((value, len)))
+}
+
+/// An authority without its port when that is the scheme's default `port` or empty (RFC 3986
+/// 6.2.3: `a:80`, `a:` and `a` are the same http authority); else as it is.
+fn without_default_port<'a>(authority: &'a [u8], port: &[u8]) -> &'a [u8] {
+    // The port follows the last `:`, unless that is inside an IP literal (`[::1]`).
+    match authority.iter().rposition(|&b| b == b':' || b == b']') {
+        Some(i) if authority[i] == b':' => {
+            let (host, p) = (&authority[..i], &authority[i + 1..]);
+            if p.is_empty() || p == port {
+                host
+            } else {
+                authority
+            }
+        }
+        _ => authority,
+    }
 }
 
 /// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`; None for malformed values
@@ -345,11 +383,44 @@ mod tests {
         r
     }
 
+    /// h2 `:authority` and `Host` name the same origin when they differ only by the scheme's
+    /// default port, an empty port or case (RFC 9113 8.3.1, RFC 3986 6.2.3).
+    #[test]
+    fn h2_host_and_authority_compare_with_default_ports_normalized() {
+        for (target, host, same) in [
+            ("http://a.example:80/x", "a.example", true),
+            ("http://a.example/x", "A.Example:80", true),
+            ("http://a.example:/x", "a.example:80", true),
+            ("https://a.example:443/x", "a.example", true),
+            ("https://a.example/x", "a.example:443", true),
+            ("http://[::1]:80/x", "[::1]", true),
+            ("http://[::1]/x", "[::1]:", true),
+            ("http://a.example:8080/x", "a.example:8080", true),
+            ("http://a.example:443/x", "a.example", false),
+            ("https://a.example/x", "a.example:80", false),
+            ("http://a.example:8080/x", "a.example:80", false),
+            ("http://a.example/x", "a.example:8080", false),
+            ("http://[::1]/x", "[::2]", false),
+            ("http://b.example/x", "a.example", false),
+        ] {
+            let mut r = req(Method::GET, target, Version::HTTP_2);
+            r.headers_mut()
+                .insert(header::HOST, HeaderValue::from_static(host));
+            let got = request_host(&r);
+            if same {
+                let (value, _) = got.ok().flatten().expect("a host");
+                assert_eq!(value, host, "{target} {host}");
+            } else {
+                assert_eq!(got, Err("Host and :authority differ\n"), "{target} {host}");
+            }
+        }
+    }
+
     /// An h2 request's fields meet what an HTTP/1 parser checks; an h2 request names a host.
     #[test]
     fn h2_fields_and_host() {
         let mut r = req(Method::GET, "/x", Version::HTTP_2);
-        assert_eq!(h2_fields(&r, 10), Ok(()));
+        assert_eq!(h2_fields(&r, 10, false), Ok(()));
         // No `:authority` and no Host: an http(s) URI without a host (RFC 9110 4.2.1).
         assert!(request_host(&r).is_err());
         // HTTP/1.0 may send neither; HTTP/1.1 must send Host.
@@ -367,12 +438,32 @@ mod tests {
                 HeaderValue::from_static("a b"),
             );
         }
-        assert_eq!(h2_fields(&r, 10), Err(H2FieldsError::TooMany));
-        assert_eq!(h2_fields(&r, 11), Ok(()));
+        assert_eq!(h2_fields(&r, 10, false), Err(H2FieldsError::TooMany));
+        assert_eq!(h2_fields(&r, 11, false), Ok(()));
+        // Cookie crumbs count as one field; the proxy's own request id as none.
+        for i in 0..5 {
+            r.headers_mut().append(
+                header::COOKIE,
+                HeaderValue::from_str(&format!("c{i}=v")).expect("value"),
+            );
+        }
+        assert_eq!(h2_fields(&r, 12, false), Ok(()));
+        assert_eq!(h2_fields(&r, 11, false), Err(H2FieldsError::TooMany));
+        r.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("id"));
+        assert_eq!(h2_fields(&r, 12, false), Err(H2FieldsError::TooMany));
+        assert_eq!(h2_fields(&r, 12, true), Ok(()));
+        assert_eq!(h2_fields(&r, 11, true), Err(H2FieldsError::TooMany));
+        r.headers_mut().remove(header::COOKIE);
+        r.headers_mut().remove("x-request-id");
         for bad in [" a", "a ", "\ta", "a\t"] {
             r.headers_mut()
                 .insert("x-0", HeaderValue::from_str(bad).expect("value"));
-            assert_eq!(h2_fields(&r, 11), Err(H2FieldsError::Whitespace), "{bad:?}");
+            assert_eq!(
+                h2_fields(&r, 11, false),
+                Err(H2FieldsError::Whitespace),
+                "{bad:?}"
+            );
         }
     }
 

@@ -132,6 +132,11 @@ impl TestUpstream {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+    /// Stops the upstream as if its process were killed: the listener and every connection
+    /// close; connects are refused from then on.
+    pub fn kill(&self) {
+        self.stop.cancel();
+    }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
