@@ -1,0 +1,176 @@
+//! HTTP/2 flow control between streams that share a connection: a stream that stalls (its
+//! client stopped reading) holds at most its own window and never the connection's, on an h2
+//! pool's upstream connection.
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const PROXY: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n";
+
+/// Bytes of `/big` from [`h2_upstream`].
+const BIG: usize = 8 * 1024 * 1024;
+
+/// An h2 upstream (the `h2` crate, so that it can send what hyper would not): `/big` is
+/// [`BIG`] bytes, sent as the proxy's windows allow and counted in `sent`; `/204` is a 204
+/// followed by DATA `hello`; `/304` a 304 with `content-length: 5` followed by DATA `hello`;
+/// anything else `ok`.
+async fn h2_upstream(sent: Arc<AtomicUsize>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let sent = sent.clone();
+                    tokio::spawn(async move {
+                        let path = req.uri().path().to_string();
+                        let (status, length, body) = match path.as_str() {
+                            "/big" => (200, Some(BIG), None),
+                            "/204" => (204, None, Some("hello")),
+                            "/304" => (304, Some(5), Some("hello")),
+                            _ => (200, Some(2), Some("ok")),
+                        };
+                        let mut head = http::Response::builder().status(status);
+                        if let Some(n) = length {
+                            head = head.header("content-length", n);
+                        }
+                        let Ok(head) = head.body(()) else { return };
+                        let Ok(mut tx) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        match body {
+                            Some(b) => {
+                                let _ = tx.send_data(Bytes::from_static(b.as_bytes()), true);
+                            }
+                            None => send_big(&mut tx, &sent).await,
+                        }
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// [`BIG`] bytes on `tx`, each piece once the peer's windows have room for it.
+async fn send_big(tx: &mut h2::SendStream<Bytes>, sent: &AtomicUsize) {
+    let piece = Bytes::from(vec![b'x'; 16 * 1024]);
+    let mut left = BIG;
+    while left > 0 {
+        tx.reserve_capacity(left.min(piece.len()));
+        let cap = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            _ => return,
+        };
+        let n = cap.min(left);
+        if n == 0 {
+            continue;
+        }
+        if tx.send_data(piece.slice(..n), n == left).is_err() {
+            return;
+        }
+        sent.fetch_add(n, Ordering::SeqCst);
+        left -= n;
+    }
+}
+
+/// Waits (at most `secs`) until `count` stops moving: three samples 300 ms apart alike.
+async fn settled(count: &AtomicUsize, secs: u64) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = count.load(Ordering::SeqCst);
+    let mut same = 0;
+    while same < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count.load(Ordering::SeqCst);
+        same = if now == last && now > 0 { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+fn upstream_failures(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_upstream_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Six HTTP/1.1 clients ask for 8 MiB each from an h2 pool and stop reading (4 KiB receive
+/// buffers); their streams share the pool's one upstream connection. Another client is then
+/// served from the same upstream (with hyper's 5 MiB connection window the stalled streams'
+/// 2 MiB each shut it, and the other client's body waited for `body_idle_timeout`, then was
+/// cut and charged to the upstream). A stalled client that reads again, after more than
+/// `body_idle_timeout`, gets its whole body: the time the proxy did not read for it is not the
+/// upstream's, and no upstream failure is counted.
+#[tokio::test]
+async fn stalled_readers_of_an_h2_pool_leave_its_other_streams_served() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let up = h2_upstream(sent.clone()).await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}body_idle_timeout = \"1s\"\n\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\n"
+    ))
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut s = sock.connect(p.proxy).await.expect("connect");
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        stalled.push(s);
+    }
+    let held = settled(&sent, 20).await;
+    assert!(
+        held < 6 * BIG,
+        "the readers never stalled ({held} bytes sent)"
+    );
+    let victim = tokio::time::timeout(Duration::from_secs(10), get(p.proxy, "/")).await;
+    assert_eq!(
+        victim.ok(),
+        Some((200, "ok".to_string())),
+        "another stream of the upstream connection was stalled ({held} bytes sent to the stalled ones)"
+    );
+    // One stalled reader reads again: all of its body, not cut at the body_idle_timeout.
+    let mut s = stalled.pop().expect("a stalled client");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            let body = got
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |h| got.len() - h - 4);
+            if body >= BIG {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the body did not come in time");
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    assert_eq!(got.len() - head_end, BIG, "the body was cut");
+    let metrics = get(p.admin, "/metrics").await.1;
+    assert_eq!(upstream_failures(&metrics), 0.0, "{metrics}");
+    drop(stalled);
+    p.stop().await;
+}
