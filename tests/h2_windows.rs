@@ -1,6 +1,6 @@
 //! HTTP/2 flow control between streams that share a connection: a stream that stalls (its
-//! client stopped reading) holds at most its own window and never the connection's, on an h2
-//! pool's upstream connection.
+//! client or its upstream stopped reading) holds at most its own window and never the
+//! connection's, on the client side and on an h2 pool's upstream connection.
 
 mod common;
 use common::*;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 const PROXY: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n";
 
@@ -172,5 +172,135 @@ async fn stalled_readers_of_an_h2_pool_leave_its_other_streams_served() {
     let metrics = get(p.admin, "/metrics").await.1;
     assert_eq!(upstream_failures(&metrics), 0.0, "{metrics}");
     drop(stalled);
+    p.stop().await;
+}
+
+/// An HTTP/1.1 upstream: `/stall` never reads its request's body (nor answers); anything else
+/// reads its `content-length` bytes and answers `got <n>`.
+async fn upload_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let end = loop {
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                if head.starts_with("post /stall") {
+                    // Held, never read: the proxy's writes fill the socket and stay stuck.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut n = got.len() - end;
+                while n < length {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                let body = format!("got {n}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `len` bytes on `tx` (ending the stream after them when `end`), each piece once the
+/// proxy's windows have room; returns how many went out before no room came for a second.
+async fn upload(tx: &mut h2::SendStream<Bytes>, len: usize, end: bool) -> usize {
+    let piece = Bytes::from(vec![b'u'; 16 * 1024]);
+    let mut sent = 0;
+    while sent < len {
+        tx.reserve_capacity((len - sent).min(piece.len()));
+        let cap = tokio::time::timeout(
+            Duration::from_secs(1),
+            std::future::poll_fn(|cx| tx.poll_capacity(cx)),
+        )
+        .await;
+        let n = match cap {
+            Ok(Some(Ok(n))) => n.min(len - sent),
+            // No room for a second (stalled), or the stream is gone.
+            _ => return sent,
+        };
+        if n == 0 {
+            continue;
+        }
+        if tx
+            .send_data(piece.slice(..n), end && sent + n == len)
+            .is_err()
+        {
+            return sent;
+        }
+        sent += n;
+    }
+    sent
+}
+
+/// One upload on an h2 client connection whose upstream stops reading it holds at most its
+/// own stream window: another upload on the same connection still goes through (with equal
+/// 1 MiB stream and connection windows, the stalled one shut the connection's window and the
+/// other could not send a byte).
+#[tokio::test]
+async fn a_stalled_upload_leaves_the_other_uploads_of_its_h2_connection_served() {
+    let up = upload_upstream().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!("{PROXY}{}", service("api", &[up], &[green], ""))).await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let done = tokio::spawn(conn);
+    let mut c = client.ready().await.expect("ready");
+    let len = 1024 * 1024;
+    let post = |path: &str, len: usize| {
+        http::Request::post(format!("http://a{path}"))
+            .header("content-length", len)
+            .body(())
+            .expect("req")
+    };
+    let (_stalled_resp, mut stalled) = c
+        .send_request(post("/stall", 64 << 20), false)
+        .expect("send");
+    // Until the proxy stops taking it (64 MiB at most: the upstream's socket buffers and the
+    // proxy's window fill long before); its declared length is not reached.
+    let held = upload(&mut stalled, 64 << 20, false).await;
+    assert!(held < 64 << 20, "the stalled upload never stalled");
+    let mut c = c.ready().await.expect("ready");
+    let (resp, mut tx) = c.send_request(post("/sink", len), false).expect("send");
+    let sent = upload(&mut tx, len, true).await;
+    assert_eq!(
+        sent, len,
+        "the second upload was stalled behind the first ({held} bytes of it taken)"
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("the answer in time")
+        .expect("the answer");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(Ok(d)) = body.data().await {
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, format!("got {len}").as_bytes());
+    drop(stalled);
+    done.abort();
     p.stop().await;
 }

@@ -11,15 +11,15 @@
 //! for the stream, a small body at once), and the keep-alive PING is sent from a timer the caller
 //! already runs ([`Connection::keep_alive`]).
 //!
-//! What stays hyper's behaviour: the same SETTINGS (1 MiB windows, 16 KiB frames, a 400 KiB send
-//! buffer per stream), a `Date` on responses that come without one, `Content-Length` from a
-//! body of known length, RST_STREAM (INTERNAL_ERROR) when a response body fails, a stream's work
-//! dropped when the client resets it. CONNECT (RFC 9113 8.5) is the handler's to refuse; the
-//! extended CONNECT protocol is not offered. A response must not carry connection-specific
-//! fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `Proxy-Connection`, a
-//! `TE` other than `trailers`): `h2` refuses it and the stream is reset (INTERNAL_ERROR); every
-//! response the proxy makes or relays has them removed already. A response to HEAD goes out
-//! without its body, whatever the handler gave it.
+//! What stays hyper's behaviour: the same SETTINGS (16 KiB frames, a 400 KiB send buffer per
+//! stream; not the receive windows: see [`CONN_WINDOW`]), a `Date` on responses that come without
+//! one, `Content-Length` from a body of known length, RST_STREAM (INTERNAL_ERROR) when a response
+//! body fails, a stream's work dropped when the client resets it. CONNECT (RFC 9113 8.5) is the
+//! handler's to refuse; the extended CONNECT protocol is not offered. A response must not carry
+//! connection-specific fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`,
+//! `Proxy-Connection`, a `TE` other than `trailers`): `h2` refuses it and the stream is reset
+//! (INTERNAL_ERROR); every response the proxy makes or relays has them removed already. A response
+//! to HEAD goes out without its body, whatever the handler gave it.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -52,8 +52,8 @@ pub struct Settings {
 impl Settings {
     fn builder(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
-        b.initial_window_size(WINDOW)
-            .initial_connection_window_size(WINDOW)
+        b.initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(16 * 1024)
             .max_send_buffer_size(400 * 1024)
             .max_concurrent_streams(self.max_concurrent_streams)
@@ -66,9 +66,17 @@ impl Settings {
     }
 }
 
-/// Stream and connection receive windows (hyper's defaults): a 1 MiB upload goes in one
-/// round trip.
-const WINDOW: u32 = 1024 * 1024;
+/// A stream's receive window: how much of an upload the client may send ahead of the
+/// upstream's reading, so the most buffered here for a stream whose upstream stopped reading,
+/// and `max_concurrent_streams` times this for a connection (64 MiB at the default 256).
+/// Window updates go out as the upload is passed on.
+const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection's receive window, shared by its streams: the largest there is (as nginx and
+/// HAProxy open theirs), so that uploads stalled on their upstreams, each holding at most
+/// [`STREAM_WINDOW`], never shut it for the connection's other uploads. Memory stays bounded
+/// by the stream windows.
+const CONN_WINDOW: u32 = (1 << 31) - 1;
 
 /// One client connection: accepts its streams and hands each to `exec` as a [`Stream`] of the
 /// future `service` made for it. Completes when the connection is closed.
