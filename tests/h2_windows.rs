@@ -1,6 +1,7 @@
-//! HTTP/2 flow control between streams that share a connection: a stream that stalls (its
-//! client or its upstream stopped reading) holds at most its own window and never the
-//! connection's, on the client side and on an h2 pool's upstream connection.
+//! HTTP/2 flow control between streams that share a connection, and bodiless statuses from an
+//! h2 pool: a stream that stalls (its client or its upstream stopped reading) holds at most its
+//! own window and never the connection's, on the client side and on an h2 pool's upstream
+//! connection; a 204 or 304 reaches an h2 client without a body, whatever its upstream sent.
 
 mod common;
 use common::*;
@@ -301,6 +302,53 @@ async fn a_stalled_upload_leaves_the_other_uploads_of_its_h2_connection_served()
     }
     assert_eq!(got, format!("got {len}").as_bytes());
     drop(stalled);
+    done.abort();
+    p.stop().await;
+}
+
+/// A 204 and a 304 from an h2 pool whose upstream sends DATA after them reach an h2 client
+/// with the stream ended on the head (RFC 9110 6.4.1): the 204 without `content-length`, the
+/// 304 with the upstream's. (Before, the client got the DATA as the response's content.)
+#[tokio::test]
+async fn no_body_follows_a_204_or_a_304_from_an_h2_pool() {
+    let up = h2_upstream(Arc::new(AtomicUsize::new(0))).await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\n"
+    ))
+    .await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let done = tokio::spawn(conn);
+    for (path, status, length) in [("/204", 204, None), ("/304", 304, Some("5"))] {
+        let mut c = client.clone().ready().await.expect("ready");
+        let req = http::Request::get(format!("http://a{path}"))
+            .body(())
+            .expect("req");
+        let (resp, _) = c.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("head in time")
+            .expect("head");
+        assert_eq!(resp.status(), status, "{path}");
+        let cl = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(cl, length, "{path}");
+        let mut body = resp.into_body();
+        assert!(
+            body.is_end_stream(),
+            "{path}: the head did not end the stream"
+        );
+        let data = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the end in time");
+        assert!(data.is_none(), "{path}: a body came: {data:?}");
+    }
+    // An HTTP/1.1 client is answered the same.
+    let (status, body) = get(p.proxy, "/204").await;
+    assert_eq!((status, body.as_str()), (204, ""));
     done.abort();
     p.stop().await;
 }

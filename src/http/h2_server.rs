@@ -19,7 +19,7 @@
 //! connection-specific fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`,
 //! `Proxy-Connection`, a `TE` other than `trailers`): `h2` refuses it and the stream is reset
 //! (INTERNAL_ERROR); every response the proxy makes or relays has them removed already. A response
-//! to HEAD goes out without its body, whatever the handler gave it.
+//! to HEAD, a 204 and a 304 go out without a body, whatever the handler gave them.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -316,15 +316,25 @@ where
                         v.insert(date);
                     }
                 }
+                // No body follows a 204 or a 304 (RFC 9110 6.4.1), whatever an upstream sent
+                // after one, as on HTTP/1.1: a 204 has no Content-Length (8.6), a 304 keeps
+                // the upstream's own (the length a 200 would have had) and gets none from the
+                // body.
+                let status = head.status();
+                let no_content = status == StatusCode::NO_CONTENT;
+                let not_modified = status == StatusCode::NOT_MODIFIED;
+                if no_content {
+                    head.headers_mut().remove(header::CONTENT_LENGTH);
+                }
                 // To HEAD, the length a GET would have had, and no body.
-                if !body.is_end_stream() {
+                if !body.is_end_stream() && !no_content && (this.head || !not_modified) {
                     if let Some(n) = body.size_hint().exact() {
                         head.headers_mut()
                             .entry(header::CONTENT_LENGTH)
                             .or_insert_with(|| HeaderValue::from(n));
                     }
                 }
-                let end = this.head || body.is_end_stream();
+                let end = this.head || no_content || not_modified || body.is_end_stream();
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
                     Ok(mut tx) => {
