@@ -1,7 +1,8 @@
 //! HTTP/2 flow control between streams that share a connection, and bodiless statuses from an
 //! h2 pool: a stream that stalls (its client or its upstream stopped reading) holds at most its
 //! own window and never the connection's, on the client side and on an h2 pool's upstream
-//! connection; a 204 or 304 reaches an h2 client without a body, whatever its upstream sent.
+//! connection; a 204 or 304 reaches an h2 client without a body, whatever its upstream sent; a
+//! response head the client said it would not take is a 502 on its stream.
 
 mod common;
 use common::*;
@@ -349,6 +350,50 @@ async fn no_body_follows_a_204_or_a_304_from_an_h2_pool() {
     // An HTTP/1.1 client is answered the same.
     let (status, body) = get(p.proxy, "/204").await;
     assert_eq!((status, body.as_str()), (204, ""));
+    done.abort();
+    p.stop().await;
+}
+
+/// A response head larger than the SETTINGS_MAX_HEADER_LIST_SIZE the client announced (16 KiB
+/// here; a 20 KB field) is answered 502 on its stream alone, and the connection goes on
+/// serving (before, the head was sent anyway and the client failed it: python-h2 drops the
+/// whole connection).
+#[tokio::test]
+async fn a_head_over_the_clients_header_list_size_is_a_502_on_its_stream() {
+    let up = raw_upstream(|head| {
+        let answer = if head.starts_with("GET /bighead") {
+            format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+                "v".repeat(20_000)
+            )
+        } else {
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string()
+        };
+        Raw::Answer(answer.into_bytes())
+    })
+    .await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!("{PROXY}{}", service("api", &[up], &[green], ""))).await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (client, conn) = h2::client::Builder::new()
+        .max_header_list_size(16 * 1024)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let done = tokio::spawn(conn);
+    for (path, status) in [("/bighead", 502), ("/", 200)] {
+        let mut c = client.clone().ready().await.expect("ready");
+        let req = http::Request::get(format!("http://a{path}"))
+            .body(())
+            .expect("req");
+        let (resp, _) = c.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("head in time");
+        let status_got = resp.as_ref().map(|r| r.status().as_u16());
+        assert_eq!(status_got.ok(), Some(status), "{path}: {resp:?}");
+    }
+    assert!(!done.is_finished(), "the connection was closed");
     done.abort();
     p.stop().await;
 }

@@ -24,6 +24,8 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +35,7 @@ use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// What every h2 connection of a listener allows and promises.
@@ -81,7 +83,9 @@ const CONN_WINDOW: u32 = (1 << 31) - 1;
 /// One client connection: accepts its streams and hands each to `exec` as a [`Stream`] of the
 /// future `service` made for it. Completes when the connection is closed.
 pub struct Connection<T, S, E> {
-    state: State<T>,
+    state: State<PeerSettings<T>>,
+    /// The client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none), from [`PeerSettings`].
+    peer_max_header_list: Arc<AtomicU32>,
     service: S,
     exec: E,
     /// A graceful shutdown asked for before the handshake ended.
@@ -129,8 +133,15 @@ where
 {
     /// `io` positioned at the client's connection preface.
     pub fn new(io: T, settings: &Settings, service: S, exec: E) -> Self {
+        let peer_max_header_list = Arc::new(AtomicU32::new(u32::MAX));
+        let io = PeerSettings {
+            io,
+            first: Some(Vec::new()),
+            max_header_list: peer_max_header_list.clone(),
+        };
         Connection {
             state: State::Handshaking(settings.builder().handshake(io)),
+            peer_max_header_list,
             service,
             exec,
             close_pending: false,
@@ -239,9 +250,12 @@ where
                     declare_length(&mut req);
                     let head = req.method() == http::Method::HEAD;
                     let handled = (this.service)(req);
+                    // Known by now: the client's SETTINGS come before its first stream.
+                    let max_header_list = this.peer_max_header_list.load(Ordering::Relaxed);
                     this.exec.execute(Stream {
                         reply,
                         head,
+                        max_header_list,
                         state: StreamState::Waiting(handled),
                     });
                     continue;
@@ -263,6 +277,8 @@ pub struct Stream<F, B> {
     /// The request is HEAD: whatever body the handler's response has (one the proxy made
     /// itself: a 404, a 503) is dropped, never sent (RFC 9110 9.3.2).
     head: bool,
+    /// The client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none).
+    max_header_list: u32,
     state: StreamState<F, B>,
 }
 
@@ -334,7 +350,19 @@ where
                             .or_insert_with(|| HeaderValue::from(n));
                     }
                 }
-                let end = this.head || no_content || not_modified || body.is_end_stream();
+                let mut end = this.head || no_content || not_modified || body.is_end_stream();
+                if this.max_header_list != u32::MAX
+                    && header_list_size(&head) > this.max_header_list as usize
+                {
+                    // A head the client said it would not take (RFC 9113 6.5.2; a client such
+                    // as python-h2 drops the whole connection over one): a 502 in its place.
+                    tracing::debug!(
+                        limit = this.max_header_list,
+                        "response head over the client's SETTINGS_MAX_HEADER_LIST_SIZE: 502"
+                    );
+                    head = too_large_head();
+                    end = true;
+                }
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
                     Ok(mut tx) => {
@@ -364,6 +392,123 @@ where
             StreamState::Sending(body, tx, small) => (body, tx, *small),
         };
         pipe(body, tx, small, cx)
+    }
+}
+
+/// A head's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2): each field's
+/// name and value and 32 bytes, `:status` included.
+fn header_list_size(head: &Response<()>) -> usize {
+    let fields: usize = head
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    fields + ":status".len() + 3 + 32
+}
+
+/// The 502 sent for a response whose head the client would not take: no body.
+fn too_large_head() -> Response<()> {
+    let mut head = Response::new(());
+    *head.status_mut() = StatusCode::BAD_GATEWAY;
+    let headers = head.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    if let Some(date) = super::headers::date_value() {
+        headers.insert(header::DATE, date);
+    }
+    head
+}
+
+/// The connection's socket, reading the client's first SETTINGS frame off the bytes as they
+/// pass for its SETTINGS_MAX_HEADER_LIST_SIZE, which `h2` neither honours nor tells (RFC 9113
+/// 3.4: that frame follows the preface). Later SETTINGS are not followed: the setting is
+/// advisory (6.5.2) and clients send it first; once the first frame is read nothing more is
+/// looked at.
+struct PeerSettings<T> {
+    io: T,
+    /// The preface and the first frame as they come in; None once read.
+    first: Option<Vec<u8>>,
+    max_header_list: Arc<AtomicU32>,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+
+/// The largest first frame followed: a SETTINGS frame of 42 settings (RFC 9113 defines 6).
+const FIRST_FRAME_MAX: usize = 9 + 6 * 42;
+
+impl<T> PeerSettings<T> {
+    fn follow(&mut self, read: &[u8]) {
+        let Some(seen) = &mut self.first else {
+            return;
+        };
+        let room = PREFACE_LEN + FIRST_FRAME_MAX - seen.len();
+        seen.extend_from_slice(&read[..read.len().min(room)]);
+        let Some(h) = seen.get(PREFACE_LEN..PREFACE_LEN + 9) else {
+            return;
+        };
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        // SETTINGS (type 4), not an ACK, on stream 0; anything else is `h2`'s to refuse.
+        if h[3] != 0x4 || h[4] & 0x1 != 0 || stream != 0 || 9 + len > FIRST_FRAME_MAX {
+            self.first = None;
+            return;
+        }
+        let Some(payload) = seen.get(PREFACE_LEN + 9..PREFACE_LEN + 9 + len) else {
+            return;
+        };
+        for setting in payload.chunks_exact(6) {
+            // SETTINGS_MAX_HEADER_LIST_SIZE.
+            if setting[..2] == [0, 6] {
+                let v = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                self.max_header_list.store(v, Ordering::Relaxed);
+            }
+        }
+        self.first = None;
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for PeerSettings<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.first.is_some() {
+            self.follow(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for PeerSettings<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -817,5 +962,35 @@ mod tests {
             ping.is_some() && goaway.is_some() && ping < goaway,
             "no PING then GOAWAY in {kinds:?}"
         );
+    }
+
+    /// The client's first SETTINGS frame is read however its bytes are split, its
+    /// SETTINGS_MAX_HEADER_LIST_SIZE kept; a first frame of another type is passed over.
+    #[test]
+    fn the_first_settings_give_the_clients_header_list_size() {
+        let follow = |bytes: &[u8]| {
+            let max = Arc::new(AtomicU32::new(u32::MAX));
+            let mut ps = PeerSettings {
+                io: (),
+                first: Some(Vec::new()),
+                max_header_list: max.clone(),
+            };
+            for b in bytes {
+                ps.follow(std::slice::from_ref(b));
+            }
+            (max.load(Ordering::Relaxed), ps.first.is_none())
+        };
+        let mut settings =
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x0c\x04\x00\x00\x00\x00\x00".to_vec();
+        settings.extend_from_slice(b"\x00\x04\x00\x01\x00\x00\x00\x06\x00\x00\x40\x00");
+        assert_eq!(follow(&settings), (16384, true));
+        settings.extend_from_slice(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x06\x00\x00\x00\x01");
+        assert_eq!(
+            follow(&settings),
+            (16384, true),
+            "a later SETTINGS is not followed"
+        );
+        let ping = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x08\x06\x00\x00\x00\x00\x00\x00\x00\x00\x06\x00\x00\x40\x00";
+        assert_eq!(follow(ping), (u32::MAX, true));
     }
 }
