@@ -213,6 +213,18 @@ type H2Sender = hyper::client::conn::http2::SendRequest<H2Body>;
 /// PINGs on an idle HTTP/2 upstream connection, so that a dead peer is noticed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 
+/// The receive window of each stream on an HTTP/2 upstream connection: what the upstream may
+/// send ahead of the proxy's reading, so at most this much of a response is buffered here for
+/// a client that stopped reading (a window update goes out as the proxy passes bytes on).
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// The receive window of an HTTP/2 upstream connection, shared by all its streams: far larger
+/// than a stream's (as nginx and HAProxy open theirs), so that streams whose clients stopped
+/// reading, each holding up to [`H2_STREAM_WINDOW`], do not shut it for every other stream of
+/// the upstream (with hyper's 5 MiB, three stalled 2 MiB streams stalled them all). It bounds
+/// what one upstream connection buffers in all: 1 GiB, 1,024 stalled streams.
+const H2_CONN_WINDOW: u32 = 1024 * 1024 * 1024;
+
 /// One upstream's HTTP/2 connection: the sender is read without a lock on every request; the
 /// mutex is only taken to open a connection.
 #[derive(Default)]
@@ -454,6 +466,8 @@ impl ConnPool {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_PING_INTERVAL)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
             .handshake(hyper_util::rt::TokioIo::new(io))
             .await?;
         let addr = self.addr;

@@ -11,19 +11,21 @@
 //! for the stream, a small body at once), and the keep-alive PING is sent from a timer the caller
 //! already runs ([`Connection::keep_alive`]).
 //!
-//! What stays hyper's behaviour: the same SETTINGS (1 MiB windows, 16 KiB frames, a 400 KiB send
-//! buffer per stream), a `Date` on responses that come without one, `Content-Length` from a
-//! body of known length, RST_STREAM (INTERNAL_ERROR) when a response body fails, a stream's work
-//! dropped when the client resets it. CONNECT (RFC 9113 8.5) is the handler's to refuse; the
-//! extended CONNECT protocol is not offered. A response must not carry connection-specific
-//! fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `Proxy-Connection`, a
-//! `TE` other than `trailers`): `h2` refuses it and the stream is reset (INTERNAL_ERROR); every
-//! response the proxy makes or relays has them removed already. A response to HEAD goes out
-//! without its body, whatever the handler gave it.
+//! What stays hyper's behaviour: the same SETTINGS (16 KiB frames, a 400 KiB send buffer per
+//! stream; not the receive windows: see [`CONN_WINDOW`]), a `Date` on responses that come without
+//! one, `Content-Length` from a body of known length, RST_STREAM (INTERNAL_ERROR) when a response
+//! body fails, a stream's work dropped when the client resets it. CONNECT (RFC 9113 8.5) is the
+//! handler's to refuse; the extended CONNECT protocol is not offered. A response must not carry
+//! connection-specific fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`,
+//! `Proxy-Connection`, a `TE` other than `trailers`): `h2` refuses it and the stream is reset
+//! (INTERNAL_ERROR); every response the proxy makes or relays has them removed already. A response
+//! to HEAD, a 204 and a 304 go out without a body, whatever the handler gave them.
 
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +35,7 @@ use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// What every h2 connection of a listener allows and promises.
@@ -52,8 +54,8 @@ pub struct Settings {
 impl Settings {
     fn builder(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
-        b.initial_window_size(WINDOW)
-            .initial_connection_window_size(WINDOW)
+        b.initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(16 * 1024)
             .max_send_buffer_size(400 * 1024)
             .max_concurrent_streams(self.max_concurrent_streams)
@@ -66,14 +68,24 @@ impl Settings {
     }
 }
 
-/// Stream and connection receive windows (hyper's defaults): a 1 MiB upload goes in one
-/// round trip.
-const WINDOW: u32 = 1024 * 1024;
+/// A stream's receive window: how much of an upload the client may send ahead of the
+/// upstream's reading, so the most buffered here for a stream whose upstream stopped reading,
+/// and `max_concurrent_streams` times this for a connection (64 MiB at the default 256).
+/// Window updates go out as the upload is passed on.
+const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection's receive window, shared by its streams: the largest there is (as nginx and
+/// HAProxy open theirs), so that uploads stalled on their upstreams, each holding at most
+/// [`STREAM_WINDOW`], never shut it for the connection's other uploads. Memory stays bounded
+/// by the stream windows.
+const CONN_WINDOW: u32 = (1 << 31) - 1;
 
 /// One client connection: accepts its streams and hands each to `exec` as a [`Stream`] of the
 /// future `service` made for it. Completes when the connection is closed.
 pub struct Connection<T, S, E> {
-    state: State<T>,
+    state: State<PeerSettings<T>>,
+    /// The client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none), from [`PeerSettings`].
+    peer_max_header_list: Arc<AtomicU32>,
     service: S,
     exec: E,
     /// A graceful shutdown asked for before the handshake ended.
@@ -121,8 +133,15 @@ where
 {
     /// `io` positioned at the client's connection preface.
     pub fn new(io: T, settings: &Settings, service: S, exec: E) -> Self {
+        let peer_max_header_list = Arc::new(AtomicU32::new(u32::MAX));
+        let io = PeerSettings {
+            io,
+            first: Some(Vec::new()),
+            max_header_list: peer_max_header_list.clone(),
+        };
         Connection {
             state: State::Handshaking(settings.builder().handshake(io)),
+            peer_max_header_list,
             service,
             exec,
             close_pending: false,
@@ -231,9 +250,12 @@ where
                     declare_length(&mut req);
                     let head = req.method() == http::Method::HEAD;
                     let handled = (this.service)(req);
+                    // Known by now: the client's SETTINGS come before its first stream.
+                    let max_header_list = this.peer_max_header_list.load(Ordering::Relaxed);
                     this.exec.execute(Stream {
                         reply,
                         head,
+                        max_header_list,
                         state: StreamState::Waiting(handled),
                     });
                     continue;
@@ -255,6 +277,8 @@ pub struct Stream<F, B> {
     /// The request is HEAD: whatever body the handler's response has (one the proxy made
     /// itself: a 404, a 503) is dropped, never sent (RFC 9110 9.3.2).
     head: bool,
+    /// The client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none).
+    max_header_list: u32,
     state: StreamState<F, B>,
 }
 
@@ -308,15 +332,37 @@ where
                         v.insert(date);
                     }
                 }
+                // No body follows a 204 or a 304 (RFC 9110 6.4.1), whatever an upstream sent
+                // after one, as on HTTP/1.1: a 204 has no Content-Length (8.6), a 304 keeps
+                // the upstream's own (the length a 200 would have had) and gets none from the
+                // body.
+                let status = head.status();
+                let no_content = status == StatusCode::NO_CONTENT;
+                let not_modified = status == StatusCode::NOT_MODIFIED;
+                if no_content {
+                    head.headers_mut().remove(header::CONTENT_LENGTH);
+                }
                 // To HEAD, the length a GET would have had, and no body.
-                if !body.is_end_stream() {
+                if !body.is_end_stream() && !no_content && (this.head || !not_modified) {
                     if let Some(n) = body.size_hint().exact() {
                         head.headers_mut()
                             .entry(header::CONTENT_LENGTH)
                             .or_insert_with(|| HeaderValue::from(n));
                     }
                 }
-                let end = this.head || body.is_end_stream();
+                let mut end = this.head || no_content || not_modified || body.is_end_stream();
+                if this.max_header_list != u32::MAX
+                    && header_list_size(&head) > this.max_header_list as usize
+                {
+                    // A head the client said it would not take (RFC 9113 6.5.2; a client such
+                    // as python-h2 drops the whole connection over one): a 502 in its place.
+                    tracing::debug!(
+                        limit = this.max_header_list,
+                        "response head over the client's SETTINGS_MAX_HEADER_LIST_SIZE: 502"
+                    );
+                    head = too_large_head();
+                    end = true;
+                }
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
                     Ok(mut tx) => {
@@ -346,6 +392,123 @@ where
             StreamState::Sending(body, tx, small) => (body, tx, *small),
         };
         pipe(body, tx, small, cx)
+    }
+}
+
+/// A head's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2): each field's
+/// name and value and 32 bytes, `:status` included.
+fn header_list_size(head: &Response<()>) -> usize {
+    let fields: usize = head
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    fields + ":status".len() + 3 + 32
+}
+
+/// The 502 sent for a response whose head the client would not take: no body.
+fn too_large_head() -> Response<()> {
+    let mut head = Response::new(());
+    *head.status_mut() = StatusCode::BAD_GATEWAY;
+    let headers = head.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    if let Some(date) = super::headers::date_value() {
+        headers.insert(header::DATE, date);
+    }
+    head
+}
+
+/// The connection's socket, reading the client's first SETTINGS frame off the bytes as they
+/// pass for its SETTINGS_MAX_HEADER_LIST_SIZE, which `h2` neither honours nor tells (RFC 9113
+/// 3.4: that frame follows the preface). Later SETTINGS are not followed: the setting is
+/// advisory (6.5.2) and clients send it first; once the first frame is read nothing more is
+/// looked at.
+struct PeerSettings<T> {
+    io: T,
+    /// The preface and the first frame as they come in; None once read.
+    first: Option<Vec<u8>>,
+    max_header_list: Arc<AtomicU32>,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+
+/// The largest first frame followed: a SETTINGS frame of 42 settings (RFC 9113 defines 6).
+const FIRST_FRAME_MAX: usize = 9 + 6 * 42;
+
+impl<T> PeerSettings<T> {
+    fn follow(&mut self, read: &[u8]) {
+        let Some(seen) = &mut self.first else {
+            return;
+        };
+        let room = PREFACE_LEN + FIRST_FRAME_MAX - seen.len();
+        seen.extend_from_slice(&read[..read.len().min(room)]);
+        let Some(h) = seen.get(PREFACE_LEN..PREFACE_LEN + 9) else {
+            return;
+        };
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        // SETTINGS (type 4), not an ACK, on stream 0; anything else is `h2`'s to refuse.
+        if h[3] != 0x4 || h[4] & 0x1 != 0 || stream != 0 || 9 + len > FIRST_FRAME_MAX {
+            self.first = None;
+            return;
+        }
+        let Some(payload) = seen.get(PREFACE_LEN + 9..PREFACE_LEN + 9 + len) else {
+            return;
+        };
+        for setting in payload.chunks_exact(6) {
+            // SETTINGS_MAX_HEADER_LIST_SIZE.
+            if setting[..2] == [0, 6] {
+                let v = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                self.max_header_list.store(v, Ordering::Relaxed);
+            }
+        }
+        self.first = None;
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for PeerSettings<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.first.is_some() {
+            self.follow(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for PeerSettings<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -799,5 +962,35 @@ mod tests {
             ping.is_some() && goaway.is_some() && ping < goaway,
             "no PING then GOAWAY in {kinds:?}"
         );
+    }
+
+    /// The client's first SETTINGS frame is read however its bytes are split, its
+    /// SETTINGS_MAX_HEADER_LIST_SIZE kept; a first frame of another type is passed over.
+    #[test]
+    fn the_first_settings_give_the_clients_header_list_size() {
+        let follow = |bytes: &[u8]| {
+            let max = Arc::new(AtomicU32::new(u32::MAX));
+            let mut ps = PeerSettings {
+                io: (),
+                first: Some(Vec::new()),
+                max_header_list: max.clone(),
+            };
+            for b in bytes {
+                ps.follow(std::slice::from_ref(b));
+            }
+            (max.load(Ordering::Relaxed), ps.first.is_none())
+        };
+        let mut settings =
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x0c\x04\x00\x00\x00\x00\x00".to_vec();
+        settings.extend_from_slice(b"\x00\x04\x00\x01\x00\x00\x00\x06\x00\x00\x40\x00");
+        assert_eq!(follow(&settings), (16384, true));
+        settings.extend_from_slice(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x06\x00\x00\x00\x01");
+        assert_eq!(
+            follow(&settings),
+            (16384, true),
+            "a later SETTINGS is not followed"
+        );
+        let ping = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x08\x06\x00\x00\x00\x00\x00\x00\x00\x00\x06\x00\x00\x40\x00";
+        assert_eq!(follow(ping), (u32::MAX, true));
     }
 }
