@@ -105,7 +105,10 @@ async fn fleet_agrees(
         assert!(settled, "replicas did not resync");
         // A write etcd stored while it stalled reaches the replicas through the watch, which
         // may deliver it after the resync: give it every chance to show up before reading.
-        let _ = eventually(5, || async { active_of(ps[0], "api").await.1 == generation }).await;
+        let _ = eventually(5, || async {
+            active_of(ps[0], "api").await.1 == generation
+        })
+        .await;
         let (color, g) = active_of(ps[0], "api").await;
         assert!(converged(ps, &color, g, 10).await, "replicas disagree");
         if g == generation {
