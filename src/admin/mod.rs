@@ -95,10 +95,26 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         let (hrt, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
         tokio::spawn(async move {
             let _held = (permit, watcher);
-            let stream = SendTimeout::new(stream, idle);
             let io = match acceptor {
-                None => tokio_util::either::Either::Left(stream),
+                None => {
+                    // The first bytes must come within `header_read_timeout` of the accept:
+                    // hyper's h1/h2 sniffing reads them with no deadline (its header timeout
+                    // starts after), so a connection that sends nothing would hold its slot
+                    // until `idle_timeout`. At shutdown it is dropped: no request is on it.
+                    let mut first = [0u8; 1];
+                    let arrived = tokio::select! {
+                        r = tokio::time::timeout(hrt, stream.peek(&mut first)) => {
+                            matches!(r, Ok(Ok(n)) if n > 0)
+                        }
+                        () = shutdown.shutdown.cancelled() => false,
+                    };
+                    if !arrived {
+                        return;
+                    }
+                    tokio_util::either::Either::Left(SendTimeout::new(stream, idle))
+                }
                 Some(acc) => {
+                    let stream = SendTimeout::new(stream, idle);
                     let Ok(Ok(s)) = tokio::time::timeout(hrt, acc.accept(stream)).await else {
                         return;
                     };
