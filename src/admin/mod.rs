@@ -90,7 +90,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         let builder = builder.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let shutdown = app.clone();
-        // Held for the connection's life: shutdown's drain waits for it (at most a second).
+        // Held for the connection's life: shutdown's drain waits for it (at most shutdown_grace).
         let watcher = graceful.watcher();
         let (hrt, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
         tokio::spawn(async move {
@@ -135,8 +135,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         });
     }
     drop(listener);
-    // Admin calls are short; a second is plenty.
-    drain(graceful, Duration::from_secs(1), "admin").await;
+    // In-flight admin requests get `shutdown_grace` like the proxy's: a flip waiting on etcd
+    // (up to 4 × etcd_timeout) is answered, not cut. Idle connections close at once (`watch`).
+    let grace = app.snapshot().config.proxy.shutdown_grace;
+    drain(graceful, grace, "admin").await;
 }
 
 /// Waits for open connections to finish their in-flight requests, at most `grace`.
