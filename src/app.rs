@@ -880,7 +880,28 @@ impl App {
                 .generation(generation);
             let mut changed = HashMap::new();
             changed.insert(name.to_string(), Arc::new(next));
-            self.commit(&snap, changed, vec![ev]).await?;
+            match self.commit(&snap, changed, vec![ev]).await {
+                Ok(()) => {}
+                // Lost the compare: `commit` applied what etcd holds. Decided again on it, as
+                // above: a flip to the color now live has nothing left to do (another replica
+                // made the same flip first), not a conflict.
+                Err(ChangeError::Conflict(why)) => {
+                    let now = self.snapshot();
+                    let svc = service_of(&now, name)?;
+                    if svc.state.active != to {
+                        return Err(ChangeError::Conflict(why));
+                    }
+                    return Ok(FlipOutcome {
+                        service: name.to_string(),
+                        from: to,
+                        to,
+                        generation: svc.state.generation,
+                        changed: false,
+                        message: format!("{name} is already on {to}; nothing to do"),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
             return Ok(FlipOutcome {
                 service: name.to_string(),
                 from,
@@ -976,7 +997,29 @@ impl App {
                 changed.insert(svc.name().to_string(), Arc::new(next));
             }
             if !changed.is_empty() {
-                self.commit(&snap, changed, events).await?;
+                if let Err(e) = self.commit(&snap, changed, events).await {
+                    // Lost the compare (what etcd holds is applied): every service on `to`
+                    // now is nothing left to do, as above; anything else is the conflict.
+                    let ChangeError::Conflict(_) = e else {
+                        return Err(e);
+                    };
+                    let now = self.snapshot();
+                    if now.services.iter().any(|s| s.state.active != to) {
+                        return Err(e);
+                    }
+                    return Ok(now
+                        .services
+                        .iter()
+                        .map(|svc| FlipOutcome {
+                            service: svc.name().to_string(),
+                            from: to,
+                            to,
+                            generation: svc.state.generation,
+                            changed: false,
+                            message: format!("{} is already on {to}", svc.name()),
+                        })
+                        .collect());
+                }
             }
             return Ok(outcomes);
         }
