@@ -1146,8 +1146,9 @@ async fn an_admin_connection_flood_stays_off_the_data_plane() {
     p.stop().await;
 }
 
-/// Connections that connect and send nothing fill `[admin] max_connections`; each is closed at
-/// the admin `header_read_timeout` (not the far-off `idle_timeout`) and `/healthz` answers again.
+/// Connections that connect and send nothing (or part of the h2 preface) fill `[admin]
+/// max_connections`; each is closed at the admin `header_read_timeout` (not the far-off
+/// `idle_timeout`) and `/healthz` answers again.
 #[tokio::test]
 async fn silent_admin_connections_are_closed_at_the_admin_header_read_timeout() {
     let up = Recorder::start().await;
@@ -1158,8 +1159,11 @@ async fn silent_admin_connections_are_closed_at_the_admin_header_read_timeout() 
     ))
     .await;
     let mut silent = Vec::new();
-    for _ in 0..2 {
-        silent.push(TcpStream::connect(p.admin).await.expect("connect"));
+    // One sends nothing, one a piece of the h2 preface (hyper cannot tell h1 from h2 yet).
+    for first in [&b""[..], b"PRI * HTTP/2"] {
+        let mut s = TcpStream::connect(p.admin).await.expect("connect");
+        s.write_all(first).await.expect("write");
+        silent.push(s);
     }
     for mut s in silent {
         let mut b = [0u8; 64];
