@@ -339,3 +339,46 @@ async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() 
         p.stop().await;
     }
 }
+
+/// A replica restarted while its service's key is missing from etcd (deleted, or etcd rebuilt
+/// empty while the fleet was down) starts from the last state it saw from etcd (its cache),
+/// not the config's color, and writes it back, so a replica started after it reads it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_with_its_key_missing_serves_and_writes_back_its_cached_state() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-absent-start/\"\n{}",
+        etcd.endpoint(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let a = TestProxy::start(&body).await;
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let a_dir = a.stop().await;
+    let (s, v) = request(
+        etcd.addr(),
+        "POST",
+        "/v3/kv/deleterange",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(json!({ "key": b64("/sy-absent-start/services/api") }).to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let a = TestProxy::start_with(&body, Some(TOKEN), Some(a_dir)).await;
+    let b = TestProxy::start(&body).await;
+    let ps = vec![a, b];
+    assert!(
+        converged(&ps, "green", 1, 10).await,
+        "{:?} {:?}",
+        active_of(&ps[0]).await,
+        active_of(&ps[1]).await
+    );
+    for p in ps {
+        p.stop().await;
+    }
+}
