@@ -243,6 +243,39 @@ async fn state_file_missing(store: &StateStore) -> bool {
     matches!(tokio::fs::symlink_metadata(&path).await, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
+/// With etcd at startup: a service of the config whose key etcd does not hold (deleted, or etcd
+/// restored empty) starts from the last state this replica saw from etcd (the cache file), when
+/// that had changed from the config's color (generation above 0), rather than from the config;
+/// the first full read of the sync loop writes it back if still absent
+/// ([`App::restore_absent`]), or serves what another replica wrote back first.
+async fn absent_from_cache(
+    etcd: &crate::state::etcd::EtcdStore,
+    config: &Config,
+    mut states: HashMap<String, ServiceState>,
+) -> HashMap<String, ServiceState> {
+    if config.services.iter().all(|s| states.contains_key(&s.name)) {
+        return states;
+    }
+    let Some(cached) = etcd.load_cache().await else {
+        return states;
+    };
+    for svc in &config.services {
+        if states.contains_key(&svc.name) {
+            continue;
+        }
+        if let Some(c) = cached.get(&svc.name).filter(|c| c.generation > 0) {
+            tracing::warn!(
+                service = %svc.name,
+                active = %c.active,
+                generation = c.generation,
+                "the service's key is missing from etcd (deleted, or etcd restored empty); serving the last state seen from etcd (cache file), written back to etcd"
+            );
+            states.insert(svc.name.clone(), c.clone());
+        }
+    }
+    states
+}
+
 /// `serve --upgrade` without a state file: the live state the old process handed over (its
 /// services that the config still has), written back to the file. A failed write is logged;
 /// the state is served all the same (the next change writes the file).
@@ -295,6 +328,7 @@ impl App {
         let (states, source) = match store.load().await {
             Ok(s) => {
                 if let Some(etcd) = store.as_etcd() {
+                    let s = absent_from_cache(etcd, &config, s).await;
                     etcd.save_cache(s.clone()).await;
                     (s, StateSource::Etcd)
                 } else {
@@ -427,11 +461,71 @@ impl App {
             match msg {
                 Remote::Synced(states) => {
                     self.set_state_source(StateSource::Etcd);
+                    let absent: Vec<String> = self
+                        .snapshot()
+                        .services
+                        .iter()
+                        .map(|s| s.name().to_string())
+                        .filter(|n| !states.contains_key(n))
+                        .collect();
                     self.apply_remote(states).await;
+                    self.restore_absent(absent).await;
                 }
                 Remote::Changed(states) => self.apply_remote(states).await,
+                Remote::Absent(names) => self.restore_absent(names).await,
                 Remote::Resolved(events) => self.record_resolved(events).await,
             }
+        }
+    }
+
+    /// Service keys etcd does not hold (deleted by hand, etcd restored or rebuilt empty): each is
+    /// written back from the state this replica serves, only if still absent (one create-if-absent
+    /// transaction); when another replica wrote it back first, what it wrote is served. So every
+    /// replica converges on one state, and one started later reads it. A state of generation 0
+    /// (the config's color, never changed) is not written: every replica serves it for an absent
+    /// key anyway. One that cannot be written is tried again at the next full read.
+    async fn restore_absent(&self, names: Vec<String>) {
+        let Some(etcd) = self.store.as_etcd() else {
+            return;
+        };
+        if names.is_empty() {
+            return;
+        }
+        let _w = self.writer.lock().await;
+        let snap = self.snapshot();
+        let mut held = HashMap::new();
+        for name in names {
+            let Some(svc) = snap.service(&name) else {
+                continue;
+            };
+            if svc.state.generation == 0 {
+                continue;
+            }
+            match etcd.create_if_absent(&name, &svc.state).await {
+                Ok(None) => tracing::warn!(
+                    service = %name,
+                    active = %svc.state.active,
+                    generation = svc.state.generation,
+                    "the service's key is missing from etcd (deleted, or etcd restored empty); written back from the state this replica serves"
+                ),
+                Ok(Some(state)) => {
+                    tracing::warn!(
+                        service = %name,
+                        active = %state.active,
+                        generation = state.generation,
+                        "the service's key was missing from etcd and another replica wrote it back first; serving what etcd holds"
+                    );
+                    held.insert(name, state);
+                }
+                Err(e) => tracing::warn!(
+                    service = %name,
+                    error = %e,
+                    "the service's key is missing from etcd and cannot be written back; tried again at the next full read"
+                ),
+            }
+        }
+        if !held.is_empty() {
+            self.apply_states(held).await;
         }
     }
 
@@ -790,7 +884,28 @@ impl App {
                 .generation(generation);
             let mut changed = HashMap::new();
             changed.insert(name.to_string(), Arc::new(next));
-            self.commit(&snap, changed, vec![ev]).await?;
+            match self.commit(&snap, changed, vec![ev]).await {
+                Ok(()) => {}
+                // Lost the compare: `commit` applied what etcd holds. Decided again on it, as
+                // above: a flip to the color now live has nothing left to do (another replica
+                // made the same flip first), not a conflict.
+                Err(ChangeError::Conflict(why)) => {
+                    let now = self.snapshot();
+                    let svc = service_of(&now, name)?;
+                    if svc.state.active != to {
+                        return Err(ChangeError::Conflict(why));
+                    }
+                    return Ok(FlipOutcome {
+                        service: name.to_string(),
+                        from: to,
+                        to,
+                        generation: svc.state.generation,
+                        changed: false,
+                        message: format!("{name} is already on {to}; nothing to do"),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
             return Ok(FlipOutcome {
                 service: name.to_string(),
                 from,
@@ -886,7 +1001,29 @@ impl App {
                 changed.insert(svc.name().to_string(), Arc::new(next));
             }
             if !changed.is_empty() {
-                self.commit(&snap, changed, events).await?;
+                if let Err(e) = self.commit(&snap, changed, events).await {
+                    // Lost the compare (what etcd holds is applied): every service on `to`
+                    // now is nothing left to do, as above; anything else is the conflict.
+                    let ChangeError::Conflict(_) = e else {
+                        return Err(e);
+                    };
+                    let now = self.snapshot();
+                    if now.services.iter().any(|s| s.state.active != to) {
+                        return Err(e);
+                    }
+                    return Ok(now
+                        .services
+                        .iter()
+                        .map(|svc| FlipOutcome {
+                            service: svc.name().to_string(),
+                            from: to,
+                            to,
+                            generation: svc.state.generation,
+                            changed: false,
+                            message: format!("{} is already on {to}", svc.name()),
+                        })
+                        .collect());
+                }
             }
             return Ok(outcomes);
         }

@@ -1565,6 +1565,67 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     assert_eq!(try_get(proxy, "/x").await, None);
 }
 
+/// SIGTERM while a flip is in flight on the admin API: the flip (its smoke test takes 2.5 s, more
+/// than the second admin requests used to get) finishes within `shutdown_grace` (10 s), its
+/// answer reaches the client, and the process exits 0.
+#[tokio::test]
+async fn sigterm_finishes_an_admin_flip_in_flight() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let text = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(&config, format!("{text}smoke_paths = [\"/slow\"]\n")).expect("write config");
+    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    assert!(
+        eventually(15, || async {
+            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+        })
+        .await,
+        "switchyard did not start"
+    );
+    green.set_delay(2500);
+    let flip = tokio::spawn(async move {
+        let body = Bytes::from(json!({"to": "green"}).to_string());
+        let auth = format!("Bearer {TOKEN}");
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        // Panics (the task fails) if the connection is closed without an answer.
+        request(admin, "POST", "/api/services/api/flip", &headers, body).await
+    });
+    assert!(
+        eventually(5, || async { green.hits() == 1 }).await,
+        "the smoke test never reached green"
+    );
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let answer = timeout(Duration::from_secs(30), flip)
+        .await
+        .expect("the flip hung");
+    assert!(
+        matches!(&answer, Ok((200, _))),
+        "the flip in flight was cut by the shutdown: {answer:?}"
+    );
+    let status = timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("switchyard did not exit after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 /// A SIGHUP that arrives while the binary starts (its first lookup of an upstream name hangs
 /// on a FIFO here, as on a stuck resolver) does not kill it: the proxy starts and serves, and
 /// a SIGTERM still ends it with 0, the stuck lookup left behind.

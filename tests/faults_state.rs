@@ -671,6 +671,29 @@ async fn a_lost_compare_and_swap_applies_the_state_read() {
     b.stop().await;
 }
 
+/// Two replicas flip to the same color, one from a stale view: the one that loses the
+/// compare-and-swap reads green live and answers 200 "already on green" (no change), as a flip
+/// to the live color does, rather than 409; a flip-all to the live color likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_compare_and_swap_to_the_color_now_live_is_nothing_to_do() {
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/cas-same/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"",
+    )
+    .await;
+    assert!(converged(&[&a, &b], "blue", 0, 10).await);
+    // A's watch goes silent while B flips to green: A still shows blue.
+    relay.freeze_existing();
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("blue".to_string(), 0));
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!((s, &v["changed"]), (200, &json!(false)), "{v}");
+    assert_eq!(v["generation"], 1, "{v}");
+    assert!(converged(&[&a, &b], "green", 1, 10).await);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A replica whose watch went silent still shows the color the fleet left. Asked to flip (or
 /// flip-all, or pause) to what it shows, it must not answer "already so, nothing to do" from
 /// that stale view: the operator would be told the fleet is where it is not, and the flip would

@@ -1238,6 +1238,42 @@ async fn an_admin_connection_flood_stays_off_the_data_plane() {
     p.stop().await;
 }
 
+/// Connections that connect and send nothing (or part of the h2 preface) fill `[admin]
+/// max_connections`; each is closed at the admin `header_read_timeout` (not the far-off
+/// `idle_timeout`) and `/healthz` answers again.
+#[tokio::test]
+async fn silent_admin_connections_are_closed_at_the_admin_header_read_timeout() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}[admin]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nheader_read_timeout = \"300ms\"\nidle_timeout = \"60s\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut silent = Vec::new();
+    // One sends nothing, one a piece of the h2 preface (hyper cannot tell h1 from h2 yet).
+    for first in [&b""[..], b"PRI * HTTP/2"] {
+        let mut s = TcpStream::connect(p.admin).await.expect("connect");
+        s.write_all(first).await.expect("write");
+        silent.push(s);
+    }
+    for mut s in silent {
+        let mut b = [0u8; 64];
+        // Only the header timeout can end it within 20 s (the idle timeout is 60 s).
+        let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent admin connection was held: {closed:?}"
+        );
+    }
+    assert_eq!(
+        try_get(p.admin, "/healthz").await.map(|r| r.0),
+        Some(200),
+        "/healthz after the silent connections closed"
+    );
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn an_admin_slowloris_is_closed_at_the_admin_header_read_timeout() {
     let up = Recorder::start().await;

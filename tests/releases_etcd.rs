@@ -386,6 +386,44 @@ async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_re
     b.stop().await;
 }
 
+/// An etcd outage longer than three heartbeats is no sign that the driver stopped: the driver
+/// keeps driving through it, its staleness counts only time the other replica could read, so
+/// nobody takes the release over once etcd answers again, and it completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_is_not_taken_for_a_stopped_driver() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    // Stale after 0.6 s of beats and the 2 s timeout.
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-outage/", "2s").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    start_release(&a, two_phases("12s", "1s", "1s")).await;
+    wait_phase(&b, 0, "baking").await;
+    // etcd is killed (-9) and started again on its data 4 s later.
+    let mut etcd = etcd;
+    etcd.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    etcd.spawn();
+    etcd.wait_ready().await;
+    for p in [&a, &b] {
+        let done = eventually(60, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["state"] == "complete"
+        })
+        .await;
+        assert!(done, "{}", releases(p).await);
+    }
+    let phase_events = events_of(&b, "release_phase").await;
+    let took: Vec<&Value> = phase_events
+        .iter()
+        .filter(|e| e["detail"].as_str().unwrap_or("").contains("taken over"))
+        .collect();
+    assert!(took.is_empty(), "taken over after an outage: {took:#?}");
+    assert_eq!(events_of(&b, "release_complete").await.len(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
     let dir = tempfile::tempdir().expect("tempdir");

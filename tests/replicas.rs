@@ -267,3 +267,118 @@ async fn replicas_rolling_back_the_same_release_produce_one_flip() {
         p.stop().await;
     }
 }
+
+/// A service key deleted from etcd (by hand, or etcd restored empty) does not split the fleet:
+/// the running replicas write it back from the state they serve (create-if-absent: one wins,
+/// the others serve what it wrote), so a replica started afterwards, without any cache, reads
+/// the same color as the running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-absent/\"\n{}",
+        etcd.endpoint(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let a = TestProxy::start(&body).await;
+    let b = TestProxy::start(&body).await;
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let ps = vec![a, b];
+    assert!(converged(&ps, "green", 1, 10).await);
+
+    let key = "/sy-absent/services/api";
+    let etcd_post = |path: &'static str, body: serde_json::Value| {
+        let addr = etcd.addr();
+        async move {
+            let (s, v) = request(
+                addr,
+                "POST",
+                path,
+                &[("content-type", "application/json")],
+                bytes::Bytes::from(body.to_string()),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
+        }
+    };
+    let deleted = etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    // Written back by the running replicas, with the color they serve.
+    let back = eventually(20, || async {
+        let r = etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await;
+        r["kvs"][0]["value"]
+            .as_str()
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .is_some_and(|v| v["active"] == "green" && v["generation"] == 1)
+    })
+    .await;
+    assert!(back, "the deleted key was not written back");
+    // A replica restarted without its cache reads it: every replica serves green.
+    let mut ps = ps;
+    let b = ps.pop().expect("b");
+    b.stop().await;
+    ps.push(TestProxy::start(&body).await);
+    assert!(
+        converged(&ps, "green", 1, 10).await,
+        "replicas split: {:?} {:?}",
+        active_of(&ps[0]).await,
+        active_of(&ps[1]).await
+    );
+    for p in &ps {
+        assert_eq!(p.get("/x").await, (200, "green\n".to_string()));
+    }
+    for p in ps {
+        p.stop().await;
+    }
+}
+
+/// A replica restarted while its service's key is missing from etcd (deleted, or etcd rebuilt
+/// empty while the fleet was down) starts from the last state it saw from etcd (its cache),
+/// not the config's color, and writes it back, so a replica started after it reads it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_with_its_key_missing_serves_and_writes_back_its_cached_state() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-absent-start/\"\n{}",
+        etcd.endpoint(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let a = TestProxy::start(&body).await;
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let a_dir = a.stop().await;
+    let (s, v) = request(
+        etcd.addr(),
+        "POST",
+        "/v3/kv/deleterange",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(json!({ "key": b64("/sy-absent-start/services/api") }).to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let a = TestProxy::start_with(&body, Some(TOKEN), Some(a_dir)).await;
+    let b = TestProxy::start(&body).await;
+    let ps = vec![a, b];
+    assert!(
+        converged(&ps, "green", 1, 10).await,
+        "{:?} {:?}",
+        active_of(&ps[0]).await,
+        active_of(&ps[1]).await
+    );
+    for p in ps {
+        p.stop().await;
+    }
+}

@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
@@ -25,11 +25,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
 
 use crate::app::{App, ChangeError, FlipKind, ReloadError};
 use crate::config::Color;
 use crate::guard::{watch, ConnActivity, SendTimeout, Watchdog};
+use crate::http::io::Prefixed;
 use crate::tls::TlsSetup;
 
 pub use status::{metrics_text, status_json};
@@ -90,20 +92,48 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         let builder = builder.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let shutdown = app.clone();
-        // Held for the connection's life: shutdown's drain waits for it (at most a second).
+        // Held for the connection's life: shutdown's drain waits for it (at most shutdown_grace).
         let watcher = graceful.watcher();
         let (hrt, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
         tokio::spawn(async move {
             let _held = (permit, watcher);
+            // One deadline from the accept for the TLS handshake and the first bytes: hyper's
+            // h1/h2 sniffing reads them with no deadline (its header timeout starts after), so
+            // a connection that sends nothing, or a piece of the h2 preface, would hold its slot
+            // until `idle_timeout`. They are read here until it is clear which protocol they
+            // open, then handed to hyper in front of the stream. At shutdown a connection
+            // still in this phase is dropped: no request is on it.
+            let deadline = tokio::time::Instant::now() + hrt;
             let stream = SendTimeout::new(stream, idle);
-            let io = match acceptor {
-                None => tokio_util::either::Either::Left(stream),
-                Some(acc) => {
-                    let Ok(Ok(s)) = tokio::time::timeout(hrt, acc.accept(stream)).await else {
-                        return;
-                    };
-                    tokio_util::either::Either::Right(s)
+            let opened = async {
+                match acceptor {
+                    None => {
+                        let mut stream = stream;
+                        let read = first_bytes(&mut stream, deadline).await?;
+                        Some(tokio_util::either::Either::Left(Prefixed {
+                            read,
+                            io: stream,
+                        }))
+                    }
+                    Some(acc) => {
+                        let accept = tokio::time::timeout_at(deadline, acc.accept(stream));
+                        let Ok(Ok(mut stream)) = accept.await else {
+                            return None;
+                        };
+                        let read = first_bytes(&mut stream, deadline).await?;
+                        Some(tokio_util::either::Either::Right(Prefixed {
+                            read,
+                            io: stream,
+                        }))
+                    }
                 }
+            };
+            let io = tokio::select! {
+                io = opened => match io {
+                    Some(io) => io,
+                    None => return,
+                },
+                () = shutdown.shutdown.cancelled() => return,
             };
             let conn = builder.serve_connection(TokioIo::new(io), svc);
             let conn = std::pin::pin!(conn);
@@ -119,8 +149,33 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         });
     }
     drop(listener);
-    // Admin calls are short; a second is plenty.
-    drain(graceful, Duration::from_secs(1), "admin").await;
+    // In-flight admin requests get `shutdown_grace` like the proxy's: a flip waiting on etcd
+    // (up to 4 × etcd_timeout) is answered, not cut. Idle connections close at once (`watch`).
+    let grace = app.snapshot().config.proxy.shutdown_grace;
+    drain(graceful, grace, "admin").await;
+}
+
+/// Reads a connection's first bytes, by `deadline`, until it is clear whether they open HTTP/2
+/// (its preface, RFC 9113 3.4) or HTTP/1. `None`: nothing decisive came in time, or the client
+/// closed or failed.
+async fn first_bytes<S: AsyncRead + Unpin>(
+    io: &mut S,
+    deadline: tokio::time::Instant,
+) -> Option<Bytes> {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first = BytesMut::with_capacity(256);
+    let read = tokio::time::timeout_at(deadline, async {
+        loop {
+            if io.read_buf(&mut first).await.ok()? == 0 {
+                return None;
+            }
+            if first.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&first) {
+                return Some(());
+            }
+        }
+    })
+    .await;
+    matches!(read, Ok(Some(()))).then(|| first.freeze())
 }
 
 /// Waits for open connections to finish their in-flight requests, at most `grace`.

@@ -289,6 +289,15 @@ pub(super) async fn create(
 /// Writes the release this replica drives (every change, and the heartbeat). True when
 /// written; false when this replica does not (or no longer) drive it.
 pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
+    persist_or(app, store, id, true).await
+}
+
+/// [`persist`]; with `stop` false a write etcd does not answer leaves this replica driving (the
+/// heartbeat and the record of a change: the next beat writes the whole record again). etcd
+/// being down is no sign that another replica took over: followers count a driver stale only
+/// over time they could read etcd, and the next write that loses the compare (or the next read)
+/// shows a takeover that did happen.
+async fn persist_or(app: &App, store: &EtcdStore, id: &str, stop: bool) -> bool {
     let shared = &app.releases.shared;
     let _io = shared.io.lock().await;
     for _ in 0..5 {
@@ -311,9 +320,13 @@ pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
                 return drives(app, id);
             }
             ReleaseCas::Lost(read) => apply(app, &read),
-            ReleaseCas::Unknown(m) => {
+            ReleaseCas::Unknown(m) if stop => {
                 tracing::error!(release = %id, error = %m, "cannot store the release in etcd; another replica takes it over if this lasts");
                 stop_driving(app);
+                return false;
+            }
+            ReleaseCas::Unknown(m) => {
+                tracing::debug!(release = %id, error = %m, "cannot store the release's heartbeat in etcd; tried again at the next beat");
                 return false;
             }
         }
@@ -470,6 +483,11 @@ impl ReadRetry {
             failing,
             again,
         }
+    }
+
+    /// The last try failed.
+    fn failing(&self) -> bool {
+        self.failures > 0
     }
 
     fn answered(&mut self) {
@@ -707,7 +725,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                     .and_then(|v| v["id"].as_str().map(str::to_string));
                 if let Some(id) = id {
                     if drives(&app, &id) {
-                        persist(&app, &store, &id).await;
+                        persist_or(&app, &store, &id, false).await;
                     }
                 }
             }
@@ -734,15 +752,25 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
         "the release is read from etcd again",
     );
     loop {
-        match store.read_release().await {
+        let read_ok = match store.read_release().await {
             Ok(read) => {
+                if key_reads.failing() {
+                    // The driver's staleness counts only time this replica could read etcd:
+                    // through an outage the driver could not write either, so its clock
+                    // starts again now (the driver retries its heartbeat at least every beat).
+                    app.releases.shared.seen().changed_at = Some(Instant::now());
+                }
                 key_reads.answered();
                 if read.mod_revision != app.releases.shared.seen().rev {
                     apply(&app, &read);
                 }
+                true
             }
-            Err(e) => key_reads.failed(&e),
-        }
+            Err(e) => {
+                key_reads.failed(&e);
+                false
+            }
+        };
         // Whatever path saw the key move on (this read, this replica's own end or start).
         if app
             .releases
@@ -762,10 +790,11 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
         };
         match driving {
             Some(id) if wrote_at.is_none_or(|t| t.elapsed() >= beat) => {
-                persist(&app, &store, &id).await;
+                persist_or(&app, &store, &id, false).await;
             }
             Some(_) => {}
-            None if live && changed_at.is_none_or(|t| t.elapsed() >= stale) => {
+            // Never while the reads fail: what the driver wrote cannot be seen.
+            None if read_ok && live && changed_at.is_none_or(|t| t.elapsed() >= stale) => {
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "the release's driver stopped writing to etcd; this replica takes it over");
                     // A promote stored before the takeover still passes the gate.
@@ -785,8 +814,16 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             }
             None => {}
         }
+        // The driver tries its heartbeat at least every beat through an outage: a follower
+        // takes over `stale` after its reads come back, and a driver still waiting out a long
+        // backoff then would lose a release it never stopped driving.
+        let wait = if app.releases.shared.seen().driving.is_some() {
+            key_reads.wait().min(beat)
+        } else {
+            key_reads.wait()
+        };
         tokio::select! {
-            _ = tokio::time::sleep(key_reads.wait()) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = app.shutdown.cancelled() => return,
         }
     }

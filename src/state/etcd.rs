@@ -414,6 +414,37 @@ impl EtcdStore {
         read
     }
 
+    /// Writes `state` to the service's key only if etcd holds no such key (create revision 0,
+    /// one transaction): `None` when this wrote it, else the state etcd holds (another
+    /// replica's, read in the same transaction).
+    pub async fn create_if_absent(
+        &self,
+        name: &str,
+        state: &ServiceState,
+    ) -> Result<Option<ServiceState>, StateError> {
+        let key = b64(&self.service_key(name));
+        let txn = json!({
+            "compare": [{ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+            "success": [{ "request_put": { "key": key, "value": b64(&stored_value(state, &new_write_id())) } }],
+            "failure": [{ "request_range": { "key": key } }],
+        });
+        let v = self.call("/v3/kv/txn", &txn).await?;
+        if v["succeeded"].as_bool() == Some(true) {
+            self.saw(name, state, num(&v["header"]["revision"]));
+            return Ok(None);
+        }
+        let kv = &v["responses"][0]["response_range"]["kvs"][0];
+        match self.parse_kv(kv) {
+            Some((_, held, rev, _)) => {
+                self.saw(name, &held, rev);
+                Ok(Some(held))
+            }
+            None => Err(StateError::Unavailable(
+                "etcd holds the key, but not a readable state".to_string(),
+            )),
+        }
+    }
+
     /// (service name, state, mod_revision, write id) of a `services/<name>` key-value.
     fn parse_kv(&self, kv: &Value) -> Option<(String, ServiceState, i64, Option<String>)> {
         let key = String::from_utf8(unb64(&kv["key"])?).ok()?;
@@ -1158,6 +1189,8 @@ pub enum Remote {
     Synced(HashMap<String, ServiceState>),
     /// A service's state changed (the watch).
     Changed(HashMap<String, ServiceState>),
+    /// A service's key was deleted (the watch): the app writes it back ([`EtcdStore::create_if_absent`]).
+    Absent(Vec<String>),
     /// The events of a write whose outcome was unknown and that etcd shows committed (they are
     /// stored in etcd already, with the write).
     Resolved(Vec<Event>),
@@ -1269,9 +1302,11 @@ pub async fn sync(
                         write_id,
                     }) = rx.recv().await
                     {
-                        if let Some(state) = state {
-                            let _ = to_app.send(Remote::Changed(HashMap::from([(name, state)])));
-                        }
+                        let msg = match state {
+                            Some(state) => Remote::Changed(HashMap::from([(name, state)])),
+                            None => Remote::Absent(vec![name]),
+                        };
+                        let _ = to_app.send(msg);
                         if let Some(evs) = write_id.and_then(|id| store.take_unresolved(&id)) {
                             let _ = to_app.send(Remote::Resolved(evs));
                         }
