@@ -510,7 +510,7 @@ async fn http_get_inner(
     } else {
         None
     };
-    fetch_once(&auth, tls, req, MAX_BODY).await
+    Ok(fetch_once(&auth, tls, req, MAX_BODY).await?)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -139,6 +139,11 @@ pub async fn run(ctl: Ctl) -> i32 {
             }
             return 1;
         }
+        Ok(Err(e)) if method == "POST" && e.maybe_sent => {
+            errln!("error: the admin listener at {base} took the request but gave no answer: {e}");
+            errln!("the change may or may not have been made: check `switchyard ctl status`");
+            return EXIT_UNKNOWN;
+        }
         Ok(Err(e)) => {
             errln!("error: cannot reach the admin listener at {base}: {e}\n(is switchyard running? set --admin or SWITCHYARD_ADMIN_URL)");
             return 1;

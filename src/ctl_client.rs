@@ -7,7 +7,7 @@ use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
 
-use crate::http::client::fetch_once;
+use crate::http::client::{fetch_once, FetchError};
 use serde_json::{json, Value};
 
 /// The flags every `ctl` command takes.
@@ -53,6 +53,13 @@ pub fn failed_exit(value: &Value) -> i32 {
         EXIT_UNKNOWN
     } else {
         1
+    }
+}
+
+fn unsent(message: String) -> FetchError {
+    FetchError {
+        message,
+        maybe_sent: false,
     }
 }
 
@@ -113,14 +120,14 @@ pub(crate) async fn call(
     url: &str,
     token: Option<&str>,
     body: Option<Value>,
-) -> Result<(u16, Value), String> {
+) -> Result<(u16, Value), FetchError> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        .map_err(|e| unsent(format!("invalid URL {url:?}: {e}")))?;
     let https = uri.scheme_str() == Some("https");
     let auth = uri
         .authority()
-        .ok_or_else(|| format!("URL {url:?} has no host"))?
+        .ok_or_else(|| unsent(format!("URL {url:?} has no host")))?
         .clone();
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut req = http::Request::builder()
@@ -141,14 +148,15 @@ pub(crate) async fn call(
     };
     let req = req
         .body(Full::new(body))
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        .map_err(|e| unsent(format!("invalid URL {url:?}: {e}")))?;
     let tls = if https {
         let ca = args.ca_file.clone();
         let tls = tokio::task::spawn_blocking(move || {
             crate::tls::client_config(ca.as_deref(), "pass --ca-file")
         })
         .await
-        .map_err(|e| format!("TLS setup task failed: {e}"))??;
+        .map_err(|e| unsent(format!("TLS setup task failed: {e}")))?
+        .map_err(unsent)?;
         Some(tls)
     } else {
         None

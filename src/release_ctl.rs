@@ -250,6 +250,13 @@ async fn post(
     .await
     {
         Ok(Ok(x)) => x,
+        Ok(Err(e)) if e.maybe_sent => {
+            errln!("error: the admin listener at {base} took the request but gave no answer: {e}");
+            errln!(
+                "the change may or may not have been made: check `switchyard ctl release status`"
+            );
+            return EXIT_UNKNOWN;
+        }
         Ok(Err(e)) => {
             errln!("error: cannot reach the admin listener at {base}: {e}");
             return 1;

@@ -330,6 +330,30 @@ async fn a_change_with_no_answer_exits_3_not_as_refused() {
     }
     assert_eq!(status.code, 1, "{status}");
     held.abort();
+
+    // A listener that reads the request and closes the connection without an answer (a crash,
+    // a restart): the same for a change, at once.
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = closer.local_addr().expect("addr");
+    let closing = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut c, _)) = closer.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+            });
+        }
+    });
+    let (flip, status) = tokio::join!(
+        ctl(addr, Some(TOKEN), &["flip", "api", "green"]),
+        ctl(addr, Some(TOKEN), &["status"]),
+    );
+    assert_eq!(flip.code, 3, "{flip}");
+    assert!(flip.stderr.contains("may or may not"), "{flip}");
+    assert_eq!(status.code, 1, "{status}");
+    closing.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -648,10 +648,21 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
     for i in 0..11 {
         many = many.header(format!("x-h{i}"), "1");
     }
+    // The client's own X-Request-Id is one of its fields, as in an HTTP/1 head (only one the
+    // proxy adds is not).
+    let mut with_id = http::Request::get("http://a.example/many-id").header("x-request-id", "c-1");
+    for i in 0..10 {
+        with_id = with_id.header(format!("x-h{i}"), "1");
+    }
     let cases = [
         (
             "11 fields over max_headers = 10",
             many.body(()).expect("req"),
+            431,
+        ),
+        (
+            "10 fields and the client's X-Request-Id over max_headers = 10",
+            with_id.body(()).expect("req"),
             431,
         ),
         (

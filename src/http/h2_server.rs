@@ -351,9 +351,7 @@ where
                     }
                 }
                 let mut end = this.head || no_content || not_modified || body.is_end_stream();
-                if this.max_header_list != u32::MAX
-                    && header_list_size(&head) > this.max_header_list as usize
-                {
+                if over_limit(&head, this.max_header_list) {
                     // A head the client said it would not take (RFC 9113 6.5.2; a client such
                     // as python-h2 drops the whole connection over one): a 502 in its place.
                     tracing::debug!(
@@ -393,6 +391,16 @@ where
         };
         pipe(body, tx, small, cx)
     }
+}
+
+/// The smallest SETTINGS_MAX_HEADER_LIST_SIZE followed: under it not even the 502 that
+/// replaces a head over the limit would fit, so every answer would be one.
+const MIN_HEADER_LIST: usize = 1024;
+
+/// Whether `head` is over the client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none
+/// announced), a limit under [`MIN_HEADER_LIST`] taken as that.
+fn over_limit(head: &Response<()>, limit: u32) -> bool {
+    limit != u32::MAX && header_list_size(head) > (limit as usize).max(MIN_HEADER_LIST)
 }
 
 /// A head's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2): each field's
@@ -962,6 +970,23 @@ mod tests {
             ping.is_some() && goaway.is_some() && ping < goaway,
             "no PING then GOAWAY in {kinds:?}"
         );
+    }
+
+    /// A head over the client's limit, a limit under 1 KiB taken as 1 KiB (not even the 502
+    /// would fit under it), no limit announced: nothing is over.
+    #[test]
+    fn a_head_is_over_the_limit_the_client_announced_never_under_1_kib() {
+        let mut head = Response::new(());
+        head.headers_mut().insert(
+            "x-big",
+            HeaderValue::from_str(&"v".repeat(2000)).expect("value"),
+        );
+        assert!(over_limit(&head, 1500));
+        assert!(!over_limit(&head, 4096));
+        assert!(!over_limit(&head, u32::MAX));
+        let small = too_large_head();
+        assert!(!over_limit(&small, 0));
+        assert!(!over_limit(&small, 100));
     }
 
     /// The client's first SETTINGS frame is read however its bytes are split, its

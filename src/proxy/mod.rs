@@ -343,34 +343,35 @@ pub fn handle<'a>(
     use futures_util::future::Either as E;
     match &proxy.access_log {
         None if proxy.request_id => {
-            let id = with_request_id(proxy, &mut req);
+            let (id, added) = with_request_id(proxy, &mut req);
             E::Left(E::Right(WithRequestId {
-                answer: route_and_forward(proxy, req, conn, on_upgrade, None),
+                answer: route_and_forward(proxy, req, conn, on_upgrade, None, added),
                 id: Some(id),
             }))
         }
         None => E::Left(E::Left(route_and_forward(
-            proxy, req, conn, on_upgrade, None,
+            proxy, req, conn, on_upgrade, None, false,
         ))),
         Some(log) => E::Right(logged(proxy, log, req, conn, on_upgrade)),
     }
 }
 
 /// The request's `X-Request-Id` (the client's when usable, else a new one), set as its one
-/// value upstream: `insert` replaces every value the client sent.
-fn with_request_id(proxy: &Proxy, req: &mut Request<ClientBody>) -> HeaderValue {
+/// value upstream: `insert` replaces every value the client sent. True when the client sent
+/// none: the field is the proxy's, not one of the client's `max_headers`.
+fn with_request_id(proxy: &Proxy, req: &mut Request<ClientBody>) -> (HeaderValue, bool) {
     // One lookup: `entry`, not `get` then `insert`.
     match req.headers_mut().entry(&X_REQUEST_ID) {
         header::Entry::Occupied(mut e) => {
             let id = proxy.ids.id(Some(e.get()));
             // Replaces every value the client sent: one id upstream.
             e.insert(id.clone());
-            id
+            (id, false)
         }
         header::Entry::Vacant(e) => {
             let id = proxy.ids.id(None);
             e.insert(id.clone());
-            id
+            (id, true)
         }
     }
 }
@@ -410,7 +411,7 @@ async fn logged(
     on_upgrade: Option<OnUpgrade>,
 ) -> Response<ServedBody> {
     let start = Instant::now();
-    let id = with_request_id(proxy, &mut req);
+    let (id, added) = with_request_id(proxy, &mut req);
     let mut entry = log.entry(
         start,
         conn.remote.ip(),
@@ -421,7 +422,7 @@ async fn logged(
         req.headers(),
     );
     let mut routed = Routed::default();
-    let mut resp = route_and_forward(proxy, req, conn, on_upgrade, Some(&mut routed)).await;
+    let mut resp = route_and_forward(proxy, req, conn, on_upgrade, Some(&mut routed), added).await;
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     entry.status = resp.status().as_u16();
     entry.service = routed.service;
@@ -448,11 +449,12 @@ async fn route_and_forward(
     conn: &Arc<ConnInfo>,
     on_upgrade: Option<OnUpgrade>,
     mut routed: Option<&mut Routed>,
+    id_added: bool,
 ) -> Response<ServedBody> {
     let start = Instant::now();
     // 1. Validate. A refused request closes its connection: what a client pipelined behind it
     // is not run.
-    let host = match check(proxy, &mut req) {
+    let host = match check(proxy, &mut req, id_added) {
         Ok(host) => host,
         Err(e) => return served(e.response()),
     };
@@ -582,15 +584,14 @@ struct Rewritten {
 /// Step 1: CONNECT, an h2 request's fields (what the HTTP/1 parser checks as it reads a head),
 /// the request target and the Host; an absolute-form target becomes origin form, its
 /// authority the Host.
-fn check(proxy: &Proxy, req: &mut Request<ClientBody>) -> Result<Host, ProxyError> {
+fn check(proxy: &Proxy, req: &mut Request<ClientBody>, id_added: bool) -> Result<Host, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectMethod);
     }
     if req.version() == Version::HTTP_2 {
         let max_headers = proxy.routes.load().config.proxy.max_headers;
-        // The request's `X-Request-Id` may be the proxy's own, set before this check.
-        let own_id = proxy.request_id || proxy.access_log.is_some();
-        validate::h2_fields(req, max_headers, own_id).map_err(|e| match e {
+        // The request's `X-Request-Id` may be the proxy's own, added before this check.
+        validate::h2_fields(req, max_headers, id_added).map_err(|e| match e {
             validate::H2FieldsError::TooMany => ProxyError::TooManyHeaders,
             validate::H2FieldsError::Whitespace => {
                 ProxyError::Malformed("a field value begins or ends with whitespace\n")

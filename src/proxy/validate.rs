@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http::codec::parse_length;
-use crate::http::headers::{edge_whitespace, X_REQUEST_ID};
+use crate::http::headers::edge_whitespace;
 use crate::http::server::target_bytes_valid;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
@@ -83,18 +83,18 @@ pub fn trace_echo<B>(req: &Request<B>) -> bytes::Bytes {
 /// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it). The fields
 /// are counted as the HTTP/1.1 head they stand for: every `cookie` field counts as one, the one
 /// `Cookie` line that h2 clients split into a field per cookie (RFC 9113 8.2.3, as browsers
-/// do), and `own_id` (the proxy set the request's `X-Request-Id` before this check) leaves that
-/// field out, as the client may not have sent it.
+/// do), and `id_added` (the proxy added the request's `X-Request-Id` before this check, the
+/// client sent none) leaves that field out.
 pub fn h2_fields<B>(
     req: &Request<B>,
     max_headers: usize,
-    own_id: bool,
+    id_added: bool,
 ) -> Result<(), H2FieldsError> {
     let fields = req.headers().len();
     // Only a request over the limit is looked at again: most are far below it.
     if fields > max_headers {
         let crumbs = req.headers().get_all(header::COOKIE).iter().count();
-        let id = usize::from(own_id && req.headers().contains_key(&X_REQUEST_ID));
+        let id = usize::from(id_added);
         if fields - crumbs.saturating_sub(1) - id > max_headers {
             return Err(H2FieldsError::TooMany);
         }
