@@ -480,7 +480,8 @@ impl App {
 
     /// Service keys etcd does not hold (deleted by hand, etcd restored or rebuilt empty): each is
     /// written back from the state this replica serves, only if still absent (one create-if-absent
-    /// transaction); when another replica wrote it back first, what it wrote is served. So every
+    /// transaction); when another replica wrote it back first, what it wrote is served, unless it
+    /// is a write-back of a lower generation, which is replaced with ours. So every
     /// replica converges on one state, and one started later reads it. A state of generation 0
     /// (the config's color, never changed) is not written: every replica serves it for an absent
     /// key anyway. One that cannot be written is tried again at the next full read.

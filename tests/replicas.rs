@@ -340,6 +340,90 @@ async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() 
     }
 }
 
+/// A replica that missed a flip (its watch broke) and writes a deleted key back first must not
+/// undo the flip: the highest generation wins. Here the older write-back (green, generation 1,
+/// tagged as a write-back) lands before the replica that flipped to blue (generation 2) sees
+/// the delete; that replica replaces it, and the fleet stays on blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
+    use base64::Engine;
+    let std_b64 = base64::engine::general_purpose::STANDARD;
+    let b64 = |s: &str| std_b64.encode(s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-older/\"\n{}",
+        etcd.endpoint(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-older/services/api";
+    let etcd_post = |path: &'static str, body: serde_json::Value| {
+        let addr = etcd.addr();
+        async move {
+            let (s, v) = request(
+                addr,
+                "POST",
+                path,
+                &[("content-type", "application/json")],
+                bytes::Bytes::from(body.to_string()),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
+        }
+    };
+    let held = |r: serde_json::Value| {
+        r["kvs"][0]["value"]
+            .as_str()
+            .and_then(|v| std_b64.decode(v).ok())
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let (s, v) = a.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    // The state a replica that missed the next flip would write back.
+    let mut older = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
+    assert_eq!(older["generation"], 1, "{older}");
+    older["write_id"] = json!("write-back-00000000-0000000000000000");
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(active_of(&a).await, ("blue".to_string(), 2));
+
+    // Delete the key and write the older state back first (A writes back after its watch
+    // shows the delete; when A was first, try again).
+    let mut first = false;
+    for _ in 0..50 {
+        etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+        let txn = json!({
+            "compare": [{ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+            "success": [{ "request_put": { "key": b64(key), "value": b64(&older.to_string()) } }],
+        });
+        if etcd_post("/v3/kv/txn", txn).await["succeeded"].as_bool() == Some(true) {
+            first = true;
+            break;
+        }
+    }
+    assert!(first, "the older write-back never landed first");
+    let newest = eventually(15, || async {
+        let v = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
+        v["active"] == "blue"
+            && v["generation"] == 2
+            && active_of(&a).await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(
+        newest,
+        "the older write-back undid the flip: etcd holds {}, A serves {:?}",
+        held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await),
+        active_of(&a).await
+    );
+    assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
+    a.stop().await;
+}
+
 /// A replica restarted while its service's key is missing from etcd (deleted, or etcd rebuilt
 /// empty while the fleet was down) starts from the last state it saw from etcd (its cache),
 /// not the config's color, and writes it back, so a replica started after it reads it too.
