@@ -505,7 +505,21 @@ impl App {
                     retry = next_retry(&pending, Duration::from_millis(250));
                 }
                 Remote::Changed(states) => {
+                    // A pending key written since (by another replica's write-back, maybe of
+                    // an older generation): tried now, so that the highest generation still
+                    // wins (the create finds the key and replaces an older write-back) before
+                    // the change is applied.
+                    let now: Vec<String> = pending
+                        .iter()
+                        .filter(|n| states.contains_key(*n))
+                        .cloned()
+                        .collect();
                     pending.retain(|n| !states.contains_key(n));
+                    if !now.is_empty() {
+                        for n in self.restore_absent(now).await {
+                            pending.push(n);
+                        }
+                    }
                     self.apply_remote(states).await;
                     if pending.is_empty() {
                         retry = (Duration::from_millis(500), None);

@@ -38,6 +38,14 @@ async fn active_of(p: &TestProxy) -> (String, u64) {
     )
 }
 
+async fn older_of(p: &TestProxy) -> (String, u64) {
+    let s = p.service_status("older").await;
+    (
+        s["active"].as_str().unwrap_or("").to_string(),
+        s["generation"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
 async fn converged(ps: &[TestProxy], color: &str, generation: u64, secs: u64) -> bool {
     eventually(secs, || async {
         for p in ps {
@@ -341,9 +349,10 @@ async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() 
 }
 
 /// A replica that missed a flip (its watch broke) and writes a deleted key back first must not
-/// undo the flip: the highest generation wins. Here the older write-back (green, generation 1,
-/// tagged as a write-back) lands before the replica that flipped to blue (generation 2) sees
-/// the delete; that replica replaces it, and the fleet stays on blue.
+/// undo the flip: the highest generation wins. Here A serves blue (generation 2); the key is
+/// deleted while etcd refuses writes (A's write-back fails and is pending), then an older
+/// write-back (green, generation 1, tagged as a write-back) lands first. A replaces it (when its
+/// pending write-back sees the key, or at its retry), and etcd and A stay on blue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
     use base64::Engine;
@@ -356,10 +365,20 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
     let body = format!(
         "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-older/\"\n{}",
         etcd.endpoint(),
-        service("api", &[blue.addr], &[green.addr], "")
+        service("older", &[blue.addr], &[green.addr], "")
     );
+    let logs = captured_logs();
+    let refusals = || {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| l.contains("service=older") && l.contains("cannot be written back"))
+            .count()
+    };
     let a = TestProxy::start(&body).await;
-    let key = "/sy-older/services/api";
+    let key = "/sy-older/services/older";
     let etcd_post = |path: &'static str, body: serde_json::Value| {
         let addr = etcd.addr();
         async move {
@@ -382,21 +401,30 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
             .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
             .unwrap_or(serde_json::Value::Null)
     };
-    let (s, v) = a.flip("api", "green").await;
+    let (s, v) = a.flip("older", "green").await;
     assert_eq!(s, 200, "{v}");
     // The state a replica that missed the next flip would write back.
     let mut older = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
     assert_eq!(older["generation"], 1, "{older}");
     older["write_id"] = json!("write-back-00000000-0000000000000000");
-    let (s, v) = a.flip("api", "blue").await;
+    let (s, v) = a.flip("older", "blue").await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(active_of(&a).await, ("blue".to_string(), 2));
+    assert_eq!(older_of(&a).await, ("blue".to_string(), 2));
 
-    // Delete the key and write the older state back first (A writes back after its watch
-    // shows the delete; when A was first, try again).
+    // Delete the key while etcd refuses writes (its NOSPACE alarm, raised through its API), so
+    // A's write-back fails, then write the older state back first, as a create-if-absent (when
+    // A's retry was first, again).
+    let member =
+        etcd_post("/v3/maintenance/status", json!({})).await["header"]["member_id"].clone();
+    let alarm = |action: &str| json!({ "action": action, "memberID": member, "alarm": "NOSPACE" });
     let mut first = false;
-    for _ in 0..50 {
+    for _ in 0..10 {
+        let before = refusals();
+        etcd_post("/v3/maintenance/alarm", alarm("ACTIVATE")).await;
         etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+        let refused = eventually(20, || async { refusals() > before }).await;
+        etcd_post("/v3/maintenance/alarm", alarm("DEACTIVATE")).await;
+        assert!(refused, "A's write-back was not refused by etcd");
         let txn = json!({
             "compare": [{ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
             "success": [{ "request_put": { "key": b64(key), "value": b64(&older.to_string()) } }],
@@ -411,14 +439,14 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
         let v = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
         v["active"] == "blue"
             && v["generation"] == 2
-            && active_of(&a).await == ("blue".to_string(), 2)
+            && older_of(&a).await == ("blue".to_string(), 2)
     })
     .await;
     assert!(
         newest,
         "the older write-back undid the flip: etcd holds {}, A serves {:?}",
         held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await),
-        active_of(&a).await
+        older_of(&a).await
     );
     assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
     a.stop().await;
