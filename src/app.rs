@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
@@ -276,6 +277,18 @@ async fn absent_from_cache(
     states
 }
 
+/// The next try of the write-backs in `pending` (none when empty): after `wait`, then a wait
+/// twice as long, up to 30 s.
+fn next_retry(pending: &[String], wait: Duration) -> (Duration, Option<tokio::time::Instant>) {
+    if pending.is_empty() {
+        return (Duration::from_millis(500), None);
+    }
+    (
+        (wait * 2).min(Duration::from_secs(30)),
+        Some(tokio::time::Instant::now() + wait),
+    )
+}
+
 /// `serve --upgrade` without a state file: the live state the old process handed over (its
 /// services that the config still has), written back to the file. A failed write is logged;
 /// the state is served all the same (the next change writes the file).
@@ -457,7 +470,26 @@ impl App {
         mut from_etcd: tokio::sync::mpsc::UnboundedReceiver<crate::state::etcd::Remote>,
     ) {
         use crate::state::etcd::Remote;
-        while let Some(msg) = from_etcd.recv().await {
+        // Write-backs etcd refused or did not answer: tried again on a growing wait, since a
+        // healthy watch brings no full read that would try them.
+        let mut pending: Vec<String> = Vec::new();
+        let mut retry = (Duration::from_millis(500), None::<tokio::time::Instant>);
+        loop {
+            let msg = match retry.1 {
+                Some(at) => tokio::select! {
+                    m = from_etcd.recv() => m,
+                    _ = tokio::time::sleep_until(at) => {
+                        let names = std::mem::take(&mut pending);
+                        pending = self.restore_absent(names).await;
+                        retry = next_retry(&pending, retry.0);
+                        continue;
+                    }
+                },
+                None => from_etcd.recv().await,
+            };
+            let Some(msg) = msg else {
+                return;
+            };
             match msg {
                 Remote::Synced(states) => {
                     self.set_state_source(StateSource::Etcd);
@@ -469,10 +501,43 @@ impl App {
                         .filter(|n| !states.contains_key(n))
                         .collect();
                     self.apply_remote(states).await;
-                    self.restore_absent(absent).await;
+                    pending = self.restore_absent(absent).await;
+                    retry = next_retry(&pending, Duration::from_millis(250));
                 }
-                Remote::Changed(states) => self.apply_remote(states).await,
-                Remote::Absent(names) => self.restore_absent(names).await,
+                Remote::Changed(states) => {
+                    // A pending key written since (by another replica's write-back, maybe of
+                    // an older generation): tried now, so that the highest generation still
+                    // wins (the create finds the key and replaces an older write-back) before
+                    // the change is applied.
+                    let now: Vec<String> = pending
+                        .iter()
+                        .filter(|n| states.contains_key(*n))
+                        .cloned()
+                        .collect();
+                    pending.retain(|n| !states.contains_key(n));
+                    if !now.is_empty() {
+                        for n in self.restore_absent(now).await {
+                            pending.push(n);
+                        }
+                    }
+                    self.apply_remote(states).await;
+                    if pending.is_empty() {
+                        retry = (Duration::from_millis(500), None);
+                    }
+                }
+                Remote::Absent(names) => {
+                    let failed = self.restore_absent(names).await;
+                    if !failed.is_empty() {
+                        for n in failed {
+                            if !pending.contains(&n) {
+                                pending.push(n);
+                            }
+                        }
+                        if retry.1.is_none() {
+                            retry = next_retry(&pending, Duration::from_millis(250));
+                        }
+                    }
+                }
                 Remote::Resolved(events) => self.record_resolved(events).await,
             }
         }
@@ -480,16 +545,19 @@ impl App {
 
     /// Service keys etcd does not hold (deleted by hand, etcd restored or rebuilt empty): each is
     /// written back from the state this replica serves, only if still absent (one create-if-absent
-    /// transaction); when another replica wrote it back first, what it wrote is served. So every
+    /// transaction); when another replica wrote it back first, what it wrote is served, unless it
+    /// is a write-back of a lower generation, which is replaced with ours. So every
     /// replica converges on one state, and one started later reads it. A state of generation 0
     /// (the config's color, never changed) is not written: every replica serves it for an absent
-    /// key anyway. One that cannot be written is tried again at the next full read.
-    async fn restore_absent(&self, names: Vec<String>) {
+    /// key anyway. Returns those that could not be written (etcd refused or did not answer):
+    /// [`App::follow_remote`] tries them again on a growing wait, and at the next full read.
+    async fn restore_absent(&self, names: Vec<String>) -> Vec<String> {
+        let mut failed = Vec::new();
         let Some(etcd) = self.store.as_etcd() else {
-            return;
+            return failed;
         };
         if names.is_empty() {
-            return;
+            return failed;
         }
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
@@ -517,16 +585,20 @@ impl App {
                     );
                     held.insert(name, state);
                 }
-                Err(e) => tracing::warn!(
-                    service = %name,
-                    error = %e,
-                    "the service's key is missing from etcd and cannot be written back; tried again at the next full read"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        service = %name,
+                        error = %e,
+                        "the service's key is missing from etcd and cannot be written back; tried again shortly"
+                    );
+                    failed.push(name);
+                }
             }
         }
         if !held.is_empty() {
             self.apply_states(held).await;
         }
+        failed
     }
 
     /// Applies live states written by another replica (etcd watch). Newer generations win;

@@ -38,6 +38,14 @@ async fn active_of(p: &TestProxy) -> (String, u64) {
     )
 }
 
+async fn older_of(p: &TestProxy) -> (String, u64) {
+    let s = p.service_status("older").await;
+    (
+        s["active"].as_str().unwrap_or("").to_string(),
+        s["generation"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
 async fn converged(ps: &[TestProxy], color: &str, generation: u64, secs: u64) -> bool {
     eventually(secs, || async {
         for p in ps {
@@ -338,6 +346,206 @@ async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() 
     for p in ps {
         p.stop().await;
     }
+}
+
+/// A replica that missed a flip (its watch broke) and writes a deleted key back first must not
+/// undo the flip: the highest generation wins. Here A serves blue (generation 2); the key is
+/// deleted while etcd refuses writes (A's write-back fails and is pending), then an older
+/// write-back (green, generation 1, tagged as a write-back) lands first. A replaces it (when its
+/// pending write-back sees the key, or at its retry), and etcd and A stay on blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
+    use base64::Engine;
+    let std_b64 = base64::engine::general_purpose::STANDARD;
+    let b64 = |s: &str| std_b64.encode(s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-older/\"\n{}",
+        etcd.endpoint(),
+        service("older", &[blue.addr], &[green.addr], "")
+    );
+    let logs = captured_logs();
+    let refusals = || {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| l.contains("service=older") && l.contains("cannot be written back"))
+            .count()
+    };
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-older/services/older";
+    let etcd_post = |path: &'static str, body: serde_json::Value| {
+        let addr = etcd.addr();
+        async move {
+            let (s, v) = request(
+                addr,
+                "POST",
+                path,
+                &[("content-type", "application/json")],
+                bytes::Bytes::from(body.to_string()),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
+        }
+    };
+    let held = |r: serde_json::Value| {
+        r["kvs"][0]["value"]
+            .as_str()
+            .and_then(|v| std_b64.decode(v).ok())
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let (s, v) = a.flip("older", "green").await;
+    assert_eq!(s, 200, "{v}");
+    // The state a replica that missed the next flip would write back.
+    let mut older = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
+    assert_eq!(older["generation"], 1, "{older}");
+    older["write_id"] = json!("write-back-00000000-0000000000000000");
+    let (s, v) = a.flip("older", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(older_of(&a).await, ("blue".to_string(), 2));
+
+    // Delete the key while etcd refuses writes (its NOSPACE alarm, raised through its API), so
+    // A's write-back fails, then write the older state back first, as a create-if-absent (when
+    // A's retry was first, again).
+    let member =
+        etcd_post("/v3/maintenance/status", json!({})).await["header"]["member_id"].clone();
+    let alarm = |action: &str| json!({ "action": action, "memberID": member, "alarm": "NOSPACE" });
+    let mut first = false;
+    for _ in 0..10 {
+        let before = refusals();
+        etcd_post("/v3/maintenance/alarm", alarm("ACTIVATE")).await;
+        etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+        let refused = eventually(20, || async { refusals() > before }).await;
+        etcd_post("/v3/maintenance/alarm", alarm("DEACTIVATE")).await;
+        assert!(refused, "A's write-back was not refused by etcd");
+        let txn = json!({
+            "compare": [{ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+            "success": [{ "request_put": { "key": b64(key), "value": b64(&older.to_string()) } }],
+        });
+        if etcd_post("/v3/kv/txn", txn).await["succeeded"].as_bool() == Some(true) {
+            first = true;
+            break;
+        }
+    }
+    assert!(first, "the older write-back never landed first");
+    let newest = eventually(15, || async {
+        let v = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
+        v["active"] == "blue"
+            && v["generation"] == 2
+            && older_of(&a).await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(
+        newest,
+        "the older write-back undid the flip: etcd holds {}, A serves {:?}",
+        held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await),
+        older_of(&a).await
+    );
+    assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
+    a.stop().await;
+}
+
+/// Log lines of this test binary (every test's), from the first call on.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct W(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if let Ok(mut v) = self.0.lock() {
+                    v.extend_from_slice(b);
+                }
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let w = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || W(w.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+/// A write-back that etcd refuses is tried again without waiting for a full read (which a
+/// healthy watch never brings): etcd refuses writes (its NOSPACE alarm, raised through its API)
+/// when the key is deleted, the replica's write-back fails, the alarm is cleared, and the key
+/// comes back while the watch stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_etcd_refused_is_tried_again_while_the_watch_is_healthy() {
+    use base64::Engine;
+    let std_b64 = base64::engine::general_purpose::STANDARD;
+    let b64 = |s: &str| std_b64.encode(s);
+    let logs = captured_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-retry/\"\n{}",
+        etcd.endpoint(),
+        service("wbretry", &[blue.addr], &[green.addr], "")
+    );
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-retry/services/wbretry";
+    let etcd_post = |path: &'static str, body: serde_json::Value| {
+        let addr = etcd.addr();
+        async move {
+            let (s, v) = request(
+                addr,
+                "POST",
+                path,
+                &[("content-type", "application/json")],
+                bytes::Bytes::from(body.to_string()),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
+        }
+    };
+    let (s, v) = a.flip("wbretry", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let member =
+        etcd_post("/v3/maintenance/status", json!({})).await["header"]["member_id"].clone();
+    let alarm = |action: &str| json!({ "action": action, "memberID": member, "alarm": "NOSPACE" });
+    etcd_post("/v3/maintenance/alarm", alarm("ACTIVATE")).await;
+    let deleted = etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    let refused = eventually(20, || async {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .any(|l| l.contains("service=wbretry") && l.contains("cannot be written back"))
+    })
+    .await;
+    assert!(refused, "the write-back was not refused by etcd");
+    etcd_post("/v3/maintenance/alarm", alarm("DEACTIVATE")).await;
+    let back = eventually(20, || async {
+        let r = etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await;
+        r["kvs"][0]["value"]
+            .as_str()
+            .and_then(|v| std_b64.decode(v).ok())
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .is_some_and(|v| v["active"] == "green" && v["generation"] == 1)
+    })
+    .await;
+    assert!(back, "a refused write-back was never tried again");
+    a.stop().await;
 }
 
 /// A replica restarted while its service's key is missing from etcd (deleted, or etcd rebuilt

@@ -450,6 +450,15 @@ async fn load_history(app: &App, store: &EtcdStore) -> Result<(), String> {
     }
 }
 
+/// A follower's staleness clock (`changed_at`, the last change of the release key it saw) once
+/// its reads answer again at `now` after failing since `since`: moved on by the outage's length,
+/// so only time the key could be read counts, and never past `now`. Unknown: `now`.
+fn outage_skipped(changed_at: Option<Instant>, since: Instant, now: Instant) -> Instant {
+    changed_at
+        .and_then(|c| c.checked_add(now.saturating_duration_since(since)))
+        .map_or(now, |c| c.min(now))
+}
+
 /// The longest wait between two tries of a periodic etcd read that keeps failing.
 const READ_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -470,6 +479,8 @@ fn read_retry(first: Duration, failures: u32) -> Duration {
 struct ReadRetry {
     first: Duration,
     failures: u32,
+    /// When the first failure in a row happened (none while the reads answer).
+    since: Option<Instant>,
     /// The WARN, then the INFO.
     failing: &'static str,
     again: &'static str,
@@ -480,14 +491,15 @@ impl ReadRetry {
         ReadRetry {
             first,
             failures: 0,
+            since: None,
             failing,
             again,
         }
     }
 
-    /// The last try failed.
-    fn failing(&self) -> bool {
-        self.failures > 0
+    /// When the failures in a row began (the last try failed), else `None`.
+    fn failing_since(&self) -> Option<Instant> {
+        self.since
     }
 
     fn answered(&mut self) {
@@ -495,11 +507,13 @@ impl ReadRetry {
             tracing::info!(tries = self.failures + 1, "{}", self.again);
         }
         self.failures = 0;
+        self.since = None;
     }
 
     fn failed(&mut self, e: &dyn std::fmt::Display) {
         self.failures = self.failures.saturating_add(1);
         if self.failures == 1 {
+            self.since = Some(Instant::now());
             tracing::warn!(error = %e, "{}", self.failing);
         }
     }
@@ -754,11 +768,13 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
     loop {
         let read_ok = match store.read_release().await {
             Ok(read) => {
-                if key_reads.failing() {
+                if let Some(since) = key_reads.failing_since() {
                     // The driver's staleness counts only time this replica could read etcd:
-                    // through an outage the driver could not write either, so its clock
-                    // starts again now (the driver retries its heartbeat at least every beat).
-                    app.releases.shared.seen().changed_at = Some(Instant::now());
+                    // through an outage the driver could not write either, so its clock is
+                    // moved on by the outage's length (not started again: reads failing every
+                    // other time would then keep a dead driver from ever being taken over).
+                    let mut seen = app.releases.shared.seen();
+                    seen.changed_at = Some(outage_skipped(seen.changed_at, since, Instant::now()));
                 }
                 key_reads.answered();
                 if read.mod_revision != app.releases.shared.seen().rev {
@@ -844,5 +860,29 @@ mod tests {
         assert_eq!(read_retry(ms(100), 10), READ_RETRY_MAX);
         assert_eq!(read_retry(ms(100), u32::MAX), READ_RETRY_MAX);
         assert_eq!(read_retry(Duration::from_secs(1), 6), READ_RETRY_MAX);
+    }
+
+    #[test]
+    fn an_outage_moves_the_staleness_clock_on_by_its_length_only() {
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        // Changed at t0, reads failing from t0+10 s to t0+15 s: 10 s of readable time counted.
+        assert_eq!(outage_skipped(Some(t0), t0 + s(10), t0 + s(15)), t0 + s(5));
+        // Capped at now (changed after the first failure, by this replica's own write).
+        assert_eq!(
+            outage_skipped(Some(t0 + s(14)), t0 + s(10), t0 + s(15)),
+            t0 + s(15)
+        );
+        assert_eq!(outage_skipped(None, t0 + s(10), t0 + s(15)), t0 + s(15));
+        // Every other read failing (1 s answered, 1 s failing): the clock still advances by
+        // the answered seconds, so a dead driver is taken over after `stale` of them.
+        let mut changed = Some(t0);
+        let mut now = t0;
+        for _ in 0..10 {
+            let since = now + s(1);
+            now = since + s(1);
+            changed = Some(outage_skipped(changed, since, now));
+        }
+        assert_eq!(now.saturating_duration_since(changed.unwrap_or(now)), s(10));
     }
 }

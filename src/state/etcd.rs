@@ -195,6 +195,10 @@ pub fn new_write_id() -> String {
     format!("{:08x}-{:016x}", std::process::id(), fastrand::u64(..))
 }
 
+/// The prefix of the write id of a missing key's write-back ([`EtcdStore::create_if_absent`]):
+/// one of a lower generation than a replica's own is replaced, not served.
+pub const WRITE_BACK: &str = "write-back-";
+
 /// A service state as stored in etcd: its JSON with the id of the write that stored it.
 fn stored_value(state: &ServiceState, write_id: &str) -> String {
     let mut v = serde_json::to_value(state).unwrap_or(Value::Null);
@@ -416,33 +420,63 @@ impl EtcdStore {
 
     /// Writes `state` to the service's key only if etcd holds no such key (create revision 0,
     /// one transaction): `None` when this wrote it, else the state etcd holds (another
-    /// replica's, read in the same transaction).
+    /// replica's, read in the same transaction). The highest generation wins: when what etcd
+    /// holds is another replica's write-back (its write id starts with [`WRITE_BACK`]) of a
+    /// lower generation, it is replaced with `state` by a compare-and-swap on its mod_revision
+    /// (a few tries), so a replica that missed a flip cannot undo it by writing back first. A
+    /// lower generation written otherwise (by hand) is served, as before.
     pub async fn create_if_absent(
         &self,
         name: &str,
         state: &ServiceState,
     ) -> Result<Option<ServiceState>, StateError> {
         let key = b64(&self.service_key(name));
-        let txn = json!({
-            "compare": [{ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
-            "success": [{ "request_put": { "key": key, "value": b64(&stored_value(state, &new_write_id())) } }],
-            "failure": [{ "request_range": { "key": key } }],
-        });
-        let v = self.call("/v3/kv/txn", &txn).await?;
-        if v["succeeded"].as_bool() == Some(true) {
-            self.saw(name, state, num(&v["header"]["revision"]));
-            return Ok(None);
-        }
-        let kv = &v["responses"][0]["response_range"]["kvs"][0];
-        match self.parse_kv(kv) {
-            Some((_, held, rev, _)) => {
-                self.saw(name, &held, rev);
-                Ok(Some(held))
+        let value = b64(&stored_value(
+            state,
+            &format!("{WRITE_BACK}{}", new_write_id()),
+        ));
+        let mut compare =
+            json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
+        for _ in 0..4 {
+            let txn = json!({
+                "compare": [compare],
+                "success": [{ "request_put": { "key": key, "value": value } }],
+                "failure": [{ "request_range": { "key": key } }],
+            });
+            let v = self.call("/v3/kv/txn", &txn).await?;
+            if v["succeeded"].as_bool() == Some(true) {
+                self.saw(name, state, num(&v["header"]["revision"]));
+                return Ok(None);
             }
-            None => Err(StateError::Unavailable(
-                "etcd holds the key, but not a readable state".to_string(),
-            )),
+            let kv = &v["responses"][0]["response_range"]["kvs"][0];
+            if kv.is_null() {
+                // Deleted again since: create it again.
+                compare = json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
+                continue;
+            }
+            let Some((_, held, rev, write_id)) = self.parse_kv(kv) else {
+                return Err(StateError::Unavailable(
+                    "etcd holds the key, but not a readable state".to_string(),
+                ));
+            };
+            let older_write_back = held.generation < state.generation
+                && write_id.is_some_and(|id| id.starts_with(WRITE_BACK));
+            self.saw(name, &held, rev);
+            if !older_write_back {
+                return Ok(Some(held));
+            }
+            tracing::warn!(
+                service = %name,
+                held_active = %held.active,
+                held_generation = held.generation,
+                generation = state.generation,
+                "another replica wrote the missing key back with an older generation; replacing it with this replica's newer state"
+            );
+            compare = json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string() });
         }
+        Err(StateError::Unavailable(
+            "the key kept changing while being written back".to_string(),
+        ))
     }
 
     /// (service name, state, mod_revision, write id) of a `services/<name>` key-value.
