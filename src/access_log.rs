@@ -42,6 +42,7 @@ use tokio::time::Instant;
 
 use crate::config::{AccessFormat, AccessTarget, Color, LogConfig};
 use crate::http::fields::{BodyFields, Fields};
+use crate::http::h2_server::Replaced;
 use crate::routing::Service;
 use crate::upstream::Upstream;
 
@@ -340,6 +341,18 @@ impl<B> Logged<B> {
 impl<B: BodyFields> BodyFields for Logged<B> {
     fn fields(&self) -> Option<&Fields> {
         self.inner.fields()
+    }
+}
+
+/// The h2 server sent `status` in place of the response's head: the line says so (no body
+/// bytes), and the body below records it too.
+impl<B: Replaced> Replaced for Logged<B> {
+    fn replaced(&mut self, status: http::StatusCode) {
+        if let Some((_, entry)) = self.tap.as_mut() {
+            entry.status = status.as_u16();
+            entry.bytes = 0;
+        }
+        self.inner.replaced(status);
     }
 }
 

@@ -31,6 +31,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::http::h2_server::Replaced;
+
 pub use crate::http::io::SendTimeout;
 
 /// Milliseconds since `base`, for timestamps kept in atomics.
@@ -363,6 +365,12 @@ where
             hint.set_upper(upper + rest);
         }
         hint
+    }
+}
+
+impl<B: Replaced> Replaced for Tracked<B> {
+    fn replaced(&mut self, status: http::StatusCode) {
+        self.inner.replaced(status);
     }
 }
 

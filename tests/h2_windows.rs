@@ -373,7 +373,14 @@ async fn a_head_over_the_clients_header_list_size_is_a_502_on_its_stream() {
     })
     .await;
     let green = dead_addr().await;
-    let p = TestProxy::start(&format!("{PROXY}{}", service("api", &[up], &[green], ""))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = format!(
+        "{PROXY}\n[log]\naccess = \"{}\"\naccess_format = \"json\"\n{}",
+        log.display(),
+        service("api", &[up], &[green], "")
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
     let tcp = TcpStream::connect(p.proxy).await.expect("connect");
     let (client, conn) = h2::client::Builder::new()
         .max_header_list_size(16 * 1024)
@@ -395,5 +402,57 @@ async fn a_head_over_the_clients_header_list_size_is_a_502_on_its_stream() {
     }
     assert!(!done.is_finished(), "the connection was closed");
     done.abort();
+    // The log and the metrics say what the client got: the 502, not the upstream's 200. Each
+    // request is recorded as its body ends, the last maybe just after the client had it.
+    let by_code = |metrics: &str, code: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("switchyard_requests_total{"))
+            .filter(|l| l.contains(&format!("code=\"{code}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let counted = eventually(10, || async {
+        let (_, m) = get(p.admin, "/metrics").await;
+        by_code(&m, "502") == 1.0 && by_code(&m, "200") == 1.0
+    })
+    .await;
+    let (_, metrics) = get(p.admin, "/metrics").await;
+    assert!(counted, "one 502 and one 200 counted:\n{metrics}");
+    // Not the upstream's failure: it answered; the limit is the client's.
+    assert_eq!(upstream_failures(&metrics), 0.0, "{metrics}");
+    let blue = &p.service_status("api").await["colors"]["blue"];
+    assert_eq!(blue["requests"].as_u64(), Some(2), "{blue}");
+    assert_eq!(blue["failures"].as_u64(), Some(0), "{blue}");
+    let mut lines = Vec::new();
+    let logged = eventually(10, || {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let n = lines.len();
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(logged, "two access log lines: {lines:?}");
+    let mut got: Vec<(String, u64, u64)> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            let path = v["path"].as_str().unwrap_or_default().to_string();
+            (
+                path,
+                v["status"].as_u64().unwrap_or(0),
+                v["bytes"].as_u64().unwrap_or(9),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [("/".to_string(), 200, 2), ("/bighead".to_string(), 502, 0)],
+        "{lines:?}"
+    );
     p.stop().await;
 }

@@ -127,7 +127,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<RequestBody>) -> F + Unpin,
     F: Future<Output = Response<B>> + Send + Unpin + 'static,
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Replaced + Send + Unpin + 'static,
     B::Error: Display,
     E: hyper::rt::Executor<Stream<F, B>> + Unpin,
 {
@@ -216,7 +216,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<RequestBody>) -> F + Unpin,
     F: Future<Output = Response<B>> + Send + Unpin + 'static,
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Replaced + Send + Unpin + 'static,
     B::Error: Display,
     E: hyper::rt::Executor<Stream<F, B>> + Unpin,
 {
@@ -299,7 +299,7 @@ const SMALL_BODY: u64 = 16 * 1024;
 impl<F, B> Future for Stream<F, B>
 where
     F: Future<Output = Response<B>> + Unpin,
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Replaced + Unpin,
     B::Error: Display,
 {
     type Output = ();
@@ -325,7 +325,7 @@ where
                     }
                     return Poll::Pending;
                 };
-                let (parts, body) = resp.into_parts();
+                let (parts, mut body) = resp.into_parts();
                 let mut head = Response::from_parts(parts, ());
                 if let header::Entry::Vacant(v) = head.headers_mut().entry(header::DATE) {
                     if let Some(date) = super::headers::date_value() {
@@ -360,6 +360,8 @@ where
                     );
                     head = too_large_head();
                     end = true;
+                    // Told before it is dropped: what the handler records says 502.
+                    body.replaced(StatusCode::BAD_GATEWAY);
                 }
                 match this.reply.send_response(head, end) {
                     Ok(_) if end => return Poll::Ready(()),
@@ -390,6 +392,28 @@ where
             StreamState::Sending(body, tx, small) => (body, tx, *small),
         };
         pipe(body, tx, small, cx)
+    }
+}
+
+/// A response body told that its head did not go out: the server sent `status` in its place,
+/// with no body (a head over the client's SETTINGS_MAX_HEADER_LIST_SIZE), and drops the body
+/// next, unread. What the handler records when the body ends (an access log line, a status
+/// counter) can then say what the client got. As [`super::server::Handler::replaced`] is for
+/// HTTP/1.
+pub trait Replaced {
+    fn replaced(&mut self, status: StatusCode) {
+        let _ = status;
+    }
+}
+
+impl Replaced for http_body_util::Full<Bytes> {}
+
+impl<L: Replaced, R: Replaced> Replaced for http_body_util::Either<L, R> {
+    fn replaced(&mut self, status: StatusCode) {
+        match self {
+            http_body_util::Either::Left(b) => b.replaced(status),
+            http_body_util::Either::Right(b) => b.replaced(status),
+        }
     }
 }
 

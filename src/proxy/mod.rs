@@ -32,6 +32,7 @@
 //! | 504 | no response head within `request_timeout` | `timeout` |
 //! | 502 | connect failed / no valid response | `connect` / `reset` |
 //! | 502 | a `101` the client did not ask for | no (recorded as the 101) |
+//! | 502 | (the h2 server's) a head over the client's SETTINGS_MAX_HEADER_LIST_SIZE | no (recorded as the 502, [`crate::http::h2_server::Replaced`]) |
 //!
 //! The HTTP/1 server itself answers 400/431/414 for heads it refuses (see
 //! [`crate::http::server`]); with the access log on, [`ProxyConn`] makes those answers, so that

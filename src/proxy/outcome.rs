@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::UpstreamBody;
 use crate::http::client::ClientError;
 use crate::http::fields::{BodyFields, Fields};
+use crate::http::h2_server::Replaced;
 use crate::passive::is_gateway_error;
 use crate::stats::Clock;
 use crate::upstream::{FailureKind, Pool, Upstream};
@@ -114,6 +115,8 @@ struct Pending {
     /// Latency to the response head.
     head_elapsed: Duration,
     code: u16,
+    /// The client got another answer in its place ([`Replaced`]): `code` is that answer's.
+    replaced: bool,
 }
 
 impl RecordedBody {
@@ -124,6 +127,7 @@ impl RecordedBody {
                 outcome,
                 head_elapsed,
                 code,
+                replaced: false,
             }),
         }
     }
@@ -133,7 +137,8 @@ impl RecordedBody {
             return;
         };
         let now = Instant::now();
-        let by_status = (p.code >= 500).then_some(FailureKind::Status5xx);
+        // A replaced head is the server's answer, not the upstream's: it answered.
+        let by_status = (p.code >= 500 && !p.replaced).then_some(FailureKind::Status5xx);
         match error.and_then(upstream_fault) {
             Some(kind) => {
                 let elapsed = now.saturating_duration_since(p.outcome.start);
@@ -187,6 +192,19 @@ impl Body for RecordedBody {
 impl BodyFields for RecordedBody {
     fn fields(&self) -> Option<&Fields> {
         self.inner.fields()
+    }
+}
+
+/// The h2 server sent `status` in place of the upstream's head (one over the client's
+/// SETTINGS_MAX_HEADER_LIST_SIZE): the status counters say what the client got, and the
+/// request is not a failure of the upstream, which answered (the limit is the client's own, so
+/// no client can push a color's error rate into a rollback by announcing a small one).
+impl Replaced for RecordedBody {
+    fn replaced(&mut self, status: http::StatusCode) {
+        if let Some(p) = self.pending.as_mut() {
+            p.code = status.as_u16();
+            p.replaced = true;
+        }
     }
 }
 
