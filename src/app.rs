@@ -186,6 +186,31 @@ fn unchanged(checked: &Service, now: &Service, to: Color) -> bool {
     checked.state == now.state && Arc::ptr_eq(checked.pool(to), now.pool(to))
 }
 
+/// Whether `state` is what a flip of `kind` to `to` leaves: `to` live, with the latch such a
+/// flip sets (a rollback latches the color it leaves) or clears (a manual flip). A flip that
+/// lost its compare-and-swap to such a state has nothing left to do; to another state with
+/// `to` live (a manual flip that lost to a rollback, whose latch disarms automatic rollback),
+/// it was not applied as asked.
+fn as_asked(state: &ServiceState, to: Color, kind: FlipKind) -> bool {
+    state.active == to
+        && match kind {
+            FlipKind::Manual => state.failed.is_none(),
+            FlipKind::ManualRollback | FlipKind::AutoRollback => state.failed == Some(to.other()),
+        }
+}
+
+/// "already on": a flip to the live color, which changes nothing (the latch a rollback left
+/// included, which the answer mentions).
+fn already_on(svc: &Service, to: Color) -> String {
+    match svc.state.failed {
+        Some(f) if f != to => format!(
+            "{} is already on {to} ({f} stays latched as failed by a rollback: automatic rollback is disarmed until a manual flip to {f})",
+            svc.name()
+        ),
+        _ => format!("{} is already on {to}", svc.name()),
+    }
+}
+
 fn service_of(snap: &Snapshot, name: &str) -> Result<Arc<Service>, ChangeError> {
     snap.service(name)
         .cloned()
@@ -924,7 +949,7 @@ impl App {
                     to,
                     generation: checked.state.generation,
                     changed: false,
-                    message: format!("{name} is already on {to}; nothing to do"),
+                    message: format!("{}; nothing to do", already_on(&checked, to)),
                 });
             }
             if !force {
@@ -958,14 +983,20 @@ impl App {
             changed.insert(name.to_string(), Arc::new(next));
             match self.commit(&snap, changed, vec![ev]).await {
                 Ok(()) => {}
-                // Lost the compare: `commit` applied what etcd holds. Decided again on it, as
-                // above: a flip to the color now live has nothing left to do (another replica
-                // made the same flip first), not a conflict.
+                // Lost the compare: `commit` applied what etcd holds. Decided again on it:
+                // what this flip would have left (another replica made the same flip first)
+                // has nothing left to do, not a conflict; `to` live by another kind of change
+                // (a rollback that latched the color it left, when this is a manual flip) is
+                // a conflict that says what happened.
                 Err(ChangeError::Conflict(why)) => {
                     let now = self.snapshot();
                     let svc = service_of(&now, name)?;
                     if svc.state.active != to {
                         return Err(ChangeError::Conflict(why));
+                    }
+                    if !as_asked(&svc.state, to, kind) {
+                        drop(_w);
+                        return Err(self.landed_otherwise(&svc, kind).await);
                     }
                     return Ok(FlipOutcome {
                         service: name.to_string(),
@@ -973,7 +1004,7 @@ impl App {
                         to,
                         generation: svc.state.generation,
                         changed: false,
-                        message: format!("{name} is already on {to}; nothing to do"),
+                        message: format!("{}; nothing to do", already_on(&svc, to)),
                     });
                 }
                 Err(e) => return Err(e),
@@ -1033,7 +1064,7 @@ impl App {
                         to,
                         generation: svc.state.generation,
                         changed: false,
-                        message: format!("{} is already on {to}", svc.name()),
+                        message: already_on(svc, to),
                     });
                     continue;
                 }
@@ -1073,15 +1104,26 @@ impl App {
                 changed.insert(svc.name().to_string(), Arc::new(next));
             }
             if !changed.is_empty() {
+                let flipping: Vec<String> = changed.keys().cloned().collect();
                 if let Err(e) = self.commit(&snap, changed, events).await {
                     // Lost the compare (what etcd holds is applied): every service on `to`
-                    // now is nothing left to do, as above; anything else is the conflict.
+                    // now, each it was flipping as a manual flip leaves it, is nothing left to
+                    // do, as above; a rollback to `to` (its latch set) is a conflict that says
+                    // so; anything else is the conflict.
                     let ChangeError::Conflict(_) = e else {
                         return Err(e);
                     };
                     let now = self.snapshot();
                     if now.services.iter().any(|s| s.state.active != to) {
                         return Err(e);
+                    }
+                    let otherwise = now.services.iter().find(|s| {
+                        flipping.iter().any(|n| n == s.name())
+                            && !as_asked(&s.state, to, FlipKind::Manual)
+                    });
+                    if let Some(svc) = otherwise {
+                        drop(_w);
+                        return Err(self.landed_otherwise(svc, FlipKind::Manual).await);
                     }
                     return Ok(now
                         .services
@@ -1092,7 +1134,7 @@ impl App {
                             to,
                             generation: svc.state.generation,
                             changed: false,
-                            message: format!("{} is already on {to}", svc.name()),
+                            message: already_on(svc, to),
                         })
                         .collect());
                 }
@@ -1101,6 +1143,41 @@ impl App {
         }
         Err(ChangeError::Refused(
             "services kept changing while the checks ran; re-read the status and retry".to_string(),
+        ))
+    }
+
+    /// The refusal (409) of a flip of `kind` that lost its compare-and-swap to another change
+    /// that left the same color live as `svc` is now, but not as this flip would have
+    /// ([`as_asked`]): it names that change (its event, when one of its generation is found)
+    /// and what it left. Called without the writer lock (the events may be read from etcd).
+    async fn landed_otherwise(&self, svc: &Service, kind: FlipKind) -> ChangeError {
+        let (name, to, generation) = (svc.name(), svc.state.active, svc.state.generation);
+        let event = self
+            .events_list()
+            .await
+            .into_iter()
+            .rev()
+            .find(|e| e.service == name && e.generation == Some(generation));
+        let what = match &event {
+            Some(e) => format!("{} by {}: {}", e.reason.as_str(), e.actor, e.detail),
+            None => "another change".to_string(),
+        };
+        let left = match svc.state.failed {
+            Some(f) => format!(
+                "{f} is latched as failed, so automatic rollback stays disarmed until a manual flip to {f}"
+            ),
+            None => format!(
+                "no color is latched as failed, so automatic rollback may flip it back to {}",
+                to.other()
+            ),
+        };
+        let asked = match kind {
+            FlipKind::Manual => "flip",
+            FlipKind::ManualRollback => "rollback",
+            FlipKind::AutoRollback => "automatic rollback",
+        };
+        ChangeError::Conflict(format!(
+            "{name} was changed first ({what}; generation {generation}): this {asked} was not applied; {to} is live, but {left}"
         ))
     }
 

@@ -694,6 +694,89 @@ async fn a_lost_compare_and_swap_to_the_color_now_live_is_nothing_to_do() {
     b.stop().await;
 }
 
+/// The color a rollback latched as failed on `svc`, as `p` shows it.
+async fn latched(p: &TestProxy, svc: &str) -> Value {
+    p.service_status(svc).await["failed_color"].clone()
+}
+
+/// A manual flip that loses its compare-and-swap to a rollback to the same color is not
+/// "already on" it: the rollback latched the color it left, which disarms automatic rollback,
+/// where the manual flip asked for would have cleared the latch. It answers 409 naming the
+/// rollback and the latch (and the fleet stays as the rollback left it); a flip to the live
+/// color asked afterwards is the contract's no-op (200), its message naming the latch. A
+/// rollback that loses to that same rollback is nothing to do; flip-all as a manual flip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_that_lost_to_a_rollback_to_its_color_says_so() {
+    let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
+        "/cas-rollback/",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"",
+    )
+    .await;
+    let rollback = |p: &TestProxy| {
+        let admin = p.admin;
+        async move { admin_post(admin, "/api/services/api/rollback", Some(TOKEN), None).await }
+    };
+    assert_eq!(b.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 1, 10).await);
+    // A's watch goes silent while B rolls back to blue, latching green: A still shows green.
+    relay.freeze_existing();
+    assert_eq!(rollback(&b).await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 1));
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!(
+        s, 409,
+        "a manual flip reported done over a rollback's latch: {v}"
+    );
+    let why = v["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("rollback") && why.contains("green is latched as failed"),
+        "{v}"
+    );
+    assert!(converged(&[&a, &b], "blue", 2, 10).await);
+    assert_eq!(latched(&a, "api").await, json!("green"));
+    assert_eq!(latched(&b, "api").await, json!("green"));
+    // Asked again, knowing: the live color, nothing to do, and the latch named.
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!((s, &v["changed"]), (200, &json!(false)), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("latched"),
+        "{v}"
+    );
+    assert_eq!(latched(&a, "api").await, json!("green"));
+
+    // A rollback that loses to the same rollback: nothing to do. (A's frozen watch stays
+    // frozen: A learns of changes by its own writes.)
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 3, 10).await);
+    relay.freeze_existing();
+    assert_eq!(rollback(&b).await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 3));
+    let (s, v) = rollback(&a).await;
+    assert_eq!((s, &v["changed"]), (200, &json!(false)), "{v}");
+    assert!(converged(&[&a, &b], "blue", 4, 10).await);
+
+    // Flip-all, a manual flip of every service, likewise refused.
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a, &b], "green", 5, 10).await);
+    relay.freeze_existing();
+    assert_eq!(rollback(&b).await.0, 200);
+    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 5));
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({ "to": "blue" })),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(converged(&[&a, &b], "blue", 6, 10).await);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A replica whose watch went silent still shows the color the fleet left. Asked to flip (or
 /// flip-all, or pause) to what it shows, it must not answer "already so, nothing to do" from
 /// that stale view: the operator would be told the fleet is where it is not, and the flip would
