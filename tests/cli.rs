@@ -521,11 +521,9 @@ fn shipped_config_passes_check() {
 
 #[tokio::test]
 async fn demo_serves_and_flips_with_nothing_else_installed() {
-    let (pp, ap, vp) = (free_port(), free_port(), free_port());
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
-    let mut child = spawn_demo(proxy, admin, preview, &["--no-traffic"], Stdio::null());
+    let demo = start_demo(&["--no-traffic"], None).await;
+    let (proxy, admin, preview) = (demo.proxy, demo.admin, demo.preview);
+    let mut child = demo.drained();
 
     let result = async {
         let up = eventually(20, || async {
@@ -567,26 +565,9 @@ async fn demo_serves_and_flips_with_nothing_else_installed() {
 async fn demo_stops_on_a_signal_and_leaves_nothing_behind() {
     for signal in ["-INT", "-TERM"] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (pp, ap, vp) = (free_port(), free_port(), free_port());
-        let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-        let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["demo", "--listen", &proxy.to_string(), "--admin"])
-            .args([
-                &admin.to_string(),
-                "--preview",
-                &preview.to_string(),
-                "--no-traffic",
-            ])
-            .env("RUST_LOG", "warn")
-            .env("TMPDIR", tmp.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn demo");
+        let demo = start_demo(&["--no-traffic"], Some(tmp.path())).await;
+        let proxy = demo.proxy;
+        let mut child = demo.drained();
         let up = eventually(20, || async {
             try_get(proxy, "/api/x").await == Some((200, "blue\n".to_string()))
         })
@@ -611,36 +592,83 @@ async fn demo_stops_on_a_signal_and_leaves_nothing_behind() {
     }
 }
 
-/// `switchyard demo` on the given listeners with token `demo-token`.
-fn spawn_demo(
+/// A `switchyard demo` started by [`start_demo`], its stdout read up to its listeners' URLs.
+struct Demo {
+    child: tokio::process::Child,
     proxy: SocketAddr,
     admin: SocketAddr,
     preview: SocketAddr,
-    extra: &[&str],
-    stdout: Stdio,
-) -> tokio::process::Child {
-    let (proxy, admin, preview) = (proxy.to_string(), admin.to_string(), preview.to_string());
+    /// The rest of what it prints.
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Demo {
+    /// Its process, the rest of its stdout read and dropped meanwhile (so that nothing it
+    /// prints finds the pipe closed).
+    fn drained(self) -> tokio::process::Child {
+        let mut lines = self.lines;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child
+    }
+}
+
+/// `switchyard demo` with token `demo-token`, every listener on port 0: the system picks free
+/// ports as the demo binds them (a port picked beforehand could be taken by a parallel test
+/// first), and the URLs the demo prints, read here, say which. `tmpdir`: its TMPDIR.
+async fn start_demo(extra: &[&str], tmpdir: Option<&std::path::Path>) -> Demo {
+    use tokio::io::AsyncBufReadExt;
+    let any = "127.0.0.1:0";
     let mut args = vec![
         "demo",
         "--listen",
-        &proxy,
+        any,
         "--admin",
-        &admin,
+        any,
         "--preview",
-        &preview,
+        any,
         "--token",
         "demo-token",
     ];
     args.extend_from_slice(extra);
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
-        .stdout(stdout)
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn demo")
+        .kill_on_drop(true);
+    if let Some(dir) = tmpdir {
+        cmd.env("TMPDIR", dir);
+    }
+    let mut child = cmd.spawn().expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    // `  proxy      http://127.0.0.1:PORT        ...`, then preview, then dashboard.
+    let url = |line: &str, label: &str| -> Option<SocketAddr> {
+        let rest = line.trim_start().strip_prefix(label)?.trim_start();
+        let addr = rest.strip_prefix("http://")?.split([' ', '/']).next()?;
+        addr.parse().ok()
+    };
+    let (mut proxy, mut preview, mut admin) = (None, None, None);
+    while admin.is_none() {
+        let line = match timeout(Duration::from_secs(20), lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            other => panic!("the demo printed no URLs within 20 s: {other:?}"),
+        };
+        proxy = proxy.or_else(|| url(&line, "proxy"));
+        preview = preview.or_else(|| url(&line, "preview"));
+        admin = admin.or_else(|| url(&line, "dashboard"));
+    }
+    let (Some(proxy), Some(preview), Some(admin)) = (proxy, preview, admin) else {
+        panic!("the demo printed its dashboard before its proxy and preview URLs");
+    };
+    Demo {
+        child,
+        proxy,
+        admin,
+        preview,
+        lines,
+    }
 }
 
 /// The README's demo walk-through: flip api to green, make green fail through the demo
@@ -648,17 +676,17 @@ fn spawn_demo(
 /// /api/events while the demo's own background traffic runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_walkthrough_rolls_back_a_failing_green() {
-    use tokio::io::AsyncBufReadExt;
-    let (pp, ap, vp) = (free_port(), free_port(), free_port());
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    let preview: SocketAddr = format!("127.0.0.1:{vp}").parse().expect("addr");
-    let mut child = spawn_demo(proxy, admin, preview, &[], Stdio::piped());
-    let stdout = child.stdout.take().expect("stdout");
+    let Demo {
+        mut child,
+        proxy,
+        admin,
+        lines,
+        ..
+    } = start_demo(&[], None).await;
 
     let result = async {
         // The demo prints the line with the break command for green's api upstream.
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut lines = lines;
         let mut fail_url = None;
         while let Ok(Ok(Some(line))) = timeout(Duration::from_secs(20), lines.next_line()).await {
             if let Some(start) = line.find("'http://") {
