@@ -309,13 +309,7 @@ async fn sigusr1_reopens_after_rename() {
     let pid = child.id().expect("pid");
     let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "switchyard did not start"
-    );
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
     assert_eq!(get(proxy, "/before").await.0, 200);
     wait_lines(&log, 1).await;
     let rotated = dir.path().join("access.log.1");
@@ -380,13 +374,7 @@ async fn a_blocked_sink_drops_and_counts_never_waits() {
         .expect("spawn");
     let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "switchyard did not start"
-    );
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
     // ~200 bytes a line: 1,000 lines are three times what the pipe holds.
     let long = format!("/{}", "x".repeat(100));
     for i in 0..1000 {

@@ -218,24 +218,36 @@ fn switchyard_cmd(args: &[&str]) -> tokio::process::Command {
     c
 }
 
-/// A config file for the binary: fixed free ports, state in `dir`, one service "api".
+/// `switchyard.toml` in `dir` for the binary: the proxy and the admin on free ports, the state
+/// file in `dir`, service `api` on `blue` and `green`. The file, and the proxy's and the admin's
+/// addresses.
 fn binary_config(
     dir: &std::path::Path,
-    proxy: u16,
-    admin: u16,
     blue: SocketAddr,
     green: SocketAddr,
-) -> std::path::PathBuf {
+) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
+    let (pp, ap) = (free_port(), free_port());
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n\
          [state]\npath = \"{}\"\n{}",
         dir.join("state.json").display(),
         service("api", &[blue], &[green], "")
     );
     let path = dir.join("switchyard.toml");
     std::fs::write(&path, text).expect("write config");
-    path
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    (path, proxy, admin)
+}
+
+/// `switchyard serve --config config`, its output dropped.
+fn spawn_serve(config: &std::path::Path) -> tokio::process::Child {
+    switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1276,8 +1288,7 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let (config, proxy, _) = binary_config(dir.path(), blue.addr, green.addr);
     let state = dir.path().join("state.json");
     std::fs::write(&state, b"{\"version\": 1, \"services\": {not json").expect("write");
     let config_arg = config.to_str().expect("utf8 path");
@@ -1304,7 +1315,6 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
     let up = eventually(15, || async {
         try_get(proxy, "/x").await == Some((200, "blue\n".to_string()))
     })
@@ -1362,11 +1372,8 @@ async fn release_running_when_the_state_was_lost(lost: Lost) {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let (config, proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
     let config_arg = config.to_str().expect("utf8 path");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     let serve = |reset: bool| {
         let mut args = vec!["serve", "--config", config_arg];
         if reset {
@@ -1521,23 +1528,10 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     let green = TestUpstream::start("green").await;
     blue.set_delay(1000);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
-    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let (config, proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
+    let mut child = spawn_serve(&config);
     let pid = child.id().expect("pid");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "switchyard did not start"
-    );
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
 
     let in_flight = tokio::spawn(async move { try_get(proxy, "/slow").await });
     assert!(
@@ -1573,24 +1567,12 @@ async fn sigterm_finishes_an_admin_flip_in_flight() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let config = binary_config(dir.path(), pp, ap, blue.addr, green.addr);
+    let (config, _, admin) = binary_config(dir.path(), blue.addr, green.addr);
     let text = std::fs::read_to_string(&config).expect("read config");
     std::fs::write(&config, format!("{text}smoke_paths = [\"/slow\"]\n")).expect("write config");
-    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_serve(&config);
     let pid = child.id().expect("pid");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "switchyard did not start"
-    );
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
     green.set_delay(2500);
     let flip = tokio::spawn(async move {
         let body = Bytes::from(json!({"to": "green"}).to_string());
@@ -1652,11 +1634,7 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
     );
     let config = dir.path().join("switchyard.toml");
     std::fs::write(&config, text).expect("write config");
-    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_serve(&config);
     let pid = child.id().expect("pid");
     let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -1672,10 +1650,7 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
         .expect("run kill");
     assert!(sent.success());
     assert!(
-        eventually(20, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
+        healthz_within(admin, 20).await,
         "switchyard did not start: {:?}",
         child.try_wait()
     );

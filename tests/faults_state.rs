@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::etcd::Etcd;
+use common::etcd::{etcd_state, Etcd};
 use common::relay::{Mode, Relay};
 use common::*;
 use http_body_util::{BodyExt, Full};
@@ -22,9 +22,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 fn etcd_body(endpoint: &str, prefix: &str, extra_state: &str, services: &str) -> String {
-    format!(
-        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{endpoint}\"]\netcd_prefix = \"{prefix}\"\n{extra_state}\n{services}"
-    )
+    etcd_state(endpoint, prefix, &format!("{extra_state}\n{services}"))
 }
 
 async fn active_of(p: &TestProxy, svc: &str) -> (String, u64) {
@@ -699,6 +697,22 @@ async fn latched(p: &TestProxy, svc: &str) -> Value {
     p.service_status(svc).await["failed_color"].clone()
 }
 
+/// `POST /api/services/api/rollback` on `p`.
+async fn rollback(p: &TestProxy) -> (u16, Value) {
+    admin_post(p.admin, "/api/services/api/rollback", Some(TOKEN), None).await
+}
+
+/// A flips api to green (`generation`) and B sees it; then A's watch goes silent while B rolls
+/// back to blue (latching green): A still shows green. (A's watch stays silent: A learns of
+/// later changes by its own writes.)
+async fn rolled_back_behind_a(a: &TestProxy, b: &TestProxy, relay: &Relay, generation: u64) {
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[a, b], "green", generation, 10).await);
+    relay.freeze_existing();
+    assert_eq!(rollback(b).await.0, 200);
+    assert_eq!(active_of(a, "api").await, ("green".to_string(), generation));
+}
+
 /// A manual flip that loses its compare-and-swap to a rollback to the same color is not
 /// "already on" it: the rollback latched the color it left, which disarms automatic rollback,
 /// where the manual flip asked for would have cleared the latch. It answers 409 naming the
@@ -712,16 +726,7 @@ async fn a_flip_that_lost_to_a_rollback_to_its_color_says_so() {
         "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"",
     )
     .await;
-    let rollback = |p: &TestProxy| {
-        let admin = p.admin;
-        async move { admin_post(admin, "/api/services/api/rollback", Some(TOKEN), None).await }
-    };
-    assert_eq!(b.flip("api", "green").await.0, 200);
-    assert!(converged(&[&a, &b], "green", 1, 10).await);
-    // A's watch goes silent while B rolls back to blue, latching green: A still shows green.
-    relay.freeze_existing();
-    assert_eq!(rollback(&b).await.0, 200);
-    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 1));
+    rolled_back_behind_a(&a, &b, &relay, 1).await;
     let (s, v) = a.flip("api", "blue").await;
     assert_eq!(
         s, 409,
@@ -747,23 +752,14 @@ async fn a_flip_that_lost_to_a_rollback_to_its_color_says_so() {
     );
     assert_eq!(latched(&a, "api").await, json!("green"));
 
-    // A rollback that loses to the same rollback: nothing to do. (A's frozen watch stays
-    // frozen: A learns of changes by its own writes.)
-    assert_eq!(a.flip("api", "green").await.0, 200);
-    assert!(converged(&[&a, &b], "green", 3, 10).await);
-    relay.freeze_existing();
-    assert_eq!(rollback(&b).await.0, 200);
-    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 3));
+    // A rollback that loses to the same rollback: nothing to do.
+    rolled_back_behind_a(&a, &b, &relay, 3).await;
     let (s, v) = rollback(&a).await;
     assert_eq!((s, &v["changed"]), (200, &json!(false)), "{v}");
     assert!(converged(&[&a, &b], "blue", 4, 10).await);
 
     // Flip-all, a manual flip of every service, likewise refused.
-    assert_eq!(a.flip("api", "green").await.0, 200);
-    assert!(converged(&[&a, &b], "green", 5, 10).await);
-    relay.freeze_existing();
-    assert_eq!(rollback(&b).await.0, 200);
-    assert_eq!(active_of(&a, "api").await, ("green".to_string(), 5));
+    rolled_back_behind_a(&a, &b, &relay, 5).await;
     let (s, v) = admin_post(
         a.admin,
         "/api/flip",
@@ -1194,10 +1190,7 @@ impl Binary {
             .spawn()
             .expect("spawn switchyard");
         let b = Binary { child };
-        let up = eventually(20, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await;
+        let up = healthz_within(admin, 20).await;
         if !up {
             let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
             let tail: String = log

@@ -91,25 +91,6 @@ impl Drop for ChildUpstream {
 }
 
 /// The value of the sample `name` with exactly these labels, in a text exposition.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let Some(rest) = l.strip_prefix(name) else {
-                return false;
-            };
-            let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split('}').next()) else {
-                return labels.is_empty() && rest.starts_with(' ');
-            };
-            inner.split(',').filter(|p| !p.is_empty()).count() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| inner.split(',').any(|p| p == format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 async fn metrics(p: &TestProxy) -> String {
     get(p.admin, "/metrics").await.1
 }

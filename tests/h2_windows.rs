@@ -103,14 +103,6 @@ async fn settled(count: &AtomicUsize, secs: u64) -> usize {
     last
 }
 
-fn upstream_failures(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("switchyard_upstream_failures_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Six HTTP/1.1 clients ask for 8 MiB each from an h2 pool and stop reading (4 KiB receive
 /// buffers); their streams share the pool's one upstream connection. Another client is then
 /// served from the same upstream (with hyper's 5 MiB connection window the stalled streams'
@@ -307,6 +299,21 @@ async fn a_stalled_upload_leaves_the_other_uploads_of_its_h2_connection_served()
     p.stop().await;
 }
 
+/// A GET of `path` on `client`: its response head (within 5 s), or the stream's error.
+async fn h2_get(
+    client: &h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    let mut c = client.clone().ready().await.expect("ready");
+    let req = http::Request::get(format!("http://a{path}"))
+        .body(())
+        .expect("req");
+    let (resp, _) = c.send_request(req, true).expect("send");
+    tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("head in time")
+}
+
 /// A 204 and a 304 from an h2 pool whose upstream sends DATA after them reach an h2 client
 /// with the stream ended on the head (RFC 9110 6.4.1): the 204 without `content-length`, the
 /// 304 with the upstream's. (Before, the client got the DATA as the response's content.)
@@ -322,15 +329,7 @@ async fn no_body_follows_a_204_or_a_304_from_an_h2_pool() {
     let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
     let done = tokio::spawn(conn);
     for (path, status, length) in [("/204", 204, None), ("/304", 304, Some("5"))] {
-        let mut c = client.clone().ready().await.expect("ready");
-        let req = http::Request::get(format!("http://a{path}"))
-            .body(())
-            .expect("req");
-        let (resp, _) = c.send_request(req, true).expect("send");
-        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-            .await
-            .expect("head in time")
-            .expect("head");
+        let resp = h2_get(&client, path).await.expect("head");
         assert_eq!(resp.status(), status, "{path}");
         let cl = resp
             .headers()
@@ -389,14 +388,7 @@ async fn a_head_over_the_clients_header_list_size_is_a_502_on_its_stream() {
         .expect("h2 handshake");
     let done = tokio::spawn(conn);
     for (path, status) in [("/bighead", 502), ("/", 200)] {
-        let mut c = client.clone().ready().await.expect("ready");
-        let req = http::Request::get(format!("http://a{path}"))
-            .body(())
-            .expect("req");
-        let (resp, _) = c.send_request(req, true).expect("send");
-        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-            .await
-            .expect("head in time");
+        let resp = h2_get(&client, path).await;
         let status_got = resp.as_ref().map(|r| r.status().as_u16());
         assert_eq!(status_got.ok(), Some(status), "{path}: {resp:?}");
     }
@@ -404,13 +396,8 @@ async fn a_head_over_the_clients_header_list_size_is_a_502_on_its_stream() {
     done.abort();
     // The log and the metrics say what the client got: the 502, not the upstream's 200. Each
     // request is recorded as its body ends, the last maybe just after the client had it.
-    let by_code = |metrics: &str, code: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("switchyard_requests_total{"))
-            .filter(|l| l.contains(&format!("code=\"{code}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let by_code = |metrics: &str, code: &str| {
+        metric_sum(metrics, "switchyard_requests_total", &[("code", code)])
     };
     let counted = eventually(10, || async {
         let (_, m) = get(p.admin, "/metrics").await;

@@ -515,6 +515,21 @@ async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
     client
 }
 
+/// A [`Recorder`] upstream (green: nothing listening) behind a proxy with `proxy_keys` (more
+/// `[proxy]` lines), and an h2 connection to it; the heads recorded so far dropped.
+async fn h2_rig(proxy_keys: &str) -> (Recorder, TestProxy, h2::client::SendRequest<bytes::Bytes>) {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{proxy_keys}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let c = h2_client(p.proxy).await;
+    up.take();
+    (up, p, c)
+}
+
 async fn h2_status(
     client: &mut h2::client::SendRequest<bytes::Bytes>,
     req: http::Request<()>,
@@ -532,15 +547,7 @@ async fn h2_status(
 
 #[tokio::test]
 async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
-    let up = Recorder::start().await;
-    let green = dead_addr().await;
-    let p = TestProxy::start(&format!(
-        "{PROXY}{}",
-        service("api", &[up.addr], &[green], "")
-    ))
-    .await;
-    let mut c = h2_client(p.proxy).await;
-    up.take();
+    let (up, p, mut c) = h2_rig("").await;
     // Each part is checked and reported on its own.
     let mut problems = Vec::new();
     let req = http::Request::get("http://a.example/x")
@@ -588,15 +595,7 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
 /// Another port, or the other scheme's default, is still 400.
 #[tokio::test]
 async fn h2_host_and_authority_agree_up_to_the_default_port() {
-    let up = Recorder::start().await;
-    let green = dead_addr().await;
-    let p = TestProxy::start(&format!(
-        "{PROXY}{}",
-        service("api", &[up.addr], &[green], "")
-    ))
-    .await;
-    let mut c = h2_client(p.proxy).await;
-    up.take();
+    let (up, p, mut c) = h2_rig("").await;
     let mut problems = Vec::new();
     for (target, host, want) in [
         ("http://a.example:80/x", "a.example", 200),
@@ -634,15 +633,7 @@ async fn h2_host_and_authority_agree_up_to_the_default_port() {
 /// h2 client cannot send: `validate::tests`.)
 #[tokio::test]
 async fn h2_fields_are_held_to_what_an_http1_head_is() {
-    let up = Recorder::start().await;
-    let green = dead_addr().await;
-    let p = TestProxy::start(&format!(
-        "{PROXY}max_headers = 10\n{}",
-        service("api", &[up.addr], &[green], "")
-    ))
-    .await;
-    let mut c = h2_client(p.proxy).await;
-    up.take();
+    let (up, p, mut c) = h2_rig("max_headers = 10\n").await;
     let mut problems = Vec::new();
     let mut many = http::Request::get("http://a.example/many");
     for i in 0..11 {
@@ -758,15 +749,7 @@ async fn h2_fields_are_held_to_what_an_http1_head_is() {
 /// upstream joined in that one line. Other fields still count one each.
 #[tokio::test]
 async fn h2_cookie_crumbs_count_as_one_field() {
-    let up = Recorder::start().await;
-    let green = dead_addr().await;
-    let p = TestProxy::start(&format!(
-        "{PROXY}max_headers = 10\n{}",
-        service("api", &[up.addr], &[green], "")
-    ))
-    .await;
-    let mut c = h2_client(p.proxy).await;
-    up.take();
+    let (up, p, mut c) = h2_rig("max_headers = 10\n").await;
     let mut problems = Vec::new();
     // 40 crumbs and 9 other fields: 10 fields as HTTP/1.1 would have them (the proxy's own
     // `X-Request-Id` is not one of the client's).
@@ -829,14 +812,6 @@ async fn small_proxy(up: &Recorder, extra: &str) -> TestProxy {
         service("api", &[up.addr], &[green], "")
     ))
     .await
-}
-
-fn upstream_failures(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("switchyard_upstream_failures_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::etcd::Etcd;
+use common::etcd::{b64, Etcd};
 use common::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -642,25 +642,6 @@ async fn replicas_list_the_same_ended_releases_when_ends_and_starts_come_close()
     b.stop().await;
 }
 
-/// etcd's JSON gateway: `path` with `body`, the answer.
-async fn etcd_call(etcd: &Etcd, path: &str, body: Value) -> Value {
-    let (s, v) = request(
-        etcd.addr(),
-        "POST",
-        path,
-        &[("content-type", "application/json")],
-        bytes::Bytes::from(body.to_string()),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    serde_json::from_str(&v).expect("etcd answers JSON")
-}
-
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 /// The ended releases are listed in the order etcd stored their ends, not by `ended_at` (each
 /// replica's own clock, which can be skewed): two history entries written in one order with
 /// `ended_at`s saying the other (as replicas whose clocks disagree store them) are listed newest
@@ -695,21 +676,10 @@ async fn ended_releases_are_ordered_by_etcd_write_not_by_the_replicas_clocks() {
     };
     abort(a.admin).await;
     let hist = format!("{prefix}release_history/");
-    let entry = etcd_call(
-        &etcd,
-        "/v3/kv/range",
-        json!({ "key": b64(&format!("{hist}{}", x.as_str().unwrap_or_default())) }),
-    )
-    .await;
-    let raw = entry["kvs"][0]["value"].as_str().unwrap_or_default();
-    let stored: Value = {
-        use base64::Engine;
-        let b = base64::engine::general_purpose::STANDARD
-            .decode(raw)
-            .expect("base64");
-        serde_json::from_slice(&b).expect("a stored release")
-    };
-    assert_eq!(stored["id"], x, "{entry}");
+    let stored = etcd
+        .held(&format!("{hist}{}", x.as_str().unwrap_or_default()))
+        .await;
+    assert_eq!(stored["id"], x, "{stored}");
     // Written first by a replica whose clock runs ahead; then one whose clock is behind.
     for (id, ended_at) in [
         ("r-skew-late-clock", "2099-01-01T00:00:00.000Z"),
@@ -718,8 +688,7 @@ async fn ended_releases_are_ordered_by_etcd_write_not_by_the_replicas_clocks() {
         let mut v = stored.clone();
         v["id"] = json!(id);
         v["ended_at"] = json!(ended_at);
-        etcd_call(
-            &etcd,
+        etcd.call(
             "/v3/kv/put",
             json!({ "key": b64(&format!("{hist}{id}")), "value": b64(&v.to_string()) }),
         )

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use common::etcd::Etcd;
+use common::etcd::{b64, etcd_state, Etcd};
 use common::*;
 use serde_json::json;
 
@@ -18,10 +18,10 @@ async fn replicas(
     green: &TestUpstream,
     n: usize,
 ) -> Vec<TestProxy> {
-    let body = format!(
-        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-test/\"\n{}",
-        etcd.endpoint(),
-        service("api", &[blue.addr], &[green.addr], "")
+    let body = etcd_state(
+        &etcd.endpoint(),
+        "/sy-test/",
+        &service("api", &[blue.addr], &[green.addr], ""),
     );
     let mut out = Vec::new();
     for _ in 0..n {
@@ -276,56 +276,55 @@ async fn replicas_rolling_back_the_same_release_produce_one_flip() {
     }
 }
 
+/// What a write-back test runs on: a real etcd, a blue and a green upstream, and the config
+/// body of service `name` on them with the etcd backend under `prefix`.
+struct WriteBackRig {
+    etcd: Etcd,
+    body: String,
+    _upstreams: [Arc<TestUpstream>; 2],
+    _dir: tempfile::TempDir,
+}
+
+async fn write_back_rig(prefix: &str, name: &str) -> WriteBackRig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = etcd_state(
+        &etcd.endpoint(),
+        prefix,
+        &service(name, &[blue.addr], &[green.addr], ""),
+    );
+    WriteBackRig {
+        etcd,
+        body,
+        _upstreams: [blue, green],
+        _dir: dir,
+    }
+}
+
 /// A service key deleted from etcd (by hand, or etcd restored empty) does not split the fleet:
 /// the running replicas write it back from the state they serve (create-if-absent: one wins,
 /// the others serve what it wrote), so a replica started afterwards, without any cache, reads
 /// the same color as the running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() {
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let body = format!(
-        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-absent/\"\n{}",
-        etcd.endpoint(),
-        service("api", &[blue.addr], &[green.addr], "")
-    );
-    let a = TestProxy::start(&body).await;
-    let b = TestProxy::start(&body).await;
+    let rig = write_back_rig("/sy-absent/", "api").await;
+    let (etcd, body) = (&rig.etcd, &rig.body);
+    let a = TestProxy::start(body).await;
+    let b = TestProxy::start(body).await;
     let (s, v) = a.flip("api", "green").await;
     assert_eq!(s, 200, "{v}");
     let ps = vec![a, b];
     assert!(converged(&ps, "green", 1, 10).await);
 
     let key = "/sy-absent/services/api";
-    let etcd_post = |path: &'static str, body: serde_json::Value| {
-        let addr = etcd.addr();
-        async move {
-            let (s, v) = request(
-                addr,
-                "POST",
-                path,
-                &[("content-type", "application/json")],
-                bytes::Bytes::from(body.to_string()),
-            )
-            .await;
-            assert_eq!(s, 200, "{v}");
-            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
-        }
-    };
-    let deleted = etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+    let deleted = etcd.delete(key).await;
     assert_eq!(deleted["deleted"], "1", "{deleted}");
     // Written back by the running replicas, with the color they serve.
     let back = eventually(20, || async {
-        let r = etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await;
-        r["kvs"][0]["value"]
-            .as_str()
-            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-            .is_some_and(|v| v["active"] == "green" && v["generation"] == 1)
+        let v = etcd.held(key).await;
+        v["active"] == "green" && v["generation"] == 1
     })
     .await;
     assert!(back, "the deleted key was not written back");
@@ -333,7 +332,7 @@ async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() 
     let mut ps = ps;
     let b = ps.pop().expect("b");
     b.stop().await;
-    ps.push(TestProxy::start(&body).await);
+    ps.push(TestProxy::start(body).await);
     assert!(
         converged(&ps, "green", 1, 10).await,
         "replicas split: {:?} {:?}",
@@ -355,18 +354,8 @@ async fn a_deleted_service_key_is_written_back_and_replicas_stay_on_one_color() 
 /// pending write-back sees the key, or at its retry), and etcd and A stay on blue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
-    use base64::Engine;
-    let std_b64 = base64::engine::general_purpose::STANDARD;
-    let b64 = |s: &str| std_b64.encode(s);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let body = format!(
-        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-older/\"\n{}",
-        etcd.endpoint(),
-        service("older", &[blue.addr], &[green.addr], "")
-    );
+    let rig = write_back_rig("/sy-older/", "older").await;
+    let (etcd, body) = (&rig.etcd, &rig.body);
     let logs = captured_logs();
     let refusals = || {
         let l = logs
@@ -377,34 +366,12 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
             .filter(|l| l.contains("service=older") && l.contains("cannot be written back"))
             .count()
     };
-    let a = TestProxy::start(&body).await;
+    let a = TestProxy::start(body).await;
     let key = "/sy-older/services/older";
-    let etcd_post = |path: &'static str, body: serde_json::Value| {
-        let addr = etcd.addr();
-        async move {
-            let (s, v) = request(
-                addr,
-                "POST",
-                path,
-                &[("content-type", "application/json")],
-                bytes::Bytes::from(body.to_string()),
-            )
-            .await;
-            assert_eq!(s, 200, "{v}");
-            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
-        }
-    };
-    let held = |r: serde_json::Value| {
-        r["kvs"][0]["value"]
-            .as_str()
-            .and_then(|v| std_b64.decode(v).ok())
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-            .unwrap_or(serde_json::Value::Null)
-    };
     let (s, v) = a.flip("older", "green").await;
     assert_eq!(s, 200, "{v}");
     // The state a replica that missed the next flip would write back.
-    let mut older = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
+    let mut older = etcd.held(key).await;
     assert_eq!(older["generation"], 1, "{older}");
     older["write_id"] = json!("write-back-00000000-0000000000000000");
     let (s, v) = a.flip("older", "blue").await;
@@ -414,29 +381,26 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
     // Delete the key while etcd refuses writes (its NOSPACE alarm, raised through its API), so
     // A's write-back fails, then write the older state back first, as a create-if-absent (when
     // A's retry was first, again).
-    let member =
-        etcd_post("/v3/maintenance/status", json!({})).await["header"]["member_id"].clone();
-    let alarm = |action: &str| json!({ "action": action, "memberID": member, "alarm": "NOSPACE" });
     let mut first = false;
     for _ in 0..10 {
         let before = refusals();
-        etcd_post("/v3/maintenance/alarm", alarm("ACTIVATE")).await;
-        etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+        etcd.nospace(true).await;
+        etcd.delete(key).await;
         let refused = eventually(20, || async { refusals() > before }).await;
-        etcd_post("/v3/maintenance/alarm", alarm("DEACTIVATE")).await;
+        etcd.nospace(false).await;
         assert!(refused, "A's write-back was not refused by etcd");
         let txn = json!({
             "compare": [{ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
             "success": [{ "request_put": { "key": b64(key), "value": b64(&older.to_string()) } }],
         });
-        if etcd_post("/v3/kv/txn", txn).await["succeeded"].as_bool() == Some(true) {
+        if etcd.call("/v3/kv/txn", txn).await["succeeded"].as_bool() == Some(true) {
             first = true;
             break;
         }
     }
     assert!(first, "the older write-back never landed first");
     let newest = eventually(15, || async {
-        let v = held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await);
+        let v = etcd.held(key).await;
         v["active"] == "blue"
             && v["generation"] == 2
             && older_of(&a).await == ("blue".to_string(), 2)
@@ -445,7 +409,7 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
     assert!(
         newest,
         "the older write-back undid the flip: etcd holds {}, A serves {:?}",
-        held(etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await),
+        etcd.held(key).await,
         older_of(&a).await
     );
     assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
@@ -486,43 +450,15 @@ fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
 /// comes back while the watch stays healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_back_etcd_refused_is_tried_again_while_the_watch_is_healthy() {
-    use base64::Engine;
-    let std_b64 = base64::engine::general_purpose::STANDARD;
-    let b64 = |s: &str| std_b64.encode(s);
     let logs = captured_logs();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let body = format!(
-        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-retry/\"\n{}",
-        etcd.endpoint(),
-        service("wbretry", &[blue.addr], &[green.addr], "")
-    );
-    let a = TestProxy::start(&body).await;
+    let rig = write_back_rig("/sy-retry/", "wbretry").await;
+    let (etcd, body) = (&rig.etcd, &rig.body);
+    let a = TestProxy::start(body).await;
     let key = "/sy-retry/services/wbretry";
-    let etcd_post = |path: &'static str, body: serde_json::Value| {
-        let addr = etcd.addr();
-        async move {
-            let (s, v) = request(
-                addr,
-                "POST",
-                path,
-                &[("content-type", "application/json")],
-                bytes::Bytes::from(body.to_string()),
-            )
-            .await;
-            assert_eq!(s, 200, "{v}");
-            serde_json::from_str::<serde_json::Value>(&v).expect("etcd answers JSON")
-        }
-    };
     let (s, v) = a.flip("wbretry", "green").await;
     assert_eq!(s, 200, "{v}");
-    let member =
-        etcd_post("/v3/maintenance/status", json!({})).await["header"]["member_id"].clone();
-    let alarm = |action: &str| json!({ "action": action, "memberID": member, "alarm": "NOSPACE" });
-    etcd_post("/v3/maintenance/alarm", alarm("ACTIVATE")).await;
-    let deleted = etcd_post("/v3/kv/deleterange", json!({ "key": b64(key) })).await;
+    etcd.nospace(true).await;
+    let deleted = etcd.delete(key).await;
     assert_eq!(deleted["deleted"], "1", "{deleted}");
     let refused = eventually(20, || async {
         let l = logs
@@ -534,14 +470,10 @@ async fn a_write_back_etcd_refused_is_tried_again_while_the_watch_is_healthy() {
     })
     .await;
     assert!(refused, "the write-back was not refused by etcd");
-    etcd_post("/v3/maintenance/alarm", alarm("DEACTIVATE")).await;
+    etcd.nospace(false).await;
     let back = eventually(20, || async {
-        let r = etcd_post("/v3/kv/range", json!({ "key": b64(key) })).await;
-        r["kvs"][0]["value"]
-            .as_str()
-            .and_then(|v| std_b64.decode(v).ok())
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-            .is_some_and(|v| v["active"] == "green" && v["generation"] == 1)
+        let v = etcd.held(key).await;
+        v["active"] == "green" && v["generation"] == 1
     })
     .await;
     assert!(back, "a refused write-back was never tried again");
@@ -553,32 +485,15 @@ async fn a_write_back_etcd_refused_is_tried_again_while_the_watch_is_healthy() {
 /// not the config's color, and writes it back, so a replica started after it reads it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_with_its_key_missing_serves_and_writes_back_its_cached_state() {
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let body = format!(
-        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/sy-absent-start/\"\n{}",
-        etcd.endpoint(),
-        service("api", &[blue.addr], &[green.addr], "")
-    );
-    let a = TestProxy::start(&body).await;
+    let rig = write_back_rig("/sy-absent-start/", "api").await;
+    let (etcd, body) = (&rig.etcd, &rig.body);
+    let a = TestProxy::start(body).await;
     let (s, v) = a.flip("api", "green").await;
     assert_eq!(s, 200, "{v}");
     let a_dir = a.stop().await;
-    let (s, v) = request(
-        etcd.addr(),
-        "POST",
-        "/v3/kv/deleterange",
-        &[("content-type", "application/json")],
-        bytes::Bytes::from(json!({ "key": b64("/sy-absent-start/services/api") }).to_string()),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    let a = TestProxy::start_with(&body, Some(TOKEN), Some(a_dir)).await;
-    let b = TestProxy::start(&body).await;
+    etcd.delete("/sy-absent-start/services/api").await;
+    let a = TestProxy::start_with(body, Some(TOKEN), Some(a_dir)).await;
+    let b = TestProxy::start(body).await;
     let ps = vec![a, b];
     assert!(
         converged(&ps, "green", 1, 10).await,

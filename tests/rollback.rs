@@ -173,26 +173,6 @@ impl Rig {
     }
 }
 
-/// The value of the sample `name` with exactly these labels, in a text exposition.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let Some(rest) = l.strip_prefix(name) else {
-                return false;
-            };
-            let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split('}').next()) else {
-                return labels.is_empty() && rest.starts_with(' ');
-            };
-            inner.split(',').filter(|p| !p.is_empty()).count() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| inner.split(',').any(|p| p == format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// `[services.rollback]` with a 10-minute watch and these triggers (TOML bodies without the
 /// `[[services.rollback.triggers]]` header).
 fn rollback(min_requests: u64, dry_run: bool, triggers: &[&str]) -> String {

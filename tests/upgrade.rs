@@ -46,6 +46,42 @@ fn spawn_serve_env(
         .expect("spawn")
 }
 
+/// `switchyard.toml` in `dir`: the proxy on a free port with `proxy_keys` (more `[proxy]`
+/// lines), the admin on another, the state file `state.json` in `dir`, then `services`. The
+/// file, and the proxy's and the admin's addresses.
+fn write_config(
+    dir: &std::path::Path,
+    proxy_keys: &str,
+    services: &str,
+) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\n{proxy_keys}\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{services}",
+        dir.join("state.json").display(),
+    );
+    let cfg = dir.join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    (cfg, proxy, admin)
+}
+
+/// The first process on `cfg` (no `--upgrade`), serving: its `/healthz` on `admin` answers
+/// within 15 s.
+async fn serve_first(
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+    admin: SocketAddr,
+) -> tokio::process::Child {
+    let child = spawn_serve(cfg, log, false);
+    assert!(
+        healthz_within(admin, 15).await,
+        "the first process did not start"
+    );
+    child
+}
+
 #[derive(Default)]
 struct Tally {
     ok: AtomicUsize,
@@ -155,27 +191,14 @@ async fn upgrade_under_load(runtime: &str) {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 2\nruntime = \"{runtime}\"\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{}",
-        dir.path().join("state.json").display(),
-        service("api", &[blue.addr], &[green.addr], "")
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        &format!("shutdown_grace = \"10s\"\nworkers = 2\nruntime = \"{runtime}\"\n"),
+        &service("api", &[blue.addr], &[green.addr], ""),
     );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
 
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(&cfg, &old_log, false);
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "the first process did not start"
-    );
+    let mut old = serve_first(&cfg, &old_log, admin).await;
     // A flip before the upgrade: the new process must serve the live state, not the config's.
     let (s, _) = admin_post(
         admin,
@@ -310,17 +333,11 @@ async fn sigusr2_upgrades_in_place() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"5s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{}",
-        dir.path().join("state.json").display(),
-        service("api", &[blue.addr], &[green.addr], "")
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
     );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     // systemd's notify socket: the datagrams say who the main process is and whether it stops.
     let notify_path = dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -330,13 +347,7 @@ async fn sigusr2_upgrades_in_place() {
     let notify_str = notify_path.to_str().expect("utf-8").to_string();
     let old_log = dir.path().join("old.log");
     let mut old = spawn_serve_env(&cfg, &old_log, false, &[("NOTIFY_SOCKET", &notify_str)]);
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "did not start"
-    );
+    assert!(healthz_within(admin, 15).await, "did not start");
     let pid = old.id().expect("pid");
     let sent = std::process::Command::new("kill")
         .args(["-USR2", &pid.to_string()])
@@ -455,26 +466,13 @@ async fn a_flip_in_flight_during_an_upgrade_is_never_answered_and_lost() {
     let blue = TestUpstream::start("blue").await;
     let (green, arrived, release) = held_smoke_upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"10s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{}",
-        dir.path().join("state.json").display(),
-        service("api", &[blue.addr], &[green], "smoke_paths = [\"/smoke\"]")
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"10s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green], "smoke_paths = [\"/smoke\"]"),
     );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(&cfg, &old_log, false);
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "the first process did not start"
-    );
+    let mut old = serve_first(&cfg, &old_log, admin).await;
 
     // The flip reaches the old process and waits in its smoke check.
     let flip = tokio::spawn(async move {
@@ -612,14 +610,7 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     let (dir, cfg, slow_cfg, proxy, admin) = (&u.dir, &u.cfg, &u.slow_cfg, u.proxy, u.admin);
 
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(cfg, &old_log, false);
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "the first process did not start"
-    );
+    let mut old = serve_first(cfg, &old_log, admin).await;
     let load = Load::start(proxy, 2, 100).await;
     let tally = load.tally.clone();
 
@@ -707,14 +698,7 @@ async fn a_new_process_serves_when_the_old_one_dies_during_the_upgrade() {
     let u = slow_upgrade("60s").await;
     let (dir, cfg, slow_cfg, proxy, admin) = (&u.dir, &u.cfg, &u.slow_cfg, u.proxy, u.admin);
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(cfg, &old_log, false);
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "the first process did not start"
-    );
+    let mut old = serve_first(cfg, &old_log, admin).await;
     let new_log = dir.path().join("new.log");
     let mut new = spawn_serve(slow_cfg, &new_log, true);
     let logs = || {
@@ -765,27 +749,14 @@ async fn an_upgrade_without_the_state_file_serves_the_old_process_s_live_colors(
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
     let state = dir.path().join("state.json");
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"5s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n{}",
-        state.display(),
-        service("api", &[blue.addr], &[green.addr], "")
-    );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
     let old_log = dir.path().join("old.log");
-    let mut old = spawn_serve(&cfg, &old_log, false);
-    assert!(
-        eventually(15, || async {
-            try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
-        })
-        .await,
-        "the first process did not start"
-    );
+    let mut old = serve_first(&cfg, &old_log, admin).await;
     let (s, v) = admin_post(
         admin,
         "/api/services/api/flip",

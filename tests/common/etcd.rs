@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
+use serde_json::{json, Value};
 
-use super::{client, eventually, free_port};
+use super::{client, eventually, free_port, request};
 
 pub struct Etcd {
     pub child: Option<Child>,
@@ -125,5 +127,60 @@ impl Etcd {
     /// The running process's id (for signals).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+/// A key or value as etcd's JSON gateway takes it: base64.
+pub fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The `[state]` section for the etcd backend at `endpoint` under `prefix`, then `rest` (more
+/// `[state]` keys, the services).
+pub fn etcd_state(endpoint: &str, prefix: &str, rest: &str) -> String {
+    format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{endpoint}\"]\netcd_prefix = \"{prefix}\"\n{rest}"
+    )
+}
+
+impl Etcd {
+    /// etcd's JSON gateway: `path` with `body`, answered 200; its answer.
+    pub async fn call(&self, path: &str, body: Value) -> Value {
+        let (s, v) = request(
+            self.addr(),
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        serde_json::from_str(&v).expect("etcd answers JSON")
+    }
+
+    /// The JSON value `key` holds (Null when it is absent or holds no JSON).
+    pub async fn held(&self, key: &str) -> Value {
+        let r = self.call("/v3/kv/range", json!({ "key": b64(key) })).await;
+        r["kvs"][0]["value"]
+            .as_str()
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Deletes `key`; etcd's answer (`deleted` is `"1"` when it was there).
+    pub async fn delete(&self, key: &str) -> Value {
+        self.call("/v3/kv/deleterange", json!({ "key": b64(key) }))
+            .await
+    }
+
+    /// Raises (true) or clears etcd's NOSPACE alarm, through its API: while it is raised, etcd
+    /// refuses every write.
+    pub async fn nospace(&self, raised: bool) {
+        let member =
+            self.call("/v3/maintenance/status", json!({})).await["header"]["member_id"].clone();
+        let action = if raised { "ACTIVATE" } else { "DEACTIVATE" };
+        let alarm = json!({ "action": action, "memberID": member, "alarm": "NOSPACE" });
+        self.call("/v3/maintenance/alarm", alarm).await;
     }
 }

@@ -512,6 +512,55 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The value of the sample `name` with exactly these labels, in a text exposition.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split('}').next()) else {
+                return labels.is_empty() && rest.starts_with(' ');
+            };
+            inner.split(',').filter(|p| !p.is_empty()).count() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| inner.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The sum of the samples of `name` whose labels include every `labels` pair, in a text
+/// exposition (0 when there are none).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|rest| rest.split_once('}'))
+        .filter(|(inner, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| inner.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Every upstream failure counted (`switchyard_upstream_failures_total`, all series).
+pub fn upstream_failures(metrics: &str) -> f64 {
+    metric_sum(metrics, "switchyard_upstream_failures_total", &[])
+}
+
+/// Whether a process's admin listener at `admin` answers `/healthz` with 200 within `secs`
+/// seconds: the binary started (or took over) and serves.
+pub async fn healthz_within(admin: SocketAddr, secs: u64) -> bool {
+    eventually(secs, || async {
+        try_get(admin, "/healthz").await.map(|r| r.0) == Some(200)
+    })
+    .await
+}
+
 /// A GET on a fresh connection that reports any failure (refused, reset, timeout) as None.
 pub async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
