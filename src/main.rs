@@ -174,9 +174,14 @@ fn init_logging(format: LogFormat) {
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,
     };
+    // A failed write to stderr (its reader gone: a restarted log collector, `serve 2>&1 |
+    // head`) loses that line and nothing else. tracing's default reports it with `eprintln!`,
+    // which panics on EPIPE inside whichever task logged: an admin flip answered 500 after it
+    // was applied, the health checker and the rollback watcher gone.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

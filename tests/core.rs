@@ -1608,6 +1608,78 @@ async fn sigterm_finishes_an_admin_flip_in_flight() {
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
+/// The reader of stderr going away (a restarted log collector, `serve 2>&1 | head`) loses log
+/// lines and nothing else: a flip logged after it is answered 200 and recorded, and the process
+/// serves on and exits 0 on SIGTERM. tracing's own report of a failed write used to panic on
+/// EPIPE in the task that logged: the flip answered 500 after it was applied.
+#[tokio::test]
+async fn a_closed_stderr_loses_log_lines_and_nothing_else() {
+    use tokio::io::AsyncBufReadExt;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
+    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .env("RUST_LOG", "info") // the flip and the health checks log
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let serving = timeout(Duration::from_secs(15), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("serving") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(serving, Ok(true), "switchyard never said it was serving");
+    drop(lines); // the reader goes away: every later write to stderr is EPIPE
+    assert!(
+        healthz_within(admin, 15).await,
+        "switchyard stopped answering"
+    );
+
+    let (status, body) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        try_get(proxy, "/x").await,
+        Some((200, "green\n".to_string()))
+    );
+    let events = try_get(admin, "/api/events").await.expect("events");
+    assert!(
+        events.1.contains("green"),
+        "the flip is missing from the events: {}",
+        events.1
+    );
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "switchyard exited"
+    );
+
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let status = timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("switchyard did not exit after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 /// A SIGHUP that arrives while the binary starts (its first lookup of an upstream name hangs
 /// on a FIFO here, as on a stuck resolver) does not kill it: the proxy starts and serves, and
 /// a SIGTERM still ends it with 0, the stuck lookup left behind.
