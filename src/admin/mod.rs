@@ -556,9 +556,13 @@ fn change(r: Result<crate::app::FlipOutcome, ChangeError>) -> AdminResponse {
 async fn to_end<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T, ChangeError>> + Send + 'static,
 ) -> Result<T, ChangeError> {
-    tokio::spawn(f)
-        .await
-        .unwrap_or_else(|e| Err(ChangeError::Internal(format!("the change failed: {e}"))))
+    // A task that panicked may have stored the change before it did: its outcome is not
+    // known, which is never answered as a refusal.
+    tokio::spawn(f).await.unwrap_or_else(|e| {
+        Err(ChangeError::Unknown(format!(
+            "the change stopped before it was answered ({e}); whether it was applied is unknown: see GET /api/status"
+        )))
+    })
 }
 
 /// A reload, and the health checks of the upstreams it adds, run to their end as
