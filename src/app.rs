@@ -273,18 +273,54 @@ async fn state_file_missing(store: &StateStore) -> bool {
 /// restored empty) starts from the last state this replica saw from etcd (the cache file), when
 /// that had changed from the config's color (generation above 0), rather than from the config;
 /// the first full read of the sync loop writes it back if still absent
-/// ([`App::restore_absent`]), or serves what another replica wrote back first.
+/// ([`App::restore_absent`]), or serves what another replica wrote back first. Likewise when
+/// etcd holds another replica's write-back of a lower generation than the cache's
+/// ([`crate::state::etcd::Held::older_write_back`]): the cache's state is served, and the first
+/// full read replaces the write-back with it ([`App::apply_states`]).
 async fn absent_from_cache(
     etcd: &crate::state::etcd::EtcdStore,
     config: &Config,
     mut states: HashMap<String, ServiceState>,
 ) -> HashMap<String, ServiceState> {
-    if config.services.iter().all(|s| states.contains_key(&s.name)) {
-        return states;
-    }
     let Some(cached) = etcd.load_cache().await else {
         return states;
     };
+    let older: Vec<&str> = config
+        .services
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| {
+            states
+                .get(*n)
+                .zip(cached.get(*n))
+                .is_some_and(|(s, c)| s.generation < c.generation)
+        })
+        .collect();
+    if !older.is_empty() {
+        // The write ids say which are write-backs (a read again: rare, at startup only).
+        if let Ok(loaded) = etcd.load().await {
+            for name in older {
+                let (Some(s), Some(c)) = (loaded.states.get(name), cached.get(name)) else {
+                    continue;
+                };
+                let held = crate::state::etcd::Held {
+                    state: s.clone(),
+                    mod_revision: 0,
+                    write_id: loaded.write_ids.get(name).cloned(),
+                };
+                if held.older_write_back(c) {
+                    tracing::warn!(
+                        service = %name,
+                        active = %c.active,
+                        generation = c.generation,
+                        held_generation = s.generation,
+                        "etcd holds another replica's write-back of the service's key with an older generation than this replica last saw; serving the last state seen from etcd (cache file), which replaces it"
+                    );
+                    states.insert(name.to_string(), c.clone());
+                }
+            }
+        }
+    }
     for svc in &config.services {
         if states.contains_key(&svc.name) {
             continue;
@@ -516,24 +552,27 @@ impl App {
                 return;
             };
             match msg {
-                Remote::Synced(states) => {
+                Remote::Synced(states, unreadable) => {
                     self.set_state_source(StateSource::Etcd);
+                    // A key etcd holds with an unreadable value is not missing: a create would
+                    // fail on every try. It is left as it is (the store WARNed), served as before.
                     let absent: Vec<String> = self
                         .snapshot()
                         .services
                         .iter()
                         .map(|s| s.name().to_string())
-                        .filter(|n| !states.contains_key(n))
+                        .filter(|n| !states.contains_key(n) && !unreadable.contains(n))
                         .collect();
                     self.apply_remote(states).await;
                     pending = self.restore_absent(absent).await;
                     retry = next_retry(&pending, Duration::from_millis(250));
                 }
-                Remote::Changed(states) => {
+                Remote::Changed(mut states) => {
                     // A pending key written since (by another replica's write-back, maybe of
                     // an older generation): tried now, so that the highest generation still
                     // wins (the create finds the key and replaces an older write-back) before
-                    // the change is applied.
+                    // the change is applied. One whose write failed again is not applied: this
+                    // replica keeps serving its own state until the retry settles it.
                     let now: Vec<String> = pending
                         .iter()
                         .filter(|n| states.contains_key(*n))
@@ -542,6 +581,7 @@ impl App {
                     pending.retain(|n| !states.contains_key(n));
                     if !now.is_empty() {
                         for n in self.restore_absent(now).await {
+                            states.remove(&n);
                             pending.push(n);
                         }
                     }
@@ -667,7 +707,12 @@ impl App {
     /// Skipping it then would serve a color etcd no longer holds, disagree with every replica
     /// started since, and lose every compare-and-swap (409 forever). So a lower generation is
     /// checked with a fresh read under the writer lock (no write of this replica can race it):
-    /// what etcd holds now is applied, whatever its generation.
+    /// what etcd holds now is applied, whatever its generation, except another replica's
+    /// write-back of a missing key ([`crate::state::etcd::Held::older_write_back`]): that is
+    /// replaced with the state this replica serves (a compare-and-swap on its mod_revision),
+    /// however this replica came to read it (watch, full read after a reconnect, startup), so
+    /// a replica that missed a flip cannot undo it by writing back first. If etcd refuses the
+    /// replacement, this replica keeps its state (WARN) and the next full read tries again.
     async fn apply_states(&self, remote: HashMap<String, ServiceState>) {
         let behind: Vec<String> = self
             .snapshot()
@@ -684,8 +729,13 @@ impl App {
         let mut held = HashMap::new();
         if !behind.is_empty() {
             if let Some(etcd) = self.store.as_etcd() {
-                match etcd.read_current().await {
-                    Ok(now) => {
+                match etcd.read_current_held().await {
+                    Ok(read) => {
+                        let mut now = HashMap::new();
+                        for (name, h) in read {
+                            let state = self.replace_older_write_back(etcd, &name, h).await;
+                            now.insert(name, state);
+                        }
                         for name in behind {
                             if let Some(r) = now.get(&name) {
                                 held.insert(name, r.clone());
@@ -742,6 +792,49 @@ impl App {
             self.routes.store(Arc::new(next));
             if let Some(etcd) = self.store.as_etcd() {
                 etcd.save_cache(states).await;
+            }
+        }
+    }
+
+    /// What to apply for `held`, read from etcd under the writer lock: itself, unless it is
+    /// another replica's write-back of a lower generation than this replica serves
+    /// ([`crate::state::etcd::Held::older_write_back`]). That is replaced with the state served
+    /// (returned: nothing changes here); if another write came first, what etcd holds then is
+    /// returned; if etcd refuses, the state served is kept (WARN) for the next full read.
+    async fn replace_older_write_back(
+        &self,
+        etcd: &crate::state::etcd::EtcdStore,
+        name: &str,
+        held: crate::state::etcd::Held,
+    ) -> ServiceState {
+        let snap = self.snapshot();
+        let Some(ours) = snap
+            .service(name)
+            .map(|s| s.state.clone())
+            .filter(|ours| held.older_write_back(ours))
+        else {
+            return held.state;
+        };
+        tracing::warn!(
+            service = %name,
+            held_active = %held.state.active,
+            held_generation = held.state.generation,
+            generation = ours.generation,
+            "etcd holds another replica's write-back of the missing key with an older generation; replacing it with this replica's newer state"
+        );
+        match etcd
+            .replace_write_back(name, &ours, held.mod_revision)
+            .await
+        {
+            Ok(None) => ours,
+            Ok(Some(state)) => state,
+            Err(e) => {
+                tracing::warn!(
+                    service = %name,
+                    error = %e,
+                    "cannot replace the older write-back in etcd; this replica keeps its newer state and tries again at the next full read"
+                );
+                ours
             }
         }
     }

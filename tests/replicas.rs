@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::etcd::{b64, etcd_state, Etcd};
+use common::relay::{Mode, Relay};
 use common::*;
 use serde_json::json;
 
@@ -504,4 +505,254 @@ async fn a_replica_restarted_with_its_key_missing_serves_and_writes_back_its_cac
     for p in ps {
         p.stop().await;
     }
+}
+
+/// `name`'s (active, generation) on `p`.
+async fn state_of(p: &TestProxy, name: &str) -> (String, u64) {
+    let s = p.service_status(name).await;
+    (
+        s["active"].as_str().unwrap_or("").to_string(),
+        s["generation"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+/// The rig's config body with etcd at `endpoint` (a relay) and `extra` `[state]` keys.
+fn rig_body(rig: &WriteBackRig, endpoint: &str, prefix: &str, name: &str, extra: &str) -> String {
+    let [blue, green] = &rig._upstreams;
+    etcd_state(
+        endpoint,
+        prefix,
+        &format!(
+            "{extra}\n{}",
+            service(name, &[blue.addr], &[green.addr], "")
+        ),
+    )
+}
+
+/// Flips `name` on `a` to green (generation 1), then blue (generation 2); returns the value
+/// etcd held at generation 1 tagged as a write-back, exactly as a replica that missed the
+/// second flip would write it back.
+async fn green_then_blue(etcd: &Etcd, a: &TestProxy, name: &str, key: &str) -> serde_json::Value {
+    let (s, v) = a.flip(name, "green").await;
+    assert_eq!(s, 200, "{v}");
+    let mut older = etcd.held(key).await;
+    assert_eq!(older["generation"], 1, "{older}");
+    older["write_id"] = json!("write-back-00000000-0000000000000000");
+    let (s, v) = a.flip(name, "blue").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(state_of(a, name).await, ("blue".to_string(), 2));
+    older
+}
+
+/// Writes `value` to `key` only if absent, as a replica's write-back does; whether it landed.
+async fn create(etcd: &Etcd, key: &str, value: &serde_json::Value) -> bool {
+    let txn = json!({
+        "compare": [{ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+        "success": [{ "request_put": { "key": b64(key), "value": b64(&value.to_string()) } }],
+    });
+    etcd.call("/v3/kv/txn", txn).await["succeeded"].as_bool() == Some(true)
+}
+
+/// etcd rebuilt empty while A's watch is broken, and a replica that missed A's flip writes its
+/// older state back first: A, reconnecting, reads it through a full read (not as a missing key)
+/// and must replace it with its newer state rather than serve it (the flip undone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_write_back_read_after_a_reconnect_is_replaced_not_served() {
+    let rig = write_back_rig("/sy-resync/", "resync").await;
+    let etcd = &rig.etcd;
+    let relay = Relay::start(etcd.addr()).await;
+    let body = rig_body(
+        &rig,
+        &relay.endpoint(),
+        "/sy-resync/",
+        "resync",
+        "etcd_timeout = \"1s\"",
+    );
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-resync/services/resync";
+    let older = green_then_blue(etcd, &a, "resync", key).await;
+
+    // A's watch breaks and A cannot reconnect while the key goes and the older state is
+    // written back.
+    relay.set_mode(Mode::Blackhole);
+    relay.cut_all();
+    let deleted = etcd.delete(key).await;
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    assert!(
+        create(etcd, key, &older).await,
+        "the older write-back did not land"
+    );
+    relay.set_mode(Mode::Pass);
+
+    let newest = eventually(30, || async {
+        let v = etcd.held(key).await;
+        v["active"] == "blue"
+            && v["generation"] == 2
+            && state_of(&a, "resync").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(
+        newest,
+        "the older write-back undid the flip: etcd holds {}, A serves {:?}",
+        etcd.held(key).await,
+        state_of(&a, "resync").await
+    );
+    assert_eq!(a.get("/x").await, (200, "blue\n".to_string()));
+    a.stop().await;
+}
+
+/// A replica restarted with its cache (blue, generation 2) while etcd holds another replica's
+/// older write-back (green, generation 1; etcd rebuilt empty while it was down) serves its
+/// cached state and replaces the write-back with it, so a replica started later reads blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_on_an_older_write_back_restores_its_newer_state() {
+    let rig = write_back_rig("/sy-restart-wb/", "restart").await;
+    let (etcd, body) = (&rig.etcd, &rig.body);
+    let a = TestProxy::start(body).await;
+    let key = "/sy-restart-wb/services/restart";
+    let older = green_then_blue(etcd, &a, "restart", key).await;
+    let a_dir = a.stop().await;
+    etcd.delete(key).await;
+    assert!(
+        create(etcd, key, &older).await,
+        "the older write-back did not land"
+    );
+
+    let a = TestProxy::start_with(body, Some(TOKEN), Some(a_dir)).await;
+    let newest = eventually(20, || async {
+        let v = etcd.held(key).await;
+        v["active"] == "blue"
+            && v["generation"] == 2
+            && state_of(&a, "restart").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(
+        newest,
+        "the older write-back undid the flip: etcd holds {}, A serves {:?}",
+        etcd.held(key).await,
+        state_of(&a, "restart").await
+    );
+    let b = TestProxy::start(body).await;
+    let same = eventually(10, || async {
+        state_of(&b, "restart").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(same, "B serves {:?}", state_of(&b, "restart").await);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A's write-back is pending (etcd refused it) when another replica's older write-back lands,
+/// and A's transactions fail (cut on their way to etcd, reads pass): A keeps serving its newer
+/// state rather than the older one, and replaces it once its writes go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_write_back_fails_keeps_its_newer_state_over_an_older_write_back() {
+    let logs = captured_logs();
+    let refusals = || {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| l.contains("service=cutwb") && l.contains("cannot be written back"))
+            .count()
+    };
+    let rig = write_back_rig("/sy-cutwb/", "cutwb").await;
+    let etcd = &rig.etcd;
+    let relay = Relay::start(etcd.addr()).await;
+    let body = rig_body(
+        &rig,
+        &relay.endpoint(),
+        "/sy-cutwb/",
+        "cutwb",
+        "etcd_timeout = \"1s\"",
+    );
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-cutwb/services/cutwb";
+    let older = green_then_blue(etcd, &a, "cutwb", key).await;
+
+    // The key goes while etcd refuses writes: A's write-back fails and is pending.
+    etcd.nospace(true).await;
+    etcd.delete(key).await;
+    let refused = eventually(20, || async { refusals() > 0 }).await;
+    assert!(refused, "A's write-back was not refused by etcd");
+    // A's transactions fail from now on; the older write-back lands (A's watch delivers it).
+    relay.cut_when_sent(Some(b"/v3/kv/txn"));
+    etcd.nospace(false).await;
+    assert!(
+        create(etcd, key, &older).await,
+        "the older write-back did not land first"
+    );
+    let cut = relay.cut_by_pattern();
+    let tried = eventually(20, || async { relay.cut_by_pattern() > cut }).await;
+    assert!(
+        tried,
+        "A never tried to write while its transactions were cut"
+    );
+    assert_eq!(
+        state_of(&a, "cutwb").await,
+        ("blue".to_string(), 2),
+        "A served the older write-back"
+    );
+    relay.cut_when_sent(None);
+    let newest = eventually(40, || async {
+        let v = etcd.held(key).await;
+        v["active"] == "blue"
+            && v["generation"] == 2
+            && state_of(&a, "cutwb").await == ("blue".to_string(), 2)
+    })
+    .await;
+    assert!(
+        newest,
+        "the older write-back undid the flip: etcd holds {}, A serves {:?}",
+        etcd.held(key).await,
+        state_of(&a, "cutwb").await
+    );
+    a.stop().await;
+}
+
+/// A service key that etcd holds with a value that is not a state is not taken for missing:
+/// no write-back is tried for it (a create fails on every try) and it is not lag that resyncs
+/// the watch again and again; the replica keeps serving its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_service_key_is_not_written_back() {
+    let logs = captured_logs();
+    let lines = |what: &'static str| {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| l.contains("unread") && l.contains(what))
+            .count()
+    };
+    let rig = write_back_rig("/sy-unread/", "unread").await;
+    let etcd = &rig.etcd;
+    let body = rig_body(
+        &rig,
+        &etcd.endpoint(),
+        "/sy-unread/",
+        "unread",
+        "etcd_progress_interval = \"300ms\"",
+    );
+    let a = TestProxy::start(&body).await;
+    let (s, v) = a.flip("unread", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let key = "/sy-unread/services/unread";
+    etcd.call(
+        "/v3/kv/put",
+        json!({ "key": b64(key), "value": b64("not a state") }),
+    )
+    .await;
+    let seen = eventually(10, || async { lines("unreadable service state") > 0 }).await;
+    assert!(seen, "the unreadable value was never read");
+    // Ten progress checks and more: a replica taking it for lag resyncs, finds it missing, and
+    // tries to write it back.
+    let tried = eventually(5, || async { lines("cannot be written back") > 0 }).await;
+    assert!(
+        !tried,
+        "a present key was taken for missing and written back"
+    );
+    assert_eq!(state_of(&a, "unread").await, ("green".to_string(), 1));
+    a.stop().await;
 }

@@ -128,6 +128,30 @@ pub struct Loaded {
     pub revision: i64,
     /// The write id stored with each service's value, when it has one.
     pub write_ids: HashMap<String, String>,
+    /// Services whose key etcd holds with a value that is not a readable state: present, so
+    /// not written back (a create would fail on every try); WARNed once per full read.
+    pub unreadable: Vec<String>,
+}
+
+/// A service's value as etcd holds it: the state, its mod_revision and write id.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub state: ServiceState,
+    pub mod_revision: i64,
+    pub write_id: Option<String>,
+}
+
+impl Held {
+    /// Whether this is a missing key's write-back ([`WRITE_BACK`]) of a lower generation than
+    /// `ours`: replaced with ours ([`EtcdStore::replace_write_back`]), never served, so a
+    /// replica that missed a flip cannot undo it by writing back first.
+    pub fn older_write_back(&self, ours: &ServiceState) -> bool {
+        self.state.generation < ours.generation
+            && self
+                .write_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with(WRITE_BACK))
+    }
 }
 
 /// One message of the watch stream.
@@ -153,6 +177,9 @@ pub struct EtcdStore {
     client: Client<HttpConnector, Full<Bytes>>,
     options: EtcdOptions,
     seen: Mutex<HashMap<String, Seen>>,
+    /// Service keys whose value is not a readable state, at the mod_revision seen: not lag
+    /// ([`EtcdStore::lagging`]), and not missing either (never written back).
+    unreadable: Mutex<HashMap<String, i64>>,
     next: AtomicUsize,
     lease: Mutex<Option<(String, Instant)>>,
     /// Write id -> the events of a write whose outcome is unknown.
@@ -229,6 +256,7 @@ impl EtcdStore {
             client: hyper_client(connect_timeout, Duration::from_secs(30), None, false),
             options,
             seen: Mutex::new(HashMap::new()),
+            unreadable: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             lease: Mutex::new(None),
             unresolved: Mutex::new(HashMap::new()),
@@ -346,8 +374,16 @@ impl EtcdStore {
         let mut states = HashMap::new();
         let mut write_ids = HashMap::new();
         let mut seen = HashMap::new();
+        let mut unreadable = HashMap::new();
         for kv in v["kvs"].as_array().into_iter().flatten() {
-            if let Some((name, state, rev, id)) = self.parse_kv(kv) {
+            let Some((name, parsed)) = self.parse_kv_named(kv) else {
+                continue;
+            };
+            let Some((state, rev, id)) = parsed else {
+                unreadable.insert(name, num(&kv["mod_revision"]));
+                continue;
+            };
+            {
                 seen.insert(
                     name.clone(),
                     Seen {
@@ -364,10 +400,16 @@ impl EtcdStore {
         if let Ok(mut s) = self.seen.lock() {
             *s = seen;
         }
+        let mut names: Vec<String> = unreadable.keys().cloned().collect();
+        names.sort();
+        if let Ok(mut u) = self.unreadable.lock() {
+            *u = unreadable;
+        }
         Ok(Loaded {
             states,
             revision,
             write_ids,
+            unreadable: names,
         })
     }
 
@@ -378,6 +420,16 @@ impl EtcdStore {
     /// A read that gets no answer is tried again (up to three in all): the pooled connection
     /// it went out on may be the silent one, and the next goes out on a fresh connection.
     pub async fn read_current(&self) -> Result<HashMap<String, ServiceState>, StateError> {
+        Ok(self
+            .read_current_held()
+            .await?
+            .into_iter()
+            .map(|(name, h)| (name, h.state))
+            .collect())
+    }
+
+    /// [`EtcdStore::read_current`] with each value's mod_revision and write id.
+    pub async fn read_current_held(&self) -> Result<HashMap<String, Held>, StateError> {
         let prefix = self.services_prefix();
         let body = json!({ "key": b64(&prefix), "range_end": prefix_end(&prefix) });
         let mut tries = 0;
@@ -391,9 +443,20 @@ impl EtcdStore {
         };
         let mut states = HashMap::new();
         for kv in v["kvs"].as_array().into_iter().flatten() {
-            if let Some((name, state, rev, _)) = self.parse_kv(kv) {
-                self.saw(&name, &state, rev);
-                states.insert(name, state);
+            match self.parse_kv_named(kv) {
+                Some((name, Some((state, rev, write_id)))) => {
+                    self.saw(&name, &state, rev);
+                    states.insert(
+                        name,
+                        Held {
+                            state,
+                            mod_revision: rev,
+                            write_id,
+                        },
+                    );
+                }
+                Some((name, None)) => self.saw_unreadable(&name, num(&kv["mod_revision"])),
+                None => {}
             }
         }
         Ok(states)
@@ -431,12 +494,38 @@ impl EtcdStore {
         state: &ServiceState,
     ) -> Result<Option<ServiceState>, StateError> {
         let key = b64(&self.service_key(name));
+        let compare =
+            json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
+        self.write_back(name, state, compare).await
+    }
+
+    /// Replaces another replica's write-back of a lower generation ([`Held::older_write_back`],
+    /// found by a full read rather than by a create) with `state`, by a compare-and-swap on its
+    /// `mod_revision`; answered as [`EtcdStore::create_if_absent`] is.
+    pub async fn replace_write_back(
+        &self,
+        name: &str,
+        state: &ServiceState,
+        mod_revision: i64,
+    ) -> Result<Option<ServiceState>, StateError> {
+        let key = b64(&self.service_key(name));
+        let compare = json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": mod_revision.to_string() });
+        self.write_back(name, state, compare).await
+    }
+
+    /// The write of [`EtcdStore::create_if_absent`] and [`EtcdStore::replace_write_back`],
+    /// starting with `compare`.
+    async fn write_back(
+        &self,
+        name: &str,
+        state: &ServiceState,
+        mut compare: Value,
+    ) -> Result<Option<ServiceState>, StateError> {
+        let key = b64(&self.service_key(name));
         let value = b64(&stored_value(
             state,
             &format!("{WRITE_BACK}{}", new_write_id()),
         ));
-        let mut compare =
-            json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
         for _ in 0..4 {
             let txn = json!({
                 "compare": [compare],
@@ -459,8 +548,12 @@ impl EtcdStore {
                     "etcd holds the key, but not a readable state".to_string(),
                 ));
             };
-            let older_write_back = held.generation < state.generation
-                && write_id.is_some_and(|id| id.starts_with(WRITE_BACK));
+            let older_write_back = Held {
+                state: held.clone(),
+                mod_revision: rev,
+                write_id,
+            }
+            .older_write_back(state);
             self.saw(name, &held, rev);
             if !older_write_back {
                 return Ok(Some(held));
@@ -481,18 +574,38 @@ impl EtcdStore {
 
     /// (service name, state, mod_revision, write id) of a `services/<name>` key-value.
     fn parse_kv(&self, kv: &Value) -> Option<(String, ServiceState, i64, Option<String>)> {
+        let (name, parsed) = self.parse_kv_named(kv)?;
+        let (state, rev, write_id) = parsed?;
+        Some((name, state, rev, write_id))
+    }
+
+    /// [`EtcdStore::parse_kv`], naming the service also when its value is not a readable
+    /// state (`Some((name, None))`, WARNed); `None` for a key outside `services/`.
+    #[allow(clippy::type_complexity)]
+    fn parse_kv_named(
+        &self,
+        kv: &Value,
+    ) -> Option<(String, Option<(ServiceState, i64, Option<String>)>)> {
         let key = String::from_utf8(unb64(&kv["key"])?).ok()?;
         let name = key.strip_prefix(&self.services_prefix())?.to_string();
-        let value = unb64(&kv["value"])?;
+        let value = unb64(&kv["value"]).unwrap_or_default();
         let write_id = serde_json::from_slice::<Value>(&value)
             .ok()
             .and_then(|v| v["write_id"].as_str().map(str::to_string));
         match serde_json::from_slice::<ServiceState>(&value) {
-            Ok(state) => Some((name, state, num(&kv["mod_revision"]), write_id)),
+            Ok(state) => Some((name, Some((state, num(&kv["mod_revision"]), write_id)))),
             Err(e) => {
-                tracing::warn!(key = %key, error = %e, "ignoring an unreadable service state in etcd");
-                None
+                tracing::warn!(key = %key, error = %e, "ignoring an unreadable service state in etcd (the key is kept as it is, not written back; fix or delete it)");
+                Some((name, None))
             }
+        }
+    }
+
+    /// Records a key whose value is not a readable state, at `rev` (newer revisions win).
+    fn saw_unreadable(&self, name: &str, rev: i64) {
+        if let Ok(mut u) = self.unreadable.lock() {
+            let e = u.entry(name.to_string()).or_insert(rev);
+            *e = (*e).max(rev);
         }
     }
 
@@ -980,6 +1093,11 @@ impl EtcdStore {
             )
             .await?;
         let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let unreadable = self
+            .unreadable
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default();
         for kv in v["kvs"].as_array().into_iter().flatten() {
             let Some(key) = unb64(&kv["key"]).and_then(|k| String::from_utf8(k).ok()) else {
                 continue;
@@ -988,7 +1106,8 @@ impl EtcdStore {
                 continue;
             };
             let rev = num(&kv["mod_revision"]);
-            if seen.get(name).map(|s| s.mod_revision).unwrap_or(0) < rev {
+            let had = seen.get(name).map(|s| s.mod_revision).unwrap_or(0);
+            if had.max(unreadable.get(name).copied().unwrap_or(0)) < rev {
                 return Ok(true);
             }
         }
@@ -1115,18 +1234,29 @@ impl EtcdStore {
                             if let Ok(mut s) = self.seen.lock() {
                                 s.remove(name);
                             }
+                            if let Ok(mut u) = self.unreadable.lock() {
+                                u.remove(name);
+                            }
                             on_msg(WatchMsg::Change {
                                 name: name.to_string(),
                                 state: None,
                                 write_id: None,
                             });
-                        } else if let Some((name, state, rev, write_id)) = self.parse_kv(kv) {
-                            self.saw(&name, &state, rev);
-                            on_msg(WatchMsg::Change {
-                                name,
-                                state: Some(state),
-                                write_id,
-                            });
+                        } else {
+                            match self.parse_kv_named(kv) {
+                                Some((name, Some((state, rev, write_id)))) => {
+                                    self.saw(&name, &state, rev);
+                                    on_msg(WatchMsg::Change {
+                                        name,
+                                        state: Some(state),
+                                        write_id,
+                                    });
+                                }
+                                Some((name, None)) => {
+                                    self.saw_unreadable(&name, num(&kv["mod_revision"]))
+                                }
+                                None => {}
+                            }
                         }
                     }
                 }
@@ -1220,7 +1350,9 @@ impl Backend for EtcdStore {
 #[derive(Debug)]
 pub enum Remote {
     /// A full read: every stored state. The live colors come from etcd (again).
-    Synced(HashMap<String, ServiceState>),
+    /// The names are those of keys etcd holds with an unreadable value ([`Loaded::unreadable`]):
+    /// present, not written back.
+    Synced(HashMap<String, ServiceState>, Vec<String>),
     /// A service's state changed (the watch).
     Changed(HashMap<String, ServiceState>),
     /// A service's key was deleted (the watch): the app writes it back ([`EtcdStore::create_if_absent`]).
@@ -1294,7 +1426,10 @@ pub async fn sync(
                 }
                 degraded.set(0);
                 let revision = loaded.revision;
-                if to_app.send(Remote::Synced(loaded.states)).is_err() {
+                if to_app
+                    .send(Remote::Synced(loaded.states, loaded.unreadable))
+                    .is_err()
+                {
                     return;
                 }
                 for id in loaded.write_ids.values() {
