@@ -1691,3 +1691,128 @@ async fn request_trailers_lose_the_fields_the_proxy_writes() {
     p.stop().await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A trickled h2 request head
+// ---------------------------------------------------------------------------------------------
+
+/// A raw h2 frame header: length, type, flags, stream.
+fn frame_header(len: usize, kind: u8, flags: u8, stream: u32) -> Vec<u8> {
+    let mut h = (len as u32).to_be_bytes()[1..].to_vec();
+    h.extend_from_slice(&[kind, flags]);
+    h.extend_from_slice(&stream.to_be_bytes());
+    h
+}
+
+/// A raw h2 connection to `addr`: preface and an empty SETTINGS frame sent.
+async fn h2_raw(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&frame_header(0, 0x4, 0, 0));
+    s.write_all(&hello).await.expect("preface");
+    s
+}
+
+/// Writes `bytes` one at a time, `gap` apart, reading what the proxy sends meanwhile; returns
+/// what it read and whether it closed the connection (within `within`).
+async fn trickle(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    gap: Duration,
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut left = bytes;
+    while tokio::time::Instant::now() < deadline {
+        if let Some((b, rest)) = left.split_first() {
+            if s.write_all(&[*b]).await.is_err() {
+                return (got, true);
+            }
+            left = rest;
+        }
+        match tokio::time::timeout(gap, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+    (got, false)
+}
+
+/// Whether `got` holds a HEADERS frame on stream 1 that begins with `:status: 200` (HPACK
+/// static index 8).
+fn h2_ok_on_stream_1(got: &[u8]) -> bool {
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        let stream = u32::from_be_bytes([got[at + 5], got[at + 6], got[at + 7], got[at + 8]]);
+        if got[at + 3] == 0x1 && stream == 1 && got.get(at + 9) == Some(&0x88) {
+            return true;
+        }
+        at += 9 + len;
+    }
+    false
+}
+
+/// README: `header_read_timeout` bounds a client's request head, over h2 too. A HEADERS frame
+/// written one byte at a time is closed at it (1 s here), not at `h2_idle_timeout` (60 s); a
+/// DATA frame trickled as slowly for longer than that is the body's, bounded by
+/// `body_idle_timeout` per byte, and its request is served.
+#[tokio::test]
+async fn a_trickled_h2_request_head_is_closed_at_the_header_read_timeout() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nheader_read_timeout = \"1s\"\nbody_idle_timeout = \"3s\"\nh2_idle_timeout = \"60s\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut problems = Vec::new();
+    // GET / for a, END_STREAM and END_HEADERS, padded with literal fields to 64 bytes.
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+    while block.len() + 6 <= 64 {
+        block.extend_from_slice(&[0x00, 0x01, b'x', 0x02, b'y', b'y']);
+    }
+    let mut head = frame_header(block.len(), 0x1, 0x5, 1);
+    head.extend_from_slice(&block);
+    let mut s = h2_raw(p.proxy).await;
+    let (_, closed) = trickle(
+        &mut s,
+        &head,
+        Duration::from_millis(200),
+        Duration::from_secs(12),
+    )
+    .await;
+    if !closed {
+        problems.push("a HEADERS frame trickled for 12 s kept its connection".to_string());
+    }
+    // POST / for a with a 12-byte body: the head and the DATA frame's header whole, its
+    // payload a byte every 300 ms (3.6 s).
+    let block = [0x83, 0x86, 0x84, 0x01, 0x01, b'a'];
+    let mut s = h2_raw(p.proxy).await;
+    let mut head = frame_header(block.len(), 0x1, 0x4, 1);
+    head.extend_from_slice(&block);
+    head.extend_from_slice(&frame_header(12, 0x0, 0x1, 1));
+    s.write_all(&head).await.expect("head");
+    let (got, closed) = trickle(
+        &mut s,
+        b"hello, world",
+        Duration::from_millis(300),
+        Duration::from_secs(4),
+    )
+    .await;
+    if closed {
+        problems.push(
+            "a DATA frame's payload trickled past header_read_timeout was closed".to_string(),
+        );
+    }
+    if !h2_ok_on_stream_1(&got) {
+        problems.push(format!(
+            "a DATA frame trickled past header_read_timeout was not served: {got:?}"
+        ));
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
