@@ -466,6 +466,7 @@ fn h2_builder(cfg: &ProxyConfig) -> H2Settings {
         max_header_list_size: cfg.max_header_bytes as u32,
         keep_alive_interval: Some(Duration::from_secs(30)),
         keep_alive_timeout: Duration::from_secs(20),
+        head_timeout: Some(cfg.header_read_timeout),
     }
 }
 

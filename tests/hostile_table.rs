@@ -96,6 +96,15 @@ async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: A
                 return;
             }
             "/s650" => b"HTTP/1.1 650 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            // Whitespace between field names and their colons (RFC 9112 5.1).
+            "/spacecolon" => {
+                b"HTTP/1.1 200 OK\r\nX-A : a\r\nX-Empty \t:\r\nX-B:  b\r\ncontent-length: 2\r\n\r\nok"
+                    .to_vec()
+            }
+            // The same with lone LFs, which leave no room to rewrite the lines in place.
+            "/spacecolon-lf" => {
+                b"HTTP/1.1 200 OK\nX-A : a\nX-Empty \t:\nX-B:  b\ncontent-length: 2\n\nok".to_vec()
+            }
             "/small" => {
                 let mut a =
                     format!("HTTP/1.1 200 OK\r\ncontent-length: {SMALL_BODY}\r\n\r\n").into_bytes();
@@ -309,6 +318,9 @@ const TABLE: &[Row] = &[
     passed("client Forwarded ending in a backslash is dropped", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=1.2.3.4;proto=https;by=\"\\\r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http"], &["1.2.3.4"]),
     passed("empty client Forwarded and X-Forwarded-For", b"GET / HTTP/1.1\r\nHost: a\r\nForwarded:\r\nX-Forwarded-For: , \r\n\r\n", &["forwarded: for=127.0.0.1;host=\"a\";proto=http", "x-forwarded-for: 127.0.0.1"], &[]),
     passed("client X-Forwarded-For is appended to", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n", &["x-forwarded-for: 192.0.2.1, 127.0.0.1"], &[]),
+    // Max-Forwards (RFC 9110 7.6.2): always updated, at most 2^63 - 1; not a number: removed.
+    passed("Max-Forwards past 2^64 is capped", b"OPTIONS / HTTP/1.1\r\nHost: a\r\nMax-Forwards: 99999999999999999999\r\n\r\n", &["max-forwards: 9223372036854775807"], &["99999999999999999999"]),
+    passed("Max-Forwards not a number is removed", b"OPTIONS / HTTP/1.1\r\nHost: a\r\nMax-Forwards: 5x\r\n\r\n", &["options / http/1.1"], &["max-forwards"]),
     passed("client X-Forwarded-Host/-Proto are replaced", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n\r\n", &["x-forwarded-host: a", "x-forwarded-proto: http"], &["evil", "https"]),
 ];
 
@@ -439,6 +451,40 @@ async fn broken_upstream_answers_are_502_and_failures() {
     let metrics = get(p.admin, "/metrics").await.1;
     if upstream_failures(&metrics) != 2.0 {
         problems.push("a too large head not counted as an upstream failure".to_string());
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// RFC 9112 5.1: whitespace between a response field's name and its colon is taken out, not
+/// answered 502 and counted against the upstream (a legacy upstream that writes `X-A : a`
+/// would look like one failing every request). A request's is still refused (the table).
+#[tokio::test]
+async fn an_upstream_s_space_before_the_colon_is_taken_out() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut problems = Vec::new();
+    for path in ["/spacecolon", "/spacecolon-lf"] {
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let (head, _) = response(&mut s, Duration::from_millis(50)).await;
+        let lines: Vec<String> = head.lines().map(|l| l.to_ascii_lowercase()).collect();
+        for want in ["x-a: a", "x-empty:", "x-b:  b"] {
+            if status_of(&head) != 200 || !lines.iter().any(|l| l == want) {
+                problems.push(format!("{path}: no {want:?} line in {head:?}"));
+            }
+        }
+    }
+    let metrics = get(p.admin, "/metrics").await.1;
+    if upstream_failures(&metrics) != 0.0 {
+        problems.push("an upstream failure was counted".to_string());
     }
     p.stop().await;
     assert!(problems.is_empty(), "{problems:?}");
@@ -1469,4 +1515,304 @@ async fn a_file_descriptor_limit_too_low_for_max_connections_is_a_startup_warnin
     .await;
     assert!(log.contains("switchyard is serving"), "{log}");
     assert!(!log.contains("RLIMIT_NOFILE"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request trailers
+// ---------------------------------------------------------------------------------------------
+
+/// The fields a client puts in its request's trailer section to stand beside the ones the
+/// proxy writes (RFC 9110 6.5.1: not for a trailer; some upstreams merge trailers into the
+/// header section), and one an application may send there.
+const SPOOFED_TRAILERS: &[(&str, &str)] = &[
+    ("forwarded", "for=6.6.6.6;proto=https"),
+    ("x-request-id", "spoofed-id"),
+    ("via", "1.1 trusted-edge"),
+    ("x-forwarded-for", "6.6.6.6"),
+    ("x-real-ip", "6.6.6.6"),
+    ("x-forwarded-host", "evil"),
+    ("max-forwards", "9"),
+    ("authorization", "Bearer spoofed"),
+    ("x-kept", "1"),
+];
+
+/// An HTTP/1.1 upstream that records each chunked request's trailer section (lowercased, one
+/// string per request) and answers 200, closing.
+async fn trailer_recorder() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let section = loop {
+                    let found = buf.windows(4).position(|w| w == b"\r\n\r\n").and_then(|h| {
+                        let body = &buf[h + 4..];
+                        let last = body.windows(5).position(|w| w == b"\r\n0\r\n")? + 2;
+                        let end = body[last..].windows(4).position(|w| w == b"\r\n\r\n")?;
+                        Some(String::from_utf8_lossy(&body[last + 3..last + end + 2]).into_owned())
+                    });
+                    if let Some(section) = found {
+                        break section;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                rec.lock().expect("lock").push(section.to_ascii_lowercase());
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An h2 upstream that records each request's trailer fields (`name: value` lines) and
+/// answers 200.
+async fn h2_trailer_recorder() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let rec = rec.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        let mut lines = String::new();
+                        if let Ok(Some(t)) = body.trailers().await {
+                            for (n, v) in &t {
+                                let v = String::from_utf8_lossy(v.as_bytes());
+                                lines.push_str(&format!("{n}: {v}\r\n"));
+                            }
+                        }
+                        rec.lock().expect("lock").push(lines);
+                        let _ = respond.send_response(http::Response::new(()), true);
+                    });
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// RFC 9110 6.5.1: a request's trailer section loses the forwarding, routing and
+/// authentication fields (`Forwarded`, `Via`, `X-Request-Id`, `X-Real-IP`, `X-Forwarded-*`,
+/// `Max-Forwards`, `Authorization`), from HTTP/1.1 and h2 clients, toward HTTP/1.1 and h2
+/// upstreams; an application's own trailer goes on.
+#[tokio::test]
+async fn request_trailers_lose_the_fields_the_proxy_writes() {
+    let (h1_up, h1_seen) = trailer_recorder().await;
+    let (h2_up, h2_seen) = h2_trailer_recorder().await;
+    let (d1, d2) = (dead_addr().await, dead_addr().await);
+    let p = TestProxy::start(&format!(
+        "{PROXY}\n[[services]]\nname = \"one\"\npath_prefix = \"/h1/\"\nblue = {{ upstreams = [\"{h1_up}\"] }}\ngreen = {{ upstreams = [\"{d1}\"] }}\n\n[[services]]\nname = \"two\"\npath_prefix = \"/h2/\"\nblue = {{ upstreams = [\"{h2_up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{d2}\"], protocol = \"h2\" }}\n"
+    ))
+    .await;
+    let mut problems = Vec::new();
+    for prefix in ["/h1/", "/h2/"] {
+        // An HTTP/1.1 client's chunked body.
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        let mut req = format!(
+            "POST {prefix}t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        );
+        for (n, v) in SPOOFED_TRAILERS {
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let (head, _) = response(&mut s, Duration::from_millis(50)).await;
+        if status_of(&head) != 200 {
+            problems.push(format!("HTTP/1.1 client to {prefix}: {head}"));
+        }
+        // An h2 client's trailers.
+        let mut c = h2_client(p.proxy).await.ready().await.expect("ready");
+        let req = http::Request::post(format!("http://a{prefix}t"))
+            .body(())
+            .expect("req");
+        let (resp, mut send) = c.send_request(req, false).expect("send");
+        send.send_data(bytes::Bytes::from_static(b"abc"), false)
+            .expect("data");
+        let mut t = http::HeaderMap::new();
+        for (n, v) in SPOOFED_TRAILERS {
+            t.insert(*n, http::HeaderValue::from_static(v));
+        }
+        send.send_trailers(t).expect("trailers");
+        let status = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("in time")
+            .expect("response")
+            .status();
+        if status != 200 {
+            problems.push(format!("h2 client to {prefix}: {status}"));
+        }
+    }
+    let seen: Vec<(&str, String)> = [("HTTP/1.1 upstream", &h1_seen), ("h2 upstream", &h2_seen)]
+        .into_iter()
+        .flat_map(|(up, seen)| {
+            std::mem::take(&mut *seen.lock().expect("lock"))
+                .into_iter()
+                .map(move |s| (up, s))
+        })
+        .collect();
+    if seen.len() != 4 {
+        problems.push(format!("4 trailer sections expected: {seen:?}"));
+    }
+    for (up, section) in &seen {
+        if !section.contains("x-kept: 1\r\n") {
+            problems.push(format!(
+                "{up}: the application's trailer was lost: {section:?}"
+            ));
+        }
+        for (n, _) in SPOOFED_TRAILERS.iter().filter(|(n, _)| *n != "x-kept") {
+            if section.contains(&format!("{n}:")) {
+                problems.push(format!("{up}: trailer {n} went on: {section:?}"));
+            }
+        }
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A trickled h2 request head
+// ---------------------------------------------------------------------------------------------
+
+/// A raw h2 frame header: length, type, flags, stream.
+fn frame_header(len: usize, kind: u8, flags: u8, stream: u32) -> Vec<u8> {
+    let mut h = (len as u32).to_be_bytes()[1..].to_vec();
+    h.extend_from_slice(&[kind, flags]);
+    h.extend_from_slice(&stream.to_be_bytes());
+    h
+}
+
+/// A raw h2 connection to `addr`: preface and an empty SETTINGS frame sent.
+async fn h2_raw(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&frame_header(0, 0x4, 0, 0));
+    s.write_all(&hello).await.expect("preface");
+    s
+}
+
+/// Writes `bytes` one at a time, `gap` apart, reading what the proxy sends meanwhile; returns
+/// what it read and whether it closed the connection (within `within`).
+async fn trickle(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    gap: Duration,
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut left = bytes;
+    while tokio::time::Instant::now() < deadline {
+        if let Some((b, rest)) = left.split_first() {
+            if s.write_all(&[*b]).await.is_err() {
+                return (got, true);
+            }
+            left = rest;
+        }
+        match tokio::time::timeout(gap, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+    (got, false)
+}
+
+/// Whether `got` holds a HEADERS frame on stream 1 that begins with `:status: 200` (HPACK
+/// static index 8).
+fn h2_ok_on_stream_1(got: &[u8]) -> bool {
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        let stream = u32::from_be_bytes([got[at + 5], got[at + 6], got[at + 7], got[at + 8]]);
+        if got[at + 3] == 0x1 && stream == 1 && got.get(at + 9) == Some(&0x88) {
+            return true;
+        }
+        at += 9 + len;
+    }
+    false
+}
+
+/// README: `header_read_timeout` bounds a client's request head, over h2 too. A HEADERS frame
+/// written one byte at a time is closed at it (1 s here), not at `h2_idle_timeout` (60 s); a
+/// DATA frame trickled as slowly for longer than that is the body's, bounded by
+/// `body_idle_timeout` per byte, and its request is served.
+#[tokio::test]
+async fn a_trickled_h2_request_head_is_closed_at_the_header_read_timeout() {
+    let up = Recorder::start().await;
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nheader_read_timeout = \"1s\"\nbody_idle_timeout = \"3s\"\nh2_idle_timeout = \"60s\"\n{}",
+        service("api", &[up.addr], &[green], "")
+    ))
+    .await;
+    let mut problems = Vec::new();
+    // GET / for a, END_STREAM and END_HEADERS, padded with literal fields to 64 bytes.
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+    while block.len() + 6 <= 64 {
+        block.extend_from_slice(&[0x00, 0x01, b'x', 0x02, b'y', b'y']);
+    }
+    let mut head = frame_header(block.len(), 0x1, 0x5, 1);
+    head.extend_from_slice(&block);
+    let mut s = h2_raw(p.proxy).await;
+    let (_, closed) = trickle(
+        &mut s,
+        &head,
+        Duration::from_millis(200),
+        Duration::from_secs(12),
+    )
+    .await;
+    if !closed {
+        problems.push("a HEADERS frame trickled for 12 s kept its connection".to_string());
+    }
+    // POST / for a with a 12-byte body: the head and the DATA frame's header whole, its
+    // payload a byte every 300 ms (3.6 s).
+    let block = [0x83, 0x86, 0x84, 0x01, 0x01, b'a'];
+    let mut s = h2_raw(p.proxy).await;
+    let mut head = frame_header(block.len(), 0x1, 0x4, 1);
+    head.extend_from_slice(&block);
+    head.extend_from_slice(&frame_header(12, 0x0, 0x1, 1));
+    s.write_all(&head).await.expect("head");
+    let (got, closed) = trickle(
+        &mut s,
+        b"hello, world",
+        Duration::from_millis(300),
+        Duration::from_secs(4),
+    )
+    .await;
+    if closed {
+        problems.push(
+            "a DATA frame's payload trickled past header_read_timeout was closed".to_string(),
+        );
+    }
+    if !h2_ok_on_stream_1(&got) {
+        problems.push(format!(
+            "a DATA frame trickled past header_read_timeout was not served: {got:?}"
+        ));
+    }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:?}");
 }

@@ -42,6 +42,7 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -436,11 +437,19 @@ impl ConnPool {
     /// `send_timeout` (`upstream_send_timeout`): a write to the connection that makes no
     /// progress for this long (the upstream stopped reading) fails the connection and every
     /// request on it.
-    pub async fn send_h2(
+    ///
+    /// The request's trailers lose the fields a trailer may not carry ([`trailer_allowed`]),
+    /// as the HTTP/1.1 client's last chunk does.
+    pub async fn send_h2<B: UploadBody>(
         &self,
-        req: Request<H2Body>,
+        req: Request<B>,
         send_timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
+        let req: Request<H2Body> = req.map(|b| {
+            b.map_frame(allowed_trailers)
+                .map_err(Into::into)
+                .boxed_unsync()
+        });
         let mut sender = match self.h2.live() {
             Some(s) => s,
             None => self.h2_connect(send_timeout).await?,
@@ -1007,7 +1016,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
     // Uninitialized slots: initializing 128 headers cost more than parsing a small head.
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
+    // Whitespace between a field name and its colon: a response's is taken out (RFC 9112 5.1:
+    // "A proxy MUST remove any such whitespace from a response message before forwarding"),
+    // not refused, so a legacy upstream that writes `X-A : a` is not an upstream failing every
+    // request. A request's stays a 400 (the server's parser is strict).
     let len = match httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
         .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
     {
         // The head limit holds for a head that arrived whole in one read too.
@@ -1069,7 +1083,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         let name = &head[n as usize..(n + nl) as usize];
         let value = &head[v as usize..(v + vl) as usize];
         let next = spans.get(i + 1).map_or(len, |s| s.0 as usize);
-        roomy &= next >= line_end(n, nl, v, vl) + 2;
+        roomy &= next >= line_end(&head, n, nl, v, vl).1 + 2;
         *kind = response_field(name);
         // Only a Date that goes on spares the server its own (RFC 9110 6.6.1).
         date |= *kind == DATE_FIELD;
@@ -1144,10 +1158,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             if kind == DROPPED {
                 continue;
             }
-            let (n, nl, end) = (n as usize, nl as usize, line_end(n, nl, v, vl));
-            head.copy_within(n..end, w);
+            let (colon, end) = line_end(&head, n, nl, v, vl);
+            let (n, nl) = (n as usize, nl as usize);
+            // The name, then from its colon on: whitespace between them is left behind. The
+            // line only shrinks, and the name's copy ends before the colon it comes from.
+            head.copy_within(n..n + nl, w);
             codec::lowercase_name(&mut head[w..w + nl]);
-            w += end - n;
+            head.copy_within(colon..end, w + nl);
+            w += nl + end - colon;
             head[w..w + 2].copy_from_slice(b"\r\n");
             w += 2;
         }
@@ -1160,10 +1178,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             if kind == DROPPED {
                 continue;
             }
-            let (n, nl, end) = (n as usize, nl as usize, line_end(n, nl, v, vl));
+            let (colon, end) = line_end(&head, n, nl, v, vl);
+            let (n, nl) = (n as usize, nl as usize);
             let at = out.len();
-            out.put_slice(&head[n..end]);
+            out.put_slice(&head[n..n + nl]);
             codec::lowercase_name(&mut out[at..at + nl]);
+            out.put_slice(&head[colon..end]);
             out.put_slice(b"\r\n");
         }
         out.freeze()
@@ -1200,15 +1220,21 @@ const HOP_FIELDS: u8 = 63;
 /// A field that does not go on (set between the passes; `response_field` never returns it).
 const DROPPED: u8 = 255;
 
-/// Where a field line's `name:value` ends (its value less trailing whitespace; the colon for
-/// an empty value).
+/// Where a field line's colon is and where its `name:value` ends (its value less trailing
+/// whitespace; just past the colon for an empty value). The colon follows the name at once
+/// unless the parser let whitespace in between (a response's, see [`parse_head`]).
 #[inline]
-fn line_end(n: u32, nl: u32, v: u32, vl: u32) -> usize {
-    if vl == 0 {
-        (n + nl + 1) as usize
+fn line_end(head: &[u8], n: u32, nl: u32, v: u32, vl: u32) -> (usize, usize) {
+    let mut colon = (n + nl) as usize;
+    while matches!(head.get(colon), Some(b' ' | b'\t')) {
+        colon += 1;
+    }
+    let end = if vl == 0 {
+        colon + 1
     } else {
         (v + vl) as usize
-    }
+    };
+    (colon, end)
 }
 
 /// What a response field's name is to the client, by its bytes (any case): one of the two
@@ -1792,6 +1818,25 @@ mod tests {
         assert!(chunks(b"3\nabc\r\n").is_err());
     }
 
+    /// Whitespace between a response field's name and its colon is taken out (RFC 9112 5.1),
+    /// in place and when the lines are copied out (a lone LF), an empty value's too.
+    #[test]
+    fn response_space_before_the_colon_is_taken_out() {
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nX-A : a\r\nX-Empty \t:\r\nX-B:  b\r\nContent-Length : 2\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\nX-A : a\nX-Empty \t:\nX-B:  b\nContent-Length : 2\n\nok",
+        ] {
+            let mut b = BytesMut::from(head);
+            let h = parse_head(&mut b, false).expect("ok").expect("complete");
+            assert_eq!(&b[..], b"ok");
+            assert_eq!(
+                String::from_utf8_lossy(h.fields.lines()),
+                "x-a: a\r\nx-empty:\r\nx-b:  b\r\n"
+            );
+            assert_eq!(h.fields.length(), Some(2));
+        }
+    }
+
     /// The fields that go on are rewritten in the head's buffer: names lowercased, values as
     /// sent less trailing whitespace, hop-by-hop and framing fields out, and those a
     /// `Connection` line names, before or after it.
@@ -2074,10 +2119,22 @@ mod tests {
             "transfer-encoding",
             "x-forwarded-for",
             "te",
+            "forwarded",
+            "via",
+            "x-request-id",
+            "x-real-ip",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "max-forwards",
+            "authorization",
+            "cookie",
+            "content-type",
         ] {
             assert!(!trailer_allowed(&HeaderName::from_static(name)), "{name}");
         }
-        assert!(trailer_allowed(&HeaderName::from_static("grpc-status")));
+        for name in ["grpc-status", "grpc-message", "server-timing", "x-checksum"] {
+            assert!(trailer_allowed(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     /// Upstream bytes are untrusted: mutated responses never panic the parser, and a chunked

@@ -24,7 +24,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -49,6 +49,11 @@ pub struct Settings {
     pub keep_alive_interval: Option<Duration>,
     /// How long a PING may wait for its answer before the connection is dropped.
     pub keep_alive_timeout: Duration,
+    /// How long the preface, a frame header, or a header block (HEADERS and its CONTINUATION
+    /// frames) may take from its first byte to its last (`header_read_timeout`: a client
+    /// trickling a request head, as a slowloris does over HTTP/1); past it the connection is
+    /// closed. A DATA frame's payload is the body's, not bounded here. None: never.
+    pub head_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -91,6 +96,16 @@ pub struct Connection<T, S, E> {
     /// A graceful shutdown asked for before the handshake ended.
     close_pending: bool,
     keep_alive: Option<KeepAlive>,
+    /// [`Settings::head_timeout`], and [`PeerSettings::head`]'s view of a head in progress.
+    head_timeout: Option<(Duration, HeadClock)>,
+}
+
+/// When the head in progress on a connection began (see [`Settings::head_timeout`]): the
+/// milliseconds from `base` to its first byte, plus one; 0 while none is in progress.
+#[derive(Clone)]
+struct HeadClock {
+    base: Instant,
+    since: Arc<AtomicU64>,
 }
 
 enum State<T> {
@@ -134,10 +149,18 @@ where
     /// `io` positioned at the client's connection preface.
     pub fn new(io: T, settings: &Settings, service: S, exec: E) -> Self {
         let peer_max_header_list = Arc::new(AtomicU32::new(u32::MAX));
+        let clock = settings.head_timeout.map(|t| {
+            let clock = HeadClock {
+                base: Instant::now(),
+                since: Arc::new(AtomicU64::new(0)),
+            };
+            (t, clock)
+        });
         let io = PeerSettings {
             io,
             first: Some(Vec::new()),
             max_header_list: peer_max_header_list.clone(),
+            head: clock.as_ref().map(|(_, c)| FrameWalk::new(c.clone())),
         };
         Connection {
             state: State::Handshaking(settings.builder().handshake(io)),
@@ -145,6 +168,7 @@ where
             service,
             exec,
             close_pending: false,
+            head_timeout: clock,
             keep_alive: settings.keep_alive_interval.map(|interval| KeepAlive {
                 interval,
                 timeout: settings.keep_alive_timeout,
@@ -172,8 +196,21 @@ where
     /// `keep_alive_timeout` with nothing heard, sends GOAWAY and lets the connection close;
     /// false if it has not closed one timeout later (drop it). Called from the caller's own
     /// periodic timer, so that no frame or request pays for a timer of its own.
+    ///
+    /// Also where [`Settings::head_timeout`] is enforced: false (drop the connection) once a
+    /// head in progress is older than it.
     pub fn keep_alive(self: Pin<&mut Self>, now: Instant, heard: u64) -> bool {
         let this = self.get_mut();
+        if let Some((limit, clock)) = &this.head_timeout {
+            let since = clock.since.load(Ordering::Relaxed);
+            if since != 0 {
+                let began = clock.base + Duration::from_millis(since - 1);
+                if now.saturating_duration_since(began) > *limit {
+                    tracing::debug!("an h2 request head took longer than header_read_timeout");
+                    return false;
+                }
+            }
+        }
         let (Some(k), State::Serving(conn)) = (&mut this.keep_alive, &mut this.state) else {
             return true;
         };
@@ -460,6 +497,89 @@ struct PeerSettings<T> {
     /// The preface and the first frame as they come in; None once read.
     first: Option<Vec<u8>>,
     max_header_list: Arc<AtomicU32>,
+    /// Where the bytes read stand in the frame sequence (None: not followed).
+    head: Option<FrameWalk>,
+}
+
+/// Follows the frame boundaries of the bytes a client sends, for [`Settings::head_timeout`]:
+/// a head is in progress from the first byte of the preface, of a frame header, or of a
+/// header block until its end; a DATA frame's payload, and the time between frames, are not.
+struct FrameWalk {
+    clock: HeadClock,
+    /// Bytes of the preface still to come.
+    preface_left: usize,
+    /// The current frame's header as far as it came.
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come, and whether they are a DATA frame's.
+    payload_left: usize,
+    data: bool,
+    /// A HEADERS or PUSH_PROMISE frame without END_HEADERS came: CONTINUATION frames follow.
+    open_block: bool,
+}
+
+impl FrameWalk {
+    fn new(clock: HeadClock) -> Self {
+        FrameWalk {
+            clock,
+            preface_left: PREFACE_LEN,
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            data: false,
+            open_block: false,
+        }
+    }
+
+    fn walk(&mut self, mut read: &[u8]) {
+        if read.is_empty() {
+            return;
+        }
+        let skip = self.preface_left.min(read.len());
+        self.preface_left -= skip;
+        read = &read[skip..];
+        while !read.is_empty() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(read.len());
+                self.payload_left -= n;
+                read = &read[n..];
+                continue;
+            }
+            let n = (9 - self.header_len).min(read.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&read[..n]);
+            self.header_len += n;
+            read = &read[n..];
+            if self.header_len == 9 {
+                let h = self.header;
+                self.header_len = 0;
+                self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                // DATA 0x0; HEADERS 0x1 and PUSH_PROMISE 0x5 open a block, CONTINUATION 0x9
+                // goes on with it; END_HEADERS (0x4) ends it.
+                self.data = h[3] == 0x0;
+                if matches!(h[3], 0x1 | 0x5 | 0x9) {
+                    self.open_block = h[4] & 0x4 == 0;
+                }
+            }
+        }
+        let pending = self.preface_left > 0
+            || self.header_len > 0
+            || self.open_block
+            || (self.payload_left > 0 && !self.data);
+        let since = &self.clock.since;
+        if !pending {
+            if since.load(Ordering::Relaxed) != 0 {
+                since.store(0, Ordering::Relaxed);
+            }
+        } else if since.load(Ordering::Relaxed) == 0 {
+            let ms = Instant::now()
+                .saturating_duration_since(self.clock.base)
+                .as_millis();
+            since.store(
+                u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1,
+                Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
@@ -509,6 +629,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for PeerSettings<T> {
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if self.first.is_some() {
             self.follow(&buf.filled()[before..]);
+        }
+        let this = &mut *self;
+        if let Some(walk) = &mut this.head {
+            walk.walk(&buf.filled()[before..]);
         }
         r
     }
@@ -789,6 +913,7 @@ mod tests {
             max_header_list_size: 16 * 1024,
             keep_alive_interval: Some(interval),
             keep_alive_timeout: timeout,
+            head_timeout: None,
         }
     }
 
@@ -1023,6 +1148,7 @@ mod tests {
                 io: (),
                 first: Some(Vec::new()),
                 max_header_list: max.clone(),
+                head: None,
             };
             for b in bytes {
                 ps.follow(std::slice::from_ref(b));
@@ -1041,5 +1167,36 @@ mod tests {
         );
         let ping = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x08\x06\x00\x00\x00\x00\x00\x00\x00\x00\x06\x00\x00\x40\x00";
         assert_eq!(follow(ping), (u32::MAX, true));
+    }
+
+    /// A head is in progress from the preface's first byte, a frame header's, or a header
+    /// block's until its END_HEADERS; not between frames nor in a DATA frame's payload.
+    #[tokio::test]
+    async fn the_frame_walk_knows_when_a_head_is_in_progress() {
+        let clock = HeadClock {
+            base: Instant::now(),
+            since: Arc::new(AtomicU64::new(0)),
+        };
+        let mut w = FrameWalk::new(clock.clone());
+        let pending = |w: &mut FrameWalk, bytes: &[u8]| {
+            w.walk(bytes);
+            clock.since.load(Ordering::Relaxed) != 0
+        };
+        assert!(pending(&mut w, b"PRI * HTTP/2.0\r\n"));
+        assert!(!pending(&mut w, b"\r\nSM\r\n\r\n"));
+        // SETTINGS, empty, its header in two pieces.
+        assert!(pending(&mut w, &[0, 0, 0, 4]));
+        assert!(!pending(&mut w, &[0, 0, 0, 0, 0]));
+        // HEADERS without END_HEADERS: in progress through its CONTINUATION's END_HEADERS.
+        assert!(pending(&mut w, &[0, 0, 2, 1, 0, 0, 0, 0, 1]));
+        assert!(pending(&mut w, &[0x82, 0x84]));
+        assert!(pending(&mut w, &[0, 0, 1, 9, 4, 0, 0, 0, 1]));
+        assert!(!pending(&mut w, &[0x86]));
+        // DATA: only its header counts.
+        assert!(pending(&mut w, &[0, 0, 5, 0, 0, 0, 0]));
+        assert!(!pending(&mut w, &[0, 1, b'a']));
+        assert!(!pending(&mut w, b"bcde"));
+        // A whole HEADERS frame with END_HEADERS in one read.
+        assert!(!pending(&mut w, &[0, 0, 1, 1, 5, 0, 0, 0, 3, 0x82]));
     }
 }

@@ -125,16 +125,57 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
-/// Trailers may not carry framing, routing or forwarding headers (RFC 9110 6.5.1): some
-/// upstreams merge trailers into the header section, which would bypass the proxy's rewriting.
+/// Trailers may not carry framing, routing, forwarding, authentication, request-modifier,
+/// response-control or content-format headers (RFC 9110 6.5.1): some recipients merge trailers
+/// into the header section, which would bypass the proxy's rewriting (a client's `Forwarded`,
+/// `Via` or `X-Request-Id` in a request's trailers would stand beside the ones it wrote) or
+/// give a field a meaning it may only have up front. What is left (`grpc-status`,
+/// `server-timing`, a digest, an application's own `x-*`) goes on.
 pub fn trailer_allowed(name: &HeaderName) -> bool {
-    !(is_hop_by_hop(name)
-        || name == header::CONTENT_LENGTH
-        || name == header::HOST
-        || name == header::TRAILER
-        || name == header::EXPECT
-        || is_x_forwarded(name))
+    !(is_hop_by_hop(name) || is_x_forwarded(name) || TRAILER_DENIED.contains(&name))
 }
+
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// [`trailer_allowed`]'s list beyond the hop-by-hop and `X-Forwarded-*` fields.
+static TRAILER_DENIED: [&HeaderName; 31] = [
+    // Framing and routing.
+    &header::CONTENT_LENGTH,
+    &header::HOST,
+    &header::TRAILER,
+    // Forwarding: what the proxy writes itself.
+    &header::FORWARDED,
+    &header::VIA,
+    &X_REQUEST_ID,
+    &X_REAL_IP,
+    // Request modifiers and controls.
+    &header::EXPECT,
+    &header::MAX_FORWARDS,
+    &header::RANGE,
+    &header::IF_MATCH,
+    &header::IF_NONE_MATCH,
+    &header::IF_MODIFIED_SINCE,
+    &header::IF_UNMODIFIED_SINCE,
+    &header::IF_RANGE,
+    &header::CACHE_CONTROL,
+    &header::PRAGMA,
+    // Authentication and state.
+    &header::AUTHORIZATION,
+    &header::PROXY_AUTHORIZATION,
+    &header::WWW_AUTHENTICATE,
+    &header::PROXY_AUTHENTICATE,
+    &header::COOKIE,
+    &header::SET_COOKIE,
+    // Response controls and content format.
+    &header::LOCATION,
+    &header::AGE,
+    &header::EXPIRES,
+    &header::VARY,
+    &header::CONTENT_TYPE,
+    &header::CONTENT_ENCODING,
+    &header::CONTENT_RANGE,
+    &header::CONTENT_LOCATION,
+];
 
 /// A field value that begins or ends with SP or HTAB: HTTP/1 parsers trim such whitespace,
 /// an HTTP/2 message with it is malformed (RFC 9113 8.2.1).

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 
 use super::body::{ClientBody, RequestBody};
 use super::error::attempt_failure;
@@ -15,7 +14,6 @@ use super::UpstreamBody;
 use crate::config::Protocol;
 use crate::http::client::{ClientError, Failed, PooledBody, Prepared, Timeouts};
 use crate::http::headers::strip_hop_by_hop;
-use crate::http::BoxError;
 use crate::upstream::{Pool, Upstream};
 
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
@@ -161,7 +159,6 @@ async fn forward_h2(
     send_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ClientError> {
     let idle = req.body().idle_timeout();
-    let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
     let mut resp = up.conns.send_h2(req, send_timeout).await?;
     strip_hop_by_hop(resp.headers_mut());
     if resp.status().as_u16() > 599 {

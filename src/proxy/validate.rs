@@ -19,30 +19,51 @@ pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE,
 /// What a TRACE or OPTIONS request's `Max-Forwards` asks of the proxy (RFC 9110 7.6.2).
 #[derive(Debug, PartialEq, Eq)]
 pub enum LastHop {
-    /// No (valid) `Max-Forwards`, or another method: the request goes on as it is.
+    /// No (valid) `Max-Forwards`, or another method: the request goes on (an invalid one removed).
     Forward,
     /// Zero: the proxy answers as the final recipient.
     Answer,
 }
 
+/// The largest `Max-Forwards` the proxy takes (RFC 9110 7.6.2's "recipient's maximum supported
+/// value"): 2^63 - 1, what a signed 64-bit parser downstream still reads.
+pub const MAX_FORWARDS_CAP: u64 = i64::MAX as u64;
+
 /// `Max-Forwards` on TRACE and OPTIONS: zero makes the proxy the final recipient; any other
-/// value goes on one lower. A value that is not a number is left as it is.
+/// value goes on one lower, at most [`MAX_FORWARDS_CAP`] (RFC 9110 7.6.2: the lesser of the
+/// value less one and the recipient's maximum), so a value too large to parse is updated too.
+/// A field that is not one `1*DIGIT` value (letters, a list, several lines) limits nothing
+/// here and is removed: the next hop sees what the proxy acted on, no limit, rather than a
+/// value it might read otherwise.
 pub fn max_forwards<B>(req: &mut Request<B>) -> LastHop {
     if !matches!(*req.method(), Method::TRACE | Method::OPTIONS) {
         return LastHop::Forward;
     }
-    let Some(n) = req
-        .headers()
-        .get(header::MAX_FORWARDS)
-        .and_then(|v| parse_length(v.as_bytes()).ok())
-    else {
+    let mut lines = req.headers().get_all(header::MAX_FORWARDS).iter();
+    let n = match (lines.next(), lines.next()) {
+        (None, _) => return LastHop::Forward,
+        (Some(v), None) => {
+            let v = v.as_bytes().trim_ascii();
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                None
+            } else {
+                // All digits: past what parse_length takes it is simply large.
+                Some(parse_length(v).unwrap_or(u64::MAX))
+            }
+        }
+        (Some(_), Some(_)) => None,
+    };
+    let Some(n) = n else {
+        req.headers_mut().remove(header::MAX_FORWARDS);
         return LastHop::Forward;
     };
     if n == 0 {
         return LastHop::Answer;
     }
-    req.headers_mut()
-        .insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
+    req.headers_mut().insert(
+        header::MAX_FORWARDS,
+        HeaderValue::from((n - 1).min(MAX_FORWARDS_CAP)),
+    );
     LastHop::Forward
 }
 
@@ -567,5 +588,69 @@ mod tests {
         assert_eq!(host_without_port("[zz::1:]"), None);
         assert_eq!(host_without_port("[::1]x"), None);
         assert_eq!(host_without_port("::1"), None);
+    }
+
+    /// RFC 9110 7.6.2: a value is always updated, to at most 2^63 - 1, a value too large to
+    /// parse included (leading zeros count for nothing); one that is not a single `1*DIGIT`
+    /// value is removed; other methods are left alone.
+    #[test]
+    fn max_forwards_is_updated_capped_or_removed() {
+        let run = |method: Method, values: &[&'static str]| {
+            let mut r = req(method, "/", Version::HTTP_11);
+            for v in values {
+                r.headers_mut()
+                    .append(header::MAX_FORWARDS, HeaderValue::from_static(v));
+            }
+            let hop = max_forwards(&mut r);
+            let left: Vec<String> = r
+                .headers()
+                .get_all(header::MAX_FORWARDS)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            (hop, left.join(","))
+        };
+        let cap = MAX_FORWARDS_CAP.to_string();
+        assert_eq!(run(Method::OPTIONS, &["7"]), (LastHop::Forward, "6".into()));
+        assert_eq!(run(Method::TRACE, &["0"]), (LastHop::Answer, "0".into()));
+        assert_eq!(
+            run(Method::TRACE, &["0000000000000000000000000"]).0,
+            LastHop::Answer
+        );
+        assert_eq!(
+            run(Method::OPTIONS, &["0000000000000000000000005"]),
+            (LastHop::Forward, "4".into())
+        );
+        for big in [
+            "99999999999999999999",
+            "18446744073709551615",
+            "9223372036854775808",
+        ] {
+            assert_eq!(
+                run(Method::OPTIONS, &[big]),
+                (LastHop::Forward, cap.clone()),
+                "{big}"
+            );
+        }
+        assert_eq!(
+            run(Method::OPTIONS, &["9223372036854775807"]),
+            (LastHop::Forward, "9223372036854775806".into())
+        );
+        for bad in [
+            &["5x"][..],
+            &["-1"],
+            &["5, 6"],
+            &[""],
+            &["3", "3"],
+            &["0", "x"],
+        ] {
+            assert_eq!(
+                run(Method::OPTIONS, bad),
+                (LastHop::Forward, String::new()),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(run(Method::GET, &["5x"]), (LastHop::Forward, "5x".into()));
+        assert_eq!(run(Method::GET, &["0"]), (LastHop::Forward, "0".into()));
     }
 }
