@@ -93,7 +93,9 @@ impl Last {
     /// Folds one outcome in (the consecutive error count is the state machine's memory).
     pub fn record(&mut self, generation: u64, color: Color, target: String, o: Outcome) {
         if self.generation != Some(generation) {
+            // The last value measured belongs to the color the reading was for.
             self.consecutive_errors = 0;
+            self.value = None;
         }
         self.generation = Some(generation);
         self.color = Some(color);
@@ -117,7 +119,8 @@ impl Last {
                 self.consecutive_errors = 0;
             }
             Outcome::Error { error, config } => {
-                self.value = None;
+                // No answer: `value` stays the last one measured (for this generation); the
+                // engine reads the error, not the value.
                 self.empty = false;
                 self.error = Some(error);
                 self.config_error = config;
@@ -307,17 +310,20 @@ impl Analysis {
             }
             _ => return,
         }
-        // `value` is the last one measured, except that a `fired` trigger keeps the value it
-        // fired on (its service is on the other color now).
-        if obj.get("state").and_then(Value::as_str) != Some("fired") {
-            obj.insert(
-                "value".into(),
-                last.value
-                    .filter(|v| v.is_finite())
-                    .map(|v| json!(v))
-                    .unwrap_or(Value::Null),
-            );
+        // `value` is the last one measured, for the color and time `color` and `evaluated_at`
+        // name (an error since keeps it). A `fired` trigger's service is on the other color
+        // now: the value it fired on is `fired_value`.
+        if obj.get("state").and_then(Value::as_str) == Some("fired") {
+            let fired = obj.get("value").cloned().unwrap_or(Value::Null);
+            obj.insert("fired_value".into(), fired);
         }
+        obj.insert(
+            "value".into(),
+            last.value
+                .filter(|v| v.is_finite())
+                .map(|v| json!(v))
+                .unwrap_or(Value::Null),
+        );
         obj.insert("error".into(), json!(last.error));
         obj.insert("config_error".into(), json!(last.config_error));
         obj.insert("consecutive_errors".into(), json!(last.consecutive_errors));
@@ -1339,9 +1345,13 @@ mod tests {
         );
         assert_eq!(l.reading(1), External::Value(0.7));
         assert_eq!(l.error, None);
-        // A new generation starts the error count afresh.
+        // An error keeps the last value measured (for /api/status and the metric).
         l.record(1, Color::Green, "q".into(), e());
+        assert_eq!(l.reading(1), External::Error { consecutive: 1 });
+        assert_eq!(l.value, Some(0.7));
+        // A new generation starts the error count afresh, and forgets the other color's value.
         l.record(2, Color::Blue, "q".into(), e());
         assert_eq!(l.reading(2), External::Error { consecutive: 1 });
+        assert_eq!(l.value, None);
     }
 }

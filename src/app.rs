@@ -1653,7 +1653,42 @@ impl App {
                 "proxy.connect_timeout",
                 p.0.connect_timeout != p.1.connect_timeout,
             ),
+            // Read once when the listeners start: the connection budgets, the h2 settings
+            // (`max_header_bytes` is h2's header-list limit too) and the admin deadlines.
+            (
+                "proxy.max_connections",
+                p.0.max_connections != p.1.max_connections,
+            ),
+            (
+                "proxy.h2_max_concurrent_streams",
+                p.0.h2_max_concurrent_streams != p.1.h2_max_concurrent_streams,
+            ),
+            (
+                "proxy.max_header_bytes",
+                p.0.max_header_bytes != p.1.max_header_bytes,
+            ),
+            // Kept by the connection pool of each upstream a reload keeps.
+            (
+                "proxy.upstream_max_idle",
+                p.0.upstream_max_idle != p.1.upstream_max_idle,
+            ),
+            (
+                "proxy.upstream_idle_timeout",
+                p.0.upstream_idle_timeout != p.1.upstream_idle_timeout,
+            ),
             ("admin.listen", old.admin.listen != new_cfg.admin.listen),
+            (
+                "admin.max_connections",
+                old.admin.max_connections != new_cfg.admin.max_connections,
+            ),
+            (
+                "admin.header_read_timeout",
+                old.admin.header_read_timeout != new_cfg.admin.header_read_timeout,
+            ),
+            (
+                "admin.idle_timeout",
+                old.admin.idle_timeout != new_cfg.admin.idle_timeout,
+            ),
             (
                 "admin.token_env",
                 old.admin.token_env != new_cfg.admin.token_env,

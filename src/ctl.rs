@@ -2,11 +2,13 @@
 //! for scripts; exit 0 on success, 1 when the API refuses or cannot be reached, 2 on usage errors,
 //! 3 when a change's outcome is unknown (no answer to it, or 503 `"outcome": "unknown"`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::config::Color;
-use crate::ctl_client::{call, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
+use crate::ctl_client::{call_tracked, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
 use crate::{errln, outln};
 
 /// `switchyard ctl`: the global flags and one command.
@@ -122,12 +124,22 @@ pub async fn run(ctl: Ctl) -> i32 {
         return 1;
     }
     let url = format!("{base}{path}");
+    let handed = AtomicBool::new(false);
     let result = tokio::time::timeout(
         args.request_timeout(),
-        call(&args, method, &url, args.token.as_deref(), body),
+        call_tracked(&args, method, &url, args.token.as_deref(), body, &handed),
     )
     .await;
     let (status, value) = match result {
+        // Still connecting (a black-holed address: no answer to the SYN) or in the TLS
+        // handshake: the request never left, nothing was changed.
+        Err(_) if !handed.load(Ordering::Relaxed) => {
+            errln!(
+                "error: cannot reach the admin listener at {base}: no connection within {}\n(is switchyard running? set --admin or SWITCHYARD_ADMIN_URL)",
+                humantime::format_duration(args.request_timeout())
+            );
+            return 1;
+        }
         Err(_) => {
             errln!(
                 "error: no answer from the admin listener at {base} within {}",

@@ -1,13 +1,14 @@
 //! The admin API as `switchyard ctl` and `switchyard ctl release` call it: the global flags that
 //! say where it is and how long to wait, and one JSON call.
 
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
 
-use crate::http::client::{fetch_once, FetchError};
+use crate::http::client::{fetch_once_tracked, FetchError};
 use serde_json::{json, Value};
 
 /// The flags every `ctl` command takes.
@@ -121,6 +122,19 @@ pub(crate) async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, Value), FetchError> {
+    call_tracked(args, method, url, token, body, &AtomicBool::new(false)).await
+}
+
+/// [`call`], setting `handed` once the request is handed to an open connection (see
+/// [`fetch_once_tracked`]): a `--timeout` that ran out before that never reached the server.
+pub(crate) async fn call_tracked(
+    args: &CtlArgs,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+    handed: &AtomicBool,
+) -> Result<(u16, Value), FetchError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| unsent(format!("invalid URL {url:?}: {e}")))?;
@@ -161,7 +175,7 @@ pub(crate) async fn call(
     } else {
         None
     };
-    let (status, bytes) = fetch_once(&auth, tls, req, usize::MAX).await?;
+    let (status, bytes) = fetch_once_tracked(&auth, tls, req, usize::MAX, handed).await?;
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
     Ok((status.as_u16(), value))

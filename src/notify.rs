@@ -2,9 +2,14 @@
 //!
 //! Each URL has its own bounded queue and delivery task, so a dead receiver delays nothing but
 //! its own deliveries; a full queue drops the event (counted) instead of blocking a flip.
+//!
+//! Each event gets an `id`, unique to this process and the same for every URL and every
+//! attempt, in the body and as the `Idempotency-Key` header: a receiver that answered too late
+//! (the delivery is retried) can tell the copies apart from new events.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::http::client::hyper_client;
 use bytes::Bytes;
@@ -19,8 +24,18 @@ use crate::events::{Event, EventSink};
 
 #[derive(Clone)]
 pub struct Notifier {
-    queues: Arc<Vec<(String, mpsc::Sender<Bytes>)>>,
+    queues: Arc<Vec<(String, mpsc::Sender<Delivery>)>>,
     failures: IntCounter,
+    /// This process's part of every event id (its start, in microseconds, and its pid).
+    origin: Arc<str>,
+    seq: Arc<AtomicU64>,
+}
+
+/// One event for one URL: its id and its JSON body.
+#[derive(Clone)]
+struct Delivery {
+    id: http::HeaderValue,
+    body: Bytes,
 }
 
 impl Notifier {
@@ -44,9 +59,14 @@ impl Notifier {
             ));
             queues.push((url.clone(), tx));
         }
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
         Some(Notifier {
             queues: Arc::new(queues),
             failures,
+            origin: format!("{micros:x}-{:x}", std::process::id()).into(),
+            seq: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -54,12 +74,25 @@ impl Notifier {
 impl EventSink for Notifier {
     /// Never waits: a full queue drops the event for that URL.
     fn send(&self, ev: &Event) {
-        let body = match serde_json::to_vec(ev) {
-            Ok(b) => Bytes::from(b),
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("{}-{seq}", self.origin);
+        let mut json = match serde_json::to_value(ev) {
+            Ok(v) => v,
             Err(_) => return,
         };
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("id".into(), serde_json::Value::String(id.clone()));
+        }
+        let (Ok(body), Ok(id)) = (serde_json::to_vec(&json), http::HeaderValue::from_str(&id))
+        else {
+            return;
+        };
+        let delivery = Delivery {
+            id,
+            body: Bytes::from(body),
+        };
         for (url, q) in self.queues.iter() {
-            if q.try_send(body.clone()).is_err() {
+            if q.try_send(delivery.clone()).is_err() {
                 self.failures.inc();
                 tracing::warn!(webhook = %url, "webhook queue full; event dropped");
             }
@@ -69,17 +102,17 @@ impl EventSink for Notifier {
 
 async fn deliver(
     url: String,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Delivery>,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
     max_attempts: u32,
     failures: IntCounter,
 ) {
-    while let Some(body) = rx.recv().await {
+    while let Some(delivery) = rx.recv().await {
         let mut backoff = Duration::from_millis(250);
         let mut delivered = false;
         for attempt in 1..=max_attempts {
-            match post(&client, &url, body.clone(), timeout).await {
+            match post(&client, &url, &delivery, timeout).await {
                 Ok(()) => {
                     delivered = true;
                     break;
@@ -104,13 +137,14 @@ async fn deliver(
 async fn post(
     client: &Client<HttpConnector, Full<Bytes>>,
     url: &str,
-    body: Bytes,
+    delivery: &Delivery,
     timeout: Duration,
 ) -> Result<(), String> {
     let req = http::Request::post(url)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::USER_AGENT, "switchyard-webhook")
-        .body(Full::new(body))
+        .header("idempotency-key", delivery.id.clone())
+        .body(Full::new(delivery.body.clone()))
         .map_err(|e| e.to_string())?;
     match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => Err("timed out".to_string()),

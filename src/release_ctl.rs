@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::ctl_client::{call, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
+use crate::ctl_client::{call, call_tracked, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
 use crate::{errln, outln};
 
 #[derive(Subcommand, Debug)]
@@ -243,12 +243,21 @@ async fn post(
         return 1;
     };
     let url = format!("{base}{path}");
+    let handed = std::sync::atomic::AtomicBool::new(false);
     let (status, v) = match tokio::time::timeout(
         args.request_timeout(),
-        call(args, "POST", &url, Some(token), Some(body)),
+        call_tracked(args, "POST", &url, Some(token), Some(body), &handed),
     )
     .await
     {
+        // The request never left (no connection within the timeout): nothing was changed.
+        Err(_) if !handed.load(std::sync::atomic::Ordering::Relaxed) => {
+            errln!(
+                "error: cannot reach the admin listener at {base}: no connection within {}",
+                humantime::format_duration(args.request_timeout())
+            );
+            return 1;
+        }
         Ok(Ok(x)) => x,
         Ok(Err(e)) if e.maybe_sent => {
             errln!("error: the admin listener at {base} took the request but gave no answer: {e}");

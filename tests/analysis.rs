@@ -1663,3 +1663,90 @@ interval = "1h"
     assert!(gone, "{}", metrics().await);
     p.stop().await;
 }
+
+/// A Prometheus on raw sockets answering `app_err{color="blue|green"}`: blue always 0.1, green
+/// what the test sets (None: HTTP 503 with Prometheus's error body).
+async fn fake_prometheus(green: Arc<Mutex<Option<f64>>>) -> SocketAddr {
+    raw_upstream(move |head| {
+        let blue = head.contains("blue");
+        let answer = if blue {
+            Some(0.1)
+        } else {
+            *green.lock().expect("lock")
+        };
+        let (status, body) = match answer {
+            Some(v) => (
+                "200 OK",
+                json!({"status": "success", "data": {"resultType": "scalar", "result": [1.0, v.to_string()]}}),
+            ),
+            None => (
+                "503 Service Unavailable",
+                json!({"status": "error", "errorType": "unavailable", "error": "down"}),
+            ),
+        };
+        let body = body.to_string();
+        Raw::Answer(
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await
+}
+
+/// `value` is the last value measured, for the color and time `color` and `evaluated_at` name:
+/// an error since keeps it (status and `switchyard_analysis_value`); after the trigger fired and
+/// rolled back, it is the new live color's reading, and `fired_value` the value it fired on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn value_is_the_last_measured_through_errors_and_after_firing() {
+    let ups = futures_ups(2).await;
+    let green = Arc::new(Mutex::new(Some(0.3)));
+    let prom = fake_prometheus(green.clone()).await;
+    let trig = r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'app_err{color="{{color}}"}'
+above = 0.5
+interval = "200ms"
+for = "0s"
+max_errors = 1000
+"#;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"http://{prom}\"\n{}",
+        two_colors("api", "/", &[ups[0].addr], &[ups[1].addr], trig)
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    wait_trigger(&p, "api", 0, |t| {
+        t["state"] == "ok" && t["value"] == json!(0.3)
+    })
+    .await;
+
+    *green.lock().expect("lock") = None;
+    let t = wait_trigger(&p, "api", 0, |t| t["state"] == "inconclusive").await;
+    assert_eq!(t["value"], json!(0.3), "{t}");
+    assert!(t["error"].is_string(), "{t}");
+    let m = get(p.admin, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &m,
+            "switchyard_analysis_value",
+            &[("kind", "prometheus"), ("service", "api"), ("trigger", "0")]
+        ),
+        Some(0.3),
+        "{m}"
+    );
+
+    *green.lock().expect("lock") = Some(0.9);
+    let t = wait_trigger(&p, "api", 0, |t| {
+        t["state"] == "fired" && t["color"] == "blue"
+    })
+    .await;
+    assert_eq!(t["value"], json!(0.1), "{t}");
+    assert_eq!(t["fired_value"], json!(0.9), "{t}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}

@@ -1893,3 +1893,116 @@ async fn a_path_prefix_matches_the_path_the_upstream_will_serve() {
     }
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+/// Every admin route's 405 lists the methods it serves (RFC 9110 15.5.6): `/api/releases` takes
+/// GET, HEAD and POST.
+#[tokio::test]
+async fn admin_405_lists_every_method_the_path_serves() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    for (method, path, want) in [
+        ("PUT", "/api/releases", "GET, HEAD, POST"),
+        ("DELETE", "/api/releases", "GET, HEAD, POST"),
+        ("GET", "/api/releases/current/abort", "POST"),
+        ("GET", "/api/releases/current/promote", "POST"),
+        ("GET", "/api/services/api/flip", "POST"),
+        ("GET", "/api/services/api/rollback", "POST"),
+        ("GET", "/api/services/api/pause", "POST"),
+        ("GET", "/api/flip", "POST"),
+        ("GET", "/api/reload", "POST"),
+        ("POST", "/api/status", "GET, HEAD"),
+        ("POST", "/api/events", "GET, HEAD"),
+        ("POST", "/", "GET, HEAD"),
+    ] {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let (s, headers, _) = raw_exchange(p.admin, req.as_bytes()).await;
+        assert_eq!(s, 405, "{method} {path}");
+        let allow = headers
+            .iter()
+            .find(|(k, _)| k == "allow")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(allow, Some(want), "{method} {path}: {headers:?}");
+    }
+    p.stop().await;
+}
+
+/// A 401 carries the Bearer challenge (RFC 9110 11.6.1, RFC 6750 3); a token that was sent and
+/// is wrong is named `invalid_token`.
+#[tokio::test]
+async fn admin_401_carries_a_bearer_challenge() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    for (auth, want) in [
+        ("", "Bearer realm=\"switchyard\""),
+        (
+            "Authorization: Bearer wrong-token\r\n",
+            "Bearer realm=\"switchyard\", error=\"invalid_token\"",
+        ),
+    ] {
+        let req = format!(
+            "POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let (s, headers, _) = raw_exchange(p.admin, req.as_bytes()).await;
+        assert_eq!(s, 401, "{auth}");
+        let challenge = headers
+            .iter()
+            .find(|(k, _)| k == "www-authenticate")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(challenge, Some(want), "{auth}: {headers:?}");
+    }
+    p.stop().await;
+}
+
+/// Rollback and pause take `force`, resume takes nothing: any other field (a flip's `to`) is a
+/// 400 that changes nothing, not ignored.
+#[tokio::test]
+async fn rollback_pause_and_resume_refuse_fields_that_are_not_theirs() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    for (action, body) in [
+        ("rollback", json!({"to": "green"})),
+        ("rollback", json!({"to": "blue", "force": true})),
+        ("pause", json!({"to": "blue"})),
+        ("resume", json!({"to": "purple", "force": true})),
+        ("resume", json!({"force": true})),
+    ] {
+        let path = format!("/api/services/api/{action}");
+        let (s, v) = admin_post(p.admin, &path, Some(TOKEN), Some(body.clone())).await;
+        assert_error_body(s, &v, 400);
+        let st = p.service_status("api").await;
+        assert_eq!(st["active"], "green", "{action} {body}: {st}");
+        assert_eq!(st["paused"], false, "{action} {body}: {st}");
+    }
+    // Their own fields still work.
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/pause",
+        Some(TOKEN),
+        Some(json!({"force": false})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/resume",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/rollback",
+        Some(TOKEN),
+        Some(json!({"force": false})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}

@@ -356,6 +356,48 @@ async fn a_change_with_no_answer_exits_3_not_as_refused() {
     closing.abort();
 }
 
+/// An admin address that never takes the connection (its SYNs dropped: a black-holed address,
+/// here a listener whose accept queue is full) is "cannot reach" (exit 1) for a change too: the
+/// request never left, so nothing was changed, unlike a request sent and never answered (3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_never_connected_exits_1_not_3() {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&any.into()).expect("bind");
+    // Backlog 0, never accepted: once the queue holds a connection, new SYNs are dropped.
+    socket.listen(0).expect("listen");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let mut filler = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => filler.push(c),
+            Ok(Err(e)) => panic!("connect: {e}"),
+            Err(_) => break,
+        }
+        assert!(filler.len() < 64, "the accept queue never filled");
+    }
+    let (flip, abort) = tokio::join!(
+        ctl(addr, Some(TOKEN), &["flip", "api", "green"]),
+        ctl(addr, Some(TOKEN), &["release", "abort"]),
+    );
+    for o in [flip, abort] {
+        assert_eq!(o.code, 1, "{o}");
+        assert!(o.stderr.contains("cannot reach"), "{o}");
+        assert!(!o.stderr.contains("may or may not"), "{o}");
+    }
+    drop(filler);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2() {
     let (p, _ups) = two_services().await;

@@ -538,3 +538,41 @@ async fn counters_with_known_labels_exist_at_zero_from_the_start() {
     );
     p.stop().await;
 }
+
+/// Settings a listener reads once when it starts (its connection budget, h2 settings, admin
+/// deadlines) take a restart: a reload that changes them says so in `restart_required`, as the
+/// listen addresses do, instead of answering as if they were applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_listener_settings_that_take_a_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let head = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nmax_connections = 2\n\
+                h2_max_concurrent_streams = 10\nupstream_max_idle = 4\n\
+                [admin]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nidle_timeout = \"30s\"\n";
+    let api = service("api", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&format!("{head}{api}")).await;
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    let changed = text
+        .replace("max_connections = 2", "max_connections = 50")
+        .replace(
+            "h2_max_concurrent_streams = 10",
+            "h2_max_concurrent_streams = 20",
+        )
+        .replace("upstream_max_idle = 4", "upstream_max_idle = 8")
+        .replace("idle_timeout = \"30s\"", "idle_timeout = \"40s\"");
+    std::fs::write(&p.config_path, changed).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["restart_required"],
+        serde_json::json!([
+            "proxy.max_connections",
+            "proxy.h2_max_concurrent_streams",
+            "proxy.upstream_max_idle",
+            "admin.max_connections",
+            "admin.idle_timeout"
+        ]),
+        "{v}"
+    );
+    p.stop().await;
+}

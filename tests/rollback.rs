@@ -722,7 +722,8 @@ async fn trigger_states_in_status() {
     r.p.stop().await;
 }
 
-/// A webhook receiver: records every JSON body POSTed to it.
+/// A webhook receiver: records every JSON body POSTed to it (with its `Idempotency-Key` header
+/// as `_idempotency_key`), answering after `delay`.
 struct Receiver {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<Value>>>,
@@ -731,6 +732,10 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> Receiver {
+        Self::start_with(Duration::ZERO).await
+    }
+
+    async fn start_with(delay: Duration) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -751,12 +756,19 @@ impl Receiver {
                                 .headers()
                                 .get(http::header::CONTENT_TYPE)
                                 .is_some_and(|v| v == "application/json");
+                        let key = req
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
                         let body = req.into_body().collect().await.map(|b| b.to_bytes());
                         if let (true, Ok(b)) = (ok, body) {
-                            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                            if let Ok(mut v) = serde_json::from_slice::<Value>(&b) {
+                                v["_idempotency_key"] = serde_json::json!(key);
                                 got.lock().expect("lock").push(v);
                             }
                         }
+                        tokio::time::sleep(delay).await;
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
                     }
                 });
@@ -864,6 +876,62 @@ async fn webhooks_get_flips_and_rollbacks_and_a_dead_one_blocks_nothing() {
     );
     t.stop().await;
     r.p.stop().await;
+}
+
+/// A receiver that answers after `notify.timeout` gets each event `max_attempts` times: every
+/// copy carries the same `id` in the body and as the `Idempotency-Key` header, and another
+/// event another one, so it can drop the copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_webhook_can_tell_retried_copies_by_their_id() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let slow = Receiver::start_with(Duration::from_millis(1500)).await;
+    let body = format!(
+        "[notify]\nwebhooks = [\"http://{}/hook\"]\ntimeout = \"200ms\"\nmax_attempts = 2\n{}",
+        slow.addr,
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let p = TestProxy::start(&body).await;
+    for to in ["green", "blue"] {
+        let (s, v) = p.flip("api", to).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let manual = || {
+        slow.got
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|v| v["reason"] == "manual")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(20, || async { manual().len() >= 4 }).await,
+        "{:?}",
+        manual()
+    );
+    let got = manual();
+    let ids: Vec<&str> = got.iter().map(|v| v["id"].as_str().unwrap_or("")).collect();
+    for v in &got {
+        assert!(v["id"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+        assert_eq!(v["_idempotency_key"], v["id"], "{v}");
+    }
+    let to_green: Vec<&str> = got
+        .iter()
+        .filter(|v| v["to"] == "green")
+        .map(|v| v["id"].as_str().unwrap_or(""))
+        .collect();
+    let to_blue: Vec<&str> = got
+        .iter()
+        .filter(|v| v["to"] == "blue")
+        .map(|v| v["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(to_green.len(), 2, "{ids:?}");
+    assert_eq!(to_blue.len(), 2, "{ids:?}");
+    assert_eq!(to_green[0], to_green[1], "{ids:?}");
+    assert_eq!(to_blue[0], to_blue[1], "{ids:?}");
+    assert_ne!(to_green[0], to_blue[0], "{ids:?}");
+    p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,7 +284,12 @@ async fn handle(
         };
     }
     if method != Method::POST {
-        return method_not_allowed("POST");
+        // `/api/releases` serves GET and HEAD too (RFC 9110 15.5.6: Allow lists them all).
+        return method_not_allowed(if matches!(route, Route::ReleaseStart) {
+            "GET, HEAD, POST"
+        } else {
+            "POST"
+        });
     }
     if let Err(resp) = authorize(app, &req) {
         return resp;
@@ -345,7 +350,7 @@ async fn handle(
             }
         }
         Route::Rollback(name) => {
-            let args: FlipArgs = match parse_args(&body) {
+            let args: ForceArgs = match parse_args(&body) {
                 Ok(a) => a,
                 Err(r) => return r,
             };
@@ -489,11 +494,13 @@ async fn pause_guard(
     body: &Option<Bytes>,
     actor: &str,
 ) -> Result<(), AdminResponse> {
-    // A bad body is a 400 for a resume too, never taken as an empty one.
-    let args: FlipArgs = parse_args(body)?;
+    // A bad body is a 400 for a resume too, never taken as an empty one. A resume takes no
+    // field (a release never blocks it); a pause takes `force`.
     if !paused {
+        parse_args::<NoArgs>(body)?;
         return Ok(());
     }
+    let args: ForceArgs = parse_args(body)?;
     crate::release::guard_manual(app, &[name], args.force, "pause", actor)
         .await
         .map_err(change_error)
@@ -505,6 +512,15 @@ async fn pause_guard(
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
+
+/// The body of a rollback or a pause: `{"force": BOOL}` or none. A `to` (a flip's field) is a
+/// bad body: a rollback goes to the previous color, never one the body names.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ForceArgs {
+    #[serde(default)]
+    force: bool,
+}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -698,14 +714,29 @@ fn too_large() -> AdminResponse {
     )
 }
 
+/// A 401 with the challenge RFC 9110 11.6.1 requires: the Bearer scheme (RFC 6750 3), with
+/// `error="invalid_token"` when a token was sent and is not the one.
+fn unauthorized(message: &str, invalid_token: bool) -> AdminResponse {
+    let mut r = error(StatusCode::UNAUTHORIZED, message);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(if invalid_token {
+            "Bearer realm=\"switchyard\", error=\"invalid_token\""
+        } else {
+            "Bearer realm=\"switchyard\""
+        }),
+    );
+    r
+}
+
 fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
     let Some(token) = app.admin_token.as_deref() else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
+        return Err(unauthorized(
             &format!(
                 "no admin token is configured: set the environment variable {} before starting switchyard",
                 app.snapshot().config.admin.token_env
             ),
+            false,
         ));
     };
     let given = req
@@ -714,12 +745,12 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), AdminResponse> {
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_credentials);
     match given {
-        None => Err(error(
-            StatusCode::UNAUTHORIZED,
+        None => Err(unauthorized(
             "missing bearer token (Authorization: Bearer <token>)",
+            false,
         )),
         Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong token")),
+        Some(_) => Err(unauthorized("wrong token", true)),
     }
 }
 

@@ -482,6 +482,50 @@ above_fraction = 1
         );
     }
     assert!(placeholder_errors("a{{b", QUERY_PLACEHOLDERS)[0].starts_with("unclosed"));
+
+    // An earlier trigger (or verify check) dropped for its own error does not shift the index
+    // the missing prometheus_url names: the file's numbering.
+    let bad = format!(
+        "{base}{}",
+        r#"
+[[services.verify]]
+kind = "probe"
+[[services.verify]]
+kind = "prometheus"
+query = "up"
+above = 1
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/h"
+url = "http://127.0.0.1:1/h"
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = "up"
+above = 1
+"#
+    );
+    let errs = errors(&bad);
+    let needs: Vec<_> = errs
+        .iter()
+        .filter(|e| e.contains("needs [analysis] prometheus_url"))
+        .collect();
+    assert_eq!(needs.len(), 1, "{errs:#?}");
+    assert!(
+        needs[0].starts_with("services[0].rollback.triggers[1]: "),
+        "{errs:#?}"
+    );
+    let bad = bad.replace(
+        "[services.rollback]\n[[services.rollback.triggers]]\nkind = \"probe\"\npath = \"/h\"\nurl = \"http://127.0.0.1:1/h\"\n[[services.rollback.triggers]]\nkind = \"prometheus\"\nquery = \"up\"\nabove = 1\n",
+        "",
+    );
+    let errs = errors(&bad);
+    assert!(
+        errs.iter().any(|e| e.starts_with(
+            "services[0].verify[1]: kind \"prometheus\" needs [analysis] prometheus_url"
+        )),
+        "{errs:#?}"
+    );
 }
 
 #[test]

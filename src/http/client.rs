@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -1666,6 +1666,24 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    fetch_once_tracked(auth, tls, req, limit, &AtomicBool::new(false)).await
+}
+
+/// [`fetch_once`], setting `handed` once the connection (TCP, TLS, HTTP handshake) is up and
+/// the request is handed to it: a caller whose own deadline cut the call short can tell "never
+/// reached the server" (false) from "may have been sent" (true).
+pub async fn fetch_once_tracked<B>(
+    auth: &http::uri::Authority,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    req: Request<B>,
+    limit: usize,
+    handed: &AtomicBool,
+) -> Result<(StatusCode, Bytes), FetchError>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let host = auth.host().trim_start_matches('[').trim_end_matches(']');
     let port = auth
         .port_u16()
@@ -1675,7 +1693,7 @@ where
         .map_err(|e| unsent(format!("cannot connect to {auth}: {e}")))?;
     let _ = tcp.set_nodelay(true);
     let Some(tls) = tls else {
-        return exchange_once(hyper_util::rt::TokioIo::new(tcp), req, limit).await;
+        return exchange_once(hyper_util::rt::TokioIo::new(tcp), req, limit, handed).await;
     };
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| unsent(format!("invalid TLS server name {host:?}: {e}")))?;
@@ -1683,7 +1701,7 @@ where
         .connect(name, tcp)
         .await
         .map_err(|e| unsent(format!("TLS handshake with {auth} failed: {e}")))?;
-    exchange_once(hyper_util::rt::TokioIo::new(stream), req, limit).await
+    exchange_once(hyper_util::rt::TokioIo::new(stream), req, limit, handed).await
 }
 
 /// One HTTP/1.1 exchange on `io`: the status and the body, read up to `limit` bytes.
@@ -1691,6 +1709,7 @@ async fn exchange_once<T, B>(
     io: hyper_util::rt::TokioIo<T>,
     req: Request<B>,
     limit: usize,
+    handed: &AtomicBool,
 ) -> Result<(StatusCode, Bytes), FetchError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -1703,6 +1722,7 @@ where
         .await
         .map_err(|e| unsent(format!("HTTP handshake failed: {e}")))?;
     let conn = tokio::spawn(conn);
+    handed.store(true, Ordering::Relaxed);
     let result = async {
         let resp = sender.send_request(req).await.map_err(|e| FetchError {
             message: format!("request failed: {e}"),

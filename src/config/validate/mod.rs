@@ -18,12 +18,15 @@ use super::raw::{
 use super::{
     parse_duration, AccessFormat, AccessTarget, AdminConfig, AnalysisConfig, Config, ConfigError,
     ConfigErrors, LogConfig, NotifyConfig, PassiveConfig, ProxyConfig, RuntimeFlavor,
-    ServiceConfig, StateBackend, StateConfig, TriggerKind, VerifyCheck,
+    ServiceConfig, StateBackend, StateConfig,
 };
 
 /// Collects errors with their key paths while validating.
 struct Check {
     errors: Vec<ConfigError>,
+    /// The keys of the `prometheus` triggers and verify checks that passed their own checks, as
+    /// the file numbers them (`services[i].rollback.triggers[j]`, `services[i].verify[j]`).
+    prometheus_keys: Vec<String>,
 }
 
 impl Check {
@@ -81,7 +84,10 @@ impl Check {
 
 /// Validates the whole file: every section, then what spans sections.
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
-    let mut c = Check { errors: Vec::new() };
+    let mut c = Check {
+        errors: Vec::new(),
+        prometheus_keys: Vec::new(),
+    };
     let mut proxy = proxy(&mut c, &raw.proxy);
     let admin = admin(&mut c, &raw.admin);
     distinct_listeners(&mut c, &proxy, &admin);
@@ -528,19 +534,17 @@ fn services(c: &mut Check, raw: Vec<RawService>, analysis: &AnalysisConfig) -> V
             services.push((i, svc));
         }
     }
-    for (i, svc) in &services {
-        let uses_prometheus = svc
-            .rollback
-            .triggers
-            .iter()
-            .position(|t| matches!(t.kind, TriggerKind::Prometheus(_)))
-            .map(|j| format!("services[{i}].rollback.triggers[{j}]"))
-            .or_else(|| {
-                svc.verify
-                    .iter()
-                    .position(|v| matches!(v, VerifyCheck::Prometheus(_)))
-                    .map(|j| format!("services[{i}].verify[{j}]"))
-            });
+    for (i, _) in &services {
+        // Named as the file numbers it: an earlier trigger dropped for its own error does not
+        // shift the index.
+        let first = |prefix: String| {
+            c.prometheus_keys
+                .iter()
+                .find(|k| k.starts_with(&prefix))
+                .cloned()
+        };
+        let uses_prometheus = first(format!("services[{i}].rollback.triggers["))
+            .or_else(|| first(format!("services[{i}].verify[")));
         if let (Some(key), None) = (uses_prometheus, &analysis.prometheus_url) {
             c.err(
                 key,

@@ -7,8 +7,8 @@ use super::trigger;
 use super::Check;
 use crate::config::raw::{RawHealth, RawPool, RawRollback, RawService};
 use crate::config::{
-    Color, HealthConfig, PoolConfig, Protocol, RollbackConfig, ServiceConfig, UpstreamEntry,
-    UpstreamName,
+    Color, HealthConfig, PoolConfig, Protocol, RollbackConfig, ServiceConfig, TriggerKind,
+    UpstreamEntry, UpstreamName, VerifyCheck,
 };
 
 /// `services[i]`: None when a pool is missing (reported).
@@ -77,7 +77,11 @@ pub(super) fn service(c: &mut Check, key: &str, rs: RawService) -> Option<Servic
     };
     let mut verify = Vec::new();
     for (i, v) in rs.verify.into_iter().enumerate() {
-        if let Some(v) = trigger::verify(c, &format!("{key}.verify[{i}]"), v) {
+        let key = format!("{key}.verify[{i}]");
+        if let Some(v) = trigger::verify(c, &key, v) {
+            if matches!(v, VerifyCheck::Prometheus(_)) {
+                c.prometheus_keys.push(key);
+            }
             verify.push(v);
         }
     }
@@ -247,7 +251,11 @@ fn rollback(c: &mut Check, key: &str, r: RawRollback) -> RollbackConfig {
     );
     let mut triggers = Vec::new();
     for (i, t) in r.triggers.into_iter().enumerate() {
-        if let Some(t) = trigger::trigger(c, &format!("{key}.triggers[{i}]"), t) {
+        let key = format!("{key}.triggers[{i}]");
+        if let Some(t) = trigger::trigger(c, &key, t) {
+            if matches!(t.kind, TriggerKind::Prometheus(_)) {
+                c.prometheus_keys.push(key);
+            }
             triggers.push(t);
         }
     }
