@@ -463,12 +463,23 @@ async fn broken_upstream_answers_are_502_and_failures() {
 async fn an_upstream_s_space_before_the_colon_is_taken_out() {
     let up = Recorder::start().await;
     let green = dead_addr().await;
+    // The health checks (hyper's client, not the proxy's) read the same head.
+    let health = "[services.health]\npath = \"/spacecolon\"\ninterval = \"100ms\"\n\
+                  timeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1\n";
     let p = TestProxy::start(&format!(
         "{PROXY}{}",
-        service("api", &[up.addr], &[green], "")
+        service("api", &[up.addr], &[green], health)
     ))
     .await;
     let mut problems = Vec::new();
+    let checked = eventually(10, || async {
+        up.heads.lock().expect("lock").len() >= 3
+    })
+    .await;
+    assert!(checked, "the health checks never reached the upstream");
+    if p.service_status("api").await["colors"]["blue"]["healthy"] != serde_json::Value::Bool(true) {
+        problems.push("the health checks took the upstream out".to_string());
+    }
     for path in ["/spacecolon", "/spacecolon-lf"] {
         let mut s = TcpStream::connect(p.proxy).await.expect("connect");
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())

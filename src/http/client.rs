@@ -96,7 +96,10 @@ where
     builder
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout);
+        .pool_idle_timeout(idle_timeout)
+        // As the proxy's own client: a response's `X-A : a` is taken as `X-A: a` (RFC 9112
+        // 5.1), so health checks and smoke tests see the upstream the proxy serves.
+        .http1_allow_spaces_after_header_name_in_responses(true);
     if let Some(n) = max_idle_per_host {
         builder.pool_max_idle_per_host(n);
     }
@@ -2145,6 +2148,8 @@ mod tests {
             "x-real-ip",
             "x-forwarded-host",
             "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
             "max-forwards",
             "authorization",
             "cookie",

@@ -132,7 +132,9 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
 /// give a field a meaning it may only have up front. What is left (`grpc-status`,
 /// `server-timing`, a digest, an application's own `x-*`) goes on.
 pub fn trailer_allowed(name: &HeaderName) -> bool {
-    !(is_hop_by_hop(name) || is_x_forwarded(name) || TRAILER_DENIED.contains(&name))
+    !(is_hop_by_hop(name)
+        || name.as_str().starts_with("x-forwarded-")
+        || TRAILER_DENIED.contains(&name))
 }
 
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");

@@ -156,6 +156,7 @@ fn proxy(c: &mut Check, p: &RawProxy) -> ProxyConfig {
         .map(|_| c.count("proxy.workers", p.workers, 1, 1, 1024) as usize);
     let runtime = runtime(c, p.runtime.as_deref());
     let header_read_timeout = secs(c, "header_read_timeout", &p.header_read_timeout, 10);
+    c.positive("proxy.header_read_timeout", header_read_timeout);
     let body_idle_timeout = secs(c, "body_idle_timeout", &p.body_idle_timeout, 60);
     let upstream_idle_timeout = secs(c, "upstream_idle_timeout", &p.upstream_idle_timeout, 60);
     let passive = passive(c, p);
