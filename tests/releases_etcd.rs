@@ -1106,10 +1106,11 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
     wait_phase(&a, 0, "baking").await;
     let pid = etcd.pid();
     signal(pid, "-STOP");
-    // Through the outage (longer than the bake, the etcd timeout and three heartbeats): what
+    // Through the outage (longer than the bake, then four etcd timeouts, after which a write's
+    // outcome is unknown, and three heartbeats): what
     // the driver shows is what it stored.
     let mut shown = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..120 {
         let cur = releases(&a).await["current"].clone();
         let panel = a.get("/panel/x").await.1;
         if cur["phases"][1]["state"] == "baking" && panel == "panel-blue\n" {
