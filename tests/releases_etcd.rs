@@ -1104,13 +1104,22 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
     let b = TestProxy::start(&rig.body).await;
     start_release(&a, two_phases("2s", "1s", "1s")).await;
     wait_phase(&a, 0, "baking").await;
+    // (Events are stored in etcd too: the phase's flip is recorded before etcd stops.)
+    let flipped = eventually(20, || async {
+        event_lines(&a)
+            .await
+            .iter()
+            .any(|e| e.contains("flipped in one step"))
+    })
+    .await;
+    assert!(flipped, "{:#?}", event_lines(&a).await);
     let pid = etcd.pid();
     signal(pid, "-STOP");
     // Through the outage (longer than the bake, then four etcd timeouts, after which a write's
     // outcome is unknown, and three heartbeats): what
     // the driver shows is what it stored.
     let mut shown = Vec::new();
-    for _ in 0..120 {
+    for _ in 0..200 {
         let cur = releases(&a).await["current"].clone();
         let panel = a.get("/panel/x").await.1;
         if cur["phases"][1]["state"] == "baking" && panel == "panel-blue\n" {
