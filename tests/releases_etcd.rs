@@ -984,3 +984,214 @@ async fn with_etcd_a_restart_without_the_cache_or_with_reset_state_keeps_the_rel
         let _ = std::fs::remove_file(&cache);
     }
 }
+
+async fn event_lines(p: &TestProxy) -> Vec<String> {
+    p.events()
+        .await
+        .iter()
+        .map(|e| format!("{} {} {}", e["reason"], e["actor"], e["detail"]))
+        .collect()
+}
+
+/// Where the first event whose reason is `reason` and whose detail has `part` is, in `events`.
+fn position(events: &[Value], reason: &str, part: &str) -> Option<usize> {
+    events
+        .iter()
+        .position(|e| e["reason"] == reason && e["detail"].as_str().unwrap_or("").contains(part))
+}
+
+/// A promote sent to the replica that drives the release is stored in etcd before it answers
+/// 200: while etcd does not answer, it is 503 (outcome unknown), never a 200 that a takeover
+/// would lose. Once stored it passes the gate, and the promote is in the audit log before the
+/// phase it passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_on_the_driver_is_stored_in_etcd_before_it_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-promote-driver/", "1s").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let plan = json!({
+        "name": "gated release",
+        "validate": "1s",
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": "0s", "gate": "manual" },
+            { "name": "frontend", "services": ["panel"], "bake": "1s" },
+        ]
+    });
+    start_release(&a, plan).await;
+    for p in [&a, &b] {
+        let waiting = eventually(20, || async {
+            let c = releases(p).await["current"].clone();
+            c["state"] == "waiting" && c["phases"][0]["state"] == "waiting"
+        })
+        .await;
+        assert!(waiting, "{}", releases(p).await);
+    }
+    // etcd stops answering: the driver cannot store the promote, so it does not claim it.
+    let pid = etcd.pid();
+    signal(pid, "-STOP");
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    signal(pid, "-CONT");
+    assert_eq!(s, 503, "a promote etcd did not store is not a 200: {v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("unknown"), "{v}");
+    // Asked again once etcd answers (unless the first one landed after all and passed).
+    let mut last = (0, Value::Null);
+    let mut passed = false;
+    for _ in 0..60 {
+        if releases(&a).await["current"]["phases"][0]["state"] == "passed" {
+            passed = true;
+            break;
+        }
+        last = admin_post(
+            a.admin,
+            "/api/releases/current/promote",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        if last.0 == 200 {
+            passed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(passed, "{} {}", last.0, last.1);
+    for p in [&a, &b] {
+        let done = eventually(30, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["state"] == "complete"
+        })
+        .await;
+        assert!(done, "{}", releases(p).await);
+    }
+    // The promote that passed the gate comes before "phase 0 passed" (and the start before both).
+    let events = a.events().await;
+    let start = position(&events, "release_start", "started");
+    let promoted = position(&events, "release_promote", "promoted at phase 0");
+    let passed = position(&events, "release_phase", "phase 0 \"backend\" passed");
+    if let (Some(s), Some(pr), Some(pa)) = (start, promoted, passed) {
+        assert!(
+            (s < pr && pr < pa) || (s > pr && pr > pa),
+            "{:#?}",
+            events
+                .iter()
+                .map(|e| format!("{} {}", e["reason"], e["detail"]))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(passed.is_some(), "{events:#?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// etcd stops answering while the driver bakes phase 0: the driver cannot store the phase's
+/// end, so nothing moves on where etcd cannot see it (phase 1 never shows `baking` while its
+/// service is still on blue); when etcd answers, the driver resumes its own release (no
+/// "taken over": no replica stopped), and every phase passes and flips exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_its_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-cutoff/", "1s").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    start_release(&a, two_phases("2s", "1s", "1s")).await;
+    wait_phase(&a, 0, "baking").await;
+    // (Events are stored in etcd too: the phase's flip is recorded before etcd stops.)
+    let flipped = eventually(20, || async {
+        event_lines(&a)
+            .await
+            .iter()
+            .any(|e| e.contains("flipped in one step"))
+    })
+    .await;
+    assert!(flipped, "{:#?}", event_lines(&a).await);
+    let pid = etcd.pid();
+    signal(pid, "-STOP");
+    // Through the outage (longer than the bake, then four etcd timeouts, after which a write's
+    // outcome is unknown, and three heartbeats): what
+    // the driver shows is what it stored.
+    let mut shown = Vec::new();
+    for _ in 0..200 {
+        let cur = releases(&a).await["current"].clone();
+        let panel = a.get("/panel/x").await.1;
+        if cur["phases"][1]["state"] == "baking" && panel == "panel-blue\n" {
+            shown.push(cur);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(pid, "-CONT");
+    assert!(
+        shown.is_empty(),
+        "phase 1 shown baking, nothing flipped: {shown:#?}"
+    );
+    for p in [&a, &b] {
+        let done = eventually(60, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["state"] == "complete"
+        })
+        .await;
+        assert!(
+            done,
+            "{}\na: {:#?}\nb: {:#?}",
+            releases(p).await,
+            event_lines(&a).await,
+            event_lines(&b).await
+        );
+        // (A replica whose reads of the state are still backing off after the outage serves the
+        // stored colors once it reads them.)
+        let green = eventually(30, || async {
+            p.get("/api/x").await.1 == "api-green\n" && p.get("/panel/x").await.1 == "panel-green\n"
+        })
+        .await;
+        assert!(green, "{}", p.status().await);
+    }
+    for p in [&a, &b] {
+        let phase_events = events_of(p, "release_phase").await;
+        let details: Vec<String> = phase_events
+            .iter()
+            .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert!(
+            !details.iter().any(|d| d.contains("taken over")),
+            "nobody stopped, nobody took over: {details:#?}"
+        );
+        for (what, part) in [
+            ("phase 0 passed", "phase 0 \"backend\" passed"),
+            ("phase 1 passed", "phase 1 \"frontend\" passed"),
+            (
+                "phase 0 flipped",
+                "phase 0 \"backend\": api -> green flipped",
+            ),
+            (
+                "phase 1 flipped",
+                "phase 1 \"frontend\": panel -> green flipped",
+            ),
+        ] {
+            let n = details.iter().filter(|d| d.contains(part)).count();
+            assert!(n <= 1, "{what} {n} times: {details:#?}");
+        }
+    }
+    let a_details: Vec<String> = events_of(&a, "release_phase")
+        .await
+        .iter()
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect();
+    for part in ["phase 0 \"backend\" passed", "phase 1 \"frontend\" passed"] {
+        assert_eq!(
+            a_details.iter().filter(|d| d.contains(part)).count(),
+            1,
+            "{part}: {a_details:#?}"
+        );
+    }
+    assert_eq!(events_of(&a, "release_complete").await.len(), 1);
+    a.stop().await;
+    b.stop().await;
+}

@@ -189,38 +189,11 @@ pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> 
     let rel = &app.releases;
     if let Some(etcd) = store::etcd(app) {
         if let Some(cur) = rel.current().filter(|r| !store::drives(app, &r.id)) {
-            // Driven by another replica: the promote goes into the shared record.
-            store::change(app, &etcd, &cur.id, |v| {
-                let r = &v["release"];
-                if r["state"] != "waiting" && r["paused"].is_null() {
-                    return Err(ChangeError::Refused(format!(
-                        "release {:?} is {} (phase {}), not waiting at a manual gate",
-                        cur.name,
-                        r["state"].as_str().unwrap_or(""),
-                        r["phase"]
-                    )));
-                }
-                v["promote"] = json!(true);
-                Ok(())
-            })
-            .await?;
-            app.record(Event::new(
-                "*",
-                crate::events::Reason::ReleasePromote,
-                actor,
-                format!(
-                    "release {:?} ({}) promoted at phase {}",
-                    cur.name, cur.id, cur.phase
-                ),
-            ))
-            .await;
-            return Ok(
-                json!({ "id": cur.id, "message": format!("release {:?} promoted", cur.name) }),
-            );
+            return promote_follower(app, &etcd, cur, actor).await;
         }
     }
     let (id, name, phase) = {
-        let mut inner = rel.lock();
+        let inner = rel.lock();
         let Some(r) = inner.current.as_ref() else {
             return Err(ChangeError::Refused("no release is running".to_string()));
         };
@@ -230,11 +203,23 @@ pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> 
                 r.name, r.state, r.phase
             )));
         }
-        let out = (r.id.clone(), r.name.clone(), r.phase);
-        inner.promote = true;
-        out
+        (r.id.clone(), r.name.clone(), r.phase)
     };
-    rel.wake.notify_one();
+    // With etcd, the driver stores the promote before it counts (a 200 means stored): a
+    // replica that takes the release over then still finds it. Until `_held` drops, no other
+    // write of the record can clear it.
+    let _held = match store::etcd(app) {
+        Some(etcd) => match store::promote_driving(app, &etcd, &id).await? {
+            Some(guard) => Some(guard),
+            // Taken over meanwhile: the promote goes into the record of the new driver.
+            None => match rel.current().filter(|r| r.id == id) {
+                Some(cur) => return promote_follower(app, &etcd, cur, actor).await,
+                None => return Err(ChangeError::Refused("no release is running".to_string())),
+            },
+        },
+        None => None,
+    };
+    // Recorded before the driver can see it: the gate's "passed" comes after this event.
     app.record(Event::new(
         "*",
         crate::events::Reason::ReleasePromote,
@@ -242,7 +227,49 @@ pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> 
         format!("release {name:?} ({id}) promoted at phase {phase}"),
     ))
     .await;
+    {
+        let mut inner = rel.lock();
+        if inner.current.as_ref().is_some_and(|r| r.id == id) {
+            inner.promote = true;
+        }
+    }
+    drop(_held);
+    rel.wake.notify_one();
     Ok(json!({ "id": id, "message": format!("release {name:?} promoted") }))
+}
+
+/// A promote of the release driven by another replica: it goes into the shared record.
+async fn promote_follower(
+    app: &Arc<App>,
+    etcd: &crate::state::etcd::EtcdStore,
+    cur: Release,
+    actor: &str,
+) -> Result<Value, ChangeError> {
+    store::change(app, etcd, &cur.id, |v| {
+        let r = &v["release"];
+        if r["state"] != "waiting" && r["paused"].is_null() {
+            return Err(ChangeError::Refused(format!(
+                "release {:?} is {} (phase {}), not waiting at a manual gate",
+                cur.name,
+                r["state"].as_str().unwrap_or(""),
+                r["phase"]
+            )));
+        }
+        v["promote"] = json!(true);
+        Ok(())
+    })
+    .await?;
+    app.record(Event::new(
+        "*",
+        crate::events::Reason::ReleasePromote,
+        actor,
+        format!(
+            "release {:?} ({}) promoted at phase {}",
+            cur.name, cur.id, cur.phase
+        ),
+    ))
+    .await;
+    Ok(json!({ "id": cur.id, "message": format!("release {:?} promoted", cur.name) }))
 }
 
 /// Returns every service the release flipped to its pre-release color in one step.
@@ -557,12 +584,26 @@ async fn drive(
         {
             return;
         }
-        rel.update(&id, |r| {
+        let ended_at = now_rfc3339();
+        let pass = |r: &mut Release| {
             let p = &mut r.phases[i];
             p.state = "passed";
-            p.ended_at = Some(now_rfc3339());
+            p.ended_at = Some(ended_at.clone());
             p.bake_deadline = None;
-        });
+        };
+        match store::etcd(&app) {
+            // Only while this replica still drives the release (a compare-and-swap): a driver
+            // that was stopped mid-bake and taken over never passes the phase a second time.
+            Some(etcd) => {
+                if !store::step(&app, &etcd, &id, &cancel, pass).await {
+                    tracing::warn!(release = %id, phase = i, "the phase passed, but this replica no longer drives the release (or etcd did not store it); not recorded here");
+                    return;
+                }
+            }
+            None => {
+                rel.update(&id, pass);
+            }
+        }
         app.record(Event::new(
             "*",
             crate::events::Reason::ReleasePhase,
@@ -680,20 +721,24 @@ async fn run_phase(
             if let Some(etcd) = store::etcd(app) {
                 // Claim the phase in etcd before flipping anything: if another replica ended
                 // or took over the release meanwhile, this write loses and nothing flips.
-                rel.update(id, |r| {
+                // The phase shows `baking` only once its claim is stored (until then it stays
+                // `pending`: nothing flipped).
+                let (started_at, ends_at) = (now_rfc3339(), wall_after(plan.bake));
+                let (deadline, started_ms) = (Instant::now() + plan.bake, wall_ms());
+                let claim = |r: &mut Release| {
                     let p = &mut r.phases[i];
                     p.state = "baking";
-                    p.started_at = Some(now_rfc3339());
-                    p.bake_ends_at = Some(wall_after(plan.bake));
-                    p.bake_deadline = Some(Instant::now() + plan.bake);
-                    p.bake_started_ms = Some(wall_ms());
+                    p.started_at = Some(started_at.clone());
+                    p.bake_ends_at = Some(ends_at.clone());
+                    p.bake_deadline = Some(deadline);
+                    p.bake_started_ms = Some(started_ms);
                     for (s, _) in targets {
                         if !r.flipped.contains(s) {
                             r.flipped.push(s.clone());
                         }
                     }
-                });
-                if !store::persist(app, &etcd, id).await {
+                };
+                if !store::step(app, &etcd, id, cancel, claim).await {
                     tracing::warn!(release = %id, phase = i, "the phase's claim in etcd did not apply; nothing flipped");
                     return None;
                 }
@@ -1264,7 +1309,15 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
     let now = wall_ms();
     let elapsed =
         |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
-    let i = rel.phase.min(rel.phases.len().saturating_sub(1));
+    let mut i = rel.phase.min(rel.phases.len().saturating_sub(1));
+    // Stored with its phase passed, before the next phase's claim: the next phase starts.
+    if rel.state == "running"
+        && rel.phases.get(i).is_some_and(|p| p.state == "passed")
+        && i + 1 < rel.phases.len()
+    {
+        i += 1;
+        rel.phase = i;
+    }
     let resume = match (rel.state, rel.phases.get(i).map(|p| p.state)) {
         ("validating", _) | ("waiting", Some("passed")) => {
             let left = rel

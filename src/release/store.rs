@@ -114,6 +114,37 @@ async fn cas_ending(
     out
 }
 
+/// The releases a replica (an app: several run in one test process, sharing [`replica_id`])
+/// stopped driving because etcd did not store a step: it resumes them itself once etcd answers.
+static CUT_OFF: std::sync::Mutex<Vec<(usize, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn app_key(app: &App) -> usize {
+    app as *const App as usize
+}
+
+fn cut_off(app: &App, id: &str) {
+    if let Ok(mut v) = CUT_OFF.lock() {
+        let key = app_key(app);
+        v.retain(|(k, _)| *k != key);
+        v.push((key, id.to_string()));
+    }
+}
+
+/// Whether this replica stopped driving the release `id` when etcd did not store a step of it.
+fn was_cut_off(app: &App, id: &str) -> bool {
+    CUT_OFF
+        .lock()
+        .map(|v| v.iter().any(|(k, i)| *k == app_key(app) && i == id))
+        .unwrap_or(false)
+}
+
+fn forget_cut_off(app: &App) {
+    if let Ok(mut v) = CUT_OFF.lock() {
+        let key = app_key(app);
+        v.retain(|(k, _)| *k != key);
+    }
+}
+
 /// Stops driving (another replica ended or took over the release, or etcd cannot tell).
 fn stop_driving(app: &App) {
     app.releases.shared.seen().driving = None;
@@ -286,18 +317,119 @@ pub(super) async fn create(
     ))
 }
 
-/// Writes the release this replica drives (every change, and the heartbeat). True when
-/// written; false when this replica does not (or no longer) drive it.
-pub(super) async fn persist(app: &App, store: &EtcdStore, id: &str) -> bool {
-    persist_or(app, store, id, true).await
+/// A step of the release this replica drives that must be stored before it shows (a phase's
+/// claim, a phase passed): the record with `edit` applied is compare-and-swapped into etcd, and
+/// only once it is stored does the local copy take `edit`. False when it was not stored (the
+/// local copy unchanged): another replica took the release over or ended it, or etcd did not
+/// answer (then this replica stops driving until it reads the key again, and resumes its own
+/// release from what etcd holds).
+pub(super) async fn step(
+    app: &App,
+    store: &EtcdStore,
+    id: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+    edit: impl Fn(&mut Release),
+) -> bool {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    // `drives` is this replica's; `cancel` is the driver task's: one that stopped driving (and
+    // was replaced by a new one when this replica resumed) never stores a step.
+    let ours = || drives(app, id) && !cancel.is_cancelled();
+    for _ in 0..5 {
+        if !ours() {
+            return false;
+        }
+        let (mut cur, promote) = {
+            let inner = app.releases.lock();
+            match inner.current.as_ref().filter(|c| c.id == id && c.live()) {
+                Some(c) => (c.clone(), inner.promote),
+                None => return false,
+            }
+        };
+        edit(&mut cur);
+        let stored = match cas(app, store, record(&cur, promote, Some(replica_id()), "")).await {
+            ReleaseCas::Applied(_) => true,
+            // Stored, then replaced: it counts only while this replica still drives (a
+            // follower's promote or pause on top of it), not after a takeover or an end.
+            ReleaseCas::Replaced { now, .. } => {
+                apply(app, &now);
+                ours()
+            }
+            ReleaseCas::Lost(read) => {
+                apply(app, &read);
+                continue;
+            }
+            ReleaseCas::Unknown(m) => {
+                tracing::error!(release = %id, error = %m, "cannot store the release's next step in etcd; this replica stops driving it until etcd answers");
+                cut_off(app, id);
+                stop_driving(app);
+                return false;
+            }
+        };
+        let stored = stored && !cancel.is_cancelled();
+        if stored {
+            app.releases.update(id, edit);
+        }
+        return stored;
+    }
+    false
 }
 
-/// [`persist`]; with `stop` false a write etcd does not answer leaves this replica driving (the
-/// heartbeat and the record of a change: the next beat writes the whole record again). etcd
+/// A promote on the replica that drives the release: stored in etcd (the record with
+/// `promote: true`) before it counts. `Ok(Some(guard))`: stored; until the guard drops no other
+/// write of the record can clear it, so the caller records the promote, then lets the gate see
+/// it. `Ok(None)`: this replica no longer drives the release (the follower's path applies).
+/// Unknown when etcd did not answer (503: whether it was stored is unknown).
+pub(super) async fn promote_driving<'a>(
+    app: &'a App,
+    store: &EtcdStore,
+    id: &str,
+) -> Result<Option<tokio::sync::MutexGuard<'a, ()>>, ChangeError> {
+    let shared = &app.releases.shared;
+    let io = shared.io.lock().await;
+    for _ in 0..5 {
+        if !drives(app, id) {
+            return Ok(None);
+        }
+        let cur = {
+            let inner = app.releases.lock();
+            match inner.current.as_ref().filter(|c| c.id == id && c.live()) {
+                Some(c) => c.clone(),
+                None => {
+                    return Err(ChangeError::Refused(
+                        "the release is no longer running".to_string(),
+                    ))
+                }
+            }
+        };
+        match cas(app, store, record(&cur, true, Some(replica_id()), "")).await {
+            ReleaseCas::Applied(_) => return Ok(Some(io)),
+            ReleaseCas::Replaced { now, .. } => {
+                // Stored; replaced since by another write, which keeps it unless it ended the
+                // release or (a takeover) copied it along.
+                apply(app, &now);
+                return Ok(drives(app, id).then_some(io));
+            }
+            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Unknown(m) => {
+                return Err(ChangeError::Unknown(format!(
+                    "{m}; whether the promote was stored is unknown: check `ctl release status`"
+                )))
+            }
+        }
+    }
+    Err(ChangeError::Unavailable(
+        "the release record in etcd kept changing under this promote; retry".to_string(),
+    ))
+}
+
+/// Writes the release this replica drives (every change, and the heartbeat). True when
+/// written; false when this replica does not (or no longer) drive it. A write etcd does not
+/// answer leaves this replica driving (the next beat writes the whole record again). etcd
 /// being down is no sign that another replica took over: followers count a driver stale only
 /// over time they could read etcd, and the next write that loses the compare (or the next read)
 /// shows a takeover that did happen.
-async fn persist_or(app: &App, store: &EtcdStore, id: &str, stop: bool) -> bool {
+async fn persist_or(app: &App, store: &EtcdStore, id: &str) -> bool {
     let shared = &app.releases.shared;
     let _io = shared.io.lock().await;
     for _ in 0..5 {
@@ -320,11 +452,6 @@ async fn persist_or(app: &App, store: &EtcdStore, id: &str, stop: bool) -> bool 
                 return drives(app, id);
             }
             ReleaseCas::Lost(read) => apply(app, &read),
-            ReleaseCas::Unknown(m) if stop => {
-                tracing::error!(release = %id, error = %m, "cannot store the release in etcd; another replica takes it over if this lasts");
-                stop_driving(app);
-                return false;
-            }
             ReleaseCas::Unknown(m) => {
                 tracing::debug!(release = %id, error = %m, "cannot store the release's heartbeat in etcd; tried again at the next beat");
                 return false;
@@ -711,6 +838,33 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
     }
 }
 
+/// A release this replica resumes after etcd did not answer: a phase whose claim etcd may have
+/// stored while this replica, not knowing, flipped nothing (its services are not on the phase's
+/// colors here) starts again (`pending`) instead of baking what never flipped.
+fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
+    let snap = app.snapshot();
+    let i = r.phase.min(r.phases.len().saturating_sub(1));
+    let paused = r.paused.is_some();
+    if let Some(p) = r
+        .phases
+        .get_mut(i)
+        .filter(|p| p.state == "baking" && !paused)
+    {
+        let flipped = p.targets.iter().all(|(name, to)| {
+            snap.service(name)
+                .is_some_and(|svc| svc.state.active == *to)
+        });
+        if !flipped {
+            p.state = "pending";
+            p.started_at = None;
+            p.bake_ends_at = None;
+            p.bake_deadline = None;
+            p.bake_started_ms = None;
+        }
+    }
+    r
+}
+
 /// With the etcd backend, instead of the local file: keeps the release in step with etcd
 /// (see the module's doc) until shutdown.
 pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
@@ -739,7 +893,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                     .and_then(|v| v["id"].as_str().map(str::to_string));
                 if let Some(id) = id {
                     if drives(&app, &id) {
-                        persist_or(&app, &store, &id, false).await;
+                        persist_or(&app, &store, &id).await;
                     }
                 }
             }
@@ -796,20 +950,50 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
         {
             history.notify_one();
         }
-        let (driving, wrote_at, changed_at, live) = {
+        let (driving, wrote_at, changed_at, live, ours) = {
             let s = app.releases.shared.seen();
             let live = s
                 .value
                 .as_ref()
                 .is_some_and(|v| live_state(v["release"]["state"].as_str().unwrap_or("")));
-            (s.driving.clone(), s.wrote_at, s.changed_at, live)
+            let ours = s.value.as_ref().is_some_and(|v| {
+                v["driver"].as_str() == Some(replica_id())
+                    && was_cut_off(&app, v["release"]["id"].as_str().unwrap_or(""))
+            });
+            (s.driving.clone(), s.wrote_at, s.changed_at, live, ours)
         };
         match driving {
             Some(id) if wrote_at.is_none_or(|t| t.elapsed() >= beat) => {
-                persist_or(&app, &store, &id, false).await;
+                persist_or(&app, &store, &id).await;
             }
             Some(_) => {}
             // Never while the reads fail: what the driver wrote cannot be seen.
+            // This replica's own release, which it stopped driving when etcd did not store a
+            // step of it: it resumes it once etcd answers (no takeover: nobody else stopped).
+            None if read_ok && live && ours => {
+                forget_cut_off(&app);
+                if let Some(r) = take_over(&app, &store).await {
+                    tracing::warn!(release = %r.id, "etcd answers again: this replica resumes driving its release from what etcd holds");
+                    let promote = app
+                        .releases
+                        .shared
+                        .seen()
+                        .value
+                        .as_ref()
+                        .is_some_and(|v| v["promote"].as_bool() == Some(true));
+                    let r = unflipped_phase_pending(&app, r);
+                    super::adopt(
+                        &app,
+                        r,
+                        "resumed by the replica that drives it, after etcd did not store a step",
+                    )
+                    .await;
+                    if promote {
+                        app.releases.lock().promote = true;
+                        app.releases.wake.notify_one();
+                    }
+                }
+            }
             None if read_ok && live && changed_at.is_none_or(|t| t.elapsed() >= stale) => {
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "the release's driver stopped writing to etcd; this replica takes it over");
