@@ -711,6 +711,62 @@ async fn a_replica_whose_write_back_fails_keeps_its_newer_state_over_an_older_wr
     a.stop().await;
 }
 
+/// A, reconnecting, reads another replica's older write-back through a full read and fails to
+/// replace it once (its transactions cut, reads pass); its watch is healthy afterwards, so no
+/// full read comes again. A must retry on its own: etcd ends on A's newer state without any
+/// further write to the key (the fleet would stay split: A blue, etcd and the rest green).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replacement_of_an_older_write_back_is_retried_with_a_healthy_watch() {
+    let rig = write_back_rig("/sy-retrywb/", "retrywb").await;
+    let etcd = &rig.etcd;
+    let relay = Relay::start(etcd.addr()).await;
+    let body = rig_body(
+        &rig,
+        &relay.endpoint(),
+        "/sy-retrywb/",
+        "retrywb",
+        "etcd_timeout = \"1s\"",
+    );
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-retrywb/services/retrywb";
+    let older = green_then_blue(etcd, &a, "retrywb", key).await;
+
+    relay.set_mode(Mode::Blackhole);
+    relay.cut_all();
+    let deleted = etcd.delete(key).await;
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    assert!(
+        create(etcd, key, &older).await,
+        "the older write-back did not land"
+    );
+    // A reconnects with its transactions cut: the replacement after the full read fails.
+    let cut = relay.cut_by_pattern();
+    relay.cut_when_sent(Some(b"/v3/kv/txn"));
+    relay.set_mode(Mode::Pass);
+    let tried = eventually(30, || async { relay.cut_by_pattern() > cut }).await;
+    assert!(tried, "A never tried to replace the older write-back");
+    relay.cut_when_sent(None);
+    assert_eq!(
+        state_of(&a, "retrywb").await,
+        ("blue".to_string(), 2),
+        "A served the older write-back"
+    );
+
+    let newest = eventually(20, || async {
+        let v = etcd.held(key).await;
+        v["active"] == "blue" && v["generation"] == 2
+    })
+    .await;
+    assert!(
+        newest,
+        "the failed replacement was never tried again: etcd holds {}, A serves {:?}",
+        etcd.held(key).await,
+        state_of(&a, "retrywb").await
+    );
+    assert_eq!(state_of(&a, "retrywb").await, ("blue".to_string(), 2));
+    a.stop().await;
+}
+
 /// A service key that etcd holds with a value that is not a state is not taken for missing:
 /// no write-back is tried for it (a create fails on every try) and it is not lag that resyncs
 /// the watch again and again; the replica keeps serving its state.
