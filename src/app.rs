@@ -18,7 +18,7 @@ use crate::events::{now_rfc3339, Event, EventLog, Reason};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::routing::{build_snapshot, Service, Snapshot};
-use crate::state::etcd::WriteOutcome;
+use crate::state::etcd::{WriteBack, WriteOutcome};
 use crate::state::{ServiceState, StateError, StateStore};
 use crate::stats::Clock;
 use crate::upstream::Clients;
@@ -298,34 +298,52 @@ async fn absent_from_cache(
         .collect();
     if !older.is_empty() {
         // The write ids say which are write-backs (a read again: rare, at startup only).
-        if let Ok(loaded) = etcd.load().await {
-            for name in older {
-                let (Some(s), Some(c)) = (loaded.states.get(name), cached.get(name)) else {
-                    continue;
-                };
-                let held = crate::state::etcd::Held {
-                    state: s.clone(),
-                    mod_revision: 0,
-                    write_id: loaded.write_ids.get(name).cloned(),
-                };
-                if held.older_write_back(c) {
-                    tracing::warn!(
-                        service = %name,
-                        active = %c.active,
-                        generation = c.generation,
-                        held_generation = s.generation,
-                        "etcd holds another replica's write-back of the service's key with an older generation than this replica last saw; serving the last state seen from etcd (cache file), which replaces it"
-                    );
-                    states.insert(name.to_string(), c.clone());
+        match etcd.load().await {
+            Err(e) => tracing::warn!(
+                error = %e,
+                services = %older.join(", "),
+                "cannot read etcd again to check whether an older generation than the cache file's is a write-back; serving what etcd holds (the next full read checks it)"
+            ),
+            Ok(loaded) => {
+                for name in older {
+                    let (Some(s), Some(c)) = (loaded.states.get(name), cached.get(name)) else {
+                        continue;
+                    };
+                    let held = crate::state::etcd::Held {
+                        state: s.clone(),
+                        mod_revision: 0,
+                        write_id: loaded.write_ids.get(name).cloned(),
+                    };
+                    if held.older_write_back(c) {
+                        tracing::warn!(
+                            service = %name,
+                            active = %c.active,
+                            generation = c.generation,
+                            held_generation = s.generation,
+                            "etcd holds another replica's write-back of the service's key with an older generation than this replica last saw; serving the last state seen from etcd (cache file), which replaces it"
+                        );
+                        states.insert(name.to_string(), c.clone());
+                    }
                 }
             }
         }
     }
+    let unreadable = etcd.unreadable_names();
     for svc in &config.services {
         if states.contains_key(&svc.name) {
             continue;
         }
         if let Some(c) = cached.get(&svc.name).filter(|c| c.generation > 0) {
+            if unreadable.contains(&svc.name) {
+                tracing::warn!(
+                    service = %svc.name,
+                    active = %c.active,
+                    generation = c.generation,
+                    "etcd holds the service's key with a value that is not a state; serving the last state seen from etcd (cache file); the key is left as it is, not written back (fix or delete it)"
+                );
+                states.insert(svc.name.clone(), c.clone());
+                continue;
+            }
             tracing::warn!(
                 service = %svc.name,
                 active = %c.active,
@@ -649,13 +667,17 @@ impl App {
                 continue;
             }
             match etcd.create_if_absent(&name, &svc.state).await {
-                Ok(None) => tracing::warn!(
+                Ok(WriteBack::Unreadable) => tracing::warn!(
+                    service = %name,
+                    "the service's key was written meanwhile with a value that is not a state; left as it is, not written back (fix or delete it); this replica keeps serving its state"
+                ),
+                Ok(WriteBack::Written) => tracing::warn!(
                     service = %name,
                     active = %svc.state.active,
                     generation = svc.state.generation,
                     "the service's key is missing from etcd (deleted, or etcd restored empty); written back from the state this replica serves"
                 ),
-                Ok(Some(state)) => {
+                Ok(WriteBack::Held(state)) => {
                     tracing::warn!(
                         service = %name,
                         active = %state.active,
@@ -854,8 +876,8 @@ impl App {
             .replace_write_back(name, &ours, held.mod_revision)
             .await
         {
-            Ok(None) => (ours, true),
-            Ok(Some(state)) => (state, true),
+            Ok(WriteBack::Written | WriteBack::Unreadable) => (ours, true),
+            Ok(WriteBack::Held(state)) => (state, true),
             Err(e) => {
                 tracing::warn!(
                     service = %name,
