@@ -18,7 +18,7 @@ use crate::events::{now_rfc3339, Event, EventLog, Reason};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::routing::{build_snapshot, Service, Snapshot};
-use crate::state::etcd::WriteOutcome;
+use crate::state::etcd::{WriteBack, WriteOutcome};
 use crate::state::{ServiceState, StateError, StateStore};
 use crate::stats::Clock;
 use crate::upstream::Clients;
@@ -298,34 +298,52 @@ async fn absent_from_cache(
         .collect();
     if !older.is_empty() {
         // The write ids say which are write-backs (a read again: rare, at startup only).
-        if let Ok(loaded) = etcd.load().await {
-            for name in older {
-                let (Some(s), Some(c)) = (loaded.states.get(name), cached.get(name)) else {
-                    continue;
-                };
-                let held = crate::state::etcd::Held {
-                    state: s.clone(),
-                    mod_revision: 0,
-                    write_id: loaded.write_ids.get(name).cloned(),
-                };
-                if held.older_write_back(c) {
-                    tracing::warn!(
-                        service = %name,
-                        active = %c.active,
-                        generation = c.generation,
-                        held_generation = s.generation,
-                        "etcd holds another replica's write-back of the service's key with an older generation than this replica last saw; serving the last state seen from etcd (cache file), which replaces it"
-                    );
-                    states.insert(name.to_string(), c.clone());
+        match etcd.load().await {
+            Err(e) => tracing::warn!(
+                error = %e,
+                services = %older.join(", "),
+                "cannot read etcd again to check whether an older generation than the cache file's is a write-back; serving what etcd holds (the next full read checks it)"
+            ),
+            Ok(loaded) => {
+                for name in older {
+                    let (Some(s), Some(c)) = (loaded.states.get(name), cached.get(name)) else {
+                        continue;
+                    };
+                    let held = crate::state::etcd::Held {
+                        state: s.clone(),
+                        mod_revision: 0,
+                        write_id: loaded.write_ids.get(name).cloned(),
+                    };
+                    if held.older_write_back(c) {
+                        tracing::warn!(
+                            service = %name,
+                            active = %c.active,
+                            generation = c.generation,
+                            held_generation = s.generation,
+                            "etcd holds another replica's write-back of the service's key with an older generation than this replica last saw; serving the last state seen from etcd (cache file), which replaces it"
+                        );
+                        states.insert(name.to_string(), c.clone());
+                    }
                 }
             }
         }
     }
+    let unreadable = etcd.unreadable_names();
     for svc in &config.services {
         if states.contains_key(&svc.name) {
             continue;
         }
         if let Some(c) = cached.get(&svc.name).filter(|c| c.generation > 0) {
+            if unreadable.contains(&svc.name) {
+                tracing::warn!(
+                    service = %svc.name,
+                    active = %c.active,
+                    generation = c.generation,
+                    "etcd holds the service's key with a value that is not a state; serving the last state seen from etcd (cache file); the key is left as it is, not written back (fix or delete it)"
+                );
+                states.insert(svc.name.clone(), c.clone());
+                continue;
+            }
             tracing::warn!(
                 service = %svc.name,
                 active = %c.active,
@@ -563,8 +581,16 @@ impl App {
                         .map(|s| s.name().to_string())
                         .filter(|n| !states.contains_key(n) && !unreadable.contains(n))
                         .collect();
-                    self.apply_remote(states).await;
+                    // An older write-back that could not be replaced is tried again on the
+                    // retry timer (a create on the present key replaces it): a healthy watch
+                    // brings no other full read.
+                    let failed = self.apply_remote(states).await;
                     pending = self.restore_absent(absent).await;
+                    for n in failed {
+                        if !pending.contains(&n) {
+                            pending.push(n);
+                        }
+                    }
                     retry = next_retry(&pending, Duration::from_millis(250));
                 }
                 Remote::Changed(mut states) => {
@@ -585,9 +611,15 @@ impl App {
                             pending.push(n);
                         }
                     }
-                    self.apply_remote(states).await;
+                    for n in self.apply_remote(states).await {
+                        if !pending.contains(&n) {
+                            pending.push(n);
+                        }
+                    }
                     if pending.is_empty() {
                         retry = (Duration::from_millis(500), None);
+                    } else if retry.1.is_none() {
+                        retry = next_retry(&pending, Duration::from_millis(250));
                     }
                 }
                 Remote::Absent(names) => {
@@ -635,13 +667,17 @@ impl App {
                 continue;
             }
             match etcd.create_if_absent(&name, &svc.state).await {
-                Ok(None) => tracing::warn!(
+                Ok(WriteBack::Unreadable) => tracing::warn!(
+                    service = %name,
+                    "the service's key was written meanwhile with a value that is not a state; left as it is, not written back (fix or delete it); this replica keeps serving its state"
+                ),
+                Ok(WriteBack::Written) => tracing::warn!(
                     service = %name,
                     active = %svc.state.active,
                     generation = svc.state.generation,
                     "the service's key is missing from etcd (deleted, or etcd restored empty); written back from the state this replica serves"
                 ),
-                Ok(Some(state)) => {
+                Ok(WriteBack::Held(state)) => {
                     tracing::warn!(
                         service = %name,
                         active = %state.active,
@@ -661,16 +697,21 @@ impl App {
             }
         }
         if !held.is_empty() {
-            self.apply_states(held).await;
+            for n in self.apply_states(held).await {
+                if !failed.contains(&n) {
+                    failed.push(n);
+                }
+            }
         }
         failed
     }
 
     /// Applies live states written by another replica (etcd watch). Newer generations win;
-    /// nothing is persisted (they already are).
-    pub async fn apply_remote(&self, remote: HashMap<String, ServiceState>) {
+    /// nothing is persisted (they already are). Returns the services whose older write-back
+    /// could not be replaced ([`App::apply_states`]), for [`App::follow_remote`] to try again.
+    pub async fn apply_remote(&self, remote: HashMap<String, ServiceState>) -> Vec<String> {
         let _w = self.writer.lock().await;
-        self.apply_states(remote).await;
+        self.apply_states(remote).await
     }
 
     /// With etcd, what etcd holds now: read before answering that a change is not needed. A
@@ -712,8 +753,11 @@ impl App {
     /// replaced with the state this replica serves (a compare-and-swap on its mod_revision),
     /// however this replica came to read it (watch, full read after a reconnect, startup), so
     /// a replica that missed a flip cannot undo it by writing back first. If etcd refuses the
-    /// replacement, this replica keeps its state (WARN) and the next full read tries again.
-    async fn apply_states(&self, remote: HashMap<String, ServiceState>) {
+    /// replacement, this replica keeps its state (WARN) and the names of those services are
+    /// returned: [`App::follow_remote`] tries them again on its retry timer (a healthy watch
+    /// brings no full read); other callers leave them to the next full read.
+    async fn apply_states(&self, remote: HashMap<String, ServiceState>) -> Vec<String> {
+        let mut failed = Vec::new();
         let behind: Vec<String> = self
             .snapshot()
             .services
@@ -733,7 +777,11 @@ impl App {
                     Ok(read) => {
                         let mut now = HashMap::new();
                         for (name, h) in read {
-                            let state = self.replace_older_write_back(etcd, &name, h).await;
+                            let (state, replaced) =
+                                self.replace_older_write_back(etcd, &name, h).await;
+                            if !replaced {
+                                failed.push(name.clone());
+                            }
                             now.insert(name, state);
                         }
                         for name in behind {
@@ -794,26 +842,28 @@ impl App {
                 etcd.save_cache(states).await;
             }
         }
+        failed
     }
 
     /// What to apply for `held`, read from etcd under the writer lock: itself, unless it is
     /// another replica's write-back of a lower generation than this replica serves
     /// ([`crate::state::etcd::Held::older_write_back`]). That is replaced with the state served
     /// (returned: nothing changes here); if another write came first, what etcd holds then is
-    /// returned; if etcd refuses, the state served is kept (WARN) for the next full read.
+    /// returned; if etcd refuses, the state served is kept (WARN) and `false` comes with it (to
+    /// be tried again).
     async fn replace_older_write_back(
         &self,
         etcd: &crate::state::etcd::EtcdStore,
         name: &str,
         held: crate::state::etcd::Held,
-    ) -> ServiceState {
+    ) -> (ServiceState, bool) {
         let snap = self.snapshot();
         let Some(ours) = snap
             .service(name)
             .map(|s| s.state.clone())
             .filter(|ours| held.older_write_back(ours))
         else {
-            return held.state;
+            return (held.state, true);
         };
         tracing::warn!(
             service = %name,
@@ -826,15 +876,15 @@ impl App {
             .replace_write_back(name, &ours, held.mod_revision)
             .await
         {
-            Ok(None) => ours,
-            Ok(Some(state)) => state,
+            Ok(WriteBack::Written | WriteBack::Unreadable) => (ours, true),
+            Ok(WriteBack::Held(state)) => (state, true),
             Err(e) => {
                 tracing::warn!(
                     service = %name,
                     error = %e,
-                    "cannot replace the older write-back in etcd; this replica keeps its newer state and tries again at the next full read"
+                    "cannot replace the older write-back in etcd; this replica keeps its newer state and tries again shortly"
                 );
-                ours
+                (ours, false)
             }
         }
     }

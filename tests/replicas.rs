@@ -711,6 +711,171 @@ async fn a_replica_whose_write_back_fails_keeps_its_newer_state_over_an_older_wr
     a.stop().await;
 }
 
+/// A, reconnecting, reads another replica's older write-back through a full read and fails to
+/// replace it once (its transactions cut, reads pass); its watch is healthy afterwards, so no
+/// full read comes again. A must retry on its own: etcd ends on A's newer state without any
+/// further write to the key (the fleet would stay split: A blue, etcd and the rest green).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replacement_of_an_older_write_back_is_retried_with_a_healthy_watch() {
+    let rig = write_back_rig("/sy-retrywb/", "retrywb").await;
+    let etcd = &rig.etcd;
+    let relay = Relay::start(etcd.addr()).await;
+    let body = rig_body(
+        &rig,
+        &relay.endpoint(),
+        "/sy-retrywb/",
+        "retrywb",
+        "etcd_timeout = \"1s\"",
+    );
+    let a = TestProxy::start(&body).await;
+    let key = "/sy-retrywb/services/retrywb";
+    let older = green_then_blue(etcd, &a, "retrywb", key).await;
+
+    relay.set_mode(Mode::Blackhole);
+    relay.cut_all();
+    let deleted = etcd.delete(key).await;
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    assert!(
+        create(etcd, key, &older).await,
+        "the older write-back did not land"
+    );
+    // A reconnects with its transactions cut: the replacement after the full read fails.
+    let cut = relay.cut_by_pattern();
+    relay.cut_when_sent(Some(b"/v3/kv/txn"));
+    relay.set_mode(Mode::Pass);
+    let tried = eventually(30, || async { relay.cut_by_pattern() > cut }).await;
+    assert!(tried, "A never tried to replace the older write-back");
+    relay.cut_when_sent(None);
+    assert_eq!(
+        state_of(&a, "retrywb").await,
+        ("blue".to_string(), 2),
+        "A served the older write-back"
+    );
+
+    let newest = eventually(20, || async {
+        let v = etcd.held(key).await;
+        v["active"] == "blue" && v["generation"] == 2
+    })
+    .await;
+    assert!(
+        newest,
+        "the failed replacement was never tried again: etcd holds {}, A serves {:?}",
+        etcd.held(key).await,
+        state_of(&a, "retrywb").await
+    );
+    assert_eq!(state_of(&a, "retrywb").await, ("blue".to_string(), 2));
+    a.stop().await;
+}
+
+/// A's write-back of a deleted key is pending (its transactions cut) when a value that is not a
+/// state is put at the key: once A's transactions pass, the key is found present and the
+/// write-back is settled (one WARN, left as it is) rather than tried forever (a transaction and a
+/// "cannot be written back" WARN on every retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_write_back_of_a_key_holding_a_non_state_is_settled() {
+    let logs = captured_logs();
+    let lines = move |what: &'static str| {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| l.contains("service=pendbad") && l.contains(what))
+            .count()
+    };
+    let rig = write_back_rig("/sy-pendbad/", "pendbad").await;
+    let etcd = &rig.etcd;
+    let relay = Relay::start(etcd.addr()).await;
+    let body = rig_body(
+        &rig,
+        &relay.endpoint(),
+        "/sy-pendbad/",
+        "pendbad",
+        "etcd_timeout = \"1s\"",
+    );
+    let a = TestProxy::start(&body).await;
+    let (s, v) = a.flip("pendbad", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let key = "/sy-pendbad/services/pendbad";
+
+    relay.cut_when_sent(Some(b"/v3/kv/txn"));
+    let deleted = etcd.delete(key).await;
+    assert_eq!(deleted["deleted"], "1", "{deleted}");
+    let refused = eventually(20, || async { lines("cannot be written back") > 0 }).await;
+    assert!(refused, "A's write-back did not fail");
+    etcd.call(
+        "/v3/kv/put",
+        json!({ "key": b64(key), "value": b64("not a state") }),
+    )
+    .await;
+    relay.cut_when_sent(None);
+
+    let settled = eventually(20, || async {
+        lines("written meanwhile with a value that is not a state") > 0
+    })
+    .await;
+    assert!(
+        settled,
+        "the write-back was not settled on the unreadable key ({} refusals)",
+        lines("cannot be written back")
+    );
+    let n = lines("cannot be written back");
+    let again = eventually(5, || async { lines("cannot be written back") > n }).await;
+    assert!(!again, "the settled write-back was tried again");
+    let r = etcd.call("/v3/kv/range", json!({ "key": b64(key) })).await;
+    assert_eq!(
+        r["kvs"][0]["value"],
+        json!(b64("not a state")),
+        "the unreadable value was overwritten: {r}"
+    );
+    assert_eq!(state_of(&a, "pendbad").await, ("green".to_string(), 1));
+    a.stop().await;
+}
+
+/// A replica restarted (cache: green, generation 1) while etcd holds the service's key with a
+/// value that is not a state serves its cached state and says the key is left as it is, not
+/// that it is "written back" (it never is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_on_a_non_state_key_says_it_is_left_as_it_is() {
+    let logs = captured_logs();
+    let lines = move |what: &'static str| {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| l.contains("service=restbad") && l.contains(what))
+            .count()
+    };
+    let rig = write_back_rig("/sy-restbad/", "restbad").await;
+    let (etcd, body) = (&rig.etcd, &rig.body);
+    let a = TestProxy::start(body).await;
+    let (s, v) = a.flip("restbad", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let a_dir = a.stop().await;
+    let key = "/sy-restbad/services/restbad";
+    etcd.call(
+        "/v3/kv/put",
+        json!({ "key": b64(key), "value": b64("not a state") }),
+    )
+    .await;
+
+    let a = TestProxy::start_with(body, Some(TOKEN), Some(a_dir)).await;
+    assert_eq!(state_of(&a, "restbad").await, ("green".to_string(), 1));
+    assert!(
+        lines("value that is not a state; serving the last state seen from etcd (cache file)") > 0,
+        "no WARN that the key holds a value that is not a state"
+    );
+    assert_eq!(
+        lines("written back to etcd"),
+        0,
+        "a key left as it is was said to be written back"
+    );
+    let r = etcd.call("/v3/kv/range", json!({ "key": b64(key) })).await;
+    assert_eq!(r["kvs"][0]["value"], json!(b64("not a state")), "{r}");
+    a.stop().await;
+}
+
 /// A service key that etcd holds with a value that is not a state is not taken for missing:
 /// no write-back is tried for it (a create fails on every try) and it is not lag that resyncs
 /// the watch again and again; the replica keeps serving its state.

@@ -133,6 +133,18 @@ pub struct Loaded {
     pub unreadable: Vec<String>,
 }
 
+/// The outcome of [`EtcdStore::create_if_absent`] / [`EtcdStore::replace_write_back`].
+#[derive(Debug)]
+pub enum WriteBack {
+    /// This replica's state was written.
+    Written,
+    /// etcd holds another state (another replica's, read in the same transaction): serve it.
+    Held(ServiceState),
+    /// etcd holds the key with a value that is not a state: present, so settled (not written
+    /// back, left as it is: fix or delete it).
+    Unreadable,
+}
+
 /// A service's value as etcd holds it: the state, its mod_revision and write id.
 #[derive(Clone, Debug)]
 pub struct Held {
@@ -492,7 +504,7 @@ impl EtcdStore {
         &self,
         name: &str,
         state: &ServiceState,
-    ) -> Result<Option<ServiceState>, StateError> {
+    ) -> Result<WriteBack, StateError> {
         let key = b64(&self.service_key(name));
         let compare =
             json!({ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
@@ -507,7 +519,7 @@ impl EtcdStore {
         name: &str,
         state: &ServiceState,
         mod_revision: i64,
-    ) -> Result<Option<ServiceState>, StateError> {
+    ) -> Result<WriteBack, StateError> {
         let key = b64(&self.service_key(name));
         let compare = json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": mod_revision.to_string() });
         self.write_back(name, state, compare).await
@@ -520,7 +532,7 @@ impl EtcdStore {
         name: &str,
         state: &ServiceState,
         mut compare: Value,
-    ) -> Result<Option<ServiceState>, StateError> {
+    ) -> Result<WriteBack, StateError> {
         let key = b64(&self.service_key(name));
         let value = b64(&stored_value(
             state,
@@ -535,7 +547,7 @@ impl EtcdStore {
             let v = self.call("/v3/kv/txn", &txn).await?;
             if v["succeeded"].as_bool() == Some(true) {
                 self.saw(name, state, num(&v["header"]["revision"]));
-                return Ok(None);
+                return Ok(WriteBack::Written);
             }
             let kv = &v["responses"][0]["response_range"]["kvs"][0];
             if kv.is_null() {
@@ -544,9 +556,9 @@ impl EtcdStore {
                 continue;
             }
             let Some((_, held, rev, write_id)) = self.parse_kv(kv) else {
-                return Err(StateError::Unavailable(
-                    "etcd holds the key, but not a readable state".to_string(),
-                ));
+                // Present: a create would fail on every try. Settled, left as it is.
+                self.saw_unreadable(name, num(&kv["mod_revision"]));
+                return Ok(WriteBack::Unreadable);
             };
             let older_write_back = Held {
                 state: held.clone(),
@@ -556,7 +568,7 @@ impl EtcdStore {
             .older_write_back(state);
             self.saw(name, &held, rev);
             if !older_write_back {
-                return Ok(Some(held));
+                return Ok(WriteBack::Held(held));
             }
             tracing::warn!(
                 service = %name,
@@ -599,6 +611,18 @@ impl EtcdStore {
                 Some((name, None))
             }
         }
+    }
+
+    /// The services whose key etcd held with a value that is not a state at the last full read
+    /// (or since, through the watch or a write-back).
+    pub fn unreadable_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .unreadable
+            .lock()
+            .map(|u| u.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     /// Records a key whose value is not a readable state, at `rev` (newer revisions win).
