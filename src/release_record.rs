@@ -533,6 +533,10 @@ pub(crate) struct Seen {
     pub(crate) driving: Option<String>,
     /// When this replica last wrote the key.
     pub(crate) wrote_at: Option<Instant>,
+    /// The release this replica stopped driving because etcd did not store a step of it: it
+    /// resumes it once etcd answers, not as a takeover (the stored driver is this replica;
+    /// per app, as several replicas of one test process share `replica_id`).
+    pub(crate) cut_off: Option<String>,
 }
 
 /// The etcd side of one app's releases.
@@ -544,6 +548,8 @@ pub(crate) struct Shared {
     /// The history of ended releases in etcd may hold one `recent` lacks: the key changed to
     /// another release, or to an ended one, by any path (a read, this replica's own write).
     pub(crate) history_stale: std::sync::atomic::AtomicBool,
+    /// This replica's id as the `driver` of a release, made on first use.
+    pub(crate) replica: std::sync::OnceLock<String>,
 }
 
 impl Shared {

@@ -472,10 +472,7 @@ async fn an_upstream_s_space_before_the_colon_is_taken_out() {
     ))
     .await;
     let mut problems = Vec::new();
-    let checked = eventually(10, || async {
-        up.heads.lock().expect("lock").len() >= 3
-    })
-    .await;
+    let checked = eventually(10, || async { up.heads.lock().expect("lock").len() >= 3 }).await;
     assert!(checked, "the health checks never reached the upstream");
     if p.service_status("api").await["colors"]["blue"]["healthy"] != serde_json::Value::Bool(true) {
         problems.push("the health checks took the upstream out".to_string());

@@ -1093,8 +1093,9 @@ async fn a_promote_on_the_driver_is_stored_in_etcd_before_it_answers() {
 
 /// etcd stops answering while the driver bakes phase 0: the driver cannot store the phase's
 /// end, so nothing moves on where etcd cannot see it (phase 1 never shows `baking` while its
-/// service is still on blue); when etcd answers, the driver resumes its own release (no
-/// "taken over": no replica stopped), and every phase passes and flips exactly once.
+/// service is still on blue); when etcd answers, the driver resumes its own release (or the
+/// other replica, reading first, takes it over: never both), and every phase passes and flips
+/// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_its_release() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1159,10 +1160,14 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
             .iter()
             .map(|e| e["detail"].as_str().unwrap_or("").to_string())
             .collect();
-        assert!(
-            !details.iter().any(|d| d.contains("taken over")),
-            "nobody stopped, nobody took over: {details:#?}"
-        );
+        // The driver resumes its release when its reads come back; the other replica may
+        // read first and, three heartbeats on, take it over (the driver did stop driving):
+        // one or the other, once.
+        let handovers = details
+            .iter()
+            .filter(|d| d.contains("taken over") || d.contains("resumed by the replica"))
+            .count();
+        assert!(handovers <= 1, "driven by two replicas: {details:#?}");
         for (what, part) in [
             ("phase 0 passed", "phase 0 \"backend\" passed"),
             ("phase 1 passed", "phase 1 \"frontend\" passed"),

@@ -25,7 +25,7 @@
 //! An etcd that does not answer a write is never taken for a refusal: the outcome is read back
 //! (and fenced), and reported as unknown (503) when even that fails.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -36,10 +36,10 @@ use crate::app::{App, ChangeError};
 use crate::release_record::sort_recent;
 use crate::state::etcd::{new_write_id, EtcdStore, ReleaseCas, ReleaseRead};
 
-/// This process, as the `driver` of a release.
-pub(super) fn replica_id() -> &'static str {
-    static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(new_write_id)
+/// This replica (its app: one per process, several in one test process), as the `driver` of a
+/// release.
+pub(super) fn replica_id(app: &App) -> &str {
+    app.releases.shared.replica.get_or_init(new_write_id)
 }
 
 /// The etcd store, when the state backend is etcd.
@@ -114,35 +114,14 @@ async fn cas_ending(
     out
 }
 
-/// The releases a replica (an app: several run in one test process, sharing [`replica_id`])
-/// stopped driving because etcd did not store a step: it resumes them itself once etcd answers.
-static CUT_OFF: std::sync::Mutex<Vec<(usize, String)>> = std::sync::Mutex::new(Vec::new());
-
-fn app_key(app: &App) -> usize {
-    app as *const App as usize
-}
-
+/// Marks `id` as the release this replica stopped driving because etcd did not store a step
+/// of it: it resumes it itself once etcd answers.
 fn cut_off(app: &App, id: &str) {
-    if let Ok(mut v) = CUT_OFF.lock() {
-        let key = app_key(app);
-        v.retain(|(k, _)| *k != key);
-        v.push((key, id.to_string()));
-    }
-}
-
-/// Whether this replica stopped driving the release `id` when etcd did not store a step of it.
-fn was_cut_off(app: &App, id: &str) -> bool {
-    CUT_OFF
-        .lock()
-        .map(|v| v.iter().any(|(k, i)| *k == app_key(app) && i == id))
-        .unwrap_or(false)
+    app.releases.shared.seen().cut_off = Some(id.to_string());
 }
 
 fn forget_cut_off(app: &App) {
-    if let Ok(mut v) = CUT_OFF.lock() {
-        let key = app_key(app);
-        v.retain(|(k, _)| *k != key);
-    }
+    app.releases.shared.seen().cut_off = None;
 }
 
 /// Stops driving (another replica ended or took over the release, or etcd cannot tell).
@@ -221,7 +200,7 @@ fn apply(app: &App, read: &ReleaseRead) {
         return;
     }
     if driving.as_deref() == Some(r.id.as_str()) {
-        if driver == Some(replica_id()) {
+        if driver == Some(replica_id(app)) {
             // Ours: take what followers wrote into it.
             let promote = v["promote"].as_bool() == Some(true);
             let mut inner = rels.lock();
@@ -292,7 +271,7 @@ pub(super) async fn create(
                 cur.name, cur.id, cur.state, cur.phase
             )));
         }
-        match cas(app, store, record(r, false, Some(replica_id()), "")).await {
+        match cas(app, store, record(r, false, Some(replica_id(app)), "")).await {
             ReleaseCas::Applied(_) => {
                 shared.seen().driving = Some(r.id.clone());
                 return Ok(());
@@ -347,7 +326,7 @@ pub(super) async fn step(
             }
         };
         edit(&mut cur);
-        let stored = match cas(app, store, record(&cur, promote, Some(replica_id()), "")).await {
+        let stored = match cas(app, store, record(&cur, promote, Some(replica_id(app)), "")).await {
             ReleaseCas::Applied(_) => true,
             // Stored, then replaced: it counts only while this replica still drives (a
             // follower's promote or pause on top of it), not after a takeover or an end.
@@ -402,7 +381,7 @@ pub(super) async fn promote_driving<'a>(
                 }
             }
         };
-        match cas(app, store, record(&cur, true, Some(replica_id()), "")).await {
+        match cas(app, store, record(&cur, true, Some(replica_id(app)), "")).await {
             ReleaseCas::Applied(_) => return Ok(Some(io)),
             ReleaseCas::Replaced { now, .. } => {
                 // Stored; replaced since by another write, which keeps it unless it ended the
@@ -443,7 +422,7 @@ async fn persist_or(app: &App, store: &EtcdStore, id: &str) -> bool {
                 None => return false,
             }
         };
-        match cas(app, store, record(&cur, promote, Some(replica_id()), "")).await {
+        match cas(app, store, record(&cur, promote, Some(replica_id(app)), "")).await {
             ReleaseCas::Applied(_) => return true,
             // Written, then replaced: still driving only if the newer write keeps this replica
             // the driver (a follower's promote or pause), not after another one took over.
@@ -816,7 +795,7 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
     let mut v = shared.seen().value.clone()?;
     let r = Release::from_stored(&v["release"]).filter(|r| r.live())?;
     if let Some(o) = v.as_object_mut() {
-        o.insert("driver".to_string(), json!(replica_id()));
+        o.insert("driver".to_string(), json!(replica_id(app)));
         o.insert("beat_ms".to_string(), json!(wall_ms()));
     }
     match cas(app, store, v).await {
@@ -957,8 +936,10 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                 .as_ref()
                 .is_some_and(|v| live_state(v["release"]["state"].as_str().unwrap_or("")));
             let ours = s.value.as_ref().is_some_and(|v| {
-                v["driver"].as_str() == Some(replica_id())
-                    && was_cut_off(&app, v["release"]["id"].as_str().unwrap_or(""))
+                v["driver"].as_str() == Some(replica_id(&app))
+                    && s.cut_off
+                        .as_deref()
+                        .is_some_and(|c| v["release"]["id"].as_str() == Some(c))
             });
             (s.driving.clone(), s.wrote_at, s.changed_at, live, ours)
         };
