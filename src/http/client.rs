@@ -1163,11 +1163,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             }
             let (colon, end) = line_end(&head, n, nl, v, vl);
             let (n, nl) = (n as usize, nl as usize);
-            // The name, then from its colon on: whitespace between them is left behind. The
-            // line only shrinks, and the name's copy ends before the colon it comes from.
-            head.copy_within(n..n + nl, w);
+            if colon == n + nl {
+                head.copy_within(n..end, w);
+            } else {
+                // The name, then from its colon on: whitespace between them is left behind.
+                // The line only shrinks, and the name's copy ends before the colon it comes
+                // from.
+                head.copy_within(n..n + nl, w);
+                head.copy_within(colon..end, w + nl);
+            }
             codec::lowercase_name(&mut head[w..w + nl]);
-            head.copy_within(colon..end, w + nl);
             w += nl + end - colon;
             head[w..w + 2].copy_from_slice(b"\r\n");
             w += 2;
@@ -1184,9 +1189,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             let (colon, end) = line_end(&head, n, nl, v, vl);
             let (n, nl) = (n as usize, nl as usize);
             let at = out.len();
-            out.put_slice(&head[n..n + nl]);
+            if colon == n + nl {
+                out.put_slice(&head[n..end]);
+            } else {
+                out.put_slice(&head[n..n + nl]);
+                out.put_slice(&head[colon..end]);
+            }
             codec::lowercase_name(&mut out[at..at + nl]);
-            out.put_slice(&head[colon..end]);
             out.put_slice(b"\r\n");
         }
         out.freeze()
