@@ -85,12 +85,19 @@ async fn ip_upstream(addr: SocketAddr) -> Ip {
     }
 }
 
-/// A port free on 127.0.0.2..=127.0.0.5.
+/// A port free on 127.0.0.1..=127.0.0.5, and never handed to another test in this process:
+/// the tests run side by side, a probed port is released again, and the kernel can give the
+/// same ephemeral port to two of them (CI saw `AddrInUse` binding 127.0.0.2).
 async fn common_port() -> u16 {
-    for _ in 0..20 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..50 {
         let port = free_port();
+        let mut given = GIVEN.lock().expect("ports given");
+        if given.contains(&port) {
+            continue;
+        }
         let mut ok = true;
-        for last in 2..=5u8 {
+        for last in 1..=5u8 {
             let a = SocketAddr::from(([127, 0, 0, last], port));
             if std::net::TcpListener::bind(a).is_err() {
                 ok = false;
@@ -98,6 +105,7 @@ async fn common_port() -> u16 {
             }
         }
         if ok {
+            given.push(port);
             return port;
         }
     }
