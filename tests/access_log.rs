@@ -841,5 +841,9 @@ async fn a_101_answered_as_502_is_logged_as_502() {
     assert_eq!(v["service"], "api", "{v}");
     assert_eq!(v["upstream"], up.to_string(), "{v}");
     assert_eq!(v["request_id"], id.as_str(), "{v}");
+    // The metrics say 502 too; not a failure of the upstream, which answered.
+    let (_, m) = get(p.admin, "/metrics").await;
+    let by_code = |code: &str| metric_sum(&m, "switchyard_requests_total", &[("code", code)]);
+    assert_eq!((by_code("502"), by_code("101")), (1.0, 0.0), "{m}");
     p.stop().await;
 }

@@ -926,6 +926,16 @@ async fn websocket_tunnels_stay_on_their_color_and_only_when_asked() {
     for _ in 0..3 {
         assert_eq!(p.get("/x").await, (200, "green plain\n".to_string()));
     }
+    // The metrics count what each client got: the tunnel's 101, the unasked switch's 502.
+    let by_code =
+        |m: &str, code: &str| metric_sum(m, "switchyard_requests_total", &[("code", code)]);
+    let counted = eventually(10, || async {
+        let (_, m) = get(p.admin, "/metrics").await;
+        by_code(&m, "101") == 1.0 && by_code(&m, "502") == 1.0
+    })
+    .await;
+    let (_, m) = get(p.admin, "/metrics").await;
+    assert!(counted, "one 101 and one 502:\n{m}");
     p.stop().await;
 }
 

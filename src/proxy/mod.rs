@@ -31,7 +31,8 @@
 //! | 408 / 400 | the client's request body stalled / failed | no |
 //! | 504 | no response head within `request_timeout` | `timeout` |
 //! | 502 | connect failed / no valid response | `connect` / `reset` |
-//! | 502 | a `101` the client did not ask for | no (recorded as the 101) |
+//! | 502 | a `101` the client did not ask for, or for another protocol | no (recorded as the 502) |
+//! | 502 | (the HTTP/1 server's) a `101` before the request body was all read | no (recorded as the 502, [`crate::http::h2_server::Replaced`]) |
 //! | 502 | (the h2 server's) a head over the client's SETTINGS_MAX_HEADER_LIST_SIZE | no (recorded as the 502, [`crate::http::h2_server::Replaced`]) |
 //!
 //! The HTTP/1 server itself answers 400/431/414 for heads it refuses (see
@@ -62,6 +63,7 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, Logged, RequestIds, Routed, Target, X_REQUEST_ID};
 use crate::config::{Color, Protocol};
 use crate::http::client::{PooledBody, Timeouts};
+use crate::http::h2_server::Replaced;
 use crate::http::headers::{hop_bits, strip_known, wants_trailers, CONNECTION_BIT, TE_BIT};
 use crate::http::server::{self, BoxWrite, Handler, Limits, OnUpgrade, Reader, Refused, Settings};
 use crate::metrics::Metrics;
@@ -328,7 +330,10 @@ impl Handler for ProxyConn {
     }
 
     fn replaced(&self, resp: Response<ServedBody>, status: StatusCode, bytes: u64) {
-        resp.into_body().answered(status.as_u16(), bytes);
+        let mut body = resp.into_body();
+        // The counters (a tunnel's 101 is recorded as its body ends), then the log line.
+        Replaced::replaced(&mut body, status);
+        body.answered(status.as_u16(), bytes);
     }
 }
 
@@ -772,26 +777,31 @@ fn finish(
             )))
         });
     }
-    outcome.record(end, elapsed, status.as_u16(), None);
     let asked = rewritten
         .upgrade
         .as_ref()
         .is_some_and(|u| validate::upgrade_matches(u, resp.headers()));
     let error = match rewritten.client_upgrade {
         Some(client_side) if asked => {
-            let tunnels = &proxy.tunnels;
-            return served(tunnel::tunnel(
-                tunnels,
-                tunnel_idle,
-                resp,
-                client_side,
-                conn.clone(),
-            ));
+            let resp = tunnel::tunnel(&proxy.tunnels, tunnel_idle, resp, client_side, conn.clone());
+            // Recorded when the server is done with it: as the 101, or as the 502 the server
+            // answers in its place when the request body was not all read ([`Replaced`]).
+            return resp.map(|body| {
+                Logged::off(Either::Left(RecordedBody::new(
+                    body,
+                    outcome,
+                    elapsed,
+                    status.as_u16(),
+                )))
+            });
         }
         Some(_) => ProxyError::OtherProtocol,
         // That connection now speaks something else: it must not go back to the pool.
         None => ProxyError::UnaskedUpgrade,
     };
+    // Counted as what the client gets.
+    let answer = error.answer();
+    outcome.record(end, elapsed, answer.status.as_u16(), answer.failure);
     resp.body_mut().detach();
     served(error.response())
 }

@@ -5,15 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Response, StatusCode};
-use http_body_util::{Either, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ConnInfo, ProxyBody, UpstreamBody};
+use super::{ConnInfo, UpstreamBody};
 use crate::http::server::OnUpgrade;
 
 /// Answers 101 to the client and splices both upgraded connections together. The tunnel stays
@@ -24,7 +22,7 @@ pub(super) fn tunnel(
     mut upstream_resp: Response<UpstreamBody>,
     client_side: OnUpgrade,
     conn: Arc<ConnInfo>,
-) -> Response<ProxyBody> {
+) -> Response<UpstreamBody> {
     // The connection now belongs to the tunnel, never to the pool.
     let upstream_side = upstream_resp.body_mut().take_upgraded();
     tunnels.spawn(async move {
@@ -48,10 +46,9 @@ pub(super) fn tunnel(
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
     });
-    let (parts, _) = upstream_resp.into_parts();
-    let mut resp = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    resp
+    // The body is over (its connection taken): the caller records the exchange as it ends.
+    *upstream_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    upstream_resp
 }
 
 /// The open upgraded connections. A tunnel outlives the client connection it came from, so the
