@@ -105,6 +105,11 @@ async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: A
             "/spacecolon-lf" => {
                 b"HTTP/1.1 200 OK\nX-A : a\nX-Empty \t:\nX-B:  b\ncontent-length: 2\n\nok".to_vec()
             }
+            // ...and in a chunked body's trailer section.
+            "/spacecolon-trailer" => {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T : t\r\n\r\n"
+                    .to_vec()
+            }
             "/small" => {
                 let mut a =
                     format!("HTTP/1.1 200 OK\r\ncontent-length: {SMALL_BODY}\r\n\r\n").into_bytes();
@@ -489,6 +494,24 @@ async fn an_upstream_s_space_before_the_colon_is_taken_out() {
                 problems.push(format!("{path}: no {want:?} line in {head:?}"));
             }
         }
+    }
+    // A trailer line: the client asked for trailers, and gets `x-t: t` after the last chunk.
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /spacecolon-trailer HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(got.windows(5).any(|w| w == b"\r\n0\r\n") && got.ends_with(b"\r\n\r\n")) {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    if !text.starts_with("http/1.1 200") || !text.ends_with("\r\n0\r\nx-t: t\r\n\r\n") {
+        problems.push(format!("trailer: {text:?}"));
     }
     let metrics = get(p.admin, "/metrics").await.1;
     if upstream_failures(&metrics) != 0.0 {

@@ -52,7 +52,8 @@ use tokio::time::Instant;
 
 use super::body::IdleTimer;
 use super::codec::{
-    self, decode_chunked, BodyFraming, ChunkState, Chunked, FramingError, FramingFields, Span,
+    self, decode_chunked, BodyFraming, ChunkState, Chunked, FramingError, FramingFields, Sender,
+    Span,
 };
 use super::fields::{BodyFields, Fields};
 use super::headers::{
@@ -1374,7 +1375,9 @@ impl<B: UploadBody> H1Body<B> {
                 }
                 Decoder::Length(_) | Decoder::Eof => None,
                 Decoder::Chunked(st) => {
-                    match decode_chunked(&mut conn.rbuf, st).map_err(ClientError::Protocol) {
+                    match decode_chunked(&mut conn.rbuf, st, Sender::Upstream)
+                        .map_err(ClientError::Protocol)
+                    {
                         Err(e) => return self.fail(e, cx),
                         Ok(Chunked::Data(d)) => Some(Frame::data(d)),
                         Ok(Chunked::Trailers(t)) => {
@@ -1814,7 +1817,9 @@ mod tests {
         let mut st = ChunkState::Size;
         let mut data = Vec::new();
         loop {
-            match decode_chunked(&mut buf, &mut st).map_err(ClientError::Protocol)? {
+            match decode_chunked(&mut buf, &mut st, Sender::Upstream)
+                .map_err(ClientError::Protocol)?
+            {
                 Chunked::Data(d) => data.extend_from_slice(&d),
                 Chunked::Trailers(t) => return Ok((data, Some(t), true)),
                 Chunked::End => return Ok((data, None, true)),
@@ -2126,7 +2131,7 @@ mod tests {
         let (mut data, mut trailers, mut fed) = (Vec::new(), 0, 0);
         let mut sizes = sizes.iter().cycle();
         loop {
-            match decode_chunked(&mut buf, &mut st).ok()? {
+            match decode_chunked(&mut buf, &mut st, Sender::Upstream).ok()? {
                 Chunked::Data(d) => data.extend_from_slice(&d),
                 Chunked::Trailers(t) => {
                     trailers += t.len();

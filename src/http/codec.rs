@@ -65,8 +65,21 @@ pub enum Chunked {
     NeedMore,
 }
 
+/// Who sent a chunked body: a client's trailer section is held to the grammar, an upstream's
+/// may have whitespace between a field name and its colon, which a proxy removes (RFC 9112
+/// 5.1) as it does in the response's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Client,
+    Upstream,
+}
+
 /// Decodes chunked framing off the front of `buf`.
-pub fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked, &'static str> {
+pub fn decode_chunked(
+    buf: &mut BytesMut,
+    st: &mut ChunkState,
+    from: Sender,
+) -> Result<Chunked, &'static str> {
     loop {
         match *st {
             ChunkState::Size => {
@@ -126,7 +139,7 @@ pub fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked
                 buf.advance(2);
                 *st = ChunkState::Size;
             }
-            ChunkState::Trailers => return take_trailers(buf),
+            ChunkState::Trailers => return take_trailers(buf, from),
         }
     }
 }
@@ -134,7 +147,7 @@ pub fn decode_chunked(buf: &mut BytesMut, st: &mut ChunkState) -> Result<Chunked
 /// The trailer section after the last chunk, taken only once it is complete (up to its empty
 /// line), so that nothing is consumed from a section still arriving; the fields a trailer may
 /// not carry are left out.
-pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
+pub fn take_trailers(buf: &mut BytesMut, from: Sender) -> Result<Chunked, &'static str> {
     if buf.first() == Some(&b'\n') {
         return Err("trailer line not ended by CRLF");
     }
@@ -170,7 +183,11 @@ pub fn take_trailers(buf: &mut BytesMut) -> Result<Chunked, &'static str> {
             .iter()
             .position(|b| *b == b':')
             .ok_or("invalid trailer")?;
-        let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| "invalid trailer name")?;
+        let mut name = &line[..colon];
+        if from == Sender::Upstream {
+            name = name.trim_ascii_end();
+        }
+        let name = HeaderName::from_bytes(name).map_err(|_| "invalid trailer name")?;
         let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
             .map_err(|_| "invalid trailer value")?;
         if trailers.len() >= MAX_TRAILER_FIELDS {
@@ -482,15 +499,36 @@ mod tests {
         for bad in [&b"\n"[..], b"\n\r\n", b"X-T: 1\n\r\n", b"X-T: 1\r\n\n"] {
             let mut b = BytesMut::from(bad);
             assert!(
-                take_trailers(&mut b).is_err(),
+                take_trailers(&mut b, Sender::Client).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
         }
         let mut b = BytesMut::from(&b"X-T: 1\r\n"[..]);
-        assert!(matches!(take_trailers(&mut b), Ok(Chunked::NeedMore)));
+        assert!(matches!(
+            take_trailers(&mut b, Sender::Client),
+            Ok(Chunked::NeedMore)
+        ));
         b.extend_from_slice(b"\r\n");
-        assert!(matches!(take_trailers(&mut b), Ok(Chunked::Trailers(_))));
+        assert!(matches!(
+            take_trailers(&mut b, Sender::Client),
+            Ok(Chunked::Trailers(_))
+        ));
+    }
+
+    /// Whitespace between a trailer's name and its colon: refused from a client, taken out of
+    /// an upstream's (RFC 9112 5.1), as in the heads.
+    #[test]
+    fn whitespace_before_a_trailer_colon_is_an_upstream_s_only() {
+        let mut b = BytesMut::from(&b"X-T : 1\r\n\r\n"[..]);
+        assert!(take_trailers(&mut b, Sender::Client).is_err());
+        let mut b = BytesMut::from(&b"X-T \t: 1\r\n\r\n"[..]);
+        match take_trailers(&mut b, Sender::Upstream) {
+            Ok(Chunked::Trailers(t)) => assert_eq!(t["x-t"], "1"),
+            _ => panic!("trailers expected"),
+        }
+        let mut b = BytesMut::from(&b" : 1\r\n\r\n"[..]);
+        assert!(take_trailers(&mut b, Sender::Upstream).is_err());
     }
 
     /// A trailer section loses the fields a trailer may not carry; with none left the body
@@ -501,7 +539,7 @@ mod tests {
             &b"Connection: close\r\nHost: evil\r\nGrpc-Status: 0\r\nContent-Length: 9\r\n\r\nnext"
                 [..],
         );
-        match take_trailers(&mut b) {
+        match take_trailers(&mut b, Sender::Client) {
             Ok(Chunked::Trailers(t)) => {
                 assert_eq!(t.len(), 1);
                 assert_eq!(t["grpc-status"], "0");
@@ -510,7 +548,10 @@ mod tests {
         }
         assert_eq!(&b[..], b"next");
         let mut b = BytesMut::from(&b"Connection: close\r\nKeep-Alive: 5\r\n\r\nnext"[..]);
-        assert!(matches!(take_trailers(&mut b), Ok(Chunked::End)));
+        assert!(matches!(
+            take_trailers(&mut b, Sender::Client),
+            Ok(Chunked::End)
+        ));
         assert_eq!(&b[..], b"next");
     }
 
@@ -533,7 +574,7 @@ mod tests {
             let mut st = ChunkState::Size;
             let mut data = Vec::new();
             loop {
-                match decode_chunked(&mut buf, &mut st)? {
+                match decode_chunked(&mut buf, &mut st, Sender::Client)? {
                     Chunked::Data(d) => data.extend_from_slice(&d),
                     Chunked::End | Chunked::Trailers(_) => return Ok(data),
                     Chunked::NeedMore => return Err("incomplete"),

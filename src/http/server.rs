@@ -44,7 +44,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::codec::{
     self, decode_chunked, BadHeader, BodyFraming, ChunkState, Chunked, FramingError, FramingFields,
-    InvalidChunked, Span,
+    InvalidChunked, Sender, Span,
 };
 use super::fields::BodyFields;
 use super::headers::{put_date, put_header};
@@ -810,7 +810,7 @@ impl Body for Streaming {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Framing::Length(_) => {}
-                Framing::Chunked(st) => match decode_chunked(&mut reader.buf, st) {
+                Framing::Chunked(st) => match decode_chunked(&mut reader.buf, st, Sender::Client) {
                     Err(why) => return this.fail(InvalidChunked(why)),
                     Ok(Chunked::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
                     Ok(Chunked::Trailers(t)) => {
