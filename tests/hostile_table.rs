@@ -1772,6 +1772,22 @@ async fn trickle(
     (got, false)
 }
 
+/// The (type, stream) of each whole frame in `got`, a server's bytes after its preface.
+fn h2_frames(got: &[u8]) -> Vec<(u8, u32)> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        let stream = u32::from_be_bytes([got[at + 5], got[at + 6], got[at + 7], got[at + 8]]);
+        if at + 9 + len > got.len() {
+            break;
+        }
+        frames.push((got[at + 3], stream & 0x7fff_ffff));
+        at += 9 + len;
+    }
+    frames
+}
+
 /// Whether `got` holds a HEADERS frame on stream 1 that begins with `:status: 200` (HPACK
 /// static index 8).
 fn h2_ok_on_stream_1(got: &[u8]) -> bool {
@@ -1809,7 +1825,7 @@ async fn a_trickled_h2_request_head_is_closed_at_the_header_read_timeout() {
     let mut head = frame_header(block.len(), 0x1, 0x5, 1);
     head.extend_from_slice(&block);
     let mut s = h2_raw(p.proxy).await;
-    let (_, closed) = trickle(
+    let (got, closed) = trickle(
         &mut s,
         &head,
         Duration::from_millis(200),
@@ -1818,6 +1834,13 @@ async fn a_trickled_h2_request_head_is_closed_at_the_header_read_timeout() {
     .await;
     if !closed {
         problems.push("a HEADERS frame trickled for 12 s kept its connection".to_string());
+    }
+    // Told so before the close (RFC 9113 5.4.1): a GOAWAY, stream 0, NO_ERROR.
+    if !h2_frames(&got)
+        .iter()
+        .any(|(kind, stream)| *kind == 0x7 && *stream == 0)
+    {
+        problems.push(format!("no GOAWAY before the close: {got:?}"));
     }
     // POST / for a with a 12-byte body: the head and the DATA frame's header whole, its
     // payload a byte every 300 ms (3.6 s).

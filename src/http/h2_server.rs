@@ -98,6 +98,8 @@ pub struct Connection<T, S, E> {
     keep_alive: Option<KeepAlive>,
     /// [`Settings::head_timeout`], and [`PeerSettings::head`]'s view of a head in progress.
     head_timeout: Option<(Duration, HeadClock)>,
+    /// A head outlasted `head_timeout`: GOAWAY sent, the connection closing.
+    head_expired: bool,
 }
 
 /// When the head in progress on a connection began (see [`Settings::head_timeout`]): the
@@ -169,6 +171,7 @@ where
             exec,
             close_pending: false,
             head_timeout: clock,
+            head_expired: false,
             keep_alive: settings.keep_alive_interval.map(|interval| KeepAlive {
                 interval,
                 timeout: settings.keep_alive_timeout,
@@ -197,8 +200,9 @@ where
     /// false if it has not closed one timeout later (drop it). Called from the caller's own
     /// periodic timer, so that no frame or request pays for a timer of its own.
     ///
-    /// Also where [`Settings::head_timeout`] is enforced: false (drop the connection) once a
-    /// head in progress is older than it.
+    /// Also where [`Settings::head_timeout`] is enforced: a GOAWAY once a head in progress is
+    /// older than it, false (drop the connection) at the next call, or at once before the
+    /// handshake has ended.
     pub fn keep_alive(self: Pin<&mut Self>, now: Instant, heard: u64) -> bool {
         let this = self.get_mut();
         if let Some((limit, clock)) = &this.head_timeout {
@@ -206,6 +210,16 @@ where
             if since != 0 {
                 let began = clock.base + Duration::from_millis(since - 1);
                 if now.saturating_duration_since(began) > *limit {
+                    // A GOAWAY first (RFC 9113 5.4.1), then dropped at the next tick if the
+                    // connection has not closed by then (the client may not read either).
+                    if let (State::Serving(conn), false) = (&mut this.state, this.head_expired) {
+                        tracing::debug!(
+                            "an h2 request head took longer than header_read_timeout; sending GOAWAY"
+                        );
+                        conn.abrupt_shutdown(Reason::NO_ERROR);
+                        this.head_expired = true;
+                        return true;
+                    }
                     tracing::debug!("an h2 request head took longer than header_read_timeout");
                     return false;
                 }
