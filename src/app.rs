@@ -942,6 +942,25 @@ impl App {
         let _ = self.admin_tls.set(tls);
     }
 
+    /// `make`'s task, started again if it panics before shutdown ([`crate::supervise`]);
+    /// `name` is its `task` label in `switchyard_task_restarts_total`.
+    pub fn supervised<F, Fut>(
+        &self,
+        name: &'static str,
+        make: F,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        crate::supervise::supervise(
+            name,
+            self.shutdown.child_token(),
+            self.metrics.task_restarts_total.with_label_values(&[name]),
+            make,
+        )
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.routes.load_full()
     }

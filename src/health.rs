@@ -20,12 +20,10 @@ pub fn ensure(app: &Arc<App>) {
     let snap = app.snapshot();
     for (svc, color, up) in snap.upstreams() {
         if svc.config.health.is_some() && !up.health_task.swap(true, Ordering::AcqRel) {
-            tokio::spawn(check_loop(
-                app.clone(),
-                svc.name().to_string(),
-                color,
-                Arc::downgrade(up),
-            ));
+            let (a, service, up) = (app.clone(), svc.name().to_string(), Arc::downgrade(up));
+            tokio::spawn(app.supervised("health_check", move || {
+                check_loop(a.clone(), service.clone(), color, up.clone())
+            }));
         }
     }
 }

@@ -47,6 +47,7 @@ mod server;
 mod shutdown;
 mod state;
 mod stats;
+mod supervise;
 mod tls;
 mod upgrade;
 mod upstream;

@@ -28,6 +28,15 @@ pub const WINDOW_DROPPED_SAMPLES: &str = "switchyard_window_dropped_samples";
 pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
+pub const TASK_RESTARTS_TOTAL: &str = "switchyard_task_restarts_total";
+/// The background tasks [`crate::supervise`] starts again, created at 0.
+pub const SUPERVISED_TASKS: &[&str] = &[
+    "health_check",
+    "stats_ticker",
+    "rollback_watcher",
+    "analysis",
+    "config_watch",
+];
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 pub const PREVIEW_REQUESTS_TOTAL: &str = "switchyard_preview_requests_total";
 pub const PREVIEW_UPSTREAM_FAILURES_TOTAL: &str = "switchyard_preview_upstream_failures_total";
@@ -84,6 +93,8 @@ pub struct Metrics {
     pub preview_request_duration: HistogramVec,
     /// `rejected_requests_total`'s series by reason, resolved at startup (see `count_rejected`).
     rejected_by_reason: Vec<(&'static str, IntCounter)>,
+    /// Background tasks started again after a panic, by task ([`crate::supervise`]).
+    pub task_restarts_total: IntCounterVec,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -264,6 +275,12 @@ impl Metrics {
                 "Generation of the service's live color: incremented by every change.",
                 &["service"],
             ),
+            task_restarts_total: counter_vec(
+                &r,
+                TASK_RESTARTS_TOTAL,
+                "Background tasks started again after a panic (each also logged at ERROR).",
+                &["task"],
+            ),
             config_reloads_total: counter_vec(
                 &r,
                 CONFIG_RELOADS_TOTAL,
@@ -281,6 +298,9 @@ impl Metrics {
         };
         for result in CONFIG_RELOAD_RESULTS {
             m.config_reloads_total.with_label_values(&[result]);
+        }
+        for task in SUPERVISED_TASKS {
+            m.task_restarts_total.with_label_values(&[task]);
         }
         m
     }

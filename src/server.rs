@@ -219,16 +219,33 @@ pub async fn start_with(
 
     crate::health::ensure(&app);
     let mut tasks = JoinSet::new();
-    tasks.spawn(crate::health::stats_ticker(app.clone()));
-    tasks.spawn(crate::watcher::run(app.clone()));
+    // The loops that keep the windows, rollbacks and triggers going are started again should
+    // one panic (`switchyard_task_restarts_total`).
+    let a = app.clone();
+    tasks.spawn(app.supervised("stats_ticker", move || {
+        crate::health::stats_ticker(a.clone())
+    }));
+    let a = app.clone();
+    tasks.spawn(app.supervised("rollback_watcher", move || crate::watcher::run(a.clone())));
     // A release that was running when the process stopped goes on where it was.
     crate::release::resume(&app).await;
-    tasks.spawn(crate::analysis::run(
-        app.clone(),
-        app.shutdown.child_token(),
-    ));
-    let config_baseline = crate::config_watch::baseline(&app).await;
-    tasks.spawn(crate::config_watch::run(app.clone(), config_baseline));
+    let a = app.clone();
+    tasks.spawn(app.supervised("analysis", move || {
+        crate::analysis::run(a.clone(), a.shutdown.child_token())
+    }));
+    // Started again, it compares with the file as it is then (no reload for a change it saw).
+    let mut baseline = Some(crate::config_watch::baseline(&app).await);
+    let a = app.clone();
+    tasks.spawn(app.supervised("config_watch", move || {
+        let (app, first) = (a.clone(), baseline.take());
+        async move {
+            let baseline = match first {
+                Some(b) => b,
+                None => crate::config_watch::baseline(&app).await,
+            };
+            crate::config_watch::run(app, baseline).await;
+        }
+    }));
     tasks.spawn(crate::dns_watch::run(app.clone()));
     if let Some(etcd) = app.store.as_etcd() {
         // etcd delivers other replicas' changes; the app (the one writer) applies them.

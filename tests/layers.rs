@@ -11,8 +11,16 @@ use std::path::{Path, PathBuf};
 /// modules on one row are independent of each other).
 const LAYERS: &[&[&str]] = &[
     // Foundations, no crate imports: HTTP/1 and the client (`http/`), metrics, windows, shutdown,
-    // TLS, the CLI's stdout and stderr.
-    &["http", "metrics", "stats", "shutdown", "tls", "out"],
+    // TLS, the CLI's stdout and stderr, background task supervision.
+    &[
+        "http",
+        "metrics",
+        "stats",
+        "shutdown",
+        "tls",
+        "out",
+        "supervise",
+    ],
     // What the operator wrote, parsed and validated (release plans included).
     &["config"],
     // Pure pieces on the config: passive ejection, the rollback decision, name resolution, the

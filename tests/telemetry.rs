@@ -473,7 +473,9 @@ async fn metrics_carry_every_contract_series_with_its_labels() {
                 "code" => v.len() == 3 && v.parse::<u16>().is_ok(),
                 "kind" => ["connect", "timeout", "reset", "5xx"].contains(&v.as_str()),
                 "le" => v == "+Inf" || v.parse::<f64>().is_ok(),
-                "reason" | "result" => v.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "reason" | "result" | "task" => {
+                    v.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }
                 // switchyard_release_state: the release states of the contract.
                 "state" => switchyard::RELEASE_STATES.contains(&v.as_str()),
                 _ => false,
