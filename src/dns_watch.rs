@@ -9,28 +9,42 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
 use crate::app::App;
 
+/// The loop's series, registered once (the loop may be started again, [`crate::supervise`]).
+#[derive(Clone)]
+pub struct Series {
+    failures: IntCounterVec,
+    stale: IntGaugeVec,
+}
+
+impl Series {
+    pub fn register(app: &App) -> Option<Series> {
+        let registry = &app.metrics.registry;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                crate::resolve::RESOLVE_FAILURES_TOTAL,
+                "Failed or empty lookups of upstream names (the last good addresses are kept).",
+            ),
+            &["name"],
+        );
+        let stale = IntGaugeVec::new(
+            Opts::new(
+                crate::resolve::RESOLUTION_STALE,
+                "1 while an upstream name's last lookup failed and its last good addresses are in use.",
+            ),
+            &["name"],
+        );
+        let (Ok(failures), Ok(stale)) = (failures, stale) else {
+            return None;
+        };
+        let _ = registry.register(Box::new(failures.clone()));
+        let _ = registry.register(Box::new(stale.clone()));
+        Some(Series { failures, stale })
+    }
+}
+
 /// Re-resolves every `resolve_interval` and publishes a new snapshot when an answer changes.
-pub async fn run(app: Arc<App>) {
-    let registry = &app.metrics.registry;
-    let failures = IntCounterVec::new(
-        Opts::new(
-            crate::resolve::RESOLVE_FAILURES_TOTAL,
-            "Failed or empty lookups of upstream names (the last good addresses are kept).",
-        ),
-        &["name"],
-    );
-    let stale = IntGaugeVec::new(
-        Opts::new(
-            crate::resolve::RESOLUTION_STALE,
-            "1 while an upstream name's last lookup failed and its last good addresses are in use.",
-        ),
-        &["name"],
-    );
-    let (Ok(failures), Ok(stale)) = (failures, stale) else {
-        return;
-    };
-    let _ = registry.register(Box::new(failures.clone()));
-    let _ = registry.register(Box::new(stale.clone()));
+pub async fn run(app: Arc<App>, series: Series) {
+    let Series { failures, stale } = series;
     loop {
         let config = app.snapshot().config.clone();
         // Gauges and counters for every name, at 0 from the start.

@@ -36,6 +36,7 @@ pub const SUPERVISED_TASKS: &[&str] = &[
     "rollback_watcher",
     "analysis",
     "config_watch",
+    "dns_watch",
 ];
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 pub const PREVIEW_REQUESTS_TOTAL: &str = "switchyard_preview_requests_total";
