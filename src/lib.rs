@@ -32,6 +32,7 @@ mod guard;
 mod health;
 mod healthcheck;
 mod http;
+pub mod log_writer;
 mod metrics;
 mod notify;
 pub mod out;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use switchyard::config::{self, StateBackend};
 use switchyard::{errln, out, outln, Options, StateStore};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// `--version`: the crate version and the git commit it was built from (build.rs; "unknown"
 /// outside a git checkout, e.g. in a Docker build without `--build-arg SWITCHYARD_GIT_COMMIT`).
@@ -122,7 +123,8 @@ fn drop_empty_env(mut cmd: clap::Command) -> clap::Command {
 
 fn main() -> ExitCode {
     let cli = parse_cli();
-    init_logging(cli.log_format);
+    // Dropped when `main` returns, after every exit path below: the queued lines are written.
+    let _log = init_logging(cli.log_format);
     match cli.cmd {
         Cmd::Check {
             config,
@@ -161,7 +163,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// The flush of the log queue, to hold until `main` returns.
+fn init_logging(format: LogFormat) -> Option<switchyard::log_writer::Flush> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colors only for a person at a terminal who did not ask for none (NO_COLOR, no-color.org):
@@ -178,15 +181,22 @@ fn init_logging(format: LogFormat) {
     // head`) loses that line and nothing else. tracing's default reports it with `eprintln!`,
     // which panics on EPIPE inside whichever task logged: an admin flip answered 500 after it
     // was applied, the health checker and the rollback watcher gone.
+    // Through a queue and a thread of its own (`log_writer`): a reader that stops reading costs
+    // log lines, never the workers that log.
+    let (writer, flush) = match switchyard::log_writer::start(std::io::stderr()) {
+        Ok((w, f)) => (BoxMakeWriter::new(w), Some(f)),
+        Err(_) => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .log_internal_errors(false)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    flush
 }
 
 /// The tracing target of `serve`'s startup reports (see [`Startup`]).

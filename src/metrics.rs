@@ -29,6 +29,7 @@ pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
 pub const TASK_RESTARTS_TOTAL: &str = "switchyard_task_restarts_total";
+pub const LOG_LINES_DROPPED_TOTAL: &str = "switchyard_log_lines_dropped_total";
 /// The background tasks [`crate::supervise`] starts again, created at 0.
 pub const SUPERVISED_TASKS: &[&str] = &[
     "health_check",
@@ -96,6 +97,8 @@ pub struct Metrics {
     rejected_by_reason: Vec<(&'static str, IntCounter)>,
     /// Background tasks started again after a panic, by task ([`crate::supervise`]).
     pub task_restarts_total: IntCounterVec,
+    /// Log lines the stderr queue had no room for: brought up to date at each scrape.
+    pub log_lines_dropped_total: IntCounter,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -161,6 +164,12 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
         register(&r, Box::new(webhook_failures_total.clone()));
+        let log_lines_dropped_total = IntCounter::new(
+            LOG_LINES_DROPPED_TOTAL,
+            "Log lines dropped because stderr's reader was not keeping up (its queue was full).",
+        )
+        .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
+        register(&r, Box::new(log_lines_dropped_total.clone()));
         let unmatched_requests_total = IntCounter::new(
             UNMATCHED_REQUESTS_TOTAL,
             "Requests that matched no service (answered 404).",
@@ -293,6 +302,7 @@ impl Metrics {
             client_closed_requests_total,
             state_degraded,
             webhook_failures_total,
+            log_lines_dropped_total,
             unmatched_requests_total,
             registry: r,
             scrape: tokio::sync::Mutex::new(()),

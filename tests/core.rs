@@ -1680,6 +1680,51 @@ async fn a_closed_stderr_loses_log_lines_and_nothing_else() {
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
+/// A stderr whose reader stops reading (a stalled log collector: the pipe fills) costs log lines,
+/// not service: with a debug line per failed request, far more than a pipe holds, every request
+/// is still answered, and the queued lines reach the reader once it reads again. Writing to stderr from the workers blocked them all once the
+/// pipe was full.
+#[tokio::test]
+async fn a_stalled_stderr_reader_costs_log_lines_not_requests() {
+    use tokio::io::AsyncReadExt;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Blue refuses connections: each request is a 502 and a debug line (~170 bytes).
+    let (config, proxy, admin) = binary_config(dir.path(), dead_addr().await, green.addr);
+    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = child.stderr.take().expect("stderr");
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    // 1,500 lines: four times what a 64 KiB pipe holds, not read meanwhile.
+    let mut answered = 0;
+    for _ in 0..1500 {
+        match try_get(proxy, "/x").await {
+            Some((502, _)) => answered += 1,
+            other => panic!("after {answered} requests: {other:?}"),
+        }
+    }
+    // The lines fit the queue (16,384): none dropped yet (the unit tests fill it).
+    let (_, m) = try_get(admin, "/metrics").await.expect("metrics");
+    assert_eq!(
+        metric(&m, "switchyard_log_lines_dropped_total", &[]),
+        Some(0.0),
+        "{m}"
+    );
+    // Reading again, the queued lines arrive.
+    let mut buf = vec![0u8; 256 * 1024];
+    let n = timeout(Duration::from_secs(10), stderr.read(&mut buf))
+        .await
+        .expect("stderr read timed out")
+        .expect("read");
+    assert!(n > 0, "nothing on stderr");
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+}
+
 /// A SIGHUP that arrives while the binary starts (its first lookup of an upstream name hangs
 /// on a FIFO here, as on a stuck resolver) does not kill it: the proxy starts and serves, and
 /// a SIGTERM still ends it with 0, the stuck lookup left behind.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// modules on one row are independent of each other).
 const LAYERS: &[&[&str]] = &[
     // Foundations, no crate imports: HTTP/1 and the client (`http/`), metrics, windows, shutdown,
-    // TLS, the CLI's stdout and stderr, background task supervision.
+    // TLS, the CLI's stdout and stderr, background task supervision, the log's writer thread.
     &[
         "http",
         "metrics",
@@ -20,6 +20,7 @@ const LAYERS: &[&[&str]] = &[
         "tls",
         "out",
         "supervise",
+        "log_writer",
     ],
     // What the operator wrote, parsed and validated (release plans included).
     &["config"],

@@ -147,6 +147,13 @@ fn color_json(svc: &Service, color: Color, now_epoch: u64, window: u64) -> Value
 pub async fn metrics_text(app: &App) -> String {
     let m = &app.metrics;
     let _scrape = m.scrape.lock().await;
+    let (dropped, counted) = (
+        crate::log_writer::dropped(),
+        m.log_lines_dropped_total.get(),
+    );
+    if dropped > counted {
+        m.log_lines_dropped_total.inc_by(dropped - counted);
+    }
     let snap = app.snapshot();
     let window = snap.config.status_window().as_secs();
     let now_epoch = app.clock.now_epoch();
