@@ -124,7 +124,10 @@ fn drop_empty_env(mut cmd: clap::Command) -> clap::Command {
 fn main() -> ExitCode {
     let cli = parse_cli();
     // Dropped when `main` returns, after every exit path below: the queued lines are written.
-    let _log = init_logging(cli.log_format);
+    // `check` says what it finds itself (`warning:` lines): the resolver's runtime WARNs ("keeping
+    // its last good addresses") would only repeat it, wrongly, offline.
+    let quiet = matches!(cli.cmd, Cmd::Check { .. });
+    let _log = init_logging(cli.log_format, if quiet { "error" } else { "info" });
     match cli.cmd {
         Cmd::Check {
             config,
@@ -164,9 +167,9 @@ fn main() -> ExitCode {
 }
 
 /// The flush of the log queue, to hold until `main` returns.
-fn init_logging(format: LogFormat) -> Option<switchyard::log_writer::Flush> {
+fn init_logging(format: LogFormat, level: &str) -> Option<switchyard::log_writer::Flush> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colors only for a person at a terminal who did not ask for none (NO_COLOR, no-color.org):
     // a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
