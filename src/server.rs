@@ -506,10 +506,6 @@ async fn serve_proxy(
     let conns = TaskTracker::new();
     let grace = app.snapshot().config.proxy.shutdown_grace;
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = app.shutdown.cancelled() => break,
-        };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -521,6 +517,17 @@ async fn serve_proxy(
                 }
             },
             _ = app.shutdown.cancelled() => break,
+        };
+        // The slot after the accept: a loop waiting for a client with a slot in hand kept it
+        // from every other listener (each idle listener one slot fewer; with a limit of 1, one
+        // listener never served). Over the limit, this connection waits here for a slot, the
+        // next ones in the listen backlog.
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = app.shutdown.cancelled() => break,
+            },
         };
         let _ = stream.set_nodelay(true);
         let info = Arc::new(ConnInfo::new(remote, tls.is_some(), mode).holding(permit));

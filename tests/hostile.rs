@@ -258,12 +258,15 @@ async fn a_steady_slow_body_is_not_cut() {
     p.stop().await;
 }
 
+/// The limit counts connections, not listeners: with a second listener (preview) waiting for
+/// clients, both slots still go to the clients of the first (an accept loop used to hold a
+/// slot while it waited).
 #[tokio::test]
 async fn max_connections_holds_the_next_connection_until_one_closes() {
     let blue = TestUpstream::start("blue").await;
     let p = start(
         blue.addr,
-        "max_connections = 2\nheader_read_timeout = \"10s\"\n",
+        "max_connections = 2\nheader_read_timeout = \"10s\"\npreview_listen = \"127.0.0.1:0\"\n",
     )
     .await;
     let req = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
