@@ -185,7 +185,10 @@ pub fn take_trailers(buf: &mut BytesMut, from: Sender) -> Result<Chunked, &'stat
             .ok_or("invalid trailer")?;
         let mut name = &line[..colon];
         if from == Sender::Upstream {
-            name = name.trim_ascii_end();
+            // SP and HTAB only (RFC 9112 5.1), as in the head.
+            while let [rest @ .., b' ' | b'\t'] = name {
+                name = rest;
+            }
         }
         let name = HeaderName::from_bytes(name).map_err(|_| "invalid trailer name")?;
         let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
@@ -210,6 +213,8 @@ pub fn take_trailers(buf: &mut BytesMut, from: Sender) -> Result<Chunked, &'stat
 /// Takes one CRLF-terminated line (without the CRLF) off `buf`; `None` if incomplete.
 pub fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, &'static str> {
     match memchr::memchr(b'\n', buf) {
+        // The same limit however the bytes arrived (one read or many).
+        Some(i) if i > max => Err("line too long"),
         Some(i) => {
             if i == 0 || buf[i - 1] != b'\r' {
                 return Err("line not ended by CRLF");
@@ -516,6 +521,31 @@ mod tests {
         ));
     }
 
+    /// A chunk-size line over 4 KiB is refused whether it arrives in pieces or in one read
+    /// with its CRLF (a 4,200-byte extension used to pass when it came whole).
+    #[test]
+    fn a_long_chunk_line_is_refused_however_it_arrives() {
+        let mut line = b"5;".to_vec();
+        line.extend_from_slice(&[b'x'; 4200]);
+        line.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        let mut st = ChunkState::Size;
+        let mut whole = BytesMut::from(&line[..]);
+        assert!(decode_chunked(&mut whole, &mut st, Sender::Client).is_err());
+        let mut st = ChunkState::Size;
+        let mut piece = BytesMut::from(&line[..4100]);
+        assert!(decode_chunked(&mut piece, &mut st, Sender::Client).is_err());
+        // At the limit it is taken.
+        let mut ok = b"5;".to_vec();
+        ok.extend_from_slice(&[b'x'; MAX_CHUNK_LINE - 3]);
+        ok.extend_from_slice(b"\r\nhello\r\n");
+        let mut st = ChunkState::Size;
+        let mut b = BytesMut::from(&ok[..]);
+        assert!(matches!(
+            decode_chunked(&mut b, &mut st, Sender::Client),
+            Ok(Chunked::Data(_))
+        ));
+    }
+
     /// Whitespace between a trailer's name and its colon: refused from a client, taken out of
     /// an upstream's (RFC 9112 5.1), as in the heads.
     #[test]
@@ -528,6 +558,8 @@ mod tests {
             _ => panic!("trailers expected"),
         }
         let mut b = BytesMut::from(&b" : 1\r\n\r\n"[..]);
+        assert!(take_trailers(&mut b, Sender::Upstream).is_err());
+        let mut b = BytesMut::from(&b"X-T\x0c: 1\r\n\r\n"[..]);
         assert!(take_trailers(&mut b, Sender::Upstream).is_err());
     }
 
