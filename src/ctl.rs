@@ -326,6 +326,25 @@ fn print_status(v: &Value) {
             {
                 outln!("      {:<22} {}", s(u, "addr"), traffic(u));
             }
+            // Upstream names: how many addresses each gives now, and why a lookup fails (a
+            // name that never resolved gives the color no upstream at all).
+            for n in c
+                .get("names")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let addrs = n.get("addrs").and_then(Value::as_array).map_or(0, Vec::len);
+                let error = match n.get("error").and_then(Value::as_str) {
+                    Some(e) => format!(" error: {e}"),
+                    None => String::new(),
+                };
+                outln!(
+                    "      name {:<17} addresses={addrs:<3} stale={}{error}",
+                    s(n, "name"),
+                    s(n, "stale")
+                );
+            }
         }
         for t in svc
             .get("triggers")

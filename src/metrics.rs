@@ -30,6 +30,8 @@ pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "switchyard_rejected_requests_total";
 pub const TASK_RESTARTS_TOTAL: &str = "switchyard_task_restarts_total";
 pub const LOG_LINES_DROPPED_TOTAL: &str = "switchyard_log_lines_dropped_total";
+pub const RESOLVE_FAILURES_TOTAL: &str = "switchyard_resolve_failures_total";
+pub const RESOLUTION_STALE: &str = "switchyard_upstream_resolution_stale";
 /// The background tasks [`crate::supervise`] starts again, created at 0.
 pub const SUPERVISED_TASKS: &[&str] = &[
     "health_check",
@@ -99,6 +101,11 @@ pub struct Metrics {
     pub task_restarts_total: IntCounterVec,
     /// Log lines the stderr queue had no room for: brought up to date at each scrape.
     pub log_lines_dropped_total: IntCounter,
+    /// Upstream names (README "Upstreams by name"), by `name` (`host:port`): failed lookups, and
+    /// 1 while the last one failed. A name's series exist while the config has it
+    /// ([`crate::resolve::publish_metrics`]).
+    pub resolve_failures_total: IntCounterVec,
+    pub resolution_stale: IntGaugeVec,
     /// Serializes scrapes: gauges are reset and refilled per scrape.
     pub scrape: tokio::sync::Mutex<()>,
 }
@@ -290,6 +297,18 @@ impl Metrics {
                 TASK_RESTARTS_TOTAL,
                 "Background tasks started again after a panic (each also logged at ERROR).",
                 &["task"],
+            ),
+            resolve_failures_total: counter_vec(
+                &r,
+                RESOLVE_FAILURES_TOTAL,
+                "Failed or empty lookups of upstream names (the last good addresses are kept).",
+                &["name"],
+            ),
+            resolution_stale: gauge_vec(
+                &r,
+                RESOLUTION_STALE,
+                "1 while an upstream name's last lookup failed and its last good addresses are in use.",
+                &["name"],
             ),
             config_reloads_total: counter_vec(
                 &r,

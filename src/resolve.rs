@@ -24,9 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, ProxyConfig};
-
-pub const RESOLVE_FAILURES_TOTAL: &str = "switchyard_resolve_failures_total";
-pub const RESOLUTION_STALE: &str = "switchyard_upstream_resolution_stale";
+use crate::metrics::Metrics;
 
 /// One lookup may take this long before it counts as failed.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -213,6 +211,72 @@ pub async fn resolve(mut config: Config, previous: Option<&Config>) -> Config {
         apply(&mut config, &answers);
     }
     config
+}
+
+/// The names' series for a config about to be published (the routing snapshot is built from
+/// it): every name of `next` at 0 from the start, `stale` at 1 while its last lookup failed, and
+/// one failed lookup counted per failing name, since every config published has just been looked
+/// up (at startup, on reload, and by the DNS watch when an answer changed; the watch counts the
+/// failures it does not publish itself). Names `previous` had and `next` has not lose both
+/// series, so a name taken out of the config is no longer exported (its counter too).
+pub fn publish_metrics(previous: Option<&Config>, next: &Config, metrics: &Metrics) {
+    let labels = |c: &Config| -> HashMap<String, bool> {
+        let mut out: HashMap<String, bool> = HashMap::new();
+        for svc in &c.services {
+            for pool in [&svc.blue, &svc.green] {
+                for n in pool.names() {
+                    *out.entry(n.label()).or_default() |= n.error.is_some();
+                }
+            }
+        }
+        out
+    };
+    let now = labels(next);
+    for (label, failed) in &now {
+        let failures = metrics
+            .resolve_failures_total
+            .with_label_values(&[label.as_str()]);
+        if *failed {
+            failures.inc();
+        }
+        metrics
+            .resolution_stale
+            .with_label_values(&[label.as_str()])
+            .set(i64::from(*failed));
+    }
+    for label in previous.map(labels).unwrap_or_default().keys() {
+        if !now.contains_key(label) {
+            let _ = metrics
+                .resolve_failures_total
+                .remove_label_values(&[label.as_str()]);
+            let _ = metrics
+                .resolution_stale
+                .remove_label_values(&[label.as_str()]);
+        }
+    }
+}
+
+/// Counts the failed lookups among `answers` of names `config` has (the DNS watch's answers
+/// that it does not publish: nothing changed, or a reload replaced the config meanwhile).
+pub fn count_failures(config: &Config, answers: &Answers, metrics: &Metrics) {
+    let mut counted: Vec<(&str, u16)> = Vec::new();
+    for svc in &config.services {
+        for pool in [&svc.blue, &svc.green] {
+            for n in pool.names() {
+                let k = (n.host.as_str(), n.port);
+                if counted.contains(&k) {
+                    continue;
+                }
+                counted.push(k);
+                if let Some(Err(_)) = answers.get(&(n.host.clone(), n.port)) {
+                    metrics
+                        .resolve_failures_total
+                        .with_label_values(&[n.label().as_str()])
+                        .inc();
+                }
+            }
+        }
+    }
 }
 
 pub fn has_names(config: &Config) -> bool {

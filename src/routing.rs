@@ -175,6 +175,8 @@ pub fn build_snapshot(
     // Windows this reload did not reuse are freed; those of the upstreams it removes come in
     // as the old snapshot is dropped, for the next reload.
     windows.trim();
+    // Upstream names' series: failed lookups counted, stale set, those of removed names gone.
+    crate::resolve::publish_metrics(previous.map(|p| &*p.config), &config, metrics);
     let next = Snapshot {
         config,
         services,

@@ -246,12 +246,8 @@ pub async fn start_with(
             crate::config_watch::run(app, baseline).await;
         }
     }));
-    if let Some(series) = crate::dns_watch::Series::register(&app) {
-        let a = app.clone();
-        tasks.spawn(app.supervised("dns_watch", move || {
-            crate::dns_watch::run(a.clone(), series.clone())
-        }));
-    }
+    let a = app.clone();
+    tasks.spawn(app.supervised("dns_watch", move || crate::dns_watch::run(a.clone())));
     if let Some(etcd) = app.store.as_etcd() {
         // etcd delivers other replicas' changes; the app (the one writer) applies them.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -719,3 +719,43 @@ async fn an_answer_that_is_not_the_admin_apis_is_not_success() {
     assert_eq!(p.service_status("web").await["paused"], false);
     p.stop().await;
 }
+
+/// `ctl status` shows each upstream name of a pool: how many addresses it gives, whether it is
+/// stale, and the lookup's error; a name that never resolved is the only line of its color.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_upstream_names_and_why_they_fail() {
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 app.green.test\n").expect("hosts");
+    let port = green.addr.port();
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nresolve_interval = \"1h\"\n\
+         resolve_hosts_file = \"{}\"\n\n[[services]]\nname = \"api\"\n\
+         blue = {{ upstreams = [\"app.blue.test:{port}\"] }}\n\
+         green = {{ upstreams = [\"app.green.test:{port}\"] }}\n",
+        hosts.display()
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let o = ctl(p.admin, None, &["status"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    let line = |name: &str| {
+        o.stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("name {name}:{port} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{o}"))
+            .to_string()
+    };
+    let blue = line("app.blue.test");
+    assert!(blue.contains("addresses=0"), "{blue}");
+    assert!(blue.contains("stale=true"), "{blue}");
+    assert!(
+        blue.contains("error: app.blue.test is not in"),
+        "the lookup's error: {blue}"
+    );
+    let green_line = line("app.green.test");
+    assert!(green_line.contains("addresses=1"), "{green_line}");
+    assert!(green_line.contains("stale=false"), "{green_line}");
+    assert!(!green_line.contains("error"), "{green_line}");
+    p.stop().await;
+}

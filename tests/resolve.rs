@@ -391,6 +391,15 @@ async fn a_failing_or_empty_answer_keeps_the_last_set() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(failures >= 1.0, "{metrics}");
+    // Each lookup that fails again is counted too (they change nothing, so publish nothing).
+    assert!(
+        eventually(10, || async {
+            let (_, m) = get(s.proxy.admin, "/metrics").await;
+            metric(&m, &format!("switchyard_resolve_failures_total{label}")).unwrap_or(0.0) >= 3.0
+        })
+        .await,
+        "repeated failures are not counted"
+    );
     // A listed name without a usable address (an empty answer) keeps the set too.
     write_hosts(&s.hosts, &["not-an-ip app.blue.test"]);
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -585,4 +594,69 @@ async fn a_failing_name_is_logged_at_warn_with_its_key() {
         .find(|l| l.contains("upstream name resolves again"))
         .expect("the line");
     assert!(info.contains(" INFO "), "{info}");
+}
+
+/// The value of `series` (`name{labels}`) in a metrics text; None when it is not exported.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn lookups_at_startup_and_reload_count_and_a_removed_name_takes_its_series() {
+    let port = common_port().await;
+    let _a = ip_upstream(SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    write_hosts(&hosts, &["127.0.0.2 app.blue.test"]);
+    // An hour between the watch's lookups: every lookup here is the startup's or a reload's.
+    let config = |green_entry: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nresolve_interval = \"1h\"\n\
+             resolve_hosts_file = \"{}\"\n\n[[services]]\nname = \"api\"\n\
+             blue = {{ upstreams = [\"app.blue.test:{port}\"] }}\n\
+             green = {{ upstreams = [\"{green_entry}\"] }}\n",
+            hosts.display()
+        )
+    };
+    let typo = format!("app.typo.test:{port}");
+    let proxy = TestProxy::start_with(&config(&typo), Some(TOKEN), Some(dir)).await;
+    let failures = format!("switchyard_resolve_failures_total{{name=\"{typo}\"}}");
+    let stale = format!("switchyard_upstream_resolution_stale{{name=\"{typo}\"}}");
+    let blue_failures =
+        format!("switchyard_resolve_failures_total{{name=\"app.blue.test:{port}\"}}");
+    let blue_stale =
+        format!("switchyard_upstream_resolution_stale{{name=\"app.blue.test:{port}\"}}");
+
+    // The startup lookup failed once: counted.
+    let (_, m) = get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, &failures), Some(1.0), "{m}");
+    assert_eq!(metric(&m, &stale), Some(1.0), "{m}");
+    assert_eq!(metric(&m, &blue_failures), Some(0.0), "{m}");
+    assert_eq!(metric(&m, &blue_stale), Some(0.0), "{m}");
+
+    // A reload looks it up again, and fails again: counted.
+    let reload = || admin_post(proxy.admin, "/api/reload", Some(TOKEN), None);
+    assert_eq!(reload().await.0, 200);
+    let (_, m) = get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, &failures), Some(2.0), "{m}");
+    assert_eq!(metric(&m, &stale), Some(1.0), "{m}");
+    assert_eq!(metric(&m, &blue_failures), Some(0.0), "{m}");
+
+    // A reload that takes the name out of the config takes its series with it.
+    std::fs::write(&proxy.config_path, config(&green.addr.to_string())).expect("config");
+    assert_eq!(reload().await.0, 200);
+    let status = proxy.status().await;
+    assert_eq!(
+        status["services"][0]["colors"]["green"]["names"],
+        serde_json::json!([]),
+        "{status}"
+    );
+    let (_, m) = get(proxy.admin, "/metrics").await;
+    assert!(!m.contains(&typo), "a removed name is still exported:\n{m}");
+    assert_eq!(metric(&m, &blue_failures), Some(0.0), "{m}");
+    assert_eq!(metric(&m, &blue_stale), Some(0.0), "{m}");
+    proxy.stop().await;
 }
