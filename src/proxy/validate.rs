@@ -104,14 +104,16 @@ pub fn trace_echo<B>(req: &Request<B>) -> bytes::Bytes {
 /// (RFC 9113 8.2.1: such a request is malformed, and a proxy does not forward it). The fields
 /// are counted as the HTTP/1.1 head they stand for: every `cookie` field counts as one, the one
 /// `Cookie` line that h2 clients split into a field per cookie (RFC 9113 8.2.3, as browsers
-/// do), and `id_added` (the proxy added the request's `X-Request-Id` before this check, the
-/// client sent none) leaves that field out.
+/// do), `:authority` counts as the `Host` line it stands for (when the request has no `host`
+/// field of its own), and `id_added` (the proxy added the request's `X-Request-Id` before this
+/// check, the client sent none) leaves that field out.
 pub fn h2_fields<B>(
     req: &Request<B>,
     max_headers: usize,
     id_added: bool,
 ) -> Result<(), H2FieldsError> {
-    let fields = req.headers().len();
+    let host = req.uri().authority().is_some() && !req.headers().contains_key(header::HOST);
+    let fields = req.headers().len() + usize::from(host);
     // Only a request over the limit is looked at again: most are far below it.
     if fields > max_headers {
         let crumbs = req.headers().get_all(header::COOKIE).iter().count();
