@@ -180,6 +180,11 @@ fn init_logging(format: LogFormat, level: &str) -> Option<switchyard::log_writer
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,
     };
+    // So is a panic's report (below), as std's own is.
+    let filter = match "switchyard::panic=error".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     // A failed write to stderr (its reader gone: a restarted log collector, `serve 2>&1 |
     // head`) loses that line and nothing else. tracing's default reports it with `eprintln!`,
     // which panics on EPIPE inside whichever task logged: an admin flip answered 500 after it
@@ -198,6 +203,32 @@ fn init_logging(format: LogFormat, level: &str) -> Option<switchyard::log_writer
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+    if flush.is_some() {
+        // A panic said through the same queue (one log line, JSON with `--log-format json`):
+        // std's own report writes to stderr directly, and would block on a full pipe.
+        std::panic::set_hook(Box::new(|info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(not text)");
+            let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+            let thread = std::thread::current();
+            let backtrace = std::backtrace::Backtrace::capture();
+            let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                .then(|| backtrace.to_string());
+            tracing::error!(
+                target: "switchyard::panic",
+                thread = thread.name().unwrap_or("unnamed"),
+                location,
+                backtrace,
+                "panicked: {message}"
+            );
+        }));
+    } else {
+        tracing::warn!("cannot start the log writer thread: logging straight to stderr, which blocks while its reader does not read");
     }
     flush
 }
