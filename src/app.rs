@@ -1669,6 +1669,8 @@ impl App {
             }
         };
         // The certificates are read again (a renewal on disk takes effect without a restart).
+        // Where TLS was off at startup there is nothing to reload: turning it on (or off) takes
+        // a restart, and `apply_config` reports it.
         for (tls, cert, key, section) in [
             (
                 self.tls.get(),
@@ -1754,6 +1756,16 @@ impl App {
                 p.0.upstream_idle_timeout != p.1.upstream_idle_timeout,
             ),
             ("admin.listen", old.admin.listen != new_cfg.admin.listen),
+            // Admin TLS is turned on or off only by a restart (the listener is built with it or
+            // without); a new pair of files while it is on is read above, no restart needed.
+            (
+                "admin.tls_cert",
+                old.admin.tls_cert.is_some() != new_cfg.admin.tls_cert.is_some(),
+            ),
+            (
+                "admin.tls_key",
+                old.admin.tls_key.is_some() != new_cfg.admin.tls_key.is_some(),
+            ),
             (
                 "admin.max_connections",
                 old.admin.max_connections != new_cfg.admin.max_connections,
