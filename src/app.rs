@@ -53,6 +53,10 @@ pub struct App {
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     /// The admin listener's certificate, reloaded the same way.
     admin_tls: std::sync::OnceLock<crate::tls::TlsSetup>,
+    /// The config this process started with: what its listeners, runtime, state backend,
+    /// notifier and log were built from. A reload compares the keys that take a restart with
+    /// it, not with the last reloaded config, which holds values never applied.
+    started_config: Arc<Config>,
     writer: tokio::sync::Mutex<()>,
     /// Set while the listening sockets go to a new process, and for good once it took them
     /// (upgrade): it reads the live state when it takes over, so a change made here from then
@@ -477,6 +481,7 @@ impl App {
             metrics.init_service(&svc.name);
         }
         let config = Arc::new(config);
+        let started_config = config.clone();
         let snapshot = build_snapshot(config, &states, None, &metrics);
         Ok(Arc::new(App {
             routes: Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -492,6 +497,7 @@ impl App {
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
+            started_config,
             writer: tokio::sync::Mutex::new(()),
             frozen: AtomicBool::new(false),
             store,
@@ -1663,6 +1669,8 @@ impl App {
             }
         };
         // The certificates are read again (a renewal on disk takes effect without a restart).
+        // Where TLS was off at startup there is nothing to reload: turning it on (or off) takes
+        // a restart, and `apply_config` reports it.
         for (tls, cert, key, section) in [
             (
                 self.tls.get(),
@@ -1706,7 +1714,9 @@ impl App {
     pub async fn apply_config(&self, new_cfg: Config, actor: &str) -> ReloadOutcome {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
-        let old = &snap.config;
+        // What the process runs with, for these keys: a key a reload changed and reported stays
+        // reported by every later reload until a restart applies it (or the file returns to it).
+        let old = &*self.started_config;
         let mut restart_required = Vec::new();
         let p = (&old.proxy, &new_cfg.proxy);
         for (key, changed) in [
@@ -1746,6 +1756,16 @@ impl App {
                 p.0.upstream_idle_timeout != p.1.upstream_idle_timeout,
             ),
             ("admin.listen", old.admin.listen != new_cfg.admin.listen),
+            // Admin TLS is turned on or off only by a restart (the listener is built with it or
+            // without); a new pair of files while it is on is read above, no restart needed.
+            (
+                "admin.tls_cert",
+                old.admin.tls_cert.is_some() != new_cfg.admin.tls_cert.is_some(),
+            ),
+            (
+                "admin.tls_key",
+                old.admin.tls_key.is_some() != new_cfg.admin.tls_key.is_some(),
+            ),
             (
                 "admin.max_connections",
                 old.admin.max_connections != new_cfg.admin.max_connections,

@@ -1157,3 +1157,40 @@ fn empty_ctl_environment_variables_are_unset() {
         .expect("a request");
     assert!(!head.contains("authorization"), "{head}");
 }
+
+/// `[state] path = ""` passed `check` and `serve`, and then every flip answered 500 (the state
+/// could not be written): `check` refuses it naming the key, with either backend (etcd keeps
+/// its cache there); the default and a real path pass.
+#[test]
+fn check_refuses_an_empty_state_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = "[[services]]\nname = \"api\"\nactive = \"blue\"\n\
+               blue  = { upstreams = [\"127.0.0.1:3001\"] }\n\
+               green = { upstreams = [\"127.0.0.1:3011\"] }\n";
+    for (name, state, ok) in [
+        ("file", "[state]\npath = \"\"\n", false),
+        ("backend", "[state]\nbackend = \"file\"\npath = \"\"\n", false),
+        (
+            "etcd",
+            "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\npath = \"\"\n",
+            false,
+        ),
+        ("default", "", true),
+        ("set", "[state]\npath = \"state/s.json\"\n", true),
+    ] {
+        let file = write(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!("[proxy]\nlisten = \"127.0.0.1:8080\"\n{state}{svc}"),
+        );
+        let out = switchyard(&["check", "--config", &file]);
+        let (stdout, stderr) = text(&out);
+        let all = format!("{stdout}{stderr}");
+        if ok {
+            assert_eq!(out.status.code(), Some(0), "{name}: {all}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{name}: {all}");
+            assert!(all.contains("state.path: must be a path"), "{name}: {all}");
+        }
+    }
+}

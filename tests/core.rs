@@ -2051,3 +2051,76 @@ async fn rollback_pause_and_resume_refuse_fields_that_are_not_theirs() {
     assert_eq!(p.service_status("api").await["active"], "blue");
     p.stop().await;
 }
+
+/// A body that is not a JSON object is a 400 on every POST that takes one, never the call's
+/// fields in order: serde's derive takes `["green", true]` as `{"to": "green", "force": true}`,
+/// which was a forced flip onto a pool with no healthy upstream.
+#[tokio::test]
+async fn an_admin_body_that_is_not_a_json_object_is_400_and_changes_nothing() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (path, body) in [
+        ("/api/services/api/flip", "[\"blue\"]"),
+        ("/api/services/api/flip", "[\"blue\", true]"),
+        ("/api/services/api/flip", "\"blue\""),
+        ("/api/services/api/flip", "null"),
+        ("/api/flip", "[\"blue\", true]"),
+        ("/api/services/api/rollback", "[true]"),
+        ("/api/services/api/rollback", "[]"),
+        ("/api/services/api/rollback", "true"),
+        ("/api/services/api/pause", "[]"),
+        ("/api/services/api/pause", "[true]"),
+        ("/api/services/api/resume", "[]"),
+        ("/api/reload", "[]"),
+        ("/api/reload", "0"),
+        ("/api/releases", "[]"),
+        ("/api/releases", "[{\"name\": \"r\"}]"),
+        ("/api/releases/current/promote", "[]"),
+        ("/api/releases/current/abort", "[]"),
+    ] {
+        let (s, text) = request(p.admin, "POST", path, &headers, body.into()).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let m = assert_error_body(s, &v, 400);
+        assert!(m.contains("JSON object"), "{path} {body}: {m}");
+        let st = p.service_status("api").await;
+        assert_eq!(st["active"], "green", "{path} {body}: {st}");
+        assert_eq!(st["generation"], 1, "{path} {body}: {st}");
+        assert_eq!(st["paused"], false, "{path} {body}: {st}");
+    }
+    let reloads: Vec<Value> = p
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e["reason"] == "reload")
+        .collect();
+    assert!(reloads.is_empty(), "{reloads:?}");
+    let (s, v) = admin_get(p.admin, "/api/releases").await;
+    assert_eq!((s, &v["current"]), (200, &Value::Null), "{v}");
+    // The same calls with an object still work.
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/pause",
+        Some(TOKEN),
+        Some(json!({"force": false})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/rollback",
+        Some(TOKEN),
+        Some(json!({"force": true})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}

@@ -576,3 +576,66 @@ async fn a_reload_names_the_listener_settings_that_take_a_restart() {
     );
     p.stop().await;
 }
+
+/// A key that takes a restart stays reported by every reload until the restart: the second
+/// reload of the same file compared with the first one's config, which holds values never
+/// applied, and answered that nothing needed a restart while the old port was still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reload_names_the_changes_that_wait_for_a_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let head = "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nmax_connections = 2\n";
+    let api = service("api", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&format!("{head}{api}")).await;
+    let original = std::fs::read_to_string(&p.config_path).expect("config");
+    let moved = original.replace(
+        "listen = \"127.0.0.1:0\"\nshutdown_grace",
+        &format!("listen = \"127.0.0.1:{}\"\nshutdown_grace", free_port()),
+    );
+    assert_ne!(moved, original);
+    std::fs::write(&p.config_path, &moved).expect("write");
+    for round in 0..3 {
+        let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            v["restart_required"],
+            serde_json::json!(["proxy.listen"]),
+            "reload {round}: {v}"
+        );
+        let m = v["message"].as_str().unwrap_or_default();
+        assert!(m.contains("only after a restart: proxy.listen"), "{m}");
+    }
+    // Another such change is added to it, not put in its place.
+    std::fs::write(
+        &p.config_path,
+        moved.replace("max_connections = 2", "max_connections = 3"),
+    )
+    .expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["restart_required"],
+        serde_json::json!(["proxy.listen", "proxy.max_connections"]),
+        "{v}"
+    );
+    // The old port is what is served; the file back as it started with needs nothing.
+    assert_eq!(p.get("/").await, (200, "blue\n".to_string()));
+    std::fs::write(&p.config_path, &original).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["restart_required"], serde_json::json!([]), "{v}");
+    let details: Vec<String> = p
+        .events()
+        .await
+        .iter()
+        .filter(|e| e["reason"] == "reload")
+        .filter_map(|e| e["detail"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(details.len(), 5, "{details:?}");
+    assert!(
+        details[..4].iter().all(|d| d.contains("proxy.listen")),
+        "{details:?}"
+    );
+    assert!(!details[4].contains("restart"), "{details:?}");
+    p.stop().await;
+}

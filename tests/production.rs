@@ -1999,3 +1999,64 @@ async fn an_admin_post_declared_too_large_is_answered_413_before_its_body() {
     assert_eq!(s, 200);
     p.stop().await;
 }
+
+/// Admin TLS is turned on or off only by a restart: a reload that adds `[admin] tls_cert` and
+/// `tls_key` to a plain admin listener (or takes them off one with TLS) says so in
+/// `restart_required`, every time, instead of answering as if it were applied. With TLS on,
+/// another pair of files is read at once, as a renewal is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_turns_admin_tls_on_or_off_takes_a_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let a = make_cert(certs.path(), "a");
+    let b = make_cert(certs.path(), "b");
+    let tls_lines = |c: &Cert| {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            c.cert.display(),
+            c.key.display()
+        )
+    };
+    let both = serde_json::json!(["admin.tls_cert", "admin.tls_key"]);
+    let svc = service("api", &[blue.addr], &[dead_addr().await], "");
+
+    // Off at startup, on in the file: reported by each reload; the listener stays plain.
+    let p = TestProxy::start(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{svc}")).await;
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    let on = text.replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n{}", tls_lines(&a)),
+        1,
+    );
+    assert_ne!(on, text);
+    std::fs::write(&p.config_path, &on).expect("write");
+    for round in 0..2 {
+        let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["restart_required"], both, "reload {round}: {v}");
+        assert_eq!(get(p.admin, "/healthz").await, (200, "ok\n".to_string()));
+    }
+    p.stop().await;
+
+    // On at startup: another pair of files is served after the reload, nothing to restart;
+    // the keys taken out are reported, and TLS stays on.
+    let p = TestProxy::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}{svc}",
+        tls_lines(&a)
+    ))
+    .await;
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    std::fs::write(&p.config_path, text.replace(&tls_lines(&a), &tls_lines(&b))).expect("write");
+    let outcome = p.app().reload("test").await.expect("reload");
+    assert!(outcome.restart_required.is_empty(), "{outcome:?}");
+    drop(tls_connect(p.admin, &[&b], b"http/1.1").await);
+    std::fs::write(&p.config_path, text.replace(&tls_lines(&a), "")).expect("write");
+    let outcome = p.app().reload("test").await.expect("reload");
+    assert_eq!(
+        serde_json::json!(outcome.restart_required),
+        both,
+        "{outcome:?}"
+    );
+    drop(tls_connect(p.admin, &[&b], b"http/1.1").await);
+    p.stop().await;
+}

@@ -385,11 +385,9 @@ async fn handle(
                     "body needs the release plan as JSON (name, validate, phases)",
                 );
             };
-            let plan: serde_json::Value = match serde_json::from_slice(b) {
+            let plan = match json_object(b) {
                 Ok(v) => v,
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
-                }
+                Err(r) => return r,
             };
             // Run to its end as a change does ([`to_end`]): dropped half way, a release could be
             // current with no driver, and every later start would answer 409.
@@ -530,14 +528,38 @@ struct FlipArgs {
     force: bool,
 }
 
+/// A call's fields from its body: none, or a JSON object of them. Anything else is 400: serde's
+/// derive also takes a JSON array as the fields in order, so `["green", true]` would have been a
+/// forced flip.
 fn parse_args<T: for<'de> Deserialize<'de> + Default>(
     body: &Option<Bytes>,
 ) -> Result<T, AdminResponse> {
-    match body {
-        None => Ok(T::default()),
-        Some(b) => serde_json::from_slice(b)
-            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))),
+    let Some(b) = body else {
+        return Ok(T::default());
+    };
+    let v = json_object(b)?;
+    T::deserialize(v)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+}
+
+/// A body that must be a JSON object (400 otherwise, naming what it is instead).
+fn json_object(b: &Bytes) -> Result<serde_json::Value, AdminResponse> {
+    let v: serde_json::Value = serde_json::from_slice(b)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))?;
+    if v.is_object() {
+        return Ok(v);
     }
+    let what = match v {
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::Bool(_) => "a boolean",
+        _ => "null",
+    };
+    Err(error(
+        StatusCode::BAD_REQUEST,
+        &format!("invalid JSON body: {what}; the body must be a JSON object of the call's fields"),
+    ))
 }
 
 /// The `{"to": COLOR, "force": BOOL}` body of a flip.

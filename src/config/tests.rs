@@ -580,3 +580,76 @@ fn path_prefixes_and_critical_paths_are_normalized() {
         });
     assert_eq!(paths, Some(vec!["/api/payments".to_string()]));
 }
+
+/// Port 0 is refused for an address and a name alike (nothing can be connected to on it); a
+/// fully qualified name with its root dot (`….svc.cluster.local.`, as Kubernetes writes them) is
+/// a name, kept as written so the resolver takes it as absolute.
+#[test]
+fn upstream_ports_and_fully_qualified_names() {
+    let with = |blue: &str| {
+        GOOD.replace(
+            "blue = { upstreams = [\"127.0.0.1:3001\"] }",
+            &format!("blue = {{ upstreams = [{blue}] }}"),
+        )
+    };
+    for (blue, expected) in [
+        (
+            "\"127.0.0.1:0\"",
+            "services[0].blue.upstreams[0]: invalid address \"127.0.0.1:0\": port 0",
+        ),
+        (
+            "\"[::1]:0\"",
+            "services[0].blue.upstreams[0]: invalid address \"[::1]:0\": port 0",
+        ),
+        (
+            "\"api-blue:0\"",
+            "services[0].blue.upstreams[0]: invalid address \"api-blue:0\": port 0",
+        ),
+        (
+            "\"api.ns.svc.cluster.local.:0\"",
+            "services[0].blue.upstreams[0]: invalid address \"api.ns.svc.cluster.local.:0\": port 0",
+        ),
+        (
+            "\"api..local:80\"",
+            "services[0].blue.upstreams[0]: invalid address \"api..local:80\"",
+        ),
+        (
+            "\"api.local..:80\"",
+            "services[0].blue.upstreams[0]: invalid address \"api.local..:80\"",
+        ),
+        (
+            "\".:80\"",
+            "services[0].blue.upstreams[0]: invalid address \".:80\"",
+        ),
+        (
+            "\"10.0.0.1.:80\"",
+            "services[0].blue.upstreams[0]: invalid address \"10.0.0.1.:80\"",
+        ),
+        (
+            "\"api.local:80\", \"API.local.:80\"",
+            "services[0].blue.upstreams[1]: duplicate upstream \"API.local.:80\"",
+        ),
+    ] {
+        let errs = errors(&with(blue));
+        assert_eq!(errs.len(), 1, "{blue}: {errs:?}");
+        assert!(errs[0].starts_with(expected), "{blue}: {errs:?}");
+    }
+    let c = from_toml_str_with_env(
+        &with("\"api-blue.switchyard.svc.cluster.local.:8080\", \"127.0.0.1:1\""),
+        env(),
+    )
+    .expect("a fully qualified name is valid");
+    let names: Vec<(String, u16)> = c.services[0]
+        .blue
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            UpstreamEntry::Name(n) => Some((n.host.clone(), n.port)),
+            UpstreamEntry::Addr(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![("api-blue.switchyard.svc.cluster.local.".to_string(), 8080)]
+    );
+}

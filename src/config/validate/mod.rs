@@ -380,6 +380,19 @@ fn state(c: &mut Check, s: &RawState) -> StateConfig {
             );
         }
     }
+    // An empty path passed `check` and `serve`, and then every flip failed to write it (500).
+    // The etcd backend keeps its cache there, and the upgrade socket's default is beside it.
+    if s.path.as_deref() == Some("") {
+        c.err(
+            "state.path",
+            match backend {
+                StateBackend::File => "must be a path: the file the live colors are kept in",
+                StateBackend::Etcd => {
+                    "must be a path: the file the last state seen from etcd is cached in"
+                }
+            },
+        );
+    }
     let state = StateConfig {
         backend,
         path: PathBuf::from(

@@ -150,11 +150,15 @@ fn valid_name(n: &str) -> bool {
             .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
 }
 
-/// `name:port` with a DNS name (letters, digits, `-`, `_`, dots) and a port 1..=65535.
+/// `name:port` with a DNS name (letters, digits, `-`, `_`, dots; a fully qualified name may end
+/// with a dot, `api.ns.svc.cluster.local.`, as Kubernetes writes them) and a port 0..=65535
+/// (port 0 is refused by the caller, with its own message). The name is kept as written, its
+/// trailing dot included: the resolver takes it as absolute (no search domains).
 fn host_and_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
-    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    let labels_ok = host.split('.').all(|l| {
+    let port: u16 = port.parse().ok()?;
+    let labels = host.strip_suffix('.').unwrap_or(host);
+    let labels_ok = labels.split('.').all(|l| {
         !l.is_empty()
             && l.len() <= 63
             && !l.starts_with('-')
@@ -163,7 +167,14 @@ fn host_and_port(s: &str) -> Option<(&str, u16)> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     });
     let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    (host.len() <= 253 && labels_ok && !numeric).then_some((host, port))
+    (labels.len() <= 253 && labels_ok && !numeric).then_some((host, port))
+}
+
+/// A name as the DNS compares it: without its root dot, case folded.
+fn same_name(a: &str, b: &str) -> bool {
+    a.strip_suffix('.')
+        .unwrap_or(a)
+        .eq_ignore_ascii_case(b.strip_suffix('.').unwrap_or(b))
 }
 
 /// `services[i].blue` or `.green`.
@@ -212,10 +223,22 @@ fn pool(c: &mut Check, key: &str, rp: Option<RawPool>) -> Option<PoolConfig> {
             );
             continue;
         };
+        // Nothing can be connected to on port 0 (the system would pick a port to listen on).
+        let port = match &entry {
+            UpstreamEntry::Addr(a) => a.port(),
+            UpstreamEntry::Name(n) => n.port,
+        };
+        if port == 0 {
+            c.err(
+                &k,
+                format!("invalid address {u:?}: port 0 (an upstream needs a port 1..=65535)"),
+            );
+            continue;
+        }
         let dup = entries.iter().any(|e| match (e, &entry) {
             (UpstreamEntry::Addr(a), UpstreamEntry::Addr(b)) => a == b,
             (UpstreamEntry::Name(a), UpstreamEntry::Name(b)) => {
-                a.host == b.host && a.port == b.port
+                same_name(&a.host, &b.host) && a.port == b.port
             }
             _ => false,
         });
