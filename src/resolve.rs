@@ -55,13 +55,15 @@ impl Resolve for HostsFile {
             let text = tokio::fs::read_to_string(&self.0)
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.0.display())))?;
+            // A fully qualified name (`name.`) is the same name as the file's `name`.
+            let name = host.strip_suffix('.').unwrap_or(host);
             let mut found = false;
             let mut addrs = Vec::new();
             for line in text.lines() {
                 let line = line.split('#').next().unwrap_or_default();
                 let mut words = line.split_whitespace();
                 let Some(ip) = words.next() else { continue };
-                if words.any(|w| w.eq_ignore_ascii_case(host)) {
+                if words.any(|w| w.strip_suffix('.').unwrap_or(w).eq_ignore_ascii_case(name)) {
                     found = true;
                     if let Ok(ip) = ip.parse::<IpAddr>() {
                         addrs.push(SocketAddr::new(ip, port));
@@ -381,6 +383,9 @@ mod tests {
         std::fs::write(&p, "# c\n10.0.0.1 a.test b.test\n::1 a.test\n").expect("write");
         let r = HostsFile(p);
         let got = r.lookup("A.test", 8).await.expect("found");
+        assert_eq!(got.len(), 2);
+        // Written fully qualified, the same name.
+        let got = r.lookup("a.test.", 8).await.expect("found");
         assert_eq!(got.len(), 2);
         assert!(r.lookup("c.test", 8).await.is_err());
         // A file that is not there is named in the error.
