@@ -28,9 +28,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::{json, Value};
 use tokio::sync::{Notify, OnceCell};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
@@ -158,6 +159,19 @@ pub struct Slot {
     stop: CancellationToken,
     /// The generation the supervisor last saw for the service.
     seen_generation: Mutex<u64>,
+    /// When its task ended without being stopped (a panic): [`sync`] starts another.
+    ended: Mutex<Option<Instant>>,
+}
+
+/// Marks the slot's task ended when it is dropped: on return and on a panic's unwinding.
+struct Ended(Arc<Slot>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if let Ok(mut e) = self.0.ended.lock() {
+            *e = Some(Instant::now());
+        }
+    }
 }
 
 impl Slot {
@@ -178,11 +192,14 @@ pub struct Analysis {
     value: GaugeVec,
     errors_total: IntCounterVec,
     state: IntGaugeVec,
+    /// Trigger tasks started again after a panic.
+    restarts: IntCounter,
 }
 
 impl Analysis {
-    /// Registers the analysis metrics in `registry`.
-    pub fn new(registry: &Registry) -> Analysis {
+    /// Registers the analysis metrics in `registry`; `restarts` counts trigger tasks started
+    /// again after a panic.
+    pub fn new(registry: &Registry, restarts: IntCounter) -> Analysis {
         let labels = &["service", "trigger", "kind"];
         let blind = IntGaugeVec::new(
             Opts::new(
@@ -232,6 +249,7 @@ impl Analysis {
             value,
             errors_total,
             state,
+            restarts,
         }
     }
 
@@ -937,10 +955,13 @@ pub async fn run<H: Host>(app: Arc<H>, shutdown: CancellationToken) {
         }
         sync(&app);
     }
-    if let Ok(mut slots) = app.analysis().slots.lock() {
-        for (_, s) in slots.drain() {
-            s.stop.cancel();
-        }
+    let mut slots = app
+        .analysis()
+        .slots
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (_, s) in slots.drain() {
+        s.stop.cancel();
     }
 }
 
@@ -961,11 +982,27 @@ fn sync<H: Host>(app: &Arc<H>) {
             }
         }
     }
-    let Ok(mut slots) = app.analysis().slots.lock() else {
-        return;
-    };
+    // A panic elsewhere while the map was held leaves it as it was: still the slots.
+    let mut slots = app
+        .analysis()
+        .slots
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
     slots.retain(|key, slot| {
-        let keep = wanted.get(key).is_some_and(|(t, _)| *t == slot.trigger);
+        let mut keep = wanted.get(key).is_some_and(|(t, _)| *t == slot.trigger);
+        // A task that ended while wanted panicked: another is started below, after a pause of
+        // its interval (at least a second), so that an answer it cannot take is not asked
+        // again at once.
+        let ended = slot.ended.lock().map(|e| *e).unwrap_or(None);
+        if let (true, Some(at)) = (keep, ended) {
+            let pause = slot.trigger.kind.interval().unwrap_or_default();
+            if now.saturating_duration_since(at) >= pause.max(Duration::from_secs(1)) {
+                tracing::error!(service = %key.0, trigger = key.1, kind = slot.trigger.kind.name(), "an analysis trigger's task ended unexpectedly (a panic); starting it again");
+                app.analysis().restarts.inc();
+                keep = false;
+            }
+        }
         if !keep {
             slot.stop.cancel();
             app.analysis()
@@ -990,6 +1027,7 @@ fn sync<H: Host>(app: &Arc<H>) {
                     wake: Notify::new(),
                     stop: CancellationToken::new(),
                     seen_generation: Mutex::new(generation),
+                    ended: Mutex::new(None),
                 });
                 tokio::spawn(trigger_task(
                     app.clone(),
@@ -1004,6 +1042,7 @@ fn sync<H: Host>(app: &Arc<H>) {
 }
 
 async fn trigger_task<H: Host>(app: Arc<H>, service: String, index: usize, slot: Arc<Slot>) {
+    let _ended = Ended(slot.clone());
     let Some(interval) = slot.trigger.kind.interval() else {
         return;
     };
@@ -1137,6 +1176,96 @@ pub async fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host with one service and one `prometheus` trigger (nothing answers its URL).
+    struct OneTrigger {
+        snap: Arc<Snapshot>,
+        analysis: Analysis,
+        restarts: IntCounter,
+    }
+
+    impl Host for OneTrigger {
+        fn snapshot(&self) -> Arc<Snapshot> {
+            self.snap.clone()
+        }
+        fn analysis(&self) -> &Analysis {
+            &self.analysis
+        }
+    }
+
+    fn one_trigger() -> Arc<OneTrigger> {
+        let cfg = crate::config::from_toml_str(
+            "[analysis]\nprometheus_url = \"http://127.0.0.1:9\"\n\
+             [[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:1\"] }\n\
+             green = { upstreams = [\"127.0.0.1:2\"] }\n[services.rollback]\n\
+             [[services.rollback.triggers]]\nkind = \"prometheus\"\nquery = \"up\"\nabove = 0.5\n\
+             interval = \"1s\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let metrics = crate::metrics::Metrics::new();
+        let snap = crate::routing::build_snapshot(Arc::new(cfg), &HashMap::new(), None, &metrics);
+        let restarts = IntCounter::new("r", "r").unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(OneTrigger {
+            snap: Arc::new(snap),
+            analysis: Analysis::new(&prometheus::Registry::new(), restarts.clone()),
+            restarts,
+        })
+    }
+
+    /// A trigger's task that ends while its trigger is still wanted (a panic) is started again,
+    /// once its interval has passed, and counted; one that runs is left alone.
+    #[tokio::test(start_paused = true)]
+    async fn a_trigger_task_that_died_is_started_again() {
+        let host = one_trigger();
+        sync(&host);
+        let first = host
+            .analysis
+            .slots
+            .lock()
+            .map(|s| s.values().next().cloned());
+        let first = first.ok().flatten().unwrap_or_else(|| panic!("no slot"));
+        sync(&host);
+        assert_eq!(host.restarts.get(), 0);
+        // Its task died (as a panic's unwinding would mark it).
+        first.stop.cancel();
+        if let Ok(mut e) = first.ended.lock() {
+            *e = Some(Instant::now());
+        }
+        // `stop` stands for the death here; a real one leaves it uncancelled.
+        let dead = Arc::new(Slot {
+            trigger: first.trigger.clone(),
+            last: Mutex::new(Last::default()),
+            wake: Notify::new(),
+            stop: CancellationToken::new(),
+            seen_generation: Mutex::new(0),
+            ended: Mutex::new(Some(Instant::now())),
+        });
+        if let Ok(mut slots) = host.analysis.slots.lock() {
+            let key = slots
+                .keys()
+                .next()
+                .cloned()
+                .unwrap_or_else(|| panic!("key"));
+            slots.insert(key, dead.clone());
+        }
+        // Not within its interval...
+        sync(&host);
+        assert_eq!(host.restarts.get(), 0);
+        // ...but after it.
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        sync(&host);
+        assert_eq!(host.restarts.get(), 1);
+        let now = host
+            .analysis
+            .slots
+            .lock()
+            .map(|s| s.values().next().cloned());
+        let now = now.ok().flatten().unwrap_or_else(|| panic!("no slot"));
+        assert!(!Arc::ptr_eq(&now, &dead), "the dead slot was kept");
+        assert!(dead.stop.is_cancelled());
+        assert!(now.ended.lock().map(|e| e.is_none()).unwrap_or(false));
+        now.stop.cancel();
+    }
 
     fn probe_check(ptr: Option<&str>, condition: ProbeCondition) -> ProbeCheck {
         ProbeCheck {

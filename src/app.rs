@@ -455,7 +455,12 @@ impl App {
             Err(e) => return Err(e),
         };
         let metrics = Arc::new(Metrics::new());
-        let analysis = crate::analysis::Analysis::new(&metrics.registry);
+        let analysis = crate::analysis::Analysis::new(
+            &metrics.registry,
+            metrics
+                .task_restarts_total
+                .with_label_values(&["analysis_trigger"]),
+        );
         let releases = crate::release_record::Releases::new(&metrics.registry);
         let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone())
             .map(|n| Box::new(n) as Box<dyn crate::events::EventSink>);

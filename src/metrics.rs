@@ -38,6 +38,7 @@ pub const SUPERVISED_TASKS: &[&str] = &[
     "stats_ticker",
     "rollback_watcher",
     "analysis",
+    "analysis_trigger",
     "config_watch",
     "dns_watch",
 ];
