@@ -145,6 +145,19 @@ mod tests {
         assert_eq!(s.observe(b"b".to_vec()), Step::Nothing, "applied");
     }
 
+    /// Started again after a panic (an empty baseline: nothing applied is known), the file as
+    /// it is is reloaded once it reads the same twice.
+    #[test]
+    fn an_empty_baseline_reloads_the_file_once() {
+        let mut s = Seen {
+            applied: Some(Vec::new()),
+            ..Seen::default()
+        };
+        assert_eq!(s.observe(b"a".to_vec()), Step::Nothing, "first sight");
+        assert_eq!(s.observe(b"a".to_vec()), Step::Reload, "stable");
+        assert_eq!(s.observe(b"a".to_vec()), Step::Nothing, "applied");
+    }
+
     #[test]
     fn a_half_written_file_is_not_reloaded() {
         let mut s = Seen::default();

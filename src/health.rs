@@ -21,17 +21,27 @@ pub fn ensure(app: &Arc<App>) {
     for (svc, color, up) in snap.upstreams() {
         if svc.config.health.is_some() && !up.health_task.swap(true, Ordering::AcqRel) {
             let (a, service, up) = (app.clone(), svc.name().to_string(), Arc::downgrade(up));
+            // Started again after a panic, it goes on counting: only the very first check
+            // decides alone.
+            let mut first = true;
             tokio::spawn(app.supervised("health_check", move || {
-                check_loop(a.clone(), service.clone(), color, up.clone())
+                let run = check_loop(a.clone(), service.clone(), color, up.clone(), first);
+                first = false;
+                run
             }));
         }
     }
 }
 
-async fn check_loop(app: Arc<App>, service: String, color: Color, up: Weak<Upstream>) {
+async fn check_loop(
+    app: Arc<App>,
+    service: String,
+    color: Color,
+    up: Weak<Upstream>,
+    mut first: bool,
+) {
     let mut successes = 0u32;
     let mut failures = 0u32;
-    let mut first = true;
     loop {
         // The upstream is gone once no snapshot references it: stop.
         let Some(up) = up.upgrade() else { return };

@@ -233,18 +233,14 @@ pub async fn start_with(
     tasks.spawn(app.supervised("analysis", move || {
         crate::analysis::run(a.clone(), a.shutdown.child_token())
     }));
-    // Started again, it compares with the file as it is then (no reload for a change it saw).
+    // Started again after a panic, it knows of nothing applied (an empty baseline): the file
+    // as it is then is reloaded once it reads the same twice (at worst a reload that changes
+    // nothing), so an edit made meanwhile is not missed.
     let mut baseline = Some(crate::config_watch::baseline(&app).await);
     let a = app.clone();
     tasks.spawn(app.supervised("config_watch", move || {
-        let (app, first) = (a.clone(), baseline.take());
-        async move {
-            let baseline = match first {
-                Some(b) => b,
-                None => crate::config_watch::baseline(&app).await,
-            };
-            crate::config_watch::run(app, baseline).await;
-        }
+        let known = baseline.take().unwrap_or(Some(Vec::new()));
+        crate::config_watch::run(a.clone(), known)
     }));
     let a = app.clone();
     tasks.spawn(app.supervised("dns_watch", move || crate::dns_watch::run(a.clone())));
