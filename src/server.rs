@@ -83,6 +83,18 @@ pub async fn start_with(
     opts: Options,
     mut inherited: Inherited,
 ) -> anyhow::Result<Running> {
+    // One process serves one state: a plain start beside a running one (the same state file or
+    // upgrade socket) is refused before it binds or writes anything.
+    let state_file = match opts.store.as_etcd() {
+        None => opts.store.local_path(),
+        Some(_) => None,
+    };
+    let state_lock = crate::upgrade::claim(
+        state_file,
+        config.proxy.upgrade_socket.clone(),
+        &mut inherited,
+    )
+    .await?;
     // Upstream names are resolved before the first request (README "Upstreams by name").
     let config = crate::resolve::resolve(config, None).await;
     let tls = match (
@@ -338,10 +350,21 @@ pub async fn start_with(
                 for (key, fd) in kept {
                     h.add(key, fd);
                 }
+                if let Some(lock) = state_lock {
+                    h.add_lock(lock);
+                }
                 tasks.spawn(h.run(app.clone()));
             }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process")
+                tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process");
+                // The state stays this process's until it stops serving.
+                if let Some(lock) = state_lock {
+                    let a = app.clone();
+                    tasks.spawn(async move {
+                        a.shutdown.cancelled().await;
+                        drop(lock);
+                    });
+                }
             }
         }
     }
