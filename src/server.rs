@@ -95,6 +95,9 @@ pub async fn start_with(
         &mut inherited,
     )
     .await?;
+    // What SIGUSR2 starts: the path this process was started from, found while the binary
+    // there is still this one.
+    let _ = tokio::task::spawn_blocking(crate::upgrade::remember_binary).await;
     // Upstream names are resolved before the first request (README "Upstreams by name").
     let config = crate::resolve::resolve(config, None).await;
     let tls = match (

@@ -647,17 +647,89 @@ fn peer_pid(s: &UnixStream) -> u32 {
         .unwrap_or(0)
 }
 
-/// SIGUSR2: starts the binary this process was started as (`argv[0]`, which after a package
-/// update is the new binary) with `serve --config FILE --upgrade`, in this process's cgroup, so
-/// a supervisor such as systemd keeps the service (see `deploy/systemd/switchyard.service`). The
-/// child takes the sockets over as `serve --upgrade` does; if it fails, this process keeps
-/// serving and logs its exit status.
+/// The path this process was started from, found at startup ([`remember_binary`]).
+static STARTED_FROM: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Finds the path this process was started from, once, while the binary there is still the
+/// running one (before a package update replaces it): what SIGUSR2 starts. Blocking (a few
+/// `stat`s): call it off the runtime's threads.
+pub fn remember_binary() {
+    STARTED_FROM.get_or_init(started_from);
+}
+
+/// `argv[0]` as the shell or supervisor resolved it, if it names the running binary (the same
+/// file as `/proc/self/exe`); else the running binary's own path.
+fn started_from() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let named = std::env::args_os().next().and_then(|a| {
+        resolve_argv0(
+            Path::new(&a),
+            std::env::var_os("PATH").as_deref(),
+            std::env::current_dir().ok().as_deref(),
+        )
+    });
+    match (named, exe) {
+        (Some(p), Some(e)) if same_file(&p, &e) => Some(p),
+        (Some(p), None) => Some(p),
+        (_, e) => e,
+    }
+}
+
+/// Where `argv0` was started from: with a `/`, that path (made absolute against `cwd`); a bare
+/// name, the first executable file of that name in `path` (`$PATH`), as `execvp` and the shell
+/// look it up (an empty entry is the current directory).
+fn resolve_argv0(
+    argv0: &Path,
+    path: Option<&std::ffi::OsStr>,
+    cwd: Option<&Path>,
+) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let absolute = |p: PathBuf| -> Option<PathBuf> {
+        if p.is_absolute() {
+            Some(p)
+        } else {
+            cwd.map(|c| c.join(p))
+        }
+    };
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.as_os_str().as_bytes().contains(&b'/') {
+        return absolute(argv0.to_path_buf());
+    }
+    std::env::split_paths(path?)
+        .map(|dir| {
+            if dir.as_os_str().is_empty() {
+                PathBuf::from(".").join(argv0)
+            } else {
+                dir.join(argv0)
+            }
+        })
+        .find(|c| is_executable(c))
+        .and_then(absolute)
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// SIGUSR2: starts the binary at the path this process was started from ([`remember_binary`]:
+/// `argv[0]` made absolute against the start directory, or a bare name looked up in `PATH` as
+/// the shell did; after a package update, the new binary there) with `serve --config FILE
+/// --upgrade`, in this process's cgroup, so a supervisor such as systemd keeps the service (see
+/// `deploy/systemd/switchyard.service`). The child takes the sockets over as `serve --upgrade`
+/// does; if it fails, this process keeps serving and logs its exit status.
 pub fn spawn_successor(config: &Path, log_format_json: bool) {
-    let exe = std::env::args_os()
-        .next()
-        .map(PathBuf::from)
-        .filter(|p| p.components().count() > 1)
-        .or_else(|| std::env::current_exe().ok());
+    let exe = STARTED_FROM.get_or_init(started_from).clone();
     let Some(exe) = exe else {
         tracing::error!("upgrade on SIGUSR2: cannot tell which binary to start");
         return;
@@ -738,6 +810,41 @@ mod tests {
         }
         let _ = child.wait();
         assert!(!alive(pid));
+    }
+
+    /// argv[0] with a `/` is made absolute against the start directory; a bare name is looked
+    /// up in PATH (the first executable file of that name); nothing found, none.
+    #[test]
+    fn argv0_is_resolved_as_the_shell_did() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).expect("mkdir");
+        std::fs::create_dir_all(&b).expect("mkdir");
+        // In a: not executable; in b: executable.
+        std::fs::write(a.join("sy"), b"").expect("write");
+        std::fs::write(b.join("sy"), b"").expect("write");
+        std::fs::set_permissions(b.join("sy"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = std::env::join_paths([&a, &b]).expect("join");
+        let cwd = Path::new("/start");
+        assert_eq!(
+            resolve_argv0(Path::new("sy"), Some(&path), Some(cwd)),
+            Some(b.join("sy"))
+        );
+        assert_eq!(
+            resolve_argv0(Path::new("bin/sy"), Some(&path), Some(cwd)),
+            Some(PathBuf::from("/start/bin/sy"))
+        );
+        assert_eq!(
+            resolve_argv0(Path::new("/usr/bin/sy"), None, None),
+            Some(PathBuf::from("/usr/bin/sy"))
+        );
+        assert_eq!(
+            resolve_argv0(Path::new("nosuch"), Some(&path), Some(cwd)),
+            None
+        );
+        assert_eq!(resolve_argv0(Path::new("sy"), None, Some(cwd)), None);
     }
 
     /// An older Switchyard's offer has no `states`: read all the same, with none.

@@ -986,3 +986,79 @@ async fn a_stale_upgrade_socket_is_replaced_by_a_plain_serve() {
     assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
     stop(&mut new, &new_log).await;
 }
+
+/// README "Upgrading Switchyard" with a process started through PATH (`switchyard serve …`, as
+/// a shell or `ENTRYPOINT ["switchyard", …]` start it: argv[0] is the bare name): the new binary
+/// installed over the old file (a new file renamed over it), SIGUSR2 starts it from the path
+/// the process was started from, not from `/proc/self/exe` (the replaced file, "(deleted)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_binary_installed_where_path_found_the_old_one() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let from = env!("CARGO_BIN_EXE_switchyard");
+    if std::fs::hard_link(from, bin.join("switchyard")).is_err() {
+        std::fs::copy(from, bin.join("switchyard")).expect("copy the binary");
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let old_log = dir.path().join("old.log");
+    let mut old = tokio::process::Command::new("switchyard")
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("PATH", &path)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&old_log).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn through PATH");
+    assert!(
+        healthz_within(admin, 15).await,
+        "did not start: {}",
+        std::fs::read_to_string(&old_log).unwrap_or_default()
+    );
+    // install -m 0755 switchyard.new bin/switchyard: a new file (a copy: a rename of another
+    // link to the same file would change nothing).
+    std::fs::copy(from, bin.join("switchyard.new")).expect("copy the binary");
+    std::fs::rename(bin.join("switchyard.new"), bin.join("switchyard")).expect("rename");
+    let sent = std::process::Command::new("kill")
+        .args(["-USR2", &old.id().expect("pid").to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    assert!(exits(&mut old, &old_log).await.success());
+    let log = std::fs::read_to_string(&old_log).unwrap_or_default();
+    assert!(
+        log.contains(&bin.join("switchyard").display().to_string()) && !log.contains("(deleted)"),
+        "{log}"
+    );
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    // The successor is not this test's child: upgrade it to one that is, then stop that one.
+    let last_log = dir.path().join("last.log");
+    let mut last = spawn_serve(&cfg, &last_log, true);
+    assert!(
+        eventually(15, || async {
+            std::fs::read_to_string(&last_log)
+                .unwrap_or_default()
+                .contains("switchyard is serving")
+        })
+        .await,
+        "the last process did not take over"
+    );
+    stop(&mut last, &last_log).await;
+    assert!(
+        eventually(10, || async { try_get(proxy, "/").await.is_none() }).await,
+        "something still accepts on the port"
+    );
+}
