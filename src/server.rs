@@ -122,7 +122,18 @@ pub async fn start_with(
     };
     let inherit = &mut inherited;
     let proxy_listener = match inherit.take("proxy.listen", config.proxy.listen) {
-        Some(l) => TcpListener::from_std(l)?,
+        Some(l) => {
+            // A plain socket (runtime "shared") shares its port with no other socket: the
+            // other workers' SO_REUSEPORT sockets cannot be bound beside it.
+            let shared = socket2::SockRef::from(&l).reuse_port().unwrap_or(true);
+            if extra_workers > 0 && !shared {
+                anyhow::bail!(
+                    "--upgrade: [proxy] runtime = \"per_worker\" needs one SO_REUSEPORT socket per worker on proxy.listen ({}), and the running process (runtime \"shared\") hands over one plain socket that no other can share; change the runtime with a restart (stop the running process, then serve), not --upgrade. The running process keeps serving",
+                    config.proxy.listen
+                );
+            }
+            TcpListener::from_std(l)?
+        }
         None => bind_with(config.proxy.listen, "proxy.listen", extra_workers > 0).await?,
     };
     let admin_listener = match inherit.take("admin.listen", config.admin.listen) {

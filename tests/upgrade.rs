@@ -1062,3 +1062,48 @@ async fn sigusr2_starts_the_binary_installed_where_path_found_the_old_one() {
         "something still accepts on the port"
     );
 }
+
+/// `--upgrade` to a config that changes `[proxy] runtime` from `shared` to `per_worker`: the
+/// new process needs one SO_REUSEPORT socket per worker, the old one hands over one plain
+/// socket. It exits 1 saying so (change the runtime with a restart), not "Address already in
+/// use"; the old process serves on, and a later upgrade reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_from_shared_to_per_worker_says_to_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let old_log = dir.path().join("old.log");
+    let mut old = serve_first(&cfg, &old_log, admin).await;
+    let shared = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        shared.replacen(
+            "workers = 1\n",
+            "workers = 2\nruntime = \"per_worker\"\n",
+            1,
+        ),
+    )
+    .expect("write config");
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    let st = exits(&mut new, &new_log).await;
+    let err = std::fs::read_to_string(&new_log).unwrap_or_default();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("per_worker") && err.contains("restart") && !err.contains("already in use"),
+        "{err}"
+    );
+    assert!(matches!(old.try_wait(), Ok(None)), "the old process exited");
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    // Its upgrade socket is still its own: an upgrade with the same runtime goes through.
+    std::fs::write(&cfg, shared).expect("write config");
+    let last_log = dir.path().join("last.log");
+    let mut last = spawn_serve(&cfg, &last_log, true);
+    assert!(exits(&mut old, &old_log).await.success());
+    stop(&mut last, &last_log).await;
+}
