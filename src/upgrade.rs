@@ -317,14 +317,14 @@ pub async fn claim(
                         };
                         if upgrading {
                             anyhow::bail!(
-                                "--upgrade: the state file {} is in use by {who} (it holds {}), not by the process that answered on proxy.upgrade_socket {}; stop that one first",
+                                "--upgrade: the state file {} is in use by {who}, which holds its lock {}, not the process that answered on proxy.upgrade_socket {}; stop that one first",
                                 state.display(),
                                 lock_path(state).display(),
                                 socket.display()
                             );
                         }
                         anyhow::bail!(
-                            "the state file {} is in use by {who} (it holds {}): two processes must not write one state file. To replace the running one, start this one with --upgrade (the running one answers on its proxy.upgrade_socket; this config names {}); or stop it first",
+                            "the state file {} is in use by {who}, which holds its lock {}: two processes must not write one state file. To replace the running one, start this one with --upgrade (the running one answers on its proxy.upgrade_socket; this config names {}); or stop it first",
                             state.display(),
                             lock_path(state).display(),
                             socket.display()
