@@ -83,6 +83,21 @@ pub async fn start_with(
     opts: Options,
     mut inherited: Inherited,
 ) -> anyhow::Result<Running> {
+    // One process serves one state: a plain start beside a running one (the same state file or
+    // upgrade socket) is refused before it binds or writes anything.
+    let state_file = match opts.store.as_etcd() {
+        None => opts.store.local_path(),
+        Some(_) => None,
+    };
+    let state_lock = crate::upgrade::claim(
+        state_file,
+        config.proxy.upgrade_socket.clone(),
+        &mut inherited,
+    )
+    .await?;
+    // What SIGUSR2 starts: the path this process was started from, found while the binary
+    // there is still this one.
+    let _ = tokio::task::spawn_blocking(crate::upgrade::remember_binary).await;
     // Upstream names are resolved before the first request (README "Upstreams by name").
     let config = crate::resolve::resolve(config, None).await;
     let tls = match (
@@ -107,7 +122,18 @@ pub async fn start_with(
     };
     let inherit = &mut inherited;
     let proxy_listener = match inherit.take("proxy.listen", config.proxy.listen) {
-        Some(l) => TcpListener::from_std(l)?,
+        Some(l) => {
+            // A plain socket (runtime "shared") shares its port with no other socket: the
+            // other workers' SO_REUSEPORT sockets cannot be bound beside it.
+            let shared = socket2::SockRef::from(&l).reuse_port().unwrap_or(true);
+            if extra_workers > 0 && !shared {
+                anyhow::bail!(
+                    "--upgrade: [proxy] runtime = \"per_worker\" needs one SO_REUSEPORT socket per worker on proxy.listen ({}), and the running process (runtime \"shared\") hands over one plain socket that no other can share; change the runtime with a restart (stop the running process, then serve), not --upgrade. The running process keeps serving",
+                    config.proxy.listen
+                );
+            }
+            TcpListener::from_std(l)?
+        }
         None => bind_with(config.proxy.listen, "proxy.listen", extra_workers > 0).await?,
     };
     let admin_listener = match inherit.take("admin.listen", config.admin.listen) {
@@ -330,10 +356,21 @@ pub async fn start_with(
                 for (key, fd) in kept {
                     h.add(key, fd);
                 }
+                if let Some(lock) = state_lock {
+                    h.add_lock(lock);
+                }
                 tasks.spawn(h.run(app.clone()));
             }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process")
+                tracing::warn!(error = %format!("{e:#}"), "serve --upgrade will not work for this process");
+                // The state stays this process's until it stops serving.
+                if let Some(lock) = state_lock {
+                    let a = app.clone();
+                    tasks.spawn(async move {
+                        a.shutdown.cancelled().await;
+                        drop(lock);
+                    });
+                }
             }
         }
     }

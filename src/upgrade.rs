@@ -49,6 +49,10 @@ const GO: &[u8] = b"go\n";
 const ABORT: &[u8] = b"abort\n";
 /// Listening sockets one process may have: proxy, TLS, preview, admin, and per-worker sockets.
 const MAX_FDS: usize = 64;
+/// The state file's lock among the descriptors handed over ([`StateLock`]). An older
+/// Switchyard taking over does not know the key and closes it (the old process's copy holds
+/// the lock until it exits).
+const LOCK_KEY: &str = "state.lock";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Offer {
@@ -64,7 +68,8 @@ struct Offer {
 /// `proxy.listen#1` for the second `per_worker` socket, `admin.listen`, …).
 #[derive(Default)]
 pub struct Inherited {
-    listeners: HashMap<String, std::net::TcpListener>,
+    /// The descriptors by key: listening sockets, and the state file's lock ([`LOCK_KEY`]).
+    listeners: HashMap<String, OwnedFd>,
     /// The old process: told `ready` once the new one serves.
     old: Option<UnixStream>,
     pub old_pid: u32,
@@ -76,7 +81,7 @@ impl Inherited {
     /// The socket for `key` if the old process had one on the address the config names (any
     /// port when the config says port 0). A changed address is bound anew instead.
     pub fn take(&mut self, key: &str, want: SocketAddr) -> Option<std::net::TcpListener> {
-        let l = self.listeners.remove(key)?;
+        let l = std::net::TcpListener::from(self.listeners.remove(key)?);
         let have = l.local_addr().ok()?;
         let same = have == want || (want.port() == 0 && have.ip() == want.ip());
         if !same {
@@ -88,6 +93,11 @@ impl Inherited {
         }
         l.set_nonblocking(true).ok()?;
         Some(l)
+    }
+
+    /// Whether this process takes over from a running one (`serve --upgrade`).
+    pub fn upgrading(&self) -> bool {
+        self.old.is_some()
     }
 
     /// Whether the old process still waits for this one to say it serves: false once it gave
@@ -191,6 +201,153 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// An exclusive `flock` on the lock file beside the state file (`state.path` with the extension
+/// `.lock`, holding the pid of the process that took it), held while this process serves that
+/// state and handed to the new process with the listening sockets on an upgrade (the same open
+/// file, so the same lock: it is never free in between). It keeps a second Switchyard from
+/// serving the same state file, whatever its upgrade socket.
+pub struct StateLock {
+    file: std::fs::File,
+}
+
+/// The lock file of the state file `state`.
+pub fn lock_path(state: &Path) -> PathBuf {
+    state.with_extension("lock")
+}
+
+/// Another process holds the lock: its pid as it wrote it (empty if unknown).
+struct Held(String);
+
+impl StateLock {
+    /// Takes the lock for this process. Ok(None) where no lock can be had (a directory this
+    /// process cannot write, a file system without locks): logged, and it serves without one.
+    fn take(state: &Path) -> Result<Option<StateLock>, Held> {
+        let path = lock_path(state);
+        let opened = (|| {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        })();
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(lock = %path.display(), error = %e, "cannot open the state file's lock; serving without it");
+                return Ok(None);
+            }
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(Held(pid.trim().to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(lock = %path.display(), error = %e, "cannot lock the state file's lock; serving without it");
+                return Ok(None);
+            }
+        }
+        let lock = StateLock { file };
+        lock.mark();
+        Ok(Some(lock))
+    }
+
+    /// The lock the old process handed over, if it is the lock of `state` (the file there now:
+    /// a changed `state.path` has another).
+    fn handed(fd: OwnedFd, state: &Path) -> Option<StateLock> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::File::from(fd);
+        let have = file.metadata().ok()?;
+        let want = std::fs::metadata(lock_path(state)).ok()?;
+        if have.dev() != want.dev() || have.ino() != want.ino() {
+            return None;
+        }
+        let lock = StateLock { file };
+        lock.mark();
+        Some(lock)
+    }
+
+    /// Writes this process's pid into the lock file: what a refused process names.
+    fn mark(&self) {
+        use std::os::unix::fs::FileExt;
+        let pid = format!("{}\n", std::process::id());
+        let _ = self
+            .file
+            .set_len(0)
+            .and_then(|()| self.file.write_all_at(pid.as_bytes(), 0));
+    }
+}
+
+impl From<StateLock> for OwnedFd {
+    fn from(l: StateLock) -> OwnedFd {
+        l.file.into()
+    }
+}
+
+/// Before a process binds anything, makes sure it is the only one serving its state. A plain
+/// start (`serve` without `--upgrade`) is refused while another Switchyard serves the same state
+/// file (its [`StateLock`] is held) or listens on the same upgrade socket (a connect succeeds; a
+/// stale socket file, nobody listening, is replaced as before). An upgrade keeps the lock the
+/// old process handed over, or takes it. `state`: the state file (None with etcd, which replicas
+/// share by design). Returns the lock this process holds, if any.
+pub async fn claim(
+    state: Option<PathBuf>,
+    socket: PathBuf,
+    inherited: &mut Inherited,
+) -> anyhow::Result<Option<StateLock>> {
+    let handed = inherited.listeners.remove(LOCK_KEY);
+    let upgrading = inherited.upgrading();
+    tokio::task::spawn_blocking(move || {
+        let lock = match &state {
+            None => None,
+            Some(state) => match handed.and_then(|fd| StateLock::handed(fd, state)) {
+                Some(l) => Some(l),
+                None => match StateLock::take(state) {
+                    Ok(l) => l,
+                    Err(Held(pid)) => {
+                        let who = if pid.is_empty() {
+                            "another Switchyard".to_string()
+                        } else {
+                            format!("another Switchyard (pid {pid})")
+                        };
+                        if upgrading {
+                            anyhow::bail!(
+                                "--upgrade: the state file {} is in use by {who}, which holds its lock {}, not the process that answered on proxy.upgrade_socket {}; stop that one first",
+                                state.display(),
+                                lock_path(state).display(),
+                                socket.display()
+                            );
+                        }
+                        anyhow::bail!(
+                            "the state file {} is in use by {who}, which holds its lock {}: two processes must not write one state file. To replace the running one, start this one with --upgrade (the running one answers on its proxy.upgrade_socket; this config names {}); or stop it first",
+                            state.display(),
+                            lock_path(state).display(),
+                            socket.display()
+                        );
+                    }
+                },
+            },
+        };
+        if !upgrading && UnixStream::connect(&socket).is_ok() {
+            anyhow::bail!(
+                "proxy.upgrade_socket {}: another Switchyard answers there (it serves this state{}). To replace it, start this one with --upgrade; or stop it first",
+                socket.display(),
+                state
+                    .as_ref()
+                    .map(|s| format!(", state file {}", s.display()))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(lock)
+    })
+    .await?
+}
+
 /// The new process's side: asks the process behind `path` for its listening sockets.
 /// Blocking: runs before the runtime starts.
 pub fn request(path: &Path) -> anyhow::Result<Inherited> {
@@ -240,12 +397,7 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
             fds.len()
         );
     }
-    let listeners = offer
-        .listeners
-        .into_iter()
-        .zip(fds)
-        .map(|(k, fd)| (k, std::net::TcpListener::from(fd)))
-        .collect();
+    let listeners = offer.listeners.into_iter().zip(fds).collect();
     s.set_read_timeout(None)?;
     Ok(Inherited {
         listeners,
@@ -302,6 +454,12 @@ impl Handover {
         self.fds.push((key, fd));
     }
 
+    /// Adds the state file's lock: handed over with the sockets, and let go of (with the upgrade
+    /// socket) once this process stops serving.
+    pub fn add_lock(&mut self, lock: StateLock) {
+        self.fds.push((LOCK_KEY.to_string(), lock.into()));
+    }
+
     /// Answers upgrade requests until one succeeds (then shuts this process down) or shutdown
     /// begins.
     pub async fn run(self, app: Arc<App>) {
@@ -335,7 +493,14 @@ impl Handover {
                 () = app.shutdown.cancelled() => return,
             };
             let greeted = match greeted {
-                Ok(Ok(g)) => g,
+                Ok(Ok(Some(g))) => g,
+                Ok(Ok(None)) => {
+                    tracing::info!(
+                        socket = %path.display(),
+                        "upgrade socket: a starting process found this one serving (a second serve of this state is refused; --upgrade takes over)"
+                    );
+                    continue;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %format!("{e:#}"), "upgrade aborted; this process keeps serving");
                     continue;
@@ -389,17 +554,21 @@ impl Handover {
     }
 }
 
-/// The first step of an exchange on a blocking socket: the new process's hello.
-fn greeted(s: UnixStream) -> anyhow::Result<(UnixStream, BufReader<UnixStream>)> {
+/// The first step of an exchange on a blocking socket: the new process's hello. None when the
+/// peer closed without a word: a starting `serve` checking whether this process serves.
+fn greeted(s: UnixStream) -> anyhow::Result<Option<(UnixStream, BufReader<UnixStream>)>> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(s.try_clone()?);
     let mut hello = String::new();
     reader.read_line(&mut hello)?;
+    if hello.is_empty() {
+        return Ok(None);
+    }
     if hello.as_bytes() != HELLO {
         anyhow::bail!("not an upgrade request: {:?}", hello.trim_end());
     }
-    Ok((s, reader))
+    Ok(Some((s, reader)))
 }
 
 /// The rest of it, after the hello: the offer with the descriptors, then wait for ready.
@@ -478,17 +647,89 @@ fn peer_pid(s: &UnixStream) -> u32 {
         .unwrap_or(0)
 }
 
-/// SIGUSR2: starts the binary this process was started as (`argv[0]`, which after a package
-/// update is the new binary) with `serve --config FILE --upgrade`, in this process's cgroup, so
-/// a supervisor such as systemd keeps the service (see `deploy/systemd/switchyard.service`). The
-/// child takes the sockets over as `serve --upgrade` does; if it fails, this process keeps
-/// serving and logs its exit status.
+/// The path this process was started from, found at startup ([`remember_binary`]).
+static STARTED_FROM: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Finds the path this process was started from, once, while the binary there is still the
+/// running one (before a package update replaces it): what SIGUSR2 starts. Blocking (a few
+/// `stat`s): call it off the runtime's threads.
+pub fn remember_binary() {
+    STARTED_FROM.get_or_init(started_from);
+}
+
+/// `argv[0]` as the shell or supervisor resolved it, if it names the running binary (the same
+/// file as `/proc/self/exe`); else the running binary's own path.
+fn started_from() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let named = std::env::args_os().next().and_then(|a| {
+        resolve_argv0(
+            Path::new(&a),
+            std::env::var_os("PATH").as_deref(),
+            std::env::current_dir().ok().as_deref(),
+        )
+    });
+    match (named, exe) {
+        (Some(p), Some(e)) if same_file(&p, &e) => Some(p),
+        (Some(p), None) => Some(p),
+        (_, e) => e,
+    }
+}
+
+/// Where `argv0` was started from: with a `/`, that path (made absolute against `cwd`); a bare
+/// name, the first executable file of that name in `path` (`$PATH`), as `execvp` and the shell
+/// look it up (an empty entry is the current directory).
+fn resolve_argv0(
+    argv0: &Path,
+    path: Option<&std::ffi::OsStr>,
+    cwd: Option<&Path>,
+) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let absolute = |p: PathBuf| -> Option<PathBuf> {
+        if p.is_absolute() {
+            Some(p)
+        } else {
+            cwd.map(|c| c.join(p))
+        }
+    };
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.as_os_str().as_bytes().contains(&b'/') {
+        return absolute(argv0.to_path_buf());
+    }
+    std::env::split_paths(path?)
+        .map(|dir| {
+            if dir.as_os_str().is_empty() {
+                PathBuf::from(".").join(argv0)
+            } else {
+                dir.join(argv0)
+            }
+        })
+        .find(|c| is_executable(c))
+        .and_then(absolute)
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// SIGUSR2: starts the binary at the path this process was started from ([`remember_binary`]:
+/// `argv[0]` made absolute against the start directory, or a bare name looked up in `PATH` as
+/// the shell did; after a package update, the new binary there) with `serve --config FILE
+/// --upgrade`, in this process's cgroup, so a supervisor such as systemd keeps the service (see
+/// `deploy/systemd/switchyard.service`). The child takes the sockets over as `serve --upgrade`
+/// does; if it fails, this process keeps serving and logs its exit status.
 pub fn spawn_successor(config: &Path, log_format_json: bool) {
-    let exe = std::env::args_os()
-        .next()
-        .map(PathBuf::from)
-        .filter(|p| p.components().count() > 1)
-        .or_else(|| std::env::current_exe().ok());
+    let exe = STARTED_FROM.get_or_init(started_from).clone();
     let Some(exe) = exe else {
         tracing::error!("upgrade on SIGUSR2: cannot tell which binary to start");
         return;
@@ -569,6 +810,41 @@ mod tests {
         }
         let _ = child.wait();
         assert!(!alive(pid));
+    }
+
+    /// argv[0] with a `/` is made absolute against the start directory; a bare name is looked
+    /// up in PATH (the first executable file of that name); nothing found, none.
+    #[test]
+    fn argv0_is_resolved_as_the_shell_did() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).expect("mkdir");
+        std::fs::create_dir_all(&b).expect("mkdir");
+        // In a: not executable; in b: executable.
+        std::fs::write(a.join("sy"), b"").expect("write");
+        std::fs::write(b.join("sy"), b"").expect("write");
+        std::fs::set_permissions(b.join("sy"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = std::env::join_paths([&a, &b]).expect("join");
+        let cwd = Path::new("/start");
+        assert_eq!(
+            resolve_argv0(Path::new("sy"), Some(&path), Some(cwd)),
+            Some(b.join("sy"))
+        );
+        assert_eq!(
+            resolve_argv0(Path::new("bin/sy"), Some(&path), Some(cwd)),
+            Some(PathBuf::from("/start/bin/sy"))
+        );
+        assert_eq!(
+            resolve_argv0(Path::new("/usr/bin/sy"), None, None),
+            Some(PathBuf::from("/usr/bin/sy"))
+        );
+        assert_eq!(
+            resolve_argv0(Path::new("nosuch"), Some(&path), Some(cwd)),
+            None
+        );
+        assert_eq!(resolve_argv0(Path::new("sy"), None, Some(cwd)), None);
     }
 
     /// An older Switchyard's offer has no `states`: read all the same, with none.

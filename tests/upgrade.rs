@@ -801,3 +801,309 @@ async fn an_upgrade_without_the_state_file_serves_the_old_process_s_live_colors(
     let _ = new.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
 }
+
+/// A copy of `cfg` as `name` in `dir` on other free ports (the same state file), with
+/// `proxy_keys` (more `[proxy]` lines) added: the file, its proxy's and its admin's addresses.
+fn beside(
+    cfg: &std::path::Path,
+    name: &str,
+    proxy_keys: &str,
+    (proxy, admin): (SocketAddr, SocketAddr),
+) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
+    let (pp, ap) = (free_port(), free_port());
+    let text = std::fs::read_to_string(cfg)
+        .expect("config")
+        .replace(&proxy.to_string(), &format!("127.0.0.1:{pp}"))
+        .replace(&admin.to_string(), &format!("127.0.0.1:{ap}"))
+        .replacen("[proxy]\n", &format!("[proxy]\n{proxy_keys}"), 1);
+    let path = cfg.with_file_name(name);
+    std::fs::write(&path, text).expect("write config");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    (path, proxy, admin)
+}
+
+/// `child` exits within 20 s: its status, or a panic with `log`.
+async fn exits(
+    child: &mut tokio::process::Child,
+    log: &std::path::Path,
+) -> std::process::ExitStatus {
+    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+        Ok(Ok(s)) => s,
+        other => panic!(
+            "it did not exit ({other:?}):\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+    }
+}
+
+/// SIGTERM to `child`, which exits 0 within 20 s.
+async fn stop(child: &mut tokio::process::Child, log: &std::path::Path) {
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().expect("pid").to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    assert!(exits(child, log).await.success());
+}
+
+/// A second `serve` (not `--upgrade`) of the same state file and upgrade socket, on other
+/// ports, is refused: it exits 1 naming the state file and the socket and saying to use
+/// `--upgrade`. It neither takes the upgrade socket over nor writes the state file: the first
+/// process keeps the flip it answered, and a later `--upgrade` still reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_of_the_same_state_is_refused_and_upgrade_reaches_the_first() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let first_log = dir.path().join("first.log");
+    let mut first = serve_first(&cfg, &first_log, admin).await;
+    let (s, v) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    let (cfg_b, _, admin_b) = beside(&cfg, "b.toml", "", (proxy, admin));
+    let b_log = dir.path().join("b.log");
+    let mut b = spawn_serve(&cfg_b, &b_log, false);
+    let st = exits(&mut b, &b_log).await;
+    let err = std::fs::read_to_string(&b_log).unwrap_or_default();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--upgrade")
+            && err.contains(&dir.path().join("state.json").display().to_string())
+            && err.contains("state.upgrade.sock"),
+        "{err}"
+    );
+    assert!(try_get(admin_b, "/healthz").await.is_none());
+    assert_eq!(
+        try_get(proxy, "/").await,
+        Some((200, "green\n".to_string()))
+    );
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).expect("state file"))
+            .expect("json");
+    assert_eq!(stored["services"]["api"]["active"], "green", "{stored}");
+
+    // The upgrade socket is still the first process's: --upgrade takes over from it.
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    assert!(exits(&mut first, &first_log).await.success());
+    assert_eq!(
+        try_get(proxy, "/").await,
+        Some((200, "green\n".to_string()))
+    );
+    stop(&mut new, &new_log).await;
+}
+
+/// Another upgrade socket does not make a second process on the same state file welcome: the
+/// state file's lock refuses it, naming the holder. The lock goes to the new process with the
+/// sockets on an upgrade (still refused after the old one exited), and is free once the
+/// holder stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_file_s_lock_refuses_a_second_serve_and_follows_an_upgrade() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let first_log = dir.path().join("first.log");
+    let mut first = serve_first(&cfg, &first_log, admin).await;
+    let other_socket = format!(
+        "upgrade_socket = \"{}\"\n",
+        dir.path().join("other.sock").display()
+    );
+    let (cfg_b, _, admin_b) = beside(&cfg, "b.toml", &other_socket, (proxy, admin));
+    let refused = |pid: u32| {
+        let cfg_b = cfg_b.clone();
+        let log = dir.path().join(format!("b-{pid}.log"));
+        let state = dir.path().join("state.json").display().to_string();
+        async move {
+            let mut b = spawn_serve(&cfg_b, &log, false);
+            let st = exits(&mut b, &log).await;
+            let err = std::fs::read_to_string(&log).unwrap_or_default();
+            assert_eq!(st.code(), Some(1), "{err}");
+            assert!(
+                err.contains(&state)
+                    && err.contains(&format!("pid {pid}"))
+                    && err.contains("--upgrade"),
+                "{err}"
+            );
+        }
+    };
+    refused(first.id().expect("pid")).await;
+
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    assert!(exits(&mut first, &first_log).await.success());
+    refused(new.id().expect("pid")).await;
+
+    stop(&mut new, &new_log).await;
+    let b_log = dir.path().join("b.log");
+    let mut b = spawn_serve(&cfg_b, &b_log, false);
+    assert!(
+        healthz_within(admin_b, 15).await,
+        "{}",
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
+    stop(&mut b, &b_log).await;
+}
+
+/// A stale upgrade socket (its process killed, nothing listens) does not keep a plain `serve`
+/// from starting: the file is replaced, and `--upgrade` reaches the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_upgrade_socket_is_replaced_by_a_plain_serve() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let first_log = dir.path().join("first.log");
+    let mut first = serve_first(&cfg, &first_log, admin).await;
+    first.start_kill().expect("kill -9");
+    let _ = first.wait().await;
+    assert!(dir.path().join("state.upgrade.sock").exists());
+    let second_log = dir.path().join("second.log");
+    let mut second = serve_first(&cfg, &second_log, admin).await;
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    assert!(exits(&mut second, &second_log).await.success());
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    stop(&mut new, &new_log).await;
+}
+
+/// README "Upgrading Switchyard" with a process started through PATH (`switchyard serve …`, as
+/// a shell or `ENTRYPOINT ["switchyard", …]` start it: argv[0] is the bare name): the new binary
+/// installed over the old file (a new file renamed over it), SIGUSR2 starts it from the path
+/// the process was started from, not from `/proc/self/exe` (the replaced file, "(deleted)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_binary_installed_where_path_found_the_old_one() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let from = env!("CARGO_BIN_EXE_switchyard");
+    if std::fs::hard_link(from, bin.join("switchyard")).is_err() {
+        std::fs::copy(from, bin.join("switchyard")).expect("copy the binary");
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let old_log = dir.path().join("old.log");
+    let mut old = tokio::process::Command::new("switchyard")
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("PATH", &path)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&old_log).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn through PATH");
+    assert!(
+        healthz_within(admin, 15).await,
+        "did not start: {}",
+        std::fs::read_to_string(&old_log).unwrap_or_default()
+    );
+    // install -m 0755 switchyard.new bin/switchyard: a new file (a copy: a rename of another
+    // link to the same file would change nothing).
+    std::fs::copy(from, bin.join("switchyard.new")).expect("copy the binary");
+    std::fs::rename(bin.join("switchyard.new"), bin.join("switchyard")).expect("rename");
+    let sent = std::process::Command::new("kill")
+        .args(["-USR2", &old.id().expect("pid").to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    assert!(exits(&mut old, &old_log).await.success());
+    let log = std::fs::read_to_string(&old_log).unwrap_or_default();
+    assert!(
+        log.contains(&bin.join("switchyard").display().to_string()) && !log.contains("(deleted)"),
+        "{log}"
+    );
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    // The successor is not this test's child: upgrade it to one that is, then stop that one.
+    let last_log = dir.path().join("last.log");
+    let mut last = spawn_serve(&cfg, &last_log, true);
+    assert!(
+        eventually(15, || async {
+            std::fs::read_to_string(&last_log)
+                .unwrap_or_default()
+                .contains("switchyard is serving")
+        })
+        .await,
+        "the last process did not take over"
+    );
+    stop(&mut last, &last_log).await;
+    assert!(
+        eventually(10, || async { try_get(proxy, "/").await.is_none() }).await,
+        "something still accepts on the port"
+    );
+}
+
+/// `--upgrade` to a config that changes `[proxy] runtime` from `shared` to `per_worker`: the
+/// new process needs one SO_REUSEPORT socket per worker, the old one hands over one plain
+/// socket. It exits 1 saying so (change the runtime with a restart), not "Address already in
+/// use"; the old process serves on, and a later upgrade reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_from_shared_to_per_worker_says_to_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let old_log = dir.path().join("old.log");
+    let mut old = serve_first(&cfg, &old_log, admin).await;
+    let shared = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        shared.replacen(
+            "workers = 1\n",
+            "workers = 2\nruntime = \"per_worker\"\n",
+            1,
+        ),
+    )
+    .expect("write config");
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    let st = exits(&mut new, &new_log).await;
+    let err = std::fs::read_to_string(&new_log).unwrap_or_default();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("per_worker") && err.contains("restart") && !err.contains("already in use"),
+        "{err}"
+    );
+    assert!(matches!(old.try_wait(), Ok(None)), "the old process exited");
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    // Its upgrade socket is still its own: an upgrade with the same runtime goes through.
+    std::fs::write(&cfg, shared).expect("write config");
+    let last_log = dir.path().join("last.log");
+    let mut last = spawn_serve(&cfg, &last_log, true);
+    assert!(exits(&mut old, &old_log).await.success());
+    stop(&mut last, &last_log).await;
+}
