@@ -59,7 +59,9 @@ pub use app::App;
 pub use health::ensure as ensure_health_checks;
 pub use server::{file_problems, start, start_with, Options, Running};
 pub use state::{move_aside as move_state_aside, StateStore};
-pub use upgrade::{request as request_upgrade, sd_notify, spawn_successor, Inherited};
+pub use upgrade::{
+    request as request_upgrade, sd_notify, spawn_successor, state_held_by, Inherited,
+};
 // `check`: upstream names (DNS) and release plans; the states a release can be in.
 pub use release::{
     end_stored_on_missing_state as end_release_on_missing_state,

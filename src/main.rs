@@ -435,6 +435,16 @@ fn serve(
     };
     let store = StateStore::from_config(&cfg.state);
     if reset_state && cfg.state.backend == StateBackend::File {
+        // Never the state of a process that is serving it: start_with would refuse to start
+        // beside it, after the file was moved from under it.
+        if let Some(pid) = switchyard::state_held_by(&cfg.state.path) {
+            report.error(&format!(
+                "--reset-state: the state file {} is in use by another Switchyard{}; stop it first (nothing was moved)",
+                cfg.state.path.display(),
+                if pid.is_empty() { String::new() } else { format!(" (pid {pid})") }
+            ));
+            return ExitCode::FAILURE;
+        }
         match switchyard::move_state_aside(&cfg.state.path) {
             Ok(Some(aside)) => {
                 report.note(&format!(

@@ -289,6 +289,16 @@ impl From<StateLock> for OwnedFd {
     }
 }
 
+/// The pid (maybe empty) of the process that holds the lock of state file `state`, if one
+/// does: `serve --reset-state` checks it before it moves the file aside. Blocking.
+pub fn state_held_by(state: &Path) -> Option<String> {
+    match StateLock::take(state) {
+        Err(Held(pid)) => Some(pid),
+        // Taken (and let go at once) or not lockable: nobody is known to serve it.
+        Ok(_) => None,
+    }
+}
+
 /// Before a process binds anything, makes sure it is the only one serving its state. A plain
 /// start (`serve` without `--upgrade`) is refused while another Switchyard serves the same state
 /// file (its [`StateLock`] is held) or listens on the same upgrade socket (a connect succeeds; a

@@ -889,6 +889,17 @@ async fn a_second_serve_of_the_same_state_is_refused_and_upgrade_reaches_the_fir
         try_get(proxy, "/").await,
         Some((200, "green\n".to_string()))
     );
+    // Nor does `--reset-state` move the serving process's state file aside.
+    let reset_log = dir.path().join("reset.log");
+    let reset = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--reset-state", "--config"])
+        .arg(&cfg_b)
+        .stderr(std::fs::File::create(&reset_log).expect("log"))
+        .status()
+        .expect("run");
+    let err = std::fs::read_to_string(&reset_log).unwrap_or_default();
+    assert_eq!(reset.code(), Some(1), "{err}");
+    assert!(err.contains("nothing was moved"), "{err}");
     let stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).expect("state file"))
             .expect("json");
