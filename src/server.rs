@@ -284,7 +284,13 @@ pub async fn start_with(
     }
 
     let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
-    let builder = h2_builder(&proxy_cfg);
+    let mut builder = h2_builder(&proxy_cfg);
+    // An h2 stream the client resets before its answer counts as an HTTP/1 client that closes
+    // its connection does.
+    let cancelled = app.metrics.client_closed_requests_total.clone();
+    builder.on_cancel = Some(crate::http::h2_server::OnCancel(Arc::new(move || {
+        cancelled.inc()
+    })));
     tasks.spawn(serve_proxy(
         app.clone(),
         proxy.clone(),
@@ -518,6 +524,7 @@ fn h2_builder(cfg: &ProxyConfig) -> H2Settings {
         keep_alive_interval: Some(Duration::from_secs(30)),
         keep_alive_timeout: Duration::from_secs(20),
         head_timeout: Some(cfg.header_read_timeout),
+        on_cancel: None,
     }
 }
 

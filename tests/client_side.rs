@@ -418,13 +418,35 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
             "the upstream request was still open 10 s after its client left"
         );
     }
+    // Over h2 (prior knowledge), a stream the client resets: the same, and counted too.
+    let (sent, before) = (
+        arrived.load(Ordering::SeqCst),
+        closed.load(Ordering::SeqCst),
+    );
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://a/hold").body(()).expect("req");
+    let (_resp, mut stream) = client.send_request(req, true).expect("send");
+    assert!(
+        eventually(10, || async { arrived.load(Ordering::SeqCst) > sent }).await,
+        "the h2 request never reached the upstream"
+    );
+    stream.send_reset(h2::Reason::CANCEL);
+    assert!(
+        eventually(10, || async { closed.load(Ordering::SeqCst) > before }).await,
+        "the upstream request was still open 10 s after its client reset the stream"
+    );
+    let counted = eventually(10, || async {
+        let (_, m) = get(p.admin, "/metrics").await;
+        m.contains("\nswitchyard_client_closed_requests_total 3\n")
+    })
+    .await;
+    conn.abort();
     let status = p.service_status("api").await;
     assert_eq!(status["colors"]["blue"]["requests"], 0, "{status}");
     let (_, metrics) = get(p.admin, "/metrics").await;
-    assert!(
-        metrics.contains("\nswitchyard_client_closed_requests_total 2\n"),
-        "{metrics}"
-    );
+    assert!(counted, "{metrics}");
     p.stop().await;
 }
 

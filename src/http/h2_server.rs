@@ -54,6 +54,19 @@ pub struct Settings {
     /// trickling a request head, as a slowloris does over HTTP/1); past it the connection is
     /// closed. A DATA frame's payload is the body's, not bounded here. None: never.
     pub head_timeout: Option<Duration>,
+    /// Called for each stream the client resets (or whose connection it drops) before the
+    /// response head went out: the work for it is dropped (nginx's 499).
+    pub on_cancel: Option<OnCancel>,
+}
+
+/// What [`Settings::on_cancel`] calls.
+#[derive(Clone)]
+pub struct OnCancel(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnCancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCancel")
+    }
 }
 
 impl Settings {
@@ -100,6 +113,7 @@ pub struct Connection<T, S, E> {
     head_timeout: Option<(Duration, HeadClock)>,
     /// A head outlasted `head_timeout`: GOAWAY sent, the connection closing.
     head_expired: bool,
+    on_cancel: Option<OnCancel>,
 }
 
 /// When the head in progress on a connection began (see [`Settings::head_timeout`]): the
@@ -172,6 +186,7 @@ where
             close_pending: false,
             head_timeout: clock,
             head_expired: false,
+            on_cancel: settings.on_cancel.clone(),
             keep_alive: settings.keep_alive_interval.map(|interval| KeepAlive {
                 interval,
                 timeout: settings.keep_alive_timeout,
@@ -307,6 +322,7 @@ where
                         reply,
                         head,
                         max_header_list,
+                        on_cancel: this.on_cancel.clone(),
                         state: StreamState::Waiting(handled),
                     });
                     continue;
@@ -330,6 +346,7 @@ pub struct Stream<F, B> {
     head: bool,
     /// The client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none).
     max_header_list: u32,
+    on_cancel: Option<OnCancel>,
     state: StreamState<F, B>,
 }
 
@@ -372,6 +389,10 @@ where
                 let Poll::Ready(resp) = polled else {
                     // A client that resets the stream drops the work done for it.
                     if this.reply.poll_reset(cx).is_ready() {
+                        tracing::debug!("the client reset its stream before the response");
+                        if let Some(OnCancel(f)) = &this.on_cancel {
+                            f();
+                        }
                         return Poll::Ready(());
                     }
                     return Poll::Pending;
@@ -928,6 +949,7 @@ mod tests {
             keep_alive_interval: Some(interval),
             keep_alive_timeout: timeout,
             head_timeout: None,
+            on_cancel: None,
         }
     }
 
