@@ -644,8 +644,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWindow<S> {
 const GOAWAY_FLUSH: Duration = Duration::from_millis(100);
 
 /// Runs a connection future under a watchdog: an idle connection gets `graceful` (GOAWAY) and
-/// is dropped [`GOAWAY_FLUSH`] later if still without an open stream, or `linger` later at
-/// the latest; a stalled one is dropped at once; shutdown starts `graceful` too (the
+/// is dropped at the first tick [`GOAWAY_FLUSH`] or more later (within the tick, at most a
+/// second) if still without an open stream, or `linger` later at the latest; a stalled one is dropped at once; shutdown starts `graceful` too (the
 /// listener's drain bounds what follows).
 pub async fn watch<C>(
     mut conn: Pin<&mut C>,
