@@ -18,7 +18,7 @@
 //! fragment, `Content-Length` with `Transfer-Encoding`, differing or malformed lengths, any
 //! `Transfer-Encoding` but a single `chunked`, and `Transfer-Encoding` in HTTP/1.0. A head larger
 //! than `max_header_bytes` or with more than `max_headers` fields is 431; a request line alone
-//! longer than that, or a target the URI type cannot hold, is 414. `header_read_timeout` bounds
+//! longer than that, or a target the URI type cannot hold, is 414 (501 when the method alone is). `header_read_timeout` bounds
 //! both a head being received and an idle keep-alive connection waiting for its next request.
 //!
 //! The read and write halves are separate, so a request body can stream to the upstream while
@@ -385,6 +385,17 @@ fn oversized(buf: &[u8], max: usize) -> Refused {
         .unwrap_or(buf.len());
     let line = memchr::memchr(b'\n', &buf[start..]).unwrap_or(buf.len() - start);
     if line > max {
+        // The method alone over the limit: longer than any method served (RFC 9112 3: 501).
+        let method = memchr::memchr(b' ', &buf[start..start + line]).unwrap_or(line);
+        if method > max {
+            return Refused {
+                status: StatusCode::NOT_IMPLEMENTED,
+                why: "method too long\n",
+                metric: None,
+                line: None,
+                head: Bytes::new(),
+            };
+        }
         return uri_too_long();
     }
     too_large("request head too large\n")
@@ -1911,6 +1922,13 @@ mod tests {
         fields.extend_from_slice(b"\r\n\r\n");
         let r = parse(&fields).err().expect("refused");
         assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        // The method alone over the limit: 501 (RFC 9112 3), arriving or whole.
+        let mut method = vec![b'G'; 70_000];
+        let r = parse(&method).err().expect("refused");
+        assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED);
+        method.extend_from_slice(b" / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = parse(&method).err().expect("refused");
+        assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED);
     }
 
     /// A refused head's fields, for the access log: those on complete lines after the request

@@ -35,7 +35,7 @@
 //! | 502 | (the HTTP/1 server's) a `101` before the request body was all read | no (recorded as the 502, [`crate::http::h2_server::Replaced`]) |
 //! | 502 | (the h2 server's) a head over the client's SETTINGS_MAX_HEADER_LIST_SIZE | no (recorded as the 502, [`crate::http::h2_server::Replaced`]) |
 //!
-//! The HTTP/1 server itself answers 400/431/414 for heads it refuses (see
+//! The HTTP/1 server itself answers 400/431/414/501 for heads it refuses (see
 //! [`crate::http::server`]); with the access log on, [`ProxyConn`] makes those answers, so that
 //! they carry a request id and are logged like every other.
 
