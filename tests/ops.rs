@@ -108,7 +108,13 @@ async fn a_configmap_update_reloads_and_an_invalid_one_changes_nothing() {
     })
     .await;
     assert!(reloaded, "not reloaded: {}", p.status().await);
+    // The event is recorded just after the new config is served.
+    let recorded = eventually(10, || async {
+        p.events().await.iter().any(|e| e["reason"] == "reload")
+    })
+    .await;
     let events = p.events().await;
+    assert!(recorded, "no reload event: {events:?}");
     let reload = events
         .iter()
         .find(|e| e["reason"] == "reload")
