@@ -767,15 +767,7 @@ fn finish(
             let fields = resp.body_mut().take_fields();
             fields.into_map(resp.headers_mut());
         }
-        // Wrapped once, in the type the server takes: each `map` moves the whole response.
-        return resp.map(|body| {
-            Logged::off(Either::Left(RecordedBody::new(
-                body,
-                outcome,
-                elapsed,
-                status.as_u16(),
-            )))
-        });
+        return recorded(resp, outcome, elapsed);
     }
     let asked = rewritten
         .upgrade
@@ -786,14 +778,7 @@ fn finish(
             let resp = tunnel::tunnel(&proxy.tunnels, tunnel_idle, resp, client_side, conn.clone());
             // Recorded when the server is done with it: as the 101, or as the 502 the server
             // answers in its place when the request body was not all read ([`Replaced`]).
-            return resp.map(|body| {
-                Logged::off(Either::Left(RecordedBody::new(
-                    body,
-                    outcome,
-                    elapsed,
-                    status.as_u16(),
-                )))
-            });
+            return recorded(resp, outcome, elapsed);
         }
         Some(_) => ProxyError::OtherProtocol,
         // That connection now speaks something else: it must not go back to the pool.
@@ -804,6 +789,22 @@ fn finish(
     outcome.record(end, elapsed, answer.status.as_u16(), answer.failure);
     resp.body_mut().detach();
     served(error.response())
+}
+
+/// The upstream's response, its exchange recorded as its body ends; wrapped once, in the type
+/// the server takes (each `map` moves the whole response).
+#[inline]
+fn recorded(
+    resp: Response<UpstreamBody>,
+    outcome: Outcome,
+    elapsed: Duration,
+) -> Response<ServedBody> {
+    let status = resp.status().as_u16();
+    resp.map(|body| {
+        Logged::off(Either::Left(RecordedBody::new(
+            body, outcome, elapsed, status,
+        )))
+    })
 }
 
 /// A TRACE or OPTIONS the proxy answers as the final recipient (RFC 9110 7.6.2): OPTIONS with
