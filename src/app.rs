@@ -1369,12 +1369,43 @@ impl App {
 
     /// The rollback engine's flip: only if the service is still at `generation` (a manual
     /// change in between wins), never to a pool without a healthy upstream.
+    ///
+    /// A compare lost to a rewrite of the very state the rollback was decided on (a fence of an
+    /// unresolved write, this replica's or another's, rewrites it unchanged at a newer
+    /// revision) is no change by anyone: the rollback is sent again, compared at the revision
+    /// just read, every check run again (twice; then an error, retried at the next evaluation).
+    /// Only that same state is ever rolled back, so a change by anyone else still wins.
     pub async fn auto_rollback(
         &self,
         name: &str,
         generation: u64,
         detail: &str,
         trigger: serde_json::Value,
+    ) -> Result<Option<FlipOutcome>, ChangeError> {
+        let mut rewritten = None;
+        for _ in 0..3 {
+            let done = self
+                .auto_rollback_try(name, generation, detail, trigger.clone(), &mut rewritten)
+                .await;
+            let Some(why) = rewritten.take() else {
+                return done;
+            };
+            tracing::warn!(service = %name, reason = %why, "automatic rollback lost its compare to a rewrite of the state it was decided on (not a change by another replica); sending it again");
+        }
+        Err(ChangeError::Unavailable(format!(
+            "{name}: the automatic rollback lost its compare three times to rewrites of the unchanged state; retried at the next evaluation"
+        )))
+    }
+
+    /// One attempt of [`App::auto_rollback`]; `rewritten` is set (with the conflict) when the
+    /// compare was lost to a rewrite of the unchanged state.
+    async fn auto_rollback_try(
+        &self,
+        name: &str,
+        generation: u64,
+        detail: &str,
+        trigger: serde_json::Value,
+        rewritten: &mut Option<String>,
     ) -> Result<Option<FlipOutcome>, ChangeError> {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
@@ -1403,6 +1434,16 @@ impl App {
         changed.insert(name.to_string(), Arc::new(next));
         match self.commit(&snap, changed, vec![ev]).await {
             Ok(()) => {}
+            // `commit` applied what etcd holds: the state this rollback was decided on.
+            Err(ChangeError::Conflict(why))
+                if self
+                    .snapshot()
+                    .service(name)
+                    .is_some_and(|now| now.state == svc.state) =>
+            {
+                *rewritten = Some(why);
+                return Ok(None);
+            }
             Err(ChangeError::Conflict(why)) => {
                 // Another replica changed this service first (most likely the same rollback).
                 self.record(
