@@ -1050,23 +1050,42 @@ impl App {
                         Ok(())
                     }
                     WriteOutcome::Conflict(read) => {
-                        self.apply_states(read).await;
+                        self.apply_states(read.clone()).await;
+                        // Said as it was read (etcd may hold something newer by the time this
+                        // is shown or recorded), and what this replica serves after applying it.
                         let now = self.snapshot();
-                        let serving = names
+                        let shown = |s: &ServiceState| {
+                            format!("{} (generation {})", s.active, s.generation)
+                        };
+                        let what = names
                             .iter()
-                            .filter_map(|n| now.service(n))
-                            .map(|s| {
-                                format!(
-                                    "{} is {} (generation {})",
-                                    s.name(),
-                                    s.state.active,
-                                    s.state.generation
-                                )
+                            .map(|n| {
+                                let served = now.service(n).map(|s| &s.state);
+                                let serves = match served {
+                                    Some(s) if read.get(n) == Some(s) => {
+                                        "this replica serves that now".to_string()
+                                    }
+                                    Some(s) => format!("this replica serves {}", shown(s)),
+                                    None => "this replica does not serve it".to_string(),
+                                };
+                                match read.get(n) {
+                                    Some(r) if before.get(n) == Some(r) => format!(
+                                        "{n} was rewritten unchanged at a newer revision (a fence of a write whose answer came late): etcd held {} when this replica read it, {serves}",
+                                        shown(r)
+                                    ),
+                                    Some(r) => format!(
+                                        "{n} was changed by another replica: etcd held {} when this replica read it, {serves}",
+                                        shown(r)
+                                    ),
+                                    None => format!(
+                                        "{n} was changed in etcd and could not be read back: {serves}"
+                                    ),
+                                }
                             })
                             .collect::<Vec<_>>()
-                            .join(", ");
+                            .join("; ");
                         Err(ChangeError::Conflict(format!(
-                            "the state of {} was changed by another replica; this replica now serves what etcd holds ({serving}); re-read the status and retry",
+                            "the compare on the state of {} was lost ({what}); re-read the status and retry",
                             names.join(", ")
                         )))
                     }

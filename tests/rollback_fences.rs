@@ -273,9 +273,48 @@ async fn a_rollback_that_loses_to_another_replica_s_rollback_is_not_sent_again()
         .unwrap_or("")
         .to_string();
     assert!(
-        conflict.contains("blue (generation 2)") && !conflict.contains("green (generation 1)"),
+        conflict.contains("changed by another replica: etcd held blue (generation 2) when this replica read it, this replica serves that now")
+            && !conflict.contains("green (generation 1)"),
         "{conflict}"
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// A manual flip that loses its compare to a rewrite of the unchanged state answers 409 saying
+/// so (etcd held the same state, nobody changed it), not "changed by another replica"; sent
+/// again, it is compared at the revision read and lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_lost_to_a_rewrite_of_the_same_state_says_what_etcd_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let relay = WatchHold::start(etcd.addr()).await;
+    let a = TestProxy::start(&body(
+        &format!("http://{}", relay.addr),
+        blue.addr,
+        green.addr,
+    ))
+    .await;
+    assert!(converged(&[&a], "blue", 0, 10).await);
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    relay.hold(true);
+    let mut fence = etcd.held(KEY).await;
+    fence["write_id"] = json!("fence-00000000-00000000000000fe");
+    put(&etcd, &fence).await;
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!(s, 409, "{v}");
+    let why = v["error"].as_str().unwrap_or("").to_string();
+    assert!(
+        why.contains("api was rewritten unchanged")
+            && why.contains("etcd held green (generation 1) when this replica read it")
+            && !why.contains("changed by another replica"),
+        "{why}"
+    );
+    let (s, v) = a.flip("api", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    relay.hold(false);
+    assert!(converged(&[&a], "blue", 2, 10).await);
+    a.stop().await;
 }
