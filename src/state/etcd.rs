@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -199,6 +199,10 @@ pub struct EtcdStore {
     /// Write id -> the key and revision its history is read on (see [`EtcdStore::committed`]),
     /// for writes whose outcome is unknown.
     probes: Mutex<HashMap<String, (String, i64)>>,
+    /// The last full read ([`EtcdStore::load`]) got an answer: false until one does, so a
+    /// replica that started from its cache (etcd did not answer at startup) is degraded from
+    /// its first moment ([`sync`]), not only once its next read has timed out too.
+    loaded: AtomicBool,
 }
 
 fn b64(s: &str) -> String {
@@ -273,6 +277,7 @@ impl EtcdStore {
             lease: Mutex::new(None),
             unresolved: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
+            loaded: AtomicBool::new(false),
         })
     }
 
@@ -381,7 +386,9 @@ impl EtcdStore {
                 "/v3/kv/range",
                 &json!({ "key": b64(&prefix), "range_end": prefix_end(&prefix) }),
             )
-            .await?;
+            .await;
+        self.loaded.store(v.is_ok(), Ordering::Relaxed);
+        let v = v?;
         let revision = num(&v["header"]["revision"]);
         let mut states = HashMap::new();
         let mut write_ids = HashMap::new();
@@ -1436,6 +1443,10 @@ pub async fn sync(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(250);
+    if !store.loaded.load(Ordering::Relaxed) {
+        // Started without etcd's answer (serving the cache file or the config's colors).
+        degraded.set(1);
+    }
     let interval = store.options.progress_interval;
     let deadline = interval * 3;
     let mut settling: Option<tokio::task::JoinHandle<()>> = None;
