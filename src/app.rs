@@ -1069,6 +1069,10 @@ impl App {
                                     None => "this replica does not serve it".to_string(),
                                 };
                                 match read.get(n) {
+                                    Some(r) if etcd.lost_to_own_write(n) => format!(
+                                        "{n} holds an earlier write of this replica whose answer came late (it took effect): etcd held {} when this replica read it, {serves}",
+                                        shown(r)
+                                    ),
                                     Some(r) if before.get(n) == Some(r) => format!(
                                         "{n} was rewritten unchanged at a newer revision (a fence of a write whose answer came late): etcd held {} when this replica read it, {serves}",
                                         shown(r)
@@ -1461,6 +1465,20 @@ impl App {
                     .is_some_and(|now| now.state == svc.state) =>
             {
                 *rewritten = Some(why);
+                return Ok(None);
+            }
+            // An earlier attempt of this same rollback, whose answer came late, took effect: no
+            // conflict (its event is recorded when the watch or a full read shows it).
+            Err(ChangeError::Conflict(why))
+                if self
+                    .store
+                    .as_etcd()
+                    .is_some_and(|e| e.lost_to_own_write(name))
+                    && self.snapshot().service(name).is_some_and(|now| {
+                        now.state.active == to && now.state.failed == Some(from)
+                    }) =>
+            {
+                tracing::info!(service = %name, reason = %why, "an earlier attempt of this automatic rollback took effect");
                 return Ok(None);
             }
             Err(ChangeError::Conflict(why)) => {

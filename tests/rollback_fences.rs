@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 /// A TCP relay to etcd that, while held, keeps back what etcd sends on watch connections (those
 /// whose client sent `/v3/watch`) and delivers it, in order, once released. Every other
-/// connection passes at once.
+/// connection passes at once, unless every answer is held back too (`hold_all`).
 struct WatchHold {
     addr: SocketAddr,
     held: Arc<AtomicBool>,
+    all: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -32,15 +33,16 @@ impl WatchHold {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay addr");
         let held = Arc::new(AtomicBool::new(false));
+        let all = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
-        let (h, st) = (held.clone(), stop.clone());
+        let (h, a, st) = (held.clone(), all.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 let client = tokio::select! {
                     r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
                     _ = st.cancelled() => return,
                 };
-                let (held, st) = (h.clone(), st.clone());
+                let (held, all, st) = (h.clone(), a.clone(), st.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -71,7 +73,9 @@ impl WatchHold {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
-                            while held.load(Ordering::SeqCst) && watch.load(Ordering::SeqCst) {
+                            while all.load(Ordering::SeqCst)
+                                || (held.load(Ordering::SeqCst) && watch.load(Ordering::SeqCst))
+                            {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                             if cw.write_all(&buf[..n]).await.is_err() {
@@ -87,11 +91,20 @@ impl WatchHold {
                 });
             }
         });
-        WatchHold { addr, held, stop }
+        WatchHold {
+            addr,
+            held,
+            all,
+            stop,
+        }
     }
 
     fn hold(&self, on: bool) {
         self.held.store(on, Ordering::SeqCst);
+    }
+
+    fn hold_all(&self, on: bool) {
+        self.all.store(on, Ordering::SeqCst);
     }
 }
 
@@ -124,9 +137,13 @@ async fn converged(ps: &[&TestProxy], color: &str, generation: u64, secs: u64) -
 /// The config of a replica on `endpoint`: rollback on any 5xx of `/pay`, and the watch's lag
 /// check far off (a held watch must not be noticed and resynced during the test).
 fn body(endpoint: &str, blue: SocketAddr, green: SocketAddr) -> String {
+    body_timeout(endpoint, blue, green, "2s")
+}
+
+fn body_timeout(endpoint: &str, blue: SocketAddr, green: SocketAddr, timeout: &str) -> String {
     format!(
         "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"{endpoint}\"]\netcd_prefix = \"/sy-fence/\"\n\
-         etcd_timeout = \"2s\"\netcd_progress_interval = \"60s\"\n{}",
+         etcd_timeout = \"{timeout}\"\netcd_progress_interval = \"60s\"\n{}",
         service(
             "api",
             &[blue],
@@ -316,5 +333,93 @@ async fn a_flip_lost_to_a_rewrite_of_the_same_state_says_what_etcd_held() {
     assert_eq!(s, 200, "{v}");
     relay.hold(false);
     assert!(converged(&[&a], "blue", 2, 10).await);
+    a.stop().await;
+}
+
+/// Log lines of this test binary (WARN and up), from the first call on.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct W(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if let Ok(mut v) = self.0.lock() {
+                    v.extend_from_slice(b);
+                }
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let w = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || W(w.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+/// A's first rollback is committed by etcd at once, but no answer reaches A (the relay holds
+/// them all back), so its outcome is unknown and the engine tries again. That next attempt loses
+/// its compare to A's own first one: the rollback is done, and it is no `rollback_conflict`
+/// (before: "changed by another replica", although there is no other replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_loses_to_its_own_earlier_attempt_records_no_conflict() {
+    let logs = captured_logs();
+    let unknown = || {
+        let l = logs
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        l.lines()
+            .filter(|l| {
+                l.contains("automatic rollback failed; will retry") && l.contains("outcome unknown")
+            })
+            .count()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let relay = WatchHold::start(etcd.addr()).await;
+    let a = TestProxy::start(&body_timeout(
+        &format!("http://{}", relay.addr),
+        blue.addr,
+        green.addr,
+        "500ms",
+    ))
+    .await;
+    assert!(converged(&[&a], "blue", 0, 10).await);
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    assert!(converged(&[&a], "green", 1, 10).await);
+
+    relay.hold(true);
+    relay.hold_all(true);
+    let before = unknown();
+    green.set_status(500);
+    assert_eq!(a.get("/pay").await.0, 500);
+    let unresolved = eventually(30, || async { unknown() > before }).await;
+    assert!(unresolved, "the first rollback's outcome was never unknown");
+    let held = etcd.held(KEY).await;
+    assert_eq!(
+        (&held["active"], &held["generation"]),
+        (&json!("blue"), &json!(2)),
+        "{held}"
+    );
+    relay.hold_all(false);
+    // The next attempt loses to it and applies what etcd holds (the watch is still held).
+    assert!(converged(&[&a], "blue", 2, 15).await);
+    relay.hold(false);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let evs = a.events().await;
+    let count = |r: &str| evs.iter().filter(|e| e["reason"] == r).count();
+    assert_eq!(count("auto_rollback"), 1, "{evs:#?}");
+    assert_eq!(count("rollback_conflict"), 0, "{evs:#?}");
+    assert_eq!(etcd.held(KEY).await["generation"], 2);
     a.stop().await;
 }
