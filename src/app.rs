@@ -1061,23 +1061,46 @@ impl App {
                         Ok(())
                     }
                     WriteOutcome::Conflict(read) => {
-                        self.apply_states(read).await;
+                        self.apply_states(read.clone()).await;
+                        // Said as it was read (etcd may hold something newer by the time this
+                        // is shown or recorded), and what this replica serves after applying it.
                         let now = self.snapshot();
-                        let serving = names
+                        let shown = |s: &ServiceState| {
+                            format!("{} (generation {})", s.active, s.generation)
+                        };
+                        let what = names
                             .iter()
-                            .filter_map(|n| now.service(n))
-                            .map(|s| {
-                                format!(
-                                    "{} is {} (generation {})",
-                                    s.name(),
-                                    s.state.active,
-                                    s.state.generation
-                                )
+                            .map(|n| {
+                                let served = now.service(n).map(|s| &s.state);
+                                let serves = match served {
+                                    Some(s) if read.get(n) == Some(s) => {
+                                        "this replica serves that now".to_string()
+                                    }
+                                    Some(s) => format!("this replica serves {}", shown(s)),
+                                    None => "this replica does not serve it".to_string(),
+                                };
+                                match read.get(n) {
+                                    Some(r) if etcd.lost_to_own_write(n) => format!(
+                                        "{n} holds an earlier write of this replica whose answer came late (it took effect): etcd held {} when this replica read it, {serves}",
+                                        shown(r)
+                                    ),
+                                    Some(r) if before.get(n) == Some(r) => format!(
+                                        "{n} was rewritten unchanged at a newer revision (a fence of a write whose answer came late): etcd held {} when this replica read it, {serves}",
+                                        shown(r)
+                                    ),
+                                    Some(r) => format!(
+                                        "{n} was changed by another replica: etcd held {} when this replica read it, {serves}",
+                                        shown(r)
+                                    ),
+                                    None => format!(
+                                        "{n} was changed in etcd and could not be read back: {serves}"
+                                    ),
+                                }
                             })
                             .collect::<Vec<_>>()
-                            .join(", ");
+                            .join("; ");
                         Err(ChangeError::Conflict(format!(
-                            "the state of {} was changed by another replica; this replica now serves what etcd holds ({serving}); re-read the status and retry",
+                            "the compare on the state of {} was lost ({what}); re-read the status and retry",
                             names.join(", ")
                         )))
                     }
@@ -1380,12 +1403,43 @@ impl App {
 
     /// The rollback engine's flip: only if the service is still at `generation` (a manual
     /// change in between wins), never to a pool without a healthy upstream.
+    ///
+    /// A compare lost to a rewrite of the very state the rollback was decided on (a fence of an
+    /// unresolved write, this replica's or another's, rewrites it unchanged at a newer
+    /// revision) is no change by anyone: the rollback is sent again, compared at the revision
+    /// just read, every check run again (twice; then an error, retried at the next evaluation).
+    /// Only that same state is ever rolled back, so a change by anyone else still wins.
     pub async fn auto_rollback(
         &self,
         name: &str,
         generation: u64,
         detail: &str,
         trigger: serde_json::Value,
+    ) -> Result<Option<FlipOutcome>, ChangeError> {
+        let mut rewritten = None;
+        for _ in 0..3 {
+            let done = self
+                .auto_rollback_try(name, generation, detail, trigger.clone(), &mut rewritten)
+                .await;
+            let Some(why) = rewritten.take() else {
+                return done;
+            };
+            tracing::warn!(service = %name, reason = %why, "automatic rollback lost its compare to a rewrite of the state it was decided on (not a change by another replica); sending it again");
+        }
+        Err(ChangeError::Unavailable(format!(
+            "{name}: the automatic rollback lost its compare three times to rewrites of the unchanged state; retried at the next evaluation"
+        )))
+    }
+
+    /// One attempt of [`App::auto_rollback`]; `rewritten` is set (with the conflict) when the
+    /// compare was lost to a rewrite of the unchanged state.
+    async fn auto_rollback_try(
+        &self,
+        name: &str,
+        generation: u64,
+        detail: &str,
+        trigger: serde_json::Value,
+        rewritten: &mut Option<String>,
     ) -> Result<Option<FlipOutcome>, ChangeError> {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
@@ -1414,6 +1468,30 @@ impl App {
         changed.insert(name.to_string(), Arc::new(next));
         match self.commit(&snap, changed, vec![ev]).await {
             Ok(()) => {}
+            // `commit` applied what etcd holds: the state this rollback was decided on.
+            Err(ChangeError::Conflict(why))
+                if self
+                    .snapshot()
+                    .service(name)
+                    .is_some_and(|now| now.state == svc.state) =>
+            {
+                *rewritten = Some(why);
+                return Ok(None);
+            }
+            // An earlier attempt of this same rollback, whose answer came late, took effect: no
+            // conflict (its event is recorded when the watch or a full read shows it).
+            Err(ChangeError::Conflict(why))
+                if self
+                    .store
+                    .as_etcd()
+                    .is_some_and(|e| e.lost_to_own_write(name))
+                    && self.snapshot().service(name).is_some_and(|now| {
+                        now.state.active == to && now.state.failed == Some(from)
+                    }) =>
+            {
+                tracing::info!(service = %name, reason = %why, "an earlier attempt of this automatic rollback took effect");
+                return Ok(None);
+            }
             Err(ChangeError::Conflict(why)) => {
                 // Another replica changed this service first (most likely the same rollback).
                 self.record(

@@ -921,3 +921,45 @@ async fn an_unreadable_service_key_is_not_written_back() {
     assert_eq!(state_of(&a, "unread").await, ("green".to_string(), 1));
     a.stop().await;
 }
+
+/// A replica started while etcd hangs (SIGSTOP: connections open, no answers) serves the last
+/// state it saw from etcd (its cache file) and says it is degraded from its first moment. It
+/// said `degraded: false` (and `switchyard_state_degraded 0`) until its next read timed out too,
+/// one `etcd_timeout` after it started serving (reviewer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_etcd_hangs_is_degraded_from_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = etcd_state(
+        &etcd.endpoint(),
+        "/sy-hung/",
+        &format!(
+            "etcd_timeout = \"5s\"\n{}",
+            service("api", &[blue.addr], &[green.addr], "")
+        ),
+    );
+    let a = TestProxy::start(&body).await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    let a_dir = a.stop().await;
+
+    etcd.signal("-STOP");
+    let a = TestProxy::start_with(&body, Some(TOKEN), Some(a_dir)).await;
+    let st = a.status().await;
+    let metrics = get(a.admin, "/metrics").await.1;
+    etcd.signal("-CONT");
+    assert_eq!(st["state"]["source"], "cache", "{st}");
+    assert_eq!(st["state"]["degraded"], true, "{st}");
+    assert!(metrics.contains("switchyard_state_degraded 1"), "{metrics}");
+    assert_eq!(a.get("/x").await, (200, "green\n".to_string()));
+    // etcd answers again: resynced, no longer degraded.
+    let back = eventually(30, || async {
+        let st = a.status().await;
+        st["state"]["source"] == "etcd" && st["state"]["degraded"] == false
+    })
+    .await;
+    assert!(back, "{}", a.status().await);
+    assert_eq!(active_of(&a).await, ("green".to_string(), 1));
+    a.stop().await;
+}

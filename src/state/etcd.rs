@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -199,6 +199,14 @@ pub struct EtcdStore {
     /// Write id -> the key and revision its history is read on (see [`EtcdStore::committed`]),
     /// for writes whose outcome is unknown.
     probes: Mutex<HashMap<String, (String, i64)>>,
+    /// The last full read ([`EtcdStore::load`]) got an answer: false until one does, so a
+    /// replica that started from its cache (etcd did not answer at startup) is degraded from
+    /// its first moment ([`sync`]), not only once its next read has timed out too.
+    loaded: AtomicBool,
+    /// Services whose key, read back by the last write that lost its compare, held an earlier
+    /// write of this replica whose outcome was unknown (it took effect): see
+    /// [`EtcdStore::lost_to_own_write`].
+    lost_to_own: Mutex<Vec<String>>,
 }
 
 fn b64(s: &str) -> String {
@@ -273,6 +281,8 @@ impl EtcdStore {
             lease: Mutex::new(None),
             unresolved: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
+            loaded: AtomicBool::new(false),
+            lost_to_own: Mutex::new(Vec::new()),
         })
     }
 
@@ -381,7 +391,9 @@ impl EtcdStore {
                 "/v3/kv/range",
                 &json!({ "key": b64(&prefix), "range_end": prefix_end(&prefix) }),
             )
-            .await?;
+            .await;
+        self.loaded.store(v.is_ok(), Ordering::Relaxed);
+        let v = v?;
         let revision = num(&v["header"]["revision"]);
         let mut states = HashMap::new();
         let mut write_ids = HashMap::new();
@@ -698,6 +710,9 @@ impl EtcdStore {
         if changes.is_empty() {
             return WriteOutcome::Applied;
         }
+        if let Ok(mut o) = self.lost_to_own.lock() {
+            o.clear();
+        }
         let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
         let mut compare = Vec::new();
         let mut stale = HashMap::new();
@@ -855,11 +870,15 @@ impl EtcdStore {
                     let mut read = HashMap::new();
                     let mut ours = false;
                     let mut fenced = false;
+                    let mut own = Vec::new();
                     for r in v["responses"].as_array().into_iter().flatten() {
                         for kv in r["response_range"]["kvs"].as_array().into_iter().flatten() {
                             if let Some((name, state, rev, id)) = self.parse_kv(kv) {
                                 ours |= id.as_deref() == Some(write_id);
                                 fenced |= id.as_deref() == Some(fence_id.as_str());
+                                if id.as_deref().is_some_and(|id| self.is_unresolved(id)) {
+                                    own.push(name.clone());
+                                }
                                 self.saw(&name, &state, rev);
                                 read.insert(name, state);
                             }
@@ -880,7 +899,12 @@ impl EtcdStore {
                             tracing::info!(write_id, "a write whose answer was late took effect and was overwritten since by another replica's");
                             return WriteOutcome::Overwritten(read);
                         }
-                        Ok(false) => return WriteOutcome::Conflict(read),
+                        Ok(false) => {
+                            if let Ok(mut o) = self.lost_to_own.lock() {
+                                *o = own;
+                            }
+                            return WriteOutcome::Conflict(read);
+                        }
                         Err(e) => last = e.message,
                     }
                 }
@@ -907,6 +931,23 @@ impl EtcdStore {
             }
             u.insert(write_id.to_string(), events);
         }
+    }
+
+    /// Whether `write_id` is a write of this replica whose outcome is still unknown.
+    fn is_unresolved(&self, write_id: &str) -> bool {
+        self.unresolved
+            .lock()
+            .is_ok_and(|u| u.contains_key(write_id))
+    }
+
+    /// Whether the last write that lost its compare ([`WriteOutcome::Conflict`]) lost, for
+    /// service `name`, to an earlier write of this replica whose outcome was unknown (it took
+    /// effect; its events are recorded when the watch or a full read shows it), not to
+    /// another replica's.
+    pub fn lost_to_own_write(&self, name: &str) -> bool {
+        self.lost_to_own
+            .lock()
+            .is_ok_and(|o| o.iter().any(|n| n == name))
     }
 
     /// The events of an unknown-outcome write that a read or the watch just showed committed.
@@ -1436,6 +1477,10 @@ pub async fn sync(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(250);
+    if !store.loaded.load(Ordering::Relaxed) {
+        // Started without etcd's answer (serving the cache file or the config's colors).
+        degraded.set(1);
+    }
     let interval = store.options.progress_interval;
     let deadline = interval * 3;
     let mut settling: Option<tokio::task::JoinHandle<()>> = None;
