@@ -417,34 +417,6 @@ async fn an_older_write_back_of_a_deleted_key_does_not_undo_a_newer_flip() {
     a.stop().await;
 }
 
-/// Log lines of this test binary (every test's), from the first call on.
-fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
-    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
-        struct W(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for W {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                if let Ok(mut v) = self.0.lock() {
-                    v.extend_from_slice(b);
-                }
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let w = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || W(w.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
 /// A write-back that etcd refuses is tried again without waiting for a full read (which a
 /// healthy watch never brings): etcd refuses writes (its NOSPACE alarm, raised through its API)
 /// when the key is deleted, the replica's write-back fails, the alarm is cleared, and the key

@@ -336,34 +336,6 @@ async fn a_flip_lost_to_a_rewrite_of_the_same_state_says_what_etcd_held() {
     a.stop().await;
 }
 
-/// Log lines of this test binary (WARN and up), from the first call on.
-fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
-    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
-        struct W(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for W {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                if let Ok(mut v) = self.0.lock() {
-                    v.extend_from_slice(b);
-                }
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let w = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || W(w.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
 /// A's first rollback is committed by etcd at once, but no answer reaches A (the relay holds
 /// them all back), so its outcome is unknown and the engine tries again. That next attempt loses
 /// its compare to A's own first one: the rollback is done, and it is no `rollback_conflict`
