@@ -1305,6 +1305,28 @@ pub async fn resume(app: &Arc<App>) {
 
 /// Drives a release read back (after a restart, or taken over from another replica) from
 /// where it was: a bake resumes with the time already spent counted.
+/// The "phase passed" event of phase `i`, which etcd holds as passed: recorded here when no
+/// replica recorded it. Its driver records it only once its step is stored; a step whose
+/// write etcd did not answer (and committed) left the release passed in etcd with no event,
+/// and the driver stopped driving.
+async fn passed_recorded(app: &Arc<App>, rel: &Release, i: usize) {
+    let Some(p) = rel.phases.get(i) else { return };
+    let detail = format!(
+        "release {:?} ({}) phase {i} {:?} passed",
+        rel.name, rel.id, p.plan.name
+    );
+    let said = app.events.list().iter().any(|e| e.detail == detail);
+    if !said {
+        app.record(Event::new(
+            "*",
+            crate::events::Reason::ReleasePhase,
+            "release",
+            detail,
+        ))
+        .await;
+    }
+}
+
 async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
     let now = wall_ms();
     let elapsed =
@@ -1315,6 +1337,7 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
         && rel.phases.get(i).is_some_and(|p| p.state == "passed")
         && i + 1 < rel.phases.len()
     {
+        passed_recorded(app, &rel, i).await;
         i += 1;
         rel.phase = i;
     }
