@@ -1479,6 +1479,7 @@ pub async fn sync(
     let mut backoff = Duration::from_millis(250);
     if !store.loaded.load(Ordering::Relaxed) {
         // Started without etcd's answer (serving the cache file or the config's colors).
+        tracing::warn!("etcd did not answer at startup: state degraded, flips refused, traffic continues on the last known colors");
         degraded.set(1);
     }
     let interval = store.options.progress_interval;
