@@ -1186,7 +1186,15 @@ impl App {
                 // a conflict that says what happened.
                 Err(ChangeError::Conflict(why)) => {
                     let now = self.snapshot();
-                    let svc = service_of(&now, name)?;
+                    let cur = service_of(&now, name)?;
+                    // Lost to a rewrite of the very state this flip was decided on (the fence
+                    // of a write whose answer came late): nobody changed anything, so it is no
+                    // refusal; decided and sent again, compared at the revision just read.
+                    if cur.state == svc.state {
+                        tracing::warn!(service = %name, reason = %why, "a flip lost its compare to a rewrite of the unchanged state; sending it again");
+                        continue;
+                    }
+                    let svc = cur;
                     if svc.state.active != to {
                         return Err(ChangeError::Conflict(why));
                     }
