@@ -1305,17 +1305,12 @@ pub async fn resume(app: &Arc<App>) {
 
 /// Drives a release read back (after a restart, or taken over from another replica) from
 /// where it was: a bake resumes with the time already spent counted.
-/// The "phase passed" event of phase `i`, which etcd holds as passed: recorded here when no
-/// replica recorded it. Its driver records it only once its step is stored; a step whose
-/// write etcd did not answer (and committed) left the release passed in etcd with no event,
-/// and the driver stopped driving.
-async fn passed_recorded(app: &Arc<App>, rel: &Release, i: usize) {
-    let Some(p) = rel.phases.get(i) else { return };
-    let detail = format!(
-        "release {:?} ({}) phase {i} {:?} passed",
-        rel.name, rel.id, p.plan.name
-    );
-    let said = app.events.list().iter().any(|e| e.detail == detail);
+/// The "phase passed" event (`detail`) of a phase etcd holds as passed: recorded here when no
+/// replica recorded it (looked for in etcd's events, every replica's). Its driver records it
+/// only once its step is stored; a step whose write etcd did not answer (and committed) left
+/// the release passed in etcd with no event, and the driver stopped driving.
+async fn passed_recorded(app: &Arc<App>, detail: String) {
+    let said = app.events_list().await.iter().any(|e| e.detail == detail);
     if !said {
         app.record(Event::new(
             "*",
@@ -1333,11 +1328,15 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
         |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
     let mut i = rel.phase.min(rel.phases.len().saturating_sub(1));
     // Stored with its phase passed, before the next phase's claim: the next phase starts.
+    let mut passed = None;
     if rel.state == "running"
         && rel.phases.get(i).is_some_and(|p| p.state == "passed")
         && i + 1 < rel.phases.len()
     {
-        passed_recorded(app, &rel, i).await;
+        passed = Some(format!(
+            "release {:?} ({}) phase {i} {:?} passed",
+            rel.name, rel.id, rel.phases[i].plan.name
+        ));
         i += 1;
         rel.phase = i;
     }
@@ -1389,6 +1388,9 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
         inner.current = Some(rel);
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);
+    }
+    if let Some(detail) = passed {
+        passed_recorded(app, detail).await;
     }
     app.record(Event::new(
         "*",
