@@ -49,6 +49,7 @@ mod shutdown;
 mod state;
 mod stats;
 mod supervise;
+pub use supervise::panic_text;
 mod tls;
 mod upgrade;
 mod upstream;

@@ -204,6 +204,13 @@ mod tests {
     /// The tests that read the process-wide drop count, one at a time.
     static DROPS: Mutex<()> = Mutex::new(());
 
+    fn gated() -> Gated {
+        Gated {
+            out: Arc::default(),
+            gate: Arc::default(),
+        }
+    }
+
     fn line(w: &LogWriter, text: &str) {
         let mut l = w.make_writer();
         let _ = l.write_all(text.as_bytes());
@@ -215,10 +222,7 @@ mod tests {
     #[test]
     fn a_blocked_sink_costs_lines_not_the_caller() {
         let _one = DROPS.lock().unwrap_or_else(|e| e.into_inner());
-        let sink = Gated {
-            out: Arc::default(),
-            gate: Arc::default(),
-        };
+        let sink = gated();
         let held = sink.gate.lock().unwrap_or_else(|e| e.into_inner());
         let (w, flush) = start(sink.clone()).unwrap_or_else(|e| panic!("{e}"));
         let before = dropped();
@@ -286,10 +290,7 @@ mod tests {
     #[test]
     fn long_lines_are_held_to_a_byte_budget() {
         let _one = DROPS.lock().unwrap_or_else(|e| e.into_inner());
-        let sink = Gated {
-            out: Arc::default(),
-            gate: Arc::default(),
-        };
+        let sink = gated();
         let held = sink.gate.lock().unwrap_or_else(|e| e.into_inner());
         let (w, flush) = start(sink.clone()).unwrap_or_else(|e| panic!("{e}"));
         let long = "x".repeat(1024 * 1024) + "\n";

@@ -208,12 +208,7 @@ fn init_logging(format: LogFormat, level: &str) -> Option<switchyard::log_writer
         // A panic said through the same queue (one log line, JSON with `--log-format json`):
         // std's own report writes to stderr directly, and would block on a full pipe.
         std::panic::set_hook(Box::new(|info| {
-            let payload = info.payload();
-            let message = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(not text)");
+            let message = switchyard::panic_text(info.payload());
             let location = info.location().map(|l| l.to_string()).unwrap_or_default();
             let thread = std::thread::current();
             let backtrace = std::backtrace::Backtrace::capture();

@@ -55,7 +55,7 @@ pub async fn supervise<F, Fut>(
 }
 
 /// A panic's message, when it is text.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()

@@ -604,13 +604,7 @@ async fn drive(
                 rel.update(&id, pass);
             }
         }
-        app.record(Event::new(
-            "*",
-            crate::events::Reason::ReleasePhase,
-            "release",
-            format!("{label} passed"),
-        ))
-        .await;
+        record_phase(&app, format!("{label} passed")).await;
     }
     // Validation: every trigger of every flipped service still rolls the whole release back.
     let name = rel.update(&id, |r| r.name.clone()).unwrap_or_default();
@@ -626,15 +620,13 @@ async fn drive(
             }) else {
                 return;
             };
-            app.record(Event::new(
-                "*",
-                crate::events::Reason::ReleasePhase,
-                "release",
+            record_phase(
+                &app,
                 format!(
                     "release {name:?} ({id}) validating for {}",
                     humantime::format_duration(validate)
                 ),
-            ))
+            )
             .await;
             validate
         }
@@ -803,10 +795,8 @@ async fn run_phase(
                 }
             });
         }
-        app.record(Event::new(
-            "*",
-            crate::events::Reason::ReleasePhase,
-            "release",
+        record_phase(
+            app,
             if targets.is_empty() {
                 format!(
                     "{label}: verification, nothing flipped; watching {}",
@@ -823,7 +813,7 @@ async fn run_phase(
                     humantime::format_duration(plan.bake)
                 )
             },
-        ))
+        )
         .await;
         Some(())
     }
@@ -847,15 +837,13 @@ async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &Cancella
         r.paused.clone()
     });
     let Some(why) = why else { return false };
-    app.record(Event::new(
-        "*",
-        crate::events::Reason::ReleasePhase,
-        "release",
+    record_phase(
+        app,
         format!(
             "{label} waiting for promote{}",
             why.map(|w| format!(" ({w})")).unwrap_or_default()
         ),
-    ))
+    )
     .await;
     loop {
         {
@@ -1312,14 +1300,19 @@ pub async fn resume(app: &Arc<App>) {
 async fn passed_recorded(app: &Arc<App>, detail: String) {
     let said = app.events_list().await.iter().any(|e| e.detail == detail);
     if !said {
-        app.record(Event::new(
-            "*",
-            crate::events::Reason::ReleasePhase,
-            "release",
-            detail,
-        ))
-        .await;
+        record_phase(app, detail).await;
     }
+}
+
+/// A release's step in the audit log (actor `release`).
+async fn record_phase(app: &App, detail: String) {
+    app.record(Event::new(
+        "*",
+        crate::events::Reason::ReleasePhase,
+        "release",
+        detail,
+    ))
+    .await;
 }
 
 async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
@@ -1392,13 +1385,7 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
     if let Some(detail) = passed {
         passed_recorded(app, detail).await;
     }
-    app.record(Event::new(
-        "*",
-        crate::events::Reason::ReleasePhase,
-        "release",
-        detail,
-    ))
-    .await;
+    record_phase(app, detail).await;
     tokio::spawn(drive(app.clone(), id, cancel, i, resume));
 }
 
