@@ -28,9 +28,59 @@ impl Etcd {
             peer: free_port(),
             dir: dir.to_path_buf(),
         };
+        // A free port is released before etcd binds it, and a test beside this one can take
+        // it meanwhile: etcd then exits at once ("address already in use"), and is started
+        // again on other ports.
+        for _ in 0..5 {
+            e.spawn();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while tokio::time::Instant::now() < deadline {
+                let exited = e
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if exited {
+                    break;
+                }
+                if e.ready().await {
+                    return e;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            e.stop();
+            e.client = free_port();
+            e.peer = free_port();
+        }
         e.spawn();
         e.wait_ready().await;
         e
+    }
+
+    /// Whether this etcd answers a read now: the one answering on the client port must list
+    /// this peer port as its member (another test's etcd may hold the port).
+    async fn ready(&self) -> bool {
+        let post = |path: &str, body: &'static str| {
+            let req = http::Request::post(format!("{}{path}", self.endpoint()))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("req");
+            tokio::time::timeout(Duration::from_secs(1), client().request(req))
+        };
+        let read = matches!(
+            post("/v3/kv/range", r#"{"key":"AA=="}"#).await,
+            Ok(Ok(r)) if r.status() == 200
+        );
+        if !read {
+            return false;
+        }
+        let Ok(Ok(r)) = post("/v3/cluster/member/list", "{}").await else {
+            return false;
+        };
+        let Ok(body) = http_body_util::BodyExt::collect(r.into_body()).await else {
+            return false;
+        };
+        let ours = format!("\"http://127.0.0.1:{}\"", self.peer);
+        String::from_utf8_lossy(&body.to_bytes()).contains(&ours)
     }
 
     pub fn spawn(&mut self) {
@@ -86,22 +136,8 @@ impl Etcd {
     }
 
     pub async fn wait_ready(&self) {
-        let url = format!("{}/v3/kv/range", self.endpoint());
         // A loaded machine (load average 12 on 2 cores was seen) can take a while.
-        let ok = eventually(60, || {
-            let url = url.clone();
-            async move {
-                let req = http::Request::post(url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(r#"{"key":"AA=="}"#)))
-                    .expect("req");
-                matches!(
-                    tokio::time::timeout(Duration::from_secs(1), client().request(req)).await,
-                    Ok(Ok(r)) if r.status() == 200
-                )
-            }
-        })
-        .await;
+        let ok = eventually(60, || self.ready()).await;
         if !ok {
             let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
             let tail: String = log
