@@ -306,14 +306,10 @@ fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match config::load(path) {
+    // The files it names are read as `serve` reads them at startup, their problems listed
+    // with the rest.
+    match config::load_with(path, switchyard::file_problems) {
         Ok(cfg) => {
-            // The files it names, as `serve` reads them at startup.
-            let problems = switchyard::file_problems(&cfg);
-            if !problems.is_empty() {
-                print_errors(path, &config::ConfigErrors(problems));
-                return ExitCode::FAILURE;
-            }
             // Names are looked up once: a failure is a warning (it may resolve once deployed).
             let (cfg, notes) = if switchyard::has_names(&cfg) {
                 match runtime(Some(1)) {
@@ -421,7 +417,7 @@ fn serve(
     log_format: LogFormat,
 ) -> ExitCode {
     let report = Startup(log_format);
-    let cfg = match config::load(path) {
+    let cfg = match config::load_with(path, switchyard::file_problems) {
         Ok(c) => c,
         Err(errs) => {
             report.config_errors(path, &errs);

@@ -89,6 +89,30 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
         assert!(err.contains(key), "no {key} in {err}");
     }
     assert!(err.contains("3 problems"), "{err}");
+
+    // With a problem elsewhere in the file, the files' problems are listed beside it, by
+    // `check` and by `serve` alike (they used to wait until the rest was valid).
+    let text_bad = std::fs::read_to_string(&bad).expect("read");
+    let both = write(
+        dir.path(),
+        "both.toml",
+        &text_bad.replace("[proxy]\n", "[proxy]\nconnect_timeout = \"soon\"\n"),
+    );
+    for cmd in ["check", "serve"] {
+        let out = switchyard(&[cmd, "--config", &both]);
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        for key in [
+            "proxy.connect_timeout",
+            "proxy.tls_key",
+            "admin.tls_",
+            "log.access",
+        ] {
+            assert!(err.contains(key), "{cmd}: no {key} in {err}");
+        }
+    }
+    let out = switchyard(&["check", "--config", &both]);
+    assert!(text(&out).1.contains("4 problems"), "{:?}", text(&out));
 }
 
 #[test]

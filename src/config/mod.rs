@@ -67,13 +67,25 @@ impl fmt::Display for ConfigErrors {
 
 /// Reads, overrides from the environment and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, |_| Vec::new())
+}
+
+/// As [`load`], with the problems `files` finds in the files the config names (certificates,
+/// the access log) reported beside every other problem, not only once the rest is valid: a
+/// caller that reads those files (`check`, `serve`) passes its own check, which this layer
+/// does not know. `files` sees the config as validated, a default in place of each value
+/// that did not pass.
+pub fn load_with(
+    path: &Path,
+    files: impl FnOnce(&Config) -> Vec<ConfigError>,
+) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             key: String::new(),
             message: format!("cannot read config file {}: {e}", path.display()),
         }])
     })?;
-    from_toml_str(&text)
+    parse(&text, None, files)
 }
 
 /// Parses TOML text (plus `SWITCHYARD__*` environment overrides) into a validated config.
@@ -85,6 +97,14 @@ pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
 pub fn from_toml_str_with_env(
     text: &str,
     env: Option<std::collections::HashMap<String, String>>,
+) -> Result<Config, ConfigErrors> {
+    parse(text, env, |_| Vec::new())
+}
+
+fn parse(
+    text: &str,
+    env: Option<std::collections::HashMap<String, String>>,
+    files: impl FnOnce(&Config) -> Vec<ConfigError>,
 ) -> Result<Config, ConfigErrors> {
     let one = |message: String| {
         ConfigErrors(vec![ConfigError {
@@ -112,12 +132,13 @@ pub fn from_toml_str_with_env(
     let (raw, mut errors, removed) = de::deserialize(value, &env_keys);
     // Validate the known keys too, with each wrong-typed value counted as absent, so that one
     // run of `check` reports every problem, not only the unknown keys and the wrong types.
-    match raw.map(validate::validate) {
-        Some(Ok(cfg)) if errors.is_empty() => return Ok(cfg),
-        Some(Err(ConfigErrors(more))) => {
-            errors.extend(more.into_iter().filter_map(|e| removed.place(e)));
+    if let Some(raw) = raw {
+        let (cfg, more) = validate::validate_all(raw);
+        errors.extend(more.into_iter().filter_map(|e| removed.place(e)));
+        errors.extend(files(&cfg));
+        if errors.is_empty() {
+            return Ok(cfg);
         }
-        Some(Ok(_)) | None => {}
     }
     de::name_env_vars(&mut errors, &env_keys);
     Err(ConfigErrors(errors))

@@ -17,8 +17,8 @@ use super::raw::{
 };
 use super::{
     parse_duration, AccessFormat, AccessTarget, AdminConfig, AnalysisConfig, Config, ConfigError,
-    ConfigErrors, LogConfig, NotifyConfig, PassiveConfig, ProxyConfig, RuntimeFlavor,
-    ServiceConfig, StateBackend, StateConfig,
+    LogConfig, NotifyConfig, PassiveConfig, ProxyConfig, RuntimeFlavor, ServiceConfig,
+    StateBackend, StateConfig,
 };
 
 /// Collects errors with their key paths while validating.
@@ -83,7 +83,9 @@ impl Check {
 }
 
 /// Validates the whole file: every section, then what spans sections.
-pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+/// The config with every value that passed its checks (a default in place of each that did
+/// not), and every problem found.
+pub(super) fn validate_all(raw: RawConfig) -> (Config, Vec<ConfigError>) {
     let mut c = Check {
         errors: Vec::new(),
         prometheus_keys: Vec::new(),
@@ -100,20 +102,17 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
     c.errors
         .extend(super::plan::check_named(&raw.release_plans, &names));
-    if c.errors.is_empty() {
-        Ok(Config {
-            proxy,
-            admin,
-            state,
-            notify,
-            analysis,
-            log,
-            services,
-            release_plans: raw.release_plans,
-        })
-    } else {
-        Err(ConfigErrors(c.errors))
-    }
+    let config = Config {
+        proxy,
+        admin,
+        state,
+        notify,
+        analysis,
+        log,
+        services,
+        release_plans: raw.release_plans,
+    };
+    (config, c.errors)
 }
 
 /// `[proxy]`; `upgrade_socket` is set by [`upgrade_socket`] once the state path is known.
