@@ -41,6 +41,7 @@ pub const SUPERVISED_TASKS: &[&str] = &[
     "analysis_trigger",
     "config_watch",
     "dns_watch",
+    "release_driver",
 ];
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 pub const PREVIEW_REQUESTS_TOTAL: &str = "switchyard_preview_requests_total";

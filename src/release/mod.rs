@@ -180,7 +180,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         ),
     ))
     .await;
-    tokio::spawn(drive(app.clone(), id, cancel, 0, None));
+    start_driver(app, id, cancel, 0, None);
     Ok(answer)
 }
 
@@ -554,6 +554,8 @@ async fn drive(
         if cancel.is_cancelled() {
             return;
         }
+        #[cfg(test)]
+        tests::fail_point(&id, i);
         let Some((targets, plan, label)) = rel.update(&id, |r| {
             r.phase = i;
             r.state = "running";
@@ -1316,6 +1318,35 @@ async fn record_phase(app: &App, detail: String) {
 }
 
 async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
+    let (i, resume, passed, detail) = resume_point(&mut rel, how);
+    tracing::info!(release = %rel.id, phase = i, resume = ?resume, "resuming the release that was running");
+    let id = rel.id.clone();
+    let cancel = app.shutdown.child_token();
+    {
+        let rels = &app.releases;
+        let mut inner = rels.lock();
+        // Taken over from etcd: not if it ended (or was taken by another replica) meanwhile.
+        if inner.recent.iter().any(|r| r.id == id)
+            || (store::etcd(app).is_some() && !store::drives(app, &id))
+        {
+            return;
+        }
+        inner.current = Some(rel);
+        inner.cancel = Some(cancel.clone());
+        rels.publish(&inner);
+    }
+    if let Some(detail) = passed {
+        passed_recorded(app, detail).await;
+    }
+    record_phase(app, detail).await;
+    start_driver(app, id, cancel, i, resume);
+}
+
+/// Where a release read back (or whose driver died) goes on: its phase, the point in it
+/// ([`Resume`]), the "phase passed" event of a phase stored as passed before the next one's
+/// claim (that next phase starts), and the event that says so (`how` it came to be resumed).
+/// Sets the deadlines of a bake or a validate window left with the time already spent counted.
+fn resume_point(rel: &mut Release, how: &str) -> (usize, Option<Resume>, Option<String>, String) {
     let now = wall_ms();
     let elapsed =
         |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
@@ -1350,8 +1381,7 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
         (_, Some("waiting")) => Some(Resume::Gate),
         _ => None,
     };
-    tracing::info!(release = %rel.id, phase = i, resume = ?resume, "resuming the release that was running");
-    let id = rel.id.clone();
+    let id = &rel.id;
     let detail = format!(
         "release {:?} ({id}) {how} at phase {i} ({})",
         rel.name,
@@ -1368,25 +1398,52 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
             None => "the phase starts again".to_string(),
         }
     );
-    let cancel = app.shutdown.child_token();
-    {
-        let rels = &app.releases;
-        let mut inner = rels.lock();
-        // Taken over from etcd: not if it ended (or was taken by another replica) meanwhile.
-        if inner.recent.iter().any(|r| r.id == id)
-            || (store::etcd(app).is_some() && !store::drives(app, &id))
-        {
-            return;
+    (i, resume, passed, detail)
+}
+
+/// Starts release `id`'s driver at phase `from`, supervised: a panic in it (a bug) would leave
+/// the release in its phase for good, undriven and unanswerable but by an abort. It is started
+/// again from where the release stands, as after a restart ([`resume_point`]), said as a
+/// release event and counted (`switchyard_task_restarts_total{task="release_driver"}`).
+fn start_driver(
+    app: &Arc<App>,
+    id: String,
+    cancel: CancellationToken,
+    from: usize,
+    resume: Option<Resume>,
+) {
+    let mut first = Some((from, resume));
+    let app2 = app.clone();
+    tokio::spawn(app.supervised("release_driver", move || {
+        let (app, id, cancel) = (app2.clone(), id.clone(), cancel.clone());
+        let first = first.take();
+        async move {
+            match first {
+                Some((from, resume)) => drive(app, id, cancel, from, resume).await,
+                None => drive_again(app, id, cancel).await,
+            }
         }
-        inner.current = Some(rel);
-        inner.cancel = Some(cancel.clone());
-        rels.publish(&inner);
+    }));
+}
+
+/// A driver started again after a panic: from where the running release `id` stands, unless
+/// it ended, was aborted or is another replica's to drive meanwhile.
+async fn drive_again(app: Arc<App>, id: String, cancel: CancellationToken) {
+    if cancel.is_cancelled() || (store::etcd(&app).is_some() && !store::drives(&app, &id)) {
+        return;
     }
-    if let Some(detail) = passed {
-        passed_recorded(app, detail).await;
+    let point = app.releases.update(&id, |rel| {
+        rel.live()
+            .then(|| resume_point(rel, "resumed after its driver failed"))
+    });
+    let Some((i, resume, passed, detail)) = point.flatten() else {
+        return;
+    };
+    if let Some(passed) = passed {
+        passed_recorded(&app, passed).await;
     }
-    record_phase(app, detail).await;
-    tokio::spawn(drive(app.clone(), id, cancel, i, resume));
+    record_phase(&app, detail).await;
+    drive(app, id, cancel, i, resume).await;
 }
 
 #[cfg(test)]
@@ -1451,6 +1508,57 @@ green = { upstreams = ["127.0.0.1:9"] }
             .into_iter()
             .filter(|e| e.reason.as_str() == reason)
             .collect()
+    }
+
+    /// The release whose driver panics as it comes to this phase (once): a bug's stand-in.
+    static FAIL_AT: std::sync::Mutex<Option<(String, usize)>> = std::sync::Mutex::new(None);
+
+    pub(super) fn fail_point(id: &str, phase: usize) {
+        let mut at = FAIL_AT.lock().unwrap_or_else(|p| p.into_inner());
+        if at.as_ref().is_some_and(|(i, p)| i == id && *p == phase) {
+            *at = None;
+            drop(at);
+            panic!("the driver's stand-in bug at phase {phase}");
+        }
+    }
+
+    /// A driver that panics (a bug) is started again from where the release stands, as after
+    /// a restart: the phase it was coming to starts, the passed one is not said twice, the
+    /// restart is an event and counted, and the release runs to its end.
+    #[tokio::test(start_paused = true)]
+    async fn a_driver_that_panics_is_started_again_where_the_release_stands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let answer = start(&app, &plan(TWO), "test").await.expect("start");
+        let id = answer["id"].as_str().expect("id").to_string();
+        *FAIL_AT.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.clone(), 1));
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 5)).await;
+        let restarts = app
+            .metrics
+            .task_restarts_total
+            .with_label_values(&["release_driver"]);
+        assert_eq!(restarts.get(), 1);
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][0]["state"], "passed", "{c}");
+        assert_eq!(c["phases"][1]["state"], "baking", "{c}");
+        assert_eq!(active(&app, "panel"), Color::Green);
+        let phases = reasons(&app, "release_phase");
+        let said = |text: &str| phases.iter().filter(|e| e.detail.contains(text)).count();
+        assert_eq!(said("phase 0 \"backend\" passed"), 1, "{phases:?}");
+        assert_eq!(
+            said("resumed after its driver failed at phase 1"),
+            1,
+            "{phases:?}"
+        );
+
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "complete", "{all}");
+        assert_eq!(restarts.get(), 1);
     }
 
     const TWO: &str = r#"
