@@ -42,6 +42,7 @@ pub const SUPERVISED_TASKS: &[&str] = &[
     "config_watch",
     "dns_watch",
     "release_driver",
+    "etcd_sync",
 ];
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 pub const PREVIEW_REQUESTS_TOTAL: &str = "switchyard_preview_requests_total";

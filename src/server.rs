@@ -271,16 +271,24 @@ pub async fn start_with(
     let a = app.clone();
     tasks.spawn(app.supervised("dns_watch", move || crate::dns_watch::run(a.clone())));
     if let Some(etcd) = app.store.as_etcd() {
-        // etcd delivers other replicas' changes; the app (the one writer) applies them.
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tasks.spawn(crate::state::etcd::sync(
-            etcd.clone(),
-            tx,
-            app.metrics.state_degraded.clone(),
-            app.shutdown.child_token(),
-        ));
-        let follower = app.clone();
-        tasks.spawn(async move { follower.follow_remote(rx).await });
+        // etcd delivers other replicas' changes; the app (the one writer) applies them. The
+        // two run as one task, started again together (a new channel, a full read first)
+        // should either panic: one without the other would leave this replica deaf to the
+        // others for good.
+        let (a, etcd) = (app.clone(), etcd.clone());
+        tasks.spawn(app.supervised("etcd_sync", move || {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let sync = crate::state::etcd::sync(
+                etcd.clone(),
+                tx,
+                a.metrics.state_degraded.clone(),
+                a.shutdown.child_token(),
+            );
+            let a = a.clone();
+            async move {
+                tokio::join!(sync, a.follow_remote(rx));
+            }
+        }));
     }
 
     let limit = Arc::new(Semaphore::new(proxy_cfg.max_connections));
