@@ -1725,6 +1725,61 @@ async fn a_stalled_stderr_reader_costs_log_lines_not_requests() {
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
 }
 
+/// What a client sends is not a log line each: a flood of PING ACKs nobody asked for (the `h2`
+/// crate warns on each, RFC 9113 6.7 asks for nothing) writes nothing at the default level,
+/// so it cannot push operational and audit lines out of a slow log collector's queue; the
+/// connection is served on.
+#[tokio::test]
+async fn unsolicited_h2_ping_acks_are_not_logged_by_default() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (blue, green) = (
+        TestUpstream::start("blue").await,
+        TestUpstream::start("green").await,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
+    let log = dir.path().join("stderr.log");
+    let mut child = switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn");
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
+    let ack = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00ffffffff";
+    for _ in 0..200 {
+        out.extend_from_slice(ack);
+    }
+    // Then a PING of its own: its ACK says the connection is still served.
+    out.extend_from_slice(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00pingpong");
+    s.write_all(&out).await.expect("write");
+    let mut got = Vec::new();
+    let answered = timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !got
+            .windows(17)
+            .any(|w| w == b"\x00\x00\x08\x06\x01\x00\x00\x00\x00pingpong")
+        {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(answered, Ok(true), "{got:?}");
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    let text = std::fs::read_to_string(&log).expect("read log");
+    let lines = text.lines().filter(|l| l.contains("PING")).count();
+    assert_eq!(lines, 0, "{text}");
+}
+
 /// A SIGHUP that arrives while the binary starts (its first lookup of an upstream name hangs
 /// on a FIFO here, as on a stuck resolver) does not kill it: the proxy starts and serves, and
 /// a SIGTERM still ends it with 0, the stuck lookup left behind.
