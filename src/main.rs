@@ -168,12 +168,13 @@ fn main() -> ExitCode {
 
 /// The flush of the log queue, to hold until `main` returns.
 fn init_logging(format: LogFormat, level: &str) -> Option<switchyard::log_writer::Flush> {
-    // Without RUST_LOG, the `h2` crate logs at error only: it warns on what a client sends (a
-    // PING ACK nobody asked for, one 17-byte frame per line), which would let any client fill
-    // the log and push operational and audit lines out of a slow collector's queue. RUST_LOG
-    // (e.g. `info,h2=debug`) shows them again.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},h2=error")));
+    // Without RUST_LOG, the `h2` and `rustls` crates log at error only: they warn on what a
+    // client sends (a PING ACK nobody asked for, one 17-byte frame per line; a TLS 1.2 warning
+    // alert), which would let any client fill the log and push operational and audit lines out
+    // of a slow collector's queue. RUST_LOG (e.g. `info,h2=debug`) shows them again.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},h2=error,rustls=error"))
+    });
     // Colors only for a person at a terminal who did not ask for none (NO_COLOR, no-color.org):
     // a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
