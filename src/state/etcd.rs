@@ -207,6 +207,11 @@ pub struct EtcdStore {
     /// write of this replica whose outcome was unknown (it took effect): see
     /// [`EtcdStore::lost_to_own_write`].
     lost_to_own: Mutex<Vec<String>>,
+    /// The last [`MAX_UNRESOLVED`] writes of this replica whose unknown outcome a read or the
+    /// watch resolved as committed: a later write that loses its compare to one of them lost
+    /// to this replica's own earlier write, not to another replica's, even when the watch
+    /// resolved it first.
+    resolved_own: Mutex<std::collections::VecDeque<String>>,
 }
 
 fn b64(s: &str) -> String {
@@ -283,6 +288,7 @@ impl EtcdStore {
             probes: Mutex::new(HashMap::new()),
             loaded: AtomicBool::new(false),
             lost_to_own: Mutex::new(Vec::new()),
+            resolved_own: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -876,7 +882,7 @@ impl EtcdStore {
                             if let Some((name, state, rev, id)) = self.parse_kv(kv) {
                                 ours |= id.as_deref() == Some(write_id);
                                 fenced |= id.as_deref() == Some(fence_id.as_str());
-                                if id.as_deref().is_some_and(|id| self.is_unresolved(id)) {
+                                if id.as_deref().is_some_and(|id| self.is_own_unknown(id)) {
                                     own.push(name.clone());
                                 }
                                 self.saw(&name, &state, rev);
@@ -933,11 +939,16 @@ impl EtcdStore {
         }
     }
 
-    /// Whether `write_id` is a write of this replica whose outcome is still unknown.
-    fn is_unresolved(&self, write_id: &str) -> bool {
+    /// Whether `write_id` is a write of this replica whose outcome is unknown, or was until a
+    /// read or the watch showed it committed (recently: [`MAX_UNRESOLVED`] of them).
+    fn is_own_unknown(&self, write_id: &str) -> bool {
         self.unresolved
             .lock()
             .is_ok_and(|u| u.contains_key(write_id))
+            || self
+                .resolved_own
+                .lock()
+                .is_ok_and(|r| r.iter().any(|id| id == write_id))
     }
 
     /// Whether the last write that lost its compare ([`WriteOutcome::Conflict`]) lost, for
@@ -955,7 +966,14 @@ impl EtcdStore {
         if let Ok(mut p) = self.probes.lock() {
             p.remove(write_id);
         }
-        self.unresolved.lock().ok()?.remove(write_id)
+        let events = self.unresolved.lock().ok()?.remove(write_id)?;
+        if let Ok(mut r) = self.resolved_own.lock() {
+            if r.len() >= MAX_UNRESOLVED {
+                r.pop_front();
+            }
+            r.push_back(write_id.to_string());
+        }
+        Some(events)
     }
 
     /// Settles the unknown-outcome writes a full read did not show (another replica's write may
@@ -1816,6 +1834,26 @@ mod tests {
             WriteOutcome::Unknown(m) => assert!(m.contains("outcome unknown"), "{m}"),
             other => panic!("expected unknown, got {other:?}"),
         }
+    }
+
+    /// A write of unknown outcome stays known as this replica's own once the watch or a read
+    /// resolves it (a later write that loses to it lost to its own, not to another replica's),
+    /// for the last [`MAX_UNRESOLVED`] of them; others' ids never are.
+    #[test]
+    fn a_resolved_unknown_write_is_still_known_as_this_replica_s() {
+        let store = EtcdStore::with_options(&[], "/t/", EtcdOptions::default());
+        store.remember_unresolved("w-1", Vec::new());
+        assert!(store.is_own_unknown("w-1"));
+        assert!(store.take_unresolved("w-1").is_some());
+        assert!(store.is_own_unknown("w-1"), "forgotten once resolved");
+        assert!(!store.is_own_unknown("w-other"));
+        for i in 0..MAX_UNRESOLVED {
+            let id = format!("w-later-{i}");
+            store.remember_unresolved(&id, Vec::new());
+            assert!(store.take_unresolved(&id).is_some());
+        }
+        assert!(!store.is_own_unknown("w-1"), "kept past its bound");
+        assert!(store.is_own_unknown(&format!("w-later-{}", MAX_UNRESOLVED - 1)));
     }
 
     #[test]
