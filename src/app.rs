@@ -1136,6 +1136,9 @@ impl App {
                 self.apply_read(read).await;
             }
         }
+        // The last compare lost to a rewrite of the unchanged state (or to a key that could not
+        // be read back): what is said if every try ends so.
+        let mut lost = None;
         for _ in 0..3 {
             let checked = service_of(&self.snapshot(), name)?;
             if checked.state.active == to {
@@ -1155,6 +1158,7 @@ impl App {
             let snap = self.snapshot();
             let svc = service_of(&snap, name)?;
             if !unchanged(&checked, &svc, to) {
+                lost = None;
                 continue;
             }
             if !force {
@@ -1192,6 +1196,7 @@ impl App {
                     // refusal; decided and sent again, compared at the revision just read.
                     if cur.state == svc.state {
                         tracing::warn!(service = %name, reason = %why, "a flip lost its compare to a rewrite of the unchanged state; sending it again");
+                        lost = Some(why);
                         continue;
                     }
                     let svc = cur;
@@ -1222,9 +1227,12 @@ impl App {
                 message: format!("{name} flipped {from} -> {to} (generation {generation})"),
             });
         }
-        Err(ChangeError::Refused(format!(
-            "{name} kept changing while its checks ran; re-read the status and retry"
-        )))
+        Err(match lost {
+            Some(why) => ChangeError::Conflict(why),
+            None => ChangeError::Refused(format!(
+                "{name} kept changing while its checks ran; re-read the status and retry"
+            )),
+        })
     }
 
     /// Flips every service to `to` in one atomic step: all checks first (outside the writer

@@ -891,6 +891,16 @@ async fn an_unreadable_service_key_is_not_written_back() {
         "a present key was taken for missing and written back"
     );
     assert_eq!(state_of(&a, "unread").await, ("green".to_string(), 1));
+    // A flip of it loses its compare and cannot read the key back: it says so (it said "kept
+    // changing while its checks ran" after three tries, each losing the same way).
+    let (s, v) = a.flip("unread", "blue").await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not be read back")),
+        "{v}"
+    );
     a.stop().await;
 }
 
