@@ -528,6 +528,60 @@ above = 1
     );
 }
 
+/// A probe whose target is doubled or missing still has its other keys checked: `check` prints
+/// every problem in one run, not the rest only once the target is fixed.
+#[test]
+fn a_probe_with_a_bad_target_reports_its_other_errors() {
+    let base = r#"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+"#;
+    for target in [
+        "path = \"/deps\"\nurl = \"http://127.0.0.1:3001/deps\"\n",
+        "",
+    ] {
+        let tables = format!(
+            r#"
+[[services.verify]]
+kind = "probe"
+{target}json_pointer = "payments"
+above_fraction = 7
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+{target}json_pointer = "database"
+equals = "ok"
+above = 1
+above_fraction = 1.5
+"#
+        );
+        let errs = errors(&format!("{base}{tables}"));
+        let target_err = if target.is_empty() {
+            ".path: required"
+        } else {
+            ".url: set either `path` or `url`"
+        };
+        for want in [
+            format!("services[0].verify[0]{target_err}"),
+            "services[0].verify[0].json_pointer: invalid JSON pointer".to_string(),
+            "services[0].verify[0].equals: required with `json_pointer`".to_string(),
+            "services[0].verify[0].above_fraction: 7 is out of range".to_string(),
+            format!("services[0].rollback.triggers[0]{target_err}"),
+            "services[0].rollback.triggers[0].json_pointer: invalid JSON pointer".to_string(),
+            "services[0].rollback.triggers[0].equals: set either `equals` or `above`/`below`"
+                .to_string(),
+            "services[0].rollback.triggers[0].above_fraction: 1.5 is out of range".to_string(),
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(&want)),
+                "missing {want}: {errs:#?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn host_patterns() {
     assert!(host_pattern_matches("*.example.com", "a.example.com"));

@@ -352,7 +352,8 @@ fn probe(c: &mut Check, key: &str, t: &RawTrigger, common: Common) -> Option<Pro
     if t.on_empty.is_some() {
         c.err(k("on_empty"), "not used by kind \"probe\"");
     }
-    let target = probe_target(c, key, t)?;
+    // Every key is checked before a bad target drops the check: `check` reports every problem.
+    let target = probe_target(c, key, t);
     let condition = probe_condition(c, key, t, common.bound);
     let above_fraction = match &t.above_fraction {
         None => 0.0,
@@ -368,7 +369,7 @@ fn probe(c: &mut Check, key: &str, t: &RawTrigger, common: Common) -> Option<Pro
         },
     };
     Some(ProbeCheck {
-        target,
+        target: target?,
         json_pointer: t.json_pointer.clone(),
         condition,
         above_fraction,
