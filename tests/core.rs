@@ -2124,3 +2124,51 @@ async fn an_admin_body_that_is_not_a_json_object_is_400_and_changes_nothing() {
     assert_eq!(p.service_status("api").await["active"], "blue");
     p.stop().await;
 }
+
+/// A key written twice in an admin body is a 400, never the last one silently winning:
+/// `{"to":"blue","to":"green"}` flipped to green.
+#[tokio::test]
+async fn an_admin_body_with_a_key_written_twice_is_400_and_changes_nothing() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (path, body, key) in [
+        (
+            "/api/services/api/flip",
+            r#"{"to":"blue","to":"green"}"#,
+            "to",
+        ),
+        (
+            "/api/services/api/flip",
+            r#"{"to":"green","force":false,"force":true}"#,
+            "force",
+        ),
+        ("/api/flip", r#"{"to":"green","to":"green"}"#, "to"),
+        (
+            "/api/services/api/pause",
+            r#"{"force":true,"force":true}"#,
+            "force",
+        ),
+        ("/api/releases", r#"{"name":"r","name":"r"}"#, "name"),
+    ] {
+        let (s, text) = request(p.admin, "POST", path, &headers, body.into()).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let m = assert_error_body(s, &v, 400);
+        assert!(
+            m.contains(&format!("duplicate field `{key}`")),
+            "{path} {body}: {m}"
+        );
+        let st = p.service_status("api").await;
+        assert_eq!(st["active"], "blue", "{path} {body}: {st}");
+        assert_eq!(st["paused"], false, "{path} {body}: {st}");
+    }
+    // The same flip with each key once still works.
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    p.stop().await;
+}
