@@ -98,6 +98,22 @@ impl CtlArgs {
         }
         Ok(full.trim_end_matches('/').to_string())
     }
+
+    /// `--token` (or SWITCHYARD_ADMIN_TOKEN) as it is sent: one trailing line end off, as
+    /// `serve` reads it (see [`crate::http::headers::bearer_token`]). A token that cannot travel
+    /// in a header is a usage error, never a call that fails as "cannot reach".
+    pub fn normalize_token(&mut self) -> Result<(), String> {
+        let Some(raw) = self.token.as_deref() else {
+            return Ok(());
+        };
+        let token = crate::http::headers::bearer_token(raw).map_err(|why| {
+            format!(
+                "invalid admin token (--token or SWITCHYARD_ADMIN_TOKEN): it cannot be sent in an Authorization header: {why}"
+            )
+        })?;
+        self.token = Some(token.to_string());
+        Ok(())
+    }
 }
 
 /// Whether a 2xx answer is the admin API's: a JSON object with `key`. Anything else (a proxied

@@ -2172,3 +2172,64 @@ async fn an_admin_body_with_a_key_written_twice_is_400_and_changes_nothing() {
     assert_eq!(s, 200, "{v}");
     p.stop().await;
 }
+
+/// The admin token from a secret made of a file (`kubectl create secret --from-file`) ends in a
+/// line end no client sends: `serve` takes one off, so `Bearer <token>` is accepted (every
+/// mutating call was 401). A token that still cannot travel in a header stops `serve` with
+/// exit 1 naming the variable, instead of a listener that refuses every change.
+#[tokio::test]
+async fn serve_takes_the_line_end_off_the_admin_token_and_refuses_one_no_header_carries() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, _proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
+    let config_arg = config.to_str().expect("utf8 path");
+    for line_end in ["\n", "\r\n"] {
+        let mut child = switchyard_cmd(&["serve", "--config", config_arg])
+            .env("SWITCHYARD_ADMIN_TOKEN", format!("{TOKEN}{line_end}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        assert!(healthz_within(admin, 15).await, "switchyard never served");
+        let (s, v) = admin_post(
+            admin,
+            "/api/services/api/pause",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{line_end:?}: {v}");
+        let (s, v) = admin_post(
+            admin,
+            "/api/services/api/resume",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{line_end:?}: {v}");
+        child.kill().await.expect("kill");
+    }
+    for bad in [
+        format!("{TOKEN}\n\n"),
+        format!("{TOKEN}\x01"),
+        format!("{TOKEN} "),
+    ] {
+        let out = timeout(
+            Duration::from_secs(20),
+            switchyard_cmd(&["serve", "--config", config_arg])
+                .env("SWITCHYARD_ADMIN_TOKEN", &bad)
+                .output(),
+        )
+        .await
+        .expect("serve did not exit within 20 s")
+        .expect("run serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains("admin.token_env") && stderr.contains("SWITCHYARD_ADMIN_TOKEN"),
+            "{bad:?}: {stderr}"
+        );
+        assert!(!stderr.contains(TOKEN), "the token is printed: {stderr}");
+    }
+}

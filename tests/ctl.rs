@@ -472,6 +472,46 @@ async fn token_and_url_from_environment() {
     p.stop().await;
 }
 
+/// A token with the line end a secret made from a file keeps is sent without it (`serve` takes
+/// it off too); one that cannot travel in a header is a usage error naming the token (exit 2),
+/// not "cannot reach the admin listener" from a request that could not be built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_ending_in_a_line_end_works_and_one_no_header_carries_is_a_usage_error() {
+    let (p, _ups) = two_services().await;
+    let with_newline = format!("{TOKEN}\n");
+    let o = ctl_env(
+        p.admin,
+        None,
+        &[("SWITCHYARD_ADMIN_TOKEN", &with_newline)],
+        &["pause", "api"],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o}");
+    let o = ctl(p.admin, Some(&format!("{TOKEN}\r\n")), &["resume", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["paused"], false);
+    for bad in [
+        format!("{TOKEN}\n\n"),
+        format!("{TOKEN}\x01"),
+        "x\ny".to_string(),
+    ] {
+        let o = ctl_env(
+            p.admin,
+            None,
+            &[("SWITCHYARD_ADMIN_TOKEN", &bad)],
+            &["pause", "api"],
+        )
+        .await;
+        assert_eq!(o.code, 2, "{bad:?}: {o}");
+        assert!(o.stderr.contains("invalid admin token"), "{bad:?}: {o}");
+        assert!(!o.stderr.contains("cannot reach"), "{bad:?}: {o}");
+        let o = ctl(p.admin, Some(&bad), &["release", "abort"]).await;
+        assert_eq!(o.code, 2, "{bad:?}: {o}");
+    }
+    assert_eq!(p.service_status("api").await["paused"], false);
+    p.stop().await;
+}
+
 /// Runs `switchyard ARGS...` with stdout a pipe whose reader is gone before it writes (as in
 /// `switchyard ctl events | head -0`): the exit code and stderr, bounded to 20 s.
 async fn closed_stdout(args: &[String]) -> (i32, String) {
