@@ -626,8 +626,9 @@ async fn a_closed_stdout_ends_quietly_with_the_commands_own_exit_code() {
 }
 
 /// `--admin` as an operator writes it: `HOST:PORT` as `[admin] listen` says it, a trailing
-/// slash, or the full URL all reach the API; a scheme that is not http(s) or a URL with a query
-/// is a usage error (exit 2) that names the bad value, never "cannot reach ... is it running?".
+/// slash, or the full URL all reach the API; a scheme that is not http(s) or a URL with a query,
+/// a user or password (sent as the Host field) or a fragment (which swallowed the API path) is a
+/// usage error (exit 2) that names the bad value, never "cannot reach ... is it running?".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_url_forms() {
     let (p, _ups) = two_services().await;
@@ -665,6 +666,10 @@ async fn admin_url_forms() {
     for admin in [
         format!("ftp://{}", p.admin),
         format!("http://{}/?x=1", p.admin),
+        format!("http://admin:pw@{}", p.admin),
+        format!("http://admin@{}/", p.admin),
+        format!("http://{}#x", p.admin),
+        format!("http://{}/#", p.admin),
     ] {
         let o = run(admin.clone(), &["resume", "api"]).await;
         assert_eq!(o.code, 2, "{admin}: {o}");
