@@ -292,6 +292,44 @@ fn wrong_types_are_reported_with_every_other_error() {
     );
 }
 
+/// A trigger's `above` of the wrong type for its kind says so, as serde words the file's other
+/// wrong types, not "required" as if it were not written.
+#[test]
+fn a_trigger_threshold_of_the_wrong_type_says_so() {
+    let text = GOOD
+        .replace("above = 0.05", "above = \"5%\"")
+        .replace("above = \"1000ms\"", "above = 1000");
+    let errs = errors(&text);
+    assert_eq!(
+        errs,
+        [
+            "services[0].rollback.triggers[0].above: invalid type: string \"5%\", expected a ratio between 0 and 1, e.g. 0.05",
+            "services[0].rollback.triggers[1].above: invalid type: integer `1000`, expected a duration such as \"1000ms\"",
+        ],
+        "{errs:#?}"
+    );
+    let errs = errors(
+        &GOOD
+            .replace("above = 0.05", "above = true")
+            .replace("above = \"1000ms\"", "above = 1.5"),
+    );
+    assert_eq!(
+        errs,
+        [
+            "services[0].rollback.triggers[0].above: invalid type: boolean `true`, expected a ratio between 0 and 1, e.g. 0.05",
+            "services[0].rollback.triggers[1].above: invalid type: floating point `1.5`, expected a duration such as \"1000ms\"",
+        ],
+        "{errs:#?}"
+    );
+    // Not written at all is still "required".
+    let errs = errors(&GOOD.replace("above = 0.05\n", ""));
+    assert_eq!(
+        errs,
+        ["services[0].rollback.triggers[0].above: required: a ratio between 0 and 1, e.g. 0.05"],
+        "{errs:#?}"
+    );
+}
+
 /// A wrong type from `SWITCHYARD__*` names its key and the variable it came from.
 #[test]
 fn wrong_types_from_the_environment_name_the_variable() {
