@@ -74,7 +74,7 @@ fn parse_color(s: &str) -> Result<Color, String> {
 
 /// Runs one ctl command; returns the process exit code.
 pub async fn run(ctl: Ctl) -> i32 {
-    let Ctl { args, cmd } = ctl;
+    let Ctl { mut args, cmd } = ctl;
     let base = match args.admin_base() {
         Ok(b) => b,
         Err(e) => {
@@ -82,6 +82,10 @@ pub async fn run(ctl: Ctl) -> i32 {
             return 2;
         }
     };
+    if let Err(e) = args.normalize_token() {
+        errln!("error: {e}");
+        return 2;
+    }
     let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),

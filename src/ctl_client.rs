@@ -75,7 +75,7 @@ impl CtlArgs {
 
     /// The admin base URL from `--admin`, without a trailing slash. `HOST:PORT` alone (what
     /// `[admin] listen` says) means `http://HOST:PORT`; any scheme but http and https, a URL
-    /// without a host or with a query is a usage error.
+    /// without a host or with a query, a user or password, or a fragment is a usage error.
     pub fn admin_base(&self) -> Result<String, String> {
         let raw = self.admin.trim();
         let full = if raw.contains("://") {
@@ -96,7 +96,33 @@ impl CtlArgs {
         if uri.query().is_some() {
             return Err(bad("a base URL takes no query"));
         }
+        // http::Uri keeps a user:password@ in the authority (it went out as the Host field, a
+        // 400) and drops a #fragment (which then swallowed the API path appended to it).
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(bad(
+                "a base URL takes no user or password (the admin API reads --token)",
+            ));
+        }
+        if full.contains('#') {
+            return Err(bad("a base URL takes no fragment (#...)"));
+        }
         Ok(full.trim_end_matches('/').to_string())
+    }
+
+    /// `--token` (or SWITCHYARD_ADMIN_TOKEN) as it is sent: one trailing line end off, as
+    /// `serve` reads it (see [`crate::http::headers::bearer_token`]). A token that cannot travel
+    /// in a header is a usage error, never a call that fails as "cannot reach".
+    pub fn normalize_token(&mut self) -> Result<(), String> {
+        let Some(raw) = self.token.as_deref() else {
+            return Ok(());
+        };
+        let token = crate::http::headers::bearer_token(raw).map_err(|why| {
+            format!(
+                "invalid admin token (--token or SWITCHYARD_ADMIN_TOKEN): it cannot be sent in an Authorization header: {why}"
+            )
+        })?;
+        self.token = Some(token.to_string());
+        Ok(())
     }
 }
 

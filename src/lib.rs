@@ -69,6 +69,8 @@ pub use release::{
     end_stored_on_reset as end_release_on_state_reset, load as load_release_plan,
     STATES as RELEASE_STATES,
 };
+// `serve` and `ctl`: the admin token as stored, ready to send or compare.
+pub use http::headers::bearer_token;
 pub use resolve::{check_warnings as name_warnings, has_names, resolve as resolve_names};
 // The `demo` and `ctl` subcommands.
 pub use ctl::{run as run_ctl, Ctl};

@@ -494,6 +494,30 @@ fn serve(
             }
         }
     }
+    // One trailing line end off (a secret made from a file keeps it); a token no client could
+    // send in a header would refuse every mutating call with 401: a config error instead,
+    // found before `--upgrade` asks the running process for its sockets.
+    let token = match std::env::var(&cfg.admin.token_env) {
+        Ok(t) => switchyard::bearer_token(&t).map(|t| Some(t.to_string())),
+        Err(std::env::VarError::NotUnicode(_)) => Err("it is not UTF-8"),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+    };
+    let token = match token {
+        Ok(t) => t,
+        Err(why) => {
+            report.error(&format!(
+                "admin.token_env: the admin token in {} cannot be sent in an Authorization header: {why}",
+                cfg.admin.token_env
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    if token.as_deref().unwrap_or("").is_empty() {
+        tracing::warn!(
+            env = %cfg.admin.token_env,
+            "no admin token set: every mutating admin call will be refused"
+        );
+    }
     // The running process's sockets, before anything else can fail: without them, stop here
     // and leave it serving.
     let inherited = if upgrade {
@@ -507,13 +531,6 @@ fn serve(
     } else {
         switchyard::Inherited::default()
     };
-    let token = std::env::var(&cfg.admin.token_env).ok();
-    if token.as_deref().unwrap_or("").is_empty() {
-        tracing::warn!(
-            env = %cfg.admin.token_env,
-            "no admin token set: every mutating admin call will be refused"
-        );
-    }
     // per_worker: the main thread is worker 0 (and runs admin and background tasks).
     let main_workers = match cfg.proxy.runtime {
         switchyard::config::RuntimeFlavor::PerWorker => Some(1),

@@ -1,4 +1,6 @@
-//! Webhooks: every event is POSTed as JSON to each configured URL.
+//! Webhooks: every event is POSTed as JSON to each configured URL: `http://` through a pooled
+//! client, `https://` one TLS connection per delivery (as the analysis checks make theirs),
+//! trusting `[notify] ca_file` or the system bundle.
 //!
 //! Each URL has its own bounded queue and delivery task, so a dead receiver delays nothing but
 //! its own deliveries; a full queue drops the event (counted) instead of blocking a flip.
@@ -7,17 +9,18 @@
 //! attempt, in the body and as the `Idempotency-Key` header: a receiver that answered too late
 //! (the delivery is retried) can tell the copies apart from new events.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::http::client::hyper_client;
+use crate::http::client::{fetch_once, hyper_client};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use prometheus::IntCounter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OnceCell};
 
 use crate::config::NotifyConfig;
 use crate::events::{Event, EventSink};
@@ -29,6 +32,38 @@ pub struct Notifier {
     /// This process's part of every event id (its start, in microseconds, and its pid).
     origin: Arc<str>,
     seq: Arc<AtomicU64>,
+}
+
+/// The most of a receiver's answer read (and dropped) over `https://`; a longer one fails the
+/// attempt.
+const ANSWER_LIMIT: usize = 1 << 20;
+
+/// How deliveries reach their URLs; shared by every URL's task.
+#[derive(Clone)]
+struct Transport {
+    /// For `http://`.
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// For `https://`: `ca_file`, else the system bundle.
+    ca_file: Option<PathBuf>,
+    tls: Arc<OnceCell<Arc<rustls::ClientConfig>>>,
+}
+
+impl Transport {
+    /// The rustls client config, built at the first `https://` delivery that can build it
+    /// (a CA file that cannot be read fails that attempt and is tried again at the next).
+    async fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        let ca = self.ca_file.clone();
+        self.tls
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    crate::tls::client_config(ca.as_deref(), "set [notify] ca_file to a PEM file")
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("TLS setup task failed: {e}")))
+            })
+            .await
+            .cloned()
+    }
 }
 
 /// One event for one URL: its id and its JSON body.
@@ -44,15 +79,18 @@ impl Notifier {
         if cfg.webhooks.is_empty() {
             return None;
         }
-        let client: Client<HttpConnector, Full<Bytes>> =
-            hyper_client(cfg.timeout, Duration::from_secs(90), None, false);
+        let transport = Transport {
+            client: hyper_client(cfg.timeout, Duration::from_secs(90), None, false),
+            ca_file: cfg.ca_file.clone(),
+            tls: Arc::new(OnceCell::new()),
+        };
         let mut queues = Vec::new();
         for url in &cfg.webhooks {
             let (tx, rx) = mpsc::channel(cfg.queue_size);
             tokio::spawn(deliver(
                 url.clone(),
                 rx,
-                client.clone(),
+                transport.clone(),
                 cfg.timeout,
                 cfg.max_attempts,
                 failures.clone(),
@@ -103,7 +141,7 @@ impl EventSink for Notifier {
 async fn deliver(
     url: String,
     mut rx: mpsc::Receiver<Delivery>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    transport: Transport,
     timeout: Duration,
     max_attempts: u32,
     failures: IntCounter,
@@ -112,7 +150,7 @@ async fn deliver(
         let mut backoff = Duration::from_millis(250);
         let mut delivered = false;
         for attempt in 1..=max_attempts {
-            match post(&client, &url, &delivery, timeout).await {
+            match post(&transport, &url, &delivery, timeout).await {
                 Ok(()) => {
                     delivered = true;
                     break;
@@ -135,21 +173,73 @@ async fn deliver(
 }
 
 async fn post(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    transport: &Transport,
     url: &str,
     delivery: &Delivery,
     timeout: Duration,
 ) -> Result<(), String> {
-    let req = http::Request::post(url)
+    let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+    let attempt = async {
+        if uri.scheme_str() == Some("https") {
+            return post_tls(transport, &uri, delivery).await;
+        }
+        let resp = transport
+            .client
+            .request(request(uri.clone(), None, delivery)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(resp.status())
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Err(_) => Err("timed out".to_string()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(status)) if status.is_success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("answered {status}")),
+    }
+}
+
+/// One delivery over its own TLS connection: the status of the answer.
+async fn post_tls(
+    transport: &Transport,
+    uri: &http::Uri,
+    delivery: &Delivery,
+) -> Result<http::StatusCode, String> {
+    let tls = transport.tls().await?;
+    let auth = uri
+        .authority()
+        .ok_or_else(|| format!("URL {uri} has no host"))?
+        .clone();
+    // Host is host[:port], never the userinfo an authority may carry.
+    let host = match auth.port() {
+        Some(p) => format!("{}:{p}", auth.host()),
+        None => auth.host().to_string(),
+    };
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let req = request(
+        target.parse().map_err(|e| format!("{e}"))?,
+        Some(&host),
+        delivery,
+    )?;
+    let (status, _) = fetch_once(&auth, Some(tls), req, ANSWER_LIMIT)
+        .await
+        .map_err(|e| e.message)?;
+    Ok(status)
+}
+
+/// The POST of `delivery` to `uri` (absolute for the pooled client, a path with `host` for a
+/// connection of its own).
+fn request(
+    uri: http::Uri,
+    host: Option<&str>,
+    delivery: &Delivery,
+) -> Result<http::Request<Full<Bytes>>, String> {
+    let mut req = http::Request::post(uri)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::USER_AGENT, "switchyard-webhook")
-        .header("idempotency-key", delivery.id.clone())
-        .body(Full::new(delivery.body.clone()))
-        .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err("timed out".to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        .header("idempotency-key", delivery.id.clone());
+    if let Some(host) = host {
+        req = req.header(http::header::HOST, host);
     }
+    req.body(Full::new(delivery.body.clone()))
+        .map_err(|e| e.to_string())
 }

@@ -2179,3 +2179,112 @@ async fn an_admin_body_that_is_not_a_json_object_is_400_and_changes_nothing() {
     assert_eq!(p.service_status("api").await["active"], "blue");
     p.stop().await;
 }
+
+/// A key written twice in an admin body is a 400, never the last one silently winning:
+/// `{"to":"blue","to":"green"}` flipped to green.
+#[tokio::test]
+async fn an_admin_body_with_a_key_written_twice_is_400_and_changes_nothing() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (path, body, key) in [
+        (
+            "/api/services/api/flip",
+            r#"{"to":"blue","to":"green"}"#,
+            "to",
+        ),
+        (
+            "/api/services/api/flip",
+            r#"{"to":"green","force":false,"force":true}"#,
+            "force",
+        ),
+        ("/api/flip", r#"{"to":"green","to":"green"}"#, "to"),
+        (
+            "/api/services/api/pause",
+            r#"{"force":true,"force":true}"#,
+            "force",
+        ),
+        ("/api/releases", r#"{"name":"r","name":"r"}"#, "name"),
+    ] {
+        let (s, text) = request(p.admin, "POST", path, &headers, body.into()).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let m = assert_error_body(s, &v, 400);
+        assert!(
+            m.contains(&format!("duplicate field `{key}`")),
+            "{path} {body}: {m}"
+        );
+        let st = p.service_status("api").await;
+        assert_eq!(st["active"], "blue", "{path} {body}: {st}");
+        assert_eq!(st["paused"], false, "{path} {body}: {st}");
+    }
+    // The same flip with each key once still works.
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    p.stop().await;
+}
+
+/// The admin token from a secret made of a file (`kubectl create secret --from-file`) ends in a
+/// line end no client sends: `serve` takes one off, so `Bearer <token>` is accepted (every
+/// mutating call was 401). A token that still cannot travel in a header stops `serve` with
+/// exit 1 naming the variable, instead of a listener that refuses every change.
+#[tokio::test]
+async fn serve_takes_the_line_end_off_the_admin_token_and_refuses_one_no_header_carries() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, _proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
+    let config_arg = config.to_str().expect("utf8 path");
+    for line_end in ["\n", "\r\n"] {
+        let mut child = switchyard_cmd(&["serve", "--config", config_arg])
+            .env("SWITCHYARD_ADMIN_TOKEN", format!("{TOKEN}{line_end}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        assert!(healthz_within(admin, 15).await, "switchyard never served");
+        let (s, v) = admin_post(
+            admin,
+            "/api/services/api/pause",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{line_end:?}: {v}");
+        let (s, v) = admin_post(
+            admin,
+            "/api/services/api/resume",
+            Some(TOKEN),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{line_end:?}: {v}");
+        child.kill().await.expect("kill");
+    }
+    for bad in [
+        format!("{TOKEN}\n\n"),
+        format!("{TOKEN}\x01"),
+        format!("{TOKEN} "),
+    ] {
+        let out = timeout(
+            Duration::from_secs(20),
+            switchyard_cmd(&["serve", "--config", config_arg])
+                .env("SWITCHYARD_ADMIN_TOKEN", &bad)
+                .output(),
+        )
+        .await
+        .expect("serve did not exit within 20 s")
+        .expect("run serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains("admin.token_env") && stderr.contains("SWITCHYARD_ADMIN_TOKEN"),
+            "{bad:?}: {stderr}"
+        );
+        assert!(!stderr.contains(TOKEN), "the token is printed: {stderr}");
+    }
+}

@@ -472,6 +472,46 @@ async fn token_and_url_from_environment() {
     p.stop().await;
 }
 
+/// A token with the line end a secret made from a file keeps is sent without it (`serve` takes
+/// it off too); one that cannot travel in a header is a usage error naming the token (exit 2),
+/// not "cannot reach the admin listener" from a request that could not be built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_ending_in_a_line_end_works_and_one_no_header_carries_is_a_usage_error() {
+    let (p, _ups) = two_services().await;
+    let with_newline = format!("{TOKEN}\n");
+    let o = ctl_env(
+        p.admin,
+        None,
+        &[("SWITCHYARD_ADMIN_TOKEN", &with_newline)],
+        &["pause", "api"],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o}");
+    let o = ctl(p.admin, Some(&format!("{TOKEN}\r\n")), &["resume", "api"]).await;
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(p.service_status("api").await["paused"], false);
+    for bad in [
+        format!("{TOKEN}\n\n"),
+        format!("{TOKEN}\x01"),
+        "x\ny".to_string(),
+    ] {
+        let o = ctl_env(
+            p.admin,
+            None,
+            &[("SWITCHYARD_ADMIN_TOKEN", &bad)],
+            &["pause", "api"],
+        )
+        .await;
+        assert_eq!(o.code, 2, "{bad:?}: {o}");
+        assert!(o.stderr.contains("invalid admin token"), "{bad:?}: {o}");
+        assert!(!o.stderr.contains("cannot reach"), "{bad:?}: {o}");
+        let o = ctl(p.admin, Some(&bad), &["release", "abort"]).await;
+        assert_eq!(o.code, 2, "{bad:?}: {o}");
+    }
+    assert_eq!(p.service_status("api").await["paused"], false);
+    p.stop().await;
+}
+
 /// Runs `switchyard ARGS...` with stdout a pipe whose reader is gone before it writes (as in
 /// `switchyard ctl events | head -0`): the exit code and stderr, bounded to 20 s.
 async fn closed_stdout(args: &[String]) -> (i32, String) {
@@ -586,8 +626,9 @@ async fn a_closed_stdout_ends_quietly_with_the_commands_own_exit_code() {
 }
 
 /// `--admin` as an operator writes it: `HOST:PORT` as `[admin] listen` says it, a trailing
-/// slash, or the full URL all reach the API; a scheme that is not http(s) or a URL with a query
-/// is a usage error (exit 2) that names the bad value, never "cannot reach ... is it running?".
+/// slash, or the full URL all reach the API; a scheme that is not http(s) or a URL with a query,
+/// a user or password (sent as the Host field) or a fragment (which swallowed the API path) is a
+/// usage error (exit 2) that names the bad value, never "cannot reach ... is it running?".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_url_forms() {
     let (p, _ups) = two_services().await;
@@ -625,6 +666,10 @@ async fn admin_url_forms() {
     for admin in [
         format!("ftp://{}", p.admin),
         format!("http://{}/?x=1", p.admin),
+        format!("http://admin:pw@{}", p.admin),
+        format!("http://admin@{}/", p.admin),
+        format!("http://{}#x", p.admin),
+        format!("http://{}/#", p.admin),
     ] {
         let o = run(admin.clone(), &["resume", "api"]).await;
         assert_eq!(o.code, 2, "{admin}: {o}");

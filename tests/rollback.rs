@@ -736,6 +736,28 @@ impl Receiver {
     }
 
     async fn start_with(delay: Duration) -> Receiver {
+        Self::start_inner(delay, None).await
+    }
+
+    /// Over TLS, serving the PEM certificate `cert` with its key `key`.
+    async fn start_tls(cert: &str, key: &str) -> Receiver {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificate");
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+        Self::start_inner(Duration::ZERO, Some(Arc::new(tls))).await
+    }
+
+    async fn start_inner(delay: Duration, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -772,10 +794,23 @@ impl Receiver {
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
                     }
                 });
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(tls) => {
+                            // A handshake the client refuses (its CA does not sign us) ends here.
+                            let Ok(stream) =
+                                tokio_rustls::TlsAcceptor::from(tls).accept(stream).await
+                            else {
+                                return;
+                            };
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -876,6 +911,63 @@ async fn webhooks_get_flips_and_rollbacks_and_a_dead_one_blocks_nothing() {
     );
     t.stop().await;
     r.p.stop().await;
+}
+
+/// An `https://` webhook gets the events over TLS, its certificate verified against
+/// `[notify] ca_file`; one whose certificate that file does not vouch for gets nothing (the
+/// handshake fails, counted as a failed delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_are_verified_against_notify_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let trusted = rcgen::generate_simple_self_signed(names.clone()).expect("rcgen");
+    let stranger = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, trusted.cert.pem()).expect("write");
+    let recv = Receiver::start_tls(&trusted.cert.pem(), &trusted.key_pair.serialize_pem()).await;
+    let other = Receiver::start_tls(&stranger.cert.pem(), &stranger.key_pair.serialize_pem()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[notify]\nwebhooks = [\"https://127.0.0.1:{}/hook\", \"https://localhost:{}/hook\", \"https://localhost:{}/hook\"]\n\
+         ca_file = \"{}\"\ntimeout = \"5s\"\nmax_attempts = 1\n{}",
+        recv.addr.port(),
+        recv.addr.port(),
+        other.addr.port(),
+        ca.display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    ))
+    .await;
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    // Once by IP, once by name.
+    assert!(
+        eventually(10, || async {
+            recv.reasons().iter().filter(|r| *r == "manual").count() == 2
+        })
+        .await,
+        "receiver got {:?}",
+        recv.reasons()
+    );
+    {
+        let got = recv.got.lock().expect("lock");
+        assert_eq!(got[0]["to"], "green", "{got:?}");
+        assert!(got[0]["_idempotency_key"].is_string(), "{got:?}");
+    }
+    assert!(
+        eventually(10, || async {
+            metric(
+                &get(p.admin, "/metrics").await.1,
+                "switchyard_webhook_failures_total",
+                &[],
+            )
+            .is_some_and(|v| v >= 1.0)
+        })
+        .await,
+        "the untrusted webhook's failure was never counted"
+    );
+    assert!(other.reasons().is_empty(), "{:?}", other.reasons());
+    p.stop().await;
 }
 
 /// A receiver that answers after `notify.timeout` gets each event `max_attempts` times: every

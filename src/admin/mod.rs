@@ -547,6 +547,10 @@ fn json_object(b: &Bytes) -> Result<serde_json::Value, AdminResponse> {
     let v: serde_json::Value = serde_json::from_slice(b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))?;
     if v.is_object() {
+        // serde_json keeps the last of a key written twice: `{"to":"blue","to":"green"}`
+        // would flip to green. Read the keys again, refusing a repeated one.
+        serde_json::from_slice::<UniqueKeys>(b)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))?;
         return Ok(v);
     }
     let what = match v {
@@ -560,6 +564,36 @@ fn json_object(b: &Bytes) -> Result<serde_json::Value, AdminResponse> {
         StatusCode::BAD_REQUEST,
         &format!("invalid JSON body: {what}; the body must be a JSON object of the call's fields"),
     ))
+}
+
+/// A JSON object whose top-level keys are each written once ("duplicate field" otherwise); the
+/// values are skipped, [`json_object`] has them.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 /// The `{"to": COLOR, "force": BOOL}` body of a flip.

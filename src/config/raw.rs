@@ -100,6 +100,7 @@ pub struct RawNotify {
     pub timeout: Option<String>,
     pub max_attempts: Option<i64>,
     pub queue_size: Option<i64>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

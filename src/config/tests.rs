@@ -292,6 +292,44 @@ fn wrong_types_are_reported_with_every_other_error() {
     );
 }
 
+/// A trigger's `above` of the wrong type for its kind says so, as serde words the file's other
+/// wrong types, not "required" as if it were not written.
+#[test]
+fn a_trigger_threshold_of_the_wrong_type_says_so() {
+    let text = GOOD
+        .replace("above = 0.05", "above = \"5%\"")
+        .replace("above = \"1000ms\"", "above = 1000");
+    let errs = errors(&text);
+    assert_eq!(
+        errs,
+        [
+            "services[0].rollback.triggers[0].above: invalid type: string \"5%\", expected a ratio between 0 and 1, e.g. 0.05",
+            "services[0].rollback.triggers[1].above: invalid type: integer `1000`, expected a duration such as \"1000ms\"",
+        ],
+        "{errs:#?}"
+    );
+    let errs = errors(
+        &GOOD
+            .replace("above = 0.05", "above = true")
+            .replace("above = \"1000ms\"", "above = 1.5"),
+    );
+    assert_eq!(
+        errs,
+        [
+            "services[0].rollback.triggers[0].above: invalid type: boolean `true`, expected a ratio between 0 and 1, e.g. 0.05",
+            "services[0].rollback.triggers[1].above: invalid type: floating point `1.5`, expected a duration such as \"1000ms\"",
+        ],
+        "{errs:#?}"
+    );
+    // Not written at all is still "required".
+    let errs = errors(&GOOD.replace("above = 0.05\n", ""));
+    assert_eq!(
+        errs,
+        ["services[0].rollback.triggers[0].above: required: a ratio between 0 and 1, e.g. 0.05"],
+        "{errs:#?}"
+    );
+}
+
 /// A wrong type from `SWITCHYARD__*` names its key and the variable it came from.
 #[test]
 fn wrong_types_from_the_environment_name_the_variable() {
@@ -526,6 +564,60 @@ above = 1
         )),
         "{errs:#?}"
     );
+}
+
+/// A probe whose target is doubled or missing still has its other keys checked: `check` prints
+/// every problem in one run, not the rest only once the target is fixed.
+#[test]
+fn a_probe_with_a_bad_target_reports_its_other_errors() {
+    let base = r#"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+"#;
+    for target in [
+        "path = \"/deps\"\nurl = \"http://127.0.0.1:3001/deps\"\n",
+        "",
+    ] {
+        let tables = format!(
+            r#"
+[[services.verify]]
+kind = "probe"
+{target}json_pointer = "payments"
+above_fraction = 7
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+{target}json_pointer = "database"
+equals = "ok"
+above = 1
+above_fraction = 1.5
+"#
+        );
+        let errs = errors(&format!("{base}{tables}"));
+        let target_err = if target.is_empty() {
+            ".path: required"
+        } else {
+            ".url: set either `path` or `url`"
+        };
+        for want in [
+            format!("services[0].verify[0]{target_err}"),
+            "services[0].verify[0].json_pointer: invalid JSON pointer".to_string(),
+            "services[0].verify[0].equals: required with `json_pointer`".to_string(),
+            "services[0].verify[0].above_fraction: 7 is out of range".to_string(),
+            format!("services[0].rollback.triggers[0]{target_err}"),
+            "services[0].rollback.triggers[0].json_pointer: invalid JSON pointer".to_string(),
+            "services[0].rollback.triggers[0].equals: set either `equals` or `above`/`below`"
+                .to_string(),
+            "services[0].rollback.triggers[0].above_fraction: 1.5 is out of range".to_string(),
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(&want)),
+                "missing {want}: {errs:#?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -231,10 +231,13 @@ pub struct StateConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NotifyConfig {
+    /// `http://` or `https://` URLs.
     pub webhooks: Vec<String>,
     pub timeout: Duration,
     pub max_attempts: u32,
     pub queue_size: usize,
+    /// PEM CAs trusted for `https://` webhooks; None: the system bundle.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

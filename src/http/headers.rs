@@ -186,6 +186,30 @@ pub fn edge_whitespace(v: &[u8]) -> bool {
     matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t'))
 }
 
+/// A bearer token as an operator stores it, ready to send or compare: one trailing line end
+/// (`\n` or `\r\n`) taken off, as a secret made from a file (`kubectl create secret
+/// --from-file`, `echo token > file`) keeps it. Err (why) when what is left cannot travel in
+/// `Authorization: Bearer <token>`: a control character, a byte outside ASCII (the admin reads
+/// the field as visible ASCII), or whitespace at either end (trimmed from a field value).
+pub fn bearer_token(raw: &str) -> Result<&str, &'static str> {
+    let t = raw
+        .strip_suffix("\r\n")
+        .or_else(|| raw.strip_suffix('\n'))
+        .unwrap_or(raw);
+    if t.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+        return Err(
+            "it has a control character (a line break inside it, or more than one at its end?)",
+        );
+    }
+    if !t.is_ascii() {
+        return Err("it has a character outside ASCII, which an HTTP header cannot carry");
+    }
+    if edge_whitespace(t.as_bytes()) {
+        return Err("it begins or ends with whitespace, which HTTP trims from a header value");
+    }
+    Ok(t)
+}
+
 /// One `name: value` line.
 #[inline]
 pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -245,6 +269,19 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_bearer_token_loses_one_line_end_and_must_fit_a_header() {
+        assert_eq!(bearer_token("t0k"), Ok("t0k"));
+        assert_eq!(bearer_token("t0k\n"), Ok("t0k"));
+        assert_eq!(bearer_token("t0k\r\n"), Ok("t0k"));
+        assert_eq!(bearer_token("a b"), Ok("a b"));
+        for bad in [
+            "t0k\n\n", "t\n0k", "t0k\r", "t0k\x01", "t0k\x7f", "tök", " t0k", "t0k \n",
+        ] {
+            assert!(bearer_token(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -472,14 +472,13 @@ fn log(c: &mut Check, l: &RawLog) -> LogConfig {
 fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
     let webhooks = n.webhooks.clone().unwrap_or_default();
     for (i, w) in webhooks.iter().enumerate() {
-        let ok = w
-            .parse::<http::Uri>()
-            .ok()
-            .filter(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+        let ok = w.parse::<http::Uri>().ok().filter(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+        });
         if ok.is_none() {
             c.err(
                 format!("notify.webhooks[{i}]"),
-                format!("invalid URL {w:?} (expected http://host:port/path)"),
+                format!("invalid URL {w:?} (expected http://host:port/path or https://...)"),
             );
         }
     }
@@ -492,6 +491,7 @@ fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
         ),
         max_attempts: c.count("notify.max_attempts", n.max_attempts, 5, 1, 100) as u32,
         queue_size: c.count("notify.queue_size", n.queue_size, 1024, 1, 1_000_000) as usize,
+        ca_file: n.ca_file.as_ref().map(PathBuf::from),
     }
 }
 

@@ -86,19 +86,42 @@ pub(super) fn trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<Trigger
     Some(TriggerConfig { kind, for_ })
 }
 
+/// A value of the wrong type, worded as serde words the file's other ones (`invalid type:
+/// integer `1000`, expected a string`): `above` takes a different type by kind, so serde reads
+/// it as any value and the kind's check says what it expected.
+fn wrong_type(v: &serde_json::Value, expected: &str) -> String {
+    use serde::de::Unexpected;
+    use serde_json::Value;
+    let got = match v {
+        Value::Null => Unexpected::Unit,
+        Value::Bool(b) => Unexpected::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Unexpected::Signed(i),
+            (None, Some(u)) => Unexpected::Unsigned(u),
+            (None, None) => Unexpected::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Unexpected::Str(s),
+        Value::Array(_) => Unexpected::Seq,
+        Value::Object(_) => Unexpected::Map,
+    };
+    format!("invalid type: {got}, expected {expected}")
+}
+
 /// `above` of `error_rate`: a ratio between 0 and 1.
 fn ratio_above(c: &mut Check, key: &str, v: Option<&serde_json::Value>) -> f64 {
-    match v.and_then(|v| v.as_f64()) {
-        Some(a) if a > 0.0 && a < 1.0 => a,
-        Some(a) => {
-            c.err(
-                key,
-                format!("{a} is out of range (a ratio between 0 and 1, e.g. 0.05)"),
-            );
+    const EXPECTED: &str = "a ratio between 0 and 1, e.g. 0.05";
+    match v.map(|v| (v, v.as_f64())) {
+        Some((_, Some(a))) if a > 0.0 && a < 1.0 => a,
+        Some((_, Some(a))) => {
+            c.err(key, format!("{a} is out of range ({EXPECTED})"));
+            0.05
+        }
+        Some((v, None)) => {
+            c.err(key, wrong_type(v, EXPECTED));
             0.05
         }
         None => {
-            c.err(key, "required: a ratio between 0 and 1, e.g. 0.05");
+            c.err(key, format!("required: {EXPECTED}"));
             0.05
         }
     }
@@ -106,6 +129,11 @@ fn ratio_above(c: &mut Check, key: &str, v: Option<&serde_json::Value>) -> f64 {
 
 /// `above` of `p95_latency`: a duration above zero.
 fn latency_above(c: &mut Check, key: &str, v: Option<&serde_json::Value>) -> Duration {
+    const EXPECTED: &str = "a duration such as \"1000ms\"";
+    if let Some(v) = v.filter(|v| !v.is_string()) {
+        c.err(key, wrong_type(v, EXPECTED));
+        return Duration::from_secs(1);
+    }
     match v.and_then(|v| v.as_str()) {
         Some(s) => match parse_duration(s) {
             Ok(d) if !d.is_zero() => d,
@@ -119,7 +147,7 @@ fn latency_above(c: &mut Check, key: &str, v: Option<&serde_json::Value>) -> Dur
             }
         },
         None => {
-            c.err(key, "required: a duration such as \"1000ms\"");
+            c.err(key, format!("required: {EXPECTED}"));
             Duration::from_secs(1)
         }
     }
@@ -352,7 +380,8 @@ fn probe(c: &mut Check, key: &str, t: &RawTrigger, common: Common) -> Option<Pro
     if t.on_empty.is_some() {
         c.err(k("on_empty"), "not used by kind \"probe\"");
     }
-    let target = probe_target(c, key, t)?;
+    // Every key is checked before a bad target drops the check: `check` reports every problem.
+    let target = probe_target(c, key, t);
     let condition = probe_condition(c, key, t, common.bound);
     let above_fraction = match &t.above_fraction {
         None => 0.0,
@@ -368,7 +397,7 @@ fn probe(c: &mut Check, key: &str, t: &RawTrigger, common: Common) -> Option<Pro
         },
     };
     Some(ProbeCheck {
-        target,
+        target: target?,
         json_pointer: t.json_pointer.clone(),
         condition,
         above_fraction,
