@@ -83,8 +83,19 @@ impl CtlArgs {
         } else {
             format!("http://{raw}")
         };
+        // Said without a user:password@ it may carry (error output ends up in CI logs).
+        let shown = {
+            let start = raw.find("://").map_or(0, |i| i + 3);
+            let end = raw[start..]
+                .find(['/', '?', '#'])
+                .map_or(raw.len(), |i| start + i);
+            match raw[start..end].rfind('@') {
+                Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
+                None => raw.to_string(),
+            }
+        };
         let bad = |why: &str| {
-            format!("invalid admin URL {raw:?} (--admin or SWITCHYARD_ADMIN_URL): {why}")
+            format!("invalid admin URL {shown:?} (--admin or SWITCHYARD_ADMIN_URL): {why}")
         };
         let uri: http::Uri = full.parse().map_err(|e| bad(&format!("{e}")))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
