@@ -83,20 +83,23 @@ impl CtlArgs {
         } else {
             format!("http://{raw}")
         };
-        // Said without a user:password@ it may carry (error output ends up in CI logs).
-        let shown = {
-            let start = raw.find("://").map_or(0, |i| i + 3);
-            let end = raw[start..]
-                .find(['/', '?', '#'])
-                .map_or(raw.len(), |i| start + i);
-            match raw[start..end].rfind('@') {
-                Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
-                None => raw.to_string(),
-            }
+        // Said without a user:password@ it may carry (error output ends up in CI logs): all
+        // from the scheme to the last `@`, since a password may hold `/`, `?` or `#`.
+        let after_scheme = raw.find("://").map_or(0, |i| i + 3);
+        let shown = match raw[after_scheme..].rfind('@') {
+            Some(at) => format!("{}***{}", &raw[..after_scheme], &raw[after_scheme + at..]),
+            None => raw.to_string(),
         };
         let bad = |why: &str| {
             format!("invalid admin URL {shown:?} (--admin or SWITCHYARD_ADMIN_URL): {why}")
         };
+        // Refused before parsing: http::Uri keeps a user:password@ in the authority (it went
+        // out as the Host field, a 400), and `user:pa/ss@host` parses as the host `user:pa`.
+        if raw[after_scheme..].contains('@') {
+            return Err(bad(
+                "a base URL takes no user or password (the admin API reads --token)",
+            ));
+        }
         let uri: http::Uri = full.parse().map_err(|e| bad(&format!("{e}")))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(bad("the scheme must be http:// or https://"));
@@ -107,13 +110,7 @@ impl CtlArgs {
         if uri.query().is_some() {
             return Err(bad("a base URL takes no query"));
         }
-        // http::Uri keeps a user:password@ in the authority (it went out as the Host field, a
-        // 400) and drops a #fragment (which then swallowed the API path appended to it).
-        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-            return Err(bad(
-                "a base URL takes no user or password (the admin API reads --token)",
-            ));
-        }
+        // http::Uri drops a #fragment (which then swallowed the API path appended to it).
         if full.contains('#') {
             return Err(bad("a base URL takes no fragment (#...)"));
         }

@@ -668,6 +668,9 @@ async fn admin_url_forms() {
         format!("http://{}/?x=1", p.admin),
         format!("http://admin:pw@{}", p.admin),
         format!("http://admin@{}/", p.admin),
+        format!("http://admin:pw#x@{}", p.admin),
+        format!("http://admin:pw/x@{}", p.admin),
+        format!("http://admin:pw?x@{}", p.admin),
         format!("http://{}#x", p.admin),
         format!("http://{}/#", p.admin),
     ] {
@@ -676,7 +679,7 @@ async fn admin_url_forms() {
         assert!(o.stderr.contains("invalid admin URL"), "{admin}: {o}");
         assert!(!o.stderr.contains("is switchyard running"), "{admin}: {o}");
         // A password is not repeated in the error (CI logs).
-        assert!(!o.stderr.contains(":pw@"), "{admin}: {o}");
+        assert!(!o.stderr.contains(":pw"), "{admin}: {o}");
     }
     // nothing reached the API: still paused
     assert_eq!(p.service_status("api").await["paused"], true);
