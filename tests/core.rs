@@ -2210,6 +2210,12 @@ async fn an_admin_body_with_a_key_written_twice_is_400_and_changes_nothing() {
             "force",
         ),
         ("/api/releases", r#"{"name":"r","name":"r"}"#, "name"),
+        // At any depth: a release plan's phase naming its services twice.
+        (
+            "/api/releases",
+            r#"{"name":"r","phases":[{"name":"a","services":["api"],"services":["api"],"to":"blue","to":"green"}]}"#,
+            "services",
+        ),
     ] {
         let (s, text) = request(p.admin, "POST", path, &headers, body.into()).await;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));

@@ -566,8 +566,9 @@ fn json_object(b: &Bytes) -> Result<serde_json::Value, AdminResponse> {
     ))
 }
 
-/// A JSON object whose top-level keys are each written once ("duplicate field" otherwise); the
-/// values are skipped, [`json_object`] has them.
+/// A JSON value in which every object, at any depth (a release plan's phases too), has each
+/// key written once ("duplicate field" otherwise); the values are skipped, [`json_object`] has
+/// them.
 struct UniqueKeys;
 
 impl<'de> Deserialize<'de> for UniqueKeys {
@@ -576,7 +577,7 @@ impl<'de> Deserialize<'de> for UniqueKeys {
         impl<'de> serde::de::Visitor<'de> for Keys {
             type Value = UniqueKeys;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
+                f.write_str("a JSON value")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
@@ -584,15 +585,40 @@ impl<'de> Deserialize<'de> for UniqueKeys {
             ) -> Result<UniqueKeys, A::Error> {
                 let mut seen = std::collections::HashSet::new();
                 while let Some(key) = map.next_key::<String>()? {
-                    map.next_value::<serde::de::IgnoredAny>()?;
+                    map.next_value::<UniqueKeys>()?;
                     if !seen.insert(key.clone()) {
                         return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
                     }
                 }
                 Ok(UniqueKeys)
             }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                while seq.next_element::<UniqueKeys>()?.is_some() {}
+                Ok(UniqueKeys)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
         }
-        d.deserialize_map(Keys)
+        d.deserialize_any(Keys)
     }
 }
 
