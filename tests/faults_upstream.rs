@@ -1066,3 +1066,149 @@ async fn an_h2_pools_upload_the_client_stalls_or_cuts_is_not_an_upstream_failure
     }
     p.stop().await;
 }
+
+/// An h2c upstream that answers `/cl` with `:status 200`, `content-length: 10` and 5 bytes of
+/// DATA, `/nocl` with the same 5 bytes and no length, then resets the stream with
+/// RST_STREAM(NO_ERROR), never sending END_STREAM; anything else gets a whole `ok`.
+async fn polite_resetting_h2_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut reply))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut head = http::Response::builder().status(200);
+                        let cut = match req.uri().path() {
+                            "/cl" => {
+                                head = head.header("content-length", "10");
+                                true
+                            }
+                            "/nocl" => true,
+                            _ => false,
+                        };
+                        let Ok(mut tx) = reply.send_response(head.body(()).expect("head"), false)
+                        else {
+                            return;
+                        };
+                        if !cut {
+                            let _ = tx.send_data(Bytes::from_static(b"ok"), true);
+                            return;
+                        }
+                        let _ = tx.send_data(Bytes::from_static(b"12345"), false);
+                        // The DATA goes out before the reset (a reset drops what is queued).
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tx.send_reset(h2::Reason::NO_ERROR);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What an HTTP/1.1 client reads for `req` until the proxy closes the connection (None: it
+/// was still open after 10 s).
+async fn read_until_closed(proxy: SocketAddr, req: &[u8]) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    read.ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// An h2 upstream that resets its stream with NO_ERROR mid-body (after `:status 200`, some
+/// DATA, no END_STREAM) has not sent a complete response (RFC 9113 8.1), though hyper ends
+/// such a body as if it were whole: the client sees an aborted response (HTTP/1.1: the
+/// connection closes short of the Content-Length or without the last chunk, and the next
+/// request on it is not answered into the cut body; h2: the stream is reset), and each is a
+/// `reset` failure of the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstreams_polite_reset_mid_body_is_a_cut_body() {
+    let up = polite_resetting_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let (s, body) = p.get("/whole").await;
+    assert_eq!((s, body.as_str()), (200, "ok"));
+
+    // HTTP/1.1, with Content-Length, and a second request pipelined behind the first.
+    let got = read_until_closed(
+        p.proxy,
+        b"GET /cl HTTP/1.1\r\nHost: a\r\n\r\nGET /whole HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .expect("the connection was kept open after a cut body (the client waits for 5 more bytes, and the next response lands in them)");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("content-length: 10\r\n"), "{got}");
+    let body = got.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(body.len() < 10, "a whole body from a cut stream: {got:?}");
+    assert_eq!(got.matches("HTTP/1.1").count(), 1, "{got:?}");
+
+    // HTTP/1.1, chunked (no length upstream): no last chunk.
+    let got = read_until_closed(p.proxy, b"GET /nocl HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("the connection was kept open after a cut body");
+    assert!(got.contains("transfer-encoding: chunked\r\n"), "{got}");
+    assert!(
+        !got.ends_with("0\r\n\r\n"),
+        "a cut body ended with a clean last chunk: {got:?}"
+    );
+
+    // h2 (prior knowledge): the stream is reset, never ended.
+    let tcp = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    for path in ["/cl", "/nocl"] {
+        let mut client = client.clone().ready().await.expect("ready");
+        let req = http::Request::get(format!("http://a{path}"))
+            .body(())
+            .expect("req");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("no head in 10 s")
+            .expect("head");
+        assert_eq!(resp.status(), 200, "{path}");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match body.data().await {
+                    Some(Ok(d)) => got.extend_from_slice(&d),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        })
+        .await
+        .expect("the body neither ended nor failed in 10 s");
+        assert!(
+            end.is_err(),
+            "{path}: a cut body reached the h2 client as a whole one: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    conn.abort();
+
+    let counted = eventually(10, || async {
+        failures(&metrics(&p).await, "blue", up, "reset") == 4.0
+    })
+    .await;
+    let text = metrics(&p).await;
+    assert!(counted, "four cut bodies, four reset failures: {text}");
+    p.stop().await;
+}
