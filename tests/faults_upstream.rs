@@ -1212,3 +1212,91 @@ async fn an_h2_upstreams_polite_reset_mid_body_is_a_cut_body() {
     assert!(counted, "four cut bodies, four reset failures: {text}");
     p.stop().await;
 }
+
+/// An h2c-only upstream (as a gRPC server is): HTTP/1.1 is refused (the connection is dropped
+/// at its first bytes); over h2 every request gets `200 h2 <path>`. Counts the requests that
+/// reached it, HTTP/1.1 attempts included.
+async fn h2c_only_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tcp.peek(&mut preface).await.is_ok() && !preface.starts_with(b"PRI * HTTP/2.0") {
+                    // An HTTP/1.1 request: refused.
+                    count.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut reply))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = Bytes::from(format!("h2 {}", req.uri().path()));
+                    let head = http::Response::builder()
+                        .status(200)
+                        .header("content-length", body.len())
+                        .body(())
+                        .expect("head");
+                    if let Ok(mut tx) = reply.send_response(head, false) {
+                        let _ = tx.send_data(body, true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Health checks and smoke tests speak the pool's protocol: an h2c-only upstream in a
+/// `protocol = "h2"` pool with `[services.health]` is healthy and serves (it was marked
+/// unhealthy by checks sent as HTTP/1.1, and every request answered 503), and a flip to an h2
+/// pool passes its `smoke_paths`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_and_smoke_tests_of_an_h2_pool_speak_h2() {
+    let (blue, blue_seen) = h2c_only_upstream().await;
+    let (green, green_seen) = h2c_only_upstream().await;
+    // Without health checks: the flip's smoke test alone.
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\nsmoke_paths = [\"/smoke\"]\n"
+    ))
+    .await;
+    let (s, answer) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "the smoke test of an h2 pool failed: {answer}");
+    let (s, body) = p.get("/z").await;
+    assert_eq!((s, body.as_str()), (200, "h2 /z"));
+    p.stop().await;
+
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\nsmoke_paths = [\"/smoke\"]\n[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nunhealthy_after = 1\nhealthy_after = 1\n"
+    ))
+    .await;
+    // Several rounds of checks on both colors.
+    assert!(
+        eventually(10, || async {
+            blue_seen.load(Ordering::SeqCst) >= 3 && green_seen.load(Ordering::SeqCst) >= 3
+        })
+        .await,
+        "no health checks reached the upstreams"
+    );
+    let status = p.service_status("api").await;
+    for color in ["blue", "green"] {
+        assert_eq!(
+            status["colors"][color]["healthy"], true,
+            "{color}: {status}"
+        );
+    }
+    let (s, body) = p.get("/x").await;
+    assert_eq!((s, body.as_str()), (200, "h2 /x"));
+    let (s, answer) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{answer}");
+    let (s, body) = p.get("/y").await;
+    assert_eq!((s, body.as_str()), (200, "h2 /y"));
+    p.stop().await;
+}
