@@ -1069,7 +1069,9 @@ async fn an_h2_pools_upload_the_client_stalls_or_cuts_is_not_an_upstream_failure
 
 /// An h2c upstream that answers `/cl` with `:status 200`, `content-length: 10` and 5 bytes of
 /// DATA, `/nocl` with the same 5 bytes and no length, then resets the stream with
-/// RST_STREAM(NO_ERROR), never sending END_STREAM; anything else gets a whole `ok`.
+/// RST_STREAM(NO_ERROR), never sending END_STREAM; `/early` gets a whole `ok` and then the
+/// polite reset (RFC 9113 8.1: an early response, the request body no longer wanted); anything
+/// else gets a whole `ok`.
 async fn polite_resetting_h2_upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1098,6 +1100,10 @@ async fn polite_resetting_h2_upstream() -> SocketAddr {
                         };
                         if !cut {
                             let _ = tx.send_data(Bytes::from_static(b"ok"), true);
+                            if req.uri().path() == "/early" {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                tx.send_reset(h2::Reason::NO_ERROR);
+                            }
                             return;
                         }
                         let _ = tx.send_data(Bytes::from_static(b"12345"), false);
@@ -1142,6 +1148,31 @@ async fn an_h2_upstreams_polite_reset_mid_body_is_a_cut_body() {
     .await;
     let (s, body) = p.get("/whole").await;
     assert_eq!((s, body.as_str()), (200, "ok"));
+    // A complete response (END_STREAM) and then the polite reset, while the upload is still
+    // going on: a whole answer, not a cut one (h2 keeps "END_STREAM came" across the reset).
+    let mut c = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    c.write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let whole = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\r\n0\r\n\r\n") {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    // Chunked (the upstream sent no length), ended by its last chunk.
+    assert!(whole.is_ok(), "{text:?}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.ends_with("\r\n\r\n2\r\nok\r\n0\r\n\r\n"), "{text:?}");
+    drop(c);
 
     // HTTP/1.1, with Content-Length, and a second request pipelined behind the first.
     let got = read_until_closed(
