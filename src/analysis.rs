@@ -23,11 +23,13 @@
 //! (which the app implements), and [`verify`] takes the analysis state and `[analysis]` config.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::{json, Value};
 use tokio::sync::{Notify, OnceCell};
@@ -35,10 +37,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    AnalysisConfig, Bound, Color, ProbeCheck, ProbeCondition, ProbeTarget, PromCheck,
+    AnalysisConfig, Bound, Color, ProbeCheck, ProbeCondition, ProbeTarget, PromCheck, Protocol,
     TriggerConfig, TriggerKind, VerifyCheck,
 };
-use crate::http::client::fetch_once;
+use crate::http::client::{fetch_once, hyper_client};
 use crate::rollback::{fmt_num, External, Fire, Measured};
 use crate::routing::{Service, Snapshot};
 
@@ -188,6 +190,8 @@ pub struct Analysis {
     /// Built at the first `https://` request that succeeds in building it (a failure, e.g. a
     /// CA file not there yet, is tried again at the next request).
     tls: OnceCell<Arc<rustls::ClientConfig>>,
+    /// h2c (prior knowledge) for probes of `protocol = "h2"` pools, made at the first.
+    h2: OnceLock<Client<HttpConnector, Empty<Bytes>>>,
     blind: IntGaugeVec,
     value: GaugeVec,
     errors_total: IntCounterVec,
@@ -245,6 +249,7 @@ impl Analysis {
         Analysis {
             slots: Mutex::new(HashMap::new()),
             tls: OnceCell::new(),
+            h2: OnceLock::new(),
             blind,
             value,
             errors_total,
@@ -892,9 +897,17 @@ pub async fn probe(
             },
         );
     }
+    // `path` on the upstreams of an h2 pool: in their protocol (an h2c-only upstream, such as a
+    // gRPC server, refuses HTTP/1.1).
+    let h2 = matches!(p.target, ProbeTarget::Path(_))
+        && target.svc.pool(target.color).protocol == Protocol::H2;
     let one = |url: String| async move {
         let r = match url.parse::<http::Uri>() {
             Err(e) => ProbeResult::Error(format!("bad URL: {e}")),
+            Ok(uri) if h2 => match h2_get(analysis, uri, cfg.timeout).await {
+                Ok((status, body)) => judge(p, status, &body),
+                Err(e) => ProbeResult::Error(e),
+            },
             Ok(uri) => match http_get(analysis, cfg, &uri, None, cfg.timeout).await {
                 Ok((status, body)) => judge(p, status, &body),
                 Err(e) => ProbeResult::Error(e),
@@ -905,6 +918,46 @@ pub async fn probe(
     let results: Vec<(String, ProbeResult)> =
         futures_join_all(urls.iter().cloned().map(one).collect()).await;
     (urls.join(" "), probe_outcome(&results))
+}
+
+/// GET `uri` over h2c with prior knowledge within `timeout`: the status and the body, read up
+/// to [`MAX_BODY`].
+async fn h2_get(
+    an: &Analysis,
+    uri: http::Uri,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
+    let client = an
+        .h2
+        .get_or_init(|| hyper_client(timeout, Duration::from_secs(30), Some(4), true));
+    let req = http::Request::get(uri)
+        .header(http::header::USER_AGENT, "switchyard-analysis")
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request: {e}"))?;
+    let fetch = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| match e.is_connect() {
+                true => "connection failed".to_string(),
+                false => format!("request failed: {e}"),
+            })?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    match tokio::time::timeout(timeout, fetch).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "timed out after {}",
+            humantime::format_duration(timeout)
+        )),
+    }
 }
 
 /// Runs futures concurrently on this task and returns their outputs in order.

@@ -474,21 +474,26 @@ fn rank(u: &Upstream) -> (bool, usize) {
     (u.passive.failing(), u.outstanding())
 }
 
-/// hyper-util's pooled client for health and smoke probes. HTTP/1.1 pools use each
-/// upstream's own [`ConnPool`]; HTTP/2 pools the proxy's multiplexing client.
+/// hyper-util's pooled clients for health and smoke probes, apart from the traffic's own
+/// connections ([`ConnPool`]): one per pool protocol, so that a probe speaks what the pool
+/// speaks (an h2c-only upstream, such as a gRPC server, refuses HTTP/1.1).
 #[derive(Clone)]
 pub struct Clients {
-    /// Health checks and smoke tests.
+    /// Health checks and smoke tests of HTTP/1.1 pools.
     pub probe: Client<HttpConnector, Empty<Bytes>>,
+    /// The same for `protocol = "h2"` pools: h2c with prior knowledge.
+    pub probe_h2: Client<HttpConnector, Empty<Bytes>>,
 }
 
 impl Clients {
     pub fn new(cfg: &ProxyConfig) -> Clients {
         let probe = hyper_client(cfg.connect_timeout, Duration::from_secs(30), Some(4), false);
-        Clients { probe }
+        let probe_h2 = hyper_client(cfg.connect_timeout, Duration::from_secs(30), Some(4), true);
+        Clients { probe, probe_h2 }
     }
 
-    /// GET `path` on `up` within `timeout`; Ok(status) or Err(reason).
+    /// GET `path` on `up` within `timeout`, in the protocol of its pool; Ok(status) or
+    /// Err(reason).
     pub async fn probe(
         &self,
         up: &Upstream,
@@ -507,7 +512,11 @@ impl Clients {
             .header(http::header::USER_AGENT, "switchyard-probe")
             .body(Empty::new())
             .map_err(|e| format!("bad probe request: {e}"))?;
-        match tokio::time::timeout(timeout, self.probe.request(req)).await {
+        let client = match up.protocol {
+            Protocol::Http1 => &self.probe,
+            Protocol::H2 => &self.probe_h2,
+        };
+        match tokio::time::timeout(timeout, client.request(req)).await {
             Err(_) => Err(format!(
                 "timed out after {}",
                 humantime::format_duration(timeout)

@@ -1750,3 +1750,54 @@ max_errors = 1000
     assert_eq!(p.service_status("api").await["active"], "blue");
     p.stop().await;
 }
+
+/// An h2c-only upstream (as a gRPC server is): an HTTP/1.1 connection is dropped at its first
+/// bytes; over h2 every request gets `{"payments": "ok"}`.
+async fn h2c_only_deep_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tcp.peek(&mut preface).await.is_ok() && !preface.starts_with(b"PRI * HTTP/2.0") {
+                    return;
+                }
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut reply))) = conn.accept().await {
+                    let body = bytes::Bytes::from_static(br#"{"payments": "ok"}"#);
+                    let head = http::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/json")
+                        .body(())
+                        .expect("head");
+                    if let Ok(mut tx) = reply.send_response(head, false) {
+                        let _ = tx.send_data(body, true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A `path` probe on a `protocol = "h2"` pool speaks h2c, as the pool does: a verify check on
+/// h2c-only upstreams passes (over HTTP/1.1 it could only fail, and refuse every flip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_of_an_h2_pool_speaks_h2() {
+    let (blue, green) = (
+        h2c_only_deep_upstream().await,
+        h2c_only_deep_upstream().await,
+    );
+    let body = format!(
+        "\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\n[[services.verify]]\nkind = \"probe\"\npath = \"/health/deps\"\njson_pointer = \"/payments\"\nequals = \"ok\"\n"
+    );
+    let p = TestProxy::start(&body).await;
+    let (status, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(status, 200, "{v}");
+    p.stop().await;
+}

@@ -1066,3 +1066,268 @@ async fn an_h2_pools_upload_the_client_stalls_or_cuts_is_not_an_upstream_failure
     }
     p.stop().await;
 }
+
+/// An h2c upstream that answers `/cl` with `:status 200`, `content-length: 10` and 5 bytes of
+/// DATA, `/nocl` with the same 5 bytes and no length, then resets the stream with
+/// RST_STREAM(NO_ERROR), never sending END_STREAM; `/early` gets a whole `ok` and then the
+/// polite reset (RFC 9113 8.1: an early response, the request body no longer wanted); anything
+/// else gets a whole `ok`.
+async fn polite_resetting_h2_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut reply))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut head = http::Response::builder().status(200);
+                        let cut = match req.uri().path() {
+                            "/cl" => {
+                                head = head.header("content-length", "10");
+                                true
+                            }
+                            "/nocl" => true,
+                            _ => false,
+                        };
+                        let Ok(mut tx) = reply.send_response(head.body(()).expect("head"), false)
+                        else {
+                            return;
+                        };
+                        if !cut {
+                            let _ = tx.send_data(Bytes::from_static(b"ok"), true);
+                            if req.uri().path() == "/early" {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                tx.send_reset(h2::Reason::NO_ERROR);
+                            }
+                            return;
+                        }
+                        let _ = tx.send_data(Bytes::from_static(b"12345"), false);
+                        // The DATA goes out before the reset (a reset drops what is queued).
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tx.send_reset(h2::Reason::NO_ERROR);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What an HTTP/1.1 client reads for `req` until the proxy closes the connection (None: it
+/// was still open after 10 s).
+async fn read_until_closed(proxy: SocketAddr, req: &[u8]) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    read.ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// An h2 upstream that resets its stream with NO_ERROR mid-body (after `:status 200`, some
+/// DATA, no END_STREAM) has not sent a complete response (RFC 9113 8.1), though hyper ends
+/// such a body as if it were whole: the client sees an aborted response (HTTP/1.1: the
+/// connection closes short of the Content-Length or without the last chunk, and the next
+/// request on it is not answered into the cut body; h2: the stream is reset), and each is a
+/// `reset` failure of the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstreams_polite_reset_mid_body_is_a_cut_body() {
+    let up = polite_resetting_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let (s, body) = p.get("/whole").await;
+    assert_eq!((s, body.as_str()), (200, "ok"));
+    // A complete response (END_STREAM) and then the polite reset, while the upload is still
+    // going on: a whole answer, not a cut one (h2 keeps "END_STREAM came" across the reset).
+    let mut c = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    c.write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let whole = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\r\n0\r\n\r\n") {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    // Chunked (the upstream sent no length), ended by its last chunk.
+    assert!(whole.is_ok(), "{text:?}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.ends_with("\r\n\r\n2\r\nok\r\n0\r\n\r\n"), "{text:?}");
+    drop(c);
+
+    // HTTP/1.1, with Content-Length, and a second request pipelined behind the first.
+    let got = read_until_closed(
+        p.proxy,
+        b"GET /cl HTTP/1.1\r\nHost: a\r\n\r\nGET /whole HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .expect("the connection was kept open after a cut body (the client waits for 5 more bytes, and the next response lands in them)");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("content-length: 10\r\n"), "{got}");
+    let body = got.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(body.len() < 10, "a whole body from a cut stream: {got:?}");
+    assert_eq!(got.matches("HTTP/1.1").count(), 1, "{got:?}");
+
+    // HTTP/1.1, chunked (no length upstream): no last chunk.
+    let got = read_until_closed(p.proxy, b"GET /nocl HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("the connection was kept open after a cut body");
+    assert!(got.contains("transfer-encoding: chunked\r\n"), "{got}");
+    assert!(
+        !got.ends_with("0\r\n\r\n"),
+        "a cut body ended with a clean last chunk: {got:?}"
+    );
+
+    // h2 (prior knowledge): the stream is reset, never ended.
+    let tcp = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    for path in ["/cl", "/nocl"] {
+        let mut client = client.clone().ready().await.expect("ready");
+        let req = http::Request::get(format!("http://a{path}"))
+            .body(())
+            .expect("req");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("no head in 10 s")
+            .expect("head");
+        assert_eq!(resp.status(), 200, "{path}");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match body.data().await {
+                    Some(Ok(d)) => got.extend_from_slice(&d),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        })
+        .await
+        .expect("the body neither ended nor failed in 10 s");
+        assert!(
+            end.is_err(),
+            "{path}: a cut body reached the h2 client as a whole one: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    conn.abort();
+
+    let counted = eventually(10, || async {
+        failures(&metrics(&p).await, "blue", up, "reset") == 4.0
+    })
+    .await;
+    let text = metrics(&p).await;
+    assert!(counted, "four cut bodies, four reset failures: {text}");
+    p.stop().await;
+}
+
+/// An h2c-only upstream (as a gRPC server is): HTTP/1.1 is refused (the connection is dropped
+/// at its first bytes); over h2 every request gets `200 h2 <path>`. Counts the requests that
+/// reached it, HTTP/1.1 attempts included.
+async fn h2c_only_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tcp.peek(&mut preface).await.is_ok() && !preface.starts_with(b"PRI * HTTP/2.0") {
+                    // An HTTP/1.1 request: refused.
+                    count.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut reply))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = Bytes::from(format!("h2 {}", req.uri().path()));
+                    let head = http::Response::builder()
+                        .status(200)
+                        .header("content-length", body.len())
+                        .body(())
+                        .expect("head");
+                    if let Ok(mut tx) = reply.send_response(head, false) {
+                        let _ = tx.send_data(body, true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Health checks and smoke tests speak the pool's protocol: an h2c-only upstream in a
+/// `protocol = "h2"` pool with `[services.health]` is healthy and serves (it was marked
+/// unhealthy by checks sent as HTTP/1.1, and every request answered 503), and a flip to an h2
+/// pool passes its `smoke_paths`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_and_smoke_tests_of_an_h2_pool_speak_h2() {
+    let (blue, blue_seen) = h2c_only_upstream().await;
+    let (green, green_seen) = h2c_only_upstream().await;
+    // Without health checks: the flip's smoke test alone.
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\nsmoke_paths = [\"/smoke\"]\n"
+    ))
+    .await;
+    let (s, answer) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "the smoke test of an h2 pool failed: {answer}");
+    let (s, body) = p.get("/z").await;
+    assert_eq!((s, body.as_str()), (200, "h2 /z"));
+    p.stop().await;
+
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{blue}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{green}\"], protocol = \"h2\" }}\nsmoke_paths = [\"/smoke\"]\n[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nunhealthy_after = 1\nhealthy_after = 1\n"
+    ))
+    .await;
+    // Several rounds of checks on both colors.
+    assert!(
+        eventually(10, || async {
+            blue_seen.load(Ordering::SeqCst) >= 3 && green_seen.load(Ordering::SeqCst) >= 3
+        })
+        .await,
+        "no health checks reached the upstreams"
+    );
+    let status = p.service_status("api").await;
+    for color in ["blue", "green"] {
+        assert_eq!(
+            status["colors"][color]["healthy"], true,
+            "{color}: {status}"
+        );
+    }
+    let (s, body) = p.get("/x").await;
+    assert_eq!((s, body.as_str()), (200, "h2 /x"));
+    let (s, answer) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{answer}");
+    let (s, body) = p.get("/y").await;
+    assert_eq!((s, body.as_str()), (200, "h2 /y"));
+    p.stop().await;
+}

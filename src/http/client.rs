@@ -1441,8 +1441,9 @@ enum Kind<B> {
     /// An HTTP/1.1 response that began before its request was fully sent: a task of its own
     /// keeps writing the request whether or not the client reads the response.
     Duplex(Duplex),
-    /// An HTTP/2 stream, with `body_idle_timeout` between its frames.
-    H2(Incoming, IdleTimer),
+    /// An HTTP/2 stream, with `body_idle_timeout` between its frames and what its
+    /// Content-Length says is still to come (None: no length, or no body was to follow).
+    H2(Incoming, IdleTimer, Option<u64>),
 }
 
 /// The receiving end of a response body driven by its own task (see [`Duplex::spawn`]).
@@ -1516,10 +1517,11 @@ impl Duplex {
 
 impl<B: UploadBody> PooledBody<B> {
     /// A body whose connection is not pooled here (HTTP/2), ended with an error when no frame
-    /// comes for `idle`.
-    pub fn unpooled(inner: Incoming, idle: Duration) -> PooledBody<B> {
+    /// comes for `idle`, or when it ends before the END_STREAM flag or short of (or past)
+    /// `length`, the response's Content-Length (None where no body follows: HEAD, 204, 304).
+    pub fn unpooled(inner: Incoming, idle: Duration, length: Option<u64>) -> PooledBody<B> {
         PooledBody {
-            kind: Kind::H2(inner, IdleTimer::new(idle)),
+            kind: Kind::H2(inner, IdleTimer::new(idle), length),
             fields: Fields::default(),
         }
     }
@@ -1571,6 +1573,43 @@ fn allowed_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
     }
 }
 
+/// An h2 upstream's body frame, checked: a body is complete only with the stream's END_STREAM
+/// (RFC 9113 8.1) and, where it has one, all of its Content-Length. hyper ends the body
+/// cleanly when the upstream resets the stream with NO_ERROR, read as "stop reading, the
+/// response is complete" (8.1's early response), even mid-body; h2's `is_end_stream` (what
+/// hyper's `Incoming::is_end_stream` asks) is true only once END_STREAM came, so such an end
+/// is told from a real one here and becomes an error: a cut body, a `reset` failure, passed on
+/// to the client as an aborted response.
+fn checked_h2_frame(
+    frame: Option<Result<Frame<Bytes>, hyper::Error>>,
+    inner: &Incoming,
+    left: &mut Option<u64>,
+) -> Option<Result<Frame<Bytes>, ClientError>> {
+    let cut = |why: &str| {
+        let e = io::Error::new(io::ErrorKind::UnexpectedEof, format!("upstream body {why}"));
+        Some(Err(ClientError::Io(e)))
+    };
+    match frame {
+        Some(Ok(frame)) => {
+            match (left.as_mut(), frame.data_ref()) {
+                (Some(n), Some(data)) => match n.checked_sub(data.len() as u64) {
+                    Some(rest) => *n = rest,
+                    None => return cut("longer than its content-length"),
+                },
+                (Some(n), None) if *n > 0 && frame.is_trailers() => {
+                    return cut("shorter than its content-length");
+                }
+                _ => {}
+            }
+            Some(Ok(allowed_trailers(frame)))
+        }
+        Some(Err(e)) => Some(Err(ClientError::Hyper(e))),
+        None if left.is_some_and(|n| n > 0) => cut("shorter than its content-length"),
+        None if !inner.is_end_stream() => cut("reset before its end (no END_STREAM)"),
+        None => None,
+    }
+}
+
 impl<B: UploadBody> Body for PooledBody<B> {
     type Data = Bytes;
     type Error = ClientError;
@@ -1582,10 +1621,10 @@ impl<B: UploadBody> Body for PooledBody<B> {
         match &mut self.kind {
             Kind::H1(b) => b.poll_frame(cx),
             Kind::Duplex(d) => d.rx.poll_recv(cx),
-            Kind::H2(inner, idle) => match Pin::new(inner).poll_frame(cx) {
+            Kind::H2(inner, idle, left) => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(f) => {
                     idle.progressed();
-                    Poll::Ready(f.map(|r| r.map(allowed_trailers).map_err(ClientError::Hyper)))
+                    Poll::Ready(checked_h2_frame(f, inner, left))
                 }
                 Poll::Pending if idle.poll_expired(cx) => {
                     let stalled = io::Error::new(io::ErrorKind::TimedOut, "upstream body stalled");
@@ -1603,7 +1642,7 @@ impl<B: UploadBody> Body for PooledBody<B> {
                 Decoder::Length(0) | Decoder::Done | Decoder::Upgrade
             ),
             Kind::Duplex(_) => false,
-            Kind::H2(inner, _) => inner.is_end_stream(),
+            Kind::H2(inner, _, _) => inner.is_end_stream(),
         }
     }
 
@@ -1615,7 +1654,7 @@ impl<B: UploadBody> Body for PooledBody<B> {
                 _ => SizeHint::default(),
             },
             Kind::Duplex(d) => d.hint,
-            Kind::H2(inner, _) => inner.size_hint(),
+            Kind::H2(inner, _, _) => inner.size_hint(),
         }
     }
 }

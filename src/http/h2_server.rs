@@ -352,9 +352,9 @@ pub struct Stream<F, B> {
 
 enum StreamState<F, B> {
     Waiting(F),
-    /// The body, its stream, and whether the body is small enough to be handed to `h2` whole
-    /// ([`SMALL_BODY`]).
-    Sending(B, SendStream<Bytes>, bool),
+    /// The body, its stream, whether the body is small enough to be handed to `h2` whole
+    /// ([`SMALL_BODY`]), and what of the Content-Length its head announced is still to come.
+    Sending(B, SendStream<Bytes>, bool, Option<u64>),
 }
 
 /// A body of at most this many bytes, for which the client's windows have room when its head
@@ -374,7 +374,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let (body, tx, small) = match &mut this.state {
+        let (body, tx, small, left) = match &mut this.state {
             StreamState::Waiting(handled) => {
                 // 1xx the upstream sent go out ahead of the response (RFC 9110 15.2).
                 let open = super::interim::Open::new();
@@ -423,6 +423,12 @@ where
                     }
                 }
                 let mut end = this.head || no_content || not_modified || body.is_end_stream();
+                // The body is held to the length announced (`h2` does not check what it sends).
+                let length = head
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
                 if over_limit(&head, this.max_header_list) {
                     // A head the client said it would not take (RFC 9113 6.5.2; a client such
                     // as python-h2 drops the whole connection over one): a 502 in its place.
@@ -448,9 +454,9 @@ where
                             }
                             _ => false,
                         };
-                        this.state = StreamState::Sending(body, tx, small);
+                        this.state = StreamState::Sending(body, tx, small, length);
                         match &mut this.state {
-                            StreamState::Sending(body, tx, small) => (body, tx, *small),
+                            StreamState::Sending(body, tx, small, left) => (body, tx, *small, left),
                             StreamState::Waiting(_) => return Poll::Ready(()),
                         }
                     }
@@ -461,9 +467,9 @@ where
                     }
                 }
             }
-            StreamState::Sending(body, tx, small) => (body, tx, *small),
+            StreamState::Sending(body, tx, small, left) => (body, tx, *small, left),
         };
-        pipe(body, tx, small, cx)
+        pipe(body, tx, small, left, cx)
     }
 }
 
@@ -729,7 +735,13 @@ fn send_interim(reply: &mut SendResponse<Bytes>, status: StatusCode, lines: &[u8
 /// A response body into `h2`, as hyper's pipe: the next frame is asked for only once `h2` has
 /// room for more of the stream (so a client that stops reading holds at most one frame here),
 /// unless the whole body is `small`; a stream the client reset stops at once.
-fn pipe<B>(body: &mut B, tx: &mut SendStream<Bytes>, small: bool, cx: &mut Context<'_>) -> Poll<()>
+fn pipe<B>(
+    body: &mut B,
+    tx: &mut SendStream<Bytes>,
+    small: bool,
+    left: &mut Option<u64>,
+    cx: &mut Context<'_>,
+) -> Poll<()>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Display,
@@ -743,7 +755,7 @@ where
                 }
                 return Poll::Pending;
             };
-            match send_frame(body, tx, frame) {
+            match send_frame(body, tx, left, frame) {
                 Some(()) => continue,
                 None => return Poll::Ready(()),
             }
@@ -762,26 +774,42 @@ where
             return Poll::Ready(());
         }
         let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
-        if send_frame(body, tx, frame).is_none() {
+        if send_frame(body, tx, left, frame).is_none() {
             return Poll::Ready(());
         }
     }
 }
 
 /// Hands one polled frame to `h2`; None once the stream is done (ended, failed or reset).
+/// `left`: what the announced Content-Length still allows. A body that ends short of it, or
+/// would go past it, is reset as a failed one is, never ended cleanly (RFC 9113 8.1.1: such a
+/// response is malformed).
 fn send_frame<B>(
     body: &B,
     tx: &mut SendStream<Bytes>,
+    left: &mut Option<u64>,
     frame: Option<Result<Frame<Bytes>, B::Error>>,
 ) -> Option<()>
 where
     B: Body<Data = Bytes>,
     B::Error: Display,
 {
+    let short = |left: &Option<u64>| left.is_some_and(|n| n > 0);
     match frame {
         Some(Ok(frame)) => match frame.into_data() {
             Ok(data) => {
+                if let Some(n) = left.as_mut() {
+                    let len = data.len() as u64;
+                    if len > *n {
+                        return cut(tx, "past its content-length");
+                    }
+                    *n -= len;
+                }
                 let end = body.is_end_stream();
+                if end && short(left) {
+                    let _ = tx.send_data(data, false);
+                    return cut(tx, "short of its content-length");
+                }
                 if tx.send_data(data, end).is_err() || end {
                     return None;
                 }
@@ -789,6 +817,9 @@ where
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
+                    if short(left) {
+                        return cut(tx, "short of its content-length");
+                    }
                     tx.reserve_capacity(0);
                     let _ = tx.send_trailers(trailers);
                     return None;
@@ -801,11 +832,19 @@ where
             tx.send_reset(Reason::INTERNAL_ERROR);
             None
         }
+        None if short(left) => cut(tx, "short of its content-length"),
         None => {
             let _ = tx.send_data(Bytes::new(), true);
             None
         }
     }
+}
+
+/// Resets a stream whose body does not match its announced length.
+fn cut(tx: &mut SendStream<Bytes>, why: &str) -> Option<()> {
+    tracing::debug!("response body ended {why}; resetting the stream");
+    tx.send_reset(Reason::INTERNAL_ERROR);
+    None
 }
 
 /// A request's body as the client sends it on its stream. Read data is handed back to the
@@ -1234,5 +1273,93 @@ mod tests {
         assert!(!pending(&mut w, b"bcde"));
         // A whole HEADERS frame with END_HEADERS in one read.
         assert!(!pending(&mut w, &[0, 0, 1, 1, 5, 0, 0, 0, 3, 0x82]));
+    }
+
+    /// A body that announces `announced` bytes (its exact size hint) and gives `data`, then
+    /// ends.
+    struct Liar {
+        announced: u64,
+        data: Option<Bytes>,
+    }
+
+    impl Body for Liar {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.announced)
+        }
+    }
+
+    impl Replaced for Liar {}
+
+    /// A response body that ends short of the Content-Length its head announced, or would go
+    /// past it, is never ended cleanly: the stream is reset, as for a body that failed.
+    #[tokio::test]
+    async fn a_body_that_breaks_its_announced_length_resets_the_stream() {
+        type Lie = Pin<Box<dyn Future<Output = Response<Liar>> + Send>>;
+        let service = |req: Request<RequestBody>| {
+            let (announced, data) = match req.uri().path() {
+                "/short" => (10, "12345"),
+                "/long" => (3, "12345"),
+                _ => (2, "ok"),
+            };
+            Box::pin(async move {
+                Response::new(Liar {
+                    announced,
+                    data: Some(Bytes::from_static(data.as_bytes())),
+                })
+            }) as Lie
+        };
+        // A raw client: `h2`'s own checks the length it receives (it would fail the stream
+        // itself); a client that does not is told by the reset alone.
+        let (server_io, mut client_io) = tokio::io::duplex(64 * 1024);
+        let settings = settings(Duration::from_secs(10), Duration::from_secs(10));
+        let server = tokio::spawn(Connection::new(server_io, &settings, service, Spawn));
+        let mut out = PREFACE.to_vec();
+        for (id, path) in [(1u8, "/short"), (3, "/long"), (5, "/ok")] {
+            // HEADERS, END_STREAM | END_HEADERS: GET, http, the path, authority `a` (HPACK).
+            let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+            block.extend_from_slice(path.as_bytes());
+            block.extend_from_slice(&[0x01, 0x01, b'a']);
+            out.extend_from_slice(&[0, 0, block.len() as u8, 0x01, 0x05, 0, 0, 0, id]);
+            out.extend_from_slice(&block);
+        }
+        client_io.write_all(&out).await.expect("write");
+        // Each stream's end: 3 for RST_STREAM, 0 for DATA or 1 for HEADERS with END_STREAM.
+        let mut ends = std::collections::BTreeMap::new();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while ends.len() < 3 {
+            let n = tokio::time::timeout(Duration::from_secs(5), client_io.read(&mut buf))
+                .await
+                .expect("the streams neither ended nor were reset in 5 s")
+                .expect("read");
+            assert!(n > 0, "the connection closed: {ends:?}");
+            got.extend_from_slice(&buf[..n]);
+            while got.len() >= 9 {
+                let len =
+                    usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+                if got.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags, id) = (got[3], got[4], got[8]);
+                if id != 0 && (kind == 3 || (kind <= 1 && flags & 1 == 1)) {
+                    ends.entry(id).or_insert(kind);
+                }
+                got.drain(..9 + len);
+            }
+        }
+        assert_eq!(ends.get(&1), Some(&3), "/short: {ends:?}");
+        assert_eq!(ends.get(&3), Some(&3), "/long: {ends:?}");
+        assert_eq!(ends.get(&5), Some(&0), "/ok: {ends:?}");
+        server.abort();
     }
 }

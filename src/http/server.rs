@@ -1045,11 +1045,26 @@ fn watch_reader(r: &mut Reader, cx: &mut Context<'_>) -> Poll<()> {
     }
 }
 
+/// A response body's frame, counted against `left`, what its announced Content-Length still
+/// allows; a data frame past it is an error.
+fn within_length(left: &mut Option<u64>, frame: Frame<Bytes>) -> Result<Frame<Bytes>, String> {
+    if let (Some(n), Some(data)) = (left.as_mut(), frame.data_ref()) {
+        let len = data.len() as u64;
+        if len > *n {
+            return Err(format!("body went past its length by {} bytes", len - *n));
+        }
+        *n -= len;
+    }
+    Ok(frame)
+}
+
 /// How a response goes on the wire.
 struct ResponseFraming {
     /// No body follows the head (HEAD, 1xx, 204, 304).
     bodiless: bool,
     chunked: bool,
+    /// The Content-Length the head announced for the body that follows.
+    length: Option<u64>,
     /// The connection stays open after it.
     keep_alive: bool,
 }
@@ -1148,6 +1163,7 @@ fn response_head<B: Body + BodyFields>(
         ResponseFraming {
             bodiless,
             chunked,
+            length: hint.filter(|_| !bodiless),
             keep_alive,
         },
     )
@@ -1532,22 +1548,29 @@ impl<H: Handler> Conn<H> {
             return Ok(framing.keep_alive);
         }
         let mut body = body;
-        let complete = self.write_body(&mut body, framing.chunked, watch).await?;
+        let complete = self
+            .write_body(&mut body, framing.chunked, framing.length, watch)
+            .await?;
         Ok(complete && framing.keep_alive)
     }
 
     /// Streams a response body: whatever is ready goes out with the head in one write; then
-    /// frame by frame. `Ok(false)`: the body failed and the response was cut.
+    /// frame by frame. `Ok(false)`: the body failed and the response was cut. A body that
+    /// ends short of `length`, the Content-Length its head announced, or would go past it, is
+    /// cut too: finished cleanly, it would leave the client waiting for the rest, and take the
+    /// next response on the connection for it.
     async fn write_body<B>(
         &mut self,
         body: &mut B,
         chunked: bool,
+        length: Option<u64>,
         mut watch: Option<&mut Reader>,
     ) -> io::Result<bool>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
+        let mut left = length;
         loop {
             let frame = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
@@ -1580,14 +1603,22 @@ impl<H: Handler> Conn<H> {
                     continue;
                 }
             };
+            let frame = match frame {
+                Some(Ok(frame)) => within_length(&mut left, frame).map(Some),
+                Some(Err(e)) => Err(e.to_string()),
+                None => match left {
+                    Some(n) if n > 0 => Err(format!("body ended {n} bytes short of its length")),
+                    _ => Ok(None),
+                },
+            };
             match frame {
-                None => {
+                Ok(None) => {
                     if chunked {
                         self.writer.push(Bytes::from_static(codec::LAST_CHUNK));
                     }
                     break;
                 }
-                Some(Err(e)) => {
+                Err(e) => {
                     // The upstream failed mid-body: what arrived goes out, then the connection
                     // closes without a last chunk, so the client sees a truncated response.
                     tracing::debug!(error = %e, "upstream body failed; aborting the response");
@@ -1598,7 +1629,7 @@ impl<H: Handler> Conn<H> {
                     self.writer.cut = true;
                     return Ok(false);
                 }
-                Some(Ok(frame)) => match frame.into_data() {
+                Ok(Some(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if chunked => {
                         self.writer.push(codec::chunk_size_line(data.len()));
@@ -2257,5 +2288,97 @@ mod tests {
         assert!(a < b && b < c, "{out}");
         assert_eq!(out.matches("connection: close\r\n").count(), 1, "{out}");
         server.await.expect("the connection task ends");
+    }
+
+    /// A body that announces `announced` bytes (its exact size hint, which the head's
+    /// Content-Length says) and gives `data`, then ends.
+    struct Liar {
+        announced: u64,
+        data: Option<Bytes>,
+    }
+
+    impl Body for Liar {
+        type Data = Bytes;
+        type Error = io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.announced)
+        }
+    }
+
+    impl BodyFields for Liar {}
+
+    /// Answers `/short` with 5 of 10 announced bytes, `/long` with 5 of 3, anything else with
+    /// 2 of 2.
+    struct Lying;
+
+    impl Handler for Lying {
+        type RequestBody = RequestBody;
+        type Body = Liar;
+
+        async fn call(&self, req: Request<RequestBody>, _: Option<OnUpgrade>) -> Response<Liar> {
+            let (announced, data) = match req.uri().path() {
+                "/short" => (10, "12345"),
+                "/long" => (3, "12345"),
+                _ => (2, "ok"),
+            };
+            Response::new(Liar {
+                announced,
+                data: Some(Bytes::from_static(data.as_bytes())),
+            })
+        }
+
+        fn shutting_down(&self) -> bool {
+            false
+        }
+
+        fn until_shutdown(&self) -> impl Future<Output = ()> + Send {
+            std::future::pending()
+        }
+    }
+
+    /// A response body that ends short of the Content-Length its head announced, or would go
+    /// past it, is never finished cleanly: the connection closes after what fits (the client
+    /// sees a cut response), and the request pipelined behind it is not answered into the
+    /// missing bytes.
+    #[tokio::test]
+    async fn a_body_that_breaks_its_announced_length_closes_the_connection() {
+        use tokio::io::AsyncReadExt;
+        for (path, want) in [("/short", "12345"), ("/long", "")] {
+            let (mut client, server_side) = tokio::io::duplex(64 * 1024);
+            let (r, w) = tokio::io::split(server_side);
+            let settings = Settings {
+                limits: limits(),
+                idle_at_shutdown: Duration::from_millis(10),
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let reader = Reader::new(Box::new(r), BytesMut::new());
+            let server = tokio::spawn(serve(reader, Box::new(w), Lying, settings, deadline));
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+            );
+            client.write_all(req.as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+                .await
+                .expect("the connection stayed open after a body that broke its length")
+                .expect("read");
+            let out = String::from_utf8(out).expect("utf-8");
+            assert_eq!(
+                out.matches("HTTP/1.1 200 OK\r\n").count(),
+                1,
+                "{path}: {out:?}"
+            );
+            let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            assert_eq!(body, want, "{path}: {out:?}");
+            server.await.expect("the connection task ends");
+        }
     }
 }

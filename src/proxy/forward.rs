@@ -159,10 +159,24 @@ async fn forward_h2(
     send_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ClientError> {
     let idle = req.body().idle_timeout();
+    let head = req.method() == http::Method::HEAD;
     let mut resp = up.conns.send_h2(req, send_timeout).await?;
     strip_hop_by_hop(resp.headers_mut());
     if resp.status().as_u16() > 599 {
         return Err(ClientError::Protocol("invalid status code"));
     }
-    Ok(resp.map(|body| PooledBody::unpooled(body, idle)))
+    // The length the body is held to; none where no body follows (RFC 9110 6.4.1).
+    let status = resp.status();
+    let length = if head
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+    {
+        None
+    } else {
+        resp.headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Ok(resp.map(|body| PooledBody::unpooled(body, idle, length)))
 }
