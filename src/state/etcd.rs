@@ -212,6 +212,9 @@ pub struct EtcdStore {
     /// to this replica's own earlier write, not to another replica's, even when the watch
     /// resolved it first.
     resolved_own: Mutex<std::collections::VecDeque<String>>,
+    /// Events of resolved writes whose sending to the app failed (the receiving task was gone,
+    /// being started again after a panic): sent first by the next [`sync`] run, not lost.
+    unsent: Mutex<Vec<Event>>,
 }
 
 fn b64(s: &str) -> String {
@@ -289,6 +292,7 @@ impl EtcdStore {
             loaded: AtomicBool::new(false),
             lost_to_own: Mutex::new(Vec::new()),
             resolved_own: Mutex::new(std::collections::VecDeque::new()),
+            unsent: Mutex::new(Vec::new()),
         })
     }
 
@@ -966,14 +970,31 @@ impl EtcdStore {
         if let Ok(mut p) = self.probes.lock() {
             p.remove(write_id);
         }
-        let events = self.unresolved.lock().ok()?.remove(write_id)?;
+        // Known as resolved before it stops being unresolved: a compare lost meanwhile sees
+        // it as this replica's either way.
+        let mut unresolved = self.unresolved.lock().ok()?;
+        if !unresolved.contains_key(write_id) {
+            return None;
+        }
         if let Ok(mut r) = self.resolved_own.lock() {
             if r.len() >= MAX_UNRESOLVED {
                 r.pop_front();
             }
             r.push_back(write_id.to_string());
         }
-        Some(events)
+        unresolved.remove(write_id)
+    }
+
+    /// Sends the events of resolved writes to the app; kept for the next [`sync`] run when
+    /// the app's side is gone (they were taken from [`EtcdStore::take_unresolved`] already).
+    fn send_resolved(&self, to_app: &tokio::sync::mpsc::UnboundedSender<Remote>, evs: Vec<Event>) {
+        if let Err(tokio::sync::mpsc::error::SendError(Remote::Resolved(evs))) =
+            to_app.send(Remote::Resolved(evs))
+        {
+            if let Ok(mut u) = self.unsent.lock() {
+                u.extend(evs);
+            }
+        }
     }
 
     /// Settles the unknown-outcome writes a full read did not show (another replica's write may
@@ -1520,9 +1541,17 @@ pub async fn sync(
                 {
                     return;
                 }
+                let unsent = store
+                    .unsent
+                    .lock()
+                    .map(|mut u| std::mem::take(&mut *u))
+                    .unwrap_or_default();
+                if !unsent.is_empty() {
+                    store.send_resolved(&to_app, unsent);
+                }
                 for id in loaded.write_ids.values() {
                     if let Some(evs) = store.take_unresolved(id) {
-                        let _ = to_app.send(Remote::Resolved(evs));
+                        store.send_resolved(&to_app, evs);
                     }
                 }
                 // Settled beside the watch (each history read may wait for etcd), one at a time.
@@ -1532,7 +1561,7 @@ pub async fn sync(
                     settling = Some(tokio::spawn(async move {
                         let settled = store.settle_unresolved(budget).await;
                         if !settled.is_empty() {
-                            let _ = to_app.send(Remote::Resolved(settled));
+                            store.send_resolved(&to_app, settled);
                         }
                     }));
                 }
@@ -1565,7 +1594,7 @@ pub async fn sync(
                         };
                         let _ = to_app.send(msg);
                         if let Some(evs) = write_id.and_then(|id| store.take_unresolved(&id)) {
-                            let _ = to_app.send(Remote::Resolved(evs));
+                            store.send_resolved(&to_app, evs);
                         }
                     }
                 };
@@ -1834,6 +1863,22 @@ mod tests {
             WriteOutcome::Unknown(m) => assert!(m.contains("outcome unknown"), "{m}"),
             other => panic!("expected unknown, got {other:?}"),
         }
+    }
+
+    /// The events of a resolved write whose receiver is gone (the app's side being started
+    /// again after a panic) are kept for the next sync run, not dropped.
+    #[test]
+    fn resolved_events_that_cannot_be_sent_are_kept_for_the_next_run() {
+        let store = EtcdStore::with_options(&[], "/t/", EtcdOptions::default());
+        let ev = || Event::new("api", crate::state::event::Reason::Manual, "test", "flip");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        drop(rx);
+        store.send_resolved(&tx, vec![ev()]);
+        assert_eq!(store.unsent.lock().map(|u| u.len()).ok(), Some(1));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        store.send_resolved(&tx, vec![ev()]);
+        assert!(matches!(rx.try_recv(), Ok(Remote::Resolved(e)) if e.len() == 1));
+        assert_eq!(store.unsent.lock().map(|u| u.len()).ok(), Some(1));
     }
 
     /// A write of unknown outcome stays known as this replica's own once the watch or a read
