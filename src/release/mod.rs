@@ -187,6 +187,21 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
 /// Passes the manual gate (or resumes a paused release).
 pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
     let rel = &app.releases;
+    // Never onto a state the release no longer holds: a service it flipped was moved off its
+    // release color outside it (a forced rollback by hand, say). Checked under `op`: not
+    // between a phase's claim and its flip.
+    {
+        let _op = rel.op.lock().await;
+        if let Some((cur, m)) = rel
+            .current()
+            .and_then(|r| moved_off(app, &r, false).map(|m| (r, m)))
+        {
+            return Err(ChangeError::Refused(format!(
+                "release {:?} ({}) cannot advance: {}; the release flipped {} to {} and no longer holds it there. Abort the release (ctl release abort: every service it flipped goes back), or flip {} to {} again (force) and promote",
+                cur.name, cur.id, m.reason, m.service, m.to, m.service, m.to
+            )));
+        }
+    }
     if let Some(etcd) = store::etcd(app) {
         if let Some(cur) = rel.current().filter(|r| !store::drives(app, &r.id)) {
             return promote_follower(app, &etcd, cur, actor).await;
@@ -582,7 +597,7 @@ async fn drive(
             return;
         }
         if (plan.gate == Gate::Manual || paused(&app, &id))
-            && !gate(&app, &id, i, &label, &cancel).await
+            && !pass_gate(&app, &id, i, &label, &cancel).await
         {
             return;
         }
@@ -636,7 +651,7 @@ async fn drive(
     if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
-    if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel).await {
+    if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel).await {
         return;
     }
     let ended = {
@@ -923,41 +938,115 @@ fn resume_if_promoted(app: &App, id: &str) {
     rel.publish(&inner);
 }
 
-/// A service the release flipped was rolled back from its release color and latched as failed
-/// by something other than this release (another replica's automatic rollback, applied from
-/// etcd): the whole release goes back. Not while the release is paused (a forced manual
-/// rollback here pauses it first). True when it rolled the release back.
-async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
+/// The color the release last sent `service` to (the latest phase of it that ran).
+fn release_color(r: &Release, service: &str) -> Option<Color> {
+    r.phases
+        .iter()
+        .filter(|p| p.state != "pending")
+        .flat_map(|p| p.targets.iter())
+        .rev()
+        .find(|(s, _)| s == service)
+        .map(|(_, c)| *c)
+}
+
+/// A service the release flipped that is no longer on the color the release sent it to, and
+/// what moved it, said as it happened.
+struct Moved {
+    service: String,
+    /// The color the release sent it to.
+    to: Color,
+    /// `api was rolled back by hand (forced) by ops: green -> blue outside this release
+    /// (generation 3)`.
+    reason: String,
+    /// The `trigger.kind` of the `release_rollback` event: `manual_rollback`, `manual_flip`,
+    /// `auto_rollback` (this replica's engine), `remote_rollback` (another replica's, applied
+    /// from etcd), `outside_change` (no record of it here).
+    kind: &'static str,
+    actor: Option<String>,
+}
+
+/// The first service the release flipped that is no longer on its release color (a rollback or
+/// flip by hand, or a rollback engine's, this replica's or another's); `latched_only`: only one
+/// that a rollback left latched as failed on that color.
+fn moved_off(app: &App, r: &Release, latched_only: bool) -> Option<Moved> {
+    use crate::events::Reason;
     let snap = app.snapshot();
-    let Some(r) = app
-        .releases
-        .current()
-        .filter(|r| r.id == id && r.paused.is_none())
-    else {
-        return false;
-    };
-    let target = |name: &str| {
-        r.phases
-            .iter()
-            .flat_map(|p| p.targets.iter())
-            .find(|(s, _)| s == name)
-            .map(|(_, c)| *c)
-    };
-    let Some(svc) = r.flipped.iter().find_map(|name| {
-        let to = target(name)?;
+    let (svc, to) = r.flipped.iter().find_map(|name| {
+        let to = release_color(r, name)?;
         let svc = snap.service(name)?;
-        (svc.state.active != to && svc.state.failed == Some(to)).then(|| svc.clone())
-    }) else {
-        return false;
-    };
-    let reason = format!(
-        "{} was rolled back {} -> {} outside this release (generation {}: another replica's automatic rollback)",
-        svc.name(),
-        svc.state.failed.map(|c| c.to_string()).unwrap_or_default(),
-        svc.state.active,
-        svc.state.generation
-    );
+        let moved = svc.state.active != to && (!latched_only || svc.state.failed == Some(to));
+        moved.then(|| (svc.clone(), to))
+    })?;
     let name = svc.name().to_string();
+    let generation = svc.state.generation;
+    // The change that made this generation, as recorded here (a change applied from another
+    // replica has no event in this replica's log).
+    let ev = app.events.list().into_iter().rev().find(|e| {
+        e.service == name
+            && e.generation == Some(generation)
+            && matches!(
+                e.reason,
+                Reason::Manual | Reason::Rollback | Reason::AutoRollback
+            )
+    });
+    let forced = |e: &Event| {
+        if e.detail.contains("(forced)") {
+            " (forced)"
+        } else {
+            ""
+        }
+    };
+    let (how, kind, actor) = match &ev {
+        Some(e) if e.reason == Reason::Rollback => (
+            format!("rolled back by hand{} by {}", forced(e), e.actor),
+            "manual_rollback",
+            Some(e.actor.clone()),
+        ),
+        Some(e) if e.reason == Reason::Manual => (
+            format!("flipped by hand{} by {}", forced(e), e.actor),
+            "manual_flip",
+            Some(e.actor.clone()),
+        ),
+        Some(e) => (
+            format!(
+                "rolled back by this replica's automatic rollback ({})",
+                e.detail
+            ),
+            "auto_rollback",
+            Some(e.actor.clone()),
+        ),
+        None if app.store.as_etcd().is_some() && svc.state.failed == Some(to) => (
+            "rolled back by another replica's automatic rollback".to_string(),
+            "remote_rollback",
+            None,
+        ),
+        None => (
+            "changed with no record of the change here".to_string(),
+            "outside_change",
+            None,
+        ),
+    };
+    Some(Moved {
+        reason: format!(
+            "{name} was {how}: {to} -> {} outside this release (generation {generation})",
+            svc.state.active
+        ),
+        service: name,
+        to,
+        kind,
+        actor,
+    })
+}
+
+/// Rolls the release back because `m` moved one of its services off its release color.
+async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved) -> bool {
+    let Moved {
+        service,
+        reason,
+        kind,
+        actor,
+        ..
+    } = m;
     match roll_back(
         app,
         id,
@@ -965,18 +1054,70 @@ async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
         FlipKind::AutoRollback,
         reason,
         move |ev: &mut Event| {
-            ev.service = name.clone();
-            ev.trigger = Some(json!({ "kind": "remote_rollback", "service": name }));
+            ev.service = service.clone();
+            ev.trigger = Some(json!({ "kind": kind, "service": service, "actor": actor }));
         },
     )
     .await
     {
         Ok(done) => done.is_some(),
         Err(e) => {
-            tracing::error!(release = %id, error = %e, "cannot roll the release back after a rollback elsewhere; will retry");
+            tracing::error!(release = %id, error = %e, "cannot roll the release back after one of its services was moved outside it; will retry");
             false
         }
     }
+}
+
+/// Waits at a gate ([`gate`]) and, once promoted, checks that every service the release flipped
+/// is still on its release color: one moved off it meanwhile (a promote is refused while one
+/// is, so only a change that raced the promote) means the release no longer holds what the
+/// next phase would build on, and it rolls back at once, saying what moved it, before anything
+/// else flips. False when the release ended.
+async fn pass_gate(
+    app: &Arc<App>,
+    id: &str,
+    i: usize,
+    label: &str,
+    cancel: &CancellationToken,
+) -> bool {
+    loop {
+        if !gate(app, id, i, label, cancel).await {
+            return false;
+        }
+        let Some(m) = app
+            .releases
+            .current()
+            .filter(|r| r.id == id)
+            .and_then(|r| moved_off(app, &r, false))
+        else {
+            return true;
+        };
+        let why = m.reason.clone();
+        if roll_back_moved(app, id, m).await || app.releases.current().is_none_or(|r| r.id != id) {
+            return false;
+        }
+        // The rollback failed (the state backend refused): waits again, paused, saying so.
+        app.releases.update(id, |r| {
+            r.paused = Some(format!("{why}; the release's rollback failed: abort it"));
+        });
+    }
+}
+
+/// A service the release flipped was rolled back from its release color and latched as failed
+/// by something other than this release (e.g. another replica's automatic rollback, applied
+/// from etcd): the whole release goes back, its reason saying what rolled it back. Not while
+/// the release is paused (a forced manual rollback here pauses it first; a promote is then
+/// refused until it is undone). True when it rolled the release back.
+async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
+    let Some(m) = app
+        .releases
+        .current()
+        .filter(|r| r.id == id && r.paused.is_none())
+        .and_then(|r| moved_off(app, &r, true))
+    else {
+        return false;
+    };
+    roll_back_moved(app, id, m).await
 }
 
 /// A reload removed a service of the release: abort it with an event. True when it did.
@@ -1847,6 +1988,117 @@ gate = "manual"
         let evs = reasons(&app, "release_rollback");
         assert_eq!(evs.len(), 1, "{evs:?}");
         assert_eq!(evs[0].service, "api");
+    }
+
+    /// A forced rollback by hand of a service the release flipped pauses the release; a
+    /// promote then is refused (409, naming the service and who rolled it back) instead of
+    /// passing the phase and flipping the next one forward onto a state the release no longer
+    /// holds; flipped forward again by hand, the release goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_promote_after_a_forced_rollback_by_hand_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        guard_manual(&app, &["api"], true, "roll back", "ops")
+            .await
+            .expect("forced");
+        app.rollback("api", true, "ops").await.expect("rollback");
+        assert_eq!(active(&app, "api"), Color::Blue);
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        assert_eq!(current(&app)["state"], "waiting");
+        match promote(&app, "test").await {
+            Err(ChangeError::Refused(m)) => {
+                assert!(
+                    m.contains("api was rolled back by hand (forced) by ops"),
+                    "{m}"
+                );
+                assert!(m.contains("abort"), "{m}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue, "never flipped forward");
+        assert_eq!(current(&app)["state"], "waiting");
+        assert!(reasons(&app, "release_rollback").is_empty());
+        // Flipped forward again by hand: the release holds its state again and goes on.
+        guard_manual(&app, &["api"], true, "flip", "ops")
+            .await
+            .expect("forced");
+        app.flip("api", Color::Green, true, FlipKind::Manual, "ops")
+            .await
+            .expect("flip");
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][1]["state"], "baking", "{c}");
+        assert_eq!(active(&app, "panel"), Color::Green);
+    }
+
+    /// A rollback by hand that lands after a promote was accepted (it raced it) ends the
+    /// release rolled back at once, before the next phase flips anything, and the reason says
+    /// what happened (a rollback by hand, by whom), not another replica's automatic rollback.
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_racing_a_promote_ends_the_release_before_the_next_flip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let gated = TWO.replacen("bake = \"15m\"", "bake = \"15m\"\ngate = \"manual\"", 1);
+        start(&app, &plan(&gated), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
+        assert_eq!(current(&app)["state"], "waiting");
+        // The rollback lands (not through the API's guard: as if it raced the promote's check),
+        // then the promote reaches the driver.
+        app.rollback("api", true, "ops").await.expect("rollback");
+        {
+            let mut inner = app.releases.lock();
+            inner.promote = true;
+        }
+        app.releases.wake.notify_one();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let flipped_panel = reasons(&app, "release_phase")
+            .iter()
+            .any(|e| e.detail.contains("panel -> green"));
+        assert!(!flipped_panel, "the next phase flipped first");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("api was rolled back by hand (forced) by ops"),
+            "{reason}"
+        );
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        let t = evs[0].trigger.clone().expect("trigger");
+        assert_eq!(t["kind"], "manual_rollback", "{t}");
+        assert_eq!(t["actor"], "ops", "{t}");
+    }
+
+    /// Rolled back by hand without the release pausing (the guard bypassed), the release
+    /// rolls back with a reason that says so, never "another replica's automatic rollback".
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_outside_the_release_is_named_as_it_happened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        app.rollback("api", true, "ops").await.expect("rollback");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("rolled back by hand (forced) by ops"),
+            "{reason}"
+        );
+        assert!(!reason.contains("another replica"), "{reason}");
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(
+            evs[0].trigger.as_ref().map(|t| t["kind"].clone()),
+            Some(json!("manual_rollback"))
+        );
     }
 
     #[tokio::test(start_paused = true)]
