@@ -1200,6 +1200,45 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Refused at startup: the release file beside `state_path` (`<state>.release.json`) exists but
+/// cannot be read or is not JSON. Resumed from it, the running release would vanish without a
+/// word (and a `ctl release wait` on it would see none); so, as an unreadable state file does,
+/// it stops the start until an operator fixes or removes it, or `--reset-state` moves it aside
+/// ([`move_stored_aside_if_unreadable`]). A missing file is no release. Blocking (startup).
+pub fn check_stored_file(state_path: &std::path::Path) -> Result<(), String> {
+    let path = state_path.with_extension("release.json");
+    let problem = match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice::<Value>(&b) {
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => e.to_string(),
+    };
+    Err(format!(
+        "release file {} is unreadable or corrupt ({problem}); fix or remove it (a release it held is then not resumed: flip its services by hand), or start with --reset-state to move it aside with the state file and use the config's colors",
+        path.display()
+    ))
+}
+
+/// `serve --reset-state` with the file backend: a release file that [`check_stored_file`]
+/// refuses is moved aside (`*.corrupt-<time>`, as the state file is), so startup can proceed;
+/// the release it held (unreadable) is not resumed. The path it was moved to, if it was.
+pub fn move_stored_aside_if_unreadable(
+    state_path: &std::path::Path,
+) -> std::io::Result<Option<std::path::PathBuf>> {
+    if check_stored_file(state_path).is_ok() {
+        return Ok(None);
+    }
+    let path = state_path.with_extension("release.json");
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(':', "-");
+    let aside = path.with_extension(format!("json.corrupt-{stamp}"));
+    std::fs::rename(&path, &aside)?;
+    Ok(Some(aside))
+}
+
 /// Marks a release that `serve` ended before the app started (its state was reset or missing)
 /// in `<state>.release.json`'s `recent`: once the app is up, [`resume`] stores the record
 /// without the mark, then (that write done) records its event and counts it in
@@ -1269,7 +1308,8 @@ fn end_stored(
     let mut v: Value = match std::fs::read(&path) {
         Ok(b) => match serde_json::from_slice(&b) {
             Ok(v) => v,
-            // Unreadable: nothing is resumed from it anyway.
+            // Not JSON: `serve` refuses to start on it ([`check_stored_file`]), or
+            // `--reset-state` moves it aside.
             Err(_) => return Ok(None),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -1339,11 +1379,26 @@ pub async fn resume(app: &Arc<App>) {
     }
     let Some(path) = stored_path(app) else { return };
     let p2 = path.clone();
-    let stored = tokio::task::spawn_blocking(move || std::fs::read(&p2))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    // `serve` checked it before startup ([`check_stored_file`]): a failure here is a change
+    // made since, said as such, never a release vanishing without a word.
+    let stored = match tokio::task::spawn_blocking(move || std::fs::read(&p2)).await {
+        Ok(Ok(b)) => match serde_json::from_slice::<Value>(&b) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "the release file is corrupt; the release it held is not resumed and the file is rewritten on the next release change (flip its services by hand)");
+                None
+            }
+        },
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Ok(Err(e)) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the release file; the release it held is not resumed (flip its services by hand)");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the read of the release file failed; the release it held is not resumed");
+            None
+        }
+    };
     let (tx, mut rx) = tokio::sync::watch::channel(None::<Value>);
     if app.releases.persist.set(tx).is_err() {
         return;
