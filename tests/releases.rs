@@ -341,6 +341,58 @@ async fn a_manual_gate_waits_for_promote() {
     r.p.stop().await;
 }
 
+/// A forced action that is refused (a rollback of a service with no previous color) or changes
+/// nothing (a flip to the live color, a pause of a paused service) leaves the release running,
+/// unpaused, with no `release_phase` event claiming it was paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_action_that_changes_nothing_does_not_pause_the_release() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("10m", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 1 baking", |c| {
+        c["phases"][0]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r
+        .post("/api/services/panel/rollback", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = r
+        .post(
+            "/api/services/api/flip",
+            json!({ "to": "green", "force": true }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    let cur = r.releases().await["current"].clone();
+    assert!(cur["paused"].is_null(), "{cur}");
+    assert_eq!(cur["state"], "running", "{cur}");
+    let paused_events: Vec<Value> = r
+        .events("release_phase")
+        .await
+        .into_iter()
+        .filter(|e| e["detail"].as_str().unwrap_or("").contains("forced"))
+        .collect();
+    assert!(paused_events.is_empty(), "{paused_events:?}");
+    // A forced change that does change something still pauses it.
+    let (s, v) = r
+        .post("/api/services/panel/pause", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let cur = r.releases().await["current"].clone();
+    assert!(
+        cur["paused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("forced pause of panel"),
+        "{cur}"
+    );
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
     let r = Rig::start().await;

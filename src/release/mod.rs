@@ -364,9 +364,22 @@ async fn roll_back(
     reason: String,
     shape: impl FnOnce(&mut Event) + Send + 'static,
 ) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
+    roll_back_if(app, id, result, kind, reason, shape, |_| true).await
+}
+
+/// [`roll_back`], only if `still` holds of the release under `op`.
+async fn roll_back_if(
+    app: &Arc<App>,
+    id: &str,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event) + Send + 'static,
+    still: impl FnOnce(&Release) -> bool,
+) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
     let rel = &app.releases;
     let _op = rel.op.lock().await;
-    let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live()) else {
+    let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live() && still(r)) else {
         return Ok(None);
     };
     if let Some(etcd) = store::etcd(app) {
@@ -477,29 +490,38 @@ async fn finish(
     Ok((returned, skipped))
 }
 
-/// A manual flip, rollback or pause of `services` while a release runs: refused (409) unless
-/// `force`; a forced one pauses the release (it stops advancing until promoted).
-pub async fn guard_manual(
+/// A manual flip, rollback or pause of `services` (`action`) while a release runs: refused (409)
+/// unless `force`; a forced one goes through, and pauses the release (it stops advancing until
+/// promoted) only if it changed something: `changed` names the services it changed. A forced
+/// action that is refused, or changes nothing, leaves the release as it was, with no event.
+///
+/// Atomic with the release's own steps: the action and the pause run under `op`, so neither a
+/// phase flip nor the rollback of a release whose service was moved outside it (which checks the
+/// pause under `op`) can come between them. A release driven by another replica (etcd) is
+/// paused in the shared record before the action, and that pause is taken back (only if it is
+/// still this one) when the action changed nothing.
+pub async fn guarded<T, Fut>(
     app: &Arc<App>,
     services: &[&str],
     force: bool,
     what: &str,
     actor: &str,
-) -> Result<(), ChangeError> {
-    let (id, name, hit) = {
-        let inner = app.releases.lock();
-        let Some(r) = inner.current.as_ref().filter(|r| r.live()) else {
-            return Ok(());
-        };
+    action: impl FnOnce() -> Fut,
+    changed: impl FnOnce(&T) -> Vec<String>,
+) -> Result<T, ChangeError>
+where
+    Fut: std::future::Future<Output = Result<T, ChangeError>>,
+{
+    let involved = app.releases.current().filter(Release::live).and_then(|r| {
         let hit: Vec<String> = services
             .iter()
             .filter(|s| r.involves(s))
             .map(|s| s.to_string())
             .collect();
-        if hit.is_empty() {
-            return Ok(());
-        }
-        (r.id.clone(), r.name.clone(), hit)
+        (!hit.is_empty()).then_some((r.id, r.name, hit))
+    });
+    let Some((id, name, hit)) = involved else {
+        return action().await;
     };
     if !force {
         return Err(ChangeError::Refused(format!(
@@ -508,28 +530,68 @@ pub async fn guard_manual(
             if hit.len() == 1 { "is" } else { "are" }
         )));
     }
-    let why = format!("paused: forced {what} of {} by {actor}", hit.join(", "));
-    match store::etcd(app).filter(|_| !store::drives(app, &id)) {
-        // Driven by another replica: the pause goes into the shared record.
+    let why =
+        |names: &[String]| format!("paused: forced {what} of {} by {actor}", names.join(", "));
+    let _op = app.releases.op.lock().await;
+    let (out, changed) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
+        // Driven by another replica: its driver does not take this replica's `op`, so the pause
+        // goes into the shared record first.
         Some(etcd) => {
+            let first = why(&hit);
             store::change(app, &etcd, &id, |v| {
-                v["release"]["paused"] = json!(why);
+                v["release"]["paused"] = json!(first);
                 Ok(())
             })
-            .await?
+            .await?;
+            let done = action().await;
+            let changed: Vec<String> = match &done {
+                Ok(o) => changed(o).into_iter().filter(|s| hit.contains(s)).collect(),
+                Err(_) => Vec::new(),
+            };
+            let now = if changed.is_empty() {
+                None
+            } else {
+                Some(why(&changed))
+            };
+            let stored = store::change(app, &etcd, &id, |v| {
+                if v["release"]["paused"] == json!(first) {
+                    v["release"]["paused"] = json!(now);
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = stored {
+                tracing::warn!(release = %id, error = %e, "cannot correct the release's pause after a forced change");
+            }
+            (done?, changed)
         }
         None => {
-            app.releases.update(&id, |r| r.paused = Some(why.clone()));
+            let out = action().await?;
+            let changed: Vec<String> = changed(&out)
+                .into_iter()
+                .filter(|s| hit.contains(s))
+                .collect();
+            if !changed.is_empty() {
+                let w = why(&changed);
+                app.releases.update(&id, |r| r.paused = Some(w));
+            }
+            (out, changed)
         }
+    };
+    drop(_op);
+    if !changed.is_empty() {
+        app.record(Event::new(
+            "*",
+            crate::events::Reason::ReleasePhase,
+            actor,
+            format!(
+                "release {name:?} ({id}) {}; it advances again on promote",
+                why(&changed)
+            ),
+        ))
+        .await;
     }
-    app.record(Event::new(
-        "*",
-        crate::events::Reason::ReleasePhase,
-        actor,
-        format!("release {name:?} ({id}) {why}; it advances again on promote"),
-    ))
-    .await;
-    Ok(())
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1038,8 +1100,9 @@ fn moved_off(app: &App, r: &Release, latched_only: bool) -> Option<Moved> {
     })
 }
 
-/// Rolls the release back because `m` moved one of its services off its release color.
-async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved) -> bool {
+/// Rolls the release back because `m` moved one of its services off its release color
+/// (`unless_paused`: not if the release is paused by then, checked under `op`).
+async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved, unless_paused: bool) -> bool {
     let Moved {
         service,
         reason,
@@ -1047,7 +1110,7 @@ async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved) -> bool {
         actor,
         ..
     } = m;
-    match roll_back(
+    match roll_back_if(
         app,
         id,
         "rolled_back",
@@ -1057,6 +1120,7 @@ async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved) -> bool {
             ev.service = service.clone();
             ev.trigger = Some(json!({ "kind": kind, "service": service, "actor": actor }));
         },
+        |r| !unless_paused || r.paused.is_none(),
     )
     .await
     {
@@ -1093,7 +1157,9 @@ async fn pass_gate(
             return true;
         };
         let why = m.reason.clone();
-        if roll_back_moved(app, id, m).await || app.releases.current().is_none_or(|r| r.id != id) {
+        if roll_back_moved(app, id, m, false).await
+            || app.releases.current().is_none_or(|r| r.id != id)
+        {
             return false;
         }
         // The rollback failed (the state backend refused): waits again, paused, saying so.
@@ -1117,7 +1183,7 @@ async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
     else {
         return false;
     };
-    roll_back_moved(app, id, m).await
+    roll_back_moved(app, id, m, true).await
 }
 
 /// A reload removed a service of the release: abort it with an event. True when it did.
@@ -2055,10 +2121,18 @@ gate = "manual"
         let app = app(dir.path()).await;
         start(&app, &plan(TWO), "test").await.expect("start");
         tokio::time::sleep(Duration::from_secs(60)).await;
-        guard_manual(&app, &["api"], true, "roll back", "ops")
-            .await
-            .expect("forced");
-        app.rollback("api", true, "ops").await.expect("rollback");
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "roll back",
+            "ops",
+            || app.rollback("api", true, "ops"),
+            |o| vec![o.service.clone()],
+        )
+        .await
+        .expect("rollback");
+        assert!(current(&app)["paused"].is_string());
         assert_eq!(active(&app, "api"), Color::Blue);
         tokio::time::sleep(Duration::from_secs(15 * 60)).await;
         assert_eq!(current(&app)["state"], "waiting");
@@ -2077,12 +2151,17 @@ gate = "manual"
         assert_eq!(current(&app)["state"], "waiting");
         assert!(reasons(&app, "release_rollback").is_empty());
         // Flipped forward again by hand: the release holds its state again and goes on.
-        guard_manual(&app, &["api"], true, "flip", "ops")
-            .await
-            .expect("forced");
-        app.flip("api", Color::Green, true, FlipKind::Manual, "ops")
-            .await
-            .expect("flip");
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "flip",
+            "ops",
+            || app.flip("api", Color::Green, true, FlipKind::Manual, "ops"),
+            |o| vec![o.service.clone()],
+        )
+        .await
+        .expect("flip");
         promote(&app, "test").await.expect("promote");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let c = current(&app);
