@@ -341,6 +341,51 @@ async fn a_manual_gate_waits_for_promote() {
     r.p.stop().await;
 }
 
+/// A service whose own `watch_for` has ended while the release's bake still runs is armed by the
+/// release (its triggers roll the release back, as the watcher decides): `/api/status`,
+/// `switchyard_rollback_armed` and `ctl status` say armed too, not `armed=false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_armed_only_by_the_release_shows_armed_everywhere() {
+    let api = [
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+    ];
+    let short = TRIGGERS.replace("watch_for = \"10m\"", "watch_for = \"1s\"");
+    let body = service(
+        "api",
+        &[api[0].addr],
+        &[api[1].addr],
+        &format!("path_prefix = \"/api\"\n{short}"),
+    );
+    let p = TestProxy::start(&body).await;
+    let plan = json!({
+        "name": "r", "validate": "10m",
+        "phases": [{ "name": "backend", "services": ["api"], "bake": "10m" }],
+    });
+    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    // watch_for (1 s) ends; the release keeps api armed for its bake.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let svc = p.service_status("api").await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    assert_eq!(svc["armed"], true, "{svc}");
+    assert_eq!(svc["armed_by_release"], true, "{svc}");
+    let text = get(p.admin, "/metrics").await.1;
+    assert_eq!(
+        metric(&text, "switchyard_rollback_armed", &[("service", "api")]),
+        Some(1.0),
+        "{text}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &format!("http://{}", p.admin), "status"])
+        .output()
+        .await
+        .expect("ctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("armed by the running release"), "{stdout}");
+    p.stop().await;
+}
+
 /// A forced action that is refused (a rollback of a service with no previous color) or changes
 /// nothing (a flip to the live color, a pause of a paused service) leaves the release running,
 /// unpaused, with no `release_phase` event claiming it was paused.
