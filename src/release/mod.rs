@@ -83,6 +83,26 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         )));
     }
     let snap = app.snapshot();
+    // A service whose automatic rollback is paused would be released with no trigger armed
+    // (the release arms only unpaused ones) and end `complete` whatever happened: refused.
+    let paused: Vec<&str> = plan
+        .phases
+        .iter()
+        .flat_map(|p| &p.services)
+        .filter(|name| snap.service(name).is_some_and(|s| s.state.paused))
+        .map(String::as_str)
+        .collect();
+    if !paused.is_empty() {
+        return Err(StartError::Conflict(format!(
+            "automatic rollback of {} is paused: the release would run without its protection; resume it first ({}), then start the release",
+            paused.join(", "),
+            paused
+                .iter()
+                .map(|s| format!("ctl resume {s}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
     let mut errs = Vec::new();
     let mut pre = BTreeMap::new();
     let mut phases = Vec::new();
@@ -2233,6 +2253,26 @@ gate = "manual"
             evs[0].trigger.as_ref().map(|t| t["kind"].clone()),
             Some(json!("manual_rollback"))
         );
+    }
+
+    /// A release is refused (409) while the automatic rollback of one of its services is paused:
+    /// it would run unprotected and end `complete` whatever happened. Resumed, it starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_release_of_a_service_with_rollback_paused_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        app.set_paused("api", true, "ops").await.expect("pause");
+        match start(&app, &plan(TWO), "test").await {
+            Err(StartError::Conflict(m)) => {
+                assert!(m.contains("automatic rollback of api is paused"), "{m}");
+                assert!(m.contains("ctl resume api"), "{m}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(current(&app).is_null());
+        assert_eq!(active(&app, "api"), Color::Blue);
+        app.set_paused("api", false, "ops").await.expect("resume");
+        start(&app, &plan(TWO), "test").await.expect("start");
     }
 
     #[tokio::test(start_paused = true)]
