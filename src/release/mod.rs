@@ -987,6 +987,8 @@ async fn sleep_or_cancel(
             .min(CHECK_EVERY);
         tokio::select! {
             _ = tokio::time::sleep(step) => {}
+            // A promote of a paused release takes effect at once, not at the next tick.
+            _ = app.releases.wake.notified() => {}
             _ = cancel.cancelled() => return false,
         }
         if removed_by_reload(app, id).await {
@@ -2273,6 +2275,35 @@ gate = "manual"
         assert_eq!(active(&app, "api"), Color::Blue);
         app.set_paused("api", false, "ops").await.expect("resume");
         start(&app, &plan(TWO), "test").await.expect("start");
+    }
+
+    /// A promote of a release paused mid-bake resumes it at once, not at the driver's next
+    /// one-second check.
+    #[tokio::test(start_paused = true)]
+    async fn a_promote_during_a_paused_bake_resumes_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "pause",
+            "ops",
+            || app.set_paused("api", true, "ops"),
+            |_| vec!["api".to_string()],
+        )
+        .await
+        .expect("pause");
+        assert!(current(&app)["paused"].is_string());
+        // Mid-way between two of the driver's checks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let c = current(&app);
+        assert!(c["paused"].is_null(), "{c}");
+        assert_eq!(c["phases"][0]["state"], "baking", "{c}");
     }
 
     #[tokio::test(start_paused = true)]
