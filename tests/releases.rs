@@ -386,6 +386,37 @@ async fn a_service_armed_only_by_the_release_shows_armed_everywhere() {
     p.stop().await;
 }
 
+/// Phase 0's pre-flip checks fail at start (api's green pool is dead): the start is refused
+/// with 409 and the check's reason; no release is started, none ends `rolled_back` having
+/// flipped nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_first_phase_cannot_flip_is_refused() {
+    let r = Rig::build(HEALTH, "").await;
+    r.api[1].set_health(500);
+    let dead = eventually(10, || async {
+        let api = r.p.service_status("api").await;
+        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == false
+    })
+    .await;
+    assert!(dead, "{}", r.p.status().await);
+    let plan = json!({
+        "name": "onto a dead pool",
+        "phases": [{ "name": "backend", "services": ["api"], "bake": "1s" }],
+    });
+    let (s, v) = r.start_release(plan).await;
+    assert_eq!(s, 409, "{v}");
+    let why = v["error"].as_str().unwrap_or_default();
+    assert!(why.contains("phase 0 \"backend\" cannot flip"), "{v}");
+    assert!(why.contains("no healthy upstream"), "{v}");
+    assert!(!why.contains("force"), "{v}");
+    let all = r.releases().await;
+    assert!(all["current"].is_null(), "{all}");
+    assert_eq!(all["recent"].as_array().map(Vec::len), Some(0), "{all}");
+    assert!(r.events("release_start").await.is_empty());
+    assert_eq!(r.serving().await.0, "api-blue\n");
+    r.p.stop().await;
+}
+
 /// A forced action that is refused (a rollback of a service with no previous color) or changes
 /// nothing (a flip to the live color, a pause of a paused service) leaves the release running,
 /// unpaused, with no `release_phase` event claiming it was paused.

@@ -143,6 +143,23 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     if !errs.is_empty() {
         return Err(StartError::Invalid(ConfigErrors(errs)));
     }
+    // Phase 0 flips at once: its pre-flip checks (a manual flip's: health, smoke paths, verify)
+    // decide now whether the release can start at all. Failing, nothing starts and the 409 says
+    // why, rather than a release that is accepted and then ends `rolled_back` having flipped
+    // nothing. (The driver runs them again before it flips.)
+    if let Some(first) = phases.first() {
+        for (name, to) in &first.targets {
+            if let Some(svc) = snap.service(name) {
+                if let Err(e) = app.preflight(svc, *to).await {
+                    return Err(StartError::Conflict(format!(
+                        "phase 0 {:?} cannot flip: {}; nothing was started",
+                        first.plan.name,
+                        e.to_string().replace(crate::app::FORCE_HINT, "")
+                    )));
+                }
+            }
+        }
+    }
     let started = std::time::SystemTime::now();
     let id = format!(
         "r-{}",
