@@ -821,6 +821,7 @@ async fn run_phase(
             return None;
         }
         // One atomic flip of the phase's services, never after an abort or rollback.
+        let outcomes;
         {
             let _op = rel.op.lock().await;
             if cancel.is_cancelled() {
@@ -852,11 +853,14 @@ async fn run_phase(
                 }
             }
             let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
-            if let Err(e) = app.flip_set(targets, "release", label).await {
-                drop(_op);
-                let e = e.to_string().replace(crate::app::FORCE_HINT, "");
-                give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
-                return None;
+            match app.flip_set(targets, "release", label).await {
+                Ok(o) => outcomes = o,
+                Err(e) => {
+                    drop(_op);
+                    let e = e.to_string().replace(crate::app::FORCE_HINT, "");
+                    give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
+                    return None;
+                }
             }
             if let Some(etcd) = store::etcd(app) {
                 if !store::confirm(app, &etcd, id).await {
@@ -919,13 +923,27 @@ async fn run_phase(
                     humantime::format_duration(plan.bake)
                 )
             } else {
+                // What the flip did: a service already on its color (moved there since the
+                // release started) was not flipped, and is said so.
+                let flipped: Vec<String> = outcomes
+                    .iter()
+                    .map(|o| format!("{} {} -> {}", o.service, o.from, o.to))
+                    .collect();
+                let already: Vec<String> = targets
+                    .iter()
+                    .filter(|(s, _)| !outcomes.iter().any(|o| &o.service == s))
+                    .map(|(s, c)| format!("{s} already on {c}"))
+                    .collect();
+                let mut said = if flipped.is_empty() {
+                    "nothing flipped".to_string()
+                } else {
+                    format!("{} flipped in one step", flipped.join(", "))
+                };
+                if !already.is_empty() {
+                    said.push_str(&format!(" ({}, not flipped)", already.join(", ")));
+                }
                 format!(
-                    "{label}: {} flipped in one step; baking {}",
-                    targets
-                        .iter()
-                        .map(|(s, c)| format!("{s} -> {c}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    "{label}: {said}; baking {}",
                     humantime::format_duration(plan.bake)
                 )
             },
@@ -2321,6 +2339,38 @@ gate = "manual"
         let c = current(&app);
         assert!(c["paused"].is_null(), "{c}");
         assert_eq!(c["phases"][0]["state"], "baking", "{c}");
+    }
+
+    /// A phase whose service is already on its color when the phase runs (moved there since
+    /// the release started) says so; its event never claims a flip that did not happen.
+    #[tokio::test(start_paused = true)]
+    async fn a_phase_whose_service_is_already_on_its_color_says_nothing_flipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // panel is not the release's yet (its phase has not run): moved to green meanwhile.
+        app.flip("panel", Color::Green, true, FlipKind::Manual, "ops")
+            .await
+            .expect("flip");
+        let generation = app.snapshot().service("panel").map(|s| s.state.generation);
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        assert_eq!(current(&app)["phase"], 1);
+        let phase1: Vec<Event> = reasons(&app, "release_phase")
+            .into_iter()
+            .filter(|e| e.detail.contains("phase 1") && e.detail.contains("baking"))
+            .collect();
+        assert_eq!(phase1.len(), 1, "{phase1:?}");
+        let d = &phase1[0].detail;
+        assert!(!d.contains("flipped in one step"), "{d}");
+        assert!(
+            d.contains("nothing flipped (panel already on green, not flipped)"),
+            "{d}"
+        );
+        assert_eq!(
+            app.snapshot().service("panel").map(|s| s.state.generation),
+            generation
+        );
     }
 
     #[tokio::test(start_paused = true)]
