@@ -656,6 +656,18 @@ pub fn parse_prometheus(status: http::StatusCode, body: &[u8]) -> Outcome {
             kind == "bad_data",
         );
     }
+    // A non-2xx answer is an error whatever its body says: a proxy or gateway in front of
+    // Prometheus (or a broken one) answering 500 with a cached or canned "success" body is no
+    // measurement, and taken as one it could fire a rollback.
+    if !status.is_success() {
+        return err(
+            format!(
+                "HTTP {}: an error status with a \"success\" body; not taken as a value",
+                status.as_u16()
+            ),
+            false,
+        );
+    }
     let data = &v["data"];
     let sample = |pair: &Value| -> Result<f64, String> {
         let text = pair
@@ -1436,6 +1448,17 @@ mod tests {
             parse_prometheus(http::StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>"),
             Outcome::Error { config: false, .. }
         ));
+        // A 500 with a "success" body (rev17 t04 status500ok) is an error, never a value.
+        match parse_prometheus(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"status":"success","data":{"resultType":"scalar","result":[1,"9"]}}"#,
+        ) {
+            Outcome::Error {
+                error,
+                config: false,
+            } => assert!(error.starts_with("HTTP 500"), "{error}"),
+            o => panic!("{o:?}"),
+        }
     }
 
     #[test]

@@ -289,7 +289,11 @@ fn print_status(v: &Value) {
     {
         let mut flags = Vec::new();
         if svc.get("armed").and_then(Value::as_bool) == Some(true) {
-            flags.push(format!("armed until {}", s(svc, "armed_until")));
+            if svc.get("armed_by_release").and_then(Value::as_bool) == Some(true) {
+                flags.push("armed by the running release".to_string());
+            } else {
+                flags.push(format!("armed until {}", s(svc, "armed_until")));
+            }
         }
         if svc.get("paused").and_then(Value::as_bool) == Some(true) {
             flags.push("PAUSED".to_string());

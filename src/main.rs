@@ -441,6 +441,22 @@ fn serve(
             ));
             return ExitCode::FAILURE;
         }
+        // A release file that cannot be read goes aside too: its release is not resumed.
+        match switchyard::move_release_file_aside_if_unreadable(&cfg.state.path) {
+            Ok(Some(aside)) => report.note(&format!(
+                "--reset-state: moved the unreadable release file {} to {}; the release it held is not resumed",
+                cfg.state.path.with_extension("release.json").display(),
+                aside.display()
+            )),
+            Ok(None) => {}
+            Err(e) => {
+                report.error(&format!(
+                    "--reset-state: cannot move {} aside: {e}",
+                    cfg.state.path.with_extension("release.json").display()
+                ));
+                return ExitCode::FAILURE;
+            }
+        }
         match switchyard::move_state_aside(&cfg.state.path) {
             Ok(Some(aside)) => {
                 report.note(&format!(

@@ -321,6 +321,13 @@ impl Releases {
             && self.owns(svc.name())
     }
 
+    /// Whether `svc`'s triggers are armed now: by its own flip (`watch_for`) or by the running
+    /// release. The one answer the watcher acts on and every view shows (`/api/status`,
+    /// `switchyard_rollback_armed`, `ctl status`, the dashboard).
+    pub fn armed(&self, svc: &Service, now: Instant) -> bool {
+        svc.armed(now) || self.arms(svc)
+    }
+
     pub(crate) fn publish(&self, inner: &Inner) {
         if let Some(tx) = self.persist.get() {
             tx.send_replace(inner.current.as_ref().map(Release::stored));

@@ -167,6 +167,16 @@ pub async fn start_with(
     let upgrade_socket = config.proxy.upgrade_socket.clone();
     let proxy_cfg = config.proxy.clone();
     crate::guard::check_nofile(&config);
+    // A release file that cannot be read stops the start, as a corrupt state file does.
+    if let Some(state) = opts
+        .store
+        .local_path()
+        .filter(|_| opts.store.as_etcd().is_none())
+    {
+        tokio::task::spawn_blocking(move || crate::release::check_stored_file(&state))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+    }
     let app = App::new_handed(
         config,
         opts.config_path,

@@ -74,7 +74,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             &Evaluation {
                 now,
                 // A release keeps the triggers of the services it flipped armed until it ends.
-                armed: svc.armed(now) || app.releases.arms(svc),
+                armed: app.releases.armed(svc, now),
                 rollback_target_healthy: target_healthy,
                 measured: &measured,
             },

@@ -1331,6 +1331,61 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
     assert_eq!(aside.len(), 1, "the corrupt file was not moved aside");
 }
 
+/// A release file (`state.release.json`) that is not JSON stops startup as a corrupt state
+/// file does (exit 1, the file named, `--reset-state` offered, the file left alone): resumed
+/// from it, the running release vanished without a word. `--reset-state` moves it aside (with
+/// no state file to move) and serves. A missing release file is no release (every other test).
+#[tokio::test]
+async fn corrupt_release_file_stops_startup_until_reset_state() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, proxy, _) = binary_config(dir.path(), blue.addr, green.addr);
+    let release = dir.path().join("state.release.json");
+    std::fs::write(&release, b"{\"current\": {\"id\": 5").expect("write");
+    let config_arg = config.to_str().expect("utf8 path");
+
+    let out = timeout(
+        Duration::from_secs(20),
+        switchyard_cmd(&["serve", "--config", config_arg]).output(),
+    )
+    .await
+    .expect("serve hung on a corrupt release file")
+    .expect("run switchyard");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&release.display().to_string()),
+        "names the file: {stderr}"
+    );
+    assert!(stderr.contains("--reset-state"), "{stderr}");
+    assert!(release.exists(), "the corrupt file must be left alone");
+
+    let mut child = switchyard_cmd(&["serve", "--config", config_arg, "--reset-state"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let up = eventually(15, || async {
+        try_get(proxy, "/x").await == Some((200, "blue\n".to_string()))
+    })
+    .await;
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    assert!(up, "switchyard did not serve after --reset-state");
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("state.release.json.corrupt"))
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the corrupt release file was not moved aside"
+    );
+}
+
 /// `--reset-state` while a release runs (killed mid-bake: `<state>.release.json` still holds it
 /// live, its phase flipped `api` to green): the reset state has every service at the config's
 /// colors, so the release is not resumed claiming a flip the state no longer has: it is listed

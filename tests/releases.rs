@@ -341,6 +341,134 @@ async fn a_manual_gate_waits_for_promote() {
     r.p.stop().await;
 }
 
+/// A service whose own `watch_for` has ended while the release's bake still runs is armed by the
+/// release (its triggers roll the release back, as the watcher decides): `/api/status`,
+/// `switchyard_rollback_armed` and `ctl status` say armed too, not `armed=false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_armed_only_by_the_release_shows_armed_everywhere() {
+    let api = [
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+    ];
+    let short = TRIGGERS.replace("watch_for = \"10m\"", "watch_for = \"1s\"");
+    let body = service(
+        "api",
+        &[api[0].addr],
+        &[api[1].addr],
+        &format!("path_prefix = \"/api\"\n{short}"),
+    );
+    let p = TestProxy::start(&body).await;
+    let plan = json!({
+        "name": "r", "validate": "10m",
+        "phases": [{ "name": "backend", "services": ["api"], "bake": "10m" }],
+    });
+    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    // watch_for (1 s) ends; the release keeps api armed for its bake.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let svc = p.service_status("api").await;
+    assert_eq!(svc["active"], "green", "{svc}");
+    assert_eq!(svc["armed"], true, "{svc}");
+    assert_eq!(svc["armed_by_release"], true, "{svc}");
+    let text = get(p.admin, "/metrics").await.1;
+    assert_eq!(
+        metric(&text, "switchyard_rollback_armed", &[("service", "api")]),
+        Some(1.0),
+        "{text}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &format!("http://{}", p.admin), "status"])
+        .output()
+        .await
+        .expect("ctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("armed by the running release"), "{stdout}");
+    p.stop().await;
+}
+
+/// Phase 0's pre-flip checks fail at start (api's green pool is dead): the start is refused
+/// with 409 and the check's reason; no release is started, none ends `rolled_back` having
+/// flipped nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_first_phase_cannot_flip_is_refused() {
+    let r = Rig::build(HEALTH, "").await;
+    r.api[1].set_health(500);
+    let dead = eventually(10, || async {
+        let api = r.p.service_status("api").await;
+        api["colors"]["blue"]["healthy"] == true && api["colors"]["green"]["healthy"] == false
+    })
+    .await;
+    assert!(dead, "{}", r.p.status().await);
+    let plan = json!({
+        "name": "onto a dead pool",
+        "phases": [{ "name": "backend", "services": ["api"], "bake": "1s" }],
+    });
+    let (s, v) = r.start_release(plan).await;
+    assert_eq!(s, 409, "{v}");
+    let why = v["error"].as_str().unwrap_or_default();
+    assert!(why.contains("phase 0 \"backend\" cannot flip"), "{v}");
+    assert!(why.contains("no healthy upstream"), "{v}");
+    assert!(!why.contains("force"), "{v}");
+    let all = r.releases().await;
+    assert!(all["current"].is_null(), "{all}");
+    assert_eq!(all["recent"].as_array().map(Vec::len), Some(0), "{all}");
+    assert!(r.events("release_start").await.is_empty());
+    assert_eq!(r.serving().await.0, "api-blue\n");
+    r.p.stop().await;
+}
+
+/// A forced action that is refused (a rollback of a service with no previous color) or changes
+/// nothing (a flip to the live color, a pause of a paused service) leaves the release running,
+/// unpaused, with no `release_phase` event claiming it was paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_action_that_changes_nothing_does_not_pause_the_release() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("10m", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 1 baking", |c| {
+        c["phases"][0]["state"] == "baking"
+    })
+    .await;
+    let (s, v) = r
+        .post("/api/services/panel/rollback", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = r
+        .post(
+            "/api/services/api/flip",
+            json!({ "to": "green", "force": true }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    let cur = r.releases().await["current"].clone();
+    assert!(cur["paused"].is_null(), "{cur}");
+    assert_eq!(cur["state"], "running", "{cur}");
+    let paused_events: Vec<Value> = r
+        .events("release_phase")
+        .await
+        .into_iter()
+        .filter(|e| e["detail"].as_str().unwrap_or("").contains("forced"))
+        .collect();
+    assert!(paused_events.is_empty(), "{paused_events:?}");
+    // A forced change that does change something still pauses it.
+    let (s, v) = r
+        .post("/api/services/panel/pause", json!({ "force": true }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let cur = r.releases().await["current"].clone();
+    assert!(
+        cur["paused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("forced pause of panel"),
+        "{cur}"
+    );
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
     let r = Rig::start().await;

@@ -1173,11 +1173,11 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
             ("phase 1 passed", "phase 1 \"frontend\" passed"),
             (
                 "phase 0 flipped",
-                "phase 0 \"backend\": api -> green flipped",
+                "phase 0 \"backend\": api blue -> green flipped",
             ),
             (
                 "phase 1 flipped",
-                "phase 1 \"frontend\": panel -> green flipped",
+                "phase 1 \"frontend\": panel blue -> green flipped",
             ),
         ] {
             let n = details.iter().filter(|d| d.contains(part)).count();

@@ -305,15 +305,22 @@ async fn handle(
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            if let Err(e) =
-                crate::release::guard_manual(app, &[name.as_str()], force, "flip", &actor).await
-            {
-                return change_error(e);
-            }
+            // A forced flip of a service of the release pauses it if it changed anything.
             let app = app.clone();
             change(
-                to_end(async move { app.flip(&name, to, force, FlipKind::Manual, &actor).await })
-                    .await,
+                to_end(async move {
+                    crate::release::guarded(
+                        &app,
+                        &[name.as_str()],
+                        force,
+                        "flip",
+                        &actor,
+                        || app.flip(&name, to, force, FlipKind::Manual, &actor),
+                        |o: &crate::app::FlipOutcome| changed_names(std::slice::from_ref(o)),
+                    )
+                    .await
+                })
+                .await,
             )
         }
         Route::FlipAll => {
@@ -328,12 +335,22 @@ async fn handle(
                 .filter(|s| s.state.active != to)
                 .map(|s| s.name().to_string())
                 .collect();
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if let Err(e) = crate::release::guard_manual(app, &names, force, "flip", &actor).await {
-                return change_error(e);
-            }
             let app = app.clone();
-            match to_end(async move { app.flip_all(to, force, &actor).await }).await {
+            match to_end(async move {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                crate::release::guarded(
+                    &app,
+                    &names,
+                    force,
+                    "flip",
+                    &actor,
+                    || app.flip_all(to, force, &actor),
+                    |o: &Vec<crate::app::FlipOutcome>| changed_names(o),
+                )
+                .await
+            })
+            .await
+            {
                 Ok(outcomes) => {
                     let changed = outcomes.iter().filter(|o| o.changed).count();
                     let message = if changed == 0 {
@@ -354,20 +371,51 @@ async fn handle(
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            if let Err(e) =
-                crate::release::guard_manual(app, &[name.as_str()], args.force, "roll back", &actor)
-                    .await
-            {
-                return change_error(e);
-            }
             let app = app.clone();
-            change(to_end(async move { app.rollback(&name, args.force, &actor).await }).await)
+            change(
+                to_end(async move {
+                    crate::release::guarded(
+                        &app,
+                        &[name.as_str()],
+                        args.force,
+                        "roll back",
+                        &actor,
+                        || app.rollback(&name, args.force, &actor),
+                        |o: &crate::app::FlipOutcome| changed_names(std::slice::from_ref(o)),
+                    )
+                    .await
+                })
+                .await,
+            )
         }
-        Route::Pause(name, paused) => match pause_guard(app, &name, paused, &body, &actor).await {
+        Route::Pause(name, paused) => match pause_args(paused, &body) {
             Err(r) => r,
-            Ok(()) => match to_end({
+            Ok(force) => match to_end({
                 let (app, name) = (app.clone(), name.clone());
-                async move { app.set_paused(&name, paused, &actor).await }
+                async move {
+                    if !paused {
+                        // A resume: a release never blocks it.
+                        return app.set_paused(&name, false, &actor).await;
+                    }
+                    let before = app.snapshot().service(&name).map(|s| s.state.paused);
+                    crate::release::guarded(
+                        &app,
+                        &[name.as_str()],
+                        force,
+                        "pause",
+                        &actor,
+                        || app.set_paused(&name, true, &actor),
+                        |_: &String| {
+                            // Changed only if it was not paused already.
+                            if before == Some(false) {
+                                vec![name.clone()]
+                            } else {
+                                Vec::new()
+                            }
+                        },
+                    )
+                    .await
+                }
             })
             .await
             {
@@ -484,24 +532,25 @@ enum Route {
     ReleaseAbort,
 }
 
-/// A pause (not a resume) of a service inside a running release needs `"force": true`.
-async fn pause_guard(
-    app: &Arc<App>,
-    name: &str,
-    paused: bool,
-    body: &Option<Bytes>,
-    actor: &str,
-) -> Result<(), AdminResponse> {
-    // A bad body is a 400 for a resume too, never taken as an empty one. A resume takes no
-    // field (a release never blocks it); a pause takes `force`.
+/// The body of a pause or a resume: a pause takes `force` (a pause of a service inside a
+/// running release needs it); a resume takes no field (a release never blocks it). A bad body
+/// is a 400 for a resume too, never taken as an empty one.
+fn pause_args(paused: bool, body: &Option<Bytes>) -> Result<bool, AdminResponse> {
     if !paused {
         parse_args::<NoArgs>(body)?;
-        return Ok(());
+        return Ok(false);
     }
     let args: ForceArgs = parse_args(body)?;
-    crate::release::guard_manual(app, &[name], args.force, "pause", actor)
-        .await
-        .map_err(change_error)
+    Ok(args.force)
+}
+
+/// The services a flip or rollback changed (a forced one pauses the release only if any).
+fn changed_names(outcomes: &[crate::app::FlipOutcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter(|o| o.changed)
+        .map(|o| o.service.clone())
+        .collect()
 }
 
 /// The body of a call that takes no field (promote, abort, reload): none, or `{}`. Anything

@@ -53,7 +53,9 @@ pub fn status_json(app: &App) -> Value {
                 "previous": svc.state.previous,
                 "generation": svc.state.generation,
                 "updated_at": svc.state.updated_at,
-                "armed": svc.armed(now),
+                // As the watcher decides: a release keeps the services it flipped armed.
+                "armed": app.releases.armed(svc, now),
+                "armed_by_release": app.releases.arms(svc),
                 "armed_until": svc.armed_until().filter(|_| r.enabled).map(wall),
                 "paused": svc.state.paused,
                 "rollback_enabled": r.enabled,
@@ -179,7 +181,7 @@ pub async fn metrics_text(app: &App) -> String {
             .set(svc.state.generation as i64);
         m.rollback_armed
             .with_label_values(&[name])
-            .set(svc.armed(now) as i64);
+            .set(app.releases.armed(svc, now) as i64);
         let blocked = watch
             .get(name)
             .filter(|r| r.generation == svc.state.generation)

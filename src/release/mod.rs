@@ -83,6 +83,26 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         )));
     }
     let snap = app.snapshot();
+    // A service whose automatic rollback is paused would be released with no trigger armed
+    // (the release arms only unpaused ones) and end `complete` whatever happened: refused.
+    let paused: Vec<&str> = plan
+        .phases
+        .iter()
+        .flat_map(|p| &p.services)
+        .filter(|name| snap.service(name).is_some_and(|s| s.state.paused))
+        .map(String::as_str)
+        .collect();
+    if !paused.is_empty() {
+        return Err(StartError::Conflict(format!(
+            "automatic rollback of {} is paused: the release would run without its protection; resume it first ({}), then start the release",
+            paused.join(", "),
+            paused
+                .iter()
+                .map(|s| format!("ctl resume {s}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
     let mut errs = Vec::new();
     let mut pre = BTreeMap::new();
     let mut phases = Vec::new();
@@ -122,6 +142,23 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     }
     if !errs.is_empty() {
         return Err(StartError::Invalid(ConfigErrors(errs)));
+    }
+    // Phase 0 flips at once: its pre-flip checks (a manual flip's: health, smoke paths, verify)
+    // decide now whether the release can start at all. Failing, nothing starts and the 409 says
+    // why, rather than a release that is accepted and then ends `rolled_back` having flipped
+    // nothing. (The driver runs them again before it flips.)
+    if let Some(first) = phases.first() {
+        for (name, to) in &first.targets {
+            if let Some(svc) = snap.service(name) {
+                if let Err(e) = app.preflight(svc, *to).await {
+                    return Err(StartError::Conflict(format!(
+                        "phase 0 {:?} cannot flip: {}; nothing was started",
+                        first.plan.name,
+                        e.to_string().replace(crate::app::FORCE_HINT, "")
+                    )));
+                }
+            }
+        }
     }
     let started = std::time::SystemTime::now();
     let id = format!(
@@ -187,6 +224,21 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
 /// Passes the manual gate (or resumes a paused release).
 pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
     let rel = &app.releases;
+    // Never onto a state the release no longer holds: a service it flipped was moved off its
+    // release color outside it (a forced rollback by hand, say). Checked under `op`: not
+    // between a phase's claim and its flip.
+    {
+        let _op = rel.op.lock().await;
+        if let Some((cur, m)) = rel
+            .current()
+            .and_then(|r| moved_off(app, &r, false).map(|m| (r, m)))
+        {
+            return Err(ChangeError::Refused(format!(
+                "release {:?} ({}) cannot advance: {}; the release flipped {} to {} and no longer holds it there. Abort the release (ctl release abort: every service it flipped goes back), or flip {} to {} again (force) and promote",
+                cur.name, cur.id, m.reason, m.service, m.to, m.service, m.to
+            )));
+        }
+    }
     if let Some(etcd) = store::etcd(app) {
         if let Some(cur) = rel.current().filter(|r| !store::drives(app, &r.id)) {
             return promote_follower(app, &etcd, cur, actor).await;
@@ -349,9 +401,22 @@ async fn roll_back(
     reason: String,
     shape: impl FnOnce(&mut Event) + Send + 'static,
 ) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
+    roll_back_if(app, id, result, kind, reason, shape, |_| true).await
+}
+
+/// [`roll_back`], only if `still` holds of the release under `op`.
+async fn roll_back_if(
+    app: &Arc<App>,
+    id: &str,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event) + Send + 'static,
+    still: impl FnOnce(&Release) -> bool,
+) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
     let rel = &app.releases;
     let _op = rel.op.lock().await;
-    let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live()) else {
+    let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live() && still(r)) else {
         return Ok(None);
     };
     if let Some(etcd) = store::etcd(app) {
@@ -462,29 +527,38 @@ async fn finish(
     Ok((returned, skipped))
 }
 
-/// A manual flip, rollback or pause of `services` while a release runs: refused (409) unless
-/// `force`; a forced one pauses the release (it stops advancing until promoted).
-pub async fn guard_manual(
+/// A manual flip, rollback or pause of `services` (`action`) while a release runs: refused (409)
+/// unless `force`; a forced one goes through, and pauses the release (it stops advancing until
+/// promoted) only if it changed something: `changed` names the services it changed. A forced
+/// action that is refused, or changes nothing, leaves the release as it was, with no event.
+///
+/// Atomic with the release's own steps: the action and the pause run under `op`, so neither a
+/// phase flip nor the rollback of a release whose service was moved outside it (which checks the
+/// pause under `op`) can come between them. A release driven by another replica (etcd) is
+/// paused in the shared record before the action, and that pause is taken back (only if it is
+/// still this one) when the action changed nothing.
+pub async fn guarded<T, Fut>(
     app: &Arc<App>,
     services: &[&str],
     force: bool,
     what: &str,
     actor: &str,
-) -> Result<(), ChangeError> {
-    let (id, name, hit) = {
-        let inner = app.releases.lock();
-        let Some(r) = inner.current.as_ref().filter(|r| r.live()) else {
-            return Ok(());
-        };
+    action: impl FnOnce() -> Fut,
+    changed: impl FnOnce(&T) -> Vec<String>,
+) -> Result<T, ChangeError>
+where
+    Fut: std::future::Future<Output = Result<T, ChangeError>>,
+{
+    let involved = app.releases.current().filter(Release::live).and_then(|r| {
         let hit: Vec<String> = services
             .iter()
             .filter(|s| r.involves(s))
             .map(|s| s.to_string())
             .collect();
-        if hit.is_empty() {
-            return Ok(());
-        }
-        (r.id.clone(), r.name.clone(), hit)
+        (!hit.is_empty()).then_some((r.id, r.name, hit))
+    });
+    let Some((id, name, hit)) = involved else {
+        return action().await;
     };
     if !force {
         return Err(ChangeError::Refused(format!(
@@ -493,28 +567,68 @@ pub async fn guard_manual(
             if hit.len() == 1 { "is" } else { "are" }
         )));
     }
-    let why = format!("paused: forced {what} of {} by {actor}", hit.join(", "));
-    match store::etcd(app).filter(|_| !store::drives(app, &id)) {
-        // Driven by another replica: the pause goes into the shared record.
+    let why =
+        |names: &[String]| format!("paused: forced {what} of {} by {actor}", names.join(", "));
+    let _op = app.releases.op.lock().await;
+    let (out, changed) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
+        // Driven by another replica: its driver does not take this replica's `op`, so the pause
+        // goes into the shared record first.
         Some(etcd) => {
+            let first = why(&hit);
             store::change(app, &etcd, &id, |v| {
-                v["release"]["paused"] = json!(why);
+                v["release"]["paused"] = json!(first);
                 Ok(())
             })
-            .await?
+            .await?;
+            let done = action().await;
+            let changed: Vec<String> = match &done {
+                Ok(o) => changed(o).into_iter().filter(|s| hit.contains(s)).collect(),
+                Err(_) => Vec::new(),
+            };
+            let now = if changed.is_empty() {
+                None
+            } else {
+                Some(why(&changed))
+            };
+            let stored = store::change(app, &etcd, &id, |v| {
+                if v["release"]["paused"] == json!(first) {
+                    v["release"]["paused"] = json!(now);
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = stored {
+                tracing::warn!(release = %id, error = %e, "cannot correct the release's pause after a forced change");
+            }
+            (done?, changed)
         }
         None => {
-            app.releases.update(&id, |r| r.paused = Some(why.clone()));
+            let out = action().await?;
+            let changed: Vec<String> = changed(&out)
+                .into_iter()
+                .filter(|s| hit.contains(s))
+                .collect();
+            if !changed.is_empty() {
+                let w = why(&changed);
+                app.releases.update(&id, |r| r.paused = Some(w));
+            }
+            (out, changed)
         }
+    };
+    drop(_op);
+    if !changed.is_empty() {
+        app.record(Event::new(
+            "*",
+            crate::events::Reason::ReleasePhase,
+            actor,
+            format!(
+                "release {name:?} ({id}) {}; it advances again on promote",
+                why(&changed)
+            ),
+        ))
+        .await;
     }
-    app.record(Event::new(
-        "*",
-        crate::events::Reason::ReleasePhase,
-        actor,
-        format!("release {name:?} ({id}) {why}; it advances again on promote"),
-    ))
-    .await;
-    Ok(())
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -582,7 +696,7 @@ async fn drive(
             return;
         }
         if (plan.gate == Gate::Manual || paused(&app, &id))
-            && !gate(&app, &id, i, &label, &cancel).await
+            && !pass_gate(&app, &id, i, &label, &cancel).await
         {
             return;
         }
@@ -636,7 +750,7 @@ async fn drive(
     if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
-    if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel).await {
+    if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel).await {
         return;
     }
     let ended = {
@@ -707,6 +821,7 @@ async fn run_phase(
             return None;
         }
         // One atomic flip of the phase's services, never after an abort or rollback.
+        let outcomes;
         {
             let _op = rel.op.lock().await;
             if cancel.is_cancelled() {
@@ -738,11 +853,14 @@ async fn run_phase(
                 }
             }
             let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
-            if let Err(e) = app.flip_set(targets, "release", label).await {
-                drop(_op);
-                let e = e.to_string().replace(crate::app::FORCE_HINT, "");
-                give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
-                return None;
+            match app.flip_set(targets, "release", label).await {
+                Ok(o) => outcomes = o,
+                Err(e) => {
+                    drop(_op);
+                    let e = e.to_string().replace(crate::app::FORCE_HINT, "");
+                    give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
+                    return None;
+                }
             }
             if let Some(etcd) = store::etcd(app) {
                 if !store::confirm(app, &etcd, id).await {
@@ -805,13 +923,27 @@ async fn run_phase(
                     humantime::format_duration(plan.bake)
                 )
             } else {
+                // What the flip did: a service already on its color (moved there since the
+                // release started) was not flipped, and is said so.
+                let flipped: Vec<String> = outcomes
+                    .iter()
+                    .map(|o| format!("{} {} -> {}", o.service, o.from, o.to))
+                    .collect();
+                let already: Vec<String> = targets
+                    .iter()
+                    .filter(|(s, _)| !outcomes.iter().any(|o| &o.service == s))
+                    .map(|(s, c)| format!("{s} already on {c}"))
+                    .collect();
+                let mut said = if flipped.is_empty() {
+                    "nothing flipped".to_string()
+                } else {
+                    format!("{} flipped in one step", flipped.join(", "))
+                };
+                if !already.is_empty() {
+                    said.push_str(&format!(" ({}, not flipped)", already.join(", ")));
+                }
                 format!(
-                    "{label}: {} flipped in one step; baking {}",
-                    targets
-                        .iter()
-                        .map(|(s, c)| format!("{s} -> {c}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    "{label}: {said}; baking {}",
                     humantime::format_duration(plan.bake)
                 )
             },
@@ -890,6 +1022,8 @@ async fn sleep_or_cancel(
             .min(CHECK_EVERY);
         tokio::select! {
             _ = tokio::time::sleep(step) => {}
+            // A promote of a paused release takes effect at once, not at the next tick.
+            _ = app.releases.wake.notified() => {}
             _ = cancel.cancelled() => return false,
         }
         if removed_by_reload(app, id).await {
@@ -923,60 +1057,190 @@ fn resume_if_promoted(app: &App, id: &str) {
     rel.publish(&inner);
 }
 
-/// A service the release flipped was rolled back from its release color and latched as failed
-/// by something other than this release (another replica's automatic rollback, applied from
-/// etcd): the whole release goes back. Not while the release is paused (a forced manual
-/// rollback here pauses it first). True when it rolled the release back.
-async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
+/// The color the release last sent `service` to (the latest phase of it that ran).
+fn release_color(r: &Release, service: &str) -> Option<Color> {
+    r.phases
+        .iter()
+        .filter(|p| p.state != "pending")
+        .flat_map(|p| p.targets.iter())
+        .rev()
+        .find(|(s, _)| s == service)
+        .map(|(_, c)| *c)
+}
+
+/// A service the release flipped that is no longer on the color the release sent it to, and
+/// what moved it, said as it happened.
+struct Moved {
+    service: String,
+    /// The color the release sent it to.
+    to: Color,
+    /// `api was rolled back by hand (forced) by ops: green -> blue outside this release
+    /// (generation 3)`.
+    reason: String,
+    /// The `trigger.kind` of the `release_rollback` event: `manual_rollback`, `manual_flip`,
+    /// `auto_rollback` (this replica's engine), `remote_rollback` (another replica's, applied
+    /// from etcd), `outside_change` (no record of it here).
+    kind: &'static str,
+    actor: Option<String>,
+}
+
+/// The first service the release flipped that is no longer on its release color (a rollback or
+/// flip by hand, or a rollback engine's, this replica's or another's); `latched_only`: only one
+/// that a rollback left latched as failed on that color.
+fn moved_off(app: &App, r: &Release, latched_only: bool) -> Option<Moved> {
+    use crate::events::Reason;
     let snap = app.snapshot();
-    let Some(r) = app
-        .releases
-        .current()
-        .filter(|r| r.id == id && r.paused.is_none())
-    else {
-        return false;
-    };
-    let target = |name: &str| {
-        r.phases
-            .iter()
-            .flat_map(|p| p.targets.iter())
-            .find(|(s, _)| s == name)
-            .map(|(_, c)| *c)
-    };
-    let Some(svc) = r.flipped.iter().find_map(|name| {
-        let to = target(name)?;
+    let (svc, to) = r.flipped.iter().find_map(|name| {
+        let to = release_color(r, name)?;
         let svc = snap.service(name)?;
-        (svc.state.active != to && svc.state.failed == Some(to)).then(|| svc.clone())
-    }) else {
-        return false;
-    };
-    let reason = format!(
-        "{} was rolled back {} -> {} outside this release (generation {}: another replica's automatic rollback)",
-        svc.name(),
-        svc.state.failed.map(|c| c.to_string()).unwrap_or_default(),
-        svc.state.active,
-        svc.state.generation
-    );
+        let moved = svc.state.active != to && (!latched_only || svc.state.failed == Some(to));
+        moved.then(|| (svc.clone(), to))
+    })?;
     let name = svc.name().to_string();
-    match roll_back(
+    let generation = svc.state.generation;
+    // The change that made this generation, as recorded here (a change applied from another
+    // replica has no event in this replica's log).
+    let ev = app.events.list().into_iter().rev().find(|e| {
+        e.service == name
+            && e.generation == Some(generation)
+            && matches!(
+                e.reason,
+                Reason::Manual | Reason::Rollback | Reason::AutoRollback
+            )
+    });
+    let forced = |e: &Event| {
+        if e.detail.contains("(forced)") {
+            " (forced)"
+        } else {
+            ""
+        }
+    };
+    let (how, kind, actor) = match &ev {
+        Some(e) if e.reason == Reason::Rollback => (
+            format!("rolled back by hand{} by {}", forced(e), e.actor),
+            "manual_rollback",
+            Some(e.actor.clone()),
+        ),
+        Some(e) if e.reason == Reason::Manual => (
+            format!("flipped by hand{} by {}", forced(e), e.actor),
+            "manual_flip",
+            Some(e.actor.clone()),
+        ),
+        Some(e) => (
+            format!(
+                "rolled back by this replica's automatic rollback ({})",
+                e.detail
+            ),
+            "auto_rollback",
+            Some(e.actor.clone()),
+        ),
+        None if app.store.as_etcd().is_some() && svc.state.failed == Some(to) => (
+            "rolled back by another replica's automatic rollback".to_string(),
+            "remote_rollback",
+            None,
+        ),
+        None => (
+            "changed with no record of the change here".to_string(),
+            "outside_change",
+            None,
+        ),
+    };
+    Some(Moved {
+        reason: format!(
+            "{name} was {how}: {to} -> {} outside this release (generation {generation})",
+            svc.state.active
+        ),
+        service: name,
+        to,
+        kind,
+        actor,
+    })
+}
+
+/// Rolls the release back because `m` moved one of its services off its release color
+/// (`unless_paused`: not if the release is paused by then, checked under `op`).
+async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved, unless_paused: bool) -> bool {
+    let Moved {
+        service,
+        reason,
+        kind,
+        actor,
+        ..
+    } = m;
+    match roll_back_if(
         app,
         id,
         "rolled_back",
         FlipKind::AutoRollback,
         reason,
         move |ev: &mut Event| {
-            ev.service = name.clone();
-            ev.trigger = Some(json!({ "kind": "remote_rollback", "service": name }));
+            ev.service = service.clone();
+            ev.trigger = Some(json!({ "kind": kind, "service": service, "actor": actor }));
         },
+        |r| !unless_paused || r.paused.is_none(),
     )
     .await
     {
         Ok(done) => done.is_some(),
         Err(e) => {
-            tracing::error!(release = %id, error = %e, "cannot roll the release back after a rollback elsewhere; will retry");
+            tracing::error!(release = %id, error = %e, "cannot roll the release back after one of its services was moved outside it; will retry");
             false
         }
     }
+}
+
+/// Waits at a gate ([`gate`]) and, once promoted, checks that every service the release flipped
+/// is still on its release color: one moved off it meanwhile (a promote is refused while one
+/// is, so only a change that raced the promote) means the release no longer holds what the
+/// next phase would build on, and it rolls back at once, saying what moved it, before anything
+/// else flips. False when the release ended.
+async fn pass_gate(
+    app: &Arc<App>,
+    id: &str,
+    i: usize,
+    label: &str,
+    cancel: &CancellationToken,
+) -> bool {
+    loop {
+        if !gate(app, id, i, label, cancel).await {
+            return false;
+        }
+        let Some(m) = app
+            .releases
+            .current()
+            .filter(|r| r.id == id)
+            .and_then(|r| moved_off(app, &r, false))
+        else {
+            return true;
+        };
+        let why = m.reason.clone();
+        if roll_back_moved(app, id, m, false).await
+            || app.releases.current().is_none_or(|r| r.id != id)
+        {
+            return false;
+        }
+        // The rollback failed (the state backend refused): waits again, paused, saying so.
+        app.releases.update(id, |r| {
+            r.paused = Some(format!("{why}; the release's rollback failed: abort it"));
+        });
+    }
+}
+
+/// A service the release flipped was rolled back from its release color and latched as failed
+/// by something other than this release (e.g. another replica's automatic rollback, applied
+/// from etcd): the whole release goes back, its reason saying what rolled it back. Not while
+/// the release is paused (a forced manual rollback here pauses it first; a promote is then
+/// refused until it is undone). True when it rolled the release back.
+async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
+    let Some(m) = app
+        .releases
+        .current()
+        .filter(|r| r.id == id && r.paused.is_none())
+        .and_then(|r| moved_off(app, &r, true))
+    else {
+        return false;
+    };
+    roll_back_moved(app, id, m, true).await
 }
 
 /// A reload removed a service of the release: abort it with an event. True when it did.
@@ -1059,6 +1323,45 @@ fn write_atomic(path: &std::path::Path, v: &Value) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Refused at startup: the release file beside `state_path` (`<state>.release.json`) exists but
+/// cannot be read or is not JSON. Resumed from it, the running release would vanish without a
+/// word (and a `ctl release wait` on it would see none); so, as an unreadable state file does,
+/// it stops the start until an operator fixes or removes it, or `--reset-state` moves it aside
+/// ([`move_stored_aside_if_unreadable`]). A missing file is no release. Blocking (startup).
+pub fn check_stored_file(state_path: &std::path::Path) -> Result<(), String> {
+    let path = state_path.with_extension("release.json");
+    let problem = match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice::<Value>(&b) {
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => e.to_string(),
+    };
+    Err(format!(
+        "release file {} is unreadable or corrupt ({problem}); fix or remove it (a release it held is then not resumed: flip its services by hand), or start with --reset-state to move it aside with the state file and use the config's colors",
+        path.display()
+    ))
+}
+
+/// `serve --reset-state` with the file backend: a release file that [`check_stored_file`]
+/// refuses is moved aside (`*.corrupt-<time>`, as the state file is), so startup can proceed;
+/// the release it held (unreadable) is not resumed. The path it was moved to, if it was.
+pub fn move_stored_aside_if_unreadable(
+    state_path: &std::path::Path,
+) -> std::io::Result<Option<std::path::PathBuf>> {
+    if check_stored_file(state_path).is_ok() {
+        return Ok(None);
+    }
+    let path = state_path.with_extension("release.json");
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(':', "-");
+    let aside = path.with_extension(format!("json.corrupt-{stamp}"));
+    std::fs::rename(&path, &aside)?;
+    Ok(Some(aside))
+}
+
 /// Marks a release that `serve` ended before the app started (its state was reset or missing)
 /// in `<state>.release.json`'s `recent`: once the app is up, [`resume`] stores the record
 /// without the mark, then (that write done) records its event and counts it in
@@ -1128,7 +1431,8 @@ fn end_stored(
     let mut v: Value = match std::fs::read(&path) {
         Ok(b) => match serde_json::from_slice(&b) {
             Ok(v) => v,
-            // Unreadable: nothing is resumed from it anyway.
+            // Not JSON: `serve` refuses to start on it ([`check_stored_file`]), or
+            // `--reset-state` moves it aside.
             Err(_) => return Ok(None),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -1198,11 +1502,26 @@ pub async fn resume(app: &Arc<App>) {
     }
     let Some(path) = stored_path(app) else { return };
     let p2 = path.clone();
-    let stored = tokio::task::spawn_blocking(move || std::fs::read(&p2))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    // `serve` checked it before startup ([`check_stored_file`]): a failure here is a change
+    // made since, said as such, never a release vanishing without a word.
+    let stored = match tokio::task::spawn_blocking(move || std::fs::read(&p2)).await {
+        Ok(Ok(b)) => match serde_json::from_slice::<Value>(&b) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "the release file is corrupt; the release it held is not resumed and the file is rewritten on the next release change (flip its services by hand)");
+                None
+            }
+        },
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Ok(Err(e)) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the release file; the release it held is not resumed (flip its services by hand)");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the read of the release file failed; the release it held is not resumed");
+            None
+        }
+    };
     let (tx, mut rx) = tokio::sync::watch::channel(None::<Value>);
     if app.releases.persist.set(tx).is_err() {
         return;
@@ -1847,6 +2166,211 @@ gate = "manual"
         let evs = reasons(&app, "release_rollback");
         assert_eq!(evs.len(), 1, "{evs:?}");
         assert_eq!(evs[0].service, "api");
+    }
+
+    /// A forced rollback by hand of a service the release flipped pauses the release; a
+    /// promote then is refused (409, naming the service and who rolled it back) instead of
+    /// passing the phase and flipping the next one forward onto a state the release no longer
+    /// holds; flipped forward again by hand, the release goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_promote_after_a_forced_rollback_by_hand_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "roll back",
+            "ops",
+            || app.rollback("api", true, "ops"),
+            |o| vec![o.service.clone()],
+        )
+        .await
+        .expect("rollback");
+        assert!(current(&app)["paused"].is_string());
+        assert_eq!(active(&app, "api"), Color::Blue);
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        assert_eq!(current(&app)["state"], "waiting");
+        match promote(&app, "test").await {
+            Err(ChangeError::Refused(m)) => {
+                assert!(
+                    m.contains("api was rolled back by hand (forced) by ops"),
+                    "{m}"
+                );
+                assert!(m.contains("abort"), "{m}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(active(&app, "panel"), Color::Blue, "never flipped forward");
+        assert_eq!(current(&app)["state"], "waiting");
+        assert!(reasons(&app, "release_rollback").is_empty());
+        // Flipped forward again by hand: the release holds its state again and goes on.
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "flip",
+            "ops",
+            || app.flip("api", Color::Green, true, FlipKind::Manual, "ops"),
+            |o| vec![o.service.clone()],
+        )
+        .await
+        .expect("flip");
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c = current(&app);
+        assert_eq!(c["phase"], 1, "{c}");
+        assert_eq!(c["phases"][1]["state"], "baking", "{c}");
+        assert_eq!(active(&app, "panel"), Color::Green);
+    }
+
+    /// A rollback by hand that lands after a promote was accepted (it raced it) ends the
+    /// release rolled back at once, before the next phase flips anything, and the reason says
+    /// what happened (a rollback by hand, by whom), not another replica's automatic rollback.
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_racing_a_promote_ends_the_release_before_the_next_flip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let gated = TWO.replacen("bake = \"15m\"", "bake = \"15m\"\ngate = \"manual\"", 1);
+        start(&app, &plan(&gated), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 1)).await;
+        assert_eq!(current(&app)["state"], "waiting");
+        // The rollback lands (not through the API's guard: as if it raced the promote's check),
+        // then the promote reaches the driver.
+        app.rollback("api", true, "ops").await.expect("rollback");
+        {
+            let mut inner = app.releases.lock();
+            inner.promote = true;
+        }
+        app.releases.wake.notify_one();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let flipped_panel = reasons(&app, "release_phase")
+            .iter()
+            .any(|e| e.detail.contains("panel -> green"));
+        assert!(!flipped_panel, "the next phase flipped first");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("api was rolled back by hand (forced) by ops"),
+            "{reason}"
+        );
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        let t = evs[0].trigger.clone().expect("trigger");
+        assert_eq!(t["kind"], "manual_rollback", "{t}");
+        assert_eq!(t["actor"], "ops", "{t}");
+    }
+
+    /// Rolled back by hand without the release pausing (the guard bypassed), the release
+    /// rolls back with a reason that says so, never "another replica's automatic rollback".
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_outside_the_release_is_named_as_it_happened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        app.rollback("api", true, "ops").await.expect("rollback");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("rolled back by hand (forced) by ops"),
+            "{reason}"
+        );
+        assert!(!reason.contains("another replica"), "{reason}");
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(
+            evs[0].trigger.as_ref().map(|t| t["kind"].clone()),
+            Some(json!("manual_rollback"))
+        );
+    }
+
+    /// A release is refused (409) while the automatic rollback of one of its services is paused:
+    /// it would run unprotected and end `complete` whatever happened. Resumed, it starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_release_of_a_service_with_rollback_paused_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        app.set_paused("api", true, "ops").await.expect("pause");
+        match start(&app, &plan(TWO), "test").await {
+            Err(StartError::Conflict(m)) => {
+                assert!(m.contains("automatic rollback of api is paused"), "{m}");
+                assert!(m.contains("ctl resume api"), "{m}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(current(&app).is_null());
+        assert_eq!(active(&app, "api"), Color::Blue);
+        app.set_paused("api", false, "ops").await.expect("resume");
+        start(&app, &plan(TWO), "test").await.expect("start");
+    }
+
+    /// A promote of a release paused mid-bake resumes it at once, not at the driver's next
+    /// one-second check.
+    #[tokio::test(start_paused = true)]
+    async fn a_promote_during_a_paused_bake_resumes_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "pause",
+            "ops",
+            || app.set_paused("api", true, "ops"),
+            |_| vec!["api".to_string()],
+        )
+        .await
+        .expect("pause");
+        assert!(current(&app)["paused"].is_string());
+        // Mid-way between two of the driver's checks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        promote(&app, "test").await.expect("promote");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let c = current(&app);
+        assert!(c["paused"].is_null(), "{c}");
+        assert_eq!(c["phases"][0]["state"], "baking", "{c}");
+    }
+
+    /// A phase whose service is already on its color when the phase runs (moved there since
+    /// the release started) says so; its event never claims a flip that did not happen.
+    #[tokio::test(start_paused = true)]
+    async fn a_phase_whose_service_is_already_on_its_color_says_nothing_flipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // panel is not the release's yet (its phase has not run): moved to green meanwhile.
+        app.flip("panel", Color::Green, true, FlipKind::Manual, "ops")
+            .await
+            .expect("flip");
+        let generation = app.snapshot().service("panel").map(|s| s.state.generation);
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        assert_eq!(current(&app)["phase"], 1);
+        let phase1: Vec<Event> = reasons(&app, "release_phase")
+            .into_iter()
+            .filter(|e| e.detail.contains("phase 1") && e.detail.contains("baking"))
+            .collect();
+        assert_eq!(phase1.len(), 1, "{phase1:?}");
+        let d = &phase1[0].detail;
+        assert!(!d.contains("flipped in one step"), "{d}");
+        assert!(
+            d.contains("nothing flipped (panel already on green, not flipped)"),
+            "{d}"
+        );
+        assert_eq!(
+            app.snapshot().service("panel").map(|s| s.state.generation),
+            generation
+        );
     }
 
     #[tokio::test(start_paused = true)]
