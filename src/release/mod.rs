@@ -669,7 +669,7 @@ async fn drive(
             return;
         }
         #[cfg(test)]
-        tests::fail_point(&id, i);
+        tests::fail_point(&app, i);
         let Some((targets, plan, label)) = rel.update(&id, |r| {
             r.phase = i;
             r.state = "running";
@@ -722,6 +722,8 @@ async fn drive(
         }
         record_phase(&app, format!("{label} passed")).await;
     }
+    #[cfg(test)]
+    tests::fail_point(&app, count);
     // Validation: every trigger of every flipped service still rolls the whole release back.
     let name = rel.update(&id, |r| r.name.clone()).unwrap_or_default();
     let validate = match validate_left {
@@ -1670,18 +1672,19 @@ fn resume_point(rel: &mut Release, how: &str) -> (usize, Option<Resume>, Option<
     let elapsed =
         |started: Option<u64>| Duration::from_millis(now.saturating_sub(started.unwrap_or(now)));
     let mut i = rel.phase.min(rel.phases.len().saturating_sub(1));
-    // Stored with its phase passed, before the next phase's claim: the next phase starts.
+    // Stored with its phase passed, before the next phase's claim: the next phase starts; the
+    // last one passed, before `validating`: the validate window starts (`i` past the phases,
+    // `rel.phase` left at the last).
     let mut passed = None;
-    if rel.state == "running"
-        && rel.phases.get(i).is_some_and(|p| p.state == "passed")
-        && i + 1 < rel.phases.len()
-    {
+    if rel.state == "running" && rel.phases.get(i).is_some_and(|p| p.state == "passed") {
         passed = Some(format!(
             "release {:?} ({}) phase {i} {:?} passed",
             rel.name, rel.id, rel.phases[i].plan.name
         ));
         i += 1;
-        rel.phase = i;
+        if i < rel.phases.len() {
+            rel.phase = i;
+        }
     }
     let resume = match (rel.state, rel.phases.get(i).map(|p| p.state)) {
         ("validating", _) | ("waiting", Some("passed")) => {
@@ -1702,9 +1705,13 @@ fn resume_point(rel: &mut Release, how: &str) -> (usize, Option<Resume>, Option<
     };
     let id = &rel.id;
     let detail = format!(
-        "release {:?} ({id}) {how} at phase {i} ({})",
+        "release {:?} ({id}) {how} at phase {} ({})",
         rel.name,
+        rel.phase,
         match &resume {
+            None if i >= rel.phases.len() => {
+                "every phase passed; the validate window starts".to_string()
+            }
             Some(Resume::Bake(d)) => format!(
                 "{} of the bake left",
                 humantime::format_duration(Duration::from_secs(d.as_secs()))
@@ -1732,17 +1739,44 @@ fn start_driver(
     resume: Option<Resume>,
 ) {
     let mut first = Some((from, resume));
+    let mut restarts = 0;
     let app2 = app.clone();
     tokio::spawn(app.supervised("release_driver", move || {
         let (app, id, cancel) = (app2.clone(), id.clone(), cancel.clone());
         let first = first.take();
+        if first.is_none() {
+            restarts += 1;
+        }
+        let restarts = restarts;
         async move {
             match first {
                 Some((from, resume)) => drive(app, id, cancel, from, resume).await,
+                None if restarts > MAX_DRIVER_RESTARTS => give_up_driving(&app, &id).await,
                 None => drive_again(app, id, cancel).await,
             }
         }
     }));
+}
+
+/// How often a release's driver is started again after a panic before it is left undriven: a
+/// bug that panics at the same point every time would otherwise record an event (and call
+/// every webhook) every 30 s for as long as nobody aborts.
+const MAX_DRIVER_RESTARTS: u32 = 5;
+
+/// Said once when the driver stops being started again: the release stays where it stands,
+/// for a person to abort (or to resume with a restart, once the bug is fixed).
+async fn give_up_driving(app: &Arc<App>, id: &str) {
+    let Some(name) = app.releases.update(id, |r| r.name.clone()) else {
+        return;
+    };
+    tracing::error!(release = %id, "the release's driver failed {MAX_DRIVER_RESTARTS} times after its start; it is no longer driven");
+    record_phase(
+        app,
+        format!(
+            "release {name:?} ({id}) is no longer driven: its driver failed {MAX_DRIVER_RESTARTS} times after its start (a bug: see the ERROR lines); abort it (ctl release abort), or restart Switchyard to resume it"
+        ),
+    )
+    .await;
 }
 
 /// A driver started again after a panic: from where the running release `id` stands, unless
@@ -1829,13 +1863,23 @@ green = { upstreams = ["127.0.0.1:9"] }
             .collect()
     }
 
-    /// The release whose driver panics as it comes to this phase (once): a bug's stand-in.
-    static FAIL_AT: std::sync::Mutex<Option<(String, usize)>> = std::sync::Mutex::new(None);
+    /// The app (by address: each test has its own; release ids may repeat across tests run at
+    /// once) whose release driver panics as it comes to this phase (once; the phase count:
+    /// after the last phase passed): a bug's stand-in.
+    static FAIL_AT: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn fail_point(id: &str, phase: usize) {
+    fn fail_at(app: &Arc<App>, phase: usize) {
+        FAIL_AT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Arc::as_ptr(app) as usize, phase));
+    }
+
+    pub(super) fn fail_point(app: &Arc<App>, phase: usize) {
         let mut at = FAIL_AT.lock().unwrap_or_else(|p| p.into_inner());
-        if at.as_ref().is_some_and(|(i, p)| i == id && *p == phase) {
-            *at = None;
+        let here = (Arc::as_ptr(app) as usize, phase);
+        if let Some(i) = at.iter().position(|x| *x == here) {
+            at.remove(i);
             drop(at);
             panic!("the driver's stand-in bug at phase {phase}");
         }
@@ -1849,8 +1893,8 @@ green = { upstreams = ["127.0.0.1:9"] }
         let dir = tempfile::tempdir().expect("tempdir");
         let app = app(dir.path()).await;
         let answer = start(&app, &plan(TWO), "test").await.expect("start");
-        let id = answer["id"].as_str().expect("id").to_string();
-        *FAIL_AT.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.clone(), 1));
+        assert!(answer["id"].is_string(), "{answer}");
+        fail_at(&app, 1);
         tokio::time::sleep(Duration::from_secs(15 * 60 + 5)).await;
         let restarts = app
             .metrics
@@ -1878,6 +1922,70 @@ green = { upstreams = ["127.0.0.1:9"] }
         assert!(all["current"].is_null(), "{all}");
         assert_eq!(all["recent"][0]["state"], "complete", "{all}");
         assert_eq!(restarts.get(), 1);
+    }
+
+    /// A driver that panics after the last phase passed, before the validate window: started
+    /// again, it starts the window; the last phase is neither flipped nor baked again, nor said
+    /// passed twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_driver_that_panics_after_the_last_phase_starts_the_validate_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let plan_text = TWO.replace("gate = \"manual\"\n", "");
+        start(&app, &plan(&plan_text), "test").await.expect("start");
+        fail_at(&app, 2);
+        tokio::time::sleep(Duration::from_secs(25 * 60 + 5)).await;
+        let restarts = app
+            .metrics
+            .task_restarts_total
+            .with_label_values(&["release_driver"]);
+        assert_eq!(restarts.get(), 1);
+        let c = current(&app);
+        assert_eq!(c["state"], "validating", "{c}");
+        assert_eq!(c["phase"], 1, "{c}");
+        let phases = reasons(&app, "release_phase");
+        let said = |text: &str| phases.iter().filter(|e| e.detail.contains(text)).count();
+        assert_eq!(said("phase 1 \"frontend\" passed"), 1, "{phases:?}");
+        assert_eq!(
+            said("every phase passed; the validate window starts"),
+            1,
+            "{phases:?}"
+        );
+        assert_eq!(said("validating for 30m"), 1, "{phases:?}");
+        assert_eq!(said("frontend\": panel"), 1, "{phases:?}");
+        tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+        let all = app.releases.to_json();
+        assert_eq!(all["recent"][0]["state"], "complete", "{all}");
+    }
+
+    /// A driver that panics at the same point every time is started again a bounded number of
+    /// times, then left undriven with one event saying so; the release can still be aborted.
+    #[tokio::test(start_paused = true)]
+    async fn a_driver_that_keeps_panicking_is_given_up_with_one_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        for _ in 0..=MAX_DRIVER_RESTARTS {
+            fail_at(&app, 1);
+        }
+        tokio::time::sleep(Duration::from_secs(15 * 60 + 600)).await;
+        let restarts = app
+            .metrics
+            .task_restarts_total
+            .with_label_values(&["release_driver"]);
+        assert_eq!(restarts.get(), u64::from(MAX_DRIVER_RESTARTS) + 1);
+        let phases = reasons(&app, "release_phase");
+        let said = |text: &str| phases.iter().filter(|e| e.detail.contains(text)).count();
+        assert_eq!(said("is no longer driven"), 1, "{phases:?}");
+        assert_eq!(
+            said("resumed after its driver failed"),
+            MAX_DRIVER_RESTARTS as usize,
+            "{phases:?}"
+        );
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        abort(&app, "test").await.expect("abort");
+        assert_eq!(active(&app, "api"), Color::Blue);
+        assert!(app.releases.to_json()["current"].is_null());
     }
 
     const TWO: &str = r#"
