@@ -411,12 +411,20 @@ pub async fn start_with(
 }
 
 /// What `switchyard check` finds in the files the config names, as `serve` would at startup:
-/// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key`, `admin.…`),
+/// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key` when
+/// `proxy.tls_listen` is set, `admin.…`),
 /// and the access log's file writable or creatable. Each problem names its key. Blocking.
 pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
     let mut problems = Vec::new();
+    // The proxy's pair only where `serve` reads it: with a TLS listener.
+    let none = None;
+    let proxy = if config.proxy.tls_listen.is_some() {
+        (&config.proxy.tls_cert, &config.proxy.tls_key)
+    } else {
+        (&none, &none)
+    };
     let pairs = [
-        ("proxy", &config.proxy.tls_cert, &config.proxy.tls_key),
+        ("proxy", proxy.0, proxy.1),
         ("admin", &config.admin.tls_cert, &config.admin.tls_key),
     ];
     for (section, cert, key) in pairs {

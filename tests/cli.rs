@@ -113,6 +113,20 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
     }
     let out = switchyard(&["check", "--config", &both]);
     assert!(text(&out).1.contains("4 problems"), "{:?}", text(&out));
+
+    // The proxy's pair is read only with a TLS listener, as `serve` reads it.
+    let unused = write(
+        dir.path(),
+        "unused.toml",
+        &config(
+            &garbage,
+            &key,
+            &dir.path().join("access.log").display().to_string(),
+        )
+        .replace("tls_listen = \"127.0.0.1:8443\"\n", ""),
+    );
+    let out = switchyard(&["check", "--config", &unused]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
 }
 
 #[test]
