@@ -34,10 +34,6 @@ pub struct Notifier {
     seq: Arc<AtomicU64>,
 }
 
-/// The most of a receiver's answer read (and dropped) over `https://`; a longer one fails the
-/// attempt.
-const ANSWER_LIMIT: usize = 1 << 20;
-
 /// How deliveries reach their URLs; shared by every URL's task.
 #[derive(Clone)]
 struct Transport {
@@ -220,7 +216,9 @@ async fn post_tls(
         Some(&host),
         delivery,
     )?;
-    let (status, _) = fetch_once(&auth, Some(tls), req, ANSWER_LIMIT)
+    // The status alone decides, as for `http://`: the answer's body is not read (a long or
+    // slow one failed the delivery, and it was sent again).
+    let (status, _) = fetch_once(&auth, Some(tls), req, 0)
         .await
         .map_err(|e| e.message)?;
     Ok(status)

@@ -739,7 +739,8 @@ impl Receiver {
         Self::start_inner(delay, None).await
     }
 
-    /// Over TLS, serving the PEM certificate `cert` with its key `key`.
+    /// Over TLS, serving the PEM certificate `cert` with its key `key`; it answers with a
+    /// 2 MiB body (a receiver's long answer: its status alone counts).
     async fn start_tls(cert: &str, key: &str) -> Receiver {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -763,6 +764,11 @@ impl Receiver {
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let (got2, stop2) = (got.clone(), stop.clone());
+        let answer = if tls.is_some() {
+            Bytes::from(vec![b'x'; 2 << 20])
+        } else {
+            Bytes::from("ok")
+        };
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -770,8 +776,9 @@ impl Receiver {
                     _ = stop2.cancelled() => return,
                 };
                 let got = got2.clone();
+                let answer = answer.clone();
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let got = got.clone();
+                    let (got, answer) = (got.clone(), answer.clone());
                     async move {
                         let ok = req.method() == http::Method::POST
                             && req
@@ -791,7 +798,7 @@ impl Receiver {
                             }
                         }
                         tokio::time::sleep(delay).await;
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+                        Ok::<_, Infallible>(http::Response::new(Full::new(answer)))
                     }
                 });
                 let tls = tls.clone();
@@ -965,6 +972,16 @@ async fn https_webhooks_are_verified_against_notify_ca_file() {
         })
         .await,
         "the untrusted webhook's failure was never counted"
+    );
+    // Only that one: the trusted receiver's 2 MiB answers are not read, their 200 counts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(
+            &get(p.admin, "/metrics").await.1,
+            "switchyard_webhook_failures_total",
+            &[],
+        ),
+        Some(1.0)
     );
     assert!(other.reasons().is_empty(), "{:?}", other.reasons());
     p.stop().await;

@@ -1758,7 +1758,8 @@ where
     exchange_once(hyper_util::rt::TokioIo::new(stream), req, limit, handed).await
 }
 
-/// One HTTP/1.1 exchange on `io`: the status and the body, read up to `limit` bytes.
+/// One HTTP/1.1 exchange on `io`: the status and the body, read up to `limit` bytes (none
+/// with a limit of 0: the status alone, the connection closed on it).
 async fn exchange_once<T, B>(
     io: hyper_util::rt::TokioIo<T>,
     req: Request<B>,
@@ -1783,6 +1784,9 @@ where
             maybe_sent: true,
         })?;
         let status = resp.status();
+        if limit == 0 {
+            return Ok((status, Bytes::new()));
+        }
         let body = http_body_util::Limited::new(resp.into_body(), limit)
             .collect()
             .await
