@@ -380,11 +380,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let text = demo_config(&args, &ups, &state_dir);
     let config =
         crate::config::from_toml_str(&text).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
-    let token = args.token.clone().unwrap_or_else(|| {
-        (0..32)
+    // `--token` is read as `serve` reads its token: one line end off, refused when no header
+    // could carry it.
+    let token = match args.token.as_deref() {
+        Some(raw) => crate::http::headers::bearer_token(raw)
+            .map_err(|why| anyhow::anyhow!("invalid --token: {why}"))?
+            .to_string(),
+        None => (0..32)
             .map(|_| fastrand::alphanumeric())
-            .collect::<String>()
-    });
+            .collect::<String>(),
+    };
     let running = crate::server::start(
         config,
         crate::server::Options {

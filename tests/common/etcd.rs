@@ -48,6 +48,8 @@ impl Etcd {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             e.stop();
+            // A member it got as far as creating would name the old peer port for good.
+            let _ = std::fs::remove_dir_all(&e.dir);
             e.client = free_port();
             e.peer = free_port();
         }
