@@ -817,9 +817,10 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
     }
 }
 
-/// A release this replica resumes after etcd did not answer: a phase whose claim etcd may have
-/// stored while this replica, not knowing, flipped nothing (its services are not on the phase's
-/// colors here) starts again (`pending`) instead of baking what never flipped.
+/// A release this replica resumes after etcd did not answer, or takes over from a replica that
+/// stopped: a phase whose claim etcd may have stored while its driver, not knowing (its answer
+/// came late) or stopped before the flip, flipped nothing (its services are not on the phase's
+/// colors) starts again (`pending`) instead of baking what never flipped.
 fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
     let snap = app.snapshot();
     let i = r.phase.min(r.phases.len().saturating_sub(1));
@@ -986,6 +987,9 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                         .value
                         .as_ref()
                         .is_some_and(|v| v["promote"].as_bool() == Some(true));
+                    // Its driver may have stopped right after etcd stored a phase's claim,
+                    // before it flipped anything: that phase starts again.
+                    let r = unflipped_phase_pending(&app, r);
                     super::adopt(&app, r, "taken over from a replica that stopped").await;
                     if promote {
                         app.releases.lock().promote = true;

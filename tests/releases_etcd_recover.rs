@@ -1,0 +1,156 @@
+//! Releases shared through a real etcd by two Switchyard replicas, one of them behind a relay
+//! that makes its etcd answers come late (a write commits, its answer comes after
+//! `etcd_timeout`): what a replica that takes over, or finds an ended release, must recover.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::etcd::Etcd;
+use common::relay::{Mode, Relay};
+use common::*;
+use serde_json::{json, Value};
+
+/// Two services, `api` and `panel` (each its own blue and green upstream, both on blue), their
+/// state in `etcd` under `prefix`; etcd answers within `timeout`, heartbeats every `beat`.
+/// `panel_extra`: more keys of `panel`.
+struct Rig {
+    _ups: [Arc<TestUpstream>; 4],
+    body: String,
+}
+
+impl Rig {
+    async fn new(etcd: &Etcd, prefix: &str, timeout: &str, beat: &str, panel_extra: &str) -> Rig {
+        let ups = [
+            TestUpstream::start("api-blue").await,
+            TestUpstream::start("api-green").await,
+            TestUpstream::start("panel-blue").await,
+            TestUpstream::start("panel-green").await,
+        ];
+        let body = format!(
+            "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:{}\"]\netcd_prefix = \"{prefix}\"\netcd_timeout = \"{timeout}\"\netcd_progress_interval = \"{beat}\"\n{}{}",
+            etcd.client,
+            service("api", &[ups[0].addr], &[ups[1].addr], "path_prefix = \"/api\"\n"),
+            service(
+                "panel",
+                &[ups[2].addr],
+                &[ups[3].addr],
+                &format!("path_prefix = \"/panel\"\n{panel_extra}")
+            ),
+        );
+        Rig { _ups: ups, body }
+    }
+
+    /// The config of a replica whose etcd traffic goes through `relay`.
+    fn through(&self, etcd: &Etcd, relay: &Relay) -> String {
+        let body = self.body.replace(
+            &format!("127.0.0.1:{}", etcd.client),
+            &relay.addr.to_string(),
+        );
+        assert_ne!(body, self.body);
+        body
+    }
+}
+
+async fn releases(p: &TestProxy) -> Value {
+    admin_get(p.admin, "/api/releases").await.1
+}
+
+async fn event_lines(p: &TestProxy) -> Vec<String> {
+    p.events()
+        .await
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["reason"].as_str().unwrap_or(""),
+                e["detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+fn two_phases(bake1: &str, bake2: &str, validate: &str) -> Value {
+    json!({
+        "name": "feature release",
+        "validate": validate,
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": bake1 },
+            { "name": "frontend", "services": ["panel"], "bake": bake2 },
+        ]
+    })
+}
+
+async fn start_release(p: &TestProxy, plan: Value) -> Value {
+    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// The driver's claim of phase 1 is stored in etcd, but its answer comes after `etcd_timeout`:
+/// the driver flips nothing and stops driving. The replica that takes the release over finds
+/// phase 1 `baking` in etcd with `panel` still on blue: the phase starts again (it flips panel),
+/// it never bakes and passes a phase that did not flip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_starts_again_a_claimed_phase_that_never_flipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    // panel's check before its flip takes 2 s (a slow probe): the window between phase 0's pass
+    // and phase 1's claim, shorter than a heartbeat (3 s), so the claim is the next write.
+    let slow = TestUpstream::start("slow-check").await;
+    slow.set_delay(2000);
+    let check = format!(
+        "[[services.verify]]\nkind = \"probe\"\nurl = \"http://{}/check\"\n",
+        slow.addr
+    );
+    let rig = Rig::new(&etcd, "/sy-rel-claim-late/", "500ms", "3s", &check).await;
+    let relay = Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
+    let b = TestProxy::start(&rig.body).await;
+    let id = start_release(&a, two_phases("1s", "1s", "1s")).await["release"]["id"].clone();
+    // Phase 0 passed on A (stored): from now on A's etcd answers come 2 s late.
+    let passed = eventually(30, || async {
+        releases(&a).await["current"]["phases"][0]["state"] == "passed"
+    })
+    .await;
+    assert!(passed, "{}", releases(&a).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2000)));
+    // B takes the release over (three heartbeats and the timeout after A's last write).
+    let taken = eventually(40, || async {
+        event_lines(&b)
+            .await
+            .iter()
+            .any(|e| e.contains("taken over"))
+    })
+    .await;
+    assert!(taken, "{:#?}", event_lines(&b).await);
+    relay.set_mode(Mode::Pass);
+    for p in [&a, &b] {
+        let done = eventually(40, || async {
+            let all = releases(p).await;
+            all["current"].is_null() && all["recent"][0]["id"] == id
+        })
+        .await;
+        assert!(done, "{}", releases(p).await);
+    }
+    let all = releases(&b).await;
+    let lines = event_lines(&b).await;
+    assert_eq!(all["recent"][0]["state"], "complete", "{all}\n{lines:#?}");
+    // Completed: so phase 1 flipped panel (once), on every replica.
+    let flips = lines
+        .iter()
+        .filter(|e| e.contains("phase 1 \"frontend\": panel -> green flipped"))
+        .count();
+    assert_eq!(flips, 1, "{lines:#?}");
+    for p in [&a, &b] {
+        let green = eventually(20, || async {
+            p.get("/panel/x").await.1 == "panel-green\n" && p.get("/api/x").await.1 == "api-green\n"
+        })
+        .await;
+        assert!(green, "{}\n{lines:#?}", p.status().await);
+    }
+    a.stop().await;
+    b.stop().await;
+}
