@@ -154,3 +154,68 @@ async fn a_takeover_starts_again_a_claimed_phase_that_never_flipped() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The replica that aborts a release stores its end in etcd, but the answer comes late (503,
+/// outcome unknown), and it stops before it learns that the end was stored: the services the
+/// release flipped are returned by the other replica (once, with one `release_abort` event),
+/// and a replica started later finds them returned and records nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_stored_by_a_replica_that_stops_before_returning_is_returned_by_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-end-orphan/", "500ms", "200ms", "").await;
+    let relay = Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
+    let b = TestProxy::start(&rig.body).await;
+    let id = start_release(&a, two_phases("10m", "1s", "1s")).await["release"]["id"].clone();
+    let green = eventually(20, || async {
+        releases(&b).await["current"]["phases"][0]["state"] == "baking"
+            && b.get("/api/x").await.1 == "api-green\n"
+    })
+    .await;
+    assert!(green, "{}", releases(&b).await);
+    // A's etcd answers come 3 s late (after its 500 ms timeout): its abort is stored, unknown.
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 503, "{v}");
+    // A stops before etcd's answer reaches it.
+    relay.set_mode(Mode::Blackhole);
+    relay.cut_all();
+    let a_dir = a.stop().await;
+    let ended = eventually(20, || async {
+        let all = releases(&b).await;
+        all["current"].is_null() && all["recent"][0]["id"] == id
+    })
+    .await;
+    assert!(ended, "{}", releases(&b).await);
+    assert_eq!(releases(&b).await["recent"][0]["state"], "aborted");
+    let back = eventually(20, || async { b.get("/api/x").await.1 == "api-blue\n" }).await;
+    assert!(back, "{}\n{:#?}", b.status().await, event_lines(&b).await);
+    let aborts = |lines: Vec<String>| {
+        lines
+            .into_iter()
+            .filter(|l| l.starts_with("release_abort"))
+            .collect::<Vec<_>>()
+    };
+    let said = aborts(event_lines(&b).await);
+    assert_eq!(said.len(), 1, "{said:#?}");
+    // A replica started later (A again, straight to etcd) finds it returned.
+    let a = TestProxy::start_with(&rig.body, Some(TOKEN), Some(a_dir)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for p in [&a, &b] {
+        assert_eq!(p.get("/api/x").await.1, "api-blue\n");
+        assert_eq!(p.get("/panel/x").await.1, "panel-blue\n");
+        let said = aborts(event_lines(p).await);
+        assert_eq!(said.len(), 1, "{said:#?}");
+    }
+    // And a new release starts.
+    start_release(&b, two_phases("10m", "1s", "1s")).await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -378,8 +378,18 @@ async fn roll_back(
                             tracing::warn!(release = %id, newer = %newer.id, "the release's end was stored in etcd after release {} started; its services are left as that release set them", newer.id);
                             return;
                         }
-                        if let Err(e) = finish(&app2, cur, result, kind, reason, shape).await {
-                            tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; abort by hand (ctl flip)");
+                        // Unless another replica took the return over meanwhile.
+                        if store::claim_return(&app2, &etcd, &id, false)
+                            .await
+                            .is_none()
+                        {
+                            return;
+                        }
+                        match finish(&app2, cur, result, kind, reason, shape).await {
+                            Ok(_) => store::mark_returned(&app2, &etcd, &id).await,
+                            Err(e) => {
+                                tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; another replica tries again")
+                            }
                         }
                     }
                 });
@@ -389,9 +399,11 @@ async fn roll_back(
             }
         }
     }
-    finish(app, cur, result, kind, reason, shape)
-        .await
-        .map(Some)
+    let out = finish(app, cur, result, kind, reason, shape).await?;
+    if let Some(etcd) = store::etcd(app) {
+        store::mark_returned(app, &etcd, id).await;
+    }
+    Ok(Some(out))
 }
 
 /// The services of an ended release back in one step ([`App::return_set`]), one event; the
