@@ -219,3 +219,64 @@ async fn an_end_stored_by_a_replica_that_stops_before_returning_is_returned_by_a
     a.stop().await;
     b.stop().await;
 }
+
+/// The replica driving a release stops while it waits at a manual gate: the replica that takes
+/// it over says once that it waits for promote (its takeover event), not a second time, and the
+/// release goes on at promote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_at_a_manual_gate_says_waiting_for_promote_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-gate-takeover/", "1s", "200ms", "").await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.body).await;
+    let plan = json!({
+        "name": "gated",
+        "validate": "1s",
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": "1s", "gate": "manual" },
+            { "name": "frontend", "services": ["panel"], "bake": "1s" },
+        ]
+    });
+    let id = start_release(&a, plan).await["release"]["id"].clone();
+    let waiting = eventually(20, || async {
+        releases(&b).await["current"]["state"] == "waiting"
+    })
+    .await;
+    assert!(waiting, "{}", releases(&b).await);
+    a.stop().await;
+    let taken = eventually(20, || async {
+        event_lines(&b)
+            .await
+            .iter()
+            .any(|e| e.contains("taken over"))
+    })
+    .await;
+    assert!(taken, "{:#?}", event_lines(&b).await);
+    // Time for a second "waiting" event to be recorded, were it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = event_lines(&b).await;
+    let waits: Vec<&String> = lines
+        .iter()
+        .filter(|e| e.contains("waiting for promote"))
+        .collect();
+    // The driver's, at its gate; the takeover's.
+    assert_eq!(waits.len(), 2, "{lines:#?}");
+    assert!(waits[1].contains("taken over"), "{lines:#?}");
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let done = eventually(30, || async {
+        let all = releases(&b).await;
+        all["current"].is_null() && all["recent"][0]["id"] == id
+    })
+    .await;
+    assert!(done, "{}", releases(&b).await);
+    assert_eq!(releases(&b).await["recent"][0]["state"], "complete");
+    b.stop().await;
+}

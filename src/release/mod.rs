@@ -582,7 +582,10 @@ async fn drive(
         }) else {
             return;
         };
-        let bake = match if i == from { resume.take() } else { None } {
+        let resumed = if i == from { resume.take() } else { None };
+        // Resumed at its gate: the event that resumed it said "waiting for promote" already.
+        let at_gate = matches!(resumed, Some(Resume::Gate));
+        let bake = match resumed {
             Some(Resume::Bake(left)) => left,
             Some(Resume::Gate) => Duration::ZERO,
             _ => match run_phase(&app, &id, &cancel, i, &targets, &plan, &label).await {
@@ -594,7 +597,7 @@ async fn drive(
             return;
         }
         if (plan.gate == Gate::Manual || paused(&app, &id))
-            && !gate(&app, &id, i, &label, &cancel).await
+            && !gate(&app, &id, i, &label, &cancel, !at_gate).await
         {
             return;
         }
@@ -648,7 +651,7 @@ async fn drive(
     if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
-    if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel).await {
+    if paused(&app, &id) && !gate(&app, &id, count - 1, &name, &cancel, true).await {
         return;
     }
     let ended = {
@@ -840,7 +843,15 @@ fn paused(app: &App, id: &str) -> bool {
 }
 
 /// Waits at a gate (manual, or a paused release) for promote; false when the release ended.
-async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &CancellationToken) -> bool {
+/// `say`: records that it waits (not when the event that resumed it there said so).
+async fn gate(
+    app: &Arc<App>,
+    id: &str,
+    i: usize,
+    label: &str,
+    cancel: &CancellationToken,
+    say: bool,
+) -> bool {
     let rel = &app.releases;
     let why = rel.update(id, |r| {
         r.state = "waiting";
@@ -851,14 +862,16 @@ async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &Cancella
         r.paused.clone()
     });
     let Some(why) = why else { return false };
-    record_phase(
-        app,
-        format!(
-            "{label} waiting for promote{}",
-            why.map(|w| format!(" ({w})")).unwrap_or_default()
-        ),
-    )
-    .await;
+    if say {
+        record_phase(
+            app,
+            format!(
+                "{label} waiting for promote{}",
+                why.map(|w| format!(" ({w})")).unwrap_or_default()
+            ),
+        )
+        .await;
+    }
     loop {
         {
             let mut inner = rel.lock();
