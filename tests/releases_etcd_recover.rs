@@ -280,3 +280,61 @@ async fn a_takeover_at_a_manual_gate_says_waiting_for_promote_once() {
     assert_eq!(releases(&b).await["recent"][0]["state"], "complete");
     b.stop().await;
 }
+
+/// A start whose answer etcd gives too late (503, outcome unknown) was stored: the release runs
+/// (the other replica takes it over, its starter never drove it) with its `release_start` event,
+/// recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_answered_unknown_that_was_stored_has_its_start_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, "/sy-rel-start-unknown/", "500ms", "200ms", "").await;
+    let relay = Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
+    let b = TestProxy::start(&rig.body).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2000)));
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("1s", "1s", "1s")),
+    )
+    .await;
+    assert_eq!(s, 503, "{v}");
+    let running = eventually(20, || async {
+        !releases(&b).await["current"]["id"].is_null()
+    })
+    .await;
+    assert!(running, "the start was not stored: {}", releases(&b).await);
+    let id = releases(&b).await["current"]["id"].clone();
+    let taken = eventually(20, || async {
+        event_lines(&b)
+            .await
+            .iter()
+            .any(|e| e.contains("taken over"))
+    })
+    .await;
+    assert!(taken, "{:#?}", event_lines(&b).await);
+    relay.set_mode(Mode::Pass);
+    let done = eventually(30, || async {
+        let all = releases(&b).await;
+        all["current"].is_null() && all["recent"][0]["id"] == id
+    })
+    .await;
+    assert!(done, "{}", releases(&b).await);
+    for p in [&a, &b] {
+        let lines = event_lines(p).await;
+        let starts: Vec<&String> = lines
+            .iter()
+            .filter(|e| e.starts_with("release_start"))
+            .collect();
+        assert_eq!(starts.len(), 1, "{lines:#?}");
+        assert!(
+            starts[0].contains("started: backend [api] -> frontend [panel]"),
+            "{lines:#?}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -1360,6 +1360,9 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);
     }
+    if let Some(etcd) = store::etcd(app) {
+        store::start_recorded(app, &etcd, &id).await;
+    }
     if let Some(detail) = passed {
         passed_recorded(app, detail).await;
     }

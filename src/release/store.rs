@@ -1021,6 +1021,38 @@ async fn return_ended(app: &Arc<App>, store: &EtcdStore, r: Release) {
     mark_returned(app, store, &id).await;
 }
 
+/// The `release_start` event of the release `id` this replica resumes or took over, recorded
+/// here when etcd's events hold none: a start whose answer etcd did not give in time (503,
+/// outcome unknown) was stored but never recorded by the replica that started it. Its detail
+/// as [`super::start`] words it. Nothing when etcd's events cannot be read.
+pub(super) async fn start_recorded(app: &App, store: &EtcdStore, id: &str) {
+    use crate::events::{Event, Reason};
+    let Some(r) = app.releases.current().filter(|r| r.id == id) else {
+        return;
+    };
+    let said = format!("({id}) started: ");
+    match store.events(crate::events::RING_CAPACITY).await {
+        Ok(evs)
+            if !evs
+                .iter()
+                .any(|e| matches!(e.reason, Reason::ReleaseStart) && e.detail.contains(&said)) => {}
+        _ => return,
+    }
+    let phases = r
+        .phases
+        .iter()
+        .map(|p| format!("{} [{}]", p.plan.name, p.plan.services.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" -> ");
+    app.record(Event::new(
+        "*",
+        Reason::ReleaseStart,
+        &r.actor,
+        format!("release {:?} {said}{phases}", r.name),
+    ))
+    .await;
+}
+
 /// With the etcd backend, instead of the local file: keeps the release in step with etcd
 /// (see the module's doc) until shutdown.
 pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
