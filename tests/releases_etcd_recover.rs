@@ -338,3 +338,39 @@ async fn a_start_answered_unknown_that_was_stored_has_its_start_event() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Events stored in etcd in the same millisecond (a release's steps often are) are listed in the
+/// order they were written, on every replica: not by their keys' random suffixes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_the_same_millisecond_are_listed_in_the_order_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let prefix = "/sy-rel-event-order/";
+    let rig = Rig::new(&etcd, prefix, "3s", "200ms", "").await;
+    let a = TestProxy::start(&rig.body).await;
+    // Written as a replica writes them (`<time>-<random>`), the random parts falling in the
+    // reverse order of the writes.
+    let time = "2026-12-03T07:00:00.123Z";
+    for i in 0..12u32 {
+        let ev = json!({
+            "time": time, "service": "*", "from": null, "to": null,
+            "reason": "release_phase", "actor": "release", "detail": format!("step {i}"),
+        });
+        let key = format!("{prefix}events/{time}-{:08x}", 0xffff_ffff - i);
+        etcd.call(
+            "/v3/kv/put",
+            json!({ "key": common::etcd::b64(&key), "value": common::etcd::b64(&ev.to_string()) }),
+        )
+        .await;
+    }
+    let listed: Vec<String> = a
+        .events()
+        .await
+        .iter()
+        .filter(|e| e["time"] == time)
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect();
+    let written: Vec<String> = (0..12).map(|i| format!("step {i}")).collect();
+    assert_eq!(listed, written);
+    a.stop().await;
+}
