@@ -1414,19 +1414,23 @@ fn resume_point(rel: &mut Release, how: &str) -> (usize, Option<Resume>, Option<
         "release {:?} ({id}) {how} at phase {i} ({})",
         rel.name,
         match &resume {
-            Some(Resume::Bake(d)) => format!(
-                "{} of the bake left",
-                humantime::format_duration(Duration::from_secs(d.as_secs()))
-            ),
-            Some(Resume::Validate(d)) => format!(
-                "{} of the validate window left",
-                humantime::format_duration(Duration::from_secs(d.as_secs()))
-            ),
+            Some(Resume::Bake(d)) => format!("{} of the bake left", to_the_ms(*d)),
+            Some(Resume::Validate(d)) => {
+                format!("{} of the validate window left", to_the_ms(*d))
+            }
             Some(Resume::Gate) => "waiting for promote".to_string(),
             None => "the phase starts again".to_string(),
         }
     );
     (i, resume, passed, detail)
+}
+
+/// A time left, said to the millisecond ("658ms", "4s 342ms"): whole seconds said a bake with
+/// most of a second left as "0s".
+fn to_the_ms(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    ))
 }
 
 /// Starts release `id`'s driver at phase `from`, supervised: a panic in it (a bug) would leave
@@ -1587,6 +1591,28 @@ green = { upstreams = ["127.0.0.1:9"] }
         assert!(all["current"].is_null(), "{all}");
         assert_eq!(all["recent"][0]["state"], "complete", "{all}");
         assert_eq!(restarts.get(), 1);
+    }
+
+    /// The time left in a resumed bake is said to the millisecond, not rounded down to whole
+    /// seconds ("0s of the bake left" with 658 ms left).
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_bake_says_its_time_left_to_the_millisecond() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut rel = app.releases.current().expect("running");
+        assert_eq!(rel.phases[0].state, "baking");
+        // 15 min bake, 658 ms of it left (by the wall clock, as after a restart).
+        let spent = Duration::from_secs(15 * 60) - Duration::from_millis(658);
+        rel.phases[0].bake_started_ms = Some(wall_ms() - spent.as_millis() as u64);
+        let (_, resume, _, detail) = resume_point(&mut rel, "resumed after a restart");
+        let Some(Resume::Bake(left)) = resume else {
+            panic!("{resume:?}");
+        };
+        assert!(left <= Duration::from_millis(658), "{left:?}");
+        assert!(detail.ends_with("ms of the bake left)"), "{detail}");
+        assert!(!detail.contains("(0s of"), "{detail}");
     }
 
     const TWO: &str = r#"
