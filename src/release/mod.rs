@@ -443,8 +443,18 @@ async fn roll_back_if(
                             tracing::warn!(release = %id, newer = %newer.id, "the release's end was stored in etcd after release {} started; its services are left as that release set them", newer.id);
                             return;
                         }
-                        if let Err(e) = finish(&app2, cur, result, kind, reason, shape).await {
-                            tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; abort by hand (ctl flip)");
+                        // Unless another replica took the return over meanwhile.
+                        if store::claim_return(&app2, &etcd, &id, false)
+                            .await
+                            .is_none()
+                        {
+                            return;
+                        }
+                        match finish(&app2, cur, result, kind, reason, shape).await {
+                            Ok(_) => store::mark_returned(&app2, &etcd, &id).await,
+                            Err(e) => {
+                                tracing::error!(release = %id, error = %e, "the release ended in etcd but its services could not be returned; another replica tries again")
+                            }
                         }
                     }
                 });
@@ -454,9 +464,11 @@ async fn roll_back_if(
             }
         }
     }
-    finish(app, cur, result, kind, reason, shape)
-        .await
-        .map(Some)
+    let out = finish(app, cur, result, kind, reason, shape).await?;
+    if let Some(etcd) = store::etcd(app) {
+        store::mark_returned(app, &etcd, id).await;
+    }
+    Ok(Some(out))
 }
 
 /// The services of an ended release back in one step ([`App::return_set`]), one event; the
@@ -684,7 +696,10 @@ async fn drive(
         }) else {
             return;
         };
-        let bake = match if i == from { resume.take() } else { None } {
+        let resumed = if i == from { resume.take() } else { None };
+        // Resumed at its gate: the event that resumed it said "waiting for promote" already.
+        let at_gate = matches!(resumed, Some(Resume::Gate));
+        let bake = match resumed {
             Some(Resume::Bake(left)) => left,
             Some(Resume::Gate) => Duration::ZERO,
             _ => match run_phase(&app, &id, &cancel, i, &targets, &plan, &label).await {
@@ -696,7 +711,7 @@ async fn drive(
             return;
         }
         if (plan.gate == Gate::Manual || paused(&app, &id))
-            && !pass_gate(&app, &id, i, &label, &cancel).await
+            && !pass_gate(&app, &id, i, &label, &cancel, !at_gate).await
         {
             return;
         }
@@ -752,7 +767,7 @@ async fn drive(
     if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
-    if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel).await {
+    if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel, true).await {
         return;
     }
     let ended = {
@@ -962,7 +977,15 @@ fn paused(app: &App, id: &str) -> bool {
 }
 
 /// Waits at a gate (manual, or a paused release) for promote; false when the release ended.
-async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &CancellationToken) -> bool {
+/// `say`: records that it waits (not when the event that resumed it there said so).
+async fn gate(
+    app: &Arc<App>,
+    id: &str,
+    i: usize,
+    label: &str,
+    cancel: &CancellationToken,
+    say: bool,
+) -> bool {
     let rel = &app.releases;
     let why = rel.update(id, |r| {
         r.state = "waiting";
@@ -973,14 +996,16 @@ async fn gate(app: &Arc<App>, id: &str, i: usize, label: &str, cancel: &Cancella
         r.paused.clone()
     });
     let Some(why) = why else { return false };
-    record_phase(
-        app,
-        format!(
-            "{label} waiting for promote{}",
-            why.map(|w| format!(" ({w})")).unwrap_or_default()
-        ),
-    )
-    .await;
+    if say {
+        record_phase(
+            app,
+            format!(
+                "{label} waiting for promote{}",
+                why.map(|w| format!(" ({w})")).unwrap_or_default()
+            ),
+        )
+        .await;
+    }
     loop {
         {
             let mut inner = rel.lock();
@@ -1202,11 +1227,13 @@ async fn pass_gate(
     i: usize,
     label: &str,
     cancel: &CancellationToken,
+    mut say: bool,
 ) -> bool {
     loop {
-        if !gate(app, id, i, label, cancel).await {
+        if !gate(app, id, i, label, cancel, say).await {
             return false;
         }
+        say = true;
         let Some(m) = app
             .releases
             .current()
@@ -1656,6 +1683,9 @@ async fn adopt(app: &Arc<App>, mut rel: Release, how: &str) {
         inner.cancel = Some(cancel.clone());
         rels.publish(&inner);
     }
+    if let Some(etcd) = store::etcd(app) {
+        store::start_recorded(app, &etcd, &id).await;
+    }
     if let Some(detail) = passed {
         passed_recorded(app, detail).await;
     }
@@ -1712,19 +1742,23 @@ fn resume_point(rel: &mut Release, how: &str) -> (usize, Option<Resume>, Option<
             None if i >= rel.phases.len() => {
                 "every phase passed; the validate window starts".to_string()
             }
-            Some(Resume::Bake(d)) => format!(
-                "{} of the bake left",
-                humantime::format_duration(Duration::from_secs(d.as_secs()))
-            ),
-            Some(Resume::Validate(d)) => format!(
-                "{} of the validate window left",
-                humantime::format_duration(Duration::from_secs(d.as_secs()))
-            ),
+            Some(Resume::Bake(d)) => format!("{} of the bake left", to_the_ms(*d)),
+            Some(Resume::Validate(d)) => {
+                format!("{} of the validate window left", to_the_ms(*d))
+            }
             Some(Resume::Gate) => "waiting for promote".to_string(),
             None => "the phase starts again".to_string(),
         }
     );
     (i, resume, passed, detail)
+}
+
+/// A time left, said to the millisecond ("658ms", "4s 342ms"): whole seconds said a bake with
+/// most of a second left as "0s".
+fn to_the_ms(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    ))
 }
 
 /// Starts release `id`'s driver at phase `from`, supervised: a panic in it (a bug) would leave
@@ -1986,6 +2020,28 @@ green = { upstreams = ["127.0.0.1:9"] }
         abort(&app, "test").await.expect("abort");
         assert_eq!(active(&app, "api"), Color::Blue);
         assert!(app.releases.to_json()["current"].is_null());
+    }
+
+    /// The time left in a resumed bake is said to the millisecond, not rounded down to whole
+    /// seconds ("0s of the bake left" with 658 ms left).
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_bake_says_its_time_left_to_the_millisecond() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut rel = app.releases.current().expect("running");
+        assert_eq!(rel.phases[0].state, "baking");
+        // 15 min bake, 658 ms of it left (by the wall clock, as after a restart).
+        let spent = Duration::from_secs(15 * 60) - Duration::from_millis(658);
+        rel.phases[0].bake_started_ms = Some(wall_ms() - spent.as_millis() as u64);
+        let (_, resume, _, detail) = resume_point(&mut rel, "resumed after a restart");
+        let Some(Resume::Bake(left)) = resume else {
+            panic!("{resume:?}");
+        };
+        assert!(left <= Duration::from_millis(658), "{left:?}");
+        assert!(detail.ends_with("ms of the bake left)"), "{detail}");
+        assert!(!detail.contains("(0s of"), "{detail}");
     }
 
     const TWO: &str = r#"

@@ -271,6 +271,12 @@ pub(super) async fn create(
                 cur.name, cur.id, cur.state, cur.phase
             )));
         }
+        if let Some(v) = shared.seen().value.as_ref().filter(|v| unreturned(v)) {
+            return Err(StartError::Conflict(format!(
+                "release {} ({}) ended {}, but the services it flipped are not returned yet (a replica returns them); try again in a few seconds",
+                v["release"]["name"], v["release"]["id"].as_str().unwrap_or(""), v["release"]["state"].as_str().unwrap_or("")
+            )));
+        }
         match cas(app, store, record(r, false, Some(replica_id(app)), "")).await {
             ReleaseCas::Applied(_) => {
                 shared.seen().driving = Some(r.id.clone());
@@ -484,7 +490,13 @@ pub(super) async fn end(
         let ended = ended_copy(&cur, result, reason);
         let write_id = new_write_id();
         let expected = shared.seen().rev;
-        let value = record(&ended, false, driver.as_deref(), "");
+        let mut value = record(&ended, false, driver.as_deref(), "");
+        if result != "complete" {
+            // Until this replica says its services are returned, any replica can return them
+            // should it stop first ([`recover_return`]).
+            value[UNRETURNED] = json!(true);
+            value[RETURNER] = json!(replica_id(app));
+        }
         let history = ended.stored();
         match cas_ending(app, store, value, &write_id, Some((id, &history))).await {
             ReleaseCas::Applied(_) => {
@@ -817,9 +829,10 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
     }
 }
 
-/// A release this replica resumes after etcd did not answer: a phase whose claim etcd may have
-/// stored while this replica, not knowing, flipped nothing (its services are not on the phase's
-/// colors here) starts again (`pending`) instead of baking what never flipped.
+/// A release this replica resumes after etcd did not answer, or takes over from a replica that
+/// stopped: a phase whose claim etcd may have stored while its driver, not knowing (its answer
+/// came late) or stopped before the flip, flipped nothing (its services are not on the phase's
+/// colors) starts again (`pending`) instead of baking what never flipped.
 fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
     let snap = app.snapshot();
     let i = r.phase.min(r.phases.len().saturating_sub(1));
@@ -842,6 +855,202 @@ fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
         }
     }
     r
+}
+
+/// The release key's mark of an ended release whose services are not returned yet (an abort or
+/// a rollback stores the end first, then returns them): removed by [`mark_returned`] once they
+/// are. Absent on a `complete` end and on records stored before it existed.
+const UNRETURNED: &str = "unreturned";
+/// The replica that returns them: the one that ended it, or one that took the return over.
+const RETURNER: &str = "returner";
+
+fn unreturned(v: &Value) -> bool {
+    v[UNRETURNED] == json!(true)
+        && !v["release"].is_null()
+        && !live_state(v["release"]["state"].as_str().unwrap_or(""))
+}
+
+/// The services of the ended release `id` are returned: its record loses the mark (a
+/// compare-and-swap; a write etcd does not answer leaves it, and the replica that takes the
+/// return over finds them returned and only marks it).
+pub(super) async fn mark_returned(app: &App, store: &EtcdStore, id: &str) {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    for _ in 0..5 {
+        let Some(mut v) = shared.seen().value.clone() else {
+            return;
+        };
+        if v["release"]["id"].as_str() != Some(id) || !unreturned(&v) {
+            return;
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.remove(UNRETURNED);
+            o.remove(RETURNER);
+        }
+        match cas(app, store, v).await {
+            ReleaseCas::Applied(_) => return,
+            ReleaseCas::Replaced { now, .. } => return apply(app, &now),
+            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Unknown(m) => {
+                tracing::debug!(release = %id, error = %m, "cannot mark the release's services returned in etcd; a replica finds them returned later");
+                return;
+            }
+        }
+    }
+}
+
+/// Makes this replica the one that returns the services of the ended release `id` (a
+/// compare-and-swap of [`RETURNER`], from a fresh read): the release as stored, or None when
+/// they are returned already, another replica returns them, or etcd did not store the claim.
+/// `takeover`: even when another replica was to return them (it stopped writing).
+pub(super) async fn claim_return(
+    app: &App,
+    store: &EtcdStore,
+    id: &str,
+    takeover: bool,
+) -> Option<Release> {
+    let shared = &app.releases.shared;
+    let _io = shared.io.lock().await;
+    if let Ok(read) = store.read_release().await {
+        apply(app, &read);
+    }
+    let mut v = shared.seen().value.clone()?;
+    if v["release"]["id"].as_str() != Some(id) || !unreturned(&v) {
+        return None;
+    }
+    if !takeover && v[RETURNER].as_str() != Some(replica_id(app)) {
+        return None;
+    }
+    let r = Release::from_stored(&v["release"])?;
+    v[RETURNER] = json!(replica_id(app));
+    v["beat_ms"] = json!(wall_ms());
+    match cas(app, store, v).await {
+        ReleaseCas::Applied(_) => Some(r),
+        ReleaseCas::Replaced { now, .. } | ReleaseCas::Lost(now) => {
+            apply(app, &now);
+            None
+        }
+        ReleaseCas::Unknown(_) => None,
+    }
+}
+
+/// The ended release in the key, its services not returned, and the replica that was to return
+/// them silent for as long as a stopped driver is taken over after: this replica returns them.
+async fn recover_return(app: &Arc<App>, store: &EtcdStore) {
+    let id = {
+        let s = app.releases.shared.seen();
+        match s.value.as_ref().filter(|v| unreturned(v)) {
+            Some(v) => v["release"]["id"].as_str().unwrap_or("").to_string(),
+            None => return,
+        }
+    };
+    let _op = app.releases.op.lock().await;
+    let Some(r) = claim_return(app, store, &id, true).await else {
+        return;
+    };
+    tracing::warn!(release = %id, "the release ended in etcd, but the replica that ended it did not return its services; this replica returns them");
+    return_ended(app, store, r).await;
+}
+
+/// Returns the services of the ended release `r` (this replica claimed it) as its end would
+/// have: one state write (compare-and-swapped, so a change another replica made first wins),
+/// one `release_abort` or `release_rollback` event; then marks it done. Only services still on
+/// the color the release flipped them to and unchanged since it ended: a manual flip or a newer
+/// change since is left as it is. When the event is in etcd already (the return was written,
+/// only the mark was not), it only marks it.
+async fn return_ended(app: &Arc<App>, store: &EtcdStore, r: Release) {
+    use crate::events::Reason;
+    let id = r.id.clone();
+    let done = app.events_list().await.iter().any(|e| {
+        matches!(e.reason, Reason::ReleaseAbort | Reason::ReleaseRollback)
+            && e.trigger
+                .as_ref()
+                .is_some_and(|t| t["release"].as_str() == Some(id.as_str()))
+    });
+    if !done {
+        let snap = app.snapshot();
+        let ended_at = r.ended_at.clone().unwrap_or_default();
+        let target = |name: &str| {
+            r.phases
+                .iter()
+                .flat_map(|p| p.targets.iter())
+                .rev()
+                .find(|(s, _)| s == name)
+                .map(|(_, c)| *c)
+        };
+        let mut back = r.clone();
+        let mut left = Vec::new();
+        back.flipped.retain(|name| {
+            let Some(svc) = snap.service(name) else {
+                // Said by the return ("no longer configured").
+                return true;
+            };
+            let on_release = target(name) == Some(svc.state.active);
+            let since = svc
+                .state
+                .updated_at
+                .as_deref()
+                .is_some_and(|u| u > ended_at.as_str());
+            if on_release && since {
+                left.push(format!("{name} (changed since the end)"));
+            }
+            on_release && !since
+        });
+        let mut reason = format!(
+            "{}; returned by another replica (the one that ended it stopped before returning them)",
+            r.reason.clone().unwrap_or_default()
+        );
+        if !left.is_empty() {
+            reason.push_str(&format!("; left as they are: {}", left.join(", ")));
+        }
+        let (kind, what) = if r.state == "aborted" {
+            (crate::app::FlipKind::ManualRollback, Reason::ReleaseAbort)
+        } else {
+            (crate::app::FlipKind::AutoRollback, Reason::ReleaseRollback)
+        };
+        let state = r.state;
+        if let Err(e) = super::finish(app, back, state, kind, reason, move |ev| {
+            ev.reason = what;
+        })
+        .await
+        {
+            tracing::error!(release = %id, error = %e, "cannot return the services of the ended release; tried again later");
+            return;
+        }
+    }
+    mark_returned(app, store, &id).await;
+}
+
+/// The `release_start` event of the release `id` this replica resumes or took over, recorded
+/// here when etcd's events hold none: a start whose answer etcd did not give in time (503,
+/// outcome unknown) was stored but never recorded by the replica that started it. Its detail
+/// as [`super::start`] words it. Nothing when etcd's events cannot be read.
+pub(super) async fn start_recorded(app: &App, store: &EtcdStore, id: &str) {
+    use crate::events::{Event, Reason};
+    let Some(r) = app.releases.current().filter(|r| r.id == id) else {
+        return;
+    };
+    let said = format!("({id}) started: ");
+    match store.events(crate::events::RING_CAPACITY).await {
+        Ok(evs)
+            if !evs
+                .iter()
+                .any(|e| matches!(e.reason, Reason::ReleaseStart) && e.detail.contains(&said)) => {}
+        _ => return,
+    }
+    let phases = r
+        .phases
+        .iter()
+        .map(|p| format!("{} [{}]", p.plan.name, p.plan.services.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" -> ");
+    app.record(Event::new(
+        "*",
+        Reason::ReleaseStart,
+        &r.actor,
+        format!("release {:?} {said}{phases}", r.name),
+    ))
+    .await;
 }
 
 /// With the etcd backend, instead of the local file: keeps the release in step with etcd
@@ -943,6 +1152,12 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             });
             (s.driving.clone(), s.wrote_at, s.changed_at, live, ours)
         };
+        // An ended release whose services the replica that ended it did not say returned, for
+        // as long as a stopped driver is taken over after: any replica returns them.
+        if driving.is_none() && read_ok && !live && changed_at.is_none_or(|t| t.elapsed() >= stale)
+        {
+            recover_return(&app, &store).await;
+        }
         match driving {
             Some(id) if wrote_at.is_none_or(|t| t.elapsed() >= beat) => {
                 persist_or(&app, &store, &id).await;
@@ -986,6 +1201,9 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                         .value
                         .as_ref()
                         .is_some_and(|v| v["promote"].as_bool() == Some(true));
+                    // Its driver may have stopped right after etcd stored a phase's claim,
+                    // before it flipped anything: that phase starts again.
+                    let r = unflipped_phase_pending(&app, r);
                     super::adopt(&app, r, "taken over from a replica that stopped").await;
                     if promote {
                         app.releases.lock().promote = true;

@@ -1255,14 +1255,27 @@ impl EtcdStore {
                 }),
             )
             .await?;
-        let mut out: Vec<Event> = v["kvs"]
+        // The newest `limit` by key (its time first), listed in the order they were written:
+        // by time, then by etcd's create revision (events of the same millisecond; a key's
+        // random suffix says nothing of their order), then by their index in one transaction
+        // (`-{i}`, the same revision).
+        let mut out: Vec<(String, i64, u64, Event)> = v["kvs"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|kv| serde_json::from_slice(&unb64(&kv["value"])?).ok())
+            .filter_map(|kv| {
+                let ev: Event = serde_json::from_slice(&unb64(&kv["value"])?).ok()?;
+                let key = String::from_utf8(unb64(&kv["key"])?).unwrap_or_default();
+                let index = key
+                    .rsplit('-')
+                    .next()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or(0);
+                Some((ev.time.clone(), num(&kv["create_revision"]), index, ev))
+            })
             .collect();
-        out.reverse();
-        Ok(out)
+        out.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+        Ok(out.into_iter().map(|(.., ev)| ev).collect())
     }
 
     /// Streams service changes after `revision` into `on_msg` until the watch breaks (Err) or
