@@ -141,7 +141,7 @@ async fn a_takeover_starts_again_a_claimed_phase_that_never_flipped() {
     // Completed: so phase 1 flipped panel (once), on every replica.
     let flips = lines
         .iter()
-        .filter(|e| e.contains("phase 1 \"frontend\": panel -> green flipped"))
+        .filter(|e| e.contains("phase 1 \"frontend\": panel blue -> green flipped"))
         .count();
     assert_eq!(flips, 1, "{lines:#?}");
     for p in [&a, &b] {
