@@ -531,8 +531,10 @@ impl App {
         if let Some(etcd) = self.store.as_etcd() {
             let etcd = etcd.clone();
             let shared = ev.clone();
+            // Stored in the order recorded (two of one millisecond listed as they happened).
+            let ticket = etcd.event_ticket();
             tokio::spawn(async move {
-                if let Err(e) = etcd.put_event(&shared).await {
+                if let Err(e) = etcd.put_event_in_order(ticket, &shared).await {
                     tracing::warn!(error = %e, "cannot store the event in etcd; it is kept locally");
                 }
             });

@@ -215,6 +215,12 @@ pub struct EtcdStore {
     /// Events of resolved writes whose sending to the app failed (the receiving task was gone,
     /// being started again after a panic): sent first by the next [`sync`] run, not lost.
     unsent: Mutex<Vec<Event>>,
+    /// Events are stored one after another in the order they were recorded (tickets taken by
+    /// [`EtcdStore::event_ticket`], served by [`EtcdStore::put_event_in_order`]): two of the
+    /// same millisecond are then listed as they happened (by create revision), not as their
+    /// writes raced.
+    event_tickets: AtomicU64,
+    event_turn: tokio::sync::watch::Sender<u64>,
 }
 
 fn b64(s: &str) -> String {
@@ -293,6 +299,8 @@ impl EtcdStore {
             lost_to_own: Mutex::new(Vec::new()),
             resolved_own: Mutex::new(std::collections::VecDeque::new()),
             unsent: Mutex::new(Vec::new()),
+            event_tickets: AtomicU64::new(0),
+            event_turn: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -1218,6 +1226,28 @@ impl EtcdStore {
         Ok(false)
     }
 
+    /// The place of an event about to be stored, in the order of recording: taken where it is
+    /// recorded, before the write is handed to a task of its own.
+    pub fn event_ticket(&self) -> u64 {
+        self.event_tickets.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// [`EtcdStore::put_event`] once every event with an earlier ticket was stored (or failed):
+    /// the next one's turn comes when this one ends, dropped or panicking included.
+    pub async fn put_event_in_order(&self, ticket: u64, ev: &Event) -> Result<(), StateError> {
+        struct Turn<'a>(&'a tokio::sync::watch::Sender<u64>, u64);
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                let next = self.1 + 1;
+                self.0.send_modify(|t| *t = (*t).max(next));
+            }
+        }
+        let mut turn = self.event_turn.subscribe();
+        let _ = turn.wait_for(|t| *t >= ticket).await;
+        let _done = Turn(&self.event_turn, ticket);
+        self.put_event(ev).await
+    }
+
     /// Stores an event under `events/`, attached to a lease so the history expires.
     pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
         let id = self.event_lease().await?;
@@ -1876,6 +1906,36 @@ mod tests {
             WriteOutcome::Unknown(m) => assert!(m.contains("outcome unknown"), "{m}"),
             other => panic!("expected unknown, got {other:?}"),
         }
+    }
+
+    /// Events are stored in the order their tickets were taken: a later one waits for the
+    /// earlier one's write to end (here each fails at once: nothing listens).
+    #[tokio::test]
+    async fn events_are_stored_in_the_order_recorded() {
+        let store = EtcdStore::with_options(
+            &["http://127.0.0.1:1".to_string()],
+            "/t/",
+            EtcdOptions::default(),
+        );
+        let ev = Event::new("api", crate::state::event::Reason::Manual, "test", "flip");
+        let (first, second) = (store.event_ticket(), store.event_ticket());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let later = {
+            let (store, ev, order) = (store.clone(), ev.clone(), order.clone());
+            tokio::spawn(async move {
+                let _ = store.put_event_in_order(second, &ev).await;
+                order.lock().map(|mut o| o.push(second)).ok();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!later.is_finished(), "the later event was written first");
+        let _ = store.put_event_in_order(first, &ev).await;
+        order.lock().map(|mut o| o.push(first)).ok();
+        let _ = tokio::time::timeout(Duration::from_secs(10), later).await;
+        assert_eq!(
+            order.lock().map(|o| o.clone()).ok(),
+            Some(vec![first, second])
+        );
     }
 
     /// The events of a resolved write whose receiver is gone (the app's side being started
