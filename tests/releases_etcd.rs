@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::etcd::{b64, Etcd};
+use common::release::{releases, start_release, two_phases};
 use common::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -54,10 +55,6 @@ impl Rig {
     }
 }
 
-async fn releases(p: &TestProxy) -> Value {
-    admin_get(p.admin, "/api/releases").await.1
-}
-
 async fn metric(p: &TestProxy, line_start: &str) -> Option<f64> {
     get(p.admin, "/metrics")
         .await
@@ -87,24 +84,6 @@ fn traffic(addr: std::net::SocketAddr, path: &'static str) -> CancellationToken 
         }
     });
     stop
-}
-
-fn two_phases(bake1: &str, bake2: &str, validate: &str) -> Value {
-    json!({
-        "name": "feature release",
-        "validate": validate,
-        "phases": [
-            { "name": "backend", "services": ["api"], "bake": bake1 },
-            { "name": "frontend", "services": ["panel"], "bake": bake2 },
-        ]
-    })
-}
-
-/// Starts a release on `p` from `plan`; it must be accepted. The answer.
-async fn start_release(p: &TestProxy, plan: Value) -> Value {
-    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
-    assert_eq!(s, 200, "{v}");
-    v
 }
 
 /// Waits until `p` shows phase `i` of the current release in `state`.

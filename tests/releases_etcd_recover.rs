@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::etcd::Etcd;
 use common::relay::{Mode, Relay};
+use common::release::{releases, start_release, two_phases};
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Two services, `api` and `panel` (each its own blue and green upstream, both on blue), their
 /// state in `etcd` under `prefix`; etcd answers within `timeout`, heartbeats every `beat`.
@@ -53,10 +54,6 @@ impl Rig {
     }
 }
 
-async fn releases(p: &TestProxy) -> Value {
-    admin_get(p.admin, "/api/releases").await.1
-}
-
 async fn event_lines(p: &TestProxy) -> Vec<String> {
     p.events()
         .await
@@ -69,23 +66,6 @@ async fn event_lines(p: &TestProxy) -> Vec<String> {
             )
         })
         .collect()
-}
-
-fn two_phases(bake1: &str, bake2: &str, validate: &str) -> Value {
-    json!({
-        "name": "feature release",
-        "validate": validate,
-        "phases": [
-            { "name": "backend", "services": ["api"], "bake": bake1 },
-            { "name": "frontend", "services": ["panel"], "bake": bake2 },
-        ]
-    })
-}
-
-async fn start_release(p: &TestProxy, plan: Value) -> Value {
-    let (s, v) = admin_post(p.admin, "/api/releases", Some(TOKEN), Some(plan)).await;
-    assert_eq!(s, 200, "{v}");
-    v
 }
 
 /// The driver's claim of phase 1 is stored in etcd, but its answer comes after `etcd_timeout`:

@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod relay;
+pub mod release;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
