@@ -1283,14 +1283,16 @@ async fn color_and_generation_survive_a_restart() {
     p.stop().await;
 }
 
-#[tokio::test]
-async fn corrupt_state_file_stops_startup_until_reset_state() {
+/// `file` (in the state's directory) holds `content`, which is not JSON: `serve` exits 1 naming
+/// it and offering `--reset-state`, the file left alone; `serve --reset-state` moves it aside (a
+/// name starting with `aside`) and serves the config's colors.
+async fn corrupt_file_stops_startup_until_reset_state(file: &str, content: &[u8], aside: &str) {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, proxy, _) = binary_config(dir.path(), blue.addr, green.addr);
-    let state = dir.path().join("state.json");
-    std::fs::write(&state, b"{\"version\": 1, \"services\": {not json").expect("write");
+    let path = dir.path().join(file);
+    std::fs::write(&path, content).expect("write");
     let config_arg = config.to_str().expect("utf8 path");
 
     let out = timeout(
@@ -1298,16 +1300,16 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
         switchyard_cmd(&["serve", "--config", config_arg]).output(),
     )
     .await
-    .expect("serve hung on a corrupt state file")
+    .expect("serve hung on a corrupt file")
     .expect("run switchyard");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(
-        stderr.contains(&state.display().to_string()),
+        stderr.contains(&path.display().to_string()),
         "names the file: {stderr}"
     );
     assert!(stderr.contains("--reset-state"), "{stderr}");
-    assert!(state.exists(), "the corrupt file must be left alone");
+    assert!(path.exists(), "the corrupt file must be left alone");
 
     // --reset-state moves it aside and starts from the config's colors.
     let mut child = switchyard_cmd(&["serve", "--config", config_arg, "--reset-state"])
@@ -1322,13 +1324,23 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(10), child.wait()).await;
     assert!(up, "switchyard did not serve after --reset-state");
-    let aside: Vec<_> = std::fs::read_dir(dir.path())
+    let moved: Vec<_> = std::fs::read_dir(dir.path())
         .expect("read dir")
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("corrupt"))
+        .filter(|n| n.starts_with(aside))
         .collect();
-    assert_eq!(aside.len(), 1, "the corrupt file was not moved aside");
+    assert_eq!(moved.len(), 1, "the corrupt {file} was not moved aside");
+}
+
+#[tokio::test]
+async fn corrupt_state_file_stops_startup_until_reset_state() {
+    corrupt_file_stops_startup_until_reset_state(
+        "state.json",
+        b"{\"version\": 1, \"services\": {not json",
+        "state.json.corrupt",
+    )
+    .await;
 }
 
 /// A release file (`state.release.json`) that is not JSON stops startup as a corrupt state
@@ -1337,53 +1349,12 @@ async fn corrupt_state_file_stops_startup_until_reset_state() {
 /// no state file to move) and serves. A missing release file is no release (every other test).
 #[tokio::test]
 async fn corrupt_release_file_stops_startup_until_reset_state() {
-    let blue = TestUpstream::start("blue").await;
-    let green = TestUpstream::start("green").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (config, proxy, _) = binary_config(dir.path(), blue.addr, green.addr);
-    let release = dir.path().join("state.release.json");
-    std::fs::write(&release, b"{\"current\": {\"id\": 5").expect("write");
-    let config_arg = config.to_str().expect("utf8 path");
-
-    let out = timeout(
-        Duration::from_secs(20),
-        switchyard_cmd(&["serve", "--config", config_arg]).output(),
+    corrupt_file_stops_startup_until_reset_state(
+        "state.release.json",
+        b"{\"current\": {\"id\": 5",
+        "state.release.json.corrupt",
     )
-    .await
-    .expect("serve hung on a corrupt release file")
-    .expect("run switchyard");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(
-        stderr.contains(&release.display().to_string()),
-        "names the file: {stderr}"
-    );
-    assert!(stderr.contains("--reset-state"), "{stderr}");
-    assert!(release.exists(), "the corrupt file must be left alone");
-
-    let mut child = switchyard_cmd(&["serve", "--config", config_arg, "--reset-state"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let up = eventually(15, || async {
-        try_get(proxy, "/x").await == Some((200, "blue\n".to_string()))
-    })
     .await;
-    let _ = child.start_kill();
-    let _ = timeout(Duration::from_secs(10), child.wait()).await;
-    assert!(up, "switchyard did not serve after --reset-state");
-    let aside: Vec<_> = std::fs::read_dir(dir.path())
-        .expect("read dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("state.release.json.corrupt"))
-        .collect();
-    assert_eq!(
-        aside.len(),
-        1,
-        "the corrupt release file was not moved aside"
-    );
 }
 
 /// `--reset-state` while a release runs (killed mid-bake: `<state>.release.json` still holds it
