@@ -412,8 +412,8 @@ pub async fn start_with(
 
 /// What `switchyard check` finds in the files the config names, as `serve` would at startup:
 /// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key` when
-/// `proxy.tls_listen` is set, `admin.…`),
-/// and the access log's file writable or creatable. Each problem names its key. Blocking.
+/// `proxy.tls_listen` is set, `admin.…`), each CA file read (`analysis.ca_file`,
+/// `notify.ca_file`), and the access log's file writable or creatable. Each problem names its key. Blocking.
 pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
     let mut problems = Vec::new();
     // The proxy's pair only where `serve` reads it: with a TLS listener.
@@ -435,6 +435,23 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
                     message: e.to_string(),
                 });
             }
+        }
+    }
+    // A CA file the config names must hold a usable certificate: one that cannot would fail
+    // every `https://` check (no rollback rule conclusive) or webhook, long after the start.
+    let cas = [
+        ("analysis.ca_file", &config.analysis.ca_file),
+        ("notify.ca_file", &config.notify.ca_file),
+    ];
+    for (key, path) in cas {
+        if let Some(Err(message)) = path
+            .as_deref()
+            .map(|p| crate::tls::client_config(Some(p), ""))
+        {
+            problems.push(crate::config::ConfigError {
+                key: key.to_string(),
+                message,
+            });
         }
     }
     if let crate::config::AccessTarget::File(path) = &config.log.access {

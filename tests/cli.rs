@@ -53,12 +53,15 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
     let (_, other_key) = pair("b");
     let garbage = write(dir.path(), "garbage.key", "not a key\n");
     let service = "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3001\"] }\ngreen = { upstreams = [\"127.0.0.1:3002\"] }\n";
+    // The CA files: the certificate itself is a usable CA (rustls takes any certificate as a
+    // trust anchor); garbage, and a file that is not there, are not.
     let config = |tls_key: &str, admin_key: &str, access: &str| {
         format!(
             "[proxy]\nlisten = \"127.0.0.1:8080\"\ntls_listen = \"127.0.0.1:8443\"\n\
              tls_cert = \"{cert}\"\ntls_key = \"{tls_key}\"\n\
              [admin]\nlisten = \"127.0.0.1:9090\"\ntls_cert = \"{cert}\"\ntls_key = \"{admin_key}\"\n\
-             [log]\naccess = \"{access}\"\n{service}"
+             [log]\naccess = \"{access}\"\n\
+             [analysis]\nca_file = \"{cert}\"\n[notify]\nca_file = \"{cert}\"\n{service}"
         )
     };
     let good = write(
@@ -80,15 +83,31 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
             &garbage,
             &other_key,
             &dir.path().join("nowhere/access.log").display().to_string(),
+        )
+        .replacen(
+            &format!("ca_file = \"{cert}\""),
+            &format!("ca_file = \"{garbage}\""),
+            1,
+        )
+        .replacen(
+            &format!("ca_file = \"{cert}\""),
+            &format!("ca_file = \"{}\"", dir.path().join("no-ca.pem").display()),
+            1,
         ),
     );
     let out = switchyard(&["check", "--config", &bad]);
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    for key in ["proxy.tls_key:", "admin.tls_", "log.access:"] {
+    for key in [
+        "proxy.tls_key:",
+        "admin.tls_",
+        "log.access:",
+        "analysis.ca_file:",
+        "notify.ca_file:",
+    ] {
         assert!(err.contains(key), "no {key} in {err}");
     }
-    assert!(err.contains("3 problems"), "{err}");
+    assert!(err.contains("5 problems"), "{err}");
 
     // With a problem elsewhere in the file, the files' problems are listed beside it, by
     // `check` and by `serve` alike (they used to wait until the rest was valid).
@@ -107,12 +126,14 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
             "proxy.tls_key",
             "admin.tls_",
             "log.access",
+            "analysis.ca_file",
+            "notify.ca_file",
         ] {
             assert!(err.contains(key), "{cmd}: no {key} in {err}");
         }
     }
     let out = switchyard(&["check", "--config", &both]);
-    assert!(text(&out).1.contains("4 problems"), "{:?}", text(&out));
+    assert!(text(&out).1.contains("6 problems"), "{:?}", text(&out));
 
     // The proxy's pair is read only with a TLS listener, as `serve` reads it.
     let unused = write(
