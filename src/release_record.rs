@@ -254,6 +254,9 @@ pub(crate) struct Inner {
     pub(crate) recent: VecDeque<Release>,
     pub(crate) cancel: Option<CancellationToken>,
     pub(crate) promote: bool,
+    /// The id of a release whose driver was given up on (it failed too often): a promote of it
+    /// would be answered and never carried out.
+    pub(crate) undriven: Option<String>,
 }
 
 /// The release machinery of one app: the running release, the last [`RECENT`] ones.

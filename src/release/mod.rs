@@ -249,6 +249,12 @@ pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> 
         let Some(r) = inner.current.as_ref() else {
             return Err(ChangeError::Refused("no release is running".to_string()));
         };
+        if inner.undriven.as_deref() == Some(r.id.as_str()) {
+            return Err(ChangeError::Refused(format!(
+                "release {:?} ({}) is no longer driven: its driver failed {MAX_DRIVER_RESTARTS} times; abort it (ctl release abort), or restart Switchyard to resume it",
+                r.name, r.id
+            )));
+        }
         if r.state != "waiting" && r.paused.is_none() {
             return Err(ChangeError::Refused(format!(
                 "release {:?} is {} (phase {}), not waiting at a manual gate",
@@ -1803,6 +1809,7 @@ async fn give_up_driving(app: &Arc<App>, id: &str) {
     let Some(name) = app.releases.update(id, |r| r.name.clone()) else {
         return;
     };
+    app.releases.lock().undriven = Some(id.to_string());
     tracing::error!(release = %id, "the release's driver failed {MAX_DRIVER_RESTARTS} times after its start; it is no longer driven");
     record_phase(
         app,
@@ -2017,6 +2024,11 @@ green = { upstreams = ["127.0.0.1:9"] }
             "{phases:?}"
         );
         assert_eq!(active(&app, "panel"), Color::Blue);
+        // A promote would be answered and never carried out: refused, saying why.
+        match promote(&app, "test").await {
+            Err(ChangeError::Refused(m)) => assert!(m.contains("no longer driven"), "{m}"),
+            other => panic!("promote of an undriven release: {other:?}"),
+        }
         abort(&app, "test").await.expect("abort");
         assert_eq!(active(&app, "api"), Color::Blue);
         assert!(app.releases.to_json()["current"].is_null());
