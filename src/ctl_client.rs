@@ -95,9 +95,11 @@ impl CtlArgs {
         };
         // Refused before parsing: http::Uri keeps a user:password@ in the authority (it went
         // out as the Host field, a 400), and `user:pa/ss@host` parses as the host `user:pa`.
+        // An `@` after the host (a pchar, RFC 3986 3.3) cannot be told apart from a password
+        // holding `/`: it is refused too, with the way around it (`%40`, the same path).
         if raw[after_scheme..].contains('@') {
             return Err(bad(
-                "a base URL takes no user or password (the admin API reads --token)",
+                "a base URL takes no user or password (the admin API reads --token); an '@' in its path is written %40",
             ));
         }
         let uri: http::Uri = full.parse().map_err(|e| bad(&format!("{e}")))?;

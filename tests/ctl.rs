@@ -681,6 +681,10 @@ async fn admin_url_forms() {
         // A password is not repeated in the error (CI logs).
         assert!(!o.stderr.contains(":pw"), "{admin}: {o}");
     }
+    // An `@` in the path is refused with the way around it: `%40` (RFC 3986 3.3).
+    let o = run(format!("http://{}/ops@team/", p.admin), &["resume", "api"]).await;
+    assert_eq!(o.code, 2, "{o}");
+    assert!(o.stderr.contains("written %40"), "{o}");
     // nothing reached the API: still paused
     assert_eq!(p.service_status("api").await["paused"], true);
     p.stop().await;
