@@ -745,3 +745,47 @@ fn upstream_ports_and_fully_qualified_names() {
         vec![("api-blue.switchyard.svc.cluster.local.".to_string(), 8080)]
     );
 }
+
+/// A URL Switchyard calls with a `user:password@` in it is refused, its key named and the
+/// password not repeated: it was never sent (the receiver saw no credentials) and
+/// `/api/status`, which needs no token, showed it as written.
+#[test]
+fn urls_with_a_user_or_password_are_refused_without_repeating_it() {
+    let text = r#"
+[analysis]
+prometheus_url = "http://prom:s3cret@127.0.0.1:9090/prefix"
+[notify]
+webhooks = ["https://hook:s3cret@example.com/h", "http://hook:s3c/ret@example.com/h", "http://example.com/ok@team"]
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+url = "http://probe:s3cret@127.0.0.1:3001/{{color}}/deps"
+json_pointer = "/database"
+equals = "ok"
+"#;
+    let errs = errors(text);
+    for key in [
+        "analysis.prometheus_url: URL \"http://***@127.0.0.1:9090/prefix\" carries a user or password",
+        "notify.webhooks[0]: URL \"https://***@example.com/h\" carries a user or password",
+        "notify.webhooks[1]: URL \"http://***@example.com/h\" carries a user or password",
+        "services[0].rollback.triggers[0].url: URL \"http://***@127.0.0.1:3001/{{color}}/deps\" carries",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(key)), "missing {key}: {errs:#?}");
+    }
+    assert!(
+        errs.iter().all(|e| !e.contains("s3c")),
+        "a password repeated: {errs:#?}"
+    );
+    // An `@` in the path cannot be told from a password holding `/`: refused too, saying how
+    // to write it.
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("notify.webhooks[2]") && e.contains("%40")),
+        "{errs:#?}"
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+}

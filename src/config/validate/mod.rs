@@ -468,18 +468,39 @@ fn log(c: &mut Check, l: &RawLog) -> LogConfig {
     }
 }
 
+/// What is wrong with `u` as a URL Switchyard calls (`http://` or `https://`, a host, no
+/// `user:password@`), or None; `parse_as` is `u` with any placeholders filled in, `expected`
+/// shows the right form. A user or password is refused:
+/// it would never be sent (no client here sends Basic credentials) and the URL is shown as
+/// written in `/api/status`, which needs no token. The URL is repeated without it.
+pub(super) fn url_problem(u: &str, parse_as: &str, expected: &str) -> Option<String> {
+    // From the scheme to the last `@`, as `ctl` masks its admin URL: a password may hold `/`.
+    let after_scheme = u.find("://").map_or(0, |i| i + 3);
+    let shown = match u[after_scheme..].rfind('@') {
+        Some(at) => format!("{}***{}", &u[..after_scheme], &u[after_scheme + at..]),
+        None => u.to_string(),
+    };
+    // Any `@`, as `ctl` refuses one: `user:pa/ss@host` parses as the host `user`.
+    if shown != u {
+        return Some(format!(
+            "URL {shown:?} carries a user or password, which is never sent and would be shown as written (in /api/status, the logs, errors); leave it out (a Prometheus token goes in the variable analysis.prometheus_token_env names; an '@' in a path is written %40)"
+        ));
+    }
+    let parsed = parse_as.parse::<http::Uri>().ok();
+    let authority = parsed.as_ref().and_then(|x| x.authority());
+    let ok = matches!(
+        parsed.as_ref().and_then(|x| x.scheme_str()),
+        Some("http" | "https")
+    ) && authority.is_some();
+    (!ok).then(|| format!("invalid URL {shown:?} (expected {expected})"))
+}
+
 /// `[notify]`.
 fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
     let webhooks = n.webhooks.clone().unwrap_or_default();
     for (i, w) in webhooks.iter().enumerate() {
-        let ok = w.parse::<http::Uri>().ok().filter(|u| {
-            matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
-        });
-        if ok.is_none() {
-            c.err(
-                format!("notify.webhooks[{i}]"),
-                format!("invalid URL {w:?} (expected http://host:port/path or https://...)"),
-            );
+        if let Some(m) = url_problem(w, w, "http://host:port/path or https://...") {
+            c.err(format!("notify.webhooks[{i}]"), m);
         }
     }
     NotifyConfig {
@@ -497,16 +518,12 @@ fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
 
 /// `[analysis]`.
 fn analysis(c: &mut Check, an: &RawAnalysis) -> AnalysisConfig {
-    if let Some(u) = &an.prometheus_url {
-        let ok = u.parse::<http::Uri>().ok().filter(|x| {
-            matches!(x.scheme_str(), Some("http") | Some("https")) && x.authority().is_some()
-        });
-        if ok.is_none() {
-            c.err(
-                "analysis.prometheus_url",
-                format!("invalid URL {u:?} (expected http://host:port or https://host:port)"),
-            );
-        }
+    if let Some(m) = an
+        .prometheus_url
+        .as_deref()
+        .and_then(|u| url_problem(u, u, "http://host:port or https://host:port"))
+    {
+        c.err("analysis.prometheus_url", m);
     }
     if an.prometheus_token_env.as_deref() == Some("") {
         c.err(

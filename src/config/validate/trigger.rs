@@ -423,14 +423,12 @@ fn probe_target(c: &mut Check, key: &str, t: &RawTrigger) -> Option<ProbeTarget>
         (None, Some(u)) => {
             let errs = placeholder_errors(u, URL_PLACEHOLDERS);
             let bare = u.replace("{{service}}", "s").replace("{{color}}", "blue");
-            let ok = bare.parse::<http::Uri>().ok().filter(|x| {
-                matches!(x.scheme_str(), Some("http") | Some("https")) && x.authority().is_some()
-            });
-            if errs.is_empty() && ok.is_none() {
-                c.err(
-                    k("url"),
-                    format!("invalid URL {u:?} (expected http://host:port/path or https://...)"),
-                );
+            if let Some(m) = errs
+                .is_empty()
+                .then(|| super::url_problem(u, &bare, "http://host:port/path or https://..."))
+                .flatten()
+            {
+                c.err(k("url"), m);
             }
             for m in errs {
                 c.err(k("url"), m);
