@@ -548,7 +548,10 @@ async fn finish(
 /// A manual flip, rollback or pause of `services` (`action`) while a release runs: refused (409)
 /// unless `force`; a forced one goes through, and pauses the release (it stops advancing until
 /// promoted) only if it changed something: `changed` names the services it changed. A forced
-/// action that is refused, or changes nothing, leaves the release as it was, with no event.
+/// action that is refused, or changes nothing, leaves the release as it was, with no event. One
+/// whose outcome is not known (etcd did not answer whether it took effect: it may have) is no
+/// refusal: it pauses the release as if it changed every service of the release it names, and
+/// the pause says that its outcome is not known ([`forced_changes`]).
 ///
 /// Atomic with the release's own steps: the action and the pause run under `op`, so neither a
 /// phase flip nor the rollback of a release whose service was moved outside it (which checks the
@@ -585,28 +588,30 @@ where
             if hit.len() == 1 { "is" } else { "are" }
         )));
     }
-    let why =
-        |names: &[String]| format!("paused: forced {what} of {} by {actor}", names.join(", "));
+    let why = |names: &[String], unknown: bool| {
+        format!(
+            "paused: forced {what} of {} by {actor}{}",
+            names.join(", "),
+            if unknown { OUTCOME_NOT_KNOWN } else { "" }
+        )
+    };
     let _op = app.releases.op.lock().await;
-    let (out, changed) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
+    let (out, changed, unknown) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
         // Driven by another replica: its driver does not take this replica's `op`, so the pause
         // goes into the shared record first.
         Some(etcd) => {
-            let first = why(&hit);
+            let first = why(&hit, false);
             store::change(app, &etcd, &id, |v| {
                 v["release"]["paused"] = json!(first);
                 Ok(())
             })
             .await?;
             let done = action().await;
-            let changed: Vec<String> = match &done {
-                Ok(o) => changed(o).into_iter().filter(|s| hit.contains(s)).collect(),
-                Err(_) => Vec::new(),
-            };
+            let (changed, unknown) = forced_changes(&done, &hit, changed);
             let now = if changed.is_empty() {
                 None
             } else {
-                Some(why(&changed))
+                Some(why(&changed, unknown))
             };
             let stored = store::change(app, &etcd, &id, |v| {
                 if v["release"]["paused"] == json!(first) {
@@ -618,19 +623,16 @@ where
             if let Err(e) = stored {
                 tracing::warn!(release = %id, error = %e, "cannot correct the release's pause after a forced change");
             }
-            (done?, changed)
+            (done, changed, unknown)
         }
         None => {
-            let out = action().await?;
-            let changed: Vec<String> = changed(&out)
-                .into_iter()
-                .filter(|s| hit.contains(s))
-                .collect();
+            let done = action().await;
+            let (changed, unknown) = forced_changes(&done, &hit, changed);
             if !changed.is_empty() {
-                let w = why(&changed);
+                let w = why(&changed, unknown);
                 app.releases.update(&id, |r| r.paused = Some(w));
             }
-            (out, changed)
+            (done, changed, unknown)
         }
     };
     drop(_op);
@@ -641,12 +643,35 @@ where
             actor,
             format!(
                 "release {name:?} ({id}) {}; it advances again on promote",
-                why(&changed)
+                why(&changed, unknown)
             ),
         ))
         .await;
     }
-    Ok(out)
+    out
+}
+
+/// Said in the pause of a release after a forced action whose outcome is not known.
+const OUTCOME_NOT_KNOWN: &str =
+    " (its outcome is not known: etcd did not answer whether it took effect)";
+
+/// What a forced action (its result `done`) changed of `hit`, the services of the release it
+/// names, and whether its outcome is not known: the ones it says it changed; every one of
+/// `hit` when it is not known (it may have changed any of them: never taken for a refusal);
+/// none when it was refused or failed.
+fn forced_changes<T>(
+    done: &Result<T, ChangeError>,
+    hit: &[String],
+    changed: impl FnOnce(&T) -> Vec<String>,
+) -> (Vec<String>, bool) {
+    match done {
+        Ok(o) => (
+            changed(o).into_iter().filter(|s| hit.contains(s)).collect(),
+            false,
+        ),
+        Err(ChangeError::Unknown(_)) => (hit.to_vec(), true),
+        Err(_) => (Vec::new(), false),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2441,6 +2466,53 @@ gate = "manual"
         let t = evs[0].trigger.clone().expect("trigger");
         assert_eq!(t["kind"], "manual_rollback", "{t}");
         assert_eq!(t["actor"], "ops", "{t}");
+    }
+
+    /// A forced flip whose outcome is not known (etcd stored it but did not answer in time:
+    /// emulated by an action that flips, then answers `Unknown`) is never taken for a refusal:
+    /// it answers `Unknown` and pauses the release, the pause saying so, and the release never
+    /// goes on onto the service it may have moved.
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let out = guarded(
+            &app,
+            &["api"],
+            true,
+            "flip",
+            "ops",
+            || async {
+                app.flip("api", Color::Blue, true, FlipKind::Manual, "ops")
+                    .await?;
+                Err::<crate::app::FlipOutcome, _>(ChangeError::Unknown(
+                    "outcome unknown: etcd did not answer".to_string(),
+                ))
+            },
+            |o| vec![o.service.clone()],
+        )
+        .await;
+        assert!(matches!(out, Err(ChangeError::Unknown(_))), "{out:?}");
+        let paused = current(&app)["paused"].clone();
+        let p = paused.as_str().unwrap_or_default();
+        assert!(p.contains("forced flip of api by ops"), "{paused}");
+        assert!(p.contains("outcome is not known"), "{paused}");
+        let said = reasons(&app, "release_phase").iter().any(|e| {
+            e.detail.contains("paused: forced flip of api") && e.detail.contains("not known")
+        });
+        assert!(said, "{:?}", reasons(&app, "release_phase"));
+        // Paused: it waits at the end of the bake, and a promote is refused while api is off
+        // its release color.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "waiting", "{c}");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        assert!(matches!(
+            promote(&app, "test").await,
+            Err(ChangeError::Refused(_))
+        ));
     }
 
     /// Rolled back by hand without the release pausing (the guard bypassed), the release
