@@ -403,6 +403,76 @@ async fn an_etcd_outage_is_not_taken_for_a_stopped_driver() {
     b.stop().await;
 }
 
+/// A forced flip of a service of the running release, on the replica that drives it, whose
+/// write etcd commits but answers too late (outcome unknown, 503): never taken for a refusal.
+/// The release pauses (the pause says the outcome is not known) and waits at the end of the
+/// bake instead of going on; once the flip shows, a promote is refused while the service is
+/// off its release color, and an abort ends the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-forced-unknown/", "1s").await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    let body = rig.body.replace(
+        &format!("127.0.0.1:{}", etcd.client),
+        &relay.addr.to_string(),
+    );
+    assert_ne!(body, rig.body);
+    let a = TestProxy::start(&body).await;
+    start_release(&a, two_phases("20s", "1s", "1s")).await;
+    wait_phase(&a, 0, "baking").await;
+    // etcd commits at once, but neither the write nor a read-back is answered in time.
+    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(10)));
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "blue", "force": true})),
+    )
+    .await;
+    relay.set_mode(common::relay::Mode::Pass);
+    assert_eq!(s, 503, "an unknown outcome is not a refusal: {v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("unknown"), "{v}");
+    let paused = releases(&a).await["current"]["paused"].clone();
+    let p = paused.as_str().unwrap_or_default();
+    assert!(p.contains("forced flip of api"), "{paused}");
+    assert!(p.contains("outcome is not known"), "{paused}");
+    // The flip took effect: it shows once etcd answers again.
+    let moved = eventually(30, || async { a.get("/api/x").await.1 == "api-blue\n" }).await;
+    assert!(moved, "{}", a.status().await);
+    // Paused: the bake ends and the release waits; phase 1 never flips.
+    let waiting = eventually(40, || async {
+        let c = releases(&a).await["current"].clone();
+        c["state"] == "waiting" && c["phases"][0]["state"] == "waiting"
+    })
+    .await;
+    assert!(waiting, "{}", releases(&a).await);
+    assert_eq!(a.get("/panel/x").await.1, "panel-blue\n");
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("api was"), "{v}");
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let all = releases(&a).await;
+    assert!(all["current"].is_null(), "{all}");
+    assert_eq!(all["recent"][0]["state"], "aborted", "{all}");
+    assert!(events_of(&a, "release_complete").await.is_empty());
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
     let dir = tempfile::tempdir().expect("tempdir");

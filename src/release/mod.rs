@@ -420,8 +420,21 @@ async fn roll_back_if(
     shape: impl FnOnce(&mut Event) + Send + 'static,
     still: impl FnOnce(&Release) -> bool,
 ) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
+    let _op = app.releases.op.lock().await;
+    roll_back_held(app, id, result, kind, reason, shape, still).await
+}
+
+/// [`roll_back_if`], the caller holding `op`.
+async fn roll_back_held(
+    app: &Arc<App>,
+    id: &str,
+    result: &'static str,
+    kind: FlipKind,
+    reason: String,
+    shape: impl FnOnce(&mut Event) + Send + 'static,
+    still: impl FnOnce(&Release) -> bool,
+) -> Result<Option<(Vec<crate::app::FlipOutcome>, Vec<String>)>, ChangeError> {
     let rel = &app.releases;
-    let _op = rel.op.lock().await;
     let Some(mut cur) = rel.current().filter(|r| r.id == id && r.live() && still(r)) else {
         return Ok(None);
     };
@@ -548,7 +561,10 @@ async fn finish(
 /// A manual flip, rollback or pause of `services` (`action`) while a release runs: refused (409)
 /// unless `force`; a forced one goes through, and pauses the release (it stops advancing until
 /// promoted) only if it changed something: `changed` names the services it changed. A forced
-/// action that is refused, or changes nothing, leaves the release as it was, with no event.
+/// action that is refused, or changes nothing, leaves the release as it was, with no event. One
+/// whose outcome is not known (etcd did not answer whether it took effect: it may have) is no
+/// refusal: it pauses the release as if it changed every service of the release it names, and
+/// the pause says that its outcome is not known ([`forced_changes`]).
 ///
 /// Atomic with the release's own steps: the action and the pause run under `op`, so neither a
 /// phase flip nor the rollback of a release whose service was moved outside it (which checks the
@@ -585,28 +601,30 @@ where
             if hit.len() == 1 { "is" } else { "are" }
         )));
     }
-    let why =
-        |names: &[String]| format!("paused: forced {what} of {} by {actor}", names.join(", "));
+    let why = |names: &[String], unknown: bool| {
+        format!(
+            "paused: forced {what} of {} by {actor}{}",
+            names.join(", "),
+            if unknown { OUTCOME_NOT_KNOWN } else { "" }
+        )
+    };
     let _op = app.releases.op.lock().await;
-    let (out, changed) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
+    let (out, changed, unknown) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
         // Driven by another replica: its driver does not take this replica's `op`, so the pause
         // goes into the shared record first.
         Some(etcd) => {
-            let first = why(&hit);
+            let first = why(&hit, false);
             store::change(app, &etcd, &id, |v| {
                 v["release"]["paused"] = json!(first);
                 Ok(())
             })
             .await?;
             let done = action().await;
-            let changed: Vec<String> = match &done {
-                Ok(o) => changed(o).into_iter().filter(|s| hit.contains(s)).collect(),
-                Err(_) => Vec::new(),
-            };
+            let (changed, unknown) = forced_changes(&done, &hit, changed);
             let now = if changed.is_empty() {
                 None
             } else {
-                Some(why(&changed))
+                Some(why(&changed, unknown))
             };
             let stored = store::change(app, &etcd, &id, |v| {
                 if v["release"]["paused"] == json!(first) {
@@ -618,19 +636,16 @@ where
             if let Err(e) = stored {
                 tracing::warn!(release = %id, error = %e, "cannot correct the release's pause after a forced change");
             }
-            (done?, changed)
+            (done, changed, unknown)
         }
         None => {
-            let out = action().await?;
-            let changed: Vec<String> = changed(&out)
-                .into_iter()
-                .filter(|s| hit.contains(s))
-                .collect();
+            let done = action().await;
+            let (changed, unknown) = forced_changes(&done, &hit, changed);
             if !changed.is_empty() {
-                let w = why(&changed);
+                let w = why(&changed, unknown);
                 app.releases.update(&id, |r| r.paused = Some(w));
             }
-            (out, changed)
+            (done, changed, unknown)
         }
     };
     drop(_op);
@@ -641,12 +656,35 @@ where
             actor,
             format!(
                 "release {name:?} ({id}) {}; it advances again on promote",
-                why(&changed)
+                why(&changed, unknown)
             ),
         ))
         .await;
     }
-    Ok(out)
+    out
+}
+
+/// Said in the pause of a release after a forced action whose outcome is not known.
+const OUTCOME_NOT_KNOWN: &str =
+    " (its outcome is not known: etcd did not answer whether it took effect)";
+
+/// What a forced action (its result `done`) changed of `hit`, the services of the release it
+/// names, and whether its outcome is not known: the ones it says it changed; every one of
+/// `hit` when it is not known (it may have changed any of them: never taken for a refusal);
+/// none when it was refused or failed.
+fn forced_changes<T>(
+    done: &Result<T, ChangeError>,
+    hit: &[String],
+    changed: impl FnOnce(&T) -> Vec<String>,
+) -> (Vec<String>, bool) {
+    match done {
+        Ok(o) => (
+            changed(o).into_iter().filter(|s| hit.contains(s)).collect(),
+            false,
+        ),
+        Err(ChangeError::Unknown(_)) => (hit.to_vec(), true),
+        Err(_) => (Vec::new(), false),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,9 +746,19 @@ async fn drive(
         let bake = match resumed {
             Some(Resume::Bake(left)) => left,
             Some(Resume::Gate) => Duration::ZERO,
-            _ => match run_phase(&app, &id, &cancel, i, &targets, &plan, &label).await {
-                Some(()) => plan.bake,
-                None => return,
+            _ => loop {
+                match run_phase(&app, &id, &cancel, i, &targets, &plan, &label).await {
+                    Ran::Flipped => break plan.bake,
+                    Ran::Ended => return,
+                    // A service was moved off its release color and the rollback did not go
+                    // through: paused, saying so; the phase runs once promoted (if the release
+                    // holds its state again by then).
+                    Ran::Held => {
+                        if !pass_gate(&app, &id, i, &label, &cancel, true).await {
+                            return;
+                        }
+                    }
+                }
             },
         };
         if !sleep_or_cancel(&app, &id, bake, &cancel).await {
@@ -773,13 +821,22 @@ async fn drive(
     if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
-    if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel, true).await {
-        return;
-    }
-    let ended = {
+    let ended = loop {
+        if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel, true).await {
+            return;
+        }
         let _op = rel.op.lock().await;
+        // Never `complete` with a service the release flipped off its release color.
+        match roll_back_if_moved_held(&app, &id).await {
+            Holding::Holds => {}
+            Holding::Ended => return,
+            Holding::Failed(why) => {
+                rel.update(&id, |r| r.paused = Some(why));
+                continue;
+            }
+        }
         const WHY: &str = "every phase passed and the validate window ended";
-        match store::etcd(&app) {
+        break match store::etcd(&app) {
             Some(etcd) if !cancel.is_cancelled() => {
                 let won = matches!(
                     store::end(&app, &etcd, &id, "complete", WHY).await,
@@ -796,7 +853,7 @@ async fn drive(
             }
             Some(_) => false,
             None => !cancel.is_cancelled() && rel.end(&id, "complete", WHY.to_string()),
-        }
+        };
     };
     if ended {
         app.record(Event::new(
@@ -809,7 +866,18 @@ async fn drive(
     }
 }
 
-/// A phase's checks and its one atomic flip; None when the release ended (rolled back).
+/// What became of [`run_phase`].
+enum Ran {
+    /// The phase's services are flipped: it bakes.
+    Flipped,
+    /// The release ended (rolled back), or this driver stopped.
+    Ended,
+    /// A service the release flipped was moved off its release color and the release's
+    /// rollback did not go through: nothing flipped, the release paused saying so.
+    Held,
+}
+
+/// A phase's checks and its one atomic flip.
 async fn run_phase(
     app: &Arc<App>,
     id: &str,
@@ -818,7 +886,7 @@ async fn run_phase(
     targets: &[(String, Color)],
     plan: &PhasePlan,
     label: &str,
-) -> Option<()> {
+) -> Ran {
     let rel = &app.releases;
     {
         // The pre-flip checks on every service of the phase, outside every lock.
@@ -841,14 +909,25 @@ async fn run_phase(
         if let Some(why) = failed {
             let reason = format!("the checks before phase {i} {:?} failed: {why}", plan.name);
             give_up(app, id, reason).await;
-            return None;
+            return Ran::Ended;
         }
         // One atomic flip of the phase's services, never after an abort or rollback.
         let outcomes;
         {
             let _op = rel.op.lock().await;
             if cancel.is_cancelled() {
-                return None;
+                return Ran::Ended;
+            }
+            // Never onto a state the release no longer holds, whatever path came here (a
+            // promote that a change raced, an automatic gate): checked under `op`, so no change
+            // by hand can come between this check and the flip.
+            match roll_back_if_moved_held(app, id).await {
+                Holding::Holds => {}
+                Holding::Ended => return Ran::Ended,
+                Holding::Failed(why) => {
+                    rel.update(id, |r| r.paused = Some(why));
+                    return Ran::Held;
+                }
             }
             if let Some(etcd) = store::etcd(app) {
                 // Claim the phase in etcd before flipping anything: if another replica ended
@@ -872,7 +951,7 @@ async fn run_phase(
                 };
                 if !store::step(app, &etcd, id, cancel, claim).await {
                     tracing::warn!(release = %id, phase = i, "the phase's claim in etcd did not apply; nothing flipped");
-                    return None;
+                    return Ran::Ended;
                 }
             }
             let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
@@ -882,7 +961,7 @@ async fn run_phase(
                     drop(_op);
                     let e = e.to_string().replace(crate::app::FORCE_HINT, "");
                     give_up(app, id, format!("the flip of phase {i} failed: {e}")).await;
-                    return None;
+                    return Ran::Ended;
                 }
             }
             if let Some(etcd) = store::etcd(app) {
@@ -917,7 +996,7 @@ async fn run_phase(
                     {
                         tracing::error!(release = %id, error = %e, "cannot undo a phase flip that landed after the release ended");
                     }
-                    return None;
+                    return Ran::Ended;
                 }
             }
             let deadline = Instant::now() + plan.bake;
@@ -972,7 +1051,7 @@ async fn run_phase(
             },
         )
         .await;
-        Some(())
+        Ran::Flipped
     }
 }
 
@@ -1059,10 +1138,9 @@ async fn sleep_or_cancel(
             _ = app.releases.wake.notified() => {}
             _ = cancel.cancelled() => return false,
         }
-        if removed_by_reload(app, id).await {
+        if removed_by_reload(app, id).await || !resume_if_promoted(app, id).await {
             return false;
         }
-        resume_if_promoted(app, id);
         if Instant::now() >= deadline {
             return true;
         }
@@ -1072,22 +1150,43 @@ async fn sleep_or_cancel(
 /// A promote that arrives while a paused release is still baking (or validating) resumes it
 /// there and then. Left for the gate, it would also pass the phase's manual gate, which
 /// nobody promoted, and the release would show as paused until the bake ended.
-fn resume_if_promoted(app: &App, id: &str) {
+///
+/// The driver decides, under `op`: a promote is accepted against what the replica that took it
+/// saw, and a change by hand can land after that (it paused the release again, or was made on
+/// another replica): if a service the release flipped is off its release color now, the whole
+/// release rolls back at once ([`roll_back_if_moved_held`]) instead of resuming. False when the
+/// release ended.
+async fn resume_if_promoted(app: &Arc<App>, id: &str) -> bool {
     let rel = &app.releases;
-    let mut inner = rel.lock();
-    if !inner.promote {
-        return;
-    }
-    let Some(r) = inner
-        .current
-        .as_mut()
-        .filter(|r| r.id == id && r.paused.is_some() && r.state != "waiting")
-    else {
-        return;
+    let due = || {
+        let inner = rel.lock();
+        inner.promote
+            && inner
+                .current
+                .as_ref()
+                .is_some_and(|r| r.id == id && r.paused.is_some() && r.state != "waiting")
     };
-    r.paused = None;
+    if !due() {
+        return true;
+    }
+    let _op = rel.op.lock().await;
+    if !due() {
+        return true;
+    }
+    let held = roll_back_if_moved_held(app, id).await;
+    let mut inner = rel.lock();
     inner.promote = false;
+    let Some(r) = inner.current.as_mut().filter(|r| r.id == id) else {
+        return false;
+    };
+    match held {
+        Holding::Holds => r.paused = None,
+        Holding::Ended => return false,
+        // Paused still, saying why; a promote is refused while the service is off its color.
+        Holding::Failed(why) => r.paused = Some(why),
+    }
     rel.publish(&inner);
+    true
 }
 
 /// The color the release last sent `service` to (the latest phase of it that ran).
@@ -1190,9 +1289,9 @@ fn moved_off(app: &App, r: &Release, latched_only: bool) -> Option<Moved> {
     })
 }
 
-/// Rolls the release back because `m` moved one of its services off its release color
-/// (`unless_paused`: not if the release is paused by then, checked under `op`).
-async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved, unless_paused: bool) -> bool {
+/// The `release_rollback` event of a release rolled back because `m` moved one of its services
+/// off its release color: the service, and what moved it (`trigger.kind`, `actor`).
+fn moved_shape(m: Moved) -> (String, impl FnOnce(&mut Event) + Send + 'static) {
     let Moved {
         service,
         reason,
@@ -1200,16 +1299,23 @@ async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved, unless_paused: bool
         actor,
         ..
     } = m;
+    (reason, move |ev: &mut Event| {
+        ev.service = service.clone();
+        ev.trigger = Some(json!({ "kind": kind, "service": service, "actor": actor }));
+    })
+}
+
+/// Rolls the release back because `m` moved one of its services off its release color
+/// (`unless_paused`: not if the release is paused by then, checked under `op`).
+async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved, unless_paused: bool) -> bool {
+    let (reason, shape) = moved_shape(m);
     match roll_back_if(
         app,
         id,
         "rolled_back",
         FlipKind::AutoRollback,
         reason,
-        move |ev: &mut Event| {
-            ev.service = service.clone();
-            ev.trigger = Some(json!({ "kind": kind, "service": service, "actor": actor }));
-        },
+        shape,
         |r| !unless_paused || r.paused.is_none(),
     )
     .await
@@ -1222,11 +1328,66 @@ async fn roll_back_moved(app: &Arc<App>, id: &str, m: Moved, unless_paused: bool
     }
 }
 
-/// Waits at a gate ([`gate`]) and, once promoted, checks that every service the release flipped
-/// is still on its release color: one moved off it meanwhile (a promote is refused while one
-/// is, so only a change that raced the promote) means the release no longer holds what the
-/// next phase would build on, and it rolls back at once, saying what moved it, before anything
-/// else flips. False when the release ended.
+/// What the driver found, under `op`, of the services the release flipped.
+enum Holding {
+    /// Every one is on the color the release sent it to.
+    Holds,
+    /// One was moved off it: the release rolled back (or it had ended already).
+    Ended,
+    /// One was moved off it and the release's rollback did not go through: the pause that
+    /// says so.
+    Failed(String),
+}
+
+/// The caller holds `op`. A service the release flipped is off the color the release sent it
+/// to ([`moved_off`]: a change by hand, or a rollback, outside the release): the whole release
+/// rolls back at once, its reason and event saying what moved the service, before the driver
+/// flips anything else or ends the release `complete`.
+async fn roll_back_if_moved_held(app: &Arc<App>, id: &str) -> Holding {
+    let Some(cur) = app.releases.current().filter(|r| r.id == id && r.live()) else {
+        return Holding::Ended;
+    };
+    let Some(m) = moved_off(app, &cur, false) else {
+        return Holding::Holds;
+    };
+    let why = m.reason.clone();
+    let (reason, shape) = moved_shape(m);
+    match roll_back_held(
+        app,
+        id,
+        "rolled_back",
+        FlipKind::AutoRollback,
+        reason,
+        shape,
+        |_| true,
+    )
+    .await
+    {
+        Ok(_) => Holding::Ended,
+        Err(e) => {
+            tracing::error!(release = %id, error = %e, "cannot roll the release back after one of its services was moved outside it");
+            Holding::Failed(rollback_not_done(&why, &e))
+        }
+    }
+}
+
+/// The pause of a release whose rollback (because `why`) did not go through (`e`): one whose
+/// outcome is not known is said so, never as a refusal.
+fn rollback_not_done(why: &str, e: &ChangeError) -> String {
+    match e {
+        ChangeError::Unknown(m) => format!(
+            "{why}; whether the release's rollback took effect is not known ({m}): abort it"
+        ),
+        e => format!("{why}; the release's rollback failed ({e}): abort it"),
+    }
+}
+
+/// Waits at a gate ([`gate`]) and, once promoted, checks under `op` that every service the
+/// release flipped is still on its release color: one moved off it meanwhile (a promote is
+/// refused while one is, so only a change that raced the promote) means the release no longer
+/// holds what the next phase would build on, and it rolls back at once, saying what moved it,
+/// before anything else flips ([`roll_back_if_moved_held`]; the phase's flip and the end
+/// `complete` check it again). False when the release ended.
 async fn pass_gate(
     app: &Arc<App>,
     id: &str,
@@ -1240,24 +1401,16 @@ async fn pass_gate(
             return false;
         }
         say = true;
-        let Some(m) = app
-            .releases
-            .current()
-            .filter(|r| r.id == id)
-            .and_then(|r| moved_off(app, &r, false))
-        else {
-            return true;
-        };
-        let why = m.reason.clone();
-        if roll_back_moved(app, id, m, false).await
-            || app.releases.current().is_none_or(|r| r.id != id)
-        {
-            return false;
+        let _op = app.releases.op.lock().await;
+        match roll_back_if_moved_held(app, id).await {
+            Holding::Holds => return true,
+            Holding::Ended => return false,
+            // The rollback did not go through (the state backend refused, or did not answer):
+            // waits again, paused, saying so.
+            Holding::Failed(why) => {
+                app.releases.update(id, |r| r.paused = Some(why));
+            }
         }
-        // The rollback failed (the state backend refused): waits again, paused, saying so.
-        app.releases.update(id, |r| {
-            r.paused = Some(format!("{why}; the release's rollback failed: abort it"));
-        });
     }
 }
 
@@ -2441,6 +2594,188 @@ gate = "manual"
         let t = evs[0].trigger.clone().expect("trigger");
         assert_eq!(t["kind"], "manual_rollback", "{t}");
         assert_eq!(t["actor"], "ops", "{t}");
+    }
+
+    /// The mid-bake twin of the race above. A release paused mid-bake (a forced pause) is
+    /// promoted; a forced flip by hand of a service it flipped lands between the promote's
+    /// check (nothing moved then) and the promote reaching the driver. The flip paused the
+    /// release again, with its own reason: the driver, resuming the bake on the promote, finds
+    /// the service off its release color and rolls the whole release back there and then
+    /// (never clearing the newer pause and flipping the next phase), saying what moved it.
+    #[tokio::test(start_paused = true)]
+    async fn a_flip_racing_a_promote_of_a_paused_bake_rolls_the_release_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "pause",
+            "ops",
+            || app.set_paused("api", true, "ops"),
+            |_| vec!["api".to_string()],
+        )
+        .await
+        .expect("pause");
+        assert!(current(&app)["paused"].is_string());
+        // The promote's check passes here (nothing moved yet) ...
+        assert!(moved_off(&app, &app.releases.current().expect("cur"), false).is_none());
+        // ... then the forced flip by hand lands, through the API's guard: it pauses the
+        // release again, naming the flip ...
+        guarded(
+            &app,
+            &["api"],
+            true,
+            "flip",
+            "ops",
+            || app.flip("api", Color::Blue, true, FlipKind::Manual, "ops"),
+            |o| vec![o.service.clone()],
+        )
+        .await
+        .expect("flip");
+        let paused = current(&app)["paused"].clone();
+        assert!(
+            paused.as_str().unwrap_or("").contains("forced flip of api"),
+            "{paused}"
+        );
+        // ... then the promote reaches the driver.
+        {
+            let mut inner = app.releases.lock();
+            inner.promote = true;
+        }
+        app.releases.wake.notify_one();
+        // At once, mid-bake (14 minutes of it left): not at the next phase.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("api was flipped by hand (forced) by ops"),
+            "{reason}"
+        );
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        let t = evs[0].trigger.clone().expect("trigger");
+        assert_eq!(t["kind"], "manual_flip", "{t}");
+        assert_eq!(t["actor"], "ops", "{t}");
+        tokio::time::sleep(Duration::from_secs(20 * 60)).await;
+        let all = app.releases.to_json();
+        assert_eq!(active(&app, "api"), Color::Blue);
+        assert_eq!(
+            active(&app, "panel"),
+            Color::Blue,
+            "the next phase flipped onto a state the release no longer holds: {all}"
+        );
+    }
+
+    /// A flip by hand of a service the release flipped that reaches neither a pause nor a gate
+    /// (the guard bypassed, as a change that raced it would) never has the next phase flip onto
+    /// it: the driver checks, under `op`, before the phase's flip, and rolls the whole release
+    /// back, saying what moved the service.
+    #[tokio::test(start_paused = true)]
+    async fn a_flip_outside_the_release_rolls_it_back_before_the_next_phase_flips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        app.flip("api", Color::Blue, true, FlipKind::Manual, "ops")
+            .await
+            .expect("flip");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let flipped_panel = reasons(&app, "release_phase")
+            .iter()
+            .any(|e| e.detail.contains("panel -> green"));
+        assert!(!flipped_panel, "the next phase flipped first");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("api was flipped by hand (forced) by ops"),
+            "{reason}"
+        );
+        let evs = reasons(&app, "release_rollback");
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert_eq!(
+            evs[0].trigger.as_ref().map(|t| t["kind"].clone()),
+            Some(json!("manual_flip"))
+        );
+    }
+
+    /// Nor does a release end `complete` with a service it flipped moved off its color during
+    /// the validate window (the guard bypassed): it rolls back, saying what moved it.
+    #[tokio::test(start_paused = true)]
+    async fn a_flip_outside_the_release_during_validation_never_ends_it_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        let one = "name = \"one\"\nvalidate = \"30m\"\n[[phases]]\nname = \"backend\"\nservices = [\"api\"]\nbake = \"1m\"\n";
+        start(&app, &plan(one), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(2 * 60)).await;
+        assert_eq!(current(&app)["state"], "validating");
+        app.flip("api", Color::Blue, true, FlipKind::Manual, "ops")
+            .await
+            .expect("flip");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let all = app.releases.to_json();
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
+        let reason = all["recent"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("api was flipped by hand (forced) by ops"),
+            "{reason}"
+        );
+        assert!(reasons(&app, "release_complete").is_empty());
+    }
+
+    /// A forced flip whose outcome is not known (etcd stored it but did not answer in time:
+    /// emulated by an action that flips, then answers `Unknown`) is never taken for a refusal:
+    /// it answers `Unknown` and pauses the release, the pause saying so, and the release never
+    /// goes on onto the service it may have moved.
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path()).await;
+        start(&app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let out = guarded(
+            &app,
+            &["api"],
+            true,
+            "flip",
+            "ops",
+            || async {
+                app.flip("api", Color::Blue, true, FlipKind::Manual, "ops")
+                    .await?;
+                Err::<crate::app::FlipOutcome, _>(ChangeError::Unknown(
+                    "outcome unknown: etcd did not answer".to_string(),
+                ))
+            },
+            |o| vec![o.service.clone()],
+        )
+        .await;
+        assert!(matches!(out, Err(ChangeError::Unknown(_))), "{out:?}");
+        let paused = current(&app)["paused"].clone();
+        let p = paused.as_str().unwrap_or_default();
+        assert!(p.contains("forced flip of api by ops"), "{paused}");
+        assert!(p.contains("outcome is not known"), "{paused}");
+        let said = reasons(&app, "release_phase").iter().any(|e| {
+            e.detail.contains("paused: forced flip of api") && e.detail.contains("not known")
+        });
+        assert!(said, "{:?}", reasons(&app, "release_phase"));
+        // Paused: it waits at the end of the bake, and a promote is refused while api is off
+        // its release color.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let c = current(&app);
+        assert_eq!(c["state"], "waiting", "{c}");
+        assert_eq!(active(&app, "panel"), Color::Blue);
+        assert!(matches!(
+            promote(&app, "test").await,
+            Err(ChangeError::Refused(_))
+        ));
     }
 
     /// Rolled back by hand without the release pausing (the guard bypassed), the release
