@@ -11,7 +11,8 @@
 //! allocation) and hands it to a bounded channel with `try_send` (the writer drains it in
 //! batches, so the send wakes nobody while traffic flows); when the channel is full the
 //! line is dropped and counted in `switchyard_access_log_dropped_total`, so a slow disk or a
-//! blocked stderr never holds up a request. The line is written once the response body has ended
+//! blocked stderr never holds up a request. Lines lost to a failed write are counted there too,
+//! and a line a failed write tore is cut off again or ended before the next ([`Writer::write`]). The line is written once the response body has ended
 //! (or was abandoned): `bytes` is the body bytes handed to the client connection, `duration_ms`
 //! runs from the request head to that end. With `[log] access = "off"` there is no log, no
 //! entry and no request id: the request path does nothing more than before.
@@ -167,7 +168,7 @@ impl AccessLog {
         let sink = Sink::open(&cfg.access)?;
         let dropped = IntCounter::new(
             ACCESS_LOG_DROPPED_TOTAL,
-            "Access log lines dropped because the writer's queue was full.",
+            "Access log lines dropped because the writer's queue was full, or lost to a failed write.",
         )
         .map_err(std::io::Error::other)?;
         // A registry shared with an earlier log (tests) already has it: this one is not scraped.
@@ -175,9 +176,10 @@ impl AccessLog {
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.access_buffer);
         let reopen = Arc::new(AtomicBool::new(false));
         let (format, flag) = (cfg.access_format, reopen.clone());
+        let counter = dropped.clone();
         std::thread::Builder::new()
             .name("switchyard-access-log".to_string())
-            .spawn(move || write_loop(rx, sink, format, flag))?;
+            .spawn(move || write_loop(rx, sink, format, flag, counter))?;
         Ok(Some(Arc::new(AccessLog {
             tx,
             reopen,
@@ -392,31 +394,79 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Logged<B> {
     }
 }
 
-/// Where lines go.
+/// Where lines go. Every variant writes straight to its file descriptor (no buffer of std's in
+/// between), so the writer knows which bytes reached it when a write fails.
 enum Sink {
     Stderr,
-    Stdout,
+    /// A duplicate of fd 1; None when stdout is closed (lines go nowhere, as with std's stdout).
+    Stdout(Option<std::fs::File>),
     File(PathBuf, std::fs::File),
+    #[cfg(test)]
+    Test(Box<dyn Write + Send>),
 }
 
 impl Sink {
     fn open(target: &AccessTarget) -> std::io::Result<Sink> {
         Ok(match target {
             AccessTarget::Off | AccessTarget::Stderr => Sink::Stderr,
-            AccessTarget::Stdout => Sink::Stdout,
+            AccessTarget::Stdout => {
+                use std::os::fd::AsFd;
+                let fd = std::io::stdout().as_fd().try_clone_to_owned();
+                Sink::Stdout(fd.ok().map(std::fs::File::from))
+            }
             AccessTarget::File(p) => Sink::File(p.clone(), open_append(p)?),
         })
     }
 
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+    /// One `write(2)`: how many bytes of `buf` the sink took.
+    fn write_some(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Sink::Stderr => std::io::stderr().lock().write_all(buf),
-            Sink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(buf)?;
-                out.flush()
+            Sink::Stderr => std::io::stderr().lock().write(buf),
+            Sink::Stdout(Some(f)) | Sink::File(_, f) => f.write(buf),
+            Sink::Stdout(None) => Ok(buf.len()),
+            #[cfg(test)]
+            Sink::Test(w) => w.write(buf),
+        }
+    }
+
+    /// Writes `buf` whole, or says how much of it was written before the error.
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), (usize, std::io::Error)> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.write_some(&buf[done..]) {
+                Ok(0) => return Err((done, std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((done, e)),
             }
-            Sink::File(_, f) => f.write_all(buf),
+        }
+        Ok(())
+    }
+
+    /// A failed write left `tail` (the start of a line) at the end of the file: cut it off, when
+    /// the file still ends with it (after copytruncate it does not, and the file is left alone).
+    /// True when the file ends with a complete line again.
+    fn cut(&mut self, tail: &[u8]) -> bool {
+        let Sink::File(_, f) = self else {
+            return false;
+        };
+        let Ok(len) = f.metadata().map(|m| m.len()) else {
+            return false;
+        };
+        let Some(at) = len.checked_sub(tail.len() as u64) else {
+            return false;
+        };
+        let mut end = vec![0u8; tail.len()];
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut end, at).is_ok() && end == tail && f.set_len(at).is_ok()
+    }
+
+    /// Whether a line torn by a failed write may still be at the end of what was written: not
+    /// when the file is empty (copytruncate emptied it since).
+    fn may_be_torn(&self) -> bool {
+        match self {
+            Sink::File(_, f) => f.metadata().map_or(true, |m| m.len() > 0),
+            _ => true,
         }
     }
 
@@ -437,24 +487,30 @@ impl Sink {
     }
 }
 
+/// Opened for reading too when it may be (to check the end of the file before cutting a torn
+/// line off it, [`Sink::cut`]); only for appending when not.
 fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(p)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    match opts.clone().read(true).open(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => opts.open(p),
+        r => r,
+    }
+    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
 }
 
 /// The writer thread. Under load it never blocks on the queue: it drains what is there, writes
 /// it in one go, and sleeps [`BATCH_INTERVAL`], so a request's `try_send` never has to wake it
 /// (no futex wake, no context switch per line). After [`IDLE_POLLS`] empty rounds it blocks on
 /// the queue instead, so an idle proxy has an idle writer. Ends when every sender is gone.
-fn write_loop(rx: Receiver<Msg>, mut sink: Sink, format: AccessFormat, reopen: Arc<AtomicBool>) {
-    let mut w = Writer {
-        buf: Vec::with_capacity(WRITE_CHUNK + 4096),
-        failing: false,
-        date: (u64::MAX, String::new()),
-    };
+fn write_loop(
+    rx: Receiver<Msg>,
+    mut sink: Sink,
+    format: AccessFormat,
+    reopen: Arc<AtomicBool>,
+    dropped: IntCounter,
+) {
+    let mut w = Writer::new(dropped);
     let mut idle = 0u32;
     loop {
         let mut got = 0usize;
@@ -502,12 +558,27 @@ const IDLE_POLLS: u32 = 100;
 struct Writer {
     buf: Vec<u8>,
     failing: bool,
+    /// A failed write left part of a line in the sink that could not be cut off: the next write
+    /// begins with a newline, so that no line is glued onto it.
+    torn: bool,
+    /// Lines lost to a failed write are counted here too.
+    dropped: IntCounter,
     /// The date of the current second, formatted once: combined `01/Dec/2026:13:47:05 +0000`,
     /// JSON `2026-12-01T13:47:05` (the milliseconds are added per line).
     date: (u64, String),
 }
 
 impl Writer {
+    fn new(dropped: IntCounter) -> Writer {
+        Writer {
+            buf: Vec::with_capacity(WRITE_CHUNK + 4096),
+            failing: false,
+            torn: false,
+            dropped,
+            date: (u64::MAX, String::new()),
+        }
+    }
+
     fn handle(&mut self, sink: &mut Sink, msg: Msg, format: AccessFormat) {
         match msg {
             Msg::Line(e) => {
@@ -525,17 +596,40 @@ impl Writer {
         }
     }
 
+    /// Writes the buffered lines. When the write fails, every line not written whole is counted
+    /// in the dropped counter; a line written in part is cut off the file again when it can be
+    /// ([`Sink::cut`]), otherwise the next write begins with a newline, so that no later line
+    /// is glued onto the torn one.
     fn write(&mut self, sink: &mut Sink) {
         if self.buf.is_empty() {
             return;
         }
-        match sink.write_all(&self.buf) {
+        // Every line in the buffer ends with its newline (and has no other).
+        let written = match self.torn && sink.may_be_torn() {
+            true => sink.write_all(b"\n").map_err(|(_, e)| (0, e)),
+            false => Ok(()),
+        }
+        .and_then(|()| {
+            self.torn = false;
+            sink.write_all(&self.buf)
+        });
+        match written {
             Ok(()) => self.failing = false,
-            Err(e) if !self.failing => {
-                self.failing = true;
-                tracing::error!(error = %e, "cannot write the access log; lines are lost until it works again");
+            Err((done, e)) => {
+                let lost = self.buf[done..].iter().filter(|b| **b == b'\n').count();
+                self.dropped.inc_by(lost as u64);
+                let begun = self.buf[..done]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                if begun < done && !sink.cut(&self.buf[begun..done]) {
+                    self.torn = true;
+                }
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(error = %e, "cannot write the access log; lines are lost (and counted) until it works again");
+                }
             }
-            Err(_) => {}
         }
         self.buf.clear();
     }
@@ -769,11 +863,7 @@ mod tests {
             referer: None,
             user_agent: None,
         };
-        let mut w = Writer {
-            buf: Vec::new(),
-            failing: false,
-            date: (u64::MAX, String::new()),
-        };
+        let mut w = Writer::new(IntCounter::new("d", "d").expect("counter"));
         w.format(&e, AccessFormat::Json);
         let v: serde_json::Value = serde_json::from_slice(&w.buf).expect("json");
         assert_eq!(v["time"], "2025-12-01T13:47:05.007Z");
@@ -789,6 +879,88 @@ mod tests {
             serde_json::from_slice::<String>(&out).expect("json"),
             "é\"\n"
         );
+    }
+
+    /// A sink that takes `room` bytes, then fails (ENOSPC) until `room` is raised again.
+    #[derive(Clone, Default)]
+    struct Disk {
+        data: Arc<std::sync::Mutex<Vec<u8>>>,
+        room: Arc<AtomicU64>,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let room = self.room.load(Ordering::SeqCst) as usize;
+            let n = buf.len().min(room);
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            self.room.fetch_sub(n as u64, Ordering::SeqCst);
+            self.data.lock().expect("lock").extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Three lines of `tag`, 39 bytes each, newline included.
+    fn three(w: &mut Writer, tag: char) {
+        for _ in 0..3 {
+            let line = format!("{{\"n\":\"{}\"}}\n", tag.to_string().repeat(30));
+            assert_eq!(line.len(), 39);
+            w.buf.extend_from_slice(line.as_bytes());
+        }
+    }
+
+    /// A write that fails part way (a full disk): every line not written whole is counted as
+    /// dropped, and the next line written is not glued onto the one torn in the middle.
+    #[test]
+    fn a_failed_write_counts_its_lines_and_glues_nothing() {
+        let disk = Disk::default();
+        let dropped = IntCounter::new("d", "d").expect("counter");
+        let mut w = Writer::new(dropped.clone());
+        let mut sink = Sink::Test(Box::new(disk.clone()));
+        // Room for one line and a half: the second is torn, the third never written.
+        disk.room.store(39 + 20, Ordering::SeqCst);
+        three(&mut w, 'a');
+        w.write(&mut sink);
+        assert_eq!(dropped.get(), 2);
+        // Still full: all three lost.
+        three(&mut w, 'b');
+        w.write(&mut sink);
+        assert_eq!(dropped.get(), 5);
+        // Room again: the torn line is ended before the next line.
+        disk.room.store(1 << 20, Ordering::SeqCst);
+        three(&mut w, 'c');
+        w.write(&mut sink);
+        assert_eq!(dropped.get(), 5);
+        let data = String::from_utf8(disk.data.lock().expect("lock").clone()).expect("utf-8");
+        let lines: Vec<&str> = data.lines().collect();
+        assert_eq!(lines.len(), 5, "{data:?}");
+        assert!(lines[0].contains("aaa") && lines[1].len() == 20, "{data:?}");
+        for l in [lines[0], lines[2], lines[3], lines[4]] {
+            serde_json::from_str::<serde_json::Value>(l).expect("a whole line");
+        }
+        assert!(data.ends_with('\n'));
+    }
+
+    /// In a file, the torn part of a line is cut off when the file still ends with it, and the
+    /// file is left alone when it does not (copytruncate emptied it since).
+    #[test]
+    fn a_torn_line_is_cut_off_a_file_that_still_ends_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("access.log");
+        std::fs::write(&path, "{\"a\":1}\n{\"b\"").expect("write");
+        let mut sink = Sink::File(path.clone(), open_append(&path).expect("open"));
+        assert!(!sink.cut(b"{\"c\""));
+        assert!(sink.cut(b"{\"b\""));
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "{\"a\":1}\n");
+        assert!(sink.may_be_torn());
+        std::fs::write(&path, "").expect("truncate");
+        assert!(!sink.cut(b"{\"b\""));
+        assert!(!sink.may_be_torn());
     }
 
     #[test]

@@ -283,9 +283,12 @@ impl Analysis {
     /// `evaluated_at`, and more; merged into the engine's JSON for the trigger. Also sets the
     /// trigger's `switchyard_analysis_state` to the engine's `state` there.
     pub fn status_fields(&self, svc: &Service, index: usize, t: &TriggerConfig, out: &mut Value) {
-        let Some(obj) = out.as_object_mut() else {
-            return;
-        };
+        self.state_gauge(svc, index, t, out);
+        self.trigger_fields(svc, index, t, out, true);
+    }
+
+    /// `switchyard_analysis_state` from the state in `out` (the watcher's, at its evaluation).
+    fn state_gauge(&self, svc: &Service, index: usize, t: &TriggerConfig, out: &Value) {
         // Under the slots lock, and only while the trigger's task runs: [`sync`] removes the
         // series of a trigger it stops under the same lock, so none outlives its trigger.
         if let Ok(slots) = self.slots.lock() {
@@ -293,7 +296,7 @@ impl Analysis {
                 .get(&(svc.name().to_string(), index))
                 .is_some_and(|s| s.trigger == *t);
             if running {
-                let state = obj.get("state").and_then(Value::as_str).unwrap_or("");
+                let state = out.get("state").and_then(Value::as_str).unwrap_or("");
                 let index = index.to_string();
                 for s in ANALYSIS_STATES {
                     self.state
@@ -302,8 +305,26 @@ impl Analysis {
                 }
             }
         }
-        let last = self
-            .slot(svc.name(), index, t)
+    }
+
+    /// The fields of a `prometheus` or `probe` trigger's state in `/api/status`: its query or
+    /// probe and, with `reading`, its last reading for the live generation (without, as none:
+    /// the state of a trigger the engine has not evaluated yet after a flip must not show a
+    /// value its state does not account for); nothing for the other kinds. Changes no metric.
+    pub fn trigger_fields(
+        &self,
+        svc: &Service,
+        index: usize,
+        t: &TriggerConfig,
+        out: &mut Value,
+        reading: bool,
+    ) {
+        let Some(obj) = out.as_object_mut() else {
+            return;
+        };
+        let last = reading
+            .then(|| self.slot(svc.name(), index, t))
+            .flatten()
             .map(|s| s.last())
             .filter(|l| l.generation == Some(svc.state.generation))
             .unwrap_or_default();

@@ -200,7 +200,7 @@ impl Metrics {
         );
         let client_closed_requests_total = IntCounter::new(
             CLIENT_CLOSED_REQUESTS_TOTAL,
-            "HTTP/1 requests cancelled because the client closed its connection before the response (nginx logs these as 499); not recorded as upstream traffic.",
+            "Requests cancelled by the client before the response: an HTTP/1 client that closed its connection, an h2 stream the client reset or whose connection it dropped (nginx logs these as 499); not recorded as upstream traffic.",
         )
         .unwrap_or_else(|e| unreachable!("static counter definition: {e}"));
         register(&r, Box::new(client_closed_requests_total.clone()));

@@ -601,6 +601,20 @@ impl TriggerState {
     }
 }
 
+/// The state in `/api/status` of a trigger the engine has not evaluated yet for the live
+/// color's generation (from a flip until the watcher's next evaluation, at most 0.5 s later):
+/// `insufficient_data`, with no value and no
+/// request count, as no reading of the new live color has been taken.
+pub fn unevaluated_json(trigger: &TriggerConfig) -> Value {
+    let mut v =
+        TriggerState::InsufficientData { requests: 0 }
+            .to_json(trigger, Instant::now(), |_| String::new());
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("requests".into(), Value::Null);
+    }
+    v
+}
+
 /// A number as short as it reads: `0.5`, `12`, `0.333`; infinities as Prometheus writes them
 /// (`+Inf`, `-Inf`).
 pub fn fmt_num(v: f64) -> String {

@@ -202,6 +202,11 @@ fn retire_removed(prev: &Snapshot, next: &Snapshot, metrics: &Metrics) {
     }
     for svc in &prev.services {
         if next.service(svc.name()).is_none() {
+            for reason in crate::metrics::FLIP_REASONS {
+                let _ = metrics
+                    .flips_total
+                    .remove_label_values(&[svc.name(), reason]);
+            }
             for color in Color::ALL {
                 let labels = [svc.name(), color.as_str()];
                 let _ = metrics.request_duration.remove_label_values(&labels);

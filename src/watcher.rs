@@ -285,6 +285,77 @@ fn fire_json(f: &Fire) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    /// From a flip until the engine's next evaluation, `/api/status` shows the service's
+    /// configured triggers as not evaluated yet (`insufficient_data`, no value, no request
+    /// count), never an empty list; the evaluation's states replace them.
+    #[tokio::test]
+    async fn triggers_are_shown_between_a_flip_and_their_evaluation() {
+        const CONFIG: &str = r#"
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:9"] }
+green = { upstreams = ["127.0.0.1:9"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "error_rate"
+above = 0.05
+over = "1m"
+for = "10s"
+[[services.rollback.triggers]]
+kind = "unhealthy"
+"#;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let cfg = crate::config::from_toml_str_with_env(CONFIG, Some(Default::default()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = crate::state::StateStore::file(dir.path().join("state.json"));
+        let app = App::new(cfg, None, store, None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let triggers =
+            |app: &App| crate::admin::status_json(app)["services"][0]["triggers"].clone();
+        let mut watched = HashMap::new();
+        evaluate_all(&app, &mut watched).await;
+        let before = triggers(&app);
+        assert_eq!(before.as_array().map(Vec::len), Some(2), "{before}");
+
+        app.flip(
+            "api",
+            crate::config::Color::Green,
+            true,
+            crate::app::FlipKind::Manual,
+            "test",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let pending = triggers(&app);
+        let kinds: Vec<(&str, &str)> = pending
+            .as_array()
+            .unwrap_or_else(|| panic!("{pending}"))
+            .iter()
+            .map(|t| {
+                assert_eq!((&t["value"], &t["requests"]), (&json!(null), &json!(null)));
+                (
+                    t["kind"].as_str().unwrap_or(""),
+                    t["state"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("error_rate", "insufficient_data"),
+                ("unhealthy", "insufficient_data")
+            ]
+        );
+        assert_eq!(pending[0]["threshold"], before[0]["threshold"]);
+        assert_eq!(pending[0]["for_secs"], json!(10));
+
+        evaluate_all(&app, &mut watched).await;
+        let evaluated = triggers(&app);
+        assert_eq!(evaluated[0]["requests"], json!(0), "{evaluated}");
+        assert_eq!(evaluated.as_array().map(Vec::len), Some(2), "{evaluated}");
+    }
+
     #[test]
     fn window_is_cut_at_the_flip() {
         let m = Duration::from_secs(60);

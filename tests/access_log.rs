@@ -392,6 +392,56 @@ async fn a_blocked_sink_drops_and_counts_never_waits() {
     let _ = child.wait().await;
 }
 
+/// A sink whose writes fail (stdout on /dev/full: every write is ENOSPC): requests go on, and
+/// every line lost is counted as dropped, not only those the queue had no room for.
+#[tokio::test]
+async fn lines_lost_to_failed_writes_are_counted() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"2s\"\nworkers = 1\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+         [log]\naccess = \"stdout\"\n{}",
+        dir.path().join("state.json").display(),
+        service("api", &[blue.addr], &[green.addr], "")
+    );
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(full)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    for i in 0..20 {
+        let (s, _) = get(proxy, &format!("/{i}")).await;
+        assert_eq!(s, 200, "request {i}");
+    }
+    // The writer takes up to 10 ms per batch: wait until all 20 are counted.
+    let dropped = || async {
+        let (_, metrics) = get(admin, "/metrics").await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("switchyard_access_log_dropped_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let counted = eventually(10, || async { dropped().await == Some(20.0) }).await;
+    assert!(counted, "dropped: {:?}, not 20", dropped().await);
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 /// Sends `data` on a connection of its own and reads the answer to the end: the status, the
 /// `x-request-id` it carries, and its body. The sending side is closed after `data` unless it
 /// asks for `Connection: close` (a request that is routed: a client that half-closes before its

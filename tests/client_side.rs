@@ -447,6 +447,15 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
     assert_eq!(status["colors"]["blue"]["requests"], 0, "{status}");
     let (_, metrics) = get(p.admin, "/metrics").await;
     assert!(counted, "{metrics}");
+    // Its HELP says so too: h2 streams are in it, not only HTTP/1 requests.
+    let help = metrics
+        .lines()
+        .find(|l| l.starts_with("# HELP switchyard_client_closed_requests_total "))
+        .unwrap_or_default();
+    assert!(
+        help.contains("HTTP/1") && help.contains("h2 stream"),
+        "{help}"
+    );
     p.stop().await;
 }
 

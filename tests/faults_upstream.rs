@@ -848,6 +848,39 @@ async fn reload_drops_removed_upstreams_their_series_and_reuses_their_windows() 
     p.stop().await;
 }
 
+/// A reload that removes a whole service removes every series that names it, its
+/// `switchyard_flips_total` counters included (created at 0 for every reason).
+#[tokio::test]
+async fn a_reload_that_removes_a_service_takes_all_its_series() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let api = service("api", &[blue.addr], &[green.addr], "path_prefix = \"/api\"");
+    let old = service("old", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&format!("{api}{old}")).await;
+    assert_eq!(p.get("/x").await.0, 200);
+    assert_eq!(p.flip("old", "green").await.0, 200);
+    assert_eq!(p.get("/x").await.0, 200);
+    let text = metrics(&p).await;
+    assert!(
+        text.contains("switchyard_flips_total{reason=\"manual\",service=\"old\"} 1"),
+        "{text}"
+    );
+    let body = full_config(&api, p.dir.as_ref().expect("dir").path());
+    std::fs::write(&p.config_path, body).expect("write config");
+    p.app().reload("test").await.expect("reload");
+    let text = metrics(&p).await;
+    let left: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("service=\"old\""))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "series of the removed service remain: {left:#?}"
+    );
+    assert!(text.contains("service=\"api\""));
+    p.stop().await;
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

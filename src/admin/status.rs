@@ -47,6 +47,22 @@ pub fn status_json(app: &App) -> Value {
                 );
             }
             let r = &svc.config.rollback;
+            // Until the engine has evaluated this generation (a flip less than one evaluation
+            // ago), the configured triggers are shown, not evaluated yet.
+            let triggers = match report {
+                Some(report) => report.triggers.clone(),
+                None if r.enabled => r
+                    .triggers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let mut v = crate::rollback::unevaluated_json(t);
+                        app.analysis.trigger_fields(svc, i, t, &mut v, false);
+                        v
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             json!({
                 "name": svc.name(),
                 "active": svc.state.active,
@@ -65,7 +81,7 @@ pub fn status_json(app: &App) -> Value {
                 "hosts": svc.config.hosts,
                 "path_prefix": svc.config.path_prefix,
                 "colors": colors,
-                "triggers": report.map(|r| r.triggers.clone()).unwrap_or_default(),
+                "triggers": triggers,
             })
         })
         .collect();
