@@ -1364,3 +1364,345 @@ async fn health_checks_and_smoke_tests_of_an_h2_pool_speak_h2() {
     assert_eq!((s, body.as_str()), (200, "h2 /y"));
     p.stop().await;
 }
+
+/// An h2c upstream written frame by frame: its first connection answers the first request's
+/// HEADERS with GOAWAY(last-stream-id 0, NO_ERROR) and closes (RFC 9113 6.8: that stream was
+/// not processed); every later connection answers each request `:status 200`. Counts the
+/// connections.
+async fn goaway_first_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let count = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tcp.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                // Our SETTINGS (empty).
+                if tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if tcp.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(head[0]) << 16
+                        | usize::from(head[1]) << 8
+                        | usize::from(head[2]);
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    if tcp.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let out: Vec<u8> = match kind {
+                        // SETTINGS without ACK: acknowledged.
+                        4 if flags & 1 == 0 => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
+                        1 if first => {
+                            // GOAWAY, last-stream-id 0, NO_ERROR; then the connection closes.
+                            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                            let _ = tcp.write_all(&goaway).await;
+                            let _ = tcp.shutdown().await;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            return;
+                        }
+                        // HEADERS: `:status 200` (static table index 8), END_STREAM|END_HEADERS.
+                        1 => {
+                            let s = stream.to_be_bytes();
+                            vec![0, 0, 1, 1, 5, s[0], s[1], s[2], s[3], 0x88]
+                        }
+                        _ => continue,
+                    };
+                    if tcp.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A request on a stream the h2 upstream's GOAWAY did not cover (above its last-stream-id:
+/// not processed, RFC 9113 6.8) is sent once more on a new connection, whatever its method,
+/// also when the pool has no other upstream; the upstream closing a connection is not a
+/// failure of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_an_h2_upstreams_goaway_left_out_is_sent_again_on_a_new_connection() {
+    let (up, conns) = goaway_first_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let (s, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        request(p.proxy, "POST", "/x", &[], Bytes::new()),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        conns.load(Ordering::SeqCst) >= 2,
+        "not sent on a new connection"
+    );
+    let (s, body) = p.get("/y").await;
+    assert_eq!(s, 200, "{body}");
+    let text = metrics(&p).await;
+    for kind in ["reset", "timeout", "protocol", "connect"] {
+        assert_eq!(failures(&text, "blue", up, kind), 0.0, "{kind}: {text}");
+    }
+    p.stop().await;
+}
+
+/// A listener whose accept queue is full: SYNs to it are dropped, a connect hangs (a
+/// black-holed upstream). Hold the returned connections while it is used.
+async fn black_hole() -> (SocketAddr, socket2::Socket, Vec<tokio::net::TcpStream>) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&any.into()).expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let mut filler = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => filler.push(c),
+            Ok(Err(e)) => panic!("connect: {e}"),
+            Err(_) => break,
+        }
+        assert!(filler.len() < 64, "the accept queue never filled");
+    }
+    (addr, socket, filler)
+}
+
+/// Requests that arrive while the connect to a black-holed h2 upstream is under way share
+/// its outcome: each is a connect failure (502) when it fails, none waits for connects of
+/// its own, one after another, until its `request_timeout` (504, never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_an_h2_connect_share_its_failure() {
+    let (dead, _socket, _filler) = black_hole().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"3500ms\"\neject_after = 0\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{dead}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let mut all = Vec::new();
+    for i in 0..6 {
+        let proxy = p.proxy;
+        all.push(tokio::spawn(async move {
+            request(proxy, "GET", &format!("/{i}"), &[], Bytes::new()).await
+        }));
+    }
+    let mut statuses = Vec::new();
+    for r in all {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(15), r)
+            .await
+            .expect("answered")
+            .expect("task");
+        statuses.push(s);
+    }
+    assert!(statuses.iter().all(|&s| s == 502), "{statuses:?}");
+    p.stop().await;
+}
+
+/// An h2 upstream whose headers and trailers are over 16 KiB (hyper's default limit) and
+/// under 128 KiB (the limit on any upstream head) are passed on; trailers over 128 KiB cut
+/// the response (a failure), never a clean end without them. `/big-head` gets a 20,000-byte
+/// header; `/big-trailer` and `/huge-trailer` `grpc-status: 13` after a 20,000- or
+/// 200,000-byte `grpc-message`.
+async fn big_fields_h2_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_send_buffer_size(1 << 20)
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut reply))) = conn.accept().await {
+                    let path = req.uri().path().to_owned();
+                    let mut head = http::Response::builder().status(200);
+                    if path == "/big-head" {
+                        head = head.header("x-big", "h".repeat(20_000));
+                    }
+                    let Ok(mut tx) = reply.send_response(head.body(()).expect("head"), false)
+                    else {
+                        continue;
+                    };
+                    let message = match path.as_str() {
+                        "/big-trailer" => Some(20_000),
+                        "/huge-trailer" => Some(200_000),
+                        _ => None,
+                    };
+                    let _ = tx.send_data(Bytes::from_static(b"ok"), message.is_none());
+                    if let Some(n) = message {
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", http::HeaderValue::from_static("13"));
+                        t.insert(
+                            "grpc-message",
+                            http::HeaderValue::from_str(&"m".repeat(n)).expect("value"),
+                        );
+                        let _ = tx.send_trailers(t);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstreams_headers_and_trailers_up_to_128_kib_pass() {
+    let up = big_fields_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(p.proxy)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::Builder::new()
+        .max_header_list_size(1 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    // What the client gets: the status, a header's length, the trailers' (None: no trailers),
+    // or an error where the response was cut.
+    let fetch = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = http::Request::get(format!("http://a{path}"))
+                .body(())
+                .expect("request");
+            let mut client = client.clone().ready().await.map_err(|e| e.to_string())?;
+            let (resp, _) = client.send_request(req, true).map_err(|e| e.to_string())?;
+            let resp = resp.await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let big = resp.headers().get("x-big").map_or(0, |v| v.len());
+            let mut body = resp.into_body();
+            while let Some(d) = body.data().await {
+                let d = d.map_err(|e| e.to_string())?;
+                let _ = body.flow_control().release_capacity(d.len());
+            }
+            let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+            let trailers = trailers.map(|t| {
+                (
+                    t.get("grpc-status").map(|v| v.as_bytes().to_vec()),
+                    t.get("grpc-message").map_or(0, |v| v.len()),
+                )
+            });
+            Ok::<_, String>((status, big, trailers))
+        }
+    };
+    let got = tokio::time::timeout(Duration::from_secs(10), fetch("/big-head"))
+        .await
+        .expect("answered");
+    assert_eq!(got, Ok((200, 20_000, None)), "{got:?}");
+    let got = tokio::time::timeout(Duration::from_secs(10), fetch("/big-trailer"))
+        .await
+        .expect("answered");
+    assert_eq!(
+        got,
+        Ok((200, 0, Some((Some(b"13".to_vec()), 20_000)))),
+        "{got:?}"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(10), fetch("/huge-trailer"))
+        .await
+        .expect("answered");
+    assert!(got.is_err(), "trailers over 128 KiB ended cleanly: {got:?}");
+    let text = metrics(&p).await;
+    assert!(failures(&text, "blue", up, "reset") >= 1.0, "{text}");
+    p.stop().await;
+}
+
+/// An h2 upstream whose first connection answers its first request and then never another
+/// (nothing more is read from it: a peer gone without a FIN, or stuck); later connections
+/// answer every request.
+async fn stuck_after_one_h2_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = conns.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                let mut n = 0;
+                while let Some(Ok((_req, mut reply))) = conn.accept().await {
+                    n += 1;
+                    if first && n > 1 {
+                        held.push(reply);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("head");
+                    if let Ok(mut tx) = reply.send_response(head, false) {
+                        let _ = tx.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A request that timed out on an h2 upstream connection from which nothing was read since
+/// it was sent leaves that connection suspect: the next request opens a new one rather than
+/// waiting there too (until PINGs give it up, up to 40 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_timeout_on_a_silent_h2_connection_the_next_request_opens_another() {
+    let up = stuck_after_one_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1s\"\neject_after = 0\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let (s, body) = p.get("/1").await;
+    assert_eq!((s, body.as_str()), (200, "ok"));
+    let (s, _) = p.get("/2").await;
+    assert_eq!(s, 504);
+    let (s, body) = p.get("/3").await;
+    assert_eq!(
+        (s, body.as_str()),
+        (200, "ok"),
+        "the silent connection was used again"
+    );
+    p.stop().await;
+}

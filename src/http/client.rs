@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -141,8 +141,16 @@ pub struct Timeouts {
 
 /// Most header lines an upstream response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
-/// Largest upstream response head (and chunk-size or trailer line) accepted.
+/// Largest upstream response head accepted (its trailer section too:
+/// [`codec::MAX_UPSTREAM_TRAILERS`]); on an h2 pool,
+/// the largest header or trailer section, as HTTP/2 counts it (names, values, 32 a field).
 const MAX_RESPONSE_HEAD: usize = 128 * 1024;
+/// SETTINGS_MAX_HEADER_LIST_SIZE toward h2 upstreams: above [`MAX_RESPONSE_HEAD`], which is
+/// checked here, since h2 refuses a header section over its own limit but silently leaves
+/// out the fields of a trailer section past it (a gRPC error whose long `grpc-message` pushed
+/// `grpc-status` out would end as a clean 200). Twice ours and one: a section h2 cut short
+/// still shows more than ours unless a single field of it is over 128 KiB.
+const H2_MAX_HEADER_LIST: u32 = 2 * MAX_RESPONSE_HEAD as u32 + 1;
 /// An idle connection older than this is checked with a `MSG_PEEK` before reuse.
 const PEEK_AFTER_IDLE: Duration = Duration::from_millis(500);
 /// First read size on a connection; it doubles while reads fill it (large bodies), up to
@@ -191,21 +199,35 @@ impl ClientError {
         }
     }
 
-    /// An HTTP/2 upstream reset the stream with REFUSED_STREAM: it did not process the request
-    /// (RFC 9113 8.7), which may go elsewhere.
+    /// An HTTP/2 upstream did not process the request (RFC 9113 8.7), which may go elsewhere
+    /// or, on a new connection, to the same upstream: it reset the stream with REFUSED_STREAM,
+    /// or its GOAWAY did not cover the stream ([`ClientError::is_goaway_unprocessed`]).
     pub fn is_refused(&self) -> bool {
+        self.h2_error().is_some_and(|e| {
+            e.is_remote()
+                && (e.is_go_away()
+                    || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+        })
+    }
+
+    /// The stream was above the last-stream-id of the upstream's GOAWAY, or opened after it
+    /// (RFC 9113 6.8: not processed, safe to send again whatever the method). h2 gives a
+    /// GOAWAY's error only to such streams: the ones it covers run on, and end with their own
+    /// frames or a broken pipe when the connection closes under them (never sent again).
+    pub fn is_goaway_unprocessed(&self) -> bool {
+        self.h2_error()
+            .is_some_and(|e| e.is_remote() && e.is_go_away())
+    }
+
+    fn h2_error(&self) -> Option<&h2::Error> {
         let mut at: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = at {
             if let Some(e) = e.downcast_ref::<h2::Error>() {
-                // A reset of this stream by the upstream; not a GOAWAY with that code, which
-                // covers streams it may have processed.
-                return e.is_reset()
-                    && e.is_remote()
-                    && e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                return Some(e);
             }
             at = e.source();
         }
-        false
+        None
     }
 }
 
@@ -215,8 +237,11 @@ pub type H2Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 type H2Sender = hyper::client::conn::http2::SendRequest<H2Body>;
 
-/// PINGs on an idle HTTP/2 upstream connection, so that a dead peer is noticed.
+/// A PING on an HTTP/2 upstream connection from which nothing was read for this long, busy or
+/// idle, so that a dead peer is noticed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// No answer to that PING within this: the connection is closed (its streams fail).
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The receive window of each stream on an HTTP/2 upstream connection: what the upstream may
 /// send ahead of the proxy's reading, so at most this much of a response is buffered here for
@@ -236,18 +261,152 @@ const H2_CONN_WINDOW: u32 = 64 * 1024 * 1024;
 /// mutex is only taken to open a connection.
 #[derive(Default)]
 struct H2Conn {
-    sender: arc_swap::ArcSwapOption<H2Sender>,
+    sender: arc_swap::ArcSwapOption<H2Live>,
     connecting: tokio::sync::Mutex<()>,
+    /// Connects ended (either way): a caller that waited on `connecting` while one ran takes
+    /// that connect's outcome instead of starting one of its own.
+    connects: AtomicU64,
+    /// How the last connect failed; `None` when it succeeded.
+    failure: arc_swap::ArcSwapOption<ConnectFailure>,
+}
+
+/// A failed HTTP/2 connect, told to every request that waited for it.
+struct ConnectFailure {
+    /// The TCP connect failed (else the handshake did).
+    connect: bool,
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl ConnectFailure {
+    fn of(e: &ClientError) -> ConnectFailure {
+        let (kind, message) = match e {
+            ClientError::Connect(e) | ClientError::Io(e) => (e.kind(), e.to_string()),
+            _ => (io::ErrorKind::Other, e.to_string()),
+        };
+        ConnectFailure {
+            connect: e.is_connect(),
+            kind,
+            message,
+        }
+    }
+
+    fn error(&self) -> ClientError {
+        let e = io::Error::new(self.kind, self.message.clone());
+        if self.connect {
+            ClientError::Connect(e)
+        } else {
+            ClientError::Io(e)
+        }
+    }
+}
+
+/// An open HTTP/2 upstream connection.
+struct H2Live {
+    sender: H2Sender,
+    /// Reads from its socket that brought bytes (any frame: a response, a PING's answer).
+    reads: Arc<AtomicU64>,
+    /// No new request goes on it while `reads` is below this: a request waited on it for its
+    /// response head and gave up (`request_timeout`) with nothing read meanwhile, so the
+    /// connection may be dead without a FIN (a peer gone, a route dropped). Any byte read
+    /// clears it; until then requests open a new connection rather than each waiting out its
+    /// `request_timeout` there until the PINGs give it up.
+    suspect_below: AtomicU64,
 }
 
 impl H2Conn {
-    /// The open connection's sender, unless it has closed.
-    fn live(&self) -> Option<H2Sender> {
-        self.sender
-            .load()
-            .as_deref()
-            .filter(|s| !s.is_closed())
-            .cloned()
+    /// The open connection, unless it has closed or is suspect (see [`H2Live::suspect_below`]).
+    fn live(&self) -> Option<Arc<H2Live>> {
+        self.sender.load_full().filter(|c| {
+            !c.sender.is_closed()
+                && c.reads.load(Ordering::Relaxed) >= c.suspect_below.load(Ordering::Relaxed)
+        })
+    }
+
+    /// No new request goes on `conn` (the upstream's GOAWAY): the next opens a new connection.
+    /// The streams it still carries run on.
+    fn retire(&self, conn: &Arc<H2Live>) {
+        let _ = self.sender.compare_and_swap(conn, None);
+    }
+}
+
+/// A request waiting for its response head on an HTTP/2 connection: dropped before it is
+/// `done` (the request timed out, or its client left) with nothing read from the connection
+/// since it was sent, it makes the connection suspect.
+struct AwaitingHead<'a> {
+    conn: &'a H2Live,
+    reads: u64,
+    done: bool,
+}
+
+impl<'a> AwaitingHead<'a> {
+    fn new(conn: &'a H2Live) -> AwaitingHead<'a> {
+        AwaitingHead {
+            conn,
+            reads: conn.reads.load(Ordering::Relaxed),
+            done: false,
+        }
+    }
+}
+
+impl Drop for AwaitingHead<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.conn.reads.load(Ordering::Relaxed) == self.reads {
+            self.conn
+                .suspect_below
+                .fetch_max(self.reads + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An HTTP/2 upstream socket that counts the reads that brought bytes.
+struct CountReads {
+    io: TcpStream,
+    reads: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for CountReads {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for CountReads {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -454,35 +613,79 @@ impl ConnPool {
                 .map_err(Into::into)
                 .boxed_unsync()
         });
-        let mut sender = match self.h2.live() {
+        let conn = match self.h2.live() {
             Some(s) => s,
             None => self.h2_connect(send_timeout).await?,
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp),
+        let mut sender = conn.sender.clone();
+        let mut waiting = AwaitingHead::new(&conn);
+        let sent = sender.try_send_request(req).await;
+        waiting.done = true;
+        let error: ClientError = match sent {
+            Ok(resp) => return h2_head_checked(resp),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     // The sender it refused is closed now, so this opens a new connection.
-                    let mut sender = self.h2_connect(send_timeout).await?;
-                    Ok(sender.send_request(req).await?)
+                    self.h2.retire(&conn);
+                    let conn = self.h2_connect(send_timeout).await?;
+                    let mut sender = conn.sender.clone();
+                    let mut waiting = AwaitingHead::new(&conn);
+                    let sent = sender.send_request(req).await;
+                    waiting.done = true;
+                    return h2_head_checked(sent?);
                 }
-                None => Err(e.into_error().into()),
+                None => e.into_error().into(),
             },
+        };
+        if error.is_goaway_unprocessed() {
+            // The upstream is closing this connection: the caller's next try opens another.
+            self.h2.retire(&conn);
         }
+        Err(error)
     }
 
-    /// Opens the HTTP/2 connection; callers that arrive meanwhile wait for it and share it.
-    async fn h2_connect(&self, send_timeout: Duration) -> Result<H2Sender, ClientError> {
+    /// Opens the HTTP/2 connection; callers that arrive meanwhile wait for it and share its
+    /// outcome: the connection, or its failure (each of them fails as a connect that failed,
+    /// at once, rather than starting a connect of its own in turn, each one `connect_timeout`
+    /// long, toward an upstream that does not answer).
+    async fn h2_connect(&self, send_timeout: Duration) -> Result<Arc<H2Live>, ClientError> {
+        let seen = self.h2.connects.load(Ordering::Acquire);
         let _one = self.h2.connecting.lock().await;
         if let Some(s) = self.h2.live() {
             return Ok(s);
         }
-        let io = crate::http::io::SendTimeout::new(self.connect_tcp().await?, send_timeout);
+        if self.h2.connects.load(Ordering::Acquire) != seen {
+            if let Some(failed) = self.h2.failure.load_full() {
+                return Err(failed.error());
+            }
+        }
+        let opened = self.h2_open(send_timeout).await;
+        match &opened {
+            Ok(s) => {
+                self.h2.sender.store(Some(s.clone()));
+                self.h2.failure.store(None);
+            }
+            Err(e) => self.h2.failure.store(Some(Arc::new(ConnectFailure::of(e)))),
+        }
+        self.h2.connects.fetch_add(1, Ordering::Release);
+        opened
+    }
+
+    async fn h2_open(&self, send_timeout: Duration) -> Result<Arc<H2Live>, ClientError> {
+        let reads = Arc::new(AtomicU64::new(0));
+        let io = CountReads {
+            io: self.connect_tcp().await?,
+            reads: reads.clone(),
+        };
+        let io = crate::http::io::SendTimeout::new(io, send_timeout);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
             .handshake(hyper_util::rt::TokioIo::new(io))
             .await?;
         let addr = self.addr;
@@ -491,8 +694,11 @@ impl ConnPool {
                 tracing::debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended");
             }
         });
-        self.h2.sender.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
+        Ok(Arc::new(H2Live {
+            sender,
+            reads,
+            suspect_below: AtomicU64::new(0),
+        }))
     }
 
     async fn connect(&self) -> Result<Conn, ClientError> {
@@ -1573,6 +1779,24 @@ fn allowed_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
     }
 }
 
+/// An h2 upstream's response head over [`MAX_RESPONSE_HEAD`] is refused, as an HTTP/1.1
+/// upstream's (h2 takes up to [`H2_MAX_HEADER_LIST`]).
+fn h2_head_checked(resp: Response<Incoming>) -> Result<Response<Incoming>, ClientError> {
+    if field_list_size(resp.headers()) > MAX_RESPONSE_HEAD {
+        return Err(ClientError::Protocol("response head over 128 KiB"));
+    }
+    Ok(resp)
+}
+
+/// The size of a field section as HTTP/2 counts it (RFC 9113 6.5.2: each field's name and
+/// value and 32).
+fn field_list_size(fields: &HeaderMap) -> usize {
+    fields
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum()
+}
+
 /// An h2 upstream's body frame, checked: a body is complete only with the stream's END_STREAM
 /// (RFC 9113 8.1) and, where it has one, all of its Content-Length. hyper ends the body
 /// cleanly when the upstream resets the stream with NO_ERROR, read as "stop reading, the
@@ -1600,6 +1824,12 @@ fn checked_h2_frame(
                     return cut("shorter than its content-length");
                 }
                 _ => {}
+            }
+            if frame
+                .trailers_ref()
+                .is_some_and(|t| field_list_size(t) > MAX_RESPONSE_HEAD)
+            {
+                return cut("trailers over 128 KiB");
             }
             Some(Ok(allowed_trailers(frame)))
         }

@@ -10,8 +10,11 @@ use super::headers::{edge_whitespace, put_header, trailer_allowed};
 
 /// Longest chunk-size line (with extensions).
 pub const MAX_CHUNK_LINE: usize = 4096;
-/// Largest trailer section after a chunked body.
+/// Largest trailer section after a client's chunked body.
 pub const MAX_TRAILERS: usize = 16 * 1024;
+/// Largest trailer section after an upstream's chunked body: as large as its head may be
+/// (128 KiB), as on an h2 pool (a gRPC error's long `grpc-message` comes in the trailers).
+pub const MAX_UPSTREAM_TRAILERS: usize = 128 * 1024;
 /// Most fields in one trailer section.
 const MAX_TRAILER_FIELDS: usize = 128;
 
@@ -158,8 +161,12 @@ pub fn take_trailers(buf: &mut BytesMut, from: Sender) -> Result<Chunked, &'stat
         buf.advance(2);
         return Ok(Chunked::End);
     }
+    let max = match from {
+        Sender::Client => MAX_TRAILERS,
+        Sender::Upstream => MAX_UPSTREAM_TRAILERS,
+    };
     let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
-        if buf.len() > MAX_TRAILERS {
+        if buf.len() > max {
             return Err("trailers too large");
         }
         // A lone LF cannot be part of a section that ends in CRLF CRLF: refused now, not after
@@ -169,7 +176,7 @@ pub fn take_trailers(buf: &mut BytesMut, from: Sender) -> Result<Chunked, &'stat
         }
         return Ok(Chunked::NeedMore);
     };
-    if end + 4 > MAX_TRAILERS {
+    if end + 4 > max {
         return Err("trailers too large");
     }
     let section = buf.split_to(end + 4).freeze();
@@ -518,6 +525,32 @@ mod tests {
         assert!(matches!(
             take_trailers(&mut b, Sender::Client),
             Ok(Chunked::Trailers(_))
+        ));
+    }
+
+    /// A trailer section over 16 KiB is refused from a client and taken from an upstream up
+    /// to 128 KiB, as large as its head may be.
+    #[test]
+    fn an_upstreams_trailers_may_be_as_large_as_its_head() {
+        let section = |n: usize| {
+            let mut t = b"grpc-status: 13\r\ngrpc-message: ".to_vec();
+            t.extend(std::iter::repeat_n(b'm', n));
+            t.extend_from_slice(b"\r\n\r\n");
+            t
+        };
+        let mut b = BytesMut::from(&section(20_000)[..]);
+        assert!(take_trailers(&mut b, Sender::Client).is_err());
+        let mut b = BytesMut::from(&section(20_000)[..]);
+        match take_trailers(&mut b, Sender::Upstream) {
+            Ok(Chunked::Trailers(t)) => assert_eq!(t["grpc-message"].len(), 20_000),
+            _ => panic!("trailers expected"),
+        }
+        let mut b = BytesMut::from(&section(MAX_UPSTREAM_TRAILERS)[..]);
+        assert!(take_trailers(&mut b, Sender::Upstream).is_err());
+        let mut b = BytesMut::from(&section(MAX_UPSTREAM_TRAILERS)[..100_000]);
+        assert!(matches!(
+            take_trailers(&mut b, Sender::Upstream),
+            Ok(Chunked::NeedMore)
         ));
     }
 

@@ -18,11 +18,13 @@ use crate::upstream::{Pool, Upstream};
 
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
 /// pool, HTTP/2 on its multiplexed connection. A request the upstream cannot have acted on
-/// (see [`Failed::unsent`]; for HTTP/2, a bodiless request whose connect failed or whose stream
-/// the upstream refused, REFUSED_STREAM) goes to another
+/// (see [`Failed::unsent`]; for HTTP/2, a bodiless request whose connect failed or that the
+/// upstream did not process: REFUSED_STREAM, or a stream its GOAWAY left out) goes to another
 /// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
-/// its upstream (failure counter, passive health) but not in the window, where the request is
-/// recorded once, on `up`, the upstream of the last attempt.
+/// its upstream (failure counter, passive health; not a GOAWAY's stream: a connection closing is
+/// no failure) but not in the window, where the request is recorded once, on `up`, the
+/// upstream of the last attempt. An HTTP/2 request the upstream did not process that no other
+/// upstream takes is sent once more to the same one (on a new connection after a GOAWAY).
 ///
 /// `host_from_upstream`: the request's `Host` is the first upstream's address (the client sent
 /// none, see `rewrite`); every other attempt carries its own upstream's. `live`: false on the
@@ -65,18 +67,20 @@ pub(super) async fn forward(
             }
         }
         Protocol::H2 => {
-            // A bodiless request can be rebuilt for another upstream; one with a body cannot.
-            // The copy (its headers) is made only where there is another upstream to try.
-            let replay = (retries > 0 && pool.upstreams.len() > 1 && req.body().is_end_stream())
-                .then(|| {
-                    let mut copy = Request::new(());
-                    *copy.method_mut() = req.method().clone();
-                    *copy.uri_mut() = req.uri().clone();
-                    *copy.version_mut() = req.version();
-                    *copy.headers_mut() = req.headers().clone();
-                    (copy, req.body().idle_timeout())
-                });
+            // A bodiless request can be rebuilt: for another upstream, or for the same one on a
+            // new connection; one with a body cannot (its bytes went to the first stream).
+            let replay = req.body().is_end_stream().then(|| {
+                let mut copy = Request::new(());
+                *copy.method_mut() = req.method().clone();
+                *copy.uri_mut() = req.uri().clone();
+                *copy.version_mut() = req.version();
+                *copy.headers_mut() = req.headers().clone();
+                (copy, req.body().idle_timeout())
+            });
             let mut req = req;
+            // One more try on the same upstream, for a request it did not process where no
+            // other upstream takes it.
+            let mut again = true;
             loop {
                 let in_flight = up.begin();
                 // Boxed: hyper's h2 request future is several times the HTTP/1.1 path's, and
@@ -86,20 +90,31 @@ pub(super) async fn forward(
                     Err(e) => e,
                 };
                 drop(in_flight);
-                match &replay {
-                    Some((copy, idle))
-                        if (error.is_connect() || error.is_refused())
-                            && tried.len() < retries as usize =>
-                    {
-                        if !next_attempt(pool, up, &mut tried, &error, live) {
-                            return Err(error);
-                        }
-                        req = replay_h2(copy, *idle);
-                        if host_from_upstream {
-                            retarget_h2(&mut req, up);
-                        }
+                let Some((copy, idle)) = &replay else {
+                    return Err(error);
+                };
+                let unprocessed = error.is_refused();
+                if !(error.is_connect() || unprocessed) {
+                    return Err(error);
+                }
+                if tried.len() < retries as usize
+                    && next_attempt(pool, up, &mut tried, &error, live)
+                {
+                    req = replay_h2(copy, *idle);
+                    if host_from_upstream {
+                        retarget_h2(&mut req, up);
                     }
-                    _ => return Err(error),
+                } else if unprocessed && again {
+                    // On a new connection when the upstream's GOAWAY left it out (the stream
+                    // was refused on a live one: that one again).
+                    again = false;
+                    tracing::debug!(upstream = %up.addr, error = %error, "upstream did not process the request; sending it once more");
+                    req = replay_h2(copy, *idle);
+                    if host_from_upstream {
+                        retarget_h2(&mut req, up);
+                    }
+                } else {
+                    return Err(error);
                 }
             }
         }
@@ -119,8 +134,12 @@ fn next_attempt(
     let Some(next) = pool.pick_retry(tried) else {
         return false;
     };
-    up.count_failure_of(attempt_failure(error), live);
-    up.passive_failure(&pool.passive);
+    // A stream the upstream's GOAWAY left out: it is closing a connection (idle timeout,
+    // restart), not failing; the request goes on elsewhere.
+    if !error.is_goaway_unprocessed() {
+        up.count_failure_of(attempt_failure(error), live);
+        up.passive_failure(&pool.passive);
+    }
     tracing::debug!(upstream = %up.addr, next = %next.addr, error = %error, "upstream could not take the request; trying another");
     *up = next.clone();
     true
