@@ -25,12 +25,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::app::{App, ChangeError, FlipKind, ReloadError};
 use crate::config::Color;
-use crate::guard::{watch, ConnActivity, SendTimeout, Watchdog};
+use crate::guard::{watch, ConnActivity, EndableInput, SendTimeout, Watchdog, CLOSE_FLUSH};
 use crate::http::io::Prefixed;
 use crate::tls::TlsSetup;
 
@@ -120,7 +120,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                         let Ok(Ok(mut stream)) = accept.await else {
                             return None;
                         };
-                        let read = first_bytes(&mut stream, deadline).await?;
+                        let Some(read) = first_bytes(&mut stream, deadline).await else {
+                            // Closed cleanly (close_notify, FIN), bounded: the client may not read.
+                            let _ = tokio::time::timeout(CLOSE_FLUSH, stream.shutdown()).await;
+                            return None;
+                        };
                         Some(tokio_util::either::Either::Right(Prefixed {
                             read,
                             io: stream,
@@ -135,6 +139,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 },
                 () = shutdown.shutdown.cancelled() => return,
             };
+            let (io, input) = EndableInput::new(io);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
             let conn = std::pin::pin!(conn);
             watch(
@@ -143,6 +148,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 &shutdown.shutdown,
                 idle,
                 |c| c.graceful_shutdown(),
+                // hyper has no abrupt close: the client's input ends, and hyper closes as after
+                // the client's own end.
+                |_| input.end(),
                 |_, _| true,
             )
             .await;
