@@ -126,7 +126,12 @@ async fn tls_connect_offering(
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    // Empty: no ALPN offered.
+    cfg.alpn_protocols = if alpn.is_empty() {
+        Vec::new()
+    } else {
+        vec![alpn.to_vec()]
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
@@ -499,6 +504,65 @@ async fn connections_the_proxy_closes_over_tls_end_with_close_notify() {
             Ok(Ok(_)) => {}
         }
     }
+    p.stop().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// Over TLS the admin listener speaks what ALPN agreed on, as the proxy's does (RFC 9113 3.3,
+/// RFC 7301 3.2): the h2 preface on a connection that agreed on HTTP/1.1, or on nothing, is
+/// answered 505, not served h2; HTTP/1.1 on one that agreed on h2 gets no HTTP/1.1 answer.
+#[tokio::test]
+async fn the_admin_tls_listener_speaks_what_alpn_agreed_on() {
+    let blue = TestUpstream::start("blue").await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = make_cert(certs.path(), "a");
+    let p = TestProxy::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}",
+        c.cert.display(),
+        c.key.display(),
+        service("api", &[blue.addr], &[dead_addr().await], "")
+    ))
+    .await;
+    let mut problems = Vec::new();
+    for alpn in [&b"http/1.1"[..], b""] {
+        let mut s = tls_connect(p.admin, &[&c], alpn).await;
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&raw_frame_header(0, 0x4, 0, 0));
+        s.write_all(&hello).await.expect("write");
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(T, s.read_to_end(&mut all)).await;
+        if !all.starts_with(b"HTTP/1.1 505") {
+            problems.push(format!(
+                "h2 preface, ALPN {:?}: {:?}",
+                String::from_utf8_lossy(alpn),
+                String::from_utf8_lossy(&all)
+            ));
+        }
+    }
+    let mut s = tls_connect(p.admin, &[&c], b"h2").await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut all)).await;
+    if all.starts_with(b"HTTP/") {
+        problems.push(format!(
+            "HTTP/1.1 on ALPN h2: {:?}",
+            String::from_utf8_lossy(&all)
+        ));
+    }
+    // Each where agreed.
+    let mut h = h1(tls_connect(p.admin, &[&c], b"http/1.1").await).await;
+    let req = Request::get("/healthz")
+        .header("host", "127.0.0.1")
+        .body(Empty::new())
+        .expect("req");
+    assert_eq!(send(&mut h, req).await, (200, "ok\n".to_string()));
+    let mut h = h2(tls_connect(p.admin, &[&c], b"h2").await).await;
+    let req = Request::get("https://127.0.0.1/healthz")
+        .body(Empty::new())
+        .expect("req");
+    assert_eq!(send(&mut h, req).await, (200, "ok\n".to_string()));
     p.stop().await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
