@@ -643,23 +643,34 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWindow<S> {
 /// answer a PING first, which a hostile client never does.
 const GOAWAY_FLUSH: Duration = Duration::from_millis(100);
 
+/// How long a connection the proxy closes itself (after its GOAWAY, at shutdown, at its first
+/// deadline) gets to say so cleanly (GOAWAY, TLS close_notify, FIN) before it is dropped: a
+/// client that does not read must not hold the connection's task.
+pub const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+
 /// Runs a connection future under a watchdog: an idle connection gets `graceful` (GOAWAY) and
-/// is dropped at the first tick [`GOAWAY_FLUSH`] or more later (within the tick, at most a
-/// second) if still without an open stream, or `linger` later at the latest; a stalled one is dropped at once; shutdown starts `graceful` too (the
-/// listener's drain bounds what follows).
+/// is closed at the first tick [`GOAWAY_FLUSH`] or more later (within the tick, at most a
+/// second) if still without an open stream, or `linger` later at the latest; a stalled one is
+/// dropped at once. Shutdown starts `graceful` too, and the connection is closed the same way
+/// once it has no open stream (the listener's drain bounds the streams in flight). Closing is
+/// `close` (an abrupt GOAWAY, or the end of the client's input), then the connection's own
+/// clean end, TLS close_notify and FIN, for at most [`CLOSE_FLUSH`].
 pub async fn watch<C>(
     mut conn: Pin<&mut C>,
     mut dog: Watchdog,
     shutdown: &crate::shutdown::Shutdown,
     linger: Duration,
     graceful: impl Fn(Pin<&mut C>),
+    close: impl Fn(Pin<&mut C>),
     mut keep_alive: impl FnMut(Pin<&mut C>, Instant) -> bool,
 ) where
     C: Future,
 {
     let mut tick = tokio::time::interval(dog.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the idle GOAWAY went out, and when the shutdown's (if it was the first).
     let mut goaway: Option<Instant> = None;
+    let mut shutdown_goaway: Option<Instant> = None;
     let mut shutting_down = false;
     // On a current-thread runtime (`workers = 1`, `per_worker`) the connection's streams (an
     // HTTP/2 server's, spawned through `StreamExec`) run here rather than as a tokio task each:
@@ -669,25 +680,14 @@ pub async fn watch<C>(
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
     let mut streams: FuturesUnordered<StreamTask> = FuturesUnordered::new();
     loop {
-        let serve = std::future::poll_fn(|cx| {
-            let polled = {
-                let _in = inline.then(InWatch::enter);
-                conn.as_mut().poll(cx)
-            };
-            SPAWNED.with_borrow_mut(|v| streams.extend(v.drain(..)));
-            if polled.is_ready() {
-                return Poll::Ready(());
-            }
-            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            Poll::Pending
-        });
         tokio::select! {
             biased;
-            () = serve => return,
+            () = serve(conn.as_mut(), &mut streams, inline) => return,
             () = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 if goaway.is_none() {
                     graceful(conn.as_mut());
+                    shutdown_goaway = Some(Instant::now());
                 }
             }
             _ = tick.tick() => {
@@ -708,14 +708,117 @@ pub async fn watch<C>(
                     }
                     _ => {}
                 }
-                if let Some(t) = goaway {
-                    let quiet = dog.activity.open.load(Ordering::Relaxed) == 0;
-                    if now - t >= linger || (quiet && now - t >= GOAWAY_FLUSH) {
-                        return;
-                    }
+                let quiet = dog.activity.open.load(Ordering::Relaxed) == 0;
+                let lingered = goaway.is_some_and(|t| now - t >= linger);
+                // The streams in flight at shutdown get the grace (the listener's drain bounds
+                // them), not `linger`.
+                let flushed = goaway
+                    .or(shutdown_goaway)
+                    .is_some_and(|t| now - t >= GOAWAY_FLUSH);
+                if lingered || (quiet && flushed) {
+                    break;
                 }
             }
         }
+    }
+    close(conn.as_mut());
+    let _ = tokio::time::timeout(CLOSE_FLUSH, serve(conn, &mut streams, inline)).await;
+}
+
+/// Polls a connection, and the streams it spawns while `inline`, until the connection ends.
+fn serve<'a, C: Future>(
+    mut conn: Pin<&'a mut C>,
+    streams: &'a mut FuturesUnordered<StreamTask>,
+    inline: bool,
+) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        let polled = {
+            let _in = inline.then(InWatch::enter);
+            conn.as_mut().poll(cx)
+        };
+        SPAWNED.with_borrow_mut(|v| streams.extend(v.drain(..)));
+        if polled.is_ready() {
+            return Poll::Ready(());
+        }
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        Poll::Pending
+    })
+}
+
+/// A connection's socket whose input can be ended from outside ([`InputEnd::end`]): reads then
+/// see the end of the stream, so a server that has no abrupt close of its own (hyper's, on the
+/// admin listener) ends the connection as it ends one the client closed: cleanly, through the
+/// socket's shutdown (TLS close_notify, FIN). Writes pass through.
+pub struct EndableInput<S> {
+    io: S,
+    end: InputEnd,
+}
+
+/// Ends the input of an [`EndableInput`].
+#[derive(Clone, Default)]
+pub struct InputEnd(Arc<AtomicBool>);
+
+impl InputEnd {
+    /// The next read (the connection's future is polled right after, as [`watch`] does) sees the
+    /// end of the stream.
+    pub fn end(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl<S> EndableInput<S> {
+    pub fn new(io: S) -> (EndableInput<S>, InputEnd) {
+        let end = InputEnd::default();
+        (
+            EndableInput {
+                io,
+                end: end.clone(),
+            },
+            end,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for EndableInput<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.end.0.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for EndableInput<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

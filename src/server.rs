@@ -12,7 +12,7 @@ use std::pin::Pin;
 use bytes::{Bytes, BytesMut};
 use http::Request;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{Config, ProxyConfig, RuntimeFlavor};
-use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog};
+use crate::guard::{ConnActivity, CountWindow, SendTimeout, StreamExec, Watchdog, CLOSE_FLUSH};
 use crate::http::h2_server::{self, Settings as H2Settings};
 use crate::http::io::Prefixed;
 use crate::http::server::{BoxRead, BoxWrite, Reader};
@@ -778,11 +778,18 @@ impl Connection {
         let read = tokio::select! {
             // Bytes already there are read first: a request that arrived is not dropped.
             biased;
-            read = first_read => read,
-            () = shutdown_then(&self.app, IDLE_AT_SHUTDOWN) => return,
+            read = first_read => read.ok(),
+            () = shutdown_then(&self.app, IDLE_AT_SHUTDOWN) => None,
         };
-        if !matches!(read, Ok(Ok(true))) {
-            return;
+        match read {
+            Some(Ok(true)) => {}
+            // Nothing in time (or before shutdown), or the client's end: closed cleanly (TLS
+            // close_notify, FIN), bounded, since the client may not read.
+            None | Some(Ok(false)) => {
+                let _ = tokio::time::timeout(CLOSE_FLUSH, io.shutdown()).await;
+                return;
+            }
+            Some(Err(_)) => return,
         }
         let h2 = match speaks {
             Speaks::Either => first.starts_with(H2_PREFACE),
@@ -850,6 +857,7 @@ impl Connection {
             &shutdown.shutdown,
             limits.send_timeout,
             |c| c.graceful_shutdown(),
+            |c| c.close(),
             |c, now| c.keep_alive(now, heard.heard()),
         )
         .await;

@@ -25,12 +25,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::app::{App, ChangeError, FlipKind, ReloadError};
 use crate::config::Color;
-use crate::guard::{watch, ConnActivity, SendTimeout, Watchdog};
+use crate::guard::{watch, ConnActivity, EndableInput, SendTimeout, Watchdog, CLOSE_FLUSH};
 use crate::http::io::Prefixed;
 use crate::tls::TlsSetup;
 
@@ -54,6 +54,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         .max_concurrent_streams(32)
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(64));
+    // Over TLS, what ALPN agreed on (h2 is negotiated, never assumed from a preface: RFC 9113
+    // 3.3); the plain listener tells h2 by its preface.
+    let (h1_only, h2_only) = (builder.clone().http1_only(), builder.clone().http2_only());
     // Its own connection budget: an admin flood never takes the proxy's slots, and is capped
     // before it can take the process's file descriptors.
     let limit = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
@@ -89,7 +92,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 Ok::<_, Infallible>(resp.map(|b| activity.track(b, open)))
             }
         });
-        let builder = builder.clone();
+        let (builder, h1_only, h2_only) = (builder.clone(), h1_only.clone(), h2_only.clone());
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let shutdown = app.clone();
         // Held for the connection's life: shutdown's drain waits for it (at most shutdown_grace).
@@ -105,36 +108,45 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
             // still in this phase is dropped: no request is on it.
             let deadline = tokio::time::Instant::now() + hrt;
             let stream = SendTimeout::new(stream, idle);
+            // With the builder for the protocol: as the first bytes tell on the plain listener,
+            // as ALPN agreed over TLS.
             let opened = async {
                 match acceptor {
                     None => {
                         let mut stream = stream;
                         let read = first_bytes(&mut stream, deadline).await?;
-                        Some(tokio_util::either::Either::Left(Prefixed {
-                            read,
-                            io: stream,
-                        }))
+                        let io = Prefixed { read, io: stream };
+                        Some((tokio_util::either::Either::Left(io), builder))
                     }
                     Some(acc) => {
                         let accept = tokio::time::timeout_at(deadline, acc.accept(stream));
                         let Ok(Ok(mut stream)) = accept.await else {
                             return None;
                         };
-                        let read = first_bytes(&mut stream, deadline).await?;
-                        Some(tokio_util::either::Either::Right(Prefixed {
-                            read,
-                            io: stream,
-                        }))
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let Some(read) = first_bytes(&mut stream, deadline).await else {
+                            // Closed cleanly (close_notify, FIN), bounded: the client may not read.
+                            let _ = tokio::time::timeout(CLOSE_FLUSH, stream.shutdown()).await;
+                            return None;
+                        };
+                        if !h2 && read.starts_with(H2_PREFACE) {
+                            refuse_h2_preface(stream).await;
+                            return None;
+                        }
+                        let io = Prefixed { read, io: stream };
+                        let builder = if h2 { h2_only } else { h1_only };
+                        Some((tokio_util::either::Either::Right(io), builder))
                     }
                 }
             };
-            let io = tokio::select! {
+            let (io, builder) = tokio::select! {
                 io = opened => match io {
                     Some(io) => io,
                     None => return,
                 },
                 () = shutdown.shutdown.cancelled() => return,
             };
+            let (io, input) = EndableInput::new(io);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
             let conn = std::pin::pin!(conn);
             watch(
@@ -143,6 +155,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                 &shutdown.shutdown,
                 idle,
                 |c| c.graceful_shutdown(),
+                // hyper has no abrupt close: the client's input ends, and hyper closes as after
+                // the client's own end.
+                |_| input.end(),
                 |_, _| true,
             )
             .await;
@@ -155,6 +170,27 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
     drain(graceful, grace, "admin").await;
 }
 
+/// What an h2 client sends first (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The answer to an h2 preface over TLS whose ALPN did not agree on h2 (prior knowledge is for
+/// cleartext, RFC 9113 3.3): 505, as an HTTP/1 request line of another version gets on the
+/// proxy's listener, then the connection is closed cleanly. Bounded: the client may not read.
+async fn refuse_h2_preface<S: AsyncWrite + Unpin>(mut io: S) {
+    const BODY: &str =
+        "{\"error\": \"HTTP/2 over TLS needs h2 agreed by ALPN; this connection agreed on HTTP/1.1\"}\n";
+    let answer = format!(
+        "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: application/json\r\n\
+         cache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+        io.write_all(answer.as_bytes()).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
 /// Reads a connection's first bytes, by `deadline`, until it is clear whether they open HTTP/2
 /// (its preface, RFC 9113 3.4) or HTTP/1. `None`: nothing decisive came in time, or the client
 /// closed or failed.
@@ -162,7 +198,6 @@ async fn first_bytes<S: AsyncRead + Unpin>(
     io: &mut S,
     deadline: tokio::time::Instant,
 ) -> Option<Bytes> {
-    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut first = BytesMut::with_capacity(256);
     let read = tokio::time::timeout_at(deadline, async {
         loop {

@@ -207,6 +207,17 @@ where
         }
     }
 
+    /// GOAWAY now, whatever streams are open: the connection then flushes it and ends cleanly
+    /// (TLS close_notify and FIN through the transport's shutdown) as it is polled. Before the
+    /// handshake has ended, as [`graceful_shutdown`](Self::graceful_shutdown).
+    pub fn close(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        match &mut this.state {
+            State::Handshaking(_) => this.close_pending = true,
+            State::Serving(conn) => conn.abrupt_shutdown(Reason::NO_ERROR),
+        }
+    }
+
     /// Sends a PING once the client has shown no sign of life for `keep_alive_interval`
     /// (`heard`: a count the caller keeps of bytes read from it and DATA its socket took; any
     /// change, the PING's answer included, shows it alive, so a download still moving is not
