@@ -894,9 +894,11 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The real binary: 40 reloads, each with four new upstream addresses (health checks on, a
-/// scrape after each), and RSS ends within 16 MiB of where it started and within 4 MiB of where
+/// scrape after each), and RSS ends within 32 MiB of where it started and within 4 MiB of where
 /// it was after reload 10 (it grew by ~5 MiB per reload before the fix: about 200 MiB over the
-/// same run). Measured in a debug build: 26.4 MiB at start, 31.8 after reload 10, 31.9 after 40.
+/// same run). Measured in a debug build: 26.4 MiB at start, 31.8 after reload 10, 31.9 after 40;
+/// since each window ring is 2 MiB (session 18's p95), 46.1 at start, 61.1 after reload 10, 61.0
+/// after 40: the one-time cost is the windows kept for the next reload's new upstreams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_stays_flat_over_40_reloads_with_new_upstreams() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -959,7 +961,7 @@ async fn rss_stays_flat_over_40_reloads_with_new_upstreams() {
     let _ = child.kill().await;
     assert!(start > 0 && end > 0, "no RSS read ({start}, {end})");
     assert!(
-        end < start + 16 * 1024,
+        end < start + 32 * 1024,
         "RSS grew from {start} KiB to {end} KiB over 40 reloads"
     );
     // Flat: the one-time cost (the windows kept for the next reload's new upstreams) is paid by
