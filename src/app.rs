@@ -65,6 +65,11 @@ pub struct App {
     pub store: StateStore,
     /// Where the live colors being served came from ([`StateSource`]).
     state_source: AtomicU8,
+    /// File backend: the states the state file holds for services the running config does not
+    /// have (removed by a reload, or only in the file at startup). Every write keeps them in the
+    /// file, and a reload that adds such a service back serves its state, as a start would.
+    /// Touched only under the writer lock, never on the request path.
+    unlisted: std::sync::Mutex<HashMap<String, ServiceState>>,
     /// `prometheus`/`probe` triggers and verify checks (src/analysis.rs).
     pub analysis: crate::analysis::Analysis,
     /// The running release and the last ones (src/release.rs).
@@ -236,6 +241,9 @@ pub struct FlipOutcome {
 pub struct ReloadOutcome {
     pub services: usize,
     pub restart_required: Vec<String>,
+    /// Services the reload kept whose `active` it changed: their live color stays (it changes
+    /// only by a flip), so the new `active` is not applied.
+    pub active_not_applied: Vec<String>,
     pub message: String,
 }
 
@@ -394,6 +402,49 @@ async fn restore_handed(
     handed
 }
 
+/// File backend at startup: every service of the config the state file does not hold yet is
+/// written to it, at the color served (the one the old process handed over in an upgrade, else
+/// the config's `active`), so the next start serves the same color ("the file wins") whatever
+/// the config's `active` says by then: a live color changes only by a flip. A failed write is
+/// logged; the colors are served all the same (the next change writes the file). Returns the
+/// states to serve and those the file holds for services the config does not have.
+async fn persist_unstored(
+    store: &StateStore,
+    config: &Config,
+    mut states: HashMap<String, ServiceState>,
+    handed: Option<HashMap<String, ServiceState>>,
+) -> (HashMap<String, ServiceState>, HashMap<String, ServiceState>) {
+    let unlisted: HashMap<String, ServiceState> = states
+        .iter()
+        .filter(|(n, _)| !config.services.iter().any(|s| &s.name == *n))
+        .map(|(n, s)| (n.clone(), s.clone()))
+        .collect();
+    let mut missing = Vec::new();
+    for svc in &config.services {
+        if states.contains_key(&svc.name) {
+            continue;
+        }
+        let state = handed
+            .as_ref()
+            .and_then(|h| h.get(&svc.name).cloned())
+            .unwrap_or_else(|| ServiceState::initial(svc.active));
+        states.insert(svc.name.clone(), state);
+        missing.push(svc.name.clone());
+    }
+    if !missing.is_empty() {
+        let path = store.local_path().unwrap_or_default();
+        match store.save(&states, &HashMap::new(), &missing).await {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), services = %missing.join(", "), "services the state file did not hold yet are written to it at the color served")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), services = %missing.join(", "), error = %e, "cannot write the services the state file does not hold yet; serving them at the config's colors (the next change writes the file)")
+            }
+        }
+    }
+    (states, unlisted)
+}
+
 impl App {
     /// Builds the app from a validated config: the stored state wins over the config's `active`.
     pub async fn new(
@@ -428,7 +479,7 @@ impl App {
                     etcd.save_cache(s.clone()).await;
                     (s, StateSource::Etcd)
                 } else {
-                    match handed {
+                    match handed.clone() {
                         Some(h) if s.is_empty() && state_file_missing(&store).await => {
                             (restore_handed(&store, &config, h).await, StateSource::File)
                         }
@@ -481,6 +532,10 @@ impl App {
                 })
             }
         };
+        let (states, unlisted) = match source {
+            StateSource::File => persist_unstored(&store, &config, states, handed).await,
+            _ => (states, HashMap::new()),
+        };
         let clients = Clients::new(&config.proxy);
         for svc in &config.services {
             metrics.init_service(&svc.name);
@@ -507,6 +562,7 @@ impl App {
             frozen: AtomicBool::new(false),
             store,
             state_source: AtomicU8::new(source as u8),
+            unlisted: std::sync::Mutex::new(unlisted),
             analysis,
             releases,
         }))
@@ -978,6 +1034,11 @@ impl App {
         self.routes.load_full()
     }
 
+    /// File backend: the states the file holds for services the running config lacks.
+    fn unlisted_states(&self) -> HashMap<String, ServiceState> {
+        self.unlisted.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
     fn all_states(snap: &Snapshot) -> HashMap<String, ServiceState> {
         snap.services
             .iter()
@@ -1026,7 +1087,11 @@ impl App {
                             "cannot write the audit log ({e}); nothing was changed"
                         ))
                     })?;
-                if let Err(e) = self.store.save(&after, &before, &names).await {
+                let mut saved = after.clone();
+                for (n, s) in self.unlisted_states() {
+                    saved.entry(n).or_insert(s);
+                }
+                if let Err(e) = self.store.save(&saved, &before, &names).await {
                     self.events.abort(&id).await;
                     return Err(e.into());
                 }
@@ -1895,7 +1960,19 @@ impl App {
                 restart_required.push(key.to_string());
             }
         }
-        let states = Self::all_states(&snap);
+        let mut states = Self::all_states(&snap);
+        states.extend(self.stored_states_of_added(&snap, &new_cfg).await);
+        // A live color changes only by a flip: a new `active` of a service the reload keeps is
+        // not applied (the answer says so).
+        let active_not_applied: Vec<String> = new_cfg
+            .services
+            .iter()
+            .filter(|s| {
+                snap.service(&s.name)
+                    .is_some_and(|o| o.config.active != s.active)
+            })
+            .map(|s| s.name.clone())
+            .collect();
         let services = new_cfg.services.len();
         for svc in &new_cfg.services {
             self.metrics.init_service(&svc.name);
@@ -1914,13 +1991,96 @@ impl App {
             ));
             tracing::warn!(keys = %restart_required.join(", "), "config changes that need a restart");
         }
+        if !active_not_applied.is_empty() {
+            message.push_str(&format!(
+                "; `active` is not applied to a running service (its live color changes only by a flip): {}",
+                active_not_applied.join(", ")
+            ));
+            tracing::warn!(services = %active_not_applied.join(", "), "a reload changed `active` of running services: their live color stays; flip to change it");
+        }
         self.record(Event::new("*", Reason::Reload, actor, message.clone()))
             .await;
         ReloadOutcome {
             services,
             restart_required,
+            active_not_applied,
             message,
         }
+    }
+
+    /// The states the store holds for the services `new_cfg` adds to `snap`'s (a service removed
+    /// by an earlier reload and now back), served as a start would serve them; a service the
+    /// store has never held is absent (it starts from the config's `active`). File backend:
+    /// what the file holds ([`App::unlisted`]); the states of the services `new_cfg` removes go
+    /// there, kept in the file, and a service the file has never held is written to it at the
+    /// config's color. etcd: its key as read now, else as this replica last saw it.
+    async fn stored_states_of_added(
+        &self,
+        snap: &Snapshot,
+        new_cfg: &Config,
+    ) -> HashMap<String, ServiceState> {
+        let added: Vec<&config::ServiceConfig> = new_cfg
+            .services
+            .iter()
+            .filter(|s| snap.service(&s.name).is_none())
+            .collect();
+        let mut found = HashMap::new();
+        match &self.store {
+            StateStore::File(_) => {
+                let mut fresh = Vec::new();
+                let unlisted = {
+                    let Ok(mut unlisted) = self.unlisted.lock() else {
+                        return found;
+                    };
+                    for svc in &snap.services {
+                        if !new_cfg.services.iter().any(|s| s.name == svc.name()) {
+                            unlisted.insert(svc.name().to_string(), svc.state.clone());
+                        }
+                    }
+                    for svc in &added {
+                        match unlisted.remove(&svc.name) {
+                            Some(s) => {
+                                tracing::info!(service = %svc.name, active = %s.active, generation = s.generation, "a service added by the reload is served at the state the state file holds for it");
+                                found.insert(svc.name.clone(), s);
+                            }
+                            None => fresh.push(svc.name.clone()),
+                        }
+                    }
+                    unlisted.clone()
+                };
+                if !fresh.is_empty() {
+                    let mut states = Self::all_states(snap);
+                    states.retain(|n, _| new_cfg.services.iter().any(|s| &s.name == n));
+                    states.extend(found.clone());
+                    for svc in &added {
+                        if fresh.contains(&svc.name) {
+                            states.insert(svc.name.clone(), ServiceState::initial(svc.active));
+                        }
+                    }
+                    for (n, s) in unlisted {
+                        states.entry(n).or_insert(s);
+                    }
+                    if let Err(e) = self.store.save(&states, &HashMap::new(), &fresh).await {
+                        tracing::warn!(services = %fresh.join(", "), error = %e, "cannot write the services the reload added to the state file; served at the config's colors (the next change writes the file)");
+                    }
+                }
+            }
+            StateStore::Etcd(etcd) => {
+                if added.is_empty() {
+                    return found;
+                }
+                if let Err(e) = etcd.read_current().await {
+                    tracing::warn!(error = %e, "cannot read etcd for the services the reload added; serving them at the state this replica last saw etcd hold");
+                }
+                for svc in &added {
+                    if let Some(s) = etcd.seen_state(&svc.name) {
+                        tracing::info!(service = %svc.name, active = %s.active, generation = s.generation, "a service added by the reload is served at the state etcd holds for it");
+                        found.insert(svc.name.clone(), s);
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// Publishes the config `f` builds from the current one (new answers for upstream names),

@@ -479,6 +479,10 @@ fn serve(
                     }
                 }
             }
+            Ok(None) if cfg.state.path.exists() => report.note(&format!(
+                "--reset-state: the state file {} is readable: kept, not moved aside (only an unreadable one is); its colors are served",
+                cfg.state.path.display()
+            )),
             Ok(None) => {}
             Err(e) => {
                 report.error(&format!(

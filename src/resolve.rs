@@ -178,28 +178,63 @@ pub fn apply(config: &mut Config, answers: &Answers) -> bool {
     changed
 }
 
-/// Copies the names' last good addresses (and failure state) of `old` into `new` (a reloaded
-/// config), so a name that fails on reload keeps what it had.
-pub fn carry_over(new: &mut Config, old: &Config) {
-    let mut known: HashMap<(String, u16), (Vec<SocketAddr>, Option<String>)> = HashMap::new();
-    for svc in &old.services {
+/// An upstream name's last good addresses, and why its last lookup failed (None: it answered):
+/// what `serve --upgrade` gets from the old process, so a name that fails in the new one keeps
+/// what the old one served rather than emptying its pool.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnownName {
+    pub host: String,
+    pub port: u16,
+    pub addrs: Vec<SocketAddr>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Every name of `config` with its last good addresses and failure state.
+pub fn known_names(config: &Config) -> Vec<KnownName> {
+    let mut known: Vec<KnownName> = Vec::new();
+    for svc in &config.services {
         for pool in [&svc.blue, &svc.green] {
             for n in pool.names() {
-                known.insert((n.host.clone(), n.port), (n.addrs.clone(), n.error.clone()));
+                if known.iter().any(|k| k.host == n.host && k.port == n.port) {
+                    continue;
+                }
+                known.push(KnownName {
+                    host: n.host.clone(),
+                    port: n.port,
+                    addrs: n.addrs.clone(),
+                    error: n.error.clone(),
+                });
             }
         }
     }
+    known
+}
+
+/// Copies `known` (last good addresses and failure state) into the names of `new`, before they
+/// are looked up: a name that fails then keeps them (stale).
+pub fn carry_over_known(new: &mut Config, known: &[KnownName]) {
+    let known: HashMap<(&str, u16), &KnownName> = known
+        .iter()
+        .map(|k| ((k.host.as_str(), k.port), k))
+        .collect();
     for svc in &mut new.services {
         for pool in [&mut svc.blue, &mut svc.green] {
             for n in pool.names_mut() {
-                if let Some((addrs, error)) = known.get(&(n.host.clone(), n.port)) {
-                    n.addrs = addrs.clone();
-                    n.error = error.clone();
+                if let Some(k) = known.get(&(n.host.as_str(), n.port)) {
+                    n.addrs = k.addrs.clone();
+                    n.error = k.error.clone();
                 }
             }
             pool.refresh();
         }
     }
+}
+
+/// Copies the names' last good addresses (and failure state) of `old` into `new` (a reloaded
+/// config), so a name that fails on reload keeps what it had.
+pub fn carry_over(new: &mut Config, old: &Config) {
+    carry_over_known(new, &known_names(old));
 }
 
 /// Resolves a freshly loaded config (startup, reload), keeping `previous`'s answers for names

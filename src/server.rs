@@ -98,7 +98,12 @@ pub async fn start_with(
     // What SIGUSR2 starts: the path this process was started from, found while the binary
     // there is still this one.
     let _ = tokio::task::spawn_blocking(crate::upgrade::remember_binary).await;
-    // Upstream names are resolved before the first request (README "Upstreams by name").
+    // Upstream names are resolved before the first request (README "Upstreams by name"). In an
+    // upgrade, a name that fails keeps the old process's last good addresses.
+    let mut config = config;
+    if let Some(names) = inherited.names.take() {
+        crate::resolve::carry_over_known(&mut config, &names);
+    }
     let config = crate::resolve::resolve(config, None).await;
     let tls = match (
         &config.proxy.tls_listen,

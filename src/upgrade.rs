@@ -7,7 +7,9 @@
 //! 1. the new process connects and writes `switchyard-upgrade 1\n`;
 //! 2. the old one stops taking changes (flips answer 503), then answers with one `sendmsg`: a
 //!    JSON line naming its listeners and holding the live state it serves
-//!    (`{"pid":…,"listeners":["proxy.listen","admin.listen",…],"states":{…}}`) and, as
+//!    (`{"pid":…,"listeners":["proxy.listen","admin.listen",…],"states":{…},"names":[…]}`:
+//!    `names` the upstream names' last good addresses, kept by the new process for a name it
+//!    cannot resolve; both optional, absent from an older Switchyard) and, as
 //!    `SCM_RIGHTS`, the listening sockets themselves, in the same order;
 //! 3. the new process loads the live state (file or etcd; with the file backend and no state
 //!    file, the old process's `states`, written back), starts accepting on those sockets,
@@ -62,6 +64,10 @@ struct Offer {
     /// stopped. Absent from an older Switchyard (and an older one ignores it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     states: Option<BTreeMap<String, ServiceState>>,
+    /// Every upstream name's last good addresses (and failure state) in the old process: the
+    /// new one keeps them for a name it cannot resolve. Absent from an older Switchyard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    names: Option<Vec<crate::resolve::KnownName>>,
 }
 
 /// Listening sockets received from the old process, by config key (`proxy.listen`,
@@ -75,6 +81,8 @@ pub struct Inherited {
     pub old_pid: u32,
     /// The live state the old process served when it handed over (none from an older one).
     pub states: Option<HashMap<String, ServiceState>>,
+    /// The upstream names' last good addresses in the old process (none from an older one).
+    pub names: Option<Vec<crate::resolve::KnownName>>,
 }
 
 impl Inherited {
@@ -414,6 +422,7 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
         old: Some(s),
         old_pid: offer.pid,
         states: offer.states.map(|m| m.into_iter().collect()),
+        names: offer.names,
     })
 }
 
@@ -534,9 +543,13 @@ impl Handover {
                 .iter()
                 .map(|s| (s.name().to_string(), s.state.clone()))
                 .collect();
+            // The names' last good addresses: the new one keeps them for a name it cannot
+            // resolve (a resolver outage must not empty a pool this one serves).
+            let names = crate::resolve::known_names(&snapshot.config);
             drop(snapshot);
-            let exchange =
-                tokio::task::spawn_blocking(move || hand_over(greeted, &fds2, wait, states));
+            let exchange = tokio::task::spawn_blocking(move || {
+                hand_over(greeted, &fds2, wait, (states, names))
+            });
             let outcome = tokio::select! {
                 r = exchange => r,
                 () = app.shutdown.cancelled() => return,
@@ -552,16 +565,42 @@ impl Handover {
                     app.shutdown.cancel();
                     return;
                 }
-                Ok(Err(e)) => tracing::warn!(
-                    error = %format!("{e:#}"),
-                    "upgrade aborted; this process keeps serving"
-                ),
+                Ok(Err(e)) => {
+                    mark_lock_again(&fds).await;
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "upgrade aborted; this process keeps serving"
+                    )
+                }
                 Err(e) => {
+                    mark_lock_again(&fds).await;
                     tracing::error!(error = %e, "upgrade task failed; this process keeps serving")
                 }
             }
         }
     }
+}
+
+/// After an aborted upgrade: the state file's lock names this process again. The new process
+/// wrote its pid there when it took the lock over, before it was told to serve, and a process
+/// refused later would name that one, gone.
+async fn mark_lock_again(fds: &Arc<Vec<(String, OwnedFd)>>) {
+    let fds = fds.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let Some((_, fd)) = fds.iter().find(|(k, _)| k == LOCK_KEY) else {
+            return;
+        };
+        let Ok(fd) = fd.try_clone() else {
+            return;
+        };
+        let file = std::fs::File::from(fd);
+        let pid = format!("{}\n", std::process::id());
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.write_all_at(pid.as_bytes(), 0));
+    })
+    .await;
 }
 
 /// The first step of an exchange on a blocking socket: the new process's hello. None when the
@@ -586,12 +625,16 @@ fn hand_over(
     (mut s, mut reader): (UnixStream, BufReader<UnixStream>),
     fds: &[(String, OwnedFd)],
     wait: Duration,
-    states: BTreeMap<String, ServiceState>,
+    (states, names): (
+        BTreeMap<String, ServiceState>,
+        Vec<crate::resolve::KnownName>,
+    ),
 ) -> anyhow::Result<u32> {
     let offer = Offer {
         pid: std::process::id(),
         listeners: fds.iter().map(|(k, _)| k.clone()).collect(),
         states: Some(states),
+        names: Some(names),
     };
     let mut line = serde_json::to_vec(&offer)?;
     line.push(b'\n');
@@ -863,6 +906,7 @@ mod tests {
         let offer: Offer =
             serde_json::from_str(r#"{"pid":7,"listeners":["proxy.listen"]}"#).expect("offer");
         assert!(offer.states.is_none());
+        assert!(offer.names.is_none());
         assert_eq!(offer.listeners, ["proxy.listen"]);
     }
 

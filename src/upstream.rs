@@ -487,8 +487,11 @@ pub struct Clients {
 
 impl Clients {
     pub fn new(cfg: &ProxyConfig) -> Clients {
-        let probe = hyper_client(cfg.connect_timeout, Duration::from_secs(30), Some(4), false);
-        let probe_h2 = hyper_client(cfg.connect_timeout, Duration::from_secs(30), Some(4), true);
+        // An upstream a reload removes is probed no more: its kept-alive probe connection closes
+        // within `upstream_idle_timeout`, as the traffic's own do (30 s at most).
+        let idle = cfg.upstream_idle_timeout.min(Duration::from_secs(30));
+        let probe = hyper_client(cfg.connect_timeout, idle, Some(4), false);
+        let probe_h2 = hyper_client(cfg.connect_timeout, idle, Some(4), true);
         Clients { probe, probe_h2 }
     }
 

@@ -2320,3 +2320,46 @@ async fn serve_takes_the_line_end_off_the_admin_token_and_refuses_one_no_header_
         assert!(!stderr.contains(TOKEN), "the token is printed: {stderr}");
     }
 }
+
+/// `--reset-state` moves only an unreadable state file aside: a readable one (api flipped to
+/// green) is kept and served, and the answered flip is not dropped. It was moved aside (as
+/// "corrupt") and traffic went back to the config's color.
+#[tokio::test]
+async fn reset_state_keeps_a_readable_state_file() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, proxy, admin) = binary_config(dir.path(), blue.addr, green.addr);
+    let config_arg = config.to_str().expect("utf8 path");
+    let mut child = spawn_serve(&config);
+    assert!(serves(proxy, "blue", 15).await, "switchyard did not serve");
+    let (s, v) = admin_post(
+        admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({ "to": "green" })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    let mut child = switchyard_cmd(&["serve", "--config", config_arg, "--reset-state"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let up = serves(proxy, "green", 15).await;
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    assert!(up, "the answered flip was dropped by --reset-state");
+    let moved: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("corrupt"))
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "a readable state file was moved aside: {moved:?}"
+    );
+}

@@ -645,3 +645,98 @@ async fn every_reload_names_the_changes_that_wait_for_a_restart() {
     assert!(!details[4].contains("restart"), "{details:?}");
     p.stop().await;
 }
+
+/// The state file's view of a service: (active, generation).
+fn stored_state(dir: &Path, name: &str) -> Option<(String, u64)> {
+    let bytes = std::fs::read(dir.join("state.json")).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    let s = &v["services"][name];
+    Some((s["active"].as_str()?.to_string(), s["generation"].as_u64()?))
+}
+
+/// A service removed by a reload and put back by another is served at the state the store holds
+/// for it, as a start would serve it: it came back on the config's color (blue, generation 0)
+/// while the state file still said green, and an upgrade or restart then switched traffic with
+/// no flip and no event. A write while it was out (a flip of another service) keeps it in the
+/// file, and a restart serves the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_removed_and_added_back_by_reload_keeps_its_stored_state() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let api = service(
+        "api",
+        &[blue.addr],
+        &[green.addr],
+        "path_prefix = \"/api\"\n",
+    );
+    let web = service("web", &[blue.addr], &[green.addr], "");
+    let p = TestProxy::start(&format!("{api}{web}")).await;
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let original = std::fs::read_to_string(&p.config_path).expect("config");
+    let renamed = original.replace("name = \"api\"", "name = \"api-renamed\"");
+    assert_ne!(renamed, original);
+    std::fs::write(&p.config_path, &renamed).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    // A write while `api` is out of the config: the file keeps it.
+    let (s, v) = p.flip("web", "green").await;
+    assert_eq!(s, 200, "{v}");
+    std::fs::write(&p.config_path, &original).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (st["active"].clone(), st["generation"].clone()),
+        (Value::from("green"), Value::from(1)),
+        "{st}"
+    );
+    assert_eq!(p.get("/api/x").await, (200, "green\n".to_string()));
+    let dir = p.stop().await;
+    assert_eq!(
+        stored_state(dir.path(), "api"),
+        Some(("green".to_string(), 1))
+    );
+    let p = TestProxy::start_with(&format!("{api}{web}"), Some(TOKEN), Some(dir)).await;
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (st["active"].clone(), st["generation"].clone()),
+        (Value::from("green"), Value::from(1)),
+        "{st}"
+    );
+    p.stop().await;
+}
+
+/// A live color changes only by a flip. A never-flipped service is written to the state file at
+/// startup (the color served), so a reload that changes its `active` keeps the color served and
+/// says so (`active_not_applied`), and a restart serves that color too ("the file wins"): a
+/// restart used to switch traffic to the new `active` with no flip, no event, the same generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_active_is_not_applied_by_reload_nor_by_restart() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let api = service("api", &[blue.addr], &[green.addr], "active = \"blue\"\n");
+    let p = TestProxy::start(&api).await;
+    let dir = p.dir.as_ref().expect("dir").path().to_path_buf();
+    assert_eq!(stored_state(&dir, "api"), Some(("blue".to_string(), 0)));
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    let changed = text.replace("active = \"blue\"", "active = \"green\"");
+    assert_ne!(changed, text);
+    std::fs::write(&p.config_path, &changed).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["active_not_applied"], serde_json::json!(["api"]), "{v}");
+    assert_eq!(p.get("/").await, (200, "blue\n".to_string()));
+    let dir = p.stop().await;
+    let green_api = api.replace("active = \"blue\"", "active = \"green\"");
+    assert_ne!(green_api, api);
+    let p = TestProxy::start_with(&green_api, Some(TOKEN), Some(dir)).await;
+    let st = p.service_status("api").await;
+    assert_eq!(
+        (st["active"].clone(), st["generation"].clone()),
+        (Value::from("blue"), Value::from(0)),
+        "{st}"
+    );
+    assert_eq!(p.get("/").await, (200, "blue\n".to_string()));
+    p.stop().await;
+}

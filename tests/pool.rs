@@ -678,3 +678,73 @@ async fn a_steady_load_keeps_only_the_connections_it_needs_after_a_burst() {
     );
     p.stop().await;
 }
+
+/// An HTTP/1.1 upstream answering 200 to every request, keeping connections alive; it logs
+/// "open" and "closed" for each connection.
+async fn open_close_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = l2.clone();
+            log.lock().expect("log").push("open".to_string());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while next_head(&mut s, &mut buf).await.is_some() {
+                    let resp = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                log.lock().expect("log").push("closed".to_string());
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// The health probes' kept-alive connection to an upstream a reload removes closes within
+/// `upstream_idle_timeout`, as the traffic's own connections do: the probe client kept it open
+/// for a fixed 30 s. (No request goes to it: the connection is the probes'.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_upstream_s_probe_connection_closes_after_the_idle_timeout() {
+    let (up, log) = open_close_upstream().await;
+    let (other, _) = open_close_upstream().await;
+    let health = "[services.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
+                  unhealthy_after = 2\nhealthy_after = 1\n";
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nupstream_idle_timeout = \"500ms\"\n{}",
+        service("api", &[other], &[up], health)
+    ))
+    .await;
+    // Probed (a connection open), then taken out of the config.
+    assert!(
+        eventually(10, || async {
+            log.lock().expect("log").iter().any(|e| e == "open")
+        })
+        .await
+    );
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    std::fs::write(
+        &p.config_path,
+        text.replace(&format!("\"{up}\""), &format!("\"{other}\"")),
+    )
+    .expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    let closed = eventually(10, || async {
+        log.lock().expect("log").iter().any(|e| e == "closed")
+    })
+    .await;
+    assert!(
+        closed,
+        "the removed upstream's probe connection is still open: {:?}",
+        log.lock().expect("log")
+    );
+    p.stop().await;
+}

@@ -945,3 +945,32 @@ async fn a_replica_started_while_etcd_hangs_is_degraded_from_the_start() {
     assert_eq!(active_of(&a).await, ("green".to_string(), 1));
     a.stop().await;
 }
+
+/// With etcd, a service removed by a reload and put back by another is served at the state etcd
+/// holds for it (green, generation 1), as a start would serve it, not at the config's color: this
+/// replica served blue while etcd (and every other replica) held green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_added_back_by_reload_serves_what_etcd_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(dir.path()).await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let ps = replicas(&etcd, &blue, &green, 1).await;
+    let p = &ps[0];
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let original = std::fs::read_to_string(&p.config_path).expect("config");
+    let renamed = original.replace("name = \"api\"", "name = \"api-renamed\"");
+    assert_ne!(renamed, original);
+    std::fs::write(&p.config_path, &renamed).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    std::fs::write(&p.config_path, &original).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(active_of(p).await, ("green".to_string(), 1));
+    assert_eq!(p.get("/").await, (200, "green\n".to_string()));
+    for p in ps {
+        p.stop().await;
+    }
+}

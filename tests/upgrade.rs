@@ -639,6 +639,18 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
         logs()
     );
     assert!(logs().contains("proxy.upgrade_timeout"), "{}", logs());
+    // The state file's lock names the old process again, not the new one that exited: the new
+    // one wrote its pid there when it took the lock over.
+    let lock = dir.path().join("state.lock");
+    let old_pid = old.id().expect("pid").to_string();
+    assert!(
+        eventually(10, || async {
+            std::fs::read_to_string(&lock).unwrap_or_default().trim() == old_pid
+        })
+        .await,
+        "the lock names {:?}, not the old process {old_pid}",
+        std::fs::read_to_string(&lock).unwrap_or_default()
+    );
     // The old one served throughout and serves on.
     let after = tally.ok.load(Ordering::SeqCst) + 100;
     assert!(
@@ -1117,4 +1129,58 @@ async fn an_upgrade_from_shared_to_per_worker_says_to_restart() {
     let mut last = spawn_serve(&cfg, &last_log, true);
     assert!(exits(&mut old, &old_log).await.success());
     stop(&mut last, &last_log).await;
+}
+
+/// An upgrade during a resolver outage: the name the old process still served (its last good
+/// addresses) keeps them in the new process, marked stale, rather than emptying the pool (503
+/// "no healthy upstream" for every request): the old process hands its names' last good
+/// addresses over with its sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_during_a_resolver_outage_keeps_the_old_process_s_addresses() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 bluename\n").expect("write hosts");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        &format!(
+            "shutdown_grace = \"5s\"\nworkers = 1\nresolve_hosts_file = \"{}\"\n",
+            hosts.display()
+        ),
+        &format!(
+            "\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"bluename:{}\"] }}\n\
+             green = {{ upstreams = [\"{}\"] }}\n",
+            blue.addr.port(),
+            green.addr
+        ),
+    );
+    let old_log = dir.path().join("old.log");
+    let mut old = serve_first(&cfg, &old_log, admin).await;
+    assert_eq!(get(proxy, "/").await, (200, "blue\n".to_string()));
+    // The resolver stops answering the name.
+    std::fs::write(&hosts, "# outage\n").expect("write hosts");
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    let logs = || {
+        format!(
+            "old:\n{}\nnew:\n{}",
+            std::fs::read_to_string(&old_log).unwrap_or_default(),
+            std::fs::read_to_string(&new_log).unwrap_or_default()
+        )
+    };
+    let exited = tokio::time::timeout(Duration::from_secs(30), old.wait()).await;
+    assert!(
+        matches!(exited, Ok(Ok(s)) if s.success()),
+        "the old process did not hand over and exit: {exited:?}\n{}",
+        logs()
+    );
+    assert_eq!(
+        get(proxy, "/").await,
+        (200, "blue\n".to_string()),
+        "{}",
+        logs()
+    );
+    let _ = new.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
 }

@@ -656,6 +656,15 @@ impl EtcdStore {
     }
 
     /// Records a key whose value is not a readable state, at `rev` (newer revisions win).
+    /// The state this replica last saw etcd hold for `name` (a read, a write, the watch), of a
+    /// service the running config has or not.
+    pub fn seen_state(&self, name: &str) -> Option<ServiceState> {
+        self.seen
+            .lock()
+            .ok()
+            .and_then(|s| s.get(name).map(|e| e.state.clone()))
+    }
+
     fn saw_unreadable(&self, name: &str, rev: i64) {
         if let Ok(mut u) = self.unreadable.lock() {
             let e = u.entry(name.to_string()).or_insert(rev);

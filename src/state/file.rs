@@ -147,9 +147,11 @@ pub fn remove_stale_temps(path: &Path) -> usize {
     removed
 }
 
-/// `--reset-state`: moves an unreadable state file aside so startup can proceed.
+/// `--reset-state`: moves an unreadable state file aside so startup can proceed. A readable
+/// one is kept (None, as for no file): it holds the answered flips, and moving it aside would
+/// drop them.
 pub fn move_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
-    if !path.exists() {
+    if !path.exists() || read_state(path).is_ok() {
         return Ok(None);
     }
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
