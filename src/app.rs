@@ -65,6 +65,9 @@ pub struct App {
     pub store: StateStore,
     /// Where the live colors being served came from ([`StateSource`]).
     state_source: AtomicU8,
+    /// `serve --upgrade` on the file backend: the state is written once the old process said
+    /// "go" ([`App::write_after_takeover`]), not at startup.
+    write_on_takeover: AtomicBool,
     /// File backend: the states the state file holds for services the running config does not
     /// have (removed by a reload, or only in the file at startup). Every write keeps them in the
     /// file, and a reload that adds such a service back serves its state, as a start would.
@@ -381,24 +384,17 @@ fn next_retry(pending: &[String], wait: Duration) -> (Duration, Option<tokio::ti
 }
 
 /// `serve --upgrade` without a state file: the live state the old process handed over (its
-/// services that the config still has), written back to the file. A failed write is logged;
-/// the state is served all the same (the next change writes the file).
-async fn restore_handed(
+/// services that the config still has). Written back to the file only once this process
+/// serves ([`App::write_after_takeover`]): an upgrade the old process aborts meanwhile lets
+/// it answer flips again, which an earlier write here would have erased from the file.
+fn restore_handed(
     store: &StateStore,
     config: &Config,
     mut handed: HashMap<String, ServiceState>,
 ) -> HashMap<String, ServiceState> {
     handed.retain(|name, _| config.services.iter().any(|s| &s.name == name));
     let path = store.local_path().unwrap_or_default();
-    let names: Vec<String> = handed.keys().cloned().collect();
-    match store.save(&handed, &HashMap::new(), &names).await {
-        Ok(()) => {
-            tracing::warn!(path = %path.display(), "the state file is missing: serving the live state the old process handed over (not the config's colors), written back to it")
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "the state file is missing: serving the live state the old process handed over (not the config's colors); it could not be written back")
-        }
-    }
+    tracing::warn!(path = %path.display(), "the state file is missing: serving the live state the old process handed over (not the config's colors), written back to it once this process serves");
     handed
 }
 
@@ -431,7 +427,10 @@ async fn persist_unstored(
         states.insert(svc.name.clone(), state);
         missing.push(svc.name.clone());
     }
-    if !missing.is_empty() {
+    // In an upgrade nothing is written before the old process says "go": one that aborts
+    // serves on and answers flips, which this write, made from the states read now, would
+    // erase from the file. [`App::write_after_takeover`] writes then.
+    if !missing.is_empty() && handed.is_none() {
         let path = store.local_path().unwrap_or_default();
         match store.save(&states, &HashMap::new(), &missing).await {
             Ok(()) => {
@@ -481,7 +480,7 @@ impl App {
                 } else {
                     match handed.clone() {
                         Some(h) if s.is_empty() && state_file_missing(&store).await => {
-                            (restore_handed(&store, &config, h).await, StateSource::File)
+                            (restore_handed(&store, &config, h), StateSource::File)
                         }
                         _ => (s, StateSource::File),
                     }
@@ -532,6 +531,7 @@ impl App {
                 })
             }
         };
+        let handed_file = source == StateSource::File && handed.is_some();
         let (states, unlisted) = match source {
             StateSource::File => persist_unstored(&store, &config, states, handed).await,
             _ => (states, HashMap::new()),
@@ -562,6 +562,7 @@ impl App {
             frozen: AtomicBool::new(false),
             store,
             state_source: AtomicU8::new(source as u8),
+            write_on_takeover: AtomicBool::new(handed_file),
             unlisted: std::sync::Mutex::new(unlisted),
             analysis,
             releases,
@@ -1032,6 +1033,33 @@ impl App {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.routes.load_full()
+    }
+
+    /// `serve --upgrade`, once the old process said "go" (it answers no flip from then on):
+    /// the state this process serves is written to the file (the state the old one handed
+    /// over where the file was missing, and services the file did not hold yet), under the
+    /// writer lock. Not at startup: an upgrade the old process aborts lets it answer flips
+    /// again, which an earlier write would have erased. A failed write is logged; the colors
+    /// are served all the same (the next change writes the file).
+    pub async fn write_after_takeover(&self) {
+        if !self.write_on_takeover.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let _w = self.writer.lock().await;
+        let mut states = Self::all_states(&self.snapshot());
+        let names: Vec<String> = states.keys().cloned().collect();
+        for (n, st) in self.unlisted_states() {
+            states.entry(n).or_insert(st);
+        }
+        let path = self.store.local_path().unwrap_or_default();
+        match self.store.save(&states, &HashMap::new(), &names).await {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "upgrade: the state served is written to the state file")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "upgrade: cannot write the state served to the state file (the next change writes it)")
+            }
+        }
     }
 
     /// File backend: the states the file holds for services the running config lacks.

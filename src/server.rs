@@ -380,6 +380,7 @@ pub async fn start_with(
                 "upgrade: serving on the old process's sockets; it drains now"
             );
         }
+        app.write_after_takeover().await;
         match Handover::bind(&upgrade_socket) {
             Ok(mut h) => {
                 for (key, fd) in kept {

@@ -614,6 +614,14 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     let load = Load::start(proxy, 2, 100).await;
     let tally = load.tally.clone();
 
+    // The new config adds a service the state file does not hold: a new process writes such
+    // services only once it serves, never before the old one said "go" (the old one, serving
+    // on after an abort, answers flips that a write from the states read at startup erased).
+    let text = std::fs::read_to_string(slow_cfg).expect("slow config");
+    let api = text.find("[[services]]").expect("a service");
+    let web = text[api..].replace("name = \"api\"", "name = \"web\"\npath_prefix = \"/web\"");
+    let text = format!("{}{web}\n{}", &text[..api], &text[api..]);
+    std::fs::write(slow_cfg, text).expect("write slow config");
     let slow_log = dir.path().join("slow.log");
     let mut slow = spawn_serve(slow_cfg, &slow_log, true);
     let slow_status = tokio::time::timeout(Duration::from_secs(60), slow.wait())
@@ -639,6 +647,12 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
         logs()
     );
     assert!(logs().contains("proxy.upgrade_timeout"), "{}", logs());
+    let stored = std::fs::read_to_string(dir.path().join("state.json")).expect("state file");
+    assert!(
+        !stored.contains("\"web\""),
+        "the new process wrote the state file before it served: {stored}\n{}",
+        logs()
+    );
     // The state file's lock names the old process again, not the new one that exited: the new
     // one wrote its pid there when it took the lock over.
     let lock = dir.path().join("state.lock");

@@ -481,7 +481,7 @@ pub(super) fn url_problem(u: &str, parse_as: &str, expected: &str) -> Option<Str
         None => u.to_string(),
     };
     // Any `@`, as `ctl` refuses one: `user:pa/ss@host` parses as the host `user`.
-    if shown != u {
+    if u[after_scheme..].contains('@') {
         return Some(format!(
             "URL {shown:?} carries a user or password, which is never sent and would be shown as written (in /api/status, the logs, errors); leave it out (a Prometheus token goes in the variable analysis.prometheus_token_env names; an '@' in a path is written %40)"
         ));
