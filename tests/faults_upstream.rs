@@ -1709,3 +1709,93 @@ async fn after_a_timeout_on_a_silent_h2_connection_the_next_request_opens_anothe
     );
     p.stop().await;
 }
+
+/// An h2 upstream that answers every request at once except those under `/slow`, which it
+/// holds unanswered; it counts the connections made to it.
+async fn holding_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok((req, mut reply))) = conn.accept().await {
+                    if req.uri().path().starts_with("/slow") {
+                        held.push(reply);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("head");
+                    if let Ok(mut tx) = reply.send_response(head, false) {
+                        let _ = tx.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A client that leaves at once says nothing of the upstream: its request, dropped before the
+/// answer with nothing read meanwhile, does not make the h2 connection suspect (before, every
+/// abandoned request made the pool open a new connection: churn any client could drive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_at_once_does_not_make_its_h2_connection_suspect() {
+    let (up, conns) = holding_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"30s\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{up}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    assert_eq!(p.get("/warm").await.0, 200);
+    for i in 0..3 {
+        // The client gives up after 200 ms: its connection closes with the request unanswered.
+        let path = format!("/slow{i}");
+        let gone = tokio::time::timeout(Duration::from_millis(200), p.get(&path)).await;
+        assert!(gone.is_err(), "the held request was answered");
+        // Let the proxy see the close and drop the request.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(p.get(&format!("/fast{i}")).await.0, 200);
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "a new upstream connection per abandoned request"
+    );
+    p.stop().await;
+}
+
+/// A stream the only upstream refused (REFUSED_STREAM) is sent once more, and each refused
+/// attempt counts against it, as in a pool of two (it did not count there with one upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_attempt_counts_against_the_upstream_whatever_the_pool_s_size() {
+    let (refuser, refused) = refusing_h2_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 0\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{refuser}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        green.addr
+    ))
+    .await;
+    let (s, body) = request(p.proxy, "GET", "/echo", &[], Bytes::new()).await;
+    assert_eq!(s, 502, "{body}");
+    let attempts = refused.load(Ordering::SeqCst);
+    assert_eq!(attempts, 2, "sent once more after the refusal");
+    let text = metrics(&p).await;
+    assert_eq!(
+        failures(&text, "blue", refuser, "reset"),
+        attempts as f64,
+        "{text}"
+    );
+    p.stop().await;
+}

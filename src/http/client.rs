@@ -307,7 +307,8 @@ struct H2Live {
     /// Reads from its socket that brought bytes (any frame: a response, a PING's answer).
     reads: Arc<AtomicU64>,
     /// No new request goes on it while `reads` is below this: a request waited on it for its
-    /// response head and gave up (`request_timeout`) with nothing read meanwhile, so the
+    /// response head and gave up (`request_timeout`, or its client left, after at least
+    /// [`SUSPECT_AFTER`]) with nothing read meanwhile, so the
     /// connection may be dead without a FIN (a peer gone, a route dropped). Any byte read
     /// clears it; until then requests open a new connection rather than each waiting out its
     /// `request_timeout` there until the PINGs give it up.
@@ -330,12 +331,19 @@ impl H2Conn {
     }
 }
 
+/// How long a request must have waited for its head, with nothing read from the connection
+/// meanwhile, before giving up on it makes the connection suspect: a client that leaves at
+/// once says nothing of the upstream (any client could otherwise make the pool reconnect per
+/// abandoned request), half a second of silence under a waiting request does.
+const SUSPECT_AFTER: Duration = Duration::from_millis(500);
+
 /// A request waiting for its response head on an HTTP/2 connection: dropped before it is
-/// `done` (the request timed out, or its client left) with nothing read from the connection
-/// since it was sent, it makes the connection suspect.
+/// `done` (the request timed out, or its client left) at least [`SUSPECT_AFTER`] after it
+/// was sent, with nothing read from the connection since, it makes the connection suspect.
 struct AwaitingHead<'a> {
     conn: &'a H2Live,
     reads: u64,
+    sent: tokio::time::Instant,
     done: bool,
 }
 
@@ -344,6 +352,7 @@ impl<'a> AwaitingHead<'a> {
         AwaitingHead {
             conn,
             reads: conn.reads.load(Ordering::Relaxed),
+            sent: tokio::time::Instant::now(),
             done: false,
         }
     }
@@ -351,7 +360,10 @@ impl<'a> AwaitingHead<'a> {
 
 impl Drop for AwaitingHead<'_> {
     fn drop(&mut self) {
-        if !self.done && self.conn.reads.load(Ordering::Relaxed) == self.reads {
+        if !self.done
+            && self.conn.reads.load(Ordering::Relaxed) == self.reads
+            && self.sent.elapsed() >= SUSPECT_AFTER
+        {
             self.conn
                 .suspect_below
                 .fetch_max(self.reads + 1, Ordering::Relaxed);

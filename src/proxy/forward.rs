@@ -108,6 +108,12 @@ pub(super) async fn forward(
                     // On a new connection when the upstream's GOAWAY left it out (the stream
                     // was refused on a live one: that one again).
                     again = false;
+                    // Counted as `next_attempt` counts it: a refused stream is a failed attempt
+                    // whatever the pool's size; a stream the GOAWAY left out is not.
+                    if !error.is_goaway_unprocessed() {
+                        up.count_failure_of(attempt_failure(&error), live);
+                        up.passive_failure(&pool.passive);
+                    }
                     tracing::debug!(upstream = %up.addr, error = %error, "upstream did not process the request; sending it once more");
                     req = replay_h2(copy, *idle);
                     if host_from_upstream {
