@@ -2596,6 +2596,25 @@ gate = "manual"
         assert_eq!(t["actor"], "ops", "{t}");
     }
 
+    /// Starts release TWO and, a minute into phase 0's bake, pauses it by a forced pause of
+    /// `api` through the API's guard.
+    async fn paused_mid_bake(app: &Arc<App>) {
+        start(app, &plan(TWO), "test").await.expect("start");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        guarded(
+            app,
+            &["api"],
+            true,
+            "pause",
+            "ops",
+            || app.set_paused("api", true, "ops"),
+            |_| vec!["api".to_string()],
+        )
+        .await
+        .expect("pause");
+        assert!(current(app)["paused"].is_string());
+    }
+
     /// The mid-bake twin of the race above. A release paused mid-bake (a forced pause) is
     /// promoted; a forced flip by hand of a service it flipped lands between the promote's
     /// check (nothing moved then) and the promote reaching the driver. The flip paused the
@@ -2606,20 +2625,7 @@ gate = "manual"
     async fn a_flip_racing_a_promote_of_a_paused_bake_rolls_the_release_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let app = app(dir.path()).await;
-        start(&app, &plan(TWO), "test").await.expect("start");
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        guarded(
-            &app,
-            &["api"],
-            true,
-            "pause",
-            "ops",
-            || app.set_paused("api", true, "ops"),
-            |_| vec!["api".to_string()],
-        )
-        .await
-        .expect("pause");
-        assert!(current(&app)["paused"].is_string());
+        paused_mid_bake(&app).await;
         // The promote's check passes here (nothing moved yet) ...
         assert!(moved_off(&app, &app.releases.current().expect("cur"), false).is_none());
         // ... then the forced flip by hand lands, through the API's guard: it pauses the
@@ -2829,20 +2835,7 @@ gate = "manual"
     async fn a_promote_during_a_paused_bake_resumes_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let app = app(dir.path()).await;
-        start(&app, &plan(TWO), "test").await.expect("start");
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        guarded(
-            &app,
-            &["api"],
-            true,
-            "pause",
-            "ops",
-            || app.set_paused("api", true, "ops"),
-            |_| vec!["api".to_string()],
-        )
-        .await
-        .expect("pause");
-        assert!(current(&app)["paused"].is_string());
+        paused_mid_bake(&app).await;
         // Mid-way between two of the driver's checks.
         tokio::time::sleep(Duration::from_millis(300)).await;
         promote(&app, "test").await.expect("promote");
