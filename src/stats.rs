@@ -80,8 +80,10 @@ const _: () = assert!(MAX_TRACKED_MICROS >= 1 << 27 && BUCKETS < u32::MAX as usi
 /// Below 16 µs one bucket per µs; above, 16 buckets per power of two, so a
 /// bucket is never wider than 1/16 of its lower bound. Values above
 /// [`MAX_TRACKED_MICROS`] land in the last bucket.
-#[inline]
-pub fn bucket_index(micros: u64) -> usize {
+/// (The request path takes it from [`bucket_and_sample`]; this form is the reference its test
+/// checks it against.)
+#[cfg(test)]
+fn bucket_index(micros: u64) -> usize {
     if micros < SUB {
         return micros as usize;
     }
@@ -109,36 +111,36 @@ fn bucket_value(idx: usize) -> u64 {
     lower + ((1u64 << shift) >> 1)
 }
 
-/// Where `micros` lies inside its bucket, in 1/256ths of the bucket's width (0 in the
-/// one-microsecond buckets). Summed per bucket beside its count, it gives the mean of the
-/// samples in a bucket, which [`Summary::quantile`] answers with instead of the midpoint: a
-/// bucket is up to 1/16 of its lower bound wide, and its midpoint alone put a p95 3% off
-/// (a trigger fired on 270.3 ms with every sample under 268 ms, and missed every one over 273).
+/// [`bucket_index`] of `micros`, and its sample packed for that bucket: the count (1) in the
+/// low 32 bits, and in the high 32 where `micros` lies inside the bucket, in 1/256ths of the
+/// bucket's width (0 in the one-microsecond buckets), so that one atomic add records both (a
+/// bucket of one one-second slot never sees 2^32 samples; offsets are < 256). Summed per
+/// bucket, the offsets give the mean of its samples, which [`Summary::quantile`] answers with
+/// instead of the midpoint: a bucket is up to 1/16 of its lower bound wide, and its midpoint
+/// alone put a p95 3% off (a trigger fired on 270.3 ms with every sample under 268 ms, and
+/// missed every one over 273). One pass for both: this runs on every request.
 #[inline]
-fn bucket_offset(micros: u64) -> u64 {
+fn bucket_and_sample(micros: u64) -> (usize, u64) {
     if micros < SUB {
-        return 0;
+        return (micros as usize, 1);
     }
-    let exp = 63 - micros.leading_zeros();
+    let exp = 63 - micros.leading_zeros(); // >= SUB_BITS
     if exp > MAX_EXP {
-        return 0;
+        return (BUCKETS - 1, 1);
     }
     let shift = exp - SUB_BITS;
+    let sub = (micros >> shift) & (SUB - 1);
     // The bits below the bucket's lower bound, scaled to 8 bits.
     let below = micros & ((1u64 << shift) - 1);
-    if shift >= 8 {
+    let offset = if shift >= 8 {
         below >> (shift - 8)
     } else {
         below << (8 - shift)
-    }
-}
-
-/// A bucket's count and offset sum, packed so that one atomic add records both: the count in
-/// the low 32 bits (a bucket of one one-second slot never sees 2^32 samples), the sum of
-/// [`bucket_offset`]s (each < 256) in the high 32.
-#[inline]
-fn packed_sample(micros: u64) -> u64 {
-    1 | (bucket_offset(micros) << 32)
+    };
+    (
+        (shift + 1) as usize * SUB as usize + sub as usize,
+        1 | (offset << 32),
+    )
 }
 
 /// Saturating conversion of a latency to whole microseconds, without the
@@ -331,7 +333,8 @@ struct Slot {
     /// recorders two plain loads from the slot's (already hot) first line.
     lo: AtomicU32,
     hi: AtomicU32,
-    /// Per bucket, [`packed_sample`]s summed: the count and where in the bucket they fell.
+    /// Per bucket, the samples of [`bucket_and_sample`] summed: the count and where in the
+    /// bucket they fell.
     latency: [AtomicU64; BUCKETS],
 }
 
@@ -459,10 +462,9 @@ impl Window {
     /// Records one request finished in `epoch`. Lock-free; never panics.
     #[inline]
     pub fn record(&self, epoch: u64, latency: Duration, failed: bool) {
-        let micros = micros_of(latency);
-        let bucket = bucket_index(micros);
+        let (bucket, sample) = bucket_and_sample(micros_of(latency));
         if let Some(slot) = self.claimed(epoch) {
-            slot.add(bucket, packed_sample(micros), failed);
+            slot.add(bucket, sample, failed);
         }
     }
 
@@ -573,7 +575,7 @@ pub struct Summary {
     pub requests: u64,
     pub failures: u64,
     buckets: Vec<u64>,
-    /// Per bucket, the sum of its samples' [`bucket_offset`]s.
+    /// Per bucket, the sum of its samples' offsets in it ([`bucket_and_sample`]).
     offsets: Vec<u64>,
 }
 
@@ -812,6 +814,37 @@ mod tests {
             let got = w.summary(3, 4).p95().expect("p95").as_secs_f64() * 1e6;
             let width = (us / 16).max(1) as f64;
             assert!((got - us as f64).abs() <= width / 256.0, "{us} µs: {got}");
+        }
+    }
+
+    /// The request path's one pass gives the bucket [`bucket_index`] gives, and an offset
+    /// inside it.
+    #[test]
+    fn bucket_and_sample_agrees_with_bucket_index() {
+        let mut rng = Lcg(3);
+        let mut values: Vec<u64> = (0..5_000)
+            .map(|_| rng.next() >> (rng.next() % 31))
+            .collect();
+        values.extend([
+            0,
+            1,
+            15,
+            16,
+            17,
+            31,
+            32,
+            255,
+            256,
+            4095,
+            4096,
+            MAX_TRACKED_MICROS,
+        ]);
+        values.extend([MAX_TRACKED_MICROS + 1, u64::MAX]);
+        for v in values {
+            let (bucket, sample) = bucket_and_sample(v);
+            assert_eq!(bucket, bucket_index(v), "{v}");
+            assert_eq!(sample & u64::from(u32::MAX), 1, "{v}");
+            assert!(sample >> 32 < 256, "{v}");
         }
     }
 
