@@ -1024,6 +1024,24 @@ async fn a_stale_upgrade_socket_is_replaced_by_a_plain_serve() {
     stop(&mut new, &new_log).await;
 }
 
+/// Kills, when dropped, the Switchyard that the state lock in this directory names, if it
+/// still runs with a config from this directory.
+struct KillLockHolder(std::path::PathBuf);
+
+impl Drop for KillLockHolder {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.0.join("state.lock")).unwrap_or_default();
+        let pid = pid.trim();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*self.0.to_string_lossy());
+        if !pid.is_empty() && ours {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", pid])
+                .status();
+        }
+    }
+}
+
 /// README "Upgrading Switchyard" with a process started through PATH (`switchyard serve …`, as
 /// a shell or `ENTRYPOINT ["switchyard", …]` start it: argv[0] is the bare name): the new binary
 /// installed over the old file (a new file renamed over it), SIGUSR2 starts it from the path
@@ -1038,6 +1056,10 @@ async fn sigusr2_starts_the_binary_installed_where_path_found_the_old_one() {
         "shutdown_grace = \"5s\"\nworkers = 1\n",
         &service("api", &[blue.addr], &[green.addr], ""),
     );
+    // The successor SIGUSR2 starts is not this test's child: should an assertion fail, it is
+    // killed when the test ends, by the pid the state lock names (only a process of this
+    // test's directory).
+    let _successor = KillLockHolder(dir.path().to_path_buf());
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).expect("mkdir");
     let from = env!("CARGO_BIN_EXE_switchyard");
