@@ -791,9 +791,13 @@ pub async fn query(
     let token = cfg
         .prometheus_token_env
         .as_deref()
-        .and_then(|k| std::env::var(k).ok())
+        .and_then(|k| std::env::var(k).ok());
+    // As the admin token: one trailing line end off (`check` refuses what cannot be sent).
+    let token = token
+        .as_deref()
+        .and_then(|t| crate::http::headers::bearer_token(t).ok())
         .filter(|t| !t.is_empty());
-    let outcome = match http_get(analysis, cfg, &uri, token.as_deref(), cfg.timeout).await {
+    let outcome = match http_get(analysis, cfg, &uri, token, cfg.timeout).await {
         Ok((status, body)) => parse_prometheus(status, &body),
         Err(e) => Outcome::Error {
             error: format!("prometheus {}: {e}", base),

@@ -460,6 +460,31 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
             });
         }
     }
+    // A bearer token no client could send in a header (a line break inside it, a character
+    // outside ASCII) would make every admin call a 401, or every Prometheus rule inconclusive.
+    let tokens = [
+        ("admin.token_env", Some(&config.admin.token_env)),
+        (
+            "analysis.prometheus_token_env",
+            config.analysis.prometheus_token_env.as_ref(),
+        ),
+    ];
+    for (key, var) in tokens {
+        let Some(var) = var else { continue };
+        let why = match std::env::var(var) {
+            Ok(t) => crate::http::headers::bearer_token(&t).err(),
+            Err(std::env::VarError::NotUnicode(_)) => Some("it is not UTF-8"),
+            Err(std::env::VarError::NotPresent) => None,
+        };
+        if let Some(why) = why {
+            problems.push(crate::config::ConfigError {
+                key: key.to_string(),
+                message: format!(
+                    "the token in {var} cannot be sent in an Authorization header: {why}"
+                ),
+            });
+        }
+    }
     if let crate::config::AccessTarget::File(path) = &config.log.access {
         // An existing file must open for appending; a new one needs its directory (nothing is
         // created here).

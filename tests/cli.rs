@@ -32,6 +32,56 @@ fn write(dir: &std::path::Path, name: &str, body: &str) -> String {
     p.to_str().expect("utf8").to_string()
 }
 
+/// A bearer token that cannot travel in an `Authorization` header, in the variable
+/// `admin.token_env` or `analysis.prometheus_token_env` names, is a problem `check` lists beside
+/// the rest, with its key, as `serve` does (it used to pass `check`, and `serve` refused it
+/// alone); one trailing line end is not part of the token, and passes.
+#[test]
+fn check_refuses_a_token_that_cannot_be_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "c.toml",
+        "[proxy]\nconnect_timeout = \"soon\"\n[admin]\ntoken_env = \"SY_T_ADMIN\"\n\
+         [analysis]\nprometheus_url = \"http://127.0.0.1:9\"\nprometheus_token_env = \"SY_T_PROM\"\n\
+         [[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3001\"] }\n\
+         green = { upstreams = [\"127.0.0.1:3011\"] }\n",
+    );
+    let run = |cmd: &str, admin: &str, prom: &str| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([cmd, "--config", &file])
+            .env("RUST_LOG", "warn")
+            .env("SY_T_ADMIN", admin)
+            .env("SY_T_PROM", prom)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run switchyard")
+    };
+    for cmd in ["check", "serve"] {
+        let out = run(cmd, "zqx\nlines", "caf\u{e9}");
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(err.contains("3 problems"), "{cmd}: {err}");
+        for key in [
+            "proxy.connect_timeout",
+            "admin.token_env: the token in SY_T_ADMIN",
+            "analysis.prometheus_token_env: the token in SY_T_PROM",
+        ] {
+            assert!(err.contains(key), "{cmd}: no {key} in {err}");
+        }
+        assert!(
+            !err.contains("zqx"),
+            "{cmd}: the token is not repeated: {err}"
+        );
+    }
+    let ok = std::fs::read_to_string(&file)
+        .expect("read")
+        .replace("connect_timeout = \"soon\"\n", "");
+    std::fs::write(&file, ok).expect("write");
+    let out = run("check", "secret\n", "token\r\n");
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
+
 /// `check` reads the files the config names as `serve` does at startup: a TLS key that is not
 /// one, a certificate and key that do not match, an access log in a directory that does not
 /// exist: exit 1, each named by its key; a good pair passes.

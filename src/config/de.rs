@@ -382,6 +382,20 @@ pub(super) fn env_keys(
             });
             continue;
         }
+        // `SWITCHYARD__SERVICES__0__…`: the `config` crate makes a table of it that replaces
+        // the file's whole array ("invalid type: map, expected a sequence"); say what to do.
+        if key
+            .split('.')
+            .any(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            errors.push(ConfigError {
+                key: key.clone(),
+                message: format!(
+                    "environment variable {var} names an entry of a list ([[services]], triggers, checks): entries cannot be set from the environment; set them in the file"
+                ),
+            });
+            continue;
+        }
         for (other, other_var) in &keys[i + 1..] {
             let message = if other == key {
                 format!("set by both environment variables {var} and {other_var} (which would win is not defined); set only one")

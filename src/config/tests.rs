@@ -360,6 +360,33 @@ fn wrong_types_from_the_environment_name_the_variable() {
     );
 }
 
+/// An entry of a list cannot be set from the environment (README "Configuration"): a variable
+/// that names one is refused with what to do, not as "invalid type: map, expected a sequence"
+/// on the whole list.
+#[test]
+fn a_variable_naming_a_list_entry_says_to_set_it_in_the_file() {
+    let env = [
+        (
+            "SWITCHYARD__SERVICES__0__ROLLBACK__TRIGGERS__0__ABOVE",
+            "0.1",
+        ),
+        ("SWITCHYARD__PROXY__WORKERS", "2"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let errs: Vec<String> = match from_toml_str_with_env(GOOD, Some(env)) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    };
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("services.0.rollback.triggers.0.above: environment variable SWITCHYARD__SERVICES__0__ROLLBACK__TRIGGERS__0__ABOVE names an entry of a list"),
+        "{errs:#?}"
+    );
+    assert!(errs[0].contains("set them in the file"), "{errs:#?}");
+}
+
 #[test]
 fn analysis_keys_validate() {
     let base = r#"
