@@ -749,7 +749,7 @@ impl ConnPool {
             idle: IdleTimer::new(idle),
         };
         let kind = if early && body.ex.uploading() && decoder != Decoder::Upgrade {
-            Kind::Duplex(Duplex::spawn(body))
+            Kind::Duplex(Box::new(Duplex::spawn(body)))
         } else {
             Kind::H1(Box::new(body))
         };
@@ -1629,11 +1629,13 @@ enum Kind<B> {
     /// request's instructions). One allocation, in glibc's per-thread cache, costs less.
     H1(Box<H1Body<B>>),
     /// An HTTP/1.1 response that began before its request was fully sent: a task of its own
-    /// keeps writing the request whether or not the client reads the response.
-    Duplex(Duplex),
+    /// keeps writing the request whether or not the client reads the response. Boxed, as the
+    /// HTTP/2 variant: the enum stays a pointer wide, and with it every response's moves (a
+    /// response with this body at most 256 bytes, below which `memcpy` takes its short path).
+    Duplex(Box<Duplex>),
     /// An HTTP/2 stream, with `body_idle_timeout` between its frames and what its
     /// Content-Length says is still to come (None: no length, or no body was to follow).
-    H2(Incoming, IdleTimer, Option<u64>),
+    H2(Box<(Incoming, IdleTimer, Option<u64>)>),
 }
 
 /// The receiving end of a response body driven by its own task (see [`Duplex::spawn`]).
@@ -1711,7 +1713,7 @@ impl<B: UploadBody> PooledBody<B> {
     /// `length`, the response's Content-Length (None where no body follows: HEAD, 204, 304).
     pub fn unpooled(inner: Incoming, idle: Duration, length: Option<u64>) -> PooledBody<B> {
         PooledBody {
-            kind: Kind::H2(inner, IdleTimer::new(idle), length),
+            kind: Kind::H2(Box::new((inner, IdleTimer::new(idle), length))),
             fields: Fields::default(),
         }
     }
@@ -1835,12 +1837,13 @@ impl<B: UploadBody> Body for PooledBody<B> {
         match &mut self.kind {
             Kind::H1(b) => b.poll_frame(cx),
             Kind::Duplex(d) => d.rx.poll_recv(cx),
-            Kind::H2(inner, idle, left) => match Pin::new(&mut *inner).poll_frame(cx) {
+            Kind::H2(h2) => match Pin::new(&mut h2.0).poll_frame(cx) {
                 Poll::Ready(f) => {
+                    let (inner, idle, left) = &mut **h2;
                     idle.progressed();
                     Poll::Ready(checked_h2_frame(f, inner, left))
                 }
-                Poll::Pending if idle.poll_expired(cx) => {
+                Poll::Pending if h2.1.poll_expired(cx) => {
                     let stalled = io::Error::new(io::ErrorKind::TimedOut, "upstream body stalled");
                     Poll::Ready(Some(Err(ClientError::Io(stalled))))
                 }
@@ -1856,7 +1859,7 @@ impl<B: UploadBody> Body for PooledBody<B> {
                 Decoder::Length(0) | Decoder::Done | Decoder::Upgrade
             ),
             Kind::Duplex(_) => false,
-            Kind::H2(inner, _, _) => inner.is_end_stream(),
+            Kind::H2(h2) => h2.0.is_end_stream(),
         }
     }
 
@@ -1868,7 +1871,7 @@ impl<B: UploadBody> Body for PooledBody<B> {
                 _ => SizeHint::default(),
             },
             Kind::Duplex(d) => d.hint,
-            Kind::H2(inner, _, _) => inner.size_hint(),
+            Kind::H2(h2) => h2.0.size_hint(),
         }
     }
 }
