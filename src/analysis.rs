@@ -287,6 +287,35 @@ impl Analysis {
         self.trigger_fields(svc, index, t, out, true);
     }
 
+    /// The triggers of `svc` that are blind for its live generation (`max_errors` consecutive
+    /// failed evaluations with `on_error = "hold"`: they cannot fire), each as
+    /// `trigger[i] (kind): last error`. A release does not pass a phase or end `complete` on
+    /// them unnoticed.
+    pub fn blind(&self, svc: &Service) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, t) in svc.config.rollback.triggers.iter().enumerate() {
+            let (max, on_error) = match &t.kind {
+                TriggerKind::Prometheus(p) => (p.max_errors, p.on_error),
+                TriggerKind::Probe(p) => (p.max_errors, p.on_error),
+                _ => continue,
+            };
+            if on_error != crate::config::OnError::Hold {
+                continue;
+            }
+            let Some(last) = self.slot(svc.name(), i, t).map(|s| s.last()) else {
+                continue;
+            };
+            if last.generation == Some(svc.state.generation) && last.consecutive_errors >= max {
+                out.push(format!(
+                    "trigger[{i}] ({}): {}",
+                    t.kind.name(),
+                    last.error.as_deref().unwrap_or("no answer")
+                ));
+            }
+        }
+        out
+    }
+
     /// `switchyard_analysis_state` from the state in `out` (the watcher's, at its evaluation).
     fn state_gauge(&self, svc: &Service, index: usize, t: &TriggerConfig, out: &Value) {
         // Under the slots lock, and only while the trigger's task runs: [`sync`] removes the
@@ -1208,12 +1237,15 @@ pub struct VerifyFailure {
 }
 
 /// Runs every `[[services.verify]]` check of `svc` against `to`, in order; the first failure.
-/// `cfg` is the live config's `[analysis]`.
+/// `cfg` is the live config's `[analysis]`. `unknown_refuses`: false for a manual rollback,
+/// the way back when the analysis itself is down: a check with no data or an error does not
+/// refuse it (a value that fails still does).
 pub async fn verify(
     analysis: &Analysis,
     cfg: &AnalysisConfig,
     svc: &Service,
     to: Color,
+    unknown_refuses: bool,
 ) -> Result<(), VerifyFailure> {
     if svc.config.verify.is_empty() {
         return Ok(());
@@ -1254,6 +1286,12 @@ pub async fn verify(
                 return Err(fail(what));
             }
             Outcome::Value { .. } => {}
+            Outcome::Empty { detail } if !unknown_refuses => {
+                tracing::warn!(service = %svc.name(), check = index, %detail, "verify check has no data; not refusing the rollback");
+            }
+            Outcome::Error { error, .. } if !unknown_refuses => {
+                tracing::warn!(service = %svc.name(), check = index, %error, "verify check failed to evaluate; not refusing the rollback");
+            }
             Outcome::Empty { detail } => {
                 return Err(fail(format!("no data: {detail}")));
             }

@@ -1247,7 +1247,7 @@ impl App {
                 });
             }
             if !force {
-                self.preflight(&checked, to).await?;
+                self.preflight_as(&checked, to, kind).await?;
             }
             let _w = self.writer.lock().await;
             let snap = self.snapshot();
@@ -1794,10 +1794,24 @@ impl App {
 
     /// Health and smoke checks before a flip to `to`.
     pub async fn preflight(&self, svc: &Service, to: Color) -> Result<(), ChangeError> {
+        self.preflight_as(svc, to, FlipKind::Manual).await
+    }
+
+    /// [`App::preflight`] for a change of `kind`: a manual rollback is not refused by a verify
+    /// check that has no data or errors (see [`crate::analysis::verify`]).
+    async fn preflight_as(
+        &self,
+        svc: &Service,
+        to: Color,
+        kind: FlipKind,
+    ) -> Result<(), ChangeError> {
         healthy_target(svc, to)?;
         let pool = svc.pool(to);
         let analysis_cfg = &self.snapshot().config.analysis;
-        if let Err(f) = crate::analysis::verify(&self.analysis, analysis_cfg, svc, to).await {
+        let unknown_refuses = kind != FlipKind::ManualRollback;
+        if let Err(f) =
+            crate::analysis::verify(&self.analysis, analysis_cfg, svc, to, unknown_refuses).await
+        {
             return Err(ChangeError::Refused(format!(
                 "{}: verify[{}] ({}) failed on {to}: {}; checked {}{FORCE_HINT}",
                 svc.name(),

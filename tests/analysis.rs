@@ -1052,6 +1052,68 @@ max_errors = 2
     p.stop().await;
 }
 
+/// A manual rollback is the way back when the analysis itself is down: a verify check with an
+/// error (or no data) does not refuse it, while it still refuses a manual flip; a check that
+/// reads a failing value on the previous color still refuses the rollback (it used to refuse
+/// the rollback on any error: an operator's emergency rollback blocked by a Prometheus outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_check_that_errors_does_not_refuse_a_manual_rollback() {
+    let rollback = |p: &TestProxy| {
+        let admin = p.admin;
+        async move { admin_post(admin, "/api/services/api/rollback", Some(TOKEN), None).await }
+    };
+    // A check that cannot be evaluated: its URL refuses connections.
+    let dead = dead_addr().await;
+    let blue = DeepUpstream::start().await;
+    let green = DeepUpstream::start().await;
+    let body = two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[green.addr],
+        &format!("\n[[services.verify]]\nkind = \"probe\"\nurl = \"http://{dead}/check\"\n"),
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", true).await.0, 200);
+    let (status, v) = flip(&p, "api", "blue", false).await;
+    assert_eq!(status, 409, "a manual flip is still refused: {v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("verify[0] (probe)"),
+        "{v}"
+    );
+    let (status, v) = rollback(&p).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(p.get("/").await.0, 200);
+    p.stop().await;
+
+    // A check that reads a failing value on the previous color refuses the rollback.
+    let blue = DeepUpstream::start().await;
+    let green = DeepUpstream::start().await;
+    let body = two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[green.addr],
+        "\n[[services.verify]]\nkind = \"probe\"\npath = \"/health/deps\"\njson_pointer = \"/payments\"\nequals = \"ok\"\n",
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    blue.set("payments", "down");
+    let (status, v) = rollback(&p).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/payments = \"down\""),
+        "{v}"
+    );
+    p.stop().await;
+}
+
 /// A release phase runs the verify checks of its services before its flip: the second phase's
 /// target fails one, and the whole release (the first phase's flip too) is rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

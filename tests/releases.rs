@@ -341,6 +341,55 @@ async fn a_manual_gate_waits_for_promote() {
     r.p.stop().await;
 }
 
+/// A service whose rollback rule could not have fired (its `prometheus` trigger blind: every
+/// query failed, `on_error = "hold"`) does not let the release end `complete` unnoticed: the
+/// release pauses at the end of the validate window naming the service and the trigger, `ctl
+/// release wait` keeps waiting, and a promote accepts it (it used to end `complete`, every
+/// phase `passed`, with nothing said).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_analysis_is_blind_pauses_before_it_completes() {
+    // A port nothing listens on: every query is refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let tail = format!(
+        "[[services.rollback.triggers]]\nkind = \"prometheus\"\nquery = \"up\"\nabove = 0.5\n\
+         interval = \"100ms\"\nmax_errors = 2\n\
+         [analysis]\nprometheus_url = \"http://{dead}\"\ntimeout = \"500ms\"\n"
+    );
+    let r = Rig::build("", &tail).await;
+    let (s, v) = r.start_release(two_phases("0s", "0s", "auto", "2s")).await;
+    assert_eq!(s, 200, "{v}");
+    let wait = ctl_wait(r.p.admin);
+    r.wait_current(30, "paused for blind analysis", |c| {
+        c["paused"]
+            .as_str()
+            .is_some_and(|p| p.contains("analysis is blind for panel trigger[1] (prometheus)"))
+    })
+    .await;
+    // It holds: not complete while nobody promotes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(r.releases().await["current"].is_object());
+    let (s, v) = r.post("/api/releases/current/promote", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let end = r.wait_end(20).await;
+    assert_eq!(end["state"], "complete", "{end}");
+    assert_eq!(exit_code(wait).await, 0);
+    let paused: Vec<Value> = r
+        .events("release_phase")
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("analysis is blind"))
+        })
+        .collect();
+    assert_eq!(paused.len(), 1, "{paused:?}");
+    r.p.stop().await;
+}
+
 /// A service whose own `watch_for` has ended while the release's bake still runs is armed by the
 /// release (its triggers roll the release back, as the watcher decides): `/api/status`,
 /// `switchyard_rollback_armed` and `ctl status` say armed too, not `armed=false`.

@@ -764,6 +764,7 @@ async fn drive(
         if !sleep_or_cancel(&app, &id, bake, &cancel).await {
             return;
         }
+        pause_if_blind(&app, &id).await;
         if (plan.gate == Gate::Manual || paused(&app, &id))
             && !pass_gate(&app, &id, i, &label, &cancel, !at_gate).await
         {
@@ -821,6 +822,7 @@ async fn drive(
     if !sleep_or_cancel(&app, &id, validate, &cancel).await {
         return;
     }
+    pause_if_blind(&app, &id).await;
     let ended = loop {
         if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel, true).await {
             return;
@@ -1814,6 +1816,38 @@ async fn passed_recorded(app: &Arc<App>, detail: String) {
 }
 
 /// A release's step in the audit log (actor `release`).
+/// A service the release flipped whose analysis is blind (a `prometheus` or `probe` trigger
+/// with `on_error = "hold"` past `max_errors` failed evaluations: it could not have fired)
+/// pauses the release at the end of a phase's bake or of the validate window, saying which,
+/// rather than pass it unverified (as Argo Rollouts pauses on an inconclusive analysis): a
+/// promote goes on without it, an abort rolls the release back.
+async fn pause_if_blind(app: &App, id: &str) {
+    let Some(flipped) = app.releases.update(id, |r| r.flipped.clone()) else {
+        return;
+    };
+    let snap = app.snapshot();
+    let blind: Vec<String> = flipped
+        .iter()
+        .filter_map(|s| snap.service(s))
+        .flat_map(|svc| {
+            let name = svc.name().to_string();
+            app.analysis
+                .blind(svc)
+                .into_iter()
+                .map(move |b| format!("{name} {b}"))
+        })
+        .collect();
+    if blind.is_empty() {
+        return;
+    }
+    let why = format!(
+        "analysis is blind for {}: promote to go on without it, or abort to roll the release back",
+        blind.join("; ")
+    );
+    // The gate it now waits at records the event, with this reason.
+    app.releases.update(id, |r| r.paused = Some(why));
+}
+
 async fn record_phase(app: &App, detail: String) {
     app.record(Event::new(
         "*",
