@@ -72,7 +72,7 @@ enum Cmd {
         )]
         config: PathBuf,
         /// Validate this release plan (TOML) instead, against the config's services when
-        /// --config is given.
+        /// --config is given or the config is at its default path.
         #[arg(long)]
         release: Option<PathBuf>,
     },
