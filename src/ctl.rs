@@ -243,9 +243,10 @@ fn print_answer(cmd: &CtlCmd, value: &Value) {
     }
 }
 
+/// A field as one line of text (see [`crate::out::one_line`]).
 fn s(v: &Value, k: &str) -> String {
     match v.get(k) {
-        Some(Value::String(x)) => x.clone(),
+        Some(Value::String(x)) => crate::out::one_line(x),
         Some(Value::Null) | None => "-".to_string(),
         Some(x) => x.to_string(),
     }
@@ -399,9 +400,9 @@ fn print_analysis(t: &Value) {
     }
     outln!("      {what}  [{}]", notes.join(", "));
     if let Some(e) = t.get("error").and_then(Value::as_str) {
-        outln!("      error: {e}");
+        outln!("      error: {}", crate::out::one_line(e));
     } else if let Some(d) = t.get("detail").and_then(Value::as_str) {
-        outln!("      {d}");
+        outln!("      {}", crate::out::one_line(d));
     }
 }
 

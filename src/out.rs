@@ -19,13 +19,40 @@ const FAILED: u8 = 2;
 
 static STDOUT: AtomicU8 = AtomicU8::new(OPEN);
 
+/// `text` with every control character a terminal acts on (ESC sequences that retitle,
+/// recolour or clear it, CR that overwrites a line, BEL, DEL, C1) shown escaped (`\u{1b}`);
+/// line ends and tabs kept. What the CLI prints can come from remote answers (an upstream's or
+/// Prometheus's error text, in events and trigger states).
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes to stdout (the [`outln!`](crate::outln) macro); a no-op once stdout is closed.
+/// Control characters are shown escaped ([`terminal_safe`]).
 pub fn stdout(args: fmt::Arguments<'_>) {
     if STDOUT.load(Ordering::Relaxed) != OPEN {
         return;
     }
+    let text = args.to_string();
     let mut out = io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+    if let Err(e) = out
+        .write_all(terminal_safe(&text).as_bytes())
+        .and_then(|()| out.flush())
+    {
         if e.kind() == io::ErrorKind::BrokenPipe {
             STDOUT.store(GONE, Ordering::Relaxed);
         } else {
@@ -36,9 +63,18 @@ pub fn stdout(args: fmt::Arguments<'_>) {
 }
 
 /// Writes to stderr (the [`errln!`](crate::errln) macro); an error there is dropped, as
-/// there is nowhere left to say it.
+/// there is nowhere left to say it. Control characters are shown escaped ([`terminal_safe`]).
 pub fn stderr(args: fmt::Arguments<'_>) {
-    let _ = io::stderr().lock().write_fmt(args);
+    let text = args.to_string();
+    let _ = io::stderr()
+        .lock()
+        .write_all(terminal_safe(&text).as_bytes());
+}
+
+/// One line of a field that came from a remote answer: its line ends shown escaped too, so
+/// that it cannot print a line of its own (a forged status line under the real one).
+pub fn one_line(text: &str) -> String {
+    text.replace('\r', "\\r").replace('\n', "\\n")
 }
 
 /// Whether stdout is closed (or failed): a loop that only prints can stop.
@@ -81,4 +117,19 @@ macro_rules! errln {
     ($($arg:tt)*) => {
         $crate::out::stderr(format_args!("{}\n", format_args!($($arg)*)))
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_controls_are_shown_escaped() {
+        assert_eq!(terminal_safe("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(
+            terminal_safe("a\u{1b}]0;pwned\u{7}b\u{1b}[2Jc\rd\u{9b}e\u{7f}"),
+            "a\\u{1b}]0;pwned\\u{7}b\\u{1b}[2Jc\\rd\\u{9b}e\\u{7f}"
+        );
+        assert_eq!(one_line("x\napi  live: GREEN\r"), "x\\napi  live: GREEN\\r");
+    }
 }

@@ -1726,6 +1726,74 @@ interval = "1h"
     p.stop().await;
 }
 
+/// Text from a remote answer (Prometheus's error body) reaches `ctl status` and `ctl events`
+/// with its control characters shown escaped and on one line: a Prometheus (or whatever
+/// answers in its place) cannot retitle or clear the operator's terminal, nor print a forged
+/// status line under the real one (they used to go out raw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_error_text_reaches_ctl_escaped_and_on_one_line() {
+    let ups = futures_ups(2).await;
+    let prom = raw_upstream(|_| {
+        let body = "\u{1b}]0;pwned\u{7}\u{1b}[2J\napi  live: GREEN  previous: blue  generation: 99\n";
+        Raw::Answer(
+            format!(
+                "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    })
+    .await;
+    let trig = r#"
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "prometheus"
+query = 'up'
+above = 0.5
+interval = "200ms"
+for = "0s"
+on_error = "fail"
+max_errors = 1
+"#;
+    let body = format!(
+        "[analysis]\nprometheus_url = \"http://{prom}\"\n{}",
+        two_colors("api", "/", &[ups[0].addr], &[ups[1].addr], trig)
+    );
+    let p = TestProxy::start(&body).await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    let rolled = eventually(20, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(rolled, "no auto rollback: {:?}", p.events().await);
+    for args in [&["status"][..], &["events"][..]] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["ctl", "--admin", &format!("http://{}", p.admin)])
+            .args(args)
+            .env_remove("SWITCHYARD_ADMIN_TOKEN")
+            .env_remove("SWITCHYARD_ADMIN_URL")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(20), out)
+            .await
+            .expect("ctl finished")
+            .expect("run ctl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(
+            text.contains("pwned"),
+            "{args:?}: the text is shown: {text}"
+        );
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{args:?}: {text:?}"
+        );
+        assert!(
+            !text.lines().any(|l| l.starts_with("api  live: GREEN")),
+            "{args:?}: a forged line: {text}"
+        );
+    }
+    p.stop().await;
+}
+
 /// A Prometheus on raw sockets answering `app_err{color="blue|green"}`: blue always 0.1, green
 /// what the test sets (None: HTTP 503 with Prometheus's error body).
 async fn fake_prometheus(green: Arc<Mutex<Option<f64>>>) -> SocketAddr {

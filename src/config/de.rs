@@ -384,10 +384,14 @@ pub(super) fn env_keys(
         }
         // `SWITCHYARD__SERVICES__0__…`: the `config` crate makes a table of it that replaces
         // the file's whole array ("invalid type: map, expected a sequence"); say what to do.
-        if key
-            .split('.')
-            .any(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        {
+        // A plan's name (`release_plans.2026`) is a table's key, not an index.
+        let parts: Vec<&str> = key.split('.').collect();
+        let index = parts.iter().enumerate().any(|(i, p)| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && !(i == 1 && parts[0] == "release_plans")
+        });
+        if index {
             errors.push(ConfigError {
                 key: key.clone(),
                 message: format!(
@@ -445,6 +449,68 @@ pub(super) fn name_env_vars(errors: &mut [ConfigError], keys: &[(String, String)
             [one] => e.message += &format!(" (from environment variable {one})"),
             all => e.message += &format!(" (from environment variables {})", all.join(", ")),
         }
+    }
+}
+
+/// Numbers the `config` crate cannot hold: an integer past `i64`, a float past `f64` (or `nan`
+/// and `inf`, which JSON cannot carry). The crate refuses the whole file over one of them,
+/// naming no key, and every other problem went unreported. Each is quoted here, so that the
+/// type check reports it at its key beside the rest; returns the text so changed and each
+/// key with the literal as written (None when there is none, or the text is no valid TOML:
+/// the crate's own error says where).
+pub(super) fn quote_unrepresentable(text: &str) -> Option<(String, Vec<(String, String)>)> {
+    let table = toml::de::DeTable::parse(text).ok()?;
+    let mut found = Vec::new();
+    let mut path = Vec::new();
+    for (k, v) in table.get_ref() {
+        path.push(Seg::Key(k.get_ref().to_string()));
+        unrepresentable(v, &mut path, &mut found);
+        path.pop();
+    }
+    if found.is_empty() {
+        return None;
+    }
+    found.sort_by_key(|(_, span)| std::cmp::Reverse(span.start));
+    let mut out = text.to_string();
+    let mut keys = Vec::new();
+    for (key, span) in found {
+        let literal = text.get(span.clone())?.to_string();
+        out.replace_range(span, &format!("{literal:?}"));
+        keys.push((key, literal));
+    }
+    keys.reverse();
+    Some((out, keys))
+}
+
+fn unrepresentable(
+    v: &toml::Spanned<toml::de::DeValue<'_>>,
+    path: &mut Vec<Seg>,
+    found: &mut Vec<(String, std::ops::Range<usize>)>,
+) {
+    use toml::de::DeValue;
+    let bad = match v.get_ref() {
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).is_err(),
+        DeValue::Float(f) => !f.as_str().parse::<f64>().is_ok_and(f64::is_finite),
+        DeValue::Table(t) => {
+            for (k, v) in t {
+                path.push(Seg::Key(k.get_ref().to_string()));
+                unrepresentable(v, path, found);
+                path.pop();
+            }
+            false
+        }
+        DeValue::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                path.push(Seg::Index(i));
+                unrepresentable(v, path, found);
+                path.pop();
+            }
+            false
+        }
+        _ => false,
+    };
+    if bad {
+        found.push((render(path), v.span()));
     }
 }
 

@@ -113,6 +113,11 @@ fn parse(
         }])
     };
     let env_keys = de::env_keys(env.as_ref()).map_err(ConfigErrors)?;
+    let quoted = de::quote_unrepresentable(text);
+    let (text, out_of_range) = match &quoted {
+        Some((t, keys)) => (t.as_str(), keys.as_slice()),
+        None => (text, &[][..]),
+    };
     // Every variable is read as a string; [`de::deserialize`] turns one into the number or
     // boolean its key takes only where the key asks for one, so that a string key keeps "123"
     // or "true" as written (the `config` crate's `try_parsing` guessed the type from the value
@@ -138,6 +143,14 @@ fn parse(
         errors.extend(files(&cfg));
         if errors.is_empty() {
             return Ok(cfg);
+        }
+    }
+    // A number the pre-pass quoted is refused at its key as a string: say what it is.
+    for e in errors.iter_mut() {
+        if let Some((_, literal)) = out_of_range.iter().find(|(k, _)| *k == e.key) {
+            e.message = format!(
+                "{literal} cannot be held: an integer must lie within ±9223372036854775807, a float must be finite"
+            );
         }
     }
     de::name_env_vars(&mut errors, &env_keys);

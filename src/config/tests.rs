@@ -385,6 +385,64 @@ fn a_variable_naming_a_list_entry_says_to_set_it_in_the_file() {
         "{errs:#?}"
     );
     assert!(errs[0].contains("set them in the file"), "{errs:#?}");
+
+    // A plan named by digits is a table's key: its keys are set as any other.
+    let text = format!("{GOOD}[release_plans.2026]\nvalidate = \"1h\"\n[[release_plans.2026.phases]]\nservices = [\"api\"]\n");
+    let env = [("SWITCHYARD__RELEASE_PLANS__2026__VALIDATE", "bogus")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let errs: Vec<String> = match from_toml_str_with_env(&text, Some(env)) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    };
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("release_plans.2026.validate: invalid duration \"bogus\"")),
+        "{errs:#?}"
+    );
+}
+
+/// A number the `config` crate cannot hold (an integer past i64, a float past f64, `nan`) is
+/// reported at its key beside every other problem (it used to be the one problem reported,
+/// "number too large to fit in target type", with no key, hiding the rest).
+#[test]
+fn numbers_too_large_are_reported_at_their_keys_with_the_rest() {
+    let text = GOOD.replace(
+        "[proxy]\n",
+        "[proxy]\nworkers = 0\nconect_timeout = \"1s\"\n",
+    ) + "[state]\npath = \"s.json\"\nevents_max_bytes = 99999999999999999999\n";
+    let errs: Vec<String> = match from_toml_str_with_env(&text, env()) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    };
+    let all = errs.join("\n");
+    assert!(all.contains("proxy.workers: 0 is out of range"), "{all}");
+    assert!(all.contains("proxy.conect_timeout: unknown key"), "{all}");
+    assert!(
+        all.contains("99999999999999999999 cannot be held: an integer must lie within"),
+        "{all}"
+    );
+    for (lit, want) in [
+        ("1e400", "1e400 cannot be held"),
+        ("nan", "nan cannot be held"),
+    ] {
+        let text = GOOD.replace("[proxy]\n", "[proxy]\nworkers = 0\n")
+            + &format!("[[services]]\nname = \"x\"\nblue = {{ upstreams = [\"127.0.0.1:1\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:2\"] }}\npath_prefix = \"/x\"\n[services.rollback]\ntriggers = [{{ kind = \"error_rate\", above = {lit} }}]\n");
+        let errs: Vec<String> = match from_toml_str_with_env(&text, env()) {
+            Ok(_) => panic!("accepted {lit}"),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        };
+        let all = errs.join("\n");
+        assert!(
+            all.contains("proxy.workers: 0 is out of range"),
+            "{lit}: {all}"
+        );
+        assert!(
+            all.contains(&format!("].rollback.triggers[0].above: {want}")),
+            "{lit}: {all}"
+        );
+    }
 }
 
 #[test]

@@ -1815,12 +1815,13 @@ async fn passed_recorded(app: &Arc<App>, detail: String) {
     }
 }
 
-/// A release's step in the audit log (actor `release`).
 /// A service the release flipped whose analysis is blind (a `prometheus` or `probe` trigger
 /// with `on_error = "hold"` past `max_errors` failed evaluations: it could not have fired)
 /// pauses the release at the end of a phase's bake or of the validate window, saying which,
 /// rather than pass it unverified (as Argo Rollouts pauses on an inconclusive analysis): a
-/// promote goes on without it, an abort rolls the release back.
+/// promote goes on without it, an abort rolls the release back. Not for a service whose
+/// triggers could not act anyway (`dry_run`, automatic rollback paused), and not over a pause
+/// already there (its reason stays).
 async fn pause_if_blind(app: &App, id: &str) {
     let Some(flipped) = app.releases.update(id, |r| r.flipped.clone()) else {
         return;
@@ -1829,6 +1830,7 @@ async fn pause_if_blind(app: &App, id: &str) {
     let blind: Vec<String> = flipped
         .iter()
         .filter_map(|s| snap.service(s))
+        .filter(|svc| !svc.config.rollback.dry_run && app.releases.arms(svc))
         .flat_map(|svc| {
             let name = svc.name().to_string();
             app.analysis
@@ -1845,9 +1847,12 @@ async fn pause_if_blind(app: &App, id: &str) {
         blind.join("; ")
     );
     // The gate it now waits at records the event, with this reason.
-    app.releases.update(id, |r| r.paused = Some(why));
+    app.releases.update(id, |r| {
+        r.paused.get_or_insert(why);
+    });
 }
 
+/// A release's step in the audit log (actor `release`).
 async fn record_phase(app: &App, detail: String) {
     app.record(Event::new(
         "*",

@@ -495,7 +495,7 @@ fn probe_condition(
 /// A `[[services.verify]]` check: a trigger's keys but `for` (and `over`, `paths`).
 /// `interval`, `on_empty`, `on_error` and `max_errors` are checked as a trigger's, so that a
 /// trigger's table can be reused as it is, but change nothing: a check runs once, and no value
-/// (an empty result, an error) always refuses the flip.
+/// (an empty result, an error) refuses the flip (not a manual rollback: `analysis::verify`).
 pub(super) fn verify(c: &mut Check, key: &str, v: RawVerify) -> Option<VerifyCheck> {
     let t = RawTrigger {
         kind: v.kind,
