@@ -268,14 +268,37 @@ fn passive(c: &mut Check, p: &RawProxy) -> PassiveConfig {
     }
 }
 
-/// `proxy.upgrade_socket`: next to the state file unless given.
+/// The files kept beside the state file (`state.path`), each with what it holds: the lock
+/// (`crate::upgrade::lock_path`), the running release, the audit log.
+pub(crate) fn state_files(path: &std::path::Path) -> [(PathBuf, &'static str); 3] {
+    [
+        (path.with_extension("lock"), "the state file's lock"),
+        (path.with_extension("release.json"), "the release file"),
+        (path.with_extension("events.jsonl"), "the audit log"),
+    ]
+}
+
+/// `proxy.upgrade_socket`: next to the state file unless given; never the state file or a
+/// file kept beside it (binding the socket would need that file gone).
 fn upgrade_socket(c: &mut Check, v: Option<&str>, state: &StateConfig) -> PathBuf {
     match v {
         Some("") => {
             c.err("proxy.upgrade_socket", "must be a path");
             PathBuf::new()
         }
-        Some(p) => PathBuf::from(p),
+        Some(p) => {
+            let path = PathBuf::from(p);
+            let taken = std::iter::once((state.path.clone(), "the state file (state.path)"))
+                .chain(state_files(&state.path))
+                .find(|(f, _)| *f == path);
+            if let Some((_, what)) = taken {
+                c.err(
+                    "proxy.upgrade_socket",
+                    format!("{p:?} is {what}; the upgrade socket needs a path of its own"),
+                );
+            }
+            path
+        }
         None => state.path.with_extension("upgrade.sock"),
     }
 }
@@ -391,6 +414,19 @@ fn state(c: &mut Check, s: &RawState) -> StateConfig {
                 }
             },
         );
+    }
+    // The lock and the other files beside the state file are named after it: a state path
+    // with their extension would make one of them the state file itself.
+    if let Some(p) = s.path.as_deref().filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(p);
+        if let Some((_, what)) = state_files(&path).into_iter().find(|(f, _)| *f == path) {
+            c.err(
+                "state.path",
+                format!(
+                    "{p:?} would be {what} as well as the state file (it is named after the state file); name the state file with another extension, e.g. \".json\""
+                ),
+            );
+        }
     }
     let state = StateConfig {
         backend,
