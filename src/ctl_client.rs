@@ -146,6 +146,9 @@ impl CtlArgs {
         if uri.authority().is_none_or(|a| a.host().is_empty()) {
             return Err(bad("no host"));
         }
+        if let Some(auth) = uri.authority() {
+            crate::http::client::authority_port(auth, 80).map_err(|e| bad(&e))?;
+        }
         if uri.query().is_some() {
             return Err(bad("a base URL takes no query"));
         }

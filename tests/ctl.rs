@@ -673,6 +673,10 @@ async fn admin_url_forms() {
         format!("http://admin:pw?x@{}", p.admin),
         format!("http://{}#x", p.admin),
         format!("http://{}/#", p.admin),
+        // A port past 65535 went to port 80 with the token.
+        "http://127.0.0.1:90900".to_string(),
+        "127.0.0.1:65536".to_string(),
+        "https://localhost:100000/".to_string(),
     ] {
         let o = run(admin.clone(), &["resume", "api"]).await;
         assert_eq!(o.code, 2, "{admin}: {o}");

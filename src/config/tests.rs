@@ -821,3 +821,35 @@ equals = "ok"
     );
     assert_eq!(errs.len(), 6, "{errs:#?}");
 }
+
+/// A URL port past 65535 (a typo: `:90900`) passed, and the client went to the scheme's port
+/// (80/443) instead, with the Prometheus bearer token: each URL key refuses it, naming the
+/// port; a port that fits passes.
+#[test]
+fn a_url_port_past_65535_is_refused_at_its_key() {
+    let text = r#"
+[analysis]
+prometheus_url = "http://127.0.0.1:70000"
+[notify]
+webhooks = ["http://127.0.0.1:99999/hook", "https://example.com:0/h", "http://127.0.0.1:8081/ok", "http://[::1]:65536/h", "https://example.com/ok"]
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+url = "http://127.0.0.1:123456/{{color}}/deps"
+"#;
+    let errs = errors(text);
+    for key in [
+        "analysis.prometheus_url: invalid URL \"http://127.0.0.1:70000\": invalid port \"70000\"",
+        "notify.webhooks[0]: invalid URL \"http://127.0.0.1:99999/hook\": invalid port \"99999\"",
+        "notify.webhooks[1]: invalid URL \"https://example.com:0/h\": invalid port \"0\"",
+        "notify.webhooks[3]: invalid URL \"http://[::1]:65536/h\": invalid port \"65536\"",
+        "services[0].rollback.triggers[0].url: invalid URL \"http://127.0.0.1:123456/{{color}}/deps\": invalid port \"123456\"",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(key)), "missing {key}: {errs:#?}");
+    }
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+}

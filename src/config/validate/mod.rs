@@ -528,7 +528,13 @@ pub(super) fn url_problem(u: &str, parse_as: &str, expected: &str) -> Option<Str
         parsed.as_ref().and_then(|x| x.scheme_str()),
         Some("http" | "https")
     ) && authority.is_some();
-    (!ok).then(|| format!("invalid URL {shown:?} (expected {expected})"))
+    if !ok {
+        return Some(format!("invalid URL {shown:?} (expected {expected})"));
+    }
+    // A port past 65535 parses, and the client would have gone to the scheme's port instead.
+    authority
+        .and_then(|a| crate::http::client::authority_port(a, 80).err())
+        .map(|e| format!("invalid URL {shown:?}: {e}"))
 }
 
 /// `[notify]`.
