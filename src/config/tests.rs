@@ -853,3 +853,80 @@ url = "http://127.0.0.1:123456/{{color}}/deps"
     }
     assert_eq!(errs.len(), 5, "{errs:#?}");
 }
+
+/// Listeners that overlap through a wildcard address passed `check`, and `serve` could never
+/// start (address in use): `0.0.0.0:P` beside `127.0.0.1:P`, and `[::]:P` (dual-stack: the
+/// sockets are bound without IPV6_V6ONLY) beside `0.0.0.0:P` or any IPv4 address. Each is
+/// refused at the later key, naming the other; different ports, `[::1]` beside `127.0.0.1`,
+/// and port 0 pass.
+#[test]
+fn listeners_overlapping_through_a_wildcard_are_refused() {
+    let conf = |proxy: &str, preview: &str, admin: &str| {
+        format!(
+            "[proxy]\nlisten = \"{proxy}\"\npreview_listen = \"{preview}\"\n\
+             [admin]\nlisten = \"{admin}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    for (proxy, preview, admin, key) in [
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:8081",
+            "127.0.0.1:8080",
+            "admin.listen",
+        ),
+        (
+            "127.0.0.1:8080",
+            "0.0.0.0:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+        (
+            "[::]:8080",
+            "0.0.0.0:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:8081",
+            "[::]:8080",
+            "admin.listen",
+        ),
+        (
+            "[::]:8080",
+            "127.0.0.1:8081",
+            "10.1.2.3:8080",
+            "admin.listen",
+        ),
+        (
+            "[::1]:8080",
+            "[::]:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+        (
+            "[::ffff:127.0.0.1]:8080",
+            "127.0.0.1:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+    ] {
+        let errs = errors(&conf(proxy, preview, admin));
+        assert_eq!(errs.len(), 1, "{proxy} {preview} {admin}: {errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("{key}: ")) && errs[0].contains("already used"),
+            "{proxy} {preview} {admin}: {errs:#?}"
+        );
+    }
+    for (proxy, preview, admin) in [
+        ("0.0.0.0:8080", "0.0.0.0:8081", "127.0.0.1:9090"),
+        ("[::1]:8080", "127.0.0.1:8080", "10.1.2.3:8080"),
+        ("0.0.0.0:0", "127.0.0.1:0", "[::]:0"),
+        ("[::]:8080", "[::]:8081", "[::1]:9090"),
+    ] {
+        let errs = errors(&conf(proxy, preview, admin));
+        assert!(errs.is_empty(), "{proxy} {preview} {admin}: {errs:#?}");
+    }
+}

@@ -355,7 +355,10 @@ fn admin(c: &mut Check, a: &RawAdmin) -> AdminConfig {
     admin
 }
 
-/// No two listeners on one address (port 0 excepted: the system picks).
+/// No two listeners that cannot both bind (port 0 excepted: the system picks): one port and
+/// one address, or a wildcard address (`0.0.0.0`, `[::]`) that takes the other's. The sockets
+/// are bound without `IPV6_V6ONLY`, so `[::]` is dual-stack (Linux's default,
+/// `net.ipv6.bindv6only = 0`) and takes the port on every IPv4 address too.
 fn distinct_listeners(c: &mut Check, proxy: &ProxyConfig, admin: &AdminConfig) {
     let listeners = [
         ("proxy.listen", Some(proxy.listen)),
@@ -363,15 +366,36 @@ fn distinct_listeners(c: &mut Check, proxy: &ProxyConfig, admin: &AdminConfig) {
         ("proxy.preview_listen", proxy.preview_listen),
         ("admin.listen", Some(admin.listen)),
     ];
-    let mut seen: Vec<SocketAddr> = Vec::new();
+    let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
     for (k, addr) in listeners {
         if let Some(addr) = addr {
-            if addr.port() != 0 && seen.contains(&addr) {
-                c.err(k, format!("{addr} is already used by another listener"));
+            if let Some((other, at)) = seen.iter().find(|(_, s)| listeners_overlap(*s, addr)) {
+                let why = if at.ip().to_canonical() == addr.ip().to_canonical() {
+                    String::new()
+                } else {
+                    " (a wildcard address takes the port on every address of its family, and [::] on IPv4 too: dual-stack)".to_string()
+                };
+                c.err(
+                    k,
+                    format!("{addr} is already used by another listener: {other} = {at}{why}"),
+                );
             }
-            seen.push(addr);
+            seen.push((k, addr));
         }
     }
+}
+
+/// Whether sockets bound to `a` and `b` (without `IPV6_V6ONLY`) would clash.
+pub(super) fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let v6_any = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    x == y
+        || (x.is_ipv4() == y.is_ipv4() && (x.is_unspecified() || y.is_unspecified()))
+        || v6_any(x)
+        || v6_any(y)
 }
 
 /// `[state]`.
