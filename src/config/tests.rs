@@ -930,3 +930,43 @@ fn listeners_overlapping_through_a_wildcard_are_refused() {
         assert!(errs.is_empty(), "{proxy} {preview} {admin}: {errs:#?}");
     }
 }
+
+/// `admin.allowed_hosts` entries with a port, a scheme, a path or a wildcard passed `check` and
+/// then never matched (403): each is refused at its index, saying an entry is a bare host name
+/// compared with the Host header's name. Names, IP literals and upper case pass.
+#[test]
+fn allowed_hosts_entries_are_bare_host_names() {
+    let conf = |hosts: &str| {
+        format!(
+            "[admin]\nallowed_hosts = [{hosts}]\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let errs = errors(&conf(
+        r#""admin.example.com:9090", "*.corp.example", "http://ops.example.com", "ops.example.com/admin", "", "a b""#,
+    ));
+    for (i, why) in [
+        "has a port",
+        "is a wildcard",
+        "has a scheme",
+        "has a path",
+        "is empty",
+        "is not a host name",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let key = format!("admin.allowed_hosts[{i}]: ");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&key) && e.contains(why) && e.contains("bare host name")),
+            "{key}{why}: {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+    let errs = errors(&conf(
+        r#""admin.example.com", "Switchyard_Admin", "ops-1", "10.0.0.5", "::1", "[::1]""#,
+    ));
+    assert!(errs.is_empty(), "{errs:#?}");
+}

@@ -324,6 +324,16 @@ fn admin(c: &mut Check, a: &RawAdmin) -> AdminConfig {
             "admin.tls_cert and admin.tls_key must be set together",
         );
     }
+    for (i, h) in a.allowed_hosts.iter().flatten().enumerate() {
+        if let Some(why) = allowed_host_problem(h) {
+            c.err(
+                format!("admin.allowed_hosts[{i}]"),
+                format!(
+                    "{h:?} {why}; an entry is a bare host name (or IP literal) compared with the Host header's name, its port ignored, e.g. \"admin.example.com\""
+                ),
+            );
+        }
+    }
     let admin = AdminConfig {
         listen,
         token_env,
@@ -353,6 +363,36 @@ fn admin(c: &mut Check, a: &RawAdmin) -> AdminConfig {
     c.positive("admin.header_read_timeout", admin.header_read_timeout);
     c.positive("admin.idle_timeout", admin.idle_timeout);
     admin
+}
+
+/// What keeps `h` from ever matching as an `admin.allowed_hosts` entry, or None: the entry is
+/// compared with the Host header's name alone (no port), exactly, case-insensitively.
+fn allowed_host_problem(h: &str) -> Option<&'static str> {
+    let bare = h
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(h);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    if h.is_empty() {
+        Some("is empty")
+    } else if h.contains("://") {
+        Some("has a scheme")
+    } else if h.contains('*') {
+        Some("is a wildcard, which is not matched (list each name)")
+    } else if h.contains('/') {
+        Some("has a path")
+    } else if h.contains(':') {
+        Some("has a port")
+    } else if !h
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        Some("is not a host name (letters, digits, '.', '-', '_')")
+    } else {
+        None
+    }
 }
 
 /// No two listeners that cannot both bind (port 0 excepted: the system picks): one port and
