@@ -89,6 +89,21 @@ pub async fn run(ctl: Ctl) -> i32 {
         errln!("error: {e}");
         return 2;
     }
+    // SERVICE goes into the URL path: a name no service can have (`api x`, `api/pause?`) would
+    // be "cannot reach", or another call, so it is refused as the config refuses it.
+    let service = match &cmd {
+        CtlCmd::Flip { service, .. }
+        | CtlCmd::Rollback { service, .. }
+        | CtlCmd::Pause { service, .. }
+        | CtlCmd::Resume { service } => Some(service),
+        _ => None,
+    };
+    if let Some(name) = service.filter(|n| !crate::config::valid_service_name(n)) {
+        errln!(
+            "error: invalid service name {name:?}: a service name is 1-64 of a-z, 0-9, '-', '_' (`switchyard ctl status` lists them)"
+        );
+        return 2;
+    }
     let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),

@@ -414,6 +414,14 @@ async fn usage_errors_exit_2() {
         &["events", "--limit", "many"],
         &["status", "--no-such-flag"],
         &[],
+        // SERVICE goes into the URL path: a name no service can have is refused, never sent
+        // (`api/pause?` resumed... paused api; `api x` was "cannot reach").
+        &["flip", "api x", "green"],
+        &["resume", "api/pause?"],
+        &["pause", "api/resume?"],
+        &["rollback", "api#x"],
+        &["flip", "API", "green"],
+        &["flip", "", "green"],
     ] {
         let o = ctl(p.admin, Some(TOKEN), args).await;
         assert_eq!(o.code, 2, "{args:?}: {o}");
@@ -421,8 +429,11 @@ async fn usage_errors_exit_2() {
     }
     let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "purple"]).await;
     assert!(o.stderr.contains("purple"), "{o}");
+    let o = ctl(p.admin, Some(TOKEN), &["pause", "api/resume?"]).await;
+    assert!(o.stderr.contains("invalid service name"), "{o}");
     // nothing reached the API
     assert_eq!(p.service_status("api").await["generation"], 0);
+    assert_eq!(p.service_status("api").await["paused"], false);
     assert!(p.events().await.is_empty());
     p.stop().await;
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use service::valid_name as valid_service_name;
 #[cfg(test)]
 pub use trigger::{placeholder_errors, QUERY_PLACEHOLDERS};
 
