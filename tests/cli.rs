@@ -1443,3 +1443,64 @@ fn check_and_serve_refuse_a_state_path_that_is_a_directory_or_the_lock() {
         "nothing moved aside"
     );
 }
+
+/// `demo --token ""` started, and every mutating call was then refused (no token to send):
+/// an empty or blank token is a usage error (exit 2) saying so. A token the shell would split
+/// or read (a space, a quote) is printed shell-quoted in the `export` line, which then sets
+/// exactly that token.
+#[tokio::test]
+async fn demo_refuses_an_empty_token_and_quotes_the_one_it_prints() {
+    use tokio::io::AsyncBufReadExt;
+    let any = "127.0.0.1:0";
+    let demo = |token: &'static str| {
+        [
+            "demo",
+            "--listen",
+            any,
+            "--admin",
+            any,
+            "--preview",
+            any,
+            "--no-traffic",
+            "--token",
+            token,
+        ]
+    };
+    for token in ["", "   ", "\n"] {
+        let (code, err) = run_bounded(&demo(token), &[]);
+        assert_eq!(code, Some(2), "{token:?}: {err}");
+        assert!(err.contains("--token"), "{token:?}: {err}");
+    }
+    let token = "it's a token";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(demo(token))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let export = loop {
+        match timeout(Duration::from_secs(20), lines.next_line()).await {
+            Ok(Ok(Some(line))) if line.contains("export SWITCHYARD_ADMIN_TOKEN") => break line,
+            Ok(Ok(Some(_))) => {}
+            other => panic!("no export line within 20 s: {other:?}"),
+        }
+    };
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{export}\nprintf '%s|%s' \"$SWITCHYARD_ADMIN_TOKEN\" \"$SWITCHYARD_ADMIN_URL\""
+        ))
+        .output()
+        .expect("sh");
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.starts_with(&format!("{token}|http://127.0.0.1:")),
+        "{export:?} sets {got:?}"
+    );
+}
