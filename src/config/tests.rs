@@ -970,3 +970,23 @@ fn allowed_hosts_entries_are_bare_host_names() {
     ));
     assert!(errs.is_empty(), "{errs:#?}");
 }
+
+/// `notify.timeout = "0s"` passed, and every webhook delivery then timed out at once (none was
+/// ever delivered): refused like the other timeouts.
+#[test]
+fn a_zero_notify_timeout_is_refused() {
+    let conf = |t: &str| {
+        format!(
+            "[notify]\nwebhooks = [\"http://127.0.0.1:9/h\"]\ntimeout = \"{t}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let errs = errors(&conf("0s"));
+    assert_eq!(
+        errs,
+        ["notify.timeout: must be greater than zero".to_string()],
+        "{errs:#?}"
+    );
+    assert!(errors(&conf("1ms")).is_empty());
+}

@@ -610,13 +610,16 @@ fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
             c.err(format!("notify.webhooks[{i}]"), m);
         }
     }
+    let timeout = c.duration(
+        "notify.timeout",
+        n.timeout.as_deref(),
+        Duration::from_secs(5),
+    );
+    // Zero: every delivery timed out at once, and no webhook was ever delivered.
+    c.positive("notify.timeout", timeout);
     NotifyConfig {
         webhooks,
-        timeout: c.duration(
-            "notify.timeout",
-            n.timeout.as_deref(),
-            Duration::from_secs(5),
-        ),
+        timeout,
         max_attempts: c.count("notify.max_attempts", n.max_attempts, 5, 1, 100) as u32,
         queue_size: c.count("notify.queue_size", n.queue_size, 1024, 1, 1_000_000) as usize,
         ca_file: n.ca_file.as_ref().map(PathBuf::from),
