@@ -1,6 +1,7 @@
 //! `switchyard ctl`: the admin API from a terminal. Human-readable output by default, `--json`
 //! for scripts; exit 0 on success, 1 when the API refuses or cannot be reached, 2 on usage errors,
-//! 3 when a change's outcome is unknown (no answer to it, or 503 `"outcome": "unknown"`).
+//! 3 when a change's outcome is unknown (no answer to it, 503 `"outcome": "unknown"`, or a 5xx
+//! that is not the admin API's JSON, e.g. a gateway's 504 page).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -8,7 +9,9 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::config::Color;
-use crate::ctl_client::{call_tracked, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
+use crate::ctl_client::{
+    call_tracked, change_failed_exit, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN,
+};
 use crate::{errln, outln};
 
 /// `switchyard ctl`: the global flags and one command.
@@ -86,6 +89,21 @@ pub async fn run(ctl: Ctl) -> i32 {
         errln!("error: {e}");
         return 2;
     }
+    // SERVICE goes into the URL path: a name no service can have (`api x`, `api/pause?`) would
+    // be "cannot reach", or another call, so it is refused as the config refuses it.
+    let service = match &cmd {
+        CtlCmd::Flip { service, .. }
+        | CtlCmd::Rollback { service, .. }
+        | CtlCmd::Pause { service, .. }
+        | CtlCmd::Resume { service } => Some(service),
+        _ => None,
+    };
+    if let Some(name) = service.filter(|n| !crate::config::valid_service_name(n)) {
+        errln!(
+            "error: invalid service name {name:?}: a service name is 1-64 of a-z, 0-9, '-', '_' (`switchyard ctl status` lists them)"
+        );
+        return 2;
+    }
     let (method, path, body) = match &cmd {
         CtlCmd::Status => ("GET", "/api/status".to_string(), None),
         CtlCmd::Events { .. } => ("GET", "/api/events".to_string(), None),
@@ -134,7 +152,7 @@ pub async fn run(ctl: Ctl) -> i32 {
         call_tracked(&args, method, &url, args.token.as_deref(), body, &handed),
     )
     .await;
-    let (status, value) = match result {
+    let (status, value, admin_json) = match result {
         // Still connecting (a black-holed address: no answer to the SYN) or in the TLS
         // handshake: the request never left, nothing was changed.
         Err(_) if !handed.load(Ordering::Relaxed) => {
@@ -183,7 +201,15 @@ pub async fn run(ctl: Ctl) -> i32 {
                 errln!("  {}", e.as_str().unwrap_or_default());
             }
         }
-        return failed_exit(&value);
+        if method != "POST" {
+            return failed_exit(&value);
+        }
+        let code = change_failed_exit(status, &value, admin_json);
+        if code == EXIT_UNKNOWN && !admin_json {
+            errln!("that answer is not the admin API's (a gateway or proxy in front of it?): the change may or may not have been made");
+            errln!("outcome not known: check `switchyard ctl status`");
+        }
+        return code;
     }
     let key = match &cmd {
         CtlCmd::Status => "services",

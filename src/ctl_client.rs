@@ -57,6 +57,43 @@ pub fn failed_exit(value: &Value) -> i32 {
     }
 }
 
+/// The exit code of a failed answer to a change (a POST): as [`failed_exit`], except that a 5xx
+/// that is not the admin API's own JSON refusal (`{"error": ...}`), such as the HTML page of a
+/// gateway in front of it that gave up waiting (502, 503, 504), says nothing of the change: its
+/// outcome is not known ([`EXIT_UNKNOWN`]), never a refusal. `admin_json`: the body was JSON.
+pub fn change_failed_exit(status: u16, value: &Value, admin_json: bool) -> i32 {
+    let refusal = admin_json && value.get("error").is_some_and(Value::is_string);
+    if status >= 500 && !refusal {
+        EXIT_UNKNOWN
+    } else {
+        failed_exit(value)
+    }
+}
+
+/// A body that is not JSON, said in one short line: an HTML page's `<title>` (a gateway's error
+/// page), else its first non-empty line, cut at 200 characters.
+fn short_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lower = text.to_ascii_lowercase();
+    let title = lower.find("<title>").and_then(|at| {
+        let from = at + "<title>".len();
+        lower[from..]
+            .find("</title>")
+            .map(|len| text[from..from + len].trim().to_string())
+    });
+    let line = title.filter(|t| !t.is_empty()).unwrap_or_else(|| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or_default()
+            .to_string()
+    });
+    match line.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
+    }
+}
+
 fn unsent(message: String) -> FetchError {
     FetchError {
         message,
@@ -109,6 +146,9 @@ impl CtlArgs {
         if uri.authority().is_none_or(|a| a.host().is_empty()) {
             return Err(bad("no host"));
         }
+        if let Some(auth) = uri.authority() {
+            crate::http::client::authority_port(auth, 80).map_err(|e| bad(&e))?;
+        }
         if uri.query().is_some() {
             return Err(bad("a base URL takes no query"));
         }
@@ -148,7 +188,8 @@ pub(crate) fn from_admin(base: &str, status: u16, value: &Value, key: &str) -> R
     ))
 }
 
-/// One call: the status and the JSON answer (a body that is not JSON becomes `{"error": body}`).
+/// One call: the status and the JSON answer (a body that is not JSON becomes `{"error": line}`,
+/// its first line or HTML title, short).
 /// One connection per call (a ctl run makes one call, `release wait` one a second): plain TCP for
 /// `http://`, rustls for `https://` (the admin listener with `[admin] tls_cert`).
 pub(crate) async fn call(
@@ -158,11 +199,14 @@ pub(crate) async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, Value), FetchError> {
-    call_tracked(args, method, url, token, body, &AtomicBool::new(false)).await
+    call_tracked(args, method, url, token, body, &AtomicBool::new(false))
+        .await
+        .map(|(status, value, _)| (status, value))
 }
 
 /// [`call`], setting `handed` once the request is handed to an open connection (see
 /// [`fetch_once_tracked`]): a `--timeout` that ran out before that never reached the server.
+/// The third value says whether the body was JSON (see [`change_failed_exit`]).
 pub(crate) async fn call_tracked(
     args: &CtlArgs,
     method: &str,
@@ -170,7 +214,7 @@ pub(crate) async fn call_tracked(
     token: Option<&str>,
     body: Option<Value>,
     handed: &AtomicBool,
-) -> Result<(u16, Value), FetchError> {
+) -> Result<(u16, Value, bool), FetchError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| unsent(format!("invalid URL {url:?}: {e}")))?;
@@ -212,7 +256,9 @@ pub(crate) async fn call_tracked(
         None
     };
     let (status, bytes) = fetch_once_tracked(&auth, tls, req, usize::MAX, handed).await?;
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }));
-    Ok((status.as_u16(), value))
+    let (value, admin_json) = match serde_json::from_slice(&bytes) {
+        Ok(v) => (v, true),
+        Err(_) => (json!({ "error": short_text(&bytes) }), false),
+    };
+    Ok((status.as_u16(), value, admin_json))
 }

@@ -33,7 +33,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub preview: SocketAddr,
     /// Admin token (default: a random one).
-    #[arg(long)]
+    #[arg(long, value_parser = demo_token)]
     pub token: Option<String>,
     /// Do not generate background traffic.
     #[arg(long)]
@@ -383,9 +383,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // `--token` is read as `serve` reads its token: one line end off, refused when no header
     // could carry it.
     let token = match args.token.as_deref() {
-        Some(raw) => crate::http::headers::bearer_token(raw)
-            .map_err(|why| anyhow::anyhow!("invalid --token: {why}"))?
-            .to_string(),
+        Some(raw) => demo_token(raw).map_err(|why| anyhow::anyhow!("invalid --token: {why}"))?,
         None => (0..32)
             .map(|_| fastrand::alphanumeric())
             .collect::<String>(),
@@ -426,7 +424,7 @@ Switchyard demo is running (Ctrl-C to stop).
 {traffic}
 Try it (in another terminal):
 
-  export SWITCHYARD_ADMIN_TOKEN={token} SWITCHYARD_ADMIN_URL=http://{admin}
+  export SWITCHYARD_ADMIN_TOKEN={quoted} SWITCHYARD_ADMIN_URL=http://{admin}
   curl http://{proxy}/api/hello                # blue
   curl http://{preview}/api/hello                # green, through the preview listener
   switchyard ctl status                               # or: cargo run --release -- ctl status
@@ -461,6 +459,7 @@ Ship a release (from blue: api first, then panel; one rollback for both):
   switchyard ctl release wait                         # exits 1: rolled_back, api AND panel back on blue in one step
 "#,
         plan = plan.display(),
+        quoted = shell_quote(&token),
         ab = ups[0].addr,
         ag = ups[1].addr,
         pb = ups[2].addr,
@@ -482,6 +481,36 @@ Ship a release (from blue: api first, then panel; one rollback for both):
         crate::errln!("cannot remove {}: {e}", state_dir.display());
     }
     Ok(())
+}
+
+/// `--token`: read as `serve` reads its token (one line end off; refused when no header could
+/// carry it), and never empty: every mutating call would then be refused (a usage error, exit 2).
+fn demo_token(raw: &str) -> Result<String, String> {
+    let t = crate::http::headers::bearer_token(raw).map_err(str::to_string)?;
+    if t.is_empty() {
+        return Err(
+            "the admin token must not be empty (leave --token out for a random one)".into(),
+        );
+    }
+    Ok(t.to_string())
+}
+
+/// `s` as one POSIX shell word: as it is when it has nothing the shell reads, else in single
+/// quotes (a `'` inside written `'\''`).
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'_' | b'-' | b'.' | b'/' | b':' | b'@' | b'%' | b'+' | b'=' | b','
+                )
+        });
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 async fn wait_for_signal() {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::ctl_client::{call, call_tracked, failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN};
+use crate::ctl_client::{
+    call, call_tracked, change_failed_exit, from_admin, CtlArgs, EXIT_UNKNOWN,
+};
 use crate::{errln, outln};
 
 #[derive(Subcommand, Debug)]
@@ -244,7 +246,7 @@ async fn post(
     };
     let url = format!("{base}{path}");
     let handed = std::sync::atomic::AtomicBool::new(false);
-    let (status, v) = match tokio::time::timeout(
+    let (status, v, admin_json) = match tokio::time::timeout(
         args.request_timeout(),
         call_tracked(args, "POST", &url, Some(token), Some(body), &handed),
     )
@@ -300,7 +302,12 @@ async fn post(
         for e in v["errors"].as_array().into_iter().flatten() {
             errln!("  {}", e.as_str().unwrap_or_default());
         }
-        return failed_exit(&v);
+        let code = change_failed_exit(status, &v, admin_json);
+        if code == EXIT_UNKNOWN && !admin_json {
+            errln!("that answer is not the admin API's (a gateway or proxy in front of it?): the change may or may not have been made");
+            errln!("outcome not known: check `switchyard ctl release status`");
+        }
+        return code;
     }
     if !args.json {
         show(v);

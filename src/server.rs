@@ -485,6 +485,29 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
             });
         }
     }
+    // The upgrade socket replaces only a stale socket: anything else there (the config file,
+    // the state file) would stop `serve`, and is never removed.
+    let sock = &config.proxy.upgrade_socket;
+    if let Ok(m) = std::fs::symlink_metadata(sock) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+            problems.push(crate::config::ConfigError {
+                key: "proxy.upgrade_socket".to_string(),
+                message: crate::upgrade::not_a_socket(sock, &m),
+            });
+        }
+    }
+    // The state file is a file: a directory there would refuse every start (and is never
+    // moved aside by --reset-state).
+    if config.state.path.is_dir() {
+        problems.push(crate::config::ConfigError {
+            key: "state.path".to_string(),
+            message: format!(
+                "{} is a directory; name the state file inside it, e.g. {}",
+                config.state.path.display(),
+                config.state.path.join("switchyard.json").display()
+            ),
+        });
+    }
     if let crate::config::AccessTarget::File(path) = &config.log.access {
         // An existing file must open for appending; a new one needs its directory (nothing is
         // created here).

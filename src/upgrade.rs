@@ -29,6 +29,7 @@ use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -426,6 +427,25 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
     })
 }
 
+/// What is wrong with `path` as the upgrade socket when something other than a socket is there
+/// (`m` is its `symlink_metadata`): it is never removed to make room.
+pub fn not_a_socket(path: &Path, m: &std::fs::Metadata) -> String {
+    let t = m.file_type();
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a socket"
+    };
+    format!(
+        "{} exists and is {kind}; only a stale socket there is replaced, so nothing was removed: name a path of its own for the upgrade socket",
+        path.display()
+    )
+}
+
 /// The old process's side: listens on `path` and hands `listeners` over to a new process, then
 /// shuts this one down. The sockets (duplicates) are dropped as soon as shutdown begins, so a
 /// plain SIGTERM still closes the listening sockets at once.
@@ -449,12 +469,23 @@ impl Handover {
                 format!("proxy.upgrade_socket: cannot create {}", dir.display())
             })?;
         }
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
+        // Only a socket is replaced: a path naming anything else (the config file, the state
+        // file) is an error, and nothing is removed.
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("proxy.upgrade_socket: cannot replace {}", path.display())
+                    })
+                }
+            },
+            Ok(m) => anyhow::bail!("proxy.upgrade_socket: {}", not_a_socket(path, &m)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!("proxy.upgrade_socket: cannot replace {}", path.display())
+                    format!("proxy.upgrade_socket: cannot inspect {}", path.display())
                 })
             }
         }
@@ -847,6 +878,35 @@ pub fn sd_notify(state: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The upgrade socket replaces a stale socket, and nothing else: a regular file (the config
+    /// or state file named by mistake) or a directory there is an error naming
+    /// `proxy.upgrade_socket`, and is left as it was.
+    #[tokio::test]
+    async fn bind_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, b"keep me").expect("write");
+        let err = Handover::bind(&file)
+            .err()
+            .expect("a regular file is refused");
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("proxy.upgrade_socket:"), "{msg}");
+        assert!(msg.contains("a regular file"), "{msg}");
+        assert_eq!(std::fs::read(&file).expect("still there"), b"keep me");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        std::fs::write(sub.join("x"), b"x").expect("write");
+        let err = Handover::bind(&sub).err().expect("a directory is refused");
+        assert!(format!("{err:#}").contains("a directory"), "{err:#}");
+        assert!(sub.join("x").exists());
+        // A stale socket (a listener that is gone) is replaced.
+        let sock = dir.path().join("u.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+        assert!(sock.exists());
+        let h = Handover::bind(&sock).expect("a stale socket is replaced");
+        drop(h);
+    }
 
     /// An old process that closed the upgrade connection without a word gave up if it is
     /// alive, died if not: a zombie counts as dead.

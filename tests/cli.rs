@@ -1303,3 +1303,204 @@ fn check_refuses_an_empty_state_path() {
         }
     }
 }
+
+/// Runs `switchyard ARGS` with `env`, killed if still running after 20 seconds (a `serve` that
+/// started when it should have refused): (exit code, None when killed; stderr).
+fn run_bounded(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run switchyard");
+    // 400 waits of 50 ms: 20 s.
+    let mut waits = 0;
+    let code = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code();
+        }
+        waits += 1;
+        if waits > 400 {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (code, err)
+}
+
+/// `proxy.upgrade_socket` naming an existing file that is not a socket (the config file, the
+/// state file) passed `check`, and `serve` deleted that file to bind its socket there: both now
+/// refuse it naming the key, and the file is left as it was. The state file and the files kept
+/// beside it are refused even before they exist.
+#[test]
+fn upgrade_socket_on_an_existing_file_is_refused_and_nothing_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    let conf = |sock: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nupgrade_socket = \"{sock}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{d}/s.json\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let config = format!("{d}/c.toml");
+    let body = conf(&config);
+    std::fs::write(&config, &body).expect("write");
+    let state = format!("{d}/s.json");
+    std::fs::write(&state, "{\"services\":{}}\n").expect("write");
+    let other = format!("{d}/c2.toml");
+    std::fs::write(&other, conf(&state)).expect("write");
+    for file in [&config, &other] {
+        for cmd in ["check", "serve"] {
+            let (code, err) =
+                run_bounded(&[cmd, "--config", file], &[("SWITCHYARD_ADMIN_TOKEN", "t")]);
+            assert_eq!(code, Some(1), "{cmd} {file}: {err}");
+            assert!(err.contains("proxy.upgrade_socket:"), "{cmd} {file}: {err}");
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&config).expect("config kept"), body);
+    assert_eq!(
+        std::fs::read_to_string(&state).expect("state kept"),
+        "{\"services\":{}}\n"
+    );
+    // Before they exist: the state file, its lock, the release file.
+    std::fs::remove_file(&state).expect("rm");
+    for sock in [
+        state.clone(),
+        format!("{d}/s.lock"),
+        format!("{d}/s.release.json"),
+    ] {
+        std::fs::write(&other, conf(&sock)).expect("write");
+        let (code, err) = run_bounded(&["check", "--config", &other], &[]);
+        assert_eq!(code, Some(1), "{sock}: {err}");
+        assert!(err.contains("proxy.upgrade_socket:"), "{sock}: {err}");
+        assert!(err.contains("a path of its own"), "{sock}: {err}");
+    }
+    // A path of its own passes.
+    std::fs::write(&other, conf(&format!("{d}/u.sock"))).expect("write");
+    let (code, err) = run_bounded(&["check", "--config", &other], &[]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// `state.path` naming an existing directory, or ending in `.lock` (the lock beside the state
+/// file is the path with the extension `.lock`: the state file itself), passed `check` and
+/// `serve` always refused it; `serve --reset-state` then renamed the whole directory aside.
+/// Both are refused naming `state.path`, and the directory stays where it was, whole.
+#[test]
+fn check_and_serve_refuse_a_state_path_that_is_a_directory_or_the_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    let data = dir.path().join("var/lib/switchyard");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("other-data"), b"keep").expect("write");
+    let conf = |state: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [state]\npath = \"{state}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let file = format!("{d}/c.toml");
+    let env = [("SWITCHYARD_ADMIN_TOKEN", "t")];
+    for state in [
+        format!("{d}/var/lib/switchyard"),
+        format!("{d}/switchyard.lock"),
+    ] {
+        std::fs::write(&file, conf(&state)).expect("write");
+        for args in [
+            vec!["check", "--config", &file],
+            vec!["serve", "--config", &file],
+            vec!["serve", "--config", &file, "--reset-state"],
+        ] {
+            let (code, err) = run_bounded(&args, &env);
+            assert_eq!(code, Some(1), "{args:?}: {err}");
+            assert!(err.contains("state.path:"), "{args:?}: {err}");
+        }
+    }
+    assert_eq!(
+        std::fs::read(data.join("other-data")).expect("kept"),
+        b"keep"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("var/lib"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("switchyard")],
+        "nothing moved aside"
+    );
+}
+
+/// `demo --token ""` started, and every mutating call was then refused (no token to send):
+/// an empty or blank token is a usage error (exit 2) saying so. A token the shell would split
+/// or read (a space, a quote) is printed shell-quoted in the `export` line, which then sets
+/// exactly that token.
+#[tokio::test]
+async fn demo_refuses_an_empty_token_and_quotes_the_one_it_prints() {
+    use tokio::io::AsyncBufReadExt;
+    let any = "127.0.0.1:0";
+    let demo = |token: &'static str| {
+        [
+            "demo",
+            "--listen",
+            any,
+            "--admin",
+            any,
+            "--preview",
+            any,
+            "--no-traffic",
+            "--token",
+            token,
+        ]
+    };
+    for token in ["", "   ", "\n"] {
+        let (code, err) = run_bounded(&demo(token), &[]);
+        assert_eq!(code, Some(2), "{token:?}: {err}");
+        assert!(err.contains("--token"), "{token:?}: {err}");
+    }
+    let token = "it's a token";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(demo(token))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let export = loop {
+        match timeout(Duration::from_secs(20), lines.next_line()).await {
+            Ok(Ok(Some(line))) if line.contains("export SWITCHYARD_ADMIN_TOKEN") => break line,
+            Ok(Ok(Some(_))) => {}
+            other => panic!("no export line within 20 s: {other:?}"),
+        }
+    };
+    let _ = child.start_kill();
+    let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{export}\nprintf '%s|%s' \"$SWITCHYARD_ADMIN_TOKEN\" \"$SWITCHYARD_ADMIN_URL\""
+        ))
+        .output()
+        .expect("sh");
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.starts_with(&format!("{token}|http://127.0.0.1:")),
+        "{export:?} sets {got:?}"
+    );
+}

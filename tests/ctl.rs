@@ -414,6 +414,14 @@ async fn usage_errors_exit_2() {
         &["events", "--limit", "many"],
         &["status", "--no-such-flag"],
         &[],
+        // SERVICE goes into the URL path: a name no service can have is refused, never sent
+        // (`api/pause?` resumed... paused api; `api x` was "cannot reach").
+        &["flip", "api x", "green"],
+        &["resume", "api/pause?"],
+        &["pause", "api/resume?"],
+        &["rollback", "api#x"],
+        &["flip", "API", "green"],
+        &["flip", "", "green"],
     ] {
         let o = ctl(p.admin, Some(TOKEN), args).await;
         assert_eq!(o.code, 2, "{args:?}: {o}");
@@ -421,8 +429,11 @@ async fn usage_errors_exit_2() {
     }
     let o = ctl(p.admin, Some(TOKEN), &["flip", "api", "purple"]).await;
     assert!(o.stderr.contains("purple"), "{o}");
+    let o = ctl(p.admin, Some(TOKEN), &["pause", "api/resume?"]).await;
+    assert!(o.stderr.contains("invalid service name"), "{o}");
     // nothing reached the API
     assert_eq!(p.service_status("api").await["generation"], 0);
+    assert_eq!(p.service_status("api").await["paused"], false);
     assert!(p.events().await.is_empty());
     p.stop().await;
 }
@@ -673,6 +684,10 @@ async fn admin_url_forms() {
         format!("http://admin:pw?x@{}", p.admin),
         format!("http://{}#x", p.admin),
         format!("http://{}/#", p.admin),
+        // A port past 65535 went to port 80 with the token.
+        "http://127.0.0.1:90900".to_string(),
+        "127.0.0.1:65536".to_string(),
+        "https://localhost:100000/".to_string(),
     ] {
         let o = run(admin.clone(), &["resume", "api"]).await;
         assert_eq!(o.code, 2, "{admin}: {o}");
@@ -812,4 +827,98 @@ async fn status_shows_upstream_names_and_why_they_fail() {
     assert!(green_line.contains("stale=false"), "{green_line}");
     assert!(!green_line.contains("error"), "{green_line}");
     p.stop().await;
+}
+
+/// A listener that answers every request with `status` and `body` (`ctype`) and closes: a
+/// gateway in front of the admin API, or the API's own refusal.
+async fn answering(
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // The head, then the body its content-length announces.
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = c.write_all(answer.as_bytes()).await;
+                let _ = c.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A gateway in front of the admin API (nginx with `proxy_read_timeout`) that gives up while a
+/// flip's smoke checks run answers 504 with its HTML page, and the flip may still land: ctl
+/// said it was refused (exit 1). A 5xx to a change that is not the admin API's JSON refusal now
+/// exits 3, saying the outcome is not known and showing the page's title, not the page; a read
+/// (`status`) that gets it is a plain failure (1), and the API's own JSON 500 refusal stays 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_5xx_page_to_a_change_is_an_unknown_outcome_not_a_refusal() {
+    for code in [
+        "502 Bad Gateway",
+        "503 Service Temporarily Unavailable",
+        "504 Gateway Time-out",
+    ] {
+        let page = format!(
+            "<html>\r\n<head><title>{code}</title></head>\r\n<body>\r\n<center><h1>{code}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+        );
+        let (addr, task) = answering(code, "text/html", &page).await;
+        let (flip, abort, status) = tokio::join!(
+            ctl(addr, Some(TOKEN), &["flip", "api", "green"]),
+            ctl(addr, Some(TOKEN), &["release", "abort"]),
+            ctl(addr, Some(TOKEN), &["status"]),
+        );
+        for o in [flip, abort] {
+            assert_eq!(o.code, 3, "{code}: {o}");
+            assert!(o.stderr.contains("outcome not known"), "{code}: {o}");
+            assert!(o.stderr.contains(code), "{code}: {o}");
+            assert!(
+                !o.stderr.contains("<html>"),
+                "{code}: the page is not printed: {o}"
+            );
+        }
+        assert_eq!(status.code, 1, "{code}: {status}");
+        task.abort();
+    }
+    let (addr, task) = answering(
+        "500 Internal Server Error",
+        "application/json",
+        "{\"error\":\"cannot write the state file\"}",
+    )
+    .await;
+    let o = ctl(addr, Some(TOKEN), &["flip", "api", "green"]).await;
+    assert_eq!(o.code, 1, "{o}");
+    assert!(o.stderr.contains("cannot write the state file"), "{o}");
+    assert!(!o.stderr.contains("outcome not known"), "{o}");
+    task.abort();
 }

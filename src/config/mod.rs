@@ -28,7 +28,7 @@ pub use types::{
     ServiceConfig, StateBackend, StateConfig, TriggerConfig, TriggerKind, UpstreamEntry,
     UpstreamName, VerifyCheck, MAX_WINDOW,
 };
-pub use validate::host_pattern_matches;
+pub use validate::{host_pattern_matches, valid_service_name};
 #[cfg(test)]
 use validate::{placeholder_errors, QUERY_PLACEHOLDERS};
 

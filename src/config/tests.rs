@@ -879,3 +879,172 @@ equals = "ok"
     );
     assert_eq!(errs.len(), 6, "{errs:#?}");
 }
+
+/// A URL port past 65535 (a typo: `:90900`) passed, and the client went to the scheme's port
+/// (80/443) instead, with the Prometheus bearer token: each URL key refuses it, naming the
+/// port; a port that fits passes.
+#[test]
+fn a_url_port_past_65535_is_refused_at_its_key() {
+    let text = r#"
+[analysis]
+prometheus_url = "http://127.0.0.1:70000"
+[notify]
+webhooks = ["http://127.0.0.1:99999/hook", "https://example.com:0/h", "http://127.0.0.1:8081/ok", "http://[::1]:65536/h", "https://example.com/ok"]
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+url = "http://127.0.0.1:123456/{{color}}/deps"
+"#;
+    let errs = errors(text);
+    for key in [
+        "analysis.prometheus_url: invalid URL \"http://127.0.0.1:70000\": invalid port \"70000\"",
+        "notify.webhooks[0]: invalid URL \"http://127.0.0.1:99999/hook\": invalid port \"99999\"",
+        "notify.webhooks[1]: invalid URL \"https://example.com:0/h\": invalid port \"0\"",
+        "notify.webhooks[3]: invalid URL \"http://[::1]:65536/h\": invalid port \"65536\"",
+        "services[0].rollback.triggers[0].url: invalid URL \"http://127.0.0.1:123456/{{color}}/deps\": invalid port \"123456\"",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(key)), "missing {key}: {errs:#?}");
+    }
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+}
+
+/// Listeners that overlap through a wildcard address passed `check`, and `serve` could never
+/// start (address in use): `0.0.0.0:P` beside `127.0.0.1:P`, and `[::]:P` (dual-stack: the
+/// sockets are bound without IPV6_V6ONLY) beside `0.0.0.0:P` or any IPv4 address. Each is
+/// refused at the later key, naming the other; different ports, `[::1]` beside `127.0.0.1`,
+/// and port 0 pass.
+#[test]
+fn listeners_overlapping_through_a_wildcard_are_refused() {
+    let conf = |proxy: &str, preview: &str, admin: &str| {
+        format!(
+            "[proxy]\nlisten = \"{proxy}\"\npreview_listen = \"{preview}\"\n\
+             [admin]\nlisten = \"{admin}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    for (proxy, preview, admin, key) in [
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:8081",
+            "127.0.0.1:8080",
+            "admin.listen",
+        ),
+        (
+            "127.0.0.1:8080",
+            "0.0.0.0:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+        (
+            "[::]:8080",
+            "0.0.0.0:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:8081",
+            "[::]:8080",
+            "admin.listen",
+        ),
+        (
+            "[::]:8080",
+            "127.0.0.1:8081",
+            "10.1.2.3:8080",
+            "admin.listen",
+        ),
+        (
+            "[::1]:8080",
+            "[::]:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+        (
+            "[::ffff:127.0.0.1]:8080",
+            "127.0.0.1:8080",
+            "127.0.0.1:9090",
+            "proxy.preview_listen",
+        ),
+    ] {
+        let errs = errors(&conf(proxy, preview, admin));
+        assert_eq!(errs.len(), 1, "{proxy} {preview} {admin}: {errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("{key}: ")) && errs[0].contains("already used"),
+            "{proxy} {preview} {admin}: {errs:#?}"
+        );
+    }
+    for (proxy, preview, admin) in [
+        ("0.0.0.0:8080", "0.0.0.0:8081", "127.0.0.1:9090"),
+        ("[::1]:8080", "127.0.0.1:8080", "10.1.2.3:8080"),
+        ("0.0.0.0:0", "127.0.0.1:0", "[::]:0"),
+        ("[::]:8080", "[::]:8081", "[::1]:9090"),
+    ] {
+        let errs = errors(&conf(proxy, preview, admin));
+        assert!(errs.is_empty(), "{proxy} {preview} {admin}: {errs:#?}");
+    }
+}
+
+/// `admin.allowed_hosts` entries with a port, a scheme, a path or a wildcard passed `check` and
+/// then never matched (403): each is refused at its index, saying an entry is a bare host name
+/// compared with the Host header's name. Names, IP literals and upper case pass.
+#[test]
+fn allowed_hosts_entries_are_bare_host_names() {
+    let conf = |hosts: &str| {
+        format!(
+            "[admin]\nallowed_hosts = [{hosts}]\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let errs = errors(&conf(
+        r#""admin.example.com:9090", "*.corp.example", "http://ops.example.com", "ops.example.com/admin", "", "a b""#,
+    ));
+    for (i, why) in [
+        "has a port",
+        "is a wildcard",
+        "has a scheme",
+        "has a path",
+        "is empty",
+        "is not a host name",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let key = format!("admin.allowed_hosts[{i}]: ");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&key) && e.contains(why) && e.contains("bare host name")),
+            "{key}{why}: {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+    let errs = errors(&conf(
+        r#""admin.example.com", "Switchyard_Admin", "ops-1", "10.0.0.5", "::1", "[::1]""#,
+    ));
+    assert!(errs.is_empty(), "{errs:#?}");
+}
+
+/// `notify.timeout = "0s"` passed, and every webhook delivery then timed out at once (none was
+/// ever delivered): refused like the other timeouts.
+#[test]
+fn a_zero_notify_timeout_is_refused() {
+    let conf = |t: &str| {
+        format!(
+            "[notify]\nwebhooks = [\"http://127.0.0.1:9/h\"]\ntimeout = \"{t}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let errs = errors(&conf("0s"));
+    assert_eq!(
+        errs,
+        ["notify.timeout: must be greater than zero".to_string()],
+        "{errs:#?}"
+    );
+    assert!(errors(&conf("1ms")).is_empty());
+}

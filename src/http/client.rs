@@ -1940,6 +1940,29 @@ where
     fetch_once_tracked(auth, tls, req, limit, &AtomicBool::new(false)).await
 }
 
+/// The port `auth` names, or `default` (the scheme's) when it names none (`host` or `host:`).
+/// A port that is not a number from 1 to 65535 (`host:90900`, a typo) is an error, never the
+/// default: the request (and its bearer token) would go to another port.
+pub fn authority_port(auth: &http::uri::Authority, default: u16) -> Result<u16, String> {
+    let s = auth.as_str();
+    // After any user@ and any [IPv6] literal: the colon there, if any, starts the port.
+    let host_at = s.rfind('@').map_or(0, |i| i + 1);
+    let host_at = s[host_at..].rfind(']').map_or(host_at, |i| host_at + i + 1);
+    let Some(colon) = s[host_at..].rfind(':') else {
+        return Ok(default);
+    };
+    let port = &s[host_at + colon + 1..];
+    if port.is_empty() {
+        return Ok(default);
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!(
+            "invalid port {port:?} in {s:?} (expected a number from 1 to 65535)"
+        )),
+    }
+}
+
 /// [`fetch_once`], setting `handed` once the connection (TCP, TLS, HTTP handshake) is up and
 /// the request is handed to it: a caller whose own deadline cut the call short can tell "never
 /// reached the server" (false) from "may have been sent" (true).
@@ -1956,9 +1979,7 @@ where
     B::Error: Into<BoxError>,
 {
     let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-    let port = auth
-        .port_u16()
-        .unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let port = authority_port(auth, if tls.is_some() { 443 } else { 80 }).map_err(unsent)?;
     let tcp = TcpStream::connect((host, port))
         .await
         .map_err(|e| unsent(format!("cannot connect to {auth}: {e}")))?;
@@ -2480,5 +2501,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A port past 65535 (or 0, or not a number) in a URL is an error, never the scheme's
+    /// default: `fetch_once` to `127.0.0.1:90900` used to go to port 80 with the request and
+    /// its bearer token. No port, or an empty one, is the default.
+    #[tokio::test]
+    async fn a_port_that_does_not_fit_is_an_error_not_the_default() {
+        let port = |a: &str| authority_port(&a.parse().expect("authority"), 80);
+        assert_eq!(port("127.0.0.1"), Ok(80));
+        assert_eq!(port("127.0.0.1:"), Ok(80));
+        assert_eq!(port("example.com:8443"), Ok(8443));
+        assert_eq!(port("[::1]"), Ok(80));
+        assert_eq!(port("[::1]:9090"), Ok(9090));
+        assert_eq!(port("u:p@example.com"), Ok(80));
+        for bad in ["127.0.0.1:90900", "127.0.0.1:65536", "[::1]:70000", "h:0"] {
+            let e = port(bad).expect_err(bad);
+            assert!(e.contains("invalid port"), "{bad}: {e}");
+        }
+        let req = Request::get("/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let auth: http::uri::Authority = "127.0.0.1:90900".parse().expect("authority");
+        let e = fetch_once(&auth, None, req, 0).await.expect_err("refused");
+        assert!(
+            e.message.contains("invalid port \"90900\""),
+            "{}",
+            e.message
+        );
+        assert!(!e.maybe_sent);
     }
 }

@@ -150,7 +150,14 @@ pub fn remove_stale_temps(path: &Path) -> usize {
 /// `--reset-state`: moves an unreadable state file aside so startup can proceed. A readable
 /// one is kept (None, as for no file): it holds the answered flips, and moving it aside would
 /// drop them.
+/// A directory there is an error, never moved: it is not a state file, and may hold anything.
 pub fn move_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    if path.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is a directory, not a state file; nothing was moved (state.path must name a file)",
+            path.display()
+        )));
+    }
     if !path.exists() || read_state(path).is_ok() {
         return Ok(None);
     }

@@ -200,5 +200,10 @@ mod tests {
         assert!(err.to_string().contains("--reset-state"), "{err}");
         assert!(move_aside(&path).expect("aside").is_some());
         assert!(store.load().await.expect("empty again").is_empty());
+        // A directory is never moved aside.
+        std::fs::create_dir(&path).expect("mkdir");
+        let err = move_aside(&path).expect_err("a directory");
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        assert!(path.is_dir());
     }
 }

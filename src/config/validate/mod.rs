@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use service::valid_name as valid_service_name;
 #[cfg(test)]
 pub use trigger::{placeholder_errors, QUERY_PLACEHOLDERS};
 
@@ -268,14 +269,37 @@ fn passive(c: &mut Check, p: &RawProxy) -> PassiveConfig {
     }
 }
 
-/// `proxy.upgrade_socket`: next to the state file unless given.
+/// The files kept beside the state file (`state.path`), each with what it holds: the lock
+/// (`crate::upgrade::lock_path`), the running release, the audit log.
+pub(crate) fn state_files(path: &std::path::Path) -> [(PathBuf, &'static str); 3] {
+    [
+        (path.with_extension("lock"), "the state file's lock"),
+        (path.with_extension("release.json"), "the release file"),
+        (path.with_extension("events.jsonl"), "the audit log"),
+    ]
+}
+
+/// `proxy.upgrade_socket`: next to the state file unless given; never the state file or a
+/// file kept beside it (binding the socket would need that file gone).
 fn upgrade_socket(c: &mut Check, v: Option<&str>, state: &StateConfig) -> PathBuf {
     match v {
         Some("") => {
             c.err("proxy.upgrade_socket", "must be a path");
             PathBuf::new()
         }
-        Some(p) => PathBuf::from(p),
+        Some(p) => {
+            let path = PathBuf::from(p);
+            let taken = std::iter::once((state.path.clone(), "the state file (state.path)"))
+                .chain(state_files(&state.path))
+                .find(|(f, _)| *f == path);
+            if let Some((_, what)) = taken {
+                c.err(
+                    "proxy.upgrade_socket",
+                    format!("{p:?} is {what}; the upgrade socket needs a path of its own"),
+                );
+            }
+            path
+        }
         None => state.path.with_extension("upgrade.sock"),
     }
 }
@@ -300,6 +324,16 @@ fn admin(c: &mut Check, a: &RawAdmin) -> AdminConfig {
             "admin.tls_cert",
             "admin.tls_cert and admin.tls_key must be set together",
         );
+    }
+    for (i, h) in a.allowed_hosts.iter().flatten().enumerate() {
+        if let Some(why) = allowed_host_problem(h) {
+            c.err(
+                format!("admin.allowed_hosts[{i}]"),
+                format!(
+                    "{h:?} {why}; an entry is a bare host name (or IP literal) compared with the Host header's name, its port ignored, e.g. \"admin.example.com\""
+                ),
+            );
+        }
     }
     let admin = AdminConfig {
         listen,
@@ -332,7 +366,40 @@ fn admin(c: &mut Check, a: &RawAdmin) -> AdminConfig {
     admin
 }
 
-/// No two listeners on one address (port 0 excepted: the system picks).
+/// What keeps `h` from ever matching as an `admin.allowed_hosts` entry, or None: the entry is
+/// compared with the Host header's name alone (no port), exactly, case-insensitively.
+fn allowed_host_problem(h: &str) -> Option<&'static str> {
+    let bare = h
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(h);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    if h.is_empty() {
+        Some("is empty")
+    } else if h.contains("://") {
+        Some("has a scheme")
+    } else if h.contains('*') {
+        Some("is a wildcard, which is not matched (list each name)")
+    } else if h.contains('/') {
+        Some("has a path")
+    } else if h.contains(':') {
+        Some("has a port")
+    } else if !h
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        Some("is not a host name (letters, digits, '.', '-', '_')")
+    } else {
+        None
+    }
+}
+
+/// No two listeners that cannot both bind (port 0 excepted: the system picks): one port and
+/// one address, or a wildcard address (`0.0.0.0`, `[::]`) that takes the other's. The sockets
+/// are bound without `IPV6_V6ONLY`, so `[::]` is dual-stack (Linux's default,
+/// `net.ipv6.bindv6only = 0`) and takes the port on every IPv4 address too.
 fn distinct_listeners(c: &mut Check, proxy: &ProxyConfig, admin: &AdminConfig) {
     let listeners = [
         ("proxy.listen", Some(proxy.listen)),
@@ -340,15 +407,36 @@ fn distinct_listeners(c: &mut Check, proxy: &ProxyConfig, admin: &AdminConfig) {
         ("proxy.preview_listen", proxy.preview_listen),
         ("admin.listen", Some(admin.listen)),
     ];
-    let mut seen: Vec<SocketAddr> = Vec::new();
+    let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
     for (k, addr) in listeners {
         if let Some(addr) = addr {
-            if addr.port() != 0 && seen.contains(&addr) {
-                c.err(k, format!("{addr} is already used by another listener"));
+            if let Some((other, at)) = seen.iter().find(|(_, s)| listeners_overlap(*s, addr)) {
+                let why = if at.ip().to_canonical() == addr.ip().to_canonical() {
+                    String::new()
+                } else {
+                    " (a wildcard address takes the port on every address of its family, and [::] on IPv4 too: dual-stack)".to_string()
+                };
+                c.err(
+                    k,
+                    format!("{addr} is already used by another listener: {other} = {at}{why}"),
+                );
             }
-            seen.push(addr);
+            seen.push((k, addr));
         }
     }
+}
+
+/// Whether sockets bound to `a` and `b` (without `IPV6_V6ONLY`) would clash.
+pub(super) fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let v6_any = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    x == y
+        || (x.is_ipv4() == y.is_ipv4() && (x.is_unspecified() || y.is_unspecified()))
+        || v6_any(x)
+        || v6_any(y)
 }
 
 /// `[state]`.
@@ -391,6 +479,19 @@ fn state(c: &mut Check, s: &RawState) -> StateConfig {
                 }
             },
         );
+    }
+    // The lock and the other files beside the state file are named after it: a state path
+    // with their extension would make one of them the state file itself.
+    if let Some(p) = s.path.as_deref().filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(p);
+        if let Some((_, what)) = state_files(&path).into_iter().find(|(f, _)| *f == path) {
+            c.err(
+                "state.path",
+                format!(
+                    "{p:?} would be {what} as well as the state file (it is named after the state file); name the state file with another extension, e.g. \".json\""
+                ),
+            );
+        }
     }
     let state = StateConfig {
         backend,
@@ -492,7 +593,13 @@ pub(super) fn url_problem(u: &str, parse_as: &str, expected: &str) -> Option<Str
         parsed.as_ref().and_then(|x| x.scheme_str()),
         Some("http" | "https")
     ) && authority.is_some();
-    (!ok).then(|| format!("invalid URL {shown:?} (expected {expected})"))
+    if !ok {
+        return Some(format!("invalid URL {shown:?} (expected {expected})"));
+    }
+    // A port past 65535 parses, and the client would have gone to the scheme's port instead.
+    authority
+        .and_then(|a| crate::http::client::authority_port(a, 80).err())
+        .map(|e| format!("invalid URL {shown:?}: {e}"))
 }
 
 /// `[notify]`.
@@ -503,13 +610,16 @@ fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
             c.err(format!("notify.webhooks[{i}]"), m);
         }
     }
+    let timeout = c.duration(
+        "notify.timeout",
+        n.timeout.as_deref(),
+        Duration::from_secs(5),
+    );
+    // Zero: every delivery timed out at once, and no webhook was ever delivered.
+    c.positive("notify.timeout", timeout);
     NotifyConfig {
         webhooks,
-        timeout: c.duration(
-            "notify.timeout",
-            n.timeout.as_deref(),
-            Duration::from_secs(5),
-        ),
+        timeout,
         max_attempts: c.count("notify.max_attempts", n.max_attempts, 5, 1, 100) as u32,
         queue_size: c.count("notify.queue_size", n.queue_size, 1024, 1, 1_000_000) as usize,
         ca_file: n.ca_file.as_ref().map(PathBuf::from),

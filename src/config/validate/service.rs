@@ -143,7 +143,8 @@ fn health(c: &mut Check, hk: &str, h: RawHealth) -> HealthConfig {
     }
 }
 
-fn valid_name(n: &str) -> bool {
+/// A service name: 1-64 of `a-z`, `0-9`, `-`, `_` (what `ctl` accepts as SERVICE too).
+pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.chars()
