@@ -7,14 +7,16 @@
 //! probing the color's upstreams) and keeps the last reading in the trigger's [`Slot`], tagged with
 //! the generation it was taken for. The rollback watcher reads it twice a second as an
 //! [`External`] measurement, so these triggers obey every rule of the engine
-//! ([`crate::rollback`]): armed only within `watch_for`, `for` held at every evaluation, one
+//! ([`crate::rollback`]): armed only within `watch_for`, `for` held at every reading (and
+//! counted between readings: a reading seen again adds no time), one
 //! flip per episode, `rollback_blocked`, `dry_run`. A reading taken for another generation (a
 //! flip happened since) is not used: the trigger waits for a reading of the new live color, and
 //! the task is woken at once to take it.
 //!
 //! Missing data is a state, never a silent pass or fail: an empty result is
 //! `insufficient_data` (unless `on_empty = "fail"`); an error or timeout is `inconclusive` with
-//! its text; `max_errors` consecutive errors then follow `on_error` (`hold`: the trigger cannot
+//! its text (a breach already pending stays pending over it, and fires on no error);
+//! `max_errors` consecutive errors then follow `on_error` (`hold`: the trigger cannot
 //! fire and `switchyard_analysis_blind` says so; `fail`: it breaches). A result that is neither a
 //! scalar nor a one-element vector is an error of the query itself (`config_error` in the
 //! status, with the query).
@@ -88,6 +90,9 @@ pub struct Last {
     pub detail: Option<String>,
     pub consecutive_errors: u32,
     pub evaluated_at: Option<SystemTime>,
+    /// When the reading was taken, on the clock the engine reads (a breach's `for` counts the
+    /// time between readings, not between evaluations that see the same one again).
+    pub taken: Option<Instant>,
     /// The query as sent (templated), or the probed URLs.
     pub target: Option<String>,
 }
@@ -104,6 +109,7 @@ impl Last {
         self.color = Some(color);
         self.target = Some(target);
         self.evaluated_at = Some(SystemTime::now());
+        self.taken = Some(Instant::now());
         match o {
             Outcome::Value { value, detail } => {
                 self.value = Some(value);
@@ -274,7 +280,8 @@ impl Analysis {
                 continue;
             }
             if let (Some(m), Some(slot)) = (measured.get_mut(i), self.slot(svc.name(), i, t)) {
-                *m = Measured::External(slot.last().reading(svc.state.generation));
+                let last = slot.last();
+                *m = Measured::External(last.reading(svc.state.generation), last.taken);
             }
         }
     }

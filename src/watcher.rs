@@ -256,7 +256,7 @@ fn measure(svc: &Service, epoch: u64, live_since: Option<u64>) -> Vec<Measured> 
             },
             // Read from the trigger's own task by `Analysis::fill`.
             TriggerKind::Prometheus(_) | TriggerKind::Probe(_) => {
-                Measured::External(crate::rollback::External::Pending)
+                Measured::External(crate::rollback::External::Pending, None)
             }
         })
         .collect()
