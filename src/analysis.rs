@@ -43,7 +43,7 @@ use crate::config::{
     TriggerConfig, TriggerKind, VerifyCheck,
 };
 use crate::http::client::{fetch_once, hyper_client};
-use crate::rollback::{fmt_num, External, Fire, Measured};
+use crate::rollback::{fmt_exact, fmt_num, fmt_num_beside, External, Fire, Measured};
 use crate::routing::{Service, Snapshot};
 
 pub const ANALYSIS_BLIND: &str = "switchyard_analysis_blind";
@@ -503,7 +503,11 @@ pub fn probe_text(p: &ProbeCheck) -> String {
         ProbeCondition::Status => format!("{target}: 2xx"),
         ProbeCondition::Equals(v) => format!("{target}: {ptr} == {v}"),
         ProbeCondition::Bound(b) => {
-            format!("{target}: {ptr} not {} {}", b.op(), fmt_num(b.threshold()))
+            format!(
+                "{target}: {ptr} not {} {}",
+                b.op(),
+                fmt_exact(b.threshold())
+            )
         }
     }
 }
@@ -853,9 +857,9 @@ pub fn judge(p: &ProbeCheck, status: http::StatusCode, body: &[u8]) -> ProbeResu
         ProbeCondition::Bound(b) => match found.as_f64() {
             Some(v) if b.breached_by(v) => ProbeResult::Fail(format!(
                 "{ptr} = {} {} {}",
-                fmt_num(v),
+                fmt_num_beside(v, b.threshold()),
                 b.op(),
-                fmt_num(b.threshold())
+                fmt_exact(b.threshold())
             )),
             Some(_) => ProbeResult::Pass,
             None => ProbeResult::Fail(format!("{ptr} = {found} is not a number")),
@@ -1252,9 +1256,9 @@ pub async fn verify(
                 let what = match check {
                     VerifyCheck::Prometheus(_) => format!(
                         "value {} {} {}",
-                        fmt_num(value),
+                        fmt_num_beside(value, bound.threshold()),
                         bound.op(),
-                        fmt_num(bound.threshold())
+                        fmt_exact(bound.threshold())
                     ),
                     VerifyCheck::Probe(_) => detail.unwrap_or_else(|| "failing".to_string()),
                 };

@@ -481,7 +481,10 @@ fn build_fire(
     };
     let (threshold, threshold_text, value_text, detail) = match &t.kind {
         TriggerKind::ErrorRate { above, .. } => {
-            let (th, v) = (format!("{above}"), fmt_ratio(value));
+            let (th, v) = (
+                format!("{above}"),
+                beside(value, *above, fmt_ratio(value), 4),
+            );
             let detail = format!(
                 "{kind} {v} > {th} over {} for {}{in_window}",
                 fmt_duration(over),
@@ -490,7 +493,10 @@ fn build_fire(
             (*above, th, v, detail)
         }
         TriggerKind::P95Latency { above, .. } => {
-            let (th, v) = (fmt_ms(above.as_secs_f64()), fmt_ms(value));
+            let th_ms = above.as_secs_f64() * 1000.0;
+            let v_ms = value * 1000.0;
+            let v = beside(v_ms, th_ms, fmt_ms(value).replace("ms", ""), 2) + "ms";
+            let th = fmt_ms(above.as_secs_f64());
             let detail = format!(
                 "{kind} {v} > {th} over {} for {}{in_window}",
                 fmt_duration(over),
@@ -520,13 +526,14 @@ fn build_fire(
             (0.0, "no healthy upstream".to_string(), v, detail)
         }
         TriggerKind::Prometheus(p) => {
-            let th = fmt_num(p.bound.threshold());
+            let threshold = p.bound.threshold();
+            let th = fmt_exact(threshold);
             let v = match m {
                 Some(Measured::External(External::Empty, _)) => "empty result".to_string(),
                 Some(Measured::External(External::Error { consecutive }, _)) => {
                     format!("{consecutive} consecutive errors")
                 }
-                _ => fmt_num(value),
+                _ => fmt_num_beside(value, threshold),
             };
             let detail = if value.is_nan() {
                 format!(
@@ -548,12 +555,16 @@ fn build_fire(
             (p.bound.threshold(), th, v, detail)
         }
         TriggerKind::Probe(p) => {
-            let th = format!("{}%", fmt_num(p.above_fraction * 100.0));
+            let th_pct = p.above_fraction * 100.0;
+            let th = format!("{}%", fmt_exact(th_pct));
             let v = match m {
                 Some(Measured::External(External::Error { consecutive }, _)) => {
                     format!("{consecutive} consecutive errors")
                 }
-                _ => format!("{}%", fmt_num(value * 100.0)),
+                _ => {
+                    let pct = value * 100.0;
+                    format!("{}%", fmt_num_beside(pct, th_pct))
+                }
             };
             let detail = if value.is_nan() {
                 format!(
@@ -687,6 +698,41 @@ pub fn fmt_num(v: f64) -> String {
     } else {
         v.to_string()
     }
+}
+
+/// A threshold as it was written: every digit it has (`0.12345`, `1`, `+Inf`).
+pub fn fmt_exact(v: f64) -> String {
+    if v.is_finite() && v.fract() != 0.0 {
+        // The shortest text that reads back as this very number.
+        format!("{v}")
+    } else {
+        fmt_num(v)
+    }
+}
+
+/// `text`, a rounding of `value`, unless it reads as equal to `threshold` (or as past it on the
+/// other side) while `value` is not: then `value` with more decimals (from `decimals` up), the
+/// fewest that read on its side of the threshold, so a reason never says `1 > 1` or
+/// `0.050 > 0.05`.
+fn beside(value: f64, threshold: f64, text: String, decimals: usize) -> String {
+    let reads_right = |t: &str| {
+        t.parse::<f64>()
+            .is_ok_and(|r| r.partial_cmp(&threshold) == value.partial_cmp(&threshold))
+    };
+    if !value.is_finite() || !threshold.is_finite() || reads_right(&text) {
+        return text;
+    }
+    (decimals..=17)
+        .map(|d| format!("{value:.d$}"))
+        .find(|t| reads_right(t))
+        // The shortest text that reads back as this very number.
+        .unwrap_or_else(|| format!("{value}"))
+}
+
+/// A value compared with `threshold`, as [`fmt_num`] writes it, or with the decimals it takes
+/// to read on its side of the threshold ([`beside`]).
+pub fn fmt_num_beside(value: f64, threshold: f64) -> String {
+    beside(value, threshold, fmt_num(value), 4)
 }
 
 /// A ratio with 3 decimals: `0.312`.
@@ -1771,6 +1817,78 @@ mod tests {
         assert_eq!(f.detail, "unhealthy: 0 of 2 live upstreams healthy for 0s");
         assert_eq!(fmt_duration(Duration::from_secs(90)), "1m 30s");
         assert_eq!(fmt_ratio(0.05), "0.050");
+    }
+
+    /// A reason's value never reads as equal to its threshold (or past it the other way)
+    /// when it is not: it gets the decimals it needs; a value that reads right keeps its
+    /// short form.
+    #[test]
+    fn a_value_beside_its_threshold_shows_the_digits_that_tell_them_apart() {
+        let t0 = Instant::now();
+        let fire = |t: TriggerConfig, m: Measured| {
+            let c = cfg(vec![t]);
+            match ServiceWatch::new(&c).evaluate(&c, &ev(t0, &[m])) {
+                Decision::Rollback(f) => f,
+                d => panic!("{d:?}"),
+            }
+        };
+        let value = |r: f64| ext_at(External::Value(r), t0);
+        let f = fire(
+            prom(Bound::Above(1.0), 0, OnEmpty::Fail, OnError::Hold),
+            value(1.0004),
+        );
+        assert_eq!(f.detail, "prometheus 1.0004 > 1 for 0s");
+        assert_eq!(
+            (f.value_text.as_str(), f.threshold_text.as_str()),
+            ("1.0004", "1")
+        );
+        let f = fire(
+            prom(Bound::Below(0.5), 0, OnEmpty::Fail, OnError::Hold),
+            value(0.4999),
+        );
+        assert_eq!(f.detail, "prometheus 0.4999 < 0.5 for 0s");
+        // The threshold as written; a value rounded past it the wrong way gets more digits.
+        let f = fire(
+            prom(Bound::Above(0.12345), 0, OnEmpty::Fail, OnError::Hold),
+            value(0.12346),
+        );
+        assert_eq!(f.detail, "prometheus 0.1235 > 0.12345 for 0s");
+        let f = fire(
+            prom(Bound::Above(0.5), 0, OnEmpty::Fail, OnError::Hold),
+            value(1.0 / 3.0 + 0.5),
+        );
+        assert_eq!(f.value_text, "0.833");
+        // Tiny differences: as many digits as it takes.
+        let f = fire(
+            prom(Bound::Above(1.0), 0, OnEmpty::Fail, OnError::Hold),
+            value(1.0 + 1e-12),
+        );
+        assert!(
+            f.value_text.parse::<f64>().is_ok_and(|v| v > 1.0),
+            "{}",
+            f.value_text
+        );
+        let f = fire(error_rate(0.05, 60, 0), rate(219, 11));
+        assert_eq!(f.value_text, "0.0502");
+        assert!(
+            f.detail.starts_with("error_rate 0.0502 > 0.05 "),
+            "{}",
+            f.detail
+        );
+        let f = fire(error_rate(0.05, 60, 0), rate(100, 6));
+        assert_eq!(f.value_text, "0.060");
+        let f = fire(
+            p95(200, 60, 0),
+            Measured::Latency {
+                requests: 100,
+                p95: Some(Duration::from_micros(200_040)),
+            },
+        );
+        assert!(
+            f.detail.starts_with("p95_latency 200.04ms > 200ms "),
+            "{}",
+            f.detail
+        );
     }
 
     #[test]
