@@ -7,14 +7,16 @@
 //! probing the color's upstreams) and keeps the last reading in the trigger's [`Slot`], tagged with
 //! the generation it was taken for. The rollback watcher reads it twice a second as an
 //! [`External`] measurement, so these triggers obey every rule of the engine
-//! ([`crate::rollback`]): armed only within `watch_for`, `for` held at every evaluation, one
+//! ([`crate::rollback`]): armed only within `watch_for`, `for` held at every reading (and
+//! counted between readings: a reading seen again adds no time), one
 //! flip per episode, `rollback_blocked`, `dry_run`. A reading taken for another generation (a
 //! flip happened since) is not used: the trigger waits for a reading of the new live color, and
 //! the task is woken at once to take it.
 //!
 //! Missing data is a state, never a silent pass or fail: an empty result is
 //! `insufficient_data` (unless `on_empty = "fail"`); an error or timeout is `inconclusive` with
-//! its text; `max_errors` consecutive errors then follow `on_error` (`hold`: the trigger cannot
+//! its text (a breach already pending stays pending over it, and fires on no error);
+//! `max_errors` consecutive errors then follow `on_error` (`hold`: the trigger cannot
 //! fire and `switchyard_analysis_blind` says so; `fail`: it breaches). A result that is neither a
 //! scalar nor a one-element vector is an error of the query itself (`config_error` in the
 //! status, with the query).
@@ -41,7 +43,7 @@ use crate::config::{
     TriggerConfig, TriggerKind, VerifyCheck,
 };
 use crate::http::client::{fetch_once, hyper_client};
-use crate::rollback::{fmt_num, External, Fire, Measured};
+use crate::rollback::{fmt_exact, fmt_num, fmt_num_beside, External, Fire, Measured};
 use crate::routing::{Service, Snapshot};
 
 pub const ANALYSIS_BLIND: &str = "switchyard_analysis_blind";
@@ -88,6 +90,9 @@ pub struct Last {
     pub detail: Option<String>,
     pub consecutive_errors: u32,
     pub evaluated_at: Option<SystemTime>,
+    /// When the reading was taken, on the clock the engine reads (a breach's `for` counts the
+    /// time between readings, not between evaluations that see the same one again).
+    pub taken: Option<Instant>,
     /// The query as sent (templated), or the probed URLs.
     pub target: Option<String>,
 }
@@ -104,6 +109,7 @@ impl Last {
         self.color = Some(color);
         self.target = Some(target);
         self.evaluated_at = Some(SystemTime::now());
+        self.taken = Some(Instant::now());
         match o {
             Outcome::Value { value, detail } => {
                 self.value = Some(value);
@@ -274,7 +280,8 @@ impl Analysis {
                 continue;
             }
             if let (Some(m), Some(slot)) = (measured.get_mut(i), self.slot(svc.name(), i, t)) {
-                *m = Measured::External(slot.last().reading(svc.state.generation));
+                let last = slot.last();
+                *m = Measured::External(last.reading(svc.state.generation), last.taken);
             }
         }
     }
@@ -525,7 +532,11 @@ pub fn probe_text(p: &ProbeCheck) -> String {
         ProbeCondition::Status => format!("{target}: 2xx"),
         ProbeCondition::Equals(v) => format!("{target}: {ptr} == {v}"),
         ProbeCondition::Bound(b) => {
-            format!("{target}: {ptr} not {} {}", b.op(), fmt_num(b.threshold()))
+            format!(
+                "{target}: {ptr} not {} {}",
+                b.op(),
+                fmt_exact(b.threshold())
+            )
         }
     }
 }
@@ -875,9 +886,9 @@ pub fn judge(p: &ProbeCheck, status: http::StatusCode, body: &[u8]) -> ProbeResu
         ProbeCondition::Bound(b) => match found.as_f64() {
             Some(v) if b.breached_by(v) => ProbeResult::Fail(format!(
                 "{ptr} = {} {} {}",
-                fmt_num(v),
+                fmt_num_beside(v, b.threshold()),
                 b.op(),
-                fmt_num(b.threshold())
+                fmt_exact(b.threshold())
             )),
             Some(_) => ProbeResult::Pass,
             None => ProbeResult::Fail(format!("{ptr} = {found} is not a number")),
@@ -1277,9 +1288,9 @@ pub async fn verify(
                 let what = match check {
                     VerifyCheck::Prometheus(_) => format!(
                         "value {} {} {}",
-                        fmt_num(value),
+                        fmt_num_beside(value, bound.threshold()),
                         bound.op(),
-                        fmt_num(bound.threshold())
+                        fmt_exact(bound.threshold())
                     ),
                     VerifyCheck::Probe(_) => detail.unwrap_or_else(|| "failing".to_string()),
                 };

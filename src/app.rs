@@ -543,6 +543,7 @@ impl App {
         let config = Arc::new(config);
         let started_config = config.clone();
         let snapshot = build_snapshot(config, &states, None, &metrics);
+        snapshot.mark_live();
         Ok(Arc::new(App {
             routes: Arc::new(ArcSwap::from_pointee(snapshot)),
             clock: Clock::new(),
@@ -907,7 +908,7 @@ impl App {
         if !changed.is_empty() {
             let next = snap.with_services(&changed);
             let states = Self::all_states(&next);
-            self.routes.store(Arc::new(next));
+            self.publish(next);
             if let Some(etcd) = self.store.as_etcd() {
                 etcd.save_cache(states).await;
             }
@@ -1123,7 +1124,7 @@ impl App {
                     self.events.abort(&id).await;
                     return Err(e.into());
                 }
-                self.routes.store(Arc::new(next));
+                self.publish(next);
                 for ev in &events {
                     self.count_flip(ev);
                 }
@@ -1137,7 +1138,7 @@ impl App {
                     .collect();
                 match etcd.write(&changes, &before, &events, &id).await {
                     WriteOutcome::Applied => {
-                        self.routes.store(Arc::new(next));
+                        self.publish(next);
                         etcd.save_cache(after).await;
                         for ev in events {
                             self.count_flip(&ev);
@@ -1773,6 +1774,13 @@ impl App {
         Ok(format!("automatic rollback of {name} {word}"))
     }
 
+    /// Makes `next` the routing snapshot, its live pools marked live first
+    /// ([`Snapshot::mark_live`]).
+    fn publish(&self, next: Snapshot) {
+        next.mark_live();
+        self.routes.store(Arc::new(next));
+    }
+
     /// A copy of `svc` flipped to `to`, generation incremented.
     fn flipped(&self, svc: &Service, to: Color, kind: FlipKind) -> Service {
         let from = svc.state.active;
@@ -2020,7 +2028,7 @@ impl App {
             self.metrics.init_service(&svc.name);
         }
         let next = build_snapshot(Arc::new(new_cfg), &states, Some(&snap), &self.metrics);
-        self.routes.store(Arc::new(next));
+        self.publish(next);
         self.metrics
             .config_reloads_total
             .with_label_values(&["ok"])
@@ -2135,7 +2143,7 @@ impl App {
         };
         let states = Self::all_states(&snap);
         let next = build_snapshot(Arc::new(next_cfg), &states, Some(&snap), &self.metrics);
-        self.routes.store(Arc::new(next));
+        self.publish(next);
         true
     }
 

@@ -15,11 +15,16 @@
 //!    `unhealthy` ignore `min_requests`.
 //! 3. **Conditions are strict.** `error_rate`: failures / requests > above; `p95_latency`:
 //!    p95 > above; `critical_5xx`: failures > above; `unhealthy`: no healthy upstream.
-//! 4. **`for` as in a Prometheus alerting rule.** A breach starts at the first evaluation with
-//!    the condition (`since`); it must hold at every evaluation after that; one evaluation
-//!    without it resets. The trigger is *due* at the first evaluation with `now - since >= for`,
-//!    so a breach starting at T fires at the first evaluation at or after T + for; `for = 0`
-//!    fires at the first breaching evaluation.
+//! 4. **`for` as in a Prometheus alerting rule.** A breach starts at the first reading with
+//!    the condition (`since`); it must hold at every reading after that; one reading without
+//!    it resets. The trigger is *due* at the first reading with the condition taken at or after
+//!    `since + for`, so a breach starting at T fires at the first evaluation at or after
+//!    T + for; `for = 0` fires at the first breaching reading. The built-in triggers take a
+//!    reading at every evaluation; a `prometheus` or `probe` trigger's reading is its task's
+//!    last one, taken every `interval` and seen again at each evaluation until the next: a
+//!    repeated reading adds no time to its breach, so with `for > 0` it fires only on a second
+//!    breaching reading taken at least `for` after the first (as an alert with `for > 0` never
+//!    fires on one evaluation).
 //! 5. **Arming gates only the decision.** Breach tracking runs whether armed or not (status shows
 //!    it, and a resume after a pause fires at once if the condition held all along). Not armed
 //!    (or `enabled = false`) always yields [`Decision::None`].
@@ -36,10 +41,12 @@
 //!    Each is read from its own task's last reading ([`External`]), taken for the live color.
 //!    A value breaches by its strict bound (a probe: the fraction of failing upstreams >
 //!    `above_fraction`). No reading yet or an empty result (unless `on_empty = "fail"`) is
-//!    `InsufficientData`; an error is `Inconclusive`, and after `max_errors` consecutive errors
-//!    `on_error = "hold"` stays `Inconclusive` (blind: never fires) while `"fail"` breaches. Both
-//!    break a `for` like any evaluation without the condition; from there every rule above
-//!    applies unchanged (arming, `for`, episodes, one flip, blocked, dry run).
+//!    `InsufficientData`. An error below `max_errors` consecutive ones changes nothing about a
+//!    breach (it stays pending, `since` kept, as Prometheus keeps a pending alert over a
+//!    failed evaluation) and fires nothing itself; without a breach it is `Inconclusive`. At
+//!    `max_errors` consecutive errors `on_error = "hold"` is `Inconclusive` (blind: never fires,
+//!    a breach is broken) while `"fail"` breaches. From there every rule above applies
+//!    unchanged (arming, `for`, episodes, one flip, blocked, dry run).
 //! 9. **Never panics.** Zero requests, failures above requests, a missing measurement or one of
 //!    the wrong kind (counted as no data: `InsufficientData { requests: 0 }`), a trigger list
 //!    that changed under it (its trigger states start fresh), time going backwards: all are
@@ -71,8 +78,9 @@ pub enum Measured {
         healthy_upstreams: usize,
         total: usize,
     },
-    /// `prometheus` and `probe`: the last reading of the trigger's own task.
-    External(External),
+    /// `prometheus` and `probe`: the last reading of the trigger's own task, and when it was
+    /// taken (None: no reading yet).
+    External(External, Option<Instant>),
 }
 
 /// The last reading of a `prometheus` or `probe` trigger, taken for the live color.
@@ -112,9 +120,11 @@ pub enum TriggerState {
         value: Option<f64>,
         requests: Option<u64>,
     },
-    /// The condition has held at every evaluation since `since`.
+    /// The condition has held at every reading since the one taken at `since`; `last`: when
+    /// the latest of them was taken (the evaluation's time for the built-in triggers).
     Breaching {
         since: Instant,
+        last: Instant,
         value: f64,
         requests: Option<u64>,
     },
@@ -208,22 +218,38 @@ impl ServiceWatch {
             self.episode = Episode::default();
         }
 
+        // Triggers whose reading this time is an error below `max_errors`: a breach they hold
+        // is kept, but is not due on this reading.
+        let mut kept = vec![false; self.states.len()];
         for ((i, t), state) in cfg.triggers.iter().enumerate().zip(self.states.iter_mut()) {
             if matches!(state, TriggerState::Fired { .. }) {
                 continue;
             }
-            *state = match observe(cfg.min_requests, t, ev.measured.get(i)) {
+            *state = match observe(cfg.min_requests, t, ev.measured.get(i), ev.now) {
                 Obs::NoData { requests } => TriggerState::InsufficientData { requests },
                 Obs::Inconclusive { blind } => TriggerState::Inconclusive { blind },
+                Obs::Error => match *state {
+                    TriggerState::Breaching { .. } => {
+                        kept[i] = true;
+                        *state
+                    }
+                    _ => TriggerState::Inconclusive { blind: false },
+                },
                 Obs::Clear { value, requests } => TriggerState::Ok { value, requests },
-                Obs::Breach { value, requests } => match *state {
+                Obs::Breach {
+                    value,
+                    requests,
+                    at,
+                } => match *state {
                     TriggerState::Breaching { since, .. } => TriggerState::Breaching {
                         since,
+                        last: at,
                         value,
                         requests,
                     },
                     _ => TriggerState::Breaching {
-                        since: ev.now,
+                        since: at,
+                        last: at,
                         value,
                         requests,
                     },
@@ -248,9 +274,9 @@ impl ServiceWatch {
             .iter()
             .zip(self.states.iter_mut())
             .enumerate()
-            .find(|(_, (t, s))| match **s {
-                TriggerState::Breaching { since, .. } => {
-                    ev.now.saturating_duration_since(since) >= t.for_
+            .find(|(i, (t, s))| match **s {
+                TriggerState::Breaching { since, last, .. } => {
+                    !kept[*i] && last.saturating_duration_since(since) >= t.for_
                 }
                 _ => false,
             });
@@ -320,20 +346,29 @@ enum Obs {
     Inconclusive {
         blind: bool,
     },
+    /// An error below `max_errors` consecutive ones.
+    Error,
     Clear {
         value: Option<f64>,
         requests: Option<u64>,
     },
+    /// `at`: when the reading was taken.
     Breach {
         value: f64,
         requests: Option<u64>,
+        at: Instant,
     },
 }
 
-fn observe(min_requests: u64, t: &TriggerConfig, m: Option<&Measured>) -> Obs {
+/// `now`: the evaluation's time, when the built-in triggers' readings are taken.
+fn observe(min_requests: u64, t: &TriggerConfig, m: Option<&Measured>, now: Instant) -> Obs {
     let reading = |value: f64, requests: Option<u64>, breaching: bool| {
         if breaching {
-            Obs::Breach { value, requests }
+            Obs::Breach {
+                value,
+                requests,
+                at: now,
+            }
         } else {
             Obs::Clear {
                 value: Some(value),
@@ -370,11 +405,17 @@ fn observe(min_requests: u64, t: &TriggerConfig, m: Option<&Measured>) -> Obs {
                 healthy_upstreams, ..
             }),
         ) => reading(healthy_upstreams as f64, None, healthy_upstreams == 0),
-        (TriggerKind::Prometheus(p), Some(&Measured::External(r))) => {
-            external(r, p.bound, p.on_empty, p.on_error, p.max_errors)
-        }
-        (TriggerKind::Probe(p), Some(&Measured::External(r))) => external(
+        (TriggerKind::Prometheus(p), Some(&Measured::External(r, at))) => external(
             r,
+            at.unwrap_or(now),
+            p.bound,
+            p.on_empty,
+            p.on_error,
+            p.max_errors,
+        ),
+        (TriggerKind::Probe(p), Some(&Measured::External(r, at))) => external(
+            r,
+            at.unwrap_or(now),
             Bound::Above(p.above_fraction),
             OnEmpty::InsufficientData,
             p.on_error,
@@ -385,14 +426,22 @@ fn observe(min_requests: u64, t: &TriggerConfig, m: Option<&Measured>) -> Obs {
 }
 
 /// Invariant 8. A failure without a value (empty, errors) breaches with `value` NaN (shown as
-/// null).
-fn external(r: External, bound: Bound, on_empty: OnEmpty, on_error: OnError, max: u32) -> Obs {
+/// null). `at`: when the reading was taken.
+fn external(
+    r: External,
+    at: Instant,
+    bound: Bound,
+    on_empty: OnEmpty,
+    on_error: OnError,
+    max: u32,
+) -> Obs {
     match r {
         External::Pending => Obs::NoData { requests: 0 },
         External::Value(v) if v.is_nan() => Obs::NoData { requests: 0 },
         External::Value(v) if bound.breached_by(v) => Obs::Breach {
             value: v,
             requests: None,
+            at,
         },
         External::Value(v) => Obs::Clear {
             value: Some(v),
@@ -401,16 +450,18 @@ fn external(r: External, bound: Bound, on_empty: OnEmpty, on_error: OnError, max
         External::Empty if on_empty == OnEmpty::Fail => Obs::Breach {
             value: f64::NAN,
             requests: None,
+            at,
         },
         External::Empty => Obs::NoData { requests: 0 },
         External::Error { consecutive } if consecutive >= max.max(1) => match on_error {
             OnError::Fail => Obs::Breach {
                 value: f64::NAN,
                 requests: None,
+                at,
             },
             OnError::Hold => Obs::Inconclusive { blind: true },
         },
-        External::Error { .. } => Obs::Inconclusive { blind: false },
+        External::Error { .. } => Obs::Error,
     }
 }
 
@@ -430,7 +481,10 @@ fn build_fire(
     };
     let (threshold, threshold_text, value_text, detail) = match &t.kind {
         TriggerKind::ErrorRate { above, .. } => {
-            let (th, v) = (format!("{above}"), fmt_ratio(value));
+            let (th, v) = (
+                format!("{above}"),
+                beside(value, *above, fmt_ratio(value), 4),
+            );
             let detail = format!(
                 "{kind} {v} > {th} over {} for {}{in_window}",
                 fmt_duration(over),
@@ -439,7 +493,10 @@ fn build_fire(
             (*above, th, v, detail)
         }
         TriggerKind::P95Latency { above, .. } => {
-            let (th, v) = (fmt_ms(above.as_secs_f64()), fmt_ms(value));
+            let th_ms = above.as_secs_f64() * 1000.0;
+            let v_ms = value * 1000.0;
+            let v = beside(v_ms, th_ms, fmt_ms(value).replace("ms", ""), 2) + "ms";
+            let th = fmt_ms(above.as_secs_f64());
             let detail = format!(
                 "{kind} {v} > {th} over {} for {}{in_window}",
                 fmt_duration(over),
@@ -469,13 +526,14 @@ fn build_fire(
             (0.0, "no healthy upstream".to_string(), v, detail)
         }
         TriggerKind::Prometheus(p) => {
-            let th = fmt_num(p.bound.threshold());
+            let threshold = p.bound.threshold();
+            let th = fmt_exact(threshold);
             let v = match m {
-                Some(Measured::External(External::Empty)) => "empty result".to_string(),
-                Some(Measured::External(External::Error { consecutive })) => {
+                Some(Measured::External(External::Empty, _)) => "empty result".to_string(),
+                Some(Measured::External(External::Error { consecutive }, _)) => {
                     format!("{consecutive} consecutive errors")
                 }
-                _ => fmt_num(value),
+                _ => fmt_num_beside(value, threshold),
             };
             let detail = if value.is_nan() {
                 format!(
@@ -497,12 +555,16 @@ fn build_fire(
             (p.bound.threshold(), th, v, detail)
         }
         TriggerKind::Probe(p) => {
-            let th = format!("{}%", fmt_num(p.above_fraction * 100.0));
+            let th_pct = p.above_fraction * 100.0;
+            let th = format!("{}%", fmt_exact(th_pct));
             let v = match m {
-                Some(Measured::External(External::Error { consecutive })) => {
+                Some(Measured::External(External::Error { consecutive }, _)) => {
                     format!("{consecutive} consecutive errors")
                 }
-                _ => format!("{}%", fmt_num(value * 100.0)),
+                _ => {
+                    let pct = value * 100.0;
+                    format!("{}%", fmt_num_beside(pct, th_pct))
+                }
             };
             let detail = if value.is_nan() {
                 format!(
@@ -562,6 +624,7 @@ impl TriggerState {
                 since,
                 value,
                 requests,
+                ..
             } => (Some(value), Some(since), requests),
             TriggerState::InsufficientData { requests } => (None, None, Some(requests)),
             TriggerState::Inconclusive { .. } => (None, None, None),
@@ -635,6 +698,41 @@ pub fn fmt_num(v: f64) -> String {
     } else {
         v.to_string()
     }
+}
+
+/// A threshold as it was written: every digit it has (`0.12345`, `1`, `+Inf`).
+pub fn fmt_exact(v: f64) -> String {
+    if v.is_finite() && v.fract() != 0.0 {
+        // The shortest text that reads back as this very number.
+        format!("{v}")
+    } else {
+        fmt_num(v)
+    }
+}
+
+/// `text`, a rounding of `value`, unless it reads as equal to `threshold` (or as past it on the
+/// other side) while `value` is not: then `value` with more decimals (from `decimals` up), the
+/// fewest that read on its side of the threshold, so a reason never says `1 > 1` or
+/// `0.050 > 0.05`.
+fn beside(value: f64, threshold: f64, text: String, decimals: usize) -> String {
+    let reads_right = |t: &str| {
+        t.parse::<f64>()
+            .is_ok_and(|r| r.partial_cmp(&threshold) == value.partial_cmp(&threshold))
+    };
+    if !value.is_finite() || !threshold.is_finite() || reads_right(&text) {
+        return text;
+    }
+    (decimals..=17)
+        .map(|d| format!("{value:.d$}"))
+        .find(|t| reads_right(t))
+        // The shortest text that reads back as this very number.
+        .unwrap_or_else(|| format!("{value}"))
+}
+
+/// A value compared with `threshold`, as [`fmt_num`] writes it, or with the decimals it takes
+/// to read on its side of the threshold ([`beside`]).
+pub fn fmt_num_beside(value: f64, threshold: f64) -> String {
+    beside(value, threshold, fmt_num(value), 4)
 }
 
 /// A ratio with 3 decimals: `0.312`.
@@ -1349,8 +1447,9 @@ mod tests {
         }
     }
 
+    /// A reading taken now.
     fn ext(r: External) -> Measured {
-        Measured::External(r)
+        Measured::External(r, Some(Instant::now()))
     }
 
     /// External readings obey the same `for`, arming and one-flip rules; missing data and
@@ -1371,15 +1470,24 @@ mod tests {
         let (d, st) = step(External::Pending);
         assert!(is_none(&d));
         assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
-        // Breach for 2 s, then an error: the breach is broken (inconclusive), no fire.
+        // Breach for 2 s, then an error at `for`: the breach stays pending, and the error
+        // does not fire it.
+        let t0 = Instant::now();
         step(External::Value(0.9));
         tokio::time::advance(s(2)).await;
         step(External::Value(0.9));
         tokio::time::advance(s(1)).await;
         let (d, st) = step(External::Error { consecutive: 1 });
         assert!(is_none(&d));
+        assert!(matches!(st, TriggerState::Breaching { since, .. } if since == t0));
+        // An empty result breaks it.
+        tokio::time::advance(s(1)).await;
+        let (_, st) = step(External::Empty);
+        assert_eq!(st, TriggerState::InsufficientData { requests: 0 });
+        // An error without a breach is inconclusive.
+        let (d, st) = step(External::Error { consecutive: 1 });
+        assert!(is_none(&d));
         assert_eq!(st, TriggerState::Inconclusive { blind: false });
-        // An empty result breaks it too.
         step(External::Value(0.9));
         tokio::time::advance(s(2)).await;
         let (_, st) = step(External::Empty);
@@ -1407,6 +1515,123 @@ mod tests {
             tokio::time::advance(s(1)).await;
             assert!(is_none(&step(External::Value(0.8)).0));
         }
+    }
+
+    /// A reading taken at `at`.
+    fn ext_at(r: External, at: Instant) -> Measured {
+        Measured::External(r, Some(at))
+    }
+
+    /// A `prometheus` or `probe` trigger's last reading is seen again at every evaluation until
+    /// the next one is taken: `for` counts from reading to reading, so one breaching reading
+    /// never fires a `for` shorter than the interval, however long it is seen; the next
+    /// breaching reading at or after `since + for` does.
+    #[test]
+    fn a_reading_seen_again_adds_no_time_to_for() {
+        let c = cfg(vec![prom(
+            Bound::Above(0.5),
+            5,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let mut w = ServiceWatch::new(&c);
+        let t0 = Instant::now();
+        let half = Duration::from_millis(500);
+        // Readings every 15 s; evaluations every 0.5 s.
+        let first = [ext_at(External::Value(0.9), t0)];
+        for i in 0..30 {
+            let d = w.evaluate(&c, &ev(t0 + half * i, &first));
+            assert!(is_none(&d), "fired on one reading, at {i}: {d:?}");
+        }
+        assert!(matches!(w.states()[0], TriggerState::Breaching { since, .. } if since == t0));
+        match w.evaluate(
+            &c,
+            &ev(t0 + s(15), &[ext_at(External::Value(0.8), t0 + s(15))]),
+        ) {
+            Decision::Rollback(f) => assert_eq!(f.value, 0.8),
+            d => panic!("{d:?}"),
+        }
+        // A second reading before `since + for` does not fire; one at it does.
+        let mut w = ServiceWatch::new(&c);
+        let at = |secs: u64| [ext_at(External::Value(0.9), t0 + s(secs))];
+        assert!(is_none(&w.evaluate(&c, &ev(t0, &at(0)))));
+        assert!(is_none(&w.evaluate(&c, &ev(t0 + s(4), &at(4)))));
+        assert!(is_none(&w.evaluate(&c, &ev(t0 + s(9), &at(4)))));
+        assert!(matches!(
+            w.evaluate(&c, &ev(t0 + s(9), &at(5))),
+            Decision::Rollback(_)
+        ));
+        // `for = 0` fires on the first breaching reading.
+        let c0 = cfg(vec![prom(
+            Bound::Above(0.5),
+            0,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let mut w = ServiceWatch::new(&c0);
+        assert!(matches!(
+            w.evaluate(&c0, &ev(t0 + s(1), &at(0))),
+            Decision::Rollback(_)
+        ));
+    }
+
+    /// An error below `max_errors` keeps a pending breach (as Prometheus keeps a pending alert
+    /// over a failed evaluation) and fires nothing itself: one query in four failing does not
+    /// stop a trigger that breaches on every value from firing, and never shows it blind.
+    #[test]
+    fn an_error_below_max_errors_keeps_a_pending_breach() {
+        let c = cfg(vec![prom(
+            Bound::Above(0.5),
+            3,
+            OnEmpty::InsufficientData,
+            OnError::Hold,
+        )]);
+        let t0 = Instant::now();
+        let mut w = ServiceWatch::new(&c);
+        let mut fired = None;
+        let mut errors = 0;
+        for i in 0..12u64 {
+            let r = if i % 4 == 3 {
+                errors += 1;
+                External::Error { consecutive: 1 }
+            } else {
+                External::Value(0.9)
+            };
+            let now = t0 + s(i);
+            let d = w.evaluate(&c, &ev(now, &[ext_at(r, now)]));
+            assert!(!matches!(w.states()[0], TriggerState::Inconclusive { .. }));
+            if let Decision::Rollback(f) = d {
+                fired = Some((i, f));
+                break;
+            }
+            assert!(
+                matches!(w.states()[0], TriggerState::Breaching { since, .. } if since == t0),
+                "at {i}: {:?}",
+                w.states()[0]
+            );
+        }
+        // Due at 3 s, an error: fired on the next value, at 4 s.
+        let (i, f) = fired.expect("never fired");
+        assert_eq!((i, errors), (4, 1));
+        assert_eq!(f.value, 0.9);
+        assert_eq!(f.detail, "prometheus 0.9 > 0.5 for 3s");
+        // At `max_errors` consecutive errors, `hold` goes blind and breaks the breach.
+        let mut w = ServiceWatch::new(&c);
+        w.evaluate(&c, &ev(t0, &[ext_at(External::Value(0.9), t0)]));
+        for n in 1..=2 {
+            let now = t0 + s(n.into());
+            let m = [ext_at(External::Error { consecutive: n }, now)];
+            assert!(is_none(&w.evaluate(&c, &ev(now, &m))));
+            assert!(matches!(w.states()[0], TriggerState::Breaching { .. }));
+        }
+        let m = [ext_at(External::Error { consecutive: 3 }, t0 + s(3))];
+        assert!(is_none(&w.evaluate(&c, &ev(t0 + s(3), &m))));
+        assert_eq!(w.states()[0], TriggerState::Inconclusive { blind: true });
+        let now = t0 + s(4);
+        assert!(is_none(
+            &w.evaluate(&c, &ev(now, &[ext_at(External::Value(0.9), now)]))
+        ));
+        assert!(matches!(w.states()[0], TriggerState::Breaching { since, .. } if since == now));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1594,6 +1819,78 @@ mod tests {
         assert_eq!(fmt_ratio(0.05), "0.050");
     }
 
+    /// A reason's value never reads as equal to its threshold (or past it the other way)
+    /// when it is not: it gets the decimals it needs; a value that reads right keeps its
+    /// short form.
+    #[test]
+    fn a_value_beside_its_threshold_shows_the_digits_that_tell_them_apart() {
+        let t0 = Instant::now();
+        let fire = |t: TriggerConfig, m: Measured| {
+            let c = cfg(vec![t]);
+            match ServiceWatch::new(&c).evaluate(&c, &ev(t0, &[m])) {
+                Decision::Rollback(f) => f,
+                d => panic!("{d:?}"),
+            }
+        };
+        let value = |r: f64| ext_at(External::Value(r), t0);
+        let f = fire(
+            prom(Bound::Above(1.0), 0, OnEmpty::Fail, OnError::Hold),
+            value(1.0004),
+        );
+        assert_eq!(f.detail, "prometheus 1.0004 > 1 for 0s");
+        assert_eq!(
+            (f.value_text.as_str(), f.threshold_text.as_str()),
+            ("1.0004", "1")
+        );
+        let f = fire(
+            prom(Bound::Below(0.5), 0, OnEmpty::Fail, OnError::Hold),
+            value(0.4999),
+        );
+        assert_eq!(f.detail, "prometheus 0.4999 < 0.5 for 0s");
+        // The threshold as written; a value rounded past it the wrong way gets more digits.
+        let f = fire(
+            prom(Bound::Above(0.12345), 0, OnEmpty::Fail, OnError::Hold),
+            value(0.12346),
+        );
+        assert_eq!(f.detail, "prometheus 0.1235 > 0.12345 for 0s");
+        let f = fire(
+            prom(Bound::Above(0.5), 0, OnEmpty::Fail, OnError::Hold),
+            value(1.0 / 3.0 + 0.5),
+        );
+        assert_eq!(f.value_text, "0.833");
+        // Tiny differences: as many digits as it takes.
+        let f = fire(
+            prom(Bound::Above(1.0), 0, OnEmpty::Fail, OnError::Hold),
+            value(1.0 + 1e-12),
+        );
+        assert!(
+            f.value_text.parse::<f64>().is_ok_and(|v| v > 1.0),
+            "{}",
+            f.value_text
+        );
+        let f = fire(error_rate(0.05, 60, 0), rate(219, 11));
+        assert_eq!(f.value_text, "0.0502");
+        assert!(
+            f.detail.starts_with("error_rate 0.0502 > 0.05 "),
+            "{}",
+            f.detail
+        );
+        let f = fire(error_rate(0.05, 60, 0), rate(100, 6));
+        assert_eq!(f.value_text, "0.060");
+        let f = fire(
+            p95(200, 60, 0),
+            Measured::Latency {
+                requests: 100,
+                p95: Some(Duration::from_micros(200_040)),
+            },
+        );
+        assert!(
+            f.detail.starts_with("p95_latency 200.04ms > 200ms "),
+            "{}",
+            f.detail
+        );
+    }
+
     #[test]
     fn to_json_shapes() {
         let t0 = Instant::now();
@@ -1601,6 +1898,7 @@ mod tests {
         let lat = p95(1000, 60, 120);
         let st = TriggerState::Breaching {
             since: t0 + s(5),
+            last: t0 + s(35),
             value: 1.2345,
             requests: Some(412),
         };

@@ -117,6 +117,16 @@ impl Snapshot {
         })
     }
 
+    /// Stores each service's generation in its live pool ([`Pool::set_live`]): called on a
+    /// snapshot just before it is published, so that a request routed by it counts in the
+    /// window of its color, and one routed by a snapshot of an earlier live period of that
+    /// color no longer does.
+    pub fn mark_live(&self) {
+        for s in &self.services {
+            s.live().set_live(s.state.generation);
+        }
+    }
+
     /// A copy with some services replaced by name.
     pub fn with_services(&self, changed: &HashMap<String, Arc<Service>>) -> Snapshot {
         Snapshot {
@@ -286,11 +296,64 @@ fn build_pool(
             _ => None,
         })
         .collect();
-    Pool::new(svc, color, upstreams, critical, metrics).with_passive(proxy.passive)
+    Pool::new(svc, color, upstreams, critical, metrics)
+        .with_passive(proxy.passive)
+        .succeeding(old.map(|p| &**p))
 }
 
 /// The health settings of a service, looked up by the health checker on each round so reloads
 /// take effect without restarting checks.
 pub fn health_of<'a>(snap: &'a Snapshot, service: &str) -> Option<&'a HealthConfig> {
     snap.service(service).and_then(|s| s.config.health.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A live request counts only while its color is live under the generation it was routed
+    /// under; the pool objects a reload replaces (which requests in flight still hold) agree
+    /// with their successors.
+    #[test]
+    fn live_generations_follow_flips_across_reloads() {
+        let text = "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:1\"] }\n\
+                    green = { upstreams = [\"127.0.0.1:2\"] }\n";
+        let cfg =
+            || Arc::new(crate::config::from_toml_str(text).unwrap_or_else(|e| panic!("{e:?}")));
+        let metrics = Metrics::new();
+        let first = build_snapshot(cfg(), &HashMap::new(), None, &metrics);
+        first.mark_live();
+        let (blue0, green0) = {
+            let s = &first.services[0];
+            (s.pool(Color::Blue).clone(), s.pool(Color::Green).clone())
+        };
+        // At start blue is live at generation 0; green never was.
+        assert!(blue0.live_at(0));
+        assert!(!green0.live_at(0));
+        let state = |active, generation| ServiceState {
+            generation,
+            ..ServiceState::initial(active)
+        };
+        // A reload: new pool objects, the same live generations.
+        let states = HashMap::from([("api".to_string(), state(Color::Blue, 0))]);
+        let reloaded = build_snapshot(cfg(), &states, Some(&first), &metrics);
+        reloaded.mark_live();
+        let green1 = reloaded.services[0].pool(Color::Green).clone();
+        assert!(!Arc::ptr_eq(&green0, &green1));
+        // Flipped to green (1), to blue (2), to green again (3).
+        let mut snap = reloaded;
+        for (active, generation) in [(Color::Green, 1), (Color::Blue, 2), (Color::Green, 3)] {
+            let svc = snap.services[0].with_state(state(active, generation), None);
+            let changed = HashMap::from([("api".to_string(), Arc::new(svc))]);
+            snap = snap.with_services(&changed);
+            snap.mark_live();
+            if generation == 1 {
+                assert!(green0.live_at(1) && green1.live_at(1));
+            }
+        }
+        // A request routed to green at generation 1 no longer counts, by either pool object.
+        assert!(!green0.live_at(1) && !green1.live_at(1));
+        assert!(green0.live_at(3) && green1.live_at(3));
+        assert!(blue0.live_at(2) && !blue0.live_at(3));
+    }
 }

@@ -1,7 +1,7 @@
 //! Upstreams and pools: balancing, per-upstream counters, and the pooled HTTP client.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -343,7 +343,18 @@ pub struct Pool {
     labels: [String; 2],
     /// `[proxy] eject_after` / `eject_for`.
     pub passive: PassiveConfig,
+    /// The service generation under which this color is live, or was last live ([`NOT_LIVE`]
+    /// before it first is in this process): stored before each snapshot is published
+    /// ([`crate::routing::Snapshot::mark_live`]). A live request counts in the window and the
+    /// critical-path counters only if it was routed under this generation, so a request begun
+    /// in an earlier live period of the color never counts in a later one. One cell for every
+    /// pool object of this service's color (a reload's new pool takes over its predecessor's),
+    /// as requests in flight across a reload hold the old one.
+    live_generation: Arc<AtomicU64>,
 }
+
+/// [`Pool::live_generation`] of a color not live yet: no request's generation.
+const NOT_LIVE: u64 = u64::MAX;
 
 impl Pool {
     pub fn new(
@@ -373,7 +384,30 @@ impl Pool {
             ),
             labels: [svc.name.clone(), color.as_str().to_string()],
             passive: PassiveConfig::default(),
+            live_generation: Arc::new(AtomicU64::new(NOT_LIVE)),
         }
+    }
+
+    /// The same pool sharing `old`'s live generation (the pool of the same service and color
+    /// it replaces).
+    pub fn succeeding(mut self, old: Option<&Pool>) -> Pool {
+        if let Some(old) = old {
+            self.live_generation = old.live_generation.clone();
+        }
+        self
+    }
+
+    /// This color is live under `generation` from now on (before the snapshot that says so is
+    /// published).
+    pub fn set_live(&self, generation: u64) {
+        self.live_generation.store(generation, Ordering::Release);
+    }
+
+    /// Whether a live request routed under `generation` counts in this color's window: the
+    /// color is still in the live period the request was routed in. One relaxed load.
+    #[inline]
+    pub fn live_at(&self, generation: u64) -> bool {
+        self.live_generation.load(Ordering::Relaxed) == generation
     }
 
     /// `switchyard_preview_request_duration_seconds{service,color}` and

@@ -91,10 +91,19 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
         if let Decision::Rollback(fire) | Decision::Blocked(fire) = &decision {
             if app.releases.owns(svc.name()) {
                 let fire = fire.clone();
+                let rolled_back = matches!(decision, Decision::Rollback(_));
                 decision = Decision::None;
                 match crate::release::triggered(app, svc.name(), &fire.detail, fire_json(&fire))
                     .await
                 {
+                    // As after a plain automatic rollback: the engine's `fired` state stays on
+                    // show for the generation the release's rollback published (the service
+                    // is latched, disarmed until a manual flip, which resets it).
+                    Ok(true) if rolled_back => {
+                        if let Some(now_served) = app.snapshot().service(svc.name()) {
+                            w.generation = now_served.state.generation;
+                        }
+                    }
                     Ok(true) => {}
                     Ok(false) => w.engine.reset(),
                     Err(e) => {
@@ -256,7 +265,7 @@ fn measure(svc: &Service, epoch: u64, live_since: Option<u64>) -> Vec<Measured> 
             },
             // Read from the trigger's own task by `Analysis::fill`.
             TriggerKind::Prometheus(_) | TriggerKind::Probe(_) => {
-                Measured::External(crate::rollback::External::Pending)
+                Measured::External(crate::rollback::External::Pending, None)
             }
         })
         .collect()

@@ -288,6 +288,15 @@ async fn a_trigger_in_phase_2_returns_both_services_in_one_step_and_ctl_wait_exi
     assert_eq!(returned.len(), 2, "{ev}");
     // The per-service engine did not roll back on its own as well.
     assert!(r.events("auto_rollback").await.is_empty());
+    // The trigger that fired shows so, as after a plain automatic rollback, and stays so.
+    let panel_trigger = || async { r.p.service_status("panel").await["triggers"][0].clone() };
+    assert!(
+        eventually(10, || async { panel_trigger().await["state"] == "fired" }).await,
+        "{}",
+        panel_trigger().await
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(panel_trigger().await["state"], "fired");
     assert_eq!(exit_code(wait).await, 1);
     let m = r.metrics().await;
     assert_eq!(

@@ -1130,3 +1130,54 @@ async fn nothing_fires_after_watch_for() {
     t.stop().await;
     r.p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_begun_in_an_earlier_live_period_does_not_count_in_the_next() {
+    // A request to green that times out (a failure on a critical path) after green went live
+    // again: it was routed in green's previous live period, and must not roll the new one back.
+    let head =
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nrequest_timeout = \"4s\"\n";
+    let critical =
+        "kind = \"critical_5xx\"\npaths = [\"/api/payments\"]\nabove = 0\nover = \"30s\"\nfor = \"0s\"";
+    let r = Rig::start(head, &rollback(1, false, &[critical])).await;
+    r.green.set_delay(60_000);
+    let hits = r.green.hits();
+    let proxy = r.p.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/api/payments").await });
+    assert!(
+        eventually(10, || async { r.green.hits() > hits }).await,
+        "the slow request never reached green"
+    );
+    r.green.set_delay(0);
+    for to in ["blue", "green"] {
+        let (s, v) = r.p.flip("api", to).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before green was live again: this run checked nothing"
+    );
+    for _ in 0..5 {
+        assert_eq!(r.p.get("/x").await, (200, "green\n".to_string()));
+    }
+    let (code, _) = tokio::time::timeout(Duration::from_secs(20), slow)
+        .await
+        .expect("the slow request ends by request_timeout")
+        .expect("join");
+    assert_eq!(code, 504);
+    tokio::time::sleep(QUIET).await;
+    let svc = r.svc().await;
+    assert_eq!(
+        svc["active"], "green",
+        "rolled back on a request of an earlier live period: {svc}"
+    );
+    assert!(r.events("auto_rollback").await.is_empty());
+    assert_eq!(svc["triggers"][0]["state"], "ok", "{svc}");
+    // A failure of this live period does count.
+    r.green.set_status(500);
+    assert_eq!(r.p.get("/api/payments").await.0, 500);
+    r.green.set_status(200);
+    r.wait_event("auto_rollback", 10).await;
+    assert_eq!(r.svc().await["active"], "blue");
+    r.p.stop().await;
+}

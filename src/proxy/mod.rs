@@ -217,7 +217,8 @@ impl Proxy {
             pool.count_unavailable(mode == Mode::Live);
             // A failure of the live color; preview traffic stays out of the windows.
             if mode == Mode::Live {
-                outcome::record_unavailable(pool, self.clock.now_epoch(), path);
+                let generation = svc.state.generation;
+                outcome::record_unavailable(pool, generation, self.clock.now_epoch(), path);
             }
             return Err(ProxyError::NoHealthyUpstream);
         };
@@ -525,6 +526,7 @@ async fn route_and_forward(
         start,
         clock: proxy.clock,
         live: conn.mode == Mode::Live,
+        generation: route.svc.state.generation,
     };
     finish(
         proxy,

@@ -35,6 +35,11 @@ pub struct Outcome {
     /// counters: smoke tests of the idle color must never feed a rollback trigger once that
     /// color goes live.
     pub live: bool,
+    /// The service generation the request was routed under: a live request counts in the
+    /// window and the critical-path counters only while its color is still live under it
+    /// ([`Pool::live_at`]); one begun in an earlier live period of the color never counts in a
+    /// later one.
+    pub generation: u64,
 }
 
 impl Outcome {
@@ -44,7 +49,9 @@ impl Outcome {
     pub fn record(&self, end: Instant, elapsed: Duration, code: u16, failure: Option<FailureKind>) {
         let Outcome { pool, up, .. } = self;
         let epoch = self.clock.epoch_at(end);
-        if self.live {
+        // In the window of the live period it was routed in, or in none.
+        let windowed = self.live && pool.live_at(self.generation);
+        if windowed {
             up.window.record(epoch, elapsed, failure.is_some());
         }
         up.count_status(code);
@@ -61,7 +68,7 @@ impl Outcome {
         }
         if let Some(kind) = failure {
             up.count_failure_of(kind, self.live);
-            if self.live {
+            if windowed {
                 let path = self.path.as_ref().map(|p| p.path()).unwrap_or("/");
                 count_critical(pool, epoch, path);
             }
@@ -76,10 +83,11 @@ impl Outcome {
 /// so), and no upstream was picked: the request goes into the window of one drawn at random,
 /// as balancing would have spread it, with no latency sample (its time is not an upstream's,
 /// and a run of near-zero samples would hide a slow pool's p95). An empty pool (a name that
-/// resolved to no address) has no window to count it in.
-pub fn record_unavailable(pool: &Pool, epoch: u64, path: &str) {
+/// resolved to no address) has no window to count it in. `generation`: the one it was routed
+/// under; a color live again under another since counts it in no window.
+pub fn record_unavailable(pool: &Pool, generation: u64, epoch: u64, path: &str) {
     let n = pool.upstreams.len();
-    if n == 0 {
+    if n == 0 || !pool.live_at(generation) {
         return;
     }
     if let Some(up) = pool.upstreams.get(fastrand::usize(..n)) {
