@@ -772,19 +772,7 @@ async fn result_shapes_nan_and_inf() {
     ] {
         assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
     }
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["ctl", "--admin", &format!("http://{}", p.admin), "status"])
-        .env_remove("SWITCHYARD_ADMIN_TOKEN")
-        .env_remove("SWITCHYARD_ADMIN_URL")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(20), out)
-        .await
-        .expect("ctl status finished")
-        .expect("run ctl status");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}");
+    let text = ctl_read(&p, &["status"]).await;
     let multi = text
         .split("\nmulti ")
         .nth(1)
@@ -1764,20 +1752,7 @@ max_errors = 1
     let rolled = eventually(20, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
     assert!(rolled, "no auto rollback: {:?}", p.events().await);
     for args in [&["status"][..], &["events"][..]] {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["ctl", "--admin", &format!("http://{}", p.admin)])
-            .args(args)
-            .env_remove("SWITCHYARD_ADMIN_TOKEN")
-            .env_remove("SWITCHYARD_ADMIN_URL")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(20), out)
-            .await
-            .expect("ctl finished")
-            .expect("run ctl");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{args:?}: {text}");
+        let text = ctl_read(&p, args).await;
         assert!(
             text.contains("pwned"),
             "{args:?}: the text is shown: {text}"
@@ -1792,6 +1767,26 @@ max_errors = 1
         );
     }
     p.stop().await;
+}
+
+/// `switchyard ctl ARGS` (a read: no token) against `p`'s admin listener: its stdout, after
+/// asserting it succeeded.
+async fn ctl_read(p: &TestProxy, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &format!("http://{}", p.admin)])
+        .args(args)
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .env_remove("SWITCHYARD_ADMIN_URL")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("ctl finished")
+        .expect("run ctl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "ctl {args:?}: {text}");
+    text
 }
 
 /// A Prometheus on raw sockets answering `app_err{color="blue|green"}`: blue always 0.1, green
