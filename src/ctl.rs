@@ -205,7 +205,7 @@ pub async fn run(ctl: Ctl) -> i32 {
             return failed_exit(&value);
         }
         let code = change_failed_exit(status, &value, admin_json);
-        if code == EXIT_UNKNOWN && !admin_json {
+        if crate::ctl_client::needs_unknown_hint(code, &value) {
             errln!("that answer is not the admin API's (a gateway or proxy in front of it?): the change may or may not have been made");
             errln!("outcome not known: check `switchyard ctl status`");
         }

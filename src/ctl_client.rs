@@ -61,8 +61,12 @@ pub fn failed_exit(value: &Value) -> i32 {
 /// that is not the admin API's own JSON refusal (`{"error": ...}`), such as the HTML page of a
 /// gateway in front of it that gave up waiting (502, 503, 504), says nothing of the change: its
 /// outcome is not known ([`EXIT_UNKNOWN`]), never a refusal. `admin_json`: the body was JSON.
+/// A 502 or 504 is never the admin API's own answer (it sends neither): a gateway's, whatever
+/// its body, even JSON with an `error` of its own.
 pub fn change_failed_exit(status: u16, value: &Value, admin_json: bool) -> i32 {
-    let refusal = admin_json && value.get("error").is_some_and(Value::is_string);
+    let refusal = admin_json
+        && value.get("error").is_some_and(Value::is_string)
+        && !matches!(status, 502 | 504);
     if status >= 500 && !refusal {
         EXIT_UNKNOWN
     } else {
@@ -72,6 +76,12 @@ pub fn change_failed_exit(status: u16, value: &Value, admin_json: bool) -> i32 {
 
 /// A body that is not JSON, said in one short line: an HTML page's `<title>` (a gateway's error
 /// page), else its first non-empty line, cut at 200 characters.
+/// Whether a failed change's answer needs the "outcome not known" hint: exit 3 from an answer
+/// that is not the admin API's own `"outcome": "unknown"` (which says so itself).
+pub fn needs_unknown_hint(code: i32, value: &Value) -> bool {
+    code == EXIT_UNKNOWN && value.get("outcome").and_then(Value::as_str) != Some("unknown")
+}
+
 fn short_text(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let lower = text.to_ascii_lowercase();

@@ -303,7 +303,7 @@ async fn post(
             errln!("  {}", e.as_str().unwrap_or_default());
         }
         let code = change_failed_exit(status, &v, admin_json);
-        if code == EXIT_UNKNOWN && !admin_json {
+        if crate::ctl_client::needs_unknown_hint(code, &v) {
             errln!("that answer is not the admin API's (a gateway or proxy in front of it?): the change may or may not have been made");
             errln!("outcome not known: check `switchyard ctl release status`");
         }

@@ -610,14 +610,9 @@ impl TriggerState {
     /// The state for `/api/status`: `kind`, `state`, `threshold` (a ratio, milliseconds for
     /// p95, a count; null for unhealthy), `value` (same units; healthy upstreams for unhealthy;
     /// null when unknown), `since` (breach start or fire time, through `to_wall`; else null),
-    /// `held_secs` (`now - since` while breaching, else null), `over_secs`, `for_secs`,
+    /// `held_secs` (from `since` to the latest breaching reading, else null), `over_secs`, `for_secs`,
     /// `requests` (null when unknown or for unhealthy).
-    pub fn to_json(
-        self,
-        trigger: &TriggerConfig,
-        now: Instant,
-        to_wall: impl Fn(Instant) -> String,
-    ) -> Value {
+    pub fn to_json(self, trigger: &TriggerConfig, to_wall: impl Fn(Instant) -> String) -> Value {
         let (value, since, requests) = match self {
             TriggerState::Ok { value, requests } => (value, None, requests),
             TriggerState::Breaching {
@@ -634,9 +629,11 @@ impl TriggerState {
                 requests,
             } => (Some(value), Some(at), requests),
         };
+        // As long as the readings show it held (the latest one's time, not now: between a
+        // `prometheus` or `probe` trigger's readings, and over errors, no more of `for` passes).
         let held = match self {
-            TriggerState::Breaching { since, .. } => {
-                secs_json(now.saturating_duration_since(since))
+            TriggerState::Breaching { since, last, .. } => {
+                secs_json(last.saturating_duration_since(since))
             }
             _ => Value::Null,
         };
@@ -669,9 +666,7 @@ impl TriggerState {
 /// `insufficient_data`, with no value and no
 /// request count, as no reading of the new live color has been taken.
 pub fn unevaluated_json(trigger: &TriggerConfig) -> Value {
-    let mut v =
-        TriggerState::InsufficientData { requests: 0 }
-            .to_json(trigger, Instant::now(), |_| String::new());
+    let mut v = TriggerState::InsufficientData { requests: 0 }.to_json(trigger, |_| String::new());
     if let Some(obj) = v.as_object_mut() {
         obj.insert("requests".into(), Value::Null);
     }
@@ -1738,11 +1733,8 @@ mod tests {
             d => panic!("{d:?}"),
         }
         assert_eq!(
-            TriggerState::Inconclusive { blind: true }.to_json(
-                &c.triggers[0],
-                t0,
-                |_| String::new()
-            )["state"],
+            TriggerState::Inconclusive { blind: true }.to_json(&c.triggers[0], |_| String::new())
+                ["state"],
             json!("inconclusive")
         );
     }
@@ -1903,19 +1895,27 @@ mod tests {
             requests: Some(412),
         };
         assert_eq!(
-            st.to_json(&lat, t0 + s(35), wall),
+            st.to_json(&lat, wall),
             json!({"kind": "p95_latency", "state": "breaching", "threshold": 1000,
                    "value": 1234.5, "since": "+5s", "held_secs": 30, "over_secs": 60,
                    "for_secs": 120, "requests": 412})
         );
+        // A reading's trigger: held as long as its readings show, not up to now.
+        let st = TriggerState::Breaching {
+            since: t0 + s(5),
+            last: t0 + s(20),
+            value: 1.2345,
+            requests: Some(412),
+        };
+        assert_eq!(st.to_json(&lat, wall)["held_secs"], json!(15));
         let er = error_rate(0.05, 60, 0);
         assert_eq!(
-            TriggerState::InsufficientData { requests: 3 }.to_json(&er, t0, wall),
+            TriggerState::InsufficientData { requests: 3 }.to_json(&er, wall),
             json!({"kind": "error_rate", "state": "insufficient_data", "threshold": 0.05,
                    "value": null, "since": null, "held_secs": null, "over_secs": 60,
                    "for_secs": 0, "requests": 3})
         );
-        assert_eq!(FRESH.to_json(&er, t0, wall)["state"], json!("ok"));
+        assert_eq!(FRESH.to_json(&er, wall)["state"], json!("ok"));
         let un = unhealthy(10);
         assert_eq!(
             TriggerState::Fired {
@@ -1923,7 +1923,7 @@ mod tests {
                 value: 0.0,
                 requests: None
             }
-            .to_json(&un, t0 + s(9), wall),
+            .to_json(&un, wall),
             json!({"kind": "unhealthy", "state": "fired", "threshold": null, "value": 0,
                    "since": "+7s", "held_secs": null, "over_secs": 0, "for_secs": 10,
                    "requests": null})
@@ -1933,7 +1933,7 @@ mod tests {
             value: Some(1.0),
             requests: Some(50),
         }
-        .to_json(&cr, t0, wall);
+        .to_json(&cr, wall);
         assert_eq!(v["threshold"], json!(2));
         assert_eq!(v["value"], json!(1));
     }

@@ -117,13 +117,14 @@ impl Snapshot {
         })
     }
 
-    /// Stores each service's generation in its live pool ([`Pool::set_live`]): called on a
-    /// snapshot just before it is published, so that a request routed by it counts in the
-    /// window of its color, and one routed by a snapshot of an earlier live period of that
-    /// color no longer does.
+    /// Stores each service's generation in its live pool ([`Pool::set_live`]) and marks its
+    /// other pool idle: called on a snapshot just before it is published, so that a request
+    /// routed by it counts in the window of its color, and one routed in an earlier live period
+    /// of a color no longer counts anywhere.
     pub fn mark_live(&self) {
         for s in &self.services {
             s.live().set_live(s.state.generation);
+            s.pool(s.state.active.other()).set_idle();
         }
     }
 
@@ -349,11 +350,17 @@ mod tests {
             snap.mark_live();
             if generation == 1 {
                 assert!(green0.live_at(1) && green1.live_at(1));
+                assert!(!blue0.live_at(0), "an idle color counts no request");
+            }
+            if generation == 2 {
+                // Green idle: a request of its live period ending now (in the second of a
+                // flip back, say) counts nowhere.
+                assert!(!green0.live_at(1) && !green1.live_at(1));
             }
         }
         // A request routed to green at generation 1 no longer counts, by either pool object.
         assert!(!green0.live_at(1) && !green1.live_at(1));
         assert!(green0.live_at(3) && green1.live_at(3));
-        assert!(blue0.live_at(2) && !blue0.live_at(3));
+        assert!(!blue0.live_at(2) && !blue0.live_at(3));
     }
 }

@@ -575,19 +575,7 @@ fn accept_thread(
 
 /// A `per_worker` socket beside `proxy.listen`, bound off the runtime (its thread adopts it).
 fn bind_std_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
-        .context("proxy.listen: cannot create a socket")?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
-    socket
-        .listen(4096)
-        .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
-    Ok(socket.into())
+    bind_socket(addr, "proxy.listen", true)
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
@@ -595,21 +583,36 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
 }
 
 async fn bind_with(addr: SocketAddr, key: &str, reuseport: bool) -> anyhow::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    TcpListener::from_std(bind_socket(addr, key, reuseport)?)
+        .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// A listening socket, non-blocking. An IPv6 one is dual-stack whatever the host's
+/// `net.ipv6.bindv6only` says (`IPV6_V6ONLY` off): `[::]:P` takes IPv4 too, as `check` assumes
+/// when it refuses `[::]:P` beside an IPv4 listener on the same port.
+fn bind_socket(
+    addr: SocketAddr,
+    key: &str,
+    reuseport: bool,
+) -> anyhow::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .with_context(|| format!("{key}: cannot create a socket"))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
     }
-    .with_context(|| format!("{key}: cannot create a socket"))?;
-    socket.set_reuseaddr(true)?;
+    socket.set_reuse_address(true)?;
     if reuseport {
-        socket.set_reuseport(true)?;
+        socket.set_reuse_port(true)?;
     }
+    socket.set_nonblocking(true)?;
     socket
-        .bind(addr)
+        .bind(&addr.into())
         .with_context(|| format!("{key}: cannot listen on {addr}"))?;
     socket
         .listen(4096)
-        .with_context(|| format!("{key}: cannot listen on {addr}"))
+        .with_context(|| format!("{key}: cannot listen on {addr}"))?;
+    Ok(socket.into())
 }
 
 /// h2 (prior knowledge on plain listeners, ALPN on TLS) is served by `http::h2_server`; the

@@ -403,6 +403,13 @@ impl Pool {
         self.live_generation.store(generation, Ordering::Release);
     }
 
+    /// This color is idle from now on: no request routed while it was live counts in its
+    /// window any more (one that ends in the second its color goes live again would land in
+    /// that live period's window, which includes the flip's whole second).
+    pub fn set_idle(&self) {
+        self.live_generation.store(NOT_LIVE, Ordering::Release);
+    }
+
     /// Whether a live request routed under `generation` counts in this color's window: the
     /// color is still in the live period the request was routed in. One relaxed load.
     #[inline]

@@ -99,9 +99,16 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                     // As after a plain automatic rollback: the engine's `fired` state stays on
                     // show for the generation the release's rollback published (the service
                     // is latched, disarmed until a manual flip, which resets it).
+                    // Only the generation of that one flip (`gen + 1`): a change that landed
+                    // while the release's rollback was being stored (a manual flip, another
+                    // replica's) is a new live period, and the engine starts afresh for it.
                     Ok(true) if rolled_back => {
-                        if let Some(now_served) = app.snapshot().service(svc.name()) {
-                            w.generation = now_served.state.generation;
+                        let now_gen = app
+                            .snapshot()
+                            .service(svc.name())
+                            .map(|s| s.state.generation);
+                        if now_gen == Some(gen + 1) {
+                            w.generation = gen + 1;
                         }
                     }
                     Ok(true) => {}
@@ -178,7 +185,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
             .zip(&cfg.triggers)
             .enumerate()
             .map(|(i, (s, t))| {
-                let mut v = s.to_json(t, now, crate::stats::wall);
+                let mut v = s.to_json(t, crate::stats::wall);
                 app.analysis.status_fields(svc, i, t, &mut v);
                 v
             })

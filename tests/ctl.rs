@@ -921,4 +921,16 @@ async fn a_gateways_5xx_page_to_a_change_is_an_unknown_outcome_not_a_refusal() {
     assert!(o.stderr.contains("cannot write the state file"), "{o}");
     assert!(!o.stderr.contains("outcome not known"), "{o}");
     task.abort();
+    // A gateway's 502/504 with a JSON body of its own (API gateways answer so), with an
+    // `error` field or without: the admin API never sends either, so the outcome is not known.
+    for body in [
+        "{\"message\":\"Endpoint request timed out\"}",
+        "{\"error\":\"upstream request timeout\"}",
+    ] {
+        let (addr, task) = answering("504 Gateway Timeout", "application/json", body).await;
+        let o = ctl(addr, Some(TOKEN), &["flip", "api", "green"]).await;
+        assert_eq!(o.code, 3, "{body}: {o}");
+        assert!(o.stderr.contains("outcome not known"), "{body}: {o}");
+        task.abort();
+    }
 }

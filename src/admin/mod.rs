@@ -478,9 +478,9 @@ async fn handle(
             let started =
                 tokio::spawn(async move { crate::release::start(&app, &plan, &actor).await }).await;
             match started {
-                Err(_) => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the release start failed",
+                // The task panicked: the release may have been stored first (see `to_end`).
+                Err(_) => unknown_outcome(
+                    "the release start failed before it answered; whether the release was stored is not known: check GET /api/releases",
                 ),
                 Ok(Ok(r)) => json_response(StatusCode::OK, &json!({ "release": r })),
                 Ok(Err(crate::release::StartError::Conflict(m))) => error(StatusCode::CONFLICT, &m),
@@ -540,7 +540,10 @@ fn reloaded(r: Result<crate::app::ReloadOutcome, Option<ReloadError>>) -> AdminR
             StatusCode::OK,
             &serde_json::to_value(&outcome).unwrap_or_default(),
         ),
-        Err(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
+        // The task panicked: the new routes may have been published first (see `to_end`).
+        Err(None) => unknown_outcome(
+            "the reload failed before it answered; whether the new config was applied is not known: check GET /api/status",
+        ),
         Err(Some(ReloadError::Invalid(errs))) => json_response(
             StatusCode::BAD_REQUEST,
             &json!({
