@@ -73,6 +73,13 @@ async fn events_of(p: &TestProxy, reason: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The events of `reason` once at least one is listed (at most 10 s): an event goes to etcd
+/// in its own task after the change it records, so a replica can show the change first.
+async fn events_once_stored(p: &TestProxy, reason: &str) -> Vec<Value> {
+    eventually(10, || async { !events_of(p, reason).await.is_empty() }).await;
+    events_of(p, reason).await
+}
+
 /// Requests on `path` until cancelled.
 fn traffic(addr: std::net::SocketAddr, path: &'static str) -> CancellationToken {
     let stop = CancellationToken::new();
@@ -167,7 +174,7 @@ async fn two_replicas_share_one_release_and_a_trigger_on_the_other_rolls_back_bo
     // One event, in the history both replicas read, names the trigger and b's service; both
     // services went back in that one step; no service rolled back on its own.
     for p in [&a, &b] {
-        let evs = events_of(p, "release_rollback").await;
+        let evs = events_once_stored(p, "release_rollback").await;
         assert_eq!(evs.len(), 1, "{evs:#?}");
         let ev = &evs[0];
         assert_eq!(ev["service"], "panel", "{ev}");
@@ -247,7 +254,7 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
         assert_eq!(n, 1, "{phase} flipped once: {phase_events:#?}");
     }
     assert_eq!(
-        events_of(&b, "release_complete").await.len(),
+        events_once_stored(&b, "release_complete").await.len(),
         1,
         "{:#?} {}",
         b.events()
@@ -360,7 +367,7 @@ async fn an_abort_etcd_does_not_answer_is_not_refused_and_never_leaves_a_half_re
         .await;
         assert!(back, "both services back on blue: {}", p.status().await);
     }
-    assert_eq!(events_of(&b, "release_abort").await.len(), 1);
+    assert_eq!(events_once_stored(&b, "release_abort").await.len(), 1);
     a.stop().await;
     b.stop().await;
 }
@@ -398,7 +405,7 @@ async fn an_etcd_outage_is_not_taken_for_a_stopped_driver() {
         .filter(|e| e["detail"].as_str().unwrap_or("").contains("taken over"))
         .collect();
     assert!(took.is_empty(), "taken over after an outage: {took:#?}");
-    assert_eq!(events_of(&b, "release_complete").await.len(), 1);
+    assert_eq!(events_once_stored(&b, "release_complete").await.len(), 1);
     a.stop().await;
     b.stop().await;
 }
@@ -521,7 +528,7 @@ async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
         .await;
         assert!(green, "{}", p.status().await);
     }
-    assert_eq!(events_of(&a, "release_promote").await.len(), 1);
+    assert_eq!(events_once_stored(&a, "release_promote").await.len(), 1);
     // A second promote has nothing to pass.
     let (s, _) = admin_post(
         b.admin,
@@ -1245,7 +1252,7 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
             "{part}: {a_details:#?}"
         );
     }
-    assert_eq!(events_of(&a, "release_complete").await.len(), 1);
+    assert_eq!(events_once_stored(&a, "release_complete").await.len(), 1);
     a.stop().await;
     b.stop().await;
 }

@@ -844,14 +844,14 @@ async fn drive(
                     store::end(&app, &etcd, &id, "complete", WHY).await,
                     Ok(store::Ended::Won(_))
                 );
-                // The key's poll can read the stored end before its answer comes back and move
-                // the local copy to `recent` first: the end is this replica's all the same.
-                // (`end` cancels the release's token: read it first.)
-                let ours = won && !cancel.is_cancelled();
+                // The key's poll (or `end` itself, when another write followed ours) can apply
+                // the stored end before its answer comes back, moving the local copy to
+                // `recent` and cancelling the release's token: the end is this replica's all
+                // the same, so the token says nothing here.
                 if won {
                     rel.end(&id, "complete", WHY.to_string());
                 }
-                ours
+                won
             }
             Some(_) => false,
             None => !cancel.is_cancelled() && rel.end(&id, "complete", WHY.to_string()),
