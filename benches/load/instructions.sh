@@ -15,7 +15,13 @@
 # writer thread's instructions are counted too). REQUEST_ID=0 (default): like for like, no proxy
 # adds an `X-Request-Id` (Switchyard's `[log] request_id = false`); REQUEST_ID=1: each one does
 # (Switchyard's default; nginx `$request_id`, HAProxy `unique-id`), both ways.
-# Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client). Installs nothing.
+# COUNTER=syscalls: no callgrind; each proxy runs natively and the same load is measured by the
+# kernel instead: system calls, context switches and CPU migrations per request (`perf stat`),
+# user and system CPU time per request (/proc), then which system calls, per request (`strace -c
+# -f`, a second load of N requests: strace slows the proxy, the counts stay exact). For a gap
+# in system time that instruction counts cannot see.
+# Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client); COUNTER=syscalls needs
+# perf (Debian: linux-perf) and strace instead of valgrind. Installs nothing.
 set -euo pipefail
 N=${N:-20000}
 C=${C:-16}
@@ -35,10 +41,19 @@ close) LOAD=() ;;
     ;;
 esac
 KEEP_TMP=${KEEP_TMP:-0}
+COUNTER=${COUNTER:-callgrind}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SY_BIN=${SWITCHYARD_BIN:-$REPO_ROOT/target/release/switchyard}
 
-for pair in valgrind:valgrind nginx:nginx h2load:nghttp2-client; do
+case $COUNTER in
+callgrind) NEEDS=(valgrind:valgrind) ;;
+syscalls) NEEDS=(perf:linux-perf strace:strace) ;;
+*)
+    echo "COUNTER is callgrind or syscalls, not $COUNTER" >&2
+    exit 1
+    ;;
+esac
+for pair in "${NEEDS[@]}" nginx:nginx h2load:nghttp2-client; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || {
         echo "missing: ${pair%%:*} (Debian package: ${pair#*:})" >&2
         exit 1
@@ -92,10 +107,71 @@ nginx -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" &
 PIDS+=($!)
 wait_port "$P_UP"
 
+# CPU ticks (user, system) of process PID and its threads so far.
+ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+
+# Runs "$@" natively on PORT, loads it twice with N requests (once under `perf stat`, once under
+# `strace -c -f`), prints the kernel's side of one request.
+count_syscalls() { # name port cmd...
+    local name=$1 port=$2
+    shift 2
+    "$@" >"$TMP/$name.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port "$port"
+    load() { # out-file
+        h2load "${LOAD[@]}" -n "$N" -c "$C" "http://127.0.0.1:$port/" >"$1" 2>&1
+        grep -q "$N succeeded" "$1" || {
+            echo "$name: not every request succeeded:" >&2
+            grep -E 'succeeded|failed' "$1" >&2
+        }
+    }
+    h2load "${LOAD[@]}" -n 2000 -c "$C" "http://127.0.0.1:$port/" >/dev/null # warm
+    local hz before after
+    hz=$(getconf CLK_TCK)
+    before=$(ticks "$pid")
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches,cpu-migrations -p "$pid" \
+        -o "$TMP/$name.perf" &
+    local perf=$!
+    sleep 0.5 # attached before the load starts
+    load "$TMP/$name.h2load"
+    kill -INT "$perf"
+    wait "$perf" 2>/dev/null || true
+    after=$(ticks "$pid")
+    strace -c -f -o "$TMP/$name.strace" -p "$pid" 2>/dev/null &
+    local st=$!
+    sleep 0.5
+    load "$TMP/$name.strace-h2load"
+    kill -INT "$st"
+    wait "$st" 2>/dev/null || true
+    kill -TERM "$pid"
+    wait "$pid" 2>/dev/null || true
+    awk -F, -v n="$N" -v name="$name" -v hz="$hz" -v b="$before" -v a="$after" -v proto="$PROTO" '
+        $3 == "raw_syscalls:sys_enter" { sc = $1 }
+        $3 == "context-switches" { cs = $1 }
+        $3 == "cpu-migrations" { mig = $1 }
+        END {
+            split(b, x, " "); split(a, y, " ")
+            printf "%-12s %6.2f syscalls  %5.3f context switches  %5.3f migrations  %5.1f us user  %5.1f us system  per request (%d requests, %s)\n", \
+                name, sc / n, cs / n, mig / n, (y[1] - x[1]) / hz * 1e6 / n, (y[2] - x[2]) / hz * 1e6 / n, n, proto
+        }' "$TMP/$name.perf"
+    # strace -c: "% time, seconds, usecs/call, calls, errors, syscall"; errors may be empty.
+    awk -v n="$N" '
+        /^ *[0-9.]+ +[0-9.]+ +[0-9]+ +[0-9]+/ && $NF != "total" {
+            line = sprintf("%s %.3f", $NF, $4 / n)
+            if (NF == 6) line = line sprintf(" (%.3f failing)", $5 / n)
+            print line
+        }' "$TMP/$name.strace" | sort -k2 -rn | head -8 | sed 's/^/             /'
+}
+
 # Runs "$@" under callgrind on PORT, loads it, prints total instructions / N.
 count() { # name port cmd...
     local name=$1 port=$2
     shift 2
+    if [[ $COUNTER == syscalls ]]; then
+        count_syscalls "$name" "$port" "$@"
+        return
+    fi
     valgrind --tool=callgrind --callgrind-out-file="$TMP/$name.out" "$@" >"$TMP/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")

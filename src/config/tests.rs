@@ -1048,3 +1048,22 @@ fn a_zero_notify_timeout_is_refused() {
     );
     assert!(errors(&conf("1ms")).is_empty());
 }
+
+/// `upstream_max_idle` sizes a ring allocated whole for every upstream: a value whose rings
+/// would take gigabytes (1,000,000 was accepted: ~130 MB per upstream at rest) is refused at
+/// its key; the largest accepted one takes ~8.5 MB per upstream.
+#[test]
+fn an_idle_pool_too_large_to_allocate_per_upstream_is_refused() {
+    let with = |n: &str| GOOD.replace("[proxy]\n", &format!("[proxy]\nupstream_max_idle = {n}\n"));
+    let errs: Vec<String> = match from_toml_str_with_env(&with("1000000"), env()) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    };
+    assert!(
+        errs.join("\n")
+            .contains("proxy.upstream_max_idle: 1000000 is out of range"),
+        "{errs:?}"
+    );
+    let c = from_toml_str_with_env(&with("65536"), env()).expect("65536 is accepted");
+    assert_eq!(c.proxy.upstream_max_idle, 65536);
+}

@@ -27,7 +27,7 @@ pub struct ServiceState {
     pub active: Color,
     #[serde(default)]
     pub previous: Option<Color>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "generation")]
     pub generation: u64,
     /// RFC 3339 time of the last change of the live color.
     #[serde(default)]
@@ -38,6 +38,22 @@ pub struct ServiceState {
     /// The color an automatic rollback left; auto-rollback stays disarmed until a manual flip.
     #[serde(default)]
     pub failed: Option<Color>,
+}
+
+/// The largest generation a state may hold: 2^53 - 1, the largest integer every JSON reader
+/// (the dashboard's JavaScript, a float gauge) holds exactly. A flip adds one, so a state
+/// read back can never wrap to 0 (generation 0 means "never changed"); a file or etcd key
+/// holding more is refused as unreadable, not served.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
+fn generation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = u64::deserialize(d)?;
+    if n > MAX_GENERATION {
+        return Err(serde::de::Error::custom(format!(
+            "generation {n} is past {MAX_GENERATION}, the largest a state may hold"
+        )));
+    }
+    Ok(n)
 }
 
 impl ServiceState {
@@ -205,5 +221,29 @@ mod tests {
         let err = move_aside(&path).expect_err("a directory");
         assert!(err.to_string().contains("is a directory"), "{err}");
         assert!(path.is_dir());
+    }
+
+    /// A generation a flip could wrap to 0 (u64::MAX in a hand-edited file answered the next
+    /// flip with generation 0) is refused when read, saying which; the largest exact JSON
+    /// integer is read as it is.
+    #[tokio::test]
+    async fn a_generation_past_the_largest_exact_json_integer_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        let store = StateStore::file(&path);
+        let file = |g: u64| {
+            format!("{{\"version\": 1, \"services\": {{\"api\": {{\"active\": \"green\", \"generation\": {g}}}}}}}")
+        };
+        for g in [u64::MAX, MAX_GENERATION + 1] {
+            std::fs::write(&path, file(g)).expect("write");
+            let err = store.load().await.expect_err("refused");
+            assert!(
+                err.to_string().contains(&format!("generation {g} is past")),
+                "{err}"
+            );
+        }
+        std::fs::write(&path, file(MAX_GENERATION)).expect("write");
+        let read = store.load().await.expect("the largest is read");
+        assert_eq!(read["api"].generation, MAX_GENERATION);
     }
 }

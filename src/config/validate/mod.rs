@@ -222,7 +222,7 @@ fn proxy_limits(c: &mut Check, p: &RawProxy) -> [u64; 6] {
             1024,
             16 << 20,
         ),
-        ("upstream_max_idle", p.upstream_max_idle, 256, 0, 1_000_000),
+        ("upstream_max_idle", p.upstream_max_idle, 256, 0, 65_536),
         (
             "h2_max_concurrent_streams",
             p.h2_max_concurrent_streams,
