@@ -1841,6 +1841,13 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
         None,
         "startup did not wait on the lookup"
     );
+    // Sent before the binary installs its handler, SIGHUP's default action would kill it: on a
+    // loaded machine 700 ms may not be enough to get there.
+    assert!(
+        catches_sighup(pid, 20).await,
+        "switchyard never caught SIGHUP: {:?}",
+        child.try_wait()
+    );
     let sent = std::process::Command::new("kill")
         .arg("-HUP")
         .arg(pid.to_string())

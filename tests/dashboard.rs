@@ -412,6 +412,8 @@ async fn dashboard_flow() {
     let st = p.service_status("api").await;
     assert_eq!(st["active"], "green", "{st}");
     assert_eq!(st["generation"], 1, "{st}");
+    // The page polls the status: it can show the flip a moment before its event is listed.
+    eventually(10, || async { !p.events().await.is_empty() }).await;
     let evs = p.events().await;
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0]["reason"], "manual");

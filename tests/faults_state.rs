@@ -325,7 +325,8 @@ async fn an_unknown_outcome_replaced_and_compacted_before_the_resync_is_still_re
 async fn unknown_outcome_replaced_before_the_resync(compact: bool) {
     let (_dir, etcd, relay, _upstreams, a, b) = over_relay(
         "/unk/",
-        "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"",
+        // The write and its read-back (4 timeouts) must end well before the 60 s delay.
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"",
     )
     .await;
     assert_eq!(a.flip("api", "green").await.0, 200);
@@ -400,7 +401,8 @@ async fn a_late_answered_release_write_overwritten_since_is_applied() {
         let cfg = switchyard::config::from_toml_str_with_env(
             &format!(
                 "{}\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
-                etcd_body(&endpoint, "/rel/", "etcd_timeout = \"1s\"", "")
+                // Below the 2.5 s delay with a margin (the late answer must not come in time).
+                etcd_body(&endpoint, "/rel/", "etcd_timeout = \"1500ms\"", "")
             ),
             Some(Default::default()),
         )
@@ -490,7 +492,8 @@ async fn a_release_write_committed_through_a_slow_endpoint_is_applied() {
     let cfg = switchyard::config::from_toml_str_with_env(
         &format!(
             "{}\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3011\"] }}\n",
-            etcd_body(&endpoints, "/two/", "etcd_timeout = \"1s\"", "")
+            // Below the 3 s delay with a margin: the first endpoint's answer must come too late.
+            etcd_body(&endpoints, "/two/", "etcd_timeout = \"2s\"", "")
         ),
         Some(Default::default()),
     )
@@ -525,7 +528,8 @@ async fn a_flip_committed_through_a_slow_endpoint_is_applied_with_its_event() {
     let green = TestUpstream::start("green").await;
     let svc = service("api", &[blue.addr], &[green.addr], "");
     let endpoints = format!("{}\", \"{}", relay.endpoint(), etcd.endpoint());
-    let state = "etcd_timeout = \"1s\"\netcd_progress_interval = \"10s\"";
+    // Below the 3 s delay with a margin: the first endpoint's answer must come too late.
+    let state = "etcd_timeout = \"2s\"\netcd_progress_interval = \"10s\"";
     let a = TestProxy::start(&etcd_body(&endpoints, "/two-flip/", state, &svc)).await;
     assert_eq!(a.flip("api", "green").await.0, 200);
     assert!(converged(&[&a], "green", 1, 10).await);
@@ -781,7 +785,7 @@ async fn a_flip_that_lost_to_a_rollback_to_its_color_says_so() {
 async fn a_stale_replica_never_answers_nothing_to_do_for_a_fleet_elsewhere() {
     let (_dir, _etcd, relay, _upstreams, a, b) = over_relay(
         "/noop/",
-        "etcd_timeout = \"1s\"\netcd_progress_interval = \"20s\"",
+        "etcd_timeout = \"2s\"\netcd_progress_interval = \"20s\"",
     )
     .await;
     assert!(converged(&[&a, &b], "blue", 0, 10).await);

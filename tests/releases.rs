@@ -967,7 +967,9 @@ async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() 
     assert!(ended, "{all}");
     assert_eq!(all["recent"][0]["state"], "rolled_back", "{all}");
     // b shares the release through etcd: its trigger rolls the whole release back, in one
-    // step with one event (no automatic rollback of api on its own).
+    // step with one event (no automatic rollback of api on its own). The event reaches etcd
+    // in its own task after the end it records: a can show the end first.
+    events_once_listed(&a, "release_rollback", 10).await;
     let evs = a.events().await;
     let rb: Vec<&Value> = evs
         .iter()
@@ -988,6 +990,9 @@ async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() 
         .await;
         assert!(back, "both services back on blue: {}", p.status().await);
     }
+    // Still one after both replicas are back on blue.
+    let rb = events_once_listed(&a, "release_rollback", 10).await;
+    assert_eq!(rb.len(), 1, "{rb:#?}");
     a.stop().await;
     b.stop().await;
 }

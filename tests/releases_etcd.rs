@@ -232,9 +232,22 @@ async fn a_stopped_driver_is_taken_over_and_the_bake_resumes_with_the_time_spent
             "{all}"
         );
     }
-    // Taken over once, with part of the bake already spent; each phase advanced once.
-    let phase_events = events_of(&b, "release_phase").await;
+    // Taken over once, with part of the bake already spent; each phase advanced once. (Each
+    // event reaches etcd in its own task after what it records: b can show the end first.)
     let detail = |e: &Value| e["detail"].as_str().unwrap_or("").to_string();
+    eventually(10, || async {
+        let details: Vec<String> = events_of(&b, "release_phase")
+            .await
+            .iter()
+            .map(detail)
+            .collect();
+        let has = |a: &str, b: &str| details.iter().any(|d| d.contains(a) && d.contains(b));
+        has("taken over", "")
+            && has("phase 0", "flipped in one step")
+            && has("phase 1", "flipped in one step")
+    })
+    .await;
+    let phase_events = events_of(&b, "release_phase").await;
     let took: Vec<String> = phase_events
         .iter()
         .map(detail)
@@ -1128,6 +1141,13 @@ async fn a_promote_on_the_driver_is_stored_in_etcd_before_it_answers() {
         assert!(done, "{}", releases(p).await);
     }
     // The promote that passed the gate comes before "phase 0 passed" (and the start before both).
+    // (Each event reaches etcd in its own task after what it records.)
+    eventually(10, || async {
+        let events = a.events().await;
+        position(&events, "release_phase", "phase 0 \"backend\" passed").is_some()
+            && position(&events, "release_promote", "promoted at phase 0").is_some()
+    })
+    .await;
     let events = a.events().await;
     let start = position(&events, "release_start", "started");
     let promoted = position(&events, "release_promote", "promoted at phase 0");
@@ -1240,12 +1260,24 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
             assert!(n <= 1, "{what} {n} times: {details:#?}");
         }
     }
-    let a_details: Vec<String> = events_of(&a, "release_phase")
-        .await
-        .iter()
-        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
-        .collect();
-    for part in ["phase 0 \"backend\" passed", "phase 1 \"frontend\" passed"] {
+    let a_details = || async {
+        events_of(&a, "release_phase")
+            .await
+            .iter()
+            .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<String>>()
+    };
+    let passes = ["phase 0 \"backend\" passed", "phase 1 \"frontend\" passed"];
+    // Each event reaches etcd in its own task after what it records: a can show the end first.
+    eventually(10, || async {
+        let details = a_details().await;
+        passes
+            .iter()
+            .all(|part| details.iter().any(|d| d.contains(part)))
+    })
+    .await;
+    let a_details = a_details().await;
+    for part in passes {
         assert_eq!(
             a_details.iter().filter(|d| d.contains(part)).count(),
             1,

@@ -84,7 +84,8 @@ async fn a_takeover_starts_again_a_claimed_phase_that_never_flipped() {
         "[[services.verify]]\nkind = \"probe\"\nurl = \"http://{}/check\"\n",
         slow.addr
     );
-    let rig = Rig::new(&etcd, "/sy-rel-claim-late/", "500ms", "3s", &check).await;
+    // The timeout stays a second below the 2 s delay of A's answers below.
+    let rig = Rig::new(&etcd, "/sy-rel-claim-late/", "1s", "3s", &check).await;
     let relay = Relay::start(etcd.addr()).await;
     let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
     let b = TestProxy::start(&rig.body).await;
@@ -143,7 +144,8 @@ async fn a_takeover_starts_again_a_claimed_phase_that_never_flipped() {
 async fn an_end_stored_by_a_replica_that_stops_before_returning_is_returned_by_another() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let rig = Rig::new(&etcd, "/sy-rel-end-orphan/", "500ms", "200ms", "").await;
+    // The timeout stays a second below the 3 s delay of A's answers below.
+    let rig = Rig::new(&etcd, "/sy-rel-end-orphan/", "2s", "200ms", "").await;
     let relay = Relay::start(etcd.addr()).await;
     let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
     let b = TestProxy::start(&rig.body).await;
@@ -154,7 +156,7 @@ async fn an_end_stored_by_a_replica_that_stops_before_returning_is_returned_by_a
     })
     .await;
     assert!(green, "{}", releases(&b).await);
-    // A's etcd answers come 3 s late (after its 500 ms timeout): its abort is stored, unknown.
+    // A's etcd answers come 3 s late (after its 2 s timeout): its abort is stored, unknown.
     relay.set_mode(Mode::DelayAnswers(Duration::from_millis(3000)));
     let (s, v) = admin_post(
         a.admin,
@@ -268,7 +270,8 @@ async fn a_takeover_at_a_manual_gate_says_waiting_for_promote_once() {
 async fn a_start_answered_unknown_that_was_stored_has_its_start_event() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
-    let rig = Rig::new(&etcd, "/sy-rel-start-unknown/", "500ms", "200ms", "").await;
+    // The timeout stays a second below the 2 s delay of A's answers below.
+    let rig = Rig::new(&etcd, "/sy-rel-start-unknown/", "1s", "200ms", "").await;
     let relay = Relay::start(etcd.addr()).await;
     let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
     let b = TestProxy::start(&rig.body).await;

@@ -266,6 +266,8 @@ async fn replicas_rolling_back_the_same_release_produce_one_flip() {
             "no second flip"
         );
     }
+    // The winner's event reaches etcd in its own task after the flip it records.
+    events_once_listed(&ps[1], "auto_rollback", 10).await;
     let evs = ps[1].events().await;
     let rollbacks = evs
         .iter()
@@ -538,7 +540,7 @@ async fn an_older_write_back_read_after_a_reconnect_is_replaced_not_served() {
         &relay.endpoint(),
         "/sy-resync/",
         "resync",
-        "etcd_timeout = \"1s\"",
+        "etcd_timeout = \"2s\"",
     );
     let a = TestProxy::start(&body).await;
     let key = "/sy-resync/services/resync";
@@ -637,7 +639,7 @@ async fn a_replica_whose_write_back_fails_keeps_its_newer_state_over_an_older_wr
         &relay.endpoint(),
         "/sy-cutwb/",
         "cutwb",
-        "etcd_timeout = \"1s\"",
+        "etcd_timeout = \"2s\"",
     );
     let a = TestProxy::start(&body).await;
     let key = "/sy-cutwb/services/cutwb";
@@ -697,7 +699,7 @@ async fn a_failed_replacement_of_an_older_write_back_is_retried_with_a_healthy_w
         &relay.endpoint(),
         "/sy-retrywb/",
         "retrywb",
-        "etcd_timeout = \"1s\"",
+        "etcd_timeout = \"2s\"",
     );
     let a = TestProxy::start(&body).await;
     let key = "/sy-retrywb/services/retrywb";
@@ -763,7 +765,7 @@ async fn a_pending_write_back_of_a_key_holding_a_non_state_is_settled() {
         &relay.endpoint(),
         "/sy-pendbad/",
         "pendbad",
-        "etcd_timeout = \"1s\"",
+        "etcd_timeout = \"2s\"",
     );
     let a = TestProxy::start(&body).await;
     let (s, v) = a.flip("pendbad", "green").await;

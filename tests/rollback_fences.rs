@@ -214,6 +214,8 @@ async fn a_rollback_that_loses_to_a_rewrite_of_the_same_state_still_lands() {
     relay.hold(false);
     assert!(converged(&[&a, &b], "blue", 2, 10).await);
     assert_eq!(b.get("/x").await, (200, "blue\n".to_string()));
+    // A's event reaches etcd in its own task after the flip it records.
+    events_once_listed(&b, "auto_rollback", 10).await;
     let evs = b.events().await;
     let count = |r: &str| evs.iter().filter(|e| e["reason"] == r).count();
     assert_eq!(count("auto_rollback"), 1, "{evs:#?}");
@@ -281,6 +283,9 @@ async fn a_rollback_that_loses_to_another_replica_s_rollback_is_not_sent_again()
         (&held["active"], &held["generation"]),
         (&json!("blue"), &json!(2))
     );
+    // Each event reaches etcd in its own task after what it records.
+    events_once_listed(&b, "auto_rollback", 10).await;
+    events_once_listed(&b, "rollback_conflict", 10).await;
     let evs = b.events().await;
     let count = |r: &str| evs.iter().filter(|e| e["reason"] == r).count();
     assert_eq!(count("auto_rollback"), 1, "{evs:#?}");
@@ -354,11 +359,10 @@ async fn a_rollback_that_loses_to_its_own_earlier_attempt_records_no_conflict() 
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let relay = WatchHold::start(etcd.addr()).await;
-    let a = TestProxy::start(&body_timeout(
+    let a = TestProxy::start(&body(
         &format!("http://{}", relay.addr),
         blue.addr,
         green.addr,
-        "500ms",
     ))
     .await;
     assert!(converged(&[&a], "blue", 0, 10).await);
@@ -383,6 +387,9 @@ async fn a_rollback_that_loses_to_its_own_earlier_attempt_records_no_conflict() 
     assert!(converged(&[&a], "blue", 2, 15).await);
     relay.hold(false);
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The event is recorded when the released watch delivers the write, and reaches etcd in
+    // its own task after that.
+    events_once_listed(&a, "auto_rollback", 10).await;
     let evs = a.events().await;
     let count = |r: &str| evs.iter().filter(|e| e["reason"] == r).count();
     assert_eq!(count("auto_rollback"), 1, "{evs:#?}");

@@ -481,6 +481,39 @@ where
     false
 }
 
+/// The events of `p` with this `reason` once at least one is listed (waiting at most `secs`
+/// seconds; empty if none came). With the etcd backend an event goes to etcd in its own task
+/// after the change it records, so a replica (this one or another) can show the change first:
+/// read the events after this, not right after the change.
+pub async fn events_once_listed(p: &TestProxy, reason: &str, secs: u64) -> Vec<Value> {
+    let of = || async {
+        p.events()
+            .await
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect::<Vec<Value>>()
+    };
+    eventually(secs, || async { !of().await.is_empty() }).await;
+    of().await
+}
+
+/// Waits (at most `secs` seconds) until process `pid` catches SIGHUP (bit 0 of `SigCgt` in
+/// /proc/PID/status): before its handler is installed a SIGHUP kills the process (the default
+/// action), which no test means to check. False if it never did or the process is gone.
+pub async fn catches_sighup(pid: u32, secs: u64) -> bool {
+    eventually(secs, || async {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            })
+            .is_some_and(|mask| mask & 1 == 1)
+    })
+    .await
+}
+
 /// Waits (at most `secs` seconds) until the count `f` reads stays the same for `quiet`, and
 /// returns it; None if it never settled. For "nothing more arrives there" after a change: a
 /// request already on its way when the change happened may land late on a loaded machine, so
