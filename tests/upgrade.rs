@@ -704,7 +704,18 @@ async fn a_new_process_past_the_upgrade_timeout_exits_and_the_old_one_serves_on(
     assert_eq!(s, 200, "{v}\n{}", logs());
     assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
 
-    // Its upgrade socket is still its own: an upgrade with the plain config goes through.
+    // Its upgrade socket is still its own: an upgrade with the plain config goes through, once
+    // the old process is told to wait longer as its message says (raise the timeout, reload):
+    // a new process in a debug build on a loaded machine can take longer than 500 ms to start.
+    let text = std::fs::read_to_string(cfg).expect("config");
+    assert!(text.contains("upgrade_timeout = \"500ms\""), "{text}");
+    std::fs::write(
+        cfg,
+        text.replace("upgrade_timeout = \"500ms\"", "upgrade_timeout = \"60s\""),
+    )
+    .expect("write config");
+    let (s, v) = admin_post(admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}\n{}", logs());
     let new_log = dir.path().join("new.log");
     let mut new = spawn_serve(cfg, &new_log, true);
     let st = tokio::time::timeout(Duration::from_secs(30), old.wait())
