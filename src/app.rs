@@ -1261,7 +1261,7 @@ impl App {
                 healthy_target(&svc, to)?;
             }
             let from = svc.state.active;
-            let next = self.flipped(&svc, to, kind);
+            let next = self.flipped(&svc, to, kind)?;
             let generation = next.state.generation;
             let detail = format!(
                 "{} {from} -> {to}{}",
@@ -1383,7 +1383,7 @@ impl App {
                 if !force {
                     healthy_target(svc, to)?;
                 }
-                let next = self.flipped(svc, to, FlipKind::Manual);
+                let next = self.flipped(svc, to, FlipKind::Manual)?;
                 let generation = next.state.generation;
                 outcomes.push(FlipOutcome {
                     service: svc.name().to_string(),
@@ -1570,7 +1570,7 @@ impl App {
             )));
         }
         let from = svc.state.active;
-        let next = self.flipped(&svc, to, FlipKind::AutoRollback);
+        let next = self.flipped(&svc, to, FlipKind::AutoRollback)?;
         let gen = next.state.generation;
         let mut ev = Event::new(name, Reason::AutoRollback, "rollback-engine", detail)
             .colors(from, to)
@@ -1652,7 +1652,7 @@ impl App {
                 continue;
             }
             healthy_target(&svc, to)?;
-            let next = self.flipped(&svc, to, FlipKind::Manual);
+            let next = self.flipped(&svc, to, FlipKind::Manual)?;
             let generation = next.state.generation;
             outcomes.push(FlipOutcome {
                 service: name.clone(),
@@ -1717,7 +1717,7 @@ impl App {
                 ));
                 continue;
             }
-            let next = self.flipped(svc, to, kind);
+            let next = self.flipped(svc, to, kind)?;
             outcomes.push(FlipOutcome {
                 service: name.clone(),
                 from,
@@ -1781,9 +1781,18 @@ impl App {
         self.routes.store(Arc::new(next));
     }
 
-    /// A copy of `svc` flipped to `to`, generation incremented.
-    fn flipped(&self, svc: &Service, to: Color, kind: FlipKind) -> Service {
+    /// A copy of `svc` flipped to `to`, generation incremented; refused at the largest
+    /// generation a state may hold (only a hand-edited state gets there: a flip past it would
+    /// be stored as a state no replica can read back).
+    fn flipped(&self, svc: &Service, to: Color, kind: FlipKind) -> Result<Service, ChangeError> {
         let from = svc.state.active;
+        if svc.state.generation >= crate::state::MAX_GENERATION {
+            return Err(ChangeError::Refused(format!(
+                "service {:?} is at generation {}, the largest a state may hold: a flip would store one no replica can read back; lower it where it is stored (the state file, or its etcd key) first",
+                svc.name(),
+                svc.state.generation
+            )));
+        }
         let state = ServiceState {
             active: to,
             previous: Some(from),
@@ -1797,7 +1806,7 @@ impl App {
                 FlipKind::ManualRollback | FlipKind::AutoRollback => Some(from),
             },
         };
-        svc.with_state(state, Some(Instant::now()))
+        Ok(svc.with_state(state, Some(Instant::now())))
     }
 
     /// Health and smoke checks before a flip to `to`.

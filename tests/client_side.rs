@@ -542,8 +542,9 @@ async fn the_first_head_has_one_deadline_from_the_accept() {
     tokio::time::sleep(Duration::from_millis(1800)).await;
     // (A loaded machine may oversleep past the deadline: the proxy has closed, and the write
     // may fail.)
-    let _ = s.write_all(b"GET / HTTP/1.1\r\n").await;
+    // Taken before the write: the proxy may read the bytes before `write_all` returns.
     let wrote = tokio::time::Instant::now();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\n").await;
     let mut chunk = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_secs(6), s.read(&mut chunk)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");

@@ -1848,6 +1848,12 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
         "switchyard never caught SIGHUP: {:?}",
         child.try_wait()
     );
+    // Still starting (the lookup holds it): the SIGHUP lands during startup, as meant.
+    assert_eq!(
+        try_get(admin, "/healthz").await,
+        None,
+        "startup did not wait on the lookup"
+    );
     let sent = std::process::Command::new("kill")
         .arg("-HUP")
         .arg(pid.to_string())

@@ -1568,3 +1568,48 @@ async fn a_late_confirming_read_never_undoes_a_newer_change() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A service at the largest generation a state may hold (only an edited state file or etcd
+/// key gets there): a flip is refused (409) saying why, and nothing changes; it used to be
+/// answered and stored as a state no replica could read back (and, from u64::MAX, wrapped
+/// to generation 0).
+#[tokio::test]
+async fn a_flip_past_the_largest_generation_is_refused_and_nothing_changes() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.json");
+    std::fs::write(
+        &state,
+        serde_json::json!({"version": 1, "services": {"api": {"active": "blue", "generation": 9007199254740991_u64}}}).to_string(),
+    )
+    .expect("state");
+    let p = TestProxy::start_with(
+        &service("api", &[blue.addr], &[green.addr], ""),
+        Some(TOKEN),
+        Some(dir),
+    )
+    .await;
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({"to": "green"})),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    let e = v["error"].as_str().unwrap_or("");
+    assert!(e.contains("largest a state may hold"), "{v}");
+    assert_eq!(p.get("/").await.1, "blue\n");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(serde_json::json!({"to": "green", "force": true})),
+    )
+    .await;
+    assert_eq!(s, 409, "forced too: {v}");
+    let kept = std::fs::read_to_string(&state).expect("state file");
+    assert!(kept.contains("9007199254740991"), "{kept}");
+    p.stop().await;
+}

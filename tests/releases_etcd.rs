@@ -73,11 +73,11 @@ async fn events_of(p: &TestProxy, reason: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The events of `reason` once at least one is listed (at most 10 s): an event goes to etcd
-/// in its own task after the change it records, so a replica can show the change first.
+/// The events of `reason` once at least one is listed (at most 10 s) and the count held for a
+/// second: an event goes to etcd in its own task after the change it records, so a replica can
+/// show the change first.
 async fn events_once_stored(p: &TestProxy, reason: &str) -> Vec<Value> {
-    eventually(10, || async { !events_of(p, reason).await.is_empty() }).await;
-    events_of(p, reason).await
+    common::events_once_listed(p, reason, 10).await
 }
 
 /// Requests on `path` until cancelled.
@@ -442,6 +442,10 @@ async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
     let a = TestProxy::start(&body).await;
     start_release(&a, two_phases("20s", "1s", "1s")).await;
     wait_phase(&a, 0, "baking").await;
+    // With etcd a phase bakes from its claim, before its flip: the forced flip back is meant
+    // for a service the phase flipped (one already on blue is confirmed with a read first).
+    let flipped = eventually(20, || async { a.get("/api/x").await.1 == "api-green\n" }).await;
+    assert!(flipped, "{}", a.status().await);
     // etcd commits at once, but neither the write nor a read-back is answered in time.
     relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(10)));
     let (s, v) = admin_post(
@@ -490,6 +494,44 @@ async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
     assert!(all["current"].is_null(), "{all}");
     assert_eq!(all["recent"][0]["state"], "aborted", "{all}");
     assert!(events_of(&a, "release_complete").await.is_empty());
+    a.stop().await;
+}
+
+/// The completion's own write to etcd is committed but answered too late (outcome unknown):
+/// the driver reads the key back until etcd answers, finds its write there and records the
+/// completion once. (It used to stop driving there: a completion no replica recorded, or, had
+/// the write not landed, a release left live in etcd with nobody to end it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-complete-unknown/", "1s").await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    let body = rig.body.replace(
+        &format!("127.0.0.1:{}", etcd.client),
+        &relay.addr.to_string(),
+    );
+    assert_ne!(body, rig.body);
+    let a = TestProxy::start(&body).await;
+    start_release(&a, two_phases("0s", "0s", "4s")).await;
+    let validating = eventually(20, || async {
+        releases(&a).await["current"]["state"] == "validating"
+    })
+    .await;
+    assert!(validating, "{}", releases(&a).await);
+    // From shortly before the window ends, etcd's answers come 10 s late (it commits at once).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    relay.set_mode(common::relay::Mode::Pass);
+    let done = eventually(60, || async {
+        let all = releases(&a).await;
+        all["current"].is_null() && all["recent"][0]["state"] == "complete"
+    })
+    .await;
+    assert!(done, "{}", releases(&a).await);
+    let complete = events_once_stored(&a, "release_complete").await;
+    assert_eq!(complete.len(), 1, "{:#?}", a.events().await);
     a.stop().await;
 }
 

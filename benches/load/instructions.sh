@@ -19,7 +19,9 @@
 # kernel instead: system calls, context switches and CPU migrations per request (`perf stat`),
 # user and system CPU time per request (/proc), then which system calls, per request (`strace -c
 # -f`, a second load of N requests: strace slows the proxy, the counts stay exact). For a gap
-# in system time that instruction counts cannot see.
+# in system time that instruction counts cannot see. `perf stat -p` counts the threads there at
+# its start (the proxies' workers are); its tracepoint adds a little system time to every
+# proxy alike.
 # Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client); COUNTER=syscalls needs
 # perf (Debian: linux-perf) and strace instead of valgrind. Installs nothing.
 set -euo pipefail
@@ -47,7 +49,13 @@ SY_BIN=${SWITCHYARD_BIN:-$REPO_ROOT/target/release/switchyard}
 
 case $COUNTER in
 callgrind) NEEDS=(valgrind:valgrind) ;;
-syscalls) NEEDS=(perf:linux-perf strace:strace) ;;
+syscalls)
+    NEEDS=(perf:linux-perf strace:strace)
+    [[ $PROTO != close ]] || {
+        echo "COUNTER=syscalls loads with h2load: PROTO is h1 or h2c there" >&2
+        exit 1
+    }
+    ;;
 *)
     echo "COUNTER is callgrind or syscalls, not $COUNTER" >&2
     exit 1
@@ -135,15 +143,24 @@ count_syscalls() { # name port cmd...
     local perf=$!
     sleep 0.5 # attached before the load starts
     load "$TMP/$name.h2load"
-    kill -INT "$perf"
+    kill -INT "$perf" 2>/dev/null || true
     wait "$perf" 2>/dev/null || true
+    grep -q "raw_syscalls:sys_enter" "$TMP/$name.perf" || {
+        echo "$name: perf stat counted nothing (perf_event_paranoid, or no raw_syscalls tracepoint):" >&2
+        cat "$TMP/$name.perf" >&2
+        exit 1
+    }
     after=$(ticks "$pid")
-    strace -c -f -o "$TMP/$name.strace" -p "$pid" 2>/dev/null &
+    strace -c -f -o "$TMP/$name.strace" -p "$pid" 2>"$TMP/$name.strace.err" &
     local st=$!
     sleep 0.5
     load "$TMP/$name.strace-h2load"
-    kill -INT "$st"
+    kill -INT "$st" 2>/dev/null || true
     wait "$st" 2>/dev/null || true
+    [[ -s $TMP/$name.strace ]] || {
+        echo "$name: strace counted nothing:" >&2
+        cat "$TMP/$name.strace.err" >&2
+    }
     kill -TERM "$pid"
     wait "$pid" 2>/dev/null || true
     awk -F, -v n="$N" -v name="$name" -v hz="$hz" -v b="$before" -v a="$after" -v proto="$PROTO" '

@@ -838,24 +838,47 @@ async fn drive(
             }
         }
         const WHY: &str = "every phase passed and the validate window ended";
-        break match store::etcd(&app) {
-            Some(etcd) if !cancel.is_cancelled() => {
-                let won = matches!(
-                    store::end(&app, &etcd, &id, "complete", WHY).await,
-                    Ok(store::Ended::Won(_))
-                );
-                // The key's poll (or `end` itself, when another write followed ours) can apply
-                // the stored end before its answer comes back, moving the local copy to
-                // `recent` and cancelling the release's token: the end is this replica's all
-                // the same, so the token says nothing here.
-                if won {
-                    rel.end(&id, "complete", WHY.to_string());
-                }
-                won
-            }
-            Some(_) => false,
-            None => !cancel.is_cancelled() && rel.end(&id, "complete", WHY.to_string()),
+        let Some(etcd) = store::etcd(&app) else {
+            break !cancel.is_cancelled() && rel.end(&id, "complete", WHY.to_string());
         };
+        if cancel.is_cancelled() {
+            break false;
+        }
+        match store::end(&app, &etcd, &id, "complete", WHY).await {
+            // The key's poll (or `end` itself, when another write followed ours) can apply the
+            // stored end before its answer comes back, moving the local copy to `recent` and
+            // cancelling the release's token: the end is this replica's all the same.
+            Ok(store::Ended::Won(_)) => {
+                rel.end(&id, "complete", WHY.to_string());
+                break true;
+            }
+            Ok(store::Ended::NotLive) => break false,
+            // Never given up on: the release would stay live in etcd with this replica's
+            // heartbeat on it and nobody to end it. Found out outside `op` (an abort may come).
+            Ok(store::Ended::Unknown {
+                write_id,
+                expected,
+                message,
+            }) => {
+                drop(_op);
+                tracing::warn!(release = %id, error = %message, "whether etcd stored the release's completion is not known; reading it back");
+                if store::settle(&app, &etcd, &write_id, expected).await {
+                    let _op = rel.op.lock().await;
+                    rel.end(&id, "complete", WHY.to_string());
+                    break true;
+                }
+                // Not stored (a fence decided it, or another write moved the key on): the
+                // next pass ends it again, or finds it ended elsewhere.
+            }
+            Err(e) => {
+                drop(_op);
+                tracing::warn!(release = %id, error = %e, "cannot store the release's completion in etcd; trying again");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
     };
     if ended {
         app.record(Event::new(

@@ -482,7 +482,7 @@ where
 }
 
 /// The events of `p` with this `reason` once at least one is listed (waiting at most `secs`
-/// seconds; empty if none came). With the etcd backend an event goes to etcd in its own task
+/// seconds; empty if none came) and the count held for a second. With the etcd backend an event goes to etcd in its own task
 /// after the change it records, so a replica (this one or another) can show the change first:
 /// read the events after this, not right after the change.
 pub async fn events_once_listed(p: &TestProxy, reason: &str, secs: u64) -> Vec<Value> {
@@ -494,7 +494,16 @@ pub async fn events_once_listed(p: &TestProxy, reason: &str, secs: u64) -> Vec<V
             .collect::<Vec<Value>>()
     };
     eventually(secs, || async { !of().await.is_empty() }).await;
-    of().await
+    // A second one written a moment later (a duplicate) must count too: the list settles first.
+    let mut last = of().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let now = of().await;
+        if now.len() == last.len() {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// Waits (at most `secs` seconds) until process `pid` catches SIGHUP (bit 0 of `SigCgt` in
