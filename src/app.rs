@@ -1717,7 +1717,16 @@ impl App {
                 ));
                 continue;
             }
-            let next = self.flipped(svc, to, kind)?;
+            // The others go back all the same: a return is never dropped whole.
+            let next = match self.flipped(svc, to, kind) {
+                Ok(next) => next,
+                Err(e) => {
+                    skipped.push(format!(
+                        "{name}: not returned to {to} ({e}; stays on {from})"
+                    ));
+                    continue;
+                }
+            };
             outcomes.push(FlipOutcome {
                 service: name.clone(),
                 from,

@@ -1375,3 +1375,64 @@ async fn a_phase_onto_a_dead_pool_ends_the_release_saying_why_without_offering_f
     assert_eq!(r.serving().await.0, "api-blue\n");
     r.p.stop().await;
 }
+
+/// A service the release cannot return (at the largest generation a state may hold: only an
+/// edited state gets there) is named in the abort's answer and event; the others go back all
+/// the same (the whole return used to be refused: the abort answered 409 and returned nothing).
+#[tokio::test]
+async fn an_abort_returns_the_others_when_one_service_cannot_be_returned() {
+    let Rig {
+        api,
+        panel,
+        p,
+        body,
+    } = Rig::start().await;
+    let dir = p.stop().await;
+    std::fs::write(
+        dir.path().join("state.json"),
+        json!({"version": 1, "services": {"api": {"active": "blue", "generation": 9007199254740990_u64}}})
+            .to_string(),
+    )
+    .expect("state");
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    let r = Rig {
+        api,
+        panel,
+        p,
+        body,
+    };
+    let (s, v) = r
+        .start_release(two_phases("0s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-green\n".into())
+    );
+    let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let not = v["not_returned"].to_string();
+    assert!(
+        not.contains("api: not returned to blue") && not.contains("largest a state may hold"),
+        "{v}"
+    );
+    assert_eq!(
+        r.serving().await,
+        ("api-green\n".into(), "panel-blue\n".into())
+    );
+    let ev = r.events("release_abort").await;
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert!(
+        ev[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("api: not returned to blue"),
+        "{ev:#?}"
+    );
+    assert!(r.releases().await["current"].is_null());
+    r.p.stop().await;
+}

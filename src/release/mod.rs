@@ -452,7 +452,7 @@ async fn roll_back_held(
                 // services then (it won); if not, the release goes on (a trigger fires again).
                 let app2 = app.clone();
                 tokio::spawn(async move {
-                    if store::settle(&app2, &etcd, &write_id, expected).await {
+                    if store::settle(&app2, &etcd, &write_id, expected).await == Some(true) {
                         let _op = app2.releases.op.lock().await;
                         let id = cur.id.clone();
                         // The end landed, but a newer release may have started since (the
@@ -824,6 +824,9 @@ async fn drive(
     }
     pause_if_blind(&app, &id).await;
     let ended = loop {
+        if cancel.is_cancelled() {
+            return;
+        }
         if paused(&app, &id) && !pass_gate(&app, &id, count - 1, &name, &cancel, true).await {
             return;
         }
@@ -862,13 +865,22 @@ async fn drive(
             }) => {
                 drop(_op);
                 tracing::warn!(release = %id, error = %message, "whether etcd stored the release's completion is not known; reading it back");
-                if store::settle(&app, &etcd, &write_id, expected).await {
-                    let _op = rel.op.lock().await;
-                    rel.end(&id, "complete", WHY.to_string());
-                    break true;
+                let mut stored = None;
+                while stored.is_none() && !cancel.is_cancelled() {
+                    stored = store::settle(&app, &etcd, &write_id, expected).await;
                 }
-                // Not stored (a fence decided it, or another write moved the key on): the
-                // next pass ends it again, or finds it ended elsewhere.
+                match stored {
+                    Some(true) => {
+                        let _op = rel.op.lock().await;
+                        rel.end(&id, "complete", WHY.to_string());
+                        break true;
+                    }
+                    // Not stored (a fence decided it, or another write moved the key on): the
+                    // next pass ends it again, or finds it ended elsewhere.
+                    Some(false) => {}
+                    // Stopping, still not known: the next start reads the key.
+                    None => return,
+                }
             }
             Err(e) => {
                 drop(_op);

@@ -702,23 +702,29 @@ pub(super) async fn confirm(app: &App, store: &EtcdStore, id: &str) -> bool {
 }
 
 /// After an end whose outcome was unknown: reads the key until etcd answers (for at most ten
-/// minutes). True when write `write_id` is what etcd stored: the caller won and returns the
-/// services; false when it can never land (the key moved on, or a fence under the same compare
-/// won).
-pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expected: i64) -> bool {
+/// minutes). `Some(true)` when write `write_id` is what etcd stored: the caller won and returns
+/// the services; `Some(false)` when it can never land (the key moved on, or a fence under the
+/// same compare won); `None` when still not known (the ten minutes passed, or this process is
+/// stopping).
+pub(super) async fn settle(
+    app: &App,
+    store: &EtcdStore,
+    write_id: &str,
+    expected: i64,
+) -> Option<bool> {
     let ours =
         |r: &ReleaseRead| r.value.as_ref().and_then(|v| v["write_id"].as_str()) == Some(write_id);
     let deadline = Instant::now() + Duration::from_secs(600);
     while Instant::now() < deadline && !app.shutdown.is_cancelled() {
         if let Ok(read) = store.read_release().await {
             if ours(&read) {
-                return true;
+                return Some(true);
             }
             if read.mod_revision != expected {
                 // Moved on: the key's history says whether ours was the write that moved it
                 // (and was replaced since) or another one beat it.
                 match store.release_landed(expected, write_id).await {
-                    Ok(landed) => return landed.is_some(),
+                    Ok(landed) => return Some(landed.is_some()),
                     Err(_) => {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
@@ -733,11 +739,11 @@ pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expecte
                 o.insert("write_id".to_string(), json!(fence_id));
             }
             match store.cas_release(expected, &fence, &fence_id).await {
-                ReleaseCas::Applied(_) | ReleaseCas::Replaced { .. } => return false,
-                ReleaseCas::Lost(r) if ours(&r) => return true,
+                ReleaseCas::Applied(_) | ReleaseCas::Replaced { .. } => return Some(false),
+                ReleaseCas::Lost(r) if ours(&r) => return Some(true),
                 ReleaseCas::Lost(_) => {
                     if let Ok(landed) = store.release_landed(expected, write_id).await {
-                        return landed.is_some();
+                        return Some(landed.is_some());
                     }
                 }
                 ReleaseCas::Unknown(_) => {}
@@ -745,7 +751,7 @@ pub(super) async fn settle(app: &App, store: &EtcdStore, write_id: &str, expecte
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    false
+    None
 }
 
 /// A change a follower makes to the release driven elsewhere (promote, a forced pause):
