@@ -272,6 +272,9 @@ pub struct Releases {
     pub(crate) persist: std::sync::OnceLock<tokio::sync::watch::Sender<Option<Value>>>,
     /// With the etcd backend: what this replica knows of the release key.
     pub(crate) shared: Shared,
+    /// The driver is reading back a completion whose write etcd did not answer in time, outside
+    /// `op`: a forced change of a release service waits (503) rather than land beside it.
+    pub(crate) completing: std::sync::atomic::AtomicBool,
 }
 
 impl Releases {
@@ -283,6 +286,7 @@ impl Releases {
             metrics: ReleaseMetrics::new(registry),
             persist: std::sync::OnceLock::new(),
             shared: Shared::default(),
+            completing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

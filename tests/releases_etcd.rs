@@ -53,6 +53,16 @@ impl Rig {
         );
         Rig { ups, body }
     }
+
+    /// The config with etcd reached through `relay` (the test delays, black-holes or cuts it).
+    fn through(&self, relay: &common::relay::Relay, etcd: &Etcd) -> String {
+        let body = self.body.replace(
+            &format!("127.0.0.1:{}", etcd.client),
+            &relay.addr.to_string(),
+        );
+        assert_ne!(body, self.body);
+        body
+    }
 }
 
 async fn metric(p: &TestProxy, line_start: &str) -> Option<f64> {
@@ -434,12 +444,7 @@ async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let rig = Rig::with_timeout(&etcd, "/sy-rel-forced-unknown/", "1s").await;
     let relay = common::relay::Relay::start(etcd.addr()).await;
-    let body = rig.body.replace(
-        &format!("127.0.0.1:{}", etcd.client),
-        &relay.addr.to_string(),
-    );
-    assert_ne!(body, rig.body);
-    let a = TestProxy::start(&body).await;
+    let a = TestProxy::start(&rig.through(&relay, &etcd)).await;
     start_release(&a, two_phases("20s", "1s", "1s")).await;
     wait_phase(&a, 0, "baking").await;
     // With etcd a phase bakes from its claim, before its flip: the forced flip back is meant
@@ -499,7 +504,7 @@ async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
 
 /// The completion's own write to etcd is committed but answered too late (outcome unknown):
 /// the driver reads the key back until etcd answers, finds its write there and records the
-/// completion once. (It used to stop driving there: a completion no replica recorded, or, had
+/// completion once; a forced flip meanwhile is refused, not landed beside it. (It used to stop driving there: a completion no replica recorded, or, had
 /// the write not landed, a release left live in etcd with nobody to end it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
@@ -507,12 +512,7 @@ async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let rig = Rig::with_timeout(&etcd, "/sy-rel-complete-unknown/", "1s").await;
     let relay = common::relay::Relay::start(etcd.addr()).await;
-    let body = rig.body.replace(
-        &format!("127.0.0.1:{}", etcd.client),
-        &relay.addr.to_string(),
-    );
-    assert_ne!(body, rig.body);
-    let a = TestProxy::start(&body).await;
+    let a = TestProxy::start(&rig.through(&relay, &etcd)).await;
     start_release(&a, two_phases("0s", "0s", "4s")).await;
     let validating = eventually(20, || async {
         releases(&a).await["current"]["state"] == "validating"
@@ -522,7 +522,23 @@ async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     // From shortly before the window ends, etcd's answers come 10 s late (it commits at once).
     tokio::time::sleep(Duration::from_millis(3000)).await;
     relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(10)));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Past the window's end: the driver is storing the completion (under the release's lock,
+    // the write unanswered) or reading it back. A forced flip of a release service waits for
+    // neither: it is refused (503) while the completion is not known, never landing beside it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/services/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "blue", "force": true})),
+    )
+    .await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("is completing"),
+        "{v}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
     relay.set_mode(common::relay::Mode::Pass);
     let done = eventually(60, || async {
         let all = releases(&a).await;
@@ -532,6 +548,7 @@ async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     assert!(done, "{}", releases(&a).await);
     let complete = events_once_stored(&a, "release_complete").await;
     assert_eq!(complete.len(), 1, "{:#?}", a.events().await);
+    assert_eq!(a.get("/api/x").await.1, "api-green\n");
     a.stop().await;
 }
 
@@ -874,13 +891,9 @@ async fn a_history_read_etcd_does_not_answer_never_delays_following_the_release(
     relay.freeze_when_sent(Some(br#""sort_target":"CREATE""#));
     // A stalled read lasts etcd_timeout: far longer than the waits below.
     let body_b = rig
-        .body
-        .replace(
-            &format!("127.0.0.1:{}", etcd.client),
-            &relay.addr.to_string(),
-        )
+        .through(&relay, &etcd)
         .replace("etcd_timeout = \"3s\"", "etcd_timeout = \"60s\"");
-    assert_ne!(body_b, rig.body);
+    assert!(body_b.contains("etcd_timeout = \"60s\""), "{body_b}");
     let b = TestProxy::start(&body_b).await;
     let stalled = eventually(20, || async { relay.frozen_by_pattern() > 0 }).await;
     assert!(stalled, "B never read the history");

@@ -609,6 +609,15 @@ where
         )
     };
     let _op = app.releases.op.lock().await;
+    if app
+        .releases
+        .completing
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(ChangeError::Unavailable(format!(
+            "the release {name:?} ({id}) is completing: whether etcd stored its end is being read back; try again once it shows"
+        )));
+    }
     let (out, changed, unknown) = match store::etcd(app).filter(|_| !store::drives(app, &id)) {
         // Driven by another replica: its driver does not take this replica's `op`, so the pause
         // goes into the shared record first.
@@ -863,6 +872,8 @@ async fn drive(
                 expected,
                 message,
             }) => {
+                // Set before `op` goes: no forced change can come between.
+                let completing = Completing::start(&rel.completing);
                 drop(_op);
                 tracing::warn!(release = %id, error = %message, "whether etcd stored the release's completion is not known; reading it back");
                 let mut stored = None;
@@ -872,6 +883,7 @@ async fn drive(
                 match stored {
                     Some(true) => {
                         let _op = rel.op.lock().await;
+                        drop(completing);
                         rel.end(&id, "complete", WHY.to_string());
                         break true;
                     }
@@ -900,6 +912,22 @@ async fn drive(
             format!("release {name:?} ({id}) complete"),
         ))
         .await;
+    }
+}
+
+/// [`Releases::completing`](crate::release_record::Releases) set while it lives.
+struct Completing<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Completing<'a> {
+    fn start(flag: &'a std::sync::atomic::AtomicBool) -> Completing<'a> {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Completing(flag)
+    }
+}
+
+impl Drop for Completing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
