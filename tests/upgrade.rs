@@ -67,6 +67,18 @@ fn write_config(
     (cfg, proxy, admin)
 }
 
+/// Waits (at most 20 s) until a process listens on the upgrade socket of the state in `dir`
+/// (`state.json`'s default, `state.upgrade.sock`). One that took over binds it only once it
+/// serves and the old one said "go"; a `serve --upgrade` before that finds nobody to take over
+/// from and says so. (A connection that sends nothing is logged and dropped by the listener.)
+async fn upgrade_socket_listens(dir: &std::path::Path) -> bool {
+    let sock = dir.join("state.upgrade.sock");
+    eventually(20, || async {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    })
+    .await
+}
+
 /// The first process on `cfg` (no `--upgrade`), serving: its `/healthz` on `admin` answers
 /// within 15 s.
 async fn serve_first(
@@ -266,6 +278,10 @@ async fn upgrade_under_load(runtime: &str) {
     assert_eq!(api["generation"], 1, "{status}");
 
     // And it can be upgraded again, then stopped.
+    assert!(
+        upgrade_socket_listens(dir.path()).await,
+        "the new process never took the upgrade socket"
+    );
     let newer_log = dir.path().join("newer.log");
     let mut newer = spawn_serve(&cfg, &newer_log, true);
     let st = tokio::time::timeout(Duration::from_secs(30), new.wait())
@@ -386,6 +402,10 @@ async fn sigusr2_upgrades_in_place() {
         "an upgrade looked like a stop: {messages:?}"
     );
     // The successor is not this test's child: upgrade it to one that is, then stop that one.
+    assert!(
+        upgrade_socket_listens(dir.path()).await,
+        "the new process never took the upgrade socket"
+    );
     let last_log = dir.path().join("last.log");
     let mut last = spawn_serve(&cfg, &last_log, true);
     assert!(
@@ -1115,6 +1135,10 @@ async fn sigusr2_starts_the_binary_installed_where_path_found_the_old_one() {
     );
     assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
     // The successor is not this test's child: upgrade it to one that is, then stop that one.
+    assert!(
+        upgrade_socket_listens(dir.path()).await,
+        "the new process never took the upgrade socket"
+    );
     let last_log = dir.path().join("last.log");
     let mut last = spawn_serve(&cfg, &last_log, true);
     assert!(
