@@ -367,10 +367,32 @@ pub async fn claim(
     .await?
 }
 
+/// How long `--upgrade` tries a socket nobody listens on: a process that has just taken over
+/// binds the upgrade socket only once it serves and the one before it said "go", so an upgrade
+/// right after another one can find the old process's socket file, closed.
+const TAKEOVER_BIND_WAIT: Duration = Duration::from_secs(10);
+
+/// Connects to the socket at `path`, trying again while it exists but refuses (for `wait`);
+/// no file there is an error at once. Blocking: runs before the runtime starts.
+fn connect_patiently(path: &Path, wait: Duration) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match UnixStream::connect(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The new process's side: asks the process behind `path` for its listening sockets.
 /// Blocking: runs before the runtime starts.
 pub fn request(path: &Path) -> anyhow::Result<Inherited> {
-    let mut s = UnixStream::connect(path).with_context(|| {
+    let mut s = connect_patiently(path, TAKEOVER_BIND_WAIT).with_context(|| {
         format!(
             "proxy.upgrade_socket: no running Switchyard answers at {} (start without --upgrade)",
             path.display()
@@ -878,6 +900,37 @@ pub fn sd_notify(state: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--upgrade` finding a socket file nobody listens on yet (a process that just took over
+    /// binds it a moment after it serves) tries again until one does; no file is an error at
+    /// once, and a socket nobody ever binds again is one after the wait.
+    #[test]
+    fn an_upgrade_waits_for_a_socket_that_is_about_to_listen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("s.sock");
+        let missing = connect_patiently(&dir.path().join("none.sock"), Duration::from_secs(5));
+        assert_eq!(
+            missing.err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+        let t = tokio::time::Instant::now();
+        let refused = connect_patiently(&sock, Duration::from_millis(300));
+        assert_eq!(
+            refused.err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        let path = sock.clone();
+        let later = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::remove_file(&path).expect("unlink the stale socket");
+            let l = std::os::unix::net::UnixListener::bind(&path).expect("bind again");
+            l.accept().map(|_| ())
+        });
+        assert!(connect_patiently(&sock, Duration::from_secs(30)).is_ok());
+        assert!(later.join().expect("thread").is_ok());
+    }
 
     /// The upgrade socket replaces a stale socket, and nothing else: a regular file (the config
     /// or state file named by mistake) or a directory there is an error naming
