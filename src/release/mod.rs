@@ -876,8 +876,10 @@ async fn drive(
                 let completing = Completing::start(&rel.completing);
                 drop(_op);
                 tracing::warn!(release = %id, error = %message, "whether etcd stored the release's completion is not known; reading it back");
+                // Not bounded by the release's token: the key's poll cancels it when it reads
+                // the end (ours or not) before the answer; only stopping ends the reading.
                 let mut stored = None;
-                while stored.is_none() && !cancel.is_cancelled() {
+                while stored.is_none() && !app.shutdown.is_cancelled() {
                     stored = store::settle(&app, &etcd, &write_id, expected).await;
                 }
                 match stored {
