@@ -41,9 +41,9 @@ pub struct ServiceState {
 }
 
 /// The largest generation a state may hold: 2^53 - 1, the largest integer every JSON reader
-/// (the dashboard's JavaScript, a float gauge) holds exactly. A flip adds one, so a state
-/// read back can never wrap to 0 (generation 0 means "never changed"); a file or etcd key
-/// holding more is refused as unreadable, not served.
+/// (the dashboard's JavaScript, a float gauge) holds exactly. A file or etcd key holding more
+/// is refused as unreadable, not served, and a flip from it is refused, so a stored state
+/// never goes past it (nor wraps to 0, which means "never changed").
 pub const MAX_GENERATION: u64 = (1 << 53) - 1;
 
 fn generation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
