@@ -504,8 +504,9 @@ async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
 
 /// The completion's own write to etcd is committed but answered too late (outcome unknown):
 /// the driver reads the key back until etcd answers, finds its write there and records the
-/// completion once; a forced flip meanwhile is refused, not landed beside it. (It used to stop driving there: a completion no replica recorded, or, had
-/// the write not landed, a release left live in etcd with nobody to end it.)
+/// completion once; a forced flip meanwhile is refused, not landed beside it. (It used to stop
+/// driving there: a completion no replica recorded, or, had the write not landed, a release
+/// left live in etcd with nobody to end it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     let dir = tempfile::tempdir().expect("tempdir");
