@@ -553,6 +553,40 @@ async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     a.stop().await;
 }
 
+/// The driver stops while it reads back a completion etcd stored but did not answer: another
+/// replica finds the completed release unrecorded once the driver is silent for as long as a
+/// stopped driver is, and records its `release_complete` once. (Nobody recorded it before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_driver_stopped_before_knowing_it_is_recorded_by_another_replica() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-complete-stopped/", "1s").await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.through(&relay, &etcd)).await;
+    let b = TestProxy::start(&rig.body).await;
+    let id = start_release(&a, two_phases("0s", "0s", "4s")).await["release"]["id"].clone();
+    let validating = eventually(20, || async {
+        releases(&a).await["current"]["state"] == "validating"
+    })
+    .await;
+    assert!(validating, "{}", releases(&a).await);
+    // From shortly before the window ends, a's etcd answers come 30 s late (etcd commits at
+    // once): a stores the completion and reads it back, never answered.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(30)));
+    let completed = eventually(30, || async { releases(&b).await["recent"][0]["id"] == id }).await;
+    assert!(completed, "{}", releases(&b).await);
+    assert_eq!(releases(&b).await["recent"][0]["state"], "complete");
+    // a stops before any answer comes: it never learnt that its write landed.
+    a.stop().await;
+    let complete = events_once_stored(&b, "release_complete").await;
+    assert_eq!(complete.len(), 1, "{:#?}", b.events().await);
+    let detail = complete[0]["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("recorded by another replica"), "{detail}");
+    assert_eq!(b.get("/api/x").await.1, "api-green\n");
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
     let dir = tempfile::tempdir().expect("tempdir");

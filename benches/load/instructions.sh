@@ -22,6 +22,12 @@
 # in system time that instruction counts cannot see. `perf stat -p` counts the threads there at
 # its start (the proxies' workers are); its tracepoint adds a little system time to every
 # proxy alike.
+# COUNTER=cachesim: callgrind with its cache and branch simulation (`--cache-sim=yes
+# --branch-sim=yes`: a model of this machine's L1 and last-level caches, not the hardware's
+# counters, which this kind of VM does not expose): per request, instructions, L1 instruction
+# and data misses, last-level misses and mispredicted branches, and cachegrind's own rough cycle
+# estimate (Ir + 10 x L1 misses + 100 x LL misses + 15 x mispredicts). For time that instruction
+# counts cannot see (stalls), compared between proxies in the same run.
 # Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client); COUNTER=syscalls needs
 # perf (Debian: linux-perf) and strace instead of valgrind. Installs nothing.
 set -euo pipefail
@@ -48,7 +54,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SY_BIN=${SWITCHYARD_BIN:-$REPO_ROOT/target/release/switchyard}
 
 case $COUNTER in
-callgrind) NEEDS=(valgrind:valgrind) ;;
+callgrind | cachesim) NEEDS=(valgrind:valgrind) ;;
 syscalls)
     NEEDS=(perf:linux-perf strace:strace)
     [[ $PROTO != close ]] || {
@@ -57,7 +63,7 @@ syscalls)
     }
     ;;
 *)
-    echo "COUNTER is callgrind or syscalls, not $COUNTER" >&2
+    echo "COUNTER is callgrind, cachesim or syscalls, not $COUNTER" >&2
     exit 1
     ;;
 esac
@@ -189,7 +195,9 @@ count() { # name port cmd...
         count_syscalls "$name" "$port" "$@"
         return
     fi
-    valgrind --tool=callgrind --callgrind-out-file="$TMP/$name.out" "$@" >"$TMP/$name.log" 2>&1 &
+    local sim=()
+    [[ $COUNTER == cachesim ]] && sim=(--cache-sim=yes --branch-sim=yes)
+    valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$TMP/$name.out" "$@" >"$TMP/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$port"
@@ -221,6 +229,20 @@ count() { # name port cmd...
     callgrind_control -d "$pid" >/dev/null
     kill -TERM "$pid"
     wait "$pid" 2>/dev/null || true
+    if [[ $COUNTER == cachesim ]]; then
+        # "events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim", "summary:" the same order.
+        awk -v n="$n" -v name="$name" -v c="$C" -v proto="$PROTO" '
+            /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+            /^summary:/ { for (i = 2; i <= NF; i++) v[i] = $i }
+            END {
+                ir = v[col["Ir"]]; i1 = v[col["I1mr"]]; d1 = v[col["D1mr"]] + v[col["D1mw"]]
+                ll = v[col["ILmr"]] + v[col["DLmr"]] + v[col["DLmw"]]; bm = v[col["Bcm"]] + v[col["Bim"]]
+                if (ir == 0) { print name ": callgrind simulated nothing" > "/dev/stderr"; exit 1 }
+                printf "%-12s %8.0f instructions  %6.1f I1 misses  %6.1f D1 misses  %5.1f LL misses  %6.1f mispredicts  %8.0f est. cycles  per request (%d requests, %d connections, %s)\n", \
+                    name, ir / n, i1 / n, d1 / n, ll / n, bm / n, (ir + 10 * (i1 + d1) + 100 * ll + 15 * bm) / n, n, c, proto
+            }' "$TMP/$name.out.1"
+        return
+    fi
     local total
     # The dump after the warm-up load holds only the measured requests.
     total=$(awk '/^summary:/ { s = $2 } END { print s + 0 }' "$TMP/$name.out.1")

@@ -887,7 +887,9 @@ async fn drive(
                         let _op = rel.op.lock().await;
                         drop(completing);
                         rel.end(&id, "complete", WHY.to_string());
-                        break true;
+                        // Recorded here unless another replica took that over meanwhile (it
+                        // found this one silent for as long as a stopped driver is).
+                        break store::claim_return(&app, &etcd, &id, false).await.is_some();
                     }
                     // Not stored (a fence decided it, or another write moved the key on): the
                     // next pass ends it again, or finds it ended elsewhere.
@@ -914,6 +916,9 @@ async fn drive(
             format!("release {name:?} ({id}) complete"),
         ))
         .await;
+        if let Some(etcd) = store::etcd(&app) {
+            store::mark_returned(&app, &etcd, &id).await;
+        }
     }
 }
 

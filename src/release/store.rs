@@ -491,12 +491,15 @@ pub(super) async fn end(
         let write_id = new_write_id();
         let expected = shared.seen().rev;
         let mut value = record(&ended, false, driver.as_deref(), "");
-        if result != "complete" {
-            // Until this replica says its services are returned, any replica can return them
-            // should it stop first ([`recover_return`]).
-            value[UNRETURNED] = json!(true);
-            value[RETURNER] = json!(replica_id(app));
-        }
+        // Until this replica says its services are returned (its completion recorded), any
+        // replica can do it should this one stop first ([`recover_return`]).
+        let mark = if result == "complete" {
+            UNANNOUNCED
+        } else {
+            UNRETURNED
+        };
+        value[mark] = json!(true);
+        value[RETURNER] = json!(replica_id(app));
         let history = ended.stored();
         match cas_ending(app, store, value, &write_id, Some((id, &history))).await {
             ReleaseCas::Applied(_) => {
@@ -867,13 +870,25 @@ fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
 /// a rollback stores the end first, then returns them): removed by [`mark_returned`] once they
 /// are. Absent on a `complete` end and on records stored before it existed.
 const UNRETURNED: &str = "unreturned";
-/// The replica that returns them: the one that ended it, or one that took the return over.
+/// The same for a `complete` end whose `release_complete` event is not recorded yet (the
+/// replica that stored it stopped before it knew the write landed). Its own name: a replica of
+/// an older version, which knows only [`UNRETURNED`], would roll a completed release back.
+const UNANNOUNCED: &str = "unannounced";
+/// The replica that returns them (records it): the one that ended it, or one that took over.
 const RETURNER: &str = "returner";
 
+/// Services to return: a new release waits for them.
 fn unreturned(v: &Value) -> bool {
-    v[UNRETURNED] == json!(true)
-        && !v["release"].is_null()
-        && !live_state(v["release"]["state"].as_str().unwrap_or(""))
+    v[UNRETURNED] == json!(true) && ended_record(v)
+}
+
+/// Services to return, or a completion to record.
+fn unfinished(v: &Value) -> bool {
+    (v[UNRETURNED] == json!(true) || v[UNANNOUNCED] == json!(true)) && ended_record(v)
+}
+
+fn ended_record(v: &Value) -> bool {
+    !v["release"].is_null() && !live_state(v["release"]["state"].as_str().unwrap_or(""))
 }
 
 /// The services of the ended release `id` are returned: its record loses the mark (a
@@ -886,11 +901,12 @@ pub(super) async fn mark_returned(app: &App, store: &EtcdStore, id: &str) {
         let Some(mut v) = shared.seen().value.clone() else {
             return;
         };
-        if v["release"]["id"].as_str() != Some(id) || !unreturned(&v) {
+        if v["release"]["id"].as_str() != Some(id) || !unfinished(&v) {
             return;
         }
         if let Some(o) = v.as_object_mut() {
             o.remove(UNRETURNED);
+            o.remove(UNANNOUNCED);
             o.remove(RETURNER);
         }
         match cas(app, store, v).await {
@@ -921,7 +937,7 @@ pub(super) async fn claim_return(
         apply(app, &read);
     }
     let mut v = shared.seen().value.clone()?;
-    if v["release"]["id"].as_str() != Some(id) || !unreturned(&v) {
+    if v["release"]["id"].as_str() != Some(id) || !unfinished(&v) {
         return None;
     }
     if !takeover && v[RETURNER].as_str() != Some(replica_id(app)) {
@@ -945,7 +961,7 @@ pub(super) async fn claim_return(
 async fn recover_return(app: &Arc<App>, store: &EtcdStore) {
     let id = {
         let s = app.releases.shared.seen();
-        match s.value.as_ref().filter(|v| unreturned(v)) {
+        match s.value.as_ref().filter(|v| unfinished(v)) {
             Some(v) => v["release"]["id"].as_str().unwrap_or("").to_string(),
             None => return,
         }
@@ -954,8 +970,42 @@ async fn recover_return(app: &Arc<App>, store: &EtcdStore) {
     let Some(r) = claim_return(app, store, &id, true).await else {
         return;
     };
+    if r.state == "complete" {
+        tracing::warn!(release = %id, "the release completed in etcd, but the replica that completed it stopped before recording it; this replica records it");
+        return announce_completed(app, store, r).await;
+    }
     tracing::warn!(release = %id, "the release ended in etcd, but the replica that ended it did not return its services; this replica returns them");
     return_ended(app, store, r).await;
+}
+
+/// The `release_complete` event of the completed release `r` (this replica claimed it), when
+/// etcd's events hold none (the replica that stored the end stopped before it knew the write
+/// landed); then marks it done. Nothing when etcd's events cannot be read (tried again).
+async fn announce_completed(app: &App, store: &EtcdStore, r: Release) {
+    use crate::events::{Event, Reason};
+    let said = format!("({}) complete", r.id);
+    let done = match store.events(crate::events::RING_CAPACITY).await {
+        Ok(evs) => evs
+            .iter()
+            .any(|e| matches!(e.reason, Reason::ReleaseComplete) && e.detail.contains(&said)),
+        Err(e) => {
+            tracing::warn!(release = %r.id, error = %e, "cannot read the events in etcd to record the release's completion; tried again");
+            return;
+        }
+    };
+    if !done {
+        app.record(Event::new(
+            "*",
+            Reason::ReleaseComplete,
+            "release",
+            format!(
+                "release {:?} {said}; recorded by another replica (the one that completed it stopped first)",
+                r.name
+            ),
+        ))
+        .await;
+    }
+    mark_returned(app, store, &r.id).await;
 }
 
 /// Returns the services of the ended release `r` (this replica claimed it) as its end would
