@@ -547,8 +547,29 @@ where
     None
 }
 
-/// A free loopback port (bound, then released) for the binary's listeners.
+/// A free loopback port (bound, then released) for a child's listeners. Taken below the
+/// kernel's ephemeral range: a port bound and released there is the next one the kernel hands
+/// out for an outgoing connection or a bind to port 0 (every test makes many), which could take
+/// it before the child binds it. Below the range only another `free_port` can, and each call
+/// of this process moves on to a port not tried before.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const FLOOR: usize = 10_000;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    if low > FLOOR + 1_000 {
+        let span = low - FLOOR;
+        // Test binaries run one after another; two at once still start apart.
+        let start = std::process::id() as usize * 7_919 % span;
+        for _ in 0..span {
+            let port = FLOOR + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
