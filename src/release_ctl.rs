@@ -52,9 +52,13 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
         ReleaseCmd::Start {
             plan: Some(name), ..
         } => {
-            post(args, &base, "/api/releases", json!({ "plan": name }), |v| {
-                print_release(&v["release"]);
-            })
+            post(
+                args,
+                &base,
+                "/api/releases",
+                json!({ "plan": name }),
+                started,
+            )
             .await
         }
         ReleaseCmd::Start {
@@ -74,10 +78,7 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
                     return 1;
                 }
             };
-            post(args, &base, "/api/releases", plan, |v| {
-                print_release(&v["release"]);
-            })
-            .await
+            post(args, &base, "/api/releases", plan, started).await
         }
         ReleaseCmd::Start { .. } => {
             errln!("error: give a plan file, or --plan NAME for a plan the config names");
@@ -129,6 +130,14 @@ pub async fn run(args: &CtlArgs, cmd: &ReleaseCmd) -> i32 {
             outln!();
         },
         ReleaseCmd::Wait => wait(args, &base).await,
+    }
+}
+
+/// A started release, and what no trigger watches in it.
+fn started(v: Value) {
+    print_release(&v["release"]);
+    if let Some(w) = v["warning"].as_str() {
+        errln!("warning: {w}");
     }
 }
 
@@ -309,8 +318,16 @@ async fn post(
         }
         return code;
     }
+    // Done, but not whole: an abort that left a service where the release put it (its pool had
+    // no healthy upstream). Answered 200 (the release ended), but a script must not go on as
+    // if every service were back.
+    let partial = v["not_returned"].as_array().is_some_and(|a| !a.is_empty());
     if !args.json {
         show(v);
+    }
+    if partial {
+        errln!("error: the release ended, but not every service it flipped was returned (above): flip those by hand");
+        return 1;
     }
     0
 }

@@ -96,10 +96,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The first service (in file order) whose hosts and path prefix both match.
-    /// The first service matching `host` and `path`, the path matched as the upstream will
+    /// The first service (in file order) matching `host` and `path`, the path matched as the upstream will
     /// resolve it ([`crate::http::path::normalized`]).
+    /// A fully qualified host (`api.example.com.`, as a browser sends what a user typed with
+    /// the root's dot) names the same host (RFC 1034 3.1): matched without that dot, as nginx
+    /// does.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Service>> {
+        let host = host.map(|h| h.strip_suffix('.').filter(|h| !h.is_empty()).unwrap_or(h));
         let path = crate::http::path::normalized(path);
         self.services.iter().find(|s| s.matches(host, &path))
     }
@@ -311,6 +314,25 @@ pub fn health_of<'a>(snap: &'a Snapshot, service: &str) -> Option<&'a HealthConf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host with the root's dot (`a.`) is the host without it, in a request and in the
+    /// config alike; only that one dot.
+    #[test]
+    fn a_fully_qualified_host_routes_as_the_host() {
+        let text = "[[services]]\nname = \"a\"\nhosts = [\"a\", \"*.w.test\", \"b.\"]\n\
+                    blue = { upstreams = [\"127.0.0.1:1\"] }\ngreen = { upstreams = [\"127.0.0.1:2\"] }\n\
+                    [[services]]\nname = \"rest\"\n\
+                    blue = { upstreams = [\"127.0.0.1:3\"] }\ngreen = { upstreams = [\"127.0.0.1:4\"] }\n";
+        let cfg = Arc::new(crate::config::from_toml_str(text).unwrap_or_else(|e| panic!("{e:?}")));
+        let snap = build_snapshot(cfg, &HashMap::new(), None, &Metrics::new());
+        let routed = |host| snap.route(Some(host), "/").map(|s| s.name().to_string());
+        for host in ["a", "a.", "x.w.test", "x.w.test.", "b", "b."] {
+            assert_eq!(routed(host).as_deref(), Some("a"), "{host}");
+        }
+        for host in ["a..", ".", "c", "w.test."] {
+            assert_eq!(routed(host).as_deref(), Some("rest"), "{host}");
+        }
+    }
 
     /// A live request counts only while its color is live under the generation it was routed
     /// under; the pool objects a reload replaces (which requests in flight still hold) agree

@@ -1413,8 +1413,14 @@ async fn an_abort_returns_the_others_when_one_service_cannot_be_returned() {
         r.serving().await,
         ("api-green\n".into(), "panel-green\n".into())
     );
-    let (s, v) = r.post("/api/releases/current/abort", json!({})).await;
-    assert_eq!(s, 200, "{v}");
+    // Through `ctl`: the release ends (200), but a script must not read "all back": exit 1.
+    let (code, out, err) = ctl(r.p.admin, &["--json", "release", "abort"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("not every service it flipped was returned"),
+        "{err}"
+    );
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let not = v["not_returned"].to_string();
     assert!(
         not.contains("api: not returned to blue") && not.contains("largest a state may hold"),
@@ -1435,4 +1441,63 @@ async fn an_abort_returns_the_others_when_one_service_cannot_be_returned() {
     );
     assert!(r.releases().await["current"].is_null());
     r.p.stop().await;
+}
+
+/// A service with no automatic rollback (no `[services.rollback]`) can be released, but the
+/// answer, `ctl` and the start event say that nothing watches it, and it sets no validate window
+/// of its own: a release of it alone ends `complete` after its phases (it used to validate for
+/// the default `watch_for`, 2 h, with nothing armed, holding every other flip of it). With a
+/// watched service beside it, the window is that service's `watch_for`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_of_its_own() {
+    let api = [
+        TestUpstream::start("api-blue").await,
+        TestUpstream::start("api-green").await,
+    ];
+    let panel = [
+        TestUpstream::start("panel-blue").await,
+        TestUpstream::start("panel-green").await,
+    ];
+    let body = service(
+        "api",
+        &[api[0].addr],
+        &[api[1].addr],
+        &format!("path_prefix = \"/api\"\n{TRIGGERS}"),
+    ) + &service(
+        "panel",
+        &[panel[0].addr],
+        &[panel[1].addr],
+        "path_prefix = \"/panel\"\n",
+    );
+    let p = TestProxy::start(&body).await;
+    let plan = json!({ "name": "panel only", "phases": [ { "name": "ui", "services": ["panel"], "bake": "0s" } ] });
+    let v = common::release::start_release(&p, plan).await;
+    assert_eq!(v["unwatched"], json!(["panel"]), "{v}");
+    let warning = v["warning"].as_str().unwrap_or("");
+    assert!(
+        warning.contains("no automatic rollback watches panel"),
+        "{v}"
+    );
+    assert_eq!(v["release"]["validate_secs"], 0.0, "{v}");
+    let done = eventually(20, || async {
+        let all = common::release::releases(&p).await;
+        all["current"].is_null() && all["recent"][0]["state"] == "complete"
+    })
+    .await;
+    assert!(done, "{}", common::release::releases(&p).await);
+    assert_eq!(p.get("/panel/x").await.1, "panel-green\n");
+    let started = common::events_once_listed(&p, "release_start", 10).await;
+    assert!(
+        started[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no automatic rollback watches panel"),
+        "{started:#?}"
+    );
+    // Beside a watched service: that one's `watch_for` (10m) is the window; panel is named.
+    let plan = json!({ "name": "both", "phases": [ { "name": "all", "services": ["api", "panel"], "bake": "0s" } ] });
+    let v = common::release::start_release(&p, plan).await;
+    assert_eq!(v["unwatched"], json!(["panel"]), "{v}");
+    assert_eq!(v["release"]["validate_secs"], 600.0, "{v}");
+    p.stop().await;
 }

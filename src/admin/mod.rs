@@ -482,7 +482,7 @@ async fn handle(
                 Err(_) => unknown_outcome(
                     "the release start failed before it answered; whether the release was stored is not known: check GET /api/releases",
                 ),
-                Ok(Ok(r)) => json_response(StatusCode::OK, &json!({ "release": r })),
+                Ok(Ok(answer)) => json_response(StatusCode::OK, &answer),
                 Ok(Err(crate::release::StartError::Conflict(m))) => error(StatusCode::CONFLICT, &m),
                 // etcd did not answer whether the release was stored: never a refusal.
                 Ok(Err(crate::release::StartError::Unknown(m))) => unknown_outcome(&m),

@@ -321,13 +321,19 @@ pub enum BodyFraming {
 }
 
 impl FramingFields {
+    /// One `Content-Length` line. A list of one value repeated (`2, 2`) is that value, as the
+    /// same value on two lines is (RFC 9110 5.3: the two are one field value; 8.6 lets a
+    /// recipient take it as the value); different values conflict. The length goes on as one
+    /// value either way.
     #[inline]
     pub fn content_length(&mut self, value: &[u8]) -> Result<(), FramingError> {
-        let n = parse_length(value).map_err(|_| FramingError::InvalidLength)?;
-        if self.length.is_some_and(|l| l != n) {
-            return Err(FramingError::ConflictingLength);
+        for element in value.split(|b| *b == b',') {
+            let n = parse_length(element).map_err(|_| FramingError::InvalidLength)?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err(FramingError::ConflictingLength);
+            }
+            self.length = Some(n);
         }
-        self.length = Some(n);
         Ok(())
     }
 
@@ -503,6 +509,30 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// `Content-Length: 2, 2` is the value 2, as two lines of 2 are; a list of different values
+    /// conflicts and an empty element is invalid, on one line or across lines.
+    #[test]
+    fn a_list_of_one_length_repeated_is_that_length() {
+        let framed = |lines: &[&[u8]]| {
+            let mut f = FramingFields::default();
+            lines
+                .iter()
+                .try_for_each(|l| f.content_length(l))
+                .map(|()| f.length())
+        };
+        assert_eq!(framed(&[b"2, 2"]), Ok(Some(2)));
+        assert_eq!(framed(&[b"2,2,02"]), Ok(Some(2)));
+        assert_eq!(framed(&[b"2", b"2"]), Ok(Some(2)));
+        assert_eq!(framed(&[b"2, 2", b"2"]), Ok(Some(2)));
+        assert_eq!(framed(&[b"2, 3"]), Err(FramingError::ConflictingLength));
+        assert_eq!(
+            framed(&[b"2", b"3, 3"]),
+            Err(FramingError::ConflictingLength)
+        );
+        assert_eq!(framed(&[b"2,"]), Err(FramingError::InvalidLength));
+        assert_eq!(framed(&[b", 2"]), Err(FramingError::InvalidLength));
     }
 
     /// A trailer section with a lone LF is refused at once, not left waiting for CRLF CRLF.

@@ -624,6 +624,12 @@ fn check(proxy: &Proxy, req: &mut Request<ClientBody>, id_added: bool) -> Result
             req.headers_mut().insert(header::HOST, v.clone());
         }
         validate::to_origin_form(req);
+    } else if req.version() == Version::HTTP_2 && req.headers().contains_key(header::HOST) {
+        // `:authority` and a Host naming the same authority (checked): the Host that goes on
+        // is `:authority`'s value (RFC 9113 8.3.1), `a` rather than the client's `a:80`.
+        if let Some(v) = &host.value {
+            req.headers_mut().insert(header::HOST, v.clone());
+        }
     }
     Ok(host)
 }

@@ -69,7 +69,8 @@ pub enum StartError {
     Unknown(String),
 }
 
-/// Starts a release from a plan (JSON value); answers the release as JSON.
+/// Starts a release from a plan (JSON value); answers `{"release": ...}`, with `unwatched` and
+/// a `warning` when a service of it has no automatic rollback.
 pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, StartError> {
     let snap = app.snapshot();
     let plan_value = &resolve_plan(plan, &snap.config)?;
@@ -107,6 +108,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     let mut pre = BTreeMap::new();
     let mut phases = Vec::new();
     let mut longest_watch = Duration::ZERO;
+    let mut unwatched: Vec<String> = Vec::new();
     for (i, p) in plan.phases.iter().enumerate() {
         let mut targets = Vec::new();
         for (j, name) in p.services.iter().enumerate() {
@@ -125,7 +127,14 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
                     message: format!("{name} is already on {to}; nothing to release"),
                 });
             }
-            longest_watch = longest_watch.max(svc.config.rollback.watch_for);
+            // Only a service whose triggers can roll the release back is watched: one with
+            // automatic rollback off (or no trigger) waits through no window of its own.
+            let r = &svc.config.rollback;
+            if r.enabled && !r.triggers.is_empty() {
+                longest_watch = longest_watch.max(r.watch_for);
+            } else if !unwatched.contains(name) {
+                unwatched.push(name.clone());
+            }
             pre.insert(name.clone(), from);
             targets.push((name.clone(), to));
         }
@@ -194,7 +203,21 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     }
     // A shutdown stops the driver without ending the release: a restart resumes it.
     let cancel = app.shutdown.child_token();
-    let answer = release.to_json();
+    let mut answer = release.to_json();
+    // Said, not refused: a release may carry a service nothing watches (a static panel), but
+    // nobody should believe a trigger protects it.
+    let unwatched_note = (!unwatched.is_empty()).then(|| {
+        format!(
+            "no automatic rollback watches {} (rollback off or no trigger): a failure there rolls nothing back",
+            unwatched.join(", ")
+        )
+    });
+    answer = json!({ "release": answer });
+    if let Some(note) = &unwatched_note {
+        answer["unwatched"] = json!(unwatched);
+        answer["warning"] = json!(note);
+        tracing::warn!(release = %id, "{note}");
+    }
     {
         let mut inner = rel.lock();
         inner.current = Some(release);
@@ -207,13 +230,14 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
         crate::events::Reason::ReleaseStart,
         actor,
         format!(
-            "release {:?} ({id}) started: {}",
+            "release {:?} ({id}) started: {}{}",
             plan.name,
             plan.phases
                 .iter()
                 .map(|p| format!("{} [{}]", p.name, p.services.join(", ")))
                 .collect::<Vec<_>>()
-                .join(" -> ")
+                .join(" -> "),
+            unwatched_note.map(|n| format!("; {n}")).unwrap_or_default()
         ),
     ))
     .await;
@@ -1503,7 +1527,8 @@ async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
     roll_back_moved(app, id, m, true).await
 }
 
-/// A reload removed a service of the release: abort it with an event. True when it did.
+/// A reload (or a restart with another config) removed a service of the release: abort it
+/// with an event. True when it did.
 async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
     let snap = app.snapshot();
     let gone: Vec<String> = match app.releases.current().filter(|r| r.id == id) {
@@ -1518,10 +1543,30 @@ async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
     if gone.is_empty() {
         return rolled_back_elsewhere(app, id).await;
     }
-    let reason = format!("{} removed from the config by a reload", gone.join(", "));
+    // Removed while this process ran (a reload), or before it started (a resumed release).
+    let reloaded = app
+        .metrics
+        .config_reloads_total
+        .with_label_values(&["ok"])
+        .get()
+        > 0;
+    let (reason, actor) = if reloaded {
+        (
+            format!("{} removed from the config by a reload", gone.join(", ")),
+            "reload",
+        )
+    } else {
+        (
+            format!(
+                "{} not in the config Switchyard started with (removed while it was stopped)",
+                gone.join(", ")
+            ),
+            "startup",
+        )
+    };
     if let Err(e) = roll_back(app, id, "aborted", FlipKind::ManualRollback, reason, |ev| {
         ev.reason = crate::events::Reason::ReleaseAbort;
-        ev.actor = "reload".to_string();
+        ev.actor = actor.to_string();
     })
     .await
     {
@@ -2196,7 +2241,7 @@ green = { upstreams = ["127.0.0.1:9"] }
         let dir = tempfile::tempdir().expect("tempdir");
         let app = app(dir.path()).await;
         let answer = start(&app, &plan(TWO), "test").await.expect("start");
-        assert!(answer["id"].is_string(), "{answer}");
+        assert!(answer["release"]["id"].is_string(), "{answer}");
         fail_at(&app, 1);
         tokio::time::sleep(Duration::from_secs(15 * 60 + 5)).await;
         let restarts = app

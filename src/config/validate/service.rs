@@ -29,7 +29,11 @@ pub(super) fn service(c: &mut Check, key: &str, rs: RawService) -> Option<Servic
     };
     let mut hosts = Vec::new();
     for (i, h) in rs.hosts.unwrap_or_default().into_iter().enumerate() {
-        let lower = h.to_ascii_lowercase();
+        let mut lower = h.to_ascii_lowercase();
+        // The root's dot names the same host: requests are routed without it.
+        if lower.len() > 1 && lower.ends_with('.') {
+            lower.pop();
+        }
         let bare = lower.strip_prefix("*.").unwrap_or(&lower);
         if bare.is_empty()
             || bare.contains(['/', ':', ' ', '*'])
