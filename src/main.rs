@@ -406,6 +406,13 @@ fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitC
         Ok(p) => {
             outln!("{}: ok", plan.display());
             out!("{}", p.summary());
+            let unwatched = cfg.as_ref().map(|c| p.unwatched(c)).unwrap_or_default();
+            if !unwatched.is_empty() {
+                outln!(
+                    "warning: no automatic rollback watches {} (rollback off or no trigger): a failure there rolls nothing back",
+                    unwatched.join(", ")
+                );
+            }
             exit(0)
         }
         Err(errs) => {

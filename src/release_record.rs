@@ -319,9 +319,7 @@ impl Releases {
     /// Whether the running release keeps `svc`'s triggers armed: from its flip until the end
     /// of the release's validate window, whatever `watch_for` says (a bake may be longer).
     pub fn arms(&self, svc: &Service) -> bool {
-        let r = &svc.config.rollback;
-        r.enabled
-            && !r.triggers.is_empty()
+        svc.config.rollback.watches()
             && svc.state.previous.is_some()
             && !svc.state.paused
             && svc.state.failed.is_none()

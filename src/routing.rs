@@ -61,9 +61,7 @@ impl Service {
     /// Armed: a flip happened less than `watch_for` ago, there is a previous color,
     /// auto-rollback is enabled and neither paused nor latched by an earlier rollback.
     pub fn armed(&self, now: Instant) -> bool {
-        let r = &self.config.rollback;
-        r.enabled
-            && !r.triggers.is_empty()
+        self.config.rollback.watches()
             && self.state.previous.is_some()
             && !self.state.paused
             && self.state.failed.is_none()

@@ -918,6 +918,47 @@ async fn a_reload_that_removes_a_service_aborts_the_release() {
     r.p.stop().await;
 }
 
+/// A release resumed at startup whose service the config no longer has is aborted as after a
+/// reload, but said as what happened: actor `startup`, "not in the config Switchyard started
+/// with" (it used to name a reload that never ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_resumed_without_one_of_its_services_is_aborted_by_startup() {
+    let r = Rig::start().await;
+    let (s, v) = r
+        .start_release(two_phases("1s", "10m", "auto", "10m"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    r.wait_current(20, "phase 2 baking", |c| {
+        c["phases"][1]["state"] == "baking"
+    })
+    .await;
+    let Rig { api, p, .. } = r;
+    let dir = p.stop().await;
+    let api_only = service(
+        "api",
+        &[api[0].addr],
+        &[api[1].addr],
+        &format!("path_prefix = \"/api\"\n{TRIGGERS}"),
+    );
+    let p = TestProxy::start_with(&api_only, Some(TOKEN), Some(dir)).await;
+    let ended = eventually(20, || async {
+        common::release::releases(&p).await["recent"][0]["state"] == "aborted"
+    })
+    .await;
+    let all = common::release::releases(&p).await;
+    assert!(ended, "{all}");
+    let reason = all["recent"][0]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("panel not in the config Switchyard started with"),
+        "{all}"
+    );
+    let evs = common::events_once_listed(&p, "release_abort", 10).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["actor"], "startup", "{evs:?}");
+    assert_eq!(p.get("/api/x").await.1, "api-blue\n");
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_etcd_a_rollback_on_another_replica_rolls_the_whole_release_back() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1499,5 +1540,25 @@ async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_
     let v = common::release::start_release(&p, plan).await;
     assert_eq!(v["unwatched"], json!(["panel"]), "{v}");
     assert_eq!(v["release"]["validate_secs"], 600.0, "{v}");
+    // Offline, against the config: the same warning (exit 0: the plan is valid).
+    let plan = p.dir.as_ref().expect("dir").path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "name = \"x\"\n[[phases]]\nname = \"a\"\nservices = [\"api\", \"panel\"]\nbake = \"1m\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--release"])
+        .arg(&plan)
+        .arg("--config")
+        .arg(&p.config_path)
+        .output()
+        .expect("check");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("warning: no automatic rollback watches panel (rollback off"),
+        "{said}"
+    );
     p.stop().await;
 }

@@ -41,9 +41,28 @@ pub struct PhasePlan {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub name: String,
-    /// None: the longest `watch_for` of the plan's services.
+    /// None: the longest `watch_for` of the plan's services whose automatic rollback can act.
     pub validate: Option<Duration>,
     pub phases: Vec<PhasePlan>,
+}
+
+impl Plan {
+    /// The plan's services that no automatic rollback watches in `cfg` (rollback off, or no
+    /// trigger): a failure of theirs rolls nothing back. In plan order, once each.
+    pub fn unwatched(&self, cfg: &super::Config) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for name in self.phases.iter().flat_map(|p| &p.services) {
+            let watched = cfg
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .is_none_or(|s| s.rollback.watches());
+            if !watched && !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        out
+    }
 }
 
 fn one(message: String) -> ConfigErrors {

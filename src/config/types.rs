@@ -517,6 +517,14 @@ pub struct RollbackConfig {
     pub triggers: Vec<TriggerConfig>,
 }
 
+impl RollbackConfig {
+    /// Whether a trigger can roll the service back at all (on, with a trigger; `dry_run`
+    /// counts: its triggers are evaluated and said).
+    pub fn watches(&self) -> bool {
+        self.enabled && !self.triggers.is_empty()
+    }
+}
+
 impl Default for RollbackConfig {
     fn default() -> Self {
         RollbackConfig {

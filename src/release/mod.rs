@@ -108,7 +108,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     let mut pre = BTreeMap::new();
     let mut phases = Vec::new();
     let mut longest_watch = Duration::ZERO;
-    let mut unwatched: Vec<String> = Vec::new();
+    let unwatched = plan.unwatched(&snap.config);
     for (i, p) in plan.phases.iter().enumerate() {
         let mut targets = Vec::new();
         for (j, name) in p.services.iter().enumerate() {
@@ -129,11 +129,8 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
             }
             // Only a service whose triggers can roll the release back is watched: one with
             // automatic rollback off (or no trigger) waits through no window of its own.
-            let r = &svc.config.rollback;
-            if r.enabled && !r.triggers.is_empty() {
-                longest_watch = longest_watch.max(r.watch_for);
-            } else if !unwatched.contains(name) {
-                unwatched.push(name.clone());
+            if svc.config.rollback.watches() {
+                longest_watch = longest_watch.max(svc.config.rollback.watch_for);
             }
             pre.insert(name.clone(), from);
             targets.push((name.clone(), to));
