@@ -465,6 +465,8 @@ fn state(c: &mut Check, s: &RawState) -> StateConfig {
                 format!("state.etcd_endpoints[{i}]"),
                 format!("invalid endpoint {e:?} (expected http://host:port)"),
             );
+        } else if let Some(m) = base_url_problem(e, "/v3/kv/...") {
+            c.err(format!("state.etcd_endpoints[{i}]"), m);
         }
     }
     // An empty path passed `check` and `serve`, and then every flip failed to write it (500).
@@ -602,6 +604,22 @@ pub(super) fn url_problem(u: &str, parse_as: &str, expected: &str) -> Option<Str
         .map(|e| format!("invalid URL {shown:?}: {e}"))
 }
 
+/// What is wrong with `u` as a base URL Switchyard appends a path to (`appended`), or None: a
+/// query string or a `#fragment` would swallow that path (`/prom?x=1/api/v1/query?...`). Neither
+/// is repeated: a query may hold a secret.
+pub(super) fn base_url_problem(u: &str, appended: &str) -> Option<String> {
+    let part = if u.contains('#') {
+        "a #fragment"
+    } else if u.contains('?') {
+        "a query string ('?...')"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "a base URL takes no query or fragment, and this one has {part}: Switchyard appends {appended} to it, which would land inside it; leave it out"
+    ))
+}
+
 /// `[notify]`.
 fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
     let webhooks = n.webhooks.clone().unwrap_or_default();
@@ -628,11 +646,10 @@ fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
 
 /// `[analysis]`.
 fn analysis(c: &mut Check, an: &RawAnalysis) -> AnalysisConfig {
-    if let Some(m) = an
-        .prometheus_url
-        .as_deref()
-        .and_then(|u| url_problem(u, u, "http://host:port or https://host:port"))
-    {
+    if let Some(m) = an.prometheus_url.as_deref().and_then(|u| {
+        url_problem(u, u, "http://host:port or https://host:port")
+            .or_else(|| base_url_problem(u, "/api/v1/query?query=..."))
+    }) {
         c.err("analysis.prometheus_url", m);
     }
     if an.prometheus_token_env.as_deref() == Some("") {
