@@ -1392,6 +1392,59 @@ fn upgrade_socket_on_an_existing_file_is_refused_and_nothing_is_removed() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+/// `[log] access` naming the state file, a file kept beside it (the audit log, the release
+/// file) or the config file itself passed `check` and `serve`, and each proxied request then
+/// appended a JSON line to it (the next start refused the state file as corrupt, the next
+/// reload the config): both refuse it naming the key, compared as the upgrade socket's path
+/// is (a symlink to the state file too), and the files are left as they were.
+#[test]
+fn check_and_serve_refuse_an_access_log_on_the_state_or_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    let conf = |access: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [state]\npath = \"{d}/s.json\"\n[log]\naccess = \"{access}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let state = format!("{d}/s.json");
+    let stored = "{\"version\":1,\"services\":{}}\n";
+    std::fs::write(&state, stored).expect("write");
+    let link = format!("{d}/access-link.log");
+    std::os::unix::fs::symlink(&state, &link).expect("symlink");
+    let file = format!("{d}/c.toml");
+    let env = [("SWITCHYARD_ADMIN_TOKEN", "t")];
+    for (access, what) in [
+        (state.clone(), "the state file"),
+        (format!("{d}/s.events.jsonl"), "the audit log"),
+        (format!("{d}/s.release.json"), "the release file"),
+        (link.clone(), "the state file"),
+        (file.clone(), "the config file"),
+    ] {
+        let body = conf(&access);
+        std::fs::write(&file, &body).expect("write");
+        for cmd in ["check", "serve"] {
+            let (code, err) = run_bounded(&[cmd, "--config", &file], &env);
+            assert_eq!(code, Some(1), "{cmd} {access}: {err}");
+            assert!(
+                err.contains("log.access:")
+                    && err.contains(what)
+                    && err.contains("the access log needs a path of its own"),
+                "{cmd} {access}: {err}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&file).expect("config kept"), body);
+        assert_eq!(std::fs::read_to_string(&state).expect("state kept"), stored);
+        assert!(!dir.path().join("s.events.jsonl").exists());
+    }
+    // A path of its own passes.
+    std::fs::write(&file, conf(&format!("{d}/access.log"))).expect("write");
+    let (code, err) = run_bounded(&["check", "--config", &file], &env);
+    assert_eq!(code, Some(0), "{err}");
+}
+
 /// `state.path` naming an existing directory, or ending in `.lock` (the lock beside the state
 /// file is the path with the extension `.lock`: the state file itself), passed `check` and
 /// `serve` always refused it; `serve --reset-state` then renamed the whole directory aside.

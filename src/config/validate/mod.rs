@@ -6,7 +6,7 @@ mod trigger;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use service::valid_name as valid_service_name;
@@ -279,6 +279,24 @@ pub(crate) fn state_files(path: &std::path::Path) -> [(PathBuf, &'static str); 3
     ]
 }
 
+/// What `p` is when it names the state file (`state`) or a file kept beside it
+/// ([`state_files`]), or None. A path another key names (the upgrade socket, the access log)
+/// must be none of them: each is rewritten or replaced by its owner.
+pub(crate) fn state_file_at(state: &Path, p: &Path) -> Option<&'static str> {
+    std::iter::once((state.to_path_buf(), "the state file (state.path)"))
+        .chain(state_files(state))
+        .find(|(f, _)| same_path(f, p))
+        .map(|(_, what)| what)
+}
+
+/// Whether `a` and `b` name one file: as written, made absolute (`./s.json`, `s.json`), or, when
+/// both exist, the same file (through a symlink, a hard link).
+pub(crate) fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(x), Ok(y)) if x == y)
+        || crate::upgrade::same_file(a, b)
+}
+
 /// `proxy.upgrade_socket`: next to the state file unless given; never the state file or a
 /// file kept beside it (binding the socket would need that file gone).
 fn upgrade_socket(c: &mut Check, v: Option<&str>, state: &StateConfig) -> PathBuf {
@@ -289,10 +307,7 @@ fn upgrade_socket(c: &mut Check, v: Option<&str>, state: &StateConfig) -> PathBu
         }
         Some(p) => {
             let path = PathBuf::from(p);
-            let taken = std::iter::once((state.path.clone(), "the state file (state.path)"))
-                .chain(state_files(&state.path))
-                .find(|(f, _)| *f == path);
-            if let Some((_, what)) = taken {
+            if let Some(what) = state_file_at(&state.path, &path) {
                 c.err(
                     "proxy.upgrade_socket",
                     format!("{p:?} is {what}; the upgrade socket needs a path of its own"),
