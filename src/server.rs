@@ -190,7 +190,7 @@ pub async fn start_with(
         inherited.states.take(),
     )
     .await
-    .context("cannot load the live state")?;
+    .context("cannot load or write the live state")?;
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
     }
