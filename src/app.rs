@@ -401,15 +401,19 @@ fn restore_handed(
 /// File backend at startup: every service of the config the state file does not hold yet is
 /// written to it, at the color served (the one the old process handed over in an upgrade, else
 /// the config's `active`), so the next start serves the same color ("the file wins") whatever
-/// the config's `active` says by then: a live color changes only by a flip. A failed write is
-/// logged; the colors are served all the same (the next change writes the file). Returns the
-/// states to serve and those the file holds for services the config does not have.
+/// the config's `active` says by then: a live color changes only by a flip. The file is written
+/// at every start (the same states when it held them all), through the path every flip takes:
+/// a path that will never take it (a file bind-mounted on its own, [`StateError::Unreplaceable`])
+/// stops startup, as each flip and automatic rollback would fail; any other failed write (a
+/// full disk, a permission) is logged and the colors are served all the same (the next change
+/// writes the file). Returns the states to serve and those the file holds for services the
+/// config does not have.
 async fn persist_unstored(
     store: &StateStore,
     config: &Config,
     mut states: HashMap<String, ServiceState>,
     handed: Option<HashMap<String, ServiceState>>,
-) -> (HashMap<String, ServiceState>, HashMap<String, ServiceState>) {
+) -> Result<(HashMap<String, ServiceState>, HashMap<String, ServiceState>), StateError> {
     let unlisted: HashMap<String, ServiceState> = states
         .iter()
         .filter(|(n, _)| !config.services.iter().any(|s| &s.name == *n))
@@ -430,18 +434,23 @@ async fn persist_unstored(
     // In an upgrade nothing is written before the old process says "go": one that aborts
     // serves on and answers flips, which this write, made from the states read now, would
     // erase from the file. [`App::write_after_takeover`] writes then.
-    if !missing.is_empty() && handed.is_none() {
+    if handed.is_none() {
         let path = store.local_path().unwrap_or_default();
         match store.save(&states, &HashMap::new(), &missing).await {
+            Ok(()) if missing.is_empty() => {}
             Ok(()) => {
                 tracing::info!(path = %path.display(), services = %missing.join(", "), "services the state file did not hold yet are written to it at the color served")
+            }
+            Err(e @ StateError::Unreplaceable { .. }) => return Err(e),
+            Err(e) if missing.is_empty() => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the state file at startup; serving the colors it holds (the next change writes it, and fails the same way unless this is fixed)")
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), services = %missing.join(", "), error = %e, "cannot write the services the state file does not hold yet; serving them at the config's colors (the next change writes the file)")
             }
         }
     }
-    (states, unlisted)
+    Ok((states, unlisted))
 }
 
 impl App {
@@ -533,7 +542,7 @@ impl App {
         };
         let handed_file = source == StateSource::File && handed.is_some();
         let (states, unlisted) = match source {
-            StateSource::File => persist_unstored(&store, &config, states, handed).await,
+            StateSource::File => persist_unstored(&store, &config, states, handed).await?,
             _ => (states, HashMap::new()),
         };
         let clients = Clients::new(&config.proxy);

@@ -313,7 +313,7 @@ fn print_errors(path: &std::path::Path, errs: &config::ConfigErrors) {
 fn check(path: &std::path::Path) -> ExitCode {
     // The files it names are read as `serve` reads them at startup, their problems listed
     // with the rest.
-    match config::load_with(path, switchyard::file_problems) {
+    match config::load_with(path, |c| switchyard::config_file_problems(path, c)) {
         Ok(cfg) => {
             // Names are looked up once: a failure is a warning (it may resolve once deployed).
             let (cfg, notes) = if switchyard::has_names(&cfg) {
@@ -429,7 +429,7 @@ fn serve(
     log_format: LogFormat,
 ) -> ExitCode {
     let report = Startup(log_format);
-    let cfg = match config::load_with(path, switchyard::file_problems) {
+    let cfg = match config::load_with(path, |c| switchyard::config_file_problems(path, c)) {
         Ok(c) => c,
         Err(errs) => {
             report.config_errors(path, &errs);

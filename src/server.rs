@@ -190,7 +190,7 @@ pub async fn start_with(
         inherited.states.take(),
     )
     .await
-    .context("cannot load the live state")?;
+    .context("cannot load or write the live state")?;
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
     }
@@ -420,6 +420,33 @@ pub async fn start_with(
 /// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key` when
 /// `proxy.tls_listen` is set, `admin.…`), each CA file read (`analysis.ca_file`,
 /// `notify.ca_file`), and the access log's file writable or creatable. Each problem names its key. Blocking.
+/// [`file_problems`] of the config read from `path`, and the access log refused there too:
+/// each answered request would append a line to the config file.
+pub fn config_file_problems(
+    path: &std::path::Path,
+    config: &Config,
+) -> Vec<crate::config::ConfigError> {
+    let mut problems = file_problems(config);
+    if let crate::config::AccessTarget::File(access) = &config.log.access {
+        if crate::config::same_path(access, path) {
+            problems.push(access_collision(access, "the config file"));
+        }
+    }
+    problems
+}
+
+/// `log.access` naming a file another owner rewrites or reads back (the state file, the audit
+/// log, the config file): each answered request would append a JSON line to it.
+fn access_collision(path: &std::path::Path, what: &str) -> crate::config::ConfigError {
+    crate::config::ConfigError {
+        key: "log.access".to_string(),
+        message: format!(
+            "{:?} is {what}; the access log needs a path of its own",
+            path.display().to_string()
+        ),
+    }
+}
+
 pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
     let mut problems = Vec::new();
     // The proxy's pair only where `serve` reads it: with a TLS listener.
@@ -509,6 +536,9 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
         });
     }
     if let crate::config::AccessTarget::File(path) = &config.log.access {
+        if let Some(what) = crate::config::state_file_at(&config.state.path, path) {
+            problems.push(access_collision(path, what));
+        }
         // An existing file must open for appending; a new one needs its directory (nothing is
         // created here).
         let fault = if path.exists() {

@@ -1392,6 +1392,143 @@ fn upgrade_socket_on_an_existing_file_is_refused_and_nothing_is_removed() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+/// `[log] access` naming the state file, a file kept beside it (the audit log, the release
+/// file) or the config file itself passed `check` and `serve`, and each proxied request then
+/// appended a JSON line to it (the next start refused the state file as corrupt, the next
+/// reload the config): both refuse it naming the key, compared as the upgrade socket's path
+/// is (a symlink to the state file too), and the files are left as they were.
+#[test]
+fn check_and_serve_refuse_an_access_log_on_the_state_or_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    let conf = |access: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [state]\npath = \"{d}/s.json\"\n[log]\naccess = \"{access}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let state = format!("{d}/s.json");
+    let stored = "{\"version\":1,\"services\":{}}\n";
+    std::fs::write(&state, stored).expect("write");
+    let link = format!("{d}/access-link.log");
+    std::os::unix::fs::symlink(&state, &link).expect("symlink");
+    let file = format!("{d}/c.toml");
+    let env = [("SWITCHYARD_ADMIN_TOKEN", "t")];
+    for (access, what) in [
+        (state.clone(), "the state file"),
+        (format!("{d}/s.events.jsonl"), "the audit log"),
+        (format!("{d}/s.release.json"), "the release file"),
+        (link.clone(), "the state file"),
+        (file.clone(), "the config file"),
+    ] {
+        let body = conf(&access);
+        std::fs::write(&file, &body).expect("write");
+        for cmd in ["check", "serve"] {
+            let (code, err) = run_bounded(&[cmd, "--config", &file], &env);
+            assert_eq!(code, Some(1), "{cmd} {access}: {err}");
+            assert!(
+                err.contains("log.access:")
+                    && err.contains(what)
+                    && err.contains("the access log needs a path of its own"),
+                "{cmd} {access}: {err}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&file).expect("config kept"), body);
+        assert_eq!(std::fs::read_to_string(&state).expect("state kept"), stored);
+        assert!(!dir.path().join("s.events.jsonl").exists());
+    }
+    // A path of its own passes.
+    std::fs::write(&file, conf(&format!("{d}/access.log"))).expect("write");
+    let (code, err) = run_bounded(&["check", "--config", &file], &env);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// The state file bind-mounted on its own (`docker run -v $PWD/sy.json:/var/lib/switchyard/
+/// switchyard.json`): `serve` started with a warning, and every flip and automatic rollback
+/// then failed (500, "Device or resource busy": the rename over a mount point). `serve` now
+/// writes the state at startup through the path each flip takes and refuses to start, saying
+/// to mount the directory, whether or not the file held every service (nothing was written at
+/// startup then); the file on the host is left as it was. The mount is made in a
+/// mount namespace of the test's own (`unshare --user --map-root-user --mount`), which goes
+/// with the process, so nothing stays mounted whatever the outcome.
+#[test]
+fn serve_refuses_a_state_file_bind_mounted_on_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    std::fs::create_dir_all(dir.path().join("host")).expect("mkdir");
+    std::fs::create_dir_all(dir.path().join("state")).expect("mkdir");
+    let host = format!("{d}/host/sy.json");
+    let state = format!("{d}/state/sy.json");
+    std::fs::write(&state, "").expect("mount point");
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [state]\npath = \"{state}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        ),
+    );
+    for stored in [
+        "{\"version\":1,\"services\":{}}\n",
+        "{\"version\":1,\"services\":{\"api\":{\"active\":\"green\",\"generation\":3}}}\n",
+    ] {
+        std::fs::write(&host, stored).expect("write");
+        bind_mounted_serve_refuses(&host, &state, &file);
+        assert_eq!(std::fs::read_to_string(&host).expect("host file"), stored);
+    }
+}
+
+/// `serve --config file` with `host` bind-mounted on `state`, in a namespace of its own: it must
+/// exit 1 saying the state file cannot be replaced and what to do.
+fn bind_mounted_serve_refuses(host: &str, state: &str, file: &str) {
+    let mut child = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" || exit 90; exec "$3" serve --config "$4""#)
+        .args(["sh", host, state, env!("CARGO_BIN_EXE_switchyard"), file])
+        .env("RUST_LOG", "warn")
+        .env("SWITCHYARD_ADMIN_TOKEN", "t")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux) runs");
+    // 400 waits of 50 ms: 20 s, then a `serve` that started is stopped.
+    let mut code = None;
+    for _ in 0..400 {
+        if let Some(st) = child.try_wait().expect("wait") {
+            code = Some(st.code());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if code.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert_ne!(
+        code,
+        Some(Some(90)),
+        "this test needs a bind mount in a user and mount namespace of its own (unshare --user --mount): {err}"
+    );
+    assert_eq!(
+        code,
+        Some(Some(1)),
+        "serve kept running or failed otherwise: {err}"
+    );
+    assert!(
+        err.contains("cannot replace the state file") && err.contains("Mount the directory"),
+        "{err}"
+    );
+}
+
 /// `state.path` naming an existing directory, or ending in `.lock` (the lock beside the state
 /// file is the path with the extension `.lock`: the state file itself), passed `check` and
 /// `serve` always refused it; `serve --reset-state` then renamed the whole directory aside.

@@ -1067,3 +1067,52 @@ fn an_idle_pool_too_large_to_allocate_per_upstream_is_refused() {
     let c = from_toml_str_with_env(&with("65536"), env()).expect("65536 is accepted");
     assert_eq!(c.proxy.upstream_max_idle, 65536);
 }
+
+/// A base URL Switchyard appends a path to (`analysis.prometheus_url`: `/api/v1/query`,
+/// `state.etcd_endpoints`: `/v3/kv/...`) with a query string or a `#fragment` passed `check`,
+/// and every call then went to `/prom?x=1/api/v1/query?...` (each prometheus trigger
+/// inconclusive for good): refused at its key, the query not repeated. A full URL (a probe's,
+/// a webhook's) keeps its query.
+#[test]
+fn a_base_url_with_a_query_or_fragment_is_refused() {
+    for (url, part) in [
+        ("http://127.0.0.1:9090/prom?token=s3cret", "a query string"),
+        ("http://127.0.0.1:9090/prom#f", "a #fragment"),
+        ("http://127.0.0.1:9090/?", "a query string"),
+    ] {
+        let text = format!("[analysis]\nprometheus_url = \"{url}\"\n{GOOD}");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{url}: {errs:#?}");
+        assert!(
+            errs[0].starts_with("analysis.prometheus_url: a base URL takes no query or fragment")
+                && errs[0].contains(part)
+                && errs[0].contains("/api/v1/query"),
+            "{url}: {errs:#?}"
+        );
+        assert!(!errs[0].contains("s3cret"), "{errs:#?}");
+    }
+    let text = format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\", \"http://127.0.0.1:2379?x=1\"]\n{GOOD}"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("state.etcd_endpoints[1]: a base URL takes no query or fragment"),
+        "{errs:#?}"
+    );
+    let text = r#"
+[analysis]
+prometheus_url = "http://127.0.0.1:9090/prom/"
+[notify]
+webhooks = ["http://127.0.0.1:8081/hook?channel=ops"]
+[[services]]
+name = "api"
+blue = { upstreams = ["127.0.0.1:3001"] }
+green = { upstreams = ["127.0.0.1:3011"] }
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+url = "http://127.0.0.1:3001/{{color}}/deps?full=1"
+"#;
+    assert_eq!(errors(text), Vec::<String>::new());
+}

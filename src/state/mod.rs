@@ -103,6 +103,9 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot write state file {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    /// A write the path will never take (a mount point: `file::unreplaceable`).
+    #[error("cannot replace the state file {path}: {reason}")]
+    Unreplaceable { path: PathBuf, reason: String },
     #[error("state backend unavailable: {0}")]
     Unavailable(String),
     /// Another replica changed the state first (etcd compare-and-swap lost).

@@ -6,7 +6,7 @@ mod trigger;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use service::valid_name as valid_service_name;
@@ -279,6 +279,24 @@ pub(crate) fn state_files(path: &std::path::Path) -> [(PathBuf, &'static str); 3
     ]
 }
 
+/// What `p` is when it names the state file (`state`) or a file kept beside it
+/// ([`state_files`]), or None. A path another key names (the upgrade socket, the access log)
+/// must be none of them: each is rewritten or replaced by its owner.
+pub(crate) fn state_file_at(state: &Path, p: &Path) -> Option<&'static str> {
+    std::iter::once((state.to_path_buf(), "the state file (state.path)"))
+        .chain(state_files(state))
+        .find(|(f, _)| same_path(f, p))
+        .map(|(_, what)| what)
+}
+
+/// Whether `a` and `b` name one file: as written, made absolute (`./s.json`, `s.json`), or, when
+/// both exist, the same file (through a symlink, a hard link).
+pub(crate) fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(x), Ok(y)) if x == y)
+        || crate::upgrade::same_file(a, b)
+}
+
 /// `proxy.upgrade_socket`: next to the state file unless given; never the state file or a
 /// file kept beside it (binding the socket would need that file gone).
 fn upgrade_socket(c: &mut Check, v: Option<&str>, state: &StateConfig) -> PathBuf {
@@ -289,10 +307,7 @@ fn upgrade_socket(c: &mut Check, v: Option<&str>, state: &StateConfig) -> PathBu
         }
         Some(p) => {
             let path = PathBuf::from(p);
-            let taken = std::iter::once((state.path.clone(), "the state file (state.path)"))
-                .chain(state_files(&state.path))
-                .find(|(f, _)| *f == path);
-            if let Some((_, what)) = taken {
+            if let Some(what) = state_file_at(&state.path, &path) {
                 c.err(
                     "proxy.upgrade_socket",
                     format!("{p:?} is {what}; the upgrade socket needs a path of its own"),
@@ -465,6 +480,8 @@ fn state(c: &mut Check, s: &RawState) -> StateConfig {
                 format!("state.etcd_endpoints[{i}]"),
                 format!("invalid endpoint {e:?} (expected http://host:port)"),
             );
+        } else if let Some(m) = base_url_problem(e, "/v3/kv/...") {
+            c.err(format!("state.etcd_endpoints[{i}]"), m);
         }
     }
     // An empty path passed `check` and `serve`, and then every flip failed to write it (500).
@@ -602,6 +619,22 @@ pub(super) fn url_problem(u: &str, parse_as: &str, expected: &str) -> Option<Str
         .map(|e| format!("invalid URL {shown:?}: {e}"))
 }
 
+/// What is wrong with `u` as a base URL Switchyard appends a path to (`appended`), or None: a
+/// query string or a `#fragment` would swallow that path (`/prom?x=1/api/v1/query?...`). Neither
+/// is repeated: a query may hold a secret.
+pub(super) fn base_url_problem(u: &str, appended: &str) -> Option<String> {
+    let part = if u.contains('#') {
+        "a #fragment"
+    } else if u.contains('?') {
+        "a query string ('?...')"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "a base URL takes no query or fragment, and this one has {part}: Switchyard appends {appended} to it, which would land inside it; leave it out"
+    ))
+}
+
 /// `[notify]`.
 fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
     let webhooks = n.webhooks.clone().unwrap_or_default();
@@ -628,11 +661,10 @@ fn notify(c: &mut Check, n: &RawNotify) -> NotifyConfig {
 
 /// `[analysis]`.
 fn analysis(c: &mut Check, an: &RawAnalysis) -> AnalysisConfig {
-    if let Some(m) = an
-        .prometheus_url
-        .as_deref()
-        .and_then(|u| url_problem(u, u, "http://host:port or https://host:port"))
-    {
+    if let Some(m) = an.prometheus_url.as_deref().and_then(|u| {
+        url_problem(u, u, "http://host:port or https://host:port")
+            .or_else(|| base_url_problem(u, "/api/v1/query?query=..."))
+    }) {
         c.err("analysis.prometheus_url", m);
     }
     if an.prometheus_token_env.as_deref() == Some("") {
