@@ -327,13 +327,21 @@ impl FramingFields {
     /// value either way.
     #[inline]
     pub fn content_length(&mut self, value: &[u8]) -> Result<(), FramingError> {
-        for element in value.split(|b| *b == b',') {
-            let n = parse_length(element).map_err(|_| FramingError::InvalidLength)?;
-            if self.length.is_some_and(|l| l != n) {
-                return Err(FramingError::ConflictingLength);
-            }
-            self.length = Some(n);
+        if !value.contains(&b',') {
+            return self.one_length(value);
         }
+        value
+            .split(|b| *b == b',')
+            .try_for_each(|element| self.one_length(element))
+    }
+
+    #[inline]
+    fn one_length(&mut self, value: &[u8]) -> Result<(), FramingError> {
+        let n = parse_length(value).map_err(|_| FramingError::InvalidLength)?;
+        if self.length.is_some_and(|l| l != n) {
+            return Err(FramingError::ConflictingLength);
+        }
+        self.length = Some(n);
         Ok(())
     }
 
