@@ -609,6 +609,27 @@ impl App {
         self.events.record(ev).await;
     }
 
+    /// [`App::record`] that returns once etcd stored the event: true when it did (or there is
+    /// no etcd). For an event whose mark in etcd ("this is not recorded yet") is removed next:
+    /// removed only once the event is there for every replica to see.
+    pub async fn record_stored(&self, ev: Event) -> bool {
+        let stored = match self.store.as_etcd() {
+            Some(etcd) => {
+                let ticket = etcd.event_ticket();
+                match etcd.put_event_in_order(ticket, &ev).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store the event in etcd; it is kept locally");
+                        false
+                    }
+                }
+            }
+            None => true,
+        };
+        self.events.record(ev).await;
+        stored
+    }
+
     /// The audit log, newest last: every replica's with etcd (this replica's if etcd is down).
     pub async fn events_list(&self) -> Vec<Event> {
         if let Some(etcd) = self.store.as_etcd() {

@@ -333,6 +333,52 @@ async fn a_retried_http10_request_without_host_carries_the_authority_of_its_h2_u
     retried_http10_without_host("h2").await;
 }
 
+/// A Content-Length the server takes as one value though written as a list of it repeated, or
+/// on two lines (RFC 9110 8.6), reaches an HTTP/2 upstream as that one value: h2 takes nothing
+/// else (a list there resets the stream: a 502, and an error counted against the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_repeated_reaches_an_h2_upstream_as_one_value() {
+    let up = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        up.addr, green.addr
+    ))
+    .await;
+    for length in [
+        "Content-Length: 2, 2",
+        "Content-Length: 2\r\nContent-Length: 2",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(p.proxy)
+            .await
+            .expect("connect");
+        let req =
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\n{length}\r\nConnection: close\r\n\r\nok");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the answer in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        assert!(head.starts_with("HTTP/1.1 200"), "{length:?}: {text}");
+        let echo: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(echo["version"], "HTTP/2.0", "{echo}");
+        assert_eq!(echo["body_len"], 2, "{echo}");
+        let lengths: Vec<&str> = echo["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h[0] == "content-length")
+            .filter_map(|h| h[1].as_str())
+            .collect();
+        assert_eq!(lengths, ["2"], "{length:?}: {echo}");
+    }
+    assert_eq!(upstream_failures(&metrics(&p).await), 0.0);
+    p.stop().await;
+}
+
 async fn retried_http10_without_host(protocol: &str) {
     let dead = dead_addr().await;
     let up = TestUpstream::start("alive").await;

@@ -587,6 +587,77 @@ async fn a_completion_whose_driver_stopped_before_knowing_it_is_recorded_by_anot
     b.stop().await;
 }
 
+/// The driver's completion lands in etcd but its answers come late; meanwhile another replica
+/// starts the next release (over the completion's "not recorded yet" mark) and completes it.
+/// The first completion is recorded once (by the replica that stored the next release over its
+/// mark, or the driver once it reads back its write, whichever first), and the driver, when its
+/// answers come, stops: its heartbeat never writes its old release back over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_that_learns_late_of_its_completion_never_writes_over_the_next_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::with_timeout(&etcd, "/sy-rel-complete-late/", "1s").await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.through(&relay, &etcd)).await;
+    let b = TestProxy::start(&rig.body).await;
+    let first = start_release(&a, two_phases("0s", "0s", "4s")).await["release"]["id"].clone();
+    let validating = eventually(20, || async {
+        releases(&a).await["current"]["state"] == "validating"
+    })
+    .await;
+    assert!(validating, "{}", releases(&a).await);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(8)));
+    let completed = eventually(30, || async {
+        releases(&b).await["recent"][0]["id"] == first
+    })
+    .await;
+    assert!(completed, "{}", releases(&b).await);
+    let seen_complete = tokio::time::Instant::now();
+    let second = start_release(&b, two_phases("0s", "0s", "1s")).await["release"]["id"].clone();
+    let done = eventually(30, || async {
+        let all = releases(&b).await;
+        all["current"].is_null() && all["recent"][0]["id"] == second
+    })
+    .await;
+    assert!(done, "{}", releases(&b).await);
+    // Long enough for a's own read-back of its write (three etcd timeouts) to give up: a keeps
+    // its release, reading the key until etcd answers.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(seen_complete.elapsed())).await;
+    relay.set_mode(common::relay::Mode::Pass);
+    // a reads its completion back and catches up with the key.
+    let caught_up = eventually(40, || async {
+        let all = releases(&a).await;
+        all["current"].is_null() && all["recent"][0]["id"] == second
+    })
+    .await;
+    assert!(caught_up, "{}", releases(&a).await);
+    // Heartbeats of a would come every 200 ms: none takes the key back to the first release.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for p in [&a, &b] {
+        let all = releases(p).await;
+        assert!(all["current"].is_null(), "{all}");
+        assert_eq!(all["recent"][0]["id"], second, "{all}");
+        assert_eq!(all["recent"][0]["state"], "complete", "{all}");
+        assert_eq!(all["recent"][1]["id"], first, "{all}");
+    }
+    let complete = events_once_stored(&b, "release_complete").await;
+    let of = |id: &Value| {
+        let said = format!("({}) complete", id.as_str().unwrap_or("?"));
+        complete
+            .iter()
+            .filter(|e| e["detail"].as_str().unwrap_or("").contains(&said))
+            .count()
+    };
+    assert_eq!(of(&first), 1, "{complete:#?}");
+    assert_eq!(of(&second), 1, "{complete:#?}");
+    // Nothing holds the next start up.
+    let third = start_release(&b, two_phases("0s", "0s", "0s")).await;
+    assert!(third["release"]["id"].is_string(), "{third}");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promote_on_the_replica_that_does_not_drive_passes_the_manual_gate() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -361,7 +361,9 @@ impl Plan {
             "  validate: {}\n",
             self.validate
                 .map(|d| humantime::format_duration(d).to_string())
-                .unwrap_or_else(|| "the longest watch_for of its services".to_string())
+                .unwrap_or_else(|| {
+                    "the longest watch_for of its watched services (0s when none is)".to_string()
+                })
         );
         s
     }

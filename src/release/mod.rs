@@ -203,12 +203,7 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     let mut answer = release.to_json();
     // Said, not refused: a release may carry a service nothing watches (a static panel), but
     // nobody should believe a trigger protects it.
-    let unwatched_note = (!unwatched.is_empty()).then(|| {
-        format!(
-            "no automatic rollback watches {} (rollback off or no trigger): a failure there rolls nothing back",
-            unwatched.join(", ")
-        )
-    });
+    let unwatched_note = unwatched_note(&unwatched);
     answer = json!({ "release": answer });
     if let Some(note) = &unwatched_note {
         answer["unwatched"] = json!(unwatched);
@@ -509,6 +504,16 @@ async fn roll_back_held(
         store::mark_returned(app, &etcd, id).await;
     }
     Ok(Some(out))
+}
+
+/// What a release's start says of its services no automatic rollback watches (none: nothing).
+pub(super) fn unwatched_note(unwatched: &[String]) -> Option<String> {
+    (!unwatched.is_empty()).then(|| {
+        format!(
+            "no automatic rollback watches {} (rollback off or no trigger): a failure there rolls nothing back",
+            unwatched.join(", ")
+        )
+    })
 }
 
 /// The services of an ended release back in one step ([`App::return_set`]), one event; the
@@ -883,6 +888,13 @@ async fn drive(
             // cancelling the release's token: the end is this replica's all the same.
             Ok(store::Ended::Won(_)) => {
                 rel.end(&id, "complete", WHY.to_string());
+                // A newer release was stored over it since (its answer came late): recorded
+                // unless etcd's events hold it (the replica that stored the newer one did).
+                if !store::key_holds(&app, &id) {
+                    drop(_op);
+                    store::record_completion(&app, &etcd, &name, &id, "").await;
+                    return;
+                }
                 break true;
             }
             Ok(store::Ended::NotLive) => break false,
@@ -910,7 +922,16 @@ async fn drive(
                         rel.end(&id, "complete", WHY.to_string());
                         // Recorded here unless another replica took that over meanwhile (it
                         // found this one silent for as long as a stopped driver is).
-                        break store::claim_return(&app, &etcd, &id, false).await.is_some();
+                        if store::claim_return(&app, &etcd, &id, false).await.is_some() {
+                            break true;
+                        }
+                        // A newer release was stored over its mark since: nobody else knows
+                        // it is not recorded (unless etcd's events hold it already).
+                        if !store::key_holds(&app, &id) {
+                            drop(_op);
+                            store::record_completion(&app, &etcd, &name, &id, "").await;
+                        }
+                        return;
                     }
                     // Not stored (a fence decided it, or another write moved the key on): the
                     // next pass ends it again, or finds it ended elsewhere.
@@ -930,14 +951,17 @@ async fn drive(
         }
     };
     if ended {
-        app.record(Event::new(
-            "*",
-            crate::events::Reason::ReleaseComplete,
-            "release",
-            format!("release {name:?} ({id}) complete"),
-        ))
-        .await;
-        if let Some(etcd) = store::etcd(&app) {
+        // With etcd, its mark goes once the event is stored there (not stored: the mark stays,
+        // and a replica records it after three heartbeats).
+        let stored = app
+            .record_stored(Event::new(
+                "*",
+                crate::events::Reason::ReleaseComplete,
+                "release",
+                format!("release {name:?} ({id}) complete"),
+            ))
+            .await;
+        if let Some(etcd) = store::etcd(&app).filter(|_| stored) {
             store::mark_returned(&app, &etcd, &id).await;
         }
     }
@@ -1551,6 +1575,15 @@ async fn removed_by_reload(app: &Arc<App>, id: &str) -> bool {
         (
             format!("{} removed from the config by a reload", gone.join(", ")),
             "reload",
+        )
+    } else if app.store.as_etcd().is_some() {
+        // Resumed here, or taken over from another replica (whose config had them).
+        (
+            format!(
+                "{} not in the config this replica started with (removed while it was stopped, or its config differs from the replica that started the release)",
+                gone.join(", ")
+            ),
+            "startup",
         )
     } else {
         (

@@ -136,6 +136,7 @@ fn stop_driving(app: &App) {
 /// promote or pause into the release this replica drives, ends the local copy of an ended one.
 fn apply(app: &App, read: &ReleaseRead) {
     let rels = &app.releases;
+    let before = rels.shared.seen().rev;
     rels.shared.record_read(read);
     let Some(v) = read.value.as_ref() else { return };
     if v["release"].is_null() {
@@ -149,7 +150,16 @@ fn apply(app: &App, read: &ReleaseRead) {
     r.reason = v["release"]["reason"].as_str().map(str::to_string);
     r.set_deadlines();
     let driver = v["driver"].as_str();
-    let driving = rels.shared.seen().driving.clone();
+    let mut driving = rels.shared.seen().driving.clone();
+    // The key moved on to another release (a read no older than what this replica knew: a
+    // compare-and-swap's answer, or a poll's): the one this replica drove is over, ended by a
+    // write whose answer it never had (its end read back, or lost). Its heartbeat or next step
+    // would otherwise write its stale copy over the newer release.
+    if read.mod_revision >= before && driving.as_deref().is_some_and(|d| d != r.id) {
+        tracing::warn!(release = ?driving, newer = %r.id, "the release key holds another release now; this replica stops driving its own");
+        stop_driving(app);
+        driving = None;
+    }
     if !live_state(r.state) {
         if driving.as_deref() == Some(r.id.as_str()) {
             stop_driving(app);
@@ -257,13 +267,33 @@ pub(super) async fn create(
     r: &Release,
 ) -> Result<(), StartError> {
     let shared = &app.releases.shared;
-    let _io = shared.io.lock().await;
-    if shared.seen().rev == 0 {
-        // Nothing read yet (a start right after this replica started): read first.
-        if let Ok(read) = store.read_release().await {
-            apply(app, &read);
+    // A completion not recorded yet: its driver records it within moments (the mark goes
+    // then); one still there after a heartbeat's time is recorded by this start (it stores
+    // the new release over the mark, and nobody else would know).
+    let waited_until = Instant::now() + store.options().progress_interval;
+    // Nothing read yet (a start right after this replica started): read first.
+    let mut fresh = shared.seen().rev == 0;
+    loop {
+        let marked = shared
+            .seen()
+            .value
+            .as_ref()
+            .is_some_and(|v| v[UNANNOUNCED] == json!(true) && ended_record(v));
+        if !fresh && (!marked || Instant::now() >= waited_until) {
+            break;
+        }
+        if marked {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Read under `io` (a read never goes back behind this replica's own write).
+        fresh = false;
+        let _io = shared.io.lock().await;
+        match store.read_release().await {
+            Ok(read) => apply(app, &read),
+            Err(_) => break,
         }
     }
+    let _io = shared.io.lock().await;
     for _ in 0..5 {
         if let Some(cur) = app.releases.current() {
             return Err(StartError::Conflict(format!(
@@ -277,24 +307,45 @@ pub(super) async fn create(
                 v["release"]["name"], v["release"]["id"].as_str().unwrap_or(""), v["release"]["state"].as_str().unwrap_or("")
             )));
         }
-        match cas(app, store, record(r, false, Some(replica_id(app)), "")).await {
+        let unannounced = shared
+            .seen()
+            .value
+            .as_ref()
+            .filter(|v| v[UNANNOUNCED] == json!(true) && ended_record(v))
+            .and_then(|v| Release::from_stored(&v["release"]));
+        let stored = match cas(app, store, record(r, false, Some(replica_id(app)), "")).await {
             ReleaseCas::Applied(_) => {
                 shared.seen().driving = Some(r.id.clone());
-                return Ok(());
+                true
             }
             ReleaseCas::Replaced { now, .. } => {
                 // Stored, then changed by another replica: it is followed from there (a
                 // takeover or an end stops this replica driving it).
                 shared.seen().driving = Some(r.id.clone());
                 apply(app, &now);
-                return Ok(());
+                true
             }
-            ReleaseCas::Lost(read) => apply(app, &read),
+            ReleaseCas::Lost(read) => {
+                apply(app, &read);
+                false
+            }
             ReleaseCas::Unknown(m) => {
                 return Err(StartError::Unknown(format!(
                     "{m}; whether the release was stored is unknown: check `ctl release status` before starting again"
                 )))
             }
+        };
+        if stored {
+            if let Some(done) = unannounced {
+                tracing::warn!(release = %done.id, "release {} completed, but its release_complete was not recorded yet; the start of release {} records it", done.id, r.id);
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let Some(store) = etcd(&app) else { return };
+                    let note = "; recorded by the replica that started the next release";
+                    record_completion(&app, &store, &done.name, &done.id, note).await;
+                });
+            }
+            return Ok(());
         }
     }
     Err(StartError::Conflict(
@@ -511,10 +562,12 @@ pub(super) async fn end(
                 shared.seen().driving = None;
                 prune_history(app);
                 apply(app, &now);
-                // Ended by this replica; but when a newer release started since, its services
-                // are that release's now: they are left as it set them.
-                if let Some(newer) = app.releases.current().filter(|c| c.id != id) {
-                    tracing::warn!(release = %id, newer = %newer.id, "the release's end was stored in etcd, then release {} started; its services are left as that release set them", newer.id);
+                // Ended by this replica; but when a newer release started since (running or
+                // ended), its services are that release's now: they are left as it set them. (A
+                // completion: its driver finds the key moved on, and records it unless the
+                // replica that stored the newer release over it did.)
+                if result != "complete" && !key_holds(app, id) {
+                    tracing::warn!(release = %id, "the release's end was stored in etcd, then a newer release was; its services are left as that release set them");
                     return Ok(Ended::NotLive);
                 }
                 return Ok(Ended::Won(Box::new(cur)));
@@ -982,30 +1035,77 @@ async fn recover_return(app: &Arc<App>, store: &EtcdStore) {
 /// etcd's events hold none (the replica that stored the end stopped before it knew the write
 /// landed); then marks it done. Nothing when etcd's events cannot be read (tried again).
 async fn announce_completed(app: &App, store: &EtcdStore, r: Release) {
+    let note = "; recorded by another replica (the one that completed it stopped first)";
+    if completion_recorded(app, store, &r.name, &r.id, note).await {
+        mark_returned(app, store, &r.id).await;
+    }
+}
+
+/// Records `release_complete` for the completed release `id` unless etcd's events hold it
+/// already (the replica that completed it did). True once it is in etcd; false when etcd's
+/// events cannot be read or the event not stored (the caller tries again, or leaves the mark
+/// for another replica).
+async fn completion_recorded(
+    app: &App,
+    store: &EtcdStore,
+    name: &str,
+    id: &str,
+    note: &str,
+) -> bool {
     use crate::events::{Event, Reason};
-    let said = format!("({}) complete", r.id);
-    let done = match store.events(crate::events::RING_CAPACITY).await {
-        Ok(evs) => evs
-            .iter()
-            .any(|e| matches!(e.reason, Reason::ReleaseComplete) && e.detail.contains(&said)),
+    let said = format!("({id}) complete");
+    match store.events(crate::events::RING_CAPACITY).await {
+        Ok(evs)
+            if evs.iter().any(|e| {
+                matches!(e.reason, Reason::ReleaseComplete) && e.detail.contains(&said)
+            }) =>
+        {
+            true
+        }
+        Ok(_) => {
+            app.record_stored(Event::new(
+                "*",
+                Reason::ReleaseComplete,
+                "release",
+                format!("release {name:?} {said}{note}"),
+            ))
+            .await
+        }
         Err(e) => {
-            tracing::warn!(release = %r.id, error = %e, "cannot read the events in etcd to record the release's completion; tried again");
+            tracing::warn!(release = %id, error = %e, "cannot read the events in etcd to record the release's completion; tried again");
+            false
+        }
+    }
+}
+
+/// [`completion_recorded`] until it is (for at most ten minutes, and not past this process's
+/// stop): for a completion nobody else will record, as the release key moved on past its mark
+/// (a newer release was stored over it).
+pub(super) async fn record_completion(
+    app: &App,
+    store: &EtcdStore,
+    name: &str,
+    id: &str,
+    note: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !completion_recorded(app, store, name, id, note).await {
+        if Instant::now() >= deadline || app.shutdown.is_cancelled() {
+            tracing::error!(release = %id, "the release completed in etcd, but its release_complete event could not be stored there");
             return;
         }
-    };
-    if !done {
-        app.record(Event::new(
-            "*",
-            Reason::ReleaseComplete,
-            "release",
-            format!(
-                "release {:?} {said}; recorded by another replica (the one that completed it stopped first)",
-                r.name
-            ),
-        ))
-        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    mark_returned(app, store, &r.id).await;
+}
+
+/// Whether the release key, as this replica last saw it, holds the release `id`.
+pub(super) fn key_holds(app: &App, id: &str) -> bool {
+    app.releases
+        .shared
+        .seen()
+        .value
+        .as_ref()
+        .is_some_and(|v| v["release"]["id"].as_str() == Some(id))
 }
 
 /// Returns the services of the ended release `r` (this replica claimed it) as its end would
@@ -1100,11 +1200,24 @@ pub(super) async fn start_recorded(app: &App, store: &EtcdStore, id: &str) {
         .map(|p| format!("{} [{}]", p.plan.name, p.plan.services.join(", ")))
         .collect::<Vec<_>>()
         .join(" -> ");
+    let snap = app.snapshot();
+    let mut unwatched: Vec<String> = Vec::new();
+    for name in r.phases.iter().flat_map(|p| &p.plan.services) {
+        let watched = snap
+            .service(name)
+            .is_none_or(|s| s.config.rollback.watches());
+        if !watched && !unwatched.contains(name) {
+            unwatched.push(name.clone());
+        }
+    }
+    let note = super::unwatched_note(&unwatched)
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default();
     app.record(Event::new(
         "*",
         Reason::ReleaseStart,
         &r.actor,
-        format!("release {:?} {said}{phases}", r.name),
+        format!("release {:?} {said}{phases}{note}", r.name),
     ))
     .await;
 }

@@ -561,8 +561,10 @@ pub fn free_port() -> u16 {
         .unwrap_or(32_768);
     if low > FLOOR + 1_000 {
         let span = low - FLOOR;
-        // Test binaries run one after another; two at once still start apart.
-        let start = std::process::id() as usize * 7_919 % span;
+        // Test binaries run one after another; two at once start at random points apart (a
+        // port another one took is skipped by the bind).
+        static START: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(|| fastrand::usize(..span));
         for _ in 0..span {
             let port = FLOOR + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
             if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
