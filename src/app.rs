@@ -609,25 +609,29 @@ impl App {
         self.events.record(ev).await;
     }
 
-    /// [`App::record`] that returns once etcd stored the event: true when it did (or there is
-    /// no etcd). For an event whose mark in etcd ("this is not recorded yet") is removed next:
-    /// removed only once the event is there for every replica to see.
-    pub async fn record_stored(&self, ev: Event) -> bool {
-        let stored = match self.store.as_etcd() {
-            Some(etcd) => {
-                let ticket = etcd.event_ticket();
-                match etcd.put_event_in_order(ticket, &ev).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot store the event in etcd; it is kept locally");
-                        false
-                    }
-                }
-            }
-            None => true,
+    /// Records an event that must be in etcd once, whichever replica records it (a release's
+    /// completion, which the replica that completed it and one that took it over may both
+    /// record): `once` names it (`EtcdStore::put_event_once_in_order`). True when it is in etcd
+    /// now (stored by this call or before it) or there is no etcd; false when etcd did not
+    /// answer (kept locally; its mark in etcd stays, for a replica to record it later).
+    pub async fn record_once(&self, ev: Event, once: &str) -> bool {
+        let Some(etcd) = self.store.as_etcd() else {
+            self.events.record(ev).await;
+            return true;
         };
-        self.events.record(ev).await;
-        stored
+        let ticket = etcd.event_ticket();
+        match etcd.put_event_once_in_order(ticket, &ev, once).await {
+            Ok(true) => {
+                self.events.record(ev).await;
+                true
+            }
+            Ok(false) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store the event in etcd; it is kept locally");
+                self.events.record(ev).await;
+                false
+            }
+        }
     }
 
     /// The audit log, newest last: every replica's with etcd (this replica's if etcd is down).

@@ -78,6 +78,7 @@ pub use ctl::{run as run_ctl, Ctl};
 pub use demo::{run as run_demo, DemoArgs};
 pub use healthcheck::{HealthcheckArgs, Target as HealthcheckTarget};
 // Types the end-to-end tests inspect through `App`.
+pub use events::{Event, Reason as EventReason};
 pub use upstream::Upstream;
 // What benches/ and fuzz/ drive directly: the HTTP/1 head parser, header rewriting, the routing
 // snapshot, windowed histograms.

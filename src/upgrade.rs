@@ -775,7 +775,7 @@ fn started_from() -> Option<PathBuf> {
         )
     });
     match (named, exe) {
-        (Some(p), Some(e)) if same_file(&p, &e) => Some(p),
+        (Some(p), Some(e)) if crate::config::same_file(&p, &e) => Some(p),
         (Some(p), None) => Some(p),
         (_, e) => e,
     }
@@ -818,15 +818,6 @@ fn resolve_argv0(
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Whether `a` and `b` both exist and are one file (device and inode, through symlinks).
-pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
 }
 
 /// SIGUSR2: starts the binary at the path this process was started from ([`remember_binary`]:

@@ -348,6 +348,7 @@ async fn a_content_length_repeated_reaches_an_h2_upstream_as_one_value() {
     for length in [
         "Content-Length: 2, 2",
         "Content-Length: 2\r\nContent-Length: 2",
+        "Content-Length: 002",
     ] {
         let mut s = tokio::net::TcpStream::connect(p.proxy)
             .await

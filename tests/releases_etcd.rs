@@ -624,6 +624,20 @@ async fn a_driver_that_learns_late_of_its_completion_never_writes_over_the_next_
     // Long enough for a's own read-back of its write (three etcd timeouts) to give up: a keeps
     // its release, reading the key until etcd answers.
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(seen_complete.elapsed())).await;
+    // Meanwhile a start on a is refused, nothing started: the completion it reads back is
+    // recorded first.
+    let (s, v) = admin_post(
+        a.admin,
+        "/api/releases",
+        Some(TOKEN),
+        Some(two_phases("0s", "0s", "0s")),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("is completing"),
+        "{v}"
+    );
     relay.set_mode(common::relay::Mode::Pass);
     // a reads its completion back and catches up with the key.
     let caught_up = eventually(40, || async {

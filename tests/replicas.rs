@@ -976,3 +976,41 @@ async fn a_service_added_back_by_reload_serves_what_etcd_holds() {
         p.stop().await;
     }
 }
+
+/// An event that must be in etcd once (a release's completion, which the replica that completed
+/// it and one that found it unrecorded may both record) is stored once when two replicas
+/// record it at the same moment: the winner stores it, the other is told it is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_two_replicas_record_once_at_the_same_moment_is_stored_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    etcd.wait_ready().await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let ps = replicas(&etcd, &blue, &green, 2).await;
+    let ev = |round: usize, by: &str| {
+        switchyard::Event::new(
+            "*",
+            switchyard::EventReason::ReleaseComplete,
+            "release",
+            format!("release \"t\" (r-{round}) complete; by {by}"),
+        )
+    };
+    for round in 0..10 {
+        let once = format!("test-{round}");
+        let (a, b) = tokio::join!(
+            ps[0].app().record_once(ev(round, "a"), &once),
+            ps[1].app().record_once(ev(round, "b"), &once),
+        );
+        assert!(a && b, "round {round}: both are told it is in etcd");
+    }
+    let listed = ps[0].app().events_list().await;
+    for round in 0..10 {
+        let said = format!("(r-{round}) complete");
+        let n = listed.iter().filter(|e| e.detail.contains(&said)).count();
+        assert_eq!(n, 1, "round {round}: {listed:#?}");
+    }
+    for p in ps {
+        p.stop().await;
+    }
+}

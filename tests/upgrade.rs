@@ -850,6 +850,9 @@ async fn an_upgrade_without_the_state_file_serves_the_old_process_s_live_colors(
     let (_, status) = admin_get(admin, "/api/status").await;
     assert_eq!(status["services"][0]["active"], "green", "{status}");
     assert_eq!(status["services"][0]["generation"], 1, "{status}");
+    // Written once the old process said "go" (after its exit, as likely as before it).
+    let written = eventually(10, || async { state.exists() }).await;
+    assert!(written, "the state file is not written back\n{}", logs());
     let stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state).expect("the state file is written back"))
             .expect("json");

@@ -31,7 +31,7 @@ pub use types::{
 pub use validate::{host_pattern_matches, valid_service_name};
 #[cfg(test)]
 use validate::{placeholder_errors, QUERY_PLACEHOLDERS};
-pub(crate) use validate::{same_path, state_file_at};
+pub(crate) use validate::{same_file, same_path, state_file_at};
 
 /// One problem in a config file, with the key it is at.
 #[derive(Clone, Debug, PartialEq, Eq)]

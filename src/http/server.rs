@@ -660,12 +660,15 @@ fn header_fields(
             fields
                 .content_length(value.as_bytes())
                 .map_err(|e| bad(framing_refusal(e)))?;
-            // Relayed as the one value it is (a list of one value repeated, or one value on
-            // two lines, RFC 9110 8.6): an HTTP/2 upstream takes nothing else.
+            // Relayed as the one value it is, in digits alone (a list of one value repeated,
+            // one value on two lines, RFC 9110 8.6; leading zeros): an HTTP/2 upstream takes
+            // nothing else.
             if headers.contains_key(header::CONTENT_LENGTH) {
                 continue;
             }
-            if let Some(n) = fields.length().filter(|_| value.as_bytes().contains(&b',')) {
+            let v = value.as_bytes();
+            let canonical = !v.contains(&b',') && (v.len() == 1 || v.first() != Some(&b'0'));
+            if let Some(n) = fields.length().filter(|_| !canonical) {
                 headers.append(name, http::HeaderValue::from(n));
                 continue;
             }

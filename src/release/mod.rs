@@ -77,6 +77,13 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     let plan = parse(plan_value, Some(&snap.config)).map_err(StartError::Invalid)?;
     let rel = &app.releases;
     let _op = rel.op.lock().await;
+    // Its driver records the completion under `op` once etcd answers; a release stored over it
+    // meanwhile would leave that to a race of two replicas. Nothing is started.
+    if rel.completing.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(StartError::Conflict(
+            "the last release is completing: whether etcd stored its end is being read back; try again once it shows ended".to_string(),
+        ));
+    }
     if let Some(cur) = rel.lock().current.as_ref() {
         return Err(StartError::Conflict(format!(
             "release {:?} ({}) is {} (phase {}); one release runs at a time: wait for it, promote it or abort it",
@@ -954,12 +961,15 @@ async fn drive(
         // With etcd, its mark goes once the event is stored there (not stored: the mark stays,
         // and a replica records it after three heartbeats).
         let stored = app
-            .record_stored(Event::new(
-                "*",
-                crate::events::Reason::ReleaseComplete,
-                "release",
-                format!("release {name:?} ({id}) complete"),
-            ))
+            .record_once(
+                Event::new(
+                    "*",
+                    crate::events::Reason::ReleaseComplete,
+                    "release",
+                    format!("release {name:?} ({id}) complete"),
+                ),
+                &store::completion_once(&id),
+            )
             .await;
         if let Some(etcd) = store::etcd(&app).filter(|_| stored) {
             store::mark_returned(&app, &etcd, &id).await;

@@ -137,6 +137,11 @@ fn stop_driving(app: &App) {
 fn apply(app: &App, read: &ReleaseRead) {
     let rels = &app.releases;
     let before = rels.shared.seen().rev;
+    // Older than what this replica knows (a poll's read that was on its way while this replica
+    // wrote): it would take `seen` back to a record etcd no longer holds.
+    if read.mod_revision != 0 && read.mod_revision < before {
+        return;
+    }
     rels.shared.record_read(read);
     let Some(v) = read.value.as_ref() else { return };
     if v["release"].is_null() {
@@ -330,9 +335,33 @@ pub(super) async fn create(
                 false
             }
             ReleaseCas::Unknown(m) => {
+                if let Some(done) = unannounced {
+                    // Stored or not is found out once etcd answers: stored over the mark, the
+                    // completion is this start's to record (nobody else sees the mark again).
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let Some(store) = etcd(&app) else { return };
+                        let deadline = Instant::now() + Duration::from_secs(600);
+                        while Instant::now() < deadline && !app.shutdown.is_cancelled() {
+                            if let Ok(read) = store.read_release().await {
+                                let held = read.value.as_ref().is_some_and(|v| {
+                                    v["release"]["id"].as_str() == Some(done.id.as_str())
+                                });
+                                if !held {
+                                    let note =
+                                        "; recorded by the replica that started the next release";
+                                    record_completion(&app, &store, &done.name, &done.id, note)
+                                        .await;
+                                }
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    });
+                }
                 return Err(StartError::Unknown(format!(
                     "{m}; whether the release was stored is unknown: check `ctl release status` before starting again"
-                )))
+                )));
             }
         };
         if stored {
@@ -1041,10 +1070,10 @@ async fn announce_completed(app: &App, store: &EtcdStore, r: Release) {
     }
 }
 
-/// Records `release_complete` for the completed release `id` unless etcd's events hold it
-/// already (the replica that completed it did). True once it is in etcd; false when etcd's
-/// events cannot be read or the event not stored (the caller tries again, or leaves the mark
-/// for another replica).
+/// Records `release_complete` for the completed release `id` unless etcd holds it already
+/// (listed in its events, or its once-mark: two replicas recording it at the same moment store
+/// one). True once it is in etcd; false when etcd's events cannot be read or the event not
+/// stored (the caller tries again, or leaves the mark for another replica).
 async fn completion_recorded(
     app: &App,
     store: &EtcdStore,
@@ -1063,12 +1092,15 @@ async fn completion_recorded(
             true
         }
         Ok(_) => {
-            app.record_stored(Event::new(
-                "*",
-                Reason::ReleaseComplete,
-                "release",
-                format!("release {name:?} {said}{note}"),
-            ))
+            app.record_once(
+                Event::new(
+                    "*",
+                    Reason::ReleaseComplete,
+                    "release",
+                    format!("release {name:?} {said}{note}"),
+                ),
+                &completion_once(id),
+            )
             .await
         }
         Err(e) => {
@@ -1076,6 +1108,12 @@ async fn completion_recorded(
             false
         }
     }
+}
+
+/// What makes the `release_complete` of release `id` one event in etcd, whichever replicas
+/// record it ([`App::record_once`]).
+pub(super) fn completion_once(id: &str) -> String {
+    format!("release_complete-{id}")
 }
 
 /// [`completion_recorded`] until it is (for at most ten minutes, and not past this process's

@@ -1259,6 +1259,32 @@ impl EtcdStore {
 
     /// Stores an event under `events/`, attached to a lease so the history expires.
     pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
+        self.put_event_once(ev, None).await.map(|_| ())
+    }
+
+    /// [`EtcdStore::put_event_in_order`] of an event recorded once whichever replica records
+    /// it: with `once`, stored only if no event with that `once` was (`<prefix>event_once/<once>`
+    /// created in the same transaction). True when this call stored it, false when one was.
+    pub async fn put_event_once_in_order(
+        &self,
+        ticket: u64,
+        ev: &Event,
+        once: &str,
+    ) -> Result<bool, StateError> {
+        struct Turn<'a>(&'a tokio::sync::watch::Sender<u64>, u64);
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                let next = self.1 + 1;
+                self.0.send_modify(|t| *t = (*t).max(next));
+            }
+        }
+        let mut turn = self.event_turn.subscribe();
+        let _ = turn.wait_for(|t| *t >= ticket).await;
+        let _done = Turn(&self.event_turn, ticket);
+        self.put_event_once(ev, Some(once)).await
+    }
+
+    async fn put_event_once(&self, ev: &Event, once: Option<&str>) -> Result<bool, StateError> {
         let id = self.event_lease().await?;
         let key = format!(
             "{}{}-{:08x}",
@@ -1267,19 +1293,31 @@ impl EtcdStore {
             fastrand::u32(..)
         );
         let value = serde_json::to_string(ev).unwrap_or_default();
-        if let Err(e) = self
-            .call(
-                "/v3/kv/put",
-                &json!({ "key": b64(&key), "value": b64(&value), "lease": id }),
-            )
-            .await
-        {
+        let put = json!({ "key": b64(&key), "value": b64(&value), "lease": id });
+        let answer = match once {
+            None => self.call("/v3/kv/put", &put).await.map(|_| true),
+            Some(once) => {
+                // A retry of a transaction that did land finds the key: "stored already".
+                let mark = b64(&format!("{}event_once/{once}", self.prefix));
+                let txn = json!({
+                    "compare": [{ "key": mark, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+                    "success": [
+                        { "request_put": { "key": mark, "value": b64(&ev.time), "lease": id } },
+                        { "request_put": put },
+                    ],
+                    "failure": [],
+                });
+                self.call("/v3/kv/txn", &txn)
+                    .await
+                    .map(|v| v["succeeded"].as_bool() == Some(true))
+            }
+        };
+        answer.map_err(|e| {
             if e.lease_gone {
                 self.forget_lease();
             }
-            return Err(e.into());
-        }
-        Ok(())
+            e.into()
+        })
     }
 
     /// The newest `limit` events of every replica, newest last.

@@ -294,7 +294,16 @@ pub(crate) fn state_file_at(state: &Path, p: &Path) -> Option<&'static str> {
 pub(crate) fn same_path(a: &Path, b: &Path) -> bool {
     a == b
         || matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(x), Ok(y)) if x == y)
-        || crate::upgrade::same_file(a, b)
+        || same_file(a, b)
+}
+
+/// Whether `a` and `b` both exist and are one file (device and inode, through symlinks).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// `proxy.upgrade_socket`: next to the state file unless given; never the state file or a
