@@ -1244,32 +1244,26 @@ impl EtcdStore {
     /// [`EtcdStore::put_event`] once every event with an earlier ticket was stored (or failed):
     /// the next one's turn comes when this one ends, dropped or panicking included.
     pub async fn put_event_in_order(&self, ticket: u64, ev: &Event) -> Result<(), StateError> {
-        struct Turn<'a>(&'a tokio::sync::watch::Sender<u64>, u64);
-        impl Drop for Turn<'_> {
-            fn drop(&mut self) {
-                let next = self.1 + 1;
-                self.0.send_modify(|t| *t = (*t).max(next));
-            }
-        }
-        let mut turn = self.event_turn.subscribe();
-        let _ = turn.wait_for(|t| *t >= ticket).await;
-        let _done = Turn(&self.event_turn, ticket);
-        self.put_event(ev).await
-    }
-
-    /// Stores an event under `events/`, attached to a lease so the history expires.
-    pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
-        self.put_event_once(ev, None).await.map(|_| ())
+        self.put_event_in_turn(ticket, ev, None).await.map(|_| ())
     }
 
     /// [`EtcdStore::put_event_in_order`] of an event recorded once whichever replica records
-    /// it: with `once`, stored only if no event with that `once` was (`<prefix>event_once/<once>`
-    /// created in the same transaction). True when this call stored it, false when one was.
+    /// it: stored only if no event with that `once` was (`<prefix>event_once/<once>`, created in
+    /// the same transaction). True when this call stored it, false when one was.
     pub async fn put_event_once_in_order(
         &self,
         ticket: u64,
         ev: &Event,
         once: &str,
+    ) -> Result<bool, StateError> {
+        self.put_event_in_turn(ticket, ev, Some(once)).await
+    }
+
+    async fn put_event_in_turn(
+        &self,
+        ticket: u64,
+        ev: &Event,
+        once: Option<&str>,
     ) -> Result<bool, StateError> {
         struct Turn<'a>(&'a tokio::sync::watch::Sender<u64>, u64);
         impl Drop for Turn<'_> {
@@ -1281,7 +1275,12 @@ impl EtcdStore {
         let mut turn = self.event_turn.subscribe();
         let _ = turn.wait_for(|t| *t >= ticket).await;
         let _done = Turn(&self.event_turn, ticket);
-        self.put_event_once(ev, Some(once)).await
+        self.put_event_once(ev, once).await
+    }
+
+    /// Stores an event under `events/`, attached to a lease so the history expires.
+    pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
+        self.put_event_once(ev, None).await.map(|_| ())
     }
 
     async fn put_event_once(&self, ev: &Event, once: Option<&str>) -> Result<bool, StateError> {
