@@ -613,8 +613,9 @@ impl App {
     /// completion, which the replica that completed it and one that took it over may both
     /// record): `once` names it (`EtcdStore::put_event_once_in_order`). True when it is in etcd
     /// now (stored by this call or before it) or there is no etcd; false when etcd did not
-    /// answer (kept locally; its mark in etcd stays, for a replica to record it later).
-    pub async fn record_once(&self, ev: Event, once: &str) -> bool {
+    /// answer (kept locally with `keep`, which a caller trying again sets on its first try
+    /// only; its mark in etcd stays, for a replica to record it later).
+    pub async fn record_once(&self, ev: Event, once: &str, keep: bool) -> bool {
         let Some(etcd) = self.store.as_etcd() else {
             self.events.record(ev).await;
             return true;
@@ -627,8 +628,10 @@ impl App {
             }
             Ok(false) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot store the event in etcd; it is kept locally");
-                self.events.record(ev).await;
+                tracing::warn!(error = %e, "cannot store the event in etcd");
+                if keep {
+                    self.events.record(ev).await;
+                }
                 false
             }
         }

@@ -549,6 +549,10 @@ pub(crate) struct Seen {
     /// resumes it once etcd answers, not as a takeover (the stored driver is this replica;
     /// per app, as several replicas of one test process share `replica_id`).
     pub(crate) cut_off: Option<String>,
+    /// The revision of the last read older than `rev` that was not applied (a poll's read on its
+    /// way while this replica wrote). Read again, it is what etcd holds (restored from a backup
+    /// with revisions set back) and is applied.
+    pub(crate) older_read: i64,
 }
 
 /// The etcd side of one app's releases.

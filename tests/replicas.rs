@@ -999,8 +999,8 @@ async fn an_event_two_replicas_record_once_at_the_same_moment_is_stored_once() {
     for round in 0..10 {
         let once = format!("test-{round}");
         let (a, b) = tokio::join!(
-            ps[0].app().record_once(ev(round, "a"), &once),
-            ps[1].app().record_once(ev(round, "b"), &once),
+            ps[0].app().record_once(ev(round, "a"), &once, true),
+            ps[1].app().record_once(ev(round, "b"), &once, true),
         );
         assert!(a && b, "round {round}: both are told it is in etcd");
     }

@@ -77,8 +77,8 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
     let plan = parse(plan_value, Some(&snap.config)).map_err(StartError::Invalid)?;
     let rel = &app.releases;
     let _op = rel.op.lock().await;
-    // Its driver records the completion under `op` once etcd answers; a release stored over it
-    // meanwhile would leave that to a race of two replicas. Nothing is started.
+    // Its driver reads back whether etcd stored the completion, then records it; a release
+    // stored over it meanwhile would leave the record to another replica. Nothing is started.
     if rel.completing.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(StartError::Conflict(
             "the last release is completing: whether etcd stored its end is being read back; try again once it shows ended".to_string(),
@@ -969,6 +969,7 @@ async fn drive(
                     format!("release {name:?} ({id}) complete"),
                 ),
                 &store::completion_once(&id),
+                true,
             )
             .await;
         if let Some(etcd) = store::etcd(&app).filter(|_| stored) {

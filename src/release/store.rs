@@ -138,9 +138,18 @@ fn apply(app: &App, read: &ReleaseRead) {
     let rels = &app.releases;
     let before = rels.shared.seen().rev;
     // Older than what this replica knows (a poll's read that was on its way while this replica
-    // wrote): it would take `seen` back to a record etcd no longer holds.
-    if read.mod_revision != 0 && read.mod_revision < before {
-        return;
+    // wrote): it would take `seen` back to a record etcd no longer holds. The same older read
+    // twice in a row is what etcd holds, and is applied.
+    {
+        let mut seen = rels.shared.seen();
+        if read.mod_revision != 0
+            && read.mod_revision < before
+            && seen.older_read != read.mod_revision
+        {
+            seen.older_read = read.mod_revision;
+            return;
+        }
+        seen.older_read = 0;
     }
     rels.shared.record_read(read);
     let Some(v) = read.value.as_ref() else { return };
@@ -318,7 +327,9 @@ pub(super) async fn create(
             .as_ref()
             .filter(|v| v[UNANNOUNCED] == json!(true) && ended_record(v))
             .and_then(|v| Release::from_stored(&v["release"]));
-        let stored = match cas(app, store, record(r, false, Some(replica_id(app)), "")).await {
+        let (write_id, expected) = (new_write_id(), shared.seen().rev);
+        let value = record(r, false, Some(replica_id(app)), "");
+        let stored = match cas_id(app, store, value, &write_id).await {
             ReleaseCas::Applied(_) => {
                 shared.seen().driving = Some(r.id.clone());
                 true
@@ -336,26 +347,15 @@ pub(super) async fn create(
             }
             ReleaseCas::Unknown(m) => {
                 if let Some(done) = unannounced {
-                    // Stored or not is found out once etcd answers: stored over the mark, the
-                    // completion is this start's to record (nobody else sees the mark again).
+                    // Stored or not is found out once etcd answers (fenced, so a write still on
+                    // its way cannot land after): stored over the mark, the completion is this
+                    // start's to record (nobody else sees the mark again).
                     let app = app.clone();
                     tokio::spawn(async move {
                         let Some(store) = etcd(&app) else { return };
-                        let deadline = Instant::now() + Duration::from_secs(600);
-                        while Instant::now() < deadline && !app.shutdown.is_cancelled() {
-                            if let Ok(read) = store.read_release().await {
-                                let held = read.value.as_ref().is_some_and(|v| {
-                                    v["release"]["id"].as_str() == Some(done.id.as_str())
-                                });
-                                if !held {
-                                    let note =
-                                        "; recorded by the replica that started the next release";
-                                    record_completion(&app, &store, &done.name, &done.id, note)
-                                        .await;
-                                }
-                                return;
-                            }
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        if settle(&app, &store, &write_id, expected).await == Some(true) {
+                            let note = "; recorded by the replica that started the next release";
+                            record_completion(&app, &store, &done.name, &done.id, note).await;
                         }
                     });
                 }
@@ -810,6 +810,13 @@ pub(super) async fn settle(
                 // (and was replaced since) or another one beat it.
                 match store.release_landed(expected, write_id).await {
                     Ok(landed) => return Some(landed.is_some()),
+                    // The key's history from `expected` on is gone (compacted): it can never
+                    // be known, nor can the write land now (the compare is past). Taken as not
+                    // stored: the caller ends it again, or finds it ended.
+                    Err(e) if e.to_string().contains("compacted") => {
+                        tracing::warn!(error = %e, write_id, "whether etcd stored the release write cannot be known (its history is compacted); taken as not stored");
+                        return Some(false);
+                    }
                     Err(_) => {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
@@ -1065,7 +1072,7 @@ async fn recover_return(app: &Arc<App>, store: &EtcdStore) {
 /// landed); then marks it done. Nothing when etcd's events cannot be read (tried again).
 async fn announce_completed(app: &App, store: &EtcdStore, r: Release) {
     let note = "; recorded by another replica (the one that completed it stopped first)";
-    if completion_recorded(app, store, &r.name, &r.id, note).await {
+    if completion_recorded(app, store, &r.name, &r.id, note, true).await {
         mark_returned(app, store, &r.id).await;
     }
 }
@@ -1080,6 +1087,7 @@ async fn completion_recorded(
     name: &str,
     id: &str,
     note: &str,
+    keep: bool,
 ) -> bool {
     use crate::events::{Event, Reason};
     let said = format!("({id}) complete");
@@ -1100,6 +1108,7 @@ async fn completion_recorded(
                     format!("release {name:?} {said}{note}"),
                 ),
                 &completion_once(id),
+                keep,
             )
             .await
         }
@@ -1127,7 +1136,8 @@ pub(super) async fn record_completion(
     note: &str,
 ) {
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !completion_recorded(app, store, name, id, note).await {
+    let mut first = true;
+    while !completion_recorded(app, store, name, id, note, std::mem::take(&mut first)).await {
         if Instant::now() >= deadline || app.shutdown.is_cancelled() {
             tracing::error!(release = %id, "the release completed in etcd, but its release_complete event could not be stored there");
             return;
