@@ -895,13 +895,6 @@ async fn drive(
             // cancelling the release's token: the end is this replica's all the same.
             Ok(store::Ended::Won(_)) => {
                 rel.end(&id, "complete", WHY.to_string());
-                // A newer release was stored over it since (its answer came late): recorded
-                // unless etcd's events hold it (the replica that stored the newer one did).
-                if !store::key_holds(&app, &id) {
-                    drop(_op);
-                    store::record_completion(&app, &etcd, &name, &id, "").await;
-                    return;
-                }
                 break true;
             }
             Ok(store::Ended::NotLive) => break false,
@@ -929,16 +922,10 @@ async fn drive(
                         rel.end(&id, "complete", WHY.to_string());
                         // Recorded here unless another replica took that over meanwhile (it
                         // found this one silent for as long as a stopped driver is).
-                        if store::claim_return(&app, &etcd, &id, false).await.is_some() {
-                            break true;
-                        }
-                        // A newer release was stored over its mark since: nobody else knows
-                        // it is not recorded (unless etcd's events hold it already).
-                        if !store::key_holds(&app, &id) {
-                            drop(_op);
-                            store::record_completion(&app, &etcd, &name, &id, "").await;
-                        }
-                        return;
+                        // Or when a newer release was stored over its mark since: nobody
+                        // else knows it is not recorded.
+                        let claimed = store::claim_return(&app, &etcd, &id, false).await;
+                        break claimed.is_some() || !store::key_holds(&app, &id);
                     }
                     // Not stored (a fence decided it, or another write moved the key on): the
                     // next pass ends it again, or finds it ended elsewhere.
@@ -958,6 +945,11 @@ async fn drive(
         }
     };
     if ended {
+        // A newer release was stored over it since (its answer came late): recorded once in
+        // etcd, whichever of this replica and the one that stored the newer release comes first.
+        if let Some(etcd) = store::etcd(&app).filter(|_| !store::key_holds(&app, &id)) {
+            return store::record_completion(&app, &etcd, &name, &id, "").await;
+        }
         // With etcd, its mark goes once the event is stored there (not stored: the mark stays,
         // and a replica records it after three heartbeats).
         let stored = app

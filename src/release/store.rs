@@ -347,17 +347,7 @@ pub(super) async fn create(
             }
             ReleaseCas::Unknown(m) => {
                 if let Some(done) = unannounced {
-                    // Stored or not is found out once etcd answers (fenced, so a write still on
-                    // its way cannot land after): stored over the mark, the completion is this
-                    // start's to record (nobody else sees the mark again).
-                    let app = app.clone();
-                    tokio::spawn(async move {
-                        let Some(store) = etcd(&app) else { return };
-                        if settle(&app, &store, &write_id, expected).await == Some(true) {
-                            let note = "; recorded by the replica that started the next release";
-                            record_completion(&app, &store, &done.name, &done.id, note).await;
-                        }
-                    });
+                    record_overwritten(app, done, Some((write_id, expected)));
                 }
                 return Err(StartError::Unknown(format!(
                     "{m}; whether the release was stored is unknown: check `ctl release status` before starting again"
@@ -367,12 +357,7 @@ pub(super) async fn create(
         if stored {
             if let Some(done) = unannounced {
                 tracing::warn!(release = %done.id, "release {} completed, but its release_complete was not recorded yet; the start of release {} records it", done.id, r.id);
-                let app = app.clone();
-                tokio::spawn(async move {
-                    let Some(store) = etcd(&app) else { return };
-                    let note = "; recorded by the replica that started the next release";
-                    record_completion(&app, &store, &done.name, &done.id, note).await;
-                });
+                record_overwritten(app, done, None);
             }
             return Ok(());
         }
@@ -380,6 +365,24 @@ pub(super) async fn create(
     Err(StartError::Conflict(
         "the release record in etcd kept changing; try again".to_string(),
     ))
+}
+
+/// Records the completion of `done`, whose `unannounced` mark a start stored its release over
+/// (nobody else sees the mark again); with `unsettled` (the start's write id and compared
+/// revision, its answer not known), once that write is known stored (fenced: a write still on
+/// its way cannot land after).
+fn record_overwritten(app: &Arc<App>, done: Release, unsettled: Option<(String, i64)>) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let Some(store) = etcd(&app) else { return };
+        if let Some((write_id, expected)) = unsettled {
+            if settle(&app, &store, &write_id, expected).await != Some(true) {
+                return;
+            }
+        }
+        let note = "; recorded by the replica that started the next release";
+        record_completion(&app, &store, &done.name, &done.id, note).await;
+    });
 }
 
 /// A step of the release this replica drives that must be stored before it shows (a phase's
