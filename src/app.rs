@@ -1941,7 +1941,10 @@ impl App {
         };
         // The certificates are read again (a renewal on disk takes effect without a restart).
         // Where TLS was off at startup there is nothing to reload: turning it on (or off) takes
-        // a restart, and `apply_config` reports it.
+        // a restart, and `apply_config` reports it. Every pair is read before any is served: a
+        // reload refused for one changes neither.
+        let mut loaded = Vec::new();
+        let mut errs = Vec::new();
         for (tls, cert, key, section) in [
             (
                 self.tls.get(),
@@ -1959,22 +1962,28 @@ impl App {
             let (Some(tls), Some(cert), Some(key)) = (tls, cert, key) else {
                 continue;
             };
-            let (tls, cert, key) = (tls.clone(), cert.to_path_buf(), key.to_path_buf());
-            let reloaded = tokio::task::spawn_blocking(move || tls.reload(Some(&cert), Some(&key)))
-                .await
-                .unwrap_or_else(|e| Err(crate::tls::TlsError::Task(e.to_string())));
-            if let Err(e) = reloaded {
-                self.metrics
-                    .config_reloads_total
-                    .with_label_values(&["error"])
-                    .inc();
-                return Err(ReloadError::Invalid(config::ConfigErrors(vec![
-                    config::ConfigError {
-                        key: format!("{section}.{}", e.file().key()),
-                        message: e.to_string(),
-                    },
-                ])));
+            let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+            let read =
+                tokio::task::spawn_blocking(move || crate::tls::load_certified_key(&cert, &key))
+                    .await
+                    .unwrap_or_else(|e| Err(crate::tls::TlsError::Task(e.to_string())));
+            match read {
+                Ok(ck) => loaded.push((tls.clone(), ck)),
+                Err(e) => errs.push(config::ConfigError {
+                    key: format!("{section}.{}", e.file().key()),
+                    message: e.to_string(),
+                }),
             }
+        }
+        if !errs.is_empty() {
+            self.metrics
+                .config_reloads_total
+                .with_label_values(&["error"])
+                .inc();
+            return Err(ReloadError::Invalid(config::ConfigErrors(errs)));
+        }
+        for (tls, ck) in loaded {
+            tls.install(ck);
         }
         // Upstream names: looked up now; a name that fails keeps its last good addresses.
         let new_cfg = crate::resolve::resolve(new_cfg, Some(&self.snapshot().config)).await;

@@ -90,8 +90,6 @@ impl ResolvesServerCert for Resolver {
 pub struct TlsSetup {
     resolver: Arc<Resolver>,
     acceptor: TlsAcceptor,
-    cert: PathBuf,
-    key: PathBuf,
 }
 
 impl TlsSetup {
@@ -106,12 +104,17 @@ impl TlsSetup {
             .map_err(TlsError::Setup)?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // `http/1.0` too (served as HTTP/1, as nginx offers it): a client that offers only that
+        // is not refused with `no_application_protocol`.
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+        // Resumption for as many clients as connect: stateless tickets (TLS 1.2 and 1.3, a
+        // ticket lives 12 hours, keys rotate every 6) and, for clients that resume by session id, a cache of 20,000
+        // sessions (rustls's default keeps 256 and issues no tickets).
+        cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Setup)?;
+        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(20_000);
         Ok(TlsSetup {
             resolver,
             acceptor: TlsAcceptor::from(Arc::new(cfg)),
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
         })
     }
 
@@ -119,14 +122,10 @@ impl TlsSetup {
         self.acceptor.clone()
     }
 
-    /// Re-reads the certificate and key from their paths (or new ones); on error keeps the
-    /// current pair. Open connections are not touched.
-    pub fn reload(&self, cert: Option<&Path>, key: Option<&Path>) -> Result<(), TlsError> {
-        let cert = cert.unwrap_or(&self.cert);
-        let key = key.unwrap_or(&self.key);
-        let ck = load_certified_key(cert, key)?;
+    /// Serves `ck` to new handshakes (read with [`load_certified_key`]): a reload reads every
+    /// pair first and installs them only when all were read, so a refused reload changes none.
+    pub fn install(&self, ck: CertifiedKey) {
         self.resolver.key.store(Arc::new(ck));
-        Ok(())
     }
 }
 

@@ -185,7 +185,8 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
     let out = switchyard(&["check", "--config", &both]);
     assert!(text(&out).1.contains("6 problems"), "{:?}", text(&out));
 
-    // The proxy's pair is read only with a TLS listener, as `serve` reads it.
+    // The proxy's pair without a TLS listener is an error at its keys (no HTTPS would start),
+    // and its files are not read (`serve` would not read them).
     let unused = write(
         dir.path(),
         "unused.toml",
@@ -197,7 +198,13 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
         .replace("tls_listen = \"127.0.0.1:8443\"\n", ""),
     );
     let out = switchyard(&["check", "--config", &unused]);
-    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("proxy.tls_cert: set, but proxy.tls_listen is not"),
+        "{err}"
+    );
+    assert!(err.contains("2 problems"), "{err}");
 }
 
 #[test]

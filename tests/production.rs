@@ -774,6 +774,107 @@ async fn reload_swaps_the_certificate_without_dropping_open_connections() {
     p.stop().await;
 }
 
+/// A reload is all or nothing for certificates too: refused for the admin's pair, the proxy's
+/// new pair (read fine) is not served either.
+#[tokio::test]
+async fn a_reload_refused_for_the_admin_pair_serves_neither_new_pair() {
+    let blue = TestUpstream::start("blue").await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    let a = make_cert(certs.path(), "a");
+    let b = make_cert(certs.path(), "b");
+    let admin = |c: &Cert| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            c.cert.display(),
+            c.key.display()
+        )
+    };
+    let svc = service("api", &[blue.addr], &[dead_addr().await], "");
+    let p = TestProxy::start(&format!("{}{}{svc}", tls_head(&a), admin(&a))).await;
+    let tls_addr = tls_listener(&p);
+    let bad = certs.path().join("bad.crt");
+    std::fs::write(&bad, "garbage\n").expect("write");
+    let broken = Cert {
+        cert: bad,
+        key: a.key.clone(),
+        der: a.der.clone(),
+    };
+    let dir = p.dir.as_ref().expect("dir").path().to_path_buf();
+    std::fs::write(
+        &p.config_path,
+        full_config(&format!("{}{}{svc}", tls_head(&b), admin(&broken)), &dir),
+    )
+    .expect("write config");
+    let refused = p.app().reload("test").await;
+    let Err(e) = refused else {
+        panic!("the reload was not refused")
+    };
+    assert!(e.to_string().contains("admin.tls_cert"), "{e}");
+    let io = tls_connect(tls_addr, &[&a, &b], b"http/1.1").await;
+    let served = io.get_ref().1.peer_certificates().map(|c| c[0].clone());
+    assert_eq!(
+        served.as_ref(),
+        Some(&a.der),
+        "the proxy serves the new pair"
+    );
+    p.stop().await;
+}
+
+/// A client that offers only `http/1.0` by ALPN is served (HTTP/1), not refused with
+/// `no_application_protocol`; and a client resumes its session by ticket after hundreds of other
+/// clients connected (rustls's default cache alone keeps 256 sessions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_http10_by_alpn_and_resumes_after_many_clients() {
+    let blue = TestUpstream::start("blue").await;
+    let (p, c, _certs) = tls_proxy(blue.addr, "").await;
+    let tls_addr = tls_listener(&p);
+    let io = tls_connect(tls_addr, &[&c], b"http/1.0").await;
+    assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    let mut s = h1(io).await;
+    assert_eq!(send(&mut s, get_req("/x", false)).await.0, 200);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(c.der.clone()).expect("root");
+    let config = |roots: rustls::RootCertStore| {
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    };
+    let connect = |cfg: Arc<rustls::ClientConfig>| async move {
+        let tcp = TcpStream::connect(tls_addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let io = tokio::time::timeout(T, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+            .await
+            .expect("handshake timed out")
+            .expect("handshake");
+        let kind = io.get_ref().1.handshake_kind();
+        // A request and its answer: the session tickets come after the handshake.
+        let mut s = h1(io).await;
+        assert_eq!(send(&mut s, get_req("/x", false)).await.0, 200);
+        kind
+    };
+    let ours = config(roots.clone());
+    assert_eq!(
+        connect(ours.clone()).await,
+        Some(rustls::HandshakeKind::Full)
+    );
+    for _ in 0..300 {
+        connect(config(roots.clone())).await;
+    }
+    assert_eq!(
+        connect(ours).await,
+        Some(rustls::HandshakeKind::Resumed),
+        "no resumption after 300 other clients"
+    );
+    p.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP/2
 

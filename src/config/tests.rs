@@ -1116,3 +1116,21 @@ url = "http://127.0.0.1:3001/{{color}}/deps?full=1"
 "#;
     assert_eq!(errors(text), Vec::<String>::new());
 }
+
+#[test]
+fn a_certificate_without_a_tls_listener_is_refused_at_its_keys() {
+    let text = GOOD.replacen(
+        "[proxy]",
+        "[proxy]\ntls_cert = \"a.crt\"\ntls_key = \"a.key\"",
+        1,
+    );
+    assert_ne!(text, GOOD);
+    let errs = errors(&text);
+    for key in ["proxy.tls_cert", "proxy.tls_key"] {
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(key) && e.contains("proxy.tls_listen is not")),
+            "{key}: {errs:?}"
+        );
+    }
+}

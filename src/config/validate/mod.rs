@@ -141,6 +141,19 @@ fn proxy(c: &mut Check, p: &RawProxy) -> ProxyConfig {
                 c.err(key, "required when proxy.tls_listen is set");
             }
         }
+    } else {
+        // A certificate with no listener to serve it: no HTTPS would start, silently.
+        for (key, v) in [
+            ("proxy.tls_cert", &p.tls_cert),
+            ("proxy.tls_key", &p.tls_key),
+        ] {
+            if v.is_some() {
+                c.err(
+                    key,
+                    "set, but proxy.tls_listen is not: no HTTPS listener would start (set proxy.tls_listen, or remove this key)",
+                );
+            }
+        }
     }
     let preview_listen = p
         .preview_listen
