@@ -23,6 +23,8 @@ pub enum TlsError {
     NoCert { path: PathBuf },
     #[error("cannot read private key {}: {source}", path.display())]
     ReadKey { path: PathBuf, source: pem::Error },
+    #[error("private key {} is encrypted (a passphrase-protected key cannot be read here): store it unencrypted, readable by Switchyard alone (`openssl pkey -in KEY -out PLAIN`)", path.display())]
+    EncryptedKey { path: PathBuf },
     #[error("unsupported private key {}: {source}", path.display())]
     UnsupportedKey {
         path: PathBuf,
@@ -63,7 +65,9 @@ impl TlsError {
     /// certificate (a pair that does not match is reported at the certificate).
     pub fn file(&self) -> TlsFile {
         match self {
-            TlsError::ReadKey { .. } | TlsError::UnsupportedKey { .. } => TlsFile::Key,
+            TlsError::ReadKey { .. }
+            | TlsError::EncryptedKey { .. }
+            | TlsError::UnsupportedKey { .. } => TlsFile::Key,
             TlsError::ReadCert { .. }
             | TlsError::CertPem { .. }
             | TlsError::NoCert { .. }
@@ -153,9 +157,20 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             path: cert.to_path_buf(),
         });
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
-        path: key.to_path_buf(),
-        source,
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| {
+        // An encrypted key has PEM sections rustls skips: "no items found" would say nothing.
+        let text = std::fs::read_to_string(key).unwrap_or_default();
+        if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+            || text.contains("Proc-Type: 4,ENCRYPTED")
+        {
+            return TlsError::EncryptedKey {
+                path: key.to_path_buf(),
+            };
+        }
+        TlsError::ReadKey {
+            path: key.to_path_buf(),
+            source,
+        }
     })?;
     let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).map_err(|source| {
         TlsError::UnsupportedKey {
@@ -326,5 +341,24 @@ mod tests {
         let own = dir.path().join("key.pem");
         std::fs::write(&own, ck.key_pair.serialize_pem()).expect("write");
         load_certified_key(&cert, &own).expect("a matching pair loads");
+
+        // An encrypted key says so, at the key (PKCS#8 and the traditional OpenSSL header).
+        let pkcs8 = dir.path().join("enc8.pem");
+        std::fs::write(
+            &pkcs8,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        let legacy = dir.path().join("enc1.pem");
+        std::fs::write(
+            &legacy,
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        for k in [&pkcs8, &legacy] {
+            let e = load_certified_key(&cert, k).expect_err("encrypted key");
+            assert_eq!(e.file(), TlsFile::Key, "{e}");
+            assert!(e.to_string().contains("is encrypted"), "{e}");
+        }
     }
 }
