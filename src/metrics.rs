@@ -45,6 +45,17 @@ pub const SUPERVISED_TASKS: &[&str] = &[
     "etcd_sync",
 ];
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
+
+/// How a TLS handshake ended, for `switchyard_tls_handshakes_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    Ok,
+    /// Refused by either side (no common version or cipher, a bad record, a closed socket).
+    Error,
+    /// Not finished within `header_read_timeout` (or before shutdown).
+    Timeout,
+}
 pub const PREVIEW_REQUESTS_TOTAL: &str = "switchyard_preview_requests_total";
 pub const PREVIEW_UPSTREAM_FAILURES_TOTAL: &str = "switchyard_preview_upstream_failures_total";
 pub const PREVIEW_REQUEST_DURATION_SECONDS: &str = "switchyard_preview_request_duration_seconds";
@@ -100,6 +111,9 @@ pub struct Metrics {
     pub preview_request_duration: HistogramVec,
     /// `rejected_requests_total`'s series by reason, resolved at startup (see `count_rejected`).
     rejected_by_reason: Vec<(&'static str, IntCounter)>,
+    /// `switchyard_tls_handshakes_total`'s series, [proxy, admin] × [ok, error, timeout],
+    /// resolved at startup ([`Metrics::count_handshake`]).
+    tls_handshakes: [[IntCounter; 3]; 2],
     /// Background tasks started again after a panic, by task ([`crate::supervise`]).
     pub task_restarts_total: IntCounterVec,
     /// Log lines the stderr queue had no room for: brought up to date at each scrape.
@@ -208,7 +222,18 @@ impl Metrics {
         let rejected_by_reason = ["bare_lf", "cl_te", "chunked"]
             .map(|reason| (reason, rejected_requests_total.with_label_values(&[reason])))
             .to_vec();
+        let tls_handshakes_total = counter_vec(
+            &r,
+            TLS_HANDSHAKES_TOTAL,
+            "TLS handshakes on a listener, by how they ended: ok, error (refused by either side), timeout (not finished within header_read_timeout).",
+            &["listener", "result"],
+        );
+        let tls_handshakes = ["proxy", "admin"].map(|listener| {
+            ["ok", "error", "timeout"]
+                .map(|result| tls_handshakes_total.with_label_values(&[listener, result]))
+        });
         let m = Metrics {
+            tls_handshakes,
             requests_total: counter_vec(
                 &r,
                 REQUESTS_TOTAL,
@@ -359,6 +384,11 @@ impl Metrics {
                 .with_label_values(&[reason])
                 .inc(),
         }
+    }
+
+    /// One TLS handshake ended, on the proxy's listener or the admin's.
+    pub fn count_handshake(&self, admin: bool, how: Handshake) {
+        self.tls_handshakes[usize::from(admin)][how as usize].inc();
     }
 
     /// Text exposition of every metric.

@@ -727,12 +727,19 @@ async fn serve_proxy(
                     let stream = tokio::select! {
                         biased;
                         r = handshake => match r {
-                            Ok(Ok(s)) => s,
+                            Ok(Ok(s)) => {
+                                conn.app.metrics.count_handshake(false, crate::metrics::Handshake::Ok);
+                                s
+                            }
                             Ok(Err(e)) => {
+                                conn.app.metrics.count_handshake(false, crate::metrics::Handshake::Error);
                                 tracing::debug!(error = %e, "TLS handshake failed");
                                 return;
                             }
-                            Err(_) => return,
+                            Err(_) => {
+                                conn.app.metrics.count_handshake(false, crate::metrics::Handshake::Timeout);
+                                return;
+                            }
                         },
                         () = shutdown_then(&conn.app, IDLE_AT_SHUTDOWN) => return,
                     };

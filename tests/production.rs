@@ -826,7 +826,7 @@ async fn a_reload_refused_for_the_admin_pair_serves_neither_new_pair() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_http10_by_alpn_and_resumes_after_many_clients() {
     let blue = TestUpstream::start("blue").await;
-    let (p, c, _certs) = tls_proxy(blue.addr, "").await;
+    let (p, c, _certs) = tls_proxy(blue.addr, "header_read_timeout = \"1s\"\n").await;
     let tls_addr = tls_listener(&p);
     let io = tls_connect(tls_addr, &[&c], b"http/1.0").await;
     assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
@@ -872,6 +872,31 @@ async fn tls_serves_http10_by_alpn_and_resumes_after_many_clients() {
         Some(rustls::HandshakeKind::Resumed),
         "no resumption after 300 other clients"
     );
+
+    // Every handshake is counted by how it ended: a client that is not speaking TLS (refused),
+    // one that says nothing (past header_read_timeout).
+    let mut junk = TcpStream::connect(tls_addr).await.expect("connect");
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let silent = TcpStream::connect(tls_addr).await.expect("connect");
+    let count = |text: &str, result: &str| {
+        metric(
+            text,
+            "switchyard_tls_handshakes_total",
+            &[("listener", "proxy"), ("result", result)],
+        )
+        .unwrap_or(0.0)
+    };
+    let counted = eventually(10, || async {
+        let text = get(p.admin, "/metrics").await.1;
+        count(&text, "error") >= 1.0 && count(&text, "timeout") >= 1.0
+    })
+    .await;
+    let text = get(p.admin, "/metrics").await.1;
+    assert!(counted, "{text}");
+    assert!(count(&text, "ok") >= 303.0, "{text}");
+    drop((junk, silent));
     p.stop().await;
 }
 

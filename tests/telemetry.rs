@@ -476,6 +476,8 @@ async fn metrics_carry_every_contract_series_with_its_labels() {
                 "reason" | "result" | "task" => {
                     v.chars().all(|c| c.is_ascii_lowercase() || c == '_')
                 }
+                // switchyard_tls_handshakes_total: the listener that took the handshake.
+                "listener" => v == "proxy" || v == "admin",
                 // switchyard_release_state: the release states of the contract.
                 "state" => switchyard::RELEASE_STATES.contains(&v.as_str()),
                 _ => false,

@@ -95,6 +95,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
         let (builder, h1_only, h2_only) = (builder.clone(), h1_only.clone(), h2_only.clone());
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let shutdown = app.clone();
+        let metrics = app.metrics.clone();
         // Held for the connection's life: shutdown's drain waits for it (at most shutdown_grace).
         let watcher = graceful.watcher();
         let (hrt, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
@@ -120,9 +121,13 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<TlsSetup>) 
                     }
                     Some(acc) => {
                         let accept = tokio::time::timeout_at(deadline, acc.accept(stream));
-                        let Ok(Ok(mut stream)) = accept.await else {
-                            return None;
+                        let (how, stream) = match accept.await {
+                            Ok(Ok(s)) => (crate::metrics::Handshake::Ok, Some(s)),
+                            Ok(Err(_)) => (crate::metrics::Handshake::Error, None),
+                            Err(_) => (crate::metrics::Handshake::Timeout, None),
                         };
+                        metrics.count_handshake(true, how);
+                        let mut stream = stream?;
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                         let Some(read) = first_bytes(&mut stream, deadline).await else {
                             // Closed cleanly (close_notify, FIN), bounded: the client may not read.
