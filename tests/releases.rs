@@ -662,20 +662,10 @@ async fn a_plan_with_errors_is_refused_with_every_error_and_its_key() {
     .await;
     assert_eq!(s, 401);
     // The same checks offline, from the TOML file.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let plan = dir.path().join("plan.toml");
-    std::fs::write(
-        &plan,
+    let out = check_release(
+        &r.p,
         "name = \"x\"\n[[phases]]\nname = \"a\"\nservices = [\"ghost\"]\nbake = \"1m\"\ngate = \"maybe\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["check", "--release"])
-        .arg(&plan)
-        .arg("--config")
-        .arg(&r.p.config_path)
-        .output()
-        .expect("check");
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -1541,19 +1531,10 @@ async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_
     assert_eq!(v["unwatched"], json!(["panel"]), "{v}");
     assert_eq!(v["release"]["validate_secs"], 600.0, "{v}");
     // Offline, against the config: the same warning (exit 0: the plan is valid).
-    let plan = p.dir.as_ref().expect("dir").path().join("plan.toml");
-    std::fs::write(
-        &plan,
+    let out = check_release(
+        &p,
         "name = \"x\"\n[[phases]]\nname = \"a\"\nservices = [\"api\", \"panel\"]\nbake = \"1m\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["check", "--release"])
-        .arg(&plan)
-        .arg("--config")
-        .arg(&p.config_path)
-        .output()
-        .expect("check");
+    );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}");
     assert!(
@@ -1561,4 +1542,18 @@ async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_
         "{said}"
     );
     p.stop().await;
+}
+
+/// `switchyard check --release PLAN --config CONFIG` for the plan file `plan` (TOML, written in
+/// `p`'s directory) against `p`'s config: the process's output.
+fn check_release(p: &TestProxy, plan: &str) -> std::process::Output {
+    let path = p.dir.as_ref().expect("dir").path().join("plan.toml");
+    std::fs::write(&path, plan).expect("write plan");
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--release"])
+        .arg(&path)
+        .arg("--config")
+        .arg(&p.config_path)
+        .output()
+        .expect("check")
 }
