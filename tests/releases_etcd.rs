@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::etcd::{b64, Etcd};
-use common::release::{releases, start_release, two_phases};
+use common::release::{releases, start_release, two_phases, until_validation_ends_in};
 use common::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -521,7 +521,7 @@ async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     .await;
     assert!(validating, "{}", releases(&a).await);
     // From shortly before the window ends, etcd's answers come 10 s late (it commits at once).
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    until_validation_ends_in(&a, Duration::from_secs(1)).await;
     relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(10)));
     // Past the window's end: the driver is storing the completion (under the release's lock,
     // the write unanswered) or reading it back. A forced flip of a release service waits for
@@ -572,7 +572,7 @@ async fn a_completion_whose_driver_stopped_before_knowing_it_is_recorded_by_anot
     assert!(validating, "{}", releases(&a).await);
     // From shortly before the window ends, a's etcd answers come 30 s late (etcd commits at
     // once): a stores the completion and reads it back, never answered.
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    until_validation_ends_in(&a, Duration::from_secs(1)).await;
     relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(30)));
     let completed = eventually(30, || async { releases(&b).await["recent"][0]["id"] == id }).await;
     assert!(completed, "{}", releases(&b).await);
@@ -606,7 +606,7 @@ async fn a_driver_that_learns_late_of_its_completion_never_writes_over_the_next_
     })
     .await;
     assert!(validating, "{}", releases(&a).await);
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    until_validation_ends_in(&a, Duration::from_secs(1)).await;
     relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(8)));
     let completed = eventually(30, || async {
         releases(&b).await["recent"][0]["id"] == first

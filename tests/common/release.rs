@@ -27,3 +27,20 @@ pub async fn start_release(p: &TestProxy, plan: Value) -> Value {
     assert_eq!(s, 200, "{v}");
     v
 }
+
+/// Sleeps until `before` ahead of the end of `p`'s current validate window (by its
+/// `validate_ends_at`), so a fault set next lands just before the release completes however
+/// late the test saw it validating. Fails when the window is already that close to its end.
+pub async fn until_validation_ends_in(p: &TestProxy, before: std::time::Duration) {
+    let all = releases(p).await;
+    let ends = all["current"]["validate_ends_at"].as_str().unwrap_or("");
+    let ends = humantime::parse_rfc3339(ends).unwrap_or_else(|e| panic!("{e}: {all}"));
+    let left = ends
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left > before,
+        "the window ends in {left:?}, sooner than the {before:?} the test needs: {all}"
+    );
+    tokio::time::sleep(left - before).await;
+}
