@@ -5,7 +5,7 @@
 //! publish with a single `store`; on any error nothing is published.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1050,6 +1050,26 @@ impl App {
         let _ = self.admin_tls.set(tls);
     }
 
+    /// After `listener`'s certificate (from `path`) was loaded: its expiry in
+    /// `switchyard_tls_certificate_expiry_timestamp_seconds`, and a warning when it is expired,
+    /// not yet valid or within two weeks of its end.
+    pub fn note_certificate(&self, listener: &str, tls: &crate::tls::TlsSetup, path: &Path) {
+        let ck = tls.certified_key();
+        if let Some((_, not_after)) = crate::tls::validity(&ck) {
+            let secs = match not_after.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+            };
+            self.metrics
+                .tls_certificate_expiry
+                .with_label_values(&[listener])
+                .set(secs);
+        }
+        if let Some(w) = crate::tls::validity_warning(&ck, path, std::time::SystemTime::now()) {
+            tracing::warn!(listener, "{w}");
+        }
+    }
+
     /// `make`'s task, started again if it panics before shutdown ([`crate::supervise`]);
     /// `name` is its `task` label in `switchyard_task_restarts_total`.
     pub fn supervised<F, Fut>(
@@ -1963,12 +1983,13 @@ impl App {
                 continue;
             };
             let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+            let path = cert.clone();
             let read =
                 tokio::task::spawn_blocking(move || crate::tls::load_certified_key(&cert, &key))
                     .await
                     .unwrap_or_else(|e| Err(crate::tls::TlsError::Task(e.to_string())));
             match read {
-                Ok(ck) => loaded.push((tls.clone(), ck)),
+                Ok(ck) => loaded.push((tls.clone(), ck, section, path)),
                 Err(e) => errs.push(config::ConfigError {
                     key: format!("{section}.{}", e.file().key()),
                     message: e.to_string(),
@@ -1982,8 +2003,9 @@ impl App {
                 .inc();
             return Err(ReloadError::Invalid(config::ConfigErrors(errs)));
         }
-        for (tls, ck) in loaded {
+        for (tls, ck, listener, cert) in loaded {
             tls.install(ck);
+            self.note_certificate(listener, &tls, &cert);
         }
         // Upstream names: looked up now; a name that fails keeps its last good addresses.
         let new_cfg = crate::resolve::resolve(new_cfg, Some(&self.snapshot().config)).await;

@@ -58,7 +58,9 @@ mod watcher;
 // Starting, running and stopping the proxy (the binary's `serve`, the end-to-end tests).
 pub use app::App;
 pub use health::ensure as ensure_health_checks;
-pub use server::{config_file_problems, file_problems, start, start_with, Options, Running};
+pub use server::{
+    config_file_problems, file_problems, file_warnings, start, start_with, Options, Running,
+};
 pub use state::{move_aside as move_state_aside, StateStore};
 pub use upgrade::{
     request as request_upgrade, sd_notify, spawn_successor, state_held_by, Inherited,

@@ -328,7 +328,7 @@ fn check(path: &std::path::Path) -> ExitCode {
                 (cfg, Vec::new())
             };
             outln!("{}: ok", path.display());
-            for n in &notes {
+            for n in notes.iter().chain(&switchyard::file_warnings(&cfg)) {
                 outln!("{n}");
             }
             out!("{}", cfg.summary());

@@ -46,6 +46,7 @@ pub const SUPERVISED_TASKS: &[&str] = &[
 ];
 pub const CLIENT_CLOSED_REQUESTS_TOTAL: &str = "switchyard_client_closed_requests_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "switchyard_tls_certificate_expiry_timestamp_seconds";
 
 /// How a TLS handshake ended, for `switchyard_tls_handshakes_total{result}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +115,9 @@ pub struct Metrics {
     /// `switchyard_tls_handshakes_total`'s series, [proxy, admin] × [ok, error, timeout],
     /// resolved at startup ([`Metrics::count_handshake`]).
     tls_handshakes: [[IntCounter; 3]; 2],
+    /// The served certificate's `notAfter` (Unix seconds) by listener, set at startup and at
+    /// each reload; no series for a listener without TLS (nothing to alert on).
+    pub tls_certificate_expiry: IntGaugeVec,
     /// Background tasks started again after a panic, by task ([`crate::supervise`]).
     pub task_restarts_total: IntCounterVec,
     /// Log lines the stderr queue had no room for: brought up to date at each scrape.
@@ -234,6 +238,12 @@ impl Metrics {
         });
         let m = Metrics {
             tls_handshakes,
+            tls_certificate_expiry: gauge_vec(
+                &r,
+                TLS_CERTIFICATE_EXPIRY,
+                "When the certificate a TLS listener serves expires (its notAfter, Unix seconds): alert well before it, as a renewal that failed leaves the old one served.",
+                &["listener"],
+            ),
             requests_total: counter_vec(
                 &r,
                 REQUESTS_TOTAL,

@@ -191,11 +191,18 @@ pub async fn start_with(
     )
     .await
     .context("cannot load or write the live state")?;
+    let started = app.snapshot();
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());
+        if let Some(cert) = &started.config.proxy.tls_cert {
+            app.note_certificate("proxy", t, cert);
+        }
     }
     if let Some(t) = &admin_tls {
         app.set_admin_tls_reloader(t.clone());
+        if let Some(cert) = &started.config.admin.tls_cert {
+            app.note_certificate("admin", t, cert);
+        }
     }
     let log_cfg = app.snapshot().config.log.clone();
     let request_id = log_cfg.request_id;
@@ -416,10 +423,6 @@ pub async fn start_with(
     })
 }
 
-/// What `switchyard check` finds in the files the config names, as `serve` would at startup:
-/// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key` when
-/// `proxy.tls_listen` is set, `admin.…`), each CA file read (`analysis.ca_file`,
-/// `notify.ca_file`), and the access log's file writable or creatable. Each problem names its key. Blocking.
 /// [`file_problems`] of the config read from `path`, and the access log refused there too:
 /// each answered request would append a line to the config file.
 pub fn config_file_problems(
@@ -447,27 +450,19 @@ fn access_collision(path: &std::path::Path, what: &str) -> crate::config::Config
     }
 }
 
+/// What `switchyard check` finds in the files the config names, as `serve` would at startup:
+/// each TLS certificate and key read and matched (`proxy.tls_cert` / `tls_key` when
+/// `proxy.tls_listen` is set, `admin.…`), each CA file read (`analysis.ca_file`,
+/// `notify.ca_file`), and the access log's file writable or creatable. Each problem names its
+/// key. Blocking.
 pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
     let mut problems = Vec::new();
-    // The proxy's pair only where `serve` reads it: with a TLS listener.
-    let none = None;
-    let proxy = if config.proxy.tls_listen.is_some() {
-        (&config.proxy.tls_cert, &config.proxy.tls_key)
-    } else {
-        (&none, &none)
-    };
-    let pairs = [
-        ("proxy", proxy.0, proxy.1),
-        ("admin", &config.admin.tls_cert, &config.admin.tls_key),
-    ];
-    for (section, cert, key) in pairs {
-        if let (Some(cert), Some(key)) = (cert, key) {
-            if let Err(e) = TlsSetup::new(cert, key) {
-                problems.push(crate::config::ConfigError {
-                    key: format!("{section}.{}", e.file().key()),
-                    message: e.to_string(),
-                });
-            }
+    for (section, cert, key) in tls_pairs(config) {
+        if let Err(e) = TlsSetup::new(cert, key) {
+            problems.push(crate::config::ConfigError {
+                key: format!("{section}.{}", e.file().key()),
+                message: e.to_string(),
+            });
         }
     }
     // A CA file the config names must hold a usable certificate: one that cannot would fail
@@ -561,6 +556,42 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
         }
     }
     problems
+}
+
+/// The certificate and key pairs `serve` reads, by section: the proxy's only with a TLS
+/// listener.
+fn tls_pairs(config: &Config) -> Vec<(&'static str, &std::path::Path, &std::path::Path)> {
+    let proxy = (
+        config.proxy.tls_listen.as_ref(),
+        config.proxy.tls_cert.as_deref(),
+        config.proxy.tls_key.as_deref(),
+    );
+    let mut pairs = Vec::new();
+    if let (Some(_), Some(cert), Some(key)) = proxy {
+        pairs.push(("proxy", cert, key));
+    }
+    if let (Some(cert), Some(key)) = (
+        config.admin.tls_cert.as_deref(),
+        config.admin.tls_key.as_deref(),
+    ) {
+        pairs.push(("admin", cert, key));
+    }
+    pairs
+}
+
+/// `check`'s `warning:` lines for the files the config names: a certificate expired, not yet
+/// valid, or within two weeks of its end (served all the same, as nginx and HAProxy serve it,
+/// but every client refuses it). Blocking.
+pub fn file_warnings(config: &Config) -> Vec<String> {
+    let now = std::time::SystemTime::now();
+    tls_pairs(config)
+        .into_iter()
+        .filter_map(|(section, cert, key)| {
+            let ck = crate::tls::load_certified_key(cert, key).ok()?;
+            let w = crate::tls::validity_warning(&ck, cert, now)?;
+            Some(format!("warning: {section}.tls_cert: {w}"))
+        })
+        .collect()
 }
 
 /// Reads a certificate and key off the runtime's threads. An error names the one key of

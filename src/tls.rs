@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::{self, PemObject};
@@ -30,6 +31,8 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::Error,
     },
+    #[error("certificate {} is X.509 v1, which rustls does not serve: reissue it as v3 (with a subjectAltName, as `openssl req -x509` or `openssl x509 -req -extfile` makes it)", path.display())]
+    CertVersion { path: PathBuf },
     #[error("certificate {} and key {} do not match: {source}", cert.display(), key.display())]
     Mismatch {
         cert: PathBuf,
@@ -71,6 +74,7 @@ impl TlsError {
             TlsError::ReadCert { .. }
             | TlsError::CertPem { .. }
             | TlsError::NoCert { .. }
+            | TlsError::CertVersion { .. }
             | TlsError::Mismatch { .. }
             | TlsError::Setup(_)
             | TlsError::Task(_) => TlsFile::Cert,
@@ -126,6 +130,11 @@ impl TlsSetup {
         self.acceptor.clone()
     }
 
+    /// The key pair new handshakes are served.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.resolver.key.load_full()
+    }
+
     /// Serves `ck` to new handshakes (read with [`load_certified_key`]): a reload reads every
     /// pair first and installs them only when all were read, so a refused reload changes none.
     pub fn install(&self, ck: CertifiedKey) {
@@ -179,12 +188,147 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
         }
     })?;
     let ck = CertifiedKey::new(certs, signer);
-    ck.keys_match().map_err(|source| TlsError::Mismatch {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        source,
+    ck.keys_match().map_err(|source| {
+        // webpki cannot read a v1 certificate's key: that is not a mismatch.
+        if ck
+            .end_entity_cert()
+            .ok()
+            .and_then(|c| der_version(c.as_ref()))
+            == Some(1)
+        {
+            return TlsError::CertVersion {
+                path: cert.to_path_buf(),
+            };
+        }
+        TlsError::Mismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            source,
+        }
     })?;
     Ok(ck)
+}
+
+/// How long before its end a certificate is warned about: a renewal that failed, or wrote the
+/// old file back, is seen while there is time to act (Let's Encrypt renews at 30 days left).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// The served certificate's validity period (`notBefore`, `notAfter`), read from its DER; `None`
+/// when it cannot be read (rustls has accepted the certificate, so that is not an error here).
+pub fn validity(ck: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
+    let leaf = ck.end_entity_cert().ok()?;
+    der_validity(leaf.as_ref())
+}
+
+/// A warning for a certificate outside its validity period at `now`, or within
+/// [`EXPIRY_WARNING`] of its end; `None` when it is fine (or its dates cannot be read).
+pub fn validity_warning(ck: &CertifiedKey, path: &Path, now: SystemTime) -> Option<String> {
+    let (not_before, not_after) = validity(ck)?;
+    let at = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    if now >= not_after {
+        return Some(format!(
+            "certificate {} expired at {}: clients refuse it",
+            path.display(),
+            at(not_after)
+        ));
+    }
+    if now < not_before {
+        return Some(format!(
+            "certificate {} is not valid before {}: clients refuse it until then (is this clock right?)",
+            path.display(),
+            at(not_before)
+        ));
+    }
+    let left = not_after.duration_since(now).unwrap_or_default();
+    (left < EXPIRY_WARNING).then(|| {
+        format!(
+            "certificate {} expires at {}, in {}: renew it",
+            path.display(),
+            at(not_after),
+            humantime::format_duration(Duration::from_secs(left.as_secs() / 60 * 60))
+        )
+    })
+}
+
+/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber,
+/// signature, issuer, validity SEQUENCE { notBefore, notAfter }, ... }, ... }` (RFC 5280 4.1).
+fn der_validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (_, mut tbs) = der_tbs(der)?;
+    for _ in 0..3 {
+        tbs = der_element(tbs)?.2; // serialNumber, signature, issuer
+    }
+    let (tag, validity, _) = der_element(tbs)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (t1, v1, rest) = der_element(validity)?;
+    let (t2, v2, _) = der_element(rest)?;
+    Some((der_time(t1, v1)?, der_time(t2, v2)?))
+}
+
+/// The certificate's X.509 version (1, 2 or 3): `[0] EXPLICIT INTEGER` (0-based), absent for v1.
+fn der_version(der: &[u8]) -> Option<u8> {
+    der_tbs(der).map(|(v, _)| v)
+}
+
+/// The version and the fields of `tbsCertificate` after the version.
+fn der_tbs(der: &[u8]) -> Option<(u8, &[u8])> {
+    let (_, cert, _) = der_element(der)?;
+    let (_, tbs, _) = der_element(cert)?;
+    let (tag, explicit, rest) = der_element(tbs)?;
+    if tag != 0xa0 {
+        return Some((1, tbs));
+    }
+    match der_element(explicit)? {
+        (0x02, [v], _) if *v < 3 => Some((v + 1, rest)),
+        _ => None,
+    }
+}
+
+/// One DER element at the start of `b`: its tag, its contents, what follows it.
+fn der_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, b) = b.split_first()?;
+    let (len, b) = if first < 0x80 {
+        (usize::from(first), b)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+        (len, &b[n..])
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// A UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), the
+/// only forms RFC 5280 4.1.2.5 allows in a certificate.
+fn der_time(tag: u8, v: &[u8]) -> Option<SystemTime> {
+    let s = std::str::from_utf8(v).ok()?;
+    let full = match (tag, s.len()) {
+        (0x17, 13) => {
+            let yy: u32 = s.get(..2)?.parse().ok()?;
+            format!("{}{s}", if yy >= 50 { "19" } else { "20" })
+        }
+        (0x18, 15) => s.to_string(),
+        _ => return None,
+    };
+    if !full.ends_with('Z') || !full[..14].bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &full[..4],
+        &full[4..6],
+        &full[6..8],
+        &full[8..10],
+        &full[10..12],
+        &full[12..14]
+    );
+    humantime::parse_rfc3339(&rfc3339).ok()
 }
 
 /// Where the system's CA bundle usually is (Debian/Ubuntu, Fedora/RHEL, Alpine/macOS-like).
@@ -360,5 +504,127 @@ mod tests {
             assert_eq!(e.file(), TlsFile::Key, "{e}");
             assert!(e.to_string().contains("is encrypted"), "{e}");
         }
+    }
+
+    /// A self-signed certificate and its key, valid from `from` to `until`, written to `dir`.
+    fn dated(
+        dir: &Path,
+        from: (i32, u8, u8),
+        until: (i32, u8, u8),
+    ) -> (PathBuf, PathBuf, CertifiedKey) {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let (c, k) = (
+            dir.join(format!("{until:?}.pem")),
+            dir.join(format!("{until:?}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        let ck = load_certified_key(&c, &k).expect("loads");
+        (c, k, ck)
+    }
+
+    fn at(s: &str) -> SystemTime {
+        humantime::parse_rfc3339(s).expect("time")
+    }
+
+    #[test]
+    fn validity_is_read_from_utc_and_generalized_times() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // rcgen writes UTCTime before 2050 and GeneralizedTime from 2050 (RFC 5280 4.1.2.5).
+        let (_, _, ck) = dated(dir.path(), (1999, 12, 31), (2061, 3, 4));
+        assert_eq!(
+            validity(&ck),
+            Some((at("1999-12-31T00:00:00Z"), at("2061-03-04T00:00:00Z")))
+        );
+        let (_, _, ck) = dated(dir.path(), (2020, 1, 1), (2049, 12, 31));
+        assert_eq!(
+            validity(&ck),
+            Some((at("2020-01-01T00:00:00Z"), at("2049-12-31T00:00:00Z")))
+        );
+        assert_eq!(
+            der_version(ck.end_entity_cert().expect("leaf").as_ref()),
+            Some(3)
+        );
+        // Truncated or garbage DER reads as unknown, never a panic.
+        let der = ck.end_entity_cert().expect("leaf").as_ref().to_vec();
+        for n in 0..200.min(der.len()) {
+            let _ = der_validity(&der[..n]);
+        }
+        assert_eq!(der_validity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(der_validity(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn a_certificate_expired_expiring_or_not_yet_valid_is_warned_about() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, _, ck) = dated(dir.path(), (2026, 1, 1), (2027, 1, 1));
+        let warn = |now: &str| validity_warning(&ck, &path, at(now));
+        assert_eq!(warn("2026-06-01T00:00:00Z"), None);
+        assert_eq!(warn("2026-12-17T23:59:59Z"), None, "15 days left");
+        let soon = warn("2026-12-29T00:00:00Z").expect("3 days left");
+        assert!(
+            soon.contains("expires at 2027-01-01T00:00:00Z, in 3days: renew it"),
+            "{soon}"
+        );
+        let expired = warn("2027-01-01T00:00:00Z").expect("expired");
+        assert!(
+            expired.contains("expired at 2027-01-01T00:00:00Z"),
+            "{expired}"
+        );
+        let early = warn("2025-12-31T23:00:00Z").expect("not yet valid");
+        assert!(
+            early.contains("is not valid before 2026-01-01T00:00:00Z"),
+            "{early}"
+        );
+        assert!(soon.contains(&path.display().to_string()), "{soon}");
+    }
+
+    /// DER `tag` around `contents`.
+    fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = contents.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend(contents);
+        out
+    }
+
+    #[test]
+    fn an_x509_v1_certificate_is_named_as_such_not_as_a_mismatch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, key, ck) = dated(dir.path(), (2026, 1, 1), (2036, 1, 1));
+        // The same certificate without its version field (v1; its signature no longer
+        // verifies, which loading does not check).
+        let leaf = ck.end_entity_cert().expect("leaf").as_ref().to_vec();
+        let (_, cert, _) = der_element(&leaf).expect("certificate");
+        let (_, tbs, rest) = der_element(cert).expect("tbs");
+        let (tag, _, fields) = der_element(tbs).expect("version");
+        assert_eq!(tag, 0xa0);
+        let v1 = der(0x30, &[der(0x30, fields), rest.to_vec()].concat());
+        assert_eq!(der_version(&v1), Some(1));
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &v1)
+        );
+        let path = dir.path().join("v1.pem");
+        std::fs::write(&path, pem).expect("write");
+        let e = load_certified_key(&path, &key).expect_err("v1");
+        assert!(matches!(e, TlsError::CertVersion { .. }), "{e}");
+        assert_eq!(e.file(), TlsFile::Cert);
+        assert!(e.to_string().contains("is X.509 v1"), "{e}");
     }
 }

@@ -125,6 +125,61 @@ fn check_reads_the_tls_files_and_the_access_log_path() {
     );
     let out = switchyard(&["check", "--config", &good]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert!(!text(&out).0.contains("warning"), "{:?}", text(&out));
+
+    // An expired certificate passes (it is served, as nginx serves it) with a warning at its
+    // key; so does one within two weeks of its end.
+    let dated = |name: &str, days: i64| {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock");
+        let shift = std::time::Duration::from_secs(days.unsigned_abs() * 86_400);
+        let now = rcgen::date_time_ymd(1970, 1, 1) + now;
+        params.not_after = if days < 0 { now - shift } else { now + shift };
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        (
+            write(dir.path(), &format!("{name}.crt"), &cert.pem()),
+            write(dir.path(), &format!("{name}.key"), &key.serialize_pem()),
+        )
+    };
+    let (old_cert, old_key) = dated("old", -1);
+    let (soon_cert, soon_key) = dated("soon", 5);
+    let aging = config(
+        &old_key,
+        &soon_key,
+        &dir.path().join("access.log").display().to_string(),
+    )
+    .replacen(
+        &format!("tls_cert = \"{cert}\""),
+        &format!("tls_cert = \"{old_cert}\""),
+        1,
+    )
+    .replacen(
+        &format!("tls_cert = \"{cert}\""),
+        &format!("tls_cert = \"{soon_cert}\""),
+        1,
+    );
+    let aging = write(dir.path(), "aging.toml", &aging);
+    let out = switchyard(&["check", "--config", &aging]);
+    let (said, err) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said} {err}");
+    assert!(
+        said.contains(&format!(
+            "warning: proxy.tls_cert: certificate {old_cert} expired at"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "warning: admin.tls_cert: certificate {soon_cert} expires at"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("in 4days 23h"), "{said}");
 
     let bad = write(
         dir.path(),

@@ -55,6 +55,23 @@ fn make_cert(dir: &Path, name: &str) -> Cert {
     }
 }
 
+/// [`make_cert`], valid until midnight (UTC) of `until` (year, month, day).
+fn make_cert_until(dir: &Path, name: &str, until: (i32, u8, u8)) -> Cert {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let c = params.self_signed(&key).expect("cert");
+    let cert = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, c.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    Cert {
+        cert,
+        key: key_path,
+        der: c.der().clone(),
+    }
+}
+
 fn tls_head(c: &Cert) -> String {
     tls_head_with_grace(c, "2s")
 }
@@ -722,10 +739,22 @@ async fn reload_swaps_the_certificate_without_dropping_open_connections() {
     let green = dead_addr().await;
     let certs = tempfile::tempdir().expect("tempdir");
     let a = make_cert(certs.path(), "a");
-    let b = make_cert(certs.path(), "b");
+    let b = make_cert_until(certs.path(), "b", (2061, 3, 4));
     let svc = service("api", &[blue.addr], &[green], "");
     let p = TestProxy::start(&format!("{}{svc}", tls_head(&a))).await;
     let tls_addr = tls_listener(&p);
+    // The served certificate's notAfter, by listener (rcgen's default ends in 4096); none for
+    // the admin listener, which has no TLS here.
+    let expiry = |text: &str, listener: &str| {
+        metric(
+            text,
+            "switchyard_tls_certificate_expiry_timestamp_seconds",
+            &[("listener", listener)],
+        )
+    };
+    let text = get(p.admin, "/metrics").await.1;
+    assert_eq!(expiry(&text, "proxy"), Some(67_090_118_400.0), "{text}");
+    assert_eq!(expiry(&text, "admin"), None, "{text}");
 
     let io = tls_connect(tls_addr, &[&a, &b], b"http/1.1").await;
     let served = io.get_ref().1.peer_certificates().map(|c| c[0].clone());
@@ -751,6 +780,8 @@ async fn reload_swaps_the_certificate_without_dropping_open_connections() {
         Some(&b.der),
         "still serving the old certificate"
     );
+    let text = get(p.admin, "/metrics").await.1;
+    assert_eq!(expiry(&text, "proxy"), Some(2_877_120_000.0), "{text}");
 
     // A reload with a broken key pair is refused and keeps serving the current one.
     let bad = certs.path().join("bad.key");
