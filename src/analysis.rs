@@ -942,17 +942,18 @@ pub fn probe_outcome(results: &[(String, ProbeResult)]) -> Outcome {
     }
 }
 
-/// The URLs a probe GETs for `target`: `path` on each healthy upstream of the color, or `url`.
-fn probe_urls(p: &ProbeCheck, target: &Target<'_>) -> Vec<String> {
+/// The URLs a probe GETs for `target`, each with whether its upstream is healthy: `path` on
+/// every upstream of the color (as the contract says: one that health checks took out is still
+/// part of the color, and its deep health is what the rule is about), or `url`.
+fn probe_urls(p: &ProbeCheck, target: &Target<'_>) -> Vec<(String, bool)> {
     match &p.target {
-        ProbeTarget::Url(u) => vec![render(u, target.service, target.color, &[])],
+        ProbeTarget::Url(u) => vec![(render(u, target.service, target.color, &[]), true)],
         ProbeTarget::Path(path) => target
             .svc
             .pool(target.color)
             .upstreams
             .iter()
-            .filter(|u| u.is_healthy())
-            .map(|u| format!("http://{}{path}", u.addr_label))
+            .map(|u| (format!("http://{}{path}", u.addr_label), u.is_healthy()))
             .collect(),
     }
 }
@@ -969,7 +970,7 @@ pub async fn probe(
         return (
             String::new(),
             Outcome::Error {
-                error: format!("the {} pool has no healthy upstream to probe", target.color),
+                error: format!("the {} pool has no upstream to probe", target.color),
                 config: false,
             },
         );
@@ -978,7 +979,10 @@ pub async fn probe(
     // gRPC server, refuses HTTP/1.1).
     let h2 = matches!(p.target, ProbeTarget::Path(_))
         && target.svc.pool(target.color).protocol == Protocol::H2;
-    let one = |url: String| async move {
+    // An upstream that does not answer is not counted (a blip is no verdict on the release),
+    // unless health checks or passive ejection have taken it out too: then it fails, so that a
+    // live color gone dead reads as failing, not as a probe that cannot see (`blind`).
+    let one = |(url, healthy): (String, bool)| async move {
         let r = match url.parse::<http::Uri>() {
             Err(e) => ProbeResult::Error(format!("bad URL: {e}")),
             Ok(uri) if h2 => match h2_get(analysis, uri, cfg.timeout).await {
@@ -990,11 +994,22 @@ pub async fn probe(
                 Err(e) => ProbeResult::Error(e),
             },
         };
+        let r = match r {
+            ProbeResult::Error(e) if !healthy => {
+                ProbeResult::Fail(format!("{e}, and the upstream is marked unhealthy"))
+            }
+            r => r,
+        };
         (url, r)
     };
+    let probed = urls
+        .iter()
+        .map(|(u, _)| u.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     let results: Vec<(String, ProbeResult)> =
-        futures_join_all(urls.iter().cloned().map(one).collect()).await;
-    (urls.join(" "), probe_outcome(&results))
+        futures_join_all(urls.into_iter().map(one).collect()).await;
+    (probed, probe_outcome(&results))
 }
 
 /// GET `uri` over h2c with prior knowledge within `timeout`: the status and the body, read up

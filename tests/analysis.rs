@@ -167,8 +167,11 @@ impl DeepUpstream {
         let deps = Arc::new(Mutex::new(json!({"database": "ok", "payments": "ok"})));
         let d = deps.clone();
         let addr = raw_upstream(move |head| {
+            let deps = d.lock().expect("lock").clone();
             let (status, body) = if head.starts_with("GET /health/deps ") {
-                (200, d.lock().expect("lock").to_string())
+                (200, deps.to_string())
+            } else if head.starts_with("GET /health ") && deps["shallow"] == "down" {
+                (503, "down\n".to_string())
             } else {
                 (200, "ok\n".to_string())
             };
@@ -969,6 +972,110 @@ for = "1s"
         "{ev}"
     );
     assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+}
+
+/// A probe GETs every upstream of the live color, those health checks took out too (as the
+/// contract says): an upstream whose deep health fails and whose shallow `/health` then fails
+/// is still counted failing, and a live color all marked down and not answering reads as
+/// failing, not as a blind probe. (Only healthy upstreams were probed: the failure vanished
+/// from the count once health checks caught it, and a whole color down left the trigger
+/// inconclusive with nothing rolled back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_counts_upstreams_health_checks_took_out() {
+    let blue = DeepUpstream::start().await;
+    let g1 = DeepUpstream::start().await;
+    let g2 = DeepUpstream::start().await;
+    let dead = dead_addr().await;
+    let trigger = |fraction: &str| {
+        format!(
+            r#"
+[services.health]
+path = "/health"
+interval = "100ms"
+timeout = "1s"
+unhealthy_after = 1
+healthy_after = 1
+[services.rollback]
+[[services.rollback.triggers]]
+kind = "probe"
+path = "/health/deps"
+json_pointer = "/database"
+equals = "ok"
+above_fraction = {fraction}
+interval = "200ms"
+for = "1s"
+"#
+        )
+    };
+    let p = TestProxy::start(&two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[g1.addr, g2.addr],
+        &trigger("0.6"),
+    ))
+    .await;
+    assert_eq!(flip(&p, "api", "green", false).await.0, 200);
+    wait_trigger(&p, "api", 0, |t| t["value"] == json!(0.0)).await;
+    // g1's database goes, and its shallow health with it: taken out of the pool, still probed.
+    g1.set("database", "down");
+    g1.set("shallow", "down");
+    let out = eventually(20, || async {
+        let svc = p.service_status("api").await;
+        svc["colors"]["green"]["upstreams"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u["healthy"] == json!(false)))
+    })
+    .await;
+    assert!(out, "{:#}", p.service_status("api").await);
+    let seen = p.service_status("api").await["triggers"][0]["evaluated_at"].clone();
+    let t = wait_trigger(&p, "api", 0, |t| t["evaluated_at"] != seen).await;
+    assert_eq!(t["value"], json!(0.5), "{t:#}");
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 of 2 failing"),
+        "{t:#}"
+    );
+    // g2 too: the whole live color fails, and it rolls back.
+    g2.set("database", "down");
+    g2.set("shallow", "down");
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(rolled, "no rollback: {:#}", p.service_status("api").await);
+    let ev = auto_rollbacks(&p, "api").await.remove(0);
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 of 2 failing"),
+        "{ev}"
+    );
+    assert_eq!(p.service_status("api").await["active"], "blue");
+    p.stop().await;
+
+    // A live color whose only upstream is dead, and marked so by health checks: failing (it
+    // was inconclusive, `blind`, and rolled nothing back).
+    let p = TestProxy::start(&two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[dead],
+        &trigger("0"),
+    ))
+    .await;
+    let down = eventually(20, || async {
+        p.service_status("api").await["colors"]["green"]["upstreams"][0]["healthy"] == json!(false)
+    })
+    .await;
+    assert!(down, "{:#}", p.service_status("api").await);
+    assert_eq!(flip(&p, "api", "green", true).await.0, 200);
+    let rolled = eventually(40, || async { !auto_rollbacks(&p, "api").await.is_empty() }).await;
+    assert!(rolled, "no rollback: {:#}", p.service_status("api").await);
+    let ev = auto_rollbacks(&p, "api").await.remove(0);
+    let detail = ev["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("marked unhealthy"), "{ev}");
     p.stop().await;
 }
 
