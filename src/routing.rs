@@ -277,6 +277,11 @@ fn build_pool(
             })
         })
         .collect();
+    // A trigger keeps the counter of the old trigger with its paths (the same index first):
+    // each old counter is handed out once, since every failure is added to each trigger's
+    // counter (two triggers with the same paths sharing one would count each failure twice).
+    let olds: &[CriticalPaths] = old.map_or(&[], |p| &p.critical);
+    let mut taken = vec![false; olds.len()];
     let critical = svc
         .rollback
         .triggers
@@ -284,11 +289,21 @@ fn build_pool(
         .enumerate()
         .filter_map(|(i, t)| match &t.kind {
             TriggerKind::Critical5xx { paths, .. } => {
-                let counter = old
-                    .and_then(|p| p.critical.iter().find(|c| &c.paths == paths))
-                    .filter(|c| c.counter.slots() >= slots)
-                    .map(|c| c.counter.clone())
-                    .unwrap_or_else(|| Arc::new(WindowCounter::new(slots)));
+                let fits = |j: usize, c: &CriticalPaths| {
+                    !taken[j] && &c.paths == paths && c.counter.slots() >= slots
+                };
+                let found = olds
+                    .iter()
+                    .enumerate()
+                    .position(|(j, c)| fits(j, c) && c.trigger_index == i)
+                    .or_else(|| olds.iter().enumerate().position(|(j, c)| fits(j, c)));
+                let counter = match found {
+                    Some(j) => {
+                        taken[j] = true;
+                        olds[j].counter.clone()
+                    }
+                    None => Arc::new(WindowCounter::new(slots)),
+                };
                 Some(CriticalPaths {
                     trigger_index: i,
                     paths: paths.clone(),
@@ -382,5 +397,31 @@ mod tests {
         assert!(!green0.live_at(1) && !green1.live_at(1));
         assert!(green0.live_at(3) && green1.live_at(3));
         assert!(!blue0.live_at(2) && !blue0.live_at(3));
+    }
+
+    /// Two `critical_5xx` triggers on the same paths keep a counter each across a reload (the
+    /// same index's first): they shared the first one's, and each failure then counted twice.
+    #[test]
+    fn critical_path_counters_are_handed_out_once_across_reloads() {
+        let text = "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:1\"] }\n\
+                    green = { upstreams = [\"127.0.0.1:2\"] }\n\
+                    [services.rollback]\n\
+                    [[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/pay\"]\nabove = 2\n\
+                    [[services.rollback.triggers]]\nkind = \"critical_5xx\"\npaths = [\"/pay\"]\nabove = 5\nover = \"5m\"\n";
+        let cfg =
+            || Arc::new(crate::config::from_toml_str(text).unwrap_or_else(|e| panic!("{e:?}")));
+        let metrics = Metrics::new();
+        let first = build_snapshot(cfg(), &HashMap::new(), None, &metrics);
+        let reloaded = build_snapshot(cfg(), &HashMap::new(), Some(&first), &metrics);
+        let (old, new) = (
+            &first.services[0].pool(Color::Green).critical,
+            &reloaded.services[0].pool(Color::Green).critical,
+        );
+        assert_eq!(new.len(), 2);
+        assert!(!Arc::ptr_eq(&new[0].counter, &new[1].counter));
+        for i in 0..2 {
+            assert_eq!(new[i].trigger_index, i);
+            assert!(Arc::ptr_eq(&new[i].counter, &old[i].counter), "trigger {i}");
+        }
     }
 }
