@@ -44,6 +44,9 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
     for svc in &snap.services {
         let cfg = &svc.config.rollback;
         if !cfg.enabled || cfg.triggers.is_empty() {
+            // Nothing is evaluated while rollback is off: a breach from before must not fire
+            // the moment a reload turns it back on, so its engine goes with it.
+            watched.remove(svc.name());
             continue;
         }
         let gen = svc.state.generation;
@@ -130,7 +133,11 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                     // Keep the engine's `fired` state on show: the service is latched now
                     // and stays disarmed until a manual flip, which resets it.
                     Ok(Some(outcome)) => w.generation = outcome.generation,
-                    Ok(None) => {}
+                    // Not applied: a pause (or the end of `watch_for`) landed after this
+                    // evaluation, or another change did. The engine latched `fired` and would
+                    // stay silent for this generation (a pause changes none): start it fresh,
+                    // so that after a resume a breach that still holds fires.
+                    Ok(None) => w.engine.reset(),
                     Err(ChangeError::Refused(why)) => {
                         // The target went unhealthy since this evaluation read it. The engine
                         // latched `Rollback` and would stay silent until the next flip: start

@@ -625,6 +625,53 @@ async fn pause_holds_and_resume_rolls_back() {
     r.p.stop().await;
 }
 
+/// Rollback turned off by a reload and on again by another: the breach from before the gap is
+/// not carried over (it was: the engine kept its `since`, and fired the moment rollback came
+/// back, although nothing was evaluated in between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_from_before_rollback_was_turned_off_does_not_count_after() {
+    let slow = "kind = \"error_rate\"\nabove = 0.5\nover = \"5s\"\nfor = \"30s\"";
+    let on = rollback(5, false, &[slow]);
+    let r = Rig::start("", &on).await;
+    r.green.set_status(500);
+    let t = r.drive();
+    let breaching = eventually(10, || async {
+        r.trigger_state(0).await["state"] == "breaching"
+    })
+    .await;
+    assert!(breaching, "{}", r.svc().await);
+    let dir = r.p.dir.as_ref().expect("dir").path().to_path_buf();
+    let body = |rb: &str| full_config(&service("api", &[r.blue.addr], &[r.green.addr], rb), &dir);
+    std::fs::write(
+        &r.p.config_path,
+        body(&on.replace(
+            "[services.rollback]\n",
+            "[services.rollback]\nenabled = false\n",
+        )),
+    )
+    .expect("write");
+    let (s, v) = admin_post(r.p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    // Off for longer than the breach had held, then on again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    std::fs::write(&r.p.config_path, body(&on)).expect("write");
+    let (s, v) = admin_post(r.p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    let st = eventually(10, || async {
+        r.trigger_state(0).await["state"] == "breaching"
+    })
+    .await;
+    assert!(st, "{}", r.svc().await);
+    let st = r.trigger_state(0).await;
+    let held = st["held_secs"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        held < 3.0,
+        "the breach from before the gap carried over: {st}"
+    );
+    t.stop().await;
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_records_would_rollback_once_and_does_not_flip() {
     let r = Rig::start("", &rollback(10, true, &[ERROR_RATE])).await;
