@@ -746,7 +746,7 @@ async fn serve_proxy(
         // pointer instead of copying it on every spawn.
         match &tls {
             None => {
-                let serve = conn.serve(stream, TcpStream::into_split, Speaks::Either);
+                let serve = conn.serve(stream, split_tcp, Speaks::Either);
                 conns.spawn(Box::into_pin(Box::write(Box::new_uninit(), serve)));
             }
             Some(t) => {
@@ -818,6 +818,13 @@ async fn serve_proxy(
 /// keep-alive client's next request; nginx and HAProxy have the same window.
 pub const IDLE_AT_SHUTDOWN: Duration = Duration::from_millis(250);
 
+/// A plain client connection's halves; the write half can end it with a reset (a cut
+/// close-delimited response).
+fn split_tcp(stream: TcpStream) -> (tokio::net::tcp::OwnedReadHalf, crate::http::io::TcpWrite) {
+    let (r, w) = stream.into_split();
+    (r, crate::http::io::TcpWrite::new(w))
+}
+
 /// Completes `linger` after shutdown begins.
 async fn shutdown_then(app: &App, linger: Duration) {
     app.shutdown.cancelled().await;
@@ -874,7 +881,7 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         R: AsyncRead + Send + Unpin + 'static,
-        W: AsyncWrite + Send + Unpin + 'static,
+        W: crate::http::io::WriteHalf + 'static,
     {
         let deadline = self.deadline;
         let mut first = BytesMut::new();

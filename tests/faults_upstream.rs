@@ -771,6 +771,52 @@ async fn a_cut_body_is_a_failure_and_the_client_sees_the_cut_at_once() {
     p.stop().await;
 }
 
+/// An HTTP/1.0 client reads a body of unknown length until the close: a cut one ends with a
+/// reset, never the FIN that would pass it off as whole (RFC 9112 6.3); a cut with a length
+/// ends with a FIN, the framing tells that client (and the bytes sent are all delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_close_delimited_body_ends_with_a_reset() {
+    let cut = cutting_upstream().await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[cut], &[green.addr], "")).await;
+    for (path, reset) in [("/chunked", true), ("/cl", false)] {
+        let mut s = tokio::net::TcpStream::connect(p.proxy)
+            .await
+            .expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: api\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("the proxy kept the cut connection open 5 s");
+        let text = String::from_utf8_lossy(&got).into_owned();
+        match end {
+            Err(e) => {
+                assert!(reset, "{path}: {e}; got {text:?}");
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{path}");
+            }
+            Ok(()) => {
+                assert!(!reset, "{path}: a clean end (FIN) after {text:?}");
+                assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+                assert!(text.ends_with("partial"), "{text}");
+            }
+        }
+    }
+    // The proxy serves on.
+    assert_eq!(p.get("/whole").await, (200, "whole".to_string()));
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_body_reaches_an_h2_client_as_an_error() {
     let cut = cutting_upstream().await;

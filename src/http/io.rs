@@ -1,6 +1,7 @@
 //! I/O shared by the server and the client: the adaptive read into a growing buffer, the
 //! vectored write of a queue of buffers, a stream with bytes already read off it in front, and
-//! a stream whose stalled writes time out.
+//! a stream whose stalled writes time out, and a connection's write half that can end it with
+//! a reset.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -208,5 +209,84 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.io).poll_shutdown(cx);
         self.check(cx, r)
+    }
+}
+
+/// A connection's write half, as the HTTP/1 server holds it.
+pub trait WriteHalf: AsyncWrite + Send + Unpin {
+    /// Ends the connection with a reset (TCP RST) rather than an orderly close, where the
+    /// transport has one: its peer then sees the cut of a response whose end is the close
+    /// (a close-delimited body), which a FIN would pass off as complete. Writes fail after.
+    fn abort(&mut self) {}
+}
+
+/// Over TLS a cut is told by the missing close_notify; a test's in-memory pipe has no reset.
+impl<T: AsyncRead + AsyncWrite + Send> WriteHalf for tokio::io::WriteHalf<T> {}
+
+/// What an upgraded connection's writer is replaced with once handed over.
+impl WriteHalf for tokio::io::Sink {}
+
+impl<S: WriteHalf> WriteHalf for SendTimeout<S> {
+    fn abort(&mut self) {
+        self.io.abort();
+    }
+}
+
+/// A plain TCP connection's write half, which [`WriteHalf::abort`] can reset: tokio's own
+/// sends a FIN when dropped.
+pub struct TcpWrite {
+    half: Option<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+impl TcpWrite {
+    pub fn new(half: tokio::net::tcp::OwnedWriteHalf) -> TcpWrite {
+        TcpWrite { half: Some(half) }
+    }
+
+    fn half(&mut self) -> io::Result<&mut tokio::net::tcp::OwnedWriteHalf> {
+        self.half
+            .as_mut()
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl WriteHalf for TcpWrite {
+    fn abort(&mut self) {
+        if let Some(half) = self.half.take() {
+            // A zero linger makes the close a reset; `forget` leaves out the FIN dropping the
+            // half would send. The socket closes when its read half goes.
+            let _ = socket2::SockRef::from(half.as_ref()).set_linger(Some(Duration::ZERO));
+            half.forget();
+        }
+    }
+}
+
+impl AsyncWrite for TcpWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.half()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.half()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.half()?).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.half()?).poll_shutdown(cx)
     }
 }

@@ -104,7 +104,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+pub type BoxWrite = Box<dyn super::io::WriteHalf>;
 
 /// Header slots on the stack; a request with more (up to `max_headers`) is parsed again with
 /// slots on the heap.
@@ -1636,7 +1636,11 @@ impl<H: Handler> Conn<H> {
                     tracing::debug!(error = %e, "upstream body failed; aborting the response");
                     let _ = self.writer.write_out().await;
                     // No close_notify: over TLS the client then sees an unclean end, so a
-                    // close-delimited body cut here is not taken for a whole one.
+                    // close-delimited body cut here is not taken for a whole one; over TCP
+                    // such a body ends with a reset, not the FIN that would be its end.
+                    if !chunked && length.is_none() {
+                        self.writer.io.abort();
+                    }
                     self.writer.closed = true;
                     self.writer.cut = true;
                     return Ok(false);
