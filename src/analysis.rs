@@ -214,7 +214,7 @@ impl Analysis {
         let blind = IntGaugeVec::new(
             Opts::new(
                 ANALYSIS_BLIND,
-                "1 while a prometheus or probe trigger has failed max_errors consecutive evaluations: with on_error = \"hold\" it cannot fire (analysis is blind).",
+                "1 while a prometheus or probe trigger with on_error = \"hold\" has failed max_errors consecutive evaluations: it cannot fire (analysis is blind); with \"fail\" the errors count as a breach, and it stays 0.",
             ),
             labels,
         )
@@ -374,7 +374,7 @@ impl Analysis {
                 obj.insert("interval_secs".into(), secs(p.interval));
                 obj.insert(
                     "blind".into(),
-                    json!(last.consecutive_errors >= p.max_errors),
+                    json!(blind(&last, p.max_errors, p.on_error)),
                 );
             }
             TriggerKind::Probe(p) => {
@@ -385,7 +385,7 @@ impl Analysis {
                 obj.insert("interval_secs".into(), secs(p.interval));
                 obj.insert(
                     "blind".into(),
-                    json!(last.consecutive_errors >= p.max_errors),
+                    json!(blind(&last, p.max_errors, p.on_error)),
                 );
             }
             _ => return,
@@ -451,14 +451,14 @@ impl Analysis {
 
     fn publish(&self, service: &str, index: usize, t: &TriggerConfig, last: &Last) {
         let labels = [service, &index.to_string(), t.kind.name()];
-        let max = match &t.kind {
-            TriggerKind::Prometheus(p) => p.max_errors,
-            TriggerKind::Probe(p) => p.max_errors,
+        let (max, on_error) = match &t.kind {
+            TriggerKind::Prometheus(p) => (p.max_errors, p.on_error),
+            TriggerKind::Probe(p) => (p.max_errors, p.on_error),
             _ => return,
         };
         self.blind
             .with_label_values(&labels)
-            .set((last.consecutive_errors >= max) as i64);
+            .set(blind(last, max, on_error) as i64);
         let errors = self.errors_total.with_label_values(&labels);
         if last.error.is_some() {
             errors.inc();
@@ -512,6 +512,12 @@ fn on_empty_name(p: &PromCheck) -> &'static str {
         crate::config::OnEmpty::InsufficientData => "insufficient_data",
         crate::config::OnEmpty::Fail => "fail",
     }
+}
+
+/// Blind: `max_errors` evaluations in a row failed and `on_error = "hold"` keeps the trigger
+/// from firing. With `"fail"` the errors count as a breach: it fires, it is not blind.
+fn blind(last: &Last, max_errors: u32, on_error: crate::config::OnError) -> bool {
+    on_error == crate::config::OnError::Hold && last.consecutive_errors >= max_errors
 }
 
 fn on_error_name(o: crate::config::OnError) -> &'static str {

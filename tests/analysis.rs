@@ -594,6 +594,18 @@ max_errors = 2
         ),
         "{metrics}"
     );
+    // The fail one's errors count as a breach: it is not blind (it was shown so, and the
+    // shipped SwitchyardAnalysisBlind alert paged for it).
+    assert!(
+        metrics.contains(
+            "switchyard_analysis_blind{kind=\"prometheus\",service=\"fail\",trigger=\"0\"} 0"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(
+        p.service_status("fail").await["triggers"][0]["blind"],
+        json!(false)
+    );
     assert!(auto_rollbacks(&p, "hold").await.is_empty());
     assert_eq!(p.service_status("hold").await["active"], "green");
     assert_eq!(p.service_status("fail").await["active"], "blue");
