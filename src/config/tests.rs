@@ -292,6 +292,19 @@ fn wrong_types_are_reported_with_every_other_error() {
     );
 }
 
+/// A trigger's window is whole seconds, as the windows count them: `1500ms` is refused at its
+/// key (it was taken as 1s).
+#[test]
+fn a_trigger_window_of_part_seconds_is_refused() {
+    let errs = errors(&GOOD.replace("over = \"1m\"", "over = \"1500ms\""));
+    assert_eq!(
+        errs,
+        ["services[0].rollback.triggers[0].over: must be whole seconds (the windows count seconds): 1s, 2s, 90s"],
+        "{errs:#?}"
+    );
+    assert!(errors(&GOOD.replace("over = \"1m\"", "over = \"2000ms\"")).is_empty());
+}
+
 /// A trigger's `above` of the wrong type for its kind says so, as serde words the file's other
 /// wrong types, not "required" as if it were not written.
 #[test]

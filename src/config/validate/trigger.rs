@@ -23,6 +23,12 @@ pub(super) fn trigger(c: &mut Check, key: &str, t: RawTrigger) -> Option<Trigger
         let o = c.duration(&over_key, t.over.as_deref(), Duration::from_secs(60));
         if o < Duration::from_secs(1) || o > MAX_WINDOW {
             c.err(&over_key, "must be between 1s and 1h");
+        } else if o.subsec_nanos() != 0 {
+            // The windows count whole seconds: "1500ms" would read as 1s.
+            c.err(
+                &over_key,
+                "must be whole seconds (the windows count seconds): 1s, 2s, 90s",
+            );
         }
         o
     };
