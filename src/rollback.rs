@@ -107,6 +107,9 @@ pub struct Evaluation<'a> {
     pub rollback_target_healthy: bool,
     /// One per trigger, in the order of `cfg.triggers`.
     pub measured: &'a [Measured],
+    /// The seconds since the live color went live (counting the flip's own), which cut every
+    /// window (`None`: live since before this process knew): a fire's `over` is what was read.
+    pub live_secs: Option<u64>,
 }
 
 /// A trigger's state, for `/api/status`. `value` is in engine units: a ratio for `error_rate`,
@@ -289,7 +292,7 @@ impl ServiceWatch {
         else {
             return Decision::None;
         };
-        let fire = build_fire(i, t, value, requests, ev.measured.get(i));
+        let fire = build_fire(i, t, value, requests, ev.measured.get(i), ev.live_secs);
 
         if cfg.dry_run {
             if self.episode.would_rollback {
@@ -471,9 +474,23 @@ fn build_fire(
     value: f64,
     requests: Option<u64>,
     m: Option<&Measured>,
+    live_secs: Option<u64>,
 ) -> Fire {
     let kind = t.kind.name();
-    let over = t.kind.over();
+    // The window read: the trigger's, cut at the flip when that is more recent.
+    let over = match live_secs {
+        Some(l) => t.kind.over().min(Duration::from_secs(l.max(1))),
+        None => t.kind.over(),
+    };
+    let over_text = if over < t.kind.over() {
+        format!(
+            "{} (since the flip; window {})",
+            fmt_duration(over),
+            fmt_duration(t.kind.over())
+        )
+    } else {
+        fmt_duration(over)
+    };
     let for_ = t.for_;
     let in_window = match requests {
         Some(n) => format!(" ({n} requests in window)"),
@@ -487,7 +504,7 @@ fn build_fire(
             );
             let detail = format!(
                 "{kind} {v} > {th} over {} for {}{in_window}",
-                fmt_duration(over),
+                over_text,
                 fmt_duration(for_)
             );
             (*above, th, v, detail)
@@ -499,7 +516,7 @@ fn build_fire(
             let th = fmt_ms(above.as_secs_f64());
             let detail = format!(
                 "{kind} {v} > {th} over {} for {}{in_window}",
-                fmt_duration(over),
+                over_text,
                 fmt_duration(for_)
             );
             (above.as_secs_f64(), th, v, detail)
@@ -509,7 +526,7 @@ fn build_fire(
             let detail = format!(
                 "{kind} {v} > {th} failures on {} over {} for {}{in_window}",
                 paths.join(","),
-                fmt_duration(over),
+                over_text,
                 fmt_duration(for_)
             );
             (*above as f64, th, v, detail)
@@ -829,6 +846,7 @@ mod tests {
 
     fn ev(now: Instant, measured: &[Measured]) -> Evaluation<'_> {
         Evaluation {
+            live_secs: None,
             now,
             armed: true,
             rollback_target_healthy: true,
@@ -1101,6 +1119,7 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..100 {
             let e = Evaluation {
+                live_secs: None,
                 armed: false,
                 ..ev(t0 + s(i), &[BAD])
             };
@@ -1180,6 +1199,7 @@ mod tests {
         let mut w = ServiceWatch::new(&c);
         let t0 = Instant::now();
         let blocked = |now| Evaluation {
+            live_secs: None,
             rollback_target_healthy: false,
             ..ev(now, &[BAD])
         };
@@ -1210,6 +1230,7 @@ mod tests {
         let mut w = ServiceWatch::new(&c);
         let t0 = Instant::now();
         let with = |now, m: &'static [Measured]| Evaluation {
+            live_secs: None,
             rollback_target_healthy: false,
             ..ev(now, m)
         };
@@ -1251,11 +1272,13 @@ mod tests {
         // Dry run with an unhealthy target still reports WouldRollback, never Blocked.
         let mut w = ServiceWatch::new(&c);
         let e = Evaluation {
+            live_secs: None,
             rollback_target_healthy: false,
             ..ev(t0, &[BAD])
         };
         assert!(is_none(&w.evaluate(&c, &e)));
         let e = Evaluation {
+            live_secs: None,
             now: t0 + s(5),
             ..e
         };
@@ -1321,6 +1344,7 @@ mod tests {
         w.evaluate(
             &zero,
             &Evaluation {
+                live_secs: None,
                 armed: false,
                 ..ev(t0, &m)
             },
@@ -1337,6 +1361,7 @@ mod tests {
         w.evaluate(
             &c,
             &Evaluation {
+                live_secs: None,
                 armed: false,
                 ..ev(t0, &[rate(20, 50)])
             },
@@ -1697,11 +1722,13 @@ mod tests {
         c.dry_run = false;
         let mut w = ServiceWatch::new(&c);
         let blocked = Evaluation {
+            live_secs: None,
             rollback_target_healthy: false,
             ..ev(t0, &empty)
         };
         assert!(matches!(w.evaluate(&c, &blocked), Decision::Blocked(_)));
         let unarmed = Evaluation {
+            live_secs: None,
             armed: false,
             ..ev(t0, &empty)
         };
@@ -1797,6 +1824,23 @@ mod tests {
             f.detail,
             "critical_5xx 3 > 0 failures on /api/payments,/api/subscriptions over 30s for 0s (412 requests in window)"
         );
+        // Ten seconds after the flip, a one-minute window has read ten: the line says so (it
+        // said "over 1m"), and so does the event's `over`.
+        let c = cfg(vec![error_rate(0.05, 60, 0)]);
+        let mut w = ServiceWatch::new(&c);
+        let m = [rate(412, 129)];
+        let e = Evaluation {
+            live_secs: Some(10),
+            ..ev(t0, &m)
+        };
+        let Decision::Rollback(f) = w.evaluate(&c, &e) else {
+            panic!("no rollback");
+        };
+        assert_eq!(
+            f.detail,
+            "error_rate 0.313 > 0.05 over 10s (since the flip; window 1m) for 0s (412 requests in window)"
+        );
+        assert_eq!(f.over, s(10));
         let f = detail(
             unhealthy(0),
             Measured::Health {

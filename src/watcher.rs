@@ -80,6 +80,7 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                 armed: app.releases.armed(svc, now),
                 rollback_target_healthy: target_healthy,
                 measured: &measured,
+                live_secs: live_since.map(|since| epoch.saturating_sub(since) + 1),
             },
         );
         if let Decision::Rollback(f) | Decision::Blocked(f) | Decision::WouldRollback(f) =
