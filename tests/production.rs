@@ -574,12 +574,12 @@ async fn the_admin_tls_listener_speaks_what_alpn_agreed_on() {
         .header("host", "127.0.0.1")
         .body(Empty::new())
         .expect("req");
-    assert_eq!(send(&mut h, req).await, (200, "ok\n".to_string()));
+    assert_eq!(send(&mut h, req).await, (200, "ok".to_string()));
     let mut h = h2(tls_connect(p.admin, &[&c], b"h2").await).await;
     let req = Request::get("https://127.0.0.1/healthz")
         .body(Empty::new())
         .expect("req");
-    assert_eq!(send(&mut h, req).await, (200, "ok\n".to_string()));
+    assert_eq!(send(&mut h, req).await, (200, "ok".to_string()));
     p.stop().await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
@@ -1500,6 +1500,32 @@ async fn admin_checks_host_and_methods() {
     assert_eq!(s, 403, "{b}");
     let (s, b) = request(p.admin, "POST", "/api/flip", &evil, Bytes::new()).await;
     assert_eq!(s, 403, "{b}");
+    let wrong = [("host", "evil.example"), ("authorization", "Bearer nope")];
+    let (s, b) = request(p.admin, "GET", "/api/status", &wrong, Bytes::new()).await;
+    assert_eq!(s, 403, "{b}");
+    // The right token is no rebinding page: a name not listed is served (`ctl --admin
+    // http://switchyard:9090` in a container network), for reads and changes alike.
+    let auth = format!("Bearer {TOKEN}");
+    let token = [
+        ("host", "switchyard:9090"),
+        ("authorization", auth.as_str()),
+    ];
+    let (s, b) = request(p.admin, "GET", "/api/status", &token, Bytes::new()).await;
+    assert_eq!(s, 200, "{b}");
+    let flip = [
+        ("host", "switchyard:9090"),
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (s, b) = request(
+        p.admin,
+        "POST",
+        "/api/services/api/flip",
+        &flip,
+        Bytes::from_static(b"{\"to\": \"blue\"}"),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
     for host in ["localhost:9090", "127.0.0.1", "[::1]:9090"] {
         let (s, b) = request(
             p.admin,
@@ -2440,7 +2466,7 @@ async fn a_reload_that_turns_admin_tls_on_or_off_takes_a_restart() {
         let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["restart_required"], both, "reload {round}: {v}");
-        assert_eq!(get(p.admin, "/healthz").await, (200, "ok\n".to_string()));
+        assert_eq!(get(p.admin, "/healthz").await, (200, "ok".to_string()));
     }
     p.stop().await;
 
