@@ -194,12 +194,27 @@ impl AccessLog {
         let _ = self.tx.try_send(Msg::Reopen);
     }
 
-    /// Waits (at most `timeout`, off the runtime) until every queued line is written.
+    /// Waits (at most `timeout`, off the runtime) until every queued line is written. A sink
+    /// that takes nothing (a pipe nobody reads, a hung mount) keeps the queue full: the wait
+    /// for room in it is bounded too, so a stopping process still stops.
     pub fn flush(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv_timeout(timeout);
+        let mut msg = Msg::Flush(tx);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(m)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
+        let _ = rx.recv_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
     }
 
     /// The entry for a request that has just arrived.

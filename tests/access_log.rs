@@ -346,7 +346,7 @@ async fn sigusr1_reopens_after_rename() {
 }
 
 /// A sink that does not drain (stdout into a pipe nobody reads): requests go on, lines past the
-/// queue are dropped and counted.
+/// queue are dropped and counted, and SIGTERM stops the process all the same.
 #[tokio::test]
 async fn a_blocked_sink_drops_and_counts_never_waits() {
     let blue = TestUpstream::start("blue").await;
@@ -388,8 +388,20 @@ async fn a_blocked_sink_drops_and_counts_never_waits() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no dropped counter in\n{metrics}"));
     assert!(dropped > 0.0, "nothing dropped: {dropped}");
+    // SIGTERM still stops it: the flush at the end waits a bounded time for room in the full
+    // queue (it waited for ever, and the process with it, past any grace).
+    let pid = child.id().expect("pid");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
     let _ = child.start_kill();
-    let _ = child.wait().await;
+    let status = status
+        .expect("still running 15 s after SIGTERM (grace 2 s)")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
 }
 
 /// A sink whose writes fail (stdout on /dev/full: every write is ENOSPC): requests go on, and
