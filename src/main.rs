@@ -570,7 +570,7 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    let code = rt.block_on(async move {
+    let (code, access) = rt.block_on(async move {
         // Taken over before startup (which may wait on name resolution for seconds): a SIGHUP
         // from logrotate or `systemctl reload` then, or a SIGTERM, is acted on once the proxy
         // runs instead of killing it with the default action.
@@ -589,7 +589,7 @@ fn serve(
             Ok(r) => r,
             Err(e) => {
                 report.error(&format!("{e:#}"));
-                return ExitCode::FAILURE;
+                return (ExitCode::FAILURE, None);
             }
         };
         let app = running.app.clone();
@@ -601,7 +601,7 @@ fn serve(
             report.error(&format!(
                 "--upgrade: the running process (pid {old}) stopped waiting for this one (its proxy.upgrade_timeout passed) and keeps serving; this one exits (raise proxy.upgrade_timeout there, reload it, and upgrade again)"
             ));
-            return ExitCode::FAILURE;
+            return (ExitCode::FAILURE, None);
         }
         switchyard::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         let handed_over = signals(
@@ -616,17 +616,19 @@ fn serve(
             switchyard::sd_notify("STOPPING=1");
         }
         running.wait().await;
-        if let Some(log) = app_for_log.access_log.get().cloned() {
-            let _ =
-                tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2)))
-                    .await;
-        }
-        tracing::info!("stopped");
-        ExitCode::SUCCESS
+        (ExitCode::SUCCESS, app_for_log.access_log.get().cloned())
     });
     // A blocking call that never returns (a name lookup stuck on a hung resolver or a FIFO)
     // does not keep a stopped proxy alive.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    // After the runtime, which dropped the connections the grace cut: their requests' lines
+    // (a download cut mid-body) are queued by then, and written now.
+    if let Some(log) = access {
+        log.flush(std::time::Duration::from_secs(2));
+    }
+    if code == ExitCode::SUCCESS {
+        tracing::info!("stopped");
+    }
     code
 }
 

@@ -345,6 +345,89 @@ async fn sigusr1_reopens_after_rename() {
     assert!(status.success());
 }
 
+/// A download the end of `shutdown_grace` cuts is logged (what the client got, its bytes): the
+/// line is queued when the runtime drops the connection, and written before the exit. (The
+/// log was flushed before the runtime dropped them: such requests left no line.)
+#[tokio::test]
+async fn a_download_cut_by_the_end_of_the_grace_is_logged() {
+    // An upstream that sends its head and one chunk, then nothing for a minute.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let slow = listener.local_addr().expect("addr");
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let _ = c
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunk\n\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"1s\"\n\
+         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
+         [log]\naccess = \"{}\"\n{}",
+        dir.path().join("state.json").display(),
+        log.display(),
+        service("api", &[slow], &[green.addr], "")
+    );
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().expect("pid");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /stream HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("chunk") {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exit")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+    let lines = lines(&log);
+    let line = lines
+        .iter()
+        .find(|l| l.contains("\"/stream\""))
+        .unwrap_or_else(|| panic!("no line for the cut download: {lines:?}"));
+    let v: Value = serde_json::from_str(line).expect("json");
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["bytes"], 6, "{v}");
+    upstream.abort();
+}
+
 /// A sink that does not drain (stdout into a pipe nobody reads): requests go on, lines past the
 /// queue are dropped and counted, and SIGTERM stops the process all the same.
 #[tokio::test]
