@@ -31,6 +31,10 @@ RUN groupadd --system --gid 10001 switchyard \
     && mkdir -p /etc/switchyard /var/lib/switchyard \
     && chown 10001:10001 /var/lib/switchyard
 COPY --from=build /out/switchyard /usr/local/bin/switchyard
+# The CA bundle (the build image has it; bookworm-slim does not), where Switchyard looks for the
+# system's: https webhooks, an https Prometheus or probe URL and `ctl --admin https://` verify
+# against it unless a ca_file is set.
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY config/switchyard.toml /etc/switchyard/switchyard.toml
 USER 10001:10001
 WORKDIR /var/lib/switchyard
