@@ -346,6 +346,28 @@ async fn request_reaches_live_color_intact_with_streamed_body() {
 /// into its own quoted-string, so the proxy's element goes alone. Empty list elements of
 /// `Forwarded` and `X-Forwarded-For` are not written. Toward an HTTP/1.1 upstream (the head
 /// written directly) and an h2 one (the header map) alike.
+/// An IPv4 client of a dual-stack listener (`[::]`) is forwarded as its IPv4 address, not as
+/// the mapped `::ffff:127.0.0.1` the socket reports.
+#[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"[::]:0\"\nshutdown_grace = \"5s\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    ))
+    .await;
+    let v4: SocketAddr = format!("127.0.0.1:{}", p.proxy.port())
+        .parse()
+        .expect("addr");
+    let (s, body) = request(v4, "GET", "/echo", &[], Bytes::new()).await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echoed(&v, "x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(echoed(&v, "forwarded").as_deref(), None);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn a_malformed_or_empty_forwarding_field_never_takes_the_proxys_element() {
     let up = TestUpstream::start("blue").await;

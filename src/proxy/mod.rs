@@ -108,7 +108,11 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// An IPv4 client of a dual-stack (`[::]`) listener arrives as `::ffff:a.b.c.d`: it is
+    /// taken as `a.b.c.d` in `X-Forwarded-For`, `Forwarded` and the access log, where
+    /// allow-lists, rate limits and GeoIP expect it.
     pub fn new(remote: SocketAddr, tls: bool, mode: Mode) -> ConnInfo {
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
         let client_ip = ip_value(remote.ip());
         ConnInfo {
             remote,
