@@ -1275,6 +1275,32 @@ impl App {
     /// The checks run outside the writer lock (a slow smoke test must not delay another
     /// service's automatic rollback); under the lock the service is re-read, and if it changed
     /// while the checks ran they run again on what it is now.
+    /// The answer to a flip of `name` to `to` when `to` is live already (with etcd, as etcd
+    /// holds it: a local copy may be behind another replica's change): a no-op, `changed:
+    /// false`. None when a flip would change something.
+    pub async fn already_live(
+        &self,
+        name: &str,
+        to: Color,
+    ) -> Result<Option<FlipOutcome>, ChangeError> {
+        if service_of(&self.snapshot(), name)?.state.active != to {
+            return Ok(None);
+        }
+        if let Some(read) = self.read_etcd().await? {
+            let _w = self.writer.lock().await;
+            self.apply_read(read).await;
+        }
+        let checked = service_of(&self.snapshot(), name)?;
+        Ok((checked.state.active == to).then(|| FlipOutcome {
+            service: name.to_string(),
+            from: to,
+            to,
+            generation: checked.state.generation,
+            changed: false,
+            message: format!("{}; nothing to do", already_on(&checked, to)),
+        }))
+    }
+
     pub async fn flip(
         &self,
         name: &str,
@@ -1283,11 +1309,8 @@ impl App {
         kind: FlipKind,
         actor: &str,
     ) -> Result<FlipOutcome, ChangeError> {
-        if service_of(&self.snapshot(), name)?.state.active == to {
-            if let Some(read) = self.read_etcd().await? {
-                let _w = self.writer.lock().await;
-                self.apply_read(read).await;
-            }
+        if let Some(noop) = self.already_live(name, to).await? {
+            return Ok(noop);
         }
         // The last compare lost to a rewrite of the unchanged state (or to a key that could not
         // be read back): what is said if every try ends so.

@@ -542,6 +542,13 @@ async fn abort_returns_everything_and_manual_changes_inside_are_guarded() {
     let (s, v) = r.p.flip("api", "blue").await;
     assert_eq!(s, 409, "{v}");
     assert!(v["error"].as_str().unwrap_or("").contains("release"), "{v}");
+    // A flip to the color already live is a no-op, answered 200 as always (it was refused);
+    // the release runs on, unpaused.
+    let (s, v) = r.p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    let cur = r.releases().await["current"].clone();
+    assert!(cur["paused"].is_null(), "{cur}");
     let (s, _) = r.post("/api/services/panel/rollback", json!({})).await;
     assert_eq!(s, 409);
     let (s, _) = r.post("/api/services/panel/pause", json!({})).await;

@@ -351,6 +351,10 @@ async fn handle(
             let app = app.clone();
             change(
                 to_end(async move {
+                    // To the color already live: a no-op answered 200, release or not.
+                    if let Some(noop) = app.already_live(&name, to).await? {
+                        return Ok(noop);
+                    }
                     crate::release::guarded(
                         &app,
                         &[name.as_str()],
