@@ -797,12 +797,21 @@ fn json_str(out: &mut Vec<u8>, v: Option<&str>) {
     }
 }
 
-/// Bytes from a request line as a JSON string (invalid UTF-8 replaced), or null.
+/// Bytes from a request line as a JSON string, or null. A byte that is not UTF-8 is written
+/// `%HH`, as a request target would carry it, so the line keeps what was sent (U+FFFD would
+/// not say which bytes; the combined format writes them `\xHH`).
 fn json_bytes(out: &mut Vec<u8>, v: Option<&[u8]>) {
-    match v {
-        Some(b) => json_str(out, Some(&String::from_utf8_lossy(b))),
-        None => json_str(out, None),
+    let Some(b) = v else {
+        return json_str(out, None);
+    };
+    let mut text = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            let _ = std::fmt::Write::write_fmt(&mut text, format_args!("%{byte:02X}"));
+        }
     }
+    json_str(out, Some(&text));
 }
 
 fn quoted_or_dash(out: &mut Vec<u8>, v: Option<&HeaderValue>) {
@@ -976,6 +985,21 @@ mod tests {
         std::fs::write(&path, "").expect("truncate");
         assert!(!sink.cut(b"{\"b\""));
         assert!(!sink.may_be_torn());
+    }
+
+    /// A refused request line's bytes that are not UTF-8 are kept as `%HH` in a JSON line
+    /// (they were replaced by U+FFFD, which says nothing of what was sent).
+    #[test]
+    fn json_keeps_bytes_that_are_not_utf8_as_percent_escapes() {
+        let mut out = Vec::new();
+        json_bytes(&mut out, Some(b"/ok\xff\xfe/\xc3\xa9\"q"));
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "\"/ok%FF%FE/\u{e9}\\\"q\""
+        );
+        let mut out = Vec::new();
+        json_bytes(&mut out, None);
+        assert_eq!(out, b"null");
     }
 
     #[test]
