@@ -53,8 +53,10 @@ pub struct App {
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     /// The admin listener's certificate, reloaded the same way.
     admin_tls: std::sync::OnceLock<crate::tls::TlsSetup>,
-    /// The config this process started with: what its listeners, runtime, state backend,
-    /// notifier and log were built from. A reload compares the keys that take a restart with
+    /// The webhooks: their queues follow a reload's `[notify]`.
+    notifier: Notifier,
+    /// The config this process started with: what its listeners, runtime, state backend
+    /// and log were built from. A reload compares the keys that take a restart with
     /// it, not with the last reloaded config, which holds values never applied.
     started_config: Arc<Config>,
     writer: tokio::sync::Mutex<()>,
@@ -521,14 +523,14 @@ impl App {
                 .with_label_values(&["analysis_trigger"]),
         );
         let releases = crate::release_record::Releases::new(&metrics.registry);
-        let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone())
-            .map(|n| Box::new(n) as Box<dyn crate::events::EventSink>);
+        let notifier = Notifier::start(&config.notify, metrics.webhook_failures_total.clone());
+        let sink = Some(Box::new(notifier.clone()) as Box<dyn crate::events::EventSink>);
         // Reading the audit log's tail is file I/O: keep it off the runtime's threads.
         let audit = store.audit_path();
         let max_bytes = config.state.events_max_bytes;
         let stored = (source == StateSource::File).then(|| states.clone());
         let events = match tokio::task::spawn_blocking(move || {
-            EventLog::open(audit, notifier, max_bytes, stored.as_ref())
+            EventLog::open(audit, sink, max_bytes, stored.as_ref())
         })
         .await
         {
@@ -567,6 +569,7 @@ impl App {
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
+            notifier,
             started_config,
             writer: tokio::sync::Mutex::new(()),
             frozen: AtomicBool::new(false),
@@ -2039,6 +2042,8 @@ impl App {
     pub async fn apply_config(&self, new_cfg: Config, actor: &str) -> ReloadOutcome {
         let _w = self.writer.lock().await;
         let snap = self.snapshot();
+        // Webhooks follow the file: the reload's own event goes to the new ones.
+        self.notifier.reconfigure(&new_cfg.notify);
         // What the process runs with, for these keys: a key a reload changed and reported stays
         // reported by every later reload until a restart applies it (or the file returns to it).
         let old = &*self.started_config;
@@ -2108,7 +2113,6 @@ impl App {
                 old.admin.token_env != new_cfg.admin.token_env,
             ),
             ("state", old.state != new_cfg.state),
-            ("notify", old.notify != new_cfg.notify),
             ("log", old.log != new_cfg.log),
             (
                 "proxy.upgrade_socket",

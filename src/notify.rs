@@ -3,7 +3,9 @@
 //! trusting `[notify] ca_file` or the system bundle.
 //!
 //! Each URL has its own bounded queue and delivery task, so a dead receiver delays nothing but
-//! its own deliveries; a full queue drops the event (counted) instead of blocking a flip.
+//! its own deliveries; a full queue drops the event (counted) instead of blocking a flip. A
+//! reload that changes `[notify]` starts new queues and tasks; the old tasks deliver what their
+//! queues hold, then end.
 //!
 //! Each event gets an `id`, unique to this process and the same for every URL and every
 //! attempt, in the body and as the `Idempotency-Key` header: a receiver that answered too late
@@ -12,6 +14,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::http::client::{fetch_once, hyper_client};
@@ -25,9 +29,15 @@ use tokio::sync::{mpsc, OnceCell};
 use crate::config::NotifyConfig;
 use crate::events::{Event, EventSink};
 
+/// Each webhook's URL and queue.
+type Queues = Vec<(String, mpsc::Sender<Delivery>)>;
+
 #[derive(Clone)]
 pub struct Notifier {
-    queues: Arc<Vec<(String, mpsc::Sender<Delivery>)>>,
+    /// Each URL's queue, replaced whole by [`Notifier::reconfigure`].
+    queues: Arc<ArcSwap<Queues>>,
+    /// What `queues` was built from.
+    config: Arc<ArcSwap<NotifyConfig>>,
     failures: IntCounter,
     /// This process's part of every event id (its start, in microseconds, and its pid).
     origin: Arc<str>,
@@ -70,18 +80,46 @@ struct Delivery {
 }
 
 impl Notifier {
-    /// Starts one delivery task per webhook; None when there are none.
-    pub fn start(cfg: &NotifyConfig, failures: IntCounter) -> Option<Notifier> {
-        if cfg.webhooks.is_empty() {
-            return None;
+    /// Starts one delivery task per webhook (none yet is fine: a reload may add some).
+    pub fn start(cfg: &NotifyConfig, failures: IntCounter) -> Notifier {
+        let queues = queues(cfg, &failures);
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        Notifier {
+            queues: Arc::new(ArcSwap::from_pointee(queues)),
+            config: Arc::new(ArcSwap::from_pointee(cfg.clone())),
+            failures,
+            origin: format!("{micros:x}-{:x}", std::process::id()).into(),
+            seq: Arc::new(AtomicU64::new(0)),
         }
-        let transport = Transport {
-            client: hyper_client(cfg.timeout, Duration::from_secs(90), None, false),
-            ca_file: cfg.ca_file.clone(),
-            tls: Arc::new(OnceCell::new()),
-        };
-        let mut queues = Vec::new();
-        for url in &cfg.webhooks {
+    }
+
+    /// A reload's `[notify]`: when it changed, events go to new queues and tasks from now on;
+    /// the old tasks deliver what their queues hold (with the old settings), then end. Event
+    /// ids go on from where they were.
+    pub fn reconfigure(&self, cfg: &NotifyConfig) {
+        if **self.config.load() == *cfg {
+            return;
+        }
+        self.queues.store(Arc::new(queues(cfg, &self.failures)));
+        self.config.store(Arc::new(cfg.clone()));
+    }
+}
+
+/// One queue and delivery task per webhook of `cfg`.
+fn queues(cfg: &NotifyConfig, failures: &IntCounter) -> Queues {
+    if cfg.webhooks.is_empty() {
+        return Vec::new();
+    }
+    let transport = Transport {
+        client: hyper_client(cfg.timeout, Duration::from_secs(90), None, false),
+        ca_file: cfg.ca_file.clone(),
+        tls: Arc::new(OnceCell::new()),
+    };
+    cfg.webhooks
+        .iter()
+        .map(|url| {
             let (tx, rx) = mpsc::channel(cfg.queue_size);
             tokio::spawn(deliver(
                 url.clone(),
@@ -91,23 +129,18 @@ impl Notifier {
                 cfg.max_attempts,
                 failures.clone(),
             ));
-            queues.push((url.clone(), tx));
-        }
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        Some(Notifier {
-            queues: Arc::new(queues),
-            failures,
-            origin: format!("{micros:x}-{:x}", std::process::id()).into(),
-            seq: Arc::new(AtomicU64::new(0)),
+            (url.clone(), tx)
         })
-    }
+        .collect()
 }
 
 impl EventSink for Notifier {
     /// Never waits: a full queue drops the event for that URL.
     fn send(&self, ev: &Event) {
+        let queues = self.queues.load();
+        if queues.is_empty() {
+            return;
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let id = format!("{}-{seq}", self.origin);
         let mut json = match serde_json::to_value(ev) {
@@ -125,7 +158,7 @@ impl EventSink for Notifier {
             id,
             body: Bytes::from(body),
         };
-        for (url, q) in self.queues.iter() {
+        for (url, q) in queues.iter() {
             if q.try_send(delivery.clone()).is_err() {
                 self.failures.inc();
                 tracing::warn!(webhook = %url, "webhook queue full; event dropped");

@@ -888,6 +888,57 @@ impl Drop for Receiver {
     }
 }
 
+/// A reload applies `[notify]`: webhooks added get the reload's own event and what follows,
+/// webhooks removed get nothing more. (It answered `restart_required: ["notify"]` and kept the
+/// list the process started with.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_webhooks() {
+    let first = Receiver::start().await;
+    let second = Receiver::start().await;
+    let r = Rig::start("", &rollback(10, false, &[ERROR_RATE])).await;
+    let dir = r.p.dir.as_ref().expect("dir").path().to_path_buf();
+    let reload = |head: String| {
+        let body = format!(
+            "{head}\n{}",
+            service(
+                "api",
+                &[r.blue.addr],
+                &[r.green.addr],
+                &rollback(10, false, &[ERROR_RATE])
+            )
+        );
+        std::fs::write(&r.p.config_path, full_config(&body, &dir)).expect("write");
+        async {
+            let (s, v) = admin_post(r.p.admin, "/api/reload", Some(TOKEN), None).await;
+            assert_eq!(s, 200, "{v}");
+            assert!(!v["restart_required"].to_string().contains("notify"), "{v}");
+        }
+    };
+    let hooks = |recv: &Receiver| format!("[notify]\nwebhooks = [\"http://{}/hook\"]\n", recv.addr);
+    reload(hooks(&first)).await;
+    let (s, v) = r.p.flip("api", "blue").await;
+    assert_eq!(s, 200, "{v}");
+    let got = eventually(10, || async {
+        let seen = first.reasons();
+        seen.contains(&"reload".to_string()) && seen.contains(&"manual".to_string())
+    })
+    .await;
+    assert!(got, "first got {:?}", first.reasons());
+    // Swapped for the second: it gets the next flip, the first nothing more.
+    reload(hooks(&second)).await;
+    let before = first.reasons().len();
+    let (s, v) = r.p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    let got = eventually(10, || async {
+        second.reasons().contains(&"manual".to_string())
+    })
+    .await;
+    assert!(got, "second got {:?}", second.reasons());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(first.reasons().len(), before, "{:?}", first.reasons());
+    r.p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_get_flips_and_rollbacks_and_a_dead_one_blocks_nothing() {
     let recv = Receiver::start().await;
