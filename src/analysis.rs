@@ -985,10 +985,12 @@ pub async fn probe(
     // gRPC server, refuses HTTP/1.1).
     let h2 = matches!(p.target, ProbeTarget::Path(_))
         && target.svc.pool(target.color).protocol == Protocol::H2;
-    // An upstream that does not answer is not counted (a blip is no verdict on the release),
-    // unless health checks or passive ejection have taken it out too: then it fails, so that a
-    // live color gone dead reads as failing, not as a probe that cannot see (`blind`).
-    let one = |(url, healthy): (String, bool)| async move {
+    // An upstream that does not answer is not counted (a blip, or one pod restarting, is no
+    // verdict on the release), unless none answered and every one is taken out by health
+    // checks or passive ejection: the color is down, and that reads as failing, not as a probe
+    // that cannot see (`blind`).
+    let all_down = urls.iter().all(|(_, healthy)| !healthy);
+    let one = |(url, _healthy): (String, bool)| async move {
         let r = match url.parse::<http::Uri>() {
             Err(e) => ProbeResult::Error(format!("bad URL: {e}")),
             Ok(uri) if h2 => match h2_get(analysis, uri, cfg.timeout).await {
@@ -1000,12 +1002,6 @@ pub async fn probe(
                 Err(e) => ProbeResult::Error(e),
             },
         };
-        let r = match r {
-            ProbeResult::Error(e) if !healthy => {
-                ProbeResult::Fail(format!("{e}, and the upstream is marked unhealthy"))
-            }
-            r => r,
-        };
         (url, r)
     };
     let probed = urls
@@ -1013,8 +1009,19 @@ pub async fn probe(
         .map(|(u, _)| u.as_str())
         .collect::<Vec<_>>()
         .join(" ");
-    let results: Vec<(String, ProbeResult)> =
+    let mut results: Vec<(String, ProbeResult)> =
         futures_join_all(urls.into_iter().map(one).collect()).await;
+    if all_down
+        && results
+            .iter()
+            .all(|(_, r)| matches!(r, ProbeResult::Error(_)))
+    {
+        for (_, r) in &mut results {
+            if let ProbeResult::Error(e) = r {
+                *r = ProbeResult::Fail(format!("{e}, and the upstream is marked unhealthy"));
+            }
+        }
+    }
     (probed, probe_outcome(&results))
 }
 

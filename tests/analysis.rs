@@ -1089,6 +1089,27 @@ for = "1s"
     let detail = ev["detail"].as_str().unwrap_or_default();
     assert!(detail.contains("marked unhealthy"), "{ev}");
     p.stop().await;
+
+    // One upstream of two down (a pod restarting) and marked so: not counted while the other
+    // answers. A verify check does not refuse a flip to that color for it.
+    let g = DeepUpstream::start().await;
+    let p = TestProxy::start(&two_colors(
+        "api",
+        "/",
+        &[blue.addr],
+        &[g.addr, dead],
+        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nunhealthy_after = 1\nhealthy_after = 1\n\
+         [[services.verify]]\nkind = \"probe\"\npath = \"/health/deps\"\njson_pointer = \"/database\"\nequals = \"ok\"\n",
+    ))
+    .await;
+    let down = eventually(20, || async {
+        p.service_status("api").await["colors"]["green"]["upstreams"][1]["healthy"] == json!(false)
+    })
+    .await;
+    assert!(down, "{:#}", p.service_status("api").await);
+    let (s, v) = flip(&p, "api", "green", false).await;
+    assert_eq!(s, 200, "{v}");
+    p.stop().await;
 }
 
 /// A probe verify check refuses the flip (409, the failing upstream and value) unless forced;
