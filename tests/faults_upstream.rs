@@ -817,6 +817,60 @@ async fn a_cut_close_delimited_body_ends_with_a_reset() {
     p.stop().await;
 }
 
+/// An HTTP/1.0 client that stops reading an endless close-delimited body past
+/// `client_send_timeout`: the proxy lets the connection go with a reset, never the FIN that
+/// would end that body as if whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_delimited_body_the_client_stops_reading_ends_with_a_reset() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endless = listener.local_addr().expect("addr");
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let _ = c
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                while c.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nclient_send_timeout = \"1s\"\n{}",
+        service("api", &[endless], &[green.addr], "")
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut s = socket.connect(p.proxy).await.expect("connect");
+    s.write_all(b"GET /endless HTTP/1.0\r\nHost: api\r\n\r\n")
+        .await
+        .expect("write");
+    // Not read for longer than client_send_timeout: the proxy's writes stall and it gives up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the connection ended in time");
+    let e = end.expect_err("a clean end (FIN) of a body cut by the send timeout");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    upstream.abort();
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_body_reaches_an_h2_client_as_an_error() {
     let cut = cutting_upstream().await;

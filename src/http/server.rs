@@ -973,6 +973,18 @@ struct Writer {
     /// The response was cut (the upstream failed mid-body): the connection ends at once,
     /// without lingering, so the client sees the cut now.
     cut: bool,
+    /// A close-delimited body is being written and has not ended: a connection dropped now
+    /// (the client stopped reading, the shutdown grace ran out) ends with a reset, not the FIN
+    /// that would be that body's end (RFC 9112 6.3).
+    unended: bool,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.unended {
+            self.io.abort();
+        }
+    }
 }
 
 impl Writer {
@@ -1199,6 +1211,7 @@ pub async fn serve<H: Handler>(
             queued: 0,
             closed: false,
             cut: false,
+            unended: false,
         },
         timer: None,
         first_deadline: Some(first_deadline),
@@ -1583,6 +1596,7 @@ impl<H: Handler> Conn<H> {
         B::Error: std::fmt::Display,
     {
         let mut left = length;
+        self.writer.unended = !chunked && length.is_none();
         loop {
             let frame = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
@@ -1628,6 +1642,7 @@ impl<H: Handler> Conn<H> {
                     if chunked {
                         self.writer.push(Bytes::from_static(codec::LAST_CHUNK));
                     }
+                    self.writer.unended = false;
                     break;
                 }
                 Err(e) => {
@@ -1638,9 +1653,7 @@ impl<H: Handler> Conn<H> {
                     // No close_notify: over TLS the client then sees an unclean end, so a
                     // close-delimited body cut here is not taken for a whole one; over TCP
                     // such a body ends with a reset, not the FIN that would be its end.
-                    if !chunked && length.is_none() {
-                        self.writer.io.abort();
-                    }
+                    // (A close-delimited body: `unended` resets the connection as it drops.)
                     self.writer.closed = true;
                     self.writer.cut = true;
                     return Ok(false);
