@@ -1058,15 +1058,18 @@ impl App {
     /// not yet valid or within two weeks of its end.
     pub fn note_certificate(&self, listener: &str, tls: &crate::tls::TlsSetup, path: &Path) {
         let ck = tls.certified_key();
-        if let Some((_, not_after)) = crate::tls::validity(&ck) {
-            let secs = match not_after.duration_since(std::time::UNIX_EPOCH) {
-                Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-            };
-            self.metrics
-                .tls_certificate_expiry
-                .with_label_values(&[listener])
-                .set(secs);
+        let gauge = &self.metrics.tls_certificate_expiry;
+        match crate::tls::validity(&ck) {
+            Some((_, not_after)) => {
+                let secs = not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                gauge.with_label_values(&[listener]).set(secs);
+            }
+            // Not the last certificate's date for this one.
+            None => {
+                let _ = gauge.remove_label_values(&[listener]);
+            }
         }
         if let Some(w) = crate::tls::validity_warning(&ck, path, std::time::SystemTime::now()) {
             tracing::warn!(listener, "{w}");

@@ -601,7 +601,8 @@ fn serve(
             report.error(&format!(
                 "--upgrade: the running process (pid {old}) stopped waiting for this one (its proxy.upgrade_timeout passed) and keeps serving; this one exits (raise proxy.upgrade_timeout there, reload it, and upgrade again)"
             ));
-            return (ExitCode::FAILURE, None);
+            // The requests it drained are logged all the same.
+            return (ExitCode::FAILURE, app_for_log.access_log.get().cloned());
         }
         switchyard::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         let handed_over = signals(

@@ -319,6 +319,10 @@ fn der_time(tag: u8, v: &[u8]) -> Option<SystemTime> {
     if !full.ends_with('Z') || !full[..14].bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
+    // Before the Unix epoch (a notBefore of 1950): the epoch serves as well for a warning.
+    if &full[..4] < "1970" {
+        return Some(SystemTime::UNIX_EPOCH);
+    }
     let rfc3339 = format!(
         "{}-{}-{}T{}:{}:{}Z",
         &full[..4],
@@ -540,6 +544,12 @@ mod tests {
         assert_eq!(
             validity(&ck),
             Some((at("1999-12-31T00:00:00Z"), at("2061-03-04T00:00:00Z")))
+        );
+        let (_, _, ck) = dated(dir.path(), (1950, 1, 1), (2030, 1, 1));
+        assert_eq!(
+            validity(&ck),
+            Some((SystemTime::UNIX_EPOCH, at("2030-01-01T00:00:00Z"))),
+            "a notBefore before 1970 reads as the epoch"
         );
         let (_, _, ck) = dated(dir.path(), (2020, 1, 1), (2049, 12, 31));
         assert_eq!(
