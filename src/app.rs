@@ -225,6 +225,18 @@ fn already_on(svc: &Service, to: Color) -> String {
     }
 }
 
+/// The answer to a flip of `svc` to `to`, the color it is on: no change.
+fn nothing_to_do(svc: &Service, to: Color) -> FlipOutcome {
+    FlipOutcome {
+        service: svc.name().to_string(),
+        from: to,
+        to,
+        generation: svc.state.generation,
+        changed: false,
+        message: format!("{}; nothing to do", already_on(svc, to)),
+    }
+}
+
 fn service_of(snap: &Snapshot, name: &str) -> Result<Arc<Service>, ChangeError> {
     snap.service(name)
         .cloned()
@@ -1297,14 +1309,7 @@ impl App {
             self.apply_read(read).await;
         }
         let checked = service_of(&self.snapshot(), name)?;
-        Ok((checked.state.active == to).then(|| FlipOutcome {
-            service: name.to_string(),
-            from: to,
-            to,
-            generation: checked.state.generation,
-            changed: false,
-            message: format!("{}; nothing to do", already_on(&checked, to)),
-        }))
+        Ok((checked.state.active == to).then(|| nothing_to_do(&checked, to)))
     }
 
     pub async fn flip(
@@ -1324,14 +1329,7 @@ impl App {
         for _ in 0..3 {
             let checked = service_of(&self.snapshot(), name)?;
             if checked.state.active == to {
-                return Ok(FlipOutcome {
-                    service: name.to_string(),
-                    from: to,
-                    to,
-                    generation: checked.state.generation,
-                    changed: false,
-                    message: format!("{}; nothing to do", already_on(&checked, to)),
-                });
+                return Ok(nothing_to_do(&checked, to));
             }
             if !force {
                 self.preflight_as(&checked, to, kind).await?;
@@ -1389,14 +1387,7 @@ impl App {
                         drop(_w);
                         return Err(self.landed_otherwise(&svc, kind).await);
                     }
-                    return Ok(FlipOutcome {
-                        service: name.to_string(),
-                        from: to,
-                        to,
-                        generation: svc.state.generation,
-                        changed: false,
-                        message: format!("{}; nothing to do", already_on(&svc, to)),
-                    });
+                    return Ok(nothing_to_do(&svc, to));
                 }
                 Err(e) => return Err(e),
             }

@@ -350,25 +350,13 @@ async fn sigusr1_reopens_after_rename() {
 /// log was flushed before the runtime dropped them: such requests left no line.)
 #[tokio::test]
 async fn a_download_cut_by_the_end_of_the_grace_is_logged() {
-    // An upstream that sends its head and one chunk, then nothing for a minute.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let slow = listener.local_addr().expect("addr");
-    let upstream = tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = c.read(&mut buf).await;
-                let _ = c
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunk\n\r\n",
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_secs(60)).await;
-            });
-        }
-    });
+    // An upstream that sends its head and one chunk, then nothing.
+    let slow = raw_upstream(|_| {
+        Raw::Stall(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunk\n\r\n".to_vec(),
+        )
+    })
+    .await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("access.log");
@@ -425,7 +413,6 @@ async fn a_download_cut_by_the_end_of_the_grace_is_logged() {
     let v: Value = serde_json::from_str(line).expect("json");
     assert_eq!(v["status"], 200, "{v}");
     assert_eq!(v["bytes"], 6, "{v}");
-    upstream.abort();
 }
 
 /// A sink that does not drain (stdout into a pipe nobody reads): requests go on, lines past the

@@ -822,23 +822,14 @@ async fn a_cut_close_delimited_body_ends_with_a_reset() {
 /// would end that body as if whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_delimited_body_the_client_stops_reading_ends_with_a_reset() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let endless = listener.local_addr().expect("addr");
-    let upstream = tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = c.read(&mut buf).await;
-                let _ = c
-                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                    .await;
-                let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
-                while c.write_all(chunk.as_bytes()).await.is_ok() {}
-            });
-        }
-    });
+    let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000)).into_bytes();
+    let endless = raw_upstream(move |_| {
+        Raw::Endless(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+            chunk.clone(),
+        )
+    })
+    .await;
     let green = TestUpstream::start("green").await;
     let p = TestProxy::start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\nclient_send_timeout = \"1s\"\n{}",
@@ -867,7 +858,6 @@ async fn a_close_delimited_body_the_client_stops_reading_ends_with_a_reset() {
     .expect("the connection ended in time");
     let e = end.expect_err("a clean end (FIN) of a body cut by the send timeout");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
-    upstream.abort();
     p.stop().await;
 }
 

@@ -664,6 +664,11 @@ pub enum Raw {
     Echo(Vec<u8>),
     /// Writes these bytes and closes the connection (a response cut short).
     Close(Vec<u8>),
+    /// Writes these bytes, then nothing until the proxy closes the connection (a stalled body).
+    Stall(Vec<u8>),
+    /// Writes the first bytes, then the second over and over while the proxy takes them (an
+    /// endless body).
+    Endless(Vec<u8>, Vec<u8>),
 }
 
 /// An upstream on raw sockets, for framing the hyper-based [`TestUpstream`] cannot produce:
@@ -709,6 +714,20 @@ where
                         }
                         Raw::Close(bytes) => {
                             let _ = s.write_all(&bytes).await;
+                            return;
+                        }
+                        Raw::Stall(bytes) => {
+                            let _ = s.write_all(&bytes).await;
+                            while let Ok(n) = s.read(&mut chunk).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                            return;
+                        }
+                        Raw::Endless(head, again) => {
+                            let _ = s.write_all(&head).await;
+                            while s.write_all(&again).await.is_ok() {}
                             return;
                         }
                         Raw::Echo(bytes) => {
