@@ -1887,3 +1887,63 @@ async fn a_trickled_h2_request_head_is_closed_at_the_header_read_timeout() {
     p.stop().await;
     assert!(problems.is_empty(), "{problems:?}");
 }
+
+/// Rapid reset of streams already handed on (CVE-2023-44487, paced so that each stream is
+/// accepted and sent upstream before its RST_STREAM): past 100 streams reset before their
+/// answer, at least half of those accepted, the connection gets GOAWAY ENHANCE_YOUR_CALM, and
+/// the requests that reached the upstream stay bounded. (`h2`'s own limit counts only streams
+/// reset before they are accepted: 5,000 went upstream on one connection in a second.) Other
+/// clients are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_of_streams_already_handed_on_gets_enhance_your_calm() {
+    let slow = TestUpstream::start("slow").await;
+    slow.set_delay(2000);
+    let green = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "{PROXY}{}",
+        service("api", &[slow.addr], &[green], "")
+    ))
+    .await;
+    let tcp = TcpStream::connect(p.proxy).await.expect("connect");
+    let (mut c, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let done = tokio::spawn(conn);
+    let mut sent = 0;
+    'rounds: for _ in 0..20 {
+        let mut streams = Vec::new();
+        for _ in 0..50 {
+            let Ok(mut ready) = c.clone().ready().await else {
+                break 'rounds;
+            };
+            let req = http::Request::get("http://a/slow").body(()).expect("req");
+            let Ok((resp, stream)) = ready.send_request(req, true) else {
+                break 'rounds;
+            };
+            c = ready;
+            streams.push((resp, stream));
+            sent += 1;
+        }
+        // Accepted and on their way upstream, then reset.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for (resp, mut stream) in streams {
+            stream.send_reset(h2::Reason::CANCEL);
+            drop(resp);
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("the connection ended")
+        .expect("join");
+    let reason = ended.err().and_then(|e| e.reason());
+    assert_eq!(
+        reason,
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "after {sent} streams"
+    );
+    assert!(sent < 1000, "all {sent} streams were taken");
+    // The upstream saw a bounded number (the threshold and a round in flight), not them all.
+    let hits = slow.hits();
+    assert!(hits <= 300, "{hits} requests reached the upstream");
+    // Another client is served meanwhile.
+    assert_eq!(p.get("/x").await.0, 200);
+    p.stop().await;
+}

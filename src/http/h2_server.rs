@@ -113,8 +113,27 @@ pub struct Connection<T, S, E> {
     head_timeout: Option<(Duration, HeadClock)>,
     /// A head outlasted `head_timeout`: GOAWAY sent, the connection closing.
     head_expired: bool,
-    on_cancel: Option<OnCancel>,
+    /// What the connection's streams share: the cancel hook and the count of streams the
+    /// client reset before their answer.
+    cancels: Arc<Cancels>,
+    /// Streams accepted on this connection.
+    accepted: u32,
 }
+
+/// Shared by a connection and its streams.
+struct Cancels {
+    on_cancel: Option<OnCancel>,
+    /// Streams the client reset after they were accepted and before their answer's head.
+    early: AtomicU32,
+}
+
+/// Past this many streams reset before their answer, and when they are at least half of those
+/// accepted, a connection is refused more (GOAWAY ENHANCE_YOUR_CALM): the rapid reset
+/// (CVE-2023-44487) of streams already handed on, which `h2`'s own limit (streams reset before
+/// they are accepted) does not see, sends each request upstream, unbounded in rate and in
+/// number in flight. A client cancelling now and then (a browser, gRPC deadlines) is far from
+/// it; Envoy's premature-reset check is of the same kind.
+const EARLY_RESETS: u32 = 100;
 
 /// When the head in progress on a connection began (see [`Settings::head_timeout`]): the
 /// milliseconds from `base` to its first byte, plus one; 0 while none is in progress.
@@ -186,7 +205,11 @@ where
             close_pending: false,
             head_timeout: clock,
             head_expired: false,
-            on_cancel: settings.on_cancel.clone(),
+            cancels: Arc::new(Cancels {
+                on_cancel: settings.on_cancel.clone(),
+                early: AtomicU32::new(0),
+            }),
+            accepted: 0,
             keep_alive: settings.keep_alive_interval.map(|interval| KeepAlive {
                 interval,
                 timeout: settings.keep_alive_timeout,
@@ -323,6 +346,20 @@ where
             };
             return match ready!(conn.poll_accept(cx)) {
                 Some(Ok((req, reply))) => {
+                    this.accepted = this.accepted.saturating_add(1);
+                    let early = this.cancels.early.load(Ordering::Relaxed);
+                    if early >= EARLY_RESETS && early.saturating_mul(2) >= this.accepted {
+                        tracing::debug!(
+                            reset = early,
+                            accepted = this.accepted,
+                            "an h2 client resets most of its streams before their answer; sending GOAWAY"
+                        );
+                        // This stream and any after it are not served; once the GOAWAY is out
+                        // the connection ends.
+                        conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                        drop((req, reply));
+                        continue;
+                    }
                     let mut req = req.map(RequestBody::new);
                     declare_length(&mut req);
                     let head = req.method() == http::Method::HEAD;
@@ -333,7 +370,7 @@ where
                         reply,
                         head,
                         max_header_list,
-                        on_cancel: this.on_cancel.clone(),
+                        cancels: this.cancels.clone(),
                         state: StreamState::Waiting(handled),
                     });
                     continue;
@@ -357,7 +394,7 @@ pub struct Stream<F, B> {
     head: bool,
     /// The client's SETTINGS_MAX_HEADER_LIST_SIZE (`u32::MAX`: none).
     max_header_list: u32,
-    on_cancel: Option<OnCancel>,
+    cancels: Arc<Cancels>,
     state: StreamState<F, B>,
 }
 
@@ -401,7 +438,8 @@ where
                     // A client that resets the stream drops the work done for it.
                     if this.reply.poll_reset(cx).is_ready() {
                         tracing::debug!("the client reset its stream before the response");
-                        if let Some(OnCancel(f)) = &this.on_cancel {
+                        this.cancels.early.fetch_add(1, Ordering::Relaxed);
+                        if let Some(OnCancel(f)) = &this.cancels.on_cancel {
                             f();
                         }
                         return Poll::Ready(());
