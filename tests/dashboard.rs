@@ -602,3 +602,52 @@ async fn dashboard_shows_the_release_and_promotes_it() {
         .await
         .expect("the dashboard release test took longer than 90 s");
 }
+
+const STATE_BANNER: &str = r#"(function(){var b=document.getElementById('state-banner');return b&&!b.hidden?b.textContent:null})()"#;
+
+/// etcd unreachable: the page says so (it showed "connected" and nothing else while every flip
+/// was answered 503).
+async fn degraded_flow() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let etcd = dead_addr().await;
+    let p = TestProxy::start(&format!(
+        "[state]\nbackend = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\netcd_timeout = \"500ms\"\n{}",
+        service("api", &[blue.addr], &[green.addr], "")
+    ))
+    .await;
+    let degraded = eventually(20, || async {
+        p.status().await["state"]["degraded"] == json!(true)
+    })
+    .await;
+    assert!(degraded, "{}", p.status().await);
+    let browser = launch_chromium();
+    let mut page = open_page(&browser).await;
+    let url = format!("http://{}/", p.admin);
+    page.call("Page.navigate", json!({ "url": url })).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let v = page.eval(STATE_BANNER).await;
+        if let Some(t) = v.as_str() {
+            break t.to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no state banner: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(text.contains("State backend (etcd) unreachable"), "{text}");
+    assert!(text.contains("refused (503)"), "{text}");
+    assert!(page.errors.is_empty(), "{:?}", page.errors);
+    drop(page);
+    drop(browser);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_says_when_the_state_backend_is_unreachable() {
+    tokio::time::timeout(Duration::from_secs(90), Box::pin(degraded_flow()))
+        .await
+        .expect("the dashboard test took longer than 90 s");
+}
