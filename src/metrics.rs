@@ -291,7 +291,7 @@ impl Metrics {
             window_latency_p95: fgauge_vec(
                 &r,
                 WINDOW_LATENCY_P95_SECONDS,
-                "p95 latency over the status window.",
+                "p95 latency over the status window (0 without traffic: see switchyard_window_requests).",
                 &["service", "color"],
             ),
             window_requests: gauge_vec(
@@ -309,7 +309,7 @@ impl Metrics {
             upstream_healthy: gauge_vec(
                 &r,
                 UPSTREAM_HEALTHY,
-                "1 while the upstream passes its health checks.",
+                "1 while the upstream passes its health checks and is not ejected after failed requests (passive health).",
                 &["service", "color", "upstream"],
             ),
             rollback_armed: gauge_vec(

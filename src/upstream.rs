@@ -78,6 +78,9 @@ pub struct Upstream {
     preview: OnceLock<Box<PreviewSeries>>,
     preview_requests_vec: IntCounterVec,
     preview_failures_vec: IntCounterVec,
+    /// Set by [`Upstream::retire_metrics`]: a series a request still in flight resolves after
+    /// that is removed again at once, not left in every scrape for good.
+    retired: AtomicBool,
     /// Set once the health checker runs for this upstream.
     pub health_task: AtomicBool,
     /// Consecutive failures and ejection (see `crate::passive`).
@@ -146,6 +149,7 @@ impl Upstream {
             preview: OnceLock::new(),
             preview_requests_vec: metrics.preview_requests_total.clone(),
             preview_failures_vec: metrics.preview_upstream_failures_total.clone(),
+            retired: AtomicBool::new(false),
             labels: [
                 service.to_string(),
                 color.as_str().to_string(),
@@ -206,16 +210,23 @@ impl Upstream {
     pub fn count_status(&self, code: u16) {
         let code = code.clamp(CODE_MIN, CODE_MAX);
         let slot = &self.by_code[(code - CODE_MIN) as usize];
-        slot.get_or_init(|| {
-            let [s, c, u] = &self.labels;
-            self.requests_vec.with_label_values(&[
-                s.as_str(),
-                c.as_str(),
-                u.as_str(),
-                &code.to_string(),
-            ])
-        })
-        .inc();
+        slot.get_or_init(|| self.resolve(&self.requests_vec, &code.to_string()))
+            .inc();
+    }
+
+    /// This upstream's series of `vec` with `last` as its fourth label, resolved once. After
+    /// [`Self::retire_metrics`] (a request in flight when a reload removed the upstream) it is
+    /// removed from `vec` again: the handle still counts, in no scrape. (Checked after the
+    /// resolve, as `retire_metrics` sets the flag before it removes: one of the two sees the
+    /// other.)
+    fn resolve(&self, vec: &IntCounterVec, last: &str) -> IntCounter {
+        let [s, c, u] = &self.labels;
+        let labels = [s.as_str(), c.as_str(), u.as_str(), last];
+        let counter = vec.with_label_values(&labels);
+        if self.retired.load(Ordering::SeqCst) {
+            let _ = vec.remove_label_values(&labels);
+        }
+        counter
     }
 
     pub fn count_failure(&self, kind: FailureKind) {
@@ -224,17 +235,10 @@ impl Upstream {
 
     fn preview_series(&self) -> &PreviewSeries {
         self.preview.get_or_init(|| {
-            let [s, c, u] = &self.labels;
             Box::new(PreviewSeries {
                 by_code: (CODE_MIN..=CODE_MAX).map(|_| OnceLock::new()).collect(),
-                failures: FailureKind::ALL.map(|k| {
-                    self.preview_failures_vec.with_label_values(&[
-                        s.as_str(),
-                        c.as_str(),
-                        u.as_str(),
-                        k.as_str(),
-                    ])
-                }),
+                failures: FailureKind::ALL
+                    .map(|k| self.resolve(&self.preview_failures_vec, k.as_str())),
             })
         })
     }
@@ -244,16 +248,8 @@ impl Upstream {
     pub fn count_preview_status(&self, code: u16) {
         let code = code.clamp(CODE_MIN, CODE_MAX);
         let slot = &self.preview_series().by_code[(code - CODE_MIN) as usize];
-        slot.get_or_init(|| {
-            let [s, c, u] = &self.labels;
-            self.preview_requests_vec.with_label_values(&[
-                s.as_str(),
-                c.as_str(),
-                u.as_str(),
-                &code.to_string(),
-            ])
-        })
-        .inc();
+        slot.get_or_init(|| self.resolve(&self.preview_requests_vec, &code.to_string()))
+            .inc();
     }
 
     /// `switchyard_preview_upstream_failures_total` (besides [`Self::count_failure`]).
@@ -274,6 +270,7 @@ impl Upstream {
     /// it, every address ever configured stays in the registry (and in every scrape) for the
     /// life of the process.
     pub fn retire_metrics(&self, metrics: &Metrics) {
+        self.retired.store(true, Ordering::SeqCst);
         let [s, c, u] = &self.labels;
         for kind in FailureKind::ALL {
             let _ = metrics.upstream_failures_total.remove_label_values(&[
@@ -671,5 +668,27 @@ mod tests {
             u.set_healthy(false);
         }
         assert!(p.pick().is_none());
+    }
+
+    /// A request that ends after a reload retired its upstream's series (with a status that
+    /// upstream had not answered before) leaves no series behind: it was re-created for good.
+    #[test]
+    fn a_status_counted_after_the_series_were_retired_leaves_none_behind() {
+        let metrics = Metrics::new();
+        let text = "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3000\"] }\ngreen = { upstreams = [\"127.0.0.1:4000\"] }\n";
+        let cfg = crate::config::from_toml_str_with_env(text, Some(HashMap::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let snap = build_snapshot(Arc::new(cfg), &HashMap::new(), None, &metrics);
+        let up = snap.services[0].pool(Color::Blue).upstreams[0].clone();
+        up.count_status(200);
+        up.count_preview_status(200);
+        assert!(metrics.encode().contains("upstream=\"127.0.0.1:3000\""));
+        up.retire_metrics(&metrics);
+        up.count_status(429);
+        up.count_status(200);
+        up.count_preview_status(503);
+        up.count_failure_of(FailureKind::ALL[0], false);
+        let text = metrics.encode();
+        assert!(!text.contains("127.0.0.1:3000"), "{text}");
     }
 }
