@@ -502,6 +502,15 @@ async fn a_forced_flip_whose_outcome_is_not_known_pauses_the_release() {
     a.stop().await;
 }
 
+/// What a request that writes (or reads) the release history under `prefix` carries: its key
+/// in base64, cut to whole 3-byte groups so that it does not depend on the release's id. The
+/// first such request after the start-up reads is the completion's own write (the release and
+/// its history entry in one transaction).
+fn history_key_b64(prefix: &str) -> Vec<u8> {
+    let key = format!("{prefix}release_history/");
+    b64(&key[..key.len() / 3 * 3]).into_bytes()
+}
+
 /// The completion's own write to etcd is committed but answered too late (outcome unknown):
 /// the driver reads the key back until etcd answers, finds its write there and records the
 /// completion once; a forced flip meanwhile is refused, not landed beside it. (It used to stop
@@ -520,13 +529,19 @@ async fn a_completion_answered_too_late_is_read_back_and_recorded_once() {
     })
     .await;
     assert!(validating, "{}", releases(&a).await);
-    // From shortly before the window ends, etcd's answers come 10 s late (it commits at once).
+    // From the completion's own write on (the first request to touch the release history),
+    // etcd's answers come 10 s late (it commits at once).
     until_validation_ends_in(&a, Duration::from_secs(1)).await;
-    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(10)));
-    // Past the window's end: the driver is storing the completion (under the release's lock,
-    // the write unanswered) or reading it back. A forced flip of a release service waits for
-    // neither: it is refused (503) while the completion is not known, never landing beside it.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.delay_answers_when_sent(
+        &history_key_b64("/sy-rel-complete-unknown/"),
+        Duration::from_secs(10),
+    );
+    let sent = eventually(10, || async { relay.delayed_by_pattern() }).await;
+    assert!(sent, "no completion written: {}", releases(&a).await);
+    // The driver is storing the completion (under the release's lock, the write unanswered)
+    // or reading it back. A forced flip of a release service waits for neither: it is refused
+    // (503) while the completion is not known, never landing beside it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (s, v) = admin_post(
         a.admin,
         "/api/services/api/flip",
@@ -570,12 +585,18 @@ async fn a_completion_whose_driver_stopped_before_knowing_it_is_recorded_by_anot
     })
     .await;
     assert!(validating, "{}", releases(&a).await);
-    // From shortly before the window ends, a's etcd answers come 30 s late (etcd commits at
-    // once): a stores the completion and reads it back, never answered.
+    // From the completion's own write on, a's etcd answers come 30 s late (etcd commits at
+    // once): a stores the completion and reads it back, never answered. (Set from a time
+    // before the window's end instead, a heartbeat landed unanswered first, the completion's
+    // compare then failed, and b took the release over and completed it itself.)
     until_validation_ends_in(&a, Duration::from_secs(1)).await;
-    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(30)));
+    relay.delay_answers_when_sent(
+        &history_key_b64("/sy-rel-complete-stopped/"),
+        Duration::from_secs(30),
+    );
     let completed = eventually(30, || async { releases(&b).await["recent"][0]["id"] == id }).await;
     assert!(completed, "{}", releases(&b).await);
+    assert!(relay.delayed_by_pattern(), "a's completion was not written");
     assert_eq!(releases(&b).await["recent"][0]["state"], "complete");
     // a stops before any answer comes: it never learnt that its write landed.
     a.stop().await;
@@ -607,12 +628,16 @@ async fn a_driver_that_learns_late_of_its_completion_never_writes_over_the_next_
     .await;
     assert!(validating, "{}", releases(&a).await);
     until_validation_ends_in(&a, Duration::from_secs(1)).await;
-    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_secs(8)));
+    relay.delay_answers_when_sent(
+        &history_key_b64("/sy-rel-complete-late/"),
+        Duration::from_secs(8),
+    );
     let completed = eventually(30, || async {
         releases(&b).await["recent"][0]["id"] == first
     })
     .await;
     assert!(completed, "{}", releases(&b).await);
+    assert!(relay.delayed_by_pattern(), "a's completion was not written");
     let seen_complete = tokio::time::Instant::now();
     let second = start_release(&b, two_phases("0s", "0s", "1s")).await["release"]["id"].clone();
     let done = eventually(30, || async {

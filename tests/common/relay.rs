@@ -44,6 +44,11 @@ struct Shared {
     cut_on: Mutex<Option<Vec<u8>>>,
     /// How many connections `cut_on` closed.
     cut_by_pattern: std::sync::atomic::AtomicUsize,
+    /// Once a client sends these bytes, the mode becomes `DelayAnswers` with this delay (for
+    /// every connection, that chunk's answer included), and the pattern is spent.
+    delay_on: Mutex<Option<(Vec<u8>, Duration)>>,
+    /// Whether `delay_on` matched.
+    delayed_by_pattern: AtomicBool,
 }
 
 pub struct Relay {
@@ -64,6 +69,8 @@ impl Relay {
             frozen_by_pattern: std::sync::atomic::AtomicUsize::new(0),
             cut_on: Mutex::new(None),
             cut_by_pattern: std::sync::atomic::AtomicUsize::new(0),
+            delay_on: Mutex::new(None),
+            delayed_by_pattern: AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
         let (sh, st) = (shared.clone(), stop.clone());
@@ -150,6 +157,20 @@ impl Relay {
         self.shared.cut_by_pattern.load(Ordering::SeqCst)
     }
 
+    /// From the first request (of any connection) that holds `pattern` on, every answer comes
+    /// `delay` late: the server acts on that request in time, its client learns of it late.
+    /// Set before the request is sent; one-shot.
+    pub fn delay_answers_when_sent(&self, pattern: &[u8], delay: Duration) {
+        if let Ok(mut p) = self.shared.delay_on.lock() {
+            *p = Some((pattern.to_vec(), delay));
+        }
+    }
+
+    /// Whether [`Relay::delay_answers_when_sent`]'s pattern was sent.
+    pub fn delayed_by_pattern(&self) -> bool {
+        self.shared.delayed_by_pattern.load(Ordering::SeqCst)
+    }
+
     /// Closes every connection open now.
     pub fn cut_all(&self) {
         if let Ok(mut c) = self.shared.conns.lock() {
@@ -190,6 +211,7 @@ async fn pump(
         // The client's last bytes, for a pattern split across two chunks.
         let mut seen: Vec<u8> = Vec::new();
         let mut cut_seen: Vec<u8> = Vec::new();
+        let mut delay_seen: Vec<u8> = Vec::new();
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -224,6 +246,24 @@ async fn pump(
                 }
                 let keep = seen.len().min(p.len());
                 seen.drain(..seen.len() - keep);
+            }
+            let delay_on = if answers {
+                None
+            } else {
+                shared.delay_on.lock().ok().and_then(|p| p.clone())
+            };
+            if let Some((p, d)) = delay_on.filter(|(p, _)| !p.is_empty()) {
+                delay_seen.extend_from_slice(&buf[..n]);
+                if delay_seen.windows(p.len()).any(|w| w == p.as_slice()) {
+                    // Before this chunk goes on: its answer is delayed too.
+                    if let (Ok(mut m), Ok(mut on)) = (shared.mode.lock(), shared.delay_on.lock()) {
+                        *m = Mode::DelayAnswers(d);
+                        *on = None;
+                    }
+                    shared.delayed_by_pattern.store(true, Ordering::SeqCst);
+                }
+                let keep = delay_seen.len().min(p.len());
+                delay_seen.drain(..delay_seen.len() - keep);
             }
             let mode = shared.mode.lock().map(|m| *m).unwrap_or(Mode::Pass);
             if conn.frozen.load(Ordering::SeqCst) || mode == Mode::Blackhole {
