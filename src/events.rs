@@ -144,6 +144,10 @@ impl EventLog {
                 let Ok(text) = std::fs::read_to_string(&p) else {
                     continue;
                 };
+                let unreadable = text.lines().filter(|l| parse_line(l).is_none()).count();
+                if unreadable > 0 {
+                    tracing::warn!(path = %p.display(), lines = unreadable, "audit log lines that cannot be read are skipped: the events they held are not listed");
+                }
                 for line in text.lines() {
                     match parse_line(line) {
                         Some(Line::Event(ev)) => push(&mut ring, *ev),
@@ -344,17 +348,24 @@ impl EventLog {
             }
         }
         if let Some(f) = g.file.as_mut() {
-            if let Err(e) = f.write_all(&line).await {
+            // A `tokio::fs::File` hands the write to a blocking thread: its error (ENOSPC) may
+            // come from `write_all`, `flush` or `sync_data`.
+            let written = async {
+                f.write_all(&line).await?;
+                f.flush().await?;
+                if sync {
+                    f.sync_data().await?;
+                }
+                Ok::<(), std::io::Error>(())
+            }
+            .await;
+            if let Err(e) = written {
                 // Part of the line may have reached the file: cut it back to the last whole
                 // line, so the next line is not glued onto a torn one (startup cuts a torn tail
                 // too, should this fail as well), and reopen next time.
                 let _ = f.set_len(g.size).await;
                 g.file = None;
                 return Err(e);
-            }
-            f.flush().await?;
-            if sync {
-                f.sync_data().await?;
             }
             g.size += line.len() as u64;
         }
