@@ -752,28 +752,38 @@ async fn serve_proxy(
             Some(t) => {
                 let acceptor = t.acceptor();
                 let serve = async move {
-                    // A handshake not finished shortly after shutdown begins is dropped: no
-                    // request has been sent on it yet.
-                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
-                    let stream = tokio::select! {
+                    // A connection that has sent nothing shortly after shutdown begins is
+                    // dropped (no request is on its way). One whose ClientHello has come
+                    // finishes its handshake within `header_read_timeout` from the accept, so
+                    // that a client far away (a round trip of more than the 250 ms) is served
+                    // through an upgrade: its first request is answered with `connection: close`.
+                    let mut byte = [0u8; 1];
+                    let first = tokio::time::timeout_at(deadline, stream.peek(&mut byte));
+                    let count = |how| conn.app.metrics.count_handshake(false, how);
+                    tokio::select! {
                         biased;
-                        r = handshake => match r {
+                        r = first => match r {
+                            Ok(Ok(n)) if n > 0 => {}
+                            // Closed before a byte.
+                            Ok(Ok(_)) => return,
+                            Ok(Err(_)) => return count(crate::metrics::Handshake::Error),
+                            Err(_) => return count(crate::metrics::Handshake::Timeout),
+                        },
+                        () = shutdown_then(&conn.app, IDLE_AT_SHUTDOWN) => return,
+                    }
+                    let stream =
+                        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
-                                conn.app.metrics.count_handshake(false, crate::metrics::Handshake::Ok);
+                                count(crate::metrics::Handshake::Ok);
                                 s
                             }
                             Ok(Err(e)) => {
-                                conn.app.metrics.count_handshake(false, crate::metrics::Handshake::Error);
+                                count(crate::metrics::Handshake::Error);
                                 tracing::debug!(error = %e, "TLS handshake failed");
                                 return;
                             }
-                            Err(_) => {
-                                conn.app.metrics.count_handshake(false, crate::metrics::Handshake::Timeout);
-                                return;
-                            }
-                        },
-                        () = shutdown_then(&conn.app, IDLE_AT_SHUTDOWN) => return,
-                    };
+                            Err(_) => return count(crate::metrics::Handshake::Timeout),
+                        };
                     // What ALPN agreed on: h2 over TLS is negotiated, never assumed from a
                     // preface (RFC 9113 3.4).
                     let speaks = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {

@@ -318,6 +318,38 @@ async fn a_silent_tls_connection_does_not_hold_up_shutdown() {
     );
 }
 
+/// A TLS handshake under way when shutdown begins (a client far away: the server's answers
+/// take 600 ms to reach it) is finished, and its first request answered with
+/// `connection: close`, not dropped 250 ms into the drain as a silent connection is (an
+/// upgrade cut every such client off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_under_way_at_shutdown_is_finished_and_served() {
+    let blue = TestUpstream::start("blue").await;
+    let (p, c, _certs) = tls_proxy_with_grace(blue.addr, "10s", "").await;
+    let relay = common::relay::Relay::start(tls_listener(&p)).await;
+    relay.set_mode(common::relay::Mode::DelayAnswers(Duration::from_millis(
+        600,
+    )));
+    let addr = relay.addr;
+    let client = tokio::spawn(async move {
+        let io = tls_connect(addr, &[&c], b"http/1.1").await;
+        let mut h = h1(io).await;
+        send(&mut h, get_req("/x", false)).await
+    });
+    // The ClientHello is in; the server's answer is on its way (600 ms).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let stopping = tokio::spawn(p.stop());
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .expect("the client in time")
+        .expect("join");
+    assert_eq!((status, body.as_str()), (200, "blue\n"));
+    tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("stopped")
+        .expect("join");
+}
+
 /// A TLS connection whose ALPN agreed on h2 is held to the first deadline for its preface,
 /// as any other (it waited for `h2_idle_timeout`), and one that has sent nothing does not
 /// hold up shutdown.
