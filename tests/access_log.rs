@@ -282,34 +282,53 @@ async fn combined_format_parses() {
     p.stop().await;
 }
 
+/// `switchyard serve` as a process of its own: proxy and admin on free ports, the state file
+/// in `dir`, `proxy` and `log` the bodies of those sections, `svc` the services; its stdout to
+/// `stdout`. Returned once `/healthz` answers, with the proxy's and the admin's addresses.
+async fn serve_process(
+    dir: &std::path::Path,
+    proxy: &str,
+    log: &str,
+    svc: &str,
+    stdout: impl Into<Stdio>,
+) -> (tokio::process::Child, SocketAddr, SocketAddr) {
+    let (pp, ap) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\n{proxy}[admin]\nlisten = \"127.0.0.1:{ap}\"\n\
+         [state]\npath = \"{}\"\n[log]\n{log}{svc}",
+        dir.join("state.json").display(),
+    );
+    let cfg = dir.join("switchyard.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
+    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    (child, proxy, admin)
+}
+
 #[tokio::test]
 async fn sigusr1_reopens_after_rename() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("access.log");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"5s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
-         [log]\naccess = \"{}\"\n{}",
-        dir.path().join("state.json").display(),
-        log.display(),
-        service("api", &[blue.addr], &[green.addr], "")
-    );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
+    let (mut child, proxy, _admin) = serve_process(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 1\n",
+        &format!("access = \"{}\"\n", log.display()),
+        &service("api", &[blue.addr], &[green.addr], ""),
+        Stdio::inherit(),
+    )
+    .await;
     let pid = child.id().expect("pid");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(healthz_within(admin, 15).await, "switchyard did not start");
     assert_eq!(get(proxy, "/before").await.0, 200);
     wait_lines(&log, 1).await;
     let rotated = dir.path().join("access.log.1");
@@ -360,28 +379,15 @@ async fn a_download_cut_by_the_end_of_the_grace_is_logged() {
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("access.log");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"1s\"\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
-         [log]\naccess = \"{}\"\n{}",
-        dir.path().join("state.json").display(),
-        log.display(),
-        service("api", &[slow], &[green.addr], "")
-    );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
+    let (mut child, proxy, _admin) = serve_process(
+        dir.path(),
+        "shutdown_grace = \"1s\"\n",
+        &format!("access = \"{}\"\n", log.display()),
+        &service("api", &[slow], &[green.addr], ""),
+        Stdio::inherit(),
+    )
+    .await;
     let pid = child.id().expect("pid");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(healthz_within(admin, 15).await, "switchyard did not start");
     let mut s = tokio::net::TcpStream::connect(proxy)
         .await
         .expect("connect");
@@ -422,29 +428,16 @@ async fn a_blocked_sink_drops_and_counts_never_waits() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"2s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
-         [log]\naccess = \"stdout\"\naccess_buffer = 16\n{}",
-        dir.path().join("state.json").display(),
-        service("api", &[blue.addr], &[green.addr], "")
-    );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
     // stdout is a pipe this test never reads: once its buffer (64 KiB) is full the writer
     // thread blocks in write(2).
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    let (mut child, proxy, admin) = serve_process(
+        dir.path(),
+        "shutdown_grace = \"2s\"\nworkers = 1\n",
+        "access = \"stdout\"\naccess_buffer = 16\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+        Stdio::piped(),
+    )
+    .await;
     // ~200 bytes a line: 1,000 lines are three times what the pipe holds.
     let long = format!("/{}", "x".repeat(100));
     for i in 0..1000 {
@@ -481,31 +474,18 @@ async fn lines_lost_to_failed_writes_are_counted() {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, ap) = (free_port(), free_port());
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{pp}\"\nshutdown_grace = \"2s\"\nworkers = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{ap}\"\n[state]\npath = \"{}\"\n\
-         [log]\naccess = \"stdout\"\n{}",
-        dir.path().join("state.json").display(),
-        service("api", &[blue.addr], &[green.addr], "")
-    );
-    let cfg = dir.path().join("switchyard.toml");
-    std::fs::write(&cfg, text).expect("write config");
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .expect("open /dev/full");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(full)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
-    let proxy: SocketAddr = format!("127.0.0.1:{pp}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{ap}").parse().expect("addr");
-    assert!(healthz_within(admin, 15).await, "switchyard did not start");
+    let (mut child, proxy, admin) = serve_process(
+        dir.path(),
+        "shutdown_grace = \"2s\"\nworkers = 1\n",
+        "access = \"stdout\"\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+        full,
+    )
+    .await;
     for i in 0..20 {
         let (s, _) = get(proxy, &format!("/{i}")).await;
         assert_eq!(s, 200, "request {i}");
