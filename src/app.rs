@@ -852,6 +852,17 @@ impl App {
         Ok(Some(read))
     }
 
+    /// Brings this replica's copy of the states up to what etcd holds now (a replica whose
+    /// watch or reads are behind, after an outage, before it decides from them). Nothing
+    /// without etcd.
+    pub async fn catch_up_with_etcd(&self) -> Result<(), ChangeError> {
+        if let Some(read) = self.read_etcd().await? {
+            let _w = self.writer.lock().await;
+            self.apply_read(read).await;
+        }
+        Ok(())
+    }
+
     /// A read from [`App::read_etcd`], applied under the writer lock already held: each state
     /// as the newest the watch has seen, since the read may be older than an event the watch
     /// applied while it was on its way.

@@ -1488,3 +1488,78 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
     a.stop().await;
     b.stop().await;
 }
+
+/// A replica takes a release over while its copy of the states is behind etcd (its watch and
+/// its reads of the states black-holed: after an outage they back off longer than the release
+/// key's reads). The stopped driver had flipped the phase's service; the new driver's flip from
+/// its old copy loses the compare, and it goes on from what etcd holds (the service is already
+/// on its color), instead of rolling the whole release back for "another replica's change".
+/// (It did: a CI run's release ended `rolled_back` after an etcd outage.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_etcd_that_takes_a_release_over_goes_on_from_what_etcd_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let prefix = "/sy-rel-behind/";
+    let rig = Rig::with_timeout(&etcd, prefix, "1s").await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.body).await;
+    let b = TestProxy::start(&rig.through(&relay, &etcd)).await;
+    let both_read = eventually(20, || async {
+        b.service_status("api").await["generation"] == 0
+            && b.service_status("panel").await["generation"] == 0
+    })
+    .await;
+    assert!(both_read, "{}", b.status().await);
+    // Every range over the service keys (the watch, its resyncs, full reads) is black-holed
+    // for b; the release key and single-key writes pass.
+    let services_end = b64(&format!("{prefix}services0"));
+    relay.freeze_existing();
+    relay.freeze_when_sent(Some(services_end.as_bytes()));
+    start_release(&a, two_phases("4s", "1s", "1s")).await;
+    wait_phase(&b, 0, "baking").await;
+    assert_eq!(
+        b.service_status("api").await["active"],
+        "blue",
+        "b's copy must be behind for this test: {}",
+        b.status().await
+    );
+    let id = releases(&b).await["current"]["id"].clone();
+    // The driver stops mid-bake; b takes the release over.
+    a.stop().await;
+    let ended = eventually(60, || async {
+        let all = releases(&b).await;
+        all["current"].is_null() && all["recent"][0]["id"] == id
+    })
+    .await;
+    let all = releases(&b).await;
+    assert!(ended, "{all}");
+    let details: Vec<String> = events_of(&b, "release_phase")
+        .await
+        .iter()
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(all["recent"][0]["state"], "complete", "{all}\n{details:#?}");
+    assert!(
+        details.iter().any(|d| d.contains("taken over")),
+        "{details:#?}"
+    );
+    // b's new start of phase 0 found api already on green; panel flipped once.
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains("phase 0 \"backend\": nothing flipped (api already on green")),
+        "{details:#?}"
+    );
+    let panel = details
+        .iter()
+        .filter(|d| d.contains("phase 1 \"frontend\": panel blue -> green flipped"))
+        .count();
+    assert_eq!(panel, 1, "{details:#?}");
+    relay.freeze_when_sent(None);
+    let green = eventually(30, || async {
+        b.get("/api/x").await.1 == "api-green\n" && b.get("/panel/x").await.1 == "panel-green\n"
+    })
+    .await;
+    assert!(green, "{}", b.status().await);
+    b.stop().await;
+}

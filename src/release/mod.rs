@@ -1075,7 +1075,22 @@ async fn run_phase(
                 }
             }
             let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
-            match app.flip_set(targets, "release", label).await {
+            let mut flip = app.flip_set(targets, "release", label).await;
+            if let Err(ChangeError::Conflict(_)) = &flip {
+                // This replica's copy of a service was behind etcd (a release taken over from
+                // a driver that flipped before it stopped, read before this replica's reads of
+                // the state caught up). It serves what etcd holds now: checked again, the
+                // flip goes on from there (a service already on its color is not flipped).
+                match roll_back_if_moved_held(app, id).await {
+                    Holding::Holds => flip = app.flip_set(targets, "release", label).await,
+                    Holding::Ended => return Ran::Ended,
+                    Holding::Failed(why) => {
+                        rel.update(id, |r| r.paused = Some(why));
+                        return Ran::Held;
+                    }
+                }
+            }
+            match flip {
                 Ok(o) => outcomes = o,
                 Err(e) => {
                     drop(_op);

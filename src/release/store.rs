@@ -934,7 +934,15 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
 /// stopped: a phase whose claim etcd may have stored while its driver, not knowing (its answer
 /// came late) or stopped before the flip, flipped nothing (its services are not on the phase's
 /// colors) starts again (`pending`) instead of baking what never flipped.
-fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
+///
+/// Decided on the states as etcd holds them now: this replica's copy may be behind (its reads
+/// of the state still backing off after an outage), and a phase its driver did flip would
+/// start again over services already on their colors.
+async fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
+    if let Err(e) = app.catch_up_with_etcd().await {
+        // The phase's flip finds out (a lost compare reads what etcd holds and goes on).
+        tracing::warn!(release = %r.id, error = %e, "cannot read the states from etcd before resuming the release; deciding from this replica's copy");
+    }
     let snap = app.snapshot();
     let i = r.phase.min(r.phases.len().saturating_sub(1));
     let paused = r.paused.is_some();
@@ -1397,7 +1405,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                         .value
                         .as_ref()
                         .is_some_and(|v| v["promote"].as_bool() == Some(true));
-                    let r = unflipped_phase_pending(&app, r);
+                    let r = unflipped_phase_pending(&app, r).await;
                     super::adopt(
                         &app,
                         r,
@@ -1423,7 +1431,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                         .is_some_and(|v| v["promote"].as_bool() == Some(true));
                     // Its driver may have stopped right after etcd stored a phase's claim,
                     // before it flipped anything: that phase starts again.
-                    let r = unflipped_phase_pending(&app, r);
+                    let r = unflipped_phase_pending(&app, r).await;
                     super::adopt(&app, r, "taken over from a replica that stopped").await;
                     if promote {
                         app.releases.lock().promote = true;
