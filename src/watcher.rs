@@ -97,8 +97,14 @@ async fn evaluate_all(app: &Arc<App>, watched: &mut HashMap<String, Watched>) {
                 let fire = fire.clone();
                 let rolled_back = matches!(decision, Decision::Rollback(_));
                 decision = Decision::None;
-                match crate::release::triggered(app, svc.name(), &fire.detail, fire_json(&fire))
-                    .await
+                match crate::release::triggered(
+                    app,
+                    svc.name(),
+                    (svc.state.active, gen),
+                    &fire.detail,
+                    fire_json(&fire),
+                )
+                .await
                 {
                     // As after a plain automatic rollback: the engine's `fired` state stays on
                     // show for the generation the release's rollback published (the service

@@ -1379,7 +1379,10 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
     let rig = Rig::with_timeout(&etcd, "/sy-rel-cutoff/", "1s").await;
     let a = TestProxy::start(&rig.body).await;
     let b = TestProxy::start(&rig.body).await;
-    start_release(&a, two_phases("2s", "1s", "1s")).await;
+    // The bake is long enough that etcd stops inside it, after phase 0's flip is recorded and
+    // before phase 1's claim (a claim stored just before the stop, its flip not, is shown as
+    // stored: phase 1 baking, panel on blue); the sampling below outlasts it.
+    start_release(&a, two_phases("6s", "1s", "1s")).await;
     wait_phase(&a, 0, "baking").await;
     // (Events are stored in etcd too: the phase's flip is recorded before etcd stops.)
     let flipped = eventually(20, || async {
@@ -1390,6 +1393,18 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
     })
     .await;
     assert!(flipped, "{:#?}", event_lines(&a).await);
+    let all = releases(&a).await;
+    let ends = all["current"]["phases"][0]["bake_ends_at"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .unwrap_or_else(|| panic!("{all}"));
+    let left = ends
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left >= Duration::from_millis(500),
+        "the bake ended before etcd stopped: {all}"
+    );
     let pid = etcd.pid();
     signal(pid, "-STOP");
     // Through the outage (longer than the bake, then four etcd timeouts, after which a write's
@@ -1489,14 +1504,201 @@ async fn a_driver_cut_off_from_etcd_shows_nothing_it_did_not_store_and_resumes_i
     b.stop().await;
 }
 
-/// A replica takes a release over while its copy of the states is behind etcd (its watch and
-/// its reads of the states black-holed: after an outage they back off longer than the release
-/// key's reads). The stopped driver had flipped the phase's service; the new driver's flip from
-/// its old copy loses the compare, and it goes on from what etcd holds (the service is already
-/// on its color), instead of rolling the whole release back for "another replica's change".
-/// (It did: a CI run's release ended `rolled_back` after an etcd outage.)
+/// Two replicas of a rig (bind it: dropping it stops the upstreams): `a` straight to etcd, `b` through a relay that from now on
+/// black-holes b's watch, its checks and its full reads of the states (b's copy stays as it is,
+/// while the release key, events and single-key writes pass); b checks its watch every 5 s.
+async fn replica_behind(
+    prefix: &str,
+) -> (
+    tempfile::TempDir,
+    Etcd,
+    Rig,
+    common::relay::Relay,
+    TestProxy,
+    TestProxy,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    let rig = Rig::new(&etcd, prefix).await;
+    let relay = common::relay::Relay::start(etcd.addr()).await;
+    let a = TestProxy::start(&rig.body).await;
+    let b_body = rig.through(&relay, &etcd).replace(
+        "etcd_progress_interval = \"200ms\"",
+        "etcd_progress_interval = \"5s\"",
+    );
+    assert_ne!(b_body, rig.through(&relay, &etcd));
+    let b = TestProxy::start(&b_body).await;
+    let read = eventually(20, || async {
+        b.service_status("api").await["generation"] == 0
+    })
+    .await;
+    assert!(read, "{}", b.status().await);
+    relay.freeze_existing();
+    relay.freeze_when_sent(Some(b64(&format!("{prefix}services0")).as_bytes()));
+    (dir, etcd, rig, relay, a, b)
+}
+
+/// A release started on a replica whose copy is behind etcd (api flipped to green by hand on
+/// another replica; this one still shows blue) starts from etcd's colors: api goes to blue and
+/// back to green, not "to green" over a service already there (an abort would then have sent it
+/// to blue, a color that was not live when the release began).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_behind_etcd_that_takes_a_release_over_goes_on_from_what_etcd_holds() {
+async fn a_release_started_on_a_replica_behind_etcd_starts_from_etcds_colors() {
+    let (_dir, _etcd, _rig, relay, a, b) = replica_behind("/sy-rel-start-behind/").await;
+    assert_eq!(a.flip("api", "green").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.service_status("api").await["active"],
+        "blue",
+        "b must be behind"
+    );
+    relay.freeze_when_sent(None);
+    let v = start_release(&b, two_phases("10m", "1s", "1s")).await;
+    assert_eq!(v["release"]["pre_release"]["api"], "green", "{v}");
+    assert_eq!(v["release"]["phases"][0]["to"], "blue", "{v}");
+    for p in [&a, &b] {
+        let flipped = eventually(20, || async { p.get("/api/x").await.1 == "api-blue\n" }).await;
+        assert!(flipped, "{}", p.status().await);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A promote on a replica whose copy is behind etcd (it still shows api on blue, which the
+/// release flipped to green): passes the gate, checked against etcd, instead of a 409 saying
+/// api was moved off its release color "with no record of the change here".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_on_a_replica_behind_etcd_is_checked_against_etcd() {
+    let (_dir, _etcd, _rig, relay, a, b) = replica_behind("/sy-rel-promote-behind/").await;
+    let plan = json!({
+        "name": "gated release",
+        "validate": "1s",
+        "phases": [
+            { "name": "backend", "services": ["api"], "bake": "0s", "gate": "manual" },
+            { "name": "frontend", "services": ["panel"], "bake": "1s" },
+        ]
+    });
+    start_release(&a, plan).await;
+    let waiting = eventually(20, || async {
+        releases(&b).await["current"]["phases"][0]["state"] == "waiting"
+    })
+    .await;
+    assert!(waiting, "b: {}", releases(&b).await);
+    assert_eq!(
+        b.service_status("api").await["active"],
+        "blue",
+        "b must be behind"
+    );
+    relay.freeze_when_sent(None);
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/promote",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let done = eventually(30, || async {
+        let all = releases(&a).await;
+        all["current"].is_null() && all["recent"][0]["state"] == "complete"
+    })
+    .await;
+    assert!(done, "{}", releases(&a).await);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A flip of every service on a replica whose copy is behind etcd (it shows api, which the
+/// running release flipped to green, still on blue): api is guarded as a service of the release
+/// (409 without force), as etcd holds it; from the old copy it escaped the guard and was
+/// flipped to blue by the flip, no force asked, the release rolled back for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flip_of_every_service_on_a_replica_behind_etcd_is_guarded() {
+    let (_dir, _etcd, _rig, relay, a, b) = replica_behind("/sy-rel-flipall-behind/").await;
+    start_release(&a, two_phases("10m", "1s", "1s")).await;
+    let flipped = eventually(20, || async { a.get("/api/x").await.1 == "api-green\n" }).await;
+    assert!(flipped, "{}", a.status().await);
+    wait_phase(&b, 0, "baking").await;
+    assert_eq!(
+        b.service_status("api").await["active"],
+        "blue",
+        "b must be behind"
+    );
+    relay.freeze_when_sent(None);
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "blue"})),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("part of the running release"),
+        "{v}"
+    );
+    assert_eq!(a.get("/api/x").await.1, "api-green\n");
+    assert_eq!(
+        releases(&a).await["current"]["phases"][0]["state"],
+        "baking"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An abort on a replica whose copy of the states is behind etcd (its watch stalled: it still
+/// shows api on blue, which the release flipped to green): the services go back as etcd holds
+/// them. From its old copy api looked back already, was skipped with no write to lose a compare,
+/// and stayed on green with the release shown `aborted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_on_a_replica_behind_etcd_returns_what_the_release_flipped() {
+    let (_dir, _etcd, _rig, relay, a, b) = replica_behind("/sy-rel-abort-behind/").await;
+    start_release(&a, two_phases("10m", "1s", "1s")).await;
+    let flipped = eventually(20, || async { a.get("/api/x").await.1 == "api-green\n" }).await;
+    assert!(flipped, "{}", a.status().await);
+    wait_phase(&b, 0, "baking").await;
+    assert_eq!(
+        b.service_status("api").await["active"],
+        "blue",
+        "b's copy must be behind for this test: {}",
+        b.status().await
+    );
+    // etcd can be read again (b's watch stays stalled for seconds more): the abort reads it.
+    relay.freeze_when_sent(None);
+    let (s, v) = admin_post(
+        b.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let returned = v["returned"].as_array().cloned().unwrap_or_default();
+    assert!(
+        returned
+            .iter()
+            .any(|o| o["service"] == "api" && o["to"] == "blue"),
+        "{v}"
+    );
+    for p in [&a, &b] {
+        let back = eventually(20, || async { p.get("/api/x").await.1 == "api-blue\n" }).await;
+        assert!(back, "{}", p.status().await);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A replica whose copy of the states is behind etcd (its watch and its reads of the states
+/// black-holed: after an outage they back off longer than the release key's reads) does not
+/// take a release over from a stopped driver until it has read the states: from its old copy
+/// the phase the driver flipped looked unflipped, it started the phase again, lost the compare
+/// and rolled the whole release back for "another replica's change" (a CI run's release ended
+/// `rolled_back` so after an etcd outage). Once it reads them, it resumes the bake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_etcd_takes_a_release_over_only_once_it_has_read_the_states() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(&dir.path().join("etcd")).await;
     let prefix = "/sy-rel-behind/";
@@ -1511,7 +1713,7 @@ async fn a_replica_behind_etcd_that_takes_a_release_over_goes_on_from_what_etcd_
     .await;
     assert!(both_read, "{}", b.status().await);
     // Every range over the service keys (the watch, its resyncs, full reads) is black-holed
-    // for b; the release key and single-key writes pass.
+    // for b; the release key, the events and single-key writes pass.
     let services_end = b64(&format!("{prefix}services0"));
     relay.freeze_existing();
     relay.freeze_when_sent(Some(services_end.as_bytes()));
@@ -1524,8 +1726,29 @@ async fn a_replica_behind_etcd_that_takes_a_release_over_goes_on_from_what_etcd_
         b.status().await
     );
     let id = releases(&b).await["current"]["id"].clone();
-    // The driver stops mid-bake; b takes the release over.
+    let flipped = eventually(20, || async {
+        event_lines(&a)
+            .await
+            .iter()
+            .any(|e| e.contains("flipped in one step"))
+    })
+    .await;
+    assert!(flipped, "{:#?}", event_lines(&a).await);
+    // The driver stops mid-bake. Three beats (600 ms) on b would take it over; it does not
+    // while it cannot read the states.
     a.stop().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let all = releases(&b).await;
+    assert_eq!(all["current"]["id"], id, "{all}");
+    assert_eq!(all["current"]["phases"][0]["state"], "baking", "{all}");
+    let took = events_of(&b, "release_phase")
+        .await
+        .iter()
+        .filter(|e| e["detail"].as_str().unwrap_or("").contains("taken over"))
+        .count();
+    assert_eq!(took, 0, "{all}");
+    // The states can be read again: b takes the release over where it was and completes it.
+    relay.freeze_when_sent(None);
     let ended = eventually(60, || async {
         let all = releases(&b).await;
         all["current"].is_null() && all["recent"][0]["id"] == id
@@ -1533,29 +1756,36 @@ async fn a_replica_behind_etcd_that_takes_a_release_over_goes_on_from_what_etcd_
     .await;
     let all = releases(&b).await;
     assert!(ended, "{all}");
-    let details: Vec<String> = events_of(&b, "release_phase")
-        .await
-        .iter()
-        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
-        .collect();
-    assert_eq!(all["recent"][0]["state"], "complete", "{all}\n{details:#?}");
-    assert!(
-        details.iter().any(|d| d.contains("taken over")),
-        "{details:#?}"
-    );
-    // b's new start of phase 0 found api already on green; panel flipped once.
-    assert!(
-        details
+    assert_eq!(all["recent"][0]["state"], "complete", "{all}");
+    // (Each event reaches etcd in its own task after what it records.)
+    let details = || async {
+        events_of(&b, "release_phase")
+            .await
             .iter()
-            .any(|d| d.contains("phase 0 \"backend\": nothing flipped (api already on green")),
+            .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<String>>()
+    };
+    let panel_flip = "phase 1 \"frontend\": panel blue -> green flipped";
+    eventually(10, || async {
+        let d = details().await;
+        d.iter().any(|d| d.contains("taken over")) && d.iter().any(|d| d.contains(panel_flip))
+    })
+    .await;
+    let details = details().await;
+    let count = |part: &str| details.iter().filter(|d| d.contains(part)).count();
+    assert_eq!(count("taken over"), 1, "{details:#?}");
+    // Phase 0 flipped once (by a), never started again; phase 1 flipped once.
+    assert_eq!(
+        count("phase 0 \"backend\": api blue -> green"),
+        1,
         "{details:#?}"
     );
-    let panel = details
-        .iter()
-        .filter(|d| d.contains("phase 1 \"frontend\": panel blue -> green flipped"))
-        .count();
-    assert_eq!(panel, 1, "{details:#?}");
-    relay.freeze_when_sent(None);
+    assert_eq!(
+        count("phase 0 \"backend\": nothing flipped"),
+        0,
+        "{details:#?}"
+    );
+    assert_eq!(count(panel_flip), 1, "{details:#?}");
     let green = eventually(30, || async {
         b.get("/api/x").await.1 == "api-green\n" && b.get("/panel/x").await.1 == "panel-green\n"
     })

@@ -96,7 +96,20 @@ async fn a_takeover_starts_again_a_claimed_phase_that_never_flipped() {
     })
     .await;
     assert!(passed, "{}", releases(&a).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // panel's check has begun (its first request reached the slow upstream): the claim is the
+    // next write, 2 s on. (A fixed wait after seeing `passed` came too late on a loaded
+    // machine when the poll saw it late.)
+    let checking = tokio::time::timeout(Duration::from_secs(30), async {
+        while slow.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        checking.is_ok(),
+        "panel's check never began: {}",
+        releases(&a).await
+    );
     relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2000)));
     // B takes the release over (three heartbeats and the timeout after A's last write).
     let taken = eventually(40, || async {
@@ -189,6 +202,9 @@ async fn an_end_stored_by_a_replica_that_stops_before_returning_is_returned_by_a
     assert_eq!(said.len(), 1, "{said:#?}");
     // A replica started later (A again, straight to etcd) finds it returned.
     let a = TestProxy::start_with(&rig.body, Some(TOKEN), Some(a_dir)).await;
+    // (Until its first read of etcd it serves its own cache, which says green.)
+    let read = eventually(20, || async { a.get("/api/x").await.1 == "api-blue\n" }).await;
+    assert!(read, "{}", a.status().await);
     tokio::time::sleep(Duration::from_secs(3)).await;
     for p in [&a, &b] {
         assert_eq!(p.get("/api/x").await.1, "api-blue\n");
@@ -276,7 +292,9 @@ async fn a_start_answered_unknown_that_was_stored_has_its_start_event() {
     let a = TestProxy::start(&rig.through(&etcd, &relay)).await;
     let b = TestProxy::start(&rig.body).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    relay.set_mode(Mode::DelayAnswers(Duration::from_millis(2000)));
+    // From the start's own write on (a transaction; the start first reads the states, a range,
+    // in time), A's answers come late.
+    relay.delay_answers_when_sent(b"POST /v3/kv/txn", Duration::from_millis(2000));
     let (s, v) = admin_post(
         a.admin,
         "/api/releases",

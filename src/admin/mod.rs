@@ -374,15 +374,21 @@ async fn handle(
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            let names: Vec<String> = app
-                .snapshot()
-                .services
-                .iter()
-                .filter(|s| s.state.active != to)
-                .map(|s| s.name().to_string())
-                .collect();
             let app = app.clone();
             match to_end(async move {
+                // The services the flip would change, as etcd holds them (the flip reads etcd
+                // when one looks on `to` already): one this replica's copy shows on `to`
+                // while etcd does not would escape the release's guard.
+                if app.snapshot().services.iter().any(|s| s.state.active == to) {
+                    app.catch_up_with_etcd().await?;
+                }
+                let names: Vec<String> = app
+                    .snapshot()
+                    .services
+                    .iter()
+                    .filter(|s| s.state.active != to)
+                    .map(|s| s.name().to_string())
+                    .collect();
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
                 crate::release::guarded(
                     &app,
@@ -497,6 +503,9 @@ async fn handle(
                 Ok(Err(crate::release::StartError::Conflict(m))) => error(StatusCode::CONFLICT, &m),
                 // etcd did not answer whether the release was stored: never a refusal.
                 Ok(Err(crate::release::StartError::Unknown(m))) => unknown_outcome(&m),
+                Ok(Err(crate::release::StartError::Unavailable(m))) => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, &m)
+                }
                 Ok(Err(crate::release::StartError::Invalid(errs))) => json_response(
                     StatusCode::BAD_REQUEST,
                     &json!({

@@ -67,6 +67,8 @@ pub enum StartError {
     Conflict(String),
     /// 503: etcd did not answer whether the release was stored.
     Unknown(String),
+    /// 503: the services' colors could not be read from etcd; nothing was started.
+    Unavailable(String),
 }
 
 /// Starts a release from a plan (JSON value); answers `{"release": ...}`, with `unwatched` and
@@ -90,6 +92,11 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
             cur.name, cur.id, cur.state, cur.phase
         )));
     }
+    // The colors the release starts from (and returns to) are etcd's: this replica's copy may
+    // be behind another replica's change (its watch stalled, its reads backing off).
+    app.catch_up_with_etcd()
+        .await
+        .map_err(|e| StartError::Unavailable(format!("{e}; nothing was started")))?;
     let snap = app.snapshot();
     // A service whose automatic rollback is paused would be released with no trigger armed
     // (the release arms only unpaused ones) and end `complete` whatever happened: refused.
@@ -252,10 +259,11 @@ pub async fn promote(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> 
     // between a phase's claim and its flip.
     {
         let _op = rel.op.lock().await;
-        if let Some((cur, m)) = rel
-            .current()
-            .and_then(|r| moved_off(app, &r, false).map(|m| (r, m)))
-        {
+        let moved = match rel.current() {
+            Some(r) => moved_off_confirmed(app, &r, false).await?.map(|m| (r, m)),
+            None => None,
+        };
+        if let Some((cur, m)) = moved {
             return Err(ChangeError::Refused(format!(
                 "release {:?} ({}) cannot advance: {}; the release flipped {} to {} and no longer holds it there. Abort the release (ctl release abort: every service it flipped goes back), or flip {} to {} again (force) and promote",
                 cur.name, cur.id, m.reason, m.service, m.to, m.service, m.to
@@ -385,9 +393,14 @@ pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
 
 /// A rollback trigger fired on `service`, a service the running release flipped: the whole
 /// release goes back. Ok(true) when this call rolled it back.
+///
+/// `measured`: the color and generation the trigger measured. Checked against etcd first: a
+/// replica whose copy is behind (its watch stalled) measures a color that is no longer live,
+/// and a release is never rolled back for the old color failing (Ok(false): nothing done).
 pub async fn triggered(
     app: &Arc<App>,
     service: &str,
+    measured: (Color, u64),
     detail: &str,
     trigger: Value,
 ) -> Result<bool, ChangeError> {
@@ -395,6 +408,14 @@ pub async fn triggered(
         return Ok(false);
     };
     if !cur.flipped.iter().any(|s| s == service) {
+        return Ok(false);
+    }
+    app.catch_up_with_etcd().await?;
+    let live = app
+        .snapshot()
+        .service(service)
+        .map(|s| (s.state.active, s.state.generation));
+    if live != Some(measured) || release_color(&cur, service) != Some(measured.0) {
         return Ok(false);
     }
     let reason = format!("trigger fired on {service}: {detail}");
@@ -535,6 +556,9 @@ async fn finish(
 ) -> Result<(Vec<crate::app::FlipOutcome>, Vec<String>), ChangeError> {
     let rel = &app.releases;
     let id = cur.id.as_str();
+    // A service this replica's copy shows back on its pre-release color already (behind
+    // etcd) would be skipped, with no write to lose a compare, and left on the release's color.
+    app.catch_up_with_etcd().await?;
     let targets: Vec<(String, Color)> = cur
         .flipped
         .iter()
@@ -1474,6 +1498,22 @@ enum Holding {
     Failed(String),
 }
 
+/// [`moved_off`], confirmed with etcd when this replica's copy says a service moved: the copy
+/// may be behind (a watch stalled, reads backing off after an outage) and show a service still
+/// on its pre-release color that the release did flip, and a release is never rolled back, nor
+/// a promote refused, for a change that never happened.
+async fn moved_off_confirmed(
+    app: &App,
+    r: &Release,
+    latched_only: bool,
+) -> Result<Option<Moved>, ChangeError> {
+    if moved_off(app, r, latched_only).is_none() {
+        return Ok(None);
+    }
+    app.catch_up_with_etcd().await?;
+    Ok(moved_off(app, r, latched_only))
+}
+
 /// The caller holds `op`. A service the release flipped is off the color the release sent it
 /// to ([`moved_off`]: a change by hand, or a rollback, outside the release): the whole release
 /// rolls back at once, its reason and event saying what moved the service, before the driver
@@ -1482,8 +1522,14 @@ async fn roll_back_if_moved_held(app: &Arc<App>, id: &str) -> Holding {
     let Some(cur) = app.releases.current().filter(|r| r.id == id && r.live()) else {
         return Holding::Ended;
     };
-    let Some(m) = moved_off(app, &cur, false) else {
-        return Holding::Holds;
+    let m = match moved_off_confirmed(app, &cur, false).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return Holding::Holds,
+        Err(e) => {
+            return Holding::Failed(format!(
+                "a service of the release looks moved off its release color, and etcd could not be read to confirm it ({e}): promote to check again, or abort it"
+            ))
+        }
     };
     let why = m.reason.clone();
     let (reason, shape) = moved_shape(m);
@@ -1555,12 +1601,15 @@ async fn pass_gate(
 /// the release is paused (a forced manual rollback here pauses it first; a promote is then
 /// refused until it is undone). True when it rolled the release back.
 async fn rolled_back_elsewhere(app: &Arc<App>, id: &str) -> bool {
-    let Some(m) = app
+    let Some(r) = app
         .releases
         .current()
         .filter(|r| r.id == id && r.paused.is_none())
-        .and_then(|r| moved_off(app, &r, true))
     else {
+        return false;
+    };
+    // (Not confirmed: checked again on the next tick.)
+    let Ok(Some(m)) = moved_off_confirmed(app, &r, true).await else {
         return false;
     };
     roll_back_moved(app, id, m, true).await
@@ -2512,9 +2561,21 @@ gate = "manual"
         // Not a service of the release: nothing happens.
         assert!(!app.releases.owns("other"));
         assert!(app.releases.owns("api"));
+        let live = app
+            .snapshot()
+            .service("api")
+            .map(|s| (s.state.active, s.state.generation))
+            .expect("api");
+        assert_eq!(live.0, Color::Green);
+        // Measured on a color that is not live (a copy behind etcd): nothing rolls back.
+        let stale = (Color::Blue, live.1 - 1);
+        let t = json!({"kind": "error_rate"});
+        assert!(!triggered(&app, "api", stale, "x", t).await.expect("no-op"));
+        assert_eq!(active(&app, "panel"), Color::Green);
         let fired = triggered(
             &app,
             "api",
+            live,
             "error rate 0.2 above 0.05",
             json!({"kind": "error_rate", "threshold": 0.05, "value": 0.2}),
         )
@@ -2548,7 +2609,9 @@ gate = "manual"
         assert_eq!(active(&app, "panel"), Color::Blue);
         assert_eq!(reasons(&app, "release_rollback").len(), 1);
         // A trigger after the end changes nothing.
-        assert!(!triggered(&app, "api", "x", json!({})).await.expect("no-op"));
+        assert!(!triggered(&app, "api", live, "x", json!({}))
+            .await
+            .expect("no-op"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -901,6 +901,18 @@ pub(super) async fn change(
     ))
 }
 
+/// This replica's copy of the states brought up to etcd's; false (logged) when etcd could not
+/// be read: a takeover or resume waits for the next read.
+async fn caught_up(app: &App) -> bool {
+    match app.catch_up_with_etcd().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the states from etcd; the release is resumed or taken over once they are read");
+            false
+        }
+    }
+}
+
 /// Takes over a release whose driver stopped writing; true when this replica drives it now.
 async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
     let shared = &app.releases.shared;
@@ -933,16 +945,9 @@ async fn take_over(app: &Arc<App>, store: &EtcdStore) -> Option<Release> {
 /// A release this replica resumes after etcd did not answer, or takes over from a replica that
 /// stopped: a phase whose claim etcd may have stored while its driver, not knowing (its answer
 /// came late) or stopped before the flip, flipped nothing (its services are not on the phase's
-/// colors) starts again (`pending`) instead of baking what never flipped.
-///
-/// Decided on the states as etcd holds them now: this replica's copy may be behind (its reads
-/// of the state still backing off after an outage), and a phase its driver did flip would
-/// start again over services already on their colors.
-async fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
-    if let Err(e) = app.catch_up_with_etcd().await {
-        // The phase's flip finds out (a lost compare reads what etcd holds and goes on).
-        tracing::warn!(release = %r.id, error = %e, "cannot read the states from etcd before resuming the release; deciding from this replica's copy");
-    }
+/// colors) starts again (`pending`) instead of baking what never flipped. Decided on a copy of
+/// the states just read from etcd ([`caught_up`]).
+fn unflipped_phase_pending(app: &App, mut r: Release) -> Release {
     let snap = app.snapshot();
     let i = r.phase.min(r.phases.len().saturating_sub(1));
     let paused = r.paused.is_some();
@@ -1183,6 +1188,11 @@ async fn return_ended(app: &Arc<App>, store: &EtcdStore, r: Release) {
                 .is_some_and(|t| t["release"].as_str() == Some(id.as_str()))
     });
     if !done {
+        // Which services are still on the release's colors, as etcd holds them.
+        if let Err(e) = app.catch_up_with_etcd().await {
+            tracing::error!(release = %id, error = %e, "cannot read the states from etcd to return the services of the ended release; tried again later");
+            return;
+        }
         let snap = app.snapshot();
         let ended_at = r.ended_at.clone().unwrap_or_default();
         let target = |name: &str| {
@@ -1394,7 +1404,10 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             // Never while the reads fail: what the driver wrote cannot be seen.
             // This replica's own release, which it stopped driving when etcd did not store a
             // step of it: it resumes it once etcd answers (no takeover: nobody else stopped).
-            None if read_ok && live && ours => {
+            // Either only once this replica's copy of the states is etcd's (read just now):
+            // what flipped is decided from it ([`unflipped_phase_pending`]), and a copy behind
+            // etcd after an outage would start a flipped phase again.
+            None if read_ok && live && ours && caught_up(&app).await => {
                 forget_cut_off(&app);
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "etcd answers again: this replica resumes driving its release from what etcd holds");
@@ -1405,7 +1418,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                         .value
                         .as_ref()
                         .is_some_and(|v| v["promote"].as_bool() == Some(true));
-                    let r = unflipped_phase_pending(&app, r).await;
+                    let r = unflipped_phase_pending(&app, r);
                     super::adopt(
                         &app,
                         r,
@@ -1418,7 +1431,11 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                     }
                 }
             }
-            None if read_ok && live && changed_at.is_none_or(|t| t.elapsed() >= stale) => {
+            None if read_ok
+                && live
+                && changed_at.is_none_or(|t| t.elapsed() >= stale)
+                && caught_up(&app).await =>
+            {
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "the release's driver stopped writing to etcd; this replica takes it over");
                     // A promote stored before the takeover still passes the gate.
@@ -1431,7 +1448,7 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
                         .is_some_and(|v| v["promote"].as_bool() == Some(true));
                     // Its driver may have stopped right after etcd stored a phase's claim,
                     // before it flipped anything: that phase starts again.
-                    let r = unflipped_phase_pending(&app, r).await;
+                    let r = unflipped_phase_pending(&app, r);
                     super::adopt(&app, r, "taken over from a replica that stopped").await;
                     if promote {
                         app.releases.lock().promote = true;
@@ -1443,8 +1460,10 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
         }
         // The driver tries its heartbeat at least every beat through an outage: a follower
         // takes over `stale` after its reads come back, and a driver still waiting out a long
-        // backoff then would lose a release it never stopped driving.
-        let wait = if app.releases.shared.seen().driving.is_some() {
+        // backoff then would lose a release it never stopped driving. So does a driver cut
+        // off by a step etcd did not store, while etcd last named it the driver: it reads
+        // again every beat to resume it.
+        let wait = if app.releases.shared.seen().driving.is_some() || ours {
             key_reads.wait().min(beat)
         } else {
             key_reads.wait()

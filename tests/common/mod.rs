@@ -496,7 +496,7 @@ pub async fn events_once_listed(p: &TestProxy, reason: &str, secs: u64) -> Vec<V
     eventually(secs, || async { !of().await.is_empty() }).await;
     // A second one written a moment later (a duplicate) must count too: the list settles first.
     let mut last = of().await;
-    loop {
+    for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let now = of().await;
         if now.len() == last.len() {
@@ -504,6 +504,7 @@ pub async fn events_once_listed(p: &TestProxy, reason: &str, secs: u64) -> Vec<V
         }
         last = now;
     }
+    panic!("the {reason} events never stopped changing: {last:#?}");
 }
 
 /// Waits (at most `secs` seconds) until process `pid` catches SIGHUP (bit 0 of `SigCgt` in
