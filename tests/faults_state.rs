@@ -101,14 +101,12 @@ async fn fleet_agrees(
         })
         .await;
         assert!(settled, "replicas did not resync");
-        // What etcd holds decides (read by the last replica, which reaches etcd directly): a
-        // replica's copy may still be behind, its reads backing off after the stall.
-        let etcd = ps[ps.len() - 1]
-            .app()
-            .store
-            .as_etcd()
-            .expect("etcd")
-            .clone();
+        // What etcd holds decides (read as the last replica reaches etcd, directly, with a store
+        // of its own: the replica's would note what it read as seen by its watch): a replica's
+        // copy may still be behind, its reads backing off after the stall.
+        let config = ps[ps.len() - 1].app().snapshot().config.clone();
+        let store = switchyard::StateStore::from_config(&config.state);
+        let etcd = store.as_etcd().expect("etcd");
         let mut held = None;
         for _ in 0..20 {
             if let Ok(states) = etcd.read_current().await {

@@ -1533,8 +1533,10 @@ async fn replica_behind(
     })
     .await;
     assert!(read, "{}", b.status().await);
-    relay.freeze_existing();
+    // (The pattern first, then every connection of b cut: its pool keeps none that the
+    // pattern would not catch, and the watch it opens again is black-holed.)
     relay.freeze_when_sent(Some(b64(&format!("{prefix}services0")).as_bytes()));
+    relay.cut_all();
     (dir, etcd, rig, relay, a, b)
 }
 
@@ -1715,9 +1717,11 @@ async fn a_replica_behind_etcd_takes_a_release_over_only_once_it_has_read_the_st
     // Every range over the service keys (the watch, its resyncs, full reads) is black-holed
     // for b; the release key, the events and single-key writes pass.
     let services_end = b64(&format!("{prefix}services0"));
-    relay.freeze_existing();
+    // (The pattern first, then every connection of b cut: its pool keeps none that the
+    // pattern would not catch, and the watch it opens again is black-holed.)
     relay.freeze_when_sent(Some(services_end.as_bytes()));
-    start_release(&a, two_phases("4s", "1s", "1s")).await;
+    relay.cut_all();
+    start_release(&a, two_phases("6s", "1s", "1s")).await;
     wait_phase(&b, 0, "baking").await;
     assert_eq!(
         b.service_status("api").await["active"],

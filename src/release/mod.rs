@@ -396,7 +396,7 @@ pub async fn abort(app: &Arc<App>, actor: &str) -> Result<Value, ChangeError> {
 ///
 /// `measured`: the color and generation the trigger measured. Checked against etcd first: a
 /// replica whose copy is behind (its watch stalled) measures a color that is no longer live,
-/// and a release is never rolled back for the old color failing (Ok(false): nothing done).
+/// and a release is never rolled back for that old color failing (Ok(false): nothing done).
 pub async fn triggered(
     app: &Arc<App>,
     service: &str,
@@ -415,7 +415,7 @@ pub async fn triggered(
         .snapshot()
         .service(service)
         .map(|s| (s.state.active, s.state.generation));
-    if live != Some(measured) || release_color(&cur, service) != Some(measured.0) {
+    if live != Some(measured) {
         return Ok(false);
     }
     let reason = format!("trigger fired on {service}: {detail}");
@@ -558,7 +558,14 @@ async fn finish(
     let id = cur.id.as_str();
     // A service this replica's copy shows back on its pre-release color already (behind
     // etcd) would be skipped, with no write to lose a compare, and left on the release's color.
-    app.catch_up_with_etcd().await?;
+    // (A failure here comes after the end was stored: the services stay marked unreturned,
+    // and a replica returns them once etcd answers.)
+    app.catch_up_with_etcd().await.map_err(|e| {
+        ChangeError::Unavailable(format!(
+            "release {} ended, but its services could not be returned yet ({e}); a replica returns them once etcd answers",
+            cur.id
+        ))
+    })?;
     let targets: Vec<(String, Color)> = cur
         .flipped
         .iter()
@@ -1101,18 +1108,12 @@ async fn run_phase(
             let pre = rel.update(id, |r| r.pre.clone()).unwrap_or_default();
             let mut flip = app.flip_set(targets, "release", label).await;
             if let Err(ChangeError::Conflict(_)) = &flip {
-                // This replica's copy of a service was behind etcd (a release taken over from
-                // a driver that flipped before it stopped, read before this replica's reads of
-                // the state caught up). It serves what etcd holds now: checked again, the
-                // flip goes on from there (a service already on its color is not flipped).
-                match roll_back_if_moved_held(app, id).await {
-                    Holding::Holds => flip = app.flip_set(targets, "release", label).await,
-                    Holding::Ended => return Ran::Ended,
-                    Holding::Failed(why) => {
-                        rel.update(id, |r| r.paused = Some(why));
-                        return Ran::Held;
-                    }
-                }
+                // This replica's copy of a service was behind etcd. It serves what etcd holds
+                // now (the lost compare applied the read): the flip is tried once more from
+                // there (a service already on its color is not flipped). (Not checked for
+                // "moved off" here: the claim already counts this phase's services as flipped,
+                // and those not flipped yet would look moved.)
+                flip = app.flip_set(targets, "release", label).await;
             }
             match flip {
                 Ok(o) => outcomes = o,

@@ -1407,7 +1407,11 @@ pub(super) async fn run(app: Arc<App>, store: Arc<EtcdStore>) {
             // Either only once this replica's copy of the states is etcd's (read just now):
             // what flipped is decided from it ([`unflipped_phase_pending`]), and a copy behind
             // etcd after an outage would start a flipped phase again.
-            None if read_ok && live && ours && caught_up(&app).await => {
+            None if read_ok && live && ours => 'ours: {
+                // (Not read: tried again at the next read, still as this replica's own.)
+                if !caught_up(&app).await {
+                    break 'ours;
+                }
                 forget_cut_off(&app);
                 if let Some(r) = take_over(&app, &store).await {
                     tracing::warn!(release = %r.id, "etcd answers again: this replica resumes driving its release from what etcd holds");
