@@ -1540,6 +1540,23 @@ async fn replica_behind(
     (dir, etcd, rig, relay, a, b)
 }
 
+/// A release started on `a` (phase 0 flips api to green, baking 10 minutes) that `b` follows
+/// while its copy of the states stays behind (api on blue); then etcd's states can be read
+/// again by b (its watch stays stalled for seconds more): the step under test reads them.
+async fn release_b_has_not_seen(relay: &common::relay::Relay, a: &TestProxy, b: &TestProxy) {
+    start_release(a, two_phases("10m", "1s", "1s")).await;
+    let flipped = eventually(20, || async { a.get("/api/x").await.1 == "api-green\n" }).await;
+    assert!(flipped, "{}", a.status().await);
+    wait_phase(b, 0, "baking").await;
+    assert_eq!(
+        b.service_status("api").await["active"],
+        "blue",
+        "b's copy must be behind for this test: {}",
+        b.status().await
+    );
+    relay.freeze_when_sent(None);
+}
+
 /// A release started on a replica whose copy is behind etcd (api flipped to green by hand on
 /// another replica; this one still shows blue) starts from etcd's colors: api goes to blue and
 /// back to green, not "to green" over a service already there (an abort would then have sent it
@@ -1617,16 +1634,7 @@ async fn a_promote_on_a_replica_behind_etcd_is_checked_against_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flip_of_every_service_on_a_replica_behind_etcd_is_guarded() {
     let (_dir, _etcd, _rig, relay, a, b) = replica_behind("/sy-rel-flipall-behind/").await;
-    start_release(&a, two_phases("10m", "1s", "1s")).await;
-    let flipped = eventually(20, || async { a.get("/api/x").await.1 == "api-green\n" }).await;
-    assert!(flipped, "{}", a.status().await);
-    wait_phase(&b, 0, "baking").await;
-    assert_eq!(
-        b.service_status("api").await["active"],
-        "blue",
-        "b must be behind"
-    );
-    relay.freeze_when_sent(None);
+    release_b_has_not_seen(&relay, &a, &b).await;
     let (s, v) = admin_post(
         b.admin,
         "/api/flip",
@@ -1658,18 +1666,7 @@ async fn a_flip_of_every_service_on_a_replica_behind_etcd_is_guarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_on_a_replica_behind_etcd_returns_what_the_release_flipped() {
     let (_dir, _etcd, _rig, relay, a, b) = replica_behind("/sy-rel-abort-behind/").await;
-    start_release(&a, two_phases("10m", "1s", "1s")).await;
-    let flipped = eventually(20, || async { a.get("/api/x").await.1 == "api-green\n" }).await;
-    assert!(flipped, "{}", a.status().await);
-    wait_phase(&b, 0, "baking").await;
-    assert_eq!(
-        b.service_status("api").await["active"],
-        "blue",
-        "b's copy must be behind for this test: {}",
-        b.status().await
-    );
-    // etcd can be read again (b's watch stays stalled for seconds more): the abort reads it.
-    relay.freeze_when_sent(None);
+    release_b_has_not_seen(&relay, &a, &b).await;
     let (s, v) = admin_post(
         b.admin,
         "/api/releases/current/abort",
