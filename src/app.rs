@@ -1315,10 +1315,7 @@ impl App {
         if service_of(&self.snapshot(), name)?.state.active != to {
             return Ok(None);
         }
-        if let Some(read) = self.read_etcd().await? {
-            let _w = self.writer.lock().await;
-            self.apply_read(read).await;
-        }
+        self.catch_up_with_etcd().await?;
         let checked = service_of(&self.snapshot(), name)?;
         Ok((checked.state.active == to).then(|| nothing_to_do(&checked, to)))
     }
@@ -1434,10 +1431,7 @@ impl App {
             .iter()
             .any(|s| s.state.active == to)
         {
-            if let Some(read) = self.read_etcd().await? {
-                let _w = self.writer.lock().await;
-                self.apply_read(read).await;
-            }
+            self.catch_up_with_etcd().await?;
         }
         'attempt: for _ in 0..3 {
             let checked = self.snapshot();
