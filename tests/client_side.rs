@@ -133,6 +133,76 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     p.stop().await;
 }
 
+/// `Expect = #expectation` (RFC 9110 10.1.1): `100-continue` in a list with another
+/// expectation on one line is still asked for, and answered before the body is sent.
+#[tokio::test]
+async fn expect_100_continue_in_a_list_is_answered_before_the_body_is_sent() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: foo=bar, 100-Continue\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    let (interim, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
+    s.write_all(b"hello").await.expect("write body");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("echo");
+    assert_eq!(v["body_len"], 5, "{v}");
+    p.stop().await;
+}
+
+/// A HEAD the server refuses as it reads the head (505, 431, 414, 501, 400) is answered without
+/// content (RFC 9110 9.3.2): nothing follows the empty line before the connection closes.
+#[tokio::test]
+async fn a_refused_head_request_gets_no_content() {
+    let blue = TestUpstream::start("blue").await;
+    let p = start(blue.addr, "").await;
+    let long_field = format!(
+        "HEAD / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+        "x".repeat(70_000)
+    );
+    let long_target = format!("HEAD /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(70_000));
+    let cases: [(&[u8], &str); 5] = [
+        (b"HEAD / HTTP/2.0\r\nHost: a\r\n\r\n", "505"),
+        (long_field.as_bytes(), "431"),
+        (long_target.as_bytes(), "414"),
+        (
+            b"HEAD / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "501",
+        ),
+        (b"HEAD / HTTP/1.1\r\nHost: a\r\nX : y\r\n\r\n", "400"),
+    ];
+    for (input, status) in cases {
+        let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+        // The proxy may answer (and close) before it has read all of a long head.
+        let _ = s.write_all(input).await;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+                Err(_) => panic!("{status}: the connection did not close"),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text:?}");
+        let end = text.find("\r\n\r\n").expect("a whole head") + 4;
+        assert_eq!(
+            &text[end..],
+            "",
+            "{status}: content after the head: {text:?}"
+        );
+    }
+    assert_eq!(blue.hits(), 0);
+    p.stop().await;
+}
+
 /// A request the proxy answers without its body (no service for this host, a malformed Host)
 /// gets that answer at once, with no `100 Continue` ahead of it (RFC 9110 10.1.1): the client is
 /// not asked for a body that would be thrown away.

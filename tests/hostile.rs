@@ -734,7 +734,7 @@ async fn a_chunk_size_with_whitespace_and_no_extension_is_refused() {
 
 /// A request body whose chunked framing is broken (a size line with trailing whitespace, one
 /// that is not hex, a size past 15 significant hex digits, a size line still unended past its
-/// limit, data not followed by CRLF) is 400 with a body that says so, and the connection closes;
+/// limit, data not followed by CRLF, an extension off its grammar) is 400 with a body that says so, and the connection closes;
 /// a body the client stops sending (it shuts its side down mid-body) keeps its own answer. The
 /// same toward an HTTP/1.1 pool and an h2 one (whose client turns the body's error into a reset
 /// of its own). Each broken framing is counted in
@@ -764,6 +764,9 @@ async fn a_malformed_chunked_request_body_is_400_saying_the_framing_is_invalid()
             "10000000000000005\r\nhello\r\n0\r\n\r\n",
             &unended,
             "5\r\nhelloXX\r\n0\r\n\r\n",
+            // Extensions off their grammar (RFC 9112 7.1.1): an unended quoted-string, no name.
+            "5;a=\"b\r\nhello\r\n0\r\n\r\n",
+            "5;=b\r\nhello\r\n0\r\n\r\n",
         ];
         for body in bodies {
             let mut s = TcpStream::connect(p.proxy).await.expect("connect");

@@ -327,6 +327,7 @@ const TABLE: &[Row] = &[
     // Max-Forwards (RFC 9110 7.6.2): always updated, at most 2^63 - 1; not a number: removed.
     passed("Max-Forwards past 2^64 is capped", b"OPTIONS / HTTP/1.1\r\nHost: a\r\nMax-Forwards: 99999999999999999999\r\n\r\n", &["max-forwards: 9223372036854775807"], &["99999999999999999999"]),
     passed("Max-Forwards not a number is removed", b"OPTIONS / HTTP/1.1\r\nHost: a\r\nMax-Forwards: 5x\r\n\r\n", &["options / http/1.1"], &["max-forwards"]),
+    passed("underscore look-alikes of framing and forwarding fields are dropped", b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX_Forwarded_Host: evil\r\nContent_Length: 50\r\nX_Api_Key: k\r\n\r\n", &["x_api_key: k", "x-forwarded-for: 127.0.0.1", "x-forwarded-host: a"], &["6.6.6.6", "evil", "content_length"]),
     passed("client X-Forwarded-Host/-Proto are replaced", b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n\r\n", &["x-forwarded-host: a", "x-forwarded-proto: http"], &["evil", "https"]),
 ];
 
@@ -666,6 +667,40 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
     }
     p.stop().await;
     assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// An h2 request loses the underscore look-alikes of the forwarding fields as an HTTP/1.1 one
+/// does (CGI-style applications read `_` as `-`); an application's own `_` field goes on.
+#[tokio::test]
+async fn h2_underscore_lookalikes_of_forwarding_fields_are_dropped() {
+    let (up, p, mut c) = h2_rig("").await;
+    let req = http::Request::get("http://a/x")
+        .header("x_forwarded_for", "6.6.6.6")
+        .header("x_forwarded_proto", "https")
+        .header("content_length", "50")
+        .header("x_api_key", "k")
+        .body(())
+        .expect("req");
+    let status = h2_status(&mut c, req, true).await;
+    let heads = up.take();
+    let head = heads
+        .first()
+        .map(|h| h.to_ascii_lowercase())
+        .unwrap_or_default();
+    p.stop().await;
+    assert_eq!(status, 200, "{head:?}");
+    assert!(head.lines().any(|l| l == "x_api_key: k"), "{head:?}");
+    assert!(
+        head.lines().any(|l| l == "x-forwarded-for: 127.0.0.1"),
+        "{head:?}"
+    );
+    assert!(
+        head.lines().any(|l| l == "x-forwarded-proto: http"),
+        "{head:?}"
+    );
+    for gone in ["6.6.6.6", "https", "content_length"] {
+        assert!(!head.contains(gone), "{gone}: {head:?}");
+    }
 }
 
 /// `:authority` and `Host` that differ only by the scheme's default port (or the case of the
@@ -1580,6 +1615,9 @@ const SPOOFED_TRAILERS: &[(&str, &str)] = &[
     ("x-real-ip", "6.6.6.6"),
     ("x-forwarded-host", "evil"),
     ("max-forwards", "9"),
+    // CGI-style applications read `_` as `-`.
+    ("x_forwarded_for", "6.6.6.6"),
+    ("x_request_id", "spoofed-id"),
     ("authorization", "Bearer spoofed"),
     ("x-kept", "1"),
 ];

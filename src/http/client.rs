@@ -1209,6 +1209,11 @@ impl<B: UploadBody> Exchange<B> {
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, ClientError> {
     // Uninitialized slots: initializing 128 headers cost more than parsing a small head.
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_RESPONSE_HEADERS];
+    // A later HTTP/1 minor version (`HTTP/1.2`) is read as 1.1, the highest this client
+    // speaks (RFC 9110 2.5), as the server reads a request's; httparse takes only 1.0 and 1.1.
+    if buf.get(7).is_some_and(|b| (b'2'..=b'9').contains(b)) && buf.starts_with(b"HTTP/1.") {
+        buf[7] = b'1';
+    }
     let mut resp = httparse::Response::new(&mut []);
     // Whitespace between a field name and its colon: a response's is taken out (RFC 9112 5.1:
     // "A proxy MUST remove any such whitespace from a response message before forwarding"),
@@ -2152,6 +2157,28 @@ mod tests {
                 "x-a: a\r\nx-empty:\r\nx-b:  b\r\n"
             );
             assert_eq!(h.fields.length(), Some(2));
+        }
+    }
+
+    /// A later HTTP/1 minor version is read as 1.1 (RFC 9110 2.5): kept alive, its body framed
+    /// as 1.1's; another major version, or a version that is not `1*DIGIT "." 1*DIGIT`, is not.
+    #[test]
+    fn a_later_http1_minor_version_is_read_as_1_1() {
+        for v in ["HTTP/1.2", "HTTP/1.9"] {
+            let mut b =
+                BytesMut::from(format!("{v} 200 OK\r\nContent-Length: 2\r\n\r\nok").as_bytes());
+            let h = parse_head(&mut b, false).expect("ok").expect("complete");
+            assert_eq!(h.status, StatusCode::OK);
+            assert!(h.keep_alive, "{v}");
+            assert_eq!(h.fields.length(), Some(2));
+            assert_eq!(&b[..], b"ok");
+        }
+        // Partial: more bytes may come.
+        let mut b = BytesMut::from(&b"HTTP/1.2"[..]);
+        assert!(parse_head(&mut b, false).expect("ok").is_none());
+        for bad in ["HTTP/2.0 200 OK", "HTTP/1.10 200 OK", "HTTP/1.x 200 OK"] {
+            let mut b = BytesMut::from(format!("{bad}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            assert!(parse_head(&mut b, false).is_err(), "{bad}");
         }
     }
 

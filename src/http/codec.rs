@@ -77,6 +77,60 @@ pub enum Sender {
     Upstream,
 }
 
+/// `*( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )` (RFC 9112 7.1.1), from the
+/// first `;`: each name a token, each value a token or a quoted-string.
+fn chunk_ext_valid(mut ext: &[u8]) -> bool {
+    fn bws(s: &[u8]) -> &[u8] {
+        let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+        &s[n..]
+    }
+    fn token(s: &[u8]) -> Option<&[u8]> {
+        let n = s.iter().take_while(|b| is_tchar(**b)).count();
+        (n > 0).then(|| &s[n..])
+    }
+    // qdtext, and what a quoted-pair may escape: HTAB, SP, VCHAR, obs-text.
+    let text = |c: u8| c == b'\t' || (c >= 0x20 && c != 0x7f);
+    loop {
+        ext = bws(ext);
+        if ext.is_empty() {
+            return true;
+        }
+        let Some(rest) = ext.strip_prefix(b";") else {
+            return false;
+        };
+        let Some(rest) = token(bws(rest)) else {
+            return false;
+        };
+        ext = bws(rest);
+        let Some(value) = ext.strip_prefix(b"=") else {
+            continue;
+        };
+        let value = bws(value);
+        ext = if let Some(quoted) = value.strip_prefix(b"\"") {
+            let mut i = 0;
+            loop {
+                match quoted.get(i) {
+                    Some(b'"') => break,
+                    Some(b'\\') if quoted.get(i + 1).is_some_and(|&c| text(c)) => i += 2,
+                    Some(&c) if c != b'\\' && text(c) => i += 1,
+                    _ => return false,
+                }
+            }
+            &quoted[i + 1..]
+        } else {
+            match token(value) {
+                Some(rest) => rest,
+                None => return false,
+            }
+        };
+    }
+}
+
+/// A token character (RFC 9110 5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Decodes chunked framing off the front of `buf`.
 pub fn decode_chunked(
     buf: &mut BytesMut,
@@ -109,6 +163,11 @@ pub fn decode_chunked(
                 };
                 if digits == 0 || significant > 15 || !tail_ok || rest.contains(&b'\r') {
                     return Err("invalid chunk size");
+                }
+                // A client's extensions are held to their grammar; an upstream's are read
+                // leniently (dropped either way: the proxy writes its own chunk lines).
+                if from == Sender::Client && !rest.is_empty() && !chunk_ext_valid(rest) {
+                    return Err("invalid chunk extension");
                 }
                 let size = line[..digits].iter().fold(0u64, |acc, d| {
                     acc * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
@@ -480,6 +539,43 @@ fn word(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chunk_extensions_are_held_to_their_grammar() {
+        for ok in [
+            &b";a"[..],
+            b";a=b",
+            b" ; a = b ; c",
+            b";a=\"b c\\\"d\"",
+            b";a=\"\"",
+            b";a=\"\xc3\xa9\"",
+            b";a\t=\tb",
+        ] {
+            assert!(
+                super::chunk_ext_valid(ok),
+                "{:?}",
+                String::from_utf8_lossy(ok)
+            );
+        }
+        for bad in [
+            &b";"[..],
+            b";a=",
+            b";a=\"b",
+            b";a=\"b\\\"",
+            b";a=b c",
+            b";a b",
+            b";a=\"b\"c",
+            b";a=\"b\x7f\"",
+            b";(a)",
+            b";a=b;",
+        ] {
+            assert!(
+                !super::chunk_ext_valid(bad),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
     use super::*;
 
     /// `1*DIGIT`: any number of leading zeros is the same length; too large, empty or not

@@ -134,7 +134,8 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
 pub fn trailer_allowed(name: &HeaderName) -> bool {
     !(is_hop_by_hop(name)
         || name.as_str().starts_with("x-forwarded-")
-        || TRAILER_DENIED.contains(&name))
+        || TRAILER_DENIED.contains(&name)
+        || is_underscore_lookalike(name))
 }
 
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
@@ -263,12 +264,76 @@ fn with_date(f: impl FnOnce(&[u8; 29])) {
     });
 }
 
+/// Fields whose names differ from one of these only by `_` for `-` are dropped from requests
+/// ([`is_underscore_lookalike`]): the framing and connection fields a server reads, and the
+/// forwarding fields a proxy writes (and those proxies in front of it write).
+const LOOKALIKE_OF: [&str; 10] = [
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "proxy-connection",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "x-request-id",
+    "max-forwards",
+];
+
+/// Whether a request field's name is one of [`LOOKALIKE_OF`] written with `_` for some `-`
+/// (`x_forwarded_for`, `Content_Length`). No RFC forbids `_` in a name, but CGI, WSGI, Rack
+/// and PHP map `-` and `_` to the same variable (`HTTP_X_FORWARDED_FOR`): such a field would
+/// stand beside, or ahead of, the value the proxy wrote. nginx drops every field with `_`
+/// (`underscores_in_headers off`); only these are dropped here, so an application's own
+/// `x_api_key` still goes on.
+pub fn is_underscore_lookalike(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    memchr::memchr(b'_', n).is_some()
+        && LOOKALIKE_OF.iter().any(|want| {
+            want.len() == n.len()
+                && want
+                    .bytes()
+                    .zip(n)
+                    .all(|(w, &b)| w == b || (w == b'-' && b == b'_'))
+        })
+}
+
 /// The request id field: the proxy keeps or makes one per request (`access_log::RequestIds`);
 /// the server keeps it on an answer that replaces the handler's response.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn underscore_lookalikes_of_framing_and_forwarding_fields_are_found() {
+        for name in [
+            "x_forwarded_for",
+            "x-forwarded_host",
+            "x_forwarded-proto",
+            "content_length",
+            "transfer_encoding",
+            "x_real_ip",
+            "x_request_id",
+            "keep_alive",
+            "proxy_connection",
+            "max_forwards",
+        ] {
+            let n = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert!(is_underscore_lookalike(&n), "{name}");
+        }
+        for name in [
+            "x-forwarded-for",
+            "content-length",
+            "x_api_key",
+            "x_forwarded_fo",
+            "x__forwarded_for",
+            "content__length",
+        ] {
+            let n = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert!(!is_underscore_lookalike(&n), "{name}");
+        }
+    }
+
     #[test]
     fn a_bearer_token_loses_one_line_end_and_must_fit_a_header() {
         assert_eq!(bearer_token("t0k"), Ok("t0k"));

@@ -47,7 +47,7 @@ use super::codec::{
     InvalidChunked, Sender, Span,
 };
 use super::fields::BodyFields;
-use super::headers::{put_date, put_header};
+use super::headers::{is_underscore_lookalike, put_date, put_header};
 use super::interim;
 use super::{plain, CloseConnection};
 
@@ -682,13 +682,18 @@ fn header_fields(
                 flags.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name == header::EXPECT {
+            // `Expect = #expectation` (RFC 9110 10.1.1): `100-continue` may share its line.
             flags.has_expect = true;
             flags.expect_continue |= value
                 .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"100-continue");
+                .split(|b| *b == b',')
+                .any(|e| e.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
         } else if name == header::UPGRADE {
             flags.has_upgrade = true;
+        } else if is_underscore_lookalike(&name) {
+            // `X_Forwarded_For`, `Content_Length`: the same variable as the real field to a
+            // CGI-style application; dropped, never passed on.
+            continue;
         }
         headers.append(name, value);
     }
@@ -1272,20 +1277,25 @@ impl<H: Handler> Conn<H> {
         // The handler's answer when it makes one (the proxy's carries its request id and is
         // logged as every answered request is), else the plain text.
         let (status, why) = (refused.status, refused.why);
+        // The answer to a HEAD has no content (RFC 9110 9.3.2), refused or not: its method is
+        // the first word of a request line that could be read.
+        let method = if refused
+            .line
+            .as_ref()
+            .is_some_and(|l| l.starts_with(b"HEAD "))
+        {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
         let _ = match self.handler.refusal(&refused) {
             Some(resp) => {
-                self.respond(resp, &Method::GET, Version::HTTP_11, false, None)
+                self.respond(resp, &method, Version::HTTP_11, false, None)
                     .await
             }
             None => {
-                self.respond(
-                    plain(status, why),
-                    &Method::GET,
-                    Version::HTTP_11,
-                    false,
-                    None,
-                )
-                .await
+                self.respond(plain(status, why), &method, Version::HTTP_11, false, None)
+                    .await
             }
         };
         self.linger(Some(r)).await;

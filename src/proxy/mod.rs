@@ -609,6 +609,7 @@ fn check(proxy: &Proxy, req: &mut Request<ClientBody>, id_added: bool) -> Result
                 ProxyError::Malformed("a field value begins or ends with whitespace\n")
             }
         })?;
+        validate::drop_underscore_lookalikes(req.headers_mut());
     }
     validate::target(req).map_err(ProxyError::Malformed)?;
     let host = match validate::request_host(req).map_err(ProxyError::Malformed)? {

@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http::codec::parse_length;
-use crate::http::headers::edge_whitespace;
+use crate::http::headers::{edge_whitespace, is_underscore_lookalike};
 use crate::http::server::target_bytes_valid;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
@@ -130,6 +130,23 @@ pub fn h2_fields<B>(
         return Err(H2FieldsError::Whitespace);
     }
     Ok(())
+}
+
+/// An HTTP/2 request's fields lose what the HTTP/1 server drops as it reads a head: a name
+/// that is a framing or forwarding field's with `_` for `-` ([`is_underscore_lookalike`]).
+/// Most requests have no `_` in any name and are looked at once.
+pub fn drop_underscore_lookalikes(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|k| is_underscore_lookalike(k))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
 }
 
 /// Why [`h2_fields`] refused a request.
