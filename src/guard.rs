@@ -651,7 +651,7 @@ pub const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 /// Runs a connection future under a watchdog: an idle connection gets `graceful` (GOAWAY) and
 /// is closed at the first tick [`GOAWAY_FLUSH`] or more later (within the tick, at most a
 /// second) if still without an open stream, or `linger` later at the latest; a stalled one is
-/// dropped at once. Shutdown starts `graceful` too, and the connection is closed the same way
+/// closed at once. Shutdown starts `graceful` too, and the connection is closed the same way
 /// once it has no open stream (the listener's drain bounds the streams in flight). Closing is
 /// `close` (an abrupt GOAWAY, or the end of the client's input), then the connection's own
 /// clean end, TLS close_notify and FIN, for at most [`CLOSE_FLUSH`].
@@ -698,8 +698,11 @@ pub async fn watch<C>(
                 }
                 match dog.check(now) {
                     Verdict::Stalled => {
+                        // Closed as below: a client that still reads frames but opened no
+                        // window is told why (GOAWAY, RFC 9113 6.8); one that reads nothing
+                        // holds the task for CLOSE_FLUSH at most.
                         tracing::debug!("the client stopped reading every response; closing");
-                        return;
+                        break;
                     }
                     Verdict::Idle if goaway.is_none() && !shutting_down => {
                         tracing::debug!("idle connection; sending GOAWAY");

@@ -1050,6 +1050,43 @@ async fn an_h2_zero_window_reader_is_closed_and_its_upstream_released() {
         assert!(end.is_ok(), "a stalled h2 connection stayed open");
     }
     released_and_not_blamed(&up, &p, 4).await;
+
+    // A client that reads frames but opens no window is told why it is closed: a GOAWAY
+    // (RFC 9113 6.8), then the end of the connection, not a bare FIN.
+    let mut s = TcpStream::connect(p.proxy).await.expect("connect");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 0.
+    out.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://a/big (HPACK: indexed
+    // :method GET and :scheme http, :path and :authority literal with an indexed name).
+    let block = b"\x82\x86\x04\x04/big\x01\x01a";
+    out.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    out.extend_from_slice(block);
+    s.write_all(&out).await.expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("the stalled connection stayed open"),
+        }
+    }
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len =
+            usize::from(got[at]) << 16 | usize::from(got[at + 1]) << 8 | usize::from(got[at + 2]);
+        types.push(got[at + 3]);
+        at += 9 + len;
+    }
+    // HEADERS (1) of the response went out; a GOAWAY (7) after it.
+    let headers = types.iter().position(|t| *t == 1);
+    let goaway = types.iter().rposition(|t| *t == 7);
+    assert!(
+        headers.is_some() && goaway > headers,
+        "frame types {types:?}"
+    );
     p.stop().await;
 }
 
