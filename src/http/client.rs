@@ -162,7 +162,10 @@ const READ_CHUNK: usize = 8 * 1024;
 const UPLOAD_BATCH: usize = 128 * 1024;
 /// Most pieces (head, body data, chunk framing) written upstream with one `writev`.
 const UPLOAD_SLICES: usize = 32;
-const MAX_READ_CHUNK: usize = 512 * 1024;
+/// The largest response read: what a download whose client does not keep up holds (with the
+/// allocation it shares), so it bounds a slow reader's memory (512 KiB held ~1 MiB per
+/// stalled download; 64 KiB ~110 KB, at no cost in 1 MiB downloads, BENCHMARKS.md tuning log row 62).
+const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// Why a request got no (complete) response.
 #[derive(Debug, thiserror::Error)]
