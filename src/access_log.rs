@@ -514,6 +514,23 @@ fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
     .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
 }
 
+/// Whether an existing access log opens as the writer will open it ([`open_append`]), for
+/// `check` and the start of `serve`: never blocking, where a FIFO with no reader opened for
+/// writing alone would block the caller until one comes (read and write: it opens at once; only
+/// for writing, where it may not be read: non-blocking, an error then, `No such device`).
+pub fn opens(p: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.append(true);
+    match opts.clone().read(true).open(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => opts
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(p),
+        r => r,
+    }
+    .map(drop)
+}
+
 /// The writer thread. Under load it never blocks on the queue: it drains what is there, writes
 /// it in one go, and sleeps [`BATCH_INTERVAL`], so a request's `try_send` never has to wake it
 /// (no futex wake, no context switch per line). After [`IDLE_POLLS`] empty rounds it blocks on

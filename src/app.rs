@@ -1436,8 +1436,24 @@ impl App {
         'attempt: for _ in 0..3 {
             let checked = self.snapshot();
             if !force {
+                // Every refusal is named, not only the first: the operator fixes them all at once.
+                let mut refused = Vec::new();
                 for svc in checked.services.iter().filter(|s| s.state.active != to) {
-                    self.preflight(svc, to).await?;
+                    match self.preflight(svc, to).await {
+                        Ok(()) => {}
+                        Err(ChangeError::Refused(why)) => refused.push(why),
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !refused.is_empty() {
+                    let all: Vec<&str> = refused
+                        .iter()
+                        .map(|w| w.strip_suffix(FORCE_HINT).unwrap_or(w))
+                        .collect();
+                    return Err(ChangeError::Refused(format!(
+                        "{}{FORCE_HINT}",
+                        all.join("; ")
+                    )));
                 }
             }
             let _w = self.writer.lock().await;
@@ -2026,7 +2042,9 @@ impl App {
                 .config_reloads_total
                 .with_label_values(&["error"])
                 .inc();
-            return Err(ReloadError::Invalid(config::ConfigErrors(errs)));
+            let errs = config::ConfigErrors(errs);
+            tracing::error!(errors = %errs, "config reload refused; the running config is unchanged");
+            return Err(ReloadError::Invalid(errs));
         }
         for (tls, ck, listener, cert) in loaded {
             tls.install(ck);

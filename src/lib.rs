@@ -56,7 +56,7 @@ mod upstream;
 mod watcher;
 
 // Starting, running and stopping the proxy (the binary's `serve`, the end-to-end tests).
-pub use app::App;
+pub use app::{App, ReloadError};
 pub use health::ensure as ensure_health_checks;
 pub use server::{
     config_file_problems, file_problems, file_warnings, start, start_with, Options, Running,

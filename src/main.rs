@@ -699,6 +699,8 @@ async fn signals(
                             switchyard::ensure_health_checks(&app);
                             tracing::info!("{}", o.message);
                         }
+                        // A refused config is logged once, with every problem, by the reload.
+                        Err(switchyard::ReloadError::Invalid(_)) => {}
                         Err(e) => tracing::error!(error = %e, "reload on SIGHUP refused"),
                     }
                 }

@@ -530,6 +530,27 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
             ),
         });
     }
+    // Its directory is created when missing; a file where a directory of it must be is named
+    // here, not found later as an unreadable release file or a lock that "exists".
+    if let Some(file) = config
+        .state
+        .path
+        .parent()
+        .and_then(|d| {
+            d.ancestors()
+                .find(|a| !a.as_os_str().is_empty() && a.exists())
+        })
+        .filter(|a| !a.is_dir())
+    {
+        problems.push(crate::config::ConfigError {
+            key: "state.path".to_string(),
+            message: format!(
+                "{} is not a directory: the state file {} cannot be made under it",
+                file.display(),
+                config.state.path.display()
+            ),
+        });
+    }
     if let crate::config::AccessTarget::File(path) = &config.log.access {
         if let Some(what) = crate::config::state_file_at(&config.state.path, path) {
             problems.push(access_collision(path, what));
@@ -537,11 +558,7 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
         // An existing file must open for appending; a new one needs its directory (nothing is
         // created here).
         let fault = if path.exists() {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(path)
-                .err()
-                .map(|e| e.to_string())
+            crate::access_log::opens(path).err().map(|e| e.to_string())
         } else {
             match path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 Some(dir) if !dir.is_dir() => Some(format!("no directory {}", dir.display())),

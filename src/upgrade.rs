@@ -29,7 +29,7 @@ use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -474,7 +474,22 @@ pub fn not_a_socket(path: &Path, m: &std::fs::Metadata) -> String {
 pub struct Handover {
     listener: tokio::net::UnixListener,
     path: PathBuf,
+    /// The socket file this process bound (device, inode): removed when it stops serving
+    /// without an upgrade, never once a new process has bound its own at the same path.
+    bound: Option<(u64, u64)>,
     fds: Vec<(String, OwnedFd)>,
+}
+
+/// Removes the upgrade socket at `path` if it is still the file `bound` (a plain stop: a later
+/// `serve --upgrade` then fails at once, "no running Switchyard", rather than after its retries
+/// against a socket nobody listens on). A new process's socket there is left alone.
+fn remove_if_ours(path: &Path, bound: Option<(u64, u64)>) {
+    let ours = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    if ours.is_some() && ours == bound {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// A duplicate of a listening socket's descriptor, kept for a later upgrade.
@@ -514,9 +529,13 @@ impl Handover {
         let listener = tokio::net::UnixListener::bind(path).with_context(|| {
             format!("proxy.upgrade_socket: cannot listen on {}", path.display())
         })?;
+        let bound = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         Ok(Handover {
             listener,
             path: path.to_path_buf(),
+            bound,
             fds: Vec::new(),
         })
     }
@@ -538,8 +557,11 @@ impl Handover {
         let Handover {
             listener,
             path,
+            bound,
             fds,
         } = self;
+        // Every way out of the loop but a handover is a stop of this process.
+        let stopped = || remove_if_ours(&path, bound);
         let fds = Arc::new(fds);
         loop {
             let stream = tokio::select! {
@@ -551,7 +573,7 @@ impl Handover {
                         continue;
                     }
                 },
-                () = app.shutdown.cancelled() => return,
+                () = app.shutdown.cancelled() => return stopped(),
             };
             let Ok(std) = stream.into_std().and_then(|s| {
                 s.set_nonblocking(false)?;
@@ -562,7 +584,7 @@ impl Handover {
             let greeting = tokio::task::spawn_blocking(move || greeted(std));
             let greeted = tokio::select! {
                 r = greeting => r,
-                () = app.shutdown.cancelled() => return,
+                () = app.shutdown.cancelled() => return stopped(),
             };
             let greeted = match greeted {
                 Ok(Ok(Some(g))) => g,
@@ -605,7 +627,7 @@ impl Handover {
             });
             let outcome = tokio::select! {
                 r = exchange => r,
-                () = app.shutdown.cancelled() => return,
+                () = app.shutdown.cancelled() => return stopped(),
             };
             match outcome {
                 Ok(Ok(pid)) => {

@@ -1703,3 +1703,74 @@ async fn demo_refuses_an_empty_token_and_quotes_the_one_it_prints() {
         "{export:?} sets {got:?}"
     );
 }
+
+/// An access log that is a FIFO with no reader yet (a log shipper that starts later) does not
+/// block `check`: the file is opened as the writer opens it (read and write, which a FIFO
+/// takes at once), not for writing alone, which would wait for a reader forever.
+#[test]
+fn check_does_not_block_on_an_access_log_fifo_without_a_reader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("access.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let config = write(
+        dir.path(),
+        "fifo.toml",
+        &format!(
+            "[log]\naccess = \"{}\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3002\"] }}\n",
+            fifo.display()
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", &config])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run switchyard");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "check blocked or failed: {:?}",
+        text(&out)
+    );
+}
+
+/// A state path under a regular file (`afile/state.json`) is named as what it is, at its key,
+/// by `check` and by `serve` before it starts: not a lock that "exists" or an unreadable
+/// release file.
+#[test]
+fn a_state_path_under_a_file_is_named_at_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let afile = write(dir.path(), "afile", "hi\n");
+    let config = write(
+        dir.path(),
+        "bad.toml",
+        &format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{afile}/sub/state.json\"\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\ngreen = {{ upstreams = [\"127.0.0.1:3002\"] }}\n"
+        ),
+    );
+    for cmd in ["check", "serve"] {
+        let out = switchyard(&[cmd, "--config", &config]);
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(
+            err.contains("state.path") && err.contains(&format!("{afile} is not a directory")),
+            "{cmd}: {err}"
+        );
+    }
+}

@@ -1200,6 +1200,52 @@ async fn proxy_answers_502_504_503_404() {
 // Refused flips
 // ---------------------------------------------------------------------------------------------
 
+/// A flip of every service that several services refuse names each of them (and the way past
+/// them once), so the operator fixes them all at once; nothing is flipped.
+#[tokio::test]
+async fn a_refused_flip_of_every_service_names_every_refusal() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    green.set_health(503);
+    let p = TestProxy::start(&format!(
+        "{}{}",
+        service(
+            "api",
+            &[blue.addr],
+            &[green.addr],
+            &format!("path_prefix = \"/api\"\n{}", health_extra(1))
+        ),
+        service("web", &[blue.addr], &[green.addr], &health_extra(1)),
+    ))
+    .await;
+    let down = eventually(5, || async {
+        color_healthy(&p, "api", "green").await == Some(false)
+            && color_healthy(&p, "web", "green").await == Some(false)
+    })
+    .await;
+    assert!(down, "green never became unhealthy");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/flip",
+        Some(TOKEN),
+        Some(json!({"to": "green"})),
+    )
+    .await;
+    let m = assert_error_body(s, &v, 409);
+    assert!(
+        m.contains("api: the green pool has no healthy upstream"),
+        "{m}"
+    );
+    assert!(
+        m.contains("web: the green pool has no healthy upstream"),
+        "{m}"
+    );
+    assert_eq!(m.matches("force").count(), 1, "{m}");
+    assert_eq!(p.service_status("api").await["generation"], 0);
+    assert_eq!(p.service_status("web").await["generation"], 0);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn flip_to_unhealthy_pool_is_refused_unless_forced() {
     let blue = TestUpstream::start("blue").await;

@@ -289,6 +289,11 @@ async fn upgrade_under_load(runtime: &str) {
         .expect("second upgrade: the previous process did not exit")
         .expect("wait");
     assert!(st.success());
+    // The process that handed over left the newer one's upgrade socket in place.
+    assert!(
+        upgrade_socket_listens(dir.path()).await,
+        "the upgraded-from process removed its successor's upgrade socket"
+    );
     assert_eq!(get(proxy, "/").await, (200, "green\n".to_string()));
     let pid = newer.id().expect("pid");
     let term = std::process::Command::new("kill")
@@ -1056,6 +1061,11 @@ async fn a_stale_upgrade_socket_is_replaced_by_a_plain_serve() {
     assert!(exits(&mut second, &second_log).await.success());
     assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
     stop(&mut new, &new_log).await;
+    // A plain stop removes its upgrade socket: a later `--upgrade` fails at once.
+    assert!(
+        !dir.path().join("state.upgrade.sock").exists(),
+        "a stopped process left its upgrade socket"
+    );
 }
 
 /// Kills, when dropped, the Switchyard that the state lock in this directory names, if it

@@ -1147,3 +1147,25 @@ fn a_certificate_without_a_tls_listener_is_refused_at_its_keys() {
         );
     }
 }
+
+#[test]
+fn a_host_with_an_empty_label_is_refused() {
+    let text = GOOD.replace(
+        "path_prefix = \"/api\"",
+        "path_prefix = \"/api\"\nhosts = [\"a..b\", \".a\", \"*..a\", \"a.example.\", \"*.a.example\"]",
+    );
+    let errs = errors(&text);
+    for i in 0..3 {
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("services[0].hosts[{i}]: invalid host"))),
+            "hosts[{i}]: {errs:#?}"
+        );
+    }
+    assert!(
+        !errs
+            .iter()
+            .any(|e| e.contains("hosts[3]") || e.contains("hosts[4]")),
+        "{errs:#?}"
+    );
+}

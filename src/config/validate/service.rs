@@ -35,7 +35,9 @@ pub(super) fn service(c: &mut Check, key: &str, rs: RawService) -> Option<Servic
             lower.pop();
         }
         let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        // No empty label (`a..b`, `.a`): no request's Host could name it.
         if bare.is_empty()
+            || bare.split('.').any(str::is_empty)
             || bare.contains(['/', ':', ' ', '*'])
             || !bare
                 .chars()
