@@ -362,6 +362,12 @@ async fn dashboard_flow() {
         assert!(text.contains(want), "the page shows {want:?}:\n{text}");
     }
 
+    // No trigger watches api: no button to pause what does not run.
+    let hidden = page
+        .eval(r#"document.querySelector('[data-service="api"] [data-action="pause"]').hidden"#)
+        .await;
+    assert_eq!(hidden, json!(true), "a pause button without a trigger");
+
     // Without a token the button does nothing but ask for one.
     page.eval("sessionStorage.clear(); true").await;
     page.eval(r#"document.querySelector('[data-service="api"] [data-action="flip"][data-to="green"]').click(); true"#)
