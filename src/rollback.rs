@@ -484,7 +484,7 @@ fn build_fire(
     };
     let over_text = if over < t.kind.over() {
         format!(
-            "{} (since the flip; window {})",
+            "{} (since the flip or this process's start; window {})",
             fmt_duration(over),
             fmt_duration(t.kind.over())
         )
@@ -1838,7 +1838,7 @@ mod tests {
         };
         assert_eq!(
             f.detail,
-            "error_rate 0.313 > 0.05 over 10s (since the flip; window 1m) for 0s (412 requests in window)"
+            "error_rate 0.313 > 0.05 over 10s (since the flip or this process's start; window 1m) for 0s (412 requests in window)"
         );
         assert_eq!(f.over, s(10));
         let f = detail(

@@ -221,7 +221,7 @@ async fn error_rate_rolls_back_once_and_never_flips_forward() {
     assert!((1..=5).contains(&over), "{ev}");
     let said = match over {
         5 => "over 5s for".to_string(),
-        n => format!("over {n}s (since the flip; window 5s) for"),
+        n => format!("over {n}s (since the flip or this process's start; window 5s) for"),
     };
     assert!(detail.contains(&said), "detail {detail:?} lacks {said:?}");
     assert_eq!(tr["for_secs"], 1, "{ev}");
