@@ -516,10 +516,15 @@ fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
 
 /// Whether an existing access log opens as the writer will open it ([`open_append`]), for
 /// `check` and the start of `serve`: never blocking, where a FIFO with no reader opened for
-/// writing alone would block the caller until one comes (read and write: it opens at once; only
-/// for writing, where it may not be read: non-blocking, an error then, `No such device`).
+/// writing alone would block the caller until one comes.
 pub fn opens(p: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // A FIFO is not opened at all: a reader already waiting on it would read the end of the
+    // stream as this probe closes it, and stop before the writer comes. Write permission is
+    // what the writer needs.
+    if std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo()) {
+        return rustix::fs::access(p, rustix::fs::Access::WRITE_OK).map_err(std::io::Error::from);
+    }
     let mut opts = std::fs::OpenOptions::new();
     opts.append(true);
     match opts.clone().read(true).open(p) {

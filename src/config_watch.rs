@@ -118,7 +118,8 @@ pub async fn run(app: Arc<App>, baseline: Option<Vec<u8>>) {
                 crate::health::ensure(&app);
                 tracing::info!("{}", o.message);
             }
-            // `App::reload` logged every error and counted it.
+            // `App::reload` logged every error of a refused config and counted it.
+            Err(crate::app::ReloadError::Invalid(_)) => {}
             Err(e) => tracing::error!(error = %e, "reload on a config file change refused"),
         }
     }

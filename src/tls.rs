@@ -12,17 +12,33 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
+/// A PEM error as a person reads it: the marker a section is missing as text
+/// (`-----END CERTIFICATE-----`), where the error's own text lists its bytes (a truncated file).
+fn pem_text(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "the file ends inside a section, with no \"-----END {}-----\" line (truncated?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "a malformed section start line {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        e => e.to_string(),
+    }
+}
+
 /// Why a certificate and key could not be loaded; [`TlsError::file`] says which file is at fault,
 /// so that the caller can name its config key.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read certificate {}: {source}", path.display())]
+    #[error("cannot read certificate {}: {}", path.display(), pem_text(source))]
     ReadCert { path: PathBuf, source: pem::Error },
-    #[error("invalid certificate PEM {}: {source}", path.display())]
+    #[error("invalid certificate PEM {}: {}", path.display(), pem_text(source))]
     CertPem { path: PathBuf, source: pem::Error },
     #[error("no certificate found in {}", path.display())]
     NoCert { path: PathBuf },
-    #[error("cannot read private key {}: {source}", path.display())]
+    #[error("cannot read private key {}: {}", path.display(), pem_text(source))]
     ReadKey { path: PathBuf, source: pem::Error },
     #[error("private key {} is encrypted (a passphrase-protected key cannot be read here): store it unencrypted, readable by Switchyard alone (`openssl pkey -in KEY -out PLAIN`)", path.display())]
     EncryptedKey { path: PathBuf },
@@ -387,7 +403,13 @@ pub fn pinned_client_config(cert: &Path) -> Result<Arc<rustls::ClientConfig>, St
         .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?
         .next()
         .ok_or_else(|| format!("no certificate found in {}", cert.display()))?
-        .map_err(|e| format!("invalid certificate PEM {}: {e}", cert.display()))?;
+        .map_err(|e| {
+            format!(
+                "invalid certificate PEM {}: {}",
+                cert.display(),
+                pem_text(&e)
+            )
+        })?;
     let provider = provider();
     let verifier = Arc::new(Pinned {
         cert: pinned,
@@ -489,6 +511,17 @@ mod tests {
         let own = dir.path().join("key.pem");
         std::fs::write(&own, ck.key_pair.serialize_pem()).expect("write");
         load_certified_key(&cert, &own).expect("a matching pair loads");
+
+        // A truncated certificate says which end line is missing, as text.
+        let pem = ck.cert.pem();
+        let truncated = dir.path().join("truncated.pem");
+        std::fs::write(&truncated, &pem[..pem.len() / 2]).expect("write");
+        let e = load_certified_key(&truncated, &own).expect_err("truncated cert");
+        assert_eq!(e.file(), TlsFile::Cert, "{e}");
+        assert!(
+            e.to_string().contains("\"-----END CERTIFICATE-----\""),
+            "{e}"
+        );
 
         // An encrypted key says so, at the key (PKCS#8 and the traditional OpenSSL header).
         let pkcs8 = dir.path().join("enc8.pem");

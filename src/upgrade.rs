@@ -560,7 +560,7 @@ impl Handover {
             bound,
             fds,
         } = self;
-        // Every way out of the loop but a handover is a stop of this process.
+        // A stop of this process while no handover is under way.
         let stopped = || remove_if_ours(&path, bound);
         let fds = Arc::new(fds);
         loop {
@@ -625,9 +625,11 @@ impl Handover {
             let exchange = tokio::task::spawn_blocking(move || {
                 hand_over(greeted, &fds2, wait, (states, names))
             });
+            // Stopped mid-exchange: the socket stays, since the handover (still running) may
+            // yet tell the new process to serve, and it binds its own socket at this path.
             let outcome = tokio::select! {
                 r = exchange => r,
-                () = app.shutdown.cancelled() => return stopped(),
+                () = app.shutdown.cancelled() => return,
             };
             match outcome {
                 Ok(Ok(pid)) => {
@@ -944,6 +946,24 @@ mod tests {
         });
         assert!(connect_patiently(&sock, Duration::from_secs(30)).is_ok());
         assert!(later.join().expect("thread").is_ok());
+    }
+
+    /// A stop removes the upgrade socket it bound (compared by device and inode), never one a
+    /// successor bound at the same path.
+    #[tokio::test]
+    async fn a_stop_removes_only_the_socket_it_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("s.sock");
+        let h = Handover::bind(&sock).expect("bind");
+        // Ours: removed.
+        remove_if_ours(&sock, h.bound);
+        assert!(!sock.exists());
+        // Another process's at the same path (a successor bound its own): left alone.
+        let h = Handover::bind(&sock).expect("bind");
+        std::fs::remove_file(&sock).expect("unlink");
+        let _theirs = std::os::unix::net::UnixListener::bind(&sock).expect("bind theirs");
+        remove_if_ours(&sock, h.bound);
+        assert!(sock.exists(), "a successor's socket was removed");
     }
 
     /// The upgrade socket replaces a stale socket, and nothing else: a regular file (the config

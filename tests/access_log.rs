@@ -607,6 +607,12 @@ async fn requests_refused_before_routing_have_their_line() {
             Some("POST"),
             Some("/smuggle".to_string()),
         ),
+        // A lone CR inside the line is no line end: what follows it is logged too.
+        (
+            b"GET /ok\rinjected HTTP/1.1\r\nHost: api.test\r\n\r\n".to_vec(),
+            Some("GET"),
+            Some("/ok\rinjected".to_string()),
+        ),
         // A bare LF line end.
         (
             b"GET /bare-lf HTTP/1.1\nHost: api.test\r\n\r\n".to_vec(),
@@ -651,12 +657,12 @@ async fn requests_refused_before_routing_have_their_line() {
     }
     let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
     assert_eq!(
-        &statuses[..5],
-        [400, 400, 400, 431, 414],
+        &statuses[..6],
+        [400, 400, 400, 400, 431, 414],
         "the refusals this test means to make"
     );
-    assert!(statuses[5] >= 400 && statuses[6] >= 400, "{statuses:?}");
-    assert_eq!(&statuses[7..], [404, 200]);
+    assert!(statuses[6] >= 400 && statuses[7] >= 400, "{statuses:?}");
+    assert_eq!(&statuses[8..], [404, 200]);
 
     let got = wait_lines(&log, cases.len()).await;
     // Late lines would show here: give the writer a moment more.
@@ -693,7 +699,7 @@ async fn requests_refused_before_routing_have_their_line() {
         );
         match (i, path) {
             // The 414's path is the target as far as the line was kept.
-            (4, _) => {
+            (5, _) => {
                 let logged = line["path"].as_str().expect("a path");
                 assert!(
                     logged.starts_with("/aaaa") && logged.len() < long_target.len(),
@@ -707,7 +713,7 @@ async fn requests_refused_before_routing_have_their_line() {
                 "case {i}: {line}"
             ),
         }
-        if i < 8 {
+        if i < 9 {
             for k in ["service", "color", "upstream"] {
                 assert_eq!(line[k], Value::Null, "case {i}: {k}: {line}");
             }

@@ -294,7 +294,13 @@ pub const MAX_LOGGED_LINE: usize = 8 * 1024;
 fn request_line(head: &[u8]) -> Option<Bytes> {
     let start = head.iter().position(|b| *b != b'\r' && *b != b'\n')?;
     let rest = &head[start..];
-    let end = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+    // The line ends at LF (less the CR before it): a lone CR is no line end (RFC 9112 2.2) and
+    // stays in the line, for the log's escaping to show, not hide what follows it.
+    let end = match memchr::memchr(b'\n', rest) {
+        Some(lf) if lf > 0 && rest[lf - 1] == b'\r' => lf - 1,
+        Some(lf) => lf,
+        None => rest.len(),
+    };
     Some(Bytes::copy_from_slice(&rest[..end.min(MAX_LOGGED_LINE)]))
 }
 
