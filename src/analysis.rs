@@ -77,6 +77,15 @@ pub enum Outcome {
     Error { error: String, config: bool },
 }
 
+/// How often a trigger that stays inconclusive with the same error is logged again.
+const WARN_AGAIN: Duration = Duration::from_secs(60);
+
+/// Whether an inconclusive check's `error` is logged: the first of a run, one that differs from
+/// the last logged, or the same again [`WARN_AGAIN`] after it was.
+fn warn_due(warned: Option<&(String, Instant)>, error: &str, now: Instant) -> bool {
+    warned.is_none_or(|(said, at)| said != error || now.duration_since(*at) >= WARN_AGAIN)
+}
+
 /// The last reading of one trigger, for `/api/status` and the engine.
 #[derive(Clone, Debug, Default)]
 pub struct Last {
@@ -1204,6 +1213,8 @@ async fn trigger_task<H: Host>(app: Arc<H>, service: String, index: usize, slot:
     let Some(interval) = slot.trigger.kind.interval() else {
         return;
     };
+    // The error last logged, and when.
+    let mut warned: Option<(String, Instant)> = None;
     loop {
         let snap = app.snapshot();
         let Some(svc) = snap.service(&service).cloned() else {
@@ -1226,8 +1237,21 @@ async fn trigger_task<H: Host>(app: Arc<H>, service: String, index: usize, slot:
             return;
         }
         if let Some((text, outcome)) = evaluated {
-            if let Outcome::Error { error, .. } = &outcome {
-                tracing::warn!(service = %service, trigger = index, kind = slot.trigger.kind.name(), error = %error, "analysis check failed: the trigger is inconclusive");
+            // Said when it starts, when its error changes, and once a minute while it lasts
+            // (not at every `interval`), and when the check answers again.
+            match &outcome {
+                Outcome::Error { error, .. } => {
+                    let now = Instant::now();
+                    if warn_due(warned.as_ref(), error, now) {
+                        tracing::warn!(service = %service, trigger = index, kind = slot.trigger.kind.name(), error = %error, "analysis check failed: the trigger is inconclusive");
+                        warned = Some((error.clone(), now));
+                    }
+                }
+                _ => {
+                    if warned.take().is_some() {
+                        tracing::info!(service = %service, trigger = index, kind = slot.trigger.kind.name(), "analysis check answers again");
+                    }
+                }
             }
             let last = match slot.last.lock() {
                 Ok(mut l) => {
@@ -1342,6 +1366,34 @@ pub async fn verify(
 
 #[cfg(test)]
 mod tests {
+    /// An inconclusive trigger is logged when it starts, when its error changes and once a
+    /// minute while it lasts, not at every evaluation.
+    #[tokio::test(start_paused = true)]
+    async fn an_inconclusive_trigger_is_logged_once_a_minute() {
+        let t0 = Instant::now();
+        assert!(super::warn_due(None, "timeout", t0));
+        let said = ("timeout".to_string(), t0);
+        assert!(!super::warn_due(
+            Some(&said),
+            "timeout",
+            t0 + Duration::from_secs(1)
+        ));
+        assert!(!super::warn_due(
+            Some(&said),
+            "timeout",
+            t0 + Duration::from_secs(59)
+        ));
+        assert!(super::warn_due(
+            Some(&said),
+            "timeout",
+            t0 + Duration::from_secs(60)
+        ));
+        assert!(super::warn_due(
+            Some(&said),
+            "HTTP 503",
+            t0 + Duration::from_secs(1)
+        ));
+    }
     use super::*;
 
     /// A host with one service and one `prometheus` trigger (nothing answers its URL).
