@@ -127,7 +127,7 @@ fn chunk_ext_valid(mut ext: &[u8]) -> bool {
 }
 
 /// A token character (RFC 9110 5.6.2).
-fn is_tchar(b: u8) -> bool {
+pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 

@@ -9,6 +9,7 @@ use http::Version;
 
 use super::ConnInfo;
 use crate::http::client::ExtraFields;
+use crate::http::codec::is_tchar;
 use crate::http::headers::{
     is_x_forwarded, put_header, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
@@ -179,11 +180,6 @@ fn forwarded_elements(line: &[u8], out: &mut Vec<u8>) -> bool {
             Some(_) => return false,
         }
     }
-}
-
-/// A token's bytes (RFC 9110 5.6.2).
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// What the HTTP/1.1 client writes into the head: the request's own forwarding fields are left
