@@ -50,6 +50,14 @@ impl Recorder {
     fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.heads.lock().expect("lock"))
     }
+
+    /// The first head recorded since the last take, lowercased ("" if none); the rest dropped.
+    fn take_first_lower(&self) -> String {
+        self.take()
+            .first()
+            .map(|h| h.to_ascii_lowercase())
+            .unwrap_or_default()
+    }
 }
 
 async fn serve_raw(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>, released: Arc<AtomicUsize>) {
@@ -647,11 +655,7 @@ async fn h2_host_must_agree_with_authority_and_cookies_are_joined() {
         .body(())
         .expect("req");
     let status = h2_status(&mut c, req, true).await;
-    let heads = up.take();
-    let head = heads
-        .first()
-        .map(|h| h.to_ascii_lowercase())
-        .unwrap_or_default();
+    let head = up.take_first_lower();
     let joined = head.lines().any(|l| l == "cookie: a=1; b=2");
     if status != 200 || !joined || head.matches("cookie:").count() != 1 {
         problems.push(format!("cookies not joined ({status}): {head:?}"));
@@ -682,11 +686,7 @@ async fn h2_underscore_lookalikes_of_forwarding_fields_are_dropped() {
         .body(())
         .expect("req");
     let status = h2_status(&mut c, req, true).await;
-    let heads = up.take();
-    let head = heads
-        .first()
-        .map(|h| h.to_ascii_lowercase())
-        .unwrap_or_default();
+    let head = up.take_first_lower();
     p.stop().await;
     assert_eq!(status, 200, "{head:?}");
     assert!(head.lines().any(|l| l == "x_api_key: k"), "{head:?}");
@@ -890,11 +890,7 @@ async fn h2_cookie_crumbs_count_as_one_field() {
         crumbs = crumbs.header("cookie", format!("c{i}=v"));
     }
     let status = h2_status(&mut c, crumbs.body(()).expect("req"), true).await;
-    let heads = up.take();
-    let head = heads
-        .first()
-        .map(|h| h.to_ascii_lowercase())
-        .unwrap_or_default();
+    let head = up.take_first_lower();
     let joined: Vec<String> = (0..40).map(|i| format!("c{i}=v")).collect();
     let line = format!("cookie: {}", joined.join("; "));
     if status != 200 || head.matches("cookie:").count() != 1 || !head.lines().any(|l| l == line) {
