@@ -14,7 +14,8 @@
 //! blocked stderr never holds up a request. Lines lost to a failed write are counted there too,
 //! and a line a failed write tore is cut off again or ended before the next ([`Writer::write`]). The line is written once the response body has ended
 //! (or was abandoned): `bytes` is the body bytes handed to the client connection, `duration_ms`
-//! runs from the request head to that end. With `[log] access = "off"` there is no log, no
+//! runs from the request head to that end. A tunnel's `101` is written when the tunnel closes
+//! ([`TunnelLine`]), with the bytes it carried to the client. With `[log] access = "off"` there is no log, no
 //! entry and no request id: the request path does nothing more than before.
 //!
 //! `X-Request-Id`: a client's value is kept when it is 1 to 128 visible ASCII characters without
@@ -102,6 +103,48 @@ pub struct Routed {
     pub service: Option<Arc<Service>>,
     pub color: Option<Color>,
     pub upstream: Option<Arc<Upstream>>,
+    /// Set when the response is a tunnel's `101`: its line goes to the tunnel, written when it
+    /// closes.
+    pub tunnel: Option<ToTunnel>,
+}
+
+/// A line on its way to the tunnel that will write it.
+type Line = (Arc<AccessLog>, Box<Entry>);
+
+/// The request's side of a tunnel's line: its `101` is logged when the tunnel closes (with
+/// the bytes it carried to the client and its whole duration, as nginx and HAProxy log a
+/// WebSocket), not when the head is written.
+pub struct ToTunnel(tokio::sync::oneshot::Sender<Line>);
+
+/// The tunnel's side: writes the line it was handed when dropped, whichever way the tunnel
+/// ended (either side closed, the idle timeout, the shutdown's cut, an upgrade that failed).
+pub struct TunnelLine {
+    line: tokio::sync::oneshot::Receiver<Line>,
+    /// Bytes written to the client through the tunnel.
+    pub to_client: AtomicU64,
+}
+
+impl TunnelLine {
+    pub fn new() -> (ToTunnel, TunnelLine) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let line = TunnelLine {
+            line: rx,
+            to_client: AtomicU64::new(0),
+        };
+        (ToTunnel(tx), line)
+    }
+}
+
+impl Drop for TunnelLine {
+    fn drop(&mut self) {
+        // Closed first: a line sent after this comes back to its sender, which writes it.
+        self.line.close();
+        if let Ok((log, mut entry)) = self.line.try_recv() {
+            entry.bytes += self.to_client.load(Ordering::Relaxed);
+            entry.duration = Instant::now().saturating_duration_since(entry.start);
+            log.send(entry);
+        }
+    }
 }
 
 enum Msg {
@@ -321,25 +364,39 @@ fn hex(out: &mut [u8], mut n: u64) {
 /// (the end of the response, whether complete, failed or abandoned by the client).
 pub struct Logged<B> {
     inner: B,
-    tap: Option<(Arc<AccessLog>, Box<Entry>)>,
+    tap: Option<Line>,
+    /// A tunnel's `101`: the line goes to the tunnel when this ends, unless the server answered
+    /// something else in its place.
+    tunnel: Option<ToTunnel>,
 }
 
 impl<B> Logged<B> {
     /// No access log: the body as it is.
     pub fn off(inner: B) -> Logged<B> {
-        Logged { inner, tap: None }
+        Logged {
+            inner,
+            tap: None,
+            tunnel: None,
+        }
     }
 
     pub fn new(inner: B, log: Arc<AccessLog>, entry: Box<Entry>) -> Logged<B> {
         Logged {
             inner,
             tap: Some((log, entry)),
+            tunnel: None,
         }
     }
 
-    /// The same body, logged with `entry` when it ends.
-    pub fn with_log(mut self, log: Arc<AccessLog>, entry: Box<Entry>) -> Logged<B> {
+    /// The same body, logged with `entry` when it ends, or when its tunnel (if `tunnel`) closes.
+    pub fn with_log(
+        mut self,
+        log: Arc<AccessLog>,
+        entry: Box<Entry>,
+        tunnel: Option<ToTunnel>,
+    ) -> Logged<B> {
         self.tap = Some((log, entry));
+        self.tunnel = tunnel;
         self
     }
 }
@@ -375,7 +432,15 @@ impl<B: Replaced> Replaced for Logged<B> {
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
-        if let Some((log, mut entry)) = self.tap.take() {
+        if let Some((log, entry)) = self.tap.take() {
+            // The 101 went out: the tunnel writes the line (or hands it back, already closed).
+            let (log, mut entry) = match self.tunnel.take() {
+                Some(ToTunnel(tx)) if entry.status == 101 => match tx.send((log, entry)) {
+                    Ok(()) => return,
+                    Err(line) => line,
+                },
+                _ => (log, entry),
+            };
             entry.duration = Instant::now().saturating_duration_since(entry.start);
             log.send(entry);
         }

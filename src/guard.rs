@@ -798,28 +798,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for EndableInput<S> {
 crate::http::io::write_through!([S: AsyncWrite + Unpin] EndableInput<S>);
 
 /// Splices an upgraded client connection and its upstream together until either side closes,
-/// an error, or `idle` (when not zero) passes without a byte either way.
-pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<()>
+/// an error, or `idle` (when not zero) passes without a byte either way. `to_a` counts the
+/// bytes written to `a` as they go, so a tunnel cut at shutdown still knows what it carried.
+pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration, to_a: &AtomicU64) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    if idle.is_zero() {
-        return tokio::io::copy_bidirectional(a, b).await.map(|_| ());
-    }
-    let activity = Arc::new(AtomicU64::new(0));
+    let activity = AtomicU64::new(0);
+    let to_b = AtomicU64::new(0);
     let base = Instant::now();
     let mut a = Counted {
         io: a,
-        last: activity.clone(),
+        last: &activity,
+        wrote: to_a,
         base,
     };
     let mut b = Counted {
         io: b,
-        last: activity.clone(),
+        last: &activity,
+        wrote: &to_b,
         base,
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    if idle.is_zero() {
+        return copy.await.map(|_| ());
+    }
     tokio::pin!(copy);
     let period = (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
@@ -837,10 +841,11 @@ where
     }
 }
 
-/// One side of a tunnel, noting when bytes last moved.
+/// One side of a tunnel, noting when bytes last moved and counting the bytes written to it.
 struct Counted<'a, S> {
     io: &'a mut S,
-    last: Arc<AtomicU64>,
+    last: &'a AtomicU64,
+    wrote: &'a AtomicU64,
     base: Instant,
 }
 
@@ -873,8 +878,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut *self.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.wrote.fetch_add(n as u64, Ordering::Relaxed);
+                self.moved();
+            }
         }
         r
     }

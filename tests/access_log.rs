@@ -965,3 +965,91 @@ async fn a_101_answered_as_502_is_logged_as_502() {
     assert_eq!((by_code("502"), by_code("101")), (1.0, 0.0), "{m}");
     p.stop().await;
 }
+
+/// A WebSocket tunnel is logged when it closes, not when its `101` is written (as nginx and
+/// HAProxy log one): `bytes` is what it carried to the client (the bytes the upstream sent
+/// behind its 101 included) and `duration_ms` its whole life, whether the client closed it or
+/// the end of `shutdown_grace` cut it.
+#[tokio::test]
+async fn a_tunnel_is_logged_when_it_closes_with_the_bytes_it_carried() {
+    let up = raw_upstream(|_| {
+        Raw::Echo(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nhi"
+                .to_vec(),
+        )
+    })
+    .await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let body = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\
+         [log]\naccess = \"{}\"\n{}",
+        log.display(),
+        service("api", &[up], &[green.addr], "")
+    );
+    let p = TestProxy::start_with(&body, Some(TOKEN), Some(dir)).await;
+    // The head and the two bytes the upstream sent behind it; then `n` bytes echoed.
+    async fn open(proxy: SocketAddr, path: &str) -> tokio::net::TcpStream {
+        let mut s = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nhi") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("read timed out")
+                .expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101 "), "{got:?}");
+        s
+    }
+    async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+        s.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .expect("echo timed out")
+            .expect("echo");
+        assert_eq!(back, msg);
+    }
+
+    let mut first = open(p.proxy, "/ws/one").await;
+    echo(&mut first, b"hello").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo(&mut first, b"again").await;
+    // Open, so not logged yet (the writer writes within 10 ms of a line).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lines(&log), Vec::<String>::new());
+    drop(first);
+    let got = wait_lines(&log, 1).await;
+    let v: Value = serde_json::from_str(&got[0]).expect("JSON");
+    assert_eq!(v["path"], "/ws/one", "{v}");
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["bytes"], 2 + 5 + 5, "{v}");
+    assert!(v["duration_ms"].as_f64().expect("duration") >= 500.0, "{v}");
+    assert_eq!(v["upstream"], up.to_string(), "{v}");
+
+    // Still open at the end of the grace: cut, and logged with what it carried.
+    let mut second = open(p.proxy, "/ws/two").await;
+    echo(&mut second, b"abc").await;
+    let dir = p.stop().await;
+    let got = wait_lines(&log, 2).await;
+    let v: Value = serde_json::from_str(&got[1]).expect("JSON");
+    assert_eq!(v["path"], "/ws/two", "{v}");
+    assert_eq!(
+        (v["status"].clone(), v["bytes"].clone()),
+        (101.into(), 5.into()),
+        "{v}"
+    );
+    assert!(v["duration_ms"].as_f64().expect("duration") >= 900.0, "{v}");
+    drop(second);
+    drop(dir);
+}

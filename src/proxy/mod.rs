@@ -440,7 +440,7 @@ async fn logged(
     entry.color = routed.color;
     entry.upstream = routed.upstream;
     let log = log.clone();
-    resp.map(|body| body.with_log(log, entry))
+    resp.map(|body| body.with_log(log, entry, routed.tunnel))
 }
 
 /// The request target as received, for the access log: an HTTP/1 absolute-form target whole
@@ -519,7 +519,7 @@ async fn route_and_forward(
         Some(Ok(resp)) => Ok(resp),
     };
     // The access log names the upstream that answered (or failed last), as the stats do.
-    if let Some(r) = routed {
+    if let Some(r) = routed.as_deref_mut() {
         r.upstream = Some(up.clone());
     }
     // 5. Finish: record and answer.
@@ -535,11 +535,11 @@ async fn route_and_forward(
     finish(
         proxy,
         &route.svc,
-        route.tunnel_idle,
         outcome,
         result,
         rewritten,
         conn,
+        routed,
     )
 }
 
@@ -584,6 +584,8 @@ struct Rewritten {
     upgrade: Option<HeaderValue>,
     /// The client's connection once upgraded, when it may be (an HTTP/1 connection).
     client_upgrade: Option<OnUpgrade>,
+    /// The route's `tunnel_idle_timeout`, for that tunnel.
+    tunnel_idle: Duration,
     /// For the critical-path counters (none when the pool has no critical paths) and h2.
     path: Option<PathAndQuery>,
     /// The client sent no Host (HTTP/1.0): the one upstream gets is its own address, so a
@@ -738,6 +740,7 @@ fn rewrite(
     Ok(Rewritten {
         upgrade,
         client_upgrade,
+        tunnel_idle: route.tunnel_idle,
         path,
         host_from_upstream,
         fields_to_map,
@@ -750,11 +753,11 @@ fn rewrite(
 fn finish(
     proxy: &Proxy,
     svc: &Service,
-    tunnel_idle: Duration,
     outcome: Outcome,
     result: Result<Response<UpstreamBody>, ProxyError>,
     rewritten: Rewritten,
     conn: &Arc<ConnInfo>,
+    routed: Option<&mut Routed>,
 ) -> Response<ServedBody> {
     let end = Instant::now();
     let elapsed = end - outcome.start;
@@ -788,7 +791,14 @@ fn finish(
         .is_some_and(|u| validate::upgrade_matches(u, resp.headers()));
     let error = match rewritten.client_upgrade {
         Some(client_side) if asked => {
-            let resp = tunnel::tunnel(&proxy.tunnels, tunnel_idle, resp, client_side, conn.clone());
+            let resp = tunnel::tunnel(
+                &proxy.tunnels,
+                rewritten.tunnel_idle,
+                resp,
+                client_side,
+                conn.clone(),
+                routed,
+            );
             // Recorded when the server is done with it: as the 101, or as the 502 the server
             // answers in its place when the request body was not all read ([`Replaced`]).
             return recorded(resp, outcome, elapsed);

@@ -2,6 +2,7 @@
 //! connections spliced together until either side closes or `tunnel_idle_timeout` passes.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,22 +13,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ConnInfo, UpstreamBody};
+use crate::access_log::{Routed, TunnelLine};
 use crate::http::server::OnUpgrade;
 
 /// Answers 101 to the client and splices both upgraded connections together. The tunnel stays
-/// on the upstream (and so the color) where it began, whatever flips happen meanwhile.
+/// on the upstream (and so the color) where it began, whatever flips happen meanwhile. With
+/// the access log on (`routed`), the tunnel writes the request's line when it closes.
 pub(super) fn tunnel(
     tunnels: &Tunnels,
     idle: Duration,
     mut upstream_resp: Response<UpstreamBody>,
     client_side: OnUpgrade,
     conn: Arc<ConnInfo>,
+    routed: Option<&mut Routed>,
 ) -> Response<UpstreamBody> {
     // The connection now belongs to the tunnel, never to the pool.
     let upstream_side = upstream_resp.body_mut().take_upgraded();
+    let line = routed.map(|r| {
+        let (to_tunnel, line) = TunnelLine::new();
+        r.tunnel = Some(to_tunnel);
+        line
+    });
     tunnels.spawn(async move {
         // The tunnel is still a client connection: it keeps its `max_connections` slot.
         let _conn = conn;
+        let to_client = AtomicU64::new(0);
+        let to_client = line.as_ref().map_or(&to_client, |l| &l.to_client);
         let Some((mut upstream, early)) = upstream_side else {
             return;
         };
@@ -39,10 +50,13 @@ pub(super) fn tunnel(
             }
         };
         // Bytes the upstream sent right behind its 101 head belong to the tunnel.
-        if !early.is_empty() && client.write_all(&early).await.is_err() {
-            return;
+        if !early.is_empty() {
+            if client.write_all(&early).await.is_err() {
+                return;
+            }
+            to_client.fetch_add(early.len() as u64, Ordering::Relaxed);
         }
-        if let Err(e) = crate::guard::splice(&mut client, &mut upstream, idle).await {
+        if let Err(e) = crate::guard::splice(&mut client, &mut upstream, idle, to_client).await {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
     });
