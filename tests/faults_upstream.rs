@@ -1936,3 +1936,47 @@ async fn every_refused_attempt_counts_against_the_upstream_whatever_the_pool_s_s
     );
     p.stop().await;
 }
+
+/// An upstream that closes each connection right after its answer, without `Connection:
+/// close`: the pooled connection is already closed when the next request comes. A GET would
+/// be sent again on a fresh one; a POST cannot be, so before one goes on a pooled connection
+/// the kernel is asked whether it is still open, and every POST is answered. (The race itself,
+/// a FIN the reactor has not seen yet, is made in the unit test
+/// `a_sure_checkout_sees_a_fin_the_reactor_has_not`.)
+#[tokio::test]
+async fn a_post_never_goes_on_a_connection_the_upstream_has_closed() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    let closer = raw_upstream(move |_| {
+        seen2.fetch_add(1, Ordering::SeqCst);
+        Raw::Close(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
+    })
+    .await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[closer], &[green.addr], "")).await;
+    const POST: &[u8] = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n";
+    let mut answers = String::new();
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(p.proxy)
+            .await
+            .expect("connect");
+        c.write_all(&[POST, POST].concat()).await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.windows(2).filter(|w| w == b"ok").count() < 2 {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        answers.push_str(&String::from_utf8_lossy(&got));
+    }
+    let statuses: Vec<&str> = answers
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|a| a.get(..3).unwrap_or(a))
+        .collect();
+    assert_eq!(statuses, vec!["200"; 200], "{answers}");
+    assert_eq!(seen.load(Ordering::SeqCst), 200);
+    p.stop().await;
+}

@@ -413,11 +413,14 @@ impl Conn {
     /// A non-blocking read: an idle connection must have nothing to say. A FIN (0) or stray
     /// bytes mean it cannot carry another request.
     ///
-    /// tokio answers from its cached readiness, which misses a FIN the reactor has not seen yet.
-    /// A connection idle for a while (where an upstream's keep-alive timeout strikes) asks the
-    /// kernel directly instead, with one `MSG_PEEK`; busy ones skip that syscall.
-    fn still_open(&self, long_idle: bool) -> bool {
-        if long_idle {
+    /// tokio answers from its cached readiness, which misses a FIN the reactor has not seen yet
+    /// (an upstream that closes right after a response without saying so). `ask_kernel`: a
+    /// connection idle for a while (where an upstream's keep-alive timeout strikes), or one
+    /// for a request that could not be sent again, asks the kernel directly instead, with one
+    /// `MSG_PEEK`; a busy connection for a retryable request skips that syscall (a stale one
+    /// costs it a retry, not an error).
+    fn still_open(&self, ask_kernel: bool) -> bool {
+        if ask_kernel {
             let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
             return matches!(
                 socket2::SockRef::from(&self.io).peek(&mut probe),
@@ -518,8 +521,11 @@ impl ConnPool {
                 body,
             }),
         };
+        // A request that cannot be sent again should its pooled connection turn out closed
+        // (not idempotent, or with a body) asks the kernel whether it is still open.
+        let sure = !idempotent || !body.is_end_stream();
         loop {
-            let (conn, reused) = match self.checkout() {
+            let (conn, reused) = match self.checkout(sure) {
                 Some(c) => (c, true),
                 // Boxed: the connect future is large and rarely run; inline, it would sit in every
                 // connection's request future (the server keeps one per client connection).
@@ -559,9 +565,11 @@ impl ConnPool {
         }
     }
 
-    fn checkout(&self) -> Option<Conn> {
+    /// An idle connection that is still open; `sure`: checked with the kernel, not only with
+    /// tokio's cached readiness (see [`Conn::still_open`]).
+    fn checkout(&self, sure: bool) -> Option<Conn> {
         while let Some(conn) = self.idle.pop().or_else(|| self.take_overflow()) {
-            if self.reusable(&conn) {
+            if self.reusable(&conn, sure) {
                 return Some(conn);
             }
         }
@@ -784,7 +792,7 @@ impl ConnPool {
                 break;
             };
             between();
-            if self.reusable(&conn) {
+            if self.reusable(&conn, false) {
                 if let Err(conn) = self.idle.push(conn) {
                     displaced.push(conn);
                 }
@@ -799,7 +807,7 @@ impl ConnPool {
             let Some(conn) = self.overflow.pop() else {
                 break;
             };
-            if !self.reusable(&conn) {
+            if !self.reusable(&conn, false) {
                 unneeded = unneeded.saturating_sub(1);
                 continue;
             }
@@ -819,12 +827,12 @@ impl ConnPool {
         }
     }
 
-    fn reusable(&self, conn: &Conn) -> bool {
+    fn reusable(&self, conn: &Conn, sure: bool) -> bool {
         let idle_for = conn.since.map(|t| t.elapsed());
         if idle_for.is_some_and(|d| d > self.idle_timeout) {
             return false;
         }
-        conn.still_open(idle_for.is_some_and(|d| d > PEEK_AFTER_IDLE))
+        conn.still_open(sure || idle_for.is_some_and(|d| d > PEEK_AFTER_IDLE))
     }
 
     fn put_back(&self, mut conn: Conn) {
@@ -2052,6 +2060,35 @@ where
 mod tests {
     use super::*;
     use crate::http::headers::trailer_allowed;
+
+    /// A FIN that arrives while the worker is busy is not in tokio's cached readiness until the
+    /// reactor looks again: a checkout for a request that cannot be sent again (`sure`) asks
+    /// the kernel, and never hands out that closed connection.
+    #[tokio::test]
+    async fn a_sure_checkout_sees_a_fin_the_reactor_has_not() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pool = ConnPool::new(addr, 2, Duration::from_secs(5), Duration::from_secs(60));
+        let conn = pool.connect().await.expect("connect");
+        let (mut upstream, _) = listener.accept().await.expect("accept");
+        // A response read whole, the read after it finding nothing: readiness cleared.
+        tokio::io::AsyncWriteExt::write_all(&mut upstream, b"x")
+            .await
+            .expect("write");
+        conn.io.readable().await.expect("readable");
+        let mut buf = [0u8; 8];
+        assert_eq!(conn.io.try_read(&mut buf).expect("read"), 1);
+        assert!(conn.io.try_read(&mut buf).is_err());
+        pool.put_back(conn);
+        // The upstream closes; nothing below yields to the reactor (one thread).
+        drop(upstream);
+        assert!(
+            pool.checkout(true).is_none(),
+            "a closed connection was handed out"
+        );
+    }
 
     /// A reap takes each idle connection out to check it and puts it back; a `put_back` that
     /// fills its slot meanwhile (the pool at `upstream_max_idle`) must not get it closed: it

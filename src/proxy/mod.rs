@@ -532,15 +532,7 @@ async fn route_and_forward(
         live: conn.mode == Mode::Live,
         generation: route.svc.state.generation,
     };
-    finish(
-        proxy,
-        &route.svc,
-        outcome,
-        result,
-        rewritten,
-        conn,
-        routed,
-    )
+    finish(proxy, &route.svc, outcome, result, rewritten, conn, routed)
 }
 
 /// The request's host (for routing and `X-Forwarded-Host`): the value, and the length of its
