@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
@@ -523,6 +523,10 @@ pub struct Clients {
     pub probe_h2: Client<HttpConnector, Empty<Bytes>>,
 }
 
+/// The most of a health check's or smoke test's response body read before its connection is
+/// dropped.
+const MAX_PROBE_BODY: usize = 64 * 1024;
+
 impl Clients {
     pub fn new(cfg: &ProxyConfig) -> Clients {
         // An upstream a reload removes is probed no more: its kept-alive probe connection closes
@@ -557,7 +561,8 @@ impl Clients {
             Protocol::Http1 => &self.probe,
             Protocol::H2 => &self.probe_h2,
         };
-        match tokio::time::timeout(timeout, client.request(req)).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => Err(format!(
                 "timed out after {}",
                 humantime::format_duration(timeout)
@@ -566,11 +571,20 @@ impl Clients {
             Ok(Err(e)) => Err(format!("request failed: {e}")),
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                // Drain the body so the connection can be reused.
-                let _ = tokio::time::timeout(
-                    timeout,
-                    http_body_util::BodyExt::collect(resp.into_body()),
-                )
+                // The status decides. The body is read and dropped as it comes, so that the
+                // connection can be reused: at most `MAX_PROBE_BODY` within what is left of
+                // `timeout`; a longer or slower one (an endless stream on the health path)
+                // costs its connection, never memory.
+                let mut body = resp.into_body();
+                let _ = tokio::time::timeout_at(deadline, async {
+                    let mut read = 0;
+                    while let Some(Ok(frame)) = body.frame().await {
+                        read += frame.data_ref().map_or(0, Bytes::len);
+                        if read > MAX_PROBE_BODY {
+                            return;
+                        }
+                    }
+                })
                 .await;
                 Ok(status)
             }

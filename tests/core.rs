@@ -2449,3 +2449,57 @@ async fn reset_state_keeps_a_readable_state_file() {
         "a readable state file was moved aside: {moved:?}"
     );
 }
+
+/// A health path that answers 200 with an endless body: the status decides (healthy), and the
+/// check reads at most 64 KiB of the body before it drops the connection, rather than holding
+/// what streams in until its `timeout` (a gigabyte a second on loopback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_never_reads_an_endless_body_to_its_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut sent = 0usize;
+                while s.write_all(&chunk).await.is_ok() {
+                    sent += chunk.len();
+                }
+                let _ = closed_tx.send(sent);
+            });
+        }
+    });
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service(
+        "api",
+        &[addr],
+        &[green.addr],
+        "[services.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"30s\"\n\
+         unhealthy_after = 1\nhealthy_after = 1\n",
+    ))
+    .await;
+    let sent = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv())
+        .await
+        .expect("the check held the endless body open")
+        .expect("sent");
+    assert!(sent > 64 * 1024, "{sent}");
+    assert_eq!(color_healthy(&p, "api", "blue").await, Some(true));
+    p.stop().await;
+    server.abort();
+}
