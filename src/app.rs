@@ -1857,28 +1857,52 @@ impl App {
                 self.apply_read(read).await;
             }
         }
-        let snap = self.snapshot();
-        let svc = service_of(&snap, name)?;
         let word = if paused { "paused" } else { "resumed" };
-        if svc.state.paused == paused {
-            return Ok(format!("automatic rollback of {name} is already {word}"));
+        let already = || format!("automatic rollback of {name} is already {word}");
+        let mut lost = None;
+        for _ in 0..3 {
+            let snap = self.snapshot();
+            let svc = service_of(&snap, name)?;
+            if svc.state.paused == paused {
+                return Ok(already());
+            }
+            let mut state = svc.state.clone();
+            state.paused = paused;
+            let mut changed = HashMap::new();
+            changed.insert(
+                name.to_string(),
+                Arc::new(svc.with_state(state, svc.flipped_at)),
+            );
+            let reason = if paused {
+                Reason::Pause
+            } else {
+                Reason::Resume
+            };
+            let ev = Event::new(name, reason, actor, format!("automatic rollback {word}"))
+                .generation(svc.state.generation);
+            match self.commit(&snap, changed, vec![ev]).await {
+                Ok(()) => return Ok(format!("automatic rollback of {name} {word}")),
+                // Lost the compare: `commit` applied what etcd holds. Another replica that
+                // paused (or resumed) first left what was asked: nothing to do, no conflict
+                // (as a flip another replica made first). Lost to a rewrite of the very state
+                // this was decided on: sent again. Anything else changed: the conflict.
+                Err(ChangeError::Conflict(why)) => {
+                    let now = self.snapshot();
+                    let cur = service_of(&now, name)?;
+                    if cur.state.paused == paused {
+                        return Ok(already());
+                    }
+                    if cur.state != svc.state {
+                        return Err(ChangeError::Conflict(why));
+                    }
+                    lost = Some(why);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let mut state = svc.state.clone();
-        state.paused = paused;
-        let mut changed = HashMap::new();
-        changed.insert(
-            name.to_string(),
-            Arc::new(svc.with_state(state, svc.flipped_at)),
-        );
-        let reason = if paused {
-            Reason::Pause
-        } else {
-            Reason::Resume
-        };
-        let ev = Event::new(name, reason, actor, format!("automatic rollback {word}"))
-            .generation(svc.state.generation);
-        self.commit(&snap, changed, vec![ev]).await?;
-        Ok(format!("automatic rollback of {name} {word}"))
+        Err(ChangeError::Conflict(lost.unwrap_or_else(|| {
+            format!("{name} kept changing; re-read the status and retry")
+        })))
     }
 
     /// Makes `next` the routing snapshot, its live pools marked live first

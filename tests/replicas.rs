@@ -121,6 +121,49 @@ async fn a_flip_on_one_replica_reaches_all_and_concurrent_flips_have_one_winner(
     }
 }
 
+/// Replicas pausing (or resuming) the same service at once all get what they asked for: one
+/// stores it, the others find it already done once they have lost the compare (200 "already
+/// paused", as a flip another replica made first is nothing to do), never a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_pausing_at_once_all_answer_paused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    etcd.wait_ready().await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let ps = replicas(&etcd, &blue, &green, 3).await;
+    assert!(converged(&ps, "blue", 0, 10).await);
+    for round in 0..4 {
+        for (action, paused) in [("pause", true), ("resume", false)] {
+            let calls = ps.iter().map(|p| {
+                let (admin, path) = (p.admin, format!("/api/services/api/{action}"));
+                async move { admin_post(admin, &path, Some(TOKEN), None).await }
+            });
+            let results = futures_join(calls).await;
+            assert!(
+                results.iter().all(|(s, _)| *s == 200),
+                "round {round}, {action}: {results:?}"
+            );
+            let agreed = eventually(10, || async {
+                for p in &ps {
+                    if p.service_status("api").await["paused"] != paused {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+            assert!(
+                agreed,
+                "round {round}: not every replica shows paused = {paused}"
+            );
+        }
+    }
+    for p in ps {
+        p.stop().await;
+    }
+}
+
 async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
     F: std::future::Future + Send + 'static,
