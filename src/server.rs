@@ -718,7 +718,6 @@ async fn serve_proxy(
     // h2 connections get a GOAWAY at shutdown; HTTP/1 connections close once idle.
     let graceful = GracefulShutdown::new();
     let conns = TaskTracker::new();
-    let grace = app.snapshot().config.proxy.shutdown_grace;
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -815,6 +814,8 @@ async fn serve_proxy(
         }
     }
     drop(listener);
+    // Read now: a reload may have changed it since the listener started.
+    let grace = app.snapshot().config.proxy.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     conns.close();
     let open = conns.len();

@@ -740,3 +740,34 @@ async fn a_changed_active_is_not_applied_by_reload_nor_by_restart() {
     assert_eq!(p.get("/").await, (200, "blue\n".to_string()));
     p.stop().await;
 }
+
+/// `shutdown_grace` changed by a reload is the one the next SIGTERM gives in-flight requests
+/// (it was read once, when the listener started: a longer grace set for long requests cut
+/// them at the old one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_shutdown_grace_is_the_one_sigterm_uses() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let s = Served::start(&service("api", &[blue.addr], &[green.addr], ""), &[]).await;
+    let config = s._dir.path().join("switchyard.toml");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    assert!(text.contains("shutdown_grace = \"2s\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"30s\""),
+    )
+    .expect("write config");
+    let (code, v) = admin_post(s.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(code, 200, "{v}");
+    // Longer than the old grace, well inside the new one.
+    blue.set_delay(4000);
+    let proxy = s.proxy;
+    let slow = tokio::spawn(async move { try_get(proxy, "/slow").await });
+    assert!(eventually(5, || async { blue.hits() > 0 }).await);
+    let log = s.stop().await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the slow request was left hanging")
+        .expect("join");
+    assert_eq!(answer, Some((200, "blue\n".to_string())), "{log}");
+}
