@@ -45,6 +45,8 @@ use crate::app::App;
 use crate::state::ServiceState;
 
 const HELLO: &[u8] = b"switchyard-upgrade 1\n";
+/// Why an upgrade in place is refused where the running Switchyard is PID 1.
+const PID_1: &str = "the running Switchyard is PID 1 (a container without an init): once it has handed over and drained, its exit ends the container and the new process with it; upgrade by replacing the container (a rolling update), or run it under an init (`docker run --init`, tini) to upgrade in place";
 const READY: &[u8] = b"ready\n";
 /// The old process's answer to "ready": it stops accepting and drains; this one serves.
 const GO: &[u8] = b"go\n";
@@ -393,11 +395,20 @@ fn connect_patiently(path: &Path, wait: Duration) -> std::io::Result<UnixStream>
 /// Blocking: runs before the runtime starts.
 pub fn request(path: &Path) -> anyhow::Result<Inherited> {
     let mut s = connect_patiently(path, TAKEOVER_BIND_WAIT).with_context(|| {
+        let relative = match std::env::current_dir() {
+            Ok(cwd) if path.is_relative() => {
+                format!(" (relative to the working directory {})", cwd.display())
+            }
+            _ => String::new(),
+        };
         format!(
-            "proxy.upgrade_socket: no running Switchyard answers at {} (start without --upgrade)",
+            "proxy.upgrade_socket: no running Switchyard answers at {}{relative} (start without --upgrade)",
             path.display()
         )
     })?;
+    if rustix::net::sockopt::socket_peercred(&s).is_ok_and(|c| c.pid.is_init()) {
+        anyhow::bail!("{PID_1}");
+    }
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(HELLO)?;
@@ -604,6 +615,12 @@ impl Handover {
                     continue;
                 }
             };
+            // As PID 1, this process's exit would take the new one with it (the new one refuses
+            // too: this is for one that does not know).
+            if std::process::id() == 1 {
+                tracing::error!("upgrade refused: {PID_1}");
+                continue;
+            }
             // No flip may land between the new process reading the live state and this one
             // stopping: it would be answered here and never served there.
             let freeze = app.freeze_changes().await;
@@ -851,8 +868,20 @@ fn is_executable(p: &Path) -> bool {
 /// `deploy/systemd/switchyard.service`). The child takes the sockets over as `serve --upgrade`
 /// does; if it fails, this process keeps serving and logs its exit status.
 pub fn spawn_successor(config: &Path, log_format_json: bool) {
+    if std::process::id() == 1 {
+        tracing::error!("upgrade on SIGUSR2 refused: {PID_1}");
+        return;
+    }
+    // One successor at a time: a second SIGUSR2 while one starts (or serves, this process
+    // draining) would start a process that can only fail.
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        tracing::warn!("upgrade on SIGUSR2 ignored: the new process started by an earlier one is still running");
+        return;
+    }
     let exe = STARTED_FROM.get_or_init(started_from).clone();
     let Some(exe) = exe else {
+        STARTED.store(false, std::sync::atomic::Ordering::Release);
         tracing::error!("upgrade on SIGUSR2: cannot tell which binary to start");
         return;
     };
@@ -878,9 +907,11 @@ pub fn spawn_successor(config: &Path, log_format_json: bool) {
                         tracing::error!(error = %e, "upgrade on SIGUSR2: cannot wait for the new process")
                     }
                 }
+                STARTED.store(false, std::sync::atomic::Ordering::Release);
             });
         }
         Err(e) => {
+            STARTED.store(false, std::sync::atomic::Ordering::Release);
             tracing::error!(binary = %exe.display(), error = %e, "upgrade on SIGUSR2: cannot start the new process")
         }
     }

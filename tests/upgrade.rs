@@ -345,6 +345,34 @@ async fn upgrade_without_a_running_process_fails_and_says_where() {
         err.contains("proxy.upgrade_socket") && err.contains("state.upgrade.sock"),
         "{err}"
     );
+    // A relative path (the shipped config's `state/switchyard.json`) is resolved against the
+    // working directory, which the message names: run from elsewhere, it finds nobody.
+    let relative = std::fs::read_to_string(&cfg).expect("read config").replace(
+        &format!("{}", dir.path().join("state.json").display()),
+        "state.json",
+    );
+    std::fs::write(&cfg, relative).expect("write config");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--upgrade",
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "at state.upgrade.sock (relative to the working directory {})",
+            dir.path().display()
+        )),
+        "{err}"
+    );
 }
 
 /// SIGUSR2 to the running process starts the binary again with `--upgrade` (in the same
@@ -1267,4 +1295,131 @@ async fn an_upgrade_during_a_resolver_outage_keeps_the_old_process_s_addresses()
     );
     let _ = new.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
+}
+
+/// Where Switchyard is PID 1 (a container without an init: the image's `ENTRYPOINT`), an
+/// upgrade in place would end the service: the old process drains and exits, and the kernel
+/// ends its PID namespace with it, the new process included. So it is refused, saying why, and
+/// the running process serves on: on SIGUSR2, to a `serve --upgrade` from outside the
+/// namespace (the old process refuses), and to one inside it (`docker exec`: the new process
+/// sees that it would take over from PID 1 and refuses first). The namespace is the test's own
+/// (`unshare --user --map-root-user --pid --fork`), ended with its PID 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "workers = 1\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let log = dir.path().join("pid1.log");
+    let mut ns = tokio::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--pid", "--fork"])
+        .arg(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare (util-linux) runs");
+    assert!(
+        healthz_within(admin, 15).await,
+        "did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Its PID outside the namespace: the child unshare forked.
+    let unshare_pid = ns.id().expect("pid");
+    let children =
+        std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+            .expect("children");
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("a child")
+        .to_string();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let sent = std::process::Command::new("kill")
+        .args(["-USR2", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    assert!(
+        eventually(10, || async {
+            log_text().contains("upgrade on SIGUSR2 refused: the running Switchyard is PID 1")
+        })
+        .await,
+        "{}",
+        log_text()
+    );
+
+    let outside = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--upgrade",
+        ])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), outside)
+        .await
+        .expect("the refused process did not exit")
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        eventually(10, || async {
+            log_text().contains("upgrade refused: the running Switchyard is PID 1")
+        })
+        .await,
+        "{}",
+        log_text()
+    );
+
+    let inside = tokio::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &pid,
+            "--user",
+            "--pid",
+            "--preserve-credentials",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--upgrade",
+        ])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), inside)
+        .await
+        .expect("the refused process did not exit")
+        .expect("nsenter (util-linux) runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the running Switchyard is PID 1") && err.contains("--init"),
+        "{err}"
+    );
+
+    // It serves on, untouched.
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    assert!(ns.try_wait().expect("wait").is_none(), "{}", log_text());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let st = tokio::time::timeout(Duration::from_secs(20), ns.wait())
+        .await
+        .expect("exit")
+        .expect("wait");
+    assert!(st.success(), "{}", log_text());
 }
