@@ -967,7 +967,7 @@ async fn admin_bearer_scheme_is_case_insensitive() {
     p.stop().await;
 }
 
-/// `/healthz` and `/metrics` take GET and HEAD; another method is 405 with `Allow`, as on the
+/// `/healthz`, `/readyz` and `/metrics` take GET and HEAD; another method is 405 with `Allow`, as on the
 /// other admin paths, and is not taken for an unknown path.
 #[tokio::test]
 async fn admin_healthz_and_metrics_answer_405_to_other_methods() {
@@ -980,6 +980,7 @@ async fn admin_healthz_and_metrics_answer_405_to_other_methods() {
         ("POST", "/healthz"),
         ("DELETE", "/metrics"),
         ("PATCH", "/metrics"),
+        ("POST", "/readyz"),
     ] {
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -993,7 +994,8 @@ async fn admin_healthz_and_metrics_answer_405_to_other_methods() {
             .map(|(_, v)| v.as_str());
         assert_eq!(allow, Some("GET, HEAD"), "{method} {path}: {headers:?}");
     }
-    for path in ["/metrics", "/healthz"] {
+    // The file backend's state is the state: ready as soon as it serves.
+    for path in ["/metrics", "/healthz", "/readyz"] {
         for method in ["GET", "HEAD"] {
             let req =
                 format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");

@@ -960,10 +960,18 @@ async fn a_replica_restarted_during_an_outage_serves_the_fleet_color() {
     let st = a.status().await;
     assert_eq!(st["state"]["source"], "cache", "{st}");
     assert_eq!(active_of(&a, "api").await, ("green".to_string(), 1));
-    // A replica without a cache can only serve the config's colors, and says so.
+    // Serving the last state it saw: ready.
+    assert_eq!(get(a.admin, "/readyz").await, (200, "ready".to_string()));
+    // A replica without a cache can only serve the config's colors, and says so; it is alive
+    // but not ready (a new pod during an outage must not take traffic to a color the fleet
+    // may have rolled back from).
     let fresh = TestProxy::start(&body).await;
     assert_eq!(fresh.status().await["state"]["source"], "config");
     assert_eq!(fresh.get("/x").await, (200, "blue\n".to_string()));
+    assert_eq!(get(fresh.admin, "/healthz").await.0, 200);
+    let (code, why) = get(fresh.admin, "/readyz").await;
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("config's colors"), "{why}");
 
     etcd.spawn();
     etcd.wait_ready().await;
@@ -975,6 +983,10 @@ async fn a_replica_restarted_during_an_outage_serves_the_fleet_color() {
         assert!(back, "replica did not go back to etcd");
     }
     assert!(converged(&[&a, &b, &fresh], "green", 1, 10).await);
+    assert_eq!(
+        get(fresh.admin, "/readyz").await,
+        (200, "ready".to_string())
+    );
     a.stop().await;
     b.stop().await;
     fresh.stop().await;

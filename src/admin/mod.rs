@@ -259,6 +259,21 @@ async fn handle(
                 plain(StatusCode::OK, "ok")
             }
         }
+        // Readiness (an extension): as `/healthz`, and not while the live colors are only the
+        // config's guess (etcd has not answered since the start and there was no cached
+        // state), which after a rollback is often the bad release.
+        ("GET" | "HEAD", "/readyz") => {
+            return if app.shutdown.is_cancelled() {
+                plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            } else if app.state_source() == crate::app::StateSource::Config {
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: etcd has not answered since the start and there was no cached state; serving the config's colors",
+                )
+            } else {
+                plain(StatusCode::OK, "ready")
+            }
+        }
         ("GET" | "HEAD", "/metrics") => {
             let body = metrics_text(app).await;
             return with_type(
@@ -267,7 +282,7 @@ async fn handle(
                 "text/plain; version=0.0.4; charset=utf-8",
             );
         }
-        (_, "/healthz" | "/metrics") => return method_not_allowed("GET, HEAD"),
+        (_, "/healthz" | "/readyz" | "/metrics") => return method_not_allowed("GET, HEAD"),
         _ => {}
     }
     // A request with the right token is no rebinding attack (a page cannot know the token):
