@@ -768,8 +768,10 @@ impl App {
     /// transaction); when another replica wrote it back first, what it wrote is served, unless it
     /// is a write-back of a lower generation, which is replaced with ours. So every
     /// replica converges on one state, and one started later reads it. A state of generation 0
-    /// (the config's color, never changed) is not written: every replica serves it for an absent
-    /// key anyway. Returns those that could not be written (etcd refused or did not answer):
+    /// (the config's color, never changed: a service etcd has never held) is written too, so
+    /// that the first replica's color is the fleet's: a replica started later with another
+    /// `active` in its config (a rolling config change) serves what etcd holds, as the file
+    /// backend serves what its file holds. Returns those that could not be written (etcd refused or did not answer):
     /// [`App::follow_remote`] tries them again on a growing wait, and at the next full read.
     async fn restore_absent(&self, names: Vec<String>) -> Vec<String> {
         let mut failed = Vec::new();
@@ -786,13 +788,15 @@ impl App {
             let Some(svc) = snap.service(&name) else {
                 continue;
             };
-            if svc.state.generation == 0 {
-                continue;
-            }
             match etcd.create_if_absent(&name, &svc.state).await {
                 Ok(WriteBack::Unreadable) => tracing::warn!(
                     service = %name,
                     "the service's key was written meanwhile with a value that is not a state; left as it is, not written back (fix or delete it); this replica keeps serving its state"
+                ),
+                Ok(WriteBack::Written) if svc.state.generation == 0 => tracing::info!(
+                    service = %name,
+                    active = %svc.state.active,
+                    "a service etcd did not hold yet is written to it at the color served"
                 ),
                 Ok(WriteBack::Written) => tracing::warn!(
                     service = %name,

@@ -1057,3 +1057,47 @@ async fn an_event_two_replicas_record_once_at_the_same_moment_is_stored_once() {
         p.stop().await;
     }
 }
+
+/// A service etcd has never held is written to it (generation 0, the config's color) by the
+/// first replica that reads etcd: a replica started later whose config says another `active`
+/// (a rolling config change, or a restart after one) serves what the fleet serves, not its
+/// own config's color at a generation 0 no alert can tell apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_never_flipped_is_served_at_one_color_whatever_each_config_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(&dir.path().join("etcd")).await;
+    etcd.wait_ready().await;
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let body = |active: &str| {
+        etcd_state(
+            &etcd.endpoint(),
+            "/sy-gen0/",
+            &service(
+                "api",
+                &[blue.addr],
+                &[green.addr],
+                &format!("active = \"{active}\""),
+            ),
+        )
+    };
+    let a = TestProxy::start(&body("blue")).await;
+    assert_eq!(active_of(&a).await, ("blue".to_string(), 0));
+    // The first full read writes it.
+    let key = "/sy-gen0/services/api";
+    let written = eventually(10, || async {
+        let v = etcd.call("/v3/kv/range", json!({ "key": b64(key) })).await;
+        v["kvs"].as_array().is_some_and(|k| !k.is_empty())
+    })
+    .await;
+    assert!(written, "the generation-0 state was not written to etcd");
+    let b = TestProxy::start(&body("green")).await;
+    let agreed = eventually(10, || async {
+        active_of(&b).await == ("blue".to_string(), 0)
+    })
+    .await;
+    assert!(agreed, "{:?}", active_of(&b).await);
+    assert_eq!(b.get("/x").await, (200, "blue\n".to_string()));
+    a.stop().await;
+    b.stop().await;
+}
