@@ -330,8 +330,25 @@ fn version_refusal(buf: &[u8]) -> Refused {
                 ..bad("unsupported HTTP version\n")
             }
         }
+        // The line ends in a well-formed version all the same: the third word was not it, so
+        // the target holds a space (`GET /a b HTTP/1.1`).
+        _ if last_word(buf).is_some_and(well_formed_version) => bad("invalid request target\n"),
         _ => bad("unsupported HTTP version\n"),
     }
+}
+
+/// The request line's last word (after its last space), without the line end.
+fn last_word(buf: &[u8]) -> Option<&[u8]> {
+    let (at, rest) = request_version(buf);
+    let end = at + rest.len();
+    let start = buf[..end].iter().rposition(|b| *b == b' ')? + 1;
+    Some(&buf[start..end])
+}
+
+/// `HTTP/x.y` with one digit each side.
+fn well_formed_version(v: &[u8]) -> bool {
+    matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+        if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
 /// [`version_refusal`] for `HTTP/1.2` to `HTTP/1.9`, which [`parse_head`] reads again as 1.1.
@@ -1729,6 +1746,42 @@ impl<H: Handler> Conn<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a request line httparse refused at its version is answered: the version's fault,
+    /// or, where the line ends in a well-formed version, the target's (a space in it).
+    #[test]
+    fn a_version_refusal_names_what_is_wrong() {
+        for (line, status, why) in [
+            (
+                &b"GET /a b HTTP/1.1\r\n"[..],
+                400,
+                "invalid request target\n",
+            ),
+            (
+                b"GET http://b.exa mple/ HTTP/1.1\r\n",
+                400,
+                "invalid request target\n",
+            ),
+            (
+                b"\r\nGET /a b HTTP/1.0\r\n",
+                400,
+                "invalid request target\n",
+            ),
+            (b"GET / HTTP/3.0\r\n", 505, "unsupported HTTP version\n"),
+            (b"GET / FOO/1.1\r\n", 400, "unsupported HTTP version\n"),
+            (b"GET / HTTP/1.1x\r\n", 400, "unsupported HTTP version\n"),
+            (b"GET /\r\n", 400, "unsupported HTTP version\n"),
+            (b"GET", 400, "unsupported HTTP version\n"),
+        ] {
+            let r = version_refusal(line);
+            assert_eq!(
+                (r.status.as_u16(), r.why),
+                (status, why),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
 
     #[test]
     fn request_targets_hold_only_visible_ascii_but_quotes_angles_and_fragments() {

@@ -83,6 +83,15 @@ pub fn trace_echo<B>(req: &Request<B>) -> bytes::Bytes {
         Version::HTTP_2 => b" HTTP/2.0\r\n",
         _ => b" HTTP/1.1\r\n",
     });
+    // An h2 request's `:authority` is the Host it stands for (RFC 9113 8.3.1), reflected as
+    // the `Host` line message/http has for it.
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(authority) = req.uri().authority() {
+            out.put_slice(b"host: ");
+            out.put_slice(authority.as_str().as_bytes());
+            out.put_slice(b"\r\n");
+        }
+    }
     for (name, value) in req.headers() {
         if matches!(
             *name,
@@ -438,6 +447,32 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An h2 TRACE reflects its `:authority` as the `Host` line it stands for; an HTTP/1 one
+    /// its own Host, once.
+    #[test]
+    fn a_trace_echo_carries_the_host() {
+        let mut h2 = Request::new(());
+        *h2.method_mut() = Method::TRACE;
+        *h2.version_mut() = Version::HTTP_2;
+        *h2.uri_mut() = "https://a.example:8443/t?q=1".parse().expect("uri");
+        h2.headers_mut()
+            .insert("x-a", header::HeaderValue::from_static("b"));
+        let echo = trace_echo(&h2);
+        assert_eq!(
+            &echo[..],
+            &b"TRACE /t?q=1 HTTP/2.0\r\nhost: a.example:8443\r\nx-a: b\r\n\r\n"[..]
+        );
+        let mut h1 = Request::new(());
+        *h1.method_mut() = Method::TRACE;
+        *h1.uri_mut() = "/t".parse().expect("uri");
+        h1.headers_mut()
+            .insert(header::HOST, header::HeaderValue::from_static("a"));
+        assert_eq!(
+            &trace_echo(&h1)[..],
+            &b"TRACE /t HTTP/1.1\r\nhost: a\r\n\r\n"[..]
+        );
+    }
 
     fn req(method: Method, target: &str, version: Version) -> Request<()> {
         let mut r = Request::new(());
