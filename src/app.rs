@@ -1198,22 +1198,29 @@ impl App {
                     .iter()
                     .filter_map(|n| after.get(n).map(|s| (n.clone(), s.clone())))
                     .collect();
-                self.events
-                    .begin(&id, &written, &events)
-                    .await
-                    .map_err(|e| {
-                        ChangeError::Internal(format!(
-                            "cannot write the audit log ({e}); nothing was changed"
-                        ))
-                    })?;
+                // A failed write (a full disk, a read-only or immutable directory) leaves the
+                // backend degraded until a write succeeds: no change, automatic rollbacks
+                // included, can be made meanwhile, and the gauge and the status say so.
+                let failed = |e: &dyn std::fmt::Display| {
+                    self.metrics.state_degraded.set(1);
+                    tracing::warn!(services = %names.join(", "), error = %e, "a change could not be written to the state file or its audit log; nothing was changed");
+                };
+                if let Err(e) = self.events.begin(&id, &written, &events).await {
+                    failed(&e);
+                    return Err(ChangeError::Internal(format!(
+                        "cannot write the audit log ({e}); nothing was changed"
+                    )));
+                }
                 let mut saved = after.clone();
                 for (n, s) in self.unlisted_states() {
                     saved.entry(n).or_insert(s);
                 }
                 if let Err(e) = self.store.save(&saved, &before, &names).await {
                     self.events.abort(&id).await;
+                    failed(&e);
                     return Err(e.into());
                 }
+                self.metrics.state_degraded.set(0);
                 self.publish(next);
                 for ev in &events {
                     self.count_flip(ev);

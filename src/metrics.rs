@@ -206,7 +206,7 @@ impl Metrics {
         register(&r, Box::new(unmatched_requests_total.clone()));
         let state_degraded = IntGauge::new(
             STATE_DEGRADED,
-            "1 while the state backend cannot be reached (traffic continues on the last known colors).",
+            "1 while the state backend cannot be reached or written (traffic continues on the last known colors).",
         )
         .unwrap_or_else(|e| unreachable!("static gauge definition: {e}"));
         register(&r, Box::new(state_degraded.clone()));

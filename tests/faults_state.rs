@@ -1641,3 +1641,46 @@ async fn a_flip_past_the_largest_generation_is_refused_and_nothing_changes() {
     assert!(kept.contains("9007199254740991"), "{kept}");
     p.stop().await;
 }
+
+/// File backend: a state file that cannot be written (here a directory stands where the state
+/// file is renamed to; a full disk or an immutable directory alike) refuses every change with a
+/// 500 saying nothing was changed, and the backend shows as degraded (`switchyard_state_degraded`
+/// 1, `/api/status` `state.degraded`) until a write succeeds: automatic rollbacks cannot be made
+/// meanwhile either, which a log line alone would not tell an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_state_file_shows_the_backend_degraded_until_a_write_succeeds() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let state = p.dir.as_ref().expect("dir").path().join("state.json");
+    let degraded = |p: &TestProxy| {
+        let admin = p.admin;
+        async move {
+            let st = admin_get(admin, "/api/status").await.1;
+            let m = get(admin, "/metrics").await.1;
+            (
+                st["state"]["degraded"].clone(),
+                m.lines().any(|l| l == "switchyard_state_degraded 1"),
+            )
+        }
+    };
+    assert_eq!(degraded(&p).await, (json!(false), false));
+    std::fs::remove_file(&state).expect("remove state file");
+    std::fs::create_dir(&state).expect("mkdir");
+    std::fs::write(state.join("x"), b"x").expect("write");
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 500, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nothing was changed") || e.contains("cannot write")),
+        "{v}"
+    );
+    assert_eq!(degraded(&p).await, (json!(true), true));
+    assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    std::fs::remove_dir_all(&state).expect("rmdir");
+    let (s, v) = p.flip("api", "green").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(degraded(&p).await, (json!(false), false));
+    p.stop().await;
+}
