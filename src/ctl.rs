@@ -308,6 +308,21 @@ fn traffic(v: &Value) -> String {
 
 fn print_status(v: &Value) {
     outln!("window: {}s", s(v, "window_secs"));
+    // The state backend, when something is wrong with it or the colors are not its own: a
+    // 503 "outcome unknown" sends the operator here.
+    if let Some(st) = v.get("state") {
+        let backend = s(st, "backend");
+        let source = s(st, "source");
+        if st.get("degraded").and_then(Value::as_bool) == Some(true) {
+            if backend == "file" {
+                outln!("STATE DEGRADED: the state file cannot be written; changes fail until a write succeeds (see the log)");
+            } else {
+                outln!("STATE DEGRADED: {backend} cannot be reached; serving the last colors known (from {source}); changes are refused until it answers");
+            }
+        } else if backend == "etcd" && source != "etcd" {
+            outln!("state: serving colors from {source}, not yet confirmed by etcd");
+        }
+    }
     for svc in v
         .get("services")
         .and_then(Value::as_array)

@@ -1678,6 +1678,17 @@ async fn an_unwritable_state_file_shows_the_backend_degraded_until_a_write_succe
     );
     assert_eq!(degraded(&p).await, (json!(true), true));
     assert_eq!(p.get("/x").await, (200, "blue\n".to_string()));
+    // `ctl status`, where a failed change sends an operator, says so.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &format!("http://{}", p.admin), "status"])
+        .output()
+        .await
+        .expect("ctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("STATE DEGRADED: the state file cannot be written"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&state).expect("rmdir");
     let (s, v) = p.flip("api", "green").await;
     assert_eq!(s, 200, "{v}");
