@@ -1286,7 +1286,7 @@ impl App {
                                         shown(r)
                                     ),
                                     None => format!(
-                                        "{n} was changed in etcd and could not be read back: {serves}"
+                                        "{n}'s key in etcd could not be read back as a state (deleted meanwhile, or it holds a value that is not one: fix or delete the key, a missing one is written back): {serves}"
                                     ),
                                 }
                             })

@@ -941,9 +941,9 @@ async fn an_unreadable_service_key_is_not_written_back() {
     let (s, v) = a.flip("unread", "blue").await;
     assert_eq!(s, 409, "{v}");
     assert!(
-        v["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("could not be read back")),
+        v["error"].as_str().is_some_and(
+            |e| e.contains("could not be read back") && e.contains("fix or delete the key")
+        ),
         "{v}"
     );
     a.stop().await;
