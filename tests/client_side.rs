@@ -1187,3 +1187,57 @@ async fn an_h2_head_gets_no_body_from_the_proxys_own_answers() {
     }
     p.stop().await;
 }
+
+/// An upstream that answers an upload early (a 413 before the body's end) and closes: the
+/// client gets the answer and the connection then closes cleanly, after the proxy has read
+/// (and dropped) what the client was still sending, rather than with a reset that can destroy
+/// the answer before the client reads it (RFC 9112 9.6). The reader the unfinished body held
+/// lingered only when the body had been dropped before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_closes_cleanly_after_the_rest_is_read() {
+    let up = raw_upstream(|_| {
+        Raw::Close(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!"
+                .to_vec(),
+        )
+    })
+    .await;
+    let p = TestProxy::start(&service("api", &[up], &[dead_addr().await], "")).await;
+    for round in 0..5 {
+        let mut c = TcpStream::connect(p.proxy).await.expect("connect");
+        let chunk = vec![b'x'; 64 * 1024];
+        c.write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+            .await
+            .expect("head");
+        c.write_all(&chunk).await.expect("body");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"big!") && !got.ends_with(b"bad gateway\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+                .await
+                .expect("answer timed out")
+                .expect("read");
+            assert!(
+                n > 0,
+                "round {round}: closed early: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(text.starts_with("HTTP/1.1 413 "), "round {round}: {text}");
+        // More of the upload, as a client that has not read the answer yet sends it.
+        for _ in 0..3 {
+            c.write_all(&chunk)
+                .await
+                .expect("the proxy reset the connection");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.shutdown().await.expect("shutdown");
+        let end = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("no close");
+        assert!(matches!(end, Ok(0)), "round {round}: {end:?}");
+    }
+    p.stop().await;
+}

@@ -793,6 +793,13 @@ pub struct Streaming {
 }
 
 /// The read half coming back from a body, and whether the body was read to its end.
+/// The connection's read half as an exchange ends: here, or still with the request body the
+/// response holds (handed back on the receiver once the response is written), or gone.
+enum Back {
+    Reader(Reader),
+    Later(Option<oneshot::Receiver<Returned>>),
+}
+
 struct Returned {
     reader: Reader,
     complete: bool,
@@ -1401,17 +1408,23 @@ impl<H: Handler> Conn<H> {
             return None;
         };
 
-        // The read half: still here, back from a finished body, or still with the body.
-        let reader_back = match back {
-            None => r,
+        // The read half: still here, back from a finished body, or still with the body (an
+        // answer that came before the upload's end: the body is in the response, and hands the
+        // reader back once the response is written, for the linger).
+        let (reader_back, with_body) = match back {
+            None => (r, None),
             Some(mut rx) => match rx.try_recv() {
                 Ok(ret) => {
                     complete = ret.complete;
-                    Some(ret.reader)
+                    (Some(ret.reader), None)
                 }
-                Err(_) => {
+                Err(oneshot::error::TryRecvError::Empty) => {
                     complete = false;
-                    None
+                    (None, Some(rx))
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    complete = false;
+                    (None, None)
                 }
             },
         };
@@ -1420,7 +1433,11 @@ impl<H: Handler> Conn<H> {
             Box::pin(self.switch(resp, &method, version, on_upgrade, reader_back, complete)).await;
             return None;
         }
-        self.finish(resp, &method, version, keep_alive, complete, reader_back)
+        let back = match reader_back {
+            Some(r) => Back::Reader(r),
+            None => Back::Later(with_body),
+        };
+        self.finish(resp, &method, version, keep_alive, complete, back)
             .await
     }
 
@@ -1477,12 +1494,16 @@ impl<H: Handler> Conn<H> {
         version: Version,
         keep_alive: bool,
         complete: bool,
-        mut reader_back: Option<Reader>,
+        back: Back,
     ) -> Option<Reader>
     where
         B: Body<Data = Bytes> + BodyFields + Unpin,
         B::Error: std::fmt::Display,
     {
+        let (mut reader_back, later) = match back {
+            Back::Reader(r) => (Some(r), None),
+            Back::Later(rx) => (None, rx),
+        };
         // A request the handler refused closes the connection: nothing pipelined behind it runs.
         let refused = resp.extensions().get::<CloseConnection>().is_some();
         let keep = keep_alive && complete && reader_back.is_some() && !refused;
@@ -1509,8 +1530,13 @@ impl<H: Handler> Conn<H> {
                 self.writer.closed = true;
                 return None;
             }
+            // A read half still with the request body lingers once it is back (RFC 9112 9.6:
+            // the client reads the answer, not a reset).
             Ok(false) | Err(_) => {
-                self.linger(reader_back).await;
+                match reader_back {
+                    Some(r) => self.linger(Some(r)).await,
+                    None => self.linger_later(later).await,
+                }
                 return None;
             }
         }
@@ -1720,27 +1746,47 @@ impl<H: Handler> Conn<H> {
     /// turn into a reset that destroys the response in flight.
     async fn linger(&mut self, reader: Option<Reader>) {
         self.writer.close().await;
-        let Some(mut r) = reader else {
+        let Some(r) = reader else {
             return;
         };
-        let mut dropped = 0;
-        let _ = tokio::time::timeout(
-            LINGER,
-            std::future::poll_fn(|cx| loop {
-                r.buf.clear();
-                match ready!(r.poll_fill(cx)) {
-                    Ok(0) | Err(_) => return Poll::Ready(()),
-                    Ok(n) => {
-                        dropped += n;
-                        if dropped > LINGER_BYTES {
-                            return Poll::Ready(());
-                        }
+        discard(r, tokio::time::Instant::now() + LINGER).await;
+    }
+
+    /// [`linger`](Self::linger) for a read half still with the request body (an answer that
+    /// came before the upload's end): it comes back once the body is dropped (the upload
+    /// failed or ended), and lingers within the same [`LINGER`] from the close.
+    async fn linger_later(&mut self, later: Option<oneshot::Receiver<Returned>>) {
+        self.writer.close().await;
+        let Some(rx) = later else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + LINGER;
+        if let Ok(Ok(ret)) = tokio::time::timeout_at(deadline, rx).await {
+            discard(ret.reader, deadline).await;
+        }
+    }
+}
+
+/// Reads and drops what the client still sends, until it closes, `deadline`, or
+/// [`LINGER_BYTES`].
+async fn discard(mut r: Reader, deadline: tokio::time::Instant) {
+    let mut dropped = 0;
+    let _ = tokio::time::timeout_at(
+        deadline,
+        std::future::poll_fn(|cx| loop {
+            r.buf.clear();
+            match ready!(r.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(n) => {
+                    dropped += n;
+                    if dropped > LINGER_BYTES {
+                        return Poll::Ready(());
                     }
                 }
-            }),
-        )
-        .await;
-    }
+            }
+        }),
+    )
+    .await;
 }
 
 #[cfg(test)]
