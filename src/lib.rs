@@ -69,7 +69,7 @@ pub use upgrade::{
 pub use release::{
     end_stored_on_missing_state as end_release_on_missing_state,
     end_stored_on_reset as end_release_on_state_reset, load as load_release_plan,
-    move_stored_aside_if_unreadable as move_release_file_aside_if_unreadable,
+    move_stored_aside_if_unreadable as move_release_file_aside_if_unreadable, unwatched_note,
     STATES as RELEASE_STATES,
 };
 // `serve` and `ctl`: the admin token as stored, ready to send or compare.

@@ -407,11 +407,8 @@ fn check_release(plan: &std::path::Path, config_path: &std::path::Path) -> ExitC
             outln!("{}: ok", plan.display());
             out!("{}", p.summary());
             let unwatched = cfg.as_ref().map(|c| p.unwatched(c)).unwrap_or_default();
-            if !unwatched.is_empty() {
-                outln!(
-                    "warning: no automatic rollback watches {} (rollback off or no trigger): a failure there rolls nothing back",
-                    unwatched.join(", ")
-                );
+            if let Some(note) = switchyard::unwatched_note(&unwatched) {
+                outln!("warning: {note}");
             }
             exit(0)
         }

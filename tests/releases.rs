@@ -1506,6 +1506,14 @@ async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_
         &[panel[0].addr],
         &[panel[1].addr],
         "path_prefix = \"/panel\"\n",
+    ) + &service(
+        "dry",
+        &[api[0].addr],
+        &[api[1].addr],
+        &format!(
+            "path_prefix = \"/dry\"\n{}",
+            TRIGGERS.replace("[services.rollback]\n", "[services.rollback]\ndry_run = true\n")
+        ),
     );
     let p = TestProxy::start(&body).await;
     let plan = json!({ "name": "panel only", "phases": [ { "name": "ui", "services": ["panel"], "bake": "0s" } ] });
@@ -1537,6 +1545,29 @@ async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_
     let v = common::release::start_release(&p, plan).await;
     assert_eq!(v["unwatched"], json!(["panel"]), "{v}");
     assert_eq!(v["release"]["validate_secs"], 600.0, "{v}");
+    let (s, v) = admin_post(
+        p.admin,
+        "/api/releases/current/abort",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    // A dry run's triggers only say what they would do: nothing rolls the release back
+    // there either, so it is named and sets no window (its `watch_for` is 10m too).
+    let plan = json!({ "name": "dry", "phases": [ { "name": "all", "services": ["dry", "panel"], "bake": "0s" } ] });
+    let v = common::release::start_release(&p, plan).await;
+    assert_eq!(v["unwatched"], json!(["dry", "panel"]), "{v}");
+    assert!(
+        v["warning"].as_str().unwrap_or("").contains("dry run"),
+        "{v}"
+    );
+    assert_eq!(v["release"]["validate_secs"], 0.0, "{v}");
+    let done = eventually(20, || async {
+        common::release::releases(&p).await["current"].is_null()
+    })
+    .await;
+    assert!(done, "{}", common::release::releases(&p).await);
     // Offline, against the config: the same warning (exit 0: the plan is valid).
     let out = check_release(
         &p,

@@ -47,8 +47,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan's services that no automatic rollback watches in `cfg` (rollback off, or no
-    /// trigger): a failure of theirs rolls nothing back. In plan order, once each.
+    /// The plan's services that no automatic rollback watches in `cfg` (rollback off, no
+    /// trigger, or `dry_run`): a failure of theirs rolls nothing back. In plan order, once each.
     pub fn unwatched(&self, cfg: &super::Config) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for name in self.phases.iter().flat_map(|p| &p.services) {
@@ -56,7 +56,7 @@ impl Plan {
                 .services
                 .iter()
                 .find(|s| &s.name == name)
-                .is_none_or(|s| s.rollback.watches());
+                .is_none_or(|s| s.rollback.acts());
             if !watched && !out.contains(name) {
                 out.push(name.clone());
             }

@@ -523,6 +523,12 @@ impl RollbackConfig {
     pub fn watches(&self) -> bool {
         self.enabled && !self.triggers.is_empty()
     }
+
+    /// Whether a trigger can roll the service back, and so a release with it (`dry_run` only
+    /// says what it would do).
+    pub fn acts(&self) -> bool {
+        self.watches() && !self.dry_run
+    }
 }
 
 impl Default for RollbackConfig {

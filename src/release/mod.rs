@@ -142,8 +142,9 @@ pub async fn start(app: &Arc<App>, plan: &Value, actor: &str) -> Result<Value, S
                 });
             }
             // Only a service whose triggers can roll the release back is watched: one with
-            // automatic rollback off (or no trigger) waits through no window of its own.
-            if svc.config.rollback.watches() {
+            // automatic rollback off (no trigger, or a dry run) waits through no window of
+            // its own.
+            if svc.config.rollback.acts() {
                 longest_watch = longest_watch.max(svc.config.rollback.watch_for);
             }
             pre.insert(name.clone(), from);
@@ -535,10 +536,10 @@ async fn roll_back_held(
 }
 
 /// What a release's start says of its services no automatic rollback watches (none: nothing).
-pub(super) fn unwatched_note(unwatched: &[String]) -> Option<String> {
+pub fn unwatched_note(unwatched: &[String]) -> Option<String> {
     (!unwatched.is_empty()).then(|| {
         format!(
-            "no automatic rollback watches {} (rollback off or no trigger): a failure there rolls nothing back",
+            "no automatic rollback watches {} (rollback off, no trigger, or dry run): a failure there rolls nothing back",
             unwatched.join(", ")
         )
     })

@@ -1272,9 +1272,7 @@ pub(super) async fn start_recorded(app: &App, store: &EtcdStore, id: &str) {
     let snap = app.snapshot();
     let mut unwatched: Vec<String> = Vec::new();
     for name in r.phases.iter().flat_map(|p| &p.plan.services) {
-        let watched = snap
-            .service(name)
-            .is_none_or(|s| s.config.rollback.watches());
+        let watched = snap.service(name).is_none_or(|s| s.config.rollback.acts());
         if !watched && !unwatched.contains(name) {
             unwatched.push(name.clone());
         }
