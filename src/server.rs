@@ -601,14 +601,24 @@ fn tls_pairs(config: &Config) -> Vec<(&'static str, &std::path::Path, &std::path
 /// but every client refuses it). Blocking.
 pub fn file_warnings(config: &Config) -> Vec<String> {
     let now = std::time::SystemTime::now();
-    tls_pairs(config)
+    let mut out: Vec<String> = tls_pairs(config)
         .into_iter()
         .filter_map(|(section, cert, key)| {
             let ck = crate::tls::load_certified_key(cert, key).ok()?;
             let w = crate::tls::validity_warning(&ck, cert, now)?;
             Some(format!("warning: {section}.tls_cert: {w}"))
         })
-        .collect()
+        .collect();
+    // `serve` starts all the same, and says so only in its log.
+    let sock = &config.proxy.upgrade_socket;
+    if std::os::unix::net::SocketAddr::from_pathname(sock).is_err() {
+        out.push(format!(
+            "warning: proxy.upgrade_socket: {} ({} bytes) is too long for a Unix socket path: `serve --upgrade` and SIGUSR2 will not work; set a shorter proxy.upgrade_socket",
+            sock.display(),
+            sock.as_os_str().len()
+        ));
+    }
+    out
 }
 
 /// Reads a certificate and key off the runtime's threads. An error names the one key of

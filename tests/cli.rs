@@ -1774,3 +1774,38 @@ fn a_state_path_under_a_file_is_named_at_its_key() {
         );
     }
 }
+
+/// An upgrade socket path too long for a Unix socket (`sun_path`, 108 bytes) makes upgrades
+/// impossible for that process; `serve` said so only in its log: `check` warns (exit 0).
+#[test]
+fn check_warns_of_an_upgrade_socket_path_too_long_for_a_unix_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = format!("{}/{}/state.json", dir.path().display(), "d".repeat(120));
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "[state]\npath = \"{long}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        ),
+    );
+    let out = switchyard(&["check", "--config", &cfg]);
+    let (said, err) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said} {err}");
+    assert!(
+        said.contains("warning: proxy.upgrade_socket:")
+            && said.contains("is too long for a Unix socket path"),
+        "{said}"
+    );
+    // A path that fits: no such warning.
+    let short = write(
+        dir.path(),
+        "s.toml",
+        "[[services]]\nname = \"api\"\nblue = { upstreams = [\"127.0.0.1:3001\"] }\n\
+         green = { upstreams = [\"127.0.0.1:3011\"] }\n",
+    );
+    let out = switchyard(&["check", "--config", &short]);
+    let (said, _) = text(&out);
+    assert!(!said.contains("proxy.upgrade_socket"), "{said}");
+}

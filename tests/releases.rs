@@ -1512,7 +1512,10 @@ async fn a_service_no_rollback_watches_is_released_with_a_warning_and_no_window_
         &[api[1].addr],
         &format!(
             "path_prefix = \"/dry\"\n{}",
-            TRIGGERS.replace("[services.rollback]\n", "[services.rollback]\ndry_run = true\n")
+            TRIGGERS.replace(
+                "[services.rollback]\n",
+                "[services.rollback]\ndry_run = true\n"
+            )
         ),
     );
     let p = TestProxy::start(&body).await;
