@@ -1980,3 +1980,75 @@ async fn a_post_never_goes_on_a_connection_the_upstream_has_closed() {
     assert_eq!(seen.load(Ordering::SeqCst), 200);
     p.stop().await;
 }
+
+/// A bodiless answer whose fields announce a body (a 204 with a length or a Transfer-Encoding)
+/// ends at its empty line (RFC 9112 6.3), and its connection is not pooled: that upstream may
+/// send the body after all, which the next request on the connection would read as its answer.
+/// A HEAD's length (the size a GET would have) is normal: that connection is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bodiless_answer_announcing_a_body_is_not_pooled() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let answer: &[u8] = match head.split_whitespace().nth(1).unwrap_or("") {
+                        _ if head.starts_with("HEAD ") => {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+                        }
+                        "/204te" => {
+                            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        }
+                        "/204cl" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = TestProxy::start(&service("api", &[up], &[dead_addr().await], "")).await;
+    let get_ok = || async { request(p.proxy, "GET", "/ok", &[], Bytes::new()).await };
+    assert_eq!(get_ok().await, (200, "ok".to_string()));
+    assert_eq!(get_ok().await, (200, "ok".to_string()));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the connection was not pooled"
+    );
+    let (s, _) = request(p.proxy, "HEAD", "/ok", &[], Bytes::new()).await;
+    assert_eq!(s, 200);
+    assert_eq!(get_ok().await, (200, "ok".to_string()));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "a HEAD's length cost its connection"
+    );
+    for (path, opened) in [("/204te", 2), ("/204cl", 3)] {
+        let (s, body) = request(p.proxy, "GET", path, &[], Bytes::new()).await;
+        assert_eq!((s, body.as_str()), (204, ""), "{path}");
+        assert_eq!(get_ok().await, (200, "ok".to_string()), "after {path}");
+        assert_eq!(accepted.load(Ordering::SeqCst), opened, "after {path}");
+    }
+    p.stop().await;
+    server.abort();
+}
