@@ -45,8 +45,33 @@ use crate::app::App;
 use crate::state::ServiceState;
 
 const HELLO: &[u8] = b"switchyard-upgrade 1\n";
-/// Why an upgrade in place is refused where the running Switchyard is PID 1.
-const PID_1: &str = "the running Switchyard is PID 1 (a container without an init): once it has handed over and drained, its exit ends the container and the new process with it; upgrade by replacing the container (a rolling update), or run it under an init (`docker run --init`, tini) to upgrade in place";
+/// Why an upgrade in place is refused where the running Switchyard's exit ends its PID
+/// namespace (see [`exit_ends_namespace`]).
+const PID_1: &str = "once it has handed over and drained, its exit ends the container and the new process with it; upgrade by replacing the container (a rolling update)";
+/// What the old process answers a hello with instead of an offer when it refuses.
+const REFUSED: &str = "refused: ";
+
+/// Why this process's exit would end its PID namespace, the successor with it: it is PID 1 (a
+/// container's `ENTRYPOINT` without an init), or its parent is PID 1 and a container init that
+/// exits with its one child (tini, which `docker run --init` runs, dumb-init, catatonit).
+/// None elsewhere (systemd, a shell, a supervisor that stays).
+pub fn exit_ends_namespace() -> Option<String> {
+    if std::process::id() == 1 {
+        return Some(format!(
+            "the running Switchyard is PID 1 (a container): {PID_1}"
+        ));
+    }
+    if std::os::unix::process::parent_id() == 1 {
+        let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+        let init = comm.trim();
+        if matches!(init, "tini" | "docker-init" | "dumb-init" | "catatonit") {
+            return Some(format!(
+                "the running Switchyard's parent is {init}, PID 1 of a container, which exits when it does: {PID_1}"
+            ));
+        }
+    }
+    None
+}
 const READY: &[u8] = b"ready\n";
 /// The old process's answer to "ready": it stops accepting and drains; this one serves.
 const GO: &[u8] = b"go\n";
@@ -407,7 +432,7 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
         )
     })?;
     if rustix::net::sockopt::socket_peercred(&s).is_ok_and(|c| c.pid.is_init()) {
-        anyhow::bail!("{PID_1}");
+        anyhow::bail!("the running Switchyard is PID 1 (a container): {PID_1}");
     }
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -440,6 +465,12 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
         data.extend_from_slice(&more[..n]);
     }
     let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    if let Some(why) = line.strip_prefix(REFUSED.as_bytes()) {
+        anyhow::bail!(
+            "the running process refused the upgrade: {}",
+            String::from_utf8_lossy(why)
+        );
+    }
     let offer: Offer =
         serde_json::from_slice(line).context("the running process sent an unreadable offer")?;
     if offer.listeners.len() != fds.len() {
@@ -615,10 +646,15 @@ impl Handover {
                     continue;
                 }
             };
-            // As PID 1, this process's exit would take the new one with it (the new one refuses
-            // too: this is for one that does not know).
-            if std::process::id() == 1 {
-                tracing::error!("upgrade refused: {PID_1}");
+            // Where this process's exit would take the new one with it, the new one is told why
+            // (it refuses on its own where it sees that the running one is PID 1).
+            if let Some(why) = exit_ends_namespace() {
+                tracing::error!("upgrade refused: {why}");
+                let (mut s, _) = greeted;
+                let _ = tokio::task::spawn_blocking(move || {
+                    s.write_all(format!("{REFUSED}{why}\n").as_bytes())
+                })
+                .await;
                 continue;
             }
             // No flip may land between the new process reading the live state and this one
@@ -868,8 +904,8 @@ fn is_executable(p: &Path) -> bool {
 /// `deploy/systemd/switchyard.service`). The child takes the sockets over as `serve --upgrade`
 /// does; if it fails, this process keeps serving and logs its exit status.
 pub fn spawn_successor(config: &Path, log_format_json: bool) {
-    if std::process::id() == 1 {
-        tracing::error!("upgrade on SIGUSR2 refused: {PID_1}");
+    if let Some(why) = exit_ends_namespace() {
+        tracing::error!("upgrade on SIGUSR2 refused: {why}");
         return;
     }
     // One successor at a time: a second SIGUSR2 while one starts (or serves, this process

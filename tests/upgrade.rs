@@ -1302,7 +1302,8 @@ async fn an_upgrade_during_a_resolver_outage_keeps_the_old_process_s_addresses()
 /// ends its PID namespace with it, the new process included. So it is refused, saying why, and
 /// the running process serves on: on SIGUSR2, to a `serve --upgrade` from outside the
 /// namespace (the old process refuses), and to one inside it (`docker exec`: the new process
-/// sees that it would take over from PID 1 and refuses first). The namespace is the test's own
+/// sees that it would take over from PID 1 and refuses first). (Under tini, `docker run
+/// --init`, it is the same: tini exits with its child.) The namespace is the test's own
 /// (`unshare --user --map-root-user --pid --fork`), ended with its PID 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
@@ -1372,6 +1373,11 @@ async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
         .expect("the refused process did not exit")
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the running process refused the upgrade: the running Switchyard is PID 1"),
+        "{err}"
+    );
     assert!(
         eventually(10, || async {
             log_text().contains("upgrade refused: the running Switchyard is PID 1")
@@ -1407,7 +1413,8 @@ async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("the running Switchyard is PID 1") && err.contains("--init"),
+        err.contains("the running Switchyard is PID 1")
+            && err.contains("upgrade by replacing the container"),
         "{err}"
     );
 
@@ -1422,4 +1429,81 @@ async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
         .expect("exit")
         .expect("wait");
     assert!(st.success(), "{}", log_text());
+}
+
+/// Under a container init that exits with its one child (tini, which `docker run --init` runs):
+/// the old process's exit ends tini, PID 1, and the namespace with the new process in it. So
+/// SIGUSR2 is refused there too, saying why. (tini here is a shell under that name, PID 1 of
+/// the test's own namespace; `/proc` is mounted for it, so `/proc/1/comm` says `tini`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_tini_is_refused() {
+    let blue = TestUpstream::start("blue").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "workers = 1\n",
+        &service("api", &[blue.addr], &[dead_addr().await], ""),
+    );
+    let tini = dir.path().join("tini");
+    std::fs::copy("/bin/sh", &tini).expect("copy sh");
+    let log = dir.path().join("tini.log");
+    let mut ns = tokio::process::Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--mount-proc",
+        ])
+        .arg(&tini)
+        // `; wait`: a shell that ran its last command in its own place would not stay PID 1.
+        .args([
+            "-c",
+            r#""$0" serve --config "$1" & pid=$!; trap 'kill -TERM $pid' TERM; wait $pid"#,
+        ])
+        .arg(env!("CARGO_BIN_EXE_switchyard"))
+        .arg(&cfg)
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare (util-linux) runs");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        healthz_within(admin, 15).await,
+        "did not start: {}",
+        log_text()
+    );
+    // Switchyard's PID outside: the child of the shell that unshare forked.
+    let children = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .collect::<Vec<_>>()
+    };
+    let shell = children(ns.id().expect("pid"))[0];
+    let pid = children(shell)[0];
+    let sent = std::process::Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    assert!(
+        eventually(10, || async {
+            log_text()
+                .contains("upgrade on SIGUSR2 refused: the running Switchyard's parent is tini")
+        })
+        .await,
+        "{}",
+        log_text()
+    );
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(20), ns.wait()).await;
 }
