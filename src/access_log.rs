@@ -433,7 +433,9 @@ impl<B: Replaced> Replaced for Logged<B> {
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
         if let Some((log, entry)) = self.tap.take() {
-            // The 101 went out: the tunnel writes the line (or hands it back, already closed).
+            // A 101 (not replaced by another answer): the tunnel writes the line when it closes,
+            // or hands it back, already closed. A client gone before the 101 reached it is
+            // logged as 101 with no bytes, as before the tunnel wrote the lines.
             let (log, mut entry) = match self.tunnel.take() {
                 Some(ToTunnel(tx)) if entry.status == 101 => match tx.send((log, entry)) {
                     Ok(()) => return,

@@ -805,12 +805,17 @@ impl App {
                     "the service's key is missing from etcd (deleted, or etcd restored empty); written back from the state this replica serves"
                 ),
                 Ok(WriteBack::Held(state)) => {
-                    tracing::warn!(
-                        service = %name,
-                        active = %state.active,
-                        generation = state.generation,
-                        "the service's key was missing from etcd and another replica wrote it back first; serving what etcd holds"
-                    );
+                    if state == svc.state {
+                        // Replicas starting together: the same state, written by another.
+                        tracing::info!(service = %name, active = %state.active, generation = state.generation, "the service's key was written to etcd by another replica first, with the state this one serves");
+                    } else {
+                        tracing::warn!(
+                            service = %name,
+                            active = %state.active,
+                            generation = state.generation,
+                            "the service's key was missing from etcd and another replica wrote it first; serving what etcd holds"
+                        );
+                    }
                     held.insert(name, state);
                 }
                 Err(e) => {
@@ -965,6 +970,18 @@ impl App {
                 );
                 r.flipped_at()
             } else {
+                // The same generation with another color: the fleet's first color of a service
+                // this replica served at its own config's (generation 0), written to etcd by
+                // another replica first. Traffic moves: said, never silent.
+                if r.active != svc.state.active {
+                    tracing::warn!(
+                        service = %svc.name(),
+                        active = %r.active,
+                        served = %svc.state.active,
+                        generation = r.generation,
+                        "etcd holds another color at the generation this replica served (another replica's config wrote it first); serving what etcd holds"
+                    );
+                }
                 svc.flipped_at
             };
             changed.insert(
@@ -2176,7 +2193,19 @@ impl App {
             }
         }
         let mut states = Self::all_states(&snap);
-        states.extend(self.stored_states_of_added(&snap, &new_cfg).await);
+        let stored = self.stored_states_of_added(&snap, &new_cfg).await;
+        // etcd: the added services it does not hold are written to it once this is published,
+        // as at startup ([`App::restore_absent`]): the first replica's color is the fleet's.
+        let unheld: Vec<String> = match self.store.as_etcd() {
+            Some(_) => new_cfg
+                .services
+                .iter()
+                .filter(|s| snap.service(&s.name).is_none() && !stored.contains_key(&s.name))
+                .map(|s| s.name.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        states.extend(stored);
         // A live color changes only by a flip: a new `active` of a service the reload keeps is
         // not applied (the answer says so).
         let active_not_applied: Vec<String> = new_cfg
@@ -2215,6 +2244,9 @@ impl App {
         }
         self.record(Event::new("*", Reason::Reload, actor, message.clone()))
             .await;
+        drop(_w);
+        // One that cannot be written now is tried again at the next full read.
+        let _ = self.restore_absent(unheld).await;
         ReloadOutcome {
             services,
             restart_required,

@@ -1077,7 +1077,7 @@ async fn a_service_never_flipped_is_served_at_one_color_whatever_each_config_say
                 "api",
                 &[blue.addr],
                 &[green.addr],
-                &format!("active = \"{active}\""),
+                &format!("active = \"{active}\"\npath_prefix = \"/x\""),
             ),
         )
     };
@@ -1098,6 +1098,27 @@ async fn a_service_never_flipped_is_served_at_one_color_whatever_each_config_say
     .await;
     assert!(agreed, "{:?}", active_of(&b).await);
     assert_eq!(b.get("/x").await, (200, "blue\n".to_string()));
+
+    // The same for a service a reload adds: written by the first replica that adds it.
+    let late = |active: &str| {
+        service(
+            "late",
+            &[blue.addr],
+            &[green.addr],
+            &format!("active = \"{active}\"\npath_prefix = \"/late\""),
+        )
+    };
+    for (p, active) in [(&a, "green"), (&b, "blue")] {
+        let text = std::fs::read_to_string(&p.config_path).expect("read config");
+        std::fs::write(&p.config_path, format!("{text}{}", late(active))).expect("write config");
+        let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    for p in [&a, &b] {
+        let st = p.service_status("late").await;
+        assert_eq!(st["active"], "green", "{st}");
+        assert_eq!(p.get("/late/x").await, (200, "green\n".to_string()));
+    }
     a.stop().await;
     b.stop().await;
 }
