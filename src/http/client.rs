@@ -1427,16 +1427,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         framing: decoder,
         // HTTP/1.0 keeps a connection only when asked to, and never with Transfer-Encoding
         // (RFC 9112 6.1: its framing is faulty, even on an answer without a body); `close`
-        // always wins. Nor is a bodiless answer whose fields announce a body kept (a 204 with
-        // a length, a Transfer-Encoding or an invalid length on any): that upstream may well
-        // send one, which the next request would read as its answer.
-        keep_alive: !saw_close
-            && (!http10 || (saw_keep_alive && !saw_te))
-            && !(bodiless
-                && !informational
-                && (doubtful_length
-                    || (status == StatusCode::NO_CONTENT
-                        && framing.length().is_some_and(|l| l > 0)))),
+        // always wins.
+        keep_alive: !saw_close && (!http10 || (saw_keep_alive && !saw_te)),
     }))
 }
 
