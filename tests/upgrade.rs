@@ -1358,20 +1358,7 @@ async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
         log_text()
     );
 
-    let outside = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--config",
-            cfg.to_str().expect("utf-8"),
-            "--upgrade",
-        ])
-        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), outside)
-        .await
-        .expect("the refused process did not exit")
-        .expect("run");
+    let out = refused_upgrade(&[], &cfg).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1387,29 +1374,20 @@ async fn an_upgrade_of_a_switchyard_that_is_pid_1_is_refused() {
         log_text()
     );
 
-    let inside = tokio::process::Command::new("nsenter")
-        .args([
+    // `docker exec`: in the namespace, through nsenter (util-linux).
+    let out = refused_upgrade(
+        &[
+            "nsenter",
             "--target",
             &pid,
             "--user",
             "--pid",
             "--preserve-credentials",
             "--",
-        ])
-        .arg(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--config",
-            cfg.to_str().expect("utf-8"),
-            "--upgrade",
-        ])
-        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), inside)
-        .await
-        .expect("the refused process did not exit")
-        .expect("nsenter (util-linux) runs");
+        ],
+        &cfg,
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1506,4 +1484,29 @@ async fn an_upgrade_under_tini_is_refused() {
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = tokio::time::timeout(Duration::from_secs(20), ns.wait()).await;
+}
+
+/// `serve --config cfg --upgrade`, behind `wrapper` (a program and its arguments) when one is
+/// given: its output once it has exited (within 60 s).
+async fn refused_upgrade(wrapper: &[&str], cfg: &std::path::Path) -> std::process::Output {
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let (program, pre) = match wrapper.split_first() {
+        Some((p, rest)) => (*p, [rest, &[bin]].concat()),
+        None => (bin, Vec::new()),
+    };
+    let run = tokio::process::Command::new(program)
+        .args(pre)
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--upgrade",
+        ])
+        .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the refused process did not exit")
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"))
 }
