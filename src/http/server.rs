@@ -792,7 +792,6 @@ pub struct Streaming {
     go_on: Option<oneshot::Sender<()>>,
 }
 
-/// The read half coming back from a body, and whether the body was read to its end.
 /// The connection's read half as an exchange ends: here, or still with the request body the
 /// response holds (handed back on the receiver once the response is written), or gone.
 enum Back {
@@ -800,6 +799,7 @@ enum Back {
     Later(Option<oneshot::Receiver<Returned>>),
 }
 
+/// The read half coming back from a body, and whether the body was read to its end.
 struct Returned {
     reader: Reader,
     complete: bool,
