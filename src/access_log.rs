@@ -95,6 +95,10 @@ pub struct Entry {
     /// `combined` only.
     pub referer: Option<HeaderValue>,
     pub user_agent: Option<HeaderValue>,
+    /// A tunnel's `101`: the line goes to the tunnel when the response ends, unless the server
+    /// answered something else in its place. Here, not on every response body: only a logged
+    /// request carries it.
+    pub tunnel: Option<ToTunnel>,
 }
 
 /// Where the request path records its routing decisions for the log.
@@ -296,6 +300,7 @@ impl AccessLog {
             request_id,
             referer,
             user_agent,
+            tunnel: None,
         })
     }
 
@@ -334,6 +339,7 @@ impl AccessLog {
             request_id,
             referer,
             user_agent,
+            tunnel: None,
         })
     }
 
@@ -365,38 +371,25 @@ fn hex(out: &mut [u8], mut n: u64) {
 pub struct Logged<B> {
     inner: B,
     tap: Option<Line>,
-    /// A tunnel's `101`: the line goes to the tunnel when this ends, unless the server answered
-    /// something else in its place.
-    tunnel: Option<ToTunnel>,
 }
 
 impl<B> Logged<B> {
     /// No access log: the body as it is.
     pub fn off(inner: B) -> Logged<B> {
-        Logged {
-            inner,
-            tap: None,
-            tunnel: None,
-        }
+        Logged { inner, tap: None }
     }
 
     pub fn new(inner: B, log: Arc<AccessLog>, entry: Box<Entry>) -> Logged<B> {
         Logged {
             inner,
             tap: Some((log, entry)),
-            tunnel: None,
         }
     }
 
-    /// The same body, logged with `entry` when it ends, or when its tunnel (if `tunnel`) closes.
-    pub fn with_log(
-        mut self,
-        log: Arc<AccessLog>,
-        entry: Box<Entry>,
-        tunnel: Option<ToTunnel>,
-    ) -> Logged<B> {
+    /// The same body, logged with `entry` when it ends (or, for a tunnel's `101`, when the
+    /// tunnel closes: [`Entry::tunnel`]).
+    pub fn with_log(mut self, log: Arc<AccessLog>, entry: Box<Entry>) -> Logged<B> {
         self.tap = Some((log, entry));
-        self.tunnel = tunnel;
         self
     }
 }
@@ -432,11 +425,11 @@ impl<B: Replaced> Replaced for Logged<B> {
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
-        if let Some((log, entry)) = self.tap.take() {
+        if let Some((log, mut entry)) = self.tap.take() {
             // A 101 (not replaced by another answer): the tunnel writes the line when it closes,
             // or hands it back, already closed. A client gone before the 101 reached it is
             // logged as 101 with no bytes, as before the tunnel wrote the lines.
-            let (log, mut entry) = match self.tunnel.take() {
+            let (log, mut entry) = match entry.tunnel.take() {
                 Some(ToTunnel(tx)) if entry.status == 101 => match tx.send((log, entry)) {
                     Ok(()) => return,
                     Err(line) => line,
@@ -975,6 +968,7 @@ mod tests {
             request_id: HeaderValue::from_static("id-1"),
             referer: None,
             user_agent: None,
+            tunnel: None,
         };
         let mut w = Writer::new(IntCounter::new("d", "d").expect("counter"));
         w.format(&e, AccessFormat::Json);

@@ -439,8 +439,9 @@ async fn logged(
     entry.service = routed.service;
     entry.color = routed.color;
     entry.upstream = routed.upstream;
+    entry.tunnel = routed.tunnel;
     let log = log.clone();
-    resp.map(|body| body.with_log(log, entry, routed.tunnel))
+    resp.map(|body| body.with_log(log, entry))
 }
 
 /// The request target as received, for the access log: an HTTP/1 absolute-form target whole
