@@ -1041,9 +1041,16 @@ async fn h2_get(
     uri: http::Uri,
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), String> {
-    let client = an
-        .h2
-        .get_or_init(|| hyper_client(timeout, Duration::from_secs(30), Some(4), true));
+    // Built once: its own connect timeout is only a backstop, the call's `timeout` (read at
+    // each call, so a reload's applies) bounds connect and answer alike.
+    let client = an.h2.get_or_init(|| {
+        hyper_client(
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+            Some(4),
+            true,
+        )
+    });
     let req = http::Request::get(uri)
         .header(http::header::USER_AGENT, "switchyard-analysis")
         .header(http::header::ACCEPT, "application/json")

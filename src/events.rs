@@ -89,25 +89,63 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Cuts a torn last line (no trailing newline) off the file; returns the bytes removed.
+/// The most of each audit file read at startup: its last lines, enough for [`RING_CAPACITY`]
+/// events and the changes around them many times over. `state.events_max_bytes` may allow
+/// files of many GiB; reading them whole would take that much memory at every start.
+const AUDIT_TAIL: u64 = 8 << 20;
+
+/// Cuts a torn last line (no trailing newline) off the file; returns the bytes removed. Reads
+/// backwards from the end, a block at a time, to the last newline: never the whole file.
 fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    if bytes.is_empty() || bytes.ends_with(b"\n") {
-        return Ok(0);
-    }
-    let keep = bytes
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map(|i| i + 1)
-        .unwrap_or(0);
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(block.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut block[..n])?;
+        if end == len && block[n - 1] == b'\n' {
+            return Ok(0);
+        }
+        if let Some(i) = block[..n].iter().rposition(|b| *b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
-    f.set_len(keep as u64)?;
+    f.set_len(keep)?;
     f.sync_all()?;
-    Ok((bytes.len() - keep) as u64)
+    Ok(len - keep)
+}
+
+/// The last `max` bytes of the file, from the first line that starts in them.
+fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let start = f.metadata()?.len().saturating_sub(max);
+    f.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    f.take(max).read_to_end(&mut bytes)?;
+    if start > 0 {
+        // Mid-line (or at a line's start, when the byte before is a newline: not known here,
+        // so that line goes too): the first whole line is after the first newline.
+        let first = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..first);
+    }
+    Ok(bytes)
 }
 
 impl EventLog {
@@ -141,9 +179,15 @@ impl EventLog {
             }
             let mut pending: Vec<(String, HashMap<String, ServiceState>, Vec<Event>)> = Vec::new();
             for p in [rotated_path(path), path.clone()] {
-                let Ok(text) = std::fs::read_to_string(&p) else {
-                    continue;
+                let text = match read_tail(&p, AUDIT_TAIL) {
+                    Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot read the audit log: the events it holds are not listed");
+                        continue;
+                    }
                 };
+                // Invalid UTF-8 (a damaged block) spoils only the lines it is in.
                 let unreadable = text.lines().filter(|l| parse_line(l).is_none()).count();
                 if unreadable > 0 {
                     tracing::warn!(path = %p.display(), lines = unreadable, "audit log lines that cannot be read are skipped: the events they held are not listed");
@@ -472,6 +516,62 @@ mod tests {
         drop(log);
         let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
         assert_eq!(gens(&log), vec![1, 2]);
+    }
+
+    /// A torn line longer than the block read backwards is cut at the newline before it; a
+    /// whole file is left as it is.
+    #[test]
+    fn a_torn_tail_is_found_reading_backwards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.events.jsonl");
+        let mut bytes = b"{\"a\":1}\n".repeat(20_000);
+        let whole = bytes.len() as u64;
+        std::fs::write(&path, &bytes).expect("write");
+        assert_eq!(cut_torn_tail(&path).expect("cut"), 0);
+        bytes.extend(std::iter::repeat_n(b'x', 200_000));
+        std::fs::write(&path, &bytes).expect("write");
+        assert_eq!(cut_torn_tail(&path).expect("cut"), 200_000);
+        assert_eq!(std::fs::metadata(&path).expect("len").len(), whole);
+        std::fs::write(&path, b"no newline at all").expect("write");
+        assert_eq!(cut_torn_tail(&path).expect("cut"), 17);
+        assert_eq!(cut_torn_tail(&dir.path().join("none")).expect("missing"), 0);
+    }
+
+    /// At startup only the files' tails are read, from a line's start; a damaged (non-UTF-8)
+    /// line costs itself, not its file's other events.
+    #[tokio::test]
+    async fn startup_reads_only_the_tail_and_survives_a_damaged_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.events.jsonl");
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        for g in 1..=3 {
+            log.record(ev(g)).await;
+        }
+        drop(log);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend_from_slice(b"{\"damaged\": \"\xff\xfe\"}\n");
+        std::fs::write(&path, &bytes).expect("write");
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        log.record(ev(4)).await;
+        drop(log);
+        let log = EventLog::open(Some(path.clone()), None, DEFAULT_MAX_BYTES, None);
+        assert_eq!(gens(&log), vec![1, 2, 3, 4]);
+        // The tail starts at a whole line, whatever byte the cut falls on.
+        let text = std::fs::read(&path).expect("read");
+        for max in [
+            1,
+            10,
+            100,
+            text.len() as u64 - 1,
+            text.len() as u64,
+            1 << 20,
+        ] {
+            let tail = read_tail(&path, max).expect("tail");
+            assert!(text.ends_with(&tail), "max {max}");
+            let at = text.len() - tail.len();
+            assert!(at == 0 || text[at - 1] == b'\n', "max {max}: mid-line");
+            assert!(tail.len() as u64 <= max);
+        }
     }
 
     #[tokio::test]

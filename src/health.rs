@@ -58,10 +58,10 @@ async fn check_loop(
             Err(e) => (false, e.clone()),
         };
         if ok {
-            successes += 1;
+            successes = successes.saturating_add(1);
             failures = 0;
         } else {
-            failures += 1;
+            failures = failures.saturating_add(1);
             successes = 0;
         }
         let healthy = up.is_active_healthy();

@@ -1,8 +1,8 @@
 //! Upstreams by name: `name:port` entries are resolved at startup, on reload, and every
 //! `[proxy] resolve_interval`; each address is an upstream of its own.
 //!
-//! The resolver is the system's (`getaddrinfo` through `tokio::net::lookup_host`, on the
-//! blocking pool), so `/etc/hosts`, nsswitch and the container runtime's DNS (Docker's embedded
+//! The resolver is the system's (`getaddrinfo`, on tokio's blocking pool, one lookup per name
+//! at a time), so `/etc/hosts`, nsswitch and the container runtime's DNS (Docker's embedded
 //! DNS, Kubernetes' cluster DNS with its search domains) answer exactly as for every other
 //! program on the host. `getaddrinfo` reports no TTL: names are re-resolved every
 //! `resolve_interval` (a caching resolver on the host applies TTLs below it). A hosts-format file
@@ -36,12 +36,84 @@ pub trait Resolve: Send + Sync {
     fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a>;
 }
 
-/// `getaddrinfo` on tokio's blocking pool.
+/// `getaddrinfo` on tokio's blocking pool, at most one lookup per name at a time.
 pub struct System;
 
 impl Resolve for System {
     fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
-        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+        static GETADDRINFO: std::sync::LazyLock<OnePerName> =
+            std::sync::LazyLock::new(|| OnePerName::new(getaddrinfo));
+        GETADDRINFO.lookup(host, port)
+    }
+}
+
+fn getaddrinfo(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    Ok((host, port).to_socket_addrs()?.collect())
+}
+
+/// A blocking lookup's outcome, shared by everyone waiting for it (`io::Error` is not `Clone`).
+type Shared = Option<Result<Vec<SocketAddr>, (io::ErrorKind, String)>>;
+
+/// The lookups running, by `(host, port)`: how to wait for each one's outcome.
+type Running = HashMap<(String, u16), tokio::sync::watch::Receiver<Shared>>;
+
+/// Blocking lookups, one running per name. A blocking thread cannot be cancelled: a lookup that
+/// outlives its caller's `LOOKUP_TIMEOUT` (dead nameservers, a hung NSS module) keeps its thread
+/// to the end. A later lookup of the same name waits for that one instead of starting another,
+/// so a resolver that hangs holds one thread per name, never one more every `resolve_interval`
+/// until tokio's blocking pool is full and state writes, reloads and flips queue behind it.
+struct OnePerName {
+    blocking: fn(&str, u16) -> io::Result<Vec<SocketAddr>>,
+    /// Held only to look up or insert, never across an await.
+    running: Arc<std::sync::Mutex<Running>>,
+}
+
+impl OnePerName {
+    fn new(blocking: fn(&str, u16) -> io::Result<Vec<SocketAddr>>) -> OnePerName {
+        OnePerName {
+            blocking,
+            running: Arc::default(),
+        }
+    }
+
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        let mut rx = self.running_or_start(host, port);
+        Box::pin(async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(shared) => match &*shared {
+                    Some(Ok(addrs)) => Ok(addrs.clone()),
+                    Some(Err((kind, message))) => Err(io::Error::new(*kind, message.clone())),
+                    None => Err(io::Error::other("the lookup ended without an answer")),
+                },
+                Err(_) => Err(io::Error::other("the lookup ended without an answer")),
+            }
+        })
+    }
+
+    fn running_or_start(&self, host: &str, port: u16) -> tokio::sync::watch::Receiver<Shared> {
+        let key = (host.to_string(), port);
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rx) = running.get(&key) {
+            return rx.clone();
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        running.insert(key.clone(), rx.clone());
+        drop(running);
+        let (blocking, table) = (self.blocking, self.running.clone());
+        tokio::task::spawn_blocking(move || {
+            let answer = blocking(&key.0, key.1).map_err(|e| (e.kind(), e.to_string()));
+            // Out of the table first: a lookup that starts after this one ended asks again.
+            table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&key);
+            let _ = tx.send(Some(answer));
+        });
+        rx
     }
 }
 
@@ -356,6 +428,51 @@ pub async fn check_warnings(config: &Config) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_hung_lookup_holds_one_thread_however_often_its_name_is_asked_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::sync::{Condvar, Mutex};
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        static RELEASED: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+        fn hangs(_: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+            CALLS.fetch_add(1, SeqCst);
+            let (lock, released) = &RELEASED;
+            let mut done = lock.lock().unwrap();
+            while !*done {
+                done = released.wait(done).unwrap();
+            }
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+        }
+        let release = || {
+            *RELEASED.0.lock().unwrap() = true;
+            RELEASED.1.notify_all();
+        };
+        let resolver = OnePerName::new(hangs);
+        let ask = |host| tokio::time::timeout(Duration::from_millis(5), resolver.lookup(host, 80));
+        for _ in 0..20 {
+            if ask("api.internal").await.is_ok() {
+                release();
+                panic!("a hung lookup answered");
+            }
+        }
+        assert_eq!(
+            CALLS.load(SeqCst),
+            1,
+            "one thread for the name, however often it is asked"
+        );
+        let _ = ask("other.internal").await;
+        assert_eq!(CALLS.load(SeqCst), 2, "another name has its own");
+        // Asked while it hangs, answered when it ends, by the same lookup.
+        let waiting = resolver.lookup("api.internal", 80);
+        release();
+        let addrs = waiting.await.unwrap();
+        assert_eq!(addrs, vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
+        assert_eq!(CALLS.load(SeqCst), 2);
+        // Once it has ended, the name is asked again.
+        resolver.lookup("api.internal", 80).await.unwrap();
+        assert_eq!(CALLS.load(SeqCst), 3);
+    }
 
     fn config() -> Config {
         crate::config::from_toml_str_with_env(

@@ -374,7 +374,9 @@ pub async fn start_with(
         "switchyard is serving"
     );
     let old_pid = inherited.old_pid;
-    let upgrade_refused = !inherited.ready().await;
+    let upgrade_refused = !inherited
+        .ready(app.snapshot().config.proxy.upgrade_timeout)
+        .await;
     if upgrade_refused {
         // It gave up just now, between the check above and here: it keeps serving, this one
         // drains what it accepted meanwhile and exits 1; systemd still follows the old one
@@ -435,7 +437,56 @@ pub fn config_file_problems(
             problems.push(access_collision(access, "the config file"));
         }
     }
+    if let Some(what) = crate::config::state_file_at(&config.state.path, path) {
+        problems.push(state_collision(
+            &config.state.path,
+            path,
+            what,
+            "the config file (--config)",
+        ));
+    }
     problems
+}
+
+/// `state.path` (or a file kept beside it, `what`) naming `path`, a file the config reads as
+/// `read_as`: a flip would write JSON over it.
+fn state_collision(
+    state: &std::path::Path,
+    path: &std::path::Path,
+    what: &str,
+    read_as: &str,
+) -> crate::config::ConfigError {
+    crate::config::ConfigError {
+        key: "state.path".to_string(),
+        message: format!(
+            "state.path = {:?} makes {} {what}, but it is {read_as}: the state file is rewritten at every flip and moved aside by --reset-state, with files kept beside it; give it a path of its own",
+            state.display().to_string(),
+            path.display(),
+        ),
+    }
+}
+
+/// The files the config names for Switchyard to read, by key.
+fn read_files(config: &Config) -> Vec<(&'static str, &std::path::Path)> {
+    let mut files = Vec::new();
+    let named = [
+        ("proxy.tls_cert", config.proxy.tls_cert.as_deref()),
+        ("proxy.tls_key", config.proxy.tls_key.as_deref()),
+        ("admin.tls_cert", config.admin.tls_cert.as_deref()),
+        ("admin.tls_key", config.admin.tls_key.as_deref()),
+        ("analysis.ca_file", config.analysis.ca_file.as_deref()),
+        ("notify.ca_file", config.notify.ca_file.as_deref()),
+        (
+            "proxy.resolve_hosts_file",
+            config.proxy.resolve_hosts_file.as_deref(),
+        ),
+    ];
+    for (key, path) in named {
+        if let Some(path) = path {
+            files.push((key, path));
+        }
+    }
+    files
 }
 
 /// `log.access` naming a file another owner rewrites or reads back (the state file, the audit
@@ -459,10 +510,32 @@ pub fn file_problems(config: &Config) -> Vec<crate::config::ConfigError> {
     let mut problems = Vec::new();
     for (section, cert, key) in tls_pairs(config) {
         if let Err(e) = TlsSetup::new(cert, key) {
+            let file = e.file();
             problems.push(crate::config::ConfigError {
-                key: format!("{section}.{}", e.file().key()),
+                key: format!("{section}.{}", file.key()),
                 message: e.to_string(),
             });
+            // The certificate failed before the key was read: the key's own problem too, so
+            // that one run names both.
+            let key_too = matches!(
+                e,
+                crate::tls::TlsError::ReadCert { .. }
+                    | crate::tls::TlsError::CertPem { .. }
+                    | crate::tls::TlsError::NoCert { .. }
+            );
+            if let Some(e) = key_too.then(|| crate::tls::load_key(key).err()).flatten() {
+                problems.push(crate::config::ConfigError {
+                    key: format!("{section}.tls_key"),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    // The state file is rewritten, moved aside by `--reset-state` when unreadable, and has
+    // files kept beside it: none of them may be a file another key names for reading.
+    for (key, path) in read_files(config) {
+        if let Some(what) = crate::config::state_file_at(&config.state.path, path) {
+            problems.push(state_collision(&config.state.path, path, what, key));
         }
     }
     // A CA file the config names must hold a usable certificate: one that cannot would fail

@@ -165,23 +165,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Reads a PEM certificate chain and private key.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|source| TlsError::ReadCert {
-            path: cert.to_path_buf(),
-            source,
-        })?
-        .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::CertPem {
-            path: cert.to_path_buf(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert {
-            path: cert.to_path_buf(),
-        });
-    }
+/// The private key in `key` (PEM), ready to sign: what [`load_certified_key`] reads from it, and
+/// what `check` reads alone when the certificate failed first, so that both files' problems are
+/// named at once.
+pub fn load_key(key: &Path) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsError> {
     let der = PrivateKeyDer::from_pem_file(key).map_err(|source| {
         // An encrypted key has PEM sections rustls skips: "no items found" would say nothing.
         let text = std::fs::read_to_string(key).unwrap_or_default();
@@ -203,6 +190,27 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             source,
         }
     })?;
+    Ok(signer)
+}
+
+/// Reads a PEM certificate chain and private key.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|source| TlsError::ReadCert {
+            path: cert.to_path_buf(),
+            source,
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::CertPem {
+            path: cert.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert {
+            path: cert.to_path_buf(),
+        });
+    }
+    let signer = load_key(key)?;
     let ck = CertifiedKey::new(certs, signer);
     ck.keys_match().map_err(|source| {
         // webpki cannot read a v1 certificate's key: that is not a mismatch.

@@ -156,9 +156,13 @@ impl Inherited {
     /// "go", or says "abort" and reads nothing more. An older Switchyard says neither: it
     /// closes the connection, before "ready" when it gave up (it is still alive), after it
     /// when it drains. A closed connection and a dead old process: this one serves. The
-    /// answer is waited for as long as the connection stays open (this process already serves
-    /// meanwhile, as the old one does until it reads "ready").
-    pub async fn ready(&mut self) -> bool {
+    /// answer is waited for up to `wait` (`proxy.upgrade_timeout`; this process already serves
+    /// meanwhile, as the old one does until it reads "ready"). An "abort" comes at once or not
+    /// at all, so an old process still silent then read "ready" and was stopped before its
+    /// "go" (SIGSTOP, a frozen cgroup): this one serves, and stops waiting, so that it starts
+    /// acting on signals; the connection is kept open, so the old one's "go" still lands when
+    /// it runs again, and it drains.
+    pub async fn ready(&mut self, wait: Duration) -> bool {
         let Some(s) = self.old.take() else {
             return true;
         };
@@ -187,16 +191,38 @@ impl Inherited {
             tracing::warn!(error = %e, "upgrade: the old process closed the connection before it was told");
             return !alive(old_pid);
         }
-        let mut answer = Vec::with_capacity(8);
-        let mut byte = [0u8; 1];
-        while answer.len() < 8 && !answer.ends_with(b"\n") {
-            match s.read(&mut byte).await {
-                Ok(1) => answer.push(byte[0]),
-                _ => break,
+        let answer = async move {
+            let mut answer = Vec::with_capacity(8);
+            let mut byte = [0u8; 1];
+            while answer.len() < 8 && !answer.ends_with(b"\n") {
+                match s.read(&mut byte).await {
+                    Ok(1) => answer.push(byte[0]),
+                    _ => break,
+                }
+            }
+            answer
+        };
+        let mut answer = Box::pin(answer);
+        match tokio::time::timeout(wait, &mut answer).await {
+            // "go"; or nothing and closed: an older Switchyard draining, or one that died.
+            Ok(answer) => answer != ABORT,
+            Err(_) => {
+                tracing::warn!(
+                    old_pid,
+                    "upgrade: the old process read \"ready\" but has not answered within {} (proxy.upgrade_timeout): is it stopped? This one serves; the old one drains once it runs again",
+                    humantime::format_duration(wait)
+                );
+                tokio::spawn(async move {
+                    let said = answer.await;
+                    tracing::info!(
+                        old_pid,
+                        answer = %String::from_utf8_lossy(&said).trim_end(),
+                        "upgrade: the old process answered at last"
+                    );
+                });
+                true
             }
         }
-        // "go"; or nothing and closed: an older Switchyard draining, or one that died.
-        answer != ABORT
     }
 }
 
@@ -1013,6 +1039,52 @@ mod tests {
         });
         assert!(connect_patiently(&sock, Duration::from_secs(30)).is_ok());
         assert!(later.join().expect("thread").is_ok());
+    }
+
+    /// The new process's side of the hand-over: "go" or a closed connection and it serves,
+    /// "abort" and it does not; an old process that read "ready" and then says nothing (it
+    /// was stopped between the two) does not keep it waiting past `wait`, and its late "go"
+    /// still lands.
+    #[tokio::test]
+    async fn the_new_process_waits_for_the_old_ones_answer_at_most_its_upgrade_timeout() {
+        use std::io::{Read, Write};
+        let inherited = |old: UnixStream| Inherited {
+            listeners: HashMap::new(),
+            old: Some(old),
+            old_pid: std::process::id(),
+            states: None,
+            names: None,
+        };
+        let bound = Duration::from_secs(20);
+        for (answer, serves) in [(Some(GO), true), (Some(ABORT), false), (None, true)] {
+            let (new, mut old) = UnixStream::pair().expect("socketpair");
+            let mut new = inherited(new);
+            let old = std::thread::spawn(move || {
+                let mut ready = [0u8; 6];
+                old.read_exact(&mut ready).expect("read ready");
+                assert_eq!(&ready, READY);
+                match answer {
+                    Some(a) => old.write_all(a).expect("answer"),
+                    None => drop(old),
+                }
+            });
+            let got = tokio::time::timeout(bound, new.ready(Duration::from_secs(10))).await;
+            assert_eq!(got, Ok(serves), "answer {answer:?}");
+            old.join().expect("old side");
+        }
+        // Read "ready", then silent, the connection open: the wait ends at `wait`.
+        let (new, mut old) = UnixStream::pair().expect("socketpair");
+        let mut new = inherited(new);
+        let got = tokio::time::timeout(bound, new.ready(Duration::from_millis(200))).await;
+        assert_eq!(
+            got,
+            Ok(true),
+            "a silent old process kept the new one waiting"
+        );
+        let mut ready = [0u8; 6];
+        old.read_exact(&mut ready).expect("read ready");
+        // Its "go", when it runs again, is still read (the connection was kept, not closed).
+        old.write_all(GO).expect("a late go lands");
     }
 
     /// A stop removes the upgrade socket it bound (compared by device and inode), never one a

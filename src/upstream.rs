@@ -460,8 +460,9 @@ impl Pool {
 
     /// Least outstanding requests between two random healthy upstreams (power of two choices):
     /// near-optimal balance without a shared counter every request would contend on. An
-    /// upstream whose last request failed loses to one whose did not, whatever their
-    /// outstanding counts (a dead upstream has none: it would otherwise win every draw). With
+    /// upstream whose last request failed within [`crate::passive::AVOID_FOR`] loses to one
+    /// whose did not, whatever their outstanding counts (a dead upstream has none: it would
+    /// otherwise win every draw). With
     /// every healthy upstream ejected by passive health, the ejected ones are used (panic mode,
     /// see [`crate::passive`]).
     pub fn pick(&self) -> Option<&Arc<Upstream>> {
@@ -507,7 +508,8 @@ impl Pool {
     }
 }
 
-/// Balancing order: upstreams whose last request succeeded first, then fewest outstanding.
+/// Balancing order: upstreams without a failure in the last [`crate::passive::AVOID_FOR`]
+/// first, then fewest outstanding.
 fn rank(u: &Upstream) -> (bool, usize) {
     (u.passive.failing(), u.outstanding())
 }

@@ -1507,6 +1507,88 @@ fn check_and_serve_refuse_an_access_log_on_the_state_or_config_file() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+/// `state.path` naming the config file (or a file another key names for reading: a TLS
+/// certificate, the hosts file) passed `check`; `serve --reset-state` then moved the config
+/// aside and wrote the state's JSON over its path, and every reload or restart after failed.
+/// `check`, `serve` and `serve --reset-state` refuse it naming `state.path`, and leave the
+/// files as they were. A TLS pair whose two files are both unreadable is named twice in one run.
+#[test]
+fn check_and_serve_refuse_a_state_file_on_the_config_or_a_file_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    let file = format!("{d}/c.toml");
+    let conf = |state: &str, extra: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{extra}[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [state]\npath = \"{state}\"\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3011\"] }}\n"
+        )
+    };
+    let hosts = format!("{d}/hosts");
+    std::fs::write(&hosts, "127.0.0.1 api.internal\n").expect("hosts");
+    let env = [("SWITCHYARD_ADMIN_TOKEN", "t")];
+    let cases = [
+        (conf(&file, ""), "the config file (--config)", file.clone()),
+        (
+            conf(
+                &format!("{d}/cert.pem"),
+                &format!("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\n"),
+            ),
+            "proxy.tls_cert",
+            format!("{d}/cert.pem"),
+        ),
+        (
+            // The audit log kept beside `s.json` is `s.events.jsonl`.
+            conf(
+                &format!("{d}/s.json"),
+                &format!("resolve_hosts_file = \"{d}/s.events.jsonl\"\n"),
+            ),
+            "proxy.resolve_hosts_file",
+            format!("{d}/s.events.jsonl"),
+        ),
+    ];
+    for (body, what, path) in cases {
+        std::fs::write(&file, &body).expect("write");
+        let before = std::fs::read(&path).ok();
+        for args in [
+            &["check", "--config", &file][..],
+            &["serve", "--config", &file],
+            &["serve", "--reset-state", "--config", &file],
+        ] {
+            let (code, err) = run_bounded(args, &env);
+            assert_eq!(code, Some(1), "{args:?} {what}: {err}");
+            assert!(
+                err.contains("state.path:")
+                    && err.contains(&format!("but it is {what}"))
+                    && err.contains("give it a path of its own"),
+                "{args:?} {what}: {err}"
+            );
+            assert_eq!(
+                std::fs::read(&path).ok(),
+                before,
+                "{args:?}: {path} changed"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&file).expect("config kept"), body);
+    }
+    // Both files of a TLS pair missing: both named.
+    std::fs::write(
+        &file,
+        conf(
+            &format!("{d}/s.json"),
+            &format!("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"{d}/none.pem\"\ntls_key = \"{d}/nokey.pem\"\n"),
+        ),
+    )
+    .expect("write");
+    let (code, err) = run_bounded(&["check", "--config", &file], &env);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("proxy.tls_cert:") && err.contains("proxy.tls_key:"),
+        "{err}"
+    );
+}
+
 /// The state file bind-mounted on its own (`docker run -v $PWD/sy.json:/var/lib/switchyard/
 /// switchyard.json`): `serve` started with a warning, and every flip and automatic rollback
 /// then failed (500, "Device or resource busy": the rename over a mount point). `serve` now
