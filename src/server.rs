@@ -669,9 +669,10 @@ fn tls_pairs(config: &Config) -> Vec<(&'static str, &std::path::Path, &std::path
     pairs
 }
 
-/// `check`'s `warning:` lines for the files the config names: a certificate expired, not yet
+/// `check`'s `warning:` lines: for the files the config names, a certificate expired, not yet
 /// valid, or within two weeks of its end (served all the same, as nginx and HAProxy serve it,
-/// but every client refuses it). Blocking.
+/// but every client refuses it); a config that is valid but cannot do what it says (a trigger
+/// that never sees what it reads, an upstream that is this proxy). Blocking.
 pub fn file_warnings(config: &Config) -> Vec<String> {
     let now = std::time::SystemTime::now();
     let mut out: Vec<String> = tls_pairs(config)
@@ -690,6 +691,44 @@ pub fn file_warnings(config: &Config) -> Vec<String> {
             sock.display(),
             sock.as_os_str().len()
         ));
+    }
+    let own: Vec<(SocketAddr, &str)> = [
+        Some((config.proxy.listen, "proxy.listen")),
+        config.proxy.tls_listen.map(|a| (a, "proxy.tls_listen")),
+        config
+            .proxy
+            .preview_listen
+            .map(|a| (a, "proxy.preview_listen")),
+        Some((config.admin.listen, "admin.listen")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (i, svc) in config.services.iter().enumerate() {
+        for (j, t) in svc.rollback.triggers.iter().enumerate() {
+            if t.kind == crate::config::TriggerKind::Unhealthy && svc.health.is_none() {
+                out.push(format!(
+                    "warning: services[{i}].rollback.triggers[{j}]: kind \"unhealthy\" counts healthy upstreams, and service {:?} has no [services.health]: every upstream counts as healthy unless passive ejection (proxy.eject_after) takes it out; add a health check",
+                    svc.name
+                ));
+            }
+        }
+        for color in crate::config::Color::ALL {
+            for up in &svc.pool(color).upstreams {
+                // A wildcard listener takes a loopback or local address too; only the exact
+                // address and 127.0.0.1 against 0.0.0.0 are named (others may be another host).
+                let loops = own.iter().find(|(a, _)| {
+                    a.port() == up.port()
+                        && (a.ip() == up.ip() || a.ip().is_unspecified() && up.ip().is_loopback())
+                });
+                if let Some((_, key)) = loops {
+                    out.push(format!(
+                        "warning: services[{i}].{color}.upstreams: {up} is this Switchyard's own {key}: requests to service {:?} on {color} would come back to it",
+                        svc.name
+                    ));
+                }
+            }
+        }
     }
     out
 }

@@ -1857,6 +1857,44 @@ fn a_state_path_under_a_file_is_named_at_its_key() {
     }
 }
 
+/// Valid configs that cannot do what they say passed `check` silently: an `unhealthy` trigger
+/// on a service without health checks (it never sees an upstream go unhealthy), an upstream that
+/// is the proxy's own listener (every request comes back to it). `check` warns (exit 0).
+#[test]
+fn check_warns_of_a_trigger_that_cannot_see_and_an_upstream_that_is_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "[proxy]\nlisten = \"0.0.0.0:44080\"\n[admin]\nlisten = \"127.0.0.1:44090\"\n\
+             [state]\npath = \"{d}/s.json\"\n\
+             [[services]]\nname = \"web\"\nhosts = [\"web\"]\nblue = {{ upstreams = [\"127.0.0.1:3002\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:3012\"] }}\n\
+             rollback = {{ triggers = [{{ kind = \"unhealthy\", for = \"1s\" }}] }}\n\
+             health = {{ path = \"/healthz\" }}\n\
+             [[services]]\nname = \"api\"\nblue = {{ upstreams = [\"127.0.0.1:3001\"] }}\n\
+             green = {{ upstreams = [\"127.0.0.1:44080\"] }}\n\
+             rollback = {{ triggers = [{{ kind = \"unhealthy\", for = \"1s\" }}] }}\n"
+        ),
+    );
+    let out = switchyard(&["check", "--config", &cfg]);
+    let (said, err) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said} {err}");
+    assert!(
+        said.contains("warning: services[1].rollback.triggers[0]: kind \"unhealthy\"")
+            && said.contains("has no [services.health]"),
+        "{said}"
+    );
+    assert!(!said.contains("services[0].rollback"), "{said}");
+    assert!(
+        said.contains("warning: services[1].green.upstreams: 127.0.0.1:44080 is this Switchyard's own proxy.listen"),
+        "{said}"
+    );
+    assert!(!said.contains(".blue.upstreams"), "{said}");
+}
+
 /// An upgrade socket path too long for a Unix socket (`sun_path`, 108 bytes) makes upgrades
 /// impossible for that process; `serve` said so only in its log: `check` warns (exit 0).
 #[test]

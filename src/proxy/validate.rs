@@ -406,10 +406,24 @@ pub fn host_name_len(b: &[u8]) -> Option<usize> {
         };
         (end + 2, port)
     } else {
-        let n = b
-            .iter()
-            .position(|&c| !NAME_BYTE[c as usize])
-            .unwrap_or(b.len());
+        // A DNS name has no empty label: `a..b`, `a..` and `.` are refused (as nginx does; a
+        // leading dot it accepts, and so does this).
+        let mut n = 0;
+        let mut dot = false;
+        while let Some(&c) = b.get(n) {
+            if !NAME_BYTE[c as usize] {
+                break;
+            }
+            if c == b'.' {
+                if dot || n == 0 && b.get(1).is_none_or(|&c| c == b':') {
+                    return None;
+                }
+                dot = true;
+            } else {
+                dot = false;
+            }
+            n += 1;
+        }
         match &b[n..] {
             [] => (n, None),
             [b':', p @ ..] => (n, Some(p)),
@@ -682,6 +696,13 @@ mod tests {
         assert_eq!(host_without_port("[::1"), None);
         assert_eq!(host_without_port("x_y-z.9"), Some("x_y-z.9"));
         assert_eq!(host_without_port("caf\u{e9}.example"), None);
+        // No empty label, but one trailing dot (the root) and a leading one (as nginx).
+        for bad in ["a..b", "admin.example..", "..", ".", ".:80", "a..:80"] {
+            assert_eq!(host_without_port(bad), None, "{bad}");
+        }
+        for good in ["a.b.", "a.b.:80", ".wild.test", "a"] {
+            assert!(host_without_port(good).is_some(), "{good}");
+        }
         for bad in [&b"a\xff"[..], b"a\x00:80", b"a/b", b"a@b", b"a%20"] {
             assert_eq!(host_name_len(bad), None, "{bad:?}");
         }
