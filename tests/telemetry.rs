@@ -630,6 +630,51 @@ async fn status_numbers_match_the_traffic() {
     p.stop().await;
 }
 
+/// A color flipped back to shows what it served since that flip, as its triggers read it: the
+/// status and the `switchyard_window_*` gauges showed green failing 100% right after it went
+/// live again, from an earlier live period's requests. The idle color keeps its whole window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_color_flipped_back_to_shows_only_what_it_served_since() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    green.set_status(500);
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    assert_eq!(p.flip("api", "green").await.0, 200);
+    for _ in 0..10 {
+        assert_eq!(p.get("/x").await.0, 500);
+    }
+    assert_eq!(p.flip("api", "blue").await.0, 200);
+    for _ in 0..5 {
+        assert_eq!(p.get("/x").await.0, 200);
+    }
+    // The windows count whole seconds: the flip back comes in a later one than any request.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(p.flip("api", "green").await.0, 200);
+    let svc = p.service_status("api").await;
+    let g = color(&svc, "green");
+    assert_eq!(g["requests"], 0, "{svc}");
+    assert_eq!(g["error_rate"], Value::Null, "{svc}");
+    assert_eq!(upstream(&svc, "green", green.addr)["requests"], 0, "{svc}");
+    assert_eq!(color(&svc, "blue")["requests"], 5, "{svc}");
+    let samples = parse(&metrics(p.admin).await);
+    let gauge = |name, c| value(&samples, name, &[("service", "api"), ("color", c)]);
+    assert_eq!(gauge("switchyard_window_requests", "green"), Some(0.0));
+    assert_eq!(gauge("switchyard_window_error_ratio", "green"), Some(0.0));
+    assert_eq!(gauge("switchyard_window_requests", "blue"), Some(5.0));
+    // What it serves from now on is counted.
+    for _ in 0..3 {
+        assert_eq!(p.get("/x").await.0, 500);
+    }
+    let svc = p.service_status("api").await;
+    assert_eq!(color(&svc, "green")["requests"], 3, "{svc}");
+    assert_eq!(
+        color(&svc, "green")["error_rate"].as_f64(),
+        Some(1.0),
+        "{svc}"
+    );
+    p.stop().await;
+}
+
 /// The statistics windows' dropped samples are exported per service and color: a gauge with
 /// exactly those labels, 0 when requests come one at a time (nothing races a slot's clearing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

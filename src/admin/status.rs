@@ -43,7 +43,12 @@ pub fn status_json(app: &App) -> Value {
             for color in Color::ALL {
                 colors.insert(
                     color.as_str().to_string(),
-                    color_json(svc, color, now_epoch, window),
+                    color_json(
+                        svc,
+                        color,
+                        now_epoch,
+                        color_window(app, svc, color, now_epoch, window),
+                    ),
                 );
             }
             let r = &svc.config.rollback;
@@ -96,6 +101,18 @@ pub fn status_json(app: &App) -> Value {
         },
         "services": services,
     })
+}
+
+/// Seconds of the status window read for `color`: the live color's cut at its flip when that
+/// is more recent (as the triggers read it), so that a color flipped back to shows only what it
+/// served since, not an earlier live period's failures; the idle color's whole.
+fn color_window(app: &App, svc: &Service, color: Color, now_epoch: u64, window: u64) -> u64 {
+    match svc.flipped_at {
+        Some(t) if svc.state.active == color => {
+            window.min(now_epoch.saturating_sub(app.clock.epoch_at(t)) + 1)
+        }
+        _ => window,
+    }
 }
 
 fn color_json(svc: &Service, color: Color, now_epoch: u64, window: u64) -> Value {
@@ -211,13 +228,14 @@ pub async fn metrics_text(app: &App) -> String {
                 .with_label_values(&[name, c])
                 .set((svc.state.active == color) as i64);
             let pool = svc.pool(color);
+            let live_window = color_window(app, svc, color, now_epoch, window);
             let mut total = Summary::default();
             let mut dropped = 0;
             for u in &pool.upstreams {
                 m.upstream_healthy
                     .with_label_values(&[name, c, &u.addr_label])
                     .set(u.is_healthy() as i64);
-                u.window.summary_into(now_epoch, window, &mut total);
+                u.window.summary_into(now_epoch, live_window, &mut total);
                 dropped += u.window.dropped();
             }
             dropped += pool
