@@ -55,8 +55,11 @@ fn getaddrinfo(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 /// A blocking lookup's outcome, shared by everyone waiting for it (`io::Error` is not `Clone`).
 type Shared = Option<Result<Vec<SocketAddr>, (io::ErrorKind, String)>>;
 
-/// The lookups running, by `(host, port)`: how to wait for each one's outcome.
-type Running = HashMap<(String, u16), tokio::sync::watch::Receiver<Shared>>;
+/// The lookups running, by `(host, port)`: when each started, and how to wait for its outcome.
+type Running = HashMap<(String, u16), (tokio::time::Instant, tokio::sync::watch::Receiver<Shared>)>;
+
+/// A lookup running this long is taken as stuck: the next lookup of its name starts another.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
 
 /// Blocking lookups, one running per name. A blocking thread cannot be cancelled: a lookup that
 /// outlives its caller's `LOOKUP_TIMEOUT` (dead nameservers, a hung NSS module) keeps its thread
@@ -93,24 +96,38 @@ impl OnePerName {
 
     fn running_or_start(&self, host: &str, port: u16) -> tokio::sync::watch::Receiver<Shared> {
         let key = (host.to_string(), port);
+        let now = tokio::time::Instant::now();
         let mut running = self
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(rx) = running.get(&key) {
-            return rx.clone();
+        // Waited for unless its sender is gone without an answer (the blocking task was never
+        // run: no thread could be started, the runtime is shutting down) or it has run past
+        // `STUCK_AFTER` (one NSS call stuck for good must not stop the name's lookups forever:
+        // one more thread per name per `STUCK_AFTER` at most).
+        if let Some((started, rx)) = running.get(&key) {
+            if rx.has_changed().is_ok() && now.duration_since(*started) < STUCK_AFTER {
+                return rx.clone();
+            }
         }
         let (tx, rx) = tokio::sync::watch::channel(None);
-        running.insert(key.clone(), rx.clone());
+        running.insert(key.clone(), (now, rx.clone()));
         drop(running);
-        let (blocking, table) = (self.blocking, self.running.clone());
+        let (blocking, table, ours) = (self.blocking, self.running.clone(), rx.clone());
         tokio::task::spawn_blocking(move || {
             let answer = blocking(&key.0, key.1).map_err(|e| (e.kind(), e.to_string()));
-            // Out of the table first: a lookup that starts after this one ended asks again.
-            table
+            // Out of the table first (when still this lookup's entry): a lookup that starts
+            // after this one ended asks again.
+            let mut running = table
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&key);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if running
+                .get(&key)
+                .is_some_and(|(_, rx)| rx.same_channel(&ours))
+            {
+                running.remove(&key);
+            }
+            drop(running);
             let _ = tx.send(Some(answer));
         });
         rx
@@ -429,32 +446,56 @@ pub async fn check_warnings(config: &Config) -> Vec<String> {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Condvar, Mutex};
+
+    type Gate = (Mutex<bool>, Condvar);
+
+    /// Opens its gate when dropped: a failed assertion ends the test instead of leaving its
+    /// blocking threads hung (the runtime waits for them when it is dropped).
+    struct Opens(&'static Gate);
+
+    impl Drop for Opens {
+        fn drop(&mut self) {
+            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.0 .1.notify_all();
+        }
+    }
+
+    fn wait_at(gate: &Gate) {
+        let mut open = gate.0.lock().unwrap();
+        while !*open {
+            open = gate.1.wait(open).unwrap();
+        }
+    }
+
+    /// Whether `calls` reaches `n` within 10 s (a blocking thread starts when the OS runs it).
+    fn reaches(calls: &AtomicUsize, n: usize) -> bool {
+        for _ in 0..10_000 {
+            if calls.load(SeqCst) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
     #[tokio::test]
     async fn a_hung_lookup_holds_one_thread_however_often_its_name_is_asked_again() {
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        use std::sync::{Condvar, Mutex};
         static CALLS: AtomicUsize = AtomicUsize::new(0);
-        static RELEASED: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+        static GATE: Gate = (Mutex::new(false), Condvar::new());
         fn hangs(_: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
             CALLS.fetch_add(1, SeqCst);
-            let (lock, released) = &RELEASED;
-            let mut done = lock.lock().unwrap();
-            while !*done {
-                done = released.wait(done).unwrap();
-            }
+            wait_at(&GATE);
             Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
         }
-        let release = || {
-            *RELEASED.0.lock().unwrap() = true;
-            RELEASED.1.notify_all();
-        };
+        let opens = Opens(&GATE);
         let resolver = OnePerName::new(hangs);
         let ask = |host| tokio::time::timeout(Duration::from_millis(5), resolver.lookup(host, 80));
+        assert!(ask("api.internal").await.is_err(), "a hung lookup answered");
+        assert!(reaches(&CALLS, 1));
         for _ in 0..20 {
-            if ask("api.internal").await.is_ok() {
-                release();
-                panic!("a hung lookup answered");
-            }
+            assert!(ask("api.internal").await.is_err(), "a hung lookup answered");
         }
         assert_eq!(
             CALLS.load(SeqCst),
@@ -462,16 +503,65 @@ mod tests {
             "one thread for the name, however often it is asked"
         );
         let _ = ask("other.internal").await;
-        assert_eq!(CALLS.load(SeqCst), 2, "another name has its own");
+        assert!(reaches(&CALLS, 2), "another name has its own");
         // Asked while it hangs, answered when it ends, by the same lookup.
         let waiting = resolver.lookup("api.internal", 80);
-        release();
+        drop(opens);
         let addrs = waiting.await.unwrap();
         assert_eq!(addrs, vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
         assert_eq!(CALLS.load(SeqCst), 2);
         // Once it has ended, the name is asked again.
         resolver.lookup("api.internal", 80).await.unwrap();
         assert_eq!(CALLS.load(SeqCst), 3);
+    }
+
+    /// A lookup whose task ended without an answer (it panicked; or no thread could be
+    /// started) does not leave its name failing for good: the next lookup asks again.
+    #[tokio::test]
+    async fn a_lookup_that_ended_without_an_answer_is_asked_again() {
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        fn first_panics(_: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+            if CALLS.fetch_add(1, SeqCst) == 0 {
+                panic!("the resolver library failed");
+            }
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+        }
+        let resolver = OnePerName::new(first_panics);
+        let first = resolver.lookup("api.internal", 80).await;
+        assert!(first.is_err(), "{first:?}");
+        let again = resolver.lookup("api.internal", 80).await;
+        assert_eq!(
+            again.ok(),
+            Some(vec![SocketAddr::from(([127, 0, 0, 1], 80))])
+        );
+        assert_eq!(CALLS.load(SeqCst), 2);
+    }
+
+    /// One lookup stuck for good (an NSS call that never returns) stops its name's lookups
+    /// only for `STUCK_AFTER`: then one more is started.
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_stuck_past_its_limit_is_started_again() {
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        static GATE: Gate = (Mutex::new(false), Condvar::new());
+        fn hangs(_: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+            CALLS.fetch_add(1, SeqCst);
+            wait_at(&GATE);
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+        }
+        let _opens = Opens(&GATE);
+        let resolver = OnePerName::new(hangs);
+        drop(resolver.lookup("api.internal", 80));
+        assert!(reaches(&CALLS, 1));
+        tokio::time::advance(STUCK_AFTER - Duration::from_secs(1)).await;
+        drop(resolver.lookup("api.internal", 80));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(CALLS.load(SeqCst), 1, "started again before STUCK_AFTER");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(resolver.lookup("api.internal", 80));
+        assert!(reaches(&CALLS, 2), "never started again");
+        drop(resolver.lookup("api.internal", 80));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(CALLS.load(SeqCst), 2, "the new one is waited for in turn");
     }
 
     fn config() -> Config {

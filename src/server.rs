@@ -717,13 +717,20 @@ pub fn file_warnings(config: &Config) -> Vec<String> {
             for up in &svc.pool(color).upstreams {
                 // A wildcard listener takes a loopback or local address too; only the exact
                 // address and 127.0.0.1 against 0.0.0.0 are named (others may be another host).
+                // `0.0.0.0` takes IPv4 only; `[::]` both (it is bound dual-stack).
                 let loops = own.iter().find(|(a, _)| {
-                    a.port() == up.port()
-                        && (a.ip() == up.ip() || a.ip().is_unspecified() && up.ip().is_loopback())
+                    let wildcard = a.ip().is_unspecified()
+                        && up.ip().is_loopback()
+                        && (a.is_ipv6() || up.is_ipv4());
+                    a.port() == up.port() && (a.ip() == up.ip() || wildcard)
                 });
                 if let Some((_, key)) = loops {
+                    let what = match *key {
+                        "admin.listen" => "would reach its admin API",
+                        _ => "would come back to it",
+                    };
                     out.push(format!(
-                        "warning: services[{i}].{color}.upstreams: {up} is this Switchyard's own {key}: requests to service {:?} on {color} would come back to it",
+                        "warning: services[{i}].{color}.upstreams: {up} is this Switchyard's own {key}: requests to service {:?} on {color} {what}",
                         svc.name
                     ));
                 }

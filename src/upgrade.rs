@@ -75,6 +75,9 @@ pub fn exit_ends_namespace() -> Option<String> {
 const READY: &[u8] = b"ready\n";
 /// The old process's answer to "ready": it stops accepting and drains; this one serves.
 const GO: &[u8] = b"go\n";
+/// The least the new process waits for the old one's answer to "ready" ([`Inherited::ready`]).
+const MIN_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 /// What the old process says when it stops waiting (`proxy.upgrade_timeout`) and serves on.
 const ABORT: &[u8] = b"abort\n";
 /// Listening sockets one process may have: proxy, TLS, preview, admin, and per-worker sockets.
@@ -156,7 +159,8 @@ impl Inherited {
     /// "go", or says "abort" and reads nothing more. An older Switchyard says neither: it
     /// closes the connection, before "ready" when it gave up (it is still alive), after it
     /// when it drains. A closed connection and a dead old process: this one serves. The
-    /// answer is waited for up to `wait` (`proxy.upgrade_timeout`; this process already serves
+    /// answer is waited for up to `wait` (`proxy.upgrade_timeout`, at least
+    /// [`MIN_ANSWER_WAIT`]; this process already serves
     /// meanwhile, as the old one does until it reads "ready"). An "abort" comes at once or not
     /// at all, so an old process still silent then read "ready" and was stopped before its
     /// "go" (SIGSTOP, a frozen cgroup): this one serves, and stops waiting, so that it starts
@@ -203,7 +207,9 @@ impl Inherited {
             answer
         };
         let mut answer = Box::pin(answer);
-        match tokio::time::timeout(wait, &mut answer).await {
+        // Never less than `MIN_ANSWER_WAIT`, whatever a (tiny) upgrade_timeout says: an "abort"
+        // sent just as "ready" arrived must be read here, not after this one serves.
+        match tokio::time::timeout(wait.max(MIN_ANSWER_WAIT), &mut answer).await {
             // "go"; or nothing and closed: an older Switchyard draining, or one that died.
             Ok(answer) => answer != ABORT,
             Err(_) => {
@@ -214,11 +220,21 @@ impl Inherited {
                 );
                 tokio::spawn(async move {
                     let said = answer.await;
-                    tracing::info!(
-                        old_pid,
-                        answer = %String::from_utf8_lossy(&said).trim_end(),
-                        "upgrade: the old process answered at last"
-                    );
+                    let text = String::from_utf8_lossy(&said);
+                    if said == GO {
+                        tracing::info!(
+                            old_pid,
+                            "upgrade: the old process said \"go\" at last; it drains"
+                        );
+                    } else {
+                        // It gave up after all (or went away): it may be serving beside this
+                        // one, on the same sockets.
+                        tracing::error!(
+                            old_pid,
+                            answer = %text.trim_end(),
+                            "upgrade: the old process answered at last, and not \"go\": it may serve beside this one; stop one of them (kill -TERM {old_pid} to keep this one)"
+                        );
+                    }
                 });
                 true
             }
@@ -1072,10 +1088,11 @@ mod tests {
             assert_eq!(got, Ok(serves), "answer {answer:?}");
             old.join().expect("old side");
         }
-        // Read "ready", then silent, the connection open: the wait ends at `wait`.
+        // Read "ready", then silent, the connection open: the wait ends.
         let (new, mut old) = UnixStream::pair().expect("socketpair");
         let mut new = inherited(new);
         let got = tokio::time::timeout(bound, new.ready(Duration::from_millis(200))).await;
+        // (Waited `MIN_ANSWER_WAIT`, not the 200 ms asked.)
         assert_eq!(
             got,
             Ok(true),
