@@ -77,6 +77,43 @@ pub enum Outcome {
     Error { error: String, config: bool },
 }
 
+/// The most of an outcome's `error` or `detail` kept, in bytes: they carry text from outside (a
+/// Prometheus error, a probed body's value), which goes into every `/api/status`, log line,
+/// event and 409 after; a page of it is cut to this, with `…`.
+const MAX_TEXT: usize = 512;
+
+/// `s` cut to at most [`MAX_TEXT`] bytes (at a character boundary), marked with `…` when cut.
+fn clipped(mut s: String) -> String {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+impl Outcome {
+    /// With its texts cut to [`MAX_TEXT`].
+    fn clipped(self) -> Outcome {
+        match self {
+            Outcome::Value { value, detail } => Outcome::Value {
+                value,
+                detail: detail.map(clipped),
+            },
+            Outcome::Empty { detail } => Outcome::Empty {
+                detail: clipped(detail),
+            },
+            Outcome::Error { error, config } => Outcome::Error {
+                error: clipped(error),
+                config,
+            },
+        }
+    }
+}
+
 /// How often a trigger that stays inconclusive with the same error is logged again.
 const WARN_AGAIN: Duration = Duration::from_secs(60);
 
@@ -1286,8 +1323,14 @@ async fn evaluate(
     target: &Target<'_>,
 ) -> Option<(String, Outcome)> {
     match kind {
-        TriggerKind::Prometheus(p) => Some(query(analysis, cfg, p, target).await),
-        TriggerKind::Probe(p) => Some(probe(analysis, cfg, p, target).await),
+        TriggerKind::Prometheus(p) => {
+            let (q, o) = query(analysis, cfg, p, target).await;
+            Some((q, o.clipped()))
+        }
+        TriggerKind::Probe(p) => {
+            let (u, o) = probe(analysis, cfg, p, target).await;
+            Some((u, o.clipped()))
+        }
         _ => None,
     }
 }
@@ -1329,11 +1372,11 @@ pub async fn verify(
         let (evaluated, outcome, bound) = match check {
             VerifyCheck::Prometheus(p) => {
                 let (q, o) = query(analysis, cfg, p, &target).await;
-                (q, o, p.bound)
+                (q, o.clipped(), p.bound)
             }
             VerifyCheck::Probe(p) => {
                 let (u, o) = probe(analysis, cfg, p, &target).await;
-                (u, o, Bound::Above(p.above_fraction))
+                (u, o.clipped(), Bound::Above(p.above_fraction))
             }
         };
         let fail = |reason: String| VerifyFailure {
@@ -1373,6 +1416,37 @@ pub async fn verify(
 
 #[cfg(test)]
 mod tests {
+    /// A Prometheus error page or a probed value of megabytes is kept (in the status, the logs,
+    /// the events, a 409) as its first [`MAX_TEXT`] bytes and `…`, cut at a character boundary.
+    #[test]
+    fn outside_text_is_clipped() {
+        let body = format!(
+            r#"{{"status":"error","errorType":"execution","error":"{}"}}"#,
+            "é".repeat(1_500_000)
+        );
+        let o = parse_prometheus(http::StatusCode::BAD_REQUEST, body.as_bytes()).clipped();
+        let Outcome::Error { error, .. } = o else {
+            panic!("{o:?}")
+        };
+        assert!(error.len() <= MAX_TEXT + '…'.len_utf8(), "{}", error.len());
+        assert!(error.starts_with("HTTP 400: execution: éé") && error.ends_with("é…"));
+        let short = Outcome::Empty {
+            detail: "the query returned no series".into(),
+        };
+        assert_eq!(short.clone().clipped(), short);
+        let value = Outcome::Value {
+            value: 1.0,
+            detail: Some("x".repeat(10_000)),
+        };
+        let Outcome::Value {
+            detail: Some(d), ..
+        } = value.clipped()
+        else {
+            panic!()
+        };
+        assert_eq!(d, format!("{}…", "x".repeat(MAX_TEXT)));
+    }
+
     /// An inconclusive trigger is logged when it starts, when its error changes and once a
     /// minute while it lasts, not at every evaluation.
     #[tokio::test(start_paused = true)]

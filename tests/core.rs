@@ -2142,6 +2142,51 @@ async fn admin_405_lists_every_method_the_path_serves() {
     p.stop().await;
 }
 
+/// Every admin answer says `nosniff` (a JSON error holding `<script>` is never read as HTML);
+/// the dashboard forbids framing both ways (CSP `frame-ancestors`, `X-Frame-Options` for older
+/// browsers) and limits `<base>` and form targets.
+#[tokio::test]
+async fn admin_answers_carry_the_browser_hardening_headers() {
+    let blue = TestUpstream::start("blue").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[dead_addr().await], "")).await;
+    let field = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    for (method, path, status) in [
+        ("GET", "/", 200),
+        ("GET", "/api/status", 200),
+        ("GET", "/api/services/none", 404),
+        ("POST", "/api/reload", 401),
+        ("GET", "/metrics", 200),
+    ] {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let (s, headers, _) = raw_exchange(p.admin, req.as_bytes()).await;
+        assert_eq!(s, status, "{method} {path}");
+        assert_eq!(
+            field(&headers, "x-content-type-options").as_deref(),
+            Some("nosniff"),
+            "{method} {path}: {headers:?}"
+        );
+    }
+    let req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let (_, headers, _) = raw_exchange(p.admin, req).await;
+    let csp = field(&headers, "content-security-policy").unwrap_or_default();
+    for part in [
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+    ] {
+        assert!(csp.contains(part), "{csp}");
+    }
+    assert_eq!(field(&headers, "x-frame-options").as_deref(), Some("DENY"));
+    p.stop().await;
+}
+
 /// A 401 carries the Bearer challenge (RFC 9110 11.6.1, RFC 6750 3); a token that was sent and
 /// is wrong is named `invalid_token`.
 #[tokio::test]

@@ -327,9 +327,12 @@ async fn handle(
                 r.headers_mut().insert(
                     header::CONTENT_SECURITY_POLICY,
                     HeaderValue::from_static(
-                        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+                        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
                     ),
                 );
+                // `frame-ancestors` for browsers that predate it.
+                r.headers_mut()
+                    .insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
                 r
             }
             Route::Status => json_response(StatusCode::OK, &status_json(app)),
@@ -1115,6 +1118,11 @@ fn with_type(status: StatusCode, body: Bytes, ctype: &'static str) -> AdminRespo
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // A JSON or text answer is never read as HTML or script, whatever it holds.
+    r.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 
