@@ -52,6 +52,34 @@ fn good_config_validates() {
     assert!(c.summary().contains("api"));
 }
 
+/// An IPv6 literal in `hosts` is refused saying what to do instead; an IPv4 one is a host.
+#[test]
+fn an_ipv6_literal_host_is_refused_with_a_way_out() {
+    for (host, hint) in [("[::1]", true), ("::1", true), ("a.b:80", false)] {
+        let text = GOOD.replacen(
+            "name = \"api\"",
+            &format!("name = \"api\"\nhosts = [\"{host}\"]"),
+            1,
+        );
+        let errs = errors(&text);
+        let e = errs
+            .iter()
+            .find(|e| e.starts_with("services[0].hosts[0]: invalid host"))
+            .unwrap_or_else(|| panic!("{host}: {errs:#?}"));
+        assert_eq!(
+            e.contains("IPv6 literal is not routed on by host"),
+            hint,
+            "{e}"
+        );
+    }
+    let text = GOOD.replacen(
+        "name = \"api\"",
+        "name = \"api\"\nhosts = [\"127.0.0.1\"]",
+        1,
+    );
+    assert_eq!(errors(&text), Vec::<String>::new());
+}
+
 #[test]
 fn every_unknown_key_is_reported() {
     let text = GOOD.replace("[admin]", "[admin]\nbogus = 1\n").replace(

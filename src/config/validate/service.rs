@@ -43,9 +43,17 @@ pub(super) fn service(c: &mut Check, key: &str, rs: RawService) -> Option<Servic
                 .chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || ch == '.' || ch == '-' || ch == '_')
         {
+            let ipv6 = h.starts_with('[') || h.matches(':').count() > 1;
+            let hint = if ipv6 {
+                "; an IPv6 literal is not routed on by host: route such requests by path_prefix or with a catch-all service"
+            } else {
+                ""
+            };
             c.err(
                 format!("{key}.hosts[{i}]"),
-                format!("invalid host {h:?} (a host name without port, optionally \"*.\" first)"),
+                format!(
+                    "invalid host {h:?} (a host name without port, optionally \"*.\" first{hint})"
+                ),
             );
         }
         hosts.push(lower);
