@@ -1197,6 +1197,78 @@ async fn an_h2_pool_sends_a_refused_bodiless_request_elsewhere() {
     p.stop().await;
 }
 
+/// An h2 upstream that reads each request, then drops its connection without an answer (a
+/// crash between the request and the answer).
+async fn dying_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                if let Some(Ok(_)) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                // Dropped: the TCP connection closes under the stream.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An h2 upstream that dies with a request on it: an idempotent bodiless request goes to
+/// another upstream of the pool, as on an HTTP/1.1 pool (the client got a 502, and the crash
+/// of one instance counted in the live color's window); a POST, which it may have acted on, is
+/// never sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_pool_sends_an_idempotent_request_elsewhere_when_its_upstream_dies() {
+    let (dier, seen) = dying_h2_upstream().await;
+    let up = TestUpstream::start("alive").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\neject_after = 0\n[[services]]\nname = \"api\"\nblue = {{ upstreams = [\"{dier}\", \"{}\"], protocol = \"h2\" }}\ngreen = {{ upstreams = [\"{}\"] }}\n",
+        up.addr, green.addr
+    ))
+    .await;
+    // An upstream whose last request failed is avoided for a second.
+    let avoided = Duration::from_millis(1100);
+    for method in ["GET", "DELETE"] {
+        let mut drawn = false;
+        for i in 0..40 {
+            let before = seen.load(Ordering::SeqCst);
+            let (s, body) = request(p.proxy, method, "/echo", &[], Bytes::new()).await;
+            assert_eq!(s, 200, "{method} {i}: {body}");
+            if seen.load(Ordering::SeqCst) > before {
+                drawn = true;
+                break;
+            }
+        }
+        assert!(drawn, "no {method} was drawn to the dying upstream");
+        tokio::time::sleep(avoided).await;
+    }
+    let mut drawn = false;
+    for i in 0..40 {
+        let before = (seen.load(Ordering::SeqCst), up.hits());
+        let (s, _) = request(p.proxy, "POST", "/echo", &[], Bytes::new()).await;
+        if seen.load(Ordering::SeqCst) > before.0 {
+            assert_eq!(s, 502, "POST {i}");
+            assert_eq!(up.hits(), before.1, "POST {i} was sent again");
+            drawn = true;
+            break;
+        }
+        assert_eq!(s, 200, "POST {i}");
+    }
+    assert!(drawn, "no POST was drawn to the dying upstream");
+    p.stop().await;
+}
+
 /// On an h2 pool, a client's upload that stalls (past `body_idle_timeout`) or is cut is the
 /// client's doing, as on an HTTP/1.1 pool: 408, and no failure charged to the upstream (the
 /// pool's client turns the body's error into a reset of its own, which read as the upstream's).

@@ -213,6 +213,14 @@ impl ClientError {
         })
     }
 
+    /// No answer came because the connection or the stream failed (the upstream closed or reset
+    /// it, crashed, stopped reading), not because the answer was malformed or the client's
+    /// body failed: what the HTTP/1.1 pool calls failing "before any response byte", after
+    /// which an idempotent bodiless request may be sent again (RFC 9110 9.2.2).
+    pub fn is_lost(&self) -> bool {
+        !matches!(self, ClientError::Protocol(_) | ClientError::Body(_))
+    }
+
     /// The stream was above the last-stream-id of the upstream's GOAWAY, or opened after it
     /// (RFC 9113 6.8: not processed, safe to send again whatever the method). h2 gives a
     /// GOAWAY's error only to such streams: the ones it covers run on, and end with their own
@@ -851,7 +859,8 @@ impl ConnPool {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
+/// RFC 9110 9.2.2: a request that may be sent again when its connection fails before an answer.
+pub fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

@@ -19,7 +19,8 @@ use crate::upstream::{Pool, Upstream};
 /// Sends the request on the pool's protocol: HTTP/1.1 through the upstream's own connection
 /// pool, HTTP/2 on its multiplexed connection. A request the upstream cannot have acted on
 /// (see [`Failed::unsent`]; for HTTP/2, a bodiless request whose connect failed or that the
-/// upstream did not process: REFUSED_STREAM, or a stream its GOAWAY left out) goes to another
+/// upstream did not process: REFUSED_STREAM, or a stream its GOAWAY left out), or an idempotent
+/// bodiless one whose connection or stream failed before its answer's head, goes to another
 /// healthy upstream of the pool, at most `retries` times; each failed attempt counts against
 /// its upstream (failure counter, passive health; not a GOAWAY's stream: a connection closing is
 /// no failure) but not in the window, where the request is recorded once, on `up`, the
@@ -94,7 +95,10 @@ pub(super) async fn forward(
                     return Err(error);
                 };
                 let unprocessed = error.is_refused();
-                if !(error.is_connect() || unprocessed) {
+                // Lost before its head (the upstream crashed, closed or reset): an idempotent
+                // request may go to another upstream, as on an HTTP/1.1 pool.
+                let lost = crate::http::client::is_idempotent(copy.method()) && error.is_lost();
+                if !(error.is_connect() || unprocessed || lost) {
                     return Err(error);
                 }
                 if tried.len() < retries as usize
