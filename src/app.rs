@@ -33,6 +33,9 @@ pub struct WatchReport {
     pub blocked: bool,
 }
 
+/// [`App::set_file_checks`]: the problems in the files `config` (read from the path) names.
+pub type FileChecks = fn(&std::path::Path, &Config) -> Vec<config::ConfigError>;
+
 pub struct App {
     /// Published here, read by the proxy (which holds the same `Arc`).
     pub routes: Arc<ArcSwap<Snapshot>>,
@@ -51,6 +54,9 @@ pub struct App {
     pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLog>>,
     /// The proxy's TLS certificate, re-read on reload.
     tls: std::sync::OnceLock<crate::tls::TlsSetup>,
+    /// What `check` and `serve` find in the files a config names (set by the layer that reads
+    /// them): a reload refuses what the next start would.
+    file_checks: std::sync::OnceLock<FileChecks>,
     /// The admin listener's certificate, reloaded the same way.
     admin_tls: std::sync::OnceLock<crate::tls::TlsSetup>,
     /// The webhooks: their queues follow a reload's `[notify]`.
@@ -580,6 +586,7 @@ impl App {
             started: Instant::now(),
             access_log: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
+            file_checks: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
             notifier,
             started_config,
@@ -1087,6 +1094,11 @@ impl App {
 
     pub fn set_state_source(&self, source: StateSource) {
         self.state_source.store(source as u8, Ordering::Relaxed);
+    }
+
+    /// The checks of the files a config names, run on every reload as at startup.
+    pub fn set_file_checks(&self, checks: FileChecks) {
+        let _ = self.file_checks.set(checks);
     }
 
     pub fn set_tls_reloader(&self, tls: crate::tls::TlsSetup) {
@@ -2033,14 +2045,17 @@ impl App {
     /// Re-reads the config file; an invalid file changes nothing.
     pub async fn reload(&self, actor: &str) -> Result<ReloadOutcome, ReloadError> {
         let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
-            .await
-            .unwrap_or_else(|e| {
-                Err(config::ConfigErrors(vec![config::ConfigError {
-                    key: String::new(),
-                    message: format!("reload task failed: {e}"),
-                }]))
-            });
+        let checks = self.file_checks.get().copied();
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::load_with(&path, |c| checks.map(|f| f(&path, c)).unwrap_or_default())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(config::ConfigErrors(vec![config::ConfigError {
+                key: String::new(),
+                message: format!("reload task failed: {e}"),
+            }]))
+        });
         let new_cfg = match loaded {
             Ok(c) => c,
             Err(errs) => {

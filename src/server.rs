@@ -191,6 +191,7 @@ pub async fn start_with(
     )
     .await
     .context("cannot load or write the live state")?;
+    app.set_file_checks(config_file_problems);
     let started = app.snapshot();
     if let Some(t) = &tls {
         app.set_tls_reloader(t.clone());

@@ -583,6 +583,57 @@ async fn a_reload_names_the_listener_settings_that_take_a_restart() {
     p.stop().await;
 }
 
+/// A reload refuses what the next start would: the files a config names are checked as
+/// `check` and `serve` check them (a CA file that cannot be read was accepted by a reload, and
+/// every `https://` analysis query or webhook failed after it; a hosts file that is the state
+/// file, likewise), naming the key; the running config stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refuses_what_the_next_start_would() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let p = TestProxy::start(&service("api", &[blue.addr], &[green.addr], "")).await;
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    let dir = p.config_path.parent().expect("dir").to_path_buf();
+    let state = dir.join("state.json");
+    for (extra, key) in [
+        (
+            format!(
+                "[analysis]\nca_file = \"{}\"\n",
+                dir.join("none.pem").display()
+            ),
+            "analysis.ca_file",
+        ),
+        (
+            format!(
+                "[notify]\nca_file = \"{}\"\n",
+                dir.join("none.pem").display()
+            ),
+            "notify.ca_file",
+        ),
+    ] {
+        std::fs::write(&p.config_path, format!("{text}\n{extra}")).expect("write");
+        let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+        assert_eq!(s, 400, "{key}: {v}");
+        assert!(v.to_string().contains(key), "{key}: {v}");
+    }
+    let hosts = text.replacen(
+        "[proxy]\n",
+        &format!("[proxy]\nresolve_hosts_file = \"{}\"\n", state.display()),
+        1,
+    );
+    assert_ne!(hosts, text, "the config has a [proxy] table");
+    std::fs::write(&p.config_path, hosts).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("state.path"), "{v}");
+    // The running config stayed; the file as it was reloads.
+    std::fs::write(&p.config_path, &text).expect("write");
+    let (s, v) = admin_post(p.admin, "/api/reload", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(p.get("/x").await.0, 200);
+    p.stop().await;
+}
+
 /// A key that takes a restart stays reported by every reload until the restart: the second
 /// reload of the same file compared with the first one's config, which holds values never
 /// applied, and answered that nothing needed a restart while the old port was still served.
