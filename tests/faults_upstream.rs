@@ -1137,15 +1137,18 @@ fn retry_and_ejection_keys_are_checked_with_their_keys() {
     assert!(err.contains("proxy.eject_for"), "{err}");
 }
 
-/// An h2 upstream that resets every stream with REFUSED_STREAM (RFC 9113 8.7: not processed),
-/// counting them.
-async fn refusing_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+/// What an h2 test upstream does with each stream: answer it somehow and go on (true), or
+/// drop the connection under it (false).
+type OnStream = fn(h2::server::SendResponse<Bytes>) -> bool;
+
+/// An h2 upstream that hands every stream it accepts to `on_stream`, counting them.
+async fn h2_upstream_that(on_stream: OnStream) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let refused = Arc::new(AtomicUsize::new(0));
-    let count = refused.clone();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let count = count.clone();
@@ -1153,14 +1156,27 @@ async fn refusing_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
-                while let Some(Ok((_req, mut reply))) = conn.accept().await {
+                while let Some(Ok((_req, reply))) = conn.accept().await {
                     count.fetch_add(1, Ordering::SeqCst);
-                    reply.send_reset(h2::Reason::REFUSED_STREAM);
+                    if !on_stream(reply) {
+                        // Dropped: the TCP connection closes under the stream.
+                        return;
+                    }
                 }
             });
         }
     });
-    (addr, refused)
+    (addr, seen)
+}
+
+/// An h2 upstream that resets every stream with REFUSED_STREAM (RFC 9113 8.7: not processed),
+/// counting them.
+async fn refusing_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    h2_upstream_that(|mut reply| {
+        reply.send_reset(h2::Reason::REFUSED_STREAM);
+        true
+    })
+    .await
 }
 
 /// A bodiless request an h2 upstream refused (REFUSED_STREAM: it did not process it) goes to
@@ -1200,27 +1216,7 @@ async fn an_h2_pool_sends_a_refused_bodiless_request_elsewhere() {
 /// An h2 upstream that reads each request, then drops its connection without an answer (a
 /// crash between the request and the answer).
 async fn dying_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = Arc::new(AtomicUsize::new(0));
-    let count = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                if let Some(Ok(_)) = conn.accept().await {
-                    count.fetch_add(1, Ordering::SeqCst);
-                }
-                // Dropped: the TCP connection closes under the stream.
-            });
-        }
-    });
-    (addr, seen)
+    h2_upstream_that(|_| false).await
 }
 
 /// An h2 upstream that dies with a request on it: an idempotent bodiless request goes to
