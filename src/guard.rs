@@ -9,13 +9,12 @@
 //! connection's future: the service counts open streams in a [`ConnActivity`], and every
 //! response body reports when it was last asked for data. The h2 server
 //! (`http::h2_server`) hands each stream to [`StreamExec`], which runs it in a task of its own
-//! (on a multi-thread runtime) or in the connection's task beside the connection (on a
-//! current-thread one), and can stop it: a stream stalled on its own window is reset alone
+//! and can stop it: a stream stalled on its own window is reset alone
 //! (RST_STREAM CANCEL); a connection whose connection-level window is shut ([`CountWindow`]
 //! follows it), or on which no response ever moved, is closed. The h2 server's keep-alive PING
 //! runs on the watchdog's tick too, on the signs of life [`CountWindow`] counts.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -26,7 +25,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -49,41 +47,12 @@ thread_local! {
     /// the stream's future to the executor in one step, with nothing between. Set by
     /// [`ConnActivity::open_stream`].
     static NEXT_STREAM: Cell<Option<Arc<StreamClock>>> = const { Cell::new(None) };
-    /// Whether a connection's future is being polled by [`watch`] on this thread: the streams
-    /// the server spawns meanwhile are that connection's, and [`watch`] runs them in its own task.
-    static IN_WATCH: Cell<bool> = const { Cell::new(false) };
-    /// The streams spawned while [`IN_WATCH`], until [`watch`] takes them (right after the
-    /// poll that spawned them, on the same thread).
-    static SPAWNED: RefCell<Vec<StreamTask>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A stream's future, as [`watch`] runs it.
-type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Marks the poll of a watched connection's future; unmarks on drop (a panic included).
-struct InWatch;
-
-impl InWatch {
-    fn enter() -> InWatch {
-        IN_WATCH.set(true);
-        InWatch
-    }
-}
-
-impl Drop for InWatch {
-    fn drop(&mut self) {
-        IN_WATCH.set(false);
-        if std::thread::panicking() {
-            // The connection's poll panicked before `watch` took its new streams: drop them
-            // here rather than leave them to the next connection polled on this thread.
-            drop(SPAWNED.with_borrow_mut(std::mem::take));
-        }
-    }
-}
-
-/// The HTTP/2 server's executor: each stream's task can be stopped by the connection's
-/// watchdog. A stream spawned while [`watch`] polls its connection on a current-thread runtime
-/// runs in the connection's task; any other becomes a tokio task. Stopping drops the stream's
+/// The HTTP/2 server's executor: each stream is a tokio task, which the connection's watchdog
+/// can stop. (Streams run in the connection's own task on a current-thread runtime lost a
+/// stream in flight at shutdown when its client had not answered the GOAWAY's PING: BENCHMARKS
+/// tuning log row 66.) Stopping drops the stream's
 /// future, and with it the response body (the upstream connection is closed, not pooled) and
 /// h2's last handle on the stream, so h2 discards what it buffered for the stream and sends
 /// RST_STREAM (CANCEL).
@@ -103,13 +72,7 @@ where
         // Boxed in place: tokio writes a task's future (and later its output) into the task
         // cell's stage, a copy of the whole stream future each time it is not behind a pointer.
         let task: Pin<Box<Stoppable<F>>> = Box::into_pin(Box::write(Box::new_uninit(), task));
-        let task: StreamTask = task;
-        if IN_WATCH.get() {
-            // Spawned by a connection under `watch`: it runs in the connection's task.
-            SPAWNED.with_borrow_mut(|v| v.push(task));
-        } else {
-            tokio::spawn(task);
-        }
+        tokio::spawn(task);
     }
 }
 
@@ -672,17 +635,10 @@ pub async fn watch<C>(
     let mut goaway: Option<Instant> = None;
     let mut shutdown_goaway: Option<Instant> = None;
     let mut shutting_down = false;
-    // On a current-thread runtime (`workers = 1`, `per_worker`) the connection's streams (an
-    // HTTP/2 server's, spawned through `StreamExec`) run here rather than as a tokio task each:
-    // they would share the thread anyway. A multi-thread runtime keeps a task per stream, so
-    // that one connection's streams spread over the workers.
-    let inline = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
-    let mut streams: FuturesUnordered<StreamTask> = FuturesUnordered::new();
     loop {
         tokio::select! {
             biased;
-            () = serve(conn.as_mut(), &mut streams, inline) => return,
+            _ = conn.as_mut() => return,
             () = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 if goaway.is_none() {
@@ -725,27 +681,7 @@ pub async fn watch<C>(
         }
     }
     close(conn.as_mut());
-    let _ = tokio::time::timeout(CLOSE_FLUSH, serve(conn, &mut streams, inline)).await;
-}
-
-/// Polls a connection, and the streams it spawns while `inline`, until the connection ends.
-fn serve<'a, C: Future>(
-    mut conn: Pin<&'a mut C>,
-    streams: &'a mut FuturesUnordered<StreamTask>,
-    inline: bool,
-) -> impl Future<Output = ()> + 'a {
-    std::future::poll_fn(move |cx| {
-        let polled = {
-            let _in = inline.then(InWatch::enter);
-            conn.as_mut().poll(cx)
-        };
-        SPAWNED.with_borrow_mut(|v| streams.extend(v.drain(..)));
-        if polled.is_ready() {
-            return Poll::Ready(());
-        }
-        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-        Poll::Pending
-    })
+    let _ = tokio::time::timeout(CLOSE_FLUSH, conn).await;
 }
 
 /// A connection's socket whose input can be ended from outside ([`InputEnd::end`]): reads then

@@ -555,6 +555,8 @@ fn serve(
     } else {
         switchyard::Inherited::default()
     };
+    let mut cfg = cfg;
+    inherited.settle_runtime(&mut cfg.proxy);
     // per_worker: the main thread is worker 0 (and runs admin and background tasks).
     let main_workers = match cfg.proxy.runtime {
         switchyard::config::RuntimeFlavor::PerWorker => Some(1),

@@ -42,6 +42,10 @@ pub struct Running {
     tasks: JoinSet<()>,
     /// Extra accept threads of `runtime = "per_worker"`.
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Closed once every extra worker has drained its listeners (each drops its sender).
+    drained: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    /// Lets the extra workers' runtimes go, once every worker has drained.
+    release: tokio::sync::watch::Sender<bool>,
 }
 
 impl Running {
@@ -54,6 +58,13 @@ impl Running {
     /// Waits until the listeners have stopped (after `app.shutdown` is cancelled).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        // The workers share the upstream pools, and a pooled connection is driven by the
+        // runtime that opened it: a worker's runtime must outlive every other worker's drain,
+        // or the requests still in flight there on its connections fail.
+        if let Some(mut drained) = self.drained.take() {
+            while drained.recv().await.is_some() {}
+        }
+        let _ = self.release.send(true);
         let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -152,22 +163,70 @@ pub async fn start_with(
         }),
         None => None,
     };
+    // per_worker: TLS is served by every worker too (the handshake is most of its cost).
+    let mut tls_workers = extra_workers;
     let tls_listener = match config.proxy.tls_listen {
         Some(a) => Some(match inherit.take("proxy.tls_listen", a) {
-            Some(l) => TcpListener::from_std(l)?,
-            None => bind(a, "proxy.tls_listen").await?,
+            Some(l) => {
+                // From a process that served TLS on one thread (runtime "shared", or a
+                // version that did so under per_worker): its plain socket cannot be shared.
+                let shared = socket2::SockRef::from(&l).reuse_port().unwrap_or(true);
+                if tls_workers > 0 && !shared {
+                    tracing::warn!(
+                        "--upgrade: the running process's proxy.tls_listen socket cannot be shared between workers: TLS is served by worker 0 alone until the next restart"
+                    );
+                    tls_workers = 0;
+                }
+                TcpListener::from_std(l)?
+            }
+            None => bind_with(a, "proxy.tls_listen", tls_workers > 0).await?,
         }),
         None => None,
     };
     // per_worker: the other workers' SO_REUSEPORT sockets, bound here so they can be handed over.
     let bound_proxy = proxy_listener.local_addr()?;
+    let bound_tls = match &tls_listener {
+        Some(l) if tls.is_some() => Some(l.local_addr()?),
+        _ => None,
+    };
     let mut worker_listeners = Vec::new();
     for i in 1..=extra_workers {
         let l = match inherit.take(&format!("proxy.listen#{i}"), bound_proxy) {
             Some(l) => l,
-            None => bind_std_reuseport(bound_proxy)?,
+            None => bind_std_reuseport(bound_proxy, "proxy.listen")?,
         };
-        worker_listeners.push(l);
+        let t = match bound_tls {
+            Some(a) if i <= tls_workers => {
+                Some(match inherit.take(&format!("proxy.tls_listen#{i}"), a) {
+                    Some(l) => l,
+                    None => bind_std_reuseport(a, "proxy.tls_listen")?,
+                })
+            }
+            _ => None,
+        };
+        worker_listeners.push((l, t));
+    }
+    // The old process's worker sockets beyond this one's (fewer `workers`, or `shared` after
+    // `per_worker`): they stay in the kernel's SO_REUSEPORT group while it drains, so this
+    // process accepts on them too, dealt over its workers in turn (else the connections queued
+    // there would wait unanswered and be reset when the old process exits). `true`: TLS.
+    let mut spares: Vec<(String, std::net::TcpListener, bool)> = inherit
+        .take_rest("proxy.listen#", bound_proxy)
+        .into_iter()
+        .map(|(k, l)| (k, l, false))
+        .collect();
+    if let Some(a) = bound_tls {
+        let tls_spares = inherit.take_rest("proxy.tls_listen#", a);
+        spares.extend(tls_spares.into_iter().map(|(k, l)| (k, l, true)));
+    }
+    // A worker's runtime is built here, so a start that cannot have every worker fails.
+    let mut worker_runtimes = Vec::new();
+    for i in 1..=extra_workers {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .with_context(|| format!("cannot start the runtime of worker {i}"))?;
+        worker_runtimes.push(WorkerRuntime(Some(rt)));
     }
     let upgrade_socket = config.proxy.upgrade_socket.clone();
     let proxy_cfg = config.proxy.clone();
@@ -248,8 +307,14 @@ pub async fn start_with(
         if let Some(l) = &tls_listener {
             sockets.push(("proxy.tls_listen".to_string(), l));
         }
-        for (i, l) in worker_listeners.iter().enumerate() {
+        for (i, (l, t)) in worker_listeners.iter().enumerate() {
             sockets.push((format!("proxy.listen#{}", i + 1), l));
+            if let Some(t) = t {
+                sockets.push((format!("proxy.tls_listen#{}", i + 1), t));
+            }
+        }
+        for (key, l, _) in &spares {
+            sockets.push((key.clone(), l));
         }
         for (key, sock) in sockets {
             match crate::upgrade::keep(&sock) {
@@ -342,7 +407,7 @@ pub async fn start_with(
             builder.clone(),
         ));
     }
-    if let (Some(l), Some(t)) = (tls_listener, tls) {
+    if let (Some(l), Some(t)) = (tls_listener, tls.clone()) {
         tasks.spawn(serve_proxy(
             app.clone(),
             proxy.clone(),
@@ -353,20 +418,61 @@ pub async fn start_with(
             builder.clone(),
         ));
     }
+    let mut dealt: Vec<Vec<(std::net::TcpListener, bool)>> =
+        (0..=extra_workers).map(|_| Vec::new()).collect();
+    for (n, (key, l, is_tls)) in spares.into_iter().enumerate() {
+        let worker = n % (extra_workers + 1);
+        tracing::info!(
+            listener = %key,
+            worker,
+            "upgrade: a socket of a worker the old process had beyond this one's: accepted on here too"
+        );
+        dealt[worker].push((l, is_tls));
+    }
+    let mut dealt = dealt.into_iter();
+    for (l, is_tls) in dealt.next().unwrap_or_default() {
+        let setup = if is_tls { tls.clone() } else { None };
+        tasks.spawn(serve_proxy(
+            app.clone(),
+            proxy.clone(),
+            TcpListener::from_std(l)?,
+            Mode::Live,
+            setup,
+            limit.clone(),
+            builder.clone(),
+        ));
+    }
     tasks.spawn(crate::admin::serve(app.clone(), admin_listener, admin_tls));
     let mut threads = Vec::new();
-    for (i, listener) in (1..=extra_workers).zip(worker_listeners) {
-        let (app, proxy) = (app.clone(), proxy.clone());
+    let (drained_tx, drained) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let workers = worker_listeners.into_iter().zip(worker_runtimes).zip(dealt);
+    for (i, (((plain, tls_l), rt), spares)) in (1..=extra_workers).zip(workers) {
+        let mut listeners = vec![(plain, false)];
+        listeners.extend(tls_l.map(|l| (l, true)));
+        listeners.extend(spares);
+        let worker = Worker {
+            rt,
+            listeners,
+            tls: tls.clone(),
+            drained: drained_tx.clone(),
+            released: released.clone(),
+        };
+        let (a, p) = (app.clone(), proxy.clone());
         let (limit, builder) = (limit.clone(), builder.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("switchyard-w{i}"))
-            .spawn(move || accept_thread(app, proxy, listener, limit, builder));
+            .spawn(move || accept_thread(a, p, worker, limit, builder));
         match spawned {
             Ok(t) => threads.push(t),
-            Err(e) => tracing::error!(error = %e, "cannot start worker thread {i}"),
+            Err(e) => {
+                // Its sockets would get a share of new connections that nobody accepts.
+                app.shutdown.cancel();
+                anyhow::bail!("cannot start worker thread {i}: {e}");
+            }
         }
     }
-
+    drop(drained_tx);
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
@@ -423,6 +529,8 @@ pub async fn start_with(
         tls_addr,
         tasks,
         threads,
+        drained: Some(drained),
+        release,
     })
 }
 
@@ -754,36 +862,77 @@ async fn load_tls(
         .map_err(|e| anyhow::anyhow!("{section}.{}: {e}", e.file().key()))
 }
 
+/// A worker's runtime until its thread runs it. Dropped before that (a start that fails
+/// later), it is shut down without waiting: a runtime must not be dropped, which blocks, inside
+/// another's async context.
+struct WorkerRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for WorkerRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One `per_worker` worker beyond worker 0: its runtime, its listening sockets (`true`: TLS),
+/// and how it ends: it says it has drained (dropping `drained`), then keeps its runtime
+/// running until `released` (every worker has drained; see [`Running::wait`]).
+struct Worker {
+    rt: WorkerRuntime,
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    tls: Option<TlsSetup>,
+    drained: tokio::sync::mpsc::UnboundedSender<()>,
+    released: tokio::sync::watch::Receiver<bool>,
+}
+
 /// One `per_worker` thread: its own current-thread runtime accepting on its own
-/// `SO_REUSEPORT` socket; the kernel spreads new connections over the sockets.
+/// `SO_REUSEPORT` sockets (plain, and TLS when configured); the kernel spreads new connections
+/// over the workers' sockets.
 fn accept_thread(
     app: Arc<App>,
     proxy: Arc<Proxy>,
-    listener: std::net::TcpListener,
+    worker: Worker,
     limit: Arc<Semaphore>,
     h2: H2Settings,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start a worker runtime");
-            return;
-        }
-    };
+    let Worker {
+        mut rt,
+        listeners,
+        tls,
+        drained,
+        mut released,
+    } = worker;
+    // Taken out: dropped at the end of this thread, outside any runtime, it may wait.
+    let Some(rt) = rt.0.take() else { return };
     rt.block_on(async move {
-        match TcpListener::from_std(listener) {
-            Ok(l) => serve_proxy(app, proxy, l, Mode::Live, None, limit, h2).await,
-            Err(e) => tracing::error!(error = %e, "worker cannot listen"),
+        let mut serving = Vec::new();
+        for (l, is_tls) in listeners {
+            let setup = if is_tls { tls.clone() } else { None };
+            match TcpListener::from_std(l) {
+                Ok(l) => serving.push(serve_proxy(
+                    app.clone(),
+                    proxy.clone(),
+                    l,
+                    Mode::Live,
+                    setup,
+                    limit.clone(),
+                    h2.clone(),
+                )),
+                Err(e) => tracing::error!(error = %e, "a worker cannot listen"),
+            }
         }
+        futures_util::future::join_all(serving).await;
+        drop(drained);
+        // Upstream connections opened here may still carry other workers' requests.
+        let _ = released.wait_for(|r| *r).await;
     });
 }
 
-/// A `per_worker` socket beside `proxy.listen`, bound off the runtime (its thread adopts it).
-fn bind_std_reuseport(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    bind_socket(addr, "proxy.listen", true)
+/// A `per_worker` socket beside `proxy.listen` or `proxy.tls_listen`, bound off the runtime
+/// (its thread adopts it).
+fn bind_std_reuseport(addr: SocketAddr, key: &str) -> anyhow::Result<std::net::TcpListener> {
+    bind_socket(addr, key, true)
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
@@ -791,8 +940,26 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
 }
 
 async fn bind_with(addr: SocketAddr, key: &str, reuseport: bool) -> anyhow::Result<TcpListener> {
+    if reuseport && addr.port() != 0 {
+        // SO_REUSEPORT would let this socket join another process's group on the address (a
+        // second Switchyard, any listener that set it) and share its connections: a socket
+        // without it cannot be bound beside a listening one, so "address in use" still says so.
+        probe_free(addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
+    }
     TcpListener::from_std(bind_socket(addr, key, reuseport)?)
         .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// Binds `addr` without listening (no connection can land there) and lets it go: an error if
+/// something listens on it.
+fn probe_free(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
 }
 
 /// A listening socket, non-blocking. An IPv6 one is dual-stack whatever the host's

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
 
@@ -80,8 +80,10 @@ const MIN_ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 /// What the old process says when it stops waiting (`proxy.upgrade_timeout`) and serves on.
 const ABORT: &[u8] = b"abort\n";
-/// Listening sockets one process may have: proxy, TLS, preview, admin, and per-worker sockets.
-const MAX_FDS: usize = 64;
+/// Descriptors one handover carries: proxy, TLS, preview, admin, the state lock, and each
+/// `per_worker` socket (two per worker with TLS). The kernel's limit for one message
+/// (`SCM_MAX_FD`): up to ~125 workers with TLS, ~250 without.
+pub const MAX_FDS: usize = 253;
 /// The state file's lock among the descriptors handed over ([`StateLock`]). An older
 /// Switchyard taking over does not know the key and closes it (the old process's copy holds
 /// the lock until it exits).
@@ -132,6 +134,60 @@ impl Inherited {
         }
         l.set_nonblocking(true).ok()?;
         Some(l)
+    }
+
+    /// The sockets left under `prefix` (`proxy.listen#`): the old process's `per_worker`
+    /// sockets beyond this one's workers, on the address `want` (where this process listens;
+    /// the others are closed with the old process, as a changed address is). They stay in the
+    /// kernel's `SO_REUSEPORT` group, which gives each its share of new connections, for as
+    /// long as any process holds them: this one must accept on them too.
+    pub fn take_rest(
+        &mut self,
+        prefix: &str,
+        want: SocketAddr,
+    ) -> Vec<(String, std::net::TcpListener)> {
+        let mut keys: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.into_iter()
+            .filter_map(|k| self.take(&k, want).map(|l| (k, l)))
+            .collect()
+    }
+
+    /// The runtime to run when the config does not name one: `per_worker` (the default)
+    /// needs `SO_REUSEPORT` sockets beside `proxy.listen`, and a process that ran `shared` (the
+    /// default before) hands over one plain socket that no other can share. Taking over from
+    /// it, this one runs `shared` too until its next restart, rather than refuse the upgrade.
+    pub fn settle_runtime(&self, proxy: &mut crate::config::ProxyConfig) {
+        let workers = proxy
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // Only a socket this process would take (the same address) and share (several workers).
+        let plain = self.listeners.get("proxy.listen").is_some_and(|fd| {
+            let sock = socket2::SockRef::from(fd);
+            let same = sock
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| {
+                    a == proxy.listen || (proxy.listen.port() == 0 && a.ip() == proxy.listen.ip())
+                });
+            same && sock.reuse_port().ok() == Some(false)
+        });
+        if plain
+            && workers > 1
+            && !proxy.runtime_set
+            && proxy.runtime == crate::config::RuntimeFlavor::PerWorker
+        {
+            tracing::warn!(
+                "--upgrade: the running process hands over one plain socket on proxy.listen (it ran [proxy] runtime = \"shared\", the default before, or one worker), which no other worker can share: this one runs \"shared\" too; the default \"per_worker\" takes effect at the next restart (set runtime = \"shared\" to keep it)"
+            );
+            proxy.runtime = crate::config::RuntimeFlavor::Shared;
+        }
     }
 
     /// Whether this process takes over from a running one (`serve --upgrade`).
@@ -489,7 +545,20 @@ pub fn request(path: &Path) -> anyhow::Result<Inherited> {
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )
-    .context("receiving the listening sockets")?;
+    .map_err(|e| {
+        // The running process serves one upgrade at a time and drops any other connection.
+        let busy = if e == rustix::io::Errno::CONNRESET {
+            " (another serve --upgrade is probably taking the sockets over right now)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("receiving the listening sockets: {e}{busy}")
+    })?;
+    if got.flags.contains(ReturnFlags::CTRUNC) {
+        anyhow::bail!(
+            "the running process sent more sockets than one handover carries ({MAX_FDS}): lower [proxy] workers (each per_worker worker hands over one socket, two with TLS)"
+        );
+    }
     let mut fds: Vec<OwnedFd> = Vec::new();
     for msg in control.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = msg {
@@ -813,8 +882,11 @@ fn hand_over(
     let borrowed: Vec<_> = fds.iter().map(|(_, fd)| fd.as_fd()).collect();
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
-        anyhow::bail!("too many listening sockets to hand over");
+    if borrowed.len() > MAX_FDS || !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+        anyhow::bail!(
+            "{} listening sockets to hand over, more than one handover carries ({MAX_FDS}): lower [proxy] workers and restart",
+            borrowed.len()
+        );
     }
     let sent = rustix::net::sendmsg(&s, &[IoSlice::new(&line)], &mut control, SendFlags::empty())
         .context("sending the listening sockets")?;

@@ -1119,8 +1119,8 @@ async fn a_stream_stalled_after_the_others_ended_is_reset_alone() {
     stalled_stream_among_others(true).await;
 }
 
-/// On a multi-thread runtime each stream is a task of its own (on a current-thread one, as in
-/// the tests above, the streams run in their connection's task): the stalled one is reset
+/// The same on a multi-thread runtime (the tests above run on a current-thread one), where a
+/// stream's task may run on another thread than its connection's: the stalled one is reset
 /// alone there too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stalled_h2_stream_is_reset_alone_on_a_multi_thread_runtime() {

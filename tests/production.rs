@@ -297,6 +297,46 @@ async fn tls_responses_that_close_the_connection_end_with_close_notify() {
     p.stop().await;
 }
 
+/// `per_worker`, the default runtime: every worker accepts TLS as well as plain HTTP (its own
+/// `SO_REUSEPORT` socket on each address), so handshakes spread over the workers as requests
+/// do; `shared` keeps one socket per address. Every fresh connection is answered, and after
+/// shutdown no socket listens on either address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_accepts_tls_by_default() {
+    let blue = TestUpstream::start("blue").await;
+    for (extra, sockets) in [
+        ("workers = 3\n", 3),
+        ("workers = 3\nruntime = \"shared\"\n", 1),
+    ] {
+        let (p, c, _certs) = tls_proxy(blue.addr, extra).await;
+        let (plain, tls) = (p.proxy, tls_listener(&p));
+        assert_eq!(listening_sockets(plain), sockets, "{extra}listen");
+        assert_eq!(listening_sockets(tls), sockets, "{extra}tls_listen");
+        for _ in 0..24 {
+            let mut s = tls_connect(tls, &[&c], b"http/1.1").await;
+            s.write_all(b"GET /x HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut all = Vec::new();
+            let _ = tokio::time::timeout(T, s.read_to_end(&mut all))
+                .await
+                .expect("answered in time");
+            let text = String::from_utf8_lossy(&all);
+            assert!(
+                text.starts_with("HTTP/1.1 200") && text.ends_with("blue\n"),
+                "{extra}{text:?}"
+            );
+            assert_eq!(
+                try_get(plain, "/x").await,
+                Some((200, "blue\n".to_string()))
+            );
+        }
+        p.stop().await;
+        assert_eq!(listening_sockets(plain), 0, "{extra}listen after stop");
+        assert_eq!(listening_sockets(tls), 0, "{extra}tls_listen after stop");
+    }
+}
+
 /// A TCP connection to the TLS listener that never starts its handshake does not hold up
 /// shutdown.
 #[tokio::test]

@@ -199,13 +199,34 @@ async fn upgrade_under_load_per_worker_sockets() {
     upgrade_under_load("per_worker").await;
 }
 
+/// Fewer workers after the upgrade (`per_worker` with three to `shared`; with four to two):
+/// the old process's sockets that no new worker takes stay in the kernel's `SO_REUSEPORT`
+/// group until the old process exits, and get their share of new connections meanwhile; the
+/// new process accepts on them too (dealt over its workers), so none of those connections
+/// waits unanswered and is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrade_under_load_to_fewer_workers() {
+    upgrade_under_load_from(
+        "workers = 3\nruntime = \"per_worker\"\n",
+        "workers = 2\nruntime = \"shared\"\n",
+    )
+    .await;
+    upgrade_under_load_from("workers = 4\n", "workers = 2\n").await;
+}
+
 async fn upgrade_under_load(runtime: &str) {
+    let keys = format!("workers = 2\nruntime = \"{runtime}\"\n");
+    upgrade_under_load_from(&keys, &keys).await;
+}
+
+/// The old process runs with `old_keys` in `[proxy]`, the new ones with `new_keys`.
+async fn upgrade_under_load_from(old_keys: &str, new_keys: &str) {
     let blue = TestUpstream::start("blue").await;
     let green = TestUpstream::start("green").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (cfg, proxy, admin) = write_config(
         dir.path(),
-        &format!("shutdown_grace = \"10s\"\nworkers = 2\nruntime = \"{runtime}\"\n"),
+        &format!("shutdown_grace = \"10s\"\n{old_keys}"),
         &service("api", &[blue.addr], &[green.addr], ""),
     );
 
@@ -224,6 +245,8 @@ async fn upgrade_under_load(runtime: &str) {
     let load = Load::start(proxy, 4, 200).await;
     let tally = load.tally.clone();
 
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replacen(old_keys, new_keys, 1)).expect("write config");
     let new_log = dir.path().join("new.log");
     let mut new = spawn_serve(&cfg, &new_log, true);
     let before_exit = tally.ok.load(Ordering::SeqCst);
@@ -1241,6 +1264,47 @@ async fn an_upgrade_from_shared_to_per_worker_says_to_restart() {
     let mut last = spawn_serve(&cfg, &last_log, true);
     assert!(exits(&mut old, &old_log).await.success());
     stop(&mut last, &last_log).await;
+}
+
+/// The default runtime became `per_worker` (BENCHMARKS.md "Scaling run"); a process of an
+/// earlier version ran `shared` and hands over one plain socket on `proxy.listen`. A config
+/// that names no runtime upgrades from it all the same: the new process runs `shared` too,
+/// says so, serves, and the old one drains and exits 0. (A config that asks for `per_worker`
+/// by name is refused, as above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_from_a_shared_process_keeps_shared_when_the_config_names_no_runtime() {
+    let blue = TestUpstream::start("blue").await;
+    let green = TestUpstream::start("green").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, proxy, admin) = write_config(
+        dir.path(),
+        "shutdown_grace = \"5s\"\nworkers = 2\nruntime = \"shared\"\n",
+        &service("api", &[blue.addr], &[green.addr], ""),
+    );
+    let old_log = dir.path().join("old.log");
+    let mut old = serve_first(&cfg, &old_log, admin).await;
+    assert_eq!(listening_sockets(proxy), 1);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replacen("runtime = \"shared\"\n", "", 1)).expect("write config");
+    let new_log = dir.path().join("new.log");
+    let mut new = spawn_serve(&cfg, &new_log, true);
+    let st = exits(&mut old, &old_log).await;
+    let said = std::fs::read_to_string(&new_log).unwrap_or_default();
+    assert!(
+        st.success(),
+        "the old process: {st:?}; the new one said: {said}"
+    );
+    assert!(
+        matches!(new.try_wait(), Ok(None)),
+        "the new process exited: {said}"
+    );
+    assert!(
+        said.contains("no other worker can share") && said.contains("next restart"),
+        "{said}"
+    );
+    assert_eq!(try_get(proxy, "/").await, Some((200, "blue\n".to_string())));
+    assert_eq!(listening_sockets(proxy), 1);
+    stop(&mut new, &new_log).await;
 }
 
 /// An upgrade during a resolver outage: the name the old process still served (its last good

@@ -262,6 +262,35 @@ fn env_overrides() {
     assert_eq!(c.proxy.workers, Some(3));
 }
 
+/// `per_worker` unless the config names a runtime (the scaling run, BENCHMARKS.md), and
+/// whether it named one (an upgrade from a `shared` process keeps `shared` only when not).
+#[test]
+fn the_runtime_is_per_worker_unless_named() {
+    let c = from_toml_str_with_env(GOOD, env()).expect("valid");
+    assert_eq!(
+        (c.proxy.runtime, c.proxy.runtime_set),
+        (RuntimeFlavor::PerWorker, false)
+    );
+    for (name, want) in [
+        ("shared", RuntimeFlavor::Shared),
+        ("per_worker", RuntimeFlavor::PerWorker),
+    ] {
+        let text = GOOD.replacen("[proxy]\n", &format!("[proxy]\nruntime = \"{name}\"\n"), 1);
+        let c = from_toml_str_with_env(&text, env()).expect("valid");
+        assert_eq!(
+            (c.proxy.runtime, c.proxy.runtime_set),
+            (want, true),
+            "{name}"
+        );
+    }
+    let text = GOOD.replacen("[proxy]\n", "[proxy]\nruntime = \"threads\"\n", 1);
+    let errs = errors(&text);
+    assert!(
+        errs.iter().any(|e| e.starts_with("proxy.runtime: ")),
+        "{errs:?}"
+    );
+}
+
 /// A value of the wrong type is reported at its key beside every other error of the file; it
 /// counts as absent, so no "required" follows it and a later array element keeps its index.
 #[test]

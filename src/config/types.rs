@@ -98,8 +98,12 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// None: one per CPU.
     pub workers: Option<usize>,
-    /// How `workers` threads share the work (extension; BENCHMARKS.md "runtime flavor").
+    /// How `workers` threads share the work (extension; BENCHMARKS.md "Scaling run").
     pub runtime: RuntimeFlavor,
+    /// Whether the config names `runtime`: an upgrade from a process that ran `shared` keeps
+    /// `shared` when it does not (the default changed to `per_worker`; its one plain socket
+    /// cannot be shared with the other workers' `SO_REUSEPORT` sockets).
+    pub runtime_set: bool,
     pub preview_listen: Option<SocketAddr>,
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
@@ -180,9 +184,12 @@ pub enum AccessFormat {
     Combined,
 }
 
-/// `shared`: one multi-thread runtime with `workers` threads (one worker: a current-thread
-/// runtime). `per_worker`: one current-thread runtime per worker, each accepting on its own
-/// `SO_REUSEPORT` socket of `proxy.listen`, so a connection stays on one thread for its life.
+/// `per_worker` (the default): one current-thread runtime per worker, each accepting on its
+/// own `SO_REUSEPORT` sockets of `proxy.listen` and `proxy.tls_listen`, so a connection stays
+/// on one thread for its life (12–36% more requests per second than `shared` from 2 to 8
+/// workers, BENCHMARKS.md "Scaling run"). `shared`: one multi-thread runtime with `workers`
+/// threads, whose work-stealing evens out uneven connections. One worker: a current-thread
+/// runtime either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuntimeFlavor {
     Shared,

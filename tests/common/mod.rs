@@ -778,3 +778,26 @@ pub fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
     })
     .clone()
 }
+
+/// How many sockets listen on `addr` (IPv4), from the kernel's own table: `per_worker` binds
+/// one `SO_REUSEPORT` socket per worker on the same address, and the kernel spreads new
+/// connections over them.
+pub fn listening_sockets(addr: SocketAddr) -> usize {
+    let SocketAddr::V4(a) = addr else {
+        panic!("an IPv4 address: {addr}")
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
+        .count()
+}

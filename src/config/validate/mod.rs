@@ -198,6 +198,7 @@ fn proxy(c: &mut Check, p: &RawProxy) -> ProxyConfig {
         shutdown_grace,
         workers,
         runtime,
+        runtime_set: p.runtime.is_some(),
         preview_listen,
         header_read_timeout,
         body_idle_timeout,
@@ -249,9 +250,9 @@ fn proxy_limits(c: &mut Check, p: &RawProxy) -> [u64; 6] {
         .map(|(name, v, default, min, max)| c.count(&format!("proxy.{name}"), v, default, min, max))
 }
 
-/// `proxy.runtime`.
+/// `proxy.runtime`: `per_worker` unless the config says otherwise (BENCHMARKS.md "Scaling run").
 fn runtime(c: &mut Check, v: Option<&str>) -> RuntimeFlavor {
-    match v.unwrap_or("shared") {
+    match v.unwrap_or("per_worker") {
         "shared" => RuntimeFlavor::Shared,
         "per_worker" => RuntimeFlavor::PerWorker,
         other => {
@@ -259,7 +260,7 @@ fn runtime(c: &mut Check, v: Option<&str>) -> RuntimeFlavor {
                 "proxy.runtime",
                 format!("invalid runtime {other:?} (expected \"shared\" or \"per_worker\")"),
             );
-            RuntimeFlavor::Shared
+            RuntimeFlavor::PerWorker
         }
     }
 }
