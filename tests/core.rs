@@ -241,6 +241,16 @@ fn binary_config(
     (path, proxy, admin)
 }
 
+/// Sends `sig` (`-TERM`, `-HUP`) to `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
 /// `switchyard serve --config config`, its output dropped.
 fn spawn_serve(config: &std::path::Path) -> tokio::process::Child {
     switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
@@ -1639,12 +1649,7 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
         eventually(5, || async { blue.hits() == 1 }).await,
         "the request never reached blue"
     );
-    let killed = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
+    signal(pid, "-TERM");
 
     let r = timeout(Duration::from_secs(10), in_flight)
         .await
@@ -1727,12 +1732,7 @@ async fn sigterm_while_posts_use_both_workers_upstream_connections() {
         eventually(5, || async { blue.hits() >= hits + 12 }).await,
         "the POSTs never reached blue"
     );
-    let killed = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
+    signal(pid, "-TERM");
     for p in posts {
         let r = timeout(Duration::from_secs(10), p)
             .await
@@ -1798,12 +1798,7 @@ async fn an_h2_stream_in_flight_at_sigterm_is_answered_on_any_runtime() {
             "the request never reached blue"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let killed = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(killed.success());
+        signal(pid, "-TERM");
         let mut got = Vec::new();
         let _ = timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
         let (mut at, mut headers) = (0, false);
@@ -1894,12 +1889,7 @@ async fn sigterm_finishes_an_admin_flip_in_flight() {
         eventually(5, || async { green.hits() == 1 }).await,
         "the smoke test never reached green"
     );
-    let killed = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
+    signal(pid, "-TERM");
     let answer = timeout(Duration::from_secs(30), flip)
         .await
         .expect("the flip hung");
@@ -1973,12 +1963,7 @@ async fn a_closed_stderr_loses_log_lines_and_nothing_else() {
         "switchyard exited"
     );
 
-    let killed = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
+    signal(pid, "-TERM");
     let status = timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("switchyard did not exit after SIGTERM")
@@ -2134,12 +2119,7 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
         None,
         "startup did not wait on the lookup"
     );
-    let sent = std::process::Command::new("kill")
-        .arg("-HUP")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(sent.success());
+    signal(pid, "-HUP");
     assert!(
         healthz_within(admin, 20).await,
         "switchyard did not start: {:?}",
@@ -2150,12 +2130,7 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
         try_get(proxy, "/x").await,
         Some((200, "blue\n".to_string()))
     );
-    let sent = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(sent.success());
+    signal(pid, "-TERM");
     let status = timeout(Duration::from_secs(15), child.wait())
         .await
         .expect("switchyard did not exit after SIGTERM")
