@@ -337,13 +337,30 @@ pub fn full_config(body: &str, dir: &std::path::Path) -> String {
         // The etcd backend keeps its last known state at `path`: in the test's own dir.
         if !body.contains("\npath =") {
             let body_state = format!("[state]\npath = \"{}\"", dir.join("state.json").display());
-            return format!("{head}{admin}{}", body.replacen("[state]", &body_state, 1));
+            return one_worker(format!(
+                "{head}{admin}{}",
+                body.replacen("[state]", &body_state, 1)
+            ));
         }
         String::new()
     } else {
         format!("[state]\npath = \"{}\"\n", dir.join("state.json").display())
     };
-    format!("{head}{admin}{state}{body}")
+    one_worker(format!("{head}{admin}{state}{body}"))
+}
+
+/// `workers = 1` unless the config names `workers`. In process ([`TestProxy`]) the proxy runs
+/// on the test's own runtime beside the scripted upstreams, as it always has (before
+/// `per_worker` became the default, `start_with` ran every worker there): `per_worker` would
+/// add threads with runtimes of their own, and a scripted step (an upstream that closes, cuts
+/// its connections) would race the proxy's next request. Tests of several workers name
+/// `workers`; the tests that spawn the binary run the default.
+fn one_worker(text: String) -> String {
+    if text.lines().any(|l| l.trim_start().starts_with("workers")) {
+        text
+    } else {
+        text.replacen("[proxy]\n", "[proxy]\nworkers = 1\n", 1)
+    }
 }
 
 /// One service "api" with the given pools, plus extra service keys (e.g. health).
