@@ -251,6 +251,15 @@ fn signal(pid: u32, sig: &str) {
     assert!(sent.success(), "kill {sig} {pid}");
 }
 
+/// Waits (at most `secs`) for `child` to exit after a SIGTERM, and asserts it exited 0.
+async fn exits_0(child: &mut tokio::process::Child, secs: u64) {
+    let status = timeout(Duration::from_secs(secs), child.wait())
+        .await
+        .expect("switchyard did not exit after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 /// `switchyard serve --config config`, its output dropped.
 fn spawn_serve(config: &std::path::Path) -> tokio::process::Child {
     switchyard_cmd(&["serve", "--config", config.to_str().expect("utf8")])
@@ -1656,11 +1665,7 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
         .expect("request hung")
         .expect("task");
     assert_eq!(r, Some((200, "blue\n".to_string())));
-    let status = timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("switchyard did not exit after SIGTERM")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(&mut child, 10).await;
     // And it no longer accepts connections.
     assert_eq!(try_get(proxy, "/x").await, None);
 }
@@ -1741,11 +1746,7 @@ async fn sigterm_while_posts_use_both_workers_upstream_connections() {
         assert_eq!(r, (200, "blue\n".to_string()));
     }
     conn.abort();
-    let status = timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("switchyard did not exit after SIGTERM")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(&mut child, 10).await;
 }
 
 /// An h2 stream in flight at SIGTERM, from a client that does not answer the GOAWAY's PING
@@ -1812,11 +1813,7 @@ async fn an_h2_stream_in_flight_at_sigterm_is_answered_on_any_runtime() {
             headers,
             "workers = {workers}: no response on stream 1: {got:02x?}"
         );
-        let status = timeout(Duration::from_secs(15), child.wait())
-            .await
-            .expect("switchyard did not exit after SIGTERM")
-            .expect("wait");
-        assert_eq!(status.code(), Some(0), "{status:?}");
+        exits_0(&mut child, 15).await;
     }
 }
 
@@ -1897,11 +1894,7 @@ async fn sigterm_finishes_an_admin_flip_in_flight() {
         matches!(&answer, Ok((200, _))),
         "the flip in flight was cut by the shutdown: {answer:?}"
     );
-    let status = timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("switchyard did not exit after SIGTERM")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(&mut child, 20).await;
 }
 
 /// The reader of stderr going away (a restarted log collector, `serve 2>&1 | head`) loses log
@@ -1964,11 +1957,7 @@ async fn a_closed_stderr_loses_log_lines_and_nothing_else() {
     );
 
     signal(pid, "-TERM");
-    let status = timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("switchyard did not exit after SIGTERM")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(&mut child, 20).await;
 }
 
 /// A stderr whose reader stops reading (a stalled log collector: the pipe fills) costs log lines,
@@ -2131,11 +2120,7 @@ async fn a_sighup_during_startup_does_not_kill_the_proxy() {
         Some((200, "blue\n".to_string()))
     );
     signal(pid, "-TERM");
-    let status = timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("switchyard did not exit after SIGTERM")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(&mut child, 15).await;
 }
 
 /// An HTTP/1.0 request without Host still reaches an HTTP/1.1 upstream with one (the
